@@ -1,0 +1,597 @@
+//! The concurrent cache: hash once, route to a shard, lock, delegate.
+
+use crate::builder::{CacheBuilder, Weigher};
+use crate::clock::Clock;
+use crate::expiry::ExpiryConfig;
+use crate::shard::{Found, Removed, Shard};
+use crossbeam_utils::CachePadded;
+use parking_lot::RwLock;
+use std::borrow::Borrow;
+use std::cell::Cell;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A sharded, bounded, concurrent in-memory cache.
+///
+/// Cloning a `Cache` is cheap: clones are handles to the same cache. It is `Send + Sync` when `K`
+/// and `V` are.
+///
+/// # Example
+///
+/// ```
+/// use herdcache::Cache;
+///
+/// let cache: Cache<String, u64> = Cache::new(10_000);
+/// cache.insert("answer".to_string(), 42);
+/// assert_eq!(cache.get("answer"), Some(42)); // look up by &str
+/// assert_eq!(cache.remove("answer"), Some(42));
+/// assert!(!cache.contains_key("answer"));
+/// ```
+///
+/// # Locks and user code
+///
+/// Each shard is guarded by a read-write lock. `get` takes the read lock; writes take the write
+/// lock of one shard (two, in turn, when eviction moves to another shard). The key's `Hash`
+/// and `Eq`, the value's `Clone` (in `get`) and [`Expiry`](crate::Expiry) callbacks run under a
+/// shard lock and must not call back into the same cache; the weigher runs before any lock is
+/// taken, and values are dropped after the lock is released.
+pub struct Cache<K, V, S = crate::DefaultHashBuilder> {
+    pub(crate) inner: Arc<Inner<K, V, S>>,
+}
+
+impl<K, V, S> Clone for Cache<K, V, S> {
+    fn clone(&self) -> Self {
+        Cache {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K, V, S> fmt::Debug for Cache<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("max_capacity", &self.inner.capacity)
+            .field("weighted_size", &self.inner.weight.load(Ordering::Relaxed))
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct ShardCell<K, V> {
+    pub(crate) lock: RwLock<Shard<K, V>>,
+    /// Approximate count of accesses (sampled, see [`note_access`]), for the policy's climber.
+    accesses: AtomicU64,
+}
+
+pub(crate) struct Inner<K, V, S> {
+    pub(crate) shards: Box<[CachePadded<ShardCell<K, V>>]>,
+    mask: usize,
+    pub(crate) hasher: S,
+    pub(crate) clock: Clock,
+    capacity: u64,
+    /// The sum of all shards' weights; changed only under the shard lock whose weight changes.
+    weight: AtomicU64,
+    weigher: Option<Weigher<K, V>>,
+    pub(crate) expiry: ExpiryConfig<K, V>,
+}
+
+thread_local! {
+    static ACCESS_TICK: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Every `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to the shard it touches; in
+/// expectation each shard's counter tracks its accesses, with one shared write per 64 reads.
+const ACCESS_SAMPLE: u32 = 64;
+/// Every this many accesses a thread also tries to run expiry maintenance on the shard.
+const MAINTAIN_EVERY: u32 = 1024;
+
+impl<K, V> Cache<K, V, crate::DefaultHashBuilder>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// A cache holding at most `max_capacity` entries, without expiry.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(2);
+    /// cache.insert(1, "one");
+    /// assert_eq!(cache.get(&1), Some("one"));
+    /// ```
+    pub fn new(max_capacity: u64) -> Self {
+        Self::builder().max_capacity(max_capacity).build()
+    }
+
+    /// A builder for every other setting (weigher, expiry, clock, hasher, shards).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::builder()
+    ///     .max_capacity(1000)
+    ///     .time_to_live(Duration::from_secs(30))
+    ///     .build();
+    /// # drop(cache);
+    /// ```
+    pub fn builder() -> CacheBuilder<K, V, crate::DefaultHashBuilder> {
+        CacheBuilder::new()
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn from_parts(
+        capacity: u64,
+        shards: usize,
+        weigher: Option<Weigher<K, V>>,
+        expiry: ExpiryConfig<K, V>,
+        hasher: S,
+        clock: Clock,
+    ) -> Self {
+        let now = clock.now();
+        let stride = expiry.stride();
+        let n = shards as u64;
+        let seed = hasher.hash_one(0x5eed_u64);
+        let cells = (0..n)
+            .map(|i| {
+                // Shares add up to the capacity exactly.
+                let share = capacity / n + u64::from(i < capacity % n);
+                CachePadded::new(ShardCell {
+                    lock: RwLock::new(Shard::new(share, stride, now, seed.wrapping_add(i))),
+                    accesses: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        Cache {
+            inner: Arc::new(Inner {
+                shards: cells,
+                mask: shards - 1,
+                hasher,
+                clock,
+                capacity,
+                weight: AtomicU64::new(0),
+                weigher,
+                expiry,
+            }),
+        }
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    #[inline]
+    pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.inner.hasher.hash_one(key)
+    }
+
+    /// The shard for a hash. The table inside a shard uses the low bits (bucket) and the top
+    /// seven (tag); routing uses bits 40.. so that the two do not correlate.
+    #[inline]
+    pub(crate) fn shard_index(&self, hash: u64) -> usize {
+        ((hash >> 40) as usize) & self.inner.mask
+    }
+
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        if self.inner.expiry.enabled() {
+            self.inner.clock.now()
+        } else {
+            0
+        }
+    }
+
+    /// Counts an access for the policy; returns true when the caller should run maintenance.
+    #[inline]
+    fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
+        let t = ACCESS_TICK.with(|t| {
+            let v = t.get().wrapping_add(1);
+            t.set(v);
+            v
+        });
+        if t % ACCESS_SAMPLE == 0 {
+            cell.accesses
+                .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
+            return t % MAINTAIN_EVERY == 0 && self.inner.expiry.enabled();
+        }
+        false
+    }
+
+    /// Looks `key` up and applies `f` to the value under the read lock.
+    #[inline]
+    pub(crate) fn get_map<Q, R>(&self, key: &Q, hash: u64, f: impl FnOnce(&V) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let i = self.shard_index(hash);
+        let cell = &self.inner.shards[i];
+        let maintain = self.note_access(cell);
+        let now = self.now();
+        let guard = cell.lock.read();
+        let found = match guard.lookup(hash, key, now, &self.inner.expiry) {
+            Found::Hit(v) => return Some(f(v)),
+            Found::Expired => true,
+            Found::Absent => false,
+        };
+        drop(guard);
+        if found || maintain {
+            // An expired entry was seen (or it is time): reclaim, if the lock is free now.
+            if let Some(mut s) = cell.lock.try_write() {
+                let mut out = Vec::new();
+                let before = s.weight();
+                s.expire(now, &self.inner.hasher, &mut out);
+                if found {
+                    s.remove(hash, key, now, &self.inner.hasher, &mut out);
+                }
+                self.account(before, s.weight());
+                drop(s);
+                drop(out);
+            }
+        }
+        None
+    }
+
+    /// Returns a clone of the value for `key`, or `None` if absent or expired.
+    ///
+    /// Takes the shard's read lock; records the hit for the eviction policy with one relaxed
+    /// store on the entry.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert("k".to_string(), vec![1, 2]);
+    /// assert_eq!(cache.get("k"), Some(vec![1, 2]));
+    /// assert_eq!(cache.get("missing"), None);
+    /// ```
+    #[inline]
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        V: Clone,
+    {
+        self.get_map(key, self.hash(key), V::clone)
+    }
+
+    /// Whether a live entry for `key` is present. Does not count as an access.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, ());
+    /// assert!(cache.contains_key(&1));
+    /// ```
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let now = self.now();
+        self.inner.shards[self.shard_index(hash)]
+            .lock
+            .read()
+            .peek(hash, key, now)
+            .is_some()
+    }
+
+    /// Adjusts the global weight after a shard's weight went from `before` to `after`; must be
+    /// called while that shard is still locked.
+    #[inline]
+    fn account(&self, before: u64, after: u64) {
+        if after > before {
+            self.inner.weight.fetch_add(after - before, Ordering::AcqRel);
+        } else if before > after {
+            self.inner.weight.fetch_sub(before - after, Ordering::AcqRel);
+        }
+    }
+
+    fn over_capacity(&self) -> bool {
+        self.inner.weight.load(Ordering::Acquire) > self.inner.capacity
+    }
+
+    /// Inserts `key → value`, replacing any previous value, then evicts as needed.
+    ///
+    /// When `insert` returns, [`weighted_size`](Self::weighted_size) is at most `max_capacity`
+    /// (concurrent inserts still in progress can each add at most one entry beyond it until they
+    /// return). An entry heavier than `max_capacity` is not stored, and any previous value for
+    /// `key` is removed. The weigher runs before any lock is taken; replaced and evicted values
+    /// are dropped after the lock is released.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(1);
+    /// cache.insert(1, "a");
+    /// cache.insert(2, "b"); // evicts one of the two
+    /// assert_eq!(cache.entry_count(), 1);
+    /// ```
+    pub fn insert(&self, key: K, value: V) {
+        let hash = self.hash(&key);
+        let weight = self.inner.weigher.as_ref().map_or(1, |w| w(&key, &value));
+        let mut out = Vec::new();
+        self.insert_hashed(hash, key, value, weight, &mut out);
+        drop(out);
+    }
+
+    pub(crate) fn insert_hashed(&self, hash: u64, key: K, value: V, weight: u32, out: &mut Vec<Removed<K, V>>) {
+        if u64::from(weight) > self.inner.capacity {
+            self.remove_hashed(hash, &key, out);
+            out.push(Removed { key: key, value, cause: crate::RemovalCause::Size });
+            return;
+        }
+        let i = self.shard_index(hash);
+        let cell = &self.inner.shards[i];
+        let now = self.now();
+        let accesses = cell.accesses.load(Ordering::Relaxed);
+        let mut s = cell.lock.write();
+        let before = s.weight();
+        s.insert(hash, key, value, weight, now, &self.inner.expiry, &self.inner.hasher, accesses, out);
+        self.account(before, s.weight());
+        self.evict_in(&mut s, true, out);
+        drop(s);
+        if self.over_capacity() {
+            self.evict_elsewhere(i, out);
+        }
+    }
+
+    /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
+    /// shard holds more than its share).
+    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Vec<Removed<K, V>>) {
+        while self.over_capacity() && (!fair || s.weight() > s.share()) {
+            let before = s.weight();
+            if !s.evict_one(&self.inner.hasher, out) {
+                break;
+            }
+            self.account(before, s.weight());
+        }
+    }
+
+    /// The cache is over capacity but shard `from` is within its share: some other shard holds
+    /// more than its share. Evict there (one shard lock at a time).
+    #[cold]
+    fn evict_elsewhere(&self, from: usize, out: &mut Vec<Removed<K, V>>) {
+        let n = self.inner.shards.len();
+        for fair in [true, false] {
+            for j in 1..=n {
+                if !self.over_capacity() {
+                    return;
+                }
+                let mut s = self.inner.shards[(from + j) % n].lock.write();
+                self.evict_in(&mut s, fair, out);
+            }
+        }
+    }
+
+    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Vec<Removed<K, V>>) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let before = s.weight();
+        let removed = s.remove(hash, key, now, &self.inner.hasher, out);
+        self.account(before, s.weight());
+        removed
+    }
+
+    /// Removes `key` and returns its value, if a live one was present.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, "one");
+    /// assert_eq!(cache.remove(&1), Some("one"));
+    /// assert_eq!(cache.remove(&1), None);
+    /// ```
+    pub fn remove<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut out = Vec::new();
+        if self.remove_hashed(self.hash(key), key, &mut out) {
+            out.pop().map(|r| r.value)
+        } else {
+            None
+        }
+    }
+
+    /// Removes `key` without returning its value.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, "one");
+    /// cache.invalidate(&1);
+    /// assert_eq!(cache.get(&1), None);
+    /// ```
+    pub fn invalidate<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut out = Vec::new();
+        self.remove_hashed(self.hash(key), key, &mut out);
+    }
+
+    /// Removes every entry. Values are dropped after each shard's lock is released.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, 1);
+    /// cache.invalidate_all();
+    /// assert_eq!(cache.entry_count(), 0);
+    /// ```
+    pub fn invalidate_all(&self) {
+        for cell in self.inner.shards.iter() {
+            let mut out = Vec::new();
+            let mut s = cell.lock.write();
+            let before = s.weight();
+            s.clear(&mut out);
+            self.account(before, s.weight());
+            drop(s);
+            drop(out);
+        }
+    }
+
+    /// Keeps only the entries for which `keep` returns true (expired ones are removed too).
+    ///
+    /// `keep` runs while each shard is write-locked, one shard at a time (as `HashMap::retain`
+    /// runs inside the map): it must not call into this cache. Removed values are dropped after
+    /// the lock is released.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// for i in 0..6 { cache.insert(i, i * 10); }
+    /// cache.retain(|k, _v| k % 2 == 0);
+    /// assert_eq!(cache.entry_count(), 3);
+    /// ```
+    pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
+        let now = self.now();
+        for cell in self.inner.shards.iter() {
+            let mut out = Vec::new();
+            let mut s = cell.lock.write();
+            let before = s.weight();
+            s.retain(now, &self.inner.hasher, &mut keep, &mut out);
+            self.account(before, s.weight());
+            drop(s);
+            drop(out);
+        }
+    }
+
+    /// Iterates over clones of the live entries, one shard's snapshot at a time (no lock is held
+    /// while you consume the iterator). Entries inserted or removed meanwhile may or may not be
+    /// seen.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, "a");
+    /// cache.insert(2, "b");
+    /// let mut all: Vec<_> = cache.iter().collect();
+    /// all.sort();
+    /// assert_eq!(all, vec![(1, "a"), (2, "b")]);
+    /// ```
+    pub fn iter(&self) -> Iter<'_, K, V, S>
+    where
+        K: Clone,
+        V: Clone,
+    {
+        Iter {
+            cache: self,
+            shard: 0,
+            batch: Vec::new().into_iter(),
+        }
+    }
+
+    /// The number of entries stored. Entries past their deadline count until reclaimed (see
+    /// [`run_pending_tasks`](Self::run_pending_tasks)).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, 1);
+    /// assert_eq!(cache.entry_count(), 1);
+    /// ```
+    pub fn entry_count(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.lock.read().len() as u64)
+            .sum()
+    }
+
+    /// The total weight stored (the entry count without a weigher). Never above
+    /// [`max_capacity`](Self::max_capacity) once every `insert` has returned.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::builder().max_capacity(100).weigher(|_k: &u8, v: &String| v.len() as u32).build();
+    /// cache.insert(1, "four".to_string());
+    /// assert_eq!(cache.weighted_size(), 4);
+    /// ```
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.weight.load(Ordering::Acquire)
+    }
+
+    /// The configured bound.
+    ///
+    /// ```
+    /// assert_eq!(herdcache::Cache::<u8, u8>::new(7).max_capacity(), 7);
+    /// ```
+    pub fn max_capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// Reclaims every expired entry now, in every shard. Ordinary calls do this work a little at
+    /// a time; this is for tests and for callers that want exact counts.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let clock = herdcache::ManualClock::new();
+    /// let cache = herdcache::Cache::builder().max_capacity(10)
+    ///     .time_to_live(Duration::from_secs(1)).clock(clock.clone()).build();
+    /// cache.insert(1, 1);
+    /// clock.advance(Duration::from_secs(5));
+    /// cache.run_pending_tasks();
+    /// assert_eq!(cache.entry_count(), 0);
+    /// ```
+    pub fn run_pending_tasks(&self) {
+        let now = self.now();
+        for cell in self.inner.shards.iter() {
+            let mut out = Vec::new();
+            let mut s = cell.lock.write();
+            let before = s.weight();
+            s.expire(now, &self.inner.hasher, &mut out);
+            self.account(before, s.weight());
+            drop(s);
+            drop(out);
+        }
+    }
+
+    /// Checks every internal invariant of every shard and the global weight; panics on the
+    /// first violation. For tests (it locks each shard in turn).
+    #[doc(hidden)]
+    pub fn validate(&self) {
+        let mut total = 0;
+        let guards: Vec<_> = self.inner.shards.iter().map(|c| c.lock.write()).collect();
+        for g in &guards {
+            g.validate(&self.inner.hasher);
+            total += g.weight();
+        }
+        assert_eq!(
+            total,
+            self.inner.weight.load(Ordering::Acquire),
+            "global weight is the sum of shard weights"
+        );
+    }
+}
+
+/// Iterator over clones of a cache's entries; see [`Cache::iter`].
+pub struct Iter<'a, K, V, S> {
+    cache: &'a Cache<K, V, S>,
+    shard: usize,
+    batch: std::vec::IntoIter<(K, V)>,
+}
+
+impl<K, V, S> Iterator for Iter<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + 'static,
+    V: Clone + 'static,
+    S: BuildHasher,
+{
+    type Item = (K, V);
+
+    fn next(&mut self) -> Option<(K, V)> {
+        loop {
+            if let Some(kv) = self.batch.next() {
+                return Some(kv);
+            }
+            let cell = self.cache.inner.shards.get(self.shard)?;
+            self.shard += 1;
+            let now = self.cache.now();
+            self.batch = cell.lock.read().snapshot(now).into_iter();
+        }
+    }
+}

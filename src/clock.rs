@@ -1,0 +1,172 @@
+//! Time, from one place.
+//!
+//! Every instant the cache stores is a `u64` count of nanoseconds since the cache's *origin* (the
+//! moment its clock was created). A `u64` of nanoseconds spans 584 years, fits in an atomic, and
+//! makes every comparison a plain integer comparison. All arithmetic on instants saturates, and
+//! [`NEVER`] (`u64::MAX`) stands for "no deadline", so `Duration::MAX` and zero durations never
+//! overflow or panic.
+//!
+//! Two sources exist: the system's monotonic clock ([`std::time::Instant`]) and a [`ManualClock`]
+//! that only moves when a test tells it to. A cache reads its clock through [`Clock`], which also
+//! clamps the manual source so that the cache never sees time go backwards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The instant that never comes: "no deadline".
+pub(crate) const NEVER: u64 = u64::MAX;
+
+/// Converts a duration to nanoseconds, saturating at `u64::MAX` (which means "never").
+#[inline]
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `now + d` where `d` is already in nanoseconds; saturates to [`NEVER`].
+#[inline]
+pub(crate) fn deadline(now: u64, d: u64) -> u64 {
+    now.saturating_add(d)
+}
+
+/// A clock that moves only when told to, for deterministic tests of expiry.
+///
+/// Give it to [`CacheBuilder::clock`](crate::CacheBuilder::clock) and advance it instead of
+/// sleeping. Clones share the same time.
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{Cache, ManualClock};
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::new();
+/// let cache: Cache<&str, u32> = Cache::builder()
+///     .max_capacity(100)
+///     .time_to_live(Duration::from_secs(60))
+///     .clock(clock.clone())
+///     .build();
+/// cache.insert("a", 1);
+/// clock.advance(Duration::from_secs(59));
+/// assert_eq!(cache.get("a"), Some(1));
+/// clock.advance(Duration::from_secs(1));
+/// assert_eq!(cache.get("a"), None); // expired exactly at its deadline
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock {
+    now: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock standing at its origin (time zero).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `d` (saturating; `Duration::MAX` is allowed).
+    pub fn advance(&self, d: Duration) {
+        let d = nanos(d);
+        // fetch_update never fails with a closure that always returns Some.
+        let _ = self
+            .now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_add(d))
+            });
+    }
+
+    /// Moves the clock backward by `d` (saturating at the origin).
+    ///
+    /// A cache never sees time go backward: it keeps the latest instant it has read and treats a
+    /// smaller reading as that instant. This exists to test exactly that.
+    pub fn rewind(&self, d: Duration) {
+        let d = nanos(d);
+        let _ = self
+            .now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_sub(d))
+            });
+    }
+
+    /// The time elapsed since the clock's origin.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.now.load(Ordering::Acquire))
+    }
+}
+
+/// The cache's view of time: nanoseconds since its origin, never decreasing.
+#[derive(Clone, Debug)]
+pub(crate) enum Clock {
+    System(Instant),
+    Manual {
+        source: ManualClock,
+        /// The latest reading handed out; readings are clamped to it (monotonic).
+        latest: Arc<AtomicU64>,
+    },
+}
+
+impl Clock {
+    pub(crate) fn system() -> Self {
+        Clock::System(Instant::now())
+    }
+
+    pub(crate) fn manual(source: ManualClock) -> Self {
+        let start = source.now.load(Ordering::Acquire);
+        Clock::Manual {
+            source,
+            latest: Arc::new(AtomicU64::new(start)),
+        }
+    }
+
+    /// Nanoseconds since the origin. Monotonic: never smaller than an earlier reading.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        match self {
+            // `Instant` is monotonic already.
+            Clock::System(origin) => nanos(origin.elapsed()),
+            Clock::Manual { source, latest } => {
+                let t = source.now.load(Ordering::Acquire);
+                let seen = latest.load(Ordering::Acquire);
+                if t > seen {
+                    latest.fetch_max(t, Ordering::AcqRel).max(t)
+                } else {
+                    seen
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_is_clamped_monotonic() {
+        let m = ManualClock::new();
+        let c = Clock::manual(m.clone());
+        m.advance(Duration::from_secs(10));
+        assert_eq!(c.now(), 10_000_000_000);
+        m.rewind(Duration::from_secs(5));
+        assert_eq!(c.now(), 10_000_000_000, "a rewind must not move the cache's time back");
+        m.advance(Duration::from_secs(6));
+        assert_eq!(c.now(), 11_000_000_000);
+    }
+
+    #[test]
+    fn durations_saturate() {
+        assert_eq!(nanos(Duration::MAX), u64::MAX);
+        assert_eq!(deadline(5, u64::MAX), NEVER);
+        let m = ManualClock::new();
+        m.advance(Duration::MAX);
+        m.advance(Duration::MAX);
+        assert_eq!(Clock::manual(m).now(), u64::MAX);
+    }
+
+    #[test]
+    fn system_clock_advances() {
+        let c = Clock::system();
+        let a = c.now();
+        let b = c.now();
+        assert!(b >= a);
+    }
+}

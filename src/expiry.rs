@@ -1,0 +1,349 @@
+//! Expiry: how deadlines are computed, and the timer wheel that reclaims expired entries.
+//!
+//! A deadline is a `u64` of nanoseconds on the cache's clock ([`crate::clock`]); [`NEVER`] means
+//! none. Reads compare deadlines exactly, so an expired entry is never returned. *Reclaiming*
+//! memory is separate: each shard keeps a hierarchical timer wheel, advanced by ordinary writes
+//! (and every so often by reads), that finds entries whose deadline passed even if nobody touches
+//! them again. No background thread exists.
+//!
+//! The wheel is *lazy*: an entry is filed under the bucket of its deadline at the time of filing.
+//! When a bucket's time comes, each entry in it is checked against its current deadline: expired
+//! ones are removed, the others (their idle deadline moved on, say) are filed again. Removal of an
+//! entry does not search its bucket; a stale index is skipped when its bucket is drained, and a
+//! bucket whose stale indices outnumber its live ones is compacted, so memory stays proportional
+//! to live entries.
+
+use crate::clock::{deadline, nanos, NEVER};
+use std::time::Duration;
+
+/// Per-entry expiration, decided by you (as moka's `Expiry`).
+///
+/// Each method returns how long from *now* the entry may live; `None` means it never expires.
+/// Use it with [`CacheBuilder::expire_after`](crate::CacheBuilder::expire_after).
+///
+/// The methods run while the entry's shard is locked (like `Hash` and `Eq` of the key): keep them
+/// quick and do not call into the same cache from them.
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{Cache, Expiry, ManualClock};
+/// use std::time::Duration;
+///
+/// /// Errors are cached for a second, good answers for a minute.
+/// struct ByOutcome;
+/// impl Expiry<u32, Result<String, String>> for ByOutcome {
+///     fn expire_after_create(&self, _k: &u32, v: &Result<String, String>) -> Option<Duration> {
+///         Some(if v.is_ok() { Duration::from_secs(60) } else { Duration::from_secs(1) })
+///     }
+/// }
+///
+/// let clock = ManualClock::new();
+/// let cache = Cache::builder()
+///     .max_capacity(100)
+///     .expire_after(ByOutcome)
+///     .clock(clock.clone())
+///     .build();
+/// cache.insert(1, Ok("one".to_string()));
+/// cache.insert(2, Err("backend down".to_string()));
+/// clock.advance(Duration::from_secs(2));
+/// assert!(cache.get(&1).is_some());
+/// assert!(cache.get(&2).is_none());
+/// ```
+pub trait Expiry<K, V>: Send + Sync + 'static {
+    /// The lifetime of a newly inserted entry. Default: `None` (never expires).
+    fn expire_after_create(&self, key: &K, value: &V) -> Option<Duration> {
+        let _ = (key, value);
+        None
+    }
+
+    /// The remaining lifetime after a read; `remaining` is the current one. Default: unchanged.
+    fn expire_after_read(&self, key: &K, value: &V, remaining: Option<Duration>) -> Option<Duration> {
+        let _ = (key, value);
+        remaining
+    }
+
+    /// The remaining lifetime after the value is replaced; `remaining` is the current one.
+    /// Default: unchanged.
+    fn expire_after_update(
+        &self,
+        key: &K,
+        value: &V,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        let _ = (key, value);
+        remaining
+    }
+}
+
+/// The expiration configured on a cache, resolved once at build time.
+pub(crate) enum ExpiryConfig<K, V> {
+    None,
+    /// `time_to_live` and/or `time_to_idle`, in nanoseconds.
+    Fixed { ttl: Option<u64>, tti: Option<u64> },
+    Custom(Box<dyn Expiry<K, V>>),
+}
+
+impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
+    pub(crate) fn enabled(&self) -> bool {
+        !matches!(self, ExpiryConfig::None)
+    }
+
+    /// How many `u64` deadlines each entry keeps: the effective one and, when both a time to live
+    /// and a time to idle are set, the hard (time-to-live) one.
+    pub(crate) fn stride(&self) -> usize {
+        match self {
+            ExpiryConfig::None => 0,
+            ExpiryConfig::Fixed {
+                ttl: Some(_),
+                tti: Some(_),
+            } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Deadlines of a new entry: `(effective, hard)`.
+    pub(crate) fn on_create(&self, key: &K, value: &V, now: u64) -> (u64, u64) {
+        match self {
+            ExpiryConfig::None => (NEVER, NEVER),
+            ExpiryConfig::Fixed { ttl, tti } => {
+                let hard = ttl.map_or(NEVER, |t| deadline(now, t));
+                let idle = tti.map_or(NEVER, |t| deadline(now, t));
+                (hard.min(idle), hard)
+            }
+            ExpiryConfig::Custom(e) => {
+                let d = opt_deadline(now, e.expire_after_create(key, value));
+                (d, d)
+            }
+        }
+    }
+
+    /// Deadlines after the entry's value is replaced; `current` is its effective deadline.
+    pub(crate) fn on_update(&self, key: &K, value: &V, now: u64, current: u64) -> (u64, u64) {
+        match self {
+            ExpiryConfig::Custom(e) => {
+                let d = opt_deadline(
+                    now,
+                    e.expire_after_update(key, value, remaining(now, current)),
+                );
+                (d, d)
+            }
+            // A replaced value starts a new life, as in moka.
+            _ => self.on_create(key, value, now),
+        }
+    }
+
+    /// The new effective deadline after a read, or `None` when the read does not move it.
+    /// `hard` is the entry's hard deadline (its effective one when there is no idle part).
+    #[inline]
+    pub(crate) fn on_read(&self, key: &K, value: &V, now: u64, current: u64, hard: u64) -> Option<u64> {
+        match self {
+            ExpiryConfig::Fixed { tti: Some(t), .. } => {
+                let next = deadline(now, *t).min(hard);
+                // Skip writes that would move the deadline by less than 1/1024 of the idle time:
+                // a hot entry is then written about once per TTI/1024, not on every read.
+                (next > current.saturating_add(*t >> 10)).then_some(next)
+            }
+            ExpiryConfig::Custom(e) => {
+                let d = opt_deadline(now, e.expire_after_read(key, value, remaining(now, current)));
+                (d != current).then_some(d)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn opt_deadline(now: u64, d: Option<Duration>) -> u64 {
+    d.map_or(NEVER, |d| deadline(now, nanos(d)))
+}
+
+fn remaining(now: u64, at: u64) -> Option<Duration> {
+    (at != NEVER).then(|| Duration::from_nanos(at.saturating_sub(now)))
+}
+
+/// Marks an entry filed in no bucket.
+pub(crate) const NO_BUCKET: u16 = u16::MAX;
+
+/// Level `i` has `COUNTS[i]` buckets of `1 << SHIFTS[i]` nanoseconds each (≈1.07 s, 1.15 min,
+/// 1.22 h, 19.5 h); the last level's single bucket holds everything further away.
+const SHIFTS: [u32; 5] = [30, 36, 42, 46, 48];
+const COUNTS: [usize; 5] = [64, 64, 32, 4, 1];
+const OFFSETS: [usize; 5] = [0, 64, 128, 160, 164];
+const TOTAL: usize = 165;
+
+#[derive(Default, Debug)]
+struct Bucket {
+    slots: Vec<u32>,
+    /// Entries whose `bucket` field names this bucket; `slots.len() - live` are stale.
+    live: u32,
+}
+
+/// A hierarchical, lazily validated timer wheel of slab indices.
+#[derive(Debug)]
+pub(crate) struct TimerWheel {
+    buckets: Vec<Bucket>,
+    /// The time the wheel was last advanced to.
+    time: u64,
+}
+
+impl TimerWheel {
+    pub(crate) fn new(now: u64) -> Self {
+        TimerWheel {
+            buckets: (0..TOTAL).map(|_| Bucket::default()).collect(),
+            time: now,
+        }
+    }
+
+    /// The bucket for an entry due at `at` (never [`NEVER`]: such entries are not filed).
+    pub(crate) fn bucket_for(&self, at: u64) -> u16 {
+        let delta = at.saturating_sub(self.time);
+        for level in 0..4 {
+            if delta < (1u64 << SHIFTS[level + 1]) {
+                let i = ((at >> SHIFTS[level]) as usize) & (COUNTS[level] - 1);
+                return (OFFSETS[level] + i) as u16;
+            }
+        }
+        OFFSETS[4] as u16
+    }
+
+    /// Files slab index `slot` in bucket `b`. Returns true when the bucket holds so many stale
+    /// indices that the caller should [`compact`](Self::compact) it.
+    pub(crate) fn file(&mut self, b: u16, slot: u32) -> bool {
+        let bucket = &mut self.buckets[b as usize];
+        bucket.slots.push(slot);
+        bucket.live += 1;
+        bucket.slots.len() > 2 * bucket.live as usize + 32
+    }
+
+    /// An entry filed in `b` was removed or re-filed elsewhere.
+    pub(crate) fn unfile(&mut self, b: u16) {
+        let bucket = &mut self.buckets[b as usize];
+        bucket.live = bucket.live.saturating_sub(1);
+    }
+
+    /// Keeps only the indices of bucket `b` for which `is_filed_here` holds, once each.
+    pub(crate) fn compact(&mut self, b: u16, mut is_filed_here: impl FnMut(u32) -> bool) {
+        let bucket = &mut self.buckets[b as usize];
+        bucket.slots.sort_unstable();
+        bucket.slots.dedup();
+        bucket.slots.retain(|&s| is_filed_here(s));
+        bucket.live = bucket.slots.len() as u32;
+        bucket.slots.shrink_to(bucket.slots.len() * 2);
+    }
+
+    /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
+    /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
+    pub(crate) fn advance(&mut self, now: u64, due: &mut Vec<(u16, Vec<u32>)>) {
+        if now <= self.time {
+            return;
+        }
+        let prev = self.time;
+        self.time = now;
+        for level in 0..5 {
+            let (from, to) = (prev >> SHIFTS[level], now >> SHIFTS[level]);
+            if from == to {
+                continue;
+            }
+            let span = (to - from).min(COUNTS[level] as u64 - 1);
+            for t in (to - span)..=to {
+                let b = OFFSETS[level] + (t as usize & (COUNTS[level] - 1));
+                let bucket = &mut self.buckets[b];
+                if !bucket.slots.is_empty() {
+                    bucket.live = 0;
+                    due.push((b as u16, std::mem::take(&mut bucket.slots)));
+                }
+            }
+        }
+    }
+
+    /// Forgets everything (used by `invalidate_all`).
+    pub(crate) fn clear(&mut self) {
+        for b in &mut self.buckets {
+            *b = Bucket::default();
+        }
+    }
+
+    /// Heap bytes held by bucket vectors (for the memory formula tests).
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.buckets.iter().map(|b| b.slots.capacity() * 4).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn drain(w: &mut TimerWheel, now: u64) -> Vec<u32> {
+        let mut due = Vec::new();
+        w.advance(now, &mut due);
+        let mut v: Vec<u32> = due.into_iter().flat_map(|(_, s)| s).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn near_deadlines_come_due_in_their_second() {
+        let mut w = TimerWheel::new(0);
+        let b = w.bucket_for(3 * SEC + 5);
+        w.file(b, 7);
+        assert!(drain(&mut w, 2 * SEC).is_empty());
+        assert_eq!(drain(&mut w, 3 * SEC + 10), vec![7]);
+    }
+
+    #[test]
+    fn far_deadlines_cascade() {
+        let mut w = TimerWheel::new(0);
+        let at = 3 * 3600 * SEC; // three hours
+        let b = w.bucket_for(at);
+        assert!(b as usize >= OFFSETS[2]);
+        w.file(b, 1);
+        // Nothing for the first hour...
+        assert!(drain(&mut w, 3600 * SEC).is_empty());
+        // ...but by the deadline the index has surfaced (perhaps earlier, to be re-filed).
+        let mut seen = false;
+        let mut t = 3600 * SEC;
+        while t <= at + 2 * SEC {
+            t += 30 * SEC;
+            let mut due = Vec::new();
+            w.advance(t, &mut due);
+            for (_, slots) in due {
+                for s in slots {
+                    assert_eq!(s, 1);
+                    if t >= at {
+                        seen = true;
+                    } else {
+                        let nb = w.bucket_for(at);
+                        w.file(nb, s);
+                    }
+                }
+            }
+        }
+        assert!(seen);
+    }
+
+    #[test]
+    fn huge_jumps_and_never_do_not_panic() {
+        let mut w = TimerWheel::new(0);
+        let b = w.bucket_for(u64::MAX - 1);
+        w.file(b, 3);
+        assert_eq!(drain(&mut w, u64::MAX), vec![3]);
+        assert!(drain(&mut w, 5).is_empty(), "time does not go backwards");
+    }
+
+    #[test]
+    fn compaction_drops_stale_and_duplicates() {
+        let mut w = TimerWheel::new(0);
+        let b = w.bucket_for(SEC / 2);
+        let mut asked = false;
+        for i in 0..100 {
+            asked |= w.file(b, i % 10);
+            w.unfile(b);
+        }
+        assert!(asked);
+        w.compact(b, |s| s == 3);
+        assert_eq!(drain(&mut w, 2 * SEC), vec![3]);
+    }
+}

@@ -1,0 +1,575 @@
+//! One shard: a plain, single-threaded map with an eviction policy and a timer wheel.
+//!
+//! Nothing here is concurrent. The cache ([`crate::cache`]) wraps each shard in a read-write
+//! lock: lookups run under the read lock and touch only atomics on the entry they found (the hit
+//! counter and, with a time to idle, the deadline); everything else runs under the write lock.
+//! Nothing here runs user code other than the key's `Hash`/`Eq` and the `Expiry` callbacks;
+//! removed entries are handed back in a `Vec<Removed>` so their values are dropped after the
+//! lock is released.
+//!
+//! # Layout and memory
+//!
+//! Entries live in a slab (`Vec<Option<Entry>>`, 24 bytes a slot for `u64 → u64`: the key, the
+//! value, a `u32` weight, a `u8` hit counter, a `u8` policy place, a `u16` timer bucket, the
+//! `Option` folded into the place's niche). A `hashbrown::HashTable<u32>` maps hashes to slab
+//! indices (5 bytes a bucket). The policy's FIFO queues hold a `u32` index per entry, and its
+//! frequency sketch about 4 bytes per entry. With expiry configured, a parallel vector holds one
+//! `u64` deadline per entry (two with both a time to live and a time to idle) and the timer
+//! wheel a `u32` index per entry.
+
+use crate::clock::NEVER;
+use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
+use crate::policy::{record_hit, Place, Policy, Tracked};
+use hashbrown::HashTable;
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+/// Why an entry left the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RemovalCause {
+    /// Its deadline passed.
+    Expired,
+    /// `remove`, `invalidate`, `invalidate_all` or `retain` removed it.
+    Explicit,
+    /// An `insert` replaced its value.
+    Replaced,
+    /// The policy evicted it to stay within the capacity.
+    Size,
+}
+
+/// An entry that left a shard, to be dropped (or reported) after the lock is released.
+#[allow(dead_code)] // `key` and `cause` are for the eviction listener
+pub(crate) struct Removed<K, V> {
+    pub(crate) key: K,
+    pub(crate) value: V,
+    pub(crate) cause: RemovalCause,
+}
+
+pub(crate) struct Entry<K, V> {
+    key: K,
+    value: V,
+    weight: u32,
+    hits: AtomicU8,
+    place: Place,
+    bucket: u16,
+}
+
+impl<K, V> Tracked for Entry<K, V> {
+    fn place(&self) -> Place {
+        self.place
+    }
+    fn set_place(&mut self, p: Place) {
+        self.place = p;
+    }
+    fn hits(&self) -> &AtomicU8 {
+        &self.hits
+    }
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+}
+
+/// What a lookup found.
+pub(crate) enum Found<'a, V> {
+    Hit(&'a V),
+    /// Present but past its deadline: the caller should arrange its removal.
+    Expired,
+    Absent,
+}
+
+pub(crate) struct Shard<K, V> {
+    table: HashTable<u32>,
+    slab: Vec<Option<Entry<K, V>>>,
+    free: Vec<u32>,
+    /// Deadlines, `stride` per slab slot: effective, then (stride 2) hard.
+    times: Vec<AtomicU64>,
+    stride: usize,
+    wheel: Option<TimerWheel>,
+    policy: Policy,
+    weight: u64,
+    len: usize,
+    /// This shard's share of the cache's capacity.
+    share: u64,
+}
+
+impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
+    pub(crate) fn new(share: u64, stride: usize, now: u64, seed: u64) -> Self {
+        Shard {
+            table: HashTable::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            times: Vec::new(),
+            stride,
+            wheel: (stride > 0).then(|| TimerWheel::new(now)),
+            policy: Policy::new(share, seed),
+            weight: 0,
+            len: 0,
+            share,
+        }
+    }
+
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn share(&self) -> u64 {
+        self.share
+    }
+
+    fn find<Q>(&self, hash: u64, key: &Q) -> Option<u32>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slab = &self.slab;
+        self.table
+            .find(hash, |&s| {
+                slab[s as usize]
+                    .as_ref()
+                    .is_some_and(|e| e.key.borrow() == key)
+            })
+            .copied()
+    }
+
+    #[inline]
+    fn deadline(&self, slot: u32) -> u64 {
+        if self.stride == 0 {
+            NEVER
+        } else {
+            self.times[slot as usize * self.stride].load(Ordering::Relaxed)
+        }
+    }
+
+    /// Looks `key` up under a shared borrow (the read lock), recording the hit.
+    #[inline]
+    pub(crate) fn lookup<Q>(&self, hash: u64, key: &Q, now: u64, exp: &ExpiryConfig<K, V>) -> Found<'_, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let Some(slot) = self.find(hash, key) else {
+            return Found::Absent;
+        };
+        let Some(e) = &self.slab[slot as usize] else {
+            return Found::Absent;
+        };
+        if self.stride > 0 {
+            let i = slot as usize * self.stride;
+            let current = self.times[i].load(Ordering::Relaxed);
+            if current <= now {
+                return Found::Expired;
+            }
+            let hard = if self.stride == 2 {
+                self.times[i + 1].load(Ordering::Relaxed)
+            } else {
+                NEVER
+            };
+            if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
+                self.times[i].store(next, Ordering::Relaxed);
+            }
+        }
+        record_hit(&e.hits);
+        Found::Hit(&e.value)
+    }
+
+    /// Looks `key` up without recording anything (for `contains_key`, `peek`-like calls).
+    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.find(hash, key)?;
+        if self.deadline(slot) <= now {
+            return None;
+        }
+        self.slab[slot as usize].as_ref().map(|e| &e.value)
+    }
+
+    fn set_times(&mut self, slot: u32, (effective, hard): (u64, u64)) {
+        if self.stride == 0 {
+            return;
+        }
+        let i = slot as usize * self.stride;
+        self.times[i].store(effective, Ordering::Relaxed);
+        if self.stride == 2 {
+            self.times[i + 1].store(hard, Ordering::Relaxed);
+        }
+        self.file(slot, effective);
+    }
+
+    /// Files `slot` in the timer wheel under `deadline` (or nowhere for [`NEVER`]).
+    fn file(&mut self, slot: u32, deadline: u64) {
+        let Some(wheel) = &mut self.wheel else { return };
+        let e = self.slab[slot as usize].as_mut().expect("filing a live slot");
+        if e.bucket != NO_BUCKET {
+            wheel.unfile(e.bucket);
+            e.bucket = NO_BUCKET;
+        }
+        if deadline == NEVER {
+            return;
+        }
+        let b = wheel.bucket_for(deadline);
+        e.bucket = b;
+        if wheel.file(b, slot) {
+            let slab = &self.slab;
+            wheel.compact(b, |s| {
+                slab[s as usize].as_ref().is_some_and(|e| e.bucket == b)
+            });
+        }
+    }
+
+    fn alloc(&mut self, entry: Entry<K, V>) -> u32 {
+        if let Some(s) = self.free.pop() {
+            self.slab[s as usize] = Some(entry);
+            return s;
+        }
+        if self.slab.len() == self.slab.capacity() {
+            // Grow by doubling, but not past this shard's share while below it: a cache filled
+            // to capacity with unit weights then wastes almost nothing in the slab.
+            let len = self.slab.len() as u64;
+            let extra = if len < self.share {
+                len.max(4).min(self.share - len)
+            } else {
+                len.max(4)
+            };
+            self.slab.reserve_exact(extra as usize);
+            self.times.reserve_exact(extra as usize * self.stride);
+        }
+        let s = u32::try_from(self.slab.len()).expect("a shard holds at most 2^32 entries");
+        self.slab.push(Some(entry));
+        for _ in 0..self.stride {
+            self.times.push(AtomicU64::new(NEVER));
+        }
+        s
+    }
+
+    /// Inserts or replaces. `accesses` is the shard's approximate access count (for the policy's
+    /// hill climber). Entries already expired at `now` are not stored.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        hasher: &S,
+        accesses: u64,
+        out: &mut Vec<Removed<K, V>>,
+    ) {
+        self.expire(now, hasher, out);
+        if let Some(slot) = self.find(hash, &key) {
+            let current = self.deadline(slot);
+            let e = self.slab[slot as usize].as_mut().expect("found slot is live");
+            let times = exp.on_update(&e.key, &value, now, current);
+            if times.0 <= now {
+                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                out.push(Removed { key: key, value, cause: RemovalCause::Expired });
+                return;
+            }
+            let old = std::mem::replace(&mut e.value, value);
+            let old_weight = std::mem::replace(&mut e.weight, weight);
+            record_hit(&e.hits);
+            let place = e.place;
+            self.policy.on_reweigh(place, old_weight, weight);
+            self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+            self.set_times(slot, times);
+            out.push(Removed { key: key, value: old, cause: RemovalCause::Replaced });
+            return;
+        }
+        let times = exp.on_create(&key, &value, now);
+        if times.0 <= now {
+            out.push(Removed { key: key, value, cause: RemovalCause::Expired });
+            return;
+        }
+        let slot = self.alloc(Entry {
+            key,
+            value,
+            weight,
+            hits: AtomicU8::new(0),
+            place: Place::Window,
+            bucket: NO_BUCKET,
+        });
+        let slab = &self.slab;
+        self.table.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(&slab[s as usize].as_ref().expect("table slots are live").key)
+        });
+        self.weight += u64::from(weight);
+        self.len += 1;
+        self.set_times(slot, times);
+        self.policy.on_insert(&mut self.slab, slot, hash, accesses);
+    }
+
+    /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
+    /// empty; the caller decides whether it is free now or still referenced by a queue.
+    fn take_slot(&mut self, slot: u32, hash: u64) -> Entry<K, V> {
+        if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
+            found.remove();
+        }
+        let e = self.slab[slot as usize].take().expect("taking a live slot");
+        if e.bucket != NO_BUCKET {
+            if let Some(w) = &mut self.wheel {
+                w.unfile(e.bucket);
+            }
+        }
+        self.weight -= u64::from(e.weight);
+        self.len -= 1;
+        e
+    }
+
+    /// Removes a live entry that is still queued in the policy (a caller's removal or expiry).
+    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Vec<Removed<K, V>>) {
+        let e = self.take_slot(slot, hash);
+        if self.policy.on_remove(e.place, e.weight) {
+            self.policy.purge_tombstones(&self.slab, &mut self.free);
+        }
+        out.push(Removed { key: e.key, value: e.value, cause });
+    }
+
+    /// Removes `key`; the removed entry (if any, and not expired) is pushed last onto `out`.
+    /// Returns whether a live entry was removed.
+    pub(crate) fn remove<Q, S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        hasher: &S,
+        out: &mut Vec<Removed<K, V>>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.expire(now, hasher, out);
+        let Some(slot) = self.find(hash, key) else {
+            return false;
+        };
+        let live = self.deadline(slot) > now;
+        let cause = if live { RemovalCause::Explicit } else { RemovalCause::Expired };
+        self.remove_slot(slot, hash, cause, out);
+        live
+    }
+
+    /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
+    pub(crate) fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Vec<Removed<K, V>>) -> bool {
+        let Some(slot) = self
+            .policy
+            .evict(&mut self.slab, &mut self.free, |e| hasher.hash_one(&e.key))
+        else {
+            return false;
+        };
+        let hash = hasher.hash_one(&self.slab[slot as usize].as_ref().expect("victim is live").key);
+        let e = self.take_slot(slot, hash);
+        self.free.push(slot);
+        out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Size });
+        true
+    }
+
+    /// Advances the timer wheel to `now` and removes every entry whose deadline passed.
+    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, hasher: &S, out: &mut Vec<Removed<K, V>>) {
+        let Some(wheel) = &mut self.wheel else { return };
+        let mut due = Vec::new();
+        wheel.advance(now, &mut due);
+        if due.is_empty() {
+            return;
+        }
+        let mut refile = Vec::new();
+        for (b, slots) in due {
+            for s in slots {
+                let Some(e) = self.slab[s as usize].as_mut() else { continue };
+                if e.bucket != b {
+                    continue; // stale index, or a duplicate already handled
+                }
+                e.bucket = NO_BUCKET;
+                let d = self.times[s as usize * self.stride].load(Ordering::Relaxed);
+                if d <= now {
+                    let hash = hasher.hash_one(&e.key);
+                    self.remove_slot(s, hash, RemovalCause::Expired, out);
+                } else {
+                    refile.push((s, d));
+                }
+            }
+        }
+        for (s, d) in refile {
+            self.file(s, d);
+        }
+    }
+
+    /// Removes every entry.
+    pub(crate) fn clear(&mut self, out: &mut Vec<Removed<K, V>>) {
+        for e in self.slab.drain(..).flatten() {
+            out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Explicit });
+        }
+        self.table.clear();
+        self.free.clear();
+        self.times.clear();
+        self.policy.clear();
+        if let Some(w) = &mut self.wheel {
+            w.clear();
+        }
+        self.weight = 0;
+        self.len = 0;
+    }
+
+    /// Removes every live entry for which `keep` returns false (and every expired one).
+    pub(crate) fn retain<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        hasher: &S,
+        keep: &mut impl FnMut(&K, &V) -> bool,
+        out: &mut Vec<Removed<K, V>>,
+    ) {
+        for s in 0..self.slab.len() as u32 {
+            let Some(e) = &self.slab[s as usize] else { continue };
+            let expired = self.deadline(s) <= now;
+            if expired || !keep(&e.key, &e.value) {
+                let hash = hasher.hash_one(&e.key);
+                let cause = if expired { RemovalCause::Expired } else { RemovalCause::Explicit };
+                self.remove_slot(s, hash, cause, out);
+            }
+        }
+    }
+
+    /// Clones of every live entry (for iteration outside the lock).
+    pub(crate) fn snapshot(&self, now: u64) -> Vec<(K, V)>
+    where
+        K: Clone,
+        V: Clone,
+    {
+        let mut v = Vec::with_capacity(self.len);
+        for (s, e) in self.slab.iter().enumerate() {
+            if let Some(e) = e {
+                if self.deadline(s as u32) > now {
+                    v.push((e.key.clone(), e.value.clone()));
+                }
+            }
+        }
+        v
+    }
+
+    /// Checks every internal invariant; panics with a message on the first violation.
+    pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
+        let live: Vec<u32> = (0..self.slab.len() as u32)
+            .filter(|&s| self.slab[s as usize].is_some())
+            .collect();
+        assert_eq!(live.len(), self.len, "len counts live slots");
+        assert_eq!(self.table.len(), self.len, "table holds every live slot once");
+        let mut weight = 0u64;
+        for &s in &live {
+            let e = self.slab[s as usize].as_ref().expect("live");
+            weight += u64::from(e.weight);
+            let h = hasher.hash_one(&e.key);
+            assert_eq!(self.find(h, &e.key), Some(s), "table maps the key to its slot");
+            if let Some(_w) = &self.wheel {
+                let d = self.deadline(s);
+                assert_eq!(d == NEVER, e.bucket == NO_BUCKET, "filed iff it has a deadline");
+            }
+        }
+        assert_eq!(weight, self.weight, "weight is the sum of entry weights");
+        for &f in &self.free {
+            assert!(self.slab[f as usize].is_none(), "free slots are empty");
+        }
+        self.policy.validate(&self.slab);
+    }
+
+    /// The heap bytes this shard holds (for memory tests).
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Option<Entry<K, V>>>() * self.slab.capacity()
+            + self.table.capacity() * (4 + 1)
+            + self.times.capacity() * 8
+            + self.free.capacity() * 4
+            + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type S = ahash::RandomState;
+
+    fn shard(cap: u64, stride: usize) -> (Shard<u64, u64>, S) {
+        (Shard::new(cap, stride, 0, 7), S::with_seeds(1, 2, 3, 4))
+    }
+
+    #[test]
+    fn entry_slot_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<Option<Entry<u64, u64>>>(), 24);
+    }
+
+    #[test]
+    fn insert_lookup_replace_remove() {
+        let (mut s, h) = shard(10, 0);
+        let mut out = Vec::new();
+        let exp = ExpiryConfig::None;
+        s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, 0, &mut out);
+        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Hit(&10)));
+        s.insert(h.hash_one(1u64), 1, 11, 1, 0, &exp, &h, 0, &mut out);
+        assert_eq!(out.pop().map(|r| (r.value, r.cause)), Some((10, RemovalCause::Replaced)));
+        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Hit(&11)));
+        assert!(s.remove(h.hash_one(1u64), &1, 0, &h, &mut out));
+        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Absent));
+        s.validate(&h);
+    }
+
+    #[test]
+    fn eviction_keeps_the_policy_consistent() {
+        let (mut s, h) = shard(50, 0);
+        let mut out = Vec::new();
+        let exp = ExpiryConfig::None;
+        for i in 0..10_000u64 {
+            let k = (i * 7919) % 300;
+            if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp) {
+                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, i, &mut out);
+                while s.weight() > 50 {
+                    assert!(s.evict_one(&h, &mut out));
+                }
+            }
+            if i % 97 == 0 {
+                s.remove(h.hash_one(k + 1), &(k + 1), 0, &h, &mut out);
+            }
+        }
+        s.validate(&h);
+        assert!(s.len() <= 50);
+    }
+
+    #[test]
+    fn tombstones_are_purged() {
+        let (mut s, h) = shard(1_000_000, 0);
+        let mut out = Vec::new();
+        let exp = ExpiryConfig::None;
+        for i in 0..100_000u64 {
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+            s.remove(h.hash_one(i), &i, 0, &h, &mut out);
+        }
+        s.validate(&h);
+        assert!(s.slab.len() < 1000, "slots are reused: {}", s.slab.len());
+    }
+
+    #[test]
+    fn wheel_reclaims_untouched_entries() {
+        let (mut s, h) = shard(100, 1);
+        let mut out = Vec::new();
+        let sec = 1_000_000_000u64;
+        let exp = ExpiryConfig::Fixed { ttl: Some(5 * sec), tti: None };
+        for i in 0..50u64 {
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+        }
+        out.clear();
+        s.expire(4 * sec, &h, &mut out);
+        assert_eq!(s.len(), 50);
+        s.expire(7 * sec, &h, &mut out);
+        assert_eq!(s.len(), 0, "every entry reclaimed without being touched");
+        assert_eq!(out.len(), 50);
+        assert!(out.iter().all(|r| r.cause == RemovalCause::Expired));
+        s.validate(&h);
+    }
+}
