@@ -1,0 +1,246 @@
+//! Replays the cache traces in `../shared/traces/` (or `$HERDCACHE_TRACES`) against herdcache,
+//! moka and quick_cache, side by side, and prints a Markdown table of hit ratios.
+//!
+//! ```text
+//! cargo run --release --example trace_replay                 # every row, all three caches
+//! cargo run --release --example trace_replay -- --only herdcache loop gli
+//! ```
+//!
+//! Each request is one key: `get`; on a miss, `insert` (unit weights). Decompression uses the
+//! `zstd`, `gzip` and `xz` command-line tools. The ARC traces are by N. Megiddo and D. S. Modha,
+//! "ARC: A Self-Tuning, Low Overhead Replacement Cache", USENIX FAST 2003.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// (file, capacity, best peer's hit % from the traces' README, for the "vs best peer" column).
+const ROWS: &[(&str, u64, f64)] = &[
+    ("arc/OLTP.lis.zst", 1000, 35.71),
+    ("arc/OLTP.lis.zst", 2000, 43.73),
+    ("arc/P3.lis.zst", 100_000, 40.66),
+    ("arc/P3.lis.zst", 400_000, 76.14),
+    ("arc/P6.lis.zst", 20_000, 17.55),
+    ("arc/P6.lis.zst", 160_000, 84.39),
+    ("lirs/gli.trace.gz", 1000, 51.06),
+    ("lirs/gli.trace.gz", 1500, 53.43),
+    ("lirs/ps.trace.gz", 200, 49.79),
+    ("lirs/ps.trace.gz", 400, 55.41),
+    ("lirs/sprite.trace.gz", 256, 57.66),
+    ("lirs/sprite.trace.gz", 512, 78.94),
+    ("lirs/multi2.trace.gz", 256, 40.47),
+    ("lirs/multi2.trace.gz", 512, 50.57),
+    ("lirs/loop.trace.gz", 768, 75.78),
+    ("lirs/loop.trace.gz", 1000, 98.69),
+    ("lirs/2_pools.trace.gz", 256, 50.76),
+    ("caffeine-misc/scarab/scarab-recs.trace.xz", 25_000, 61.58),
+    ("caffeine-misc/scarab/scarab-recs.trace.xz", 100_000, 75.91),
+    ("caffeine-misc/cache2k/orm-busy.trace.xz", 1000, 78.78),
+    ("caffeine-misc/cache2k/orm-busy.trace.xz", 5000, 85.81),
+];
+
+/// The "W-TinyLFU adaptive" column of the traces' README (a Caffeine-3-style policy).
+const ADAPTIVE: &[f64] = &[
+    40.17, 46.50, 39.92, 76.23, 17.21, 81.11, 41.60, 53.18, 47.20, 54.25, 55.72, 77.68, 39.53,
+    49.47, 67.91, 92.13, 50.69, 59.57, 72.42, 73.99, 85.92,
+];
+
+fn decompress(path: &Path) -> Vec<u8> {
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("zst") => "zstd",
+        Some("gz") => "gzip",
+        Some("xz") => "xz",
+        other => panic!("unknown trace format {other:?}"),
+    };
+    let mut child = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    let mut bytes = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_end(&mut bytes)
+        .expect("read trace");
+    assert!(child.wait().expect("wait").success(), "{tool} failed on {path:?}");
+    bytes
+}
+
+fn load(path: &Path) -> Vec<u64> {
+    let bytes = decompress(path);
+    let name = path.to_string_lossy();
+    if name.ends_with("scarab-recs.trace.xz") {
+        return bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_be_bytes(c.try_into().expect("8 bytes")) as u64)
+            .collect();
+    }
+    if name.ends_with("orm-busy.trace.xz") {
+        return bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_be_bytes(c.try_into().expect("4 bytes")) as u32 as u64)
+            .collect();
+    }
+    let text = String::from_utf8(bytes).expect("text trace");
+    let mut keys = Vec::new();
+    let arc = name.ends_with(".lis.zst");
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('*') {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        let start: u64 = f.next().and_then(|s| s.parse().ok()).expect("key");
+        if arc {
+            let n: u64 = f.next().and_then(|s| s.parse().ok()).expect("count");
+            keys.extend(start..start + n);
+        } else {
+            keys.push(start);
+        }
+    }
+    keys
+}
+
+fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
+    let mut hits = 0u64;
+    match name {
+        "herdcache" => {
+            let c = herdcache::Cache::new(cap);
+            for &k in keys {
+                if c.get(&k).is_some() {
+                    hits += 1;
+                } else {
+                    c.insert(k, k);
+                }
+            }
+        }
+        "moka" => {
+            let c = moka::sync::Cache::new(cap);
+            for &k in keys {
+                if c.get(&k).is_some() {
+                    hits += 1;
+                } else {
+                    c.insert(k, k);
+                }
+            }
+        }
+        "quick_cache" => {
+            let c = quick_cache::sync::Cache::new(cap as usize);
+            for &k in keys {
+                if c.get(&k).is_some() {
+                    hits += 1;
+                } else {
+                    c.insert(k, k);
+                }
+            }
+        }
+        other => panic!("unknown cache {other}"),
+    }
+    100.0 * hits as f64 / keys.len() as f64
+}
+
+fn main() {
+    let mut caches = vec!["herdcache", "moka", "quick_cache"];
+    let mut filters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--only" {
+            caches = vec![match args.next().as_deref() {
+                Some("herdcache") => "herdcache",
+                Some("moka") => "moka",
+                Some("quick_cache") => "quick_cache",
+                other => panic!("--only takes herdcache, moka or quick_cache, not {other:?}"),
+            }];
+        } else {
+            filters.push(a);
+        }
+    }
+    let dir = std::env::var_os("HERDCACHE_TRACES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces"));
+    let rows: Vec<usize> = (0..ROWS.len())
+        .filter(|&i| filters.is_empty() || filters.iter().any(|f| ROWS[i].0.contains(f.as_str())))
+        .collect();
+
+    // Load each trace once, then run (row, cache) jobs on all cores.
+    let mut traces: HashMap<&str, Arc<Vec<u64>>> = HashMap::new();
+    for &i in &rows {
+        let file = ROWS[i].0;
+        traces
+            .entry(file)
+            .or_insert_with(|| Arc::new(load(&dir.join(file))));
+    }
+    let jobs: Vec<(usize, &str)> = rows
+        .iter()
+        .flat_map(|&i| caches.iter().map(move |&c| (i, c)))
+        .collect();
+    let jobs = Arc::new(Mutex::new(jobs.into_iter()));
+    let results = Arc::new(Mutex::new(HashMap::new()));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (jobs, results, traces) = (&jobs, &results, &traces);
+            s.spawn(move || loop {
+                let Some((i, cache)) = jobs.lock().unwrap().next() else { break };
+                let (file, cap, _) = ROWS[i];
+                let r = replay(cache, &traces[file], cap);
+                results.lock().unwrap().insert((i, cache), r);
+            });
+        }
+    });
+    let results = results.lock().unwrap();
+
+    print!("| trace | capacity |");
+    for c in &caches {
+        print!(" {c} |");
+    }
+    println!(" best peer (README) | W-TinyLFU adaptive (README) | herdcache − best peer |");
+    print!("|---|--:|");
+    for _ in &caches {
+        print!("--:|");
+    }
+    println!("--:|--:|--:|");
+    let (mut sum_delta, mut sum_ours, mut sum_adaptive, mut worst) = (0.0, 0.0, 0.0, f64::MAX);
+    for &i in &rows {
+        let (file, cap, best_readme) = ROWS[i];
+        let short = file.rsplit('/').next().unwrap_or(file);
+        print!("| {short} | {cap} |");
+        for c in &caches {
+            print!(" {:.2} |", results[&(i, *c)]);
+        }
+        // The best peer: the README's best (which includes Caffeine, lru, mini-moka) or any peer
+        // measured in this run, whichever is higher.
+        let best = caches
+            .iter()
+            .filter(|c| **c != "herdcache")
+            .map(|c| results[&(i, *c)])
+            .fold(best_readme, f64::max);
+        print!(" {best:.2} | {:.2} |", ADAPTIVE[i]);
+        if let Some(ours) = results.get(&(i, "herdcache")) {
+            let d = ours - best;
+            sum_delta += d;
+            sum_ours += ours;
+            sum_adaptive += ADAPTIVE[i];
+            worst = worst.min(d);
+            println!(" {d:+.2} |");
+        } else {
+            println!(" |");
+        }
+    }
+    if caches.contains(&"herdcache") {
+        let n = rows.len() as f64;
+        println!();
+        println!(
+            "herdcache mean {:.2} | W-TinyLFU adaptive mean {:.2} | mean (herdcache − best peer) {:+.2} | worst row {:+.2}",
+            sum_ours / n,
+            sum_adaptive / n,
+            sum_delta / n,
+            worst
+        );
+    }
+}
