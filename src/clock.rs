@@ -117,9 +117,15 @@ impl Clock {
         }
     }
 
-    /// Nanoseconds since the origin. Monotonic: never smaller than an earlier reading.
+    /// Nanoseconds since the origin. Monotonic: never smaller than an earlier reading, and
+    /// always before [`NEVER`] (readings saturate at `NEVER - 1`).
     #[inline]
     pub(crate) fn now(&self) -> u64 {
+        self.read().min(NEVER - 1)
+    }
+
+    #[inline]
+    fn read(&self) -> u64 {
         match self {
             // `Instant` is monotonic already.
             Clock::System(origin) => nanos(origin.elapsed()),
@@ -159,7 +165,7 @@ mod tests {
         let m = ManualClock::new();
         m.advance(Duration::MAX);
         m.advance(Duration::MAX);
-        assert_eq!(Clock::manual(m).now(), u64::MAX);
+        assert_eq!(Clock::manual(m).now(), NEVER - 1, "now stays before NEVER");
     }
 
     #[test]
