@@ -227,7 +227,7 @@ where
             if let Some(mut s) = cell.lock.try_write() {
                 let mut out = Vec::new();
                 let before = s.weight();
-                s.expire(now, &self.inner.hasher, &mut out);
+                s.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
                     s.remove(hash, key, now, &self.inner.hasher, &mut out);
                 }
@@ -543,7 +543,7 @@ where
             let mut out = Vec::new();
             let mut s = cell.lock.write();
             let before = s.weight();
-            s.expire(now, &self.inner.hasher, &mut out);
+            s.expire(now, true, &self.inner.hasher, &mut out);
             self.account(before, s.weight());
             drop(s);
             drop(out);

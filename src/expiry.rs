@@ -233,7 +233,19 @@ impl TimerWheel {
 
     /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
     /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
-    pub(crate) fn advance(&mut self, now: u64, due: &mut Vec<(u16, Vec<u32>)>) {
+    ///
+    /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
+    /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
+    /// drained too.
+    pub(crate) fn advance(&mut self, now: u64, exact: bool, due: &mut Vec<(u16, Vec<u32>)>) {
+        if exact {
+            let b = OFFSETS[0] + ((now.max(self.time) >> SHIFTS[0]) as usize & (COUNTS[0] - 1));
+            let bucket = &mut self.buckets[b];
+            if !bucket.slots.is_empty() {
+                bucket.live = 0;
+                due.push((b as u16, std::mem::take(&mut bucket.slots)));
+            }
+        }
         if now <= self.time {
             return;
         }
@@ -278,7 +290,7 @@ mod tests {
 
     fn drain(w: &mut TimerWheel, now: u64) -> Vec<u32> {
         let mut due = Vec::new();
-        w.advance(now, &mut due);
+        w.advance(now, false, &mut due);
         let mut v: Vec<u32> = due.into_iter().flat_map(|(_, s)| s).collect();
         v.sort_unstable();
         v
@@ -308,7 +320,7 @@ mod tests {
         while t <= at + 2 * SEC {
             t += 30 * SEC;
             let mut due = Vec::new();
-            w.advance(t, &mut due);
+            w.advance(t, false, &mut due);
             for (_, slots) in due {
                 for s in slots {
                     assert_eq!(s, 1);

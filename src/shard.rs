@@ -264,7 +264,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         accesses: u64,
         out: &mut Vec<Removed<K, V>>,
     ) {
-        self.expire(now, hasher, out);
+        self.expire(now, false, hasher, out);
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
             let e = self.slab[slot as usize].as_mut().expect("found slot is live");
@@ -347,7 +347,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.expire(now, hasher, out);
+        self.expire(now, false, hasher, out);
         let Some(slot) = self.find(hash, key) else {
             return false;
         };
@@ -372,11 +372,12 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         true
     }
 
-    /// Advances the timer wheel to `now` and removes every entry whose deadline passed.
-    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, hasher: &S, out: &mut Vec<Removed<K, V>>) {
+    /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
+    /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
+    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S, out: &mut Vec<Removed<K, V>>) {
         let Some(wheel) = &mut self.wheel else { return };
         let mut due = Vec::new();
-        wheel.advance(now, &mut due);
+        wheel.advance(now, exact, &mut due);
         if due.is_empty() {
             return;
         }
@@ -564,9 +565,9 @@ mod tests {
             s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
         }
         out.clear();
-        s.expire(4 * sec, &h, &mut out);
+        s.expire(4 * sec, false, &h, &mut out);
         assert_eq!(s.len(), 50);
-        s.expire(7 * sec, &h, &mut out);
+        s.expire(7 * sec, false, &h, &mut out);
         assert_eq!(s.len(), 0, "every entry reclaimed without being touched");
         assert_eq!(out.len(), 50);
         assert!(out.iter().all(|r| r.cause == RemovalCause::Expired));
