@@ -3,7 +3,7 @@
 use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::Clock;
 use crate::expiry::ExpiryConfig;
-use crate::shard::{Found, Removed, Shard};
+use crate::shard::{Found, Garbage, Removed, Shard};
 use crossbeam_utils::CachePadded;
 use parking_lot::RwLock;
 use std::borrow::Borrow;
@@ -225,7 +225,7 @@ where
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
-                let mut out = Vec::new();
+                let mut out = Garbage::new();
                 let before = s.weight();
                 s.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
@@ -313,12 +313,12 @@ where
     pub fn insert(&self, key: K, value: V) {
         let hash = self.hash(&key);
         let weight = self.inner.weigher.as_ref().map_or(1, |w| w(&key, &value));
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         self.insert_hashed(hash, key, value, weight, &mut out);
         drop(out);
     }
 
-    pub(crate) fn insert_hashed(&self, hash: u64, key: K, value: V, weight: u32, out: &mut Vec<Removed<K, V>>) {
+    pub(crate) fn insert_hashed(&self, hash: u64, key: K, value: V, weight: u32, out: &mut Garbage<K, V>) {
         if u64::from(weight) > self.inner.capacity {
             self.remove_hashed(hash, &key, out);
             out.push(Removed { key: key, value, cause: crate::RemovalCause::Size });
@@ -341,7 +341,7 @@ where
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
-    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Vec<Removed<K, V>>) {
+    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Garbage<K, V>) {
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {
@@ -354,7 +354,7 @@ where
     /// The cache is over capacity but shard `from` is within its share: some other shard holds
     /// more than its share. Evict there (one shard lock at a time).
     #[cold]
-    fn evict_elsewhere(&self, from: usize, out: &mut Vec<Removed<K, V>>) {
+    fn evict_elsewhere(&self, from: usize, out: &mut Garbage<K, V>) {
         let n = self.inner.shards.len();
         for fair in [true, false] {
             for j in 1..=n {
@@ -367,7 +367,7 @@ where
         }
     }
 
-    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Vec<Removed<K, V>>) -> bool
+    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Garbage<K, V>) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -393,7 +393,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         if self.remove_hashed(self.hash(key), key, &mut out) {
             out.pop().map(|r| r.value)
         } else {
@@ -414,7 +414,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         self.remove_hashed(self.hash(key), key, &mut out);
     }
 
@@ -428,7 +428,7 @@ where
     /// ```
     pub fn invalidate_all(&self) {
         for cell in self.inner.shards.iter() {
-            let mut out = Vec::new();
+            let mut out = Garbage::new();
             let mut s = cell.lock.write();
             let before = s.weight();
             s.clear(&mut out);
@@ -453,7 +453,7 @@ where
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         let now = self.now();
         for cell in self.inner.shards.iter() {
-            let mut out = Vec::new();
+            let mut out = Garbage::new();
             let mut s = cell.lock.write();
             let before = s.weight();
             s.retain(now, &self.inner.hasher, &mut keep, &mut out);
@@ -540,7 +540,7 @@ where
     pub fn run_pending_tasks(&self) {
         let now = self.now();
         for cell in self.inner.shards.iter() {
-            let mut out = Vec::new();
+            let mut out = Garbage::new();
             let mut s = cell.lock.write();
             let before = s.weight();
             s.expire(now, true, &self.inner.hasher, &mut out);

@@ -6,13 +6,98 @@
 //! [`NEVER`] (`u64::MAX`) stands for "no deadline", so `Duration::MAX` and zero durations never
 //! overflow or panic.
 //!
-//! Two sources exist: the system's monotonic clock ([`std::time::Instant`]) and a [`ManualClock`]
-//! that only moves when a test tells it to. A cache reads its clock through [`Clock`], which also
-//! clamps the manual source so that the cache never sees time go backwards.
+//! Two sources exist: the system's monotonic clock and a [`ManualClock`] that only moves when a
+//! test tells it to. A cache reads its clock through [`Clock`], which also clamps the manual
+//! source so that the cache never sees time go backwards.
+//!
+//! # The coarse system clock
+//!
+//! `Instant::now()` costs about 20 ns on a typical Linux machine: as much as a whole cache hit.
+//! So the system clock is *coarse*: one shared thread (`herdcache-clock`, started on first use)
+//! stores the time in an atomic every millisecond, and reads load that atomic. A reading is
+//! therefore up to about a millisecond old (more if the thread is descheduled), and an entry can
+//! be served up to that long after its deadline as measured by `Instant`. The thread exits after
+//! about a second in which no cache read the clock, and starts again on the next read; while it
+//! is not running, reads fall back to `Instant::now()`. The clock thread does no cache work:
+//! reclaiming expired entries is done by ordinary calls (see [`crate::expiry`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+/// The process-wide coarse clock behind [`Clock::System`].
+mod coarse {
+    use super::*;
+
+    /// Nanoseconds since [`origin`], as of the ticker's last tick.
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    /// Whether the ticker thread runs (and `NOW` is fresh).
+    static RUNNING: AtomicBool = AtomicBool::new(false);
+    /// Set by readers, cleared by the ticker: whether anyone read the clock since the last tick.
+    static USED: AtomicBool = AtomicBool::new(false);
+
+    const TICK: Duration = Duration::from_millis(1);
+    /// Idle ticks before the ticker exits.
+    const IDLE_TICKS: u32 = 1000;
+
+    pub(super) fn origin() -> Instant {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    fn precise() -> u64 {
+        nanos(origin().elapsed())
+    }
+
+    /// Nanoseconds since [`origin`], at most about a tick old while the ticker runs.
+    #[inline]
+    pub(super) fn now() -> u64 {
+        if RUNNING.load(Ordering::Acquire) {
+            if !USED.load(Ordering::Relaxed) {
+                USED.store(true, Ordering::Relaxed);
+            }
+            return NOW.load(Ordering::Acquire);
+        }
+        start()
+    }
+
+    #[cold]
+    fn start() -> u64 {
+        let t = precise();
+        NOW.fetch_max(t, Ordering::AcqRel);
+        if RUNNING
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            USED.store(true, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name("herdcache-clock".into())
+                .spawn(tick);
+            if spawned.is_err() {
+                // No threads here: stay precise.
+                RUNNING.store(false, Ordering::Release);
+            }
+        }
+        t
+    }
+
+    fn tick() {
+        let mut idle = 0;
+        loop {
+            std::thread::sleep(TICK);
+            NOW.fetch_max(precise(), Ordering::AcqRel);
+            if USED.swap(false, Ordering::Relaxed) {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle >= IDLE_TICKS {
+                    RUNNING.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// The instant that never comes: "no deadline".
 pub(crate) const NEVER: u64 = u64::MAX;
@@ -96,7 +181,8 @@ impl ManualClock {
 /// The cache's view of time: nanoseconds since its origin, never decreasing.
 #[derive(Clone, Debug)]
 pub(crate) enum Clock {
-    System(Instant),
+    /// The coarse system clock; the value is the cache's origin on the coarse clock's scale.
+    System(u64),
     Manual {
         source: ManualClock,
         /// The latest reading handed out; readings are clamped to it (monotonic).
@@ -106,7 +192,7 @@ pub(crate) enum Clock {
 
 impl Clock {
     pub(crate) fn system() -> Self {
-        Clock::System(Instant::now())
+        Clock::System(nanos(coarse::origin().elapsed()))
     }
 
     pub(crate) fn manual(source: ManualClock) -> Self {
@@ -127,8 +213,8 @@ impl Clock {
     #[inline]
     fn read(&self) -> u64 {
         match self {
-            // `Instant` is monotonic already.
-            Clock::System(origin) => nanos(origin.elapsed()),
+            // Monotonic already: the coarse clock only moves forward.
+            Clock::System(origin) => coarse::now().saturating_sub(*origin),
             Clock::Manual { source, latest } => {
                 let t = source.now.load(Ordering::Acquire);
                 let seen = latest.load(Ordering::Acquire);
@@ -169,10 +255,19 @@ mod tests {
     }
 
     #[test]
-    fn system_clock_advances() {
+    fn system_clock_advances_monotonically() {
         let c = Clock::system();
-        let a = c.now();
-        let b = c.now();
-        assert!(b >= a);
+        let mut last = c.now();
+        let start = Instant::now();
+        // The coarse clock must move within a bounded time (it ticks every millisecond).
+        while c.now() == last {
+            assert!(start.elapsed() < Duration::from_secs(10), "the coarse clock is stuck");
+            std::thread::yield_now();
+        }
+        for _ in 0..10_000 {
+            let t = c.now();
+            assert!(t >= last);
+            last = t;
+        }
     }
 }

@@ -47,6 +47,48 @@ pub(crate) struct Removed<K, V> {
     pub(crate) cause: RemovalCause,
 }
 
+/// Entries removed under a lock, dropped (or reported) after it is released. Holds the first
+/// one inline: the common write removes at most one entry, and then needs no allocation.
+pub(crate) struct Garbage<K, V> {
+    first: Option<Removed<K, V>>,
+    rest: Vec<Removed<K, V>>,
+}
+
+impl<K, V> Garbage<K, V> {
+    pub(crate) fn new() -> Self {
+        Garbage { first: None, rest: Vec::new() }
+    }
+
+    pub(crate) fn push(&mut self, r: Removed<K, V>) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(r);
+        } else {
+            self.rest.push(r);
+        }
+    }
+
+    /// The most recently pushed entry.
+    pub(crate) fn pop(&mut self) -> Option<Removed<K, V>> {
+        self.rest.pop().or_else(|| self.first.take())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
+}
+
 pub(crate) struct Entry<K, V> {
     key: K,
     value: V,
@@ -207,15 +249,17 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     fn file(&mut self, slot: u32, deadline: u64) {
         let Some(wheel) = &mut self.wheel else { return };
         let e = self.slab[slot as usize].as_mut().expect("filing a live slot");
+        let b = if deadline == NEVER { NO_BUCKET } else { wheel.bucket_for(deadline) };
+        if b == e.bucket {
+            return; // still filed in the right bucket
+        }
         if e.bucket != NO_BUCKET {
             wheel.unfile(e.bucket);
-            e.bucket = NO_BUCKET;
         }
-        if deadline == NEVER {
+        e.bucket = b;
+        if b == NO_BUCKET {
             return;
         }
-        let b = wheel.bucket_for(deadline);
-        e.bucket = b;
         if wheel.file(b, slot) {
             let slab = &self.slab;
             wheel.compact(b, |s| {
@@ -230,13 +274,13 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             return s;
         }
         if self.slab.len() == self.slab.capacity() {
-            // Grow by doubling, but not past this shard's share while below it: a cache filled
-            // to capacity with unit weights then wastes almost nothing in the slab.
+            // Grow by doubling up to this shard's share, then by an eighth: shards of a full
+            // cache hold their share give or take a little, so the slab wastes almost nothing.
             let len = self.slab.len() as u64;
             let extra = if len < self.share {
                 len.max(4).min(self.share - len)
             } else {
-                len.max(4)
+                (len / 8).max(4)
             };
             self.slab.reserve_exact(extra as usize);
             self.times.reserve_exact(extra as usize * self.stride);
@@ -262,7 +306,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         accesses: u64,
-        out: &mut Vec<Removed<K, V>>,
+        out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
         if let Some(slot) = self.find(hash, &key) {
@@ -325,7 +369,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     }
 
     /// Removes a live entry that is still queued in the policy (a caller's removal or expiry).
-    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Vec<Removed<K, V>>) {
+    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Garbage<K, V>) {
         let e = self.take_slot(slot, hash);
         if self.policy.on_remove(e.place, e.weight) {
             self.policy.purge_tombstones(&self.slab, &mut self.free);
@@ -341,7 +385,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         key: &Q,
         now: u64,
         hasher: &S,
-        out: &mut Vec<Removed<K, V>>,
+        out: &mut Garbage<K, V>,
     ) -> bool
     where
         K: Borrow<Q>,
@@ -358,7 +402,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
-    pub(crate) fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Vec<Removed<K, V>>) -> bool {
+    pub(crate) fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Garbage<K, V>) -> bool {
         let Some(slot) = self
             .policy
             .evict(&mut self.slab, &mut self.free, |e| hasher.hash_one(&e.key))
@@ -374,7 +418,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
 
     /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
     /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
-    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S, out: &mut Vec<Removed<K, V>>) {
+    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S, out: &mut Garbage<K, V>) {
         let Some(wheel) = &mut self.wheel else { return };
         let mut due = Vec::new();
         wheel.advance(now, exact, &mut due);
@@ -404,7 +448,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     }
 
     /// Removes every entry.
-    pub(crate) fn clear(&mut self, out: &mut Vec<Removed<K, V>>) {
+    pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
         for e in self.slab.drain(..).flatten() {
             out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Explicit });
         }
@@ -425,7 +469,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         hasher: &S,
         keep: &mut impl FnMut(&K, &V) -> bool,
-        out: &mut Vec<Removed<K, V>>,
+        out: &mut Garbage<K, V>,
     ) {
         for s in 0..self.slab.len() as u32 {
             let Some(e) = &self.slab[s as usize] else { continue };
@@ -509,7 +553,7 @@ mod tests {
     #[test]
     fn insert_lookup_replace_remove() {
         let (mut s, h) = shard(10, 0);
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, 0, &mut out);
         assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Hit(&10)));
@@ -524,7 +568,7 @@ mod tests {
     #[test]
     fn eviction_keeps_the_policy_consistent() {
         let (mut s, h) = shard(50, 0);
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         for i in 0..10_000u64 {
             let k = (i * 7919) % 300;
@@ -545,7 +589,7 @@ mod tests {
     #[test]
     fn tombstones_are_purged() {
         let (mut s, h) = shard(1_000_000, 0);
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         for i in 0..100_000u64 {
             s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
@@ -558,7 +602,7 @@ mod tests {
     #[test]
     fn wheel_reclaims_untouched_entries() {
         let (mut s, h) = shard(100, 1);
-        let mut out = Vec::new();
+        let mut out = Garbage::new();
         let sec = 1_000_000_000u64;
         let exp = ExpiryConfig::Fixed { ttl: Some(5 * sec), tti: None };
         for i in 0..50u64 {
