@@ -3,6 +3,7 @@
 use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::Clock;
 use crate::expiry::ExpiryConfig;
+use crate::load::Flight;
 use crate::shard::{Found, Garbage, Removed, Shard};
 use crossbeam_utils::CachePadded;
 use parking_lot::RwLock;
@@ -312,31 +313,59 @@ where
     /// ```
     pub fn insert(&self, key: K, value: V) {
         let hash = self.hash(&key);
-        let weight = self.inner.weigher.as_ref().map_or(1, |w| w(&key, &value));
+        let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
-        self.insert_hashed(hash, key, value, weight, &mut out);
+        self.insert_with(hash, key, value, weight, None, &mut out);
         drop(out);
     }
 
-    pub(crate) fn insert_hashed(&self, hash: u64, key: K, value: V, weight: u32, out: &mut Garbage<K, V>) {
-        if u64::from(weight) > self.inner.capacity {
-            self.remove_hashed(hash, &key, out);
-            out.push(Removed { key: key, value, cause: crate::RemovalCause::Size });
-            return;
-        }
+    #[inline]
+    pub(crate) fn weigh(&self, key: &K, value: &V) -> u32 {
+        self.inner.weigher.as_ref().map_or(1, |w| w(key, value))
+    }
+
+    /// Inserts under the shard's write lock. With `flight`, the value is that load's result:
+    /// the flight is unregistered in the same critical section (publish before release);
+    /// without, a load of the same key in flight is superseded.
+    pub(crate) fn insert_with(
+        &self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        flight: Option<&Arc<Flight<K, V>>>,
+        out: &mut Garbage<K, V>,
+    ) {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         let now = self.now();
         let accesses = cell.accesses.load(Ordering::Relaxed);
         let mut s = cell.lock.write();
+        let flight_key = match flight {
+            Some(f) => s.remove_flight(hash, f),
+            None => None,
+        };
         let before = s.weight();
-        s.insert(hash, key, value, weight, now, &self.inner.expiry, &self.inner.hasher, accesses, out);
+        if u64::from(weight) > self.inner.capacity {
+            // Too heavy to store: the key ends up absent.
+            s.remove(hash, &key, now, &self.inner.hasher, out);
+            out.push(Removed { key, value, cause: crate::RemovalCause::Size });
+        } else {
+            s.insert(hash, key, value, weight, now, &self.inner.expiry, &self.inner.hasher, accesses, out);
+        }
         self.account(before, s.weight());
         self.evict_in(&mut s, true, out);
         drop(s);
+        drop(flight_key);
         if self.over_capacity() {
             self.evict_elsewhere(i, out);
         }
+    }
+
+    /// The number of loads in flight (for tests and statistics).
+    #[doc(hidden)]
+    pub fn loads_in_flight(&self) -> usize {
+        self.inner.shards.iter().map(|c| c.lock.read().flights_len()).sum()
     }
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the

@@ -52,6 +52,7 @@ mod builder;
 mod cache;
 mod clock;
 mod expiry;
+mod load;
 mod policy;
 mod shard;
 mod sketch;

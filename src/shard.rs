@@ -19,11 +19,13 @@
 
 use crate::clock::NEVER;
 use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
+use crate::load::Flight;
 use crate::policy::{record_hit, Place, Policy, Tracked};
 use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 /// Why an entry left the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,6 +136,8 @@ pub(crate) struct Shard<K, V> {
     len: usize,
     /// This shard's share of the cache's capacity.
     share: u64,
+    /// Loads in flight, by key (see [`crate::load`]).
+    flights: HashTable<(K, Arc<Flight<K, V>>)>,
 }
 
 impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
@@ -149,6 +153,46 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             weight: 0,
             len: 0,
             share,
+            flights: HashTable::new(),
+        }
+    }
+
+    /// The load in flight for `key`, if any.
+    pub(crate) fn flight<Q>(&self, hash: u64, key: &Q) -> Option<&Arc<Flight<K, V>>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.flights.find(hash, |(k, _)| k.borrow() == key).map(|(_, f)| f)
+    }
+
+    /// Registers a load in flight for `key` (which has none).
+    pub(crate) fn add_flight<S: BuildHasher>(&mut self, hash: u64, key: K, f: Arc<Flight<K, V>>, hasher: &S) {
+        self.flights
+            .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
+    }
+
+    /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
+    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
+        let found = self.flights.find_entry(hash, |(_, g)| Arc::ptr_eq(f, g)).ok()?;
+        Some(found.remove().0 .0)
+    }
+
+    /// The number of loads in flight.
+    pub(crate) fn flights_len(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// A write or invalidation of `key` supersedes its load in flight, if any.
+    fn supersede<Q>(&self, hash: u64, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if !self.flights.is_empty() {
+            if let Some(f) = self.flight(hash, key) {
+                f.supersede();
+            }
         }
     }
 
@@ -309,6 +353,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
+        self.supersede(hash, &key);
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
             let e = self.slab[slot as usize].as_mut().expect("found slot is live");
@@ -392,6 +437,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         self.expire(now, false, hasher, out);
+        self.supersede(hash, key);
         let Some(slot) = self.find(hash, key) else {
             return false;
         };
@@ -447,8 +493,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
     }
 
-    /// Removes every entry.
+    /// Removes every entry (and supersedes every load in flight).
     pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
+        for (_, f) in &self.flights {
+            f.supersede();
+        }
         for e in self.slab.drain(..).flatten() {
             out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Explicit });
         }
