@@ -6,7 +6,7 @@ use crate::expiry::ExpiryConfig;
 use crate::load::Flight;
 use crate::shard::{Found, Garbage, Removed, Shard};
 use crossbeam_utils::CachePadded;
-use parking_lot::RwLock;
+use crate::sync::RwLock;
 use std::borrow::Borrow;
 use std::cell::Cell;
 use std::fmt;
@@ -78,8 +78,13 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
 }
 
+#[cfg(not(loom))]
 thread_local! {
     static ACCESS_TICK: Cell<u32> = const { Cell::new(0) };
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static ACCESS_TICK: Cell<u32> = Cell::new(0);
 }
 
 /// Every `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to the shard it touches; in

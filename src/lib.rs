@@ -40,11 +40,15 @@
 //!   expired entries that nobody touches; there is no background thread. Time comes from the
 //!   system's monotonic clock or a [`ManualClock`] for tests.
 //! * **Memory.** Per entry, for `K = V = u64` without expiry: a 24-byte slab slot (key, value,
-//!   weight, hit counter, policy place, timer bucket), a hash-table bucket of 5 bytes at a load
-//!   factor between 7/16 and 7/8, a 4-byte index in a policy queue and about 4 bytes of
-//!   frequency sketch: `size_of::<K>() + size_of::<V>() + 8` rounded up to 8, plus ≈ 6–11 + 4–8
-//!   + 4 bytes. With expiry, 8 more bytes of deadline (16 with both a time to live and a time
-//!   to idle) and 4–8 bytes in the timer wheel.
+//!   weight, hit counter, policy place, timer bucket; `Option` costs nothing thanks to a niche),
+//!   a hash-table bucket of 5 bytes at a load factor between 7/16 and 7/8 (≈ 6–11 bytes per
+//!   entry), a 4-byte index in a policy queue (≈ 4–8 bytes with growth slack) and ≈ 2–4 bytes
+//!   of frequency sketch. In general, per entry, the slot
+//!   `(size_of::<K>() + size_of::<V>() + 8).next_multiple_of(8)` plus about 14 to 23 bytes.
+//!   Expiry adds an 8-byte deadline (16 with both a time to live and a time to idle) and about
+//!   4 to 8 bytes in the timer wheel. Measured with `cargo run --release --example memory`
+//!   (1M entries): 28.4 bytes beyond key and value without expiry, 41.6 with a time to live.
+
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -56,6 +60,7 @@ mod load;
 mod policy;
 mod shard;
 mod sketch;
+mod sync;
 
 pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
 pub use cache::{Cache, Iter};

@@ -34,13 +34,13 @@
 
 use crate::cache::Cache;
 use crate::shard::Garbage;
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{wait, AtomicBool, Condvar, Mutex};
 use std::any::Any;
 use std::cell::RefCell;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -147,9 +147,14 @@ impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K,
     }
 }
 
+#[cfg(not(loom))]
 thread_local! {
     /// Flights this thread is running (sync loader) or polling (async load), by address.
     static RUNNING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
 }
 
 /// Registers a flight as run by this thread for the guard's lifetime.
@@ -239,7 +244,7 @@ where
     fn drop(&mut self) {
         if self.armed {
             // The loader panicked (or its future did): unregister, release the waiters.
-            self.cache.abandon(self.hash, &self.flight);
+            self.cache.abandon(self.hash, &self.flight, true);
         }
     }
 }
@@ -497,6 +502,12 @@ where
     fn publish(&self, hash: u64, key: Option<K>, flight: &Arc<Flight<K, V>>, outcome: Outcome<V>) {
         let mut out = Garbage::new();
         let key = key.or_else(|| flight.state.lock().key.take());
+        // A planted bug for the loom model to catch: waiters released before the value is
+        // published.
+        #[cfg(herdcache_broken_model)]
+        if let Outcome::Value(v) = &outcome {
+            flight.resolve(Phase::Done(Outcome::Value(v.clone())));
+        }
         match (&outcome, key) {
             (Outcome::Value(v), Some(key)) if !flight.superseded.load(Ordering::Acquire) => {
                 let weight = self.weigh(&key, v);
@@ -509,12 +520,27 @@ where
         drop(out);
     }
 
-    /// Unregisters a flight whose load was cancelled or panicked; its waiters retry.
-    fn abandon(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
-        self.unregister(hash, flight);
-        let future = flight.state.lock().future.take();
-        flight.resolve(Phase::Abandoned);
-        drop(future);
+    /// Unregisters a flight whose load panicked (`always`) or whose callers all went away;
+    /// its waiters retry. For a cancellation (`!always`) the check that nobody is interested and
+    /// the unregistration happen under the shard lock and the flight's lock together, so a
+    /// caller that joined meanwhile (and may be driving the load) keeps the flight alive.
+    fn abandon(&self, hash: u64, flight: &Arc<Flight<K, V>>, always: bool) {
+        let (future, key, wakers) = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            let mut st = flight.state.lock();
+            let wanted = st.interested > 0 || st.polling || !matches!(st.phase, Phase::Running);
+            if !always && wanted {
+                return;
+            }
+            let key = s.remove_flight(hash, flight);
+            st.phase = Phase::Abandoned;
+            (st.future.take(), key, std::mem::take(&mut st.wakers))
+        };
+        flight.cond.notify_all();
+        for (_, w) in wakers {
+            w.wake();
+        }
+        drop((future, key)); // outside the locks
     }
 
     fn unregister(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
@@ -590,7 +616,7 @@ where
                 Phase::Running => {}
             }
             if st.polling || st.future.is_none() || polled_at == Some(st.epoch) {
-                flight.cond.wait(&mut st);
+                st = wait(&flight.cond, st);
                 continue;
             }
             polled_at = Some(st.epoch);
@@ -759,7 +785,9 @@ fn leave<K, V>(id: &mut Option<u64>, st: &mut State<K, V>) -> bool {
     let Some(id) = id.take() else { return false };
     st.wakers.retain(|(i, _)| *i != id);
     st.interested -= 1;
-    st.interested == 0 && matches!(st.phase, Phase::Running) && !st.polling
+    // Only an async flight's shared load is ours to cancel: a blocking leader runs its loader
+    // to the end whoever waits (the loom model caught an async waiter abandoning it).
+    st.interested == 0 && matches!(st.phase, Phase::Running) && !st.polling && st.future.is_some()
 }
 
 impl<K, V, S, A> Drop for Wait<'_, K, V, S, A>
@@ -780,7 +808,7 @@ where
             (cancel, others)
         };
         if cancel {
-            self.cache.abandon(self.hash, &self.flight);
+            self.cache.abandon(self.hash, &self.flight, false);
         } else {
             self.flight.cond.notify_all();
             for w in others {

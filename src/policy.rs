@@ -391,3 +391,99 @@ impl Policy {
         assert_eq!(live, slab.iter().filter(|e| e.is_some()).count(), "every entry queued once");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct E {
+        key: u64,
+        place: Place,
+        hits: AtomicU8,
+    }
+
+    impl Tracked for E {
+        fn place(&self) -> Place {
+            self.place
+        }
+        fn set_place(&mut self, p: Place) {
+            self.place = p;
+        }
+        fn hits(&self) -> &AtomicU8 {
+            &self.hits
+        }
+        fn weight(&self) -> u32 {
+            1
+        }
+    }
+
+    fn hash(k: u64) -> u64 {
+        k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+    }
+
+    /// A unit-weight, single-threaded cache around the policy; returns (hit ratio, window).
+    fn simulate(capacity: u64, trace: impl Iterator<Item = u64>) -> (f64, u64) {
+        let mut p = Policy::new(capacity, 42);
+        let mut slab: Vec<Option<E>> = Vec::new();
+        let mut slot_of = std::collections::HashMap::new();
+        let mut free = Vec::new();
+        let (mut hits, mut n) = (0u64, 0u64);
+        for k in trace {
+            n += 1;
+            if let Some(&s) = slot_of.get(&k) {
+                record_hit(&slab[s as usize].as_ref().expect("live").hits);
+                hits += 1;
+                continue;
+            }
+            let e = E { key: k, place: Place::Window, hits: AtomicU8::new(0) };
+            let s = match free.pop() {
+                Some(s) => {
+                    slab[s as usize] = Some(e);
+                    s
+                }
+                None => {
+                    slab.push(Some(e));
+                    (slab.len() - 1) as u32
+                }
+            };
+            slot_of.insert(k, s);
+            p.on_insert(&mut slab, s, hash(k), n);
+            if slot_of.len() as u64 > capacity {
+                let v = p.evict(&mut slab, &mut free, |e| hash(e.key)).expect("a victim");
+                let e = slab[v as usize].take().expect("victim is live");
+                slot_of.remove(&e.key);
+                free.push(v);
+            }
+            if n % 1024 == 0 {
+                p.validate(&slab);
+            }
+        }
+        (hits as f64 / n as f64, p.window_target())
+    }
+
+    #[test]
+    fn a_loop_larger_than_the_cache_keeps_a_stable_set() {
+        // LRU gets 0 % here; a frequency filter keeps most of the cache resident.
+        let (ratio, window) = simulate(1000, (0..200_000u64).map(|i| i % 1200));
+        assert!(ratio > 0.6, "loop hit ratio {ratio:.3}");
+        assert!(window < 300, "window {window} should stay small on a loop");
+    }
+
+    #[test]
+    fn the_window_grows_when_recency_pays() {
+        // Every key is used twice, 100 new keys apart, then never again: the frequency filter
+        // rejects such keys, only a window holding 100 keys or more catches the reuse.
+        let trace = (0..400_000u64).map(|i| if i % 2 == 0 { i / 2 } else { (i / 2).saturating_sub(100) });
+        let (ratio, window) = simulate(1000, trace);
+        assert!(window >= 100, "window {window} did not grow");
+        assert!(ratio > 0.3, "recency hit ratio {ratio:.3}");
+    }
+
+    #[test]
+    fn a_scan_does_not_flush_a_hot_set() {
+        // 100 hot keys, read constantly, while a scan of a million cold keys passes through.
+        let trace = (0..1_000_000u64).map(|i| if i % 2 == 0 { i % 200 / 2 } else { 1_000 + i });
+        let (ratio, _) = simulate(500, trace);
+        assert!(ratio > 0.49, "the hot half must keep hitting: {ratio:.3}");
+    }
+}

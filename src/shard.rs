@@ -360,7 +360,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             let times = exp.on_update(&e.key, &value, now, current);
             if times.0 <= now {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                out.push(Removed { key: key, value, cause: RemovalCause::Expired });
+                out.push(Removed { key, value, cause: RemovalCause::Expired });
                 return;
             }
             let old = std::mem::replace(&mut e.value, value);
@@ -370,12 +370,12 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             self.policy.on_reweigh(place, old_weight, weight);
             self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
             self.set_times(slot, times);
-            out.push(Removed { key: key, value: old, cause: RemovalCause::Replaced });
+            out.push(Removed { key, value: old, cause: RemovalCause::Replaced });
             return;
         }
         let times = exp.on_create(&key, &value, now);
         if times.0 <= now {
-            out.push(Removed { key: key, value, cause: RemovalCause::Expired });
+            out.push(Removed { key, value, cause: RemovalCause::Expired });
             return;
         }
         let slot = self.alloc(Entry {
@@ -646,6 +646,26 @@ mod tests {
         }
         s.validate(&h);
         assert!(s.slab.len() < 1000, "slots are reused: {}", s.slab.len());
+    }
+
+    #[test]
+    fn memory_per_entry_matches_the_formula() {
+        // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines.
+        for stride in [0usize, 1] {
+            let (mut s, h) = shard(100_000, stride);
+            let mut out = Garbage::new();
+            let exp = if stride == 0 {
+                ExpiryConfig::None
+            } else {
+                ExpiryConfig::Fixed { ttl: Some(u64::MAX / 2), tti: None }
+            };
+            for i in 0..100_000u64 {
+                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+            }
+            let per_entry = s.heap_bytes() as f64 / 100_000.0;
+            let bound = 24.0 + 11.0 + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
+            assert!(per_entry <= bound, "stride {stride}: {per_entry:.1} > {bound}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The public API of the core cache: bounds, expiry, iteration, and the manual clock.
 
+#![cfg(not(loom))]
+
 use herdcache::{BuildError, Cache, Expiry, ManualClock};
 use std::collections::HashSet;
 use std::time::Duration;

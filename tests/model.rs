@@ -8,6 +8,8 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 256); see README "Testing" for long runs.
 
+#![cfg(not(loom))]
+
 use herdcache::{Cache, ManualClock};
 use proptest::prelude::*;
 use std::collections::HashMap;

@@ -2,6 +2,8 @@
 //! exits that break other caches: errors, panics, cancelled and stalled leaders, recursion.
 //! Every test runs under a watchdog, so a hang fails instead of stalling CI.
 
+#![cfg(not(loom))]
+
 mod common;
 
 use common::{live_lock, watchdog, Counted, LIVE};

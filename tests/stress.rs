@@ -2,6 +2,8 @@
 //! deadlock into a failure, the capacity bound checked throughout, and a value type that counts
 //! its live instances so that a leak (or a double drop) shows when the cache is dropped.
 
+#![cfg(not(loom))]
+
 mod common;
 
 use common::{live_lock, watchdog, Counted, LIVE};

@@ -1,0 +1,81 @@
+//! A loom model of the single-flight state machine: a blocking leader, a blocking joiner and an
+//! async caller that is cancelled after one poll, on one key, under every interleaving (up to
+//! the preemption bound).
+//!
+//! ```text
+//! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom_single_flight
+//! ```
+//!
+//! With `--cfg herdcache_broken_model` as well, the library releases waiters *before* it
+//! publishes the value; this model must then fail (`.ci/run` checks that it does).
+#![cfg(loom)]
+
+use herdcache::Cache;
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+/// Pending once, then ready with 10: a load that can be cancelled between its two polls.
+struct YieldOnce(bool, Arc<AtomicUsize>);
+
+impl Future for YieldOnce {
+    type Output = u32;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+        if self.0 {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            return Poll::Ready(10);
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Executions explored (printed at the end, for the record).
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[test]
+fn leader_joiner_canceller() {
+    loom::model(|| {
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cache: Cache<u32, u32> = Cache::builder().max_capacity(8).shards(1).build();
+        let completed = Arc::new(AtomicUsize::new(0));
+        let blocking: Vec<_> = (0..2)
+            .map(|_| {
+                let (cache, completed) = (cache.clone(), completed.clone());
+                loom::thread::spawn(move || {
+                    let v = cache.get_with(1, || {
+                        completed.fetch_add(1, Ordering::SeqCst);
+                        10
+                    });
+                    assert_eq!(v, 10);
+                    // Publish before release: whoever returned with the value finds it cached.
+                    assert_eq!(cache.get(&1), Some(10), "value not published before release");
+                })
+            })
+            .collect();
+        let canceller = {
+            let (cache, completed) = (cache.clone(), completed.clone());
+            loom::thread::spawn(move || {
+                let mut f = Box::pin(cache.get_with_async(1, YieldOnce(false, completed)));
+                if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                    assert_eq!(v, 10);
+                }
+                drop(f); // cancelled (or finished)
+            })
+        };
+        for t in blocking {
+            t.join().expect("blocking caller");
+        }
+        canceller.join().expect("canceller");
+        assert_eq!(completed.load(Ordering::SeqCst), 1, "exactly one load completed");
+        assert_eq!(cache.get(&1), Some(10));
+        assert_eq!(cache.loads_in_flight(), 0, "no flight left registered");
+    });
+    eprintln!(
+        "loom explored {} executions",
+        RUNS.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
