@@ -165,7 +165,11 @@ fn main() {
             for round in 0..rounds {
                 // Alternate the order each round.
                 for j in 0..names.len() {
-                    let i = if round % 2 == 0 { j } else { names.len() - 1 - j };
+                    let i = if round % 2 == 0 {
+                        j
+                    } else {
+                        names.len() - 1 - j
+                    };
                     results[i].push(trial(&caches[i], &samples, threads, read_pct));
                 }
             }

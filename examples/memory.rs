@@ -30,7 +30,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        ALLOCATED.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -57,7 +60,11 @@ fn measure<C>(name: &str, build: impl FnOnce() -> C, insert: impl Fn(&C, u64)) -
 fn main() {
     println!("| cache (1M u64 → u64 entries) | heap bytes per entry − 16 |");
     println!("|---|--:|");
-    measure("herdcache", || herdcache::Cache::<u64, u64>::new(N), |c, k| c.insert(k, k));
+    measure(
+        "herdcache",
+        || herdcache::Cache::<u64, u64>::new(N),
+        |c, k| c.insert(k, k),
+    );
     measure(
         "herdcache, time_to_live",
         || {

@@ -67,7 +67,10 @@ fn decompress(path: &Path) -> Vec<u8> {
         .expect("piped")
         .read_to_end(&mut bytes)
         .expect("read trace");
-    assert!(child.wait().expect("wait").success(), "{tool} failed on {path:?}");
+    assert!(
+        child.wait().expect("wait").success(),
+        "{tool} failed on {path:?}"
+    );
     bytes
 }
 
@@ -186,7 +189,9 @@ fn main() {
         for _ in 0..threads {
             let (jobs, results, traces) = (&jobs, &results, &traces);
             s.spawn(move || loop {
-                let Some((i, cache)) = jobs.lock().unwrap().next() else { break };
+                let Some((i, cache)) = jobs.lock().unwrap().next() else {
+                    break;
+                };
                 let (file, cap, _) = ROWS[i];
                 let r = replay(cache, &traces[file], cap);
                 results.lock().unwrap().insert((i, cache), r);

@@ -270,7 +270,10 @@ mod tests {
             .expire_after(E)
             .try_build();
         assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
-        let r = CacheBuilder::<u32, u32>::new().max_capacity(1).shards(3).try_build();
+        let r = CacheBuilder::<u32, u32>::new()
+            .max_capacity(1)
+            .shards(3)
+            .try_build();
         assert_eq!(r.err(), Some(BuildError::BadShardCount(3)));
     }
 }

@@ -5,8 +5,8 @@ use crate::clock::Clock;
 use crate::expiry::ExpiryConfig;
 use crate::load::Flight;
 use crate::shard::{Found, Garbage, Removed, Shard};
-use crossbeam_utils::CachePadded;
 use crate::sync::RwLock;
+use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
 use std::cell::Cell;
 use std::fmt;
@@ -292,9 +292,13 @@ where
     #[inline]
     fn account(&self, before: u64, after: u64) {
         if after > before {
-            self.inner.weight.fetch_add(after - before, Ordering::AcqRel);
+            self.inner
+                .weight
+                .fetch_add(after - before, Ordering::AcqRel);
         } else if before > after {
-            self.inner.weight.fetch_sub(before - after, Ordering::AcqRel);
+            self.inner
+                .weight
+                .fetch_sub(before - after, Ordering::AcqRel);
         }
     }
 
@@ -354,9 +358,23 @@ where
         if u64::from(weight) > self.inner.capacity {
             // Too heavy to store: the key ends up absent.
             s.remove(hash, &key, now, &self.inner.hasher, out);
-            out.push(Removed { key, value, cause: crate::RemovalCause::Size });
+            out.push(Removed {
+                key,
+                value,
+                cause: crate::RemovalCause::Size,
+            });
         } else {
-            s.insert(hash, key, value, weight, now, &self.inner.expiry, &self.inner.hasher, accesses, out);
+            s.insert(
+                hash,
+                key,
+                value,
+                weight,
+                now,
+                &self.inner.expiry,
+                &self.inner.hasher,
+                accesses,
+                out,
+            );
         }
         self.account(before, s.weight());
         self.evict_in(&mut s, true, out);
@@ -370,7 +388,11 @@ where
     /// The number of loads in flight (for tests and statistics).
     #[doc(hidden)]
     pub fn loads_in_flight(&self) -> usize {
-        self.inner.shards.iter().map(|c| c.lock.read().flights_len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.lock.read().flights_len())
+            .sum()
     }
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the

@@ -239,7 +239,11 @@ mod tests {
         m.advance(Duration::from_secs(10));
         assert_eq!(c.now(), 10_000_000_000);
         m.rewind(Duration::from_secs(5));
-        assert_eq!(c.now(), 10_000_000_000, "a rewind must not move the cache's time back");
+        assert_eq!(
+            c.now(),
+            10_000_000_000,
+            "a rewind must not move the cache's time back"
+        );
         m.advance(Duration::from_secs(6));
         assert_eq!(c.now(), 11_000_000_000);
     }
@@ -261,7 +265,10 @@ mod tests {
         let start = Instant::now();
         // The coarse clock must move within a bounded time (it ticks every millisecond).
         while c.now() == last {
-            assert!(start.elapsed() < Duration::from_secs(10), "the coarse clock is stuck");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the coarse clock is stuck"
+            );
             std::thread::yield_now();
         }
         for _ in 0..10_000 {

@@ -58,7 +58,12 @@ pub trait Expiry<K, V>: Send + Sync + 'static {
     }
 
     /// The remaining lifetime after a read; `remaining` is the current one. Default: unchanged.
-    fn expire_after_read(&self, key: &K, value: &V, remaining: Option<Duration>) -> Option<Duration> {
+    fn expire_after_read(
+        &self,
+        key: &K,
+        value: &V,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
         let _ = (key, value);
         remaining
     }
@@ -80,7 +85,10 @@ pub trait Expiry<K, V>: Send + Sync + 'static {
 pub(crate) enum ExpiryConfig<K, V> {
     None,
     /// `time_to_live` and/or `time_to_idle`, in nanoseconds.
-    Fixed { ttl: Option<u64>, tti: Option<u64> },
+    Fixed {
+        ttl: Option<u64>,
+        tti: Option<u64>,
+    },
     Custom(Box<dyn Expiry<K, V>>),
 }
 
@@ -136,7 +144,14 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
     /// The new effective deadline after a read, or `None` when the read does not move it.
     /// `hard` is the entry's hard deadline (its effective one when there is no idle part).
     #[inline]
-    pub(crate) fn on_read(&self, key: &K, value: &V, now: u64, current: u64, hard: u64) -> Option<u64> {
+    pub(crate) fn on_read(
+        &self,
+        key: &K,
+        value: &V,
+        now: u64,
+        current: u64,
+        hard: u64,
+    ) -> Option<u64> {
         match self {
             ExpiryConfig::Fixed { tti: Some(t), .. } => {
                 let next = deadline(now, *t).min(hard);
@@ -145,7 +160,10 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
                 (next > current.saturating_add(*t >> 10)).then_some(next)
             }
             ExpiryConfig::Custom(e) => {
-                let d = opt_deadline(now, e.expire_after_read(key, value, remaining(now, current)));
+                let d = opt_deadline(
+                    now,
+                    e.expire_after_read(key, value, remaining(now, current)),
+                );
                 (d != current).then_some(d)
             }
             _ => None,

@@ -305,10 +305,15 @@ where
     /// assert_eq!(loads.load(Ordering::SeqCst), 1, "eight callers, one load");
     /// ```
     pub fn get_with(&self, key: K, init: impl FnOnce() -> V) -> V {
-        self.load_sync(key, || Outcome::Value(init()), V::clone, |o| match o {
-            Outcome::Value(v) => Some(v.clone()),
-            _ => None,
-        })
+        self.load_sync(
+            key,
+            || Outcome::Value(init()),
+            V::clone,
+            |o| match o {
+                Outcome::Value(v) => Some(v.clone()),
+                _ => None,
+            },
+        )
     }
 
     /// Like [`get_with`](Self::get_with), for a loader that can fail. An error is returned to
@@ -337,7 +342,12 @@ where
     where
         E: Send + Sync + 'static,
     {
-        self.load_sync(key, || outcome_of(init()), |v| Ok(v.clone()), accept_result::<V, E>)
+        self.load_sync(
+            key,
+            || outcome_of(init()),
+            |v| Ok(v.clone()),
+            accept_result::<V, E>,
+        )
     }
 
     /// Like [`get_with`](Self::get_with), for a loader that may find nothing. `None` is
@@ -394,11 +404,20 @@ where
     /// let v = futures::executor::block_on(cache.get_with_async(1, async { "one".to_string() }));
     /// assert_eq!(v, "one");
     /// ```
-    pub async fn get_with_async(&self, key: K, init: impl Future<Output = V> + Send + 'static) -> V {
-        self.load_async(key, async { Outcome::Value(init.await) }, V::clone, |o| match o {
-            Outcome::Value(v) => Some(v.clone()),
-            _ => None,
-        })
+    pub async fn get_with_async(
+        &self,
+        key: K,
+        init: impl Future<Output = V> + Send + 'static,
+    ) -> V {
+        self.load_async(
+            key,
+            async { Outcome::Value(init.await) },
+            V::clone,
+            |o| match o {
+                Outcome::Value(v) => Some(v.clone()),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -427,8 +446,13 @@ where
     where
         E: Send + Sync + 'static,
     {
-        self.load_async(key, async { outcome_of(init.await) }, |v| Ok(v.clone()), accept_result::<V, E>)
-            .await
+        self.load_async(
+            key,
+            async { outcome_of(init.await) },
+            |v| Ok(v.clone()),
+            accept_result::<V, E>,
+        )
+        .await
     }
 
     /// The async twin of [`optionally_get_with`](Self::optionally_get_with).

@@ -160,7 +160,13 @@ impl Policy {
 
     /// A new key entered the cache at `slot`. `accesses` is the shard's approximate access count,
     /// used to end the climber's samples.
-    pub(crate) fn on_insert<E: Tracked>(&mut self, slab: &mut [Option<E>], slot: u32, hash: u64, accesses: u64) {
+    pub(crate) fn on_insert<E: Tracked>(
+        &mut self,
+        slab: &mut [Option<E>],
+        slot: u32,
+        hash: u64,
+        accesses: u64,
+    ) {
         self.sketch.add(hash, 1);
         self.push(slab, WINDOW, slot, Place::Window);
         self.climber.misses += 1;
@@ -208,7 +214,12 @@ impl Policy {
 
     /// Pops the front of queue `q`, skipping tombstones (their slots go to `free`); the entry's
     /// weight leaves the queue's.
-    fn pop<E: Tracked>(&mut self, q: usize, slab: &[Option<E>], free: &mut Vec<u32>) -> Option<u32> {
+    fn pop<E: Tracked>(
+        &mut self,
+        q: usize,
+        slab: &[Option<E>],
+        free: &mut Vec<u32>,
+    ) -> Option<u32> {
         while let Some(s) = self.queues[q].pop_front() {
             if let Some(e) = &slab[s as usize] {
                 self.weights[q] -= u64::from(e.weight());
@@ -295,7 +306,9 @@ impl Policy {
     ) -> Option<(u32, u64)> {
         loop {
             let protected_target = PROTECTED_SHARE * (self.capacity as f64 - self.window_target);
-            while self.weights[PROTECTED] as f64 > protected_target && self.demote(slab, free, hash_of) {}
+            while self.weights[PROTECTED] as f64 > protected_target
+                && self.demote(slab, free, hash_of)
+            {}
             let Some(s) = self.pop(PROBATION, slab, free) else {
                 if self.demote(slab, free, hash_of) {
                     continue;
@@ -388,7 +401,11 @@ impl Policy {
             }
             assert_eq!(w, self.weights[q], "weight of queue {q}");
         }
-        assert_eq!(live, slab.iter().filter(|e| e.is_some()).count(), "every entry queued once");
+        assert_eq!(
+            live,
+            slab.iter().filter(|e| e.is_some()).count(),
+            "every entry queued once"
+        );
     }
 }
 
@@ -435,7 +452,11 @@ mod tests {
                 hits += 1;
                 continue;
             }
-            let e = E { key: k, place: Place::Window, hits: AtomicU8::new(0) };
+            let e = E {
+                key: k,
+                place: Place::Window,
+                hits: AtomicU8::new(0),
+            };
             let s = match free.pop() {
                 Some(s) => {
                     slab[s as usize] = Some(e);
@@ -449,7 +470,9 @@ mod tests {
             slot_of.insert(k, s);
             p.on_insert(&mut slab, s, hash(k), n);
             if slot_of.len() as u64 > capacity {
-                let v = p.evict(&mut slab, &mut free, |e| hash(e.key)).expect("a victim");
+                let v = p
+                    .evict(&mut slab, &mut free, |e| hash(e.key))
+                    .expect("a victim");
                 let e = slab[v as usize].take().expect("victim is live");
                 slot_of.remove(&e.key);
                 free.push(v);
@@ -471,11 +494,21 @@ mod tests {
 
     #[test]
     fn the_window_grows_when_recency_pays() {
-        // Every key is used twice, 100 new keys apart, then never again: the frequency filter
-        // rejects such keys, only a window holding 100 keys or more catches the reuse.
-        let trace = (0..400_000u64).map(|i| if i % 2 == 0 { i / 2 } else { (i / 2).saturating_sub(100) });
+        // Half the requests are new keys, half re-read a key among the 300 newest: the frequency
+        // filter rejects such keys, and each step of window growth catches more reuse.
+        let mut x = 7u64;
+        let trace = (0..400_000u64).map(move |i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 2 == 0 {
+                i / 2
+            } else {
+                (i / 2).saturating_sub(x % 300)
+            }
+        });
         let (ratio, window) = simulate(1000, trace);
-        assert!(window >= 100, "window {window} did not grow");
+        assert!(window >= 150, "window {window} did not grow");
         assert!(ratio > 0.3, "recency hit ratio {ratio:.3}");
     }
 
@@ -485,5 +518,55 @@ mod tests {
         let trace = (0..1_000_000u64).map(|i| if i % 2 == 0 { i % 200 / 2 } else { 1_000 + i });
         let (ratio, _) = simulate(500, trace);
         assert!(ratio > 0.49, "the hot half must keep hitting: {ratio:.3}");
+    }
+
+    #[test]
+    fn inflated_incumbents_cannot_lock_out_a_hot_key() {
+        // An attacker keeps 120 keys at maximal frequency (more than fit) while a scan of cold
+        // keys streams through; a genuinely hot key must still be admitted and keep hitting.
+        const HOT: u64 = u64::MAX;
+        let trace = (0..300_000u64).map(|i| match i % 4 {
+            0 | 1 => i / 4 % 120,
+            2 => HOT,
+            _ => 1_000_000 + i,
+        });
+        let mut hot_hits = 0u64;
+        let mut hot_reqs = 0u64;
+        let mut p = Policy::new(100, 9);
+        let mut slab: Vec<Option<E>> = Vec::new();
+        let mut slot_of = std::collections::HashMap::new();
+        let mut free = Vec::new();
+        for (n, k) in trace.enumerate() {
+            if k == HOT {
+                hot_reqs += 1;
+            }
+            if let Some(&s) = slot_of.get(&k) {
+                record_hit(&slab[s as usize].as_ref().expect("live").hits);
+                hot_hits += u64::from(k == HOT);
+                continue;
+            }
+            let e = E {
+                key: k,
+                place: Place::Window,
+                hits: AtomicU8::new(0),
+            };
+            let s = free.pop().unwrap_or(slab.len() as u32);
+            if s as usize == slab.len() {
+                slab.push(Some(e));
+            } else {
+                slab[s as usize] = Some(e);
+            }
+            slot_of.insert(k, s);
+            p.on_insert(&mut slab, s, hash(k), n as u64);
+            if slot_of.len() > 100 {
+                let v = p
+                    .evict(&mut slab, &mut free, |e| hash(e.key))
+                    .expect("a victim");
+                slot_of.remove(&slab[v as usize].take().expect("live").key);
+                free.push(v);
+            }
+        }
+        let ratio = hot_hits as f64 / hot_reqs as f64;
+        assert!(ratio > 0.95, "the hot key hit only {ratio:.3} of the time");
     }
 }

@@ -58,7 +58,10 @@ pub(crate) struct Garbage<K, V> {
 
 impl<K, V> Garbage<K, V> {
     pub(crate) fn new() -> Self {
-        Garbage { first: None, rest: Vec::new() }
+        Garbage {
+            first: None,
+            rest: Vec::new(),
+        }
     }
 
     pub(crate) fn push(&mut self, r: Removed<K, V>) {
@@ -163,18 +166,29 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.flights.find(hash, |(k, _)| k.borrow() == key).map(|(_, f)| f)
+        self.flights
+            .find(hash, |(k, _)| k.borrow() == key)
+            .map(|(_, f)| f)
     }
 
     /// Registers a load in flight for `key` (which has none).
-    pub(crate) fn add_flight<S: BuildHasher>(&mut self, hash: u64, key: K, f: Arc<Flight<K, V>>, hasher: &S) {
+    pub(crate) fn add_flight<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        f: Arc<Flight<K, V>>,
+        hasher: &S,
+    ) {
         self.flights
             .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
     }
 
     /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
     pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
-        let found = self.flights.find_entry(hash, |(_, g)| Arc::ptr_eq(f, g)).ok()?;
+        let found = self
+            .flights
+            .find_entry(hash, |(_, g)| Arc::ptr_eq(f, g))
+            .ok()?;
         Some(found.remove().0 .0)
     }
 
@@ -234,7 +248,13 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
 
     /// Looks `key` up under a shared borrow (the read lock), recording the hit.
     #[inline]
-    pub(crate) fn lookup<Q>(&self, hash: u64, key: &Q, now: u64, exp: &ExpiryConfig<K, V>) -> Found<'_, V>
+    pub(crate) fn lookup<Q>(
+        &self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+    ) -> Found<'_, V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -292,8 +312,14 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     /// Files `slot` in the timer wheel under `deadline` (or nowhere for [`NEVER`]).
     fn file(&mut self, slot: u32, deadline: u64) {
         let Some(wheel) = &mut self.wheel else { return };
-        let e = self.slab[slot as usize].as_mut().expect("filing a live slot");
-        let b = if deadline == NEVER { NO_BUCKET } else { wheel.bucket_for(deadline) };
+        let e = self.slab[slot as usize]
+            .as_mut()
+            .expect("filing a live slot");
+        let b = if deadline == NEVER {
+            NO_BUCKET
+        } else {
+            wheel.bucket_for(deadline)
+        };
         if b == e.bucket {
             return; // still filed in the right bucket
         }
@@ -356,11 +382,17 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         self.supersede(hash, &key);
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
-            let e = self.slab[slot as usize].as_mut().expect("found slot is live");
+            let e = self.slab[slot as usize]
+                .as_mut()
+                .expect("found slot is live");
             let times = exp.on_update(&e.key, &value, now, current);
             if times.0 <= now {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                out.push(Removed { key, value, cause: RemovalCause::Expired });
+                out.push(Removed {
+                    key,
+                    value,
+                    cause: RemovalCause::Expired,
+                });
                 return;
             }
             let old = std::mem::replace(&mut e.value, value);
@@ -370,12 +402,20 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             self.policy.on_reweigh(place, old_weight, weight);
             self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
             self.set_times(slot, times);
-            out.push(Removed { key, value: old, cause: RemovalCause::Replaced });
+            out.push(Removed {
+                key,
+                value: old,
+                cause: RemovalCause::Replaced,
+            });
             return;
         }
         let times = exp.on_create(&key, &value, now);
         if times.0 <= now {
-            out.push(Removed { key, value, cause: RemovalCause::Expired });
+            out.push(Removed {
+                key,
+                value,
+                cause: RemovalCause::Expired,
+            });
             return;
         }
         let slot = self.alloc(Entry {
@@ -419,7 +459,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         if self.policy.on_remove(e.place, e.weight) {
             self.policy.purge_tombstones(&self.slab, &mut self.free);
         }
-        out.push(Removed { key: e.key, value: e.value, cause });
+        out.push(Removed {
+            key: e.key,
+            value: e.value,
+            cause,
+        });
     }
 
     /// Removes `key`; the removed entry (if any, and not expired) is pushed last onto `out`.
@@ -442,29 +486,52 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             return false;
         };
         let live = self.deadline(slot) > now;
-        let cause = if live { RemovalCause::Explicit } else { RemovalCause::Expired };
+        let cause = if live {
+            RemovalCause::Explicit
+        } else {
+            RemovalCause::Expired
+        };
         self.remove_slot(slot, hash, cause, out);
         live
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
-    pub(crate) fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Garbage<K, V>) -> bool {
+    pub(crate) fn evict_one<S: BuildHasher>(
+        &mut self,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) -> bool {
         let Some(slot) = self
             .policy
             .evict(&mut self.slab, &mut self.free, |e| hasher.hash_one(&e.key))
         else {
             return false;
         };
-        let hash = hasher.hash_one(&self.slab[slot as usize].as_ref().expect("victim is live").key);
+        let hash = hasher.hash_one(
+            &self.slab[slot as usize]
+                .as_ref()
+                .expect("victim is live")
+                .key,
+        );
         let e = self.take_slot(slot, hash);
         self.free.push(slot);
-        out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Size });
+        out.push(Removed {
+            key: e.key,
+            value: e.value,
+            cause: RemovalCause::Size,
+        });
         true
     }
 
     /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
     /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
-    pub(crate) fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S, out: &mut Garbage<K, V>) {
+    pub(crate) fn expire<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        exact: bool,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) {
         let Some(wheel) = &mut self.wheel else { return };
         let mut due = Vec::new();
         wheel.advance(now, exact, &mut due);
@@ -474,7 +541,9 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         let mut refile = Vec::new();
         for (b, slots) in due {
             for s in slots {
-                let Some(e) = self.slab[s as usize].as_mut() else { continue };
+                let Some(e) = self.slab[s as usize].as_mut() else {
+                    continue;
+                };
                 if e.bucket != b {
                     continue; // stale index, or a duplicate already handled
                 }
@@ -499,7 +568,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             f.supersede();
         }
         for e in self.slab.drain(..).flatten() {
-            out.push(Removed { key: e.key, value: e.value, cause: RemovalCause::Explicit });
+            out.push(Removed {
+                key: e.key,
+                value: e.value,
+                cause: RemovalCause::Explicit,
+            });
         }
         self.table.clear();
         self.free.clear();
@@ -521,11 +594,17 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         out: &mut Garbage<K, V>,
     ) {
         for s in 0..self.slab.len() as u32 {
-            let Some(e) = &self.slab[s as usize] else { continue };
+            let Some(e) = &self.slab[s as usize] else {
+                continue;
+            };
             let expired = self.deadline(s) <= now;
             if expired || !keep(&e.key, &e.value) {
                 let hash = hasher.hash_one(&e.key);
-                let cause = if expired { RemovalCause::Expired } else { RemovalCause::Explicit };
+                let cause = if expired {
+                    RemovalCause::Expired
+                } else {
+                    RemovalCause::Explicit
+                };
                 self.remove_slot(s, hash, cause, out);
             }
         }
@@ -554,16 +633,28 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             .filter(|&s| self.slab[s as usize].is_some())
             .collect();
         assert_eq!(live.len(), self.len, "len counts live slots");
-        assert_eq!(self.table.len(), self.len, "table holds every live slot once");
+        assert_eq!(
+            self.table.len(),
+            self.len,
+            "table holds every live slot once"
+        );
         let mut weight = 0u64;
         for &s in &live {
             let e = self.slab[s as usize].as_ref().expect("live");
             weight += u64::from(e.weight);
             let h = hasher.hash_one(&e.key);
-            assert_eq!(self.find(h, &e.key), Some(s), "table maps the key to its slot");
+            assert_eq!(
+                self.find(h, &e.key),
+                Some(s),
+                "table maps the key to its slot"
+            );
             if let Some(_w) = &self.wheel {
                 let d = self.deadline(s);
-                assert_eq!(d == NEVER, e.bucket == NO_BUCKET, "filed iff it has a deadline");
+                assert_eq!(
+                    d == NEVER,
+                    e.bucket == NO_BUCKET,
+                    "filed iff it has a deadline"
+                );
             }
         }
         assert_eq!(weight, self.weight, "weight is the sum of entry weights");
@@ -605,12 +696,24 @@ mod tests {
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, 0, &mut out);
-        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Hit(&10)));
+        assert!(matches!(
+            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            Found::Hit(&10)
+        ));
         s.insert(h.hash_one(1u64), 1, 11, 1, 0, &exp, &h, 0, &mut out);
-        assert_eq!(out.pop().map(|r| (r.value, r.cause)), Some((10, RemovalCause::Replaced)));
-        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Hit(&11)));
+        assert_eq!(
+            out.pop().map(|r| (r.value, r.cause)),
+            Some((10, RemovalCause::Replaced))
+        );
+        assert!(matches!(
+            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            Found::Hit(&11)
+        ));
         assert!(s.remove(h.hash_one(1u64), &1, 0, &h, &mut out));
-        assert!(matches!(s.lookup(h.hash_one(1u64), &1, 0, &exp), Found::Absent));
+        assert!(matches!(
+            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            Found::Absent
+        ));
         s.validate(&h);
     }
 
@@ -657,14 +760,20 @@ mod tests {
             let exp = if stride == 0 {
                 ExpiryConfig::None
             } else {
-                ExpiryConfig::Fixed { ttl: Some(u64::MAX / 2), tti: None }
+                ExpiryConfig::Fixed {
+                    ttl: Some(u64::MAX / 2),
+                    tti: None,
+                }
             };
             for i in 0..100_000u64 {
                 s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
             let bound = 24.0 + 11.0 + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
-            assert!(per_entry <= bound, "stride {stride}: {per_entry:.1} > {bound}");
+            assert!(
+                per_entry <= bound,
+                "stride {stride}: {per_entry:.1} > {bound}"
+            );
         }
     }
 
@@ -673,7 +782,10 @@ mod tests {
         let (mut s, h) = shard(100, 1);
         let mut out = Garbage::new();
         let sec = 1_000_000_000u64;
-        let exp = ExpiryConfig::Fixed { ttl: Some(5 * sec), tti: None };
+        let exp = ExpiryConfig::Fixed {
+            ttl: Some(5 * sec),
+            tti: None,
+        };
         for i in 0..50u64 {
             s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
         }

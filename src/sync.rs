@@ -42,7 +42,8 @@ pub(crate) fn wait<'a, T>(
     cond: &Condvar,
     guard: loom::sync::MutexGuard<'a, T>,
 ) -> loom::sync::MutexGuard<'a, T> {
-    cond.wait(guard).expect("loom mutexes are not poisoned here")
+    cond.wait(guard)
+        .expect("loom mutexes are not poisoned here")
 }
 
 /// A `loom` read-write lock with `parking_lot`'s signature.

@@ -59,7 +59,11 @@ fn weight_never_exceeds_capacity_after_insert() {
         .build();
     for i in 0..50_000u64 {
         c.insert(i % 3_000, i);
-        assert!(c.weighted_size() <= 1_000, "after insert {i}: {}", c.weighted_size());
+        assert!(
+            c.weighted_size() <= 1_000,
+            "after insert {i}: {}",
+            c.weighted_size()
+        );
     }
     c.validate();
 }
@@ -73,7 +77,11 @@ fn an_entry_heavier_than_the_capacity_is_not_stored() {
     c.insert(1, 5);
     assert_eq!(c.get(&1), Some(5));
     c.insert(1, 11);
-    assert_eq!(c.get(&1), None, "the old value must not survive an overweight insert");
+    assert_eq!(
+        c.get(&1),
+        None,
+        "the old value must not survive an overweight insert"
+    );
     assert_eq!(c.weighted_size(), 0);
     c.insert(2, 10);
     assert_eq!(c.get(&2), Some(10), "exactly the capacity fits");
@@ -101,10 +109,13 @@ fn remove_invalidate_all_retain_iter() {
     assert_eq!(c.remove(&5), Some(10));
     assert_eq!(c.remove(&5), None);
     c.retain(|k, _| k % 2 == 0);
-    let keys: HashSet<u32> = c.iter().map(|(k, v)| {
-        assert_eq!(v, k * 2);
-        k
-    }).collect();
+    let keys: HashSet<u32> = c
+        .iter()
+        .map(|(k, v)| {
+            assert_eq!(v, k * 2);
+            k
+        })
+        .collect();
     assert_eq!(keys, (0..100).filter(|k| k % 2 == 0).collect());
     assert_eq!(c.entry_count(), 50);
     c.invalidate_all();
@@ -118,7 +129,8 @@ fn remove_invalidate_all_retain_iter() {
 fn invalid_configurations_fail_at_build_time() {
     let r = Cache::<u8, u8>::builder().try_build();
     assert_eq!(r.err(), Some(BuildError::NoCapacity));
-    let p = std::panic::catch_unwind(|| Cache::<u8, u8>::builder().shards(6).max_capacity(1).build());
+    let p =
+        std::panic::catch_unwind(|| Cache::<u8, u8>::builder().shards(6).max_capacity(1).build());
     assert!(p.is_err(), "build() panics on an invalid configuration");
 }
 
@@ -190,7 +202,11 @@ fn time_going_backwards_is_ignored() {
     clock.rewind(Duration::from_secs(3600));
     assert_eq!(c.get(&1), Some(1));
     clock.advance(Duration::from_secs(3600 + 10));
-    assert_eq!(c.get(&1), None, "the cache's time resumes from its latest reading");
+    assert_eq!(
+        c.get(&1),
+        None,
+        "the cache's time resumes from its latest reading"
+    );
 }
 
 #[test]
@@ -233,10 +249,20 @@ impl Expiry<u32, u32> for PerKey {
     fn expire_after_create(&self, k: &u32, _v: &u32) -> Option<Duration> {
         (*k != 0).then(|| Duration::from_secs(u64::from(*k)))
     }
-    fn expire_after_read(&self, _k: &u32, _v: &u32, remaining: Option<Duration>) -> Option<Duration> {
+    fn expire_after_read(
+        &self,
+        _k: &u32,
+        _v: &u32,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
         remaining
     }
-    fn expire_after_update(&self, _k: &u32, v: &u32, _remaining: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _k: &u32,
+        v: &u32,
+        _remaining: Option<Duration>,
+    ) -> Option<Duration> {
         Some(Duration::from_secs(u64::from(*v)))
     }
 }
@@ -254,7 +280,11 @@ fn per_entry_expiry() {
     }
     clock.advance(Duration::from_millis(1500));
     let live: Vec<u32> = (0..5).filter(|k| c.get(k).is_some()).collect();
-    assert_eq!(live, vec![0, 2, 3, 4], "key 0 never expires; key 1 lived 1 s");
+    assert_eq!(
+        live,
+        vec![0, 2, 3, 4],
+        "key 0 never expires; key 1 lived 1 s"
+    );
     c.insert(3, 1); // update: lives 1 more second
     clock.advance(Duration::from_secs(1));
     assert_eq!(c.get(&2), None, "key 2 lived 2 s");
@@ -273,7 +303,11 @@ fn expired_entries_are_reclaimed_without_being_touched() {
     for i in 1000..1010 {
         c.insert(i, i);
     }
-    assert!(c.entry_count() <= 10 + 1, "entries left: {}", c.entry_count());
+    assert!(
+        c.entry_count() <= 10 + 1,
+        "entries left: {}",
+        c.entry_count()
+    );
     c.validate();
     clock.advance(Duration::from_secs(3));
     c.run_pending_tasks();

@@ -52,7 +52,11 @@ fn leader_joiner_canceller() {
                     });
                     assert_eq!(v, 10);
                     // Publish before release: whoever returned with the value finds it cached.
-                    assert_eq!(cache.get(&1), Some(10), "value not published before release");
+                    assert_eq!(
+                        cache.get(&1),
+                        Some(10),
+                        "value not published before release"
+                    );
                 })
             })
             .collect();
@@ -70,7 +74,11 @@ fn leader_joiner_canceller() {
             t.join().expect("blocking caller");
         }
         canceller.join().expect("canceller");
-        assert_eq!(completed.load(Ordering::SeqCst), 1, "exactly one load completed");
+        assert_eq!(
+            completed.load(Ordering::SeqCst),
+            1,
+            "exactly one load completed"
+        );
         assert_eq!(cache.get(&1), Some(10));
         assert_eq!(cache.loads_in_flight(), 0, "no flight left registered");
     });

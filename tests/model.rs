@@ -113,8 +113,16 @@ fn run(ops: Vec<Op>, capacity: u64, exact: bool, tti: bool) -> Result<(), TestCa
             }
         }
         cache.validate();
-        prop_assert!(cache.weighted_size() <= capacity, "weight {} > {}", cache.weighted_size(), capacity);
-        prop_assert!(cache.entry_count() <= model.len() as u64, "more entries than were inserted");
+        prop_assert!(
+            cache.weighted_size() <= capacity,
+            "weight {} > {}",
+            cache.weighted_size(),
+            capacity
+        );
+        prop_assert!(
+            cache.entry_count() <= model.len() as u64,
+            "more entries than were inserted"
+        );
     }
     Ok(())
 }

@@ -50,7 +50,11 @@ fn sixty_four_threads_per_cold_key_load_once() {
             });
         }
     });
-    assert_eq!(loads.load(Ordering::SeqCst) as u64, keys, "one load per key");
+    assert_eq!(
+        loads.load(Ordering::SeqCst) as u64,
+        keys,
+        "one load per key"
+    );
     assert_eq!(cache.loads_in_flight(), 0);
     cache.validate();
 }
@@ -157,8 +161,15 @@ fn a_panicking_leader_releases_its_waiters() {
         }
         std::thread::sleep(Duration::from_millis(20));
         release.store(true, Ordering::SeqCst);
-        assert!(leader.join().expect("joined").is_err(), "the panic reaches the leader's caller");
-        assert_eq!(waiter.join().expect("the waiter does not panic"), 42, "a waiter retried");
+        assert!(
+            leader.join().expect("joined").is_err(),
+            "the panic reaches the leader's caller"
+        );
+        assert_eq!(
+            waiter.join().expect("the waiter does not panic"),
+            42,
+            "a waiter retried"
+        );
     });
     assert_eq!(loads.load(Ordering::SeqCst), 2);
     assert_eq!(cache.get(&1), Some(42));
@@ -193,10 +204,17 @@ fn an_error_is_shared_and_not_cached() {
     let n = loads.load(Ordering::SeqCst);
     // Callers that arrived while the load ran share its error; a straggler may load again.
     let shared = errors.iter().filter(|e| Arc::ptr_eq(e, &errors[0])).count();
-    assert!(n < 8, "the error was shared, not loaded per caller ({n} loads)");
+    assert!(
+        n < 8,
+        "the error was shared, not loaded per caller ({n} loads)"
+    );
     assert!(shared >= 8 / n, "callers on one load share one Arc");
     assert!(!cache.contains_key(&1), "errors are not cached");
-    assert_eq!(cache.try_get_with(1, || Ok::<_, String>(9)), Ok(9), "the next call loads again");
+    assert_eq!(
+        cache.try_get_with(1, || Ok::<_, String>(9)),
+        Ok(9),
+        "the next call loads again"
+    );
     assert_eq!(cache.optionally_get_with(2, || None), None);
     assert!(!cache.contains_key(&2), "None is not cached");
 }
@@ -238,13 +256,17 @@ fn a_recursive_load_of_the_same_key_panics_and_other_keys_work() {
         .unwrap_or("");
     assert!(msg.contains("recursive load"), "{msg}");
     assert_eq!(cache.loads_in_flight(), 0);
-    assert_eq!(cache.get_with(3, || 30), 30, "the key loads normally afterwards");
+    assert_eq!(
+        cache.get_with(3, || 30),
+        30,
+        "the key loads normally afterwards"
+    );
     // Async recursion is caught as well.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let c = cache.clone();
-        futures::executor::block_on(cache.get_with_async(4, async move {
-            c.get_with_async(4, async { 0 }).await
-        }))
+        futures::executor::block_on(
+            cache.get_with_async(4, async move { c.get_with_async(4, async { 0 }).await }),
+        )
     }));
     assert!(r.is_err());
     assert_eq!(cache.loads_in_flight(), 0);
@@ -284,7 +306,11 @@ fn a_dropped_leader_hands_the_load_to_a_waiter() {
         assert!(poll_once(waiter.as_mut()).is_pending());
         drop(leader);
         gate.store(true, Ordering::SeqCst);
-        assert_eq!(futures::executor::block_on(waiter), trial, "the waiter finished the load");
+        assert_eq!(
+            futures::executor::block_on(waiter),
+            trial,
+            "the waiter finished the load"
+        );
         assert_eq!(cache.get(&trial), Some(trial));
     }
     assert_eq!(loads.load(Ordering::SeqCst), 1_000, "no load restarted");
@@ -340,7 +366,11 @@ fn dropping_every_caller_cancels_the_load_and_leaves_nothing() {
             assert_eq!(cache.loads_in_flight(), 1);
             drop(waiters);
             drop(leader);
-            assert_eq!(cache.loads_in_flight(), 0, "the last caller gone cancels the load");
+            assert_eq!(
+                cache.loads_in_flight(),
+                0,
+                "the last caller gone cancels the load"
+            );
             assert!(!cache.contains_key(&k));
         }
         // Waiters dropped while a load runs, and the load then completing.
@@ -358,7 +388,11 @@ fn dropping_every_caller_cancels_the_load_and_leaves_nothing() {
         gate.store(true, Ordering::SeqCst);
         assert_eq!(futures::executor::block_on(leader).0, 1000);
         assert_eq!(cache.loads_in_flight(), 0);
-        assert_eq!(LIVE.load(Ordering::SeqCst) - before, 1, "only the cached value lives");
+        assert_eq!(
+            LIVE.load(Ordering::SeqCst) - before,
+            1,
+            "only the cached value lives"
+        );
     }
     assert_eq!(LIVE.load(Ordering::SeqCst), before, "nothing leaked");
 }
@@ -401,13 +435,21 @@ fn a_write_during_a_load_wins() {
         5
     });
     assert_eq!(v, 5, "the loader's caller gets the loaded value");
-    assert_eq!(cache.get(&1), Some(100), "the explicit write is not overwritten");
+    assert_eq!(
+        cache.get(&1),
+        Some(100),
+        "the explicit write is not overwritten"
+    );
     let v = cache.get_with(2, || {
         cache.invalidate(&2);
         6
     });
     assert_eq!(v, 6);
-    assert_eq!(cache.get(&2), None, "an invalidation during the load is honoured");
+    assert_eq!(
+        cache.get(&2),
+        None,
+        "an invalidation during the load is honoured"
+    );
 }
 
 #[test]
@@ -415,5 +457,8 @@ fn get_with_on_a_present_key_does_not_call_the_loader() {
     let cache: Cache<u32, u32> = Cache::new(10);
     cache.insert(1, 1);
     assert_eq!(cache.get_with(1, || unreachable!()), 1);
-    assert_eq!(futures::executor::block_on(cache.get_with_async(1, async { unreachable!() })), 1);
+    assert_eq!(
+        futures::executor::block_on(cache.get_with_async(1, async { unreachable!() })),
+        1
+    );
 }

@@ -56,7 +56,9 @@ fn mixed_ops(threads: u64, ops_per_thread: u64, with_ttl: bool) {
                                         assert_eq!(v.0 / 1_000_000, k, "value belongs to its key");
                                     }
                                 }
-                                50..=84 => cache.insert(k, Counted::new(k * 1_000_000 + i % 1_000_000)),
+                                50..=84 => {
+                                    cache.insert(k, Counted::new(k * 1_000_000 + i % 1_000_000))
+                                }
                                 85..=92 => {
                                     cache.remove(&k);
                                 }
@@ -89,12 +91,23 @@ fn mixed_ops(threads: u64, ops_per_thread: u64, with_ttl: bool) {
             stop.store(true, Ordering::Relaxed);
         });
         assert!(max_seen.load(Ordering::Relaxed) <= CAPACITY + 3 * threads);
-        assert!(cache.weighted_size() <= CAPACITY, "bound holds once all inserts returned");
+        assert!(
+            cache.weighted_size() <= CAPACITY,
+            "bound holds once all inserts returned"
+        );
         cache.validate();
         let live_now = LIVE.load(Ordering::SeqCst) - before;
-        assert_eq!(live_now, cache.entry_count() as i64, "every live value is in the cache");
+        assert_eq!(
+            live_now,
+            cache.entry_count() as i64,
+            "every live value is in the cache"
+        );
     }
-    assert_eq!(LIVE.load(Ordering::SeqCst), before, "dropping the cache drops every value once");
+    assert_eq!(
+        LIVE.load(Ordering::SeqCst),
+        before,
+        "dropping the cache drops every value once"
+    );
 }
 
 #[test]
