@@ -575,7 +575,9 @@ where
         drop(key); // outside the lock
     }
 
-    /// Runs a blocking load: the single-flight core for `get_with` and its siblings.
+    /// Runs a blocking load: the single-flight core for `get_with` and its siblings. The hit
+    /// path is inlined here; the rest is not.
+    #[inline]
     fn load_sync<R>(
         &self,
         key: K,
@@ -584,6 +586,21 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
+        if let Some(r) = self.get_map(&key, hash, &hit) {
+            return r;
+        }
+        self.load_sync_slow(key, hash, init, hit, accept)
+    }
+
+    #[inline(never)]
+    fn load_sync_slow<R>(
+        &self,
+        key: K,
+        hash: u64,
+        init: impl FnOnce() -> Outcome<V>,
+        hit: impl Fn(&V) -> R,
+        accept: impl Fn(&Outcome<V>) -> Option<R>,
+    ) -> R {
         let mut init = Some(init);
         loop {
             match self.claim(hash, &key, &hit, &mut None, true) {
