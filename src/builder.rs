@@ -3,9 +3,12 @@
 use crate::cache::Cache;
 use crate::clock::{nanos, Clock, ManualClock};
 use crate::expiry::{Expiry, ExpiryConfig};
+use crate::refresh::{BoxError, Stampede};
+use crate::shard::Layout;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The default hasher: ahash, randomly seeded per cache, behind an opaque type.
@@ -44,6 +47,21 @@ impl BuildHasher for DefaultHashBuilder {
 
 pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
 
+/// Runs a job somewhere else: a thread pool, `tokio::task::spawn_blocking`, a new thread.
+pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// A validated configuration, handed to the cache.
+pub(crate) struct Parts<K, V, S> {
+    pub(crate) capacity: u64,
+    pub(crate) shards: usize,
+    pub(crate) weigher: Option<Weigher<K, V>>,
+    pub(crate) expiry: ExpiryConfig<K, V>,
+    pub(crate) layout: Layout,
+    pub(crate) stampede: Stampede<K, V, S>,
+    pub(crate) hasher: S,
+    pub(crate) clock: Clock,
+}
+
 /// Why a configuration was refused by [`CacheBuilder::try_build`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -54,6 +72,12 @@ pub enum BuildError {
     ConflictingExpiry,
     /// The shard count must be a power of two between 1 and 1024.
     BadShardCount(usize),
+    /// `refresh_after` or `early_refresh` needs a `loader` to reload keys with.
+    RefreshWithoutLoader,
+    /// `early_refresh` needs a `time_to_live` (it refreshes ahead of expiry).
+    EarlyRefreshWithoutTtl,
+    /// `jitter` must be in `0.0..1.0`; `early_refresh`'s β must be positive and finite.
+    BadFraction,
 }
 
 impl fmt::Display for BuildError {
@@ -65,6 +89,13 @@ impl fmt::Display for BuildError {
             }
             BuildError::BadShardCount(n) => {
                 write!(f, "shard count {n} is not a power of two in 1..=1024")
+            }
+            BuildError::RefreshWithoutLoader => {
+                f.write_str("refresh_after and early_refresh need a loader")
+            }
+            BuildError::EarlyRefreshWithoutTtl => f.write_str("early_refresh needs a time_to_live"),
+            BuildError::BadFraction => {
+                f.write_str("jitter must be in 0.0..1.0 and early_refresh's beta positive")
             }
         }
     }
@@ -98,6 +129,10 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     pub(crate) hasher: S,
     pub(crate) clock: Option<ManualClock>,
     pub(crate) shards: Option<usize>,
+    pub(crate) stampede: Stampede<K, V, S>,
+    refresh_after: Option<Duration>,
+    early_beta: Option<f64>,
+    jitter: f64,
     _types: PhantomData<fn(K, V)>,
 }
 
@@ -112,6 +147,10 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             hasher: crate::DefaultHashBuilder::default(),
             clock: None,
             shards: None,
+            stampede: Stampede::default(),
+            refresh_after: None,
+            early_beta: None,
+            jitter: 0.0,
             _types: PhantomData,
         }
     }
@@ -174,7 +213,8 @@ where
         self
     }
 
-    /// Hashes keys with `hasher` instead of the randomly seeded default.
+    /// Hashes keys with `hasher` instead of the randomly seeded default. Call it before the
+    /// loader and the other stampede settings (they are reset).
     pub fn hasher<S2>(self, hasher: S2) -> CacheBuilder<K, V, S2> {
         CacheBuilder {
             max_capacity: self.max_capacity,
@@ -185,8 +225,61 @@ where
             hasher,
             clock: self.clock,
             shards: self.shards,
+            stampede: Stampede::default(),
+            refresh_after: None,
+            early_beta: None,
+            jitter: 0.0,
             _types: PhantomData,
         }
+    }
+
+    /// Spreads every entry's time to live (and idle time, and refresh deadline) uniformly
+    /// within ±`fraction` of its nominal value, so that entries written together do not expire
+    /// (or refresh) together. `0.0` (the default) disables it; must be below `1.0`.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Remembers a failed load (an error, or `None` from an `optionally_` call) for `ttl`:
+    /// during that time callers of that key get the same error (or `None`) without calling the
+    /// backend, so a down backend sees at most one call per key per `ttl`. A write or
+    /// invalidation of the key ends it early.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.stampede.negative_ttl = Some(nanos(ttl));
+        self
+    }
+
+    /// At most `n` loads (and refreshes) run at once across all keys. Further loads wait in
+    /// arrival order (a leader waits before running its loader; callers joining a load just
+    /// wait for it); refreshes over the limit wait on the spawner, or without one are deferred
+    /// to a later read, never lost.
+    pub fn max_concurrent_loads(mut self, n: usize) -> Self {
+        self.stampede.limiter = Some(crate::limit::Limiter::new(n));
+        self
+    }
+
+    /// Runs refreshes (and, with a soft timeout, loads) on `spawn` instead of in the caller:
+    /// a thread pool, or e.g. `move |job| { tokio::task::spawn_blocking(job); }`.
+    pub fn spawner(
+        mut self,
+        spawn: impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static,
+    ) -> Self {
+        self.stampede.spawner = Some(Arc::new(spawn));
+        self
+    }
+
+    /// The default soft timeout of [`Cache::load`]: see [`Cache::load_with_timeout`].
+    pub fn load_timeout(mut self, timeout: Duration) -> Self {
+        self.stampede.load_timeout = Some(timeout);
+        self
+    }
+
+    /// After a failed refresh, wait this long before the next attempt (default: the
+    /// `refresh_after` period).
+    pub fn refresh_backoff(mut self, d: Duration) -> Self {
+        self.stampede.refresh_backoff = nanos(d).max(1);
+        self
     }
 
     /// Builds the cache.
@@ -225,15 +318,74 @@ where
                 tti: tti.map(nanos),
             },
         };
+        if !(0.0..1.0).contains(&self.jitter)
+            || self.early_beta.is_some_and(|b| !(b > 0.0 && b.is_finite()))
+        {
+            return Err(BuildError::BadFraction);
+        }
+        let mut stampede = self.stampede;
+        if (self.refresh_after.is_some() || self.early_beta.is_some()) && stampede.loader.is_none()
+        {
+            return Err(BuildError::RefreshWithoutLoader);
+        }
+        if self.early_beta.is_some() && self.ttl.is_none() {
+            return Err(BuildError::EarlyRefreshWithoutTtl);
+        }
+        let refresh_after = self.refresh_after.map(nanos);
+        if stampede.refresh_backoff == 0 {
+            stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
+        }
+        let layout = Layout::new(expiry.stride(), refresh_after, self.early_beta, self.jitter);
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
-        Ok(Cache::from_parts(
+        Ok(Cache::from_parts(Parts {
             capacity,
             shards,
-            self.weigher,
+            weigher: self.weigher,
             expiry,
-            self.hasher,
+            layout,
+            stampede,
+            hasher: self.hasher,
             clock,
-        ))
+        }))
+    }
+}
+
+impl<K, V, S> CacheBuilder<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// How to load any key (as Caffeine's `LoadingCache`): used by [`Cache::load`] and by
+    /// refreshes. Called without any lock held; may block.
+    pub fn loader<E>(mut self, load: impl Fn(&K) -> Result<V, E> + Send + Sync + 'static) -> Self
+    where
+        E: Into<BoxError>,
+    {
+        self.stampede.loader = Some(Arc::new(move |k: &K| load(k).map_err(Into::into)));
+        self.stampede.clone_key = Some(K::clone);
+        self.stampede.refresh = Some(Cache::start_refresh);
+        self
+    }
+
+    /// Refresh-ahead: a read of an entry written more than `d` ago returns its value at once
+    /// and starts exactly one reload of the key with the [`loader`](Self::loader) (on the
+    /// [`spawner`](Self::spawner) if set, else in the reader that triggered it). On failure the
+    /// old value is kept — never beyond its `time_to_live` — and the next attempt waits
+    /// [`refresh_backoff`](Self::refresh_backoff). Requires a loader.
+    pub fn refresh_after(mut self, d: Duration) -> Self {
+        self.refresh_after = Some(d);
+        self
+    }
+
+    /// Probabilistic early refresh (XFetch, Vattani et al., VLDB 2015): a read refreshes its
+    /// entry before it expires with probability `exp(−remaining / (δ·β))`, where `δ` is how
+    /// long that key took to load (measured by the cache) and `remaining` the time to its
+    /// `time_to_live` deadline. `β = 1` is the paper's optimum; larger refreshes earlier.
+    /// Requires a loader and a time to live.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_beta = Some(beta);
+        self
     }
 }
 

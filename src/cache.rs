@@ -4,6 +4,8 @@ use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::Clock;
 use crate::expiry::ExpiryConfig;
 use crate::load::Flight;
+use crate::refresh::Stampede;
+
 use crate::shard::{Found, Garbage, Removed, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
@@ -76,6 +78,9 @@ pub(crate) struct Inner<K, V, S> {
     weight: AtomicU64,
     weigher: Option<Weigher<K, V>>,
     pub(crate) expiry: ExpiryConfig<K, V>,
+    /// Whether anything needs the time (expiry, refresh).
+    timed: bool,
+    pub(crate) stampede: Stampede<K, V, S>,
 }
 
 #[cfg(not(loom))]
@@ -130,16 +135,18 @@ where
     V: Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn from_parts(
-        capacity: u64,
-        shards: usize,
-        weigher: Option<Weigher<K, V>>,
-        expiry: ExpiryConfig<K, V>,
-        hasher: S,
-        clock: Clock,
-    ) -> Self {
+    pub(crate) fn from_parts(parts: crate::builder::Parts<K, V, S>) -> Self {
+        let crate::builder::Parts {
+            capacity,
+            shards,
+            weigher,
+            expiry,
+            layout,
+            stampede,
+            hasher,
+            clock,
+        } = parts;
         let now = clock.now();
-        let stride = expiry.stride();
         let n = shards as u64;
         let seed = hasher.hash_one(0x5eed_u64);
         let cells = (0..n)
@@ -147,7 +154,7 @@ where
                 // Shares add up to the capacity exactly.
                 let share = capacity / n + u64::from(i < capacity % n);
                 CachePadded::new(ShardCell {
-                    lock: RwLock::new(Shard::new(share, stride, now, seed.wrapping_add(i))),
+                    lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
                     accesses: AtomicU64::new(0),
                 })
             })
@@ -161,7 +168,9 @@ where
                 capacity,
                 weight: AtomicU64::new(0),
                 weigher,
+                timed: layout.stride > 0 || stampede.negative_ttl.is_some(),
                 expiry,
+                stampede,
             }),
         }
     }
@@ -187,11 +196,16 @@ where
 
     #[inline]
     pub(crate) fn now(&self) -> u64 {
-        if self.inner.expiry.enabled() {
+        if self.inner.timed {
             self.inner.clock.now()
         } else {
             0
         }
+    }
+
+    /// The clock, when the cache keeps time (for loads that measure themselves).
+    pub(crate) fn time_source(&self) -> Option<Clock> {
+        self.inner.timed.then(|| self.inner.clock.clone())
     }
 
     /// Counts an access for the policy; returns true when the caller should run maintenance.
@@ -205,7 +219,7 @@ where
         if t % ACCESS_SAMPLE == 0 {
             cell.accesses
                 .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
-            return t % MAINTAIN_EVERY == 0 && self.inner.expiry.enabled();
+            return t % MAINTAIN_EVERY == 0 && self.inner.timed;
         }
         false
     }
@@ -222,8 +236,18 @@ where
         let maintain = self.note_access(cell);
         let now = self.now();
         let guard = cell.lock.read();
-        let found = match guard.lookup(hash, key, now, &self.inner.expiry) {
+        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::refresh::coin) {
             Found::Hit(v) => return Some(f(v)),
+            Found::Stale(k, v) => {
+                let r = f(v);
+                let st = &self.inner.stampede;
+                if let (Some(clone_key), Some(refresh)) = (st.clone_key, st.refresh) {
+                    let k = clone_key(k);
+                    drop(guard);
+                    refresh(self, k);
+                }
+                return Some(r);
+            }
             Found::Expired => true,
             Found::Absent => false,
         };
@@ -324,7 +348,7 @@ where
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
-        self.insert_with(hash, key, value, weight, None, &mut out);
+        self.insert_with(hash, key, value, weight, None, 0, &mut out);
         drop(out);
     }
 
@@ -333,9 +357,10 @@ where
         self.inner.weigher.as_ref().map_or(1, |w| w(key, value))
     }
 
-    /// Inserts under the shard's write lock. With `flight`, the value is that load's result:
-    /// the flight is unregistered in the same critical section (publish before release);
-    /// without, a load of the same key in flight is superseded.
+    /// Inserts under the shard's write lock. With `flight`, the value is that load's result
+    /// (which took `took` nanoseconds): the flight is unregistered in the same critical section
+    /// (publish before release); without, a load of the same key in flight is superseded.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert_with(
         &self,
         hash: u64,
@@ -343,6 +368,7 @@ where
         value: V,
         weight: u32,
         flight: Option<&Arc<Flight<K, V>>>,
+        took: u64,
         out: &mut Garbage<K, V>,
     ) {
         let i = self.shard_index(hash);
@@ -372,7 +398,7 @@ where
                 now,
                 &self.inner.expiry,
                 &self.inner.hasher,
-                accesses,
+                (accesses, took),
                 out,
             );
         }
@@ -383,6 +409,17 @@ where
         if self.over_capacity() {
             self.evict_elsewhere(i, out);
         }
+    }
+
+    /// The most loads that ever ran at once under `max_concurrent_loads` (0 without a limit),
+    /// and how many loads had to wait for a permit. For tests and statistics.
+    #[doc(hidden)]
+    pub fn load_limit_stats(&self) -> (usize, usize) {
+        self.inner
+            .stampede
+            .limiter
+            .as_ref()
+            .map_or((0, 0), |l| (l.high_water(), l.waited()))
     }
 
     /// The number of loads in flight (for tests and statistics).

@@ -114,6 +114,11 @@ pub(crate) fn deadline(now: u64, d: u64) -> u64 {
     now.saturating_add(d)
 }
 
+/// A seed for per-thread random numbers (early refresh): the nanoseconds of the moment.
+pub(crate) fn seed() -> u64 {
+    nanos(coarse::origin().elapsed()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// A clock that moves only when told to, for deterministic tests of expiry.
 ///
 /// Give it to [`CacheBuilder::clock`](crate::CacheBuilder::clock) and advance it instead of

@@ -93,10 +93,6 @@ pub(crate) enum ExpiryConfig<K, V> {
 }
 
 impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
-    pub(crate) fn enabled(&self) -> bool {
-        !matches!(self, ExpiryConfig::None)
-    }
-
     /// How many `u64` deadlines each entry keeps: the effective one and, when both a time to live
     /// and a time to idle are set, the hard (time-to-live) one.
     pub(crate) fn stride(&self) -> usize {
@@ -110,34 +106,43 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
         }
     }
 
-    /// Deadlines of a new entry: `(effective, hard)`.
-    pub(crate) fn on_create(&self, key: &K, value: &V, now: u64) -> (u64, u64) {
+    /// Deadlines of a new entry: `(effective, hard)`. `factor` scales the durations (jitter:
+    /// 1.0 for none).
+    pub(crate) fn on_create(&self, key: &K, value: &V, now: u64, factor: f64) -> (u64, u64) {
         match self {
             ExpiryConfig::None => (NEVER, NEVER),
             ExpiryConfig::Fixed { ttl, tti } => {
-                let hard = ttl.map_or(NEVER, |t| deadline(now, t));
-                let idle = tti.map_or(NEVER, |t| deadline(now, t));
+                let hard = ttl.map_or(NEVER, |t| deadline(now, scale(t, factor)));
+                let idle = tti.map_or(NEVER, |t| deadline(now, scale(t, factor)));
                 (hard.min(idle), hard)
             }
             ExpiryConfig::Custom(e) => {
-                let d = opt_deadline(now, e.expire_after_create(key, value));
+                let d = opt_deadline(now, e.expire_after_create(key, value), factor);
                 (d, d)
             }
         }
     }
 
     /// Deadlines after the entry's value is replaced; `current` is its effective deadline.
-    pub(crate) fn on_update(&self, key: &K, value: &V, now: u64, current: u64) -> (u64, u64) {
+    pub(crate) fn on_update(
+        &self,
+        key: &K,
+        value: &V,
+        now: u64,
+        current: u64,
+        factor: f64,
+    ) -> (u64, u64) {
         match self {
             ExpiryConfig::Custom(e) => {
                 let d = opt_deadline(
                     now,
                     e.expire_after_update(key, value, remaining(now, current)),
+                    factor,
                 );
                 (d, d)
             }
             // A replaced value starts a new life, as in moka.
-            _ => self.on_create(key, value, now),
+            _ => self.on_create(key, value, now, factor),
         }
     }
 
@@ -163,6 +168,7 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
                 let d = opt_deadline(
                     now,
                     e.expire_after_read(key, value, remaining(now, current)),
+                    1.0,
                 );
                 (d != current).then_some(d)
             }
@@ -171,8 +177,17 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
     }
 }
 
-fn opt_deadline(now: u64, d: Option<Duration>) -> u64 {
-    d.map_or(NEVER, |d| deadline(now, nanos(d)))
+fn opt_deadline(now: u64, d: Option<Duration>, factor: f64) -> u64 {
+    d.map_or(NEVER, |d| deadline(now, scale(nanos(d), factor)))
+}
+
+/// `d × factor`, where `u64::MAX` (never) stays never. For jitter.
+pub(crate) fn scale(d: u64, factor: f64) -> u64 {
+    if d == u64::MAX || factor == 1.0 {
+        d
+    } else {
+        (d as f64 * factor).min(u64::MAX as f64 / 2.0) as u64
+    }
 }
 
 fn remaining(now: u64, at: u64) -> Option<Duration> {

@@ -34,7 +34,7 @@
 
 use crate::cache::Cache;
 use crate::shard::Garbage;
-use crate::sync::{wait, AtomicBool, Condvar, Mutex};
+use crate::sync::{wait_until, AtomicBool, Condvar, Mutex};
 use std::any::Any;
 use std::cell::RefCell;
 use std::future::Future;
@@ -43,6 +43,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Instant;
 
 /// What a load produced.
 pub(crate) enum Outcome<V> {
@@ -51,7 +52,8 @@ pub(crate) enum Outcome<V> {
     Nothing,
 }
 
-type LoadFuture<V> = Pin<Box<dyn Future<Output = Outcome<V>> + Send>>;
+/// An async load: its outcome and how long it took (nanoseconds on the cache's clock).
+type LoadFuture<V> = Pin<Box<dyn Future<Output = (Outcome<V>, u64)> + Send>>;
 
 enum Phase<V> {
     Running,
@@ -83,9 +85,22 @@ pub(crate) struct Flight<K, V> {
     /// Set when the key is written or invalidated during the load: the result then goes to the
     /// callers waiting on it but is not cached (the later write wins).
     superseded: AtomicBool,
+    /// Nonzero for a failed load kept registered as a negative-cache entry: its outcome is
+    /// served to callers until this deadline. Read and written under the shard lock.
+    negative_until: std::sync::atomic::AtomicU64,
 }
 
 impl<K, V> Flight<K, V> {
+    /// A blocking flight: its leader runs the loader itself.
+    pub(crate) fn blocking() -> Arc<Self> {
+        Self::new(None, None)
+    }
+
+    /// The negative-cache deadline of a failed load kept registered (0: not one).
+    pub(crate) fn negative_until(&self) -> u64 {
+        self.negative_until.load(Ordering::Acquire)
+    }
+
     fn new(key: Option<K>, future: Option<LoadFuture<V>>) -> Arc<Self> {
         Arc::new(Flight {
             state: Mutex::new(State {
@@ -100,6 +115,7 @@ impl<K, V> Flight<K, V> {
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
+            negative_until: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -190,14 +206,16 @@ fn recursive_load() -> ! {
     )
 }
 
-fn outcome_of<V, E: Send + Sync + 'static>(r: Result<V, E>) -> Outcome<V> {
+pub(crate) fn outcome_of<V, E: Send + Sync + 'static>(r: Result<V, E>) -> Outcome<V> {
     match r {
         Ok(v) => Outcome::Value(v),
         Err(e) => Outcome::Error(Arc::new(e)),
     }
 }
 
-fn accept_result<V: Clone, E: Send + Sync + 'static>(o: &Outcome<V>) -> Option<Result<V, Arc<E>>> {
+pub(crate) fn accept_result<V: Clone, E: Send + Sync + 'static>(
+    o: &Outcome<V>,
+) -> Option<Result<V, Arc<E>>> {
     match o {
         Outcome::Value(v) => Some(Ok(v.clone())),
         Outcome::Error(e) => Arc::clone(e).downcast::<E>().ok().map(Err),
@@ -213,8 +231,16 @@ fn accept_option<V: Clone>(o: &Outcome<V>) -> Option<Option<V>> {
     }
 }
 
+/// How a blocking wait on a flight ended.
+pub(crate) enum Waited<R> {
+    /// Done, with the outcome mapped for this caller (`None`: an outcome it cannot use).
+    Done(Option<R>),
+    Abandoned,
+    TimedOut,
+}
+
 /// The result of claiming a key.
-enum Claim<K, V, R> {
+pub(crate) enum Claim<K, V, R> {
     Hit(R),
     Lead(Arc<Flight<K, V>>),
     Join(Arc<Flight<K, V>>),
@@ -488,13 +514,14 @@ where
     /// An async caller passes its future (moved into the flight if it leads); an async caller
     /// whose future is already gone (it went into a flight that was then abandoned) may only
     /// join or hit: `can_lead` is false and `Claim::Lost` says nothing is running.
-    fn claim<R>(
+    pub(crate) fn claim<R>(
         &self,
         hash: u64,
         key: &K,
         hit: &impl Fn(&V) -> R,
         future: &mut Option<LoadFuture<V>>,
         can_lead: bool,
+        bypass_negative: bool,
     ) -> Claim<K, V, R> {
         if let Some(r) = self.get_map(key, hash, hit) {
             return Claim::Hit(r);
@@ -504,26 +531,87 @@ where
         if let Some(v) = s.peek(hash, key, now) {
             return Claim::Hit(hit(v));
         }
+        let mut stale_negative = None;
         if let Some(f) = s.flight(hash, key) {
-            let f = Arc::clone(f);
-            drop(s);
-            if runs_here(f.id()) {
-                recursive_load();
+            let until = f.negative_until();
+            let live = until > now && !bypass_negative && !f.superseded.load(Ordering::Acquire);
+            if until == 0 || live {
+                let f = Arc::clone(f);
+                drop(s);
+                if runs_here(f.id()) {
+                    recursive_load();
+                }
+                return Claim::Join(f);
             }
-            return Claim::Join(f);
+            // An expired negative entry (or one this caller cannot use): replace it.
+            let f = Arc::clone(f);
+            stale_negative = s.remove_flight(hash, &f);
         }
         if !can_lead {
             return Claim::Lost;
         }
         let owned = future.is_some().then(|| key.clone());
         let f = Flight::new(owned, future.take());
-        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher);
+        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
+        drop(s);
+        drop(stale_negative);
         Claim::Lead(f)
     }
 
+    /// Registers a refresh of `key` as its flight, unless a load of it runs already.
+    pub(crate) fn claim_refresh(&self, hash: u64, key: &K) -> Option<Arc<Flight<K, V>>> {
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        if let Some(f) = s.flight(hash, key) {
+            if f.negative_until() == 0 {
+                return None;
+            }
+            let f = Arc::clone(f);
+            let old = s.remove_flight(hash, &f);
+            drop(s);
+            drop(old);
+            s = self.inner.shards[self.shard_index(hash)].lock.write();
+            if s.flight(hash, key).is_some() {
+                return None;
+            }
+        }
+        let f = Flight::blocking();
+        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
+        Some(f)
+    }
+
+    /// Ends a refresh that did not produce a value: unregisters it and sets the entry's next
+    /// refresh deadline in one critical section, then resolves the flight (with `outcome`, or
+    /// as abandoned so that any caller waiting on it loads again).
+    pub(crate) fn abandon_refresh(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        retry_at: u64,
+        outcome: Option<Outcome<V>>,
+    ) {
+        let old = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            s.set_refresh_at(hash, key, retry_at);
+            s.remove_flight(hash, flight)
+        };
+        drop(old);
+        flight.resolve(outcome.map_or(Phase::Abandoned, Phase::Done));
+    }
+
     /// Publishes a finished load: caches a value (unless superseded) and unregisters the flight
-    /// in one critical section, then marks it done and wakes the waiters.
-    fn publish(&self, hash: u64, key: Option<K>, flight: &Arc<Flight<K, V>>, outcome: Outcome<V>) {
+    /// in one critical section, then marks it done and wakes the waiters. A failure (error or
+    /// `None`) is kept registered as a negative-cache entry when a negative TTL is set.
+    /// `took` is the load's duration, kept for early refresh.
+    pub(crate) fn publish(
+        &self,
+        hash: u64,
+        key: Option<K>,
+        flight: &Arc<Flight<K, V>>,
+        outcome: Outcome<V>,
+        took: u64,
+    ) {
         let mut out = Garbage::new();
         let key = key.or_else(|| flight.state.lock().key.take());
         // A planted bug for the loom model to catch: waiters released before the value is
@@ -536,7 +624,18 @@ where
             (Outcome::Value(v), Some(key)) if !flight.superseded.load(Ordering::Acquire) => {
                 let weight = self.weigh(&key, v);
                 let value = v.clone();
-                self.insert_with(hash, key, value, weight, Some(flight), &mut out);
+                self.insert_with(hash, key, value, weight, Some(flight), took, &mut out);
+            }
+            (Outcome::Error(_) | Outcome::Nothing, _)
+                if !flight.superseded.load(Ordering::Acquire)
+                    && self.inner.stampede.negative_ttl.is_some() =>
+            {
+                // Kept registered: `claim` serves the outcome until the deadline. Set under the
+                // shard lock, where `claim` reads it.
+                let ttl = self.inner.stampede.negative_ttl.unwrap_or(0);
+                let until = crate::clock::deadline(self.now(), ttl).max(1);
+                let _s = self.inner.shards[self.shard_index(hash)].lock.write();
+                flight.negative_until.store(until, Ordering::Release);
             }
             _ => self.unregister(hash, flight),
         }
@@ -601,43 +700,86 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
+        self.load_blocking(key, hash, init, &hit, &accept, None)
+            .expect("without a deadline a blocking load always ends with a result")
+    }
+
+    /// The blocking single-flight loop. `until` bounds the waits on loads run by others;
+    /// `None` means it passed.
+    pub(crate) fn load_blocking<R>(
+        &self,
+        key: K,
+        hash: u64,
+        init: impl FnOnce() -> Outcome<V>,
+        hit: &impl Fn(&V) -> R,
+        accept: &impl Fn(&Outcome<V>) -> Option<R>,
+        until: Option<Instant>,
+    ) -> Option<R> {
         let mut init = Some(init);
+        let mut bypass_negative = false;
         loop {
-            match self.claim(hash, &key, &hit, &mut None, true) {
-                Claim::Hit(r) => return r,
+            match self.claim(hash, &key, hit, &mut None, true, bypass_negative) {
+                Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(flight) => {
-                    let _running = Running::enter(flight.id());
-                    let mut resolver = Resolver {
-                        cache: self,
-                        hash,
-                        flight,
-                        armed: true,
-                    };
-                    let outcome = (init.take().expect("a caller leads at most once"))();
+                    let init = init.take().expect("a caller leads at most once");
+                    let (outcome, took, flight) = self.run_leader(hash, flight, init);
                     let r = accept(&outcome).expect("a leader accepts its own outcome");
-                    resolver.armed = false;
-                    self.publish(hash, Some(key), &resolver.flight, outcome);
-                    return r;
+                    self.publish(hash, Some(key), &flight, outcome, took);
+                    return Some(r);
                 }
-                Claim::Join(flight) => {
-                    if let Some(Some(r)) = self.wait_blocking(hash, &flight, &accept) {
-                        return r;
-                    }
-                    // Abandoned, or an outcome this caller cannot use: try again.
-                }
+                Claim::Join(flight) => match self.wait_blocking(hash, &flight, accept, until) {
+                    Waited::Done(Some(r)) => return Some(r),
+                    // An outcome this caller cannot use (an error of another type, a negative
+                    // entry for a caller without an error channel): load for itself.
+                    Waited::Done(None) => bypass_negative = true,
+                    Waited::Abandoned => {}
+                    Waited::TimedOut => return None,
+                },
             }
         }
     }
 
-    /// Waits for a flight on this thread, driving its future if it has one that nobody polls.
-    /// `None`: the flight was abandoned.
-    fn wait_blocking<R>(
+    /// Runs a blocking leader's loader: under a load permit (if limited), registered as run by
+    /// this thread (recursion), with the flight abandoned if it panics. Returns the outcome,
+    /// the load's duration and the flight, to publish.
+    pub(crate) fn run_leader(
+        &self,
+        hash: u64,
+        flight: Arc<Flight<K, V>>,
+        init: impl FnOnce() -> Outcome<V>,
+    ) -> (Outcome<V>, u64, Arc<Flight<K, V>>) {
+        let mut resolver = Resolver {
+            cache: self,
+            hash,
+            flight,
+            armed: true,
+        };
+        let permit = self
+            .inner
+            .stampede
+            .limiter
+            .as_ref()
+            .map(|l| l.acquire_blocking());
+        let running = Running::enter(resolver.flight.id());
+        let start = self.now();
+        let outcome = init();
+        let took = self.now().saturating_sub(start);
+        drop(running);
+        drop(permit);
+        resolver.armed = false;
+        (outcome, took, Arc::clone(&resolver.flight))
+    }
+
+    /// Waits for a flight on this thread, driving its future if it has one that nobody polls,
+    /// until it ends or `until` passes.
+    pub(crate) fn wait_blocking<R>(
         &self,
         hash: u64,
         flight: &Arc<Flight<K, V>>,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
-    ) -> Option<Option<R>> {
+        until: Option<Instant>,
+    ) -> Waited<R> {
         let mut st = flight.state.lock();
         st.interested += 1;
         let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(flight))));
@@ -648,16 +790,26 @@ where
                 Phase::Done(o) => {
                     let r = accept(o);
                     st.interested -= 1;
-                    return Some(r);
+                    return Waited::Done(r);
                 }
                 Phase::Abandoned => {
                     st.interested -= 1;
-                    return None;
+                    return Waited::Abandoned;
                 }
                 Phase::Running => {}
             }
             if st.polling || st.future.is_none() || polled_at == Some(st.epoch) {
-                st = wait(&flight.cond, st);
+                let timed_out;
+                (st, timed_out) = wait_until(&flight.cond, st, until);
+                if timed_out && matches!(st.phase, Phase::Running) {
+                    st.interested -= 1;
+                    let cancel = st.interested == 0 && !st.polling && st.future.is_some();
+                    drop(st);
+                    if cancel {
+                        self.abandon(hash, flight, false);
+                    }
+                    return Waited::TimedOut;
+                }
                 continue;
             }
             polled_at = Some(st.epoch);
@@ -692,10 +844,10 @@ where
         resolver.armed = false;
         drop(running);
         match polled {
-            Poll::Ready(outcome) => {
+            Poll::Ready((outcome, took)) => {
                 drop(fut);
                 flight.state.lock().polling = false;
-                self.publish(hash, None, flight, outcome);
+                self.publish(hash, None, flight, outcome, took);
             }
             Poll::Pending => {
                 let mut st = flight.state.lock();
@@ -714,10 +866,24 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
-        let mut init: Option<LoadFuture<V>> = Some(Box::pin(init));
+        let limiter = self.inner.stampede.limiter.clone();
+        let clock = self.time_source();
+        // The shared load: takes a load permit (if limited) and measures itself.
+        let mut init: Option<LoadFuture<V>> = Some(Box::pin(async move {
+            let permit = match &limiter {
+                Some(l) => Some(l.acquire().await),
+                None => None,
+            };
+            let start = clock.as_ref().map_or(0, |c| c.now());
+            let outcome = init.await;
+            let took = clock.as_ref().map_or(0, |c| c.now().saturating_sub(start));
+            drop(permit);
+            (outcome, took)
+        }));
+        let mut bypass_negative = false;
         loop {
             let can_lead = init.is_some();
-            let flight = match self.claim(hash, &key, &hit, &mut init, can_lead) {
+            let flight = match self.claim(hash, &key, &hit, &mut init, can_lead, bypass_negative) {
                 Claim::Hit(r) => return r,
                 Claim::Lead(f) | Claim::Join(f) => f,
                 Claim::Lost => lost_load(),
@@ -729,10 +895,11 @@ where
                 id: None,
                 accept: &accept,
             };
-            if let Some(r) = wait.await {
-                return r;
+            match wait.await {
+                Waited::Done(Some(r)) => return r,
+                Waited::Done(None) => bypass_negative = true,
+                Waited::Abandoned | Waited::TimedOut => {}
             }
-            // Abandoned, or an outcome this caller cannot use: try again.
         }
     }
 }
@@ -767,11 +934,9 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
     A: Fn(&Outcome<V>) -> Option<R>,
 {
-    /// `Some(Some(r))` accepted, `Some(None)` not usable, `None` abandoned: flattened to
-    /// `Option<R>` (both retry).
-    type Output = Option<R>;
+    type Output = Waited<R>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<R>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Waited<R>> {
         let this = &mut *self;
         loop {
             let mut st = this.flight.state.lock();
@@ -779,11 +944,11 @@ where
                 Phase::Done(o) => {
                     let r = (this.accept)(o);
                     leave(&mut this.id, &mut st);
-                    return Poll::Ready(r);
+                    return Poll::Ready(Waited::Done(r));
                 }
                 Phase::Abandoned => {
                     leave(&mut this.id, &mut st);
-                    return Poll::Ready(None);
+                    return Poll::Ready(Waited::Abandoned);
                 }
                 Phase::Running => {}
             }

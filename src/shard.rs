@@ -119,44 +119,101 @@ impl<K, V> Tracked for Entry<K, V> {
 }
 
 /// What a lookup found.
-pub(crate) enum Found<'a, V> {
+pub(crate) enum Found<'a, K, V> {
     Hit(&'a V),
+    /// A hit that is due for refresh; this caller won the right to start it.
+    Stale(&'a K, &'a V),
     /// Present but past its deadline: the caller should arrange its removal.
     Expired,
     Absent,
 }
 
+/// Per-entry time data and refresh settings of a shard, fixed at build time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Layout {
+    /// `u64`s per slab slot in `times` (0: no time data at all).
+    pub(crate) stride: usize,
+    /// Whether slot 1 holds a hard (time-to-live) deadline besides the effective one.
+    pub(crate) hard: bool,
+    /// Where the refresh deadline lives (the load time is next to it), with refresh-ahead or
+    /// early refresh.
+    pub(crate) refresh: Option<usize>,
+    /// Refresh this long after a write (nanoseconds).
+    pub(crate) refresh_after: Option<u64>,
+    /// XFetch's β, for probabilistic early refresh.
+    pub(crate) early_beta: Option<f64>,
+    /// Durations are spread uniformly within ±`jitter` of their nominal value.
+    pub(crate) jitter: f64,
+}
+
+impl Layout {
+    pub(crate) fn new(
+        expiry_stride: usize,
+        refresh_after: Option<u64>,
+        early_beta: Option<f64>,
+        jitter: f64,
+    ) -> Self {
+        let refreshing = refresh_after.is_some() || early_beta.is_some();
+        let base = if refreshing {
+            expiry_stride.max(1)
+        } else {
+            expiry_stride
+        };
+        Layout {
+            stride: base + if refreshing { 2 } else { 0 },
+            hard: expiry_stride == 2,
+            refresh: refreshing.then_some(base),
+            refresh_after,
+            early_beta,
+            jitter,
+        }
+    }
+}
+
+/// A refresh deadline meaning "a refresh is being started or runs": nobody else starts one.
+pub(crate) const REFRESHING: u64 = NEVER - 1;
+
 pub(crate) struct Shard<K, V> {
     table: HashTable<u32>,
     slab: Vec<Option<Entry<K, V>>>,
     free: Vec<u32>,
-    /// Deadlines, `stride` per slab slot: effective, then (stride 2) hard.
+    /// Time data, `layout.stride` per slab slot: the effective deadline, then the hard one
+    /// (with both TTL and TTI), then the refresh deadline and the last load's duration.
     times: Vec<AtomicU64>,
     stride: usize,
+    layout: Layout,
+    /// xorshift state for jitter.
+    rng: u64,
     wheel: Option<TimerWheel>,
     policy: Policy,
     weight: u64,
     len: usize,
     /// This shard's share of the cache's capacity.
     share: u64,
-    /// Loads in flight, by key (see [`crate::load`]).
+    /// Loads in flight (and negative-cache entries), by key (see [`crate::load`]).
     flights: HashTable<(K, Arc<Flight<K, V>>)>,
+    /// The registry's size after its last sweep of expired negative entries.
+    flights_swept_at: usize,
 }
 
 impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
-    pub(crate) fn new(share: u64, stride: usize, now: u64, seed: u64) -> Self {
+    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
+        let stride = layout.stride;
         Shard {
             table: HashTable::new(),
             slab: Vec::new(),
             free: Vec::new(),
             times: Vec::new(),
             stride,
+            layout,
+            rng: seed | 1,
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
             policy: Policy::new(share, seed),
             weight: 0,
             len: 0,
             share,
             flights: HashTable::new(),
+            flights_swept_at: 0,
         }
     }
 
@@ -171,14 +228,24 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             .map(|(_, f)| f)
     }
 
-    /// Registers a load in flight for `key` (which has none).
+    /// Registers a load in flight for `key` (which has none). Now and then (when the registry
+    /// has doubled since) drops negative-cache entries that expired before `now`, so failed
+    /// keys never asked for again do not pile up.
     pub(crate) fn add_flight<S: BuildHasher>(
         &mut self,
         hash: u64,
         key: K,
         f: Arc<Flight<K, V>>,
         hasher: &S,
+        now: u64,
     ) {
+        if self.flights.len() >= self.flights_swept_at.max(32) * 2 {
+            self.flights.retain(|(_, f)| {
+                let until = f.negative_until();
+                until == 0 || until > now
+            });
+            self.flights_swept_at = self.flights.len();
+        }
         self.flights
             .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
     }
@@ -246,7 +313,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
     }
 
-    /// Looks `key` up under a shared borrow (the read lock), recording the hit.
+    /// Looks `key` up under a shared borrow (the read lock), recording the hit. `coin` is a
+    /// uniform random number in (0, 1], used only for probabilistic early refresh.
     #[inline]
     pub(crate) fn lookup<Q>(
         &self,
@@ -254,7 +322,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         key: &Q,
         now: u64,
         exp: &ExpiryConfig<K, V>,
-    ) -> Found<'_, V>
+        coin: impl FnOnce() -> f64,
+    ) -> Found<'_, K, V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -271,7 +340,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             if current <= now {
                 return Found::Expired;
             }
-            let hard = if self.stride == 2 {
+            let hard = if self.layout.hard {
                 self.times[i + 1].load(Ordering::Relaxed)
             } else {
                 NEVER
@@ -279,9 +348,51 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
                 self.times[i].store(next, Ordering::Relaxed);
             }
+            if let Some(r) = self.layout.refresh {
+                if self.due_for_refresh(i + r, now, current, coin) {
+                    record_hit(&e.hits);
+                    return Found::Stale(&e.key, &e.value);
+                }
+            }
         }
         record_hit(&e.hits);
         Found::Hit(&e.value)
+    }
+
+    /// Whether the entry whose refresh deadline is at `times[r]` should be refreshed now, and
+    /// this caller won the right to start it (the deadline becomes [`REFRESHING`]).
+    #[inline]
+    fn due_for_refresh(
+        &self,
+        r: usize,
+        now: u64,
+        expires: u64,
+        coin: impl FnOnce() -> f64,
+    ) -> bool {
+        let at = self.times[r].load(Ordering::Relaxed);
+        if at == REFRESHING {
+            return false;
+        }
+        let due = at <= now
+            || self.layout.early_beta.is_some_and(|beta| {
+                let delta = self.times[r + 1].load(Ordering::Relaxed);
+                crate::refresh::xfetch(now, expires, delta, beta, coin())
+            });
+        due && self.times[r]
+            .compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Sets the refresh deadline of `key`'s entry, if present (after a failed or deferred
+    /// refresh).
+    pub(crate) fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
+            self.times[slot as usize * self.stride + r].store(at, Ordering::Relaxed);
+        }
     }
 
     /// Looks `key` up without recording anything (for `contains_key`, `peek`-like calls).
@@ -297,16 +408,36 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         self.slab[slot as usize].as_ref().map(|e| &e.value)
     }
 
-    fn set_times(&mut self, slot: u32, (effective, hard): (u64, u64)) {
+    fn set_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
         if self.stride == 0 {
             return;
         }
         let i = slot as usize * self.stride;
         self.times[i].store(effective, Ordering::Relaxed);
-        if self.stride == 2 {
+        if self.layout.hard {
             self.times[i + 1].store(hard, Ordering::Relaxed);
         }
+        if let Some(r) = self.layout.refresh {
+            let factor = self.jitter_factor();
+            let at = self.layout.refresh_after.map_or(NEVER, |d| {
+                crate::clock::deadline(now, crate::expiry::scale(d, factor))
+            });
+            self.times[i + r].store(at, Ordering::Relaxed);
+            self.times[i + r + 1].store(load_nanos, Ordering::Relaxed);
+        }
         self.file(slot, effective);
+    }
+
+    /// A uniform factor in [1 − jitter, 1 + jitter] (exactly 1 without jitter).
+    fn jitter_factor(&mut self) -> f64 {
+        if self.layout.jitter == 0.0 {
+            return 1.0;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let u = (self.rng >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        1.0 + self.layout.jitter * (2.0 * u - 1.0)
     }
 
     /// Files `slot` in the timer wheel under `deadline` (or nowhere for [`NEVER`]).
@@ -375,17 +506,18 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        accesses: u64,
+        (accesses, load_nanos): (u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
         self.supersede(hash, &key);
+        let factor = self.jitter_factor();
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
             let e = self.slab[slot as usize]
                 .as_mut()
                 .expect("found slot is live");
-            let times = exp.on_update(&e.key, &value, now, current);
+            let times = exp.on_update(&e.key, &value, now, current, factor);
             if times.0 <= now {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
                 out.push(Removed {
@@ -401,7 +533,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             let place = e.place;
             self.policy.on_reweigh(place, old_weight, weight);
             self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
-            self.set_times(slot, times);
+            self.set_times(slot, times, now, load_nanos);
             out.push(Removed {
                 key,
                 value: old,
@@ -409,7 +541,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             });
             return;
         }
-        let times = exp.on_create(&key, &value, now);
+        let times = exp.on_create(&key, &value, now, factor);
         if times.0 <= now {
             out.push(Removed {
                 key,
@@ -432,7 +564,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         });
         self.weight += u64::from(weight);
         self.len += 1;
-        self.set_times(slot, times);
+        self.set_times(slot, times, now, load_nanos);
         self.policy.on_insert(&mut self.slab, slot, hash, accesses);
     }
 
@@ -682,7 +814,8 @@ mod tests {
     type S = ahash::RandomState;
 
     fn shard(cap: u64, stride: usize) -> (Shard<u64, u64>, S) {
-        (Shard::new(cap, stride, 0, 7), S::with_seeds(1, 2, 3, 4))
+        let layout = Layout::new(stride, None, None, 0.0);
+        (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
     }
 
     #[test]
@@ -695,23 +828,23 @@ mod tests {
         let (mut s, h) = shard(10, 0);
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
-        s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, 0, &mut out);
+        s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, (0, 0), &mut out);
         assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Hit(&10)
         ));
-        s.insert(h.hash_one(1u64), 1, 11, 1, 0, &exp, &h, 0, &mut out);
+        s.insert(h.hash_one(1u64), 1, 11, 1, 0, &exp, &h, (0, 0), &mut out);
         assert_eq!(
             out.pop().map(|r| (r.value, r.cause)),
             Some((10, RemovalCause::Replaced))
         );
         assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Hit(&11)
         ));
         assert!(s.remove(h.hash_one(1u64), &1, 0, &h, &mut out));
         assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp),
+            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Absent
         ));
         s.validate(&h);
@@ -724,8 +857,8 @@ mod tests {
         let exp = ExpiryConfig::None;
         for i in 0..10_000u64 {
             let k = (i * 7919) % 300;
-            if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp) {
-                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, i, &mut out);
+            if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
+                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, (i, 0), &mut out);
                 while s.weight() > 50 {
                     assert!(s.evict_one(&h, &mut out));
                 }
@@ -744,7 +877,7 @@ mod tests {
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         for i in 0..100_000u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
             s.remove(h.hash_one(i), &i, 0, &h, &mut out);
         }
         s.validate(&h);
@@ -766,7 +899,7 @@ mod tests {
                 }
             };
             for i in 0..100_000u64 {
-                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
             let bound = 24.0 + 11.0 + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
@@ -787,7 +920,7 @@ mod tests {
             tti: None,
         };
         for i in 0..50u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, 0, &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
         }
         out.clear();
         s.expire(4 * sec, false, &h, &mut out);

@@ -17,6 +17,23 @@ pub(crate) fn wait<'a, T>(
     guard
 }
 
+/// [`wait`] with an optional deadline; also returns whether the deadline passed.
+#[cfg(not(loom))]
+pub(crate) fn wait_until<'a, T>(
+    cond: &Condvar,
+    mut guard: parking_lot::MutexGuard<'a, T>,
+    until: Option<std::time::Instant>,
+) -> (parking_lot::MutexGuard<'a, T>, bool) {
+    let timed_out = match until {
+        Some(t) => cond.wait_until(&mut guard, t).timed_out(),
+        None => {
+            cond.wait(&mut guard);
+            false
+        }
+    };
+    (guard, timed_out)
+}
+
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::AtomicBool;
 #[cfg(loom)]
@@ -44,6 +61,16 @@ pub(crate) fn wait<'a, T>(
 ) -> loom::sync::MutexGuard<'a, T> {
     cond.wait(guard)
         .expect("loom mutexes are not poisoned here")
+}
+
+/// Under loom, deadlines are not modelled: waits are untimed.
+#[cfg(loom)]
+pub(crate) fn wait_until<'a, T>(
+    cond: &Condvar,
+    guard: loom::sync::MutexGuard<'a, T>,
+    _until: Option<std::time::Instant>,
+) -> (loom::sync::MutexGuard<'a, T>, bool) {
+    (wait(cond, guard), false)
 }
 
 /// A `loom` read-write lock with `parking_lot`'s signature.

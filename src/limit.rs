@@ -1,0 +1,259 @@
+//! A global limit on concurrent loads: a fair (first come, first served) counting semaphore that
+//! blocking threads and async tasks can both wait on, with no runtime.
+//!
+//! A permit is held while a loader runs (a blocking leader's `init`, an async load's future, a
+//! refresh). Waiters queue in arrival order; a released permit goes straight to the oldest
+//! waiter, so nobody can barge ahead of the queue. An atomic high-water mark records the most
+//! permits ever held at once, to prove the bound in tests and to report it in statistics.
+
+use crate::sync::{wait, Condvar, Mutex};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+/// One queued waiter.
+struct Ticket {
+    id: u64,
+    granted: bool,
+    waker: Option<Waker>,
+}
+
+struct State {
+    in_use: usize,
+    queue: VecDeque<Ticket>,
+    next_id: u64,
+}
+
+pub(crate) struct Limiter {
+    max: usize,
+    state: Mutex<State>,
+    cond: Condvar,
+    high_water: AtomicUsize,
+    /// Loads that had to wait for a permit (for statistics).
+    waited: AtomicUsize,
+}
+
+/// A held permit; released on drop.
+pub(crate) struct Permit {
+    limiter: Arc<Limiter>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.limiter.release();
+    }
+}
+
+impl Limiter {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Limiter {
+            max: max.max(1),
+            state: Mutex::new(State {
+                in_use: 0,
+                queue: VecDeque::new(),
+                next_id: 0,
+            }),
+            cond: Condvar::new(),
+            high_water: AtomicUsize::new(0),
+            waited: AtomicUsize::new(0),
+        })
+    }
+
+    /// The most permits held at once so far.
+    pub(crate) fn high_water(&self) -> usize {
+        self.high_water.load(Ordering::Acquire)
+    }
+
+    /// How many acquisitions had to wait.
+    pub(crate) fn waited(&self) -> usize {
+        self.waited.load(Ordering::Relaxed)
+    }
+
+    fn granted(self: &Arc<Self>, st: &mut State) -> Permit {
+        self.high_water.fetch_max(st.in_use, Ordering::AcqRel);
+        Permit {
+            limiter: Arc::clone(self),
+        }
+    }
+
+    /// Takes a permit now if one is free and nobody is queued.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut st = self.state.lock();
+        if st.in_use < self.max && st.queue.is_empty() {
+            st.in_use += 1;
+            return Some(self.granted(&mut st));
+        }
+        None
+    }
+
+    /// Blocks the thread until a permit is granted, in arrival order.
+    pub(crate) fn acquire_blocking(self: &Arc<Self>) -> Permit {
+        let mut st = self.state.lock();
+        if st.in_use < self.max && st.queue.is_empty() {
+            st.in_use += 1;
+            return self.granted(&mut st);
+        }
+        self.waited.fetch_add(1, Ordering::Relaxed);
+        let id = st.next_id;
+        st.next_id += 1;
+        st.queue.push_back(Ticket {
+            id,
+            granted: false,
+            waker: None,
+        });
+        loop {
+            st = wait(&self.cond, st);
+            if let Some(i) = st.queue.iter().position(|t| t.id == id && t.granted) {
+                st.queue.remove(i);
+                return self.granted(&mut st);
+            }
+        }
+    }
+
+    /// Waits (asynchronously) for a permit, in arrival order. Cancel-safe: a dropped waiter
+    /// leaves the queue, passing on a permit it was granted.
+    pub(crate) fn acquire(self: &Arc<Self>) -> Acquire {
+        Acquire {
+            limiter: Arc::clone(self),
+            id: None,
+        }
+    }
+
+    /// Returns a permit: to the oldest waiter if any, else to the pool.
+    fn release(&self) {
+        let waker = {
+            let mut st = self.state.lock();
+            match st.queue.iter_mut().find(|t| !t.granted) {
+                Some(t) => {
+                    // The permit moves to the waiter; `in_use` is unchanged.
+                    t.granted = true;
+                    t.waker.take()
+                }
+                None => {
+                    st.in_use -= 1;
+                    None
+                }
+            }
+        };
+        self.cond.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The future of [`Limiter::acquire`].
+pub(crate) struct Acquire {
+    limiter: Arc<Limiter>,
+    id: Option<u64>,
+}
+
+impl Future for Acquire {
+    type Output = Permit;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Permit> {
+        let this = &mut *self;
+        let limiter = Arc::clone(&this.limiter);
+        let mut st = limiter.state.lock();
+        match this.id {
+            None => {
+                if st.in_use < limiter.max && st.queue.is_empty() {
+                    st.in_use += 1;
+                    return Poll::Ready(limiter.granted(&mut st));
+                }
+                limiter.waited.fetch_add(1, Ordering::Relaxed);
+                let id = st.next_id;
+                st.next_id += 1;
+                st.queue.push_back(Ticket {
+                    id,
+                    granted: false,
+                    waker: Some(cx.waker().clone()),
+                });
+                this.id = Some(id);
+                Poll::Pending
+            }
+            Some(id) => {
+                let i = st
+                    .queue
+                    .iter()
+                    .position(|t| t.id == id)
+                    .expect("a queued ticket stays until taken");
+                if st.queue[i].granted {
+                    st.queue.remove(i);
+                    this.id = None;
+                    return Poll::Ready(limiter.granted(&mut st));
+                }
+                st.queue[i].waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Acquire {
+    fn drop(&mut self) {
+        let Some(id) = self.id else { return };
+        let granted = {
+            let mut st = self.limiter.state.lock();
+            let Some(i) = st.queue.iter().position(|t| t.id == id) else {
+                return;
+            };
+            st.queue.remove(i).is_some_and(|t| t.granted)
+        };
+        if granted {
+            // We were handed a permit but will not use it: pass it on.
+            self.limiter.release();
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn never_more_than_the_limit_and_everyone_gets_through() {
+        let l = Limiter::new(3);
+        let now = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        let _p = l.acquire_blocking();
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        assert!(n <= 3, "{n} permits held");
+                        std::thread::yield_now();
+                        now.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert!(l.high_water() <= 3);
+        assert_eq!(l.state.lock().in_use, 0);
+    }
+
+    #[test]
+    fn async_waiters_are_served_in_order_and_cancel_cleanly() {
+        let l = Limiter::new(1);
+        let held = l.try_acquire().expect("free");
+        assert!(l.try_acquire().is_none());
+        let mut a = Box::pin(l.acquire());
+        let mut b = Box::pin(l.acquire());
+        let cx = &mut Context::from_waker(Waker::noop());
+        assert!(a.as_mut().poll(cx).is_pending());
+        assert!(b.as_mut().poll(cx).is_pending());
+        drop(held); // goes to `a`
+        drop(a); // `a` cancelled after being granted: passes it to `b`
+        let p = match b.as_mut().poll(cx) {
+            Poll::Ready(p) => p,
+            Poll::Pending => panic!("b should have the permit"),
+        };
+        drop(p);
+        assert_eq!(l.state.lock().in_use, 0);
+        assert!(l.state.lock().queue.is_empty());
+    }
+}

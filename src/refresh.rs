@@ -1,0 +1,357 @@
+//! Stampede protection beyond one key: a loader that knows how to load any key, refresh-ahead
+//! with a hard time to live, stale-if-error with backoff, probabilistic early refresh (XFetch),
+//! and soft timeouts. Negative caching and the global load limit live in the single-flight core
+//! ([`crate::load`]) and [`crate::limit`], since every load goes through them.
+//!
+//! # Refresh-ahead
+//!
+//! With `refresh_after(d)`, an entry older than `d` is *due*. The first read that sees it due
+//! wins a compare-and-swap on the entry's refresh deadline (so exactly one reader per period
+//! starts a refresh), returns the current value at once, and starts a reload of the key through
+//! the single-flight core (joined with any load of the key already running). Every other reader
+//! keeps getting the current value. On success the value is replaced; on failure (or a panic of
+//! the loader) the old value keeps being served and the next refresh waits `refresh_backoff`;
+//! it is never served past its hard deadline (`time_to_live`), however long a refresh hangs.
+//!
+//! Where the reload runs: on the builder's *spawner* if there is one (a thread pool, or e.g.
+//! `tokio::task::spawn_blocking`), so no caller waits; otherwise the reader that triggered it
+//! runs it before returning (it alone waits). A refresh that finds the load limit full waits
+//! for a permit on the spawner, or, inline, is deferred to a later read: never lost.
+
+use crate::builder::Spawner;
+use crate::cache::Cache;
+use crate::clock::NEVER;
+use crate::limit::Limiter;
+use crate::load::{accept_result, outcome_of, Claim, Flight, Outcome, Waited};
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The error type of a loader set with [`CacheBuilder::loader`](crate::CacheBuilder::loader).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+pub(crate) type LoaderFn<K, V> = Arc<dyn Fn(&K) -> Result<V, BoxError> + Send + Sync>;
+
+/// Why [`Cache::load`] returned no value.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The loader failed. Every caller that waited on that load gets the same `Arc`; with a
+    /// negative TTL, so does every caller until it passes.
+    Loader(Arc<BoxError>),
+    /// The wait exceeded the soft timeout and no stale value was at hand; the load goes on and
+    /// fills the cache for the next caller.
+    Timeout,
+    /// The cache has no loader (see [`CacheBuilder::loader`](crate::CacheBuilder::loader)).
+    NoLoader,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Loader(e) => write!(f, "loader failed: {e}"),
+            LoadError::Timeout => f.write_str("timed out waiting for the load"),
+            LoadError::NoLoader => f.write_str("no loader configured"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Starts a refresh of a key (see [`Cache::start_refresh`]).
+pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K);
+
+/// The stampede-protection settings of a cache, fixed at build time.
+pub(crate) struct Stampede<K, V, S> {
+    pub(crate) loader: Option<LoaderFn<K, V>>,
+    pub(crate) spawner: Option<Spawner>,
+    pub(crate) refresh_backoff: u64,
+    pub(crate) negative_ttl: Option<u64>,
+    pub(crate) load_timeout: Option<Duration>,
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
+    /// lock), and starts its refresh (after the lock is released).
+    pub(crate) clone_key: Option<fn(&K) -> K>,
+    pub(crate) refresh: Option<RefreshFn<K, V, S>>,
+}
+
+impl<K, V, S> Default for Stampede<K, V, S> {
+    fn default() -> Self {
+        Stampede {
+            loader: None,
+            spawner: None,
+            refresh_backoff: 0,
+            negative_ttl: None,
+            load_timeout: None,
+            limiter: None,
+            clone_key: None,
+            refresh: None,
+        }
+    }
+}
+
+/// XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): refresh early when
+/// `now − δ·β·ln(u) ≥ expiry`, with `δ` the key's last load time and `u` uniform in (0, 1].
+/// The probability of refreshing at time `now` is `exp(−(expiry − now) / (δ·β))`: negligible
+/// far from expiry, rising to 1 as it nears, and earlier for keys that are slow to load.
+#[inline]
+pub(crate) fn xfetch(now: u64, expiry: u64, delta: u64, beta: f64, u: f64) -> bool {
+    if expiry == NEVER || delta == 0 {
+        return false;
+    }
+    let gap = expiry.saturating_sub(now) as f64;
+    gap <= delta as f64 * beta * -u.max(f64::MIN_POSITIVE).ln()
+}
+
+thread_local! {
+    static COIN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A uniform random number in (0, 1] from a thread-local xorshift (for early refresh).
+pub(crate) fn coin() -> f64 {
+    COIN.with(|c| {
+        let mut x = c.get();
+        if x == 0 {
+            // Seed from the cell's address and the time: distinct per thread.
+            x = (c as *const _ as u64) ^ crate::clock::seed() | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        ((x >> 11) + 1) as f64 / (1u64 << 53) as f64
+    })
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Returns the value for `key`, loading it with the builder's
+    /// [`loader`](crate::CacheBuilder::loader) on a miss: single-flight, with negative
+    /// caching, the load limit and the soft timeout applied as configured. A hit on an entry due
+    /// for refresh returns at once (see the module docs on refresh-ahead).
+    ///
+    /// Blocks while a load of `key` runs (up to the builder's `load_timeout`, if set).
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Loader`] with the loader's error (shared by every caller of that load, and
+    /// remembered for `negative_ttl` if set); [`LoadError::Timeout`] when the wait exceeded the
+    /// timeout and there is no value to fall back on; [`LoadError::NoLoader`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use herdcache::Cache;
+    /// let cache: Cache<u32, String> = Cache::builder()
+    ///     .max_capacity(100)
+    ///     .loader(|k: &u32| Ok::<_, herdcache::BoxError>(format!("value {k}")))
+    ///     .build();
+    /// assert_eq!(cache.load(7).unwrap(), "value 7");
+    /// ```
+    pub fn load(&self, key: K) -> Result<V, LoadError> {
+        self.load_with_timeout(key, self.inner.stampede.load_timeout)
+    }
+
+    /// [`load`](Self::load) with its own soft timeout (`None`: wait as long as it takes).
+    ///
+    /// The timeout bounds the wait for a load run by another caller, or by the spawner; a
+    /// caller that runs the loader itself (no spawner configured) is not interrupted. When the
+    /// timeout passes, the call returns the value already cached for `key` if there is one
+    /// (a value due for refresh), else [`LoadError::Timeout`]; the load goes on and fills the
+    /// cache for the next caller.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn load_with_timeout(&self, key: K, timeout: Option<Duration>) -> Result<V, LoadError> {
+        let Some(loader) = self.inner.stampede.loader.clone() else {
+            return Err(LoadError::NoLoader);
+        };
+        let until = timeout.map(|t| std::time::Instant::now() + t);
+        let hash = self.hash(&key);
+        let hit = |v: &V| Ok(v.clone());
+        let accept = accept_result::<V, BoxError>;
+        let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
+            let k = key.clone();
+            let init = move || outcome_of(loader(&k));
+            self.load_blocking(key.clone(), hash, init, &hit, &accept, until)
+        } else {
+            self.load_spawned(key.clone(), hash, &loader, until)
+        };
+        match result {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(LoadError::Loader(e)),
+            // Timed out: a value at hand beats an error.
+            None => self.get(&key).ok_or(LoadError::Timeout),
+        }
+    }
+
+    /// A load whose leader hands the loader to the spawner and waits for it like any other
+    /// caller, so that every caller's wait can be bounded. `None`: `until` passed.
+    fn load_spawned(
+        &self,
+        key: K,
+        hash: u64,
+        loader: &LoaderFn<K, V>,
+        until: Option<std::time::Instant>,
+    ) -> Option<Result<V, Arc<BoxError>>> {
+        let hit = |v: &V| Ok(v.clone());
+        let accept = accept_result::<V, BoxError>;
+        let mut bypass_negative = false;
+        loop {
+            let flight = match self.claim(hash, &key, &hit, &mut None, true, bypass_negative) {
+                Claim::Hit(r) => return Some(r),
+                Claim::Lost => unreachable!("a blocking caller can always lead"),
+                Claim::Join(f) => f,
+                Claim::Lead(f) => {
+                    let (cache, k, loader, job_flight) = (
+                        self.clone(),
+                        key.clone(),
+                        Arc::clone(loader),
+                        Arc::clone(&f),
+                    );
+                    let job = move || {
+                        let k2 = k.clone();
+                        let init = move || outcome_of(loader(&k2));
+                        let (outcome, took, flight) = cache.run_leader(hash, job_flight, init);
+                        cache.publish(hash, Some(k), &flight, outcome, took);
+                    };
+                    let spawn = self
+                        .inner
+                        .stampede
+                        .spawner
+                        .as_ref()
+                        .expect("checked by the caller");
+                    spawn(Box::new(job));
+                    f
+                }
+            };
+            match self.wait_blocking(hash, &flight, &accept, until) {
+                Waited::Done(Some(r)) => return Some(r),
+                Waited::Done(None) => bypass_negative = true,
+                Waited::Abandoned => {}
+                Waited::TimedOut => return None,
+            }
+        }
+    }
+
+    /// Starts a refresh of `key` (its entry was found due by a reader that won the right to).
+    pub(crate) fn start_refresh(&self, key: K) {
+        let Some(loader) = self.inner.stampede.loader.clone() else {
+            return;
+        };
+        let hash = self.hash(&key);
+        let Some(flight) = self.claim_refresh(hash, &key) else {
+            return; // a load of the key runs already; its value will do
+        };
+        match &self.inner.stampede.spawner {
+            Some(spawn) => {
+                let cache = self.clone();
+                spawn(Box::new(move || {
+                    cache.run_refresh(hash, key, flight, &loader, true)
+                }));
+            }
+            // Inline: the reader that triggered the refresh runs it; it takes a permit only if
+            // one is free, and otherwise defers the refresh to a later read.
+            None => self.run_refresh(hash, key, flight, &loader, false),
+        }
+    }
+
+    fn run_refresh(
+        &self,
+        hash: u64,
+        key: K,
+        flight: Arc<Flight<K, V>>,
+        loader: &LoaderFn<K, V>,
+        may_wait: bool,
+    ) {
+        let permit = match &self.inner.stampede.limiter {
+            Some(l) if may_wait => Some(l.acquire_blocking()),
+            Some(l) => match l.try_acquire() {
+                Some(p) => Some(p),
+                None => {
+                    // Deferred, not lost: the next read finds the entry due again.
+                    self.abandon_refresh(hash, &key, &flight, self.now(), None);
+                    return;
+                }
+            },
+            None => None,
+        };
+        let start = self.now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&key)));
+        let took = self.now().saturating_sub(start);
+        drop(permit);
+        match result {
+            Ok(Ok(v)) => self.publish(hash, Some(key), &flight, Outcome::Value(v), took),
+            // A failed (or panicking) refresh keeps the old value, and backs off. Callers that
+            // joined it (the entry expired meanwhile) get the error.
+            failed => {
+                let error: Arc<dyn std::any::Any + Send + Sync> = match failed {
+                    Ok(Err(e)) => Arc::new(e),
+                    _ => Arc::new(BoxError::from("the loader panicked during a refresh")),
+                };
+                let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
+                self.abandon_refresh(hash, &key, &flight, retry, Some(Outcome::Error(error)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xfetch_frequency_matches_its_formula() {
+        // P(refresh) = exp(−gap / (δ·β)), checked with a seeded source of uniform numbers.
+        let mut x = 0x1234_5678_9ABC_DEF1u64;
+        for (gap, delta, beta) in [
+            (1e9, 1e9, 1.0),
+            (2e9, 1e9, 1.0),
+            (5e8, 1e9, 2.0),
+            (3e9, 1e9, 0.5),
+        ] {
+            let n = 200_000;
+            let mut refreshed = 0;
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
+                refreshed += usize::from(xfetch(0, gap as u64, delta as u64, beta, u));
+            }
+            let seen = refreshed as f64 / n as f64;
+            let expected = (-gap / (delta * beta)).exp();
+            assert!(
+                (seen - expected).abs() < 0.005,
+                "gap {gap}: {seen:.4} vs {expected:.4}"
+            );
+        }
+        assert!(
+            !xfetch(0, NEVER, 1_000, 1.0, 0.5),
+            "no expiry, no early refresh"
+        );
+        assert!(
+            !xfetch(0, 10, 0, 1.0, 1e-9),
+            "an unmeasured load time never triggers"
+        );
+        assert!(xfetch(10, 10, 1, 1.0, 1.0), "at expiry: always");
+    }
+
+    #[test]
+    fn coins_are_uniform_in_the_unit_interval() {
+        let n = 100_000;
+        let mut sum = 0.0;
+        for _ in 0..n {
+            let c = coin();
+            assert!(c > 0.0 && c <= 1.0);
+            sum += c;
+        }
+        assert!((sum / n as f64 - 0.5).abs() < 0.01);
+    }
+}
