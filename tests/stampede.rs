@@ -16,10 +16,12 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(120);
 const SEC: Duration = Duration::from_secs(1);
 
-type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+type Job = Box<dyn FnOnce() + Send>;
+type Jobs = Arc<Mutex<Vec<Job>>>;
+type Spawn = Box<dyn Fn(Job) + Send + Sync>;
 
 /// A spawner that parks jobs until the test runs them.
-fn parked() -> (Jobs, Box<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>) {
+fn parked() -> (Jobs, Spawn) {
     let jobs: Jobs = Arc::default();
     let j = jobs.clone();
     (jobs, Box::new(move |job| j.lock().unwrap().push(job)))
