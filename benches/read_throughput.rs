@@ -9,7 +9,8 @@
 //! capacity of 100,000 and is prefilled with every key, so reads hit and writes replace. Mixes:
 //! 100 %, 95 % and 75 % reads (the rest inserts). Each trial runs ~250 ms; caches are
 //! alternated within each round so that machine noise hits them alike; the table shows the
-//! median over rounds in Mops/s and the ratio to quick_cache. criterion's one-thread loop does
+//! median over rounds in Mops/s and the ratio to quick_cache. "herdcache+stats" is herdcache
+//! with `record_stats()`, to measure what statistics cost. criterion's one-thread loop does
 //! not fit a multi-threaded, alternating comparison, hence this small harness.
 
 use std::hint::black_box;
@@ -90,6 +91,12 @@ fn make(name: &str) -> Arc<dyn Bench> {
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
         ),
+        "herdcache+stats" => Arc::new(
+            herdcache::Cache::<u64, u64>::builder()
+                .max_capacity(KEYS)
+                .record_stats()
+                .build(),
+        ),
         "moka" => Arc::new(moka::sync::Cache::<u64, u64>::new(KEYS)),
         "quick_cache" => Arc::new(quick_cache::sync::Cache::<u64, u64>::new(KEYS as usize)),
         _ => unreachable!(),
@@ -155,10 +162,16 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(7);
     let samples = zipf_samples();
-    let names = ["herdcache", "herdcache+ttl", "quick_cache", "moka"];
+    let names = [
+        "herdcache",
+        "herdcache+ttl",
+        "quick_cache",
+        "moka",
+        "herdcache+stats",
+    ];
     let caches: Vec<_> = names.iter().map(|n| make(n)).collect();
-    println!("| reads | threads | herdcache | herdcache + TTL | quick_cache | moka | herdcache / quick_cache | herdcache+TTL / quick_cache | herdcache / moka |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| reads | threads | herdcache | herdcache + TTL | quick_cache | moka | herdcache / quick_cache | herdcache+TTL / quick_cache | herdcache / moka | with stats / without |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for read_pct in [100, 95, 75] {
         for threads in [1, 2] {
             let mut results = vec![Vec::new(); names.len()];
@@ -175,14 +188,15 @@ fn main() {
             }
             let m: Vec<f64> = results.into_iter().map(median).collect();
             println!(
-                "| {read_pct} % | {threads} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1}× |",
+                "| {read_pct} % | {threads} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1}× | {:.3}× |",
                 m[0],
                 m[1],
                 m[2],
                 m[3],
                 m[0] / m[2],
                 m[1] / m[2],
-                m[0] / m[3]
+                m[0] / m[3],
+                m[4] / m[0]
             );
         }
     }

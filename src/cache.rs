@@ -1,10 +1,12 @@
 //! The concurrent cache: hash once, route to a shard, lock, delegate.
 
+use crate::builder::Listener;
 use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::Clock;
 use crate::expiry::ExpiryConfig;
 use crate::load::Flight;
 use crate::refresh::Stampede;
+use crate::stats::{CacheStats, Counter, Stats};
 
 use crate::shard::{Found, Garbage, Removed, Shard};
 use crate::sync::RwLock;
@@ -81,6 +83,8 @@ pub(crate) struct Inner<K, V, S> {
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
     pub(crate) stampede: Stampede<K, V, S>,
+    pub(crate) stats: Option<Stats>,
+    listener: Option<Listener<K, V>>,
 }
 
 #[cfg(not(loom))]
@@ -145,6 +149,8 @@ where
             stampede,
             hasher,
             clock,
+            stats,
+            listener,
         } = parts;
         let now = clock.now();
         let n = shards as u64;
@@ -171,6 +177,8 @@ where
                 timed: layout.stride > 0 || stampede.negative_ttl.is_some(),
                 expiry,
                 stampede,
+                stats: stats.then(Stats::new),
+                listener,
             }),
         }
     }
@@ -224,9 +232,16 @@ where
         false
     }
 
-    /// Looks `key` up and applies `f` to the value under the read lock.
+    /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
+    /// hit or miss in the statistics.
     #[inline]
-    pub(crate) fn get_map<Q, R>(&self, key: &Q, hash: u64, f: impl FnOnce(&V) -> R) -> Option<R>
+    pub(crate) fn get_map<Q, R>(
+        &self,
+        key: &Q,
+        hash: u64,
+        record: bool,
+        f: impl FnOnce(&V) -> R,
+    ) -> Option<R>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -237,13 +252,36 @@ where
         let now = self.now();
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::refresh::coin) {
-            Found::Hit(v) => return Some(f(v)),
+            Found::Hit(v) => {
+                let r = f(v);
+                drop(guard);
+                if record {
+                    self.count_fast(Counter::Hit);
+                }
+                return Some(r);
+            }
+            Found::StaleHit(v) => {
+                let r = f(v);
+                drop(guard);
+                if record {
+                    self.count_fast(Counter::Hit);
+                    self.count(Counter::StaleServed);
+                }
+                return Some(r);
+            }
             Found::Stale(k, v) => {
                 let r = f(v);
                 let st = &self.inner.stampede;
-                if let (Some(clone_key), Some(refresh)) = (st.clone_key, st.refresh) {
-                    let k = clone_key(k);
-                    drop(guard);
+                let refresh = st
+                    .clone_key
+                    .zip(st.refresh)
+                    .map(|(clone, refresh)| (clone(k), refresh));
+                drop(guard);
+                if record {
+                    self.count_fast(Counter::Hit);
+                    self.count(Counter::StaleServed);
+                }
+                if let Some((k, refresh)) = refresh {
                     refresh(self, k);
                 }
                 return Some(r);
@@ -252,6 +290,9 @@ where
             Found::Absent => false,
         };
         drop(guard);
+        if record {
+            self.count_fast(Counter::Miss);
+        }
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
@@ -263,10 +304,66 @@ where
                 }
                 self.account(before, s.weight());
                 drop(s);
-                drop(out);
+                self.finish(out);
             }
         }
         None
+    }
+
+    /// Counts one event in the statistics, if they are recorded.
+    #[inline]
+    pub(crate) fn count(&self, c: Counter) {
+        if let Some(s) = &self.inner.stats {
+            s.add(c, 1);
+        }
+    }
+
+    /// Adds `n` to a counter, if statistics are recorded.
+    #[inline]
+    pub(crate) fn count_n(&self, c: Counter, n: u64) {
+        if let Some(s) = &self.inner.stats {
+            s.add(c, n);
+        }
+    }
+
+    #[inline]
+    fn count_fast(&self, c: Counter) {
+        if let Some(s) = &self.inner.stats {
+            s.add_fast(c, 1);
+        }
+    }
+
+    /// Reports removed entries to the statistics and the eviction listener, then drops them.
+    /// Called with no lock held. If the listener panics, the other entries are still reported
+    /// and dropped, and the first panic is then resumed in the caller.
+    pub(crate) fn finish(&self, out: Garbage<K, V>) {
+        let panic = self.report(&out);
+        drop(out);
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Reports removed entries to the statistics and the listener (each exactly once); returns
+    /// the first panic of the listener, if any.
+    fn report(&self, out: &Garbage<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
+        if out.is_empty() {
+            return None;
+        }
+        if let Some(stats) = &self.inner.stats {
+            for r in out.iter() {
+                stats.removed(r.cause, r.weight);
+            }
+        }
+        let listener = self.inner.listener.as_ref()?;
+        let mut panic = None;
+        for r in out.iter() {
+            let call = std::panic::AssertUnwindSafe(|| listener(&r.key, &r.value, r.cause));
+            if let Err(p) = std::panic::catch_unwind(call) {
+                panic.get_or_insert(p);
+            }
+        }
+        panic
     }
 
     /// Returns a clone of the value for `key`, or `None` if absent or expired.
@@ -287,7 +384,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.get_map(key, self.hash(key), V::clone)
+        self.get_map(key, self.hash(key), true, V::clone)
     }
 
     /// Whether a live entry for `key` is present. Does not count as an access.
@@ -349,7 +446,7 @@ where
         let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
         self.insert_with(hash, key, value, weight, None, 0, &mut out);
-        drop(out);
+        self.finish(out);
     }
 
     #[inline]
@@ -387,6 +484,7 @@ where
             out.push(Removed {
                 key,
                 value,
+                weight,
                 cause: crate::RemovalCause::Size,
             });
         } else {
@@ -422,7 +520,7 @@ where
             .map_or((0, 0), |l| (l.high_water(), l.waited()))
     }
 
-    /// The number of loads in flight (for tests and statistics).
+    /// The number of loads in flight (not counting negative-cache entries).
     #[doc(hidden)]
     pub fn loads_in_flight(&self) -> usize {
         self.inner
@@ -430,6 +528,30 @@ where
             .iter()
             .map(|c| c.lock.read().flights_len())
             .sum()
+    }
+
+    /// A snapshot of the statistics (all zero unless the cache was built with
+    /// [`record_stats`](crate::CacheBuilder::record_stats); the gauges are always filled).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::builder().max_capacity(10).record_stats().build();
+    /// let before = cache.stats();
+    /// assert_eq!(cache.get_with(1, || 10), 10);
+    /// assert_eq!(cache.get(&1), Some(10));
+    /// let period = cache.stats() - before;
+    /// assert_eq!((period.hits, period.misses, period.load_successes), (1, 1, 1));
+    /// ```
+    pub fn stats(&self) -> CacheStats {
+        let mut s = self
+            .inner
+            .stats
+            .as_ref()
+            .map_or_else(CacheStats::default, Stats::snapshot);
+        s.loads_in_flight = self.loads_in_flight() as u64;
+        let (high, waited) = self.load_limit_stats();
+        s.max_concurrent_loads_seen = high as u64;
+        s.loads_waited_for_limit = waited as u64;
+        s
     }
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
@@ -487,11 +609,18 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let mut out = Garbage::new();
-        if self.remove_hashed(self.hash(key), key, &mut out) {
+        let removed = self.remove_hashed(self.hash(key), key, &mut out);
+        let panic = self.report(&out);
+        let value = if removed {
             out.pop().map(|r| r.value)
         } else {
             None
+        };
+        drop(out);
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
+        value
     }
 
     /// Removes `key` without returning its value.
@@ -509,6 +638,7 @@ where
     {
         let mut out = Garbage::new();
         self.remove_hashed(self.hash(key), key, &mut out);
+        self.finish(out);
     }
 
     /// Removes every entry. Values are dropped after each shard's lock is released.
@@ -520,6 +650,7 @@ where
     /// assert_eq!(cache.entry_count(), 0);
     /// ```
     pub fn invalidate_all(&self) {
+        let mut panic = None;
         for cell in self.inner.shards.iter() {
             let mut out = Garbage::new();
             let mut s = cell.lock.write();
@@ -527,7 +658,12 @@ where
             s.clear(&mut out);
             self.account(before, s.weight());
             drop(s);
+            let p = self.report(&out);
             drop(out);
+            panic = panic.or(p);
+        }
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
     }
 
@@ -545,6 +681,7 @@ where
     /// ```
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         let now = self.now();
+        let mut panic = None;
         for cell in self.inner.shards.iter() {
             let mut out = Garbage::new();
             let mut s = cell.lock.write();
@@ -552,7 +689,12 @@ where
             s.retain(now, &self.inner.hasher, &mut keep, &mut out);
             self.account(before, s.weight());
             drop(s);
+            let p = self.report(&out);
             drop(out);
+            panic = panic.or(p);
+        }
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
     }
 
@@ -632,6 +774,7 @@ where
     /// ```
     pub fn run_pending_tasks(&self) {
         let now = self.now();
+        let mut panic = None;
         for cell in self.inner.shards.iter() {
             let mut out = Garbage::new();
             let mut s = cell.lock.write();
@@ -639,7 +782,12 @@ where
             s.expire(now, true, &self.inner.hasher, &mut out);
             self.account(before, s.weight());
             drop(s);
+            let p = self.report(&out);
             drop(out);
+            panic = panic.or(p);
+        }
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
     }
 

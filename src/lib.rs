@@ -62,6 +62,7 @@ mod policy;
 mod refresh;
 mod shard;
 mod sketch;
+mod stats;
 mod sync;
 
 pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
@@ -70,3 +71,4 @@ pub use clock::ManualClock;
 pub use expiry::Expiry;
 pub use refresh::{BoxError, LoadError};
 pub use shard::RemovalCause;
+pub use stats::{CacheStats, Removals};

@@ -34,6 +34,7 @@
 
 use crate::cache::Cache;
 use crate::shard::Garbage;
+use crate::stats::Counter;
 use crate::sync::{wait_until, AtomicBool, Condvar, Mutex};
 use std::any::Any;
 use std::cell::RefCell;
@@ -522,8 +523,9 @@ where
         future: &mut Option<LoadFuture<V>>,
         can_lead: bool,
         bypass_negative: bool,
+        record: bool,
     ) -> Claim<K, V, R> {
-        if let Some(r) = self.get_map(key, hash, hit) {
+        if let Some(r) = self.get_map(key, hash, record, hit) {
             return Claim::Hit(r);
         }
         let now = self.now();
@@ -541,6 +543,11 @@ where
                 if runs_here(f.id()) {
                     recursive_load();
                 }
+                self.count(if live {
+                    Counter::NegativeHit
+                } else {
+                    Counter::Coalesced
+                });
                 return Claim::Join(f);
             }
             // An expired negative entry (or one this caller cannot use): replace it.
@@ -614,6 +621,13 @@ where
     ) {
         let mut out = Garbage::new();
         let key = key.or_else(|| flight.state.lock().key.take());
+        let success = matches!(outcome, Outcome::Value(_));
+        self.count(if success {
+            Counter::LoadSuccess
+        } else {
+            Counter::LoadFailure
+        });
+        self.count_n(Counter::LoadNanos, took);
         // A planted bug for the loom model to catch: waiters released before the value is
         // published.
         #[cfg(herdcache_broken_model)]
@@ -640,7 +654,9 @@ where
             _ => self.unregister(hash, flight),
         }
         flight.resolve(Phase::Done(outcome));
-        drop(out);
+        // Removed entries are reported (eviction listener) only after the waiters are
+        // released: a panicking listener must not strand them.
+        self.finish(out);
     }
 
     /// Unregisters a flight whose load panicked (`always`) or whose callers all went away;
@@ -685,7 +701,7 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
-        if let Some(r) = self.get_map(&key, hash, &hit) {
+        if let Some(r) = self.get_map(&key, hash, true, &hit) {
             return r;
         }
         self.load_sync_slow(key, hash, init, hit, accept)
@@ -700,12 +716,13 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        self.load_blocking(key, hash, init, &hit, &accept, None)
+        self.load_blocking(key, hash, init, &hit, &accept, None, false)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
     /// The blocking single-flight loop. `until` bounds the waits on loads run by others;
-    /// `None` means it passed.
+    /// `None` means it passed. `record`: count the first lookup's hit or miss.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_blocking<R>(
         &self,
         key: K,
@@ -714,11 +731,14 @@ where
         hit: &impl Fn(&V) -> R,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
+        mut record: bool,
     ) -> Option<R> {
         let mut init = Some(init);
         let mut bypass_negative = false;
         loop {
-            match self.claim(hash, &key, hit, &mut None, true, bypass_negative) {
+            let claim = self.claim(hash, &key, hit, &mut None, true, bypass_negative, record);
+            record = false;
+            match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(flight) => {
@@ -881,9 +901,20 @@ where
             (outcome, took)
         }));
         let mut bypass_negative = false;
+        let mut record = true;
         loop {
             let can_lead = init.is_some();
-            let flight = match self.claim(hash, &key, &hit, &mut init, can_lead, bypass_negative) {
+            let claim = self.claim(
+                hash,
+                &key,
+                &hit,
+                &mut init,
+                can_lead,
+                bypass_negative,
+                record,
+            );
+            record = false;
+            let flight = match claim {
                 Claim::Hit(r) => return r,
                 Claim::Lead(f) | Claim::Join(f) => f,
                 Claim::Lost => lost_load(),

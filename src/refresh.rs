@@ -23,6 +23,7 @@ use crate::cache::Cache;
 use crate::clock::NEVER;
 use crate::limit::Limiter;
 use crate::load::{accept_result, outcome_of, Claim, Flight, Outcome, Waited};
+use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
@@ -179,7 +180,7 @@ where
         let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
             let k = key.clone();
             let init = move || outcome_of(loader(&k));
-            self.load_blocking(key.clone(), hash, init, &hit, &accept, until)
+            self.load_blocking(key.clone(), hash, init, &hit, &accept, until, true)
         } else {
             self.load_spawned(key.clone(), hash, &loader, until)
         };
@@ -187,7 +188,11 @@ where
             Some(Ok(v)) => Ok(v),
             Some(Err(e)) => Err(LoadError::Loader(e)),
             // Timed out: a value at hand beats an error.
-            None => self.get(&key).ok_or(LoadError::Timeout),
+            None => {
+                self.count(Counter::Timeout);
+                self.get_map(&key, hash, false, V::clone)
+                    .ok_or(LoadError::Timeout)
+            }
         }
     }
 
@@ -203,8 +208,11 @@ where
         let hit = |v: &V| Ok(v.clone());
         let accept = accept_result::<V, BoxError>;
         let mut bypass_negative = false;
+        let mut record = true;
         loop {
-            let flight = match self.claim(hash, &key, &hit, &mut None, true, bypass_negative) {
+            let claim = self.claim(hash, &key, &hit, &mut None, true, bypass_negative, record);
+            record = false;
+            let flight = match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Join(f) => f,
@@ -249,6 +257,7 @@ where
         let Some(flight) = self.claim_refresh(hash, &key) else {
             return; // a load of the key runs already; its value will do
         };
+        self.count(Counter::RefreshStarted);
         match &self.inner.stampede.spawner {
             Some(spawn) => {
                 let cache = self.clone();
@@ -276,6 +285,7 @@ where
                 Some(p) => Some(p),
                 None => {
                     // Deferred, not lost: the next read finds the entry due again.
+                    self.count(Counter::RefreshFailed);
                     self.abandon_refresh(hash, &key, &flight, self.now(), None);
                     return;
                 }
@@ -287,7 +297,10 @@ where
         let took = self.now().saturating_sub(start);
         drop(permit);
         match result {
-            Ok(Ok(v)) => self.publish(hash, Some(key), &flight, Outcome::Value(v), took),
+            Ok(Ok(v)) => {
+                self.count(Counter::RefreshSucceeded);
+                self.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+            }
             // A failed (or panicking) refresh keeps the old value, and backs off. Callers that
             // joined it (the entry expired meanwhile) get the error.
             failed => {
@@ -295,6 +308,9 @@ where
                     Ok(Err(e)) => Arc::new(e),
                     _ => Arc::new(BoxError::from("the loader panicked during a refresh")),
                 };
+                self.count(Counter::RefreshFailed);
+                self.count(Counter::LoadFailure);
+                self.count_n(Counter::LoadNanos, took);
                 let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
                 self.abandon_refresh(hash, &key, &flight, retry, Some(Outcome::Error(error)));
             }

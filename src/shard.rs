@@ -41,11 +41,11 @@ pub enum RemovalCause {
     Size,
 }
 
-/// An entry that left a shard, to be dropped (or reported) after the lock is released.
-#[allow(dead_code)] // `key` and `cause` are for the eviction listener
+/// An entry that left a shard, to be reported and dropped after the lock is released.
 pub(crate) struct Removed<K, V> {
     pub(crate) key: K,
     pub(crate) value: V,
+    pub(crate) weight: u32,
     pub(crate) cause: RemovalCause,
 }
 
@@ -82,7 +82,10 @@ impl<K, V> Garbage<K, V> {
         usize::from(self.first.is_some()) + self.rest.len()
     }
 
-    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {
         self.first.iter().chain(self.rest.iter())
     }
@@ -123,6 +126,8 @@ pub(crate) enum Found<'a, K, V> {
     Hit(&'a V),
     /// A hit that is due for refresh; this caller won the right to start it.
     Stale(&'a K, &'a V),
+    /// A hit on a value due for refresh (or being refreshed) by someone else.
+    StaleHit(&'a V),
     /// Present but past its deadline: the caller should arrange its removal.
     Expired,
     Absent,
@@ -168,6 +173,15 @@ impl Layout {
             jitter,
         }
     }
+}
+
+/// An entry's refresh status, as a read sees it.
+enum Refresh {
+    Fresh,
+    /// Due, or being refreshed, by someone else.
+    Due,
+    /// Due, and this read will start the refresh.
+    Won,
 }
 
 /// A refresh deadline meaning "a refresh is being started or runs": nobody else starts one.
@@ -259,9 +273,12 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Some(found.remove().0 .0)
     }
 
-    /// The number of loads in flight.
+    /// The number of loads in flight (not negative-cache entries).
     pub(crate) fn flights_len(&self) -> usize {
-        self.flights.len()
+        self.flights
+            .iter()
+            .filter(|(_, f)| f.negative_until() == 0)
+            .count()
     }
 
     /// A write or invalidation of `key` supersedes its load in flight, if any.
@@ -349,9 +366,16 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
                 self.times[i].store(next, Ordering::Relaxed);
             }
             if let Some(r) = self.layout.refresh {
-                if self.due_for_refresh(i + r, now, current, coin) {
-                    record_hit(&e.hits);
-                    return Found::Stale(&e.key, &e.value);
+                match self.refresh_state(i + r, now, current, coin) {
+                    Refresh::Fresh => {}
+                    Refresh::Due => {
+                        record_hit(&e.hits);
+                        return Found::StaleHit(&e.value);
+                    }
+                    Refresh::Won => {
+                        record_hit(&e.hits);
+                        return Found::Stale(&e.key, &e.value);
+                    }
                 }
             }
         }
@@ -360,27 +384,31 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     }
 
     /// Whether the entry whose refresh deadline is at `times[r]` should be refreshed now, and
-    /// this caller won the right to start it (the deadline becomes [`REFRESHING`]).
+    /// whether this caller won the right to start it (the deadline becomes [`REFRESHING`]).
     #[inline]
-    fn due_for_refresh(
+    fn refresh_state(
         &self,
         r: usize,
         now: u64,
         expires: u64,
         coin: impl FnOnce() -> f64,
-    ) -> bool {
+    ) -> Refresh {
         let at = self.times[r].load(Ordering::Relaxed);
         if at == REFRESHING {
-            return false;
+            return Refresh::Due;
         }
         let due = at <= now
             || self.layout.early_beta.is_some_and(|beta| {
                 let delta = self.times[r + 1].load(Ordering::Relaxed);
                 crate::refresh::xfetch(now, expires, delta, beta, coin())
             });
-        due && self.times[r]
-            .compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        if !due {
+            return Refresh::Fresh;
+        }
+        match self.times[r].compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => Refresh::Won,
+            Err(_) => Refresh::Due,
+        }
     }
 
     /// Sets the refresh deadline of `key`'s entry, if present (after a failed or deferred
@@ -523,6 +551,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
                 out.push(Removed {
                     key,
                     value,
+                    weight,
                     cause: RemovalCause::Expired,
                 });
                 return;
@@ -537,6 +566,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             out.push(Removed {
                 key,
                 value: old,
+                weight: old_weight,
                 cause: RemovalCause::Replaced,
             });
             return;
@@ -546,6 +576,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             out.push(Removed {
                 key,
                 value,
+                weight,
                 cause: RemovalCause::Expired,
             });
             return;
@@ -594,6 +625,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         out.push(Removed {
             key: e.key,
             value: e.value,
+            weight: e.weight,
             cause,
         });
     }
@@ -650,6 +682,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         out.push(Removed {
             key: e.key,
             value: e.value,
+            weight: e.weight,
             cause: RemovalCause::Size,
         });
         true
@@ -703,6 +736,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             out.push(Removed {
                 key: e.key,
                 value: e.value,
+                weight: e.weight,
                 cause: RemovalCause::Explicit,
             });
         }

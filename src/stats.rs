@@ -1,0 +1,318 @@
+//! Statistics: striped counters, and the snapshot a cache hands out.
+//!
+//! Counters live in 64 cache-line-padded stripes; a thread always writes the same stripe (its
+//! index, modulo 64, assigned on its first use of any cache), so threads do not contend on one
+//! hot atomic. Hits and misses — the read path — are counted with a plain load and store on the
+//! thread's stripe rather than an atomic read-modify-write (about 1 ns instead of 5 to 20); that
+//! is exact as long as no two threads running at once share a stripe, i.e. up to 64 threads
+//! (more than 64 threads can, rarely, lose a hit or a miss). Every other counter uses
+//! `fetch_add` and is exact. A snapshot sums the stripes; it is not atomic across counters.
+
+use crate::shard::RemovalCause;
+use crossbeam_utils::CachePadded;
+use std::cell::Cell;
+use std::ops::Sub;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The counters, by index into a stripe.
+#[derive(Clone, Copy, Debug)]
+#[repr(usize)]
+pub(crate) enum Counter {
+    Hit,
+    Miss,
+    LoadSuccess,
+    LoadFailure,
+    LoadNanos,
+    Coalesced,
+    RefreshStarted,
+    RefreshSucceeded,
+    RefreshFailed,
+    StaleServed,
+    NegativeHit,
+    Timeout,
+    RemovedExpired,
+    RemovedExplicit,
+    RemovedReplaced,
+    RemovedSize,
+    WeightExpired,
+    WeightExplicit,
+    WeightReplaced,
+    WeightSize,
+}
+
+const COUNTERS: usize = Counter::WeightSize as usize + 1;
+const STRIPES: usize = 64;
+
+/// Striped counters of one cache.
+pub(crate) struct Stats {
+    stripes: Box<[CachePadded<[AtomicU64; COUNTERS]>]>,
+}
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// This thread's stripe.
+#[inline]
+fn stripe() -> usize {
+    STRIPE.with(|s| {
+        let i = s.get();
+        if i != usize::MAX {
+            return i;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        s.set(i);
+        i
+    })
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        Stats {
+            stripes: (0..STRIPES)
+                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+        }
+    }
+
+    /// Adds `n` to a counter of the read path (hits, misses): see the module docs.
+    #[inline]
+    pub(crate) fn add_fast(&self, c: Counter, n: u64) {
+        let a = &self.stripes[stripe()][c as usize];
+        a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter, exactly.
+    #[inline]
+    pub(crate) fn add(&self, c: Counter, n: u64) {
+        self.stripes[stripe()][c as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a removed entry of weight `w`.
+    pub(crate) fn removed(&self, cause: RemovalCause, w: u32) {
+        let (count, weight) = match cause {
+            RemovalCause::Expired => (Counter::RemovedExpired, Counter::WeightExpired),
+            RemovalCause::Explicit => (Counter::RemovedExplicit, Counter::WeightExplicit),
+            RemovalCause::Replaced => (Counter::RemovedReplaced, Counter::WeightReplaced),
+            RemovalCause::Size => (Counter::RemovedSize, Counter::WeightSize),
+        };
+        self.add(count, 1);
+        self.add(weight, u64::from(w));
+    }
+
+    fn sum(&self, c: Counter) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s[c as usize].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// A snapshot; the gauges (loads in flight, limiter figures) come from the caller.
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        use Counter::*;
+        let removals = |count, weight| Removals {
+            count: self.sum(count),
+            weight: self.sum(weight),
+        };
+        CacheStats {
+            hits: self.sum(Hit),
+            misses: self.sum(Miss),
+            load_successes: self.sum(LoadSuccess),
+            load_failures: self.sum(LoadFailure),
+            total_load_time: Duration::from_nanos(self.sum(LoadNanos)),
+            expired: removals(RemovedExpired, WeightExpired),
+            explicit: removals(RemovedExplicit, WeightExplicit),
+            replaced: removals(RemovedReplaced, WeightReplaced),
+            size: removals(RemovedSize, WeightSize),
+            coalesced: self.sum(Coalesced),
+            refreshes_started: self.sum(RefreshStarted),
+            refreshes_succeeded: self.sum(RefreshSucceeded),
+            refreshes_failed: self.sum(RefreshFailed),
+            stale_served: self.sum(StaleServed),
+            negative_hits: self.sum(NegativeHit),
+            timeouts: self.sum(Timeout),
+            loads_waited_for_limit: 0,
+            loads_in_flight: 0,
+            max_concurrent_loads_seen: 0,
+        }
+    }
+}
+
+/// Entries removed for one cause: how many, and their total weight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removals {
+    /// Entries removed.
+    pub count: u64,
+    /// Their total weight (their count, without a weigher).
+    pub weight: u64,
+}
+
+impl Sub for Removals {
+    type Output = Removals;
+    fn sub(self, earlier: Removals) -> Removals {
+        Removals {
+            count: self.count.wrapping_sub(earlier.count),
+            weight: self.weight.wrapping_sub(earlier.weight),
+        }
+    }
+}
+
+/// A snapshot of a cache's statistics, from [`Cache::stats`](crate::Cache::stats).
+///
+/// Counters count since the cache was built; subtract an earlier snapshot for a period
+/// (`later - earlier`; the gauges keep the later value). Enable counting with
+/// [`CacheBuilder::record_stats`](crate::CacheBuilder::record_stats).
+///
+/// # Example
+///
+/// ```
+/// let cache = herdcache::Cache::builder().max_capacity(10).record_stats().build();
+/// cache.insert(1, "a");
+/// cache.get(&1);
+/// cache.get(&2);
+/// let s = cache.stats();
+/// assert_eq!((s.hits, s.misses), (1, 1));
+/// assert_eq!(s.hit_ratio(), 0.5);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Lookups that found a live entry (`get`, and the `get_with`/`load` family).
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
+    /// Loads (including refreshes) that produced a value.
+    pub load_successes: u64,
+    /// Loads that failed (an error, `None`, or a panic in a refresh).
+    pub load_failures: u64,
+    /// Time spent in loads that finished, on the cache's clock.
+    pub total_load_time: Duration,
+    /// Entries removed because they expired.
+    pub expired: Removals,
+    /// Entries removed by `remove`, `invalidate`, `invalidate_all`, `retain`.
+    pub explicit: Removals,
+    /// Values replaced by a write.
+    pub replaced: Removals,
+    /// Entries evicted to stay within the capacity (or too heavy to store).
+    pub size: Removals,
+    /// Callers that waited for another caller's load instead of loading (single-flight at
+    /// work).
+    pub coalesced: u64,
+    /// Refreshes started (refresh-ahead and early refresh).
+    pub refreshes_started: u64,
+    /// Refreshes that replaced the value.
+    pub refreshes_succeeded: u64,
+    /// Refreshes that failed (the old value was kept) or were deferred by the load limit.
+    pub refreshes_failed: u64,
+    /// Reads that returned a value due for refresh (stale-while-revalidate).
+    pub stale_served: u64,
+    /// Calls answered by a negative-cache entry instead of a load.
+    pub negative_hits: u64,
+    /// Loads that had to wait for a permit of `max_concurrent_loads`.
+    pub loads_waited_for_limit: u64,
+    /// Calls that gave up waiting at their soft timeout.
+    pub timeouts: u64,
+    /// Gauge: loads running now.
+    pub loads_in_flight: u64,
+    /// Gauge: the most loads that ever ran at once under `max_concurrent_loads`.
+    pub max_concurrent_loads_seen: u64,
+}
+
+impl CacheStats {
+    /// `hits + misses`.
+    pub fn requests(&self) -> u64 {
+        self.hits + self.misses
+    }
+
+    /// `hits / requests`, or 1.0 with no requests.
+    pub fn hit_ratio(&self) -> f64 {
+        match self.requests() {
+            0 => 1.0,
+            n => self.hits as f64 / n as f64,
+        }
+    }
+
+    /// `misses / requests`, or 0.0 with no requests.
+    pub fn miss_ratio(&self) -> f64 {
+        1.0 - self.hit_ratio()
+    }
+
+    /// The mean duration of a finished load.
+    pub fn average_load_time(&self) -> Duration {
+        match self.load_successes + self.load_failures {
+            0 => Duration::ZERO,
+            n => self.total_load_time / u32::try_from(n).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Entries evicted by the cache itself: expired plus size.
+    pub fn evictions(&self) -> Removals {
+        Removals {
+            count: self.expired.count + self.size.count,
+            weight: self.expired.weight + self.size.weight,
+        }
+    }
+}
+
+impl Sub for CacheStats {
+    type Output = CacheStats;
+
+    /// The counts of the period between `earlier` and `self`; gauges are `self`'s.
+    fn sub(self, earlier: CacheStats) -> CacheStats {
+        CacheStats {
+            hits: self.hits.wrapping_sub(earlier.hits),
+            misses: self.misses.wrapping_sub(earlier.misses),
+            load_successes: self.load_successes.wrapping_sub(earlier.load_successes),
+            load_failures: self.load_failures.wrapping_sub(earlier.load_failures),
+            total_load_time: self.total_load_time.saturating_sub(earlier.total_load_time),
+            expired: self.expired - earlier.expired,
+            explicit: self.explicit - earlier.explicit,
+            replaced: self.replaced - earlier.replaced,
+            size: self.size - earlier.size,
+            coalesced: self.coalesced.wrapping_sub(earlier.coalesced),
+            refreshes_started: self
+                .refreshes_started
+                .wrapping_sub(earlier.refreshes_started),
+            refreshes_succeeded: self
+                .refreshes_succeeded
+                .wrapping_sub(earlier.refreshes_succeeded),
+            refreshes_failed: self.refreshes_failed.wrapping_sub(earlier.refreshes_failed),
+            stale_served: self.stale_served.wrapping_sub(earlier.stale_served),
+            negative_hits: self.negative_hits.wrapping_sub(earlier.negative_hits),
+            loads_waited_for_limit: self
+                .loads_waited_for_limit
+                .wrapping_sub(earlier.loads_waited_for_limit),
+            timeouts: self.timeouts.wrapping_sub(earlier.timeouts),
+            loads_in_flight: self.loads_in_flight,
+            max_concurrent_loads_seen: self.max_concurrent_loads_seen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counts_add_up_across_threads() {
+        let s = Stats::new();
+        std::thread::scope(|sc| {
+            for _ in 0..8 {
+                sc.spawn(|| {
+                    for _ in 0..10_000 {
+                        s.add(Counter::Coalesced, 1);
+                        s.add_fast(Counter::Hit, 1);
+                    }
+                });
+            }
+        });
+        let snap = s.snapshot();
+        assert_eq!(snap.coalesced, 80_000);
+        assert_eq!(snap.hits, 80_000, "exact with fewer threads than stripes");
+        let d = snap - CacheStats::default();
+        assert_eq!(d.hits, 80_000);
+        assert_eq!(snap.hit_ratio(), 1.0);
+    }
+}

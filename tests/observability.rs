@@ -1,0 +1,279 @@
+//! Statistics and the eviction listener: counts that add up, exactly-once delivery with a value
+//! type that counts its live instances, re-entrancy, and a panicking listener.
+
+#![cfg(not(loom))]
+
+mod common;
+
+use common::{live_lock, watchdog, Counted, LIVE};
+use herdcache::{BoxError, Cache, ManualClock, RemovalCause};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn statistics_count_what_happened() {
+    let clock = ManualClock::new();
+    let cache: Cache<u32, u32> = Cache::builder()
+        .max_capacity(100)
+        .weigher(|_k: &u32, v: &u32| *v % 10 + 1)
+        .time_to_live(Duration::from_secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    let s0 = cache.stats();
+    assert_eq!(s0, Default::default());
+    cache.insert(1, 4); // weight 5
+    cache.insert(1, 2); // replaces weight 5 with weight 3
+    assert_eq!(cache.get(&1), Some(2));
+    assert_eq!(cache.get(&2), None);
+    assert_eq!(cache.remove(&1), Some(2)); // explicit, weight 3
+    assert_eq!(cache.get_with(3, || 9), 9); // a miss and a load, weight 10
+    assert!(cache.try_get_with(4, || Err::<u32, _>("no")).is_err());
+    clock.advance(Duration::from_secs(10));
+    cache.run_pending_tasks(); // key 3 expires
+    for k in 100..250 {
+        cache.insert(k, 0); // weight 1 each: 150 of them overflow the capacity of 100
+    }
+    let s = cache.stats();
+    assert_eq!(s.hits, 1);
+    assert_eq!(s.misses, 3, "get(&2), get_with(3), try_get_with(4)");
+    assert_eq!((s.load_successes, s.load_failures), (1, 1));
+    assert_eq!((s.replaced.count, s.replaced.weight), (1, 5));
+    assert_eq!((s.explicit.count, s.explicit.weight), (1, 3));
+    assert_eq!((s.expired.count, s.expired.weight), (1, 10));
+    assert_eq!((s.size.count, s.size.weight), (50, 50));
+    assert_eq!(s.evictions().count, s.size.count + 1);
+    assert_eq!(s.hit_ratio(), 0.25);
+    assert_eq!(s.loads_in_flight, 0);
+    let d = s - s0;
+    assert_eq!(d.hits, 1);
+}
+
+#[test]
+fn stampede_counters() {
+    let _dog = watchdog(LIMIT, "stampede_counters");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let cache: Cache<u32, u32> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(Duration::from_secs(100))
+        .refresh_after(Duration::from_secs(10))
+        .negative_ttl(Duration::from_secs(5))
+        .max_concurrent_loads(2)
+        .record_stats()
+        .loader(move |k: &u32| {
+            c.fetch_add(1, Ordering::SeqCst);
+            if *k == 0 {
+                Err(BoxError::from("zero"))
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(*k)
+            }
+        })
+        .clock(clock.clone())
+        .build();
+    // Eight callers on one cold key: one load, seven coalesced.
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                barrier.wait();
+                assert_eq!(cache.load(7).unwrap(), 7);
+            });
+        }
+    });
+    let s = cache.stats();
+    assert_eq!(s.load_successes, 1);
+    assert_eq!(
+        s.coalesced + s.hits,
+        7,
+        "the others joined the load or found its value"
+    );
+    // Negative caching: one failure, then negative hits.
+    assert!(cache.load(0).is_err());
+    assert!(cache.load(0).is_err());
+    assert!(cache.load(0).is_err());
+    let s = cache.stats();
+    assert_eq!(s.load_failures, 1);
+    assert_eq!(s.negative_hits, 2);
+    // A refresh: stale served, started, succeeded.
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(cache.get(&7), Some(7));
+    assert_eq!(cache.get(&7), Some(7));
+    let s = cache.stats();
+    assert_eq!(
+        (
+            s.refreshes_started,
+            s.refreshes_succeeded,
+            s.refreshes_failed
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        s.stale_served, 1,
+        "the read that triggered the (inline) refresh"
+    );
+    assert!(s.max_concurrent_loads_seen >= 1 && s.max_concurrent_loads_seen <= 2);
+    assert!(s.average_load_time() > Duration::ZERO || s.total_load_time == Duration::ZERO);
+}
+
+/// A listener that records what it was told, by value id.
+type Seen = Arc<Mutex<HashMap<u64, Vec<RemovalCause>>>>;
+
+#[test]
+fn the_listener_hears_of_every_removed_entry_exactly_once() {
+    let _serial = live_lock();
+    let _dog = watchdog(LIMIT, "listener exactly once");
+    let before = LIVE.load(Ordering::SeqCst);
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    let clock = ManualClock::new();
+    let next_id = AtomicUsize::new(0);
+    {
+        let cache: Cache<u64, Counted> = Cache::builder()
+            .max_capacity(500)
+            .time_to_live(Duration::from_secs(5))
+            .eviction_listener(move |_k, v: &Counted, cause| {
+                s2.lock().unwrap().entry(v.0).or_default().push(cause);
+            })
+            .clock(clock.clone())
+            .build();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (cache, clock, next_id) = (&cache, &clock, &next_id);
+                s.spawn(move || {
+                    let mut x = t + 1;
+                    for i in 0..50_000u64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let k = x % 2_000;
+                        match i % 10 {
+                            0..=5 => {
+                                let id = next_id.fetch_add(1, Ordering::SeqCst) as u64;
+                                cache.insert(k, Counted::new(id));
+                            }
+                            6 => {
+                                cache.remove(&k);
+                            }
+                            7 => cache.invalidate(&k),
+                            8 => {
+                                cache.get(&k);
+                            }
+                            _ => {
+                                if t == 0 && i % 1000 == 9 {
+                                    clock.advance(Duration::from_secs(1));
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        cache.retain(|k, _| k % 3 != 0);
+        clock.advance(Duration::from_secs(2));
+        cache.run_pending_tasks();
+        let created = next_id.load(Ordering::SeqCst) as u64;
+        let resident: Vec<u64> = cache.iter().map(|(_, v)| v.0).collect();
+        let seen = seen.lock().unwrap();
+        for (id, causes) in seen.iter() {
+            assert_eq!(causes.len(), 1, "value {id} reported {causes:?}");
+        }
+        for id in &resident {
+            assert!(
+                !seen.contains_key(id),
+                "resident value {id} was reported removed"
+            );
+        }
+        assert_eq!(
+            seen.len() as u64 + resident.len() as u64,
+            created,
+            "every value is either resident or was reported once"
+        );
+        let causes: std::collections::HashSet<_> = seen.values().map(|c| c[0]).collect();
+        assert_eq!(causes.len(), 4, "all four causes occurred: {causes:?}");
+        drop(resident);
+        assert_eq!(
+            LIVE.load(Ordering::SeqCst) - before,
+            cache.entry_count() as i64
+        );
+    }
+    assert_eq!(LIVE.load(Ordering::SeqCst), before, "nothing leaked");
+}
+
+#[test]
+fn a_listener_may_call_back_into_the_cache() {
+    let _dog = watchdog(LIMIT, "a re-entrant listener");
+    let slot: Arc<std::sync::OnceLock<Cache<u32, u32>>> = Arc::default();
+    let s2 = slot.clone();
+    let cache: Cache<u32, u32> = Cache::builder()
+        .max_capacity(50)
+        .shards(1)
+        .eviction_listener(move |k: &u32, v: &u32, _cause| {
+            let c = s2.get().expect("set");
+            // Reads, writes and removals of other keys, in the same (only) shard.
+            c.get(&(k + 1));
+            // Writes only for the original keys, so that the evictions they cause end.
+            if *k < 10_000 {
+                c.insert(k + 10_000, *v);
+                c.invalidate(&(k + 20_000));
+                assert!(c.get_with(k + 30_000, || 1) == 1);
+            }
+        })
+        .build();
+    assert!(slot.set(cache.clone()).is_ok());
+    std::thread::scope(|s| {
+        for t in 0..2u32 {
+            let cache = &cache;
+            s.spawn(move || {
+                for i in 0..5_000 {
+                    cache.insert(t * 100_000 + i, i);
+                }
+            });
+        }
+    });
+    cache.validate();
+    assert!(cache.weighted_size() <= 50);
+    // (The cache and the listener's handle form a cycle; the test process ends anyway.)
+}
+
+#[test]
+fn a_panicking_listener_leaves_the_cache_consistent() {
+    let reported = Arc::new(AtomicUsize::new(0));
+    let r = reported.clone();
+    let cache: Cache<u32, u32> = Cache::builder()
+        .max_capacity(10)
+        .eviction_listener(move |k: &u32, _v, _cause| {
+            r.fetch_add(1, Ordering::SeqCst);
+            if k % 2 == 0 {
+                panic!("listener failed on {k}");
+            }
+        })
+        .build();
+    for k in 0..10 {
+        cache.insert(k, k);
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.invalidate_all()));
+    assert!(r.is_err(), "the listener's panic reaches the caller");
+    assert_eq!(
+        reported.load(Ordering::SeqCst),
+        10,
+        "every entry was still reported"
+    );
+    assert_eq!(cache.entry_count(), 0, "the operation completed");
+    cache.validate();
+    // And the cache works on.
+    cache.insert(1, 1);
+    assert_eq!(cache.get(&1), Some(1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.remove(&1)));
+    assert_eq!(
+        r.ok(),
+        Some(Some(1)),
+        "an odd key's listener does not panic"
+    );
+}
