@@ -240,6 +240,17 @@ pub(crate) enum Waited<R> {
     TimedOut,
 }
 
+/// How a caller claims a key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct How {
+    /// It may lead a new load (it still has its loader).
+    pub(crate) can_lead: bool,
+    /// A negative-cache entry does not answer it (it could not use that outcome).
+    pub(crate) bypass_negative: bool,
+    /// Count the lookup's hit or miss.
+    pub(crate) record: bool,
+}
+
 /// The result of claiming a key.
 pub(crate) enum Claim<K, V, R> {
     Hit(R),
@@ -521,10 +532,13 @@ where
         key: &K,
         hit: &impl Fn(&V) -> R,
         future: &mut Option<LoadFuture<V>>,
-        can_lead: bool,
-        bypass_negative: bool,
-        record: bool,
+        how: How,
     ) -> Claim<K, V, R> {
+        let How {
+            can_lead,
+            bypass_negative,
+            record,
+        } = how;
         if let Some(r) = self.get_map(key, hash, record, hit) {
             return Claim::Hit(r);
         }
@@ -736,7 +750,12 @@ where
         let mut init = Some(init);
         let mut bypass_negative = false;
         loop {
-            let claim = self.claim(hash, &key, hit, &mut None, true, bypass_negative, record);
+            let how = How {
+                can_lead: true,
+                bypass_negative,
+                record,
+            };
+            let claim = self.claim(hash, &key, hit, &mut None, how);
             record = false;
             match claim {
                 Claim::Hit(r) => return Some(r),

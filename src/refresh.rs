@@ -22,7 +22,7 @@ use crate::builder::Spawner;
 use crate::cache::Cache;
 use crate::clock::NEVER;
 use crate::limit::Limiter;
-use crate::load::{accept_result, outcome_of, Claim, Flight, Outcome, Waited};
+use crate::load::{accept_result, outcome_of, Claim, Flight, How, Outcome, Waited};
 use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -210,7 +210,12 @@ where
         let mut bypass_negative = false;
         let mut record = true;
         loop {
-            let claim = self.claim(hash, &key, &hit, &mut None, true, bypass_negative, record);
+            let how = How {
+                can_lead: true,
+                bypass_negative,
+                record,
+            };
+            let claim = self.claim(hash, &key, &hit, &mut None, how);
             record = false;
             let flight = match claim {
                 Claim::Hit(r) => return Some(r),
