@@ -923,15 +923,12 @@ where
         let mut record = true;
         loop {
             let can_lead = init.is_some();
-            let claim = self.claim(
-                hash,
-                &key,
-                &hit,
-                &mut init,
+            let how = How {
                 can_lead,
                 bypass_negative,
                 record,
-            );
+            };
+            let claim = self.claim(hash, &key, &hit, &mut init, how);
             record = false;
             let flight = match claim {
                 Claim::Hit(r) => return r,
