@@ -520,6 +520,24 @@ where
             .map_or((0, 0), |l| (l.high_water(), l.waited()))
     }
 
+    /// Removes `key` and unregisters its computation's flight in one critical section.
+    pub(crate) fn remove_with_flight(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        out: &mut Garbage<K, V>,
+    ) {
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let flight_key = s.remove_flight(hash, flight);
+        let before = s.weight();
+        s.remove(hash, key, now, &self.inner.hasher, out);
+        self.account(before, s.weight());
+        drop(s);
+        drop(flight_key);
+    }
+
     /// The number of loads in flight (not counting negative-cache entries).
     #[doc(hidden)]
     pub fn loads_in_flight(&self) -> usize {

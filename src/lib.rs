@@ -55,6 +55,7 @@
 mod builder;
 mod cache;
 mod clock;
+mod entry;
 mod expiry;
 mod limit;
 mod load;
@@ -68,6 +69,7 @@ mod sync;
 pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
 pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
+pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
 pub use refresh::{BoxError, LoadError};
 pub use shard::RemovalCause;

@@ -92,6 +92,12 @@ pub(crate) struct Flight<K, V> {
 }
 
 impl<K, V> Flight<K, V> {
+    /// Ends a flight that produced no value to publish (a compute that removed or kept the
+    /// entry): callers waiting on it retry.
+    pub(crate) fn release(&self) {
+        self.resolve(Phase::Abandoned);
+    }
+
     /// A blocking flight: its leader runs the loader itself.
     pub(crate) fn blocking() -> Arc<Self> {
         Self::new(None, None)
@@ -125,7 +131,7 @@ impl<K, V> Flight<K, V> {
         self.superseded.store(true, Ordering::Release);
     }
 
-    fn id(self: &Arc<Self>) -> usize {
+    pub(crate) fn id(self: &Arc<Self>) -> usize {
         Arc::as_ptr(self) as *const () as usize
     }
 
@@ -175,7 +181,12 @@ loom::thread_local! {
 }
 
 /// Registers a flight as run by this thread for the guard's lifetime.
-struct Running(usize);
+pub(crate) struct Running(usize);
+
+/// Marks `flight` as run by this thread until the guard drops (recursion detection).
+pub(crate) fn enter<K, V>(flight: &Arc<Flight<K, V>>) -> Running {
+    Running::enter(flight.id())
+}
 
 impl Running {
     fn enter(id: usize) -> Self {
@@ -195,12 +206,12 @@ impl Drop for Running {
     }
 }
 
-fn runs_here(id: usize) -> bool {
+pub(crate) fn runs_here(id: usize) -> bool {
     RUNNING.with(|r| r.borrow().contains(&id))
 }
 
 #[cold]
-fn recursive_load() -> ! {
+pub(crate) fn recursive_load() -> ! {
     panic!(
         "herdcache: recursive load: a loader asked the cache for the very key it is loading, \
          which would wait for itself forever"
@@ -261,16 +272,16 @@ pub(crate) enum Claim<K, V, R> {
 }
 
 /// Resolves a flight on every exit of the code that runs or polls its load.
-struct Resolver<'a, K, V, S>
+pub(crate) struct Resolver<'a, K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    cache: &'a Cache<K, V, S>,
-    hash: u64,
-    flight: Arc<Flight<K, V>>,
-    armed: bool,
+    pub(crate) cache: &'a Cache<K, V, S>,
+    pub(crate) hash: u64,
+    pub(crate) flight: Arc<Flight<K, V>>,
+    pub(crate) armed: bool,
 }
 
 impl<K, V, S> Drop for Resolver<'_, K, V, S>
@@ -677,7 +688,7 @@ where
     /// its waiters retry. For a cancellation (`!always`) the check that nobody is interested and
     /// the unregistration happen under the shard lock and the flight's lock together, so a
     /// caller that joined meanwhile (and may be driving the load) keeps the flight alive.
-    fn abandon(&self, hash: u64, flight: &Arc<Flight<K, V>>, always: bool) {
+    pub(crate) fn abandon(&self, hash: u64, flight: &Arc<Flight<K, V>>, always: bool) {
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let mut st = flight.state.lock();
@@ -957,6 +968,28 @@ fn lost_load() -> ! {
         "herdcache: the load this call started panicked while another caller was driving it, \
          and nobody is loading the key now"
     )
+}
+
+/// Waits for an async flight's end (helping to drive it), as [`Wait`].
+pub(crate) fn wait_async<'a, K, V, S, A, R>(
+    cache: &'a Cache<K, V, S>,
+    hash: u64,
+    flight: Arc<Flight<K, V>>,
+    accept: &'a A,
+) -> impl Future<Output = Waited<R>> + 'a
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+    A: Fn(&Outcome<V>) -> Option<R>,
+{
+    Wait {
+        cache,
+        hash,
+        flight,
+        id: None,
+        accept,
+    }
 }
 
 /// A caller waiting on (and helping to drive) an async flight.

@@ -1,0 +1,496 @@
+//! The entry API (per-key insert-if-absent, compute and upsert) and bulk loading.
+//!
+//! A computation of a key holds that key's *flight* (see [`crate::load`]) while the user's
+//! closure runs — with no lock held — so computations and loads of one key run one at a time:
+//! a compute waits for a load or compute of its key to end before it reads the current value,
+//! and callers that load the key meanwhile wait for the compute and take its result. A plain
+//! [`insert`](Cache::insert) or [`invalidate`](Cache::invalidate) of the key is not held up:
+//! it wins, and the computed value is returned but not stored.
+
+use crate::cache::Cache;
+use crate::load::{recursive_load, runs_here, wait_async, Flight, Outcome, Resolver};
+use crate::shard::Garbage;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A key and its value, as returned by the entry API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry<K, V> {
+    key: K,
+    value: V,
+    fresh: bool,
+}
+
+impl<K, V> Entry<K, V> {
+    /// The key.
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+
+    /// The value.
+    pub fn value(&self) -> &V {
+        &self.value
+    }
+
+    /// The value, by value.
+    pub fn into_value(self) -> V {
+        self.value
+    }
+
+    /// Whether this call put the value there (its loader or computation produced it).
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+}
+
+/// What a computation decides (see [`EntryRef::and_compute_with`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op<V> {
+    /// Store this value.
+    Put(V),
+    /// Remove the entry (if any).
+    Remove,
+    /// Leave things as they are.
+    Nop,
+}
+
+/// What a computation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CompResult<K, V> {
+    /// There was no entry; the computed value was stored.
+    Inserted(Entry<K, V>),
+    /// The entry's value was replaced by the computed one.
+    ReplacedWith(Entry<K, V>),
+    /// The entry (shown) was removed.
+    Removed(Entry<K, V>),
+    /// The entry (shown) was left as it was.
+    Unchanged(Entry<K, V>),
+    /// There was no entry and none was made.
+    StillNone(K),
+}
+
+/// Per-key operations on a cache; see [`Cache::entry`].
+pub struct EntryRef<'a, K, V, S> {
+    cache: &'a Cache<K, V, S>,
+    key: K,
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Per-key operations: insert if absent (single-flight), atomic compute and upsert.
+    ///
+    /// ```
+    /// use herdcache::{Cache, Op};
+    ///
+    /// let cache: Cache<&str, u64> = Cache::new(100);
+    /// let e = cache.entry("hits").or_insert_with(|| 0);
+    /// assert!(e.is_fresh());
+    /// // An atomic read-modify-write: concurrent increments do not lose updates.
+    /// cache.entry("hits").and_compute_with(|e| Op::Put(e.map_or(0, |e| *e.value()) + 1));
+    /// assert_eq!(cache.get("hits"), Some(1));
+    /// ```
+    pub fn entry(&self, key: K) -> EntryRef<'_, K, V, S> {
+        EntryRef { cache: self, key }
+    }
+
+    /// Returns the values of `keys`, calling `load_missing` **once** with the keys that are
+    /// neither cached nor being loaded, and waiting for the loads of the others that are in
+    /// flight. Keys that `load_missing` does not return are absent from the result (and callers
+    /// waiting on them load them again themselves).
+    ///
+    /// Blocks while loads run. `load_missing` runs with no lock held, under one permit of
+    /// `max_concurrent_loads` if set.
+    ///
+    /// # Panics
+    ///
+    /// If `load_missing` panics (its keys' waiters are released first), or asks this cache for
+    /// one of the keys it is loading.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::new(100);
+    /// cache.insert(1, "one".into());
+    /// let all = cache.get_all([1, 2, 3], |missing| {
+    ///     assert_eq!(missing, [2, 3]); // one backend call for everything missing
+    ///     missing.iter().map(|&k| (k, format!("#{k}"))).collect::<HashMap<_, _>>()
+    /// });
+    /// assert_eq!(all.len(), 3);
+    /// assert_eq!(cache.get(&3).as_deref(), Some("#3"));
+    /// ```
+    pub fn get_all<I>(
+        &self,
+        keys: I,
+        load_missing: impl FnOnce(&[K]) -> HashMap<K, V>,
+    ) -> HashMap<K, V>
+    where
+        I: IntoIterator<Item = K>,
+    {
+        let mut found = HashMap::new();
+        let mut leads: Vec<(K, u64, Arc<Flight<K, V>>)> = Vec::new();
+        let mut joins = Vec::new();
+        for key in keys {
+            if found.contains_key(&key) || leads.iter().any(|(k, _, _)| *k == key) {
+                continue;
+            }
+            let hash = self.hash(&key);
+            match self.claim_key(hash, &key) {
+                Claimed::Hit(v) => {
+                    found.insert(key, v);
+                }
+                Claimed::Lead(f) => leads.push((key, hash, f)),
+                Claimed::Join(f) => joins.push((key, hash, f)),
+            }
+        }
+        if !leads.is_empty() {
+            let keys: Vec<K> = leads.iter().map(|(k, _, _)| k.clone()).collect();
+            // Abandon every lead flight if `load_missing` panics.
+            let mut guards: Vec<Resolver<'_, K, V, S>> = leads
+                .iter()
+                .map(|(_, hash, f)| Resolver {
+                    cache: self,
+                    hash: *hash,
+                    flight: Arc::clone(f),
+                    armed: true,
+                })
+                .collect();
+            let loaded = {
+                let _permit = self
+                    .inner
+                    .stampede
+                    .limiter
+                    .as_ref()
+                    .map(|l| l.acquire_blocking());
+                let _running: Vec<_> = leads
+                    .iter()
+                    .map(|(_, _, f)| crate::load::enter(f))
+                    .collect();
+                let start = self.now();
+                let loaded = load_missing(&keys);
+                (loaded, self.now().saturating_sub(start))
+            };
+            let (mut loaded, took) = loaded;
+            for g in &mut guards {
+                g.armed = false;
+            }
+            drop(guards);
+            for (key, hash, flight) in leads {
+                match loaded.remove(&key) {
+                    Some(v) => {
+                        found.insert(key.clone(), v.clone());
+                        self.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+                    }
+                    None => self.abandon(hash, &flight, true),
+                }
+            }
+        }
+        for (key, hash, flight) in joins {
+            let accept = |o: &Outcome<V>| match o {
+                Outcome::Value(v) => Some(v.clone()),
+                _ => None,
+            };
+            if let crate::load::Waited::Done(Some(v)) =
+                self.wait_blocking(hash, &flight, &accept, None)
+            {
+                found.insert(key, v);
+            }
+        }
+        found
+    }
+
+    /// A hit, or the key's flight: a new one (lead) or the one running (join).
+    fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V> {
+        let how = crate::load::How {
+            can_lead: true,
+            bypass_negative: true,
+            record: true,
+        };
+        match self.claim(hash, key, &V::clone, &mut None, how) {
+            crate::load::Claim::Hit(v) => Claimed::Hit(v),
+            crate::load::Claim::Lead(f) => Claimed::Lead(f),
+            crate::load::Claim::Join(f) => Claimed::Join(f),
+            crate::load::Claim::Lost => unreachable!("a blocking caller can always lead"),
+        }
+    }
+
+    /// Takes the key's flight for a computation, waiting (blocking) for a load or computation
+    /// of the key that runs.
+    fn lock_key(&self, hash: u64, key: &K) -> Arc<Flight<K, V>> {
+        loop {
+            match self.try_lock_key(hash, key) {
+                Ok(f) => return f,
+                Err(running) => {
+                    let _ = self.wait_blocking(hash, &running, &|_: &Outcome<V>| None::<()>, None);
+                }
+            }
+        }
+    }
+
+    /// As [`lock_key`](Self::lock_key), waiting asynchronously.
+    async fn lock_key_async(&self, hash: u64, key: &K) -> Arc<Flight<K, V>> {
+        loop {
+            match self.try_lock_key(hash, key) {
+                Ok(f) => return f,
+                Err(running) => {
+                    let accept = |_: &Outcome<V>| None::<()>;
+                    let _ = wait_async(self, hash, running, &accept).await;
+                }
+            }
+        }
+    }
+
+    /// Registers a flight for `key`, or returns the one running.
+    fn try_lock_key(&self, hash: u64, key: &K) -> Result<Arc<Flight<K, V>>, Arc<Flight<K, V>>> {
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let stale = match s.flight(hash, key).map(Arc::clone) {
+            Some(f) if f.negative_until() == 0 => {
+                drop(s);
+                if runs_here(f.id()) {
+                    recursive_load();
+                }
+                return Err(f);
+            }
+            Some(negative) => s.remove_flight(hash, &negative),
+            None => None,
+        };
+        let f = Flight::blocking();
+        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
+        drop(s);
+        drop(stale);
+        Ok(f)
+    }
+
+    /// Applies a computation's decision and ends its flight.
+    fn end_compute(
+        &self,
+        hash: u64,
+        key: K,
+        flight: Arc<Flight<K, V>>,
+        current: Option<V>,
+        op: Op<V>,
+    ) -> CompResult<K, V> {
+        match (op, current) {
+            (Op::Put(v), current) => {
+                let entry = Entry {
+                    key: key.clone(),
+                    value: v.clone(),
+                    fresh: true,
+                };
+                self.publish(hash, Some(key), &flight, Outcome::Value(v), 0);
+                match current {
+                    Some(_) => CompResult::ReplacedWith(entry),
+                    None => CompResult::Inserted(entry),
+                }
+            }
+            (Op::Remove, Some(old)) => {
+                let mut out = Garbage::new();
+                self.remove_with_flight(hash, &key, &flight, &mut out);
+                flight.release();
+                self.finish(out);
+                CompResult::Removed(Entry {
+                    key,
+                    value: old,
+                    fresh: false,
+                })
+            }
+            (Op::Nop, Some(v)) => {
+                self.abandon(hash, &flight, true);
+                CompResult::Unchanged(Entry {
+                    key,
+                    value: v,
+                    fresh: false,
+                })
+            }
+            (Op::Remove | Op::Nop, None) => {
+                self.abandon(hash, &flight, true);
+                CompResult::StillNone(key)
+            }
+        }
+    }
+}
+
+/// The outcome of [`Cache::claim_key`].
+enum Claimed<K, V> {
+    Hit(V),
+    Lead(Arc<Flight<K, V>>),
+    Join(Arc<Flight<K, V>>),
+}
+
+impl<K, V, S> EntryRef<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// The entry, inserting `init()` if absent: [`Cache::get_with`] that also tells whether
+    /// this call's `init` produced the value ([`Entry::is_fresh`]).
+    ///
+    /// Blocks while a load of the key runs. Same semantics for concurrent calls, panics and
+    /// recursion as [`Cache::get_with`].
+    pub fn or_insert_with(self, init: impl FnOnce() -> V) -> Entry<K, V> {
+        let mut fresh = false;
+        let value = self.cache.get_with(self.key.clone(), || {
+            fresh = true;
+            init()
+        });
+        Entry {
+            key: self.key,
+            value,
+            fresh,
+        }
+    }
+
+    /// The async twin of [`or_insert_with`](Self::or_insert_with); cancel safety as
+    /// [`Cache::get_with_async`].
+    pub async fn or_insert_with_async(
+        self,
+        init: impl Future<Output = V> + Send + 'static,
+    ) -> Entry<K, V> {
+        let fresh = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&fresh);
+        let value = self
+            .cache
+            .get_with_async(self.key.clone(), async move {
+                f.store(true, Ordering::Release);
+                init.await
+            })
+            .await;
+        Entry {
+            key: self.key,
+            value,
+            fresh: fresh.load(Ordering::Acquire),
+        }
+    }
+
+    /// Atomically (per key) reads the current entry, lets `f` decide, and applies the
+    /// decision: [`Op::Put`] stores a value, [`Op::Remove`] removes the entry, [`Op::Nop`]
+    /// leaves it.
+    ///
+    /// Computations and loads of the same key run one at a time: this call first waits for
+    /// any that runs, and callers loading the key while `f` runs wait for it and take its
+    /// value. `f` runs with no lock held and may use the cache, except to compute or load this
+    /// same key (a recursive load panics). A plain `insert` or `invalidate` of the key while
+    /// `f` runs wins over a `Put` (the computed value is returned, not stored).
+    ///
+    /// # Panics
+    ///
+    /// If `f` panics (the key's other callers are released first).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use herdcache::{Cache, CompResult, Op};
+    /// let cache: Cache<u8, u32> = Cache::new(10);
+    /// let r = cache.entry(1).and_compute_with(|e| match e {
+    ///     Some(e) if *e.value() >= 3 => Op::Remove,
+    ///     Some(e) => Op::Put(e.value() + 1),
+    ///     None => Op::Put(1),
+    /// });
+    /// assert!(matches!(r, CompResult::Inserted(_)));
+    /// ```
+    pub fn and_compute_with(
+        self,
+        f: impl FnOnce(Option<Entry<K, V>>) -> Op<V>,
+    ) -> CompResult<K, V> {
+        let cache = self.cache;
+        let hash = cache.hash(&self.key);
+        let flight = cache.lock_key(hash, &self.key);
+        let mut guard = Resolver {
+            cache,
+            hash,
+            flight,
+            armed: true,
+        };
+        let _running = crate::load::enter(&guard.flight);
+        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let entry = current.clone().map(|value| Entry {
+            key: self.key.clone(),
+            value,
+            fresh: false,
+        });
+        let op = f(entry);
+        guard.armed = false;
+        let flight = Arc::clone(&guard.flight);
+        drop(guard);
+        cache.end_compute(hash, self.key, flight, current, op)
+    }
+
+    /// The async twin of [`and_compute_with`](Self::and_compute_with): `f` returns a future.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future while it waits or while `f`'s future runs releases the key
+    /// (nothing is stored) and lets the key's other callers go on.
+    pub async fn and_compute_with_async<F, Fut>(self, f: F) -> CompResult<K, V>
+    where
+        F: FnOnce(Option<Entry<K, V>>) -> Fut,
+        Fut: Future<Output = Op<V>>,
+    {
+        let cache = self.cache;
+        let hash = cache.hash(&self.key);
+        let flight = cache.lock_key_async(hash, &self.key).await;
+        let mut guard = Resolver {
+            cache,
+            hash,
+            flight,
+            armed: true,
+        };
+        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let entry = current.clone().map(|value| Entry {
+            key: self.key.clone(),
+            value,
+            fresh: false,
+        });
+        let op = f(entry).await;
+        guard.armed = false;
+        let flight = Arc::clone(&guard.flight);
+        drop(guard);
+        cache.end_compute(hash, self.key, flight, current, op)
+    }
+
+    /// Atomically (per key) replaces the value with `f(current entry)`, or inserts it if
+    /// absent, and returns the new entry. Semantics as
+    /// [`and_compute_with`](Self::and_compute_with).
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// for _ in 0..3 {
+    ///     cache.entry("n").and_upsert_with(|e| e.map_or(1, |e| e.value() + 1));
+    /// }
+    /// assert_eq!(cache.get("n"), Some(3));
+    /// ```
+    pub fn and_upsert_with(self, f: impl FnOnce(Option<Entry<K, V>>) -> V) -> Entry<K, V> {
+        match self.and_compute_with(|e| Op::Put(f(e))) {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) => e,
+            _ => unreachable!("a Put inserts or replaces"),
+        }
+    }
+
+    /// The async twin of [`and_upsert_with`](Self::and_upsert_with).
+    pub async fn and_upsert_with_async<F, Fut>(self, f: F) -> Entry<K, V>
+    where
+        F: FnOnce(Option<Entry<K, V>>) -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let r = self
+            .and_compute_with_async(|e| {
+                let fut = f(e);
+                async move { Op::Put(fut.await) }
+            })
+            .await;
+        match r {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) => e,
+            _ => unreachable!("a Put inserts or replaces"),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The entry API and bulk loading: atomic per-key computations under concurrent writers,
+//! freshness, cancellation, and `get_all` calling its loader once for just the missing keys.
+
+#![cfg(not(loom))]
+
+mod common;
+
+use common::watchdog;
+use herdcache::{Cache, CompResult, Op};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn concurrent_computations_do_not_lose_updates() {
+    let _dog = watchdog(LIMIT, "concurrent_computations_do_not_lose_updates");
+    let cache: Cache<u32, u64> = Cache::new(100);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let cache = &cache;
+            s.spawn(move || {
+                for i in 0..1000 {
+                    if (t + i) % 2 == 0 {
+                        cache
+                            .entry(7)
+                            .and_compute_with(|e| Op::Put(e.map_or(0, |e| *e.value()) + 1));
+                    } else {
+                        cache
+                            .entry(7)
+                            .and_upsert_with(|e| e.map_or(0, |e| *e.value()) + 1);
+                    }
+                    // Readers and loaders of the key never see a torn state.
+                    let _ = cache.get(&7);
+                }
+            });
+        }
+    });
+    assert_eq!(cache.get(&7), Some(8000));
+    assert_eq!(cache.loads_in_flight(), 0);
+}
+
+#[test]
+fn computations_report_what_they_did() {
+    let cache: Cache<u32, u32> = Cache::new(100);
+    let r = cache.entry(1).and_compute_with(|e| {
+        assert!(e.is_none());
+        Op::Nop
+    });
+    assert_eq!(r, CompResult::StillNone(1));
+    match cache.entry(1).and_compute_with(|_| Op::Put(5)) {
+        CompResult::Inserted(e) => assert_eq!((*e.key(), *e.value(), e.is_fresh()), (1, 5, true)),
+        other => panic!("{other:?}"),
+    }
+    match cache
+        .entry(1)
+        .and_compute_with(|e| Op::Put(e.unwrap().value() * 2))
+    {
+        CompResult::ReplacedWith(e) => assert_eq!(e.into_value(), 10),
+        other => panic!("{other:?}"),
+    }
+    match cache.entry(1).and_compute_with(|_| Op::Nop) {
+        CompResult::Unchanged(e) => assert_eq!(*e.value(), 10),
+        other => panic!("{other:?}"),
+    }
+    match cache.entry(1).and_compute_with(|_| Op::Remove) {
+        CompResult::Removed(e) => assert_eq!(*e.value(), 10),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cache.get(&1), None);
+    assert_eq!(
+        cache.entry(1).and_compute_with(|_| Op::Remove),
+        CompResult::StillNone(1)
+    );
+}
+
+#[test]
+fn or_insert_with_is_single_flight_and_tells_who_loaded() {
+    let _dog = watchdog(LIMIT, "or_insert_with");
+    let cache: Cache<u32, u32> = Cache::new(100);
+    let barrier = Barrier::new(8);
+    let fresh = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                barrier.wait();
+                let e = cache.entry(3).or_insert_with(|| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    33
+                });
+                assert_eq!(*e.value(), 33);
+                fresh.fetch_add(usize::from(e.is_fresh()), Ordering::SeqCst);
+            });
+        }
+    });
+    assert_eq!(fresh.load(Ordering::SeqCst), 1);
+    let e = futures::executor::block_on(cache.entry(4).or_insert_with_async(async { 44 }));
+    assert!(e.is_fresh());
+    let e = futures::executor::block_on(cache.entry(4).or_insert_with_async(async { 0 }));
+    assert!(!e.is_fresh());
+}
+
+#[test]
+fn a_load_during_a_computation_takes_its_value() {
+    let _dog = watchdog(LIMIT, "a_load_during_a_computation");
+    let cache: Cache<u32, u32> = Cache::new(100);
+    let started = Barrier::new(2);
+    let release = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let computing = s.spawn(|| {
+            cache.entry(1).and_compute_with(|_| {
+                started.wait();
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                Op::Put(11)
+            })
+        });
+        started.wait();
+        let loader = s.spawn(|| cache.get_with(1, || unreachable!("joins the computation")));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            cache.get(&1),
+            None,
+            "not visible before the computation ends"
+        );
+        release.store(true, Ordering::SeqCst);
+        assert!(matches!(computing.join().unwrap(), CompResult::Inserted(_)));
+        assert_eq!(loader.join().unwrap(), 11);
+    });
+}
+
+#[test]
+fn a_panicking_computation_releases_the_key() {
+    let cache: Cache<u32, u32> = Cache::new(100);
+    cache.insert(1, 1);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache
+            .entry(1)
+            .and_compute_with(|_| -> Op<u32> { panic!("boom") })
+    }));
+    assert!(r.is_err());
+    assert_eq!(cache.get(&1), Some(1), "unchanged");
+    assert_eq!(cache.loads_in_flight(), 0);
+    cache.entry(1).and_upsert_with(|e| e.unwrap().value() + 1);
+    assert_eq!(cache.get(&1), Some(2));
+    // Recursion on the same key is caught, not deadlocked.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache
+            .entry(1)
+            .and_compute_with(|_| Op::Put(cache.entry(1).and_upsert_with(|_| 0).into_value()))
+    }));
+    assert!(r.is_err());
+    assert_eq!(cache.loads_in_flight(), 0);
+}
+
+struct Pending(bool);
+impl Future for Pending {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[test]
+fn async_computations_and_their_cancellation() {
+    let _dog = watchdog(LIMIT, "async computations");
+    let cache: Cache<u32, u32> = Cache::new(100);
+    let r = futures::executor::block_on(cache.entry(1).and_compute_with_async(|e| async move {
+        Pending(false).await;
+        Op::Put(e.map_or(1, |e| *e.value()))
+    }));
+    assert!(matches!(r, CompResult::Inserted(_)));
+    // Cancelled in the middle of its computation: the key is released, nothing stored.
+    let mut f = Box::pin(cache.entry(2).and_compute_with_async(|_| async {
+        Pending(false).await;
+        Op::Put(2)
+    }));
+    assert!(f
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending());
+    assert_eq!(cache.loads_in_flight(), 1);
+    drop(f);
+    assert_eq!(cache.loads_in_flight(), 0);
+    assert_eq!(cache.get(&2), None);
+    let e = futures::executor::block_on(
+        cache
+            .entry(2)
+            .and_upsert_with_async(|e| async move { e.map_or(20, |e| e.into_value()) }),
+    );
+    assert_eq!(*e.value(), 20);
+}
+
+#[test]
+fn get_all_loads_only_what_is_missing_once_and_joins_the_rest() {
+    let _dog = watchdog(LIMIT, "get_all");
+    let cache: Cache<u32, String> = Cache::new(100);
+    cache.insert(1, "cached".into());
+    let started = Barrier::new(2);
+    let release = AtomicBool::new(false);
+    let calls = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            cache.get_with(5, || {
+                started.wait();
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                "five".to_string()
+            })
+        });
+        started.wait();
+        let releaser = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            release.store(true, Ordering::SeqCst);
+        });
+        let all = cache.get_all([1, 4, 5, 6, 4, 9], |missing| {
+            calls.lock().unwrap().push(missing.to_vec());
+            // 9 is not found by the backend.
+            missing
+                .iter()
+                .filter(|&&k| k != 9)
+                .map(|&k| (k, format!("loaded {k}")))
+                .collect::<HashMap<_, _>>()
+        });
+        releaser.join().unwrap();
+        assert_eq!(slow.join().unwrap(), "five");
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![vec![4, 6, 9]],
+            "one call, only the missing keys"
+        );
+        let mut got: Vec<_> = all.into_iter().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (1, "cached".to_string()),
+                (4, "loaded 4".to_string()),
+                (5, "five".to_string()),
+                (6, "loaded 6".to_string()),
+            ]
+        );
+    });
+    assert_eq!(cache.get(&6).as_deref(), Some("loaded 6"));
+    assert_eq!(cache.get(&9), None);
+    assert_eq!(cache.loads_in_flight(), 0);
+    // Nothing missing: no call at all.
+    let all = cache.get_all([1, 4], |_| -> HashMap<u32, String> { unreachable!() });
+    assert_eq!(all.len(), 2);
+    let _ = Arc::new(0);
+}
