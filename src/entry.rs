@@ -16,6 +16,12 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A key's flight, shared.
+type FlightRef<K, V> = Arc<Flight<K, V>>;
+
+/// A key being loaded by this call: the key, its hash, its flight.
+type Lead<K, V> = (K, u64, FlightRef<K, V>);
+
 /// A key and its value, as returned by the entry API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry<K, V> {
@@ -136,7 +142,7 @@ where
         I: IntoIterator<Item = K>,
     {
         let mut found = HashMap::new();
-        let mut leads: Vec<(K, u64, Arc<Flight<K, V>>)> = Vec::new();
+        let mut leads: Vec<Lead<K, V>> = Vec::new();
         let mut joins = Vec::new();
         for key in keys {
             if found.contains_key(&key) || leads.iter().any(|(k, _, _)| *k == key) {
@@ -249,7 +255,7 @@ where
     }
 
     /// Registers a flight for `key`, or returns the one running.
-    fn try_lock_key(&self, hash: u64, key: &K) -> Result<Arc<Flight<K, V>>, Arc<Flight<K, V>>> {
+    fn try_lock_key(&self, hash: u64, key: &K) -> Result<FlightRef<K, V>, FlightRef<K, V>> {
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         let stale = match s.flight(hash, key).map(Arc::clone) {
