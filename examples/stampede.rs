@@ -105,6 +105,7 @@ fn pool(threads: usize) -> impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'st
 
 struct Report {
     name: &'static str,
+    stats: herdcache::CacheStats,
     warm_up_calls: u64,
     warm_up_peak: usize,
     timeline: Vec<u64>,
@@ -124,6 +125,7 @@ fn run(name: &'static str, duration: Duration) -> Report {
     let protected = name == "protected";
     let mut builder = Cache::<u64, u64>::builder()
         .max_capacity(10_000)
+        .record_stats()
         .time_to_live(TTL)
         .loader(move |k: &u64| Ok::<_, BoxError>(b.call(*k)));
     if protected {
@@ -191,6 +193,7 @@ fn run(name: &'static str, duration: Duration) -> Report {
         }
     });
     latencies_us.sort_unstable();
+    let stats = cache.stats();
     let timeline: Vec<u64> = backend
         .per_bucket
         .iter()
@@ -198,6 +201,7 @@ fn run(name: &'static str, duration: Duration) -> Report {
         .collect();
     Report {
         name,
+        stats,
         warm_up_calls,
         warm_up_peak,
         calls: timeline.iter().sum(),
@@ -302,6 +306,23 @@ fn main() {
             *r.latencies_us.last().unwrap_or(&0) as f64 / 1000.0,
             r.latencies_us.len(),
             100.0 * waited as f64 / r.latencies_us.len().max(1) as f64
+        );
+        let s = &r.stats;
+        println!(
+            "stats(): hits {} misses {} (hit ratio {:.4}) | loads {} ok, {} failed, average {:.2} ms | coalesced {} | refreshes started {} succeeded {} failed {} | stale served {} | loads waited for the limit {} | expired {}",
+            s.hits,
+            s.misses,
+            s.hit_ratio(),
+            s.load_successes,
+            s.load_failures,
+            s.average_load_time().as_secs_f64() * 1e3,
+            s.coalesced,
+            s.refreshes_started,
+            s.refreshes_succeeded,
+            s.refreshes_failed,
+            s.stale_served,
+            s.loads_waited_for_limit,
+            s.expired.count
         );
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/stampede.svg");

@@ -65,6 +65,7 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) clock: Clock,
     pub(crate) stats: bool,
     pub(crate) listener: Option<Listener<K, V>>,
+    pub(crate) name: String,
 }
 
 /// Why a configuration was refused by [`CacheBuilder::try_build`].
@@ -140,6 +141,7 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     jitter: f64,
     stats: bool,
     listener: Option<Listener<K, V>>,
+    name: Option<String>,
     _types: PhantomData<fn(K, V)>,
 }
 
@@ -160,6 +162,7 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             jitter: 0.0,
             stats: false,
             listener: None,
+            name: None,
             _types: PhantomData,
         }
     }
@@ -240,8 +243,15 @@ where
             jitter: 0.0,
             stats: self.stats,
             listener: self.listener,
+            name: self.name,
             _types: PhantomData,
         }
+    }
+
+    /// A name for the cache: the `cache` label of its metrics, and shown by `Debug`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
     }
 
     /// Counts hits, misses, loads, removals by cause and stampede events, for
@@ -384,6 +394,7 @@ where
             clock,
             stats: self.stats,
             listener: self.listener,
+            name: self.name.unwrap_or_else(|| "herdcache".to_string()),
         }))
     }
 }

@@ -57,6 +57,7 @@ impl<K, V, S> Clone for Cache<K, V, S> {
 impl<K, V, S> fmt::Debug for Cache<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cache")
+            .field("name", &self.inner.name)
             .field("max_capacity", &self.inner.capacity)
             .field("weighted_size", &self.inner.weight.load(Ordering::Relaxed))
             .field("shards", &self.inner.shards.len())
@@ -85,6 +86,7 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) stampede: Stampede<K, V, S>,
     pub(crate) stats: Option<Stats>,
     listener: Option<Listener<K, V>>,
+    name: String,
 }
 
 #[cfg(not(loom))]
@@ -151,6 +153,7 @@ where
             clock,
             stats,
             listener,
+            name,
         } = parts;
         let now = clock.now();
         let n = shards as u64;
@@ -179,6 +182,7 @@ where
                 stampede,
                 stats: stats.then(Stats::new),
                 listener,
+                name,
             }),
         }
     }
@@ -766,6 +770,17 @@ where
     /// ```
     pub fn weighted_size(&self) -> u64 {
         self.inner.weight.load(Ordering::Acquire)
+    }
+
+    /// The cache's name (see [`CacheBuilder::name`](crate::CacheBuilder::name); default
+    /// `"herdcache"`).
+    ///
+    /// ```
+    /// let c = herdcache::Cache::<u8, u8>::builder().max_capacity(1).name("users").build();
+    /// assert_eq!(c.name(), "users");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// The configured bound.

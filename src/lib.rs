@@ -59,6 +59,8 @@ mod entry;
 mod expiry;
 mod limit;
 mod load;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod policy;
 mod refresh;
 mod shard;
