@@ -76,3 +76,10 @@ pub use expiry::Expiry;
 pub use refresh::{BoxError, LoadError};
 pub use shard::RemovalCause;
 pub use stats::{CacheStats, Removals};
+
+/// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::limit::Limiter;
+}

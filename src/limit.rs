@@ -27,7 +27,8 @@ struct State {
     next_id: u64,
 }
 
-pub(crate) struct Limiter {
+#[doc(hidden)]
+pub struct Limiter {
     max: usize,
     state: Mutex<State>,
     cond: Condvar,
@@ -37,7 +38,8 @@ pub(crate) struct Limiter {
 }
 
 /// A held permit; released on drop.
-pub(crate) struct Permit {
+#[doc(hidden)]
+pub struct Permit {
     limiter: Arc<Limiter>,
 }
 
@@ -48,7 +50,8 @@ impl Drop for Permit {
 }
 
 impl Limiter {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
+    #[doc(hidden)]
+    pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Limiter {
             max: max.max(1),
             state: Mutex::new(State {
@@ -90,7 +93,8 @@ impl Limiter {
     }
 
     /// Blocks the thread until a permit is granted, in arrival order.
-    pub(crate) fn acquire_blocking(self: &Arc<Self>) -> Permit {
+    #[doc(hidden)]
+    pub fn acquire_blocking(self: &Arc<Self>) -> Permit {
         let mut st = self.state.lock();
         if st.in_use < self.max && st.queue.is_empty() {
             st.in_use += 1;
@@ -126,6 +130,13 @@ impl Limiter {
     fn release(&self) {
         let waker = {
             let mut st = self.state.lock();
+            // A planted bug for the loom model to catch: the permit goes back to the pool
+            // even when someone waits for it, and nobody is woken.
+            #[cfg(herdcache_broken_model)]
+            if st.in_use > 0 {
+                st.in_use -= 1;
+                return;
+            }
             match st.queue.iter_mut().find(|t| !t.granted) {
                 Some(t) => {
                     // The permit moves to the waiter; `in_use` is unchanged.

@@ -6,6 +6,9 @@
 //! inserted, and not expired) and a miss is allowed. After every step `validate()` checks the
 //! internal invariants and the weight must be within the capacity.
 //!
+//! Loads are in the model too: `get_with` must return the live value or load the given one,
+//! `try_get_with` with a failing loader must return the live value or the (uncached) error.
+//!
 //! `PROPTEST_CASES` sets the number of cases (default 256); see README "Testing" for long runs.
 
 #![cfg(not(loom))]
@@ -25,6 +28,10 @@ enum Op {
     Retain(u8),
     Advance(u16),
     RunPending,
+    /// `get_with(k, || v)`.
+    GetWith(u8, u16),
+    /// `try_get_with(k, || Err(..))`.
+    TryFail(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -36,6 +43,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::Retain),
         3 => (0u16..2000).prop_map(Op::Advance),
         1 => Just(Op::RunPending),
+        3 => (0u8..40, any::<u16>()).prop_map(|(k, v)| Op::GetWith(k, v)),
+        1 => (0u8..40).prop_map(Op::TryFail),
     ]
 }
 
@@ -101,6 +110,44 @@ fn run(ops: Vec<Op>, capacity: u64, exact: bool, tti: bool) -> Result<(), TestCa
             Op::Advance(ms) => {
                 clock.advance(Duration::from_millis(u64::from(ms)));
                 now += u64::from(ms);
+            }
+            Op::GetWith(k, v) => {
+                let live = model.get(&k).filter(|(_, d)| *d > now).map(|(v, _)| *v);
+                let got = cache.get_with(k, || v);
+                match live {
+                    Some(old) if exact => prop_assert_eq!(got, old, "a hit does not load"),
+                    Some(old) => prop_assert!(got == old || got == v),
+                    None => prop_assert_eq!(got, v, "a miss loads"),
+                }
+                // Without eviction a live value is a hit; with eviction it may have been
+                // reloaded (a new deadline): the model then takes the later deadline.
+                if got == v && (live != Some(v) || !exact) {
+                    model.insert(k, (v, now + TTL_MS));
+                } else if tti {
+                    if let Some(e) = model.get_mut(&k) {
+                        e.1 = now + TTL_MS;
+                    }
+                }
+            }
+            Op::TryFail(k) => {
+                let live = model.get(&k).filter(|(_, d)| *d > now).map(|(v, _)| *v);
+                let got = cache.try_get_with(k, || Err::<u16, &str>("down"));
+                match (got, live) {
+                    (Ok(v), Some(old)) => {
+                        prop_assert_eq!(v, old);
+                        if tti {
+                            if let Some(e) = model.get_mut(&k) {
+                                e.1 = now + TTL_MS;
+                            }
+                        }
+                    }
+                    (Ok(v), None) => prop_assert!(false, "a value {} out of nowhere", v),
+                    (Err(e), live) => {
+                        prop_assert_eq!(*e, "down");
+                        prop_assert!(!exact || live.is_none(), "a live value was not served");
+                    }
+                }
+                prop_assert_eq!(cache.loads_in_flight(), 0, "errors are not cached");
             }
             Op::RunPending => {
                 cache.run_pending_tasks();

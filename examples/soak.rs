@@ -1,0 +1,209 @@
+//! A soak test: hours (or minutes) of mixed load on two threads, watching memory, throughput
+//! and progress.
+//!
+//! ```text
+//! cargo run --release --example soak -- 180      # 3 minutes (CI); any number of seconds
+//! ```
+//!
+//! Two workers mix gets, inserts, single-flight loads that fail (5 %) or panic (1 %),
+//! invalidations, `invalidate_all` now and then, entries with a 2 s time to live, and
+//! refresh-ahead on a second cache. Every second it prints RSS, operations per second and loads
+//! in flight. After a warm-up (the first fifth of the run, at least 10 s) it fails (exit code 1)
+//! if RSS grows more than 10 % above its level at the end of the warm-up, if throughput in the
+//! second half of the measured period drifts more than 30 % from the first half, or if a worker
+//! makes no progress for 5 s.
+
+use herdcache::{BoxError, Cache};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PLANNED: &str = "soak: planned loader panic";
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn main() {
+    let secs: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let warm_up = (secs / 5).max(10).min(secs.saturating_sub(10));
+    // The planned panics are expected: keep them off stderr.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<&str>() != Some(&PLANNED) {
+            default_hook(info);
+        }
+    }));
+
+    let cache: Cache<u64, Vec<u8>> = Cache::builder()
+        .max_capacity(8 << 20) // 8 MiB of values
+        .weigher(|_k: &u64, v: &Vec<u8>| v.len() as u32 + 8)
+        .time_to_live(Duration::from_secs(2))
+        .record_stats()
+        .build();
+    let refreshing: Cache<u64, u64> = Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(Duration::from_secs(3))
+        .refresh_after(Duration::from_secs(1))
+        .jitter(0.2)
+        .max_concurrent_loads(2)
+        .loader(|k: &u64| {
+            if k % 20 == 0 {
+                Err(BoxError::from("soak: planned failure"))
+            } else {
+                Ok(k * 2)
+            }
+        })
+        .record_stats()
+        .build();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let start = Instant::now();
+    let workers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (cache, refreshing, stop, ops) = (
+                cache.clone(),
+                refreshing.clone(),
+                stop.clone(),
+                ops[w as usize].clone(),
+            );
+            std::thread::spawn(move || {
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let k = x % 200_000;
+                    match x % 100 {
+                        0..=49 => {
+                            let _ = cache.get(&k);
+                        }
+                        50..=69 => cache.insert(k, vec![0; (x % 512) as usize]),
+                        70..=84 => {
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                cache.try_get_with(k, || match x % 100 {
+                                    70..=74 => Err("soak: planned failure"),
+                                    75 => std::panic::panic_any(PLANNED),
+                                    _ => Ok(vec![1; (x % 256) as usize]),
+                                })
+                            }));
+                            if let Ok(Ok(v)) = r {
+                                assert!(v.iter().all(|&b| b == 1) || v.iter().all(|&b| b == 0));
+                            }
+                        }
+                        85..=94 => {
+                            let _ = refreshing.load(k % 5_000);
+                        }
+                        95..=98 => cache.invalidate(&k),
+                        _ => {
+                            if x % 100_000 == 99 {
+                                cache.invalidate_all();
+                            }
+                        }
+                    }
+                    n += 1;
+                    if n % 256 == 0 {
+                        ops.store(n, Ordering::Relaxed);
+                    }
+                }
+                ops.store(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+
+    let mut failures = Vec::new();
+    let mut last_ops = vec![0u64; 2];
+    let mut last_progress = vec![Instant::now(); 2];
+    let mut baseline_rss = 0u64;
+    let mut rates = Vec::new();
+    for second in 1..=secs {
+        std::thread::sleep(
+            Duration::from_secs(1)
+                .saturating_sub(start.elapsed() - Duration::from_secs(second - 1)),
+        );
+        let now_ops: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
+        let rate: u64 = now_ops.iter().zip(&last_ops).map(|(a, b)| a - b).sum();
+        for w in 0..2 {
+            if now_ops[w] != last_ops[w] {
+                last_progress[w] = Instant::now();
+            } else if last_progress[w].elapsed() > Duration::from_secs(5) {
+                failures.push(format!("worker {w} stalled for over 5 s at {second} s"));
+            }
+        }
+        last_ops = now_ops;
+        let rss = rss_bytes();
+        println!(
+            "{second:>5} s  rss {:>7.1} MiB  {:>9} ops/s  loads in flight {}  entries {}",
+            rss as f64 / (1 << 20) as f64,
+            rate,
+            cache.stats().loads_in_flight + refreshing.stats().loads_in_flight,
+            cache.entry_count()
+        );
+        if second == warm_up {
+            baseline_rss = rss;
+        }
+        if second > warm_up {
+            rates.push(rate as f64);
+            if rss > baseline_rss + baseline_rss / 10 {
+                failures.push(format!(
+                    "RSS grew from {baseline_rss} to {rss} bytes (> 10 %) at {second} s"
+                ));
+            }
+        }
+        if !failures.is_empty() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    if rates.len() >= 2 {
+        let (a, b) = rates.split_at(rates.len() / 2);
+        let (ma, mb) = (
+            a.iter().sum::<f64>() / a.len() as f64,
+            b.iter().sum::<f64>() / b.len() as f64,
+        );
+        let drift = (mb - ma).abs() / ma.max(1.0);
+        println!(
+            "throughput: {ma:.0} ops/s then {mb:.0} ops/s (drift {:.1} %); RSS after warm-up {:.1} MiB",
+            drift * 100.0,
+            baseline_rss as f64 / (1 << 20) as f64
+        );
+        if drift > 0.30 {
+            failures.push(format!(
+                "throughput drifted {:.1} % (> 30 %)",
+                drift * 100.0
+            ));
+        }
+    }
+    let s = cache.stats();
+    println!(
+        "stats: hits {} misses {} loads ok {} failed {} coalesced {} | refreshing cache: refreshes {} ok {} failed {}",
+        s.hits,
+        s.misses,
+        s.load_successes,
+        s.load_failures,
+        s.coalesced,
+        refreshing.stats().refreshes_started,
+        refreshing.stats().refreshes_succeeded,
+        refreshing.stats().refreshes_failed
+    );
+    cache.validate();
+    if failures.is_empty() {
+        println!("soak: ok ({secs} s)");
+    } else {
+        for f in &failures {
+            println!("soak: FAIL: {f}");
+        }
+        std::process::exit(1);
+    }
+}
