@@ -121,7 +121,7 @@ fn main() {
 
     let mut failures = Vec::new();
     let mut last_ops = vec![0u64; 2];
-    let mut last_progress = vec![Instant::now(); 2];
+    let mut last_progress = [Instant::now(); 2];
     let mut baseline_rss = 0u64;
     let mut rates = Vec::new();
     for second in 1..=secs {
