@@ -24,7 +24,8 @@ use crate::policy::{record_hit, Place, Policy, Tracked};
 use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use crate::sync::AtomicU64;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Why an entry left the cache.
@@ -405,6 +406,14 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         if !due {
             return Refresh::Fresh;
         }
+        // A planted bug for the loom model to catch: check-then-set instead of one
+        // compare-and-swap, so two readers can both start a refresh.
+        #[cfg(herdcache_broken_model)]
+        {
+            self.times[r].store(REFRESHING, Ordering::Release);
+            Refresh::Won
+        }
+        #[cfg(not(herdcache_broken_model))]
         match self.times[r].compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => Refresh::Won,
             Err(_) => Refresh::Due,

@@ -5,7 +5,7 @@
 #[cfg(not(loom))]
 pub(crate) use parking_lot::{Condvar, Mutex, RwLock};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::AtomicBool;
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
 
 /// Waits on `cond`, releasing `guard` meanwhile, and returns the guard re-acquired.
 #[cfg(not(loom))]
@@ -35,7 +35,7 @@ pub(crate) fn wait_until<'a, T>(
 }
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::AtomicBool;
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
 #[cfg(loom)]
 pub(crate) use loom::sync::Condvar;
 
