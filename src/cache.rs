@@ -89,12 +89,7 @@ pub(crate) struct Inner<K, V, S> {
     name: String,
 }
 
-#[cfg(not(loom))]
-thread_local! {
-    static ACCESS_TICK: Cell<u32> = const { Cell::new(0) };
-}
-#[cfg(loom)]
-loom::thread_local! {
+crate::sync::thread_local_shim! {
     static ACCESS_TICK: Cell<u32> = Cell::new(0);
 }
 

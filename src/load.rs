@@ -170,13 +170,8 @@ impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K,
     }
 }
 
-#[cfg(not(loom))]
-thread_local! {
+crate::sync::thread_local_shim! {
     /// Flights this thread is running (sync loader) or polling (async load), by address.
-    static RUNNING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-#[cfg(loom)]
-loom::thread_local! {
     static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
 }
 

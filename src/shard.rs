@@ -21,10 +21,10 @@ use crate::clock::NEVER;
 use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
 use crate::load::Flight;
 use crate::policy::{record_hit, Place, Policy, Tracked};
+use crate::sync::AtomicU64;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
-use crate::sync::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 

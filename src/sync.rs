@@ -2,13 +2,29 @@
 //! [loom](https://docs.rs/loom)'s model-checked ones under `--cfg loom` (see
 //! `tests/loom_single_flight.rs`). Code elsewhere imports locks only from here.
 
-#[cfg(not(loom))]
+//! Under `--cfg shuttle` they are [shuttle](https://docs.rs/shuttle)'s instead, for the
+//! randomized-schedule test of the whole cache (`tests/shuttle_cache.rs`).
+
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use parking_lot::{Condvar, Mutex, RwLock};
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
 
+/// Declares a thread-local that the model checkers (loom, shuttle) treat as per model thread.
+macro_rules! thread_local_shim {
+    ($(#[$m:meta])* static $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(any(loom, shuttle)))]
+        std::thread_local! { $(#[$m])* static $name: $t = const { $init }; }
+        #[cfg(loom)]
+        loom::thread_local! { $(#[$m])* static $name: $t = $init; }
+        #[cfg(shuttle)]
+        shuttle::thread_local! { $(#[$m])* static $name: $t = $init; }
+    };
+}
+pub(crate) use thread_local_shim;
+
 /// Waits on `cond`, releasing `guard` meanwhile, and returns the guard re-acquired.
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) fn wait<'a, T>(
     cond: &Condvar,
     mut guard: parking_lot::MutexGuard<'a, T>,
@@ -18,7 +34,7 @@ pub(crate) fn wait<'a, T>(
 }
 
 /// [`wait`] with an optional deadline; also returns whether the deadline passed.
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) fn wait_until<'a, T>(
     cond: &Condvar,
     mut guard: parking_lot::MutexGuard<'a, T>,
@@ -90,6 +106,68 @@ impl<T> RwLock<T> {
         self.0.write().expect("not poisoned")
     }
     pub(crate) fn try_write(&self) -> Option<loom::sync::RwLockWriteGuard<'_, T>> {
+        self.0.try_write().ok()
+    }
+}
+
+#[cfg(shuttle)]
+pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU64};
+#[cfg(shuttle)]
+pub(crate) use shuttle::sync::Condvar;
+
+/// A `shuttle` mutex with `parking_lot`'s signature (no poisoning in the API).
+#[cfg(shuttle)]
+#[derive(Debug)]
+pub(crate) struct Mutex<T>(shuttle::sync::Mutex<T>);
+
+#[cfg(shuttle)]
+impl<T> Mutex<T> {
+    pub(crate) fn new(t: T) -> Self {
+        Mutex(shuttle::sync::Mutex::new(t))
+    }
+    pub(crate) fn lock(&self) -> shuttle::sync::MutexGuard<'_, T> {
+        self.0
+            .lock()
+            .expect("shuttle mutexes are not poisoned here")
+    }
+}
+
+#[cfg(shuttle)]
+pub(crate) fn wait<'a, T>(
+    cond: &Condvar,
+    guard: shuttle::sync::MutexGuard<'a, T>,
+) -> shuttle::sync::MutexGuard<'a, T> {
+    cond.wait(guard)
+        .expect("shuttle mutexes are not poisoned here")
+}
+
+/// Under shuttle, deadlines are not modelled: waits are untimed.
+#[cfg(shuttle)]
+pub(crate) fn wait_until<'a, T>(
+    cond: &Condvar,
+    guard: shuttle::sync::MutexGuard<'a, T>,
+    _until: Option<std::time::Instant>,
+) -> (shuttle::sync::MutexGuard<'a, T>, bool) {
+    (wait(cond, guard), false)
+}
+
+/// A `shuttle` read-write lock with `parking_lot`'s signature.
+#[cfg(shuttle)]
+#[derive(Debug)]
+pub(crate) struct RwLock<T>(shuttle::sync::RwLock<T>);
+
+#[cfg(shuttle)]
+impl<T> RwLock<T> {
+    pub(crate) fn new(t: T) -> Self {
+        RwLock(shuttle::sync::RwLock::new(t))
+    }
+    pub(crate) fn read(&self) -> shuttle::sync::RwLockReadGuard<'_, T> {
+        self.0.read().expect("not poisoned")
+    }
+    pub(crate) fn write(&self) -> shuttle::sync::RwLockWriteGuard<'_, T> {
+        self.0.write().expect("not poisoned")
+    }
+    pub(crate) fn try_write(&self) -> Option<shuttle::sync::RwLockWriteGuard<'_, T>> {
         self.0.try_write().ok()
     }
 }

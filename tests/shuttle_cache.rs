@@ -1,0 +1,110 @@
+//! Randomized schedules of the whole cache (shuttle): blocking threads and async tasks load,
+//! write and invalidate two keys of a tiny cache, and one async caller is cancelled while it
+//! waits. Every schedule must end with correct values, no flight left and the invariants held.
+//!
+//! ```text
+//! RUSTFLAGS="--cfg shuttle" cargo test --release --test shuttle_cache
+//! SHUTTLE_ITERATIONS=1000000 RUSTFLAGS="--cfg shuttle" cargo test --release --test shuttle_cache
+//! ```
+#![cfg(shuttle)]
+
+use herdcache::Cache;
+use shuttle::sync::atomic::{AtomicUsize, Ordering};
+use shuttle::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+/// Pending once (yielding to the scheduler), then ready.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn iterations() -> usize {
+    std::env::var("SHUTTLE_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000)
+}
+
+#[test]
+fn threads_tasks_and_a_cancelled_waiter() {
+    shuttle::check_random(
+        || {
+            let cache: Cache<u32, u32> = Cache::builder().max_capacity(4).shards(1).build();
+            let loads = Arc::new(AtomicUsize::new(0));
+            let mut threads = Vec::new();
+            for t in 0..2u32 {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                threads.push(shuttle::thread::spawn(move || {
+                    for k in [1u32, 2] {
+                        let v = cache.get_with(k, || {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            k * 10
+                        });
+                        // Values are only ever k * 10 (loads) or k * 10 + 1 (the writer).
+                        assert!(v == k * 10 || v == k * 10 + 1, "thread {t}: {k} -> {v}");
+                        if k == 2 {
+                            // Nothing removes key 2: once a caller has its value, so does get.
+                            assert!(
+                                cache.get(&2).is_some(),
+                                "value not published before release"
+                            );
+                        }
+                    }
+                }));
+            }
+            let writer = {
+                let cache = cache.clone();
+                shuttle::thread::spawn(move || {
+                    cache.insert(2, 21);
+                    cache.invalidate(&1);
+                })
+            };
+            let task = {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                shuttle::future::spawn(async move {
+                    let v = cache
+                        .get_with_async(1, async move {
+                            YieldOnce(false).await;
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            10
+                        })
+                        .await;
+                    assert!(v == 10, "task: 1 -> {v}");
+                })
+            };
+            // An async caller polled once, then dropped while it waits or leads.
+            {
+                let mut f = Box::pin(cache.get_with_async(2, async {
+                    YieldOnce(false).await;
+                    20
+                }));
+                let _ = f.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            }
+            for t in threads {
+                t.join().expect("thread");
+            }
+            writer.join().expect("writer");
+            shuttle::future::block_on(task).expect("task");
+            assert_eq!(cache.loads_in_flight(), 0, "no flight left behind");
+            cache.validate();
+            for k in [1u32, 2] {
+                if let Some(v) = cache.get(&k) {
+                    assert!(v == k * 10 || v == k * 10 + 1);
+                }
+            }
+        },
+        iterations(),
+    );
+}
