@@ -194,3 +194,118 @@ proptest! {
         run(ops, 1_000, true, true)?;
     }
 }
+
+#[derive(Clone, Debug)]
+enum ROp {
+    Load(u8),
+    Get(u8),
+    Advance(u16),
+    /// Change what the backend returns; odd versions fail.
+    Version(u8),
+    Invalidate(u8),
+}
+
+fn rop() -> impl Strategy<Value = ROp> {
+    prop_oneof![
+        3 => (0u8..8).prop_map(ROp::Load),
+        5 => (0u8..8).prop_map(ROp::Get),
+        3 => (0u16..1500).prop_map(ROp::Advance),
+        2 => any::<u8>().prop_map(ROp::Version),
+        1 => (0u8..8).prop_map(ROp::Invalidate),
+    ]
+}
+
+const REFRESH_MS: u64 = 300;
+const BACKOFF_MS: u64 = 200;
+
+/// Refresh-ahead against a model: reads run due refreshes inline (no spawner, no jitter), so
+/// what a read returns and what is cached after it are fully determined.
+fn run_refresh(ops: Vec<ROp>) -> Result<(), TestCaseError> {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let clock = ManualClock::new();
+    let version = Arc::new(AtomicU8::new(0));
+    let v2 = version.clone();
+    let cache: Cache<u8, u16> = Cache::builder()
+        .max_capacity(1_000)
+        .time_to_live(Duration::from_millis(TTL_MS))
+        .refresh_after(Duration::from_millis(REFRESH_MS))
+        .refresh_backoff(Duration::from_millis(BACKOFF_MS))
+        .loader(move |k: &u8| {
+            let v = v2.load(Ordering::SeqCst);
+            if v % 2 == 1 {
+                Err(herdcache::BoxError::from("odd version"))
+            } else {
+                Ok(u16::from(*k) * 1000 + u16::from(v))
+            }
+        })
+        .clock(clock.clone())
+        .build();
+    // key → (value, expires at, refresh due at)
+    let mut model: HashMap<u8, (u16, u64, u64)> = HashMap::new();
+    let mut now = 0u64;
+    let backend = |k: u8, v: u8| (v % 2 == 0).then(|| u16::from(k) * 1000 + u16::from(v));
+    for op in ops {
+        let ver = version.load(Ordering::SeqCst);
+        match op {
+            ROp::Load(k) | ROp::Get(k) => {
+                let live = model.get(&k).copied().filter(|e| e.1 > now);
+                let got = match op {
+                    ROp::Load(_) => cache.load(k).ok(),
+                    _ => cache.get(&k),
+                };
+                match live {
+                    Some((v, _, due)) => {
+                        prop_assert_eq!(got, Some(v), "a live value is served, even when due");
+                        if due <= now {
+                            // This read ran the refresh.
+                            match backend(k, ver) {
+                                Some(new) => {
+                                    model.insert(k, (new, now + TTL_MS, now + REFRESH_MS));
+                                }
+                                None => {
+                                    model.get_mut(&k).expect("live").2 = now + BACKOFF_MS;
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        let want = match op {
+                            ROp::Load(_) => backend(k, ver),
+                            _ => None,
+                        };
+                        prop_assert_eq!(got, want, "a miss loads (load) or returns None (get)");
+                        if let Some(v) = want {
+                            model.insert(k, (v, now + TTL_MS, now + REFRESH_MS));
+                        } else {
+                            model.remove(&k);
+                        }
+                    }
+                }
+            }
+            ROp::Advance(ms) => {
+                clock.advance(Duration::from_millis(u64::from(ms)));
+                now += u64::from(ms);
+            }
+            ROp::Version(v) => version.store(v, Ordering::SeqCst),
+            ROp::Invalidate(k) => {
+                cache.invalidate(&k);
+                model.remove(&k);
+            }
+        }
+        cache.validate();
+        prop_assert_eq!(cache.loads_in_flight(), 0);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(256)
+    ))]
+
+    #[test]
+    fn refresh_agrees_with_the_model(ops in prop::collection::vec(rop(), 1..150)) {
+        run_refresh(ops)?;
+    }
+}

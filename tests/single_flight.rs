@@ -462,3 +462,52 @@ fn get_with_on_a_present_key_does_not_call_the_loader() {
         1
     );
 }
+
+#[test]
+fn panics_errors_and_negative_entries_leak_nothing() {
+    let _serial = live_lock();
+    let _dog = watchdog(LIMIT, "panics_errors_and_negative_entries_leak_nothing");
+    let before = LIVE.load(Ordering::SeqCst);
+    {
+        let cache: Cache<u64, Counted> = Cache::builder()
+            .max_capacity(100)
+            .negative_ttl(Duration::from_secs(60))
+            .build();
+        // A loader that panics after making a value.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.get_with(1, || {
+                let _made = Counted::new(1);
+                panic!("loader failed");
+            })
+        }));
+        assert!(r.is_err());
+        // An error that carries a counted value, shared and then kept as a negative entry.
+        let e = cache
+            .try_get_with(2, || Err::<Counted, _>(Counted::new(2)))
+            .unwrap_err();
+        let e2 = cache
+            .try_get_with(2, || Ok::<_, Counted>(Counted::new(99)))
+            .unwrap_err();
+        assert!(Arc::ptr_eq(&e, &e2), "negative entry served");
+        drop((e, e2));
+        // An async load that panics while polled.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures::executor::block_on(cache.get_with_async(3, async {
+                let _made = Counted::new(3);
+                Yield(1).await;
+                panic!("async loader failed");
+            }))
+        }));
+        assert!(r.is_err());
+        // A successful load, replaced, then invalidated.
+        cache.get_with(4, || Counted::new(4));
+        cache.insert(4, Counted::new(5));
+        cache.invalidate(&4);
+        assert_eq!(cache.loads_in_flight(), 0);
+        assert!(
+            LIVE.load(Ordering::SeqCst) - before <= 1,
+            "only the negative entry's error lives"
+        );
+    }
+    assert_eq!(LIVE.load(Ordering::SeqCst), before, "nothing leaked");
+}
