@@ -667,17 +667,22 @@ where
     /// assert_eq!(cache.entry_count(), 0);
     /// ```
     pub fn invalidate_all(&self) {
+        self.for_each_shard(|s, out| s.clear(out));
+    }
+
+    /// Runs `op` on every shard in turn under its write lock, then reports what it removed once
+    /// the lock is released; a listener's panic is resumed after the last shard.
+    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Garbage<K, V>)) {
         let mut panic = None;
         for cell in self.inner.shards.iter() {
             let mut out = Garbage::new();
             let mut s = cell.lock.write();
             let before = s.weight();
-            s.clear(&mut out);
+            op(&mut s, &mut out);
             self.account(before, s.weight());
             drop(s);
-            let p = self.report(&out);
+            panic = panic.or(self.report(&out));
             drop(out);
-            panic = panic.or(p);
         }
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
@@ -698,21 +703,7 @@ where
     /// ```
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         let now = self.now();
-        let mut panic = None;
-        for cell in self.inner.shards.iter() {
-            let mut out = Garbage::new();
-            let mut s = cell.lock.write();
-            let before = s.weight();
-            s.retain(now, &self.inner.hasher, &mut keep, &mut out);
-            self.account(before, s.weight());
-            drop(s);
-            let p = self.report(&out);
-            drop(out);
-            panic = panic.or(p);
-        }
-        if let Some(p) = panic {
-            std::panic::resume_unwind(p);
-        }
+        self.for_each_shard(|s, out| s.retain(now, &self.inner.hasher, &mut keep, out));
     }
 
     /// Iterates over clones of the live entries, one shard's snapshot at a time (no lock is held
@@ -802,21 +793,7 @@ where
     /// ```
     pub fn run_pending_tasks(&self) {
         let now = self.now();
-        let mut panic = None;
-        for cell in self.inner.shards.iter() {
-            let mut out = Garbage::new();
-            let mut s = cell.lock.write();
-            let before = s.weight();
-            s.expire(now, true, &self.inner.hasher, &mut out);
-            self.account(before, s.weight());
-            drop(s);
-            let p = self.report(&out);
-            drop(out);
-            panic = panic.or(p);
-        }
-        if let Some(p) = panic {
-            std::panic::resume_unwind(p);
-        }
+        self.for_each_shard(|s, out| s.expire(now, true, &self.inner.hasher, out));
     }
 
     /// Checks every internal invariant of every shard and the global weight; panics on the

@@ -50,6 +50,17 @@ pub(crate) struct Removed<K, V> {
     pub(crate) cause: RemovalCause,
 }
 
+impl<K, V> Removed<K, V> {
+    fn expired(key: K, value: V, weight: u32) -> Self {
+        Removed {
+            key,
+            value,
+            weight,
+            cause: RemovalCause::Expired,
+        }
+    }
+}
+
 /// Entries removed under a lock, dropped (or reported) after it is released. Holds the first
 /// one inline: the common write removes at most one entry, and then needs no allocation.
 pub(crate) struct Garbage<K, V> {
@@ -557,12 +568,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             let times = exp.on_update(&e.key, &value, now, current, factor);
             if times.0 <= now {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                out.push(Removed {
-                    key,
-                    value,
-                    weight,
-                    cause: RemovalCause::Expired,
-                });
+                out.push(Removed::expired(key, value, weight));
                 return;
             }
             let old = std::mem::replace(&mut e.value, value);
@@ -582,12 +588,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
         let times = exp.on_create(&key, &value, now, factor);
         if times.0 <= now {
-            out.push(Removed {
-                key,
-                value,
-                weight,
-                cause: RemovalCause::Expired,
-            });
+            // Already expired (a zero time to live): never stored.
+            out.push(Removed::expired(key, value, weight));
             return;
         }
         let slot = self.alloc(Entry {
