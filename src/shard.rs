@@ -109,16 +109,52 @@ impl<K, V> Garbage<K, V> {
     }
 }
 
-pub(crate) struct Entry<K, V> {
+/// An entry's effective deadline, kept in its slab slot (no separate cache line to load on a
+/// read): nothing at all for caches without time data, an `AtomicU64` for the others.
+pub(crate) trait SlotTime: Send + Sync + 'static {
+    fn fresh() -> Self;
+    fn get(&self) -> u64;
+    fn set(&self, at: u64);
+}
+
+impl SlotTime for () {
+    #[inline]
+    fn fresh() -> Self {}
+    #[inline]
+    fn get(&self) -> u64 {
+        NEVER
+    }
+    #[inline]
+    fn set(&self, _: u64) {}
+}
+
+impl SlotTime for AtomicU64 {
+    #[inline]
+    fn fresh() -> Self {
+        AtomicU64::new(NEVER)
+    }
+    #[inline]
+    fn get(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+    #[inline]
+    fn set(&self, at: u64) {
+        self.store(at, Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct Entry<K, V, T> {
     key: K,
     value: V,
     weight: u32,
     hits: AtomicU8,
     place: Place,
     bucket: u16,
+    /// The effective deadline.
+    time: T,
 }
 
-impl<K, V> Tracked for Entry<K, V> {
+impl<K, V, T> Tracked for Entry<K, V, T> {
     fn place(&self) -> Place {
         self.place
     }
@@ -199,14 +235,17 @@ enum Refresh {
 /// A refresh deadline meaning "a refresh is being started or runs": nobody else starts one.
 pub(crate) const REFRESHING: u64 = NEVER - 1;
 
-pub(crate) struct Shard<K, V> {
+/// The single-threaded core of a shard, generic over where entries keep their deadline.
+pub(crate) struct Core<K, V, T> {
     table: HashTable<u32>,
-    slab: Vec<Option<Entry<K, V>>>,
+    slab: Vec<Option<Entry<K, V, T>>>,
     free: Vec<u32>,
-    /// Time data, `layout.stride` per slab slot: the effective deadline, then the hard one
-    /// (with both TTL and TTI), then the refresh deadline and the last load's duration.
+    /// Time data besides the effective deadline (which is in the slot), `extra` per slab
+    /// slot: the hard deadline (with both TTL and TTI), then the refresh deadline and the last
+    /// load's duration. Index `j` of the layout (`j ≥ 1`) is at `slot * extra + j - 1`.
     times: Vec<AtomicU64>,
     stride: usize,
+    extra: usize,
     layout: Layout,
     /// xorshift state for jitter.
     rng: u64,
@@ -222,15 +261,16 @@ pub(crate) struct Shard<K, V> {
     flights_swept_at: usize,
 }
 
-impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
+impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
         let stride = layout.stride;
-        Shard {
+        Core {
             table: HashTable::new(),
             slab: Vec::new(),
             free: Vec::new(),
             times: Vec::new(),
             stride,
+            extra: stride.saturating_sub(1),
             layout,
             rng: seed | 1,
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
@@ -335,11 +375,15 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
 
     #[inline]
     fn deadline(&self, slot: u32) -> u64 {
-        if self.stride == 0 {
-            NEVER
-        } else {
-            self.times[slot as usize * self.stride].load(Ordering::Relaxed)
-        }
+        self.slab[slot as usize]
+            .as_ref()
+            .map_or(NEVER, |e| e.time.get())
+    }
+
+    /// Slot `j ≥ 1` of an entry's time data (see `times`).
+    #[inline]
+    fn extra(&self, slot: u32, j: usize) -> &AtomicU64 {
+        &self.times[slot as usize * self.extra + j - 1]
     }
 
     /// Looks `key` up under a shared borrow (the read lock), recording the hit. `coin` is a
@@ -364,21 +408,20 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             return Found::Absent;
         };
         if self.stride > 0 {
-            let i = slot as usize * self.stride;
-            let current = self.times[i].load(Ordering::Relaxed);
+            let current = e.time.get();
             if current <= now {
                 return Found::Expired;
             }
             let hard = if self.layout.hard {
-                self.times[i + 1].load(Ordering::Relaxed)
+                self.extra(slot, 1).load(Ordering::Relaxed)
             } else {
                 NEVER
             };
             if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
-                self.times[i].store(next, Ordering::Relaxed);
+                e.time.set(next);
             }
             if let Some(r) = self.layout.refresh {
-                match self.refresh_state(i + r, now, current, coin) {
+                match self.refresh_state(slot, r, now, current, coin) {
                     Refresh::Fresh => {}
                     Refresh::Due => {
                         record_hit(&e.hits);
@@ -395,23 +438,26 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Found::Hit(&e.value)
     }
 
-    /// Whether the entry whose refresh deadline is at `times[r]` should be refreshed now, and
-    /// whether this caller won the right to start it (the deadline becomes [`REFRESHING`]).
+    /// Whether the entry in `slot`, whose refresh deadline is its time slot `r`, should be
+    /// refreshed now, and whether this caller won the right to start it (the deadline becomes
+    /// [`REFRESHING`]).
     #[inline]
     fn refresh_state(
         &self,
+        slot: u32,
         r: usize,
         now: u64,
         expires: u64,
         coin: impl FnOnce() -> f64,
     ) -> Refresh {
-        let at = self.times[r].load(Ordering::Relaxed);
+        let refresh_at = self.extra(slot, r);
+        let at = refresh_at.load(Ordering::Relaxed);
         if at == REFRESHING {
             return Refresh::Due;
         }
         let due = at <= now
             || self.layout.early_beta.is_some_and(|beta| {
-                let delta = self.times[r + 1].load(Ordering::Relaxed);
+                let delta = self.extra(slot, r + 1).load(Ordering::Relaxed);
                 crate::refresh::xfetch(now, expires, delta, beta, coin())
             });
         if !due {
@@ -421,11 +467,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         // compare-and-swap, so two readers can both start a refresh.
         #[cfg(herdcache_broken_model)]
         {
-            self.times[r].store(REFRESHING, Ordering::Release);
+            refresh_at.store(REFRESHING, Ordering::Release);
             Refresh::Won
         }
         #[cfg(not(herdcache_broken_model))]
-        match self.times[r].compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
+        match refresh_at.compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => Refresh::Won,
             Err(_) => Refresh::Due,
         }
@@ -439,7 +485,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
-            self.times[slot as usize * self.stride + r].store(at, Ordering::Relaxed);
+            self.extra(slot, r).store(at, Ordering::Relaxed);
         }
     }
 
@@ -460,18 +506,19 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         if self.stride == 0 {
             return;
         }
-        let i = slot as usize * self.stride;
-        self.times[i].store(effective, Ordering::Relaxed);
+        if let Some(e) = &self.slab[slot as usize] {
+            e.time.set(effective);
+        }
         if self.layout.hard {
-            self.times[i + 1].store(hard, Ordering::Relaxed);
+            self.extra(slot, 1).store(hard, Ordering::Relaxed);
         }
         if let Some(r) = self.layout.refresh {
             let factor = self.jitter_factor();
             let at = self.layout.refresh_after.map_or(NEVER, |d| {
                 crate::clock::deadline(now, crate::expiry::scale(d, factor))
             });
-            self.times[i + r].store(at, Ordering::Relaxed);
-            self.times[i + r + 1].store(load_nanos, Ordering::Relaxed);
+            self.extra(slot, r).store(at, Ordering::Relaxed);
+            self.extra(slot, r + 1).store(load_nanos, Ordering::Relaxed);
         }
         self.file(slot, effective);
     }
@@ -517,7 +564,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
     }
 
-    fn alloc(&mut self, entry: Entry<K, V>) -> u32 {
+    fn alloc(&mut self, entry: Entry<K, V, T>) -> u32 {
         if let Some(s) = self.free.pop() {
             self.slab[s as usize] = Some(entry);
             return s;
@@ -532,11 +579,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
                 (len / 8).max(4)
             };
             self.slab.reserve_exact(extra as usize);
-            self.times.reserve_exact(extra as usize * self.stride);
+            self.times.reserve_exact(extra as usize * self.extra);
         }
         let s = u32::try_from(self.slab.len()).expect("a shard holds at most 2^32 entries");
         self.slab.push(Some(entry));
-        for _ in 0..self.stride {
+        for _ in 0..self.extra {
             self.times.push(AtomicU64::new(NEVER));
         }
         s
@@ -599,6 +646,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             hits: AtomicU8::new(0),
             place: Place::Window,
             bucket: NO_BUCKET,
+            time: T::fresh(),
         });
         let slab = &self.slab;
         self.table.insert_unique(hash, slot, |&s| {
@@ -612,7 +660,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
 
     /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
     /// empty; the caller decides whether it is free now or still referenced by a queue.
-    fn take_slot(&mut self, slot: u32, hash: u64) -> Entry<K, V> {
+    fn take_slot(&mut self, slot: u32, hash: u64) -> Entry<K, V, T> {
         if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
             found.remove();
         }
@@ -724,7 +772,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
                     continue; // stale index, or a duplicate already handled
                 }
                 e.bucket = NO_BUCKET;
-                let d = self.times[s as usize * self.stride].load(Ordering::Relaxed);
+                let d = e.time.get();
                 if d <= now {
                     let hash = hasher.hash_one(&e.key);
                     self.remove_slot(s, hash, RemovalCause::Expired, out);
@@ -844,11 +892,199 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     /// The heap bytes this shard holds (for memory tests).
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Option<Entry<K, V>>>() * self.slab.capacity()
+        std::mem::size_of::<Option<Entry<K, V, T>>>() * self.slab.capacity()
             + self.table.capacity() * (4 + 1)
             + self.times.capacity() * 8
             + self.free.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
+    }
+}
+
+/// A shard: the single-threaded [`Core`] in the layout the cache's configuration calls for —
+/// deadlines in the slab slots when anything keeps time, none at all otherwise (24-byte slots
+/// for `u64 → u64`). The enum costs one predictable branch per call.
+pub(crate) enum Shard<K, V> {
+    Plain(Core<K, V, ()>),
+    Timed(Core<K, V, AtomicU64>),
+}
+
+/// Runs the same code on either layout.
+macro_rules! each {
+    ($self:expr, $core:ident => $body:expr) => {
+        match $self {
+            Shard::Plain($core) => $body,
+            Shard::Timed($core) => $body,
+        }
+    };
+}
+
+impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
+    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
+        if layout.stride > 0 {
+            Shard::Timed(Core::new(share, layout, now, seed))
+        } else {
+            Shard::Plain(Core::new(share, layout, now, seed))
+        }
+    }
+
+    #[inline]
+    pub(crate) fn flight<Q>(&self, hash: u64, key: &Q) -> Option<&Arc<Flight<K, V>>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.flight(hash, key))
+    }
+
+    pub(crate) fn add_flight<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        f: Arc<Flight<K, V>>,
+        hasher: &S,
+        now: u64,
+    ) {
+        each!(self, c => c.add_flight(hash, key, f, hasher, now))
+    }
+
+    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
+        each!(self, c => c.remove_flight(hash, f))
+    }
+
+    pub(crate) fn flights_len(&self) -> usize {
+        each!(self, c => c.flights_len())
+    }
+
+    #[inline]
+    pub(crate) fn weight(&self) -> u64 {
+        each!(self, c => c.weight())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        each!(self, c => c.len())
+    }
+
+    #[inline]
+    pub(crate) fn share(&self) -> u64 {
+        each!(self, c => c.share())
+    }
+
+    #[inline]
+    pub(crate) fn lookup<Q>(
+        &self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        coin: impl FnOnce() -> f64,
+    ) -> Found<'_, K, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.lookup(hash, key, now, exp, coin))
+    }
+
+    pub(crate) fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.set_refresh_at(hash, key, at))
+    }
+
+    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.peek(hash, key, now))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(crate) fn insert<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        hasher: &S,
+        meta: (u64, u64),
+        out: &mut Garbage<K, V>,
+    ) {
+        each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
+    }
+
+    pub(crate) fn remove<Q, S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.remove(hash, key, now, hasher, out))
+    }
+
+    pub(crate) fn evict_one<S: BuildHasher>(
+        &mut self,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) -> bool {
+        each!(self, c => c.evict_one(hasher, out))
+    }
+
+    pub(crate) fn expire<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        exact: bool,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) {
+        each!(self, c => c.expire(now, exact, hasher, out))
+    }
+
+    pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
+        each!(self, c => c.clear(out))
+    }
+
+    pub(crate) fn retain<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        hasher: &S,
+        keep: &mut impl FnMut(&K, &V) -> bool,
+        out: &mut Garbage<K, V>,
+    ) {
+        each!(self, c => c.retain(now, hasher, keep, out))
+    }
+
+    pub(crate) fn snapshot(&self, now: u64) -> Vec<(K, V)>
+    where
+        K: Clone,
+        V: Clone,
+    {
+        each!(self, c => c.snapshot(now))
+    }
+
+    pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
+        each!(self, c => c.validate(hasher))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        each!(self, c => c.heap_bytes())
+    }
+
+    #[cfg(test)]
+    fn slab_len(&self) -> usize {
+        each!(self, c => c.slab.len())
     }
 }
 
@@ -864,8 +1100,12 @@ mod tests {
     }
 
     #[test]
-    fn entry_slot_is_24_bytes() {
-        assert_eq!(std::mem::size_of::<Option<Entry<u64, u64>>>(), 24);
+    fn entry_slots_are_24_and_32_bytes() {
+        assert_eq!(std::mem::size_of::<Option<Entry<u64, u64, ()>>>(), 24);
+        assert_eq!(
+            std::mem::size_of::<Option<Entry<u64, u64, AtomicU64>>>(),
+            32
+        );
     }
 
     #[test]
@@ -926,7 +1166,7 @@ mod tests {
             s.remove(h.hash_one(i), &i, 0, &h, &mut out);
         }
         s.validate(&h);
-        assert!(s.slab.len() < 1000, "slots are reused: {}", s.slab.len());
+        assert!(s.slab_len() < 1000, "slots are reused: {}", s.slab_len());
     }
 
     #[test]
