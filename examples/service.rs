@@ -9,15 +9,12 @@
 //! ```
 //!
 //! * `GET /user/{id}`: the cached profile. A miss loads it once however many requests miss
-//!   together (`get_with_async`, with the async upstream call); entries live 10 s and are
-//!   refreshed in the background after 5 s (`refresh_after`, with the builder's loader run on
-//!   tokio's blocking pool), with jitter, and at most 8 upstream calls run at once.
+//!   together (`load_async` with the builder's async loader); entries live 10 s and are
+//!   refreshed in the background after 5 s (`refresh_after`; the refresh is a future handed to
+//!   `tokio::spawn`), with jitter, and at most 8 upstream calls run at once.
 //! * `GET /metrics`: the cache's statistics in Prometheus text format, through the `metrics`
 //!   facade (`Cache::report_metrics`) and a minimal recorder written here (a real service would
 //!   install `metrics-exporter-prometheus`).
-//!
-//! herdcache has no async loader on the builder yet: refreshes use the blocking loader on
-//! `spawn_blocking`, while request misses await the async upstream call.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -30,15 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The slow upstream, async flavour (request path).
-async fn upstream(id: u64) -> String {
+/// The slow upstream.
+async fn upstream(id: u64) -> Result<String, BoxError> {
     tokio::time::sleep(Duration::from_millis(50)).await;
-    format!("{{\"id\":{id},\"name\":\"user {id}\"}}")
-}
-
-/// The slow upstream, blocking flavour (refreshes, on the blocking pool).
-fn upstream_blocking(id: u64) -> Result<String, BoxError> {
-    std::thread::sleep(Duration::from_millis(50));
     Ok(format!("{{\"id\":{id},\"name\":\"user {id}\"}}"))
 }
 
@@ -49,7 +40,10 @@ struct App {
 }
 
 async fn user(State(app): State<App>, Path(id): Path<u64>) -> String {
-    app.cache.get_with_async(id, upstream(id)).await
+    match app.cache.load_async(id).await {
+        Ok(profile) => profile,
+        Err(e) => format!("{{\"error\":\"{e}\"}}"),
+    }
 }
 
 async fn metrics_text(State(app): State<App>) -> String {
@@ -60,7 +54,6 @@ async fn metrics_text(State(app): State<App>) -> String {
 fn app() -> App {
     let recorder = Arc::new(TextRecorder::default());
     metrics::set_global_recorder(RecorderHandle(recorder.clone())).expect("one recorder");
-    let runtime = tokio::runtime::Handle::current();
     let cache = Cache::builder()
         .name("users")
         .max_capacity(10_000)
@@ -68,9 +61,9 @@ fn app() -> App {
         .refresh_after(Duration::from_secs(5))
         .jitter(0.1)
         .max_concurrent_loads(8)
-        .loader(|id: &u64| upstream_blocking(*id))
-        .spawner(move |job| {
-            runtime.spawn_blocking(job);
+        .async_loader(|id: &u64| upstream(*id))
+        .future_spawner(|refresh| {
+            tokio::spawn(refresh);
         })
         .record_stats()
         .build();

@@ -78,7 +78,8 @@ pub enum BuildError {
     ConflictingExpiry,
     /// The shard count must be a power of two between 1 and 1024.
     BadShardCount(usize),
-    /// `refresh_after` or `early_refresh` needs a `loader` to reload keys with.
+    /// `refresh_after` or `early_refresh` needs a `loader` (or an `async_loader` with a
+    /// `future_spawner`) to reload keys with.
     RefreshWithoutLoader,
     /// `early_refresh` needs a `time_to_live` (it refreshes ahead of expiry).
     EarlyRefreshWithoutTtl,
@@ -370,7 +371,10 @@ where
             return Err(BuildError::BadFraction);
         }
         let mut stampede = self.stampede;
-        if (self.refresh_after.is_some() || self.early_beta.is_some()) && stampede.loader.is_none()
+        let async_refresh = stampede.async_loader.is_some() && stampede.future_spawner.is_some();
+        if (self.refresh_after.is_some() || self.early_beta.is_some())
+            && stampede.loader.is_none()
+            && !async_refresh
         {
             return Err(BuildError::RefreshWithoutLoader);
         }
@@ -414,6 +418,35 @@ where
         self.stampede.loader = Some(Arc::new(move |k: &K| load(k).map_err(Into::into)));
         self.stampede.clone_key = Some(K::clone);
         self.stampede.refresh = Some(Cache::start_refresh);
+        self
+    }
+
+    /// How to load any key asynchronously: used by [`Cache::load_async`] and, with a
+    /// [`future_spawner`](Self::future_spawner), by refreshes (which then run as futures on
+    /// your runtime instead of blocking jobs). The future is polled with no lock held.
+    pub fn async_loader<F, Fut, E>(mut self, load: F) -> Self
+    where
+        F: Fn(&K) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.stampede.async_loader = Some(Arc::new(move |k: &K| {
+            let fut = load(k);
+            Box::pin(async move { fut.await.map_err(Into::into) }) as crate::refresh::BoxFuture<_>
+        }));
+        self.stampede.clone_key = Some(K::clone);
+        self.stampede.refresh = Some(Cache::start_refresh);
+        self
+    }
+
+    /// Runs refreshes with the [`async_loader`](Self::async_loader) as futures on `spawn`,
+    /// e.g. `|f| { tokio::spawn(f); }`. Without it, refreshes use the blocking
+    /// [`loader`](Self::loader).
+    pub fn future_spawner(
+        mut self,
+        spawn: impl Fn(crate::refresh::BoxFuture<()>) + Send + Sync + 'static,
+    ) -> Self {
+        self.stampede.future_spawner = Some(Arc::new(spawn));
         self
     }
 

@@ -73,7 +73,7 @@ pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
-pub use refresh::{BoxError, LoadError};
+pub use refresh::{BoxError, BoxFuture, LoadError};
 pub use shard::RemovalCause;
 pub use stats::{CacheStats, Removals};
 

@@ -453,7 +453,7 @@ where
         key: K,
         init: impl Future<Output = V> + Send + 'static,
     ) -> V {
-        self.load_async(
+        self.load_async_core(
             key,
             async { Outcome::Value(init.await) },
             V::clone,
@@ -490,7 +490,7 @@ where
     where
         E: Send + Sync + 'static,
     {
-        self.load_async(
+        self.load_async_core(
             key,
             async { outcome_of(init.await) },
             |v| Ok(v.clone()),
@@ -517,7 +517,7 @@ where
         key: K,
         init: impl Future<Output = Option<V>> + Send + 'static,
     ) -> Option<V> {
-        self.load_async(
+        self.load_async_core(
             key,
             async { init.await.map_or(Outcome::Nothing, Outcome::Value) },
             |v| Some(v.clone()),
@@ -903,7 +903,7 @@ where
     }
 
     /// Runs an async load: the single-flight core for `get_with_async` and its siblings.
-    async fn load_async<R>(
+    async fn load_async_core<R>(
         &self,
         key: K,
         init: impl Future<Output = Outcome<V>> + Send + 'static,

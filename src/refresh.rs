@@ -34,6 +34,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub(crate) type LoaderFn<K, V> = Arc<dyn Fn(&K) -> Result<V, BoxError> + Send + Sync>;
 
+/// A boxed, sendable future.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+pub(crate) type AsyncLoaderFn<K, V> =
+    Arc<dyn Fn(&K) -> BoxFuture<Result<V, BoxError>> + Send + Sync>;
+
+/// Runs a future somewhere else (e.g. `tokio::spawn`).
+pub(crate) type FutureSpawner = Arc<dyn Fn(BoxFuture<()>) + Send + Sync>;
+
 /// Why [`Cache::load`] returned no value.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -67,6 +76,8 @@ pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K);
 pub(crate) struct Stampede<K, V, S> {
     pub(crate) loader: Option<LoaderFn<K, V>>,
     pub(crate) spawner: Option<Spawner>,
+    pub(crate) async_loader: Option<AsyncLoaderFn<K, V>>,
+    pub(crate) future_spawner: Option<FutureSpawner>,
     pub(crate) refresh_backoff: u64,
     pub(crate) negative_ttl: Option<u64>,
     pub(crate) load_timeout: Option<Duration>,
@@ -77,11 +88,44 @@ pub(crate) struct Stampede<K, V, S> {
     pub(crate) refresh: Option<RefreshFn<K, V, S>>,
 }
 
+/// Undoes an async refresh that did not finish (dropped, or its loader panicked).
+struct RefreshGuard<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: Cache<K, V, S>,
+    hash: u64,
+    /// `None` once the refresh has finished.
+    key: Option<K>,
+    flight: Arc<Flight<K, V>>,
+}
+
+impl<K, V, S> Drop for RefreshGuard<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.cache.count(Counter::RefreshFailed);
+            let retry =
+                crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff);
+            self.cache
+                .abandon_refresh(self.hash, &key, &self.flight, retry, None);
+        }
+    }
+}
+
 impl<K, V, S> Default for Stampede<K, V, S> {
     fn default() -> Self {
         Stampede {
             loader: None,
             spawner: None,
+            async_loader: None,
+            future_spawner: None,
             refresh_backoff: 0,
             negative_ttl: None,
             load_timeout: None,
@@ -156,6 +200,42 @@ where
     /// ```
     pub fn load(&self, key: K) -> Result<V, LoadError> {
         self.load_with_timeout(key, self.inner.stampede.load_timeout)
+    }
+
+    /// The async twin of [`load`](Self::load), with the builder's
+    /// [`async_loader`](crate::CacheBuilder::async_loader): single-flight with every other load
+    /// of the key (blocking or async), negative caching and the load limit as configured.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load) ([`LoadError::NoLoader`] without an async loader).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<u32, u32> = herdcache::Cache::builder()
+    ///     .max_capacity(10)
+    ///     .async_loader(|k: &u32| {
+    ///         let k = *k;
+    ///         async move { Ok::<_, herdcache::BoxError>(k * 2) }
+    ///     })
+    ///     .build();
+    /// assert_eq!(futures::executor::block_on(cache.load_async(4)).unwrap(), 8);
+    /// ```
+    pub async fn load_async(&self, key: K) -> Result<V, LoadError> {
+        let Some(loader) = self.inner.stampede.async_loader.clone() else {
+            return Err(LoadError::NoLoader);
+        };
+        // The loader is called when the load is first polled: only the leader's ever is.
+        let k = key.clone();
+        let fut = async move { loader(&k).await };
+        self.try_get_with_async(key, fut)
+            .await
+            .map_err(LoadError::Loader)
     }
 
     /// [`load`](Self::load) with its own soft timeout (`None`: wait as long as it takes).
@@ -255,7 +335,11 @@ where
 
     /// Starts a refresh of `key` (its entry was found due by a reader that won the right to).
     pub(crate) fn start_refresh(&self, key: K) {
-        let Some(loader) = self.inner.stampede.loader.clone() else {
+        let st = &self.inner.stampede;
+        if let (Some(loader), Some(spawn)) = (st.async_loader.clone(), st.future_spawner.clone()) {
+            return self.start_async_refresh(key, loader, spawn);
+        }
+        let Some(loader) = st.loader.clone() else {
             return;
         };
         let hash = self.hash(&key);
@@ -274,6 +358,54 @@ where
             // one is free, and otherwise defers the refresh to a later read.
             None => self.run_refresh(hash, key, flight, &loader, false),
         }
+    }
+
+    /// A refresh with the async loader, as a future handed to the future spawner. The future
+    /// waits for a load permit if the limit is full; if it is dropped before it finishes (a
+    /// runtime shutting down) or its loader panics, the refresh is abandoned and retried after
+    /// the backoff.
+    fn start_async_refresh(&self, key: K, loader: AsyncLoaderFn<K, V>, spawn: FutureSpawner) {
+        let hash = self.hash(&key);
+        let Some(flight) = self.claim_refresh(hash, &key) else {
+            return;
+        };
+        self.count(Counter::RefreshStarted);
+        let mut guard = RefreshGuard {
+            cache: self.clone(),
+            hash,
+            key: Some(key),
+            flight,
+        };
+        spawn(Box::pin(async move {
+            let cache = guard.cache.clone();
+            let limiter = cache.inner.stampede.limiter.clone();
+            let permit = match &limiter {
+                Some(l) => Some(l.acquire().await),
+                None => None,
+            };
+            let key = guard.key.clone().expect("set until the refresh ends");
+            let start = cache.now();
+            let result = loader(&key).await;
+            let took = cache.now().saturating_sub(start);
+            drop(permit);
+            let flight = Arc::clone(&guard.flight);
+            guard.key.take(); // finished: the guard has nothing left to undo
+            match result {
+                Ok(v) => {
+                    cache.count(Counter::RefreshSucceeded);
+                    cache.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+                }
+                Err(e) => {
+                    cache.count(Counter::RefreshFailed);
+                    cache.count(Counter::LoadFailure);
+                    cache.count_n(Counter::LoadNanos, took);
+                    let retry =
+                        crate::clock::deadline(cache.now(), cache.inner.stampede.refresh_backoff);
+                    let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
+                    cache.abandon_refresh(hash, &key, &flight, retry, Some(Outcome::Error(error)));
+                }
+            }
+        }));
     }
 
     fn run_refresh(

@@ -453,3 +453,78 @@ fn refresh_configuration_errors() {
     let c = Cache::<u32, u32>::new(1);
     assert!(matches!(c.load(1), Err(LoadError::NoLoader)));
 }
+
+#[test]
+fn async_loader_and_async_refresh() {
+    let _dog = watchdog(LIMIT, "async_loader_and_async_refresh");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let parked: Arc<Mutex<Vec<herdcache::BoxFuture<()>>>> = Arc::default();
+    let (c, p) = (calls.clone(), parked.clone());
+    let cache: Cache<u32, usize> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(60 * SEC)
+        .refresh_after(10 * SEC)
+        .refresh_backoff(5 * SEC)
+        .async_loader(move |_k: &u32| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 2 {
+                    Err(BoxError::from("down once"))
+                } else {
+                    Ok::<_, BoxError>(n)
+                }
+            }
+        })
+        .future_spawner(move |f| p.lock().unwrap().push(f))
+        .clock(clock.clone())
+        .build();
+    // Sixteen concurrent async loads of a cold key: one loader call.
+    let all = futures::executor::block_on(futures::future::join_all(
+        (0..16).map(|_| cache.load_async(1)),
+    ));
+    assert!(all.iter().all(|r| *r.as_ref().unwrap() == 0));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Due: the read returns the current value and hands one refresh future to the spawner.
+    clock.advance(11 * SEC);
+    for _ in 0..10 {
+        assert_eq!(cache.get(&1), Some(0));
+    }
+    let futs: Vec<_> = std::mem::take(&mut *parked.lock().unwrap());
+    assert_eq!(futs.len(), 1, "exactly one refresh");
+    for f in futs {
+        futures::executor::block_on(f);
+    }
+    assert_eq!(cache.get(&1), Some(1), "replaced by the async refresh");
+    // A failing refresh keeps the value and backs off.
+    clock.advance(11 * SEC);
+    cache.get(&1);
+    for f in std::mem::take(&mut *parked.lock().unwrap()) {
+        futures::executor::block_on(f);
+    }
+    assert_eq!(cache.get(&1), Some(1), "stale-if-error");
+    clock.advance(SEC);
+    cache.get(&1);
+    assert!(parked.lock().unwrap().is_empty(), "backing off");
+    // A refresh future dropped by its runtime is abandoned, then retried after the backoff.
+    clock.advance(5 * SEC);
+    cache.get(&1);
+    let dropped = std::mem::take(&mut *parked.lock().unwrap());
+    assert_eq!(dropped.len(), 1);
+    drop(dropped);
+    assert_eq!(
+        cache.loads_in_flight(),
+        0,
+        "the dropped refresh left nothing behind"
+    );
+    clock.advance(5 * SEC);
+    cache.get(&1);
+    for f in std::mem::take(&mut *parked.lock().unwrap()) {
+        futures::executor::block_on(f);
+    }
+    assert_eq!(cache.get(&1), Some(3));
+    assert!(matches!(
+        futures::executor::block_on(Cache::<u32, u32>::new(1).load_async(1)),
+        Err(LoadError::NoLoader)
+    ));
+}
