@@ -385,7 +385,8 @@ where
         if stampede.refresh_backoff == 0 {
             stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
         }
-        let layout = Layout::new(expiry.stride(), refresh_after, self.early_beta, self.jitter);
+        let mut layout = Layout::new(expiry.stride(), refresh_after, self.early_beta, self.jitter);
+        layout.reads_move = expiry.moves_on_read();
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {
             capacity,

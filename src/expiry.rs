@@ -146,6 +146,14 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
         }
     }
 
+    /// Whether a read may move an entry's deadline.
+    pub(crate) fn moves_on_read(&self) -> bool {
+        matches!(
+            self,
+            ExpiryConfig::Fixed { tti: Some(_), .. } | ExpiryConfig::Custom(_)
+        )
+    }
+
     /// The new effective deadline after a read, or `None` when the read does not move it.
     /// `hard` is the entry's hard deadline (its effective one when there is no idle part).
     #[inline]

@@ -197,6 +197,9 @@ pub(crate) struct Layout {
     pub(crate) early_beta: Option<f64>,
     /// Durations are spread uniformly within ±`jitter` of their nominal value.
     pub(crate) jitter: f64,
+    /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
+    /// time to live skips that work on the read path.
+    pub(crate) reads_move: bool,
 }
 
 impl Layout {
@@ -219,6 +222,7 @@ impl Layout {
             refresh_after,
             early_beta,
             jitter,
+            reads_move: false,
         }
     }
 }
@@ -412,13 +416,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             if current <= now {
                 return Found::Expired;
             }
-            let hard = if self.layout.hard {
-                self.extra(slot, 1).load(Ordering::Relaxed)
-            } else {
-                NEVER
-            };
-            if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
-                e.time.set(next);
+            if self.layout.reads_move {
+                let hard = if self.layout.hard {
+                    self.extra(slot, 1).load(Ordering::Relaxed)
+                } else {
+                    NEVER
+                };
+                if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
+                    e.time.set(next);
+                }
             }
             if let Some(r) = self.layout.refresh {
                 match self.refresh_state(slot, r, now, current, coin) {
