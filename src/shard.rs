@@ -13,9 +13,11 @@
 //! value, a `u32` weight, a `u8` hit counter, a `u8` policy place, a `u16` timer bucket, the
 //! `Option` folded into the place's niche). A `hashbrown::HashTable<u32>` maps hashes to slab
 //! indices (5 bytes a bucket). The policy's FIFO queues hold a `u32` index per entry, and its
-//! frequency sketch about 4 bytes per entry. With expiry configured, a parallel vector holds one
-//! `u64` deadline per entry (two with both a time to live and a time to idle) and the timer
-//! wheel a `u32` index per entry.
+//! frequency sketch about 4 bytes per entry. With expiry (or refresh) configured, the slot also
+//! holds the entry's effective deadline (32-byte slots: [`Shard::Timed`]); a parallel vector
+//! holds the rest of its time data (the hard deadline with both a time to live and a time to
+//! idle; the refresh deadline and load time with refresh-ahead) and the timer wheel a `u32`
+//! index per entry.
 
 use crate::clock::NEVER;
 use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
