@@ -5,14 +5,13 @@
 
 mod common;
 
-use common::watchdog;
+use common::{watchdog, Yield};
 use herdcache::{Cache, CompResult, Op};
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -159,31 +158,18 @@ fn a_panicking_computation_releases_the_key() {
     assert_eq!(cache.loads_in_flight(), 0);
 }
 
-struct Pending(bool);
-impl Future for Pending {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 #[test]
 fn async_computations_and_their_cancellation() {
     let _dog = watchdog(LIMIT, "async computations");
     let cache: Cache<u32, u32> = Cache::new(100);
     let r = futures::executor::block_on(cache.entry(1).and_compute_with_async(|e| async move {
-        Pending(false).await;
+        Yield(1).await;
         Op::Put(e.map_or(1, |e| *e.value()))
     }));
     assert!(matches!(r, CompResult::Inserted(_)));
     // Cancelled in the middle of its computation: the key is released, nothing stored.
     let mut f = Box::pin(cache.entry(2).and_compute_with_async(|_| async {
-        Pending(false).await;
+        Yield(1).await;
         Op::Put(2)
     }));
     assert!(f

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{live_lock, watchdog, Counted, LIVE};
+use common::{live_lock, watchdog, Counted, Yield, LIVE};
 use herdcache::Cache;
 use std::future::Future;
 use std::pin::Pin;
@@ -112,20 +112,6 @@ fn async_herd_on_a_plain_executor() {
         assert!(all.iter().all(|&v| v == k * 2));
     }
     assert_eq!(loads.load(Ordering::SeqCst), 200);
-}
-
-/// Returns Pending `n` times (waking itself), then Ready.
-struct Yield(u32);
-impl Future for Yield {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 == 0 {
-            return Poll::Ready(());
-        }
-        self.0 -= 1;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
 }
 
 #[test]

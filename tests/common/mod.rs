@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Live instances of [`Counted`], across the whole test binary.
@@ -59,5 +62,20 @@ impl Drop for Watchdog {
         if let Some(tx) = self.0.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// A future that is pending `n` times (waking itself each time), then ready.
+pub struct Yield(pub u32);
+
+impl Future for Yield {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 == 0 {
+            return Poll::Ready(());
+        }
+        self.0 -= 1;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
