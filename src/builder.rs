@@ -256,8 +256,9 @@ where
     }
 
     /// Counts hits, misses, loads, removals by cause and stampede events, for
-    /// [`Cache::stats`]. Off by default; the cost is a branch per operation when off, and
-    /// about a nanosecond per read when on (see the `stats` module docs).
+    /// [`Cache::stats`]. Off by default; the cost is a branch per operation when off, and a
+    /// thread-local lookup and a store per read when on: nothing measurable on 2 threads, up to
+    /// about 15 % of a 22 ns hit on 1 thread (README, "Throughput").
     pub fn record_stats(mut self) -> Self {
         self.stats = true;
         self
