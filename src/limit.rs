@@ -92,13 +92,16 @@ impl Limiter {
         None
     }
 
-    /// Blocks the thread until a permit is granted, in arrival order.
-    #[doc(hidden)]
-    pub fn acquire_blocking(self: &Arc<Self>) -> Permit {
-        let mut st = self.state.lock();
+    /// Grants a permit at once if one is free and nobody is queued; otherwise queues a ticket
+    /// (with `waker`, for an async waiter) and returns its id.
+    fn grant_or_queue(
+        self: &Arc<Self>,
+        st: &mut State,
+        waker: Option<Waker>,
+    ) -> Result<Permit, u64> {
         if st.in_use < self.max && st.queue.is_empty() {
             st.in_use += 1;
-            return self.granted(&mut st);
+            return Ok(self.granted(st));
         }
         self.waited.fetch_add(1, Ordering::Relaxed);
         let id = st.next_id;
@@ -106,8 +109,19 @@ impl Limiter {
         st.queue.push_back(Ticket {
             id,
             granted: false,
-            waker: None,
+            waker,
         });
+        Err(id)
+    }
+
+    /// Blocks the thread until a permit is granted, in arrival order.
+    #[doc(hidden)]
+    pub fn acquire_blocking(self: &Arc<Self>) -> Permit {
+        let mut st = self.state.lock();
+        let id = match self.grant_or_queue(&mut st, None) {
+            Ok(permit) => return permit,
+            Err(id) => id,
+        };
         loop {
             st = wait(&self.cond, st);
             if let Some(i) = st.queue.iter().position(|t| t.id == id && t.granted) {
@@ -170,22 +184,13 @@ impl Future for Acquire {
         let limiter = Arc::clone(&this.limiter);
         let mut st = limiter.state.lock();
         match this.id {
-            None => {
-                if st.in_use < limiter.max && st.queue.is_empty() {
-                    st.in_use += 1;
-                    return Poll::Ready(limiter.granted(&mut st));
+            None => match limiter.grant_or_queue(&mut st, Some(cx.waker().clone())) {
+                Ok(permit) => Poll::Ready(permit),
+                Err(id) => {
+                    this.id = Some(id);
+                    Poll::Pending
                 }
-                limiter.waited.fetch_add(1, Ordering::Relaxed);
-                let id = st.next_id;
-                st.next_id += 1;
-                st.queue.push_back(Ticket {
-                    id,
-                    granted: false,
-                    waker: Some(cx.waker().clone()),
-                });
-                this.id = Some(id);
-                Poll::Pending
-            }
+            },
             Some(id) => {
                 let i = st
                     .queue
