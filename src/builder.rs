@@ -137,7 +137,7 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     pub(crate) clock: Option<ManualClock>,
     pub(crate) shards: Option<usize>,
     pub(crate) stampede: Stampede<K, V, S>,
-    refresh_after: Option<Duration>,
+    pub(crate) refresh_after: Option<Duration>,
     early_beta: Option<f64>,
     jitter: f64,
     stats: bool,

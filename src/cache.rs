@@ -87,6 +87,8 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) stats: Option<Stats>,
     listener: Option<Listener<K, V>>,
     name: String,
+    /// The counters of a shared second tier, once one is attached (feature `redis`).
+    pub(crate) remote: std::sync::OnceLock<Arc<crate::stats::RemoteCounters>>,
 }
 
 crate::sync::thread_local_shim! {
@@ -178,6 +180,7 @@ where
                 stats: stats.then(Stats::new),
                 listener,
                 name,
+                remote: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -567,6 +570,9 @@ where
         s.loads_in_flight = self.loads_in_flight() as u64;
         let (high, waited) = self.load_limit_stats();
         s.max_concurrent_loads_seen = high as u64;
+        if let Some(r) = self.inner.remote.get() {
+            s.remote = r.snapshot();
+        }
         s.loads_waited_for_limit = waited as u64;
         s
     }

@@ -56,6 +56,8 @@
 mod builder;
 mod cache;
 mod clock;
+#[cfg(feature = "redis")]
+pub mod codec;
 mod entry;
 mod expiry;
 mod limit;
@@ -63,6 +65,8 @@ mod load;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod refresh;
 mod shard;
 mod sketch;
@@ -76,7 +80,7 @@ pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
 pub use refresh::{BoxError, BoxFuture, LoadError};
 pub use shard::RemovalCause;
-pub use stats::{CacheStats, Removals};
+pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).
 #[cfg(loom)]

@@ -11,7 +11,7 @@
 use crate::shard::RemovalCause;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
-use std::ops::Sub;
+use std::ops::{Add, Sub};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -136,6 +136,7 @@ impl Stats {
             loads_waited_for_limit: 0,
             loads_in_flight: 0,
             max_concurrent_loads_seen: 0,
+            remote: RemoteStats::default(),
         }
     }
 }
@@ -218,6 +219,8 @@ pub struct CacheStats {
     pub loads_in_flight: u64,
     /// Gauge: the most loads that ever ran at once under `max_concurrent_loads`.
     pub max_concurrent_loads_seen: u64,
+    /// The shared second tier's counters (all zero without one; see the `redis` feature).
+    pub remote: RemoteStats,
 }
 
 impl CacheStats {
@@ -287,7 +290,95 @@ impl Sub for CacheStats {
             timeouts: self.timeouts.wrapping_sub(earlier.timeouts),
             loads_in_flight: self.loads_in_flight,
             max_concurrent_loads_seen: self.max_concurrent_loads_seen,
+            remote: self.remote - earlier.remote,
         }
+    }
+}
+
+/// Declares the remote tier's counters once: the snapshot struct, its subtraction, and the
+/// atomic counters that fill it.
+macro_rules! remote_counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counters of a shared second tier (Redis, with the `redis` feature): how often it
+        /// answered, failed, or was skipped, and what fleet-wide single-flight and
+        /// invalidation did. Part of [`CacheStats`]; all zero for a cache without a tier.
+        ///
+        /// The tier never fails a request: `errors`, `timeouts` and `skipped` count operations
+        /// that were answered locally instead.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct RemoteStats {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl Sub for RemoteStats {
+            type Output = RemoteStats;
+
+            fn sub(self, earlier: RemoteStats) -> RemoteStats {
+                RemoteStats { $($name: self.$name.wrapping_sub(earlier.$name),)* }
+            }
+        }
+
+        /// Sums two instances' counters (e.g. a fleet's).
+        impl Add for RemoteStats {
+            type Output = RemoteStats;
+
+            fn add(self, other: RemoteStats) -> RemoteStats {
+                RemoteStats { $($name: self.$name.wrapping_add(other.$name),)* }
+            }
+        }
+
+        /// The live counters behind [`RemoteStats`].
+        #[derive(Debug, Default)]
+        #[allow(dead_code)] // only the `redis` feature counts
+        pub(crate) struct RemoteCounters {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl RemoteCounters {
+            pub(crate) fn snapshot(&self) -> RemoteStats {
+                RemoteStats { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+remote_counters! {
+    /// Reads of the second tier that found the value (no load ran).
+    hits,
+    /// Reads of the second tier that found nothing.
+    misses,
+    /// Values written to the second tier (after a load, or by `insert`).
+    writes,
+    /// Operations that failed (connection refused or dropped, protocol or codec error).
+    errors,
+    /// Operations that exceeded the per-operation timeout.
+    timeouts,
+    /// Operations not attempted because the circuit breaker was open.
+    skipped,
+    /// Times the circuit breaker opened.
+    breaker_opened,
+    /// Fleet-wide leases taken: this instance loaded for the fleet.
+    leases_acquired,
+    /// Loads that found another instance's lease and waited for its value.
+    lease_waits,
+    /// Of those, waits that ended with the value from the second tier.
+    lease_wait_hits,
+    /// Waits that gave up (bounded wait passed, or the lease vanished without a value twice)
+    /// and loaded locally.
+    lease_fallbacks,
+    /// Invalidation messages published (`invalidate`, `insert`, `invalidate_all`).
+    invalidations_sent,
+    /// Invalidation messages received from other instances and applied.
+    invalidations_received,
+    /// Times the invalidation subscriber (re)connected.
+    subscriber_connects,
+}
+
+impl RemoteCounters {
+    #[allow(dead_code)]
+    pub(crate) fn add(&self, counter: fn(&RemoteCounters) -> &AtomicU64) {
+        counter(self).fetch_add(1, Ordering::Relaxed);
     }
 }
 

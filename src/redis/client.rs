@@ -1,0 +1,220 @@
+//! Talking to Redis without ever failing a request: a small pool of blocking connections, a
+//! per-operation timeout, and a circuit breaker.
+//!
+//! Every operation either answers within its time bound or yields `None`, which the caller
+//! treats as "the second tier has nothing to say" (a miss, a skipped write). The bound of one
+//! operation is the connect timeout (only when no pooled connection is free) plus the operation
+//! timeout for writing the request and for reading the reply.
+//!
+//! The breaker counts consecutive failures. At `failures` of them it *opens*: operations are
+//! skipped at once (no network, no waiting) for `cooldown`. Then one operation is let through
+//! as a probe (*half-open*): success closes the breaker, failure opens it for another
+//! cooldown. So with Redis down a caller pays at most one timeout per cooldown per failed probe,
+//! not one per call.
+//!
+//! Times here are real time (`Instant`): they bound waits on a network, which the cache's
+//! clock (possibly a manual one in tests) does not govern.
+
+use crate::stats::RemoteCounters;
+use ::redis::{Client as RawClient, Connection, RedisError, RedisResult};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// At most this many idle connections are kept.
+const MAX_IDLE: usize = 16;
+
+/// The circuit breaker's state.
+#[derive(Debug)]
+enum State {
+    /// Failures in a row so far.
+    Closed(u32),
+    /// Skip until then.
+    Open(Instant),
+    /// A probe is out; others skip until it reports.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    state: Mutex<State>,
+    failures: u32,
+    cooldown: Duration,
+}
+
+/// What the breaker says about an operation about to start.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Go,
+    Probe,
+    Skip,
+}
+
+impl Breaker {
+    pub(crate) fn new(failures: u32, cooldown: Duration) -> Self {
+        Breaker {
+            state: Mutex::new(State::Closed(0)),
+            failures: failures.max(1),
+            cooldown,
+        }
+    }
+
+    pub(crate) fn admit(&self, now: Instant) -> Verdict {
+        let mut s = self.state.lock();
+        match *s {
+            State::Closed(_) => Verdict::Go,
+            State::Open(until) if now >= until => {
+                *s = State::HalfOpen;
+                Verdict::Probe
+            }
+            State::Open(_) | State::HalfOpen => Verdict::Skip,
+        }
+    }
+
+    /// Reports an admitted operation's result; true if this opened the breaker.
+    pub(crate) fn report(&self, ok: bool, now: Instant) -> bool {
+        let mut s = self.state.lock();
+        if ok {
+            *s = State::Closed(0);
+            return false;
+        }
+        let failures = match *s {
+            State::Closed(n) => n + 1,
+            // A failed probe (or a failure reported late, while open) re-opens.
+            State::HalfOpen | State::Open(_) => self.failures,
+        };
+        if failures >= self.failures {
+            let was_open = matches!(*s, State::Open(_));
+            *s = State::Open(now + self.cooldown);
+            !was_open
+        } else {
+            *s = State::Closed(failures);
+            false
+        }
+    }
+
+    /// Whether operations are currently being skipped.
+    pub(crate) fn is_open(&self) -> bool {
+        !matches!(*self.state.lock(), State::Closed(_))
+    }
+}
+
+/// Connections to one Redis server, with the timeouts and the breaker applied.
+pub(crate) struct Client {
+    raw: RawClient,
+    idle: Mutex<Vec<Connection>>,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    pub(crate) breaker: Breaker,
+    pub(crate) counters: Arc<RemoteCounters>,
+}
+
+impl Client {
+    pub(crate) fn new(
+        raw: RawClient,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+        breaker: Breaker,
+        counters: Arc<RemoteCounters>,
+    ) -> Self {
+        Client {
+            raw,
+            idle: Mutex::new(Vec::new()),
+            connect_timeout,
+            op_timeout,
+            breaker,
+            counters,
+        }
+    }
+
+    /// A new connection with the operation timeout set on it.
+    pub(crate) fn connect(&self, read_timeout: Option<Duration>) -> RedisResult<Connection> {
+        let conn = self.raw.get_connection_with_timeout(self.connect_timeout)?;
+        conn.set_read_timeout(read_timeout)?;
+        conn.set_write_timeout(Some(self.op_timeout))?;
+        Ok(conn)
+    }
+
+    /// Runs `op` on a pooled connection, within the time bound and under the breaker. `None`:
+    /// skipped or failed (counted); the caller goes on without the second tier.
+    pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Option<T> {
+        let verdict = self.breaker.admit(Instant::now());
+        if verdict == Verdict::Skip {
+            self.counters.add(|c| &c.skipped);
+            return None;
+        }
+        let pooled = self.idle.lock().pop();
+        let result = match pooled {
+            Some(c) => Ok(c),
+            None => self.connect(Some(self.op_timeout)),
+        }
+        .and_then(|mut conn| op(&mut conn).map(|v| (v, conn)));
+        match result {
+            Ok((v, conn)) => {
+                self.breaker.report(true, Instant::now());
+                let mut idle = self.idle.lock();
+                if idle.len() < MAX_IDLE {
+                    idle.push(conn);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                // The connection (if any) is dropped: after a timeout its stream may hold half
+                // a reply.
+                self.failed(&e);
+                None
+            }
+        }
+    }
+
+    fn failed(&self, e: &RedisError) {
+        if e.is_timeout() {
+            self.counters.add(|c| &c.timeouts);
+        } else {
+            self.counters.add(|c| &c.errors);
+        }
+        if self.breaker.report(false, Instant::now()) {
+            self.counters.add(|c| &c.breaker_opened);
+            // Pooled connections are likely dead too.
+            self.idle.lock().clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_after_failures_probes_after_cooldown_and_closes_on_success() {
+        let b = Breaker::new(3, Duration::from_millis(100));
+        let t0 = Instant::now();
+        assert_eq!(b.admit(t0), Verdict::Go);
+        assert!(!b.report(false, t0));
+        assert!(!b.report(false, t0));
+        assert!(!b.is_open());
+        assert!(b.report(false, t0), "the third failure in a row opens it");
+        assert!(b.is_open());
+        assert_eq!(b.admit(t0 + Duration::from_millis(50)), Verdict::Skip);
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(b.admit(t1), Verdict::Probe);
+        assert_eq!(b.admit(t1), Verdict::Skip, "one probe at a time");
+        assert!(b.report(false, t1), "a failed probe re-opens");
+        assert_eq!(b.admit(t1 + Duration::from_millis(99)), Verdict::Skip);
+        let t2 = t1 + Duration::from_millis(100);
+        assert_eq!(b.admit(t2), Verdict::Probe);
+        assert!(!b.report(true, t2));
+        assert!(!b.is_open());
+        assert_eq!(b.admit(t2), Verdict::Go);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let b = Breaker::new(2, Duration::from_secs(1));
+        let t = Instant::now();
+        b.report(false, t);
+        b.report(true, t);
+        assert!(!b.report(false, t));
+        assert!(!b.is_open());
+    }
+}

@@ -1,0 +1,403 @@
+//! A shared second tier on Redis (feature `redis`): fleet-wide single-flight and invalidation.
+//!
+//! An in-process cache protects one process. A service running as N instances still sends N
+//! loads per key per time to live to its backend, and a deploy that restarts every instance
+//! empties every cache at once. A [`TieredCache`] puts Redis behind the local cache:
+//!
+//! * **Read-through second tier.** On a local miss the single-flight leader (one caller per
+//!   key per instance) reads Redis before calling the loader; a value it loads is written to
+//!   Redis with the tier's time to live (`SET … PX`). The local tier keeps its own bound and
+//!   expiry. This applies to the builder's [`loader`](crate::CacheBuilder::loader) (so to
+//!   [`Cache::load`], its refreshes and soft timeouts) and to [`TieredCache::get_with`] and
+//!   [`TieredCache::try_get_with`]. Plain [`Cache::get`] never touches Redis.
+//! * **Fleet-wide single-flight** (opt-in, [`RedisTier::lease`]): before loading, the leader
+//!   takes a per-key lease (`SET lease token NX PX ttl`). The instance that gets it loads; the
+//!   others poll Redis for the value (1 ms, backing off to 20 ms) for at most the lease *wait*,
+//!   then load themselves. A holder that dies leaves a lease that expires after its *ttl*; a
+//!   holder whose loader fails releases it at once, and a waiter takes over. The lease is
+//!   released only by its holder (compare-and-delete on the token).
+//! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
+//!   [`insert`](TieredCache::insert) and [`invalidate_all`](TieredCache::invalidate_all) update
+//!   Redis (`DEL`, `SET`, `SCAN` + `UNLINK`) and publish on the channel `namespace:invalidate`.
+//!   Every instance runs a subscriber thread that drops its local copy of the key (or
+//!   everything) and reconnects by itself when the connection drops.
+//!
+//! # How stale can an instance get?
+//!
+//! A message missed while the subscriber is disconnected is not replayed (Redis pub/sub keeps
+//! nothing). An instance that missed it keeps serving its local copy until that copy expires:
+//! **at most the local time to live** (or time to idle) after it was loaded or read from Redis.
+//! [`RedisTier::clear_on_reconnect`] bounds this by the disconnection instead, at the price of
+//! refilling the local tier (from Redis) after every reconnect. A value read from Redis was
+//! written at most the tier's time to live ago, so without invalidations a value served can be
+//! up to *tier TTL + local TTL* old; the default tier TTL (see [`RedisTier::ttl`]) keeps this
+//! within twice the local one. Writes racing with an invalidation (a load that read Redis just
+//! before a `DEL`) are bounded the same way.
+//!
+//! # Redis failing never fails a request
+//!
+//! Every Redis operation is bounded: connect timeout plus per-operation timeout
+//! ([`RedisTier::timeouts`]). A failure or timeout counts as "Redis has nothing": the value is
+//! loaded locally, and writes and messages are skipped. After
+//! [`breaker_failures`](RedisTier::breaker) failures in a row a circuit breaker opens and
+//! operations are skipped without touching the network for its cooldown; then one probe
+//! operation is let through, and a success closes it. Loader errors are returned exactly as
+//! without the tier; Redis errors never are. [`CacheStats::remote`](crate::CacheStats) counts
+//! hits, misses, writes, errors, timeouts, skipped operations, breaker openings, leases and
+//! messages.
+//!
+//! Not covered: the async loads ([`Cache::load_async`], `get_with_async`) do not use the tier
+//! (the Redis client here is blocking and would stall an executor thread).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use herdcache::codec::Plain;
+//! use herdcache::redis::RedisTier;
+//! use herdcache::Cache;
+//! use std::time::Duration;
+//!
+//! let cache = RedisTier::new("redis://127.0.0.1:6379/")
+//!     .namespace("prices")
+//!     .lease(Duration::from_secs(2), Duration::from_millis(500))
+//!     .build(
+//!         Cache::builder()
+//!             .max_capacity(10_000)
+//!             .time_to_live(Duration::from_secs(60))
+//!             .loader(|sku: &u64| Ok::<_, herdcache::BoxError>(format!("price of {sku}"))),
+//!         Plain,
+//!     )
+//!     .expect("a valid Redis URL");
+//! // One instance in the fleet loads; the others find the value in Redis.
+//! assert_eq!(cache.load(42).unwrap(), "price of 42");
+//! cache.invalidate(&42); // every instance drops its copy
+//! println!("{:?}", cache.stats().remote);
+//! ```
+
+mod client;
+mod subscriber;
+mod tier;
+
+use crate::builder::{BuildError, CacheBuilder};
+use crate::cache::Cache;
+use crate::codec::Codec;
+use crate::stats::RemoteCounters;
+use client::{Breaker, Client};
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tier::{LeaseConfig, Tier};
+
+/// Why a [`TieredCache`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TierError {
+    /// The Redis URL is not valid.
+    Url(::redis::RedisError),
+    /// Neither [`RedisTier::ttl`] nor the cache's `time_to_live` says how long values may live
+    /// in Redis.
+    NoTtl,
+    /// The cache's own configuration is invalid.
+    Build(BuildError),
+    /// The subscriber thread could not be started.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for TierError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TierError::Url(e) => write!(f, "invalid Redis URL: {e}"),
+            TierError::NoTtl => f.write_str(
+                "the second tier needs a time to live: set RedisTier::ttl or time_to_live",
+            ),
+            TierError::Build(e) => write!(f, "{e}"),
+            TierError::Thread(e) => write!(f, "cannot start the subscriber thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TierError {}
+
+/// Configures a Redis second tier; [`build`](Self::build) turns a [`CacheBuilder`] into a
+/// [`TieredCache`]. See the [module docs](self) for what the tier does.
+///
+/// No connection is made by `build`: Redis may be down when the cache starts (it is then
+/// used from the moment it answers).
+#[derive(Clone, Debug)]
+pub struct RedisTier {
+    url: String,
+    namespace: String,
+    ttl: Option<Duration>,
+    lease: Option<LeaseConfig>,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+    clear_on_reconnect: bool,
+}
+
+impl RedisTier {
+    /// A tier on the Redis server at `url` (`redis://host:port/db`), with the defaults:
+    /// namespace `herdcache`, no leases, 100 ms connect and 50 ms operation timeouts, a
+    /// breaker that opens after 3 failures in a row for 1 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisTier {
+            url: url.into(),
+            namespace: "herdcache".into(),
+            ttl: None,
+            lease: None,
+            connect_timeout: Duration::from_millis(100),
+            op_timeout: Duration::from_millis(50),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(1),
+            clear_on_reconnect: false,
+        }
+    }
+
+    /// The prefix of every Redis key (`namespace:v:<key>` for values, `namespace:l:<key>` for
+    /// leases) and of the channel (`namespace:invalidate`). Instances share values only
+    /// within a namespace; give each cache (and each value type or codec version) its own.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long values live in Redis. Default: the cache's `time_to_live`, or its
+    /// `refresh_after` if shorter — so that a refresh that reads Redis first finds only a
+    /// value loaded within the refresh period (one instance refreshes for the fleet) rather
+    /// than the one it is replacing. Required when the cache has no `time_to_live`.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Turns on fleet-wide single-flight: a per-key lease that lives at most `ttl` (make it
+    /// longer than a typical load), and a bounded `wait` for another instance's value before
+    /// loading locally.
+    pub fn lease(mut self, ttl: Duration, wait: Duration) -> Self {
+        self.lease = Some(LeaseConfig { ttl, wait });
+        self
+    }
+
+    /// The time allowed to open a connection, and for each operation's request and reply.
+    pub fn timeouts(mut self, connect: Duration, operation: Duration) -> Self {
+        self.connect_timeout = connect.max(Duration::from_millis(1));
+        self.op_timeout = operation.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The circuit breaker: opens after `failures` failed operations in a row, and skips Redis
+    /// for `cooldown` before probing it again.
+    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_failures = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Clears the local tier whenever the subscriber reconnects, since invalidations sent
+    /// while it was disconnected are lost. Default: off (staleness bounded by the local TTL).
+    pub fn clear_on_reconnect(mut self, on: bool) -> Self {
+        self.clear_on_reconnect = on;
+        self
+    }
+
+    /// Builds the cache with the tier, using `codec` for keys and values.
+    ///
+    /// # Errors
+    ///
+    /// [`TierError`]: an invalid URL or cache configuration, or no time to live.
+    pub fn build<K, V, S, C>(
+        self,
+        builder: CacheBuilder<K, V, S>,
+        codec: C,
+    ) -> Result<TieredCache<K, V, S>, TierError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+        S: BuildHasher + Clone + Send + Sync + 'static,
+        C: Codec<K> + Codec<V> + Clone,
+    {
+        self.build_with(builder, codec.clone(), codec)
+    }
+
+    /// [`build`](Self::build) with separate codecs for keys and values.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    pub fn build_with<K, V, S>(
+        self,
+        mut builder: CacheBuilder<K, V, S>,
+        key_codec: impl Codec<K>,
+        value_codec: impl Codec<V>,
+    ) -> Result<TieredCache<K, V, S>, TierError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+        S: BuildHasher + Clone + Send + Sync + 'static,
+    {
+        let raw = ::redis::Client::open(self.url.as_str()).map_err(TierError::Url)?;
+        let ttl = match (self.ttl, builder.ttl, builder.refresh_after) {
+            (Some(t), _, _) => t,
+            (None, Some(t), Some(r)) => t.min(r),
+            (None, Some(t), None) => t,
+            (None, None, _) => return Err(TierError::NoTtl),
+        };
+        let counters = Arc::new(RemoteCounters::default());
+        let client = Client::new(
+            raw,
+            self.connect_timeout,
+            self.op_timeout,
+            Breaker::new(self.breaker_failures, self.breaker_cooldown),
+            Arc::clone(&counters),
+        );
+        let tier = Arc::new(Tier::new(
+            client,
+            Box::new(key_codec),
+            Box::new(value_codec),
+            &self.namespace,
+            ttl,
+            self.lease,
+        ));
+        if let Some(load) = builder.stampede.loader.take() {
+            let t = Arc::clone(&tier);
+            builder.stampede.loader = Some(Arc::new(move |k: &K| t.fetch(k, || load(k))));
+        }
+        let cache = builder.try_build().map_err(TierError::Build)?;
+        // A fresh cache: nothing else can have set it.
+        let _ = cache.inner.remote.set(counters);
+        subscriber::spawn(&cache, Arc::clone(&tier), self.clear_on_reconnect)
+            .map_err(TierError::Thread)?;
+        Ok(TieredCache { cache, tier })
+    }
+}
+
+/// A [`Cache`] with a Redis second tier (see the [module docs](self)).
+///
+/// It dereferences to its local [`Cache`], so every read method (`get`, `load`, `stats`, …)
+/// is available; the methods below replace the cache's own where the fleet must hear of
+/// it. Clones are handles to the same cache. The subscriber thread stops when the last
+/// handle (and the last clone of the local cache) is dropped.
+pub struct TieredCache<K, V, S = crate::DefaultHashBuilder> {
+    cache: Cache<K, V, S>,
+    tier: Arc<Tier<K, V>>,
+}
+
+impl<K, V, S> Clone for TieredCache<K, V, S> {
+    fn clone(&self) -> Self {
+        TieredCache {
+            cache: self.cache.clone(),
+            tier: Arc::clone(&self.tier),
+        }
+    }
+}
+
+impl<K, V, S> fmt::Debug for TieredCache<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("local", &self.cache)
+            .field("subscribed", &self.tier.subscribed.load(Ordering::Relaxed))
+            .field("breaker_open", &self.tier.client.breaker.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, S> Deref for TieredCache<K, V, S> {
+    type Target = Cache<K, V, S>;
+
+    fn deref(&self) -> &Cache<K, V, S> {
+        &self.cache
+    }
+}
+
+impl<K, V, S> TieredCache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// The local tier alone. Its `insert` and `invalidate` do not reach the other instances.
+    pub fn local(&self) -> &Cache<K, V, S> {
+        &self.cache
+    }
+
+    /// Inserts locally, writes the value to Redis and tells the other instances to drop their
+    /// copies (they read the new value from Redis on their next miss).
+    ///
+    /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
+    /// while the breaker is open).
+    pub fn insert(&self, key: K, value: V) {
+        self.tier.put(&key, &value);
+        self.cache.insert(key, value);
+    }
+
+    /// Removes `key` here and in Redis, and tells the other instances to drop it.
+    ///
+    /// Blocks for the Redis delete and publish (bounded as [`insert`](Self::insert)).
+    pub fn invalidate(&self, key: &K) {
+        self.cache.invalidate(key);
+        self.tier.invalidate(key);
+    }
+
+    /// As [`invalidate`](Self::invalidate), returning the local value if there was one.
+    pub fn remove(&self, key: &K) -> Option<V> {
+        let v = self.cache.remove(key);
+        self.tier.invalidate(key);
+        v
+    }
+
+    /// Clears the local tier, deletes the namespace's values from Redis (`SCAN` + `UNLINK`,
+    /// in batches of about 1,000 keys, each bounded by the operation timeout) and tells the
+    /// other instances to clear theirs.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        self.tier.invalidate_all();
+    }
+
+    /// [`Cache::get_with`] through the second tier: on a local miss the leader reads Redis
+    /// (and waits on another instance's lease, if leases are on) before calling `init`, and
+    /// writes what `init` returns to Redis.
+    ///
+    /// # Panics
+    ///
+    /// If `init` panics (as [`Cache::get_with`]).
+    pub fn get_with(&self, key: K, init: impl FnOnce() -> V) -> V {
+        let k = key.clone();
+        self.cache.get_with(key, || {
+            match self
+                .tier
+                .fetch(&k, || Ok::<V, std::convert::Infallible>(init()))
+            {
+                Ok(v) => v,
+                Err(never) => match never {},
+            }
+        })
+    }
+
+    /// [`Cache::try_get_with`] through the second tier; an error of `init` is returned as
+    /// without the tier, and nothing is written to Redis.
+    ///
+    /// # Errors
+    ///
+    /// `init`'s error, shared by every local caller of that load.
+    pub fn try_get_with<E>(&self, key: K, init: impl FnOnce() -> Result<V, E>) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        let k = key.clone();
+        self.cache.try_get_with(key, || self.tier.fetch(&k, init))
+    }
+
+    /// Whether the invalidation subscriber is connected and subscribed now.
+    pub fn is_subscribed(&self) -> bool {
+        self.tier.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Whether the circuit breaker is skipping Redis now.
+    pub fn is_breaker_open(&self) -> bool {
+        self.tier.client.breaker.is_open()
+    }
+}

@@ -1,0 +1,124 @@
+//! The invalidation subscriber: one thread per tiered cache that listens on the namespace's
+//! channel and drops the local copies other instances invalidated. It reconnects by itself
+//! (backing off from 50 ms to 1 s) and exits within 100 ms of the cache being dropped.
+
+use super::tier::{parse_message, Tier, MSG_ALL, MSG_KEY};
+use crate::cache::{Cache, Inner};
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// How often a blocked read wakes to see whether the cache is gone.
+const POLL: Duration = Duration::from_millis(100);
+
+pub(crate) fn spawn<K, V, S>(
+    cache: &Cache<K, V, S>,
+    tier: Arc<Tier<K, V>>,
+    clear_on_reconnect: bool,
+) -> std::io::Result<()>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    let weak = Arc::downgrade(&cache.inner);
+    std::thread::Builder::new()
+        .name("herdcache-invalidations".into())
+        .spawn(move || run(&weak, &tier, clear_on_reconnect))
+        .map(drop)
+}
+
+fn run<K, V, S>(cache: &Weak<Inner<K, V, S>>, tier: &Tier<K, V>, clear_on_reconnect: bool)
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    let mut backoff = Duration::from_millis(50);
+    let mut connected_before = false;
+    while cache.strong_count() > 0 {
+        let mut conn = match tier.client.connect(Some(POLL)) {
+            Ok(c) => c,
+            Err(_) => {
+                sleep_while_alive(cache, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut sub = conn.as_pubsub();
+        if sub.subscribe(&tier.channel).is_err() {
+            drop(sub);
+            sleep_while_alive(cache, backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            continue;
+        }
+        backoff = Duration::from_millis(50);
+        tier.subscribed.store(true, Ordering::Release);
+        tier.counters().add(|c| &c.subscriber_connects);
+        if connected_before && clear_on_reconnect {
+            // Messages may have been missed while disconnected.
+            if let Some(inner) = cache.upgrade() {
+                Cache { inner }.invalidate_all();
+            }
+        }
+        connected_before = true;
+        loop {
+            match sub.get_message() {
+                Ok(msg) => {
+                    let Some(inner) = cache.upgrade() else { break };
+                    apply(&Cache { inner }, tier, msg.get_payload_bytes());
+                }
+                Err(e) if e.is_timeout() => {
+                    if cache.strong_count() == 0 {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        tier.subscribed.store(false, Ordering::Release);
+    }
+}
+
+/// Applies one message from the channel to the local tier.
+fn apply<K, V, S>(cache: &Cache<K, V, S>, tier: &Tier<K, V>, payload: &[u8])
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    let Some((kind, origin, key)) = parse_message(payload) else {
+        tier.counters().add(|c| &c.errors);
+        return;
+    };
+    if origin == tier.origin {
+        return;
+    }
+    match kind {
+        MSG_KEY => match tier.decode_key(key) {
+            Ok(k) => cache.invalidate(&k),
+            // A key we cannot decode could be any key: drop them all rather than keep a
+            // stale one.
+            Err(_) => {
+                tier.counters().add(|c| &c.errors);
+                cache.invalidate_all();
+            }
+        },
+        MSG_ALL => cache.invalidate_all(),
+        _ => {
+            tier.counters().add(|c| &c.errors);
+            return;
+        }
+    }
+    tier.counters().add(|c| &c.invalidations_received);
+}
+
+fn sleep_while_alive<T>(cache: &Weak<T>, total: Duration) {
+    let mut left = total;
+    while !left.is_zero() && cache.strong_count() > 0 {
+        let step = left.min(POLL);
+        std::thread::sleep(step);
+        left -= step;
+    }
+}

@@ -1,0 +1,454 @@
+//! The second tier's operations: read-through in the single-flight leader, fleet-wide leases,
+//! write-back with a time to live, and invalidation messages.
+
+use super::client::Client;
+use crate::codec::Codec;
+use crate::refresh::BoxError;
+use crate::stats::RemoteCounters;
+use ::redis::{cmd, pipe, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Message kinds on the invalidation channel: `[kind][origin: 8 bytes LE][key bytes]`.
+pub(crate) const MSG_KEY: u8 = b'k';
+pub(crate) const MSG_ALL: u8 = b'a';
+
+/// Deletes the lease only if it still holds our token (another instance may own it now).
+const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+
+/// Fleet-wide single-flight settings.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LeaseConfig {
+    /// How long a lease lives if its holder never releases it (died, hung).
+    pub(crate) ttl: Duration,
+    /// How long a caller waits for another instance's value before loading itself.
+    pub(crate) wait: Duration,
+}
+
+/// How a leader's lease attempt ended.
+enum Lease<V> {
+    /// Another instance's value appeared while we waited.
+    Value(V),
+    /// We hold the lease (this token) and load for the fleet.
+    Held(u64),
+    /// Load locally: the bounded wait passed, or the lease vanished without a value.
+    Local,
+    /// Redis is unavailable: load locally and do not write.
+    Unavailable,
+}
+
+/// Everything one cache needs to use Redis as its second tier.
+pub(crate) struct Tier<K, V> {
+    pub(crate) client: Client,
+    key_codec: Box<dyn Codec<K>>,
+    value_codec: Box<dyn Codec<V>>,
+    /// `namespace:` — prefix of every key.
+    prefix: Vec<u8>,
+    pub(crate) channel: Vec<u8>,
+    /// This instance's id in invalidation messages (its own are ignored).
+    pub(crate) origin: u64,
+    /// Time to live of values written to Redis.
+    ttl: Duration,
+    lease: Option<LeaseConfig>,
+    tokens: AtomicU64,
+    random: ahash::RandomState,
+    /// Whether the invalidation subscriber is connected and subscribed now.
+    pub(crate) subscribed: AtomicBool,
+}
+
+impl<K: 'static, V: 'static> Tier<K, V> {
+    pub(crate) fn new(
+        client: Client,
+        key_codec: Box<dyn Codec<K>>,
+        value_codec: Box<dyn Codec<V>>,
+        namespace: &str,
+        ttl: Duration,
+        lease: Option<LeaseConfig>,
+    ) -> Self {
+        let random = ahash::RandomState::new();
+        Tier {
+            client,
+            key_codec,
+            value_codec,
+            prefix: format!("{namespace}:").into_bytes(),
+            channel: format!("{namespace}:invalidate").into_bytes(),
+            origin: random.hash_one(0x0419_u64),
+            ttl,
+            lease,
+            tokens: AtomicU64::new(1),
+            random,
+            subscribed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &RemoteCounters {
+        &self.client.counters
+    }
+
+    fn count(&self, counter: fn(&RemoteCounters) -> &AtomicU64) {
+        self.counters().add(counter);
+    }
+
+    /// `namespace:v:` + key bytes, or `None` if the key cannot be encoded.
+    fn value_key(&self, key: &K) -> Option<(Vec<u8>, usize)> {
+        let mut out = self.prefix.clone();
+        out.extend_from_slice(b"v:");
+        let at = out.len();
+        match self.key_codec.encode(key, &mut out) {
+            Ok(()) => Some((out, at)),
+            Err(_) => {
+                self.count(|c| &c.errors);
+                None
+            }
+        }
+    }
+
+    fn lease_key(&self, value_key: &[u8], at: usize) -> Vec<u8> {
+        let mut out = self.prefix.clone();
+        out.extend_from_slice(b"l:");
+        out.extend_from_slice(&value_key[at..]);
+        out
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Option<V> {
+        match self.value_codec.decode(bytes) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.count(|c| &c.errors);
+                None
+            }
+        }
+    }
+
+    fn token(&self) -> u64 {
+        self.random
+            .hash_one(self.tokens.fetch_add(1, Ordering::Relaxed))
+            .max(1)
+    }
+
+    /// Reads `key` from Redis: `Ok(Some)` a value, `Ok(None)` absent or undecodable, `Err`
+    /// Redis unavailable (failed, timed out, or skipped by the breaker).
+    fn read(&self, vkey: &[u8]) -> Result<Option<V>, ()> {
+        let bytes = self
+            .client
+            .run(|c| cmd("GET").arg(vkey).query::<Option<Vec<u8>>>(c))
+            .ok_or(())?;
+        Ok(match bytes {
+            Some(b) => {
+                let v = self.decode(&b);
+                if v.is_some() {
+                    self.count(|c| &c.hits);
+                }
+                v
+            }
+            None => {
+                self.count(|c| &c.misses);
+                None
+            }
+        })
+    }
+
+    /// Writes a value to Redis with the tier's time to live (skipped if Redis is unavailable).
+    /// False if Redis failed (not for a value that cannot be encoded).
+    fn write(&self, vkey: &[u8], value: &V) -> bool {
+        let mut bytes = Vec::new();
+        if self.value_codec.encode(value, &mut bytes).is_err() {
+            self.count(|c| &c.errors);
+            return true;
+        }
+        let px = millis(self.ttl);
+        let done = self.client.run(|c| {
+            cmd("SET")
+                .arg(vkey)
+                .arg(bytes)
+                .arg("PX")
+                .arg(px)
+                .query::<()>(c)
+        });
+        if done.is_some() {
+            self.count(|c| &c.writes);
+        }
+        done.is_some()
+    }
+
+    /// What the single-flight leader runs on a local miss: the value from Redis if it is
+    /// there; else (with leases) the value another instance is loading, if it appears within
+    /// the bounded wait; else `load()`, whose value is written to Redis.
+    pub(crate) fn fetch<E>(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        let Some((vkey, at)) = self.value_key(key) else {
+            return load();
+        };
+        let mut held = None;
+        match self.read(&vkey) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            // Redis is unavailable: load without it (no lease, no write), so that a call pays
+            // at most one operation's timeout.
+            Err(()) => return load(),
+        }
+        if let Some(cfg) = self.lease {
+            let lkey = self.lease_key(&vkey, at);
+            match self.lease_or_wait(&vkey, &lkey, cfg) {
+                Lease::Value(v) => return Ok(v),
+                Lease::Held(token) => {
+                    held = Some(Release {
+                        tier: self,
+                        key: lkey,
+                        token,
+                        armed: true,
+                    })
+                }
+                Lease::Local => {}
+                Lease::Unavailable => return load(),
+            }
+        }
+        let result = load();
+        if let Ok(v) = &result {
+            if !self.write(&vkey, v) {
+                // Redis just failed: do not spend another timeout on the release; the lease
+                // expires by itself.
+                if let Some(h) = held.as_mut() {
+                    h.armed = false;
+                }
+            }
+        }
+        // The lease goes after the value is written, so waiters find the value; on an error
+        // or a panic it goes at once (by `Drop`) and a waiter takes over.
+        drop(held);
+        result
+    }
+
+    fn lease_or_wait(&self, vkey: &[u8], lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
+        let deadline = Instant::now() + cfg.wait;
+        let mut vanished = 0;
+        let mut waited = false;
+        loop {
+            // Take the lease and look at the value in one round trip, in this order: a holder
+            // writes its value before releasing, so if the lease was free the value of the
+            // load that just ended (if any) is visible to the GET.
+            let token = self.token();
+            let got = self.client.run(|c| {
+                pipe()
+                    .cmd("SET")
+                    .arg(lkey)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(cfg.ttl))
+                    .cmd("GET")
+                    .arg(vkey)
+                    .query::<(Value, Option<Vec<u8>>)>(c)
+            });
+            let Some((lease, value)) = got else {
+                if waited {
+                    self.count(|c| &c.lease_fallbacks);
+                }
+                return Lease::Unavailable;
+            };
+            let held = !matches!(lease, Value::Nil);
+            if let Some(v) = value.and_then(|b| self.decode(&b)) {
+                if held {
+                    // Taken needlessly: give it back.
+                    drop(Release {
+                        tier: self,
+                        key: lkey.to_vec(),
+                        token,
+                        armed: true,
+                    });
+                }
+                self.count(|c| &c.hits);
+                if waited {
+                    self.count(|c| &c.lease_wait_hits);
+                }
+                return Lease::Value(v);
+            }
+            if held {
+                self.count(|c| &c.leases_acquired);
+                return Lease::Held(token);
+            }
+            if !waited {
+                waited = true;
+                self.count(|c| &c.lease_waits);
+            }
+            // Another instance holds the lease: poll for its value, backing off to 20 ms.
+            let mut pause = Duration::from_millis(1);
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return self.give_up();
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(20));
+                let seen = self.client.run(|c| {
+                    pipe()
+                        .cmd("GET")
+                        .arg(vkey)
+                        .cmd("EXISTS")
+                        .arg(lkey)
+                        .query::<(Option<Vec<u8>>, bool)>(c)
+                });
+                match seen {
+                    None => {
+                        self.count(|c| &c.lease_fallbacks);
+                        return Lease::Unavailable;
+                    }
+                    Some((Some(bytes), _)) => match self.decode(&bytes) {
+                        Some(v) => {
+                            self.count(|c| &c.hits);
+                            self.count(|c| &c.lease_wait_hits);
+                            return Lease::Value(v);
+                        }
+                        None => return self.give_up(),
+                    },
+                    Some((None, true)) => {}
+                    Some((None, false)) => {
+                        // The holder released without a value (its load failed) or died and
+                        // the lease expired: try to take over, at most twice.
+                        vanished += 1;
+                        if vanished > 2 {
+                            return self.give_up();
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends a wait for another instance's value: load locally.
+    fn give_up(&self) -> Lease<V> {
+        self.count(|c| &c.lease_fallbacks);
+        Lease::Local
+    }
+
+    /// Writes `value` for `key` to Redis and tells the other instances to drop their copies.
+    pub(crate) fn put(&self, key: &K, value: &V) {
+        if let Some((vkey, at)) = self.value_key(key) {
+            if self.write(&vkey, value) {
+                self.publish(MSG_KEY, &vkey[at..]);
+            }
+        }
+    }
+
+    /// Deletes `key` from Redis and tells the other instances to drop their copies.
+    pub(crate) fn invalidate(&self, key: &K) {
+        if let Some((vkey, at)) = self.value_key(key) {
+            if self
+                .client
+                .run(|c| cmd("DEL").arg(&vkey).query::<()>(c))
+                .is_some()
+            {
+                self.publish(MSG_KEY, &vkey[at..]);
+            }
+        }
+    }
+
+    /// Deletes every value of the namespace from Redis (`SCAN` + `UNLINK`, one batch per
+    /// operation) and tells the other instances to clear.
+    pub(crate) fn invalidate_all(&self) {
+        let mut pattern = Vec::with_capacity(self.prefix.len() + 3);
+        for &b in &self.prefix {
+            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+                pattern.push(b'\\');
+            }
+            pattern.push(b);
+        }
+        pattern.extend_from_slice(b"v:*");
+        let mut cursor = 0u64;
+        loop {
+            let batch = self.client.run(|c| {
+                cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query::<(u64, Vec<Vec<u8>>)>(c)
+            });
+            // Redis failed: the publish would too (and cost another timeout).
+            let Some((next, keys)) = batch else { return };
+            if !keys.is_empty() {
+                self.client.run(|c| cmd("UNLINK").arg(&keys).query::<()>(c));
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.publish(MSG_ALL, &[]);
+    }
+
+    fn publish(&self, kind: u8, key: &[u8]) {
+        let mut msg = Vec::with_capacity(9 + key.len());
+        msg.push(kind);
+        msg.extend_from_slice(&self.origin.to_le_bytes());
+        msg.extend_from_slice(key);
+        let sent = self
+            .client
+            .run(|c| cmd("PUBLISH").arg(&self.channel).arg(msg).query::<()>(c));
+        if sent.is_some() {
+            self.count(|c| &c.invalidations_sent);
+        }
+    }
+
+    /// Decodes the key of a received invalidation message.
+    pub(crate) fn decode_key(&self, bytes: &[u8]) -> Result<K, BoxError> {
+        self.key_codec.decode(bytes)
+    }
+}
+
+/// Releases a held lease when dropped (also when the loader panics).
+struct Release<'a, K: 'static, V: 'static> {
+    tier: &'a Tier<K, V>,
+    key: Vec<u8>,
+    token: u64,
+    /// False: leave the lease to expire.
+    armed: bool,
+}
+
+impl<K: 'static, V: 'static> Drop for Release<'_, K, V> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.tier.client.run(|c| {
+            cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(&self.key)
+                .arg(self.token)
+                .query::<()>(c)
+        });
+    }
+}
+
+/// Milliseconds for `PX`, at least 1.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Splits an invalidation message into its kind, origin and key.
+pub(crate) fn parse_message(payload: &[u8]) -> Option<(u8, u64, &[u8])> {
+    if payload.len() < 9 {
+        return None;
+    }
+    let origin = u64::from_le_bytes(payload[1..9].try_into().ok()?);
+    Some((payload[0], origin, &payload[9..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_short_ones_are_rejected() {
+        let mut msg = vec![MSG_KEY];
+        msg.extend_from_slice(&7u64.to_le_bytes());
+        msg.extend_from_slice(b"key");
+        assert_eq!(parse_message(&msg), Some((MSG_KEY, 7, &b"key"[..])));
+        assert_eq!(parse_message(&msg[..8]), None);
+        assert_eq!(millis(Duration::from_micros(10)), 1);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
+    }
+}

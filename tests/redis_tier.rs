@@ -1,0 +1,453 @@
+//! The Redis second tier against a real `redis-server` (started by the tests on a free
+//! loopback port; `.ci/run` installs it): shared loads, invalidations across instances, a
+//! server stopped mid-test, leases whose holder stopped.
+#![cfg(feature = "redis")]
+
+mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+use herdcache::codec::Plain;
+use herdcache::redis::{RedisTier, TieredCache};
+use herdcache::{BoxError, Cache, LoadError};
+use redis_server::RedisServer;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The backend: counts loads per key; values are `key * 1000 + version`.
+#[derive(Default)]
+struct Backend {
+    loads: Mutex<HashMap<u64, u64>>,
+    version: AtomicU64,
+    delay: Duration,
+}
+
+impl Backend {
+    fn slow(delay: Duration) -> Arc<Backend> {
+        Arc::new(Backend {
+            delay,
+            ..Backend::default()
+        })
+    }
+
+    fn load(&self, k: u64) -> u64 {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        *self.loads.lock().unwrap().entry(k).or_default() += 1;
+        k * 1000 + self.version.load(Ordering::SeqCst)
+    }
+
+    fn total(&self) -> u64 {
+        self.loads.lock().unwrap().values().sum()
+    }
+
+    fn of(&self, k: u64) -> u64 {
+        self.loads.lock().unwrap().get(&k).copied().unwrap_or(0)
+    }
+}
+
+fn tier(server: &RedisServer, ns: &str) -> RedisTier {
+    RedisTier::new(server.url())
+        .namespace(ns)
+        .timeouts(Duration::from_millis(200), Duration::from_millis(200))
+}
+
+fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
+    let b = Arc::clone(backend);
+    tier.build(
+        Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(Duration::from_secs(600))
+            .record_stats()
+            .loader(move |k: &u64| Ok::<_, BoxError>(b.load(*k))),
+        Plain,
+    )
+    .expect("valid configuration")
+}
+
+/// Waits (at most 10 s) until `cond` holds; false if it never did.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+fn raw(server: &RedisServer) -> redis::Connection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+#[test]
+fn a_second_instance_reads_what_the_first_loaded() {
+    let _w = common::watchdog(Duration::from_secs(60), "read-through");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(tier(&server, "t1"), &backend);
+    let b = instance(tier(&server, "t1"), &backend);
+    for k in 0..100 {
+        assert_eq!(a.load(k).unwrap(), k * 1000);
+    }
+    for k in 0..100 {
+        assert_eq!(b.load(k).unwrap(), k * 1000);
+    }
+    assert_eq!(backend.total(), 100, "b found every value in Redis");
+    let (sa, sb) = (a.stats().remote, b.stats().remote);
+    assert_eq!((sa.misses, sa.writes), (100, 100));
+    assert_eq!((sb.hits, sb.writes), (100, 0));
+    assert_eq!(b.stats().load_successes, 100, "b's local tier filled");
+    // The local tier answers from now on: no more Redis reads.
+    for k in 0..100 {
+        assert_eq!(b.load(k).unwrap(), k * 1000);
+    }
+    assert_eq!(b.stats().remote.hits, 100);
+    // get_with goes through the tier too; a loader error is not written.
+    assert_eq!(b.get_with(500, || 7), 7);
+    assert_eq!(a.get_with(500, || 8), 7, "a read b's value");
+    assert!(a.try_get_with(501, || Err::<u64, _>("down")).is_err());
+    assert_eq!(b.try_get_with(501, || Ok::<_, ()>(9)).unwrap(), 9);
+}
+
+#[test]
+fn two_instances_share_one_load_per_key() {
+    let _w = common::watchdog(Duration::from_secs(120), "fleet single-flight");
+    let server = RedisServer::start();
+    let backend = Backend::slow(Duration::from_millis(2));
+    let lease = |t: RedisTier| t.lease(Duration::from_secs(10), Duration::from_secs(20));
+    let a = instance(lease(tier(&server, "t2")), &backend);
+    let b = instance(lease(tier(&server, "t2")), &backend);
+    const KEYS: u64 = 200;
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            for c in [&a, &b] {
+                s.spawn(move || {
+                    // Every thread asks for every key, in a different order.
+                    for i in 0..KEYS {
+                        let k = (i * 7 + t * 31) % KEYS;
+                        assert_eq!(c.load(k).unwrap(), k * 1000);
+                    }
+                });
+            }
+        }
+    });
+    for k in 0..KEYS {
+        assert_eq!(backend.of(k), 1, "key {k} loaded once in the fleet");
+    }
+    let (sa, sb) = (a.stats().remote, b.stats().remote);
+    assert_eq!(sa.leases_acquired + sb.leases_acquired, KEYS);
+    assert_eq!(sa.lease_fallbacks + sb.lease_fallbacks, 0);
+    assert_eq!(
+        (sa.errors, sa.timeouts, sb.errors, sb.timeouts),
+        (0, 0, 0, 0)
+    );
+}
+
+#[test]
+fn instances_see_each_others_invalidations() {
+    let _w = common::watchdog(Duration::from_secs(60), "invalidation");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(tier(&server, "t3"), &backend);
+    let b = instance(tier(&server, "t3"), &backend);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
+    for k in 0..10 {
+        a.load(k).unwrap();
+        b.load(k).unwrap();
+    }
+    assert_eq!(backend.total(), 10);
+    assert!(b.contains_key(&3));
+
+    // A new version in the backend; a invalidates key 3 for the fleet.
+    backend.version.store(1, Ordering::SeqCst);
+    a.invalidate(&3);
+    assert!(eventually(|| !b.contains_key(&3)), "b dropped key 3");
+    assert_eq!(b.load(3).unwrap(), 3001, "Redis's copy was deleted too");
+    assert_eq!(a.load(3).unwrap(), 3001, "a reads b's new load from Redis");
+    assert_eq!(backend.of(3), 2);
+    assert!(b.contains_key(&4), "other keys stay");
+
+    // insert: b drops its copy and reads the inserted value from Redis.
+    a.insert(4, 44);
+    assert!(eventually(|| !b.contains_key(&4)));
+    assert_eq!(b.load(4).unwrap(), 44);
+    assert_eq!(backend.of(4), 1);
+
+    // remove from b reaches a.
+    assert_eq!(b.remove(&5), Some(5000));
+    assert!(eventually(|| !a.contains_key(&5)));
+
+    // invalidate_all from b empties a and Redis.
+    b.invalidate_all();
+    assert!(eventually(|| a.entry_count() == 0));
+    assert_eq!(a.load(6).unwrap(), 6001);
+    assert_eq!(backend.of(6), 2, "Redis was emptied: a loaded again");
+    let (sa, sb) = (a.stats().remote, b.stats().remote);
+    assert!(sa.invalidations_received >= 2 && sb.invalidations_received >= 2);
+    assert!(sa.invalidations_sent >= 2 && sb.invalidations_sent >= 2);
+}
+
+#[test]
+fn server_stopped_mid_test_caches_keep_serving_then_recover() {
+    let _w = common::watchdog(Duration::from_secs(120), "redis outage");
+    let mut server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let fragile = |s: &RedisServer| {
+        tier(s, "t4")
+            .timeouts(Duration::from_millis(50), Duration::from_millis(50))
+            .breaker(3, Duration::from_secs(3))
+            .lease(Duration::from_secs(1), Duration::from_millis(200))
+    };
+    let a = instance(fragile(&server), &backend);
+    let b = instance(fragile(&server), &backend);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
+    for k in 0..50 {
+        a.load(k).unwrap();
+    }
+
+    server.stop();
+    let before = (a.stats().remote, b.stats().remote);
+    // Cached keys, keys cached elsewhere, new keys, writes and invalidations: all answered.
+    let mut calls = 0u64;
+    for round in 0..4u64 {
+        for k in 0..100u64 {
+            let c = if k % 2 == 0 { &a } else { &b };
+            assert_eq!(c.load(k).unwrap(), k * 1000, "round {round} key {k}");
+            calls += 1;
+        }
+        b.insert(1000 + round, round);
+        assert_eq!(b.get(&(1000 + round)), Some(round));
+        a.invalidate(&1000);
+    }
+    let after = (a.stats().remote, b.stats().remote);
+    let failed = |i: usize| {
+        let (x, y) = if i == 0 {
+            (after.0, before.0)
+        } else {
+            (after.1, before.1)
+        };
+        (x - y).errors + (x - y).timeouts
+    };
+    let skipped = (after.0 - before.0).skipped + (after.1 - before.1).skipped;
+    // Without the breaker each of the ~90 operations (local misses, writes, invalidations)
+    // would have failed; with it, 3 per instance did (one more per cooldown while open).
+    let failed = failed(0) + failed(1);
+    assert!(a.is_breaker_open() && b.is_breaker_open());
+    assert!(after.0.breaker_opened == 1 && after.1.breaker_opened == 1);
+    assert!((6..=8).contains(&failed), "{failed} operations failed");
+    assert!(skipped >= 60, "{skipped} skipped of {calls} calls");
+
+    // The server returns (empty): both recover, and the fleet works again.
+    server.restart();
+    assert!(
+        eventually(|| a.is_subscribed() && b.is_subscribed()),
+        "subscribers reconnected"
+    );
+    let loads = backend.total();
+    assert!(eventually(|| {
+        // Each call probes once the cooldown has passed; success closes the breaker.
+        a.invalidate(&999_999);
+        b.invalidate(&999_999);
+        !a.is_breaker_open() && !b.is_breaker_open()
+    }));
+    assert_eq!(a.load(5000).unwrap(), 5_000_000);
+    assert_eq!(b.load(5000).unwrap(), 5_000_000);
+    assert_eq!(
+        backend.total(),
+        loads + 1,
+        "b read a's load from Redis again"
+    );
+    a.invalidate(&5000);
+    assert!(
+        eventually(|| !b.contains_key(&5000)),
+        "invalidations flow again"
+    );
+}
+
+#[test]
+fn a_frozen_server_costs_timeouts_not_errors() {
+    let _w = common::watchdog(Duration::from_secs(120), "frozen redis");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(
+        tier(&server, "t10")
+            .timeouts(Duration::from_millis(50), Duration::from_millis(50))
+            .breaker(2, Duration::from_millis(300))
+            .lease(Duration::from_secs(1), Duration::from_secs(1)),
+        &backend,
+    );
+    a.load(1).unwrap();
+    // Hung, as with a partition: connections are accepted, nothing is answered.
+    server.pause();
+    for k in 0..200 {
+        assert_eq!(a.load(k).unwrap(), k * 1000);
+    }
+    a.insert(7, 70);
+    a.invalidate(&8);
+    let s = a.stats().remote;
+    assert!(s.timeouts >= 2, "{s:?}");
+    assert!(s.breaker_opened >= 1 && s.skipped > 150, "{s:?}");
+    assert_eq!(backend.total(), 200, "every new key loaded once, locally");
+    server.resume();
+    assert!(eventually(|| {
+        a.invalidate(&999);
+        !a.is_breaker_open()
+    }));
+    a.invalidate(&3);
+    assert_eq!(a.load(3).unwrap(), 3000);
+    assert_eq!(
+        a.stats().remote.writes - s.writes,
+        1,
+        "writes to Redis again"
+    );
+}
+
+#[test]
+fn a_lease_whose_holder_stopped_expires_and_a_waiter_takes_over() {
+    let _w = common::watchdog(Duration::from_secs(60), "lease expiry");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(
+        tier(&server, "t5").lease(Duration::from_secs(5), Duration::from_secs(30)),
+        &backend,
+    );
+    // A holder that took the lease for key 7 and then stopped (crashed, paused).
+    let mut conn = raw(&server);
+    redis::cmd("SET")
+        .arg("t5:l:7")
+        .arg("someone-else")
+        .arg("PX")
+        .arg(300)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(a.load(7).unwrap(), 7000);
+    let waited = started.elapsed();
+    assert_eq!(backend.of(7), 1);
+    let s = a.stats().remote;
+    assert_eq!(
+        (s.lease_waits, s.leases_acquired, s.lease_fallbacks),
+        (1, 1, 0)
+    );
+    // It waited for the expiry (not the 30 s bound), then loaded under its own lease.
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(!redis::cmd("EXISTS")
+        .arg("t5:l:7")
+        .query::<bool>(&mut conn)
+        .unwrap());
+    let written: Option<String> = redis::cmd("GET").arg("t5:v:7").query(&mut conn).unwrap();
+    assert_eq!(written.as_deref(), Some("7000"));
+}
+
+#[test]
+fn a_holder_that_never_finishes_bounds_the_wait_then_the_load_is_local() {
+    let _w = common::watchdog(Duration::from_secs(60), "lease wait bound");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(
+        tier(&server, "t6").lease(Duration::from_secs(5), Duration::from_millis(200)),
+        &backend,
+    );
+    let mut conn = raw(&server);
+    redis::cmd("SET")
+        .arg("t6:l:8")
+        .arg("hung")
+        .arg("PX")
+        .arg(60_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert_eq!(a.load(8).unwrap(), 8000);
+    let s = a.stats().remote;
+    assert_eq!(
+        (s.lease_waits, s.leases_acquired, s.lease_fallbacks),
+        (1, 0, 1)
+    );
+    // The hung holder's lease is not ours to release.
+    let holder: Option<String> = redis::cmd("GET").arg("t6:l:8").query(&mut conn).unwrap();
+    assert_eq!(holder.as_deref(), Some("hung"));
+}
+
+#[test]
+fn a_failing_loader_releases_its_lease_and_its_error_is_returned_as_is() {
+    let _w = common::watchdog(Duration::from_secs(60), "failing lease holder");
+    let server = RedisServer::start();
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    let a: TieredCache<u64, u64> = tier(&server, "t7")
+        .lease(Duration::from_secs(30), Duration::from_secs(30))
+        .build(
+            Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(60))
+                .loader(move |_k: &u64| {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Err::<u64, BoxError>("backend down".into())
+                }),
+            Plain,
+        )
+        .unwrap();
+    let e = a.load(1).unwrap_err();
+    assert!(matches!(e, LoadError::Loader(_)), "{e:?}");
+    assert_eq!(e.to_string(), "loader failed: backend down");
+    let mut conn = raw(&server);
+    assert!(!redis::cmd("EXISTS")
+        .arg("t7:l:1")
+        .query::<bool>(&mut conn)
+        .unwrap());
+    assert!(!redis::cmd("EXISTS")
+        .arg("t7:v:1")
+        .query::<bool>(&mut conn)
+        .unwrap());
+    // A second call takes the lease at once (no 30 s wait for the old one).
+    assert!(a.load(1).is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn garbage_in_redis_is_a_miss_not_an_error() {
+    let _w = common::watchdog(Duration::from_secs(60), "codec error");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = instance(tier(&server, "t8"), &backend);
+    let mut conn = raw(&server);
+    redis::cmd("SET")
+        .arg("t8:v:5")
+        .arg("not a number")
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert_eq!(a.load(5).unwrap(), 5000);
+    assert_eq!(a.stats().remote.errors, 1);
+    let fixed: Option<String> = redis::cmd("GET").arg("t8:v:5").query(&mut conn).unwrap();
+    assert_eq!(fixed.as_deref(), Some("5000"), "the load overwrote it");
+}
+
+#[test]
+fn no_server_at_all_still_serves() {
+    let _w = common::watchdog(Duration::from_secs(60), "no server");
+    let port = redis_server::free_port();
+    let backend = Arc::new(Backend::default());
+    let a = instance(
+        RedisTier::new(format!("redis://127.0.0.1:{port}/"))
+            .namespace("t9")
+            .lease(Duration::from_secs(1), Duration::from_secs(1)),
+        &backend,
+    );
+    for k in 0..100 {
+        assert_eq!(a.load(k).unwrap(), k * 1000);
+        a.invalidate(&k);
+    }
+    a.invalidate_all();
+    assert_eq!(backend.total(), 100);
+    let s = a.stats().remote;
+    assert!(s.errors >= 3 && s.skipped > 0, "{s:?}");
+    assert!(!a.is_subscribed());
+    assert!(TieredCache::<u64, u64>::clone(&a).is_breaker_open());
+}
