@@ -261,6 +261,10 @@ fn main() {
         let before = backend.total();
         let mut seen = drive(&instances, phase);
         let now = remote(&instances);
+        assert_eq!(
+            seen.errors, 0,
+            "{label}: Redis failing must never fail a request"
+        );
         println!(
             "- {label}: {} | backend loads {}\n  {}",
             seen.line(),

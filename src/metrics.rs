@@ -20,7 +20,9 @@ where
     /// `herdcache_stale_served_total`, `herdcache_negative_hits_total`,
     /// `herdcache_loads_waited_for_limit_total`, `herdcache_timeouts_total`; gauges
     /// `herdcache_entries`, `herdcache_weighted_size`, `herdcache_loads_in_flight`,
-    /// `herdcache_max_concurrent_loads_seen`.
+    /// `herdcache_max_concurrent_loads_seen`. With a Redis second tier, also
+    /// `herdcache_remote_total{event}`, one series per [`RemoteStats`](crate::RemoteStats) field
+    /// (`hits`, `errors`, `skipped`, `leases_acquired`, …).
     ///
     /// ```
     /// let cache = herdcache::Cache::<u32, u32>::builder()
@@ -72,6 +74,12 @@ where
         let gauge = |metric: &'static str, v: u64| {
             metrics::gauge!(metric, "cache" => name.clone()).set(v as f64);
         };
+        if self.inner.remote.get().is_some() {
+            for (event, v) in s.remote.named() {
+                metrics::counter!("herdcache_remote_total", "cache" => name.clone(), "event" => event)
+                    .absolute(v);
+            }
+        }
         gauge("herdcache_entries", self.entry_count());
         gauge("herdcache_weighted_size", self.weighted_size());
         gauge("herdcache_loads_in_flight", s.loads_in_flight);

@@ -335,6 +335,14 @@ macro_rules! remote_counters {
             $(pub(crate) $name: AtomicU64,)*
         }
 
+        impl RemoteStats {
+            /// Each counter with its name (for exporters).
+            #[allow(dead_code)] // used by the `metrics` feature
+            pub(crate) fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+
         impl RemoteCounters {
             pub(crate) fn snapshot(&self) -> RemoteStats {
                 RemoteStats { $($name: self.$name.load(Ordering::Relaxed),)* }

@@ -451,3 +451,110 @@ fn no_server_at_all_still_serves() {
     assert!(!a.is_subscribed());
     assert!(TieredCache::<u64, u64>::clone(&a).is_breaker_open());
 }
+
+fn async_instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
+    let b = Arc::clone(backend);
+    tier.build(
+        Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(Duration::from_secs(600))
+            .record_stats()
+            .async_loader(move |k: &u64| {
+                let (b, k) = (Arc::clone(&b), *k);
+                async move {
+                    // The backend blocks; a real one would be an async client.
+                    tokio::task::yield_now().await;
+                    Ok::<_, BoxError>(b.load(k))
+                }
+            }),
+        Plain,
+    )
+    .expect("valid configuration")
+}
+
+#[test]
+fn async_loads_share_one_load_per_key_across_instances() {
+    let _w = common::watchdog(Duration::from_secs(120), "async fleet single-flight");
+    let server = RedisServer::start();
+    let backend = Backend::slow(Duration::from_millis(1));
+    let lease = |t: RedisTier| t.lease(Duration::from_secs(10), Duration::from_secs(20));
+    let a = async_instance(lease(tier(&server, "t11")), &backend);
+    let b = async_instance(lease(tier(&server, "t11")), &backend);
+    const KEYS: u64 = 100;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            for c in [&a, &b] {
+                let c = c.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..KEYS {
+                        let k = (i * 7 + t * 31) % KEYS;
+                        assert_eq!(c.load_async(k).await.unwrap(), k * 1000);
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // get_with_async and try_get_with_async go through the tier too.
+        assert_eq!(a.get_with_async(5000, async { 1 }).await, 1);
+        assert_eq!(
+            b.get_with_async(5000, async { 2 }).await,
+            1,
+            "read a's value"
+        );
+        assert_eq!(
+            b.try_get_with_async(5001, async { Ok::<_, ()>(3) })
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(a.try_get_with_async(5001, async { Err(()) }).await, Ok(3));
+    });
+    for k in 0..KEYS {
+        assert_eq!(backend.of(k), 1, "key {k} loaded once in the fleet");
+    }
+    let (sa, sb) = (a.stats().remote, b.stats().remote);
+    assert_eq!(sa.leases_acquired + sb.leases_acquired, KEYS + 2);
+    assert_eq!(sa.lease_fallbacks + sb.lease_fallbacks, 0);
+}
+
+#[test]
+fn a_cancelled_async_load_gives_its_lease_back() {
+    let _w = common::watchdog(Duration::from_secs(60), "cancelled async lease");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let a = async_instance(
+        tier(&server, "t12").lease(Duration::from_secs(60), Duration::from_secs(60)),
+        &backend,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut conn = raw(&server);
+    rt.block_on(async {
+        // The load never finishes; the caller gives up once the lease is taken.
+        let slow = a.get_with_async(9, std::future::pending());
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), slow).await;
+        assert!(gave_up.is_err());
+    });
+    assert_eq!(a.stats().remote.leases_acquired, 1);
+    assert!(
+        eventually(|| !redis::cmd("EXISTS")
+            .arg("t12:l:9")
+            .query::<bool>(&mut conn)
+            .unwrap()),
+        "the lease was given back, not left for its 60 s"
+    );
+    assert_eq!(a.loads_in_flight(), 0);
+    // The next caller loads at once.
+    let v = rt.block_on(a.get_with_async(9, async { 90 }));
+    assert_eq!(v, 90);
+}

@@ -46,8 +46,14 @@
 //! hits, misses, writes, errors, timeouts, skipped operations, breaker openings, leases and
 //! messages.
 //!
-//! Not covered: the async loads ([`Cache::load_async`], `get_with_async`) do not use the tier
-//! (the Redis client here is blocking and would stall an executor thread).
+//! # Async loads
+//!
+//! [`Cache::load_async`] (with the builder's `async_loader`), async refreshes, and
+//! [`TieredCache::get_with_async`] / [`try_get_with_async`](TieredCache::try_get_with_async)
+//! use the tier too. The Redis client is blocking, so their Redis work (read, lease wait,
+//! write) runs on helper threads (started on demand, at most 64, gone after 10 s idle) while
+//! the future waits: no executor thread blocks on the network, and no runtime is required.
+//! The write to Redis happens after the value is returned.
 //!
 //! # Example
 //!
@@ -75,6 +81,7 @@
 //! ```
 
 mod client;
+mod offload;
 mod subscriber;
 mod tier;
 
@@ -266,6 +273,13 @@ impl RedisTier {
             let t = Arc::clone(&tier);
             builder.stampede.loader = Some(Arc::new(move |k: &K| t.fetch(k, || load(k))));
         }
+        if let Some(load) = builder.stampede.async_loader.take() {
+            let t = Arc::clone(&tier);
+            builder.stampede.async_loader = Some(Arc::new(move |k: &K| {
+                let fut = load(k);
+                Box::pin(Arc::clone(&t).fetch_async(k.clone(), fut))
+            }));
+        }
         let cache = builder.try_build().map_err(TierError::Build)?;
         // A fresh cache: nothing else can have set it.
         let _ = cache.inner.remote.set(counters);
@@ -389,6 +403,54 @@ where
     {
         let k = key.clone();
         self.cache.try_get_with(key, || self.tier.fetch(&k, init))
+    }
+
+    /// [`Cache::get_with_async`] through the second tier. The Redis work (read, lease wait,
+    /// write) runs on a helper thread while this future waits, so the executor's thread never
+    /// blocks on the network.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Cache::get_with_async`]; a lease this call took for the fleet is given back if it
+    /// is dropped before its load finishes.
+    ///
+    /// # Panics
+    ///
+    /// If `init` panics (as [`Cache::get_with_async`]).
+    pub async fn get_with_async(
+        &self,
+        key: K,
+        init: impl std::future::Future<Output = V> + Send + 'static,
+    ) -> V {
+        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), async {
+            Ok::<V, std::convert::Infallible>(init.await)
+        });
+        match self.cache.try_get_with_async(key, fetch).await {
+            Ok(v) => v,
+            Err(never) => match *never {},
+        }
+    }
+
+    /// [`Cache::try_get_with_async`] through the second tier (see
+    /// [`get_with_async`](Self::get_with_async)).
+    ///
+    /// # Errors
+    ///
+    /// `init`'s error, shared by every local caller of that load.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    pub async fn try_get_with_async<E>(
+        &self,
+        key: K,
+        init: impl std::future::Future<Output = Result<V, E>> + Send + 'static,
+    ) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), init);
+        self.cache.try_get_with_async(key, fetch).await
     }
 
     /// Whether the invalidation subscriber is connected and subscribed now.

@@ -2,11 +2,14 @@
 //! write-back with a time to live, and invalidation messages.
 
 use super::client::Client;
+use super::offload::{offload, Pool};
 use crate::codec::Codec;
 use crate::refresh::BoxError;
 use crate::stats::RemoteCounters;
 use ::redis::{cmd, pipe, Value};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Message kinds on the invalidation channel: `[kind][origin: 8 bytes LE][key bytes]`.
@@ -24,6 +27,36 @@ pub(crate) struct LeaseConfig {
     pub(crate) ttl: Duration,
     /// How long a caller waits for another instance's value before loading itself.
     pub(crate) wait: Duration,
+}
+
+/// A value's Redis key, `namespace:v:` followed by the encoded key (from `at`).
+struct ValueKey {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl ValueKey {
+    /// The encoded key alone.
+    fn key(&self) -> &[u8] {
+        &self.bytes[self.at..]
+    }
+}
+
+/// The first half of a fetch, decided before the load.
+enum Plan<V> {
+    /// Redis had the value (possibly after waiting on another instance's lease).
+    Found(V),
+    /// Load, then [`Tier::finish`].
+    Load(Pending),
+}
+
+/// What is left to do after a load.
+struct Pending {
+    vkey: Vec<u8>,
+    /// The lease we hold (key, token), to give back after the write.
+    lease: Option<(Vec<u8>, u64)>,
+    /// Whether Redis answered: if not, the value is not written.
+    redis: bool,
 }
 
 /// How a leader's lease attempt ended.
@@ -55,6 +88,8 @@ pub(crate) struct Tier<K, V> {
     random: ahash::RandomState,
     /// Whether the invalidation subscriber is connected and subscribed now.
     pub(crate) subscribed: AtomicBool,
+    /// Helper threads for async callers.
+    pool: Pool,
 }
 
 impl<K: 'static, V: 'static> Tier<K, V> {
@@ -79,6 +114,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             tokens: AtomicU64::new(1),
             random,
             subscribed: AtomicBool::new(false),
+            pool: Pool::new(64),
         }
     }
 
@@ -91,12 +127,12 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 
     /// `namespace:v:` + key bytes, or `None` if the key cannot be encoded.
-    fn value_key(&self, key: &K) -> Option<(Vec<u8>, usize)> {
-        let mut out = self.prefix.clone();
-        out.extend_from_slice(b"v:");
-        let at = out.len();
-        match self.key_codec.encode(key, &mut out) {
-            Ok(()) => Some((out, at)),
+    fn value_key(&self, key: &K) -> Option<ValueKey> {
+        let mut bytes = self.prefix.clone();
+        bytes.extend_from_slice(b"v:");
+        let at = bytes.len();
+        match self.key_codec.encode(key, &mut bytes) {
+            Ok(()) => Some(ValueKey { bytes, at }),
             Err(_) => {
                 self.count(|c| &c.errors);
                 None
@@ -104,10 +140,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         }
     }
 
-    fn lease_key(&self, value_key: &[u8], at: usize) -> Vec<u8> {
+    fn lease_key(&self, vkey: &ValueKey) -> Vec<u8> {
         let mut out = self.prefix.clone();
         out.extend_from_slice(b"l:");
-        out.extend_from_slice(&value_key[at..]);
+        out.extend_from_slice(vkey.key());
         out
     }
 
@@ -176,47 +212,120 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// there; else (with leases) the value another instance is loading, if it appears within
     /// the bounded wait; else `load()`, whose value is written to Redis.
     pub(crate) fn fetch<E>(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
-        let Some((vkey, at)) = self.value_key(key) else {
+        let Some(vkey) = self.value_key(key) else {
             return load();
         };
-        let mut held = None;
-        match self.read(&vkey) {
-            Ok(Some(v)) => return Ok(v),
+        match self.plan(vkey) {
+            Plan::Found(v) => Ok(v),
+            Plan::Load(pending) => {
+                // Finishes on every exit: a panicking loader gives the lease back at once.
+                let mut guard = Finish {
+                    tier: self,
+                    pending: Some(pending),
+                };
+                let result = load();
+                let pending = guard.pending.take().expect("set above");
+                self.finish(pending, result.as_ref().ok());
+                result
+            }
+        }
+    }
+
+    /// The async twin of [`fetch`](Self::fetch): the Redis work (read, lease, wait, write)
+    /// runs on a helper thread while the caller awaits, so no executor thread blocks on the
+    /// network. The write happens after the value is returned.
+    pub(crate) async fn fetch_async<E>(
+        self: Arc<Self>,
+        key: K,
+        load: impl Future<Output = Result<V, E>>,
+    ) -> Result<V, E>
+    where
+        K: Send + Sync,
+        V: Clone + Send + Sync,
+    {
+        let Some(vkey) = self.value_key(&key) else {
+            return load.await;
+        };
+        let (t1, t2) = (Arc::clone(&self), Arc::clone(&self));
+        let plan = offload(
+            &self.pool,
+            move || t1.plan(vkey),
+            // The caller went away: give back a lease it would have held.
+            move |plan| {
+                if let Plan::Load(pending) = plan {
+                    t2.finish(pending, None);
+                }
+            },
+        )
+        .await;
+        let pending = match plan {
+            Some(Plan::Found(v)) => return Ok(v),
+            Some(Plan::Load(pending)) => pending,
+            None => return load.await,
+        };
+        let mut guard = FinishLater {
+            tier: Arc::clone(&self),
+            pending: Some(pending),
+            value: None,
+        };
+        let result = load.await;
+        guard.value = result.as_ref().ok().cloned();
+        drop(guard);
+        result
+    }
+
+    /// The part of a fetch before the load: Redis's value, or how to load.
+    fn plan(&self, vkey: ValueKey) -> Plan<V> {
+        let pending = |lease, redis| {
+            Plan::Load(Pending {
+                vkey: vkey.bytes.clone(),
+                lease,
+                redis,
+            })
+        };
+        match self.read(&vkey.bytes) {
+            Ok(Some(v)) => return Plan::Found(v),
             Ok(None) => {}
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
             // at most one operation's timeout.
-            Err(()) => return load(),
+            Err(()) => return pending(None, false),
         }
-        if let Some(cfg) = self.lease {
-            let lkey = self.lease_key(&vkey, at);
-            match self.lease_or_wait(&vkey, &lkey, cfg) {
-                Lease::Value(v) => return Ok(v),
-                Lease::Held(token) => {
-                    held = Some(Release {
-                        tier: self,
-                        key: lkey,
-                        token,
-                        armed: true,
-                    })
-                }
-                Lease::Local => {}
-                Lease::Unavailable => return load(),
+        let Some(cfg) = self.lease else {
+            return pending(None, true);
+        };
+        let lkey = self.lease_key(&vkey);
+        match self.lease_or_wait(&vkey.bytes, &lkey, cfg) {
+            Lease::Value(v) => Plan::Found(v),
+            Lease::Held(token) => pending(Some((lkey, token)), true),
+            Lease::Local => pending(None, true),
+            Lease::Unavailable => pending(None, false),
+        }
+    }
+
+    /// The part of a fetch after the load: writes the value (if any, and if Redis was
+    /// reachable), then gives the lease back — after the write, so waiters find the value.
+    fn finish(&self, pending: Pending, value: Option<&V>) {
+        let written = match value {
+            Some(v) if pending.redis => self.write(&pending.vkey, v),
+            _ => true,
+        };
+        if let Some((lkey, token)) = pending.lease {
+            // If Redis just failed, do not spend another timeout: the lease expires by itself.
+            if written {
+                self.release(&lkey, token);
             }
         }
-        let result = load();
-        if let Ok(v) = &result {
-            if !self.write(&vkey, v) {
-                // Redis just failed: do not spend another timeout on the release; the lease
-                // expires by itself.
-                if let Some(h) = held.as_mut() {
-                    h.armed = false;
-                }
-            }
-        }
-        // The lease goes after the value is written, so waiters find the value; on an error
-        // or a panic it goes at once (by `Drop`) and a waiter takes over.
-        drop(held);
-        result
+    }
+
+    fn release(&self, lkey: &[u8], token: u64) {
+        self.client.run(|c| {
+            cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(lkey)
+                .arg(token)
+                .query::<()>(c)
+        });
     }
 
     fn lease_or_wait(&self, vkey: &[u8], lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
@@ -250,12 +359,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             if let Some(v) = value.and_then(|b| self.decode(&b)) {
                 if held {
                     // Taken needlessly: give it back.
-                    drop(Release {
-                        tier: self,
-                        key: lkey.to_vec(),
-                        token,
-                        armed: true,
-                    });
+                    self.release(lkey, token);
                 }
                 self.count(|c| &c.hits);
                 if waited {
@@ -324,22 +428,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Writes `value` for `key` to Redis and tells the other instances to drop their copies.
     pub(crate) fn put(&self, key: &K, value: &V) {
-        if let Some((vkey, at)) = self.value_key(key) {
-            if self.write(&vkey, value) {
-                self.publish(MSG_KEY, &vkey[at..]);
+        if let Some(vkey) = self.value_key(key) {
+            if self.write(&vkey.bytes, value) {
+                self.publish(MSG_KEY, vkey.key());
             }
         }
     }
 
     /// Deletes `key` from Redis and tells the other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        if let Some((vkey, at)) = self.value_key(key) {
-            if self
+        if let Some(vkey) = self.value_key(key) {
+            let deleted = self
                 .client
-                .run(|c| cmd("DEL").arg(&vkey).query::<()>(c))
-                .is_some()
-            {
-                self.publish(MSG_KEY, &vkey[at..]);
+                .run(|c| cmd("DEL").arg(&vkey.bytes).query::<()>(c));
+            if deleted.is_some() {
+                self.publish(MSG_KEY, vkey.key());
             }
         }
     }
@@ -398,28 +501,40 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 }
 
-/// Releases a held lease when dropped (also when the loader panics).
-struct Release<'a, K: 'static, V: 'static> {
+/// Finishes a blocking fetch whose load unwound.
+struct Finish<'a, K: 'static, V: 'static> {
     tier: &'a Tier<K, V>,
-    key: Vec<u8>,
-    token: u64,
-    /// False: leave the lease to expire.
-    armed: bool,
+    pending: Option<Pending>,
 }
 
-impl<K: 'static, V: 'static> Drop for Release<'_, K, V> {
+impl<K: 'static, V: 'static> Drop for Finish<'_, K, V> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if let Some(p) = self.pending.take() {
+            self.tier.finish(p, None);
         }
-        self.tier.client.run(|c| {
-            cmd("EVAL")
-                .arg(RELEASE)
-                .arg(1)
-                .arg(&self.key)
-                .arg(self.token)
-                .query::<()>(c)
-        });
+    }
+}
+
+/// Finishes an async fetch on a helper thread: after its load, or when it is cancelled or
+/// its load panics (then without a value).
+struct FinishLater<K: Send + Sync + 'static, V: Send + Sync + 'static> {
+    tier: Arc<Tier<K, V>>,
+    pending: Option<Pending>,
+    value: Option<V>,
+}
+
+impl<K, V> Drop for FinishLater<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let (tier, value) = (Arc::clone(&self.tier), self.value.take());
+            self.tier
+                .pool
+                .submit(move || tier.finish(p, value.as_ref()));
+        }
     }
 }
 

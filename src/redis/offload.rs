@@ -1,0 +1,272 @@
+//! Blocking Redis work for async callers: an elastic pool of helper threads, and a one-shot
+//! future that delivers a job's result.
+//!
+//! The Redis client is blocking. An async load must not block its executor's thread for a
+//! network round trip (let alone a lease wait), so it hands that work to a helper thread and
+//! awaits the result. No runtime is needed. The pool starts no thread until a job arrives,
+//! starts one whenever queued jobs outnumber idle threads (up to a maximum), and lets a
+//! thread exit after 10 s without work.
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Idle helper threads exit after this long.
+const IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+}
+
+/// The helper threads of one tier; closed (threads finish their job and exit) on drop.
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+    max: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(max: usize) -> Self {
+        Pool {
+            shared: Arc::default(),
+            max: max.max(1),
+        }
+    }
+
+    /// Runs `job` on a helper thread (on the caller's, if no thread can be started).
+    pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        let mut s = self.shared.state.lock();
+        s.jobs.push_back(Box::new(job));
+        if s.jobs.len() > s.idle && s.threads < self.max {
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("herdcache-redis".into())
+                .spawn(move || work(&shared));
+            match spawned {
+                Ok(_) => s.threads += 1,
+                Err(_) if s.threads == 0 => {
+                    let job = s.jobs.pop_back().expect("pushed above");
+                    drop(s);
+                    return job();
+                }
+                Err(_) => {}
+            }
+        }
+        drop(s);
+        self.shared.work.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.state.lock().closed = true;
+        self.shared.work.notify_all();
+    }
+}
+
+fn work(shared: &Shared) {
+    let mut s = shared.state.lock();
+    loop {
+        if let Some(job) = s.jobs.pop_front() {
+            drop(s);
+            // A panicking job is the job's business (its result slot reports it); the thread
+            // goes on.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            s = shared.state.lock();
+            continue;
+        }
+        if s.closed {
+            break;
+        }
+        s.idle += 1;
+        let timed_out = shared.work.wait_for(&mut s, IDLE).timed_out();
+        s.idle -= 1;
+        if timed_out && s.jobs.is_empty() {
+            break;
+        }
+    }
+    s.threads -= 1;
+}
+
+struct Slot<T> {
+    value: Option<T>,
+    /// The job ended without a value (it panicked).
+    failed: bool,
+    waker: Option<Waker>,
+    /// The receiving future was dropped: nobody wants the value.
+    abandoned: bool,
+}
+
+/// Runs `job` on the pool; the returned future yields its result (`None` if it panicked). If
+/// the future is dropped before the result arrives, `unwanted` gets it instead (to undo what
+/// the job did, e.g. give a lease back).
+pub(crate) fn offload<T: Send + 'static>(
+    pool: &Pool,
+    job: impl FnOnce() -> T + Send + 'static,
+    unwanted: impl FnOnce(T) + Send + 'static,
+) -> Receive<T> {
+    let slot = Arc::new(Mutex::new(Slot {
+        value: None,
+        failed: false,
+        waker: None,
+        abandoned: false,
+    }));
+    let mut sender = Sender {
+        slot: Arc::clone(&slot),
+        sent: false,
+    };
+    pool.submit(move || {
+        let v = job();
+        sender.sent = true;
+        let mut s = sender.slot.lock();
+        if s.abandoned {
+            drop(s);
+            unwanted(v);
+        } else {
+            s.value = Some(v);
+            let w = s.waker.take();
+            drop(s);
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    });
+    Receive { slot }
+}
+
+/// Marks the slot failed if the job unwinds before sending.
+struct Sender<T> {
+    slot: Arc<Mutex<Slot<T>>>,
+    sent: bool,
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        if !self.sent {
+            let mut s = self.slot.lock();
+            s.failed = true;
+            let w = s.waker.take();
+            drop(s);
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The result of an [`offload`]ed job.
+pub(crate) struct Receive<T> {
+    slot: Arc<Mutex<Slot<T>>>,
+}
+
+impl<T> Future for Receive<T> {
+    type Output = Option<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut s = self.slot.lock();
+        if let Some(v) = s.value.take() {
+            return Poll::Ready(Some(v));
+        }
+        if s.failed {
+            return Poll::Ready(None);
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for Receive<T> {
+    fn drop(&mut self) {
+        self.slot.lock().abandoned = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        // A minimal executor: park until woken.
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+
+    #[test]
+    fn results_arrive_and_jobs_run_in_parallel() {
+        let pool = Pool::new(8);
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let futures: Vec<_> = (0..8)
+            .map(|i| {
+                let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+                offload(
+                    &pool,
+                    move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(50));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        i * 2
+                    },
+                    |_| {},
+                )
+            })
+            .collect();
+        let got: Vec<_> = futures.into_iter().map(block_on).collect();
+        assert_eq!(got, (0..8).map(|i| Some(i * 2)).collect::<Vec<_>>());
+        assert!(
+            peak.load(Ordering::SeqCst) > 1,
+            "jobs waited for each other"
+        );
+    }
+
+    #[test]
+    fn a_panicking_job_yields_none_and_a_dropped_receiver_hands_the_value_back() {
+        let pool = Pool::new(2);
+        let r = offload(&pool, || -> u32 { panic!("job failed") }, |_| {});
+        assert_eq!(block_on(r), None);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let g = Arc::clone(&gate);
+        let r = offload(
+            &pool,
+            move || {
+                g.wait();
+                7
+            },
+            move |v| tx.send(v).unwrap(),
+        );
+        drop(r);
+        gate.wait();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(7));
+    }
+}
