@@ -2,7 +2,7 @@
 
 use crate::builder::Listener;
 use crate::builder::{CacheBuilder, Weigher};
-use crate::clock::Clock;
+use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::load::Flight;
 use crate::refresh::Stampede;
@@ -447,7 +447,7 @@ where
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
-        self.insert_with(hash, key, value, weight, None, 0, &mut out);
+        self.insert_with(hash, key, value, weight, None, (0, NEVER), &mut out);
         self.finish(out);
     }
 
@@ -458,7 +458,8 @@ where
 
     /// Inserts under the shard's write lock. With `flight`, the value is that load's result
     /// (which took `took` nanoseconds): the flight is unregistered in the same critical section
-    /// (publish before release); without, a load of the same key in flight is superseded.
+    /// (publish before release); without, a load of the same key in flight is superseded. The
+    /// entry expires at `cap` at the latest (`NEVER`: no bound beyond its expiry policy).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert_with(
         &self,
@@ -467,7 +468,7 @@ where
         value: V,
         weight: u32,
         flight: Option<&Arc<Flight<K, V>>>,
-        took: u64,
+        (took, cap): (u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         let i = self.shard_index(hash);
@@ -498,7 +499,7 @@ where
                 now,
                 &self.inner.expiry,
                 &self.inner.hasher,
-                (accesses, took),
+                (accesses, took, cap),
                 out,
             );
         }

@@ -175,6 +175,22 @@ crate::sync::thread_local_shim! {
     static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
 }
 
+crate::sync::thread_local_shim! {
+    /// A bound on the lifetime of the value the next `publish` on this thread stores, in
+    /// nanoseconds from then (see [`cap_next_publish`]).
+    static TTL_CAP: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
+}
+
+/// Bounds the lifetime of the value that the next load finishing on this thread publishes:
+/// a loader that got its value from a shared tier (where it expires in `nanos`) calls this
+/// just before returning it, so the local copy does not outlive the shared one. Loads publish
+/// on the thread that ran (or last polled) them, right after they return; a bound left over
+/// by a load that was not published could only make another entry expire sooner.
+#[allow(dead_code)] // only the `redis` feature bounds lifetimes
+pub(crate) fn cap_next_publish(nanos: u64) {
+    TTL_CAP.with(|c| c.set(Some(nanos)));
+}
+
 /// Registers a flight as run by this thread for the guard's lifetime.
 pub(crate) struct Running(usize);
 
@@ -640,6 +656,11 @@ where
         took: u64,
     ) {
         let mut out = Garbage::new();
+        let cap = TTL_CAP
+            .with(std::cell::Cell::take)
+            .map_or(crate::clock::NEVER, |n| {
+                crate::clock::deadline(self.now(), n)
+            });
         let key = key.or_else(|| flight.state.lock().key.take());
         let success = matches!(outcome, Outcome::Value(_));
         self.count(if success {
@@ -658,7 +679,8 @@ where
             (Outcome::Value(v), Some(key)) if !flight.superseded.load(Ordering::Acquire) => {
                 let weight = self.weigh(&key, v);
                 let value = v.clone();
-                self.insert_with(hash, key, value, weight, Some(flight), took, &mut out);
+                let load = (took, cap);
+                self.insert_with(hash, key, value, weight, Some(flight), load, &mut out);
             }
             (Outcome::Error(_) | Outcome::Nothing, _)
                 if !flight.superseded.load(Ordering::Acquire)

@@ -609,10 +609,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        (accesses, load_nanos): (u64, u64),
+        (accesses, load_nanos, cap): (u64, u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
+        let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
         self.supersede(hash, &key);
         let factor = self.jitter_factor();
         if let Some(slot) = self.find(hash, &key) {
@@ -620,7 +621,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             let e = self.slab[slot as usize]
                 .as_mut()
                 .expect("found slot is live");
-            let times = exp.on_update(&e.key, &value, now, current, factor);
+            let times = capped(exp.on_update(&e.key, &value, now, current, factor));
             if times.0 <= now {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
                 out.push(Removed::expired(key, value, weight));
@@ -641,7 +642,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             });
             return;
         }
-        let times = exp.on_create(&key, &value, now, factor);
+        let times = capped(exp.on_create(&key, &value, now, factor));
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
             out.push(Removed::expired(key, value, weight));
@@ -1020,7 +1021,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        meta: (u64, u64),
+        meta: (u64, u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
@@ -1121,12 +1122,32 @@ mod tests {
         let (mut s, h) = shard(10, 0);
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
-        s.insert(h.hash_one(1u64), 1, 10, 1, 0, &exp, &h, (0, 0), &mut out);
+        s.insert(
+            h.hash_one(1u64),
+            1,
+            10,
+            1,
+            0,
+            &exp,
+            &h,
+            (0, 0, NEVER),
+            &mut out,
+        );
         assert!(matches!(
             s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Hit(&10)
         ));
-        s.insert(h.hash_one(1u64), 1, 11, 1, 0, &exp, &h, (0, 0), &mut out);
+        s.insert(
+            h.hash_one(1u64),
+            1,
+            11,
+            1,
+            0,
+            &exp,
+            &h,
+            (0, 0, NEVER),
+            &mut out,
+        );
         assert_eq!(
             out.pop().map(|r| (r.value, r.cause)),
             Some((10, RemovalCause::Replaced))
@@ -1151,7 +1172,7 @@ mod tests {
         for i in 0..10_000u64 {
             let k = (i * 7919) % 300;
             if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
-                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, (i, 0), &mut out);
+                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, (i, 0, NEVER), &mut out);
                 while s.weight() > 50 {
                     assert!(s.evict_one(&h, &mut out));
                 }
@@ -1170,7 +1191,7 @@ mod tests {
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
         for i in 0..100_000u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
             s.remove(h.hash_one(i), &i, 0, &h, &mut out);
         }
         s.validate(&h);
@@ -1192,7 +1213,7 @@ mod tests {
                 }
             };
             for i in 0..100_000u64 {
-                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
+                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
             let bound = 24.0 + 11.0 + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
@@ -1213,7 +1234,7 @@ mod tests {
             tti: None,
         };
         for i in 0..50u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0), &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
         }
         out.clear();
         s.expire(4 * sec, false, &h, &mut out);

@@ -558,3 +558,39 @@ fn a_cancelled_async_load_gives_its_lease_back() {
     let v = rt.block_on(a.get_with_async(9, async { 90 }));
     assert_eq!(v, 90);
 }
+
+#[test]
+fn a_copy_read_from_redis_does_not_outlive_the_one_in_redis() {
+    let _w = common::watchdog(Duration::from_secs(60), "local copy bounded by Redis");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    // Values live 10 s in Redis; the local tier's own TTL is 600 s.
+    let a = instance(tier(&server, "t13").ttl(Duration::from_secs(10)), &backend);
+    let clock = herdcache::ManualClock::new();
+    let b = {
+        let bk = Arc::clone(&backend);
+        tier(&server, "t13")
+            .ttl(Duration::from_secs(10))
+            .build(
+                Cache::builder()
+                    .max_capacity(100)
+                    .time_to_live(Duration::from_secs(600))
+                    .clock(clock.clone())
+                    .loader(move |k: &u64| Ok::<_, BoxError>(bk.load(*k))),
+                Plain,
+            )
+            .unwrap()
+    };
+    a.load(1).unwrap();
+    assert_eq!(b.load(1).unwrap(), 1000, "from Redis");
+    assert_eq!(backend.of(1), 1);
+    // b's copy is bounded by what Redis had left (at most 10 s), not b's 600 s.
+    clock.advance(Duration::from_millis(9_000));
+    assert!(b.contains_key(&1), "still within Redis's lifetime");
+    clock.advance(Duration::from_millis(1_001));
+    assert!(!b.contains_key(&1), "expired with the copy in Redis");
+    // A value b loads itself keeps b's own TTL.
+    b.load(2).unwrap();
+    clock.advance(Duration::from_secs(100));
+    assert!(b.contains_key(&2));
+}

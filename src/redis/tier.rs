@@ -45,9 +45,27 @@ impl ValueKey {
 /// The first half of a fetch, decided before the load.
 enum Plan<V> {
     /// Redis had the value (possibly after waiting on another instance's lease).
-    Found(V),
+    Found(Stored<V>),
     /// Load, then [`Tier::finish`].
     Load(Pending),
+}
+
+/// A value found in Redis.
+struct Stored<V> {
+    value: V,
+    /// What it had left to live there, if it expires.
+    ttl_ms: Option<u64>,
+}
+
+impl<V> Stored<V> {
+    /// The value, for a load that publishes it on this thread next: its local copy will not
+    /// outlive the one in Redis.
+    fn publish(self) -> V {
+        if let Some(ms) = self.ttl_ms {
+            crate::load::cap_next_publish(ms.saturating_mul(1_000_000));
+        }
+        self.value
+    }
 }
 
 /// What is left to do after a load.
@@ -62,7 +80,7 @@ struct Pending {
 /// How a leader's lease attempt ended.
 enum Lease<V> {
     /// Another instance's value appeared while we waited.
-    Value(V),
+    Value(Stored<V>),
     /// We hold the lease (this token) and load for the fleet.
     Held(u64),
     /// Load locally: the bounded wait passed, or the lease vanished without a value.
@@ -165,23 +183,34 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Reads `key` from Redis: `Ok(Some)` a value, `Ok(None)` absent or undecodable, `Err`
     /// Redis unavailable (failed, timed out, or skipped by the breaker).
-    fn read(&self, vkey: &[u8]) -> Result<Option<V>, ()> {
-        let bytes = self
+    fn read(&self, vkey: &[u8]) -> Result<Option<Stored<V>>, ()> {
+        let (bytes, pttl) = self
             .client
-            .run(|c| cmd("GET").arg(vkey).query::<Option<Vec<u8>>>(c))
+            .run(|c| {
+                pipe()
+                    .cmd("GET")
+                    .arg(vkey)
+                    .cmd("PTTL")
+                    .arg(vkey)
+                    .query::<(Option<Vec<u8>>, i64)>(c)
+            })
             .ok_or(())?;
-        Ok(match bytes {
-            Some(b) => {
-                let v = self.decode(&b);
-                if v.is_some() {
-                    self.count(|c| &c.hits);
-                }
-                v
-            }
+        match bytes {
+            Some(b) => Ok(self.found(&b, pttl)),
             None => {
                 self.count(|c| &c.misses);
-                None
+                Ok(None)
             }
+        }
+    }
+
+    /// A value read from Redis, with the milliseconds it has left there (`PTTL`).
+    fn found(&self, bytes: &[u8], pttl: i64) -> Option<Stored<V>> {
+        let v = self.decode(bytes)?;
+        self.count(|c| &c.hits);
+        Some(Stored {
+            value: v,
+            ttl_ms: u64::try_from(pttl).ok().filter(|&ms| ms > 0),
         })
     }
 
@@ -216,7 +245,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return load();
         };
         match self.plan(vkey) {
-            Plan::Found(v) => Ok(v),
+            Plan::Found(v) => Ok(v.publish()),
             Plan::Load(pending) => {
                 // Finishes on every exit: a panicking loader gives the lease back at once.
                 let mut guard = Finish {
@@ -259,7 +288,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         )
         .await;
         let pending = match plan {
-            Some(Plan::Found(v)) => return Ok(v),
+            Some(Plan::Found(v)) => return Ok(v.publish()),
             Some(Plan::Load(pending)) => pending,
             None => return load.await,
         };
@@ -347,21 +376,22 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                     .arg(millis(cfg.ttl))
                     .cmd("GET")
                     .arg(vkey)
-                    .query::<(Value, Option<Vec<u8>>)>(c)
+                    .cmd("PTTL")
+                    .arg(vkey)
+                    .query::<(Value, Option<Vec<u8>>, i64)>(c)
             });
-            let Some((lease, value)) = got else {
+            let Some((lease, value, pttl)) = got else {
                 if waited {
                     self.count(|c| &c.lease_fallbacks);
                 }
                 return Lease::Unavailable;
             };
             let held = !matches!(lease, Value::Nil);
-            if let Some(v) = value.and_then(|b| self.decode(&b)) {
+            if let Some(v) = value.and_then(|b| self.found(&b, pttl)) {
                 if held {
                     // Taken needlessly: give it back.
                     self.release(lkey, token);
                 }
-                self.count(|c| &c.hits);
                 if waited {
                     self.count(|c| &c.lease_wait_hits);
                 }
@@ -390,23 +420,24 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                         .arg(vkey)
                         .cmd("EXISTS")
                         .arg(lkey)
-                        .query::<(Option<Vec<u8>>, bool)>(c)
+                        .cmd("PTTL")
+                        .arg(vkey)
+                        .query::<(Option<Vec<u8>>, bool, i64)>(c)
                 });
                 match seen {
                     None => {
                         self.count(|c| &c.lease_fallbacks);
                         return Lease::Unavailable;
                     }
-                    Some((Some(bytes), _)) => match self.decode(&bytes) {
+                    Some((Some(bytes), _, pttl)) => match self.found(&bytes, pttl) {
                         Some(v) => {
-                            self.count(|c| &c.hits);
                             self.count(|c| &c.lease_wait_hits);
                             return Lease::Value(v);
                         }
                         None => return self.give_up(),
                     },
-                    Some((None, true)) => {}
-                    Some((None, false)) => {
+                    Some((None, true, _)) => {}
+                    Some((None, false, _)) => {
                         // The holder released without a value (its load failed) or died and
                         // the lease expired: try to take over, at most twice.
                         vanished += 1;
