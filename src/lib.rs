@@ -31,7 +31,8 @@
 //!   most the bound.
 //! * **Policy.** Per shard: a window in front of a main space, on FIFO queues. New keys enter
 //!   the window; leaving it, a key that was read there moves to main, any other key must beat
-//!   main's next victim on a TinyLFU frequency sketch. Main is a CLOCK with up to 3 credits.
+//!   main's next victim on a TinyLFU frequency sketch. Main is split into probation and
+//!   protected queues (a probation entry read again is promoted; protected demotes by CLOCK).
 //!   The window's size adapts by hill climbing on the hit rate. A hit only bumps a counter on
 //!   the entry, under the read lock. See the `policy` module's source for details.
 //! * **Expiry.** Deadlines are `u64` nanoseconds on the cache's clock; reads compare them
@@ -49,6 +50,14 @@
 //!   and a time to idle) and about 4 to 8 bytes in the timer wheel. Measured with
 //!   `cargo run --release --example memory` (1M entries): 28.0 bytes beyond key and value
 //!   without expiry, 40.6 with a time to live.
+//!
+//! ## Cargo features
+//!
+//! * `metrics`: `Cache::report_metrics` through the `metrics` facade.
+//! * `redis`: a shared second tier on Redis (`redis::TieredCache`): read-through on local
+//!   misses, fleet-wide single-flight with leases, invalidation across instances over pub/sub,
+//!   and a circuit breaker so that Redis failing never fails a request. Needs Rust 1.88.
+//! * `serde`: the `codec::Json` codec for the second tier (implies `redis`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -4,9 +4,10 @@
 //! # Shape
 //!
 //! ```text
-//!   new key ─► window (FIFO) ──accessed while there──────────────► main (CLOCK, credit 0..=3)
-//!                   │                                                  ▲      │
-//!                   └─not accessed: TinyLFU duel against main's victim─┘      └─► evicted
+//!   new key ─► window (FIFO) ──accessed while there──► main: probation (FIFO) ◄─► protected
+//!                   │                                          ▲        │        (CLOCK,
+//!                   └─not accessed: TinyLFU duel against ──────┘        │       credit 0..=3)
+//!                     main's victim                                     └─► evicted
 //! ```
 //!
 //! * A **hit** increments the entry's `hits` counter (an `AtomicU8`, saturating at 15) and
@@ -19,8 +20,11 @@
 //!   it must beat main's next victim on estimated frequency to get in (frequency, as
 //!   W-TinyLFU). A candidate that ties loses, except that a warm candidate (estimate ≥ 6) wins a
 //!   tie with probability 1/128, so no one can pin a victim by inflating its counters.
-//! * **Main** is a CLOCK over a FIFO: the hand takes the oldest entry; if it earned credit
-//!   (hits, up to 3) it spends one and goes to the back, otherwise it is the victim.
+//! * **Main** is split into *probation* and *protected* (80 % of main), both FIFO queues.
+//!   Main's victim is the oldest probation entry not read since the policy last looked at it;
+//!   a probation entry that was read moves to protected instead. Protected keeps within its
+//!   share by a CLOCK hand: an entry with credit (hits, up to 3) spends one and goes to the
+//!   back, one without is demoted to the back of probation.
 //! * The **window size adapts** by hill climbing on the hit rate (as Caffeine 3): every sample
 //!   of about ten times the capacity in accesses, the window grows or shrinks by a step in the
 //!   direction that last improved the hit rate; the step decays, and restarts when the hit rate

@@ -77,6 +77,10 @@ pub(crate) struct Stampede<K, V, S> {
     pub(crate) loader: Option<LoaderFn<K, V>>,
     pub(crate) spawner: Option<Spawner>,
     pub(crate) async_loader: Option<AsyncLoaderFn<K, V>>,
+    /// What refreshes use instead of the loaders, if set: a second tier must not answer a
+    /// refresh with the very value being refreshed.
+    pub(crate) refresh_loader: Option<LoaderFn<K, V>>,
+    pub(crate) async_refresh_loader: Option<AsyncLoaderFn<K, V>>,
     pub(crate) future_spawner: Option<FutureSpawner>,
     pub(crate) refresh_backoff: u64,
     pub(crate) negative_ttl: Option<u64>,
@@ -125,6 +129,8 @@ impl<K, V, S> Default for Stampede<K, V, S> {
             loader: None,
             spawner: None,
             async_loader: None,
+            refresh_loader: None,
+            async_refresh_loader: None,
             future_spawner: None,
             refresh_backoff: 0,
             negative_ttl: None,
@@ -336,10 +342,14 @@ where
     /// Starts a refresh of `key` (its entry was found due by a reader that won the right to).
     pub(crate) fn start_refresh(&self, key: K) {
         let st = &self.inner.stampede;
-        if let (Some(loader), Some(spawn)) = (st.async_loader.clone(), st.future_spawner.clone()) {
-            return self.start_async_refresh(key, loader, spawn);
+        let async_loader = st
+            .async_refresh_loader
+            .as_ref()
+            .or(st.async_loader.as_ref());
+        if let (Some(loader), Some(spawn)) = (async_loader, &st.future_spawner) {
+            return self.start_async_refresh(key, Arc::clone(loader), Arc::clone(spawn));
         }
-        let Some(loader) = st.loader.clone() else {
+        let Some(loader) = st.refresh_loader.as_ref().or(st.loader.as_ref()).cloned() else {
             return;
         };
         let hash = self.hash(&key);

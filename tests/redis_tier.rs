@@ -594,3 +594,48 @@ fn a_copy_read_from_redis_does_not_outlive_the_one_in_redis() {
     clock.advance(Duration::from_secs(100));
     assert!(b.contains_key(&2));
 }
+
+#[test]
+fn one_instance_refreshes_for_the_fleet() {
+    let _w = common::watchdog(Duration::from_secs(60), "fleet refresh");
+    let server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let clock = herdcache::ManualClock::new();
+    let instance = || {
+        let b = Arc::clone(&backend);
+        tier(&server, "t14")
+            .lease(Duration::from_secs(5), Duration::from_secs(5))
+            .build(
+                Cache::builder()
+                    .max_capacity(100)
+                    .time_to_live(Duration::from_secs(60))
+                    .refresh_after(Duration::from_secs(1))
+                    .clock(clock.clone())
+                    .record_stats()
+                    .loader(move |k: &u64| Ok::<_, BoxError>(b.load(*k))),
+                Plain,
+            )
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    assert_eq!(a.load(1).unwrap(), 1000);
+    assert_eq!(b.load(1).unwrap(), 1000, "from Redis");
+    backend.version.store(1, Ordering::SeqCst);
+    // The copy in Redis is 2 s old (of its 60 s), both local copies are due for refresh.
+    let mut conn = raw(&server);
+    redis::cmd("PEXPIRE")
+        .arg("t14:v:1")
+        .arg(58_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    clock.advance(Duration::from_millis(1_500));
+    // a's refresh does not take Redis's copy (older than refresh_after): it loads.
+    assert_eq!(a.load(1).unwrap(), 1000, "stale while revalidating");
+    assert_eq!(a.get(&1), Some(1001), "refreshed inline");
+    assert_eq!(backend.of(1), 2);
+    // b's refresh finds a's fresh value in Redis: no backend call.
+    assert_eq!(b.load(1).unwrap(), 1000);
+    assert_eq!(b.get(&1), Some(1001));
+    assert_eq!(backend.of(1), 2, "one refresh for the fleet");
+    assert_eq!(b.stats().refreshes_succeeded, 1);
+}

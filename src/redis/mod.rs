@@ -7,13 +7,13 @@
 //! * **Read-through second tier.** On a local miss the single-flight leader (one caller per
 //!   key per instance) reads Redis before calling the loader; a value it loads is written to
 //!   Redis with the tier's time to live (`SET … PX`). The local tier keeps its own bound and
-//!   expiry. This applies to the builder's [`loader`](crate::CacheBuilder::loader) (so to
+//!   expiry (a copy read from Redis expires no later than the copy in Redis). This applies to the builder's [`loader`](crate::CacheBuilder::loader) (so to
 //!   [`Cache::load`], its refreshes and soft timeouts) and to [`TieredCache::get_with`] and
 //!   [`TieredCache::try_get_with`]. Plain [`Cache::get`] never touches Redis.
 //! * **Fleet-wide single-flight** (opt-in, [`RedisTier::lease`]): before loading, the leader
-//!   takes a per-key lease (`SET lease token NX PX ttl`). The instance that gets it loads; the
-//!   others poll Redis for the value (1 ms, backing off to 20 ms) for at most the lease *wait*,
-//!   then load themselves. A holder that dies leaves a lease that expires after its *ttl*; a
+//!   takes a per-key lease (`SET lease token NX PX ttl`, in the same round trip as a second
+//!   look at the value). The instance that gets it loads; the others poll Redis for the value
+//!   (1 ms, backing off to 20 ms) for at most the lease *wait*, then load themselves. A holder that dies leaves a lease that expires after its *ttl*; a
 //!   holder whose loader fails releases it at once, and a waiter takes over. The lease is
 //!   released only by its holder (compare-and-delete on the token).
 //! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
@@ -22,29 +22,39 @@
 //!   Every instance runs a subscriber thread that drops its local copy of the key (or
 //!   everything) and reconnects by itself when the connection drops.
 //!
-//! # How stale can an instance get?
+//! # Time to live, refresh, and how stale an instance can get
 //!
-//! A message missed while the subscriber is disconnected is not replayed (Redis pub/sub keeps
-//! nothing). An instance that missed it keeps serving its local copy until that copy expires:
-//! **at most the local time to live** (or time to idle) after it was loaded or read from Redis.
-//! [`RedisTier::clear_on_reconnect`] bounds this by the disconnection instead, at the price of
-//! refilling the local tier (from Redis) after every reconnect. A value read from Redis was
-//! written at most the tier's time to live ago, so without invalidations a value served can be
-//! up to *tier TTL + local TTL* old; the default tier TTL (see [`RedisTier::ttl`]) keeps this
-//! within twice the local one. Writes racing with an invalidation (a load that read Redis just
-//! before a `DEL`) are bounded the same way.
+//! Values live in Redis for the tier's time to live ([`RedisTier::ttl`], by default the
+//! cache's `time_to_live`). A copy an instance reads from Redis expires locally when the copy
+//! in Redis does (the read fetches its `PTTL`), so without invalidations no value is served
+//! longer than the tier's time to live after it was loaded, on any instance.
+//!
+//! With `refresh_after`, a refresh reads Redis too, but takes only a value younger than
+//! `refresh_after` (one another instance's refresh just loaded); an older one is the value
+//! being refreshed, so it loads (under the lease, if leases are on) and writes the new value
+//! for the others. One instance refreshes each key for the fleet.
+//!
+//! Invalidation messages are not replayed (Redis pub/sub keeps nothing): an instance whose
+//! subscriber was disconnected when a message was sent keeps serving its local copy until that
+//! copy expires — **at most the local time to live** (or time to idle), and never past the
+//! tier's time to live from the load. [`RedisTier::clear_on_reconnect`] bounds this by the
+//! disconnection instead, at the price of refilling the local tier (from Redis) after every
+//! reconnect. A load that read Redis just before another instance's `DEL` is bounded the
+//! same way.
 //!
 //! # Redis failing never fails a request
 //!
-//! Every Redis operation is bounded: connect timeout plus per-operation timeout
-//! ([`RedisTier::timeouts`]). A failure or timeout counts as "Redis has nothing": the value is
-//! loaded locally, and writes and messages are skipped. After
-//! [`breaker_failures`](RedisTier::breaker) failures in a row a circuit breaker opens and
-//! operations are skipped without touching the network for its cooldown; then one probe
-//! operation is let through, and a success closes it. Loader errors are returned exactly as
-//! without the tier; Redis errors never are. [`CacheStats::remote`](crate::CacheStats) counts
-//! hits, misses, writes, errors, timeouts, skipped operations, breaker openings, leases and
-//! messages.
+//! Every Redis operation is bounded: the connect timeout (only when no pooled connection is
+//! free) plus the operation timeout ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms). A
+//! failure or timeout counts as "Redis has nothing": the value is loaded locally, and the
+//! rest of that call's Redis work (lease, write) is skipped, so a call pays for at most one
+//! failed operation. After [`breaker_failures`](RedisTier::breaker) failures in a row a
+//! circuit breaker opens and operations are skipped without touching the network for its
+//! cooldown (default 1 s); then one probe operation is let through, and a success closes it.
+//! Beyond its load, a call thus waits at most the lease wait plus one failed operation.
+//! Loader errors are returned exactly as without the tier; Redis errors never are.
+//! [`CacheStats::remote`](crate::CacheStats) counts hits, misses, writes, errors, timeouts,
+//! skipped operations, breaker openings, leases and messages.
 //!
 //! # Async loads
 //!
@@ -172,10 +182,9 @@ impl RedisTier {
         self
     }
 
-    /// How long values live in Redis. Default: the cache's `time_to_live`, or its
-    /// `refresh_after` if shorter — so that a refresh that reads Redis first finds only a
-    /// value loaded within the refresh period (one instance refreshes for the fleet) rather
-    /// than the one it is replacing. Required when the cache has no `time_to_live`.
+    /// How long values live in Redis (`SET … PX`). Default: the cache's `time_to_live`.
+    /// Required when the cache has none (e.g. with a custom `expire_after`). Local copies read
+    /// from Redis expire with the Redis copy.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -247,11 +256,10 @@ impl RedisTier {
         S: BuildHasher + Clone + Send + Sync + 'static,
     {
         let raw = ::redis::Client::open(self.url.as_str()).map_err(TierError::Url)?;
-        let ttl = match (self.ttl, builder.ttl, builder.refresh_after) {
-            (Some(t), _, _) => t,
-            (None, Some(t), Some(r)) => t.min(r),
-            (None, Some(t), None) => t,
-            (None, None, _) => return Err(TierError::NoTtl),
+        let ttl = match (self.ttl, builder.ttl) {
+            (Some(t), _) => t,
+            (None, Some(t)) => t,
+            (None, None) => return Err(TierError::NoTtl),
         };
         let counters = Arc::new(RemoteCounters::default());
         let client = Client::new(
@@ -269,16 +277,28 @@ impl RedisTier {
             ttl,
             self.lease,
         ));
-        if let Some(load) = builder.stampede.loader.take() {
-            let t = Arc::clone(&tier);
-            builder.stampede.loader = Some(Arc::new(move |k: &K| t.fetch(k, || load(k))));
+        // Loads take any value Redis has; refreshes only one loaded since the value they
+        // replace was (younger than `refresh_after`): another instance's refresh.
+        let fresh = builder.refresh_after;
+        let st = &mut builder.stampede;
+        if let Some(load) = st.loader.take() {
+            let wrap = |max_age| -> crate::refresh::LoaderFn<K, V> {
+                let (t, load) = (Arc::clone(&tier), Arc::clone(&load));
+                Arc::new(move |k: &K| t.fetch(k, max_age, || load(k)))
+            };
+            st.loader = Some(wrap(None));
+            st.refresh_loader = Some(wrap(fresh));
         }
-        if let Some(load) = builder.stampede.async_loader.take() {
-            let t = Arc::clone(&tier);
-            builder.stampede.async_loader = Some(Arc::new(move |k: &K| {
-                let fut = load(k);
-                Box::pin(Arc::clone(&t).fetch_async(k.clone(), fut))
-            }));
+        if let Some(load) = st.async_loader.take() {
+            let wrap = |max_age| -> crate::refresh::AsyncLoaderFn<K, V> {
+                let (t, load) = (Arc::clone(&tier), Arc::clone(&load));
+                Arc::new(move |k: &K| {
+                    let fut = load(k);
+                    Box::pin(Arc::clone(&t).fetch_async(k.clone(), max_age, fut))
+                })
+            };
+            st.async_loader = Some(wrap(None));
+            st.async_refresh_loader = Some(wrap(fresh));
         }
         let cache = builder.try_build().map_err(TierError::Build)?;
         // A fresh cache: nothing else can have set it.
@@ -383,7 +403,7 @@ where
         self.cache.get_with(key, || {
             match self
                 .tier
-                .fetch(&k, || Ok::<V, std::convert::Infallible>(init()))
+                .fetch(&k, None, || Ok::<V, std::convert::Infallible>(init()))
             {
                 Ok(v) => v,
                 Err(never) => match never {},
@@ -402,7 +422,8 @@ where
         E: Send + Sync + 'static,
     {
         let k = key.clone();
-        self.cache.try_get_with(key, || self.tier.fetch(&k, init))
+        self.cache
+            .try_get_with(key, || self.tier.fetch(&k, None, init))
     }
 
     /// [`Cache::get_with_async`] through the second tier. The Redis work (read, lease wait,
@@ -422,7 +443,7 @@ where
         key: K,
         init: impl std::future::Future<Output = V> + Send + 'static,
     ) -> V {
-        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), async {
+        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), None, async {
             Ok::<V, std::convert::Infallible>(init.await)
         });
         match self.cache.try_get_with_async(key, fetch).await {
@@ -449,7 +470,7 @@ where
     where
         E: Send + Sync + 'static,
     {
-        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), init);
+        let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), None, init);
         self.cache.try_get_with_async(key, fetch).await
     }
 

@@ -29,10 +29,12 @@ pub(crate) struct LeaseConfig {
     pub(crate) wait: Duration,
 }
 
-/// A value's Redis key, `namespace:v:` followed by the encoded key (from `at`).
+/// A value's Redis key, `namespace:v:` followed by the encoded key (from `at`), and the
+/// oldest value (by time spent in Redis) the fetch accepts.
 struct ValueKey {
     bytes: Vec<u8>,
     at: usize,
+    max_age: Option<Duration>,
 }
 
 impl ValueKey {
@@ -48,6 +50,15 @@ enum Plan<V> {
     Found(Stored<V>),
     /// Load, then [`Tier::finish`].
     Load(Pending),
+}
+
+/// What a value read from Redis turned out to be.
+enum Found<V> {
+    Value(Stored<V>),
+    /// Older than the caller accepts (a refresh must not get back the value it replaces).
+    TooOld,
+    /// Not decodable (counted as an error).
+    Undecodable,
 }
 
 /// A value found in Redis.
@@ -145,12 +156,12 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 
     /// `namespace:v:` + key bytes, or `None` if the key cannot be encoded.
-    fn value_key(&self, key: &K) -> Option<ValueKey> {
+    fn value_key(&self, key: &K, max_age: Option<Duration>) -> Option<ValueKey> {
         let mut bytes = self.prefix.clone();
         bytes.extend_from_slice(b"v:");
         let at = bytes.len();
         match self.key_codec.encode(key, &mut bytes) {
-            Ok(()) => Some(ValueKey { bytes, at }),
+            Ok(()) => Some(ValueKey { bytes, at, max_age }),
             Err(_) => {
                 self.count(|c| &c.errors);
                 None
@@ -183,35 +194,43 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Reads `key` from Redis: `Ok(Some)` a value, `Ok(None)` absent or undecodable, `Err`
     /// Redis unavailable (failed, timed out, or skipped by the breaker).
-    fn read(&self, vkey: &[u8]) -> Result<Option<Stored<V>>, ()> {
+    fn read(&self, vkey: &ValueKey) -> Result<Option<Stored<V>>, ()> {
         let (bytes, pttl) = self
             .client
             .run(|c| {
                 pipe()
                     .cmd("GET")
-                    .arg(vkey)
+                    .arg(&vkey.bytes)
                     .cmd("PTTL")
-                    .arg(vkey)
+                    .arg(&vkey.bytes)
                     .query::<(Option<Vec<u8>>, i64)>(c)
             })
             .ok_or(())?;
-        match bytes {
-            Some(b) => Ok(self.found(&b, pttl)),
-            None => {
+        match bytes.map(|b| self.found(&b, pttl, vkey.max_age)) {
+            Some(Found::Value(v)) => Ok(Some(v)),
+            Some(Found::Undecodable) => Ok(None),
+            Some(Found::TooOld) | None => {
                 self.count(|c| &c.misses);
                 Ok(None)
             }
         }
     }
 
-    /// A value read from Redis, with the milliseconds it has left there (`PTTL`).
-    fn found(&self, bytes: &[u8], pttl: i64) -> Option<Stored<V>> {
-        let v = self.decode(bytes)?;
+    /// A value read from Redis, with the milliseconds it has left there (`PTTL`); its age is
+    /// the tier's time to live minus that.
+    fn found(&self, bytes: &[u8], pttl: i64, max_age: Option<Duration>) -> Found<V> {
+        let ttl_ms = u64::try_from(pttl).ok().filter(|&ms| ms > 0);
+        if let (Some(max), Some(left)) = (max_age, ttl_ms) {
+            let age = millis(self.ttl).saturating_sub(left);
+            if u128::from(age) >= max.as_millis() {
+                return Found::TooOld;
+            }
+        }
+        let Some(value) = self.decode(bytes) else {
+            return Found::Undecodable;
+        };
         self.count(|c| &c.hits);
-        Some(Stored {
-            value: v,
-            ttl_ms: u64::try_from(pttl).ok().filter(|&ms| ms > 0),
-        })
+        Found::Value(Stored { value, ttl_ms })
     }
 
     /// Writes a value to Redis with the tier's time to live (skipped if Redis is unavailable).
@@ -238,10 +257,16 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 
     /// What the single-flight leader runs on a local miss: the value from Redis if it is
-    /// there; else (with leases) the value another instance is loading, if it appears within
-    /// the bounded wait; else `load()`, whose value is written to Redis.
-    pub(crate) fn fetch<E>(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
-        let Some(vkey) = self.value_key(key) else {
+    /// there (and younger than `max_age`, for refreshes); else (with leases) the value another
+    /// instance is loading, if it appears within the bounded wait; else `load()`, whose value
+    /// is written to Redis.
+    pub(crate) fn fetch<E>(
+        &self,
+        key: &K,
+        max_age: Option<Duration>,
+        load: impl FnOnce() -> Result<V, E>,
+    ) -> Result<V, E> {
+        let Some(vkey) = self.value_key(key, max_age) else {
             return load();
         };
         match self.plan(vkey) {
@@ -266,13 +291,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     pub(crate) async fn fetch_async<E>(
         self: Arc<Self>,
         key: K,
+        max_age: Option<Duration>,
         load: impl Future<Output = Result<V, E>>,
     ) -> Result<V, E>
     where
         K: Send + Sync,
         V: Clone + Send + Sync,
     {
-        let Some(vkey) = self.value_key(&key) else {
+        let Some(vkey) = self.value_key(&key, max_age) else {
             return load.await;
         };
         let (t1, t2) = (Arc::clone(&self), Arc::clone(&self));
@@ -312,7 +338,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 redis,
             })
         };
-        match self.read(&vkey.bytes) {
+        match self.read(&vkey) {
             Ok(Some(v)) => return Plan::Found(v),
             Ok(None) => {}
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
@@ -323,7 +349,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return pending(None, true);
         };
         let lkey = self.lease_key(&vkey);
-        match self.lease_or_wait(&vkey.bytes, &lkey, cfg) {
+        match self.lease_or_wait(&vkey, &lkey, cfg) {
             Lease::Value(v) => Plan::Found(v),
             Lease::Held(token) => pending(Some((lkey, token)), true),
             Lease::Local => pending(None, true),
@@ -357,7 +383,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         });
     }
 
-    fn lease_or_wait(&self, vkey: &[u8], lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
+    fn lease_or_wait(&self, vkey: &ValueKey, lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
         let deadline = Instant::now() + cfg.wait;
         let mut vanished = 0;
         let mut waited = false;
@@ -375,9 +401,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                     .arg("PX")
                     .arg(millis(cfg.ttl))
                     .cmd("GET")
-                    .arg(vkey)
+                    .arg(&vkey.bytes)
                     .cmd("PTTL")
-                    .arg(vkey)
+                    .arg(&vkey.bytes)
                     .query::<(Value, Option<Vec<u8>>, i64)>(c)
             });
             let Some((lease, value, pttl)) = got else {
@@ -387,7 +413,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 return Lease::Unavailable;
             };
             let held = !matches!(lease, Value::Nil);
-            if let Some(v) = value.and_then(|b| self.found(&b, pttl)) {
+            let found = value.map(|b| self.found(&b, pttl, vkey.max_age));
+            if let Some(Found::Value(v)) = found {
                 if held {
                     // Taken needlessly: give it back.
                     self.release(lkey, token);
@@ -417,27 +444,26 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 let seen = self.client.run(|c| {
                     pipe()
                         .cmd("GET")
-                        .arg(vkey)
+                        .arg(&vkey.bytes)
                         .cmd("EXISTS")
                         .arg(lkey)
                         .cmd("PTTL")
-                        .arg(vkey)
+                        .arg(&vkey.bytes)
                         .query::<(Option<Vec<u8>>, bool, i64)>(c)
                 });
-                match seen {
-                    None => {
-                        self.count(|c| &c.lease_fallbacks);
-                        return Lease::Unavailable;
+                let Some((value, leased, pttl)) = seen else {
+                    self.count(|c| &c.lease_fallbacks);
+                    return Lease::Unavailable;
+                };
+                match value.map(|b| self.found(&b, pttl, vkey.max_age)) {
+                    Some(Found::Value(v)) => {
+                        self.count(|c| &c.lease_wait_hits);
+                        return Lease::Value(v);
                     }
-                    Some((Some(bytes), _, pttl)) => match self.found(&bytes, pttl) {
-                        Some(v) => {
-                            self.count(|c| &c.lease_wait_hits);
-                            return Lease::Value(v);
-                        }
-                        None => return self.give_up(),
-                    },
-                    Some((None, true, _)) => {}
-                    Some((None, false, _)) => {
+                    Some(Found::Undecodable) => return self.give_up(),
+                    // Nothing yet (or only the value being refreshed), the holder is at work.
+                    Some(Found::TooOld) | None if leased => {}
+                    Some(Found::TooOld) | None => {
                         // The holder released without a value (its load failed) or died and
                         // the lease expired: try to take over, at most twice.
                         vanished += 1;
@@ -459,7 +485,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Writes `value` for `key` to Redis and tells the other instances to drop their copies.
     pub(crate) fn put(&self, key: &K, value: &V) {
-        if let Some(vkey) = self.value_key(key) {
+        if let Some(vkey) = self.value_key(key, None) {
             if self.write(&vkey.bytes, value) {
                 self.publish(MSG_KEY, vkey.key());
             }
@@ -468,7 +494,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Deletes `key` from Redis and tells the other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        if let Some(vkey) = self.value_key(key) {
+        if let Some(vkey) = self.value_key(key, None) {
             let deleted = self
                 .client
                 .run(|c| cmd("DEL").arg(&vkey.bytes).query::<()>(c));
