@@ -11,9 +11,11 @@
 //! keys out of 500, pausing 100 µs between calls; the local time to live is 1 s and a backend
 //! call takes 5 ms. All instances start cold at the same moment (a deploy).
 //!
-//! Part 1 prints backend loads per key per TTL period in three modes: local caches only (each
+//! Part 1 prints backend loads per key per TTL period in four modes: local caches only (each
 //! instance loads every key: about `N`), with the second tier (instances read each other's
-//! loads from Redis; concurrent misses still race), and with fleet-wide leases (about 1).
+//! loads from Redis; concurrent misses still race), with fleet-wide leases (about 1), and with
+//! leases and refresh-ahead at half the TTL on a background thread (one instance refreshes
+//! each key for the fleet, about 2 per TTL, and callers stop waiting on expiries).
 //!
 //! Part 2 runs the tier with leases and default timeouts through an outage: Redis up, killed,
 //! restarted, frozen (SIGSTOP: connections hang as with a partition), resumed. For each phase
@@ -65,6 +67,7 @@ enum Mode {
     Local,
     Tier,
     Leases,
+    Refresh,
 }
 
 enum Instance {
@@ -87,6 +90,16 @@ impl Instance {
             Mode::Leases => Instance::Tiered(
                 tier.lease(Duration::from_secs(1), Duration::from_millis(500))
                     .build(builder, Plain)
+                    .expect("valid URL"),
+            ),
+            Mode::Refresh => Instance::Tiered(
+                tier.lease(Duration::from_secs(1), Duration::from_millis(500))
+                    .build(
+                        builder
+                            .refresh_after(TTL / 2)
+                            .spawner(|job| drop(std::thread::spawn(job))),
+                        Plain,
+                    )
                     .expect("valid URL"),
             ),
         }
@@ -230,6 +243,7 @@ fn main() {
         ("local caches only", Mode::Local),
         ("+ Redis tier", Mode::Tier),
         ("+ Redis tier + leases", Mode::Leases),
+        ("+ leases + refresh_after(TTL/2)", Mode::Refresh),
     ] {
         let backend = Backend::new();
         let ns = format!("fleet-{}", name.len());

@@ -51,7 +51,8 @@
 //! failed operation. After [`breaker_failures`](RedisTier::breaker) failures in a row a
 //! circuit breaker opens and operations are skipped without touching the network for its
 //! cooldown (default 1 s); then one probe operation is let through, and a success closes it.
-//! Beyond its load, a call thus waits at most the lease wait plus one failed operation.
+//! Beyond its load, a call thus waits at most the lease wait, the Redis operations that
+//! succeed, and one failed operation.
 //! Loader errors are returned exactly as without the tier; Redis errors never are.
 //! [`CacheStats::remote`](crate::CacheStats) counts hits, misses, writes, errors, timeouts,
 //! skipped operations, breaker openings, leases and messages.
