@@ -14,7 +14,7 @@
 //! Part 1 prints backend loads per key per TTL period in four modes: local caches only (each
 //! instance loads every key: about `N`), with the second tier (instances read each other's
 //! loads from Redis; concurrent misses still race), with fleet-wide leases (about 1), and with
-//! leases and refresh-ahead at half the TTL on a background thread (one instance refreshes
+//! leases and refresh-ahead at half the TTL on a pool of 4 threads (one instance refreshes
 //! each key for the fleet, about 2 per TTL, and callers stop waiting on expiries).
 //!
 //! Part 2 runs the tier with leases and default timeouts through an outage: Redis up, killed,
@@ -94,12 +94,7 @@ impl Instance {
             ),
             Mode::Refresh => Instance::Tiered(
                 tier.lease(Duration::from_secs(1), Duration::from_millis(500))
-                    .build(
-                        builder
-                            .refresh_after(TTL / 2)
-                            .spawner(|job| drop(std::thread::spawn(job))),
-                        Plain,
-                    )
+                    .build(builder.refresh_after(TTL / 2).spawner(pool(4)), Plain)
                     .expect("valid URL"),
             ),
         }
@@ -115,6 +110,26 @@ impl Instance {
             Instance::Local(c) => c.stats(),
             Instance::Tiered(c) => c.stats(),
         }
+    }
+}
+
+/// A spawner for refreshes: `threads` workers taking jobs from a queue (they exit when the
+/// cache, which owns the sender, is dropped).
+fn pool(threads: usize) -> impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static {
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for _ in 0..threads {
+        let rx = Arc::clone(&rx);
+        std::thread::spawn(move || loop {
+            let job = rx.lock().unwrap().recv();
+            match job {
+                Ok(job) => job(),
+                Err(_) => return,
+            }
+        });
+    }
+    move |job| {
+        let _ = tx.send(job);
     }
 }
 
