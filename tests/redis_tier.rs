@@ -639,3 +639,29 @@ fn one_instance_refreshes_for_the_fleet() {
     assert_eq!(backend.of(1), 2, "one refresh for the fleet");
     assert_eq!(b.stats().refreshes_succeeded, 1);
 }
+
+#[test]
+fn clear_on_reconnect_drops_what_may_have_missed_an_invalidation() {
+    let _w = common::watchdog(Duration::from_secs(60), "clear on reconnect");
+    let mut server = RedisServer::start();
+    let backend = Arc::new(Backend::default());
+    let keep = instance(tier(&server, "t15"), &backend);
+    let clear = instance(tier(&server, "t15").clear_on_reconnect(true), &backend);
+    assert!(eventually(|| keep.is_subscribed() && clear.is_subscribed()));
+    for k in 0..10 {
+        keep.load(k).unwrap();
+        clear.load(k).unwrap();
+    }
+    server.stop();
+    assert!(eventually(
+        || !keep.is_subscribed() && !clear.is_subscribed()
+    ));
+    server.restart();
+    assert!(eventually(|| keep.is_subscribed() && clear.is_subscribed()));
+    assert!(
+        eventually(|| clear.entry_count() == 0),
+        "cleared on reconnect"
+    );
+    assert_eq!(keep.entry_count(), 10, "kept: staleness bounded by the TTL");
+    assert_eq!(clear.stats().remote.subscriber_connects, 2);
+}
