@@ -55,6 +55,11 @@ fn tier(server: &RedisServer, ns: &str) -> RedisTier {
         .timeouts(Duration::from_millis(200), Duration::from_millis(200))
 }
 
+/// A fresh server, and a backend whose calls take `delay`.
+fn start(delay: Duration) -> (RedisServer, Arc<Backend>) {
+    (RedisServer::start(), Backend::slow(delay))
+}
+
 fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
     let b = Arc::clone(backend);
     tier.build(
@@ -87,11 +92,28 @@ fn raw(server: &RedisServer) -> redis::Connection {
         .unwrap()
 }
 
+/// `SET key value [PX px]` behind the caches' back.
+fn set(conn: &mut redis::Connection, key: &str, value: &str, px: Option<u64>) {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(value);
+    if let Some(px) = px {
+        cmd.arg("PX").arg(px);
+    }
+    cmd.query::<()>(conn).unwrap();
+}
+
+fn get(conn: &mut redis::Connection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query(conn).unwrap()
+}
+
+fn exists(conn: &mut redis::Connection, key: &str) -> bool {
+    redis::cmd("EXISTS").arg(key).query(conn).unwrap()
+}
+
 #[test]
 fn a_second_instance_reads_what_the_first_loaded() {
     let _w = common::watchdog(Duration::from_secs(60), "read-through");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let a = instance(tier(&server, "t1"), &backend);
     let b = instance(tier(&server, "t1"), &backend);
     for k in 0..100 {
@@ -120,8 +142,7 @@ fn a_second_instance_reads_what_the_first_loaded() {
 #[test]
 fn two_instances_share_one_load_per_key() {
     let _w = common::watchdog(Duration::from_secs(120), "fleet single-flight");
-    let server = RedisServer::start();
-    let backend = Backend::slow(Duration::from_millis(2));
+    let (server, backend) = start(Duration::from_millis(2));
     let lease = |t: RedisTier| t.lease(Duration::from_secs(10), Duration::from_secs(20));
     let a = instance(lease(tier(&server, "t2")), &backend);
     let b = instance(lease(tier(&server, "t2")), &backend);
@@ -154,8 +175,7 @@ fn two_instances_share_one_load_per_key() {
 #[test]
 fn instances_see_each_others_invalidations() {
     let _w = common::watchdog(Duration::from_secs(60), "invalidation");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let a = instance(tier(&server, "t3"), &backend);
     let b = instance(tier(&server, "t3"), &backend);
     assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
@@ -198,8 +218,7 @@ fn instances_see_each_others_invalidations() {
 #[test]
 fn server_stopped_mid_test_caches_keep_serving_then_recover() {
     let _w = common::watchdog(Duration::from_secs(120), "redis outage");
-    let mut server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (mut server, backend) = start(Duration::ZERO);
     let fragile = |s: &RedisServer| {
         tier(s, "t4")
             .timeouts(Duration::from_millis(50), Duration::from_millis(50))
@@ -275,8 +294,7 @@ fn server_stopped_mid_test_caches_keep_serving_then_recover() {
 #[test]
 fn a_frozen_server_costs_timeouts_not_errors() {
     let _w = common::watchdog(Duration::from_secs(120), "frozen redis");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let a = instance(
         tier(&server, "t10")
             .timeouts(Duration::from_millis(50), Duration::from_millis(50))
@@ -310,69 +328,50 @@ fn a_frozen_server_costs_timeouts_not_errors() {
     );
 }
 
+/// One load of key `k` by an instance with leases (waiting at most `wait`) while another
+/// holder has held the lease on `k` for `px` ms and never gives it back. Returns the counts
+/// of `(lease waits, leases acquired, fallbacks)` and a connection to Redis (and its server).
+fn load_against_planted_lease(
+    ns: &str,
+    k: u64,
+    px: u64,
+    wait: Duration,
+) -> ((u64, u64, u64), redis::Connection, RedisServer) {
+    let (server, backend) = start(Duration::ZERO);
+    let a = instance(
+        tier(&server, ns).lease(Duration::from_secs(5), wait),
+        &backend,
+    );
+    let mut conn = raw(&server);
+    set(&mut conn, &format!("{ns}:l:{k}"), "someone-else", Some(px));
+    assert_eq!(a.load(k).unwrap(), k * 1000);
+    assert_eq!(backend.of(k), 1);
+    let s = a.stats().remote;
+    let counts = (s.lease_waits, s.leases_acquired, s.lease_fallbacks);
+    (counts, conn, server)
+}
+
 #[test]
 fn a_lease_whose_holder_stopped_expires_and_a_waiter_takes_over() {
     let _w = common::watchdog(Duration::from_secs(60), "lease expiry");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
-    let a = instance(
-        tier(&server, "t5").lease(Duration::from_secs(5), Duration::from_secs(30)),
-        &backend,
-    );
-    // A holder that took the lease for key 7 and then stopped (crashed, paused).
-    let mut conn = raw(&server);
-    redis::cmd("SET")
-        .arg("t5:l:7")
-        .arg("someone-else")
-        .arg("PX")
-        .arg(300)
-        .query::<()>(&mut conn)
-        .unwrap();
-    let started = Instant::now();
-    assert_eq!(a.load(7).unwrap(), 7000);
-    let waited = started.elapsed();
-    assert_eq!(backend.of(7), 1);
-    let s = a.stats().remote;
-    assert_eq!(
-        (s.lease_waits, s.leases_acquired, s.lease_fallbacks),
-        (1, 1, 0)
-    );
-    // It waited for the expiry (not the 30 s bound), then loaded under its own lease.
-    assert!(waited >= Duration::from_millis(250), "{waited:?}");
-    assert!(!redis::cmd("EXISTS")
-        .arg("t5:l:7")
-        .query::<bool>(&mut conn)
-        .unwrap());
-    let written: Option<String> = redis::cmd("GET").arg("t5:v:7").query(&mut conn).unwrap();
-    assert_eq!(written.as_deref(), Some("7000"));
+    // A holder that took the lease for 300 ms and then stopped (crashed, paused).
+    let (counts, mut conn, _server) =
+        load_against_planted_lease("t5", 7, 300, Duration::from_secs(30));
+    // It waited for the expiry (not the 30 s bound: no fallback), then loaded under its own
+    // lease, and gave it back.
+    assert_eq!(counts, (1, 1, 0));
+    assert!(!exists(&mut conn, "t5:l:7"));
+    assert_eq!(get(&mut conn, "t5:v:7").as_deref(), Some("7000"));
 }
 
 #[test]
 fn a_holder_that_never_finishes_bounds_the_wait_then_the_load_is_local() {
     let _w = common::watchdog(Duration::from_secs(60), "lease wait bound");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
-    let a = instance(
-        tier(&server, "t6").lease(Duration::from_secs(5), Duration::from_millis(200)),
-        &backend,
-    );
-    let mut conn = raw(&server);
-    redis::cmd("SET")
-        .arg("t6:l:8")
-        .arg("hung")
-        .arg("PX")
-        .arg(60_000)
-        .query::<()>(&mut conn)
-        .unwrap();
-    assert_eq!(a.load(8).unwrap(), 8000);
-    let s = a.stats().remote;
-    assert_eq!(
-        (s.lease_waits, s.leases_acquired, s.lease_fallbacks),
-        (1, 0, 1)
-    );
+    let (counts, mut conn, _server) =
+        load_against_planted_lease("t6", 8, 60_000, Duration::from_millis(200));
+    assert_eq!(counts, (1, 0, 1));
     // The hung holder's lease is not ours to release.
-    let holder: Option<String> = redis::cmd("GET").arg("t6:l:8").query(&mut conn).unwrap();
-    assert_eq!(holder.as_deref(), Some("hung"));
+    assert_eq!(get(&mut conn, "t6:l:8").as_deref(), Some("someone-else"));
 }
 
 #[test]
@@ -398,14 +397,8 @@ fn a_failing_loader_releases_its_lease_and_its_error_is_returned_as_is() {
     assert!(matches!(e, LoadError::Loader(_)), "{e:?}");
     assert_eq!(e.to_string(), "loader failed: backend down");
     let mut conn = raw(&server);
-    assert!(!redis::cmd("EXISTS")
-        .arg("t7:l:1")
-        .query::<bool>(&mut conn)
-        .unwrap());
-    assert!(!redis::cmd("EXISTS")
-        .arg("t7:v:1")
-        .query::<bool>(&mut conn)
-        .unwrap());
+    assert!(!exists(&mut conn, "t7:l:1"));
+    assert!(!exists(&mut conn, "t7:v:1"));
     // A second call takes the lease at once (no 30 s wait for the old one).
     assert!(a.load(1).is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -414,18 +407,13 @@ fn a_failing_loader_releases_its_lease_and_its_error_is_returned_as_is() {
 #[test]
 fn garbage_in_redis_is_a_miss_not_an_error() {
     let _w = common::watchdog(Duration::from_secs(60), "codec error");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let a = instance(tier(&server, "t8"), &backend);
     let mut conn = raw(&server);
-    redis::cmd("SET")
-        .arg("t8:v:5")
-        .arg("not a number")
-        .query::<()>(&mut conn)
-        .unwrap();
+    set(&mut conn, "t8:v:5", "not a number", None);
     assert_eq!(a.load(5).unwrap(), 5000);
     assert_eq!(a.stats().remote.errors, 1);
-    let fixed: Option<String> = redis::cmd("GET").arg("t8:v:5").query(&mut conn).unwrap();
+    let fixed = get(&mut conn, "t8:v:5");
     assert_eq!(fixed.as_deref(), Some("5000"), "the load overwrote it");
 }
 
@@ -475,8 +463,7 @@ fn async_instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u
 #[test]
 fn async_loads_share_one_load_per_key_across_instances() {
     let _w = common::watchdog(Duration::from_secs(120), "async fleet single-flight");
-    let server = RedisServer::start();
-    let backend = Backend::slow(Duration::from_millis(1));
+    let (server, backend) = start(Duration::from_millis(1));
     let lease = |t: RedisTier| t.lease(Duration::from_secs(10), Duration::from_secs(20));
     let a = async_instance(lease(tier(&server, "t11")), &backend);
     let b = async_instance(lease(tier(&server, "t11")), &backend);
@@ -528,8 +515,7 @@ fn async_loads_share_one_load_per_key_across_instances() {
 #[test]
 fn a_cancelled_async_load_gives_its_lease_back() {
     let _w = common::watchdog(Duration::from_secs(60), "cancelled async lease");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let a = async_instance(
         tier(&server, "t12").lease(Duration::from_secs(60), Duration::from_secs(60)),
         &backend,
@@ -547,10 +533,7 @@ fn a_cancelled_async_load_gives_its_lease_back() {
     });
     assert_eq!(a.stats().remote.leases_acquired, 1);
     assert!(
-        eventually(|| !redis::cmd("EXISTS")
-            .arg("t12:l:9")
-            .query::<bool>(&mut conn)
-            .unwrap()),
+        eventually(|| !exists(&mut conn, "t12:l:9")),
         "the lease was given back, not left for its 60 s"
     );
     assert_eq!(a.loads_in_flight(), 0);
@@ -562,8 +545,7 @@ fn a_cancelled_async_load_gives_its_lease_back() {
 #[test]
 fn a_copy_read_from_redis_does_not_outlive_the_one_in_redis() {
     let _w = common::watchdog(Duration::from_secs(60), "local copy bounded by Redis");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     // Values live 10 s in Redis; the local tier's own TTL is 600 s.
     let a = instance(tier(&server, "t13").ttl(Duration::from_secs(10)), &backend);
     let clock = herdcache::ManualClock::new();
@@ -598,8 +580,7 @@ fn a_copy_read_from_redis_does_not_outlive_the_one_in_redis() {
 #[test]
 fn one_instance_refreshes_for_the_fleet() {
     let _w = common::watchdog(Duration::from_secs(60), "fleet refresh");
-    let server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (server, backend) = start(Duration::ZERO);
     let clock = herdcache::ManualClock::new();
     let instance = || {
         let b = Arc::clone(&backend);
@@ -643,8 +624,7 @@ fn one_instance_refreshes_for_the_fleet() {
 #[test]
 fn clear_on_reconnect_drops_what_may_have_missed_an_invalidation() {
     let _w = common::watchdog(Duration::from_secs(60), "clear on reconnect");
-    let mut server = RedisServer::start();
-    let backend = Arc::new(Backend::default());
+    let (mut server, backend) = start(Duration::ZERO);
     let keep = instance(tier(&server, "t15"), &backend);
     let clear = instance(tier(&server, "t15").clear_on_reconnect(true), &backend);
     assert!(eventually(|| keep.is_subscribed() && clear.is_subscribed()));
