@@ -3,6 +3,7 @@
 //! and is killed on drop. Nothing is persisted.
 //!
 //! `redis-server` must be on `PATH` (`.ci/run` installs Debian's `redis-server`).
+#![allow(dead_code)] // each includer uses part of it
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
