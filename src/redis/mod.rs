@@ -110,6 +110,17 @@ use std::time::Duration;
 use tier::{LeaseConfig, Tier};
 
 /// Why a [`TieredCache`] could not be built.
+///
+/// ```
+/// use herdcache::{codec::Plain, redis::{RedisTier, TierError}, Cache};
+/// let no_ttl = RedisTier::new("redis://127.0.0.1/")
+///     .build(Cache::<u64, u64>::builder().max_capacity(10), Plain);
+/// assert!(matches!(no_ttl, Err(TierError::NoTtl)));
+/// let bad_url = RedisTier::new("http://example.com/")
+///     .ttl(std::time::Duration::from_secs(1))
+///     .build(Cache::<u64, u64>::builder().max_capacity(10), Plain);
+/// assert!(matches!(bad_url, Err(TierError::Url(_))));
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum TierError {
@@ -144,6 +155,35 @@ impl std::error::Error for TierError {}
 ///
 /// No connection is made by `build`: Redis may be down when the cache starts (it is then
 /// used from the moment it answers).
+///
+/// # Example
+///
+/// Every setting, against a port where nothing listens: the cache works, from its loader.
+///
+/// ```
+/// use herdcache::{codec::Plain, redis::RedisTier, Cache};
+/// use std::time::Duration;
+///
+/// let cache = RedisTier::new("redis://127.0.0.1:1/")
+///     .namespace("users-v2")
+///     .ttl(Duration::from_secs(300)) // in Redis; default: the cache's time to live
+///     .lease(Duration::from_secs(2), Duration::from_millis(500))
+///     .timeouts(Duration::from_millis(100), Duration::from_millis(50))
+///     .breaker(3, Duration::from_secs(1))
+///     .clear_on_reconnect(true)
+///     .build(
+///         Cache::builder()
+///             .max_capacity(1_000)
+///             .time_to_live(Duration::from_secs(60))
+///             .record_stats()
+///             .loader(|id: &u64| Ok::<_, herdcache::BoxError>(format!("user {id}"))),
+///         Plain,
+///     )
+///     .unwrap();
+/// assert_eq!(cache.load(7).unwrap(), "user 7");
+/// let remote = cache.stats().remote;
+/// assert!(remote.errors >= 1 && remote.hits == 0);
+/// ```
 #[derive(Clone, Debug)]
 pub struct RedisTier {
     url: String,
@@ -314,8 +354,31 @@ impl RedisTier {
 ///
 /// It dereferences to its local [`Cache`], so every read method (`get`, `load`, `stats`, …)
 /// is available; the methods below replace the cache's own where the fleet must hear of
-/// it. Clones are handles to the same cache. The subscriber thread stops when the last
-/// handle (and the last clone of the local cache) is dropped.
+/// it. What the local cache does on its own stays local: `retain`, the entry API, and
+/// anything done through [`local`](Self::local). Clones are handles to the same cache. The
+/// subscriber thread stops when the last handle (and the last clone of the local cache) is
+/// dropped.
+///
+/// # Example
+///
+/// (With no Redis listening, as here, each call works on the local tier alone.)
+///
+/// ```
+/// use herdcache::{codec::Plain, redis::{RedisTier, TieredCache}, Cache};
+/// use std::time::Duration;
+///
+/// let cache: TieredCache<String, u64> = RedisTier::new("redis://127.0.0.1:1/")
+///     .build(
+///         Cache::builder().max_capacity(100).time_to_live(Duration::from_secs(60)),
+///         Plain,
+///     )
+///     .unwrap();
+/// cache.insert("a".to_string(), 1); // here, in Redis, and dropped by the other instances
+/// assert_eq!(cache.get("a"), Some(1)); // `get` is the local cache's: never touches Redis
+/// assert_eq!(cache.get_with("b".to_string(), || 2), 2); // Redis first, then the closure
+/// cache.invalidate(&"a".to_string()); // everywhere
+/// assert!(!cache.contains_key("a"));
+/// ```
 pub struct TieredCache<K, V, S = crate::DefaultHashBuilder> {
     cache: Cache<K, V, S>,
     tier: Arc<Tier<K, V>>,
@@ -427,6 +490,14 @@ where
             .try_get_with(key, || self.tier.fetch(&k, None, init))
     }
 
+    /// [`Cache::optionally_get_with`] through the second tier; `None` is returned as without
+    /// the tier, and nothing is written to Redis.
+    pub fn optionally_get_with(&self, key: K, init: impl FnOnce() -> Option<V>) -> Option<V> {
+        let k = key.clone();
+        self.cache
+            .optionally_get_with(key, || self.tier.fetch(&k, None, || init().ok_or(())).ok())
+    }
+
     /// [`Cache::get_with_async`] through the second tier. The Redis work (read, lease wait,
     /// write) runs on a helper thread while this future waits, so the executor's thread never
     /// blocks on the network.
@@ -439,6 +510,18 @@ where
     /// # Panics
     ///
     /// If `init` panics (as [`Cache::get_with_async`]).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use herdcache::{codec::Plain, redis::RedisTier, Cache};
+    /// # let cache = RedisTier::new("redis://127.0.0.1:1/")
+    /// #     .ttl(std::time::Duration::from_secs(60))
+    /// #     .build(Cache::<u64, u64>::builder().max_capacity(10), Plain)
+    /// #     .unwrap();
+    /// let v = futures::executor::block_on(cache.get_with_async(1, async { 10 }));
+    /// assert_eq!(v, 10);
+    /// ```
     pub async fn get_with_async(
         &self,
         key: K,
@@ -473,6 +556,24 @@ where
     {
         let fetch = Arc::clone(&self.tier).fetch_async(key.clone(), None, init);
         self.cache.try_get_with_async(key, fetch).await
+    }
+
+    /// [`Cache::optionally_get_with_async`] through the second tier (see
+    /// [`get_with_async`](Self::get_with_async)).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    pub async fn optionally_get_with_async(
+        &self,
+        key: K,
+        init: impl std::future::Future<Output = Option<V>> + Send + 'static,
+    ) -> Option<V> {
+        let fetch =
+            Arc::clone(&self.tier).fetch_async(key.clone(), None, async { init.await.ok_or(()) });
+        self.cache
+            .optionally_get_with_async(key, async { fetch.await.ok() })
+            .await
     }
 
     /// Whether the invalidation subscriber is connected and subscribed now.
