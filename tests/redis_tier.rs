@@ -139,7 +139,11 @@ fn a_second_instance_reads_what_the_first_loaded() {
     assert_eq!(b.try_get_with(501, || Ok::<_, ()>(9)).unwrap(), 9);
     assert_eq!(b.optionally_get_with(600, || None), None);
     assert_eq!(a.optionally_get_with(600, || Some(6)), Some(6));
-    assert_eq!(b.optionally_get_with(600, || Some(7)), Some(6), "b read a's value");
+    assert_eq!(
+        b.optionally_get_with(600, || Some(7)),
+        Some(6),
+        "b read a's value"
+    );
 }
 
 #[test]
@@ -506,9 +510,18 @@ fn async_loads_share_one_load_per_key_across_instances() {
             3
         );
         assert_eq!(a.try_get_with_async(5001, async { Err(()) }).await, Ok(3));
-        assert_eq!(a.optionally_get_with_async(5002, async { None }).await, None);
-        assert_eq!(b.optionally_get_with_async(5002, async { Some(4) }).await, Some(4));
-        assert_eq!(a.optionally_get_with_async(5002, async { None }).await, Some(4));
+        assert_eq!(
+            a.optionally_get_with_async(5002, async { None }).await,
+            None
+        );
+        assert_eq!(
+            b.optionally_get_with_async(5002, async { Some(4) }).await,
+            Some(4)
+        );
+        assert_eq!(
+            a.optionally_get_with_async(5002, async { None }).await,
+            Some(4)
+        );
     });
     for k in 0..KEYS {
         assert_eq!(backend.of(k), 1, "key {k} loaded once in the fleet");
