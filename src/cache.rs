@@ -338,7 +338,11 @@ where
     /// Reports removed entries to the statistics and the eviction listener, then drops them.
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
+    #[inline]
     pub(crate) fn finish(&self, out: Garbage<K, V>) {
+        if self.inner.stats.is_none() && self.inner.listener.is_none() {
+            return; // nothing to report: `out` drops here, after the lock
+        }
         let panic = self.report(&out);
         drop(out);
         if let Some(p) = panic {

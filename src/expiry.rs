@@ -278,6 +278,18 @@ impl TimerWheel {
     /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
     /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
     /// drained too.
+    /// The common case of [`advance`](Self::advance), inline: `now` is within the wheel's
+    /// current finest tick (so no bucket of any level comes due) and `exact` is not asked.
+    /// Moves the wheel's time and returns true, or returns false if `advance` must run.
+    #[inline]
+    pub(crate) fn advance_within_tick(&mut self, now: u64, exact: bool) -> bool {
+        if exact || now >> SHIFTS[0] != self.time >> SHIFTS[0] {
+            return false;
+        }
+        self.time = self.time.max(now);
+        true
+    }
+
     pub(crate) fn advance(&mut self, now: u64, exact: bool, due: &mut Vec<(u16, Vec<u32>)>) {
         if exact {
             let b = OFFSETS[0] + ((now.max(self.time) >> SHIFTS[0]) as usize & (COUNTS[0] - 1));

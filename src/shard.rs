@@ -510,10 +510,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.slab[slot as usize].as_ref().map(|e| &e.value)
     }
 
-    fn set_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
-        if self.stride == 0 {
-            return;
+    #[inline]
+    fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
+        if self.stride > 0 {
+            self.store_times(slot, times, now, load_nanos);
         }
+    }
+
+    fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
         if let Some(e) = &self.slab[slot as usize] {
             e.time.set(effective);
         }
@@ -758,7 +762,22 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
     /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
+    #[inline]
     pub(crate) fn expire<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        exact: bool,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+    ) {
+        if let Some(wheel) = &mut self.wheel {
+            if !wheel.advance_within_tick(now, exact) {
+                self.expire_due(now, exact, hasher, out);
+            }
+        }
+    }
+
+    fn expire_due<S: BuildHasher>(
         &mut self,
         now: u64,
         exact: bool,
