@@ -518,7 +518,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
+        // The wheel is lazy: an entry filed for an earlier deadline is checked when its bucket
+        // comes due and filed again then, so a deadline that only moves later (a replaced
+        // value's new time to live) needs no filing now.
+        let mut refile = true;
         if let Some(e) = &self.slab[slot as usize] {
+            refile = e.bucket == NO_BUCKET || effective < e.time.get();
             e.time.set(effective);
         }
         if self.layout.hard {
@@ -532,7 +537,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             self.extra(slot, r).store(at, Ordering::Relaxed);
             self.extra(slot, r + 1).store(load_nanos, Ordering::Relaxed);
         }
-        self.file(slot, effective);
+        if refile {
+            self.file(slot, effective);
+        }
     }
 
     /// A uniform factor in [1 − jitter, 1 + jitter] (exactly 1 without jitter).
