@@ -1134,6 +1134,29 @@ mod tests {
         (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
     }
 
+    /// Inserts `k → v` (weight 1, time 0, no expiry) with `accesses` for the policy's climber.
+    fn put(
+        s: &mut Shard<u64, u64>,
+        h: &S,
+        k: u64,
+        v: u64,
+        accesses: u64,
+        out: &mut Garbage<u64, u64>,
+    ) {
+        let exp = ExpiryConfig::None;
+        s.insert(
+            h.hash_one(k),
+            k,
+            v,
+            1,
+            0,
+            &exp,
+            h,
+            (accesses, 0, NEVER),
+            out,
+        );
+    }
+
     #[test]
     fn entry_slots_are_24_and_32_bytes() {
         assert_eq!(std::mem::size_of::<Option<Entry<u64, u64, ()>>>(), 24);
@@ -1148,32 +1171,12 @@ mod tests {
         let (mut s, h) = shard(10, 0);
         let mut out = Garbage::new();
         let exp = ExpiryConfig::None;
-        s.insert(
-            h.hash_one(1u64),
-            1,
-            10,
-            1,
-            0,
-            &exp,
-            &h,
-            (0, 0, NEVER),
-            &mut out,
-        );
+        put(&mut s, &h, 1, 10, 0, &mut out);
         assert!(matches!(
             s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Hit(&10)
         ));
-        s.insert(
-            h.hash_one(1u64),
-            1,
-            11,
-            1,
-            0,
-            &exp,
-            &h,
-            (0, 0, NEVER),
-            &mut out,
-        );
+        put(&mut s, &h, 1, 11, 0, &mut out);
         assert_eq!(
             out.pop().map(|r| (r.value, r.cause)),
             Some((10, RemovalCause::Replaced))
@@ -1198,7 +1201,7 @@ mod tests {
         for i in 0..10_000u64 {
             let k = (i * 7919) % 300;
             if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
-                s.insert(h.hash_one(k), k, i, 1, 0, &exp, &h, (i, 0, NEVER), &mut out);
+                put(&mut s, &h, k, i, i, &mut out);
                 while s.weight() > 50 {
                     assert!(s.evict_one(&h, &mut out));
                 }
@@ -1215,9 +1218,8 @@ mod tests {
     fn tombstones_are_purged() {
         let (mut s, h) = shard(1_000_000, 0);
         let mut out = Garbage::new();
-        let exp = ExpiryConfig::None;
         for i in 0..100_000u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
+            put(&mut s, &h, i, i, 0, &mut out);
             s.remove(h.hash_one(i), &i, 0, &h, &mut out);
         }
         s.validate(&h);
