@@ -241,6 +241,7 @@ fn server_stopped_mid_test_caches_keep_serving_then_recover() {
 
     server.stop();
     let before = (a.stats().remote, b.stats().remote);
+    let outage = Instant::now();
     // Cached keys, keys cached elsewhere, new keys, writes and invalidations: all answered.
     let mut calls = 0u64;
     for round in 0..4u64 {
@@ -266,9 +267,17 @@ fn server_stopped_mid_test_caches_keep_serving_then_recover() {
     // Without the breaker each of the ~90 operations (local misses, writes, invalidations)
     // would have failed; with it, 3 per instance did (one more per cooldown while open).
     let failed = failed(0) + failed(1);
-    assert!(a.is_breaker_open() && b.is_breaker_open());
-    assert!(after.0.breaker_opened == 1 && after.1.breaker_opened == 1);
-    assert!((6..=8).contains(&failed), "{failed} operations failed");
+    // A probe per instance per 3 s cooldown (none if, as usual, the loop took milliseconds).
+    let probes = 2 * (outage.elapsed().as_secs() / 3 + 1);
+    assert!(
+        a.is_breaker_open() && b.is_breaker_open(),
+        "Redis is still down"
+    );
+    assert!(after.0.breaker_opened >= 1 && after.1.breaker_opened >= 1);
+    assert!(
+        (6..=6 + probes).contains(&failed),
+        "{failed} operations failed"
+    );
     assert!(skipped >= 60, "{skipped} skipped of {calls} calls");
 
     // The server returns (empty): both recover, and the fleet works again.
@@ -550,7 +559,8 @@ fn a_cancelled_async_load_gives_its_lease_back() {
         let gave_up = tokio::time::timeout(Duration::from_millis(300), slow).await;
         assert!(gave_up.is_err());
     });
-    assert_eq!(a.stats().remote.leases_acquired, 1);
+    // (The helper thread may still be finishing the lease attempt the dropped call started.)
+    assert!(eventually(|| a.stats().remote.leases_acquired == 1));
     assert!(
         eventually(|| !exists(&mut conn, "t12:l:9")),
         "the lease was given back, not left for its 60 s"
