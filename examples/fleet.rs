@@ -24,6 +24,8 @@
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
+#[path = "support/pool.rs"]
+mod support;
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
 use herdcache::{BoxError, Cache, CacheStats, LoadError};
@@ -31,6 +33,7 @@ use redis_server::RedisServer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::pool;
 
 const KEYS: u64 = 500;
 const CLIENTS: usize = 4;
@@ -110,26 +113,6 @@ impl Instance {
             Instance::Local(c) => c.stats(),
             Instance::Tiered(c) => c.stats(),
         }
-    }
-}
-
-/// A spawner for refreshes: `threads` workers taking jobs from a queue (they exit when the
-/// cache, which owns the sender, is dropped).
-fn pool(threads: usize) -> impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static {
-    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
-    for _ in 0..threads {
-        let rx = Arc::clone(&rx);
-        std::thread::spawn(move || loop {
-            let job = rx.lock().unwrap().recv();
-            match job {
-                Ok(job) => job(),
-                Err(_) => return,
-            }
-        });
-    }
-    move |job| {
-        let _ = tx.send(job);
     }
 }
 

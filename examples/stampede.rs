@@ -22,11 +22,13 @@
 //! more), counted from when the clients start (after the warm-up fill), and it draws backend
 //! calls over time for the three in an SVG chart. Each client pauses 200 µs between requests.
 
+#[path = "support/pool.rs"]
+mod support;
 use herdcache::{BoxError, Cache};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::pool;
 
 const KEYS: u64 = 2_000;
 const CLIENTS: usize = 16;
@@ -80,26 +82,6 @@ impl Backend {
         std::thread::sleep(CPU_PER_CALL.mul_f64((n as f64 / CORES as f64).max(1.0)));
         self.in_progress.fetch_sub(1, Ordering::SeqCst);
         key * 10
-    }
-}
-
-/// A fixed pool of threads, for the protected configuration's spawner.
-fn pool(threads: usize) -> impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static {
-    let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
-    let rx = Arc::new(Mutex::new(rx));
-    for _ in 0..threads {
-        let rx = rx.clone();
-        std::thread::spawn(move || loop {
-            let job = match rx.lock().unwrap().recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            };
-            job();
-        });
-    }
-    let tx = Mutex::new(tx);
-    move |job| {
-        let _ = tx.lock().unwrap().send(job);
     }
 }
 

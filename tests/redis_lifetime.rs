@@ -6,11 +6,12 @@ mod common;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+use common::eventually;
 use herdcache::codec::Plain;
 use herdcache::redis::RedisTier;
 use herdcache::Cache;
 use redis_server::RedisServer;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task/*/comm,
 /// where names are cut to 15 bytes).
@@ -23,17 +24,6 @@ fn threads_named(prefix: &str) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        if Instant::now() > until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+use common::eventually;
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
 use herdcache::{BoxError, Cache, LoadError};
@@ -71,18 +72,6 @@ fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
         Plain,
     )
     .expect("valid configuration")
-}
-
-/// Waits (at most 10 s) until `cond` holds; false if it never did.
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
 }
 
 fn raw(server: &RedisServer) -> redis::Connection {

@@ -79,3 +79,16 @@ impl Future for Yield {
         Poll::Pending
     }
 }
+
+/// Waits (at most 10 s, polling every 5 ms) until `cond` holds; false if it never did. For
+/// conditions another thread brings about (a message applied, a thread gone), not for expiry.
+pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
