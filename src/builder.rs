@@ -226,29 +226,6 @@ where
         self
     }
 
-    /// Hashes keys with `hasher` instead of the randomly seeded default. Call it before the
-    /// loader and the other stampede settings (they are reset).
-    pub fn hasher<S2>(self, hasher: S2) -> CacheBuilder<K, V, S2> {
-        CacheBuilder {
-            max_capacity: self.max_capacity,
-            weigher: self.weigher,
-            ttl: self.ttl,
-            tti: self.tti,
-            expiry: self.expiry,
-            hasher,
-            clock: self.clock,
-            shards: self.shards,
-            stampede: Stampede::default(),
-            refresh_after: None,
-            early_beta: None,
-            jitter: 0.0,
-            stats: self.stats,
-            listener: self.listener,
-            name: self.name,
-            _types: PhantomData,
-        }
-    }
-
     /// A name for the cache: the `cache` label of its metrics, and shown by `Debug`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -411,6 +388,79 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
+    /// Hashes keys with `hasher` instead of the randomly seeded default. Every other setting
+    /// given before or after it is kept.
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let cache: herdcache::Cache<u32, u32, RandomState> = herdcache::Cache::builder()
+    ///     .max_capacity(100)
+    ///     .loader(|k: &u32| Ok::<_, herdcache::BoxError>(k + 1))
+    ///     .hasher(RandomState::new())
+    ///     .build();
+    /// assert_eq!(cache.load(1).unwrap(), 2);
+    /// ```
+    pub fn hasher<S2>(self, hasher: S2) -> CacheBuilder<K, V, S2>
+    where
+        S2: BuildHasher + Clone + Send + Sync + 'static,
+    {
+        let st = self.stampede;
+        CacheBuilder {
+            max_capacity: self.max_capacity,
+            weigher: self.weigher,
+            ttl: self.ttl,
+            tti: self.tti,
+            expiry: self.expiry,
+            hasher,
+            clock: self.clock,
+            shards: self.shards,
+            stampede: Stampede {
+                loader: st.loader,
+                spawner: st.spawner,
+                async_loader: st.async_loader,
+                refresh_loader: st.refresh_loader,
+                async_refresh_loader: st.async_refresh_loader,
+                future_spawner: st.future_spawner,
+                refresh_backoff: st.refresh_backoff,
+                negative_ttl: st.negative_ttl,
+                load_timeout: st.load_timeout,
+                limiter: st.limiter,
+                clone_key: st.clone_key,
+                // The same function, for the cache type with the new hasher.
+                refresh: st.refresh.map(|_| Cache::<K, V, S2>::start_refresh as _),
+            },
+            refresh_after: self.refresh_after,
+            early_beta: self.early_beta,
+            jitter: self.jitter,
+            stats: self.stats,
+            listener: self.listener,
+            name: self.name,
+            _types: PhantomData,
+        }
+    }
+
+    /// Builds the cache with `hasher` (moka's shape): the same as
+    /// [`hasher`](Self::hasher)`(hasher).`[`build`](Self::build)`()`.
+    ///
+    /// # Panics
+    ///
+    /// As [`build`](Self::build).
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let cache = herdcache::Cache::<u32, u32>::builder()
+    ///     .max_capacity(10)
+    ///     .build_with_hasher(RandomState::new());
+    /// cache.insert(1, 1);
+    /// assert_eq!(cache.get(&1), Some(1));
+    /// ```
+    pub fn build_with_hasher<S2>(self, hasher: S2) -> Cache<K, V, S2>
+    where
+        S2: BuildHasher + Clone + Send + Sync + 'static,
+    {
+        self.hasher(hasher).build()
+    }
+
     /// How to load any key (as Caffeine's `LoadingCache`): used by [`Cache::load`] and by
     /// refreshes. Called without any lock held; may block.
     pub fn loader<E>(mut self, load: impl Fn(&K) -> Result<V, E> + Send + Sync + 'static) -> Self

@@ -4,11 +4,11 @@ use crate::builder::Listener;
 use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
-use crate::load::Flight;
+use crate::flight::Flight;
 use crate::refresh::Stampede;
 use crate::stats::{CacheStats, Counter, Stats};
 
-use crate::shard::{Found, Garbage, Removed, Shard};
+use crate::shard::{Found, Garbage, RemovalCause, Removed, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
@@ -71,6 +71,13 @@ pub(crate) struct ShardCell<K, V> {
     accesses: AtomicU64,
 }
 
+/// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
+/// load publishing its result (stored only if its flight is still registered).
+pub(crate) enum Write<'a, K, V> {
+    Plain,
+    Load(&'a Arc<Flight<K, V>>),
+}
+
 pub(crate) struct Inner<K, V, S> {
     pub(crate) shards: Box<[CachePadded<ShardCell<K, V>>]>,
     mask: usize,
@@ -93,6 +100,62 @@ pub(crate) struct Inner<K, V, S> {
 
 crate::sync::thread_local_shim! {
     static ACCESS_TICK: Cell<u32> = Cell::new(0);
+}
+
+/// A read's right to start a refresh (the entry's refresh deadline, set to "refreshing" by
+/// that read): unless kept, dropping it makes the entry due again at the given time.
+struct RefreshClaim<'a>(Option<&'a crate::sync::AtomicU64>, u64);
+
+impl RefreshClaim<'_> {
+    /// The refresh was handed over: nothing to give back.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RefreshClaim<'_> {
+    fn drop(&mut self) {
+        if let Some(at) = self.0 {
+            let _ = at.compare_exchange(
+                crate::shard::REFRESHING,
+                self.1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// Keeps the global weight in step with one locked shard's: whatever happens to the shard
+/// while this lives — a panic of user code partway included — the difference is added to the
+/// global weight when it drops.
+pub(crate) struct Accounting<'a, K: Hash + Eq + 'static, V: 'static, S> {
+    cache: &'a Cache<K, V, S>,
+    pub(crate) shard: &'a mut Shard<K, V>,
+    before: u64,
+}
+
+impl<'a, K: Hash + Eq + 'static, V: 'static, S: BuildHasher> Accounting<'a, K, V, S> {
+    fn new(cache: &'a Cache<K, V, S>, shard: &'a mut Shard<K, V>) -> Self {
+        let before = shard.weight();
+        Accounting {
+            cache,
+            shard,
+            before,
+        }
+    }
+}
+
+impl<K: Hash + Eq + 'static, V: 'static, S> Drop for Accounting<'_, K, V, S> {
+    fn drop(&mut self) {
+        let after = self.shard.weight();
+        let global = &self.cache.inner.weight;
+        if after > self.before {
+            global.fetch_add(after - self.before, Ordering::AcqRel);
+        } else if self.before > after {
+            global.fetch_sub(self.before - after, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Every `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to the shard it touches; in
@@ -213,6 +276,11 @@ where
         }
     }
 
+    /// Whether the cache reads its clock (expiry, refresh, negative caching).
+    pub(crate) fn keeps_time(&self) -> bool {
+        self.inner.timed
+    }
+
     /// The clock, when the cache keeps time (for loads that measure themselves).
     pub(crate) fn time_source(&self) -> Option<Clock> {
         self.inner.timed.then(|| self.inner.clock.clone())
@@ -271,20 +339,25 @@ where
                 }
                 return Some(r);
             }
-            Found::Stale(k, v) => {
+            Found::Stale(k, v, due) => {
+                // This read won the right to start the key's refresh. Until it has handed the
+                // refresh over, a guard gives that right back if user code panics (the key's or
+                // the value's `Clone`), so the refresh is never lost.
+                let claim = RefreshClaim(Some(due), now);
                 let r = f(v);
                 let st = &self.inner.stampede;
                 let refresh = st
                     .clone_key
                     .zip(st.refresh)
                     .map(|(clone, refresh)| (clone(k), refresh));
+                claim.keep();
                 drop(guard);
                 if record {
                     self.count_fast(Counter::Hit);
                     self.count(Counter::StaleServed);
                 }
                 if let Some((k, refresh)) = refresh {
-                    refresh(self, k);
+                    refresh(self, k, hash);
                 }
                 return Some(r);
             }
@@ -299,17 +372,26 @@ where
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
                 let mut out = Garbage::new();
-                let before = s.weight();
-                s.expire(now, false, &self.inner.hasher, &mut out);
+                let acct = Accounting::new(self, &mut *s);
+                acct.shard.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
-                    s.remove(hash, key, now, &self.inner.hasher, &mut out);
+                    // Only the expired entry: a write may have replaced it since the read.
+                    acct.shard.remove_expired(hash, key, now, &mut out);
                 }
-                self.account(before, s.weight());
+                drop(acct);
                 drop(s);
                 self.finish(out);
             }
         }
         None
+    }
+
+    /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.
+    pub(crate) fn reset_refresh(&self, hash: u64, key: &K, at: u64) {
+        self.inner.shards[self.shard_index(hash)]
+            .lock
+            .read()
+            .reset_refresh(hash, key, at);
     }
 
     /// Counts one event in the statistics, if they are recorded.
@@ -451,7 +533,7 @@ where
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
-        self.insert_with(hash, key, value, weight, None, (0, NEVER), &mut out);
+        self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), &mut out);
         self.finish(out);
     }
 
@@ -460,10 +542,12 @@ where
         self.inner.weigher.as_ref().map_or(1, |w| w(key, value))
     }
 
-    /// Inserts under the shard's write lock. With `flight`, the value is that load's result
-    /// (which took `took` nanoseconds): the flight is unregistered in the same critical section
-    /// (publish before release); without, a load of the same key in flight is superseded. The
-    /// entry expires at `cap` at the latest (`NEVER`: no bound beyond its expiry policy).
+    /// Inserts under the shard's write lock. A plain write supersedes (detaches) the key's load
+    /// in flight, if any. A load's write ([`Write::Load`]) stores only if its flight is still
+    /// registered — nothing wrote or invalidated the key since the load was claimed — and
+    /// unregisters it in the same critical section (publish before release). The entry expires
+    /// at `cap` at the latest (`NEVER`: no bound beyond its expiry policy). Returns whether the
+    /// value was stored (or, too heavy, rejected as a write that wins).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert_with(
         &self,
@@ -471,31 +555,46 @@ where
         key: K,
         value: V,
         weight: u32,
-        flight: Option<&Arc<Flight<K, V>>>,
+        write: Write<'_, K, V>,
         (took, cap): (u64, u64),
         out: &mut Garbage<K, V>,
-    ) {
+    ) -> bool {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         let now = self.now();
         let accesses = cell.accesses.load(Ordering::Relaxed);
         let mut s = cell.lock.write();
-        let flight_key = match flight {
-            Some(f) => s.remove_flight(hash, f),
-            None => None,
+        let registered = match write {
+            Write::Plain => None,
+            Write::Load(f) => match s.remove_flight(hash, f) {
+                Some(k) => Some(k),
+                None => {
+                    // Superseded: a later write won. Dropped with no lock held.
+                    drop(s);
+                    drop((key, value));
+                    return false;
+                }
+            },
         };
-        let before = s.weight();
+        let acct = Accounting::new(self, &mut *s);
         if u64::from(weight) > self.inner.capacity {
-            // Too heavy to store: the key ends up absent.
-            s.remove(hash, &key, now, &self.inner.hasher, out);
+            // Too heavy to store: the key ends up absent, its old value replaced by nothing.
+            acct.shard.remove(
+                hash,
+                &key,
+                now,
+                &self.inner.hasher,
+                out,
+                RemovalCause::Replaced,
+            );
             out.push(Removed {
                 key,
                 value,
                 weight,
-                cause: crate::RemovalCause::Size,
+                cause: RemovalCause::Size,
             });
         } else {
-            s.insert(
+            acct.shard.insert(
                 hash,
                 key,
                 value,
@@ -507,13 +606,14 @@ where
                 out,
             );
         }
-        self.account(before, s.weight());
+        drop(acct);
         self.evict_in(&mut s, true, out);
         drop(s);
-        drop(flight_key);
+        drop(registered);
         if self.over_capacity() {
             self.evict_elsewhere(i, out);
         }
+        true
     }
 
     /// The most loads that ever ran at once under `max_concurrent_loads` (0 without a limit),
@@ -527,22 +627,34 @@ where
             .map_or((0, 0), |l| (l.high_water(), l.waited()))
     }
 
-    /// Removes `key` and unregisters its computation's flight in one critical section.
+    /// Ends a computation that removes `key`: removes it and unregisters the computation's
+    /// flight in one critical section — only if the flight is still registered (a write of the
+    /// key during the computation wins and is kept). Returns whether it removed anything.
     pub(crate) fn remove_with_flight(
         &self,
         hash: u64,
         key: &K,
         flight: &Arc<Flight<K, V>>,
         out: &mut Garbage<K, V>,
-    ) {
+    ) -> bool {
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let flight_key = s.remove_flight(hash, flight);
-        let before = s.weight();
-        s.remove(hash, key, now, &self.inner.hasher, out);
-        self.account(before, s.weight());
+        let Some(flight_key) = s.remove_flight(hash, flight) else {
+            return false;
+        };
+        let acct = Accounting::new(self, &mut *s);
+        let removed = acct.shard.remove(
+            hash,
+            key,
+            now,
+            &self.inner.hasher,
+            out,
+            RemovalCause::Explicit,
+        );
+        drop(acct);
         drop(s);
         drop(flight_key);
+        removed
     }
 
     /// The number of loads in flight (not counting negative-cache entries).
@@ -617,10 +729,15 @@ where
     {
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let before = s.weight();
-        let removed = s.remove(hash, key, now, &self.inner.hasher, out);
-        self.account(before, s.weight());
-        removed
+        let acct = Accounting::new(self, &mut *s);
+        acct.shard.remove(
+            hash,
+            key,
+            now,
+            &self.inner.hasher,
+            out,
+            RemovalCause::Explicit,
+        )
     }
 
     /// Removes `key` and returns its value, if a live one was present.
@@ -682,18 +799,30 @@ where
     }
 
     /// Runs `op` on every shard in turn under its write lock, then reports what it removed once
-    /// the lock is released; a listener's panic is resumed after the last shard.
+    /// the lock is released. Panic-safe: if `op` (user code: a `retain` predicate, a key's
+    /// `Hash`) or a removed value's `Drop` panics, the shard's weight is still accounted, what
+    /// was removed is still reported, the remaining shards are still processed, and the first
+    /// panic (or a listener's) is resumed after the last shard.
     fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Garbage<K, V>)) {
         let mut panic = None;
         for cell in self.inner.shards.iter() {
             let mut out = Garbage::new();
-            let mut s = cell.lock.write();
-            let before = s.weight();
-            op(&mut s, &mut out);
-            self.account(before, s.weight());
-            drop(s);
-            panic = panic.or(self.report(&out));
-            drop(out);
+            let ran = {
+                let mut s = cell.lock.write();
+                let acct = Accounting::new(self, &mut *s);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    op(&mut *acct.shard, &mut out)
+                }))
+            };
+            if let Err(p) = ran {
+                panic.get_or_insert(p);
+            }
+            if let Some(p) = self.report(&out) {
+                panic.get_or_insert(p);
+            }
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
+                panic.get_or_insert(p);
+            }
         }
         if let Some(p) = panic {
             std::panic::resume_unwind(p);

@@ -8,7 +8,10 @@
 //! it wins, and the computed value is returned but not stored.
 
 use crate::cache::Cache;
-use crate::load::{recursive_load, runs_here, wait_async, Flight, Outcome, Resolver};
+use crate::flight::{
+    accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
+};
+use crate::load::{wait_async, Lead};
 use crate::shard::Garbage;
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,9 +21,6 @@ use std::sync::Arc;
 
 /// A key's flight, shared.
 type FlightRef<K, V> = Arc<Flight<K, V>>;
-
-/// A key being loaded by this call: the key, its hash, its flight.
-type Lead<K, V> = (K, u64, FlightRef<K, V>);
 
 /// A key and its value, as returned by the entry API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,10 +142,13 @@ where
         I: IntoIterator<Item = K>,
     {
         let mut found = HashMap::new();
-        let mut leads: Vec<Lead<K, V>> = Vec::new();
+        // Each key this call leads is guarded until published: a panic anywhere (the loader,
+        // a key's `Hash`/`Eq`/`Clone`, a value's `Clone`) abandons the flights not yet
+        // published, and their waiters load again.
+        let mut leads: Vec<(K, Lead<K, V, S>)> = Vec::new();
         let mut joins = Vec::new();
         for key in keys {
-            if found.contains_key(&key) || leads.iter().any(|(k, _, _)| *k == key) {
+            if found.contains_key(&key) || leads.iter().any(|(k, _)| *k == key) {
                 continue;
             }
             let hash = self.hash(&key);
@@ -153,68 +156,42 @@ where
                 Claimed::Hit(v) => {
                     found.insert(key, v);
                 }
-                Claimed::Lead(f) => leads.push((key, hash, f)),
-                Claimed::Join(f) => joins.push((key, hash, f)),
+                Claimed::Lead(lead) => leads.push((key, lead)),
+                Claimed::Join(f) => joins.push((key, f)),
             }
         }
         if !leads.is_empty() {
-            let keys: Vec<K> = leads.iter().map(|(k, _, _)| k.clone()).collect();
-            // Abandon every lead flight if `load_missing` panics.
-            let mut guards: Vec<Resolver<'_, K, V, S>> = leads
-                .iter()
-                .map(|(_, hash, f)| Resolver {
-                    cache: self,
-                    hash: *hash,
-                    flight: Arc::clone(f),
-                    armed: true,
-                })
-                .collect();
-            let loaded = {
-                let _permit = self
-                    .inner
-                    .stampede
-                    .limiter
-                    .as_ref()
-                    .map(|l| l.acquire_blocking());
-                let _running: Vec<_> = leads
-                    .iter()
-                    .map(|(_, _, f)| crate::load::enter(f))
-                    .collect();
+            let keys: Vec<K> = leads.iter().map(|(k, _)| k.clone()).collect();
+            let (mut loaded, took) = {
+                let _permit = self.load_permit();
+                let _running: Vec<Running> = leads.iter().map(|(_, l)| enter(l.flight())).collect();
                 let start = self.now();
                 let loaded = load_missing(&keys);
                 (loaded, self.now().saturating_sub(start))
             };
-            let (mut loaded, took) = loaded;
-            for g in &mut guards {
-                g.armed = false;
-            }
-            drop(guards);
-            for (key, hash, flight) in leads {
+            drop(keys);
+            for (key, lead) in leads {
                 match loaded.remove(&key) {
                     Some(v) => {
-                        found.insert(key.clone(), v.clone());
-                        self.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+                        let outcome =
+                            self.publish(lead, Some(key.clone()), Outcome::Value(v), took);
+                        if let Some(v) = accept_value(&outcome) {
+                            found.insert(key, v);
+                        }
                     }
-                    None => self.abandon(hash, &flight, true),
+                    None => drop(lead), // abandoned: its waiters load it themselves
                 }
             }
         }
-        for (key, hash, flight) in joins {
-            let accept = |o: &Outcome<V>| match o {
-                Outcome::Value(v) => Some(v.clone()),
-                _ => None,
-            };
-            if let crate::load::Waited::Done(Some(v)) =
-                self.wait_blocking(hash, &flight, &accept, None)
-            {
+        for (key, flight) in joins {
+            if let Waited::Done(Some(v)) = self.wait_blocking(&flight, &accept_value, None) {
                 found.insert(key, v);
             }
         }
         found
     }
 
-    /// A hit, or the key's flight: a new one (lead) or the one running (join).
-    fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V> {
+    fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
         let how = crate::load::How {
             can_lead: true,
             bypass_negative: true,
@@ -222,7 +199,7 @@ where
         };
         match self.claim(hash, key, &V::clone, &mut None, how) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),
-            crate::load::Claim::Lead(f) => Claimed::Lead(f),
+            crate::load::Claim::Lead(lead) => Claimed::Lead(lead),
             crate::load::Claim::Join(f) => Claimed::Join(f),
             crate::load::Claim::Lost => unreachable!("a blocking caller can always lead"),
         }
@@ -230,22 +207,23 @@ where
 
     /// Takes the key's flight for a computation, waiting (blocking) for a load or computation
     /// of the key that runs.
-    fn lock_key(&self, hash: u64, key: &K) -> Arc<Flight<K, V>> {
+    /// Takes the key's flight for a computation, waiting for any load or computation of the
+    /// key to end first.
+    fn lock_key(&self, hash: u64, key: &K) -> Lead<K, V, S> {
         loop {
             match self.try_lock_key(hash, key) {
-                Ok(f) => return f,
+                Ok(lead) => return lead,
                 Err(running) => {
-                    let _ = self.wait_blocking(hash, &running, &|_: &Outcome<V>| None::<()>, None);
+                    let _ = self.wait_blocking(&running, &|_: &Outcome<V>| None::<()>, None);
                 }
             }
         }
     }
 
-    /// As [`lock_key`](Self::lock_key), waiting asynchronously.
-    async fn lock_key_async(&self, hash: u64, key: &K) -> Arc<Flight<K, V>> {
+    async fn lock_key_async(&self, hash: u64, key: &K) -> Lead<K, V, S> {
         loop {
             match self.try_lock_key(hash, key) {
-                Ok(f) => return f,
+                Ok(lead) => return lead,
                 Err(running) => {
                     let accept = |_: &Outcome<V>| None::<()>;
                     let _ = wait_async(self, hash, running, &accept).await;
@@ -254,13 +232,14 @@ where
         }
     }
 
-    /// Registers a flight for `key`, or returns the one running.
-    fn try_lock_key(&self, hash: u64, key: &K) -> Result<FlightRef<K, V>, FlightRef<K, V>> {
+    fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
+        let registered = key.clone(); // user code, before the lock
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         let stale = match s.flight(hash, key).map(Arc::clone) {
             Some(f) if f.negative_until() == 0 => {
                 drop(s);
+                drop(registered);
                 if runs_here(f.id()) {
                     recursive_load();
                 }
@@ -270,18 +249,19 @@ where
             None => None,
         };
         let f = Flight::blocking();
-        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
+        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
         drop(s);
         drop(stale);
-        Ok(f)
+        Ok(Lead::new(self, hash, f))
     }
 
-    /// Applies a computation's decision and ends its flight.
+    /// Ends a computation with its closure's verdict. A write or invalidation of the key while
+    /// the closure ran detached the computation's flight: then nothing is stored or removed
+    /// (the write wins), and the result says what the closure asked for.
     fn end_compute(
         &self,
-        hash: u64,
+        lead: Lead<K, V, S>,
         key: K,
-        flight: Arc<Flight<K, V>>,
         current: Option<V>,
         op: Op<V>,
     ) -> CompResult<K, V> {
@@ -292,7 +272,7 @@ where
                     value: v.clone(),
                     fresh: true,
                 };
-                self.publish(hash, Some(key), &flight, Outcome::Value(v), 0);
+                self.publish(lead, Some(key), Outcome::Value(v), 0);
                 match current {
                     Some(_) => CompResult::ReplacedWith(entry),
                     None => CompResult::Inserted(entry),
@@ -300,8 +280,11 @@ where
             }
             (Op::Remove, Some(old)) => {
                 let mut out = Garbage::new();
+                let hash = lead.hash();
+                let flight = lead.disarm();
+                let guard = AbandonOnDrop(self, hash, &flight);
                 self.remove_with_flight(hash, &key, &flight, &mut out);
-                flight.release();
+                drop(guard); // callers waiting on the computation look again
                 self.finish(out);
                 CompResult::Removed(Entry {
                     key,
@@ -310,7 +293,7 @@ where
                 })
             }
             (Op::Nop, Some(v)) => {
-                self.abandon(hash, &flight, true);
+                drop(lead);
                 CompResult::Unchanged(Entry {
                     key,
                     value: v,
@@ -318,17 +301,57 @@ where
                 })
             }
             (Op::Remove | Op::Nop, None) => {
-                self.abandon(hash, &flight, true);
+                drop(lead);
                 CompResult::StillNone(key)
             }
         }
     }
 }
 
-/// The outcome of [`Cache::claim_key`].
-enum Claimed<K, V> {
+/// Resolves a flight as abandoned when dropped (after a removal, or a panic during it).
+struct AbandonOnDrop<'a, K, V, S>(&'a Cache<K, V, S>, u64, &'a Arc<Flight<K, V>>)
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static;
+
+impl<K, V, S> Drop for AbandonOnDrop<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        self.0.end_flight(self.1, self.2, None, Phase::Abandoned);
+    }
+}
+
+/// Polls a computation's closure future with its flight marked as run by the polling thread,
+/// so a load of the same key inside it fails loudly instead of waiting for itself.
+struct Computing<'a, K, V, F> {
+    flight: &'a Arc<Flight<K, V>>,
+    inner: std::pin::Pin<Box<F>>,
+}
+
+impl<K, V, F: Future> Future for Computing<'_, K, V, F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let _running = enter(self.flight);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+enum Claimed<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
     Hit(V),
-    Lead(Arc<Flight<K, V>>),
+    Lead(Lead<K, V, S>),
     Join(Arc<Flight<K, V>>),
 }
 
@@ -386,7 +409,8 @@ where
     /// any that runs, and callers loading the key while `f` runs wait for it and take its
     /// value. `f` runs with no lock held and may use the cache, except to compute or load this
     /// same key (a recursive load panics). A plain `insert` or `invalidate` of the key while
-    /// `f` runs wins over a `Put` (the computed value is returned, not stored).
+    /// `f` runs wins over the verdict: a `Put` is returned but not stored, a `Remove` leaves
+    /// the newer value in place.
     ///
     /// # Panics
     ///
@@ -410,14 +434,9 @@ where
     ) -> CompResult<K, V> {
         let cache = self.cache;
         let hash = cache.hash(&self.key);
-        let flight = cache.lock_key(hash, &self.key);
-        let mut guard = Resolver {
-            cache,
-            hash,
-            flight,
-            armed: true,
-        };
-        let _running = crate::load::enter(&guard.flight);
+        // Guarded until the verdict is applied: a panic in `f` (or in a clone) releases the key.
+        let lead = cache.lock_key(hash, &self.key);
+        let running = enter(lead.flight());
         let current = cache.get_map(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
@@ -425,10 +444,8 @@ where
             fresh: false,
         });
         let op = f(entry);
-        guard.armed = false;
-        let flight = Arc::clone(&guard.flight);
-        drop(guard);
-        cache.end_compute(hash, self.key, flight, current, op)
+        drop(running);
+        cache.end_compute(lead, self.key, current, op)
     }
 
     /// The async twin of [`and_compute_with`](Self::and_compute_with): `f` returns a future.
@@ -444,24 +461,21 @@ where
     {
         let cache = self.cache;
         let hash = cache.hash(&self.key);
-        let flight = cache.lock_key_async(hash, &self.key).await;
-        let mut guard = Resolver {
-            cache,
-            hash,
-            flight,
-            armed: true,
-        };
+        // Guarded until the verdict is applied: a panic in `f`, or this future dropped while
+        // `f`'s future runs, releases the key.
+        let lead = cache.lock_key_async(hash, &self.key).await;
         let current = cache.get_map(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
             fresh: false,
         });
-        let op = f(entry).await;
-        guard.armed = false;
-        let flight = Arc::clone(&guard.flight);
-        drop(guard);
-        cache.end_compute(hash, self.key, flight, current, op)
+        let op = Computing {
+            flight: lead.flight(),
+            inner: Box::pin(f(entry)),
+        }
+        .await;
+        cache.end_compute(lead, self.key, current, op)
     }
 
     /// Atomically (per key) replaces the value with `f(current entry)`, or inserts it if

@@ -69,6 +69,7 @@ mod clock;
 pub mod codec;
 mod entry;
 mod expiry;
+mod flight;
 mod limit;
 mod load;
 #[cfg(feature = "metrics")]

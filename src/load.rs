@@ -1,266 +1,61 @@
-//! Single-flight loading: one state machine for sync and async callers.
+//! Single-flight loading: one protocol for sync and async callers.
 //!
-//! A *flight* is one load of one key. It is registered in the key's shard, under the same write
-//! lock that guards the shard's map, so "is it cached?" and "is it being loaded?" are answered
-//! atomically: a caller that misses either *leads* (registers a new flight) or *joins* the
-//! registered one.
+//! A *flight* ([`crate::flight`]) is one load of one key. It is registered in the key's shard,
+//! under the same write lock that guards the shard's map, so "is it cached?" and "is it being
+//! loaded?" are answered atomically: a caller that misses either *leads* (registers a new
+//! flight) or *joins* the registered one.
 //!
 //! ```text
 //!            claim (shard write lock)                      publish (shard write lock)
-//!  miss ──► ┌──────────────┐  lead ──► run / drive the load ──► insert value + unregister ──►
+//!  miss ──► ┌──────────────┐  lead ──► run / drive the load ──► store value + unregister ──►
 //!           │ flight for k?│                                                 then Done, wake all
 //!           └──────────────┘  join ──► wait (Condvar or Waker) ◄────────────────────────────┘
-//!                  on panic / cancel of the last interested caller: unregister ──► Abandoned
+//!        on panic, cancel, or a job dropped unrun: the Lead guard unregisters ──► Abandoned
 //! ```
 //!
 //! * **Publish before release.** The value enters the map and the flight leaves the registry in
 //!   one critical section; only then is the flight marked done and its waiters woken. A caller
 //!   that arrives in between finds the value.
-//! * **Every exit resolves the flight**, through a guard's `Drop`: a value, an error, `None`, a
-//!   panic or a cancellation. Waiters of an abandoned flight retry: exactly one of them becomes
-//!   the new leader (the claim is atomic) and runs *its own* loader.
+//! * **Every exit resolves the flight**, through the [`Lead`] guard's `Drop`: a value, an
+//!   error, `None`, a panic anywhere (loader, weigher, `Expiry`, `Clone`, spawner) or a job
+//!   that a spawner dropped without running it. Waiters of an abandoned flight retry: exactly
+//!   one of them becomes the new leader (the claim is atomic) and runs *its own* loader.
+//! * **Writes win, decided under the lock.** An `insert`, `invalidate` or compute of a key
+//!   *detaches* its flight from the registry in the critical section of the write. A flight
+//!   stores its value only if it is still registered when it publishes — checked in the same
+//!   critical section that stores — so a load never overwrites a newer write, and a caller
+//!   that starts after the write returned never joins the older load.
 //! * **Async loads are shared futures.** The leader's future is stored in the flight and polled
-//!   by whichever interested caller gets there first, with a waker that wakes them all. So a
-//!   leader that is dropped, or created and never polled again, does not strand the others:
-//!   any waiter drives the load to completion. When the last interested caller goes away the
-//!   future is dropped (the load is cancelled) and the flight abandoned. A blocking caller that
-//!   joins an async load drives it on its own thread.
+//!   by whichever *async* caller gets there first, with a waker that wakes them all. So a
+//!   leader that is dropped, or created and never polled again, does not strand the other
+//!   async callers: any of them drives the load to completion. When the last async caller
+//!   goes away the future is dropped (the load is cancelled) and the flight abandoned. Blocking
+//!   callers never poll a future (it may need its own runtime): they wait, and load with their
+//!   own loader if the async callers all went away.
 //! * **Errors and `None`** reach the callers that waited on that load (the same `Arc<E>` for
 //!   all) and are not cached: the next call loads again. A waiter whose error type differs from
 //!   the leader's retries instead.
 //! * **Recursion.** A thread-local list holds the flights this thread is running; a call that
-//!   would join one of them panics (it would wait for itself forever).
-//! * **No user code under a shard lock**: loaders run and futures are polled with no lock held.
+//!   would join one of them panics (it would wait for itself forever). A load nested in another
+//!   load's loader does not wait for a second load permit (it would deadlock a full limit).
+//! * **No user code under a shard lock** but the key's `Hash`/`Eq`, the `Expiry` callbacks and
+//!   a hit's `Clone`: loaders, weighers and values' clones for waiters run with no lock held.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Write};
+use crate::flight::{
+    accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, recursive_load,
+    runs_here, take_publish_cap, Flight, FlightWaker, LoadFuture, Outcome, PermitHeld, Phase,
+    State, Waited,
+};
+use crate::limit::Permit;
 use crate::shard::Garbage;
 use crate::stats::Counter;
-use crate::sync::{wait_until, AtomicBool, Condvar, Mutex};
-use std::any::Any;
-use std::cell::RefCell;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
-
-/// What a load produced.
-pub(crate) enum Outcome<V> {
-    Value(V),
-    Error(Arc<dyn Any + Send + Sync>),
-    Nothing,
-}
-
-/// An async load: its outcome and how long it took (nanoseconds on the cache's clock).
-type LoadFuture<V> = Pin<Box<dyn Future<Output = (Outcome<V>, u64)> + Send>>;
-
-enum Phase<V> {
-    Running,
-    Done(Outcome<V>),
-    Abandoned,
-}
-
-struct State<K, V> {
-    phase: Phase<V>,
-    /// The key, owned, for whoever publishes an async load's value (a sync leader keeps its
-    /// own).
-    key: Option<K>,
-    /// The shared load of an async flight; `None` while being polled, and for sync flights.
-    future: Option<LoadFuture<V>>,
-    polling: bool,
-    /// Callers waiting on (or driving) this flight; when it drops to zero an async load is
-    /// cancelled.
-    interested: usize,
-    wakers: Vec<(u64, Waker)>,
-    next_id: u64,
-    /// Counts wake-ups of the shared future, so a blocking driver never misses one.
-    epoch: u64,
-}
-
-/// One in-flight load of one key.
-pub(crate) struct Flight<K, V> {
-    state: Mutex<State<K, V>>,
-    cond: Condvar,
-    /// Set when the key is written or invalidated during the load: the result then goes to the
-    /// callers waiting on it but is not cached (the later write wins).
-    superseded: AtomicBool,
-    /// Nonzero for a failed load kept registered as a negative-cache entry: its outcome is
-    /// served to callers until this deadline. Read and written under the shard lock.
-    negative_until: std::sync::atomic::AtomicU64,
-}
-
-impl<K, V> Flight<K, V> {
-    /// Ends a flight that produced no value to publish (a compute that removed or kept the
-    /// entry): callers waiting on it retry.
-    pub(crate) fn release(&self) {
-        self.resolve(Phase::Abandoned);
-    }
-
-    /// A blocking flight: its leader runs the loader itself.
-    pub(crate) fn blocking() -> Arc<Self> {
-        Self::new(None, None)
-    }
-
-    /// The negative-cache deadline of a failed load kept registered (0: not one).
-    pub(crate) fn negative_until(&self) -> u64 {
-        self.negative_until.load(Ordering::Acquire)
-    }
-
-    fn new(key: Option<K>, future: Option<LoadFuture<V>>) -> Arc<Self> {
-        Arc::new(Flight {
-            state: Mutex::new(State {
-                phase: Phase::Running,
-                key,
-                future,
-                polling: false,
-                interested: 0,
-                wakers: Vec::new(),
-                next_id: 0,
-                epoch: 0,
-            }),
-            cond: Condvar::new(),
-            superseded: AtomicBool::new(false),
-            negative_until: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    /// Marks the flight superseded (a write or invalidation of its key happened meanwhile).
-    pub(crate) fn supersede(&self) {
-        self.superseded.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn id(self: &Arc<Self>) -> usize {
-        Arc::as_ptr(self) as *const () as usize
-    }
-
-    /// Resolves the flight and wakes everyone. Wakers run after the lock is released.
-    fn resolve(&self, phase: Phase<V>) {
-        let wakers = {
-            let mut st = self.state.lock();
-            st.phase = phase;
-            std::mem::take(&mut st.wakers)
-        };
-        self.cond.notify_all();
-        for (_, w) in wakers {
-            w.wake();
-        }
-    }
-}
-
-/// The waker given to a shared load future: wakes every caller interested in the flight.
-struct FlightWaker<K, V>(Weak<Flight<K, V>>);
-
-impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K, V> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        let Some(f) = self.0.upgrade() else { return };
-        let wakers: Vec<Waker> = {
-            let mut st = f.state.lock();
-            st.epoch += 1;
-            st.wakers.iter().map(|(_, w)| w.clone()).collect()
-        };
-        f.cond.notify_all();
-        for w in wakers {
-            w.wake();
-        }
-    }
-}
-
-crate::sync::thread_local_shim! {
-    /// Flights this thread is running (sync loader) or polling (async load), by address.
-    static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
-}
-
-crate::sync::thread_local_shim! {
-    /// A bound on the lifetime of the value the next `publish` on this thread stores, in
-    /// nanoseconds from then (see [`cap_next_publish`]).
-    static TTL_CAP: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
-}
-
-/// Bounds the lifetime of the value that the next load finishing on this thread publishes:
-/// a loader that got its value from a shared tier (where it expires in `nanos`) calls this
-/// just before returning it, so the local copy does not outlive the shared one. Loads publish
-/// on the thread that ran (or last polled) them, right after they return; a bound left over
-/// by a load that was not published could only make another entry expire sooner.
-#[allow(dead_code)] // only the `redis` feature bounds lifetimes
-pub(crate) fn cap_next_publish(nanos: u64) {
-    TTL_CAP.with(|c| c.set(Some(nanos)));
-}
-
-/// Registers a flight as run by this thread for the guard's lifetime.
-pub(crate) struct Running(usize);
-
-/// Marks `flight` as run by this thread until the guard drops (recursion detection).
-pub(crate) fn enter<K, V>(flight: &Arc<Flight<K, V>>) -> Running {
-    Running::enter(flight.id())
-}
-
-impl Running {
-    fn enter(id: usize) -> Self {
-        RUNNING.with(|r| r.borrow_mut().push(id));
-        Running(id)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        RUNNING.with(|r| {
-            let mut r = r.borrow_mut();
-            if let Some(i) = r.iter().rposition(|&x| x == self.0) {
-                r.remove(i);
-            }
-        });
-    }
-}
-
-pub(crate) fn runs_here(id: usize) -> bool {
-    RUNNING.with(|r| r.borrow().contains(&id))
-}
-
-#[cold]
-pub(crate) fn recursive_load() -> ! {
-    panic!(
-        "herdcache: recursive load: a loader asked the cache for the very key it is loading, \
-         which would wait for itself forever"
-    )
-}
-
-pub(crate) fn outcome_of<V, E: Send + Sync + 'static>(r: Result<V, E>) -> Outcome<V> {
-    match r {
-        Ok(v) => Outcome::Value(v),
-        Err(e) => Outcome::Error(Arc::new(e)),
-    }
-}
-
-pub(crate) fn accept_result<V: Clone, E: Send + Sync + 'static>(
-    o: &Outcome<V>,
-) -> Option<Result<V, Arc<E>>> {
-    match o {
-        Outcome::Value(v) => Some(Ok(v.clone())),
-        Outcome::Error(e) => Arc::clone(e).downcast::<E>().ok().map(Err),
-        Outcome::Nothing => None,
-    }
-}
-
-fn accept_option<V: Clone>(o: &Outcome<V>) -> Option<Option<V>> {
-    match o {
-        Outcome::Value(v) => Some(Some(v.clone())),
-        Outcome::Nothing => Some(None),
-        Outcome::Error(_) => None,
-    }
-}
-
-/// How a blocking wait on a flight ended.
-pub(crate) enum Waited<R> {
-    /// Done, with the outcome mapped for this caller (`None`: an outcome it cannot use).
-    Done(Option<R>),
-    Abandoned,
-    TimedOut,
-}
 
 /// How a caller claims a key.
 #[derive(Clone, Copy, Debug)]
@@ -274,38 +69,133 @@ pub(crate) struct How {
 }
 
 /// The result of claiming a key.
-pub(crate) enum Claim<K, V, R> {
-    Hit(R),
-    Lead(Arc<Flight<K, V>>),
-    Join(Arc<Flight<K, V>>),
-    /// Not cached, not being loaded, and this caller cannot lead.
-    Lost,
-}
-
-/// Resolves a flight on every exit of the code that runs or polls its load.
-pub(crate) struct Resolver<'a, K, V, S>
+pub(crate) enum Claim<K, V, S, R>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    pub(crate) cache: &'a Cache<K, V, S>,
-    pub(crate) hash: u64,
-    pub(crate) flight: Arc<Flight<K, V>>,
-    pub(crate) armed: bool,
+    Hit(R),
+    Lead(Lead<K, V, S>),
+    Join(Arc<Flight<K, V>>),
+    /// Not cached, not being loaded, and this caller cannot lead.
+    Lost,
 }
 
-impl<K, V, S> Drop for Resolver<'_, K, V, S>
+/// Owns a flight this caller leads until it is resolved. Dropping it unresolved — a panic in
+/// any user code between the claim and the publish, a cancelled future, a job a spawner
+/// dropped without running it — unregisters the flight and releases its waiters to retry. For
+/// a refresh, it also schedules the next attempt after the refresh backoff.
+pub(crate) struct Lead<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: Cache<K, V, S>,
+    hash: u64,
+    flight: Option<Arc<Flight<K, V>>>,
+    refresh: bool,
+}
+
+impl<K, V, S> Lead<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) -> Self {
+        Lead {
+            cache: cache.clone(),
+            hash,
+            flight: Some(flight),
+            refresh: false,
+        }
+    }
+
+    /// A refresh's lead: abandoned, it retries after the refresh backoff.
+    pub(crate) fn refresh(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) -> Self {
+        Lead {
+            cache: cache.clone(),
+            hash,
+            flight: Some(flight),
+            refresh: true,
+        }
+    }
+
+    pub(crate) fn flight(&self) -> &Arc<Flight<K, V>> {
+        self.flight.as_ref().expect("armed until resolved")
+    }
+
+    pub(crate) fn cache(&self) -> &Cache<K, V, S> {
+        &self.cache
+    }
+
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// The flight, no longer guarded: the caller resolves it now.
+    pub(crate) fn disarm(mut self) -> Arc<Flight<K, V>> {
+        self.flight.take().expect("armed until resolved")
+    }
+}
+
+impl<K, V, S> Drop for Lead<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        if self.armed {
-            // The loader panicked (or its future did): unregister, release the waiters.
-            self.cache.abandon(self.hash, &self.flight, true);
+        if let Some(flight) = self.flight.take() {
+            let retry = self.refresh.then(|| {
+                self.cache.count(Counter::RefreshFailed);
+                crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff)
+            });
+            self.cache.abandon(self.hash, &flight, true, retry);
         }
+    }
+}
+
+/// A load permit taken for this thread, or none when the thread already holds one (a load
+/// nested in another load's loader must not wait for a second permit: with a full limit it
+/// would wait for itself).
+pub(crate) struct LoadPermit(#[allow(dead_code)] Option<(Permit, PermitHeld)>);
+
+impl LoadPermit {
+    /// A permit just taken by this thread.
+    pub(crate) fn held(p: Permit) -> Self {
+        LoadPermit(Some((p, PermitHeld::enter())))
+    }
+
+    /// No permit (no limit, or one held already).
+    pub(crate) fn none() -> Self {
+        LoadPermit(None)
+    }
+}
+
+/// Polls a load that runs under a permit with the permit marked as held by the polling thread,
+/// so loads nested in it do not wait for another.
+pub(crate) struct UnderPermit<F> {
+    inner: Pin<Box<F>>,
+    held: bool,
+}
+
+impl<F> UnderPermit<F> {
+    pub(crate) fn new(inner: F, held: bool) -> Self {
+        UnderPermit {
+            inner: Box::pin(inner),
+            held,
+        }
+    }
+}
+
+impl<F: Future> Future for UnderPermit<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _held = self.held.then(PermitHeld::enter);
+        self.inner.as_mut().poll(cx)
     }
 }
 
@@ -331,10 +221,15 @@ where
     ///   Nothing is poisoned.
     /// * If the running load is an async one (from [`get_with_async`](Self::get_with_async)) or
     ///   ended in an error or `None` (from a `try_`/`optionally_` sibling), this call waits for
-    ///   it (driving an async load on this thread if nobody else polls it) and, when its
-    ///   outcome is not a value, loads again itself.
-    /// * A write ([`insert`](Self::insert)) or invalidation of `key` during the load wins: the
-    ///   load's value still goes to the callers waiting on it but is not cached.
+    ///   it and, when its outcome is not a value, loads again itself. It never polls another
+    ///   caller's future (that future may need its own runtime): if every async caller of that
+    ///   load goes away, the load is cancelled and this call runs its own `init`.
+    /// * A write ([`insert`](Self::insert), a compute) or invalidation of `key` during the load
+    ///   wins: the load's value still goes to the callers already waiting on it but is not
+    ///   cached, and a caller that starts after the write returned does not join that load.
+    /// * If anything between the load and the store panics (the weigher, an
+    ///   [`Expiry`](crate::Expiry) callback, the value's `Clone`), the panic reaches this
+    ///   caller and the waiters load again: the key is never left loading.
     ///
     /// # Panics
     ///
@@ -365,15 +260,7 @@ where
     /// assert_eq!(loads.load(Ordering::SeqCst), 1, "eight callers, one load");
     /// ```
     pub fn get_with(&self, key: K, init: impl FnOnce() -> V) -> V {
-        self.load_sync(
-            key,
-            || Outcome::Value(init()),
-            V::clone,
-            |o| match o {
-                Outcome::Value(v) => Some(v.clone()),
-                _ => None,
-            },
-        )
+        self.load_sync(key, || Outcome::Value(init()), V::clone, accept_value)
     }
 
     /// Like [`get_with`](Self::get_with), for a loader that can fail. An error is returned to
@@ -473,10 +360,7 @@ where
             key,
             async { Outcome::Value(init.await) },
             V::clone,
-            |o| match o {
-                Outcome::Value(v) => Some(v.clone()),
-                _ => None,
-            },
+            accept_value,
         )
         .await
     }
@@ -555,7 +439,7 @@ where
         hit: &impl Fn(&V) -> R,
         future: &mut Option<LoadFuture<V>>,
         how: How,
-    ) -> Claim<K, V, R> {
+    ) -> Claim<K, V, S, R> {
         let How {
             can_lead,
             bypass_negative,
@@ -572,7 +456,7 @@ where
         let mut stale_negative = None;
         if let Some(f) = s.flight(hash, key) {
             let until = f.negative_until();
-            let live = until > now && !bypass_negative && !f.superseded.load(Ordering::Acquire);
+            let live = until > now && !bypass_negative;
             if until == 0 || live {
                 let f = Arc::clone(f);
                 drop(s);
@@ -593,75 +477,36 @@ where
         if !can_lead {
             return Claim::Lost;
         }
+        // The key's clones (user code) come before the registration, which is the last step.
+        let registered = key.clone();
         let owned = future.is_some().then(|| key.clone());
         let f = Flight::new(owned, future.take());
-        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
+        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
         drop(s);
         drop(stale_negative);
-        Claim::Lead(f)
+        Claim::Lead(Lead::new(self, hash, f))
     }
 
-    /// Registers a refresh of `key` as its flight, unless a load of it runs already.
-    pub(crate) fn claim_refresh(&self, hash: u64, key: &K) -> Option<Arc<Flight<K, V>>> {
-        let now = self.now();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        if let Some(f) = s.flight(hash, key) {
-            if f.negative_until() == 0 {
-                return None;
-            }
-            let f = Arc::clone(f);
-            let old = s.remove_flight(hash, &f);
-            drop(s);
-            drop(old);
-            s = self.inner.shards[self.shard_index(hash)].lock.write();
-            if s.flight(hash, key).is_some() {
-                return None;
-            }
-        }
-        let f = Flight::blocking();
-        s.add_flight(hash, key.clone(), Arc::clone(&f), &self.inner.hasher, now);
-        Some(f)
-    }
-
-    /// Ends a refresh that did not produce a value: unregisters it and sets the entry's next
-    /// refresh deadline in one critical section, then resolves the flight (with `outcome`, or
-    /// as abandoned so that any caller waiting on it loads again).
-    pub(crate) fn abandon_refresh(
-        &self,
-        hash: u64,
-        key: &K,
-        flight: &Arc<Flight<K, V>>,
-        retry_at: u64,
-        outcome: Option<Outcome<V>>,
-    ) {
-        let old = {
-            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            s.set_refresh_at(hash, key, retry_at);
-            s.remove_flight(hash, flight)
-        };
-        drop(old);
-        flight.resolve(outcome.map_or(Phase::Abandoned, Phase::Done));
-    }
-
-    /// Publishes a finished load: caches a value (unless superseded) and unregisters the flight
-    /// in one critical section, then marks it done and wakes the waiters. A failure (error or
-    /// `None`) is kept registered as a negative-cache entry when a negative TTL is set.
-    /// `took` is the load's duration, kept for early refresh.
+    /// Publishes a finished load: stores a value (only if the flight is still registered: no
+    /// write or invalidation of the key happened since it was claimed) and unregisters the
+    /// flight in one critical section, then marks it done and wakes the waiters. A failure
+    /// (error or `None`) stays registered as a negative-cache entry when a negative TTL is set;
+    /// a panic of a shared loader, for the refresh backoff. `took` is the load's duration, kept
+    /// for early refresh. Returns the outcome as every waiter sees it.
+    ///
+    /// The weigher and the value's `Clone` run first, with the flight still guarded: if either
+    /// panics, the flight is abandoned (its waiters load again) and nothing is stored.
     pub(crate) fn publish(
         &self,
-        hash: u64,
+        lead: Lead<K, V, S>,
         key: Option<K>,
-        flight: &Arc<Flight<K, V>>,
         outcome: Outcome<V>,
         took: u64,
-    ) {
-        let mut out = Garbage::new();
-        let cap = TTL_CAP
-            .with(std::cell::Cell::take)
-            .map_or(crate::clock::NEVER, |n| {
-                crate::clock::deadline(self.now(), n)
-            });
-        let key = key.or_else(|| flight.state.lock().key.take());
+    ) -> Arc<Outcome<V>> {
+        let hash = lead.hash;
+        let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
+            crate::clock::deadline(self.now(), n)
+        });
         let success = matches!(outcome, Outcome::Value(_));
         self.count(if success {
             Counter::LoadSuccess
@@ -673,63 +518,113 @@ where
         // published.
         #[cfg(herdcache_broken_model)]
         if let Outcome::Value(v) = &outcome {
-            flight.resolve(Phase::Done(Outcome::Value(v.clone())));
+            lead.flight()
+                .resolve(Phase::Done(Arc::new(Outcome::Value(v.clone()))));
         }
-        match (&outcome, key) {
-            (Outcome::Value(v), Some(key)) if !flight.superseded.load(Ordering::Acquire) => {
+        let key = key.or_else(|| lead.flight().state.lock().key.take());
+        // User code, with the flight still guarded.
+        let staged = match (&outcome, key) {
+            (Outcome::Value(v), Some(key)) => {
                 let weight = self.weigh(&key, v);
-                let value = v.clone();
-                let load = (took, cap);
-                self.insert_with(hash, key, value, weight, Some(flight), load, &mut out);
+                Some((key, v.clone(), weight))
             }
-            (Outcome::Error(_) | Outcome::Nothing, _)
-                if !flight.superseded.load(Ordering::Acquire)
-                    && self.inner.stampede.negative_ttl.is_some() =>
-            {
-                // Kept registered: `claim` serves the outcome until the deadline. Set under the
-                // shard lock, where `claim` reads it.
-                let ttl = self.inner.stampede.negative_ttl.unwrap_or(0);
-                let until = crate::clock::deadline(self.now(), ttl).max(1);
-                let _s = self.inner.shards[self.shard_index(hash)].lock.write();
-                flight.negative_until.store(until, Ordering::Release);
+            _ => None,
+        };
+        let mut out = Garbage::new();
+        match staged {
+            Some((key, value, weight)) => {
+                let write = Write::Load(lead.flight());
+                self.insert_with(hash, key, value, weight, write, (took, cap), &mut out);
             }
-            _ => self.unregister(hash, flight),
+            None => {
+                let negative = match outcome {
+                    Outcome::Value(_) => None,
+                    Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
+                    _ => self.inner.stampede.negative_ttl,
+                };
+                self.end_failed(hash, lead.flight(), negative.filter(|_| self.keeps_time()));
+            }
         }
-        flight.resolve(Phase::Done(outcome));
+        let flight = lead.disarm();
+        let outcome = Arc::new(outcome);
+        flight.resolve(Phase::Done(Arc::clone(&outcome)));
         // Removed entries are reported (eviction listener) only after the waiters are
         // released: a panicking listener must not strand them.
         self.finish(out);
+        outcome
     }
 
-    /// Unregisters a flight whose load panicked (`always`) or whose callers all went away;
-    /// its waiters retry. For a cancellation (`!always`) the check that nobody is interested and
-    /// the unregistration happen under the shard lock and the flight's lock together, so a
-    /// caller that joined meanwhile (and may be driving the load) keeps the flight alive.
-    pub(crate) fn abandon(&self, hash: u64, flight: &Arc<Flight<K, V>>, always: bool) {
+    /// Unregisters a flight that ended without a value, or keeps it registered as a
+    /// negative-cache entry for `negative` nanoseconds — if it is still registered.
+    fn end_failed(&self, hash: u64, flight: &Arc<Flight<K, V>>, negative: Option<u64>) {
+        let key = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            match negative {
+                Some(ttl) if s.is_registered(hash, flight) => {
+                    // Kept registered: `claim` serves the outcome until the deadline. Set under
+                    // the shard lock, where `claim` reads it.
+                    flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
+                    None
+                }
+                _ => s.remove_flight(hash, flight),
+            }
+        };
+        drop(key); // outside the lock
+    }
+
+    /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
+    /// retry. For a cancellation (`!always`) the check that nobody is interested and the
+    /// unregistration happen under the shard lock and the flight's lock together, so a caller
+    /// that joined meanwhile (and may be driving the load) keeps the flight alive. With
+    /// `retry_refresh`, the entry's next refresh is due then (if the flight was registered).
+    pub(crate) fn abandon(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        always: bool,
+        retry_refresh: Option<u64>,
+    ) {
+        if always {
+            self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
+            return;
+        }
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let mut st = flight.state.lock();
-            let wanted = st.interested > 0 || st.polling || !matches!(st.phase, Phase::Running);
-            if !always && wanted {
+            if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
                 return;
             }
             let key = s.remove_flight(hash, flight);
             st.phase = Phase::Abandoned;
             (st.future.take(), key, std::mem::take(&mut st.wakers))
         };
-        flight.cond.notify_all();
+        flight.notify();
         for (_, w) in wakers {
             w.wake();
         }
         drop((future, key)); // outside the locks
     }
 
-    fn unregister(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
-        let key = self.inner.shards[self.shard_index(hash)]
-            .lock
-            .write()
-            .remove_flight(hash, flight);
+    /// Unregisters a flight that ends without storing anything (if it is still registered:
+    /// then, with `retry_refresh`, the entry's next refresh is due at that time) and resolves
+    /// it with `phase`.
+    pub(crate) fn end_flight(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        retry_refresh: Option<u64>,
+        phase: Phase<V>,
+    ) {
+        let key = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            let key = s.remove_flight(hash, flight);
+            if let (Some(k), Some(at)) = (&key, retry_refresh) {
+                s.set_refresh_at(hash, k, at);
+            }
+            key
+        };
         drop(key); // outside the lock
+        flight.resolve(phase);
     }
 
     /// Runs a blocking load: the single-flight core for `get_with` and its siblings. The hit
@@ -788,14 +683,13 @@ where
             match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
-                Claim::Lead(flight) => {
+                Claim::Lead(lead) => {
                     let init = init.take().expect("a caller leads at most once");
-                    let (outcome, took, flight) = self.run_leader(hash, flight, init);
-                    let r = accept(&outcome).expect("a leader accepts its own outcome");
-                    self.publish(hash, Some(key), &flight, outcome, took);
-                    return Some(r);
+                    let (outcome, took) = self.run_loader(lead.flight(), init);
+                    let outcome = self.publish(lead, Some(key), outcome, took);
+                    return Some(accept(&outcome).expect("a leader accepts its own outcome"));
                 }
-                Claim::Join(flight) => match self.wait_blocking(hash, &flight, accept, until) {
+                Claim::Join(flight) => match self.wait_blocking(&flight, accept, until) {
                     Waited::Done(Some(r)) => return Some(r),
                     // An outcome this caller cannot use (an error of another type, a negative
                     // entry for a caller without an error channel): load for itself.
@@ -807,89 +701,53 @@ where
         }
     }
 
-    /// Runs a blocking leader's loader: under a load permit (if limited), registered as run by
-    /// this thread (recursion), with the flight abandoned if it panics. Returns the outcome,
-    /// the load's duration and the flight, to publish.
-    pub(crate) fn run_leader(
+    /// Takes a load permit for this thread, if the cache limits loads and the thread holds
+    /// none yet.
+    pub(crate) fn load_permit(&self) -> LoadPermit {
+        match &self.inner.stampede.limiter {
+            Some(l) if !holds_permit() => LoadPermit::held(l.acquire_blocking()),
+            _ => LoadPermit::none(),
+        }
+    }
+
+    /// Runs a blocking leader's loader under a load permit (if limited), registered as run by
+    /// this thread (recursion); returns the outcome and the load's duration. A panic of the
+    /// loader propagates (the caller's [`Lead`] abandons the flight).
+    pub(crate) fn run_loader(
         &self,
-        hash: u64,
-        flight: Arc<Flight<K, V>>,
+        flight: &Arc<Flight<K, V>>,
         init: impl FnOnce() -> Outcome<V>,
-    ) -> (Outcome<V>, u64, Arc<Flight<K, V>>) {
-        let mut resolver = Resolver {
-            cache: self,
-            hash,
-            flight,
-            armed: true,
-        };
-        let permit = self
-            .inner
-            .stampede
-            .limiter
-            .as_ref()
-            .map(|l| l.acquire_blocking());
-        let running = Running::enter(resolver.flight.id());
+    ) -> (Outcome<V>, u64) {
+        let permit = self.load_permit();
+        let running = enter(flight);
         let start = self.now();
         let outcome = init();
         let took = self.now().saturating_sub(start);
         drop(running);
         drop(permit);
-        resolver.armed = false;
-        (outcome, took, Arc::clone(&resolver.flight))
+        (outcome, took)
     }
 
-    /// Waits for a flight on this thread, driving its future if it has one that nobody polls,
-    /// until it ends or `until` passes.
+    /// Waits on this thread for a flight run by another caller, until it ends or `until`
+    /// passes; maps its outcome for this caller (the value cloned with no lock held). Never
+    /// polls an async flight's future.
     pub(crate) fn wait_blocking<R>(
         &self,
-        hash: u64,
         flight: &Arc<Flight<K, V>>,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
     ) -> Waited<R> {
-        let mut st = flight.state.lock();
-        st.interested += 1;
-        let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(flight))));
-        // The wake-up epoch at our last poll: poll again only after a wake-up.
-        let mut polled_at = None;
-        loop {
-            match &st.phase {
-                Phase::Done(o) => {
-                    let r = accept(o);
-                    st.interested -= 1;
-                    return Waited::Done(r);
-                }
-                Phase::Abandoned => {
-                    st.interested -= 1;
-                    return Waited::Abandoned;
-                }
-                Phase::Running => {}
-            }
-            if st.polling || st.future.is_none() || polled_at == Some(st.epoch) {
-                let timed_out;
-                (st, timed_out) = wait_until(&flight.cond, st, until);
-                if timed_out && matches!(st.phase, Phase::Running) {
-                    st.interested -= 1;
-                    let cancel = st.interested == 0 && !st.polling && st.future.is_some();
-                    drop(st);
-                    if cancel {
-                        self.abandon(hash, flight, false);
-                    }
-                    return Waited::TimedOut;
-                }
-                continue;
-            }
-            polled_at = Some(st.epoch);
-            drop(st);
-            self.poll_shared(hash, flight, &waker);
-            st = flight.state.lock();
+        match flight.wait_blocking(until) {
+            Waited::Done(Some(o)) => Waited::Done(accept(&o)),
+            Waited::Done(None) => Waited::Done(None),
+            Waited::Abandoned => Waited::Abandoned,
+            Waited::TimedOut => Waited::TimedOut,
         }
     }
 
     /// Polls an async flight's shared future once; publishes its outcome when it completes.
     /// The caller must hold interest in the flight. A wake-up during the poll reaches every
-    /// interested caller (their wakers, or the epoch a blocking driver watches), so one of them
-    /// polls again; nobody loops here.
+    /// interested caller, so one of them polls again; nobody loops here.
     fn poll_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>, waker: &Waker) {
         let mut fut = {
             let mut st = flight.state.lock();
@@ -900,32 +758,29 @@ where
             st.polling = true;
             fut
         };
-        let running = Running::enter(flight.id());
-        let mut resolver = Resolver {
-            cache: self,
-            hash,
-            flight: Arc::clone(flight),
-            armed: true,
-        };
+        // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
+        let lead = Lead::new(self, hash, Arc::clone(flight));
+        let running = enter(flight);
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
-        resolver.armed = false;
         drop(running);
         match polled {
             Poll::Ready((outcome, took)) => {
                 drop(fut);
                 flight.state.lock().polling = false;
-                self.publish(hash, None, flight, outcome, took);
+                self.publish(lead, None, outcome, took);
             }
             Poll::Pending => {
                 let mut st = flight.state.lock();
                 st.polling = false;
                 st.future = Some(fut);
+                drop(st);
+                drop(lead.disarm()); // still running: nothing to resolve
             }
         }
     }
 
     /// Runs an async load: the single-flight core for `get_with_async` and its siblings.
-    async fn load_async_core<R>(
+    pub(crate) async fn load_async_core<R>(
         &self,
         key: K,
         init: impl Future<Output = Outcome<V>> + Send + 'static,
@@ -935,14 +790,15 @@ where
         let hash = self.hash(&key);
         let limiter = self.inner.stampede.limiter.clone();
         let clock = self.time_source();
-        // The shared load: takes a load permit (if limited) and measures itself.
+        // The shared load: takes a load permit (if limited, and unless it is nested in a load
+        // that holds one) and measures itself.
         let mut init: Option<LoadFuture<V>> = Some(Box::pin(async move {
             let permit = match &limiter {
-                Some(l) => Some(l.acquire().await),
-                None => None,
+                Some(l) if !holds_permit() => Some(l.acquire().await),
+                _ => None,
             };
             let start = clock.as_ref().map_or(0, |c| c.now());
-            let outcome = init.await;
+            let outcome = UnderPermit::new(init, permit.is_some()).await;
             let took = clock.as_ref().map_or(0, |c| c.now().saturating_sub(start));
             drop(permit);
             (outcome, took)
@@ -960,7 +816,9 @@ where
             record = false;
             let flight = match claim {
                 Claim::Hit(r) => return r,
-                Claim::Lead(f) | Claim::Join(f) => f,
+                // The shared future holds the lead; the flight's polling guard resolves it.
+                Claim::Lead(lead) => lead.disarm(),
+                Claim::Join(f) => f,
                 Claim::Lost => lost_load(),
             };
             let wait = Wait {
@@ -1009,7 +867,7 @@ where
     }
 }
 
-/// A caller waiting on (and helping to drive) an async flight.
+/// An async caller waiting on (and helping to drive) a flight.
 struct Wait<'a, K, V, S, A>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -1039,9 +897,11 @@ where
             let mut st = this.flight.state.lock();
             match &st.phase {
                 Phase::Done(o) => {
-                    let r = (this.accept)(o);
+                    let o = Arc::clone(o);
                     leave(&mut this.id, &mut st);
-                    return Poll::Ready(Waited::Done(r));
+                    drop(st);
+                    // The value is cloned with no lock held.
+                    return Poll::Ready(Waited::Done((this.accept)(&o)));
                 }
                 Phase::Abandoned => {
                     leave(&mut this.id, &mut st);
@@ -1074,8 +934,7 @@ where
             let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&this.flight))));
             this.cache.poll_shared(this.hash, &this.flight, &waker);
             // Loop: the flight may be done now; if not, we are registered and return Pending.
-            let st = this.flight.state.lock();
-            if matches!(st.phase, Phase::Running) {
+            if this.flight.is_running() {
                 return Poll::Pending;
             }
         }
@@ -1111,9 +970,8 @@ where
             (cancel, others)
         };
         if cancel {
-            self.cache.abandon(self.hash, &self.flight, false);
+            self.cache.abandon(self.hash, &self.flight, false, None);
         } else {
-            self.flight.cond.notify_all();
             for w in others {
                 w.wake();
             }

@@ -21,8 +21,9 @@
 use crate::builder::Spawner;
 use crate::cache::Cache;
 use crate::clock::NEVER;
+use crate::flight::{holds_permit, outcome_of, Flight, Outcome, Phase, Waited};
 use crate::limit::Limiter;
-use crate::load::{accept_result, outcome_of, Claim, Flight, How, Outcome, Waited};
+use crate::load::{Claim, How, Lead, UnderPermit};
 use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -55,6 +56,10 @@ pub enum LoadError {
     Timeout,
     /// The cache has no loader (see [`CacheBuilder::loader`](crate::CacheBuilder::loader)).
     NoLoader,
+    /// The loader panicked. Every caller that waited on that load gets this error (none of
+    /// them runs the loader again); callers of the key in the next `refresh_backoff` get it
+    /// too (on a cache that keeps time), so a loader that panics cannot cause a storm.
+    Panicked,
 }
 
 impl fmt::Display for LoadError {
@@ -63,6 +68,7 @@ impl fmt::Display for LoadError {
             LoadError::Loader(e) => write!(f, "loader failed: {e}"),
             LoadError::Timeout => f.write_str("timed out waiting for the load"),
             LoadError::NoLoader => f.write_str("no loader configured"),
+            LoadError::Panicked => f.write_str("the loader panicked"),
         }
     }
 }
@@ -70,7 +76,8 @@ impl fmt::Display for LoadError {
 impl std::error::Error for LoadError {}
 
 /// Starts a refresh of a key (see [`Cache::start_refresh`]).
-pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K);
+/// Called with the key (cloned by the reader that won the right to refresh it) and its hash.
+pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K, u64);
 
 /// The stampede-protection settings of a cache, fixed at build time.
 pub(crate) struct Stampede<K, V, S> {
@@ -90,37 +97,6 @@ pub(crate) struct Stampede<K, V, S> {
     /// lock), and starts its refresh (after the lock is released).
     pub(crate) clone_key: Option<fn(&K) -> K>,
     pub(crate) refresh: Option<RefreshFn<K, V, S>>,
-}
-
-/// Undoes an async refresh that did not finish (dropped, or its loader panicked).
-struct RefreshGuard<K, V, S>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: BuildHasher + Clone + Send + Sync + 'static,
-{
-    cache: Cache<K, V, S>,
-    hash: u64,
-    /// `None` once the refresh has finished.
-    key: Option<K>,
-    flight: Arc<Flight<K, V>>,
-}
-
-impl<K, V, S> Drop for RefreshGuard<K, V, S>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: BuildHasher + Clone + Send + Sync + 'static,
-{
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.cache.count(Counter::RefreshFailed);
-            let retry =
-                crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff);
-            self.cache
-                .abandon_refresh(self.hash, &key, &self.flight, retry, None);
-        }
-    }
 }
 
 impl<K, V, S> Default for Stampede<K, V, S> {
@@ -236,12 +212,17 @@ where
         let Some(loader) = self.inner.stampede.async_loader.clone() else {
             return Err(LoadError::NoLoader);
         };
-        // The loader is called when the load is first polled: only the leader's ever is.
+        // The loader is called when the load is first polled: only the leader's ever is. Its
+        // panic ends the load for every caller as `LoadError::Panicked`.
         let k = key.clone();
-        let fut = async move { loader(&k).await };
-        self.try_get_with_async(key, fut)
+        let fut = async move {
+            match CatchPanic(Box::pin(async move { loader(&k).await })).await {
+                Some(r) => outcome_of(r),
+                None => Outcome::Panicked,
+            }
+        };
+        self.load_async_core(key, fut, |v| Ok(v.clone()), accept_load)
             .await
-            .map_err(LoadError::Loader)
     }
 
     /// [`load`](Self::load) with its own soft timeout (`None`: wait as long as it takes).
@@ -261,18 +242,13 @@ where
         };
         let until = timeout.map(|t| std::time::Instant::now() + t);
         let hash = self.hash(&key);
-        let hit = |v: &V| Ok(v.clone());
-        let accept = accept_result::<V, BoxError>;
         let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
-            let k = key.clone();
-            let init = move || outcome_of(loader(&k));
-            self.load_blocking(key.clone(), hash, init, &hit, &accept, until, true)
+            self.load_inline(key.clone(), hash, &loader, until, true)
         } else {
             self.load_spawned(key.clone(), hash, &loader, until)
         };
         match result {
-            Some(Ok(v)) => Ok(v),
-            Some(Err(e)) => Err(LoadError::Loader(e)),
+            Some(r) => r,
             // Timed out: a value at hand beats an error.
             None => {
                 self.count(Counter::Timeout);
@@ -282,17 +258,35 @@ where
         }
     }
 
+    /// A load with the builder's loader run by this caller if it leads. A panic of the loader
+    /// ends the load as [`LoadError::Panicked`] for every caller of it. `None`: `until` passed.
+    fn load_inline(
+        &self,
+        key: K,
+        hash: u64,
+        loader: &LoaderFn<K, V>,
+        until: Option<std::time::Instant>,
+        record: bool,
+    ) -> Option<Result<V, LoadError>> {
+        let k = key.clone();
+        let loader = Arc::clone(loader);
+        let init = move || catch_panic(|| outcome_of(loader(&k)));
+        let hit = |v: &V| Ok(v.clone());
+        self.load_blocking(key, hash, init, &hit, &accept_load, until, record)
+    }
+
     /// A load whose leader hands the loader to the spawner and waits for it like any other
-    /// caller, so that every caller's wait can be bounded. `None`: `until` passed.
+    /// caller, so that every caller's wait can be bounded. If the spawner panics or drops the
+    /// job without running it, the leader loads inline instead (once; no spawn loop). `None`:
+    /// `until` passed.
     fn load_spawned(
         &self,
         key: K,
         hash: u64,
         loader: &LoaderFn<K, V>,
         until: Option<std::time::Instant>,
-    ) -> Option<Result<V, Arc<BoxError>>> {
+    ) -> Option<Result<V, LoadError>> {
         let hit = |v: &V| Ok(v.clone());
-        let accept = accept_result::<V, BoxError>;
         let mut bypass_negative = false;
         let mut record = true;
         loop {
@@ -303,22 +297,19 @@ where
             };
             let claim = self.claim(hash, &key, &hit, &mut None, how);
             record = false;
-            let flight = match claim {
+            let (flight, led) = match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
-                Claim::Join(f) => f,
-                Claim::Lead(f) => {
-                    let (cache, k, loader, job_flight) = (
-                        self.clone(),
-                        key.clone(),
-                        Arc::clone(loader),
-                        Arc::clone(&f),
-                    );
+                Claim::Join(f) => (f, false),
+                Claim::Lead(lead) => {
+                    let flight = Arc::clone(lead.flight());
+                    let (k, job_loader) = (key.clone(), Arc::clone(loader));
+                    // The job owns the lead: dropped unrun, it abandons the flight.
                     let job = move || {
-                        let k2 = k.clone();
-                        let init = move || outcome_of(loader(&k2));
-                        let (outcome, took, flight) = cache.run_leader(hash, job_flight, init);
-                        cache.publish(hash, Some(k), &flight, outcome, took);
+                        let cache = lead.cache().clone();
+                        let init = || catch_panic(|| outcome_of(job_loader(&k)));
+                        let (outcome, took) = cache.run_loader(lead.flight(), init);
+                        cache.publish(lead, Some(k), outcome, took);
                     };
                     let spawn = self
                         .inner
@@ -326,142 +317,220 @@ where
                         .spawner
                         .as_ref()
                         .expect("checked by the caller");
-                    spawn(Box::new(job));
-                    f
+                    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        spawn(Box::new(job))
+                    }));
+                    if spawned.is_err() {
+                        // The job went down with the spawner (the flight is abandoned).
+                        return self.load_inline(key, hash, loader, until, false);
+                    }
+                    (flight, true)
                 }
             };
-            match self.wait_blocking(hash, &flight, &accept, until) {
+            match self.wait_blocking(&flight, &accept_load, until) {
                 Waited::Done(Some(r)) => return Some(r),
                 Waited::Done(None) => bypass_negative = true,
+                // Our own job was dropped unrun (or could not publish): load here instead.
+                Waited::Abandoned if led => {
+                    return self.load_inline(key, hash, loader, until, false);
+                }
                 Waited::Abandoned => {}
                 Waited::TimedOut => return None,
             }
         }
     }
 
-    /// Starts a refresh of `key` (its entry was found due by a reader that won the right to).
-    pub(crate) fn start_refresh(&self, key: K) {
+    /// Starts a refresh of `key` (its entry was found due by a reader that won the right to,
+    /// marking it as refreshing). Every path hands that right to a refresh flight or gives it
+    /// back: the key is never left marked as refreshing with no refresh running. A spawner
+    /// that panics does not fail the reader: the refresh is retried after the backoff.
+    pub(crate) fn start_refresh(&self, key: K, hash: u64) {
         let st = &self.inner.stampede;
         let async_loader = st
             .async_refresh_loader
             .as_ref()
             .or(st.async_loader.as_ref());
         if let (Some(loader), Some(spawn)) = (async_loader, &st.future_spawner) {
-            return self.start_async_refresh(key, Arc::clone(loader), Arc::clone(spawn));
+            return self.start_async_refresh(key, hash, Arc::clone(loader), Arc::clone(spawn));
         }
         let Some(loader) = st.refresh_loader.as_ref().or(st.loader.as_ref()).cloned() else {
+            let retry = crate::clock::deadline(self.now(), st.refresh_backoff);
+            self.reset_refresh(hash, &key, retry);
             return;
         };
-        let hash = self.hash(&key);
-        let Some(flight) = self.claim_refresh(hash, &key) else {
+        let Some(lead) = self.claim_refresh(hash, &key) else {
             return; // a load of the key runs already; its value will do
         };
         self.count(Counter::RefreshStarted);
         match &self.inner.stampede.spawner {
             Some(spawn) => {
-                let cache = self.clone();
-                spawn(Box::new(move || {
-                    cache.run_refresh(hash, key, flight, &loader, true)
-                }));
+                // The job owns the lead: dropped unrun (or with a panicking spawner), the
+                // refresh is abandoned and retried after the backoff.
+                let job = move || {
+                    let cache = lead.cache().clone();
+                    cache.run_refresh(lead, key, &loader, true)
+                };
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::new(job))));
             }
             // Inline: the reader that triggered the refresh runs it; it takes a permit only if
             // one is free, and otherwise defers the refresh to a later read.
-            None => self.run_refresh(hash, key, flight, &loader, false),
+            None => self.run_refresh(lead, key, &loader, false),
         }
     }
 
     /// A refresh with the async loader, as a future handed to the future spawner. The future
     /// waits for a load permit if the limit is full; if it is dropped before it finishes (a
-    /// runtime shutting down) or its loader panics, the refresh is abandoned and retried after
-    /// the backoff.
-    fn start_async_refresh(&self, key: K, loader: AsyncLoaderFn<K, V>, spawn: FutureSpawner) {
-        let hash = self.hash(&key);
-        let Some(flight) = self.claim_refresh(hash, &key) else {
+    /// runtime shutting down, a spawner that panics) or its loader panics, the refresh is
+    /// abandoned and retried after the backoff.
+    fn start_async_refresh(
+        &self,
+        key: K,
+        hash: u64,
+        loader: AsyncLoaderFn<K, V>,
+        spawn: FutureSpawner,
+    ) {
+        let Some(lead) = self.claim_refresh(hash, &key) else {
             return;
         };
         self.count(Counter::RefreshStarted);
-        let mut guard = RefreshGuard {
-            cache: self.clone(),
-            hash,
-            key: Some(key),
-            flight,
-        };
-        spawn(Box::pin(async move {
-            let cache = guard.cache.clone();
+        let fut = async move {
+            let cache = lead.cache().clone();
             let limiter = cache.inner.stampede.limiter.clone();
             let permit = match &limiter {
-                Some(l) => Some(l.acquire().await),
-                None => None,
+                Some(l) if !holds_permit() => Some(l.acquire().await),
+                _ => None,
             };
-            let key = guard.key.clone().expect("set until the refresh ends");
             let start = cache.now();
-            let result = loader(&key).await;
+            let result = UnderPermit::new(loader(&key), permit.is_some()).await;
             let took = cache.now().saturating_sub(start);
             drop(permit);
-            let flight = Arc::clone(&guard.flight);
-            guard.key.take(); // finished: the guard has nothing left to undo
             match result {
                 Ok(v) => {
                     cache.count(Counter::RefreshSucceeded);
-                    cache.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+                    cache.publish(lead, Some(key), Outcome::Value(v), took);
                 }
                 Err(e) => {
-                    cache.count(Counter::RefreshFailed);
-                    cache.count(Counter::LoadFailure);
-                    cache.count_n(Counter::LoadNanos, took);
-                    let retry =
-                        crate::clock::deadline(cache.now(), cache.inner.stampede.refresh_backoff);
                     let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
-                    cache.abandon_refresh(hash, &key, &flight, retry, Some(Outcome::Error(error)));
+                    cache.fail_refresh(lead, took, Outcome::Error(error));
                 }
             }
-        }));
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::pin(fut))));
     }
 
-    fn run_refresh(
-        &self,
-        hash: u64,
-        key: K,
-        flight: Arc<Flight<K, V>>,
-        loader: &LoaderFn<K, V>,
-        may_wait: bool,
-    ) {
+    fn run_refresh(&self, lead: Lead<K, V, S>, key: K, loader: &LoaderFn<K, V>, may_wait: bool) {
         let permit = match &self.inner.stampede.limiter {
-            Some(l) if may_wait => Some(l.acquire_blocking()),
+            Some(_) if may_wait || holds_permit() => self.load_permit(),
             Some(l) => match l.try_acquire() {
-                Some(p) => Some(p),
+                Some(p) => crate::load::LoadPermit::held(p),
                 None => {
                     // Deferred, not lost: the next read finds the entry due again.
                     self.count(Counter::RefreshFailed);
-                    self.abandon_refresh(hash, &key, &flight, self.now(), None);
+                    let hash = lead.hash();
+                    let flight = lead.disarm();
+                    self.end_flight(hash, &flight, Some(self.now()), Phase::Abandoned);
                     return;
                 }
             },
-            None => None,
+            None => crate::load::LoadPermit::none(),
         };
+        let running = crate::flight::enter(lead.flight());
         let start = self.now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&key)));
         let took = self.now().saturating_sub(start);
+        drop(running);
         drop(permit);
         match result {
             Ok(Ok(v)) => {
                 self.count(Counter::RefreshSucceeded);
-                self.publish(hash, Some(key), &flight, Outcome::Value(v), took);
+                self.publish(lead, Some(key), Outcome::Value(v), took);
             }
             // A failed (or panicking) refresh keeps the old value, and backs off. Callers that
             // joined it (the entry expired meanwhile) get the error.
-            failed => {
-                let error: Arc<dyn std::any::Any + Send + Sync> = match failed {
-                    Ok(Err(e)) => Arc::new(e),
-                    _ => Arc::new(BoxError::from("the loader panicked during a refresh")),
-                };
-                self.count(Counter::RefreshFailed);
-                self.count(Counter::LoadFailure);
-                self.count_n(Counter::LoadNanos, took);
-                let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
-                self.abandon_refresh(hash, &key, &flight, retry, Some(Outcome::Error(error)));
+            Ok(Err(e)) => {
+                let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
+                self.fail_refresh(lead, took, Outcome::Error(error));
             }
+            Err(_) => self.fail_refresh(lead, took, Outcome::Panicked),
         }
+    }
+
+    /// Ends a refresh that failed: the old value stays, the next refresh waits for the
+    /// backoff, and callers that joined the refresh (the entry expired meanwhile) get `outcome`.
+    fn fail_refresh(&self, lead: Lead<K, V, S>, took: u64, outcome: Outcome<V>) {
+        self.count(Counter::RefreshFailed);
+        self.count(Counter::LoadFailure);
+        self.count_n(Counter::LoadNanos, took);
+        let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
+        let hash = lead.hash();
+        let flight = lead.disarm();
+        self.end_flight(hash, &flight, Some(retry), Phase::Done(Arc::new(outcome)));
+    }
+
+    /// Registers a refresh of `key` as its flight, unless a load of it runs already — then the
+    /// reader's claim is given back (due again after the backoff, unless that load stores a new
+    /// value first).
+    fn claim_refresh(&self, hash: u64, key: &K) -> Option<Lead<K, V, S>> {
+        let registered = key.clone(); // user code, before the lock
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let stale = match s.flight(hash, key) {
+            Some(f) if f.negative_until() == 0 => {
+                let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+                s.reset_refresh(hash, key, retry);
+                drop(s);
+                drop(registered);
+                return None;
+            }
+            Some(negative) => {
+                let negative = Arc::clone(negative);
+                s.remove_flight(hash, &negative)
+            }
+            None => None,
+        };
+        let f = Flight::blocking();
+        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
+        drop(s);
+        drop(stale);
+        Some(Lead::refresh(self, hash, f))
+    }
+}
+
+/// Polls a future, turning its panic into `None`.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Option<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<F::Output>> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Some(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// Runs a shared loader, turning its panic into an outcome that every caller of the load
+/// receives (as [`LoadError::Panicked`]) instead of one caller after another running it again.
+fn catch_panic<V>(load: impl FnOnce() -> Outcome<V>) -> Outcome<V> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or(Outcome::Panicked)
+}
+
+/// A caller of [`Cache::load`]: a value, the loader's error, or its panic.
+fn accept_load<V: Clone>(o: &Outcome<V>) -> Option<Result<V, LoadError>> {
+    match o {
+        Outcome::Value(v) => Some(Ok(v.clone())),
+        Outcome::Error(e) => Arc::clone(e)
+            .downcast::<BoxError>()
+            .ok()
+            .map(|e| Err(LoadError::Loader(e))),
+        Outcome::Panicked => Some(Err(LoadError::Panicked)),
+        Outcome::Nothing => None,
     }
 }
 

@@ -3,9 +3,10 @@
 //! Nothing here is concurrent. The cache ([`crate::cache`]) wraps each shard in a read-write
 //! lock: lookups run under the read lock and touch only atomics on the entry they found (the hit
 //! counter and, with a time to idle, the deadline); everything else runs under the write lock.
-//! Nothing here runs user code other than the key's `Hash`/`Eq` and the `Expiry` callbacks;
-//! removed entries are handed back in a `Vec<Removed>` so their values are dropped after the
-//! lock is released.
+//! Nothing here runs user code other than the key's `Hash`/`Eq` and the `Expiry` callbacks,
+//! and every mutation is ordered so that a panic of those leaves the shard consistent (user
+//! code first, then the mutation). Removed entries (and flights detached by a write) are handed
+//! back in a [`Garbage`] so that their values and keys are dropped after the lock is released.
 //!
 //! # Layout and memory
 //!
@@ -21,7 +22,7 @@
 
 use crate::clock::NEVER;
 use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
-use crate::load::Flight;
+use crate::flight::Flight;
 use crate::policy::{record_hit, Place, Policy, Tracked};
 use crate::sync::AtomicU64;
 use hashbrown::HashTable;
@@ -68,6 +69,8 @@ impl<K, V> Removed<K, V> {
 pub(crate) struct Garbage<K, V> {
     first: Option<Removed<K, V>>,
     rest: Vec<Removed<K, V>>,
+    /// Loads in flight that a write detached from the registry (their keys are dropped here).
+    detached: Vec<(K, Arc<Flight<K, V>>)>,
 }
 
 impl<K, V> Garbage<K, V> {
@@ -75,6 +78,7 @@ impl<K, V> Garbage<K, V> {
         Garbage {
             first: None,
             rest: Vec::new(),
+            detached: Vec::new(),
         }
     }
 
@@ -108,6 +112,7 @@ impl<K, V> Garbage<K, V> {
     pub(crate) fn clear(&mut self) {
         self.first = None;
         self.rest.clear();
+        self.detached.clear();
     }
 }
 
@@ -174,8 +179,10 @@ impl<K, V, T> Tracked for Entry<K, V, T> {
 /// What a lookup found.
 pub(crate) enum Found<'a, K, V> {
     Hit(&'a V),
-    /// A hit that is due for refresh; this caller won the right to start it.
-    Stale(&'a K, &'a V),
+    /// A hit that is due for refresh; this caller won the right to start it (the entry's
+    /// refresh deadline, now [`REFRESHING`], is the third field: whoever fails to start the
+    /// refresh sets it back).
+    Stale(&'a K, &'a V, &'a AtomicU64),
     /// A hit on a value due for refresh (or being refreshed) by someone else.
     StaleHit(&'a V),
     /// Present but past its deadline: the caller should arrange its removal.
@@ -339,17 +346,29 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             .count()
     }
 
-    /// A write or invalidation of `key` supersedes its load in flight, if any.
-    fn supersede<Q>(&self, hash: u64, key: &Q)
+    /// A write or invalidation of `key` supersedes its load in flight, if any: the flight is
+    /// detached from the registry (its result will not be stored, and later callers do not join
+    /// it). Its key goes to `out`, to be dropped after the lock is released.
+    fn supersede<Q>(&mut self, hash: u64, key: &Q, out: &mut Garbage<K, V>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if !self.flights.is_empty() {
-            if let Some(f) = self.flight(hash, key) {
-                f.supersede();
-            }
+        if self.flights.is_empty() {
+            return;
         }
+        if let Ok(found) = self.flights.find_entry(hash, |(k, _)| k.borrow() == key) {
+            let (detached, _) = found.remove();
+            detached.1.supersede();
+            out.detached.push(detached);
+        }
+    }
+
+    /// Whether this very flight is registered (not superseded, not ended).
+    pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
+        self.flights
+            .find(hash, |(_, g)| Arc::ptr_eq(f, g))
+            .is_some()
     }
 
     pub(crate) fn weight(&self) -> u64 {
@@ -437,7 +456,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     }
                     Refresh::Won => {
                         record_hit(&e.hits);
-                        return Found::Stale(&e.key, &e.value);
+                        return Found::Stale(&e.key, &e.value, self.extra(slot, r));
                     }
                 }
             }
@@ -494,6 +513,23 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
             self.extra(slot, r).store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back a read's claim to refresh `key` (its refresh deadline is [`REFRESHING`]):
+    /// the entry is due again at `at`. A deadline set meanwhile (a new value) is kept.
+    pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
+            let _ = self.extra(slot, r).compare_exchange(
+                REFRESHING,
+                at,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -625,10 +661,27 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     ) {
         self.expire(now, false, hasher, out);
         let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
-        self.supersede(hash, &key);
+        self.supersede(hash, &key, out);
         let factor = self.jitter_factor();
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
+            if current <= now {
+                // Expired but not yet reclaimed: it is dead. The new value is a creation (it
+                // inherits neither the old deadline nor its hits or queue place).
+                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                return self.create(
+                    hash,
+                    key,
+                    value,
+                    weight,
+                    now,
+                    exp,
+                    hasher,
+                    out,
+                    (accesses, load_nanos, cap),
+                    factor,
+                );
+            }
             let e = self.slab[slot as usize]
                 .as_mut()
                 .expect("found slot is live");
@@ -653,12 +706,44 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             });
             return;
         }
-        let times = capped(exp.on_create(&key, &value, now, factor));
+        self.create(
+            hash,
+            key,
+            value,
+            weight,
+            now,
+            exp,
+            hasher,
+            out,
+            (accesses, load_nanos, cap),
+            factor,
+        );
+    }
+
+    /// Inserts a key that has no entry. User code (the `Expiry` callback, the keys' `Hash` when
+    /// the table grows) runs before anything is mutated.
+    #[allow(clippy::too_many_arguments)]
+    fn create<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        hasher: &S,
+        out: &mut Garbage<K, V>,
+        (accesses, load_nanos, cap): (u64, u64, u64),
+        factor: f64,
+    ) {
+        let (effective, hard) = exp.on_create(&key, &value, now, factor);
+        let times = (effective.min(cap), hard.min(cap));
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
             out.push(Removed::expired(key, value, weight));
             return;
         }
+        self.reserve_table(hasher, out);
         let slot = self.alloc(Entry {
             key,
             value,
@@ -676,6 +761,37 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.len += 1;
         self.set_times(slot, times, now, load_nanos);
         self.policy.on_insert(&mut self.slab, slot, hash, accesses);
+    }
+
+    /// Makes room in the table for one more slot, so that the insertion that follows does not
+    /// rehash (running the keys' `Hash`) after the slot is allocated. If a key's `Hash` panics
+    /// while the table grows, the entry of that key is removed (it could no longer be found)
+    /// and the panic is resumed, with the shard consistent.
+    fn reserve_table<S: BuildHasher>(&mut self, hasher: &S, out: &mut Garbage<K, V>) {
+        if self.table.len() < self.table.capacity() {
+            return;
+        }
+        let failed = std::cell::RefCell::new(Vec::new());
+        let panic = std::cell::RefCell::new(None);
+        {
+            let slab = &self.slab;
+            self.table.reserve(1, |&s| {
+                let key = &slab[s as usize].as_ref().expect("table slots are live").key;
+                let hashed =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hasher.hash_one(key)));
+                hashed.unwrap_or_else(|p| {
+                    failed.borrow_mut().push(s);
+                    panic.borrow_mut().get_or_insert(p);
+                    0 // filed under a dummy hash, removed below
+                })
+            });
+        }
+        for s in failed.into_inner() {
+            self.remove_slot(s, 0, RemovalCause::Explicit, out);
+        }
+        if let Some(p) = panic.into_inner() {
+            std::panic::resume_unwind(p);
+        }
     }
 
     /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
@@ -718,24 +834,43 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         hasher: &S,
         out: &mut Garbage<K, V>,
+        cause: RemovalCause,
     ) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         self.expire(now, false, hasher, out);
-        self.supersede(hash, key);
+        self.supersede(hash, key, out);
         let Some(slot) = self.find(hash, key) else {
             return false;
         };
         let live = self.deadline(slot) > now;
-        let cause = if live {
-            RemovalCause::Explicit
-        } else {
-            RemovalCause::Expired
-        };
+        let cause = if live { cause } else { RemovalCause::Expired };
         self.remove_slot(slot, hash, cause, out);
         live
+    }
+
+    /// Removes `key`'s entry only if it is expired at `now` (a reader saw it expired; a write
+    /// may have replaced it since). Supersedes nothing. Returns whether it removed one.
+    pub(crate) fn remove_expired<Q>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        out: &mut Garbage<K, V>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.find(hash, key) {
+            Some(slot) if self.deadline(slot) <= now => {
+                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
@@ -823,8 +958,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Removes every entry (and supersedes every load in flight).
     pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
-        for (_, f) in &self.flights {
+        for (k, f) in self.flights.drain() {
             f.supersede();
+            out.detached.push((k, f));
         }
         for e in self.slab.drain(..).flatten() {
             out.push(Removed {
@@ -1036,6 +1172,14 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         each!(self, c => c.peek(hash, key, now))
     }
 
+    pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.reset_refresh(hash, key, at))
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn insert<S: BuildHasher>(
@@ -1053,6 +1197,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn remove<Q, S: BuildHasher>(
         &mut self,
         hash: u64,
@@ -1060,12 +1205,31 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         hasher: &S,
         out: &mut Garbage<K, V>,
+        cause: RemovalCause,
     ) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        each!(self, c => c.remove(hash, key, now, hasher, out))
+        each!(self, c => c.remove(hash, key, now, hasher, out, cause))
+    }
+
+    pub(crate) fn remove_expired<Q>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        out: &mut Garbage<K, V>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.remove_expired(hash, key, now, out))
+    }
+
+    pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
+        each!(self, c => c.is_registered(hash, f))
     }
 
     pub(crate) fn evict_one<S: BuildHasher>(
@@ -1185,7 +1349,14 @@ mod tests {
             s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Hit(&11)
         ));
-        assert!(s.remove(h.hash_one(1u64), &1, 0, &h, &mut out));
+        assert!(s.remove(
+            h.hash_one(1u64),
+            &1,
+            0,
+            &h,
+            &mut out,
+            RemovalCause::Explicit
+        ));
         assert!(matches!(
             s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
             Found::Absent
@@ -1207,7 +1378,14 @@ mod tests {
                 }
             }
             if i % 97 == 0 {
-                s.remove(h.hash_one(k + 1), &(k + 1), 0, &h, &mut out);
+                s.remove(
+                    h.hash_one(k + 1),
+                    &(k + 1),
+                    0,
+                    &h,
+                    &mut out,
+                    RemovalCause::Explicit,
+                );
             }
         }
         s.validate(&h);
@@ -1220,7 +1398,7 @@ mod tests {
         let mut out = Garbage::new();
         for i in 0..100_000u64 {
             put(&mut s, &h, i, i, 0, &mut out);
-            s.remove(h.hash_one(i), &i, 0, &h, &mut out);
+            s.remove(h.hash_one(i), &i, 0, &h, &mut out, RemovalCause::Explicit);
         }
         s.validate(&h);
         assert!(s.slab_len() < 1000, "slots are reused: {}", s.slab_len());

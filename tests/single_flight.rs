@@ -316,15 +316,23 @@ fn a_leader_never_polled_again_does_not_block_others() {
     // The leader is alive but nobody polls it: an async waiter drives the load...
     let v = futures::executor::block_on(cache.get_with_async(1, gated(gate, 0)));
     assert_eq!(v, 7);
-    // ...and so does a blocking caller, on a second key.
+    assert_eq!(futures::executor::block_on(leader), 7);
+    // A blocking caller never polls another caller's future (it may need that caller's
+    // runtime): it waits while an async caller of the load is alive, and loads with its own
+    // `init` once they are all gone.
     let mut leader2 = Box::pin(cache.get_with_async(2, async {
         Yield(1).await;
         8
     }));
     assert!(poll_once(leader2.as_mut()).is_pending());
-    assert_eq!(cache.get_with(2, || unreachable!("joins")), 8);
-    assert_eq!(futures::executor::block_on(leader), 7);
-    assert_eq!(futures::executor::block_on(leader2), 8);
+    let blocking = {
+        let cache = cache.clone();
+        std::thread::spawn(move || cache.get_with(2, || 9))
+    };
+    drop(leader2);
+    assert_eq!(blocking.join().unwrap(), 9);
+    assert_eq!(cache.get(&2), Some(9));
+    assert_eq!(cache.loads_in_flight(), 0);
 }
 
 #[test]

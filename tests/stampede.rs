@@ -353,8 +353,20 @@ fn an_inline_refresh_over_the_limit_is_deferred_not_lost() {
         .build();
     cache.load(1).unwrap();
     clock.advance(11 * SEC);
-    // Hold the only permit with a load of another key, from inside its own loader.
-    let v = cache.get_with(2, || {
+    // Another thread holds the only permit with a load of another key. (A load nested in a
+    // loader on the same thread would not wait for a permit: it runs under its caller's.)
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let v = std::thread::scope(|s| {
+        let cache = &cache;
+        let holder = s.spawn(move || {
+            cache.get_with(2, || {
+                entered_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                9
+            })
+        });
+        entered_rx.recv().unwrap();
         assert_eq!(
             cache.get(&1),
             Some(0),
@@ -365,7 +377,8 @@ fn an_inline_refresh_over_the_limit_is_deferred_not_lost() {
             1,
             "no refresh ran over the limit"
         );
-        9
+        release_tx.send(()).unwrap();
+        holder.join().unwrap()
     });
     assert_eq!(v, 9);
     // The permit is free again: the next read refreshes.

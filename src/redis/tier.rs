@@ -73,7 +73,7 @@ impl<V> Stored<V> {
     /// outlive the one in Redis.
     fn publish(self) -> V {
         if let Some(ms) = self.ttl_ms {
-            crate::load::cap_next_publish(ms.saturating_mul(1_000_000));
+            crate::flight::cap_next_publish(ms.saturating_mul(1_000_000));
         }
         self.value
     }

@@ -1,0 +1,372 @@
+//! A *flight*: one load of one key, and the callers waiting for it.
+//!
+//! This module holds the flight's data and how it ends; it knows nothing of shards or caches.
+//! The single-flight protocol that registers flights in a shard and publishes their values
+//! lives in [`crate::load`].
+//!
+//! ```text
+//!   Running ──► Done(outcome)      the load ended: every waiter gets the same Arc'd outcome
+//!      │
+//!      └─────► Abandoned           nobody will finish it (a panic, a cancellation, a job the
+//!                                  spawner dropped): waiters retry, one of them leads anew
+//! ```
+//!
+//! * A flight is resolved exactly once; every exit of the code that leads it resolves it
+//!   through a guard (`load::Lead`), never through code after a user call.
+//! * Waiters read the outcome as an `Arc` under the flight's mutex and clone the value *after*
+//!   releasing it: a value's `Clone` never runs under a lock of ours.
+//! * An async flight holds its load as a shared future that any *async* waiter may poll.
+//!   Blocking waiters never poll it (a future may need its own runtime): they wait, and when
+//!   the last async caller goes away the load is cancelled and they lead with their own loader.
+
+use crate::sync::{wait_until, AtomicBool, AtomicU64, Condvar, Mutex};
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::{Wake, Waker};
+use std::time::Instant;
+
+/// What a load produced.
+pub(crate) enum Outcome<V> {
+    Value(V),
+    Error(Arc<dyn Any + Send + Sync>),
+    /// The loader found nothing (`optionally_` loads).
+    Nothing,
+    /// The loader panicked (the panic itself went to the caller that ran it).
+    Panicked,
+}
+
+/// An async load: its outcome and how long it took (nanoseconds on the cache's clock).
+pub(crate) type LoadFuture<V> = Pin<Box<dyn Future<Output = (Outcome<V>, u64)> + Send>>;
+
+pub(crate) enum Phase<V> {
+    Running,
+    Done(Arc<Outcome<V>>),
+    Abandoned,
+}
+
+pub(crate) struct State<K, V> {
+    pub(crate) phase: Phase<V>,
+    /// The key, owned, for whoever publishes an async load's value (a sync leader keeps its
+    /// own).
+    pub(crate) key: Option<K>,
+    /// The shared load of an async flight; `None` while being polled, and for sync flights.
+    pub(crate) future: Option<LoadFuture<V>>,
+    pub(crate) polling: bool,
+    /// Async callers waiting on (or driving) this flight; when it drops to zero the shared
+    /// load is cancelled. Blocking waiters are not counted: they never drive a future.
+    pub(crate) interested: usize,
+    pub(crate) wakers: Vec<(u64, Waker)>,
+    pub(crate) next_id: u64,
+}
+
+/// One in-flight load of one key.
+pub(crate) struct Flight<K, V> {
+    pub(crate) state: Mutex<State<K, V>>,
+    cond: Condvar,
+    /// Set (under the shard lock) when a write or invalidation of the key detached this flight
+    /// from the shard's registry: its result then goes to the callers already waiting on it but
+    /// is not cached, and later callers do not join it.
+    superseded: AtomicBool,
+    /// Nonzero for a failed load kept registered as a negative-cache entry: its outcome is
+    /// served to callers until this deadline. Read and written under the shard lock.
+    negative_until: AtomicU64,
+}
+
+impl<K, V> Flight<K, V> {
+    /// A blocking flight: its leader runs the loader itself.
+    pub(crate) fn blocking() -> Arc<Self> {
+        Self::new(None, None)
+    }
+
+    pub(crate) fn new(key: Option<K>, future: Option<LoadFuture<V>>) -> Arc<Self> {
+        Arc::new(Flight {
+            state: Mutex::new(State {
+                phase: Phase::Running,
+                key,
+                future,
+                polling: false,
+                interested: 0,
+                wakers: Vec::new(),
+                next_id: 0,
+            }),
+            cond: Condvar::new(),
+            superseded: AtomicBool::new(false),
+            negative_until: AtomicU64::new(0),
+        })
+    }
+
+    /// The negative-cache deadline of a failed load kept registered (0: not one).
+    pub(crate) fn negative_until(&self) -> u64 {
+        self.negative_until.load(Ordering::Acquire)
+    }
+
+    /// Keeps the flight's failed outcome registered until `until` (called under the shard lock).
+    pub(crate) fn set_negative_until(&self, until: u64) {
+        self.negative_until.store(until.max(1), Ordering::Release);
+    }
+
+    /// Marks the flight superseded: it was detached from the registry by a write.
+    pub(crate) fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+    }
+
+    /// Whether a write or invalidation detached the flight from the registry.
+    #[allow(dead_code)] // read by the second tier (feature `redis`) and tests
+    pub(crate) fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn id(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as *const () as usize
+    }
+
+    /// Wakes the blocking waiters (after the phase was changed under the lock).
+    pub(crate) fn notify(&self) {
+        self.cond.notify_all();
+    }
+
+    /// Whether the flight is still running.
+    pub(crate) fn is_running(&self) -> bool {
+        matches!(self.state.lock().phase, Phase::Running)
+    }
+
+    /// Resolves the flight (if still running) and wakes everyone; returns whether it did.
+    /// Wakers run after the lock is released.
+    pub(crate) fn resolve(&self, phase: Phase<V>) -> bool {
+        let (wakers, old) = {
+            let mut st = self.state.lock();
+            if !matches!(st.phase, Phase::Running) {
+                return false;
+            }
+            st.phase = phase;
+            let future = st.future.take();
+            (std::mem::take(&mut st.wakers), future)
+        };
+        self.cond.notify_all();
+        for (_, w) in wakers {
+            w.wake();
+        }
+        drop(old); // a shared future, dropped with no lock held
+        true
+    }
+
+    /// Waits (blocking, never polling) until the flight ends or `until` passes.
+    pub(crate) fn wait_blocking(&self, until: Option<Instant>) -> Waited<Arc<Outcome<V>>> {
+        let mut st = self.state.lock();
+        loop {
+            match &st.phase {
+                Phase::Done(o) => return Waited::Done(Some(Arc::clone(o))),
+                Phase::Abandoned => return Waited::Abandoned,
+                Phase::Running => {}
+            }
+            let timed_out;
+            (st, timed_out) = wait_until(&self.cond, st, until);
+            if timed_out && matches!(st.phase, Phase::Running) {
+                return Waited::TimedOut;
+            }
+        }
+    }
+}
+
+/// The waker given to a shared load future: wakes every async caller interested in the flight.
+pub(crate) struct FlightWaker<K, V>(pub(crate) Weak<Flight<K, V>>);
+
+impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K, V> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(f) = self.0.upgrade() else { return };
+        let wakers: Vec<Waker> = {
+            let st = f.state.lock();
+            st.wakers.iter().map(|(_, w)| w.clone()).collect()
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// How a wait on a flight ended.
+pub(crate) enum Waited<R> {
+    /// Done, with the outcome mapped for this caller (`None`: an outcome it cannot use).
+    Done(Option<R>),
+    Abandoned,
+    TimedOut,
+}
+
+crate::sync::thread_local_shim! {
+    /// Flights this thread is running (sync loader, compute closure) or polling (async load),
+    /// by address.
+    static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
+}
+
+crate::sync::thread_local_shim! {
+    /// Load permits this thread holds (or runs under): a nested load does not wait for another.
+    static PERMITS: Cell<usize> = Cell::new(0);
+}
+
+crate::sync::thread_local_shim! {
+    /// A bound on the lifetime of the value the next `publish` on this thread stores, in
+    /// nanoseconds from then (see [`cap_next_publish`]).
+    static TTL_CAP: Cell<Option<u64>> = Cell::new(None);
+}
+
+/// Bounds the lifetime of the value that the next load finishing on this thread publishes:
+/// a loader that got its value from a shared tier (where it expires in `nanos`) calls this
+/// just before returning it, so the local copy does not outlive the shared one. Loads publish
+/// on the thread that ran (or last polled) them, right after they return; a bound left over
+/// by a load that was not published could only make another entry expire sooner.
+#[allow(dead_code)] // only the `redis` feature bounds lifetimes
+pub(crate) fn cap_next_publish(nanos: u64) {
+    TTL_CAP.with(|c| c.set(Some(nanos)));
+}
+
+/// Takes the bound set by [`cap_next_publish`], if any.
+pub(crate) fn take_publish_cap() -> Option<u64> {
+    TTL_CAP.with(Cell::take)
+}
+
+/// Registers a flight as run by this thread for the guard's lifetime.
+pub(crate) struct Running(usize);
+
+/// Marks `flight` as run by this thread until the guard drops (recursion detection).
+pub(crate) fn enter<K, V>(flight: &Arc<Flight<K, V>>) -> Running {
+    let id = flight.id();
+    RUNNING.with(|r| r.borrow_mut().push(id));
+    Running(id)
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.with(|r| {
+            let mut r = r.borrow_mut();
+            if let Some(i) = r.iter().rposition(|&x| x == self.0) {
+                r.remove(i);
+            }
+        });
+    }
+}
+
+/// Whether this thread runs the flight with this id (a call that would wait for it would wait
+/// for itself).
+pub(crate) fn runs_here(id: usize) -> bool {
+    RUNNING.with(|r| r.borrow().contains(&id))
+}
+
+/// Marks this thread as holding a load permit until the guard drops.
+pub(crate) struct PermitHeld(());
+
+impl PermitHeld {
+    pub(crate) fn enter() -> Self {
+        PERMITS.with(|p| p.set(p.get() + 1));
+        PermitHeld(())
+    }
+}
+
+impl Drop for PermitHeld {
+    fn drop(&mut self) {
+        PERMITS.with(|p| p.set(p.get().saturating_sub(1)));
+    }
+}
+
+/// Whether this thread holds a load permit (a load nested in another load's loader).
+pub(crate) fn holds_permit() -> bool {
+    PERMITS.with(Cell::get) > 0
+}
+
+#[cold]
+pub(crate) fn recursive_load() -> ! {
+    panic!(
+        "herdcache: recursive load: a loader (or compute closure) asked the cache for the very \
+         key it is loading, which would wait for itself forever"
+    )
+}
+
+pub(crate) fn outcome_of<V, E: Send + Sync + 'static>(r: Result<V, E>) -> Outcome<V> {
+    match r {
+        Ok(v) => Outcome::Value(v),
+        Err(e) => Outcome::Error(Arc::new(e)),
+    }
+}
+
+/// A caller of `try_get_with`: a value, or an error of its own type (else it loads again).
+pub(crate) fn accept_result<V: Clone, E: Send + Sync + 'static>(
+    o: &Outcome<V>,
+) -> Option<Result<V, Arc<E>>> {
+    match o {
+        Outcome::Value(v) => Some(Ok(v.clone())),
+        Outcome::Error(e) => Arc::clone(e).downcast::<E>().ok().map(Err),
+        Outcome::Nothing | Outcome::Panicked => None,
+    }
+}
+
+/// A caller of `optionally_get_with`: a value or nothing.
+pub(crate) fn accept_option<V: Clone>(o: &Outcome<V>) -> Option<Option<V>> {
+    match o {
+        Outcome::Value(v) => Some(Some(v.clone())),
+        Outcome::Nothing => Some(None),
+        Outcome::Error(_) | Outcome::Panicked => None,
+    }
+}
+
+/// A caller of `get_with`: only a value.
+pub(crate) fn accept_value<V: Clone>(o: &Outcome<V>) -> Option<V> {
+    match o {
+        Outcome::Value(v) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_once_and_waiters_share_the_outcome() {
+        let f: Arc<Flight<u32, u32>> = Flight::blocking();
+        assert!(f.is_running());
+        let waiter = {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || match f.wait_blocking(None) {
+                Waited::Done(Some(o)) => matches!(*o, Outcome::Value(7)),
+                _ => false,
+            })
+        };
+        assert!(f.resolve(Phase::Done(Arc::new(Outcome::Value(7)))));
+        assert!(!f.resolve(Phase::Abandoned), "a flight ends once");
+        assert!(waiter.join().unwrap());
+        assert!(!f.is_running());
+    }
+
+    #[test]
+    fn a_blocking_wait_times_out_and_abandoned_is_seen() {
+        let f: Arc<Flight<u32, u32>> = Flight::blocking();
+        let soon = Instant::now() + std::time::Duration::from_millis(10);
+        assert!(matches!(f.wait_blocking(Some(soon)), Waited::TimedOut));
+        f.resolve(Phase::Abandoned);
+        assert!(matches!(f.wait_blocking(None), Waited::Abandoned));
+    }
+
+    #[test]
+    fn recursion_and_permit_marks_are_scoped() {
+        let f: Arc<Flight<u32, u32>> = Flight::blocking();
+        assert!(!runs_here(f.id()));
+        {
+            let _r = enter(&f);
+            assert!(runs_here(f.id()));
+        }
+        assert!(!runs_here(f.id()));
+        assert!(!holds_permit());
+        {
+            let _p = PermitHeld::enter();
+            let _q = PermitHeld::enter();
+            assert!(holds_permit());
+        }
+        assert!(!holds_permit());
+    }
+}
