@@ -566,6 +566,11 @@ where
         let mut s = cell.lock.write();
         let registered = match write {
             Write::Plain => None,
+            // A planted bug for the loom model to catch: a load stores without checking that
+            // no write superseded it.
+            #[cfg(herdcache_broken_model)]
+            Write::Load(f) => s.remove_flight(hash, f),
+            #[cfg(not(herdcache_broken_model))]
             Write::Load(f) => match s.remove_flight(hash, f) {
                 Some(k) => Some(k),
                 None => {
