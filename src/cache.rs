@@ -533,8 +533,27 @@ where
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
         let mut out = Garbage::new();
-        self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), &mut out);
+        self.reporting_panics(&mut out, |out| {
+            self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), out)
+        });
         self.finish(out);
+    }
+
+    /// Runs a write that may call user code under the lock (`Expiry`, a key's `Hash`); if it
+    /// panics, what it removed before the panic is still reported, then the panic resumes.
+    #[inline]
+    pub(crate) fn reporting_panics<R>(
+        &self,
+        out: &mut Garbage<K, V>,
+        write: impl FnOnce(&mut Garbage<K, V>) -> R,
+    ) -> R {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(out))) {
+            Ok(r) => r,
+            Err(p) => {
+                self.finish(std::mem::replace(out, Garbage::new()));
+                std::panic::resume_unwind(p)
+            }
+        }
     }
 
     #[inline]

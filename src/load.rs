@@ -534,7 +534,9 @@ where
         match staged {
             Some((key, value, weight)) => {
                 let write = Write::Load(lead.flight());
-                self.insert_with(hash, key, value, weight, write, (took, cap), &mut out);
+                self.reporting_panics(&mut out, |out| {
+                    self.insert_with(hash, key, value, weight, write, (took, cap), out)
+                });
             }
             None => {
                 let negative = match outcome {

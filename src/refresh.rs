@@ -345,20 +345,25 @@ where
     /// back: the key is never left marked as refreshing with no refresh running. A spawner
     /// that panics does not fail the reader: the refresh is retried after the backoff.
     pub(crate) fn start_refresh(&self, key: K, hash: u64) {
+        // Until a refresh flight holds the claim (or `claim_refresh` gave it back), a panic of
+        // user code (the key's `Clone`) gives it back here.
+        let give_back = GiveBack(self, hash, &key);
         let st = &self.inner.stampede;
         let async_loader = st
             .async_refresh_loader
             .as_ref()
             .or(st.async_loader.as_ref());
         if let (Some(loader), Some(spawn)) = (async_loader, &st.future_spawner) {
-            return self.start_async_refresh(key, hash, Arc::clone(loader), Arc::clone(spawn));
+            let claimed = self.claim_refresh(hash, &key);
+            std::mem::forget(give_back);
+            return self.start_async_refresh(claimed, key, Arc::clone(loader), Arc::clone(spawn));
         }
         let Some(loader) = st.refresh_loader.as_ref().or(st.loader.as_ref()).cloned() else {
-            let retry = crate::clock::deadline(self.now(), st.refresh_backoff);
-            self.reset_refresh(hash, &key, retry);
-            return;
+            return; // nothing to refresh with: `give_back` makes the entry due again later
         };
-        let Some(lead) = self.claim_refresh(hash, &key) else {
+        let claimed = self.claim_refresh(hash, &key);
+        std::mem::forget(give_back);
+        let Some(lead) = claimed else {
             return; // a load of the key runs already; its value will do
         };
         self.count(Counter::RefreshStarted);
@@ -385,12 +390,12 @@ where
     /// abandoned and retried after the backoff.
     fn start_async_refresh(
         &self,
+        claimed: Option<Lead<K, V, S>>,
         key: K,
-        hash: u64,
         loader: AsyncLoaderFn<K, V>,
         spawn: FutureSpawner,
     ) {
-        let Some(lead) = self.claim_refresh(hash, &key) else {
+        let Some(lead) = claimed else {
             return;
         };
         self.count(Counter::RefreshStarted);
@@ -494,6 +499,26 @@ where
         drop(s);
         drop(stale);
         Some(Lead::refresh(self, hash, f))
+    }
+}
+
+/// Gives a read's claim to refresh a key back when dropped (the entry is due again after the
+/// refresh backoff); forgotten once the claim was handed over.
+struct GiveBack<'a, K, V, S>(&'a Cache<K, V, S>, u64, &'a K)
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static;
+
+impl<K, V, S> Drop for GiveBack<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        let retry = crate::clock::deadline(self.0.now(), self.0.inner.stampede.refresh_backoff);
+        self.0.reset_refresh(self.1, self.2, retry);
     }
 }
 

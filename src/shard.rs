@@ -272,7 +272,22 @@ pub(crate) struct Core<K, V, T> {
     flights: HashTable<(K, Arc<Flight<K, V>>)>,
     /// The registry's size after its last sweep of expired negative entries.
     flights_swept_at: usize,
+    /// Slots whose deadline a read moved earlier (or off "never") under the read lock, where
+    /// the wheel cannot be touched: filed by the next write. Bounded; past the bound, `rescan`
+    /// files every entry instead.
+    refile: crate::sync::Mutex<Refile>,
+    refile_pending: crate::sync::AtomicBool,
 }
+
+/// Slots to file again in the timer wheel (see [`Core::refile`]).
+#[derive(Default)]
+struct Refile {
+    slots: Vec<u32>,
+    rescan: bool,
+}
+
+/// The most slots remembered for filing before a full rescan is asked for instead.
+const REFILE_MAX: usize = 1024;
 
 impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
@@ -293,7 +308,48 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             share,
             flights: HashTable::new(),
             flights_swept_at: 0,
+            refile: crate::sync::Mutex::new(Refile::default()),
+            refile_pending: crate::sync::AtomicBool::new(false),
         }
+    }
+
+    /// Remembers (under the read lock) that `slot`'s deadline moved to where its timer-wheel
+    /// bucket may not reach it.
+    #[cold]
+    fn note_refile(&self, slot: u32) {
+        let mut r = self.refile.lock();
+        if r.slots.len() < REFILE_MAX {
+            r.slots.push(slot);
+        } else {
+            r.rescan = true;
+        }
+        self.refile_pending.store(true, Ordering::Release);
+    }
+
+    /// Files the slots whose deadline a read moved (under the write lock).
+    fn file_moved(&mut self) {
+        if !self.refile_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let r = std::mem::take(&mut *self.refile.lock());
+        self.refile_pending.store(false, Ordering::Release);
+        let slots: Vec<u32> = if r.rescan {
+            (0..self.slab.len() as u32).collect()
+        } else {
+            r.slots
+        };
+        for s in slots {
+            if self.slab.get(s as usize).is_some_and(Option::is_some) {
+                let d = self.deadline(s);
+                self.file(s, d);
+            }
+        }
+    }
+
+    /// Whether `slot` waits to be filed again (see [`Self::note_refile`]).
+    fn refile_waits(&self, slot: u32) -> bool {
+        let r = self.refile.lock();
+        r.rescan || r.slots.contains(&slot)
     }
 
     /// The load in flight for `key`, if any.
@@ -445,6 +501,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 };
                 if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
                     e.time.set(next);
+                    // The wheel is lazy about deadlines that move later; one that moves
+                    // earlier (or off "never") must be filed again, by the next write.
+                    if next != NEVER && (next < current || e.bucket == NO_BUCKET) {
+                        self.note_refile(slot);
+                    }
                 }
             }
             if let Some(r) = self.layout.refresh {
@@ -912,6 +973,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         hasher: &S,
         out: &mut Garbage<K, V>,
     ) {
+        self.file_moved();
         if let Some(wheel) = &mut self.wheel {
             if !wheel.advance_within_tick(now, exact) {
                 self.expire_due(now, exact, hasher, out);
@@ -1045,11 +1107,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 "table maps the key to its slot"
             );
             if let Some(_w) = &self.wheel {
+                // Filed if it has a deadline (or waiting to be filed, after a read moved it). A
+                // deadline that moved to "never" may stay filed: the wheel is lazy.
                 let d = self.deadline(s);
-                assert_eq!(
-                    d == NEVER,
-                    e.bucket == NO_BUCKET,
-                    "filed iff it has a deadline"
+                assert!(
+                    d == NEVER || e.bucket != NO_BUCKET || self.refile_waits(s),
+                    "an entry with a deadline is filed"
                 );
             }
         }
