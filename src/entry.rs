@@ -12,7 +12,7 @@ use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
 use crate::load::{wait_async, Lead};
-use crate::shard::Garbage;
+use crate::shard::{FlightClaim, Garbage};
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -235,24 +235,24 @@ where
     fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
         let registered = key.clone(); // user code, before the lock
         let now = self.now();
+        let f = Flight::blocking();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let stale = match s.flight(hash, key).map(Arc::clone) {
-            Some(f) if f.negative_until() == 0 => {
+        let hasher = &self.inner.hasher;
+        match s.claim_flight(hash, registered, Arc::clone(&f), now, false, hasher) {
+            FlightClaim::Running(running, unused) => {
                 drop(s);
-                drop(registered);
-                if runs_here(f.id()) {
+                drop(unused);
+                if runs_here(running.id()) {
                     recursive_load();
                 }
-                return Err(f);
+                Err(running)
             }
-            Some(negative) => s.remove_flight(hash, &negative),
-            None => None,
-        };
-        let f = Flight::blocking();
-        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
-        drop(s);
-        drop(stale);
-        Ok(Lead::new(self, hash, f))
+            FlightClaim::Registered(stale) => {
+                drop(s);
+                drop(stale);
+                Ok(Lead::new(self, hash, f))
+            }
+        }
     }
 
     /// Ends a computation with its closure's verdict. A write or invalidation of the key while

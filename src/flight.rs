@@ -99,6 +99,14 @@ impl<K, V> Flight<K, V> {
         })
     }
 
+    /// Makes this (just registered) flight an async one: its load is `future`, shared by the
+    /// async callers, and `key` is the key its publisher stores under.
+    pub(crate) fn set_shared_load(&self, key: Option<K>, future: LoadFuture<V>) {
+        let mut st = self.state.lock();
+        st.key = key;
+        st.future = Some(future);
+    }
+
     /// The negative-cache deadline of a failed load kept registered (0: not one).
     pub(crate) fn negative_until(&self) -> u64 {
         self.negative_until.load(Ordering::Acquire)

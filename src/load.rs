@@ -48,7 +48,7 @@ use crate::flight::{
     State, Waited,
 };
 use crate::limit::Permit;
-use crate::shard::Garbage;
+use crate::shard::{FlightClaim, Garbage};
 use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -448,43 +448,54 @@ where
         if let Some(r) = self.get_map(key, hash, record, hit) {
             return Claim::Hit(r);
         }
+        // The key's clones (user code) come before the lock.
+        let registered = key.clone();
+        let owned = (can_lead && future.is_some()).then(|| key.clone());
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         if let Some(v) = s.peek(hash, key, now) {
             return Claim::Hit(hit(v));
         }
-        let mut stale_negative = None;
-        if let Some(f) = s.flight(hash, key) {
-            let until = f.negative_until();
-            let live = until > now && !bypass_negative;
-            if until == 0 || live {
-                let f = Arc::clone(f);
+        let f = Flight::blocking();
+        let serve_negative = !bypass_negative;
+        let hasher = &self.inner.hasher;
+        match s.claim_flight(
+            hash,
+            registered,
+            Arc::clone(&f),
+            now,
+            serve_negative,
+            hasher,
+        ) {
+            FlightClaim::Running(running, unused) => {
                 drop(s);
-                if runs_here(f.id()) {
+                drop(unused);
+                if runs_here(running.id()) {
                     recursive_load();
                 }
-                self.count(if live {
+                self.count(if running.negative_until() > 0 {
                     Counter::NegativeHit
                 } else {
                     Counter::Coalesced
                 });
-                return Claim::Join(f);
+                Claim::Join(running)
             }
-            // An expired negative entry (or one this caller cannot use): replace it.
-            let f = Arc::clone(f);
-            stale_negative = s.remove_flight(hash, &f);
+            FlightClaim::Registered(stale) if can_lead => {
+                if let Some(fut) = future.take() {
+                    f.set_shared_load(owned, fut);
+                }
+                drop(s);
+                drop(stale);
+                Claim::Lead(Lead::new(self, hash, f))
+            }
+            FlightClaim::Registered(stale) => {
+                // Registered for a caller that cannot lead: take it back.
+                let key = s.remove_flight(hash, &f);
+                drop(s);
+                drop((stale, key));
+                Claim::Lost
+            }
         }
-        if !can_lead {
-            return Claim::Lost;
-        }
-        // The key's clones (user code) come before the registration, which is the last step.
-        let registered = key.clone();
-        let owned = future.is_some().then(|| key.clone());
-        let f = Flight::new(owned, future.take());
-        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
-        drop(s);
-        drop(stale_negative);
-        Claim::Lead(Lead::new(self, hash, f))
     }
 
     /// Publishes a finished load: stores a value (only if the flight is still registered: no

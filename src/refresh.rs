@@ -24,6 +24,7 @@ use crate::clock::NEVER;
 use crate::flight::{holds_permit, outcome_of, Flight, Outcome, Phase, Waited};
 use crate::limit::Limiter;
 use crate::load::{Claim, How, Lead, UnderPermit};
+use crate::shard::FlightClaim;
 use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -479,26 +480,23 @@ where
     fn claim_refresh(&self, hash: u64, key: &K) -> Option<Lead<K, V, S>> {
         let registered = key.clone(); // user code, before the lock
         let now = self.now();
+        let f = Flight::blocking();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let stale = match s.flight(hash, key) {
-            Some(f) if f.negative_until() == 0 => {
+        let hasher = &self.inner.hasher;
+        match s.claim_flight(hash, registered, Arc::clone(&f), now, false, hasher) {
+            FlightClaim::Running(_, unused) => {
                 let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
                 s.reset_refresh(hash, key, retry);
                 drop(s);
-                drop(registered);
-                return None;
+                drop(unused);
+                None
             }
-            Some(negative) => {
-                let negative = Arc::clone(negative);
-                s.remove_flight(hash, &negative)
+            FlightClaim::Registered(stale) => {
+                drop(s);
+                drop(stale);
+                Some(Lead::refresh(self, hash, f))
             }
-            None => None,
-        };
-        let f = Flight::blocking();
-        s.add_flight(hash, registered, Arc::clone(&f), &self.inner.hasher, now);
-        drop(s);
-        drop(stale);
-        Some(Lead::refresh(self, hash, f))
+        }
     }
 }
 

@@ -116,6 +116,15 @@ impl<K, V> Garbage<K, V> {
     }
 }
 
+/// What [`Core::claim_flight`] found.
+pub(crate) enum FlightClaim<K, V> {
+    /// A load of the key runs (or a live negative-cache entry answers it): join it. The unused
+    /// registration comes back, to be dropped unlocked.
+    Running(Arc<Flight<K, V>>, (K, Arc<Flight<K, V>>)),
+    /// The new flight is registered; an expired negative entry it replaced comes back.
+    Registered(Option<(K, Arc<Flight<K, V>>)>),
+}
+
 /// An entry's effective deadline, kept in its slab slot (no separate cache line to load on a
 /// read): nothing at all for caches without time data, an `AtomicU64` for the others.
 pub(crate) trait SlotTime: Send + Sync + 'static {
@@ -352,21 +361,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         r.rescan || r.slots.contains(&slot)
     }
 
-    /// The load in flight for `key`, if any.
-    pub(crate) fn flight<Q>(&self, hash: u64, key: &Q) -> Option<&Arc<Flight<K, V>>>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.flights
-            .find(hash, |(k, _)| k.borrow() == key)
-            .map(|(_, f)| f)
-    }
-
     /// Registers a load in flight for `key` (which has none). Now and then (when the registry
     /// has doubled since) drops negative-cache entries that expired before `now`, so failed
     /// keys never asked for again do not pile up.
-    pub(crate) fn add_flight<S: BuildHasher>(
+    fn add_flight<S: BuildHasher>(
         &mut self,
         hash: u64,
         key: K,
@@ -383,6 +381,36 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         self.flights
             .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
+    }
+
+    /// The one place a flight is registered: looks `key` up in the registry and, unless a load
+    /// of it runs (or, with `serve_negative`, a live negative-cache entry answers it), registers
+    /// `flight` for it — in one step under the caller's write lock. The key comes in owned
+    /// (cloned by the caller before the lock: user code runs first); whatever is not kept is
+    /// handed back to be dropped after the lock is released.
+    pub(crate) fn claim_flight<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        flight: Arc<Flight<K, V>>,
+        now: u64,
+        serve_negative: bool,
+        hasher: &S,
+    ) -> FlightClaim<K, V> {
+        let stale = match self.flights.find_entry(hash, |(k, _)| *k == key) {
+            Ok(found) => {
+                let until = found.get().1.negative_until();
+                if until == 0 || (serve_negative && until > now) {
+                    let running = Arc::clone(&found.get().1);
+                    return FlightClaim::Running(running, (key, flight));
+                }
+                // An expired negative entry (or one this caller cannot use): replaced.
+                Some(found.remove().0)
+            }
+            Err(_) => None,
+        };
+        self.add_flight(hash, key, flight, hasher, now);
+        FlightClaim::Registered(stale)
     }
 
     /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
@@ -1161,28 +1189,20 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
     }
 
-    #[inline]
-    pub(crate) fn flight<Q>(&self, hash: u64, key: &Q) -> Option<&Arc<Flight<K, V>>>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.flight(hash, key))
+    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
+        each!(self, c => c.remove_flight(hash, f))
     }
 
-    pub(crate) fn add_flight<S: BuildHasher>(
+    pub(crate) fn claim_flight<S: BuildHasher>(
         &mut self,
         hash: u64,
         key: K,
-        f: Arc<Flight<K, V>>,
-        hasher: &S,
+        flight: Arc<Flight<K, V>>,
         now: u64,
-    ) {
-        each!(self, c => c.add_flight(hash, key, f, hasher, now))
-    }
-
-    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
-        each!(self, c => c.remove_flight(hash, f))
+        serve_negative: bool,
+        hasher: &S,
+    ) -> FlightClaim<K, V> {
+        each!(self, c => c.claim_flight(hash, key, flight, now, serve_negative, hasher))
     }
 
     pub(crate) fn flights_len(&self) -> usize {
