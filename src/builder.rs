@@ -285,7 +285,13 @@ where
     }
 
     /// Runs refreshes (and, with a soft timeout, loads) on `spawn` instead of in the caller:
-    /// a thread pool, or e.g. `move |job| { tokio::task::spawn_blocking(job); }`.
+    /// a thread pool, or a runtime handle captured when the cache is built, e.g.
+    /// `move |job| { handle.spawn_blocking(job); }` with `handle = tokio::runtime::Handle::current()`
+    /// (plain `tokio::task::spawn_blocking` panics when a read happens off the runtime).
+    ///
+    /// A spawner that panics, or drops a job without running it, never leaves a key loading:
+    /// the job owns its load, and dropping it unrun releases the key. A refresh is then retried
+    /// after the refresh backoff; a load falls back to running in its caller.
     pub fn spawner(
         mut self,
         spawn: impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static,

@@ -168,8 +168,10 @@ where
     /// # Errors
     ///
     /// [`LoadError::Loader`] with the loader's error (shared by every caller of that load, and
-    /// remembered for `negative_ttl` if set); [`LoadError::Timeout`] when the wait exceeded the
-    /// timeout and there is no value to fall back on; [`LoadError::NoLoader`].
+    /// remembered for `negative_ttl` if set); [`LoadError::Panicked`] when the loader panicked
+    /// (for every caller of that load, and for the refresh backoff after it: a panicking loader
+    /// is called once per backoff, not once per caller); [`LoadError::Timeout`] when the wait
+    /// exceeded the timeout and there is no value to fall back on; [`LoadError::NoLoader`].
     ///
     /// # Example
     ///
