@@ -92,3 +92,60 @@ pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Runs `f` on a new thread and waits at most `limit` for it. `None`: it did not finish (the
+/// thread is left behind, blocked: a hang is reported as a failure instead of stalling the test
+/// binary). `Some(Err(_))`: it panicked; `Some(Ok(v))`: it returned `v`.
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<std::thread::Result<T>> {
+    start(f).wait(limit)
+}
+
+/// A call running on its own thread (see [`start`]).
+pub struct Started<T>(mpsc::Receiver<std::thread::Result<T>>);
+
+/// Starts `f` on a new thread; [`Started::wait`] collects its result with a deadline.
+pub fn start<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Started<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(r);
+    });
+    Started(rx)
+}
+
+impl<T> Started<T> {
+    /// Waits at most `limit`; `None` if the call has not finished by then (its thread is left
+    /// behind).
+    pub fn wait(self, limit: Duration) -> Option<std::thread::Result<T>> {
+        self.0.recv_timeout(limit).ok()
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+/// Installs (once) a panic hook that stays silent for panics whose message contains
+/// `"injected"` (faults a test plants on purpose) and prints every other panic as usual.
+pub fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = panic_message(info.payload());
+            if !msg.contains("injected") {
+                default(info);
+            }
+        }));
+    });
+}
