@@ -358,6 +358,12 @@ remote_counters! {
     misses,
     /// Values written to the second tier (after a load, or by `insert`).
     writes,
+    /// Loads' write-backs not stored: the key was written or invalidated (on any instance)
+    /// after the load read it, or its lease was revoked. The newer write wins.
+    writes_superseded,
+    /// Operations Redis refused for one key (a key of another type, say): not counted against
+    /// the circuit breaker, and the next write of the key repairs it.
+    key_errors,
     /// Operations that failed (connection refused or dropped, protocol or codec error).
     errors,
     /// Operations that exceeded the per-operation timeout.

@@ -99,6 +99,25 @@ fn exists(conn: &mut redis::Connection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query(conn).unwrap()
 }
 
+/// The Redis key of `k`'s value in namespace `ns` (see the `redis` module's key layout).
+fn vkey(ns: &str, k: impl std::fmt::Display) -> String {
+    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
+}
+
+/// The Redis key of `k`'s lease in namespace `ns`.
+fn lkey(ns: &str, k: impl std::fmt::Display) -> String {
+    format!("hc:{}:{ns}:l{{{k}}}", ns.len())
+}
+
+/// The value stored for `k` (the `d` field of its hash), if any.
+fn value(conn: &mut redis::Connection, ns: &str, k: impl std::fmt::Display) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(vkey(ns, k))
+        .arg("d")
+        .query(conn)
+        .unwrap()
+}
+
 #[test]
 fn a_second_instance_reads_what_the_first_loaded() {
     let _w = common::watchdog(Duration::from_secs(60), "read-through");
@@ -348,7 +367,7 @@ fn load_against_planted_lease(
         &backend,
     );
     let mut conn = raw(&server);
-    set(&mut conn, &format!("{ns}:l:{k}"), "someone-else", Some(px));
+    set(&mut conn, &lkey(ns, k), "someone-else", Some(px));
     assert_eq!(a.load(k).unwrap(), k * 1000);
     assert_eq!(backend.of(k), 1);
     let s = a.stats().remote;
@@ -365,8 +384,8 @@ fn a_lease_whose_holder_stopped_expires_and_a_waiter_takes_over() {
     // It waited for the expiry (not the 30 s bound: no fallback), then loaded under its own
     // lease, and gave it back.
     assert_eq!(counts, (1, 1, 0));
-    assert!(!exists(&mut conn, "t5:l:7"));
-    assert_eq!(get(&mut conn, "t5:v:7").as_deref(), Some("7000"));
+    assert!(!exists(&mut conn, &lkey("t5", 7)));
+    assert_eq!(value(&mut conn, "t5", 7).as_deref(), Some("7000"));
 }
 
 #[test]
@@ -376,7 +395,10 @@ fn a_holder_that_never_finishes_bounds_the_wait_then_the_load_is_local() {
         load_against_planted_lease("t6", 8, 60_000, Duration::from_millis(200));
     assert_eq!(counts, (1, 0, 1));
     // The hung holder's lease is not ours to release.
-    assert_eq!(get(&mut conn, "t6:l:8").as_deref(), Some("someone-else"));
+    assert_eq!(
+        get(&mut conn, &lkey("t6", 8)).as_deref(),
+        Some("someone-else")
+    );
 }
 
 #[test]
@@ -402,8 +424,8 @@ fn a_failing_loader_releases_its_lease_and_its_error_is_returned_as_is() {
     assert!(matches!(e, LoadError::Loader(_)), "{e:?}");
     assert_eq!(e.to_string(), "loader failed: backend down");
     let mut conn = raw(&server);
-    assert!(!exists(&mut conn, "t7:l:1"));
-    assert!(!exists(&mut conn, "t7:v:1"));
+    assert!(!exists(&mut conn, &lkey("t7", 1)));
+    assert!(!exists(&mut conn, &vkey("t7", 1)));
     // A second call takes the lease at once (no 30 s wait for the old one).
     assert!(a.load(1).is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -415,10 +437,15 @@ fn garbage_in_redis_is_a_miss_not_an_error() {
     let (server, backend) = start(Duration::ZERO);
     let a = instance(tier(&server, "t8"), &backend);
     let mut conn = raw(&server);
-    set(&mut conn, "t8:v:5", "not a number", None);
+    redis::cmd("HSET")
+        .arg(vkey("t8", 5))
+        .arg("d")
+        .arg("not a number")
+        .query::<()>(&mut conn)
+        .unwrap();
     assert_eq!(a.load(5).unwrap(), 5000);
     assert_eq!(a.stats().remote.errors, 1);
-    let fixed = get(&mut conn, "t8:v:5");
+    let fixed = value(&mut conn, "t8", 5);
     assert_eq!(fixed.as_deref(), Some("5000"), "the load overwrote it");
 }
 
@@ -551,7 +578,7 @@ fn a_cancelled_async_load_gives_its_lease_back() {
     // (The helper thread may still be finishing the lease attempt the dropped call started.)
     assert!(eventually(|| a.stats().remote.leases_acquired == 1));
     assert!(
-        eventually(|| !exists(&mut conn, "t12:l:9")),
+        eventually(|| !exists(&mut conn, &lkey("t12", 9))),
         "the lease was given back, not left for its 60 s"
     );
     assert_eq!(a.loads_in_flight(), 0);
@@ -623,7 +650,7 @@ fn one_instance_refreshes_for_the_fleet() {
     // The copy in Redis is 2 s old (of its 60 s), both local copies are due for refresh.
     let mut conn = raw(&server);
     redis::cmd("PEXPIRE")
-        .arg("t14:v:1")
+        .arg(vkey("t14", 1))
         .arg(58_000)
         .query::<()>(&mut conn)
         .unwrap();

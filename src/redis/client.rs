@@ -100,6 +100,30 @@ impl Breaker {
 }
 
 /// Connections to one Redis server, with the timeouts and the breaker applied.
+/// Why an operation yielded nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failed {
+    /// Redis is unreachable, slow, or skipped by the breaker.
+    Unavailable,
+    /// Redis answered with an error about this operation's key (e.g. `WRONGTYPE`).
+    Key,
+}
+
+/// Whether an error is the server's refusal of one operation (its reply read in full), as
+/// opposed to a failure of the connection or of the server as a whole.
+fn refused(e: &RedisError) -> bool {
+    use ::redis::{ErrorKind, ServerErrorKind};
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return false;
+    }
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ResponseError)
+            | ErrorKind::Extension
+            | ErrorKind::UnexpectedReturnType
+    )
+}
+
 pub(crate) struct Client {
     raw: RawClient,
     idle: Mutex<Vec<Connection>>,
@@ -137,32 +161,56 @@ impl Client {
 
     /// Runs `op` on a pooled connection, within the time bound and under the breaker. `None`:
     /// skipped or failed (counted); the caller goes on without the second tier.
+    /// Runs `op`: `None` if Redis is unavailable or refused the operation (see
+    /// [`run_result`](Self::run_result)).
     pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Option<T> {
+        self.run_result(op).ok()
+    }
+
+    /// Runs `op` on a pooled (or new) connection, within the time bounds, unless the breaker
+    /// is open. A failure of the connection counts toward the breaker; a server's refusal of
+    /// one key's operation (a key of another type, a script error) does not: the server
+    /// answered, the connection stays usable.
+    pub(crate) fn run_result<T>(
+        &self,
+        op: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> Result<T, Failed> {
         let verdict = self.breaker.admit(Instant::now());
         if verdict == Verdict::Skip {
             self.counters.add(|c| &c.skipped);
-            return None;
+            return Err(Failed::Unavailable);
         }
         let pooled = self.idle.lock().pop();
-        let result = match pooled {
-            Some(c) => Ok(c),
-            None => self.connect(Some(self.op_timeout)),
-        }
-        .and_then(|mut conn| op(&mut conn).map(|v| (v, conn)));
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match self.connect(Some(self.op_timeout)) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.failed(&e);
+                    return Err(Failed::Unavailable);
+                }
+            },
+        };
+        let result = op(&mut conn);
+        let keyed = matches!(&result, Err(e) if refused(e));
         match result {
-            Ok((v, conn)) => {
+            Err(e) if !keyed => {
+                // The connection is dropped: after a timeout its stream may hold half a reply.
+                self.failed(&e);
+                Err(Failed::Unavailable)
+            }
+            result => {
+                // Answered (a value, or a refusal read in full): the connection is reusable.
                 self.breaker.report(true, Instant::now());
                 let mut idle = self.idle.lock();
                 if idle.len() < MAX_IDLE {
                     idle.push(conn);
                 }
-                Some(v)
-            }
-            Err(e) => {
-                // The connection (if any) is dropped: after a timeout its stream may hold half
-                // a reply.
-                self.failed(&e);
-                None
+                drop(idle);
+                result.map_err(|_| {
+                    self.counters.add(|c| &c.key_errors);
+                    Failed::Key
+                })
             }
         }
     }

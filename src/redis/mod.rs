@@ -18,9 +18,39 @@
 //!   released only by its holder (compare-and-delete on the token).
 //! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
 //!   [`insert`](TieredCache::insert) and [`invalidate_all`](TieredCache::invalidate_all) update
-//!   Redis (`DEL`, `SET`, `SCAN` + `UNLINK`) and publish on the channel `namespace:invalidate`.
-//!   Every instance runs a subscriber thread that drops its local copy of the key (or
-//!   everything) and reconnects by itself when the connection drops.
+//!   Redis and publish on the namespace's channel. Every instance runs a subscriber thread that
+//!   drops its local copy of the key (or everything) and reconnects by itself when the
+//!   connection drops.
+//!
+//! # Writes are ordered: the fleet never goes back to an older value
+//!
+//! Every `insert` and `invalidate` advances a per-key version in Redis in the same script that
+//! stores the value or leaves a tombstone (an invalidation also revokes the key's lease). A
+//! load remembers the version it read before loading, and writes its value back only if the
+//! version is still that one — and, with leases, only while its lease stands — in one script.
+//! `invalidate_all` first advances the namespace's epoch (values written back by loads that
+//! read an older epoch are ignored), then tombstones every value. An instance changes Redis
+//! first and its local tier second, so it never reads back from Redis a value it has just
+//! invalidated. Messages carry the version: an instance ignores one older than its own write of
+//! that key, and an `insert` whose local copy lands after another instance announced a newer
+//! version drops it, so concurrent writers converge on Redis's value.
+//!
+//! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
+//! instance, Redis never again yields an older value for the key**, and the other instances
+//! drop their local copies within the pub/sub delivery time (bounded by the local time to
+//! live when messages are lost, see below). The one bound on it: a tombstone lives as long as
+//! values do (the tier's time to live, or the lease time to live if longer), so a load that
+//! began before an invalidation and runs longer than that could still write back.
+//!
+//! # Key layout
+//!
+//! For a namespace `ns` of `n` bytes and a key encoded as `k`: the value is the hash
+//! `hc:<n>:<ns>:v{<k>}` (fields `d` value, `v` version, `e` epoch of a loaded value), the lease
+//! `hc:<n>:<ns>:l{<k>}`, the epoch `hc:<n>:<ns>:epoch`, the channel `hc:<n>:<ns>:invalidate`.
+//! The length prefix makes namespaces prefix-free (`invalidate_all` in `app` never touches
+//! `app:v`), and the `{<k>}` hash tag keeps a key's value and lease in one Cluster slot. A key
+//! of another type found there (an older layout, a stray write) is a per-key error: it does
+//! not count against the circuit breaker, and the next write of the key replaces it.
 //!
 //! # Time to live, refresh, and how stale an instance can get
 //!
@@ -215,9 +245,10 @@ impl RedisTier {
         }
     }
 
-    /// The prefix of every Redis key (`namespace:v:<key>` for values, `namespace:l:<key>` for
-    /// leases) and of the channel (`namespace:invalidate`). Instances share values only
-    /// within a namespace; give each cache (and each value type or codec version) its own.
+    /// The namespace of every Redis key and of the channel (see the module docs' key layout).
+    /// Instances share values only within a namespace; give each cache (and each value type or
+    /// codec version) its own. A namespace with `{` or `}` in it puts all its keys in one
+    /// Cluster slot.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
@@ -422,37 +453,51 @@ where
         &self.cache
     }
 
-    /// Inserts locally, writes the value to Redis and tells the other instances to drop their
-    /// copies (they read the new value from Redis on their next miss).
+    /// Writes the value to Redis (a new version of the key), tells the other instances to drop
+    /// their copies (they read the new value from Redis on their next miss), then inserts
+    /// locally. A load of the key running anywhere in the fleet does not overwrite it.
     ///
     /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
     /// while the breaker is open).
     pub fn insert(&self, key: K, value: V) {
-        self.tier.put(&key, &value);
-        self.cache.insert(key, value);
+        let written = self.tier.put(&key, &value);
+        match written {
+            Some((encoded, version)) => {
+                let k = key.clone();
+                self.cache.insert(key, value);
+                // Another instance's newer write, announced before our copy landed, wins.
+                if self.tier.newer_announced(&encoded, version) {
+                    self.cache.invalidate(&k);
+                }
+            }
+            None => self.cache.insert(key, value),
+        }
     }
 
-    /// Removes `key` here and in Redis, and tells the other instances to drop it.
+    /// Leaves a tombstone for `key` in Redis (a new version; a lease on it is revoked), tells
+    /// the other instances to drop it, then removes it here. A load of the key running
+    /// anywhere in the fleet does not write it back.
     ///
     /// Blocks for the Redis delete and publish (bounded as [`insert`](Self::insert)).
     pub fn invalidate(&self, key: &K) {
-        self.cache.invalidate(key);
+        // Redis first: a local miss in between must not read the old value back from Redis.
         self.tier.invalidate(key);
+        self.cache.invalidate(key);
     }
 
     /// As [`invalidate`](Self::invalidate), returning the local value if there was one.
     pub fn remove(&self, key: &K) -> Option<V> {
-        let v = self.cache.remove(key);
         self.tier.invalidate(key);
-        v
+        self.cache.remove(key)
     }
 
-    /// Clears the local tier, deletes the namespace's values from Redis (`SCAN` + `UNLINK`,
-    /// in batches of about 1,000 keys, each bounded by the operation timeout) and tells the
-    /// other instances to clear theirs.
+    /// Advances the namespace's epoch in Redis (values loads wrote back before it are ignored
+    /// from then on), tombstones the namespace's values (`SCAN` in batches of about 1,000 keys,
+    /// each bounded by the operation timeout), tells the other instances to clear theirs, then
+    /// clears the local tier.
     pub fn invalidate_all(&self) {
-        self.cache.invalidate_all();
         self.tier.invalidate_all();
+        self.cache.invalidate_all();
     }
 
     /// [`Cache::get_with`] through the second tier: on a local miss the leader reads Redis

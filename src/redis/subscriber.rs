@@ -36,11 +36,14 @@ where
     S: BuildHasher + Send + Sync + 'static,
 {
     let mut backoff = Duration::from_millis(50);
-    let mut connected_before = false;
+    // Whether messages may have been missed before this connection: after an earlier one, or
+    // after a failed attempt (the cache may have served and loaded meanwhile).
+    let mut may_have_missed = false;
     while cache.strong_count() > 0 {
         let mut conn = match tier.client.connect(Some(POLL)) {
             Ok(c) => c,
             Err(_) => {
+                may_have_missed = true;
                 sleep_while_alive(cache, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -48,6 +51,7 @@ where
         };
         let mut sub = conn.as_pubsub();
         if sub.subscribe(&tier.channel).is_err() {
+            may_have_missed = true;
             drop(sub);
             sleep_while_alive(cache, backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -56,13 +60,13 @@ where
         backoff = Duration::from_millis(50);
         tier.subscribed.store(true, Ordering::Release);
         tier.counters().add(|c| &c.subscriber_connects);
-        if connected_before && clear_on_reconnect {
+        if may_have_missed && clear_on_reconnect {
             // Messages may have been missed while disconnected.
             if let Some(inner) = cache.upgrade() {
                 Cache { inner }.invalidate_all();
             }
         }
-        connected_before = true;
+        may_have_missed = true; // for the next connection
         loop {
             match sub.get_message() {
                 Ok(msg) => {
@@ -88,7 +92,7 @@ where
     V: Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
-    let Some((kind, origin, key)) = parse_message(payload) else {
+    let Some((kind, origin, version, key)) = parse_message(payload) else {
         tier.counters().add(|c| &c.errors);
         return;
     };
@@ -96,6 +100,8 @@ where
         return;
     }
     match kind {
+        // A message older than our own write of the key does not drop our (newer) copy.
+        MSG_KEY if !tier.announced(key, version) => {}
         MSG_KEY => match tier.decode_key(key) {
             Ok(k) => cache.invalidate(&k),
             // A key we cannot decode could be any key: drop them all rather than keep a

@@ -1,24 +1,98 @@
 //! The second tier's operations: read-through in the single-flight leader, fleet-wide leases,
-//! write-back with a time to live, and invalidation messages.
+//! versioned writes, conditional write-back, and invalidation messages.
+//!
+//! # Key layout (per namespace `ns` of `n` bytes, per encoded key `k`)
+//!
+//! | Redis key | type | what |
+//! |---|---|---|
+//! | `hc:<n>:<ns>:v{<k>}` | hash | `d`: the value's bytes (absent in a tombstone); `v`: the key's version; `e`: the invalidate-all epoch a load read (absent for an insert) |
+//! | `hc:<n>:<ns>:l{<k>}` | string | a lease: the holder's token |
+//! | `hc:<n>:<ns>:epoch` | string | the namespace's invalidate-all epoch |
+//! | `hc:<n>:<ns>:invalidate` | channel | invalidation messages |
+//!
+//! The length prefix makes namespaces prefix-free (`app` never matches `app:v`'s keys), and the
+//! `{<k>}` hash tag puts a key's value and lease in one Cluster slot.
+//!
+//! # Write ordering
+//!
+//! Every `insert` and `invalidate` increments the key's version in the same script that
+//! writes the value or leaves a tombstone (an invalidation also revokes the key's lease). A
+//! load remembers the version (and epoch) it read before loading, and its write-back is a script
+//! that stores only if the version is still that one (and, with a lease, only while its lease
+//! stands). `invalidate_all` increments the epoch first, so that values written back by loads
+//! that read an older epoch are ignored by readers, then tombstones the namespace's values. So
+//! after an `insert` or `invalidate` returns on any instance, Redis never again yields an older
+//! value for the key — provided the tombstone (kept for the tier's time to live) outlives any
+//! load running at that moment.
 
-use super::client::Client;
+use super::client::{Client, Failed};
 use super::offload::{offload, Pool};
 use crate::codec::Codec;
 use crate::refresh::BoxError;
 use crate::stats::RemoteCounters;
 use ::redis::{cmd, pipe, Value};
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Message kinds on the invalidation channel: `[kind][origin: 8 bytes LE][key bytes]`.
+/// Message kinds on the invalidation channel:
+/// `[kind][origin: 8 bytes LE][version: 8 bytes LE][key bytes]`.
 pub(crate) const MSG_KEY: u8 = b'k';
 pub(crate) const MSG_ALL: u8 = b'a';
 
 /// Deletes the lease only if it still holds our token (another instance may own it now).
 const RELEASE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+
+/// Replaces a key of another type (an older layout, a stray write) so that the script after it
+/// can use the hash: a bad key is repaired by the next write, not left failing.
+macro_rules! repair {
+    () => {
+        "local t = redis.call('type', KEYS[1]).ok \
+         if t ~= 'hash' and t ~= 'none' then redis.call('del', KEYS[1]) end "
+    };
+}
+
+/// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
+/// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
+/// load read it, and (with a lease) only while the lease is ours; releases the lease.
+/// Returns 1 stored, 0 superseded, -1 lease lost.
+const WRITE_BACK: &str = concat!(
+    repair!(),
+    "if (redis.call('hget', KEYS[1], 'v') or '0') ~= ARGV[1] then \
+       if ARGV[5] ~= '' and redis.call('get', KEYS[2]) == ARGV[5] then redis.call('del', KEYS[2]) end \
+       return 0 end \
+     if ARGV[5] ~= '' then \
+       if redis.call('get', KEYS[2]) ~= ARGV[5] then return -1 end \
+       redis.call('del', KEYS[2]) end \
+     redis.call('hset', KEYS[1], 'd', ARGV[2], 'e', ARGV[4]) \
+     redis.call('pexpire', KEYS[1], ARGV[3]) \
+     return 1"
+);
+
+/// An insert: KEYS = value; ARGV = bytes, px. Returns the new version.
+const INSERT: &str = concat!(
+    repair!(),
+    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
+     redis.call('hset', KEYS[1], 'd', ARGV[1]) \
+     redis.call('hdel', KEYS[1], 'e') \
+     redis.call('pexpire', KEYS[1], ARGV[2]) \
+     return v"
+);
+
+/// An invalidation: KEYS = value, lease; ARGV = tombstone px. Leaves a tombstone (the version,
+/// no value), revokes the lease. Returns the new version.
+const TOMBSTONE: &str = concat!(
+    repair!(),
+    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
+     redis.call('hdel', KEYS[1], 'd', 'e') \
+     redis.call('pexpire', KEYS[1], ARGV[1]) \
+     redis.call('del', KEYS[2]) \
+     return v"
+);
 
 /// Fleet-wide single-flight settings.
 #[derive(Clone, Copy, Debug)]
@@ -29,7 +103,7 @@ pub(crate) struct LeaseConfig {
     pub(crate) wait: Duration,
 }
 
-/// A value's Redis key, `namespace:v:` followed by the encoded key (from `at`), and the
+/// A value's Redis key, `hc:<n>:<ns>:v{` + the encoded key (from `at`) + `}`, and the
 /// oldest value (by time spent in Redis) the fetch accepts.
 struct ValueKey {
     bytes: Vec<u8>,
@@ -40,8 +114,16 @@ struct ValueKey {
 impl ValueKey {
     /// The encoded key alone.
     fn key(&self) -> &[u8] {
-        &self.bytes[self.at..]
+        &self.bytes[self.at..self.bytes.len() - 1]
     }
+}
+
+/// What a read saw of a key: its value (if any, and valid), the key's version and the
+/// namespace's epoch (for a later conditional write-back).
+struct Snapshot<V> {
+    found: Option<Found<V>>,
+    version: u64,
+    epoch: u64,
 }
 
 /// The first half of a fetch, decided before the load.
@@ -82,18 +164,23 @@ impl<V> Stored<V> {
 /// What is left to do after a load.
 struct Pending {
     vkey: Vec<u8>,
-    /// The lease we hold (key, token), to give back after the write.
-    lease: Option<(Vec<u8>, u64)>,
+    lkey: Vec<u8>,
+    /// The lease token we hold, to give back with the write.
+    lease: Option<u64>,
     /// Whether Redis answered: if not, the value is not written.
     redis: bool,
+    /// The key's version and the namespace's epoch when the load began: the write-back stores
+    /// only if the version is unchanged.
+    version: u64,
+    epoch: u64,
 }
 
 /// How a leader's lease attempt ended.
 enum Lease<V> {
     /// Another instance's value appeared while we waited.
     Value(Stored<V>),
-    /// We hold the lease (this token) and load for the fleet.
-    Held(u64),
+    /// We hold the lease (this token) and load for the fleet, from this version and epoch.
+    Held(u64, u64, u64),
     /// Load locally: the bounded wait passed, or the lease vanished without a value.
     Local,
     /// Redis is unavailable: load locally and do not write.
@@ -105,9 +192,14 @@ pub(crate) struct Tier<K, V> {
     pub(crate) client: Client,
     key_codec: Box<dyn Codec<K>>,
     value_codec: Box<dyn Codec<V>>,
-    /// `namespace:` — prefix of every key.
+    /// `hc:<n>:<namespace>:` — prefix of every key.
     prefix: Vec<u8>,
+    epoch_key: Vec<u8>,
     pub(crate) channel: Vec<u8>,
+    /// Per key (encoded), the newest version this instance wrote and the newest it heard of
+    /// from others, for recent keys: a message older than our own write does not drop our
+    /// copy, and our write does not stand over a newer one announced meanwhile.
+    versions: Mutex<HashMap<Vec<u8>, (u64, u64)>>,
     /// This instance's id in invalidation messages (its own are ignored).
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
@@ -131,12 +223,15 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         lease: Option<LeaseConfig>,
     ) -> Self {
         let random = ahash::RandomState::new();
+        let prefix = format!("hc:{}:{namespace}:", namespace.len());
         Tier {
             client,
             key_codec,
             value_codec,
-            prefix: format!("{namespace}:").into_bytes(),
-            channel: format!("{namespace}:invalidate").into_bytes(),
+            epoch_key: format!("{prefix}epoch").into_bytes(),
+            channel: format!("{prefix}invalidate").into_bytes(),
+            prefix: prefix.into_bytes(),
+            versions: Mutex::new(HashMap::new()),
             origin: random.hash_one(0x0419_u64),
             ttl,
             lease,
@@ -155,13 +250,16 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         self.counters().add(counter);
     }
 
-    /// `namespace:v:` + key bytes, or `None` if the key cannot be encoded.
+    /// `hc:<n>:<ns>:v{` + key bytes + `}`, or `None` if the key cannot be encoded.
     fn value_key(&self, key: &K, max_age: Option<Duration>) -> Option<ValueKey> {
         let mut bytes = self.prefix.clone();
-        bytes.extend_from_slice(b"v:");
+        bytes.extend_from_slice(b"v{");
         let at = bytes.len();
         match self.key_codec.encode(key, &mut bytes) {
-            Ok(()) => Some(ValueKey { bytes, at, max_age }),
+            Ok(()) => {
+                bytes.push(b'}');
+                Some(ValueKey { bytes, at, max_age })
+            }
             Err(_) => {
                 self.count(|c| &c.errors);
                 None
@@ -171,9 +269,30 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     fn lease_key(&self, vkey: &ValueKey) -> Vec<u8> {
         let mut out = self.prefix.clone();
-        out.extend_from_slice(b"l:");
+        out.extend_from_slice(b"l{");
         out.extend_from_slice(vkey.key());
+        out.push(b'}');
         out
+    }
+
+    /// The Redis key of every value of the namespace, as a `SCAN` pattern.
+    fn value_pattern(&self) -> Vec<u8> {
+        let mut pattern = Vec::with_capacity(self.prefix.len() + 4);
+        for &b in &self.prefix {
+            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+                pattern.push(b'\\');
+            }
+            pattern.push(b);
+        }
+        pattern.extend_from_slice(b"v{*");
+        pattern
+    }
+
+    /// Tombstones are kept as long as values live: a load that began before an invalidation
+    /// and runs longer than this could write back a value older than the invalidation.
+    fn tombstone_ttl(&self) -> u64 {
+        let lease = self.lease.map_or(Duration::ZERO, |l| l.ttl);
+        millis(self.ttl.max(lease))
     }
 
     fn decode(&self, bytes: &[u8]) -> Option<V> {
@@ -192,27 +311,60 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             .max(1)
     }
 
-    /// Reads `key` from Redis: `Ok(Some)` a value, `Ok(None)` absent or undecodable, `Err`
-    /// Redis unavailable (failed, timed out, or skipped by the breaker).
-    fn read(&self, vkey: &ValueKey) -> Result<Option<Stored<V>>, ()> {
-        let (bytes, pttl) = self
-            .client
-            .run(|c| {
-                pipe()
-                    .cmd("GET")
-                    .arg(&vkey.bytes)
-                    .cmd("PTTL")
-                    .arg(&vkey.bytes)
-                    .query::<(Option<Vec<u8>>, i64)>(c)
-            })
-            .ok_or(())?;
-        match bytes.map(|b| self.found(&b, pttl, vkey.max_age)) {
-            Some(Found::Value(v)) => Ok(Some(v)),
-            Some(Found::Undecodable) => Ok(None),
-            Some(Found::TooOld) | None => {
-                self.count(|c| &c.misses);
-                Ok(None)
-            }
+    /// Adds the commands of a read of `vkey` to a pipeline: its hash fields (value, version,
+    /// epoch), its time left, and the namespace's epoch.
+    fn read_cmds(&self, p: &mut ::redis::Pipeline, vkey: &ValueKey) {
+        p.cmd("HMGET")
+            .arg(&vkey.bytes)
+            .arg("d")
+            .arg("v")
+            .arg("e")
+            .cmd("PTTL")
+            .arg(&vkey.bytes)
+            .cmd("GET")
+            .arg(&self.epoch_key);
+    }
+
+    /// Makes sense of a read's replies (see [`read_cmds`](Self::read_cmds)).
+    fn snapshot(
+        &self,
+        fields: Fields,
+        pttl: i64,
+        epoch: Option<u64>,
+        vkey: &ValueKey,
+    ) -> Snapshot<V> {
+        let (bytes, version, written_in) = fields;
+        let epoch = epoch.unwrap_or(0);
+        // A value a load wrote back after reading an older epoch is from before an
+        // invalidate-all: not a value.
+        let valid = written_in.is_none_or(|e| e >= epoch);
+        let found = bytes
+            .filter(|_| valid)
+            .map(|b| self.found(&b, pttl, vkey.max_age));
+        Snapshot {
+            found,
+            version: version.unwrap_or(0),
+            epoch,
+        }
+    }
+
+    /// Reads `key` from Redis: `Ok` with what it saw, `Err` when Redis is unavailable (failed,
+    /// timed out, or skipped by the breaker). A key Redis refuses to read (of another type) is
+    /// seen as absent: the write-back will repair it.
+    fn read(&self, vkey: &ValueKey) -> Result<Snapshot<V>, ()> {
+        let got = self.client.run_result(|c| {
+            let mut p = pipe();
+            self.read_cmds(&mut p, vkey);
+            p.query::<(Fields, i64, Option<u64>)>(c)
+        });
+        match got {
+            Ok((fields, pttl, epoch)) => Ok(self.snapshot(fields, pttl, epoch, vkey)),
+            Err(Failed::Key) => Ok(Snapshot {
+                found: None,
+                version: 0,
+                epoch: 0,
+            }),
+            Err(Failed::Unavailable) => Err(()),
         }
     }
 
@@ -233,27 +385,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         Found::Value(Stored { value, ttl_ms })
     }
 
-    /// Writes a value to Redis with the tier's time to live (skipped if Redis is unavailable).
-    /// False if Redis failed (not for a value that cannot be encoded).
-    fn write(&self, vkey: &[u8], value: &V) -> bool {
+    /// Encodes a value for Redis (`None`, counted as an error, if it cannot be).
+    fn encode(&self, value: &V) -> Option<Vec<u8>> {
         let mut bytes = Vec::new();
         if self.value_codec.encode(value, &mut bytes).is_err() {
             self.count(|c| &c.errors);
-            return true;
+            return None;
         }
-        let px = millis(self.ttl);
-        let done = self.client.run(|c| {
-            cmd("SET")
-                .arg(vkey)
-                .arg(bytes)
-                .arg("PX")
-                .arg(px)
-                .query::<()>(c)
-        });
-        if done.is_some() {
-            self.count(|c| &c.writes);
-        }
-        done.is_some()
+        Some(bytes)
     }
 
     /// What the single-flight leader runs on a local miss: the value from Redis if it is
@@ -331,44 +470,74 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// The part of a fetch before the load: Redis's value, or how to load.
     fn plan(&self, vkey: ValueKey) -> Plan<V> {
-        let pending = |lease, redis| {
+        let lkey = self.lease_key(&vkey);
+        let pending = |lease, redis, version, epoch| {
             Plan::Load(Pending {
                 vkey: vkey.bytes.clone(),
+                lkey: lkey.clone(),
                 lease,
                 redis,
+                version,
+                epoch,
             })
         };
-        match self.read(&vkey) {
-            Ok(Some(v)) => return Plan::Found(v),
-            Ok(None) => {}
+        let seen = match self.read(&vkey) {
+            Ok(seen) => seen,
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
             // at most one operation's timeout.
-            Err(()) => return pending(None, false),
+            Err(()) => return pending(None, false, 0, 0),
+        };
+        match seen.found {
+            Some(Found::Value(v)) => return Plan::Found(v),
+            Some(Found::TooOld | Found::Undecodable) | None => {}
+        }
+        if seen.found.is_none() {
+            self.count(|c| &c.misses);
         }
         let Some(cfg) = self.lease else {
-            return pending(None, true);
+            return pending(None, true, seen.version, seen.epoch);
         };
-        let lkey = self.lease_key(&vkey);
         match self.lease_or_wait(&vkey, &lkey, cfg) {
             Lease::Value(v) => Plan::Found(v),
-            Lease::Held(token) => pending(Some((lkey, token)), true),
-            Lease::Local => pending(None, true),
-            Lease::Unavailable => pending(None, false),
+            Lease::Held(token, version, epoch) => pending(Some(token), true, version, epoch),
+            Lease::Local => pending(None, true, seen.version, seen.epoch),
+            Lease::Unavailable => pending(None, false, 0, 0),
         }
     }
 
-    /// The part of a fetch after the load: writes the value (if any, and if Redis was
-    /// reachable), then gives the lease back — after the write, so waiters find the value.
+    /// The part of a fetch after the load: writes the value back (if any, if Redis was
+    /// reachable, and only if nothing wrote or invalidated the key since the load began), and
+    /// gives the lease back — in the same script, after the write, so waiters find the value.
     fn finish(&self, pending: Pending, value: Option<&V>) {
-        let written = match value {
-            Some(v) if pending.redis => self.write(&pending.vkey, v),
-            _ => true,
+        let token = pending.lease;
+        let bytes = match value {
+            Some(v) if pending.redis => self.encode(v),
+            _ => None,
         };
-        if let Some((lkey, token)) = pending.lease {
-            // If Redis just failed, do not spend another timeout: the lease expires by itself.
-            if written {
-                self.release(&lkey, token);
+        let Some(bytes) = bytes else {
+            if let (Some(token), true) = (token, pending.redis) {
+                self.release(&pending.lkey, token);
             }
+            return;
+        };
+        let token_arg = token.map_or_else(String::new, |t| t.to_string());
+        let stored = self.client.run(|c| {
+            cmd("EVAL")
+                .arg(WRITE_BACK)
+                .arg(2)
+                .arg(&pending.vkey)
+                .arg(&pending.lkey)
+                .arg(pending.version)
+                .arg(bytes)
+                .arg(millis(self.ttl))
+                .arg(pending.epoch)
+                .arg(token_arg)
+                .query::<i64>(c)
+        });
+        match stored {
+            Some(1) => self.count(|c| &c.writes),
+            Some(_) => self.count(|c| &c.writes_superseded),
+            None => {}
         }
     }
 
@@ -390,31 +559,29 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         loop {
             // Take the lease and look at the value in one round trip, in this order: a holder
             // writes its value before releasing, so if the lease was free the value of the
-            // load that just ended (if any) is visible to the GET.
+            // load that just ended (if any) is visible to the read, and the version read is
+            // the one our write-back must find.
             let token = self.token();
             let got = self.client.run(|c| {
-                pipe()
-                    .cmd("SET")
+                let mut p = pipe();
+                p.cmd("SET")
                     .arg(lkey)
                     .arg(token)
                     .arg("NX")
                     .arg("PX")
-                    .arg(millis(cfg.ttl))
-                    .cmd("GET")
-                    .arg(&vkey.bytes)
-                    .cmd("PTTL")
-                    .arg(&vkey.bytes)
-                    .query::<(Value, Option<Vec<u8>>, i64)>(c)
+                    .arg(millis(cfg.ttl));
+                self.read_cmds(&mut p, vkey);
+                p.query::<(Value, Fields, i64, Option<u64>)>(c)
             });
-            let Some((lease, value, pttl)) = got else {
+            let Some((lease, fields, pttl, epoch)) = got else {
                 if waited {
                     self.count(|c| &c.lease_fallbacks);
                 }
                 return Lease::Unavailable;
             };
             let held = !matches!(lease, Value::Nil);
-            let found = value.map(|b| self.found(&b, pttl, vkey.max_age));
-            if let Some(Found::Value(v)) = found {
+            let seen = self.snapshot(fields, pttl, epoch, vkey);
+            if let Some(Found::Value(v)) = seen.found {
                 if held {
                     // Taken needlessly: give it back.
                     self.release(lkey, token);
@@ -426,7 +593,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             }
             if held {
                 self.count(|c| &c.leases_acquired);
-                return Lease::Held(token);
+                return Lease::Held(token, seen.version, seen.epoch);
             }
             if !waited {
                 waited = true;
@@ -442,20 +609,16 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 std::thread::sleep(pause.min(deadline - now));
                 pause = (pause * 2).min(Duration::from_millis(20));
                 let seen = self.client.run(|c| {
-                    pipe()
-                        .cmd("GET")
-                        .arg(&vkey.bytes)
-                        .cmd("EXISTS")
-                        .arg(lkey)
-                        .cmd("PTTL")
-                        .arg(&vkey.bytes)
-                        .query::<(Option<Vec<u8>>, bool, i64)>(c)
+                    let mut p = pipe();
+                    self.read_cmds(&mut p, vkey);
+                    p.cmd("EXISTS").arg(lkey);
+                    p.query::<(Fields, i64, Option<u64>, bool)>(c)
                 });
-                let Some((value, leased, pttl)) = seen else {
+                let Some((fields, pttl, epoch, leased)) = seen else {
                     self.count(|c| &c.lease_fallbacks);
                     return Lease::Unavailable;
                 };
-                match value.map(|b| self.found(&b, pttl, vkey.max_age)) {
+                match self.snapshot(fields, pttl, epoch, vkey).found {
                     Some(Found::Value(v)) => {
                         self.count(|c| &c.lease_wait_hits);
                         return Lease::Value(v);
@@ -464,8 +627,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                     // Nothing yet (or only the value being refreshed), the holder is at work.
                     Some(Found::TooOld) | None if leased => {}
                     Some(Found::TooOld) | None => {
-                        // The holder released without a value (its load failed) or died and
-                        // the lease expired: try to take over, at most twice.
+                        // The holder released without a value (its load failed, or an
+                        // invalidation revoked its lease) or died and the lease expired: try
+                        // to take over, at most twice.
                         vanished += 1;
                         if vanished > 2 {
                             return self.give_up();
@@ -483,38 +647,62 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         Lease::Local
     }
 
-    /// Writes `value` for `key` to Redis and tells the other instances to drop their copies.
-    pub(crate) fn put(&self, key: &K, value: &V) {
-        if let Some(vkey) = self.value_key(key, None) {
-            if self.write(&vkey.bytes, value) {
-                self.publish(MSG_KEY, vkey.key());
-            }
-        }
+    /// Writes `value` for `key` to Redis (a new version) and tells the other instances to drop
+    /// their copies. Returns the key's encoding and its new version, or `None` if Redis was
+    /// not written.
+    pub(crate) fn put(&self, key: &K, value: &V) -> Option<(Vec<u8>, u64)> {
+        let vkey = self.value_key(key, None)?;
+        let bytes = self.encode(value)?;
+        let version = self.client.run(|c| {
+            cmd("EVAL")
+                .arg(INSERT)
+                .arg(1)
+                .arg(&vkey.bytes)
+                .arg(bytes)
+                .arg(millis(self.ttl))
+                .query::<u64>(c)
+        })?;
+        self.count(|c| &c.writes);
+        self.note_own(vkey.key(), version);
+        self.publish(MSG_KEY, version, vkey.key());
+        Some((vkey.key().to_vec(), version))
     }
 
-    /// Deletes `key` from Redis and tells the other instances to drop their copies.
+    /// Leaves a tombstone for `key` in Redis (a new version; its lease revoked) and tells the
+    /// other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        if let Some(vkey) = self.value_key(key, None) {
-            let deleted = self
-                .client
-                .run(|c| cmd("DEL").arg(&vkey.bytes).query::<()>(c));
-            if deleted.is_some() {
-                self.publish(MSG_KEY, vkey.key());
-            }
+        let Some(vkey) = self.value_key(key, None) else {
+            return;
+        };
+        let lkey = self.lease_key(&vkey);
+        let version = self.client.run(|c| {
+            cmd("EVAL")
+                .arg(TOMBSTONE)
+                .arg(2)
+                .arg(&vkey.bytes)
+                .arg(&lkey)
+                .arg(self.tombstone_ttl())
+                .query::<u64>(c)
+        });
+        if let Some(version) = version {
+            self.note_own(vkey.key(), version);
+            self.publish(MSG_KEY, version, vkey.key());
         }
     }
 
-    /// Deletes every value of the namespace from Redis (`SCAN` + `UNLINK`, one batch per
-    /// operation) and tells the other instances to clear.
+    /// Invalidates every value of the namespace: first a new epoch (values written back by
+    /// loads that began before it are ignored from then on), then a tombstone for every value
+    /// (`SCAN`, one script per key, pipelined by batch), then a message to the other instances.
     pub(crate) fn invalidate_all(&self) {
-        let mut pattern = Vec::with_capacity(self.prefix.len() + 3);
-        for &b in &self.prefix {
-            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
-                pattern.push(b'\\');
-            }
-            pattern.push(b);
-        }
-        pattern.extend_from_slice(b"v:*");
+        let Some(epoch) = self
+            .client
+            .run(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
+        else {
+            return; // Redis failed: the rest would too (and cost more timeouts)
+        };
+        self.versions.lock().clear();
+        let pattern = self.value_pattern();
+        let tomb = self.tombstone_ttl();
         let mut cursor = 0u64;
         loop {
             let batch = self.client.run(|c| {
@@ -526,23 +714,69 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                     .arg(1000)
                     .query::<(u64, Vec<Vec<u8>>)>(c)
             });
-            // Redis failed: the publish would too (and cost another timeout).
-            let Some((next, keys)) = batch else { return };
+            let Some((next, keys)) = batch else { break };
             if !keys.is_empty() {
-                self.client.run(|c| cmd("UNLINK").arg(&keys).query::<()>(c));
+                self.client.run(|c| {
+                    let mut p = pipe();
+                    for vkey in &keys {
+                        // The lease key of `…v{k}` is `…l{k}`.
+                        let mut lkey = vkey.clone();
+                        lkey[self.prefix.len()] = b'l';
+                        p.cmd("EVAL")
+                            .arg(TOMBSTONE)
+                            .arg(2)
+                            .arg(vkey)
+                            .arg(lkey)
+                            .arg(tomb)
+                            .ignore();
+                    }
+                    p.query::<()>(c)
+                });
             }
             if next == 0 {
                 break;
             }
             cursor = next;
         }
-        self.publish(MSG_ALL, &[]);
+        self.publish(MSG_ALL, epoch, &[]);
     }
 
-    fn publish(&self, kind: u8, key: &[u8]) {
-        let mut msg = Vec::with_capacity(9 + key.len());
+    /// Remembers our own write of a key at `version`.
+    fn note_own(&self, key: &[u8], version: u64) {
+        let mut m = self.versions.lock();
+        if m.len() >= VERSIONS_KEPT {
+            m.clear();
+        }
+        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        e.0 = e.0.max(version);
+    }
+
+    /// After our own write of a key at `version` reached the local cache: whether another
+    /// instance announced a newer version meanwhile (then the local copy must go).
+    pub(crate) fn newer_announced(&self, key: &[u8], version: u64) -> bool {
+        self.versions
+            .lock()
+            .get(key)
+            .is_some_and(|&(_, seen)| seen > version)
+    }
+
+    /// A message from another instance announcing `version` of a key: whether the local copy
+    /// must go (not when our own write of that key is newer).
+    pub(crate) fn announced(&self, key: &[u8], version: u64) -> bool {
+        let mut m = self.versions.lock();
+        if m.len() >= VERSIONS_KEPT {
+            m.clear();
+        }
+        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        e.1 = e.1.max(version);
+        version == 0 || version >= e.0
+    }
+
+    fn publish(&self, kind: u8, version: u64, key: &[u8]) {
+        let mut msg = Vec::with_capacity(17 + key.len());
         msg.push(kind);
         msg.extend_from_slice(&self.origin.to_le_bytes());
+        msg.extend_from_slice(&version.to_le_bytes());
         msg.extend_from_slice(key);
         let sent = self
             .client
@@ -600,14 +834,21 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Splits an invalidation message into its kind, origin and key.
-pub(crate) fn parse_message(payload: &[u8]) -> Option<(u8, u64, &[u8])> {
-    if payload.len() < 9 {
+/// Splits an invalidation message into its kind, origin, version and key.
+pub(crate) fn parse_message(payload: &[u8]) -> Option<(u8, u64, u64, &[u8])> {
+    if payload.len() < 17 {
         return None;
     }
     let origin = u64::from_le_bytes(payload[1..9].try_into().ok()?);
-    Some((payload[0], origin, &payload[9..]))
+    let version = u64::from_le_bytes(payload[9..17].try_into().ok()?);
+    Some((payload[0], origin, version, &payload[17..]))
 }
+
+/// A value's hash fields as read: bytes, version, epoch of a loaded value.
+type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>);
+
+/// How many keys' recent versions an instance remembers (then it starts over).
+const VERSIONS_KEPT: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -617,9 +858,10 @@ mod tests {
     fn messages_round_trip_and_short_ones_are_rejected() {
         let mut msg = vec![MSG_KEY];
         msg.extend_from_slice(&7u64.to_le_bytes());
+        msg.extend_from_slice(&9u64.to_le_bytes());
         msg.extend_from_slice(b"key");
-        assert_eq!(parse_message(&msg), Some((MSG_KEY, 7, &b"key"[..])));
-        assert_eq!(parse_message(&msg[..8]), None);
+        assert_eq!(parse_message(&msg), Some((MSG_KEY, 7, 9, &b"key"[..])));
+        assert_eq!(parse_message(&msg[..16]), None);
         assert_eq!(millis(Duration::from_micros(10)), 1);
         assert_eq!(millis(Duration::MAX), u64::MAX);
     }
