@@ -379,18 +379,14 @@ where
         }
     }
 
-    /// The async twin of [`or_insert_with`](Self::or_insert_with); cancel safety as
-    /// [`Cache::get_with_async`].
-    pub async fn or_insert_with_async(
-        self,
-        init: impl Future<Output = V> + Send + 'static,
-    ) -> Entry<K, V> {
-        let fresh = Arc::new(AtomicBool::new(false));
-        let f = Arc::clone(&fresh);
+    /// The async twin of [`or_insert_with`](Self::or_insert_with); `init` may borrow, and
+    /// cancel safety is as [`Cache::get_with_async`].
+    pub async fn or_insert_with_async(self, init: impl Future<Output = V>) -> Entry<K, V> {
+        let fresh = AtomicBool::new(false);
         let value = self
             .cache
-            .get_with_async(self.key.clone(), async move {
-                f.store(true, Ordering::Release);
+            .get_with_async(self.key.clone(), async {
+                fresh.store(true, Ordering::Release);
                 init.await
             })
             .await;

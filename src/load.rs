@@ -175,6 +175,24 @@ impl LoadPermit {
     }
 }
 
+/// Polls a leader's own load with its flight marked as run by the polling thread (a load of
+/// the same key inside it fails loudly instead of waiting for itself) and, under a permit, the
+/// permit marked as held (loads nested in it do not wait for another).
+struct Leading<'a, K, V, F> {
+    flight: &'a Arc<Flight<K, V>>,
+    inner: Pin<&'a mut F>,
+    held: bool,
+}
+
+impl<K, V, F: Future> Future for Leading<'_, K, V, F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _running = enter(self.flight);
+        let _held = self.held.then(PermitHeld::enter);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
 /// Polls a load that runs under a permit with the permit marked as held by the polling thread,
 /// so loads nested in it do not wait for another.
 pub(crate) struct UnderPermit<F> {
@@ -325,38 +343,56 @@ where
     /// however many callers (async or blocking) miss at the same time. Runtime-agnostic: no
     /// executor is required or spawned.
     ///
+    /// `init` may borrow from the caller (`self.db.fetch_user(id)` in a method of yours): it
+    /// needs neither `Send` nor `'static`, and the returned future is `Send` when `init` is.
+    ///
     /// # Concurrent calls on the same key
     ///
-    /// As for [`get_with`](Self::get_with), and: the leader's `init` becomes a *shared* load
-    /// that any waiting caller may poll. So when the leading future is dropped, or is never
-    /// polled again, the waiters drive the load to completion themselves; the load is
-    /// cancelled (the future dropped) only when every caller waiting on it is gone. The others'
-    /// futures are dropped unpolled.
+    /// As for [`get_with`](Self::get_with): the leader awaits its own `init`; the other
+    /// callers wait, and receive a clone of its value. If the leader's future is dropped before
+    /// its load finishes, the load is cancelled and one of the waiting callers loads with *its*
+    /// `init` (nobody is stranded, nobody waits on a future no one can poll). A blocking caller
+    /// of the key waits the same way. To let waiters finish a cancelled leader's load instead
+    /// (a `'static` load whose work must not be wasted when its caller times out), use
+    /// [`get_with_async_shared`](Self::get_with_async_shared).
     ///
     /// # Cancel safety
     ///
-    /// Dropping the returned future unregisters it from the load (nothing is left behind); if
-    /// it was the last caller interested in that load, the load is cancelled and the key is
-    /// not cached. Other callers are unaffected.
+    /// Dropping the returned future cancels this caller's part: a load it leads is dropped
+    /// (and another caller takes over), a wait is unregistered. Nothing is left behind, and the
+    /// key is not cached by a cancelled load.
     ///
     /// # Panics
     ///
-    /// If the load panics, in the caller that was polling it at the time (usually the leader);
-    /// the others load again. If the load awaits this cache for the same key.
+    /// If `init` panics (in this caller; the waiters load again with their own `init`), or if
+    /// `init` awaits this cache for the same key (a recursive load would wait for itself).
     ///
     /// # Example
     ///
     /// ```
-    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::new(10);
-    /// let v = futures::executor::block_on(cache.get_with_async(1, async { "one".to_string() }));
-    /// assert_eq!(v, "one");
+    /// use herdcache::Cache;
+    ///
+    /// struct Db;
+    /// impl Db {
+    ///     async fn fetch_user(&self, id: u32) -> String {
+    ///         format!("user {id}")
+    ///     }
+    /// }
+    /// struct Service {
+    ///     db: Db,
+    ///     cache: Cache<u32, String>,
+    /// }
+    /// impl Service {
+    ///     async fn user(&self, id: u32) -> String {
+    ///         // The load borrows `self.db`: no `Arc`, no `async move`.
+    ///         self.cache.get_with_async(id, self.db.fetch_user(id)).await
+    ///     }
+    /// }
+    /// let s = Service { db: Db, cache: Cache::new(100) };
+    /// assert_eq!(futures::executor::block_on(s.user(1)), "user 1");
     /// ```
-    pub async fn get_with_async(
-        &self,
-        key: K,
-        init: impl Future<Output = V> + Send + 'static,
-    ) -> V {
-        self.load_async_core(
+    pub async fn get_with_async(&self, key: K, init: impl Future<Output = V>) -> V {
+        self.load_borrowed(
             key,
             async { Outcome::Value(init.await) },
             V::clone,
@@ -365,7 +401,8 @@ where
         .await
     }
 
-    /// The async twin of [`try_get_with`](Self::try_get_with).
+    /// The async twin of [`try_get_with`](Self::try_get_with); `init` may borrow, as for
+    /// [`get_with_async`](Self::get_with_async).
     ///
     /// # Errors
     ///
@@ -385,6 +422,117 @@ where
     pub async fn try_get_with_async<E>(
         &self,
         key: K,
+        init: impl Future<Output = Result<V, E>>,
+    ) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        self.load_borrowed(
+            key,
+            async { outcome_of(init.await) },
+            |v| Ok(v.clone()),
+            accept_result::<V, E>,
+        )
+        .await
+    }
+
+    /// The async twin of [`optionally_get_with`](Self::optionally_get_with); `init` may
+    /// borrow, as for [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<u32, u32> = herdcache::Cache::new(10);
+    /// let v = futures::executor::block_on(cache.optionally_get_with_async(1, async { Some(2) }));
+    /// assert_eq!(v, Some(2));
+    /// ```
+    pub async fn optionally_get_with_async(
+        &self,
+        key: K,
+        init: impl Future<Output = Option<V>>,
+    ) -> Option<V> {
+        self.load_borrowed(
+            key,
+            async { init.await.map_or(Outcome::Nothing, Outcome::Value) },
+            |v| Some(v.clone()),
+            accept_option,
+        )
+        .await
+    }
+
+    /// [`get_with_async`](Self::get_with_async) with a *shared* load: the leader's `init`
+    /// (`Send + 'static`) is stored in the load, and any async caller waiting on it may poll
+    /// it. So when the leading future is dropped (say, a timeout on the leader's request), or
+    /// is never polled again, the waiters drive the load to completion and the work is not
+    /// wasted; the load is cancelled (the future dropped) only when every async caller waiting
+    /// on it is gone. Blocking callers never poll it (it may need its runtime): they wait, and
+    /// load themselves if the async callers all went away.
+    ///
+    /// Choose this when loads are expensive and callers often give up (timeouts) while others
+    /// wait for the same key; choose [`get_with_async`](Self::get_with_async) when the load
+    /// borrows from the caller, or must run in the caller's task (task-locals, tracing spans).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future unregisters it from the load (nothing is left behind); if
+    /// it was the last async caller interested in that load, the load is cancelled and the key
+    /// is not cached. Other callers are unaffected.
+    ///
+    /// # Panics
+    ///
+    /// If the load panics, in the caller that was polling it at the time (usually the leader);
+    /// the others load again. If the load awaits this cache for the same key.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::new(10);
+    /// let v = futures::executor::block_on(
+    ///     cache.get_with_async_shared(1, async { "one".to_string() }),
+    /// );
+    /// assert_eq!(v, "one");
+    /// ```
+    pub async fn get_with_async_shared(
+        &self,
+        key: K,
+        init: impl Future<Output = V> + Send + 'static,
+    ) -> V {
+        self.load_async_core(
+            key,
+            async { Outcome::Value(init.await) },
+            V::clone,
+            accept_value,
+        )
+        .await
+    }
+
+    /// [`try_get_with_async`](Self::try_get_with_async) with a shared load, as
+    /// [`get_with_async_shared`](Self::get_with_async_shared).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get_with`](Self::try_get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async_shared`](Self::get_with_async_shared).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<u32, u32> = herdcache::Cache::new(10);
+    /// let r = futures::executor::block_on(
+    ///     cache.try_get_with_async_shared(1, async { Ok::<_, String>(7) }),
+    /// );
+    /// assert_eq!(r, Ok(7));
+    /// ```
+    pub async fn try_get_with_async_shared<E>(
+        &self,
+        key: K,
         init: impl Future<Output = Result<V, E>> + Send + 'static,
     ) -> Result<V, Arc<E>>
     where
@@ -399,20 +547,23 @@ where
         .await
     }
 
-    /// The async twin of [`optionally_get_with`](Self::optionally_get_with).
+    /// [`optionally_get_with_async`](Self::optionally_get_with_async) with a shared load, as
+    /// [`get_with_async_shared`](Self::get_with_async_shared).
     ///
     /// # Cancel safety
     ///
-    /// As [`get_with_async`](Self::get_with_async).
+    /// As [`get_with_async_shared`](Self::get_with_async_shared).
     ///
     /// # Example
     ///
     /// ```
     /// let cache: herdcache::Cache<u32, u32> = herdcache::Cache::new(10);
-    /// let v = futures::executor::block_on(cache.optionally_get_with_async(1, async { Some(2) }));
+    /// let v = futures::executor::block_on(
+    ///     cache.optionally_get_with_async_shared(1, async { Some(2) }),
+    /// );
     /// assert_eq!(v, Some(2));
     /// ```
-    pub async fn optionally_get_with_async(
+    pub async fn optionally_get_with_async_shared(
         &self,
         key: K,
         init: impl Future<Output = Option<V>> + Send + 'static,
@@ -792,7 +943,73 @@ where
         }
     }
 
-    /// Runs an async load: the single-flight core for `get_with_async` and its siblings.
+    /// Runs an async load whose future the leader drives itself (it may borrow): the
+    /// single-flight core for `get_with_async` and its siblings. The flight holds no future;
+    /// the leader's [`Lead`] guard lives in this future, so dropping it mid-load abandons the
+    /// flight and a waiter leads with its own `init`.
+    pub(crate) async fn load_borrowed<R>(
+        &self,
+        key: K,
+        init: impl Future<Output = Outcome<V>>,
+        hit: impl Fn(&V) -> R,
+        accept: impl Fn(&Outcome<V>) -> Option<R>,
+    ) -> R {
+        let hash = self.hash(&key);
+        let mut init = Some(init);
+        let mut bypass_negative = false;
+        let mut record = true;
+        loop {
+            let how = How {
+                can_lead: true,
+                bypass_negative,
+                record,
+            };
+            let claim = self.claim(hash, &key, &hit, &mut None, how);
+            record = false;
+            match claim {
+                Claim::Hit(r) => return r,
+                Claim::Lost => unreachable!("a caller with its loader can always lead"),
+                Claim::Lead(lead) => {
+                    let init = init.take().expect("a caller leads at most once");
+                    let (outcome, took) = self.drive(lead.flight(), init).await;
+                    let outcome = self.publish(lead, Some(key), outcome, took);
+                    return accept(&outcome).expect("a leader accepts its own outcome");
+                }
+                Claim::Join(flight) => match wait_async(self, hash, flight, &accept).await {
+                    Waited::Done(Some(r)) => return r,
+                    Waited::Done(None) => bypass_negative = true,
+                    Waited::Abandoned | Waited::TimedOut => {}
+                },
+            }
+        }
+    }
+
+    /// Awaits a leader's own load: under a load permit (if limited, and unless this thread
+    /// holds one), registered as run by the polling thread during each poll (recursion);
+    /// returns the outcome and the load's duration.
+    async fn drive(
+        &self,
+        flight: &Arc<Flight<K, V>>,
+        init: impl Future<Output = Outcome<V>>,
+    ) -> (Outcome<V>, u64) {
+        let permit = match &self.inner.stampede.limiter {
+            Some(l) if !holds_permit() => Some(l.acquire().await),
+            _ => None,
+        };
+        let start = self.now();
+        let outcome = Leading {
+            flight,
+            inner: std::pin::pin!(init),
+            held: permit.is_some(),
+        }
+        .await;
+        let took = self.now().saturating_sub(start);
+        drop(permit);
+        (outcome, took)
+    }
+
+    /// Runs a shared async load: the single-flight core for `get_with_async_shared` and its
+    /// siblings, and `load_async`.
     pub(crate) async fn load_async_core<R>(
         &self,
         key: K,

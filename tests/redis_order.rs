@@ -124,7 +124,11 @@ fn cache_aside_race(ns: &str, leases: bool, write: Write, writer_is_a: bool) {
     assert_eq!(loader.join().unwrap(), 1, "A's caller gets what it loaded");
     // The old value reaches nobody from now on: not a fresh instance, not A, not B.
     let c = instance(with_leases(tier(&server, ns)), &backend);
-    assert_eq!(c.load(1).unwrap(), 2, "{ns}: a fresh instance got the old value");
+    assert_eq!(
+        c.load(1).unwrap(),
+        2,
+        "{ns}: a fresh instance got the old value"
+    );
     assert!(c.stats().remote.writes_superseded == 0);
     assert!(
         a.stats().remote.writes_superseded >= 1,
@@ -208,7 +212,11 @@ fn a_refresh_racing_an_invalidation_writes_nothing_back() {
     release.send(()).unwrap();
     assert_eq!(reader.join().unwrap(), Some(1), "stale while revalidating");
     let c = instance(tier(&server, "o7"), &backend);
-    assert_eq!(c.load(1).unwrap(), 2, "the refresh wrote its older value back");
+    assert_eq!(
+        c.load(1).unwrap(),
+        2,
+        "the refresh wrote its older value back"
+    );
     assert!(eventually(|| a.load(1).unwrap() == 2));
 }
 
@@ -242,7 +250,10 @@ fn an_instance_never_reads_back_what_it_just_invalidated() {
     }
     stop.store(true, Ordering::SeqCst);
     let reads = reader.join().unwrap();
-    assert_eq!(lost, 0, "{lost} of 300 invalidations lost ({reads} concurrent reads)");
+    assert_eq!(
+        lost, 0,
+        "{lost} of 300 invalidations lost ({reads} concurrent reads)"
+    );
 }
 
 #[test]
@@ -262,7 +273,11 @@ fn concurrent_inserts_on_two_instances_converge_on_redis() {
     // serve that one.
     let c = instance(tier(&server, "o9"), &backend);
     let truth: Vec<u64> = (0..keys).map(|k| c.load(k).unwrap()).collect();
-    assert_eq!(backend.loads.load(Ordering::SeqCst), 0, "every key is in Redis");
+    assert_eq!(
+        backend.loads.load(Ordering::SeqCst),
+        0,
+        "every key is in Redis"
+    );
     let converged = |x: &TieredCache<u64, u64>| {
         (0..keys).all(|k| x.get(&k).is_none_or(|v| v == truth[k as usize]))
     };
@@ -356,7 +371,11 @@ fn a_key_of_the_wrong_type_is_a_per_key_error_and_is_repaired() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(value.as_deref(), Some("1"));
-    assert_eq!(backend.loads.load(Ordering::SeqCst), 1, "later loads read Redis");
+    assert_eq!(
+        backend.loads.load(Ordering::SeqCst),
+        1,
+        "later loads read Redis"
+    );
     // Other keys keep using Redis.
     assert_eq!(a.load(8).unwrap(), 1);
     let b = instance(tier(&server, "o11"), &backend);

@@ -283,12 +283,13 @@ fn a_dropped_leader_hands_the_load_to_a_waiter() {
         let gate = Arc::new(AtomicBool::new(false));
         let l = loads.clone();
         let g = gate.clone();
-        let mut leader = Box::pin(cache.get_with_async(trial, async move {
+        let mut leader = Box::pin(cache.get_with_async_shared(trial, async move {
             l.fetch_add(1, Ordering::SeqCst);
             gated(g, trial).await
         }));
         assert!(poll_once(leader.as_mut()).is_pending());
-        let mut waiter = Box::pin(cache.get_with_async(trial, async { unreachable!("joins") }));
+        let mut waiter =
+            Box::pin(cache.get_with_async_shared(trial, async { unreachable!("joins") }));
         assert!(poll_once(waiter.as_mut()).is_pending());
         drop(leader);
         gate.store(true, Ordering::SeqCst);
@@ -308,19 +309,19 @@ fn a_leader_never_polled_again_does_not_block_others() {
     let _dog = watchdog(LIMIT, "a_leader_never_polled_again_does_not_block_others");
     let cache: Cache<u64, u64> = Cache::new(100);
     let gate = Arc::new(AtomicBool::new(true));
-    let mut leader = Box::pin(cache.get_with_async(1, async {
+    let mut leader = Box::pin(cache.get_with_async_shared(1, async {
         Yield(1).await;
         7
     }));
     assert!(poll_once(leader.as_mut()).is_pending());
     // The leader is alive but nobody polls it: an async waiter drives the load...
-    let v = futures::executor::block_on(cache.get_with_async(1, gated(gate, 0)));
+    let v = futures::executor::block_on(cache.get_with_async_shared(1, gated(gate, 0)));
     assert_eq!(v, 7);
     assert_eq!(futures::executor::block_on(leader), 7);
     // A blocking caller never polls another caller's future (it may need that caller's
     // runtime): it waits while an async caller of the load is alive, and loads with its own
     // `init` once they are all gone.
-    let mut leader2 = Box::pin(cache.get_with_async(2, async {
+    let mut leader2 = Box::pin(cache.get_with_async_shared(2, async {
         Yield(1).await;
         8
     }));
@@ -346,13 +347,13 @@ fn dropping_every_caller_cancels_the_load_and_leaves_nothing() {
             let gate = Arc::new(AtomicBool::new(false));
             let value = Counted::new(k);
             let g = gate.clone();
-            let mut leader = Box::pin(cache.get_with_async(k, async move {
+            let mut leader = Box::pin(cache.get_with_async_shared(k, async move {
                 gated(g, 0).await;
                 value
             }));
             assert!(poll_once(leader.as_mut()).is_pending());
             let mut waiters: Vec<_> = (0..3)
-                .map(|_| Box::pin(cache.get_with_async(k, async { Counted::new(999) })))
+                .map(|_| Box::pin(cache.get_with_async_shared(k, async { Counted::new(999) })))
                 .collect();
             for w in &mut waiters {
                 assert!(poll_once(w.as_mut()).is_pending());
@@ -370,13 +371,13 @@ fn dropping_every_caller_cancels_the_load_and_leaves_nothing() {
         // Waiters dropped while a load runs, and the load then completing.
         let gate = Arc::new(AtomicBool::new(false));
         let g = gate.clone();
-        let mut leader = Box::pin(cache.get_with_async(1000, async move {
+        let mut leader = Box::pin(cache.get_with_async_shared(1000, async move {
             gated(g, 0).await;
             Counted::new(1000)
         }));
         assert!(poll_once(leader.as_mut()).is_pending());
         for _ in 0..10 {
-            let mut w = Box::pin(cache.get_with_async(1000, async { Counted::new(1) }));
+            let mut w = Box::pin(cache.get_with_async_shared(1000, async { Counted::new(1) }));
             assert!(poll_once(w.as_mut()).is_pending());
         }
         gate.store(true, Ordering::SeqCst);
@@ -504,4 +505,113 @@ fn panics_errors_and_negative_entries_leak_nothing() {
         );
     }
     assert_eq!(LIVE.load(Ordering::SeqCst), before, "nothing leaked");
+}
+
+/// A service whose async loader borrows `&self` (no `Arc`, no `async move`): it compiles, its
+/// future is `Send` (tokio spawns it), and 16 concurrent callers of one key load once.
+#[test]
+fn a_loader_that_borrows_self_loads_once_for_sixteen_callers() {
+    let _dog = watchdog(LIMIT, "a_loader_that_borrows_self");
+    struct Db {
+        loads: AtomicUsize,
+    }
+    impl Db {
+        async fn fetch_user(&self, id: u64) -> String {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            format!("user {id}")
+        }
+    }
+    struct Service {
+        db: Db,
+        cache: Cache<u64, String>,
+    }
+    impl Service {
+        async fn user(&self, id: u64) -> String {
+            self.cache.get_with_async(id, self.db.fetch_user(id)).await
+        }
+        async fn try_user(&self, id: u64) -> Result<String, Arc<std::io::Error>> {
+            self.cache
+                .try_get_with_async(id, async { Ok(self.db.fetch_user(id).await) })
+                .await
+        }
+    }
+    let service = Arc::new(Service {
+        db: Db {
+            loads: AtomicUsize::new(0),
+        },
+        cache: Cache::new(100),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                let s = Arc::clone(&service);
+                tokio::spawn(async move { s.user(7).await })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(c.await.unwrap(), "user 7");
+        }
+        assert_eq!(service.try_user(8).await.unwrap(), "user 8");
+    });
+    assert_eq!(
+        service.db.loads.load(Ordering::SeqCst),
+        2,
+        "16 callers, one load"
+    );
+}
+
+/// A borrowing leader dropped mid-load: its load is cancelled, and a waiter loads with its
+/// own `init` (moka's semantics); nothing is left in flight.
+#[test]
+fn a_dropped_borrowing_leader_lets_a_waiter_load_with_its_own_init() {
+    let _dog = watchdog(LIMIT, "a_dropped_borrowing_leader");
+    let cache: Cache<u64, u64> = Cache::new(10_000);
+    let leader_loads = AtomicUsize::new(0);
+    let other_loads = AtomicUsize::new(0);
+    for trial in 0..1_000u64 {
+        let gate = Arc::new(AtomicBool::new(false));
+        let mut leader = Box::pin(cache.get_with_async(trial, async {
+            leader_loads.fetch_add(1, Ordering::SeqCst);
+            gated(gate.clone(), trial).await
+        }));
+        assert!(poll_once(leader.as_mut()).is_pending());
+        let mut waiter = Box::pin(cache.get_with_async(trial, async {
+            other_loads.fetch_add(1, Ordering::SeqCst);
+            trial + 1
+        }));
+        assert!(poll_once(waiter.as_mut()).is_pending(), "joins the leader");
+        // A blocking caller of the key waits too (or, if it comes after the drop, races the
+        // waiter for the new lead).
+        let blocking = std::thread::scope(|s| {
+            let b = s.spawn(|| {
+                cache.get_with(trial, || {
+                    other_loads.fetch_add(1, Ordering::SeqCst);
+                    trial + 1
+                })
+            });
+            drop(leader);
+            let v = futures::executor::block_on(waiter);
+            assert_eq!(
+                v,
+                trial + 1,
+                "a survivor's own init, not the cancelled load"
+            );
+            b.join().unwrap()
+        });
+        assert_eq!(blocking, trial + 1);
+        assert_eq!(cache.get(&trial), Some(trial + 1));
+        assert_eq!(cache.loads_in_flight(), 0);
+    }
+    assert_eq!(leader_loads.load(Ordering::SeqCst), 1_000);
+    assert_eq!(
+        other_loads.load(Ordering::SeqCst),
+        1_000,
+        "one survivor loads per cancelled leader"
+    );
 }
