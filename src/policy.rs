@@ -15,6 +15,18 @@
 //! * Every key that is inserted is counted in a [`Sketch`] (TinyLFU); an entry's hits are folded
 //!   into the sketch when the policy next looks at it, so the sketch sees resident hits too
 //!   without any shared write on the read path.
+//! * The sketch is sized for the entries *present*, not for the capacity (which is in weight
+//!   units, bytes perhaps), as Caffeine's is: it starts for at most 64 entries. Once the shard
+//!   holds more entries than that, inserts are no longer counted in it; before the policy next
+//!   uses it (at the next eviction), or as soon as the shard holds more than half the entries
+//!   its capacity allows (the sketch's final size is due then), it is replaced by one sized for
+//!   the entries present (the capacity in entries, halved while that still holds them; at most
+//!   2^24) that counts each of them once. What the old sketch knew of keys that left and of hits
+//!   already folded in is dropped (Caffeine drops everything). A shard that fills without
+//!   evicting, as an entry-bounded cache warming up, loses nothing: it gets, counter for
+//!   counter, the sketch it would have had if sized for its capacity up front, for the same work
+//!   (one count per entry). A shard of 1 GiB holding 100-byte values pays for the values it
+//!   holds, not for 2^30 weight units.
 //! * The **window** takes every new key. When it is over its target, its oldest entry leaves: if it
 //!   was read while in the window it moves to main (recency, as S3-FIFO's small queue); otherwise
 //!   it must beat main's next victim on estimated frequency to get in (frequency, as
@@ -131,20 +143,31 @@ pub(crate) struct Policy {
     rng: u64,
     /// Queue positions whose entry was removed by a caller (skipped when reached).
     tombstones: usize,
+    /// Entries in the shard: inserted, less removed and evicted.
+    len: usize,
+    /// The most entries the sketch is ever sized for: the capacity, as if every weight were 1.
+    sketch_max: usize,
+    /// The shard outgrew the sketch: inserts are no longer counted in it, and it is replaced
+    /// before it is next used (see [`resize_sketch`](Self::resize_sketch)).
+    sketch_stale: bool,
 }
+
+/// The number of entries a new shard's sketch is sized for (if its capacity allows as many).
+const SKETCH_START: usize = 64;
 
 /// The share of main (capacity minus window) kept for protected entries.
 const PROTECTED_SHARE: f64 = 0.8;
 
 impl Policy {
     pub(crate) fn new(capacity: u64, seed: u64) -> Self {
+        // The most entries the capacity allows (all of weight 1), as far as the sketch cares.
         let entries = usize::try_from(capacity.min(1 << 24)).unwrap_or(1 << 24);
         Policy {
             queues: Default::default(),
             weights: [0; 3],
             capacity,
             window_target: (capacity as f64 * 0.01).max(1.0),
-            sketch: Sketch::new(entries),
+            sketch: Sketch::new(entries.min(SKETCH_START)),
             climber: Climber {
                 sample_start: 0,
                 misses: 0,
@@ -153,7 +176,16 @@ impl Policy {
             },
             rng: seed | 1,
             tombstones: 0,
+            len: 0,
+            sketch_max: entries,
+            sketch_stale: false,
         }
+    }
+
+    /// The frequency sketch (for memory tests).
+    #[cfg(test)]
+    pub(crate) fn sketch(&self) -> &Sketch {
+        &self.sketch
     }
 
     /// The current window target, in weight units.
@@ -163,18 +195,51 @@ impl Policy {
     }
 
     /// A new key entered the cache at `slot`. `accesses` is the shard's approximate access count,
-    /// used to end the climber's samples.
+    /// used to end the climber's samples. `hash_of` recomputes an entry's hash (to resize the
+    /// sketch).
     pub(crate) fn on_insert<E: Tracked>(
         &mut self,
         slab: &mut [Option<E>],
         slot: u32,
         hash: u64,
         accesses: u64,
+        mut hash_of: impl FnMut(&E) -> u64,
     ) {
-        self.sketch.add(hash, 1);
+        self.len += 1;
+        if self.len > self.sketch.entries() && self.sketch.entries() < self.sketch_max {
+            self.sketch_stale = true;
+        }
+        if !self.sketch_stale {
+            self.sketch.add(hash, 1);
+        } else if self.len > self.sketch_max / 2 {
+            // Its final size is due: resize now (it counts the new entry) rather than all at once
+            // at the first eviction.
+            self.resize_sketch(slab, &mut hash_of);
+        }
         self.push(slab, WINDOW, slot, Place::Window);
         self.climber.misses += 1;
         self.climb(accesses);
+    }
+
+    /// Replaces the outgrown sketch by one sized for the entries present (`sketch_max` halved
+    /// while that still holds them; never smaller than now) that counts each of them once: if
+    /// none left the shard since it was empty, the very sketch a shard sized that large from the
+    /// start would have.
+    #[cold]
+    fn resize_sketch<E: Tracked>(
+        &mut self,
+        slab: &[Option<E>],
+        hash_of: &mut impl FnMut(&E) -> u64,
+    ) {
+        let mut entries = self.sketch_max;
+        while entries / 2 >= self.len.max(self.sketch.entries()) {
+            entries /= 2;
+        }
+        self.sketch = Sketch::new(entries);
+        for e in slab.iter().flatten() {
+            self.sketch.add(hash_of(e), 1);
+        }
+        self.sketch_stale = false;
     }
 
     /// An entry's weight changed in place (its value was replaced).
@@ -188,6 +253,7 @@ impl Policy {
     /// [`purge_tombstones`](Self::purge_tombstones).
     pub(crate) fn on_remove(&mut self, place: Place, weight: u32) -> bool {
         self.on_reweigh(place, weight, 0);
+        self.len -= 1;
         self.tombstones += 1;
         let queued: usize = self.queues.iter().map(VecDeque::len).sum();
         self.tombstones > 64 && self.tombstones > queued / 2
@@ -214,6 +280,7 @@ impl Policy {
         }
         self.weights = [0; 3];
         self.tombstones = 0;
+        self.len = 0;
     }
 
     /// Pops the front of queue `q`, skipping tombstones (their slots go to `free`); the entry's
@@ -259,6 +326,22 @@ impl Policy {
     /// Chooses and dequeues the next victim. The caller removes it from the shard. `hash_of`
     /// recomputes an entry's hash. Returns `None` only when the shard is empty.
     pub(crate) fn evict<E: Tracked>(
+        &mut self,
+        slab: &mut [Option<E>],
+        free: &mut Vec<u32>,
+        mut hash_of: impl FnMut(&E) -> u64,
+    ) -> Option<u32> {
+        if self.sketch_stale {
+            self.resize_sketch(slab, &mut hash_of);
+        }
+        let victim = self.choose_victim(slab, free, hash_of);
+        if victim.is_some() {
+            self.len -= 1;
+        }
+        victim
+    }
+
+    fn choose_victim<E: Tracked>(
         &mut self,
         slab: &mut [Option<E>],
         free: &mut Vec<u32>,
@@ -410,6 +493,15 @@ impl Policy {
             slab.iter().filter(|e| e.is_some()).count(),
             "every entry queued once"
         );
+        assert_eq!(live, self.len, "entries counted");
+        assert!(
+            self.sketch_stale || self.sketch.entries() >= self.len.min(self.sketch_max),
+            "a sketch in use is sized for the entries present"
+        );
+        assert!(
+            self.sketch.entries() <= self.sketch_max,
+            "the sketch is sized within the capacity"
+        );
     }
 }
 
@@ -472,7 +564,7 @@ mod tests {
                 }
             };
             slot_of.insert(k, s);
-            p.on_insert(&mut slab, s, hash(k), n);
+            p.on_insert(&mut slab, s, hash(k), n, |e| hash(e.key));
             if slot_of.len() as u64 > capacity {
                 let v = p
                     .evict(&mut slab, &mut free, |e| hash(e.key))
@@ -486,6 +578,119 @@ mod tests {
             }
         }
         (hits as f64 / n as f64, p.window_target())
+    }
+
+    /// Inserts keys `0..n` (unit weights) without evicting; returns the slab.
+    fn fill(p: &mut Policy, n: u64) -> Vec<Option<E>> {
+        let mut slab = Vec::new();
+        for k in 0..n {
+            slab.push(Some(E {
+                key: k,
+                place: Place::Window,
+                hits: AtomicU8::new(0),
+            }));
+            p.on_insert(&mut slab, k as u32, hash(k), k, |e| hash(e.key));
+        }
+        p.validate(&slab);
+        slab
+    }
+
+    /// Evicts one entry from `slab`.
+    fn evict_one(p: &mut Policy, slab: &mut [Option<E>]) {
+        let v = p
+            .evict(slab, &mut Vec::new(), |e| hash(e.key))
+            .expect("a victim");
+        slab[v as usize] = None;
+        p.validate(slab);
+    }
+
+    #[test]
+    fn the_sketch_is_sized_by_the_entries_present_not_the_capacity() {
+        // A byte-bounded shard: a capacity of 2^30 weight units, but only 1,000 entries. The
+        // sketch is not even resized until the policy needs it, at the first eviction.
+        let mut p = Policy::new(1 << 30, 1);
+        let mut slab = fill(&mut p, 1000);
+        assert_eq!(p.sketch().heap_bytes(), Sketch::new(64).heap_bytes());
+        evict_one(&mut p, &mut slab);
+        let bytes = p.sketch().heap_bytes();
+        assert!(
+            bytes <= 8 << 10,
+            "a sketch of {bytes} bytes for 1,000 entries"
+        );
+        assert_eq!(p.sketch().entries(), 1024);
+    }
+
+    #[test]
+    fn a_full_entry_bounded_shard_has_the_sketch_sized_for_its_share() {
+        // Grown on the way, the sketch of a shard filled to its share (and evicting) is the one
+        // sized for the share up front, counter for counter: same size, sample and counts.
+        for share in [1u64, 7, 64, 65, 100, 1000, 1025, 12_345, 100_000] {
+            let mut p = Policy::new(share, 1);
+            let mut slab = fill(&mut p, share);
+            let mut up_front = Sketch::new(share as usize);
+            for k in 0..share {
+                up_front.add(hash(k), 1);
+            }
+            assert_eq!(
+                p.sketch().heap_bytes(),
+                up_front.heap_bytes(),
+                "share {share}"
+            );
+            assert_eq!(p.sketch().sample(), up_front.sample(), "share {share}");
+            assert!(*p.sketch() == up_front, "share {share}: same counters");
+            evict_one(&mut p, &mut slab);
+            assert!(*p.sketch() == up_front, "share {share}: evicting keeps it");
+        }
+    }
+
+    #[test]
+    fn the_sketch_never_outgrows_the_capacity() {
+        // A shard may hold more than its share (the cache bounds the total, not each shard).
+        let mut p = Policy::new(1000, 1);
+        let mut slab = fill(&mut p, 5000);
+        evict_one(&mut p, &mut slab);
+        assert_eq!(p.sketch().entries(), 1000);
+    }
+
+    #[test]
+    fn an_outgrown_sketch_is_resized_before_it_is_used() {
+        // A shard of 1,000,000 weight units whose entries weigh 100: it evicts from the
+        // 10,001st insert on, its sketch resized then for 15,625 entries (10^6 / 64).
+        let mut p = Policy::new(1_000_000, 1);
+        let mut slab: Vec<Option<E>> = Vec::new();
+        let mut free = Vec::new();
+        let mut weight = 0u64;
+        for k in 0..50_000u64 {
+            let e = E {
+                key: k,
+                place: Place::Window,
+                hits: AtomicU8::new(0),
+            };
+            let s = match free.pop() {
+                Some(s) => {
+                    slab[s as usize] = Some(e);
+                    s
+                }
+                None => {
+                    slab.push(Some(e));
+                    (slab.len() - 1) as u32
+                }
+            };
+            p.on_insert(&mut slab, s, hash(k), k, |e| hash(e.key));
+            weight += 100;
+            while weight > 10_000 * 100 {
+                let v = p
+                    .evict(&mut slab, &mut free, |e| hash(e.key))
+                    .expect("a victim");
+                slab[v as usize] = None;
+                free.push(v);
+                weight -= 100;
+            }
+            if k % 1000 == 999 {
+                p.validate(&slab);
+            }
+        }
+        assert_eq!(p.sketch().entries(), 15_625);
     }
 
     #[test]
@@ -561,7 +766,7 @@ mod tests {
                 slab[s as usize] = Some(e);
             }
             slot_of.insert(k, s);
-            p.on_insert(&mut slab, s, hash(k), n as u64);
+            p.on_insert(&mut slab, s, hash(k), n as u64, |e| hash(e.key));
             if slot_of.len() > 100 {
                 let v = p
                     .evict(&mut slab, &mut free, |e| hash(e.key))

@@ -849,7 +849,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.weight += u64::from(weight);
         self.len += 1;
         self.set_times(slot, times, now, load_nanos);
-        self.policy.on_insert(&mut self.slab, slot, hash, accesses);
+        self.policy
+            .on_insert(&mut self.slab, slot, hash, accesses, |e| {
+                hasher.hash_one(&e.key)
+            });
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
@@ -1159,6 +1162,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.times.capacity() * 8
             + self.free.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
+            + self.policy.sketch().heap_bytes()
     }
 }
 
@@ -1489,7 +1493,9 @@ mod tests {
 
     #[test]
     fn memory_per_entry_matches_the_formula() {
-        // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines.
+        // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines +
+        // the frequency sketch, sized for the share as a sketch built for it up front is.
+        let sketch = crate::sketch::Sketch::new(100_000).heap_bytes() as f64 / 100_000.0;
         for stride in [0usize, 1] {
             let (mut s, h) = shard(100_000, stride);
             let mut out = Garbage::new();
@@ -1505,10 +1511,51 @@ mod tests {
                 s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
-            let bound = 24.0 + 11.0 + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
+            let bound = 24.0 + 11.0 + sketch + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
             assert!(
                 per_entry <= bound,
                 "stride {stride}: {per_entry:.1} > {bound}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_byte_weighted_shard_pays_for_its_entries_not_its_capacity() {
+        // Values of 100 bytes, weighed in bytes. The sketch follows a shard's entries, not its
+        // capacity in bytes, whether the shard is filling (a 128 MiB share and 25,000 values:
+        // what 200,000 values put in each of the 8 shards of a 1 GiB cache) or full and evicting
+        // (a 1 MiB share: about 10,500 values).
+        let exp = ExpiryConfig::None;
+        for share in [1u64 << 27, 1 << 20] {
+            let (mut s, h) = shard(share, 0);
+            let mut out = Garbage::new();
+            for i in 0..25_000u64 {
+                s.insert(
+                    h.hash_one(i),
+                    i,
+                    i,
+                    100,
+                    0,
+                    &exp,
+                    &h,
+                    (0, 0, NEVER),
+                    &mut out,
+                );
+                while s.weight() > share {
+                    assert!(s.evict_one(&h, &mut out));
+                }
+            }
+            s.validate(&h);
+            let sketch = each!(&s, c => c.policy.sketch().heap_bytes());
+            let len = s.len();
+            let per_entry = s.heap_bytes() as f64 / len as f64;
+            eprintln!(
+                "share {share}: {len} entries, a sketch of {sketch} bytes, \
+                 {per_entry:.1} heap bytes per entry in all"
+            );
+            assert!(
+                sketch <= 8 * len,
+                "share {share}: a sketch of {sketch} bytes for {len} entries"
             );
         }
     }

@@ -7,14 +7,22 @@
 //!
 //! The sketch is indexed by the key's 64-bit hash, which comes from the cache's randomly seeded
 //! hasher: an attacker who does not know the seed cannot aim collisions at a chosen key.
+//!
+//! A sketch is sized for a number of *entries*: its table (about 4 bytes per entry) and its sample
+//! both scale with it. The policy starts with a small one and replaces it by a larger one as the
+//! shard fills (see the `policy` module), so a cache bounded by weight pays for the entries it
+//! holds, not for its capacity in weight units.
 
 /// Frequency sketch: `words` × 16 four-bit counters, four counters per key.
 #[derive(Debug)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub(crate) struct Sketch {
     table: Vec<u64>,
     mask: usize,
     additions: u32,
     sample: u32,
+    /// The number of entries the sketch is sized for.
+    entries: usize,
 }
 
 const SEEDS: [u64; 4] = [
@@ -25,16 +33,22 @@ const SEEDS: [u64; 4] = [
 ];
 
 impl Sketch {
-    /// A sketch sized for a cache of `capacity` entries: about 4 bytes per entry.
-    pub(crate) fn new(capacity: usize) -> Self {
-        let words = (capacity / 2).max(8).next_power_of_two();
-        let sample = u32::try_from(capacity.saturating_mul(10).max(64)).unwrap_or(u32::MAX);
+    /// A sketch sized for a cache of `entries` entries: about 4 bytes per entry.
+    pub(crate) fn new(entries: usize) -> Self {
+        let words = (entries / 2).max(8).next_power_of_two();
+        let sample = u32::try_from(entries.saturating_mul(10).max(64)).unwrap_or(u32::MAX);
         Sketch {
             table: vec![0; words],
             mask: words * 16 - 1,
             additions: 0,
             sample,
+            entries,
         }
+    }
+
+    /// The number of entries the sketch is sized for.
+    pub(crate) fn entries(&self) -> usize {
+        self.entries
     }
 
     #[inline]
@@ -86,6 +100,12 @@ impl Sketch {
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
         self.table.len() * 8
+    }
+
+    /// Additions between two halvings.
+    #[cfg(test)]
+    pub(crate) fn sample(&self) -> u32 {
+        self.sample
     }
 }
 
