@@ -339,11 +339,11 @@ where
                 }
                 return Some(r);
             }
-            Found::Stale(k, v, due) => {
+            Found::Stale(k, v) => {
                 // This read won the right to start the key's refresh. Until it has handed the
                 // refresh over, a guard gives that right back if user code panics (the key's or
                 // the value's `Clone`), so the refresh is never lost.
-                let claim = RefreshClaim(Some(due), now);
+                let claim = RefreshClaim(guard.refresh_deadline_of(v), now);
                 let r = f(v);
                 let st = &self.inner.stampede;
                 let refresh = st
@@ -420,7 +420,7 @@ where
     /// Reports removed entries to the statistics and the eviction listener, then drops them.
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn finish(&self, out: Garbage<K, V>) {
         if self.inner.stats.is_none() && self.inner.listener.is_none() {
             return; // nothing to report: `out` drops here, after the lock

@@ -68,51 +68,77 @@ impl<K, V> Removed<K, V> {
 /// one inline: the common write removes at most one entry, and then needs no allocation.
 pub(crate) struct Garbage<K, V> {
     first: Option<Removed<K, V>>,
+    /// Everything beyond the first entry, boxed so that the common case stays small and its
+    /// drop is a check or two.
+    more: Option<Box<More<K, V>>>,
+}
+
+/// The rarer contents of a [`Garbage`].
+struct More<K, V> {
     rest: Vec<Removed<K, V>>,
     /// Loads in flight that a write detached from the registry (their keys are dropped here).
     detached: Vec<(K, Arc<Flight<K, V>>)>,
 }
 
 impl<K, V> Garbage<K, V> {
+    #[inline]
     pub(crate) fn new() -> Self {
         Garbage {
             first: None,
-            rest: Vec::new(),
-            detached: Vec::new(),
+            more: None,
         }
     }
 
+    fn more(&mut self) -> &mut More<K, V> {
+        self.more.get_or_insert_with(|| {
+            Box::new(More {
+                rest: Vec::new(),
+                detached: Vec::new(),
+            })
+        })
+    }
+
+    #[inline]
     pub(crate) fn push(&mut self, r: Removed<K, V>) {
-        if self.first.is_none() && self.rest.is_empty() {
+        if self.first.is_none() && self.more.as_ref().is_none_or(|m| m.rest.is_empty()) {
             self.first = Some(r);
         } else {
-            self.rest.push(r);
+            self.more().rest.push(r);
         }
+    }
+
+    /// Keeps a flight that a write detached, so that its key is dropped unlocked.
+    pub(crate) fn detach(&mut self, key: K, flight: Arc<Flight<K, V>>) {
+        self.more().detached.push((key, flight));
     }
 
     /// The most recently pushed entry.
     pub(crate) fn pop(&mut self) -> Option<Removed<K, V>> {
-        self.rest.pop().or_else(|| self.first.take())
+        self.more
+            .as_mut()
+            .and_then(|m| m.rest.pop())
+            .or_else(|| self.first.take())
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
+        usize::from(self.first.is_some()) + self.more.as_ref().map_or(0, |m| m.rest.len())
     }
 
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.first.is_none()
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {
-        self.first.iter().chain(self.rest.iter())
+        let rest = self.more.as_ref().map_or(&[][..], |m| &m.rest[..]);
+        self.first.iter().chain(rest.iter())
     }
 
     #[cfg(test)]
     pub(crate) fn clear(&mut self) {
         self.first = None;
-        self.rest.clear();
-        self.detached.clear();
+        self.more = None;
     }
 }
 
@@ -189,9 +215,9 @@ impl<K, V, T> Tracked for Entry<K, V, T> {
 pub(crate) enum Found<'a, K, V> {
     Hit(&'a V),
     /// A hit that is due for refresh; this caller won the right to start it (the entry's
-    /// refresh deadline, now [`REFRESHING`], is the third field: whoever fails to start the
-    /// refresh sets it back).
-    Stale(&'a K, &'a V, &'a AtomicU64),
+    /// refresh deadline is now [`REFRESHING`]: see [`Shard::refresh_deadline_of`] for whoever
+    /// fails to start the refresh and must set it back).
+    Stale(&'a K, &'a V),
     /// A hit on a value due for refresh (or being refreshed) by someone else.
     StaleHit(&'a V),
     /// Present but past its deadline: the caller should arrange its removal.
@@ -336,10 +362,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Files the slots whose deadline a read moved (under the write lock).
+    #[cold]
     fn file_moved(&mut self) {
-        if !self.refile_pending.load(Ordering::Acquire) {
-            return;
-        }
         let r = std::mem::take(&mut *self.refile.lock());
         self.refile_pending.store(false, Ordering::Release);
         let slots: Vec<u32> = if r.rescan {
@@ -433,18 +457,27 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// A write or invalidation of `key` supersedes its load in flight, if any: the flight is
     /// detached from the registry (its result will not be stored, and later callers do not join
     /// it). Its key goes to `out`, to be dropped after the lock is released.
+    #[inline]
     fn supersede<Q>(&mut self, hash: u64, key: &Q, out: &mut Garbage<K, V>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if self.flights.is_empty() {
-            return;
+        if !self.flights.is_empty() {
+            self.detach_flight(hash, key, out);
         }
+    }
+
+    #[cold]
+    fn detach_flight<Q>(&mut self, hash: u64, key: &Q, out: &mut Garbage<K, V>)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if let Ok(found) = self.flights.find_entry(hash, |(k, _)| k.borrow() == key) {
-            let (detached, _) = found.remove();
-            detached.1.supersede();
-            out.detached.push(detached);
+            let ((key, flight), _) = found.remove();
+            flight.supersede();
+            out.detach(key, flight);
         }
     }
 
@@ -545,7 +578,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     }
                     Refresh::Won => {
                         record_hit(&e.hits);
-                        return Found::Stale(&e.key, &e.value, self.extra(slot, r));
+                        return Found::Stale(&e.key, &e.value);
                     }
                 }
             }
@@ -602,6 +635,20 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
             self.extra(slot, r).store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// The refresh deadline of the entry whose value is `value` (a reference a lookup just
+    /// returned), found by its address in the slab: no user code runs, so a reader can take it
+    /// before anything that may panic.
+    pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
+        let r = self.layout.refresh?;
+        let size = std::mem::size_of::<Option<Entry<K, V, T>>>();
+        let offset = (value as *const V as usize).checked_sub(self.slab.as_ptr() as usize)?;
+        let slot = offset / size;
+        match self.slab.get(slot) {
+            Some(Some(e)) if std::ptr::eq(&e.value, value) => Some(self.extra(slot as u32, r)),
+            _ => None,
         }
     }
 
@@ -996,7 +1043,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
     /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn expire<S: BuildHasher>(
         &mut self,
         now: u64,
@@ -1004,7 +1051,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         hasher: &S,
         out: &mut Garbage<K, V>,
     ) {
-        self.file_moved();
+        if self.wheel.is_none() {
+            return;
+        }
+        if self.refile_pending.load(Ordering::Relaxed) {
+            self.file_moved();
+        }
         if let Some(wheel) = &mut self.wheel {
             if !wheel.advance_within_tick(now, exact) {
                 self.expire_due(now, exact, hasher, out);
@@ -1053,7 +1105,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
         for (k, f) in self.flights.drain() {
             f.supersede();
-            out.detached.push((k, f));
+            out.detach(k, f);
         }
         for e in self.slab.drain(..).flatten() {
             out.push(Removed {
@@ -1265,6 +1317,10 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         each!(self, c => c.reset_refresh(hash, key, at))
+    }
+
+    pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
+        each!(self, c => c.refresh_deadline_of(value))
     }
 
     #[allow(clippy::too_many_arguments)]

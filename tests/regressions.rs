@@ -237,7 +237,7 @@ fn arm_clone_bomb(n: u32) {
 // ---------------------------------------------------------------------------------------------
 // Hangs
 
-/// 1. The weigher panics on the value a load returned: nothing resolves the flight.
+/// Scenario 1: The weigher panics on the value a load returned: nothing resolves the flight.
 #[test]
 fn s01_weigher_panic_after_load_does_not_hang_the_key() {
     let mut c = Checks::new("s01");
@@ -271,7 +271,7 @@ impl Expiry<u32, u32> for PanicOnCreate {
     }
 }
 
-/// 2. `expire_after_create` panics while a load's value is stored: the callers already waiting
+/// Scenario 2: `expire_after_create` panics while a load's value is stored: the callers already waiting
 /// on that load must be released.
 #[test]
 fn s02_expiry_panic_while_storing_a_load_releases_its_waiters() {
@@ -303,7 +303,7 @@ fn s02_expiry_panic_while_storing_a_load_releases_its_waiters() {
     c.finish();
 }
 
-/// 3. `V::clone` panics in `get_with`'s leader (the clone for its own caller, before publish)
+/// Scenario 3: `V::clone` panics in `get_with`'s leader (the clone for its own caller, before publish)
 /// and in `get_all` (clones after the guards are gone): the keys must not hang.
 #[test]
 fn s03_value_clone_panic_in_a_leader_does_not_hang_the_keys() {
@@ -332,7 +332,7 @@ fn s03_value_clone_panic_in_a_leader_does_not_hang_the_keys() {
     c.finish();
 }
 
-/// 4. A blocking spawner that drops a job without running it: the flight must still end.
+/// Scenario 4: A blocking spawner that drops a job without running it: the flight must still end.
 #[test]
 fn s04_a_spawner_that_drops_the_job_does_not_hang_the_key() {
     let mut c = Checks::new("s04");
@@ -353,7 +353,7 @@ fn s04_a_spawner_that_drops_the_job_does_not_hang_the_key() {
     c.finish();
 }
 
-/// 5. A spawner that panics (e.g. `spawn_blocking` outside a runtime) while a read starts a
+/// Scenario 5: A spawner that panics (e.g. `spawn_blocking` outside a runtime) while a read starts a
 /// refresh: the key must be refreshed again later, and must not hang once expired.
 #[test]
 fn s05_a_panicking_spawner_does_not_lose_the_refresh_or_hang_the_key() {
@@ -413,7 +413,7 @@ fn s05_a_panicking_spawner_does_not_lose_the_refresh_or_hang_the_key() {
     c.finish();
 }
 
-/// 6. `max_concurrent_loads(1)` and a load of another key inside `init` (documented as fine).
+/// Scenario 6: `max_concurrent_loads(1)` and a load of another key inside `init` (documented as fine).
 #[test]
 fn s06_a_nested_load_under_a_limit_of_one_does_not_deadlock() {
     let mut c = Checks::new("s06");
@@ -434,7 +434,7 @@ fn s06_a_nested_load_under_a_limit_of_one_does_not_deadlock() {
     c.finish();
 }
 
-/// 7. `and_compute_with_async` whose closure awaits a load of its own key: it must not hang
+/// Scenario 7: `and_compute_with_async` whose closure awaits a load of its own key: it must not hang
 /// (a panic or a value are both acceptable), nor leave the key stuck; the same for the sync twin.
 #[test]
 fn s07_a_compute_that_loads_its_own_key_neither_hangs_nor_sticks() {
@@ -467,7 +467,7 @@ fn s07_a_compute_that_loads_its_own_key_neither_hangs_nor_sticks() {
 // ---------------------------------------------------------------------------------------------
 // Storms
 
-/// 8. A panicking loader with a spawner and a load timeout: one `load()` must not call the
+/// Scenario 8: A panicking loader with a spawner and a load timeout: one `load()` must not call the
 /// loader thousands of times.
 #[test]
 fn s08_a_panicking_loader_does_not_storm() {
@@ -520,7 +520,7 @@ fn gated(gate: &Arc<Gate>, clock: &ManualClock) -> Cache<u32, u32> {
         .build()
 }
 
-/// 9. A write that returns while a finished load is being published (here: while its value is
+/// Scenario 9: A write that returns while a finished load is being published (here: while its value is
 /// weighed) must win over the load; the same for a refresh.
 #[test]
 fn s09_a_write_during_publish_wins_over_the_load() {
@@ -602,7 +602,7 @@ impl Expiry<u32, Slow> for OneSecondForKeyOne {
     }
 }
 
-/// 10. A reader that reclaims an expired entry must remove that entry only: not a value
+/// Scenario 10: A reader that reclaims an expired entry must remove that entry only: not a value
 /// inserted meanwhile, and it must not supersede a load that started meanwhile.
 ///
 /// Deterministic part: key 1 expired; a reader of key 2 (same shard) holds the read lock (its
@@ -745,7 +745,7 @@ fn s10_reclaiming_an_expired_entry_removes_only_that_entry() {
     c.finish();
 }
 
-/// 11. A caller that starts after `invalidate()` returned must not receive the value of a load
+/// Scenario 11: A caller that starts after `invalidate()` returned must not receive the value of a load
 /// that started before it.
 #[test]
 fn s11_a_caller_after_invalidate_does_not_get_the_superseded_load() {
@@ -780,7 +780,7 @@ fn s11_a_caller_after_invalidate_does_not_get_the_superseded_load() {
     c.finish();
 }
 
-/// 12. `Op::Remove` must not delete a value inserted while the compute's closure ran.
+/// Scenario 12: `Op::Remove` must not delete a value inserted while the compute's closure ran.
 #[test]
 fn s12_compute_remove_does_not_delete_a_concurrent_insert() {
     let mut c = Checks::new("s12");
@@ -814,7 +814,7 @@ fn s12_compute_remove_does_not_delete_a_concurrent_insert() {
     c.finish();
 }
 
-/// 13. A refresh claimed by a read that then does not start it (a compute of the key runs; a
+/// Scenario 13: A refresh claimed by a read that then does not start it (a compute of the key runs; a
 /// clone panics on the stale path) must not be lost for good.
 #[test]
 fn s13_a_claimed_refresh_that_did_not_start_is_retried() {
@@ -870,7 +870,7 @@ fn s13_a_claimed_refresh_that_did_not_start_is_retried() {
 // ---------------------------------------------------------------------------------------------
 // Broken invariants after user-code panics
 
-/// 14. A `retain` predicate that panics: the weight accounting and the removal reports must
+/// Scenario 14: A `retain` predicate that panics: the weight accounting and the removal reports must
 /// stay right.
 #[test]
 fn s14_a_panicking_retain_keeps_the_accounting() {
@@ -957,7 +957,7 @@ impl Drop for Life15 {
     }
 }
 
-/// 15. A key's `Hash` panicking while the table grows (rehashing the keys in it) must not
+/// Scenario 15: A key's `Hash` panicking while the table grows (rehashing the keys in it) must not
 /// orphan a slot: invariants hold and no value stays alive unreachable.
 #[test]
 fn s15_a_hash_panic_during_growth_orphans_nothing() {
@@ -1010,7 +1010,7 @@ impl Drop for Fragile {
     }
 }
 
-/// 16. A value's `Drop` panicking must not stop `invalidate_all` part-way.
+/// Scenario 16: A value's `Drop` panicking must not stop `invalidate_all` part-way.
 #[test]
 fn s16_a_drop_panic_does_not_stop_invalidate_all() {
     let mut c = Checks::new("s16");
@@ -1040,7 +1040,7 @@ impl Expiry<u32, u32> for Create500ms {
     }
 }
 
-/// 17. With a custom `Expiry`, re-inserting a key whose entry expired (not yet reclaimed) is a
+/// Scenario 17: With a custom `Expiry`, re-inserting a key whose entry expired (not yet reclaimed) is a
 /// creation, not an update with 0 s left.
 #[test]
 fn s17_reinserting_over_an_expired_entry_is_a_creation() {
@@ -1070,7 +1070,7 @@ fn reporting(reports: &Reports) -> impl Fn(&u32, &u32, RemovalCause) + Send + Sy
     move |k: &u32, v: &u32, cause| r.lock().unwrap().push((*k, *v, cause))
 }
 
-/// 18. An insert over an expired, not yet reclaimed entry reports the old value as `Expired`.
+/// Scenario 18: An insert over an expired, not yet reclaimed entry reports the old value as `Expired`.
 #[test]
 fn s18_an_insert_over_an_expired_entry_reports_it_expired() {
     let mut c = Checks::new("s18");
@@ -1108,7 +1108,7 @@ impl Expiry<u32, u32> for ReadMoves {
     }
 }
 
-/// 19. A deadline set or moved by `expire_after_read` is filed in the timer wheel: the entry is
+/// Scenario 19: A deadline set or moved by `expire_after_read` is filed in the timer wheel: the entry is
 /// reclaimed once expired, and `validate()` agrees.
 #[test]
 fn s19_a_deadline_set_on_read_is_filed() {
@@ -1142,7 +1142,7 @@ fn s19_a_deadline_set_on_read_is_filed() {
     c.finish();
 }
 
-/// 20. Replacing a value with one too heavy to store: the old value was not removed by the
+/// Scenario 20: Replacing a value with one too heavy to store: the old value was not removed by the
 /// user, so it is not reported `Explicit`.
 #[test]
 fn s20_replacing_with_a_too_heavy_value_is_not_explicit() {
@@ -1234,7 +1234,7 @@ fn heap_of(n: u64, build: impl FnOnce() -> Cache<u64, Vec<u8>>) -> i64 {
     held
 }
 
-/// 21. A byte-bounded cache costs at most 2× an entry-bounded one holding the same entries (the
+/// Scenario 21: A byte-bounded cache costs at most 2× an entry-bounded one holding the same entries (the
 /// frequency sketch is sized by entries present, not by weight units). Measured as heap bytes
 /// allocated by this thread (a counting allocator), one shard each, 20,000 values of 100 B.
 #[test]
@@ -1307,7 +1307,7 @@ fn s21_rss_report() {
     }
 }
 
-/// 22. Statistics stay exact for two threads running at once, whatever threads came and went
+/// Scenario 22: Statistics stay exact for two threads running at once, whatever threads came and went
 /// before: here 200 short-lived threads, then worker A, then 63 more short-lived ones (with a
 /// stripe per thread *created*, modulo 64, A and B would share one), then worker B; A and B then
 /// count 1,000,000 hits each, concurrently.
@@ -1355,7 +1355,7 @@ fn s22_stats_are_exact_after_many_short_lived_threads() {
     c.finish();
 }
 
-/// 23. `hasher()` given after the stampede settings keeps them: the loader, the load limit,
+/// Scenario 23: `hasher()` given after the stampede settings keeps them: the loader, the load limit,
 /// the negative TTL and refresh-ahead.
 #[test]
 fn s23_hasher_keeps_the_stampede_settings() {
@@ -1410,7 +1410,7 @@ fn s23_hasher_keeps_the_stampede_settings() {
     c.finish();
 }
 
-/// 24. A blocking caller that joins an async load whose future needs its runtime (a tokio
+/// Scenario 24: A blocking caller that joins an async load whose future needs its runtime (a tokio
 /// timer): nothing panics, both callers get a value.
 #[test]
 fn s24_a_blocking_caller_does_not_poll_an_async_load_off_its_runtime() {
