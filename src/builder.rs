@@ -66,6 +66,8 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) stats: bool,
     pub(crate) listener: Option<Listener<K, V>>,
     pub(crate) name: String,
+    /// The time to live and time to idle as given (for [`Cache::policy`]).
+    pub(crate) durations: (Option<Duration>, Option<Duration>),
 }
 
 /// Why a configuration was refused by [`CacheBuilder::try_build`].
@@ -147,7 +149,26 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
 }
 
 impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
-    pub(crate) fn new() -> Self {
+    /// A builder for a cache of at most `max_capacity` entries (or total weight, with a
+    /// [`weigher`](Self::weigher)): the same as [`Cache::builder`]`().`[`max_capacity`](Self::max_capacity)`(max_capacity)`,
+    /// in moka's shape.
+    ///
+    /// ```
+    /// use herdcache::{Cache, CacheBuilder};
+    /// use std::time::Duration;
+    ///
+    /// let cache: Cache<String, u64> = CacheBuilder::new(10_000)
+    ///     .time_to_live(Duration::from_secs(60))
+    ///     .build();
+    /// assert_eq!(cache.policy().max_capacity(), Some(10_000));
+    /// ```
+    pub fn new(max_capacity: u64) -> Self {
+        Self::unbounded().max_capacity_unchecked(max_capacity)
+    }
+
+    /// A builder with nothing set (not even the capacity, which [`try_build`](Self::try_build)
+    /// then requires).
+    pub(crate) fn unbounded() -> Self {
         CacheBuilder {
             max_capacity: None,
             weigher: None,
@@ -166,6 +187,77 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             name: None,
             _types: PhantomData,
         }
+    }
+}
+
+impl<K, V, S> CacheBuilder<K, V, S> {
+    /// [`max_capacity`](Self::max_capacity) without its bounds on `K`, `V` and `S`, for
+    /// [`new`](CacheBuilder::new).
+    fn max_capacity_unchecked(mut self, max: u64) -> Self {
+        self.max_capacity = Some(max);
+        self
+    }
+}
+
+/// Shows whether a closure (or trait object) is set, not the closure.
+struct IsSet(bool);
+
+impl fmt::Debug for IsSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0 { "Some(..)" } else { "None" })
+    }
+}
+
+/// The configuration so far: every setting, with closures shown as set or not (`Some(..)`).
+///
+/// ```
+/// use std::time::Duration;
+/// let b = herdcache::CacheBuilder::<u64, u64>::new(100).time_to_live(Duration::from_secs(5));
+/// let shown = format!("{b:?}");
+/// assert!(shown.contains("max_capacity: Some(100)"));
+/// assert!(shown.contains("time_to_live: Some(5s)"));
+/// ```
+impl<K, V, S> fmt::Debug for CacheBuilder<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = &self.stampede;
+        let nanos_opt = |n: Option<u64>| n.map(Duration::from_nanos);
+        f.debug_struct("CacheBuilder")
+            .field("name", &self.name)
+            .field("max_capacity", &self.max_capacity)
+            .field("weigher", &IsSet(self.weigher.is_some()))
+            .field("time_to_live", &self.ttl)
+            .field("time_to_idle", &self.tti)
+            .field("expire_after", &IsSet(self.expiry.is_some()))
+            .field("shards", &self.shards)
+            .field("hasher", &std::any::type_name::<S>())
+            .field(
+                "clock",
+                &if self.clock.is_some() {
+                    "manual"
+                } else {
+                    "system"
+                },
+            )
+            .field("record_stats", &self.stats)
+            .field("eviction_listener", &IsSet(self.listener.is_some()))
+            .field("jitter", &self.jitter)
+            .field("loader", &IsSet(st.loader.is_some()))
+            .field("async_loader", &IsSet(st.async_loader.is_some()))
+            .field("refresh_after", &self.refresh_after)
+            .field("early_refresh", &self.early_beta)
+            .field(
+                "refresh_backoff",
+                &nanos_opt(Some(st.refresh_backoff).filter(|&n| n > 0)),
+            )
+            .field("negative_ttl", &nanos_opt(st.negative_ttl))
+            .field(
+                "max_concurrent_loads",
+                &st.limiter.as_ref().map(|l| l.limit()),
+            )
+            .field("load_timeout", &st.load_timeout)
+            .field("spawner", &IsSet(st.spawner.is_some()))
+            .field("future_spawner", &IsSet(st.future_spawner.is_some()))
+            .finish()
     }
 }
 
@@ -333,6 +425,7 @@ where
     /// count is not a power of two in 1..=1024.
     pub fn try_build(self) -> Result<Cache<K, V, S>, BuildError> {
         let capacity = self.max_capacity.ok_or(BuildError::NoCapacity)?;
+        let durations = (self.ttl, self.tti);
         if self.expiry.is_some() && (self.ttl.is_some() || self.tti.is_some()) {
             return Err(BuildError::ConflictingExpiry);
         }
@@ -384,6 +477,7 @@ where
             stats: self.stats,
             listener: self.listener,
             name: self.name.unwrap_or_else(|| "herdcache".to_string()),
+            durations,
         }))
     }
 }
@@ -552,17 +646,17 @@ mod tests {
 
     #[test]
     fn invalid_configurations_are_refused() {
-        let r = CacheBuilder::<u32, u32>::new().try_build();
+        let r = CacheBuilder::<u32, u32>::unbounded().try_build();
         assert_eq!(r.err(), Some(BuildError::NoCapacity));
         struct E;
         impl Expiry<u32, u32> for E {}
-        let r = CacheBuilder::<u32, u32>::new()
+        let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .time_to_live(Duration::from_secs(1))
             .expire_after(E)
             .try_build();
         assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
-        let r = CacheBuilder::<u32, u32>::new()
+        let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .shards(3)
             .try_build();

@@ -63,6 +63,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod by_ref;
 mod cache;
 mod clock;
 #[cfg(feature = "redis")]
@@ -84,7 +85,7 @@ mod stats;
 mod sync;
 
 pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
-pub use cache::{Cache, Iter};
+pub use cache::{Cache, Iter, Policy};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;

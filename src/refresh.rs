@@ -74,7 +74,16 @@ impl fmt::Display for LoadError {
     }
 }
 
-impl std::error::Error for LoadError {}
+/// [`source`](std::error::Error::source) is the loader's error for [`LoadError::Loader`] (its
+/// text is also part of this error's `Display`), `None` otherwise.
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Loader(e) => Some(&***e),
+            LoadError::Timeout | LoadError::NoLoader | LoadError::Panicked => None,
+        }
+    }
+}
 
 /// Starts a refresh of a key (see [`Cache::start_refresh`]).
 /// Called with the key (cloned by the reader that won the right to refresh it) and its hash.

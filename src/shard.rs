@@ -45,6 +45,23 @@ pub enum RemovalCause {
     Size,
 }
 
+impl RemovalCause {
+    /// Whether the cache removed the entry on its own — it expired or was evicted for size
+    /// (as moka's `was_evicted`) — rather than because of a call (`remove`, `invalidate`,
+    /// `insert` replacing it).
+    ///
+    /// ```
+    /// use herdcache::RemovalCause;
+    /// assert!(RemovalCause::Size.was_evicted());
+    /// assert!(RemovalCause::Expired.was_evicted());
+    /// assert!(!RemovalCause::Explicit.was_evicted());
+    /// assert!(!RemovalCause::Replaced.was_evicted());
+    /// ```
+    pub fn was_evicted(&self) -> bool {
+        matches!(self, RemovalCause::Expired | RemovalCause::Size)
+    }
+}
+
 /// An entry that left a shard, to be reported and dropped after the lock is released.
 pub(crate) struct Removed<K, V> {
     pub(crate) key: K,
