@@ -277,7 +277,10 @@ where
             name,
             durations,
         } = parts;
-        let now = clock.now();
+        let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
+        // A cache that keeps no time never reads the clock (so never starts the coarse clock's
+        // thread): its instants are all 0, as `now` returns.
+        let now = if timed { clock.now() } else { 0 };
         let n = shards as u64;
         let seed = hasher.hash_one(0x5eed_u64);
         let cells = (0..n)
@@ -299,7 +302,7 @@ where
                 capacity,
                 weight: AtomicU64::new(0),
                 weigher,
-                timed: layout.stride > 0 || stampede.negative_ttl.is_some(),
+                timed,
                 expiry,
                 stampede,
                 stats: stats.then(Stats::new),
