@@ -50,7 +50,7 @@ pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
 /// The eviction listener.
 pub(crate) type Listener<K, V> = Box<dyn Fn(&K, &V, crate::RemovalCause) + Send + Sync>;
 
-/// Runs a job somewhere else: a thread pool, `tokio::task::spawn_blocking`, a new thread.
+/// Runs a job somewhere else: a thread pool, a runtime handle's `spawn_blocking`, a new thread.
 pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
 
 /// A validated configuration, handed to the cache.
@@ -70,7 +70,27 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) durations: (Option<Duration>, Option<Duration>),
 }
 
-/// Why a configuration was refused by [`CacheBuilder::try_build`].
+/// Why a configuration was refused by [`CacheBuilder::try_build`] ([`CacheBuilder::build`]
+/// panics with its message instead).
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{BuildError, Cache};
+/// use std::time::Duration;
+///
+/// let r = Cache::<u64, u64>::builder().time_to_live(Duration::from_secs(1)).try_build();
+/// assert_eq!(r.unwrap_err(), BuildError::NoCapacity);
+///
+/// let r = Cache::<u64, u64>::builder().max_capacity(100).shards(3).try_build();
+/// assert_eq!(r.unwrap_err(), BuildError::BadShardCount(3));
+///
+/// let r = Cache::<u64, u64>::builder()
+///     .max_capacity(100)
+///     .refresh_after(Duration::from_secs(1)) // refresh with what? no loader
+///     .try_build();
+/// assert_eq!(r.unwrap_err().to_string(), "refresh_after and early_refresh need a loader");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BuildError {
@@ -112,9 +132,13 @@ impl fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// Builds a [`Cache`]. Start from [`Cache::builder`].
+/// Builds a [`Cache`]. Start from [`Cache::builder`] or [`CacheBuilder::new`]`(max_capacity)`;
+/// every setting but the capacity is optional, and [`build`](Self::build) (or
+/// [`try_build`](Self::try_build)) checks the whole configuration once.
 ///
-/// # Example
+/// # Examples
+///
+/// Bounded by bytes, with a time to live:
 ///
 /// ```
 /// use herdcache::Cache;
@@ -127,6 +151,30 @@ impl std::error::Error for BuildError {}
 ///     .build();
 /// cache.insert("a".to_string(), vec![0; 1000]);
 /// assert_eq!(cache.weighted_size(), 1001);
+/// ```
+///
+/// A loading cache with stampede protection, statistics and a listener:
+///
+/// ```
+/// use herdcache::{BoxError, CacheBuilder, RemovalCause};
+/// use std::time::Duration;
+///
+/// let builder = CacheBuilder::new(10_000)
+///     .name("users")
+///     .time_to_live(Duration::from_secs(60))
+///     .refresh_after(Duration::from_secs(30))
+///     .jitter(0.1)
+///     .max_concurrent_loads(8)
+///     .negative_ttl(Duration::from_secs(1))
+///     .record_stats()
+///     .eviction_listener(|_id: &u64, _name: &String, cause: RemovalCause| {
+///         if cause.was_evicted() { /* count it, log it */ }
+///     })
+///     .loader(|id: &u64| Ok::<_, BoxError>(format!("user {id}")));
+/// println!("{builder:?}"); // the configuration, closures shown as `Some(..)`
+/// let cache = builder.build();
+/// assert_eq!(cache.load(1).unwrap(), "user 1");
+/// assert_eq!(cache.stats().load_successes, 1);
 /// ```
 #[must_use]
 pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
@@ -327,7 +375,7 @@ where
     /// Counts hits, misses, loads, removals by cause and stampede events, for
     /// [`Cache::stats`]. Off by default; the cost is a branch per operation when off, and a
     /// thread-local lookup and a store per read when on: nothing measurable on 2 threads, up to
-    /// about 15 % of a 22 ns hit on 1 thread (README, "Throughput").
+    /// about 15 % of a 22 ns hit on 1 thread (`BENCHMARKS.md` in the repository, "Throughput").
     pub fn record_stats(mut self) -> Self {
         self.stats = true;
         self
@@ -384,6 +432,34 @@ where
     /// A spawner that panics, or drops a job without running it, never leaves a key loading:
     /// the job owns its load, and dropping it unrun releases the key. A refresh is then retried
     /// after the refresh backoff; a load falls back to running in its caller.
+    ///
+    /// # Example
+    ///
+    /// Refreshes on tokio's blocking pool, through a handle captured when the cache is built, so
+    /// that reads from any thread — on the runtime or not — hand their refreshes to it:
+    ///
+    /// ```
+    /// use herdcache::{BoxError, Cache};
+    /// use std::time::Duration;
+    ///
+    /// let runtime = tokio::runtime::Runtime::new().unwrap();
+    /// let cache: Cache<u64, String> = runtime.block_on(async {
+    ///     let handle = tokio::runtime::Handle::current(); // captured once, here
+    ///     Cache::builder()
+    ///         .max_capacity(10_000)
+    ///         .time_to_live(Duration::from_secs(60))
+    ///         .refresh_after(Duration::from_secs(10))
+    ///         .loader(|id: &u64| Ok::<_, BoxError>(format!("user {id}")))
+    ///         .spawner(move |job| {
+    ///             handle.spawn_blocking(job);
+    ///         })
+    ///         .build()
+    /// });
+    /// // A plain thread, off the runtime: its refreshes still go to the runtime's pool.
+    /// let c = cache.clone();
+    /// let v = std::thread::spawn(move || c.load(1).unwrap()).join().unwrap();
+    /// assert_eq!(v, "user 1");
+    /// ```
     pub fn spawner(
         mut self,
         spawn: impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static,
