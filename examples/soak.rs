@@ -8,10 +8,11 @@
 //! Two workers mix gets, inserts, single-flight loads that fail (5 %) or panic (1 %),
 //! invalidations, `invalidate_all` now and then, entries with a 2 s time to live, and
 //! refresh-ahead on a second cache. Every second it prints RSS, operations per second and loads
-//! in flight. After a warm-up (the first fifth of the run, at least 10 s) it fails (exit code 1)
-//! if RSS grows more than 10 % above its level at the end of the warm-up, if throughput in the
-//! second half of the measured period drifts more than 30 % from the first half, or if a worker
-//! makes no progress for 5 s.
+//! in flight. After a warm-up (the first fifth of the run, at least 10 s; for runs under 20 s,
+//! the first half) it fails (exit code 1) if RSS grows more than 10 % above its level at the end
+//! of the warm-up, if throughput in the second half of the measured period drifts more than 30 %
+//! from the first half (when at least two seconds were measured), or if a worker makes no
+//! progress for 5 s. `N` must be a whole number of seconds, at least 1.
 
 use herdcache::{BoxError, Cache};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,12 +28,30 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// The seconds of warm-up before RSS and throughput are watched: a fifth of the run, at least
+/// 10 s and leaving at least 10 s measured; for runs under 20 s, the first half (at least 1 s).
+fn warm_up(secs: u64) -> u64 {
+    if secs >= 20 {
+        (secs / 5).clamp(10, secs - 10)
+    } else {
+        secs.div_ceil(2).max(1)
+    }
+}
+
 fn main() {
-    let secs: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let warm_up = (secs / 5).max(10).min(secs.saturating_sub(10));
+    let secs: u64 = match std::env::args().nth(1) {
+        None => 60,
+        Some(a) => match a.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                eprintln!(
+                    "soak: the argument is the run's length in seconds (at least 1), not {a:?}"
+                );
+                std::process::exit(2);
+            }
+        },
+    };
+    let warm_up = warm_up(secs);
     // The planned panics are expected: keep them off stderr.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

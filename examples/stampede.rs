@@ -2,9 +2,13 @@
 //! moment, and every request queues on a CPU-bound backend at once.
 //!
 //! ```text
-//! cargo run --release --example stampede              # about 20 s; writes docs/stampede.svg
+//! cargo run --release --example stampede              # about 20 s; writes target/release/stampede.svg
 //! cargo run --release --example stampede -- 3         # 3-second runs instead of 6
+//! cargo run --release --example stampede -- --svg chart.svg   # the chart goes to chart.svg
 //! ```
+//!
+//! The chart is written next to the build's output (the `target/release/` this binary runs
+//! from), or where `--svg PATH` says; never into the repository's tracked files.
 //!
 //! The backend simulates a service with 4 cores: a call costs 1 ms of CPU, so with `n` calls in
 //! progress each takes `max(1, n / 4)` ms. 2,000 hot keys are filled at once with a 2-second
@@ -253,11 +257,47 @@ fn svg(reports: &[Report]) -> String {
     out + "</svg>\n"
 }
 
+/// Where the chart goes by default: the profile directory of the build this binary is part of
+/// (`target/release/` for `cargo run --release --example stampede`), else the current directory.
+fn default_svg_path() -> std::path::PathBuf {
+    let profile_dir = std::env::current_exe().ok().and_then(|exe| {
+        // target/release/examples/stampede -> target/release
+        let dir = exe.parent()?;
+        let dir = if dir.file_name()? == "examples" {
+            dir.parent()?
+        } else {
+            dir
+        };
+        Some(dir.to_path_buf())
+    });
+    profile_dir
+        .unwrap_or_else(|| std::path::PathBuf::from("."))
+        .join("stampede.svg")
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("stampede: {msg}\nusage: stampede [SECONDS] [--svg PATH]");
+    std::process::exit(2);
+}
+
 fn main() {
-    let secs: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
+    let mut secs: u64 = 6;
+    let mut svg_path = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--svg" {
+            match args.next() {
+                Some(p) => svg_path = Some(std::path::PathBuf::from(p)),
+                None => usage("--svg needs a path"),
+            }
+        } else {
+            match a.parse() {
+                Ok(n) if n >= 1 => secs = n,
+                _ => usage(&format!("not a number of seconds (at least 1): {a:?}")),
+            }
+        }
+    }
+    let svg_path = svg_path.unwrap_or_else(default_svg_path);
     let duration = Duration::from_secs(secs);
     let reports: Vec<Report> = ["no coalescing", "single-flight", "protected"]
         .into_iter()
@@ -307,8 +347,17 @@ fn main() {
             s.expired.count
         );
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/stampede.svg");
-    std::fs::create_dir_all(path.parent().expect("has a parent")).expect("create docs/");
-    std::fs::write(&path, svg(&reports)).expect("write the chart");
-    println!("chart: {}", path.display());
+    let written = match svg_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir),
+        None => Ok(()),
+    }
+    .and_then(|()| std::fs::write(&svg_path, svg(&reports)));
+    if let Err(e) = written {
+        eprintln!(
+            "stampede: cannot write the chart to {}: {e}",
+            svg_path.display()
+        );
+        std::process::exit(1);
+    }
+    println!("chart: {}", svg_path.display());
 }

@@ -50,7 +50,7 @@ pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
 /// The eviction listener.
 pub(crate) type Listener<K, V> = Box<dyn Fn(&K, &V, crate::RemovalCause) + Send + Sync>;
 
-/// Runs a job somewhere else: a thread pool, `tokio::task::spawn_blocking`, a new thread.
+/// Runs a job somewhere else: a thread pool, a runtime handle's `spawn_blocking`, a new thread.
 pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
 
 /// A validated configuration, handed to the cache.
@@ -66,9 +66,31 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) stats: bool,
     pub(crate) listener: Option<Listener<K, V>>,
     pub(crate) name: String,
+    /// The time to live and time to idle as given (for [`Cache::policy`]).
+    pub(crate) durations: (Option<Duration>, Option<Duration>),
 }
 
-/// Why a configuration was refused by [`CacheBuilder::try_build`].
+/// Why a configuration was refused by [`CacheBuilder::try_build`] ([`CacheBuilder::build`]
+/// panics with its message instead).
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{BuildError, Cache};
+/// use std::time::Duration;
+///
+/// let r = Cache::<u64, u64>::builder().time_to_live(Duration::from_secs(1)).try_build();
+/// assert_eq!(r.unwrap_err(), BuildError::NoCapacity);
+///
+/// let r = Cache::<u64, u64>::builder().max_capacity(100).shards(3).try_build();
+/// assert_eq!(r.unwrap_err(), BuildError::BadShardCount(3));
+///
+/// let r = Cache::<u64, u64>::builder()
+///     .max_capacity(100)
+///     .refresh_after(Duration::from_secs(1)) // refresh with what? no loader
+///     .try_build();
+/// assert_eq!(r.unwrap_err().to_string(), "refresh_after and early_refresh need a loader");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BuildError {
@@ -110,9 +132,13 @@ impl fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// Builds a [`Cache`]. Start from [`Cache::builder`].
+/// Builds a [`Cache`]. Start from [`Cache::builder`] or [`CacheBuilder::new`]`(max_capacity)`;
+/// every setting but the capacity is optional, and [`build`](Self::build) (or
+/// [`try_build`](Self::try_build)) checks the whole configuration once.
 ///
-/// # Example
+/// # Examples
+///
+/// Bounded by bytes, with a time to live:
 ///
 /// ```
 /// use herdcache::Cache;
@@ -125,6 +151,30 @@ impl std::error::Error for BuildError {}
 ///     .build();
 /// cache.insert("a".to_string(), vec![0; 1000]);
 /// assert_eq!(cache.weighted_size(), 1001);
+/// ```
+///
+/// A loading cache with stampede protection, statistics and a listener:
+///
+/// ```
+/// use herdcache::{BoxError, CacheBuilder, RemovalCause};
+/// use std::time::Duration;
+///
+/// let builder = CacheBuilder::new(10_000)
+///     .name("users")
+///     .time_to_live(Duration::from_secs(60))
+///     .refresh_after(Duration::from_secs(30))
+///     .jitter(0.1)
+///     .max_concurrent_loads(8)
+///     .negative_ttl(Duration::from_secs(1))
+///     .record_stats()
+///     .eviction_listener(|_id: &u64, _name: &String, cause: RemovalCause| {
+///         if cause.was_evicted() { /* count it, log it */ }
+///     })
+///     .loader(|id: &u64| Ok::<_, BoxError>(format!("user {id}")));
+/// println!("{builder:?}"); // the configuration, closures shown as `Some(..)`
+/// let cache = builder.build();
+/// assert_eq!(cache.load(1).unwrap(), "user 1");
+/// assert_eq!(cache.stats().load_successes, 1);
 /// ```
 #[must_use]
 pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
@@ -147,7 +197,26 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
 }
 
 impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
-    pub(crate) fn new() -> Self {
+    /// A builder for a cache of at most `max_capacity` entries (or total weight, with a
+    /// [`weigher`](Self::weigher)): the same as [`Cache::builder`]`().`[`max_capacity`](Self::max_capacity)`(max_capacity)`,
+    /// in moka's shape.
+    ///
+    /// ```
+    /// use herdcache::{Cache, CacheBuilder};
+    /// use std::time::Duration;
+    ///
+    /// let cache: Cache<String, u64> = CacheBuilder::new(10_000)
+    ///     .time_to_live(Duration::from_secs(60))
+    ///     .build();
+    /// assert_eq!(cache.policy().max_capacity(), Some(10_000));
+    /// ```
+    pub fn new(max_capacity: u64) -> Self {
+        Self::unbounded().max_capacity_unchecked(max_capacity)
+    }
+
+    /// A builder with nothing set (not even the capacity, which [`try_build`](Self::try_build)
+    /// then requires).
+    pub(crate) fn unbounded() -> Self {
         CacheBuilder {
             max_capacity: None,
             weigher: None,
@@ -166,6 +235,77 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             name: None,
             _types: PhantomData,
         }
+    }
+}
+
+impl<K, V, S> CacheBuilder<K, V, S> {
+    /// [`max_capacity`](Self::max_capacity) without its bounds on `K`, `V` and `S`, for
+    /// [`new`](CacheBuilder::new).
+    fn max_capacity_unchecked(mut self, max: u64) -> Self {
+        self.max_capacity = Some(max);
+        self
+    }
+}
+
+/// Shows whether a closure (or trait object) is set, not the closure.
+struct IsSet(bool);
+
+impl fmt::Debug for IsSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0 { "Some(..)" } else { "None" })
+    }
+}
+
+/// The configuration so far: every setting, with closures shown as set or not (`Some(..)`).
+///
+/// ```
+/// use std::time::Duration;
+/// let b = herdcache::CacheBuilder::<u64, u64>::new(100).time_to_live(Duration::from_secs(5));
+/// let shown = format!("{b:?}");
+/// assert!(shown.contains("max_capacity: Some(100)"));
+/// assert!(shown.contains("time_to_live: Some(5s)"));
+/// ```
+impl<K, V, S> fmt::Debug for CacheBuilder<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = &self.stampede;
+        let nanos_opt = |n: Option<u64>| n.map(Duration::from_nanos);
+        f.debug_struct("CacheBuilder")
+            .field("name", &self.name)
+            .field("max_capacity", &self.max_capacity)
+            .field("weigher", &IsSet(self.weigher.is_some()))
+            .field("time_to_live", &self.ttl)
+            .field("time_to_idle", &self.tti)
+            .field("expire_after", &IsSet(self.expiry.is_some()))
+            .field("shards", &self.shards)
+            .field("hasher", &std::any::type_name::<S>())
+            .field(
+                "clock",
+                &if self.clock.is_some() {
+                    "manual"
+                } else {
+                    "system"
+                },
+            )
+            .field("record_stats", &self.stats)
+            .field("eviction_listener", &IsSet(self.listener.is_some()))
+            .field("jitter", &self.jitter)
+            .field("loader", &IsSet(st.loader.is_some()))
+            .field("async_loader", &IsSet(st.async_loader.is_some()))
+            .field("refresh_after", &self.refresh_after)
+            .field("early_refresh", &self.early_beta)
+            .field(
+                "refresh_backoff",
+                &nanos_opt(Some(st.refresh_backoff).filter(|&n| n > 0)),
+            )
+            .field("negative_ttl", &nanos_opt(st.negative_ttl))
+            .field(
+                "max_concurrent_loads",
+                &st.limiter.as_ref().map(|l| l.limit()),
+            )
+            .field("load_timeout", &st.load_timeout)
+            .field("spawner", &IsSet(st.spawner.is_some()))
+            .field("future_spawner", &IsSet(st.future_spawner.is_some()))
+            .finish()
     }
 }
 
@@ -236,7 +376,7 @@ where
     /// Counts hits, misses, loads, removals by cause and stampede events, for
     /// [`Cache::stats`]. Off by default; the cost is a branch per operation when off, and a
     /// thread-local lookup and a store per read when on: nothing measurable on 2 threads, up to
-    /// about 15 % of a 22 ns hit on 1 thread (README, "Throughput").
+    /// about 15 % of a 22 ns hit on 1 thread (`BENCHMARKS.md` in the repository, "Throughput").
     pub fn record_stats(mut self) -> Self {
         self.stats = true;
         self
@@ -293,6 +433,34 @@ where
     /// A spawner that panics, or drops a job without running it, never leaves a key loading:
     /// the job owns its load, and dropping it unrun releases the key. A refresh is then retried
     /// after the refresh backoff; a load falls back to running in its caller.
+    ///
+    /// # Example
+    ///
+    /// Refreshes on tokio's blocking pool, through a handle captured when the cache is built, so
+    /// that reads from any thread — on the runtime or not — hand their refreshes to it:
+    ///
+    /// ```
+    /// use herdcache::{BoxError, Cache};
+    /// use std::time::Duration;
+    ///
+    /// let runtime = tokio::runtime::Runtime::new().unwrap();
+    /// let cache: Cache<u64, String> = runtime.block_on(async {
+    ///     let handle = tokio::runtime::Handle::current(); // captured once, here
+    ///     Cache::builder()
+    ///         .max_capacity(10_000)
+    ///         .time_to_live(Duration::from_secs(60))
+    ///         .refresh_after(Duration::from_secs(10))
+    ///         .loader(|id: &u64| Ok::<_, BoxError>(format!("user {id}")))
+    ///         .spawner(move |job| {
+    ///             handle.spawn_blocking(job);
+    ///         })
+    ///         .build()
+    /// });
+    /// // A plain thread, off the runtime: its refreshes still go to the runtime's pool.
+    /// let c = cache.clone();
+    /// let v = std::thread::spawn(move || c.load(1).unwrap()).join().unwrap();
+    /// assert_eq!(v, "user 1");
+    /// ```
     pub fn spawner(
         mut self,
         spawn: impl Fn(Box<dyn FnOnce() + Send>) + Send + Sync + 'static,
@@ -334,6 +502,7 @@ where
     /// count is not a power of two in 1..=1024.
     pub fn try_build(self) -> Result<Cache<K, V, S>, BuildError> {
         let capacity = self.max_capacity.ok_or(BuildError::NoCapacity)?;
+        let durations = (self.ttl, self.tti);
         if self.expiry.is_some() && (self.ttl.is_some() || self.tti.is_some()) {
             return Err(BuildError::ConflictingExpiry);
         }
@@ -385,6 +554,7 @@ where
             stats: self.stats,
             listener: self.listener,
             name: self.name.unwrap_or_else(|| "herdcache".to_string()),
+            durations,
         }))
     }
 }
@@ -553,17 +723,17 @@ mod tests {
 
     #[test]
     fn invalid_configurations_are_refused() {
-        let r = CacheBuilder::<u32, u32>::new().try_build();
+        let r = CacheBuilder::<u32, u32>::unbounded().try_build();
         assert_eq!(r.err(), Some(BuildError::NoCapacity));
         struct E;
         impl Expiry<u32, u32> for E {}
-        let r = CacheBuilder::<u32, u32>::new()
+        let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .time_to_live(Duration::from_secs(1))
             .expire_after(E)
             .try_build();
         assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
-        let r = CacheBuilder::<u32, u32>::new()
+        let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .shards(3)
             .try_build();

@@ -17,6 +17,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A sharded, bounded, concurrent in-memory cache.
 ///
@@ -61,7 +62,65 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
             .field("max_capacity", &self.inner.capacity)
             .field("weighted_size", &self.inner.weight.load(Ordering::Relaxed))
             .field("shards", &self.inner.shards.len())
+            .field("time_to_live", &self.inner.durations.0)
+            .field("time_to_idle", &self.inner.durations.1)
             .finish_non_exhaustive()
+    }
+}
+
+/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`].
+///
+/// ```
+/// use herdcache::Cache;
+/// use std::time::Duration;
+///
+/// let cache: Cache<u64, u64> = Cache::builder()
+///     .max_capacity(1000)
+///     .time_to_live(Duration::from_secs(30))
+///     .shards(4)
+///     .build();
+/// let policy = cache.policy();
+/// assert_eq!(policy.max_capacity(), Some(1000));
+/// assert_eq!(policy.time_to_live(), Some(Duration::from_secs(30)));
+/// assert_eq!(policy.time_to_idle(), None);
+/// assert_eq!(policy.num_segments(), 4);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    max_capacity: u64,
+    shards: usize,
+    time_to_live: Option<Duration>,
+    time_to_idle: Option<Duration>,
+}
+
+impl Policy {
+    /// The bound (entries, or total weight with a weigher). Always `Some`: herdcache caches are
+    /// bounded; the `Option` is moka's shape.
+    pub fn max_capacity(&self) -> Option<u64> {
+        Some(self.max_capacity)
+    }
+
+    /// The time to live set with
+    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
+    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
+    pub fn time_to_live(&self) -> Option<Duration> {
+        self.time_to_live
+    }
+
+    /// The time to idle set with
+    /// [`CacheBuilder::time_to_idle`](crate::CacheBuilder::time_to_idle), if any.
+    pub fn time_to_idle(&self) -> Option<Duration> {
+        self.time_to_idle
+    }
+
+    /// The number of shards (moka's name: segments).
+    pub fn num_segments(&self) -> usize {
+        self.shards
+    }
+
+    /// The number of shards; the same as [`num_segments`](Self::num_segments).
+    pub fn shard_count(&self) -> usize {
+        self.shards
     }
 }
 
@@ -94,6 +153,8 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) stats: Option<Stats>,
     listener: Option<Listener<K, V>>,
     name: String,
+    /// The time to live and time to idle as configured (for [`Cache::policy`]).
+    durations: (Option<Duration>, Option<Duration>),
     /// The counters of a shared second tier, once one is attached (feature `redis`).
     pub(crate) remote: std::sync::OnceLock<Arc<crate::stats::RemoteCounters>>,
 }
@@ -191,7 +252,7 @@ where
     /// # drop(cache);
     /// ```
     pub fn builder() -> CacheBuilder<K, V, crate::DefaultHashBuilder> {
-        CacheBuilder::new()
+        CacheBuilder::unbounded()
     }
 }
 
@@ -214,8 +275,12 @@ where
             stats,
             listener,
             name,
+            durations,
         } = parts;
-        let now = clock.now();
+        let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
+        // A cache that keeps no time never reads the clock (so never starts the coarse clock's
+        // thread): its instants are all 0, as `now` returns.
+        let now = if timed { clock.now() } else { 0 };
         let n = shards as u64;
         let seed = hasher.hash_one(0x5eed_u64);
         let cells = (0..n)
@@ -237,12 +302,13 @@ where
                 capacity,
                 weight: AtomicU64::new(0),
                 weigher,
-                timed: layout.stride > 0 || stampede.negative_ttl.is_some(),
+                timed,
                 expiry,
                 stampede,
                 stats: stats.then(Stats::new),
                 listener,
                 name,
+                durations,
                 remote: std::sync::OnceLock::new(),
             }),
         }
@@ -942,6 +1008,27 @@ where
         self.inner.capacity
     }
 
+    /// The configuration the cache was built with (moka's shape): capacity, time to live, time
+    /// to idle, shard count. See [`Policy`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cache: herdcache::Cache<u8, u8> = herdcache::Cache::builder()
+    ///     .max_capacity(10)
+    ///     .time_to_idle(Duration::from_secs(60))
+    ///     .build();
+    /// assert_eq!(cache.policy().time_to_idle(), Some(Duration::from_secs(60)));
+    /// assert!(cache.policy().shard_count().is_power_of_two());
+    /// ```
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_capacity: self.inner.capacity,
+            shards: self.inner.shards.len(),
+            time_to_live: self.inner.durations.0,
+            time_to_idle: self.inner.durations.1,
+        }
+    }
+
     /// Reclaims every expired entry now, in every shard. Ordinary calls do this work a little at
     /// a time; this is for tests and for callers that want exact counts.
     ///
@@ -983,6 +1070,51 @@ pub struct Iter<'a, K, V, S> {
     cache: &'a Cache<K, V, S>,
     shard: usize,
     batch: std::vec::IntoIter<(K, V)>,
+}
+
+/// Shows the cache (its configuration), the next shard to read and the entries left from the
+/// current one.
+///
+/// ```
+/// let cache = herdcache::Cache::<u8, u8>::new(10);
+/// let shown = format!("{:?}", cache.iter());
+/// assert!(shown.starts_with("Iter { cache: Cache {"));
+/// ```
+impl<K, V, S> fmt::Debug for Iter<'_, K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter")
+            .field("cache", self.cache)
+            .field("next_shard", &self.shard)
+            .field("batch_left", &self.batch.len())
+            .finish()
+    }
+}
+
+/// `for (key, value) in &cache`: the same as [`Cache::iter`] (clones of the live entries, one
+/// shard's snapshot at a time).
+///
+/// ```
+/// let cache = herdcache::Cache::new(10);
+/// cache.insert("a", 1);
+/// cache.insert("b", 2);
+/// let mut sum = 0;
+/// for (_key, value) in &cache {
+///     sum += value;
+/// }
+/// assert_eq!(sum, 3);
+/// ```
+impl<'a, K, V, S> IntoIterator for &'a Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    type Item = (K, V);
+    type IntoIter = Iter<'a, K, V, S>;
+
+    fn into_iter(self) -> Iter<'a, K, V, S> {
+        self.iter()
+    }
 }
 
 impl<K, V, S> Iterator for Iter<'_, K, V, S>

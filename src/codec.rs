@@ -118,6 +118,7 @@ plain_integers!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize);
 /// assert_eq!(back, vec![1, 2]);
 /// ```
 #[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Json;
 

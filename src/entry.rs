@@ -510,3 +510,271 @@ where
         }
     }
 }
+
+/// Shows the key (and the cache's configuration).
+///
+/// ```
+/// let cache = herdcache::Cache::<&str, u8>::new(10);
+/// assert!(format!("{:?}", cache.entry("k")).starts_with("EntryRef { key: \"k\""));
+/// ```
+impl<K: std::fmt::Debug, V, S> std::fmt::Debug for EntryRef<'_, K, V, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryRef")
+            .field("key", &self.key)
+            .field("cache", self.cache)
+            .finish()
+    }
+}
+
+/// moka's remaining entry verbs, on top of the ones above and the cache's loads.
+impl<K, V, S> EntryRef<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// The entry, inserting `default` if absent ([`Entry::is_fresh`] tells which). If a load
+    /// of the key is running, waits for it and returns its value.
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// assert!(cache.entry("a").or_insert(1).is_fresh());
+    /// let e = cache.entry("a").or_insert(2);
+    /// assert!(!e.is_fresh());
+    /// assert_eq!(e.into_value(), 1);
+    /// ```
+    pub fn or_insert(self, default: V) -> Entry<K, V> {
+        self.or_insert_with(|| default)
+    }
+
+    /// The entry, inserting `V::default()` if absent.
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, Vec<u8>> = herdcache::Cache::new(10);
+    /// assert!(cache.entry("a").or_default().value().is_empty());
+    /// ```
+    pub fn or_default(self) -> Entry<K, V>
+    where
+        V: Default,
+    {
+        self.or_insert_with(V::default)
+    }
+
+    /// The entry, inserting `init()`'s value if absent; `None` if absent and `init` returned
+    /// `None` (nothing is cached then). [`Cache::optionally_get_with`] that also tells whether
+    /// this call's `init` produced the value.
+    ///
+    /// # Panics
+    ///
+    /// As [`Cache::get_with`].
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// assert_eq!(cache.entry("a").or_optionally_insert_with(|| None), None);
+    /// let e = cache.entry("a").or_optionally_insert_with(|| Some(1)).unwrap();
+    /// assert!(e.is_fresh());
+    /// ```
+    pub fn or_optionally_insert_with(
+        self,
+        init: impl FnOnce() -> Option<V>,
+    ) -> Option<Entry<K, V>> {
+        let mut fresh = false;
+        let value = self.cache.optionally_get_with(self.key.clone(), || {
+            fresh = true;
+            init()
+        })?;
+        Some(Entry {
+            key: self.key,
+            value,
+            fresh,
+        })
+    }
+
+    /// The entry, inserting `init()`'s value if absent; its error if it failed (shared as one
+    /// `Arc<E>` with the callers that waited on that load, and not cached).
+    /// [`Cache::try_get_with`] that also tells whether this call's `init` produced the value.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cache::try_get_with`].
+    ///
+    /// # Panics
+    ///
+    /// As [`Cache::get_with`].
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// let r = cache.entry("a").or_try_insert_with(|| Err::<u32, _>("backend down"));
+    /// assert_eq!(*r.unwrap_err(), "backend down");
+    /// let e = cache.entry("a").or_try_insert_with(|| Ok::<_, &str>(1)).unwrap();
+    /// assert_eq!((e.is_fresh(), *e.value()), (true, 1));
+    /// ```
+    pub fn or_try_insert_with<E>(
+        self,
+        init: impl FnOnce() -> Result<V, E>,
+    ) -> Result<Entry<K, V>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        let mut fresh = false;
+        let value = self.cache.try_get_with(self.key.clone(), || {
+            fresh = true;
+            init()
+        })?;
+        Ok(Entry {
+            key: self.key,
+            value,
+            fresh,
+        })
+    }
+
+    /// [`and_compute_with`](Self::and_compute_with) for a closure that can fail: on `Err`
+    /// nothing changes and the error is returned (moka's shape). Same per-key atomicity.
+    ///
+    /// # Errors
+    ///
+    /// The closure's error.
+    ///
+    /// # Panics
+    ///
+    /// As [`and_compute_with`](Self::and_compute_with).
+    ///
+    /// ```
+    /// use herdcache::{Cache, CompResult, Op};
+    /// let cache: Cache<&str, u32> = Cache::new(10);
+    /// cache.insert("n", 1);
+    /// let r = cache.entry("n").and_try_compute_with(|e| match e {
+    ///     Some(e) if *e.value() > 0 => Ok(Op::Put(e.value() * 10)),
+    ///     _ => Err("nothing to scale"),
+    /// });
+    /// assert!(matches!(r, Ok(CompResult::ReplacedWith(_))));
+    /// let r = cache.entry("m").and_try_compute_with(|_| Err::<Op<u32>, _>("nothing to scale"));
+    /// assert_eq!(r.unwrap_err(), "nothing to scale");
+    /// assert!(!cache.contains_key("m"));
+    /// ```
+    pub fn and_try_compute_with<E>(
+        self,
+        f: impl FnOnce(Option<Entry<K, V>>) -> Result<Op<V>, E>,
+    ) -> Result<CompResult<K, V>, E> {
+        let mut failed = None;
+        let r = self.and_compute_with(|e| {
+            f(e).unwrap_or_else(|err| {
+                failed = Some(err);
+                Op::Nop
+            })
+        });
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(r),
+        }
+    }
+
+    /// The async twin of [`or_optionally_insert_with`](Self::or_optionally_insert_with); cancel
+    /// safety and the bounds on `init` as [`Cache::optionally_get_with_async`].
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// let e = futures::executor::block_on(
+    ///     cache.entry("a").or_optionally_insert_with_async(async { Some(1) }),
+    /// );
+    /// assert!(e.unwrap().is_fresh());
+    /// ```
+    pub async fn or_optionally_insert_with_async(
+        self,
+        init: impl Future<Output = Option<V>> + Send + 'static,
+    ) -> Option<Entry<K, V>> {
+        let fresh = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&fresh);
+        let value = self
+            .cache
+            .optionally_get_with_async(self.key.clone(), async move {
+                f.store(true, Ordering::Release);
+                init.await
+            })
+            .await?;
+        Some(Entry {
+            key: self.key,
+            value,
+            fresh: fresh.load(Ordering::Acquire),
+        })
+    }
+
+    /// The async twin of [`or_try_insert_with`](Self::or_try_insert_with); cancel safety and
+    /// the bounds on `init` as [`Cache::try_get_with_async`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Cache::try_get_with_async`].
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// let r = futures::executor::block_on(
+    ///     cache.entry("a").or_try_insert_with_async(async { Ok::<_, std::io::Error>(1) }),
+    /// );
+    /// assert_eq!(r.unwrap().into_value(), 1);
+    /// ```
+    pub async fn or_try_insert_with_async<E>(
+        self,
+        init: impl Future<Output = Result<V, E>> + Send + 'static,
+    ) -> Result<Entry<K, V>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        let fresh = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&fresh);
+        let value = self
+            .cache
+            .try_get_with_async(self.key.clone(), async move {
+                f.store(true, Ordering::Release);
+                init.await
+            })
+            .await?;
+        Ok(Entry {
+            key: self.key,
+            value,
+            fresh: fresh.load(Ordering::Acquire),
+        })
+    }
+
+    /// The async twin of [`and_try_compute_with`](Self::and_try_compute_with): `f` returns a
+    /// future. Cancel safety as [`and_compute_with_async`](Self::and_compute_with_async).
+    ///
+    /// # Errors
+    ///
+    /// The error of `f`'s future (nothing changes then).
+    ///
+    /// ```
+    /// use herdcache::{Cache, Op};
+    /// let cache: Cache<&str, u32> = Cache::new(10);
+    /// let r = futures::executor::block_on(
+    ///     cache.entry("n").and_try_compute_with_async(|e| async move {
+    ///         Ok::<_, std::io::Error>(Op::Put(e.map_or(1, |e| e.value() + 1)))
+    ///     }),
+    /// );
+    /// assert!(r.is_ok());
+    /// assert_eq!(cache.get("n"), Some(1));
+    /// ```
+    pub async fn and_try_compute_with_async<F, Fut, E>(self, f: F) -> Result<CompResult<K, V>, E>
+    where
+        F: FnOnce(Option<Entry<K, V>>) -> Fut,
+        Fut: Future<Output = Result<Op<V>, E>>,
+    {
+        let mut failed = None;
+        let slot = &mut failed;
+        let r = self
+            .and_compute_with_async(|e| {
+                let fut = f(e);
+                async move {
+                    fut.await.unwrap_or_else(|err| {
+                        *slot = Some(err);
+                        Op::Nop
+                    })
+                }
+            })
+            .await;
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(r),
+        }
+    }
+}

@@ -50,6 +50,11 @@ impl Drop for Permit {
 }
 
 impl Limiter {
+    /// The most loads at once.
+    pub(crate) fn limit(&self) -> usize {
+        self.max
+    }
+
     #[doc(hidden)]
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Limiter {

@@ -32,6 +32,7 @@ where
     ///     .build();
     /// cache.report_metrics(); // a no-op without an installed recorder
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn report_metrics(&self) {
         let s = self.stats();
         let name = self.name().to_string();

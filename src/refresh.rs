@@ -13,9 +13,9 @@
 //! the loader) the old value keeps being served and the next refresh waits `refresh_backoff`;
 //! it is never served past its hard deadline (`time_to_live`), however long a refresh hangs.
 //!
-//! Where the reload runs: on the builder's *spawner* if there is one (a thread pool, or e.g.
-//! `tokio::task::spawn_blocking`), so no caller waits; otherwise the reader that triggered it
-//! runs it before returning (it alone waits). A refresh that finds the load limit full waits
+//! Where the reload runs: on the builder's *spawner* if there is one (a thread pool, or e.g. a
+//! tokio runtime handle captured at build time and its `spawn_blocking`), so no caller waits;
+//! otherwise the reader that triggered it runs it before returning (it alone waits). A refresh that finds the load limit full waits
 //! for a permit on the spawner, or, inline, is deferred to a later read: never lost.
 
 use crate::builder::Spawner;
@@ -45,7 +45,30 @@ pub(crate) type AsyncLoaderFn<K, V> =
 /// Runs a future somewhere else (e.g. `tokio::spawn`).
 pub(crate) type FutureSpawner = Arc<dyn Fn(BoxFuture<()>) + Send + Sync>;
 
-/// Why [`Cache::load`] returned no value.
+/// Why [`Cache::load`] (or [`Cache::load_async`], [`Cache::load_with_timeout`]) returned no
+/// value. For [`LoadError::Loader`], [`source`](std::error::Error::source) is the loader's error.
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{BoxError, Cache, LoadError};
+/// use std::error::Error as _;
+///
+/// let cache: Cache<u32, String> = Cache::builder()
+///     .max_capacity(10)
+///     .loader(|_k: &u32| Err::<String, _>(BoxError::from("backend down")))
+///     .build();
+/// match cache.load(1) {
+///     Err(e @ LoadError::Loader(_)) => {
+///         assert_eq!(e.to_string(), "loader failed: backend down");
+///         assert_eq!(e.source().unwrap().to_string(), "backend down");
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// let no_loader: Cache<u32, String> = Cache::new(10);
+/// assert!(matches!(no_loader.load(1), Err(LoadError::NoLoader)));
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum LoadError {
@@ -74,7 +97,16 @@ impl fmt::Display for LoadError {
     }
 }
 
-impl std::error::Error for LoadError {}
+/// [`source`](std::error::Error::source) is the loader's error for [`LoadError::Loader`] (its
+/// text is also part of this error's `Display`), `None` otherwise.
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Loader(e) => Some(&***e),
+            LoadError::Timeout | LoadError::NoLoader | LoadError::Panicked => None,
+        }
+    }
+}
 
 /// Starts a refresh of a key (see [`Cache::start_refresh`]).
 /// Called with the key (cloned by the reader that won the right to refresh it) and its hash.

@@ -31,7 +31,33 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-/// Why an entry left the cache.
+/// Why an entry left the cache: given to the
+/// [`eviction_listener`](crate::CacheBuilder::eviction_listener), and counted per cause in
+/// [`CacheStats`](crate::CacheStats).
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{Cache, RemovalCause};
+/// use std::sync::{Arc, Mutex};
+///
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = Arc::clone(&seen);
+/// let cache: Cache<u32, &str> = Cache::builder()
+///     .max_capacity(10)
+///     .eviction_listener(move |k: &u32, _v: &&str, cause: RemovalCause| {
+///         log.lock().unwrap().push((*k, cause));
+///     })
+///     .build();
+/// cache.insert(1, "a");
+/// cache.insert(1, "b"); // replaces "a"
+/// cache.invalidate(&1); // removes "b"
+/// assert_eq!(
+///     *seen.lock().unwrap(),
+///     [(1, RemovalCause::Replaced), (1, RemovalCause::Explicit)]
+/// );
+/// assert!(!RemovalCause::Explicit.was_evicted());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RemovalCause {
@@ -43,6 +69,23 @@ pub enum RemovalCause {
     Replaced,
     /// The policy evicted it to stay within the capacity.
     Size,
+}
+
+impl RemovalCause {
+    /// Whether the cache removed the entry on its own — it expired or was evicted for size
+    /// (as moka's `was_evicted`) — rather than because of a call (`remove`, `invalidate`,
+    /// `insert` replacing it).
+    ///
+    /// ```
+    /// use herdcache::RemovalCause;
+    /// assert!(RemovalCause::Size.was_evicted());
+    /// assert!(RemovalCause::Expired.was_evicted());
+    /// assert!(!RemovalCause::Explicit.was_evicted());
+    /// assert!(!RemovalCause::Replaced.was_evicted());
+    /// ```
+    pub fn was_evicted(&self) -> bool {
+        matches!(self, RemovalCause::Expired | RemovalCause::Size)
+    }
 }
 
 /// An entry that left a shard, to be reported and dropped after the lock is released.

@@ -178,7 +178,18 @@ impl fmt::Display for TierError {
     }
 }
 
-impl std::error::Error for TierError {}
+/// [`source`](std::error::Error::source) is the wrapped error (the Redis client's, the
+/// configuration's, the thread spawn's), `None` for [`TierError::NoTtl`].
+impl std::error::Error for TierError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TierError::Url(e) => Some(e),
+            TierError::Build(e) => Some(e),
+            TierError::Thread(e) => Some(e),
+            TierError::NoTtl => None,
+        }
+    }
+}
 
 /// Configures a Redis second tier; [`build`](Self::build) turns a [`CacheBuilder`] into a
 /// [`TieredCache`]. See the [module docs](self) for what the tier does.

@@ -1,7 +1,7 @@
 //! Single-flight loading beside moka's `get_with` and quick_cache's `get_or_insert_with`.
 //!
 //! ```text
-//! cargo bench --bench get_with
+//! cargo bench -p herdcache-bench --bench get_with
 //! ```
 //!
 //! 1. The herd (a table printed first): N threads released together on one cold key whose

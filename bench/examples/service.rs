@@ -2,8 +2,8 @@
 //! way a service embeds the crate.
 //!
 //! ```text
-//! cargo run --release --features metrics --example service              # serves 127.0.0.1:3000
-//! cargo run --release --features metrics --example service -- --check   # a self-test, then exit
+//! cargo run -p herdcache-bench --release --example service              # serves 127.0.0.1:3000
+//! cargo run -p herdcache-bench --release --example service -- --check   # a self-test, then exit
 //! curl 127.0.0.1:3000/user/7
 //! curl 127.0.0.1:3000/metrics
 //! ```

@@ -1,8 +1,8 @@
 //! Throughput of herdcache, moka and quick_cache side by side, on 1 and 2 threads.
 //!
 //! ```text
-//! cargo bench --bench read_throughput             # every mix, 7 alternating rounds
-//! cargo bench --bench read_throughput -- 3        # 3 rounds (quicker, noisier)
+//! cargo bench -p herdcache-bench --bench read_throughput             # every mix, 7 alternating rounds
+//! cargo bench -p herdcache-bench --bench read_throughput -- 3        # 3 rounds (quicker, noisier)
 //! ```
 //!
 //! Workload: keys drawn from a Zipf distribution (s = 1.0) over 100,000 keys; every cache has a

@@ -1,9 +1,11 @@
-//! Replays the cache traces in `../shared/traces/` (or `$HERDCACHE_TRACES`) against herdcache,
-//! moka and quick_cache, side by side, and prints a Markdown table of hit ratios.
+//! Replays the cache traces in `../shared/traces/` relative to the repository (or the directory
+//! `$HERDCACHE_TRACES` names) against herdcache, moka and quick_cache, side by side, and prints
+//! a Markdown table of hit ratios. Without the traces it says where to get them and exits with
+//! status 2.
 //!
 //! ```text
-//! cargo run --release --example trace_replay                 # every row, all three caches
-//! cargo run --release --example trace_replay -- --only herdcache loop gli
+//! cargo run -p herdcache-bench --release --example trace_replay                 # every row, all three caches
+//! cargo run -p herdcache-bench --release --example trace_replay -- --only herdcache loop gli
 //! ```
 //!
 //! Each request is one key: `get`; on a miss, `insert` (unit weights). Decompression uses the
@@ -157,18 +159,46 @@ fn main() {
                 Some("herdcache") => "herdcache",
                 Some("moka") => "moka",
                 Some("quick_cache") => "quick_cache",
-                other => panic!("--only takes herdcache, moka or quick_cache, not {other:?}"),
+                other => {
+                    eprintln!(
+                        "trace_replay: --only takes herdcache, moka or quick_cache, not {other:?}"
+                    );
+                    std::process::exit(2);
+                }
             }];
         } else {
             filters.push(a);
         }
     }
+    // `../shared/traces` relative to the repository (this crate is the repository's `bench/`).
     let dir = std::env::var_os("HERDCACHE_TRACES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"));
     let rows: Vec<usize> = (0..ROWS.len())
         .filter(|&i| filters.is_empty() || filters.iter().any(|f| ROWS[i].0.contains(f.as_str())))
         .collect();
+    let mut missing: Vec<&str> = rows
+        .iter()
+        .map(|&i| ROWS[i].0)
+        .filter(|file| !dir.join(file).is_file())
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        eprintln!(
+            "trace_replay: no traces at {} (missing: {}).\n\
+             Get the traces (arc/: the ARC traces of Megiddo and Modha; lirs/ and caffeine-misc/: \
+             the LIRS, scarab and cache2k traces distributed with Caffeine's simulator) and put \
+             them in ../shared/traces/ relative to the repository, or point $HERDCACHE_TRACES at \
+             their directory.",
+            dir.display(),
+            missing.join(", ")
+        );
+        std::process::exit(2);
+    }
+    if rows.is_empty() {
+        eprintln!("trace_replay: no row matches {filters:?}");
+        std::process::exit(2);
+    }
 
     // Load each trace once, then run (row, cache) jobs on all cores.
     let mut traces: HashMap<&str, Arc<Vec<u64>>> = HashMap::new();

@@ -1,7 +1,7 @@
 //! Heap bytes per entry, measured with a counting global allocator.
 //!
 //! ```text
-//! cargo run --release --example memory
+//! cargo run -p herdcache-bench --release --example memory
 //! ```
 //!
 //! Each cache gets a capacity of 1,000,000 and 1,000,000 distinct `u64 → u64` entries; the

@@ -1,0 +1,162 @@
+//! Loads by borrowed key (moka's `*_by_ref` shapes): the key is looked up by reference, and
+//! turned into an owned `K` only on a miss, for the load.
+
+use crate::cache::Cache;
+use crate::entry::EntryRef;
+use crate::flight::{accept_option, accept_result, accept_value, outcome_of, Outcome};
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// [`get_with`](Self::get_with) by borrowed key: a hit looks `key` up by reference and
+    /// neither clones nor allocates it; only a miss makes the owned key
+    /// (`key.to_owned()`) for the load. Same single-flight semantics, panics and statistics as
+    /// `get_with` (a miss counts one miss, not two).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use herdcache::Cache;
+    ///
+    /// let cache: Cache<String, usize> = Cache::new(100);
+    /// let name: &str = "ada";
+    /// assert_eq!(cache.get_with_by_ref(name, || name.len()), 3); // a miss: "ada".to_owned()
+    /// assert_eq!(cache.get_with_by_ref(name, || unreachable!()), 3); // a hit: no String made
+    /// ```
+    pub fn get_with_by_ref<Q>(&self, key: &Q, init: impl FnOnce() -> V) -> V
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let hash = self.hash(key);
+        if let Some(v) = self.get_map(key, hash, true, V::clone) {
+            return v;
+        }
+        // The miss is counted: the load's own lookups are not.
+        self.load_blocking(
+            key.to_owned(),
+            hash,
+            || Outcome::Value(init()),
+            &V::clone,
+            &accept_value,
+            None,
+            false,
+        )
+        .expect("without a deadline a blocking load always ends with a result")
+    }
+
+    /// [`try_get_with`](Self::try_get_with) by borrowed key; the hit path neither clones nor
+    /// allocates the key (see [`get_with_by_ref`](Self::get_with_by_ref)).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get_with`](Self::try_get_with): the loader's error, shared, not cached.
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<String, u32> = herdcache::Cache::new(10);
+    /// let r = cache.try_get_with_by_ref("a", || Err::<u32, _>("backend down"));
+    /// assert_eq!(*r.unwrap_err(), "backend down");
+    /// assert_eq!(cache.try_get_with_by_ref("a", || Ok::<_, &str>(1)), Ok(1));
+    /// ```
+    pub fn try_get_with_by_ref<Q, E>(
+        &self,
+        key: &Q,
+        init: impl FnOnce() -> Result<V, E>,
+    ) -> Result<V, Arc<E>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        E: Send + Sync + 'static,
+    {
+        let hash = self.hash(key);
+        let hit = |v: &V| Ok(v.clone());
+        if let Some(r) = self.get_map(key, hash, true, hit) {
+            return r;
+        }
+        self.load_blocking(
+            key.to_owned(),
+            hash,
+            || outcome_of(init()),
+            &hit,
+            &accept_result::<V, E>,
+            None,
+            false,
+        )
+        .expect("without a deadline a blocking load always ends with a result")
+    }
+
+    /// [`optionally_get_with`](Self::optionally_get_with) by borrowed key; the hit path
+    /// neither clones nor allocates the key (see [`get_with_by_ref`](Self::get_with_by_ref)).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<String, u32> = herdcache::Cache::new(10);
+    /// assert_eq!(cache.optionally_get_with_by_ref("a", || None), None); // not cached
+    /// assert_eq!(cache.optionally_get_with_by_ref("a", || Some(1)), Some(1));
+    /// assert_eq!(cache.get("a"), Some(1));
+    /// ```
+    pub fn optionally_get_with_by_ref<Q>(
+        &self,
+        key: &Q,
+        init: impl FnOnce() -> Option<V>,
+    ) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let hash = self.hash(key);
+        let hit = |v: &V| Some(v.clone());
+        if let Some(r) = self.get_map(key, hash, true, hit) {
+            return r;
+        }
+        self.load_blocking(
+            key.to_owned(),
+            hash,
+            || init().map_or(Outcome::Nothing, Outcome::Value),
+            &hit,
+            &accept_option,
+            None,
+            false,
+        )
+        .expect("without a deadline a blocking load always ends with a result")
+    }
+
+    /// [`entry`](Self::entry) by borrowed key (moka's shape). The entry API works on an owned
+    /// key, so this makes one (`key.to_owned()`) when called; every verb of [`EntryRef`] is
+    /// then available.
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<String, u32> = herdcache::Cache::new(10);
+    /// let e = cache.entry_by_ref("n").or_insert(1);
+    /// assert!(e.is_fresh());
+    /// assert_eq!(cache.entry_by_ref("n").or_insert(2).into_value(), 1);
+    /// ```
+    pub fn entry_by_ref<Q>(&self, key: &Q) -> EntryRef<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: ToOwned<Owned = K> + ?Sized,
+    {
+        self.entry(key.to_owned())
+    }
+}
