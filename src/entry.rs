@@ -670,7 +670,7 @@ where
     }
 
     /// The async twin of [`or_optionally_insert_with`](Self::or_optionally_insert_with); cancel
-    /// safety and the bounds on `init` as [`Cache::optionally_get_with_async`].
+    /// safety and `init` (which may borrow) as [`Cache::optionally_get_with_async`].
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
@@ -681,14 +681,13 @@ where
     /// ```
     pub async fn or_optionally_insert_with_async(
         self,
-        init: impl Future<Output = Option<V>> + Send + 'static,
+        init: impl Future<Output = Option<V>>,
     ) -> Option<Entry<K, V>> {
-        let fresh = Arc::new(AtomicBool::new(false));
-        let f = Arc::clone(&fresh);
+        let fresh = AtomicBool::new(false);
         let value = self
             .cache
-            .optionally_get_with_async(self.key.clone(), async move {
-                f.store(true, Ordering::Release);
+            .optionally_get_with_async(self.key.clone(), async {
+                fresh.store(true, Ordering::Release);
                 init.await
             })
             .await?;
@@ -700,7 +699,7 @@ where
     }
 
     /// The async twin of [`or_try_insert_with`](Self::or_try_insert_with); cancel safety and
-    /// the bounds on `init` as [`Cache::try_get_with_async`].
+    /// `init` (which may borrow) as [`Cache::try_get_with_async`].
     ///
     /// # Errors
     ///
@@ -715,17 +714,16 @@ where
     /// ```
     pub async fn or_try_insert_with_async<E>(
         self,
-        init: impl Future<Output = Result<V, E>> + Send + 'static,
+        init: impl Future<Output = Result<V, E>>,
     ) -> Result<Entry<K, V>, Arc<E>>
     where
         E: Send + Sync + 'static,
     {
-        let fresh = Arc::new(AtomicBool::new(false));
-        let f = Arc::clone(&fresh);
+        let fresh = AtomicBool::new(false);
         let value = self
             .cache
-            .try_get_with_async(self.key.clone(), async move {
-                f.store(true, Ordering::Release);
+            .try_get_with_async(self.key.clone(), async {
+                fresh.store(true, Ordering::Release);
                 init.await
             })
             .await?;
