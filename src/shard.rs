@@ -979,8 +979,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
     /// empty; the caller decides whether it is free now or still referenced by a queue.
     fn take_slot(&mut self, slot: u32, hash: u64) -> Entry<K, V, T> {
-        if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
-            found.remove();
+        match self.table.find_entry(hash, |&s| s == slot) {
+            Ok(found) => {
+                found.remove();
+            }
+            // The key hashes differently now than when it was inserted (a `Hash` that is not a
+            // function of the key): find its slot by scanning, so that the table never keeps
+            // an index to a freed slot. Only that key misbehaves.
+            Err(_) => self.table.retain(|&mut s| s != slot),
         }
         let e = self.slab[slot as usize].take().expect("taking a live slot");
         if e.bucket != NO_BUCKET {

@@ -38,7 +38,17 @@ static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 
 #[test]
 fn leader_joiner_canceller() {
-    loom::model(|| {
+    model(false);
+}
+
+/// The same with the shared-future load (`get_with_async_shared`).
+#[test]
+fn leader_joiner_canceller_shared() {
+    model(true);
+}
+
+fn model(shared: bool) {
+    loom::model(move || {
         RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cache: Cache<u32, u32> = Cache::builder().max_capacity(8).shards(1).build();
         let completed = Arc::new(AtomicUsize::new(0));
@@ -63,11 +73,18 @@ fn leader_joiner_canceller() {
         let canceller = {
             let (cache, completed) = (cache.clone(), completed.clone());
             loom::thread::spawn(move || {
-                let mut f = Box::pin(cache.get_with_async(1, YieldOnce(false, completed)));
-                if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                let load = YieldOnce(false, completed);
+                let polled = if shared {
+                    let mut f = Box::pin(cache.get_with_async_shared(1, load));
+                    f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                } else {
+                    let mut f = Box::pin(cache.get_with_async(1, load));
+                    f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                };
+                // Dropped above: cancelled (or finished).
+                if let Poll::Ready(v) = polled {
                     assert_eq!(v, 10);
                 }
-                drop(f); // cancelled (or finished)
             })
         };
         for t in blocking {

@@ -1,5 +1,6 @@
 //! Randomized schedules of the whole cache (shuttle): blocking threads and async tasks load,
-//! write and invalidate two keys of a tiny cache, and one async caller is cancelled while it
+//! write and invalidate two keys of a tiny cache (an async task through a shared load, the
+//! others through their own), and one async caller is cancelled while it
 //! waits. Every schedule must end with correct values, no flight left and the invariants held.
 //!
 //! ```text
@@ -75,7 +76,7 @@ fn threads_tasks_and_a_cancelled_waiter() {
                 let (cache, loads) = (cache.clone(), loads.clone());
                 shuttle::future::spawn(async move {
                     let v = cache
-                        .get_with_async(1, async move {
+                        .get_with_async_shared(1, async move {
                             YieldOnce(false).await;
                             loads.fetch_add(1, Ordering::SeqCst);
                             10
