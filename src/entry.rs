@@ -161,25 +161,36 @@ where
             }
         }
         if !leads.is_empty() {
-            let keys: Vec<K> = leads.iter().map(|(k, _)| k.clone()).collect();
-            let (mut loaded, took) = {
-                let _permit = self.load_permit();
-                let _running: Vec<Running> = leads.iter().map(|(_, l)| enter(l.flight())).collect();
-                let start = self.now();
-                let loaded = load_missing(&keys);
-                (loaded, self.now().saturating_sub(start))
-            };
-            drop(keys);
-            for (key, lead) in leads {
-                match loaded.remove(&key) {
-                    Some(v) => {
-                        let outcome =
-                            self.publish(lead, Some(key.clone()), Outcome::Value(v), took);
-                        if let Some(v) = accept_value(&outcome) {
-                            found.insert(key, v);
+            let permit = self.load_permit();
+            // Keys another caller took over while this one waited for the permit: waited for.
+            let (started, stolen): (Vec<_>, Vec<_>) =
+                leads.into_iter().partition(|(_, l)| l.flight().start());
+            leads = started;
+            joins.extend(stolen.into_iter().map(|(k, l)| (k, l.disarm())));
+            if leads.is_empty() {
+                drop(permit);
+            } else {
+                let keys: Vec<K> = leads.iter().map(|(k, _)| k.clone()).collect();
+                let (mut loaded, took) = {
+                    let _permit = permit;
+                    let _running: Vec<Running> =
+                        leads.iter().map(|(_, l)| enter(l.flight())).collect();
+                    let start = self.now();
+                    let loaded = load_missing(&keys);
+                    (loaded, self.now().saturating_sub(start))
+                };
+                drop(keys);
+                for (key, lead) in leads {
+                    match loaded.remove(&key) {
+                        Some(v) => {
+                            let outcome =
+                                self.publish(lead, Some(key.clone()), Outcome::Value(v), took);
+                            if let Some(v) = accept_value(&outcome) {
+                                found.insert(key, v);
+                            }
                         }
+                        None => drop(lead), // abandoned: its waiters load it themselves
                     }
-                    None => drop(lead), // abandoned: its waiters load it themselves
                 }
             }
         }
@@ -248,6 +259,8 @@ where
                 Err(running)
             }
             FlightClaim::Registered(stale) => {
+                // A computation is not a load waiting for a permit: nobody takes it over.
+                f.start();
                 drop(s);
                 drop(stale);
                 Ok(Lead::new(self, hash, f))

@@ -19,7 +19,7 @@
 //!   Blocking waiters never poll it (a future may need its own runtime): they wait, and when
 //!   the last async caller goes away the load is cancelled and they lead with their own loader.
 
-use crate::sync::{wait_until, AtomicBool, AtomicU64, Condvar, Mutex};
+use crate::sync::{wait_until, AtomicBool, AtomicU64, AtomicU8, Condvar, Mutex};
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -74,20 +74,32 @@ pub(crate) struct Flight<K, V> {
     /// Nonzero for a failed load kept registered as a negative-cache entry: its outcome is
     /// served to callers until this deadline. Read and written under the shard lock.
     negative_until: AtomicU64,
+    /// Whether the leader has started its load ([`WAITING`], [`STARTED`]) or a caller that
+    /// holds a load permit took it over while the leader waited for one ([`STOLEN`]).
+    start: Arc<AtomicU8>,
 }
+
+/// A flight's leader has not started its load yet (it may be waiting for a load permit).
+pub(crate) const WAITING: u8 = 0;
+/// The leader started its load.
+pub(crate) const STARTED: u8 = 1;
+/// A caller holding a load permit took the load over (see [`Flight::steal`]).
+pub(crate) const STOLEN: u8 = 2;
 
 impl<K, V> Flight<K, V> {
     /// A blocking flight: its leader runs the loader itself.
     pub(crate) fn blocking() -> Arc<Self> {
-        Self::new(None, None)
+        Self::with_start(Arc::new(AtomicU8::new(WAITING)))
     }
 
-    pub(crate) fn new(key: Option<K>, future: Option<LoadFuture<V>>) -> Arc<Self> {
+    /// A flight whose start token is `start`: a shared load's, which starts itself (see
+    /// [`start`]).
+    pub(crate) fn with_start(start: Arc<AtomicU8>) -> Arc<Self> {
         Arc::new(Flight {
             state: Mutex::new(State {
                 phase: Phase::Running,
-                key,
-                future,
+                key: None,
+                future: None,
                 polling: false,
                 interested: 0,
                 wakers: Vec::new(),
@@ -96,7 +108,25 @@ impl<K, V> Flight<K, V> {
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
             negative_until: AtomicU64::new(0),
+            start,
         })
+    }
+
+    /// The leader begins its load (after taking a load permit, if limited): false if a caller
+    /// that holds a permit took the load over meanwhile — the leader then waits for it, like
+    /// any other caller.
+    pub(crate) fn start(&self) -> bool {
+        start(&self.start)
+    }
+
+    /// A caller that holds a load permit and would wait for this flight takes its load over if
+    /// the leader has not started (it is waiting for a permit, which this caller's wait could
+    /// keep from it forever): the caller runs its own loader under its own permit and publishes
+    /// through this flight.
+    pub(crate) fn steal(&self) -> bool {
+        self.start
+            .compare_exchange(WAITING, STOLEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Makes this (just registered) flight an async one: its load is `future`, shared by the
@@ -178,6 +208,13 @@ impl<K, V> Flight<K, V> {
             }
         }
     }
+}
+
+/// Starts the load a token belongs to (see [`Flight::start`]).
+pub(crate) fn start(token: &AtomicU8) -> bool {
+    token
+        .compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire)
+        .map_or_else(|now| now == STARTED, |_| true)
 }
 
 /// The waker given to a shared load future: wakes every async caller interested in the flight.

@@ -57,6 +57,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+/// A shared async load and its start token (see [`Flight::start`]).
+pub(crate) type SharedLoad<V> = (LoadFuture<V>, Arc<crate::sync::AtomicU8>);
+
 /// How a caller claims a key.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct How {
@@ -252,8 +255,13 @@ where
     /// # Panics
     ///
     /// If `init` panics (the panic is resumed), or if `init` asks this cache for `key` itself
-    /// on the same thread (a recursive load would wait for itself forever). Loading *other*
-    /// keys inside `init` is fine.
+    /// on the same thread (a recursive load would wait for itself forever; so does a cycle on
+    /// one thread, A's loader loading B whose loader loads A). Loading *other* keys inside
+    /// `init` is fine, also under [`max_concurrent_loads`](crate::CacheBuilder::max_concurrent_loads):
+    /// a nested load runs under its caller's permit, and takes over a load of its key whose
+    /// leader still waits for a permit rather than wait for it. Not detected: a cycle across
+    /// threads (A's loader on one thread loading B while B's loader on another loads A waits
+    /// forever, as two locks taken in opposite orders would).
     ///
     /// # Example
     ///
@@ -588,7 +596,7 @@ where
         hash: u64,
         key: &K,
         hit: &impl Fn(&V) -> R,
-        future: &mut Option<LoadFuture<V>>,
+        future: &mut Option<SharedLoad<V>>,
         how: How,
     ) -> Claim<K, V, S, R> {
         let How {
@@ -607,7 +615,10 @@ where
         if let Some(v) = s.peek(hash, key, now) {
             return Claim::Hit(hit(v));
         }
-        let f = Flight::blocking();
+        let f = match future {
+            Some((_, token)) if can_lead => Flight::with_start(Arc::clone(token)),
+            _ => Flight::blocking(),
+        };
         let serve_negative = !bypass_negative;
         let hasher = &self.inner.hasher;
         match s.claim_flight(
@@ -632,7 +643,7 @@ where
                 Claim::Join(running)
             }
             FlightClaim::Registered(stale) if can_lead => {
-                if let Some(fut) = future.take() {
+                if let Some((fut, _)) = future.take() {
                     f.set_shared_load(owned, fut);
                 }
                 drop(s);
@@ -666,6 +677,15 @@ where
         took: u64,
     ) -> Arc<Outcome<V>> {
         let hash = lead.hash;
+        if !lead.flight().is_running() {
+            // A shared load that another caller took over (and ended) while it waited for a
+            // permit: nothing of it is published.
+            let flight = lead.disarm();
+            return match &flight.state.lock().phase {
+                Phase::Done(o) => Arc::clone(o),
+                _ => Arc::new(outcome),
+            };
+        }
         let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
             crate::clock::deadline(self.now(), n)
         });
@@ -848,19 +868,46 @@ where
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
-                    let init = init.take().expect("a caller leads at most once");
-                    let (outcome, took) = self.run_loader(lead.flight(), init);
-                    let outcome = self.publish(lead, Some(key), outcome, took);
-                    return Some(accept(&outcome).expect("a leader accepts its own outcome"));
+                    let f = init.take().expect("a caller leads at most once");
+                    match self.run_loader(lead.flight(), f, true) {
+                        Ok((outcome, took)) => {
+                            let outcome = self.publish(lead, Some(key), outcome, took);
+                            return Some(accept(&outcome).expect("a leader accepts its own"));
+                        }
+                        // Taken over while this caller waited for a permit: wait for it.
+                        Err(f) => {
+                            init = Some(f);
+                            let flight = lead.disarm();
+                            match self.wait_blocking(&flight, accept, until) {
+                                Waited::Done(Some(r)) => return Some(r),
+                                Waited::Done(None) => bypass_negative = true,
+                                Waited::Abandoned => {}
+                                Waited::TimedOut => return None,
+                            }
+                        }
+                    }
                 }
-                Claim::Join(flight) => match self.wait_blocking(&flight, accept, until) {
-                    Waited::Done(Some(r)) => return Some(r),
-                    // An outcome this caller cannot use (an error of another type, a negative
-                    // entry for a caller without an error channel): load for itself.
-                    Waited::Done(None) => bypass_negative = true,
-                    Waited::Abandoned => {}
-                    Waited::TimedOut => return None,
-                },
+                Claim::Join(flight) => {
+                    // A caller that holds a load permit (inside another load) must not wait for
+                    // a leader that waits for a permit: it takes the load over.
+                    if init.is_some() && holds_permit() && flight.steal() {
+                        let lead = Lead::new(self, hash, flight);
+                        let f = init.take().expect("checked");
+                        let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false) else {
+                            unreachable!("a load taken over is not started again")
+                        };
+                        let outcome = self.publish(lead, Some(key), outcome, took);
+                        return Some(accept(&outcome).expect("a leader accepts its own"));
+                    }
+                    match self.wait_blocking(&flight, accept, until) {
+                        Waited::Done(Some(r)) => return Some(r),
+                        // An outcome this caller cannot use (an error of another type, a
+                        // negative entry for a caller without an error channel): load itself.
+                        Waited::Done(None) => bypass_negative = true,
+                        Waited::Abandoned => {}
+                        Waited::TimedOut => return None,
+                    }
+                }
             }
         }
     }
@@ -876,20 +923,26 @@ where
 
     /// Runs a blocking leader's loader under a load permit (if limited), registered as run by
     /// this thread (recursion); returns the outcome and the load's duration. A panic of the
-    /// loader propagates (the caller's [`Lead`] abandons the flight).
-    pub(crate) fn run_loader(
+    /// loader propagates (the caller's [`Lead`] abandons the flight). With `start`, the load
+    /// starts only if no caller took it over while this one waited for a permit (else `init`
+    /// comes back unrun).
+    pub(crate) fn run_loader<F: FnOnce() -> Outcome<V>>(
         &self,
         flight: &Arc<Flight<K, V>>,
-        init: impl FnOnce() -> Outcome<V>,
-    ) -> (Outcome<V>, u64) {
+        init: F,
+        start: bool,
+    ) -> Result<(Outcome<V>, u64), F> {
         let permit = self.load_permit();
+        if start && !flight.start() {
+            return Err(init);
+        }
         let running = enter(flight);
         let start = self.now();
         let outcome = init();
         let took = self.now().saturating_sub(start);
         drop(running);
         drop(permit);
-        (outcome, took)
+        Ok((outcome, took))
     }
 
     /// Waits on this thread for a flight run by another caller, until it ends or `until`
@@ -970,16 +1023,42 @@ where
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
                 Claim::Lead(lead) => {
-                    let init = init.take().expect("a caller leads at most once");
-                    let (outcome, took) = self.drive(lead.flight(), init).await;
-                    let outcome = self.publish(lead, Some(key), outcome, took);
-                    return accept(&outcome).expect("a leader accepts its own outcome");
+                    let f = init.take().expect("a caller leads at most once");
+                    match self.drive(lead.flight(), f, true).await {
+                        Ok((outcome, took)) => {
+                            let outcome = self.publish(lead, Some(key), outcome, took);
+                            return accept(&outcome).expect("a leader accepts its own outcome");
+                        }
+                        // Taken over while this caller waited for a permit: wait for it.
+                        Err(f) => {
+                            init = Some(f);
+                            let flight = lead.disarm();
+                            match wait_async(self, hash, flight, &accept).await {
+                                Waited::Done(Some(r)) => return r,
+                                Waited::Done(None) => bypass_negative = true,
+                                Waited::Abandoned | Waited::TimedOut => {}
+                            }
+                        }
+                    }
                 }
-                Claim::Join(flight) => match wait_async(self, hash, flight, &accept).await {
-                    Waited::Done(Some(r)) => return r,
-                    Waited::Done(None) => bypass_negative = true,
-                    Waited::Abandoned | Waited::TimedOut => {}
-                },
+                Claim::Join(flight) => {
+                    // Inside another load that holds a permit: take over a leader that waits
+                    // for one (waiting for it could keep the permit from it forever).
+                    if init.is_some() && holds_permit() && flight.steal() {
+                        let lead = Lead::new(self, hash, flight);
+                        let f = init.take().expect("checked");
+                        let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await else {
+                            unreachable!("a load taken over is not started again")
+                        };
+                        let outcome = self.publish(lead, Some(key), outcome, took);
+                        return accept(&outcome).expect("a leader accepts its own outcome");
+                    }
+                    match wait_async(self, hash, flight, &accept).await {
+                        Waited::Done(Some(r)) => return r,
+                        Waited::Done(None) => bypass_negative = true,
+                        Waited::Abandoned | Waited::TimedOut => {}
+                    }
+                }
             }
         }
     }
@@ -987,15 +1066,19 @@ where
     /// Awaits a leader's own load: under a load permit (if limited, and unless this thread
     /// holds one), registered as run by the polling thread during each poll (recursion);
     /// returns the outcome and the load's duration.
-    async fn drive(
+    async fn drive<F: Future<Output = Outcome<V>>>(
         &self,
         flight: &Arc<Flight<K, V>>,
-        init: impl Future<Output = Outcome<V>>,
-    ) -> (Outcome<V>, u64) {
+        init: F,
+        start: bool,
+    ) -> Result<(Outcome<V>, u64), F> {
         let permit = match &self.inner.stampede.limiter {
             Some(l) if !holds_permit() => Some(l.acquire().await),
             _ => None,
         };
+        if start && !flight.start() {
+            return Err(init);
+        }
         let start = self.now();
         let outcome = Leading {
             flight,
@@ -1005,7 +1088,7 @@ where
         .await;
         let took = self.now().saturating_sub(start);
         drop(permit);
-        (outcome, took)
+        Ok((outcome, took))
     }
 
     /// Runs a shared async load: the single-flight core for `get_with_async_shared` and its
@@ -1022,17 +1105,25 @@ where
         let clock = self.time_source();
         // The shared load: takes a load permit (if limited, and unless it is nested in a load
         // that holds one) and measures itself.
-        let mut init: Option<LoadFuture<V>> = Some(Box::pin(async move {
+        // The load's start token: the flight this future leads is made with it.
+        let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
+        let start_token = Arc::clone(&token);
+        let load: LoadFuture<V> = Box::pin(async move {
             let permit = match &limiter {
                 Some(l) if !holds_permit() => Some(l.acquire().await),
                 _ => None,
             };
+            if !crate::flight::start(&start_token) {
+                // Taken over while this load waited for a permit: its taker publishes.
+                return (Outcome::Nothing, 0);
+            }
             let start = clock.as_ref().map_or(0, |c| c.now());
             let outcome = UnderPermit::new(init, permit.is_some()).await;
             let took = clock.as_ref().map_or(0, |c| c.now().saturating_sub(start));
             drop(permit);
             (outcome, took)
-        }));
+        });
+        let mut init: Option<SharedLoad<V>> = Some((load, token));
         let mut bypass_negative = false;
         let mut record = true;
         loop {
@@ -1042,12 +1133,23 @@ where
                 bypass_negative,
                 record,
             };
+            let had_future = init.is_some();
             let claim = self.claim(hash, &key, &hit, &mut init, how);
             record = false;
             let flight = match claim {
                 Claim::Hit(r) => return r,
                 // The shared future holds the lead; the flight's polling guard resolves it.
                 Claim::Lead(lead) => lead.disarm(),
+                // Inside another load that holds a permit: take over a leader that waits for
+                // one, driving this caller's own load here.
+                Claim::Join(f) if had_future && holds_permit() && f.steal() => {
+                    let lead = Lead::new(self, hash, f);
+                    let (fut, token) = init.take().expect("checked");
+                    crate::flight::start(&token);
+                    let (outcome, took) = fut.await;
+                    let outcome = self.publish(lead, Some(key), outcome, took);
+                    return accept(&outcome).expect("a leader accepts its own outcome");
+                }
                 Claim::Join(f) => f,
                 Claim::Lost => lost_load(),
             };

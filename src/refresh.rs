@@ -335,6 +335,18 @@ where
             let (flight, led) = match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
+                // Inside another load that holds a permit: take over a leader that waits for
+                // one, here (waiting for it could keep the permit from it forever).
+                Claim::Join(f) if holds_permit() && f.steal() => {
+                    let lead = Lead::new(self, hash, f);
+                    let k = key.clone();
+                    let init = || catch_panic(|| outcome_of(loader(&k)));
+                    let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false) else {
+                        unreachable!("a load taken over is not started again")
+                    };
+                    let outcome = self.publish(lead, Some(key), outcome, took);
+                    return accept_load(&outcome);
+                }
                 Claim::Join(f) => (f, false),
                 Claim::Lead(lead) => {
                     let flight = Arc::clone(lead.flight());
@@ -343,8 +355,13 @@ where
                     let job = move || {
                         let cache = lead.cache().clone();
                         let init = || catch_panic(|| outcome_of(job_loader(&k)));
-                        let (outcome, took) = cache.run_loader(lead.flight(), init);
-                        cache.publish(lead, Some(k), outcome, took);
+                        match cache.run_loader(lead.flight(), init, true) {
+                            Ok((outcome, took)) => {
+                                cache.publish(lead, Some(k), outcome, took);
+                            }
+                            // Taken over while the job waited for a permit: the taker publishes.
+                            Err(_) => drop(lead.disarm()),
+                        }
                     };
                     let spawn = self
                         .inner
@@ -441,6 +458,10 @@ where
                 Some(l) if !holds_permit() => Some(l.acquire().await),
                 _ => None,
             };
+            if !lead.flight().start() {
+                drop(lead.disarm()); // taken over meanwhile: the taker publishes
+                return;
+            }
             let start = cache.now();
             let result = UnderPermit::new(loader(&key), permit.is_some()).await;
             let took = cache.now().saturating_sub(start);
@@ -475,6 +496,10 @@ where
             },
             None => crate::load::LoadPermit::none(),
         };
+        if !lead.flight().start() {
+            drop(lead.disarm()); // taken over meanwhile: the taker publishes
+            return;
+        }
         let running = crate::flight::enter(lead.flight());
         let start = self.now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&key)));

@@ -8,7 +8,7 @@
 #[cfg(not(any(loom, shuttle)))]
 pub(crate) use parking_lot::{Condvar, Mutex, RwLock};
 #[cfg(not(any(loom, shuttle)))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
 /// Declares a thread-local that the model checkers (loom, shuttle) treat as per model thread.
 macro_rules! thread_local_shim {
@@ -51,7 +51,7 @@ pub(crate) fn wait_until<'a, T>(
 }
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(loom)]
 pub(crate) use loom::sync::Condvar;
 
@@ -111,7 +111,7 @@ impl<T> RwLock<T> {
 }
 
 #[cfg(shuttle)]
-pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(shuttle)]
 pub(crate) use shuttle::sync::Condvar;
 

@@ -1,6 +1,6 @@
 //! Adversarial tests from the public API (second attack round): mixes of sync and async callers,
 //! cancellation at every poll, cross-key recursion, writes racing loads, hostile user code.
-//! Tests marked `#[ignore = "bug: ..."]` reproduce a failure.
+//! The one `#[ignore]`d test reproduces a documented limitation (a cycle of loads across threads).
 
 #![cfg(not(loom))]
 
@@ -108,7 +108,7 @@ fn same_thread_cycle_sync_async_sync_panics() {
 /// Two threads: T1 leads A and asks B inside; T2 leads B and asks A inside. A classic lock-order
 /// cycle between two single-flight loads.
 #[test]
-#[ignore = "deadlock: two threads loading A->B and B->A wait for each other forever (threads are leaked)"]
+#[ignore = "a known limitation, documented on get_with: two threads loading A->B and B->A wait for each other forever (threads are leaked)"]
 fn two_thread_cycle_a_b() {
     let cache: Cache<u32, u64> = Cache::new(100);
     let both = Arc::new(Barrier::new(2));
@@ -210,7 +210,6 @@ fn limit1_nested_every_direction() {
 /// claimed B as leader and waits for the permit. T1 joins T2's load of B, which waits for T1's
 /// permit: does it deadlock?
 #[test]
-#[ignore = "bug: deadlock under max_concurrent_loads(1) when a permit holder's nested load joins a leader queued for the permit"]
 fn limit1_two_threads_nested_join_of_waiting_leader() {
     nested_join_of_waiting_leader(
         Cache::builder()
@@ -264,7 +263,6 @@ fn nested_join_of_waiting_leader(cache: Cache<u32, u64>) {
 /// Same shape, async: T1 holds the permit in an async load and awaits B, which another thread
 /// claimed (blocking) and is waiting for the permit.
 #[test]
-#[ignore = "bug: deadlock under max_concurrent_loads(1): async permit holder awaits a key whose blocking leader waits for the permit"]
 fn limit1_async_holder_joins_waiting_sync_leader() {
     let cache: Cache<u32, u64> = Cache::builder()
         .max_capacity(100)
@@ -674,6 +672,7 @@ fn late_refresh_job_loses_to_write() {
     let _w = watchdog(LIMIT, "late_refresh_job_loses_to_write");
     for how in 0..3 {
         let clock = ManualClock::new();
+        #[allow(clippy::type_complexity)]
         let jobs: Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>> = Arc::default();
         let j = jobs.clone();
         let gen = Arc::new(AtomicU64::new(100));
@@ -725,7 +724,7 @@ fn spawner_drops_jobs_refresh_and_timeout_load() {
             c2.fetch_add(1, SeqCst);
             Ok::<_, BoxError>(*k as u64)
         })
-        .spawner(|job| drop(job))
+        .spawner(drop)
         .build();
     // A load with a timeout and a spawner that drops: falls back to running in the caller.
     assert_eq!(cache.load(1).unwrap(), 1);
@@ -1571,7 +1570,6 @@ fn panicking_refresh_keeps_value_no_storm() {
 /// The realistic shape of the limit-1 deadlock: the builder loader of A loads its dependency B
 /// with `load`, while another request loads B.
 #[test]
-#[ignore = "bug: deadlock under max_concurrent_loads(1): loader of A calls load(B) while another thread's load(B) waits for the permit"]
 fn limit1_loader_dependency_deadlock() {
     let go = Arc::new(AtomicBool::new(false));
     let slot: Arc<Mutex<Option<Cache<u32, u64>>>> = Arc::default();
@@ -1616,7 +1614,6 @@ fn limit1_loader_dependency_deadlock() {
 /// Async only: the permit holder (async) awaits B, whose leader (async, borrowed or shared) is
 /// queued for the permit on another thread.
 #[test]
-#[ignore = "bug: deadlock under max_concurrent_loads(1): async permit holder awaits a key whose async leader (borrowed or shared) waits for the permit"]
 fn limit1_async_async_nested_join() {
     let mut hung = Vec::new();
     for shared in [false, true] {

@@ -108,6 +108,9 @@ fn cache_aside_race(ns: &str, leases: bool, write: Write, writer_is_a: bool) {
     };
     let a = instance(with_leases(tier(&server, ns)), &backend);
     let b = instance(with_leases(tier(&server, ns)), &backend);
+    // Messages sent before a subscriber is up are lost (that staleness is bounded by the TTL,
+    // and not what this test is about).
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     let (read, release) = backend.hold_next();
     let loader = {
         let a = a.clone();
@@ -187,6 +190,7 @@ fn a_refresh_racing_an_invalidation_writes_nothing_back() {
     };
     let a = refreshing("o7");
     let b = instance(tier(&server, "o7"), &backend);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     assert_eq!(a.load(1).unwrap(), 1);
     clock.advance(Duration::from_secs(2));
     // The copy in Redis looks 2 s old too (the tier measures age by its time left there), so
@@ -316,6 +320,7 @@ fn a_load_that_began_before_invalidate_all_is_not_served_after_it() {
     let backend = Backend::new();
     let a = instance(tier(&server, "o10"), &backend);
     let b = instance(tier(&server, "o10"), &backend);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     let (read, release) = backend.hold_next();
     let loader = {
         let a = a.clone();
