@@ -8,6 +8,8 @@
 #![cfg(feature = "redis")]
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
@@ -405,4 +407,43 @@ fn clear_on_reconnect_also_after_a_start_with_redis_down() {
         eventually(|| a.entry_count() == 0),
         "the first connection after a failed start clears"
     );
+}
+
+/// Issue 12, scenario 5: the subscriber's connection silently stops delivering (traffic on
+/// existing connections dropped, new ones fine). The subscriber notices (a PING unanswered),
+/// reconnects, and with `clear_on_reconnect` drops what it may have missed.
+#[test]
+fn a_half_open_subscriber_connection_is_detected_and_replaced() {
+    let _w = watchdog(LIMIT, "half-open subscriber");
+    let server = RedisServer::start();
+    let port: u16 = server
+        .url()
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the server's port");
+    let proxy = proxy::Proxy::start(port);
+    let backend = Backend::new();
+    let via_proxy = RedisTier::new(proxy.url())
+        .namespace("o13")
+        .timeouts(Duration::from_millis(500), Duration::from_millis(200))
+        .clear_on_reconnect(true);
+    let a = instance(via_proxy, &backend);
+    let b = instance(tier(&server, "o13"), &backend);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
+    assert_eq!(a.load(1).unwrap(), 1);
+    let connects = a.stats().remote.subscriber_connects;
+    proxy.black_hole_open_connections();
+    backend.version.store(2, Ordering::SeqCst);
+    b.invalidate(&1); // A's subscriber never hears of it
+    assert!(
+        eventually(|| a.stats().remote.subscriber_connects > connects),
+        "the dead subscription was replaced"
+    );
+    assert!(
+        eventually(|| a.get(&1) != Some(1)),
+        "the copy that may have missed an invalidation was dropped"
+    );
+    assert_eq!(a.load(1).unwrap(), 2);
 }

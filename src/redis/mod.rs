@@ -64,6 +64,9 @@
 //! being refreshed, so it loads (under the lease, if leases are on) and writes the new value
 //! for the others. One instance refreshes each key for the fleet.
 //!
+//! The subscriber sends a PING after a second without messages and reconnects if it is not
+//! answered within a second, so a connection that silently stopped delivering (a dropped NAT
+//! entry, a failover) is replaced within about two seconds.
 //! Invalidation messages are not replayed (Redis pub/sub keeps nothing): an instance whose
 //! subscriber was disconnected when a message was sent keeps serving its local copy until that
 //! copy expires — **at most the local time to live** (or time to idle), and never past the

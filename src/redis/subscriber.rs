@@ -1,16 +1,24 @@
 //! The invalidation subscriber: one thread per tiered cache that listens on the namespace's
 //! channel and drops the local copies other instances invalidated. It reconnects by itself
-//! (backing off from 50 ms to 1 s) and exits within 100 ms of the cache being dropped.
+//! (backing off from 50 ms to 1 s), checks with a PING after a second without messages that
+//! the connection still delivers (reconnecting if not), and exits within 100 ms of the cache
+//! being dropped.
 
 use super::tier::{parse_message, Tier, MSG_ALL, MSG_KEY};
 use crate::cache::{Cache, Inner};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a blocked read wakes to see whether the cache is gone.
 const POLL: Duration = Duration::from_millis(100);
+/// After this long without a message, the subscriber checks that the connection still
+/// delivers: a PING must be answered within [`PONG_WAIT`], else it reconnects. A connection
+/// that silently stopped delivering (a dropped NAT entry, a failover) is so detected within
+/// about two seconds instead of never.
+const PING_EVERY: Duration = Duration::from_secs(1);
+const PONG_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) fn spawn<K, V, S>(
     cache: &Cache<K, V, S>,
@@ -67,15 +75,28 @@ where
             }
         }
         may_have_missed = true; // for the next connection
+        let mut heard = Instant::now();
         loop {
             match sub.get_message() {
                 Ok(msg) => {
+                    heard = Instant::now();
                     let Some(inner) = cache.upgrade() else { break };
                     apply(&Cache { inner }, tier, msg.get_payload_bytes());
                 }
                 Err(e) if e.is_timeout() => {
                     if cache.strong_count() == 0 {
                         break;
+                    }
+                    if heard.elapsed() >= PING_EVERY {
+                        // Messages that arrive before the pong are kept for `get_message`.
+                        let _ = sub.set_read_timeout(Some(PONG_WAIT));
+                        let alive = sub.ping::<::redis::Value>().is_ok();
+                        let _ = sub.set_read_timeout(Some(POLL));
+                        if !alive {
+                            tier.counters().add(|c| &c.timeouts);
+                            break;
+                        }
+                        heard = Instant::now();
                     }
                 }
                 Err(_) => break,
