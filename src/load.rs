@@ -25,13 +25,19 @@
 //!   stores its value only if it is still registered when it publishes — checked in the same
 //!   critical section that stores — so a load never overwrites a newer write, and a caller
 //!   that starts after the write returned never joins the older load.
-//! * **Async loads are shared futures.** The leader's future is stored in the flight and polled
-//!   by whichever *async* caller gets there first, with a waker that wakes them all. So a
-//!   leader that is dropped, or created and never polled again, does not strand the other
-//!   async callers: any of them drives the load to completion. When the last async caller
-//!   goes away the future is dropped (the load is cancelled) and the flight abandoned. Blocking
-//!   callers never poll a future (it may need its own runtime): they wait, and load with their
-//!   own loader if the async callers all went away.
+//! * **Async loads.** A borrowing load (`get_with_async`) is driven by its leader, whose
+//!   [`Lead`] lives in its future: dropped mid-load, the flight is abandoned and a waiter loads
+//!   with its own future. A *shared* load (`get_with_async_shared`, `load_async`) is stored in
+//!   the flight and polled by whichever *async* caller gets there first, with a waker that
+//!   wakes them all. So a leader that is dropped, or created and never polled again, does not
+//!   strand the other async callers: any of them drives the load to completion. When the last
+//!   async caller goes away the future is dropped (the load is cancelled) and the flight
+//!   abandoned. Blocking callers never poll a future (it may need its own runtime): they wait,
+//!   and load with their own loader if the async callers all went away.
+//! * **Load permits.** A leader takes its permit (`max_concurrent_loads`) after it claims the
+//!   key, and starts only if nobody took its load over meanwhile: a caller inside another load
+//!   (holding a permit) that would wait for a leader still waiting for a permit takes the load
+//!   over instead, so two loads never wait for each other's permit.
 //! * **Errors and `None`** reach the callers that waited on that load (the same `Arc<E>` for
 //!   all) and are not cached: the next call loads again. A waiter whose error type differs from
 //!   the leader's retries instead.
