@@ -727,21 +727,11 @@ where
         flight: &Arc<Flight<K, V>>,
         out: &mut Garbage<K, V>,
     ) -> bool {
-        let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         let Some(flight_key) = s.remove_flight(hash, flight) else {
             return false;
         };
-        let acct = Accounting::new(self, &mut *s);
-        let removed = acct.shard.remove(
-            hash,
-            key,
-            now,
-            &self.inner.hasher,
-            out,
-            RemovalCause::Explicit,
-        );
-        drop(acct);
+        let removed = self.remove_locked(&mut s, hash, key, out);
         drop(s);
         drop(flight_key);
         removed
@@ -817,17 +807,27 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let acct = Accounting::new(self, &mut *s);
-        acct.shard.remove(
-            hash,
-            key,
-            now,
-            &self.inner.hasher,
-            out,
-            RemovalCause::Explicit,
-        )
+        self.remove_locked(&mut s, hash, key, out)
+    }
+
+    /// Removes `key` from a locked shard (an explicit removal), keeping the global weight.
+    fn remove_locked<Q>(
+        &self,
+        s: &mut Shard<K, V>,
+        hash: u64,
+        key: &Q,
+        out: &mut Garbage<K, V>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.now();
+        let acct = Accounting::new(self, s);
+        let cause = RemovalCause::Explicit;
+        acct.shard
+            .remove(hash, key, now, &self.inner.hasher, out, cause)
     }
 
     /// Removes `key` and returns its value, if a live one was present.

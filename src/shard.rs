@@ -848,42 +848,31 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 // Expired but not yet reclaimed: it is dead. The new value is a creation (it
                 // inherits neither the old deadline nor its hits or queue place).
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                return self.create(
-                    hash,
+            } else {
+                let e = self.slab[slot as usize]
+                    .as_mut()
+                    .expect("found slot is live");
+                let times = capped(exp.on_update(&e.key, &value, now, current, factor));
+                if times.0 <= now {
+                    self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                    out.push(Removed::expired(key, value, weight));
+                    return;
+                }
+                let old = std::mem::replace(&mut e.value, value);
+                let old_weight = std::mem::replace(&mut e.weight, weight);
+                record_hit(&e.hits);
+                let place = e.place;
+                self.policy.on_reweigh(place, old_weight, weight);
+                self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+                self.set_times(slot, times, now, load_nanos);
+                out.push(Removed {
                     key,
-                    value,
-                    weight,
-                    now,
-                    exp,
-                    hasher,
-                    out,
-                    (accesses, load_nanos, cap),
-                    factor,
-                );
-            }
-            let e = self.slab[slot as usize]
-                .as_mut()
-                .expect("found slot is live");
-            let times = capped(exp.on_update(&e.key, &value, now, current, factor));
-            if times.0 <= now {
-                self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                out.push(Removed::expired(key, value, weight));
+                    value: old,
+                    weight: old_weight,
+                    cause: RemovalCause::Replaced,
+                });
                 return;
             }
-            let old = std::mem::replace(&mut e.value, value);
-            let old_weight = std::mem::replace(&mut e.weight, weight);
-            record_hit(&e.hits);
-            let place = e.place;
-            self.policy.on_reweigh(place, old_weight, weight);
-            self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
-            self.set_times(slot, times, now, load_nanos);
-            out.push(Removed {
-                key,
-                value: old,
-                weight: old_weight,
-                cause: RemovalCause::Replaced,
-            });
-            return;
         }
         self.create(
             hash,
