@@ -1,14 +1,14 @@
 //! The concurrent cache: hash once, route to a shard, lock, delegate.
 
-use crate::builder::Listener;
-use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flight;
-use crate::refresh::Stampede;
+use crate::removal::Listener;
+use crate::settings::{Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
-use crate::shard::{Found, Garbage, RemovalCause, Removed, Shard};
+use crate::removal::{RemovalCause, Removals, Removed};
+use crate::shard::{Found, Layout, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
@@ -137,6 +137,29 @@ pub(crate) enum Write<'a, K, V> {
     Load(&'a Arc<Flight<K, V>>),
 }
 
+/// Starts a refresh of a key (`Cache::start_refresh`).
+/// Called with the key (cloned by the reader that won the right to refresh it) and its hash.
+pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K, u64);
+
+/// A validated configuration, handed to the cache.
+pub(crate) struct Parts<K, V, S> {
+    pub(crate) capacity: u64,
+    pub(crate) shards: usize,
+    pub(crate) weigher: Option<Weigher<K, V>>,
+    pub(crate) expiry: ExpiryConfig<K, V>,
+    pub(crate) layout: Layout,
+    pub(crate) stampede: Stampede<K, V>,
+    /// Starts a refresh (set with a loader, where `K: Clone` is known).
+    pub(crate) refresh: Option<RefreshFn<K, V, S>>,
+    pub(crate) hasher: S,
+    pub(crate) clock: Clock,
+    pub(crate) stats: bool,
+    pub(crate) listener: Option<Listener<K, V>>,
+    pub(crate) name: String,
+    /// The time to live and time to idle as given (for [`Cache::policy`]).
+    pub(crate) durations: (Option<Duration>, Option<Duration>),
+}
+
 pub(crate) struct Inner<K, V, S> {
     pub(crate) shards: Box<[CachePadded<ShardCell<K, V>>]>,
     mask: usize,
@@ -149,7 +172,9 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
-    pub(crate) stampede: Stampede<K, V, S>,
+    pub(crate) stampede: Stampede<K, V>,
+    /// Starts a refresh of a key found due (set where `K: Clone` is known).
+    refresh: Option<RefreshFn<K, V, S>>,
     pub(crate) stats: Option<Stats>,
     listener: Option<Listener<K, V>>,
     name: String,
@@ -177,12 +202,7 @@ impl RefreshClaim<'_> {
 impl Drop for RefreshClaim<'_> {
     fn drop(&mut self) {
         if let Some(at) = self.0 {
-            let _ = at.compare_exchange(
-                crate::shard::REFRESHING,
-                self.1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            crate::expiry::give_back_refresh(at, self.1);
         }
     }
 }
@@ -225,51 +245,21 @@ const ACCESS_SAMPLE: u32 = 64;
 /// Every this many accesses a thread also tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
 
-impl<K, V> Cache<K, V, crate::DefaultHashBuilder>
-where
-    K: Hash + Eq + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    /// A cache holding at most `max_capacity` entries, without expiry.
-    ///
-    /// ```
-    /// let cache = herdcache::Cache::new(2);
-    /// cache.insert(1, "one");
-    /// assert_eq!(cache.get(&1), Some("one"));
-    /// ```
-    pub fn new(max_capacity: u64) -> Self {
-        Self::builder().max_capacity(max_capacity).build()
-    }
-
-    /// A builder for every other setting (weigher, expiry, clock, hasher, shards).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::builder()
-    ///     .max_capacity(1000)
-    ///     .time_to_live(Duration::from_secs(30))
-    ///     .build();
-    /// # drop(cache);
-    /// ```
-    pub fn builder() -> CacheBuilder<K, V, crate::DefaultHashBuilder> {
-        CacheBuilder::unbounded()
-    }
-}
-
 impl<K, V, S> Cache<K, V, S>
 where
     K: Hash + Eq + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn from_parts(parts: crate::builder::Parts<K, V, S>) -> Self {
-        let crate::builder::Parts {
+    pub(crate) fn from_parts(parts: Parts<K, V, S>) -> Self {
+        let Parts {
             capacity,
             shards,
             weigher,
             expiry,
             layout,
             stampede,
+            refresh,
             hasher,
             clock,
             stats,
@@ -305,6 +295,7 @@ where
                 timed,
                 expiry,
                 stampede,
+                refresh,
                 stats: stats.then(Stats::new),
                 listener,
                 name,
@@ -387,7 +378,7 @@ where
         let maintain = self.note_access(cell);
         let now = self.now();
         let guard = cell.lock.read();
-        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::refresh::coin) {
+        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
             Found::Hit(v) => {
                 let r = f(v);
                 drop(guard);
@@ -414,7 +405,7 @@ where
                 let st = &self.inner.stampede;
                 let refresh = st
                     .clone_key
-                    .zip(st.refresh)
+                    .zip(self.inner.refresh)
                     .map(|(clone, refresh)| (clone(k), refresh));
                 claim.keep();
                 drop(guard);
@@ -437,7 +428,7 @@ where
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
-                let mut out = Garbage::new();
+                let mut out = Removals::new();
                 let acct = Accounting::new(self, &mut *s);
                 acct.shard.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
@@ -487,7 +478,7 @@ where
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
     #[inline(always)]
-    pub(crate) fn finish(&self, out: Garbage<K, V>) {
+    pub(crate) fn finish(&self, out: Removals<K, V>) {
         if self.inner.stats.is_none() && self.inner.listener.is_none() {
             return; // nothing to report: `out` drops here, after the lock
         }
@@ -500,7 +491,7 @@ where
 
     /// Reports removed entries to the statistics and the listener (each exactly once); returns
     /// the first panic of the listener, if any.
-    fn report(&self, out: &Garbage<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
+    fn report(&self, out: &Removals<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
         if out.is_empty() {
             return None;
         }
@@ -509,15 +500,7 @@ where
                 stats.removed(r.cause, r.weight);
             }
         }
-        let listener = self.inner.listener.as_ref()?;
-        let mut panic = None;
-        for r in out.iter() {
-            let call = std::panic::AssertUnwindSafe(|| listener(&r.key, &r.value, r.cause));
-            if let Err(p) = std::panic::catch_unwind(call) {
-                panic.get_or_insert(p);
-            }
-        }
-        panic
+        out.report_to(self.inner.listener.as_ref()?)
     }
 
     /// Returns a clone of the value for `key`, or `None` if absent or expired.
@@ -598,7 +581,7 @@ where
     pub fn insert(&self, key: K, value: V) {
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         self.reporting_panics(&mut out, |out| {
             self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), out)
         });
@@ -610,13 +593,13 @@ where
     #[inline]
     pub(crate) fn reporting_panics<R>(
         &self,
-        out: &mut Garbage<K, V>,
-        write: impl FnOnce(&mut Garbage<K, V>) -> R,
+        out: &mut Removals<K, V>,
+        write: impl FnOnce(&mut Removals<K, V>) -> R,
     ) -> R {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(out))) {
             Ok(r) => r,
             Err(p) => {
-                self.finish(std::mem::replace(out, Garbage::new()));
+                self.finish(std::mem::replace(out, Removals::new()));
                 std::panic::resume_unwind(p)
             }
         }
@@ -642,7 +625,7 @@ where
         weight: u32,
         write: Write<'_, K, V>,
         (took, cap): (u64, u64),
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
@@ -725,7 +708,7 @@ where
         hash: u64,
         key: &K,
         flight: &Arc<Flight<K, V>>,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool {
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         let Some(flight_key) = s.remove_flight(hash, flight) else {
@@ -776,7 +759,7 @@ where
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
-    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Garbage<K, V>) {
+    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {
@@ -789,7 +772,7 @@ where
     /// The cache is over capacity but shard `from` is within its share: some other shard holds
     /// more than its share. Evict there (one shard lock at a time).
     #[cold]
-    fn evict_elsewhere(&self, from: usize, out: &mut Garbage<K, V>) {
+    fn evict_elsewhere(&self, from: usize, out: &mut Removals<K, V>) {
         let n = self.inner.shards.len();
         for fair in [true, false] {
             for j in 1..=n {
@@ -802,7 +785,7 @@ where
         }
     }
 
-    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Garbage<K, V>) -> bool
+    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Removals<K, V>) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -817,7 +800,7 @@ where
         s: &mut Shard<K, V>,
         hash: u64,
         key: &Q,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool
     where
         K: Borrow<Q>,
@@ -843,7 +826,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         let removed = self.remove_hashed(self.hash(key), key, &mut out);
         let panic = self.report(&out);
         let value = if removed {
@@ -871,7 +854,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         self.remove_hashed(self.hash(key), key, &mut out);
         self.finish(out);
     }
@@ -893,10 +876,10 @@ where
     /// `Hash`) or a removed value's `Drop` panics, the shard's weight is still accounted, what
     /// was removed is still reported, the remaining shards are still processed, and the first
     /// panic (or a listener's) is resumed after the last shard.
-    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Garbage<K, V>)) {
+    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>)) {
         let mut panic = None;
         for cell in self.inner.shards.iter() {
-            let mut out = Garbage::new();
+            let mut out = Removals::new();
             let ran = {
                 let mut s = cell.lock.write();
                 let acct = Accounting::new(self, &mut *s);

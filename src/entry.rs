@@ -12,7 +12,8 @@ use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
 use crate::load::{wait_async, Lead};
-use crate::shard::{FlightClaim, Garbage};
+use crate::removal::Removals;
+use crate::shard::FlightClaim;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -292,7 +293,7 @@ where
                 }
             }
             (Op::Remove, Some(old)) => {
-                let mut out = Garbage::new();
+                let mut out = Removals::new();
                 let hash = lead.hash();
                 let flight = lead.disarm();
                 let guard = AbandonOnDrop(self, hash, &flight);

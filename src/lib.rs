@@ -283,18 +283,23 @@ mod policy;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 mod refresh;
+mod removal;
+mod rng;
+mod settings;
 mod shard;
 mod sketch;
 mod stats;
 mod sync;
 
-pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
+pub use builder::{BuildError, CacheBuilder};
 pub use cache::{Cache, Iter, Policy};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
-pub use refresh::{BoxError, BoxFuture, LoadError};
-pub use shard::RemovalCause;
+pub use refresh::LoadError;
+pub use removal::RemovalCause;
+pub use settings::{BoxError, BoxFuture};
+pub use settings::{DefaultHashBuilder, DefaultHasher};
 pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).

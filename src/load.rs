@@ -54,7 +54,8 @@ use crate::flight::{
     State, Waited,
 };
 use crate::limit::Permit;
-use crate::shard::{FlightClaim, Garbage};
+use crate::removal::Removals;
+use crate::shard::FlightClaim;
 use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -718,7 +719,7 @@ where
             }
             _ => None,
         };
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         match staged {
             Some((key, value, weight)) => {
                 let write = Write::Load(lead.flight());

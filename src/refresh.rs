@@ -18,32 +18,16 @@
 //! otherwise the reader that triggered it runs it before returning (it alone waits). A refresh that finds the load limit full waits
 //! for a permit on the spawner, or, inline, is deferred to a later read: never lost.
 
-use crate::builder::Spawner;
 use crate::cache::Cache;
-use crate::clock::NEVER;
 use crate::flight::{holds_permit, outcome_of, Flight, Outcome, Phase, Waited};
-use crate::limit::Limiter;
 use crate::load::{Claim, How, Lead, UnderPermit};
+use crate::settings::{AsyncLoaderFn, BoxError, FutureSpawner, LoaderFn};
 use crate::shard::FlightClaim;
 use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The error type of a loader set with [`CacheBuilder::loader`](crate::CacheBuilder::loader).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-pub(crate) type LoaderFn<K, V> = Arc<dyn Fn(&K) -> Result<V, BoxError> + Send + Sync>;
-
-/// A boxed, sendable future.
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-pub(crate) type AsyncLoaderFn<K, V> =
-    Arc<dyn Fn(&K) -> BoxFuture<Result<V, BoxError>> + Send + Sync>;
-
-/// Runs a future somewhere else (e.g. `tokio::spawn`).
-pub(crate) type FutureSpawner = Arc<dyn Fn(BoxFuture<()>) + Send + Sync>;
 
 /// Why [`Cache::load`] (or [`Cache::load_async`], [`Cache::load_with_timeout`]) returned no
 /// value. For [`LoadError::Loader`], [`source`](std::error::Error::source) is the loader's error.
@@ -106,82 +90,6 @@ impl std::error::Error for LoadError {
             LoadError::Timeout | LoadError::NoLoader | LoadError::Panicked => None,
         }
     }
-}
-
-/// Starts a refresh of a key (see [`Cache::start_refresh`]).
-/// Called with the key (cloned by the reader that won the right to refresh it) and its hash.
-pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K, u64);
-
-/// The stampede-protection settings of a cache, fixed at build time.
-pub(crate) struct Stampede<K, V, S> {
-    pub(crate) loader: Option<LoaderFn<K, V>>,
-    pub(crate) spawner: Option<Spawner>,
-    pub(crate) async_loader: Option<AsyncLoaderFn<K, V>>,
-    /// What refreshes use instead of the loaders, if set: a second tier must not answer a
-    /// refresh with the very value being refreshed.
-    pub(crate) refresh_loader: Option<LoaderFn<K, V>>,
-    pub(crate) async_refresh_loader: Option<AsyncLoaderFn<K, V>>,
-    pub(crate) future_spawner: Option<FutureSpawner>,
-    pub(crate) refresh_backoff: u64,
-    pub(crate) negative_ttl: Option<u64>,
-    pub(crate) load_timeout: Option<Duration>,
-    pub(crate) limiter: Option<Arc<Limiter>>,
-    /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
-    /// lock), and starts its refresh (after the lock is released).
-    pub(crate) clone_key: Option<fn(&K) -> K>,
-    pub(crate) refresh: Option<RefreshFn<K, V, S>>,
-}
-
-impl<K, V, S> Default for Stampede<K, V, S> {
-    fn default() -> Self {
-        Stampede {
-            loader: None,
-            spawner: None,
-            async_loader: None,
-            refresh_loader: None,
-            async_refresh_loader: None,
-            future_spawner: None,
-            refresh_backoff: 0,
-            negative_ttl: None,
-            load_timeout: None,
-            limiter: None,
-            clone_key: None,
-            refresh: None,
-        }
-    }
-}
-
-/// XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): refresh early when
-/// `now − δ·β·ln(u) ≥ expiry`, with `δ` the key's last load time and `u` uniform in (0, 1].
-/// The probability of refreshing at time `now` is `exp(−(expiry − now) / (δ·β))`: negligible
-/// far from expiry, rising to 1 as it nears, and earlier for keys that are slow to load.
-#[inline]
-pub(crate) fn xfetch(now: u64, expiry: u64, delta: u64, beta: f64, u: f64) -> bool {
-    if expiry == NEVER || delta == 0 {
-        return false;
-    }
-    let gap = expiry.saturating_sub(now) as f64;
-    gap <= delta as f64 * beta * -u.max(f64::MIN_POSITIVE).ln()
-}
-
-thread_local! {
-    static COIN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// A uniform random number in (0, 1] from a thread-local xorshift (for early refresh).
-pub(crate) fn coin() -> f64 {
-    COIN.with(|c| {
-        let mut x = c.get();
-        if x == 0 {
-            // Seed from the cell's address and the time: distinct per thread.
-            x = (c as *const _ as u64) ^ crate::clock::seed() | 1;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.set(x);
-        ((x >> 11) + 1) as f64 / (1u64 << 53) as f64
-    })
 }
 
 impl<K, V, S> Cache<K, V, S>
@@ -613,59 +521,5 @@ fn accept_load<V: Clone>(o: &Outcome<V>) -> Option<Result<V, LoadError>> {
             .map(|e| Err(LoadError::Loader(e))),
         Outcome::Panicked => Some(Err(LoadError::Panicked)),
         Outcome::Nothing => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn xfetch_frequency_matches_its_formula() {
-        // P(refresh) = exp(−gap / (δ·β)), checked with a seeded source of uniform numbers.
-        let mut x = 0x1234_5678_9ABC_DEF1u64;
-        for (gap, delta, beta) in [
-            (1e9, 1e9, 1.0),
-            (2e9, 1e9, 1.0),
-            (5e8, 1e9, 2.0),
-            (3e9, 1e9, 0.5),
-        ] {
-            let n = 200_000;
-            let mut refreshed = 0;
-            for _ in 0..n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let u = ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
-                refreshed += usize::from(xfetch(0, gap as u64, delta as u64, beta, u));
-            }
-            let seen = refreshed as f64 / n as f64;
-            let expected = (-gap / (delta * beta)).exp();
-            assert!(
-                (seen - expected).abs() < 0.005,
-                "gap {gap}: {seen:.4} vs {expected:.4}"
-            );
-        }
-        assert!(
-            !xfetch(0, NEVER, 1_000, 1.0, 0.5),
-            "no expiry, no early refresh"
-        );
-        assert!(
-            !xfetch(0, 10, 0, 1.0, 1e-9),
-            "an unmeasured load time never triggers"
-        );
-        assert!(xfetch(10, 10, 1, 1.0, 1.0), "at expiry: always");
-    }
-
-    #[test]
-    fn coins_are_uniform_in_the_unit_interval() {
-        let n = 100_000;
-        let mut sum = 0.0;
-        for _ in 0..n {
-            let c = coin();
-            assert!(c > 0.0 && c <= 1.0);
-            sum += c;
-        }
-        assert!((sum / n as f64 - 0.5).abs() < 0.01);
     }
 }

@@ -6,7 +6,7 @@
 //! Nothing here runs user code other than the key's `Hash`/`Eq` and the `Expiry` callbacks,
 //! and every mutation is ordered so that a panic of those leaves the shard consistent (user
 //! code first, then the mutation). Removed entries (and flights detached by a write) are handed
-//! back in a [`Garbage`] so that their values and keys are dropped after the lock is released.
+//! back in a [`Removals`] so that their values and keys are dropped after the lock is released.
 //!
 //! # Layout and memory
 //!
@@ -21,169 +21,19 @@
 //! index per entry.
 
 use crate::clock::NEVER;
-use crate::expiry::{ExpiryConfig, TimerWheel, NO_BUCKET};
+use crate::expiry::{
+    claim_refresh, give_back_refresh, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
+};
 use crate::flight::Flight;
 use crate::policy::{record_hit, Place, Policy, Tracked};
+use crate::removal::{RemovalCause, Removals, Removed};
+use crate::rng::Rng;
 use crate::sync::AtomicU64;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-
-/// Why an entry left the cache: given to the
-/// [`eviction_listener`](crate::CacheBuilder::eviction_listener), and counted per cause in
-/// [`CacheStats`](crate::CacheStats).
-///
-/// # Example
-///
-/// ```
-/// use herdcache::{Cache, RemovalCause};
-/// use std::sync::{Arc, Mutex};
-///
-/// let seen = Arc::new(Mutex::new(Vec::new()));
-/// let log = Arc::clone(&seen);
-/// let cache: Cache<u32, &str> = Cache::builder()
-///     .max_capacity(10)
-///     .eviction_listener(move |k: &u32, _v: &&str, cause: RemovalCause| {
-///         log.lock().unwrap().push((*k, cause));
-///     })
-///     .build();
-/// cache.insert(1, "a");
-/// cache.insert(1, "b"); // replaces "a"
-/// cache.invalidate(&1); // removes "b"
-/// assert_eq!(
-///     *seen.lock().unwrap(),
-///     [(1, RemovalCause::Replaced), (1, RemovalCause::Explicit)]
-/// );
-/// assert!(!RemovalCause::Explicit.was_evicted());
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum RemovalCause {
-    /// Its deadline passed.
-    Expired,
-    /// `remove`, `invalidate`, `invalidate_all` or `retain` removed it.
-    Explicit,
-    /// An `insert` replaced its value.
-    Replaced,
-    /// The policy evicted it to stay within the capacity.
-    Size,
-}
-
-impl RemovalCause {
-    /// Whether the cache removed the entry on its own — it expired or was evicted for size
-    /// (as moka's `was_evicted`) — rather than because of a call (`remove`, `invalidate`,
-    /// `insert` replacing it).
-    ///
-    /// ```
-    /// use herdcache::RemovalCause;
-    /// assert!(RemovalCause::Size.was_evicted());
-    /// assert!(RemovalCause::Expired.was_evicted());
-    /// assert!(!RemovalCause::Explicit.was_evicted());
-    /// assert!(!RemovalCause::Replaced.was_evicted());
-    /// ```
-    pub fn was_evicted(&self) -> bool {
-        matches!(self, RemovalCause::Expired | RemovalCause::Size)
-    }
-}
-
-/// An entry that left a shard, to be reported and dropped after the lock is released.
-pub(crate) struct Removed<K, V> {
-    pub(crate) key: K,
-    pub(crate) value: V,
-    pub(crate) weight: u32,
-    pub(crate) cause: RemovalCause,
-}
-
-impl<K, V> Removed<K, V> {
-    fn expired(key: K, value: V, weight: u32) -> Self {
-        Removed {
-            key,
-            value,
-            weight,
-            cause: RemovalCause::Expired,
-        }
-    }
-}
-
-/// Entries removed under a lock, dropped (or reported) after it is released. Holds the first
-/// one inline: the common write removes at most one entry, and then needs no allocation.
-pub(crate) struct Garbage<K, V> {
-    first: Option<Removed<K, V>>,
-    /// Everything beyond the first entry, boxed so that the common case stays small and its
-    /// drop is a check or two.
-    more: Option<Box<More<K, V>>>,
-}
-
-/// The rarer contents of a [`Garbage`].
-struct More<K, V> {
-    rest: Vec<Removed<K, V>>,
-    /// Loads in flight that a write detached from the registry (their keys are dropped here).
-    detached: Vec<(K, Arc<Flight<K, V>>)>,
-}
-
-impl<K, V> Garbage<K, V> {
-    #[inline]
-    pub(crate) fn new() -> Self {
-        Garbage {
-            first: None,
-            more: None,
-        }
-    }
-
-    fn more(&mut self) -> &mut More<K, V> {
-        self.more.get_or_insert_with(|| {
-            Box::new(More {
-                rest: Vec::new(),
-                detached: Vec::new(),
-            })
-        })
-    }
-
-    #[inline]
-    pub(crate) fn push(&mut self, r: Removed<K, V>) {
-        if self.first.is_none() && self.more.as_ref().is_none_or(|m| m.rest.is_empty()) {
-            self.first = Some(r);
-        } else {
-            self.more().rest.push(r);
-        }
-    }
-
-    /// Keeps a flight that a write detached, so that its key is dropped unlocked.
-    pub(crate) fn detach(&mut self, key: K, flight: Arc<Flight<K, V>>) {
-        self.more().detached.push((key, flight));
-    }
-
-    /// The most recently pushed entry.
-    pub(crate) fn pop(&mut self) -> Option<Removed<K, V>> {
-        self.more
-            .as_mut()
-            .and_then(|m| m.rest.pop())
-            .or_else(|| self.first.take())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.as_ref().map_or(0, |m| m.rest.len())
-    }
-
-    #[inline]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {
-        let rest = self.more.as_ref().map_or(&[][..], |m| &m.rest[..]);
-        self.first.iter().chain(rest.iter())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn clear(&mut self) {
-        self.first = None;
-        self.more = None;
-    }
-}
 
 /// What [`Core::claim_flight`] found.
 pub(crate) enum FlightClaim<K, V> {
@@ -258,7 +108,7 @@ impl<K, V, T> Tracked for Entry<K, V, T> {
 pub(crate) enum Found<'a, K, V> {
     Hit(&'a V),
     /// A hit that is due for refresh; this caller won the right to start it (the entry's
-    /// refresh deadline is now [`REFRESHING`]: see [`Shard::refresh_deadline_of`] for whoever
+    /// refresh deadline is now [`REFRESHING`](crate::expiry::REFRESHING): see [`Shard::refresh_deadline_of`] for whoever
     /// fails to start the refresh and must set it back).
     Stale(&'a K, &'a V),
     /// A hit on a value due for refresh (or being refreshed) by someone else.
@@ -314,18 +164,6 @@ impl Layout {
     }
 }
 
-/// An entry's refresh status, as a read sees it.
-enum Refresh {
-    Fresh,
-    /// Due, or being refreshed, by someone else.
-    Due,
-    /// Due, and this read will start the refresh.
-    Won,
-}
-
-/// A refresh deadline meaning "a refresh is being started or runs": nobody else starts one.
-pub(crate) const REFRESHING: u64 = NEVER - 1;
-
 /// The single-threaded core of a shard, generic over where entries keep their deadline.
 pub(crate) struct Core<K, V, T> {
     table: HashTable<u32>,
@@ -339,7 +177,7 @@ pub(crate) struct Core<K, V, T> {
     extra: usize,
     layout: Layout,
     /// xorshift state for jitter.
-    rng: u64,
+    rng: Rng,
     wheel: Option<TimerWheel>,
     policy: Policy,
     weight: u64,
@@ -378,7 +216,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             stride,
             extra: stride.saturating_sub(1),
             layout,
-            rng: seed | 1,
+            rng: Rng::new(seed),
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
             policy: Policy::new(share, seed),
             weight: 0,
@@ -501,7 +339,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// detached from the registry (its result will not be stored, and later callers do not join
     /// it). Its key goes to `out`, to be dropped after the lock is released.
     #[inline]
-    fn supersede<Q>(&mut self, hash: u64, key: &Q, out: &mut Garbage<K, V>)
+    fn supersede<Q>(&mut self, hash: u64, key: &Q, out: &mut Removals<K, V>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -512,7 +350,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     #[cold]
-    fn detach_flight<Q>(&mut self, hash: u64, key: &Q, out: &mut Garbage<K, V>)
+    fn detach_flight<Q>(&mut self, hash: u64, key: &Q, out: &mut Removals<K, V>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -631,8 +469,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Whether the entry in `slot`, whose refresh deadline is its time slot `r`, should be
-    /// refreshed now, and whether this caller won the right to start it (the deadline becomes
-    /// [`REFRESHING`]).
+    /// refreshed now, and whether this caller won the right to start it (decided by
+    /// [`crate::expiry::claim_refresh`]; the shard only stores the deadline).
     #[inline]
     fn refresh_state(
         &self,
@@ -642,31 +480,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         expires: u64,
         coin: impl FnOnce() -> f64,
     ) -> Refresh {
-        let refresh_at = self.extra(slot, r);
-        let at = refresh_at.load(Ordering::Relaxed);
-        if at == REFRESHING {
-            return Refresh::Due;
-        }
-        let due = at <= now
-            || self.layout.early_beta.is_some_and(|beta| {
-                let delta = self.extra(slot, r + 1).load(Ordering::Relaxed);
-                crate::refresh::xfetch(now, expires, delta, beta, coin())
-            });
-        if !due {
-            return Refresh::Fresh;
-        }
-        // A planted bug for the loom model to catch: check-then-set instead of one
-        // compare-and-swap, so two readers can both start a refresh.
-        #[cfg(herdcache_broken_model)]
-        {
-            refresh_at.store(REFRESHING, Ordering::Release);
-            Refresh::Won
-        }
-        #[cfg(not(herdcache_broken_model))]
-        match refresh_at.compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => Refresh::Won,
-            Err(_) => Refresh::Due,
-        }
+        let early = self
+            .layout
+            .early_beta
+            .map(|beta| (beta, self.extra(slot, r + 1)));
+        claim_refresh(self.extra(slot, r), early, now, expires, coin)
     }
 
     /// Sets the refresh deadline of `key`'s entry, if present (after a failed or deferred
@@ -695,7 +513,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    /// Gives back a read's claim to refresh `key` (its refresh deadline is [`REFRESHING`]):
+    /// Gives back a read's claim to refresh `key` (its refresh deadline is [`REFRESHING`](crate::expiry::REFRESHING)):
     /// the entry is due again at `at`. A deadline set meanwhile (a new value) is kept.
     pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
     where
@@ -703,12 +521,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
-            let _ = self.extra(slot, r).compare_exchange(
-                REFRESHING,
-                at,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            give_back_refresh(self.extra(slot, r), at);
         }
     }
 
@@ -762,11 +575,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         if self.layout.jitter == 0.0 {
             return 1.0;
         }
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let u = (self.rng >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-        1.0 + self.layout.jitter * (2.0 * u - 1.0)
+        crate::expiry::jitter_factor(self.layout.jitter, self.rng.unit())
     }
 
     /// Files `slot` in the timer wheel under `deadline` (or nowhere for [`NEVER`]).
@@ -836,7 +645,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         (accesses, load_nanos, cap): (u64, u64, u64),
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         self.expire(now, false, hasher, out);
         let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
@@ -900,7 +709,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
         (accesses, load_nanos, cap): (u64, u64, u64),
         factor: f64,
     ) {
@@ -938,7 +747,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// rehash (running the keys' `Hash`) after the slot is allocated. If a key's `Hash` panics
     /// while the table grows, the entry of that key is removed (it could no longer be found)
     /// and the panic is resumed, with the shard consistent.
-    fn reserve_table<S: BuildHasher>(&mut self, hasher: &S, out: &mut Garbage<K, V>) {
+    fn reserve_table<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) {
         if self.table.len() < self.table.capacity() {
             return;
         }
@@ -989,7 +798,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Removes a live entry that is still queued in the policy (a caller's removal or expiry).
-    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Garbage<K, V>) {
+    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Removals<K, V>) {
         let e = self.take_slot(slot, hash);
         if self.policy.on_remove(e.place, e.weight) {
             self.policy.purge_tombstones(&self.slab, &mut self.free);
@@ -1010,7 +819,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         key: &Q,
         now: u64,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
         cause: RemovalCause,
     ) -> bool
     where
@@ -1035,7 +844,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         hash: u64,
         key: &Q,
         now: u64,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool
     where
         K: Borrow<Q>,
@@ -1054,7 +863,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     pub(crate) fn evict_one<S: BuildHasher>(
         &mut self,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool {
         let Some(slot) = self
             .policy
@@ -1087,7 +896,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exact: bool,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         if self.wheel.is_none() {
             return;
@@ -1107,7 +916,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exact: bool,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         let Some(wheel) = &mut self.wheel else { return };
         let mut due = Vec::new();
@@ -1140,7 +949,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Removes every entry (and supersedes every load in flight).
-    pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
+    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
         for (k, f) in self.flights.drain() {
             f.supersede();
             out.detach(k, f);
@@ -1170,7 +979,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         hasher: &S,
         keep: &mut impl FnMut(&K, &V) -> bool,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         for s in 0..self.slab.len() as u32 {
             let Some(e) = &self.slab[s as usize] else {
@@ -1373,7 +1182,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         meta: (u64, u64, u64),
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
     }
@@ -1385,7 +1194,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         key: &Q,
         now: u64,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
         cause: RemovalCause,
     ) -> bool
     where
@@ -1400,7 +1209,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         hash: u64,
         key: &Q,
         now: u64,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool
     where
         K: Borrow<Q>,
@@ -1416,7 +1225,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     pub(crate) fn evict_one<S: BuildHasher>(
         &mut self,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool {
         each!(self, c => c.evict_one(hasher, out))
     }
@@ -1426,12 +1235,12 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         exact: bool,
         hasher: &S,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         each!(self, c => c.expire(now, exact, hasher, out))
     }
 
-    pub(crate) fn clear(&mut self, out: &mut Garbage<K, V>) {
+    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
         each!(self, c => c.clear(out))
     }
 
@@ -1440,7 +1249,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         hasher: &S,
         keep: &mut impl FnMut(&K, &V) -> bool,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) {
         each!(self, c => c.retain(now, hasher, keep, out))
     }
@@ -1486,7 +1295,7 @@ mod tests {
         k: u64,
         v: u64,
         accesses: u64,
-        out: &mut Garbage<u64, u64>,
+        out: &mut Removals<u64, u64>,
     ) {
         let exp = ExpiryConfig::None;
         s.insert(
@@ -1514,7 +1323,7 @@ mod tests {
     #[test]
     fn insert_lookup_replace_remove() {
         let (mut s, h) = shard(10, 0);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         let exp = ExpiryConfig::None;
         put(&mut s, &h, 1, 10, 0, &mut out);
         assert!(matches!(
@@ -1548,7 +1357,7 @@ mod tests {
     #[test]
     fn eviction_keeps_the_policy_consistent() {
         let (mut s, h) = shard(50, 0);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         let exp = ExpiryConfig::None;
         for i in 0..10_000u64 {
             let k = (i * 7919) % 300;
@@ -1576,7 +1385,7 @@ mod tests {
     #[test]
     fn tombstones_are_purged() {
         let (mut s, h) = shard(1_000_000, 0);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         for i in 0..100_000u64 {
             put(&mut s, &h, i, i, 0, &mut out);
             s.remove(h.hash_one(i), &i, 0, &h, &mut out, RemovalCause::Explicit);
@@ -1592,7 +1401,7 @@ mod tests {
         let sketch = crate::sketch::Sketch::new(100_000).heap_bytes() as f64 / 100_000.0;
         for stride in [0usize, 1] {
             let (mut s, h) = shard(100_000, stride);
-            let mut out = Garbage::new();
+            let mut out = Removals::new();
             let exp = if stride == 0 {
                 ExpiryConfig::None
             } else {
@@ -1622,7 +1431,7 @@ mod tests {
         let exp = ExpiryConfig::None;
         for share in [1u64 << 27, 1 << 20] {
             let (mut s, h) = shard(share, 0);
-            let mut out = Garbage::new();
+            let mut out = Removals::new();
             for i in 0..25_000u64 {
                 s.insert(
                     h.hash_one(i),
@@ -1657,7 +1466,7 @@ mod tests {
     #[test]
     fn wheel_reclaims_untouched_entries() {
         let (mut s, h) = shard(100, 1);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         let sec = 1_000_000_000u64;
         let exp = ExpiryConfig::Fixed {
             ttl: Some(5 * sec),
