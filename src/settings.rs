@@ -59,8 +59,6 @@ pub(crate) type FutureSpawner = Arc<dyn Fn(BoxFuture<()>) + Send + Sync>;
 /// Weighs an entry (see [`CacheBuilder::weigher`](crate::CacheBuilder::weigher)).
 pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
 
-/// The eviction listener.
-
 /// Runs a job somewhere else: a thread pool, a runtime handle's `spawn_blocking`, a new thread.
 pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
 
