@@ -8,12 +8,12 @@
 //! it wins, and the computed value is returned but not stored.
 
 use crate::cache::Cache;
+use crate::cache::Registration;
 use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
 use crate::load::{wait_async, Lead};
 use crate::removal::Removals;
-use crate::shard::FlightClaim;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -245,26 +245,22 @@ where
     }
 
     fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
-        let registered = key.clone(); // user code, before the lock
-        let now = self.now();
         let f = Flight::blocking();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let hasher = &self.inner.hasher;
-        match s.claim_flight(hash, registered, Arc::clone(&f), now, false, hasher) {
-            FlightClaim::Running(running, unused) => {
-                drop(s);
-                drop(unused);
+        // A computation is not a load waiting for a permit: nobody takes it over.
+        let keep = || {
+            f.start();
+            true
+        };
+        match self.register_flight::<()>(hash, key, &f, false, None, None, keep) {
+            Registration::Running(running) => {
                 if runs_here(running.id()) {
                     recursive_load();
                 }
                 Err(running)
             }
-            FlightClaim::Registered(stale) => {
-                // A computation is not a load waiting for a permit: nobody takes it over.
-                f.start();
-                drop(s);
-                drop(stale);
-                Ok(Lead::new(self, hash, f))
+            Registration::Registered => Ok(Lead::new(self, hash, f)),
+            Registration::Hit(()) | Registration::Withdrawn => {
+                unreachable!("no lookup, always kept")
             }
         }
     }

@@ -292,12 +292,13 @@ mod stats;
 mod sync;
 
 pub use builder::{BuildError, CacheBuilder};
-pub use cache::{Cache, Iter, Policy};
+pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
 pub use refresh::LoadError;
 pub use removal::RemovalCause;
+pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};
 pub use settings::{DefaultHashBuilder, DefaultHasher};
 pub use stats::{CacheStats, RemoteStats, Removals};

@@ -47,6 +47,7 @@
 //! * **No user code under a shard lock** but the key's `Hash`/`Eq`, the `Expiry` callbacks and
 //!   a hit's `Clone`: loaders, weighers and values' clones for waiters run with no lock held.
 
+use crate::cache::Registration;
 use crate::cache::{Cache, Write};
 use crate::flight::{
     accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, recursive_load,
@@ -55,7 +56,6 @@ use crate::flight::{
 };
 use crate::limit::Permit;
 use crate::removal::Removals;
-use crate::shard::FlightClaim;
 use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -614,31 +614,24 @@ where
         if let Some(r) = self.get_map(key, hash, record, hit) {
             return Claim::Hit(r);
         }
-        // The key's clones (user code) come before the lock.
-        let registered = key.clone();
+        // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
-        let now = self.now();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        if let Some(v) = s.peek(hash, key, now) {
-            return Claim::Hit(hit(v));
-        }
         let f = match future {
             Some((_, token)) if can_lead => Flight::with_start(Arc::clone(token)),
             _ => Flight::blocking(),
         };
-        let serve_negative = !bypass_negative;
-        let hasher = &self.inner.hasher;
-        match s.claim_flight(
-            hash,
-            registered,
-            Arc::clone(&f),
-            now,
-            serve_negative,
-            hasher,
-        ) {
-            FlightClaim::Running(running, unused) => {
-                drop(s);
-                drop(unused);
+        let keep = || {
+            if can_lead {
+                if let Some((fut, _)) = future.take() {
+                    f.set_shared_load(owned, fut);
+                }
+            }
+            // Registered for a caller that cannot lead: taken back.
+            can_lead
+        };
+        match self.register_flight(hash, key, &f, !bypass_negative, Some(hit), None, keep) {
+            Registration::Hit(r) => Claim::Hit(r),
+            Registration::Running(running) => {
                 if runs_here(running.id()) {
                     recursive_load();
                 }
@@ -649,21 +642,8 @@ where
                 });
                 Claim::Join(running)
             }
-            FlightClaim::Registered(stale) if can_lead => {
-                if let Some((fut, _)) = future.take() {
-                    f.set_shared_load(owned, fut);
-                }
-                drop(s);
-                drop(stale);
-                Claim::Lead(Lead::new(self, hash, f))
-            }
-            FlightClaim::Registered(stale) => {
-                // Registered for a caller that cannot lead: take it back.
-                let key = s.remove_flight(hash, &f);
-                drop(s);
-                drop((stale, key));
-                Claim::Lost
-            }
+            Registration::Registered => Claim::Lead(Lead::new(self, hash, f)),
+            Registration::Withdrawn => Claim::Lost,
         }
     }
 
@@ -743,79 +723,6 @@ where
         // released: a panicking listener must not strand them.
         self.finish(out);
         outcome
-    }
-
-    /// Unregisters a flight that ended without a value, or keeps it registered as a
-    /// negative-cache entry for `negative` nanoseconds — if it is still registered.
-    fn end_failed(&self, hash: u64, flight: &Arc<Flight<K, V>>, negative: Option<u64>) {
-        let key = {
-            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            match negative {
-                Some(ttl) if s.is_registered(hash, flight) => {
-                    // Kept registered: `claim` serves the outcome until the deadline. Set under
-                    // the shard lock, where `claim` reads it.
-                    flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
-                    None
-                }
-                _ => s.remove_flight(hash, flight),
-            }
-        };
-        drop(key); // outside the lock
-    }
-
-    /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
-    /// retry. For a cancellation (`!always`) the check that nobody is interested and the
-    /// unregistration happen under the shard lock and the flight's lock together, so a caller
-    /// that joined meanwhile (and may be driving the load) keeps the flight alive. With
-    /// `retry_refresh`, the entry's next refresh is due then (if the flight was registered).
-    pub(crate) fn abandon(
-        &self,
-        hash: u64,
-        flight: &Arc<Flight<K, V>>,
-        always: bool,
-        retry_refresh: Option<u64>,
-    ) {
-        if always {
-            self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
-            return;
-        }
-        let (future, key, wakers) = {
-            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            let mut st = flight.state.lock();
-            if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
-                return;
-            }
-            let key = s.remove_flight(hash, flight);
-            st.phase = Phase::Abandoned;
-            (st.future.take(), key, std::mem::take(&mut st.wakers))
-        };
-        flight.notify();
-        for (_, w) in wakers {
-            w.wake();
-        }
-        drop((future, key)); // outside the locks
-    }
-
-    /// Unregisters a flight that ends without storing anything (if it is still registered:
-    /// then, with `retry_refresh`, the entry's next refresh is due at that time) and resolves
-    /// it with `phase`.
-    pub(crate) fn end_flight(
-        &self,
-        hash: u64,
-        flight: &Arc<Flight<K, V>>,
-        retry_refresh: Option<u64>,
-        phase: Phase<V>,
-    ) {
-        let key = {
-            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            let key = s.remove_flight(hash, flight);
-            if let (Some(k), Some(at)) = (&key, retry_refresh) {
-                s.set_refresh_at(hash, k, at);
-            }
-            key
-        };
-        drop(key); // outside the lock
-        flight.resolve(phase);
     }
 
     /// Runs a blocking load: the single-flight core for `get_with` and its siblings. The hit

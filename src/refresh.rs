@@ -19,10 +19,10 @@
 //! for a permit on the spawner, or, inline, is deferred to a later read: never lost.
 
 use crate::cache::Cache;
+use crate::cache::Registration;
 use crate::flight::{holds_permit, outcome_of, Flight, Outcome, Phase, Waited};
 use crate::load::{Claim, How, Lead, UnderPermit};
 use crate::settings::{AsyncLoaderFn, BoxError, FutureSpawner, LoaderFn};
-use crate::shard::FlightClaim;
 use crate::stats::Counter;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -445,23 +445,13 @@ where
     /// reader's claim is given back (due again after the backoff, unless that load stores a new
     /// value first).
     fn claim_refresh(&self, hash: u64, key: &K) -> Option<Lead<K, V, S>> {
-        let registered = key.clone(); // user code, before the lock
-        let now = self.now();
         let f = Flight::blocking();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let hasher = &self.inner.hasher;
-        match s.claim_flight(hash, registered, Arc::clone(&f), now, false, hasher) {
-            FlightClaim::Running(_, unused) => {
-                let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
-                s.reset_refresh(hash, key, retry);
-                drop(s);
-                drop(unused);
-                None
-            }
-            FlightClaim::Registered(stale) => {
-                drop(s);
-                drop(stale);
-                Some(Lead::refresh(self, hash, f))
+        let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
+        match self.register_flight::<()>(hash, key, &f, false, None, Some(retry), || true) {
+            Registration::Registered => Some(Lead::refresh(self, hash, f)),
+            Registration::Running(_) => None,
+            Registration::Hit(()) | Registration::Withdrawn => {
+                unreachable!("no lookup, always kept")
             }
         }
     }

@@ -98,3 +98,59 @@ impl<K, V> Default for Stampede<K, V> {
         }
     }
 }
+
+/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`].
+///
+/// ```
+/// use herdcache::Cache;
+/// use std::time::Duration;
+///
+/// let cache: Cache<u64, u64> = Cache::builder()
+///     .max_capacity(1000)
+///     .time_to_live(Duration::from_secs(30))
+///     .shards(4)
+///     .build();
+/// let policy = cache.policy();
+/// assert_eq!(policy.max_capacity(), Some(1000));
+/// assert_eq!(policy.time_to_live(), Some(Duration::from_secs(30)));
+/// assert_eq!(policy.time_to_idle(), None);
+/// assert_eq!(policy.num_segments(), 4);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub(crate) max_capacity: u64,
+    pub(crate) shards: usize,
+    pub(crate) time_to_live: Option<Duration>,
+    pub(crate) time_to_idle: Option<Duration>,
+}
+
+impl Policy {
+    /// The bound (entries, or total weight with a weigher). Always `Some`: herdcache caches are
+    /// bounded; the `Option` is moka's shape.
+    pub fn max_capacity(&self) -> Option<u64> {
+        Some(self.max_capacity)
+    }
+
+    /// The time to live set with
+    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
+    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
+    pub fn time_to_live(&self) -> Option<Duration> {
+        self.time_to_live
+    }
+
+    /// The time to idle set with
+    /// [`CacheBuilder::time_to_idle`](crate::CacheBuilder::time_to_idle), if any.
+    pub fn time_to_idle(&self) -> Option<Duration> {
+        self.time_to_idle
+    }
+
+    /// The number of shards (moka's name: segments).
+    pub fn num_segments(&self) -> usize {
+        self.shards
+    }
+
+    /// The number of shards; the same as [`num_segments`](Self::num_segments).
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+}

@@ -4,7 +4,7 @@ use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flight;
 use crate::removal::Listener;
-use crate::settings::{Stampede, Weigher};
+use crate::settings::{Policy, Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
 use crate::removal::{RemovalCause, Removals, Removed};
@@ -68,61 +68,11 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
     }
 }
 
-/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`].
-///
-/// ```
-/// use herdcache::Cache;
-/// use std::time::Duration;
-///
-/// let cache: Cache<u64, u64> = Cache::builder()
-///     .max_capacity(1000)
-///     .time_to_live(Duration::from_secs(30))
-///     .shards(4)
-///     .build();
-/// let policy = cache.policy();
-/// assert_eq!(policy.max_capacity(), Some(1000));
-/// assert_eq!(policy.time_to_live(), Some(Duration::from_secs(30)));
-/// assert_eq!(policy.time_to_idle(), None);
-/// assert_eq!(policy.num_segments(), 4);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    max_capacity: u64,
-    shards: usize,
-    time_to_live: Option<Duration>,
-    time_to_idle: Option<Duration>,
-}
+mod flights;
+mod iter;
 
-impl Policy {
-    /// The bound (entries, or total weight with a weigher). Always `Some`: herdcache caches are
-    /// bounded; the `Option` is moka's shape.
-    pub fn max_capacity(&self) -> Option<u64> {
-        Some(self.max_capacity)
-    }
-
-    /// The time to live set with
-    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
-    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
-    pub fn time_to_live(&self) -> Option<Duration> {
-        self.time_to_live
-    }
-
-    /// The time to idle set with
-    /// [`CacheBuilder::time_to_idle`](crate::CacheBuilder::time_to_idle), if any.
-    pub fn time_to_idle(&self) -> Option<Duration> {
-        self.time_to_idle
-    }
-
-    /// The number of shards (moka's name: segments).
-    pub fn num_segments(&self) -> usize {
-        self.shards
-    }
-
-    /// The number of shards; the same as [`num_segments`](Self::num_segments).
-    pub fn shard_count(&self) -> usize {
-        self.shards
-    }
-}
+pub(crate) use flights::Registration;
+pub use iter::Iter;
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
@@ -443,14 +393,6 @@ where
         None
     }
 
-    /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.
-    pub(crate) fn reset_refresh(&self, hash: u64, key: &K, at: u64) {
-        self.inner.shards[self.shard_index(hash)]
-            .lock
-            .read()
-            .reset_refresh(hash, key, at);
-    }
-
     /// Counts one event in the statistics, if they are recorded.
     #[inline]
     pub(crate) fn count(&self, c: Counter) {
@@ -698,36 +640,6 @@ where
             .limiter
             .as_ref()
             .map_or((0, 0), |l| (l.high_water(), l.waited()))
-    }
-
-    /// Ends a computation that removes `key`: removes it and unregisters the computation's
-    /// flight in one critical section — only if the flight is still registered (a write of the
-    /// key during the computation wins and is kept). Returns whether it removed anything.
-    pub(crate) fn remove_with_flight(
-        &self,
-        hash: u64,
-        key: &K,
-        flight: &Arc<Flight<K, V>>,
-        out: &mut Removals<K, V>,
-    ) -> bool {
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let Some(flight_key) = s.remove_flight(hash, flight) else {
-            return false;
-        };
-        let removed = self.remove_locked(&mut s, hash, key, out);
-        drop(s);
-        drop(flight_key);
-        removed
-    }
-
-    /// The number of loads in flight (not counting negative-cache entries).
-    #[doc(hidden)]
-    pub fn loads_in_flight(&self) -> usize {
-        self.inner
-            .shards
-            .iter()
-            .map(|c| c.lock.read().flights_len())
-            .sum()
     }
 
     /// A snapshot of the statistics (all zero unless the cache was built with
@@ -1045,78 +957,5 @@ where
             self.inner.weight.load(Ordering::Acquire),
             "global weight is the sum of shard weights"
         );
-    }
-}
-
-/// Iterator over clones of a cache's entries; see [`Cache::iter`].
-pub struct Iter<'a, K, V, S> {
-    cache: &'a Cache<K, V, S>,
-    shard: usize,
-    batch: std::vec::IntoIter<(K, V)>,
-}
-
-/// Shows the cache (its configuration), the next shard to read and the entries left from the
-/// current one.
-///
-/// ```
-/// let cache = herdcache::Cache::<u8, u8>::new(10);
-/// let shown = format!("{:?}", cache.iter());
-/// assert!(shown.starts_with("Iter { cache: Cache {"));
-/// ```
-impl<K, V, S> fmt::Debug for Iter<'_, K, V, S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Iter")
-            .field("cache", self.cache)
-            .field("next_shard", &self.shard)
-            .field("batch_left", &self.batch.len())
-            .finish()
-    }
-}
-
-/// `for (key, value) in &cache`: the same as [`Cache::iter`] (clones of the live entries, one
-/// shard's snapshot at a time).
-///
-/// ```
-/// let cache = herdcache::Cache::new(10);
-/// cache.insert("a", 1);
-/// cache.insert("b", 2);
-/// let mut sum = 0;
-/// for (_key, value) in &cache {
-///     sum += value;
-/// }
-/// assert_eq!(sum, 3);
-/// ```
-impl<'a, K, V, S> IntoIterator for &'a Cache<K, V, S>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: BuildHasher + Clone + Send + Sync + 'static,
-{
-    type Item = (K, V);
-    type IntoIter = Iter<'a, K, V, S>;
-
-    fn into_iter(self) -> Iter<'a, K, V, S> {
-        self.iter()
-    }
-}
-
-impl<K, V, S> Iterator for Iter<'_, K, V, S>
-where
-    K: Hash + Eq + Clone + 'static,
-    V: Clone + 'static,
-    S: BuildHasher,
-{
-    type Item = (K, V);
-
-    fn next(&mut self) -> Option<(K, V)> {
-        loop {
-            if let Some(kv) = self.batch.next() {
-                return Some(kv);
-            }
-            let cell = self.cache.inner.shards.get(self.shard)?;
-            self.shard += 1;
-            let now = self.cache.now();
-            self.batch = cell.lock.read().snapshot(now).into_iter();
-        }
     }
 }
