@@ -12,7 +12,8 @@ use crate::cache::Registration;
 use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
-use crate::load::{wait_async, Lead};
+use crate::load::Lead;
+use crate::load_async::wait_async;
 use crate::removal::Removals;
 use std::collections::HashMap;
 use std::future::Future;
@@ -204,7 +205,7 @@ where
     }
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
-        let how = crate::load::How {
+        let how = crate::load::ClaimMode {
             can_lead: true,
             bypass_negative: true,
             record: true,
@@ -295,7 +296,7 @@ where
                 let guard = AbandonOnDrop(self, hash, &flight);
                 self.remove_with_flight(hash, &key, &flight, &mut out);
                 drop(guard); // callers waiting on the computation look again
-                self.finish(out);
+                self.report_removals(out);
                 CompResult::Removed(Entry {
                     key,
                     value: old,
@@ -443,7 +444,7 @@ where
         // Guarded until the verdict is applied: a panic in `f` (or in a clone) releases the key.
         let lead = cache.lock_key(hash, &self.key);
         let running = enter(lead.flight());
-        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let current = cache.read_with(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
@@ -470,7 +471,7 @@ where
         // Guarded until the verdict is applied: a panic in `f`, or this future dropped while
         // `f`'s future runs, releases the key.
         let lead = cache.lock_key_async(hash, &self.key).await;
-        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let current = cache.read_with(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,

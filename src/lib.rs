@@ -10,7 +10,7 @@
 //! [refresh-ahead and stampede protection](#refresh-ahead-and-stampede-protection),
 //! [async use](#async-use), [the Redis tier](#the-redis-tier-feature-redis),
 //! [observability](#observability), [features](#cargo-features) and
-//! [coming from moka](#coming-from-moka). How it works inside is in `DESIGN.md` in the
+//! [coming from moka](#coming-from-moka). ClaimMode it works inside is in `DESIGN.md` in the
 //! repository; measurements are in `BENCHMARKS.md`.
 //!
 //! # Quick start
@@ -276,6 +276,7 @@ mod expiry;
 mod flight;
 mod limit;
 mod load;
+mod load_async;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;

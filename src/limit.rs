@@ -75,7 +75,7 @@ impl Limiter {
         self.high_water.load(Ordering::Acquire)
     }
 
-    /// How many acquisitions had to wait.
+    /// ClaimMode many acquisitions had to wait.
     pub(crate) fn waited(&self) -> usize {
         self.waited.load(Ordering::Relaxed)
     }

@@ -21,7 +21,8 @@
 use crate::cache::Cache;
 use crate::cache::Registration;
 use crate::flight::{holds_permit, outcome_of, Flight, Outcome, Phase, Waited};
-use crate::load::{Claim, How, Lead, UnderPermit};
+use crate::load::{Claim, ClaimMode, Lead};
+use crate::load_async::UnderPermit;
 use crate::settings::{AsyncLoaderFn, BoxError, FutureSpawner, LoaderFn};
 use crate::stats::Counter;
 use std::fmt;
@@ -195,7 +196,7 @@ where
             // Timed out: a value at hand beats an error.
             None => {
                 self.count(Counter::Timeout);
-                self.get_map(&key, hash, false, V::clone)
+                self.read_with(&key, hash, false, V::clone)
                     .ok_or(LoadError::Timeout)
             }
         }
@@ -233,7 +234,7 @@ where
         let mut bypass_negative = false;
         let mut record = true;
         loop {
-            let how = How {
+            let how = ClaimMode {
                 can_lead: true,
                 bypass_negative,
                 record,

@@ -99,7 +99,7 @@ impl<K, V> Default for Stampede<K, V> {
     }
 }
 
-/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`].
+/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`](crate::Cache::policy).
 ///
 /// ```
 /// use herdcache::Cache;

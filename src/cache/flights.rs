@@ -5,9 +5,9 @@
 //! guard in [`crate::load::Lead`]. Only this module and its parent take shard locks.
 
 use super::Cache;
+use crate::flight::FlightClaim;
 use crate::flight::{Flight, Phase};
 use crate::removal::Removals;
-use crate::shard::FlightClaim;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
@@ -65,7 +65,7 @@ where
             }
         }
         let hasher = &self.inner.hasher;
-        match s.claim_flight(
+        match s.flights().claim(
             hash,
             registered,
             Arc::clone(flight),
@@ -87,7 +87,7 @@ where
                     drop(stale);
                     Registration::Registered
                 } else {
-                    let key = s.remove_flight(hash, flight);
+                    let key = s.flights().remove(hash, flight);
                     drop(s);
                     drop((stale, key));
                     Registration::Withdrawn
@@ -102,13 +102,13 @@ where
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             match negative {
-                Some(ttl) if s.is_registered(hash, flight) => {
+                Some(ttl) if s.flights_ref().is_registered(hash, flight) => {
                     // Kept registered: `claim` serves the outcome until the deadline. Set under
                     // the shard lock, where `claim` reads it.
                     flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
                     None
                 }
-                _ => s.remove_flight(hash, flight),
+                _ => s.flights().remove(hash, flight),
             }
         };
         drop(key); // outside the lock
@@ -136,7 +136,7 @@ where
             if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
                 return;
             }
-            let key = s.remove_flight(hash, flight);
+            let key = s.flights().remove(hash, flight);
             st.phase = Phase::Abandoned;
             (st.future.take(), key, std::mem::take(&mut st.wakers))
         };
@@ -159,7 +159,7 @@ where
     ) {
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            let key = s.remove_flight(hash, flight);
+            let key = s.flights().remove(hash, flight);
             if let (Some(k), Some(at)) = (&key, retry_refresh) {
                 s.set_refresh_at(hash, k, at);
             }
@@ -187,7 +187,7 @@ where
         out: &mut Removals<K, V>,
     ) -> bool {
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let Some(flight_key) = s.remove_flight(hash, flight) else {
+        let Some(flight_key) = s.flights().remove(hash, flight) else {
             return false;
         };
         let removed = self.remove_locked(&mut s, hash, key, out);
@@ -202,7 +202,7 @@ where
         self.inner
             .shards
             .iter()
-            .map(|c| c.lock.read().flights_len())
+            .map(|c| c.lock.read().flights_ref().running())
             .sum()
     }
 

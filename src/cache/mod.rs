@@ -8,7 +8,7 @@ use crate::settings::{Policy, Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
 use crate::removal::{RemovalCause, Removals, Removed};
-use crate::shard::{Found, Layout, Shard};
+use crate::shard::{Layout, Lookup, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
@@ -312,7 +312,7 @@ where
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
     /// hit or miss in the statistics.
     #[inline]
-    pub(crate) fn get_map<Q, R>(
+    pub(crate) fn read_with<Q, R>(
         &self,
         key: &Q,
         hash: u64,
@@ -329,7 +329,7 @@ where
         let now = self.now();
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
-            Found::Hit(v) => {
+            Lookup::Hit(v) => {
                 let r = f(v);
                 drop(guard);
                 if record {
@@ -337,7 +337,7 @@ where
                 }
                 return Some(r);
             }
-            Found::StaleHit(v) => {
+            Lookup::StaleHit(v) => {
                 let r = f(v);
                 drop(guard);
                 if record {
@@ -346,7 +346,7 @@ where
                 }
                 return Some(r);
             }
-            Found::Stale(k, v) => {
+            Lookup::Stale(k, v) => {
                 // This read won the right to start the key's refresh. Until it has handed the
                 // refresh over, a guard gives that right back if user code panics (the key's or
                 // the value's `Clone`), so the refresh is never lost.
@@ -368,8 +368,8 @@ where
                 }
                 return Some(r);
             }
-            Found::Expired => true,
-            Found::Absent => false,
+            Lookup::Expired => true,
+            Lookup::Absent => false,
         };
         drop(guard);
         if record {
@@ -387,7 +387,7 @@ where
                 }
                 drop(acct);
                 drop(s);
-                self.finish(out);
+                self.report_removals(out);
             }
         }
         None
@@ -420,7 +420,7 @@ where
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
     #[inline(always)]
-    pub(crate) fn finish(&self, out: Removals<K, V>) {
+    pub(crate) fn report_removals(&self, out: Removals<K, V>) {
         if self.inner.stats.is_none() && self.inner.listener.is_none() {
             return; // nothing to report: `out` drops here, after the lock
         }
@@ -463,7 +463,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.get_map(key, self.hash(key), true, V::clone)
+        self.read_with(key, self.hash(key), true, V::clone)
     }
 
     /// Whether a live entry for `key` is present. Does not count as an access.
@@ -527,7 +527,7 @@ where
         self.reporting_panics(&mut out, |out| {
             self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), out)
         });
-        self.finish(out);
+        self.report_removals(out);
     }
 
     /// Runs a write that may call user code under the lock (`Expiry`, a key's `Hash`); if it
@@ -541,7 +541,7 @@ where
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(out))) {
             Ok(r) => r,
             Err(p) => {
-                self.finish(std::mem::replace(out, Removals::new()));
+                self.report_removals(std::mem::replace(out, Removals::new()));
                 std::panic::resume_unwind(p)
             }
         }
@@ -579,9 +579,9 @@ where
             // A planted bug for the loom model to catch: a load stores without checking that
             // no write superseded it.
             #[cfg(herdcache_broken_model)]
-            Write::Load(f) => s.remove_flight(hash, f),
+            Write::Load(f) => s.flights().remove(hash, f),
             #[cfg(not(herdcache_broken_model))]
-            Write::Load(f) => match s.remove_flight(hash, f) {
+            Write::Load(f) => match s.flights().remove(hash, f) {
                 Some(k) => Some(k),
                 None => {
                     // Superseded: a later write won. Dropped with no lock held.
@@ -768,7 +768,7 @@ where
     {
         let mut out = Removals::new();
         self.remove_hashed(self.hash(key), key, &mut out);
-        self.finish(out);
+        self.report_removals(out);
     }
 
     /// Removes every entry. Values are dropped after each shard's lock is released.

@@ -1,31 +1,14 @@
-//! One shard: a plain, single-threaded map with an eviction policy and a timer wheel.
-//!
-//! Nothing here is concurrent. The cache ([`crate::cache`]) wraps each shard in a read-write
-//! lock: lookups run under the read lock and touch only atomics on the entry they found (the hit
-//! counter and, with a time to idle, the deadline); everything else runs under the write lock.
-//! Nothing here runs user code other than the key's `Hash`/`Eq` and the `Expiry` callbacks,
-//! and every mutation is ordered so that a panic of those leaves the shard consistent (user
-//! code first, then the mutation). Removed entries (and flights detached by a write) are handed
-//! back in a [`Removals`] so that their values and keys are dropped after the lock is released.
-//!
-//! # Layout and memory
-//!
-//! Entries live in a slab (`Vec<Option<Entry>>`, 24 bytes a slot for `u64 → u64`: the key, the
-//! value, a `u32` weight, a `u8` hit counter, a `u8` policy place, a `u16` timer bucket, the
-//! `Option` folded into the place's niche). A `hashbrown::HashTable<u32>` maps hashes to slab
-//! indices (5 bytes a bucket). The policy's FIFO queues hold a `u32` index per entry, and its
-//! frequency sketch about 4 bytes per entry. With expiry (or refresh) configured, the slot also
-//! holds the entry's effective deadline (32-byte slots: [`Shard::Timed`]); a parallel vector
-//! holds the rest of its time data (the hard deadline with both a time to live and a time to
-//! idle; the refresh deadline and load time with refresh-ahead) and the timer wheel a `u32`
-//! index per entry.
+//! The single-threaded core of a shard: the slab of records, the hash table over it, the
+//! policy, the timer wheel and the flight registry, behind one `&mut self` (the caller holds the
+//! shard's write lock) or `&self` for lookups under the read lock.
 
+use super::{Layout, Lookup, Record, SlotTime};
 use crate::clock::NEVER;
 use crate::expiry::{
     claim_refresh, give_back_refresh, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
 };
-use crate::flight::Flight;
-use crate::policy::{record_hit, Place, Policy, Tracked};
+use crate::flight::Flights;
+use crate::policy::{record_hit, Place, Policy};
 use crate::removal::{RemovalCause, Removals, Removed};
 use crate::rng::Rng;
 use crate::sync::AtomicU64;
@@ -33,141 +16,11 @@ use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-
-/// What [`Core::claim_flight`] found.
-pub(crate) enum FlightClaim<K, V> {
-    /// A load of the key runs (or a live negative-cache entry answers it): join it. The unused
-    /// registration comes back, to be dropped unlocked.
-    Running(Arc<Flight<K, V>>, (K, Arc<Flight<K, V>>)),
-    /// The new flight is registered; an expired negative entry it replaced comes back.
-    Registered(Option<(K, Arc<Flight<K, V>>)>),
-}
-
-/// An entry's effective deadline, kept in its slab slot (no separate cache line to load on a
-/// read): nothing at all for caches without time data, an `AtomicU64` for the others.
-pub(crate) trait SlotTime: Send + Sync + 'static {
-    fn fresh() -> Self;
-    fn get(&self) -> u64;
-    fn set(&self, at: u64);
-}
-
-impl SlotTime for () {
-    #[inline]
-    fn fresh() -> Self {}
-    #[inline]
-    fn get(&self) -> u64 {
-        NEVER
-    }
-    #[inline]
-    fn set(&self, _: u64) {}
-}
-
-impl SlotTime for AtomicU64 {
-    #[inline]
-    fn fresh() -> Self {
-        AtomicU64::new(NEVER)
-    }
-    #[inline]
-    fn get(&self) -> u64 {
-        self.load(Ordering::Relaxed)
-    }
-    #[inline]
-    fn set(&self, at: u64) {
-        self.store(at, Ordering::Relaxed)
-    }
-}
-
-pub(crate) struct Entry<K, V, T> {
-    key: K,
-    value: V,
-    weight: u32,
-    hits: AtomicU8,
-    place: Place,
-    bucket: u16,
-    /// The effective deadline.
-    time: T,
-}
-
-impl<K, V, T> Tracked for Entry<K, V, T> {
-    fn place(&self) -> Place {
-        self.place
-    }
-    fn set_place(&mut self, p: Place) {
-        self.place = p;
-    }
-    fn hits(&self) -> &AtomicU8 {
-        &self.hits
-    }
-    fn weight(&self) -> u32 {
-        self.weight
-    }
-}
-
-/// What a lookup found.
-pub(crate) enum Found<'a, K, V> {
-    Hit(&'a V),
-    /// A hit that is due for refresh; this caller won the right to start it (the entry's
-    /// refresh deadline is now [`REFRESHING`](crate::expiry::REFRESHING): see [`Shard::refresh_deadline_of`] for whoever
-    /// fails to start the refresh and must set it back).
-    Stale(&'a K, &'a V),
-    /// A hit on a value due for refresh (or being refreshed) by someone else.
-    StaleHit(&'a V),
-    /// Present but past its deadline: the caller should arrange its removal.
-    Expired,
-    Absent,
-}
-
-/// Per-entry time data and refresh settings of a shard, fixed at build time.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Layout {
-    /// `u64`s per slab slot in `times` (0: no time data at all).
-    pub(crate) stride: usize,
-    /// Whether slot 1 holds a hard (time-to-live) deadline besides the effective one.
-    pub(crate) hard: bool,
-    /// Where the refresh deadline lives (the load time is next to it), with refresh-ahead or
-    /// early refresh.
-    pub(crate) refresh: Option<usize>,
-    /// Refresh this long after a write (nanoseconds).
-    pub(crate) refresh_after: Option<u64>,
-    /// XFetch's β, for probabilistic early refresh.
-    pub(crate) early_beta: Option<f64>,
-    /// Durations are spread uniformly within ±`jitter` of their nominal value.
-    pub(crate) jitter: f64,
-    /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
-    /// time to live skips that work on the read path.
-    pub(crate) reads_move: bool,
-}
-
-impl Layout {
-    pub(crate) fn new(
-        expiry_stride: usize,
-        refresh_after: Option<u64>,
-        early_beta: Option<f64>,
-        jitter: f64,
-    ) -> Self {
-        let refreshing = refresh_after.is_some() || early_beta.is_some();
-        let base = if refreshing {
-            expiry_stride.max(1)
-        } else {
-            expiry_stride
-        };
-        Layout {
-            stride: base + if refreshing { 2 } else { 0 },
-            hard: expiry_stride == 2,
-            refresh: refreshing.then_some(base),
-            refresh_after,
-            early_beta,
-            jitter,
-            reads_move: false,
-        }
-    }
-}
 
 /// The single-threaded core of a shard, generic over where entries keep their deadline.
 pub(crate) struct Core<K, V, T> {
     table: HashTable<u32>,
-    slab: Vec<Option<Entry<K, V, T>>>,
+    pub(super) slab: Vec<Option<Record<K, V, T>>>,
     free: Vec<u32>,
     /// Time data besides the effective deadline (which is in the slot), `extra` per slab
     /// slot: the hard deadline (with both TTL and TTI), then the refresh deadline and the last
@@ -179,15 +32,13 @@ pub(crate) struct Core<K, V, T> {
     /// xorshift state for jitter.
     rng: Rng,
     wheel: Option<TimerWheel>,
-    policy: Policy,
+    pub(super) policy: Policy,
     weight: u64,
     len: usize,
     /// This shard's share of the cache's capacity.
     share: u64,
     /// Loads in flight (and negative-cache entries), by key (see [`crate::load`]).
-    flights: HashTable<(K, Arc<Flight<K, V>>)>,
-    /// The registry's size after its last sweep of expired negative entries.
-    flights_swept_at: usize,
+    flights: Flights<K, V>,
     /// Slots whose deadline a read moved earlier (or off "never") under the read lock, where
     /// the wheel cannot be touched: filed by the next write. Bounded; past the bound, `rescan`
     /// files every entry instead.
@@ -222,8 +73,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             weight: 0,
             len: 0,
             share,
-            flights: HashTable::new(),
-            flights_swept_at: 0,
+            flights: Flights::new(),
             refile: crate::sync::Mutex::new(Refile::default()),
             refile_pending: crate::sync::AtomicBool::new(false),
         }
@@ -266,73 +116,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         r.rescan || r.slots.contains(&slot)
     }
 
-    /// Registers a load in flight for `key` (which has none). Now and then (when the registry
-    /// has doubled since) drops negative-cache entries that expired before `now`, so failed
-    /// keys never asked for again do not pile up.
-    fn add_flight<S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: K,
-        f: Arc<Flight<K, V>>,
-        hasher: &S,
-        now: u64,
-    ) {
-        if self.flights.len() >= self.flights_swept_at.max(32) * 2 {
-            self.flights.retain(|(_, f)| {
-                let until = f.negative_until();
-                until == 0 || until > now
-            });
-            self.flights_swept_at = self.flights.len();
-        }
-        self.flights
-            .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
+    pub(crate) fn flights(&mut self) -> &mut Flights<K, V> {
+        &mut self.flights
     }
 
-    /// The one place a flight is registered: looks `key` up in the registry and, unless a load
-    /// of it runs (or, with `serve_negative`, a live negative-cache entry answers it), registers
-    /// `flight` for it — in one step under the caller's write lock. The key comes in owned
-    /// (cloned by the caller before the lock: user code runs first); whatever is not kept is
-    /// handed back to be dropped after the lock is released.
-    pub(crate) fn claim_flight<S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: K,
-        flight: Arc<Flight<K, V>>,
-        now: u64,
-        serve_negative: bool,
-        hasher: &S,
-    ) -> FlightClaim<K, V> {
-        let stale = match self.flights.find_entry(hash, |(k, _)| *k == key) {
-            Ok(found) => {
-                let until = found.get().1.negative_until();
-                if until == 0 || (serve_negative && until > now) {
-                    let running = Arc::clone(&found.get().1);
-                    return FlightClaim::Running(running, (key, flight));
-                }
-                // An expired negative entry (or one this caller cannot use): replaced.
-                Some(found.remove().0)
-            }
-            Err(_) => None,
-        };
-        self.add_flight(hash, key, flight, hasher, now);
-        FlightClaim::Registered(stale)
-    }
-
-    /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
-    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
-        let found = self
-            .flights
-            .find_entry(hash, |(_, g)| Arc::ptr_eq(f, g))
-            .ok()?;
-        Some(found.remove().0 .0)
-    }
-
-    /// The number of loads in flight (not negative-cache entries).
-    pub(crate) fn flights_len(&self) -> usize {
-        self.flights
-            .iter()
-            .filter(|(_, f)| f.negative_until() == 0)
-            .count()
+    pub(crate) fn flights_ref(&self) -> &Flights<K, V> {
+        &self.flights
     }
 
     /// A write or invalidation of `key` supersedes its load in flight, if any: the flight is
@@ -344,29 +133,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if !self.flights.is_empty() {
-            self.detach_flight(hash, key, out);
-        }
-    }
-
-    #[cold]
-    fn detach_flight<Q>(&mut self, hash: u64, key: &Q, out: &mut Removals<K, V>)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        if let Ok(found) = self.flights.find_entry(hash, |(k, _)| k.borrow() == key) {
-            let ((key, flight), _) = found.remove();
-            flight.supersede();
+        if let Some((key, flight)) = self.flights.detach(hash, key) {
             out.detach(key, flight);
         }
-    }
-
-    /// Whether this very flight is registered (not superseded, not ended).
-    pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
-        self.flights
-            .find(hash, |(_, g)| Arc::ptr_eq(f, g))
-            .is_some()
     }
 
     pub(crate) fn weight(&self) -> u64 {
@@ -419,21 +188,21 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         coin: impl FnOnce() -> f64,
-    ) -> Found<'_, K, V>
+    ) -> Lookup<'_, K, V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let Some(slot) = self.find(hash, key) else {
-            return Found::Absent;
+            return Lookup::Absent;
         };
         let Some(e) = &self.slab[slot as usize] else {
-            return Found::Absent;
+            return Lookup::Absent;
         };
         if self.stride > 0 {
             let current = e.time.get();
             if current <= now {
-                return Found::Expired;
+                return Lookup::Expired;
             }
             if self.layout.reads_move {
                 let hard = if self.layout.hard {
@@ -455,17 +224,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     Refresh::Fresh => {}
                     Refresh::Due => {
                         record_hit(&e.hits);
-                        return Found::StaleHit(&e.value);
+                        return Lookup::StaleHit(&e.value);
                     }
                     Refresh::Won => {
                         record_hit(&e.hits);
-                        return Found::Stale(&e.key, &e.value);
+                        return Lookup::Stale(&e.key, &e.value);
                     }
                 }
             }
         }
         record_hit(&e.hits);
-        Found::Hit(&e.value)
+        Lookup::Hit(&e.value)
     }
 
     /// Whether the entry in `slot`, whose refresh deadline is its time slot `r`, should be
@@ -504,7 +273,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// before anything that may panic.
     pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
         let r = self.layout.refresh?;
-        let size = std::mem::size_of::<Option<Entry<K, V, T>>>();
+        let size = std::mem::size_of::<Option<Record<K, V, T>>>();
         let offset = (value as *const V as usize).checked_sub(self.slab.as_ptr() as usize)?;
         let slot = offset / size;
         match self.slab.get(slot) {
@@ -607,7 +376,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    fn alloc(&mut self, entry: Entry<K, V, T>) -> u32 {
+    fn alloc(&mut self, entry: Record<K, V, T>) -> u32 {
         if let Some(s) = self.free.pop() {
             self.slab[s as usize] = Some(entry);
             return s;
@@ -721,7 +490,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             return;
         }
         self.reserve_table(hasher, out);
-        let slot = self.alloc(Entry {
+        let slot = self.alloc(Record {
             key,
             value,
             weight,
@@ -776,7 +545,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
     /// empty; the caller decides whether it is free now or still referenced by a queue.
-    fn take_slot(&mut self, slot: u32, hash: u64) -> Entry<K, V, T> {
+    fn take_slot(&mut self, slot: u32, hash: u64) -> Record<K, V, T> {
         match self.table.find_entry(hash, |&s| s == slot) {
             Ok(found) => {
                 found.remove();
@@ -950,8 +719,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Removes every entry (and supersedes every load in flight).
     pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
-        for (k, f) in self.flights.drain() {
-            f.supersede();
+        for (k, f) in self.flights.detach_all() {
             out.detach(k, f);
         }
         for e in self.slab.drain(..).flatten() {
@@ -1056,432 +824,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// The heap bytes this shard holds (for memory tests).
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Option<Entry<K, V, T>>>() * self.slab.capacity()
+        std::mem::size_of::<Option<Record<K, V, T>>>() * self.slab.capacity()
             + self.table.capacity() * (4 + 1)
             + self.times.capacity() * 8
             + self.free.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
-    }
-}
-
-/// A shard: the single-threaded [`Core`] in the layout the cache's configuration calls for —
-/// deadlines in the slab slots when anything keeps time, none at all otherwise (24-byte slots
-/// for `u64 → u64`). The enum costs one predictable branch per call.
-pub(crate) enum Shard<K, V> {
-    Plain(Core<K, V, ()>),
-    Timed(Core<K, V, AtomicU64>),
-}
-
-/// Runs the same code on either layout.
-macro_rules! each {
-    ($self:expr, $core:ident => $body:expr) => {
-        match $self {
-            Shard::Plain($core) => $body,
-            Shard::Timed($core) => $body,
-        }
-    };
-}
-
-impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
-    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
-        if layout.stride > 0 {
-            Shard::Timed(Core::new(share, layout, now, seed))
-        } else {
-            Shard::Plain(Core::new(share, layout, now, seed))
-        }
-    }
-
-    pub(crate) fn remove_flight(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
-        each!(self, c => c.remove_flight(hash, f))
-    }
-
-    pub(crate) fn claim_flight<S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: K,
-        flight: Arc<Flight<K, V>>,
-        now: u64,
-        serve_negative: bool,
-        hasher: &S,
-    ) -> FlightClaim<K, V> {
-        each!(self, c => c.claim_flight(hash, key, flight, now, serve_negative, hasher))
-    }
-
-    pub(crate) fn flights_len(&self) -> usize {
-        each!(self, c => c.flights_len())
-    }
-
-    #[inline]
-    pub(crate) fn weight(&self) -> u64 {
-        each!(self, c => c.weight())
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        each!(self, c => c.len())
-    }
-
-    #[inline]
-    pub(crate) fn share(&self) -> u64 {
-        each!(self, c => c.share())
-    }
-
-    #[inline]
-    pub(crate) fn lookup<Q>(
-        &self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        exp: &ExpiryConfig<K, V>,
-        coin: impl FnOnce() -> f64,
-    ) -> Found<'_, K, V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.lookup(hash, key, now, exp, coin))
-    }
-
-    pub(crate) fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.set_refresh_at(hash, key, at))
-    }
-
-    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.peek(hash, key, now))
-    }
-
-    pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.reset_refresh(hash, key, at))
-    }
-
-    pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
-        each!(self, c => c.refresh_deadline_of(value))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub(crate) fn insert<S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: K,
-        value: V,
-        weight: u32,
-        now: u64,
-        exp: &ExpiryConfig<K, V>,
-        hasher: &S,
-        meta: (u64, u64, u64),
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn remove<Q, S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-        cause: RemovalCause,
-    ) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.remove(hash, key, now, hasher, out, cause))
-    }
-
-    pub(crate) fn remove_expired<Q>(
-        &mut self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        out: &mut Removals<K, V>,
-    ) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.remove_expired(hash, key, now, out))
-    }
-
-    pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
-        each!(self, c => c.is_registered(hash, f))
-    }
-
-    pub(crate) fn evict_one<S: BuildHasher>(
-        &mut self,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-    ) -> bool {
-        each!(self, c => c.evict_one(hasher, out))
-    }
-
-    pub(crate) fn expire<S: BuildHasher>(
-        &mut self,
-        now: u64,
-        exact: bool,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.expire(now, exact, hasher, out))
-    }
-
-    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
-        each!(self, c => c.clear(out))
-    }
-
-    pub(crate) fn retain<S: BuildHasher>(
-        &mut self,
-        now: u64,
-        hasher: &S,
-        keep: &mut impl FnMut(&K, &V) -> bool,
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.retain(now, hasher, keep, out))
-    }
-
-    pub(crate) fn snapshot(&self, now: u64) -> Vec<(K, V)>
-    where
-        K: Clone,
-        V: Clone,
-    {
-        each!(self, c => c.snapshot(now))
-    }
-
-    pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
-        each!(self, c => c.validate(hasher))
-    }
-
-    #[cfg(test)]
-    pub(crate) fn heap_bytes(&self) -> usize {
-        each!(self, c => c.heap_bytes())
-    }
-
-    #[cfg(test)]
-    fn slab_len(&self) -> usize {
-        each!(self, c => c.slab.len())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    type S = ahash::RandomState;
-
-    fn shard(cap: u64, stride: usize) -> (Shard<u64, u64>, S) {
-        let layout = Layout::new(stride, None, None, 0.0);
-        (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
-    }
-
-    /// Inserts `k → v` (weight 1, time 0, no expiry) with `accesses` for the policy's climber.
-    fn put(
-        s: &mut Shard<u64, u64>,
-        h: &S,
-        k: u64,
-        v: u64,
-        accesses: u64,
-        out: &mut Removals<u64, u64>,
-    ) {
-        let exp = ExpiryConfig::None;
-        s.insert(
-            h.hash_one(k),
-            k,
-            v,
-            1,
-            0,
-            &exp,
-            h,
-            (accesses, 0, NEVER),
-            out,
-        );
-    }
-
-    #[test]
-    fn entry_slots_are_24_and_32_bytes() {
-        assert_eq!(std::mem::size_of::<Option<Entry<u64, u64, ()>>>(), 24);
-        assert_eq!(
-            std::mem::size_of::<Option<Entry<u64, u64, AtomicU64>>>(),
-            32
-        );
-    }
-
-    #[test]
-    fn insert_lookup_replace_remove() {
-        let (mut s, h) = shard(10, 0);
-        let mut out = Removals::new();
-        let exp = ExpiryConfig::None;
-        put(&mut s, &h, 1, 10, 0, &mut out);
-        assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
-            Found::Hit(&10)
-        ));
-        put(&mut s, &h, 1, 11, 0, &mut out);
-        assert_eq!(
-            out.pop().map(|r| (r.value, r.cause)),
-            Some((10, RemovalCause::Replaced))
-        );
-        assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
-            Found::Hit(&11)
-        ));
-        assert!(s.remove(
-            h.hash_one(1u64),
-            &1,
-            0,
-            &h,
-            &mut out,
-            RemovalCause::Explicit
-        ));
-        assert!(matches!(
-            s.lookup(h.hash_one(1u64), &1, 0, &exp, || 1.0),
-            Found::Absent
-        ));
-        s.validate(&h);
-    }
-
-    #[test]
-    fn eviction_keeps_the_policy_consistent() {
-        let (mut s, h) = shard(50, 0);
-        let mut out = Removals::new();
-        let exp = ExpiryConfig::None;
-        for i in 0..10_000u64 {
-            let k = (i * 7919) % 300;
-            if let Found::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
-                put(&mut s, &h, k, i, i, &mut out);
-                while s.weight() > 50 {
-                    assert!(s.evict_one(&h, &mut out));
-                }
-            }
-            if i % 97 == 0 {
-                s.remove(
-                    h.hash_one(k + 1),
-                    &(k + 1),
-                    0,
-                    &h,
-                    &mut out,
-                    RemovalCause::Explicit,
-                );
-            }
-        }
-        s.validate(&h);
-        assert!(s.len() <= 50);
-    }
-
-    #[test]
-    fn tombstones_are_purged() {
-        let (mut s, h) = shard(1_000_000, 0);
-        let mut out = Removals::new();
-        for i in 0..100_000u64 {
-            put(&mut s, &h, i, i, 0, &mut out);
-            s.remove(h.hash_one(i), &i, 0, &h, &mut out, RemovalCause::Explicit);
-        }
-        s.validate(&h);
-        assert!(s.slab_len() < 1000, "slots are reused: {}", s.slab_len());
-    }
-
-    #[test]
-    fn memory_per_entry_matches_the_formula() {
-        // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines +
-        // the frequency sketch, sized for the share as a sketch built for it up front is.
-        let sketch = crate::sketch::Sketch::new(100_000).heap_bytes() as f64 / 100_000.0;
-        for stride in [0usize, 1] {
-            let (mut s, h) = shard(100_000, stride);
-            let mut out = Removals::new();
-            let exp = if stride == 0 {
-                ExpiryConfig::None
-            } else {
-                ExpiryConfig::Fixed {
-                    ttl: Some(u64::MAX / 2),
-                    tti: None,
-                }
-            };
-            for i in 0..100_000u64 {
-                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
-            }
-            let per_entry = s.heap_bytes() as f64 / 100_000.0;
-            let bound = 24.0 + 11.0 + sketch + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
-            assert!(
-                per_entry <= bound,
-                "stride {stride}: {per_entry:.1} > {bound}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_byte_weighted_shard_pays_for_its_entries_not_its_capacity() {
-        // Values of 100 bytes, weighed in bytes. The sketch follows a shard's entries, not its
-        // capacity in bytes, whether the shard is filling (a 128 MiB share and 25,000 values:
-        // what 200,000 values put in each of the 8 shards of a 1 GiB cache) or full and evicting
-        // (a 1 MiB share: about 10,500 values).
-        let exp = ExpiryConfig::None;
-        for share in [1u64 << 27, 1 << 20] {
-            let (mut s, h) = shard(share, 0);
-            let mut out = Removals::new();
-            for i in 0..25_000u64 {
-                s.insert(
-                    h.hash_one(i),
-                    i,
-                    i,
-                    100,
-                    0,
-                    &exp,
-                    &h,
-                    (0, 0, NEVER),
-                    &mut out,
-                );
-                while s.weight() > share {
-                    assert!(s.evict_one(&h, &mut out));
-                }
-            }
-            s.validate(&h);
-            let sketch = each!(&s, c => c.policy.sketch().heap_bytes());
-            let len = s.len();
-            let per_entry = s.heap_bytes() as f64 / len as f64;
-            eprintln!(
-                "share {share}: {len} entries, a sketch of {sketch} bytes, \
-                 {per_entry:.1} heap bytes per entry in all"
-            );
-            assert!(
-                sketch <= 8 * len,
-                "share {share}: a sketch of {sketch} bytes for {len} entries"
-            );
-        }
-    }
-
-    #[test]
-    fn wheel_reclaims_untouched_entries() {
-        let (mut s, h) = shard(100, 1);
-        let mut out = Removals::new();
-        let sec = 1_000_000_000u64;
-        let exp = ExpiryConfig::Fixed {
-            ttl: Some(5 * sec),
-            tti: None,
-        };
-        for i in 0..50u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
-        }
-        out.clear();
-        s.expire(4 * sec, false, &h, &mut out);
-        assert_eq!(s.len(), 50);
-        s.expire(7 * sec, false, &h, &mut out);
-        assert_eq!(s.len(), 0, "every entry reclaimed without being touched");
-        assert_eq!(out.len(), 50);
-        assert!(out.iter().all(|r| r.cause == RemovalCause::Expired));
-        s.validate(&h);
     }
 }
