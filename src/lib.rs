@@ -226,8 +226,9 @@
 //! | feature | adds |
 //! |---|---|
 //! | `metrics` | `Cache::report_metrics`: the statistics through the [`metrics`](https://docs.rs/metrics) facade |
-//! | `redis` | the `redis` module: a shared second tier on Redis (Rust 1.88 or newer) |
+//! | `redis` | the `redis` module: a shared second tier on Redis |
 //! | `serde` | `codec::Json`, a JSON codec for the second tier (implies `redis`) |
+//! | `testing` | test hooks, not part of the API: `Cache::validate` (checks every internal invariant), `load_limit_stats`, `loads_in_flight` |
 //!
 //! Without features the crate depends on `parking_lot`, `ahash`, `crossbeam-utils` and
 //! `hashbrown` only.

@@ -470,6 +470,7 @@ impl Policy {
         c.misses = 0;
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Checks the policy's bookkeeping against the slab (panics on a violation).
     pub(crate) fn validate<E: Tracked>(&self, slab: &[Option<E>]) {
         let mut live = 0usize;

@@ -196,9 +196,15 @@ where
         removed
     }
 
-    /// The number of loads in flight (not counting negative-cache entries).
+    /// The number of loads in flight (not counting negative-cache entries). A test hook
+    /// (feature `testing`); the same figure is in [`stats`](Self::stats).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn loads_in_flight(&self) -> usize {
+        self.flights_running()
+    }
+
+    pub(crate) fn flights_running(&self) -> usize {
         self.inner
             .shards
             .iter()

@@ -632,9 +632,15 @@ where
     }
 
     /// The most loads that ever ran at once under `max_concurrent_loads` (0 without a limit),
-    /// and how many loads had to wait for a permit. For tests and statistics.
+    /// and how many loads had to wait for a permit. A test hook (feature `testing`); the same
+    /// figures are in [`stats`](Self::stats).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn load_limit_stats(&self) -> (usize, usize) {
+        self.limit_figures()
+    }
+
+    fn limit_figures(&self) -> (usize, usize) {
         self.inner
             .stampede
             .limiter
@@ -659,8 +665,8 @@ where
             .stats
             .as_ref()
             .map_or_else(CacheStats::default, Stats::snapshot);
-        s.loads_in_flight = self.loads_in_flight() as u64;
-        let (high, waited) = self.load_limit_stats();
+        s.loads_in_flight = self.flights_running() as u64;
+        let (high, waited) = self.limit_figures();
         s.max_concurrent_loads_seen = high as u64;
         if let Some(r) = self.inner.remote.get() {
             s.remote = r.snapshot();
@@ -944,6 +950,7 @@ where
 
     /// Checks every internal invariant of every shard and the global weight; panics on the
     /// first violation. For tests (it locks each shard in turn).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn validate(&self) {
         let mut total = 0;

@@ -110,6 +110,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Whether `slot` waits to be filed again (see [`Self::note_refile`]).
     fn refile_waits(&self, slot: u32) -> bool {
         let r = self.refile.lock();
@@ -783,6 +784,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         v
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Checks every internal invariant; panics with a message on the first violation.
     pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
         let live: Vec<u32> = (0..self.slab.len() as u32)

@@ -336,6 +336,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         each!(self, c => c.snapshot(now))
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
         each!(self, c => c.validate(hasher))
     }
