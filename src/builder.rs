@@ -444,8 +444,14 @@ where
     ///
     /// # Errors
     ///
-    /// [`BuildError`] when `max_capacity` is missing, expiry settings conflict, or the shard
-    /// count is not a power of two in 1..=1024.
+    /// [`BuildError`]: [`NoCapacity`](BuildError::NoCapacity) when `max_capacity` is missing;
+    /// [`ConflictingExpiry`](BuildError::ConflictingExpiry) for `expire_after` with a time to
+    /// live or idle; [`BadShardCount`](BuildError::BadShardCount) unless the shard count is a
+    /// power of two in 1..=1024; [`BadFraction`](BuildError::BadFraction) for a jitter outside
+    /// [0, 1) or an early-refresh `β` that is not positive and finite;
+    /// [`RefreshWithoutLoader`](BuildError::RefreshWithoutLoader) for `refresh_after` or
+    /// `early_refresh` without a loader; [`EarlyRefreshWithoutTtl`](BuildError::EarlyRefreshWithoutTtl)
+    /// for `early_refresh` without a time to live.
     pub fn try_build(self) -> Result<Cache<K, V, S>, BuildError> {
         let capacity = self.max_capacity.ok_or(BuildError::NoCapacity)?;
         let durations = (self.ttl, self.tti);
@@ -485,8 +491,7 @@ where
         if stampede.refresh_backoff == 0 {
             stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
         }
-        let mut layout = Layout::new(expiry.stride(), refresh_after, self.early_beta, self.jitter);
-        layout.reads_move = expiry.moves_on_read();
+        let layout = Layout::for_expiry(&expiry, refresh_after, self.early_beta, self.jitter);
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {
             capacity,

@@ -274,12 +274,6 @@ impl TimerWheel {
         bucket.slots.shrink_to(bucket.slots.len() * 2);
     }
 
-    /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
-    /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
-    ///
-    /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
-    /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
-    /// drained too.
     /// The common case of [`advance`](Self::advance), inline: `now` is within the wheel's
     /// current finest tick (so no bucket of any level comes due) and `exact` is not asked.
     /// Moves the wheel's time and returns true, or returns false if `advance` must run.
@@ -292,6 +286,12 @@ impl TimerWheel {
         true
     }
 
+    /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
+    /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
+    ///
+    /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
+    /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
+    /// drained too.
     pub(crate) fn advance(&mut self, now: u64, exact: bool, due: &mut Vec<(u16, Vec<u32>)>) {
         if exact {
             let b = OFFSETS[0] + ((now.max(self.time) >> SHIFTS[0]) as usize & (COUNTS[0] - 1));

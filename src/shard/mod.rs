@@ -126,6 +126,19 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// The layout for a cache's expiry configuration and refresh settings.
+    pub(crate) fn for_expiry<K: 'static, V: 'static>(
+        expiry: &ExpiryConfig<K, V>,
+        refresh_after: Option<u64>,
+        early_beta: Option<f64>,
+        jitter: f64,
+    ) -> Self {
+        Layout {
+            reads_move: expiry.moves_on_read(),
+            ..Layout::new(expiry.stride(), refresh_after, early_beta, jitter)
+        }
+    }
+
     pub(crate) fn new(
         expiry_stride: usize,
         refresh_after: Option<u64>,
