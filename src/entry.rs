@@ -787,3 +787,66 @@ where
         }
     }
 }
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use crate::{Cache, CompResult, Op};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn or_insert_with_runs_once_and_reports_freshness() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        let calls = AtomicUsize::new(0);
+        let init = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            7
+        };
+        let first = cache.entry(1).or_insert_with(init);
+        assert!(first.is_fresh() && *first.value() == 7);
+        let second = cache.entry(1).or_insert_with(|| unreachable!("present"));
+        assert!(!second.is_fresh() && *second.value() == 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn compute_maps_each_op_to_its_result() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        let r = cache.entry(1).and_compute_with(|e| {
+            assert!(e.is_none());
+            Op::Put(1)
+        });
+        assert!(matches!(r, CompResult::Inserted(e) if *e.value() == 1));
+        let r = cache
+            .entry(1)
+            .and_compute_with(|e| Op::Put(e.unwrap().into_value() + 1));
+        assert!(matches!(r, CompResult::ReplacedWith(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Nop);
+        assert!(matches!(r, CompResult::Unchanged(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Remove);
+        assert!(matches!(r, CompResult::Removed(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Nop);
+        assert!(matches!(r, CompResult::StillNone(k) if k == 1));
+        cache.validate();
+    }
+
+    #[test]
+    fn a_panicking_compute_leaves_the_key_usable() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        cache.insert(1, 1);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache
+                .entry(1)
+                .and_compute_with(|_| -> Op<u32> { panic!("compute") })
+        }));
+        assert!(r.is_err());
+        assert_eq!(cache.get(&1), Some(1), "nothing changed");
+        assert_eq!(
+            cache
+                .entry(1)
+                .and_upsert_with(|e| e.map_or(0, |e| e.into_value() + 1))
+                .into_value(),
+            2
+        );
+        assert_eq!(cache.loads_in_flight(), 0);
+    }
+}

@@ -966,3 +966,95 @@ where
         );
     }
 }
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    #[test]
+    fn a_key_always_routes_to_one_shard_and_keys_spread_over_all() {
+        let cache: Cache<u64, u64> = Cache::builder().max_capacity(10_000).shards(8).build();
+        let mut per_shard = [0u32; 8];
+        for k in 0..8_000u64 {
+            let h = cache.hash(&k);
+            assert_eq!(h, cache.hash(&k), "hashed the same way every time");
+            let i = cache.shard_index(h);
+            assert_eq!(i, ((h >> 40) as usize) & 7, "routing uses bits 40 and up");
+            per_shard[i] += 1;
+        }
+        for n in per_shard {
+            assert!(
+                (800..1200).contains(&n),
+                "shards get about 1000 keys each: {per_shard:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shares_add_up_to_the_capacity() {
+        let cache: Cache<u64, u64> = Cache::builder().max_capacity(1001).shards(4).build();
+        let shares: Vec<u64> = cache
+            .inner
+            .shards
+            .iter()
+            .map(|c| c.lock.read().share())
+            .collect();
+        assert_eq!(shares.iter().sum::<u64>(), 1001);
+        assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+    }
+
+    #[test]
+    fn the_global_weight_follows_inserts_replacements_evictions_and_removals() {
+        let cache: Cache<u64, u32> = Cache::builder()
+            .max_capacity(100)
+            .shards(2)
+            .weigher(|_, v: &u32| *v)
+            .build();
+        for k in 0..50 {
+            cache.insert(k, 1 + (k % 7) as u32);
+        }
+        cache.validate();
+        cache.insert(3, 40); // replaces a lighter value
+        cache.validate();
+        assert!(cache.weighted_size() <= 100);
+        cache.invalidate(&3);
+        cache.retain(|k, _| k % 2 == 0);
+        cache.validate();
+        let sum: u64 = cache.iter().map(|(_, v)| u64::from(v)).sum();
+        assert_eq!(cache.weighted_size(), sum);
+    }
+
+    #[test]
+    fn a_weigher_that_panics_leaves_the_accounting_exact() {
+        let cache: Cache<u64, u32> = Cache::builder()
+            .max_capacity(1000)
+            .weigher(|k, v: &u32| if *k == 13 { panic!("weigher") } else { *v })
+            .build();
+        for k in 0..20 {
+            let r = catch_unwind(AssertUnwindSafe(|| cache.insert(k, 2)));
+            assert_eq!(r.is_err(), k == 13);
+        }
+        cache.validate();
+        assert_eq!(cache.weighted_size(), 19 * 2);
+        assert_eq!(cache.get(&13), None);
+    }
+
+    #[test]
+    fn an_expired_entry_reads_as_absent_and_is_reclaimed() {
+        let clock = ManualClock::new();
+        let cache: Cache<u64, u64> = Cache::builder()
+            .max_capacity(10)
+            .time_to_live(Duration::from_secs(1))
+            .clock(clock.clone())
+            .build();
+        cache.insert(1, 1);
+        assert_eq!(cache.get(&1), Some(1));
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(cache.get(&1), None);
+        cache.run_pending_tasks();
+        assert_eq!(cache.entry_count(), 0);
+        cache.validate();
+    }
+}
