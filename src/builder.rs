@@ -577,7 +577,7 @@ where
         self.hasher(hasher).build()
     }
 
-    /// ClaimMode to load any key (as Caffeine's `LoadingCache`): used by [`Cache::load`] and by
+    /// How to load any key (as Caffeine's `LoadingCache`): used by [`Cache::load`] and by
     /// refreshes. Called without any lock held; may block.
     pub fn loader<E>(mut self, load: impl Fn(&K) -> Result<V, E> + Send + Sync + 'static) -> Self
     where
@@ -589,7 +589,7 @@ where
         self
     }
 
-    /// ClaimMode to load any key asynchronously: used by [`Cache::load_async`] and, with a
+    /// How to load any key asynchronously: used by [`Cache::load_async`] and, with a
     /// [`future_spawner`](Self::future_spawner), by refreshes (which then run as futures on
     /// your runtime instead of blocking jobs). The future is polled with no lock held.
     pub fn async_loader<F, Fut, E>(mut self, load: F) -> Self

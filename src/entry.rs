@@ -205,11 +205,7 @@ where
     }
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
-        let how = crate::load::ClaimMode {
-            can_lead: true,
-            bypass_negative: true,
-            record: true,
-        };
+        let how = crate::load::ClaimMode::leading(true, true);
         match self.claim(hash, key, &V::clone, &mut None, how) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),
             crate::load::Claim::Lead(lead) => Claimed::Lead(lead),

@@ -95,7 +95,7 @@ pub(crate) enum ExpiryConfig<K, V> {
 }
 
 impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
-    /// ClaimMode many `u64` deadlines each entry keeps: the effective one and, when both a time to live
+    /// How many `u64` deadlines each entry keeps: the effective one and, when both a time to live
     /// and a time to idle are set, the hard (time-to-live) one.
     pub(crate) fn stride(&self) -> usize {
         match self {

@@ -239,7 +239,7 @@ impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K,
     }
 }
 
-/// ClaimMode a wait on a flight ended.
+/// How a wait on a flight ended.
 pub(crate) enum Waited<R> {
     /// Done, with the outcome mapped for this caller (`None`: an outcome it cannot use).
     Done(Option<R>),

@@ -10,7 +10,7 @@
 //! [refresh-ahead and stampede protection](#refresh-ahead-and-stampede-protection),
 //! [async use](#async-use), [the Redis tier](#the-redis-tier-feature-redis),
 //! [observability](#observability), [features](#cargo-features) and
-//! [coming from moka](#coming-from-moka). ClaimMode it works inside is in `DESIGN.md` in the
+//! [coming from moka](#coming-from-moka). How it works inside is in `DESIGN.md` in the
 //! repository; measurements are in `BENCHMARKS.md`.
 //!
 //! # Quick start
@@ -278,6 +278,7 @@ mod flight;
 mod limit;
 mod load;
 mod load_async;
+mod loader;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;
@@ -298,7 +299,7 @@ pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
-pub use refresh::LoadError;
+pub use loader::LoadError;
 pub use removal::RemovalCause;
 pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};

@@ -75,7 +75,7 @@ impl Limiter {
         self.high_water.load(Ordering::Acquire)
     }
 
-    /// ClaimMode many acquisitions had to wait.
+    /// How many acquisitions had to wait.
     pub(crate) fn waited(&self) -> usize {
         self.waited.load(Ordering::Relaxed)
     }

@@ -63,7 +63,7 @@ use std::time::Instant;
 /// A shared async load and its start token (see [`Flight::start`]).
 pub(crate) type SharedLoad<V> = (LoadFuture<V>, Arc<crate::sync::AtomicU8>);
 
-/// ClaimMode a caller claims a key.
+/// How a caller claims a key.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ClaimMode {
     /// It may lead a new load (it still has its loader).
@@ -72,6 +72,17 @@ pub(crate) struct ClaimMode {
     pub(crate) bypass_negative: bool,
     /// Count the lookup's hit or miss.
     pub(crate) record: bool,
+}
+
+impl ClaimMode {
+    /// A caller that still has its loader.
+    pub(crate) fn leading(bypass_negative: bool, record: bool) -> Self {
+        ClaimMode {
+            can_lead: true,
+            bypass_negative,
+            record,
+        }
+    }
 }
 
 /// The result of claiming a key.
@@ -487,12 +498,13 @@ where
         let mut init = Some(init);
         let mut bypass_negative = false;
         loop {
-            let how = ClaimMode {
-                can_lead: true,
-                bypass_negative,
-                record,
-            };
-            let claim = self.claim(hash, &key, hit, &mut None, how);
+            let claim = self.claim(
+                hash,
+                &key,
+                hit,
+                &mut None,
+                ClaimMode::leading(bypass_negative, record),
+            );
             record = false;
             match claim {
                 Claim::Hit(r) => return Some(r),

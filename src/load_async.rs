@@ -352,12 +352,13 @@ where
         let mut bypass_negative = false;
         let mut record = true;
         loop {
-            let how = ClaimMode {
-                can_lead: true,
-                bypass_negative,
-                record,
-            };
-            let claim = self.claim(hash, &key, &hit, &mut None, how);
+            let claim = self.claim(
+                hash,
+                &key,
+                &hit,
+                &mut None,
+                ClaimMode::leading(bypass_negative, record),
+            );
             record = false;
             match claim {
                 Claim::Hit(r) => return r,
