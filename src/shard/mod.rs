@@ -94,8 +94,9 @@ impl<K, V, T> Tracked for Record<K, V, T> {
 pub(crate) enum Lookup<'a, K, V> {
     Hit(&'a V),
     /// A hit that is due for refresh; this caller won the right to start it (the entry's
-    /// refresh deadline is now [`REFRESHING`](crate::expiry::REFRESHING): see [`Shard::refresh_deadline_of`] for whoever
-    /// fails to start the refresh and must set it back).
+    /// refresh deadline is now [`REFRESHING`](crate::expiry::REFRESHING): see
+    /// [`Shard::refresh_deadline_of`] for whoever fails to start the refresh and must set it
+    /// back).
     Stale(&'a K, &'a V),
     /// A hit on a value due for refresh (or being refreshed) by someone else.
     StaleHit(&'a V),
@@ -185,6 +186,32 @@ macro_rules! each {
     };
 }
 
+/// Declares methods of [`Shard`] that run the same method of its [`Core`], whichever the
+/// layout: one line of signature each (`where [..]` for a where clause).
+macro_rules! forward {
+    () => {};
+    ($(#[$m:meta])* fn $name:ident $(<$($g:ident $(: $b:path)?),*>)?
+        (&mut self $(, $a:ident: $t:ty)*) $(-> $r:ty)? $(where [$($w:tt)*])?; $($rest:tt)*) => {
+        $(#[$m])*
+        pub(crate) fn $name $(<$($g $(: $b)?),*>)? (&mut self $(, $a: $t)*) $(-> $r)?
+        $(where $($w)*)?
+        {
+            each!(self, c => c.$name($($a),*))
+        }
+        forward!($($rest)*);
+    };
+    ($(#[$m:meta])* fn $name:ident $(<$($g:ident $(: $b:path)?),*>)?
+        (&self $(, $a:ident: $t:ty)*) $(-> $r:ty)? $(where [$($w:tt)*])?; $($rest:tt)*) => {
+        $(#[$m])*
+        pub(crate) fn $name $(<$($g $(: $b)?),*>)? (&self $(, $a: $t)*) $(-> $r)?
+        $(where $($w)*)?
+        {
+            each!(self, c => c.$name($($a),*))
+        }
+        forward!($($rest)*);
+    };
+}
+
 impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
         if layout.stride > 0 {
@@ -194,169 +221,47 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         }
     }
 
-    /// The shard's flight registry (guarded by the same lock as its map).
-    pub(crate) fn flights(&mut self) -> &mut Flights<K, V> {
-        each!(self, c => c.flights())
-    }
-
-    pub(crate) fn flights_ref(&self) -> &Flights<K, V> {
-        each!(self, c => c.flights_ref())
-    }
-
-    #[inline]
-    pub(crate) fn weight(&self) -> u64 {
-        each!(self, c => c.weight())
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        each!(self, c => c.len())
-    }
-
-    #[inline]
-    pub(crate) fn share(&self) -> u64 {
-        each!(self, c => c.share())
-    }
-
-    #[inline]
-    pub(crate) fn lookup<Q>(
-        &self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        exp: &ExpiryConfig<K, V>,
-        coin: impl FnOnce() -> f64,
-    ) -> Lookup<'_, K, V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.lookup(hash, key, now, exp, coin))
-    }
-
-    pub(crate) fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.set_refresh_at(hash, key, at))
-    }
-
-    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.peek(hash, key, now))
-    }
-
-    pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.reset_refresh(hash, key, at))
-    }
-
-    pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
-        each!(self, c => c.refresh_deadline_of(value))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub(crate) fn insert<S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: K,
-        value: V,
-        weight: u32,
-        now: u64,
-        exp: &ExpiryConfig<K, V>,
-        hasher: &S,
-        meta: (u64, u64, u64),
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn remove<Q, S: BuildHasher>(
-        &mut self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-        cause: RemovalCause,
-    ) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.remove(hash, key, now, hasher, out, cause))
-    }
-
-    pub(crate) fn remove_expired<Q>(
-        &mut self,
-        hash: u64,
-        key: &Q,
-        now: u64,
-        out: &mut Removals<K, V>,
-    ) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        each!(self, c => c.remove_expired(hash, key, now, out))
-    }
-
-    pub(crate) fn evict_one<S: BuildHasher>(
-        &mut self,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-    ) -> bool {
-        each!(self, c => c.evict_one(hasher, out))
-    }
-
-    pub(crate) fn expire<S: BuildHasher>(
-        &mut self,
-        now: u64,
-        exact: bool,
-        hasher: &S,
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.expire(now, exact, hasher, out))
-    }
-
-    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
-        each!(self, c => c.clear(out))
-    }
-
-    pub(crate) fn retain<S: BuildHasher>(
-        &mut self,
-        now: u64,
-        hasher: &S,
-        keep: &mut impl FnMut(&K, &V) -> bool,
-        out: &mut Removals<K, V>,
-    ) {
-        each!(self, c => c.retain(now, hasher, keep, out))
-    }
-
-    pub(crate) fn snapshot(&self, now: u64) -> Vec<(K, V)>
-    where
-        K: Clone,
-        V: Clone,
-    {
-        each!(self, c => c.snapshot(now))
-    }
-
-    #[cfg(any(test, feature = "testing"))]
-    pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
-        each!(self, c => c.validate(hasher))
-    }
-
-    #[cfg(test)]
-    pub(crate) fn heap_bytes(&self) -> usize {
-        each!(self, c => c.heap_bytes())
+    forward! {
+        /// The shard's flight registry (guarded by the same lock as its map).
+        fn flights(&mut self) -> &mut Flights<K, V>;
+        fn flights_ref(&self) -> &Flights<K, V>;
+        #[inline]
+        fn weight(&self) -> u64;
+        fn len(&self) -> usize;
+        #[inline]
+        fn share(&self) -> u64;
+        #[inline]
+        fn lookup<Q>(&self, hash: u64, key: &Q, now: u64, exp: &ExpiryConfig<K, V>,
+            coin: impl FnOnce() -> f64) -> Lookup<'_, K, V>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64>;
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        fn insert<S: BuildHasher>(&mut self, hash: u64, key: K, value: V, weight: u32, now: u64,
+            exp: &ExpiryConfig<K, V>, hasher: &S, meta: (u64, u64, u64), out: &mut Removals<K, V>);
+        fn remove<Q, S: BuildHasher>(&mut self, hash: u64, key: &Q, now: u64, hasher: &S,
+            out: &mut Removals<K, V>, cause: RemovalCause) -> bool
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn remove_expired<Q>(&mut self, hash: u64, key: &Q, now: u64, out: &mut Removals<K, V>)
+            -> bool
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) -> bool;
+        fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S,
+            out: &mut Removals<K, V>);
+        fn clear(&mut self, out: &mut Removals<K, V>);
+        fn retain<S: BuildHasher>(&mut self, now: u64, hasher: &S,
+            keep: &mut impl FnMut(&K, &V) -> bool, out: &mut Removals<K, V>);
+        fn snapshot(&self, now: u64) -> Vec<(K, V)> where [K: Clone, V: Clone];
+        #[cfg(any(test, feature = "testing"))]
+        fn validate<S: BuildHasher>(&self, hasher: &S);
+        #[cfg(test)]
+        fn heap_bytes(&self) -> usize;
     }
 
     #[cfg(test)]
