@@ -283,8 +283,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    /// Gives back a read's claim to refresh `key` (its refresh deadline is [`REFRESHING`](crate::expiry::REFRESHING)):
-    /// the entry is due again at `at`. A deadline set meanwhile (a new value) is kept.
+    /// Gives back a read's claim to refresh `key` (its refresh deadline is
+    /// [`REFRESHING`](crate::expiry::REFRESHING)): the entry is due again at `at`. A deadline set
+    /// meanwhile (a new value) is kept.
     pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
     where
         K: Borrow<Q>,
