@@ -72,6 +72,9 @@ pub(crate) struct ClaimMode {
     pub(crate) bypass_negative: bool,
     /// Count the lookup's hit or miss.
     pub(crate) record: bool,
+    /// The caller has just looked the key up and missed: go straight to the locked claim
+    /// (which looks it up again under the write lock), skipping the read-locked lookup.
+    pub(crate) looked_up: bool,
 }
 
 impl ClaimMode {
@@ -81,6 +84,7 @@ impl ClaimMode {
             can_lead: true,
             bypass_negative,
             record,
+            looked_up: false,
         }
     }
 }
@@ -337,9 +341,12 @@ where
             can_lead,
             bypass_negative,
             record,
+            looked_up,
         } = how;
-        if let Some(r) = self.read_with(key, hash, record, hit) {
-            return Claim::Hit(r);
+        if !looked_up {
+            if let Some(r) = self.read_with(key, hash, record, hit) {
+                return Claim::Hit(r);
+            }
         }
         // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
@@ -483,7 +490,8 @@ where
     }
 
     /// The blocking single-flight loop. `until` bounds the waits on loads run by others;
-    /// `None` means it passed. `record`: count the first lookup's hit or miss.
+    /// `None` means it passed. `record`: count the first lookup's hit or miss; without it the
+    /// caller has just looked the key up, and the first claim goes straight to the write lock.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_blocking<R>(
         &self,
@@ -497,15 +505,15 @@ where
     ) -> Option<R> {
         let mut init = Some(init);
         let mut bypass_negative = false;
+        // Without `record`, the caller has just looked the key up (and counted the miss).
+        let mut looked_up = !record;
         loop {
-            let claim = self.claim(
-                hash,
-                &key,
-                hit,
-                &mut None,
-                ClaimMode::leading(bypass_negative, record),
-            );
-            record = false;
+            let how = ClaimMode {
+                looked_up,
+                ..ClaimMode::leading(bypass_negative, record)
+            };
+            let claim = self.claim(hash, &key, hit, &mut None, how);
+            (record, looked_up) = (false, false);
             match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),

@@ -471,8 +471,7 @@ where
             let can_lead = init.is_some();
             let how = ClaimMode {
                 can_lead,
-                bypass_negative,
-                record,
+                ..ClaimMode::leading(bypass_negative, record)
             };
             let had_future = init.is_some();
             let claim = self.claim(hash, &key, &hit, &mut init, how);
