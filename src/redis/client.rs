@@ -3,8 +3,10 @@
 //!
 //! Every operation either answers within its time bound or yields `None`, which the caller
 //! treats as "the second tier has nothing to say" (a miss, a skipped write). The bound of one
-//! operation is the connect timeout (only when no pooled connection is free) plus the operation
-//! timeout for writing the request and for reading the reply.
+//! operation is the connect timeout (only when no pooled connection is free: connect and
+//! handshake) plus the operation timeout, one deadline for writing the request and reading the
+//! whole reply (see [`conn`](super::conn)): a reply that drips in slowly times out as one that
+//! never comes, is counted as a timeout, and feeds the breaker.
 //!
 //! The breaker counts consecutive failures. At `failures` of them it *opens*: operations are
 //! skipped at once (no network, no waiting) for `cooldown`. Then one operation is let through
@@ -15,8 +17,11 @@
 //! Times here are real time (`Instant`): they bound waits on a network, which the cache's
 //! clock (possibly a manual one in tests) does not govern.
 
+use super::conn::Conn;
 use crate::stats::RemoteCounters;
-use ::redis::{Client as RawClient, Connection, RedisError, RedisResult};
+use ::redis::{
+    Client as RawClient, Connection, ConnectionInfo, ConnectionLike, RedisError, RedisResult,
+};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,7 +131,8 @@ fn refused(e: &RedisError) -> bool {
 
 pub(crate) struct Client {
     raw: RawClient,
-    idle: Mutex<Vec<Connection>>,
+    info: ConnectionInfo,
+    idle: Mutex<Vec<Conn>>,
     connect_timeout: Duration,
     op_timeout: Duration,
     pub(crate) breaker: Breaker,
@@ -142,6 +148,7 @@ impl Client {
         counters: Arc<RemoteCounters>,
     ) -> Self {
         Client {
+            info: raw.get_connection_info().clone(),
             raw,
             idle: Mutex::new(Vec::new()),
             connect_timeout,
@@ -151,7 +158,8 @@ impl Client {
         }
     }
 
-    /// A new connection with the operation timeout set on it.
+    /// A new connection of the `redis` crate (for the subscriber), with the operation timeout
+    /// for writes and `read_timeout` for reads.
     pub(crate) fn connect(&self, read_timeout: Option<Duration>) -> RedisResult<Connection> {
         let conn = self.raw.get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(read_timeout)?;
@@ -163,7 +171,7 @@ impl Client {
     /// skipped or failed (counted); the caller goes on without the second tier.
     /// Runs `op`: `None` if Redis is unavailable or refused the operation (see
     /// [`run_result`](Self::run_result)).
-    pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Option<T> {
+    pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
         self.run_result(op).ok()
     }
 
@@ -173,7 +181,7 @@ impl Client {
     /// answered, the connection stays usable.
     pub(crate) fn run_result<T>(
         &self,
-        op: impl FnOnce(&mut Connection) -> RedisResult<T>,
+        op: impl FnOnce(&mut Conn) -> RedisResult<T>,
     ) -> Result<T, Failed> {
         let verdict = self.breaker.admit(Instant::now());
         if verdict == Verdict::Skip {
@@ -183,16 +191,24 @@ impl Client {
         let pooled = self.idle.lock().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => match self.connect(Some(self.op_timeout)) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.failed(&e);
-                    return Err(Failed::Unavailable);
+            None => {
+                let deadline = Instant::now() + self.connect_timeout;
+                match Conn::open(&self.info, &self.raw, deadline) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.failed(&e);
+                        return Err(Failed::Unavailable);
+                    }
                 }
-            },
+            }
         };
+        // One deadline for the whole operation: request, and every byte of the reply.
+        if let Err(e) = conn.begin(Instant::now() + self.op_timeout) {
+            self.failed(&e);
+            return Err(Failed::Unavailable);
+        }
         let result = op(&mut conn);
-        let keyed = matches!(&result, Err(e) if refused(e));
+        let keyed = matches!(&result, Err(e) if refused(e)) && conn.is_open();
         match result {
             Err(e) if !keyed => {
                 // The connection is dropped: after a timeout its stream may hold half a reply.

@@ -125,6 +125,7 @@
 //! ```
 
 mod client;
+mod conn;
 mod offload;
 mod subscriber;
 mod tier;
@@ -341,7 +342,9 @@ impl RedisTier {
         V: Clone + Send + Sync + 'static,
         S: BuildHasher + Clone + Send + Sync + 'static,
     {
-        let raw = ::redis::Client::open(self.url.as_str()).map_err(TierError::Url)?;
+        let raw = connection_info(&self.url)
+            .and_then(::redis::Client::open)
+            .map_err(TierError::Url)?;
         let ttl = match (self.ttl, builder.ttl) {
             (Some(t), _) => t,
             (None, Some(t)) => t,
@@ -393,6 +396,16 @@ impl RedisTier {
             .map_err(TierError::Thread)?;
         Ok(TieredCache { cache, tier })
     }
+}
+
+/// The URL's connection settings, with `TCP_NODELAY` and TCP keepalive on every socket.
+fn connection_info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
+    use ::redis::io::tcp::TcpSettings;
+    let info = ::redis::IntoConnectionInfo::into_connection_info(url)?;
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(conn::keepalive());
+    Ok(info.set_tcp_settings(tcp))
 }
 
 /// A [`Cache`] with a Redis second tier (see the [module docs](self)).

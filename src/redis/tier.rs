@@ -26,7 +26,7 @@
 //! load running at that moment.
 
 use super::client::{Client, Failed};
-use super::offload::{offload, Pool};
+use super::offload::{offload, Pool, Receive, Timer};
 use crate::codec::Codec;
 use crate::refresh::BoxError;
 use crate::stats::RemoteCounters;
@@ -175,6 +175,63 @@ struct Pending {
     epoch: u64,
 }
 
+impl Pending {
+    fn new(
+        vkey: &ValueKey,
+        lkey: Vec<u8>,
+        lease: Option<u64>,
+        redis: bool,
+        version: u64,
+        epoch: u64,
+    ) -> Self {
+        Pending {
+            vkey: vkey.bytes.clone(),
+            lkey,
+            lease,
+            redis,
+            version,
+            epoch,
+        }
+    }
+}
+
+/// What the read before a load decided.
+enum Start<V> {
+    Plan(Plan<V>),
+    /// Another instance may be loading: wait on its lease (or take it).
+    Wait(Box<LeaseWait>),
+}
+
+/// A lease wait in progress: run [`Tier::step`] until it is done, pausing as told between
+/// steps (a thread sleeps; an async caller awaits a timer, holding no thread).
+struct LeaseWait {
+    vkey: ValueKey,
+    lkey: Vec<u8>,
+    cfg: LeaseConfig,
+    deadline: Instant,
+    /// The key's version and epoch at the first read, for a local load after the wait.
+    version: u64,
+    epoch: u64,
+    /// Times the lease vanished without a value.
+    vanished: u32,
+    /// Whether another instance's lease was found (the wait counted).
+    waited: bool,
+    /// The next pause, once polling; `None`: the next step tries to take the lease.
+    pause: Option<Duration>,
+}
+
+/// The outcome of one step of a lease wait.
+enum Step<V> {
+    Done(Lease<V>),
+    Sleep(Duration),
+}
+
+/// Where an async fetch stands after a round trip.
+enum Next<V> {
+    Plan(Plan<V>),
+    Sleep(Box<LeaseWait>, Duration),
+}
+
 /// How a leader's lease attempt ended.
 enum Lease<V> {
     /// Another instance's value appeared while we waited.
@@ -209,8 +266,10 @@ pub(crate) struct Tier<K, V> {
     random: ahash::RandomState,
     /// Whether the invalidation subscriber is connected and subscribed now.
     pub(crate) subscribed: AtomicBool,
-    /// Helper threads for async callers.
+    /// Helper threads for async callers' round trips.
     pool: Pool,
+    /// Pauses of async callers' lease waits.
+    timer: Timer,
 }
 
 impl<K: 'static, V: 'static> Tier<K, V> {
@@ -239,6 +298,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             random,
             subscribed: AtomicBool::new(false),
             pool: Pool::new(64),
+            timer: Timer::new(),
         }
     }
 
@@ -424,9 +484,11 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         }
     }
 
-    /// The async twin of [`fetch`](Self::fetch): the Redis work (read, lease, wait, write)
-    /// runs on a helper thread while the caller awaits, so no executor thread blocks on the
-    /// network. The write happens after the value is returned.
+    /// The async twin of [`fetch`](Self::fetch): each Redis round trip (read, lease, each
+    /// poll of a lease wait, write) runs on a helper thread while the caller awaits, and the
+    /// pauses of a lease wait are timer futures, so neither an executor thread nor a helper
+    /// thread is held while waiting on another instance's lease. The write happens after the
+    /// value is returned.
     pub(crate) async fn fetch_async<E>(
         self: Arc<Self>,
         key: K,
@@ -440,22 +502,42 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let Some(vkey) = self.value_key(&key, max_age) else {
             return load.await;
         };
-        let (t1, t2) = (Arc::clone(&self), Arc::clone(&self));
-        let plan = offload(
-            &self.pool,
-            move || t1.plan(vkey),
-            // The caller went away: give back a lease it would have held.
-            move |plan| {
-                if let Plan::Load(pending) = plan {
-                    t2.finish(pending, None);
+        let t = Arc::clone(&self);
+        // The read and the first lease attempt in one job.
+        let first = self
+            .round_trip(move || match t.start(vkey) {
+                Start::Plan(plan) => Next::Plan(plan),
+                Start::Wait(mut w) => {
+                    let step = t.step(&mut w);
+                    step.into_next(w, &t)
                 }
-            },
-        )
-        .await;
+            })
+            .await;
+        let Some(mut next) = first else {
+            return load.await;
+        };
+        let plan = loop {
+            match next {
+                Next::Plan(plan) => break plan,
+                Next::Sleep(mut w, pause) => {
+                    self.timer.sleep(pause).await;
+                    let t = Arc::clone(&self);
+                    let got = self
+                        .round_trip(move || {
+                            let step = t.step(&mut w);
+                            step.into_next(w, &t)
+                        })
+                        .await;
+                    let Some(got) = got else {
+                        return load.await;
+                    };
+                    next = got;
+                }
+            }
+        };
         let pending = match plan {
-            Some(Plan::Found(v)) => return Ok(v.publish()),
-            Some(Plan::Load(pending)) => pending,
-            None => return load.await,
+            Plan::Found(v) => return Ok(v.publish()),
+            Plan::Load(pending) => pending,
         };
         let mut guard = FinishLater {
             tier: Arc::clone(&self),
@@ -468,40 +550,90 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         result
     }
 
-    /// The part of a fetch before the load: Redis's value, or how to load.
+    /// Runs one step of an async fetch on a helper thread. If the caller goes away first, a
+    /// lease the step took for it is given back.
+    fn round_trip(
+        self: &Arc<Self>,
+        job: impl FnOnce() -> Next<V> + Send + 'static,
+    ) -> Receive<Next<V>>
+    where
+        K: Send + Sync,
+        V: Send + Sync,
+    {
+        let t = Arc::clone(self);
+        offload(&self.pool, job, move |next| {
+            if let Next::Plan(Plan::Load(pending)) = next {
+                t.finish(pending, None);
+            }
+        })
+    }
+
+    /// The part of a fetch before the load: Redis's value, or how to load (blocking).
     fn plan(&self, vkey: ValueKey) -> Plan<V> {
+        match self.start(vkey) {
+            Start::Plan(plan) => plan,
+            Start::Wait(mut w) => loop {
+                match self.step(&mut w) {
+                    Step::Done(lease) => return self.resolve(*w, lease),
+                    Step::Sleep(pause) => std::thread::sleep(pause),
+                }
+            },
+        }
+    }
+
+    /// Reads Redis: the value, or how to load, or (with leases) a lease wait to run.
+    fn start(&self, vkey: ValueKey) -> Start<V> {
         let lkey = self.lease_key(&vkey);
-        let pending = |lease, redis, version, epoch| {
-            Plan::Load(Pending {
-                vkey: vkey.bytes.clone(),
-                lkey: lkey.clone(),
-                lease,
-                redis,
-                version,
-                epoch,
-            })
-        };
         let seen = match self.read(&vkey) {
             Ok(seen) => seen,
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
             // at most one operation's timeout.
-            Err(()) => return pending(None, false, 0, 0),
+            Err(()) => {
+                let p = Pending::new(&vkey, lkey, None, false, 0, 0);
+                return Start::Plan(Plan::Load(p));
+            }
         };
         match seen.found {
-            Some(Found::Value(v)) => return Plan::Found(v),
+            Some(Found::Value(v)) => return Start::Plan(Plan::Found(v)),
             Some(Found::TooOld | Found::Undecodable) | None => {}
         }
         if seen.found.is_none() {
             self.count(|c| &c.misses);
         }
         let Some(cfg) = self.lease else {
-            return pending(None, true, seen.version, seen.epoch);
+            let p = Pending::new(&vkey, lkey, None, true, seen.version, seen.epoch);
+            return Start::Plan(Plan::Load(p));
         };
-        match self.lease_or_wait(&vkey, &lkey, cfg) {
+        Start::Wait(Box::new(LeaseWait {
+            deadline: Instant::now() + cfg.wait,
+            vkey,
+            lkey,
+            cfg,
+            version: seen.version,
+            epoch: seen.epoch,
+            vanished: 0,
+            waited: false,
+            pause: None,
+        }))
+    }
+
+    /// How a lease wait's outcome turns into the plan of a fetch.
+    fn resolve(&self, w: LeaseWait, lease: Lease<V>) -> Plan<V> {
+        let p = |lease, redis, version, epoch| {
+            Plan::Load(Pending::new(
+                &w.vkey,
+                w.lkey.clone(),
+                lease,
+                redis,
+                version,
+                epoch,
+            ))
+        };
+        match lease {
             Lease::Value(v) => Plan::Found(v),
-            Lease::Held(token, version, epoch) => pending(Some(token), true, version, epoch),
-            Lease::Local => pending(None, true, seen.version, seen.epoch),
-            Lease::Unavailable => pending(None, false, 0, 0),
+            Lease::Held(token, version, epoch) => p(Some(token), true, version, epoch),
+            Lease::Local => p(None, true, w.version, w.epoch),
+            Lease::Unavailable => p(None, false, 0, 0),
         }
     }
 
@@ -552,93 +684,99 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         });
     }
 
-    fn lease_or_wait(&self, vkey: &ValueKey, lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
-        let deadline = Instant::now() + cfg.wait;
-        let mut vanished = 0;
-        let mut waited = false;
-        loop {
-            // Take the lease and look at the value in one round trip, in this order: a holder
-            // writes its value before releasing, so if the lease was free the value of the
-            // load that just ended (if any) is visible to the read, and the version read is
-            // the one our write-back must find.
-            let token = self.token();
-            let got = self.client.run(|c| {
-                let mut p = pipe();
-                p.cmd("SET")
-                    .arg(lkey)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(cfg.ttl));
-                self.read_cmds(&mut p, vkey);
-                p.query::<(Value, Fields, i64, Option<u64>)>(c)
-            });
-            let Some((lease, fields, pttl, epoch)) = got else {
-                if waited {
-                    self.count(|c| &c.lease_fallbacks);
-                }
-                return Lease::Unavailable;
-            };
-            let held = !matches!(lease, Value::Nil);
-            let seen = self.snapshot(fields, pttl, epoch, vkey);
-            if let Some(Found::Value(v)) = seen.found {
-                if held {
-                    // Taken needlessly: give it back.
-                    self.release(lkey, token);
-                }
-                if waited {
-                    self.count(|c| &c.lease_wait_hits);
-                }
-                return Lease::Value(v);
+    /// One round trip of a lease wait: try to take the lease (reading the value in the same
+    /// round trip), or poll for the holder's value; then the outcome, or the pause before the
+    /// next step.
+    fn step(&self, w: &mut LeaseWait) -> Step<V> {
+        let Some(pause) = w.pause else {
+            return self.attempt(w);
+        };
+        let seen = self.client.run(|c| {
+            let mut p = pipe();
+            self.read_cmds(&mut p, &w.vkey);
+            p.cmd("EXISTS").arg(&w.lkey);
+            p.query::<(Fields, i64, Option<u64>, bool)>(c)
+        });
+        let Some((fields, pttl, epoch, leased)) = seen else {
+            self.count(|c| &c.lease_fallbacks);
+            return Step::Done(Lease::Unavailable);
+        };
+        match self.snapshot(fields, pttl, epoch, &w.vkey).found {
+            Some(Found::Value(v)) => {
+                self.count(|c| &c.lease_wait_hits);
+                Step::Done(Lease::Value(v))
             }
-            if held {
-                self.count(|c| &c.leases_acquired);
-                return Lease::Held(token, seen.version, seen.epoch);
-            }
-            if !waited {
-                waited = true;
-                self.count(|c| &c.lease_waits);
-            }
-            // Another instance holds the lease: poll for its value, backing off to 20 ms.
-            let mut pause = Duration::from_millis(1);
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    return self.give_up();
+            Some(Found::Undecodable) => Step::Done(self.give_up()),
+            // Nothing yet (or only the value being refreshed), the holder is at work.
+            Some(Found::TooOld) | None if leased => self.pause(w, pause),
+            Some(Found::TooOld) | None => {
+                // The holder released without a value (its load failed, or an invalidation
+                // revoked its lease) or died and the lease expired: try to take over, at most
+                // twice.
+                w.vanished += 1;
+                if w.vanished > 2 {
+                    return Step::Done(self.give_up());
                 }
-                std::thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(Duration::from_millis(20));
-                let seen = self.client.run(|c| {
-                    let mut p = pipe();
-                    self.read_cmds(&mut p, vkey);
-                    p.cmd("EXISTS").arg(lkey);
-                    p.query::<(Fields, i64, Option<u64>, bool)>(c)
-                });
-                let Some((fields, pttl, epoch, leased)) = seen else {
-                    self.count(|c| &c.lease_fallbacks);
-                    return Lease::Unavailable;
-                };
-                match self.snapshot(fields, pttl, epoch, vkey).found {
-                    Some(Found::Value(v)) => {
-                        self.count(|c| &c.lease_wait_hits);
-                        return Lease::Value(v);
-                    }
-                    Some(Found::Undecodable) => return self.give_up(),
-                    // Nothing yet (or only the value being refreshed), the holder is at work.
-                    Some(Found::TooOld) | None if leased => {}
-                    Some(Found::TooOld) | None => {
-                        // The holder released without a value (its load failed, or an
-                        // invalidation revoked its lease) or died and the lease expired: try
-                        // to take over, at most twice.
-                        vanished += 1;
-                        if vanished > 2 {
-                            return self.give_up();
-                        }
-                        break;
-                    }
-                }
+                self.attempt(w)
             }
         }
+    }
+
+    /// Takes the lease and looks at the value in one round trip, in this order: a holder
+    /// writes its value before releasing, so if the lease was free the value of the load that
+    /// just ended (if any) is visible to the read, and the version read is the one our
+    /// write-back must find.
+    fn attempt(&self, w: &mut LeaseWait) -> Step<V> {
+        let token = self.token();
+        let got = self.client.run(|c| {
+            let mut p = pipe();
+            p.cmd("SET")
+                .arg(&w.lkey)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(w.cfg.ttl));
+            self.read_cmds(&mut p, &w.vkey);
+            p.query::<(Value, Fields, i64, Option<u64>)>(c)
+        });
+        let Some((lease, fields, pttl, epoch)) = got else {
+            if w.waited {
+                self.count(|c| &c.lease_fallbacks);
+            }
+            return Step::Done(Lease::Unavailable);
+        };
+        let held = !matches!(lease, Value::Nil);
+        let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
+        if let Some(Found::Value(v)) = seen.found {
+            if held {
+                // Taken needlessly: give it back.
+                self.release(&w.lkey, token);
+            }
+            if w.waited {
+                self.count(|c| &c.lease_wait_hits);
+            }
+            return Step::Done(Lease::Value(v));
+        }
+        if held {
+            self.count(|c| &c.leases_acquired);
+            return Step::Done(Lease::Held(token, seen.version, seen.epoch));
+        }
+        if !w.waited {
+            w.waited = true;
+            self.count(|c| &c.lease_waits);
+        }
+        // Another instance holds the lease: poll for its value, backing off from 1 to 20 ms.
+        self.pause(w, Duration::from_millis(1))
+    }
+
+    /// The pause before the next poll (backing off), or the end of the wait.
+    fn pause(&self, w: &mut LeaseWait, pause: Duration) -> Step<V> {
+        let now = Instant::now();
+        if now >= w.deadline {
+            return Step::Done(self.give_up());
+        }
+        w.pause = Some((pause * 2).min(Duration::from_millis(20)));
+        Step::Sleep(pause.min(w.deadline - now))
     }
 
     /// Ends a wait for another instance's value: load locally.
@@ -789,6 +927,19 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Decodes the key of a received invalidation message.
     pub(crate) fn decode_key(&self, bytes: &[u8]) -> Result<K, BoxError> {
         self.key_codec.decode(bytes)
+    }
+}
+
+impl<V> Step<V> {
+    /// For an async fetch: the plan if the wait is done, else the wait and its pause.
+    fn into_next<K: 'static>(self, w: Box<LeaseWait>, tier: &Tier<K, V>) -> Next<V>
+    where
+        V: 'static,
+    {
+        match self {
+            Step::Done(lease) => Next::Plan(tier.resolve(*w, lease)),
+            Step::Sleep(pause) => Next::Sleep(w, pause),
+        }
     }
 }
 
