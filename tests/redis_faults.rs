@@ -309,3 +309,68 @@ fn async_lease_wait_fallbacks_of_256_callers() {
         h.join().unwrap();
     }
 }
+
+fn bytes_instance(tier: RedisTier) -> TieredCache<u64, Vec<u8>> {
+    tier.build(
+        Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(Duration::from_secs(600)),
+        Plain,
+    )
+    .unwrap()
+}
+
+/// Issue 12, scenario 7 (oversized values): a 64 MiB value under the default 1 MiB maximum
+/// is kept locally and counted, never tried on the wire: no timeout, no error, the breaker
+/// (here opening at the first failure) stays closed for every other key.
+#[test]
+fn a_huge_value_is_not_a_connectivity_failure() {
+    let _w = watchdog(LIMIT, "huge value");
+    let server = RedisServer::start();
+    let tier = || {
+        RedisTier::new(server.url())
+            .namespace("f5")
+            .breaker(1, Duration::from_secs(600))
+    };
+    let a = bytes_instance(tier());
+    let b = bytes_instance(tier());
+    let huge = vec![7u8; 64 << 20];
+    for k in 0..3 {
+        let h = huge.clone();
+        assert_eq!(a.get_with(k, move || h).len(), huge.len());
+    }
+    let r = a.stats().remote;
+    assert_eq!(r.oversized, 3, "{r:?}");
+    assert_eq!((r.errors, r.timeouts, r.breaker_opened), (0, 0, 0), "{r:?}");
+    assert!(!a.is_breaker_open());
+    // Other keys still go through Redis.
+    assert_eq!(a.get_with(10, || b"small".to_vec()), b"small");
+    assert_eq!(b.get_with(10, || b"other".to_vec()), b"small");
+}
+
+/// An `insert` of a value over the maximum leaves a tombstone in Redis: no instance reads
+/// the older value from there afterwards.
+#[test]
+fn an_oversized_insert_invalidates_the_key_in_redis() {
+    let _w = watchdog(LIMIT, "oversized insert");
+    let server = RedisServer::start();
+    let tier = || {
+        RedisTier::new(server.url())
+            .namespace("f6")
+            .max_value_size(1024)
+    };
+    let a = bytes_instance(tier());
+    let b = bytes_instance(tier());
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
+    b.insert(1, b"old".to_vec());
+    a.insert(1, vec![1u8; 4096]);
+    assert_eq!(a.get(&1).map(|v| v.len()), Some(4096));
+    assert!(eventually(|| b.get(&1).is_none()), "B dropped its old copy");
+    let c = bytes_instance(tier());
+    assert_eq!(
+        c.get_with(1, || b"loaded".to_vec()),
+        b"loaded",
+        "Redis no longer has the old value"
+    );
+    assert_eq!(a.stats().remote.oversized, 1);
+}

@@ -143,6 +143,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tier::{LeaseConfig, Tier};
 
+/// The default of [`RedisTier::max_value_size`]: 1 MiB.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
+
 /// Why a [`TieredCache`] could not be built.
 ///
 /// ```
@@ -240,12 +243,13 @@ pub struct RedisTier {
     breaker_failures: u32,
     breaker_cooldown: Duration,
     clear_on_reconnect: bool,
+    max_value_size: usize,
 }
 
 impl RedisTier {
     /// A tier on the Redis server at `url` (`redis://host:port/db`), with the defaults:
     /// namespace `herdcache`, no leases, 100 ms connect and 50 ms operation timeouts, a
-    /// breaker that opens after 3 failures in a row for 1 s.
+    /// breaker that opens after 3 failures in a row for 1 s, values up to 1 MiB.
     pub fn new(url: impl Into<String>) -> Self {
         RedisTier {
             url: url.into(),
@@ -257,6 +261,7 @@ impl RedisTier {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
             clear_on_reconnect: false,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
         }
     }
 
@@ -297,6 +302,18 @@ impl RedisTier {
     pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_failures = failures;
         self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// The largest encoded value written to Redis, in bytes (default 1 MiB, as memcached's
+    /// item size). A larger value is kept in the local tier only: its load's write-back is
+    /// skipped, and an [`insert`](TieredCache::insert) of it leaves a tombstone in Redis (so no
+    /// instance reads an older value from there); both are counted in
+    /// [`RemoteStats::oversized`](crate::RemoteStats), not as failures, so one huge value never
+    /// opens the circuit breaker for every key. Keep it well under what the operation timeout
+    /// lets the link carry (1 MiB takes about 8 ms at 1 Gbit/s).
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
         self
     }
 
@@ -365,6 +382,7 @@ impl RedisTier {
             &self.namespace,
             ttl,
             self.lease,
+            self.max_value_size,
         ));
         // Loads take any value Redis has; refreshes only one loaded since the value they
         // replace was (younger than `refresh_after`): another instance's refresh.

@@ -261,6 +261,8 @@ pub(crate) struct Tier<K, V> {
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
     ttl: Duration,
+    /// Larger encoded values are not written to Redis.
+    max_value_size: usize,
     lease: Option<LeaseConfig>,
     tokens: AtomicU64,
     random: ahash::RandomState,
@@ -280,6 +282,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         namespace: &str,
         ttl: Duration,
         lease: Option<LeaseConfig>,
+        max_value_size: usize,
     ) -> Self {
         let random = ahash::RandomState::new();
         let prefix = format!("hc:{}:{namespace}:", namespace.len());
@@ -293,6 +296,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             versions: Mutex::new(HashMap::new()),
             origin: random.hash_one(0x0419_u64),
             ttl,
+            max_value_size,
             lease,
             tokens: AtomicU64::new(1),
             random,
@@ -445,14 +449,19 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         Found::Value(Stored { value, ttl_ms })
     }
 
-    /// Encodes a value for Redis (`None`, counted as an error, if it cannot be).
-    fn encode(&self, value: &V) -> Option<Vec<u8>> {
+    /// Encodes a value for Redis: `Err(true)` if it cannot be (counted as an error),
+    /// `Err(false)` if it is larger than the tier's maximum (counted as oversized).
+    fn encode(&self, value: &V) -> Result<Vec<u8>, bool> {
         let mut bytes = Vec::new();
         if self.value_codec.encode(value, &mut bytes).is_err() {
             self.count(|c| &c.errors);
-            return None;
+            return Err(true);
         }
-        Some(bytes)
+        if bytes.len() > self.max_value_size {
+            self.count(|c| &c.oversized);
+            return Err(false);
+        }
+        Ok(bytes)
     }
 
     /// What the single-flight leader runs on a local miss: the value from Redis if it is
@@ -643,7 +652,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     fn finish(&self, pending: Pending, value: Option<&V>) {
         let token = pending.lease;
         let bytes = match value {
-            Some(v) if pending.redis => self.encode(v),
+            Some(v) if pending.redis => self.encode(v).ok(),
             _ => None,
         };
         let Some(bytes) = bytes else {
@@ -788,9 +797,18 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Writes `value` for `key` to Redis (a new version) and tells the other instances to drop
     /// their copies. Returns the key's encoding and its new version, or `None` if Redis was
     /// not written.
+    /// A value too large for Redis is not written: the key is invalidated in Redis instead
+    /// (a tombstone, a new version), so that no instance reads an older value from there.
     pub(crate) fn put(&self, key: &K, value: &V) -> Option<(Vec<u8>, u64)> {
         let vkey = self.value_key(key, None)?;
-        let bytes = self.encode(value)?;
+        let bytes = match self.encode(value) {
+            Ok(bytes) => bytes,
+            Err(true) => return None,
+            Err(false) => {
+                let version = self.tombstone(&vkey)?;
+                return Some((vkey.key().to_vec(), version));
+            }
+        };
         let version = self.client.run(|c| {
             cmd("EVAL")
                 .arg(INSERT)
@@ -809,10 +827,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Leaves a tombstone for `key` in Redis (a new version; its lease revoked) and tells the
     /// other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        let Some(vkey) = self.value_key(key, None) else {
-            return;
-        };
-        let lkey = self.lease_key(&vkey);
+        if let Some(vkey) = self.value_key(key, None) {
+            self.tombstone(&vkey);
+        }
+    }
+
+    /// Leaves a tombstone for a key (its lease revoked) and announces the new version.
+    fn tombstone(&self, vkey: &ValueKey) -> Option<u64> {
+        let lkey = self.lease_key(vkey);
         let version = self.client.run(|c| {
             cmd("EVAL")
                 .arg(TOMBSTONE)
@@ -821,11 +843,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .arg(&lkey)
                 .arg(self.tombstone_ttl())
                 .query::<u64>(c)
-        });
-        if let Some(version) = version {
-            self.note_own(vkey.key(), version);
-            self.publish(MSG_KEY, version, vkey.key());
-        }
+        })?;
+        self.note_own(vkey.key(), version);
+        self.publish(MSG_KEY, version, vkey.key());
+        Some(version)
     }
 
     /// Invalidates every value of the namespace: first a new epoch (values written back by
