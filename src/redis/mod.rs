@@ -244,6 +244,23 @@ pub struct RedisTier {
     breaker_cooldown: Duration,
     clear_on_reconnect: bool,
     max_value_size: usize,
+    tls: TlsFiles,
+}
+
+/// Certificates for `rediss://` (PEM), printed redacted.
+#[derive(Clone, Default)]
+struct TlsFiles {
+    root: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("root", &self.root.as_ref().map(|_| "<PEM>"))
+            .field("client", &self.client.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl RedisTier {
@@ -262,6 +279,7 @@ impl RedisTier {
             breaker_cooldown: Duration::from_secs(1),
             clear_on_reconnect: false,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            tls: TlsFiles::default(),
         }
     }
 
@@ -317,6 +335,33 @@ impl RedisTier {
         self
     }
 
+    /// For `rediss://` URLs (feature `redis-tls`): trust this certificate authority (PEM)
+    /// instead of the system's roots, e.g. a private CA of a self-hosted Redis.
+    ///
+    /// ```
+    /// # use herdcache::{codec::Plain, redis::RedisTier, Cache};
+    /// let ca = b"-----BEGIN CERTIFICATE-----\n...".to_vec(); // std::fs::read("ca.crt")
+    /// let tier = RedisTier::new("rediss://redis.internal:6380/").tls_root_certificate(ca);
+    /// ```
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root = Some(pem.into());
+        self
+    }
+
+    /// For `rediss://` URLs (feature `redis-tls`): present this client certificate and key
+    /// (PEM) to the server, for servers that authenticate clients (`tls-auth-clients yes`,
+    /// Redis's default).
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
     /// Clears the local tier whenever the subscriber reconnects, since invalidations sent
     /// while it was disconnected are lost. Default: off (staleness bounded by the local TTL).
     pub fn clear_on_reconnect(mut self, on: bool) -> Self {
@@ -360,7 +405,7 @@ impl RedisTier {
         S: BuildHasher + Clone + Send + Sync + 'static,
     {
         let raw = connection_info(&self.url)
-            .and_then(::redis::Client::open)
+            .and_then(|info| client(info, &self.tls))
             .map_err(TierError::Url)?;
         let ttl = match (self.ttl, builder.ttl) {
             (Some(t), _) => t,
@@ -424,6 +469,32 @@ fn connection_info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
         .set_nodelay(true)
         .set_keepalive(conn::keepalive());
     Ok(info.set_tcp_settings(tcp))
+}
+
+/// The `redis` crate's client for `info`, with the TLS certificates if any.
+fn client(info: ::redis::ConnectionInfo, tls: &TlsFiles) -> ::redis::RedisResult<::redis::Client> {
+    #[cfg(feature = "redis-tls")]
+    {
+        if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
+            // rustls needs a process-wide crypto provider: ring, unless the application
+            // installed one.
+            if rustls::crypto::CryptoProvider::get_default().is_none() {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+            let certs = ::redis::TlsCertificates {
+                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
+                    ::redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                }),
+                root_cert: tls.root.clone(),
+            };
+            return ::redis::Client::build_with_tls(info, certs);
+        }
+    }
+    let _ = tls;
+    ::redis::Client::open(info)
 }
 
 /// A [`Cache`] with a Redis second tier (see the [module docs](self)).
