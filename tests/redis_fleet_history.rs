@@ -127,7 +127,7 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
                 let cache = instances[instance].clone();
                 let backend = &backend;
                 s.spawn(move || {
-                    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1) * 0x1234_5678;
+                    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64 + 1) * 0x1234_5678);
                     let mut events = Vec::new();
                     while origin.elapsed() < until {
                         let r = rng(&mut seed);
@@ -188,7 +188,7 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
         writes.insert((e.key, e.version), *e);
     }
     let mut staleness: Vec<Vec<u64>> = vec![Vec::new(); INSTANCES];
-    let mut reads = vec![0usize; INSTANCES];
+    let mut reads = [0usize; INSTANCES];
     let mut own_stale = Vec::new();
     for r in events.iter().filter(|e| matches!(e.kind, Kind::Read)) {
         reads[r.instance] += 1;

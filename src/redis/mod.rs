@@ -77,27 +77,71 @@
 //!
 //! # Redis failing never fails a request
 //!
-//! Every Redis operation is bounded: the connect timeout (only when no pooled connection is
-//! free) plus the operation timeout ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms). A
-//! failure or timeout counts as "Redis has nothing": the value is loaded locally, and the
-//! rest of that call's Redis work (lease, write) is skipped, so a call pays for at most one
-//! failed operation. After [`breaker_failures`](RedisTier::breaker) failures in a row a
-//! circuit breaker opens and operations are skipped without touching the network for its
-//! cooldown (default 1 s); then one probe operation is let through, and a success closes it.
+//! Every Redis operation is bounded by one deadline: the connect timeout (only when no pooled
+//! connection is free: connect and handshake) plus the operation timeout
+//! ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms) for writing the request *and reading
+//! the whole reply*. Each socket read is given what is left of the deadline, so a reply that
+//! drips in a byte at a time (a congested link, a swapping server) times out like one that
+//! never comes. (On `rediss://` connections the deadline bounds when the operation starts and
+//! each read of it; see [TLS](#connections-tls-keepalive-managed-redis).) A failure or timeout
+//! counts as "Redis has nothing": the value is loaded locally, and the rest of that call's
+//! Redis work (lease, write) is skipped, so a call pays for at most one failed operation.
+//! After [`breaker_failures`](RedisTier::breaker) failures in a row a circuit breaker opens
+//! and operations are skipped without touching the network for its cooldown (default 1 s);
+//! then one probe operation is let through, and a success closes it.
 //! Beyond its load, a call thus waits at most the lease wait, the Redis operations that
 //! succeed, and one failed operation.
+//!
+//! What concerns one key only does not count against the breaker: a server error about the
+//! key (a key of another type: the next write repairs it), and a value larger than
+//! [`RedisTier::max_value_size`] (default 1 MiB), which is kept in the local tier only and
+//! never sent (an `insert` of one leaves a tombstone in Redis instead).
 //! Loader errors are returned exactly as without the tier; Redis errors never are.
 //! [`CacheStats::remote`](crate::CacheStats) counts hits, misses, writes, errors, timeouts,
-//! skipped operations, breaker openings, leases and messages.
+//! skipped operations, breaker openings, leases, messages and oversized values.
+//!
+//! # Connections: TLS, keepalive, managed Redis
+//!
+//! * `redis://host:port/db` (with `user:password@` if the server wants `AUTH`): the tier's
+//!   own connections, with the whole-operation deadline above.
+//! * `rediss://host:port/` with the **`redis-tls`** feature: TLS through the `redis` crate's
+//!   rustls support (no system OpenSSL). The server certificate is checked against the
+//!   system's roots, or [`RedisTier::tls_root_certificate`] for a private CA;
+//!   [`RedisTier::tls_client_certificate`] presents a client certificate (Redis asks for one
+//!   by default, `tls-auth-clients yes`). If no rustls crypto provider is installed, the
+//!   tier installs rustls's `ring` provider for the process. On these connections the
+//!   deadline is each read's timeout (the time left when the operation starts), not a bound
+//!   on the whole reply. Without the feature a `rediss://` URL is a [`TierError::Url`].
+//! * Every socket has `TCP_NODELAY` and TCP keepalive (first probe after 10 s idle, then
+//!   every 5 s, 3 probes): a connection whose peer vanished without a word (a failover, a
+//!   dropped NAT entry) is closed by the kernel within about 25 s instead of staying half
+//!   open; the subscriber's own PING (below) notices within about 2 s.
+//! * **Managed Redis** (ElastiCache, Memorystore, Azure Cache for Redis, Redis Cloud) in
+//!   non-cluster mode: use its primary endpoint, with `rediss://` when in-transit encryption
+//!   is on (their certificates chain to public roots).
+//! * **Sentinel**: the tier does not query Sentinel itself. Point it at an address that
+//!   follows the primary (a DNS name or virtual IP updated on failover, or a proxy such as
+//!   HAProxy checking `role:master`): after a failover the old connections fail, the breaker
+//!   opens for its cooldown, and new connections reach the new primary.
+//! * **Redis Cluster is not supported** yet (the tier's reads pipeline a key with the
+//!   namespace's epoch, which live in different slots). A cluster-mode-disabled deployment,
+//!   or one shard, works.
+//!
+//! Failovers lose the writes the replica had not received (Redis replicates asynchronously):
+//! a key's version can then go back, and the ordering guarantee above holds only for writes
+//! the new primary has. Use `WAIT` or a single primary where that matters.
 //!
 //! # Async loads
 //!
 //! [`Cache::load_async`] (with the builder's `async_loader`), async refreshes, and
 //! [`TieredCache::get_with_async`] / [`try_get_with_async`](TieredCache::try_get_with_async)
-//! use the tier too. The Redis client is blocking, so their Redis work (read, lease wait,
-//! write) runs on helper threads (started on demand, at most 64, gone after 10 s idle) while
-//! the future waits: no executor thread blocks on the network, and no runtime is required.
-//! The write to Redis happens after the value is returned.
+//! use the tier too. The Redis client is blocking, so each of their Redis round trips (read,
+//! lease, each poll of a lease wait, write) runs on a helper thread (started on demand, at
+//! most 64, gone after 10 s idle) while the future waits, and the pauses of a lease wait are
+//! timer futures served by one timer thread: no executor thread blocks on the network, a
+//! caller waiting on another instance's lease holds no thread at all (256 such callers wait
+//! at once), and no runtime is required. The write to Redis happens after the value is
+//! returned.
 //!
 //! # Example
 //!
@@ -308,7 +352,8 @@ impl RedisTier {
         self
     }
 
-    /// The time allowed to open a connection, and for each operation's request and reply.
+    /// The time allowed to open a connection (connect and handshake), and for each operation:
+    /// one deadline for writing its request and reading its whole reply (see the module docs).
     pub fn timeouts(mut self, connect: Duration, operation: Duration) -> Self {
         self.connect_timeout = connect.max(Duration::from_millis(1));
         self.op_timeout = operation.max(Duration::from_millis(1));
@@ -344,6 +389,7 @@ impl RedisTier {
     /// let tier = RedisTier::new("rediss://redis.internal:6380/").tls_root_certificate(ca);
     /// ```
     #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
     pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.root = Some(pem.into());
         self
@@ -353,6 +399,7 @@ impl RedisTier {
     /// (PEM) to the server, for servers that authenticate clients (`tls-auth-clients yes`,
     /// Redis's default).
     #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
     pub fn tls_client_certificate(
         mut self,
         cert_pem: impl Into<Vec<u8>>,

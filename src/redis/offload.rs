@@ -432,4 +432,37 @@ mod tests {
         gate.wait();
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(7));
     }
+
+    #[test]
+    fn sleepers_wake_at_their_time_without_a_thread_each_and_the_timer_thread_leaves() {
+        let timer = Timer::new();
+        let start = Instant::now();
+        // 100 sleepers, all pending at once on one timer thread.
+        let mut sleeps: Vec<_> = (1..=100u64)
+            .map(|i| Box::pin(timer.sleep(Duration::from_millis(i % 10 + 1))))
+            .collect();
+        let waker = Waker::from(Arc::new(Count::default()));
+        let mut cx = Context::from_waker(&waker);
+        for s in &mut sleeps {
+            assert!(s.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(timer.sleepers(), 100);
+        for s in sleeps {
+            block_on(s);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(10));
+        // Dropped unfinished: its waker goes at once.
+        let mut early = Box::pin(timer.sleep(Duration::from_secs(60)));
+        assert!(early.as_mut().poll(&mut cx).is_pending());
+        drop(early);
+        drop(timer); // the thread leaves
+    }
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
