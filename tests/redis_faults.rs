@@ -206,10 +206,10 @@ fn waiter(server: &RedisServer, ns: &str, wait: Duration) -> TieredCache<u64, u6
         .unwrap()
 }
 
+/// A runtime without tokio's timer: the lease waits' pauses need none.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .enable_time()
         .build()
         .unwrap()
 }
@@ -373,4 +373,53 @@ fn an_oversized_insert_invalidates_the_key_in_redis() {
         "Redis no longer has the old value"
     );
     assert_eq!(a.stats().remote.oversized, 1);
+}
+
+/// The tier's own connections do the handshake the URL asks for: `AUTH` with the password
+/// (and user, if any) and `SELECT` of the database.
+#[test]
+fn the_url_s_password_and_database_are_used() {
+    let _w = watchdog(LIMIT, "auth and db");
+    let server = RedisServer::start();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query::<()>(&mut admin)
+        .unwrap();
+    let loads = Arc::new(AtomicU64::new(0));
+    let url = format!("redis://:s3cret@127.0.0.1:{}/3", server.port);
+    let a = instance(RedisTier::new(url.as_str()).namespace("f7"), &loads);
+    let b = instance(RedisTier::new(url.as_str()).namespace("f7"), &loads);
+    assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
+    assert_eq!(a.load(1).unwrap(), 1001);
+    assert_eq!(b.load(1).unwrap(), 1001);
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "B read A's value from Redis"
+    );
+    let r = a.stats().remote;
+    assert_eq!((r.errors, r.timeouts), (0, 0), "{r:?}");
+    let mut db3 = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let found: Option<String> = redis::cmd("HGET")
+        .arg("hc:2:f7:v{1}")
+        .arg("d")
+        .query(&mut db3)
+        .unwrap();
+    assert_eq!(found.as_deref(), Some("1001"), "the value is in database 3");
+    let wrong = instance(RedisTier::new(server.url()).namespace("f7"), &loads);
+    assert_eq!(
+        wrong.load(2).unwrap(),
+        1002,
+        "without the password: loaded locally"
+    );
+    assert!(wrong.stats().remote.errors >= 1);
 }

@@ -116,17 +116,30 @@ pub(crate) enum Failed {
 
 /// Whether an error is the server's refusal of one operation (its reply read in full), as
 /// opposed to a failure of the connection or of the server as a whole.
+///
+/// Per operation: `WRONGTYPE` (a key of another type), `ERR` (a script's or a command's error
+/// about its arguments, a value over the server's limits), `OOM` (writes refused, reads still
+/// served), `EXECABORT`, and a reply of an unexpected shape. Everything else the server says
+/// (`NOAUTH`, `WRONGPASS`, `NOPERM`, `BUSY`, `LOADING`, `READONLY`, `MASTERDOWN`, `MISCONF`, …)
+/// concerns every key and counts against the breaker.
 fn refused(e: &RedisError) -> bool {
-    use ::redis::{ErrorKind, ServerErrorKind};
+    use ::redis::ErrorKind;
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         return false;
     }
-    matches!(
-        e.kind(),
-        ErrorKind::Server(ServerErrorKind::ResponseError)
-            | ErrorKind::Extension
-            | ErrorKind::UnexpectedReturnType
-    )
+    if e.kind() == ErrorKind::UnexpectedReturnType {
+        return true;
+    }
+    // A pipeline's error carries each failed command's: all must be about their operation.
+    match e.clone().into_server_errors() {
+        Some(errors) => {
+            !errors.is_empty()
+                && errors
+                    .iter()
+                    .all(|(_, s)| matches!(s.code(), "WRONGTYPE" | "ERR" | "OOM" | "EXECABORT"))
+        }
+        None => false,
+    }
 }
 
 pub(crate) struct Client {
@@ -270,6 +283,38 @@ mod tests {
         assert!(!b.report(true, t2));
         assert!(!b.is_open());
         assert_eq!(b.admit(t2), Verdict::Go);
+    }
+
+    /// The server's error replies, as a command's result sees them.
+    fn reply_error(line: &str) -> RedisError {
+        let v = ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap();
+        v.extract_error().unwrap_err()
+    }
+
+    #[test]
+    fn per_key_refusals_and_server_wide_errors_are_told_apart() {
+        for per_key in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR Error running script",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            let e = reply_error(per_key);
+            assert!(refused(&e), "{per_key}: {e:?} code {:?}", e.code());
+        }
+        for server_wide in [
+            "NOAUTH Authentication required.",
+            "NOPERM this user has no permissions",
+            "BUSY Redis is busy running a script.",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "MISCONF Redis is configured to save RDB snapshots",
+        ] {
+            let e = reply_error(server_wide);
+            assert!(!refused(&e), "{server_wide}: {e:?} code {:?}", e.code());
+        }
+        assert!(!refused(&RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::TimedOut
+        ))));
     }
 
     #[test]

@@ -93,9 +93,12 @@
 //! succeed, and one failed operation.
 //!
 //! What concerns one key only does not count against the breaker: a server error about the
-//! key (a key of another type: the next write repairs it), and a value larger than
+//! operation (`WRONGTYPE`, a key of another type: the next write repairs it; `ERR`; `OOM`),
+//! and a value larger than
 //! [`RedisTier::max_value_size`] (default 1 MiB), which is kept in the local tier only and
-//! never sent (an `insert` of one leaves a tombstone in Redis instead).
+//! never sent (an `insert` of one leaves a tombstone in Redis instead). Errors about the
+//! server as a whole (`NOAUTH`, `NOPERM`, `BUSY`, `LOADING`, `READONLY`, `MISCONF`, …) do
+//! count.
 //! Loader errors are returned exactly as without the tier; Redis errors never are.
 //! [`CacheStats::remote`](crate::CacheStats) counts hits, misses, writes, errors, timeouts,
 //! skipped operations, breaker openings, leases, messages and oversized values.
