@@ -17,11 +17,9 @@
 //! Times here are real time (`Instant`): they bound waits on a network, which the cache's
 //! clock (possibly a manual one in tests) does not govern.
 
-use super::conn::Conn;
+use super::conn::{Conn, Target};
 use crate::stats::RemoteCounters;
-use ::redis::{
-    Client as RawClient, Connection, ConnectionInfo, ConnectionLike, RedisError, RedisResult,
-};
+use ::redis::{Client as RawClient, Connection, ConnectionLike, RedisError, RedisResult};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,8 +141,9 @@ fn refused(e: &RedisError) -> bool {
 }
 
 pub(crate) struct Client {
-    raw: RawClient,
-    info: ConnectionInfo,
+    /// Where the subscriber connects: the server, or each node of a cluster in turn.
+    subscribe: Vec<RawClient>,
+    target: Target,
     idle: Mutex<Vec<Conn>>,
     connect_timeout: Duration,
     op_timeout: Duration,
@@ -154,15 +153,16 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) fn new(
-        raw: RawClient,
+        target: Target,
+        subscribe: Vec<RawClient>,
         connect_timeout: Duration,
         op_timeout: Duration,
         breaker: Breaker,
         counters: Arc<RemoteCounters>,
     ) -> Self {
         Client {
-            info: raw.get_connection_info().clone(),
-            raw,
+            subscribe,
+            target,
             idle: Mutex::new(Vec::new()),
             connect_timeout,
             op_timeout,
@@ -171,10 +171,16 @@ impl Client {
         }
     }
 
-    /// A new connection of the `redis` crate (for the subscriber), with the operation timeout
-    /// for writes and `read_timeout` for reads.
-    pub(crate) fn connect(&self, read_timeout: Option<Duration>) -> RedisResult<Connection> {
-        let conn = self.raw.get_connection_with_timeout(self.connect_timeout)?;
+    /// A new connection of the `redis` crate (for the subscriber's `attempt`-th try: on a
+    /// cluster, each node in turn), with the operation timeout for writes and `read_timeout`
+    /// for reads.
+    pub(crate) fn connect(
+        &self,
+        attempt: usize,
+        read_timeout: Option<Duration>,
+    ) -> RedisResult<Connection> {
+        let raw = &self.subscribe[attempt % self.subscribe.len()];
+        let conn = raw.get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(read_timeout)?;
         conn.set_write_timeout(Some(self.op_timeout))?;
         Ok(conn)
@@ -206,7 +212,7 @@ impl Client {
             Some(c) => c,
             None => {
                 let deadline = Instant::now() + self.connect_timeout;
-                match Conn::open(&self.info, &self.raw, deadline) {
+                match Conn::open(&self.target, deadline) {
                     Ok(c) => c,
                     Err(e) => {
                         self.failed(&e);

@@ -19,7 +19,8 @@
 
 use ::redis::io::tcp::socket2::{Socket, TcpKeepalive};
 use ::redis::{
-    cmd, ConnectionAddr, ConnectionInfo, ConnectionLike, Parser, RedisError, RedisResult, Value,
+    cmd, pipe, Cmd, ConnectionAddr, ConnectionInfo, ConnectionLike, FromRedisValue, Parser,
+    RedisError, RedisResult, Value,
 };
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -62,23 +63,42 @@ pub(crate) enum Conn {
     Tcp(Deadlined),
     /// The `redis` crate's connection (TLS, Unix sockets): per-read timeouts.
     Other(::redis::Connection),
+    /// The `redis` crate's connection to a Redis Cluster (commands routed by key slot; per-read
+    /// timeouts).
+    #[cfg(feature = "redis-cluster")]
+    Cluster(Box<::redis::cluster::ClusterConnection>),
+}
+
+/// Where the tier's connections go.
+pub(crate) enum Target {
+    /// One server.
+    Server {
+        info: ConnectionInfo,
+        raw: ::redis::Client,
+    },
+    /// A Redis Cluster.
+    #[cfg(feature = "redis-cluster")]
+    Cluster(::redis::cluster::ClusterClient),
 }
 
 impl Conn {
-    /// Opens a connection to the server of `info` (raw: the `redis` crate's client for the
-    /// other kinds of address), connect and handshake bounded by `deadline`.
-    pub(crate) fn open(
-        info: &ConnectionInfo,
-        raw: &::redis::Client,
-        deadline: Instant,
-    ) -> RedisResult<Conn> {
-        match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                Deadlined::open(host, *port, info, deadline).map(Conn::Tcp)
-            }
-            _ => {
-                let c = raw.get_connection_with_timeout(left(deadline)?)?;
-                Ok(Conn::Other(c))
+    /// Opens a connection to `target`, connect and handshake bounded by `deadline` (for a
+    /// cluster: by the client's connection timeout).
+    pub(crate) fn open(target: &Target, deadline: Instant) -> RedisResult<Conn> {
+        match target {
+            Target::Server { info, raw } => match info.addr() {
+                ConnectionAddr::Tcp(host, port) => {
+                    Deadlined::open(host, *port, info, deadline).map(Conn::Tcp)
+                }
+                _ => {
+                    let c = raw.get_connection_with_timeout(left(deadline)?)?;
+                    Ok(Conn::Other(c))
+                }
+            },
+            #[cfg(feature = "redis-cluster")]
+            Target::Cluster(client) => {
+                left(deadline)?;
+                client.get_connection().map(|c| Conn::Cluster(Box::new(c)))
             }
         }
     }
@@ -96,7 +116,82 @@ impl Conn {
                 c.set_write_timeout(Some(left))?;
                 Ok(())
             }
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => {
+                let left = left(deadline)?;
+                c.set_read_timeout(Some(left))?;
+                c.set_write_timeout(Some(left))?;
+                Ok(())
+            }
         }
+    }
+
+    /// Sends `cmds` as one pipeline (on a cluster, each command to its key's node) and
+    /// converts the replies.
+    pub(crate) fn pipeline<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> RedisResult<T> {
+        #[cfg(feature = "redis-cluster")]
+        if let Conn::Cluster(c) = self {
+            let mut p = ::redis::cluster::ClusterPipeline::new();
+            for command in cmds {
+                p.add_command(command);
+            }
+            return p.query(c);
+        }
+        let mut p = pipe();
+        for command in cmds {
+            p.add_command(command);
+        }
+        p.query(self)
+    }
+
+    /// The nodes whose keys a `SCAN` must cover: `[None]` (this connection's server), or
+    /// every primary of a cluster.
+    pub(crate) fn scan_nodes(&mut self) -> RedisResult<Vec<Option<(String, u16)>>> {
+        #[cfg(feature = "redis-cluster")]
+        if let Conn::Cluster(c) = self {
+            // CLUSTER SLOTS: [[start, end, [host, port, id, ...], replicas...], ...]
+            let slots: Vec<Value> = cmd("CLUSTER").arg("SLOTS").query(c)?;
+            let mut nodes = Vec::new();
+            for range in slots {
+                let Value::Array(parts) = range else { continue };
+                let Some(Value::Array(primary)) = parts.get(2) else {
+                    continue;
+                };
+                let host = primary
+                    .first()
+                    .and_then(|v| String::from_redis_value(v.clone()).ok());
+                let port = primary
+                    .get(1)
+                    .and_then(|v| u16::from_redis_value(v.clone()).ok());
+                if let (Some(host), Some(port)) = (host, port) {
+                    if !nodes.contains(&Some((host.clone(), port))) {
+                        nodes.push(Some((host, port)));
+                    }
+                }
+            }
+            return Ok(nodes);
+        }
+        Ok(vec![None])
+    }
+
+    /// Runs `command` on `node` (from [`scan_nodes`](Self::scan_nodes)).
+    pub(crate) fn on_node<T: FromRedisValue>(
+        &mut self,
+        node: Option<&(String, u16)>,
+        command: &Cmd,
+    ) -> RedisResult<T> {
+        #[cfg(feature = "redis-cluster")]
+        if let (Conn::Cluster(c), Some((host, port))) = (&mut *self, node) {
+            use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            });
+            let v = c.route_command(command, route)?;
+            return T::from_redis_value(v).map_err(Into::into);
+        }
+        let _ = node;
+        command.query(self)
     }
 }
 
@@ -105,6 +200,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Tcp(c) => c.req_packed_command(cmd),
             Conn::Other(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -117,6 +214,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Tcp(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Other(c) => c.req_packed_commands(cmd, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -124,6 +223,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Tcp(c) => c.db,
             Conn::Other(c) => c.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 
@@ -131,6 +232,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Tcp(c) => cmd("PING").query::<String>(c).is_ok(),
             Conn::Other(c) => c.check_connection(),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => c.check_connection(),
         }
     }
 
@@ -138,6 +241,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Tcp(c) => c.open,
             Conn::Other(c) => c.is_open(),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => c.is_open(),
         }
     }
 }

@@ -120,15 +120,21 @@
 //!   dropped NAT entry) is closed by the kernel within about 25 s instead of staying half
 //!   open; the subscriber's own PING (below) notices within about 2 s.
 //! * **Managed Redis** (ElastiCache, Memorystore, Azure Cache for Redis, Redis Cloud) in
-//!   non-cluster mode: use its primary endpoint, with `rediss://` when in-transit encryption
+//!   non-cluster mode: use its primary endpoint with `rediss://` when in-transit encryption
 //!   is on (their certificates chain to public roots).
 //! * **Sentinel**: the tier does not query Sentinel itself. Point it at an address that
 //!   follows the primary (a DNS name or virtual IP updated on failover, or a proxy such as
 //!   HAProxy checking `role:master`): after a failover the old connections fail, the breaker
 //!   opens for its cooldown, and new connections reach the new primary.
-//! * **Redis Cluster is not supported** yet (the tier's reads pipeline a key with the
-//!   namespace's epoch, which live in different slots). A cluster-mode-disabled deployment,
-//!   or one shard, works.
+//! * **Redis Cluster** with the **`redis-cluster`** feature: [`RedisTier::cluster`] with
+//!   some of its nodes (also `rediss://`). A key's value and lease share a slot (their hash
+//!   tag), keys spread over the slots, each command goes to its key's node (a read pipelines
+//!   per node: the key's and the namespace epoch's), `invalidate_all` scans every primary,
+//!   and messages reach every instance (cluster pub/sub is broadcast; the subscriber tries
+//!   the given nodes in turn). Commands are not retried on `MOVED` during a resharding: they
+//!   fail (counted) and the next one goes to the new owner. Deadlines are per read, as for
+//!   TLS. Managed services in cluster mode work the same way, with their configuration
+//!   endpoint as a node.
 //!
 //! Failovers lose the writes the replica had not received (Redis replicates asynchronously):
 //! a key's version can then go back, and the ordering guarantee above holds only for writes
@@ -292,6 +298,9 @@ pub struct RedisTier {
     clear_on_reconnect: bool,
     max_value_size: usize,
     tls: TlsFiles,
+    /// The nodes of a Redis Cluster (empty: one server at `url`).
+    #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+    cluster: Vec<String>,
 }
 
 /// Certificates for `rediss://` (PEM), printed redacted.
@@ -327,7 +336,43 @@ impl RedisTier {
             clear_on_reconnect: false,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             tls: TlsFiles::default(),
+            cluster: Vec::new(),
         }
+    }
+
+    /// A tier on a Redis Cluster (feature `redis-cluster`), given some of its nodes
+    /// (`redis://host:port/` or `rediss://…`; the others are discovered), with the defaults of
+    /// [`new`](Self::new). Keys of a namespace spread over the cluster's slots (a key's value
+    /// and lease share one, by their hash tag); each command goes to its key's node;
+    /// invalidation messages reach every instance (pub/sub is cluster-wide), and the
+    /// subscriber tries each given node in turn. On a cluster the deadline of an operation is
+    /// each read's timeout, as for TLS, and a read takes one round trip per node involved (the
+    /// key's, and the namespace epoch's).
+    ///
+    /// ```
+    /// use herdcache::{codec::Plain, redis::RedisTier, Cache};
+    /// let cache = RedisTier::cluster(["redis://127.0.0.1:1/", "redis://127.0.0.1:2/"])
+    ///     .namespace("users")
+    ///     .build(
+    ///         Cache::<u64, u64>::builder()
+    ///             .max_capacity(100)
+    ///             .time_to_live(std::time::Duration::from_secs(60)),
+    ///         Plain,
+    ///     )
+    ///     .unwrap();
+    /// assert_eq!(cache.get_with(1, || 10), 10); // no cluster there: loaded locally
+    /// ```
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster<I, U>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut tier = RedisTier::new(nodes.first().cloned().unwrap_or_default());
+        tier.cluster = nodes;
+        tier
     }
 
     /// The namespace of every Redis key and of the channel (see the module docs' key layout).
@@ -454,9 +499,7 @@ impl RedisTier {
         V: Clone + Send + Sync + 'static,
         S: BuildHasher + Clone + Send + Sync + 'static,
     {
-        let raw = connection_info(&self.url)
-            .and_then(|info| client(info, &self.tls))
-            .map_err(TierError::Url)?;
+        let (target, subscribe) = self.target().map_err(TierError::Url)?;
         let ttl = match (self.ttl, builder.ttl) {
             (Some(t), _) => t,
             (None, Some(t)) => t,
@@ -464,7 +507,8 @@ impl RedisTier {
         };
         let counters = Arc::new(RemoteCounters::default());
         let client = Client::new(
-            raw,
+            target,
+            subscribe,
             self.connect_timeout,
             self.op_timeout,
             Breaker::new(self.breaker_failures, self.breaker_cooldown),
@@ -511,6 +555,60 @@ impl RedisTier {
     }
 }
 
+impl RedisTier {
+    /// Where the tier's connections go, and the clients the subscriber tries in turn.
+    fn target(&self) -> ::redis::RedisResult<(conn::Target, Vec<::redis::Client>)> {
+        #[cfg(feature = "redis-cluster")]
+        if !self.cluster.is_empty() {
+            let infos = self
+                .cluster
+                .iter()
+                .map(|u| connection_info(u))
+                .collect::<::redis::RedisResult<Vec<_>>>()?;
+            let subscribe = infos
+                .iter()
+                .map(|i| client(i.clone(), &self.tls))
+                .collect::<::redis::RedisResult<Vec<_>>>()?;
+            let tcp = infos[0].tcp_settings().clone();
+            let b = ::redis::cluster::ClusterClient::builder(infos)
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.op_timeout)
+                .tcp_settings(tcp)
+                .retries(0);
+            #[cfg(feature = "redis-tls")]
+            let b = if self.tls.root.is_some() || self.tls.client.is_some() {
+                b.certs(tls_certificates(&self.tls))
+            } else {
+                b
+            };
+            return Ok((conn::Target::Cluster(b.build()?), subscribe));
+        }
+        let info = connection_info(&self.url)?;
+        let raw = client(info.clone(), &self.tls)?;
+        Ok((
+            conn::Target::Server {
+                info,
+                raw: raw.clone(),
+            },
+            vec![raw],
+        ))
+    }
+}
+
+#[cfg(feature = "redis-tls")]
+fn tls_certificates(tls: &TlsFiles) -> ::redis::TlsCertificates {
+    ::redis::TlsCertificates {
+        client_tls: tls
+            .client
+            .clone()
+            .map(|(client_cert, client_key)| ::redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: tls.root.clone(),
+    }
+}
+
 /// The URL's connection settings, with `TCP_NODELAY` and TCP keepalive on every socket.
 fn connection_info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
     use ::redis::io::tcp::TcpSettings;
@@ -531,16 +629,7 @@ fn client(info: ::redis::ConnectionInfo, tls: &TlsFiles) -> ::redis::RedisResult
             if rustls::crypto::CryptoProvider::get_default().is_none() {
                 let _ = rustls::crypto::ring::default_provider().install_default();
             }
-            let certs = ::redis::TlsCertificates {
-                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
-                    ::redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }
-                }),
-                root_cert: tls.root.clone(),
-            };
-            return ::redis::Client::build_with_tls(info, certs);
+            return ::redis::Client::build_with_tls(info, tls_certificates(tls));
         }
     }
     let _ = tls;

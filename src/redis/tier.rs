@@ -30,7 +30,7 @@ use super::offload::{offload, Pool, Receive, Timer};
 use crate::codec::Codec;
 use crate::refresh::BoxError;
 use crate::stats::RemoteCounters;
-use ::redis::{cmd, pipe, Value};
+use ::redis::{cmd, Cmd, Value};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -377,16 +377,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Adds the commands of a read of `vkey` to a pipeline: its hash fields (value, version,
     /// epoch), its time left, and the namespace's epoch.
-    fn read_cmds(&self, p: &mut ::redis::Pipeline, vkey: &ValueKey) {
-        p.cmd("HMGET")
-            .arg(&vkey.bytes)
-            .arg("d")
-            .arg("v")
-            .arg("e")
-            .cmd("PTTL")
-            .arg(&vkey.bytes)
-            .cmd("GET")
-            .arg(&self.epoch_key);
+    fn read_cmds(&self, p: &mut Vec<Cmd>, vkey: &ValueKey) {
+        let mut fields = cmd("HMGET");
+        fields.arg(&vkey.bytes).arg("d").arg("v").arg("e");
+        let mut pttl = cmd("PTTL");
+        pttl.arg(&vkey.bytes);
+        let mut epoch = cmd("GET");
+        epoch.arg(&self.epoch_key);
+        p.extend([fields, pttl, epoch]);
     }
 
     /// Makes sense of a read's replies (see [`read_cmds`](Self::read_cmds)).
@@ -417,9 +415,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// seen as absent: the write-back will repair it.
     fn read(&self, vkey: &ValueKey) -> Result<Snapshot<V>, ()> {
         let got = self.client.run_result(|c| {
-            let mut p = pipe();
+            let mut p = Vec::new();
             self.read_cmds(&mut p, vkey);
-            p.query::<(Fields, i64, Option<u64>)>(c)
+            c.pipeline::<(Fields, i64, Option<u64>)>(p)
         });
         match got {
             Ok((fields, pttl, epoch)) => Ok(self.snapshot(fields, pttl, epoch, vkey)),
@@ -701,10 +699,12 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return self.attempt(w);
         };
         let seen = self.client.run(|c| {
-            let mut p = pipe();
+            let mut p = Vec::new();
             self.read_cmds(&mut p, &w.vkey);
-            p.cmd("EXISTS").arg(&w.lkey);
-            p.query::<(Fields, i64, Option<u64>, bool)>(c)
+            let mut exists = cmd("EXISTS");
+            exists.arg(&w.lkey);
+            p.push(exists);
+            c.pipeline::<(Fields, i64, Option<u64>, bool)>(p)
         });
         let Some((fields, pttl, epoch, leased)) = seen else {
             self.count(|c| &c.lease_fallbacks);
@@ -738,15 +738,15 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     fn attempt(&self, w: &mut LeaseWait) -> Step<V> {
         let token = self.token();
         let got = self.client.run(|c| {
-            let mut p = pipe();
-            p.cmd("SET")
-                .arg(&w.lkey)
+            let mut take = cmd("SET");
+            take.arg(&w.lkey)
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(millis(w.cfg.ttl));
+            let mut p = vec![take];
             self.read_cmds(&mut p, &w.vkey);
-            p.query::<(Value, Fields, i64, Option<u64>)>(c)
+            c.pipeline::<(Value, Fields, i64, Option<u64>)>(p)
         });
         let Some((lease, fields, pttl, epoch)) = got else {
             if w.waited {
@@ -862,40 +862,44 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         self.versions.lock().clear();
         let pattern = self.value_pattern();
         let tomb = self.tombstone_ttl();
-        let mut cursor = 0u64;
-        loop {
-            let batch = self.client.run(|c| {
-                cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query::<(u64, Vec<Vec<u8>>)>(c)
-            });
-            let Some((next, keys)) = batch else { break };
-            if !keys.is_empty() {
-                self.client.run(|c| {
-                    let mut p = pipe();
-                    for vkey in &keys {
-                        // The lease key of `…v{k}` is `…l{k}`.
-                        let mut lkey = vkey.clone();
-                        lkey[self.prefix.len()] = b'l';
-                        p.cmd("EVAL")
-                            .arg(TOMBSTONE)
-                            .arg(2)
-                            .arg(vkey)
-                            .arg(lkey)
-                            .arg(tomb)
-                            .ignore();
-                    }
-                    p.query::<()>(c)
+        // Every node that holds keys: the server, or each primary of a cluster.
+        let Some(nodes) = self.client.run(|c| c.scan_nodes()) else {
+            return;
+        };
+        for node in &nodes {
+            let mut cursor = 0u64;
+            loop {
+                let batch = self.client.run(|c| {
+                    let mut scan = cmd("SCAN");
+                    scan.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000);
+                    c.on_node::<(u64, Vec<Vec<u8>>)>(node.as_ref(), &scan)
                 });
+                let Some((next, keys)) = batch else { break };
+                if !keys.is_empty() {
+                    self.client.run(|c| {
+                        let p = keys
+                            .iter()
+                            .map(|vkey| {
+                                // The lease key of `…v{k}` is `…l{k}`.
+                                let mut lkey = vkey.clone();
+                                lkey[self.prefix.len()] = b'l';
+                                let mut eval = cmd("EVAL");
+                                eval.arg(TOMBSTONE).arg(2).arg(vkey).arg(lkey).arg(tomb);
+                                eval
+                            })
+                            .collect();
+                        c.pipeline::<()>(p)
+                    });
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         self.publish(MSG_ALL, epoch, &[]);
     }
