@@ -155,6 +155,60 @@ fn the_tier_works_on_a_three_node_cluster() {
         before + KEYS,
         "no value survived invalidate_all on any node"
     );
+    // The cache-aside race on the cluster: H's load reads version 1 of the backend and is
+    // held; the backend moves to version 2 and B invalidates; H's write-back is refused.
+    let version = Arc::new(AtomicU64::new(1));
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(Some((read_tx, release_rx)));
+    let v = Arc::clone(&version);
+    let h = RedisTier::cluster(urls.iter().cloned())
+        .namespace("cl")
+        .timeouts(Duration::from_secs(1), Duration::from_secs(1))
+        .build(
+            Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(600))
+                .loader(move |_k: &u64| {
+                    let seen = v.load(Ordering::SeqCst);
+                    if let Some((read, release)) = hold.lock().unwrap().take() {
+                        read.send(seen).unwrap();
+                        release.recv().unwrap();
+                    }
+                    Ok::<_, BoxError>(seen)
+                }),
+            Plain,
+        )
+        .unwrap();
+    let held = {
+        let h = h.clone();
+        std::thread::spawn(move || h.load(999).unwrap())
+    };
+    assert_eq!(read_rx.recv().unwrap(), 1);
+    version.store(2, Ordering::SeqCst);
+    b.invalidate(&999);
+    release_tx.send(()).unwrap();
+    assert_eq!(held.join().unwrap(), 1, "H's caller gets what it loaded");
+    assert!(
+        h.stats().remote.writes_superseded >= 1,
+        "H's write-back refused"
+    );
+    let v2 = Arc::clone(&version);
+    let fresh = RedisTier::cluster(urls.iter().cloned())
+        .namespace("cl")
+        .build(
+            Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(600))
+                .loader(move |_k: &u64| Ok::<_, BoxError>(v2.load(Ordering::SeqCst))),
+            Plain,
+        )
+        .unwrap();
+    assert_eq!(
+        fresh.load(999).unwrap(),
+        2,
+        "Redis never yields the older value"
+    );
     let r = a.stats().remote;
     assert_eq!((r.errors, r.timeouts, r.key_errors), (0, 0, 0), "{r:?}");
     let r = b.stats().remote;
