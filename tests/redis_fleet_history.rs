@@ -1,6 +1,8 @@
 //! Fleet history check (issue 12): four instances on one `redis-server`, two threads each, run
-//! a random mix of `insert`, `invalidate`, `load` (read-through, with fleet leases) and `get`
-//! on four hot keys for a bounded time, against a backend whose versions only grow. Every
+//! a random mix of `insert`, `invalidate`, `load` (read-through, with fleet leases), `get` and
+//! refreshes (each instance's `ManualClock` is moved past `refresh_after` now and then, so
+//! that the next reads of its entries refresh them through Redis) on four hot keys for a
+//! bounded time, against a backend whose versions only grow. Every
 //! operation's start and end are recorded; afterwards each read is checked against the writes.
 //!
 //! # The rule
@@ -28,7 +30,7 @@ mod redis_server;
 use common::{eventually, watchdog};
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
-use herdcache::{BoxError, Cache};
+use herdcache::{BoxError, Cache, ManualClock};
 use redis_server::RedisServer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,8 +94,9 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
         versions: (0..KEYS).map(|_| AtomicU64::new(1)).collect(),
         writing: (0..KEYS).map(|_| Mutex::new(())).collect(),
     });
+    let clocks: Vec<ManualClock> = (0..INSTANCES).map(|_| ManualClock::new()).collect();
     let instances: Vec<TieredCache<u64, u64>> = (0..INSTANCES)
-        .map(|_| {
+        .map(|i| {
             let b = Arc::clone(&backend);
             RedisTier::new(server.url())
                 .namespace("fleet")
@@ -103,6 +106,8 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
                     Cache::builder()
                         .max_capacity(1_000)
                         .time_to_live(Duration::from_secs(600))
+                        .refresh_after(Duration::from_secs(10))
+                        .clock(clocks[i].clone())
                         .loader(move |k: &u64| {
                             let v = b.versions[*k as usize].load(Ordering::SeqCst);
                             // Widen the window between reading the backend and storing.
@@ -120,12 +125,14 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
     let origin = Instant::now();
     let now = move || u64::try_from(origin.elapsed().as_nanos()).unwrap();
     let until = Duration::from_secs(secs);
+    let advances = AtomicU64::new(0);
     let events: Vec<Event> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..INSTANCES * THREADS_PER_INSTANCE)
             .map(|t| {
                 let instance = t % INSTANCES;
                 let cache = instances[instance].clone();
-                let backend = &backend;
+                let clock = clocks[instance].clone();
+                let (backend, advances) = (&backend, &advances);
                 s.spawn(move || {
                     let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64 + 1) * 0x1234_5678);
                     let mut events = Vec::new();
@@ -133,7 +140,12 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
                         let r = rng(&mut seed);
                         let key = r % KEYS;
                         let op = (r >> 8) % 100;
-                        if op < 20 {
+                        if op >= 97 {
+                            // Every entry of this instance is due for a refresh (and after
+                            // 55 of these, expired).
+                            clock.advance(Duration::from_secs(11));
+                            advances.fetch_add(1, Ordering::Relaxed);
+                        } else if op < 20 {
                             let _w = backend.writing[key as usize].lock().unwrap();
                             let start = now();
                             let version =
@@ -213,9 +225,11 @@ fn fleet_history_no_instance_serves_an_older_value_than_a_completed_write() {
     all.sort_unstable();
     println!(
         "fleet history: {INSTANCES} instances x {THREADS_PER_INSTANCE} threads, {KEYS} keys, \
-         {secs} s: {} ops ({total_writes} writes, {total_reads} reads), {} stale reads \
+         {secs} s: {} ops ({total_writes} writes, {total_reads} reads, {} refresh rounds), {} \
+         stale reads \
          ({:.3} %), staleness p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         events.len(),
+        advances.load(Ordering::Relaxed),
         all.len(),
         100.0 * all.len() as f64 / total_reads.max(1) as f64,
         ms(percentile(&all, 0.5)),

@@ -13,6 +13,9 @@
 //! vanished (a failover, a dropped NAT entry) is found dead by the kernel instead of staying
 //! half open.
 //!
+//! Name resolution (`host` in the URL) is the system's, not bounded by the deadline: give an
+//! address, or a name the local resolver caches.
+//!
 //! Other addresses (`rediss://` with the `redis-tls` feature, `redis+unix://`) use the
 //! `redis` crate's own connection, with the remaining time as its per-read timeout: there the
 //! deadline bounds when an operation starts reading, and each read, not the whole reply.
