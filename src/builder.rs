@@ -1,74 +1,17 @@
 //! Configuration of a [`Cache`], checked once at build time.
 
 use crate::cache::Cache;
+use crate::cache::{Parts, RefreshFn};
 use crate::clock::{nanos, Clock, ManualClock};
 use crate::expiry::{Expiry, ExpiryConfig};
-use crate::refresh::{BoxError, Stampede};
+use crate::removal::Listener;
+use crate::settings::{BoxError, Stampede, Weigher};
 use crate::shard::Layout;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The default hasher: ahash, randomly seeded per cache, behind an opaque type.
-///
-/// Random seeding keeps an attacker from predicting which keys collide, both in the hash table
-/// and in the frequency sketch that guards admission.
-#[derive(Clone, Debug, Default)]
-pub struct DefaultHashBuilder(ahash::RandomState);
-
-/// The [`Hasher`] of [`DefaultHashBuilder`].
-#[derive(Clone, Debug)]
-pub struct DefaultHasher(ahash::AHasher);
-
-impl Hasher for DefaultHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0.finish()
-    }
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.write(bytes)
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.0.write_u64(i)
-    }
-}
-
-impl BuildHasher for DefaultHashBuilder {
-    type Hasher = DefaultHasher;
-    #[inline]
-    fn build_hasher(&self) -> DefaultHasher {
-        DefaultHasher(self.0.build_hasher())
-    }
-}
-
-pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
-
-/// The eviction listener.
-pub(crate) type Listener<K, V> = Box<dyn Fn(&K, &V, crate::RemovalCause) + Send + Sync>;
-
-/// Runs a job somewhere else: a thread pool, a runtime handle's `spawn_blocking`, a new thread.
-pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
-
-/// A validated configuration, handed to the cache.
-pub(crate) struct Parts<K, V, S> {
-    pub(crate) capacity: u64,
-    pub(crate) shards: usize,
-    pub(crate) weigher: Option<Weigher<K, V>>,
-    pub(crate) expiry: ExpiryConfig<K, V>,
-    pub(crate) layout: Layout,
-    pub(crate) stampede: Stampede<K, V, S>,
-    pub(crate) hasher: S,
-    pub(crate) clock: Clock,
-    pub(crate) stats: bool,
-    pub(crate) listener: Option<Listener<K, V>>,
-    pub(crate) name: String,
-    /// The time to live and time to idle as given (for [`Cache::policy`]).
-    pub(crate) durations: (Option<Duration>, Option<Duration>),
-}
 
 /// Why a configuration was refused by [`CacheBuilder::try_build`] ([`CacheBuilder::build`]
 /// panics with its message instead).
@@ -186,7 +129,9 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     pub(crate) hasher: S,
     pub(crate) clock: Option<ManualClock>,
     pub(crate) shards: Option<usize>,
-    pub(crate) stampede: Stampede<K, V, S>,
+    pub(crate) stampede: Stampede<K, V>,
+    /// Starts a refresh (set with a loader, where `K: Clone` is known).
+    refresh: Option<RefreshFn<K, V, S>>,
     pub(crate) refresh_after: Option<Duration>,
     early_beta: Option<f64>,
     jitter: f64,
@@ -227,6 +172,7 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             clock: None,
             shards: None,
             stampede: Stampede::default(),
+            refresh: None,
             refresh_after: None,
             early_beta: None,
             jitter: 0.0,
@@ -498,8 +444,14 @@ where
     ///
     /// # Errors
     ///
-    /// [`BuildError`] when `max_capacity` is missing, expiry settings conflict, or the shard
-    /// count is not a power of two in 1..=1024.
+    /// [`BuildError`]: [`NoCapacity`](BuildError::NoCapacity) when `max_capacity` is missing;
+    /// [`ConflictingExpiry`](BuildError::ConflictingExpiry) for `expire_after` with a time to
+    /// live or idle; [`BadShardCount`](BuildError::BadShardCount) unless the shard count is a
+    /// power of two in 1..=1024; [`BadFraction`](BuildError::BadFraction) for a jitter outside
+    /// [0, 1) or an early-refresh `β` that is not positive and finite;
+    /// [`RefreshWithoutLoader`](BuildError::RefreshWithoutLoader) for `refresh_after` or
+    /// `early_refresh` without a loader; [`EarlyRefreshWithoutTtl`](BuildError::EarlyRefreshWithoutTtl)
+    /// for `early_refresh` without a time to live.
     pub fn try_build(self) -> Result<Cache<K, V, S>, BuildError> {
         let capacity = self.max_capacity.ok_or(BuildError::NoCapacity)?;
         let durations = (self.ttl, self.tti);
@@ -539,8 +491,7 @@ where
         if stampede.refresh_backoff == 0 {
             stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
         }
-        let mut layout = Layout::new(expiry.stride(), refresh_after, self.early_beta, self.jitter);
-        layout.reads_move = expiry.moves_on_read();
+        let layout = Layout::for_expiry(&expiry, refresh_after, self.early_beta, self.jitter);
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {
             capacity,
@@ -549,6 +500,7 @@ where
             expiry,
             layout,
             stampede,
+            refresh: self.refresh,
             hasher: self.hasher,
             clock,
             stats: self.stats,
@@ -581,7 +533,6 @@ where
     where
         S2: BuildHasher + Clone + Send + Sync + 'static,
     {
-        let st = self.stampede;
         CacheBuilder {
             max_capacity: self.max_capacity,
             weigher: self.weigher,
@@ -591,21 +542,9 @@ where
             hasher,
             clock: self.clock,
             shards: self.shards,
-            stampede: Stampede {
-                loader: st.loader,
-                spawner: st.spawner,
-                async_loader: st.async_loader,
-                refresh_loader: st.refresh_loader,
-                async_refresh_loader: st.async_refresh_loader,
-                future_spawner: st.future_spawner,
-                refresh_backoff: st.refresh_backoff,
-                negative_ttl: st.negative_ttl,
-                load_timeout: st.load_timeout,
-                limiter: st.limiter,
-                clone_key: st.clone_key,
-                // The same function, for the cache type with the new hasher.
-                refresh: st.refresh.map(|_| Cache::<K, V, S2>::start_refresh as _),
-            },
+            stampede: self.stampede,
+            // The same function, for the cache type with the new hasher.
+            refresh: self.refresh.map(|_| Cache::<K, V, S2>::start_refresh as _),
             refresh_after: self.refresh_after,
             early_beta: self.early_beta,
             jitter: self.jitter,
@@ -646,7 +585,7 @@ where
     {
         self.stampede.loader = Some(Arc::new(move |k: &K| load(k).map_err(Into::into)));
         self.stampede.clone_key = Some(K::clone);
-        self.stampede.refresh = Some(Cache::start_refresh);
+        self.refresh = Some(Cache::start_refresh);
         self
     }
 
@@ -661,10 +600,10 @@ where
     {
         self.stampede.async_loader = Some(Arc::new(move |k: &K| {
             let fut = load(k);
-            Box::pin(async move { fut.await.map_err(Into::into) }) as crate::refresh::BoxFuture<_>
+            Box::pin(async move { fut.await.map_err(Into::into) }) as crate::settings::BoxFuture<_>
         }));
         self.stampede.clone_key = Some(K::clone);
-        self.stampede.refresh = Some(Cache::start_refresh);
+        self.refresh = Some(Cache::start_refresh);
         self
     }
 
@@ -673,7 +612,7 @@ where
     /// [`loader`](Self::loader).
     pub fn future_spawner(
         mut self,
-        spawn: impl Fn(crate::refresh::BoxFuture<()>) + Send + Sync + 'static,
+        spawn: impl Fn(crate::settings::BoxFuture<()>) + Send + Sync + 'static,
     ) -> Self {
         self.stampede.future_spawner = Some(Arc::new(spawn));
         self
@@ -707,6 +646,37 @@ fn default_shards(capacity: u64) -> usize {
     // The largest power of two not above by_size.
     let by_size = 1usize << (usize::BITS - 1 - by_size.leading_zeros());
     by_cpu.min(by_size)
+}
+
+impl<K, V> Cache<K, V, crate::DefaultHashBuilder>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// A cache holding at most `max_capacity` entries, without expiry.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(2);
+    /// cache.insert(1, "one");
+    /// assert_eq!(cache.get(&1), Some("one"));
+    /// ```
+    pub fn new(max_capacity: u64) -> Self {
+        Self::builder().max_capacity(max_capacity).build()
+    }
+
+    /// A builder for every other setting (weigher, expiry, clock, hasher, shards).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::builder()
+    ///     .max_capacity(1000)
+    ///     .time_to_live(Duration::from_secs(30))
+    ///     .build();
+    /// # drop(cache);
+    /// ```
+    pub fn builder() -> CacheBuilder<K, V, crate::DefaultHashBuilder> {
+        CacheBuilder::unbounded()
+    }
 }
 
 #[cfg(test)]

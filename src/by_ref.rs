@@ -39,7 +39,7 @@ where
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let hash = self.hash(key);
-        if let Some(v) = self.get_map(key, hash, true, V::clone) {
+        if let Some(v) = self.read_with(key, hash, true, V::clone) {
             return v;
         }
         // The miss is counted: the load's own lookups are not.
@@ -86,7 +86,7 @@ where
     {
         let hash = self.hash(key);
         let hit = |v: &V| Ok(v.clone());
-        if let Some(r) = self.get_map(key, hash, true, hit) {
+        if let Some(r) = self.read_with(key, hash, true, hit) {
             return r;
         }
         self.load_blocking(
@@ -127,7 +127,7 @@ where
     {
         let hash = self.hash(key);
         let hit = |v: &V| Some(v.clone());
-        if let Some(r) = self.get_map(key, hash, true, hit) {
+        if let Some(r) = self.read_with(key, hash, true, hit) {
             return r;
         }
         self.load_blocking(

@@ -7,7 +7,7 @@
 //! Built in: [`Plain`] for strings, byte vectors and integers (no dependency), and, with the
 //! `serde` feature, [`Json`] for any `Serialize + DeserializeOwned` type.
 
-use crate::refresh::BoxError;
+use crate::settings::BoxError;
 
 /// Turns a `T` into bytes and back.
 ///

@@ -8,11 +8,13 @@
 //! it wins, and the computed value is returned but not stored.
 
 use crate::cache::Cache;
+use crate::cache::Registration;
 use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
-use crate::load::{wait_async, Lead};
-use crate::shard::{FlightClaim, Garbage};
+use crate::load::Lead;
+use crate::load_async::wait_async;
+use crate::removal::Removals;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -203,11 +205,7 @@ where
     }
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
-        let how = crate::load::How {
-            can_lead: true,
-            bypass_negative: true,
-            record: true,
-        };
+        let how = crate::load::ClaimMode::leading(true, true);
         match self.claim(hash, key, &V::clone, &mut None, how) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),
             crate::load::Claim::Lead(lead) => Claimed::Lead(lead),
@@ -244,26 +242,22 @@ where
     }
 
     fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
-        let registered = key.clone(); // user code, before the lock
-        let now = self.now();
         let f = Flight::blocking();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let hasher = &self.inner.hasher;
-        match s.claim_flight(hash, registered, Arc::clone(&f), now, false, hasher) {
-            FlightClaim::Running(running, unused) => {
-                drop(s);
-                drop(unused);
+        // A computation is not a load waiting for a permit: nobody takes it over.
+        let keep = || {
+            f.start();
+            true
+        };
+        match self.register_flight::<()>(hash, key, &f, false, None, None, keep) {
+            Registration::Running(running) => {
                 if runs_here(running.id()) {
                     recursive_load();
                 }
                 Err(running)
             }
-            FlightClaim::Registered(stale) => {
-                // A computation is not a load waiting for a permit: nobody takes it over.
-                f.start();
-                drop(s);
-                drop(stale);
-                Ok(Lead::new(self, hash, f))
+            Registration::Registered => Ok(Lead::new(self, hash, f)),
+            Registration::Hit(()) | Registration::Withdrawn => {
+                unreachable!("no lookup, always kept")
             }
         }
     }
@@ -292,13 +286,13 @@ where
                 }
             }
             (Op::Remove, Some(old)) => {
-                let mut out = Garbage::new();
+                let mut out = Removals::new();
                 let hash = lead.hash();
                 let flight = lead.disarm();
                 let guard = AbandonOnDrop(self, hash, &flight);
                 self.remove_with_flight(hash, &key, &flight, &mut out);
                 drop(guard); // callers waiting on the computation look again
-                self.finish(out);
+                self.report_removals(out);
                 CompResult::Removed(Entry {
                     key,
                     value: old,
@@ -446,7 +440,7 @@ where
         // Guarded until the verdict is applied: a panic in `f` (or in a clone) releases the key.
         let lead = cache.lock_key(hash, &self.key);
         let running = enter(lead.flight());
-        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let current = cache.read_with(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
@@ -473,7 +467,7 @@ where
         // Guarded until the verdict is applied: a panic in `f`, or this future dropped while
         // `f`'s future runs, releases the key.
         let lead = cache.lock_key_async(hash, &self.key).await;
-        let current = cache.get_map(&self.key, hash, false, V::clone);
+        let current = cache.read_with(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
@@ -787,5 +781,68 @@ where
             Some(err) => Err(err),
             None => Ok(r),
         }
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use crate::{Cache, CompResult, Op};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn or_insert_with_runs_once_and_reports_freshness() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        let calls = AtomicUsize::new(0);
+        let init = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            7
+        };
+        let first = cache.entry(1).or_insert_with(init);
+        assert!(first.is_fresh() && *first.value() == 7);
+        let second = cache.entry(1).or_insert_with(|| unreachable!("present"));
+        assert!(!second.is_fresh() && *second.value() == 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn compute_maps_each_op_to_its_result() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        let r = cache.entry(1).and_compute_with(|e| {
+            assert!(e.is_none());
+            Op::Put(1)
+        });
+        assert!(matches!(r, CompResult::Inserted(e) if *e.value() == 1));
+        let r = cache
+            .entry(1)
+            .and_compute_with(|e| Op::Put(e.unwrap().into_value() + 1));
+        assert!(matches!(r, CompResult::ReplacedWith(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Nop);
+        assert!(matches!(r, CompResult::Unchanged(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Remove);
+        assert!(matches!(r, CompResult::Removed(e) if *e.value() == 2));
+        let r = cache.entry(1).and_compute_with(|_| Op::Nop);
+        assert!(matches!(r, CompResult::StillNone(k) if k == 1));
+        cache.validate();
+    }
+
+    #[test]
+    fn a_panicking_compute_leaves_the_key_usable() {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        cache.insert(1, 1);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache
+                .entry(1)
+                .and_compute_with(|_| -> Op<u32> { panic!("compute") })
+        }));
+        assert!(r.is_err());
+        assert_eq!(cache.get(&1), Some(1), "nothing changed");
+        assert_eq!(
+            cache
+                .entry(1)
+                .and_upsert_with(|e| e.map_or(0, |e| e.into_value() + 1))
+                .into_value(),
+            2
+        );
+        assert_eq!(cache.loads_in_flight(), 0);
     }
 }

@@ -14,6 +14,8 @@
 //! to live entries.
 
 use crate::clock::{deadline, nanos, NEVER};
+use crate::sync::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Per-entry expiration, decided by you (as moka's `Expiry`).
@@ -272,12 +274,6 @@ impl TimerWheel {
         bucket.slots.shrink_to(bucket.slots.len() * 2);
     }
 
-    /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
-    /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
-    ///
-    /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
-    /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
-    /// drained too.
     /// The common case of [`advance`](Self::advance), inline: `now` is within the wheel's
     /// current finest tick (so no bucket of any level comes due) and `exact` is not asked.
     /// Moves the wheel's time and returns true, or returns false if `advance` must run.
@@ -290,6 +286,12 @@ impl TimerWheel {
         true
     }
 
+    /// Advances the wheel to `now` and moves the contents of every bucket whose time came into
+    /// `due`, as `(bucket, indices)`. The caller checks each index and files survivors again.
+    ///
+    /// Buckets are coarse (the finest level is ≈1.07 s), so entries due earlier within the
+    /// current tick wait for the next tick, unless `exact`: then the current finest bucket is
+    /// drained too.
     pub(crate) fn advance(&mut self, now: u64, exact: bool, due: &mut Vec<(u16, Vec<u32>)>) {
         if exact {
             let b = OFFSETS[0] + ((now.max(self.time) >> SHIFTS[0]) as usize & (COUNTS[0] - 1));
@@ -335,9 +337,120 @@ impl TimerWheel {
     }
 }
 
+/// An entry's refresh status, as a read sees it.
+pub(crate) enum Refresh {
+    Fresh,
+    /// Due, or being refreshed, by someone else.
+    Due,
+    /// Due, and this read will start the refresh.
+    Won,
+}
+
+/// A refresh deadline meaning "a refresh is being started or runs": nobody else starts one.
+pub(crate) const REFRESHING: u64 = NEVER - 1;
+
+/// Decides whether an entry whose refresh deadline is `refresh_at` should be refreshed at
+/// `now`, and claims the refresh for this caller if so: the deadline becomes [`REFRESHING`] by
+/// one compare-and-swap, so exactly one reader per period wins. `early`: XFetch's `β` and the
+/// entry's last load time (nanoseconds), for a probabilistic refresh before `expires`.
+#[inline]
+pub(crate) fn claim_refresh(
+    refresh_at: &AtomicU64,
+    early: Option<(f64, &AtomicU64)>,
+    now: u64,
+    expires: u64,
+    coin: impl FnOnce() -> f64,
+) -> Refresh {
+    let at = refresh_at.load(Ordering::Relaxed);
+    if at == REFRESHING {
+        return Refresh::Due;
+    }
+    let due = at <= now
+        || early.is_some_and(|(beta, delta)| {
+            xfetch(now, expires, delta.load(Ordering::Relaxed), beta, coin())
+        });
+    if !due {
+        return Refresh::Fresh;
+    }
+    // A planted bug for the loom model to catch: check-then-set instead of one
+    // compare-and-swap, so two readers can both start a refresh.
+    #[cfg(herdcache_broken_model)]
+    {
+        refresh_at.store(REFRESHING, Ordering::Release);
+        Refresh::Won
+    }
+    #[cfg(not(herdcache_broken_model))]
+    match refresh_at.compare_exchange(at, REFRESHING, Ordering::AcqRel, Ordering::Relaxed) {
+        Ok(_) => Refresh::Won,
+        Err(_) => Refresh::Due,
+    }
+}
+
+/// Gives back a claim to refresh (the deadline is [`REFRESHING`]): due again at `at`. A
+/// deadline set meanwhile (by a new value) is kept.
+#[inline]
+pub(crate) fn give_back_refresh(refresh_at: &AtomicU64, at: u64) {
+    let _ = refresh_at.compare_exchange(REFRESHING, at, Ordering::AcqRel, Ordering::Relaxed);
+}
+
+/// A uniform factor in [1 − jitter, 1 + jitter] from a uniform `u` in [0, 1) (exactly 1
+/// without jitter).
+#[inline]
+pub(crate) fn jitter_factor(jitter: f64, u: f64) -> f64 {
+    1.0 + jitter * (2.0 * u - 1.0)
+}
+
+/// XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): refresh early when
+/// `now − δ·β·ln(u) ≥ expiry`, with `δ` the key's last load time and `u` uniform in (0, 1].
+/// The probability of refreshing at time `now` is `exp(−(expiry − now) / (δ·β))`: negligible
+/// far from expiry, rising to 1 as it nears, and earlier for keys that are slow to load.
+#[inline]
+pub(crate) fn xfetch(now: u64, expiry: u64, delta: u64, beta: f64, u: f64) -> bool {
+    if expiry == NEVER || delta == 0 {
+        return false;
+    }
+    let gap = expiry.saturating_sub(now) as f64;
+    gap <= delta as f64 * beta * -u.max(f64::MIN_POSITIVE).ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xfetch_frequency_matches_its_formula() {
+        // P(refresh) = exp(−gap / (δ·β)), checked with a seeded source of uniform numbers.
+        let mut x = 0x1234_5678_9ABC_DEF1u64;
+        for (gap, delta, beta) in [
+            (1e9, 1e9, 1.0),
+            (2e9, 1e9, 1.0),
+            (5e8, 1e9, 2.0),
+            (3e9, 1e9, 0.5),
+        ] {
+            let n = 200_000;
+            let mut refreshed = 0;
+            for _ in 0..n {
+                x = crate::rng::step(x);
+                let u = ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
+                refreshed += usize::from(xfetch(0, gap as u64, delta as u64, beta, u));
+            }
+            let seen = refreshed as f64 / n as f64;
+            let expected = (-gap / (delta * beta)).exp();
+            assert!(
+                (seen - expected).abs() < 0.005,
+                "gap {gap}: {seen:.4} vs {expected:.4}"
+            );
+        }
+        assert!(
+            !xfetch(0, NEVER, 1_000, 1.0, 0.5),
+            "no expiry, no early refresh"
+        );
+        assert!(
+            !xfetch(0, 10, 0, 1.0, 1e-9),
+            "an unmeasured load time never triggers"
+        );
+        assert!(xfetch(10, 10, 1, 1.0, 1.0), "at expiry: always");
+    }
 
     const SEC: u64 = 1_000_000_000;
 

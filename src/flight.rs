@@ -20,9 +20,12 @@
 //!   the last async caller goes away the load is cancelled and they lead with their own loader.
 
 use crate::sync::{wait_until, AtomicBool, AtomicU64, AtomicU8, Condvar, Mutex};
+use hashbrown::HashTable;
 use std::any::Any;
+use std::borrow::Borrow;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -367,6 +370,142 @@ pub(crate) fn accept_value<V: Clone>(o: &Outcome<V>) -> Option<V> {
     }
 }
 
+/// The flight registry of one shard: loads in flight (and negative-cache entries), by key.
+/// Guarded by the shard's write lock, so "is it cached?" and "is it being loaded?" are one
+/// question (see [`crate::load`]).
+pub(crate) struct Flights<K, V> {
+    table: HashTable<(K, Arc<Flight<K, V>>)>,
+    /// The registry's size after its last sweep of expired negative entries.
+    swept_at: usize,
+}
+
+/// What [`Flights::claim`] found.
+pub(crate) enum FlightClaim<K, V> {
+    /// A load of the key runs (or a live negative-cache entry answers it): join it. The unused
+    /// registration comes back, to be dropped unlocked.
+    Running(Arc<Flight<K, V>>, (K, Arc<Flight<K, V>>)),
+    /// The new flight is registered; an expired negative entry it replaced comes back.
+    Registered(Option<(K, Arc<Flight<K, V>>)>),
+}
+
+impl<K: Hash + Eq, V> Flights<K, V> {
+    pub(crate) fn new() -> Self {
+        Flights {
+            table: HashTable::new(),
+            swept_at: 0,
+        }
+    }
+
+    /// Registers a load in flight for `key` (which has none). Now and then (when the registry
+    /// has doubled since) drops negative-cache entries that expired before `now`, so failed
+    /// keys never asked for again do not pile up.
+    fn add<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        f: Arc<Flight<K, V>>,
+        hasher: &S,
+        now: u64,
+    ) {
+        if self.table.len() >= self.swept_at.max(32) * 2 {
+            self.table.retain(|(_, f)| {
+                let until = f.negative_until();
+                until == 0 || until > now
+            });
+            self.swept_at = self.table.len();
+        }
+        self.table
+            .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
+    }
+
+    /// The one place a flight is registered: looks `key` up in the registry and, unless a load
+    /// of it runs (or, with `serve_negative`, a live negative-cache entry answers it), registers
+    /// `flight` for it — in one step under the caller's write lock. The key comes in owned
+    /// (cloned by the caller before the lock: user code runs first); whatever is not kept is
+    /// handed back to be dropped after the lock is released.
+    pub(crate) fn claim<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        flight: Arc<Flight<K, V>>,
+        now: u64,
+        serve_negative: bool,
+        hasher: &S,
+    ) -> FlightClaim<K, V> {
+        let stale = match self.table.find_entry(hash, |(k, _)| *k == key) {
+            Ok(found) => {
+                let until = found.get().1.negative_until();
+                if until == 0 || (serve_negative && until > now) {
+                    let running = Arc::clone(&found.get().1);
+                    return FlightClaim::Running(running, (key, flight));
+                }
+                // An expired negative entry (or one this caller cannot use): replaced.
+                Some(found.remove().0)
+            }
+            Err(_) => None,
+        };
+        self.add(hash, key, flight, hasher, now);
+        FlightClaim::Registered(stale)
+    }
+
+    /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
+    pub(crate) fn remove(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
+        let found = self
+            .table
+            .find_entry(hash, |(_, g)| Arc::ptr_eq(f, g))
+            .ok()?;
+        Some(found.remove().0 .0)
+    }
+
+    /// The number of loads in flight (not negative-cache entries).
+    pub(crate) fn running(&self) -> usize {
+        self.table
+            .iter()
+            .filter(|(_, f)| f.negative_until() == 0)
+            .count()
+    }
+
+    /// Detaches `key`'s flight, if any (a write or invalidation supersedes it: its result
+    /// will not be stored, and later callers do not join it). The pair comes back, to be
+    /// dropped after the lock is released.
+    #[inline]
+    pub(crate) fn detach<Q>(&mut self, hash: u64, key: &Q) -> Option<(K, Arc<Flight<K, V>>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if self.table.is_empty() {
+            return None;
+        }
+        self.detach_slow(hash, key)
+    }
+
+    #[cold]
+    fn detach_slow<Q>(&mut self, hash: u64, key: &Q) -> Option<(K, Arc<Flight<K, V>>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let found = self
+            .table
+            .find_entry(hash, |(k, _)| k.borrow() == key)
+            .ok()?;
+        let ((key, flight), _) = found.remove();
+        flight.supersede();
+        Some((key, flight))
+    }
+
+    /// Detaches every flight (the cache is cleared).
+    pub(crate) fn detach_all(&mut self) -> Vec<(K, Arc<Flight<K, V>>)> {
+        self.table.drain().inspect(|(_, f)| f.supersede()).collect()
+    }
+
+    /// Whether this very flight is registered (not superseded, not ended).
+    pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
+        self.table.find(hash, |(_, g)| Arc::ptr_eq(f, g)).is_some()
+    }
+}
+
 #[cfg(all(test, not(any(loom, shuttle))))]
 mod tests {
     use super::*;
@@ -413,5 +552,94 @@ mod tests {
             assert!(holds_permit());
         }
         assert!(!holds_permit());
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod registry_tests {
+    use super::*;
+    use std::collections::hash_map::RandomState;
+
+    fn claim(
+        r: &mut Flights<u32, u32>,
+        h: &RandomState,
+        key: u32,
+        now: u64,
+        serve_negative: bool,
+    ) -> (Arc<Flight<u32, u32>>, bool) {
+        let f = Flight::blocking();
+        let hash = h.hash_one(key);
+        match r.claim(hash, key, Arc::clone(&f), now, serve_negative, h) {
+            FlightClaim::Registered(_) => (f, true),
+            FlightClaim::Running(running, _) => (running, false),
+        }
+    }
+
+    #[test]
+    fn one_flight_per_key_until_removed() {
+        let h = RandomState::new();
+        let mut r = Flights::new();
+        let (a, led) = claim(&mut r, &h, 1, 0, true);
+        assert!(led);
+        let (b, led) = claim(&mut r, &h, 1, 0, true);
+        assert!(!led && Arc::ptr_eq(&a, &b), "the second caller joins");
+        assert_eq!(r.running(), 1);
+        assert!(r.is_registered(h.hash_one(1), &a));
+        // Only this very flight is removed: another's handle removes nothing.
+        let other = Flight::blocking();
+        assert_eq!(r.remove(h.hash_one(1), &other), None);
+        assert_eq!(r.remove(h.hash_one(1), &a), Some(1));
+        assert!(!r.is_registered(h.hash_one(1), &a));
+        assert!(claim(&mut r, &h, 1, 0, true).1, "a new caller leads again");
+    }
+
+    #[test]
+    fn a_detached_flight_is_superseded_and_not_joined() {
+        let h = RandomState::new();
+        let mut r = Flights::new();
+        let (a, _) = claim(&mut r, &h, 7, 0, true);
+        let (key, f) = r.detach(h.hash_one(7), &7).expect("registered");
+        assert_eq!(key, 7);
+        assert!(Arc::ptr_eq(&a, &f) && a.is_superseded());
+        assert!(r.detach(h.hash_one(7), &7).is_none());
+        let (b, led) = claim(&mut r, &h, 7, 0, true);
+        assert!(
+            led && !Arc::ptr_eq(&a, &b),
+            "a caller after the write starts a new load"
+        );
+        assert_eq!(r.detach_all().len(), 1);
+        assert!(b.is_superseded());
+    }
+
+    #[test]
+    fn negative_entries_answer_until_their_deadline_and_only_if_asked() {
+        let h = RandomState::new();
+        let mut r = Flights::new();
+        let (a, _) = claim(&mut r, &h, 3, 0, true);
+        a.set_negative_until(100);
+        assert_eq!(r.running(), 0, "a negative entry is not a load in flight");
+        let (b, led) = claim(&mut r, &h, 3, 50, true);
+        assert!(!led && Arc::ptr_eq(&a, &b), "served before its deadline");
+        let (c, led) = claim(&mut r, &h, 3, 50, false);
+        assert!(led && !Arc::ptr_eq(&a, &c), "bypassed when not served");
+        c.set_negative_until(100);
+        let (_, led) = claim(&mut r, &h, 3, 100, true);
+        assert!(led, "expired at its deadline: replaced");
+    }
+
+    #[test]
+    fn expired_negative_entries_are_swept_as_the_registry_grows() {
+        let h = RandomState::new();
+        let mut r = Flights::new();
+        for k in 0..64 {
+            let (f, _) = claim(&mut r, &h, k, 0, true);
+            f.set_negative_until(10);
+        }
+        // Past their deadline, adding more sweeps them out.
+        for k in 64..200 {
+            claim(&mut r, &h, k, 20, true);
+        }
+        assert_eq!(r.running(), 136);
+        assert!(r.table.len() < 200, "swept: {}", r.table.len());
     }
 }

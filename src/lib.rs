@@ -226,8 +226,9 @@
 //! | feature | adds |
 //! |---|---|
 //! | `metrics` | `Cache::report_metrics`: the statistics through the [`metrics`](https://docs.rs/metrics) facade |
-//! | `redis` | the `redis` module: a shared second tier on Redis (Rust 1.88 or newer) |
+//! | `redis` | the `redis` module: a shared second tier on Redis |
 //! | `serde` | `codec::Json`, a JSON codec for the second tier (implies `redis`) |
+//! | `testing` | test hooks, not part of the API: `Cache::validate` (checks every internal invariant), `load_limit_stats`, `loads_in_flight` |
 //!
 //! Without features the crate depends on `parking_lot`, `ahash`, `crossbeam-utils` and
 //! `hashbrown` only.
@@ -276,6 +277,8 @@ mod expiry;
 mod flight;
 mod limit;
 mod load;
+mod load_async;
+mod loader;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;
@@ -283,18 +286,24 @@ mod policy;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 mod refresh;
+mod removal;
+mod rng;
+mod settings;
 mod shard;
 mod sketch;
 mod stats;
 mod sync;
 
-pub use builder::{BuildError, CacheBuilder, DefaultHashBuilder, DefaultHasher};
-pub use cache::{Cache, Iter, Policy};
+pub use builder::{BuildError, CacheBuilder};
+pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
-pub use refresh::{BoxError, BoxFuture, LoadError};
-pub use shard::RemovalCause;
+pub use loader::LoadError;
+pub use removal::RemovalCause;
+pub use settings::Policy;
+pub use settings::{BoxError, BoxFuture};
+pub use settings::{DefaultHashBuilder, DefaultHasher};
 pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).

@@ -140,7 +140,7 @@ pub(crate) struct Policy {
     window_target: f64,
     sketch: Sketch,
     climber: Climber,
-    rng: u64,
+    rng: crate::rng::Rng,
     /// Queue positions whose entry was removed by a caller (skipped when reached).
     tombstones: usize,
     /// Entries in the shard: inserted, less removed and evicted.
@@ -174,7 +174,7 @@ impl Policy {
                 prev_hit_rate: 0.0,
                 step: CLIMB_STEP * capacity as f64,
             },
-            rng: seed | 1,
+            rng: crate::rng::Rng::new(seed),
             tombstones: 0,
             len: 0,
             sketch_max: entries,
@@ -443,11 +443,7 @@ impl Policy {
         if candidate < 6 {
             return false;
         }
-        // xorshift64
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng & 127 == 0
+        self.rng.next_u64() & 127 == 0
     }
 
     /// Ends a climber sample when enough accesses were seen, and moves the window target.
@@ -474,6 +470,7 @@ impl Policy {
         c.misses = 0;
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Checks the policy's bookkeeping against the slab (panics on a violation).
     pub(crate) fn validate<E: Tracked>(&self, slab: &[Option<E>]) {
         let mut live = 0usize;
@@ -707,9 +704,7 @@ mod tests {
         // filter rejects such keys, and each step of window growth catches more reuse.
         let mut x = 7u64;
         let trace = (0..400_000u64).map(move |i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            x = crate::rng::step(x);
             if i % 2 == 0 {
                 i / 2
             } else {

@@ -10,7 +10,7 @@
 //! exact too, on the shared stripe with `fetch_add`. Every other counter uses `fetch_add` and is
 //! exact. A snapshot sums the stripes; it is not atomic across counters.
 
-use crate::shard::RemovalCause;
+use crate::removal::RemovalCause;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
 use std::ops::{Add, Sub};

@@ -1,6 +1,11 @@
 //! The synchronization primitives the cache uses, from one place: `parking_lot` normally, and
 //! [loom](https://docs.rs/loom)'s model-checked ones under `--cfg loom` (see
-//! `tests/loom_single_flight.rs`). Code elsewhere imports locks only from here.
+//! `tests/loom_single_flight.rs`). The cache's own code imports locks and atomics shared
+//! between threads only from here. Outside it: the Redis tier (`src/redis/`: connection pool,
+//! helper threads) uses `parking_lot` directly, being no part of the models; thread-local
+//! state that the models must see per model thread uses `thread_local_shim!`; two plain
+//! `thread_local!`s hold per-OS-thread state the models do not involve (the statistics stripe,
+//! the early-refresh coin).
 
 //! Under `--cfg shuttle` they are [shuttle](https://docs.rs/shuttle)'s instead, for the
 //! randomized-schedule test of the whole cache (`tests/shuttle_cache.rs`).

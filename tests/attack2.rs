@@ -456,13 +456,7 @@ fn cancel_leader_at_every_poll_mixed_waiters() {
 #[test]
 fn random_cancellation_storm_single_thread() {
     let _w = watchdog(LIMIT, "random_cancellation_storm_single_thread");
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = common::rng(0x9e3779b97f4a7c15);
     for round in 0..200 {
         let cache: Cache<u32, u64> = Cache::new(100);
         let mut futs: Vec<Option<Pin<Box<dyn Future<Output = u64> + '_>>>> = Vec::new();
@@ -1058,13 +1052,8 @@ fn stress_random_panics_exact_accounting() {
             let cache = cache.clone();
             let clock = clock.clone();
             std::thread::spawn(move || {
-                let mut s = 0x2545F4914F6CDD1Du64 ^ (t + 1).wrapping_mul(0x9E3779B97F4A7C15);
-                let mut rnd = move || {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    s
-                };
+                let mut rnd =
+                    common::rng(0x2545F4914F6CDD1Du64 ^ (t + 1).wrapping_mul(0x9E3779B97F4A7C15));
                 for _ in 0..3000 {
                     let k = (rnd() % 24) as u32;
                     let w = (rnd() % 30) as u32;

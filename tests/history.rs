@@ -124,13 +124,8 @@ fn worker(
     ops: usize,
     plain: bool,
 ) -> Vec<Rec> {
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next =
+        common::rng(0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut recs = Vec::with_capacity(ops);
     for i in 0..ops {
         if !plain && t == 0 && i % 256 == 255 {

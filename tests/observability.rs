@@ -147,11 +147,9 @@ fn the_listener_hears_of_every_removed_entry_exactly_once() {
             for t in 0..4u64 {
                 let (cache, clock, next_id) = (&cache, &clock, &next_id);
                 s.spawn(move || {
-                    let mut x = t + 1;
+                    let mut next = common::rng(t + 1);
                     for i in 0..50_000u64 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = next();
                         let k = x % 2_000;
                         match i % 10 {
                             0..=5 => {

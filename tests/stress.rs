@@ -44,11 +44,9 @@ fn mixed_ops(threads: u64, ops_per_thread: u64, with_ttl: bool) {
                     let cache = cache.clone();
                     let clock = clock.clone();
                     s.spawn(move || {
-                        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                        let mut next = common::rng(0x9E37_79B9_7F4A_7C15u64 ^ t);
                         for i in 0..ops_per_thread {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
+                            let x = next();
                             let k = x % 10_000;
                             match x % 100 {
                                 0..=49 => {

@@ -528,7 +528,7 @@ impl RedisTier {
         let fresh = builder.refresh_after;
         let st = &mut builder.stampede;
         if let Some(load) = st.loader.take() {
-            let wrap = |max_age| -> crate::refresh::LoaderFn<K, V> {
+            let wrap = |max_age| -> crate::settings::LoaderFn<K, V> {
                 let (t, load) = (Arc::clone(&tier), Arc::clone(&load));
                 Arc::new(move |k: &K| t.fetch(k, max_age, || load(k)))
             };
@@ -536,7 +536,7 @@ impl RedisTier {
             st.refresh_loader = Some(wrap(fresh));
         }
         if let Some(load) = st.async_loader.take() {
-            let wrap = |max_age| -> crate::refresh::AsyncLoaderFn<K, V> {
+            let wrap = |max_age| -> crate::settings::AsyncLoaderFn<K, V> {
                 let (t, load) = (Arc::clone(&tier), Arc::clone(&load));
                 Arc::new(move |k: &K| {
                     let fut = load(k);

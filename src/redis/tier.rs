@@ -28,7 +28,7 @@
 use super::client::{Client, Failed};
 use super::offload::{offload, Pool, Receive, Timer};
 use crate::codec::Codec;
-use crate::refresh::BoxError;
+use crate::settings::BoxError;
 use crate::stats::RemoteCounters;
 use ::redis::{cmd, Cmd, Value};
 use parking_lot::Mutex;

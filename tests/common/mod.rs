@@ -149,3 +149,14 @@ pub fn quiet_injected_panics() {
         }));
     });
 }
+
+/// A seeded xorshift64 source of pseudo-random numbers for tests (never use a zero seed).
+pub fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}

@@ -1,14 +1,14 @@
 //! The concurrent cache: hash once, route to a shard, lock, delegate.
 
-use crate::builder::Listener;
-use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flight;
-use crate::refresh::Stampede;
+use crate::removal::Listener;
+use crate::settings::{Policy, Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
-use crate::shard::{Found, Garbage, RemovalCause, Removed, Shard};
+use crate::removal::{RemovalCause, Removals, Removed};
+use crate::shard::{Layout, Lookup, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
@@ -68,61 +68,11 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
     }
 }
 
-/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`].
-///
-/// ```
-/// use herdcache::Cache;
-/// use std::time::Duration;
-///
-/// let cache: Cache<u64, u64> = Cache::builder()
-///     .max_capacity(1000)
-///     .time_to_live(Duration::from_secs(30))
-///     .shards(4)
-///     .build();
-/// let policy = cache.policy();
-/// assert_eq!(policy.max_capacity(), Some(1000));
-/// assert_eq!(policy.time_to_live(), Some(Duration::from_secs(30)));
-/// assert_eq!(policy.time_to_idle(), None);
-/// assert_eq!(policy.num_segments(), 4);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    max_capacity: u64,
-    shards: usize,
-    time_to_live: Option<Duration>,
-    time_to_idle: Option<Duration>,
-}
+mod flights;
+mod iter;
 
-impl Policy {
-    /// The bound (entries, or total weight with a weigher). Always `Some`: herdcache caches are
-    /// bounded; the `Option` is moka's shape.
-    pub fn max_capacity(&self) -> Option<u64> {
-        Some(self.max_capacity)
-    }
-
-    /// The time to live set with
-    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
-    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
-    pub fn time_to_live(&self) -> Option<Duration> {
-        self.time_to_live
-    }
-
-    /// The time to idle set with
-    /// [`CacheBuilder::time_to_idle`](crate::CacheBuilder::time_to_idle), if any.
-    pub fn time_to_idle(&self) -> Option<Duration> {
-        self.time_to_idle
-    }
-
-    /// The number of shards (moka's name: segments).
-    pub fn num_segments(&self) -> usize {
-        self.shards
-    }
-
-    /// The number of shards; the same as [`num_segments`](Self::num_segments).
-    pub fn shard_count(&self) -> usize {
-        self.shards
-    }
-}
+pub(crate) use flights::Registration;
+pub use iter::Iter;
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
@@ -137,6 +87,29 @@ pub(crate) enum Write<'a, K, V> {
     Load(&'a Arc<Flight<K, V>>),
 }
 
+/// Starts a refresh of a key (`Cache::start_refresh`).
+/// Called with the key (cloned by the reader that won the right to refresh it) and its hash.
+pub(crate) type RefreshFn<K, V, S> = fn(&Cache<K, V, S>, K, u64);
+
+/// A validated configuration, handed to the cache.
+pub(crate) struct Parts<K, V, S> {
+    pub(crate) capacity: u64,
+    pub(crate) shards: usize,
+    pub(crate) weigher: Option<Weigher<K, V>>,
+    pub(crate) expiry: ExpiryConfig<K, V>,
+    pub(crate) layout: Layout,
+    pub(crate) stampede: Stampede<K, V>,
+    /// Starts a refresh (set with a loader, where `K: Clone` is known).
+    pub(crate) refresh: Option<RefreshFn<K, V, S>>,
+    pub(crate) hasher: S,
+    pub(crate) clock: Clock,
+    pub(crate) stats: bool,
+    pub(crate) listener: Option<Listener<K, V>>,
+    pub(crate) name: String,
+    /// The time to live and time to idle as given (for [`Cache::policy`]).
+    pub(crate) durations: (Option<Duration>, Option<Duration>),
+}
+
 pub(crate) struct Inner<K, V, S> {
     pub(crate) shards: Box<[CachePadded<ShardCell<K, V>>]>,
     mask: usize,
@@ -149,7 +122,9 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
-    pub(crate) stampede: Stampede<K, V, S>,
+    pub(crate) stampede: Stampede<K, V>,
+    /// Starts a refresh of a key found due (set where `K: Clone` is known).
+    refresh: Option<RefreshFn<K, V, S>>,
     pub(crate) stats: Option<Stats>,
     listener: Option<Listener<K, V>>,
     name: String,
@@ -177,12 +152,7 @@ impl RefreshClaim<'_> {
 impl Drop for RefreshClaim<'_> {
     fn drop(&mut self) {
         if let Some(at) = self.0 {
-            let _ = at.compare_exchange(
-                crate::shard::REFRESHING,
-                self.1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            crate::expiry::give_back_refresh(at, self.1);
         }
     }
 }
@@ -225,51 +195,21 @@ const ACCESS_SAMPLE: u32 = 64;
 /// Every this many accesses a thread also tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
 
-impl<K, V> Cache<K, V, crate::DefaultHashBuilder>
-where
-    K: Hash + Eq + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    /// A cache holding at most `max_capacity` entries, without expiry.
-    ///
-    /// ```
-    /// let cache = herdcache::Cache::new(2);
-    /// cache.insert(1, "one");
-    /// assert_eq!(cache.get(&1), Some("one"));
-    /// ```
-    pub fn new(max_capacity: u64) -> Self {
-        Self::builder().max_capacity(max_capacity).build()
-    }
-
-    /// A builder for every other setting (weigher, expiry, clock, hasher, shards).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let cache: herdcache::Cache<u32, String> = herdcache::Cache::builder()
-    ///     .max_capacity(1000)
-    ///     .time_to_live(Duration::from_secs(30))
-    ///     .build();
-    /// # drop(cache);
-    /// ```
-    pub fn builder() -> CacheBuilder<K, V, crate::DefaultHashBuilder> {
-        CacheBuilder::unbounded()
-    }
-}
-
 impl<K, V, S> Cache<K, V, S>
 where
     K: Hash + Eq + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn from_parts(parts: crate::builder::Parts<K, V, S>) -> Self {
-        let crate::builder::Parts {
+    pub(crate) fn from_parts(parts: Parts<K, V, S>) -> Self {
+        let Parts {
             capacity,
             shards,
             weigher,
             expiry,
             layout,
             stampede,
+            refresh,
             hasher,
             clock,
             stats,
@@ -305,6 +245,7 @@ where
                 timed,
                 expiry,
                 stampede,
+                refresh,
                 stats: stats.then(Stats::new),
                 listener,
                 name,
@@ -371,7 +312,7 @@ where
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
     /// hit or miss in the statistics.
     #[inline]
-    pub(crate) fn get_map<Q, R>(
+    pub(crate) fn read_with<Q, R>(
         &self,
         key: &Q,
         hash: u64,
@@ -387,8 +328,8 @@ where
         let maintain = self.note_access(cell);
         let now = self.now();
         let guard = cell.lock.read();
-        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::refresh::coin) {
-            Found::Hit(v) => {
+        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
+            Lookup::Hit(v) => {
                 let r = f(v);
                 drop(guard);
                 if record {
@@ -396,7 +337,7 @@ where
                 }
                 return Some(r);
             }
-            Found::StaleHit(v) => {
+            Lookup::StaleHit(v) => {
                 let r = f(v);
                 drop(guard);
                 if record {
@@ -405,7 +346,7 @@ where
                 }
                 return Some(r);
             }
-            Found::Stale(k, v) => {
+            Lookup::Stale(k, v) => {
                 // This read won the right to start the key's refresh. Until it has handed the
                 // refresh over, a guard gives that right back if user code panics (the key's or
                 // the value's `Clone`), so the refresh is never lost.
@@ -414,7 +355,7 @@ where
                 let st = &self.inner.stampede;
                 let refresh = st
                     .clone_key
-                    .zip(st.refresh)
+                    .zip(self.inner.refresh)
                     .map(|(clone, refresh)| (clone(k), refresh));
                 claim.keep();
                 drop(guard);
@@ -427,8 +368,8 @@ where
                 }
                 return Some(r);
             }
-            Found::Expired => true,
-            Found::Absent => false,
+            Lookup::Expired => true,
+            Lookup::Absent => false,
         };
         drop(guard);
         if record {
@@ -437,7 +378,7 @@ where
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
-                let mut out = Garbage::new();
+                let mut out = Removals::new();
                 let acct = Accounting::new(self, &mut *s);
                 acct.shard.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
@@ -446,18 +387,10 @@ where
                 }
                 drop(acct);
                 drop(s);
-                self.finish(out);
+                self.report_removals(out);
             }
         }
         None
-    }
-
-    /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.
-    pub(crate) fn reset_refresh(&self, hash: u64, key: &K, at: u64) {
-        self.inner.shards[self.shard_index(hash)]
-            .lock
-            .read()
-            .reset_refresh(hash, key, at);
     }
 
     /// Counts one event in the statistics, if they are recorded.
@@ -487,7 +420,7 @@ where
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
     #[inline(always)]
-    pub(crate) fn finish(&self, out: Garbage<K, V>) {
+    pub(crate) fn report_removals(&self, out: Removals<K, V>) {
         if self.inner.stats.is_none() && self.inner.listener.is_none() {
             return; // nothing to report: `out` drops here, after the lock
         }
@@ -500,7 +433,7 @@ where
 
     /// Reports removed entries to the statistics and the listener (each exactly once); returns
     /// the first panic of the listener, if any.
-    fn report(&self, out: &Garbage<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
+    fn report(&self, out: &Removals<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
         if out.is_empty() {
             return None;
         }
@@ -509,15 +442,7 @@ where
                 stats.removed(r.cause, r.weight);
             }
         }
-        let listener = self.inner.listener.as_ref()?;
-        let mut panic = None;
-        for r in out.iter() {
-            let call = std::panic::AssertUnwindSafe(|| listener(&r.key, &r.value, r.cause));
-            if let Err(p) = std::panic::catch_unwind(call) {
-                panic.get_or_insert(p);
-            }
-        }
-        panic
+        out.report_to(self.inner.listener.as_ref()?)
     }
 
     /// Returns a clone of the value for `key`, or `None` if absent or expired.
@@ -538,7 +463,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.get_map(key, self.hash(key), true, V::clone)
+        self.read_with(key, self.hash(key), true, V::clone)
     }
 
     /// Whether a live entry for `key` is present. Does not count as an access.
@@ -598,11 +523,11 @@ where
     pub fn insert(&self, key: K, value: V) {
         let hash = self.hash(&key);
         let weight = self.weigh(&key, &value);
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         self.reporting_panics(&mut out, |out| {
             self.insert_with(hash, key, value, weight, Write::Plain, (0, NEVER), out)
         });
-        self.finish(out);
+        self.report_removals(out);
     }
 
     /// Runs a write that may call user code under the lock (`Expiry`, a key's `Hash`); if it
@@ -610,13 +535,13 @@ where
     #[inline]
     pub(crate) fn reporting_panics<R>(
         &self,
-        out: &mut Garbage<K, V>,
-        write: impl FnOnce(&mut Garbage<K, V>) -> R,
+        out: &mut Removals<K, V>,
+        write: impl FnOnce(&mut Removals<K, V>) -> R,
     ) -> R {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(out))) {
             Ok(r) => r,
             Err(p) => {
-                self.finish(std::mem::replace(out, Garbage::new()));
+                self.report_removals(std::mem::replace(out, Removals::new()));
                 std::panic::resume_unwind(p)
             }
         }
@@ -642,7 +567,7 @@ where
         weight: u32,
         write: Write<'_, K, V>,
         (took, cap): (u64, u64),
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
@@ -654,9 +579,9 @@ where
             // A planted bug for the loom model to catch: a load stores without checking that
             // no write superseded it.
             #[cfg(herdcache_broken_model)]
-            Write::Load(f) => s.remove_flight(hash, f),
+            Write::Load(f) => s.flights().remove(hash, f),
             #[cfg(not(herdcache_broken_model))]
-            Write::Load(f) => match s.remove_flight(hash, f) {
+            Write::Load(f) => match s.flights().remove(hash, f) {
                 Some(k) => Some(k),
                 None => {
                     // Superseded: a later write won. Dropped with no lock held.
@@ -707,44 +632,20 @@ where
     }
 
     /// The most loads that ever ran at once under `max_concurrent_loads` (0 without a limit),
-    /// and how many loads had to wait for a permit. For tests and statistics.
+    /// and how many loads had to wait for a permit. A test hook (feature `testing`); the same
+    /// figures are in [`stats`](Self::stats).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn load_limit_stats(&self) -> (usize, usize) {
+        self.limit_figures()
+    }
+
+    fn limit_figures(&self) -> (usize, usize) {
         self.inner
             .stampede
             .limiter
             .as_ref()
             .map_or((0, 0), |l| (l.high_water(), l.waited()))
-    }
-
-    /// Ends a computation that removes `key`: removes it and unregisters the computation's
-    /// flight in one critical section — only if the flight is still registered (a write of the
-    /// key during the computation wins and is kept). Returns whether it removed anything.
-    pub(crate) fn remove_with_flight(
-        &self,
-        hash: u64,
-        key: &K,
-        flight: &Arc<Flight<K, V>>,
-        out: &mut Garbage<K, V>,
-    ) -> bool {
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let Some(flight_key) = s.remove_flight(hash, flight) else {
-            return false;
-        };
-        let removed = self.remove_locked(&mut s, hash, key, out);
-        drop(s);
-        drop(flight_key);
-        removed
-    }
-
-    /// The number of loads in flight (not counting negative-cache entries).
-    #[doc(hidden)]
-    pub fn loads_in_flight(&self) -> usize {
-        self.inner
-            .shards
-            .iter()
-            .map(|c| c.lock.read().flights_len())
-            .sum()
     }
 
     /// A snapshot of the statistics (all zero unless the cache was built with
@@ -764,8 +665,8 @@ where
             .stats
             .as_ref()
             .map_or_else(CacheStats::default, Stats::snapshot);
-        s.loads_in_flight = self.loads_in_flight() as u64;
-        let (high, waited) = self.load_limit_stats();
+        s.loads_in_flight = self.flights_running() as u64;
+        let (high, waited) = self.limit_figures();
         s.max_concurrent_loads_seen = high as u64;
         if let Some(r) = self.inner.remote.get() {
             s.remote = r.snapshot();
@@ -776,7 +677,7 @@ where
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
-    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Garbage<K, V>) {
+    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {
@@ -789,7 +690,7 @@ where
     /// The cache is over capacity but shard `from` is within its share: some other shard holds
     /// more than its share. Evict there (one shard lock at a time).
     #[cold]
-    fn evict_elsewhere(&self, from: usize, out: &mut Garbage<K, V>) {
+    fn evict_elsewhere(&self, from: usize, out: &mut Removals<K, V>) {
         let n = self.inner.shards.len();
         for fair in [true, false] {
             for j in 1..=n {
@@ -802,7 +703,7 @@ where
         }
     }
 
-    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Garbage<K, V>) -> bool
+    fn remove_hashed<Q>(&self, hash: u64, key: &Q, out: &mut Removals<K, V>) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -817,7 +718,7 @@ where
         s: &mut Shard<K, V>,
         hash: u64,
         key: &Q,
-        out: &mut Garbage<K, V>,
+        out: &mut Removals<K, V>,
     ) -> bool
     where
         K: Borrow<Q>,
@@ -843,7 +744,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         let removed = self.remove_hashed(self.hash(key), key, &mut out);
         let panic = self.report(&out);
         let value = if removed {
@@ -871,9 +772,9 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut out = Garbage::new();
+        let mut out = Removals::new();
         self.remove_hashed(self.hash(key), key, &mut out);
-        self.finish(out);
+        self.report_removals(out);
     }
 
     /// Removes every entry. Values are dropped after each shard's lock is released.
@@ -893,10 +794,10 @@ where
     /// `Hash`) or a removed value's `Drop` panics, the shard's weight is still accounted, what
     /// was removed is still reported, the remaining shards are still processed, and the first
     /// panic (or a listener's) is resumed after the last shard.
-    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Garbage<K, V>)) {
+    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>)) {
         let mut panic = None;
         for cell in self.inner.shards.iter() {
-            let mut out = Garbage::new();
+            let mut out = Removals::new();
             let ran = {
                 let mut s = cell.lock.write();
                 let acct = Accounting::new(self, &mut *s);
@@ -1049,6 +950,7 @@ where
 
     /// Checks every internal invariant of every shard and the global weight; panics on the
     /// first violation. For tests (it locks each shard in turn).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn validate(&self) {
         let mut total = 0;
@@ -1065,75 +967,94 @@ where
     }
 }
 
-/// Iterator over clones of a cache's entries; see [`Cache::iter`].
-pub struct Iter<'a, K, V, S> {
-    cache: &'a Cache<K, V, S>,
-    shard: usize,
-    batch: std::vec::IntoIter<(K, V)>,
-}
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// Shows the cache (its configuration), the next shard to read and the entries left from the
-/// current one.
-///
-/// ```
-/// let cache = herdcache::Cache::<u8, u8>::new(10);
-/// let shown = format!("{:?}", cache.iter());
-/// assert!(shown.starts_with("Iter { cache: Cache {"));
-/// ```
-impl<K, V, S> fmt::Debug for Iter<'_, K, V, S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Iter")
-            .field("cache", self.cache)
-            .field("next_shard", &self.shard)
-            .field("batch_left", &self.batch.len())
-            .finish()
-    }
-}
-
-/// `for (key, value) in &cache`: the same as [`Cache::iter`] (clones of the live entries, one
-/// shard's snapshot at a time).
-///
-/// ```
-/// let cache = herdcache::Cache::new(10);
-/// cache.insert("a", 1);
-/// cache.insert("b", 2);
-/// let mut sum = 0;
-/// for (_key, value) in &cache {
-///     sum += value;
-/// }
-/// assert_eq!(sum, 3);
-/// ```
-impl<'a, K, V, S> IntoIterator for &'a Cache<K, V, S>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: BuildHasher + Clone + Send + Sync + 'static,
-{
-    type Item = (K, V);
-    type IntoIter = Iter<'a, K, V, S>;
-
-    fn into_iter(self) -> Iter<'a, K, V, S> {
-        self.iter()
-    }
-}
-
-impl<K, V, S> Iterator for Iter<'_, K, V, S>
-where
-    K: Hash + Eq + Clone + 'static,
-    V: Clone + 'static,
-    S: BuildHasher,
-{
-    type Item = (K, V);
-
-    fn next(&mut self) -> Option<(K, V)> {
-        loop {
-            if let Some(kv) = self.batch.next() {
-                return Some(kv);
-            }
-            let cell = self.cache.inner.shards.get(self.shard)?;
-            self.shard += 1;
-            let now = self.cache.now();
-            self.batch = cell.lock.read().snapshot(now).into_iter();
+    #[test]
+    fn a_key_always_routes_to_one_shard_and_keys_spread_over_all() {
+        let cache: Cache<u64, u64> = Cache::builder().max_capacity(10_000).shards(8).build();
+        let mut per_shard = [0u32; 8];
+        for k in 0..8_000u64 {
+            let h = cache.hash(&k);
+            assert_eq!(h, cache.hash(&k), "hashed the same way every time");
+            let i = cache.shard_index(h);
+            assert_eq!(i, ((h >> 40) as usize) & 7, "routing uses bits 40 and up");
+            per_shard[i] += 1;
         }
+        for n in per_shard {
+            assert!(
+                (800..1200).contains(&n),
+                "shards get about 1000 keys each: {per_shard:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shares_add_up_to_the_capacity() {
+        let cache: Cache<u64, u64> = Cache::builder().max_capacity(1001).shards(4).build();
+        let shares: Vec<u64> = cache
+            .inner
+            .shards
+            .iter()
+            .map(|c| c.lock.read().share())
+            .collect();
+        assert_eq!(shares.iter().sum::<u64>(), 1001);
+        assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+    }
+
+    #[test]
+    fn the_global_weight_follows_inserts_replacements_evictions_and_removals() {
+        let cache: Cache<u64, u32> = Cache::builder()
+            .max_capacity(100)
+            .shards(2)
+            .weigher(|_, v: &u32| *v)
+            .build();
+        for k in 0..50 {
+            cache.insert(k, 1 + (k % 7) as u32);
+        }
+        cache.validate();
+        cache.insert(3, 40); // replaces a lighter value
+        cache.validate();
+        assert!(cache.weighted_size() <= 100);
+        cache.invalidate(&3);
+        cache.retain(|k, _| k % 2 == 0);
+        cache.validate();
+        let sum: u64 = cache.iter().map(|(_, v)| u64::from(v)).sum();
+        assert_eq!(cache.weighted_size(), sum);
+    }
+
+    #[test]
+    fn a_weigher_that_panics_leaves_the_accounting_exact() {
+        let cache: Cache<u64, u32> = Cache::builder()
+            .max_capacity(1000)
+            .weigher(|k, v: &u32| if *k == 13 { panic!("weigher") } else { *v })
+            .build();
+        for k in 0..20 {
+            let r = catch_unwind(AssertUnwindSafe(|| cache.insert(k, 2)));
+            assert_eq!(r.is_err(), k == 13);
+        }
+        cache.validate();
+        assert_eq!(cache.weighted_size(), 19 * 2);
+        assert_eq!(cache.get(&13), None);
+    }
+
+    #[test]
+    fn an_expired_entry_reads_as_absent_and_is_reclaimed() {
+        let clock = ManualClock::new();
+        let cache: Cache<u64, u64> = Cache::builder()
+            .max_capacity(10)
+            .time_to_live(Duration::from_secs(1))
+            .clock(clock.clone())
+            .build();
+        cache.insert(1, 1);
+        assert_eq!(cache.get(&1), Some(1));
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(cache.get(&1), None);
+        cache.run_pending_tasks();
+        assert_eq!(cache.entry_count(), 0);
+        cache.validate();
     }
 }

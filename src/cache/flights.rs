@@ -1,0 +1,222 @@
+//! The flight registry's locked operations: claiming a key's flight (every load, refresh and
+//! computation registers here, in one critical section with the lookup), and ending one
+//! (unregistering, keeping it as a negative-cache entry, abandoning it). The flight data and
+//! its waiters live in [`crate::flight`]; the registry itself in each shard; the lifecycle
+//! guard in [`crate::load::Lead`]. Only this module and its parent take shard locks.
+
+use super::Cache;
+use crate::flight::FlightClaim;
+use crate::flight::{Flight, Phase};
+use crate::removal::Removals;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+/// What [`Cache::register_flight`] found under the lock.
+pub(crate) enum Registration<K, V, R> {
+    /// The key is present: the caller's `hit` applied to its value.
+    Hit(R),
+    /// A flight of the key runs (or a live negative-cache entry answers it): join it.
+    Running(Arc<Flight<K, V>>),
+    /// The caller's flight is registered: it leads.
+    Registered,
+    /// The caller's flight was registered, then withdrawn at once because `keep` said so.
+    Withdrawn,
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Registers `flight` as `key`'s flight unless one runs, in one critical section with
+    /// the lookup: the single claim of every load, refresh and computation.
+    ///
+    /// - `hit`: look the key up first under the lock (a value stored since the caller's
+    ///   lock-free lookup missed); `None` for claims that do not read (refreshes, computations).
+    /// - `serve_negative`: a live negative-cache entry counts as a running flight.
+    /// - `retry_refresh`: when a flight runs, the entry's refresh is given back, due at that
+    ///   time (a refresh that finds a load of its key running).
+    /// - `keep`: called under the lock once the flight is registered (moves a shared future
+    ///   into it, marks it started); `false` withdraws the registration.
+    ///
+    /// The key's `Clone` (user code) runs before the lock; everything unregistered is dropped
+    /// after it.
+    #[allow(clippy::too_many_arguments)] // each is a distinct, documented choice
+    pub(crate) fn register_flight<R>(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        serve_negative: bool,
+        hit: Option<&dyn Fn(&V) -> R>,
+        retry_refresh: Option<u64>,
+        keep: impl FnOnce() -> bool,
+    ) -> Registration<K, V, R> {
+        let registered = key.clone(); // user code, before the lock
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        if let Some(hit) = hit {
+            if let Some(v) = s.peek(hash, key, now) {
+                let r = hit(v);
+                drop(s);
+                drop(registered);
+                return Registration::Hit(r);
+            }
+        }
+        let hasher = &self.inner.hasher;
+        match s.flights().claim(
+            hash,
+            registered,
+            Arc::clone(flight),
+            now,
+            serve_negative,
+            hasher,
+        ) {
+            FlightClaim::Running(running, unused) => {
+                if let Some(at) = retry_refresh {
+                    s.reset_refresh(hash, key, at);
+                }
+                drop(s);
+                drop(unused);
+                Registration::Running(running)
+            }
+            FlightClaim::Registered(stale) => {
+                if keep() {
+                    drop(s);
+                    drop(stale);
+                    Registration::Registered
+                } else {
+                    let key = s.flights().remove(hash, flight);
+                    drop(s);
+                    drop((stale, key));
+                    Registration::Withdrawn
+                }
+            }
+        }
+    }
+
+    /// Unregisters a flight that ended without a value, or keeps it registered as a
+    /// negative-cache entry for `negative` nanoseconds — if it is still registered.
+    pub(crate) fn end_failed(&self, hash: u64, flight: &Arc<Flight<K, V>>, negative: Option<u64>) {
+        let key = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            match negative {
+                Some(ttl) if s.flights_ref().is_registered(hash, flight) => {
+                    // Kept registered: `claim` serves the outcome until the deadline. Set under
+                    // the shard lock, where `claim` reads it.
+                    flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
+                    None
+                }
+                _ => s.flights().remove(hash, flight),
+            }
+        };
+        drop(key); // outside the lock
+    }
+
+    /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
+    /// retry. For a cancellation (`!always`) the check that nobody is interested and the
+    /// unregistration happen under the shard lock and the flight's lock together, so a caller
+    /// that joined meanwhile (and may be driving the load) keeps the flight alive. With
+    /// `retry_refresh`, the entry's next refresh is due then (if the flight was registered).
+    pub(crate) fn abandon(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        always: bool,
+        retry_refresh: Option<u64>,
+    ) {
+        if always {
+            self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
+            return;
+        }
+        let (future, key, wakers) = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            let mut st = flight.state.lock();
+            if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
+                return;
+            }
+            let key = s.flights().remove(hash, flight);
+            st.phase = Phase::Abandoned;
+            (st.future.take(), key, std::mem::take(&mut st.wakers))
+        };
+        flight.notify();
+        for (_, w) in wakers {
+            w.wake();
+        }
+        drop((future, key)); // outside the locks
+    }
+
+    /// Unregisters a flight that ends without storing anything (if it is still registered:
+    /// then, with `retry_refresh`, the entry's next refresh is due at that time) and resolves
+    /// it with `phase`.
+    pub(crate) fn end_flight(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        retry_refresh: Option<u64>,
+        phase: Phase<V>,
+    ) {
+        let key = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            let key = s.flights().remove(hash, flight);
+            if let (Some(k), Some(at)) = (&key, retry_refresh) {
+                s.set_refresh_at(hash, k, at);
+            }
+            key
+        };
+        drop(key); // outside the lock
+        flight.resolve(phase);
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// Ends a computation that removes `key`: removes it and unregisters the computation's
+    /// flight in one critical section — only if the flight is still registered (a write of the
+    /// key during the computation wins and is kept). Returns whether it removed anything.
+    pub(crate) fn remove_with_flight(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        out: &mut Removals<K, V>,
+    ) -> bool {
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let Some(flight_key) = s.flights().remove(hash, flight) else {
+            return false;
+        };
+        let removed = self.remove_locked(&mut s, hash, key, out);
+        drop(s);
+        drop(flight_key);
+        removed
+    }
+
+    /// The number of loads in flight (not counting negative-cache entries). A test hook
+    /// (feature `testing`); the same figure is in [`stats`](Self::stats).
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn loads_in_flight(&self) -> usize {
+        self.flights_running()
+    }
+
+    pub(crate) fn flights_running(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.lock.read().flights_ref().running())
+            .sum()
+    }
+
+    /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.
+    pub(crate) fn reset_refresh(&self, hash: u64, key: &K, at: u64) {
+        self.inner.shards[self.shard_index(hash)]
+            .lock
+            .read()
+            .reset_refresh(hash, key, at);
+    }
+}

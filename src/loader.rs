@@ -1,0 +1,326 @@
+//! The loader API: [`Cache::load`], [`Cache::load_async`] and [`Cache::load_with_timeout`]
+//! with the loader given to the builder, and [`LoadError`]. Every load goes through the
+//! single-flight core ([`crate::load`]); a panic of the builder's loader ends the load as
+//! [`LoadError::Panicked`] for all its callers; a soft timeout bounds the wait (on a spawner,
+//! the load goes on and its value is kept). Refresh-ahead, which reuses the loader, is
+//! [`crate::refresh`].
+
+use crate::cache::Cache;
+use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
+use crate::load::{Claim, ClaimMode, Lead};
+use crate::settings::{BoxError, LoaderFn};
+use crate::stats::Counter;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why [`Cache::load`] (or [`Cache::load_async`], [`Cache::load_with_timeout`]) returned no
+/// value. For [`LoadError::Loader`], [`source`](std::error::Error::source) is the loader's error.
+///
+/// # Example
+///
+/// ```
+/// use herdcache::{BoxError, Cache, LoadError};
+/// use std::error::Error as _;
+///
+/// let cache: Cache<u32, String> = Cache::builder()
+///     .max_capacity(10)
+///     .loader(|_k: &u32| Err::<String, _>(BoxError::from("backend down")))
+///     .build();
+/// match cache.load(1) {
+///     Err(e @ LoadError::Loader(_)) => {
+///         assert_eq!(e.to_string(), "loader failed: backend down");
+///         assert_eq!(e.source().unwrap().to_string(), "backend down");
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+///
+/// let no_loader: Cache<u32, String> = Cache::new(10);
+/// assert!(matches!(no_loader.load(1), Err(LoadError::NoLoader)));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The loader failed. Every caller that waited on that load gets the same `Arc`; with a
+    /// negative TTL, so does every caller until it passes.
+    Loader(Arc<BoxError>),
+    /// The wait exceeded the soft timeout and no stale value was at hand; the load goes on and
+    /// fills the cache for the next caller.
+    Timeout,
+    /// The cache has no loader (see [`CacheBuilder::loader`](crate::CacheBuilder::loader)).
+    NoLoader,
+    /// The loader panicked. Every caller that waited on that load gets this error (none of
+    /// them runs the loader again); callers of the key in the next `refresh_backoff` get it
+    /// too (on a cache that keeps time), so a loader that panics cannot cause a storm.
+    Panicked,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Loader(e) => write!(f, "loader failed: {e}"),
+            LoadError::Timeout => f.write_str("timed out waiting for the load"),
+            LoadError::NoLoader => f.write_str("no loader configured"),
+            LoadError::Panicked => f.write_str("the loader panicked"),
+        }
+    }
+}
+
+/// [`source`](std::error::Error::source) is the loader's error for [`LoadError::Loader`] (its
+/// text is also part of this error's `Display`), `None` otherwise.
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Loader(e) => Some(&***e),
+            LoadError::Timeout | LoadError::NoLoader | LoadError::Panicked => None,
+        }
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Returns the value for `key`, loading it with the builder's
+    /// [`loader`](crate::CacheBuilder::loader) on a miss: single-flight, with negative
+    /// caching, the load limit and the soft timeout applied as configured. A hit on an entry due
+    /// for refresh returns at once (see the module docs on refresh-ahead).
+    ///
+    /// Blocks while a load of `key` runs (up to the builder's `load_timeout`, if set).
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Loader`] with the loader's error (shared by every caller of that load, and
+    /// remembered for `negative_ttl` if set); [`LoadError::Panicked`] when the loader panicked
+    /// (for every caller of that load, and for the refresh backoff after it: a panicking loader
+    /// is called once per backoff, not once per caller); [`LoadError::Timeout`] when the wait
+    /// exceeded the timeout and there is no value to fall back on; [`LoadError::NoLoader`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use herdcache::Cache;
+    /// let cache: Cache<u32, String> = Cache::builder()
+    ///     .max_capacity(100)
+    ///     .loader(|k: &u32| Ok::<_, herdcache::BoxError>(format!("value {k}")))
+    ///     .build();
+    /// assert_eq!(cache.load(7).unwrap(), "value 7");
+    /// ```
+    pub fn load(&self, key: K) -> Result<V, LoadError> {
+        self.load_with_timeout(key, self.inner.stampede.load_timeout)
+    }
+
+    /// The async twin of [`load`](Self::load), with the builder's
+    /// [`async_loader`](crate::CacheBuilder::async_loader): single-flight with every other load
+    /// of the key (blocking or async), negative caching and the load limit as configured.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load) ([`LoadError::NoLoader`] without an async loader).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<u32, u32> = herdcache::Cache::builder()
+    ///     .max_capacity(10)
+    ///     .async_loader(|k: &u32| {
+    ///         let k = *k;
+    ///         async move { Ok::<_, herdcache::BoxError>(k * 2) }
+    ///     })
+    ///     .build();
+    /// assert_eq!(futures::executor::block_on(cache.load_async(4)).unwrap(), 8);
+    /// ```
+    pub async fn load_async(&self, key: K) -> Result<V, LoadError> {
+        let Some(loader) = self.inner.stampede.async_loader.clone() else {
+            return Err(LoadError::NoLoader);
+        };
+        // The loader is called when the load is first polled: only the leader's ever is. Its
+        // panic ends the load for every caller as `LoadError::Panicked`.
+        let k = key.clone();
+        let fut = async move {
+            match CatchPanic(Box::pin(async move { loader(&k).await })).await {
+                Some(r) => outcome_of(r),
+                None => Outcome::Panicked,
+            }
+        };
+        self.load_async_core(key, fut, |v| Ok(v.clone()), accept_load)
+            .await
+    }
+
+    /// [`load`](Self::load) with its own soft timeout (`None`: wait as long as it takes).
+    ///
+    /// The timeout bounds the wait for a load run by another caller, or by the spawner; a
+    /// caller that runs the loader itself (no spawner configured) is not interrupted. When the
+    /// timeout passes, the call returns the value already cached for `key` if there is one
+    /// (a value due for refresh), else [`LoadError::Timeout`]; the load goes on and fills the
+    /// cache for the next caller.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn load_with_timeout(&self, key: K, timeout: Option<Duration>) -> Result<V, LoadError> {
+        let Some(loader) = self.inner.stampede.loader.clone() else {
+            return Err(LoadError::NoLoader);
+        };
+        let until = timeout.map(|t| std::time::Instant::now() + t);
+        let hash = self.hash(&key);
+        let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
+            self.load_inline(key.clone(), hash, &loader, until, true)
+        } else {
+            self.load_spawned(key.clone(), hash, &loader, until)
+        };
+        match result {
+            Some(r) => r,
+            // Timed out: a value at hand beats an error.
+            None => {
+                self.count(Counter::Timeout);
+                self.read_with(&key, hash, false, V::clone)
+                    .ok_or(LoadError::Timeout)
+            }
+        }
+    }
+
+    /// A load with the builder's loader run by this caller if it leads. A panic of the loader
+    /// ends the load as [`LoadError::Panicked`] for every caller of it. `None`: `until` passed.
+    fn load_inline(
+        &self,
+        key: K,
+        hash: u64,
+        loader: &LoaderFn<K, V>,
+        until: Option<std::time::Instant>,
+        record: bool,
+    ) -> Option<Result<V, LoadError>> {
+        let k = key.clone();
+        let loader = Arc::clone(loader);
+        let init = move || catch_panic(|| outcome_of(loader(&k)));
+        let hit = |v: &V| Ok(v.clone());
+        self.load_blocking(key, hash, init, &hit, &accept_load, until, record)
+    }
+
+    /// A load whose leader hands the loader to the spawner and waits for it like any other
+    /// caller, so that every caller's wait can be bounded. If the spawner panics or drops the
+    /// job without running it, the leader loads inline instead (once; no spawn loop). `None`:
+    /// `until` passed.
+    fn load_spawned(
+        &self,
+        key: K,
+        hash: u64,
+        loader: &LoaderFn<K, V>,
+        until: Option<std::time::Instant>,
+    ) -> Option<Result<V, LoadError>> {
+        let hit = |v: &V| Ok(v.clone());
+        let mut bypass_negative = false;
+        let mut record = true;
+        loop {
+            let claim = self.claim(
+                hash,
+                &key,
+                &hit,
+                &mut None,
+                ClaimMode::leading(bypass_negative, record),
+            );
+            record = false;
+            let (flight, led) = match claim {
+                Claim::Hit(r) => return Some(r),
+                Claim::Lost => unreachable!("a blocking caller can always lead"),
+                // Inside another load that holds a permit: take over a leader that waits for
+                // one, here (waiting for it could keep the permit from it forever).
+                Claim::Join(f) if holds_permit() && f.steal() => {
+                    let lead = Lead::new(self, hash, f);
+                    let k = key.clone();
+                    let init = || catch_panic(|| outcome_of(loader(&k)));
+                    let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false) else {
+                        unreachable!("a load taken over is not started again")
+                    };
+                    let outcome = self.publish(lead, Some(key), outcome, took);
+                    return accept_load(&outcome);
+                }
+                Claim::Join(f) => (f, false),
+                Claim::Lead(lead) => {
+                    let flight = Arc::clone(lead.flight());
+                    let (k, job_loader) = (key.clone(), Arc::clone(loader));
+                    // The job owns the lead: dropped unrun, it abandons the flight.
+                    let job = move || {
+                        let cache = lead.cache().clone();
+                        let init = || catch_panic(|| outcome_of(job_loader(&k)));
+                        match cache.run_loader(lead.flight(), init, true) {
+                            Ok((outcome, took)) => {
+                                cache.publish(lead, Some(k), outcome, took);
+                            }
+                            // Taken over while the job waited for a permit: the taker publishes.
+                            Err(_) => drop(lead.disarm()),
+                        }
+                    };
+                    let spawn = self
+                        .inner
+                        .stampede
+                        .spawner
+                        .as_ref()
+                        .expect("checked by the caller");
+                    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        spawn(Box::new(job))
+                    }));
+                    if spawned.is_err() {
+                        // The job went down with the spawner (the flight is abandoned).
+                        return self.load_inline(key, hash, loader, until, false);
+                    }
+                    (flight, true)
+                }
+            };
+            match self.wait_blocking(&flight, &accept_load, until) {
+                Waited::Done(Some(r)) => return Some(r),
+                Waited::Done(None) => bypass_negative = true,
+                // Our own job was dropped unrun (or could not publish): load here instead.
+                Waited::Abandoned if led => {
+                    return self.load_inline(key, hash, loader, until, false);
+                }
+                Waited::Abandoned => {}
+                Waited::TimedOut => return None,
+            }
+        }
+    }
+}
+
+/// Polls a future, turning its panic into `None`.
+pub(crate) struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Option<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<F::Output>> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Some(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// Runs a shared loader, turning its panic into an outcome that every caller of the load
+/// receives (as [`LoadError::Panicked`]) instead of one caller after another running it again.
+pub(crate) fn catch_panic<V>(load: impl FnOnce() -> Outcome<V>) -> Outcome<V> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or(Outcome::Panicked)
+}
+
+/// A caller of [`Cache::load`]: a value, the loader's error, or its panic.
+fn accept_load<V: Clone>(o: &Outcome<V>) -> Option<Result<V, LoadError>> {
+    match o {
+        Outcome::Value(v) => Some(Ok(v.clone())),
+        Outcome::Error(e) => Arc::clone(e)
+            .downcast::<BoxError>()
+            .ok()
+            .map(|e| Err(LoadError::Loader(e))),
+        Outcome::Panicked => Some(Err(LoadError::Panicked)),
+        Outcome::Nothing => None,
+    }
+}

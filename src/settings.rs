@@ -1,0 +1,156 @@
+//! The settings that are not generic over the hasher: the loaders, the spawners and the
+//! load and refresh options (as quick_cache's `options`). The builder fills them in; the cache
+//! and its features (loads, refreshes) read them. A leaf: it uses no other module of the crate
+//! but the load limiter.
+
+use crate::limit::Limiter;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The default hasher: ahash, randomly seeded per cache, behind an opaque type.
+///
+/// Random seeding keeps an attacker from predicting which keys collide, both in the hash table
+/// and in the frequency sketch that guards admission.
+#[derive(Clone, Debug, Default)]
+pub struct DefaultHashBuilder(ahash::RandomState);
+
+/// The [`Hasher`] of [`DefaultHashBuilder`].
+#[derive(Clone, Debug)]
+pub struct DefaultHasher(ahash::AHasher);
+
+impl Hasher for DefaultHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes)
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0.write_u64(i)
+    }
+}
+
+impl BuildHasher for DefaultHashBuilder {
+    type Hasher = DefaultHasher;
+    #[inline]
+    fn build_hasher(&self) -> DefaultHasher {
+        DefaultHasher(self.0.build_hasher())
+    }
+}
+
+/// The error type of a loader set with [`CacheBuilder::loader`](crate::CacheBuilder::loader).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+pub(crate) type LoaderFn<K, V> = Arc<dyn Fn(&K) -> Result<V, BoxError> + Send + Sync>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+pub(crate) type AsyncLoaderFn<K, V> =
+    Arc<dyn Fn(&K) -> BoxFuture<Result<V, BoxError>> + Send + Sync>;
+
+/// Runs a future somewhere else (e.g. `tokio::spawn`).
+pub(crate) type FutureSpawner = Arc<dyn Fn(BoxFuture<()>) + Send + Sync>;
+
+/// Weighs an entry (see [`CacheBuilder::weigher`](crate::CacheBuilder::weigher)).
+pub(crate) type Weigher<K, V> = Box<dyn Fn(&K, &V) -> u32 + Send + Sync>;
+
+/// Runs a job somewhere else: a thread pool, a runtime handle's `spawn_blocking`, a new thread.
+pub(crate) type Spawner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// The stampede-protection settings of a cache, fixed at build time.
+pub(crate) struct Stampede<K, V> {
+    pub(crate) loader: Option<LoaderFn<K, V>>,
+    pub(crate) spawner: Option<Spawner>,
+    pub(crate) async_loader: Option<AsyncLoaderFn<K, V>>,
+    /// What refreshes use instead of the loaders, if set: a second tier must not answer a
+    /// refresh with the very value being refreshed.
+    pub(crate) refresh_loader: Option<LoaderFn<K, V>>,
+    pub(crate) async_refresh_loader: Option<AsyncLoaderFn<K, V>>,
+    pub(crate) future_spawner: Option<FutureSpawner>,
+    pub(crate) refresh_backoff: u64,
+    pub(crate) negative_ttl: Option<u64>,
+    pub(crate) load_timeout: Option<Duration>,
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
+    /// lock), and starts its refresh (after the lock is released).
+    pub(crate) clone_key: Option<fn(&K) -> K>,
+}
+
+impl<K, V> Default for Stampede<K, V> {
+    fn default() -> Self {
+        Stampede {
+            loader: None,
+            spawner: None,
+            async_loader: None,
+            refresh_loader: None,
+            async_refresh_loader: None,
+            future_spawner: None,
+            refresh_backoff: 0,
+            negative_ttl: None,
+            load_timeout: None,
+            limiter: None,
+            clone_key: None,
+        }
+    }
+}
+
+/// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`](crate::Cache::policy).
+///
+/// ```
+/// use herdcache::Cache;
+/// use std::time::Duration;
+///
+/// let cache: Cache<u64, u64> = Cache::builder()
+///     .max_capacity(1000)
+///     .time_to_live(Duration::from_secs(30))
+///     .shards(4)
+///     .build();
+/// let policy = cache.policy();
+/// assert_eq!(policy.max_capacity(), Some(1000));
+/// assert_eq!(policy.time_to_live(), Some(Duration::from_secs(30)));
+/// assert_eq!(policy.time_to_idle(), None);
+/// assert_eq!(policy.num_segments(), 4);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub(crate) max_capacity: u64,
+    pub(crate) shards: usize,
+    pub(crate) time_to_live: Option<Duration>,
+    pub(crate) time_to_idle: Option<Duration>,
+}
+
+impl Policy {
+    /// The bound (entries, or total weight with a weigher). Always `Some`: herdcache caches are
+    /// bounded; the `Option` is moka's shape.
+    pub fn max_capacity(&self) -> Option<u64> {
+        Some(self.max_capacity)
+    }
+
+    /// The time to live set with
+    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
+    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
+    pub fn time_to_live(&self) -> Option<Duration> {
+        self.time_to_live
+    }
+
+    /// The time to idle set with
+    /// [`CacheBuilder::time_to_idle`](crate::CacheBuilder::time_to_idle), if any.
+    pub fn time_to_idle(&self) -> Option<Duration> {
+        self.time_to_idle
+    }
+
+    /// The number of shards (moka's name: segments).
+    pub fn num_segments(&self) -> usize {
+        self.shards
+    }
+
+    /// The number of shards; the same as [`num_segments`](Self::num_segments).
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+}

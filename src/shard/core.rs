@@ -1,0 +1,837 @@
+//! The single-threaded core of a shard: the slab of records, the hash table over it, the
+//! policy, the timer wheel and the flight registry, behind one `&mut self` (the caller holds the
+//! shard's write lock) or `&self` for lookups under the read lock.
+
+use super::{Layout, Lookup, Record, SlotTime};
+use crate::clock::NEVER;
+use crate::expiry::{
+    claim_refresh, give_back_refresh, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
+};
+use crate::flight::Flights;
+use crate::policy::{record_hit, Place, Policy};
+use crate::removal::{RemovalCause, Removals, Removed};
+use crate::rng::Rng;
+use crate::sync::AtomicU64;
+use hashbrown::HashTable;
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The single-threaded core of a shard, generic over where entries keep their deadline.
+pub(crate) struct Core<K, V, T> {
+    table: HashTable<u32>,
+    pub(super) slab: Vec<Option<Record<K, V, T>>>,
+    free: Vec<u32>,
+    /// Time data besides the effective deadline (which is in the slot), `extra` per slab
+    /// slot: the hard deadline (with both TTL and TTI), then the refresh deadline and the last
+    /// load's duration. Index `j` of the layout (`j ≥ 1`) is at `slot * extra + j - 1`.
+    times: Vec<AtomicU64>,
+    stride: usize,
+    extra: usize,
+    layout: Layout,
+    /// xorshift state for jitter.
+    rng: Rng,
+    wheel: Option<TimerWheel>,
+    pub(super) policy: Policy,
+    weight: u64,
+    len: usize,
+    /// This shard's share of the cache's capacity.
+    share: u64,
+    /// Loads in flight (and negative-cache entries), by key (see [`crate::load`]).
+    flights: Flights<K, V>,
+    /// Slots whose deadline a read moved earlier (or off "never") under the read lock, where
+    /// the wheel cannot be touched: filed by the next write. Bounded; past the bound, `rescan`
+    /// files every entry instead.
+    refile: crate::sync::Mutex<Refile>,
+    refile_pending: crate::sync::AtomicBool,
+}
+
+/// Slots to file again in the timer wheel (see [`Core::refile`]).
+#[derive(Default)]
+struct Refile {
+    slots: Vec<u32>,
+    rescan: bool,
+}
+
+/// The most slots remembered for filing before a full rescan is asked for instead.
+const REFILE_MAX: usize = 1024;
+
+impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
+    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
+        let stride = layout.stride;
+        Core {
+            table: HashTable::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            times: Vec::new(),
+            stride,
+            extra: stride.saturating_sub(1),
+            layout,
+            rng: Rng::new(seed),
+            wheel: (stride > 0).then(|| TimerWheel::new(now)),
+            policy: Policy::new(share, seed),
+            weight: 0,
+            len: 0,
+            share,
+            flights: Flights::new(),
+            refile: crate::sync::Mutex::new(Refile::default()),
+            refile_pending: crate::sync::AtomicBool::new(false),
+        }
+    }
+
+    /// Remembers (under the read lock) that `slot`'s deadline moved to where its timer-wheel
+    /// bucket may not reach it.
+    #[cold]
+    fn note_refile(&self, slot: u32) {
+        let mut r = self.refile.lock();
+        if r.slots.len() < REFILE_MAX {
+            r.slots.push(slot);
+        } else {
+            r.rescan = true;
+        }
+        self.refile_pending.store(true, Ordering::Release);
+    }
+
+    /// Files the slots whose deadline a read moved (under the write lock).
+    #[cold]
+    fn file_moved(&mut self) {
+        let r = std::mem::take(&mut *self.refile.lock());
+        self.refile_pending.store(false, Ordering::Release);
+        let slots: Vec<u32> = if r.rescan {
+            (0..self.slab.len() as u32).collect()
+        } else {
+            r.slots
+        };
+        for s in slots {
+            if self.slab.get(s as usize).is_some_and(Option::is_some) {
+                let d = self.deadline(s);
+                self.file(s, d);
+            }
+        }
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// Whether `slot` waits to be filed again (see [`Self::note_refile`]).
+    fn refile_waits(&self, slot: u32) -> bool {
+        let r = self.refile.lock();
+        r.rescan || r.slots.contains(&slot)
+    }
+
+    pub(crate) fn flights(&mut self) -> &mut Flights<K, V> {
+        &mut self.flights
+    }
+
+    pub(crate) fn flights_ref(&self) -> &Flights<K, V> {
+        &self.flights
+    }
+
+    /// A write or invalidation of `key` supersedes its load in flight, if any: the flight is
+    /// detached from the registry (its result will not be stored, and later callers do not join
+    /// it). Its key goes to `out`, to be dropped after the lock is released.
+    #[inline]
+    fn supersede<Q>(&mut self, hash: u64, key: &Q, out: &mut Removals<K, V>)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some((key, flight)) = self.flights.detach(hash, key) {
+            out.detach(key, flight);
+        }
+    }
+
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn share(&self) -> u64 {
+        self.share
+    }
+
+    fn find<Q>(&self, hash: u64, key: &Q) -> Option<u32>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slab = &self.slab;
+        self.table
+            .find(hash, |&s| {
+                slab[s as usize]
+                    .as_ref()
+                    .is_some_and(|e| e.key.borrow() == key)
+            })
+            .copied()
+    }
+
+    #[inline]
+    fn deadline(&self, slot: u32) -> u64 {
+        self.slab[slot as usize]
+            .as_ref()
+            .map_or(NEVER, |e| e.time.get())
+    }
+
+    /// Slot `j ≥ 1` of an entry's time data (see `times`).
+    #[inline]
+    fn extra(&self, slot: u32, j: usize) -> &AtomicU64 {
+        &self.times[slot as usize * self.extra + j - 1]
+    }
+
+    /// Looks `key` up under a shared borrow (the read lock), recording the hit. `coin` is a
+    /// uniform random number in (0, 1], used only for probabilistic early refresh.
+    #[inline]
+    pub(crate) fn lookup<Q>(
+        &self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        coin: impl FnOnce() -> f64,
+    ) -> Lookup<'_, K, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let Some(slot) = self.find(hash, key) else {
+            return Lookup::Absent;
+        };
+        let Some(e) = &self.slab[slot as usize] else {
+            return Lookup::Absent;
+        };
+        if self.stride > 0 {
+            let current = e.time.get();
+            if current <= now {
+                return Lookup::Expired;
+            }
+            if self.layout.reads_move {
+                let hard = if self.layout.hard {
+                    self.extra(slot, 1).load(Ordering::Relaxed)
+                } else {
+                    NEVER
+                };
+                if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
+                    e.time.set(next);
+                    // The wheel is lazy about deadlines that move later; one that moves
+                    // earlier (or off "never") must be filed again, by the next write.
+                    if next != NEVER && (next < current || e.bucket == NO_BUCKET) {
+                        self.note_refile(slot);
+                    }
+                }
+            }
+            if let Some(r) = self.layout.refresh {
+                match self.refresh_state(slot, r, now, current, coin) {
+                    Refresh::Fresh => {}
+                    Refresh::Due => {
+                        record_hit(&e.hits);
+                        return Lookup::StaleHit(&e.value);
+                    }
+                    Refresh::Won => {
+                        record_hit(&e.hits);
+                        return Lookup::Stale(&e.key, &e.value);
+                    }
+                }
+            }
+        }
+        record_hit(&e.hits);
+        Lookup::Hit(&e.value)
+    }
+
+    /// Whether the entry in `slot`, whose refresh deadline is its time slot `r`, should be
+    /// refreshed now, and whether this caller won the right to start it (decided by
+    /// [`crate::expiry::claim_refresh`]; the shard only stores the deadline).
+    #[inline]
+    fn refresh_state(
+        &self,
+        slot: u32,
+        r: usize,
+        now: u64,
+        expires: u64,
+        coin: impl FnOnce() -> f64,
+    ) -> Refresh {
+        let early = self
+            .layout
+            .early_beta
+            .map(|beta| (beta, self.extra(slot, r + 1)));
+        claim_refresh(self.extra(slot, r), early, now, expires, coin)
+    }
+
+    /// Sets the refresh deadline of `key`'s entry, if present (after a failed or deferred
+    /// refresh).
+    pub(crate) fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
+            self.extra(slot, r).store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// The refresh deadline of the entry whose value is `value` (a reference a lookup just
+    /// returned), found by its address in the slab: no user code runs, so a reader can take it
+    /// before anything that may panic.
+    pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
+        let r = self.layout.refresh?;
+        let size = std::mem::size_of::<Option<Record<K, V, T>>>();
+        let offset = (value as *const V as usize).checked_sub(self.slab.as_ptr() as usize)?;
+        let slot = offset / size;
+        match self.slab.get(slot) {
+            Some(Some(e)) if std::ptr::eq(&e.value, value) => Some(self.extra(slot as u32, r)),
+            _ => None,
+        }
+    }
+
+    /// Gives back a read's claim to refresh `key` (its refresh deadline is
+    /// [`REFRESHING`](crate::expiry::REFRESHING)): the entry is due again at `at`. A deadline set
+    /// meanwhile (a new value) is kept.
+    pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
+            give_back_refresh(self.extra(slot, r), at);
+        }
+    }
+
+    /// Looks `key` up without recording anything (for `contains_key`, `peek`-like calls).
+    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.find(hash, key)?;
+        if self.deadline(slot) <= now {
+            return None;
+        }
+        self.slab[slot as usize].as_ref().map(|e| &e.value)
+    }
+
+    #[inline]
+    fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
+        if self.stride > 0 {
+            self.store_times(slot, times, now, load_nanos);
+        }
+    }
+
+    fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
+        // The wheel is lazy: an entry filed for an earlier deadline is checked when its bucket
+        // comes due and filed again then, so a deadline that only moves later (a replaced
+        // value's new time to live) needs no filing now.
+        let mut refile = true;
+        if let Some(e) = &self.slab[slot as usize] {
+            refile = e.bucket == NO_BUCKET || effective < e.time.get();
+            e.time.set(effective);
+        }
+        if self.layout.hard {
+            self.extra(slot, 1).store(hard, Ordering::Relaxed);
+        }
+        if let Some(r) = self.layout.refresh {
+            let factor = self.jitter_factor();
+            let at = self.layout.refresh_after.map_or(NEVER, |d| {
+                crate::clock::deadline(now, crate::expiry::scale(d, factor))
+            });
+            self.extra(slot, r).store(at, Ordering::Relaxed);
+            self.extra(slot, r + 1).store(load_nanos, Ordering::Relaxed);
+        }
+        if refile {
+            self.file(slot, effective);
+        }
+    }
+
+    /// A uniform factor in [1 − jitter, 1 + jitter] (exactly 1 without jitter).
+    fn jitter_factor(&mut self) -> f64 {
+        if self.layout.jitter == 0.0 {
+            return 1.0;
+        }
+        crate::expiry::jitter_factor(self.layout.jitter, self.rng.unit())
+    }
+
+    /// Files `slot` in the timer wheel under `deadline` (or nowhere for [`NEVER`]).
+    fn file(&mut self, slot: u32, deadline: u64) {
+        let Some(wheel) = &mut self.wheel else { return };
+        let e = self.slab[slot as usize]
+            .as_mut()
+            .expect("filing a live slot");
+        let b = if deadline == NEVER {
+            NO_BUCKET
+        } else {
+            wheel.bucket_for(deadline)
+        };
+        if b == e.bucket {
+            return; // still filed in the right bucket
+        }
+        if e.bucket != NO_BUCKET {
+            wheel.unfile(e.bucket);
+        }
+        e.bucket = b;
+        if b == NO_BUCKET {
+            return;
+        }
+        if wheel.file(b, slot) {
+            let slab = &self.slab;
+            wheel.compact(b, |s| {
+                slab[s as usize].as_ref().is_some_and(|e| e.bucket == b)
+            });
+        }
+    }
+
+    fn alloc(&mut self, entry: Record<K, V, T>) -> u32 {
+        if let Some(s) = self.free.pop() {
+            self.slab[s as usize] = Some(entry);
+            return s;
+        }
+        if self.slab.len() == self.slab.capacity() {
+            // Grow by doubling up to this shard's share, then by an eighth: shards of a full
+            // cache hold their share give or take a little, so the slab wastes almost nothing.
+            let len = self.slab.len() as u64;
+            let extra = if len < self.share {
+                len.max(4).min(self.share - len)
+            } else {
+                (len / 8).max(4)
+            };
+            self.slab.reserve_exact(extra as usize);
+            self.times.reserve_exact(extra as usize * self.extra);
+        }
+        let s = u32::try_from(self.slab.len()).expect("a shard holds at most 2^32 entries");
+        self.slab.push(Some(entry));
+        for _ in 0..self.extra {
+            self.times.push(AtomicU64::new(NEVER));
+        }
+        s
+    }
+
+    /// Inserts or replaces. `accesses` is the shard's approximate access count (for the policy's
+    /// hill climber). Entries already expired at `now` are not stored.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        hasher: &S,
+        (accesses, load_nanos, cap): (u64, u64, u64),
+        out: &mut Removals<K, V>,
+    ) {
+        self.expire(now, false, hasher, out);
+        let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
+        self.supersede(hash, &key, out);
+        let factor = self.jitter_factor();
+        if let Some(slot) = self.find(hash, &key) {
+            let current = self.deadline(slot);
+            if current <= now {
+                // Expired but not yet reclaimed: it is dead. The new value is a creation (it
+                // inherits neither the old deadline nor its hits or queue place).
+                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+            } else {
+                let e = self.slab[slot as usize]
+                    .as_mut()
+                    .expect("found slot is live");
+                let times = capped(exp.on_update(&e.key, &value, now, current, factor));
+                if times.0 <= now {
+                    self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                    out.push(Removed::expired(key, value, weight));
+                    return;
+                }
+                let old = std::mem::replace(&mut e.value, value);
+                let old_weight = std::mem::replace(&mut e.weight, weight);
+                record_hit(&e.hits);
+                let place = e.place;
+                self.policy.on_reweigh(place, old_weight, weight);
+                self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+                self.set_times(slot, times, now, load_nanos);
+                out.push(Removed {
+                    key,
+                    value: old,
+                    weight: old_weight,
+                    cause: RemovalCause::Replaced,
+                });
+                return;
+            }
+        }
+        self.create(
+            hash,
+            key,
+            value,
+            weight,
+            now,
+            exp,
+            hasher,
+            out,
+            (accesses, load_nanos, cap),
+            factor,
+        );
+    }
+
+    /// Inserts a key that has no entry. User code (the `Expiry` callback, the keys' `Hash` when
+    /// the table grows) runs before anything is mutated.
+    #[allow(clippy::too_many_arguments)]
+    fn create<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+        (accesses, load_nanos, cap): (u64, u64, u64),
+        factor: f64,
+    ) {
+        let (effective, hard) = exp.on_create(&key, &value, now, factor);
+        let times = (effective.min(cap), hard.min(cap));
+        if times.0 <= now {
+            // Already expired (a zero time to live): never stored.
+            out.push(Removed::expired(key, value, weight));
+            return;
+        }
+        self.reserve_table(hasher, out);
+        let slot = self.alloc(Record {
+            key,
+            value,
+            weight,
+            hits: AtomicU8::new(0),
+            place: Place::Window,
+            bucket: NO_BUCKET,
+            time: T::fresh(),
+        });
+        let slab = &self.slab;
+        self.table.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(&slab[s as usize].as_ref().expect("table slots are live").key)
+        });
+        self.weight += u64::from(weight);
+        self.len += 1;
+        self.set_times(slot, times, now, load_nanos);
+        self.policy
+            .on_insert(&mut self.slab, slot, hash, accesses, |e| {
+                hasher.hash_one(&e.key)
+            });
+    }
+
+    /// Makes room in the table for one more slot, so that the insertion that follows does not
+    /// rehash (running the keys' `Hash`) after the slot is allocated. If a key's `Hash` panics
+    /// while the table grows, the entry of that key is removed (it could no longer be found)
+    /// and the panic is resumed, with the shard consistent.
+    fn reserve_table<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) {
+        if self.table.len() < self.table.capacity() {
+            return;
+        }
+        let failed = std::cell::RefCell::new(Vec::new());
+        let panic = std::cell::RefCell::new(None);
+        {
+            let slab = &self.slab;
+            self.table.reserve(1, |&s| {
+                let key = &slab[s as usize].as_ref().expect("table slots are live").key;
+                let hashed =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hasher.hash_one(key)));
+                hashed.unwrap_or_else(|p| {
+                    failed.borrow_mut().push(s);
+                    panic.borrow_mut().get_or_insert(p);
+                    0 // filed under a dummy hash, removed below
+                })
+            });
+        }
+        for s in failed.into_inner() {
+            self.remove_slot(s, 0, RemovalCause::Explicit, out);
+        }
+        if let Some(p) = panic.into_inner() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Unlinks a live slot from the table and the wheel and takes its entry. The slot is left
+    /// empty; the caller decides whether it is free now or still referenced by a queue.
+    fn take_slot(&mut self, slot: u32, hash: u64) -> Record<K, V, T> {
+        match self.table.find_entry(hash, |&s| s == slot) {
+            Ok(found) => {
+                found.remove();
+            }
+            // The key hashes differently now than when it was inserted (a `Hash` that is not a
+            // function of the key): find its slot by scanning, so that the table never keeps
+            // an index to a freed slot. Only that key misbehaves.
+            Err(_) => self.table.retain(|&mut s| s != slot),
+        }
+        let e = self.slab[slot as usize].take().expect("taking a live slot");
+        if e.bucket != NO_BUCKET {
+            if let Some(w) = &mut self.wheel {
+                w.unfile(e.bucket);
+            }
+        }
+        self.weight -= u64::from(e.weight);
+        self.len -= 1;
+        e
+    }
+
+    /// Removes a live entry that is still queued in the policy (a caller's removal or expiry).
+    fn remove_slot(&mut self, slot: u32, hash: u64, cause: RemovalCause, out: &mut Removals<K, V>) {
+        let e = self.take_slot(slot, hash);
+        if self.policy.on_remove(e.place, e.weight) {
+            self.policy.purge_tombstones(&self.slab, &mut self.free);
+        }
+        out.push(Removed {
+            key: e.key,
+            value: e.value,
+            weight: e.weight,
+            cause,
+        });
+    }
+
+    /// Removes `key`; the removed entry (if any, and not expired) is pushed last onto `out`.
+    /// Returns whether a live entry was removed.
+    pub(crate) fn remove<Q, S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+        cause: RemovalCause,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.expire(now, false, hasher, out);
+        self.supersede(hash, key, out);
+        let Some(slot) = self.find(hash, key) else {
+            return false;
+        };
+        let live = self.deadline(slot) > now;
+        let cause = if live { cause } else { RemovalCause::Expired };
+        self.remove_slot(slot, hash, cause, out);
+        live
+    }
+
+    /// Removes `key`'s entry only if it is expired at `now` (a reader saw it expired; a write
+    /// may have replaced it since). Supersedes nothing. Returns whether it removed one.
+    pub(crate) fn remove_expired<Q>(
+        &mut self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        out: &mut Removals<K, V>,
+    ) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.find(hash, key) {
+            Some(slot) if self.deadline(slot) <= now => {
+                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
+    pub(crate) fn evict_one<S: BuildHasher>(
+        &mut self,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+    ) -> bool {
+        let Some(slot) = self
+            .policy
+            .evict(&mut self.slab, &mut self.free, |e| hasher.hash_one(&e.key))
+        else {
+            return false;
+        };
+        let hash = hasher.hash_one(
+            &self.slab[slot as usize]
+                .as_ref()
+                .expect("victim is live")
+                .key,
+        );
+        let e = self.take_slot(slot, hash);
+        self.free.push(slot);
+        out.push(Removed {
+            key: e.key,
+            value: e.value,
+            weight: e.weight,
+            cause: RemovalCause::Size,
+        });
+        true
+    }
+
+    /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them
+    /// when `exact`, else those due before the current wheel tick (≈1 s granularity).
+    #[inline(always)]
+    pub(crate) fn expire<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        exact: bool,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+    ) {
+        if self.wheel.is_none() {
+            return;
+        }
+        if self.refile_pending.load(Ordering::Relaxed) {
+            self.file_moved();
+        }
+        if let Some(wheel) = &mut self.wheel {
+            if !wheel.advance_within_tick(now, exact) {
+                self.expire_due(now, exact, hasher, out);
+            }
+        }
+    }
+
+    fn expire_due<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        exact: bool,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+    ) {
+        let Some(wheel) = &mut self.wheel else { return };
+        let mut due = Vec::new();
+        wheel.advance(now, exact, &mut due);
+        if due.is_empty() {
+            return;
+        }
+        let mut refile = Vec::new();
+        for (b, slots) in due {
+            for s in slots {
+                let Some(e) = self.slab[s as usize].as_mut() else {
+                    continue;
+                };
+                if e.bucket != b {
+                    continue; // stale index, or a duplicate already handled
+                }
+                e.bucket = NO_BUCKET;
+                let d = e.time.get();
+                if d <= now {
+                    let hash = hasher.hash_one(&e.key);
+                    self.remove_slot(s, hash, RemovalCause::Expired, out);
+                } else {
+                    refile.push((s, d));
+                }
+            }
+        }
+        for (s, d) in refile {
+            self.file(s, d);
+        }
+    }
+
+    /// Removes every entry (and supersedes every load in flight).
+    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
+        for (k, f) in self.flights.detach_all() {
+            out.detach(k, f);
+        }
+        for e in self.slab.drain(..).flatten() {
+            out.push(Removed {
+                key: e.key,
+                value: e.value,
+                weight: e.weight,
+                cause: RemovalCause::Explicit,
+            });
+        }
+        self.table.clear();
+        self.free.clear();
+        self.times.clear();
+        self.policy.clear();
+        if let Some(w) = &mut self.wheel {
+            w.clear();
+        }
+        self.weight = 0;
+        self.len = 0;
+    }
+
+    /// Removes every live entry for which `keep` returns false (and every expired one).
+    pub(crate) fn retain<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        hasher: &S,
+        keep: &mut impl FnMut(&K, &V) -> bool,
+        out: &mut Removals<K, V>,
+    ) {
+        for s in 0..self.slab.len() as u32 {
+            let Some(e) = &self.slab[s as usize] else {
+                continue;
+            };
+            let expired = self.deadline(s) <= now;
+            if expired || !keep(&e.key, &e.value) {
+                let hash = hasher.hash_one(&e.key);
+                let cause = if expired {
+                    RemovalCause::Expired
+                } else {
+                    RemovalCause::Explicit
+                };
+                self.remove_slot(s, hash, cause, out);
+            }
+        }
+    }
+
+    /// Clones of every live entry (for iteration outside the lock).
+    pub(crate) fn snapshot(&self, now: u64) -> Vec<(K, V)>
+    where
+        K: Clone,
+        V: Clone,
+    {
+        let mut v = Vec::with_capacity(self.len);
+        for (s, e) in self.slab.iter().enumerate() {
+            if let Some(e) = e {
+                if self.deadline(s as u32) > now {
+                    v.push((e.key.clone(), e.value.clone()));
+                }
+            }
+        }
+        v
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// Checks every internal invariant; panics with a message on the first violation.
+    pub(crate) fn validate<S: BuildHasher>(&self, hasher: &S) {
+        let live: Vec<u32> = (0..self.slab.len() as u32)
+            .filter(|&s| self.slab[s as usize].is_some())
+            .collect();
+        assert_eq!(live.len(), self.len, "len counts live slots");
+        assert_eq!(
+            self.table.len(),
+            self.len,
+            "table holds every live slot once"
+        );
+        let mut weight = 0u64;
+        for &s in &live {
+            let e = self.slab[s as usize].as_ref().expect("live");
+            weight += u64::from(e.weight);
+            let h = hasher.hash_one(&e.key);
+            assert_eq!(
+                self.find(h, &e.key),
+                Some(s),
+                "table maps the key to its slot"
+            );
+            if let Some(_w) = &self.wheel {
+                // Filed if it has a deadline (or waiting to be filed, after a read moved it). A
+                // deadline that moved to "never" may stay filed: the wheel is lazy.
+                let d = self.deadline(s);
+                assert!(
+                    d == NEVER || e.bucket != NO_BUCKET || self.refile_waits(s),
+                    "an entry with a deadline is filed"
+                );
+            }
+        }
+        assert_eq!(weight, self.weight, "weight is the sum of entry weights");
+        for &f in &self.free {
+            assert!(self.slab[f as usize].is_none(), "free slots are empty");
+        }
+        self.policy.validate(&self.slab);
+    }
+
+    /// The heap bytes this shard holds (for memory tests).
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Option<Record<K, V, T>>>() * self.slab.capacity()
+            + self.table.capacity() * (4 + 1)
+            + self.times.capacity() * 8
+            + self.free.capacity() * 4
+            + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
+            + self.policy.sketch().heap_bytes()
+    }
+}
