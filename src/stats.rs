@@ -457,6 +457,10 @@ remote_counters! {
     invalidations_received,
     /// Times the invalidation subscriber (re)connected.
     subscriber_connects,
+    /// Values not stored in Redis because their encoding is larger than the tier's
+    /// [`max_value_size`](crate::redis::RedisTier::max_value_size) (an `insert` of one leaves
+    /// a tombstone instead). Per key: not counted against the circuit breaker.
+    oversized,
 }
 
 impl RemoteCounters {

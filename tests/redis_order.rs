@@ -233,18 +233,21 @@ fn an_instance_never_reads_back_what_it_just_invalidated() {
     let backend = Backend::new();
     let a = instance(tier(&server, "o8"), &backend);
     let stop = Arc::new(AtomicBool::new(false));
-    // A hot reader on the same instance.
-    let reader = {
-        let (a, stop) = (a.clone(), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                a.load(1).unwrap();
-                reads += 1;
-            }
-            reads
+    // Hot readers on the same instance: one of them misses as soon as the local copy goes,
+    // and reads Redis (before the instance's own change of Redis, on the old code).
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (a, stop) = (a.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    a.load(1).unwrap();
+                    reads += 1;
+                }
+                reads
+            })
         })
-    };
+        .collect();
     let mut lost = 0;
     for round in 2..302u64 {
         backend.version.store(round, Ordering::SeqCst);
@@ -255,7 +258,7 @@ fn an_instance_never_reads_back_what_it_just_invalidated() {
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let reads = reader.join().unwrap();
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert_eq!(
         lost, 0,
         "{lost} of 300 invalidations lost ({reads} concurrent reads)"
@@ -271,9 +274,21 @@ fn concurrent_inserts_on_two_instances_converge_on_redis() {
     let b = instance(tier(&server, "o9"), &backend);
     assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     let keys = 200u64;
+    // Both instances insert each key at the same moment.
+    let together = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
-        s.spawn(|| (0..keys).for_each(|k| a.insert(k, 1_000_000 + k)));
-        s.spawn(|| (0..keys).for_each(|k| b.insert(k, 2_000_000 + k)));
+        s.spawn(|| {
+            (0..keys).for_each(|k| {
+                together.wait();
+                a.insert(k, 1_000_000 + k);
+            })
+        });
+        s.spawn(|| {
+            (0..keys).for_each(|k| {
+                together.wait();
+                b.insert(k, 2_000_000 + k);
+            })
+        });
     });
     // Redis holds one of the two values per key; once the messages are in, both instances
     // serve that one.

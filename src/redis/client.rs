@@ -3,8 +3,10 @@
 //!
 //! Every operation either answers within its time bound or yields `None`, which the caller
 //! treats as "the second tier has nothing to say" (a miss, a skipped write). The bound of one
-//! operation is the connect timeout (only when no pooled connection is free) plus the operation
-//! timeout for writing the request and for reading the reply.
+//! operation is the connect timeout (only when no pooled connection is free: connect and
+//! handshake) plus the operation timeout, one deadline for writing the request and reading the
+//! whole reply (see [`conn`](super::conn)): a reply that drips in slowly times out as one that
+//! never comes, is counted as a timeout, and feeds the breaker.
 //!
 //! The breaker counts consecutive failures. At `failures` of them it *opens*: operations are
 //! skipped at once (no network, no waiting) for `cooldown`. Then one operation is let through
@@ -15,8 +17,9 @@
 //! Times here are real time (`Instant`): they bound waits on a network, which the cache's
 //! clock (possibly a manual one in tests) does not govern.
 
+use super::conn::{Conn, Target};
 use crate::stats::RemoteCounters;
-use ::redis::{Client as RawClient, Connection, RedisError, RedisResult};
+use ::redis::{Client as RawClient, Connection, ConnectionLike, RedisError, RedisResult};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,22 +114,37 @@ pub(crate) enum Failed {
 
 /// Whether an error is the server's refusal of one operation (its reply read in full), as
 /// opposed to a failure of the connection or of the server as a whole.
+///
+/// Per operation: `WRONGTYPE` (a key of another type), `ERR` (a script's or a command's error
+/// about its arguments, a value over the server's limits), `OOM` (writes refused, reads still
+/// served), `EXECABORT`, and a reply of an unexpected shape. Everything else the server says
+/// (`NOAUTH`, `WRONGPASS`, `NOPERM`, `BUSY`, `LOADING`, `READONLY`, `MASTERDOWN`, `MISCONF`, …)
+/// concerns every key and counts against the breaker.
 fn refused(e: &RedisError) -> bool {
-    use ::redis::{ErrorKind, ServerErrorKind};
+    use ::redis::ErrorKind;
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         return false;
     }
-    matches!(
-        e.kind(),
-        ErrorKind::Server(ServerErrorKind::ResponseError)
-            | ErrorKind::Extension
-            | ErrorKind::UnexpectedReturnType
-    )
+    if e.kind() == ErrorKind::UnexpectedReturnType {
+        return true;
+    }
+    // A pipeline's error carries each failed command's: all must be about their operation.
+    match e.clone().into_server_errors() {
+        Some(errors) => {
+            !errors.is_empty()
+                && errors
+                    .iter()
+                    .all(|(_, s)| matches!(s.code(), "WRONGTYPE" | "ERR" | "OOM" | "EXECABORT"))
+        }
+        None => false,
+    }
 }
 
 pub(crate) struct Client {
-    raw: RawClient,
-    idle: Mutex<Vec<Connection>>,
+    /// Where the subscriber connects: the server, or each node of a cluster in turn.
+    subscribe: Vec<RawClient>,
+    target: Target,
+    idle: Mutex<Vec<Conn>>,
     connect_timeout: Duration,
     op_timeout: Duration,
     pub(crate) breaker: Breaker,
@@ -135,14 +153,16 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) fn new(
-        raw: RawClient,
+        target: Target,
+        subscribe: Vec<RawClient>,
         connect_timeout: Duration,
         op_timeout: Duration,
         breaker: Breaker,
         counters: Arc<RemoteCounters>,
     ) -> Self {
         Client {
-            raw,
+            subscribe,
+            target,
             idle: Mutex::new(Vec::new()),
             connect_timeout,
             op_timeout,
@@ -151,9 +171,16 @@ impl Client {
         }
     }
 
-    /// A new connection with the operation timeout set on it.
-    pub(crate) fn connect(&self, read_timeout: Option<Duration>) -> RedisResult<Connection> {
-        let conn = self.raw.get_connection_with_timeout(self.connect_timeout)?;
+    /// A new connection of the `redis` crate (for the subscriber's `attempt`-th try: on a
+    /// cluster, each node in turn), with the operation timeout for writes and `read_timeout`
+    /// for reads.
+    pub(crate) fn connect(
+        &self,
+        attempt: usize,
+        read_timeout: Option<Duration>,
+    ) -> RedisResult<Connection> {
+        let raw = &self.subscribe[attempt % self.subscribe.len()];
+        let conn = raw.get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(read_timeout)?;
         conn.set_write_timeout(Some(self.op_timeout))?;
         Ok(conn)
@@ -163,7 +190,7 @@ impl Client {
     /// skipped or failed (counted); the caller goes on without the second tier.
     /// Runs `op`: `None` if Redis is unavailable or refused the operation (see
     /// [`run_result`](Self::run_result)).
-    pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Option<T> {
+    pub(crate) fn run<T>(&self, op: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
         self.run_result(op).ok()
     }
 
@@ -173,7 +200,7 @@ impl Client {
     /// answered, the connection stays usable.
     pub(crate) fn run_result<T>(
         &self,
-        op: impl FnOnce(&mut Connection) -> RedisResult<T>,
+        op: impl FnOnce(&mut Conn) -> RedisResult<T>,
     ) -> Result<T, Failed> {
         let verdict = self.breaker.admit(Instant::now());
         if verdict == Verdict::Skip {
@@ -183,16 +210,24 @@ impl Client {
         let pooled = self.idle.lock().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => match self.connect(Some(self.op_timeout)) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.failed(&e);
-                    return Err(Failed::Unavailable);
+            None => {
+                let deadline = Instant::now() + self.connect_timeout;
+                match Conn::open(&self.target, deadline) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.failed(&e);
+                        return Err(Failed::Unavailable);
+                    }
                 }
-            },
+            }
         };
+        // One deadline for the whole operation: request, and every byte of the reply.
+        if let Err(e) = conn.begin(Instant::now() + self.op_timeout) {
+            self.failed(&e);
+            return Err(Failed::Unavailable);
+        }
         let result = op(&mut conn);
-        let keyed = matches!(&result, Err(e) if refused(e));
+        let keyed = matches!(&result, Err(e) if refused(e)) && conn.is_open();
         match result {
             Err(e) if !keyed => {
                 // The connection is dropped: after a timeout its stream may hold half a reply.
@@ -254,6 +289,38 @@ mod tests {
         assert!(!b.report(true, t2));
         assert!(!b.is_open());
         assert_eq!(b.admit(t2), Verdict::Go);
+    }
+
+    /// The server's error replies, as a command's result sees them.
+    fn reply_error(line: &str) -> RedisError {
+        let v = ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap();
+        v.extract_error().unwrap_err()
+    }
+
+    #[test]
+    fn per_key_refusals_and_server_wide_errors_are_told_apart() {
+        for per_key in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR Error running script",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            let e = reply_error(per_key);
+            assert!(refused(&e), "{per_key}: {e:?} code {:?}", e.code());
+        }
+        for server_wide in [
+            "NOAUTH Authentication required.",
+            "NOPERM this user has no permissions",
+            "BUSY Redis is busy running a script.",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "MISCONF Redis is configured to save RDB snapshots",
+        ] {
+            let e = reply_error(server_wide);
+            assert!(!refused(&e), "{server_wide}: {e:?} code {:?}", e.code());
+        }
+        assert!(!refused(&RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::TimedOut
+        ))));
     }
 
     #[test]

@@ -77,27 +77,80 @@
 //!
 //! # Redis failing never fails a request
 //!
-//! Every Redis operation is bounded: the connect timeout (only when no pooled connection is
-//! free) plus the operation timeout ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms). A
-//! failure or timeout counts as "Redis has nothing": the value is loaded locally, and the
-//! rest of that call's Redis work (lease, write) is skipped, so a call pays for at most one
-//! failed operation. After [`breaker_failures`](RedisTier::breaker) failures in a row a
-//! circuit breaker opens and operations are skipped without touching the network for its
-//! cooldown (default 1 s); then one probe operation is let through, and a success closes it.
+//! Every Redis operation is bounded by one deadline: the connect timeout (only when no pooled
+//! connection is free: connect and handshake) plus the operation timeout
+//! ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms) for writing the request *and reading
+//! the whole reply*. Each socket read is given what is left of the deadline, so a reply that
+//! drips in a byte at a time (a congested link, a swapping server) times out like one that
+//! never comes. (On `rediss://` connections the deadline bounds when the operation starts and
+//! each read of it; see [TLS](#connections-tls-keepalive-managed-redis).) A failure or timeout
+//! counts as "Redis has nothing": the value is loaded locally, and the rest of that call's
+//! Redis work (lease, write) is skipped, so a call pays for at most one failed operation.
+//! After [`breaker_failures`](RedisTier::breaker) failures in a row a circuit breaker opens
+//! and operations are skipped without touching the network for its cooldown (default 1 s);
+//! then one probe operation is let through, and a success closes it.
 //! Beyond its load, a call thus waits at most the lease wait, the Redis operations that
 //! succeed, and one failed operation.
+//!
+//! What concerns one key only does not count against the breaker: a server error about the
+//! operation (`WRONGTYPE`, a key of another type: the next write repairs it; `ERR`; `OOM`),
+//! and a value larger than
+//! [`RedisTier::max_value_size`] (default 1 MiB), which is kept in the local tier only and
+//! never sent (an `insert` of one leaves a tombstone in Redis instead). Errors about the
+//! server as a whole (`NOAUTH`, `NOPERM`, `BUSY`, `LOADING`, `READONLY`, `MISCONF`, …) do
+//! count.
 //! Loader errors are returned exactly as without the tier; Redis errors never are.
 //! [`CacheStats::remote`](crate::CacheStats) counts hits, misses, writes, errors, timeouts,
-//! skipped operations, breaker openings, leases and messages.
+//! skipped operations, breaker openings, leases, messages and oversized values.
+//!
+//! # Connections: TLS, keepalive, managed Redis
+//!
+//! * `redis://host:port/db` (with `user:password@` if the server wants `AUTH`): the tier's
+//!   own connections, with the whole-operation deadline above.
+//! * `rediss://host:port/` with the **`redis-tls`** feature: TLS through the `redis` crate's
+//!   rustls support (no system OpenSSL). The server certificate is checked against the
+//!   system's roots, or [`RedisTier::tls_root_certificate`] for a private CA;
+//!   [`RedisTier::tls_client_certificate`] presents a client certificate (Redis asks for one
+//!   by default, `tls-auth-clients yes`). If no rustls crypto provider is installed, the
+//!   tier installs rustls's `ring` provider for the process. On these connections the
+//!   deadline is each read's timeout (the time left when the operation starts), not a bound
+//!   on the whole reply. Without the feature a `rediss://` URL is a [`TierError::Url`].
+//! * Every socket has `TCP_NODELAY` and TCP keepalive (first probe after 10 s idle, then
+//!   every 5 s, 3 probes): a connection whose peer vanished without a word (a failover, a
+//!   dropped NAT entry) is closed by the kernel within about 25 s instead of staying half
+//!   open; the subscriber's own PING (below) notices within about 2 s.
+//! * **Managed Redis** (ElastiCache, Memorystore, Azure Cache for Redis, Redis Cloud) in
+//!   non-cluster mode: use its primary endpoint with `rediss://` when in-transit encryption
+//!   is on (their certificates chain to public roots).
+//! * **Sentinel**: the tier does not query Sentinel itself. Point it at an address that
+//!   follows the primary (a DNS name or virtual IP updated on failover, or a proxy such as
+//!   HAProxy checking `role:master`): after a failover the old connections fail, the breaker
+//!   opens for its cooldown, and new connections reach the new primary.
+//! * **Redis Cluster** with the **`redis-cluster`** feature: [`RedisTier::cluster`] with
+//!   some of its nodes (also `rediss://`). A key's value and lease share a slot (their hash
+//!   tag), keys spread over the slots, each command goes to its key's node (a read pipelines
+//!   per node: the key's and the namespace epoch's), `invalidate_all` scans every primary,
+//!   and messages reach every instance (cluster pub/sub is broadcast; the subscriber tries
+//!   the given nodes in turn). Commands are not retried on `MOVED` during a resharding: they
+//!   fail (counted) and the next one goes to the new owner. Deadlines are per read, as for
+//!   TLS. Managed services in cluster mode work the same way, with their configuration
+//!   endpoint as a node.
+//!
+//! Failovers lose the writes the replica had not received (Redis replicates asynchronously):
+//! a key's version can then go back, and the ordering guarantee above holds only for writes
+//! the new primary has. Use `WAIT` or a single primary where that matters.
 //!
 //! # Async loads
 //!
 //! [`Cache::load_async`] (with the builder's `async_loader`), async refreshes, and
 //! [`TieredCache::get_with_async`] / [`try_get_with_async`](TieredCache::try_get_with_async)
-//! use the tier too. The Redis client is blocking, so their Redis work (read, lease wait,
-//! write) runs on helper threads (started on demand, at most 64, gone after 10 s idle) while
-//! the future waits: no executor thread blocks on the network, and no runtime is required.
-//! The write to Redis happens after the value is returned.
+//! use the tier too. The Redis client is blocking, so each of their Redis round trips (read,
+//! lease, each poll of a lease wait, write) runs on a helper thread (started on demand, at
+//! most 64, gone after 10 s idle) while the future waits, and the pauses of a lease wait are
+//! timer futures served by one timer thread: no executor thread blocks on the network, a
+//! caller waiting on another instance's lease holds no thread at all (256 such callers wait
+//! at once), and no runtime is required. The write to Redis happens after the value is
+//! returned.
 //!
 //! # Example
 //!
@@ -125,6 +178,7 @@
 //! ```
 
 mod client;
+mod conn;
 mod offload;
 mod subscriber;
 mod tier;
@@ -141,6 +195,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tier::{LeaseConfig, Tier};
+
+/// The default of [`RedisTier::max_value_size`]: 1 MiB.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
 
 /// Why a [`TieredCache`] could not be built.
 ///
@@ -239,12 +296,33 @@ pub struct RedisTier {
     breaker_failures: u32,
     breaker_cooldown: Duration,
     clear_on_reconnect: bool,
+    max_value_size: usize,
+    tls: TlsFiles,
+    /// The nodes of a Redis Cluster (empty: one server at `url`).
+    #[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+    cluster: Vec<String>,
+}
+
+/// Certificates for `rediss://` (PEM), printed redacted.
+#[derive(Clone, Default)]
+struct TlsFiles {
+    root: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("root", &self.root.as_ref().map(|_| "<PEM>"))
+            .field("client", &self.client.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl RedisTier {
     /// A tier on the Redis server at `url` (`redis://host:port/db`), with the defaults:
     /// namespace `herdcache`, no leases, 100 ms connect and 50 ms operation timeouts, a
-    /// breaker that opens after 3 failures in a row for 1 s.
+    /// breaker that opens after 3 failures in a row for 1 s, values up to 1 MiB.
     pub fn new(url: impl Into<String>) -> Self {
         RedisTier {
             url: url.into(),
@@ -256,7 +334,45 @@ impl RedisTier {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
             clear_on_reconnect: false,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            tls: TlsFiles::default(),
+            cluster: Vec::new(),
         }
+    }
+
+    /// A tier on a Redis Cluster (feature `redis-cluster`), given some of its nodes
+    /// (`redis://host:port/` or `rediss://…`; the others are discovered), with the defaults of
+    /// [`new`](Self::new). Keys of a namespace spread over the cluster's slots (a key's value
+    /// and lease share one, by their hash tag); each command goes to its key's node;
+    /// invalidation messages reach every instance (pub/sub is cluster-wide), and the
+    /// subscriber tries each given node in turn. On a cluster the deadline of an operation is
+    /// each read's timeout, as for TLS, and a read takes one round trip per node involved (the
+    /// key's, and the namespace epoch's).
+    ///
+    /// ```
+    /// use herdcache::{codec::Plain, redis::RedisTier, Cache};
+    /// let cache = RedisTier::cluster(["redis://127.0.0.1:1/", "redis://127.0.0.1:2/"])
+    ///     .namespace("users")
+    ///     .build(
+    ///         Cache::<u64, u64>::builder()
+    ///             .max_capacity(100)
+    ///             .time_to_live(std::time::Duration::from_secs(60)),
+    ///         Plain,
+    ///     )
+    ///     .unwrap();
+    /// assert_eq!(cache.get_with(1, || 10), 10); // no cluster there: loaded locally
+    /// ```
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster<I, U>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut tier = RedisTier::new(nodes.first().cloned().unwrap_or_default());
+        tier.cluster = nodes;
+        tier
     }
 
     /// The namespace of every Redis key and of the channel (see the module docs' key layout).
@@ -284,7 +400,8 @@ impl RedisTier {
         self
     }
 
-    /// The time allowed to open a connection, and for each operation's request and reply.
+    /// The time allowed to open a connection (connect and handshake), and for each operation:
+    /// one deadline for writing its request and reading its whole reply (see the module docs).
     pub fn timeouts(mut self, connect: Duration, operation: Duration) -> Self {
         self.connect_timeout = connect.max(Duration::from_millis(1));
         self.op_timeout = operation.max(Duration::from_millis(1));
@@ -296,6 +413,47 @@ impl RedisTier {
     pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_failures = failures;
         self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// The largest encoded value written to Redis, in bytes (default 1 MiB, as memcached's
+    /// item size). A larger value is kept in the local tier only: its load's write-back is
+    /// skipped, and an [`insert`](TieredCache::insert) of it leaves a tombstone in Redis (so no
+    /// instance reads an older value from there); both are counted in
+    /// [`RemoteStats::oversized`](crate::RemoteStats), not as failures, so one huge value never
+    /// opens the circuit breaker for every key. Keep it well under what the operation timeout
+    /// lets the link carry (1 MiB takes about 8 ms at 1 Gbit/s).
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// For `rediss://` URLs (feature `redis-tls`): trust this certificate authority (PEM)
+    /// instead of the system's roots, e.g. a private CA of a self-hosted Redis.
+    ///
+    /// ```
+    /// # use herdcache::{codec::Plain, redis::RedisTier, Cache};
+    /// let ca = b"-----BEGIN CERTIFICATE-----\n...".to_vec(); // std::fs::read("ca.crt")
+    /// let tier = RedisTier::new("rediss://redis.internal:6380/").tls_root_certificate(ca);
+    /// ```
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root = Some(pem.into());
+        self
+    }
+
+    /// For `rediss://` URLs (feature `redis-tls`): present this client certificate and key
+    /// (PEM) to the server, for servers that authenticate clients (`tls-auth-clients yes`,
+    /// Redis's default).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
@@ -341,7 +499,7 @@ impl RedisTier {
         V: Clone + Send + Sync + 'static,
         S: BuildHasher + Clone + Send + Sync + 'static,
     {
-        let raw = ::redis::Client::open(self.url.as_str()).map_err(TierError::Url)?;
+        let (target, subscribe) = self.target().map_err(TierError::Url)?;
         let ttl = match (self.ttl, builder.ttl) {
             (Some(t), _) => t,
             (None, Some(t)) => t,
@@ -349,7 +507,8 @@ impl RedisTier {
         };
         let counters = Arc::new(RemoteCounters::default());
         let client = Client::new(
-            raw,
+            target,
+            subscribe,
             self.connect_timeout,
             self.op_timeout,
             Breaker::new(self.breaker_failures, self.breaker_cooldown),
@@ -362,6 +521,7 @@ impl RedisTier {
             &self.namespace,
             ttl,
             self.lease,
+            self.max_value_size,
         ));
         // Loads take any value Redis has; refreshes only one loaded since the value they
         // replace was (younger than `refresh_after`): another instance's refresh.
@@ -393,6 +553,87 @@ impl RedisTier {
             .map_err(TierError::Thread)?;
         Ok(TieredCache { cache, tier })
     }
+}
+
+impl RedisTier {
+    /// Where the tier's connections go, and the clients the subscriber tries in turn.
+    fn target(&self) -> ::redis::RedisResult<(conn::Target, Vec<::redis::Client>)> {
+        #[cfg(feature = "redis-cluster")]
+        if !self.cluster.is_empty() {
+            let infos = self
+                .cluster
+                .iter()
+                .map(|u| connection_info(u))
+                .collect::<::redis::RedisResult<Vec<_>>>()?;
+            let subscribe = infos
+                .iter()
+                .map(|i| client(i.clone(), &self.tls))
+                .collect::<::redis::RedisResult<Vec<_>>>()?;
+            let tcp = infos[0].tcp_settings().clone();
+            let b = ::redis::cluster::ClusterClient::builder(infos)
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.op_timeout)
+                .tcp_settings(tcp)
+                .retries(0);
+            #[cfg(feature = "redis-tls")]
+            let b = if self.tls.root.is_some() || self.tls.client.is_some() {
+                b.certs(tls_certificates(&self.tls))
+            } else {
+                b
+            };
+            return Ok((conn::Target::Cluster(b.build()?), subscribe));
+        }
+        let info = connection_info(&self.url)?;
+        let raw = client(info.clone(), &self.tls)?;
+        Ok((
+            conn::Target::Server {
+                info,
+                raw: raw.clone(),
+            },
+            vec![raw],
+        ))
+    }
+}
+
+#[cfg(feature = "redis-tls")]
+fn tls_certificates(tls: &TlsFiles) -> ::redis::TlsCertificates {
+    ::redis::TlsCertificates {
+        client_tls: tls
+            .client
+            .clone()
+            .map(|(client_cert, client_key)| ::redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: tls.root.clone(),
+    }
+}
+
+/// The URL's connection settings, with `TCP_NODELAY` and TCP keepalive on every socket.
+fn connection_info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
+    use ::redis::io::tcp::TcpSettings;
+    let info = ::redis::IntoConnectionInfo::into_connection_info(url)?;
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(conn::keepalive());
+    Ok(info.set_tcp_settings(tcp))
+}
+
+/// The `redis` crate's client for `info`, with the TLS certificates if any.
+fn client(info: ::redis::ConnectionInfo, tls: &TlsFiles) -> ::redis::RedisResult<::redis::Client> {
+    #[cfg(feature = "redis-tls")]
+    {
+        if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
+            // rustls needs a process-wide crypto provider: ring, unless the application
+            // installed one.
+            if rustls::crypto::CryptoProvider::get_default().is_none() {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+            return ::redis::Client::build_with_tls(info, tls_certificates(tls));
+        }
+    }
+    let _ = tls;
+    ::redis::Client::open(info)
 }
 
 /// A [`Cache`] with a Redis second tier (see the [module docs](self)).

@@ -1,11 +1,13 @@
-//! Blocking Redis work for async callers: an elastic pool of helper threads, and a one-shot
-//! future that delivers a job's result.
+//! Blocking Redis work for async callers: an elastic pool of helper threads, a one-shot
+//! future that delivers a job's result, and a timer for waits between jobs.
 //!
 //! The Redis client is blocking. An async load must not block its executor's thread for a
-//! network round trip (let alone a lease wait), so it hands that work to a helper thread and
-//! awaits the result. No runtime is needed. The pool starts no thread until a job arrives,
-//! starts one whenever queued jobs outnumber idle threads (up to a maximum), and lets a
-//! thread exit after 10 s without work.
+//! network round trip, so it hands each round trip to a helper thread and awaits the result.
+//! A lease wait is a series of round trips with pauses between them: the pauses are
+//! [`Timer::sleep`] futures, so a waiting caller holds no thread (one timer thread serves all
+//! of a tier's sleepers). No runtime is needed: these futures work on any executor. The pool
+//! starts no thread until a job arrives, starts one whenever queued jobs outnumber idle threads
+//! (up to a maximum), and lets a thread exit after 10 s without work; the timer thread likewise.
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -14,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use std::time::Instant;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -101,6 +104,166 @@ fn work(shared: &Shared) {
         }
     }
     s.threads -= 1;
+}
+
+/// Wakes sleeping futures at their time: one thread per timer, started on the first sleep,
+/// gone after 10 s without sleepers (or when the timer is dropped).
+pub(crate) struct Timer {
+    shared: Arc<TimerShared>,
+}
+
+#[derive(Default)]
+struct TimerShared {
+    state: Mutex<TimerState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct TimerState {
+    /// Each sleeper's time and waker (taken when it is woken).
+    sleepers: Vec<(Instant, Arc<Mutex<Option<Waker>>>)>,
+    running: bool,
+    closed: bool,
+}
+
+impl Timer {
+    pub(crate) fn new() -> Self {
+        Timer {
+            shared: Arc::default(),
+        }
+    }
+
+    /// A future that is ready `pause` from now.
+    pub(crate) fn sleep(&self, pause: Duration) -> Sleep {
+        Sleep {
+            until: Instant::now() + pause,
+            waker: None,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// How many sleepers are registered now (for tests).
+    #[cfg(test)]
+    fn sleepers(&self) -> usize {
+        self.shared.state.lock().sleepers.len()
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.shared.state.lock().closed = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn tick(shared: &TimerShared) {
+    let mut s = shared.state.lock();
+    loop {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        s.sleepers.retain(|(at, w)| {
+            if *at <= now {
+                due.push(Arc::clone(w));
+                false
+            } else {
+                true
+            }
+        });
+        if !due.is_empty() {
+            drop(s);
+            for w in due {
+                let waker = w.lock().take();
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+            s = shared.state.lock();
+            continue;
+        }
+        if s.closed {
+            break;
+        }
+        match s.sleepers.iter().map(|(at, _)| *at).min() {
+            Some(next) => {
+                shared.changed.wait_until(&mut s, next);
+            }
+            None => {
+                let idle = shared.changed.wait_for(&mut s, IDLE).timed_out();
+                if idle && s.sleepers.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    s.running = false;
+    // Sleepers that arrived as the thread was leaving (a closed timer's are woken at once).
+    let wake: Vec<_> = s.sleepers.drain(..).map(|(_, w)| w).collect();
+    drop(s);
+    for w in wake {
+        if let Some(waker) = w.lock().take() {
+            waker.wake();
+        }
+    }
+}
+
+/// A pause of an async wait (see [`Timer::sleep`]). Ready at its time; may be woken early by
+/// a timer that shuts down (the caller then polls Redis early, which is harmless).
+pub(crate) struct Sleep {
+    until: Instant,
+    waker: Option<Arc<Mutex<Option<Waker>>>>,
+    shared: Arc<TimerShared>,
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.until {
+            return Poll::Ready(());
+        }
+        if let Some(w) = &self.waker {
+            let mut slot = w.lock();
+            if slot.is_none() {
+                // Woken by a leaving timer thread: done early.
+                return Poll::Ready(());
+            }
+            *slot = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let slot = Arc::new(Mutex::new(Some(cx.waker().clone())));
+        let mut s = self.shared.state.lock();
+        if s.closed {
+            return Poll::Ready(());
+        }
+        s.sleepers.push((self.until, Arc::clone(&slot)));
+        let start = !s.running;
+        if start {
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("herdcache-timer".into())
+                .spawn(move || tick(&shared));
+            if spawned.is_err() {
+                // No thread to wake us: do not wait at all.
+                s.sleepers.pop();
+                return Poll::Ready(());
+            }
+            s.running = true;
+        }
+        drop(s);
+        self.shared.changed.notify_one();
+        self.waker = Some(slot);
+        Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some(w) = self.waker.take() {
+            // The thread drops the entry at its time; the waker (and what it keeps alive)
+            // goes now.
+            w.lock().take();
+        }
+    }
 }
 
 struct Slot<T> {
@@ -268,5 +431,38 @@ mod tests {
         drop(r);
         gate.wait();
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(7));
+    }
+
+    #[test]
+    fn sleepers_wake_at_their_time_without_a_thread_each_and_the_timer_thread_leaves() {
+        let timer = Timer::new();
+        let start = Instant::now();
+        // 100 sleepers, all pending at once on one timer thread.
+        let mut sleeps: Vec<_> = (1..=100u64)
+            .map(|i| Box::pin(timer.sleep(Duration::from_millis(i % 10 + 1))))
+            .collect();
+        let waker = Waker::from(Arc::new(Count::default()));
+        let mut cx = Context::from_waker(&waker);
+        for s in &mut sleeps {
+            assert!(s.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(timer.sleepers(), 100);
+        for s in sleeps {
+            block_on(s);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(10));
+        // Dropped unfinished: its waker goes at once.
+        let mut early = Box::pin(timer.sleep(Duration::from_secs(60)));
+        assert!(early.as_mut().poll(&mut cx).is_pending());
+        drop(early);
+        drop(timer); // the thread leaves
+    }
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }

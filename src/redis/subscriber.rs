@@ -47,10 +47,13 @@ where
     // Whether messages may have been missed before this connection: after an earlier one, or
     // after a failed attempt (the cache may have served and loaded meanwhile).
     let mut may_have_missed = false;
+    // Which node to try (a cluster's nodes in turn, so that one node down does not stop it).
+    let mut attempt = 0usize;
     while cache.strong_count() > 0 {
-        let mut conn = match tier.client.connect(Some(POLL)) {
+        let mut conn = match tier.client.connect(attempt, Some(POLL)) {
             Ok(c) => c,
             Err(_) => {
+                attempt = attempt.wrapping_add(1);
                 may_have_missed = true;
                 sleep_while_alive(cache, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -59,6 +62,7 @@ where
         };
         let mut sub = conn.as_pubsub();
         if sub.subscribe(&tier.channel).is_err() {
+            attempt = attempt.wrapping_add(1);
             may_have_missed = true;
             drop(sub);
             sleep_while_alive(cache, backoff);
@@ -103,6 +107,7 @@ where
             }
         }
         tier.subscribed.store(false, Ordering::Release);
+        attempt = attempt.wrapping_add(1);
     }
 }
 

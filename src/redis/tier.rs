@@ -26,11 +26,11 @@
 //! load running at that moment.
 
 use super::client::{Client, Failed};
-use super::offload::{offload, Pool};
+use super::offload::{offload, Pool, Receive, Timer};
 use crate::codec::Codec;
 use crate::settings::BoxError;
 use crate::stats::RemoteCounters;
-use ::redis::{cmd, pipe, Value};
+use ::redis::{cmd, Cmd, Value};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -175,6 +175,63 @@ struct Pending {
     epoch: u64,
 }
 
+impl Pending {
+    fn new(
+        vkey: &ValueKey,
+        lkey: Vec<u8>,
+        lease: Option<u64>,
+        redis: bool,
+        version: u64,
+        epoch: u64,
+    ) -> Self {
+        Pending {
+            vkey: vkey.bytes.clone(),
+            lkey,
+            lease,
+            redis,
+            version,
+            epoch,
+        }
+    }
+}
+
+/// What the read before a load decided.
+enum Start<V> {
+    Plan(Plan<V>),
+    /// Another instance may be loading: wait on its lease (or take it).
+    Wait(Box<LeaseWait>),
+}
+
+/// A lease wait in progress: run [`Tier::step`] until it is done, pausing as told between
+/// steps (a thread sleeps; an async caller awaits a timer, holding no thread).
+struct LeaseWait {
+    vkey: ValueKey,
+    lkey: Vec<u8>,
+    cfg: LeaseConfig,
+    deadline: Instant,
+    /// The key's version and epoch at the first read, for a local load after the wait.
+    version: u64,
+    epoch: u64,
+    /// Times the lease vanished without a value.
+    vanished: u32,
+    /// Whether another instance's lease was found (the wait counted).
+    waited: bool,
+    /// The next pause, once polling; `None`: the next step tries to take the lease.
+    pause: Option<Duration>,
+}
+
+/// The outcome of one step of a lease wait.
+enum Step<V> {
+    Done(Lease<V>),
+    Sleep(Duration),
+}
+
+/// Where an async fetch stands after a round trip.
+enum Next<V> {
+    Plan(Plan<V>),
+    Sleep(Box<LeaseWait>, Duration),
+}
+
 /// How a leader's lease attempt ended.
 enum Lease<V> {
     /// Another instance's value appeared while we waited.
@@ -204,13 +261,17 @@ pub(crate) struct Tier<K, V> {
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
     ttl: Duration,
+    /// Larger encoded values are not written to Redis.
+    max_value_size: usize,
     lease: Option<LeaseConfig>,
     tokens: AtomicU64,
     random: ahash::RandomState,
     /// Whether the invalidation subscriber is connected and subscribed now.
     pub(crate) subscribed: AtomicBool,
-    /// Helper threads for async callers.
+    /// Helper threads for async callers' round trips.
     pool: Pool,
+    /// Pauses of async callers' lease waits.
+    timer: Timer,
 }
 
 impl<K: 'static, V: 'static> Tier<K, V> {
@@ -221,6 +282,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         namespace: &str,
         ttl: Duration,
         lease: Option<LeaseConfig>,
+        max_value_size: usize,
     ) -> Self {
         let random = ahash::RandomState::new();
         let prefix = format!("hc:{}:{namespace}:", namespace.len());
@@ -234,11 +296,13 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             versions: Mutex::new(HashMap::new()),
             origin: random.hash_one(0x0419_u64),
             ttl,
+            max_value_size,
             lease,
             tokens: AtomicU64::new(1),
             random,
             subscribed: AtomicBool::new(false),
             pool: Pool::new(64),
+            timer: Timer::new(),
         }
     }
 
@@ -313,16 +377,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// Adds the commands of a read of `vkey` to a pipeline: its hash fields (value, version,
     /// epoch), its time left, and the namespace's epoch.
-    fn read_cmds(&self, p: &mut ::redis::Pipeline, vkey: &ValueKey) {
-        p.cmd("HMGET")
-            .arg(&vkey.bytes)
-            .arg("d")
-            .arg("v")
-            .arg("e")
-            .cmd("PTTL")
-            .arg(&vkey.bytes)
-            .cmd("GET")
-            .arg(&self.epoch_key);
+    fn read_cmds(&self, p: &mut Vec<Cmd>, vkey: &ValueKey) {
+        let mut fields = cmd("HMGET");
+        fields.arg(&vkey.bytes).arg("d").arg("v").arg("e");
+        let mut pttl = cmd("PTTL");
+        pttl.arg(&vkey.bytes);
+        let mut epoch = cmd("GET");
+        epoch.arg(&self.epoch_key);
+        p.extend([fields, pttl, epoch]);
     }
 
     /// Makes sense of a read's replies (see [`read_cmds`](Self::read_cmds)).
@@ -353,9 +415,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// seen as absent: the write-back will repair it.
     fn read(&self, vkey: &ValueKey) -> Result<Snapshot<V>, ()> {
         let got = self.client.run_result(|c| {
-            let mut p = pipe();
+            let mut p = Vec::new();
             self.read_cmds(&mut p, vkey);
-            p.query::<(Fields, i64, Option<u64>)>(c)
+            c.pipeline::<(Fields, i64, Option<u64>)>(p)
         });
         match got {
             Ok((fields, pttl, epoch)) => Ok(self.snapshot(fields, pttl, epoch, vkey)),
@@ -385,14 +447,19 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         Found::Value(Stored { value, ttl_ms })
     }
 
-    /// Encodes a value for Redis (`None`, counted as an error, if it cannot be).
-    fn encode(&self, value: &V) -> Option<Vec<u8>> {
+    /// Encodes a value for Redis: `Err(true)` if it cannot be (counted as an error),
+    /// `Err(false)` if it is larger than the tier's maximum (counted as oversized).
+    fn encode(&self, value: &V) -> Result<Vec<u8>, bool> {
         let mut bytes = Vec::new();
         if self.value_codec.encode(value, &mut bytes).is_err() {
             self.count(|c| &c.errors);
-            return None;
+            return Err(true);
         }
-        Some(bytes)
+        if bytes.len() > self.max_value_size {
+            self.count(|c| &c.oversized);
+            return Err(false);
+        }
+        Ok(bytes)
     }
 
     /// What the single-flight leader runs on a local miss: the value from Redis if it is
@@ -424,9 +491,11 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         }
     }
 
-    /// The async twin of [`fetch`](Self::fetch): the Redis work (read, lease, wait, write)
-    /// runs on a helper thread while the caller awaits, so no executor thread blocks on the
-    /// network. The write happens after the value is returned.
+    /// The async twin of [`fetch`](Self::fetch): each Redis round trip (read, lease, each
+    /// poll of a lease wait, write) runs on a helper thread while the caller awaits, and the
+    /// pauses of a lease wait are timer futures, so neither an executor thread nor a helper
+    /// thread is held while waiting on another instance's lease. The write happens after the
+    /// value is returned.
     pub(crate) async fn fetch_async<E>(
         self: Arc<Self>,
         key: K,
@@ -440,22 +509,42 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let Some(vkey) = self.value_key(&key, max_age) else {
             return load.await;
         };
-        let (t1, t2) = (Arc::clone(&self), Arc::clone(&self));
-        let plan = offload(
-            &self.pool,
-            move || t1.plan(vkey),
-            // The caller went away: give back a lease it would have held.
-            move |plan| {
-                if let Plan::Load(pending) = plan {
-                    t2.finish(pending, None);
+        let t = Arc::clone(&self);
+        // The read and the first lease attempt in one job.
+        let first = self
+            .round_trip(move || match t.start(vkey) {
+                Start::Plan(plan) => Next::Plan(plan),
+                Start::Wait(mut w) => {
+                    let step = t.step(&mut w);
+                    step.into_next(w, &t)
                 }
-            },
-        )
-        .await;
+            })
+            .await;
+        let Some(mut next) = first else {
+            return load.await;
+        };
+        let plan = loop {
+            match next {
+                Next::Plan(plan) => break plan,
+                Next::Sleep(mut w, pause) => {
+                    self.timer.sleep(pause).await;
+                    let t = Arc::clone(&self);
+                    let got = self
+                        .round_trip(move || {
+                            let step = t.step(&mut w);
+                            step.into_next(w, &t)
+                        })
+                        .await;
+                    let Some(got) = got else {
+                        return load.await;
+                    };
+                    next = got;
+                }
+            }
+        };
         let pending = match plan {
-            Some(Plan::Found(v)) => return Ok(v.publish()),
-            Some(Plan::Load(pending)) => pending,
-            None => return load.await,
+            Plan::Found(v) => return Ok(v.publish()),
+            Plan::Load(pending) => pending,
         };
         let mut guard = FinishLater {
             tier: Arc::clone(&self),
@@ -468,40 +557,90 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         result
     }
 
-    /// The part of a fetch before the load: Redis's value, or how to load.
+    /// Runs one step of an async fetch on a helper thread. If the caller goes away first, a
+    /// lease the step took for it is given back.
+    fn round_trip(
+        self: &Arc<Self>,
+        job: impl FnOnce() -> Next<V> + Send + 'static,
+    ) -> Receive<Next<V>>
+    where
+        K: Send + Sync,
+        V: Send + Sync,
+    {
+        let t = Arc::clone(self);
+        offload(&self.pool, job, move |next| {
+            if let Next::Plan(Plan::Load(pending)) = next {
+                t.finish(pending, None);
+            }
+        })
+    }
+
+    /// The part of a fetch before the load: Redis's value, or how to load (blocking).
     fn plan(&self, vkey: ValueKey) -> Plan<V> {
+        match self.start(vkey) {
+            Start::Plan(plan) => plan,
+            Start::Wait(mut w) => loop {
+                match self.step(&mut w) {
+                    Step::Done(lease) => return self.resolve(*w, lease),
+                    Step::Sleep(pause) => std::thread::sleep(pause),
+                }
+            },
+        }
+    }
+
+    /// Reads Redis: the value, or how to load, or (with leases) a lease wait to run.
+    fn start(&self, vkey: ValueKey) -> Start<V> {
         let lkey = self.lease_key(&vkey);
-        let pending = |lease, redis, version, epoch| {
-            Plan::Load(Pending {
-                vkey: vkey.bytes.clone(),
-                lkey: lkey.clone(),
-                lease,
-                redis,
-                version,
-                epoch,
-            })
-        };
         let seen = match self.read(&vkey) {
             Ok(seen) => seen,
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
             // at most one operation's timeout.
-            Err(()) => return pending(None, false, 0, 0),
+            Err(()) => {
+                let p = Pending::new(&vkey, lkey, None, false, 0, 0);
+                return Start::Plan(Plan::Load(p));
+            }
         };
         match seen.found {
-            Some(Found::Value(v)) => return Plan::Found(v),
+            Some(Found::Value(v)) => return Start::Plan(Plan::Found(v)),
             Some(Found::TooOld | Found::Undecodable) | None => {}
         }
         if seen.found.is_none() {
             self.count(|c| &c.misses);
         }
         let Some(cfg) = self.lease else {
-            return pending(None, true, seen.version, seen.epoch);
+            let p = Pending::new(&vkey, lkey, None, true, seen.version, seen.epoch);
+            return Start::Plan(Plan::Load(p));
         };
-        match self.lease_or_wait(&vkey, &lkey, cfg) {
+        Start::Wait(Box::new(LeaseWait {
+            deadline: Instant::now() + cfg.wait,
+            vkey,
+            lkey,
+            cfg,
+            version: seen.version,
+            epoch: seen.epoch,
+            vanished: 0,
+            waited: false,
+            pause: None,
+        }))
+    }
+
+    /// How a lease wait's outcome turns into the plan of a fetch.
+    fn resolve(&self, w: LeaseWait, lease: Lease<V>) -> Plan<V> {
+        let p = |lease, redis, version, epoch| {
+            Plan::Load(Pending::new(
+                &w.vkey,
+                w.lkey.clone(),
+                lease,
+                redis,
+                version,
+                epoch,
+            ))
+        };
+        match lease {
             Lease::Value(v) => Plan::Found(v),
-            Lease::Held(token, version, epoch) => pending(Some(token), true, version, epoch),
-            Lease::Local => pending(None, true, seen.version, seen.epoch),
-            Lease::Unavailable => pending(None, false, 0, 0),
+            Lease::Held(token, version, epoch) => p(Some(token), true, version, epoch),
+            Lease::Local => p(None, true, w.version, w.epoch),
+            Lease::Unavailable => p(None, false, 0, 0),
         }
     }
 
@@ -511,7 +650,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     fn finish(&self, pending: Pending, value: Option<&V>) {
         let token = pending.lease;
         let bytes = match value {
-            Some(v) if pending.redis => self.encode(v),
+            Some(v) if pending.redis => self.encode(v).ok(),
             _ => None,
         };
         let Some(bytes) = bytes else {
@@ -552,93 +691,101 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         });
     }
 
-    fn lease_or_wait(&self, vkey: &ValueKey, lkey: &[u8], cfg: LeaseConfig) -> Lease<V> {
-        let deadline = Instant::now() + cfg.wait;
-        let mut vanished = 0;
-        let mut waited = false;
-        loop {
-            // Take the lease and look at the value in one round trip, in this order: a holder
-            // writes its value before releasing, so if the lease was free the value of the
-            // load that just ended (if any) is visible to the read, and the version read is
-            // the one our write-back must find.
-            let token = self.token();
-            let got = self.client.run(|c| {
-                let mut p = pipe();
-                p.cmd("SET")
-                    .arg(lkey)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(cfg.ttl));
-                self.read_cmds(&mut p, vkey);
-                p.query::<(Value, Fields, i64, Option<u64>)>(c)
-            });
-            let Some((lease, fields, pttl, epoch)) = got else {
-                if waited {
-                    self.count(|c| &c.lease_fallbacks);
-                }
-                return Lease::Unavailable;
-            };
-            let held = !matches!(lease, Value::Nil);
-            let seen = self.snapshot(fields, pttl, epoch, vkey);
-            if let Some(Found::Value(v)) = seen.found {
-                if held {
-                    // Taken needlessly: give it back.
-                    self.release(lkey, token);
-                }
-                if waited {
-                    self.count(|c| &c.lease_wait_hits);
-                }
-                return Lease::Value(v);
+    /// One round trip of a lease wait: try to take the lease (reading the value in the same
+    /// round trip), or poll for the holder's value; then the outcome, or the pause before the
+    /// next step.
+    fn step(&self, w: &mut LeaseWait) -> Step<V> {
+        let Some(pause) = w.pause else {
+            return self.attempt(w);
+        };
+        let seen = self.client.run(|c| {
+            let mut p = Vec::new();
+            self.read_cmds(&mut p, &w.vkey);
+            let mut exists = cmd("EXISTS");
+            exists.arg(&w.lkey);
+            p.push(exists);
+            c.pipeline::<(Fields, i64, Option<u64>, bool)>(p)
+        });
+        let Some((fields, pttl, epoch, leased)) = seen else {
+            self.count(|c| &c.lease_fallbacks);
+            return Step::Done(Lease::Unavailable);
+        };
+        match self.snapshot(fields, pttl, epoch, &w.vkey).found {
+            Some(Found::Value(v)) => {
+                self.count(|c| &c.lease_wait_hits);
+                Step::Done(Lease::Value(v))
             }
-            if held {
-                self.count(|c| &c.leases_acquired);
-                return Lease::Held(token, seen.version, seen.epoch);
-            }
-            if !waited {
-                waited = true;
-                self.count(|c| &c.lease_waits);
-            }
-            // Another instance holds the lease: poll for its value, backing off to 20 ms.
-            let mut pause = Duration::from_millis(1);
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    return self.give_up();
+            Some(Found::Undecodable) => Step::Done(self.give_up()),
+            // Nothing yet (or only the value being refreshed), the holder is at work.
+            Some(Found::TooOld) | None if leased => self.pause(w, pause),
+            Some(Found::TooOld) | None => {
+                // The holder released without a value (its load failed, or an invalidation
+                // revoked its lease) or died and the lease expired: try to take over, at most
+                // twice.
+                w.vanished += 1;
+                if w.vanished > 2 {
+                    return Step::Done(self.give_up());
                 }
-                std::thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(Duration::from_millis(20));
-                let seen = self.client.run(|c| {
-                    let mut p = pipe();
-                    self.read_cmds(&mut p, vkey);
-                    p.cmd("EXISTS").arg(lkey);
-                    p.query::<(Fields, i64, Option<u64>, bool)>(c)
-                });
-                let Some((fields, pttl, epoch, leased)) = seen else {
-                    self.count(|c| &c.lease_fallbacks);
-                    return Lease::Unavailable;
-                };
-                match self.snapshot(fields, pttl, epoch, vkey).found {
-                    Some(Found::Value(v)) => {
-                        self.count(|c| &c.lease_wait_hits);
-                        return Lease::Value(v);
-                    }
-                    Some(Found::Undecodable) => return self.give_up(),
-                    // Nothing yet (or only the value being refreshed), the holder is at work.
-                    Some(Found::TooOld) | None if leased => {}
-                    Some(Found::TooOld) | None => {
-                        // The holder released without a value (its load failed, or an
-                        // invalidation revoked its lease) or died and the lease expired: try
-                        // to take over, at most twice.
-                        vanished += 1;
-                        if vanished > 2 {
-                            return self.give_up();
-                        }
-                        break;
-                    }
-                }
+                self.attempt(w)
             }
         }
+    }
+
+    /// Takes the lease and looks at the value in one round trip, in this order: a holder
+    /// writes its value before releasing, so if the lease was free the value of the load that
+    /// just ended (if any) is visible to the read, and the version read is the one our
+    /// write-back must find.
+    fn attempt(&self, w: &mut LeaseWait) -> Step<V> {
+        let token = self.token();
+        let got = self.client.run(|c| {
+            let mut take = cmd("SET");
+            take.arg(&w.lkey)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(w.cfg.ttl));
+            let mut p = vec![take];
+            self.read_cmds(&mut p, &w.vkey);
+            c.pipeline::<(Value, Fields, i64, Option<u64>)>(p)
+        });
+        let Some((lease, fields, pttl, epoch)) = got else {
+            if w.waited {
+                self.count(|c| &c.lease_fallbacks);
+            }
+            return Step::Done(Lease::Unavailable);
+        };
+        let held = !matches!(lease, Value::Nil);
+        let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
+        if let Some(Found::Value(v)) = seen.found {
+            if held {
+                // Taken needlessly: give it back.
+                self.release(&w.lkey, token);
+            }
+            if w.waited {
+                self.count(|c| &c.lease_wait_hits);
+            }
+            return Step::Done(Lease::Value(v));
+        }
+        if held {
+            self.count(|c| &c.leases_acquired);
+            return Step::Done(Lease::Held(token, seen.version, seen.epoch));
+        }
+        if !w.waited {
+            w.waited = true;
+            self.count(|c| &c.lease_waits);
+        }
+        // Another instance holds the lease: poll for its value, backing off from 1 to 20 ms.
+        self.pause(w, Duration::from_millis(1))
+    }
+
+    /// The pause before the next poll (backing off), or the end of the wait.
+    fn pause(&self, w: &mut LeaseWait, pause: Duration) -> Step<V> {
+        let now = Instant::now();
+        if now >= w.deadline {
+            return Step::Done(self.give_up());
+        }
+        w.pause = Some((pause * 2).min(Duration::from_millis(20)));
+        Step::Sleep(pause.min(w.deadline - now))
     }
 
     /// Ends a wait for another instance's value: load locally.
@@ -650,9 +797,18 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Writes `value` for `key` to Redis (a new version) and tells the other instances to drop
     /// their copies. Returns the key's encoding and its new version, or `None` if Redis was
     /// not written.
+    /// A value too large for Redis is not written: the key is invalidated in Redis instead
+    /// (a tombstone, a new version), so that no instance reads an older value from there.
     pub(crate) fn put(&self, key: &K, value: &V) -> Option<(Vec<u8>, u64)> {
         let vkey = self.value_key(key, None)?;
-        let bytes = self.encode(value)?;
+        let bytes = match self.encode(value) {
+            Ok(bytes) => bytes,
+            Err(true) => return None,
+            Err(false) => {
+                let version = self.tombstone(&vkey)?;
+                return Some((vkey.key().to_vec(), version));
+            }
+        };
         let version = self.client.run(|c| {
             cmd("EVAL")
                 .arg(INSERT)
@@ -671,10 +827,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Leaves a tombstone for `key` in Redis (a new version; its lease revoked) and tells the
     /// other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        let Some(vkey) = self.value_key(key, None) else {
-            return;
-        };
-        let lkey = self.lease_key(&vkey);
+        if let Some(vkey) = self.value_key(key, None) {
+            self.tombstone(&vkey);
+        }
+    }
+
+    /// Leaves a tombstone for a key (its lease revoked) and announces the new version.
+    fn tombstone(&self, vkey: &ValueKey) -> Option<u64> {
+        let lkey = self.lease_key(vkey);
         let version = self.client.run(|c| {
             cmd("EVAL")
                 .arg(TOMBSTONE)
@@ -683,11 +843,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .arg(&lkey)
                 .arg(self.tombstone_ttl())
                 .query::<u64>(c)
-        });
-        if let Some(version) = version {
-            self.note_own(vkey.key(), version);
-            self.publish(MSG_KEY, version, vkey.key());
-        }
+        })?;
+        self.note_own(vkey.key(), version);
+        self.publish(MSG_KEY, version, vkey.key());
+        Some(version)
     }
 
     /// Invalidates every value of the namespace: first a new epoch (values written back by
@@ -703,40 +862,44 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         self.versions.lock().clear();
         let pattern = self.value_pattern();
         let tomb = self.tombstone_ttl();
-        let mut cursor = 0u64;
-        loop {
-            let batch = self.client.run(|c| {
-                cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query::<(u64, Vec<Vec<u8>>)>(c)
-            });
-            let Some((next, keys)) = batch else { break };
-            if !keys.is_empty() {
-                self.client.run(|c| {
-                    let mut p = pipe();
-                    for vkey in &keys {
-                        // The lease key of `…v{k}` is `…l{k}`.
-                        let mut lkey = vkey.clone();
-                        lkey[self.prefix.len()] = b'l';
-                        p.cmd("EVAL")
-                            .arg(TOMBSTONE)
-                            .arg(2)
-                            .arg(vkey)
-                            .arg(lkey)
-                            .arg(tomb)
-                            .ignore();
-                    }
-                    p.query::<()>(c)
+        // Every node that holds keys: the server, or each primary of a cluster.
+        let Some(nodes) = self.client.run(|c| c.scan_nodes()) else {
+            return;
+        };
+        for node in &nodes {
+            let mut cursor = 0u64;
+            loop {
+                let batch = self.client.run(|c| {
+                    let mut scan = cmd("SCAN");
+                    scan.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000);
+                    c.on_node::<(u64, Vec<Vec<u8>>)>(node.as_ref(), &scan)
                 });
+                let Some((next, keys)) = batch else { break };
+                if !keys.is_empty() {
+                    self.client.run(|c| {
+                        let p = keys
+                            .iter()
+                            .map(|vkey| {
+                                // The lease key of `…v{k}` is `…l{k}`.
+                                let mut lkey = vkey.clone();
+                                lkey[self.prefix.len()] = b'l';
+                                let mut eval = cmd("EVAL");
+                                eval.arg(TOMBSTONE).arg(2).arg(vkey).arg(lkey).arg(tomb);
+                                eval
+                            })
+                            .collect();
+                        c.pipeline::<()>(p)
+                    });
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         self.publish(MSG_ALL, epoch, &[]);
     }
@@ -789,6 +952,19 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Decodes the key of a received invalidation message.
     pub(crate) fn decode_key(&self, bytes: &[u8]) -> Result<K, BoxError> {
         self.key_codec.decode(bytes)
+    }
+}
+
+impl<V> Step<V> {
+    /// For an async fetch: the plan if the wait is done, else the wait and its pause.
+    fn into_next<K: 'static>(self, w: Box<LeaseWait>, tier: &Tier<K, V>) -> Next<V>
+    where
+        V: 'static,
+    {
+        match self {
+            Step::Done(lease) => Next::Plan(tier.resolve(*w, lease)),
+            Step::Sleep(pause) => Next::Sleep(w, pause),
+        }
     }
 }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra command-line arguments (TLS, cluster mode).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -25,9 +27,52 @@ impl RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
+            extra: Vec::new(),
         };
         s.restart();
         s
+    }
+
+    /// Starts a server with extra arguments (it must still answer plain PING on `port`), or
+    /// says why it did not start (e.g. a build without TLS).
+    pub fn try_start_with(extra: Vec<String>) -> Result<RedisServer, String> {
+        let port = free_port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--loglevel", "warning"])
+            .args(&extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server: {e}"))?;
+        let until = Instant::now() + Duration::from_secs(10);
+        while !pong(port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut out = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    let _ = o.read_to_string(&mut out);
+                }
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut out);
+                }
+                return Err(format!("redis-server exited ({status}): {}", out.trim()));
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("redis-server did not answer within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Its output is not read from here on: keep it from filling a pipe.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        Ok(RedisServer {
+            port,
+            child: Some(child),
+            extra,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -71,6 +116,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--loglevel", "warning"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
