@@ -21,15 +21,12 @@
 //! restarted, frozen (SIGSTOP: connections hang as with a partition), resumed. For each phase
 //! it prints caller latency, errors returned to callers, and the tier's counters.
 
-#[path = "../tests/common/redis_server.rs"]
-mod redis_server;
-
 #[path = "support/pool.rs"]
 mod support;
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
 use herdcache::{BoxError, Cache, CacheStats, LoadError};
-use redis_server::RedisServer;
+use herdcache_testkit::redis_server::RedisServer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

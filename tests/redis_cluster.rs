@@ -9,8 +9,7 @@
 #![cfg(feature = "redis-cluster")]
 
 mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
+use herdcache_testkit::redis_server;
 
 use common::{eventually, watchdog};
 use herdcache::codec::Plain;

@@ -10,8 +10,7 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
-#[path = "common/redis_server.rs"]
-mod redis_server;
+use herdcache_testkit::redis_server;
 
 use common::{eventually, watchdog};
 use herdcache::codec::Plain;

@@ -3,8 +3,7 @@
 #![cfg(feature = "redis")]
 
 mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
+use herdcache_testkit::redis_server;
 
 use common::eventually;
 use herdcache::codec::Plain;

@@ -8,8 +8,7 @@
 #![cfg(feature = "redis-tls")]
 
 mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
+use herdcache_testkit::redis_server;
 
 use common::{eventually, watchdog};
 use herdcache::codec::Plain;

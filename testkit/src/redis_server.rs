@@ -1,9 +1,8 @@
 //! A throwaway `redis-server` on a free loopback port, for the second-tier tests and the fleet
-//! example (which includes this file). It can be stopped and started again on the same port,
-//! and is killed on drop. Nothing is persisted.
+//! example. It can be stopped and started again on the same port, and is killed on drop.
+//! Nothing is persisted.
 //!
 //! `redis-server` must be on `PATH` (`.ci/run` installs Debian's `redis-server`).
-#![allow(dead_code)] // each includer uses part of it
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -1,0 +1,4 @@
+//! Test support shared by herdcache's tests and examples (not published): a throwaway
+//! `redis-server` to run the second tier against.
+
+pub mod redis_server;
