@@ -273,6 +273,7 @@ mod clock;
 pub mod codec;
 mod entry;
 mod expiry;
+mod fail_safe;
 mod flight;
 mod limit;
 mod load;

@@ -621,6 +621,12 @@ where
         if let Some(v) = s.peek(hash, key, now) {
             return Claim::Hit(hit(v));
         }
+        if let Some(v) = self.fail_safe_answer(&s, hash, key, now) {
+            let r = hit(v);
+            drop(s);
+            self.count(Counter::StaleAfterTtl);
+            return Claim::Hit(r);
+        }
         let f = match future {
             Some((_, token)) if can_lead => Flight::with_start(Arc::clone(token)),
             _ => Flight::blocking(),
@@ -711,13 +717,25 @@ where
         }
         let key = key.or_else(|| lead.flight().state.lock().key.take());
         // User code, with the flight still guarded.
+        let mut failed_key = None;
         let staged = match (&outcome, key) {
             (Outcome::Value(v), Some(key)) => {
                 let weight = self.weigh(&key, v);
                 Some((key, v.clone(), weight))
             }
+            (_, key) => {
+                failed_key = key;
+                None
+            }
+        };
+        // Fail-safe: a failed load of an expired key answers with its old value (taken, and
+        // the key's retry deadline set, while the flight is still registered).
+        let mut outcome = outcome;
+        let fallback = match (&outcome, &failed_key) {
+            (Outcome::Error(_) | Outcome::Panicked, Some(k)) => self.fail_safe_fallback(hash, k),
             _ => None,
         };
+        drop(failed_key);
         let mut out = Garbage::new();
         match staged {
             Some((key, value, weight)) => {
@@ -728,11 +746,15 @@ where
             }
             None => {
                 let negative = match outcome {
+                    _ if fallback.is_some() => None,
                     Outcome::Value(_) => None,
                     Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
                     _ => self.inner.stampede.negative_ttl,
                 };
                 self.end_failed(hash, lead.flight(), negative.filter(|_| self.keeps_time()));
+                if let Some(v) = fallback {
+                    outcome = Outcome::Value(v);
+                }
             }
         }
         let flight = lead.disarm();
@@ -810,6 +832,9 @@ where
             let key = s.remove_flight(hash, flight);
             if let (Some(k), Some(at)) = (&key, retry_refresh) {
                 s.set_refresh_at(hash, k, at);
+            }
+            if let (Some(k), Phase::Abandoned) = (&key, &phase) {
+                self.fail_safe_abandoned(&s, hash, k);
             }
             key
         };

@@ -125,6 +125,8 @@ pub(crate) struct Stampede<K, V, S> {
     pub(crate) refresh_backoff: u64,
     pub(crate) negative_ttl: Option<u64>,
     pub(crate) load_timeout: Option<Duration>,
+    /// Fail-safe's `max_stale` (nanoseconds), if set (see [`crate::fail_safe`]).
+    pub(crate) fail_safe: Option<u64>,
     pub(crate) limiter: Option<Arc<Limiter>>,
     /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
     /// lock), and starts its refresh (after the lock is released).
@@ -144,6 +146,7 @@ impl<K, V, S> Default for Stampede<K, V, S> {
             refresh_backoff: 0,
             negative_ttl: None,
             load_timeout: None,
+            fail_safe: None,
             limiter: None,
             clone_key: None,
             refresh: None,
@@ -288,6 +291,7 @@ where
             None => {
                 self.count(Counter::Timeout);
                 self.get_map(&key, hash, false, V::clone)
+                    .or_else(|| self.fail_safe_fallback(hash, &key))
                     .ok_or(LoadError::Timeout)
             }
         }

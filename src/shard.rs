@@ -287,6 +287,9 @@ pub(crate) struct Layout {
     /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
     /// time to live skips that work on the read path.
     pub(crate) reads_move: bool,
+    /// Fail-safe (see [`crate::fail_safe`]): where the retry deadline lives, and how long past
+    /// its deadline an entry is kept to be served when its load fails (nanoseconds).
+    pub(crate) fail_safe: Option<(usize, u64)>,
 }
 
 impl Layout {
@@ -310,7 +313,16 @@ impl Layout {
             early_beta,
             jitter,
             reads_move: false,
+            fail_safe: None,
         }
+    }
+
+    /// Keeps expired entries `max_stale` nanoseconds longer, with a retry deadline each.
+    pub(crate) fn with_fail_safe(mut self, max_stale: u64) -> Self {
+        let at = self.stride.max(1);
+        self.stride = at + 1;
+        self.fail_safe = Some((at, max_stale));
+        self
     }
 }
 
@@ -725,6 +737,42 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.slab[slot as usize].as_ref().map(|e| &e.value)
     }
 
+    /// Whether the entry in `slot` may be reclaimed at `now`: past its deadline and, with
+    /// fail-safe, past its stale window too.
+    #[inline]
+    fn reclaimable(&self, slot: u32, now: u64) -> bool {
+        let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
+        self.deadline(slot).saturating_add(grace) <= now
+    }
+
+    /// With fail-safe: `key`'s value if its entry is past its deadline but within its stale
+    /// window at `now`, with its retry deadline (0: no load of it has failed yet).
+    pub(crate) fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let (j, max) = self.layout.fail_safe?;
+        let slot = self.find(hash, key)?;
+        let d = self.deadline(slot);
+        if d > now || d.saturating_add(max) <= now {
+            return None;
+        }
+        let e = self.slab[slot as usize].as_ref()?;
+        Some((&e.value, self.extra(slot, j)))
+    }
+
+    /// Whether a load of `key` runs (a registered flight that is not a negative entry).
+    pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.flights
+            .find(hash, |(k, _)| k.borrow() == key)
+            .is_some_and(|(_, f)| f.negative_until() == 0)
+    }
+
     #[inline]
     fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
         if self.stride > 0 {
@@ -751,6 +799,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             });
             self.extra(slot, r).store(at, Ordering::Relaxed);
             self.extra(slot, r + 1).store(load_nanos, Ordering::Relaxed);
+        }
+        if let Some((j, _)) = self.layout.fail_safe {
+            self.extra(slot, j).store(0, Ordering::Relaxed);
         }
         if refile {
             self.file(slot, effective);
@@ -1042,7 +1093,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         match self.find(hash, key) {
-            Some(slot) if self.deadline(slot) <= now => {
+            Some(slot) if self.reclaimable(slot, now) => {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
                 true
             }
@@ -1116,6 +1167,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             return;
         }
         let mut refile = Vec::new();
+        let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
         for (b, slots) in due {
             for s in slots {
                 let Some(e) = self.slab[s as usize].as_mut() else {
@@ -1126,9 +1178,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 }
                 e.bucket = NO_BUCKET;
                 let d = e.time.get();
-                if d <= now {
+                if d.saturating_add(grace) <= now {
                     let hash = hasher.hash_one(&e.key);
                     self.remove_slot(s, hash, RemovalCause::Expired, out);
+                } else if d <= now {
+                    // Expired, but kept for fail-safe until its stale window closes.
+                    refile.push((s, d.saturating_add(grace)));
                 } else {
                     refile.push((s, d));
                 }
@@ -1347,6 +1402,22 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         each!(self, c => c.peek(hash, key, now))
+    }
+
+    pub(crate) fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.stale(hash, key, now))
+    }
+
+    pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        each!(self, c => c.loading(hash, key))
     }
 
     pub(crate) fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
