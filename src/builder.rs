@@ -592,6 +592,12 @@ where
         if let Some(max_stale) = stampede.fail_safe {
             layout = layout.with_fail_safe(max_stale);
         }
+        stampede.monitor = crate::health::Monitor::new(crate::health::HealthConfig {
+            ttl: self.ttl.map(nanos),
+            refresh_after,
+            spread: self.jitter > 0.0 || refresh_after.is_some() || self.early_beta.is_some(),
+            negative_caching: stampede.negative_ttl.is_some(),
+        });
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {
             capacity,
@@ -653,6 +659,7 @@ where
                 negative_ttl: st.negative_ttl,
                 load_timeout: st.load_timeout,
                 fail_safe: st.fail_safe,
+                monitor: st.monitor,
                 limiter: st.limiter,
                 clone_key: st.clone_key,
                 // The same function, for the cache type with the new hasher.

@@ -648,6 +648,7 @@ where
         let cell = &self.inner.shards[i];
         let now = self.now();
         let accesses = cell.accesses.load(Ordering::Relaxed);
+        self.inner.stampede.monitor.wrote(now); // for `health` (src/health.rs)
         let mut s = cell.lock.write();
         let registered = match write {
             Write::Plain => None,

@@ -36,7 +36,6 @@
 
 use crate::cache::Cache;
 use crate::shard::Shard;
-use crate::stats::Counter;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 
@@ -84,7 +83,7 @@ where
             retry.fetch_max(next, Ordering::Relaxed);
             v.clone()
         };
-        self.count(Counter::StaleAfterTtl);
+        self.note_stale();
         Some(v)
     }
 

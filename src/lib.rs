@@ -275,6 +275,7 @@ mod entry;
 mod expiry;
 mod fail_safe;
 mod flight;
+pub mod health;
 mod limit;
 mod load;
 #[cfg(feature = "metrics")]
@@ -294,6 +295,7 @@ pub use cache::{Cache, Iter, Policy};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
+pub use health::{Health, Warning};
 pub use refresh::{BoxError, BoxFuture, LoadError};
 pub use shard::RemovalCause;
 pub use stats::{CacheStats, RemoteStats, Removals};

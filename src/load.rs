@@ -624,7 +624,7 @@ where
         if let Some(v) = self.fail_safe_answer(&s, hash, key, now) {
             let r = hit(v);
             drop(s);
-            self.count(Counter::StaleAfterTtl);
+            self.note_stale();
             return Claim::Hit(r);
         }
         let f = match future {
@@ -708,6 +708,8 @@ where
             Counter::LoadFailure
         });
         self.count_n(Counter::LoadNanos, took);
+        let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
+        self.inner.stampede.monitor.load(took, failed);
         // A planted bug for the loom model to catch: waiters released before the value is
         // published.
         #[cfg(herdcache_broken_model)]

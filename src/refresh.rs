@@ -127,6 +127,8 @@ pub(crate) struct Stampede<K, V, S> {
     pub(crate) load_timeout: Option<Duration>,
     /// Fail-safe's `max_stale` (nanoseconds), if set (see [`crate::fail_safe`]).
     pub(crate) fail_safe: Option<u64>,
+    /// The figures [`Cache::health`] reads (see [`crate::health`]).
+    pub(crate) monitor: crate::health::Monitor,
     pub(crate) limiter: Option<Arc<Limiter>>,
     /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
     /// lock), and starts its refresh (after the lock is released).
@@ -147,6 +149,7 @@ impl<K, V, S> Default for Stampede<K, V, S> {
             negative_ttl: None,
             load_timeout: None,
             fail_safe: None,
+            monitor: crate::health::Monitor::default(),
             limiter: None,
             clone_key: None,
             refresh: None,
