@@ -21,7 +21,7 @@
 //! | warning | raised when (over the window) |
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
-//! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 32 |
+//! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (entries written, counted by when they are due; ones evicted since still count) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, more than at the window's start |
 //! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each) |
@@ -445,17 +445,26 @@ impl Monitor {
         slot.due.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The busiest interval ahead of `now`: (entries due, its start from now).
+    /// The busiest two adjacent intervals ahead of `now` (so that a burst split by an
+    /// interval boundary still counts as one): (entries due, their start from now).
     fn busiest(&self, now: u64) -> Option<(u64, u64)> {
+        if self.ring.is_empty() {
+            return None;
+        }
         let first = now / self.width;
-        self.ring
-            .iter()
-            .filter_map(|s| {
-                let i = s.interval.load(Ordering::Relaxed);
-                (i >= first && i < first + SLOTS as u64).then(|| (s.due.load(Ordering::Relaxed), i))
-            })
+        let due = |i: u64| {
+            let s = &self.ring[i as usize % SLOTS];
+            if s.interval.load(Ordering::Relaxed) == i {
+                s.due.load(Ordering::Relaxed)
+            } else {
+                0
+            }
+        };
+        (first..first + SLOTS as u64 - 1)
+            .map(|i| (due(i) + due(i + 1), i))
+            .filter(|&(n, _)| n > 0)
             .max()
-            .map(|(due, i)| (due, (i * self.width).saturating_sub(now)))
+            .map(|(n, i)| (n, (i * self.width).saturating_sub(now)))
     }
 }
 
@@ -606,7 +615,7 @@ where
                 warnings.push(Warning::SynchronizedExpiry {
                     due,
                     share,
-                    within: d(m.width),
+                    within: d(m.width * 2),
                     in_: d(in_),
                 });
             }
