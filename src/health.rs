@@ -25,7 +25,7 @@
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, more than at the window's start |
 //! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each) |
-//! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads, ≥ half of them waited for a `max_concurrent_loads` permit |
+//! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
 //! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl`, ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
 //! | [`Warning::ServingStale`] | fail-safe answered calls with values past their time to live |
 //!
@@ -142,7 +142,7 @@ pub enum Warning {
     LoadLimitSaturated {
         /// The limit.
         limit: usize,
-        /// Loads that waited for a permit in the window.
+        /// Waits for a permit in the window (loads and refreshes, finished or not).
         waited: u64,
         /// Loads in the window.
         loads: u64,
@@ -238,8 +238,9 @@ impl fmt::Display for Warning {
             }
             Warning::LoadLimitSaturated { limit, waited, loads } => write!(
                 f,
-                "{waited} of {loads} loads waited for one of {limit} load permits: the limit is \
-                 saturated; raise max_concurrent_loads if the backend can take it, or refresh ahead"
+                "{waited} waits for one of {limit} load permits while {loads} loads ended: the \
+                 limit is saturated; raise max_concurrent_loads if the backend can take it, or \
+                 refresh ahead"
             ),
             Warning::ErrorsWithoutNegativeCaching { failures, loads } => write!(
                 f,

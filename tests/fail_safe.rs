@@ -13,7 +13,7 @@ use herdcache::{BoxError, Cache, LoadError, ManualClock};
 use proptest::prelude::*;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -526,4 +526,51 @@ proptest! {
             }
         }
     }
+}
+
+type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+
+#[test]
+fn a_failed_refresh_joined_after_expiry_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "failed refresh joined after expiry");
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let bb = b.clone();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .refresh_after(secs(5))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .record_stats()
+        .loader(move |_k: &u64| bb.call())
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    b.next.store(3, Ordering::SeqCst);
+    c.insert(1, 1);
+    clock.advance(secs(6));
+    assert_eq!(c.get(&1), Some(1)); // starts a refresh: parked
+    assert_eq!(jobs.lock().unwrap().len(), 1);
+    clock.advance(secs(TTL));
+    b.set_down(true);
+    std::thread::scope(|s| {
+        let joiner = s.spawn(|| c.load_with_timeout(1, None));
+        while c.stats().coalesced == 0 {
+            std::thread::yield_now(); // until it joined the refresh
+        }
+        for job in std::mem::take(&mut *jobs.lock().unwrap()) {
+            job(); // the refresh fails
+        }
+        assert_eq!(
+            joiner.join().unwrap().unwrap(),
+            1,
+            "the last value, not the error"
+        );
+    });
+    assert_eq!(b.calls(), 1);
+    assert_eq!(c.load(1).unwrap(), 1, "within the backoff: no load");
+    assert_eq!(b.calls(), 1);
 }
