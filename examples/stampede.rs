@@ -3,15 +3,15 @@
 //! 504s. Then the backend goes down for a few seconds.
 //!
 //! ```text
-//! cargo run --release --example stampede              # about 50 s; writes target/release/stampede.svg
-//! cargo run --release --example stampede -- 6         # 6-second runs instead of 10
+//! cargo run --release --example stampede              # about 55 s; writes target/release/stampede.svg
+//! cargo run --release --example stampede -- 8         # 8-second runs instead of 12
 //! cargo run --release --example stampede -- --svg chart.svg   # the chart goes to chart.svg
 //! ```
 //!
 //! The chart is written next to the build's output (the `target/release/` this binary runs
 //! from), or where `--svg PATH` says; never into the repository's tracked files.
 //!
-//! **The backend** has 8 workers; a call holds one for 2 ms, and calls beyond 8 queue for a
+//! **The backend** has 8 workers; a call holds one for 5 ms, and calls beyond 8 queue for a
 //! worker, so its latency grows with its queue. From half of the run to nine tenths it is
 //! *down*: a call fails (after 0.5 ms of a worker's time). **The clients** are 200 threads
 //! behind a gateway; a request reads 8 random keys of 1,000 hot ones, then the client pauses
@@ -21,7 +21,7 @@
 //!
 //! 1. **no coalescing**: `get`, and on a miss call the backend and `insert`;
 //! 2. **single-flight**: `try_get_with` (one load per key, but every key expires together);
-//! 3. **protected**: `load` with a loader, `refresh_after(1.5 s)` against the 3 s time to
+//! 3. **protected**: `load` with a loader, `refresh_after(2 s)` against the 4 s time to
 //!    live, `jitter(0.2)`, `max_concurrent_loads(4)`, a 20 ms soft timeout and a spawner (a
 //!    small thread pool) for refreshes and loads;
 //! 4. **protected + fail-safe**: the same with `fail_safe(60 s)`: when a load fails, the last
@@ -46,9 +46,9 @@ const KEYS: u64 = 1_000;
 const CLIENTS: usize = 200;
 const READS: usize = 8;
 const THINK: Duration = Duration::from_millis(20);
-const TTL: Duration = Duration::from_secs(3);
+const TTL: Duration = Duration::from_secs(4);
 const WORKERS: usize = 8;
-const SERVICE: Duration = Duration::from_millis(2);
+const SERVICE: Duration = Duration::from_millis(5);
 const DEADLINE: Duration = Duration::from_millis(250);
 const BUCKET: Duration = Duration::from_millis(100);
 /// The health window and how often the demo asks.
@@ -208,15 +208,15 @@ impl Report {
             .map(|b| b as f64 * BUCKET.as_secs_f64())
     }
 
-    fn count(&self, answer: Answer, during_outage: bool) -> usize {
+    /// Requests with `answer` before, during and after the outage.
+    fn count(&self, answer: Answer) -> [usize; 3] {
         let (from, to) = self.outage;
-        self.requests
-            .iter()
-            .filter(|r| {
-                let t = r.at as f64 / 1e9;
-                r.answer == answer && (t >= from && t < to) == during_outage
-            })
-            .count()
+        let mut n = [0; 3];
+        for r in self.requests.iter().filter(|r| r.answer == answer) {
+            let t = r.at as f64 / 1e9;
+            n[usize::from(t >= from) + usize::from(t >= to)] += 1;
+        }
+        n
     }
 }
 
@@ -284,22 +284,11 @@ fn run(name: &'static str, duration: Duration) -> Report {
                 std::thread::sleep(BUCKET);
             }
         });
-        // Fill every hot key at the same moment (in parallel, as a deploy's warm-up would).
-        std::thread::scope(|w| {
-            for t in 0..CLIENTS as u64 {
-                let cache = &cache;
-                let get = &get;
-                w.spawn(move || {
-                    for k in (t..KEYS).step_by(CLIENTS) {
-                        let _ = if protected {
-                            cache.load_with_timeout(k, None).map_err(|e| e.to_string())
-                        } else {
-                            get(k)
-                        };
-                    }
-                });
-            }
-        });
+        // Fill every hot key at the same moment, as a deploy's warm-up from one bulk query
+        // would.
+        for k in 0..KEYS {
+            cache.insert(k, k * 10);
+        }
         backend
             .clients_from
             .store(backend.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -455,7 +444,7 @@ fn svg(reports: &[Report]) -> String {
     panel(
         &mut out,
         0.0,
-        "Request p99 per 100 ms (1,000 hot keys, TTL 3 s, 200 clients × 8 reads, 8 backend workers)",
+        "Request p99 per 100 ms (1,000 hot keys, TTL 4 s, 200 clients × 8 reads, 8 backend workers)",
         &p99,
         500.0,
         " ms",
@@ -484,8 +473,8 @@ fn svg(reports: &[Report]) -> String {
             h - 12.0,
             colors[i % 4],
             r.name,
-            r.count(Answer::Late, false) + r.count(Answer::Late, true),
-            r.count(Answer::Error, false) + r.count(Answer::Error, true),
+            r.count(Answer::Late).iter().sum::<usize>(),
+            r.count(Answer::Error).iter().sum::<usize>(),
         );
     }
     out + "</svg>\n"
@@ -515,7 +504,7 @@ fn usage(msg: &str) -> ! {
 }
 
 fn main() {
-    let mut secs: u64 = 10;
+    let mut secs: u64 = 12;
     let mut svg_path = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -539,14 +528,17 @@ fn main() {
         println!("== {}", r.name);
         let mut lat: Vec<u64> = r.requests.iter().map(|q| q.latency_us).collect();
         lat.sort_unstable();
+        let (ok, late, err) = (
+            r.count(Answer::Ok),
+            r.count(Answer::Late),
+            r.count(Answer::Error),
+        );
         println!(
-            "requests {}: answered {}, 504s {} (+{} while the backend was down, {from:.1}–{to:.1} s), errors {} (+{} while down) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "requests {}: answered {} | 504s {} | errors {} (each: before / during / after the outage at {from:.1}–{to:.1} s) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             r.requests.len(),
-            r.count(Answer::Ok, false) + r.count(Answer::Ok, true),
-            r.count(Answer::Late, false),
-            r.count(Answer::Late, true),
-            r.count(Answer::Error, false),
-            r.count(Answer::Error, true),
+            ok.iter().sum::<usize>(),
+            late.map(|n| n.to_string()).join(" / "),
+            err.map(|n| n.to_string()).join(" / "),
             percentile(&lat, 0.5) as f64 / 1e3,
             percentile(&lat, 0.99) as f64 / 1e3,
             *lat.last().unwrap_or(&0) as f64 / 1e3,
@@ -591,8 +583,17 @@ fn main() {
                     format!("{t:.1} s")
                 }
             };
+            let before = match r.saturated_at() {
+                Some(t) if seen.first < t => {
+                    format!(
+                        " ({:.1} s before the backend saturated)",
+                        t - seen.first.max(0.0)
+                    )
+                }
+                _ => String::new(),
+            };
             println!(
-                "health: {kind} from {} to {}: {}",
+                "health: {kind} from {} to {}{before}: {}",
                 when(seen.first),
                 when(seen.last),
                 seen.advice

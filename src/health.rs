@@ -23,10 +23,10 @@
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
 //! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (entries written, counted by when they are due; ones evicted since still count) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration) |
-//! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, more than at the window's start |
+//! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each) |
 //! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
-//! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl`, ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
+//! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl` and no `fail_safe` (which retries a failing key once per backoff), ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
 //! | [`Warning::ServingStale`] | fail-safe answered calls with values past their time to live |
 //!
 //! The median load time comes from a histogram with four buckets per power of two (within
@@ -49,7 +49,7 @@ pub const SYNC_SHARE: f64 = 0.25;
 /// [`Warning::SynchronizedExpiry`]: the fewest entries due within one interval.
 pub const SYNC_MIN: u64 = 64;
 /// [`Warning::RefreshCannotKeepUp`]: refreshes started and not finished.
-pub const REFRESH_BACKLOG: u64 = 16;
+pub const REFRESH_BACKLOG: u64 = 64;
 /// [`Warning::Thrashing`]: the fewest evictions for size in the window.
 pub const MIN_EVICTIONS: u64 = 64;
 /// [`Warning::Thrashing`]: the hit-ratio drop, in percentage points.
@@ -632,7 +632,8 @@ where
         if stats.is_some() {
             let backlog = cur.refresh_started.saturating_sub(cur.refresh_finished);
             let before = base.refresh_started.saturating_sub(base.refresh_finished);
-            if backlog >= REFRESH_BACKLOG && backlog > before {
+            let halfway = mid.refresh_started.saturating_sub(mid.refresh_finished);
+            if backlog >= REFRESH_BACKLOG && backlog > halfway && halfway >= before {
                 warnings.push(Warning::RefreshCannotKeepUp {
                     backlog,
                     started: cur.refresh_started.saturating_sub(base.refresh_started),
@@ -678,7 +679,11 @@ where
             }
         }
         let failures = cur.failures.saturating_sub(base.failures);
-        if !cfg.negative_caching && failures >= MIN_FAILURES && failures * 4 >= loads {
+        if !cfg.negative_caching
+            && self.inner.stampede.fail_safe.is_none()
+            && failures >= MIN_FAILURES
+            && failures * 4 >= loads
+        {
             warnings.push(Warning::ErrorsWithoutNegativeCaching { failures, loads });
         }
         Health {

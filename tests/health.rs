@@ -153,13 +153,13 @@ fn refresh_backlog(n: u64) -> (Cache<u64, u64>, Jobs) {
 
 #[test]
 fn refresh_cannot_keep_up() {
-    let (c, jobs) = refresh_backlog(20);
+    let (c, jobs) = refresh_backlog(70);
     match c.health_over(secs(60)).warnings() {
         [Warning::RefreshCannotKeepUp {
             backlog,
             started,
             finished,
-        }] => assert_eq!((*backlog, *started, *finished), (20, 20, 0)),
+        }] => assert_eq!((*backlog, *started, *finished), (70, 70, 0)),
         other => panic!("{other:?}"),
     }
     // The jobs run: the backlog is gone.
@@ -167,8 +167,8 @@ fn refresh_cannot_keep_up() {
         job();
     }
     assert!(kinds(&c, secs(60)).is_empty());
-    // Near miss: a backlog of 15.
-    let (c, _jobs) = refresh_backlog(15);
+    // Near miss: a backlog of 63.
+    let (c, _jobs) = refresh_backlog(63);
     assert!(kinds(&c, secs(60)).is_empty());
 }
 
@@ -323,9 +323,16 @@ fn load_limit_saturated() {
 }
 
 fn failing(n: u64, negative: bool) -> Cache<u64, u64> {
+    failing_with(n, negative, false)
+}
+
+fn failing_with(n: u64, negative: bool, fail_safe: bool) -> Cache<u64, u64> {
     let mut b = Cache::builder().max_capacity(100);
     if negative {
         b = b.negative_ttl(secs(5));
+    }
+    if fail_safe {
+        b = b.time_to_live(secs(5)).fail_safe(secs(60));
     }
     let c = b.build();
     for k in 0..n {
@@ -344,8 +351,9 @@ fn errors_without_negative_caching() {
         }
         other => panic!("{other:?}"),
     }
-    // Near misses: negative caching on, or 15 failures.
+    // Near misses: negative caching or fail-safe on, or 15 failures.
     assert!(kinds(&failing(20, true), secs(60)).is_empty());
+    assert!(kinds(&failing_with(20, false, true), secs(60)).is_empty());
     assert!(kinds(&failing(15, false), secs(60)).is_empty());
 }
 
