@@ -29,6 +29,9 @@
 //! * **Writes win**: an `insert` or `invalidate` replaces or removes the old entry, so a load
 //!   that fails afterwards has nothing to fall back on.
 //!
+//! The calls that can fall back are those that load on a miss: the `get_with` and `load`
+//! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;
+//! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent.
 //! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back.
 //! Calls answered this way are counted in
 //! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
