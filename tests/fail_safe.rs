@@ -574,3 +574,44 @@ fn a_failed_refresh_joined_after_expiry_serves_the_last_value() {
     assert_eq!(c.load(1).unwrap(), 1, "within the backoff: no load");
     assert_eq!(b.calls(), 1);
 }
+
+#[test]
+fn a_wait_for_a_load_permit_past_the_soft_timeout_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "permit wait past the soft timeout");
+    let clock = ManualClock::new();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let started_tx = Mutex::new(started_tx);
+    let release = Arc::new(Barrier::new(2));
+    let r = Arc::clone(&release);
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .max_concurrent_loads(1)
+        .clock(clock.clone())
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u64| {
+            if *k == 99 {
+                started_tx.lock().unwrap().send(()).unwrap();
+                r.wait(); // holds the only permit until the test lets go
+            }
+            Ok::<_, BoxError>(*k + 100)
+        })
+        .build();
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| c.load_with_timeout(99, None));
+        started_rx.recv().unwrap(); // the permit is taken
+        let v = c.load_with_timeout(1, Some(Duration::from_millis(20)));
+        assert_eq!(
+            v.unwrap(),
+            5,
+            "the last value while the load waits for a permit"
+        );
+        release.wait();
+        assert_eq!(holder.join().unwrap().unwrap(), 199);
+    });
+}
