@@ -16,6 +16,13 @@
 //! each metrics scrape — for the window to be what it says. On a cache that keeps no time (no
 //! expiry, refresh or negative caching), the window is everything since the cache was built.
 //!
+//! # Logging
+//!
+//! With the cargo feature `tracing`, each call logs the warnings that started since the
+//! previous call (`WARN`, with the advice) and those that cleared (`INFO`), with the target
+//! `herdcache::health` and the fields `cache` (its name) and `kind`. Start and clear are as
+//! successive calls see them: call it periodically (e.g. with each metrics scrape).
+//!
 //! # Thresholds
 //!
 //! | warning | raised when (over the window) |
@@ -182,7 +189,12 @@ impl Warning {
     /// assert_eq!(w.kind(), "serving_stale");
     /// ```
     pub fn kind(&self) -> &'static str {
-        let i = match self {
+        Self::KINDS[self.index()]
+    }
+
+    /// The position of this warning's kind in [`KINDS`](Self::KINDS).
+    fn index(&self) -> usize {
+        match self {
             Warning::TtlShorterThanLoads { .. } => 0,
             Warning::SynchronizedExpiry { .. } => 1,
             Warning::RefreshNeverHappens { .. } => 2,
@@ -191,8 +203,7 @@ impl Warning {
             Warning::LoadLimitSaturated { .. } => 5,
             Warning::ErrorsWithoutNegativeCaching { .. } => 6,
             Warning::ServingStale { .. } => 7,
-        };
-        Self::KINDS[i]
+        }
     }
 }
 
@@ -360,6 +371,10 @@ pub(crate) struct Monitor {
     ring: Box<[Slot]>,
     width: u64,
     history: Mutex<Vec<(u64, Figures)>>,
+    /// The kinds raised by the last call of `health` (bit `i`: `Warning::KINDS[i]`), to log
+    /// when they start and clear (feature `tracing`).
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    active: std::sync::atomic::AtomicU8,
 }
 
 impl Default for Monitor {
@@ -408,6 +423,7 @@ impl Monitor {
             ring,
             width,
             history: Mutex::new(Vec::new()),
+            active: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -686,9 +702,28 @@ where
         {
             warnings.push(Warning::ErrorsWithoutNegativeCaching { failures, loads });
         }
+        #[cfg(feature = "tracing")]
+        self.log_changes(&warnings);
         Health {
             warnings,
             window: d(span),
+        }
+    }
+
+    /// Logs the warnings that started since the previous call of `health` (at `WARN`, with
+    /// their advice) and those that cleared (at `INFO`), target `herdcache::health`.
+    #[cfg(feature = "tracing")]
+    fn log_changes(&self, warnings: &[Warning]) {
+        let m = &self.inner.stampede.monitor;
+        let now = warnings.iter().fold(0u8, |bits, w| bits | 1 << w.index());
+        let before = m.active.swap(now, Ordering::AcqRel);
+        for w in warnings.iter().filter(|w| before & 1 << w.index() == 0) {
+            tracing::warn!(target: "herdcache::health", cache = self.name(), kind = w.kind(), "{w}");
+        }
+        for (i, kind) in Warning::KINDS.iter().enumerate() {
+            if before & !now & 1 << i != 0 {
+                tracing::info!(target: "herdcache::health", cache = self.name(), kind, "cleared");
+            }
         }
     }
 
