@@ -48,6 +48,31 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
+    /// The fast path of [`fail_safe_answer`](Self::fail_safe_answer), under the read lock: the
+    /// old value (mapped by `hit`) if a load of `key` failed within the last backoff or a
+    /// retry of it runs. `None` leaves the decision to the write-locked path, which checks
+    /// again. During an outage, most callers of a failing key take only this read lock.
+    pub(crate) fn fail_safe_read<R>(
+        &self,
+        hash: u64,
+        key: &K,
+        hit: impl FnOnce(&V) -> R,
+    ) -> Option<R> {
+        self.inner.stampede.fail_safe?;
+        let now = self.now();
+        let r = {
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            let (v, retry) = s.stale(hash, key, now)?;
+            let at = retry.load(Ordering::Relaxed);
+            if at == 0 || (at <= now && !s.loading(hash, key)) {
+                return None;
+            }
+            hit(v)
+        };
+        self.note_stale();
+        Some(r)
+    }
+
     /// Under the shard's write lock, for a caller about to claim a load of `key`: the old value
     /// to answer with instead, if a load of `key` failed within the last backoff or a retry of
     /// it runs. Otherwise `None`, and a caller past the retry deadline becomes the retrier: the

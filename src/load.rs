@@ -613,6 +613,9 @@ where
         if let Some(r) = self.get_map(key, hash, record, hit) {
             return Claim::Hit(r);
         }
+        if let Some(r) = self.fail_safe_read(hash, key, hit) {
+            return Claim::Hit(r);
+        }
         // The key's clones (user code) come before the lock.
         let registered = key.clone();
         let owned = (can_lead && future.is_some()).then(|| key.clone());
