@@ -483,8 +483,14 @@ where
     /// count towards `max_capacity`) until `max_stale` passes; plain reads (`get`) never see
     /// them. Counted in
     /// [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl). Needs
-    /// a deadline to act on (a time to live, a time to idle or an `Expiry`). Details: the
-    /// `fail_safe` section of the crate docs.
+    /// a deadline to act on (a time to live, a time to idle or an `Expiry`).
+    ///
+    /// The calls that fall back are those that load on a miss: the `get_with` and `load`
+    /// families (blocking and async), `get_all` and the entry API's `or_insert_with` family.
+    /// Until a load of the expired key fails, it is loaded as usual (single-flight, the new
+    /// value replaces the old one). A `None` of an `optionally_` loader is an answer, not a
+    /// failure. A write or invalidation of the key removes the old value for good. On a soft
+    /// timeout the load goes on, and its callers get the old value at once until it ends.
     ///
     /// ```
     /// use herdcache::{BoxError, Cache, ManualClock};
