@@ -91,7 +91,11 @@ const HISTORY: usize = 16;
 ///     .build();
 /// let health = cache.health();
 /// assert!(matches!(health.warnings(), [Warning::RefreshNeverHappens { .. }]));
-/// println!("{}", health.warnings()[0]); // "refresh_after (20s) ≥ time to live (10s): ..."
+/// assert_eq!(
+///     health.warnings()[0].to_string(),
+///     "refresh_after (20.0 s) ≥ time to live (10.0 s): entries expire before any refresh; \
+///      set refresh_after to about half the time to live"
+/// );
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -212,21 +216,27 @@ impl fmt::Display for Warning {
         match self {
             Warning::TtlShorterThanLoads { ttl, p50_load, .. } => write!(
                 f,
-                "time to live ({ttl:?}) < {TTL_LOAD_MULTIPLE}× the median load ({p50_load:?}): \
-                 a burst reaches the backend; raise time_to_live or refresh ahead with refresh_after"
+                "time to live ({}) < {TTL_LOAD_MULTIPLE}× the median load ({}): \
+                 a burst reaches the backend; raise time_to_live or refresh ahead with refresh_after",
+                Short(*ttl),
+                Short(*p50_load)
             ),
             Warning::SynchronizedExpiry {
                 share, within, in_, ..
             } => write!(
                 f,
-                "{:.0} % of the entries expire within {within:?} (in {in_:?}): an expiry wave; \
+                "{:.0} % of the entries expire within {} (in {}): an expiry wave; \
                  add jitter(0.2) or refresh_after",
-                share * 100.0
+                share * 100.0,
+                Short(*within),
+                Short(*in_)
             ),
             Warning::RefreshNeverHappens { refresh_after, ttl } => write!(
                 f,
-                "refresh_after ({refresh_after:?}) ≥ time to live ({ttl:?}): entries expire before \
-                 any refresh; set refresh_after to about half the time to live"
+                "refresh_after ({}) ≥ time to live ({}): entries expire before \
+                 any refresh; set refresh_after to about half the time to live",
+                Short(*refresh_after),
+                Short(*ttl)
             ),
             Warning::RefreshCannotKeepUp { backlog, .. } => write!(
                 f,
@@ -240,7 +250,7 @@ impl fmt::Display for Warning {
             } => {
                 write!(f, "{evictions} evictions for size")?;
                 if let Some(r) = residence {
-                    write!(f, ", entries stay {r:?} on average")?;
+                    write!(f, ", entries stay {} on average", Short(*r))?;
                 }
                 if let Some((a, b)) = hit_ratio {
                     write!(f, ", hit ratio {:.1} % → {:.1} %", a * 100.0, b * 100.0)?;
@@ -264,6 +274,30 @@ impl fmt::Display for Warning {
                  are failing; check the backend"
             ),
         }
+    }
+}
+
+/// A duration with three significant digits at most, for the advice ("1.5 s", "62.9 ms").
+struct Short(Duration);
+
+impl fmt::Display for Short {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs_f64();
+        let (v, unit) = if s >= 1.0 {
+            (s, "s")
+        } else if s >= 1e-3 {
+            (s * 1e3, "ms")
+        } else {
+            (s * 1e6, "µs")
+        };
+        let digits = if v >= 100.0 {
+            0
+        } else if v >= 10.0 {
+            1
+        } else {
+            2
+        };
+        write!(f, "{v:.digits$} {unit}")
     }
 }
 
