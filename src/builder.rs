@@ -421,8 +421,62 @@ where
         self
     }
 
-    /// After a failed refresh, wait this long before the next attempt (default: the
-    /// `refresh_after` period).
+    /// Fail-safe (FusionCache's name for it): when the load of an expired key fails — the
+    /// loader's error, a panic, an abandoned leader, a soft timeout — its callers get the last
+    /// value instead of the error, up to `max_stale` past its deadline, and the key is retried
+    /// after [`refresh_backoff`](Self::refresh_backoff) by one caller (the others get the last
+    /// value meanwhile, with no load). Never beyond `max_stale`. Expired entries are kept (and
+    /// count towards `max_capacity`) until `max_stale` passes; plain reads (`get`) never see
+    /// them. Counted in
+    /// [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl). Needs
+    /// a deadline to act on (a time to live, a time to idle or an `Expiry`).
+    ///
+    /// The calls that fall back are those that load on a miss: the `get_with` and `load`
+    /// families (blocking and async), `get_all` and the entry API's `or_insert_with` family.
+    /// Until a load of the expired key fails, it is loaded as usual (single-flight, the new
+    /// value replaces the old one). A `None` of an `optionally_` loader is an answer, not a
+    /// failure. A write or invalidation of the key removes the old value for good. On a soft
+    /// timeout the load goes on, and its callers get the old value at once until it ends.
+    ///
+    /// ```
+    /// use herdcache::{BoxError, Cache, ManualClock};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// let clock = ManualClock::new();
+    /// let down = Arc::new(AtomicBool::new(false));
+    /// let d = Arc::clone(&down);
+    /// let cache: Cache<u32, String> = Cache::builder()
+    ///     .max_capacity(100)
+    ///     .time_to_live(Duration::from_secs(60))
+    ///     .fail_safe(Duration::from_secs(600))
+    ///     .refresh_backoff(Duration::from_secs(5))
+    ///     .clock(clock.clone())
+    ///     .loader(move |k: &u32| {
+    ///         if d.load(Ordering::SeqCst) {
+    ///             Err(BoxError::from("backend down"))
+    ///         } else {
+    ///             Ok(format!("value {k}"))
+    ///         }
+    ///     })
+    ///     .build();
+    /// assert_eq!(cache.load(1).unwrap(), "value 1");
+    /// down.store(true, Ordering::SeqCst);
+    /// clock.advance(Duration::from_secs(61)); // expired, backend down
+    /// assert_eq!(cache.load(1).unwrap(), "value 1"); // the last value, not the error
+    /// assert_eq!(cache.get(&1), None); // plain reads never see an expired value
+    /// clock.advance(Duration::from_secs(600)); // past max_stale
+    /// assert!(cache.load(1).is_err());
+    /// ```
+    pub fn fail_safe(mut self, max_stale: Duration) -> Self {
+        self.stampede.fail_safe = Some(nanos(max_stale));
+        self
+    }
+
+    /// After a failed refresh (or, with [`fail_safe`](Self::fail_safe), a failed load of an
+    /// expired key), wait this long before the next attempt (default: the `refresh_after`
+    /// period, else one second).
     pub fn refresh_backoff(mut self, d: Duration) -> Self {
         self.stampede.refresh_backoff = nanos(d).max(1);
         self
@@ -491,7 +545,16 @@ where
         if stampede.refresh_backoff == 0 {
             stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
         }
-        let layout = Layout::for_expiry(&expiry, refresh_after, self.early_beta, self.jitter);
+        let mut layout = Layout::for_expiry(&expiry, refresh_after, self.early_beta, self.jitter);
+        if let Some(max_stale) = stampede.fail_safe {
+            layout = layout.with_fail_safe(max_stale);
+        }
+        stampede.monitor = crate::monitor::Monitor::new(crate::monitor::HealthConfig {
+            ttl: self.ttl.map(nanos),
+            refresh_after,
+            spread: self.jitter > 0.0 || refresh_after.is_some() || self.early_beta.is_some(),
+            negative_caching: stampede.negative_ttl.is_some(),
+        });
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {
             capacity,

@@ -500,6 +500,17 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         self.table.drain().inspect(|(_, f)| f.supersede()).collect()
     }
 
+    /// Whether a load of `key` runs (a registered flight that is not a negative entry).
+    pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.table
+            .find(hash, |(k, _)| k.borrow() == key)
+            .is_some_and(|(_, f)| f.negative_until() == 0)
+    }
+
     /// Whether this very flight is registered (not superseded, not ended).
     pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
         self.table.find(hash, |(_, g)| Arc::ptr_eq(f, g)).is_some()

@@ -117,6 +117,14 @@
 //!   earlier for keys that are slow to load.
 //! * [`load_timeout`](CacheBuilder::load_timeout): a soft timeout for [`Cache::load`] that
 //!   serves a stale value (or [`LoadError::Timeout`]) while the load goes on.
+//! * [`fail_safe`](CacheBuilder::fail_safe): when the load of an *expired* key fails (the
+//!   backend is down), its callers get the last value instead of the error, up to `max_stale`
+//!   past its time to live, and the key is retried once per backoff (FusionCache's fail-safe).
+//!
+//! [`Cache::health`] says when a configuration cannot protect its backend — a time to live
+//! shorter than the loads, an expiry wave, refreshes that never happen or cannot keep up,
+//! thrashing, a saturated load limit, failures reloaded on every call, fail-safe at work —
+//! with the figures and a one-line advice for each (thresholds in the [`health`] module).
 //!
 //! ```
 //! use herdcache::{BoxError, Cache, ManualClock};
@@ -275,12 +283,14 @@ pub mod codec;
 mod entry;
 mod expiry;
 mod flight;
+pub mod health;
 mod limit;
 mod load;
 mod load_async;
 mod loader;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod monitor;
 mod policy;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -299,6 +309,7 @@ pub use cache::{Cache, Iter};
 pub use clock::ManualClock;
 pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
+pub use health::{Health, Warning};
 pub use loader::LoadError;
 pub use removal::RemovalCause;
 pub use settings::Policy;

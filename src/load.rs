@@ -348,6 +348,9 @@ where
                 return Claim::Hit(r);
             }
         }
+        if let Some(r) = self.fail_safe_read(hash, key, hit) {
+            return Claim::Hit(r);
+        }
         // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
         let f = match future {
@@ -417,6 +420,8 @@ where
             Counter::LoadFailure
         });
         self.count_n(Counter::LoadNanos, took);
+        let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
+        self.inner.stampede.monitor.load(took, failed);
         // A planted bug for the loom model to catch: waiters released before the value is
         // published.
         #[cfg(herdcache_broken_model)]
@@ -426,13 +431,25 @@ where
         }
         let key = key.or_else(|| lead.flight().state.lock().key.take());
         // User code, with the flight still guarded.
+        let mut failed_key = None;
         let staged = match (&outcome, key) {
             (Outcome::Value(v), Some(key)) => {
                 let weight = self.weigh(&key, v);
                 Some((key, v.clone(), weight))
             }
+            (_, key) => {
+                failed_key = key;
+                None
+            }
+        };
+        // Fail-safe: a failed load of an expired key answers with its old value (taken, and
+        // the key's retry deadline set, while the flight is still registered).
+        let mut outcome = outcome;
+        let fallback = match (&outcome, &failed_key) {
+            (Outcome::Error(_) | Outcome::Panicked, Some(k)) => self.fail_safe_fallback(hash, k),
             _ => None,
         };
+        drop(failed_key);
         let mut out = Removals::new();
         match staged {
             Some((key, value, weight)) => {
@@ -443,11 +460,15 @@ where
             }
             None => {
                 let negative = match outcome {
+                    _ if fallback.is_some() => None,
                     Outcome::Value(_) => None,
                     Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
                     _ => self.inner.stampede.negative_ttl,
                 };
                 self.end_failed(hash, lead.flight(), negative.filter(|_| self.keeps_time()));
+                if let Some(v) = fallback {
+                    outcome = Outcome::Value(v);
+                }
             }
         }
         let flight = lead.disarm();

@@ -182,6 +182,7 @@ where
             None => {
                 self.count(Counter::Timeout);
                 self.read_with(&key, hash, false, V::clone)
+                    .or_else(|| self.fail_safe_fallback(hash, &key))
                     .ok_or(LoadError::Timeout)
             }
         }

@@ -17,10 +17,13 @@ where
     /// `herdcache_load_failures_total`, `herdcache_load_seconds_total`,
     /// `herdcache_removals_total{cause}`, `herdcache_removed_weight_total{cause}`,
     /// `herdcache_coalesced_total`, `herdcache_refreshes_total{result}`,
-    /// `herdcache_stale_served_total`, `herdcache_negative_hits_total`,
+    /// `herdcache_stale_served_total`, `herdcache_stale_served_after_ttl_total`,
+    /// `herdcache_negative_hits_total`,
     /// `herdcache_loads_waited_for_limit_total`, `herdcache_timeouts_total`; gauges
     /// `herdcache_entries`, `herdcache_weighted_size`, `herdcache_loads_in_flight`,
-    /// `herdcache_max_concurrent_loads_seen`. With a Redis second tier, also
+    /// `herdcache_max_concurrent_loads_seen`, `herdcache_health_warning{kind}` (1 while
+    /// [`health`](Cache::health) raises that kind of [`Warning`](crate::Warning), else 0; one
+    /// series per kind, so a cleared warning reads 0). With a Redis second tier, also
     /// `herdcache_remote_total{event}`, one series per [`RemoteStats`](crate::RemoteStats) field
     /// (`hits`, `errors`, `skipped`, `leases_acquired`, …).
     ///
@@ -45,6 +48,10 @@ where
         counter("herdcache_load_failures_total", s.load_failures);
         counter("herdcache_coalesced_total", s.coalesced);
         counter("herdcache_stale_served_total", s.stale_served);
+        counter(
+            "herdcache_stale_served_after_ttl_total",
+            s.stale_served_after_ttl,
+        );
         counter("herdcache_negative_hits_total", s.negative_hits);
         counter(
             "herdcache_loads_waited_for_limit_total",
@@ -80,6 +87,12 @@ where
                 metrics::counter!("herdcache_remote_total", "cache" => name.clone(), "event" => event)
                     .absolute(v);
             }
+        }
+        let warnings = self.health();
+        for kind in crate::Warning::KINDS {
+            let on = warnings.warnings().iter().any(|w| w.kind() == kind);
+            metrics::gauge!("herdcache_health_warning", "cache" => name.clone(), "kind" => kind)
+                .set(if on { 1.0 } else { 0.0 });
         }
         gauge("herdcache_entries", self.entry_count());
         gauge("herdcache_weighted_size", self.weighted_size());

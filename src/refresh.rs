@@ -116,7 +116,7 @@ where
                 }
                 Err(e) => {
                     let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
-                    cache.fail_refresh(lead, took, Outcome::Error(error));
+                    cache.fail_refresh(lead, &key, took, Outcome::Error(error));
                 }
             }
         };
@@ -158,20 +158,27 @@ where
             // joined it (the entry expired meanwhile) get the error.
             Ok(Err(e)) => {
                 let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
-                self.fail_refresh(lead, took, Outcome::Error(error));
+                self.fail_refresh(lead, &key, took, Outcome::Error(error));
             }
-            Err(_) => self.fail_refresh(lead, took, Outcome::Panicked),
+            Err(_) => self.fail_refresh(lead, &key, took, Outcome::Panicked),
         }
     }
 
     /// Ends a refresh that failed: the old value stays, the next refresh waits for the
-    /// backoff, and callers that joined the refresh (the entry expired meanwhile) get `outcome`.
-    fn fail_refresh(&self, lead: Lead<K, V, S>, took: u64, outcome: Outcome<V>) {
+    /// backoff, and callers that joined the refresh (the entry expired meanwhile) get `outcome`
+    /// — or, with fail-safe, the old value (see `cache/fail_safe.rs`).
+    fn fail_refresh(&self, lead: Lead<K, V, S>, key: &K, took: u64, outcome: Outcome<V>) {
         self.count(Counter::RefreshFailed);
         self.count(Counter::LoadFailure);
         self.count_n(Counter::LoadNanos, took);
+        self.inner.stampede.monitor.load(took, true);
         let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         let hash = lead.hash();
+        // Taken (and the retry deadline set) while the flight is still registered.
+        let outcome = match self.fail_safe_fallback(hash, key) {
+            Some(v) => Outcome::Value(v),
+            None => outcome,
+        };
         let flight = lead.disarm();
         self.end_flight(hash, &flight, Some(retry), Phase::Done(Arc::new(outcome)));
     }

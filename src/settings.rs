@@ -75,6 +75,10 @@ pub(crate) struct Stampede<K, V> {
     pub(crate) refresh_backoff: u64,
     pub(crate) negative_ttl: Option<u64>,
     pub(crate) load_timeout: Option<Duration>,
+    /// Fail-safe's `max_stale` (nanoseconds), if set (see `cache/fail_safe.rs`).
+    pub(crate) fail_safe: Option<u64>,
+    /// The figures [`Cache::health`](crate::Cache::health) reads (see [`crate::monitor`]).
+    pub(crate) monitor: crate::monitor::Monitor,
     pub(crate) limiter: Option<Arc<Limiter>>,
     /// Set where `K: Clone` is known: clones a key found due for refresh (under the read
     /// lock), and starts its refresh (after the lock is released).
@@ -93,6 +97,8 @@ impl<K, V> Default for Stampede<K, V> {
             refresh_backoff: 0,
             negative_ttl: None,
             load_timeout: None,
+            fail_safe: None,
+            monitor: crate::monitor::Monitor::default(),
             limiter: None,
             clone_key: None,
         }

@@ -41,9 +41,10 @@ pub(crate) enum Counter {
     WeightExplicit,
     WeightReplaced,
     WeightSize,
+    StaleAfterTtl,
 }
 
-const COUNTERS: usize = Counter::WeightSize as usize + 1;
+const COUNTERS: usize = Counter::StaleAfterTtl as usize + 1;
 /// Stripes a thread can own (one per bit of [`OWNED`]).
 const STRIPES: usize = 64;
 /// The stripe of threads that own none, written only with `fetch_add`.
@@ -202,6 +203,7 @@ impl Stats {
             refreshes_failed: self.sum(RefreshFailed),
             stale_served: self.sum(StaleServed),
             negative_hits: self.sum(NegativeHit),
+            stale_served_after_ttl: self.sum(StaleAfterTtl),
             timeouts: self.sum(Timeout),
             loads_waited_for_limit: 0,
             loads_in_flight: 0,
@@ -279,6 +281,9 @@ pub struct CacheStats {
     pub refreshes_failed: u64,
     /// Reads that returned a value due for refresh (stale-while-revalidate).
     pub stale_served: u64,
+    /// Calls answered with a value past its time to live because its load failed (fail-safe;
+    /// callers that waited on one failed load count once).
+    pub stale_served_after_ttl: u64,
     /// Calls answered by a negative-cache entry instead of a load.
     pub negative_hits: u64,
     /// Loads that had to wait for a permit of `max_concurrent_loads`.
@@ -354,6 +359,9 @@ impl Sub for CacheStats {
             refreshes_failed: self.refreshes_failed.wrapping_sub(earlier.refreshes_failed),
             stale_served: self.stale_served.wrapping_sub(earlier.stale_served),
             negative_hits: self.negative_hits.wrapping_sub(earlier.negative_hits),
+            stale_served_after_ttl: self
+                .stale_served_after_ttl
+                .wrapping_sub(earlier.stale_served_after_ttl),
             loads_waited_for_limit: self
                 .loads_waited_for_limit
                 .wrapping_sub(earlier.loads_waited_for_limit),

@@ -2,6 +2,7 @@
 //! write and invalidate two keys of a tiny cache (an async task through a shared load, the
 //! others through their own), and one async caller is cancelled while it
 //! waits. Every schedule must end with correct values, no flight left and the invariants held.
+//! A second model runs fail-safe: three loaders of an expired key, its backend down, a writer.
 //!
 //! ```text
 //! RUSTFLAGS="--cfg shuttle" cargo test --release --test shuttle_cache
@@ -107,5 +108,58 @@ fn threads_tasks_and_a_cancelled_waiter() {
             }
         },
         iterations(),
+    );
+}
+
+/// Fail-safe under random schedules: three threads load an expired key while its backend is
+/// down and a writer replaces it. Every call gets the last value, the written one or (only when
+/// the write superseded its load) the error; the backend sees at most one load; the written
+/// value is never replaced by the old one.
+#[test]
+fn fail_safe_one_load_and_writes_win() {
+    shuttle::check_random(
+        || {
+            let clock = herdcache::ManualClock::new();
+            let cache: Cache<u32, u32> = Cache::builder()
+                .max_capacity(4)
+                .shards(1)
+                .time_to_live(std::time::Duration::from_secs(10))
+                .fail_safe(std::time::Duration::from_secs(60))
+                .refresh_backoff(std::time::Duration::from_secs(5))
+                .clock(clock.clone())
+                .build();
+            cache.insert(1, 7);
+            clock.advance(std::time::Duration::from_secs(11));
+            let loads = Arc::new(AtomicUsize::new(0));
+            let mut threads = Vec::new();
+            for t in 0..3u32 {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                threads.push(shuttle::thread::spawn(move || {
+                    for _ in 0..2 {
+                        let r: Result<u32, std::sync::Arc<&str>> = cache.try_get_with(1, || {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            Err("down")
+                        });
+                        match r {
+                            Ok(v) => assert!(v == 7 || v == 8, "thread {t}: {v}"),
+                            Err(_) => {}
+                        }
+                    }
+                }));
+            }
+            let writer = {
+                let cache = cache.clone();
+                shuttle::thread::spawn(move || cache.insert(1, 8))
+            };
+            for t in threads {
+                t.join().expect("thread");
+            }
+            writer.join().expect("writer");
+            assert!(loads.load(Ordering::SeqCst) <= 1, "one load per backoff");
+            assert_eq!(cache.get(&1), Some(8), "the write wins");
+            assert_eq!(cache.loads_in_flight(), 0, "no flight left behind");
+            cache.validate();
+        },
+        iterations() / 4,
     );
 }

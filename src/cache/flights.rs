@@ -63,6 +63,15 @@ where
                 drop(registered);
                 return Registration::Hit(r);
             }
+            // Fail-safe: within a failed key's backoff (or while its retry runs) the old value
+            // answers instead of a load (see `fail_safe.rs`).
+            if let Some(v) = self.fail_safe_answer(&s, hash, key, now) {
+                let r = hit(v);
+                drop(s);
+                drop(registered);
+                self.note_stale();
+                return Registration::Hit(r);
+            }
         }
         let hasher = &self.inner.hasher;
         match s.flights().claim(
@@ -162,6 +171,9 @@ where
             let key = s.flights().remove(hash, flight);
             if let (Some(k), Some(at)) = (&key, retry_refresh) {
                 s.set_refresh_at(hash, k, at);
+            }
+            if let (Some(k), Phase::Abandoned) = (&key, &phase) {
+                self.fail_safe_abandoned(&s, hash, k);
             }
             key
         };

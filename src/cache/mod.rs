@@ -68,6 +68,7 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
     }
 }
 
+mod fail_safe;
 mod flights;
 mod iter;
 
@@ -573,6 +574,7 @@ where
         let cell = &self.inner.shards[i];
         let now = self.now();
         let accesses = cell.accesses.load(Ordering::Relaxed);
+        self.inner.stampede.monitor.wrote(now); // for `health` (src/health.rs)
         let mut s = cell.lock.write();
         let registered = match write {
             Write::Plain => None,

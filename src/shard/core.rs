@@ -309,6 +309,40 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.slab[slot as usize].as_ref().map(|e| &e.value)
     }
 
+    /// Whether the entry in `slot` may be reclaimed at `now`: past its deadline and, with
+    /// fail-safe, past its stale window too.
+    #[inline]
+    fn reclaimable(&self, slot: u32, now: u64) -> bool {
+        let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
+        self.deadline(slot).saturating_add(grace) <= now
+    }
+
+    /// With fail-safe: `key`'s value if its entry is past its deadline but within its stale
+    /// window at `now`, with its retry deadline (0: no load of it has failed yet).
+    pub(crate) fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let (j, max) = self.layout.fail_safe?;
+        let slot = self.find(hash, key)?;
+        let d = self.deadline(slot);
+        if d > now || d.saturating_add(max) <= now {
+            return None;
+        }
+        let e = self.slab[slot as usize].as_ref()?;
+        Some((&e.value, self.extra(slot, j)))
+    }
+
+    /// Whether a load of `key` runs (a registered flight that is not a negative entry).
+    pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.flights.loading(hash, key)
+    }
+
     #[inline]
     fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
         if self.stride > 0 {
@@ -335,6 +369,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             });
             self.extra(slot, r).store(at, Ordering::Relaxed);
             self.extra(slot, r + 1).store(load_nanos, Ordering::Relaxed);
+        }
+        if let Some((j, _)) = self.layout.fail_safe {
+            self.extra(slot, j).store(0, Ordering::Relaxed);
         }
         if refile {
             self.file(slot, effective);
@@ -622,7 +659,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         match self.find(hash, key) {
-            Some(slot) if self.deadline(slot) <= now => {
+            Some(slot) if self.reclaimable(slot, now) => {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
                 true
             }
@@ -696,6 +733,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             return;
         }
         let mut refile = Vec::new();
+        let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
         for (b, slots) in due {
             for s in slots {
                 let Some(e) = self.slab[s as usize].as_mut() else {
@@ -706,9 +744,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 }
                 e.bucket = NO_BUCKET;
                 let d = e.time.get();
-                if d <= now {
+                if d.saturating_add(grace) <= now {
                     let hash = hasher.hash_one(&e.key);
                     self.remove_slot(s, hash, RemovalCause::Expired, out);
+                } else if d <= now {
+                    // Expired, but kept for fail-safe until its stale window closes.
+                    refile.push((s, d.saturating_add(grace)));
                 } else {
                     refile.push((s, d));
                 }

@@ -124,6 +124,9 @@ pub(crate) struct Layout {
     /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
     /// time to live skips that work on the read path.
     pub(crate) reads_move: bool,
+    /// Fail-safe (see `cache/fail_safe.rs`): where the retry deadline lives, and how long past
+    /// its deadline an entry is kept to be served when its load fails (nanoseconds).
+    pub(crate) fail_safe: Option<(usize, u64)>,
 }
 
 impl Layout {
@@ -160,7 +163,16 @@ impl Layout {
             early_beta,
             jitter,
             reads_move: false,
+            fail_safe: None,
         }
+    }
+
+    /// Keeps expired entries `max_stale` nanoseconds longer, with a retry deadline each.
+    pub(crate) fn with_fail_safe(mut self, max_stale: u64) -> Self {
+        let at = self.stride.max(1);
+        self.stride = at + 1;
+        self.fail_safe = Some((at, max_stale));
+        self
     }
 }
 
@@ -239,6 +251,10 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn loading<Q>(&self, hash: u64, key: &Q) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64>;
         #[allow(clippy::too_many_arguments)]

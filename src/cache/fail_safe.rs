@@ -1,0 +1,138 @@
+//! Fail-safe: a backend that is down is not an error for the keys the cache still remembers.
+//!
+//! With [`fail_safe(max_stale)`](crate::CacheBuilder::fail_safe), an entry past its deadline is
+//! not reclaimed at once: it is kept (and counted in the capacity bound, like any entry) until
+//! `max_stale` past its deadline. Reads (`get`, `contains_key`, iteration) never see it: it is
+//! expired. Only a *load* of the key can fall back on it, and only when that load fails:
+//!
+//! ```text
+//!  deadline                    first failure              retry (one caller)        deadline + max_stale
+//!  ───┼─── load (single-flight) ───┼─── stale, no load ───────┼─── stale ─── … ──────────┼─── reclaimed
+//!                                   └──── refresh_backoff ─────┘
+//! ```
+//!
+//! * **Until a load fails**, the key behaves as without fail-safe: the first caller after the
+//!   deadline loads it, the others join that load (single-flight), and a healthy backend's
+//!   value replaces the old one.
+//! * **A load fails** — the loader's error, a panic (of a builder loader, or of a `get_with`
+//!   init, whose panic still goes to its own caller), an abandoned async leader, a soft timeout
+//!   of [`Cache::load_with_timeout`] — while the old value is within its stale window: every
+//!   caller of that load gets the old value instead of the error (`Ok`), and the key's *retry
+//!   deadline* is set `refresh_backoff` ahead. The retry deadline is set before the failed load
+//!   leaves the registry, so no caller can start a second load in between.
+//! * **Until the retry deadline**, callers of the key get the old value at once, with no load.
+//!   The first caller after it (decided under the shard's write lock) sets the next retry
+//!   deadline and loads; meanwhile the others get the old value (they do not wait for a
+//!   backend that just failed). So the backend sees at most one load of the key per backoff.
+//! * **Never beyond `max_stale`**: once `deadline + max_stale` passes, the entry is gone (the
+//!   check is exact, against the clock, not the reclaim), and a failure is an error again.
+//! * **Writes win**: an `insert` or `invalidate` replaces or removes the old entry, so a load
+//!   that fails afterwards has nothing to fall back on.
+//!
+//! The calls that can fall back are those that load on a miss: the `get_with` and `load`
+//! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;
+//! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent.
+//! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back.
+//! Calls answered this way are counted in
+//! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
+//! [`Cache::health`] raises a warning while it happens.
+
+use super::Cache;
+use crate::shard::Shard;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::Ordering;
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// The fast path of [`fail_safe_answer`](Self::fail_safe_answer), under the read lock: the
+    /// old value (mapped by `hit`) if a load of `key` failed within the last backoff or a
+    /// retry of it runs. `None` leaves the decision to the write-locked path, which checks
+    /// again. During an outage, most callers of a failing key take only this read lock.
+    pub(crate) fn fail_safe_read<R>(
+        &self,
+        hash: u64,
+        key: &K,
+        hit: impl FnOnce(&V) -> R,
+    ) -> Option<R> {
+        self.inner.stampede.fail_safe?;
+        let now = self.now();
+        let r = {
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            let (v, retry) = s.stale(hash, key, now)?;
+            let at = retry.load(Ordering::Relaxed);
+            if at == 0 || (at <= now && !s.loading(hash, key)) {
+                return None;
+            }
+            hit(v)
+        };
+        self.note_stale();
+        Some(r)
+    }
+
+    /// Under the shard's write lock, for a caller about to claim a load of `key`: the old value
+    /// to answer with instead, if a load of `key` failed within the last backoff or a retry of
+    /// it runs. Otherwise `None`, and a caller past the retry deadline becomes the retrier: the
+    /// next retry deadline is set now, so concurrent callers do not retry too.
+    pub(crate) fn fail_safe_answer<'a>(
+        &self,
+        s: &'a Shard<K, V>,
+        hash: u64,
+        key: &K,
+        now: u64,
+    ) -> Option<&'a V> {
+        self.inner.stampede.fail_safe?;
+        let (v, retry) = s.stale(hash, key, now)?;
+        let at = retry.load(Ordering::Relaxed);
+        if at == 0 {
+            return None; // no load of it failed yet: load (or join) as usual
+        }
+        if at > now || s.loading(hash, key) {
+            return Some(v);
+        }
+        let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+        retry.store(next, Ordering::Relaxed);
+        None
+    }
+
+    /// Under the shard's write lock: a load of `key` ended without a value (abandoned, e.g. its
+    /// leader panicked or was dropped). Sets the retry deadline of its old value, if within its
+    /// stale window, so that the callers that retry get the old value for a backoff.
+    pub(crate) fn fail_safe_abandoned(&self, s: &Shard<K, V>, hash: u64, key: &K) {
+        if self.inner.stampede.fail_safe.is_none() {
+            return;
+        }
+        let now = self.now();
+        if let Some((_, retry)) = s.stale(hash, key, now) {
+            let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+            retry.fetch_max(next, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// A load of `key` failed: if its old value is within its stale window, sets the key's
+    /// retry deadline a backoff ahead and returns a clone of the value (cloned under the read
+    /// lock, as a hit is), counted as served after its time to live.
+    pub(crate) fn fail_safe_fallback(&self, hash: u64, key: &K) -> Option<V> {
+        self.inner.stampede.fail_safe?;
+        let now = self.now();
+        let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+        let v = {
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            let (v, retry) = s.stale(hash, key, now)?;
+            retry.fetch_max(next, Ordering::Relaxed);
+            v.clone()
+        };
+        self.note_stale();
+        Some(v)
+    }
+}

@@ -1,0 +1,617 @@
+//! Fail-safe: a failed load of an expired key answers with its last value, up to `max_stale`
+//! past its deadline, retried by one caller per backoff. A model test (proptest, manual clock)
+//! checks every answer and every loader call against an exact model; the adversarial tests
+//! cover panicking loaders and inits, dropped async leaders, soft timeouts, writes during the
+//! stale window and many threads.
+
+#![cfg(not(loom))]
+
+mod common;
+
+use common::watchdog;
+use herdcache::{BoxError, Cache, LoadError, ManualClock};
+use proptest::prelude::*;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const TTL: u64 = 10; // seconds
+const MAX_STALE: u64 = 30;
+const BACKOFF: u64 = 4;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A backend the test can take down; counts its calls.
+#[derive(Clone, Default)]
+struct Backend {
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    /// The value a successful call returns.
+    next: Arc<AtomicU64>,
+}
+
+impl Backend {
+    fn call(&self) -> Result<u64, BoxError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            Err(BoxError::from("backend down"))
+        } else {
+            Ok(self.next.load(Ordering::SeqCst))
+        }
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+fn cache(clock: &ManualClock, b: &Backend) -> Cache<u64, u64> {
+    let b = b.clone();
+    Cache::builder()
+        .max_capacity(1000)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .record_stats()
+        .loader(move |_k: &u64| b.call())
+        .build()
+}
+
+#[test]
+fn failed_load_of_expired_key_serves_last_value_once_per_backoff() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    b.next.store(7, Ordering::SeqCst);
+    assert_eq!(c.load(1).unwrap(), 7);
+    b.set_down(true);
+    clock.advance(secs(TTL));
+    // Expired, backend down: the last value, from one load.
+    assert_eq!(c.load(1).unwrap(), 7);
+    assert_eq!(b.calls(), 2);
+    assert_eq!(c.get(&1), None, "plain reads never see an expired value");
+    // Within the backoff: the last value, no load.
+    for _ in 0..10 {
+        assert_eq!(c.load(1).unwrap(), 7);
+    }
+    clock.advance(secs(BACKOFF) - Duration::from_nanos(1));
+    assert_eq!(c.load(1).unwrap(), 7);
+    assert_eq!(b.calls(), 2, "no retry before the backoff passed");
+    clock.advance(Duration::from_nanos(1));
+    assert_eq!(c.load(1).unwrap(), 7);
+    assert_eq!(b.calls(), 3, "one retry after it");
+    assert_eq!(c.stats().stale_served_after_ttl, 13);
+    // The backend is back: the next retry takes the new value.
+    b.set_down(false);
+    b.next.store(8, Ordering::SeqCst);
+    assert_eq!(c.load(1).unwrap(), 7, "still within the backoff");
+    clock.advance(secs(BACKOFF));
+    assert_eq!(c.load(1).unwrap(), 8);
+    assert_eq!(c.get(&1), Some(8));
+}
+
+#[test]
+fn never_beyond_max_stale() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    assert_eq!(c.load(1).unwrap(), 0);
+    b.set_down(true);
+    clock.advance(secs(TTL + MAX_STALE) - Duration::from_nanos(1));
+    assert_eq!(c.load(1).unwrap(), 0, "one nanosecond inside the window");
+    clock.advance(Duration::from_nanos(1));
+    assert!(matches!(c.load(1), Err(LoadError::Loader(_))));
+    assert_eq!(c.entry_count(), 0, "reclaimed once the window closed");
+}
+
+#[test]
+fn healthy_backend_after_ttl_is_loaded_as_usual() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    assert_eq!(c.load(1).unwrap(), 0);
+    clock.advance(secs(TTL));
+    b.next.store(5, Ordering::SeqCst);
+    assert_eq!(
+        c.load(1).unwrap(),
+        5,
+        "an expired value is not served when the load succeeds"
+    );
+    assert_eq!(c.stats().stale_served_after_ttl, 0);
+}
+
+#[test]
+fn expired_entries_are_kept_and_counted_until_max_stale() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    for k in 0..10 {
+        c.load(k).unwrap();
+    }
+    clock.advance(secs(TTL + 1));
+    c.insert(100, 1); // a write runs the timer wheel
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 11, "expired entries kept for fail-safe");
+    clock.advance(secs(MAX_STALE));
+    c.insert(101, 1);
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 2, "and reclaimed after max_stale");
+}
+
+#[test]
+fn writes_win_over_the_stale_value() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    c.load(1).unwrap();
+    b.set_down(true);
+    clock.advance(secs(TTL));
+    assert_eq!(c.load(1).unwrap(), 0);
+    c.invalidate(&1);
+    assert!(c.load(1).is_err(), "an invalidated value is never served");
+    c.insert(2, 9);
+    clock.advance(secs(TTL));
+    assert_eq!(
+        c.load(2).unwrap(),
+        9,
+        "a written value is kept like a loaded one"
+    );
+    c.insert(2, 10);
+    assert_eq!(c.load(2).unwrap(), 10, "a write replaces the stale value");
+}
+
+#[test]
+fn negative_caching_does_not_hide_the_stale_value() {
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let bb = b.clone();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .negative_ttl(secs(60))
+        .clock(clock.clone())
+        .loader(move |_k: &u64| bb.call())
+        .build();
+    c.load(1).unwrap();
+    b.set_down(true);
+    clock.advance(secs(TTL));
+    assert_eq!(c.load(1).unwrap(), 0);
+    clock.advance(secs(BACKOFF));
+    assert_eq!(c.load(1).unwrap(), 0, "not the negative entry's error");
+    assert_eq!(b.calls(), 3);
+    assert!(
+        c.load(2).is_err(),
+        "a key without a value is still negative-cached"
+    );
+    assert!(c.load(2).is_err());
+    assert_eq!(b.calls(), 4);
+}
+
+#[test]
+fn a_panicking_loader_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "a_panicking_loader_serves_the_last_value");
+    let clock = ManualClock::new();
+    let panics = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (p, n) = (Arc::clone(&panics), Arc::clone(&calls));
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .loader(move |k: &u64| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if p.load(Ordering::SeqCst) {
+                panic!("loader panics (expected by the test)");
+            }
+            Ok::<_, BoxError>(*k)
+        })
+        .build();
+    assert_eq!(c.load(3).unwrap(), 3);
+    panics.store(true, Ordering::SeqCst);
+    clock.advance(secs(TTL));
+    assert_eq!(c.load(3).unwrap(), 3);
+    assert_eq!(c.load(3).unwrap(), 3);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one panicking call per backoff"
+    );
+    assert!(
+        matches!(c.load(4), Err(LoadError::Panicked)),
+        "nothing to fall back on"
+    );
+}
+
+#[test]
+fn a_panicking_init_panics_its_caller_and_the_others_get_the_last_value() {
+    let _w = watchdog(LIMIT, "a_panicking_init");
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, 11);
+    clock.advance(secs(TTL));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.get_with(1, || panic!("init panics (expected by the test)"))
+    }));
+    assert!(r.is_err(), "the panic goes to its own caller");
+    let ran = AtomicUsize::new(0);
+    let v = c.get_with(1, || {
+        ran.fetch_add(1, Ordering::SeqCst);
+        12
+    });
+    assert_eq!(
+        (v, ran.load(Ordering::SeqCst)),
+        (11, 0),
+        "last value, no load in the backoff"
+    );
+    let e: Result<u64, Arc<&str>> = c.try_get_with(1, || Err("down"));
+    assert_eq!(e.unwrap(), 11);
+    clock.advance(secs(BACKOFF));
+    let e: Result<u64, Arc<&str>> = c.try_get_with(1, || Err("down"));
+    assert_eq!(e.unwrap(), 11, "a failed retry: the last value again");
+    assert_eq!(
+        c.get_with(1, || 12),
+        11,
+        "and no second retry in the backoff"
+    );
+    clock.advance(secs(BACKOFF));
+    assert_eq!(c.get_with(1, || 12), 12);
+    let none = c.optionally_get_with(2, || None);
+    assert_eq!(none, None);
+}
+
+#[test]
+fn optionally_none_is_an_answer_not_a_failure() {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, 11);
+    clock.advance(secs(TTL));
+    assert_eq!(c.optionally_get_with(1, || None), None);
+}
+
+#[test]
+fn async_failures_and_dropped_leaders_serve_the_last_value() {
+    let _w = watchdog(LIMIT, "async fail-safe");
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let bb = b.clone();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .async_loader(move |_k: &u64| {
+            let b = bb.clone();
+            async move { b.call() }
+        })
+        .build();
+    use futures::executor::block_on;
+    assert_eq!(block_on(c.load_async(1)).unwrap(), 0);
+    b.set_down(true);
+    clock.advance(secs(TTL));
+    assert_eq!(block_on(c.load_async(1)).unwrap(), 0);
+    assert_eq!(block_on(c.load_async(1)).unwrap(), 0);
+    assert_eq!(b.calls(), 2);
+    // A shared async init that panics: the panic goes to its caller, the others get the
+    // last value within the backoff.
+    c.insert(2, 20);
+    clock.advance(secs(TTL));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        block_on(c.get_with_async_shared(2, async {
+            panic!("async init panics (expected by the test)")
+        }))
+    }));
+    assert!(r.is_err(), "the panic goes to its own caller");
+    let r: Result<u64, Arc<BoxError>> = block_on(c.try_get_with_async_shared(2, async { Ok(21) }));
+    assert_eq!(r.unwrap(), 20);
+    // A leader dropped mid-load (a client's deadline): the others get the last value.
+    c.insert(3, 30);
+    clock.advance(secs(TTL));
+    {
+        let mut lead = Box::pin(c.get_with_async(3, std::future::pending::<u64>()));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(lead.as_mut().poll(&mut cx).is_pending());
+    } // dropped
+    let v = block_on(c.get_with_async(3, async { 31 }));
+    assert_eq!(v, 30, "within the backoff after the abandoned load");
+}
+
+#[test]
+fn soft_timeout_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "soft timeout");
+    let clock = ManualClock::new();
+    let release = Arc::new(Barrier::new(2));
+    let hang = Arc::new(AtomicBool::new(false));
+    let (r, h) = (Arc::clone(&release), Arc::clone(&hang));
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u64| {
+            if h.load(Ordering::SeqCst) {
+                r.wait(); // hangs until the test lets it go
+            }
+            Ok::<_, BoxError>(*k + 100)
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), 101);
+    clock.advance(secs(TTL));
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    hang.store(true, Ordering::SeqCst);
+    let v = c
+        .load_with_timeout(1, Some(Duration::from_millis(20)))
+        .unwrap();
+    assert_eq!(v, 5, "the last value at the soft timeout");
+    // The hung load still runs: later callers get the last value at once.
+    assert_eq!(c.load_with_timeout(1, None).unwrap(), 5);
+    release.wait();
+}
+
+#[test]
+fn many_threads_one_retry_per_backoff() {
+    let _w = watchdog(LIMIT, "many threads");
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let c = cache(&clock, &b);
+    for k in 0..8 {
+        c.load(k).unwrap();
+    }
+    b.set_down(true);
+    for round in 1..=5u64 {
+        clock.advance(secs(if round == 1 { TTL } else { BACKOFF }));
+        let before = b.calls();
+        let start = Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for k in 0..8 {
+                        assert_eq!(c.load(k).unwrap(), 0);
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            b.calls() - before,
+            8,
+            "one call per key per backoff (round {round})"
+        );
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Advance(u64),
+    Down(bool),
+    Load(u64),
+    Insert(u64),
+    Invalidate(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u64..8_000).prop_map(Op::Advance),
+        1 => any::<bool>().prop_map(Op::Down),
+        6 => (0u64..3).prop_map(Op::Load),
+        1 => (0u64..3).prop_map(Op::Insert),
+        1 => (0u64..3).prop_map(Op::Invalidate),
+    ]
+}
+
+/// The model of one key: when its value was written (the value *is* that time, in ms) and its
+/// retry deadline (0: none).
+#[derive(Clone, Copy, Debug)]
+struct Key {
+    written: u64,
+    retry: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(256)
+    ))]
+
+    /// Every answer and every loader call, against an exact model: a value is never served past
+    /// `max_stale`; a failing key is loaded once per backoff; a healthy backend's value
+    /// replaces an expired one. Times in milliseconds.
+    #[test]
+    fn fail_safe_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let (ttl, max_stale, backoff) = (2_000u64, 6_000u64, 1_500u64);
+        let clock = ManualClock::new();
+        let now = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (n, d, cl) = (Arc::clone(&now), Arc::clone(&down), Arc::clone(&calls));
+        let c: Cache<u64, u64> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(Duration::from_millis(ttl))
+            .fail_safe(Duration::from_millis(max_stale))
+            .refresh_backoff(Duration::from_millis(backoff))
+            .clock(clock.clone())
+            .loader(move |_k: &u64| {
+                cl.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    Err(BoxError::from("down"))
+                } else {
+                    Ok(n.load(Ordering::SeqCst))
+                }
+            })
+            .build();
+        let mut model: [Option<Key>; 3] = [None; 3];
+        let mut t = 0u64;
+        for op in ops {
+            match op {
+                Op::Advance(ms) => {
+                    t += ms;
+                    now.store(t, Ordering::SeqCst);
+                    clock.advance(Duration::from_millis(ms));
+                }
+                Op::Down(x) => down.store(x, Ordering::SeqCst),
+                Op::Insert(k) => {
+                    c.insert(k, t);
+                    model[k as usize] = Some(Key { written: t, retry: 0 });
+                }
+                Op::Invalidate(k) => {
+                    c.invalidate(&k);
+                    model[k as usize] = None;
+                }
+                Op::Load(k) => {
+                    let before = calls.load(Ordering::SeqCst);
+                    let got = c.load(k);
+                    let called = calls.load(Ordering::SeqCst) - before;
+                    let is_down = down.load(Ordering::SeqCst);
+                    let m = &mut model[k as usize];
+                    let (want, want_calls) = match *m {
+                        Some(e) if t < e.written + ttl => (Some(e.written), 0),
+                        Some(mut e) if t < e.written + ttl + max_stale => {
+                            if e.retry != 0 && e.retry > t {
+                                (Some(e.written), 0)
+                            } else if is_down {
+                                e.retry = e.retry.max(t + backoff);
+                                *m = Some(e);
+                                (Some(e.written), 1)
+                            } else {
+                                *m = Some(Key { written: t, retry: 0 });
+                                (Some(t), 1)
+                            }
+                        }
+                        _ if is_down => {
+                            *m = None;
+                            (None, 1)
+                        }
+                        _ => {
+                            *m = Some(Key { written: t, retry: 0 });
+                            (Some(t), 1)
+                        }
+                    };
+                    prop_assert_eq!(called, want_calls, "loader calls for key {} at {}", k, t);
+                    match (got, want) {
+                        (Ok(v), Some(w)) => {
+                            prop_assert_eq!(v, w, "value of key {} at {}", k, t);
+                            prop_assert!(t < v + ttl + max_stale, "never past max_stale");
+                        }
+                        (Err(_), None) => {}
+                        (got, want) => prop_assert!(false, "key {} at {}: got {:?}, want {:?}", k, t, got, want),
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+
+#[test]
+fn a_failed_refresh_joined_after_expiry_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "failed refresh joined after expiry");
+    let clock = ManualClock::new();
+    let b = Backend::default();
+    let bb = b.clone();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .refresh_after(secs(5))
+        .fail_safe(secs(MAX_STALE))
+        .refresh_backoff(secs(BACKOFF))
+        .clock(clock.clone())
+        .record_stats()
+        .loader(move |_k: &u64| bb.call())
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    b.next.store(3, Ordering::SeqCst);
+    c.insert(1, 1);
+    clock.advance(secs(6));
+    assert_eq!(c.get(&1), Some(1)); // starts a refresh: parked
+    assert_eq!(jobs.lock().unwrap().len(), 1);
+    clock.advance(secs(TTL));
+    b.set_down(true);
+    std::thread::scope(|s| {
+        let joiner = s.spawn(|| c.load_with_timeout(1, None));
+        while c.stats().coalesced == 0 {
+            std::thread::yield_now(); // until it joined the refresh
+        }
+        for job in std::mem::take(&mut *jobs.lock().unwrap()) {
+            job(); // the refresh fails
+        }
+        assert_eq!(
+            joiner.join().unwrap().unwrap(),
+            1,
+            "the last value, not the error"
+        );
+    });
+    assert_eq!(b.calls(), 1);
+    assert_eq!(c.load(1).unwrap(), 1, "within the backoff: no load");
+    assert_eq!(b.calls(), 1);
+}
+
+#[test]
+fn a_wait_for_a_load_permit_past_the_soft_timeout_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "permit wait past the soft timeout");
+    let clock = ManualClock::new();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let started_tx = Mutex::new(started_tx);
+    let release = Arc::new(Barrier::new(2));
+    let r = Arc::clone(&release);
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .fail_safe(secs(MAX_STALE))
+        .max_concurrent_loads(1)
+        .clock(clock.clone())
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u64| {
+            if *k == 99 {
+                started_tx.lock().unwrap().send(()).unwrap();
+                r.wait(); // holds the only permit until the test lets go
+            }
+            Ok::<_, BoxError>(*k + 100)
+        })
+        .build();
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| c.load_with_timeout(99, None));
+        started_rx.recv().unwrap(); // the permit is taken
+        let v = c.load_with_timeout(1, Some(Duration::from_millis(20)));
+        assert_eq!(
+            v.unwrap(),
+            5,
+            "the last value while the load waits for a permit"
+        );
+        release.wait();
+        assert_eq!(holder.join().unwrap().unwrap(), 199);
+    });
+}

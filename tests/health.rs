@@ -1,0 +1,399 @@
+//! `Cache::health`: each warning has a test that triggers it and a near miss that does not.
+//! Time is a `ManualClock` (load times are clock advances inside the loaders); the load-limit
+//! test uses real threads but no timing: it waits until the limiter has counted the waits.
+
+#![cfg(not(loom))]
+
+mod common;
+
+use common::watchdog;
+use herdcache::{BoxError, Cache, ManualClock, Warning};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn kinds(c: &Cache<u64, u64>, window: Duration) -> Vec<&'static str> {
+    c.health_over(window)
+        .warnings()
+        .iter()
+        .map(Warning::kind)
+        .collect()
+}
+
+/// A cache whose loads take `load` on its clock.
+fn loads_taking(load: Duration, n: u64, ttl: Duration) -> Cache<u64, u64> {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(1000)
+        .time_to_live(ttl)
+        .clock(clock.clone())
+        .build();
+    for k in 0..n {
+        c.get_with(k, || {
+            clock.advance(load);
+            k
+        });
+    }
+    c
+}
+
+#[test]
+fn ttl_shorter_than_loads() {
+    let c = loads_taking(ms(400), 10, secs(1));
+    let h = c.health_over(secs(60));
+    match h.warnings() {
+        [Warning::TtlShorterThanLoads {
+            ttl,
+            p50_load,
+            loads,
+        }] => {
+            assert_eq!((*ttl, *loads), (secs(1), 10));
+            let p = p50_load.as_secs_f64();
+            assert!(
+                (0.35..0.45).contains(&p),
+                "p50 {p} s, within a bucket of 400 ms"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.to_string().contains("raise time_to_live"));
+    // Near misses: loads of 200 ms (4 × 200 ms < 1 s), or too few loads.
+    assert!(kinds(&loads_taking(ms(200), 10, secs(1)), secs(60)).is_empty());
+    assert!(kinds(&loads_taking(ms(400), 7, secs(1)), secs(60)).is_empty());
+}
+
+fn filled(jitter: bool, spacing: Duration) -> Cache<u64, u64> {
+    let clock = ManualClock::new();
+    let mut b = Cache::builder()
+        .max_capacity(1000)
+        .time_to_live(secs(60))
+        .clock(clock.clone());
+    if jitter {
+        b = b.jitter(0.2);
+    }
+    let c = b.build();
+    for k in 0..200 {
+        c.insert(k, k);
+        clock.advance(spacing);
+    }
+    c
+}
+
+#[test]
+fn synchronized_expiry() {
+    let c = filled(false, Duration::ZERO);
+    match c.health_over(secs(60)).warnings() {
+        [Warning::SynchronizedExpiry {
+            due, share, within, ..
+        }] => {
+            assert_eq!(*due, 200);
+            assert_eq!(*share, 1.0);
+            assert_eq!(*within, Duration::from_nanos(60_000_000_000 / 32 * 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Near misses: the same burst with jitter, or writes spread over the time to live.
+    assert!(kinds(&filled(true, Duration::ZERO), secs(60)).is_empty());
+    assert!(kinds(&filled(false, ms(300)), secs(60)).is_empty());
+}
+
+fn refreshing(refresh_after: Duration) -> Cache<u64, u64> {
+    Cache::builder()
+        .max_capacity(10)
+        .time_to_live(secs(10))
+        .refresh_after(refresh_after)
+        .loader(|k: &u64| Ok::<_, BoxError>(*k))
+        .build()
+}
+
+#[test]
+fn refresh_never_happens() {
+    assert_eq!(
+        kinds(&refreshing(secs(10)), secs(60)),
+        ["refresh_never_happens"]
+    );
+    assert!(kinds(&refreshing(ms(9_999)), secs(60)).is_empty());
+}
+
+type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+
+/// `n` keys due for refresh, read once each, with a spawner that never runs the jobs.
+fn refresh_backlog(n: u64) -> (Cache<u64, u64>, Jobs) {
+    let clock = ManualClock::new();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(1000)
+        .time_to_live(secs(100))
+        .refresh_after(secs(10))
+        .jitter(0.1)
+        .clock(clock.clone())
+        .record_stats()
+        .loader(|k: &u64| Ok::<_, BoxError>(*k))
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    for k in 0..n {
+        c.insert(k, k);
+    }
+    clock.advance(secs(20));
+    for k in 0..n {
+        assert_eq!(c.get(&k), Some(k));
+    }
+    (c, jobs)
+}
+
+#[test]
+fn refresh_cannot_keep_up() {
+    let (c, jobs) = refresh_backlog(70);
+    match c.health_over(secs(60)).warnings() {
+        [Warning::RefreshCannotKeepUp {
+            backlog,
+            started,
+            finished,
+        }] => assert_eq!((*backlog, *started, *finished), (70, 70, 0)),
+        other => panic!("{other:?}"),
+    }
+    // The jobs run: the backlog is gone.
+    for job in std::mem::take(&mut *jobs.lock().unwrap()) {
+        job();
+    }
+    assert!(kinds(&c, secs(60)).is_empty());
+    // Near miss: a backlog of 63.
+    let (c, _jobs) = refresh_backlog(63);
+    assert!(kinds(&c, secs(60)).is_empty());
+}
+
+/// 1,000 distinct keys into a cache of 100, one every `spacing`.
+fn churn(spacing: Duration) -> Cache<u64, u64> {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(3600))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .record_stats()
+        .build();
+    for k in 0..1000 {
+        c.insert(k, k);
+        clock.advance(spacing);
+    }
+    c
+}
+
+#[test]
+fn thrashing_young_evictions() {
+    let c = churn(ms(1));
+    match c.health_over(secs(60)).warnings() {
+        [Warning::Thrashing {
+            evictions,
+            residence: Some(r),
+            ..
+        }] => {
+            assert_eq!(*evictions, 900);
+            assert!(*r < secs(1), "entries stayed {r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Near miss: the same churn over 17,000 s: evictions for size (576 here; some entries
+    // expire first), but entries stay ≈ 3,000 s, more than half the time to live (1,800 s).
+    let c = churn(secs(17));
+    assert!(c.stats().size.count >= 64);
+    assert!(kinds(&c, secs(20_000)).is_empty());
+}
+
+#[test]
+fn thrashing_hit_ratio_drop() {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(3600))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .record_stats()
+        .build();
+    let w = secs(100);
+    for k in 0..100 {
+        c.insert(k, k);
+    }
+    assert!(kinds(&c, w).is_empty()); // a snapshot at 0
+                                      // First half: hits only.
+    for i in 0..2000u64 {
+        c.get(&(i % 100));
+    }
+    clock.advance(secs(50));
+    assert!(kinds(&c, w).is_empty()); // a snapshot at 50 s
+                                      // Second half: the same hits, then 40 % misses (63 of them inserted: fewer evictions
+                                      // than the young-eviction test needs, so the drop alone raises the warning).
+    for i in 0..1200u64 {
+        c.get(&(i % 100));
+    }
+    for k in 1000..1800u64 {
+        if c.get(&k).is_none() && k < 1063 {
+            c.insert(k, k);
+        }
+    }
+    clock.advance(secs(50));
+    match c.health_over(w).warnings() {
+        [Warning::Thrashing {
+            hit_ratio: Some((a, b)),
+            ..
+        }] => assert_eq!((*a, *b), (1.0, 0.6)),
+        other => panic!("{other:?}"),
+    }
+    // Near miss: a drop of 5 points.
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(3600))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .record_stats()
+        .build();
+    for k in 0..100 {
+        c.insert(k, k);
+    }
+    assert!(kinds(&c, w).is_empty());
+    for i in 0..2000u64 {
+        c.get(&(i % 100));
+    }
+    clock.advance(secs(50));
+    assert!(kinds(&c, w).is_empty());
+    for i in 0..1900u64 {
+        c.get(&(i % 100));
+    }
+    for k in 1000..1060u64 {
+        if c.get(&k).is_none() {
+            c.insert(k, k);
+        }
+    }
+    clock.advance(secs(50));
+    assert!(kinds(&c, w).is_empty());
+}
+
+/// Eight threads load eight keys at once under `max_concurrent_loads(limit)`; the first
+/// loader holds its permit until the limiter has counted `8 - limit` waits.
+fn limited(limit: usize) -> Cache<u64, u64> {
+    let _w = watchdog(LIMIT, "limited loads");
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .max_concurrent_loads(limit)
+        .record_stats()
+        .build();
+    let start = Barrier::new(8);
+    let expect = (8 - limit) as u64;
+    std::thread::scope(|s| {
+        for k in 0..8u64 {
+            let (c, start) = (&c, &start);
+            s.spawn(move || {
+                start.wait();
+                c.get_with(k, || {
+                    while c.stats().loads_waited_for_limit < expect {
+                        std::thread::yield_now();
+                    }
+                    k
+                });
+            });
+        }
+    });
+    c
+}
+
+#[test]
+fn load_limit_saturated() {
+    let c = limited(1);
+    match c.health_over(secs(60)).warnings() {
+        [Warning::LoadLimitSaturated {
+            limit,
+            waited,
+            loads,
+        }] => assert_eq!((*limit, *waited, *loads), (1, 7, 8)),
+        other => panic!("{other:?}"),
+    }
+    // Near miss: room for all eight.
+    assert!(kinds(&limited(8), secs(60)).is_empty());
+}
+
+fn failing(n: u64, negative: bool) -> Cache<u64, u64> {
+    failing_with(n, negative, false)
+}
+
+fn failing_with(n: u64, negative: bool, fail_safe: bool) -> Cache<u64, u64> {
+    let mut b = Cache::builder().max_capacity(100);
+    if negative {
+        b = b.negative_ttl(secs(5));
+    }
+    if fail_safe {
+        b = b.time_to_live(secs(5)).fail_safe(secs(60));
+    }
+    let c = b.build();
+    for k in 0..n {
+        let r: Result<u64, Arc<&str>> = c.try_get_with(k, || Err("down"));
+        assert!(r.is_err());
+    }
+    c
+}
+
+#[test]
+fn errors_without_negative_caching() {
+    let c = failing(20, false);
+    match c.health_over(secs(60)).warnings() {
+        [Warning::ErrorsWithoutNegativeCaching { failures, loads }] => {
+            assert_eq!((*failures, *loads), (20, 20))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Near misses: negative caching or fail-safe on, or 15 failures.
+    assert!(kinds(&failing(20, true), secs(60)).is_empty());
+    assert!(kinds(&failing_with(20, false, true), secs(60)).is_empty());
+    assert!(kinds(&failing(15, false), secs(60)).is_empty());
+}
+
+#[test]
+fn serving_stale_while_it_lasts() {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(10))
+        .jitter(0.1)
+        .fail_safe(secs(600))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, 1);
+    clock.advance(secs(12));
+    // Near miss: an expired key loaded from a healthy backend.
+    assert_eq!(c.get_with(1, || 2), 2);
+    let w = secs(10);
+    assert!(kinds(&c, w).is_empty());
+    clock.advance(secs(12));
+    let r: Result<u64, Arc<&str>> = c.try_get_with(1, || Err("down"));
+    assert_eq!(r.unwrap(), 2);
+    match c.health_over(w).warnings() {
+        [Warning::ServingStale { served }] => assert_eq!(*served, 1),
+        other => panic!("{other:?}"),
+    }
+    // It clears once a window passes without stale answers.
+    for _ in 0..12 {
+        clock.advance(secs(2));
+        c.health_over(w);
+    }
+    assert!(kinds(&c, w).is_empty());
+}
+
+#[test]
+fn health_of_a_plain_cache_is_clean() {
+    let c: Cache<u64, u64> = Cache::new(10);
+    for k in 0..100 {
+        c.insert(k, k);
+    }
+    let h = c.health();
+    assert!(h.is_healthy(), "{h}");
+}
