@@ -5,7 +5,9 @@ use crate::builder::{CacheBuilder, Weigher};
 use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flight;
+use crate::policy::tune_word;
 use crate::refresh::Stampede;
+use crate::select::{sample, Samples, Selector};
 use crate::stats::{CacheStats, Counter, Stats};
 
 use crate::shard::{Found, Garbage, RemovalCause, Removed, Shard};
@@ -126,8 +128,10 @@ impl Policy {
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
-    /// Approximate count of accesses (sampled, see [`note_access`]), for the policy's climber.
+    /// Approximate count of accesses (sampled, see [`note_access`]).
     accesses: AtomicU64,
+    /// This shard's sampled accesses, for the cache's configuration selector.
+    samples: Samples,
 }
 
 /// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
@@ -157,6 +161,11 @@ pub(crate) struct Inner<K, V, S> {
     durations: (Option<Duration>, Option<Duration>),
     /// The counters of a shared second tier, once one is attached (feature `redis`).
     pub(crate) remote: std::sync::OnceLock<Arc<crate::stats::RemoteCounters>>,
+    /// The policy's configuration selector (none with a weigher: the configuration is fixed),
+    /// its sampling threshold (0: nothing sampled) and its current choice, as a tune word.
+    selector: Option<crate::sync::Mutex<Selector>>,
+    sample_threshold: u64,
+    tune: AtomicU64,
 }
 
 crate::sync::thread_local_shim! {
@@ -290,11 +299,25 @@ where
                 CachePadded::new(ShardCell {
                     lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
                     accesses: AtomicU64::new(0),
+                    samples: Samples::default(),
                 })
             })
             .collect();
+        // Entry-bounded caches choose their configuration by miniature simulation; with a
+        // weigher the shadows' sizes are unknown (the capacity is in weight units) and the
+        // configuration stays at window 1 % + ghost admission.
+        let selector = weigher
+            .is_none()
+            .then(|| crate::sync::Mutex::new(Selector::new(capacity, seed)));
+        let sample_threshold = selector.as_ref().map_or(0, |s| s.lock().threshold());
+        let tune = selector
+            .as_ref()
+            .map_or(tune_word(1, 0), |s| s.lock().tune());
         Cache {
             inner: Arc::new(Inner {
+                selector,
+                sample_threshold,
+                tune: AtomicU64::new(tune),
                 shards: cells,
                 mask: shards - 1,
                 hasher,
@@ -393,6 +416,7 @@ where
                 drop(guard);
                 if record {
                     self.count_fast(Counter::Hit);
+                    self.note_sample(cell, hash, true);
                 }
                 return Some(r);
             }
@@ -402,6 +426,7 @@ where
                 if record {
                     self.count_fast(Counter::Hit);
                     self.count(Counter::StaleServed);
+                    self.note_sample(cell, hash, true);
                 }
                 return Some(r);
             }
@@ -421,6 +446,7 @@ where
                 if record {
                     self.count_fast(Counter::Hit);
                     self.count(Counter::StaleServed);
+                    self.note_sample(cell, hash, true);
                 }
                 if let Some((k, refresh)) = refresh {
                     refresh(self, k, hash);
@@ -433,6 +459,7 @@ where
         drop(guard);
         if record {
             self.count_fast(Counter::Miss);
+            self.note_sample(cell, hash, false);
         }
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
@@ -450,6 +477,49 @@ where
             }
         }
         None
+    }
+
+    /// Records a read of `hash` in its shard's sample buffer if the key is sampled; when the
+    /// buffer fills, drains it if the shard's write lock is free (never waits for it).
+    #[inline]
+    fn note_sample(&self, cell: &ShardCell<K, V>, hash: u64, hit: bool) {
+        if Selector::sampled(hash, self.inner.sample_threshold)
+            && cell.samples.push(sample(hash, hit))
+        {
+            self.drain_samples_now(cell);
+        }
+    }
+
+    #[cold]
+    fn drain_samples_now(&self, cell: &ShardCell<K, V>) {
+        if let Some(s) = cell.lock.try_write() {
+            self.drain_samples(cell);
+            drop(s);
+        }
+    }
+
+    /// Feeds a shard's sampled reads to the selector. The caller holds the shard's write lock
+    /// (one drainer per buffer). Never waits: if another shard is feeding the selector, the
+    /// samples stay in the buffer (and may be overwritten: the buffer is lossy).
+    fn drain_samples(&self, cell: &ShardCell<K, V>) {
+        if !cell.samples.pending() {
+            return;
+        }
+        let Some(selector) = &self.inner.selector else {
+            return;
+        };
+        let Some(mut sel) = selector.try_lock() else {
+            return;
+        };
+        let mut tune = None;
+        cell.samples.drain(|s| {
+            if let Some(t) = sel.feed(s) {
+                tune = Some(t);
+            }
+        });
+        if let Some(t) = tune {
+            self.inner.tune.store(t, Ordering::Relaxed);
+        }
     }
 
     /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.
@@ -647,8 +717,9 @@ where
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         let now = self.now();
-        let accesses = cell.accesses.load(Ordering::Relaxed);
         let mut s = cell.lock.write();
+        self.drain_samples(cell);
+        let tune = self.inner.tune.load(Ordering::Relaxed);
         let registered = match write {
             Write::Plain => None,
             // A planted bug for the loom model to catch: a load stores without checking that
@@ -692,7 +763,7 @@ where
                 now,
                 &self.inner.expiry,
                 &self.inner.hasher,
-                (accesses, took, cap),
+                (tune, took, cap),
                 out,
             );
         }

@@ -274,6 +274,7 @@ pub mod codec;
 mod entry;
 mod expiry;
 mod flight;
+mod ghost;
 mod limit;
 mod load;
 #[cfg(feature = "metrics")]
@@ -283,6 +284,8 @@ mod policy;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 mod refresh;
+mod select;
+mod shadow;
 mod shard;
 mod sketch;
 mod stats;

@@ -380,7 +380,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             layout,
             rng: seed | 1,
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
-            policy: Policy::new(share, seed),
+            policy: Policy::new(share, seed, 0),
             weight: 0,
             len: 0,
             share,
@@ -823,8 +823,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         s
     }
 
-    /// Inserts or replaces. `accesses` is the shard's approximate access count (for the policy's
-    /// hill climber). Entries already expired at `now` are not stored.
+    /// Inserts or replaces. `tune` is the policy's configuration, as the cache's selector chose
+    /// it (see [`crate::policy::tune_word`]). Entries already expired at `now` are not stored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert<S: BuildHasher>(
         &mut self,
@@ -835,10 +835,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        (accesses, load_nanos, cap): (u64, u64, u64),
+        (tune, load_nanos, cap): (u64, u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
+        self.policy
+            .retune(&mut self.slab, &mut self.free, tune, |e| {
+                hasher.hash_one(&e.key)
+            });
         let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
         self.supersede(hash, &key, out);
         let factor = self.jitter_factor();
@@ -883,7 +887,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             exp,
             hasher,
             out,
-            (accesses, load_nanos, cap),
+            (load_nanos, cap),
             factor,
         );
     }
@@ -901,7 +905,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         out: &mut Garbage<K, V>,
-        (accesses, load_nanos, cap): (u64, u64, u64),
+        (load_nanos, cap): (u64, u64),
         factor: f64,
     ) {
         let (effective, hard) = exp.on_create(&key, &value, now, factor);
@@ -929,9 +933,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.len += 1;
         self.set_times(slot, times, now, load_nanos);
         self.policy
-            .on_insert(&mut self.slab, slot, hash, accesses, |e| {
-                hasher.hash_one(&e.key)
-            });
+            .on_insert(&mut self.slab, slot, hash, |e| hasher.hash_one(&e.key));
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
@@ -1253,6 +1255,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.free.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
+            + self.policy.ghost().heap_bytes()
     }
 }
 
@@ -1479,27 +1482,17 @@ mod tests {
         (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
     }
 
-    /// Inserts `k → v` (weight 1, time 0, no expiry) with `accesses` for the policy's climber.
+    /// Inserts `k → v` (weight 1, time 0, no expiry) in the policy's first configuration.
     fn put(
         s: &mut Shard<u64, u64>,
         h: &S,
         k: u64,
         v: u64,
-        accesses: u64,
+        _tick: u64,
         out: &mut Garbage<u64, u64>,
     ) {
         let exp = ExpiryConfig::None;
-        s.insert(
-            h.hash_one(k),
-            k,
-            v,
-            1,
-            0,
-            &exp,
-            h,
-            (accesses, 0, NEVER),
-            out,
-        );
+        s.insert(h.hash_one(k), k, v, 1, 0, &exp, h, (0, 0, NEVER), out);
     }
 
     #[test]
@@ -1588,8 +1581,11 @@ mod tests {
     #[test]
     fn memory_per_entry_matches_the_formula() {
         // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines +
-        // the frequency sketch, sized for the share as a sketch built for it up front is.
-        let sketch = crate::sketch::Sketch::new(100_000).heap_bytes() as f64 / 100_000.0;
+        // the frequency sketch and the ghost (2 bytes per entry, rounded up to a power of two),
+        // sized for the share as ones built for it up front are.
+        let sketch = (crate::sketch::Sketch::new(100_000).heap_bytes()
+            + crate::ghost::Ghost::new(100_000).heap_bytes()) as f64
+            / 100_000.0;
         for stride in [0usize, 1] {
             let (mut s, h) = shard(100_000, stride);
             let mut out = Garbage::new();
