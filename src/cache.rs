@@ -777,6 +777,18 @@ where
         true
     }
 
+    /// The configuration selector's running totals (`None` with a weigher: no selector), after
+    /// feeding it every shard's pending samples. For tests and benchmarks; not a stable API.
+    #[doc(hidden)]
+    pub fn policy_totals(&self) -> Option<crate::PolicyTotals> {
+        for cell in self.inner.shards.iter() {
+            let s = cell.lock.write();
+            self.drain_samples(cell);
+            drop(s);
+        }
+        Some(self.inner.selector.as_ref()?.lock().totals())
+    }
+
     /// The most loads that ever ran at once under `max_concurrent_loads` (0 without a limit),
     /// and how many loads had to wait for a permit. For tests and statistics.
     #[doc(hidden)]

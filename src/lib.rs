@@ -300,6 +300,10 @@ pub use refresh::{BoxError, BoxFuture, LoadError};
 pub use shard::RemovalCause;
 pub use stats::{CacheStats, RemoteStats, Removals};
 
+/// The policy selector's running totals (for tests and benchmarks; not a stable API).
+#[doc(hidden)]
+pub use select::Totals as PolicyTotals;
+
 /// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).
 #[cfg(loom)]
 #[doc(hidden)]

@@ -115,10 +115,35 @@ pub(crate) struct Selector {
     actions: u64,
     /// The decayed divergence, if measured since the last switch or action.
     divergence: Option<f64>,
+    /// Epochs measured since the last switch or action.
+    measured: u32,
     /// Epochs to wait before the next action, and the next wait.
     wait: u32,
     backoff: u32,
     threshold: u64,
+    /// Since the start: samples, the real cache's hits on them, and the hits of the shadow of
+    /// the configuration current at each sample (the prediction the real cache should meet).
+    totals: Totals,
+}
+
+/// Running totals of a selector (see [`Selector::totals`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Samples fed.
+    pub samples: u64,
+    /// The real cache's hits on them.
+    pub real_hits: u64,
+    /// The hits of the shadow of the configuration current at each sample.
+    pub predicted_hits: u64,
+    /// The configuration now (an index into the candidates: window 0 % + `t`, 1 % + `g`,
+    /// 20 % + `g`, 80 % + `g`).
+    pub candidate: usize,
+    /// Switches of configuration so far.
+    pub switches: u64,
+    /// Convergence actions so far.
+    pub actions: u64,
+    /// Each candidate's shadow's hits so far.
+    pub shadow_hits: [u64; 4],
 }
 
 impl Selector {
@@ -140,9 +165,11 @@ impl Selector {
             current: 0,
             actions: 0,
             divergence: None,
+            measured: 0,
             wait: 0,
             backoff: 1,
             threshold,
+            totals: Totals::default(),
         }
     }
 
@@ -172,11 +199,16 @@ impl Selector {
     /// convergence actions changed.
     pub(crate) fn feed(&mut self, s: u64) -> Option<u64> {
         let hash = s & !3;
-        for sh in &mut self.shadows {
-            sh.access(hash, 1);
+        for (i, sh) in self.shadows.iter_mut().enumerate() {
+            let hit = sh.access(hash, 1);
+            if i == self.current {
+                self.totals.predicted_hits += u64::from(hit);
+            }
         }
         self.seen += 1;
         self.real_hits += (s >> 1) & 1;
+        self.totals.samples += 1;
+        self.totals.real_hits += (s >> 1) & 1;
         if self.seen < self.epoch {
             return None;
         }
@@ -199,7 +231,9 @@ impl Selector {
             .expect("candidates");
         if best != self.current && self.scores[best] >= self.scores[self.current] + MARGIN {
             self.current = best;
+            self.totals.switches += 1;
             self.divergence = None;
+            self.measured = 0;
             self.wait = 0;
             self.backoff = 1;
             return Some(self.tune());
@@ -210,18 +244,36 @@ impl Selector {
             None => gap,
         };
         self.divergence = Some(d);
+        self.measured += 1;
         if self.wait > 0 {
             self.wait -= 1;
             return None;
         }
-        if d > DIVERGENCE {
+        // One epoch's gap alone is noise (a loop's hits come in bursts): act on two at least.
+        // A planted bug for tests/policy_divergence.rs to catch: no convergence actions.
+        if d > DIVERGENCE && self.measured >= 2 && !cfg!(herdcache_broken_policy) {
+            self.measured = 0;
             self.actions += 1;
+            self.totals.actions += 1;
             self.divergence = None;
             self.wait = self.backoff;
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             return Some(self.tune());
         }
         None
+    }
+
+    /// Running totals, with the current candidate.
+    pub(crate) fn totals(&self) -> Totals {
+        let mut shadow_hits = [0; 4];
+        for (h, sh) in shadow_hits.iter_mut().zip(&self.shadows) {
+            *h = sh.hits();
+        }
+        Totals {
+            candidate: self.current,
+            shadow_hits,
+            ..self.totals
+        }
     }
 
     /// Shadow accesses so far (for tests).
