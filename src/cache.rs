@@ -128,8 +128,6 @@ impl Policy {
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
-    /// Approximate count of accesses (sampled, see [`note_access`]).
-    accesses: AtomicU64,
     /// This shard's sampled accesses, for the cache's configuration selector.
     samples: Samples,
 }
@@ -228,10 +226,7 @@ impl<K: Hash + Eq + 'static, V: 'static, S> Drop for Accounting<'_, K, V, S> {
     }
 }
 
-/// Every `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to the shard it touches; in
-/// expectation each shard's counter tracks its accesses, with one shared write per 64 reads.
-const ACCESS_SAMPLE: u32 = 64;
-/// Every this many accesses a thread also tries to run expiry maintenance on the shard.
+/// Every this many accesses a thread tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
 
 impl<K, V> Cache<K, V, crate::DefaultHashBuilder>
@@ -298,7 +293,6 @@ where
                 let share = capacity / n + u64::from(i < capacity % n);
                 CachePadded::new(ShardCell {
                     lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
-                    accesses: AtomicU64::new(0),
                     samples: Samples::default(),
                 })
             })
@@ -375,20 +369,18 @@ where
         self.inner.timed.then(|| self.inner.clock.clone())
     }
 
-    /// Counts an access for the policy; returns true when the caller should run maintenance.
+    /// Counts an access of this thread; returns true when the caller should run maintenance.
     #[inline]
-    fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
+    fn note_access(&self) -> bool {
+        if !self.inner.timed {
+            return false;
+        }
         let t = ACCESS_TICK.with(|t| {
             let v = t.get().wrapping_add(1);
             t.set(v);
             v
         });
-        if t % ACCESS_SAMPLE == 0 {
-            cell.accesses
-                .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
-            return t % MAINTAIN_EVERY == 0 && self.inner.timed;
-        }
-        false
+        t % MAINTAIN_EVERY == 0
     }
 
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
@@ -407,7 +399,7 @@ where
     {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
-        let maintain = self.note_access(cell);
+        let maintain = self.note_access();
         let now = self.now();
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::refresh::coin) {
@@ -501,10 +493,15 @@ where
     /// Feeds a shard's sampled reads to the selector. The caller holds the shard's write lock
     /// (one drainer per buffer). Never waits: if another shard is feeding the selector, the
     /// samples stay in the buffer (and may be overwritten: the buffer is lossy).
+    #[inline]
     fn drain_samples(&self, cell: &ShardCell<K, V>) {
-        if !cell.samples.pending() {
-            return;
+        if cell.samples.pending() {
+            self.feed_selector(cell);
         }
+    }
+
+    #[cold]
+    fn feed_selector(&self, cell: &ShardCell<K, V>) {
         let Some(selector) = &self.inner.selector else {
             return;
         };
@@ -718,8 +715,6 @@ where
         let cell = &self.inner.shards[i];
         let now = self.now();
         let mut s = cell.lock.write();
-        self.drain_samples(cell);
-        let tune = self.inner.tune.load(Ordering::Relaxed);
         let registered = match write {
             Write::Plain => None,
             // A planted bug for the loom model to catch: a load stores without checking that
@@ -763,11 +758,16 @@ where
                 now,
                 &self.inner.expiry,
                 &self.inner.hasher,
-                (tune, took, cap),
+                (took, cap),
                 out,
             );
         }
         drop(acct);
+        if self.over_capacity() {
+            // The policy's configuration matters only when evicting: feed the selector and
+            // apply its choice now (a write that replaces or fits pays for neither).
+            self.drain_samples(cell);
+        }
         self.evict_in(&mut s, true, out);
         drop(s);
         drop(registered);
@@ -860,6 +860,9 @@ where
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
     fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Garbage<K, V>) {
+        if self.over_capacity() {
+            s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
+        }
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {

