@@ -46,7 +46,9 @@ impl Ghost {
 
     #[inline]
     fn probes(&self, hash: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
-        // Double hashing from one 64-bit mix: h1 + i·h2.
+        // Double hashing from one 64-bit mix: h1 + i·h2. The low two bits are ignored, as the
+        // sketch does (the shadows see hashes without them).
+        let hash = hash & !3;
         let h = (hash ^ (hash >> 31)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
         let (h1, h2) = (h, (h >> 32) | 1);
         (0..PROBES).map(move |i| {

@@ -40,7 +40,7 @@
 //! * The **configuration** — the window's share of the capacity and the admission rule — is
 //!   chosen for the whole cache by miniature simulation (see the `select` module) among
 //!   [`Config::CANDIDATES`]; the cache hands it to each shard's policy as a *tune word*
-//!   ([`tune_word`]) at each insert, and the policy applies a change at once
+//!   ([`tune_word`]) before it evicts, and the policy applies a change at once
 //!   ([`Policy::retune`]). Admission rule `t`: a candidate must be strictly more frequent than the
 //!   victim(s); rule `g`: the same, *or* the candidate is in the [`Ghost`] of recently evicted
 //!   keys. The ghost is kept under both rules, so a switch takes effect at once.
@@ -294,19 +294,25 @@ impl Policy {
         free: &mut Vec<u32>,
         hash_of: &mut impl FnMut(&E) -> u64,
     ) {
-        self.ghost.clear();
+        // Counts first, without changing anything: `hash_of` runs the keys' `Hash`, which may
+        // panic; the queues are rebuilt only once every count is known.
         let mut main =
             Vec::with_capacity(self.queues[PROTECTED].len() + self.queues[PROBATION].len());
         for q in [PROTECTED, PROBATION] {
-            while let Some(s) = self.pop(q, slab, free) {
-                let e = slab[s as usize].as_ref().expect("popped a live slot");
-                let f = self
-                    .sketch
-                    .frequency(hash_of(e))
-                    .saturating_add(e.hits().load(Ordering::Relaxed))
-                    .min(15);
-                main.push((s, f));
+            for &s in &self.queues[q] {
+                if let Some(e) = &slab[s as usize] {
+                    let f = self
+                        .sketch
+                        .frequency(hash_of(e))
+                        .saturating_add(e.hits().load(Ordering::Relaxed))
+                        .min(15);
+                    main.push((s, f));
+                }
             }
+        }
+        self.ghost.clear();
+        for q in [PROTECTED, PROBATION] {
+            while self.pop(q, slab, free).is_some() {}
         }
         let mut by_count = [0u64; 16];
         for &(s, f) in &main {

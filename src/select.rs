@@ -4,20 +4,23 @@
 //! capacity)`; [`Selector::sampled`] is one compare on the hash already computed). Every sampled
 //! `get` — hit or miss, with whether the real cache hit — goes into its shard's lossy
 //! [`Samples`] buffer (two relaxed atomic operations, no lock); the buffer is drained under the
-//! shard's write lock, by writes and, when it fills, by a reader that gets the write lock
-//! without waiting, into the cache's one [`Selector`] (behind a mutex taken with `try_lock`:
-//! when another shard is draining, the samples wait or are lost, never a reader or writer).
+//! shard's write lock, by writes that evict and, when it is half full, by a reader that gets the
+//! write lock without waiting, into the cache's one [`Selector`] (behind a mutex taken with
+//! `try_lock`: when another shard is draining, the samples wait or are lost, never a reader or
+//! writer). A write that replaces a present key or fits without evicting pays for nothing.
 //!
 //! The selector runs one [`Shadow`] per candidate configuration ([`Config::CANDIDATES`]), of
 //! capacity `capacity × R`, on the sampled keys. Every *epoch* (`capacity × R` samples, about
 //! `capacity` real requests) each candidate's score becomes `0.99 × score + hits in the
 //! epoch`; when another candidate leads the current one by at least 5, the cache switches to
-//! it (a new [`tune_word`], which each shard's policy applies at its next insert).
+//! it (a new [`tune_word`] in an atomic, which each shard's policy applies before it next
+//! evicts).
 //!
 //! **Convergence.** A real cache that enters a configuration carrying another's contents can
 //! settle in a worse self-sustaining state than its shadow's (W-TinyLFU on a loop has
 //! several). Every epoch, `D`, a 0.5-decayed mean of (the current shadow's hit rate − the real
-//! hit rate) on the same samples since the last switch or action, is compared with 0.05: above,
+//! hit rate) on the same samples since the last switch or action, is compared with 0.05 (after
+//! two epochs at least: one epoch's gap alone is noise); above,
 //! the selector asks for a convergence action (each shard clears its ghost, reranks main by
 //! frequency and reverses probation), then waits 1, 2, 4 … 64 epochs before the next (reset at
 //! a switch), so a shadow's scaling error cannot set off a stream of them.

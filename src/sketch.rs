@@ -64,6 +64,9 @@ impl Sketch {
 
     #[inline]
     fn index(&self, hash: u64, row: usize) -> (usize, u32) {
+        // The low two bits are ignored: the policy's shadows see hashes without them (see the
+        // `select` module), and must count a key where the real cache does.
+        let hash = hash & !3;
         let h = (hash ^ (hash >> 29)).wrapping_mul(SEEDS[row]);
         let i = ((h >> 32) as usize) & self.mask;
         (i >> 4, ((i & 15) * 4) as u32)
