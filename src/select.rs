@@ -133,7 +133,7 @@ pub(crate) struct Selector {
     totals: Totals,
 }
 
-/// Running totals of a selector (see [`Selector::totals`]).
+/// Running totals of a cache's policy selector (see `Cache::policy_totals`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Samples fed.
