@@ -283,6 +283,7 @@ pub mod codec;
 mod entry;
 mod expiry;
 mod flight;
+mod ghost;
 pub mod health;
 mod limit;
 mod load;
@@ -298,7 +299,9 @@ pub mod redis;
 mod refresh;
 mod removal;
 mod rng;
+mod select;
 mod settings;
+mod shadow;
 mod shard;
 mod sketch;
 mod stats;
@@ -316,6 +319,10 @@ pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};
 pub use settings::{DefaultHashBuilder, DefaultHasher};
 pub use stats::{CacheStats, RemoteStats, Removals};
+
+/// The policy selector's running totals (for tests and benchmarks; not a stable API).
+#[doc(hidden)]
+pub use select::Totals as PolicyTotals;
 
 /// Internals exposed to the loom models only (`RUSTFLAGS="--cfg loom"`).
 #[cfg(loom)]

@@ -73,6 +73,9 @@ impl<T> Mutex<T> {
     pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
         self.0.lock().expect("loom mutexes are not poisoned here")
     }
+    pub(crate) fn try_lock(&self) -> Option<loom::sync::MutexGuard<'_, T>> {
+        self.0.try_lock().ok()
+    }
 }
 
 #[cfg(loom)]
@@ -134,6 +137,9 @@ impl<T> Mutex<T> {
         self.0
             .lock()
             .expect("shuttle mutexes are not poisoned here")
+    }
+    pub(crate) fn try_lock(&self) -> Option<shuttle::sync::MutexGuard<'_, T>> {
+        self.0.try_lock().ok()
     }
 }
 

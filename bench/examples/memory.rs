@@ -66,6 +66,17 @@ fn main() {
         |c, k| c.insert(k, k),
     );
     measure(
+        "herdcache, read-then-insert of 2M keys (evicting; the policy selector's shadows full)",
+        || herdcache::Cache::<u64, u64>::new(N),
+        |c, k| {
+            for x in [k, !k] {
+                if c.get(&x).is_none() {
+                    c.insert(x, x);
+                }
+            }
+        },
+    );
+    measure(
         "herdcache, time_to_live",
         || {
             herdcache::Cache::<u64, u64>::builder()

@@ -123,6 +123,21 @@ fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
                     c.insert(k, k);
                 }
             }
+            if std::env::var_os("HERDCACHE_POLICY_TRACE").is_some() {
+                if let Some(t) = c.policy_totals() {
+                    eprintln!(
+                        "{cap}: sampled {} real {:.2} % predicted {:.2} %, candidate {}, {} switches, {} actions, shadows {:?}",
+                        t.samples,
+                        100.0 * t.real_hits as f64 / t.samples.max(1) as f64,
+                        100.0 * t.predicted_hits as f64 / t.samples.max(1) as f64,
+                        t.candidate,
+                        t.switches,
+                        t.actions,
+                        t.shadow_hits
+                            .map(|h| (1000.0 * h as f64 / t.samples.max(1) as f64).round() / 10.0)
+                    );
+                }
+            }
         }
         "moka" => {
             let c = moka::sync::Cache::new(cap);

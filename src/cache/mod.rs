@@ -3,7 +3,9 @@
 use crate::clock::{Clock, NEVER};
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flight;
+use crate::policy::tune_word;
 use crate::removal::Listener;
+use crate::select::{Samples, Selector};
 use crate::settings::{Policy, Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
@@ -71,14 +73,15 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
 mod fail_safe;
 mod flights;
 mod iter;
+mod selection;
 
 pub(crate) use flights::Registration;
 pub use iter::Iter;
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
-    /// Approximate count of accesses (sampled, see [`note_access`]), for the policy's climber.
-    accesses: AtomicU64,
+    /// This shard's sampled accesses, for the cache's configuration selector.
+    samples: Samples,
 }
 
 /// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
@@ -133,6 +136,11 @@ pub(crate) struct Inner<K, V, S> {
     durations: (Option<Duration>, Option<Duration>),
     /// The counters of a shared second tier, once one is attached (feature `redis`).
     pub(crate) remote: std::sync::OnceLock<Arc<crate::stats::RemoteCounters>>,
+    /// The policy's configuration selector (none with a weigher: the configuration is fixed),
+    /// its sampling threshold (0: nothing sampled) and its current choice, as a tune word.
+    selector: Option<crate::sync::Mutex<Selector>>,
+    sample_threshold: u64,
+    tune: AtomicU64,
 }
 
 crate::sync::thread_local_shim! {
@@ -190,10 +198,7 @@ impl<K: Hash + Eq + 'static, V: 'static, S> Drop for Accounting<'_, K, V, S> {
     }
 }
 
-/// Every `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to the shard it touches; in
-/// expectation each shard's counter tracks its accesses, with one shared write per 64 reads.
-const ACCESS_SAMPLE: u32 = 64;
-/// Every this many accesses a thread also tries to run expiry maintenance on the shard.
+/// Every this many accesses a thread tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
 
 impl<K, V, S> Cache<K, V, S>
@@ -230,12 +235,25 @@ where
                 let share = capacity / n + u64::from(i < capacity % n);
                 CachePadded::new(ShardCell {
                     lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
-                    accesses: AtomicU64::new(0),
+                    samples: Samples::default(),
                 })
             })
             .collect();
+        // Entry-bounded caches choose their configuration by miniature simulation; with a
+        // weigher the shadows' sizes are unknown (the capacity is in weight units) and the
+        // configuration stays at window 1 % + ghost admission.
+        let selector = weigher
+            .is_none()
+            .then(|| crate::sync::Mutex::new(Selector::new(capacity, seed)));
+        let sample_threshold = selector.as_ref().map_or(0, |s| s.lock().threshold());
+        let tune = selector
+            .as_ref()
+            .map_or(tune_word(1, 0), |s| s.lock().tune());
         Cache {
             inner: Arc::new(Inner {
+                selector,
+                sample_threshold,
+                tune: AtomicU64::new(tune),
                 shards: cells,
                 mask: shards - 1,
                 hasher,
@@ -294,20 +312,18 @@ where
         self.inner.timed.then(|| self.inner.clock.clone())
     }
 
-    /// Counts an access for the policy; returns true when the caller should run maintenance.
+    /// Counts an access of this thread; returns true when the caller should run maintenance.
     #[inline]
-    fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
+    fn note_access(&self) -> bool {
+        if !self.inner.timed {
+            return false;
+        }
         let t = ACCESS_TICK.with(|t| {
             let v = t.get().wrapping_add(1);
             t.set(v);
             v
         });
-        if t % ACCESS_SAMPLE == 0 {
-            cell.accesses
-                .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
-            return t % MAINTAIN_EVERY == 0 && self.inner.timed;
-        }
-        false
+        t % MAINTAIN_EVERY == 0
     }
 
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
@@ -326,7 +342,7 @@ where
     {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
-        let maintain = self.note_access(cell);
+        let maintain = self.note_access();
         let now = self.now();
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
@@ -335,6 +351,7 @@ where
                 drop(guard);
                 if record {
                     self.count_fast(Counter::Hit);
+                    self.note_sample(cell, hash, true);
                 }
                 return Some(r);
             }
@@ -344,6 +361,7 @@ where
                 if record {
                     self.count_fast(Counter::Hit);
                     self.count(Counter::StaleServed);
+                    self.note_sample(cell, hash, true);
                 }
                 return Some(r);
             }
@@ -363,6 +381,7 @@ where
                 if record {
                     self.count_fast(Counter::Hit);
                     self.count(Counter::StaleServed);
+                    self.note_sample(cell, hash, true);
                 }
                 if let Some((k, refresh)) = refresh {
                     refresh(self, k, hash);
@@ -375,6 +394,7 @@ where
         drop(guard);
         if record {
             self.count_fast(Counter::Miss);
+            self.note_sample(cell, hash, false);
         }
         if found || maintain {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
@@ -573,7 +593,6 @@ where
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         let now = self.now();
-        let accesses = cell.accesses.load(Ordering::Relaxed);
         self.inner.stampede.monitor.wrote(now); // for `health` (src/health.rs)
         let mut s = cell.lock.write();
         let registered = match write {
@@ -619,11 +638,16 @@ where
                 now,
                 &self.inner.expiry,
                 &self.inner.hasher,
-                (accesses, took, cap),
+                (took, cap),
                 out,
             );
         }
         drop(acct);
+        if self.over_capacity() {
+            // The policy's configuration matters only when evicting: feed the selector and
+            // apply its choice now (a write that replaces or fits pays for neither).
+            self.drain_samples(cell);
+        }
         self.evict_in(&mut s, true, out);
         drop(s);
         drop(registered);
@@ -680,6 +704,9 @@ where
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
     fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
+        if self.over_capacity() {
+            s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
+        }
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {

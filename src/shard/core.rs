@@ -69,7 +69,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             layout,
             rng: Rng::new(seed),
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
-            policy: Policy::new(share, seed),
+            policy: Policy::new(share, seed, 0),
             weight: 0,
             len: 0,
             share,
@@ -440,8 +440,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         s
     }
 
-    /// Inserts or replaces. `accesses` is the shard's approximate access count (for the policy's
-    /// hill climber). Entries already expired at `now` are not stored.
+    /// Inserts or replaces. Entries already expired at `now` are not stored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert<S: BuildHasher>(
         &mut self,
@@ -452,7 +451,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         now: u64,
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
-        (accesses, load_nanos, cap): (u64, u64, u64),
+        (load_nanos, cap): (u64, u64),
         out: &mut Removals<K, V>,
     ) {
         self.expire(now, false, hasher, out);
@@ -500,7 +499,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             exp,
             hasher,
             out,
-            (accesses, load_nanos, cap),
+            (load_nanos, cap),
             factor,
         );
     }
@@ -518,7 +517,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         out: &mut Removals<K, V>,
-        (accesses, load_nanos, cap): (u64, u64, u64),
+        (load_nanos, cap): (u64, u64),
         factor: f64,
     ) {
         let (effective, hard) = exp.on_create(&key, &value, now, factor);
@@ -546,9 +545,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.len += 1;
         self.set_times(slot, times, now, load_nanos);
         self.policy
-            .on_insert(&mut self.slab, slot, hash, accesses, |e| {
-                hasher.hash_one(&e.key)
-            });
+            .on_insert(&mut self.slab, slot, hash, |e| hasher.hash_one(&e.key));
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
@@ -665,6 +662,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             }
             _ => false,
         }
+    }
+
+    /// Applies the policy configuration the cache's selector chose (a tune word, see
+    /// [`crate::policy::tune_word`]); nothing if it did not change. Called before evicting:
+    /// the configuration matters only then.
+    #[inline]
+    pub(crate) fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64) {
+        self.policy
+            .retune(&mut self.slab, &mut self.free, tune, |e| {
+                hasher.hash_one(&e.key)
+            });
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
@@ -874,5 +882,6 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.free.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
+            + self.policy.ghost().heap_bytes()
     }
 }

@@ -260,7 +260,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         #[allow(clippy::too_many_arguments)]
         #[inline]
         fn insert<S: BuildHasher>(&mut self, hash: u64, key: K, value: V, weight: u32, now: u64,
-            exp: &ExpiryConfig<K, V>, hasher: &S, meta: (u64, u64, u64), out: &mut Removals<K, V>);
+            exp: &ExpiryConfig<K, V>, hasher: &S, meta: (u64, u64), out: &mut Removals<K, V>);
         fn remove<Q, S: BuildHasher>(&mut self, hash: u64, key: &Q, now: u64, hasher: &S,
             out: &mut Removals<K, V>, cause: RemovalCause) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
@@ -268,6 +268,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) -> bool;
+        fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64);
         fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S,
             out: &mut Removals<K, V>);
         fn clear(&mut self, out: &mut Removals<K, V>);
@@ -297,27 +298,17 @@ mod tests {
         (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
     }
 
-    /// Inserts `k → v` (weight 1, time 0, no expiry) with `accesses` for the policy's climber.
+    /// Inserts `k → v` (weight 1, time 0, no expiry) in the policy's first configuration.
     fn put(
         s: &mut Shard<u64, u64>,
         h: &S,
         k: u64,
         v: u64,
-        accesses: u64,
+        _tick: u64,
         out: &mut Removals<u64, u64>,
     ) {
         let exp = ExpiryConfig::None;
-        s.insert(
-            h.hash_one(k),
-            k,
-            v,
-            1,
-            0,
-            &exp,
-            h,
-            (accesses, 0, NEVER),
-            out,
-        );
+        s.insert(h.hash_one(k), k, v, 1, 0, &exp, h, (0, NEVER), out);
     }
 
     #[test]
@@ -407,7 +398,9 @@ mod tests {
     fn memory_per_entry_matches_the_formula() {
         // One shard filled to its share: slot (24) + table (≤ 11) + free list (0) + deadlines +
         // the frequency sketch, sized for the share as a sketch built for it up front is.
-        let sketch = crate::sketch::Sketch::new(100_000).heap_bytes() as f64 / 100_000.0;
+        let sketch = (crate::sketch::Sketch::new(100_000).heap_bytes()
+            + crate::ghost::Ghost::new(100_000).heap_bytes()) as f64
+            / 100_000.0;
         for stride in [0usize, 1] {
             let (mut s, h) = shard(100_000, stride);
             let mut out = Removals::new();
@@ -420,7 +413,7 @@ mod tests {
                 }
             };
             for i in 0..100_000u64 {
-                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
+                s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, NEVER), &mut out);
             }
             let per_entry = s.heap_bytes() as f64 / 100_000.0;
             let bound = 24.0 + 11.0 + sketch + if stride == 1 { 8.0 + 8.0 } else { 0.0 };
@@ -442,17 +435,7 @@ mod tests {
             let (mut s, h) = shard(share, 0);
             let mut out = Removals::new();
             for i in 0..25_000u64 {
-                s.insert(
-                    h.hash_one(i),
-                    i,
-                    i,
-                    100,
-                    0,
-                    &exp,
-                    &h,
-                    (0, 0, NEVER),
-                    &mut out,
-                );
+                s.insert(h.hash_one(i), i, i, 100, 0, &exp, &h, (0, NEVER), &mut out);
                 while s.weight() > share {
                     assert!(s.evict_one(&h, &mut out));
                 }
@@ -466,7 +449,7 @@ mod tests {
                  {per_entry:.1} heap bytes per entry in all"
             );
             assert!(
-                sketch <= 8 * len,
+                sketch <= 16 * len,
                 "share {share}: a sketch of {sketch} bytes for {len} entries"
             );
         }
@@ -482,7 +465,7 @@ mod tests {
             tti: None,
         };
         for i in 0..50u64 {
-            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, 0, NEVER), &mut out);
+            s.insert(h.hash_one(i), i, i, 1, 0, &exp, &h, (0, NEVER), &mut out);
         }
         out.clear();
         s.expire(4 * sec, false, &h, &mut out);

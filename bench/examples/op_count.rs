@@ -1,0 +1,90 @@
+//! A fixed number of operations on one thread, for counting instructions per operation with
+//! callgrind (medians of wall-clock throughput move ±5 % on a shared machine; instruction
+//! counts do not).
+//!
+//! ```text
+//! cargo build -p herdcache-bench --release --example op_count
+//! valgrind --tool=callgrind --toggle-collect='op_count::run*' \
+//!     target/release/examples/op_count herdcache 75 1000000
+//! ```
+//!
+//! Arguments: the cache (`herdcache`, `herdcache-ttl`, `quick_cache`), the share of reads in
+//! percent (the rest are inserts of present keys) and the number of operations. Keys as in the
+//! `read_throughput` bench: Zipf (s = 1) over 100,000 keys, every key present. Callgrind's
+//! instruction total divided by the operation count is the figure.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+const KEYS: u64 = 100_000;
+
+fn zipf_samples(n: usize) -> Vec<u64> {
+    let mut cdf = Vec::with_capacity(KEYS as usize);
+    let mut sum = 0.0;
+    for i in 1..=KEYS {
+        sum += 1.0 / i as f64;
+        cdf.push(sum);
+    }
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * sum;
+            (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS
+        })
+        .collect()
+}
+
+#[inline(never)]
+fn run_herdcache(c: &herdcache::Cache<u64, u64>, keys: &[u64], reads: usize) {
+    for (i, &k) in keys.iter().enumerate() {
+        if i % 100 < reads {
+            black_box(c.get(&k));
+        } else {
+            c.insert(k, k);
+        }
+    }
+}
+
+#[inline(never)]
+fn run_quick_cache(c: &quick_cache::sync::Cache<u64, u64>, keys: &[u64], reads: usize) {
+    for (i, &k) in keys.iter().enumerate() {
+        if i % 100 < reads {
+            black_box(c.get(&k));
+        } else {
+            c.insert(k, k);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: op_count herdcache|herdcache-ttl|quick_cache READ_PERCENT OPS";
+    let cache = args.first().expect(usage).as_str();
+    let reads: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
+    let ops: usize = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
+    let keys = zipf_samples(ops);
+    match cache {
+        "herdcache" | "herdcache-ttl" => {
+            let mut b = herdcache::Cache::builder().max_capacity(KEYS);
+            if cache == "herdcache-ttl" {
+                b = b.time_to_live(Duration::from_secs(3600));
+            }
+            let c = b.build();
+            for k in 0..KEYS {
+                c.insert(k, k);
+            }
+            run_herdcache(&c, &keys, reads);
+        }
+        "quick_cache" => {
+            let c = quick_cache::sync::Cache::new(KEYS as usize);
+            for k in 0..KEYS {
+                c.insert(k, k);
+            }
+            run_quick_cache(&c, &keys, reads);
+        }
+        other => panic!("{usage} (not {other})"),
+    }
+}

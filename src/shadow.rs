@@ -1,0 +1,230 @@
+//! A shadow cache: the eviction policy, run on key hashes alone, for miniature simulation.
+//!
+//! A [`Shadow`] is a small cache of *key hashes* (no keys, no values) driven by the very
+//! [`Policy`] the shards use, in a fixed configuration. Fed a spatially sampled stream of the
+//! real cache's accesses (the keys whose hash falls under a threshold, rate `R`), a shadow of
+//! capacity `capacity × R` predicts the hit ratio the real cache would have with that
+//! configuration (Waldspurger et al., "Cache Modeling and Optimization using Miniature
+//! Simulations", USENIX ATC 2017; SHARDS, FAST 2015).
+//!
+//! # API (for the configuration selector, `select`, and for sizing curves)
+//!
+//! * [`Shadow::new(capacity, candidate, seed)`](Shadow::new): a shadow of `capacity` weight
+//!   units running [`Config::CANDIDATES`]`[candidate]`. A sizing curve (predicted hit ratio at
+//!   0.25/0.5/1/2/4 × the capacity) is five shadows of one candidate at five capacities fed the
+//!   same samples.
+//! * [`Shadow::access(hash, weight)`](Shadow::access): one sampled request; returns whether the
+//!   shadow hit. A miss inserts the key with `weight` and evicts while over capacity, exactly as
+//!   a shard does.
+//! * [`Shadow::hits`] / [`Shadow::accesses`]: running totals (the caller keeps deltas).
+//!
+//! Cost: per entry a 16-byte slot, a 4-byte index in the hash table (at most 7/8 full), 4 to 8
+//! bytes of queue and about 4 bytes of sketch and 2 of ghost: about 36–44 bytes per shadow
+//! entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. Single-threaded: the caller
+//! serialises access (the selector sits behind a mutex).
+
+use crate::policy::{tune_word, Place, Policy, Tracked};
+use hashbrown::HashTable;
+use std::sync::atomic::AtomicU8;
+
+/// An entry of a shadow: the key's hash and what the policy keeps.
+#[derive(Debug)]
+struct Node {
+    hash: u64,
+    weight: u32,
+    place: Place,
+    hits: AtomicU8,
+}
+
+impl Tracked for Node {
+    fn place(&self) -> Place {
+        self.place
+    }
+    fn set_place(&mut self, p: Place) {
+        self.place = p;
+    }
+    fn hits(&self) -> &AtomicU8 {
+        &self.hits
+    }
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+}
+
+/// A cache of key hashes under the shards' policy, in one fixed configuration.
+#[derive(Debug)]
+pub(crate) struct Shadow {
+    policy: Policy,
+    slab: Vec<Option<Node>>,
+    free: Vec<u32>,
+    table: HashTable<u32>,
+    capacity: u64,
+    weight: u64,
+    hits: u64,
+    accesses: u64,
+}
+
+impl Shadow {
+    /// A shadow of `capacity` weight units running `Config::CANDIDATES[candidate]`.
+    pub(crate) fn new(capacity: u64, candidate: usize, seed: u64) -> Self {
+        Shadow {
+            policy: Policy::new(capacity, seed, tune_word(candidate, 0)),
+            slab: Vec::new(),
+            free: Vec::new(),
+            table: HashTable::new(),
+            capacity,
+            weight: 0,
+            hits: 0,
+            accesses: 0,
+        }
+    }
+
+    /// One request for the key of hash `hash`; on a miss the key is inserted with `weight`
+    /// (a key heavier than the capacity is not). Returns whether it hit.
+    pub(crate) fn access(&mut self, hash: u64, weight: u32) -> bool {
+        self.accesses += 1;
+        let slab = &self.slab;
+        if let Some(&s) = self.table.find(hash, |&s| {
+            slab[s as usize].as_ref().is_some_and(|n| n.hash == hash)
+        }) {
+            let n = slab[s as usize].as_ref().expect("table slots are live");
+            crate::policy::record_hit(&n.hits);
+            self.hits += 1;
+            return true;
+        }
+        if u64::from(weight) > self.capacity {
+            return false;
+        }
+        let node = Node {
+            hash,
+            weight,
+            place: Place::Window,
+            hits: AtomicU8::new(0),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slab[s as usize] = Some(node);
+                s
+            }
+            None => {
+                self.slab.push(Some(node));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let slab = &self.slab;
+        self.table.insert_unique(hash, slot, |&s| {
+            slab[s as usize]
+                .as_ref()
+                .expect("table slots are live")
+                .hash
+        });
+        self.weight += u64::from(weight);
+        self.policy
+            .on_insert(&mut self.slab, slot, hash, |n: &Node| n.hash);
+        while self.weight > self.capacity {
+            let Some(v) = self
+                .policy
+                .evict(&mut self.slab, &mut self.free, |n: &Node| n.hash)
+            else {
+                break;
+            };
+            let n = self.slab[v as usize].take().expect("victim is live");
+            self.table
+                .find_entry(n.hash, |&s| s == v)
+                .expect("victim is in the table")
+                .remove();
+            self.weight -= u64::from(n.weight);
+            self.free.push(v);
+        }
+        false
+    }
+
+    /// Requests seen so far (the hit ratio's denominator, for sizing curves).
+    #[allow(dead_code)]
+    pub(crate) fn accesses(&self) -> u64 {
+        self.accesses
+    }
+
+    /// Hits so far.
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// Weight in the window, probation and protected queues.
+    #[cfg(test)]
+    pub(crate) fn weights(&self) -> [u64; 3] {
+        self.policy.weights()
+    }
+
+    /// Checks the bookkeeping (panics on a violation).
+    #[cfg(test)]
+    pub(crate) fn validate(&self) {
+        self.policy.validate(&self.slab);
+        assert_eq!(self.table.len(), self.slab.iter().flatten().count());
+        let w: u64 = self
+            .slab
+            .iter()
+            .flatten()
+            .map(|n| u64::from(n.weight))
+            .sum();
+        assert_eq!(w, self.weight);
+        assert!(self.weight <= self.capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(k: u64) -> u64 {
+        let x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^ (x >> 29)
+    }
+
+    #[test]
+    fn a_shadow_hits_what_fits_and_stays_within_capacity() {
+        let mut s = Shadow::new(100, 1, 7);
+        for round in 0..5 {
+            for k in 0..50 {
+                let hit = s.access(h(k), 1);
+                assert_eq!(hit, round > 0, "key {k} round {round}");
+            }
+        }
+        for k in 1000..5000 {
+            s.access(h(k), 1);
+        }
+        s.validate();
+        assert_eq!(s.accesses(), 250 + 4000);
+        assert_eq!(s.hits(), 200);
+    }
+
+    #[test]
+    fn weighted_entries_are_bounded_by_weight() {
+        let mut s = Shadow::new(1000, 2, 7);
+        for k in 0..10_000u64 {
+            s.access(h(k % 700), 1 + (k % 7) as u32);
+            if k % 500 == 0 {
+                s.validate();
+            }
+        }
+        s.validate();
+        assert!(!s.access(h(99_999), 1001), "heavier than the capacity");
+    }
+
+    #[test]
+    fn candidates_differ_where_they_should() {
+        // A loop 1.5 × the capacity: frequency admission (window 0 %) keeps a stable part;
+        // a large window (80 %) is close to LRU on it and hits far less.
+        let (mut small, mut large) = (Shadow::new(1000, 0, 1), Shadow::new(1000, 3, 1));
+        for i in 0..60_000u64 {
+            small.access(h(i % 1500), 1);
+            large.access(h(i % 1500), 1);
+        }
+        let (a, b) = (
+            small.hits() as f64 / 60_000.0,
+            large.hits() as f64 / 60_000.0,
+        );
+        assert!(a > 0.5 && a > b + 0.2, "window 0 %: {a:.3}, 80 %: {b:.3}");
+        assert_eq!(small.weights().iter().sum::<u64>(), 1000);
+    }
+}
