@@ -569,29 +569,103 @@ impl RedisTier {
                 .iter()
                 .map(|i| client(i.clone(), &self.tls))
                 .collect::<::redis::RedisResult<Vec<_>>>()?;
-            let tcp = infos[0].tcp_settings().clone();
-            let b = ::redis::cluster::ClusterClient::builder(infos)
-                .connection_timeout(self.connect_timeout)
-                .response_timeout(self.op_timeout)
-                .tcp_settings(tcp)
-                .retries(0);
-            #[cfg(feature = "redis-tls")]
-            let b = if self.tls.root.is_some() || self.tls.client.is_some() {
-                b.certs(tls_certificates(&self.tls))
-            } else {
-                b
-            };
-            return Ok((conn::Target::Cluster(b.build()?), subscribe));
+            let mut seeds = Vec::new();
+            for info in &infos {
+                match info.addr() {
+                    ::redis::ConnectionAddr::Tcp(host, port)
+                    | ::redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                        seeds.push((host.clone(), *port));
+                    }
+                    _ => {
+                        return Err(::redis::RedisError::from((
+                            ::redis::ErrorKind::InvalidClientConfig,
+                            "a cluster node must be a redis:// or rediss:// address",
+                        )))
+                    }
+                }
+            }
+            let dial = self.dial(&infos[0])?;
+            let cluster = conn::cluster::Cluster::new(seeds, dial);
+            return Ok((
+                conn::Target::Cluster(std::sync::Arc::new(cluster)),
+                subscribe,
+            ));
         }
         let info = connection_info(&self.url)?;
         let raw = client(info.clone(), &self.tls)?;
         Ok((
             conn::Target::Server {
-                info,
+                dial: self.dial(&info)?,
                 raw: raw.clone(),
             },
             vec![raw],
         ))
+    }
+
+    /// How the tier's own connections to `info`'s server (or cluster) are set up.
+    fn dial(&self, info: &::redis::ConnectionInfo) -> ::redis::RedisResult<conn::Dial> {
+        #[cfg(feature = "redis-tls")]
+        let tls = match info.addr() {
+            ::redis::ConnectionAddr::TcpTls {
+                insecure: false, ..
+            } => Some(std::sync::Arc::new(tls_config(&self.tls)?)),
+            _ => None,
+        };
+        Ok(conn::Dial {
+            info: info.clone(),
+            #[cfg(feature = "redis-tls")]
+            tls,
+        })
+    }
+}
+
+/// The rustls configuration of the tier's own `rediss://` connections: the given root
+/// certificate (else the system's roots, as the `redis` crate's connections use) and client
+/// certificate.
+#[cfg(feature = "redis-tls")]
+fn tls_config(tls: &TlsFiles) -> ::redis::RedisResult<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    fn invalid(e: impl std::fmt::Display) -> ::redis::RedisError {
+        ::redis::RedisError::from((
+            ::redis::ErrorKind::InvalidClientConfig,
+            "TLS configuration",
+            e.to_string(),
+        ))
+    }
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.root {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.map_err(invalid)?).map_err(invalid)?;
+            }
+        }
+        None => {
+            // Roots that fail to parse are skipped, as the `redis` crate's connections do
+            // with the ones they cannot add.
+            let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match &tls.client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(invalid)?;
+            builder.with_client_auth_cert(chain, key).map_err(invalid)
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// rustls needs a process-wide crypto provider: `ring`, unless the application installed
+/// one.
+#[cfg(feature = "redis-tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -624,11 +698,7 @@ fn client(info: ::redis::ConnectionInfo, tls: &TlsFiles) -> ::redis::RedisResult
     #[cfg(feature = "redis-tls")]
     {
         if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
-            // rustls needs a process-wide crypto provider: ring, unless the application
-            // installed one.
-            if rustls::crypto::CryptoProvider::get_default().is_none() {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
+            install_crypto_provider();
             return ::redis::Client::build_with_tls(info, tls_certificates(tls));
         }
     }
