@@ -237,10 +237,19 @@ fn a_dripping_tls_reply_ends_at_the_operation_deadline_and_opens_the_breaker() {
         )
         .unwrap()
     };
-    let direct = build(tier(&format!("rediss://127.0.0.1:{tls_port}/")));
+    let direct = build(
+        tier(&format!("rediss://127.0.0.1:{tls_port}/"))
+            .timeouts(Duration::from_secs(2), Duration::from_secs(1)),
+    );
     for k in 0..3 {
         direct.insert(k, 1); // in Redis: a slow read would find it
     }
+    assert_eq!(
+        direct.stats().remote.writes,
+        3,
+        "{:?}",
+        direct.stats().remote
+    );
     let a = build(
         tier(&proxy.tls_url())
             // A connect timeout ample for a handshake on loopback, a short operation timeout.
