@@ -91,7 +91,8 @@ pub(crate) enum Conn {
     Cluster(Box<cluster::ClusterConn>),
 }
 
-/// Where the tier's connections go.
+/// Where the tier's connections go (built once per tier: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Target {
     /// One server.
     Server { dial: Dial, raw: ::redis::Client },
@@ -385,10 +386,6 @@ impl Deadlined {
     /// The next operation must end by `deadline`.
     pub(crate) fn set_deadline(&mut self, deadline: Instant) {
         self.stream.sock().deadline = deadline;
-    }
-
-    pub(crate) fn is_open(&self) -> bool {
-        self.open
     }
 
     fn send(&mut self, bytes: &[u8]) -> RedisResult<()> {

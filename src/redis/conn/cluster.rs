@@ -16,7 +16,7 @@
 //! primary); between those, `MOVED` replies keep it up to date slot by slot.
 
 use super::{left, Deadlined, Dial};
-use ::redis::{cmd, FromRedisValue, RedisError, RedisResult, Value};
+use ::redis::{cmd, ConnectionLike, FromRedisValue, RedisError, RedisResult, Value};
 use parking_lot::Mutex;
 use std::io;
 use std::ops::Range;
