@@ -13,7 +13,10 @@
 //!
 //! The map is fetched when the first connection opens, again by a connection that opens after
 //! a node failed (the map may be stale), and by `invalidate_all`'s scan (which must know every
-//! primary); between those, `MOVED` replies keep it up to date slot by slot.
+//! primary); between those, `MOVED` replies keep it up to date slot by slot. A connection opens
+//! one connection per primary; a primary it cannot reach is tried again (within their
+//! deadlines) by the operations that need it, so the other primaries' keys are served
+//! meanwhile.
 
 use super::{left, Deadlined, Dial};
 use ::redis::{cmd, ConnectionLike, FromRedisValue, RedisError, RedisResult, Value};
@@ -145,10 +148,24 @@ impl ClusterConn {
             Some(s) => c.slots = s,
             None => c.refresh()?,
         }
+        // A primary that cannot be reached now (down, failing over) is tried again by the
+        // operations that need it; the others serve their keys meanwhile.
+        let mut failed = None;
+        let mut connected = 0;
         for node in c.slots.nodes.clone() {
-            c.conn(&node)?;
+            match c.conn(&node) {
+                Ok(_) => connected += 1,
+                Err(e) => failed = Some(e),
+            }
         }
-        Ok(c)
+        match failed {
+            Some(e) if connected == 0 => Err(e),
+            Some(_) => {
+                c.cluster.map.lock().stale = true;
+                Ok(c)
+            }
+            None => Ok(c),
+        }
     }
 
     /// Starts an operation that must end by `deadline`; takes the latest slot map.
@@ -411,10 +428,10 @@ fn split(bytes: &[u8]) -> RedisResult<Vec<Packed>> {
         let mut args = Vec::with_capacity(n);
         for _ in 0..n {
             let len = number(bytes, &mut at, b'$')?;
-            let end = at + len;
-            if bytes.len() < end + 2 {
-                return Err(bad("packed command: truncated"));
-            }
+            let end = at
+                .checked_add(len)
+                .filter(|&end| end.saturating_add(2) <= bytes.len())
+                .ok_or_else(|| bad("packed command: truncated"))?;
             args.push(at..end);
             at = end + 2;
         }
