@@ -8,23 +8,32 @@
 #![cfg(feature = "redis-tls")]
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 use herdcache_testkit::redis_server;
 
 use common::{eventually, watchdog};
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
 use herdcache::{BoxError, Cache};
+use proxy::Proxy;
 use redis_server::{free_port, RedisServer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A CA, a server certificate (SAN IP 127.0.0.1) and a client certificate, in a fresh
 /// directory; `Err` if `openssl` is not available.
 fn certificates() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("herdcache-tls-{}", std::process::id()));
+    // One directory per call: the tests run in parallel, each removes its own.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "herdcache-tls-{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::SeqCst)
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let run = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("openssl")
@@ -125,19 +134,19 @@ fn instance(url: &str, dir: &Path, loads: &Arc<AtomicU64>) -> TieredCache<u64, u
         .unwrap()
 }
 
-#[test]
-fn the_tier_works_over_tls_with_a_private_ca_and_a_client_certificate() {
-    let _w = watchdog(Duration::from_secs(120), "TLS");
+/// A `redis-server` with a TLS port, its certificates' directory and the TLS port; `None`
+/// (the reason printed) if this machine cannot run one.
+fn tls_server(test: &str) -> Option<(RedisServer, PathBuf, u16)> {
     let dir = match certificates() {
         Ok(d) => d,
         Err(why) => {
-            println!("SKIPPED the TLS test: {why}");
-            return;
+            println!("SKIPPED the {test} test: {why}");
+            return None;
         }
     };
     let tls_port = free_port();
     let path = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    let server = match RedisServer::try_start_with(vec![
+    match RedisServer::try_start_with(vec![
         "--tls-port".into(),
         tls_port.to_string(),
         "--tls-cert-file".into(),
@@ -147,11 +156,19 @@ fn the_tier_works_over_tls_with_a_private_ca_and_a_client_certificate() {
         "--tls-ca-cert-file".into(),
         path("ca.crt"),
     ]) {
-        Ok(s) => s,
+        Ok(s) => Some((s, dir, tls_port)),
         Err(why) => {
-            println!("SKIPPED the TLS test: redis-server has no TLS here ({why})");
-            return;
+            println!("SKIPPED the {test} test: redis-server has no TLS here ({why})");
+            None
         }
+    }
+}
+
+#[test]
+fn the_tier_works_over_tls_with_a_private_ca_and_a_client_certificate() {
+    let _w = watchdog(Duration::from_secs(120), "TLS");
+    let Some((server, dir, tls_port)) = tls_server("TLS") else {
+        return;
     };
     let url = format!("rediss://127.0.0.1:{tls_port}/");
     let loads = Arc::new(AtomicU64::new(0));
@@ -188,6 +205,86 @@ fn the_tier_works_over_tls_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(untrusted.load(1).unwrap(), 2);
     let r = untrusted.stats().remote;
     assert!(r.errors >= 1 && r.hits == 0, "{r:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 12, scenario 4 over TLS: the proxy drips the server's bytes (TLS records) one every
+/// 30 ms, so every socket read returns within the 50 ms operation timeout and a reply takes
+/// seconds. Each operation must still end at its deadline (the TLS layer's reads included),
+/// count a timeout, and feed the breaker, which opens after 3 of them.
+#[test]
+fn a_dripping_tls_reply_ends_at_the_operation_deadline_and_opens_the_breaker() {
+    let _w = watchdog(Duration::from_secs(120), "dripping TLS replies");
+    let Some((server, dir, tls_port)) = tls_server("dripping TLS") else {
+        return;
+    };
+    let proxy = Proxy::start(tls_port);
+    let tier = |url: &str| {
+        RedisTier::new(url)
+            .namespace("drip")
+            .tls_root_certificate(read(&dir, "ca.crt"))
+            .tls_client_certificate(read(&dir, "client.crt"), read(&dir, "client.key"))
+    };
+    let build = |tier: RedisTier| {
+        tier.build(
+            Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(Duration::from_secs(600))
+                .record_stats()
+                .loader(|k: &u64| Ok::<_, BoxError>(1000 + k)),
+            Plain,
+        )
+        .unwrap()
+    };
+    let direct = build(
+        tier(&format!("rediss://127.0.0.1:{tls_port}/"))
+            .timeouts(Duration::from_secs(2), Duration::from_secs(1)),
+    );
+    for k in 0..3 {
+        direct.insert(k, 1); // in Redis: a slow read would find it
+    }
+    assert_eq!(
+        direct.stats().remote.writes,
+        3,
+        "{:?}",
+        direct.stats().remote
+    );
+    let a = build(
+        tier(&proxy.tls_url())
+            // A connect timeout ample for a handshake on loopback, a short operation timeout.
+            .timeouts(Duration::from_millis(500), Duration::from_millis(50))
+            .breaker(3, Duration::from_secs(600)),
+    );
+    assert_eq!(a.load(99).unwrap(), 1099, "the link works before the drip");
+    assert_eq!(a.stats().remote.errors, 0, "{:?}", a.stats().remote);
+    proxy.drip(Duration::from_millis(30));
+    let mut took = Vec::new();
+    let mut got = Vec::new();
+    for k in 0..3 {
+        let t = Instant::now();
+        got.push(a.load(k).unwrap());
+        took.push(t.elapsed());
+    }
+    let r = a.stats().remote;
+    // The first load uses the pooled connection (bound: the operation timeout); the next ones
+    // open a new connection, whose dripping handshake ends at the connect timeout.
+    println!(
+        "dripping TLS replies (1 byte / 30 ms, timeouts: connect 500 ms, operation 50 ms): \
+         loads took {took:?}, timeouts {}, breaker open {}",
+        r.timeouts,
+        a.is_breaker_open()
+    );
+    assert_eq!(
+        got,
+        [1000, 1001, 1002],
+        "the reads timed out: loaded locally"
+    );
+    assert!(r.timeouts >= 3, "each dripping reply is a timeout: {r:?}");
+    assert!(
+        a.is_breaker_open(),
+        "three timeouts in a row open the breaker"
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

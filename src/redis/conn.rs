@@ -2,11 +2,19 @@
 //!
 //! A socket timeout bounds one read, not an operation: a reply that drips in a byte at a
 //! time (a congested or lossy link, a server swapping) satisfies every read's timeout and can
-//! take seconds. So the tier talks to a plain `redis://` server over its own connection: the
-//! deadline of an operation is set before it starts, and every write and read of the socket
-//! is given what is left of it (a read past the deadline fails with `TimedOut`). Requests are
-//! encoded and replies parsed by the `redis` crate (the connection implements its
-//! [`ConnectionLike`]), so commands, pipelines and scripts are unchanged.
+//! take seconds. So the tier talks to Redis over its own connections: the deadline of an
+//! operation is set before it starts, and every write and read of the socket is given what is
+//! left of it (a read past the deadline fails with `TimedOut`). Requests are encoded and
+//! replies parsed by the `redis` crate (the connection implements its [`ConnectionLike`]), so
+//! commands, pipelines and scripts are unchanged.
+//!
+//! * `redis://`: a TCP socket.
+//! * `rediss://` (feature `redis-tls`): rustls over that socket. The TLS layer reads and
+//!   writes the socket through the same deadline (a TLS record that drips in is bounded like a
+//!   plain reply), and the handshake is part of the connect deadline.
+//! * A Redis Cluster (feature `redis-cluster`): one such connection per primary, a slot map
+//!   (`CLUSTER SLOTS`), each command sent to its key's node (a pipeline: one sub-pipeline per
+//!   node, in turn), and `MOVED`/`ASK` redirects followed, all within the one deadline.
 //!
 //! The socket has `TCP_NODELAY` and TCP keepalive ([`KEEPALIVE_IDLE`], then a probe every
 //! [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] of them): a pooled connection whose peer
@@ -16,9 +24,9 @@
 //! Name resolution (`host` in the URL) is the system's, not bounded by the deadline: give an
 //! address, or a name the local resolver caches.
 //!
-//! Other addresses (`rediss://` with the `redis-tls` feature, `redis+unix://`) use the
-//! `redis` crate's own connection, with the remaining time as its per-read timeout: there the
-//! deadline bounds when an operation starts reading, and each read, not the whole reply.
+//! Other addresses (`redis+unix://`, and `rediss://…#insecure`) use the `redis` crate's own
+//! connection, with the remaining time as its per-read timeout: there the deadline bounds when
+//! an operation starts reading, and each read, not the whole reply.
 
 use ::redis::io::tcp::socket2::{Socket, TcpKeepalive};
 use ::redis::{
@@ -27,6 +35,8 @@ use ::redis::{
 };
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+#[cfg(any(feature = "redis-tls", feature = "redis-cluster"))]
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Idle time before the first keepalive probe.
@@ -60,38 +70,54 @@ fn left(deadline: Instant) -> io::Result<Duration> {
     }
 }
 
-/// A connection to Redis.
-pub(crate) enum Conn {
-    /// A plain TCP connection with whole-operation deadlines.
-    Tcp(Deadlined),
-    /// The `redis` crate's connection (TLS, Unix sockets): per-read timeouts.
-    Other(::redis::Connection),
-    /// The `redis` crate's connection to a Redis Cluster (commands routed by key slot; per-read
-    /// timeouts).
-    #[cfg(feature = "redis-cluster")]
-    Cluster(Box<::redis::cluster::ClusterConnection>),
+/// How the tier's own connections are set up: credentials and database (from the URL), and
+/// TLS (`rediss://`).
+#[derive(Clone)]
+pub(crate) struct Dial {
+    pub(crate) info: ConnectionInfo,
+    #[cfg(feature = "redis-tls")]
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Where the tier's connections go.
+/// A connection to Redis.
+pub(crate) enum Conn {
+    /// The tier's own connection (TCP or TLS), with whole-operation deadlines.
+    Tcp(Deadlined),
+    /// The `redis` crate's connection (Unix sockets): per-read timeouts.
+    Other(::redis::Connection),
+    /// The tier's own connections to the primaries of a Redis Cluster, with whole-operation
+    /// deadlines.
+    #[cfg(feature = "redis-cluster")]
+    Cluster(Box<cluster::ClusterConn>),
+}
+
+/// Where the tier's connections go (built once per tier: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Target {
     /// One server.
-    Server {
-        info: ConnectionInfo,
-        raw: ::redis::Client,
-    },
+    Server { dial: Dial, raw: ::redis::Client },
     /// A Redis Cluster.
     #[cfg(feature = "redis-cluster")]
-    Cluster(::redis::cluster::ClusterClient),
+    Cluster(Arc<cluster::Cluster>),
 }
 
 impl Conn {
     /// Opens a connection to `target`, connect and handshake bounded by `deadline` (for a
-    /// cluster: by the client's connection timeout).
+    /// cluster: the slot map too, if not known yet, and a connection to every primary).
     pub(crate) fn open(target: &Target, deadline: Instant) -> RedisResult<Conn> {
         match target {
-            Target::Server { info, raw } => match info.addr() {
+            Target::Server { dial, raw } => match dial.info.addr() {
                 ConnectionAddr::Tcp(host, port) => {
-                    Deadlined::open(host, *port, info, deadline).map(Conn::Tcp)
+                    Deadlined::open(host, *port, dial, deadline).map(Conn::Tcp)
+                }
+                #[cfg(feature = "redis-tls")]
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    ..
+                } if dial.tls.is_some() => {
+                    Deadlined::open(host, *port, dial, deadline).map(Conn::Tcp)
                 }
                 _ => {
                     let c = raw.get_connection_with_timeout(left(deadline)?)?;
@@ -99,10 +125,8 @@ impl Conn {
                 }
             },
             #[cfg(feature = "redis-cluster")]
-            Target::Cluster(client) => {
-                left(deadline)?;
-                client.get_connection().map(|c| Conn::Cluster(Box::new(c)))
-            }
+            Target::Cluster(c) => cluster::ClusterConn::open(Arc::clone(c), deadline)
+                .map(|c| Conn::Cluster(Box::new(c))),
         }
     }
 
@@ -110,7 +134,8 @@ impl Conn {
     pub(crate) fn begin(&mut self, deadline: Instant) -> RedisResult<()> {
         match self {
             Conn::Tcp(c) => {
-                c.deadline = deadline;
+                left(deadline)?;
+                c.set_deadline(deadline);
                 Ok(())
             }
             Conn::Other(c) => {
@@ -121,25 +146,16 @@ impl Conn {
             }
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(c) => {
-                let left = left(deadline)?;
-                c.set_read_timeout(Some(left))?;
-                c.set_write_timeout(Some(left))?;
+                left(deadline)?;
+                c.begin(deadline);
                 Ok(())
             }
         }
     }
 
-    /// Sends `cmds` as one pipeline (on a cluster, each command to its key's node) and
-    /// converts the replies.
+    /// Sends `cmds` as one pipeline (on a cluster, one per node involved) and converts the
+    /// replies.
     pub(crate) fn pipeline<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> RedisResult<T> {
-        #[cfg(feature = "redis-cluster")]
-        if let Conn::Cluster(c) = self {
-            let mut p = ::redis::cluster::ClusterPipeline::new();
-            for command in cmds {
-                p.add_command(command);
-            }
-            return p.query(c);
-        }
         let mut p = pipe();
         for command in cmds {
             p.add_command(command);
@@ -152,27 +168,7 @@ impl Conn {
     pub(crate) fn scan_nodes(&mut self) -> RedisResult<Vec<Option<(String, u16)>>> {
         #[cfg(feature = "redis-cluster")]
         if let Conn::Cluster(c) = self {
-            // CLUSTER SLOTS: [[start, end, [host, port, id, ...], replicas...], ...]
-            let slots: Vec<Value> = cmd("CLUSTER").arg("SLOTS").query(c)?;
-            let mut nodes = Vec::new();
-            for range in slots {
-                let Value::Array(parts) = range else { continue };
-                let Some(Value::Array(primary)) = parts.get(2) else {
-                    continue;
-                };
-                let host = primary
-                    .first()
-                    .and_then(|v| String::from_redis_value(v.clone()).ok());
-                let port = primary
-                    .get(1)
-                    .and_then(|v| u16::from_redis_value(v.clone()).ok());
-                if let (Some(host), Some(port)) = (host, port) {
-                    if !nodes.contains(&Some((host.clone(), port))) {
-                        nodes.push(Some((host, port)));
-                    }
-                }
-            }
-            return Ok(nodes);
+            return Ok(c.primaries()?.into_iter().map(Some).collect());
         }
         Ok(vec![None])
     }
@@ -184,14 +180,9 @@ impl Conn {
         command: &Cmd,
     ) -> RedisResult<T> {
         #[cfg(feature = "redis-cluster")]
-        if let (Conn::Cluster(c), Some((host, port))) = (&mut *self, node) {
-            use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: host.clone(),
-                port: *port,
-            });
-            let v = c.route_command(command, route)?;
-            return T::from_redis_value(v).map_err(Into::into);
+        if let (Conn::Cluster(c), Some(node)) = (&mut *self, node) {
+            let v = c.on_node(node, &command.get_packed_command())?;
+            return T::from_redis_value(v.extract_error()?).map_err(Into::into);
         }
         let _ = node;
         command.query(self)
@@ -204,7 +195,9 @@ impl ConnectionLike for Conn {
             Conn::Tcp(c) => c.req_packed_command(cmd),
             Conn::Other(c) => c.req_packed_command(cmd),
             #[cfg(feature = "redis-cluster")]
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c
+                .req_packed_commands(cmd, 0, 1)
+                .map(|mut v| v.pop().unwrap_or(Value::Nil)),
         }
     }
 
@@ -227,17 +220,12 @@ impl ConnectionLike for Conn {
             Conn::Tcp(c) => c.db,
             Conn::Other(c) => c.get_db(),
             #[cfg(feature = "redis-cluster")]
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
         }
     }
 
     fn check_connection(&mut self) -> bool {
-        match self {
-            Conn::Tcp(c) => cmd("PING").query::<String>(c).is_ok(),
-            Conn::Other(c) => c.check_connection(),
-            #[cfg(feature = "redis-cluster")]
-            Conn::Cluster(c) => c.check_connection(),
-        }
+        cmd("PING").query::<String>(self).is_ok()
     }
 
     fn is_open(&self) -> bool {
@@ -250,18 +238,98 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// A TCP connection whose reads and writes share one deadline per operation.
-pub(crate) struct Deadlined {
-    stream: TcpStream,
-    parser: Parser,
+/// A TCP socket whose every read and write is given what is left of a deadline.
+pub(crate) struct Sock {
+    tcp: TcpStream,
     deadline: Instant,
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = left(self.deadline)?;
+        self.tcp.set_read_timeout(Some(left))?;
+        match self.tcp.read(buf) {
+            // A read that timed out reports `WouldBlock` on Unix.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
+            r => r,
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = left(self.deadline)?;
+        self.tcp.set_write_timeout(Some(left))?;
+        match self.tcp.write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The byte stream of a connection: the socket, or TLS over it.
+enum Stream {
+    Plain(Sock),
+    #[cfg(feature = "redis-tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
+}
+
+impl Stream {
+    fn sock(&mut self) -> &mut Sock {
+        match self {
+            Stream::Plain(s) => s,
+            #[cfg(feature = "redis-tls")]
+            Stream::Tls(s) => &mut s.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            #[cfg(feature = "redis-tls")]
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            #[cfg(feature = "redis-tls")]
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            #[cfg(feature = "redis-tls")]
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection (TCP, or TLS over TCP) whose reads and writes share one deadline per
+/// operation.
+pub(crate) struct Deadlined {
+    stream: Stream,
+    parser: Parser,
     db: i64,
     /// False after an I/O error: the stream may hold half a reply.
     open: bool,
 }
 
 impl Deadlined {
-    fn open(host: &str, port: u16, info: &ConnectionInfo, deadline: Instant) -> RedisResult<Self> {
+    /// Connects to `host:port`: TCP connect, TLS handshake (if `dial` has TLS), `AUTH` and
+    /// `SELECT`, all by `deadline`.
+    pub(crate) fn open(host: &str, port: u16, dial: &Dial, deadline: Instant) -> RedisResult<Self> {
         let mut last = None;
         let mut stream = None;
         for addr in (host, port).to_socket_addrs()? {
@@ -284,11 +352,21 @@ impl Deadlined {
         stream.set_nodelay(true)?;
         let socket = Socket::from(stream);
         socket.set_tcp_keepalive(&keepalive())?;
-        let settings = info.redis_settings();
-        let mut conn = Deadlined {
-            stream: socket.into(),
-            parser: Parser::new(),
+        let sock = Sock {
+            tcp: socket.into(),
             deadline,
+        };
+        #[cfg(feature = "redis-tls")]
+        let stream = match &dial.tls {
+            Some(config) => Stream::Tls(Box::new(handshake(host, config, sock)?)),
+            None => Stream::Plain(sock),
+        };
+        #[cfg(not(feature = "redis-tls"))]
+        let stream = Stream::Plain(sock);
+        let settings = dial.info.redis_settings();
+        let mut conn = Deadlined {
+            stream,
+            parser: Parser::new(),
             db: settings.db(),
             open: true,
         };
@@ -305,29 +383,24 @@ impl Deadlined {
         Ok(conn)
     }
 
+    /// The next operation must end by `deadline`.
+    pub(crate) fn set_deadline(&mut self, deadline: Instant) {
+        self.stream.sock().deadline = deadline;
+    }
+
     fn send(&mut self, bytes: &[u8]) -> RedisResult<()> {
-        let mut sent = 0;
-        while sent < bytes.len() {
-            let step = left(self.deadline).and_then(|left| {
-                self.stream.set_write_timeout(Some(left))?;
-                self.stream.write(&bytes[sent..])
-            });
-            match step {
-                Ok(0) => return Err(self.broken(io::ErrorKind::WriteZero.into())),
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.broken(e)),
-            }
+        match self
+            .stream
+            .write_all(bytes)
+            .and_then(|()| self.stream.flush())
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.broken(e)),
         }
-        Ok(())
     }
 
     fn receive(&mut self) -> RedisResult<Value> {
-        let reader = Timed {
-            stream: &self.stream,
-            deadline: self.deadline,
-        };
-        match self.parser.parse_value(reader) {
+        match self.parser.parse_value(&mut self.stream) {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.open = false;
@@ -341,7 +414,7 @@ impl Deadlined {
         e.into()
     }
 
-    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+    pub(crate) fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
         self.send(cmd)?;
         loop {
             match self.receive()? {
@@ -351,7 +424,7 @@ impl Deadlined {
         }
     }
 
-    fn req_packed_commands(
+    pub(crate) fn req_packed_commands(
         &mut self,
         cmd: &[u8],
         offset: usize,
@@ -370,6 +443,23 @@ impl Deadlined {
         }
         Ok(out)
     }
+}
+
+/// The TLS handshake over `sock`, by its deadline.
+#[cfg(feature = "redis-tls")]
+fn handshake(
+    host: &str,
+    config: &Arc<rustls::ClientConfig>,
+    mut sock: Sock,
+) -> RedisResult<rustls::StreamOwned<rustls::ClientConnection, Sock>> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut tls =
+        rustls::ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut sock)?;
+    }
+    Ok(rustls::StreamOwned::new(tls, sock))
 }
 
 impl ConnectionLike for Deadlined {
@@ -399,23 +489,8 @@ impl ConnectionLike for Deadlined {
     }
 }
 
-/// Reads the stream with what is left of the deadline as each read's timeout.
-struct Timed<'a> {
-    stream: &'a TcpStream,
-    deadline: Instant,
-}
-
-impl Read for Timed<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = left(self.deadline)?;
-        self.stream.set_read_timeout(Some(left))?;
-        match (&*self.stream).read(buf) {
-            // A read that timed out reports `WouldBlock` on Unix.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
-            r => r,
-        }
-    }
-}
+#[cfg(feature = "redis-cluster")]
+pub(crate) mod cluster;
 
 #[cfg(test)]
 mod tests {
@@ -442,10 +517,15 @@ mod tests {
         let info =
             ::redis::IntoConnectionInfo::into_connection_info(format!("redis://127.0.0.1:{port}/"))
                 .unwrap();
+        let dial = Dial {
+            info,
+            #[cfg(feature = "redis-tls")]
+            tls: None,
+        };
         let start = Instant::now();
         let mut c =
-            Deadlined::open("127.0.0.1", port, &info, start + Duration::from_secs(5)).unwrap();
-        c.deadline = Instant::now() + Duration::from_millis(50);
+            Deadlined::open("127.0.0.1", port, &dial, start + Duration::from_secs(5)).unwrap();
+        c.set_deadline(Instant::now() + Duration::from_millis(50));
         let e = cmd("PING").query::<String>(&mut c).unwrap_err();
         assert!(e.is_timeout(), "{e:?}");
         assert!(!c.open, "a timed-out connection is not reused");

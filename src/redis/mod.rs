@@ -82,8 +82,10 @@
 //! ([`RedisTier::timeouts`]; defaults 100 ms and 50 ms) for writing the request *and reading
 //! the whole reply*. Each socket read is given what is left of the deadline, so a reply that
 //! drips in a byte at a time (a congested link, a swapping server) times out like one that
-//! never comes. (On `rediss://` connections the deadline bounds when the operation starts and
-//! each read of it; see [TLS](#connections-tls-keepalive-managed-redis).) A failure or timeout
+//! never comes. This holds on `redis://`, on `rediss://` (the TLS layer's reads and writes
+//! too; the handshake is part of connecting) and on a Redis Cluster (routing, redirects and
+//! every node's reply within the one deadline); only `redis+unix://` sockets bound each read
+//! instead. A failure or timeout
 //! counts as "Redis has nothing": the value is loaded locally, and the rest of that call's
 //! Redis work (lease, write) is skipped, so a call pays for at most one failed operation.
 //! After [`breaker_failures`](RedisTier::breaker) failures in a row a circuit breaker opens
@@ -107,14 +109,16 @@
 //!
 //! * `redis://host:port/db` (with `user:password@` if the server wants `AUTH`): the tier's
 //!   own connections, with the whole-operation deadline above.
-//! * `rediss://host:port/` with the **`redis-tls`** feature: TLS through the `redis` crate's
-//!   rustls support (no system OpenSSL). The server certificate is checked against the
-//!   system's roots, or [`RedisTier::tls_root_certificate`] for a private CA;
+//! * `rediss://host:port/` with the **`redis-tls`** feature: rustls (no system OpenSSL) over
+//!   the tier's own connections, with the same whole-operation deadline: every socket read
+//!   and write of the TLS layer gets what is left of it, and the handshake is bounded by the
+//!   connect timeout. The server certificate is checked against the system's roots, or
+//!   [`RedisTier::tls_root_certificate`] for a private CA;
 //!   [`RedisTier::tls_client_certificate`] presents a client certificate (Redis asks for one
 //!   by default, `tls-auth-clients yes`). If no rustls crypto provider is installed, the
-//!   tier installs rustls's `ring` provider for the process. On these connections the
-//!   deadline is each read's timeout (the time left when the operation starts), not a bound
-//!   on the whole reply. Without the feature a `rediss://` URL is a [`TierError::Url`].
+//!   tier installs rustls's `ring` provider for the process. (The subscriber's connection is
+//!   the `redis` crate's, over the same TLS settings.) Without the feature a `rediss://` URL
+//!   is a [`TierError::Url`].
 //! * Every socket has `TCP_NODELAY` and TCP keepalive (first probe after 10 s idle, then
 //!   every 5 s, 3 probes): a connection whose peer vanished without a word (a failover, a
 //!   dropped NAT entry) is closed by the kernel within about 25 s instead of staying half
@@ -129,12 +133,19 @@
 //! * **Redis Cluster** with the **`redis-cluster`** feature: [`RedisTier::cluster`] with
 //!   some of its nodes (also `rediss://`). A key's value and lease share a slot (their hash
 //!   tag), keys spread over the slots, each command goes to its key's node (a read pipelines
-//!   per node: the key's and the namespace epoch's), `invalidate_all` scans every primary,
-//!   and messages reach every instance (cluster pub/sub is broadcast; the subscriber tries
-//!   the given nodes in turn). Commands are not retried on `MOVED` during a resharding: they
-//!   fail (counted) and the next one goes to the new owner. Deadlines are per read, as for
-//!   TLS. Managed services in cluster mode work the same way, with their configuration
-//!   endpoint as a node.
+//!   per node: the key's and the namespace epoch's, one round trip each, in turn),
+//!   `invalidate_all` scans every primary, and messages reach every instance (cluster
+//!   pub/sub is broadcast; the subscriber tries the given nodes in turn). The tier keeps the
+//!   slot map itself (`CLUSTER SLOTS`, fetched when a connection opens after a node failed)
+//!   and holds one of its own connections per primary, so the whole-operation deadline holds
+//!   here too: routing, every node's reply, and redirects are bounded together. During a
+//!   resharding or after a failover, a `MOVED` reply updates the slot map and the command
+//!   is re-sent to the new owner; an `ASK` reply (a slot being migrated) re-sends it to the
+//!   target after `ASKING`; at most 5 redirects per command, all within the deadline. A
+//!   script on two keys of a slot caught mid-migration with only one key moved gets
+//!   `TRYAGAIN`, which counts as a failure (the next call retries). Only primaries are read.
+//!   Managed services in cluster mode work the same way, with their configuration endpoint
+//!   as a node.
 //!
 //! Failovers lose the writes the replica had not received (Redis replicates asynchronously):
 //! a key's version can then go back, and the ordering guarantee above holds only for writes
@@ -345,9 +356,9 @@ impl RedisTier {
     /// [`new`](Self::new). Keys of a namespace spread over the cluster's slots (a key's value
     /// and lease share one, by their hash tag); each command goes to its key's node;
     /// invalidation messages reach every instance (pub/sub is cluster-wide), and the
-    /// subscriber tries each given node in turn. On a cluster the deadline of an operation is
-    /// each read's timeout, as for TLS, and a read takes one round trip per node involved (the
-    /// key's, and the namespace epoch's).
+    /// subscriber tries each given node in turn. The deadline of an operation bounds it whole,
+    /// as on one server, with `MOVED`/`ASK` redirects followed within it; a read takes one
+    /// round trip per node involved (the key's, and the namespace epoch's).
     ///
     /// ```
     /// use herdcache::{codec::Plain, redis::RedisTier, Cache};
@@ -569,29 +580,103 @@ impl RedisTier {
                 .iter()
                 .map(|i| client(i.clone(), &self.tls))
                 .collect::<::redis::RedisResult<Vec<_>>>()?;
-            let tcp = infos[0].tcp_settings().clone();
-            let b = ::redis::cluster::ClusterClient::builder(infos)
-                .connection_timeout(self.connect_timeout)
-                .response_timeout(self.op_timeout)
-                .tcp_settings(tcp)
-                .retries(0);
-            #[cfg(feature = "redis-tls")]
-            let b = if self.tls.root.is_some() || self.tls.client.is_some() {
-                b.certs(tls_certificates(&self.tls))
-            } else {
-                b
-            };
-            return Ok((conn::Target::Cluster(b.build()?), subscribe));
+            let mut seeds = Vec::new();
+            for info in &infos {
+                match info.addr() {
+                    ::redis::ConnectionAddr::Tcp(host, port)
+                    | ::redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                        seeds.push((host.clone(), *port));
+                    }
+                    _ => {
+                        return Err(::redis::RedisError::from((
+                            ::redis::ErrorKind::InvalidClientConfig,
+                            "a cluster node must be a redis:// or rediss:// address",
+                        )))
+                    }
+                }
+            }
+            let dial = self.dial(&infos[0])?;
+            let cluster = conn::cluster::Cluster::new(seeds, dial);
+            return Ok((
+                conn::Target::Cluster(std::sync::Arc::new(cluster)),
+                subscribe,
+            ));
         }
         let info = connection_info(&self.url)?;
         let raw = client(info.clone(), &self.tls)?;
         Ok((
             conn::Target::Server {
-                info,
+                dial: self.dial(&info)?,
                 raw: raw.clone(),
             },
             vec![raw],
         ))
+    }
+
+    /// How the tier's own connections to `info`'s server (or cluster) are set up.
+    fn dial(&self, info: &::redis::ConnectionInfo) -> ::redis::RedisResult<conn::Dial> {
+        #[cfg(feature = "redis-tls")]
+        let tls = match info.addr() {
+            ::redis::ConnectionAddr::TcpTls {
+                insecure: false, ..
+            } => Some(std::sync::Arc::new(tls_config(&self.tls)?)),
+            _ => None,
+        };
+        Ok(conn::Dial {
+            info: info.clone(),
+            #[cfg(feature = "redis-tls")]
+            tls,
+        })
+    }
+}
+
+/// The rustls configuration of the tier's own `rediss://` connections: the given root
+/// certificate (else the system's roots, as the `redis` crate's connections use) and client
+/// certificate.
+#[cfg(feature = "redis-tls")]
+fn tls_config(tls: &TlsFiles) -> ::redis::RedisResult<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    fn invalid(e: impl std::fmt::Display) -> ::redis::RedisError {
+        ::redis::RedisError::from((
+            ::redis::ErrorKind::InvalidClientConfig,
+            "TLS configuration",
+            e.to_string(),
+        ))
+    }
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.root {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.map_err(invalid)?).map_err(invalid)?;
+            }
+        }
+        None => {
+            // Roots that fail to parse are skipped, as the `redis` crate's connections do
+            // with the ones they cannot add.
+            let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match &tls.client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(invalid)?;
+            builder.with_client_auth_cert(chain, key).map_err(invalid)
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// rustls needs a process-wide crypto provider: `ring`, unless the application installed
+/// one.
+#[cfg(feature = "redis-tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -624,11 +709,7 @@ fn client(info: ::redis::ConnectionInfo, tls: &TlsFiles) -> ::redis::RedisResult
     #[cfg(feature = "redis-tls")]
     {
         if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
-            // rustls needs a process-wide crypto provider: ring, unless the application
-            // installed one.
-            if rustls::crypto::CryptoProvider::get_default().is_none() {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
+            install_crypto_provider();
             return ::redis::Client::build_with_tls(info, tls_certificates(tls));
         }
     }

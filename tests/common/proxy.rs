@@ -70,6 +70,11 @@ impl Proxy {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The proxy's `rediss://` URL: the proxy relays bytes, so TLS passes through it.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.port)
+    }
+
     /// From now on, the connections open now deliver nothing, in either direction, and stay
     /// open; new connections are forwarded.
     pub fn black_hole_open_connections(&self) {
