@@ -191,6 +191,7 @@
 mod client;
 mod conn;
 mod offload;
+mod scripts;
 mod subscriber;
 mod tier;
 

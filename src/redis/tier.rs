@@ -38,61 +38,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::scripts::{INSERT, RELEASE, TOMBSTONE, WRITE_BACK};
+
 /// Message kinds on the invalidation channel:
 /// `[kind][origin: 8 bytes LE][version: 8 bytes LE][key bytes]`.
 pub(crate) const MSG_KEY: u8 = b'k';
 pub(crate) const MSG_ALL: u8 = b'a';
-
-/// Deletes the lease only if it still holds our token (another instance may own it now).
-const RELEASE: &str =
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
-
-/// Replaces a key of another type (an older layout, a stray write) so that the script after it
-/// can use the hash: a bad key is repaired by the next write, not left failing.
-macro_rules! repair {
-    () => {
-        "local t = redis.call('type', KEYS[1]).ok \
-         if t ~= 'hash' and t ~= 'none' then redis.call('del', KEYS[1]) end "
-    };
-}
-
-/// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
-/// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
-/// load read it, and (with a lease) only while the lease is ours; releases the lease.
-/// Returns 1 stored, 0 superseded, -1 lease lost.
-const WRITE_BACK: &str = concat!(
-    repair!(),
-    "if (redis.call('hget', KEYS[1], 'v') or '0') ~= ARGV[1] then \
-       if ARGV[5] ~= '' and redis.call('get', KEYS[2]) == ARGV[5] then redis.call('del', KEYS[2]) end \
-       return 0 end \
-     if ARGV[5] ~= '' then \
-       if redis.call('get', KEYS[2]) ~= ARGV[5] then return -1 end \
-       redis.call('del', KEYS[2]) end \
-     redis.call('hset', KEYS[1], 'd', ARGV[2], 'e', ARGV[4]) \
-     redis.call('pexpire', KEYS[1], ARGV[3]) \
-     return 1"
-);
-
-/// An insert: KEYS = value; ARGV = bytes, px. Returns the new version.
-const INSERT: &str = concat!(
-    repair!(),
-    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
-     redis.call('hset', KEYS[1], 'd', ARGV[1]) \
-     redis.call('hdel', KEYS[1], 'e') \
-     redis.call('pexpire', KEYS[1], ARGV[2]) \
-     return v"
-);
-
-/// An invalidation: KEYS = value, lease; ARGV = tombstone px. Leaves a tombstone (the version,
-/// no value), revokes the lease. Returns the new version.
-const TOMBSTONE: &str = concat!(
-    repair!(),
-    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
-     redis.call('hdel', KEYS[1], 'd', 'e') \
-     redis.call('pexpire', KEYS[1], ARGV[1]) \
-     redis.call('del', KEYS[2]) \
-     return v"
-);
 
 /// Fleet-wide single-flight settings.
 #[derive(Clone, Copy, Debug)]
@@ -121,7 +72,7 @@ impl ValueKey {
 /// What a read saw of a key: its value (if any, and valid), the key's version and the
 /// namespace's epoch (for a later conditional write-back).
 struct Snapshot<V> {
-    found: Option<Found<V>>,
+    found: Option<Remote<V>>,
     version: u64,
     epoch: u64,
 }
@@ -129,13 +80,13 @@ struct Snapshot<V> {
 /// The first half of a fetch, decided before the load.
 enum Plan<V> {
     /// Redis had the value (possibly after waiting on another instance's lease).
-    Found(Stored<V>),
+    Remote(Stored<V>),
     /// Load, then [`Tier::finish`].
     Load(Pending),
 }
 
 /// What a value read from Redis turned out to be.
-enum Found<V> {
+enum Remote<V> {
     Value(Stored<V>),
     /// Older than the caller accepts (a refresh must not get back the value it replaces).
     TooOld,
@@ -153,7 +104,7 @@ struct Stored<V> {
 impl<V> Stored<V> {
     /// The value, for a load that publishes it on this thread next: its local copy will not
     /// outlive the one in Redis.
-    fn publish(self) -> V {
+    fn into_value(self) -> V {
         if let Some(ms) = self.ttl_ms {
             crate::flight::cap_next_publish(ms.saturating_mul(1_000_000));
         }
@@ -432,19 +383,19 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// A value read from Redis, with the milliseconds it has left there (`PTTL`); its age is
     /// the tier's time to live minus that.
-    fn found(&self, bytes: &[u8], pttl: i64, max_age: Option<Duration>) -> Found<V> {
+    fn found(&self, bytes: &[u8], pttl: i64, max_age: Option<Duration>) -> Remote<V> {
         let ttl_ms = u64::try_from(pttl).ok().filter(|&ms| ms > 0);
         if let (Some(max), Some(left)) = (max_age, ttl_ms) {
             let age = millis(self.ttl).saturating_sub(left);
             if u128::from(age) >= max.as_millis() {
-                return Found::TooOld;
+                return Remote::TooOld;
             }
         }
         let Some(value) = self.decode(bytes) else {
-            return Found::Undecodable;
+            return Remote::Undecodable;
         };
         self.count(|c| &c.hits);
-        Found::Value(Stored { value, ttl_ms })
+        Remote::Value(Stored { value, ttl_ms })
     }
 
     /// Encodes a value for Redis: `Err(true)` if it cannot be (counted as an error),
@@ -476,7 +427,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return load();
         };
         match self.plan(vkey) {
-            Plan::Found(v) => Ok(v.publish()),
+            Plan::Remote(v) => Ok(v.into_value()),
             Plan::Load(pending) => {
                 // Finishes on every exit: a panicking loader gives the lease back at once.
                 let mut guard = Finish {
@@ -485,7 +436,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 };
                 let result = load();
                 let pending = guard.pending.take().expect("set above");
-                self.finish(pending, result.as_ref().ok());
+                self.write_back(pending, result.as_ref().ok());
                 result
             }
         }
@@ -543,7 +494,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             }
         };
         let pending = match plan {
-            Plan::Found(v) => return Ok(v.publish()),
+            Plan::Remote(v) => return Ok(v.into_value()),
             Plan::Load(pending) => pending,
         };
         let mut guard = FinishLater {
@@ -570,7 +521,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let t = Arc::clone(self);
         offload(&self.pool, job, move |next| {
             if let Next::Plan(Plan::Load(pending)) = next {
-                t.finish(pending, None);
+                t.write_back(pending, None);
             }
         })
     }
@@ -601,8 +552,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             }
         };
         match seen.found {
-            Some(Found::Value(v)) => return Start::Plan(Plan::Found(v)),
-            Some(Found::TooOld | Found::Undecodable) | None => {}
+            Some(Remote::Value(v)) => return Start::Plan(Plan::Remote(v)),
+            Some(Remote::TooOld | Remote::Undecodable) | None => {}
         }
         if seen.found.is_none() {
             self.count(|c| &c.misses);
@@ -637,7 +588,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             ))
         };
         match lease {
-            Lease::Value(v) => Plan::Found(v),
+            Lease::Value(v) => Plan::Remote(v),
             Lease::Held(token, version, epoch) => p(Some(token), true, version, epoch),
             Lease::Local => p(None, true, w.version, w.epoch),
             Lease::Unavailable => p(None, false, 0, 0),
@@ -647,7 +598,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// The part of a fetch after the load: writes the value back (if any, if Redis was
     /// reachable, and only if nothing wrote or invalidated the key since the load began), and
     /// gives the lease back — in the same script, after the write, so waiters find the value.
-    fn finish(&self, pending: Pending, value: Option<&V>) {
+    fn write_back(&self, pending: Pending, value: Option<&V>) {
         let token = pending.lease;
         let bytes = match value {
             Some(v) if pending.redis => self.encode(v).ok(),
@@ -711,14 +662,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return Step::Done(Lease::Unavailable);
         };
         match self.snapshot(fields, pttl, epoch, &w.vkey).found {
-            Some(Found::Value(v)) => {
+            Some(Remote::Value(v)) => {
                 self.count(|c| &c.lease_wait_hits);
                 Step::Done(Lease::Value(v))
             }
-            Some(Found::Undecodable) => Step::Done(self.give_up()),
+            Some(Remote::Undecodable) => Step::Done(self.give_up()),
             // Nothing yet (or only the value being refreshed), the holder is at work.
-            Some(Found::TooOld) | None if leased => self.pause(w, pause),
-            Some(Found::TooOld) | None => {
+            Some(Remote::TooOld) | None if leased => self.pause(w, pause),
+            Some(Remote::TooOld) | None => {
                 // The holder released without a value (its load failed, or an invalidation
                 // revoked its lease) or died and the lease expired: try to take over, at most
                 // twice.
@@ -756,7 +707,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         };
         let held = !matches!(lease, Value::Nil);
         let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
-        if let Some(Found::Value(v)) = seen.found {
+        if let Some(Remote::Value(v)) = seen.found {
             if held {
                 // Taken needlessly: give it back.
                 self.release(&w.lkey, token);
@@ -820,7 +771,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         })?;
         self.count(|c| &c.writes);
         self.note_own(vkey.key(), version);
-        self.publish(MSG_KEY, version, vkey.key());
+        self.announce(MSG_KEY, version, vkey.key());
         Some((vkey.key().to_vec(), version))
     }
 
@@ -845,7 +796,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .query::<u64>(c)
         })?;
         self.note_own(vkey.key(), version);
-        self.publish(MSG_KEY, version, vkey.key());
+        self.announce(MSG_KEY, version, vkey.key());
         Some(version)
     }
 
@@ -901,7 +852,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 cursor = next;
             }
         }
-        self.publish(MSG_ALL, epoch, &[]);
+        self.announce(MSG_ALL, epoch, &[]);
     }
 
     /// Remembers our own write of a key at `version`.
@@ -935,7 +886,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         version == 0 || version >= e.0
     }
 
-    fn publish(&self, kind: u8, version: u64, key: &[u8]) {
+    fn announce(&self, kind: u8, version: u64, key: &[u8]) {
         let mut msg = Vec::with_capacity(17 + key.len());
         msg.push(kind);
         msg.extend_from_slice(&self.origin.to_le_bytes());
@@ -977,7 +928,7 @@ struct Finish<'a, K: 'static, V: 'static> {
 impl<K: 'static, V: 'static> Drop for Finish<'_, K, V> {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
-            self.tier.finish(p, None);
+            self.tier.write_back(p, None);
         }
     }
 }
@@ -1000,7 +951,7 @@ where
             let (tier, value) = (Arc::clone(&self.tier), self.value.take());
             self.tier
                 .pool
-                .submit(move || tier.finish(p, value.as_ref()));
+                .submit(move || tier.write_back(p, value.as_ref()));
         }
     }
 }

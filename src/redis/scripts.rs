@@ -1,0 +1,54 @@
+//! The Lua scripts that order writes in Redis: each runs atomically on the server, so a load's
+//! write-back, an insert and an invalidation of one key are decided in one place (see the
+//! module docs of [`crate::redis`] for the guarantee and the key layout).
+
+/// Deletes the lease only if it still holds our token (another instance may own it now).
+pub(crate) const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+
+/// Replaces a key of another type (an older layout, a stray write) so that the script after it
+/// can use the hash: a bad key is repaired by the next write, not left failing.
+macro_rules! repair {
+    () => {
+        "local t = redis.call('type', KEYS[1]).ok \
+         if t ~= 'hash' and t ~= 'none' then redis.call('del', KEYS[1]) end "
+    };
+}
+
+/// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
+/// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
+/// load read it, and (with a lease) only while the lease is ours; releases the lease.
+/// Returns 1 stored, 0 superseded, -1 lease lost.
+pub(crate) const WRITE_BACK: &str = concat!(
+    repair!(),
+    "if (redis.call('hget', KEYS[1], 'v') or '0') ~= ARGV[1] then \
+       if ARGV[5] ~= '' and redis.call('get', KEYS[2]) == ARGV[5] then redis.call('del', KEYS[2]) end \
+       return 0 end \
+     if ARGV[5] ~= '' then \
+       if redis.call('get', KEYS[2]) ~= ARGV[5] then return -1 end \
+       redis.call('del', KEYS[2]) end \
+     redis.call('hset', KEYS[1], 'd', ARGV[2], 'e', ARGV[4]) \
+     redis.call('pexpire', KEYS[1], ARGV[3]) \
+     return 1"
+);
+
+/// An insert: KEYS = value; ARGV = bytes, px. Returns the new version.
+pub(crate) const INSERT: &str = concat!(
+    repair!(),
+    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
+     redis.call('hset', KEYS[1], 'd', ARGV[1]) \
+     redis.call('hdel', KEYS[1], 'e') \
+     redis.call('pexpire', KEYS[1], ARGV[2]) \
+     return v"
+);
+
+/// An invalidation: KEYS = value, lease; ARGV = tombstone px. Leaves a tombstone (the version,
+/// no value), revokes the lease. Returns the new version.
+pub(crate) const TOMBSTONE: &str = concat!(
+    repair!(),
+    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
+     redis.call('hdel', KEYS[1], 'd', 'e') \
+     redis.call('pexpire', KEYS[1], ARGV[1]) \
+     redis.call('del', KEYS[2]) \
+     return v"
+);
