@@ -108,6 +108,29 @@ pub(crate) trait Tracked {
     fn weight(&self) -> u32;
 }
 
+/// Implements [`Tracked`] for a type with fields `place: Place`, `hits: AtomicU8` and
+/// `weight: u32`, given as the type followed by its type parameters:
+/// `impl_tracked!(Record<K, V, T>, K, V, T)`.
+macro_rules! impl_tracked {
+    ($t:ty $(, $g:ident)*) => {
+        impl<$($g),*> $crate::policy::Tracked for $t {
+            fn place(&self) -> $crate::policy::Place {
+                self.place
+            }
+            fn set_place(&mut self, p: $crate::policy::Place) {
+                self.place = p;
+            }
+            fn hits(&self) -> &std::sync::atomic::AtomicU8 {
+                &self.hits
+            }
+            fn weight(&self) -> u32 {
+                self.weight
+            }
+        }
+    };
+}
+pub(crate) use impl_tracked;
+
 /// Records a hit: the only thing a read does to the policy. Lossy under races, by design.
 #[inline]
 pub(crate) fn record_hit(hits: &AtomicU8) {
@@ -661,20 +684,7 @@ mod tests {
         weight: u32,
     }
 
-    impl Tracked for E {
-        fn place(&self) -> Place {
-            self.place
-        }
-        fn set_place(&mut self, p: Place) {
-            self.place = p;
-        }
-        fn hits(&self) -> &AtomicU8 {
-            &self.hits
-        }
-        fn weight(&self) -> u32 {
-            self.weight
-        }
-    }
+    impl_tracked!(E);
 
     fn hash(k: u64) -> u64 {
         k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)

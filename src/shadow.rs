@@ -23,7 +23,7 @@
 //! entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. Single-threaded: the caller
 //! serialises access (the selector sits behind a mutex).
 
-use crate::policy::{tune_word, Place, Policy, Tracked};
+use crate::policy::{tune_word, Place, Policy};
 use hashbrown::HashTable;
 use std::sync::atomic::AtomicU8;
 
@@ -36,20 +36,7 @@ struct Node {
     hits: AtomicU8,
 }
 
-impl Tracked for Node {
-    fn place(&self) -> Place {
-        self.place
-    }
-    fn set_place(&mut self, p: Place) {
-        self.place = p;
-    }
-    fn hits(&self) -> &AtomicU8 {
-        &self.hits
-    }
-    fn weight(&self) -> u32 {
-        self.weight
-    }
-}
+crate::policy::impl_tracked!(Node);
 
 /// A cache of key hashes under the shards' policy, in one fixed configuration.
 #[derive(Debug)]

@@ -23,7 +23,7 @@
 use crate::clock::NEVER;
 use crate::expiry::ExpiryConfig;
 use crate::flight::Flights;
-use crate::policy::{Place, Tracked};
+use crate::policy::Place;
 use crate::removal::{RemovalCause, Removals};
 use crate::sync::AtomicU64;
 use std::borrow::Borrow;
@@ -75,20 +75,7 @@ pub(crate) struct Record<K, V, T> {
     time: T,
 }
 
-impl<K, V, T> Tracked for Record<K, V, T> {
-    fn place(&self) -> Place {
-        self.place
-    }
-    fn set_place(&mut self, p: Place) {
-        self.place = p;
-    }
-    fn hits(&self) -> &AtomicU8 {
-        &self.hits
-    }
-    fn weight(&self) -> u32 {
-        self.weight
-    }
-}
+crate::policy::impl_tracked!(Record<K, V, T>, K, V, T);
 
 /// What a lookup found.
 pub(crate) enum Lookup<'a, K, V> {
