@@ -395,7 +395,7 @@ fn dropping_every_caller_cancels_the_load_and_leaves_nothing() {
 #[test]
 fn a_slow_load_does_not_delay_other_keys_in_the_same_shard() {
     let _dog = watchdog(LIMIT, "a_slow_load_does_not_delay_other_keys");
-    let cache: Cache<u32, u32> = Cache::builder().max_capacity(100).shards(1).build();
+    let cache: Cache<u32, u32> = Cache::builder().max_capacity(10_000).shards(1).build();
     let release = AtomicBool::new(false);
     let started = Barrier::new(2);
     std::thread::scope(|s| {
