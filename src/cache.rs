@@ -164,8 +164,17 @@ pub(crate) struct Inner<K, V, S> {
     /// The policy's configuration selector (none with a weigher: the configuration is fixed),
     /// its sampling threshold (0: nothing sampled) and its current choice, as a tune word.
     selector: Option<crate::sync::Mutex<Selector>>,
-    sample_threshold: u64,
+    sample_threshold: AtomicU64,
+    /// The sizing curve's shadows, when tracked (see `sizing`).
+    pub(crate) sizing: Option<crate::sync::Mutex<crate::sizing::Tracker>>,
     tune: AtomicU64,
+}
+
+impl<K, V, S> Inner<K, V, S> {
+    /// Whether the cache has a weigher.
+    pub(crate) fn weigher_set(&self) -> bool {
+        self.weigher.is_some()
+    }
 }
 
 crate::sync::thread_local_shim! {
@@ -285,6 +294,7 @@ where
             listener,
             name,
             durations,
+            sizing,
         } = parts;
         let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
         // A cache that keeps no time never reads the clock (so never starts the coarse clock's
@@ -313,10 +323,30 @@ where
         let tune = selector
             .as_ref()
             .map_or(tune_word(1, 0), |s| s.lock().tune());
+        // The sizing curve samples a subset of the selector's keys (or, with a weigher, its own).
+        let sizing = sizing.then(|| {
+            let max = if selector.is_some() {
+                sample_threshold
+            } else {
+                u64::MAX
+            };
+            crate::sync::Mutex::new(crate::sizing::Tracker::new(
+                capacity,
+                weigher.is_some(),
+                tune,
+                seed,
+                max,
+            ))
+        });
+        let sample_threshold = match (&selector, &sizing) {
+            (None, Some(z)) => z.lock().threshold(),
+            _ => sample_threshold,
+        };
         Cache {
             inner: Arc::new(Inner {
                 selector,
-                sample_threshold,
+                sample_threshold: AtomicU64::new(sample_threshold),
+                sizing,
                 tune: AtomicU64::new(tune),
                 shards: cells,
                 mask: shards - 1,
@@ -483,10 +513,27 @@ where
     /// buffer fills, drains it if the shard's write lock is free (never waits for it).
     #[inline]
     fn note_sample(&self, cell: &ShardCell<K, V>, hash: u64, hit: bool) {
-        if Selector::sampled(hash, self.inner.sample_threshold)
+        if Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
             && cell.samples.push(sample(hash, hit))
         {
             self.drain_samples_now(cell);
+        }
+    }
+
+    /// A sampled insert of a weighted cache, for the sizing curve (the caller holds the
+    /// shard's write lock and drained its samples first, so the key's sampled `get` went in
+    /// before; when they could not be drained, the insert is dropped rather than reordered).
+    fn note_insert(&self, cell: &ShardCell<K, V>, hash: u64, weight: u32, tune: u64) {
+        let Some(z) = &self.inner.sizing else {
+            return;
+        };
+        if !Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
+            || cell.samples.pending()
+        {
+            return;
+        }
+        if let Some(mut z) = z.try_lock() {
+            z.feed_insert(hash, weight, tune);
         }
     }
 
@@ -505,16 +552,31 @@ where
         if !cell.samples.pending() {
             return;
         }
-        let Some(selector) = &self.inner.selector else {
-            return;
+        // Both the selector and the sizing tracker, or neither (the samples then wait).
+        let mut sel = match &self.inner.selector {
+            Some(m) => match m.try_lock() {
+                Some(g) => Some(g),
+                None => return,
+            },
+            None => None,
         };
-        let Some(mut sel) = selector.try_lock() else {
-            return;
+        let mut siz = match &self.inner.sizing {
+            Some(m) => match m.try_lock() {
+                Some(g) => Some(g),
+                None => return,
+            },
+            None => None,
         };
         let mut tune = None;
+        let now = self.inner.tune.load(Ordering::Relaxed);
         cell.samples.drain(|s| {
-            if let Some(t) = sel.feed(s) {
-                tune = Some(t);
+            if let Some(sel) = sel.as_deref_mut() {
+                if let Some(t) = sel.feed(s) {
+                    tune = Some(t);
+                }
+            }
+            if let Some(z) = siz.as_deref_mut() {
+                z.feed(s, tune.unwrap_or(now));
             }
         });
         if let Some(t) = tune {
@@ -720,6 +782,9 @@ where
         let mut s = cell.lock.write();
         self.drain_samples(cell);
         let tune = self.inner.tune.load(Ordering::Relaxed);
+        if self.inner.weigher.is_some() {
+            self.note_insert(cell, hash, weight, tune);
+        }
         let registered = match write {
             Write::Plain => None,
             // A planted bug for the loom model to catch: a load stores without checking that
@@ -775,6 +840,25 @@ where
             self.evict_elsewhere(i, out);
         }
         true
+    }
+
+    /// Feeds every shard's pending samples to the selector and the sizing tracker, for shards
+    /// whose write lock is free now (never waits).
+    pub(crate) fn drain_pending_samples(&self) {
+        for cell in self.inner.shards.iter() {
+            if let Some(s) = cell.lock.try_write() {
+                self.drain_samples(cell);
+                drop(s);
+            }
+        }
+    }
+
+    /// Sets the sampling threshold (the sizing tracker of a weighted cache, which has no
+    /// selector, after choosing a new rate).
+    pub(crate) fn set_sample_threshold(&self, t: u64) {
+        if self.inner.selector.is_none() {
+            self.inner.sample_threshold.store(t, Ordering::Relaxed);
+        }
     }
 
     /// The configuration selector's running totals (`None` with a weigher: no selector), after

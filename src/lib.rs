@@ -287,6 +287,7 @@ mod refresh;
 mod select;
 mod shadow;
 mod shard;
+mod sizing;
 mod sketch;
 mod stats;
 mod sync;
@@ -298,6 +299,7 @@ pub use entry::{CompResult, Entry, EntryRef, Op};
 pub use expiry::Expiry;
 pub use refresh::{BoxError, BoxFuture, LoadError};
 pub use shard::RemovalCause;
+pub use sizing::Sizing;
 pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// The policy selector's running totals (for tests and benchmarks; not a stable API).

@@ -1,0 +1,452 @@
+//! The hit-ratio curve, online: what the hit ratio would be at other capacities.
+//!
+//! With [`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing), the cache runs five
+//! [`Shadow`]s — caches of key hashes under the shards' own policy — at 0.25, 0.5, 1, 2 and 4 ×
+//! `max_capacity`, scaled down by spatial sampling (SHARDS, Waldspurger et al., FAST 2015;
+//! miniature simulation, USENIX ATC 2017): a key is sampled when its hash falls under a
+//! threshold (rate `R = min(1, 2000 / max_capacity)`), and a shadow of `capacity × R` fed the
+//! sampled requests predicts the hit ratio of a cache of `capacity` fed all of them.
+//!
+//! **Where the samples come from.** The very samples the policy's configuration selector
+//! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
+//! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained under the
+//! shard's write lock into the selector and, when tracked, into this tracker. The sizing rate
+//! is at most the selector's, so its keys are a subset of the selector's: nothing is added to
+//! the hit path. Samples lost by the lossy buffer are lost to both.
+//!
+//! **Which policy.** The shadows run the configuration the real cache runs: the selector's
+//! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
+//! selector's convergence actions are not replayed on the shadows (they correct the real cache
+//! towards what its shadow predicts; a shadow has nothing to correct). A weighted cache has no
+//! selector and runs a fixed configuration; its shadows run the same.
+//!
+//! **Weights.** Without a weigher every entry weighs 1 and a sampled `get` that misses inserts
+//! the key in each shadow that missed it (the "get, then insert on a miss" pattern). With a
+//! weigher the capacity is in weight units: a sampled `get` only looks the key up in the
+//! shadows (a miss is counted, nothing inserted) and a sampled `insert` inserts the key with
+//! its weight, so the shadows hold what the real cache would, weighed as it weighs them. The
+//! rate is then chosen for about 2000 *entries* in the 1 × shadow: `R = min(1, 2000 × mean
+//! weight / max_capacity)`, the mean weight measured from the cache (weighted size / entries)
+//! each time [`Cache::sizing`](crate::Cache::sizing) is called; when it moves by more than a
+//! factor of 2 the shadows are rebuilt at the new rate (and the window starts again).
+//!
+//! **Window.** Counts are kept per *epoch* of 2000 sampled requests; at the end of each, the
+//! window's counts are multiplied by 0.95 and the epoch's added: an exponentially decayed
+//! window whose mean age is 20 epochs, about `40_000 / R` requests (20 × `max_capacity`
+//! requests for an entry-bounded cache of at least 2000 entries). The observed ratio is the
+//! real cache's hits on the same sampled requests, decayed the same way. Totals since the
+//! cache was built (or the shadows last rebuilt) are kept too.
+//!
+//! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4 (7.75 × 2000 = 15,500
+//! entries at most without a weigher), about 40 bytes per shadow entry (see `shadow`): about
+//! 0.6 MiB once full, fixed whatever `max_capacity` is (`bench/examples/memory.rs`
+//! `--sizing` measures it).
+
+use crate::cache::Cache;
+use crate::policy::tune_word;
+use crate::shadow::Shadow;
+use std::hash::{BuildHasher, Hash};
+
+/// Entries (weight units × mean weight) the 1 × shadow aims for.
+pub(crate) const ENTRIES: u64 = 2000;
+/// The capacities tracked, as fractions of `max_capacity` (numerator, denominator).
+const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
+/// Sampled requests per epoch.
+const EPOCH: u64 = 2000;
+/// Decay of the window's counts per epoch.
+const DECAY: f64 = 0.95;
+
+/// The sizing tracker: five shadows and their counts. Behind a mutex in the cache; fed by the
+/// drainer of a shard's sample buffer.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    capacity: u64,
+    seed: u64,
+    weighted: bool,
+    /// The mean weight the rate was chosen for.
+    mean_weight: u64,
+    threshold: u64,
+    shadows: Vec<Shadow>,
+    /// The candidate the shadows run (low byte of a tune word).
+    candidate: u64,
+    epoch: Counts,
+    window: [f64; 7],
+    total: Counts,
+}
+
+/// Hits per shadow, real hits, requests.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    hits: [u64; 5],
+    real: u64,
+    n: u64,
+}
+
+impl Counts {
+    fn as_f64(&self) -> [f64; 7] {
+        let mut a = [0.0; 7];
+        for (x, h) in a.iter_mut().zip(self.hits) {
+            *x = h as f64;
+        }
+        a[5] = self.real as f64;
+        a[6] = self.n as f64;
+        a
+    }
+}
+
+/// The sampling threshold (compared as in `Selector::sampled`) for rate `min(1, entries /
+/// capacity)`.
+fn threshold_for(capacity: u64, entries: u64) -> u64 {
+    let capacity = capacity.max(1);
+    ((1u128 << 32) * u128::from(entries.min(capacity)) / u128::from(capacity)) as u64
+}
+
+impl Tracker {
+    /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
+    /// policy runs the configuration of tune word `tune`; samples at most under
+    /// `max_threshold` (the selector's, when there is one).
+    pub(crate) fn new(
+        capacity: u64,
+        weighted: bool,
+        tune: u64,
+        seed: u64,
+        max_threshold: u64,
+    ) -> Self {
+        let mut t = Tracker {
+            capacity: capacity.max(1),
+            seed,
+            weighted,
+            mean_weight: 1,
+            threshold: 0,
+            shadows: Vec::new(),
+            candidate: tune & 0xff,
+            epoch: Counts::default(),
+            window: [0.0; 7],
+            total: Counts::default(),
+        };
+        t.rebuild(max_threshold);
+        t
+    }
+
+    /// (Re)creates the shadows for the current mean weight, at most at `max_threshold`.
+    fn rebuild(&mut self, max_threshold: u64) {
+        let entries = ENTRIES.saturating_mul(self.mean_weight);
+        self.threshold = threshold_for(self.capacity, entries).min(max_threshold);
+        let rate = self.threshold as f64 / (1u64 << 32) as f64;
+        self.shadows = FACTORS
+            .iter()
+            .enumerate()
+            .map(|(i, &(num, den))| {
+                let c =
+                    ((self.capacity as f64 * rate * num as f64 / den as f64).round() as u64).max(1);
+                Shadow::new(c, self.candidate as usize, self.seed ^ (0x51 + i as u64))
+            })
+            .collect();
+        self.epoch = Counts::default();
+        self.window = [0.0; 7];
+        self.total = Counts::default();
+    }
+
+    /// The sampling threshold (see `Selector::sampled`).
+    pub(crate) fn threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// Follows the real cache's configuration (tune word `tune`; its candidate only).
+    fn follow(&mut self, tune: u64) {
+        let candidate = tune & 0xff;
+        if candidate != self.candidate {
+            self.candidate = candidate;
+            for s in &mut self.shadows {
+                s.retune(tune_word(candidate as usize, 0));
+            }
+        }
+    }
+
+    /// One sampled `get` (a sample as `select::sample` makes it), with the real cache's
+    /// configuration `tune`. Keys above the sizing threshold are ignored.
+    pub(crate) fn feed(&mut self, s: u64, tune: u64) {
+        let hash = s & !3;
+        if !crate::select::Selector::sampled(hash, self.threshold) {
+            return;
+        }
+        self.follow(tune);
+        // Weighted: look up only (a weight above any shadow's capacity is never inserted); the
+        // sampled insert brings the weight.
+        let w = if self.weighted { u32::MAX } else { 1 };
+        for (h, sh) in self.epoch.hits.iter_mut().zip(&mut self.shadows) {
+            *h += u64::from(sh.access(hash, w));
+        }
+        self.epoch.real += (s >> 1) & 1;
+        self.epoch.n += 1;
+        if self.epoch.n >= EPOCH {
+            self.end_epoch();
+        }
+    }
+
+    /// One sampled insert of weight `weight` (weighted caches only; the hash as the cache
+    /// computed it).
+    pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) {
+        let hash = hash & !3;
+        if !self.weighted || !crate::select::Selector::sampled(hash, self.threshold) {
+            return;
+        }
+        self.follow(tune);
+        for sh in &mut self.shadows {
+            // Present already: counted as a hit by `access`, not by us (only gets count).
+            sh.access(hash, weight.max(1));
+        }
+    }
+
+    fn end_epoch(&mut self) {
+        let e = self.epoch.as_f64();
+        for (w, x) in self.window.iter_mut().zip(e) {
+            *w = *w * DECAY + x;
+        }
+        for (t, h) in self.total.hits.iter_mut().zip(self.epoch.hits) {
+            *t += h;
+        }
+        self.total.real += self.epoch.real;
+        self.total.n += self.epoch.n;
+        self.epoch = Counts::default();
+    }
+
+    /// With a weigher: re-derives the rate from the cache's mean entry weight
+    /// (`weighted_size / entries`), rebuilding the shadows when it moved by more than 2 ×.
+    /// Returns the new threshold when it changed.
+    pub(crate) fn calibrate(&mut self, weighted_size: u64, entries: u64) -> Option<u64> {
+        if !self.weighted || entries == 0 {
+            return None;
+        }
+        let mean = (weighted_size / entries).max(1);
+        if mean <= 2 * self.mean_weight && 2 * mean >= self.mean_weight {
+            return None;
+        }
+        // Kept so that the 4 × shadow's capacity stays far below `u32::MAX` (a lookup's weight).
+        self.mean_weight = mean.min(1 << 18);
+        self.rebuild(u64::MAX);
+        Some(self.threshold)
+    }
+
+    /// The curve now.
+    pub(crate) fn snapshot(&self) -> Sizing {
+        let e = self.epoch.as_f64();
+        let mut w = self.window;
+        for (x, y) in w.iter_mut().zip(e) {
+            *x += y;
+        }
+        let mut t = self.total;
+        for (x, h) in t.hits.iter_mut().zip(self.epoch.hits) {
+            *x += h;
+        }
+        t.real += self.epoch.real;
+        t.n += self.epoch.n;
+        let t = t.as_f64();
+        let ratio = |h: f64, n: f64| if n > 0.0 { h / n } else { 0.0 };
+        let mut points = [(0, 0.0); 5];
+        let mut since_start = [(0, 0.0); 5];
+        for (i, &(num, den)) in FACTORS.iter().enumerate() {
+            let c = (self.capacity.saturating_mul(num) / den).max(1);
+            points[i] = (c, ratio(w[i], w[6]));
+            since_start[i] = (c, ratio(t[i], t[6]));
+        }
+        Sizing {
+            points,
+            observed: ratio(w[5], w[6]),
+            samples: w[6],
+            since_start,
+            observed_since_start: ratio(t[5], t[6]),
+            samples_since_start: t[6] as u64,
+            rate: self.threshold as f64 / (1u64 << 32) as f64,
+        }
+    }
+}
+
+/// The predicted hit-ratio curve of a cache built with
+/// [`track_sizing`](crate::CacheBuilder::track_sizing): the hit ratio it would have had, over a
+/// recent window of requests, at 0.25, 0.5, 1, 2 and 4 × its `max_capacity`, and the hit ratio
+/// it did have over the same requests. A snapshot: [`Cache::sizing`](crate::Cache::sizing)
+/// returns a new one each time.
+///
+/// The window is exponentially decayed: every 2000 sampled requests, older counts are
+/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 20
+/// × `max_capacity` for an entry-bounded cache of 2000 entries or more). Ratios are measured on
+/// the sampled requests only (a fraction [`rate`](Self::rate) of the keys, chosen by hash), so
+/// the observed one is an estimate too; [`samples`](Self::samples) says on how many requests.
+/// Before any sampled request every ratio is 0.
+///
+/// # Example
+///
+/// ```
+/// let cache = herdcache::Cache::<u64, u64>::builder()
+///     .max_capacity(100)
+///     .track_sizing()
+///     .build();
+/// // A working set of 150 keys, read in a loop: too big for 100 entries, fits in 200.
+/// for i in 0..30_000u64 {
+///     let k = i % 150;
+///     if cache.get(&k).is_none() {
+///         cache.insert(k, k);
+///     }
+/// }
+/// let s = cache.sizing().expect("tracked");
+/// let at = |c: u64| s.points().iter().find(|p| p.0 == c).unwrap().1;
+/// assert!(at(200) > 0.9, "{s:?}");
+/// assert!(at(200) > at(100));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sizing {
+    points: [(u64, f64); 5],
+    observed: f64,
+    samples: f64,
+    since_start: [(u64, f64); 5],
+    observed_since_start: f64,
+    samples_since_start: u64,
+    rate: f64,
+}
+
+impl Sizing {
+    /// (capacity, predicted hit ratio as a fraction in 0..=1) over the window, ordered by
+    /// capacity: 0.25, 0.5, 1, 2 and 4 × `max_capacity` (in weight units with a weigher; at
+    /// least 1).
+    pub fn points(&self) -> &[(u64, f64)] {
+        &self.points
+    }
+
+    /// The predicted hit ratio at the tracked capacity nearest to `capacity` (see
+    /// [`points`](Self::points)).
+    pub fn predicted_at(&self, capacity: u64) -> f64 {
+        self.points
+            .iter()
+            .min_by_key(|p| p.0.abs_diff(capacity))
+            .map_or(0.0, |p| p.1)
+    }
+
+    /// The real cache's hit ratio over the same window and the same sampled requests.
+    pub fn observed(&self) -> f64 {
+        self.observed
+    }
+
+    /// The (decayed) number of sampled requests in the window.
+    pub fn samples(&self) -> f64 {
+        self.samples
+    }
+
+    /// Like [`points`](Self::points), over every sampled request since the cache was built
+    /// (for replaying a whole trace; a weighted cache restarts these when its rate changes).
+    pub fn points_since_start(&self) -> &[(u64, f64)] {
+        &self.since_start
+    }
+
+    /// Like [`observed`](Self::observed), since the cache was built.
+    pub fn observed_since_start(&self) -> f64 {
+        self.observed_since_start
+    }
+
+    /// Sampled requests since the cache was built.
+    pub fn samples_since_start(&self) -> u64 {
+        self.samples_since_start
+    }
+
+    /// The share of keys sampled (by hash), in 0..=1.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// The predicted hit-ratio curve (see [`Sizing`]), or `None` unless the cache was built
+    /// with [`track_sizing`](crate::CacheBuilder::track_sizing).
+    ///
+    /// Feeds the samples pending in each shard whose lock is free at that moment first, then
+    /// copies the curve (a short lock of the tracker; no shard lock is waited for). With a
+    /// weigher it also re-derives the sampling rate from the mean entry weight (reading each
+    /// shard's entry count), which may restart the curve.
+    ///
+    /// ```
+    /// let tracked = herdcache::Cache::<u8, u8>::builder().max_capacity(10).track_sizing().build();
+    /// let plain = herdcache::Cache::<u8, u8>::builder().max_capacity(10).build();
+    /// tracked.insert(1, 1);
+    /// assert_eq!(tracked.get(&1), Some(1));
+    /// let s = tracked.sizing().expect("tracked");
+    /// assert_eq!(s.points().len(), 5);
+    /// assert!(plain.sizing().is_none());
+    /// ```
+    pub fn sizing(&self) -> Option<Sizing> {
+        let tracker = self.inner.sizing.as_ref()?;
+        self.drain_pending_samples();
+        if self.inner.weigher_set() {
+            let (size, entries) = (self.weighted_size(), self.entry_count());
+            if let Some(t) = tracker.lock().calibrate(size, entries) {
+                self.set_sample_threshold(t);
+            }
+        }
+        let s = tracker.lock().snapshot();
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::sample;
+
+    fn h(k: u64) -> u64 {
+        let x = (k ^ 0x7777).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^ (x >> 29)
+    }
+
+    #[test]
+    fn the_rate_aims_for_2000_entries() {
+        let t = Tracker::new(100_000, false, 0, 1, u64::MAX);
+        assert!((t.snapshot().rate() - 0.02).abs() < 1e-6);
+        let t = Tracker::new(500, false, 0, 1, u64::MAX);
+        assert_eq!(t.snapshot().rate(), 1.0);
+        let caps: Vec<u64> = t.snapshot().points().iter().map(|p| p.0).collect();
+        assert_eq!(caps, [125, 250, 500, 1000, 2000]);
+        // Never above the selector's.
+        let t = Tracker::new(500, false, 0, 1, 1 << 20);
+        assert_eq!(t.threshold(), 1 << 20);
+    }
+
+    #[test]
+    fn the_window_decays_and_the_totals_do_not() {
+        let mut t = Tracker::new(100, false, 0, 1, u64::MAX);
+        // 20 epochs of a working set that fits, then 20 of distinct keys.
+        for i in 0..40_000u64 {
+            t.feed(sample(h(i % 50), true), 0);
+        }
+        for i in 0..40_000u64 {
+            t.feed(sample(h(1_000_000 + i), false), 0);
+        }
+        let s = t.snapshot();
+        assert!(s.observed() < 0.4, "decayed: {s:?}");
+        assert!((s.observed_since_start() - 0.5).abs() < 1e-9, "{s:?}");
+        assert!(
+            s.points()[2].1 < 0.4 && s.points_since_start()[2].1 > 0.49,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn weighted_shadows_insert_on_inserts_only() {
+        let mut t = Tracker::new(2000, true, tune_word(1, 0), 1, u64::MAX);
+        for round in 0..3 {
+            for k in 0..100u64 {
+                t.feed(sample(h(k), round > 0), 0);
+                if round == 0 {
+                    // Weight 10: 100 keys need 1000 units: they fit at 1 × and above.
+                    t.feed_insert(h(k), 10, 0);
+                }
+            }
+        }
+        let s = t.snapshot();
+        assert!((s.predicted_at(2000) - 2.0 / 3.0).abs() < 1e-9, "{s:?}");
+        assert!(s.predicted_at(500) < 0.5, "{s:?}");
+    }
+}
