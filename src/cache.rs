@@ -532,8 +532,12 @@ where
         {
             return;
         }
-        if let Some(mut z) = z.try_lock() {
-            z.feed_insert(hash, weight, tune);
+        let Some(mut z) = z.try_lock() else {
+            return;
+        };
+        if let Some(t) = z.feed_insert(hash, weight, tune) {
+            drop(z);
+            self.set_sample_threshold(t);
         }
     }
 

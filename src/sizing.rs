@@ -22,13 +22,17 @@
 //!
 //! **Weights.** Without a weigher every entry weighs 1 and a sampled `get` that misses inserts
 //! the key in each shadow that missed it (the "get, then insert on a miss" pattern). With a
-//! weigher the capacity is in weight units: a sampled `get` only looks the key up in the
-//! shadows (a miss is counted, nothing inserted) and a sampled `insert` inserts the key with
-//! its weight, so the shadows hold what the real cache would, weighed as it weighs them. The
-//! rate is then chosen for about 2000 *entries* in the 1 × shadow: `R = min(1, 2000 × mean
-//! weight / max_capacity)`, the mean weight measured from the cache (weighted size / entries)
-//! each time [`Cache::sizing`](crate::Cache::sizing) is called; when it moves by more than a
-//! factor of 2 the shadows are rebuilt at the new rate (and the window starts again).
+//! weigher the capacity is in weight units and a shadow learns weights from sampled
+//! *inserts*: a sampled `get` that the real cache missed only looks the key up in the shadows
+//! (the insert that follows brings the key, with its weight, into those that miss it); one
+//! that the real cache hit inserts the key into the shadows that miss it with the weight last
+//! inserted for it (a lossy table of 4096 sampled keys' weights, 32 KiB) or else the mean
+//! weight of the sampled inserts. The rate is chosen for about 2000 *entries* in the 1 ×
+//! shadow: `R = min(1, 2000 × mean weight / max_capacity)`, the mean weight measured from the
+//! cache (weighted size / entries) each time [`Cache::sizing`](crate::Cache::sizing) is
+//! called, and from the sampled inserts after 32, 64, 128 … of them; when the rate it implies
+//! is more than 2 × away from the current one, the shadows are rebuilt at the new rate (and
+//! the window and totals start again). Until then the rate assumes a weight of 1.
 //!
 //! **Window.** Counts are kept per *epoch* of 2000 sampled requests; at the end of each, the
 //! window's counts are multiplied by 0.95 and the epoch's added: an exponentially decayed
@@ -72,7 +76,21 @@ pub(crate) struct Tracker {
     epoch: Counts,
     window: [f64; 7],
     total: Counts,
+    /// With a weigher: the weights of sampled keys seen inserted (direct-mapped, lossy: the
+    /// key's hash's top 32 bits and its weight), and the sum and count of those weights.
+    weights: Vec<u64>,
+    weight_sum: u64,
+    weight_count: u64,
+    /// With a weigher: recent sampled gets that the real cache missed, with the shadows that
+    /// missed them too (a bit each), waiting for the key's insert (direct-mapped, lossy).
+    pending: [(u64, u8); PENDING],
 }
+
+/// Slots for sampled misses waiting for their insert.
+const PENDING: usize = 64;
+
+/// Slots in a weighted tracker's table of weights (32 KiB).
+const WEIGHT_SLOTS: usize = 4096;
 
 /// Hits per shadow, real hits, requests.
 #[derive(Clone, Copy, Debug, Default)]
@@ -123,6 +141,14 @@ impl Tracker {
             epoch: Counts::default(),
             window: [0.0; 7],
             total: Counts::default(),
+            weights: if weighted {
+                vec![0; WEIGHT_SLOTS]
+            } else {
+                Vec::new()
+            },
+            weight_sum: 0,
+            weight_count: 0,
+            pending: [(0, 0); PENDING],
         };
         t.rebuild(max_threshold);
         t
@@ -171,31 +197,91 @@ impl Tracker {
             return;
         }
         self.follow(tune);
-        // Weighted: look up only (a weight above any shadow's capacity is never inserted); the
-        // sampled insert brings the weight.
-        let w = if self.weighted { u32::MAX } else { 1 };
-        for (h, sh) in self.epoch.hits.iter_mut().zip(&mut self.shadows) {
-            *h += u64::from(sh.access(hash, w));
+        let real_hit = (s >> 1) & 1 == 1;
+        if self.weighted {
+            // A shadow that misses a key the real cache missed too gets it from the sampled
+            // insert that follows (with its weight). One that misses a key the real cache hit
+            // inserts it now, with its last known weight (or the mean).
+            let w = self.weight_of(hash);
+            let mut missed = 0u8;
+            for (i, (h, sh)) in self
+                .epoch
+                .hits
+                .iter_mut()
+                .zip(&mut self.shadows)
+                .enumerate()
+            {
+                // A weight above any shadow's capacity: a lookup, nothing inserted.
+                let hit = sh.access(hash, u32::MAX);
+                *h += u64::from(hit);
+                if !hit {
+                    if real_hit {
+                        sh.access(hash, w);
+                    } else {
+                        missed |= 1 << i;
+                    }
+                }
+            }
+            if !real_hit {
+                self.pending[(hash >> 40) as usize % PENDING] = (hash, missed);
+            }
+        } else {
+            for (h, sh) in self.epoch.hits.iter_mut().zip(&mut self.shadows) {
+                *h += u64::from(sh.access(hash, 1));
+            }
         }
-        self.epoch.real += (s >> 1) & 1;
+        self.epoch.real += u64::from(real_hit);
         self.epoch.n += 1;
         if self.epoch.n >= EPOCH {
             self.end_epoch();
         }
     }
 
+    fn weight_slot(hash: u64) -> usize {
+        ((hash >> 40) ^ (hash >> 52) ^ (hash & 0xff)) as usize % WEIGHT_SLOTS
+    }
+
+    /// The weight last inserted for `hash`, or the mean of those seen.
+    fn weight_of(&self, hash: u64) -> u32 {
+        let e = self.weights[Self::weight_slot(hash)];
+        if e != 0 && e >> 32 == hash >> 32 {
+            return (e as u32).max(1);
+        }
+        u32::try_from(self.weight_sum / self.weight_count.max(1))
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
     /// One sampled insert of weight `weight` (weighted caches only; the hash as the cache
-    /// computed it).
-    pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) {
+    /// computed it). Returns a new sampling threshold when the mean weight of the sampled
+    /// inserts (checked at 32, 64, 128 … of them) moved the rate (see [`calibrate`](Self::calibrate)).
+    pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) -> Option<u64> {
         let hash = hash & !3;
         if !self.weighted || !crate::select::Selector::sampled(hash, self.threshold) {
-            return;
+            return None;
         }
         self.follow(tune);
-        for sh in &mut self.shadows {
-            // Present already: counted as a hit by `access`, not by us (only gets count).
-            sh.access(hash, weight.max(1));
+        let weight = weight.max(1);
+        self.weights[Self::weight_slot(hash)] = (hash >> 32) << 32 | u64::from(weight);
+        self.weight_sum = self.weight_sum.saturating_add(u64::from(weight));
+        self.weight_count += 1;
+        // After its sampled miss: into the shadows that missed it. Otherwise (a write without
+        // a read, or the miss was lost): into all, where a shadow holding it counts an access.
+        let slot = &mut self.pending[(hash >> 40) as usize % PENDING];
+        let mask = if slot.0 == hash && hash != 0 {
+            std::mem::take(slot).1
+        } else {
+            u8::MAX
+        };
+        for (i, sh) in self.shadows.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                sh.access(hash, weight);
+            }
         }
+        if self.weight_count >= 32 && self.weight_count.is_power_of_two() {
+            return self.calibrate(self.weight_sum, self.weight_count);
+        }
+        None
     }
 
     fn end_epoch(&mut self) {
@@ -211,19 +297,20 @@ impl Tracker {
         self.epoch = Counts::default();
     }
 
-    /// With a weigher: re-derives the rate from the cache's mean entry weight
-    /// (`weighted_size / entries`), rebuilding the shadows when it moved by more than 2 ×.
-    /// Returns the new threshold when it changed.
+    /// With a weigher: re-derives the rate from a mean entry weight (`weighted_size /
+    /// entries`: the cache's, or the sampled inserts'), rebuilding the shadows when the rate it implies is more
+    /// than 2 × away from the current one. Returns the new threshold when it changed.
     pub(crate) fn calibrate(&mut self, weighted_size: u64, entries: u64) -> Option<u64> {
         if !self.weighted || entries == 0 {
             return None;
         }
-        let mean = (weighted_size / entries).max(1);
-        if mean <= 2 * self.mean_weight && 2 * mean >= self.mean_weight {
+        // Kept so that the 4 × shadow's capacity stays far below `u32::MAX` (a lookup's weight).
+        let mean = (weighted_size / entries).clamp(1, 1 << 18);
+        let want = threshold_for(self.capacity, ENTRIES.saturating_mul(mean));
+        if want <= self.threshold.saturating_mul(2) && want.saturating_mul(2) >= self.threshold {
             return None;
         }
-        // Kept so that the 4 × shadow's capacity stays far below `u32::MAX` (a lookup's weight).
-        self.mean_weight = mean.min(1 << 18);
+        self.mean_weight = mean;
         self.rebuild(u64::MAX);
         Some(self.threshold)
     }
@@ -249,6 +336,12 @@ impl Tracker {
             let c = (self.capacity.saturating_mul(num) / den).max(1);
             points[i] = (c, ratio(w[i], w[6]));
             since_start[i] = (c, ratio(t[i], t[6]));
+        }
+        if cfg!(herdcache_broken_sizing) {
+            // A planted bug for tests/sizing.rs to catch: the observed ratio copied everywhere.
+            for p in points.iter_mut().chain(since_start.iter_mut()) {
+                p.1 = ratio(w[5], w[6]);
+            }
         }
         Sizing {
             points,
