@@ -573,7 +573,10 @@ where
         };
         let mut tune = None;
         let now = self.inner.tune.load(Ordering::Relaxed);
-        cell.samples.drain(|s| {
+        if let Some(z) = siz.as_deref_mut() {
+            z.set_requests(self.requests());
+        }
+        let lost = cell.samples.drain(|s| {
             if let Some(sel) = sel.as_deref_mut() {
                 if let Some(t) = sel.feed(s) {
                     tune = Some(t);
@@ -583,9 +586,22 @@ where
                 z.feed(s, tune.unwrap_or(now));
             }
         });
+        if let Some(z) = siz.as_deref_mut() {
+            z.lost(lost, self.inner.sample_threshold.load(Ordering::Relaxed));
+        }
         if let Some(t) = tune {
             self.inner.tune.store(t, Ordering::Relaxed);
         }
+    }
+
+    /// The reads so far, as the shards' approximate access counters have them (see
+    /// [`note_access`](Self::note_access)).
+    pub(crate) fn requests(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.accesses.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Gives back a read's claim to refresh `key`: the entry is due again at `at`.

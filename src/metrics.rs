@@ -20,7 +20,10 @@ where
     /// `herdcache_stale_served_total`, `herdcache_negative_hits_total`,
     /// `herdcache_loads_waited_for_limit_total`, `herdcache_timeouts_total`; gauges
     /// `herdcache_entries`, `herdcache_weighted_size`, `herdcache_loads_in_flight`,
-    /// `herdcache_max_concurrent_loads_seen`. With a Redis second tier, also
+    /// `herdcache_max_concurrent_loads_seen`. With
+    /// [`track_sizing`](crate::CacheBuilder::track_sizing), the sizing curve:
+    /// `herdcache_predicted_hit_ratio{size}` and `herdcache_predicted_capacity{size}` (`size` =
+    /// `0.25x` … `4x`), `herdcache_sizing_observed_hit_ratio`. With a Redis second tier, also
     /// `herdcache_remote_total{event}`, one series per [`RemoteStats`](crate::RemoteStats) field
     /// (`hits`, `errors`, `skipped`, `leases_acquired`, …).
     ///
@@ -88,5 +91,6 @@ where
             "herdcache_max_concurrent_loads_seen",
             s.max_concurrent_loads_seen,
         );
+        self.report_sizing_metrics(&name);
     }
 }

@@ -74,8 +74,11 @@ pub(crate) struct Tracker {
     /// The candidate the shadows run (low byte of a tune word).
     candidate: u64,
     epoch: Counts,
-    window: [f64; 7],
+    window: [f64; 8],
     total: Counts,
+    /// The cache's read count at the start of the epoch, and now.
+    requests_mark: u64,
+    requests_now: u64,
     /// With a weigher: the weights of sampled keys seen inserted (direct-mapped, lossy: the
     /// key's hash's top 32 bits and its weight), and the sum and count of those weights.
     weights: Vec<u64>,
@@ -92,22 +95,25 @@ const PENDING: usize = 64;
 /// Slots in a weighted tracker's table of weights (32 KiB).
 const WEIGHT_SLOTS: usize = 4096;
 
-/// Hits per shadow, real hits, requests.
+/// Hits per shadow, real hits, sampled requests, and the sampled requests expected from the
+/// cache's request count (the rate × the reads counted, less the samples lost).
 #[derive(Clone, Copy, Debug, Default)]
 struct Counts {
     hits: [u64; 5],
     real: u64,
     n: u64,
+    expected: f64,
 }
 
 impl Counts {
-    fn as_f64(&self) -> [f64; 7] {
-        let mut a = [0.0; 7];
+    fn as_f64(&self) -> [f64; 8] {
+        let mut a = [0.0; 8];
         for (x, h) in a.iter_mut().zip(self.hits) {
             *x = h as f64;
         }
         a[5] = self.real as f64;
         a[6] = self.n as f64;
+        a[7] = self.expected;
         a
     }
 }
@@ -139,8 +145,10 @@ impl Tracker {
             shadows: Vec::new(),
             candidate: tune & 0xff,
             epoch: Counts::default(),
-            window: [0.0; 7],
+            window: [0.0; 8],
             total: Counts::default(),
+            requests_mark: 0,
+            requests_now: 0,
             weights: if weighted {
                 vec![0; WEIGHT_SLOTS]
             } else {
@@ -169,8 +177,32 @@ impl Tracker {
             })
             .collect();
         self.epoch = Counts::default();
-        self.window = [0.0; 7];
+        self.window = [0.0; 8];
         self.total = Counts::default();
+        self.requests_mark = self.requests_now;
+    }
+
+    fn rate(&self) -> f64 {
+        self.threshold as f64 / (1u64 << 32) as f64
+    }
+
+    /// The cache's read count now (see `Cache::requests`).
+    pub(crate) fn set_requests(&mut self, n: u64) {
+        self.requests_now = self.requests_now.max(n);
+    }
+
+    /// `lost` samples at `sample_threshold` were lost by a buffer: the share of them under
+    /// the sizing threshold is not expected any more.
+    pub(crate) fn lost(&mut self, lost: u64, sample_threshold: u64) {
+        if lost > 0 && sample_threshold > 0 {
+            self.epoch.expected -= lost as f64
+                * (self.threshold.min(sample_threshold) as f64 / sample_threshold as f64);
+        }
+    }
+
+    /// The sampled requests expected since the epoch began.
+    fn expected_now(&self) -> f64 {
+        self.epoch.expected + (self.requests_now - self.requests_mark) as f64 * self.rate()
     }
 
     /// The sampling threshold (see `Selector::sampled`).
@@ -285,6 +317,8 @@ impl Tracker {
     }
 
     fn end_epoch(&mut self) {
+        self.epoch.expected = self.expected_now();
+        self.requests_mark = self.requests_now;
         let e = self.epoch.as_f64();
         for (w, x) in self.window.iter_mut().zip(e) {
             *w = *w * DECAY + x;
@@ -294,6 +328,7 @@ impl Tracker {
         }
         self.total.real += self.epoch.real;
         self.total.n += self.epoch.n;
+        self.total.expected += self.epoch.expected;
         self.epoch = Counts::default();
     }
 
@@ -317,40 +352,55 @@ impl Tracker {
 
     /// The curve now.
     pub(crate) fn snapshot(&self) -> Sizing {
-        let e = self.epoch.as_f64();
+        let mut epoch = self.epoch;
+        epoch.expected = self.expected_now();
+        let e = epoch.as_f64();
         let mut w = self.window;
         for (x, y) in w.iter_mut().zip(e) {
             *x += y;
         }
         let mut t = self.total;
-        for (x, h) in t.hits.iter_mut().zip(self.epoch.hits) {
+        for (x, h) in t.hits.iter_mut().zip(epoch.hits) {
             *x += h;
         }
-        t.real += self.epoch.real;
-        t.n += self.epoch.n;
+        t.real += epoch.real;
+        t.n += epoch.n;
+        t.expected += epoch.expected;
         let t = t.as_f64();
-        let ratio = |h: f64, n: f64| if n > 0.0 { h / n } else { 0.0 };
+        // SHARDS's adjustment: the sampled requests expected but not seen (or seen but not
+        // expected) are the few hottest keys' surplus or deficit, counted as hits everywhere.
+        let ratio = |h: f64, c: &[f64; 8]| {
+            let (n, expected) = (c[6], c[7]);
+            if n <= 0.0 {
+                return 0.0;
+            }
+            if expected > 0.0 {
+                ((h + expected - n) / expected).clamp(0.0, 1.0)
+            } else {
+                h / n
+            }
+        };
         let mut points = [(0, 0.0); 5];
         let mut since_start = [(0, 0.0); 5];
         for (i, &(num, den)) in FACTORS.iter().enumerate() {
             let c = (self.capacity.saturating_mul(num) / den).max(1);
-            points[i] = (c, ratio(w[i], w[6]));
-            since_start[i] = (c, ratio(t[i], t[6]));
+            points[i] = (c, ratio(w[i], &w));
+            since_start[i] = (c, ratio(t[i], &t));
         }
         if cfg!(herdcache_broken_sizing) {
             // A planted bug for tests/sizing.rs to catch: the observed ratio copied everywhere.
             for p in points.iter_mut().chain(since_start.iter_mut()) {
-                p.1 = ratio(w[5], w[6]);
+                p.1 = ratio(w[5], &w);
             }
         }
         Sizing {
             points,
-            observed: ratio(w[5], w[6]),
+            observed: ratio(w[5], &w),
             samples: w[6],
             since_start,
-            observed_since_start: ratio(t[5], t[6]),
+            observed_since_start: ratio(t[5], &t),
             samples_since_start: t[6] as u64,
-            rate: self.threshold as f64 / (1u64 << 32) as f64,
+            rate: self.rate(),
         }
     }
 }
@@ -473,6 +523,7 @@ where
     pub fn sizing(&self) -> Option<Sizing> {
         let tracker = self.inner.sizing.as_ref()?;
         self.drain_pending_samples();
+        tracker.lock().set_requests(self.requests());
         if self.inner.weigher_set() {
             let (size, entries) = (self.weighted_size(), self.entry_count());
             if let Some(t) = tracker.lock().calibrate(size, entries) {
@@ -481,6 +532,34 @@ where
         }
         let s = tracker.lock().snapshot();
         Some(s)
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// Reports the sizing curve, when tracked, to the `metrics` recorder (part of
+    /// [`report_metrics`](Cache::report_metrics)): gauges
+    /// `herdcache_predicted_hit_ratio{cache, size}` (`size` = `0.25x`, `0.5x`, `1x`, `2x`,
+    /// `4x`), `herdcache_predicted_capacity{cache, size}` and
+    /// `herdcache_sizing_observed_hit_ratio{cache}` (the observed ratio over the same window).
+    pub(crate) fn report_sizing_metrics(&self, name: &str) {
+        let Some(s) = self.sizing() else {
+            return;
+        };
+        for (&(capacity, ratio), size) in s.points().iter().zip(["0.25x", "0.5x", "1x", "2x", "4x"])
+        {
+            metrics::gauge!("herdcache_predicted_hit_ratio", "cache" => name.to_string(), "size" => size)
+                .set(ratio);
+            metrics::gauge!("herdcache_predicted_capacity", "cache" => name.to_string(), "size" => size)
+                .set(capacity as f64);
+        }
+        metrics::gauge!("herdcache_sizing_observed_hit_ratio", "cache" => name.to_string())
+            .set(s.observed());
     }
 }
 

@@ -188,6 +188,17 @@ fn replay_sizing(keys: &[u64], cap: u64, track: bool) -> (f64, Option<herdcache:
             c.insert(k, k);
         }
     }
+    if std::env::var_os("HERDCACHE_POLICY_TRACE").is_some() {
+        if let Some(t) = c.policy_totals() {
+            eprintln!(
+                "{cap}: candidate {}, {} switches, shadows {:?}",
+                t.candidate,
+                t.switches,
+                t.shadow_hits
+                    .map(|h| (1000.0 * h as f64 / t.samples.max(1) as f64).round() / 10.0)
+            );
+        }
+    }
     (100.0 * hits as f64 / keys.len() as f64, c.sizing())
 }
 
