@@ -574,7 +574,10 @@ where
         let mut tune = None;
         let now = self.inner.tune.load(Ordering::Relaxed);
         if let Some(z) = siz.as_deref_mut() {
-            z.set_requests(self.requests());
+            // The read count (a load per shard) only for a drain that may end an epoch.
+            if z.near_epoch_end() {
+                z.set_requests(self.requests());
+            }
         }
         let lost = cell.samples.drain(|s| {
             if let Some(sel) = sel.as_deref_mut() {

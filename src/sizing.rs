@@ -196,6 +196,11 @@ impl Tracker {
         self.threshold as f64 / (1u64 << 32) as f64
     }
 
+    /// Whether a drain (at most 64 samples) may end the epoch: the read count is needed then.
+    pub(crate) fn near_epoch_end(&self) -> bool {
+        self.epoch.n + 64 >= EPOCH
+    }
+
     /// The cache's read count now (see `Cache::requests`).
     pub(crate) fn set_requests(&mut self, n: u64) {
         self.requests_now = self.requests_now.max(n);
