@@ -391,10 +391,12 @@ where
     /// 1, 2 and 4 × `max_capacity` over a recent window of requests, next to the observed one
     /// (see [`Sizing`](crate::Sizing) for the window and the method).
     ///
-    /// Cost: five shadow caches of key hashes, spatially sampled to about 2000 entries at 1 ×
-    /// (0.6 MiB or so once full, whatever the capacity); the samples are the ones the policy's
-    /// selector already takes on reads (nothing added to a hit), replayed on the shadows under
-    /// a shard's write lock. With a weigher, sampled inserts are recorded too (their weight).
+    /// Cost: seven shadow caches of key hashes, spatially sampled to about 2000 entries at 1 ×
+    /// (0.75 MiB at most once full, whatever the capacity); the samples are the ones the
+    /// policy's selector already takes on reads (nothing added to a hit's own code), replayed
+    /// on the shadows when a shard's buffer is drained under its write lock: about `7 × 2000 /
+    /// max_capacity` shadow accesses per read (+10.7 % instructions at 100,000 entries on a
+    /// mixed workload, BENCHMARKS.md). With a weigher, sampled inserts are recorded too.
     ///
     /// ```
     /// let cache = herdcache::Cache::<u64, u64>::builder()

@@ -152,6 +152,11 @@ impl Shadow {
         self.accesses
     }
 
+    /// The capacity, in weight units.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     /// Hits so far.
     pub(crate) fn hits(&self) -> u64 {
         self.hits

@@ -17,8 +17,12 @@
 //! **Which policy.** The shadows run the configuration the real cache runs: the selector's
 //! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
 //! selector's convergence actions are not replayed on the shadows (they correct the real cache
-//! towards what its shadow predicts; a shadow has nothing to correct). A weighted cache has no
-//! selector and runs a fixed configuration; its shadows run the same.
+//! towards what its shadow predicts; a shadow has nothing to correct). A smaller cache's own
+//! selector often prefers another configuration than the full-size one (on the P6 trace the
+//! cache at 160,000 runs window 20 % while one at 80,000 picks window 0 %, 15 points better
+//! there), so at 0.25 × and 0.5 × a second shadow runs window 0 % + frequency admission and the
+//! point is the better of the two. A weighted cache has no selector and runs a fixed
+//! configuration; its shadows run the same (and have no second shadow).
 //!
 //! **Weights.** Without a weigher every entry weighs 1 and a sampled `get` that misses inserts
 //! the key in each shadow that missed it (the "get, then insert on a miss" pattern). With a
@@ -51,10 +55,10 @@
 //! on one row (BENCHMARKS.md). The counters also count the entry API's and refreshes' internal
 //! lookups, which are not sampled: a cache used mostly through those reads high.
 //!
-//! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4 (7.75 × 2000 = 15,500
-//! entries at most without a weigher), about 40 bytes per shadow entry (see `shadow`): about
-//! 0.6 MiB once full, fixed whatever `max_capacity` is (`bench/examples/memory.rs`
-//! `--sizing` measures it).
+//! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4, plus the second ones
+//! at 0.25 and 0.5 (8.5 × 2000 = 17,000 entries at most without a weigher), about 40 bytes per
+//! shadow entry (see `shadow`): about 0.7 MiB once full, fixed whatever `max_capacity` is
+//! (`bench/examples/memory.rs --sizing` measures it).
 
 use crate::cache::Cache;
 use crate::policy::tune_word;
@@ -84,7 +88,7 @@ pub(crate) struct Tracker {
     /// The candidate the shadows run (low byte of a tune word).
     candidate: u64,
     epoch: Counts,
-    window: [f64; 8],
+    window: [f64; 10],
     total: Counts,
     /// The cache's read count at the start of the epoch, and now.
     requests_mark: u64,
@@ -109,21 +113,21 @@ const WEIGHT_SLOTS: usize = 4096;
 /// cache's request count (the rate × the reads counted, less the samples lost).
 #[derive(Clone, Copy, Debug, Default)]
 struct Counts {
-    hits: [u64; 5],
+    hits: [u64; 7],
     real: u64,
     n: u64,
     expected: f64,
 }
 
 impl Counts {
-    fn as_f64(&self) -> [f64; 8] {
-        let mut a = [0.0; 8];
+    fn as_f64(&self) -> [f64; 10] {
+        let mut a = [0.0; 10];
         for (x, h) in a.iter_mut().zip(self.hits) {
             *x = h as f64;
         }
-        a[5] = self.real as f64;
-        a[6] = self.n as f64;
-        a[7] = self.expected;
+        a[7] = self.real as f64;
+        a[8] = self.n as f64;
+        a[9] = self.expected;
         a
     }
 }
@@ -155,7 +159,7 @@ impl Tracker {
             shadows: Vec::new(),
             candidate: tune & 0xff,
             epoch: Counts::default(),
-            window: [0.0; 8],
+            window: [0.0; 10],
             total: Counts::default(),
             requests_mark: 0,
             requests_now: 0,
@@ -186,8 +190,17 @@ impl Tracker {
                 Shadow::new(c, self.candidate as usize, self.seed ^ (0x51 + i as u64))
             })
             .collect();
+        if !self.weighted {
+            // Window 0 % at 0.25 × and 0.5 × as well: a smaller cache's own selector often
+            // prefers it (see the module docs, "Which policy").
+            for i in 0..2 {
+                let c = self.shadows[i].capacity();
+                self.shadows
+                    .push(Shadow::new(c, 0, self.seed ^ (0x61 + i as u64)));
+            }
+        }
         self.epoch = Counts::default();
-        self.window = [0.0; 8];
+        self.window = [0.0; 10];
         self.total = Counts::default();
         self.requests_mark = self.requests_now;
     }
@@ -230,7 +243,7 @@ impl Tracker {
         let candidate = tune & 0xff;
         if candidate != self.candidate {
             self.candidate = candidate;
-            for s in &mut self.shadows {
+            for s in self.shadows.iter_mut().take(FACTORS.len()) {
                 s.retune(tune_word(candidate as usize, 0));
             }
         }
@@ -384,8 +397,8 @@ impl Tracker {
         let t = t.as_f64();
         // SHARDS's adjustment: the sampled requests expected but not seen (or seen but not
         // expected) are the few hottest keys' surplus or deficit, counted as hits everywhere.
-        let ratio = |h: f64, c: &[f64; 8]| {
-            let (n, expected) = (c[6], c[7]);
+        let ratio = |h: f64, c: &[f64; 10]| {
+            let (n, expected) = (c[8], c[9]);
             if n <= 0.0 {
                 return 0.0;
             }
@@ -403,20 +416,24 @@ impl Tracker {
             let c = (self.capacity.saturating_mul(num) / den).max(1);
             points[i] = (c, ratio(w[i], &w));
             since_start[i] = (c, ratio(t[i], &t));
+            if i < 2 && !self.weighted {
+                points[i].1 = points[i].1.max(ratio(w[5 + i], &w));
+                since_start[i].1 = since_start[i].1.max(ratio(t[5 + i], &t));
+            }
         }
         if cfg!(herdcache_broken_sizing) {
             // A planted bug for tests/sizing.rs to catch: the observed ratio copied everywhere.
             for p in points.iter_mut().chain(since_start.iter_mut()) {
-                p.1 = ratio(w[5], &w);
+                p.1 = ratio(w[7], &w);
             }
         }
         Sizing {
             points,
-            observed: ratio(w[5], &w),
-            samples: w[6],
+            observed: ratio(w[7], &w),
+            samples: w[8],
             since_start,
-            observed_since_start: ratio(t[5], &t),
-            samples_since_start: t[6] as u64,
+            observed_since_start: ratio(t[7], &t),
+            samples_since_start: t[8] as u64,
             rate: self.rate(),
         }
     }
