@@ -303,6 +303,7 @@ mod select;
 mod settings;
 mod shadow;
 mod shard;
+mod sizing;
 mod sketch;
 mod stats;
 mod sync;
@@ -318,6 +319,7 @@ pub use removal::RemovalCause;
 pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};
 pub use settings::{DefaultHashBuilder, DefaultHasher};
+pub use sizing::Sizing;
 pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// The policy selector's running totals (for tests and benchmarks; not a stable API).

@@ -23,7 +23,10 @@ where
     /// `herdcache_entries`, `herdcache_weighted_size`, `herdcache_loads_in_flight`,
     /// `herdcache_max_concurrent_loads_seen`, `herdcache_health_warning{kind}` (1 while
     /// [`health`](Cache::health) raises that kind of [`Warning`](crate::Warning), else 0; one
-    /// series per kind, so a cleared warning reads 0). With a Redis second tier, also
+    /// series per kind, so a cleared warning reads 0). With
+    /// [`track_sizing`](crate::CacheBuilder::track_sizing), the sizing curve:
+    /// `herdcache_predicted_hit_ratio{size}` and `herdcache_predicted_capacity{size}` (`size` =
+    /// `0.25x` … `4x`), `herdcache_sizing_observed_hit_ratio`. With a Redis second tier, also
     /// `herdcache_remote_total{event}`, one series per [`RemoteStats`](crate::RemoteStats) field
     /// (`hits`, `errors`, `skipped`, `leases_acquired`, …).
     ///
@@ -101,5 +104,6 @@ where
             "herdcache_max_concurrent_loads_seen",
             s.max_concurrent_loads_seen,
         );
+        self.report_sizing_metrics(&name);
     }
 }

@@ -92,17 +92,23 @@ impl Samples {
     }
 
     /// Takes the samples pushed since the last drain (at most the last `SLOTS`), oldest first.
-    /// Call it from one thread at a time.
-    pub(crate) fn drain(&self, mut f: impl FnMut(u64)) {
+    /// Call it from one thread at a time. Returns how many pushed samples were lost
+    /// (overwritten, or not yet written by their reader).
+    pub(crate) fn drain(&self, mut f: impl FnMut(u64)) -> u64 {
         let head = self.head.load(Ordering::Relaxed);
         let tail = self.tail.load(Ordering::Relaxed);
-        for i in tail.max(head.saturating_sub(SLOTS as u64))..head {
+        let from = tail.max(head.saturating_sub(SLOTS as u64));
+        let mut lost = from.saturating_sub(tail);
+        for i in from..head {
             let s = self.slots[i as usize % SLOTS].swap(0, Ordering::Relaxed);
             if s != 0 {
                 f(s);
+            } else {
+                lost += 1;
             }
         }
         self.tail.store(head, Ordering::Relaxed);
+        lost
     }
 }
 

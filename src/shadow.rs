@@ -126,10 +126,22 @@ impl Shadow {
         false
     }
 
+    /// Applies the tune word `tune` (see [`tune_word`]) as a shard's policy does at an insert:
+    /// a sizing curve's shadows follow the configuration the real cache runs.
+    pub(crate) fn retune(&mut self, tune: u64) {
+        self.policy
+            .retune(&mut self.slab, &mut self.free, tune, |n: &Node| n.hash);
+    }
+
     /// Requests seen so far (the hit ratio's denominator, for sizing curves).
     #[allow(dead_code)]
     pub(crate) fn accesses(&self) -> u64 {
         self.accesses
+    }
+
+    /// The capacity, in weight units.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// Hits so far.

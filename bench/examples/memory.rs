@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p herdcache-bench --release --example memory
+//! cargo run -p herdcache-bench --release --example memory -- --sizing   # track_sizing's bytes
 //! ```
 //!
 //! Each cache gets a capacity of 1,000,000 and 1,000,000 distinct `u64 → u64` entries; the
@@ -57,7 +58,48 @@ fn measure<C>(name: &str, build: impl FnOnce() -> C, insert: impl Fn(&C, u64)) -
     per_entry
 }
 
+/// `--sizing`: the heap bytes `track_sizing` adds, once its shadows are full: two caches of
+/// `capacity`, one tracked, fed the same 4 M reads (and inserts on a miss) of keys drawn from
+/// 20 M, so that every shadow fills (the sampled keys outnumber the largest shadow).
+fn sizing_bytes() {
+    println!("| max_capacity | heap bytes added by track_sizing | MiB |");
+    println!("|--:|--:|--:|");
+    for capacity in [1_000u64, 100_000, 1_000_000] {
+        let run = |track: bool| {
+            let before = ALLOCATED.load(Ordering::SeqCst);
+            let mut b = herdcache::Cache::<u64, u64>::builder().max_capacity(capacity);
+            if track {
+                b = b.track_sizing();
+            }
+            let c = b.build();
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for _ in 0..4_000_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = x % 20_000_000;
+                if c.get(&k).is_none() {
+                    c.insert(k, k);
+                }
+            }
+            let s = c.sizing();
+            let bytes = ALLOCATED.load(Ordering::SeqCst) - before;
+            drop((c, s));
+            bytes
+        };
+        let added = run(true) - run(false);
+        println!(
+            "| {capacity} | {added} | {:.3} |",
+            added as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--sizing") {
+        sizing_bytes();
+        return;
+    }
     println!("| cache (1M u64 → u64 entries) | heap bytes per entry − 16 |");
     println!("|---|--:|");
     measure(

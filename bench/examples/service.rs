@@ -66,6 +66,7 @@ fn app() -> App {
             tokio::spawn(refresh);
         })
         .record_stats()
+        .track_sizing()
         .build();
     App { cache, recorder }
 }
@@ -125,6 +126,8 @@ async fn main() {
     let text = http_get(addr, "/metrics").await;
     println!("{text}");
     assert!(text.contains("herdcache_load_successes_total{cache=\"users\"} 5"));
+    // The sizing curve (`track_sizing`): five predicted hit ratios, 0.25 × to 4 × capacity.
+    assert!(text.contains("herdcache_predicted_hit_ratio{cache=\"users\",size=\"2x\"}"));
     server.abort();
 }
 

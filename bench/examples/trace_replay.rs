@@ -6,7 +6,13 @@
 //! ```text
 //! cargo run -p herdcache-bench --release --example trace_replay                 # every row, all three caches
 //! cargo run -p herdcache-bench --release --example trace_replay -- --only herdcache loop gli
+//! cargo run -p herdcache-bench --release --example trace_replay -- --sizing    # sizing accuracy
 //! ```
+//!
+//! `--sizing`: for each row, herdcache with `track_sizing()` at the row's capacity, and herdcache
+//! run at 0.25, 0.5, 2 and 4 × that capacity; prints the curve predicted by the first (over the
+//! whole trace: `Sizing::points_since_start`) against the hit ratios actually measured, the 1 ×
+//! prediction against the observed ratio on the same sampled requests, and the errors.
 //!
 //! Each request is one key: `get`; on a miss, `insert` (unit weights). Decompression uses the
 //! `zstd`, `gzip` and `xz` command-line tools. The ARC traces are by N. Megiddo and D. S. Modha,
@@ -164,12 +170,119 @@ fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
     100.0 * hits as f64 / keys.len() as f64
 }
 
+/// The sizing curve's factors (numerator, denominator), as `Sizing::points` orders them.
+const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
+
+/// Replays `keys` through herdcache at `cap`; with `track`, also returns the sizing curve.
+fn replay_sizing(keys: &[u64], cap: u64, track: bool) -> (f64, Option<herdcache::Sizing>) {
+    let mut b = herdcache::Cache::builder().max_capacity(cap);
+    if track {
+        b = b.track_sizing();
+    }
+    let c = b.build();
+    let mut hits = 0u64;
+    for &k in keys {
+        if c.get(&k).is_some() {
+            hits += 1;
+        } else {
+            c.insert(k, k);
+        }
+    }
+    if std::env::var_os("HERDCACHE_POLICY_TRACE").is_some() {
+        if let Some(t) = c.policy_totals() {
+            eprintln!(
+                "{cap}: candidate {}, {} switches, shadows {:?}",
+                t.candidate,
+                t.switches,
+                t.shadow_hits
+                    .map(|h| (1000.0 * h as f64 / t.samples.max(1) as f64).round() / 10.0)
+            );
+        }
+    }
+    (100.0 * hits as f64 / keys.len() as f64, c.sizing())
+}
+
+/// `--sizing`: the accuracy table.
+fn sizing_table(rows: &[usize], traces: &HashMap<&str, Arc<Vec<u64>>>) {
+    let jobs: Vec<(usize, usize)> = rows
+        .iter()
+        .flat_map(|&i| (0..FACTORS.len()).map(move |f| (i, f)))
+        .collect();
+    let jobs = Arc::new(Mutex::new(jobs.into_iter()));
+    let results = Arc::new(Mutex::new(HashMap::new()));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (jobs, results) = (&jobs, &results);
+            s.spawn(move || loop {
+                let Some((i, f)) = jobs.lock().unwrap().next() else {
+                    break;
+                };
+                let (file, cap, _) = ROWS[i];
+                let (num, den) = FACTORS[f];
+                let r = replay_sizing(&traces[file], (cap * num / den).max(1), f == 2);
+                results.lock().unwrap().insert((i, f), r);
+            });
+        }
+    });
+    let results = results.lock().unwrap();
+    println!(
+        "| trace | capacity | rate | 0.5×: actual | predicted | error | 2×: actual | predicted | error \
+         | 1×: observed (sampled) | predicted | error | 1× actual (all) | 0.25×: actual | predicted \
+         | 4×: actual | predicted |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let (mut errs, mut ones, mut outer) = (Vec::new(), Vec::new(), Vec::new());
+    for &i in rows {
+        let (file, cap, _) = ROWS[i];
+        let short = file.rsplit('/').next().unwrap_or(file);
+        let sizing = results[&(i, 2)].1.as_ref().expect("tracked");
+        let pred = |f: usize| 100.0 * sizing.points_since_start()[f].1;
+        let actual = |f: usize| results[&(i, f)].0;
+        let (e05, e2) = (pred(1) - actual(1), pred(3) - actual(3));
+        let observed = 100.0 * sizing.observed_since_start();
+        let e1 = pred(2) - observed;
+        errs.extend([e05, e2]);
+        ones.push(e1);
+        outer.extend([pred(0) - actual(0), pred(4) - actual(4)]);
+        println!(
+            "| {short} | {cap} | {:.3} | {:.2} | {:.2} | {e05:+.2} | {:.2} | {:.2} | {e2:+.2} | {observed:.2} | {:.2} | {e1:+.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            sizing.rate(),
+            actual(1),
+            pred(1),
+            actual(3),
+            pred(3),
+            pred(2),
+            actual(2),
+            actual(0),
+            pred(0),
+            actual(4),
+            pred(4),
+        );
+    }
+    let mae = |v: &[f64]| v.iter().map(|e| e.abs()).sum::<f64>() / v.len().max(1) as f64;
+    let worst = |v: &[f64]| v.iter().fold(0.0f64, |m, e| m.max(e.abs()));
+    println!();
+    println!(
+        "0.5× and 2×: mean absolute error {:.2} points, worst {:.2} | 1× vs observed: mean {:.2}, worst {:.2} | 0.25× and 4× (not targeted): mean {:.2}, worst {:.2}",
+        mae(&errs),
+        worst(&errs),
+        mae(&ones),
+        worst(&ones),
+        mae(&outer),
+        worst(&outer)
+    );
+}
+
 fn main() {
     let mut caches = vec!["herdcache", "moka", "quick_cache"];
     let mut filters = Vec::new();
+    let mut sizing = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        if a == "--only" {
+        if a == "--sizing" {
+            sizing = true;
+        } else if a == "--only" {
             caches = vec![match args.next().as_deref() {
                 Some("herdcache") => "herdcache",
                 Some("moka") => "moka",
@@ -222,6 +335,10 @@ fn main() {
         traces
             .entry(file)
             .or_insert_with(|| Arc::new(load(&dir.join(file))));
+    }
+    if sizing {
+        sizing_table(&rows, &traces);
+        return;
     }
     let jobs: Vec<(usize, &str)> = rows
         .iter()

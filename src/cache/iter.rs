@@ -4,6 +4,37 @@ use super::Cache;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// Iterates over clones of the live entries, one shard's snapshot at a time (no lock is held
+    /// while you consume the iterator). Entries inserted or removed meanwhile may or may not be
+    /// seen.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// cache.insert(1, "a");
+    /// cache.insert(2, "b");
+    /// let mut all: Vec<_> = cache.iter().collect();
+    /// all.sort();
+    /// assert_eq!(all, vec![(1, "a"), (2, "b")]);
+    /// ```
+    pub fn iter(&self) -> Iter<'_, K, V, S>
+    where
+        K: Clone,
+        V: Clone,
+    {
+        Iter {
+            cache: self,
+            shard: 0,
+            batch: Vec::new().into_iter(),
+        }
+    }
+}
+
 /// Iterator over clones of a cache's entries; see [`Cache::iter`].
 pub struct Iter<'a, K, V, S> {
     pub(super) cache: &'a Cache<K, V, S>,

@@ -72,16 +72,22 @@ impl<K, V, S> fmt::Debug for Cache<K, V, S> {
 
 mod fail_safe;
 mod flights;
+mod guards;
 mod iter;
 mod selection;
 
 pub(crate) use flights::Registration;
+pub(crate) use guards::Accounting;
+use guards::RefreshClaim;
 pub use iter::Iter;
 
 pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
     /// This shard's sampled accesses, for the cache's configuration selector.
     samples: Samples,
+    /// Approximate count of reads (sampled, see `note_access`), kept only for the sizing
+    /// curve's hot-key correction.
+    accesses: AtomicU64,
 }
 
 /// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
@@ -112,6 +118,8 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) name: String,
     /// The time to live and time to idle as given (for [`Cache::policy`]).
     pub(crate) durations: (Option<Duration>, Option<Duration>),
+    /// Whether to track the sizing curve ([`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing)).
+    pub(crate) sizing: bool,
 }
 
 pub(crate) struct Inner<K, V, S> {
@@ -126,6 +134,8 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
+    /// Whether reads count ticks (expiry maintenance, or the sizing curve's read counter).
+    ticks: bool,
     pub(crate) stampede: Stampede<K, V>,
     /// Starts a refresh of a key found due (set where `K: Clone` is known).
     refresh: Option<RefreshFn<K, V, S>>,
@@ -139,67 +149,28 @@ pub(crate) struct Inner<K, V, S> {
     /// The policy's configuration selector (none with a weigher: the configuration is fixed),
     /// its sampling threshold (0: nothing sampled) and its current choice, as a tune word.
     selector: Option<crate::sync::Mutex<Selector>>,
-    sample_threshold: u64,
+    sample_threshold: AtomicU64,
+    /// The sizing curve's shadows, when tracked (see `sizing`).
+    pub(crate) sizing: Option<crate::sync::Mutex<crate::sizing::Tracker>>,
     tune: AtomicU64,
+}
+
+impl<K, V, S> Inner<K, V, S> {
+    /// Whether the cache has a weigher.
+    pub(crate) fn weigher_set(&self) -> bool {
+        self.weigher.is_some()
+    }
 }
 
 crate::sync::thread_local_shim! {
     static ACCESS_TICK: Cell<u32> = Cell::new(0);
 }
 
-/// A read's right to start a refresh (the entry's refresh deadline, set to "refreshing" by
-/// that read): unless kept, dropping it makes the entry due again at the given time.
-struct RefreshClaim<'a>(Option<&'a crate::sync::AtomicU64>, u64);
-
-impl RefreshClaim<'_> {
-    /// The refresh was handed over: nothing to give back.
-    fn keep(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RefreshClaim<'_> {
-    fn drop(&mut self) {
-        if let Some(at) = self.0 {
-            crate::expiry::give_back_refresh(at, self.1);
-        }
-    }
-}
-
-/// Keeps the global weight in step with one locked shard's: whatever happens to the shard
-/// while this lives — a panic of user code partway included — the difference is added to the
-/// global weight when it drops.
-pub(crate) struct Accounting<'a, K: Hash + Eq + 'static, V: 'static, S> {
-    cache: &'a Cache<K, V, S>,
-    pub(crate) shard: &'a mut Shard<K, V>,
-    before: u64,
-}
-
-impl<'a, K: Hash + Eq + 'static, V: 'static, S: BuildHasher> Accounting<'a, K, V, S> {
-    fn new(cache: &'a Cache<K, V, S>, shard: &'a mut Shard<K, V>) -> Self {
-        let before = shard.weight();
-        Accounting {
-            cache,
-            shard,
-            before,
-        }
-    }
-}
-
-impl<K: Hash + Eq + 'static, V: 'static, S> Drop for Accounting<'_, K, V, S> {
-    fn drop(&mut self) {
-        let after = self.shard.weight();
-        let global = &self.cache.inner.weight;
-        if after > self.before {
-            global.fetch_add(after - self.before, Ordering::AcqRel);
-        } else if self.before > after {
-            global.fetch_sub(self.before - after, Ordering::AcqRel);
-        }
-    }
-}
-
 /// Every this many accesses a thread tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
+/// With the sizing curve tracked, every `ACCESS_SAMPLE`-th access of a thread adds
+/// `ACCESS_SAMPLE` to its shard's read counter (one shared write per 64 reads).
+const ACCESS_SAMPLE: u32 = 64;
 
 impl<K, V, S> Cache<K, V, S>
 where
@@ -222,6 +193,7 @@ where
             listener,
             name,
             durations,
+            sizing,
         } = parts;
         let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
         // A cache that keeps no time never reads the clock (so never starts the coarse clock's
@@ -236,6 +208,7 @@ where
                 CachePadded::new(ShardCell {
                     lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
                     samples: Samples::default(),
+                    accesses: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -249,10 +222,31 @@ where
         let tune = selector
             .as_ref()
             .map_or(tune_word(1, 0), |s| s.lock().tune());
+        // The sizing curve samples a subset of the selector's keys (or, with a weigher, its own).
+        let sizing = sizing.then(|| {
+            let max = if selector.is_some() {
+                sample_threshold
+            } else {
+                u64::MAX
+            };
+            crate::sync::Mutex::new(crate::sizing::Tracker::new(
+                capacity,
+                weigher.is_some(),
+                tune,
+                seed,
+                max,
+            ))
+        });
+        let ticks = timed || sizing.is_some();
+        let sample_threshold = match (&selector, &sizing) {
+            (None, Some(z)) => z.lock().threshold(),
+            _ => sample_threshold,
+        };
         Cache {
             inner: Arc::new(Inner {
                 selector,
-                sample_threshold,
+                sample_threshold: AtomicU64::new(sample_threshold),
+                sizing,
                 tune: AtomicU64::new(tune),
                 shards: cells,
                 mask: shards - 1,
@@ -262,6 +256,7 @@ where
                 weight: AtomicU64::new(0),
                 weigher,
                 timed,
+                ticks,
                 expiry,
                 stampede,
                 refresh,
@@ -314,8 +309,8 @@ where
 
     /// Counts an access of this thread; returns true when the caller should run maintenance.
     #[inline]
-    fn note_access(&self) -> bool {
-        if !self.inner.timed {
+    fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
+        if !self.inner.ticks {
             return false;
         }
         let t = ACCESS_TICK.with(|t| {
@@ -323,7 +318,11 @@ where
             t.set(v);
             v
         });
-        t % MAINTAIN_EVERY == 0
+        if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() {
+            cell.accesses
+                .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
+        }
+        self.inner.timed && t % MAINTAIN_EVERY == 0
     }
 
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
@@ -342,7 +341,7 @@ where
     {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
-        let maintain = self.note_access();
+        let maintain = self.note_access(cell);
         let now = self.now();
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
@@ -595,6 +594,11 @@ where
         let now = self.now();
         self.inner.stampede.monitor.wrote(now); // for `health` (src/health.rs)
         let mut s = cell.lock.write();
+        self.drain_samples(cell);
+        let tune = self.inner.tune.load(Ordering::Relaxed);
+        if self.inner.weigher.is_some() {
+            self.note_insert(cell, hash, weight, tune);
+        }
         let registered = match write {
             Write::Plain => None,
             // A planted bug for the loom model to catch: a load stores without checking that
@@ -864,30 +868,6 @@ where
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         let now = self.now();
         self.for_each_shard(|s, out| s.retain(now, &self.inner.hasher, &mut keep, out));
-    }
-
-    /// Iterates over clones of the live entries, one shard's snapshot at a time (no lock is held
-    /// while you consume the iterator). Entries inserted or removed meanwhile may or may not be
-    /// seen.
-    ///
-    /// ```
-    /// let cache = herdcache::Cache::new(10);
-    /// cache.insert(1, "a");
-    /// cache.insert(2, "b");
-    /// let mut all: Vec<_> = cache.iter().collect();
-    /// all.sort();
-    /// assert_eq!(all, vec![(1, "a"), (2, "b")]);
-    /// ```
-    pub fn iter(&self) -> Iter<'_, K, V, S>
-    where
-        K: Clone,
-        V: Clone,
-    {
-        Iter {
-            cache: self,
-            shard: 0,
-            batch: Vec::new().into_iter(),
-        }
     }
 
     /// The number of entries stored. Entries past their deadline count until reclaimed (see

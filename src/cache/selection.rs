@@ -1,7 +1,8 @@
 //! Feeding the policy's configuration selector ([`crate::select`]): reads push sampled key
 //! hashes into a lossy per-shard buffer with no lock; the buffer is drained under the shard's
 //! write lock (by a write that evicts, or a reader that finds the lock free) into the cache's
-//! one selector, whose choice every shard applies before it next evicts.
+//! one selector, whose choice every shard applies before it next evicts — and into the sizing
+//! curve's shadows ([`crate::sizing`]), read by [`Cache::sizing`].
 
 use super::{Cache, ShardCell};
 use crate::select::{sample, Selector};
@@ -18,10 +19,31 @@ where
     /// buffer fills, drains it if the shard's write lock is free (never waits for it).
     #[inline]
     pub(super) fn note_sample(&self, cell: &ShardCell<K, V>, hash: u64, hit: bool) {
-        if Selector::sampled(hash, self.inner.sample_threshold)
+        if Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
             && cell.samples.push(sample(hash, hit))
         {
             self.drain_samples_now(cell);
+        }
+    }
+
+    /// A sampled insert of a weighted cache, for the sizing curve (the caller holds the
+    /// shard's write lock and drained its samples first, so the key's sampled `get` went in
+    /// before; when they could not be drained, the insert is dropped rather than reordered).
+    pub(super) fn note_insert(&self, cell: &ShardCell<K, V>, hash: u64, weight: u32, tune: u64) {
+        let Some(z) = &self.inner.sizing else {
+            return;
+        };
+        if !Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
+            || cell.samples.pending()
+        {
+            return;
+        }
+        let Some(mut z) = z.try_lock() else {
+            return;
+        };
+        if let Some(t) = z.feed_insert(hash, weight, tune) {
+            drop(z);
+            self.set_sample_threshold(t);
         }
     }
 
@@ -36,29 +58,77 @@ where
     /// Feeds a shard's sampled reads to the selector. The caller holds the shard's write lock
     /// (one drainer per buffer). Never waits: if another shard is feeding the selector, the
     /// samples stay in the buffer (and may be overwritten: the buffer is lossy).
-    #[inline]
     pub(super) fn drain_samples(&self, cell: &ShardCell<K, V>) {
-        if cell.samples.pending() {
-            self.feed_selector(cell);
+        if !cell.samples.pending() {
+            return;
+        }
+        // Both the selector and the sizing tracker, or neither (the samples then wait).
+        let mut sel = match &self.inner.selector {
+            Some(m) => match m.try_lock() {
+                Some(g) => Some(g),
+                None => return,
+            },
+            None => None,
+        };
+        let mut siz = match &self.inner.sizing {
+            Some(m) => match m.try_lock() {
+                Some(g) => Some(g),
+                None => return,
+            },
+            None => None,
+        };
+        let mut tune = None;
+        let now = self.inner.tune.load(Ordering::Relaxed);
+        if let Some(z) = siz.as_deref_mut() {
+            // The read count (a load per shard) only for a drain that may end an epoch.
+            if z.near_epoch_end() {
+                z.set_requests(self.requests());
+            }
+        }
+        let lost = cell.samples.drain(|s| {
+            if let Some(sel) = sel.as_deref_mut() {
+                if let Some(t) = sel.feed(s) {
+                    tune = Some(t);
+                }
+            }
+            if let Some(z) = siz.as_deref_mut() {
+                z.feed(s, tune.unwrap_or(now));
+            }
+        });
+        if let Some(z) = siz.as_deref_mut() {
+            z.lost(lost, self.inner.sample_threshold.load(Ordering::Relaxed));
+        }
+        if let Some(t) = tune {
+            self.inner.tune.store(t, Ordering::Relaxed);
         }
     }
 
-    #[cold]
-    fn feed_selector(&self, cell: &ShardCell<K, V>) {
-        let Some(selector) = &self.inner.selector else {
-            return;
-        };
-        let Some(mut sel) = selector.try_lock() else {
-            return;
-        };
-        let mut tune = None;
-        cell.samples.drain(|s| {
-            if let Some(t) = sel.feed(s) {
-                tune = Some(t);
+    /// The reads so far, as the shards' approximate access counters have them (see
+    /// [`note_access`](Self::note_access)).
+    pub(crate) fn requests(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.accesses.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Feeds every shard's pending samples to the selector and the sizing tracker, for shards
+    /// whose write lock is free now (never waits).
+    pub(crate) fn drain_pending_samples(&self) {
+        for cell in self.inner.shards.iter() {
+            if let Some(s) = cell.lock.try_write() {
+                self.drain_samples(cell);
+                drop(s);
             }
-        });
-        if let Some(t) = tune {
-            self.inner.tune.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the sampling threshold (the sizing tracker of a weighted cache, which has no
+    /// selector, after choosing a new rate).
+    pub(crate) fn set_sample_threshold(&self, t: u64) {
+        if self.inner.selector.is_none() {
+            self.inner.sample_threshold.store(t, Ordering::Relaxed);
         }
     }
 
@@ -72,5 +142,71 @@ where
             drop(s);
         }
         Some(self.inner.selector.as_ref()?.lock().totals())
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// The predicted hit-ratio curve (see [`Sizing`](crate::Sizing)), or `None` unless the cache was built
+    /// with [`track_sizing`](crate::CacheBuilder::track_sizing).
+    ///
+    /// Feeds the samples pending in each shard whose lock is free at that moment first, then
+    /// copies the curve (a short lock of the tracker; no shard lock is waited for). With a
+    /// weigher it also re-derives the sampling rate from the mean entry weight (reading each
+    /// shard's entry count), which may restart the curve.
+    ///
+    /// ```
+    /// let tracked = herdcache::Cache::<u8, u8>::builder().max_capacity(10).track_sizing().build();
+    /// let plain = herdcache::Cache::<u8, u8>::builder().max_capacity(10).build();
+    /// tracked.insert(1, 1);
+    /// assert_eq!(tracked.get(&1), Some(1));
+    /// let s = tracked.sizing().expect("tracked");
+    /// assert_eq!(s.points().len(), 5);
+    /// assert!(plain.sizing().is_none());
+    /// ```
+    pub fn sizing(&self) -> Option<crate::Sizing> {
+        let tracker = self.inner.sizing.as_ref()?;
+        self.drain_pending_samples();
+        tracker.lock().set_requests(self.requests());
+        if self.inner.weigher_set() {
+            let (size, entries) = (self.weighted_size(), self.entry_count());
+            if let Some(t) = tracker.lock().calibrate(size, entries) {
+                self.set_sample_threshold(t);
+            }
+        }
+        let s = tracker.lock().snapshot();
+        Some(s)
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + 'static,
+    V: 'static,
+    S: BuildHasher,
+{
+    /// Reports the sizing curve, when tracked, to the `metrics` recorder (part of
+    /// [`report_metrics`](Cache::report_metrics)): gauges
+    /// `herdcache_predicted_hit_ratio{cache, size}` (`size` = `0.25x`, `0.5x`, `1x`, `2x`,
+    /// `4x`), `herdcache_predicted_capacity{cache, size}` and
+    /// `herdcache_sizing_observed_hit_ratio{cache}` (the observed ratio over the same window).
+    pub(crate) fn report_sizing_metrics(&self, name: &str) {
+        let Some(s) = self.sizing() else {
+            return;
+        };
+        for (&(capacity, ratio), size) in s.points().iter().zip(["0.25x", "0.5x", "1x", "2x", "4x"])
+        {
+            metrics::gauge!("herdcache_predicted_hit_ratio", "cache" => name.to_string(), "size" => size)
+                .set(ratio);
+            metrics::gauge!("herdcache_predicted_capacity", "cache" => name.to_string(), "size" => size)
+                .set(capacity as f64);
+        }
+        metrics::gauge!("herdcache_sizing_observed_hit_ratio", "cache" => name.to_string())
+            .set(s.observed());
     }
 }

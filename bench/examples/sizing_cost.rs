@@ -1,0 +1,52 @@
+//! A fixed-count, single-thread workload for counting instructions per operation with and
+//! without `track_sizing` (run it under `valgrind --tool=callgrind`; the figures are in
+//! BENCHMARKS.md).
+//!
+//! ```text
+//! cargo build -p herdcache-bench --release --example sizing_cost
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.plain target/release/examples/sizing_cost plain
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.tracked target/release/examples/sizing_cost tracked
+//! ```
+//!
+//! 2,000,000 reads of keys drawn from 200,000 (a skewed mix: half from the 20,000 hottest),
+//! inserting on a miss, in a cache of 100,000 entries; then prints the hit count. `hits` mode
+//! is the hit path alone: 2,000,000 reads of 50,000 keys that all fit.
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let track = mode != "plain" && mode != "hits-plain";
+    let mut b = herdcache::Cache::<u64, u64>::builder().max_capacity(100_000);
+    if track {
+        b = b.track_sizing();
+    }
+    let c = b.build();
+    let hits_only = mode.starts_with("hits");
+    if hits_only {
+        for k in 0..50_000u64 {
+            c.insert(k, k);
+        }
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut hits = 0u64;
+    for _ in 0..2_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let k = if hits_only {
+            x % 50_000
+        } else if x & 1 == 0 {
+            (x >> 1) % 20_000
+        } else {
+            (x >> 1) % 200_000
+        };
+        if c.get(&k).is_some() {
+            hits += 1;
+        } else {
+            c.insert(k, k);
+        }
+    }
+    println!(
+        "{mode}: {hits} hits, sizing {:?}",
+        c.sizing().map(|s| s.points()[2])
+    );
+}

@@ -1,0 +1,590 @@
+//! The hit-ratio curve, online: what the hit ratio would be at other capacities.
+//!
+//! With [`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing), the cache runs five
+//! [`Shadow`]s — caches of key hashes under the shards' own policy — at 0.25, 0.5, 1, 2 and 4 ×
+//! `max_capacity`, scaled down by spatial sampling (SHARDS, Waldspurger et al., FAST 2015;
+//! miniature simulation, USENIX ATC 2017): a key is sampled when its hash falls under a
+//! threshold (rate `R = min(1, 2000 / max_capacity)`), and a shadow of `capacity × R` fed the
+//! sampled requests predicts the hit ratio of a cache of `capacity` fed all of them.
+//!
+//! **Where the samples come from.** The very samples the policy's configuration selector
+//! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
+//! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained under the
+//! shard's write lock into the selector and, when tracked, into this tracker. The sizing rate
+//! is at most the selector's, so its keys are a subset of the selector's: nothing is added to
+//! the hit path. Samples lost by the lossy buffer are lost to both.
+//!
+//! **Which policy.** The shadows run the configuration the real cache runs: the selector's
+//! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
+//! selector's convergence actions are not replayed on the shadows (they correct the real cache
+//! towards what its shadow predicts; a shadow has nothing to correct). A smaller cache's own
+//! selector often prefers another configuration than the full-size one (on the P6 trace the
+//! cache at 160,000 runs window 20 % while one at 80,000 picks window 0 %, 15 points better
+//! there), so at 0.25 × and 0.5 × a second shadow runs window 0 % + frequency admission and the
+//! point is the better of the two. A weighted cache has no selector and runs a fixed
+//! configuration; its shadows run the same (and have no second shadow).
+//!
+//! **Weights.** Without a weigher every entry weighs 1 and a sampled `get` that misses inserts
+//! the key in each shadow that missed it (the "get, then insert on a miss" pattern). With a
+//! weigher the capacity is in weight units and a shadow learns weights from sampled
+//! *inserts*: a sampled `get` that the real cache missed only looks the key up in the shadows
+//! (the insert that follows brings the key, with its weight, into those that miss it); one
+//! that the real cache hit inserts the key into the shadows that miss it with the weight last
+//! inserted for it (a lossy table of 4096 sampled keys' weights, 32 KiB) or else the mean
+//! weight of the sampled inserts. The rate is chosen for about 2000 *entries* in the 1 ×
+//! shadow: `R = min(1, 2000 × mean weight / max_capacity)`, the mean weight measured from the
+//! cache (weighted size / entries) each time [`Cache::sizing`](crate::Cache::sizing) is
+//! called, and from the sampled inserts after 32, 64, 128 … of them; when the rate it implies
+//! is more than 2 × away from the current one, the shadows are rebuilt at the new rate (and
+//! the window and totals start again). Until then the rate assumes a weight of 1.
+//!
+//! **Window.** Counts are kept per *epoch* of 2000 sampled requests; at the end of each, the
+//! window's counts are multiplied by 0.95 and the epoch's added: an exponentially decayed
+//! window whose mean age is 20 epochs, about `40_000 / R` requests (20 × `max_capacity`
+//! requests for an entry-bounded cache of at least 2000 entries). The observed ratio is the
+//! real cache's hits on the same sampled requests, decayed the same way. Totals since the
+//! cache was built (or the shadows last rebuilt) are kept too.
+//!
+//! **Adjustment** (SHARDS's "adj"): a few very hot keys carry much of the hits, and whether the
+//! sample holds one more or one fewer of them moves every ratio by points. The sampled
+//! requests *expected* — the rate × the reads the shards counted (their approximate access
+//! counters), less the samples a buffer lost — are compared with those seen; the surplus or
+//! deficit is counted as hits at every size (the hottest keys hit everywhere): `ratio = (hits +
+//! expected − seen) / expected`, clamped to 0..=1, applied once the window (or the totals)
+//! holds 2000 samples or more. On the dev traces it took the worst error from 7.7 to 0.8 points
+//! on one row (BENCHMARKS.md). The counters also count the entry API's and refreshes' internal
+//! lookups, which are not sampled: a cache used mostly through those reads high.
+//!
+//! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4, plus the second ones
+//! at 0.25 and 0.5 (8.5 × 2000 = 17,000 entries at most without a weigher), about 40 bytes per
+//! shadow entry (see `shadow`): about 0.7 MiB once full, fixed whatever `max_capacity` is
+//! (`bench/examples/memory.rs --sizing` measures it).
+
+use crate::policy::tune_word;
+use crate::shadow::Shadow;
+
+/// Entries (weight units × mean weight) the 1 × shadow aims for.
+pub(crate) const ENTRIES: u64 = 2000;
+/// The capacities tracked, as fractions of `max_capacity` (numerator, denominator).
+const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
+/// Sampled requests per epoch.
+const EPOCH: u64 = 2000;
+/// Decay of the window's counts per epoch.
+const DECAY: f64 = 0.95;
+
+/// The sizing tracker: five shadows and their counts. Behind a mutex in the cache; fed by the
+/// drainer of a shard's sample buffer.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    capacity: u64,
+    seed: u64,
+    weighted: bool,
+    /// The mean weight the rate was chosen for.
+    mean_weight: u64,
+    threshold: u64,
+    shadows: Vec<Shadow>,
+    /// The candidate the shadows run (low byte of a tune word).
+    candidate: u64,
+    epoch: Counts,
+    window: [f64; 10],
+    total: Counts,
+    /// The cache's read count at the start of the epoch, and now.
+    requests_mark: u64,
+    requests_now: u64,
+    /// With a weigher: the weights of sampled keys seen inserted (direct-mapped, lossy: the
+    /// key's hash's top 32 bits and its weight), and the sum and count of those weights.
+    weights: Vec<u64>,
+    weight_sum: u64,
+    weight_count: u64,
+    /// With a weigher: recent sampled gets that the real cache missed, with the shadows that
+    /// missed them too (a bit each), waiting for the key's insert (direct-mapped, lossy).
+    pending: [(u64, u8); PENDING],
+}
+
+/// Slots for sampled misses waiting for their insert.
+const PENDING: usize = 64;
+
+/// Slots in a weighted tracker's table of weights (32 KiB).
+const WEIGHT_SLOTS: usize = 4096;
+
+/// Hits per shadow, real hits, sampled requests, and the sampled requests expected from the
+/// cache's request count (the rate × the reads counted, less the samples lost).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    hits: [u64; 7],
+    real: u64,
+    n: u64,
+    expected: f64,
+}
+
+impl Counts {
+    fn as_f64(&self) -> [f64; 10] {
+        let mut a = [0.0; 10];
+        for (x, h) in a.iter_mut().zip(self.hits) {
+            *x = h as f64;
+        }
+        a[7] = self.real as f64;
+        a[8] = self.n as f64;
+        a[9] = self.expected;
+        a
+    }
+}
+
+/// The sampling threshold (compared as in `Selector::sampled`) for rate `min(1, entries /
+/// capacity)`.
+fn threshold_for(capacity: u64, entries: u64) -> u64 {
+    let capacity = capacity.max(1);
+    ((1u128 << 32) * u128::from(entries.min(capacity)) / u128::from(capacity)) as u64
+}
+
+impl Tracker {
+    /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
+    /// policy runs the configuration of tune word `tune`; samples at most under
+    /// `max_threshold` (the selector's, when there is one).
+    pub(crate) fn new(
+        capacity: u64,
+        weighted: bool,
+        tune: u64,
+        seed: u64,
+        max_threshold: u64,
+    ) -> Self {
+        let mut t = Tracker {
+            capacity: capacity.max(1),
+            seed,
+            weighted,
+            mean_weight: 1,
+            threshold: 0,
+            shadows: Vec::new(),
+            candidate: tune & 0xff,
+            epoch: Counts::default(),
+            window: [0.0; 10],
+            total: Counts::default(),
+            requests_mark: 0,
+            requests_now: 0,
+            weights: if weighted {
+                vec![0; WEIGHT_SLOTS]
+            } else {
+                Vec::new()
+            },
+            weight_sum: 0,
+            weight_count: 0,
+            pending: [(0, 0); PENDING],
+        };
+        t.rebuild(max_threshold);
+        t
+    }
+
+    /// (Re)creates the shadows for the current mean weight, at most at `max_threshold`.
+    fn rebuild(&mut self, max_threshold: u64) {
+        let entries = ENTRIES.saturating_mul(self.mean_weight);
+        self.threshold = threshold_for(self.capacity, entries).min(max_threshold);
+        let rate = self.threshold as f64 / (1u64 << 32) as f64;
+        self.shadows = FACTORS
+            .iter()
+            .enumerate()
+            .map(|(i, &(num, den))| {
+                let c =
+                    ((self.capacity as f64 * rate * num as f64 / den as f64).round() as u64).max(1);
+                Shadow::new(c, self.candidate as usize, self.seed ^ (0x51 + i as u64))
+            })
+            .collect();
+        if !self.weighted {
+            // Window 0 % at 0.25 × and 0.5 × as well: a smaller cache's own selector often
+            // prefers it (see the module docs, "Which policy").
+            for i in 0..2 {
+                let c = self.shadows[i].capacity();
+                self.shadows
+                    .push(Shadow::new(c, 0, self.seed ^ (0x61 + i as u64)));
+            }
+        }
+        self.epoch = Counts::default();
+        self.window = [0.0; 10];
+        self.total = Counts::default();
+        self.requests_mark = self.requests_now;
+    }
+
+    fn rate(&self) -> f64 {
+        self.threshold as f64 / (1u64 << 32) as f64
+    }
+
+    /// Whether a drain (at most 64 samples) may end the epoch: the read count is needed then.
+    pub(crate) fn near_epoch_end(&self) -> bool {
+        self.epoch.n + 64 >= EPOCH
+    }
+
+    /// The cache's read count now (see `Cache::requests`).
+    pub(crate) fn set_requests(&mut self, n: u64) {
+        self.requests_now = self.requests_now.max(n);
+    }
+
+    /// `lost` samples at `sample_threshold` were lost by a buffer: the share of them under
+    /// the sizing threshold is not expected any more.
+    pub(crate) fn lost(&mut self, lost: u64, sample_threshold: u64) {
+        if lost > 0 && sample_threshold > 0 {
+            self.epoch.expected -= lost as f64
+                * (self.threshold.min(sample_threshold) as f64 / sample_threshold as f64);
+        }
+    }
+
+    /// The sampled requests expected since the epoch began.
+    fn expected_now(&self) -> f64 {
+        self.epoch.expected + (self.requests_now - self.requests_mark) as f64 * self.rate()
+    }
+
+    /// The sampling threshold (see `Selector::sampled`).
+    pub(crate) fn threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// Follows the real cache's configuration (tune word `tune`; its candidate only).
+    fn follow(&mut self, tune: u64) {
+        let candidate = tune & 0xff;
+        if candidate != self.candidate {
+            self.candidate = candidate;
+            for s in self.shadows.iter_mut().take(FACTORS.len()) {
+                s.retune(tune_word(candidate as usize, 0));
+            }
+        }
+    }
+
+    /// One sampled `get` (a sample as `select::sample` makes it), with the real cache's
+    /// configuration `tune`. Keys above the sizing threshold are ignored.
+    pub(crate) fn feed(&mut self, s: u64, tune: u64) {
+        let hash = s & !3;
+        if !crate::select::Selector::sampled(hash, self.threshold) {
+            return;
+        }
+        self.follow(tune);
+        let real_hit = (s >> 1) & 1 == 1;
+        if self.weighted {
+            // A shadow that misses a key the real cache missed too gets it from the sampled
+            // insert that follows (with its weight). One that misses a key the real cache hit
+            // inserts it now, with its last known weight (or the mean).
+            let w = self.weight_of(hash);
+            let mut missed = 0u8;
+            for (i, (h, sh)) in self
+                .epoch
+                .hits
+                .iter_mut()
+                .zip(&mut self.shadows)
+                .enumerate()
+            {
+                // A weight above any shadow's capacity: a lookup, nothing inserted.
+                let hit = sh.access(hash, u32::MAX);
+                *h += u64::from(hit);
+                if !hit {
+                    if real_hit {
+                        sh.access(hash, w);
+                    } else {
+                        missed |= 1 << i;
+                    }
+                }
+            }
+            if !real_hit {
+                self.pending[(hash >> 40) as usize % PENDING] = (hash, missed);
+            }
+        } else {
+            for (h, sh) in self.epoch.hits.iter_mut().zip(&mut self.shadows) {
+                *h += u64::from(sh.access(hash, 1));
+            }
+        }
+        self.epoch.real += u64::from(real_hit);
+        self.epoch.n += 1;
+        if self.epoch.n >= EPOCH {
+            self.end_epoch();
+        }
+    }
+
+    fn weight_slot(hash: u64) -> usize {
+        ((hash >> 40) ^ (hash >> 52) ^ (hash & 0xff)) as usize % WEIGHT_SLOTS
+    }
+
+    /// The weight last inserted for `hash`, or the mean of those seen.
+    fn weight_of(&self, hash: u64) -> u32 {
+        let e = self.weights[Self::weight_slot(hash)];
+        if e != 0 && e >> 32 == hash >> 32 {
+            return (e as u32).max(1);
+        }
+        u32::try_from(self.weight_sum / self.weight_count.max(1))
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    /// One sampled insert of weight `weight` (weighted caches only; the hash as the cache
+    /// computed it). Returns a new sampling threshold when the mean weight of the sampled
+    /// inserts (checked at 32, 64, 128 … of them) moved the rate (see [`calibrate`](Self::calibrate)).
+    pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) -> Option<u64> {
+        let hash = hash & !3;
+        if !self.weighted || !crate::select::Selector::sampled(hash, self.threshold) {
+            return None;
+        }
+        self.follow(tune);
+        let weight = weight.max(1);
+        self.weights[Self::weight_slot(hash)] = (hash >> 32) << 32 | u64::from(weight);
+        self.weight_sum = self.weight_sum.saturating_add(u64::from(weight));
+        self.weight_count += 1;
+        // After its sampled miss: into the shadows that missed it. Otherwise (a write without
+        // a read, or the miss was lost): into all, where a shadow holding it counts an access.
+        let slot = &mut self.pending[(hash >> 40) as usize % PENDING];
+        let mask = if slot.0 == hash && hash != 0 {
+            std::mem::take(slot).1
+        } else {
+            u8::MAX
+        };
+        for (i, sh) in self.shadows.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                sh.access(hash, weight);
+            }
+        }
+        if self.weight_count >= 32 && self.weight_count.is_power_of_two() {
+            return self.calibrate(self.weight_sum, self.weight_count);
+        }
+        None
+    }
+
+    fn end_epoch(&mut self) {
+        self.epoch.expected = self.expected_now();
+        self.requests_mark = self.requests_now;
+        let e = self.epoch.as_f64();
+        for (w, x) in self.window.iter_mut().zip(e) {
+            *w = *w * DECAY + x;
+        }
+        for (t, h) in self.total.hits.iter_mut().zip(self.epoch.hits) {
+            *t += h;
+        }
+        self.total.real += self.epoch.real;
+        self.total.n += self.epoch.n;
+        self.total.expected += self.epoch.expected;
+        self.epoch = Counts::default();
+    }
+
+    /// With a weigher: re-derives the rate from a mean entry weight (`weighted_size /
+    /// entries`: the cache's, or the sampled inserts'), rebuilding the shadows when the rate it implies is more
+    /// than 2 × away from the current one. Returns the new threshold when it changed.
+    pub(crate) fn calibrate(&mut self, weighted_size: u64, entries: u64) -> Option<u64> {
+        if !self.weighted || entries == 0 {
+            return None;
+        }
+        // Kept so that the 4 × shadow's capacity stays far below `u32::MAX` (a lookup's weight).
+        let mean = (weighted_size / entries).clamp(1, 1 << 18);
+        let want = threshold_for(self.capacity, ENTRIES.saturating_mul(mean));
+        if want <= self.threshold.saturating_mul(2) && want.saturating_mul(2) >= self.threshold {
+            return None;
+        }
+        self.mean_weight = mean;
+        self.rebuild(u64::MAX);
+        Some(self.threshold)
+    }
+
+    /// The curve now.
+    pub(crate) fn snapshot(&self) -> Sizing {
+        let mut epoch = self.epoch;
+        epoch.expected = self.expected_now();
+        let e = epoch.as_f64();
+        let mut w = self.window;
+        for (x, y) in w.iter_mut().zip(e) {
+            *x += y;
+        }
+        let mut t = self.total;
+        for (x, h) in t.hits.iter_mut().zip(epoch.hits) {
+            *x += h;
+        }
+        t.real += epoch.real;
+        t.n += epoch.n;
+        t.expected += epoch.expected;
+        let t = t.as_f64();
+        // SHARDS's adjustment: the sampled requests expected but not seen (or seen but not
+        // expected) are the few hottest keys' surplus or deficit, counted as hits everywhere.
+        let ratio = |h: f64, c: &[f64; 10]| {
+            let (n, expected) = (c[8], c[9]);
+            if n <= 0.0 {
+                return 0.0;
+            }
+            // Only on an epoch's worth of samples at least: the read counters are approximate
+            // (each thread adds 64 at a time), which swamps a handful of samples.
+            if expected > 0.0 && n >= EPOCH as f64 {
+                ((h + expected - n) / expected).clamp(0.0, 1.0)
+            } else {
+                h / n
+            }
+        };
+        let mut points = [(0, 0.0); 5];
+        let mut since_start = [(0, 0.0); 5];
+        for (i, &(num, den)) in FACTORS.iter().enumerate() {
+            let c = (self.capacity.saturating_mul(num) / den).max(1);
+            points[i] = (c, ratio(w[i], &w));
+            since_start[i] = (c, ratio(t[i], &t));
+            if i < 2 && !self.weighted {
+                points[i].1 = points[i].1.max(ratio(w[5 + i], &w));
+                since_start[i].1 = since_start[i].1.max(ratio(t[5 + i], &t));
+            }
+        }
+        if cfg!(herdcache_broken_sizing) {
+            // A planted bug for tests/sizing.rs to catch: the observed ratio copied everywhere.
+            for p in points.iter_mut().chain(since_start.iter_mut()) {
+                p.1 = ratio(w[7], &w);
+            }
+        }
+        Sizing {
+            points,
+            observed: ratio(w[7], &w),
+            samples: w[8],
+            since_start,
+            observed_since_start: ratio(t[7], &t),
+            samples_since_start: t[8] as u64,
+            rate: self.rate(),
+        }
+    }
+}
+
+/// The predicted hit-ratio curve of a cache built with
+/// [`track_sizing`](crate::CacheBuilder::track_sizing): the hit ratio it would have had, over a
+/// recent window of requests, at 0.25, 0.5, 1, 2 and 4 × its `max_capacity`, and the hit ratio
+/// it did have over the same requests. A snapshot: [`Cache::sizing`](crate::Cache::sizing)
+/// returns a new one each time.
+///
+/// The window is exponentially decayed: every 2000 sampled requests, older counts are
+/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 20
+/// × `max_capacity` for an entry-bounded cache of 2000 entries or more). Ratios are measured on
+/// the sampled requests only (a fraction [`rate`](Self::rate) of the keys, chosen by hash), so
+/// the observed one is an estimate too; [`samples`](Self::samples) says on how many requests.
+/// Before any sampled request every ratio is 0.
+///
+/// # Example
+///
+/// ```
+/// let cache = herdcache::Cache::<u64, u64>::builder()
+///     .max_capacity(100)
+///     .track_sizing()
+///     .build();
+/// // A working set of 150 keys, read in a loop: too big for 100 entries, fits in 200.
+/// for i in 0..30_000u64 {
+///     let k = i % 150;
+///     if cache.get(&k).is_none() {
+///         cache.insert(k, k);
+///     }
+/// }
+/// let s = cache.sizing().expect("tracked");
+/// let at = |c: u64| s.points().iter().find(|p| p.0 == c).unwrap().1;
+/// assert!(at(200) > 0.9, "{s:?}");
+/// assert!(at(200) > at(100));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sizing {
+    points: [(u64, f64); 5],
+    observed: f64,
+    samples: f64,
+    since_start: [(u64, f64); 5],
+    observed_since_start: f64,
+    samples_since_start: u64,
+    rate: f64,
+}
+
+impl Sizing {
+    /// (capacity, predicted hit ratio as a fraction in 0..=1) over the window, ordered by
+    /// capacity: 0.25, 0.5, 1, 2 and 4 × `max_capacity` (in weight units with a weigher; at
+    /// least 1).
+    pub fn points(&self) -> &[(u64, f64)] {
+        &self.points
+    }
+
+    /// The predicted hit ratio at the tracked capacity nearest to `capacity` (see
+    /// [`points`](Self::points)).
+    pub fn predicted_at(&self, capacity: u64) -> f64 {
+        self.points
+            .iter()
+            .min_by_key(|p| p.0.abs_diff(capacity))
+            .map_or(0.0, |p| p.1)
+    }
+
+    /// The real cache's hit ratio over the same window and the same sampled requests.
+    pub fn observed(&self) -> f64 {
+        self.observed
+    }
+
+    /// The (decayed) number of sampled requests in the window.
+    pub fn samples(&self) -> f64 {
+        self.samples
+    }
+
+    /// Like [`points`](Self::points), over every sampled request since the cache was built
+    /// (for replaying a whole trace; a weighted cache restarts these when its rate changes).
+    pub fn points_since_start(&self) -> &[(u64, f64)] {
+        &self.since_start
+    }
+
+    /// Like [`observed`](Self::observed), since the cache was built.
+    pub fn observed_since_start(&self) -> f64 {
+        self.observed_since_start
+    }
+
+    /// Sampled requests since the cache was built.
+    pub fn samples_since_start(&self) -> u64 {
+        self.samples_since_start
+    }
+
+    /// The share of keys sampled (by hash), in 0..=1.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::sample;
+
+    fn h(k: u64) -> u64 {
+        let x = (k ^ 0x7777).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^ (x >> 29)
+    }
+
+    #[test]
+    fn the_rate_aims_for_2000_entries() {
+        let t = Tracker::new(100_000, false, 0, 1, u64::MAX);
+        assert!((t.snapshot().rate() - 0.02).abs() < 1e-6);
+        let t = Tracker::new(500, false, 0, 1, u64::MAX);
+        assert_eq!(t.snapshot().rate(), 1.0);
+        let caps: Vec<u64> = t.snapshot().points().iter().map(|p| p.0).collect();
+        assert_eq!(caps, [125, 250, 500, 1000, 2000]);
+        // Never above the selector's.
+        let t = Tracker::new(500, false, 0, 1, 1 << 20);
+        assert_eq!(t.threshold(), 1 << 20);
+    }
+
+    #[test]
+    fn the_window_decays_and_the_totals_do_not() {
+        let mut t = Tracker::new(100, false, 0, 1, u64::MAX);
+        // 20 epochs of a working set that fits, then 20 of distinct keys.
+        for i in 0..40_000u64 {
+            t.feed(sample(h(i % 50), true), 0);
+        }
+        for i in 0..40_000u64 {
+            t.feed(sample(h(1_000_000 + i), false), 0);
+        }
+        let s = t.snapshot();
+        assert!(s.observed() < 0.4, "decayed: {s:?}");
+        assert!((s.observed_since_start() - 0.5).abs() < 1e-9, "{s:?}");
+        assert!(
+            s.points()[2].1 < 0.4 && s.points_since_start()[2].1 > 0.49,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn weighted_shadows_insert_on_inserts_only() {
+        let mut t = Tracker::new(2000, true, tune_word(1, 0), 1, u64::MAX);
+        for round in 0..3 {
+            for k in 0..100u64 {
+                t.feed(sample(h(k), round > 0), 0);
+                if round == 0 {
+                    // Weight 10: 100 keys need 1000 units: they fit at 1 × and above.
+                    t.feed_insert(h(k), 10, 0);
+                }
+            }
+        }
+        let s = t.snapshot();
+        assert!((s.predicted_at(2000) - 2.0 / 3.0).abs() < 1e-9, "{s:?}");
+        assert!(s.predicted_at(500) < 0.5, "{s:?}");
+    }
+}
