@@ -27,6 +27,19 @@ fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
 }
 
 /// Polls `f` up to `n` times (no-op waker); its output if it completed.
+/// Polls until ready, pausing a millisecond between polls, for up to `limit`: for a future
+/// that waits on another thread (how many polls that takes depends on the scheduler).
+fn poll_until<F: Future + ?Sized>(mut f: Pin<&mut F>, limit: Duration) -> Option<F::Output> {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if let Poll::Ready(v) = poll_once(f.as_mut()) {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
 fn poll_n<F: Future + ?Sized>(mut f: Pin<&mut F>, n: usize) -> Option<F::Output> {
     for _ in 0..n {
         if let Poll::Ready(v) = poll_once(f.as_mut()) {
@@ -426,7 +439,8 @@ fn cancel_leader_at_every_poll_mixed_waiters() {
             std::thread::sleep(Duration::from_millis(20));
             drop(leader);
             if waiter_out.is_none() {
-                waiter_out = poll_n(waiter.as_mut(), 50);
+                // The waiter may have joined the sync caller's load (its thread then publishes).
+                waiter_out = poll_until(waiter.as_mut(), Duration::from_secs(5));
             }
             let w = waiter_out.unwrap_or_else(|| panic!("shared {shared} n {n}: waiter stuck"));
             let s = match sync.wait(Duration::from_secs(5)) {
