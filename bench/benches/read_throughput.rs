@@ -7,10 +7,11 @@
 //!
 //! Workload: keys drawn from a Zipf distribution (s = 1.0) over 100,000 keys; every cache has a
 //! capacity of 100,000 and is prefilled with every key, so reads hit and writes replace. Mixes:
-//! 100 %, 95 % and 75 % reads (the rest inserts). Each trial runs ~250 ms; caches are
+//! 100 %, 95 %, 75 %, 50 % and 0 % reads (the rest inserts). Each trial runs ~250 ms; caches are
 //! alternated within each round so that machine noise hits them alike; the table shows the
 //! median over rounds in Mops/s and the ratio to quick_cache. "herdcache+stats" is herdcache
-//! with `record_stats()`, to measure what statistics cost. criterion's one-thread loop does
+//! with `record_stats()`, to measure what statistics cost, and "herdcache+sizing" with
+//! `track_sizing()`. criterion's one-thread loop does
 //! not fit a multi-threaded, alternating comparison, hence this small harness.
 
 use std::hint::black_box;
@@ -97,6 +98,12 @@ fn make(name: &str) -> Arc<dyn Bench> {
                 .record_stats()
                 .build(),
         ),
+        "herdcache+sizing" => Arc::new(
+            herdcache::Cache::<u64, u64>::builder()
+                .max_capacity(KEYS)
+                .track_sizing()
+                .build(),
+        ),
         "moka" => Arc::new(moka::sync::Cache::<u64, u64>::new(KEYS)),
         "quick_cache" => Arc::new(quick_cache::sync::Cache::<u64, u64>::new(KEYS as usize)),
         _ => unreachable!(),
@@ -168,11 +175,12 @@ fn main() {
         "quick_cache",
         "moka",
         "herdcache+stats",
+        "herdcache+sizing",
     ];
     let caches: Vec<_> = names.iter().map(|n| make(n)).collect();
-    println!("| reads | threads | herdcache | herdcache + TTL | quick_cache | moka | herdcache / quick_cache | herdcache+TTL / quick_cache | herdcache / moka | with stats / without |");
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for read_pct in [100, 95, 75] {
+    println!("| reads | threads | herdcache | herdcache + TTL | quick_cache | moka | herdcache / quick_cache | herdcache+TTL / quick_cache | herdcache / moka | with stats / without | with sizing / without |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for read_pct in [100, 95, 75, 50, 0] {
         for threads in [1, 2] {
             let mut results = vec![Vec::new(); names.len()];
             for round in 0..rounds {
@@ -188,7 +196,7 @@ fn main() {
             }
             let m: Vec<f64> = results.into_iter().map(median).collect();
             println!(
-                "| {read_pct} % | {threads} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1}× | {:.3}× |",
+                "| {read_pct} % | {threads} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1}× | {:.3}× | {:.3}× |",
                 m[0],
                 m[1],
                 m[2],
@@ -196,7 +204,8 @@ fn main() {
                 m[0] / m[2],
                 m[1] / m[2],
                 m[0] / m[3],
-                m[4] / m[0]
+                m[4] / m[0],
+                m[5] / m[0]
             );
         }
     }
