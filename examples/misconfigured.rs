@@ -1,18 +1,20 @@
-//! A misconfigured cache, diagnosed by `Cache::health`, then configured as its warnings
-//! advise.
+//! A misconfigured cache, diagnosed by `Cache::health` and its sizing curve, then configured
+//! as its warnings advise.
 //!
 //! ```text
 //! cargo run --release --example misconfigured     # about 8 s
 //! ```
 //!
-//! 64 client threads read keys drawn uniformly from a working set of 1,000; a load takes 60 ms
+//! 64 client threads read keys drawn uniformly from a working set of 150; a load takes 60 ms
 //! (a slow backend, simulated by a sleep). Run 1 replays the configuration of the outage: a
 //! cache of 50 entries (far below the working set) with a 200 ms time to live (below 4 loads),
-//! no jitter, no refresh. Its warnings fire: the cache is thrashing and the time to live is
-//! shorter than the loads. Run 2 follows their advice: a capacity that holds the working set
-//! (2,000), a 5 s time to live refreshed after 2.5 s, with jitter, and enough refresh threads
-//! (64) for 60 ms loads. Its health is clean (the
-//! program exits with an error if it is not).
+//! no jitter, no refresh, with the sizing curve tracked. Its warnings fire: the cache is
+//! thrashing (the advice quotes the predicted hit ratio at 2× and 4× the capacity) and the
+//! time to live is shorter than the loads. Run 2 follows their advice: the capacity the sizing
+//! curve suggests (`Sizing::suggested_capacity`, not the working set, which a real operator
+//! does not know), a 5 s time to live refreshed after 2.5 s, with jitter, and enough refresh
+//! threads (64) for 60 ms loads. Its health is clean (the program exits with an error if it
+//! is not, or if the curve suggests no capacity).
 
 #[path = "support/pool.rs"]
 mod support;
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::pool;
 
-const WORKING_SET: u64 = 1_000;
+const WORKING_SET: u64 = 150;
 const CLIENTS: u64 = 64;
 const LOAD: Duration = Duration::from_millis(60);
 const RUN: Duration = Duration::from_secs(3);
@@ -108,6 +110,7 @@ fn main() {
         .max_capacity(50)
         .time_to_live(Duration::from_millis(200))
         .record_stats()
+        .track_sizing()
         .loader(backend.clone())
         .build();
     let warnings = run(
@@ -115,9 +118,24 @@ fn main() {
         &as_configured,
         &calls,
     );
+    let sizing = as_configured.sizing().expect("tracked");
+    let curve: Vec<String> = sizing
+        .points()
+        .iter()
+        .map(|(c, r)| format!("{c}: {:.0} %", r * 100.0))
+        .collect();
+    println!(
+        "sizing curve (predicted hit ratio by capacity; {:.0} % observed): {}",
+        sizing.observed() * 100.0,
+        curve.join(", ")
+    );
+    let Some(capacity) = sizing.suggested_capacity() else {
+        eprintln!("misconfigured: the sizing curve suggests no capacity");
+        std::process::exit(1);
+    };
     calls.store(0, Ordering::Relaxed);
     let advised: Cache<u64, u64> = Cache::builder()
-        .max_capacity(2 * WORKING_SET)
+        .max_capacity(capacity)
         .time_to_live(Duration::from_secs(5))
         .refresh_after(Duration::from_millis(2500))
         .jitter(0.2)
@@ -126,7 +144,10 @@ fn main() {
         .loader(backend)
         .build();
     let after = run(
-        "as advised: 2,000 entries, TTL 5 s, refresh after 2.5 s, jitter 0.2",
+        &format!(
+            "as advised: {capacity} entries (the sizing curve's suggestion), TTL 5 s, refresh \
+             after 2.5 s, jitter 0.2"
+        ),
         &advised,
         &calls,
     );

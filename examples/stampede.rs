@@ -35,7 +35,9 @@
 //! For each it prints requests answered, 504s and errors (before, during and after the
 //! outage), backend calls and utilisation, the p99 per 100 ms, and the health warnings
 //! (`Cache::health`, polled every 100 ms over a 2 s window) that fired, and when — against
-//! when the backend first saturated. The chart shows p99 latency and backend utilisation over
+//! when the backend first saturated —, and the sizing curve (`track_sizing`: the hit ratio
+//! predicted at 0.25 to 4 × the capacity; here flat: the outage is not for want of room, and
+//! the curve says so). The chart shows p99 latency and backend utilisation over
 //! time for the four.
 
 #[path = "support/pool.rs"]
@@ -176,6 +178,8 @@ struct Report {
     peak_queue: usize,
     warnings: BTreeMap<&'static str, Seen>,
     stats: herdcache::CacheStats,
+    /// The predicted hit-ratio curve at the end of the run.
+    sizing: Option<herdcache::Sizing>,
     outage: (f64, f64),
 }
 
@@ -232,6 +236,7 @@ fn run(name: &'static str, duration: Duration) -> Report {
     let mut builder = Cache::<u64, u64>::builder()
         .max_capacity(10_000)
         .record_stats()
+        .track_sizing()
         .time_to_live(TTL)
         .loader(move |k: &u64| b.call(*k));
     if protected {
@@ -365,6 +370,7 @@ fn run(name: &'static str, duration: Duration) -> Report {
         peak_queue: backend.peak_queue.load(Ordering::SeqCst),
         warnings: warnings.into_inner().unwrap(),
         stats: cache.stats(),
+        sizing: cache.sizing(),
         outage,
     }
 }
@@ -584,6 +590,23 @@ fn main() {
             s.stale_served_after_ttl,
             s.timeouts,
         );
+        if let Some(z) = &r.sizing {
+            let curve: Vec<String> = z
+                .points()
+                .iter()
+                .map(|(c, h)| format!("{c}: {:.1} %", h * 100.0))
+                .collect();
+            println!(
+                "sizing curve (predicted hit ratio by capacity, observed {:.1} %): {} — {}",
+                z.observed() * 100.0,
+                curve.join(", "),
+                match z.suggested_capacity() {
+                    Some(c) => format!("raise max_capacity to about {c}"),
+                    None => "a larger cache would not help: the misses are not for want of room"
+                        .to_string(),
+                }
+            );
+        }
         if r.warnings.is_empty() {
             println!("health: no warning");
         }

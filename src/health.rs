@@ -31,7 +31,7 @@
 //! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (entries written, counted by when they are due; ones evicted since still count) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
-//! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each) |
+//! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
 //! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
 //! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl` and no `fail_safe` (which retries a failing key once per backoff), ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
 //! | [`Warning::ServingStale`] | fail-safe answered calls with values past their time to live |
@@ -143,6 +143,11 @@ pub enum Warning {
         residence: Option<Duration>,
         /// The hit ratio of the window's first and second halves (fractions), if measured.
         hit_ratio: Option<(f64, f64)>,
+        /// The predicted hit-ratio curve, when the cache tracks it
+        /// ([`track_sizing`](crate::CacheBuilder::track_sizing)): the advice quotes its
+        /// points above `max_capacity` and suggests the smallest that gets within
+        /// [`SIZING_MARGIN_POINTS`] of the best.
+        sizing: Option<crate::Sizing>,
     },
     /// Most loads waited for a `max_concurrent_loads` permit.
     LoadLimitSaturated {
@@ -242,6 +247,7 @@ impl fmt::Display for Warning {
                 evictions,
                 residence,
                 hit_ratio,
+                sizing,
             } => {
                 write!(f, "{evictions} evictions for size")?;
                 if let Some(r) = residence {
@@ -250,7 +256,28 @@ impl fmt::Display for Warning {
                 if let Some((a, b)) = hit_ratio {
                     write!(f, ", hit ratio {:.1} % → {:.1} %", a * 100.0, b * 100.0)?;
                 }
-                f.write_str(": the cache is too small for its working set; raise max_capacity")
+                match sizing.as_ref().map(|s| (s, s.suggested_capacity())) {
+                    Some((s, Some(capacity))) => {
+                        write!(f, "; sizing curve: {:.0} % now", s.observed() * 100.0)?;
+                        for (i, (c, r)) in s.points()[3..].iter().enumerate() {
+                            let capacity_word = if i == 0 { " capacity" } else { "" };
+                            write!(f, ", at {}×{capacity_word} ({c}): {:.0} %", 2 << i, r * 100.0)?;
+                        }
+                        write!(
+                            f,
+                            ": the cache is too small for its working set; raise max_capacity \
+                             to about {capacity}"
+                        )
+                    }
+                    Some((_, None)) => f.write_str(
+                        "; the sizing curve predicts little gain from a larger cache: the misses \
+                         are keys seen once (a scan); keep max_capacity, or keep scans out",
+                    ),
+                    None => f.write_str(
+                        ": the cache is too small for its working set; raise max_capacity \
+                         (track_sizing() says by how much)",
+                    ),
+                }
             }
             Warning::LoadLimitSaturated { limit, waited, loads } => write!(
                 f,
@@ -539,6 +566,7 @@ where
                     evictions,
                     residence,
                     hit_ratio,
+                    sizing: self.sizing_undrained(),
                 });
             }
         }

@@ -319,7 +319,7 @@ pub use removal::RemovalCause;
 pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};
 pub use settings::{DefaultHashBuilder, DefaultHasher};
-pub use sizing::Sizing;
+pub use sizing::{Sizing, SUGGEST_MARGIN_POINTS};
 pub use stats::{CacheStats, RemoteStats, Removals};
 
 /// The policy selector's running totals (for tests and benchmarks; not a stable API).

@@ -55,6 +55,11 @@
 //! on one row (BENCHMARKS.md). The counters also count the entry API's and refreshes' internal
 //! lookups, which are not sampled: a cache used mostly through those reads high.
 //!
+//! **What is not modelled.** The shadows hold no values and never expire: a point predicts
+//! the misses for want of room (and of admission), not those of a time to live, a refresh or
+//! an invalidation. A cache whose misses are mostly expiries sees a flat curve above its
+//! observed ratio: a larger cache would not help it.
+//!
 //! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4, plus the second ones
 //! at 0.25 and 0.5 (8.5 × 2000 = 17,000 entries at most without a weigher), about 40 bytes per
 //! shadow entry (see `shadow`): about 0.7 MiB once full, fixed whatever `max_capacity` is
@@ -437,6 +442,10 @@ impl Tracker {
     }
 }
 
+/// [`Sizing::suggested_capacity`]: a larger capacity is suggested when it is predicted to gain
+/// at least this many points, and the smallest within this many points of the best.
+pub const SUGGEST_MARGIN_POINTS: f64 = 2.0;
+
 /// The predicted hit-ratio curve of a cache built with
 /// [`track_sizing`](crate::CacheBuilder::track_sizing): the hit ratio it would have had, over a
 /// recent window of requests, at 0.25, 0.5, 1, 2 and 4 × its `max_capacity`, and the hit ratio
@@ -495,6 +504,35 @@ impl Sizing {
             .iter()
             .min_by_key(|p| p.0.abs_diff(capacity))
             .map_or(0.0, |p| p.1)
+    }
+
+    /// The capacity to configure, by this curve: the smallest tracked capacity above
+    /// `max_capacity` whose predicted hit ratio is within [`SUGGEST_MARGIN_POINTS`] of the best
+    /// point's (at or above `max_capacity`) — or `None` when no larger capacity is predicted
+    /// to gain that many points over the 1 × point (the misses are not for want of room, or
+    /// the cache is big enough). [`Warning::Thrashing`](crate::Warning::Thrashing) quotes it.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::<u64, u64>::builder()
+    ///     .max_capacity(100)
+    ///     .track_sizing()
+    ///     .build();
+    /// for i in 0..30_000u64 {
+    ///     let k = i % 150; // a loop over 150 keys: fits in 200 entries
+    ///     if cache.get(&k).is_none() {
+    ///         cache.insert(k, k);
+    ///     }
+    /// }
+    /// assert_eq!(cache.sizing().unwrap().suggested_capacity(), Some(200));
+    /// ```
+    pub fn suggested_capacity(&self) -> Option<u64> {
+        let p = &self.points;
+        let margin = SUGGEST_MARGIN_POINTS / 100.0;
+        let best = p[2..].iter().map(|x| x.1).fold(0.0, f64::max);
+        if best - p[2].1 < margin {
+            return None;
+        }
+        p[3..].iter().find(|x| x.1 >= best - margin).map(|x| x.0)
     }
 
     /// The real cache's hit ratio over the same window and the same sampled requests.

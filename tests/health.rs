@@ -213,6 +213,61 @@ fn thrashing_young_evictions() {
     assert!(kinds(&c, secs(20_000)).is_empty());
 }
 
+/// A cache of 100 with the sizing curve tracked, read through `keys` (one key a millisecond,
+/// inserted on a miss).
+fn sized_churn(keys: impl Iterator<Item = u64>) -> Cache<u64, u64> {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(3600))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .record_stats()
+        .track_sizing()
+        .build();
+    for k in keys {
+        if c.get(&k).is_none() {
+            c.insert(k, k);
+        }
+        clock.advance(ms(1));
+    }
+    c
+}
+
+#[test]
+fn thrashing_quotes_the_sizing_curve() {
+    // A loop over 150 keys: too many for 100 entries, all of them fit in 200.
+    let c = sized_churn((0..30_000u64).map(|i| i % 150));
+    let h = c.health_over(secs(60));
+    let w = match h.warnings() {
+        [w @ Warning::Thrashing {
+            sizing: Some(s), ..
+        }] => {
+            assert!(s.predicted_at(200) > 0.95, "{s:?}");
+            assert!(s.predicted_at(100) < 0.9, "{s:?}");
+            w.to_string()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(w.contains("at 2× capacity (200): "), "{w}");
+    assert!(w.contains(", at 4× (400): "), "{w}");
+    assert!(w.ends_with("raise max_capacity to about 200"), "{w}");
+    // Near miss: keys seen once (a scan). Evictions are young as well, but no capacity would
+    // help: the advice says so instead of suggesting one.
+    let c = sized_churn(1_000_000..1_030_000u64);
+    let h = c.health_over(secs(60));
+    match h.warnings() {
+        [w @ Warning::Thrashing {
+            sizing: Some(s), ..
+        }] => {
+            assert!(s.predicted_at(400) < 0.02, "{s:?}");
+            let w = w.to_string();
+            assert!(w.contains("predicts little gain") && !w.contains("about"), "{w}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn thrashing_hit_ratio_drop() {
     let clock = ManualClock::new();

@@ -169,8 +169,15 @@ where
     /// assert!(plain.sizing().is_none());
     /// ```
     pub fn sizing(&self) -> Option<crate::Sizing> {
-        let tracker = self.inner.sizing.as_ref()?;
+        self.inner.sizing.as_ref()?;
         self.drain_pending_samples();
+        self.sizing_undrained()
+    }
+
+    /// [`sizing`](Self::sizing) without draining the shards' sample buffers first (no shard
+    /// lock: for [`health`](Self::health)); at most 64 samples per shard older.
+    pub(crate) fn sizing_undrained(&self) -> Option<crate::Sizing> {
+        let tracker = self.inner.sizing.as_ref()?;
         tracker.lock().set_requests(self.requests());
         if self.inner.weigher_set() {
             let (size, entries) = (self.weighted_size(), self.entry_count());
