@@ -26,7 +26,7 @@ where
     /// series per kind, so a cleared warning reads 0). With
     /// [`track_sizing`](crate::CacheBuilder::track_sizing), the sizing curve:
     /// `herdcache_predicted_hit_ratio{size}` and `herdcache_predicted_capacity{size}` (`size` =
-    /// `0.25x` … `4x`), `herdcache_sizing_observed_hit_ratio`. With a Redis second tier, also
+    /// `0.25x` … `4x`), `herdcache_sizing_observed_hit_ratio`, `herdcache_suggested_capacity` (0: none). With a Redis second tier, also
     /// `herdcache_remote_total{event}`, one series per [`RemoteStats`](crate::RemoteStats) field
     /// (`hits`, `errors`, `skipped`, `leases_acquired`, …).
     ///

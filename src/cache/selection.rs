@@ -201,7 +201,9 @@ where
     /// [`report_metrics`](Cache::report_metrics)): gauges
     /// `herdcache_predicted_hit_ratio{cache, size}` (`size` = `0.25x`, `0.5x`, `1x`, `2x`,
     /// `4x`), `herdcache_predicted_capacity{cache, size}` and
-    /// `herdcache_sizing_observed_hit_ratio{cache}` (the observed ratio over the same window).
+    /// `herdcache_sizing_observed_hit_ratio{cache}` (the observed ratio over the same window),
+    /// `herdcache_suggested_capacity{cache}` ([`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity);
+    /// 0: none).
     pub(crate) fn report_sizing_metrics(&self, name: &str) {
         let Some(s) = self.sizing() else {
             return;
@@ -215,5 +217,7 @@ where
         }
         metrics::gauge!("herdcache_sizing_observed_hit_ratio", "cache" => name.to_string())
             .set(s.observed());
+        metrics::gauge!("herdcache_suggested_capacity", "cache" => name.to_string())
+            .set(s.suggested_capacity().unwrap_or(0) as f64);
     }
 }
