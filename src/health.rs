@@ -147,7 +147,7 @@ pub enum Warning {
         /// ([`track_sizing`](crate::CacheBuilder::track_sizing)): the advice quotes its
         /// points above `max_capacity` and suggests the smallest that gets within
         /// [`SIZING_MARGIN_POINTS`] of the best.
-        sizing: Option<crate::Sizing>,
+        sizing: Option<Box<crate::Sizing>>,
     },
     /// Most loads waited for a `max_concurrent_loads` permit.
     LoadLimitSaturated {
@@ -566,7 +566,7 @@ where
                     evictions,
                     residence,
                     hit_ratio,
-                    sizing: self.sizing_undrained(),
+                    sizing: self.sizing_undrained().map(Box::new),
                 });
             }
         }

@@ -262,7 +262,10 @@ fn thrashing_quotes_the_sizing_curve() {
         }] => {
             assert!(s.predicted_at(400) < 0.02, "{s:?}");
             let w = w.to_string();
-            assert!(w.contains("predicts little gain") && !w.contains("about"), "{w}");
+            assert!(
+                w.contains("predicts little gain") && !w.contains("about"),
+                "{w}"
+            );
         }
         other => panic!("{other:?}"),
     }
