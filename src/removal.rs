@@ -155,6 +155,17 @@ impl<K, V> Removals<K, V> {
         self.first.is_none()
     }
 
+    /// Calls `f` on each entry (cheaper than [`iter`](Self::iter) for the common one entry).
+    #[inline]
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Removed<K, V>)) {
+        if let Some(r) = &self.first {
+            f(r);
+        }
+        if let Some(m) = &self.more {
+            m.rest.iter().for_each(f);
+        }
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {
         let rest = self.more.as_ref().map_or(&[][..], |m| &m.rest[..]);
         self.first.iter().chain(rest.iter())

@@ -52,7 +52,9 @@ const SHARED: usize = STRIPES;
 
 /// Striped counters of one cache: the `STRIPES` ownable ones, then the shared one.
 pub(crate) struct Stats {
-    stripes: Box<[CachePadded<[AtomicU64; COUNTERS]>]>,
+    /// A fixed-size array: indexing it with a stripe number checked against `STRIPES` needs
+    /// no bounds check.
+    stripes: Box<[CachePadded<[AtomicU64; COUNTERS]>; SHARED + 1]>,
 }
 
 /// The stripes owned by live threads: bit `i` for stripe `i`.
@@ -136,9 +138,9 @@ fn claim(state: usize) -> usize {
 impl Stats {
     pub(crate) fn new() -> Self {
         Stats {
-            stripes: (0..=SHARED)
-                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
-                .collect(),
+            stripes: Box::new(std::array::from_fn(|_| {
+                CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0)))
+            })),
         }
     }
 
@@ -162,15 +164,28 @@ impl Stats {
     }
 
     /// Counts a removed entry of weight `w`.
+    #[inline]
     pub(crate) fn removed(&self, cause: RemovalCause, w: u32) {
-        let (count, weight) = match cause {
-            RemovalCause::Expired => (Counter::RemovedExpired, Counter::WeightExpired),
-            RemovalCause::Explicit => (Counter::RemovedExplicit, Counter::WeightExplicit),
-            RemovalCause::Replaced => (Counter::RemovedReplaced, Counter::WeightReplaced),
-            RemovalCause::Size => (Counter::RemovedSize, Counter::WeightSize),
-        };
-        self.add(count, 1);
-        self.add(weight, u64::from(w));
+        // The count and weight counters of each cause, in `RemovalCause`'s order.
+        const BY_CAUSE: [(Counter, Counter); 4] = [
+            (Counter::RemovedExpired, Counter::WeightExpired),
+            (Counter::RemovedExplicit, Counter::WeightExplicit),
+            (Counter::RemovedReplaced, Counter::WeightReplaced),
+            (Counter::RemovedSize, Counter::WeightSize),
+        ];
+        let (count, weight) = BY_CAUSE[cause as usize];
+        // One stripe lookup for both counters; a plain store on this thread's own stripe.
+        let i = stripe();
+        let s = &self.stripes[i];
+        if i < STRIPES {
+            for (c, n) in [(count, 1), (weight, u64::from(w))] {
+                let a = &s[c as usize];
+                a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+            }
+        } else {
+            s[count as usize].fetch_add(1, Ordering::Relaxed);
+            s[weight as usize].fetch_add(u64::from(w), Ordering::Relaxed);
+        }
     }
 
     fn sum(&self, c: Counter) -> u64 {

@@ -8,7 +8,8 @@
 //!     target/release/examples/op_count herdcache 75 1000000
 //! ```
 //!
-//! Arguments: the cache (`herdcache`, `herdcache-ttl`, `quick_cache`), the share of reads in
+//! Arguments: the cache (`herdcache`, `herdcache-ttl`, `herdcache-stats` with `record_stats`,
+//! `herdcache-sizing` with `track_sizing`, `quick_cache`), the share of reads in
 //! percent (the rest are inserts of present keys) and the number of operations. Keys as in the
 //! `read_throughput` bench: Zipf (s = 1) over 100,000 keys, every key present. Callgrind's
 //! instruction total divided by the operation count is the figure.
@@ -61,16 +62,22 @@ fn run_quick_cache(c: &quick_cache::sync::Cache<u64, u64>, keys: &[u64], reads: 
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: op_count herdcache|herdcache-ttl|quick_cache READ_PERCENT OPS";
+    let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|quick_cache READ_PERCENT OPS";
     let cache = args.first().expect(usage).as_str();
     let reads: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let ops: usize = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
     let keys = zipf_samples(ops);
     match cache {
-        "herdcache" | "herdcache-ttl" => {
+        "herdcache" | "herdcache-ttl" | "herdcache-stats" | "herdcache-sizing" => {
             let mut b = herdcache::Cache::builder().max_capacity(KEYS);
             if cache == "herdcache-ttl" {
                 b = b.time_to_live(Duration::from_secs(3600));
+            }
+            if cache == "herdcache-stats" {
+                b = b.record_stats();
+            }
+            if cache == "herdcache-sizing" {
+                b = b.track_sizing();
             }
             let c = b.build();
             for k in 0..KEYS {

@@ -441,10 +441,16 @@ where
     /// and dropped, and the first panic is then resumed in the caller.
     #[inline(always)]
     pub(crate) fn report_removals(&self, out: Removals<K, V>) {
-        if self.inner.stats.is_none() && self.inner.listener.is_none() {
-            return; // nothing to report: `out` drops here, after the lock
+        if let Some(stats) = &self.inner.stats {
+            out.for_each(|r| stats.removed(r.cause, r.weight));
         }
-        let panic = self.report(&out);
+        let Some(listener) = &self.inner.listener else {
+            return; // `out` drops here, after the lock
+        };
+        if out.is_empty() {
+            return;
+        }
+        let panic = out.report_to(listener);
         drop(out);
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
@@ -454,13 +460,11 @@ where
     /// Reports removed entries to the statistics and the listener (each exactly once); returns
     /// the first panic of the listener, if any.
     fn report(&self, out: &Removals<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
+        if let Some(stats) = &self.inner.stats {
+            out.for_each(|r| stats.removed(r.cause, r.weight));
+        }
         if out.is_empty() {
             return None;
-        }
-        if let Some(stats) = &self.inner.stats {
-            for r in out.iter() {
-                stats.removed(r.cause, r.weight);
-            }
         }
         out.report_to(self.inner.listener.as_ref()?)
     }
