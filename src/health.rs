@@ -510,7 +510,7 @@ where
                 });
             }
         }
-        if let Some((due, in_)) = m.busiest(now) {
+        if let Some((due, in_)) = m.busiest(now, self.inner.shards.iter().map(|c| &c.due)) {
             let entries = self.entry_count().max(1);
             let share = (due as f64 / entries as f64).min(1.0);
             if due >= SYNC_MIN && share >= SYNC_SHARE {

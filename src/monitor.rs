@@ -1,7 +1,8 @@
 //! The figures the slow paths keep for [`Cache::health`](crate::Cache::health): a load-time
 //! histogram, failure and stale-answer counters, and (for a cache whose expiry can be
-//! synchronized) a ring of how many entries fall due in each interval ahead. A leaf: the
-//! settings own one; `health` reads it.
+//! synchronized) the configuration of the [`DueRing`]s — one per shard, kept under its write
+//! lock — that count how many entries fall due in each interval ahead. A leaf: the settings
+//! own the monitor, the cache's shards the rings; `health` reads both.
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,11 +53,50 @@ impl Default for Figures {
     }
 }
 
-/// One interval of the expiry ring: which interval it holds, and how many entries are due in it.
-#[derive(Default)]
-pub(crate) struct Slot {
-    pub(crate) interval: AtomicU64,
-    pub(crate) due: AtomicU64,
+/// How many written entries fall due in each interval ahead, for one shard: a ring of
+/// [`SLOTS`] words, each the low 32 bits of the interval it holds and its count (one word, so
+/// a reader never sees one without the other). Written only under the shard's write lock
+/// (plain loads and stores: no shared read-modify-write on the write path); read by `health`
+/// with no lock. Empty unless expiry can be synchronized.
+pub(crate) struct DueRing(Box<[AtomicU64]>);
+
+impl DueRing {
+    /// A ring for a shard of a cache monitored by `m` (empty if it does not track expiry).
+    pub(crate) fn new(m: &Monitor) -> Self {
+        DueRing(if m.tracks_due() {
+            (0..SLOTS).map(|_| AtomicU64::new(0)).collect()
+        } else {
+            Box::default()
+        })
+    }
+
+    /// Under the shard's write lock: one entry written now falls due in `interval`.
+    #[inline]
+    pub(crate) fn note(&self, interval: u64) {
+        let Some(slot) = self.0.get(interval as usize % SLOTS) else {
+            return;
+        };
+        let tag = interval << 32;
+        let w = slot.load(Ordering::Relaxed);
+        let n = if w >> 32 == interval & 0xffff_ffff {
+            (w & 0xffff_ffff) + 1
+        } else {
+            1
+        };
+        slot.store(tag | n.min(0xffff_ffff), Ordering::Relaxed);
+    }
+
+    /// Entries due in `interval`.
+    fn due(&self, interval: u64) -> u64 {
+        self.0.get(interval as usize % SLOTS).map_or(0, |slot| {
+            let w = slot.load(Ordering::Relaxed);
+            if w >> 32 == interval & 0xffff_ffff {
+                w & 0xffff_ffff
+            } else {
+                0
+            }
+        })
+    }
 }
 
 /// The atomics the slow paths keep for [`Cache::health`], and its snapshots.
@@ -65,8 +105,8 @@ pub(crate) struct Monitor {
     pub(crate) loads: Box<[AtomicU64]>,
     pub(crate) failures: AtomicU64,
     pub(crate) stale: AtomicU64,
-    /// Empty unless expiry can be synchronized (a time to live, no spread).
-    pub(crate) ring: Box<[Slot]>,
+    /// The length of a [`DueRing`] interval (nanoseconds); 0 unless expiry can be
+    /// synchronized (a time to live, no spread).
     pub(crate) width: u64,
     pub(crate) history: Mutex<Vec<(u64, Figures)>>,
     /// The kinds raised by the last call of `health` (bit `i`: `Warning::KINDS[i]`), to log
@@ -106,19 +146,15 @@ pub(crate) fn bucket_mid(i: usize) -> u64 {
 
 impl Monitor {
     pub(crate) fn new(config: HealthConfig) -> Self {
-        let (ring, width) = match config.ttl {
-            Some(ttl) if !config.spread => (
-                (0..SLOTS).map(|_| Slot::default()).collect(),
-                (ttl / SLOTS_PER_TTL).max(1),
-            ),
-            _ => (Box::default(), 1),
+        let width = match config.ttl {
+            Some(ttl) if !config.spread => (ttl / SLOTS_PER_TTL).max(1),
+            _ => 0,
         };
         Monitor {
             config,
             loads: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             failures: AtomicU64::new(0),
             stale: AtomicU64::new(0),
-            ring,
             width,
             history: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
@@ -138,43 +174,32 @@ impl Monitor {
         self.stale.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An entry was written at `now` (only tracked when expiry can be synchronized).
-    #[inline]
-    pub(crate) fn wrote(&self, now: u64) {
-        if self.ring.is_empty() {
-            return;
-        }
-        self.note_due(now);
+    /// Whether written entries are counted by when they fall due (see [`DueRing`]).
+    pub(crate) fn tracks_due(&self) -> bool {
+        self.width > 0
     }
 
-    #[inline(never)]
-    fn note_due(&self, now: u64) {
-        let ttl = self.config.ttl.unwrap_or(0);
-        let interval = now.saturating_add(ttl) / self.width;
-        let slot = &self.ring[interval as usize % SLOTS];
-        if slot.interval.load(Ordering::Relaxed) != interval
-            && slot.interval.swap(interval, Ordering::AcqRel) != interval
-        {
-            slot.due.store(0, Ordering::Relaxed);
+    /// The [`DueRing`] interval in which an entry written at `now` falls due, if tracked.
+    #[inline]
+    pub(crate) fn due_interval(&self, now: u64) -> Option<u64> {
+        if self.width == 0 {
+            return None;
         }
-        slot.due.fetch_add(1, Ordering::Relaxed);
+        Some(now.saturating_add(self.config.ttl.unwrap_or(0)) / self.width)
     }
 
     /// The busiest two adjacent intervals ahead of `now` (so that a burst split by an
     /// interval boundary still counts as one): (entries due, their start from now).
-    pub(crate) fn busiest(&self, now: u64) -> Option<(u64, u64)> {
-        if self.ring.is_empty() {
+    pub(crate) fn busiest<'a>(
+        &self,
+        now: u64,
+        rings: impl Iterator<Item = &'a DueRing> + Clone,
+    ) -> Option<(u64, u64)> {
+        if self.width == 0 {
             return None;
         }
         let first = now / self.width;
-        let due = |i: u64| {
-            let s = &self.ring[i as usize % SLOTS];
-            if s.interval.load(Ordering::Relaxed) == i {
-                s.due.load(Ordering::Relaxed)
-            } else {
-                0
-            }
-        };
+        let due = |i: u64| rings.clone().map(|r| r.due(i)).sum::<u64>();
         (first..first + SLOTS as u64 - 1)
             .map(|i| (due(i) + due(i + 1), i))
             .filter(|&(n, _)| n > 0)

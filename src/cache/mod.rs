@@ -88,6 +88,8 @@ pub(crate) struct ShardCell<K, V> {
     /// Approximate count of reads (sampled, see `note_access`), kept only for the sizing
     /// curve's hot-key correction.
     accesses: AtomicU64,
+    /// When this shard's written entries fall due, for `health` (written under `lock`).
+    pub(crate) due: crate::monitor::DueRing,
 }
 
 /// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
@@ -209,6 +211,7 @@ where
                     lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
                     samples: Samples::default(),
                     accesses: AtomicU64::new(0),
+                    due: crate::monitor::DueRing::new(&stampede.monitor),
                 })
             })
             .collect();
@@ -307,12 +310,10 @@ where
         self.inner.timed.then(|| self.inner.clock.clone())
     }
 
-    /// Counts an access of this thread; returns true when the caller should run maintenance.
+    /// Counts an access of this thread (only when reads count ticks); returns true when the
+    /// caller should run maintenance.
     #[inline]
     fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
-        if !self.inner.ticks {
-            return false;
-        }
         let t = ACCESS_TICK.with(|t| {
             let v = t.get().wrapping_add(1);
             t.set(v);
@@ -341,8 +342,12 @@ where
     {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
-        let maintain = self.note_access(cell);
-        let now = self.now();
+        // One test for a cache that keeps no time and no read count (`ticks` is false then).
+        let (maintain, now) = if self.inner.ticks {
+            (self.note_access(cell), self.now())
+        } else {
+            (false, 0)
+        };
         let guard = cell.lock.read();
         let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
             Lookup::Hit(v) => {
@@ -596,8 +601,10 @@ where
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         let now = self.now();
-        self.inner.stampede.monitor.wrote(now); // for `health` (src/health.rs)
         let mut s = cell.lock.write();
+        if let Some(due) = self.inner.stampede.monitor.due_interval(now) {
+            cell.due.note(due); // for `health` (src/health.rs), under the write lock
+        }
         self.drain_samples(cell);
         let tune = self.inner.tune.load(Ordering::Relaxed);
         if self.inner.weigher.is_some() {
