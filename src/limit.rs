@@ -130,7 +130,7 @@ impl Limiter {
     }
 
     /// Blocks the thread until a permit is granted, in arrival order, or until `until` passes
-    /// (`None`: no deadline, as [`acquire_blocking`](Self::acquire_blocking)). A free permit is
+    /// (`None`: no deadline). A free permit is
     /// taken even past the deadline; a waiter whose deadline passes leaves the queue and returns
     /// `None`, and a permit granted to it in the same instant (a release racing the timeout) is
     /// passed on to the next waiter or back to the pool: never lost.
