@@ -391,7 +391,12 @@ where
     /// At most `n` loads (and refreshes) run at once across all keys. Further loads wait in
     /// arrival order (a leader waits before running its loader; callers joining a load just
     /// wait for it); refreshes over the limit wait on the spawner, or without one are deferred
-    /// to a later read, never lost.
+    /// to a later read, never lost. A caller with a soft timeout
+    /// ([`load_timeout`](Self::load_timeout), [`Cache::load_with_timeout`]) that leads a load
+    /// waits for its permit only until the timeout: then it leaves the queue and the load (its
+    /// loader does not run) and answers as on any timeout (with
+    /// [`fail_safe`](Self::fail_safe), the last value). Async loads wait for their permit until
+    /// they are dropped.
     pub fn max_concurrent_loads(mut self, n: usize) -> Self {
         self.stampede.limiter = Some(crate::limit::Limiter::new(n));
         self
@@ -441,14 +446,19 @@ where
         self
     }
 
-    /// The default soft timeout of [`Cache::load`]: see [`Cache::load_with_timeout`].
+    /// The default soft timeout of [`Cache::load`]: see [`Cache::load_with_timeout`]. It bounds
+    /// the wait for another caller's load, the spawner's, and a leader's wait for a
+    /// [`max_concurrent_loads`](Self::max_concurrent_loads) permit; not a loader that this
+    /// caller already runs itself.
     pub fn load_timeout(mut self, timeout: Duration) -> Self {
         self.stampede.load_timeout = Some(timeout);
         self
     }
 
     /// Fail-safe (FusionCache's name for it): when the load of an expired key fails — the
-    /// loader's error, a panic, an abandoned leader, a soft timeout — its callers get the last
+    /// loader's error, a panic, an abandoned leader, a soft timeout (also one that passes while
+    /// the leader waits for a [`max_concurrent_loads`](Self::max_concurrent_loads) permit,
+    /// spawner or not: its loader then does not run) — its callers get the last
     /// value instead of the error, up to `max_stale` past its deadline, and the key is retried
     /// after [`refresh_backoff`](Self::refresh_backoff) by one caller (the others get the last
     /// value meanwhile, with no load). Never beyond `max_stale`. Expired entries are kept (and

@@ -6,13 +6,14 @@
 //! waiter, so nobody can barge ahead of the queue. An atomic high-water mark records the most
 //! permits ever held at once, to prove the bound in tests and to report it in statistics.
 
-use crate::sync::{wait, Condvar, Mutex};
+use crate::sync::{wait_until, Condvar, Mutex};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 /// One queued waiter.
 struct Ticket {
@@ -119,19 +120,52 @@ impl Limiter {
         Err(id)
     }
 
-    /// Blocks the thread until a permit is granted, in arrival order.
+    /// Blocks the thread until a permit is granted, in arrival order (for the tests and the
+    /// loom model; the cache waits with [`acquire_until`](Self::acquire_until)).
+    #[cfg(any(test, loom))]
     #[doc(hidden)]
     pub fn acquire_blocking(self: &Arc<Self>) -> Permit {
+        self.acquire_until(None)
+            .expect("a wait without a deadline ends with a permit")
+    }
+
+    /// Blocks the thread until a permit is granted, in arrival order, or until `until` passes
+    /// (`None`: no deadline). A free permit is
+    /// taken even past the deadline; a waiter whose deadline passes leaves the queue and returns
+    /// `None`, and a permit granted to it in the same instant (a release racing the timeout) is
+    /// passed on to the next waiter or back to the pool: never lost.
+    #[doc(hidden)]
+    pub fn acquire_until(self: &Arc<Self>, until: Option<Instant>) -> Option<Permit> {
         let mut st = self.state.lock();
         let id = match self.grant_or_queue(&mut st, None) {
-            Ok(permit) => return permit,
+            Ok(permit) => return Some(permit),
             Err(id) => id,
         };
         loop {
-            st = wait(&self.cond, st);
-            if let Some(i) = st.queue.iter().position(|t| t.id == id && t.granted) {
+            let timed_out;
+            (st, timed_out) = wait_until(&self.cond, st, until);
+            let i = st
+                .queue
+                .iter()
+                .position(|t| t.id == id)
+                .expect("a queued ticket stays until its waiter takes it");
+            if timed_out {
+                let granted = st.queue.remove(i).is_some_and(|t| t.granted);
+                if !granted {
+                    return None;
+                }
+                // Granted as the deadline passed: the permit goes on, as a release would.
+                let waker = self.hand_on(&mut st);
+                drop(st);
+                self.cond.notify_all();
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                return None;
+            }
+            if st.queue[i].granted {
                 st.queue.remove(i);
-                return self.granted(&mut st);
+                return Some(self.granted(&mut st));
             }
         }
     }
@@ -156,21 +190,27 @@ impl Limiter {
                 st.in_use -= 1;
                 return;
             }
-            match st.queue.iter_mut().find(|t| !t.granted) {
-                Some(t) => {
-                    // The permit moves to the waiter; `in_use` is unchanged.
-                    t.granted = true;
-                    t.waker.take()
-                }
-                None => {
-                    st.in_use -= 1;
-                    None
-                }
-            }
+            self.hand_on(&mut st)
         };
         self.cond.notify_all();
         if let Some(w) = waker {
             w.wake();
+        }
+    }
+
+    /// Hands a permit that is being given up to the oldest waiter not yet granted one, or back
+    /// to the pool; returns that waiter's waker (if async). The caller notifies the condvar.
+    fn hand_on(&self, st: &mut State) -> Option<Waker> {
+        match st.queue.iter_mut().find(|t| !t.granted) {
+            Some(t) => {
+                // The permit moves to the waiter; `in_use` is unchanged.
+                t.granted = true;
+                t.waker.take()
+            }
+            None => {
+                st.in_use -= 1;
+                None
+            }
         }
     }
 }
@@ -255,6 +295,83 @@ mod tests {
         });
         assert!(l.high_water() <= 3);
         assert_eq!(l.state.lock().in_use, 0);
+    }
+
+    #[test]
+    fn a_waiter_past_its_deadline_leaves_the_queue_and_the_permit_stays_whole() {
+        let l = Limiter::new(1);
+        let held = l.try_acquire().expect("free");
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(10);
+        assert!(l.acquire_until(Some(until)).is_none(), "the permit is held");
+        assert!(l.state.lock().queue.is_empty(), "the ticket left the queue");
+        assert_eq!(l.state.lock().in_use, 1);
+        drop(held);
+        assert_eq!(l.state.lock().in_use, 0, "the release went to the pool");
+        // A free permit is taken even past the deadline.
+        let late = std::time::Instant::now();
+        let p = l.acquire_until(Some(late)).expect("a free permit");
+        assert!(l.try_acquire().is_none());
+        drop(p);
+        assert!(l.try_acquire().is_some());
+    }
+
+    #[test]
+    fn a_timed_out_waiter_keeps_its_place_until_then_and_is_served_in_order() {
+        let l = Limiter::new(1);
+        let held = l.try_acquire().expect("free");
+        std::thread::scope(|s| {
+            let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let lr = &l;
+            let waiter = s.spawn(move || lr.acquire_until(Some(far)).is_some());
+            while l.state.lock().queue.is_empty() {
+                std::thread::yield_now();
+            }
+            drop(held);
+            assert!(waiter.join().unwrap(), "granted before its deadline");
+        });
+        assert_eq!(l.state.lock().in_use, 0);
+        assert!(l.state.lock().queue.is_empty());
+    }
+
+    #[test]
+    fn timeouts_racing_releases_never_lose_a_permit() {
+        let l = Limiter::new(2);
+        let now = Arc::new(AtomicUsize::new(0));
+        let got = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                let (l, now, got) = (&l, &now, &got);
+                s.spawn(move || {
+                    for i in 0..300 {
+                        // Tiny deadlines (0 to 20 µs), so that timeouts meet grants.
+                        let d = std::time::Duration::from_micros(((t * 7 + i) % 21) as u64);
+                        let permit = if t == 0 {
+                            Some(l.acquire_blocking())
+                        } else {
+                            l.acquire_until(Some(std::time::Instant::now() + d))
+                        };
+                        if let Some(p) = permit {
+                            got.fetch_add(1, Ordering::Relaxed);
+                            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            assert!(n <= 2, "{n} permits held");
+                            std::thread::yield_now();
+                            now.fetch_sub(1, Ordering::SeqCst);
+                            drop(p);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(
+            got.load(Ordering::Relaxed) >= 300,
+            "the untimed thread got all of its"
+        );
+        let st = l.state.lock();
+        assert_eq!(st.in_use, 0, "a permit leaked");
+        assert!(st.queue.is_empty(), "a ticket stayed queued");
+        drop(st);
+        let (a, b) = (l.try_acquire(), l.try_acquire());
+        assert!(a.is_some() && b.is_some() && l.try_acquire().is_none());
     }
 
     #[test]

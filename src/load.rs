@@ -37,7 +37,10 @@
 //! * **Load permits.** A leader takes its permit (`max_concurrent_loads`) after it claims the
 //!   key, and starts only if nobody took its load over meanwhile: a caller inside another load
 //!   (holding a permit) that would wait for a leader still waiting for a permit takes the load
-//!   over instead, so two loads never wait for each other's permit.
+//!   over instead, so two loads never wait for each other's permit. A blocking leader with a
+//!   deadline (a soft timeout) waits for its permit no later than that: past it, it claims the
+//!   start (nobody can take the load over any more) and abandons the flight unrun, so its
+//!   waiters retry (with fail-safe: get the old value) and it returns timed out.
 //! * **Errors and `None`** reach the callers that waited on that load (the same `Arc<E>` for
 //!   all) and are not cached: the next call loads again. A waiter whose error type differs from
 //!   the leader's retries instead.
@@ -177,6 +180,15 @@ where
             self.cache.abandon(self.hash, &flight, true, retry);
         }
     }
+}
+
+/// Why [`Cache::run_loader`] did not run a leader's loader.
+pub(crate) enum NotRun<F> {
+    /// A caller holding a permit took the load over while this one waited for a permit: the
+    /// taker publishes. The loader comes back unrun.
+    TakenOver(F),
+    /// The caller's deadline passed while it waited for a permit.
+    TimedOut,
 }
 
 /// A load permit taken for this thread, or none when the thread already holds one (a load
@@ -540,13 +552,20 @@ where
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
                     let f = init.take().expect("a caller leads at most once");
-                    match self.run_loader(lead.flight(), f, true) {
+                    match self.run_loader(lead.flight(), f, true, until) {
                         Ok((outcome, took)) => {
                             let outcome = self.publish(lead, Some(key), outcome, took);
                             return Some(accept(&outcome).expect("a leader accepts its own"));
                         }
+                        // `until` passed while this caller waited for a permit: it gives up the
+                        // lead before its loader ran (the flight is abandoned: its waiters retry,
+                        // or with fail-safe get the old value) and returns timed out.
+                        Err(NotRun::TimedOut) => {
+                            drop(lead);
+                            return None;
+                        }
                         // Taken over while this caller waited for a permit: wait for it.
-                        Err(f) => {
+                        Err(NotRun::TakenOver(f)) => {
                             init = Some(f);
                             let flight = lead.disarm();
                             match self.wait_blocking(&flight, accept, until) {
@@ -564,7 +583,8 @@ where
                     if init.is_some() && holds_permit() && flight.steal() {
                         let lead = Lead::new(self, hash, flight);
                         let f = init.take().expect("checked");
-                        let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false) else {
+                        let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false, None)
+                        else {
                             unreachable!("a load taken over is not started again")
                         };
                         let outcome = self.publish(lead, Some(key), outcome, took);
@@ -586,27 +606,45 @@ where
     /// Takes a load permit for this thread, if the cache limits loads and the thread holds
     /// none yet.
     pub(crate) fn load_permit(&self) -> LoadPermit {
+        self.load_permit_until(None)
+            .expect("a wait without a deadline ends with a permit")
+    }
+
+    /// [`load_permit`](Self::load_permit), waiting no later than `until`: `None` when it
+    /// passed first (the place in the queue is given up; nothing is held).
+    pub(crate) fn load_permit_until(&self, until: Option<Instant>) -> Option<LoadPermit> {
         match &self.inner.stampede.limiter {
-            Some(l) if !holds_permit() => LoadPermit::held(l.acquire_blocking()),
-            _ => LoadPermit::none(),
+            Some(l) if !holds_permit() => l.acquire_until(until).map(LoadPermit::held),
+            _ => Some(LoadPermit::none()),
         }
     }
 
     /// Runs a blocking leader's loader under a load permit (if limited), registered as run by
     /// this thread (recursion); returns the outcome and the load's duration. A panic of the
-    /// loader propagates (the caller's [`Lead`] abandons the flight). With `start`, the load
-    /// starts only if no caller took it over while this one waited for a permit (else `init`
-    /// comes back unrun).
+    /// loader propagates (the caller's [`Lead`] abandons the flight).
+    ///
+    /// With `start` (a leader that claimed the key, as opposed to one that took a load over),
+    /// the load starts only if no caller took it over while this one waited for a permit (else
+    /// [`NotRun::TakenOver`] gives `init` back unrun: the taker publishes); and the wait for the
+    /// permit ends at `until`: past it, the leader claims the start (so nobody takes the load
+    /// over any more) and returns [`NotRun::TimedOut`] without running `init`; the caller then
+    /// drops its [`Lead`], which abandons the flight (its waiters retry; with fail-safe, they
+    /// get the old value for a backoff).
     pub(crate) fn run_loader<F: FnOnce() -> Outcome<V>>(
         &self,
         flight: &Arc<Flight<K, V>>,
         init: F,
         start: bool,
-    ) -> Result<(Outcome<V>, u64), F> {
-        let permit = self.load_permit();
+        until: Option<Instant>,
+    ) -> Result<(Outcome<V>, u64), NotRun<F>> {
+        // A load taken over runs under the taker's permit: it never waits, so never times out.
+        let permit = self.load_permit_until(until.filter(|_| start));
         if start && !flight.start() {
-            return Err(init);
+            return Err(NotRun::TakenOver(init));
         }
+        let Some(permit) = permit else {
+            return Err(NotRun::TimedOut);
+        };
         let running = enter(flight);
         let start = self.now();
         let outcome = init();

@@ -1,13 +1,13 @@
 //! The loader API: [`Cache::load`], [`Cache::load_async`] and [`Cache::load_with_timeout`]
 //! with the loader given to the builder, and [`LoadError`]. Every load goes through the
 //! single-flight core ([`crate::load`]); a panic of the builder's loader ends the load as
-//! [`LoadError::Panicked`] for all its callers; a soft timeout bounds the wait (on a spawner,
-//! the load goes on and its value is kept). Refresh-ahead, which reuses the loader, is
+//! [`LoadError::Panicked`] for all its callers; a soft timeout bounds the wait, including a
+//! leader's wait for a load permit (on a spawner, the load goes on and its value is kept). Refresh-ahead, which reuses the loader, is
 //! [`crate::refresh`].
 
 use crate::cache::Cache;
 use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
-use crate::load::{Claim, ClaimMode, Lead};
+use crate::load::{Claim, ClaimMode, Lead, NotRun};
 use crate::settings::{BoxError, LoaderFn};
 use crate::stats::Counter;
 use std::fmt;
@@ -156,11 +156,23 @@ where
 
     /// [`load`](Self::load) with its own soft timeout (`None`: wait as long as it takes).
     ///
-    /// The timeout bounds the wait for a load run by another caller, or by the spawner; a
-    /// caller that runs the loader itself (no spawner configured) is not interrupted. When the
-    /// timeout passes, the call returns the value already cached for `key` if there is one
-    /// (a value due for refresh), else [`LoadError::Timeout`]; the load goes on and fills the
+    /// The timeout bounds the wait for a load run by another caller, or by the spawner, and a
+    /// leader's wait for a load permit ([`max_concurrent_loads`](crate::CacheBuilder::max_concurrent_loads)):
+    /// a caller that runs the loader itself (no spawner configured) is not interrupted once the
+    /// loader runs, but if the timeout passes while it still waits for a permit it gives up the
+    /// load before the loader runs (the callers that joined it retry, or with
+    /// [`fail_safe`](crate::CacheBuilder::fail_safe) get the last value until the retry
+    /// deadline). When the timeout passes, the call returns the value already cached for `key`
+    /// if there is one (a value due for refresh), else with fail-safe the last value of an
+    /// expired `key`, else [`LoadError::Timeout`]; a load that started goes on and fills the
     /// cache for the next caller.
+    ///
+    /// # Concurrency
+    ///
+    /// A free permit is taken even when the timeout has passed; a permit granted just as the
+    /// timeout passes goes on to the next caller waiting for one (or back to the pool), never
+    /// lost. With a spawner the spawned job waits for its permit with no deadline (the callers'
+    /// waits for it are bounded).
     ///
     /// # Errors
     ///
@@ -237,7 +249,8 @@ where
                     let lead = Lead::new(self, hash, f);
                     let k = key.clone();
                     let init = || catch_panic(|| outcome_of(loader(&k)));
-                    let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false) else {
+                    let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false, None)
+                    else {
                         unreachable!("a load taken over is not started again")
                     };
                     let outcome = self.publish(lead, Some(key), outcome, took);
@@ -251,12 +264,14 @@ where
                     let job = move || {
                         let cache = lead.cache().clone();
                         let init = || catch_panic(|| outcome_of(job_loader(&k)));
-                        match cache.run_loader(lead.flight(), init, true) {
+                        // The job has no deadline of its own: its callers' waits are bounded.
+                        match cache.run_loader(lead.flight(), init, true, None) {
                             Ok((outcome, took)) => {
                                 cache.publish(lead, Some(k), outcome, took);
                             }
                             // Taken over while the job waited for a permit: the taker publishes.
-                            Err(_) => drop(lead.disarm()),
+                            Err(NotRun::TakenOver(_)) => drop(lead.disarm()),
+                            Err(NotRun::TimedOut) => unreachable!("no deadline"),
                         }
                     };
                     let spawn = self

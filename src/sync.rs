@@ -28,17 +28,8 @@ macro_rules! thread_local_shim {
 }
 pub(crate) use thread_local_shim;
 
-/// Waits on `cond`, releasing `guard` meanwhile, and returns the guard re-acquired.
-#[cfg(not(any(loom, shuttle)))]
-pub(crate) fn wait<'a, T>(
-    cond: &Condvar,
-    mut guard: parking_lot::MutexGuard<'a, T>,
-) -> parking_lot::MutexGuard<'a, T> {
-    cond.wait(&mut guard);
-    guard
-}
-
-/// [`wait`] with an optional deadline; also returns whether the deadline passed.
+/// Waits on `cond`, releasing `guard` meanwhile, until notified or until the optional
+/// deadline passes; returns the guard re-acquired and whether the deadline passed.
 #[cfg(not(any(loom, shuttle)))]
 pub(crate) fn wait_until<'a, T>(
     cond: &Condvar,
@@ -87,14 +78,17 @@ pub(crate) fn wait<'a, T>(
         .expect("loom mutexes are not poisoned here")
 }
 
-/// Under loom, deadlines are not modelled: waits are untimed.
+/// Under loom, time is not modelled; a deadline is modelled as passing at the waiter's next
+/// wake-up: a wait with a deadline waits for a notification and reports a timeout. So a model
+/// explores a timeout racing whatever the notifier did just before it (a permit granted, a
+/// load published), which is the race that matters. Without a deadline the wait is plain.
 #[cfg(loom)]
 pub(crate) fn wait_until<'a, T>(
     cond: &Condvar,
     guard: loom::sync::MutexGuard<'a, T>,
-    _until: Option<std::time::Instant>,
+    until: Option<std::time::Instant>,
 ) -> (loom::sync::MutexGuard<'a, T>, bool) {
-    (wait(cond, guard), false)
+    (wait(cond, guard), until.is_some())
 }
 
 /// A `loom` read-write lock with `parking_lot`'s signature.

@@ -615,3 +615,288 @@ fn a_wait_for_a_load_permit_past_the_soft_timeout_serves_the_last_value() {
         assert_eq!(holder.join().unwrap().unwrap(), 199);
     });
 }
+
+/// A cache limited to `limit` loads at once, with no spawner (leaders load inline). Keys from
+/// `HOLD` up block their loader (holding its permit) until the test sends on `release`; each
+/// announces its start on `started`. Other keys load `key + 100` and are counted in `calls`.
+struct Held {
+    cache: Cache<u64, u64>,
+    started: std::sync::mpsc::Receiver<u64>,
+    release: std::sync::mpsc::Sender<()>,
+    calls: Arc<Mutex<std::collections::HashMap<u64, usize>>>,
+}
+
+const HOLD: u64 = 1000;
+/// Keys from `SLOW` up (below `HOLD`) yield a few times in their loader.
+const SLOW: u64 = 500;
+
+fn held_cache(clock: &ManualClock, limit: usize, fail_safe: bool) -> Held {
+    let (started_tx, started) = std::sync::mpsc::channel::<u64>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+    let calls = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let counted = Arc::clone(&calls);
+    let mut b = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(TTL))
+        .refresh_backoff(secs(BACKOFF))
+        .max_concurrent_loads(limit)
+        .clock(clock.clone())
+        .record_stats()
+        .loader(move |k: &u64| {
+            if *k >= HOLD {
+                started_tx.lock().unwrap().send(*k).unwrap();
+                // Holds its permit until the test lets go (no sleep).
+                release_rx.lock().unwrap().recv().unwrap();
+            } else {
+                *counted.lock().unwrap().entry(*k).or_insert(0) += 1;
+                if *k >= SLOW {
+                    for _ in 0..20 {
+                        std::thread::yield_now(); // a load that holds its permit a while
+                    }
+                }
+            }
+            Ok::<_, BoxError>(*k + 100)
+        });
+    if fail_safe {
+        b = b.fail_safe(secs(MAX_STALE));
+    }
+    Held {
+        cache: b.build(),
+        started,
+        release,
+        calls,
+    }
+}
+
+impl Held {
+    fn calls(&self, k: u64) -> usize {
+        self.calls.lock().unwrap().get(&k).copied().unwrap_or(0)
+    }
+}
+
+/// Starts `n` callers of `key` with no deadline and waits (bounded by the leader's end) until
+/// they joined its load; returns their handles and whether all joined before the leader
+/// gave up (on a stalled machine they may arrive after; their answers are checked either way).
+fn join_waiters<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    c: &'s Cache<u64, u64>,
+    key: u64,
+    n: u64,
+    leader: &std::thread::ScopedJoinHandle<'s, Result<u64, LoadError>>,
+) -> (
+    Vec<std::thread::ScopedJoinHandle<'s, Result<u64, LoadError>>>,
+    bool,
+) {
+    let before = c.stats().coalesced;
+    let waiters = (0..n)
+        .map(|_| s.spawn(move || c.load_with_timeout(key, None)))
+        .collect();
+    while c.stats().coalesced < before + n && !leader.is_finished() {
+        std::thread::yield_now();
+    }
+    (waiters, c.stats().coalesced >= before + n)
+}
+
+#[test]
+fn an_inline_leader_past_its_deadline_in_the_permit_queue_serves_the_last_value() {
+    let _w = watchdog(LIMIT, "inline permit wait past the soft timeout, fail-safe");
+    let clock = ManualClock::new();
+    let h = held_cache(&clock, 1, true);
+    let c = &h.cache;
+    c.insert(1, 5);
+    clock.advance(secs(TTL)); // key 1 expired; within its stale window
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| c.load_with_timeout(HOLD, None));
+        assert_eq!(h.started.recv().unwrap(), HOLD, "the only permit is taken");
+        // Alone: the leader of key 1 gives up its place in the permit queue at its deadline.
+        let v = c.load_with_timeout(1, Some(Duration::from_millis(50)));
+        assert_eq!(v.unwrap(), 5, "the last value, not a wait for the permit");
+        assert_eq!(h.calls(1), 0, "key 1's loader did not run");
+        assert_eq!(c.stats().stale_served_after_ttl, 1);
+        assert_eq!(c.stats().timeouts, 1);
+        // Within the backoff, a caller with no deadline gets it at once (no permit wait).
+        assert_eq!(c.load_with_timeout(1, None).unwrap(), 5);
+        assert_eq!(c.stats().stale_served_after_ttl, 2);
+        assert_eq!(h.calls(1), 0);
+        h.release.send(()).unwrap();
+        assert_eq!(holder.join().unwrap().unwrap(), HOLD + 100);
+    });
+    // After the retry deadline, one caller retries (the backend is fine: the new value).
+    clock.advance(secs(BACKOFF));
+    assert_eq!(
+        c.load_with_timeout(1, Some(Duration::from_millis(50)))
+            .unwrap(),
+        101
+    );
+    assert_eq!(h.calls(1), 1);
+    assert_eq!(c.load(1).unwrap(), 101);
+    assert_eq!(h.calls(1), 1, "a hit");
+}
+
+#[test]
+fn waiters_joined_to_a_leader_that_gives_up_its_permit_wait_get_the_last_value() {
+    let _w = watchdog(LIMIT, "waiters of a timed-out permit wait, fail-safe");
+    let clock = ManualClock::new();
+    let h = held_cache(&clock, 1, true);
+    let c = &h.cache;
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| c.load_with_timeout(HOLD, None));
+        assert_eq!(h.started.recv().unwrap(), HOLD);
+        // A deadline long enough for the waiters to join first on any sane scheduler.
+        let leader = s.spawn(|| c.load_with_timeout(1, Some(Duration::from_millis(500))));
+        while c.stats().misses == 1 {
+            std::thread::yield_now(); // until the leader claimed key 1
+        }
+        let (waiters, joined) = join_waiters(s, c, 1, 2, &leader);
+        assert_eq!(leader.join().unwrap().unwrap(), 5);
+        for w in waiters {
+            assert_eq!(
+                w.join().unwrap().unwrap(),
+                5,
+                "a waiter gets the last value too"
+            );
+        }
+        if !joined {
+            eprintln!("note: the waiters arrived after the leader gave up (slow scheduler)");
+        }
+        assert_eq!(h.calls(1), 0, "nobody ran key 1's loader");
+        assert_eq!(c.stats().stale_served_after_ttl, 3);
+        h.release.send(()).unwrap();
+        holder.join().unwrap().unwrap();
+    });
+    // Within the backoff: still the last value, no load; after it, one caller retries.
+    assert_eq!(c.load(1).unwrap(), 5);
+    assert_eq!(h.calls(1), 0);
+    clock.advance(secs(BACKOFF));
+    assert_eq!(c.load(1).unwrap(), 101);
+    assert_eq!(h.calls(1), 1);
+}
+
+#[test]
+fn without_fail_safe_a_leader_past_its_deadline_in_the_permit_queue_times_out_cleanly() {
+    let _w = watchdog(
+        LIMIT,
+        "inline permit wait past the soft timeout, no fail-safe",
+    );
+    let clock = ManualClock::new();
+    let h = held_cache(&clock, 1, false);
+    let c = &h.cache;
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| c.load_with_timeout(HOLD, None));
+        assert_eq!(h.started.recv().unwrap(), HOLD);
+        let r = c.load_with_timeout(1, Some(Duration::from_millis(50)));
+        assert!(matches!(r, Err(LoadError::Timeout)), "{r:?}");
+        assert_eq!(h.calls(1), 0, "key 1's loader did not run");
+        // Waiters of a leader that gives up retry, and one of them leads (waiting for the
+        // permit, with no deadline).
+        let leader = s.spawn(|| c.load_with_timeout(1, Some(Duration::from_millis(500))));
+        while c.stats().misses < 3 {
+            std::thread::yield_now(); // until the leader claimed key 1
+        }
+        let (waiters, _) = join_waiters(s, c, 1, 2, &leader);
+        assert!(matches!(leader.join().unwrap(), Err(LoadError::Timeout)));
+        assert_eq!(h.calls(1), 0);
+        // The held permit, released, goes to the waiters' new leader: nothing was lost to the
+        // tickets that left the queue.
+        h.release.send(()).unwrap();
+        holder.join().unwrap().unwrap();
+        for w in waiters {
+            assert_eq!(w.join().unwrap().unwrap(), 101);
+        }
+        assert_eq!(h.calls(1), 1, "one of the waiters loaded, once");
+    });
+    assert_eq!(c.stats().stale_served_after_ttl, 0);
+    // The limit still admits one load: a later load runs.
+    c.invalidate(&1);
+    assert_eq!(
+        c.load_with_timeout(1, Some(Duration::from_millis(50)))
+            .unwrap(),
+        101
+    );
+    assert_eq!(h.calls(1), 2);
+}
+
+#[test]
+fn a_free_permit_and_a_deadline_load_as_usual() {
+    let _w = watchdog(LIMIT, "near miss: permit free");
+    let clock = ManualClock::new();
+    let h = held_cache(&clock, 1, true);
+    let c = &h.cache;
+    c.insert(1, 5);
+    clock.advance(secs(TTL));
+    assert_eq!(
+        c.load_with_timeout(1, Some(Duration::from_millis(50)))
+            .unwrap(),
+        101
+    );
+    assert_eq!(h.calls(1), 1, "loaded, not served stale");
+    let st = c.stats();
+    assert_eq!((st.stale_served_after_ttl, st.timeouts), (0, 0));
+}
+
+#[test]
+fn permit_timeouts_racing_grants_leak_no_permit() {
+    let _w = watchdog(LIMIT, "permit timeout sweep");
+    const LIM: usize = 2;
+    let clock = ManualClock::new();
+    let h = held_cache(&clock, LIM, true);
+    let c = &h.cache;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                for i in 0..400u64 {
+                    // Deadlines of 0 to 100 µs: many time out as a permit is granted.
+                    let d = Duration::from_micros((t * 11 + i) % 101);
+                    let k = SLOW + (t + i) % 8;
+                    c.invalidate(&k); // a miss: a load, and a permit to wait for
+                    match c.load_with_timeout(k, Some(d)) {
+                        Ok(v) => assert_eq!(v, k + 100),
+                        Err(LoadError::Timeout) => {}
+                        Err(e) => panic!("{k}: {e:?}"),
+                    }
+                }
+            });
+        }
+    });
+    let st0 = c.stats();
+    eprintln!(
+        "sweep: {} timeouts, {} loads waited for a permit, {} served stale",
+        st0.timeouts, st0.loads_waited_for_limit, st0.stale_served_after_ttl
+    );
+    // Exactly LIM loads are admitted at once afterwards: LIM holders start, the next waits.
+    std::thread::scope(|s| {
+        let holders: Vec<_> = (0..LIM as u64)
+            .map(|i| s.spawn(move || c.load_with_timeout(HOLD + i, None)))
+            .collect();
+        for _ in 0..LIM {
+            h.started.recv().unwrap();
+        }
+        let extra = s.spawn(|| c.load_with_timeout(HOLD + 99, None));
+        while c.stats().loads_waited_for_limit == st0.loads_waited_for_limit {
+            std::thread::yield_now(); // until the extra load queued for a permit
+        }
+        assert!(
+            h.started.try_recv().is_err(),
+            "a load past the limit started"
+        );
+        h.release.send(()).unwrap();
+        assert_eq!(
+            h.started.recv().unwrap(),
+            HOLD + 99,
+            "the freed permit went on"
+        );
+        for _ in 0..LIM {
+            h.release.send(()).unwrap();
+        }
+        for j in holders {
+            j.join().unwrap().unwrap();
+        }
+        assert_eq!(extra.join().unwrap().unwrap(), HOLD + 199);
+    });
+    assert!(c.stats().max_concurrent_loads_seen <= LIM as u64);
+}
