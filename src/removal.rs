@@ -156,7 +156,7 @@ impl<K, V> Removals<K, V> {
     }
 
     /// Calls `f` on each entry (cheaper than [`iter`](Self::iter) for the common one entry).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Removed<K, V>)) {
         if let Some(r) = &self.first {
             f(r);
