@@ -202,10 +202,17 @@ pub(crate) struct Policy {
     /// The shard outgrew the sketch: inserts are no longer counted in it, and it is replaced
     /// before it is next used (see [`resize_sketch`](Self::resize_sketch)).
     sketch_stale: bool,
+    /// Evictions so far (wrapping), to trim the queues now and then.
+    evictions: u32,
 }
 
 /// The number of entries a new shard's sketch is sized for (if its capacity allows as many).
 const SKETCH_START: usize = 64;
+
+/// [`Policy::trim_queues`] runs every this many evictions.
+const TRIM_EVERY: u32 = 1024;
+/// Spare queue slots never trimmed.
+const TRIM_SLACK: usize = 1024;
 
 /// The share of main (capacity minus window) kept for protected entries.
 const PROTECTED_SHARE: f64 = 0.8;
@@ -227,6 +234,7 @@ impl Policy {
             ghost: Ghost::new(entries.min(SKETCH_START)),
             rng: crate::rng::Rng::new(seed),
             tombstones: 0,
+            evictions: 0,
             len: 0,
             sketch_max: entries,
             sketch_stale: false,
@@ -504,11 +512,30 @@ impl Policy {
             self.resize_sketch(slab, &mut hash_of);
         }
         let victim = self.choose_victim(slab, free, hash_of);
+        self.evictions = self.evictions.wrapping_add(1);
+        if self.evictions % TRIM_EVERY == 0 {
+            self.trim_queues();
+        }
         victim.map(|(s, h)| {
             self.len -= 1;
             self.ghost.insert(h);
             s
         })
+    }
+
+    /// Gives back the memory a queue no longer needs: one holding more than twice its length
+    /// (plus [`TRIM_SLACK`]) is shrunk to 1.25 × its length. Entries move between queues in
+    /// bulk — the window, filled while the cache filled, empties into probation at the first
+    /// eviction when the window share is 0 %; a switch of configuration moves a share of the
+    /// capacity — and a `VecDeque` keeps its largest capacity: 4 bytes per entry of the cache
+    /// for nothing. Shrinking needs the length to have fallen by half since the queue last
+    /// grew, so its O(length) cost is amortized over as many operations.
+    fn trim_queues(&mut self) {
+        for q in &mut self.queues {
+            if q.capacity() > 2 * q.len() + TRIM_SLACK {
+                q.shrink_to(q.len() + q.len() / 4);
+            }
+        }
     }
 
     /// Puts victims taken by [`main_victim`](Self::main_victim) back at the front of
