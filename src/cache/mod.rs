@@ -85,8 +85,9 @@ pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
     /// This shard's sampled accesses, for the cache's configuration selector.
     samples: Samples,
-    /// Approximate count of reads (sampled, see `note_access`), kept only for the sizing
-    /// curve's hot-key correction.
+    /// Approximate count of reads (see `note_access`), kept only for the sizing curve's
+    /// hot-key correction, and only by a cache that counts ticks anyway (one that keeps time)
+    /// and records no statistics (which count the reads exactly).
     accesses: AtomicU64,
 }
 
@@ -134,8 +135,6 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
-    /// Whether reads count ticks (expiry maintenance, or the sizing curve's read counter).
-    ticks: bool,
     pub(crate) stampede: Stampede<K, V>,
     /// Starts a refresh of a key found due (set where `K: Clone` is known).
     refresh: Option<RefreshFn<K, V, S>>,
@@ -168,8 +167,9 @@ crate::sync::thread_local_shim! {
 
 /// Every this many accesses a thread tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
-/// With the sizing curve tracked, every `ACCESS_SAMPLE`-th access of a thread adds
-/// `ACCESS_SAMPLE` to its shard's read counter (one shared write per 64 reads).
+/// With the sizing curve tracked by a cache that keeps time and no statistics, every
+/// `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to its shard's read counter (one
+/// shared write per 64 reads, on the maintenance tick the cache counts anyway).
 const ACCESS_SAMPLE: u32 = 64;
 
 impl<K, V, S> Cache<K, V, S>
@@ -235,9 +235,10 @@ where
                 tune,
                 seed,
                 max,
+                // The reads are counted by the statistics, or on the maintenance tick.
+                stats || timed,
             ))
         });
-        let ticks = timed || sizing.is_some();
         let sample_threshold = match (&selector, &sizing) {
             (None, Some(z)) => z.lock().threshold(),
             _ => sample_threshold,
@@ -256,7 +257,6 @@ where
                 weight: AtomicU64::new(0),
                 weigher,
                 timed,
-                ticks,
                 expiry,
                 stampede,
                 refresh,
@@ -308,9 +308,10 @@ where
     }
 
     /// Counts an access of this thread; returns true when the caller should run maintenance.
+    /// Only a cache that keeps time counts (the sizing curve adds no work to reads).
     #[inline]
     fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
-        if !self.inner.ticks {
+        if !self.inner.timed {
             return false;
         }
         let t = ACCESS_TICK.with(|t| {
@@ -318,11 +319,11 @@ where
             t.set(v);
             v
         });
-        if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() {
+        if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() && self.inner.stats.is_none() {
             cell.accesses
                 .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
         }
-        self.inner.timed && t % MAINTAIN_EVERY == 0
+        t % MAINTAIN_EVERY == 0
     }
 
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
