@@ -339,7 +339,7 @@ where
     /// already takes on reads (nothing is added to a read's own code), replayed on the shadows
     /// when a shard's buffer is drained under its write lock. Beyond a `max_capacity` of 1,024
     /// each holds at most 1,024 entries (the larger ones see a subset of the samples): about
-    /// 0.25 MiB once full, whatever the capacity, and about 2–3 % more instructions at 100,000
+    /// 0.2 MiB once full, whatever the capacity, and about 2–3 % more instructions at 100,000
     /// entries on a mixed workload and on hits alone (BENCHMARKS.md); proportionally more at
     /// smaller capacities, where a larger share of the reads is sampled. With a weigher,
     /// sampled inserts are recorded too (five shadows of about 2000 entries at 1 ×).
@@ -348,7 +348,7 @@ where
     /// adjustment) only when the cache counts its reads anyway: with
     /// [`record_stats`](Self::record_stats), or with a time to live (its maintenance tick).
     /// Without either, a sample that happens to hold too few of the hottest keys predicts low
-    /// at every size (on one dev trace by 6.5 points at 0.5 ×).
+    /// at every size (on one dev trace by 6.7 points at 0.5 ×).
     ///
     /// ```
     /// let cache = herdcache::Cache::<u64, u64>::builder()

@@ -330,7 +330,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             // Tags (the top 32 bits) collide often, and so do their home slots.
-            let hash = (x % 40) << 58 | ((x >> 20) % 8) << 32 | (x >> 40) % 4;
+            let hash = ((x % 40) << 58) | (((x >> 20) % 8) << 32) | ((x >> 40) % 4);
             if let Some(&slot) = model.get(&hash) {
                 assert!(ix.remove(hash, slot));
                 model.remove(&hash);

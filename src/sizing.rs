@@ -72,14 +72,15 @@
 //! expiry-maintenance tick (every 64th read of a thread adds 64 to its shard's counter, which
 //! also counts the entry API's and refreshes' internal lookups, so a cache used mostly through
 //! those reads high). Without either there is no adjustment (only the subsets' against the
-//! samples): on the dev traces that costs scarab at 100,000 entries 6.5 points at 0.5 ×, where
-//! the sampled keys' own hit ratio was 4.4 points below the cache's (BENCHMARKS.md).
+//! samples): on the dev traces that costs scarab at 25,000 entries 6.7 points at 0.5 ×, where
+//! the sampled keys' own hit ratio was 3.8 points below the cache's (BENCHMARKS.md).
 //!
 //! **Memory.** Without a weigher, shadows of at most 32 + 256 + 1,024 + 1,024 + 1,024 entries
-//! plus the second ones at 0.25 × and 0.5 × (32 + 256): 3,648 entries, about 50–70 bytes each
-//! (see `shadow`): about 0.25 MiB once full, fixed whatever `max_capacity` is
-//! (`bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 8.75 entries at
-//! most (0.25 … 4 ×), about 0.9 MiB, plus the 32 KiB table of weights.
+//! plus the second ones at 0.25 × and 0.5 × (32 + 256): 3,648 entries, about 40–55 bytes each
+//! (see `shadow`): about 0.2 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
+//! rate 1 the shadows are 0.25 … 4 × the capacity: 0.4 MiB at 1,000;
+//! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries at
+//! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
 
 use crate::policy::tune_word;
 use crate::shadow::Shadow;
@@ -555,8 +556,8 @@ impl Tracker {
 /// returns a new one each time.
 ///
 /// The window is exponentially decayed: every 2000 sampled requests, older counts are
-/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 20
-/// × `max_capacity` for an entry-bounded cache of 2000 entries or more). Ratios are measured on
+/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 40
+/// × `max_capacity` for an entry-bounded cache of 1,024 entries or more). Ratios are measured on
 /// the sampled requests only (a fraction [`rate`](Self::rate) of the keys, chosen by hash), so
 /// the observed one is an estimate too; [`samples`](Self::samples) says on how many requests.
 /// Before any sampled request every ratio is 0.
@@ -661,6 +662,61 @@ mod tests {
         // Never above the selector's.
         let t = Tracker::new(500, false, 0, 1, 1 << 20, false);
         assert_eq!(t.threshold(), 1 << 20);
+    }
+
+    #[test]
+    fn large_shadows_see_nested_subsets_except_at_rate_1() {
+        // The selector's threshold at 100,000 entries: 1,024 entries at 1 ×.
+        let sel = crate::select::Selector::new(100_000, 1).threshold();
+        let t = Tracker::new(100_000, false, 0, 1, sel, false);
+        assert_eq!(t.threshold(), sel);
+        let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
+        assert_eq!(sizes, [32, 256, 1024, 1024, 1024, 32, 256]);
+        let shares: Vec<f64> = t
+            .thresholds
+            .iter()
+            .map(|&x| x as f64 / sel as f64)
+            .collect();
+        for (s, want) in shares.iter().zip([0.125, 0.5, 1.0, 0.5, 0.25, 0.125, 0.5]) {
+            assert!((s - want).abs() < 1e-3, "{shares:?}");
+        }
+        // Nested: a key fed to a smaller share is fed to every larger one.
+        assert!(t.thresholds[3] <= t.thresholds[2] && t.thresholds[4] <= t.thresholds[3]);
+        // At rate 1 every shadow sees every request, at full size.
+        let t = Tracker::new(1000, false, 0, 1, u64::MAX, false);
+        assert!(t.thresholds.iter().all(|&x| x == 1 << 32));
+        let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
+        assert_eq!(sizes, [250, 500, 1000, 2000, 4000, 250, 500]);
+    }
+
+    #[test]
+    fn window_0_shadows_copy_the_current_ones_until_the_configuration_changes() {
+        let mut t = Tracker::new(1000, false, 0, 1, u64::MAX, false);
+        let mut x = 7u64;
+        let mut run = |t: &mut Tracker, tune: u64, n: usize| {
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                t.feed(sample(h(x % 3000), false), tune);
+            }
+        };
+        run(&mut t, 0, 5000);
+        assert_eq!(t.epoch.hits[5], t.epoch.hits[0]);
+        assert_eq!(t.epoch.fed[6], t.epoch.fed[1]);
+        assert_eq!(
+            t.shadows[5].hits(),
+            0,
+            "not fed while window 0 % is current"
+        );
+        // Window 20 %: the second shadows start as copies of the first and run on their own.
+        run(&mut t, tune_word(2, 0), 5000);
+        assert!(t.shadows[5].hits() > 0);
+        let s = t.snapshot();
+        assert!(
+            s.points()[0].1 > 0.0 && s.points()[1].1 >= s.points()[0].1,
+            "{s:?}"
+        );
     }
 
     #[test]
