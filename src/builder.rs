@@ -335,12 +335,20 @@ where
     /// 1, 2 and 4 × `max_capacity` over a recent window of requests, next to the observed one
     /// (see [`Sizing`](crate::Sizing) for the window and the method).
     ///
-    /// Cost: seven shadow caches of key hashes, spatially sampled to about 2000 entries at 1 ×
-    /// (0.75 MiB at most once full, whatever the capacity); the samples are the ones the
-    /// policy's selector already takes on reads (nothing added to a hit's own code), replayed
-    /// on the shadows when a shard's buffer is drained under its write lock: about `7 × 2000 /
-    /// max_capacity` shadow accesses per read (+10.7 % instructions at 100,000 entries on a
-    /// mixed workload, BENCHMARKS.md). With a weigher, sampled inserts are recorded too.
+    /// Cost: up to seven shadow caches of key hashes, fed the samples the policy's selector
+    /// already takes on reads (nothing is added to a read's own code), replayed on the shadows
+    /// when a shard's buffer is drained under its write lock. Beyond a `max_capacity` of 1,024
+    /// each holds at most 1,024 entries (the larger ones see a subset of the samples): about
+    /// 0.2 MiB once full, whatever the capacity, and about 2–3 % more instructions at 100,000
+    /// entries on a mixed workload and on hits alone (BENCHMARKS.md); proportionally more at
+    /// smaller capacities, where a larger share of the reads is sampled. With a weigher,
+    /// sampled inserts are recorded too (five shadows of about 2000 entries at 1 ×).
+    ///
+    /// The predictions are adjusted for the few hottest keys' share of the sample (SHARDS's
+    /// adjustment) only when the cache counts its reads anyway: with
+    /// [`record_stats`](Self::record_stats), or with a time to live (its maintenance tick).
+    /// Without either, a sample that happens to hold too few of the hottest keys predicts low
+    /// at every size (on one dev trace by 6.7 points at 0.5 ×).
     ///
     /// ```
     /// let cache = herdcache::Cache::<u64, u64>::builder()

@@ -14,7 +14,7 @@
 //! differently from the sketch's rows, so their collisions do not correlate.
 
 /// Two rotating Bloom filters of recently evicted key hashes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Ghost {
     /// `filters[young]` takes insertions; the other is the older one.
     filters: [Vec<u64>; 2],

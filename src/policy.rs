@@ -178,7 +178,7 @@ pub(crate) fn tune_word(candidate: usize, actions: u64) -> u64 {
 }
 
 /// The policy state of one shard.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Policy {
     /// Window, probation and protected queues of slab indices, and their weights.
     queues: [VecDeque<u32>; 3],
@@ -204,6 +204,8 @@ pub(crate) struct Policy {
     sketch_stale: bool,
     /// Evictions so far (wrapping), to trim the queues now and then.
     evictions: u32,
+    /// The victims of one duel (kept between evictions so that an eviction allocates nothing).
+    victims: Vec<(u32, u64)>,
 }
 
 /// The number of entries a new shard's sketch is sized for (if its capacity allows as many).
@@ -238,6 +240,7 @@ impl Policy {
             len: 0,
             sketch_max: entries,
             sketch_stale: false,
+            victims: Vec::new(),
         }
     }
 
@@ -575,7 +578,8 @@ impl Policy {
             // The duel: the candidate against the victims that would make room for it (one,
             // unless it is heavier), all taken before any is evicted.
             let need = (w as f64 - room.max(0.0)).ceil().max(1.0) as u64;
-            let mut victims: Vec<(u32, u64)> = Vec::new();
+            let mut victims = std::mem::take(&mut self.victims);
+            victims.clear();
             let (mut freed, mut freq) = (0u64, 0u32);
             while freed < need {
                 let Some((v, vh)) = self.main_victim(slab, free, &mut hash_of) else {
@@ -585,20 +589,24 @@ impl Policy {
                 freq += u32::from(self.sketch.frequency(vh));
                 victims.push((v, vh));
             }
-            if victims.is_empty() {
-                return Some((c, ch));
-            }
-            let cf = self.sketch.frequency(ch);
-            let vf = u8::try_from(freq).unwrap_or(u8::MAX);
-            if (self.config.ghost && self.ghost.contains(ch)) || self.admit(cf, vf) {
-                self.push(slab, PROBATION, c, Place::Probation);
-                // The first victim goes now; the others stay first in line.
-                self.unpop_victims(slab, &victims[1..]);
-                return Some(victims[0]);
-            }
-            // The victims keep their places at the front of probation.
-            self.unpop_victims(slab, &victims);
-            return Some((c, ch));
+            let chosen = if victims.is_empty() {
+                (c, ch)
+            } else {
+                let cf = self.sketch.frequency(ch);
+                let vf = u8::try_from(freq).unwrap_or(u8::MAX);
+                if (self.config.ghost && self.ghost.contains(ch)) || self.admit(cf, vf) {
+                    self.push(slab, PROBATION, c, Place::Probation);
+                    // The first victim goes now; the others stay first in line.
+                    self.unpop_victims(slab, &victims[1..]);
+                    victims[0]
+                } else {
+                    // The victims keep their places at the front of probation.
+                    self.unpop_victims(slab, &victims);
+                    (c, ch)
+                }
+            };
+            self.victims = victims;
+            return Some(chosen);
         }
         self.main_victim(slab, free, &mut hash_of)
     }

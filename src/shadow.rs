@@ -12,20 +12,148 @@
 //! * [`Shadow::new(capacity, candidate, seed)`](Shadow::new): a shadow of `capacity` weight
 //!   units running [`Config::CANDIDATES`]`[candidate]`. A sizing curve (predicted hit ratio at
 //!   0.25/0.5/1/2/4 × the capacity) is five shadows of one candidate at five capacities fed the
-//!   same samples.
+//!   same samples (or nested subsets of them, see `sizing`). Shadows are `Clone`.
 //! * [`Shadow::access(hash, weight)`](Shadow::access): one sampled request; returns whether the
 //!   shadow hit. A miss inserts the key with `weight` and evicts while over capacity, exactly as
 //!   a shard does.
 //! * [`Shadow::hits`] / [`Shadow::accesses`]: running totals (the caller keeps deltas).
 //!
-//! Cost: per entry a 16-byte slot, a 4-byte index in the hash table (at most 7/8 full), 4 to 8
-//! bytes of queue and about 4 bytes of sketch and 2 of ghost: about 36–44 bytes per shadow
-//! entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. Single-threaded: the caller
-//! serialises access (the selector sits behind a mutex).
+//! Cost: per entry a 16-byte slot, 11 to 21 bytes of index (8-byte entries, 3/8 to 3/4 full),
+//! 4 to 8 bytes of queue and about 4 to 8 bytes of sketch and 2 of ghost: about 40–55 bytes
+//! per shadow entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. A
+//! lookup that hits is about 45 instructions; a miss inserts and evicts under the policy (a
+//! few hundred). Single-threaded: the caller serialises access (the selector sits behind a
+//! mutex).
 
 use crate::policy::{tune_word, Place, Policy};
-use hashbrown::HashTable;
 use std::sync::atomic::AtomicU8;
+
+/// A slot of the index with no entry.
+const EMPTY: u32 = u32::MAX;
+
+/// The index of a shadow: key hash → slab slot, open addressing with linear probing, at most
+/// 3/4 full, backward-shift deletion. An entry is the hash's top 32 bits (its *tag*: the low
+/// ones of a sampled hash are under the sampling threshold, the top ones differ) and the slot,
+/// 8 bytes; a tag that matches is confirmed against the full hash in the slab. A few
+/// instructions for a lookup where a general table takes several times as many: a shadow is
+/// looked up on every sampled request.
+#[derive(Clone, Debug)]
+struct Index {
+    entries: Vec<(u32, u32)>,
+    /// `64 - log2(entries.len())`.
+    shift: u32,
+    len: usize,
+}
+
+impl Index {
+    fn new() -> Self {
+        Index {
+            entries: vec![(0, EMPTY); 16],
+            shift: 64 - 4,
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn tag(hash: u64) -> u32 {
+        (hash >> 32) as u32
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.entries.len() - 1
+    }
+
+    #[inline]
+    fn home(&self, tag: u32) -> usize {
+        // Fibonacci hashing: the top bits of the product mix all of the tag.
+        (u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// The position of the entry of tag `hash`'s for which `is(slot)` holds, if any.
+    #[inline]
+    fn position(&self, hash: u64, is: impl Fn(u32) -> bool) -> Option<usize> {
+        let tag = Self::tag(hash);
+        let mut i = self.home(tag);
+        loop {
+            let (t, s) = self.entries[i];
+            if s == EMPTY {
+                return None;
+            }
+            if t == tag && is(s) {
+                return Some(i);
+            }
+            i = (i + 1) & self.mask();
+        }
+    }
+
+    /// The slot of `hash`: `is(slot)` confirms that the slot holds it.
+    #[inline]
+    fn find(&self, hash: u64, is: impl Fn(u32) -> bool) -> Option<u32> {
+        self.position(hash, is).map(|i| self.entries[i].1)
+    }
+
+    /// Adds `hash` (not present) at `slot`.
+    fn insert(&mut self, hash: u64, slot: u32) {
+        if (self.len + 1) * 4 > self.entries.len() * 3 {
+            self.grow();
+        }
+        self.put(Self::tag(hash), slot);
+    }
+
+    fn put(&mut self, tag: u32, slot: u32) {
+        let mut i = self.home(tag);
+        while self.entries[i].1 != EMPTY {
+            i = (i + 1) & self.mask();
+        }
+        self.entries[i] = (tag, slot);
+        self.len += 1;
+    }
+
+    #[cold]
+    fn grow(&mut self) {
+        let bigger = vec![(0, EMPTY); self.entries.len() * 2];
+        let old = std::mem::replace(&mut self.entries, bigger);
+        self.shift -= 1;
+        self.len = 0;
+        for (t, s) in old {
+            if s != EMPTY {
+                self.put(t, s);
+            }
+        }
+    }
+
+    /// Removes the entry of `hash` at `slot`; returns whether there was one.
+    fn remove(&mut self, hash: u64, slot: u32) -> bool {
+        let Some(mut hole) = self.position(hash, |s| s == slot) else {
+            return false;
+        };
+        self.len -= 1;
+        let mask = self.mask();
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let (t, s) = self.entries[j];
+            if s == EMPTY {
+                break;
+            }
+            // The entry at `j` may move back into the hole unless its home lies cyclically
+            // in (hole, j].
+            let home = self.home(t);
+            let stays = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !stays {
+                self.entries[hole] = (t, s);
+                hole = j;
+            }
+        }
+        self.entries[hole] = (0, EMPTY);
+        true
+    }
+}
 
 /// An entry of a shadow: the key's hash and what the policy keeps.
 #[derive(Debug)]
@@ -38,13 +166,24 @@ struct Node {
 
 crate::policy::impl_tracked!(Node);
 
+impl Clone for Node {
+    fn clone(&self) -> Self {
+        Node {
+            hash: self.hash,
+            weight: self.weight,
+            place: self.place,
+            hits: AtomicU8::new(self.hits.load(std::sync::atomic::Ordering::Relaxed)),
+        }
+    }
+}
+
 /// A cache of key hashes under the shards' policy, in one fixed configuration.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Shadow {
     policy: Policy,
     slab: Vec<Option<Node>>,
     free: Vec<u32>,
-    table: HashTable<u32>,
+    table: Index,
     capacity: u64,
     weight: u64,
     hits: u64,
@@ -58,7 +197,7 @@ impl Shadow {
             policy: Policy::new(capacity, seed, tune_word(candidate, 0)),
             slab: Vec::new(),
             free: Vec::new(),
-            table: HashTable::new(),
+            table: Index::new(),
             capacity,
             weight: 0,
             hits: 0,
@@ -71,10 +210,11 @@ impl Shadow {
     pub(crate) fn access(&mut self, hash: u64, weight: u32) -> bool {
         self.accesses += 1;
         let slab = &self.slab;
-        if let Some(&s) = self.table.find(hash, |&s| {
-            slab[s as usize].as_ref().is_some_and(|n| n.hash == hash)
-        }) {
-            let n = slab[s as usize].as_ref().expect("table slots are live");
+        let holds = |s: u32| slab[s as usize].as_ref().is_some_and(|n| n.hash == hash);
+        if let Some(s) = self.table.find(hash, holds) {
+            let n = self.slab[s as usize]
+                .as_ref()
+                .expect("table slots are live");
             crate::policy::record_hit(&n.hits);
             self.hits += 1;
             return true;
@@ -98,13 +238,7 @@ impl Shadow {
                 (self.slab.len() - 1) as u32
             }
         };
-        let slab = &self.slab;
-        self.table.insert_unique(hash, slot, |&s| {
-            slab[s as usize]
-                .as_ref()
-                .expect("table slots are live")
-                .hash
-        });
+        self.table.insert(hash, slot);
         self.weight += u64::from(weight);
         self.policy
             .on_insert(&mut self.slab, slot, hash, |n: &Node| n.hash);
@@ -116,10 +250,8 @@ impl Shadow {
                 break;
             };
             let n = self.slab[v as usize].take().expect("victim is live");
-            self.table
-                .find_entry(n.hash, |&s| s == v)
-                .expect("victim is in the table")
-                .remove();
+            let removed = self.table.remove(n.hash, v);
+            debug_assert!(removed, "victim is in the table");
             self.weight -= u64::from(n.weight);
             self.free.push(v);
         }
@@ -159,7 +291,13 @@ impl Shadow {
     #[cfg(test)]
     pub(crate) fn validate(&self) {
         self.policy.validate(&self.slab);
-        assert_eq!(self.table.len(), self.slab.iter().flatten().count());
+        assert_eq!(self.table.len, self.slab.iter().flatten().count());
+        for (s, n) in self.slab.iter().enumerate() {
+            if let Some(n) = n {
+                let found = self.table.find(n.hash, |x| x == s as u32);
+                assert_eq!(found, Some(s as u32), "indexed");
+            }
+        }
         let w: u64 = self
             .slab
             .iter()
@@ -178,6 +316,39 @@ mod tests {
     fn h(k: u64) -> u64 {
         let x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         x ^ (x >> 29)
+    }
+
+    #[test]
+    fn the_index_agrees_with_a_map() {
+        // Inserts and removals at random, with hashes that collide on their home slot often
+        // (few distinct high bits), checked against a map after every operation.
+        let mut ix = Index::new();
+        let mut model = std::collections::HashMap::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Tags (the top 32 bits) collide often, and so do their home slots.
+            let hash = ((x % 40) << 58) | (((x >> 20) % 8) << 32) | ((x >> 40) % 4);
+            if let Some(&slot) = model.get(&hash) {
+                assert!(ix.remove(hash, slot));
+                model.remove(&hash);
+            } else if model.len() < 200 {
+                ix.insert(hash, i);
+                model.insert(hash, i);
+            }
+            assert_eq!(ix.len, model.len());
+            if i % 97 == 0 {
+                for (&h, &s) in &model {
+                    assert_eq!(ix.find(h, |x| model.get(&h) == Some(&x)), Some(s));
+                }
+            }
+        }
+        for (&h, &s) in &model {
+            assert_eq!(ix.find(h, |x| model.get(&h) == Some(&x)), Some(s));
+        }
+        assert_eq!(ix.find(u64::MAX, |_| true), None);
     }
 
     #[test]

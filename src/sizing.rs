@@ -1,18 +1,28 @@
 //! The hit-ratio curve, online: what the hit ratio would be at other capacities.
 //!
-//! With [`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing), the cache runs five
+//! With [`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing), the cache runs
 //! [`Shadow`]s — caches of key hashes under the shards' own policy — at 0.25, 0.5, 1, 2 and 4 ×
 //! `max_capacity`, scaled down by spatial sampling (SHARDS, Waldspurger et al., FAST 2015;
 //! miniature simulation, USENIX ATC 2017): a key is sampled when its hash falls under a
-//! threshold (rate `R = min(1, 2000 / max_capacity)`), and a shadow of `capacity × R` fed the
-//! sampled requests predicts the hit ratio of a cache of `capacity` fed all of them.
+//! threshold (rate `R`), and a shadow of `capacity × R` fed the sampled requests predicts the
+//! hit ratio of a cache of `capacity` fed all of them.
 //!
 //! **Where the samples come from.** The very samples the policy's configuration selector
 //! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
 //! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained under the
-//! shard's write lock into the selector and, when tracked, into this tracker. The sizing rate
-//! is at most the selector's, so its keys are a subset of the selector's: nothing is added to
-//! the hit path. Samples lost by the lossy buffer are lost to both.
+//! shard's write lock into the selector and, when tracked, into this tracker. Without a
+//! weigher the sizing rate *is* the selector's, `R = min(1, 1024 / max_capacity)`: nothing is
+//! added to the hit path (the same instructions run whether the curve is tracked or not).
+//! Samples lost by the lossy buffer are lost to both.
+//!
+//! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
+//! 0.25 ×, 256 at 0.5 ×, 1,024 at 2 × and 4 ×; the 1 × shadow is not capped, so it is the
+//! selector's size, 1,024): a shadow that `capacity × R` would make larger is fed only the
+//! samples under a lower threshold (a rate `R × share`, `share` ≤ 1), a subset of the others'
+//! keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
+//! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
+//! so the shadows whose predictions matter least or need the fewest keys get the fewest. A
+//! subset's own sampling error is corrected against the full sample (below).
 //!
 //! **Which policy.** The shadows run the configuration the real cache runs: the selector's
 //! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
@@ -21,8 +31,11 @@
 //! selector often prefers another configuration than the full-size one (on the P6 trace the
 //! cache at 160,000 runs window 20 % while one at 80,000 picks window 0 %, 15 points better
 //! there), so at 0.25 × and 0.5 × a second shadow runs window 0 % + frequency admission and the
-//! point is the better of the two. A weighted cache has no selector and runs a fixed
-//! configuration; its shadows run the same (and have no second shadow).
+//! point is the better of the two. While the current configuration is itself window 0 %, the
+//! second shadows would be copies of the first: they are not fed (their counts are the first
+//! ones'), and when the configuration changes they restart as copies of the first ones. A
+//! weighted cache has no selector and runs a fixed configuration; its shadows run the same
+//! (and have no second shadow).
 //!
 //! **Weights.** Without a weigher every entry weighs 1 and a sampled `get` that misses inserts
 //! the key in each shadow that missed it (the "get, then insert on a miss" pattern). With a
@@ -31,67 +44,95 @@
 //! (the insert that follows brings the key, with its weight, into those that miss it); one
 //! that the real cache hit inserts the key into the shadows that miss it with the weight last
 //! inserted for it (a lossy table of 4096 sampled keys' weights, 32 KiB) or else the mean
-//! weight of the sampled inserts. The rate is chosen for about 2000 *entries* in the 1 ×
-//! shadow: `R = min(1, 2000 × mean weight / max_capacity)`, the mean weight measured from the
-//! cache (weighted size / entries) each time [`Cache::sizing`](crate::Cache::sizing) is
-//! called, and from the sampled inserts after 32, 64, 128 … of them; when the rate it implies
-//! is more than 2 × away from the current one, the shadows are rebuilt at the new rate (and
-//! the window and totals start again). Until then the rate assumes a weight of 1.
+//! weight of the sampled inserts. A weighted cache has no selector and chooses its own rate,
+//! for about 2000 *entries* in the 1 × shadow: `R = min(1, 2000 × mean weight /
+//! max_capacity)`, the mean weight measured from the cache (weighted size / entries) each time
+//! [`Cache::sizing`](crate::Cache::sizing) is called, and from the sampled inserts after 32,
+//! 64, 128 … of them; when the rate it implies is more than 2 × away from the current one, the
+//! shadows are rebuilt at the new rate (and the window and totals start again). Until then the
+//! rate assumes a weight of 1. Its five shadows all see every sample (no nested rates).
 //!
 //! **Window.** Counts are kept per *epoch* of 2000 sampled requests; at the end of each, the
 //! window's counts are multiplied by 0.95 and the epoch's added: an exponentially decayed
-//! window whose mean age is 20 epochs, about `40_000 / R` requests (20 × `max_capacity`
-//! requests for an entry-bounded cache of at least 2000 entries). The observed ratio is the
-//! real cache's hits on the same sampled requests, decayed the same way. Totals since the
-//! cache was built (or the shadows last rebuilt) are kept too.
+//! window whose mean age is 20 epochs, about `40_000 / R` requests (about 40 ×
+//! `max_capacity` requests for an entry-bounded cache of at least 1,024 entries). The observed
+//! ratio is the real cache's hits on the same sampled requests, decayed the same way. Totals
+//! since the cache was built (or the shadows last rebuilt) are kept too.
 //!
 //! **Adjustment** (SHARDS's "adj"): a few very hot keys carry much of the hits, and whether the
 //! sample holds one more or one fewer of them moves every ratio by points. The sampled
-//! requests *expected* — the rate × the reads the shards counted (their approximate access
-//! counters), less the samples a buffer lost — are compared with those seen; the surplus or
-//! deficit is counted as hits at every size (the hottest keys hit everywhere): `ratio = (hits +
-//! expected − seen) / expected`, clamped to 0..=1, applied once the window (or the totals)
-//! holds 2000 samples or more. On the dev traces it took the worst error from 7.7 to 0.8 points
-//! on one row (BENCHMARKS.md). The counters also count the entry API's and refreshes' internal
-//! lookups, which are not sampled: a cache used mostly through those reads high.
+//! requests *expected* — the rate × the reads the cache counted, less the samples a buffer
+//! lost — are compared with those seen; the surplus or deficit is counted as hits at every
+//! size (the hottest keys hit everywhere): `ratio = (hits + expected − seen) / expected`,
+//! clamped to 0..=1, applied once the window (or the totals) holds 2000 samples or more. A
+//! shadow fed a subset (share `s`) is first adjusted the same way against the samples: its
+//! hits in sample units are `(hits + seen × s − fed) / s`. The read count costs the hit path
+//! nothing only where the cache counts reads anyway: the statistics' hits and misses with
+//! [`record_stats`](crate::CacheBuilder::record_stats), else, in a cache that keeps time, its
+//! expiry-maintenance tick (every 64th read of a thread adds 64 to its shard's counter, which
+//! also counts the entry API's and refreshes' internal lookups, so a cache used mostly through
+//! those reads high). Without either there is no adjustment (only the subsets' against the
+//! samples): on the dev traces that costs scarab at 25,000 entries 6.7 points at 0.5 ×, where
+//! the sampled keys' own hit ratio was 3.8 points below the cache's (BENCHMARKS.md).
 //!
 //! **What is not modelled.** The shadows hold no values and never expire: a point predicts
 //! the misses for want of room (and of admission), not those of a time to live, a refresh or
 //! an invalidation. A cache whose misses are mostly expiries sees a flat curve above its
 //! observed ratio: a larger cache would not help it.
 //!
-//! **Memory.** Shadows of `2000 × f` weight units for `f` in 0.25 … 4, plus the second ones
-//! at 0.25 and 0.5 (8.5 × 2000 = 17,000 entries at most without a weigher), about 40 bytes per
-//! shadow entry (see `shadow`): about 0.7 MiB once full, fixed whatever `max_capacity` is
-//! (`bench/examples/memory.rs --sizing` measures it).
+//! **Memory.** Without a weigher, shadows of at most 32 + 256 + 1,024 + 1,024 + 1,024 entries
+//! plus the second ones at 0.25 × and 0.5 × (32 + 256): 3,648 entries, about 40–55 bytes each
+//! (see `shadow`): about 0.2 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
+//! rate 1 the shadows are 0.25 … 4 × the capacity: 0.4 MiB at 1,000;
+//! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries at
+//! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
 
 use crate::policy::tune_word;
 use crate::shadow::Shadow;
 
-/// Entries (weight units × mean weight) the 1 × shadow aims for.
+/// With a weigher (no selector), the entries (weight units × mean weight) the 1 × shadow aims
+/// for. Without one the rate is the selector's (1,024 entries at 1 ×).
 pub(crate) const ENTRIES: u64 = 2000;
 /// The capacities tracked, as fractions of `max_capacity` (numerator, denominator).
 const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
+/// Without a weigher, the most entries each factor's shadow holds: one that the rate would
+/// make larger sees a subset of the samples (the keys under a lower threshold), so that it
+/// holds no more than this. The 1 × shadow is not capped (it has the selector's size, 1,024
+/// entries at most): its prediction is checked against the observed ratio on the same
+/// samples. Not applied at rate 1 (a `max_capacity` of 1,024 or less), where every shadow
+/// sees every request (the loop traces' 0.5 × point, at 256 entries on a subset, was off by up
+/// to 5 points). Measured on the dev traces and `bench/examples/sizing_cost.rs` (BENCHMARKS.md):
+/// 0.5 × at 512 entries and 0.25 × at 128 cost 5 % in instructions on a cache of 100,000
+/// entries serving only hits; at 256 and 32, 2–3 %, for the same accuracy at 0.5 × and 2 ×
+/// within the seed-to-seed noise.
+const MAX_ENTRIES: [u64; 5] = [32, 256, u64::MAX, 1024, 1024];
+/// Slots: the five factors, then the window-0 % shadows at 0.25 × and 0.5 ×.
+const SLOTS: usize = 7;
 /// Sampled requests per epoch.
 const EPOCH: u64 = 2000;
 /// Decay of the window's counts per epoch.
 const DECAY: f64 = 0.95;
 
-/// The sizing tracker: five shadows and their counts. Behind a mutex in the cache; fed by the
+/// The sizing tracker: the shadows and their counts. Behind a mutex in the cache; fed by the
 /// drainer of a shard's sample buffer.
 #[derive(Debug)]
 pub(crate) struct Tracker {
     capacity: u64,
     seed: u64,
     weighted: bool,
+    /// Whether the cache counts its reads (`set_requests`): the adjustment against them.
+    counted: bool,
     /// The mean weight the rate was chosen for.
     mean_weight: u64,
     threshold: u64,
+    /// Per slot: the shadow (the window-0 % ones without a weigher only) and the threshold
+    /// under which it is fed (at most `threshold`; nested).
     shadows: Vec<Shadow>,
+    thresholds: [u64; SLOTS],
     /// The candidate the shadows run (low byte of a tune word).
     candidate: u64,
     epoch: Counts,
-    window: [f64; 10],
+    window: [f64; WIDTH],
     total: Counts,
     /// The cache's read count at the start of the epoch, and now.
     requests_mark: u64,
@@ -112,26 +153,46 @@ const PENDING: usize = 64;
 /// Slots in a weighted tracker's table of weights (32 KiB).
 const WEIGHT_SLOTS: usize = 4096;
 
-/// Hits per shadow, real hits, sampled requests, and the sampled requests expected from the
-/// cache's request count (the rate × the reads counted, less the samples lost).
+/// Counts as `f64`s: hits per slot, samples fed per slot, real hits, sampled requests,
+/// expected.
+const WIDTH: usize = 2 * SLOTS + 3;
+const REAL: usize = 2 * SLOTS;
+const N: usize = 2 * SLOTS + 1;
+const EXPECTED: usize = 2 * SLOTS + 2;
+
+/// Hits per slot, samples fed per slot, real hits, sampled requests, and the sampled requests
+/// expected from the cache's request count (the rate × the reads counted, less the samples
+/// lost).
 #[derive(Clone, Copy, Debug, Default)]
 struct Counts {
-    hits: [u64; 7],
+    hits: [u64; SLOTS],
+    fed: [u64; SLOTS],
     real: u64,
     n: u64,
     expected: f64,
 }
 
 impl Counts {
-    fn as_f64(&self) -> [f64; 10] {
-        let mut a = [0.0; 10];
-        for (x, h) in a.iter_mut().zip(self.hits) {
-            *x = h as f64;
+    fn as_f64(&self) -> [f64; WIDTH] {
+        let mut a = [0.0; WIDTH];
+        for i in 0..SLOTS {
+            a[i] = self.hits[i] as f64;
+            a[SLOTS + i] = self.fed[i] as f64;
         }
-        a[7] = self.real as f64;
-        a[8] = self.n as f64;
-        a[9] = self.expected;
+        a[REAL] = self.real as f64;
+        a[N] = self.n as f64;
+        a[EXPECTED] = self.expected;
         a
+    }
+
+    fn add(&mut self, o: &Counts) {
+        for i in 0..SLOTS {
+            self.hits[i] += o.hits[i];
+            self.fed[i] += o.fed[i];
+        }
+        self.real += o.real;
+        self.n += o.n;
+        self.expected += o.expected;
     }
 }
 
@@ -145,24 +206,29 @@ fn threshold_for(capacity: u64, entries: u64) -> u64 {
 impl Tracker {
     /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
     /// policy runs the configuration of tune word `tune`; samples at most under
-    /// `max_threshold` (the selector's, when there is one).
+    /// `max_threshold` (the selector's, when there is one: without a weigher the 1 × point is
+    /// the selector's shadow, so the threshold must then be exactly the selector's). `counted`:
+    /// the cache counts its reads (see [`set_requests`](Self::set_requests)).
     pub(crate) fn new(
         capacity: u64,
         weighted: bool,
         tune: u64,
         seed: u64,
         max_threshold: u64,
+        counted: bool,
     ) -> Self {
         let mut t = Tracker {
             capacity: capacity.max(1),
             seed,
             weighted,
+            counted,
             mean_weight: 1,
             threshold: 0,
             shadows: Vec::new(),
+            thresholds: [0; SLOTS],
             candidate: tune & 0xff,
             epoch: Counts::default(),
-            window: [0.0; 10],
+            window: [0.0; WIDTH],
             total: Counts::default(),
             requests_mark: 0,
             requests_now: 0,
@@ -183,27 +249,36 @@ impl Tracker {
     fn rebuild(&mut self, max_threshold: u64) {
         let entries = ENTRIES.saturating_mul(self.mean_weight);
         self.threshold = threshold_for(self.capacity, entries).min(max_threshold);
-        let rate = self.threshold as f64 / (1u64 << 32) as f64;
-        self.shadows = FACTORS
-            .iter()
-            .enumerate()
-            .map(|(i, &(num, den))| {
-                let c =
-                    ((self.capacity as f64 * rate * num as f64 / den as f64).round() as u64).max(1);
-                Shadow::new(c, self.candidate as usize, self.seed ^ (0x51 + i as u64))
-            })
-            .collect();
-        if !self.weighted {
+        let mut shadows: Vec<Shadow> = Vec::with_capacity(SLOTS);
+        for (i, &(num, den)) in FACTORS.iter().enumerate() {
+            let c = self.capacity as f64 * num as f64 / den as f64;
+            // At rate 1 (every key sampled: a capacity of 1,024 or less) the selector already
+            // simulates every read, and the shadows see every request too.
+            let thr = if self.weighted || self.threshold >= 1 << 32 {
+                self.threshold
+            } else {
+                threshold_for(c.round() as u64, MAX_ENTRIES[i]).min(self.threshold)
+            };
+            self.thresholds[i] = thr;
+            let size = ((c * thr as f64 / (1u64 << 32) as f64).round() as u64).max(1);
+            shadows.push(Shadow::new(
+                size,
+                self.candidate as usize,
+                self.seed ^ (0x51 + i as u64),
+            ));
+        }
+        for i in 0..2 {
             // Window 0 % at 0.25 × and 0.5 × as well: a smaller cache's own selector often
             // prefers it (see the module docs, "Which policy").
-            for i in 0..2 {
-                let c = self.shadows[i].capacity();
-                self.shadows
-                    .push(Shadow::new(c, 0, self.seed ^ (0x61 + i as u64)));
+            self.thresholds[5 + i] = self.thresholds[i];
+            if !self.weighted {
+                let c = shadows[i].capacity();
+                shadows.push(Shadow::new(c, 0, self.seed ^ (0x61 + i as u64)));
             }
         }
+        self.shadows = shadows;
         self.epoch = Counts::default();
-        self.window = [0.0; 10];
+        self.window = [0.0; WIDTH];
         self.total = Counts::default();
         self.requests_mark = self.requests_now;
     }
@@ -217,9 +292,11 @@ impl Tracker {
         self.epoch.n + 64 >= EPOCH
     }
 
-    /// The cache's read count now (see `Cache::requests`).
-    pub(crate) fn set_requests(&mut self, n: u64) {
-        self.requests_now = self.requests_now.max(n);
+    /// The cache's read count now (see `Cache::requests`), if it counts them.
+    pub(crate) fn set_requests(&mut self, n: Option<u64>) {
+        if let Some(n) = n {
+            self.requests_now = self.requests_now.max(n);
+        }
     }
 
     /// `lost` samples at `sample_threshold` were lost by a buffer: the share of them under
@@ -231,8 +308,12 @@ impl Tracker {
         }
     }
 
-    /// The sampled requests expected since the epoch began.
+    /// The sampled requests expected since the epoch began (those seen when the cache does
+    /// not count its reads: no adjustment against them then).
     fn expected_now(&self) -> f64 {
+        if !self.counted {
+            return self.epoch.n as f64;
+        }
         self.epoch.expected + (self.requests_now - self.requests_mark) as f64 * self.rate()
     }
 
@@ -242,13 +323,26 @@ impl Tracker {
     }
 
     /// Follows the real cache's configuration (tune word `tune`; its candidate only).
+    #[inline]
     fn follow(&mut self, tune: u64) {
-        let candidate = tune & 0xff;
-        if candidate != self.candidate {
-            self.candidate = candidate;
-            for s in self.shadows.iter_mut().take(FACTORS.len()) {
-                s.retune(tune_word(candidate as usize, 0));
+        if tune & 0xff != self.candidate {
+            self.switch(tune & 0xff);
+        }
+    }
+
+    #[cold]
+    fn switch(&mut self, candidate: u64) {
+        if self.candidate == 0 && !self.weighted {
+            // The window-0 % shadows were not fed while the current configuration was window
+            // 0 % (they would have been copies): they start again from the current shadows,
+            // which ran it.
+            for i in 0..2 {
+                self.shadows[5 + i] = self.shadows[i].clone();
             }
+        }
+        self.candidate = candidate;
+        for s in self.shadows.iter_mut().take(FACTORS.len()) {
+            s.retune(tune_word(candidate as usize, 0));
         }
     }
 
@@ -267,16 +361,11 @@ impl Tracker {
             // inserts it now, with its last known weight (or the mean).
             let w = self.weight_of(hash);
             let mut missed = 0u8;
-            for (i, (h, sh)) in self
-                .epoch
-                .hits
-                .iter_mut()
-                .zip(&mut self.shadows)
-                .enumerate()
-            {
+            for (i, sh) in self.shadows.iter_mut().enumerate() {
                 // A weight above any shadow's capacity: a lookup, nothing inserted.
                 let hit = sh.access(hash, u32::MAX);
-                *h += u64::from(hit);
+                self.epoch.hits[i] += u64::from(hit);
+                self.epoch.fed[i] += 1;
                 if !hit {
                     if real_hit {
                         sh.access(hash, w);
@@ -289,8 +378,21 @@ impl Tracker {
                 self.pending[(hash >> 40) as usize % PENDING] = (hash, missed);
             }
         } else {
-            for (h, sh) in self.epoch.hits.iter_mut().zip(&mut self.shadows) {
-                *h += u64::from(sh.access(hash, 1));
+            // While the current configuration is window 0 %, the window-0 % shadows would be
+            // copies of the current ones: not fed, they count the same results.
+            let active = if self.candidate == 0 { 5 } else { SLOTS };
+            let low = u64::from(hash as u32);
+            let e = &mut self.epoch;
+            for (i, sh) in self.shadows.iter_mut().enumerate().take(active) {
+                if low < self.thresholds[i] {
+                    let hit = u64::from(sh.access(hash, 1));
+                    e.hits[i] += hit;
+                    e.fed[i] += 1;
+                    if i < 2 && active == 5 {
+                        e.hits[5 + i] += hit;
+                        e.fed[5 + i] += 1;
+                    }
+                }
             }
         }
         self.epoch.real += u64::from(real_hit);
@@ -354,12 +456,7 @@ impl Tracker {
         for (w, x) in self.window.iter_mut().zip(e) {
             *w = *w * DECAY + x;
         }
-        for (t, h) in self.total.hits.iter_mut().zip(self.epoch.hits) {
-            *t += h;
-        }
-        self.total.real += self.epoch.real;
-        self.total.n += self.epoch.n;
-        self.total.expected += self.epoch.expected;
+        self.total.add(&self.epoch);
         self.epoch = Counts::default();
     }
 
@@ -381,6 +478,41 @@ impl Tracker {
         Some(self.threshold)
     }
 
+    /// The hit ratio of slot `i` (or the real cache's, `i` = `SLOTS`) from counts `c`.
+    ///
+    /// SHARDS's adjustment: the sampled requests expected but not seen (or seen but not
+    /// expected) are the few hottest keys' surplus or deficit, counted as hits everywhere. A
+    /// slot fed a subset of the samples (under a lower threshold) is first adjusted the same
+    /// way against its share of the samples, then scaled to them.
+    fn ratio(&self, i: usize, c: &[f64; WIDTH]) -> f64 {
+        let (n, expected) = (c[N], c[EXPECTED]);
+        let (h, fed, share) = if i == SLOTS {
+            (c[REAL], n, 1.0)
+        } else {
+            (
+                c[i],
+                c[SLOTS + i],
+                self.thresholds[i] as f64 / self.threshold.max(1) as f64,
+            )
+        };
+        if fed <= 0.0 {
+            return 0.0;
+        }
+        // Only on an epoch's worth of samples at least: the read counters are approximate
+        // (each thread adds 64 at a time), which swamps a handful of samples.
+        if n < EPOCH as f64 {
+            return h / fed;
+        }
+        // Hits in units of the samples (the subset's surplus or deficit counted as hits).
+        let h = if share < 1.0 {
+            (h + n * share - fed) / share
+        } else {
+            h
+        };
+        let expected = if expected > 0.0 { expected } else { n };
+        ((h + expected - n) / expected).clamp(0.0, 1.0)
+    }
+
     /// The curve now.
     pub(crate) fn snapshot(&self) -> Sizing {
         let mut epoch = self.epoch;
@@ -391,52 +523,32 @@ impl Tracker {
             *x += y;
         }
         let mut t = self.total;
-        for (x, h) in t.hits.iter_mut().zip(epoch.hits) {
-            *x += h;
-        }
-        t.real += epoch.real;
-        t.n += epoch.n;
-        t.expected += epoch.expected;
+        t.add(&epoch);
         let t = t.as_f64();
-        // SHARDS's adjustment: the sampled requests expected but not seen (or seen but not
-        // expected) are the few hottest keys' surplus or deficit, counted as hits everywhere.
-        let ratio = |h: f64, c: &[f64; 10]| {
-            let (n, expected) = (c[8], c[9]);
-            if n <= 0.0 {
-                return 0.0;
-            }
-            // Only on an epoch's worth of samples at least: the read counters are approximate
-            // (each thread adds 64 at a time), which swamps a handful of samples.
-            if expected > 0.0 && n >= EPOCH as f64 {
-                ((h + expected - n) / expected).clamp(0.0, 1.0)
-            } else {
-                h / n
-            }
-        };
         let mut points = [(0, 0.0); 5];
         let mut since_start = [(0, 0.0); 5];
         for (i, &(num, den)) in FACTORS.iter().enumerate() {
             let c = (self.capacity.saturating_mul(num) / den).max(1);
-            points[i] = (c, ratio(w[i], &w));
-            since_start[i] = (c, ratio(t[i], &t));
+            points[i] = (c, self.ratio(i, &w));
+            since_start[i] = (c, self.ratio(i, &t));
             if i < 2 && !self.weighted {
-                points[i].1 = points[i].1.max(ratio(w[5 + i], &w));
-                since_start[i].1 = since_start[i].1.max(ratio(t[5 + i], &t));
+                points[i].1 = points[i].1.max(self.ratio(5 + i, &w));
+                since_start[i].1 = since_start[i].1.max(self.ratio(5 + i, &t));
             }
         }
         if cfg!(herdcache_broken_sizing) {
             // A planted bug for tests/sizing.rs to catch: the observed ratio copied everywhere.
             for p in points.iter_mut().chain(since_start.iter_mut()) {
-                p.1 = ratio(w[7], &w);
+                p.1 = self.ratio(SLOTS, &w);
             }
         }
         Sizing {
             points,
-            observed: ratio(w[7], &w),
-            samples: w[8],
+            observed: self.ratio(SLOTS, &w),
+            samples: w[N],
             since_start,
-            observed_since_start: ratio(t[7], &t),
-            samples_since_start: t[8] as u64,
+            observed_since_start: self.ratio(SLOTS, &t),
+            samples_since_start: t[N] as u64,
             rate: self.rate(),
         }
     }
@@ -453,8 +565,8 @@ pub const SUGGEST_MARGIN_POINTS: f64 = 2.0;
 /// returns a new one each time.
 ///
 /// The window is exponentially decayed: every 2000 sampled requests, older counts are
-/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 20
-/// × `max_capacity` for an entry-bounded cache of 2000 entries or more). Ratios are measured on
+/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 40
+/// × `max_capacity` for an entry-bounded cache of 1,024 entries or more). Ratios are measured on
 /// the sampled requests only (a fraction [`rate`](Self::rate) of the keys, chosen by hash), so
 /// the observed one is an estimate too; [`samples`](Self::samples) says on how many requests.
 /// Before any sampled request every ratio is 0.
@@ -579,20 +691,75 @@ mod tests {
 
     #[test]
     fn the_rate_aims_for_2000_entries() {
-        let t = Tracker::new(100_000, false, 0, 1, u64::MAX);
+        let t = Tracker::new(100_000, false, 0, 1, u64::MAX, false);
         assert!((t.snapshot().rate() - 0.02).abs() < 1e-6);
-        let t = Tracker::new(500, false, 0, 1, u64::MAX);
+        let t = Tracker::new(500, false, 0, 1, u64::MAX, false);
         assert_eq!(t.snapshot().rate(), 1.0);
         let caps: Vec<u64> = t.snapshot().points().iter().map(|p| p.0).collect();
         assert_eq!(caps, [125, 250, 500, 1000, 2000]);
         // Never above the selector's.
-        let t = Tracker::new(500, false, 0, 1, 1 << 20);
+        let t = Tracker::new(500, false, 0, 1, 1 << 20, false);
         assert_eq!(t.threshold(), 1 << 20);
     }
 
     #[test]
+    fn large_shadows_see_nested_subsets_except_at_rate_1() {
+        // The selector's threshold at 100,000 entries: 1,024 entries at 1 ×.
+        let sel = crate::select::Selector::new(100_000, 1).threshold();
+        let t = Tracker::new(100_000, false, 0, 1, sel, false);
+        assert_eq!(t.threshold(), sel);
+        let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
+        assert_eq!(sizes, [32, 256, 1024, 1024, 1024, 32, 256]);
+        let shares: Vec<f64> = t
+            .thresholds
+            .iter()
+            .map(|&x| x as f64 / sel as f64)
+            .collect();
+        for (s, want) in shares.iter().zip([0.125, 0.5, 1.0, 0.5, 0.25, 0.125, 0.5]) {
+            assert!((s - want).abs() < 1e-3, "{shares:?}");
+        }
+        // Nested: a key fed to a smaller share is fed to every larger one.
+        assert!(t.thresholds[3] <= t.thresholds[2] && t.thresholds[4] <= t.thresholds[3]);
+        // At rate 1 every shadow sees every request, at full size.
+        let t = Tracker::new(1000, false, 0, 1, u64::MAX, false);
+        assert!(t.thresholds.iter().all(|&x| x == 1 << 32));
+        let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
+        assert_eq!(sizes, [250, 500, 1000, 2000, 4000, 250, 500]);
+    }
+
+    #[test]
+    fn window_0_shadows_copy_the_current_ones_until_the_configuration_changes() {
+        let mut t = Tracker::new(1000, false, 0, 1, u64::MAX, false);
+        let mut x = 7u64;
+        let mut run = |t: &mut Tracker, tune: u64, n: usize| {
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                t.feed(sample(h(x % 3000), false), tune);
+            }
+        };
+        run(&mut t, 0, 5000);
+        assert_eq!(t.epoch.hits[5], t.epoch.hits[0]);
+        assert_eq!(t.epoch.fed[6], t.epoch.fed[1]);
+        assert_eq!(
+            t.shadows[5].hits(),
+            0,
+            "not fed while window 0 % is current"
+        );
+        // Window 20 %: the second shadows start as copies of the first and run on their own.
+        run(&mut t, tune_word(2, 0), 5000);
+        assert!(t.shadows[5].hits() > 0);
+        let s = t.snapshot();
+        assert!(
+            s.points()[0].1 > 0.0 && s.points()[1].1 >= s.points()[0].1,
+            "{s:?}"
+        );
+    }
+
+    #[test]
     fn the_window_decays_and_the_totals_do_not() {
-        let mut t = Tracker::new(100, false, 0, 1, u64::MAX);
+        let mut t = Tracker::new(100, false, 0, 1, u64::MAX, false);
         // 20 epochs of a working set that fits, then 20 of distinct keys.
         for i in 0..40_000u64 {
             t.feed(sample(h(i % 50), true), 0);
@@ -611,7 +778,7 @@ mod tests {
 
     #[test]
     fn weighted_shadows_insert_on_inserts_only() {
-        let mut t = Tracker::new(2000, true, tune_word(1, 0), 1, u64::MAX);
+        let mut t = Tracker::new(2000, true, tune_word(1, 0), 1, u64::MAX, false);
         for round in 0..3 {
             for k in 0..100u64 {
                 t.feed(sample(h(k), round > 0), 0);

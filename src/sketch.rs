@@ -14,7 +14,7 @@
 //! holds, not for its capacity in weight units.
 
 /// Frequency sketch: `words` × 16 four-bit counters, four counters per key.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[cfg_attr(test, derive(PartialEq, Eq))]
 pub(crate) struct Sketch {
     table: Vec<u64>,

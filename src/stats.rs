@@ -188,6 +188,11 @@ impl Stats {
         }
     }
 
+    /// Hits and misses counted so far: the reads, for the sizing curve's adjustment.
+    pub(crate) fn reads(&self) -> u64 {
+        self.sum(Counter::Hit).wrapping_add(self.sum(Counter::Miss))
+    }
+
     fn sum(&self, c: Counter) -> u64 {
         self.stripes
             .iter()

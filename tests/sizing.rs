@@ -209,3 +209,40 @@ fn concurrent_readers_and_writers_leave_a_sane_curve() {
     }
     assert!(at(&s, 20_000) >= at(&s, 1250), "{s:?}");
 }
+
+#[test]
+fn with_statistics_the_hottest_keys_are_accounted_for() {
+    // One key takes 30 % of the reads; the rest are spread over 100,000 keys. The sample holds
+    // the hot key with probability 5 % (the rate): either way, with `record_stats` the
+    // adjustment (the reads counted against the samples seen) makes the observed ratio on the
+    // samples that of all reads.
+    let c = Cache::<u64, u64>::builder()
+        .max_capacity(20_000)
+        .record_stats()
+        .track_sizing()
+        .build();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    replay(
+        &c,
+        std::iter::repeat_with(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 10 < 3 {
+                0
+            } else {
+                1 + (x >> 8) % 100_000
+            }
+        })
+        .take(600_000),
+    );
+    let s = c.sizing().expect("tracked");
+    let all = c.stats().hit_ratio();
+    assert!(
+        (s.observed_since_start() - all).abs() < 0.02,
+        "observed {} vs every read {all}: {s:?}",
+        s.observed_since_start()
+    );
+    // The 1 × prediction follows.
+    assert!((s.points_since_start()[2].1 - all).abs() < 0.04, "{s:?}");
+}

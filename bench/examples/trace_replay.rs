@@ -7,9 +7,12 @@
 //! cargo run -p herdcache-bench --release --example trace_replay                 # every row, all three caches
 //! cargo run -p herdcache-bench --release --example trace_replay -- --only herdcache loop gli
 //! cargo run -p herdcache-bench --release --example trace_replay -- --sizing    # sizing accuracy
+//! cargo run -p herdcache-bench --release --example trace_replay -- --sizing --no-stats
 //! ```
 //!
-//! `--sizing`: for each row, herdcache with `track_sizing()` at the row's capacity, and herdcache
+//! `--sizing`: for each row, herdcache with `track_sizing()` and `record_stats()` (whose read
+//! count the curve's hot-key adjustment uses; `--no-stats`: without, so without the
+//! adjustment) at the row's capacity, and herdcache
 //! run at 0.25, 0.5, 2 and 4 × that capacity; prints the curve predicted by the first (over the
 //! whole trace: `Sizing::points_since_start`) against the hit ratios actually measured, the 1 ×
 //! prediction against the observed ratio on the same sampled requests, and the errors.
@@ -173,11 +176,19 @@ fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
 /// The sizing curve's factors (numerator, denominator), as `Sizing::points` orders them.
 const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
 
-/// Replays `keys` through herdcache at `cap`; with `track`, also returns the sizing curve.
+/// Whether the tracked cache records statistics (`--sizing` without `--no-stats`): the sizing
+/// curve's hot-key adjustment reads the read count from them.
+static STATS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Replays `keys` through herdcache at `cap`; with `track` (and `record_stats` unless
+/// `--no-stats`), also returns the sizing curve.
 fn replay_sizing(keys: &[u64], cap: u64, track: bool) -> (f64, Option<herdcache::Sizing>) {
     let mut b = herdcache::Cache::builder().max_capacity(cap);
     if track {
         b = b.track_sizing();
+        if STATS.load(std::sync::atomic::Ordering::Relaxed) {
+            b = b.record_stats();
+        }
     }
     let c = b.build();
     let mut hits = 0u64;
@@ -282,6 +293,8 @@ fn main() {
     while let Some(a) = args.next() {
         if a == "--sizing" {
             sizing = true;
+        } else if a == "--no-stats" {
+            STATS.store(false, std::sync::atomic::Ordering::Relaxed);
         } else if a == "--only" {
             caches = vec![match args.next().as_deref() {
                 Some("herdcache") => "herdcache",

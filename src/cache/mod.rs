@@ -85,8 +85,9 @@ pub(crate) struct ShardCell<K, V> {
     pub(crate) lock: RwLock<Shard<K, V>>,
     /// This shard's sampled accesses, for the cache's configuration selector.
     samples: Samples,
-    /// Approximate count of reads (sampled, see `note_access`), kept only for the sizing
-    /// curve's hot-key correction.
+    /// Approximate count of reads (see `note_access`), kept only for the sizing curve's
+    /// hot-key correction, and only by a cache that counts ticks anyway (one that keeps time)
+    /// and records no statistics (which count the reads exactly).
     accesses: AtomicU64,
     /// When this shard's written entries fall due, for `health` (written under `lock`).
     pub(crate) due: crate::monitor::DueRing,
@@ -136,8 +137,6 @@ pub(crate) struct Inner<K, V, S> {
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
     timed: bool,
-    /// Whether reads count ticks (expiry maintenance, or the sizing curve's read counter).
-    ticks: bool,
     pub(crate) stampede: Stampede<K, V>,
     /// Starts a refresh of a key found due (set where `K: Clone` is known).
     refresh: Option<RefreshFn<K, V, S>>,
@@ -170,8 +169,9 @@ crate::sync::thread_local_shim! {
 
 /// Every this many accesses a thread tries to run expiry maintenance on the shard.
 const MAINTAIN_EVERY: u32 = 1024;
-/// With the sizing curve tracked, every `ACCESS_SAMPLE`-th access of a thread adds
-/// `ACCESS_SAMPLE` to its shard's read counter (one shared write per 64 reads).
+/// With the sizing curve tracked by a cache that keeps time and no statistics, every
+/// `ACCESS_SAMPLE`-th access of a thread adds `ACCESS_SAMPLE` to its shard's read counter (one
+/// shared write per 64 reads, on the maintenance tick the cache counts anyway).
 const ACCESS_SAMPLE: u32 = 64;
 
 impl<K, V, S> Cache<K, V, S>
@@ -238,9 +238,10 @@ where
                 tune,
                 seed,
                 max,
+                // The reads are counted by the statistics, or on the maintenance tick.
+                stats || timed,
             ))
         });
-        let ticks = timed || sizing.is_some();
         let sample_threshold = match (&selector, &sizing) {
             (None, Some(z)) => z.lock().threshold(),
             _ => sample_threshold,
@@ -259,7 +260,6 @@ where
                 weight: AtomicU64::new(0),
                 weigher,
                 timed,
-                ticks,
                 expiry,
                 stampede,
                 refresh,
@@ -310,8 +310,8 @@ where
         self.inner.timed.then(|| self.inner.clock.clone())
     }
 
-    /// Counts an access of this thread (only when reads count ticks); returns true when the
-    /// caller should run maintenance.
+    /// Counts an access of this thread (only a cache that keeps time counts: the sizing curve
+    /// adds no work to reads); returns true when the caller should run maintenance.
     #[inline]
     fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
         let t = ACCESS_TICK.with(|t| {
@@ -319,11 +319,11 @@ where
             t.set(v);
             v
         });
-        if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() {
+        if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() && self.inner.stats.is_none() {
             cell.accesses
                 .fetch_add(u64::from(ACCESS_SAMPLE), Ordering::Relaxed);
         }
-        self.inner.timed && t % MAINTAIN_EVERY == 0
+        t % MAINTAIN_EVERY == 0
     }
 
     /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
@@ -342,8 +342,8 @@ where
     {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
-        // One test for a cache that keeps no time and no read count (`ticks` is false then).
-        let (maintain, now) = if self.inner.ticks {
+        // One test for a cache that keeps no time (it counts no ticks either).
+        let (maintain, now) = if self.inner.timed {
             (self.note_access(cell), self.now())
         } else {
             (false, 0)

@@ -103,14 +103,21 @@ where
         }
     }
 
-    /// The reads so far, as the shards' approximate access counters have them (see
-    /// [`note_access`](Self::note_access)).
-    pub(crate) fn requests(&self) -> u64 {
-        self.inner
-            .shards
-            .iter()
-            .map(|c| c.accesses.load(Ordering::Relaxed))
-            .sum()
+    /// The reads so far, for the sizing curve's adjustment: the statistics' hits and misses
+    /// when they are recorded, else the shards' approximate access counters when the cache
+    /// keeps time (see [`note_access`](Self::note_access)), else unknown: the cache counts
+    /// nothing on reads for the sizing curve alone.
+    pub(crate) fn requests(&self) -> Option<u64> {
+        if let Some(s) = &self.inner.stats {
+            return Some(s.reads());
+        }
+        self.inner.timed.then(|| {
+            self.inner
+                .shards
+                .iter()
+                .map(|c| c.accesses.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     /// Feeds every shard's pending samples to the selector and the sizing tracker, for shards
