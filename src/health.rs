@@ -145,8 +145,8 @@ pub enum Warning {
         hit_ratio: Option<(f64, f64)>,
         /// The predicted hit-ratio curve, when the cache tracks it
         /// ([`track_sizing`](crate::CacheBuilder::track_sizing)): the advice quotes its
-        /// points above `max_capacity` and suggests the smallest that gets within
-        /// [`SIZING_MARGIN_POINTS`] of the best.
+        /// points above `max_capacity` and its
+        /// [`suggested_capacity`](crate::Sizing::suggested_capacity).
         sizing: Option<Box<crate::Sizing>>,
     },
     /// Most loads waited for a `max_concurrent_loads` permit.
