@@ -123,7 +123,7 @@ impl<K, V> Removals<K, V> {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, r: Removed<K, V>) {
         if self.first.is_none() && self.more.as_ref().is_none_or(|m| m.rest.is_empty()) {
             self.first = Some(r);

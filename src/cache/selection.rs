@@ -58,10 +58,17 @@ where
     /// Feeds a shard's sampled reads to the selector. The caller holds the shard's write lock
     /// (one drainer per buffer). Never waits: if another shard is feeding the selector, the
     /// samples stay in the buffer (and may be overwritten: the buffer is lossy).
+    #[inline]
     pub(super) fn drain_samples(&self, cell: &ShardCell<K, V>) {
-        if !cell.samples.pending() {
-            return;
+        if cell.samples.pending() {
+            self.drain_pending_samples_locked(cell);
         }
+    }
+
+    /// [`drain_samples`](Self::drain_samples) once something is pending (out of line: most
+    /// writes find nothing to drain).
+    #[inline(never)]
+    fn drain_pending_samples_locked(&self, cell: &ShardCell<K, V>) {
         // Both the selector and the sizing tracker, or neither (the samples then wait).
         let mut sel = match &self.inner.selector {
             Some(m) => match m.try_lock() {
