@@ -70,7 +70,9 @@ fn a_loop_of_one_and_a_half_capacities_fits_at_twice_the_size() {
     // At 1 × at most two thirds of it can stay; at 0.5 × and 0.25 × less.
     assert!(at(&s, cap) < 0.7, "{s:?}");
     assert!(at(&s, cap / 2) < at(&s, cap), "{s:?}");
-    assert!(at(&s, cap / 4) < at(&s, cap / 2), "{s:?}");
+    // The 0.25 × point is coarse (a 32-entry shadow of a subset): it came out 2 points above
+    // the 0.5 × one in one seed of 200 (0.362 vs 0.343), so only "not materially above".
+    assert!(at(&s, cap / 4) < at(&s, cap / 2) + 0.05, "{s:?}");
     // The 1 × prediction is the observed ratio, within a few points (a loop longer than the
     // cache is where a real cache and its shadow diverge most, and the hash seed is random:
     // 5 points have been seen); the 2 × is not.
@@ -80,7 +82,10 @@ fn a_loop_of_one_and_a_half_capacities_fits_at_twice_the_size() {
 
 #[test]
 fn a_working_set_under_the_capacity_predicts_the_observed_ratio_everywhere() {
-    // 2,000 keys read uniformly at random: they fit even at 0.25 × 10,000.
+    // 1,000 keys read uniformly at random: they fit even at 0.25 × 10,000. (Not 2,000: the
+    // 0.25 × shadow holds 32 entries of a subset of the sampled keys, about 26 of 2,000 keys,
+    // and in about one seed in ten more than 32 of them fall in the subset and it thrashes —
+    // the coarseness `Sizing`'s docs describe. 1,000 keys put about 13 there.)
     let cap = 10_000u64;
     let c = Cache::<u64, u64>::builder()
         .max_capacity(cap)
@@ -93,7 +98,7 @@ fn a_working_set_under_the_capacity_predicts_the_observed_ratio_everywhere() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x % 2000
+            x % 1000
         })
         .take(400_000),
     );
@@ -238,11 +243,14 @@ fn with_statistics_the_hottest_keys_are_accounted_for() {
     );
     let s = c.sizing().expect("tracked");
     let all = c.stats().hit_ratio();
+    // The sample holds about 1,000 of the 100,000 cold keys, so the estimate itself moves
+    // with the seed: up to 0.031 away in 300 runs (0.02 failed one run in 27). Without the
+    // adjustment it reads about 0.19 against 0.44.
     assert!(
-        (s.observed_since_start() - all).abs() < 0.02,
+        (s.observed_since_start() - all).abs() < 0.05,
         "observed {} vs every read {all}: {s:?}",
         s.observed_since_start()
     );
     // The 1 × prediction follows.
-    assert!((s.points_since_start()[2].1 - all).abs() < 0.04, "{s:?}");
+    assert!((s.points_since_start()[2].1 - all).abs() < 0.06, "{s:?}");
 }
