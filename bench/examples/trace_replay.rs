@@ -202,9 +202,12 @@ fn replay_sizing(keys: &[u64], cap: u64, track: bool) -> (f64, Option<herdcache:
     if std::env::var_os("HERDCACHE_POLICY_TRACE").is_some() {
         if let Some(t) = c.policy_totals() {
             eprintln!(
-                "{cap}: candidate {}, {} switches, shadows {:?}",
+                "{cap}: real {:.2} % predicted {:.2} %, candidate {}, {} switches, {} actions, shadows {:?}",
+                100.0 * t.real_hits as f64 / t.samples.max(1) as f64,
+                100.0 * t.predicted_hits as f64 / t.samples.max(1) as f64,
                 t.candidate,
                 t.switches,
+                t.actions,
                 t.shadow_hits
                     .map(|h| (1000.0 * h as f64 / t.samples.max(1) as f64).round() / 10.0)
             );
