@@ -162,8 +162,15 @@ impl<K, V> Removals<K, V> {
             f(r);
         }
         if let Some(m) = &self.more {
-            m.rest.iter().for_each(f);
+            Self::for_each_more(m, f);
         }
+    }
+
+    /// [`for_each`](Self::for_each) beyond the first entry: rare, out of line.
+    #[cold]
+    #[inline(never)]
+    fn for_each_more(m: &More<K, V>, f: impl FnMut(&Removed<K, V>)) {
+        m.rest.iter().for_each(f);
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Removed<K, V>> {

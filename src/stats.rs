@@ -166,25 +166,21 @@ impl Stats {
     /// Counts a removed entry of weight `w`.
     #[inline]
     pub(crate) fn removed(&self, cause: RemovalCause, w: u32) {
-        // The count and weight counters of each cause, in `RemovalCause`'s order.
-        const BY_CAUSE: [(Counter, Counter); 4] = [
-            (Counter::RemovedExpired, Counter::WeightExpired),
-            (Counter::RemovedExplicit, Counter::WeightExplicit),
-            (Counter::RemovedReplaced, Counter::WeightReplaced),
-            (Counter::RemovedSize, Counter::WeightSize),
-        ];
-        let (count, weight) = BY_CAUSE[cause as usize];
+        // The count and weight counters of each cause are in `RemovalCause`'s order (checked
+        // by a test): an offset, not a table lookup.
+        let count = Counter::RemovedExpired as usize + cause as usize;
+        let weight = Counter::WeightExpired as usize + cause as usize;
         // One stripe lookup for both counters; a plain store on this thread's own stripe.
         let i = stripe();
         let s = &self.stripes[i];
         if i < STRIPES {
             for (c, n) in [(count, 1), (weight, u64::from(w))] {
-                let a = &s[c as usize];
+                let a = &s[c];
                 a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
             }
         } else {
-            s[count as usize].fetch_add(1, Ordering::Relaxed);
-            s[weight as usize].fetch_add(u64::from(w), Ordering::Relaxed);
+            s[count].fetch_add(1, Ordering::Relaxed);
+            s[weight].fetch_add(u64::from(w), Ordering::Relaxed);
         }
     }
 
@@ -501,6 +497,43 @@ impl RemoteCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removal_counters_are_in_removal_cause_order() {
+        let causes = [
+            RemovalCause::Expired,
+            RemovalCause::Explicit,
+            RemovalCause::Replaced,
+            RemovalCause::Size,
+        ];
+        let counts = [
+            Counter::RemovedExpired,
+            Counter::RemovedExplicit,
+            Counter::RemovedReplaced,
+            Counter::RemovedSize,
+        ];
+        let weights = [
+            Counter::WeightExpired,
+            Counter::WeightExplicit,
+            Counter::WeightReplaced,
+            Counter::WeightSize,
+        ];
+        for ((cause, count), weight) in causes.into_iter().zip(counts).zip(weights) {
+            assert_eq!(
+                Counter::RemovedExpired as usize + cause as usize,
+                count as usize
+            );
+            assert_eq!(
+                Counter::WeightExpired as usize + cause as usize,
+                weight as usize
+            );
+            let s = Stats::new();
+            s.removed(cause, 7);
+            let stripe = &s.stripes[stripe()];
+            assert_eq!(stripe[count as usize].load(Ordering::Relaxed), 1);
+            assert_eq!(stripe[weight as usize].load(Ordering::Relaxed), 7);
+        }
+    }
 
     #[test]
     fn striped_counts_add_up_across_threads() {
