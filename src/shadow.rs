@@ -19,7 +19,7 @@
 //! * [`Shadow::hits`] / [`Shadow::accesses`]: running totals (the caller keeps deltas).
 //!
 //! Cost: per entry a 16-byte slot, 11 to 21 bytes of index (8-byte entries, 3/8 to 3/4 full),
-//! 4 to 8 bytes of queue and about 4 to 8 bytes of sketch and 2 of ghost: about 40–55 bytes
+//! 4 to 8 bytes of queue and about 4 to 8 bytes of sketch and 1.5 of ghost: about 40–55 bytes
 //! per shadow entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. A
 //! lookup that hits is about 45 instructions; a miss inserts and evicts under the policy (a
 //! few hundred). Single-threaded: the caller serialises access (the selector sits behind a
