@@ -444,6 +444,9 @@ where
     /// Reports removed entries to the statistics and the eviction listener, then drops them.
     /// Called with no lock held. If the listener panics, the other entries are still reported
     /// and dropped, and the first panic is then resumed in the caller.
+    ///
+    /// (Not written as a call of [`report`](Self::report): that version, tried, cost the insert
+    /// of a present key 5 more instructions, 275 → 280, without a listener.)
     #[inline(always)]
     pub(crate) fn report_removals(&self, out: Removals<K, V>) {
         if let Some(stats) = &self.inner.stats {
