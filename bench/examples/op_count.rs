@@ -10,19 +10,18 @@
 //!
 //! Arguments: the cache (`herdcache`, `herdcache-ttl`, `herdcache-stats` with `record_stats`,
 //! `herdcache-sizing` with `track_sizing`, `quick_cache`), the share of reads in
-//! percent (the rest are inserts of present keys) and the number of operations. Keys as in the
-//! `read_throughput` bench: Zipf (s = 1) over 100,000 keys, every key present. Callgrind's
+//! percent (the rest are inserts of present keys), the number of operations and, optionally,
+//! the number of keys, which is also the capacity (default 100,000). Keys as in the
+//! `read_throughput` bench: Zipf (s = 1) over the keys, every key present. Callgrind's
 //! instruction total divided by the operation count is the figure.
 
 use std::hint::black_box;
 use std::time::Duration;
 
-const KEYS: u64 = 100_000;
-
-fn zipf_samples(n: usize) -> Vec<u64> {
-    let mut cdf = Vec::with_capacity(KEYS as usize);
+fn zipf_samples(n: usize, keys: u64) -> Vec<u64> {
+    let mut cdf = Vec::with_capacity(keys as usize);
     let mut sum = 0.0;
-    for i in 1..=KEYS {
+    for i in 1..=keys {
         sum += 1.0 / i as f64;
         cdf.push(sum);
     }
@@ -33,7 +32,7 @@ fn zipf_samples(n: usize) -> Vec<u64> {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 11) as f64 / (1u64 << 53) as f64 * sum;
-            (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS
+            (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys
         })
         .collect()
 }
@@ -62,14 +61,15 @@ fn run_quick_cache(c: &quick_cache::sync::Cache<u64, u64>, keys: &[u64], reads: 
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|quick_cache READ_PERCENT OPS";
+    let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|quick_cache READ_PERCENT OPS [KEYS]";
     let cache = args.first().expect(usage).as_str();
     let reads: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let ops: usize = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
-    let keys = zipf_samples(ops);
+    let n: u64 = args.get(3).map_or(100_000, |s| s.parse().expect(usage));
+    let keys = zipf_samples(ops, n);
     match cache {
         "herdcache" | "herdcache-ttl" | "herdcache-stats" | "herdcache-sizing" => {
-            let mut b = herdcache::Cache::builder().max_capacity(KEYS);
+            let mut b = herdcache::Cache::builder().max_capacity(n);
             if cache == "herdcache-ttl" {
                 b = b.time_to_live(Duration::from_secs(3600));
             }
@@ -80,14 +80,14 @@ fn main() {
                 b = b.track_sizing();
             }
             let c = b.build();
-            for k in 0..KEYS {
+            for k in 0..n {
                 c.insert(k, k);
             }
             run_herdcache(&c, &keys, reads);
         }
         "quick_cache" => {
-            let c = quick_cache::sync::Cache::new(KEYS as usize);
-            for k in 0..KEYS {
+            let c = quick_cache::sync::Cache::new(n as usize);
+            for k in 0..n {
                 c.insert(k, k);
             }
             run_quick_cache(&c, &keys, reads);

@@ -10,19 +10,24 @@
 //!
 //! 2,000,000 reads of keys drawn from 200,000 (a skewed mix: half from the 20,000 hottest),
 //! inserting on a miss, in a cache of 100,000 entries; then prints the hit count. `hits` mode
-//! is the hit path alone: 2,000,000 reads of 50,000 keys that all fit.
+//! is the hit path alone: 2,000,000 reads of 50,000 keys that all fit. An optional second
+//! argument sets the capacity (default 100,000; the key counts scale with it), e.g. 1000 for
+//! a cache at sampling rate 1, where every read is simulated.
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let track = mode != "plain" && mode != "hits-plain";
-    let mut b = herdcache::Cache::<u64, u64>::builder().max_capacity(100_000);
+    let cap: u64 = std::env::args()
+        .nth(2)
+        .map_or(100_000, |a| a.parse().expect("a capacity"));
+    let mut b = herdcache::Cache::<u64, u64>::builder().max_capacity(cap);
     if track {
         b = b.track_sizing();
     }
     let c = b.build();
     let hits_only = mode.starts_with("hits");
     if hits_only {
-        for k in 0..50_000u64 {
+        for k in 0..cap / 2 {
             c.insert(k, k);
         }
     }
@@ -33,11 +38,11 @@ fn main() {
         x ^= x >> 7;
         x ^= x << 17;
         let k = if hits_only {
-            x % 50_000
+            x % (cap / 2)
         } else if x & 1 == 0 {
-            (x >> 1) % 20_000
+            (x >> 1) % (cap / 5)
         } else {
-            (x >> 1) % 200_000
+            (x >> 1) % (cap * 2)
         };
         if c.get(&k).is_some() {
             hits += 1;
