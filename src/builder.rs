@@ -335,14 +335,18 @@ where
     /// 1, 2 and 4 × `max_capacity` over a recent window of requests, next to the observed one
     /// (see [`Sizing`](crate::Sizing) for the window and the method).
     ///
-    /// Cost: up to seven shadow caches of key hashes, fed the samples the policy's selector
-    /// already takes on reads (nothing is added to a read's own code), replayed on the shadows
-    /// when a shard's buffer is drained under its write lock. Beyond a `max_capacity` of 1,024
-    /// each holds at most 1,024 entries (the larger ones see a subset of the samples): about
-    /// 0.2 MiB once full, whatever the capacity, and about 2–3 % more instructions at 100,000
-    /// entries on a mixed workload and on hits alone (BENCHMARKS.md); proportionally more at
-    /// smaller capacities, where a larger share of the reads is sampled. With a weigher,
-    /// sampled inserts are recorded too (five shadows of about 2000 entries at 1 ×).
+    /// Cost: up to nine shadow caches of key hashes (four sizes besides the selector's own at
+    /// 1 ×, each with a challenger running another configuration), fed the samples the
+    /// policy's selector already takes on reads (nothing is added to a read's own code),
+    /// replayed on the shadows when a shard's buffer is drained under its write lock. Beyond a
+    /// `max_capacity` of 1,024 each holds at most 1,024 entries (the larger ones see a subset
+    /// of the samples): about 0.3 MiB once full, whatever the capacity, and about 1–3 % more
+    /// instructions at 100,000 entries on mixed workloads and on hits alone (BENCHMARKS.md);
+    /// proportionally more at smaller capacities, where a larger share of the reads is
+    /// sampled: +7 % per read at 10,000 entries, +32 % at 4,000, and at 1,024 or fewer, where
+    /// every read is simulated, about 2.4 × a read's instructions (+140 % at 1,000, 0.7 MiB).
+    /// With a weigher, sampled inserts are recorded too (five shadows of about 2000 entries at
+    /// 1 ×).
     ///
     /// The predictions are adjusted for the few hottest keys' share of the sample (SHARDS's
     /// adjustment) only when the cache counts its reads anyway: with
