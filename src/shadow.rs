@@ -23,7 +23,7 @@
 //! per shadow entry, so the selector's four shadows of 1,024 entries take about 0.2 MiB. A
 //! lookup that hits is inlined into the caller's loop over its shadows, about 55 instructions
 //! (a sampled request that hits in the selector's four shadows: about 250 in all, measured by
-//! `bench/examples/op_count.rs` at 1,000 keys, where every request is sampled); a miss inserts
+//! `bench/examples/op_count.rs` at 1,000 keys when every request was sampled); a miss inserts
 //! and evicts under the policy (a few hundred), out of line. Single-threaded: the caller serialises access (the selector sits behind a
 //! mutex).
 

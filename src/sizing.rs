@@ -9,11 +9,16 @@
 //!
 //! **Where the samples come from.** The very samples the policy's configuration selector
 //! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
-//! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained under the
-//! shard's write lock into the selector and, when tracked, into this tracker. Without a
-//! weigher the sizing rate *is* the selector's, `R = min(1, 1024 / max_capacity)`: nothing is
-//! added to the hit path (the same instructions run whether the curve is tracked or not).
-//! Samples lost by the lossy buffer are lost to both.
+//! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained by one
+//! thread at a time (not under the shard's lock) into the selector and, when tracked, into
+//! this tracker. Without a weigher the sizing rate is `R = min(1, 1024 / max_capacity)`: from
+//! 4,096 entries up the selector's own, so that nothing is added to the hit path (the same
+//! instructions run whether the curve is tracked or not); below, the selector samples a
+//! quarter of the capacity's keys and the curve more (every key at 1,024 entries or fewer:
+//! its small shadows need them: at a quarter of the rate, with a 64-entry floor, the curve was
+//! off by up to 15 points on the loop trace), so a tracked small cache pushes more samples than an untracked one, and
+//! the selector ignores those above its own threshold. Samples lost by the lossy buffer are
+//! lost to both.
 //!
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
 //! 0.25 ×, 256 at 0.5 ×, 1,024 at 2 × and 4 ×; the 1 × shadow is not capped, so it is the
@@ -234,6 +239,13 @@ impl Counts {
     }
 }
 
+/// Without a weigher, the most the shadows sample: 1,024 entries at 1 ×, every key at 1,024
+/// entries or fewer (more than the selector below 4,096 entries: the sizing curve's small
+/// shadows need every sample there, see `MAX_ENTRIES`).
+pub(crate) fn unweighted_threshold(capacity: u64) -> u64 {
+    threshold_for(capacity, 1024)
+}
+
 /// The sampling threshold (compared as in `Selector::sampled`) for rate `min(1, entries /
 /// capacity)`.
 fn threshold_for(capacity: u64, entries: u64) -> u64 {
@@ -244,8 +256,8 @@ fn threshold_for(capacity: u64, entries: u64) -> u64 {
 impl Tracker {
     /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
     /// policy runs the configuration of tune word `tune`; samples at most under
-    /// `max_threshold` (the selector's, when there is one: without a weigher the 1 × point is
-    /// the selector's shadow, so the threshold must then be exactly the selector's). `counted`:
+    /// `max_threshold` (without a weigher, [`unweighted_threshold`], at least the selector's:
+    /// the selector's keys are a subset of the curve's). `counted`:
     /// the cache counts its reads (see [`set_requests`](Self::set_requests)).
     pub(crate) fn new(
         capacity: u64,
@@ -692,10 +704,10 @@ pub const SUGGEST_MARGIN_POINTS: f64 = 2.0;
 ///
 /// **Accuracy.** Measured on 21 trace/capacity rows (BENCHMARKS.md, with
 /// [`record_stats`](crate::CacheBuilder::record_stats) on, which the hot-key adjustment needs
-/// without a time to live): at 0.5 × and 2 × the mean error is 0.4–0.65 points in sixteen
-/// runs; the worst row moves with the hash seed, which picks the sampled keys (2.4–5.5
-/// points, at most 4 in twelve runs of the sixteen). The 1 × point is within 0.55–1.2 points
-/// of the observed ratio in fifteen of the sixteen runs (2.3 in one). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
+/// without a time to live): at 0.5 × and 2 × the mean error is 0.4–0.8 points in 26 runs;
+/// the worst row moves with the hash seed, which picks the sampled keys (2.4–7.0 points, at
+/// most 4 in 16 runs of the 26: the misses are the rows sampled at the lowest rates). The 1 ×
+/// point is within 1 point of the observed ratio in 19 of the 26 runs (up to 2.3). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
 /// capacity) and is coarse: up to 9–21 points off on one row in some runs; read it as a
 /// direction, not a figure. The points
 /// predict capacity misses only (no expiry).

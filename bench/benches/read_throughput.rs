@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench -p herdcache-bench --bench read_throughput             # every mix, 7 alternating rounds
 //! cargo bench -p herdcache-bench --bench read_throughput -- 3        # 3 rounds (quicker, noisier)
+//! HERDCACHE_BENCH_KEYS=1000 cargo bench -p herdcache-bench --bench read_throughput -- 3
 //! ```
 //!
 //! Workload: keys drawn from a Zipf distribution (s = 1.0) over 100,000 keys; every cache has a
@@ -19,15 +20,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-const KEYS: u64 = 100_000;
+/// The keys, and every cache's capacity: 100,000, or `HERDCACHE_BENCH_KEYS` (e.g. 1000 for a
+/// small cache, where herdcache's policy selector samples every read).
+fn keys() -> u64 {
+    static K: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        std::env::var("HERDCACHE_BENCH_KEYS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100_000)
+    })
+}
 const SAMPLES: usize = 1 << 20;
 const TRIAL: Duration = Duration::from_millis(250);
 
-/// Zipf(s = 1) samples over 0..KEYS by inverse CDF, from a fixed-seed xorshift.
+/// Zipf(s = 1) samples over 0..keys() by inverse CDF, from a fixed-seed xorshift.
 fn zipf_samples() -> Arc<Vec<u64>> {
-    let mut cdf = Vec::with_capacity(KEYS as usize);
+    let mut cdf = Vec::with_capacity(keys() as usize);
     let mut sum = 0.0;
-    for i in 1..=KEYS {
+    for i in 1..=keys() {
         sum += 1.0 / i as f64;
         cdf.push(sum);
     }
@@ -39,7 +50,7 @@ fn zipf_samples() -> Arc<Vec<u64>> {
             x ^= x << 17;
             let u = (x >> 11) as f64 / (1u64 << 53) as f64 * sum;
             // Scatter ranks over the key space so hot keys do not share shards by construction.
-            (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS
+            (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys()
         })
         .collect();
     Arc::new(samples)
@@ -85,30 +96,30 @@ impl Bench for quick_cache::sync::Cache<u64, u64> {
 
 fn make(name: &str) -> Arc<dyn Bench> {
     let c: Arc<dyn Bench> = match name {
-        "herdcache" => Arc::new(herdcache::Cache::<u64, u64>::new(KEYS)),
+        "herdcache" => Arc::new(herdcache::Cache::<u64, u64>::new(keys())),
         "herdcache+ttl" => Arc::new(
             herdcache::Cache::<u64, u64>::builder()
-                .max_capacity(KEYS)
+                .max_capacity(keys())
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
         ),
         "herdcache+stats" => Arc::new(
             herdcache::Cache::<u64, u64>::builder()
-                .max_capacity(KEYS)
+                .max_capacity(keys())
                 .record_stats()
                 .build(),
         ),
         "herdcache+sizing" => Arc::new(
             herdcache::Cache::<u64, u64>::builder()
-                .max_capacity(KEYS)
+                .max_capacity(keys())
                 .track_sizing()
                 .build(),
         ),
-        "moka" => Arc::new(moka::sync::Cache::<u64, u64>::new(KEYS)),
-        "quick_cache" => Arc::new(quick_cache::sync::Cache::<u64, u64>::new(KEYS as usize)),
+        "moka" => Arc::new(moka::sync::Cache::<u64, u64>::new(keys())),
+        "quick_cache" => Arc::new(quick_cache::sync::Cache::<u64, u64>::new(keys() as usize)),
         _ => unreachable!(),
     };
-    for k in 0..KEYS {
+    for k in 0..keys() {
         c.insert(k, k);
     }
     c

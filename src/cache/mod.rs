@@ -225,10 +225,11 @@ where
         let tune = selector
             .as_ref()
             .map_or(tune_word(1, 0), |s| s.lock().tune());
-        // The sizing curve samples a subset of the selector's keys (or, with a weigher, its own).
+        // The sizing curve samples at most 1,024 entries' worth at 1 × (a superset of the
+        // selector's keys, which is sampled less below 4,096 entries; with a weigher, its own).
         let sizing = sizing.then(|| {
             let max = if selector.is_some() {
-                sample_threshold
+                crate::sizing::unweighted_threshold(capacity).max(sample_threshold)
             } else {
                 u64::MAX
             };
@@ -242,9 +243,9 @@ where
                 stats || timed,
             ))
         });
-        let sample_threshold = match (&selector, &sizing) {
-            (None, Some(z)) => z.lock().threshold(),
-            _ => sample_threshold,
+        let sample_threshold = match &sizing {
+            Some(z) => z.lock().threshold(),
+            None => sample_threshold,
         };
         Cache {
             inner: Arc::new(Inner {

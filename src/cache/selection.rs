@@ -1,8 +1,9 @@
 //! Feeding the policy's configuration selector ([`crate::select`]): reads push sampled key
-//! hashes into a lossy per-shard buffer with no lock; the buffer is drained under the shard's
-//! write lock (by a write that evicts, or a reader that finds the lock free) into the cache's
-//! one selector, whose choice every shard applies before it next evicts — and into the sizing
-//! curve's shadows ([`crate::sizing`]), read by [`Cache::sizing`].
+//! hashes into a lossy per-shard buffer with no lock; the buffer is drained by one thread at a
+//! time (by a write that evicts, or the reader that filled it; never waiting, and not under
+//! the shard's lock, so the shard's other readers go on) into the cache's one selector, whose
+//! choice every shard applies before it next evicts — and into the sizing curve's shadows
+//! ([`crate::sizing`]), read by [`Cache::sizing`].
 
 use super::{Cache, ShardCell};
 use crate::select::{sample, Selector};
@@ -16,7 +17,8 @@ where
     S: BuildHasher,
 {
     /// Records a read of `hash` in its shard's sample buffer if the key is sampled; when the
-    /// buffer fills, drains it if the shard's write lock is free (never waits for it).
+    /// buffer fills, drains it unless another thread is draining it (never waits). The caller
+    /// holds no shard lock.
     #[inline]
     pub(super) fn note_sample(&self, cell: &ShardCell<K, V>, hash: u64, hit: bool) {
         if Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
@@ -26,9 +28,10 @@ where
         }
     }
 
-    /// A sampled insert of a weighted cache, for the sizing curve (the caller holds the
-    /// shard's write lock and drained its samples first, so the key's sampled `get` went in
-    /// before; when they could not be drained, the insert is dropped rather than reordered).
+    /// A sampled insert of a weighted cache, for the sizing curve (the caller drained its
+    /// shard's samples first, so the key's sampled `get` went in before; when they could not be
+    /// drained — another thread is draining them, holding the tracker until its buffer's tail
+    /// has moved — the insert is dropped rather than reordered).
     pub(super) fn note_insert(&self, cell: &ShardCell<K, V>, hash: u64, weight: u32, tune: u64) {
         let Some(z) = &self.inner.sizing else {
             return;
@@ -49,26 +52,26 @@ where
 
     #[cold]
     fn drain_samples_now(&self, cell: &ShardCell<K, V>) {
-        if let Some(s) = cell.lock.try_write() {
-            self.drain_samples(cell);
-            drop(s);
-        }
+        self.drain_samples(cell);
     }
 
-    /// Feeds a shard's sampled reads to the selector. The caller holds the shard's write lock
-    /// (one drainer per buffer). Never waits: if another shard is feeding the selector, the
-    /// samples stay in the buffer (and may be overwritten: the buffer is lossy).
+    /// Feeds a shard's sampled reads to the selector. Never waits: if another thread is
+    /// draining this buffer, or another shard is feeding the selector, the samples stay in the
+    /// buffer (and may be overwritten: the buffer is lossy).
     #[inline]
     pub(super) fn drain_samples(&self, cell: &ShardCell<K, V>) {
         if cell.samples.pending() {
-            self.drain_pending_samples_locked(cell);
+            self.drain_pending_samples_now(cell);
         }
     }
 
     /// [`drain_samples`](Self::drain_samples) once something is pending (out of line: most
     /// writes find nothing to drain).
     #[inline(never)]
-    fn drain_pending_samples_locked(&self, cell: &ShardCell<K, V>) {
+    fn drain_pending_samples_now(&self, cell: &ShardCell<K, V>) {
+        let Some(drainer) = cell.samples.claim() else {
+            return;
+        };
         // Both the selector and the sizing tracker, or neither (the samples then wait).
         let mut sel = match &self.inner.selector {
             Some(m) => match m.try_lock() {
@@ -92,7 +95,7 @@ where
                 z.set_requests(self.requests());
             }
         }
-        let lost = cell.samples.drain(|s| {
+        let lost = drainer.drain(|s| {
             if let Some(sel) = sel.as_deref_mut() {
                 if let Some(t) = sel.feed(s) {
                     tune = Some(t);
@@ -127,14 +130,11 @@ where
         })
     }
 
-    /// Feeds every shard's pending samples to the selector and the sizing tracker, for shards
-    /// whose write lock is free now (never waits).
+    /// Feeds every shard's pending samples to the selector and the sizing tracker, but those
+    /// another thread is draining now (never waits).
     pub(crate) fn drain_pending_samples(&self) {
         for cell in self.inner.shards.iter() {
-            if let Some(s) = cell.lock.try_write() {
-                self.drain_samples(cell);
-                drop(s);
-            }
+            self.drain_samples(cell);
         }
     }
 
@@ -147,14 +147,11 @@ where
     }
 
     /// The configuration selector's running totals (`None` with a weigher: no selector), after
-    /// feeding it every shard's pending samples. For tests and benchmarks; not a stable API.
+    /// feeding it every shard's pending samples (but those another thread is draining at that
+    /// moment). For tests and benchmarks; not a stable API.
     #[doc(hidden)]
     pub fn policy_totals(&self) -> Option<crate::PolicyTotals> {
-        for cell in self.inner.shards.iter() {
-            let s = cell.lock.write();
-            self.drain_samples(cell);
-            drop(s);
-        }
+        self.drain_pending_samples();
         Some(self.inner.selector.as_ref()?.lock().totals())
     }
 }
@@ -168,7 +165,7 @@ where
     /// The predicted hit-ratio curve (see [`Sizing`](crate::Sizing)), or `None` unless the cache was built
     /// with [`track_sizing`](crate::CacheBuilder::track_sizing).
     ///
-    /// Feeds the samples pending in each shard whose lock is free at that moment first, then
+    /// Feeds the samples pending in each shard first (but those another thread is draining), then
     /// copies the curve (a short lock of the tracker; no shard lock is waited for). With a
     /// weigher it also re-derives the sampling rate from the mean entry weight (reading each
     /// shard's entry count), which may restart the curve.
