@@ -12,8 +12,6 @@ mod common;
 
 use common::watchdog;
 use herdcache::{Cache, ManualClock, RemovalCause, Sizing};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,52 +23,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Heap counting
 
-/// Counts this thread's heap bytes (allocated minus freed).
-struct Counting;
-
-thread_local! {
-    static HEAP: Cell<i64> = const { Cell::new(0) };
-}
-
-fn heap_add(n: i64) {
-    let _ = HEAP.try_with(|h| h.set(h.get() + n));
-}
-
-fn heap_now() -> i64 {
-    HEAP.with(Cell::get)
-}
-
-// SAFETY: delegates every call to the system allocator; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            heap_add(l.size() as i64);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            heap_add(l.size() as i64);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        heap_add(-(l.size() as i64));
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            heap_add(new as i64 - l.size() as i64);
-        }
-        q
-    }
-}
+use common::heap::heap_now;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: common::heap::Counting = common::heap::Counting;
 
 const MIB: i64 = 1 << 20;
 
@@ -159,17 +115,7 @@ fn check(s: &Sizing, max: u64, what: &str) {
     assert!((0.0..=1.0).contains(&p), "{what}: predicted_at {p}");
 }
 
-/// A xorshift generator (no dependency).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::Rng;
 
 /// Phases that push the real cache's configuration and the challengers around: a loop a bit
 /// larger than the cache (frequency admission wins), recency-heavy bursts (a large window

@@ -8,20 +8,12 @@
 //! hit ratio on the sampled requests must come within 2 points of the prediction (the hits of
 //! the shadow of the configuration current at each request).
 
+mod common;
+
+use common::Rng;
 use herdcache::Cache;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::BuildHasherDefault;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Zipf(1) over `n` keys starting at `base`.
 fn zipf(n: u64, count: usize, base: u64, rng: &mut Rng) -> Vec<u64> {

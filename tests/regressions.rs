@@ -20,7 +20,6 @@ mod common;
 
 use common::{panic_message, quiet_injected_panics, start, watchdog, Started, Watchdog};
 use herdcache::{BoxError, Cache, Expiry, ManualClock, Op, RemovalCause};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fmt::Debug;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -1173,52 +1172,10 @@ fn s20_replacing_with_a_too_heavy_value_is_not_explicit() {
 // ---------------------------------------------------------------------------------------------
 // Resources and configuration
 
-/// Counts this thread's heap bytes (allocated minus freed), for s21.
-struct Counting;
-
-thread_local! {
-    static HEAP: Cell<i64> = const { Cell::new(0) };
-}
-
-fn heap_add(n: i64) {
-    let _ = HEAP.try_with(|h| h.set(h.get() + n));
-}
-
-fn heap_now() -> i64 {
-    HEAP.with(Cell::get)
-}
-
-// SAFETY: delegates every call to the system allocator; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            heap_add(l.size() as i64);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            heap_add(l.size() as i64);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        heap_add(-(l.size() as i64));
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            heap_add(new as i64 - l.size() as i64);
-        }
-        q
-    }
-}
+use common::heap::heap_now;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: common::heap::Counting = common::heap::Counting;
 
 /// Heap bytes (this thread's) held by a cache built by `build` and filled with `n` values of
 /// 100 bytes.
