@@ -80,7 +80,7 @@ pub(crate) struct Samples {
     head: AtomicU64,
     /// Drained up to here; only the drainer touches it.
     tail: AtomicU64,
-    drainer: parking_lot::Mutex<()>,
+    drainer: crate::sync::Mutex<()>,
 }
 
 impl Default for Samples {
@@ -89,7 +89,7 @@ impl Default for Samples {
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
-            drainer: parking_lot::Mutex::new(()),
+            drainer: crate::sync::Mutex::new(()),
         }
     }
 }
@@ -97,7 +97,7 @@ impl Default for Samples {
 /// The right to drain a [`Samples`] buffer (one thread at a time), from [`Samples::claim`].
 pub(crate) struct Drainer<'a> {
     samples: &'a Samples,
-    _one: parking_lot::MutexGuard<'a, ()>,
+    _one: crate::sync::MutexGuard<'a, ()>,
 }
 
 impl Samples {

@@ -21,9 +21,9 @@
 //! lost to both.
 //!
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
-//! 0.25 ×, 256 at 0.5 ×, 1,024 at 2 × and 4 ×; the 1 × shadow is not capped, so it is the
-//! selector's size, 1,024): a shadow that `capacity × R` would make larger is fed only the
-//! samples under a lower threshold (a rate `R × share`, `share` ≤ 1), a subset of the others'
+//! 0.25 ×, 256 at 0.5 ×, 1,024 at 2 × and 4 ×; the 1 × shadow is not capped: 1,024 entries,
+//! the selector's size from 4,096 entries up): a shadow that `capacity × R` would make
+//! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1), a subset of the others'
 //! keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
 //! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
 //! so the shadows whose predictions matter least or need the fewest keys get the fewest. A
@@ -106,15 +106,15 @@ use crate::policy::tune_word;
 use crate::shadow::Shadow;
 
 /// With a weigher (no selector), the entries (weight units × mean weight) the 1 × shadow aims
-/// for. Without one the rate is the selector's (1,024 entries at 1 ×).
+/// for. Without one the rate is [`unweighted_threshold`]'s (1,024 entries at 1 ×).
 pub(crate) const ENTRIES: u64 = 2000;
 /// The capacities tracked, as fractions of `max_capacity` (numerator, denominator).
 const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
 /// Without a weigher, the most entries each factor's shadow holds: one that the rate would
 /// make larger sees a subset of the samples (the keys under a lower threshold), so that it
-/// holds no more than this. The 1 × shadow is not capped (it has the selector's size, 1,024
-/// entries at most): its prediction is checked against the observed ratio on the same
-/// samples. Not applied at rate 1 (a `max_capacity` of 1,024 or less), where every shadow
+/// holds no more than this. The 1 × shadow is not capped (1,024 entries at most, the
+/// selector's size from 4,096 entries up): its prediction is checked against the observed
+/// ratio on the same samples. Not applied at rate 1 (a `max_capacity` of 1,024 or less), where every shadow
 /// sees every request (the loop traces' 0.5 × point, at 256 entries on a subset, was off by up
 /// to 5 points). Measured on the dev traces and `bench/examples/sizing_cost.rs` (BENCHMARKS.md):
 /// 0.5 × at 512 entries and 0.25 × at 128 cost 5 % in instructions on a cache of 100,000
@@ -305,8 +305,8 @@ impl Tracker {
         let mut shadows: Vec<Shadow> = Vec::with_capacity(SLOTS);
         for (i, &(num, den)) in FACTORS.iter().enumerate() {
             let c = self.capacity as f64 * num as f64 / den as f64;
-            // At rate 1 (every key sampled: a capacity of 1,024 or less) the selector already
-            // simulates every read, and the shadows see every request too.
+            // At rate 1 (every key sampled: a capacity of 1,024 or less) every shadow sees
+            // every request (on subsets the loop traces' small points were off by points).
             let thr = if self.weighted || self.threshold >= 1 << 32 {
                 self.threshold
             } else {

@@ -10,8 +10,12 @@
 //! Under `--cfg shuttle` they are [shuttle](https://docs.rs/shuttle)'s instead, for the
 //! randomized-schedule test of the whole cache (`tests/shuttle_cache.rs`).
 
+#[cfg(loom)]
+pub(crate) use loom::sync::MutexGuard;
 #[cfg(not(any(loom, shuttle)))]
-pub(crate) use parking_lot::{Condvar, Mutex, RwLock};
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+#[cfg(shuttle)]
+pub(crate) use shuttle::sync::MutexGuard;
 #[cfg(not(any(loom, shuttle)))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
