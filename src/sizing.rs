@@ -23,8 +23,8 @@
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
 //! 0.25 ×, 256 at 0.5 ×, 1,024 at 2 × and 4 ×; the 1 × shadow is not capped: 1,024 entries,
 //! the selector's size from 4,096 entries up): a shadow that `capacity × R` would make
-//! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1), a subset of the others'
-//! keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
+//! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1),
+//! a subset of the others' keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
 //! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
 //! so the shadows whose predictions matter least or need the fewest keys get the fewest. A
 //! subset's own sampling error is corrected against the full sample (below).
