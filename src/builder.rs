@@ -347,9 +347,8 @@ where
     /// sampled: +7 % per read at 10,000 entries, +50–75 % at 4,000, and at 1,024 entries or
     /// fewer, where every read is simulated in up to nine shadows (and the policy's selector
     /// samples only a quarter of them), 550–1,100 instructions more per read: 4.1 × an
-    /// untracked read at 1,000 entries on Zipf reads, 6.6 × on hits alone (0.7 MiB). Track small caches to size them, not on a
-    /// hot path.
-    /// With a weigher, sampled inserts are recorded too (five shadows of about 2000 entries at
+    /// untracked read at 1,000 entries on Zipf reads, 6.6 × on hits alone (0.7 MiB). Track
+    /// small caches to size them, not on a hot path. With a weigher, sampled inserts are recorded too (five shadows of about 2000 entries at
     /// 1 ×).
     ///
     /// The predictions are adjusted for the few hottest keys' share of the sample (SHARDS's
