@@ -335,21 +335,19 @@ where
     /// 1, 2 and 4 × `max_capacity` over a recent window of requests, next to the observed one
     /// (see [`Sizing`](crate::Sizing) for the window and the method).
     ///
-    /// Cost: up to nine shadow caches of key hashes (four sizes besides the selector's own at
-    /// 1 ×, each with a challenger running another configuration), fed the samples the
-    /// policy's selector already takes on reads (nothing is added to a read's own code),
-    /// replayed on the shadows when a shard's buffer is drained (by the reader that fills it or a
-    /// write that evicts, not under the shard's lock). Beyond a
-    /// `max_capacity` of 1,024 each holds at most 1,024 entries (the larger ones see a subset
-    /// of the samples): about 0.3 MiB once full, whatever the capacity, and about 1–3 % more
-    /// instructions at 100,000 entries on mixed workloads and on hits alone (BENCHMARKS.md);
-    /// proportionally more at smaller capacities, where a larger share of the reads is
-    /// sampled: +7 % per read at 10,000 entries, +50–75 % at 4,000, and at 1,024 entries or
-    /// fewer, where every read is simulated in up to nine shadows (and the policy's selector
-    /// samples only a quarter of them), 550–1,100 instructions more per read: 4.1 × an
-    /// untracked read at 1,000 entries on Zipf reads, 6.6 × on hits alone (0.7 MiB). Track
-    /// small caches to size them, not on a hot path. With a weigher, sampled inserts are recorded too (five shadows of about 2000 entries at
-    /// 1 ×).
+    /// Cost: up to nine shadow caches of key hashes (four sizes besides 1 ×, each with a
+    /// challenger running another configuration), fed sampled reads, replayed on the shadows
+    /// when a shard's buffer is drained (by the reader that fills it or a write that evicts,
+    /// not under the shard's lock). From 4,096 entries up the samples are the ones the policy's
+    /// selector takes anyway (nothing is added to a read's own code) and each shadow holds at
+    /// most 1,024 entries (the larger ones see a subset of the samples): about 0.3 MiB once
+    /// full, whatever the capacity, and about 1–3 % more instructions at 100,000 entries on
+    /// mixed workloads and on hits alone (BENCHMARKS.md); +7 % per read at 10,000 entries,
+    /// +50–75 % at 4,000. Below 4,096 entries the curve samples more keys than the selector,
+    /// and at 1,024 or fewer every read is simulated in up to nine shadows: 550–1,100
+    /// instructions more per read (4.1 × an untracked read at 1,000 entries on Zipf reads,
+    /// 6.6 × on hits alone; 0.7 MiB). Track small caches to size them, not on a hot path. With
+    /// a weigher, sampled inserts are recorded too (five shadows of about 2000 entries at 1 ×).
     ///
     /// The predictions are adjusted for the few hottest keys' share of the sample (SHARDS's
     /// adjustment) only when the cache counts its reads anyway: with
