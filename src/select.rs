@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// ones (mean gap to the best peer −0.30 vs −0.28 points, within run-to-run noise; 512: −0.37)
 /// for a quarter of the instructions (about 3 per request at a capacity of 100,000 instead of
 /// 12).
-const SHADOW_ENTRIES: u64 = 1024;
+pub(crate) const SHADOW_ENTRIES: u64 = 1024;
 /// Below `4 × SHADOW_ENTRIES` entries, the shadows hold a quarter of the capacity (at least
 /// `MIN_SHADOW_ENTRIES`): a cache of 1,024 entries or fewer used to sample every read, and a
 /// read there cost three and a half times quick_cache's (simulated in four shadows: about 250
@@ -195,15 +195,27 @@ pub struct Totals {
     pub shadow_hits: [u64; 4],
 }
 
+/// The sampling threshold (compared as in [`Selector::sampled`]: a key is sampled when the low
+/// 32 bits of its hash are below it) for rate `min(1, entries / capacity)`.
+pub(crate) fn threshold_for(capacity: u64, entries: u64) -> u64 {
+    let capacity = capacity.max(1);
+    ((1u128 << 32) * u128::from(entries.min(capacity)) / u128::from(capacity)) as u64
+}
+
+/// The entries of the selector's shadows for a cache of `capacity` entries (see
+/// [`SMALL_SHARE`]).
+fn shadow_entries(capacity: u64) -> u64 {
+    capacity
+        .min(SHADOW_ENTRIES)
+        .min((capacity / SMALL_SHARE).max(MIN_SHADOW_ENTRIES))
+}
+
 impl Selector {
     /// The selector of a cache of `capacity` entries.
     pub(crate) fn new(capacity: u64, seed: u64) -> Self {
         let capacity = capacity.max(1);
-        let shadow = capacity
-            .min(SHADOW_ENTRIES)
-            .min((capacity / SMALL_SHARE).max(MIN_SHADOW_ENTRIES));
-        // Sample when the low 32 bits of the hash are below `threshold`.
-        let threshold = ((1u128 << 32) * u128::from(shadow) / u128::from(capacity)) as u64;
+        let shadow = shadow_entries(capacity);
+        let threshold = threshold_for(capacity, shadow);
         Selector {
             shadows: (0..Config::CANDIDATES.len())
                 .map(|i| Shadow::new(shadow, i, seed ^ i as u64))
@@ -381,10 +393,7 @@ mod tests {
             let sampled = (0..n)
                 .filter(|&k| Selector::sampled(h(k), sel.threshold()))
                 .count();
-            let shadow = SHADOW_ENTRIES
-                .min(cap)
-                .min((cap / SMALL_SHARE).max(MIN_SHADOW_ENTRIES));
-            let expect = n as f64 * shadow as f64 / cap as f64;
+            let expect = n as f64 * shadow_entries(cap) as f64 / cap as f64;
             assert!(
                 (sampled as f64 - expect).abs() < expect * 0.05 + 50.0,
                 "capacity {cap}: {sampled} sampled, {expect} expected"

@@ -103,6 +103,7 @@
 //! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
 
 use crate::policy::tune_word;
+use crate::select::threshold_for;
 use crate::shadow::Shadow;
 
 /// With a weigher (no selector), the entries (weight units × mean weight) the 1 × shadow aims
@@ -243,14 +244,7 @@ impl Counts {
 /// entries or fewer (more than the selector below 4,096 entries: the sizing curve's small
 /// shadows need every sample there, see `MAX_ENTRIES`).
 pub(crate) fn unweighted_threshold(capacity: u64) -> u64 {
-    threshold_for(capacity, 1024)
-}
-
-/// The sampling threshold (compared as in `Selector::sampled`) for rate `min(1, entries /
-/// capacity)`.
-fn threshold_for(capacity: u64, entries: u64) -> u64 {
-    let capacity = capacity.max(1);
-    ((1u128 << 32) * u128::from(entries.min(capacity)) / u128::from(capacity)) as u64
+    threshold_for(capacity, crate::select::SHADOW_ENTRIES)
 }
 
 impl Tracker {
@@ -622,17 +616,15 @@ impl Tracker {
             return h / fed;
         }
         // Hits in units of the full sample (by difference with the 1 × shadow on the subset).
-        let h = if share < 1.0 && !self.weighted {
+        // (A weigher's shadows all see every sample: share 1, no reference needed.)
+        debug_assert!(share >= 1.0 || !self.weighted);
+        let h = if share < 1.0 {
             let factor = if i < FACTORS.len() {
                 i
             } else {
                 CHALLENGED[i - FACTORS.len()]
             };
             c[ONE] + (h - c[REF + factor]) / share
-        } else if share < 1.0 {
-            // (A weigher's shadows all see every sample: not reached. Kept as the subset's
-            // own estimate, its surplus or deficit of samples counted as hits.)
-            (h + n * share - fed) / share
         } else {
             h
         };
