@@ -13,7 +13,8 @@
 //! percent (the rest are inserts of present keys), the number of operations and, optionally,
 //! the number of keys, which is also the capacity (default 100,000). Keys as in the
 //! `read_throughput` bench: Zipf (s = 1) over the keys, every key present. Callgrind's
-//! instruction total divided by the operation count is the figure.
+//! instruction total divided by the operation count is the figure. `HERDCACHE_SHARDS=n` sets
+//! herdcache's shard count (default: the builder's).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -70,6 +71,12 @@ fn main() {
     match cache {
         "herdcache" | "herdcache-ttl" | "herdcache-stats" | "herdcache-sizing" => {
             let mut b = herdcache::Cache::builder().max_capacity(n);
+            if let Some(n) = std::env::var("HERDCACHE_SHARDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                b = b.shards(n);
+            }
             if cache == "herdcache-ttl" {
                 b = b.time_to_live(Duration::from_secs(3600));
             }

@@ -609,9 +609,9 @@ where
         if let Some(due) = self.inner.stampede.monitor.due_interval(now) {
             cell.due.note(due); // for `health` (src/health.rs), under the write lock
         }
-        self.drain_samples(cell);
-        let tune = self.inner.tune.load(Ordering::Relaxed);
         if self.inner.weigher.is_some() {
+            self.drain_samples(cell);
+            let tune = self.inner.tune.load(Ordering::Relaxed);
             self.note_insert(cell, hash, weight, tune);
         }
         let registered = match write {
@@ -662,16 +662,18 @@ where
             );
         }
         drop(acct);
-        if self.over_capacity() {
-            // The policy's configuration matters only when evicting: feed the selector and
-            // apply its choice now (a write that replaces or fits pays for neither).
-            self.drain_samples(cell);
-        }
-        self.evict_in(&mut s, true, out);
+        let evicted = self.evict_in(&mut s, true, out);
         drop(s);
         drop(registered);
-        if self.over_capacity() {
-            self.evict_elsewhere(i, out);
+        if evicted {
+            // The policy's configuration matters only when evicting: a write that evicts
+            // feeds the selector the shard's pending samples, once the lock is released (no
+            // reader waits for the simulation; the choice applies from the next eviction).
+            // A write that replaces or fits pays for nothing.
+            self.drain_samples(cell);
+            if self.over_capacity() {
+                self.evict_elsewhere(i, out);
+            }
         }
         true
     }
@@ -722,10 +724,12 @@ where
 
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
-    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
-        if self.over_capacity() {
-            s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
+    /// Returns whether the cache was over capacity.
+    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) -> bool {
+        if !self.over_capacity() {
+            return false;
         }
+        s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {
@@ -733,6 +737,7 @@ where
             }
             self.account(before, s.weight());
         }
+        true
     }
 
     /// The cache is over capacity but shard `from` is within its share: some other shard holds

@@ -168,6 +168,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     #[inline]
     fn deadline(&self, slot: u32) -> u64 {
+        if !T::TIMED {
+            return NEVER;
+        }
         self.slab[slot as usize]
             .as_ref()
             .map_or(NEVER, |e| e.time.get())
@@ -345,7 +348,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     #[inline]
     fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
-        if self.stride > 0 {
+        if T::TIMED && self.stride > 0 {
             self.store_times(slot, times, now, load_nanos);
         }
     }
@@ -380,7 +383,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// A uniform factor in [1 − jitter, 1 + jitter] (exactly 1 without jitter).
     fn jitter_factor(&mut self) -> f64 {
-        if self.layout.jitter == 0.0 {
+        if !T::TIMED || self.layout.jitter == 0.0 {
             return 1.0;
         }
         crate::expiry::jitter_factor(self.layout.jitter, self.rng.unit())
@@ -442,6 +445,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Inserts or replaces. Entries already expired at `now` are not stored.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(crate) fn insert<S: BuildHasher>(
         &mut self,
         hash: u64,
@@ -468,7 +472,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 let e = self.slab[slot as usize]
                     .as_mut()
                     .expect("found slot is live");
-                let times = capped(exp.on_update(&e.key, &value, now, current, factor));
+                let times = if T::TIMED {
+                    capped(exp.on_update(&e.key, &value, now, current, factor))
+                } else {
+                    untimed(exp, cap)
+                };
                 if times.0 <= now {
                     self.remove_slot(slot, hash, RemovalCause::Expired, out);
                     out.push(Removed::expired(key, value, weight));
@@ -477,9 +485,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 let old = std::mem::replace(&mut e.value, value);
                 let old_weight = std::mem::replace(&mut e.weight, weight);
                 record_hit(&e.hits);
-                let place = e.place;
-                self.policy.on_reweigh(place, old_weight, weight);
-                self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+                if old_weight != weight {
+                    self.policy.on_reweigh(e.place, old_weight, weight);
+                    self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+                }
                 self.set_times(slot, times, now, load_nanos);
                 out.push(Removed {
                     key,
@@ -507,6 +516,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// Inserts a key that has no entry. User code (the `Expiry` callback, the keys' `Hash` when
     /// the table grows) runs before anything is mutated.
     #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     fn create<S: BuildHasher>(
         &mut self,
         hash: u64,
@@ -520,8 +530,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         (load_nanos, cap): (u64, u64),
         factor: f64,
     ) {
-        let (effective, hard) = exp.on_create(&key, &value, now, factor);
-        let times = (effective.min(cap), hard.min(cap));
+        let times = if T::TIMED {
+            let (effective, hard) = exp.on_create(&key, &value, now, factor);
+            (effective.min(cap), hard.min(cap))
+        } else {
+            untimed(exp, cap)
+        };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
             out.push(Removed::expired(key, value, weight));
@@ -714,7 +728,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         hasher: &S,
         out: &mut Removals<K, V>,
     ) {
-        if self.wheel.is_none() {
+        if !T::TIMED || self.wheel.is_none() {
             return;
         }
         if self.refile_pending.load(Ordering::Relaxed) {
@@ -884,4 +898,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.policy.sketch().heap_bytes()
             + self.policy.ghost().heap_bytes()
     }
+}
+
+/// The deadlines of an entry in an untimed shard: no expiry is configured (its shards have no
+/// time data, see [`SlotTime::TIMED`]), so only the write's own bound `cap` applies (an entry
+/// capped at or before `now` is not stored; a later cap is not kept).
+#[inline]
+fn untimed<K, V>(exp: &ExpiryConfig<K, V>, cap: u64) -> (u64, u64) {
+    debug_assert!(matches!(exp, ExpiryConfig::None));
+    (cap, cap)
 }

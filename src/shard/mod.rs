@@ -33,12 +33,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// An entry's effective deadline, kept in its slab slot (no separate cache line to load on a
 /// read): nothing at all for caches without time data, an `AtomicU64` for the others.
 pub(crate) trait SlotTime: Send + Sync + 'static {
+    /// Whether the shard keeps time data at all: false only for `()`, whose shards have no
+    /// expiry, refresh or fail-safe (their [`Layout::stride`] is 0). Lets the compiler drop
+    /// the time-keeping branches from an untimed shard's code.
+    const TIMED: bool;
     fn fresh() -> Self;
     fn get(&self) -> u64;
     fn set(&self, at: u64);
 }
 
 impl SlotTime for () {
+    const TIMED: bool = false;
     #[inline]
     fn fresh() -> Self {}
     #[inline]
@@ -50,6 +55,7 @@ impl SlotTime for () {
 }
 
 impl SlotTime for AtomicU64 {
+    const TIMED: bool = true;
     #[inline]
     fn fresh() -> Self {
         AtomicU64::new(NEVER)
