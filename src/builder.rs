@@ -484,7 +484,9 @@ where
     /// families (blocking and async), `get_all` and the entry API's `or_insert_with` family.
     /// Until a load of the expired key fails, it is loaded as usual (single-flight, the new
     /// value replaces the old one). A `None` of an `optionally_` loader is an answer, not a
-    /// failure. A write or invalidation of the key removes the old value for good. On a soft
+    /// failure: it removes the old value for good, as a write or invalidation of the key does
+    /// (and a computation's [`Op::Remove`](crate::Op::Remove));
+    /// [`retain`](crate::Cache::retain) offers the old value to its predicate. On a soft
     /// timeout the load goes on, and its callers get the old value at once until it ends.
     ///
     /// ```

@@ -48,7 +48,12 @@ impl<K, V> Entry<K, V> {
         self.value
     }
 
-    /// Whether this call put the value there (its loader or computation produced it).
+    /// Whether this call's loader or computation produced the value (rather than finding it
+    /// cached, joining another caller's load, or — its loader having failed — being answered
+    /// by [`fail_safe`](crate::CacheBuilder::fail_safe) with the old value). A fresh value is
+    /// returned even when it is not kept: one heavier than `max_capacity` is stored and at
+    /// once evicted (the listener sees it removed for [`Size`](crate::RemovalCause::Size)),
+    /// as with [`Cache::insert`], and a write of the key during the load wins over it.
     pub fn is_fresh(&self) -> bool {
         self.fresh
     }
@@ -69,9 +74,11 @@ pub enum Op<V> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CompResult<K, V> {
-    /// There was no entry; the computed value was stored.
+    /// There was no entry; the computed value was stored. (A value heavier than
+    /// `max_capacity` is stored and at once evicted, as with [`Cache::insert`]: the listener
+    /// sees it removed for [`Size`](crate::RemovalCause::Size).)
     Inserted(Entry<K, V>),
-    /// The entry's value was replaced by the computed one.
+    /// The entry's value was replaced by the computed one (the same note on weight).
     ReplacedWith(Entry<K, V>),
     /// The entry (shown) was removed.
     Removed(Entry<K, V>),
@@ -262,6 +269,18 @@ where
         }
     }
 
+    /// Removes `key`'s entry for a computation that decided [`Op::Remove`] (unless a write of
+    /// the key detached the computation's flight meanwhile), then releases its waiters.
+    fn remove_computed(&self, lead: Lead<K, V, S>, key: &K) {
+        let mut out = Removals::new();
+        let hash = lead.hash();
+        let flight = lead.disarm();
+        let guard = AbandonOnDrop(self, hash, &flight);
+        self.remove_with_flight(hash, key, &flight, &mut out);
+        drop(guard); // callers waiting on the computation look again
+        self.report_removals(out);
+    }
+
     /// Ends a computation with its closure's verdict. A write or invalidation of the key while
     /// the closure ran detached the computation's flight: then nothing is stored or removed
     /// (the write wins), and the result says what the closure asked for.
@@ -286,18 +305,18 @@ where
                 }
             }
             (Op::Remove, Some(old)) => {
-                let mut out = Removals::new();
-                let hash = lead.hash();
-                let flight = lead.disarm();
-                let guard = AbandonOnDrop(self, hash, &flight);
-                self.remove_with_flight(hash, &key, &flight, &mut out);
-                drop(guard); // callers waiting on the computation look again
-                self.report_removals(out);
+                self.remove_computed(lead, &key);
                 CompResult::Removed(Entry {
                     key,
                     value: old,
                     fresh: false,
                 })
+            }
+            (Op::Remove, None) if self.inner.stampede.fail_safe.is_some() => {
+                // The closure saw no value, but an expired one may be kept for fail-safe: the
+                // removal ends it (a failing load must not bring it back).
+                self.remove_computed(lead, &key);
+                CompResult::StillNone(key)
             }
             (Op::Nop, Some(v)) => {
                 drop(lead);
@@ -623,10 +642,12 @@ where
     where
         E: Send + Sync + 'static,
     {
+        // Fresh only if `init` succeeded: on its failure fail-safe may answer with the old value.
         let mut fresh = false;
         let value = self.cache.try_get_with(self.key.clone(), || {
-            fresh = true;
-            init()
+            let r = init();
+            fresh = r.is_ok();
+            r
         })?;
         Ok(Entry {
             key: self.key,
@@ -730,8 +751,9 @@ where
         let value = self
             .cache
             .try_get_with_async(self.key.clone(), async {
-                fresh.store(true, Ordering::Release);
-                init.await
+                let r = init.await;
+                fresh.store(r.is_ok(), Ordering::Release);
+                r
             })
             .await?;
         Ok(Entry {

@@ -461,7 +461,12 @@ where
             (Outcome::Error(_) | Outcome::Panicked, Some(k)) => self.fail_safe_fallback(hash, k),
             _ => None,
         };
-        drop(failed_key);
+        // An `optionally_` load's `None` is the backend's answer: with fail-safe, the value
+        // kept past its deadline goes (in `end_failed`, if no write came first).
+        let gone = match (&outcome, &failed_key) {
+            (Outcome::Nothing, Some(k)) if self.inner.stampede.fail_safe.is_some() => Some(k),
+            _ => None,
+        };
         let mut out = Removals::new();
         match staged {
             Some((key, value, weight)) => {
@@ -477,12 +482,19 @@ where
                     Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
                     _ => self.inner.stampede.negative_ttl,
                 };
-                self.end_failed(hash, lead.flight(), negative.filter(|_| self.keeps_time()));
+                self.end_failed(
+                    hash,
+                    lead.flight(),
+                    negative.filter(|_| self.keeps_time()),
+                    gone,
+                    &mut out,
+                );
                 if let Some(v) = fallback {
                     outcome = Outcome::Value(v);
                 }
             }
         }
+        drop(failed_key);
         let flight = lead.disarm();
         let outcome = Arc::new(outcome);
         flight.resolve(Phase::Done(Arc::clone(&outcome)));

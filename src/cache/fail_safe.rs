@@ -29,12 +29,16 @@
 //! * **Never beyond `max_stale`**: once `deadline + max_stale` passes, the entry is gone (the
 //!   check is exact, against the clock, not the reclaim), and a failure is an error again.
 //! * **Writes win**: an `insert` or `invalidate` replaces or removes the old entry, so a load
-//!   that fails afterwards has nothing to fall back on.
+//!   that fails afterwards has nothing to fall back on; so do a computation's `Op::Remove`
+//!   (its closure saw no value: the entry is expired) and an `optionally_` loader's `None`
+//!   (the backend's answer that the key is gone). `retain` offers the old value to its
+//!   predicate like a live one.
 //!
 //! The calls that can fall back are those that load on a miss: the `get_with` and `load`
 //! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;
 //! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent.
-//! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back.
+//! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back (and
+//! removes the old value).
 //! Calls answered this way are counted in
 //! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
 //! [`Cache::health`] raises a warning while it happens.

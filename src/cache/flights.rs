@@ -106,10 +106,26 @@ where
     }
 
     /// Unregisters a flight that ended without a value, or keeps it registered as a
-    /// negative-cache entry for `negative` nanoseconds — if it is still registered.
-    pub(crate) fn end_failed(&self, hash: u64, flight: &Arc<Flight<K, V>>, negative: Option<u64>) {
+    /// negative-cache entry for `negative` nanoseconds — if it is still registered. `gone`:
+    /// the load answered that this key has no value (an `optionally_` loader's `None`); if no
+    /// write came first, its entry kept past its deadline for fail-safe goes too (into `out`),
+    /// so that a later failure cannot bring it back.
+    pub(crate) fn end_failed(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        negative: Option<u64>,
+        gone: Option<&K>,
+        out: &mut Removals<K, V>,
+    ) {
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            if let Some(k) = gone {
+                if s.flights_ref().is_registered(hash, flight) {
+                    let acct = super::Accounting::new(self, &mut s);
+                    acct.shard.remove_expired(hash, k, self.now(), true, out);
+                }
+            }
             match negative {
                 Some(ttl) if s.flights_ref().is_registered(hash, flight) => {
                     // Kept registered: `claim` serves the outcome until the deadline. Set under

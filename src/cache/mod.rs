@@ -409,7 +409,7 @@ where
                 acct.shard.expire(now, false, &self.inner.hasher, &mut out);
                 if found {
                     // Only the expired entry: a write may have replaced it since the read.
-                    acct.shard.remove_expired(hash, key, now, &mut out);
+                    acct.shard.remove_expired(hash, key, now, false, &mut out);
                 }
                 drop(acct);
                 drop(s);
@@ -874,6 +874,9 @@ where
     }
 
     /// Keeps only the entries for which `keep` returns true (expired ones are removed too).
+    /// With [`fail_safe`](crate::CacheBuilder::fail_safe), an entry past its deadline but
+    /// still within its stale window is its key's last value, kept for a failing load to fall
+    /// back on: `keep` sees it and decides on it like on the live entries.
     ///
     /// `keep` runs while each shard is write-locked, one shard at a time (as `HashMap::retain`
     /// runs inside the map): it must not call into this cache. Removed values are dropped after

@@ -657,12 +657,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Removes `key`'s entry only if it is expired at `now` (a reader saw it expired; a write
-    /// may have replaced it since). Supersedes nothing. Returns whether it removed one.
+    /// may have replaced it since): past its stale window with fail-safe, or, with `stale_too`,
+    /// past its deadline at all (the backend answered that the key is gone). Supersedes
+    /// nothing. Returns whether it removed one.
     pub(crate) fn remove_expired<Q>(
         &mut self,
         hash: u64,
         key: &Q,
         now: u64,
+        stale_too: bool,
         out: &mut Removals<K, V>,
     ) -> bool
     where
@@ -670,7 +673,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         match self.find(hash, key) {
-            Some(slot) if self.reclaimable(slot, now) => {
+            Some(slot)
+                if self.reclaimable(slot, now) || (stale_too && self.deadline(slot) <= now) =>
+            {
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
                 true
             }
@@ -819,7 +824,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 continue;
             };
             let expired = self.deadline(s) <= now;
-            if expired || !keep(&e.key, &e.value) {
+            // With fail-safe an expired entry within its stale window is still the key's last
+            // value: `keep` decides on it like on the live ones.
+            if self.reclaimable(s, now) || !keep(&e.key, &e.value) {
                 let hash = hasher.hash_one(&e.key);
                 let cause = if expired {
                     RemovalCause::Expired

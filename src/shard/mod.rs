@@ -257,8 +257,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn remove<Q, S: BuildHasher>(&mut self, hash: u64, key: &Q, now: u64, hasher: &S,
             out: &mut Removals<K, V>, cause: RemovalCause) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
-        fn remove_expired<Q>(&mut self, hash: u64, key: &Q, now: u64, out: &mut Removals<K, V>)
-            -> bool
+        fn remove_expired<Q>(&mut self, hash: u64, key: &Q, now: u64, stale_too: bool,
+            out: &mut Removals<K, V>) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) -> bool;
         fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64);
