@@ -386,7 +386,9 @@ where
 
     /// Spreads every entry's time to live (and idle time, and refresh deadline) uniformly
     /// within ±`fraction` of its nominal value, so that entries written together do not expire
-    /// (or refresh) together. `0.0` (the default) disables it; must be below `1.0`.
+    /// (or refresh) together. `0.0` (the default) disables it; must be below `1.0`. An entry
+    /// may so live up to `1 + fraction` times its time to live: set the time to live to
+    /// `limit / (1 + fraction)` where a hard limit on a value's age matters.
     pub fn jitter(mut self, fraction: f64) -> Self {
         self.jitter = fraction;
         self
