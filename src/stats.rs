@@ -8,9 +8,10 @@
 //! stripe rather than an atomic read-modify-write (about 1 ns instead of 5 to 20): exact, since
 //! no other thread writes that stripe meanwhile, up to 64 threads running at once; beyond that
 //! exact too, on the shared stripe with `fetch_add`. Every other counter uses `fetch_add` and is
-//! exact. A snapshot sums the stripes; it is not atomic across counters.
+//! exact. Removals are not counted here: each shard tallies its own under its write lock
+//! ([`crate::removal::Tally`]), and the cache adds the tallies into the snapshot. A snapshot
+//! sums the stripes; it is not atomic across counters.
 
-use crate::removal::RemovalCause;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
 use std::ops::{Add, Sub};
@@ -33,14 +34,6 @@ pub(crate) enum Counter {
     StaleServed,
     NegativeHit,
     Timeout,
-    RemovedExpired,
-    RemovedExplicit,
-    RemovedReplaced,
-    RemovedSize,
-    WeightExpired,
-    WeightExplicit,
-    WeightReplaced,
-    WeightSize,
     StaleAfterTtl,
 }
 
@@ -163,27 +156,6 @@ impl Stats {
         self.stripes[stripe()][c as usize].fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts a removed entry of weight `w`.
-    #[inline]
-    pub(crate) fn removed(&self, cause: RemovalCause, w: u32) {
-        // The count and weight counters of each cause are in `RemovalCause`'s order (checked
-        // by a test): an offset, not a table lookup.
-        let count = Counter::RemovedExpired as usize + cause as usize;
-        let weight = Counter::WeightExpired as usize + cause as usize;
-        // One stripe lookup for both counters; a plain store on this thread's own stripe.
-        let i = stripe();
-        let s = &self.stripes[i];
-        if i < STRIPES {
-            for (c, n) in [(count, 1), (weight, u64::from(w))] {
-                let a = &s[c];
-                a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-            }
-        } else {
-            s[count].fetch_add(1, Ordering::Relaxed);
-            s[weight].fetch_add(u64::from(w), Ordering::Relaxed);
-        }
-    }
-
     /// Hits and misses counted so far: the reads, for the sizing curve's adjustment.
     pub(crate) fn reads(&self) -> u64 {
         self.sum(Counter::Hit).wrapping_add(self.sum(Counter::Miss))
@@ -199,20 +171,17 @@ impl Stats {
     /// A snapshot; the gauges (loads in flight, limiter figures) come from the caller.
     pub(crate) fn snapshot(&self) -> CacheStats {
         use Counter::*;
-        let removals = |count, weight| Removals {
-            count: self.sum(count),
-            weight: self.sum(weight),
-        };
         CacheStats {
             hits: self.sum(Hit),
             misses: self.sum(Miss),
             load_successes: self.sum(LoadSuccess),
             load_failures: self.sum(LoadFailure),
             total_load_time: Duration::from_nanos(self.sum(LoadNanos)),
-            expired: removals(RemovedExpired, WeightExpired),
-            explicit: removals(RemovedExplicit, WeightExplicit),
-            replaced: removals(RemovedReplaced, WeightReplaced),
-            size: removals(RemovedSize, WeightSize),
+            // Filled in by the cache from its shards' tallies.
+            expired: Removals::default(),
+            explicit: Removals::default(),
+            replaced: Removals::default(),
+            size: Removals::default(),
             coalesced: self.sum(Coalesced),
             refreshes_started: self.sum(RefreshStarted),
             refreshes_succeeded: self.sum(RefreshSucceeded),
@@ -497,43 +466,6 @@ impl RemoteCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn removal_counters_are_in_removal_cause_order() {
-        let causes = [
-            RemovalCause::Expired,
-            RemovalCause::Explicit,
-            RemovalCause::Replaced,
-            RemovalCause::Size,
-        ];
-        let counts = [
-            Counter::RemovedExpired,
-            Counter::RemovedExplicit,
-            Counter::RemovedReplaced,
-            Counter::RemovedSize,
-        ];
-        let weights = [
-            Counter::WeightExpired,
-            Counter::WeightExplicit,
-            Counter::WeightReplaced,
-            Counter::WeightSize,
-        ];
-        for ((cause, count), weight) in causes.into_iter().zip(counts).zip(weights) {
-            assert_eq!(
-                Counter::RemovedExpired as usize + cause as usize,
-                count as usize
-            );
-            assert_eq!(
-                Counter::WeightExpired as usize + cause as usize,
-                weight as usize
-            );
-            let s = Stats::new();
-            s.removed(cause, 7);
-            let stripe = &s.stripes[stripe()];
-            assert_eq!(stripe[count as usize].load(Ordering::Relaxed), 1);
-            assert_eq!(stripe[weight as usize].load(Ordering::Relaxed), 7);
-        }
-    }
 
     #[test]
     fn striped_counts_add_up_across_threads() {

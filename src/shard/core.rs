@@ -9,7 +9,7 @@ use crate::expiry::{
 };
 use crate::flight::Flights;
 use crate::policy::{record_hit, Place, Policy};
-use crate::removal::{RemovalCause, Removals, Removed};
+use crate::removal::{RemovalCause, Removals, Removed, Tally};
 use crate::rng::Rng;
 use crate::sync::AtomicU64;
 use hashbrown::HashTable;
@@ -44,6 +44,8 @@ pub(crate) struct Core<K, V, T> {
     /// files every entry instead.
     refile: crate::sync::Mutex<Refile>,
     refile_pending: crate::sync::AtomicBool,
+    /// Entries this shard removed, by cause (for the statistics).
+    tally: Tally,
 }
 
 /// Slots to file again in the timer wheel (see [`Core::refile`]).
@@ -76,7 +78,19 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             flights: Flights::new(),
             refile: crate::sync::Mutex::new(Refile::default()),
             refile_pending: crate::sync::AtomicBool::new(false),
+            tally: Tally::default(),
         }
+    }
+
+    /// Entries this shard removed so far, by cause.
+    pub(crate) fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    /// Hands a removal decided outside the shard (a value too heavy to store) to `out`,
+    /// counted with the shard's own.
+    pub(crate) fn push_removed(&mut self, out: &mut Removals<K, V>, r: Removed<K, V>) {
+        self.tally.push(out, r);
     }
 
     /// Remembers (under the read lock) that `slot`'s deadline moved to where its timer-wheel
@@ -479,7 +493,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 };
                 if times.0 <= now {
                     self.remove_slot(slot, hash, RemovalCause::Expired, out);
-                    out.push(Removed::expired(key, value, weight));
+                    self.tally.push(out, Removed::expired(key, value, weight));
                     return;
                 }
                 let old = std::mem::replace(&mut e.value, value);
@@ -490,12 +504,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
                 }
                 self.set_times(slot, times, now, load_nanos);
-                out.push(Removed {
-                    key,
-                    value: old,
-                    weight: old_weight,
-                    cause: RemovalCause::Replaced,
-                });
+                self.tally.push(
+                    out,
+                    Removed {
+                        key,
+                        value: old,
+                        weight: old_weight,
+                        cause: RemovalCause::Replaced,
+                    },
+                );
                 return;
             }
         }
@@ -538,7 +555,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
-            out.push(Removed::expired(key, value, weight));
+            self.tally.push(out, Removed::expired(key, value, weight));
             return;
         }
         self.reserve_table(hasher, out);
@@ -622,12 +639,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         if self.policy.on_remove(e.place, e.weight) {
             self.policy.purge_tombstones(&self.slab, &mut self.free);
         }
-        out.push(Removed {
-            key: e.key,
-            value: e.value,
-            weight: e.weight,
-            cause,
-        });
+        self.tally.push(
+            out,
+            Removed {
+                key: e.key,
+                value: e.value,
+                weight: e.weight,
+                cause,
+            },
+        );
     }
 
     /// Removes `key`; the removed entry (if any, and not expired) is pushed last onto `out`.
@@ -714,12 +734,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         );
         let e = self.take_slot(slot, hash);
         self.free.push(slot);
-        out.push(Removed {
-            key: e.key,
-            value: e.value,
-            weight: e.weight,
-            cause: RemovalCause::Size,
-        });
+        self.tally.push(
+            out,
+            Removed {
+                key: e.key,
+                value: e.value,
+                weight: e.weight,
+                cause: RemovalCause::Size,
+            },
+        );
         true
     }
 
@@ -793,12 +816,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             out.detach(k, f);
         }
         for e in self.slab.drain(..).flatten() {
-            out.push(Removed {
-                key: e.key,
-                value: e.value,
-                weight: e.weight,
-                cause: RemovalCause::Explicit,
-            });
+            self.tally.push(
+                out,
+                Removed {
+                    key: e.key,
+                    value: e.value,
+                    weight: e.weight,
+                    cause: RemovalCause::Explicit,
+                },
+            );
         }
         self.table.clear();
         self.free.clear();
