@@ -217,7 +217,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         let Some(e) = &self.slab[slot as usize] else {
             return Lookup::Absent;
         };
-        if self.stride > 0 {
+        debug_assert_eq!(T::TIMED, self.stride > 0);
+        if T::TIMED {
             let current = e.time.get();
             if current <= now {
                 return Lookup::Expired;
@@ -362,7 +363,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     #[inline]
     fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
-        if T::TIMED && self.stride > 0 {
+        if T::TIMED {
             self.store_times(slot, times, now, load_nanos);
         }
     }
