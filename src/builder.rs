@@ -488,7 +488,9 @@ where
     /// value replaces the old one). A `None` of an `optionally_` loader is an answer, not a
     /// failure: it removes the old value for good, as a write or invalidation of the key does
     /// (and a computation's [`Op::Remove`](crate::Op::Remove));
-    /// [`retain`](crate::Cache::retain) offers the old value to its predicate. On a soft
+    /// [`retain`](crate::Cache::retain) offers the old value to its predicate. An async caller
+    /// whose runtime cuts the load off (the future dropped) asks
+    /// [`get_or_stale`](crate::Cache::get_or_stale). On a soft
     /// timeout the load goes on, and its callers get the old value at once until it ends.
     ///
     /// ```

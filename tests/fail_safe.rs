@@ -288,6 +288,75 @@ fn optionally_none_is_an_answer_not_a_failure() {
     c.insert(1, 11);
     clock.advance(secs(TTL));
     assert_eq!(c.optionally_get_with(1, || None), None);
+    // The backend's answer ends the kept value: a later failure has nothing to fall back on.
+    let r: Result<u64, _> = c.try_get_with(1, || Err::<u64, _>("down"));
+    assert!(
+        r.is_err(),
+        "served {r:?} after the backend said the key is gone"
+    );
+    // Near miss: a failure with no `None` before it does fall back.
+    c.insert(2, 22);
+    clock.advance(secs(TTL));
+    assert_eq!(c.try_get_with(2, || Err::<u64, _>("down")).unwrap(), 22);
+}
+
+/// An async caller whose runtime cuts its load off (the future is dropped, as
+/// `tokio::time::timeout` does) asks `get_or_stale`: the last value within the stale window,
+/// counted as served after its time to live; never beyond `max_stale`; the live value while
+/// there is one (not counted); nothing without fail-safe.
+#[test]
+fn a_caller_cut_off_by_its_runtime_gets_the_last_value_from_get_or_stale() {
+    let _w = watchdog(LIMIT, "get_or_stale");
+    let clock = ManualClock::new();
+    let build = |fail_safe: bool| {
+        let b = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(secs(TTL))
+            .record_stats()
+            .clock(clock.clone())
+            .async_loader(|_k: &u64| std::future::pending::<Result<u64, BoxError>>());
+        if fail_safe {
+            b.fail_safe(secs(MAX_STALE)).build()
+        } else {
+            b.build()
+        }
+    };
+    let c: Cache<u64, u64> = build(true);
+    c.insert(1, 10);
+    assert_eq!(c.get_or_stale(&1), Some(10), "live: as get");
+    assert_eq!(c.stats().stale_served_after_ttl, 0);
+    clock.advance(secs(TTL));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    {
+        // The runtime's timeout: polled once (the load starts and hangs), then dropped.
+        let mut load = Box::pin(c.load_async(1));
+        assert!(load.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(c.get(&1), None, "expired");
+    assert_eq!(c.get_or_stale(&1), Some(10));
+    assert_eq!(c.stats().stale_served_after_ttl, 1);
+    // A waiter cut off while another caller's load still runs gets it too.
+    let mut leader = Box::pin(c.get_with_async(1, std::future::pending::<u64>()));
+    let _ = leader.as_mut().poll(&mut cx);
+    {
+        let mut waiter = Box::pin(c.load_async(1));
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(c.get_or_stale(&1), Some(10));
+    drop(leader);
+    clock.advance(secs(MAX_STALE));
+    assert_eq!(c.get_or_stale(&1), None, "never beyond max_stale");
+    // A write ends the stale value; without fail-safe there is none.
+    c.insert(2, 20);
+    clock.advance(secs(TTL));
+    c.invalidate(&2);
+    assert_eq!(c.get_or_stale(&2), None);
+    let plain: Cache<u64, u64> = build(false);
+    plain.insert(1, 10);
+    clock.advance(secs(TTL));
+    assert_eq!(plain.get_or_stale(&1), None);
+    assert_eq!(plain.stats().stale_served_after_ttl, 0);
 }
 
 #[test]

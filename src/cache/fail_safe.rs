@@ -38,7 +38,8 @@
 //! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;
 //! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent.
 //! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back (and
-//! removes the old value).
+//! removes the old value). A caller that gives up on its own — an async caller whose runtime
+//! drops the load future at its timeout — gets the old value from [`Cache::get_or_stale`].
 //! Calls answered this way are counted in
 //! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
 //! [`Cache::health`] raises a warning while it happens.
@@ -125,6 +126,84 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
+    /// The value of `key` for a caller that can wait no longer: the cached value, as
+    /// [`get`](Self::get), or else, with [`fail_safe`](crate::CacheBuilder::fail_safe), the
+    /// key's last value if it is past its deadline but within its stale window (counted in
+    /// [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl) and
+    /// raised by [`health`](Self::health), as any fail-safe answer). Changes nothing: no load,
+    /// no retry deadline.
+    ///
+    /// For async callers whose runtime cuts a load off (`tokio::time::timeout` drops the
+    /// future: the cache has no caller left to answer). A blocking caller has
+    /// [`load_with_timeout`](Self::load_with_timeout), which falls back by itself:
+    ///
+    /// ```
+    /// use herdcache::{BoxError, Cache, LoadError, ManualClock};
+    /// use std::time::Duration;
+    ///
+    /// let clock = ManualClock::new();
+    /// let cache: Cache<u32, String> = Cache::builder()
+    ///     .max_capacity(10)
+    ///     .time_to_live(Duration::from_secs(60))
+    ///     .fail_safe(Duration::from_secs(600))
+    ///     .clock(clock.clone())
+    ///     // A backend that hangs.
+    ///     .async_loader(|_k: &u32| std::future::pending::<Result<String, BoxError>>())
+    ///     .build();
+    /// cache.insert(7, "last known".to_string());
+    /// clock.advance(Duration::from_secs(61)); // expired
+    ///
+    /// let rt = tokio::runtime::Builder::new_multi_thread().enable_time().build().unwrap();
+    /// let v: Result<String, LoadError> = rt.block_on(async {
+    ///     match tokio::time::timeout(Duration::from_millis(10), cache.load_async(7)).await {
+    ///         Ok(r) => r,
+    ///         Err(_elapsed) => cache.get_or_stale(&7).ok_or(LoadError::Timeout),
+    ///     }
+    /// });
+    /// assert_eq!(v.unwrap(), "last known");
+    /// ```
+    ///
+    /// Concurrent calls for the same key see the same value; a write or invalidation of the
+    /// key ends the stale value for good.
+    ///
+    /// ```
+    /// use herdcache::{Cache, ManualClock};
+    /// use std::time::Duration;
+    ///
+    /// let clock = ManualClock::new();
+    /// let cache: Cache<u32, &str> = Cache::builder()
+    ///     .max_capacity(10)
+    ///     .time_to_live(Duration::from_secs(60))
+    ///     .fail_safe(Duration::from_secs(600))
+    ///     .clock(clock.clone())
+    ///     .build();
+    /// cache.insert(1, "last known");
+    /// clock.advance(Duration::from_secs(61));
+    /// assert_eq!(cache.get(&1), None); // expired
+    /// assert_eq!(cache.get_or_stale(&1), Some("last known")); // within max_stale
+    /// clock.advance(Duration::from_secs(600));
+    /// assert_eq!(cache.get_or_stale(&1), None); // never beyond it
+    /// ```
+    pub fn get_or_stale<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        if let Some(v) = self.read_with(key, hash, true, V::clone) {
+            return Some(v);
+        }
+        self.inner.stampede.fail_safe?;
+        let now = self.now();
+        let v = {
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            // Cloned under the read lock, as a hit is.
+            s.stale(hash, key, now)?.0.clone()
+        };
+        self.note_stale();
+        Some(v)
+    }
+
     /// A load of `key` failed: if its old value is within its stale window, sets the key's
     /// retry deadline a backoff ahead and returns a clone of the value (cloned under the read
     /// lock, as a hit is), counted as served after its time to live.
