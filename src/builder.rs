@@ -139,6 +139,10 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     sizing: bool,
     listener: Option<Listener<K, V>>,
     name: Option<String>,
+    /// Whether stored values may carry a lifetime bound of their own even without any expiry
+    /// configured (a Redis tier bounds each local copy by the shared copy's remaining life):
+    /// the shards then keep time data.
+    pub(crate) bounded_lifetimes: bool,
     _types: PhantomData<fn(K, V)>,
 }
 
@@ -181,6 +185,7 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             sizing: false,
             listener: None,
             name: None,
+            bounded_lifetimes: false,
             _types: PhantomData,
         }
     }
@@ -574,6 +579,11 @@ where
         };
         let expiry = match (self.expiry, self.ttl, self.tti) {
             (Some(e), _, _) => ExpiryConfig::Custom(e),
+            // No expiry, but lifetime bounds to keep: deadlines of "never", unless bounded.
+            (None, None, None) if self.bounded_lifetimes => ExpiryConfig::Fixed {
+                ttl: None,
+                tti: None,
+            },
             (None, None, None) => ExpiryConfig::None,
             (None, ttl, tti) => ExpiryConfig::Fixed {
                 ttl: ttl.map(nanos),
@@ -671,6 +681,7 @@ where
             sizing: self.sizing,
             listener: self.listener,
             name: self.name,
+            bounded_lifetimes: self.bounded_lifetimes,
             _types: PhantomData,
         }
     }

@@ -517,6 +517,9 @@ impl RedisTier {
             (None, Some(t)) => t,
             (None, None) => return Err(TierError::NoTtl),
         };
+        // Each local copy read from Redis is bounded by the shared copy's remaining life,
+        // whatever the local cache's own expiry: its shards must keep a deadline per entry.
+        builder.bounded_lifetimes = true;
         let counters = Arc::new(RemoteCounters::default());
         let client = Client::new(
             target,
