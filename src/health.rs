@@ -444,7 +444,8 @@ where
         let m = &self.inner.stampede.monitor;
         let cfg = m.config;
         let now = self.now();
-        let stats = self.inner.stats.as_ref().map(|_| self.stats());
+        // The striped counters only: `stats()` would take every shard's read lock.
+        let stats = self.inner.stats.as_ref().map(crate::stats::Stats::snapshot);
         let limiter = self.inner.stampede.limiter.as_ref();
         let mut cur = Figures {
             failures: m.failures.load(Ordering::Relaxed),

@@ -73,7 +73,9 @@ impl RemovalCause {
 /// Removals counted where they happen — in a shard, under its write lock; the statistics read
 /// it under the read lock — for each [`RemovalCause`]: how many entries, and their weight.
 /// (Counting here rather than when the removals are reported costs a replacing write two
-/// additions instead of a thread-local lookup and two counter updates.)
+/// additions instead of a thread-local lookup and two counter updates.) Evictions for size
+/// are not tallied here: the cache counts them in its statistics' counters, which
+/// [`Cache::health`](crate::Cache::health) reads without a shard lock.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Tally([u64; 8]);
 

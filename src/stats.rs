@@ -8,8 +8,9 @@
 //! stripe rather than an atomic read-modify-write (about 1 ns instead of 5 to 20): exact, since
 //! no other thread writes that stripe meanwhile, up to 64 threads running at once; beyond that
 //! exact too, on the shared stripe with `fetch_add`. Every other counter uses `fetch_add` and is
-//! exact. Removals are not counted here: each shard tallies its own under its write lock
-//! ([`crate::removal::Tally`]), and the cache adds the tallies into the snapshot. A snapshot
+//! exact. Removals other than evictions are not counted here: each shard tallies its own
+//! under its write lock ([`crate::removal::Tally`]), and the cache adds the tallies into the
+//! snapshot. A snapshot
 //! sums the stripes; it is not atomic across counters.
 
 use crossbeam_utils::CachePadded;
@@ -35,9 +36,12 @@ pub(crate) enum Counter {
     NegativeHit,
     Timeout,
     StaleAfterTtl,
+    /// Evictions for size and their weight (the other removals are tallied by the shards).
+    RemovedSize,
+    WeightSize,
 }
 
-const COUNTERS: usize = Counter::StaleAfterTtl as usize + 1;
+const COUNTERS: usize = Counter::WeightSize as usize + 1;
 /// Stripes a thread can own (one per bit of [`OWNED`]).
 const STRIPES: usize = 64;
 /// The stripe of threads that own none, written only with `fetch_add`.
@@ -181,7 +185,10 @@ impl Stats {
             expired: Removals::default(),
             explicit: Removals::default(),
             replaced: Removals::default(),
-            size: Removals::default(),
+            size: Removals {
+                count: self.sum(RemovedSize),
+                weight: self.sum(WeightSize),
+            },
             coalesced: self.sum(Coalesced),
             refreshes_started: self.sum(RefreshStarted),
             refreshes_succeeded: self.sum(RefreshSucceeded),

@@ -634,15 +634,13 @@ where
                 out,
                 RemovalCause::Replaced,
             );
-            acct.shard.push_removed(
-                out,
-                Removed {
-                    key,
-                    value,
-                    weight,
-                    cause: RemovalCause::Size,
-                },
-            );
+            self.count_evicted(1, u64::from(weight));
+            out.push(Removed {
+                key,
+                value,
+                weight,
+                cause: RemovalCause::Size,
+            });
         } else {
             acct.shard.insert(
                 hash,
@@ -720,7 +718,6 @@ where
             s.expired = get(RemovalCause::Expired);
             s.explicit = get(RemovalCause::Explicit);
             s.replaced = get(RemovalCause::Replaced);
-            s.size = get(RemovalCause::Size);
         }
         s.loads_in_flight = self.flights_running() as u64;
         let (high, waited) = self.limit_figures();
@@ -740,14 +737,30 @@ where
             return false;
         }
         s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
+        let (mut n, mut w) = (0, 0);
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
             if !s.evict_one(&self.inner.hasher, out) {
                 break;
             }
             self.account(before, s.weight());
+            n += 1;
+            w += before - s.weight();
         }
+        self.count_evicted(n, w);
         true
+    }
+
+    /// Counts `n` evictions for size of total weight `w` in the statistics (lock-free, for
+    /// `health`; the other removals are tallied by their shard).
+    #[inline]
+    fn count_evicted(&self, n: u64, w: u64) {
+        if n > 0 {
+            if let Some(s) = &self.inner.stats {
+                s.add(Counter::RemovedSize, n);
+                s.add(Counter::WeightSize, w);
+            }
+        }
     }
 
     /// The cache is over capacity but shard `from` is within its share: some other shard holds

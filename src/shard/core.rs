@@ -87,12 +87,6 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.tally
     }
 
-    /// Hands a removal decided outside the shard (a value too heavy to store) to `out`,
-    /// counted with the shard's own.
-    pub(crate) fn push_removed(&mut self, out: &mut Removals<K, V>, r: Removed<K, V>) {
-        self.tally.push(out, r);
-    }
-
     /// Remembers (under the read lock) that `slot`'s deadline moved to where its timer-wheel
     /// bucket may not reach it.
     #[cold]
@@ -735,15 +729,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         );
         let e = self.take_slot(slot, hash);
         self.free.push(slot);
-        self.tally.push(
-            out,
-            Removed {
-                key: e.key,
-                value: e.value,
-                weight: e.weight,
-                cause: RemovalCause::Size,
-            },
-        );
+        // Not tallied here: the cache counts evictions itself, where `health` reads them
+        // without a shard lock.
+        out.push(Removed {
+            key: e.key,
+            value: e.value,
+            weight: e.weight,
+            cause: RemovalCause::Size,
+        });
         true
     }
 

@@ -231,7 +231,6 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn flights(&mut self) -> &mut Flights<K, V>;
         fn flights_ref(&self) -> &Flights<K, V>;
         fn tally(&self) -> crate::removal::Tally;
-        fn push_removed(&mut self, out: &mut Removals<K, V>, r: crate::removal::Removed<K, V>);
         #[inline]
         fn weight(&self) -> u64;
         fn len(&self) -> usize;
