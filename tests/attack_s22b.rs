@@ -1501,28 +1501,30 @@ fn h01_health_takes_no_shard_lock() {
         Arc::clone(&in_retain),
         Arc::clone(&health_done),
     );
+    // The predicate holds the shard's write lock until `health()` has returned (or gives up
+    // after a while, so that a blocked `health()` fails the test instead of hanging it): not a
+    // timing threshold, an order — did `health()` return while the lock was held?
     let retainer = std::thread::spawn(move || {
+        let mut saw_health = false;
         c.retain(|_, _| {
             ir.store(true, Ordering::SeqCst);
-            // A slow predicate (a lookup elsewhere): at most 3 s.
-            let until = std::time::Instant::now() + Duration::from_secs(3);
-            while !hd.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+            let give_up = std::time::Instant::now() + Duration::from_secs(20);
+            while !hd.load(Ordering::SeqCst) && std::time::Instant::now() < give_up {
                 std::thread::yield_now();
             }
+            saw_health = hd.load(Ordering::SeqCst);
             true
         });
+        saw_health
     });
     while !in_retain.load(Ordering::SeqCst) {
         std::thread::yield_now();
     }
-    let t = std::time::Instant::now();
     let _ = cache.health();
-    let took = t.elapsed();
     health_done.store(true, Ordering::SeqCst);
-    retainer.join().unwrap();
     assert!(
-        took < Duration::from_secs(1),
-        "health() waited {took:?} for a shard lock held by retain (documented: no shard lock)"
+        retainer.join().unwrap(),
+        "health() waited for a shard lock held by retain (documented: no shard lock)"
     );
 }
 
