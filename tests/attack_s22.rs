@@ -2470,75 +2470,15 @@ fn g02_retain_keep_all_and_fail_safe() {
 }
 
 // =============================================================================================
-// Minimal repros of the failures above
+// Round 8: what a fresh entry means
 // =============================================================================================
-
-fn fs_min(clock: &ManualClock) -> Cache<u32, u32> {
-    Cache::builder()
-        .max_capacity(10)
-        .time_to_live(Duration::from_secs(60))
-        .fail_safe(Duration::from_secs(600))
-        .clock(clock.clone())
-        .build()
-}
-
-/// BUG: the backend answers "no such key" (None) for an expired key; a later failed load then
-/// serves the value from before that answer (fail-safe resurrects a deleted record).
-#[test]
-fn min1_fail_safe_resurrects_a_value_the_backend_said_is_gone() {
-    let clock = ManualClock::new();
-    let cache = fs_min(&clock);
-    cache.insert(1, 1);
-    clock.advance(Duration::from_secs(61));
-    assert_eq!(cache.optionally_get_with(1, || None), None); // the backend: key 1 is gone
-    let r = cache.try_get_with(1, || Err::<u32, _>("backend down"));
-    assert!(
-        r.is_err(),
-        "served {r:?}, a value the backend had answered None for"
-    );
-}
-
-/// BUG: Op::Remove of an expired key kept for fail-safe does not remove it: a failed load
-/// afterwards still serves the removed value ("a write or invalidation of the key removes the
-/// old value for good").
-#[test]
-fn min2_compute_remove_does_not_end_fail_safe() {
-    let clock = ManualClock::new();
-    let cache = fs_min(&clock);
-    cache.insert(1, 1);
-    clock.advance(Duration::from_secs(61));
-    cache.entry(1).and_compute_with(|_| Op::Remove);
-    let r = cache.try_get_with(1, || Err::<u32, _>("backend down"));
-    assert!(r.is_err(), "served {r:?} after Op::Remove");
-}
-
-/// BUG: or_try_insert_with answered by fail-safe (its init failed) says is_fresh() == true
-/// ("whether this call put the value there"); the async twin says false.
-#[test]
-fn min3_fail_safe_answer_is_reported_fresh() {
-    let clock = ManualClock::new();
-    let cache = fs_min(&clock);
-    cache.insert(1, 1);
-    clock.advance(Duration::from_secs(61));
-    let sync = cache
-        .entry(1)
-        .or_try_insert_with(|| Err::<u32, _>("down"))
-        .unwrap();
-    let asyn = futures::executor::block_on(
-        cache
-            .entry(1)
-            .or_try_insert_with_async(async { Err::<u32, _>("down") }),
-    )
-    .unwrap();
-    assert_eq!((sync.is_fresh(), asyn.is_fresh()), (false, false));
-}
 
 /// Was a reported bug (s22), settled by documentation: `is_fresh` says this call's loader
 /// produced the value, not that it is still stored; a value heavier than the capacity is
-/// returned, counted as evicted for size, and not kept. Checks that contract, and that a value
-/// fail-safe answers with after a failed `init` is not fresh (the bug fixed with it).
+/// returned, counted as evicted for size, and not kept. (The fail-safe half of that report,
+/// a fail-safe answer reported fresh, was a bug: `b02`.)
 #[test]
-fn min4_fresh_means_produced_here_not_kept() {
+fn r8_fresh_means_produced_here_not_kept() {
     let cache: Cache<u32, u32> = Cache::builder()
         .max_capacity(10)
         .weigher(|_k: &u32, v: &u32| *v)
@@ -2554,17 +2494,4 @@ fn min4_fresh_means_produced_here_not_kept() {
         "nothing was kept, so this call's value is fresh again"
     );
     assert!(!cache.entry(2).or_insert(4).is_fresh(), "now it is cached");
-}
-
-/// Doc conflict: retain (even keeping everything) drops the values fail-safe keeps, while
-/// run_pending_tasks keeps them; a retain during an outage silently ends fail-safe for every key.
-#[test]
-fn min5_retain_keep_all_ends_fail_safe() {
-    let clock = ManualClock::new();
-    let cache = fs_min(&clock);
-    cache.insert(1, 1);
-    clock.advance(Duration::from_secs(61));
-    cache.retain(|_, _| true);
-    let r = cache.try_get_with(1, || Err::<u32, _>("backend down"));
-    assert_eq!(r.ok(), Some(1), "retain(keep all) ended fail-safe");
 }

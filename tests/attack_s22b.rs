@@ -1481,14 +1481,14 @@ fn p08_zipf_then_loop_adapts() {
 }
 
 // =============================================================================================
-// 5. What the statistics' new shard locks could break
+// 5. Health and the shard locks
 // =============================================================================================
 
 /// `health_over` "takes no shard lock, only a lock of its own that nothing but `health`
-/// takes". With `record_stats` it calls `stats()`, which takes every shard's read lock (for
-/// the `loads_in_flight` gauge already before aa22909, and now a second time for the removal
-/// tallies): a `retain` whose predicate is slow (allowed: it only must not call into the cache)
-/// holds a shard's write lock, and `health()` from a monitoring thread waits for it.
+/// takes". With `record_stats` it called `stats()`, which takes every shard's read lock (the
+/// `loads_in_flight` gauge, the removal tallies): a `retain` whose predicate is slow (allowed:
+/// it only must not call into the cache) holds a shard's write lock, and `health()` from a
+/// monitoring thread waited for it (found in s22; fixed: health reads the striped counters).
 #[test]
 fn h01_health_takes_no_shard_lock() {
     let _w = watchdog(LIMIT, "health vs retain");
@@ -1542,8 +1542,9 @@ mod redis_bound {
 
     /// `RedisTier::ttl`: "Required when the cache has none (e.g. with a custom
     /// `expire_after`). Local copies read from Redis expire with the Redis copy." A local cache
-    /// with no expiry of its own (an untimed shard) keeps the copy it read from Redis forever.
-    /// (Also fails at HEAD~5: not introduced by the last commits.)
+    /// with no expiry of its own (an untimed shard) kept the copy it read from Redis forever
+    /// (found in s22, older than that session's changes; fixed: the tier makes the local
+    /// shards keep a deadline per entry).
     fn copy_from_redis_expires_with_it(
         local: impl Fn(ManualClock) -> herdcache::CacheBuilder<u64, u64, herdcache::DefaultHashBuilder>,
         ns: &str,
