@@ -634,15 +634,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         if self.policy.on_remove(e.place, e.weight) {
             self.policy.purge_tombstones(&self.slab, &mut self.free);
         }
-        self.tally.push(
-            out,
-            Removed {
-                key: e.key,
-                value: e.value,
-                weight: e.weight,
-                cause,
-            },
-        );
+        self.tally.push(out, removed(e, cause));
     }
 
     /// Removes `key`; the removed entry (if any, and not expired) is pushed last onto `out`.
@@ -731,12 +723,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.free.push(slot);
         // Not tallied here: the cache counts evictions itself, where `health` reads them
         // without a shard lock.
-        out.push(Removed {
-            key: e.key,
-            value: e.value,
-            weight: e.weight,
-            cause: RemovalCause::Size,
-        });
+        out.push(removed(e, RemovalCause::Size));
         true
     }
 
@@ -810,15 +797,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             out.detach(k, f);
         }
         for e in self.slab.drain(..).flatten() {
-            self.tally.push(
-                out,
-                Removed {
-                    key: e.key,
-                    value: e.value,
-                    weight: e.weight,
-                    cause: RemovalCause::Explicit,
-                },
-            );
+            self.tally.push(out, removed(e, RemovalCause::Explicit));
         }
         self.table.clear();
         self.free.clear();
@@ -924,6 +903,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
             + self.policy.ghost().heap_bytes()
+    }
+}
+
+/// A record leaving the shard, for its removal report.
+#[inline]
+fn removed<K, V, T>(e: Record<K, V, T>, cause: RemovalCause) -> Removed<K, V> {
+    Removed {
+        key: e.key,
+        value: e.value,
+        weight: e.weight,
+        cause,
     }
 }
 
