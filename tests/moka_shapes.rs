@@ -355,3 +355,39 @@ fn tier_error_source_is_the_wrapped_error() {
         Some("max_capacity must be set".to_string())
     );
 }
+
+/// moka's `invalidate_entries_if`, ported as written (`support_invalidation_closures`, the
+/// `unwrap`, `run_pending_tasks`): the matching entries are gone, the others stay, each removal
+/// is reported once as explicit, and entries inserted after the call are not affected.
+#[test]
+fn invalidate_entries_if_as_moka_code_calls_it() {
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&removed);
+    let cache: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .support_invalidation_closures()
+        .eviction_listener(move |k: &u32, _v: &String, cause| {
+            r.lock().unwrap().push((*k, cause));
+        })
+        .build();
+    for i in 0..10 {
+        cache.insert(i, format!("v{i}"));
+    }
+    let threshold = 6;
+    cache
+        .invalidate_entries_if(move |k, _v| *k >= threshold)
+        .unwrap();
+    cache.insert(8, "after".to_string());
+    cache.run_pending_tasks();
+    let mut kept: Vec<u32> = cache.iter().map(|(k, _)| k).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, [0, 1, 2, 3, 4, 5, 8]);
+    assert_eq!(cache.get(&8).as_deref(), Some("after"));
+    let mut seen = removed.lock().unwrap().clone();
+    seen.sort_unstable_by_key(|(k, _)| *k);
+    assert_eq!(
+        seen,
+        [6, 7, 8, 9].map(|k| (k, RemovalCause::Explicit)),
+        "each matching entry reported once"
+    );
+}

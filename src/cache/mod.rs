@@ -916,6 +916,35 @@ where
         self.for_each_shard(|s, out| s.retain(now, &self.inner.hasher, &mut keep, out));
     }
 
+    /// Removes the entries for which `predicate` returns true: [`retain`](Self::retain) with
+    /// the predicate negated, in moka's shape. moka registers the predicate and applies it
+    /// lazily to the entries present at the call; here it runs at once, so the entries it
+    /// matches are gone when the call returns (and entries inserted afterwards are not
+    /// affected, as in moka). Always `Ok`: nothing needs
+    /// [`support_invalidation_closures`](crate::CacheBuilder::support_invalidation_closures).
+    ///
+    /// `predicate` runs while each shard is write-locked, as `retain`'s: it must not call into
+    /// this cache.
+    ///
+    /// # Errors
+    ///
+    /// None (the `Result` is moka's shape, so that `.unwrap()` and `?` on it still compile).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// for i in 0..6 { cache.insert(i, i * 10); }
+    /// cache.invalidate_entries_if(|_k, v| *v >= 30).unwrap();
+    /// assert_eq!(cache.entry_count(), 3);
+    /// assert_eq!(cache.get(&4), None);
+    /// ```
+    pub fn invalidate_entries_if(
+        &self,
+        mut predicate: impl FnMut(&K, &V) -> bool,
+    ) -> Result<(), std::convert::Infallible> {
+        self.retain(|k, v| !predicate(k, v));
+        Ok(())
+    }
+
     /// The number of entries stored. Entries past their deadline count until reclaimed (see
     /// [`run_pending_tasks`](Self::run_pending_tasks)).
     ///
