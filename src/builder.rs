@@ -327,6 +327,12 @@ where
         self
     }
 
+    /// Accepted for moka's shape and ignored: a shard's table grows as entries arrive
+    /// (doubling, amortised), and the capacity bound is [`max_capacity`](Self::max_capacity).
+    pub fn initial_capacity(self, _entries: usize) -> Self {
+        self
+    }
+
     /// Accepted for moka's shape and ignored: [`Cache::invalidate_entries_if`] needs nothing
     /// set up (it runs at once).
     pub fn support_invalidation_closures(self) -> Self {

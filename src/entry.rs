@@ -116,6 +116,53 @@ where
         EntryRef { cache: self, key }
     }
 
+    /// moka's `get_with_if`: the cached value of `key`, unless there is none or
+    /// `replace_if(&value)` says to replace it; then `init()`'s value, stored and returned.
+    ///
+    /// Concurrent calls for the same key: the replacement is per-key atomic, as
+    /// [`EntryRef::and_compute_with`] — one caller runs `init` at a time, and a caller that
+    /// waited decides again with its own `replace_if` on the value it then finds (so a value
+    /// just produced by another caller is normally kept, not replaced again). A hit whose
+    /// `replace_if` says no takes only the read lock.
+    ///
+    /// # Panics
+    ///
+    /// If `init` or `replace_if` panics (the key is released first, as in
+    /// [`EntryRef::and_compute_with`]).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// assert_eq!(cache.get_with_if(1, || 10, |_| false), 10); // absent: loaded
+    /// assert_eq!(cache.get_with_if(1, || 20, |_| false), 10); // kept
+    /// assert_eq!(cache.get_with_if(1, || 30, |v| *v < 15), 30); // replaced
+    /// assert_eq!(cache.get(&1), Some(30));
+    /// ```
+    pub fn get_with_if(
+        &self,
+        key: K,
+        init: impl FnOnce() -> V,
+        mut replace_if: impl FnMut(&V) -> bool,
+    ) -> V {
+        let hash = self.hash(&key);
+        if let Some(v) = self.read_with(&key, hash, true, V::clone) {
+            if !replace_if(&v) {
+                return v;
+            }
+        }
+        let r = self.entry(key).and_compute_with(|e| match e {
+            Some(e) if !replace_if(e.value()) => Op::Nop,
+            _ => Op::Put(init()),
+        });
+        match r {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                e.into_value()
+            }
+            CompResult::Removed(_) | CompResult::StillNone(_) => {
+                unreachable!("get_with_if's computation puts a value or keeps one")
+            }
+        }
+    }
+
     /// Returns the values of `keys`, calling `load_missing` **once** with the keys that are
     /// neither cached nor being loaded, and waiting for the loads of the others that are in
     /// flight. Keys that `load_missing` does not return are absent from the result (and callers

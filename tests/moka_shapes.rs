@@ -391,3 +391,59 @@ fn invalidate_entries_if_as_moka_code_calls_it() {
         "each matching entry reported once"
     );
 }
+
+/// moka's `get_with_if`: loads when absent, keeps what `replace_if` accepts, replaces what it
+/// rejects; callers racing to replace one stale value run `init` once (the others decide again
+/// on the new value and keep it); a panicking `init` releases the key.
+#[test]
+fn get_with_if_replaces_once_per_stale_value() {
+    let _w = watchdog(LIMIT, "get_with_if");
+    let cache: Cache<u32, u64> = Cache::builder()
+        .max_capacity(100)
+        .initial_capacity(1_000)
+        .build();
+    assert_eq!(cache.get_with_if(1, || 0, |_| unreachable!()), 0);
+    assert_eq!(cache.get_with_if(1, || 9, |v| *v != 0), 0, "kept");
+    let inits = AtomicUsize::new(0);
+    let barrier = std::sync::Barrier::new(4);
+    let got: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let (cache, inits, barrier) = (&cache, &inits, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    cache.get_with_if(
+                        1,
+                        || {
+                            inits.fetch_add(1, Ordering::SeqCst);
+                            100 + t
+                        },
+                        |v| *v == 0, // stale
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        inits.load(Ordering::SeqCst),
+        1,
+        "one replacement of one stale value"
+    );
+    assert!(got.iter().all(|v| *v == got[0] && *v >= 100), "{got:?}");
+    assert_eq!(cache.get(&1), Some(got[0]));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.get_with_if(1, || panic!("init panics (expected by the test)"), |_| true)
+    }));
+    assert!(r.is_err());
+    assert_eq!(
+        cache.get(&1),
+        Some(got[0]),
+        "a panicking init replaces nothing"
+    );
+    assert_eq!(
+        cache.get_with_if(1, || 7, |_| true),
+        7,
+        "the key was released"
+    );
+}
