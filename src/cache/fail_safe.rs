@@ -195,12 +195,18 @@ where
         }
         self.inner.stampede.fail_safe?;
         let now = self.now();
-        let v = {
+        let (v, stale) = {
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
-            // Cloned under the read lock, as a hit is.
-            s.stale(hash, key, now)?.0.clone()
+            // Cloned under the read lock, as a hit is. A write since the read above may have
+            // made the key live again: its value, not a stale one.
+            match s.peek(hash, key, now) {
+                Some(v) => (v.clone(), false),
+                None => (s.stale(hash, key, now)?.0.clone(), true),
+            }
         };
-        self.note_stale();
+        if stale {
+            self.note_stale();
+        }
         Some(v)
     }
 

@@ -24,7 +24,7 @@ where
         if Selector::sampled(hash, self.inner.sample_threshold.load(Ordering::Relaxed))
             && cell.samples.push(sample(hash, hit))
         {
-            self.drain_samples_now(cell);
+            self.drain_pending_samples_now(cell);
         }
     }
 
@@ -48,11 +48,6 @@ where
             drop(z);
             self.set_sample_threshold(t);
         }
-    }
-
-    #[cold]
-    fn drain_samples_now(&self, cell: &ShardCell<K, V>) {
-        self.drain_samples(cell);
     }
 
     /// Feeds a shard's sampled reads to the selector. Never waits: if another thread is
