@@ -732,10 +732,21 @@ where
     /// Evicts from a locked shard while the cache is over capacity (and, when `fair`, while the
     /// shard holds more than its share).
     /// Returns whether the cache was over capacity.
+    ///
+    /// The capacity test is inline (every write makes it); the eviction is out of line, so
+    /// a write that fits pays for no call.
+    #[inline]
     fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) -> bool {
         if !self.over_capacity() {
             return false;
         }
+        self.evict_over(s, fair, out);
+        true
+    }
+
+    /// [`evict_in`](Self::evict_in)'s eviction, once the cache is known over capacity.
+    #[inline(never)]
+    fn evict_over(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
         s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
         let (mut n, mut w) = (0, 0);
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
@@ -748,7 +759,6 @@ where
             w += before - s.weight();
         }
         self.count_evicted(n, w);
-        true
     }
 
     /// Counts `n` evictions for size of total weight `w` in the statistics (lock-free, for
