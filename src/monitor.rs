@@ -58,22 +58,48 @@ impl Default for Figures {
 /// a reader never sees one without the other). Written only under the shard's write lock
 /// (plain loads and stores: no shared read-modify-write on the write path); read by `health`
 /// with no lock. Empty unless expiry can be synchronized.
-pub(crate) struct DueRing(Box<[AtomicU64]>);
+pub(crate) struct DueRing {
+    slots: Box<[AtomicU64]>,
+    /// The last write's `now` and the interval it fell due in: writes within one clock tick
+    /// (the coarse clock moves once a millisecond) reuse it instead of dividing again.
+    memo: [AtomicU64; 2],
+}
 
 impl DueRing {
     /// A ring for a shard of a cache monitored by `m` (empty if it does not track expiry).
     pub(crate) fn new(m: &Monitor) -> Self {
-        DueRing(if m.tracks_due() {
-            (0..SLOTS).map(|_| AtomicU64::new(0)).collect()
+        DueRing {
+            slots: if m.tracks_due() {
+                (0..SLOTS).map(|_| AtomicU64::new(0)).collect()
+            } else {
+                Box::default()
+            },
+            // No `now` is `u64::MAX` (the clock stops one short of `NEVER`).
+            memo: [AtomicU64::new(u64::MAX), AtomicU64::new(0)],
+        }
+    }
+
+    /// Under the shard's write lock: one entry written at `now` falls due (if `m` tracks it).
+    #[inline]
+    pub(crate) fn note_written(&self, m: &Monitor, now: u64) {
+        if m.width == 0 {
+            return;
+        }
+        let interval = if self.memo[0].load(Ordering::Relaxed) == now {
+            self.memo[1].load(Ordering::Relaxed)
         } else {
-            Box::default()
-        })
+            let i = m.due_interval(now);
+            self.memo[0].store(now, Ordering::Relaxed);
+            self.memo[1].store(i, Ordering::Relaxed);
+            i
+        };
+        self.note(interval);
     }
 
     /// Under the shard's write lock: one entry written now falls due in `interval`.
     #[inline]
-    pub(crate) fn note(&self, interval: u64) {
-        let Some(slot) = self.0.get(interval as usize % SLOTS) else {
+    fn note(&self, interval: u64) {
+        let Some(slot) = self.slots.get(interval as usize % SLOTS) else {
             return;
         };
         let tag = interval << 32;
@@ -88,7 +114,7 @@ impl DueRing {
 
     /// Entries due in `interval`.
     fn due(&self, interval: u64) -> u64 {
-        self.0.get(interval as usize % SLOTS).map_or(0, |slot| {
+        self.slots.get(interval as usize % SLOTS).map_or(0, |slot| {
             let w = slot.load(Ordering::Relaxed);
             if w >> 32 == interval & 0xffff_ffff {
                 w & 0xffff_ffff
@@ -179,13 +205,10 @@ impl Monitor {
         self.width > 0
     }
 
-    /// The [`DueRing`] interval in which an entry written at `now` falls due, if tracked.
-    #[inline]
-    pub(crate) fn due_interval(&self, now: u64) -> Option<u64> {
-        if self.width == 0 {
-            return None;
-        }
-        Some(now.saturating_add(self.config.ttl.unwrap_or(0)) / self.width)
+    /// The [`DueRing`] interval in which an entry written at `now` falls due (tracked: `width`
+    /// is not 0).
+    fn due_interval(&self, now: u64) -> u64 {
+        now.saturating_add(self.config.ttl.unwrap_or(0)) / self.width
     }
 
     /// The busiest two adjacent intervals ahead of `now` (so that a burst split by an

@@ -4,6 +4,7 @@
 //! cargo bench -p herdcache-bench --bench read_throughput             # every mix, 7 alternating rounds
 //! cargo bench -p herdcache-bench --bench read_throughput -- 3        # 3 rounds (quicker, noisier)
 //! HERDCACHE_BENCH_KEYS=1000 cargo bench -p herdcache-bench --bench read_throughput -- 3
+//! HERDCACHE_BENCH_MIXES=50,0 cargo bench -p herdcache-bench --bench read_throughput -- 5  # some mixes
 //! ```
 //!
 //! Workload: keys drawn from a Zipf distribution (s = 1.0) over 100,000 keys; every cache has a
@@ -191,7 +192,19 @@ fn main() {
     let caches: Vec<_> = names.iter().map(|n| make(n)).collect();
     println!("| reads | threads | herdcache | herdcache + TTL | quick_cache | moka | herdcache / quick_cache | herdcache+TTL / quick_cache | herdcache / moka | with stats / without | with sizing / without |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for read_pct in [100, 95, 75, 50, 0] {
+    let mixes: Vec<u64> = std::env::var("HERDCACHE_BENCH_MIXES").map_or_else(
+        |_| vec![100, 95, 75, 50, 0],
+        |s| {
+            s.split(',')
+                .map(|m| {
+                    m.trim()
+                        .parse()
+                        .expect("HERDCACHE_BENCH_MIXES: read percents")
+                })
+                .collect()
+        },
+    );
+    for read_pct in mixes {
         for threads in [1, 2] {
             let mut results = vec![Vec::new(); names.len()];
             for round in 0..rounds {

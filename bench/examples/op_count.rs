@@ -60,6 +60,15 @@ fn run_quick_cache(c: &quick_cache::sync::Cache<u64, u64>, keys: &[u64], reads: 
     }
 }
 
+/// With `TIMEIT` set, prints the run's nanoseconds per operation to stderr (a rough figure for
+/// comparing builds on one machine; the instruction count is the measurement).
+fn report_time(cache: &str, start: std::time::Instant, ops: usize) {
+    if std::env::var_os("TIMEIT").is_some() {
+        let ns = start.elapsed().as_nanos() as f64 / ops as f64;
+        eprintln!("{cache} {ns:.2} ns/op");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|quick_cache READ_PERCENT OPS [KEYS]";
@@ -90,14 +99,18 @@ fn main() {
             for k in 0..n {
                 c.insert(k, k);
             }
+            let t = std::time::Instant::now();
             run_herdcache(&c, &keys, reads);
+            report_time(cache, t, keys.len());
         }
         "quick_cache" => {
             let c = quick_cache::sync::Cache::new(n as usize);
             for k in 0..n {
                 c.insert(k, k);
             }
+            let t = std::time::Instant::now();
             run_quick_cache(&c, &keys, reads);
+            report_time(cache, t, keys.len());
         }
         other => panic!("{usage} (not {other})"),
     }

@@ -598,9 +598,8 @@ where
         let cell = &self.inner.shards[i];
         let now = self.now();
         let mut s = cell.lock.write();
-        if let Some(due) = self.inner.stampede.monitor.due_interval(now) {
-            cell.due.note(due); // for `health` (src/health.rs), under the write lock
-        }
+        // For `health` (src/health.rs), under the write lock.
+        cell.due.note_written(&self.inner.stampede.monitor, now);
         if self.inner.weigher.is_some() {
             self.drain_samples(cell);
             let tune = self.inner.tune.load(Ordering::Relaxed);
