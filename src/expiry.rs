@@ -108,6 +108,14 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
         }
     }
 
+    /// The time to live when it is the whole policy (no time to idle, no custom `Expiry`).
+    pub(crate) fn plain_ttl(&self) -> Option<u64> {
+        match self {
+            ExpiryConfig::Fixed { ttl, tti: None } => *ttl,
+            _ => None,
+        }
+    }
+
     /// Deadlines of a new entry: `(effective, hard)`. `factor` scales the durations (jitter:
     /// 1.0 for none).
     pub(crate) fn on_create(&self, key: &K, value: &V, now: u64, factor: f64) -> (u64, u64) {

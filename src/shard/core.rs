@@ -358,19 +358,18 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     #[inline]
     fn set_times(&mut self, slot: u32, times: (u64, u64), now: u64, load_nanos: u64) {
         if T::TIMED {
-            self.store_times(slot, times, now, load_nanos);
+            if self.extra == 0 {
+                // A plain time to live or idle (the common case): the effective deadline, in
+                // the record, is all there is.
+                self.set_deadline(slot, times.0);
+            } else {
+                self.store_times(slot, times, now, load_nanos);
+            }
         }
     }
 
+    /// Stores the time data beyond the effective deadline, then the deadline.
     fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
-        // The wheel is lazy: an entry filed for an earlier deadline is checked when its bucket
-        // comes due and filed again then, so a deadline that only moves later (a replaced
-        // value's new time to live) needs no filing now.
-        let mut refile = true;
-        if let Some(e) = &self.slab[slot as usize] {
-            refile = e.bucket == NO_BUCKET || effective < e.time.get();
-            e.time.set(effective);
-        }
         if self.layout.hard {
             self.extra(slot, 1).store(hard, Ordering::Relaxed);
         }
@@ -384,6 +383,20 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         if let Some((j, _)) = self.layout.fail_safe {
             self.extra(slot, j).store(0, Ordering::Relaxed);
+        }
+        self.set_deadline(slot, effective);
+    }
+
+    /// Sets the entry's effective deadline and files it in the timer wheel if it moved earlier.
+    #[inline]
+    fn set_deadline(&mut self, slot: u32, effective: u64) {
+        // The wheel is lazy: an entry filed for an earlier deadline is checked when its bucket
+        // comes due and filed again then, so a deadline that only moves later (a replaced
+        // value's new time to live) needs no filing now.
+        let mut refile = true;
+        if let Some(e) = &self.slab[slot as usize] {
+            refile = e.bucket == NO_BUCKET || effective < e.time.get();
+            e.time.set(effective);
         }
         if refile {
             self.file(slot, effective);
@@ -470,7 +483,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.expire(now, false, hasher, out);
         let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
         self.supersede(hash, &key, out);
-        let factor = self.jitter_factor();
+        let factor = if self.layout.plain_ttl.is_none() {
+            self.jitter_factor()
+        } else {
+            1.0
+        };
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
             if current <= now {
@@ -481,10 +498,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 let e = self.slab[slot as usize]
                     .as_mut()
                     .expect("found slot is live");
-                let times = if T::TIMED {
-                    capped(exp.on_update(&e.key, &value, now, current, factor))
-                } else {
+                let times = if !T::TIMED {
                     untimed(exp, cap)
+                } else if let Some(ttl) = self.layout.plain_ttl {
+                    plain(now, ttl, cap)
+                } else {
+                    capped(exp.on_update(&e.key, &value, now, current, factor))
                 };
                 if times.0 <= now {
                     self.remove_slot(slot, hash, RemovalCause::Expired, out);
@@ -542,11 +561,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         (load_nanos, cap): (u64, u64),
         factor: f64,
     ) {
-        let times = if T::TIMED {
+        let times = if !T::TIMED {
+            untimed(exp, cap)
+        } else if let Some(ttl) = self.layout.plain_ttl {
+            plain(now, ttl, cap)
+        } else {
             let (effective, hard) = exp.on_create(&key, &value, now, factor);
             (effective.min(cap), hard.min(cap))
-        } else {
-            untimed(exp, cap)
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
@@ -915,6 +936,14 @@ fn removed<K, V, T>(e: Record<K, V, T>, cause: RemovalCause) -> Removed<K, V> {
         weight: e.weight,
         cause,
     }
+}
+
+/// A write's deadlines under a plain time to live ([`Layout::plain_ttl`]), bounded by `cap`:
+/// what `ExpiryConfig::on_create` computes for it, without the configuration.
+#[inline]
+fn plain(now: u64, ttl: u64, cap: u64) -> (u64, u64) {
+    let d = crate::clock::deadline(now, ttl).min(cap);
+    (d, d)
 }
 
 /// The deadlines of an entry in an untimed shard: no expiry is configured (its shards have no

@@ -117,6 +117,10 @@ pub(crate) struct Layout {
     /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
     /// time to live skips that work on the read path.
     pub(crate) reads_move: bool,
+    /// A plain time to live (nanoseconds) when it is the whole expiry policy: no time to
+    /// idle, no custom `Expiry`, no jitter. A write's deadline is then `now + ttl`, computed
+    /// without consulting the expiry configuration.
+    pub(crate) plain_ttl: Option<u64>,
     /// Fail-safe (see `cache/fail_safe.rs`): where the retry deadline lives, and how long past
     /// its deadline an entry is kept to be served when its load fails (nanoseconds).
     pub(crate) fail_safe: Option<(usize, u64)>,
@@ -132,6 +136,7 @@ impl Layout {
     ) -> Self {
         Layout {
             reads_move: expiry.moves_on_read(),
+            plain_ttl: expiry.plain_ttl().filter(|_| jitter == 0.0),
             ..Layout::new(expiry.stride(), refresh_after, early_beta, jitter)
         }
     }
@@ -156,6 +161,7 @@ impl Layout {
             early_beta,
             jitter,
             reads_move: false,
+            plain_ttl: None,
             fail_safe: None,
         }
     }
