@@ -4,6 +4,7 @@
 use crate::cache::Cache;
 use crate::entry::EntryRef;
 use crate::flight::{accept_option, accept_result, accept_value, outcome_of, Outcome};
+use crate::load::Start;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
@@ -50,7 +51,7 @@ where
             &V::clone,
             &accept_value,
             None,
-            false,
+            Start::Missed,
         )
         .expect("without a deadline a blocking load always ends with a result")
     }
@@ -96,7 +97,7 @@ where
             &hit,
             &accept_result::<V, E>,
             None,
-            false,
+            Start::Missed,
         )
         .expect("without a deadline a blocking load always ends with a result")
     }
@@ -137,7 +138,7 @@ where
             &hit,
             &accept_option,
             None,
-            false,
+            Start::Missed,
         )
         .expect("without a deadline a blocking load always ends with a result")
     }

@@ -12,7 +12,7 @@ use crate::cache::Registration;
 use crate::flight::{
     accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
-use crate::load::Lead;
+use crate::load::{Lead, Start};
 use crate::load_async::wait_async;
 use crate::removal::Removals;
 use std::collections::HashMap;
@@ -119,16 +119,19 @@ where
     /// moka's `get_with_if`: the cached value of `key`, unless there is none or
     /// `replace_if(&value)` says to replace it; then `init()`'s value, stored and returned.
     ///
-    /// Concurrent calls for the same key: the replacement is per-key atomic, as
-    /// [`EntryRef::and_compute_with`] — one caller runs `init` at a time, and a caller that
-    /// waited decides again with its own `replace_if` on the value it then finds (so a value
-    /// just produced by another caller is normally kept, not replaced again). A hit whose
-    /// `replace_if` says no takes only the read lock.
+    /// A single-flight load, as [`get_with`](Self::get_with), that a present value answers
+    /// only if `replace_if` keeps it. Concurrent calls for the same key, as in moka: a caller
+    /// that finds a load (or replacement) of the key running waits for it and returns its
+    /// value **without** calling its own `replace_if`; so callers that all want the same
+    /// stale value replaced run one `init` between them. `replace_if` is called at most
+    /// once, on a value found present. A plain `insert` or `invalidate` of the key while
+    /// `init` runs wins: the loaded value is returned but not stored. A hit that
+    /// `replace_if` keeps takes only the read lock.
     ///
     /// # Panics
     ///
-    /// If `init` or `replace_if` panics (the key is released first, as in
-    /// [`EntryRef::and_compute_with`]).
+    /// If `init` or `replace_if` panics (callers waiting for this `init` load again
+    /// themselves), or `init` loads this same key (recursion).
     ///
     /// ```
     /// let cache = herdcache::Cache::new(10);
@@ -141,26 +144,87 @@ where
         &self,
         key: K,
         init: impl FnOnce() -> V,
-        mut replace_if: impl FnMut(&V) -> bool,
+        replace_if: impl FnMut(&V) -> bool,
     ) -> V {
+        self.load_if(key, init, replace_if).0
+    }
+
+    /// The async twin of [`get_with_if`](Self::get_with_if) (moka's `future::Cache::get_with_if`);
+    /// `init` may borrow, as for [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with_if`](Self::get_with_if).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async): dropping the future while its `init` runs
+    /// abandons the load (callers waiting for it load again themselves); the cached value is
+    /// left as it was.
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache = herdcache::Cache::new(10);
+    /// assert_eq!(cache.get_with_if_async(1, async { 10 }, |_| false).await, 10);
+    /// assert_eq!(cache.get_with_if_async(1, async { 20 }, |v| *v < 15).await, 20);
+    /// # });
+    /// ```
+    pub async fn get_with_if_async(
+        &self,
+        key: K,
+        init: impl Future<Output = V>,
+        replace_if: impl FnMut(&V) -> bool + Send,
+    ) -> V {
+        self.load_if_async(key, init, replace_if).await.0
+    }
+
+    /// [`get_with_if_async`](Self::get_with_if_async), and whether this call's `init` produced
+    /// the value.
+    async fn load_if_async(
+        &self,
+        key: K,
+        init: impl Future<Output = V>,
+        mut replace_if: impl FnMut(&V) -> bool + Send,
+    ) -> (V, bool) {
         let hash = self.hash(&key);
-        if let Some(v) = self.read_with(&key, hash, true, V::clone) {
-            if !replace_if(&v) {
-                return v;
-            }
-        }
-        let r = self.entry(key).and_compute_with(|e| match e {
-            Some(e) if !replace_if(e.value()) => Op::Nop,
-            _ => Op::Put(init()),
-        });
-        match r {
-            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
-                e.into_value()
-            }
-            CompResult::Removed(_) | CompResult::StillNone(_) => {
-                unreachable!("get_with_if's computation puts a value or keeps one")
-            }
-        }
+        let start = match self.read_with(&key, hash, true, V::clone) {
+            Some(v) if !replace_if(&v) => return (v, false),
+            Some(_) => Start::Replace,
+            None => Start::Missed,
+        };
+        let fresh = AtomicBool::new(false);
+        let init = async {
+            fresh.store(true, Ordering::Release);
+            Outcome::Value(init.await)
+        };
+        let v = self
+            .load_borrowed_from(key, hash, start, init, V::clone, accept_value)
+            .await;
+        (v, fresh.load(Ordering::Acquire))
+    }
+
+    /// [`get_with_if`](Self::get_with_if), and whether this call's `init` produced the value.
+    fn load_if(
+        &self,
+        key: K,
+        init: impl FnOnce() -> V,
+        mut replace_if: impl FnMut(&V) -> bool,
+    ) -> (V, bool) {
+        let hash = self.hash(&key);
+        let start = match self.read_with(&key, hash, true, V::clone) {
+            Some(v) if !replace_if(&v) => return (v, false),
+            Some(_) => Start::Replace,
+            None => Start::Missed,
+        };
+        let mut fresh = false;
+        let init = || {
+            fresh = true;
+            Outcome::Value(init())
+        };
+        let v = self
+            .load_blocking(key, hash, init, &V::clone, &accept_value, None, start)
+            .expect("without a deadline a blocking load always ends with a result");
+        (v, fresh)
     }
 
     /// Returns the values of `keys`, calling `load_missing` **once** with the keys that are
@@ -445,6 +509,57 @@ where
             fresh = true;
             init()
         });
+        Entry {
+            key: self.key,
+            value,
+            fresh,
+        }
+    }
+
+    /// moka's `or_insert_with_if`: [`Cache::get_with_if`] that also tells whether this
+    /// call's `init` produced the value ([`Entry::is_fresh`]).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::new(10);
+    /// let e = cache.entry(1).or_insert_with_if(|| 10, |_| false);
+    /// assert!(e.is_fresh()); // absent: loaded
+    /// let e = cache.entry(1).or_insert_with_if(|| 20, |v| *v < 15);
+    /// assert!(e.is_fresh() && *e.value() == 20); // replaced
+    /// let e = cache.entry(1).or_insert_with_if(|| 30, |v| *v < 15);
+    /// assert!(!e.is_fresh() && *e.value() == 20); // kept
+    /// ```
+    pub fn or_insert_with_if(
+        self,
+        init: impl FnOnce() -> V,
+        replace_if: impl FnMut(&V) -> bool,
+    ) -> Entry<K, V> {
+        let (value, fresh) = self.cache.load_if(self.key.clone(), init, replace_if);
+        Entry {
+            key: self.key,
+            value,
+            fresh,
+        }
+    }
+
+    /// The async twin of [`or_insert_with_if`](Self::or_insert_with_if) (moka's future
+    /// `or_insert_with_if`); cancel safety as [`Cache::get_with_if_async`].
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache = herdcache::Cache::new(10);
+    /// let e = cache.entry(1).or_insert_with_if_async(async { 10 }, |_| false).await;
+    /// assert!(e.is_fresh());
+    /// # });
+    /// ```
+    pub async fn or_insert_with_if_async(
+        self,
+        init: impl Future<Output = V>,
+        replace_if: impl FnMut(&V) -> bool + Send,
+    ) -> Entry<K, V> {
+        let (value, fresh) = self
+            .cache
+            .load_if_async(self.key.clone(), init, replace_if)
+            .await;
         Entry {
             key: self.key,
             value,

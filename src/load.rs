@@ -78,6 +78,21 @@ pub(crate) struct ClaimMode {
     /// The caller has just looked the key up and missed: go straight to the locked claim
     /// (which looks it up again under the write lock), skipping the read-locked lookup.
     pub(crate) looked_up: bool,
+    /// The caller found a value it wants replaced (`get_with_if`): claim a flight whatever
+    /// the key holds (a present value does not answer it); a running flight still does.
+    pub(crate) replace: bool,
+}
+
+/// How a blocking load's first claim starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Look the key up, counting the hit or miss.
+    Lookup,
+    /// The caller has just looked the key up and missed (counted): claim under the lock.
+    Missed,
+    /// The caller found a value it wants replaced (counted as a hit): claim a flight whatever
+    /// the key holds, or wait for the one running and take its value.
+    Replace,
 }
 
 impl ClaimMode {
@@ -88,6 +103,27 @@ impl ClaimMode {
             bypass_negative,
             record,
             looked_up: false,
+            replace: false,
+        }
+    }
+
+    /// A leading caller's first claim after `start`; later rounds neither count nor skip
+    /// the lookup (a replacing caller stays one: it saw a value it does not want).
+    pub(crate) fn starting(start: Start) -> Self {
+        ClaimMode {
+            record: start == Start::Lookup,
+            looked_up: start == Start::Missed,
+            replace: start == Start::Replace,
+            ..ClaimMode::leading(false, false)
+        }
+    }
+
+    /// The claim of the next round.
+    pub(crate) fn next_round(self) -> Self {
+        ClaimMode {
+            record: false,
+            looked_up: false,
+            ..self
         }
     }
 }
@@ -354,14 +390,17 @@ where
             bypass_negative,
             record,
             looked_up,
+            replace,
         } = how;
-        if !looked_up {
+        if !looked_up && !replace {
             if let Some(r) = self.read_with(key, hash, record, hit) {
                 return Claim::Hit(r);
             }
         }
-        if let Some(r) = self.fail_safe_read(hash, key, hit) {
-            return Claim::Hit(r);
+        if !replace {
+            if let Some(r) = self.fail_safe_read(hash, key, hit) {
+                return Claim::Hit(r);
+            }
         }
         // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
@@ -378,7 +417,8 @@ where
             // Registered for a caller that cannot lead: taken back.
             can_lead
         };
-        match self.register_flight(hash, key, &f, !bypass_negative, Some(hit), None, keep) {
+        let lookup: Option<&dyn Fn(&V) -> R> = if replace { None } else { Some(hit) };
+        match self.register_flight(hash, key, &f, !bypass_negative, lookup, None, keep) {
             Registration::Hit(r) => Claim::Hit(r),
             Registration::Running(running) => {
                 if runs_here(running.id()) {
@@ -530,13 +570,12 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        self.load_blocking(key, hash, init, &hit, &accept, None, false)
+        self.load_blocking(key, hash, init, &hit, &accept, None, Start::Missed)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
     /// The blocking single-flight loop. `until` bounds the waits on loads run by others;
-    /// `None` means it passed. `record`: count the first lookup's hit or miss; without it the
-    /// caller has just looked the key up, and the first claim goes straight to the write lock.
+    /// `None` means it passed. `start`: what the caller already did (see [`Start`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_blocking<R>(
         &self,
@@ -546,19 +585,13 @@ where
         hit: &impl Fn(&V) -> R,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
-        mut record: bool,
+        start: Start,
     ) -> Option<R> {
         let mut init = Some(init);
-        let mut bypass_negative = false;
-        // Without `record`, the caller has just looked the key up (and counted the miss).
-        let mut looked_up = !record;
+        let mut how = ClaimMode::starting(start);
         loop {
-            let how = ClaimMode {
-                looked_up,
-                ..ClaimMode::leading(bypass_negative, record)
-            };
             let claim = self.claim(hash, &key, hit, &mut None, how);
-            (record, looked_up) = (false, false);
+            how = how.next_round();
             match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
@@ -582,7 +615,7 @@ where
                             let flight = lead.disarm();
                             match self.wait_blocking(&flight, accept, until) {
                                 Waited::Done(Some(r)) => return Some(r),
-                                Waited::Done(None) => bypass_negative = true,
+                                Waited::Done(None) => how.bypass_negative = true,
                                 Waited::Abandoned => {}
                                 Waited::TimedOut => return None,
                             }
@@ -606,7 +639,7 @@ where
                         Waited::Done(Some(r)) => return Some(r),
                         // An outcome this caller cannot use (an error of another type, a
                         // negative entry for a caller without an error channel): load itself.
-                        Waited::Done(None) => bypass_negative = true,
+                        Waited::Done(None) => how.bypass_negative = true,
                         Waited::Abandoned => {}
                         Waited::TimedOut => return None,
                     }

@@ -9,7 +9,7 @@ use crate::flight::{
     accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
     FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
-use crate::load::{Claim, ClaimMode, Lead, SharedLoad};
+use crate::load::{Claim, ClaimMode, Lead, SharedLoad, Start};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -348,18 +348,26 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
+        self.load_borrowed_from(key, hash, Start::Lookup, init, hit, accept)
+            .await
+    }
+
+    /// [`load_borrowed`](Self::load_borrowed) for a caller that already did `start` (see
+    /// [`Start`]).
+    pub(crate) async fn load_borrowed_from<R>(
+        &self,
+        key: K,
+        hash: u64,
+        start: Start,
+        init: impl Future<Output = Outcome<V>>,
+        hit: impl Fn(&V) -> R,
+        accept: impl Fn(&Outcome<V>) -> Option<R>,
+    ) -> R {
         let mut init = Some(init);
-        let mut bypass_negative = false;
-        let mut record = true;
+        let mut how = ClaimMode::starting(start);
         loop {
-            let claim = self.claim(
-                hash,
-                &key,
-                &hit,
-                &mut None,
-                ClaimMode::leading(bypass_negative, record),
-            );
-            record = false;
+            let claim = self.claim(hash, &key, &hit, &mut None, how);
+            how = how.next_round();
             match claim {
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
@@ -376,7 +384,7 @@ where
                             let flight = lead.disarm();
                             match wait_async(self, hash, flight, &accept).await {
                                 Waited::Done(Some(r)) => return r,
-                                Waited::Done(None) => bypass_negative = true,
+                                Waited::Done(None) => how.bypass_negative = true,
                                 Waited::Abandoned | Waited::TimedOut => {}
                             }
                         }
@@ -396,7 +404,7 @@ where
                     }
                     match wait_async(self, hash, flight, &accept).await {
                         Waited::Done(Some(r)) => return r,
-                        Waited::Done(None) => bypass_negative = true,
+                        Waited::Done(None) => how.bypass_negative = true,
                         Waited::Abandoned | Waited::TimedOut => {}
                     }
                 }

@@ -7,7 +7,7 @@
 
 use crate::cache::Cache;
 use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
-use crate::load::{Claim, ClaimMode, Lead, NotRun};
+use crate::load::{Claim, ClaimMode, Lead, NotRun, Start};
 use crate::settings::{BoxError, LoaderFn};
 use crate::stats::Counter;
 use std::fmt;
@@ -214,7 +214,8 @@ where
         let loader = Arc::clone(loader);
         let init = move || catch_panic(|| outcome_of(loader(&k)));
         let hit = |v: &V| Ok(v.clone());
-        self.load_blocking(key, hash, init, &hit, &accept_load, until, record)
+        let start = if record { Start::Lookup } else { Start::Missed };
+        self.load_blocking(key, hash, init, &hit, &accept_load, until, start)
     }
 
     /// A load whose leader hands the loader to the spawner and waits for it like any other

@@ -247,3 +247,120 @@ fn get_all_loads_only_what_is_missing_once_and_joins_the_rest() {
     assert_eq!(all.len(), 2);
     let _ = Arc::new(0);
 }
+
+/// `get_with_if` (sync and async) is a single-flight load that a present value answers only if
+/// `replace_if` keeps it: callers that all want one stale value replaced run one `init`
+/// between them and take its value, and a caller that waited never calls its `replace_if`.
+#[test]
+fn get_with_if_replacements_are_single_flight() {
+    let _dog = watchdog(LIMIT, "get_with_if_replacements_are_single_flight");
+    for asynchronous in [false, true] {
+        let cache: Cache<u32, u64> = Cache::new(10);
+        cache.insert(1, 0);
+        let inits = AtomicUsize::new(0);
+        let replace_calls = AtomicUsize::new(0);
+        let barrier = Barrier::new(4);
+        let got: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (cache, inits, barrier) = (&cache, &inits, &barrier);
+                    let replace_calls = &replace_calls;
+                    s.spawn(move || {
+                        let init = move || {
+                            inits.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(200));
+                            100 + t
+                        };
+                        let replace_if = |v: &u64| {
+                            replace_calls.fetch_add(1, Ordering::SeqCst);
+                            *v == 0
+                        };
+                        barrier.wait();
+                        if asynchronous {
+                            futures::executor::block_on(cache.get_with_if_async(
+                                1,
+                                async move { init() },
+                                replace_if,
+                            ))
+                        } else {
+                            cache.get_with_if(1, init, replace_if)
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let n = inits.load(Ordering::SeqCst);
+        // Four callers that saw the stale 0 at once: one init (a caller that only got there
+        // after the replacement finished sees the new value, and keeps it).
+        assert_eq!(n, 1, "async: {asynchronous}, values {got:?}");
+        assert!(got.iter().all(|&v| v == got[0]), "{got:?}");
+        assert_eq!(cache.get(&1), Some(got[0]));
+        assert!(replace_calls.load(Ordering::SeqCst) <= 4);
+        assert_eq!(cache.loads_in_flight(), 0);
+    }
+}
+
+/// A caller that finds an absent key being loaded waits for the load and takes its value
+/// without calling its `replace_if` (moka's contract: it found no value to judge).
+#[test]
+fn get_with_if_waiter_takes_the_loaded_value_unjudged() {
+    let _dog = watchdog(LIMIT, "get_with_if_waiter_takes_the_loaded_value_unjudged");
+    for asynchronous in [false, true] {
+        let cache: Cache<u32, u32> = Cache::new(10);
+        let started = Barrier::new(2);
+        std::thread::scope(|s| {
+            let leader = s.spawn(|| {
+                cache.get_with(1, || {
+                    started.wait();
+                    std::thread::sleep(Duration::from_millis(200));
+                    1
+                })
+            });
+            started.wait();
+            let e = if asynchronous {
+                futures::executor::block_on(
+                    cache
+                        .entry(1)
+                        .or_insert_with_if_async(async { unreachable!() }, |_| unreachable!()),
+                )
+            } else {
+                cache
+                    .entry(1)
+                    .or_insert_with_if(|| unreachable!(), |_| unreachable!())
+            };
+            assert_eq!((*e.value(), e.is_fresh()), (1, false));
+            assert_eq!(leader.join().unwrap(), 1);
+        });
+        // Present now: `replace_if` judges it; a replacement is fresh.
+        let e = cache.entry(1).or_insert_with_if(|| 2, |v| *v == 1);
+        assert_eq!((*e.value(), e.is_fresh()), (2, true));
+        let e = cache.entry(1).or_insert_with_if(|| 3, |v| *v == 1);
+        assert_eq!((*e.value(), e.is_fresh()), (2, false));
+    }
+}
+
+/// Cancel safety: an async replacement dropped while its `init` runs leaves the old value and
+/// no flight behind; the next caller replaces it.
+#[test]
+fn get_with_if_async_cancelled_mid_init_leaves_the_old_value() {
+    let cache: Cache<u32, u32> = Cache::new(10);
+    cache.insert(1, 1);
+    let mut fut = Box::pin(cache.get_with_if_async(
+        1,
+        async {
+            Yield(1).await;
+            2
+        },
+        |_| true,
+    ));
+    assert!(fut
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending());
+    assert_eq!(cache.loads_in_flight(), 1);
+    drop(fut);
+    assert_eq!(cache.loads_in_flight(), 0);
+    assert_eq!(cache.get(&1), Some(1));
+    assert_eq!(cache.get_with_if(1, || 3, |_| true), 3);
+}
