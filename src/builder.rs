@@ -25,8 +25,8 @@ use std::time::Duration;
 /// let r = Cache::<u64, u64>::builder().time_to_live(Duration::from_secs(1)).try_build();
 /// assert_eq!(r.unwrap_err(), BuildError::NoCapacity);
 ///
-/// let r = Cache::<u64, u64>::builder().max_capacity(100).shards(3).try_build();
-/// assert_eq!(r.unwrap_err(), BuildError::BadShardCount(3));
+/// let r = Cache::<u64, u64>::builder().max_capacity(100).shards(0).try_build();
+/// assert_eq!(r.unwrap_err(), BuildError::BadShardCount(0));
 ///
 /// let r = Cache::<u64, u64>::builder()
 ///     .max_capacity(100)
@@ -41,7 +41,7 @@ pub enum BuildError {
     NoCapacity,
     /// `expire_after` was combined with `time_to_live` or `time_to_idle`; use one or the other.
     ConflictingExpiry,
-    /// The shard count must be a power of two between 1 and 1024.
+    /// The shard count must be between 1 and 1024.
     BadShardCount(usize),
     /// `refresh_after` or `early_refresh` needs a `loader` (or an `async_loader` with a
     /// `future_spawner`) to reload keys with.
@@ -60,7 +60,7 @@ impl fmt::Display for BuildError {
                 f.write_str("expire_after cannot be combined with time_to_live or time_to_idle")
             }
             BuildError::BadShardCount(n) => {
-                write!(f, "shard count {n} is not a power of two in 1..=1024")
+                write!(f, "shard count {n} is not in 1..=1024")
             }
             BuildError::RefreshWithoutLoader => {
                 f.write_str("refresh_after and early_refresh need a loader")
@@ -314,8 +314,14 @@ where
         self
     }
 
-    /// The number of shards (a power of two, 1..=1024). Default: four per CPU, but fewer for
-    /// small caches, so each shard holds at least about 512 entries' worth of capacity.
+    /// The number of shards, 1..=1024, rounded up to a power of two (as moka rounds
+    /// `num_segments`: `shards(5)` makes 8). Default: four per CPU, but fewer for small
+    /// caches, so each shard holds at least about 512 entries' worth of capacity.
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::<u32, u32>::builder().max_capacity(100).shards(5).build();
+    /// assert_eq!(cache.policy().num_segments(), 8);
+    /// ```
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = Some(n);
         self
@@ -573,8 +579,8 @@ where
     ///
     /// [`BuildError`]: [`NoCapacity`](BuildError::NoCapacity) when `max_capacity` is missing;
     /// [`ConflictingExpiry`](BuildError::ConflictingExpiry) for `expire_after` with a time to
-    /// live or idle; [`BadShardCount`](BuildError::BadShardCount) unless the shard count is a
-    /// power of two in 1..=1024; [`BadFraction`](BuildError::BadFraction) for a jitter outside
+    /// live or idle; [`BadShardCount`](BuildError::BadShardCount) unless the shard count is
+    /// in 1..=1024; [`BadFraction`](BuildError::BadFraction) for a jitter outside
     /// [0, 1) or an early-refresh `β` that is not positive and finite;
     /// [`RefreshWithoutLoader`](BuildError::RefreshWithoutLoader) for `refresh_after` or
     /// `early_refresh` without a loader; [`EarlyRefreshWithoutTtl`](BuildError::EarlyRefreshWithoutTtl)
@@ -586,7 +592,8 @@ where
             return Err(BuildError::ConflictingExpiry);
         }
         let shards = match self.shards {
-            Some(n) if n.is_power_of_two() && n <= 1024 => n,
+            // Rounded up to a power of two, as moka's `num_segments`.
+            Some(n @ 1..=1024) => n.next_power_of_two(),
             Some(n) => return Err(BuildError::BadShardCount(n)),
             None => default_shards(capacity),
         };
@@ -849,8 +856,8 @@ mod tests {
         assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
         let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
-            .shards(3)
+            .shards(1025)
             .try_build();
-        assert_eq!(r.err(), Some(BuildError::BadShardCount(3)));
+        assert_eq!(r.err(), Some(BuildError::BadShardCount(1025)));
     }
 }

@@ -6,6 +6,7 @@ use crate::entry::EntryRef;
 use crate::flight::{accept_option, accept_result, accept_value, outcome_of, Outcome};
 use crate::load::Start;
 use std::borrow::Borrow;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
@@ -39,21 +40,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let hash = self.hash(key);
-        if let Some(v) = self.read_with(key, hash, true, V::clone) {
-            return v;
-        }
-        // The miss is counted: the load's own lookups are not.
-        self.load_blocking(
-            key.to_owned(),
-            hash,
-            || Outcome::Value(init()),
-            &V::clone,
-            &accept_value,
-            None,
-            Start::Missed,
-        )
-        .expect("without a deadline a blocking load always ends with a result")
+        self.load_by_ref(key, || Outcome::Value(init()), V::clone, accept_value)
     }
 
     /// [`try_get_with`](Self::try_get_with) by borrowed key; the hit path neither clones nor
@@ -85,21 +72,8 @@ where
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
         E: Send + Sync + 'static,
     {
-        let hash = self.hash(key);
         let hit = |v: &V| Ok(v.clone());
-        if let Some(r) = self.read_with(key, hash, true, hit) {
-            return r;
-        }
-        self.load_blocking(
-            key.to_owned(),
-            hash,
-            || outcome_of(init()),
-            &hit,
-            &accept_result::<V, E>,
-            None,
-            Start::Missed,
-        )
-        .expect("without a deadline a blocking load always ends with a result")
+        self.load_by_ref(key, || outcome_of(init()), hit, accept_result::<V, E>)
     }
 
     /// [`optionally_get_with`](Self::optionally_get_with) by borrowed key; the hit path
@@ -126,21 +100,147 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        let init = || init().map_or(Outcome::Nothing, Outcome::Value);
+        self.load_by_ref(key, init, |v: &V| Some(v.clone()), accept_option)
+    }
+
+    /// The single-flight load by borrowed key: a lookup by reference, then, on a miss
+    /// (counted; the load's own lookups are not), a load of the owned key.
+    fn load_by_ref<Q, R>(
+        &self,
+        key: &Q,
+        init: impl FnOnce() -> Outcome<V>,
+        hit: impl Fn(&V) -> R,
+        accept: impl Fn(&Outcome<V>) -> Option<R>,
+    ) -> R
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let hash = self.hash(key);
-        let hit = |v: &V| Some(v.clone());
-        if let Some(r) = self.read_with(key, hash, true, hit) {
+        if let Some(r) = self.read_with(key, hash, true, &hit) {
             return r;
         }
-        self.load_blocking(
-            key.to_owned(),
-            hash,
-            || init().map_or(Outcome::Nothing, Outcome::Value),
-            &hit,
-            &accept_option,
-            None,
-            Start::Missed,
-        )
-        .expect("without a deadline a blocking load always ends with a result")
+        let (k, none) = (key.to_owned(), None);
+        self.load_blocking(k, hash, init, &hit, &accept, none, Start::Missed)
+            .expect("without a deadline a blocking load always ends with a result")
+    }
+
+    /// The async twin of [`get_with_by_ref`](Self::get_with_by_ref) (moka's future
+    /// `get_with_by_ref`): `init` may borrow, as for
+    /// [`get_with_async`](Self::get_with_async).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache: herdcache::Cache<String, usize> = herdcache::Cache::new(100);
+    /// assert_eq!(cache.get_with_by_ref_async("ada", async { 3 }).await, 3);
+    /// assert_eq!(cache.get_with_by_ref_async("ada", async { unreachable!() }).await, 3);
+    /// # });
+    /// ```
+    pub async fn get_with_by_ref_async<Q>(&self, key: &Q, init: impl Future<Output = V>) -> V
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let init = async { Outcome::Value(init.await) };
+        self.load_by_ref_async(key, init, V::clone, accept_value)
+            .await
+    }
+
+    /// The async twin of [`try_get_with_by_ref`](Self::try_get_with_by_ref).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get_with`](Self::try_get_with).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache: herdcache::Cache<String, u32> = herdcache::Cache::new(10);
+    /// let r = cache.try_get_with_by_ref_async("a", async { Err::<u32, _>("down") }).await;
+    /// assert_eq!(*r.unwrap_err(), "down");
+    /// # });
+    /// ```
+    pub async fn try_get_with_by_ref_async<Q, E>(
+        &self,
+        key: &Q,
+        init: impl Future<Output = Result<V, E>>,
+    ) -> Result<V, Arc<E>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        E: Send + Sync + 'static,
+    {
+        let init = async { outcome_of(init.await) };
+        let hit = |v: &V| Ok(v.clone());
+        self.load_by_ref_async(key, init, hit, accept_result::<V, E>)
+            .await
+    }
+
+    /// The async twin of [`optionally_get_with_by_ref`](Self::optionally_get_with_by_ref).
+    ///
+    /// # Panics
+    ///
+    /// As [`get_with`](Self::get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_with_async`](Self::get_with_async).
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache: herdcache::Cache<String, u32> = herdcache::Cache::new(10);
+    /// assert_eq!(cache.optionally_get_with_by_ref_async("a", async { None }).await, None);
+    /// assert_eq!(cache.optionally_get_with_by_ref_async("a", async { Some(1) }).await, Some(1));
+    /// # });
+    /// ```
+    pub async fn optionally_get_with_by_ref_async<Q>(
+        &self,
+        key: &Q,
+        init: impl Future<Output = Option<V>>,
+    ) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let init = async { init.await.map_or(Outcome::Nothing, Outcome::Value) };
+        self.load_by_ref_async(key, init, |v: &V| Some(v.clone()), accept_option)
+            .await
+    }
+
+    /// [`load_by_ref`](Self::load_by_ref), async: the leader drives `init` itself.
+    async fn load_by_ref_async<Q, R>(
+        &self,
+        key: &Q,
+        init: impl Future<Output = Outcome<V>>,
+        hit: impl Fn(&V) -> R,
+        accept: impl Fn(&Outcome<V>) -> Option<R>,
+    ) -> R
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let hash = self.hash(key);
+        if let Some(r) = self.read_with(key, hash, true, &hit) {
+            return r;
+        }
+        self.load_borrowed_from(key.to_owned(), hash, Start::Missed, init, hit, accept)
+            .await
     }
 
     /// [`entry`](Self::entry) by borrowed key (moka's shape). The entry API works on an owned

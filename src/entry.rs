@@ -722,7 +722,8 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     /// The entry, inserting `default` if absent ([`Entry::is_fresh`] tells which). If a load
-    /// of the key is running, waits for it and returns its value.
+    /// of the key is running, waits for it and returns its value, blocking the thread: in
+    /// async code use [`or_insert_async`](Self::or_insert_async).
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
@@ -735,7 +736,8 @@ where
         self.or_insert_with(|| default)
     }
 
-    /// The entry, inserting `V::default()` if absent.
+    /// The entry, inserting `V::default()` if absent (blocking while a load of the key runs;
+    /// in async code use [`or_default_async`](Self::or_default_async)).
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, Vec<u8>> = herdcache::Cache::new(10);
@@ -746,6 +748,43 @@ where
         V: Default,
     {
         self.or_insert_with(V::default)
+    }
+
+    /// The async twin of [`or_insert`](Self::or_insert) (moka's future `or_insert`): waits
+    /// for a running load of the key without blocking the thread.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Cache::get_with_async`].
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// assert!(cache.entry("a").or_insert_async(1).await.is_fresh());
+    /// assert_eq!(cache.entry("a").or_insert_async(2).await.into_value(), 1);
+    /// # });
+    /// ```
+    pub async fn or_insert_async(self, default: V) -> Entry<K, V> {
+        self.or_insert_with_async(async { default }).await
+    }
+
+    /// The async twin of [`or_default`](Self::or_default).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Cache::get_with_async`].
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// let cache: herdcache::Cache<&str, Vec<u8>> = herdcache::Cache::new(10);
+    /// assert!(cache.entry("a").or_default_async().await.value().is_empty());
+    /// # });
+    /// ```
+    pub async fn or_default_async(self) -> Entry<K, V>
+    where
+        V: Default,
+    {
+        self.or_insert_with_async(async { V::default() }).await
     }
 
     /// The entry, inserting `init()`'s value if absent; `None` if absent and `init` returned

@@ -130,8 +130,11 @@ fn invalid_configurations_fail_at_build_time() {
     let r = Cache::<u8, u8>::builder().try_build();
     assert_eq!(r.err(), Some(BuildError::NoCapacity));
     let p =
-        std::panic::catch_unwind(|| Cache::<u8, u8>::builder().shards(6).max_capacity(1).build());
+        std::panic::catch_unwind(|| Cache::<u8, u8>::builder().shards(0).max_capacity(1).build());
     assert!(p.is_err(), "build() panics on an invalid configuration");
+    // A shard count that is not a power of two is rounded up, as moka's `num_segments`.
+    let c = Cache::<u8, u8>::builder().shards(6).max_capacity(1).build();
+    assert_eq!(c.policy().num_segments(), 8);
 }
 
 fn ttl_cache(ttl: Duration) -> (Cache<u32, u32>, ManualClock) {
