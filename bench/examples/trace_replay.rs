@@ -10,6 +10,9 @@
 //! cargo run -p herdcache-bench --release --example trace_replay -- --sizing --no-stats
 //! ```
 //!
+//! `HERDCACHE_SHARDS=n` sets herdcache's shard count in the side-by-side replay (default: the
+//! builder's); `HERDCACHE_POLICY_TRACE=1` prints the configuration selector's totals per row.
+//!
 //! `--sizing`: for each row, herdcache with `track_sizing()` and `record_stats()` (whose read
 //! count the curve's hot-key adjustment uses; `--no-stats`: without, so without the
 //! adjustment) at the row's capacity, and herdcache
@@ -124,7 +127,14 @@ fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
     let mut hits = 0u64;
     match name {
         "herdcache" => {
-            let c = herdcache::Cache::new(cap);
+            let mut b = herdcache::Cache::builder().max_capacity(cap);
+            if let Some(n) = std::env::var("HERDCACHE_SHARDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                b = b.shards(n);
+            }
+            let c = b.build();
             for &k in keys {
                 if c.get(&k).is_some() {
                     hits += 1;
