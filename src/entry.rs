@@ -125,7 +125,9 @@ where
     /// value **without** calling its own `replace_if`; so callers that all want the same
     /// stale value replaced run one `init` between them. `replace_if` is called at most
     /// once, on a value found present. A plain `insert` or `invalidate` of the key while
-    /// `init` runs wins: the loaded value is returned but not stored. A hit that
+    /// `init` runs wins: the loaded value is returned but not stored; one that lands between
+    /// `replace_if`'s verdict and the start of the load is replaced like the value judged (as
+    /// in moka, whose leader looks again but then stores unconditionally). A hit that
     /// `replace_if` keeps takes only the read lock.
     ///
     /// # Panics
