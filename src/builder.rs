@@ -125,7 +125,7 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     pub(crate) weigher: Option<Weigher<K, V>>,
     pub(crate) ttl: Option<Duration>,
     pub(crate) tti: Option<Duration>,
-    pub(crate) expiry: Option<Box<dyn Expiry<K, V>>>,
+    pub(crate) expiry: Option<Box<dyn Expiry<K, V> + Send + Sync>>,
     pub(crate) hasher: S,
     pub(crate) clock: Option<ManualClock>,
     pub(crate) shards: Option<usize>,
@@ -303,7 +303,7 @@ where
 
     /// Per-entry expiration computed by `expiry`. Cannot be combined with `time_to_live` or
     /// `time_to_idle` (build fails with [`BuildError::ConflictingExpiry`]).
-    pub fn expire_after(mut self, expiry: impl Expiry<K, V>) -> Self {
+    pub fn expire_after(mut self, expiry: impl Expiry<K, V> + Send + Sync + 'static) -> Self {
         self.expiry = Some(Box::new(expiry));
         self
     }

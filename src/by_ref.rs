@@ -122,7 +122,7 @@ where
             return r;
         }
         let (k, none) = (key.to_owned(), None);
-        self.load_blocking(k, hash, init, &hit, &accept, none, Start::Missed)
+        self.load_blocking(k, hash, init, &hit, &accept, none, Start::Missed, None)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
@@ -239,7 +239,8 @@ where
         if let Some(r) = self.read_with(key, hash, true, &hit) {
             return r;
         }
-        self.load_borrowed_from(key.to_owned(), hash, Start::Missed, init, hit, accept)
+        let key = key.to_owned();
+        self.load_borrowed_from(key, hash, Start::Missed, None, init, hit, accept)
             .await
     }
 

@@ -45,7 +45,7 @@ mod coarse {
         *ORIGIN.get_or_init(Instant::now)
     }
 
-    fn precise() -> u64 {
+    pub(super) fn precise() -> u64 {
         nanos(origin().elapsed())
     }
 
@@ -112,6 +112,23 @@ pub(crate) fn nanos(d: Duration) -> u64 {
 #[inline]
 pub(crate) fn deadline(now: u64, d: u64) -> u64 {
     now.saturating_add(d)
+}
+
+/// The `Instant` `d` from now for a bound on a wait (a load timeout, a Redis deadline), or
+/// `None` when it lies beyond what an `Instant` can hold (`Duration::MAX`: no bound). Never
+/// panics, unlike `Instant::now() + d`.
+pub(crate) fn instant_after(d: Duration) -> Option<Instant> {
+    Instant::now().checked_add(d)
+}
+
+/// [`instant_after`], for a deadline that must exist: a duration too long for an `Instant` is
+/// taken as a century.
+#[cfg(feature = "redis")]
+pub(crate) fn instant_after_or_far(d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    instant_after(d)
+        .or_else(|| instant_after(CENTURY))
+        .unwrap_or_else(Instant::now)
 }
 
 /// A seed for per-thread random numbers (early refresh): the nanoseconds of the moment.
@@ -213,6 +230,17 @@ impl Clock {
     #[inline]
     pub(crate) fn now(&self) -> u64 {
         self.read().min(NEVER - 1)
+    }
+
+    /// A reading for timing a load (a slow path): the precise system time (not the coarse
+    /// one, whose millisecond steps would round short loads to zero, and which a cache that
+    /// keeps no time never reads) or the manual clock's. Only differences of two readings
+    /// mean anything.
+    pub(crate) fn stopwatch(&self) -> u64 {
+        match self {
+            Clock::System(origin) => coarse::precise().saturating_sub(*origin),
+            Clock::Manual { .. } => self.now(),
+        }
     }
 
     #[inline]

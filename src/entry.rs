@@ -30,6 +30,7 @@ pub struct Entry<K, V> {
     key: K,
     value: V,
     fresh: bool,
+    replaced: bool,
 }
 
 impl<K, V> Entry<K, V> {
@@ -56,6 +57,21 @@ impl<K, V> Entry<K, V> {
     /// as with [`Cache::insert`], and a write of the key during the load wins over it.
     pub fn is_fresh(&self) -> bool {
         self.fresh
+    }
+
+    /// Whether this call's computation replaced a value the key held (moka's name): true for
+    /// [`CompResult::ReplacedWith`]'s entry and for [`EntryRef::and_upsert_with`] on a
+    /// present key; false for an insertion, a load, or a value found.
+    ///
+    /// ```
+    /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
+    /// let e = cache.entry("n").and_upsert_with(|e| e.map_or(1, |e| *e.value() + 1));
+    /// assert!(!e.is_old_value_replaced());
+    /// let e = cache.entry("n").and_upsert_with(|e| e.map_or(1, |e| *e.value() + 1));
+    /// assert!(e.is_old_value_replaced() && *e.value() == 2);
+    /// ```
+    pub fn is_old_value_replaced(&self) -> bool {
+        self.replaced
     }
 }
 
@@ -123,12 +139,13 @@ where
     /// only if `replace_if` keeps it. Concurrent calls for the same key, as in moka: a caller
     /// that finds a load (or replacement) of the key running waits for it and returns its
     /// value **without** calling its own `replace_if`; so callers that all want the same
-    /// stale value replaced run one `init` between them. `replace_if` is called at most
-    /// once, on a value found present. A plain `insert` or `invalidate` of the key while
-    /// `init` runs wins: the loaded value is returned but not stored; one that lands between
-    /// `replace_if`'s verdict and the start of the load is replaced like the value judged (as
-    /// in moka, whose leader looks again but then stores unconditionally). A hit that
-    /// `replace_if` keeps takes only the read lock.
+    /// stale value replaced run one `init` between them. `replace_if` is called on the value
+    /// found and, by the caller that then leads the load, once more on what the key holds
+    /// when the load is claimed (as moka's leader looks again): a value written between the
+    /// verdict and the claim is judged, not replaced unseen — kept, it is returned (to the
+    /// waiters too) and `init` does not run. A plain `insert` or `invalidate` of the key while
+    /// `init` runs wins: the loaded value is returned but not stored. A hit that `replace_if`
+    /// keeps takes only the read lock.
     ///
     /// # Panics
     ///
@@ -199,8 +216,9 @@ where
             fresh.store(true, Ordering::Release);
             Outcome::Value(init.await)
         };
+        let judge: &mut (dyn FnMut(&V) -> bool + Send) = &mut replace_if;
         let v = self
-            .load_borrowed_from(key, hash, start, init, V::clone, accept_value)
+            .load_borrowed_from(key, hash, start, Some(judge), init, V::clone, accept_value)
             .await;
         (v, fresh.load(Ordering::Acquire))
     }
@@ -223,8 +241,18 @@ where
             fresh = true;
             Outcome::Value(init())
         };
+        let judge: &mut dyn FnMut(&V) -> bool = &mut replace_if;
         let v = self
-            .load_blocking(key, hash, init, &V::clone, &accept_value, None, start)
+            .load_blocking(
+                key,
+                hash,
+                init,
+                &V::clone,
+                &accept_value,
+                None,
+                start,
+                Some(judge),
+            )
             .expect("without a deadline a blocking load always ends with a result");
         (v, fresh)
     }
@@ -297,9 +325,9 @@ where
                     let _permit = permit;
                     let _running: Vec<Running> =
                         leads.iter().map(|(_, l)| enter(l.flight())).collect();
-                    let start = self.now();
+                    let start = self.stopwatch();
                     let loaded = load_missing(&keys);
-                    (loaded, self.now().saturating_sub(start))
+                    (loaded, self.stopwatch().saturating_sub(start))
                 };
                 drop(keys);
                 for (key, lead) in leads {
@@ -410,6 +438,7 @@ where
                     key: key.clone(),
                     value: v.clone(),
                     fresh: true,
+                    replaced: current.is_some(),
                 };
                 self.publish(lead, Some(key), Outcome::Value(v), 0);
                 match current {
@@ -423,6 +452,7 @@ where
                     key,
                     value: old,
                     fresh: false,
+                    replaced: false,
                 })
             }
             (Op::Remove, None) if self.inner.stampede.fail_safe.is_some() => {
@@ -437,6 +467,7 @@ where
                     key,
                     value: v,
                     fresh: false,
+                    replaced: false,
                 })
             }
             (Op::Remove | Op::Nop, None) => {
@@ -515,6 +546,7 @@ where
             key: self.key,
             value,
             fresh,
+            replaced: false,
         }
     }
 
@@ -540,6 +572,7 @@ where
             key: self.key,
             value,
             fresh,
+            replaced: false,
         }
     }
 
@@ -566,6 +599,7 @@ where
             key: self.key,
             value,
             fresh,
+            replaced: false,
         }
     }
 
@@ -584,6 +618,7 @@ where
             key: self.key,
             value,
             fresh: fresh.load(Ordering::Acquire),
+            replaced: false,
         }
     }
 
@@ -628,6 +663,7 @@ where
             key: self.key.clone(),
             value,
             fresh: false,
+            replaced: false,
         });
         let op = f(entry);
         drop(running);
@@ -655,6 +691,7 @@ where
             key: self.key.clone(),
             value,
             fresh: false,
+            replaced: false,
         });
         let op = Computing {
             flight: lead.flight(),
@@ -816,6 +853,7 @@ where
             key: self.key,
             value,
             fresh,
+            replaced: false,
         })
     }
 
@@ -856,6 +894,7 @@ where
             key: self.key,
             value,
             fresh,
+            replaced: false,
         })
     }
 
@@ -926,6 +965,7 @@ where
             key: self.key,
             value,
             fresh: fresh.load(Ordering::Acquire),
+            replaced: false,
         })
     }
 
@@ -963,6 +1003,7 @@ where
             key: self.key,
             value,
             fresh: fresh.load(Ordering::Acquire),
+            replaced: false,
         })
     }
 

@@ -52,7 +52,7 @@ use std::time::Duration;
 /// assert!(cache.get(&1).is_some());
 /// assert!(cache.get(&2).is_none());
 /// ```
-pub trait Expiry<K, V>: Send + Sync + 'static {
+pub trait Expiry<K, V> {
     /// The lifetime of a newly inserted entry. Default: `None` (never expires).
     fn expire_after_create(&self, key: &K, value: &V) -> Option<Duration> {
         let _ = (key, value);
@@ -91,7 +91,7 @@ pub(crate) enum ExpiryConfig<K, V> {
         ttl: Option<u64>,
         tti: Option<u64>,
     },
-    Custom(Box<dyn Expiry<K, V>>),
+    Custom(Box<dyn Expiry<K, V> + Send + Sync>),
 }
 
 impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
@@ -238,6 +238,12 @@ pub(crate) struct TimerWheel {
 }
 
 impl TimerWheel {
+    /// The time the wheel was last advanced to (for `validate`).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn time(&self) -> u64 {
+        self.time
+    }
+
     pub(crate) fn new(now: u64) -> Self {
         TimerWheel {
             buckets: (0..TOTAL).map(|_| Bucket::default()).collect(),

@@ -570,12 +570,14 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        self.load_blocking(key, hash, init, &hit, &accept, None, Start::Missed)
+        self.load_blocking(key, hash, init, &hit, &accept, None, Start::Missed, None)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
     /// The blocking single-flight loop. `until` bounds the waits on loads run by others;
     /// `None` means it passed. `start`: what the caller already did (see [`Start`]).
+    /// `judge`: a replacing caller's verdict, asked again when it leads (see
+    /// [`judge_again`](Self::judge_again)).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_blocking<R>(
         &self,
@@ -586,6 +588,7 @@ where
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
         start: Start,
+        mut judge: Option<&mut dyn FnMut(&V) -> bool>,
     ) -> Option<R> {
         let mut init = Some(init);
         let mut how = ClaimMode::starting(start);
@@ -596,6 +599,13 @@ where
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
+                    let lead = match judge.as_deref_mut() {
+                        Some(judge) => match self.judge_again(lead, &key, judge) {
+                            Ok(kept) => return Some(accept(&kept).expect("a value")),
+                            Err(lead) => lead,
+                        },
+                        None => lead,
+                    };
                     let f = init.take().expect("a caller leads at most once");
                     match self.run_loader(lead.flight(), f, true, until) {
                         Ok((outcome, took)) => {
@@ -648,6 +658,30 @@ where
         }
     }
 
+    /// A replacing leader (`get_with_if`) looks at what the key holds once its flight is
+    /// registered: a value written since its verdict is judged by `judge` (as moka's leader
+    /// looks again). Kept, the flight ends with that value — its waiters take it — and nothing
+    /// is loaded or stored; otherwise the lead is handed back to load. A write from the
+    /// registration on supersedes the load anyway. If `judge` panics, the lead is dropped
+    /// (abandoned: its waiters load again).
+    pub(crate) fn judge_again(
+        &self,
+        lead: Lead<K, V, S>,
+        key: &K,
+        judge: &mut dyn FnMut(&V) -> bool,
+    ) -> Result<Arc<Outcome<V>>, Lead<K, V, S>> {
+        let hash = lead.hash();
+        match self.read_with(key, hash, false, V::clone) {
+            Some(v) if !judge(&v) => {
+                let flight = lead.disarm();
+                let kept = Arc::new(Outcome::Value(v));
+                self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)));
+                Ok(kept)
+            }
+            _ => Err(lead),
+        }
+    }
+
     /// Takes a load permit for this thread, if the cache limits loads and the thread holds
     /// none yet.
     pub(crate) fn load_permit(&self) -> LoadPermit {
@@ -691,9 +725,9 @@ where
             return Err(NotRun::TimedOut);
         };
         let running = enter(flight);
-        let start = self.now();
+        let start = self.stopwatch();
         let outcome = init();
-        let took = self.now().saturating_sub(start);
+        let took = self.stopwatch().saturating_sub(start);
         drop(running);
         drop(permit);
         Ok((outcome, took))

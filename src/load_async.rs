@@ -348,17 +348,20 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
-        self.load_borrowed_from(key, hash, Start::Lookup, init, hit, accept)
+        self.load_borrowed_from(key, hash, Start::Lookup, None, init, hit, accept)
             .await
     }
 
     /// [`load_borrowed`](Self::load_borrowed) for a caller that already did `start` (see
-    /// [`Start`]).
+    /// [`Start`]); `judge`: a replacing caller's verdict, asked again when it leads (see
+    /// [`judge_again`](Self::judge_again)).
+    #[allow(clippy::too_many_arguments)] // each is a distinct, documented choice
     pub(crate) async fn load_borrowed_from<R>(
         &self,
         key: K,
         hash: u64,
         start: Start,
+        mut judge: Option<&mut (dyn FnMut(&V) -> bool + Send)>,
         init: impl Future<Output = Outcome<V>>,
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
@@ -372,6 +375,13 @@ where
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
                 Claim::Lead(lead) => {
+                    let lead = match judge.as_deref_mut() {
+                        Some(judge) => match self.judge_again(lead, &key, judge) {
+                            Ok(kept) => return accept(&kept).expect("a value"),
+                            Err(lead) => lead,
+                        },
+                        None => lead,
+                    };
                     let f = init.take().expect("a caller leads at most once");
                     match self.drive(lead.flight(), f, true).await {
                         Ok((outcome, took)) => {
@@ -428,14 +438,14 @@ where
         if start && !flight.start() {
             return Err(init);
         }
-        let start = self.now();
+        let start = self.stopwatch();
         let outcome = Leading {
             flight,
             inner: std::pin::pin!(init),
             held: permit.is_some(),
         }
         .await;
-        let took = self.now().saturating_sub(start);
+        let took = self.stopwatch().saturating_sub(start);
         drop(permit);
         Ok((outcome, took))
     }
@@ -466,9 +476,9 @@ where
                 // Taken over while this load waited for a permit: its taker publishes.
                 return (Outcome::Nothing, 0);
             }
-            let start = clock.as_ref().map_or(0, |c| c.now());
+            let start = clock.stopwatch();
             let outcome = UnderPermit::new(init, permit.is_some()).await;
-            let took = clock.as_ref().map_or(0, |c| c.now().saturating_sub(start));
+            let took = clock.stopwatch().saturating_sub(start);
             drop(permit);
             (outcome, took)
         });

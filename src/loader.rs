@@ -181,7 +181,8 @@ where
         let Some(loader) = self.inner.stampede.loader.clone() else {
             return Err(LoadError::NoLoader);
         };
-        let until = timeout.map(|t| std::time::Instant::now() + t);
+        // A timeout too long for an `Instant` (`Duration::MAX`) is no bound at all.
+        let until = timeout.and_then(crate::clock::instant_after);
         let hash = self.hash(&key);
         let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
             self.load_inline(key.clone(), hash, &loader, until, true)
@@ -215,7 +216,7 @@ where
         let init = move || catch_panic(|| outcome_of(loader(&k)));
         let hit = |v: &V| Ok(v.clone());
         let start = if record { Start::Lookup } else { Start::Missed };
-        self.load_blocking(key, hash, init, &hit, &accept_load, until, start)
+        self.load_blocking(key, hash, init, &hit, &accept_load, until, start, None)
     }
 
     /// A load whose leader hands the loader to the spawner and waits for it like any other

@@ -144,9 +144,9 @@ where
             return;
         }
         let running = crate::flight::enter(lead.flight());
-        let start = self.now();
+        let start = self.stopwatch();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&key)));
-        let took = self.now().saturating_sub(start);
+        let took = self.stopwatch().saturating_sub(start);
         drop(running);
         drop(permit);
         match result {

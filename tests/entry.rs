@@ -250,7 +250,8 @@ fn get_all_loads_only_what_is_missing_once_and_joins_the_rest() {
 
 /// `get_with_if` (sync and async) is a single-flight load that a present value answers only if
 /// `replace_if` keeps it: callers that all want one stale value replaced run one `init`
-/// between them and take its value, and a caller that waited never calls its `replace_if`.
+/// between them and take its value, and a caller that waited never calls its `replace_if`
+/// again.
 #[test]
 fn get_with_if_replacements_are_single_flight() {
     let _dog = watchdog(LIMIT, "get_with_if_replacements_are_single_flight");
@@ -296,7 +297,10 @@ fn get_with_if_replacements_are_single_flight() {
         assert_eq!(n, 1, "async: {asynchronous}, values {got:?}");
         assert!(got.iter().all(|&v| v == got[0]), "{got:?}");
         assert_eq!(cache.get(&1), Some(got[0]));
-        assert!(replace_calls.load(Ordering::SeqCst) <= 4);
+        // Each caller judges what it found; the leader judges again once it has claimed
+        // the key (a waiter never does): 4 + 1, or a few more when a caller came late.
+        let calls = replace_calls.load(Ordering::SeqCst);
+        assert!((5..=8).contains(&calls), "{calls} calls of replace_if");
         assert_eq!(cache.loads_in_flight(), 0);
     }
 }

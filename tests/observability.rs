@@ -119,7 +119,48 @@ fn stampede_counters() {
         "the read that triggered the (inline) refresh"
     );
     assert!(s.max_concurrent_loads_seen >= 1 && s.max_concurrent_loads_seen <= 2);
-    assert!(s.average_load_time() > Duration::ZERO || s.total_load_time == Duration::ZERO);
+    // Loads are timed on the cache's clock: these loaders never move the manual clock.
+    assert_eq!(s.total_load_time, Duration::ZERO);
+    let before = s.total_load_time;
+    cache.get_with(99, || {
+        clock.advance(Duration::from_secs(3));
+        99
+    });
+    assert_eq!(
+        cache.stats().total_load_time - before,
+        Duration::from_secs(3)
+    );
+}
+
+/// Load time is measured on a cache that keeps no time too (it was 0 there: the clock read
+/// for timing went through the cache's "now", which such a cache never reads), in the
+/// statistics and in `average_load_time`.
+#[test]
+fn load_time_is_measured_without_expiry() {
+    for manual in [false, true] {
+        let clock = ManualClock::new();
+        let mut b = Cache::<u32, u32>::builder().max_capacity(10).record_stats();
+        if manual {
+            b = b.clock(clock.clone());
+        }
+        let cache = b.build();
+        cache.get_with(1, || {
+            if manual {
+                clock.advance(Duration::from_millis(40));
+            } else {
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            1
+        });
+        let s = cache.stats();
+        assert_eq!(s.load_successes, 1);
+        if manual {
+            assert_eq!(s.total_load_time, Duration::from_millis(40));
+        } else {
+            assert!(s.total_load_time >= Duration::from_millis(40), "{s:?}");
+        }
+        assert_eq!(s.average_load_time(), s.total_load_time);
+    }
 }
 
 /// A listener that records what it was told, by value id.

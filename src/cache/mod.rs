@@ -306,9 +306,15 @@ where
         self.inner.timed
     }
 
-    /// The clock, when the cache keeps time (for loads that measure themselves).
-    pub(crate) fn time_source(&self) -> Option<Clock> {
-        self.inner.timed.then(|| self.inner.clock.clone())
+    /// The clock, for loads that time themselves away from the cache (shared async loads).
+    pub(crate) fn time_source(&self) -> Clock {
+        self.inner.clock.clone()
+    }
+
+    /// A reading for timing a load ([`Clock::stopwatch`]): loads are timed whether or not the
+    /// cache keeps time (the statistics' load time, the health monitor's).
+    pub(crate) fn stopwatch(&self) -> u64 {
+        self.inner.clock.stopwatch()
     }
 
     /// Counts an access of this thread (only a cache that keeps time counts: the sizing curve

@@ -211,7 +211,7 @@ impl Client {
         let mut conn = match pooled {
             Some(c) => c,
             None => {
-                let deadline = Instant::now() + self.connect_timeout;
+                let deadline = crate::clock::instant_after_or_far(self.connect_timeout);
                 match Conn::open(&self.target, deadline) {
                     Ok(c) => c,
                     Err(e) => {
@@ -222,7 +222,7 @@ impl Client {
             }
         };
         // One deadline for the whole operation: request, and every byte of the reply.
-        if let Err(e) = conn.begin(Instant::now() + self.op_timeout) {
+        if let Err(e) = conn.begin(crate::clock::instant_after_or_far(self.op_timeout)) {
             self.failed(&e);
             return Err(Failed::Unavailable);
         }

@@ -136,7 +136,7 @@ impl Timer {
     /// A future that is ready `pause` from now.
     pub(crate) fn sleep(&self, pause: Duration) -> Sleep {
         Sleep {
-            until: Instant::now() + pause,
+            until: crate::clock::instant_after_or_far(pause),
             waker: None,
             shared: Arc::clone(&self.shared),
         }

@@ -563,7 +563,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             return Start::Plan(Plan::Load(p));
         };
         Start::Wait(Box::new(LeaseWait {
-            deadline: Instant::now() + cfg.wait,
+            deadline: crate::clock::instant_after_or_far(cfg.wait),
             vkey,
             lkey,
             cfg,

@@ -897,12 +897,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 Some(s),
                 "table maps the key to its slot"
             );
-            if let Some(_w) = &self.wheel {
+            if let Some(w) = &self.wheel {
                 // Filed if it has a deadline (or waiting to be filed, after a read moved it). A
-                // deadline that moved to "never" may stay filed: the wheel is lazy.
+                // deadline that moved to "never" may stay filed: the wheel is lazy. With
+                // fail-safe an expired entry (one the wheel has passed) is filed at its
+                // deadline plus the stale window, and not at all when that sum is "never" (a
+                // `max_stale` of `Duration::MAX`).
+                let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
                 let d = self.deadline(s);
+                let kept_for_good = d <= w.time() && d.saturating_add(grace) == NEVER;
                 assert!(
-                    d == NEVER || e.bucket != NO_BUCKET || self.refile_waits(s),
+                    d == NEVER || e.bucket != NO_BUCKET || self.refile_waits(s) || kept_for_good,
                     "an entry with a deadline is filed"
                 );
             }
