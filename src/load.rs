@@ -663,7 +663,7 @@ where
     /// looks again). Kept, the flight ends with that value — its waiters take it — and nothing
     /// is loaded or stored; otherwise the lead is handed back to load. A write from the
     /// registration on supersedes the load anyway. If `judge` panics, the lead is dropped
-    /// (abandoned: its waiters load again).
+    /// (abandoned: its waiters load again); if it loads this key, it panics (recursion).
     pub(crate) fn judge_again(
         &self,
         lead: Lead<K, V, S>,
@@ -671,8 +671,14 @@ where
         judge: &mut dyn FnMut(&V) -> bool,
     ) -> Result<Arc<Outcome<V>>, Lead<K, V, S>> {
         let hash = lead.hash();
+        let mut keep = |v: &V| {
+            // Marked as this thread's load while `judge` runs: a `judge` that loads this same
+            // key panics (recursion) instead of waiting for itself.
+            let _running = enter(lead.flight());
+            !judge(v)
+        };
         match self.read_with(key, hash, false, V::clone) {
-            Some(v) if !judge(&v) => {
+            Some(v) if keep(&v) => {
                 let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
                 self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)));

@@ -368,3 +368,34 @@ fn get_with_if_async_cancelled_mid_init_leaves_the_old_value() {
     assert_eq!(cache.get(&1), Some(1));
     assert_eq!(cache.get_with_if(1, || 3, |_| true), 3);
 }
+
+/// The leader's second judgement runs while its load is claimed: a `replace_if` that loads
+/// the same key then (a replacement, which a present value does not answer) panics
+/// (recursion), as a recursive `init` does, instead of waiting for itself; the key is
+/// released.
+#[test]
+fn get_with_if_replace_if_loading_its_own_key_panics() {
+    let _dog = watchdog(LIMIT, "get_with_if_replace_if_loading_its_own_key_panics");
+    let cache: Cache<u32, u32> = Cache::new(10);
+    cache.insert(1, 1);
+    let calls = AtomicUsize::new(0);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.get_with_if(
+            1,
+            || 2,
+            |_| {
+                if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                    // The leader's second look: a replacement of the same key would wait for
+                    // the very load this caller claimed.
+                    cache.get_with_if(1, || 3, |_| true);
+                }
+                true
+            },
+        )
+    }));
+    assert!(r.is_err(), "a recursive load panics");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.loads_in_flight(), 0);
+    assert_eq!(cache.get(&1), Some(1));
+    assert_eq!(cache.get_with_if(1, || 4, |_| true), 4);
+}
