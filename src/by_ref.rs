@@ -117,10 +117,10 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let hash = self.hash(key);
-        if let Some(r) = self.read_with(key, hash, true, &hit) {
-            return r;
-        }
+        let hash = match self.look_by_ref(key, &hit) {
+            Ok(r) => return r,
+            Err(hash) => hash,
+        };
         let (k, none) = (key.to_owned(), None);
         self.load_blocking(k, hash, init, &hit, &accept, none, Start::Missed, None)
             .expect("without a deadline a blocking load always ends with a result")
@@ -235,13 +235,23 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let hash = self.hash(key);
-        if let Some(r) = self.read_with(key, hash, true, &hit) {
-            return r;
-        }
+        let hash = match self.look_by_ref(key, &hit) {
+            Ok(r) => return r,
+            Err(hash) => hash,
+        };
         let key = key.to_owned();
         self.load_borrowed_from(key, hash, Start::Missed, None, init, hit, accept)
             .await
+    }
+
+    /// A load by borrowed key's first look: the hit, or (a miss, counted) the key's hash.
+    fn look_by_ref<Q, R>(&self, key: &Q, hit: &impl Fn(&V) -> R) -> Result<R, u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        self.read_with(key, hash, true, hit).ok_or(hash)
     }
 
     /// [`entry`](Self::entry) by borrowed key (moka's shape). The entry API works on an owned

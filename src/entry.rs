@@ -205,11 +205,9 @@ where
         init: impl Future<Output = V>,
         mut replace_if: impl FnMut(&V) -> bool + Send,
     ) -> (V, bool) {
-        let hash = self.hash(&key);
-        let start = match self.read_with(&key, hash, true, V::clone) {
-            Some(v) if !replace_if(&v) => return (v, false),
-            Some(_) => Start::Replace,
-            None => Start::Missed,
+        let (hash, start) = match self.first_look(&key, &mut replace_if) {
+            Ok(kept) => return (kept, false),
+            Err(claim) => claim,
         };
         let fresh = AtomicBool::new(false);
         let init = async {
@@ -223,6 +221,21 @@ where
         (v, fresh.load(Ordering::Acquire))
     }
 
+    /// `get_with_if`'s first look: the value found, if `replace_if` keeps it; or the key's
+    /// hash and how its load starts (replacing a value, or after a counted miss).
+    fn first_look(
+        &self,
+        key: &K,
+        replace_if: &mut impl FnMut(&V) -> bool,
+    ) -> Result<V, (u64, Start)> {
+        let hash = self.hash(key);
+        match self.read_with(key, hash, true, V::clone) {
+            Some(v) if !replace_if(&v) => Ok(v),
+            Some(_) => Err((hash, Start::Replace)),
+            None => Err((hash, Start::Missed)),
+        }
+    }
+
     /// [`get_with_if`](Self::get_with_if), and whether this call's `init` produced the value.
     fn load_if(
         &self,
@@ -230,11 +243,9 @@ where
         init: impl FnOnce() -> V,
         mut replace_if: impl FnMut(&V) -> bool,
     ) -> (V, bool) {
-        let hash = self.hash(&key);
-        let start = match self.read_with(&key, hash, true, V::clone) {
-            Some(v) if !replace_if(&v) => return (v, false),
-            Some(_) => Start::Replace,
-            None => Start::Missed,
+        let (hash, start) = match self.first_look(&key, &mut replace_if) {
+            Ok(kept) => return (kept, false),
+            Err(claim) => claim,
         };
         let mut fresh = false;
         let init = || {
