@@ -144,8 +144,10 @@ where
     /// when the load is claimed (as moka's leader looks again): a value written between the
     /// verdict and the claim is judged, not replaced unseen — kept, it is returned (to the
     /// waiters too) and `init` does not run. A plain `insert` or `invalidate` of the key while
-    /// `init` runs wins: the loaded value is returned but not stored. A hit that `replace_if`
-    /// keeps takes only the read lock.
+    /// `init` runs wins: the loaded value is returned but not stored. With
+    /// [`fail_safe`](crate::CacheBuilder::fail_safe), within a failed key's retry backoff
+    /// the kept stale value answers, unjudged, as it answers `get_with`. A hit that
+    /// `replace_if` keeps takes only the read lock.
     ///
     /// # Panics
     ///
@@ -451,7 +453,7 @@ where
                     fresh: true,
                     replaced: current.is_some(),
                 };
-                self.publish(lead, Some(key), Outcome::Value(v), 0);
+                self.publish_computed(lead, key, v);
                 match current {
                     Some(_) => CompResult::ReplacedWith(entry),
                     None => CompResult::Inserted(entry),

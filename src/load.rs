@@ -78,8 +78,9 @@ pub(crate) struct ClaimMode {
     /// The caller has just looked the key up and missed: go straight to the locked claim
     /// (which looks it up again under the write lock), skipping the read-locked lookup.
     pub(crate) looked_up: bool,
-    /// The caller found a value it wants replaced (`get_with_if`): claim a flight whatever
-    /// the key holds (a present value does not answer it); a running flight still does.
+    /// The caller found a value it wants replaced, or judges whatever it finds (`get_with_if`):
+    /// claim a flight whatever the key holds (a present value does not answer it; a running
+    /// flight, or a fail-safe answer within a failed key's backoff, still does).
     pub(crate) replace: bool,
 }
 
@@ -115,6 +116,17 @@ impl ClaimMode {
             looked_up: start == Start::Missed,
             replace: start == Start::Replace,
             ..ClaimMode::leading(false, false)
+        }
+    }
+
+    /// For a caller with a `replace_if` (`get_with_if`): every claim in replace mode, so that
+    /// no value it has not judged answers it — not one written since its first look missed,
+    /// nor one found on a later round (after the load it waited for failed); what the key
+    /// holds is judged when it leads ([`Cache::judge_again`]).
+    pub(crate) fn judged(self, judged: bool) -> Self {
+        ClaimMode {
+            replace: self.replace || judged,
+            ..self
         }
     }
 
@@ -397,10 +409,10 @@ where
                 return Claim::Hit(r);
             }
         }
-        if !replace {
-            if let Some(r) = self.fail_safe_read(hash, key, hit) {
-                return Claim::Hit(r);
-            }
+        // Fail-safe: within a failed key's backoff its old value answers every caller, a
+        // replacing one too (`fail_safe`'s "one retry per backoff").
+        if let Some(r) = self.fail_safe_read(hash, key, hit) {
+            return Claim::Hit(r);
         }
         // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
@@ -452,6 +464,29 @@ where
         outcome: Outcome<V>,
         took: u64,
     ) -> Arc<Outcome<V>> {
+        self.publish_as(lead, key, outcome, Some(took))
+    }
+
+    /// Publishes a computation's value ([`EntryRef::and_compute_with`](crate::EntryRef) and
+    /// its kin) as [`publish`](Self::publish) does a load's, but not counted as a load (no
+    /// load success, no load time for the statistics or the health monitor).
+    pub(crate) fn publish_computed(
+        &self,
+        lead: Lead<K, V, S>,
+        key: K,
+        value: V,
+    ) -> Arc<Outcome<V>> {
+        self.publish_as(lead, Some(key), Outcome::Value(value), None)
+    }
+
+    /// [`publish`](Self::publish); `took`: the load's duration, `None` for a computation.
+    fn publish_as(
+        &self,
+        lead: Lead<K, V, S>,
+        key: Option<K>,
+        outcome: Outcome<V>,
+        took: Option<u64>,
+    ) -> Arc<Outcome<V>> {
         let hash = lead.hash;
         if !lead.flight().is_running() {
             // A shared load that another caller took over (and ended) while it waited for a
@@ -465,15 +500,18 @@ where
         let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
             crate::clock::deadline(self.now(), n)
         });
-        let success = matches!(outcome, Outcome::Value(_));
-        self.count(if success {
-            Counter::LoadSuccess
-        } else {
-            Counter::LoadFailure
-        });
-        self.count_n(Counter::LoadNanos, took);
-        let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
-        self.inner.stampede.monitor.load(took, failed);
+        if let Some(took) = took {
+            let success = matches!(outcome, Outcome::Value(_));
+            self.count(if success {
+                Counter::LoadSuccess
+            } else {
+                Counter::LoadFailure
+            });
+            self.count_n(Counter::LoadNanos, took);
+            let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
+            self.inner.stampede.monitor.load(took, failed);
+        }
+        let took = took.unwrap_or(0);
         // A planted bug for the loom model to catch: waiters released before the value is
         // published.
         #[cfg(herdcache_broken_model)]
@@ -525,7 +563,8 @@ where
                 self.end_failed(
                     hash,
                     lead.flight(),
-                    negative.filter(|_| self.keeps_time()),
+                    // A zero time (`negative_ttl(Duration::ZERO)`) remembers nothing.
+                    negative.filter(|&d| d > 0 && self.keeps_time()),
                     gone,
                     &mut out,
                 );
@@ -591,7 +630,7 @@ where
         mut judge: Option<&mut dyn FnMut(&V) -> bool>,
     ) -> Option<R> {
         let mut init = Some(init);
-        let mut how = ClaimMode::starting(start);
+        let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
             let claim = self.claim(hash, &key, hit, &mut None, how);
             how = how.next_round();

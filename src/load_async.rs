@@ -367,7 +367,7 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let mut init = Some(init);
-        let mut how = ClaimMode::starting(start);
+        let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
             let claim = self.claim(hash, &key, &hit, &mut None, how);
             how = how.next_round();
