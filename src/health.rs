@@ -29,7 +29,7 @@
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
 //! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (entries written, counted by when they are due; ones evicted since still count) |
-//! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration) |
+//! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration; not with a time to live of `Duration::MAX`) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
 //! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
@@ -524,7 +524,8 @@ where
             }
         }
         if let (Some(r), Some(ttl)) = (cfg.refresh_after, cfg.ttl) {
-            if r >= ttl {
+            // A time to live of "never" (`Duration::MAX`) has nothing to refresh ahead of.
+            if r >= ttl && ttl != u64::MAX {
                 warnings.push(Warning::RefreshNeverHappens {
                     refresh_after: d(r),
                     ttl: d(ttl),

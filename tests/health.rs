@@ -122,6 +122,15 @@ fn refresh_never_happens() {
         ["refresh_never_happens"]
     );
     assert!(kinds(&refreshing(ms(9_999)), secs(60)).is_empty());
+    // A time to live of "never" has nothing to refresh ahead of: no warning, whatever the
+    // refresh period.
+    let forever: Cache<u64, u64> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(Duration::MAX)
+        .refresh_after(Duration::MAX)
+        .loader(|k: &u64| Ok::<_, BoxError>(*k))
+        .build();
+    assert!(kinds(&forever, secs(60)).is_empty());
 }
 
 type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
