@@ -14,7 +14,8 @@
 //! or the cache's creation when there is none. Snapshots are kept by the calls themselves
 //! (one per eighth of the window at most, 16 at most), so call it periodically — e.g. with
 //! each metrics scrape — for the window to be what it says. On a cache that keeps no time (no
-//! expiry, refresh or negative caching), the window is everything since the cache was built.
+//! expiry, refresh or negative caching) the window is measured all the same, on the precise
+//! clock (or the manual one), read by `health` itself.
 //!
 //! # Logging
 //!
@@ -443,7 +444,13 @@ where
     pub fn health_over(&self, window: Duration) -> Health {
         let m = &self.inner.stampede.monitor;
         let cfg = m.config;
-        let now = self.now();
+        // A cache that keeps no time never reads its clock on the hot path; the window reads
+        // it here (the precise clock, or the manual one), as loads are timed.
+        let now = if self.keeps_time() {
+            self.now()
+        } else {
+            self.stopwatch()
+        };
         // The striped counters only: `stats()` would take every shard's read lock.
         let stats = self.inner.stats.as_ref().map(crate::stats::Stats::snapshot);
         let limiter = self.inner.stampede.limiter.as_ref();
