@@ -39,7 +39,8 @@ use std::time::Duration;
 pub enum BuildError {
     /// `max_capacity` was not set: herdcache caches are always bounded.
     NoCapacity,
-    /// `expire_after` was combined with `time_to_live` or `time_to_idle`; use one or the other.
+    /// No longer returned: `expire_after` combines with `time_to_live` and `time_to_idle`
+    /// (an entry expires at the earliest of them, as in moka). Kept for compatibility.
     ConflictingExpiry,
     /// The shard count must be between 1 and 1024.
     BadShardCount(usize),
@@ -57,7 +58,7 @@ impl fmt::Display for BuildError {
         match self {
             BuildError::NoCapacity => f.write_str("max_capacity must be set"),
             BuildError::ConflictingExpiry => {
-                f.write_str("expire_after cannot be combined with time_to_live or time_to_idle")
+                f.write_str("expire_after with time_to_live or time_to_idle (no longer an error)")
             }
             BuildError::BadShardCount(n) => {
                 write!(f, "shard count {n} is not in 1..=1024")
@@ -301,8 +302,34 @@ where
         self
     }
 
-    /// Per-entry expiration computed by `expiry`. Cannot be combined with `time_to_live` or
-    /// `time_to_idle` (build fails with [`BuildError::ConflictingExpiry`]).
+    /// Per-entry expiration computed by `expiry`. Combined with
+    /// [`time_to_live`](Self::time_to_live) and/or [`time_to_idle`](Self::time_to_idle), an
+    /// entry expires at the earliest of its custom deadline, the time to live after its last
+    /// write and the time to idle after its last access, as in moka; the hooks' `remaining`
+    /// is the custom deadline's alone.
+    ///
+    /// ```
+    /// use herdcache::{Cache, Expiry, ManualClock};
+    /// use std::time::Duration;
+    ///
+    /// struct Forever;
+    /// impl Expiry<u32, u32> for Forever {} // never expires, by itself
+    ///
+    /// let clock = ManualClock::new();
+    /// let cache = Cache::builder()
+    ///     .max_capacity(10)
+    ///     .expire_after(Forever)
+    ///     .time_to_live(Duration::from_secs(60)) // bounds it
+    ///     .clock(clock.clone())
+    ///     .build();
+    /// cache.insert(1, 1);
+    /// clock.advance(Duration::from_secs(59));
+    /// cache.insert(1, 2); // a write: 60 s from now
+    /// clock.advance(Duration::from_secs(59));
+    /// assert_eq!(cache.get(&1), Some(2));
+    /// clock.advance(Duration::from_secs(1));
+    /// assert_eq!(cache.get(&1), None);
+    /// ```
     pub fn expire_after(mut self, expiry: impl Expiry<K, V> + Send + Sync + 'static) -> Self {
         self.expiry = Some(Box::new(expiry));
         self
@@ -578,8 +605,7 @@ where
     /// # Errors
     ///
     /// [`BuildError`]: [`NoCapacity`](BuildError::NoCapacity) when `max_capacity` is missing;
-    /// [`ConflictingExpiry`](BuildError::ConflictingExpiry) for `expire_after` with a time to
-    /// live or idle; [`BadShardCount`](BuildError::BadShardCount) unless the shard count is
+    /// [`BadShardCount`](BuildError::BadShardCount) unless the shard count is
     /// in 1..=1024; [`BadFraction`](BuildError::BadFraction) for a jitter outside
     /// [0, 1) or an early-refresh `β` that is not positive and finite;
     /// [`RefreshWithoutLoader`](BuildError::RefreshWithoutLoader) for `refresh_after` or
@@ -588,9 +614,6 @@ where
     pub fn try_build(self) -> Result<Cache<K, V, S>, BuildError> {
         let capacity = self.max_capacity.ok_or(BuildError::NoCapacity)?;
         let durations = (self.ttl, self.tti);
-        if self.expiry.is_some() && (self.ttl.is_some() || self.tti.is_some()) {
-            return Err(BuildError::ConflictingExpiry);
-        }
         let shards = match self.shards {
             // Rounded up to a power of two, as moka's `num_segments`.
             Some(n @ 1..=1024) => n.next_power_of_two(),
@@ -598,7 +621,11 @@ where
             None => default_shards(capacity),
         };
         let expiry = match (self.expiry, self.ttl, self.tti) {
-            (Some(e), _, _) => ExpiryConfig::Custom(e),
+            (Some(expiry), ttl, tti) => ExpiryConfig::Custom {
+                expiry,
+                ttl: ttl.map(nanos),
+                tti: tti.map(nanos),
+            },
             // No expiry, but lifetime bounds to keep: deadlines of "never", unless bounded.
             (None, None, None) if self.bounded_lifetimes => ExpiryConfig::Fixed {
                 ttl: None,
@@ -637,7 +664,12 @@ where
         stampede.monitor = crate::monitor::Monitor::new(crate::monitor::HealthConfig {
             ttl: self.ttl.map(nanos),
             refresh_after,
-            spread: self.jitter > 0.0 || refresh_after.is_some() || self.early_beta.is_some(),
+            // A custom expiry sets its own deadlines (a time to live only bounds them): written
+            // entries need not fall due together.
+            spread: self.jitter > 0.0
+                || refresh_after.is_some()
+                || self.early_beta.is_some()
+                || matches!(expiry, ExpiryConfig::Custom { .. }),
             negative_caching: stampede.negative_ttl.is_some(),
         });
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
@@ -851,9 +883,13 @@ mod tests {
         let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .time_to_live(Duration::from_secs(1))
+            .time_to_idle(Duration::from_secs(1))
             .expire_after(E)
             .try_build();
-        assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
+        assert!(
+            r.is_ok(),
+            "expire_after combines with a time to live and idle"
+        );
         let r = CacheBuilder::<u32, u32>::unbounded()
             .max_capacity(1)
             .shards(1025)

@@ -91,12 +91,41 @@ pub(crate) enum ExpiryConfig<K, V> {
         ttl: Option<u64>,
         tti: Option<u64>,
     },
-    Custom(Box<dyn Expiry<K, V> + Send + Sync>),
+    /// An [`Expiry`], and a time to live and/or to idle bounding it (nanoseconds), if set
+    /// too: an entry expires at the earliest of the three, as in moka.
+    Custom {
+        expiry: Box<dyn Expiry<K, V> + Send + Sync>,
+        ttl: Option<u64>,
+        tti: Option<u64>,
+    },
+}
+
+/// An entry's deadlines: the effective one (the earliest: when it expires), the hard one (its
+/// time to live since the last write, which reads do not move; `NEVER` without), and, for a
+/// custom [`Expiry`], the custom one alone (what its hooks are told remains; `NEVER`
+/// otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deadlines {
+    pub(crate) effective: u64,
+    pub(crate) hard: u64,
+    pub(crate) custom: u64,
+}
+
+impl Deadlines {
+    /// One deadline for all three.
+    pub(crate) fn at(d: u64) -> Self {
+        Deadlines {
+            effective: d,
+            hard: d,
+            custom: d,
+        }
+    }
 }
 
 impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
-    /// How many `u64` deadlines each entry keeps: the effective one and, when both a time to live
-    /// and a time to idle are set, the hard (time-to-live) one.
+    /// How many `u64` deadlines each entry keeps: the effective one; when both a time to live
+    /// and a time to idle are set, the hard (time-to-live) one; and for a custom `Expiry`
+    /// bounded by either, the hard one and the custom one.
     pub(crate) fn stride(&self) -> usize {
         match self {
             ExpiryConfig::None => 0,
@@ -104,6 +133,7 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
                 ttl: Some(_),
                 tti: Some(_),
             } => 2,
+            ExpiryConfig::Custom { ttl, tti, .. } if ttl.is_some() || tti.is_some() => 3,
             _ => 1,
         }
     }
@@ -116,40 +146,43 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
         }
     }
 
-    /// Deadlines of a new entry: `(effective, hard)`. `factor` scales the durations (jitter:
-    /// 1.0 for none).
-    pub(crate) fn on_create(&self, key: &K, value: &V, now: u64, factor: f64) -> (u64, u64) {
+    /// Deadlines of a new entry. `factor` scales the durations (jitter: 1.0 for none).
+    pub(crate) fn on_create(&self, key: &K, value: &V, now: u64, factor: f64) -> Deadlines {
         match self {
-            ExpiryConfig::None => (NEVER, NEVER),
+            ExpiryConfig::None => Deadlines::at(NEVER),
             ExpiryConfig::Fixed { ttl, tti } => {
                 let hard = ttl.map_or(NEVER, |t| deadline(now, scale(t, factor)));
                 let idle = tti.map_or(NEVER, |t| deadline(now, scale(t, factor)));
-                (hard.min(idle), hard)
+                Deadlines {
+                    effective: hard.min(idle),
+                    hard,
+                    custom: NEVER,
+                }
             }
-            ExpiryConfig::Custom(e) => {
-                let d = opt_deadline(now, e.expire_after_create(key, value), factor);
-                (d, d)
+            ExpiryConfig::Custom { expiry, ttl, tti } => {
+                let c = opt_deadline(now, expiry.expire_after_create(key, value), factor);
+                bounded(c, *ttl, *tti, now, factor)
             }
         }
     }
 
-    /// Deadlines after the entry's value is replaced; `current` is its effective deadline.
+    /// Deadlines after the entry's value is replaced; `current` are its deadlines until now.
     pub(crate) fn on_update(
         &self,
         key: &K,
         value: &V,
         now: u64,
-        current: u64,
+        current: Deadlines,
         factor: f64,
-    ) -> (u64, u64) {
+    ) -> Deadlines {
         match self {
-            ExpiryConfig::Custom(e) => {
-                let d = opt_deadline(
+            ExpiryConfig::Custom { expiry, ttl, tti } => {
+                let c = opt_deadline(
                     now,
-                    e.expire_after_update(key, value, remaining(now, current)),
+                    expiry.expire_after_update(key, value, remaining(now, current.custom)),
                     factor,
                 );
-                (d, d)
+                bounded(c, *ttl, *tti, now, factor)
             }
             // A replaced value starts a new life, as in moka.
             _ => self.on_create(key, value, now, factor),
@@ -160,38 +193,52 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
     pub(crate) fn moves_on_read(&self) -> bool {
         matches!(
             self,
-            ExpiryConfig::Fixed { tti: Some(_), .. } | ExpiryConfig::Custom(_)
+            ExpiryConfig::Fixed { tti: Some(_), .. } | ExpiryConfig::Custom { .. }
         )
     }
 
-    /// The new effective deadline after a read, or `None` when the read does not move it.
-    /// `hard` is the entry's hard deadline (its effective one when there is no idle part).
+    /// The new effective and custom deadlines after a read, or `None` when the read moves
+    /// neither. `current` are the entry's deadlines (for a time to idle alone, only the
+    /// effective and hard ones mean anything).
     #[inline]
     pub(crate) fn on_read(
         &self,
         key: &K,
         value: &V,
         now: u64,
-        current: u64,
-        hard: u64,
-    ) -> Option<u64> {
+        current: Deadlines,
+    ) -> Option<(u64, u64)> {
         match self {
             ExpiryConfig::Fixed { tti: Some(t), .. } => {
-                let next = deadline(now, *t).min(hard);
+                let next = deadline(now, *t).min(current.hard);
                 // Skip writes that would move the deadline by less than 1/1024 of the idle time:
                 // a hot entry is then written about once per TTI/1024, not on every read.
-                (next > current.saturating_add(*t >> 10)).then_some(next)
+                (next > current.effective.saturating_add(*t >> 10)).then_some((next, NEVER))
             }
-            ExpiryConfig::Custom(e) => {
-                let d = opt_deadline(
+            ExpiryConfig::Custom { expiry, tti, .. } => {
+                let c = opt_deadline(
                     now,
-                    e.expire_after_read(key, value, remaining(now, current)),
+                    expiry.expire_after_read(key, value, remaining(now, current.custom)),
                     1.0,
                 );
-                (d != current).then_some(d)
+                let idle = tti.map_or(NEVER, |t| deadline(now, t));
+                let next = c.min(current.hard).min(idle);
+                (next != current.effective || c != current.custom).then_some((next, c))
             }
             _ => None,
         }
+    }
+}
+
+/// A custom expiry's deadline `c`, bounded by a time to live and a time to idle from `now`
+/// when set.
+fn bounded(c: u64, ttl: Option<u64>, tti: Option<u64>, now: u64, factor: f64) -> Deadlines {
+    let hard = ttl.map_or(NEVER, |t| deadline(now, scale(t, factor)));
+    let idle = tti.map_or(NEVER, |t| deadline(now, scale(t, factor)));
+    Deadlines {
+        effective: c.min(hard).min(idle),
+        hard,
+        custom: c,
     }
 }
 

@@ -223,11 +223,13 @@ impl Monitor {
         }
         let first = now / self.width;
         let due = |i: u64| rings.clone().map(|r| r.due(i)).sum::<u64>();
-        (first..first + SLOTS as u64 - 1)
+        // Saturating: at the clock's end (a manual clock advanced by `Duration::MAX`) the
+        // intervals ahead run out.
+        (first..first.saturating_add(SLOTS as u64 - 1))
             .map(|i| (due(i) + due(i + 1), i))
             .filter(|&(n, _)| n > 0)
             .max()
-            .map(|(n, i)| (n, (i * self.width).saturating_sub(now)))
+            .map(|(n, i)| (n, i.saturating_mul(self.width).saturating_sub(now)))
     }
 }
 

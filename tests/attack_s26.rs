@@ -1204,10 +1204,9 @@ where
     }
     // FINDING (Expiry without Instants): moka's `calc_expiry_for_read(read_at, modified_at)`
     // caps the idle time by the time to live left since the last write. herdcache's
-    // `expire_after_read(&self, key, value, remaining)` passes neither instant, and
-    // `expire_after` cannot be combined with `time_to_live` (BuildError::ConflictingExpiry),
-    // so the cap cannot be expressed without storing the write time in the value. The port
-    // keeps the idle part only, bounded by the remaining lifetime (not the same policy).
+    // `expire_after_read(&self, key, value, remaining)` passes neither instant. (Since this
+    // port `expire_after` combines with the builder's `time_to_live`, which expresses the cap;
+    // the port keeps moka's shape: the idle part only, bounded by the remaining lifetime.)
     pub fn calc_expiry_for_read(&self, remaining: Option<Duration>) -> Option<Duration> {
         let expiry = match (self.time_to_live, self.time_to_idle) {
             (Some(_ttl), None) => return remaining,

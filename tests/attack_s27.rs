@@ -1487,40 +1487,32 @@ fn s27_expiry_without_bounds_and_conflicts() {
     assert_eq!(c.get(&1), None);
     let l = Local(std::rc::Rc::new(1));
     let _: Option<Duration> = <Local<i32> as Expiry<u32, u32>>::expire_after_create(&l, &1, &1);
-    // expire_after with time_to_live / time_to_idle, in either order.
-    let r = Cache::<u32, u32>::builder()
-        .max_capacity(10)
-        .time_to_live(SEC)
-        .expire_after(Jittered(|| 1u64, SEC))
-        .try_build();
-    assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
-    let r = Cache::<u32, u32>::builder()
-        .max_capacity(10)
-        .expire_after(Jittered(|| 1u64, SEC))
-        .time_to_idle(SEC)
-        .try_build();
-    assert_eq!(r.err(), Some(BuildError::ConflictingExpiry));
-    let r = Cache::<u32, u32>::builder()
-        .max_capacity(10)
-        .expire_after(Jittered(|| 1u64, SEC))
-        .time_to_live(Duration::MAX)
-        .try_build();
-    assert_eq!(
-        r.err(),
-        Some(BuildError::ConflictingExpiry),
-        "even a TTL of MAX"
-    );
-    let r = Cache::<u32, u32>::builder()
-        .max_capacity(10)
-        .expire_after(Jittered(|| 1u64, SEC))
-        .time_to_live(Duration::ZERO)
-        .try_build();
-    assert_eq!(
-        r.err(),
-        Some(BuildError::ConflictingExpiry),
-        "even a TTL of ZERO"
-    );
-    // ConflictingExpiry wins over other errors? (missing capacity is reported first)
+    // expire_after with time_to_live / time_to_idle, in either order: combined (the earliest
+    // deadline wins, as in moka; it was a BuildError::ConflictingExpiry), also at MAX / ZERO.
+    for (ttl, tti) in [
+        (Some(SEC), None),
+        (None, Some(SEC)),
+        (Some(Duration::MAX), None),
+        (Some(Duration::ZERO), None),
+        (Some(SEC), Some(Duration::MAX)),
+    ] {
+        let mut b = Cache::<u32, u32>::builder()
+            .max_capacity(10)
+            .clock(clock.clone());
+        if let Some(t) = ttl {
+            b = b.time_to_live(t);
+        }
+        b = b.expire_after(Jittered(|| 1u64, SEC));
+        if let Some(t) = tti {
+            b = b.time_to_idle(t);
+        }
+        let c = b.try_build().expect("expire_after combines with ttl/tti");
+        c.insert(1, 1);
+        let zero = ttl == Some(Duration::ZERO);
+        assert_eq!(c.get(&1), (!zero).then_some(1), "{ttl:?} {tti:?}");
+        c.validate();
+    }
+    // A missing capacity is reported as ever.
     let r = Cache::<u32, u32>::builder()
         .expire_after(Jittered(|| 1u64, SEC))
         .time_to_live(SEC)

@@ -916,6 +916,11 @@ where
     /// still within its stale window is its key's last value, kept for a failing load to fall
     /// back on: `keep` sees it and decides on it like on the live entries.
     ///
+    /// An entry `keep` removes is removed as by [`invalidate`](Self::invalidate): a load or
+    /// refresh of its key in flight is superseded (its value goes to its callers, is not
+    /// stored). A load of a key that has no entry (being loaded for the first time) is not
+    /// touched: `keep` never sees it.
+    ///
     /// `keep` runs while each shard is write-locked, one shard at a time (as `HashMap::retain`
     /// runs inside the map): it must not call into this cache. Removed values are dropped after
     /// the lock is released.

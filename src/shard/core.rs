@@ -5,7 +5,7 @@
 use super::{Layout, Lookup, Record, SlotTime};
 use crate::clock::NEVER;
 use crate::expiry::{
-    claim_refresh, give_back_refresh, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
+    claim_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
 };
 use crate::flight::Flights;
 use crate::policy::{record_hit, Place, Policy};
@@ -218,13 +218,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 return Lookup::Expired;
             }
             if self.layout.reads_move {
-                let hard = if self.layout.hard {
-                    self.extra(slot, 1).load(Ordering::Relaxed)
-                } else {
-                    NEVER
-                };
-                if let Some(next) = exp.on_read(&e.key, &e.value, now, current, hard) {
+                let deadlines = self.deadlines(slot, current);
+                if let Some((next, custom)) = exp.on_read(&e.key, &e.value, now, deadlines) {
                     e.time.set(next);
+                    if self.layout.custom {
+                        self.extra(slot, 2).store(custom, Ordering::Relaxed);
+                    }
                     // The wheel is lazy about deadlines that move later; one that moves
                     // earlier (or off "never") must be filed again, by the next write.
                     if next != NEVER && (next < current || e.bucket == NO_BUCKET) {
@@ -368,7 +367,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    /// Stores the time data beyond the effective deadline, then the deadline.
+    /// Stores the time data beyond the effective deadline, then the deadline (a custom
+    /// `Expiry`'s own deadline is stored where it is computed, see `updated_times`).
     fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
         if self.layout.hard {
             self.extra(slot, 1).store(hard, Ordering::Relaxed);
@@ -385,6 +385,53 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             self.extra(slot, j).store(0, Ordering::Relaxed);
         }
         self.set_deadline(slot, effective);
+    }
+
+    /// The deadlines `(effective, hard)` of the entry in `slot` (effective one: `current`)
+    /// once its value is replaced by `value`, asked of the expiry configuration
+    /// (`Expiry::expire_after_update` for a custom one: user code, before anything is
+    /// mutated), bounded by `cap`. A custom `Expiry`'s own deadline, when it has a slot, is
+    /// stored here. Out of line: the common plain time to live does not come here.
+    #[allow(clippy::too_many_arguments)]
+    fn updated_times(
+        &self,
+        slot: u32,
+        current: u64,
+        value: &V,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        factor: f64,
+        cap: u64,
+    ) -> (u64, u64) {
+        let deadlines = self.deadlines(slot, current);
+        let e = self.slab[slot as usize]
+            .as_ref()
+            .expect("found slot is live");
+        let d = exp.on_update(&e.key, value, now, deadlines, factor);
+        if self.layout.custom {
+            self.extra(slot, 2).store(d.custom, Ordering::Relaxed);
+        }
+        (d.effective.min(cap), d.hard.min(cap))
+    }
+
+    /// The deadlines of the entry in `slot`, whose effective one is `effective` (for a custom
+    /// `Expiry` without a slot of its own, its deadline is the effective one).
+    fn deadlines(&self, slot: u32, effective: u64) -> Deadlines {
+        let hard = if self.layout.hard {
+            self.extra(slot, 1).load(Ordering::Relaxed)
+        } else {
+            NEVER
+        };
+        let custom = if self.layout.custom {
+            self.extra(slot, 2).load(Ordering::Relaxed)
+        } else {
+            effective
+        };
+        Deadlines {
+            effective,
+            hard,
+            custom,
+        }
     }
 
     /// Sets the entry's effective deadline and files it in the timer wheel if it moved earlier.
@@ -481,7 +528,6 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         out: &mut Removals<K, V>,
     ) {
         self.expire(now, false, hasher, out);
-        let capped = |(effective, hard): (u64, u64)| (effective.min(cap), hard.min(cap));
         self.supersede(hash, &key, out);
         let factor = if self.layout.plain_ttl.is_none() {
             self.jitter_factor()
@@ -495,16 +541,16 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 // inherits neither the old deadline nor its hits or queue place).
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
             } else {
-                let e = self.slab[slot as usize]
-                    .as_mut()
-                    .expect("found slot is live");
                 let times = if !T::TIMED {
                     untimed(exp, cap)
                 } else if let Some(ttl) = self.layout.plain_ttl {
                     plain(now, ttl, cap)
                 } else {
-                    capped(exp.on_update(&e.key, &value, now, current, factor))
+                    self.updated_times(slot, current, &value, now, exp, factor, cap)
                 };
+                let e = self.slab[slot as usize]
+                    .as_mut()
+                    .expect("found slot is live");
                 if times.0 <= now {
                     self.remove_slot(slot, hash, RemovalCause::Expired, out);
                     self.tally.push(out, Removed::expired(key, value, weight));
@@ -561,13 +607,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         (load_nanos, cap): (u64, u64),
         factor: f64,
     ) {
+        let mut custom = NEVER;
         let times = if !T::TIMED {
             untimed(exp, cap)
         } else if let Some(ttl) = self.layout.plain_ttl {
             plain(now, ttl, cap)
         } else {
-            let (effective, hard) = exp.on_create(&key, &value, now, factor);
-            (effective.min(cap), hard.min(cap))
+            let d = exp.on_create(&key, &value, now, factor);
+            custom = d.custom;
+            (d.effective.min(cap), d.hard.min(cap))
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
@@ -590,6 +638,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         });
         self.weight += u64::from(weight);
         self.len += 1;
+        if T::TIMED && self.layout.custom {
+            self.extra(slot, 2).store(custom, Ordering::Relaxed);
+        }
         self.set_times(slot, times, now, load_nanos);
         self.policy
             .on_insert(&mut self.slab, slot, hash, |e| hasher.hash_one(&e.key));
@@ -844,10 +895,18 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 continue;
             };
             let expired = self.deadline(s) <= now;
+            let reclaim = self.reclaimable(s, now);
             // With fail-safe an expired entry within its stale window is still the key's last
             // value: `keep` decides on it like on the live ones.
-            if self.reclaimable(s, now) || !keep(&e.key, &e.value) {
+            if reclaim || !keep(&e.key, &e.value) {
                 let hash = hasher.hash_one(&e.key);
+                if !reclaim {
+                    // Removed by the predicate: as with `invalidate`, a load of the key in
+                    // flight is superseded (its value goes to its callers, not back in).
+                    if let Some((k, f)) = self.flights.detach(hash, &e.key) {
+                        out.detach(k, f);
+                    }
+                }
                 let cause = if expired {
                     RemovalCause::Expired
                 } else {
@@ -945,7 +1004,7 @@ fn removed<K, V, T>(e: Record<K, V, T>, cause: RemovalCause) -> Removed<K, V> {
 
 /// A write's deadlines under a plain time to live ([`Layout::plain_ttl`]), bounded by `cap`:
 /// what `ExpiryConfig::on_create` computes for it, without the configuration.
-#[inline]
+#[inline(always)]
 fn plain(now: u64, ttl: u64, cap: u64) -> (u64, u64) {
     let d = crate::clock::deadline(now, ttl).min(cap);
     (d, d)

@@ -105,6 +105,9 @@ pub(crate) struct Layout {
     pub(crate) stride: usize,
     /// Whether slot 1 holds a hard (time-to-live) deadline besides the effective one.
     pub(crate) hard: bool,
+    /// Whether slot 2 holds a custom `Expiry`'s own deadline (when a time to live or idle
+    /// bounds it, the effective one may be earlier).
+    pub(crate) custom: bool,
     /// Where the refresh deadline lives (the load time is next to it), with refresh-ahead or
     /// early refresh.
     pub(crate) refresh: Option<usize>,
@@ -155,7 +158,8 @@ impl Layout {
         };
         Layout {
             stride: base + if refreshing { 2 } else { 0 },
-            hard: expiry_stride == 2,
+            hard: expiry_stride >= 2,
+            custom: expiry_stride == 3,
             refresh: refreshing.then_some(base),
             refresh_after,
             early_beta,
