@@ -638,12 +638,9 @@ where
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
-                    let lead = match judge.as_deref_mut() {
-                        Some(judge) => match self.judge_again(lead, &key, judge) {
-                            Ok(kept) => return Some(accept(&kept).expect("a value")),
-                            Err(lead) => lead,
-                        },
-                        None => lead,
+                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
+                        Ok(kept) => return Some(accept(&kept).expect("a value")),
+                        Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");
                     match self.run_loader(lead.flight(), f, true, until) {
@@ -703,12 +700,16 @@ where
     /// is loaded or stored; otherwise the lead is handed back to load. A write from the
     /// registration on supersedes the load anyway. If `judge` panics, the lead is dropped
     /// (abandoned: its waiters load again); if it loads this key, it panics (recursion).
-    pub(crate) fn judge_again(
+    /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
+    pub(crate) fn judge_again<J: FnMut(&V) -> bool + ?Sized>(
         &self,
         lead: Lead<K, V, S>,
         key: &K,
-        judge: &mut dyn FnMut(&V) -> bool,
+        judge: Option<&mut J>,
     ) -> Result<Arc<Outcome<V>>, Lead<K, V, S>> {
+        let Some(judge) = judge else {
+            return Err(lead);
+        };
         let hash = lead.hash();
         let mut keep = |v: &V| {
             // Marked as this thread's load while `judge` runs: a `judge` that loads this same

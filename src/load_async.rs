@@ -375,12 +375,9 @@ where
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
                 Claim::Lead(lead) => {
-                    let lead = match judge.as_deref_mut() {
-                        Some(judge) => match self.judge_again(lead, &key, judge) {
-                            Ok(kept) => return accept(&kept).expect("a value"),
-                            Err(lead) => lead,
-                        },
-                        None => lead,
+                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
+                        Ok(kept) => return accept(&kept).expect("a value"),
+                        Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");
                     match self.drive(lead.flight(), f, true).await {
