@@ -291,6 +291,13 @@ impl TimerWheel {
         self.time
     }
 
+    /// For `validate`: the bucket an entry due at `at` must be in if the wheel has passed
+    /// `at`'s finest tick (the current tick's), or `None` if it has not.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn overdue_bucket(&self, at: u64) -> Option<u16> {
+        (at >> SHIFTS[0] < self.time >> SHIFTS[0]).then(|| self.bucket_for(self.time))
+    }
+
     pub(crate) fn new(now: u64) -> Self {
         TimerWheel {
             buckets: (0..TOTAL).map(|_| Bucket::default()).collect(),
@@ -299,8 +306,14 @@ impl TimerWheel {
     }
 
     /// The bucket for an entry due at `at` (never [`NEVER`]: such entries are not filed).
+    ///
+    /// A deadline the wheel has already passed (a writer that read the clock before it took
+    /// the shard lock, while another advanced the wheel) goes to the current finest bucket:
+    /// filed under its own second it would sit in a bucket already drained until the ring
+    /// came round again, up to 64 ticks (≈69 s) late.
     pub(crate) fn bucket_for(&self, at: u64) -> u16 {
-        let delta = at.saturating_sub(self.time);
+        let at = at.max(self.time);
+        let delta = at - self.time;
         for level in 0..4 {
             if delta < (1u64 << SHIFTS[level + 1]) {
                 let i = ((at >> SHIFTS[level]) as usize) & (COUNTS[level] - 1);
@@ -561,6 +574,17 @@ mod tests {
             }
         }
         assert!(seen);
+    }
+
+    #[test]
+    fn a_deadline_the_wheel_has_passed_comes_due_at_the_next_tick() {
+        let mut w = TimerWheel::new(0);
+        assert!(drain(&mut w, 20 * SEC).is_empty());
+        // Filed late (its writer read the clock at 5 s): due at once, not a ring later.
+        let b = w.bucket_for(7 * SEC);
+        assert_eq!(b, w.bucket_for(20 * SEC), "the current tick's bucket");
+        w.file(b, 4);
+        assert_eq!(drain(&mut w, 22 * SEC), vec![4]);
     }
 
     #[test]

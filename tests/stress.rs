@@ -117,3 +117,49 @@ fn a_million_mixed_operations_on_four_threads() {
 fn a_million_mixed_operations_with_expiry() {
     mixed_ops(2, 500_000, true);
 }
+
+/// Writers read the clock before they take the shard lock; meanwhile another thread may move
+/// the clock past their entry's whole lifetime and advance the shard's timer wheel. Such an
+/// entry is due at once: it must be filed where the wheel still looks, so that the next
+/// `run_pending_tasks` past its deadline reclaims it (it was filed in a bucket already drained
+/// and stayed, expired and counted, until the wheel came round again ≈69 s later).
+#[test]
+fn an_entry_written_with_a_clock_read_before_the_wheel_moved_is_reclaimed() {
+    let _dog = watchdog(Duration::from_secs(120), "stress: late-filed deadlines");
+    let mut late = Vec::new();
+    for round in 0..40 {
+        let clock = ManualClock::new();
+        let cache: Cache<u32, u32> = Cache::builder()
+            .max_capacity(100_000)
+            .shards(1)
+            .time_to_live(Duration::from_secs(2))
+            .clock(clock.clone())
+            .build();
+        std::thread::scope(|s| {
+            for t in 0..3u32 {
+                let cache = cache.clone();
+                s.spawn(move || {
+                    for i in 0..3_000 {
+                        cache.insert(t * 100_000 + i, i);
+                    }
+                });
+            }
+            s.spawn(|| {
+                for _ in 0..3_000 {
+                    clock.advance(Duration::from_secs(5));
+                    cache.run_pending_tasks();
+                }
+            });
+        });
+        // Checks that every entry is filed where the wheel will find it.
+        cache.validate();
+        // Every entry was written at most 2 s before the clock's current time.
+        clock.advance(Duration::from_secs(4));
+        cache.run_pending_tasks();
+        if cache.entry_count() != 0 {
+            late.push((round, cache.entry_count()));
+        }
+        cache.validate();
+    }
+    assert!(late.is_empty(), "(round, entries left): {late:?}");
+}

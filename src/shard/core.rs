@@ -969,6 +969,20 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     d == NEVER || e.bucket != NO_BUCKET || self.refile_waits(s) || kept_for_good,
                     "an entry with a deadline is filed"
                 );
+                // Filed where the wheel still looks: an entry whose time the wheel has passed
+                // waits in the current tick's bucket (not in one already drained).
+                let at = if d <= w.time() {
+                    d.saturating_add(grace)
+                } else {
+                    d
+                };
+                if let Some(b) = w.overdue_bucket(at) {
+                    assert!(
+                        e.bucket == b || e.bucket == NO_BUCKET || self.refile_waits(s),
+                        "an overdue entry is filed in bucket {} instead of the current {b}",
+                        e.bucket
+                    );
+                }
             }
         }
         assert_eq!(weight, self.weight, "weight is the sum of entry weights");
