@@ -189,6 +189,12 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
         }
     }
 
+    /// Whether a custom [`Expiry`] decides the deadlines (a read may then move one earlier).
+    #[inline]
+    pub(crate) fn is_custom(&self) -> bool {
+        matches!(self, ExpiryConfig::Custom { .. })
+    }
+
     /// Whether a read may move an entry's deadline.
     pub(crate) fn moves_on_read(&self) -> bool {
         matches!(

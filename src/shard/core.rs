@@ -220,9 +220,16 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             if self.layout.reads_move {
                 let deadlines = self.deadlines(slot, current);
                 if let Some((next, custom)) = exp.on_read(&e.key, &e.value, now, deadlines) {
-                    e.time.set(next);
-                    if self.layout.custom {
-                        self.extra(slot, 2).store(custom, Ordering::Relaxed);
+                    if exp.is_custom() {
+                        // The Expiry may move the deadline either way: it has the last word.
+                        e.time.set(next);
+                        if self.layout.custom {
+                            self.extra(slot, 2).store(custom, Ordering::Relaxed);
+                        }
+                    } else {
+                        // A time to idle only moves it later; concurrent readers each move it
+                        // to their own clock reading, and the latest must win.
+                        e.time.raise(next);
                     }
                     // The wheel is lazy about deadlines that move later; one that moves
                     // earlier (or off "never") must be filed again, by the next write.

@@ -40,6 +40,9 @@ pub(crate) trait SlotTime: Send + Sync + 'static {
     fn fresh() -> Self;
     fn get(&self) -> u64;
     fn set(&self, at: u64);
+    /// Moves the deadline to `at` if that is later (readers under the read lock: one that
+    /// read the clock earlier must not undo a later reader's move).
+    fn raise(&self, at: u64);
 }
 
 impl SlotTime for () {
@@ -52,6 +55,8 @@ impl SlotTime for () {
     }
     #[inline]
     fn set(&self, _: u64) {}
+    #[inline]
+    fn raise(&self, _: u64) {}
 }
 
 impl SlotTime for AtomicU64 {
@@ -67,6 +72,10 @@ impl SlotTime for AtomicU64 {
     #[inline]
     fn set(&self, at: u64) {
         self.store(at, Ordering::Relaxed)
+    }
+    #[inline]
+    fn raise(&self, at: u64) {
+        self.fetch_max(at, Ordering::Relaxed);
     }
 }
 
