@@ -177,11 +177,15 @@ impl<K: 'static, V: 'static> ExpiryConfig<K, V> {
     ) -> Deadlines {
         match self {
             ExpiryConfig::Custom { expiry, ttl, tti } => {
-                let c = opt_deadline(
-                    now,
-                    expiry.expire_after_update(key, value, remaining(now, current.custom)),
-                    factor,
-                );
+                let left = remaining(now, current.custom);
+                let asked = expiry.expire_after_update(key, value, left);
+                // Unchanged (the trait's default): the same deadline, not jittered again (each
+                // write would draw a new factor for the same remaining time, drifting from it).
+                let c = if asked == left {
+                    current.custom
+                } else {
+                    opt_deadline(now, asked, factor)
+                };
                 bounded(c, *ttl, *tti, now, factor)
             }
             // A replaced value starts a new life, as in moka.

@@ -43,7 +43,8 @@ pub(crate) type Listener<K, V> = Box<dyn Fn(&K, &V, RemovalCause) + Send + Sync>
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RemovalCause {
-    /// Its deadline passed.
+    /// Its deadline passed (also when `remove`, `invalidate`, `invalidate_all` or `retain`
+    /// find it past its deadline before the cache reclaimed it).
     Expired,
     /// `remove`, `invalidate`, `invalidate_all` or `retain` removed it.
     Explicit,

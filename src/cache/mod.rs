@@ -751,12 +751,17 @@ where
 
     /// [`evict_in`](Self::evict_in)'s eviction, once the cache is known over capacity.
     #[inline(never)]
+    ///
+    /// A key's `Hash` that panics while the shard hashes resident keys leaves it consistent and
+    /// the eviction goes on; the first such panic is resumed once the weight is accounted.
     fn evict_over(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
-        s.retune(&self.inner.hasher, self.inner.tune.load(Ordering::Relaxed));
+        let mut panic = None;
+        let tune = self.inner.tune.load(Ordering::Relaxed);
+        s.retune(&self.inner.hasher, tune, &mut panic);
         let (mut n, mut w) = (0, 0);
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
-            if !s.evict_one(&self.inner.hasher, out) {
+            if !s.evict_one(&self.inner.hasher, out, &mut panic) {
                 break;
             }
             self.account(before, s.weight());
@@ -764,6 +769,9 @@ where
             w += before - s.weight();
         }
         self.count_evicted(n, w);
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
+        }
     }
 
     /// Counts `n` evictions for size of total weight `w` in the statistics (lock-free, for
@@ -877,7 +885,8 @@ where
     /// assert_eq!(cache.entry_count(), 0);
     /// ```
     pub fn invalidate_all(&self) {
-        self.for_each_shard(|s, out| s.clear(out));
+        let now = self.now();
+        self.for_each_shard(|s, out| s.clear(now, out));
     }
 
     /// Runs `op` on every shard in turn under its write lock, then reports what it removed once

@@ -559,7 +559,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     .as_mut()
                     .expect("found slot is live");
                 if times.0 <= now {
-                    self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                    // The live old value is replaced (as in moka); the new one, due at once,
+                    // expires.
+                    self.remove_slot(slot, hash, RemovalCause::Replaced, out);
                     self.tally.push(out, Removed::expired(key, value, weight));
                     return;
                 }
@@ -649,8 +651,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             self.extra(slot, 2).store(custom, Ordering::Relaxed);
         }
         self.set_times(slot, times, now, load_nanos);
+        let rehash = Rehash::new(hasher);
         self.policy
-            .on_insert(&mut self.slab, slot, hash, |e| hasher.hash_one(&e.key));
+            .on_insert(&mut self.slab, slot, hash, |e| rehash.of(&e.key));
+        rehash.finish();
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
@@ -773,11 +777,19 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// [`crate::policy::tune_word`]); nothing if it did not change. Called before evicting:
     /// the configuration matters only then.
     #[inline]
-    pub(crate) fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64) {
+    ///
+    /// A key's `Hash` that panics meanwhile leaves the policy consistent; the panic is kept in
+    /// `panic` (unless it holds one) for the caller to resume.
+    pub(crate) fn retune<S: BuildHasher>(
+        &mut self,
+        hasher: &S,
+        tune: u64,
+        panic: &mut Option<Panic>,
+    ) {
+        let rehash = Rehash::new(hasher);
         self.policy
-            .retune(&mut self.slab, &mut self.free, tune, |e| {
-                hasher.hash_one(&e.key)
-            });
+            .retune(&mut self.slab, &mut self.free, tune, |e| rehash.of(&e.key));
+        rehash.finish_into(panic);
     }
 
     /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
@@ -785,24 +797,26 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         &mut self,
         hasher: &S,
         out: &mut Removals<K, V>,
+        panic: &mut Option<Panic>,
     ) -> bool {
+        let rehash = Rehash::new(hasher);
         let Some(slot) = self
             .policy
-            .evict(&mut self.slab, &mut self.free, |e| hasher.hash_one(&e.key))
+            .evict(&mut self.slab, &mut self.free, |e| rehash.of(&e.key))
         else {
+            rehash.finish_into(panic);
             return false;
         };
-        let hash = hasher.hash_one(
-            &self.slab[slot as usize]
-                .as_ref()
-                .expect("victim is live")
-                .key,
-        );
+        let hash = rehash.of(&self.slab[slot as usize]
+            .as_ref()
+            .expect("victim is live")
+            .key);
         let e = self.take_slot(slot, hash);
         self.free.push(slot);
         // Not tallied here: the cache counts evictions itself, where `health` reads them
         // without a shard lock.
         out.push(removed(e, RemovalCause::Size));
+        rehash.finish_into(panic);
         true
     }
 
@@ -844,6 +858,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         let mut refile = Vec::new();
         let grace = self.layout.fail_safe.map_or(0, |(_, max)| max);
+        let rehash = Rehash::new(hasher);
         for (b, slots) in due {
             for s in slots {
                 let Some(e) = self.slab[s as usize].as_mut() else {
@@ -855,7 +870,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 e.bucket = NO_BUCKET;
                 let d = e.time.get();
                 if d.saturating_add(grace) <= now {
-                    let hash = hasher.hash_one(&e.key);
+                    let hash = rehash.of(&e.key);
                     self.remove_slot(s, hash, RemovalCause::Expired, out);
                 } else if d <= now {
                     // Expired, but kept for fail-safe until its stale window closes.
@@ -868,16 +883,26 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         for (s, d) in refile {
             self.file(s, d);
         }
+        rehash.finish();
     }
 
-    /// Removes every entry (and supersedes every load in flight).
-    pub(crate) fn clear(&mut self, out: &mut Removals<K, V>) {
+    /// Removes every entry (and supersedes every load in flight). An entry already past its
+    /// deadline at `now` is reported `Expired`, as `invalidate` and `retain` report it.
+    pub(crate) fn clear(&mut self, now: u64, out: &mut Removals<K, V>) {
         for (k, f) in self.flights.detach_all() {
             out.detach(k, f);
         }
-        for e in self.slab.drain(..).flatten() {
-            self.tally.push(out, removed(e, RemovalCause::Explicit));
+        for s in 0..self.slab.len() as u32 {
+            let cause = if self.deadline(s) <= now {
+                RemovalCause::Expired
+            } else {
+                RemovalCause::Explicit
+            };
+            if let Some(e) = self.slab[s as usize].take() {
+                self.tally.push(out, removed(e, cause));
+            }
         }
+        self.slab.clear();
         self.table.clear();
         self.free.clear();
         self.times.clear();
@@ -1011,6 +1036,57 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.policy.ghost().heap_bytes()
     }
 }
+
+/// Hashes the keys of resident entries under the write lock — to unlink an expired entry or a
+/// victim, to count one in the frequency sketch — where a key's `Hash` that panics must not
+/// leave the shard half-changed (an entry unlinked from the timer wheel but still in the map, a
+/// victim taken out of the policy's queues but not out of the map). The panic is caught: that
+/// key gets a stand-in hash for the rest of the operation (its slot is then found by scanning
+/// the table, [`Core::take_slot`]; its frequency count goes to another key's counters), the
+/// operation completes, and [`finish`](Self::finish) resumes the first panic in the caller,
+/// with the shard consistent.
+struct Rehash<'a, S> {
+    hasher: &'a S,
+    panic: std::cell::Cell<Option<Panic>>,
+}
+
+impl<'a, S: BuildHasher> Rehash<'a, S> {
+    fn new(hasher: &'a S) -> Self {
+        Rehash {
+            hasher,
+            panic: std::cell::Cell::new(None),
+        }
+    }
+
+    #[inline]
+    fn of<K: Hash>(&self, key: &K) -> u64 {
+        let hashed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.hasher.hash_one(key)));
+        hashed.unwrap_or_else(|p| {
+            let first = self.panic.take().unwrap_or(p);
+            self.panic.set(Some(first));
+            0
+        })
+    }
+
+    /// Resumes the first panic caught, if any (call once the shard is consistent).
+    fn finish(self) {
+        if let Some(p) = self.panic.into_inner() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Hands the first panic caught to the caller (kept in `first` unless it holds one), for a
+    /// caller with more to finish before resuming it.
+    fn finish_into(self, first: &mut Option<Panic>) {
+        if let Some(p) = self.panic.into_inner() {
+            first.get_or_insert(p);
+        }
+    }
+}
+
+/// A caught panic's payload.
+pub(crate) type Panic = Box<dyn std::any::Any + Send>;
 
 /// A record leaving the shard, for its removal report.
 #[inline]

@@ -190,7 +190,7 @@ impl Layout {
 
 mod core;
 
-pub(crate) use self::core::Core;
+pub(crate) use self::core::{Core, Panic};
 
 /// A shard: the single-threaded [`Core`] in the layout the cache's configuration calls for —
 /// deadlines in the slab slots when anything keeps time, none at all otherwise (24-byte slots
@@ -280,11 +280,12 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn remove_expired<Q>(&mut self, hash: u64, key: &Q, now: u64, stale_too: bool,
             out: &mut Removals<K, V>) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
-        fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>) -> bool;
-        fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64);
+        fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>,
+            panic: &mut Option<Panic>) -> bool;
+        fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64, panic: &mut Option<Panic>);
         fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S,
             out: &mut Removals<K, V>);
-        fn clear(&mut self, out: &mut Removals<K, V>);
+        fn clear(&mut self, now: u64, out: &mut Removals<K, V>);
         fn retain<S: BuildHasher>(&mut self, now: u64, hasher: &S,
             keep: &mut impl FnMut(&K, &V) -> bool, out: &mut Removals<K, V>);
         fn snapshot(&self, now: u64) -> Vec<(K, V)> where [K: Clone, V: Clone];
@@ -377,7 +378,7 @@ mod tests {
             if let Lookup::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
                 put(&mut s, &h, k, i, i, &mut out);
                 while s.weight() > 50 {
-                    assert!(s.evict_one(&h, &mut out));
+                    assert!(s.evict_one(&h, &mut out, &mut None));
                 }
             }
             if i % 97 == 0 {
@@ -450,7 +451,7 @@ mod tests {
             for i in 0..25_000u64 {
                 s.insert(h.hash_one(i), i, i, 100, 0, &exp, &h, (0, NEVER), &mut out);
                 while s.weight() > share {
-                    assert!(s.evict_one(&h, &mut out));
+                    assert!(s.evict_one(&h, &mut out, &mut None));
                 }
             }
             s.validate(&h);
