@@ -548,16 +548,22 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 // inherits neither the old deadline nor its hits or queue place).
                 self.remove_slot(slot, hash, RemovalCause::Expired, out);
             } else {
-                let times = if !T::TIMED {
-                    untimed(exp, cap)
-                } else if let Some(ttl) = self.layout.plain_ttl {
-                    plain(now, ttl, cap)
+                let (times, e) = if !T::TIMED || self.layout.plain_ttl.is_some() {
+                    // The common case first, with no call before the record is found.
+                    let e = self.slab[slot as usize]
+                        .as_mut()
+                        .expect("found slot is live");
+                    match self.layout.plain_ttl {
+                        Some(ttl) if T::TIMED => (plain(now, ttl, cap), e),
+                        _ => (untimed(exp, cap), e),
+                    }
                 } else {
-                    self.updated_times(slot, current, &value, now, exp, factor, cap)
+                    let times = self.updated_times(slot, current, &value, now, exp, factor, cap);
+                    let e = self.slab[slot as usize]
+                        .as_mut()
+                        .expect("found slot is live");
+                    (times, e)
                 };
-                let e = self.slab[slot as usize]
-                    .as_mut()
-                    .expect("found slot is live");
                 if times.0 <= now {
                     // The live old value is replaced (as in moka); the new one, due at once,
                     // expires.
