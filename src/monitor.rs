@@ -85,14 +85,22 @@ impl DueRing {
         if m.width == 0 {
             return;
         }
-        let interval = if self.memo[0].load(Ordering::Relaxed) == now {
-            self.memo[1].load(Ordering::Relaxed)
-        } else {
-            let i = m.due_interval(now);
-            self.memo[0].store(now, Ordering::Relaxed);
-            self.memo[1].store(i, Ordering::Relaxed);
-            i
-        };
+        if self.memo[0].load(Ordering::Relaxed) == now {
+            // The same tick as the last write: its interval's slot holds that interval (no
+            // other write came between, this is under the shard's write lock), so only the
+            // count moves (saturating).
+            let i = self.memo[1].load(Ordering::Relaxed) as usize % SLOTS;
+            if let Some(slot) = self.slots.get(i) {
+                let w = slot.load(Ordering::Relaxed);
+                if w & 0xffff_ffff != 0xffff_ffff {
+                    slot.store(w + 1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        let interval = m.due_interval(now);
+        self.memo[0].store(now, Ordering::Relaxed);
+        self.memo[1].store(interval, Ordering::Relaxed);
         self.note(interval);
     }
 
@@ -236,6 +244,41 @@ impl Monitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ring_counts_writes_by_interval_through_its_memo() {
+        let m = Monitor::new(HealthConfig {
+            ttl: Some(64_000),
+            ..HealthConfig::default()
+        });
+        assert_eq!(m.width, 2_000);
+        let r = DueRing::new(&m);
+        // Three writes in one tick (the memo's path), one in the next interval, then one back
+        // in the first interval at another `now` (a miss of the memo, same interval).
+        for _ in 0..3 {
+            r.note_written(&m, 100);
+        }
+        r.note_written(&m, 2_100);
+        r.note_written(&m, 1_000);
+        let first = m.due_interval(100);
+        assert_eq!(r.due(first), 4);
+        assert_eq!(r.due(first + 1), 1);
+        // An interval a ring later replaces the slot's count instead of adding to it.
+        r.note_written(&m, 100 + 2_000 * SLOTS as u64);
+        r.note_written(&m, 100 + 2_000 * SLOTS as u64);
+        assert_eq!(r.due(first), 0);
+        assert_eq!(r.due(first + SLOTS as u64), 2);
+        // The count saturates instead of spilling into the interval's tag.
+        let slot = &r.slots[(first + SLOTS as u64) as usize % SLOTS];
+        slot.store(
+            ((first + SLOTS as u64) << 32) | 0xffff_fffe,
+            Ordering::Relaxed,
+        );
+        for _ in 0..3 {
+            r.note_written(&m, 100 + 2_000 * SLOTS as u64);
+        }
+        assert_eq!(r.due(first + SLOTS as u64), 0xffff_ffff);
+    }
 
     #[test]
     fn buckets_are_ordered_and_contain_their_middle() {
