@@ -344,45 +344,29 @@ fn reclaim_all_rounds(conf: Conf) {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-#[test]
-fn probe_reclaim_under_moving_clock_ttl() {
-    reclaim_all_rounds(Conf::Ttl);
+/// One test per configuration.
+macro_rules! reclaim_tests {
+    ($($name:ident => $conf:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                reclaim_all_rounds(Conf::$conf);
+            }
+        )*
+    };
 }
-#[test]
-fn probe_reclaim_under_moving_clock_tti() {
-    reclaim_all_rounds(Conf::Tti);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_ttl_tti() {
-    reclaim_all_rounds(Conf::TtlTti);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_custom() {
-    reclaim_all_rounds(Conf::Custom);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_custom_ttl() {
-    reclaim_all_rounds(Conf::CustomTtl);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_custom_tti() {
-    reclaim_all_rounds(Conf::CustomTti);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_ttl_fail_safe() {
-    reclaim_all_rounds(Conf::TtlFailSafe);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_tti_fail_safe() {
-    reclaim_all_rounds(Conf::TtiFailSafe);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_custom_fail_safe() {
-    reclaim_all_rounds(Conf::CustomFailSafe);
-}
-#[test]
-fn probe_reclaim_under_moving_clock_ttl_jitter() {
-    reclaim_all_rounds(Conf::TtlJitter);
+
+reclaim_tests! {
+    probe_reclaim_under_moving_clock_ttl => Ttl,
+    probe_reclaim_under_moving_clock_tti => Tti,
+    probe_reclaim_under_moving_clock_ttl_tti => TtlTti,
+    probe_reclaim_under_moving_clock_custom => Custom,
+    probe_reclaim_under_moving_clock_custom_ttl => CustomTtl,
+    probe_reclaim_under_moving_clock_custom_tti => CustomTti,
+    probe_reclaim_under_moving_clock_ttl_fail_safe => TtlFailSafe,
+    probe_reclaim_under_moving_clock_tti_fail_safe => TtiFailSafe,
+    probe_reclaim_under_moving_clock_custom_fail_safe => CustomFailSafe,
+    probe_reclaim_under_moving_clock_ttl_jitter => TtlJitter,
 }
 
 // =============================================================================================
@@ -1874,7 +1858,10 @@ mod model {
     }
 }
 
-fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>) {
+/// The model: a custom `Expiry` bounded by a time to live and a time to idle through every
+/// verb; with `fail_safe(max_stale)` entries past their deadline are kept (only
+/// `get_or_stale` and predicates see them) until `max_stale` later.
+fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>, max_stale: Option<u64>) {
     use model::*;
     let clock = ManualClock::new();
     let mut b = Cache::builder()
@@ -1887,21 +1874,28 @@ fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>) {
     if let Some(t) = tti {
         b = b.time_to_idle(Duration::from_secs(t));
     }
+    if let Some(s) = max_stale {
+        b = b.fail_safe(Duration::from_secs(s));
+    }
+    let grace = max_stale.unwrap_or(0);
     let cache: Cache<u32, u64> = b.build();
     let mut rng = common::Rng(seed);
     let mut model: HashMap<u32, M> = HashMap::new();
     let mut now = 0u64;
     let ctx = |step: usize, what: &str| {
-        format!("seed {seed} ttl {ttl:?} tti {tti:?} step {step}: {what}")
+        format!("seed {seed} ttl {ttl:?} tti {tti:?} stale {max_stale:?} step {step}: {what}")
     };
     for step in 0..3000usize {
         let k = (rng.next() % 16) as u32;
+        // Forget what is past its deadline (and its stale window).
+        model.retain(|_, m| m.expires(tti).saturating_add(grace) > now);
         let live = model.get(&k).copied().filter(|m| m.expires(tti) > now);
+        let stale = model.get(&k).copied().filter(|m| m.expires(tti) <= now);
         let put = |model: &mut HashMap<u32, M>, m: M| {
             if m.expires(tti) > now {
                 model.insert(k, m);
             } else {
-                model.remove(&k);
+                model.remove(&k); // created already expired: never stored
             }
         };
         let read_model = |m: M| M {
@@ -1959,6 +1953,14 @@ fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>) {
                 let before = live.map(read_model);
                 put(&mut model, write_model(v, before));
             }
+            3 if max_stale.is_some() => {
+                let got = cache.get_or_stale(&k);
+                let want = live.or(stale).map(|m| m.v);
+                assert_eq!(got, want, "{}", ctx(step, "get_or_stale"));
+                if let Some(m) = live {
+                    put(&mut model, read_model(m));
+                }
+            }
             3 => {
                 let v = rng.next();
                 let replace = rng.next() % 2 == 0;
@@ -1988,165 +1990,6 @@ fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>) {
             5 | 6 => {
                 let got = cache.get(&k);
                 assert_eq!(got, live.map(|m| m.v), "{}", ctx(step, "get"));
-                match live {
-                    Some(m) => put(&mut model, read_model(m)),
-                    None => {
-                        model.remove(&k);
-                    }
-                }
-            }
-            7 => {
-                let v = rng.next();
-                cache.insert(k, v);
-                put(&mut model, write_model(v, live));
-            }
-            8 => {
-                let d = rng.next() % 8;
-                clock.advance(Duration::from_secs(d));
-                now += d;
-            }
-            9 => {
-                let odd = rng.next() % 2 == 0;
-                let _ = cache.invalidate_entries_if(|_, v| (v % 2 == 1) == odd);
-                model.retain(|_, m| m.expires(tti) > now && (m.v % 2 == 1) != odd);
-            }
-            10 => {
-                let mut seen: Vec<(u32, u64)> = cache.iter().collect();
-                seen.sort();
-                let mut want: Vec<(u32, u64)> = model
-                    .iter()
-                    .filter(|(_, m)| m.expires(tti) > now)
-                    .map(|(k, m)| (*k, m.v))
-                    .collect();
-                want.sort();
-                assert_eq!(seen, want, "{}", ctx(step, "iter"));
-            }
-            _ => {
-                if rng.next() % 4 == 0 {
-                    cache.run_pending_tasks();
-                    cache.validate();
-                }
-                assert_eq!(
-                    cache.contains_key(&k),
-                    live.is_some(),
-                    "{}",
-                    ctx(step, "contains_key")
-                );
-            }
-        }
-    }
-    cache.run_pending_tasks();
-    let alive = model.values().filter(|m| m.expires(tti) > now).count();
-    assert_eq!(cache.entry_count(), alive as u64, "seed {seed}");
-}
-
-#[test]
-fn probe_custom_expiry_with_ttl_tti_through_every_verb_matches_a_model() {
-    for seed in [1u64, 7, 42, 2024, 99, 1234567] {
-        verbs_model_run(seed, Some(25), None);
-        verbs_model_run(seed, None, Some(12));
-        verbs_model_run(seed, Some(25), Some(12));
-        verbs_model_run(seed, None, None);
-    }
-}
-
-/// The same model with `fail_safe(max_stale)`: entries past their deadline are kept (and only
-/// `get_or_stale` and predicates see them) until `max_stale` later.
-fn verbs_model_fail_safe_run(seed: u64, ttl: Option<u64>, tti: Option<u64>, max_stale: u64) {
-    use model::*;
-    let clock = ManualClock::new();
-    let mut b = Cache::builder()
-        .max_capacity(100_000)
-        .expire_after(ByValue)
-        .fail_safe(Duration::from_secs(max_stale))
-        .clock(clock.clone());
-    if let Some(t) = ttl {
-        b = b.time_to_live(Duration::from_secs(t));
-    }
-    if let Some(t) = tti {
-        b = b.time_to_idle(Duration::from_secs(t));
-    }
-    let cache: Cache<u32, u64> = b.build();
-    let mut rng = common::Rng(seed);
-    let mut model: HashMap<u32, M> = HashMap::new();
-    let mut now = 0u64;
-    let ctx = |step: usize, what: &str| {
-        format!("seed {seed} ttl {ttl:?} tti {tti:?} stale {max_stale} step {step}: {what}")
-    };
-    for step in 0..3000usize {
-        let k = (rng.next() % 16) as u32;
-        // Forget what is past its stale window.
-        model.retain(|_, m| m.expires(tti).saturating_add(max_stale) > now);
-        let live = model.get(&k).copied().filter(|m| m.expires(tti) > now);
-        let stale = model.get(&k).copied().filter(|m| m.expires(tti) <= now);
-        let put = |model: &mut HashMap<u32, M>, m: M| {
-            if m.expires(tti) > now {
-                model.insert(k, m);
-            } else {
-                model.remove(&k); // created already expired: never stored
-            }
-        };
-        let read_model = |m: M| M {
-            custom: at(now, read(m.v, remaining(now, m.custom))),
-            access: now,
-            ..m
-        };
-        let write_model = |v: u64, before: Option<M>| match before {
-            Some(m) => M {
-                v,
-                custom: at(now, update(v, remaining(now, m.custom))),
-                hard: at(now, ttl),
-                access: now,
-            },
-            None => M {
-                v,
-                custom: at(now, create(v)),
-                hard: at(now, ttl),
-                access: now,
-            },
-        };
-        match rng.next() % 12 {
-            0 | 1 => {
-                let v = rng.next();
-                let got = cache.get_with(k, || v);
-                match live {
-                    Some(m) => {
-                        assert_eq!(got, m.v, "{}", ctx(step, "get_with hit"));
-                        put(&mut model, read_model(m));
-                    }
-                    None => {
-                        assert_eq!(got, v, "{}", ctx(step, "get_with miss"));
-                        put(&mut model, write_model(v, None));
-                    }
-                }
-            }
-            2 => {
-                let v = rng.next();
-                let e = cache.entry(k).and_upsert_with(|_| v);
-                assert_eq!(
-                    e.is_old_value_replaced(),
-                    live.is_some(),
-                    "{}",
-                    ctx(step, "upsert replaced")
-                );
-                put(&mut model, write_model(v, live.map(read_model)));
-            }
-            3 => {
-                let got = cache.get_or_stale(&k);
-                let want = live.or(stale).map(|m| m.v);
-                assert_eq!(got, want, "{}", ctx(step, "get_or_stale"));
-                if let Some(m) = live {
-                    put(&mut model, read_model(m));
-                }
-            }
-            4 => {
-                let got = cache.remove(&k);
-                assert_eq!(got, live.map(|m| m.v), "{}", ctx(step, "remove"));
-                model.remove(&k);
-            }
-            5 | 6 => {
-                let got = cache.get(&k);
-                assert_eq!(got, live.map(|m| m.v), "{}", ctx(step, "get"));
                 if let Some(m) = live {
                     put(&mut model, read_model(m));
                 }
@@ -2162,6 +2005,7 @@ fn verbs_model_fail_safe_run(seed: u64, ttl: Option<u64>, tti: Option<u64>, max_
                 now += d;
             }
             9 => {
+                // With fail-safe the predicate sees the kept (expired) values too.
                 let odd = rng.next() % 2 == 0;
                 let _ = cache.invalidate_entries_if(|_, v| (v % 2 == 1) == odd);
                 model.retain(|_, m| (m.v % 2 == 1) != odd);
@@ -2197,16 +2041,19 @@ fn verbs_model_fail_safe_run(seed: u64, ttl: Option<u64>, tti: Option<u64>, max_
             }
         }
     }
+    cache.run_pending_tasks();
+    model.retain(|_, m| m.expires(tti).saturating_add(grace) > now);
+    assert_eq!(cache.entry_count(), model.len() as u64, "seed {seed}");
 }
 
 #[test]
-fn probe_custom_expiry_fail_safe_through_every_verb_matches_a_model() {
+fn probe_custom_expiry_with_ttl_tti_through_every_verb_matches_a_model() {
     for seed in [1u64, 7, 42, 2024, 99, 1234567] {
-        for stale in [3u64, 20] {
-            verbs_model_fail_safe_run(seed, Some(25), None, stale);
-            verbs_model_fail_safe_run(seed, None, Some(12), stale);
-            verbs_model_fail_safe_run(seed, Some(25), Some(12), stale);
-            verbs_model_fail_safe_run(seed, None, None, stale);
+        for stale in [None, Some(3u64), Some(20)] {
+            verbs_model_run(seed, Some(25), None, stale);
+            verbs_model_run(seed, None, Some(12), stale);
+            verbs_model_run(seed, Some(25), Some(12), stale);
+            verbs_model_run(seed, None, None, stale);
         }
     }
 }
@@ -2459,8 +2306,7 @@ fn hkey_cache(
 /// shard's docs promise that a panic of the key's `Hash` leaves the shard consistent, and
 /// `for_each_shard` (behind `run_pending_tasks`) that a panicking `Hash` leaves the shard
 /// accounted; the panic is resumed, fine — but the other entries must still be reclaimable.
-#[test]
-fn finding_hash_panic_during_reclaim_strands_expired_entries() {
+fn hash_panic_during_reclaim(what: &str, trigger: impl Fn(&Cache<HKey, u64>, &Arc<Traps>)) {
     quiet_injected_panics();
     let _dog = watchdog(LIMIT, "hash panic during reclaim");
     let t = Traps::new();
@@ -2472,9 +2318,9 @@ fn finding_hash_panic_during_reclaim_strands_expired_entries() {
     }
     clock.advance(Duration::from_secs(3));
     t.key_hash.store(50, Ordering::SeqCst);
-    let r = catch_unwind(AssertUnwindSafe(|| cache.run_pending_tasks()));
+    let r = catch_unwind(AssertUnwindSafe(|| trigger(&cache, &t)));
     t.key_hash.store(OFF, Ordering::SeqCst);
-    assert!(r.is_err(), "the trap fired");
+    assert!(r.is_err(), "{what}: the trap fired");
     // The trap is off: the next maintenance reclaims every expired entry.
     cache.run_pending_tasks();
     clock.advance(Duration::from_secs(200)); // and a few turns of the wheel later
@@ -2483,7 +2329,7 @@ fn finding_hash_panic_during_reclaim_strands_expired_entries() {
     let v = catch_unwind(AssertUnwindSafe(|| cache.validate()));
     assert!(
         left == 0 && v.is_ok(),
-        "{left} expired entries never reclaimed; validate: {}",
+        "{what}: {left} expired entries never reclaimed; validate: {}",
         match &v {
             Ok(()) => "ok".to_string(),
             Err(p) => common::panic_message(&**p),
@@ -2491,36 +2337,15 @@ fn finding_hash_panic_during_reclaim_strands_expired_entries() {
     );
 }
 
+#[test]
+fn finding_hash_panic_during_reclaim_strands_expired_entries() {
+    hash_panic_during_reclaim("run_pending_tasks", |c, _| c.run_pending_tasks());
+}
+
 /// The same, through an ordinary write's maintenance (an `insert` advances the wheel).
 #[test]
 fn finding_hash_panic_during_insert_maintenance_strands_expired_entries() {
-    quiet_injected_panics();
-    let _dog = watchdog(LIMIT, "hash panic during insert maintenance");
-    let t = Traps::new();
-    let clock = ManualClock::new();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let cache = hkey_cache(&t, &clock, 10_000, &log);
-    for id in 0..100u64 {
-        cache.insert(HKey::new(id, &t), id);
-    }
-    clock.advance(Duration::from_secs(3));
-    t.key_hash.store(50, Ordering::SeqCst);
-    let r = catch_unwind(AssertUnwindSafe(|| cache.insert(HKey::new(1_000, &t), 0)));
-    t.key_hash.store(OFF, Ordering::SeqCst);
-    assert!(r.is_err(), "the trap fired");
-    cache.run_pending_tasks();
-    clock.advance(Duration::from_secs(200));
-    cache.run_pending_tasks();
-    let left = cache.entry_count();
-    let v = catch_unwind(AssertUnwindSafe(|| cache.validate()));
-    assert!(
-        left == 0 && v.is_ok(),
-        "{left} expired entries never reclaimed; validate: {}",
-        match &v {
-            Ok(()) => "ok".to_string(),
-            Err(p) => common::panic_message(&**p),
-        }
-    );
+    hash_panic_during_reclaim("insert", |c, t| c.insert(HKey::new(1_000, t), 0));
 }
 
 /// FINDING: a key's `Hash` that panics while the policy evicts for size (it hashes the
