@@ -416,7 +416,7 @@ where
                 }
                 Err(running)
             }
-            Registration::Registered => Ok(Lead::new(self, hash, f)),
+            Registration::Registered(swept) => Ok(swept.drop_after(Lead::new(self, hash, f))),
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")
             }

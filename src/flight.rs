@@ -25,7 +25,7 @@ use std::any::Any;
 use std::borrow::Borrow;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -373,10 +373,28 @@ pub(crate) fn accept_value<V: Clone>(o: &Outcome<V>) -> Option<V> {
 /// The flight registry of one shard: loads in flight (and negative-cache entries), by key.
 /// Guarded by the shard's write lock, so "is it cached?" and "is it being loaded?" are one
 /// question (see [`crate::load`]).
+///
+/// Each registration keeps its key's hash: the table grows by those, never by running the
+/// key's `Hash` under the lock (a `Hash` that panics there would make the table drop the
+/// registrations it had not moved yet — other keys' loads — and one whose hash changes would
+/// strand its own registration where its load cannot find it to end it).
 pub(crate) struct Flights<K, V> {
-    table: HashTable<(K, Arc<Flight<K, V>>)>,
+    table: HashTable<Registration<K, V>>,
     /// The registry's size after its last sweep of expired negative entries.
     swept_at: usize,
+}
+
+/// One registered flight: its key's hash, its key, the flight.
+struct Registration<K, V> {
+    hash: u64,
+    key: K,
+    flight: Arc<Flight<K, V>>,
+}
+
+impl<K, V> Registration<K, V> {
+    fn into_pair(self) -> (K, Arc<Flight<K, V>>) {
+        (self.key, self.flight)
+    }
 }
 
 /// What [`Flights::claim`] found.
@@ -384,8 +402,9 @@ pub(crate) enum FlightClaim<K, V> {
     /// A load of the key runs (or a live negative-cache entry answers it): join it. The unused
     /// registration comes back, to be dropped unlocked.
     Running(Arc<Flight<K, V>>, (K, Arc<Flight<K, V>>)),
-    /// The new flight is registered; an expired negative entry it replaced comes back.
-    Registered(Option<(K, Arc<Flight<K, V>>)>),
+    /// The new flight is registered; the expired negative entries it replaced or swept come
+    /// back, to be dropped unlocked (their keys' and errors' `Drop` is user code).
+    Registered(Vec<(K, Arc<Flight<K, V>>)>),
 }
 
 impl<K: Hash + Eq, V> Flights<K, V> {
@@ -397,25 +416,30 @@ impl<K: Hash + Eq, V> Flights<K, V> {
     }
 
     /// Registers a load in flight for `key` (which has none). Now and then (when the registry
-    /// has doubled since) drops negative-cache entries that expired before `now`, so failed
-    /// keys never asked for again do not pile up.
-    fn add<S: BuildHasher>(
+    /// has doubled since) takes out negative-cache entries that expired before `now` (into
+    /// `gone`, for the caller to drop unlocked), so failed keys never asked for again do not
+    /// pile up.
+    fn add(
         &mut self,
         hash: u64,
         key: K,
-        f: Arc<Flight<K, V>>,
-        hasher: &S,
+        flight: Arc<Flight<K, V>>,
         now: u64,
+        gone: &mut Vec<(K, Arc<Flight<K, V>>)>,
     ) {
         if self.table.len() >= self.swept_at.max(32) * 2 {
-            self.table.retain(|(_, f)| {
-                let until = f.negative_until();
-                until == 0 || until > now
-            });
+            gone.extend(
+                self.table
+                    .extract_if(|r| {
+                        let until = r.flight.negative_until();
+                        until != 0 && until <= now
+                    })
+                    .map(Registration::into_pair),
+            );
             self.swept_at = self.table.len();
         }
         self.table
-            .insert_unique(hash, (key, f), |(k, _)| hasher.hash_one(k));
+            .insert_unique(hash, Registration { hash, key, flight }, |r| r.hash);
     }
 
     /// The one place a flight is registered: looks `key` up in the registry and, unless a load
@@ -423,45 +447,42 @@ impl<K: Hash + Eq, V> Flights<K, V> {
     /// `flight` for it — in one step under the caller's write lock. The key comes in owned
     /// (cloned by the caller before the lock: user code runs first); whatever is not kept is
     /// handed back to be dropped after the lock is released.
-    pub(crate) fn claim<S: BuildHasher>(
+    pub(crate) fn claim(
         &mut self,
         hash: u64,
         key: K,
         flight: Arc<Flight<K, V>>,
         now: u64,
         serve_negative: bool,
-        hasher: &S,
     ) -> FlightClaim<K, V> {
-        let stale = match self.table.find_entry(hash, |(k, _)| *k == key) {
-            Ok(found) => {
-                let until = found.get().1.negative_until();
-                if until == 0 || (serve_negative && until > now) {
-                    let running = Arc::clone(&found.get().1);
-                    return FlightClaim::Running(running, (key, flight));
-                }
-                // An expired negative entry (or one this caller cannot use): replaced.
-                Some(found.remove().0)
+        let mut gone = Vec::new();
+        if let Ok(found) = self.table.find_entry(hash, |r| r.key == key) {
+            let until = found.get().flight.negative_until();
+            if until == 0 || (serve_negative && until > now) {
+                let running = Arc::clone(&found.get().flight);
+                return FlightClaim::Running(running, (key, flight));
             }
-            Err(_) => None,
-        };
-        self.add(hash, key, flight, hasher, now);
-        FlightClaim::Registered(stale)
+            // An expired negative entry (or one this caller cannot use): replaced.
+            gone.push(found.remove().0.into_pair());
+        }
+        self.add(hash, key, flight, now, &mut gone);
+        FlightClaim::Registered(gone)
     }
 
     /// Unregisters exactly this flight; returns its key so the caller drops it unlocked.
     pub(crate) fn remove(&mut self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<K> {
         let found = self
             .table
-            .find_entry(hash, |(_, g)| Arc::ptr_eq(f, g))
+            .find_entry(hash, |r| Arc::ptr_eq(f, &r.flight))
             .ok()?;
-        Some(found.remove().0 .0)
+        Some(found.remove().0.key)
     }
 
     /// The number of loads in flight (not negative-cache entries).
     pub(crate) fn running(&self) -> usize {
         self.table
             .iter()
-            .filter(|(_, f)| f.negative_until() == 0)
+            .filter(|r| r.flight.negative_until() == 0)
             .count()
     }
 
@@ -488,16 +509,20 @@ impl<K: Hash + Eq, V> Flights<K, V> {
     {
         let found = self
             .table
-            .find_entry(hash, |(k, _)| k.borrow() == key)
+            .find_entry(hash, |r| r.key.borrow() == key)
             .ok()?;
-        let ((key, flight), _) = found.remove();
-        flight.supersede();
-        Some((key, flight))
+        let (r, _) = found.remove();
+        r.flight.supersede();
+        Some(r.into_pair())
     }
 
     /// Detaches every flight (the cache is cleared).
     pub(crate) fn detach_all(&mut self) -> Vec<(K, Arc<Flight<K, V>>)> {
-        self.table.drain().inspect(|(_, f)| f.supersede()).collect()
+        self.table
+            .drain()
+            .inspect(|r| r.flight.supersede())
+            .map(Registration::into_pair)
+            .collect()
     }
 
     /// Whether a load of `key` runs (a registered flight that is not a negative entry).
@@ -507,13 +532,15 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         self.table
-            .find(hash, |(k, _)| k.borrow() == key)
-            .is_some_and(|(_, f)| f.negative_until() == 0)
+            .find(hash, |r| r.key.borrow() == key)
+            .is_some_and(|r| r.flight.negative_until() == 0)
     }
 
     /// Whether this very flight is registered (not superseded, not ended).
     pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
-        self.table.find(hash, |(_, g)| Arc::ptr_eq(f, g)).is_some()
+        self.table
+            .find(hash, |r| Arc::ptr_eq(f, &r.flight))
+            .is_some()
     }
 }
 
@@ -570,6 +597,7 @@ mod tests {
 mod registry_tests {
     use super::*;
     use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
 
     fn claim(
         r: &mut Flights<u32, u32>,
@@ -580,7 +608,7 @@ mod registry_tests {
     ) -> (Arc<Flight<u32, u32>>, bool) {
         let f = Flight::blocking();
         let hash = h.hash_one(key);
-        match r.claim(hash, key, Arc::clone(&f), now, serve_negative, h) {
+        match r.claim(hash, key, Arc::clone(&f), now, serve_negative) {
             FlightClaim::Registered(_) => (f, true),
             FlightClaim::Running(running, _) => (running, false),
         }

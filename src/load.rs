@@ -47,8 +47,9 @@
 //! * **Recursion.** A thread-local list holds the flights this thread is running; a call that
 //!   would join one of them panics (it would wait for itself forever). A load nested in another
 //!   load's loader does not wait for a second load permit (it would deadlock a full limit).
-//! * **No user code under a shard lock** but the key's `Hash`/`Eq`, the `Expiry` callbacks and
-//!   a hit's `Clone`: loaders, weighers and values' clones for waiters run with no lock held.
+//! * **No user code under a shard lock** but the key's `Hash`/`Eq`, the `Expiry` callbacks, a
+//!   hit's `Clone` and the key's `Clone` of a read that starts a refresh: loaders, weighers and
+//!   values' clones for waiters run with no lock held.
 
 use crate::cache::Registration;
 use crate::cache::{Cache, Write};
@@ -443,7 +444,9 @@ where
                 });
                 Claim::Join(running)
             }
-            Registration::Registered => Claim::Lead(Lead::new(self, hash, f)),
+            Registration::Registered(swept) => {
+                Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
+            }
             Registration::Withdrawn => Claim::Lost,
         }
     }

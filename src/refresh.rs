@@ -190,7 +190,7 @@ where
         let f = Flight::blocking();
         let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         match self.register_flight::<()>(hash, key, &f, false, None, Some(retry), || true) {
-            Registration::Registered => Some(Lead::refresh(self, hash, f)),
+            Registration::Registered(swept) => Some(swept.drop_after(Lead::refresh(self, hash, f))),
             Registration::Running(_) => None,
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")

@@ -17,10 +17,25 @@ pub(crate) enum Registration<K, V, R> {
     Hit(R),
     /// A flight of the key runs (or a live negative-cache entry answers it): join it.
     Running(Arc<Flight<K, V>>),
-    /// The caller's flight is registered: it leads.
-    Registered,
+    /// The caller's flight is registered: it leads. What the registration replaced or swept
+    /// is to be dropped once the caller's guard owns the flight ([`Swept::drop_after`]).
+    Registered(Swept<K, V>),
     /// The caller's flight was registered, then withdrawn at once because `keep` said so.
     Withdrawn,
+}
+
+/// Registrations that a new one replaced or swept (expired negative-cache entries). Their
+/// keys' and errors' `Drop` is user code: it runs after the shard lock is released and once
+/// the caller's guard owns its new flight, so that a panic there abandons the flight (its
+/// waiters retry) instead of leaving it registered with nobody to end it.
+pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>);
+
+impl<K, V> Swept<K, V> {
+    /// Drops the swept registrations, then hands back `guard`.
+    pub(crate) fn drop_after<G>(self, guard: G) -> G {
+        drop(self.0);
+        guard
+    }
 }
 
 impl<K, V, S> Cache<K, V, S>
@@ -73,15 +88,10 @@ where
                 return Registration::Hit(r);
             }
         }
-        let hasher = &self.inner.hasher;
-        match s.flights().claim(
-            hash,
-            registered,
-            Arc::clone(flight),
-            now,
-            serve_negative,
-            hasher,
-        ) {
+        match s
+            .flights()
+            .claim(hash, registered, Arc::clone(flight), now, serve_negative)
+        {
             FlightClaim::Running(running, unused) => {
                 if let Some(at) = retry_refresh {
                     s.reset_refresh(hash, key, at);
@@ -93,8 +103,7 @@ where
             FlightClaim::Registered(stale) => {
                 if keep() {
                     drop(s);
-                    drop(stale);
-                    Registration::Registered
+                    Registration::Registered(Swept(stale))
                 } else {
                     let key = s.flights().remove(hash, flight);
                     drop(s);

@@ -11,8 +11,9 @@ where
     S: BuildHasher,
 {
     /// Iterates over clones of the live entries, one shard's snapshot at a time (no lock is held
-    /// while you consume the iterator). Entries inserted or removed meanwhile may or may not be
-    /// seen.
+    /// while you consume the iterator; the snapshot clones a shard's keys and values under its
+    /// read lock, so their `Clone` must not call into this cache). Entries inserted or removed
+    /// meanwhile may or may not be seen.
     ///
     /// ```
     /// let cache = herdcache::Cache::new(10);

@@ -42,9 +42,11 @@ use std::time::Duration;
 ///
 /// Each shard is guarded by a read-write lock. `get` takes the read lock; writes take the write
 /// lock of one shard (two, in turn, when eviction moves to another shard). The key's `Hash`
-/// and `Eq`, the value's `Clone` (in `get`) and [`Expiry`](crate::Expiry) callbacks run under a
-/// shard lock and must not call back into the same cache; the weigher runs before any lock is
-/// taken, and values are dropped after the lock is released.
+/// and `Eq`, the value's `Clone` (in `get`), the key's `Clone` when a read starts a refresh,
+/// the key's and the value's `Clone` in [`iter`](Self::iter)'s snapshot of a shard, and
+/// [`Expiry`](crate::Expiry) callbacks run under a shard lock and must not call back into the
+/// same cache (a panic there leaves the cache consistent and reaches the caller); the weigher
+/// runs before any lock is taken, and keys and values are dropped after the lock is released.
 pub struct Cache<K, V, S = crate::DefaultHashBuilder> {
     pub(crate) inner: Arc<Inner<K, V, S>>,
 }
