@@ -687,6 +687,8 @@ where
             listener: self.listener,
             name: self.name.unwrap_or_else(|| "herdcache".to_string()),
             durations,
+            // As moka reports: 1 for a cache not asked to be segmented.
+            segments: if self.shards.is_some() { shards } else { 1 },
             sizing: self.sizing,
         }))
     }

@@ -126,6 +126,7 @@ impl<K, V> Default for Stampede<K, V> {
 pub struct Policy {
     pub(crate) max_capacity: u64,
     pub(crate) shards: usize,
+    pub(crate) segments: usize,
     pub(crate) time_to_live: Option<Duration>,
     pub(crate) time_to_idle: Option<Duration>,
 }
@@ -150,12 +151,24 @@ impl Policy {
         self.time_to_idle
     }
 
-    /// The number of shards (moka's name: segments).
+    /// The number of segments asked for, as moka reports it: with
+    /// [`CacheBuilder::shards(n)`](crate::CacheBuilder::shards), `n` rounded up to a power of
+    /// two (moka's `SegmentedCache`); otherwise 1 (moka's `sync::Cache`), although the cache is
+    /// sharded anyway (see [`shard_count`](Self::shard_count)).
+    ///
+    /// ```
+    /// let plain = herdcache::Cache::<u32, u32>::new(1_000_000);
+    /// assert_eq!(plain.policy().num_segments(), 1);
+    /// assert!(plain.policy().shard_count() > 1);
+    /// let segmented = herdcache::Cache::<u32, u32>::builder().max_capacity(100).shards(3).build();
+    /// assert_eq!(segmented.policy().num_segments(), 4);
+    /// ```
     pub fn num_segments(&self) -> usize {
-        self.shards
+        self.segments
     }
 
-    /// The number of shards; the same as [`num_segments`](Self::num_segments).
+    /// The number of shards the cache runs: [`shards(n)`](crate::CacheBuilder::shards) rounded
+    /// up to a power of two, or by default about four per CPU, fewer for small caches.
     pub fn shard_count(&self) -> usize {
         self.shards
     }

@@ -1524,7 +1524,7 @@ fn finding_hash_panic_while_the_flight_registry_rehashes_drops_other_keys_loads(
 /// `num_segments()` of a large cache sees 4 × CPUs. (Low stakes: a reporting difference; the
 /// small caches of moka's own test, 100 entries, do give 1.)
 #[test]
-fn finding_num_segments_of_a_default_cache_is_not_mokas_one() {
+fn probe_num_segments_of_a_default_cache_is_mokas_one() {
     let small = herdcache::CacheBuilder::new(100).build();
     small.insert('a', "Alice");
     assert_eq!(small.policy().num_segments(), 1);

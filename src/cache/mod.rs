@@ -123,6 +123,9 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) name: String,
     /// The time to live and time to idle as given (for [`Cache::policy`]).
     pub(crate) durations: (Option<Duration>, Option<Duration>),
+    /// The segments asked for (for [`Cache::policy`]): the shard count if `shards(n)` was
+    /// given, else 1.
+    pub(crate) segments: usize,
     /// Whether to track the sizing curve ([`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing)).
     pub(crate) sizing: bool,
 }
@@ -147,6 +150,8 @@ pub(crate) struct Inner<K, V, S> {
     name: String,
     /// The time to live and time to idle as configured (for [`Cache::policy`]).
     durations: (Option<Duration>, Option<Duration>),
+    /// See [`Parts::segments`].
+    segments: usize,
     /// The counters of a shared second tier, once one is attached (feature `redis`).
     pub(crate) remote: std::sync::OnceLock<Arc<crate::stats::RemoteCounters>>,
     /// The policy's configuration selector (none with a weigher: the configuration is fixed),
@@ -197,6 +202,7 @@ where
             listener,
             name,
             durations,
+            segments,
             sizing,
         } = parts;
         let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
@@ -270,6 +276,7 @@ where
                 listener,
                 name,
                 durations,
+                segments,
                 remote: std::sync::OnceLock::new(),
             }),
         }
@@ -1040,6 +1047,7 @@ where
         Policy {
             max_capacity: self.inner.capacity,
             shards: self.inner.shards.len(),
+            segments: self.inner.segments,
             time_to_live: self.inner.durations.0,
             time_to_idle: self.inner.durations.1,
         }
