@@ -10,7 +10,8 @@
 use crate::cache::Cache;
 use crate::cache::Registration;
 use crate::flight::{
-    accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
+    accept_value, enter, holds_permit, recursive_load, runs_here, Flight, Outcome, Phase, Running,
+    Waited,
 };
 use crate::load::{Lead, Start};
 use crate::load_async::wait_async;
@@ -309,9 +310,12 @@ where
         // a key's `Hash`/`Eq`/`Clone`, a value's `Clone`) abandons the flights not yet
         // published, and their waiters load again.
         let mut leads: Vec<(K, Lead<K, V, S>)> = Vec::new();
+        // Inside another load that holds a permit: loads of these keys whose leaders wait for
+        // a permit, taken over (waiting for them could keep the permit from them forever).
+        let mut taken: Vec<(K, Lead<K, V, S>)> = Vec::new();
         let mut joins = Vec::new();
         for key in keys {
-            if found.contains_key(&key) || leads.iter().any(|(k, _)| *k == key) {
+            if found.contains_key(&key) || leads.iter().chain(&taken).any(|(k, _)| *k == key) {
                 continue;
             }
             let hash = self.hash(&key);
@@ -320,15 +324,19 @@ where
                     found.insert(key, v);
                 }
                 Claimed::Lead(lead) => leads.push((key, lead)),
+                Claimed::Join(f) if holds_permit() && f.steal() => {
+                    taken.push((key, Lead::new(self, hash, f)));
+                }
                 Claimed::Join(f) => joins.push((key, f)),
             }
         }
-        if !leads.is_empty() {
+        if !leads.is_empty() || !taken.is_empty() {
             let permit = self.load_permit();
             // Keys another caller took over while this one waited for the permit: waited for.
             let (started, stolen): (Vec<_>, Vec<_>) =
                 leads.into_iter().partition(|(_, l)| l.flight().start());
             leads = started;
+            leads.extend(taken);
             joins.extend(stolen.into_iter().map(|(k, l)| (k, l.disarm())));
             if leads.is_empty() {
                 drop(permit);

@@ -449,9 +449,11 @@ pub(crate) fn claim_refresh(
     if at == REFRESHING {
         return Refresh::Due;
     }
+    // No early refresh while a failed or deferred one waits out its backoff.
     let due = at <= now
         || early.is_some_and(|(beta, delta)| {
-            xfetch(now, expires, delta.load(Ordering::Relaxed), beta, coin())
+            let delta = delta.load(Ordering::Relaxed);
+            delta & BACKING_OFF == 0 && xfetch(now, expires, delta, beta, coin())
         });
     if !due {
         return Refresh::Fresh;
@@ -470,11 +472,18 @@ pub(crate) fn claim_refresh(
     }
 }
 
+/// A flag on an entry's last load time (the δ early refresh reads): a failed or deferred
+/// refresh waits out its backoff, and early refresh (XFetch) with it. Cleared by the next
+/// write, which stores the new load time.
+pub(crate) const BACKING_OFF: u64 = 1 << 63;
+
 /// Gives back a claim to refresh (the deadline is [`REFRESHING`]): due again at `at`. A
-/// deadline set meanwhile (by a new value) is kept.
+/// deadline set meanwhile (by a new value) is kept. Returns whether it was given back.
 #[inline]
-pub(crate) fn give_back_refresh(refresh_at: &AtomicU64, at: u64) {
-    let _ = refresh_at.compare_exchange(REFRESHING, at, Ordering::AcqRel, Ordering::Relaxed);
+pub(crate) fn give_back_refresh(refresh_at: &AtomicU64, at: u64) -> bool {
+    refresh_at
+        .compare_exchange(REFRESHING, at, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
 }
 
 /// A uniform factor in [1 − jitter, 1 + jitter] from a uniform `u` in [0, 1) (exactly 1

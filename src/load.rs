@@ -467,7 +467,14 @@ where
         outcome: Outcome<V>,
         took: u64,
     ) -> Arc<Outcome<V>> {
-        self.publish_as(lead, key, outcome, Some(took))
+        self.publish_as(lead, key, outcome, Some(took)).0
+    }
+
+    /// [`publish`](Self::publish)es a loaded value; returns whether it was stored (not if a
+    /// write or invalidation of the key superseded the load).
+    pub(crate) fn publish_stored(&self, lead: Lead<K, V, S>, key: K, value: V, took: u64) -> bool {
+        self.publish_as(lead, Some(key), Outcome::Value(value), Some(took))
+            .1
     }
 
     /// Publishes a computation's value ([`EntryRef::and_compute_with`](crate::EntryRef) and
@@ -480,25 +487,28 @@ where
         value: V,
     ) -> Arc<Outcome<V>> {
         self.publish_as(lead, Some(key), Outcome::Value(value), None)
+            .0
     }
 
     /// [`publish`](Self::publish); `took`: the load's duration, `None` for a computation.
+    /// Also returns whether a value was stored.
     fn publish_as(
         &self,
         lead: Lead<K, V, S>,
         key: Option<K>,
         outcome: Outcome<V>,
         took: Option<u64>,
-    ) -> Arc<Outcome<V>> {
+    ) -> (Arc<Outcome<V>>, bool) {
         let hash = lead.hash;
         if !lead.flight().is_running() {
             // A shared load that another caller took over (and ended) while it waited for a
             // permit: nothing of it is published.
             let flight = lead.disarm();
-            return match &flight.state.lock().phase {
+            let outcome = match &flight.state.lock().phase {
                 Phase::Done(o) => Arc::clone(o),
                 _ => Arc::new(outcome),
             };
+            return (outcome, false);
         }
         let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
             crate::clock::deadline(self.now(), n)
@@ -549,10 +559,11 @@ where
             _ => None,
         };
         let mut out = Removals::new();
+        let mut stored = false;
         match staged {
             Some((key, value, weight)) => {
                 let write = Write::Load(lead.flight());
-                self.reporting_panics(&mut out, |out| {
+                stored = self.reporting_panics(&mut out, |out| {
                     self.insert_with(hash, key, value, weight, write, (took, cap), out)
                 });
             }
@@ -583,7 +594,7 @@ where
         // Removed entries are reported (eviction listener) only after the waiters are
         // released: a panicking listener must not strand them.
         self.report_removals(out);
-        outcome
+        (outcome, stored)
     }
 
     /// Runs a blocking load: the single-flight core for `get_with` and its siblings. The hit

@@ -184,7 +184,9 @@ where
         // A timeout too long for an `Instant` (`Duration::MAX`) is no bound at all.
         let until = timeout.and_then(crate::clock::instant_after);
         let hash = self.hash(&key);
-        let result = if until.is_none() || self.inner.stampede.spawner.is_none() {
+        // Inside another load that holds a permit, the load runs here under that permit: a
+        // spawned job would wait for the permit this caller holds.
+        let result = if until.is_none() || self.inner.stampede.spawner.is_none() || holds_permit() {
             self.load_inline(key.clone(), hash, &loader, until, true)
         } else {
             self.load_spawned(key.clone(), hash, &loader, until)

@@ -591,6 +591,12 @@ impl Policy {
             }
             let chosen = if victims.is_empty() {
                 (c, ch)
+            } else if freed < need {
+                // Even every victim main could give would not make room: the candidate does
+                // not fit in this shard's share. Turned away, it costs nobody their place
+                // (admitted, it would have evicted them all, then itself).
+                self.unpop_victims(slab, &victims);
+                (c, ch)
             } else {
                 let cf = self.sketch.frequency(ch);
                 let vf = u8::try_from(freq).unwrap_or(u8::MAX);

@@ -105,19 +105,21 @@ where
                 drop(lead.disarm()); // taken over meanwhile: the taker publishes
                 return;
             }
-            let start = cache.now();
-            let result = UnderPermit::new(loader(&key), permit.is_some()).await;
-            let took = cache.now().saturating_sub(start);
+            // Timed as the blocking refresh is (the precise clock: the coarse one rounds a
+            // short load to 0, and early refresh would then never fire for the key).
+            let start = cache.stopwatch();
+            let result = UnderPermit::new(Caught(loader(&key)), permit.is_some()).await;
+            let took = cache.stopwatch().saturating_sub(start);
             drop(permit);
             match result {
-                Ok(v) => {
-                    cache.count(Counter::RefreshSucceeded);
-                    cache.publish(lead, Some(key), Outcome::Value(v), took);
-                }
-                Err(e) => {
+                Ok(Ok(v)) => cache.publish_refreshed(lead, key, v, took),
+                Ok(Err(e)) => {
                     let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
                     cache.fail_refresh(lead, &key, took, Outcome::Error(error));
                 }
+                // A panicking loader fails the refresh as in the blocking path (counted, the
+                // next one after the backoff), instead of unwinding through the spawner.
+                Err(()) => cache.fail_refresh(lead, &key, took, Outcome::Panicked),
             }
         };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::pin(fut))));
@@ -150,10 +152,7 @@ where
         drop(running);
         drop(permit);
         match result {
-            Ok(Ok(v)) => {
-                self.count(Counter::RefreshSucceeded);
-                self.publish(lead, Some(key), Outcome::Value(v), took);
-            }
+            Ok(Ok(v)) => self.publish_refreshed(lead, key, v, took),
             // A failed (or panicking) refresh keeps the old value, and backs off. Callers that
             // joined it (the entry expired meanwhile) get the error.
             Ok(Err(e)) => {
@@ -161,6 +160,14 @@ where
                 self.fail_refresh(lead, &key, took, Outcome::Error(error));
             }
             Err(_) => self.fail_refresh(lead, &key, took, Outcome::Panicked),
+        }
+    }
+
+    /// Publishes a refresh's value; counted as a refresh that succeeded only if it replaced
+    /// the value (not if a write or invalidation of the key came first).
+    fn publish_refreshed(&self, lead: Lead<K, V, S>, key: K, value: V, took: u64) {
+        if self.publish_stored(lead, key, value, took) {
+            self.count(Counter::RefreshSucceeded);
         }
     }
 
@@ -195,6 +202,27 @@ where
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")
             }
+        }
+    }
+}
+
+/// A future whose panic is caught and returned as `Err(())` (the refresh's loader future).
+struct Caught<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for Caught<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
         }
     }
 }

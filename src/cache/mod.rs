@@ -211,18 +211,6 @@ where
         let now = if timed { clock.now() } else { 0 };
         let n = shards as u64;
         let seed = hasher.hash_one(0x5eed_u64);
-        let cells = (0..n)
-            .map(|i| {
-                // Shares add up to the capacity exactly.
-                let share = capacity / n + u64::from(i < capacity % n);
-                CachePadded::new(ShardCell {
-                    lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i))),
-                    samples: Samples::default(),
-                    accesses: AtomicU64::new(0),
-                    due: crate::monitor::DueRing::new(&stampede.monitor),
-                })
-            })
-            .collect();
         // Entry-bounded caches choose their configuration by miniature simulation; with a
         // weigher the shadows' sizes are unknown (the capacity is in weight units) and the
         // configuration stays at window 1 % + ghost admission.
@@ -233,6 +221,18 @@ where
         let tune = selector
             .as_ref()
             .map_or(tune_word(1, 0), |s| s.lock().tune());
+        let cells = (0..n)
+            .map(|i| {
+                // Shares add up to the capacity exactly.
+                let share = capacity / n + u64::from(i < capacity % n);
+                CachePadded::new(ShardCell {
+                    lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i), tune)),
+                    samples: Samples::default(),
+                    accesses: AtomicU64::new(0),
+                    due: crate::monitor::DueRing::new(&stampede.monitor),
+                })
+            })
+            .collect();
         // The sizing curve samples at most 1,024 entries' worth at 1 × (a superset of the
         // selector's keys, which is sampled less below 4,096 entries; with a weigher, its own).
         let sizing = sizing.then(|| {
@@ -885,7 +885,9 @@ where
         self.report_removals(out);
     }
 
-    /// Removes every entry. Values are dropped after each shard's lock is released.
+    /// Removes every entry, at one instant (every shard is write-locked for the call: an entry
+    /// written during it, in any shard, is either removed or kept whole). Values are dropped
+    /// after the locks are released.
     ///
     /// ```
     /// let cache = herdcache::Cache::new(10);
@@ -895,27 +897,50 @@ where
     /// ```
     pub fn invalidate_all(&self) {
         let now = self.now();
-        self.for_each_shard(|s, out| s.clear(now, out));
+        self.on_all_shards(|s, out| s.clear(now, out));
     }
 
     /// Runs `op` on every shard in turn under its write lock, then reports what it removed once
-    /// the lock is released. Panic-safe: if `op` (user code: a `retain` predicate, a key's
-    /// `Hash`) or a removed value's `Drop` panics, the shard's weight is still accounted, what
-    /// was removed is still reported, the remaining shards are still processed, and the first
-    /// panic (or a listener's) is resumed after the last shard.
-    fn for_each_shard(&self, mut op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>)) {
+    /// the lock is released (see [`over_shards`](Self::over_shards)).
+    fn for_each_shard(&self, op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>)) {
+        self.over_shards(false, op);
+    }
+
+    /// Runs `op` on every shard with all of them write-locked (taken in index order, as
+    /// `validate` does; nothing else holds two at once), then reports what it removed once
+    /// they are released: one instant for the whole cache, so a write during the call either
+    /// came before it (and `op` sees it) or after it (and is untouched), whichever shard it
+    /// went to.
+    fn on_all_shards(&self, op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>)) {
+        self.over_shards(true, op);
+    }
+
+    /// [`for_each_shard`](Self::for_each_shard) (`at_once` false) or
+    /// [`on_all_shards`](Self::on_all_shards). Panic-safe: if `op` (user code: a `retain`
+    /// predicate, a key's `Hash`) or a removed value's `Drop` panics, the shard's weight is
+    /// still accounted, what was removed is still reported, the remaining shards are still
+    /// processed, and the first panic (or a listener's) is resumed after the last shard.
+    fn over_shards(
+        &self,
+        at_once: bool,
+        mut op: impl FnMut(&mut Shard<K, V>, &mut Removals<K, V>),
+    ) {
+        let cells = &self.inner.shards;
+        let step = if at_once { cells.len() } else { 1 };
         let mut panic = None;
-        for cell in self.inner.shards.iter() {
+        for group in cells.chunks(step) {
             let mut out = Removals::new();
-            let ran = {
-                let mut s = cell.lock.write();
-                let acct = Accounting::new(self, &mut *s);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    op(&mut *acct.shard, &mut out)
-                }))
-            };
-            if let Err(p) = ran {
-                panic.get_or_insert(p);
+            {
+                let mut guards: Vec<_> = group.iter().map(|c| c.lock.write()).collect();
+                for s in &mut guards {
+                    let acct = Accounting::new(self, &mut **s);
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        op(&mut *acct.shard, &mut out)
+                    }));
+                    if let Err(p) = ran {
+                        panic.get_or_insert(p);
+                    }
+                }
             }
             if let Some(p) = self.report(&out) {
                 panic.get_or_insert(p);
@@ -939,9 +964,11 @@ where
     /// stored). A load of a key that has no entry (being loaded for the first time) is not
     /// touched: `keep` never sees it.
     ///
-    /// `keep` runs while each shard is write-locked, one shard at a time (as `HashMap::retain`
-    /// runs inside the map): it must not call into this cache. Removed values are dropped after
-    /// the lock is released.
+    /// `keep` runs while every shard is write-locked (as `HashMap::retain` runs inside the
+    /// map), so the call takes effect at one instant: a write made during it, in any shard, is
+    /// either seen by `keep` or untouched. `keep` must not call into this cache; other callers
+    /// wait until it has run over every entry. Removed values are dropped after the locks are
+    /// released.
     ///
     /// ```
     /// let cache = herdcache::Cache::new(10);
@@ -951,7 +978,7 @@ where
     /// ```
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         let now = self.now();
-        self.for_each_shard(|s, out| s.retain(now, &self.inner.hasher, &mut keep, out));
+        self.on_all_shards(|s, out| s.retain(now, &self.inner.hasher, &mut keep, out));
     }
 
     /// Removes the entries for which `predicate` returns true: [`retain`](Self::retain) with
@@ -961,8 +988,8 @@ where
     /// affected, as in moka). Always `Ok`: nothing needs
     /// [`support_invalidation_closures`](crate::CacheBuilder::support_invalidation_closures).
     ///
-    /// `predicate` runs while each shard is write-locked, as `retain`'s: it must not call into
-    /// this cache.
+    /// `predicate` runs while every shard is write-locked, as `retain`'s (one instant for the
+    /// whole cache): it must not call into this cache.
     ///
     /// # Errors
     ///

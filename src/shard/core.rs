@@ -59,7 +59,7 @@ struct Refile {
 const REFILE_MAX: usize = 1024;
 
 impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
-    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
+    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64, tune: u64) -> Self {
         let stride = layout.stride;
         Core {
             table: HashTable::new(),
@@ -71,7 +71,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             layout,
             rng: Rng::new(seed),
             wheel: (stride > 0).then(|| TimerWheel::new(now)),
-            policy: Policy::new(share, seed, 0),
+            // In the cache's configuration from the start (a weighted cache's is fixed: had it
+            // switched at its first eviction, the window's shrink would have handed every
+            // entry, the newest too, to probation without an admission test).
+            policy: Policy::new(share, seed, tune),
             weight: 0,
             len: 0,
             share,
@@ -272,6 +275,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             .layout
             .early_beta
             .map(|beta| (beta, self.extra(slot, r + 1)));
+        // XFetch measures the time left to the time-to-live deadline (a time to idle, moved
+        // by every read, is not when the value gets old).
+        let expires = if self.layout.hard {
+            self.extra(slot, 1).load(Ordering::Relaxed)
+        } else {
+            expires
+        };
         claim_refresh(self.extra(slot, r), early, now, expires, coin)
     }
 
@@ -284,6 +294,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
             self.extra(slot, r).store(at, Ordering::Relaxed);
+            self.extra(slot, r + 1)
+                .fetch_or(crate::expiry::BACKING_OFF, Ordering::Relaxed);
         }
     }
 
@@ -310,7 +322,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
-            give_back_refresh(self.extra(slot, r), at);
+            if give_back_refresh(self.extra(slot, r), at) {
+                self.extra(slot, r + 1)
+                    .fetch_or(crate::expiry::BACKING_OFF, Ordering::Relaxed);
+            }
         }
     }
 

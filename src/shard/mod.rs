@@ -237,11 +237,13 @@ macro_rules! forward {
 }
 
 impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
-    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64) -> Self {
+    /// A shard of `share` capacity whose policy starts in the configuration `tune` (a
+    /// [`tune_word`](crate::policy::tune_word)).
+    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64, tune: u64) -> Self {
         if layout.stride > 0 {
-            Shard::Timed(Core::new(share, layout, now, seed))
+            Shard::Timed(Core::new(share, layout, now, seed, tune))
         } else {
-            Shard::Plain(Core::new(share, layout, now, seed))
+            Shard::Plain(Core::new(share, layout, now, seed, tune))
         }
     }
 
@@ -309,7 +311,7 @@ mod tests {
 
     fn shard(cap: u64, stride: usize) -> (Shard<u64, u64>, S) {
         let layout = Layout::new(stride, None, None, 0.0);
-        (Shard::new(cap, layout, 0, 7), S::with_seeds(1, 2, 3, 4))
+        (Shard::new(cap, layout, 0, 7, 0), S::with_seeds(1, 2, 3, 4))
     }
 
     /// Inserts `k → v` (weight 1, time 0, no expiry) in the policy's first configuration.
