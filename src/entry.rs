@@ -325,7 +325,7 @@ where
                 }
                 Claimed::Lead(lead) => leads.push((key, lead)),
                 Claimed::Join(f) if holds_permit() && f.steal() => {
-                    taken.push((key, Lead::new(self, hash, f)));
+                    taken.push((key, Lead::taken(self, hash, f)));
                 }
                 Claimed::Join(f) => joins.push((key, f)),
             }

@@ -132,6 +132,11 @@ impl<K, V> Flight<K, V> {
             .is_ok()
     }
 
+    /// Whether a caller took this flight's load over ([`steal`](Self::steal)).
+    pub(crate) fn is_stolen(&self) -> bool {
+        self.start.load(Ordering::Acquire) == STOLEN
+    }
+
     /// Makes this (just registered) flight an async one: its load is `future`, shared by the
     /// async callers, and `key` is the key its publisher stores under.
     pub(crate) fn set_shared_load(&self, key: Option<K>, future: LoadFuture<V>) {

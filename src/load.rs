@@ -169,6 +169,9 @@ where
     hash: u64,
     flight: Option<Arc<Flight<K, V>>>,
     refresh: bool,
+    /// This caller took the load over from a leader that waited for a permit
+    /// ([`Flight::steal`]); the other leads of a flight taken over leave it to this one.
+    taker: bool,
 }
 
 impl<K, V, S> Lead<K, V, S>
@@ -183,7 +186,22 @@ where
             hash,
             flight: Some(flight),
             refresh: false,
+            taker: false,
         }
+    }
+
+    /// The lead of a caller that took `flight` over ([`Flight::steal`] succeeded): it runs
+    /// the load and publishes it; the leader it was taken from no longer ends it.
+    pub(crate) fn taken(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) -> Self {
+        let mut lead = Lead::new(cache, hash, flight);
+        lead.taker = true;
+        lead
+    }
+
+    /// Whether another caller took this lead's load over: then it, not this lead, publishes
+    /// the outcome or abandons the flight.
+    fn superseded_by_taker(&self) -> bool {
+        !self.taker && self.flight.as_ref().is_some_and(|f| f.is_stolen())
     }
 
     /// A refresh's lead: abandoned, it retries after the refresh backoff.
@@ -193,6 +211,7 @@ where
             hash,
             flight: Some(flight),
             refresh: true,
+            taker: false,
         }
     }
 
@@ -221,6 +240,13 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
+        if self.superseded_by_taker() {
+            // The taker ends the flight (a refresh taken over ends here, counted as not run).
+            if self.refresh {
+                self.cache.count(Counter::RefreshFailed);
+            }
+            return;
+        }
         if let Some(flight) = self.flight.take() {
             let retry = self.refresh.then(|| {
                 self.cache.count(Counter::RefreshFailed);
@@ -500,7 +526,7 @@ where
         took: Option<u64>,
     ) -> (Arc<Outcome<V>>, bool) {
         let hash = lead.hash;
-        if !lead.flight().is_running() {
+        if !lead.flight().is_running() || lead.superseded_by_taker() {
             // A shared load that another caller took over (and ended) while it waited for a
             // permit: nothing of it is published.
             let flight = lead.disarm();
@@ -686,7 +712,7 @@ where
                     // A caller that holds a load permit (inside another load) must not wait for
                     // a leader that waits for a permit: it takes the load over.
                     if init.is_some() && holds_permit() && flight.steal() {
-                        let lead = Lead::new(self, hash, flight);
+                        let lead = Lead::taken(self, hash, flight);
                         let f = init.take().expect("checked");
                         let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false, None)
                         else {

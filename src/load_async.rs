@@ -401,7 +401,7 @@ where
                     // Inside another load that holds a permit: take over a leader that waits
                     // for one (waiting for it could keep the permit from it forever).
                     if init.is_some() && holds_permit() && flight.steal() {
-                        let lead = Lead::new(self, hash, flight);
+                        let lead = Lead::taken(self, hash, flight);
                         let f = init.take().expect("checked");
                         let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await else {
                             unreachable!("a load taken over is not started again")
@@ -457,29 +457,12 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
-        let limiter = self.inner.stampede.limiter.clone();
-        let clock = self.time_source();
-        // The shared load: takes a load permit (if limited, and unless it is nested in a load
-        // that holds one) and measures itself.
-        // The load's start token: the flight this future leads is made with it.
-        let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
-        let start_token = Arc::clone(&token);
-        let load: LoadFuture<V> = Box::pin(async move {
-            let permit = match &limiter {
-                Some(l) if !holds_permit() => Some(l.acquire().await),
-                _ => None,
-            };
-            if !crate::flight::start(&start_token) {
-                // Taken over while this load waited for a permit: its taker publishes.
-                return (Outcome::Nothing, 0);
-            }
-            let start = clock.stopwatch();
-            let outcome = UnderPermit::new(init, permit.is_some()).await;
-            let took = clock.stopwatch().saturating_sub(start);
-            drop(permit);
-            (outcome, took)
-        });
-        let mut init: Option<SharedLoad<V>> = Some((load, token));
+        // A shared load that did not start its `init` (another caller took it over while it
+        // waited for a permit, or its flight was abandoned first) gives `init` back here, so
+        // that this caller can lead with it again if the load it waited for ends with nothing
+        // for it (the taker's loader panicked or found nothing).
+        let back = Arc::new(crate::sync::Mutex::new(None));
+        let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
         let mut bypass_negative = false;
         let mut record = true;
         loop {
@@ -498,7 +481,7 @@ where
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, driving this caller's own load here.
                 Claim::Join(f) if had_future && holds_permit() && f.steal() => {
-                    let lead = Lead::new(self, hash, f);
+                    let lead = Lead::taken(self, hash, f);
                     let (fut, token) = init.take().expect("checked");
                     crate::flight::start(&token);
                     let (outcome, took) = fut.await;
@@ -506,7 +489,13 @@ where
                     return accept(&outcome).expect("a leader accepts its own outcome");
                 }
                 Claim::Join(f) => f,
-                Claim::Lost => lost_load(),
+                Claim::Lost => match back.lock().take() {
+                    Some(f) => {
+                        init = Some(self.shared_load(f, &back));
+                        continue;
+                    }
+                    None => lost_load(),
+                },
             };
             let wait = Wait {
                 cache: self,
@@ -520,6 +509,64 @@ where
                 Waited::Done(None) => bypass_negative = true,
                 Waited::Abandoned | Waited::TimedOut => {}
             }
+        }
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// The shared load of `init` for [`load_async_core`](Self::load_async_core): takes a load
+    /// permit (if limited, and unless it is nested in a load that holds one) and measures
+    /// itself. The start token comes with it: the flight this future leads is made with it.
+    /// If the future ends (taken over) or is dropped before `init` starts, `init` goes to
+    /// `back`.
+    fn shared_load<F>(&self, init: F, back: &Arc<crate::sync::Mutex<Option<F>>>) -> SharedLoad<V>
+    where
+        F: Future<Output = Outcome<V>> + Send + 'static,
+    {
+        let limiter = self.inner.stampede.limiter.clone();
+        let clock = self.time_source();
+        let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
+        let start_token = Arc::clone(&token);
+        let mut unstarted = GiveBack {
+            init: Some(init),
+            back: Arc::clone(back),
+        };
+        let load: LoadFuture<V> = Box::pin(async move {
+            let permit = match &limiter {
+                Some(l) if !holds_permit() => Some(l.acquire().await),
+                _ => None,
+            };
+            if !crate::flight::start(&start_token) {
+                // Taken over while this load waited for a permit: its taker publishes (and
+                // `init` goes back, unstarted).
+                return (Outcome::Nothing, 0);
+            }
+            let init = unstarted.init.take().expect("started once");
+            let start = clock.stopwatch();
+            let outcome = UnderPermit::new(init, permit.is_some()).await;
+            let took = clock.stopwatch().saturating_sub(start);
+            drop(permit);
+            (outcome, took)
+        });
+        (load, token)
+    }
+}
+
+/// Holds a shared load's `init` until it starts; dropped before, it gives `init` back.
+struct GiveBack<F> {
+    init: Option<F>,
+    back: Arc<crate::sync::Mutex<Option<F>>>,
+}
+
+impl<F> Drop for GiveBack<F> {
+    fn drop(&mut self) {
+        if let Some(init) = self.init.take() {
+            *self.back.lock() = Some(init);
         }
     }
 }

@@ -250,7 +250,7 @@ where
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, here (waiting for it could keep the permit from it forever).
                 Claim::Join(f) if holds_permit() && f.steal() => {
-                    let lead = Lead::new(self, hash, f);
+                    let lead = Lead::taken(self, hash, f);
                     let k = key.clone();
                     let init = || catch_panic(|| outcome_of(loader(&k)));
                     let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false, None)

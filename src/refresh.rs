@@ -102,7 +102,7 @@ where
                 _ => None,
             };
             if !lead.flight().start() {
-                drop(lead.disarm()); // taken over meanwhile: the taker publishes
+                drop(lead); // taken over meanwhile: the taker publishes
                 return;
             }
             // Timed as the blocking refresh is (the precise clock: the coarse one rounds a
@@ -142,7 +142,7 @@ where
             None => crate::load::LoadPermit::none(),
         };
         if !lead.flight().start() {
-            drop(lead.disarm()); // taken over meanwhile: the taker publishes
+            drop(lead); // taken over meanwhile: the taker publishes
             return;
         }
         let running = crate::flight::enter(lead.flight());
@@ -164,11 +164,14 @@ where
     }
 
     /// Publishes a refresh's value; counted as a refresh that succeeded only if it replaced
-    /// the value (not if a write or invalidation of the key came first).
+    /// the value (one that lost to a write or invalidation of the key counts as failed: every
+    /// refresh started ends as one or the other).
     fn publish_refreshed(&self, lead: Lead<K, V, S>, key: K, value: V, took: u64) {
-        if self.publish_stored(lead, key, value, took) {
-            self.count(Counter::RefreshSucceeded);
-        }
+        self.count(if self.publish_stored(lead, key, value, took) {
+            Counter::RefreshSucceeded
+        } else {
+            Counter::RefreshFailed
+        });
     }
 
     /// Ends a refresh that failed: the old value stays, the next refresh waits for the

@@ -265,11 +265,13 @@ pub struct CacheStats {
     /// Callers that waited for another caller's load instead of loading (single-flight at
     /// work).
     pub coalesced: u64,
-    /// Refreshes started (refresh-ahead and early refresh).
+    /// Refreshes started (refresh-ahead and early refresh). Each ends as one of the next two.
     pub refreshes_started: u64,
     /// Refreshes that replaced the value.
     pub refreshes_succeeded: u64,
-    /// Refreshes that failed (the old value was kept) or were deferred by the load limit.
+    /// Refreshes that did not replace the value: they failed (the old value was kept), were
+    /// deferred by the load limit, were taken over by a nested load, or lost to a write or
+    /// invalidation of the key made while they ran.
     pub refreshes_failed: u64,
     /// Reads that returned a value due for refresh (stale-while-revalidate).
     pub stale_served: u64,

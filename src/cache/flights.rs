@@ -167,7 +167,12 @@ where
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let mut st = flight.state.lock();
-            if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
+            // A load taken over is the taker's: it ends the flight, whoever else goes away.
+            if !matches!(st.phase, Phase::Running)
+                || st.interested > 0
+                || st.polling
+                || flight.is_stolen()
+            {
                 return;
             }
             let key = s.flights().remove(hash, flight);
