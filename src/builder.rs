@@ -523,8 +523,10 @@ where
 
     /// Fail-safe (FusionCache's name for it): when the load of an expired key fails — the
     /// loader's error, a panic, an abandoned leader, a soft timeout (also one that passes while
-    /// the leader waits for a [`max_concurrent_loads`](Self::max_concurrent_loads) permit,
-    /// spawner or not: its loader then does not run) — its callers get the last
+    /// the leader waits for a [`max_concurrent_loads`](Self::max_concurrent_loads) permit:
+    /// without a spawner its loader then does not run; with one, the spawned job keeps
+    /// waiting for its permit and loads then, as
+    /// [`load_with_timeout`](crate::Cache::load_with_timeout) says) — its callers get the last
     /// value instead of the error, up to `max_stale` past its deadline, and the key is retried
     /// after [`refresh_backoff`](Self::refresh_backoff) by one caller (the others get the last
     /// value meanwhile, with no load). Never beyond `max_stale`. Expired entries are kept (and

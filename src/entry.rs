@@ -391,6 +391,7 @@ where
         loop {
             match self.try_lock_key(hash, key) {
                 Ok(lead) => return lead,
+                Err(running) if self.give_up_waiting_leader(hash, &running) => {}
                 Err(running) => {
                     let _ = self.wait_blocking(&running, &|_: &Outcome<V>| None::<()>, None);
                 }
@@ -398,10 +399,23 @@ where
         }
     }
 
+    /// Inside a load that holds a permit, a computation must not wait for a load whose leader
+    /// waits for a permit (it could keep the permit from it forever): it takes that load over
+    /// and gives it up at once — abandoned, its callers (the leader too) load again, after the
+    /// computation. Returns whether it did.
+    fn give_up_waiting_leader(&self, hash: u64, running: &Arc<Flight<K, V>>) -> bool {
+        let taken = holds_permit() && running.steal();
+        if taken {
+            drop(Lead::taken(self, hash, Arc::clone(running)));
+        }
+        taken
+    }
+
     async fn lock_key_async(&self, hash: u64, key: &K) -> Lead<K, V, S> {
         loop {
             match self.try_lock_key(hash, key) {
                 Ok(lead) => return lead,
+                Err(running) if self.give_up_waiting_leader(hash, &running) => {}
                 Err(running) => {
                     let accept = |_: &Outcome<V>| None::<()>;
                     let _ = wait_async(self, hash, running, &accept).await;

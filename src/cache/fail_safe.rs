@@ -16,9 +16,10 @@
 //!   value replaces the old one.
 //! * **A load fails** — the loader's error, a panic (of a builder loader, or of a `get_with`
 //!   init, whose panic still goes to its own caller), an abandoned async leader, a soft timeout
-//!   of [`Cache::load_with_timeout`] (also one that passes while its leader, spawner or not,
-//!   still waits for a `max_concurrent_loads` permit: the leader gives the load up before its
-//!   loader runs, which abandons it) — while the old value is within its stale window: every
+//!   of [`Cache::load_with_timeout`] (also one that passes while its leader still waits for a
+//!   `max_concurrent_loads` permit: without a spawner the leader gives the load up before its
+//!   loader runs, which abandons it; a spawned job keeps waiting and loads when it gets its
+//!   permit) — while the old value is within its stale window: every
 //!   caller of that load gets the old value instead of the error (`Ok`), and the key's *retry
 //!   deadline* is set `refresh_backoff` ahead. The retry deadline is set before the failed load
 //!   leaves the registry, so no caller can start a second load in between.
