@@ -185,12 +185,38 @@ where
         let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         let hash = lead.hash();
         // Taken (and the retry deadline set) while the flight is still registered.
-        let outcome = match self.fail_safe_fallback(hash, key) {
-            Some(v) => Outcome::Value(v),
-            None => outcome,
+        // Callers that joined the refresh (the entry expired meanwhile) hold the flight too:
+        // only then is the fallback value served to anyone (and counted).
+        let joined = Arc::strong_count(lead.flight()) > 2; // the registry's and this lead's
+        let (outcome, negative) = match self.fail_safe_fallback_for(hash, key, joined) {
+            Some(v) => (Outcome::Value(v), None),
+            None => {
+                // Remembered as a failed load is (see `publish`): callers of the key, once it
+                // is missed, get the failure without a load until then.
+                let negative = match outcome {
+                    Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
+                    _ => self.inner.stampede.negative_ttl,
+                };
+                (outcome, negative.filter(|&d| d > 0 && self.keeps_time()))
+            }
         };
         let flight = lead.disarm();
-        self.end_flight(hash, &flight, Some(retry), Phase::Done(Arc::new(outcome)));
+        let phase = Phase::Done(Arc::new(outcome));
+        match negative {
+            Some(ttl) => {
+                {
+                    let s = self.inner.shards[self.shard_index(hash)].lock.write();
+                    if s.flights_ref().is_registered(hash, &flight) {
+                        // Kept registered, as a negative-cache entry (set under the shard
+                        // lock, where claims read it).
+                        flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
+                        s.set_refresh_at(hash, key, retry);
+                    }
+                }
+                flight.resolve(phase);
+            }
+            None => self.end_flight(hash, &flight, Some(retry), phase),
+        }
     }
 
     /// Registers a refresh of `key` as its flight, unless a load of it runs already — then the

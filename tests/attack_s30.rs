@@ -8,7 +8,7 @@
 //! Run with `cargo test --test attack_s30 --features testing`.
 //!
 //! Tests named `finding_*` failed on the code they were written against (stop 23); all but
-//! four pass now (the four are `#[ignore]`d with the reason: open, listed in stop 23's note;
+//! two pass now (the two are `#[ignore]`d with the reason: open, listed in stop 23's note;
 //! `cargo test --test attack_s30 --features testing -- --ignored` runs them). Tests named
 //! `probe_*` passed from the start and stay as regression tests; two findings that were
 //! documented behaviour became probes (a refresh's future catching its loader's panic;
@@ -1208,7 +1208,6 @@ fn probe_fault_storm_settles() {
 /// refresh that fails after its entry expired, with no caller waiting on it, answered no call:
 /// yet it counts one, and `health()` reports fail-safe serving stale values.
 #[test]
-#[ignore = "open (noted in stop 23): the fail-safe fallback of a failed refresh is counted even with no caller waiting"]
 fn finding_failed_refresh_with_no_caller_counts_a_stale_answer() {
     let clock = ManualClock::new();
     let jobs: Jobs = Arc::default();
@@ -1341,7 +1340,6 @@ fn finding_inline_spawner_makes_the_soft_timeout_unbounded_under_the_limit() {
 /// ("Loads (including refreshes)"), and here callers of the expired key waited on it and got
 /// its error — yet the next caller calls the backend again at once.
 #[test]
-#[ignore = "open (noted in stop 23): a failed refresh ends its flight without a negative-cache entry"]
 fn finding_failed_refresh_of_an_expired_key_is_not_negatively_cached() {
     let _w = watchdog(LIMIT, "negative refresh");
     let clock = ManualClock::new();

@@ -215,6 +215,12 @@ where
     /// retry deadline a backoff ahead and returns a clone of the value (cloned under the read
     /// lock, as a hit is), counted as served after its time to live.
     pub(crate) fn fail_safe_fallback(&self, hash: u64, key: &K) -> Option<V> {
+        self.fail_safe_fallback_for(hash, key, true)
+    }
+
+    /// [`fail_safe_fallback`](Self::fail_safe_fallback); `served`: whether a caller gets the
+    /// value (counted only then).
+    pub(crate) fn fail_safe_fallback_for(&self, hash: u64, key: &K, served: bool) -> Option<V> {
         self.inner.stampede.fail_safe?;
         let now = self.now();
         let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
@@ -224,7 +230,9 @@ where
             retry.fetch_max(next, Ordering::Relaxed);
             v.clone()
         };
-        self.note_stale();
+        if served {
+            self.note_stale();
+        }
         Some(v)
     }
 }
