@@ -458,7 +458,14 @@ where
         };
         let lookup: Option<&dyn Fn(&V) -> R> = if replace { None } else { Some(hit) };
         match self.register_flight(hash, key, &f, !bypass_negative, lookup, None, keep) {
-            Registration::Hit(r) => Claim::Hit(r),
+            Registration::Hit(r) => {
+                if record || looked_up {
+                    // A miss this round counted, answered by a value another caller stored
+                    // since: work saved, as a join is.
+                    self.count(Counter::Coalesced);
+                }
+                Claim::Hit(r)
+            }
             Registration::Running(running) => {
                 if runs_here(running.id()) {
                     recursive_load();

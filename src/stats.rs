@@ -263,7 +263,8 @@ pub struct CacheStats {
     /// Entries evicted to stay within the capacity (or too heavy to store).
     pub size: Removals,
     /// Callers that waited for another caller's load instead of loading (single-flight at
-    /// work).
+    /// work), or that missed and found the value stored by another caller by the time they
+    /// claimed the key: every miss is a load or one of these (or a negative hit).
     pub coalesced: u64,
     /// Refreshes started (refresh-ahead and early refresh). Each ends as one of the next two.
     pub refreshes_started: u64,

@@ -334,3 +334,43 @@ fn a_panicking_listener_leaves_the_cache_consistent() {
         "an odd key's listener does not panic"
     );
 }
+
+/// A key whose `Clone` stores the key's value in the cache (once): the clone `get_with` makes
+/// before it takes the shard lock lands between its lookup (a miss) and its claim (a hit).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SlyKey(u32);
+
+static SLY_CACHE: std::sync::OnceLock<Cache<SlyKey, u32>> = std::sync::OnceLock::new();
+static SLY_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Clone for SlyKey {
+    fn clone(&self) -> Self {
+        if SLY_ARMED.swap(false, Ordering::SeqCst) {
+            if let Some(c) = SLY_CACHE.get() {
+                c.insert(SlyKey(self.0), 7);
+            }
+        }
+        SlyKey(self.0)
+    }
+}
+
+/// Every miss is a load, a join or a late hit counted as coalesced (a value stored by someone
+/// else between the lookup and the claim): the counts add up (they missed one such miss).
+#[test]
+fn a_miss_answered_at_the_claim_is_counted_as_coalesced() {
+    let cache: Cache<SlyKey, u32> = Cache::builder().max_capacity(10).record_stats().build();
+    assert!(SLY_CACHE.set(cache.clone()).is_ok());
+    SLY_ARMED.store(true, Ordering::SeqCst);
+    assert_eq!(
+        cache.get_with(SlyKey(1), || 9),
+        7,
+        "the value stored meanwhile"
+    );
+    let s = cache.stats();
+    assert_eq!(
+        (s.misses, s.load_successes, s.coalesced),
+        (1, 0, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.misses, s.load_successes + s.coalesced + s.negative_hits);
+}
