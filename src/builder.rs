@@ -280,8 +280,11 @@ where
     /// Weighs each entry; the cache keeps the sum of weights within `max_capacity`. Called once
     /// per insert, before any lock is taken. An entry of weight 0 does not count toward the
     /// bound (it is still evicted in its turn); an entry heavier than `max_capacity` is not
-    /// stored. The memory the cache needs follows the entries it holds, not `max_capacity` in
-    /// weight units (the frequency sketch is sized by entries).
+    /// stored. Each shard evicts down to its share of `max_capacity` (`max_capacity / shards`):
+    /// in a full cache an entry heavier than a shard's share is turned away, so when single
+    /// entries may weigh more than a few percent of the capacity, ask for fewer
+    /// [`shards`](Self::shards). The memory the cache needs follows the entries it holds, not
+    /// `max_capacity` in weight units (the frequency sketch is sized by entries).
     pub fn weigher(mut self, weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static) -> Self {
         self.weigher = Some(Box::new(weigher));
         self

@@ -274,7 +274,9 @@ where
     /// Returns the values of `keys`, calling `load_missing` **once** with the keys that are
     /// neither cached nor being loaded, and waiting for the loads of the others that are in
     /// flight. Keys that `load_missing` does not return are absent from the result (and callers
-    /// waiting on them load them again themselves).
+    /// waiting on them load them again themselves). A key whose load by another caller ends
+    /// with nothing for this call (it failed, or was given up) goes to `load_missing` if it
+    /// has not been called yet, else is absent too.
     ///
     /// Blocks while loads run. `load_missing` runs with no lock held, under one permit of
     /// `max_concurrent_loads` if set.
@@ -306,6 +308,28 @@ where
         I: IntoIterator<Item = K>,
     {
         let mut found = HashMap::new();
+        let mut load_missing = Some(load_missing);
+        let mut keys: Vec<K> = keys.into_iter().collect();
+        // A key another caller was loading, whose load then ended with nothing for this call
+        // (it failed, or was given up), is claimed again while `load_missing` is unused: this
+        // call then loads it (a few rounds at most).
+        for _ in 0..3 {
+            keys = self.get_all_round(keys, &mut found, &mut load_missing);
+            if keys.is_empty() || load_missing.is_none() {
+                break;
+            }
+        }
+        found
+    }
+
+    /// One round of [`get_all`](Self::get_all): returns the keys joined to another caller's
+    /// load that ended with no value and that no value answers now.
+    fn get_all_round(
+        &self,
+        keys: Vec<K>,
+        found: &mut HashMap<K, V>,
+        load_missing: &mut Option<impl FnOnce(&[K]) -> HashMap<K, V>>,
+    ) -> Vec<K> {
         // Each key this call leads is guarded until published: a panic anywhere (the loader,
         // a key's `Hash`/`Eq`/`Clone`, a value's `Clone`) abandons the flights not yet
         // published, and their waiters load again.
@@ -331,6 +355,9 @@ where
             }
         }
         if !leads.is_empty() || !taken.is_empty() {
+            let load_missing = load_missing
+                .take()
+                .expect("a round with keys to load has the loader");
             let permit = self.load_permit();
             // Keys another caller took over while this one waited for the permit: waited for.
             let (started, stolen): (Vec<_>, Vec<_>) =
@@ -365,12 +392,17 @@ where
                 }
             }
         }
+        let mut again = Vec::new();
         for (key, flight) in joins {
             if let Waited::Done(Some(v)) = self.wait_blocking(&flight, &accept_value, None) {
                 found.insert(key, v);
+            } else if let Some(v) = self.read_with(&key, self.hash(&key), false, V::clone) {
+                found.insert(key, v); // stored meanwhile (by a computation that gave it up)
+            } else {
+                again.push(key);
             }
         }
-        found
+        again
     }
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {

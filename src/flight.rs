@@ -88,6 +88,9 @@ pub(crate) const WAITING: u8 = 0;
 pub(crate) const STARTED: u8 = 1;
 /// A caller holding a load permit took the load over (see [`Flight::steal`]).
 pub(crate) const STOLEN: u8 = 2;
+/// The leader gave the load up before it started ([`Flight::give_up`]): nobody may take it
+/// over any more.
+pub(crate) const RETIRED: u8 = 3;
 
 impl<K, V> Flight<K, V> {
     /// A blocking flight: its leader runs the loader itself.
@@ -130,6 +133,19 @@ impl<K, V> Flight<K, V> {
         self.start
             .compare_exchange(WAITING, STOLEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// The leader's side of [`steal`](Self::steal): before it ends a flight it has not started
+    /// (dropped, cancelled), it makes sure nobody takes the load over meanwhile — or finds
+    /// that somebody did, and returns false: the taker ends the flight.
+    pub(crate) fn give_up(&self) -> bool {
+        match self
+            .start
+            .compare_exchange(WAITING, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now != STOLEN,
+        }
     }
 
     /// Whether a caller took this flight's load over ([`steal`](Self::steal)).
@@ -192,11 +208,13 @@ impl<K, V> Flight<K, V> {
             let future = st.future.take();
             (std::mem::take(&mut st.wakers), future)
         };
+        // A shared future, dropped with no lock held and before anyone wakes: one that never
+        // started gives its caller's `init` back first (`load_async_core`).
+        drop(old);
         self.cond.notify_all();
         for (_, w) in wakers {
             w.wake();
         }
-        drop(old); // a shared future, dropped with no lock held
         true
     }
 

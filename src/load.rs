@@ -240,8 +240,11 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        if self.superseded_by_taker() {
-            // The taker ends the flight (a refresh taken over ends here, counted as not run).
+        // Unless this lead is the taker, nobody may take the load over from here on (or
+        // somebody did: then the taker ends the flight).
+        let taken = !self.taker && self.flight.as_ref().is_some_and(|f| !f.give_up());
+        if taken {
+            // A refresh taken over ends here, counted as not run.
             if self.refresh {
                 self.cache.count(Counter::RefreshFailed);
             }

@@ -329,8 +329,17 @@ where
             Poll::Pending => {
                 let mut st = flight.state.lock();
                 st.polling = false;
-                st.future = Some(fut);
+                // Resolved meanwhile (taken over and ended, given up): the future goes now
+                // (giving an unstarted `init` back), not with the flight's last handle.
+                let ended = !matches!(st.phase, crate::flight::Phase::Running);
+                let spare = if ended {
+                    Some(fut)
+                } else {
+                    st.future = Some(fut);
+                    None
+                };
                 drop(st);
+                drop(spare);
                 drop(lead.disarm()); // still running: nothing to resolve
             }
         }

@@ -167,23 +167,23 @@ where
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let mut st = flight.state.lock();
-            // A load taken over is the taker's: it ends the flight, whoever else goes away.
-            if !matches!(st.phase, Phase::Running)
-                || st.interested > 0
-                || st.polling
-                || flight.is_stolen()
-            {
+            if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
+                return;
+            }
+            // A load taken over is the taker's: it ends the flight, whoever else goes away
+            // (and from here on, nobody takes this one over).
+            if !flight.give_up() {
                 return;
             }
             let key = s.flights().remove(hash, flight);
             st.phase = Phase::Abandoned;
             (st.future.take(), key, std::mem::take(&mut st.wakers))
         };
+        drop((future, key)); // outside the locks, before anyone wakes (see `Flight::resolve`)
         flight.notify();
         for (_, w) in wakers {
             w.wake();
         }
-        drop((future, key)); // outside the locks
     }
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:

@@ -10,7 +10,7 @@ use crate::settings::{Policy, Stampede, Weigher};
 use crate::stats::{CacheStats, Counter, Stats};
 
 use crate::removal::{RemovalCause, Removals, Removed};
-use crate::shard::{Layout, Lookup, Shard};
+use crate::shard::{Layout, Lookup, Panic, Shard};
 use crate::sync::RwLock;
 use crossbeam_utils::CachePadded;
 use std::borrow::Borrow;
@@ -669,7 +669,10 @@ where
             );
         }
         drop(acct);
-        let evicted = self.evict_in(&mut s, true, out);
+        // A key's `Hash` that panicked during the insert or the eviction (the shard hashing
+        // resident keys) is resumed once the write has evicted what it must.
+        let mut deferred = s.take_panic();
+        let evicted = self.evict_in(&mut s, true, out, &mut deferred);
         drop(s);
         drop(registered);
         if evicted {
@@ -679,8 +682,11 @@ where
             // A write that replaces or fits pays for nothing.
             self.drain_samples(cell);
             if self.over_capacity() {
-                self.evict_elsewhere(i, out);
+                self.evict_elsewhere(i, out, &mut deferred);
             }
+        }
+        if let Some(p) = deferred {
+            std::panic::resume_unwind(p);
         }
         true
     }
@@ -750,27 +756,39 @@ where
     /// The capacity test is inline (every write makes it); the eviction is out of line, so
     /// a write that fits pays for no call.
     #[inline]
-    fn evict_in(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) -> bool {
+    fn evict_in(
+        &self,
+        s: &mut Shard<K, V>,
+        fair: bool,
+        out: &mut Removals<K, V>,
+        panic: &mut Option<Panic>,
+    ) -> bool {
         if !self.over_capacity() {
             return false;
         }
-        self.evict_over(s, fair, out);
+        self.evict_over(s, fair, out, panic);
         true
     }
 
     /// [`evict_in`](Self::evict_in)'s eviction, once the cache is known over capacity.
-    #[inline(never)]
     ///
     /// A key's `Hash` that panics while the shard hashes resident keys leaves it consistent and
-    /// the eviction goes on; the first such panic is resumed once the weight is accounted.
-    fn evict_over(&self, s: &mut Shard<K, V>, fair: bool, out: &mut Removals<K, V>) {
-        let mut panic = None;
+    /// the eviction goes on; the first such panic is kept in `panic`, for the caller to resume
+    /// once it has brought the cache within its bound.
+    #[inline(never)]
+    fn evict_over(
+        &self,
+        s: &mut Shard<K, V>,
+        fair: bool,
+        out: &mut Removals<K, V>,
+        panic: &mut Option<Panic>,
+    ) {
         let tune = self.inner.tune.load(Ordering::Relaxed);
-        s.retune(&self.inner.hasher, tune, &mut panic);
+        s.retune(&self.inner.hasher, tune, panic);
         let (mut n, mut w) = (0, 0);
         while self.over_capacity() && (!fair || s.weight() > s.share()) {
             let before = s.weight();
-            if !s.evict_one(&self.inner.hasher, out, &mut panic) {
+            if !s.evict_one(&self.inner.hasher, out, panic) {
                 break;
             }
             self.account(before, s.weight());
@@ -778,9 +796,6 @@ where
             w += before - s.weight();
         }
         self.count_evicted(n, w);
-        if let Some(p) = panic {
-            std::panic::resume_unwind(p);
-        }
     }
 
     /// Counts `n` evictions for size of total weight `w` in the statistics (lock-free, for
@@ -798,7 +813,7 @@ where
     /// The cache is over capacity but shard `from` is within its share: some other shard holds
     /// more than its share. Evict there (one shard lock at a time).
     #[cold]
-    fn evict_elsewhere(&self, from: usize, out: &mut Removals<K, V>) {
+    fn evict_elsewhere(&self, from: usize, out: &mut Removals<K, V>, panic: &mut Option<Panic>) {
         let n = self.inner.shards.len();
         for fair in [true, false] {
             for j in 1..=n {
@@ -806,7 +821,7 @@ where
                     return;
                 }
                 let mut s = self.inner.shards[(from + j) % n].lock.write();
-                self.evict_in(&mut s, fair, out);
+                self.evict_in(&mut s, fair, out, panic);
             }
         }
     }

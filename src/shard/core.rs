@@ -46,6 +46,10 @@ pub(crate) struct Core<K, V, T> {
     refile_pending: crate::sync::AtomicBool,
     /// Entries this shard removed, by cause (for the statistics).
     tally: Tally,
+    /// A key's `Hash` panic caught during an insert, for the cache to resume after the write's
+    /// eviction ([`take_panic`](Self::take_panic)).
+    /// (In a mutex only to keep the shard `Sync`: it is used under the write lock.)
+    pending_panic: crate::sync::Mutex<Option<Panic>>,
 }
 
 /// Slots to file again in the timer wheel (see [`Core::refile`]).
@@ -82,7 +86,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             refile: crate::sync::Mutex::new(Refile::default()),
             refile_pending: crate::sync::AtomicBool::new(false),
             tally: Tally::default(),
+            pending_panic: crate::sync::Mutex::new(None),
         }
+    }
+
+    /// The panic an insert caught and deferred (see [`Rehash`]), if any.
+    pub(crate) fn take_panic(&mut self) -> Option<Panic> {
+        self.pending_panic.lock().take()
     }
 
     /// Entries this shard removed so far, by cause.
@@ -675,7 +685,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         let rehash = Rehash::new(hasher);
         self.policy
             .on_insert(&mut self.slab, slot, hash, |e| rehash.of(&e.key));
-        rehash.finish();
+        // Resumed by the cache once the write has evicted what it must (`take_panic`): the
+        // new entry is in, the bound is not restored yet.
+        rehash.finish_into(&mut self.pending_panic.lock());
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
@@ -943,6 +955,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         keep: &mut impl FnMut(&K, &V) -> bool,
         out: &mut Removals<K, V>,
     ) {
+        // A key's `Hash` that panics does not stop the pass (see `Rehash`); `keep`'s panic
+        // does, with every removal so far complete.
+        let rehash = Rehash::new(hasher);
         for s in 0..self.slab.len() as u32 {
             let Some(e) = &self.slab[s as usize] else {
                 continue;
@@ -952,7 +967,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             // With fail-safe an expired entry within its stale window is still the key's last
             // value: `keep` decides on it like on the live ones.
             if reclaim || !keep(&e.key, &e.value) {
-                let hash = hasher.hash_one(&e.key);
+                let hash = rehash.of(&e.key);
                 if !reclaim {
                     // Removed by the predicate: as with `invalidate`, a load of the key in
                     // flight is superseded (its value goes to its callers, not back in).
@@ -968,6 +983,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 self.remove_slot(s, hash, cause, out);
             }
         }
+        rehash.finish();
     }
 
     /// Clones of every live entry (for iteration outside the lock).

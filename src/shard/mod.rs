@@ -285,6 +285,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>,
             panic: &mut Option<Panic>) -> bool;
         fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64, panic: &mut Option<Panic>);
+        fn take_panic(&mut self) -> Option<Panic>;
         fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S,
             out: &mut Removals<K, V>);
         fn clear(&mut self, now: u64, out: &mut Removals<K, V>);
