@@ -1025,8 +1025,10 @@ where
         Ok(())
     }
 
-    /// The number of entries stored. Entries past their deadline count until reclaimed (see
-    /// [`run_pending_tasks`](Self::run_pending_tasks)).
+    /// The number of entries stored, at one instant (every shard is read-locked together for
+    /// the count, so it never mixes moments: during churn it stays within the bound plus the
+    /// writes in progress, as [`insert`](Self::insert) says). Entries past their deadline count
+    /// until reclaimed (see [`run_pending_tasks`](Self::run_pending_tasks)).
     ///
     /// ```
     /// let cache = herdcache::Cache::new(10);
@@ -1034,11 +1036,9 @@ where
     /// assert_eq!(cache.entry_count(), 1);
     /// ```
     pub fn entry_count(&self) -> u64 {
-        self.inner
-            .shards
-            .iter()
-            .map(|c| c.lock.read().len() as u64)
-            .sum()
+        // In index order, as every caller that holds several shard locks takes them.
+        let guards: Vec<_> = self.inner.shards.iter().map(|c| c.lock.read()).collect();
+        guards.iter().map(|g| g.len() as u64).sum()
     }
 
     /// The total weight stored (the entry count without a weigher). Never above
