@@ -364,7 +364,27 @@ where
                 leads.into_iter().partition(|(_, l)| l.flight().start());
             leads = started;
             leads.extend(taken);
-            joins.extend(stolen.into_iter().map(|(k, l)| (k, l.disarm())));
+            for (key, lead) in stolen {
+                let flight = lead.disarm();
+                // Taken over and already ended with no value for this call (the taker
+                // failed while this call waited for its permit): claimed again, so that
+                // `load_missing` loads it too.
+                let empty = !flight.is_running()
+                    && flight
+                        .done()
+                        .is_none_or(|o| !matches!(*o, Outcome::Value(_)));
+                if !empty {
+                    joins.push((key, flight));
+                    continue;
+                }
+                let hash = self.hash(&key);
+                match self.claim_key(hash, &key) {
+                    Claimed::Hit(v) => drop(found.insert(key, v)),
+                    Claimed::Lead(lead) if lead.flight().start() => leads.push((key, lead)),
+                    Claimed::Lead(lead) => joins.push((key, lead.disarm())),
+                    Claimed::Join(f) => joins.push((key, f)),
+                }
+            }
             if leads.is_empty() {
                 drop(permit);
             } else {
@@ -407,7 +427,9 @@ where
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
         let how = crate::load::ClaimMode::leading(true, true);
-        match self.claim(hash, key, &V::clone, &mut None, how) {
+        match self.claim(hash, key, &V::clone, &mut None, how, &|o| {
+            matches!(o, crate::flight::Outcome::Value(_))
+        }) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),
             crate::load::Claim::Lead(lead) => Claimed::Lead(lead),
             crate::load::Claim::Join(f) => Claimed::Join(f),

@@ -191,6 +191,14 @@ impl<K, V> Flight<K, V> {
         self.cond.notify_all();
     }
 
+    /// The outcome, if the flight has ended with one.
+    pub(crate) fn done(&self) -> Option<Arc<Outcome<V>>> {
+        match &self.state.lock().phase {
+            Phase::Done(o) => Some(Arc::clone(o)),
+            _ => None,
+        }
+    }
+
     /// Whether the flight is still running.
     pub(crate) fn is_running(&self) -> bool {
         matches!(self.state.lock().phase, Phase::Running)

@@ -426,6 +426,7 @@ where
         hit: &impl Fn(&V) -> R,
         future: &mut Option<SharedLoad<V>>,
         how: ClaimMode,
+        usable: &dyn Fn(&Outcome<V>) -> bool,
     ) -> Claim<K, V, S, R> {
         let ClaimMode {
             can_lead,
@@ -473,11 +474,13 @@ where
                 if runs_here(running.id()) {
                     recursive_load();
                 }
-                self.count(if running.negative_until() > 0 {
-                    Counter::NegativeHit
-                } else {
-                    Counter::Coalesced
-                });
+                if running.negative_until() == 0 {
+                    self.count(Counter::Coalesced);
+                } else if running.done().is_some_and(|o| usable(&o)) {
+                    // Counted only when it answers this caller: one that cannot use the
+                    // remembered outcome (`get_with` over an error) loads instead.
+                    self.count(Counter::NegativeHit);
+                }
                 Claim::Join(running)
             }
             Registration::Registered(swept) => {
@@ -682,7 +685,7 @@ where
         let mut init = Some(init);
         let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
-            let claim = self.claim(hash, &key, hit, &mut None, how);
+            let claim = self.claim(hash, &key, hit, &mut None, how, &|o| accept(o).is_some());
             how = how.next_round();
             match claim {
                 Claim::Hit(r) => return Some(r),

@@ -378,7 +378,7 @@ where
         let mut init = Some(init);
         let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
-            let claim = self.claim(hash, &key, &hit, &mut None, how);
+            let claim = self.claim(hash, &key, &hit, &mut None, how, &|o| accept(o).is_some());
             how = how.next_round();
             match claim {
                 Claim::Hit(r) => return r,
@@ -481,7 +481,7 @@ where
                 ..ClaimMode::leading(bypass_negative, record)
             };
             let had_future = init.is_some();
-            let claim = self.claim(hash, &key, &hit, &mut init, how);
+            let claim = self.claim(hash, &key, &hit, &mut init, how, &|o| accept(o).is_some());
             record = false;
             let flight = match claim {
                 Claim::Hit(r) => return r,

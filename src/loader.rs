@@ -10,10 +10,11 @@ use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
 use crate::load::{Claim, ClaimMode, Lead, NotRun, Start};
 use crate::settings::{BoxError, LoaderFn};
 use crate::stats::Counter;
+use std::cell::Cell;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why [`Cache::load`] (or [`Cache::load_async`], [`Cache::load_with_timeout`]) returned no
 /// value. For [`LoadError::Loader`], [`source`](std::error::Error::source) is the loader's error.
@@ -172,7 +173,9 @@ where
     /// A free permit is taken even when the timeout has passed; a permit granted just as the
     /// timeout passes goes on to the next caller waiting for one (or back to the pool), never
     /// lost. With a spawner the spawned job waits for its permit with no deadline (the callers'
-    /// waits for it are bounded).
+    /// waits for it are bounded) — unless the spawner runs the job at once on the caller's
+    /// thread (`|job| job()`): then the job's wait for a permit ends at the caller's timeout,
+    /// as the caller's own would.
     ///
     /// # Errors
     ///
@@ -242,6 +245,7 @@ where
                 &hit,
                 &mut None,
                 ClaimMode::leading(bypass_negative, record),
+                &|o| accept_load(o).is_some(),
             );
             record = false;
             let (flight, led) = match claim {
@@ -263,19 +267,28 @@ where
                 Claim::Join(f) => (f, false),
                 Claim::Lead(lead) => {
                     let flight = Arc::clone(lead.flight());
+                    let id = flight.id();
                     let (k, job_loader) = (key.clone(), Arc::clone(loader));
                     // The job owns the lead: dropped unrun, it abandons the flight.
                     let job = move || {
                         let cache = lead.cache().clone();
                         let init = || catch_panic(|| outcome_of(job_loader(&k)));
-                        // The job has no deadline of its own: its callers' waits are bounded.
-                        match cache.run_loader(lead.flight(), init, true, None) {
+                        // The job has no deadline of its own (its callers' waits are bounded),
+                        // unless the spawner runs it at once on the caller's thread: then the
+                        // caller's deadline bounds its wait for a permit, as the caller's own.
+                        let until = SPAWNING
+                            .with(Cell::get)
+                            .filter(|&(spawning, _)| spawning == id)
+                            .map(|(_, until)| until);
+                        match cache.run_loader(lead.flight(), init, true, until) {
                             Ok((outcome, took)) => {
                                 cache.publish(lead, Some(k), outcome, took);
                             }
                             // Taken over while the job waited for a permit: the taker publishes.
                             Err(NotRun::TakenOver(_)) => drop(lead.disarm()),
-                            Err(NotRun::TimedOut) => unreachable!("no deadline"),
+                            // Run inline past the caller's deadline: abandoned (the caller
+                            // then times out; its joiners retry).
+                            Err(NotRun::TimedOut) => drop(lead),
                         }
                     };
                     let spawn = self
@@ -284,9 +297,11 @@ where
                         .spawner
                         .as_ref()
                         .expect("checked by the caller");
+                    let previous = SPAWNING.with(|s| s.replace(until.map(|u| (id, u))));
                     let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         spawn(Box::new(job))
                     }));
+                    SPAWNING.with(|s| s.set(previous));
                     if spawned.is_err() {
                         // The job went down with the spawner (the flight is abandoned).
                         return self.load_inline(key, hash, loader, until, false);
@@ -306,6 +321,13 @@ where
             }
         }
     }
+}
+
+crate::sync::thread_local_shim! {
+    /// The flight whose job this thread is handing to the spawner (by address), and its
+    /// caller's deadline: a job the spawner runs at once on this thread waits for its permit
+    /// only until then.
+    static SPAWNING: Cell<Option<(usize, Instant)>> = Cell::new(None);
 }
 
 /// Polls a future, turning its panic into `None`.

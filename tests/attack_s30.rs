@@ -470,7 +470,6 @@ fn negative_cache(clock: &ManualClock) -> Cache<u64, u64> {
 /// `get_with` (no error channel) cannot be answered by a remembered error: it loads — and
 /// must not be counted as a negative hit as well as a load.
 #[test]
-#[ignore = "open (noted in stop 23): the negative hit is counted when the entry is joined, before the caller finds it cannot use it"]
 fn finding_get_with_over_a_negative_entry_counts_a_negative_hit_and_a_load() {
     let clock = ManualClock::new();
     let cache = negative_cache(&clock);
@@ -1302,7 +1301,6 @@ fn probe_panicking_loader_is_remembered_for_the_backoff() {
 /// for a permit with no deadline — on the caller's thread, so the caller's 50 ms timeout
 /// does not bound its wait.
 #[test]
-#[ignore = "open (noted in stop 23): a spawner that runs the job inline makes the job wait for its permit in the caller"]
 fn finding_inline_spawner_makes_the_soft_timeout_unbounded_under_the_limit() {
     let _w = watchdog(LIMIT, "inline spawner timeout");
     let calls = Arc::new(AtomicUsize::new(0));

@@ -701,7 +701,6 @@ fn get_all_leader_given_up_by_a_nested_computation_omits_the_key() {
 /// its init panics. A blocking `get_with` leader then loads 20 itself (its init runs); the
 /// `get_all` leader returns without 20, `load_missing` never asked for it.
 #[test]
-#[ignore = "open (stop 23): get_all has called load_missing (FnOnce) for its other keys by the time the taker of this one fails"]
 fn get_all_leader_whose_taken_over_load_panics_omits_the_key() {
     quiet_injected_panics();
     let _w = watchdog(LIMIT, "get_all taker panics");
