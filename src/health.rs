@@ -1,7 +1,7 @@
 //! Health: the misconfigurations that let a cache fail to protect its backend, detected from
 //! the cache's own figures and configuration over a recent window.
 //!
-//! [`Cache::health`] reads counters (no shard lock, nothing on the hot path): a few atomics
+//! [`Cache::health`] reads counters (it never waits for a shard lock; nothing on the hot path): a few atomics
 //! the slow paths keep here (loads and their durations, failures, fail-safe answers, and, for
 //! caches configured without jitter or refresh-ahead, when written entries are due), the
 //! statistics (with [`record_stats`](crate::CacheBuilder::record_stats): hits, misses,
@@ -412,9 +412,32 @@ where
         self.health_over(DEFAULT_WINDOW)
     }
 
+    /// The number of entries, read without waiting for a shard lock: without a weigher the
+    /// weight is the count; with one, each shard's count is read if its lock is free at once
+    /// (a shard busy at that moment is estimated as the mean of the others).
+    fn entries_without_waiting(&self) -> u64 {
+        if !self.inner.weigher_set() {
+            return self.weighted_size();
+        }
+        let shards = &self.inner.shards;
+        let (mut sum, mut seen) = (0u64, 0u64);
+        for c in shards.iter() {
+            if let Some(g) = c.lock.try_read() {
+                sum += g.len() as u64;
+                seen += 1;
+            }
+        }
+        if seen == 0 {
+            return self.weighted_size();
+        }
+        sum.saturating_mul(shards.len() as u64) / seen
+    }
+
     /// The misconfigurations the cache sees in its figures over `window` (see the thresholds
-    /// in the crate's `health` docs, [`Warning`]). Reads counters and the configuration; takes
-    /// no shard lock, only a lock of its own that nothing but `health` takes. The warnings
+    /// in the crate's `health` docs, [`Warning`]). Reads counters and the configuration; never
+    /// waits for a shard lock (with a weigher it counts the entries of each shard whose lock
+    /// is free at that instant, by a non-blocking try), only for a lock of its own that
+    /// nothing but `health` takes. The warnings
     /// that need hit, miss, eviction or refresh counts need
     /// [`record_stats`](crate::CacheBuilder::record_stats).
     ///
@@ -519,7 +542,7 @@ where
             }
         }
         if let Some((due, in_)) = m.busiest(now, self.inner.shards.iter().map(|c| &c.due)) {
-            let entries = self.entry_count().max(1);
+            let entries = self.entries_without_waiting().max(1);
             let share = (due as f64 / entries as f64).min(1.0);
             if due >= SYNC_MIN && share >= SYNC_SHARE {
                 warnings.push(Warning::SynchronizedExpiry {
@@ -554,7 +577,7 @@ where
             let horizon = cfg.refresh_after.or(cfg.ttl);
             let residence = (span > 0 && evictions > 0).then(|| {
                 let per_ns = evictions as f64 / span as f64;
-                d((self.entry_count() as f64 / per_ns) as u64)
+                d((self.entries_without_waiting() as f64 / per_ns) as u64)
             });
             let young = match (residence, horizon) {
                 (Some(r), Some(h)) => evictions >= MIN_EVICTIONS && r < d(h / 2),

@@ -106,6 +106,68 @@ fn synchronized_expiry() {
     assert!(kinds(&filled(false, ms(300)), secs(60)).is_empty());
 }
 
+/// `health` never waits for a shard lock: it answers while a `retain` holds every shard's
+/// write lock (its closure blocked here), with and without a weigher; the synchronized-expiry
+/// warning still counts the entries (200 of 200 due, share 1.0).
+#[test]
+fn health_does_not_wait_for_a_retain_in_progress() {
+    let _w = watchdog(Duration::from_secs(60), "health during retain");
+    for weighted in [false, true] {
+        let clock = ManualClock::new();
+        let mut b = Cache::builder()
+            .max_capacity(1000)
+            .shards(4)
+            .time_to_live(secs(60))
+            .clock(clock.clone());
+        if weighted {
+            b = b.weigher(|_k: &u64, _v: &u64| 2);
+        }
+        let c: Cache<u64, u64> = b.build();
+        for k in 0..200 {
+            c.insert(k, k);
+        }
+        let (inside_tx, inside_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let c2 = c.clone();
+        let retain = std::thread::spawn(move || {
+            let mut first = true;
+            c2.retain(|_k, _v| {
+                if first {
+                    first = false;
+                    inside_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                }
+                true
+            });
+        });
+        inside_rx.recv().unwrap();
+        let c3 = c.clone();
+        let health = std::thread::spawn(move || c3.health_over(secs(60)));
+        let answered = common::eventually(|| health.is_finished());
+        release_tx.send(()).unwrap();
+        retain.join().unwrap();
+        assert!(answered, "health waited for retain (weighted: {weighted})");
+        let h = health.join().unwrap();
+        // Without a weigher the weight is the count; with one, every shard is busy here and
+        // the count falls back to the weight (an upper bound: 400), so the share is lower.
+        match h.warnings() {
+            [Warning::SynchronizedExpiry { due, share, .. }] => {
+                assert_eq!(*due, 200);
+                let expected = if weighted { 0.5 } else { 1.0 };
+                assert_eq!(*share, expected, "weighted: {weighted}");
+            }
+            other => panic!("weighted {weighted}: {other:?}"),
+        }
+        // Once the locks are free, a weighted cache counts exactly again.
+        if weighted {
+            match c.health_over(secs(60)).warnings() {
+                [Warning::SynchronizedExpiry { share, .. }] => assert_eq!(*share, 1.0),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
 fn refreshing(refresh_after: Duration) -> Cache<u64, u64> {
     Cache::builder()
         .max_capacity(10)
