@@ -13,6 +13,10 @@
 //! keeps getting the current value. On success the value is replaced; on failure (or a panic of
 //! the loader) the old value keeps being served and the next refresh waits `refresh_backoff`;
 //! it is never served past its hard deadline (`time_to_live`), however long a refresh hangs.
+//! A refresh whose store panics in user code (the key's `Eq`, an `Expiry` hook) gives its
+//! claim back as a failure does; if even that cannot find the key (its `Eq` panics again), the
+//! next read that finds the entry claimed with no refresh registered gives the claim back
+//! (due after the backoff).
 //!
 //! Where the reload runs: on the builder's *spawner* if there is one (a thread pool, or e.g. a
 //! tokio runtime handle captured at build time and its `spawn_blocking`), so no caller waits;
@@ -166,12 +170,36 @@ where
     /// Publishes a refresh's value; counted as a refresh that succeeded only if it replaced
     /// the value (one that lost to a write or invalidation of the key counts as failed: every
     /// refresh started ends as one or the other).
+    ///
+    /// The store runs user code (the key's `Eq`, the weigher, an `Expiry` hook, the value's
+    /// `Clone`) after the flight has left the registry: if it panics, the entry keeps its old
+    /// value and its refresh claim is given back here (due again after the backoff; the lead's
+    /// drop counts the refresh as failed), then the panic goes on.
     fn publish_refreshed(&self, lead: Lead<K, V, S>, key: K, value: V, took: u64) {
-        self.count(if self.publish_stored(lead, key, value, took) {
-            Counter::RefreshSucceeded
-        } else {
-            Counter::RefreshFailed
-        });
+        let hash = lead.hash();
+        // Before anything is published: if the key's `Clone` panics, the lead's drop gives
+        // the claim back (its flight still registered).
+        let again = key.clone();
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.publish_stored(lead, key, value, took)
+        }));
+        match stored {
+            Ok(stored) => self.count(if stored {
+                Counter::RefreshSucceeded
+            } else {
+                Counter::RefreshFailed
+            }),
+            Err(panic) => {
+                let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
+                // The key's `Eq` may panic again: then the entry stays due until it expires,
+                // as before this guard.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.reset_refresh(hash, &again, retry)
+                }));
+                drop(again);
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 
     /// Ends a refresh that failed: the old value stays, the next refresh waits for the

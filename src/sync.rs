@@ -114,6 +114,9 @@ impl<T> RwLock<T> {
     pub(crate) fn try_write(&self) -> Option<loom::sync::RwLockWriteGuard<'_, T>> {
         self.0.try_write().ok()
     }
+    pub(crate) fn try_read(&self) -> Option<loom::sync::RwLockReadGuard<'_, T>> {
+        self.0.try_read().ok()
+    }
 }
 
 #[cfg(shuttle)]
@@ -178,5 +181,8 @@ impl<T> RwLock<T> {
     }
     pub(crate) fn try_write(&self) -> Option<shuttle::sync::RwLockWriteGuard<'_, T>> {
         self.0.try_write().ok()
+    }
+    pub(crate) fn try_read(&self) -> Option<shuttle::sync::RwLockReadGuard<'_, T>> {
+        self.0.try_read().ok()
     }
 }

@@ -5,7 +5,8 @@
 use super::{Layout, Lookup, Record, SlotTime};
 use crate::clock::NEVER;
 use crate::expiry::{
-    claim_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
+    claim_refresh, give_back_orphaned_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh,
+    TimerWheel, NO_BUCKET,
 };
 use crate::flight::Flights;
 use crate::policy::{record_hit, Place, Policy};
@@ -255,6 +256,17 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 match self.refresh_state(slot, r, now, current, coin) {
                     Refresh::Fresh => {}
                     Refresh::Due => {
+                        record_hit(&e.hits);
+                        return Lookup::StaleHit(&e.value);
+                    }
+                    Refresh::Refreshing => {
+                        // A claim with no load of the key registered is orphaned (or its
+                        // claimer is about to register its refresh): given back, due
+                        // again after the refresh backoff.
+                        if !self.flights.loading(hash, key) {
+                            let at = crate::clock::deadline(now, self.layout.refresh_backoff);
+                            give_back_orphaned_refresh(self.extra(slot, r), at);
+                        }
                         record_hit(&e.hits);
                         return Lookup::StaleHit(&e.value);
                     }

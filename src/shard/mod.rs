@@ -124,6 +124,9 @@ pub(crate) struct Layout {
     pub(crate) refresh_after: Option<u64>,
     /// XFetch's β, for probabilistic early refresh.
     pub(crate) early_beta: Option<f64>,
+    /// The wait before a refresh is tried again (nanoseconds): also before an orphaned claim
+    /// to refresh is taken over (see [`crate::expiry::take_orphaned_refresh`]).
+    pub(crate) refresh_backoff: u64,
     /// Durations are spread uniformly within ±`jitter` of their nominal value.
     pub(crate) jitter: f64,
     /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
@@ -172,6 +175,7 @@ impl Layout {
             refresh: refreshing.then_some(base),
             refresh_after,
             early_beta,
+            refresh_backoff: 1,
             jitter,
             reads_move: false,
             plain_ttl: None,
