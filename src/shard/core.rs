@@ -49,8 +49,9 @@ pub(crate) struct Core<K, V, T> {
     tally: Tally,
     /// A key's `Hash` panic caught during an insert, for the cache to resume after the write's
     /// eviction ([`take_panic`](Self::take_panic)).
-    /// (In a mutex only to keep the shard `Sync`: it is used under the write lock.)
-    pending_panic: crate::sync::Mutex<Option<Panic>>,
+    /// (In a mutex only to keep the shard `Sync`: it is only reached through `&mut self`,
+    /// under the write lock, by `get_mut`, which takes no lock: a write pays no atomic for it.)
+    pending_panic: std::sync::Mutex<Option<Panic>>,
 }
 
 /// Slots to file again in the timer wheel (see [`Core::refile`]).
@@ -87,13 +88,19 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             refile: crate::sync::Mutex::new(Refile::default()),
             refile_pending: crate::sync::AtomicBool::new(false),
             tally: Tally::default(),
-            pending_panic: crate::sync::Mutex::new(None),
+            pending_panic: std::sync::Mutex::new(None),
         }
+    }
+
+    fn pending_panic_mut(&mut self) -> &mut Option<Panic> {
+        self.pending_panic
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The panic an insert caught and deferred (see [`Rehash`]), if any.
     pub(crate) fn take_panic(&mut self) -> Option<Panic> {
-        self.pending_panic.lock().take()
+        self.pending_panic_mut().take()
     }
 
     /// Entries this shard removed so far, by cause.
@@ -699,7 +706,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             .on_insert(&mut self.slab, slot, hash, |e| rehash.of(&e.key));
         // Resumed by the cache once the write has evicted what it must (`take_panic`): the
         // new entry is in, the bound is not restored yet.
-        rehash.finish_into(&mut self.pending_panic.lock());
+        rehash.finish_into(self.pending_panic_mut());
     }
 
     /// Makes room in the table for one more slot, so that the insertion that follows does not
