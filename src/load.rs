@@ -59,6 +59,7 @@ use crate::flight::{
 };
 use crate::limit::Permit;
 use crate::removal::Removals;
+use crate::shard::Panic;
 use crate::stats::Counter;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
@@ -506,14 +507,25 @@ where
         outcome: Outcome<V>,
         took: u64,
     ) -> Arc<Outcome<V>> {
-        self.publish_as(lead, key, outcome, Some(took)).0
+        let (outcome, _, panic) = self.publish_as(lead, key, outcome, Some(took));
+        resume(panic);
+        outcome
     }
 
     /// [`publish`](Self::publish)es a loaded value; returns whether it was stored (not if a
-    /// write or invalidation of the key superseded the load).
-    pub(crate) fn publish_stored(&self, lead: Lead<K, V, S>, key: K, value: V, took: u64) -> bool {
-        self.publish_as(lead, Some(key), Outcome::Value(value), Some(took))
-            .1
+    /// write or invalidation of the key superseded the load), and the eviction listener's
+    /// panic, if it panicked on what the store replaced or evicted: the caller resumes it once
+    /// it has counted the outcome.
+    pub(crate) fn publish_stored(
+        &self,
+        lead: Lead<K, V, S>,
+        key: K,
+        value: V,
+        took: u64,
+    ) -> (bool, Option<Panic>) {
+        let (_, stored, panic) =
+            self.publish_as(lead, Some(key), Outcome::Value(value), Some(took));
+        (stored, panic)
     }
 
     /// Publishes a computation's value ([`EntryRef::and_compute_with`](crate::EntryRef) and
@@ -525,19 +537,22 @@ where
         key: K,
         value: V,
     ) -> Arc<Outcome<V>> {
-        self.publish_as(lead, Some(key), Outcome::Value(value), None)
-            .0
+        let (outcome, _, panic) = self.publish_as(lead, Some(key), Outcome::Value(value), None);
+        resume(panic);
+        outcome
     }
 
     /// [`publish`](Self::publish); `took`: the load's duration, `None` for a computation.
-    /// Also returns whether a value was stored.
+    /// Also returns whether a value was stored, and the eviction listener's first panic (on
+    /// the values the store replaced or evicted, reported after the waiters are released), for
+    /// the caller to resume.
     fn publish_as(
         &self,
         lead: Lead<K, V, S>,
         key: Option<K>,
         outcome: Outcome<V>,
         took: Option<u64>,
-    ) -> (Arc<Outcome<V>>, bool) {
+    ) -> (Arc<Outcome<V>>, bool, Option<Panic>) {
         let hash = lead.hash;
         if !lead.flight().is_running() || lead.superseded_by_taker() {
             // A shared load that another caller took over (and ended) while it waited for a
@@ -547,7 +562,7 @@ where
                 Phase::Done(o) => Arc::clone(o),
                 _ => Arc::new(outcome),
             };
-            return (outcome, false);
+            return (outcome, false, None);
         }
         let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
             crate::clock::deadline(self.now(), n)
@@ -632,8 +647,9 @@ where
         flight.resolve(Phase::Done(Arc::clone(&outcome)));
         // Removed entries are reported (eviction listener) only after the waiters are
         // released: a panicking listener must not strand them.
-        self.report_removals(out);
-        (outcome, stored)
+        let panic = self.report(&out);
+        drop(out);
+        (outcome, stored, panic)
     }
 
     /// Runs a blocking load: the single-flight core for `get_with` and its siblings. The hit
@@ -847,5 +863,12 @@ where
             Waited::Abandoned => Waited::Abandoned,
             Waited::TimedOut => Waited::TimedOut,
         }
+    }
+}
+
+/// Resumes a deferred panic, if any.
+fn resume(panic: Option<Panic>) {
+    if let Some(p) = panic {
+        std::panic::resume_unwind(p);
     }
 }

@@ -184,11 +184,18 @@ where
             self.publish_stored(lead, key, value, took)
         }));
         match stored {
-            Ok(stored) => self.count(if stored {
-                Counter::RefreshSucceeded
-            } else {
-                Counter::RefreshFailed
-            }),
+            Ok((stored, listener_panic)) => {
+                self.count(if stored {
+                    Counter::RefreshSucceeded
+                } else {
+                    Counter::RefreshFailed
+                });
+                // Counted first: the eviction listener's panic (on the value the refresh
+                // replaced) does not leave the refresh uncounted.
+                if let Some(p) = listener_panic {
+                    std::panic::resume_unwind(p);
+                }
+            }
             Err(panic) => {
                 let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
                 // The key's `Eq` may panic again: then the entry stays due until it expires,

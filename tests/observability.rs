@@ -374,3 +374,50 @@ fn a_miss_answered_at_the_claim_is_counted_as_coalesced() {
     );
     assert_eq!(s.misses, s.load_successes + s.coalesced + s.negative_hits);
 }
+
+/// A refresh whose store makes the eviction listener panic (on the value it replaces) is
+/// still counted: `refreshes_started == refreshes_succeeded + refreshes_failed`, with the
+/// refresh run by the reader and by a spawner that runs it at once; the new value is stored
+/// and the panic reaches whoever ran the refresh.
+#[test]
+fn a_refresh_whose_listener_panics_is_counted() {
+    common::quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(60), "refresh listener panic");
+    for spawner in [false, true] {
+        let clock = ManualClock::new();
+        let mut b = Cache::builder()
+            .max_capacity(10)
+            .time_to_live(Duration::from_secs(100))
+            .refresh_after(Duration::from_secs(10))
+            .record_stats()
+            .clock(clock.clone())
+            .loader(|k: &u64| Ok::<_, BoxError>(*k + 100))
+            .eviction_listener(|_k: &u64, _v: &u64, c| {
+                if c == RemovalCause::Replaced {
+                    panic!("injected listener panic")
+                }
+            });
+        if spawner {
+            b = b.spawner(|job| job());
+        }
+        let cache: Cache<u64, u64> = b.build();
+        cache.insert(1, 1);
+        clock.advance(Duration::from_secs(11));
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.get(&1)));
+        // Inline, the panic reaches the reader; a spawner's panic is the spawner's.
+        assert_eq!(read.is_err(), !spawner, "spawner: {spawner}");
+        assert_eq!(cache.get(&1), Some(101), "the refreshed value is stored");
+        let s = cache.stats();
+        assert_eq!(
+            (
+                s.refreshes_started,
+                s.refreshes_succeeded,
+                s.refreshes_failed
+            ),
+            (1, 1, 0),
+            "spawner: {spawner}"
+        );
+        assert_eq!(cache.loads_in_flight(), 0);
+        cache.validate();
+    }
+}

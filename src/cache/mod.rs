@@ -478,7 +478,7 @@ where
 
     /// Reports removed entries to the listener (each exactly once); returns the first panic of
     /// the listener, if any.
-    fn report(&self, out: &Removals<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
+    pub(crate) fn report(&self, out: &Removals<K, V>) -> Option<Box<dyn std::any::Any + Send>> {
         if out.is_empty() {
             return None;
         }
