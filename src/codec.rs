@@ -45,7 +45,9 @@ pub trait Codec<T>: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// When `value` cannot be encoded; the tier is then skipped for this call.
+    /// When `value` cannot be encoded: a load's write-back is then skipped, and an `insert`
+    /// of it leaves a tombstone in Redis instead (as for a value above
+    /// `RedisTier::max_value_size`), so that no instance reads an older value from there.
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), BoxError>;
 
     /// Rebuilds a value from bytes `encode` produced.

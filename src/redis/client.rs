@@ -88,7 +88,13 @@ impl Breaker {
         };
         if failures >= self.failures {
             let was_open = matches!(*s, State::Open(_));
-            *s = State::Open(now + self.cooldown);
+            // A cooldown too long for an `Instant` (`Duration::MAX`) is a century.
+            const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+            let until = now
+                .checked_add(self.cooldown)
+                .or_else(|| now.checked_add(CENTURY))
+                .unwrap_or(now);
+            *s = State::Open(until);
             !was_open
         } else {
             *s = State::Closed(failures);

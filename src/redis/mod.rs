@@ -25,7 +25,8 @@
 //! # Writes are ordered: the fleet never goes back to an older value
 //!
 //! Every `insert` and `invalidate` advances a per-key version in Redis in the same script that
-//! stores the value or leaves a tombstone (an invalidation also revokes the key's lease). A
+//! stores the value or leaves a tombstone (the version is at least the server's clock in
+//! microseconds, so it keeps increasing across the key's expiry in Redis) (an invalidation also revokes the key's lease). A
 //! load remembers the version it read before loading, and writes its value back only if the
 //! version is still that one — and, with leases, only while its lease stands — in one script.
 //! `invalidate_all` first advances the namespace's epoch (values written back by loads that
@@ -95,7 +96,9 @@
 //! succeed, and one failed operation.
 //!
 //! What concerns one key only does not count against the breaker: a server error about the
-//! operation (`WRONGTYPE`, a key of another type: the next write repairs it; `ERR`; `OOM`),
+//! operation (`WRONGTYPE`, a key of another type: the next write repairs it; `ERR`; `OOM`: an
+//! `insert` or `invalidate` the server refuses deletes the key's value instead, and still
+//! tells the other instances),
 //! and a value larger than
 //! [`RedisTier::max_value_size`] (default 1 MiB), which is kept in the local tier only and
 //! never sent (an `insert` of one leaves a tombstone in Redis instead). Errors about the
@@ -433,7 +436,9 @@ impl RedisTier {
     /// skipped, and an [`insert`](TieredCache::insert) of it leaves a tombstone in Redis (so no
     /// instance reads an older value from there); both are counted in
     /// [`RemoteStats::oversized`](crate::RemoteStats), not as failures, so one huge value never
-    /// opens the circuit breaker for every key. Keep it well under what the operation timeout
+    /// opens the circuit breaker for every key. A larger value found in Redis (written by an
+    /// instance with a larger maximum) is not read either: the read sees the key as absent
+    /// (counted as oversized), loads it, and writes its own value back over it. Keep it well under what the operation timeout
     /// lets the link carry (1 MiB takes about 8 ms at 1 Gbit/s).
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.max_value_size = bytes;

@@ -15,6 +15,21 @@ macro_rules! repair {
     };
 }
 
+/// Advances the key's version (a local `v`): past the stored one, and at least the server's
+/// clock in microseconds, so that versions keep increasing when the key's hash expires and is
+/// written again (an instance remembers the version of its own last write of a key, and
+/// ignores messages older than it). A version field that is not a number (a stray write) counts
+/// as 0 and is replaced.
+macro_rules! next_version {
+    () => {
+        "redis.replicate_commands() \
+         local old = tonumber(redis.call('hget', KEYS[1], 'v') or '0') or 0 \
+         local t = redis.call('time') \
+         local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) \
+         redis.call('hset', KEYS[1], 'v', string.format('%.0f', v)) "
+    };
+}
+
 /// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
 /// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
 /// load read it, and (with a lease) only while the lease is ours; releases the lease.
@@ -35,8 +50,8 @@ pub(crate) const WRITE_BACK: &str = concat!(
 /// An insert: KEYS = value; ARGV = bytes, px. Returns the new version.
 pub(crate) const INSERT: &str = concat!(
     repair!(),
-    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
-     redis.call('hset', KEYS[1], 'd', ARGV[1]) \
+    next_version!(),
+    "redis.call('hset', KEYS[1], 'd', ARGV[1]) \
      redis.call('hdel', KEYS[1], 'e') \
      redis.call('pexpire', KEYS[1], ARGV[2]) \
      return v"
@@ -46,9 +61,19 @@ pub(crate) const INSERT: &str = concat!(
 /// no value), revokes the lease. Returns the new version.
 pub(crate) const TOMBSTONE: &str = concat!(
     repair!(),
-    "local v = redis.call('hincrby', KEYS[1], 'v', 1) \
-     redis.call('hdel', KEYS[1], 'd', 'e') \
+    next_version!(),
+    "redis.call('hdel', KEYS[1], 'd', 'e') \
      redis.call('pexpire', KEYS[1], ARGV[1]) \
      redis.call('del', KEYS[2]) \
      return v"
 );
+
+/// A read of a key's hash: KEYS = value; ARGV = the largest value to return, in bytes.
+/// Returns {value, version, epoch, oversized}: the value (nil if absent, or if larger than
+/// ARGV[1]: then oversized is 1), so that a value written by an instance with a larger
+/// `max_value_size` is never carried over the link (it would time out the read and count
+/// against the breaker for every key).
+pub(crate) const READ: &str = "local f = redis.call('hmget', KEYS[1], 'v', 'e') \
+     if redis.call('hstrlen', KEYS[1], 'd') > tonumber(ARGV[1]) then \
+       return {false, f[1], f[2], 1} end \
+     return {redis.call('hget', KEYS[1], 'd'), f[1], f[2], 0}";

@@ -85,7 +85,15 @@ where
                 Ok(msg) => {
                     heard = Instant::now();
                     let Some(inner) = cache.upgrade() else { break };
-                    apply(&Cache { inner }, tier, msg.get_payload_bytes());
+                    // User code runs here (the key's codec, `Hash`, `Eq`, `Drop`, the
+                    // eviction listener): a panic must not end the subscriber, which would
+                    // go on saying it is subscribed while it hears nothing.
+                    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        apply(&Cache { inner }, tier, msg.get_payload_bytes());
+                    }));
+                    if applied.is_err() {
+                        tier.counters().add(|c| &c.errors);
+                    }
                 }
                 Err(e) if e.is_timeout() => {
                     if cache.strong_count() == 0 {
@@ -128,15 +136,19 @@ where
     match kind {
         // A message older than our own write of the key does not drop our (newer) copy.
         MSG_KEY if !tier.announced(key, version) => {}
-        MSG_KEY => match tier.decode_key(key) {
-            Ok(k) => cache.invalidate(&k),
-            // A key we cannot decode could be any key: drop them all rather than keep a
-            // stale one.
-            Err(_) => {
-                tier.counters().add(|c| &c.errors);
-                cache.invalidate_all();
+        MSG_KEY => {
+            let decoded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tier.decode_key(key)));
+            match decoded {
+                Ok(Ok(k)) => cache.invalidate(&k),
+                // A key we cannot decode (an error, or a panic of the codec) could be any
+                // key: drop them all rather than keep a stale one.
+                Ok(Err(_)) | Err(_) => {
+                    tier.counters().add(|c| &c.errors);
+                    cache.invalidate_all();
+                }
             }
-        },
+        }
         MSG_ALL => cache.invalidate_all(),
         _ => {
             tier.counters().add(|c| &c.errors);

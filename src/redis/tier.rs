@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::scripts::{INSERT, RELEASE, TOMBSTONE, WRITE_BACK};
+use super::scripts::{INSERT, READ, RELEASE, TOMBSTONE, WRITE_BACK};
 
 /// Message kinds on the invalidation channel:
 /// `[kind][origin: 8 bytes LE][version: 8 bytes LE][key bytes]`.
@@ -329,8 +329,12 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Adds the commands of a read of `vkey` to a pipeline: its hash fields (value, version,
     /// epoch), its time left, and the namespace's epoch.
     fn read_cmds(&self, p: &mut Vec<Cmd>, vkey: &ValueKey) {
-        let mut fields = cmd("HMGET");
-        fields.arg(&vkey.bytes).arg("d").arg("v").arg("e");
+        let mut fields = cmd("EVAL");
+        fields
+            .arg(READ)
+            .arg(1)
+            .arg(&vkey.bytes)
+            .arg(self.max_value_size);
         let mut pttl = cmd("PTTL");
         pttl.arg(&vkey.bytes);
         let mut epoch = cmd("GET");
@@ -346,7 +350,12 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         epoch: Option<u64>,
         vkey: &ValueKey,
     ) -> Snapshot<V> {
-        let (bytes, version, written_in) = fields;
+        let (bytes, version, written_in, oversized) = fields;
+        if oversized != 0 {
+            // Written by an instance with a larger `max_value_size`: left there, not read
+            // (this instance loads the key itself, and its write-back replaces it).
+            self.count(|c| &c.oversized);
+        }
         let epoch = epoch.unwrap_or(0);
         // A value a load wrote back after reading an older epoch is from before an
         // invalidate-all: not a value.
@@ -748,19 +757,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Writes `value` for `key` to Redis (a new version) and tells the other instances to drop
     /// their copies. Returns the key's encoding and its new version, or `None` if Redis was
     /// not written.
-    /// A value too large for Redis is not written: the key is invalidated in Redis instead
+    /// A value too large for Redis, or that its codec cannot encode, is not written: the key
+    /// is invalidated in Redis instead
     /// (a tombstone, a new version), so that no instance reads an older value from there.
     pub(crate) fn put(&self, key: &K, value: &V) -> Option<(Vec<u8>, u64)> {
         let vkey = self.value_key(key, None)?;
         let bytes = match self.encode(value) {
             Ok(bytes) => bytes,
-            Err(true) => return None,
-            Err(false) => {
+            // Not encodable (counted as an error) or too large (counted as oversized): the
+            // older value must not stay readable either.
+            Err(_) => {
                 let version = self.tombstone(&vkey)?;
                 return Some((vkey.key().to_vec(), version));
             }
         };
-        let version = self.client.run(|c| {
+        let written = self.client.run_result(|c| {
             cmd("EVAL")
                 .arg(INSERT)
                 .arg(1)
@@ -768,11 +779,32 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .arg(bytes)
                 .arg(millis(self.ttl))
                 .query::<u64>(c)
-        })?;
+        });
+        let version = match written {
+            Ok(version) => version,
+            // Refused (`OOM`, a script error): the older value must not stay readable.
+            Err(Failed::Key) => {
+                self.refused_write(&vkey);
+                return None;
+            }
+            Err(Failed::Unavailable) => return None,
+        };
         self.count(|c| &c.writes);
         self.note_own(vkey.key(), version);
         self.announce(MSG_KEY, version, vkey.key());
         Some((vkey.key().to_vec(), version))
+    }
+
+    /// A write of a key that the server refused (`OOM`: writes refused, reads still served;
+    /// a script's error): the key's value and lease are deleted instead (`DEL` frees memory,
+    /// so it is served under `OOM` too), so that no instance reads the older value from Redis,
+    /// and the other instances are told to drop their copies (an unversioned message: they
+    /// all apply it). The key's next write starts its version again past the server's clock.
+    fn refused_write(&self, vkey: &ValueKey) {
+        let lkey = self.lease_key(vkey);
+        self.client
+            .run(|c| cmd("DEL").arg(&vkey.bytes).arg(&lkey).query::<()>(c));
+        self.announce(MSG_KEY, 0, vkey.key());
     }
 
     /// Leaves a tombstone for `key` in Redis (a new version; its lease revoked) and tells the
@@ -786,7 +818,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Leaves a tombstone for a key (its lease revoked) and announces the new version.
     fn tombstone(&self, vkey: &ValueKey) -> Option<u64> {
         let lkey = self.lease_key(vkey);
-        let version = self.client.run(|c| {
+        let written = self.client.run_result(|c| {
             cmd("EVAL")
                 .arg(TOMBSTONE)
                 .arg(2)
@@ -794,7 +826,15 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .arg(&lkey)
                 .arg(self.tombstone_ttl())
                 .query::<u64>(c)
-        })?;
+        });
+        let version = match written {
+            Ok(version) => version,
+            Err(Failed::Key) => {
+                self.refused_write(vkey);
+                return None;
+            }
+            Err(Failed::Unavailable) => return None,
+        };
         self.note_own(vkey.key(), version);
         self.announce(MSG_KEY, version, vkey.key());
         Some(version)
@@ -804,11 +844,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// loads that began before it are ignored from then on), then a tombstone for every value
     /// (`SCAN`, one script per key, pipelined by batch), then a message to the other instances.
     pub(crate) fn invalidate_all(&self) {
-        let Some(epoch) = self
+        let epoch = match self
             .client
-            .run(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
-        else {
-            return; // Redis failed: the rest would too (and cost more timeouts)
+            .run_result(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
+        {
+            Ok(epoch) => Some(epoch),
+            // Refused (`OOM`): the values are deleted instead of tombstoned, below.
+            Err(Failed::Key) => None,
+            Err(Failed::Unavailable) => return, // the rest would fail too (more timeouts)
         };
         self.versions.lock().clear();
         let pattern = self.value_pattern();
@@ -831,20 +874,46 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 });
                 let Some((next, keys)) = batch else { break };
                 if !keys.is_empty() {
-                    self.client.run(|c| {
-                        let p = keys
-                            .iter()
-                            .map(|vkey| {
-                                // The lease key of `…v{k}` is `…l{k}`.
-                                let mut lkey = vkey.clone();
-                                lkey[self.prefix.len()] = b'l';
-                                let mut eval = cmd("EVAL");
-                                eval.arg(TOMBSTONE).arg(2).arg(vkey).arg(lkey).arg(tomb);
-                                eval
+                    // The lease key of `…v{k}` is `…l{k}`.
+                    let lease_of = |vkey: &Vec<u8>| {
+                        let mut lkey = vkey.clone();
+                        lkey[self.prefix.len()] = b'l';
+                        lkey
+                    };
+                    let tombstoned = epoch.is_some()
+                        && self
+                            .client
+                            .run_result(|c| {
+                                let p = keys
+                                    .iter()
+                                    .map(|vkey| {
+                                        let mut eval = cmd("EVAL");
+                                        eval.arg(TOMBSTONE)
+                                            .arg(2)
+                                            .arg(vkey)
+                                            .arg(lease_of(vkey))
+                                            .arg(tomb);
+                                        eval
+                                    })
+                                    .collect();
+                                c.pipeline::<()>(p)
                             })
-                            .collect();
-                        c.pipeline::<()>(p)
-                    });
+                            .is_ok();
+                    if !tombstoned {
+                        // Refused (`OOM`) or partly failed: deleted instead (`DEL` is served
+                        // under `OOM`), key by key (one slot each, for a cluster).
+                        self.client.run(|c| {
+                            let p = keys
+                                .iter()
+                                .map(|vkey| {
+                                    let mut del = cmd("DEL");
+                                    del.arg(vkey).arg(lease_of(vkey));
+                                    del
+                                })
+                                .collect();
+                            c.pipeline::<()>(p)
+                        });
+                    }
                 }
                 if next == 0 {
                     break;
@@ -852,7 +921,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 cursor = next;
             }
         }
-        self.announce(MSG_ALL, epoch, &[]);
+        self.announce(MSG_ALL, epoch.unwrap_or(0), &[]);
     }
 
     /// Remembers our own write of a key at `version`.
@@ -958,7 +1027,12 @@ where
 
 /// Milliseconds for `PX`, at least 1.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    // Redis refuses an expiry whose deadline overflows its clock (`PX` near `i64::MAX`): a
+    // time to live beyond 2^46 ms (about 2,200 years) is that long.
+    const MAX_MS: u64 = 1 << 46;
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_MS)
 }
 
 /// Splits an invalidation message into its kind, origin, version and key.
@@ -972,7 +1046,7 @@ pub(crate) fn parse_message(payload: &[u8]) -> Option<(u8, u64, u64, &[u8])> {
 }
 
 /// A value's hash fields as read: bytes, version, epoch of a loaded value.
-type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>);
+type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>, i64);
 
 /// How many keys' recent versions an instance remembers (then it starts over).
 const VERSIONS_KEPT: usize = 4096;
@@ -990,6 +1064,6 @@ mod tests {
         assert_eq!(parse_message(&msg), Some((MSG_KEY, 7, 9, &b"key"[..])));
         assert_eq!(parse_message(&msg[..16]), None);
         assert_eq!(millis(Duration::from_micros(10)), 1);
-        assert_eq!(millis(Duration::MAX), u64::MAX);
+        assert_eq!(millis(Duration::MAX), 1 << 46);
     }
 }
