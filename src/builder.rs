@@ -663,7 +663,6 @@ where
             stampede.refresh_backoff = refresh_after.unwrap_or(1_000_000_000).max(1);
         }
         let mut layout = Layout::for_expiry(&expiry, refresh_after, self.early_beta, self.jitter);
-        layout.refresh_backoff = stampede.refresh_backoff;
         if let Some(max_stale) = stampede.fail_safe {
             layout = layout.with_fail_safe(max_stale);
         }

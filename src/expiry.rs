@@ -424,10 +424,8 @@ impl TimerWheel {
 /// An entry's refresh status, as a read sees it.
 pub(crate) enum Refresh {
     Fresh,
-    /// Due, and another reader won the right to refresh it this instant.
+    /// Due, or being refreshed, by someone else.
     Due,
-    /// Claimed by a reader ([`REFRESHING`]): its refresh is starting or runs.
-    Refreshing,
     /// Due, and this read will start the refresh.
     Won,
 }
@@ -449,7 +447,7 @@ pub(crate) fn claim_refresh(
 ) -> Refresh {
     let at = refresh_at.load(Ordering::Relaxed);
     if at == REFRESHING {
-        return Refresh::Refreshing;
+        return Refresh::Due;
     }
     // No early refresh while a failed or deferred one waits out its backoff.
     let due = at <= now
@@ -479,14 +477,8 @@ pub(crate) fn claim_refresh(
 /// write, which stores the new load time.
 pub(crate) const BACKING_OFF: u64 = 1 << 63;
 
-/// Gives back a claim to refresh with no refresh behind it (see [`Refresh::Refreshing`]; the
-/// caller checked, under the shard lock, that no load of the key is registered): due again at
-/// `at` (a refresh backoff from now). A claim is handed to a refresh flight or given back on
-/// every path but one — a refresh whose store panicked in user code after its flight left
-/// the registry (the key's `Eq`, an `Expiry` hook) and whose key could not be looked up
-/// again — and this is its way back. The claimer may also be between its claim and its
-/// flight's registration: then its refresh runs, and the entry, due again at `at`, finds it
-/// running (or a new value stored) — never a second refresh.
+/// Gives back an orphaned claim to refresh (see `Cache::give_back_orphan`): due again at
+/// `at`, unless the claim is gone (a write replaced the entry).
 #[cold]
 pub(crate) fn give_back_orphaned_refresh(refresh_at: &AtomicU64, at: u64) {
     let _ = refresh_at.compare_exchange(REFRESHING, at, Ordering::AcqRel, Ordering::Relaxed);

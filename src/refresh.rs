@@ -15,8 +15,9 @@
 //! it is never served past its hard deadline (`time_to_live`), however long a refresh hangs.
 //! A refresh whose store panics in user code (the key's `Eq`, an `Expiry` hook) gives its
 //! claim back as a failure does; if even that cannot find the key (its `Eq` panics again), the
-//! next read that finds the entry claimed with no refresh registered gives the claim back
-//! (due after the backoff).
+//! key's hash is remembered and the next read of the entry gives the claim back (due after the
+//! backoff). A refresh a read decided registers only if the entry is still the one claimed: a
+//! write or invalidation of the key in between wins, and no refresh runs.
 //!
 //! Where the reload runs: on the builder's *spawner* if there is one (a thread pool, or e.g. a
 //! tokio runtime handle captured at build time and its `spawn_blocking`), so no caller waits;
@@ -198,11 +199,14 @@ where
             }
             Err(panic) => {
                 let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
-                // The key's `Eq` may panic again: then the entry stays due until it expires,
-                // as before this guard.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // The key's `Eq` may panic again: then the next read of the entry gives the
+                // claim back (found by the value's address, without `Eq`).
+                let given = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     self.reset_refresh(hash, &again, retry)
                 }));
+                if given.is_err() {
+                    self.note_orphan(hash);
+                }
                 drop(again);
                 std::panic::resume_unwind(panic);
             }
@@ -263,9 +267,9 @@ where
         match self.register_flight::<()>(hash, key, &f, false, None, Some(retry), || true) {
             Registration::Registered(swept) => Some(swept.drop_after(Lead::refresh(self, hash, f))),
             Registration::Running(_) => None,
-            Registration::Hit(()) | Registration::Withdrawn => {
-                unreachable!("no lookup, always kept")
-            }
+            // Written or removed since the read claimed it: no refresh (the write wins).
+            Registration::Withdrawn => None,
+            Registration::Hit(()) => unreachable!("no lookup"),
         }
     }
 }
@@ -307,6 +311,14 @@ where
 {
     fn drop(&mut self) {
         let retry = crate::clock::deadline(self.0.now(), self.0.inner.stampede.refresh_backoff);
-        self.0.reset_refresh(self.1, self.2, retry);
+        // The key's `Eq` (user code) runs here, maybe while a panic unwinds: a second panic
+        // must not abort the process (the claim is then left for a read to give back, see
+        // `Cache::note_orphan`).
+        let given = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.0.reset_refresh(self.1, self.2, retry);
+        }));
+        if given.is_err() {
+            self.0.note_orphan(self.1);
+        }
     }
 }

@@ -50,8 +50,11 @@ where
     /// - `hit`: look the key up first under the lock (a value stored since the caller's
     ///   lock-free lookup missed); `None` for claims that do not read (refreshes, computations).
     /// - `serve_negative`: a live negative-cache entry counts as a running flight.
-    /// - `retry_refresh`: when a flight runs, the entry's refresh is given back, due at that
-    ///   time (a refresh that finds a load of its key running).
+    /// - `retry_refresh`: a refresh's claim (a read claimed the entry's refresh): registered
+    ///   only if the entry is still claimed — a write or invalidation of the key since the read
+    ///   wins, and nothing is registered ([`Registration::Withdrawn`]); when a flight runs, the
+    ///   entry's refresh is given back, due at that time (a refresh that finds a load of its
+    ///   key running).
     /// - `keep`: called under the lock once the flight is registered (moves a shared future
     ///   into it, marks it started); `false` withdraws the registration.
     ///
@@ -87,6 +90,18 @@ where
                 self.note_stale();
                 return Registration::Hit(r);
             }
+        }
+        // A planted bug for the loom model to catch: a refresh registers whatever the key
+        // holds by now.
+        #[cfg(herdcache_broken_model)]
+        let claimed = true;
+        #[cfg(not(herdcache_broken_model))]
+        let claimed = retry_refresh.is_none() || s.refresh_claimed(hash, key);
+        if !claimed {
+            // The entry a read found due was written or removed since: the write wins.
+            drop(s);
+            drop(registered);
+            return Registration::Withdrawn;
         }
         match s
             .flights()

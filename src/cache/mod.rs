@@ -138,6 +138,10 @@ pub(crate) struct Inner<K, V, S> {
     capacity: u64,
     /// The sum of all shards' weights; changed only under the shard lock whose weight changes.
     weight: AtomicU64,
+    /// Hashes of keys whose refresh claim could not be given back (see
+    /// [`give_back_orphan`](Cache::give_back_orphan)), and how many there are.
+    orphans: crate::sync::Mutex<Vec<u64>>,
+    orphan_count: std::sync::atomic::AtomicUsize,
     weigher: Option<Weigher<K, V>>,
     pub(crate) expiry: ExpiryConfig<K, V>,
     /// Whether anything needs the time (expiry, refresh).
@@ -267,6 +271,8 @@ where
                 clock,
                 capacity,
                 weight: AtomicU64::new(0),
+                orphans: crate::sync::Mutex::new(Vec::new()),
+                orphan_count: std::sync::atomic::AtomicUsize::new(0),
                 weigher,
                 timed,
                 expiry,
@@ -376,6 +382,9 @@ where
                 return Some(r);
             }
             Lookup::StaleHit(v) => {
+                if self.inner.orphan_count.load(Ordering::Relaxed) > 0 {
+                    self.give_back_orphan(&guard, hash, v, now);
+                }
                 let r = f(v);
                 drop(guard);
                 if record {
@@ -473,6 +482,36 @@ where
         drop(out);
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Remembers that the refresh claim of the key of hash `hash` could not be given back (a
+    /// refresh whose store panicked in the key's `Eq`, which panicked again when the claim was
+    /// to be given back): the next read of that key's entry gives it back.
+    #[cold]
+    pub(crate) fn note_orphan(&self, hash: u64) {
+        let mut o = self.inner.orphans.lock();
+        if o.len() >= 64 {
+            o.remove(0);
+        }
+        o.push(hash);
+        self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
+    }
+
+    /// A read found the entry of hash `hash` claimed for a refresh: if that claim is an
+    /// orphan ([`note_orphan`](Self::note_orphan)), it is given back (due after the refresh
+    /// backoff). Found by the value's address: no user code runs.
+    #[cold]
+    fn give_back_orphan(&self, guard: &Shard<K, V>, hash: u64, value: &V, now: u64) {
+        let mut o = self.inner.orphans.lock();
+        let Some(i) = o.iter().position(|&h| h == hash) else {
+            return;
+        };
+        o.swap_remove(i);
+        self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
+        if let Some(at) = guard.refresh_deadline_of(value) {
+            let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+            crate::expiry::give_back_orphaned_refresh(at, retry);
         }
     }
 

@@ -5,8 +5,7 @@
 use super::{Layout, Lookup, Record, SlotTime};
 use crate::clock::NEVER;
 use crate::expiry::{
-    claim_refresh, give_back_orphaned_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh,
-    TimerWheel, NO_BUCKET,
+    claim_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
 };
 use crate::flight::Flights;
 use crate::policy::{record_hit, Place, Policy};
@@ -266,17 +265,6 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                         record_hit(&e.hits);
                         return Lookup::StaleHit(&e.value);
                     }
-                    Refresh::Refreshing => {
-                        // A claim with no load of the key registered is orphaned (or its
-                        // claimer is about to register its refresh): given back, due
-                        // again after the refresh backoff.
-                        if !self.flights.loading(hash, key) {
-                            let at = crate::clock::deadline(now, self.layout.refresh_backoff);
-                            give_back_orphaned_refresh(self.extra(slot, r), at);
-                        }
-                        record_hit(&e.hits);
-                        return Lookup::StaleHit(&e.value);
-                    }
                     Refresh::Won => {
                         record_hit(&e.hits);
                         return Lookup::Stale(&e.key, &e.value);
@@ -355,6 +343,22 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 self.extra(slot, r + 1)
                     .fetch_or(crate::expiry::BACKING_OFF, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Whether `key`'s entry is still claimed for a refresh (its refresh deadline is
+    /// [`REFRESHING`](crate::expiry::REFRESHING)): not replaced by a write, nor removed, since
+    /// a read claimed it.
+    pub(crate) fn refresh_claimed<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match (self.layout.refresh, self.find(hash, key)) {
+            (Some(r), Some(slot)) => {
+                self.extra(slot, r).load(Ordering::Relaxed) == crate::expiry::REFRESHING
+            }
+            _ => false,
         }
     }
 

@@ -124,9 +124,6 @@ pub(crate) struct Layout {
     pub(crate) refresh_after: Option<u64>,
     /// XFetch's β, for probabilistic early refresh.
     pub(crate) early_beta: Option<f64>,
-    /// The wait before a refresh is tried again (nanoseconds): also before an orphaned claim
-    /// to refresh is taken over (see [`crate::expiry::take_orphaned_refresh`]).
-    pub(crate) refresh_backoff: u64,
     /// Durations are spread uniformly within ±`jitter` of their nominal value.
     pub(crate) jitter: f64,
     /// Whether a read can move the deadline (a time to idle, or a custom `Expiry`): a plain
@@ -175,7 +172,6 @@ impl Layout {
             refresh: refreshing.then_some(base),
             refresh_after,
             early_beta,
-            refresh_backoff: 1,
             jitter,
             reads_move: false,
             plain_ttl: None,
@@ -270,6 +266,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn refresh_claimed<Q>(&self, hash: u64, key: &Q) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
