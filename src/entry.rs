@@ -592,7 +592,7 @@ struct Computing<'a, K, V, F> {
     inner: std::pin::Pin<Box<F>>,
 }
 
-impl<K, V, F: Future> Future for Computing<'_, K, V, F> {
+impl<K: 'static, V: 'static, F: Future> Future for Computing<'_, K, V, F> {
     type Output = F::Output;
     fn poll(
         mut self: std::pin::Pin<&mut Self>,

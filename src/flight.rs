@@ -280,8 +280,8 @@ pub(crate) enum Waited<R> {
 
 crate::sync::thread_local_shim! {
     /// Flights this thread is running (sync loader, compute closure) or polling (async load),
-    /// by address.
-    static RUNNING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
+    /// by address, with the flight (to ask whether a write superseded it).
+    static RUNNING: RefCell<Vec<(usize, Arc<dyn Supersedable>)>> = RefCell::new(Vec::new());
 }
 
 crate::sync::thread_local_shim! {
@@ -314,17 +314,37 @@ pub(crate) fn take_publish_cap() -> Option<u64> {
 pub(crate) struct Running(usize);
 
 /// Marks `flight` as run by this thread until the guard drops (recursion detection).
-pub(crate) fn enter<K, V>(flight: &Arc<Flight<K, V>>) -> Running {
+pub(crate) fn enter<K: 'static, V: 'static>(flight: &Arc<Flight<K, V>>) -> Running {
     let id = flight.id();
-    RUNNING.with(|r| r.borrow_mut().push(id));
+    let f: Arc<dyn Supersedable> = Arc::clone(flight) as _;
+    RUNNING.with(|r| r.borrow_mut().push((id, f)));
     Running(id)
+}
+
+/// A flight, as the thread that runs it sees it: whether a write superseded it.
+pub(crate) trait Supersedable {
+    fn superseded(&self) -> bool;
+}
+
+impl<K, V> Supersedable for Flight<K, V> {
+    fn superseded(&self) -> bool {
+        self.is_superseded()
+    }
+}
+
+/// Whether the flight this thread runs (the innermost) was superseded by a write or an
+/// invalidation of its key: its value goes to its callers but is not stored (nor, with the
+/// Redis tier, written back to Redis).
+#[cfg(feature = "redis")]
+pub(crate) fn running_superseded() -> bool {
+    RUNNING.with(|r| r.borrow().last().is_some_and(|(_, f)| f.superseded()))
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         RUNNING.with(|r| {
             let mut r = r.borrow_mut();
-            if let Some(i) = r.iter().rposition(|&x| x == self.0) {
+            if let Some(i) = r.iter().rposition(|(x, _)| *x == self.0) {
                 r.remove(i);
             }
         });
@@ -334,7 +354,7 @@ impl Drop for Running {
 /// Whether this thread runs the flight with this id (a call that would wait for it would wait
 /// for itself).
 pub(crate) fn runs_here(id: usize) -> bool {
-    RUNNING.with(|r| r.borrow().contains(&id))
+    RUNNING.with(|r| r.borrow().iter().any(|(x, _)| *x == id))
 }
 
 /// Marks this thread as holding a load permit until the guard drops.

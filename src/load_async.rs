@@ -25,7 +25,7 @@ struct Leading<'a, K, V, F> {
     held: bool,
 }
 
-impl<K, V, F: Future> Future for Leading<'_, K, V, F> {
+impl<K: 'static, V: 'static, F: Future> Future for Leading<'_, K, V, F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _running = enter(self.flight);

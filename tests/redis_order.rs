@@ -384,7 +384,8 @@ fn a_key_of_the_wrong_type_is_a_per_key_error_and_is_repaired() {
         assert_eq!(a.load(7).unwrap(), 1);
     }
     assert!(!a.is_breaker_open(), "one bad key opened the breaker");
-    assert!(a.stats().remote.key_errors >= 1);
+    // (A key of another type reads as absent, without an error, since the `READ` script; the
+    // tombstone and the write-back repair it.)
     // Repaired by the first write-back: the others found the value.
     let value: Option<String> = redis::cmd("HGET")
         .arg("hc:3:o11:v{7}")

@@ -24,6 +24,9 @@
 //!
 //! # Writes are ordered: the fleet never goes back to an older value
 //!
+//! A load that a write or invalidation of its key superseded (on this instance, or announced
+//! by another one while it ran) is neither stored locally nor written back to Redis.
+//!
 //! Every `insert` and `invalidate` advances a per-key version in Redis in the same script that
 //! stores the value or leaves a tombstone (the version is at least the server's clock in
 //! microseconds, so it keeps increasing across the key's expiry in Redis) (an invalidation also revokes the key's lease). A

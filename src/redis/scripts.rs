@@ -18,12 +18,14 @@ macro_rules! repair {
 /// Advances the key's version (a local `v`): past the stored one, and at least the server's
 /// clock in microseconds, so that versions keep increasing when the key's hash expires and is
 /// written again (an instance remembers the version of its own last write of a key, and
-/// ignores messages older than it). A version field that is not a number (a stray write) counts
-/// as 0 and is replaced.
+/// ignores messages older than it). A version field that is not a version (a stray write: not
+/// a number, negative, fractional, or beyond 2^53, where Lua's numbers stop counting by one)
+/// counts as 0 and is replaced.
 macro_rules! next_version {
     () => {
         "redis.replicate_commands() \
          local old = tonumber(redis.call('hget', KEYS[1], 'v') or '0') or 0 \
+         if old < 0 or old >= 9007199254740992 or old ~= math.floor(old) then old = 0 end \
          local t = redis.call('time') \
          local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) \
          redis.call('hset', KEYS[1], 'v', string.format('%.0f', v)) "
@@ -68,12 +70,16 @@ pub(crate) const TOMBSTONE: &str = concat!(
      return v"
 );
 
-/// A read of a key's hash: KEYS = value; ARGV = the largest value to return, in bytes.
+/// A read of a key's hash: KEYS = value; ARGV = the largest value to return, in bytes. A key
+/// of another type reads as absent (no error: a lease taken in the same round trip is then
+/// used, and the write-back repairs the key).
 /// Returns {value, version, epoch, oversized}: the value (nil if absent, or if larger than
 /// ARGV[1]: then oversized is 1), so that a value written by an instance with a larger
 /// `max_value_size` is never carried over the link (it would time out the read and count
 /// against the breaker for every key).
-pub(crate) const READ: &str = "local f = redis.call('hmget', KEYS[1], 'v', 'e') \
+pub(crate) const READ: &str = "if redis.call('type', KEYS[1]).ok ~= 'hash' then \
+       return {false, false, false, 0} end \
+     local f = redis.call('hmget', KEYS[1], 'v', 'e') \
      if redis.call('hstrlen', KEYS[1], 'd') > tonumber(ARGV[1]) then \
        return {false, f[1], f[2], 1} end \
      return {redis.call('hget', KEYS[1], 'd'), f[1], f[2], 0}";

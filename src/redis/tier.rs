@@ -343,14 +343,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 
     /// Makes sense of a read's replies (see [`read_cmds`](Self::read_cmds)).
-    fn snapshot(
-        &self,
-        fields: Fields,
-        pttl: i64,
-        epoch: Option<u64>,
-        vkey: &ValueKey,
-    ) -> Snapshot<V> {
+    fn snapshot(&self, fields: Fields, pttl: i64, epoch: Value, vkey: &ValueKey) -> Snapshot<V> {
         let (bytes, version, written_in, oversized) = fields;
+        let (version, written_in, epoch) =
+            (lenient(&version), lenient(&written_in), lenient(&epoch));
         if oversized != 0 {
             // Written by an instance with a larger `max_value_size`: left there, not read
             // (this instance loads the key itself, and its write-back replaces it).
@@ -377,7 +373,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let got = self.client.run_result(|c| {
             let mut p = Vec::new();
             self.read_cmds(&mut p, vkey);
-            c.pipeline::<(Fields, i64, Option<u64>)>(p)
+            c.pipeline::<(Fields, i64, Value)>(p)
         });
         match got {
             Ok((fields, pttl, epoch)) => Ok(self.snapshot(fields, pttl, epoch, vkey)),
@@ -445,7 +441,11 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 };
                 let result = load();
                 let pending = guard.pending.take().expect("set above");
-                self.write_back(pending, result.as_ref().ok());
+                // A load a write or invalidation of the key superseded (here, or announced by
+                // another instance) is not stored locally: nor is it written back to Redis
+                // (where the write may have been refused, `OOM`, leaving no tombstone).
+                let value = result.as_ref().ok().filter(|_| !self.superseded());
+                self.write_back(pending, value);
                 result
             }
         }
@@ -512,9 +512,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             value: None,
         };
         let result = load.await;
-        guard.value = result.as_ref().ok().cloned();
+        // As in `fetch`: a superseded load is not written back (asked while the flight is
+        // polled, on its thread).
+        guard.value = result.as_ref().ok().filter(|_| !self.superseded()).cloned();
         drop(guard);
         result
+    }
+
+    /// Whether the load this thread runs was superseded by a write or invalidation of its key
+    /// (counted as a write-back superseded: it is not written).
+    fn superseded(&self) -> bool {
+        let superseded = crate::flight::running_superseded();
+        if superseded {
+            self.count(|c| &c.writes_superseded);
+        }
+        superseded
     }
 
     /// Runs one step of an async fetch on a helper thread. If the caller goes away first, a
@@ -664,7 +676,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             let mut exists = cmd("EXISTS");
             exists.arg(&w.lkey);
             p.push(exists);
-            c.pipeline::<(Fields, i64, Option<u64>, bool)>(p)
+            c.pipeline::<(Fields, i64, Value, bool)>(p)
         });
         let Some((fields, pttl, epoch, leased)) = seen else {
             self.count(|c| &c.lease_fallbacks);
@@ -706,7 +718,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 .arg(millis(w.cfg.ttl));
             let mut p = vec![take];
             self.read_cmds(&mut p, &w.vkey);
-            c.pipeline::<(Value, Fields, i64, Option<u64>)>(p)
+            c.pipeline::<(Value, Fields, i64, Value)>(p)
         });
         let Some((lease, fields, pttl, epoch)) = got else {
             if w.waited {
@@ -1046,7 +1058,22 @@ pub(crate) fn parse_message(payload: &[u8]) -> Option<(u8, u64, u64, &[u8])> {
 }
 
 /// A value's hash fields as read: bytes, version, epoch of a loaded value.
-type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>, i64);
+/// What a read's `READ` script returns: the value (if present and small enough), the version
+/// and the epoch of a loaded value (as Redis holds them: parsed by [`lenient`]), and whether the
+/// value was too large to return.
+type Fields = (Option<Vec<u8>>, Value, Value, i64);
+
+/// A number field or key as another program may have left it: a non-negative integer, or
+/// nothing (absent, or not such a number: a stray write is a matter of its key alone, never a
+/// failure of Redis).
+fn lenient(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
 
 /// How many keys' recent versions an instance remembers (then it starts over).
 const VERSIONS_KEPT: usize = 4096;
