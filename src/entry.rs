@@ -16,6 +16,7 @@ use crate::flight::{
 use crate::load::{Lead, Start};
 use crate::load_async::wait_async;
 use crate::removal::Removals;
+use crate::stats::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -394,7 +395,15 @@ where
                     let _running: Vec<Running> =
                         leads.iter().map(|(_, l)| enter(l.flight())).collect();
                     let start = self.stopwatch();
-                    let loaded = load_missing(&keys);
+                    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        load_missing(&keys)
+                    }));
+                    let loaded = loaded.unwrap_or_else(|p| {
+                        // Every key it was to load failed (counted), then the panic goes on
+                        // (the leads drop: their waiters load again).
+                        self.count_n(Counter::LoadFailure, keys.len() as u64);
+                        std::panic::resume_unwind(p)
+                    });
                     (loaded, self.stopwatch().saturating_sub(start))
                 };
                 drop(keys);
@@ -407,7 +416,11 @@ where
                                 found.insert(key, v);
                             }
                         }
-                        None => drop(lead), // abandoned: its waiters load it themselves
+                        None => {
+                            // Not returned: a failed load (its waiters load it themselves).
+                            self.count(Counter::LoadFailure);
+                            drop(lead);
+                        }
                     }
                 }
             }

@@ -475,12 +475,13 @@ where
                 if runs_here(running.id()) {
                     recursive_load();
                 }
-                if running.negative_until() == 0 {
-                    self.count(Counter::Coalesced);
-                } else if running.done().is_some_and(|o| usable(&o)) {
+                match (running.negative_until(), running.done()) {
+                    // A load in flight (or a failure being published: its waiters get it).
+                    (0, _) | (_, None) => self.count(Counter::Coalesced),
                     // Counted only when it answers this caller: one that cannot use the
                     // remembered outcome (`get_with` over an error) loads instead.
-                    self.count(Counter::NegativeHit);
+                    (_, Some(o)) if usable(&o) => self.count(Counter::NegativeHit),
+                    (_, Some(_)) => {}
                 }
                 Claim::Join(running)
             }

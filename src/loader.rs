@@ -267,7 +267,6 @@ where
                 Claim::Join(f) => (f, false),
                 Claim::Lead(lead) => {
                     let flight = Arc::clone(lead.flight());
-                    let id = flight.id();
                     let (k, job_loader) = (key.clone(), Arc::clone(loader));
                     // The job owns the lead: dropped unrun, it abandons the flight.
                     let job = move || {
@@ -276,10 +275,7 @@ where
                         // The job has no deadline of its own (its callers' waits are bounded),
                         // unless the spawner runs it at once on the caller's thread: then the
                         // caller's deadline bounds its wait for a permit, as the caller's own.
-                        let until = SPAWNING
-                            .with(Cell::get)
-                            .filter(|&(spawning, _)| spawning == id)
-                            .map(|(_, until)| until);
+                        let until = SPAWNING.with(Cell::get);
                         match cache.run_loader(lead.flight(), init, true, until) {
                             Ok((outcome, took)) => {
                                 cache.publish(lead, Some(k), outcome, took);
@@ -297,7 +293,7 @@ where
                         .spawner
                         .as_ref()
                         .expect("checked by the caller");
-                    let previous = SPAWNING.with(|s| s.replace(until.map(|u| (id, u))));
+                    let previous = SPAWNING.with(|s| s.replace(until));
                     let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         spawn(Box::new(job))
                     }));
@@ -324,10 +320,10 @@ where
 }
 
 crate::sync::thread_local_shim! {
-    /// The flight whose job this thread is handing to the spawner (by address), and its
-    /// caller's deadline: a job the spawner runs at once on this thread waits for its permit
-    /// only until then.
-    static SPAWNING: Cell<Option<(usize, Instant)>> = Cell::new(None);
+    /// The deadline of the caller this thread is handing a job to the spawner for: a job the
+    /// spawner runs at once on this thread, during that call (this one, or one it had queued
+    /// before), waits for its permit only until then.
+    static SPAWNING: Cell<Option<Instant>> = Cell::new(None);
 }
 
 /// Polls a future, turning its panic into `None`.

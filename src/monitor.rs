@@ -147,6 +147,9 @@ pub(crate) struct Monitor {
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) active: std::sync::atomic::AtomicU8,
+    /// A weighted cache's mean weight per entry when `health` last counted entries (`f64`
+    /// bits; 0: never), to estimate the count while every shard is busy.
+    pub(crate) mean_weight: AtomicU64,
 }
 
 impl Default for Monitor {
@@ -192,6 +195,7 @@ impl Monitor {
             width,
             history: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
+            mean_weight: AtomicU64::new(0),
         }
     }
 

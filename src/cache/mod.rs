@@ -95,6 +95,10 @@ pub(crate) struct ShardCell<K, V> {
     pub(crate) due: crate::monitor::DueRing,
 }
 
+/// The most orphaned refresh claims remembered (see [`Cache::note_orphan`]); beyond, the
+/// oldest is forgotten (its key refreshes again once written, invalidated or expired).
+const MAX_ORPHANS: usize = 4096;
+
 /// Who writes a value: a caller (whose write supersedes any load of the key in flight), or a
 /// load publishing its result (stored only if its flight is still registered).
 pub(crate) enum Write<'a, K, V> {
@@ -383,7 +387,7 @@ where
             }
             Lookup::StaleHit(v) => {
                 if self.inner.orphan_count.load(Ordering::Relaxed) > 0 {
-                    self.give_back_orphan(&guard, hash, v, now);
+                    self.give_back_orphan(&guard, key, hash, v, now);
                 }
                 let r = f(v);
                 drop(guard);
@@ -491,22 +495,30 @@ where
     #[cold]
     pub(crate) fn note_orphan(&self, hash: u64) {
         let mut o = self.inner.orphans.lock();
-        if o.len() >= 64 {
+        if o.len() >= MAX_ORPHANS {
             o.remove(0);
         }
         o.push(hash);
         self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
     }
 
-    /// A read found the entry of hash `hash` claimed for a refresh: if that claim is an
-    /// orphan ([`note_orphan`](Self::note_orphan)), it is given back (due after the refresh
-    /// backoff). Found by the value's address: no user code runs.
+    /// A read found the entry of `key` (hash `hash`) claimed for a refresh: if that claim is
+    /// an orphan ([`note_orphan`](Self::note_orphan)) — its hash noted, and no load of the key
+    /// registered (a key of the same hash may have a refresh of its own running) — it is given
+    /// back (due after the refresh backoff), found by the value's address.
     #[cold]
-    fn give_back_orphan(&self, guard: &Shard<K, V>, hash: u64, value: &V, now: u64) {
+    fn give_back_orphan<Q>(&self, guard: &Shard<K, V>, key: &Q, hash: u64, value: &V, now: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut o = self.inner.orphans.lock();
         let Some(i) = o.iter().position(|&h| h == hash) else {
             return;
         };
+        if guard.loading(hash, key) {
+            return; // a refresh of this key runs (or a load): not an orphan
+        }
         o.swap_remove(i);
         self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
         if let Some(at) = guard.refresh_deadline_of(value) {
