@@ -113,7 +113,10 @@ where
             // Timed as the blocking refresh is (the precise clock: the coarse one rounds a
             // short load to 0, and early refresh would then never fire for the key).
             let start = cache.stopwatch();
-            let result = UnderPermit::new(Caught(loader(&key)), permit.is_some()).await;
+            let flight = Arc::clone(lead.flight());
+            let result =
+                UnderPermit::new(Entered::new(flight, Caught(loader(&key))), permit.is_some())
+                    .await;
             let took = cache.stopwatch().saturating_sub(start);
             drop(permit);
             match result {
@@ -271,6 +274,36 @@ where
             Registration::Withdrawn => None,
             Registration::Hit(()) => unreachable!("no lookup"),
         }
+    }
+}
+
+/// Polls an async refresh's load with its flight marked as run by the polling thread, as the
+/// blocking refresh runs its loader: a load of the same key inside it fails loudly instead of
+/// waiting for itself, and the Redis tier asks this flight (not an outer one, nor none)
+/// whether a write superseded it.
+struct Entered<K: 'static, V: 'static, F> {
+    flight: Arc<Flight<K, V>>,
+    inner: std::pin::Pin<Box<F>>,
+}
+
+impl<K: 'static, V: 'static, F> Entered<K, V, F> {
+    fn new(flight: Arc<Flight<K, V>>, inner: F) -> Self {
+        Entered {
+            flight,
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<K: 'static, V: 'static, F: std::future::Future> std::future::Future for Entered<K, V, F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let _running = crate::flight::enter(&self.flight);
+        self.inner.as_mut().poll(cx)
     }
 }
 
