@@ -439,8 +439,8 @@ where
     }
 
     fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
-        let how = crate::load::ClaimMode::leading(true, true);
-        match self.claim(hash, key, &V::clone, &mut None, how, &|o| {
+        let mut how = crate::load::ClaimMode::leading(true, true);
+        match self.claim(hash, key, &V::clone, &mut None, &mut how, &|o| {
             matches!(o, crate::flight::Outcome::Value(_))
         }) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),

@@ -84,6 +84,10 @@ pub(crate) struct ClaimMode {
     /// claim a flight whatever the key holds (a present value does not answer it; a running
     /// flight, or a fail-safe answer within a failed key's backoff, still does).
     pub(crate) replace: bool,
+    /// An earlier round of this call joined a running load and was counted coalesced: a
+    /// later round that leads (the load ended with nothing for this caller) takes that count
+    /// back, so that each miss is counted once — as a load, a join or a negative hit.
+    pub(crate) joined: bool,
 }
 
 /// How a blocking load's first claim starts.
@@ -107,6 +111,7 @@ impl ClaimMode {
             record,
             looked_up: false,
             replace: false,
+            joined: false,
         }
     }
 
@@ -133,12 +138,9 @@ impl ClaimMode {
     }
 
     /// The claim of the next round.
-    pub(crate) fn next_round(self) -> Self {
-        ClaimMode {
-            record: false,
-            looked_up: false,
-            ..self
-        }
+    fn next_round(&mut self) {
+        self.record = false;
+        self.looked_up = false;
     }
 }
 
@@ -420,13 +422,16 @@ where
     /// An async caller passes its future (moved into the flight if it leads); an async caller
     /// whose future is already gone (it went into a flight that was then abandoned) may only
     /// join or hit: `can_lead` is false and `Claim::Lost` says nothing is running.
+    ///
+    /// `how` is the caller's across rounds: the claim moves it to the next round and keeps
+    /// its tally (one count per miss, whatever the number of rounds).
     pub(crate) fn claim<R>(
         &self,
         hash: u64,
         key: &K,
         hit: &impl Fn(&V) -> R,
         future: &mut Option<SharedLoad<V>>,
-        how: ClaimMode,
+        how: &mut ClaimMode,
         usable: &dyn Fn(&Outcome<V>) -> bool,
     ) -> Claim<K, V, S, R> {
         let ClaimMode {
@@ -435,7 +440,9 @@ where
             record,
             looked_up,
             replace,
-        } = how;
+            joined,
+        } = *how;
+        how.next_round();
         if !looked_up && !replace {
             if let Some(r) = self.read_with(key, hash, record, hit) {
                 return Claim::Hit(r);
@@ -477,18 +484,39 @@ where
                 }
                 match (running.negative_until(), running.done()) {
                     // A load in flight (or a failure being published: its waiters get it).
-                    (0, _) | (_, None) => self.count(Counter::Coalesced),
+                    // Counted once per call: a caller whose load ended with nothing for it
+                    // and who joins the next is still one miss.
+                    (0, _) | (_, None) => {
+                        if !joined {
+                            self.count(Counter::Coalesced);
+                            how.joined = true;
+                        }
+                    }
                     // Counted only when it answers this caller: one that cannot use the
                     // remembered outcome (`get_with` over an error) loads instead.
-                    (_, Some(o)) if usable(&o) => self.count(Counter::NegativeHit),
+                    (_, Some(o)) if usable(&o) => {
+                        self.take_back_join(how);
+                        self.count(Counter::NegativeHit);
+                    }
                     (_, Some(_)) => {}
                 }
                 Claim::Join(running)
             }
             Registration::Registered(swept) => {
+                // This caller loads: its load is what its miss is counted as.
+                self.take_back_join(how);
                 Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
             }
             Registration::Withdrawn => Claim::Lost,
+        }
+    }
+
+    /// A call counted coalesced in an earlier round that is now counted otherwise (it leads a
+    /// load, or a negative entry answers it): the coalesced count is taken back.
+    fn take_back_join(&self, how: &mut ClaimMode) {
+        if std::mem::take(&mut how.joined) {
+            // The counters add wrapping: adding 2^64 - 1 takes one back.
+            self.count_n(Counter::Coalesced, u64::MAX);
         }
     }
 
@@ -702,8 +730,9 @@ where
         let mut init = Some(init);
         let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
-            let claim = self.claim(hash, &key, hit, &mut None, how, &|o| accept(o).is_some());
-            how = how.next_round();
+            let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
+                accept(o).is_some()
+            });
             match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
@@ -841,9 +870,9 @@ where
             return Err(NotRun::TimedOut);
         };
         let running = enter(flight);
-        let start = self.stopwatch();
+        let timed = Timed::start(self);
         let outcome = init();
-        let took = self.stopwatch().saturating_sub(start);
+        let took = timed.stop();
         drop(running);
         drop(permit);
         Ok((outcome, took))
@@ -863,6 +892,64 @@ where
             Waited::Done(None) => Waited::Done(None),
             Waited::Abandoned => Waited::Abandoned,
             Waited::TimedOut => Waited::TimedOut,
+        }
+    }
+}
+
+/// Times a leader's own `init` while it runs; if `init` unwinds, counts a failed load (as
+/// a shared loader's panic, caught and published, is counted by
+/// [`publish`](Cache::publish)): every miss is then a load, a join or a negative hit, whatever
+/// the caller's closure or future does.
+pub(crate) struct Timed<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: &'a Cache<K, V, S>,
+    start: u64,
+}
+
+impl<'a, K, V, S> Timed<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn start(cache: &'a Cache<K, V, S>) -> Self {
+        Timed {
+            cache,
+            start: cache.stopwatch(),
+        }
+    }
+
+    /// Resumes the timing of a load started at `start` (an async load, timed across polls).
+    pub(crate) fn since(cache: &'a Cache<K, V, S>, start: u64) -> Self {
+        Timed { cache, start }
+    }
+
+    /// The nanoseconds since the start (the load returned).
+    pub(crate) fn stop(self) -> u64 {
+        let took = self.cache.stopwatch().saturating_sub(self.start);
+        std::mem::forget(self);
+        took
+    }
+}
+
+impl<K, V, S> Drop for Timed<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        // Dropped without `stop`: `init` unwound (an async one may also be dropped mid-poll
+        // by its cancellation, which is not a failure: only a panic is counted).
+        if std::thread::panicking() {
+            let took = self.cache.stopwatch().saturating_sub(self.start);
+            self.cache.count(Counter::LoadFailure);
+            self.cache.count_n(Counter::LoadNanos, took);
+            self.cache.inner.stampede.monitor.load(took, true);
         }
     }
 }

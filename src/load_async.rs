@@ -9,7 +9,7 @@ use crate::flight::{
     accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
     FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
-use crate::load::{Claim, ClaimMode, Lead, SharedLoad, Start};
+use crate::load::{Claim, ClaimMode, Lead, SharedLoad, Start, Timed};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -19,18 +19,34 @@ use std::task::{Context, Poll, Waker};
 /// Polls a leader's own load with its flight marked as run by the polling thread (a load of
 /// the same key inside it fails loudly instead of waiting for itself) and, under a permit, the
 /// permit marked as held (loads nested in it do not wait for another).
-struct Leading<'a, K, V, F> {
+/// A poll that panics counts a failed load.
+struct Leading<'a, K, V, S, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: &'a Cache<K, V, S>,
     flight: &'a Arc<Flight<K, V>>,
     inner: Pin<&'a mut F>,
     held: bool,
+    start: u64,
 }
 
-impl<K: 'static, V: 'static, F: Future> Future for Leading<'_, K, V, F> {
+impl<K, V, S, F: Future> Future for Leading<'_, K, V, S, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _running = enter(self.flight);
         let _held = self.held.then(PermitHeld::enter);
-        self.inner.as_mut().poll(cx)
+        let timed = Timed::since(self.cache, self.start);
+        let polled = self.inner.as_mut().poll(cx);
+        timed.stop();
+        polled
     }
 }
 
@@ -378,8 +394,9 @@ where
         let mut init = Some(init);
         let mut how = ClaimMode::starting(start).judged(judge.is_some());
         loop {
-            let claim = self.claim(hash, &key, &hit, &mut None, how, &|o| accept(o).is_some());
-            how = how.next_round();
+            let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
+                accept(o).is_some()
+            });
             match claim {
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
@@ -446,9 +463,11 @@ where
         }
         let start = self.stopwatch();
         let outcome = Leading {
+            cache: self,
             flight,
             inner: std::pin::pin!(init),
             held: permit.is_some(),
+            start,
         }
         .await;
         let took = self.stopwatch().saturating_sub(start);
@@ -472,17 +491,13 @@ where
         // for it (the taker's loader panicked or found nothing).
         let back = Arc::new(crate::sync::Mutex::new(None));
         let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
-        let mut bypass_negative = false;
-        let mut record = true;
+        let mut how = ClaimMode::leading(false, true);
         loop {
-            let can_lead = init.is_some();
-            let how = ClaimMode {
-                can_lead,
-                ..ClaimMode::leading(bypass_negative, record)
-            };
+            how.can_lead = init.is_some();
             let had_future = init.is_some();
-            let claim = self.claim(hash, &key, &hit, &mut init, how, &|o| accept(o).is_some());
-            record = false;
+            let claim = self.claim(hash, &key, &hit, &mut init, &mut how, &|o| {
+                accept(o).is_some()
+            });
             let flight = match claim {
                 Claim::Hit(r) => return r,
                 // The shared future holds the lead; the flight's polling guard resolves it.
@@ -515,7 +530,7 @@ where
             };
             match wait.await {
                 Waited::Done(Some(r)) => return r,
-                Waited::Done(None) => bypass_negative = true,
+                Waited::Done(None) => how.bypass_negative = true,
                 Waited::Abandoned | Waited::TimedOut => {}
             }
         }

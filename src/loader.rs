@@ -236,18 +236,11 @@ where
         until: Option<std::time::Instant>,
     ) -> Option<Result<V, LoadError>> {
         let hit = |v: &V| Ok(v.clone());
-        let mut bypass_negative = false;
-        let mut record = true;
+        let mut how = ClaimMode::leading(false, true);
         loop {
-            let claim = self.claim(
-                hash,
-                &key,
-                &hit,
-                &mut None,
-                ClaimMode::leading(bypass_negative, record),
-                &|o| accept_load(o).is_some(),
-            );
-            record = false;
+            let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
+                accept_load(o).is_some()
+            });
             let (flight, led) = match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
@@ -307,7 +300,7 @@ where
             };
             match self.wait_blocking(&flight, &accept_load, until) {
                 Waited::Done(Some(r)) => return Some(r),
-                Waited::Done(None) => bypass_negative = true,
+                Waited::Done(None) => how.bypass_negative = true,
                 // Our own job was dropped unrun (or could not publish): load here instead.
                 Waited::Abandoned if led => {
                     return self.load_inline(key, hash, loader, until, false);

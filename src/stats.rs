@@ -250,7 +250,8 @@ pub struct CacheStats {
     pub misses: u64,
     /// Loads (including refreshes) that produced a value.
     pub load_successes: u64,
-    /// Loads that failed (an error, `None`, or a panic in a refresh).
+    /// Loads that failed: an error, `None`, or a panic (of a loader, a caller's `init`
+    /// closure or future, `get_all`'s `load_missing` — one per key — or a refresh).
     pub load_failures: u64,
     /// Time spent in loads that finished, on the cache's clock.
     pub total_load_time: Duration,
@@ -264,7 +265,9 @@ pub struct CacheStats {
     pub size: Removals,
     /// Callers that waited for another caller's load instead of loading (single-flight at
     /// work), or that missed and found the value stored by another caller by the time they
-    /// claimed the key: every miss is a load or one of these (or a negative hit).
+    /// claimed the key: every miss is a load or one of these (or a negative hit). A caller
+    /// whose joined load ended with nothing for it and who then loaded itself counts as its
+    /// load only; one that gave up waiting (a timeout, a cancelled future) counts here.
     pub coalesced: u64,
     /// Refreshes started (refresh-ahead and early refresh). Each ends as one of the next two.
     pub refreshes_started: u64,

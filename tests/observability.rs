@@ -10,6 +10,7 @@ use herdcache::{BoxError, Cache, ManualClock, RemovalCause};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
+use std::future::Future;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -420,4 +421,46 @@ fn a_refresh_whose_listener_panics_is_counted() {
         assert_eq!(cache.loads_in_flight(), 0);
         cache.validate();
     }
+}
+
+/// A caller's own `init` that panics — a closure or a future, polled by a runtime that
+/// catches the panic or by one that unwinds — counts its miss as a failed load: every miss is
+/// a load, a join or a negative hit.
+#[test]
+fn a_panicking_init_counts_a_failed_load() {
+    let _w = watchdog(Duration::from_secs(60), "panicking init");
+    common::quiet_injected_panics();
+    let c: Cache<u32, u32> = Cache::builder().max_capacity(10).record_stats().build();
+    let sync = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.get_with(1, || panic!("injected panic: init"))
+    }));
+    assert!(sync.is_err());
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_failures, s.load_successes), (1, 1, 0));
+
+    // An async init polled under catch_unwind, then dropped after the unwinding (as a runtime
+    // that catches a task's panic does).
+    let fut = c.get_with_async(2, async { panic!("injected panic: async init") });
+    let mut fut = Box::pin(fut);
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let waker = futures::task::noop_waker();
+        let _ = fut.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+    }));
+    assert!(polled.is_err());
+    drop(fut);
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_failures), (2, 2));
+
+    // A cancelled async init is not a failure (nor a load).
+    let fut = c.get_with_async(3, std::future::pending::<u32>());
+    let mut fut = Box::pin(fut);
+    let waker = futures::task::noop_waker();
+    assert!(fut
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker))
+        .is_pending());
+    drop(fut);
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_failures, s.load_successes), (3, 2, 0));
+    assert_eq!(c.get_with(1, || 5), 5, "the key is free again");
 }
