@@ -477,13 +477,6 @@ pub(crate) fn claim_refresh(
 /// write, which stores the new load time.
 pub(crate) const BACKING_OFF: u64 = 1 << 63;
 
-/// Gives back an orphaned claim to refresh (see `Cache::give_back_orphan`): due again at
-/// `at`, unless the claim is gone (a write replaced the entry).
-#[cold]
-pub(crate) fn give_back_orphaned_refresh(refresh_at: &AtomicU64, at: u64) {
-    let _ = refresh_at.compare_exchange(REFRESHING, at, Ordering::AcqRel, Ordering::Relaxed);
-}
-
 /// Gives back a claim to refresh (the deadline is [`REFRESHING`]): due again at `at`. A
 /// deadline set meanwhile (by a new value) is kept. Returns whether it was given back.
 #[inline]

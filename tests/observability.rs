@@ -8,9 +8,9 @@ mod common;
 use common::{live_lock, watchdog, Counted, LIVE};
 use herdcache::{BoxError, Cache, ManualClock, RemovalCause};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::future::Future;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -444,7 +444,9 @@ fn a_panicking_init_counts_a_failed_load() {
     let mut fut = Box::pin(fut);
     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let waker = futures::task::noop_waker();
-        let _ = fut.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+        let _ = fut
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
     }));
     assert!(polled.is_err());
     drop(fut);

@@ -521,10 +521,8 @@ where
         }
         o.swap_remove(i);
         self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
-        if let Some(at) = guard.refresh_deadline_of(value) {
-            let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
-            crate::expiry::give_back_orphaned_refresh(at, retry);
-        }
+        let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+        guard.reset_refresh_of(value, retry);
     }
 
     /// Reports removed entries to the listener (each exactly once); returns the first panic of

@@ -321,12 +321,25 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// before anything that may panic.
     pub(crate) fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64> {
         let r = self.layout.refresh?;
+        Some(self.extra(self.slot_of(value)?, r))
+    }
+
+    /// The slot of the entry whose value is `value` (a reference a lookup returned).
+    fn slot_of(&self, value: &V) -> Option<u32> {
         let size = std::mem::size_of::<Option<Record<K, V, T>>>();
         let offset = (value as *const V as usize).checked_sub(self.slab.as_ptr() as usize)?;
         let slot = offset / size;
         match self.slab.get(slot) {
-            Some(Some(e)) if std::ptr::eq(&e.value, value) => Some(self.extra(slot as u32, r)),
+            Some(Some(e)) if std::ptr::eq(&e.value, value) => Some(slot as u32),
             _ => None,
+        }
+    }
+
+    /// [`reset_refresh`](Self::reset_refresh) of the entry whose value is `value` (found by
+    /// its address: no user code runs).
+    pub(crate) fn reset_refresh_of(&self, value: &V, at: u64) {
+        if let Some(slot) = self.slot_of(value) {
+            self.give_back_slot(slot, at);
         }
     }
 
@@ -338,7 +351,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let (Some(r), Some(slot)) = (self.layout.refresh, self.find(hash, key)) {
+        if let Some(slot) = self.find(hash, key) {
+            self.give_back_slot(slot, at);
+        }
+    }
+
+    /// Gives back the claim to refresh the entry in `slot`, backing off (no early refresh)
+    /// until the next write.
+    fn give_back_slot(&self, slot: u32, at: u64) {
+        if let Some(r) = self.layout.refresh {
             if give_back_refresh(self.extra(slot, r), at) {
                 self.extra(slot, r + 1)
                     .fetch_or(crate::expiry::BACKING_OFF, Ordering::Relaxed);

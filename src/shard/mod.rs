@@ -274,6 +274,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn loading<Q>(&self, hash: u64, key: &Q) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64>;
+        fn reset_refresh_of(&self, value: &V, at: u64);
         #[allow(clippy::too_many_arguments)]
         #[inline]
         fn insert<S: BuildHasher>(&mut self, hash: u64, key: K, value: V, weight: u32, now: u64,
