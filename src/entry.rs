@@ -13,10 +13,9 @@ use crate::flight::{
     accept_value, enter, holds_permit, recursive_load, runs_here, Flight, Outcome, Phase, Running,
     Waited,
 };
-use crate::load::{Lead, Start};
+use crate::load::{Lead, Settle, Start};
 use crate::load_async::wait_async;
 use crate::removal::Removals;
-use crate::stats::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -233,10 +232,20 @@ where
         replace_if: &mut impl FnMut(&V) -> bool,
     ) -> Result<V, (u64, Start)> {
         let hash = self.hash(key);
-        match self.read_with(key, hash, true, V::clone) {
-            Some(v) if !replace_if(&v) => Ok(v),
-            Some(_) => Err((hash, Start::Replace)),
-            None => Err((hash, Start::Missed)),
+        // Counted once judged: a value kept is a hit, one to replace a miss (the call loads).
+        match self.read_with(key, hash, false, V::clone) {
+            Some(v) if !replace_if(&v) => {
+                self.count_lookup(hash, true, true);
+                Ok(v)
+            }
+            Some(_) => {
+                self.count_lookup(hash, false, true);
+                Err((hash, Start::Replace))
+            }
+            None => {
+                self.count_lookup(hash, false, false);
+                Err((hash, Start::Missed))
+            }
         }
     }
 
@@ -311,11 +320,14 @@ where
         let mut found = HashMap::new();
         let mut load_missing = Some(load_missing);
         let mut keys: Vec<K> = keys.into_iter().collect();
+        // Each key's claims across the rounds, its miss counted (as a load, a join or a
+        // negative hit) when this call ends.
+        let mut ledgers: HashMap<K, Settle<'_, K, V, S>> = HashMap::new();
         // A key another caller was loading, whose load then ended with nothing for this call
         // (it failed, or was given up), is claimed again while `load_missing` is unused: this
         // call then loads it (a few rounds at most).
         for _ in 0..3 {
-            keys = self.get_all_round(keys, &mut found, &mut load_missing);
+            keys = self.get_all_round(keys, &mut ledgers, &mut found, &mut load_missing);
             if keys.is_empty() || load_missing.is_none() {
                 break;
             }
@@ -325,9 +337,10 @@ where
 
     /// One round of [`get_all`](Self::get_all): returns the keys joined to another caller's
     /// load that ended with no value and that no value answers now.
-    fn get_all_round(
-        &self,
+    fn get_all_round<'a>(
+        &'a self,
         keys: Vec<K>,
+        ledgers: &mut HashMap<K, Settle<'a, K, V, S>>,
         found: &mut HashMap<K, V>,
         load_missing: &mut Option<impl FnOnce(&[K]) -> HashMap<K, V>>,
     ) -> Vec<K> {
@@ -344,7 +357,8 @@ where
                 continue;
             }
             let hash = self.hash(&key);
-            match self.claim_key(hash, &key) {
+            let how = self.ledger(ledgers, &key);
+            match self.claim_key(hash, &key, how) {
                 Claimed::Hit(v) => {
                     found.insert(key, v);
                 }
@@ -366,6 +380,7 @@ where
             leads = started;
             leads.extend(taken);
             for (key, lead) in stolen {
+                // Its load, run by the taker, counts this key's miss.
                 let flight = lead.disarm();
                 // Taken over and already ended with no value for this call (the taker
                 // failed while this call waited for its permit): claimed again, so that
@@ -379,7 +394,8 @@ where
                     continue;
                 }
                 let hash = self.hash(&key);
-                match self.claim_key(hash, &key) {
+                let how = self.ledger(ledgers, &key);
+                match self.claim_key(hash, &key, how) {
                     Claimed::Hit(v) => drop(found.insert(key, v)),
                     Claimed::Lead(lead) if lead.flight().start() => leads.push((key, lead)),
                     Claimed::Lead(lead) => joins.push((key, lead.disarm())),
@@ -398,12 +414,9 @@ where
                     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         load_missing(&keys)
                     }));
-                    let loaded = loaded.unwrap_or_else(|p| {
-                        // Every key it was to load failed (counted), then the panic goes on
-                        // (the leads drop: their waiters load again).
-                        self.count_n(Counter::LoadFailure, keys.len() as u64);
-                        std::panic::resume_unwind(p)
-                    });
+                    // The panic goes on: the leads drop, each counted as a failed load (their
+                    // waiters load again).
+                    let loaded = loaded.unwrap_or_else(|p| std::panic::resume_unwind(p));
                     (loaded, self.stopwatch().saturating_sub(start))
                 };
                 drop(keys);
@@ -416,11 +429,8 @@ where
                                 found.insert(key, v);
                             }
                         }
-                        None => {
-                            // Not returned: a failed load (its waiters load it themselves).
-                            self.count(Counter::LoadFailure);
-                            drop(lead);
-                        }
+                        // Not returned: a failed load (its waiters load it themselves).
+                        None => lead.fail(),
                     }
                 }
             }
@@ -438,9 +448,21 @@ where
         again
     }
 
-    fn claim_key(&self, hash: u64, key: &K) -> Claimed<K, V, S> {
-        let mut how = crate::load::ClaimMode::leading(true, true);
-        match self.claim(hash, key, &V::clone, &mut None, &mut how, &|o| {
+    /// `key`'s ledger in a `get_all` call (made at its first claim).
+    fn ledger<'a, 'm>(
+        &'a self,
+        ledgers: &'m mut HashMap<K, Settle<'a, K, V, S>>,
+        key: &K,
+    ) -> &'m mut Settle<'a, K, V, S> {
+        ledgers
+            .entry(key.clone())
+            .or_insert_with(|| Settle::new(self, crate::load::ClaimMode::leading(true, true)))
+    }
+
+    /// Claims `key` for `get_all`, in the rounds' mode `how` (the first round counts the
+    /// lookup's hit or miss).
+    fn claim_key(&self, hash: u64, key: &K, how: &mut crate::load::ClaimMode) -> Claimed<K, V, S> {
+        match self.claim(hash, key, &V::clone, &mut None, how, &|o| {
             matches!(o, crate::flight::Outcome::Value(_))
         }) {
             crate::load::Claim::Hit(v) => Claimed::Hit(v),
@@ -473,7 +495,7 @@ where
     fn give_up_waiting_leader(&self, hash: u64, running: &Arc<Flight<K, V>>) -> bool {
         let taken = holds_permit() && running.steal();
         if taken {
-            drop(Lead::taken(self, hash, Arc::clone(running)));
+            Lead::given_up(self, hash, Arc::clone(running));
         }
         taken
     }
@@ -505,7 +527,9 @@ where
                 }
                 Err(running)
             }
-            Registration::Registered(swept) => Ok(swept.drop_after(Lead::new(self, hash, f))),
+            Registration::Registered(swept) => {
+                Ok(swept.drop_after(Lead::computation(self, hash, f)))
+            }
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")
             }

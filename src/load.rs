@@ -62,6 +62,7 @@ use crate::removal::Removals;
 use crate::shard::Panic;
 use crate::stats::Counter;
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -84,10 +85,87 @@ pub(crate) struct ClaimMode {
     /// claim a flight whatever the key holds (a present value does not answer it; a running
     /// flight, or a fail-safe answer within a failed key's backoff, still does).
     pub(crate) replace: bool,
-    /// An earlier round of this call joined a running load and was counted coalesced: a
-    /// later round that leads (the load ended with nothing for this caller) takes that count
-    /// back, so that each miss is counted once — as a load, a join or a negative hit.
-    pub(crate) joined: bool,
+    /// What this call's miss is counted as so far (see [`Class`]).
+    pub(crate) class: Class,
+}
+
+/// What a call's miss is counted as: counted as soon as it is known (a waiter shows in the
+/// statistics while it waits), never taken back (the counters only grow). A later attempt —
+/// the load the call led or joined ended with nothing for it — that leads a load or is
+/// answered otherwise counts a new miss ([`Cache::reclass`]): every miss is exactly one load,
+/// join or negative hit (see `CacheStats::misses`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Missed (counted), not classified yet.
+    Owes,
+    /// The lookup hit: nothing more to count.
+    Hit,
+    /// Counted as this: `Coalesced` (a join, an answer found without a load, a wait given up),
+    /// `NegativeHit`, or `LoadAbandoned` (a spawned job dropped unrun, counted by its caller).
+    Counted(Counter),
+    /// A flight this call registered (or took over) counts it: one load, published, failed or
+    /// abandoned.
+    Flight,
+}
+
+/// A call's [`ClaimMode`]: a call that ends (returns, is cancelled, unwinds) with its miss
+/// not classified yet — a panic in the key's `Hash` or `Eq` during a claim — counts it as
+/// coalesced.
+pub(crate) struct Settle<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: &'a Cache<K, V, S>,
+    mode: ClaimMode,
+}
+
+impl<'a, K, V, S> Settle<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(cache: &'a Cache<K, V, S>, mode: ClaimMode) -> Self {
+        Settle { cache, mode }
+    }
+}
+
+impl<K, V, S> std::ops::Deref for Settle<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    type Target = ClaimMode;
+    fn deref(&self) -> &ClaimMode {
+        &self.mode
+    }
+}
+
+impl<K, V, S> std::ops::DerefMut for Settle<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn deref_mut(&mut self) -> &mut ClaimMode {
+        &mut self.mode
+    }
+}
+
+impl<K, V, S> Drop for Settle<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if self.mode.class == Class::Owes {
+            self.cache.count(Counter::Coalesced);
+        }
+    }
 }
 
 /// How a blocking load's first claim starts.
@@ -97,7 +175,7 @@ pub(crate) enum Start {
     Lookup,
     /// The caller has just looked the key up and missed (counted): claim under the lock.
     Missed,
-    /// The caller found a value it wants replaced (counted as a hit): claim a flight whatever
+    /// The caller found a value it wants replaced (counted as a miss): claim a flight whatever
     /// the key holds, or wait for the one running and take its value.
     Replace,
 }
@@ -111,7 +189,9 @@ impl ClaimMode {
             record,
             looked_up: false,
             replace: false,
-            joined: false,
+            // A call gets here having missed (or misses in its first lookup); one whose
+            // lookup hits counts nothing more.
+            class: Class::Owes,
         }
     }
 
@@ -160,8 +240,10 @@ where
 
 /// Owns a flight this caller leads until it is resolved. Dropping it unresolved — a panic in
 /// any user code between the claim and the publish, a cancelled future, a job a spawner
-/// dropped without running it — unregisters the flight and releases its waiters to retry. For
-/// a refresh, it also schedules the next attempt after the refresh backoff.
+/// dropped without running it, a deadline passed waiting for a load permit — unregisters the
+/// flight and releases its waiters to retry; a load's flight is counted as a failed load if
+/// a panic drops it, else as an abandoned one (each flight counts one load, published or not). For a refresh, it also schedules the next
+/// attempt after the refresh backoff.
 pub(crate) struct Lead<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -172,6 +254,11 @@ where
     hash: u64,
     flight: Option<Arc<Flight<K, V>>>,
     refresh: bool,
+    /// A load's flight (not a computation's): abandoned, it counts a failed load.
+    load: bool,
+    /// A spawned job's lead whose caller waits for it ([`Handoff`]): abandoned while the
+    /// caller still waits, it is not counted (the caller loads itself, and that load counts).
+    handoff: Option<Handoff>,
     /// This caller took the load over from a leader that waited for a permit
     /// ([`Flight::steal`]); the other leads of a flight taken over leave it to this one.
     taker: bool,
@@ -189,8 +276,22 @@ where
             hash,
             flight: Some(flight),
             refresh: false,
+            load: true,
+            handoff: None,
             taker: false,
         }
+    }
+
+    /// A computation's lead (the entry API's `and_compute_with` & co.): not a load, so not
+    /// counted as one if abandoned.
+    pub(crate) fn computation(
+        cache: &Cache<K, V, S>,
+        hash: u64,
+        flight: Arc<Flight<K, V>>,
+    ) -> Self {
+        let mut lead = Lead::new(cache, hash, flight);
+        lead.load = false;
+        lead
     }
 
     /// The lead of a caller that took `flight` over ([`Flight::steal`] succeeded): it runs
@@ -199,6 +300,13 @@ where
         let mut lead = Lead::new(cache, hash, flight);
         lead.taker = true;
         lead
+    }
+
+    /// A computation that took `flight`'s load over to give it up at once (its leader and
+    /// waiters load again, each counted then): not counted as a load.
+    pub(crate) fn given_up(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) {
+        let mut lead = Lead::taken(cache, hash, flight);
+        lead.load = false;
     }
 
     /// Whether another caller took this lead's load over: then it, not this lead, publishes
@@ -214,6 +322,8 @@ where
             hash,
             flight: Some(flight),
             refresh: true,
+            load: false,
+            handoff: None,
             taker: false,
         }
     }
@@ -228,6 +338,19 @@ where
 
     pub(crate) fn hash(&self) -> u64 {
         self.hash
+    }
+
+    /// Abandons the flight as a failed load (a key `get_all`'s `load_missing` left out): its
+    /// waiters load again.
+    pub(crate) fn fail(mut self) {
+        if std::mem::take(&mut self.load) {
+            self.cache.count(Counter::LoadFailure);
+        }
+    }
+
+    /// Ties this lead (a spawned job's) to its waiting caller (see [`Handoff`]).
+    pub(crate) fn hand_off(&mut self, h: Handoff) {
+        self.handoff = Some(h);
     }
 
     /// The flight, no longer guarded: the caller resolves it now.
@@ -254,12 +377,52 @@ where
             return;
         }
         if let Some(flight) = self.flight.take() {
+            let handed_back = self.handoff.as_ref().is_some_and(Handoff::abandoned);
+            if self.load && !handed_back {
+                // Unwinding: a panic of user code between the claim and the publish.
+                self.cache.count(if std::thread::panicking() {
+                    Counter::LoadFailure
+                } else {
+                    Counter::LoadAbandoned
+                });
+            }
             let retry = self.refresh.then(|| {
                 self.cache.count(Counter::RefreshFailed);
                 crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff)
             });
             self.cache.abandon(self.hash, &flight, true, retry);
         }
+    }
+}
+
+/// Who counts a spawned job's load if the job is dropped unrun: the caller that spawned it,
+/// while it waits (it then loads itself, counted as its load), or the job's lead once the
+/// caller has given up waiting (timed out). Either one, never both, never neither.
+#[derive(Clone)]
+pub(crate) struct Handoff(Arc<crate::sync::AtomicU8>);
+
+const WAITING: u8 = 0;
+const ABANDONED: u8 = 1;
+const CALLER_GONE: u8 = 2;
+
+impl Handoff {
+    pub(crate) fn new() -> Self {
+        Handoff(Arc::new(crate::sync::AtomicU8::new(WAITING)))
+    }
+
+    /// The job's lead is abandoned: true if its caller still waits (the caller counts).
+    fn abandoned(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The caller gives up waiting: true if the job's lead was abandoned first (uncounted:
+    /// the caller counts it).
+    pub(crate) fn caller_gone(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, CALLER_GONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
     }
 }
 
@@ -440,17 +603,25 @@ where
             record,
             looked_up,
             replace,
-            joined,
+            class: _,
         } = *how;
         how.next_round();
         if !looked_up && !replace {
             if let Some(r) = self.read_with(key, hash, record, hit) {
+                // A hit counted (nothing more to count), or a later round: this call missed
+                // before, and is answered now.
+                if record {
+                    how.class = Class::Hit;
+                } else {
+                    self.reclass(how, Class::Counted(Counter::Coalesced));
+                }
                 return Claim::Hit(r);
             }
         }
         // Fail-safe: within a failed key's backoff its old value answers every caller, a
         // replacing one too (`fail_safe`'s "one retry per backoff").
         if let Some(r) = self.fail_safe_read(hash, key, hit) {
+            self.reclass(how, Class::Counted(Counter::Coalesced));
             return Claim::Hit(r);
         }
         // The key's clone (user code) comes before the lock.
@@ -471,11 +642,9 @@ where
         let lookup: Option<&dyn Fn(&V) -> R> = if replace { None } else { Some(hit) };
         match self.register_flight(hash, key, &f, !bypass_negative, lookup, None, keep) {
             Registration::Hit(r) => {
-                if record || looked_up {
-                    // A miss this round counted, answered by a value another caller stored
-                    // since: work saved, as a join is.
-                    self.count(Counter::Coalesced);
-                }
+                // A miss answered by a value another caller stored since: work saved, as a
+                // join is.
+                self.reclass(how, Class::Counted(Counter::Coalesced));
                 Claim::Hit(r)
             }
             Registration::Running(running) => {
@@ -484,40 +653,49 @@ where
                 }
                 match (running.negative_until(), running.done()) {
                     // A load in flight (or a failure being published: its waiters get it).
-                    // Counted once per call: a caller whose load ended with nothing for it
-                    // and who joins the next is still one miss.
-                    (0, _) | (_, None) => {
-                        if !joined {
-                            self.count(Counter::Coalesced);
-                            how.joined = true;
-                        }
-                    }
+                    (0, _) | (_, None) => self.reclass(how, Class::Counted(Counter::Coalesced)),
                     // Counted only when it answers this caller: one that cannot use the
                     // remembered outcome (`get_with` over an error) loads instead.
                     (_, Some(o)) if usable(&o) => {
-                        self.take_back_join(how);
-                        self.count(Counter::NegativeHit);
+                        self.reclass(how, Class::Counted(Counter::NegativeHit));
                     }
                     (_, Some(_)) => {}
                 }
                 Claim::Join(running)
             }
             Registration::Registered(swept) => {
-                // This caller loads: its load is what its miss is counted as.
-                self.take_back_join(how);
+                // The flight counts this miss: its load, failed or abandoned.
+                self.reclass(how, Class::Flight);
                 Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
             }
             Registration::Withdrawn => Claim::Lost,
         }
     }
 
-    /// A call counted coalesced in an earlier round that is now counted otherwise (it leads a
-    /// load, or a negative entry answers it): the coalesced count is taken back.
-    fn take_back_join(&self, how: &mut ClaimMode) {
-        if std::mem::take(&mut how.joined) {
-            // The counters add wrapping: adding 2^64 - 1 takes one back.
-            self.count_n(Counter::Coalesced, u64::MAX);
+    /// Classifies this call's miss as `new` in a claim round. A call already classified by an
+    /// earlier attempt (it joined or led a load that ended with nothing for it) that now
+    /// leads, or is answered otherwise, makes a new attempt: a new miss, then its class. A
+    /// call that joins again, or is answered by a value after a join, stays one miss.
+    pub(crate) fn reclass(&self, how: &mut ClaimMode, new: Class) {
+        let old = std::mem::replace(&mut how.class, new);
+        let again = match (old, new) {
+            (Class::Owes | Class::Hit, _) => false,
+            (Class::Counted(a), Class::Counted(b)) if a == b => return,
+            (Class::Counted(_) | Class::Flight, _) => true,
+        };
+        if again {
+            self.count(Counter::Miss);
         }
+        if let Class::Counted(c) = new {
+            self.count(c);
+        }
+    }
+
+    /// The flight this call registered in this attempt ended without a load (a value it
+    /// judged and kept, a spawned job dropped unrun after the call gave up): counted as `c`.
+    pub(crate) fn settle_flight(&self, how: &mut ClaimMode, c: Counter) {
+        how.class = Class::Counted(c);
+        self.count(c);
     }
 
     /// Publishes a finished load: stores a value (only if the flight is still registered: no
@@ -596,7 +774,10 @@ where
         let cap = take_publish_cap().map_or(crate::clock::NEVER, |n| {
             crate::clock::deadline(self.now(), n)
         });
+        let mut lead = lead;
         if let Some(took) = took {
+            // Counted here: if the store below panics, the lead is not counted again.
+            lead.load = false;
             let success = matches!(outcome, Outcome::Value(_));
             self.count(if success {
                 Counter::LoadSuccess
@@ -728,7 +909,7 @@ where
         mut judge: Option<&mut dyn FnMut(&V) -> bool>,
     ) -> Option<R> {
         let mut init = Some(init);
-        let mut how = ClaimMode::starting(start).judged(judge.is_some());
+        let mut how = Settle::new(self, ClaimMode::starting(start).judged(judge.is_some()));
         loop {
             let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
                 accept(o).is_some()
@@ -738,7 +919,11 @@ where
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
                     let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
-                        Ok(kept) => return Some(accept(&kept).expect("a value")),
+                        // Answered by a value another caller stored: no load.
+                        Ok(kept) => {
+                            self.settle_flight(&mut how, Counter::Coalesced);
+                            return Some(accept(&kept).expect("a value"));
+                        }
                         Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");
@@ -754,7 +939,8 @@ where
                             drop(lead);
                             return None;
                         }
-                        // Taken over while this caller waited for a permit: wait for it.
+                        // Taken over while this caller waited for a permit: wait for it (its
+                        // load, run by the taker, counts this caller's miss).
                         Err(NotRun::TakenOver(f)) => {
                             init = Some(f);
                             let flight = lead.disarm();
@@ -896,10 +1082,10 @@ where
     }
 }
 
-/// Times a leader's own `init` while it runs; if `init` unwinds, counts a failed load (as
-/// a shared loader's panic, caught and published, is counted by
-/// [`publish`](Cache::publish)): every miss is then a load, a join or a negative hit, whatever
-/// the caller's closure or future does.
+/// Times a leader's own `init` while it runs; if `init` unwinds, the time it ran counts as
+/// load time and the load as failed in the health monitor (as a shared loader's panic, caught
+/// and published, is by [`publish`](Cache::publish)); the failed load itself is counted when
+/// the panic drops the lead (see [`Lead`]).
 pub(crate) struct Timed<'a, K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -947,7 +1133,6 @@ where
         // by its cancellation, which is not a failure: only a panic is counted).
         if std::thread::panicking() {
             let took = self.cache.stopwatch().saturating_sub(self.start);
-            self.cache.count(Counter::LoadFailure);
             self.cache.count_n(Counter::LoadNanos, took);
             self.cache.inner.stampede.monitor.load(took, true);
         }

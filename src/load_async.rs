@@ -9,7 +9,8 @@ use crate::flight::{
     accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
     FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
-use crate::load::{Claim, ClaimMode, Lead, SharedLoad, Start, Timed};
+use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
+use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -392,7 +393,7 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let mut init = Some(init);
-        let mut how = ClaimMode::starting(start).judged(judge.is_some());
+        let mut how = Settle::new(self, ClaimMode::starting(start).judged(judge.is_some()));
         loop {
             let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
                 accept(o).is_some()
@@ -402,7 +403,11 @@ where
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
                 Claim::Lead(lead) => {
                     let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
-                        Ok(kept) => return accept(&kept).expect("a value"),
+                        // Answered by a value another caller stored: no load.
+                        Ok(kept) => {
+                            self.settle_flight(&mut how, Counter::Coalesced);
+                            return accept(&kept).expect("a value");
+                        }
                         Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");
@@ -411,7 +416,8 @@ where
                             let outcome = self.publish(lead, Some(key), outcome, took);
                             return accept(&outcome).expect("a leader accepts its own outcome");
                         }
-                        // Taken over while this caller waited for a permit: wait for it.
+                        // Taken over while this caller waited for a permit: wait for it (its
+                        // load, run by the taker, counts this caller's miss).
                         Err(f) => {
                             init = Some(f);
                             let flight = lead.disarm();
@@ -491,7 +497,7 @@ where
         // for it (the taker's loader panicked or found nothing).
         let back = Arc::new(crate::sync::Mutex::new(None));
         let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
-        let mut how = ClaimMode::leading(false, true);
+        let mut how = Settle::new(self, ClaimMode::leading(false, true));
         loop {
             how.can_lead = init.is_some();
             let had_future = init.is_some();
@@ -728,6 +734,8 @@ where
             (cancel, others)
         };
         if cancel {
+            // Nobody wants the shared load any more: it ends unpublished, abandoned.
+            self.cache.count(crate::stats::Counter::LoadAbandoned);
             self.cache.abandon(self.hash, &self.flight, false, None);
         } else {
             for w in others {

@@ -7,7 +7,7 @@
 
 use crate::cache::Cache;
 use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
-use crate::load::{Claim, ClaimMode, Lead, NotRun, Start};
+use crate::load::{Claim, ClaimMode, Handoff, Lead, NotRun, Settle, Start};
 use crate::settings::{BoxError, LoaderFn};
 use crate::stats::Counter;
 use std::cell::Cell;
@@ -190,7 +190,7 @@ where
         // Inside another load that holds a permit, the load runs here under that permit: a
         // spawned job would wait for the permit this caller holds.
         let result = if until.is_none() || self.inner.stampede.spawner.is_none() || holds_permit() {
-            self.load_inline(key.clone(), hash, &loader, until, true)
+            self.load_inline(key.clone(), hash, &loader, until, Start::Lookup)
         } else {
             self.load_spawned(key.clone(), hash, &loader, until)
         };
@@ -214,13 +214,12 @@ where
         hash: u64,
         loader: &LoaderFn<K, V>,
         until: Option<std::time::Instant>,
-        record: bool,
+        start: Start,
     ) -> Option<Result<V, LoadError>> {
         let k = key.clone();
         let loader = Arc::clone(loader);
         let init = move || catch_panic(|| outcome_of(loader(&k)));
         let hit = |v: &V| Ok(v.clone());
-        let start = if record { Start::Lookup } else { Start::Missed };
         self.load_blocking(key, hash, init, &hit, &accept_load, until, start, None)
     }
 
@@ -236,12 +235,12 @@ where
         until: Option<std::time::Instant>,
     ) -> Option<Result<V, LoadError>> {
         let hit = |v: &V| Ok(v.clone());
-        let mut how = ClaimMode::leading(false, true);
+        let mut how = Settle::new(self, ClaimMode::leading(false, true));
         loop {
             let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
                 accept_load(o).is_some()
             });
-            let (flight, led) = match claim {
+            let (flight, handoff) = match claim {
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 // Inside another load that holds a permit: take over a leader that waits for
@@ -257,9 +256,13 @@ where
                     let outcome = self.publish(lead, Some(key), outcome, took);
                     return accept_load(&outcome);
                 }
-                Claim::Join(f) => (f, false),
-                Claim::Lead(lead) => {
+                Claim::Join(f) => (f, None),
+                Claim::Lead(mut lead) => {
                     let flight = Arc::clone(lead.flight());
+                    // Dropped unrun while this caller waits, the job's load is this caller's
+                    // to count (it loads itself); once it has given up waiting, the job's.
+                    let handoff = Handoff::new();
+                    lead.hand_off(handoff.clone());
                     let (k, job_loader) = (key.clone(), Arc::clone(loader));
                     // The job owns the lead: dropped unrun, it abandons the flight.
                     let job = move || {
@@ -291,22 +294,28 @@ where
                         spawn(Box::new(job))
                     }));
                     SPAWNING.with(|s| s.set(previous));
-                    if spawned.is_err() {
-                        // The job went down with the spawner (the flight is abandoned).
-                        return self.load_inline(key, hash, loader, until, false);
-                    }
-                    (flight, true)
+                    // A spawner that panics: the job went down with it (the flight is then
+                    // abandoned, and the wait below loads inline), or ran, or is kept.
+                    drop(spawned);
+                    (flight, Some(handoff))
                 }
             };
             match self.wait_blocking(&flight, &accept_load, until) {
                 Waited::Done(Some(r)) => return Some(r),
                 Waited::Done(None) => how.bypass_negative = true,
-                // Our own job was dropped unrun (or could not publish): load here instead.
-                Waited::Abandoned if led => {
-                    return self.load_inline(key, hash, loader, until, false);
+                // Our own job was dropped unrun (or could not publish): load here instead,
+                // that load counting this call's miss.
+                Waited::Abandoned if handoff.is_some() => {
+                    return self.load_inline(key, hash, loader, until, Start::Missed);
                 }
                 Waited::Abandoned => {}
-                Waited::TimedOut => return None,
+                Waited::TimedOut => {
+                    if handoff.is_some_and(|h| h.caller_gone()) {
+                        // Our job was dropped unrun before this caller gave up: counted here.
+                        self.settle_flight(&mut how, Counter::LoadAbandoned);
+                    }
+                    return None;
+                }
             }
         }
     }

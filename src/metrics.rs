@@ -14,7 +14,8 @@ where
     /// Call it periodically, or before each scrape. Counters are set to their absolute values:
     ///
     /// `herdcache_hits_total`, `herdcache_misses_total`, `herdcache_load_successes_total`,
-    /// `herdcache_load_failures_total`, `herdcache_load_seconds_total`,
+    /// `herdcache_load_failures_total`, `herdcache_loads_abandoned_total`,
+    /// `herdcache_load_seconds_total`,
     /// `herdcache_removals_total{cause}`, `herdcache_removed_weight_total{cause}`,
     /// `herdcache_coalesced_total`, `herdcache_refreshes_total{result}`,
     /// `herdcache_stale_served_total`, `herdcache_stale_served_after_ttl_total`,
@@ -49,6 +50,7 @@ where
         counter("herdcache_misses_total", s.misses);
         counter("herdcache_load_successes_total", s.load_successes);
         counter("herdcache_load_failures_total", s.load_failures);
+        counter("herdcache_loads_abandoned_total", s.loads_abandoned);
         counter("herdcache_coalesced_total", s.coalesced);
         counter("herdcache_stale_served_total", s.stale_served);
         counter(

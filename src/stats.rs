@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The counters, by index into a stripe.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
 pub(crate) enum Counter {
     Hit,
@@ -34,6 +34,7 @@ pub(crate) enum Counter {
     RefreshFailed,
     StaleServed,
     NegativeHit,
+    LoadAbandoned,
     Timeout,
     StaleAfterTtl,
     /// Evictions for size and their weight (the other removals are tallied by the shards).
@@ -195,6 +196,7 @@ impl Stats {
             refreshes_failed: self.sum(RefreshFailed),
             stale_served: self.sum(StaleServed),
             negative_hits: self.sum(NegativeHit),
+            loads_abandoned: self.sum(LoadAbandoned),
             stale_served_after_ttl: self.sum(StaleAfterTtl),
             timeouts: self.sum(Timeout),
             loads_waited_for_limit: 0,
@@ -246,13 +248,32 @@ impl Sub for Removals {
 pub struct CacheStats {
     /// Lookups that found a live entry (`get`, and the `get_with`/`load` family).
     pub hits: u64,
-    /// Lookups that did not.
+    /// Lookups that did not find a value they could use (a value that `get_with_if`'s
+    /// `replace_if` rejects is a miss): one per call that missed (per key for `get_all`), and
+    /// one more for each further attempt of that call — after the load it joined or led ended
+    /// with nothing for it (failed, abandoned, or of no use to it) — that leads a load or is
+    /// answered by a negative entry; joining again, or being answered by a value, is the same
+    /// attempt.
+    ///
+    /// Each miss of a loading call (the `get_with` family, `load`, `get_all`, the entry API's
+    /// `or_insert*`) is also counted as exactly one of: a load (`load_successes`,
+    /// `load_failures` or `loads_abandoned`), a join (`coalesced`) or a negative hit
+    /// (`negative_hits`) — as soon as it is known (a waiter while it waits); no count is ever
+    /// taken back. So in a cache read only through those calls, once every call has
+    /// returned, `misses == load_successes + load_failures + loads_abandoned + coalesced +
+    /// negative_hits`, less the refreshes (which load without a miss: `refreshes_started`);
+    /// meanwhile a snapshot may be off by the calls in between. A plain `get` that misses
+    /// counts its miss only.
     pub misses: u64,
     /// Loads (including refreshes) that produced a value.
     pub load_successes: u64,
     /// Loads that failed: an error, `None`, or a panic (of a loader, a caller's `init`
     /// closure or future, `get_all`'s `load_missing` — one per key — or a refresh).
     pub load_failures: u64,
+    /// Loads given up before they ended, neither a value nor a failure: a cancelled leader
+    /// (its future dropped, its waiters load again), a leader that timed out waiting for a
+    /// load permit, a job the spawner dropped unrun, a shared async load every caller left.
+    pub loads_abandoned: u64,
     /// Time spent in loads that finished, on the cache's clock.
     pub total_load_time: Duration,
     /// Entries removed because they expired.
@@ -263,11 +284,11 @@ pub struct CacheStats {
     pub replaced: Removals,
     /// Entries evicted to stay within the capacity (or too heavy to store).
     pub size: Removals,
-    /// Callers that waited for another caller's load instead of loading (single-flight at
-    /// work), or that missed and found the value stored by another caller by the time they
-    /// claimed the key: every miss is a load or one of these (or a negative hit). A caller
-    /// whose joined load ended with nothing for it and who then loaded itself counts as its
-    /// load only; one that gave up waiting (a timeout, a cancelled future) counts here.
+    /// Misses answered without a load of their own: callers that waited for another caller's
+    /// load (single-flight at work; those that gave up waiting, at a timeout or cancelled,
+    /// too), that found the value stored by another caller by the time they claimed the key,
+    /// or that fail-safe answered with the last value within a failed key's backoff. Every
+    /// miss is a load, one of these, or a negative hit (see `misses`).
     pub coalesced: u64,
     /// Refreshes started (refresh-ahead and early refresh). Each ends as one of the next two.
     pub refreshes_started: u64,
@@ -335,35 +356,39 @@ impl CacheStats {
 impl Sub for CacheStats {
     type Output = CacheStats;
 
-    /// The counts of the period between `earlier` and `self`; gauges are `self`'s.
+    /// The counts of the period between `earlier` and `self` (zero, not a wrapped
+    /// difference, if `earlier` is the later snapshot); gauges are `self`'s.
     fn sub(self, earlier: CacheStats) -> CacheStats {
         CacheStats {
-            hits: self.hits.wrapping_sub(earlier.hits),
-            misses: self.misses.wrapping_sub(earlier.misses),
-            load_successes: self.load_successes.wrapping_sub(earlier.load_successes),
-            load_failures: self.load_failures.wrapping_sub(earlier.load_failures),
+            hits: self.hits.saturating_sub(earlier.hits),
+            misses: self.misses.saturating_sub(earlier.misses),
+            load_successes: self.load_successes.saturating_sub(earlier.load_successes),
+            load_failures: self.load_failures.saturating_sub(earlier.load_failures),
             total_load_time: self.total_load_time.saturating_sub(earlier.total_load_time),
             expired: self.expired - earlier.expired,
             explicit: self.explicit - earlier.explicit,
             replaced: self.replaced - earlier.replaced,
             size: self.size - earlier.size,
-            coalesced: self.coalesced.wrapping_sub(earlier.coalesced),
+            coalesced: self.coalesced.saturating_sub(earlier.coalesced),
             refreshes_started: self
                 .refreshes_started
-                .wrapping_sub(earlier.refreshes_started),
+                .saturating_sub(earlier.refreshes_started),
             refreshes_succeeded: self
                 .refreshes_succeeded
-                .wrapping_sub(earlier.refreshes_succeeded),
-            refreshes_failed: self.refreshes_failed.wrapping_sub(earlier.refreshes_failed),
-            stale_served: self.stale_served.wrapping_sub(earlier.stale_served),
-            negative_hits: self.negative_hits.wrapping_sub(earlier.negative_hits),
+                .saturating_sub(earlier.refreshes_succeeded),
+            refreshes_failed: self
+                .refreshes_failed
+                .saturating_sub(earlier.refreshes_failed),
+            stale_served: self.stale_served.saturating_sub(earlier.stale_served),
+            negative_hits: self.negative_hits.saturating_sub(earlier.negative_hits),
+            loads_abandoned: self.loads_abandoned.saturating_sub(earlier.loads_abandoned),
             stale_served_after_ttl: self
                 .stale_served_after_ttl
-                .wrapping_sub(earlier.stale_served_after_ttl),
+                .saturating_sub(earlier.stale_served_after_ttl),
             loads_waited_for_limit: self
                 .loads_waited_for_limit
-                .wrapping_sub(earlier.loads_waited_for_limit),
-            timeouts: self.timeouts.wrapping_sub(earlier.timeouts),
+                .saturating_sub(earlier.loads_waited_for_limit),
+            timeouts: self.timeouts.saturating_sub(earlier.timeouts),
             loads_in_flight: self.loads_in_flight,
             max_concurrent_loads_seen: self.max_concurrent_loads_seen,
             remote: self.remote - earlier.remote,

@@ -395,7 +395,16 @@ fn s01_stats_exact_under_concurrency() {
     }
     let s = cache.stats();
     assert_eq!(cache.loads_in_flight(), 0);
-    assert_eq!(s.hits + s.misses, lookups.load(Ordering::SeqCst), "{s:?}");
+    // Changed in stop 25: a call whose joined load panicked and that then loads itself makes
+    // a second attempt, counted as a second miss (`CacheStats::misses`): at least one count
+    // per lookup. The excess is exactly the second attempts: the loading calls' misses are
+    // each one load, join or negative hit, and the plain `get`s' misses are the rest.
+    let lookups = lookups.load(Ordering::SeqCst);
+    assert!(s.hits + s.misses >= lookups, "{s:?}");
+    assert!(
+        s.hits + s.misses - lookups <= s.load_successes + s.load_failures,
+        "{s:?}"
+    );
     assert_eq!(s.size.count, count_cause(&log, RemovalCause::Size), "{s:?}");
     assert_eq!(
         s.explicit.count,

@@ -504,7 +504,7 @@ fn finding_get_all_key_not_returned_by_load_missing_is_a_miss_without_a_load() {
     assert_eq!(s.misses, 2);
     assert_eq!(
         s.misses,
-        s.load_successes + s.load_failures + s.coalesced + s.negative_hits,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
         "misses must add up: {s:?}"
     );
 }

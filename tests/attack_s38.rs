@@ -30,7 +30,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn identity(s: &CacheStats, what: &str) {
     assert_eq!(
         s.misses,
-        s.load_successes + s.load_failures + s.coalesced + s.negative_hits,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
         "{what}: misses != successes + failures + coalesced + negative hits: {s:#?}"
     );
 }

@@ -453,7 +453,7 @@ fn a_panicking_init_counts_a_failed_load() {
     let s = c.stats();
     assert_eq!((s.misses, s.load_failures), (2, 2));
 
-    // A cancelled async init is not a failure (nor a load).
+    // A cancelled async init abandons its load: counted abandoned, not failed.
     let fut = c.get_with_async(3, std::future::pending::<u32>());
     let mut fut = Box::pin(fut);
     let waker = futures::task::noop_waker();
@@ -463,6 +463,14 @@ fn a_panicking_init_counts_a_failed_load() {
         .is_pending());
     drop(fut);
     let s = c.stats();
-    assert_eq!((s.misses, s.load_failures, s.load_successes), (3, 2, 0));
+    assert_eq!(
+        (
+            s.misses,
+            s.load_failures,
+            s.loads_abandoned,
+            s.load_successes
+        ),
+        (3, 2, 1, 0)
+    );
     assert_eq!(c.get_with(1, || 5), 5, "the key is free again");
 }

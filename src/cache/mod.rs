@@ -447,6 +447,14 @@ where
         None
     }
 
+    /// Counts a lookup made without counting ([`read_with`](Self::read_with) with `record`
+    /// false) once the caller has decided what it was: a hit or a miss in the statistics;
+    /// `resident` (the key held a value) for the policy's samples.
+    pub(crate) fn count_lookup(&self, hash: u64, hit: bool, resident: bool) {
+        self.count_fast(if hit { Counter::Hit } else { Counter::Miss });
+        self.note_sample(&self.inner.shards[self.shard_index(hash)], hash, resident);
+    }
+
     /// Counts one event in the statistics, if they are recorded.
     #[inline]
     pub(crate) fn count(&self, c: Counter) {
