@@ -87,9 +87,9 @@ pub enum Op<V> {
     Nop,
 }
 
-/// What a computation did.
+/// What a computation did. Exhaustive, as moka's: a `match` may name the five outcomes with no
+/// wildcard arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum CompResult<K, V> {
     /// There was no entry; the computed value was stored. (A value heavier than
     /// `max_capacity` is stored and at once evicted, as with [`Cache::insert`]: the listener

@@ -40,8 +40,9 @@ pub(crate) type Listener<K, V> = Box<dyn Fn(&K, &V, RemovalCause) + Send + Sync>
 /// );
 /// assert!(!RemovalCause::Explicit.was_evicted());
 /// ```
+///
+/// Exhaustive, as moka's: a `match` may name the four causes with no wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum RemovalCause {
     /// Its deadline passed (also when `remove`, `invalidate`, `invalidate_all` or `retain`
     /// find it past its deadline before the cache reclaimed it).

@@ -447,3 +447,55 @@ fn get_with_if_replaces_once_per_stale_value() {
         "the key was released"
     );
 }
+
+/// moka's `RemovalCause` and `CompResult` are exhaustive: moka users match every variant with
+/// no wildcard arm, and that code compiles here too (this test is the check: a
+/// `#[non_exhaustive]` enum of another crate needs a `_` arm).
+#[test]
+fn removal_cause_and_comp_result_match_without_a_wildcard() {
+    let _w = watchdog(LIMIT, "exhaustive matches");
+    fn name(c: RemovalCause) -> &'static str {
+        match c {
+            RemovalCause::Expired => "expired",
+            RemovalCause::Explicit => "explicit",
+            RemovalCause::Replaced => "replaced",
+            RemovalCause::Size => "size",
+        }
+    }
+    fn what(r: CompResult<u32, u32>) -> &'static str {
+        match r {
+            CompResult::Inserted(_) => "inserted",
+            CompResult::ReplacedWith(_) => "replaced",
+            CompResult::Removed(_) => "removed",
+            CompResult::Unchanged(_) => "unchanged",
+            CompResult::StillNone(_) => "still none",
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = Arc::clone(&log);
+    let cache: Cache<u32, u32> = Cache::builder()
+        .max_capacity(10)
+        .eviction_listener(move |_k: &u32, _v: &u32, c| l.lock().unwrap().push(name(c)))
+        .build();
+    assert_eq!(
+        what(cache.entry(1).and_compute_with(|_| Op::Put(5))),
+        "inserted"
+    );
+    assert_eq!(
+        what(cache.entry(1).and_compute_with(|_| Op::Put(6))),
+        "replaced"
+    );
+    assert_eq!(
+        what(cache.entry(1).and_compute_with(|_| Op::Nop)),
+        "unchanged"
+    );
+    assert_eq!(
+        what(cache.entry(1).and_compute_with(|_| Op::Remove)),
+        "removed"
+    );
+    assert_eq!(
+        what(cache.entry(1).and_compute_with(|_| Op::Nop)),
+        "still none"
+    );
+    assert_eq!(*log.lock().unwrap(), ["replaced", "explicit"]);
+}
