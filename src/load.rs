@@ -189,9 +189,10 @@ impl ClaimMode {
             record,
             looked_up: false,
             replace: false,
-            // A call gets here having missed (or misses in its first lookup); one whose
-            // lookup hits counts nothing more.
-            class: Class::Owes,
+            // A call that has missed owes its miss a class; one that looks up first owes
+            // nothing until that lookup has missed (a hit whose value's `Clone` or key's `Eq`
+            // panics counts no miss, so no join either).
+            class: if record { Class::Hit } else { Class::Owes },
         }
     }
 
@@ -202,6 +203,11 @@ impl ClaimMode {
             record: start == Start::Lookup,
             looked_up: start == Start::Missed,
             replace: start == Start::Replace,
+            class: if start == Start::Lookup {
+                Class::Hit
+            } else {
+                Class::Owes
+            },
             ..ClaimMode::leading(false, false)
         }
     }
@@ -616,6 +622,10 @@ where
                     self.reclass(how, Class::Counted(Counter::Coalesced));
                 }
                 return Claim::Hit(r);
+            }
+            if record {
+                // The miss is counted: it owes a class from here on.
+                how.class = Class::Owes;
             }
         }
         // Fail-safe: within a failed key's backoff its old value answers every caller, a
