@@ -4,7 +4,7 @@
 use crate::cache::Cache;
 use crate::entry::EntryRef;
 use crate::flight::{accept_option, accept_result, accept_value, outcome_of, Outcome};
-use crate::load::Start;
+use crate::load::{Settle, Start};
 use std::borrow::Borrow;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -121,8 +121,10 @@ where
             Ok(r) => return r,
             Err(hash) => hash,
         };
+        // The miss is counted: its ledger comes before the key's `to_owned` (user code).
+        let how = Settle::starting(self, Start::Missed);
         let (k, none) = (key.to_owned(), None);
-        self.load_blocking(k, hash, init, &hit, &accept, none, Start::Missed, None)
+        self.load_blocking(k, hash, init, &hit, &accept, none, how, None)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
@@ -239,8 +241,9 @@ where
             Ok(r) => return r,
             Err(hash) => hash,
         };
+        let how = Settle::starting(self, Start::Missed);
         let key = key.to_owned();
-        self.load_borrowed_from(key, hash, Start::Missed, None, init, hit, accept)
+        self.load_borrowed_from(key, hash, how, None, init, hit, accept)
             .await
     }
 

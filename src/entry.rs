@@ -219,7 +219,15 @@ where
         };
         let judge: &mut (dyn FnMut(&V) -> bool + Send) = &mut replace_if;
         let v = self
-            .load_borrowed_from(key, hash, start, Some(judge), init, V::clone, accept_value)
+            .load_borrowed_from(
+                key,
+                hash,
+                Settle::starting(self, start),
+                Some(judge),
+                init,
+                V::clone,
+                accept_value,
+            )
             .await;
         (v, fresh.load(Ordering::Acquire))
     }
@@ -274,7 +282,7 @@ where
                 &V::clone,
                 &accept_value,
                 None,
-                start,
+                Settle::starting(self, start),
                 Some(judge),
             )
             .expect("without a deadline a blocking load always ends with a result");

@@ -154,11 +154,16 @@ impl<K, V> Flight<K, V> {
     }
 
     /// Makes this (just registered) flight an async one: its load is `future`, shared by the
-    /// async callers, and `key` is the key its publisher stores under.
+    /// async callers, and `key` is the key its publisher stores under. The leader that
+    /// registered it is interested from here on, as waiter [`LEADER`]: a caller that joins,
+    /// drives the load and goes away before the leader's first wait cannot cancel the load
+    /// under it (its `init` gone into the load, the leader could not load again).
     pub(crate) fn set_shared_load(&self, key: Option<K>, future: LoadFuture<V>) {
         let mut st = self.state.lock();
         st.key = key;
         st.future = Some(future);
+        st.interested += 1;
+        st.next_id = st.next_id.max(LEADER + 1);
     }
 
     /// The negative-cache deadline of a failed load kept registered (0: not one).
@@ -250,6 +255,10 @@ pub(crate) fn start(token: &AtomicU8) -> bool {
         .compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire)
         .map_or_else(|now| now == STARTED, |_| true)
 }
+
+/// The waiter id of a shared load's leader, interested from the flight's registration (see
+/// [`Flight::set_shared_load`]).
+pub(crate) const LEADER: u64 = 0;
 
 /// The waker given to a shared load future: wakes every async caller interested in the flight.
 pub(crate) struct FlightWaker<K, V>(pub(crate) Weak<Flight<K, V>>);

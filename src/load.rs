@@ -130,6 +130,13 @@ where
     pub(crate) fn new(cache: &'a Cache<K, V, S>, mode: ClaimMode) -> Self {
         Settle { cache, mode }
     }
+
+    /// A leading call's ledger after `start` (see [`ClaimMode::starting`]). Made as soon as
+    /// the miss is counted, before any user code runs (a borrowed key's `to_owned`, a key's
+    /// `Clone`): a panic there still classifies the miss.
+    pub(crate) fn starting(cache: &'a Cache<K, V, S>, start: Start) -> Self {
+        Settle::new(cache, ClaimMode::starting(start))
+    }
 }
 
 impl<K, V, S> std::ops::Deref for Settle<'_, K, V, S>
@@ -396,7 +403,7 @@ where
                 self.cache.count(Counter::RefreshFailed);
                 crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff)
             });
-            self.cache.abandon(self.hash, &flight, true, retry);
+            self.cache.abandon(self.hash, &flight, retry);
         }
     }
 }
@@ -898,7 +905,8 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        self.load_blocking(key, hash, init, &hit, &accept, None, Start::Missed, None)
+        let how = Settle::starting(self, Start::Missed);
+        self.load_blocking(key, hash, init, &hit, &accept, None, how, None)
             .expect("without a deadline a blocking load always ends with a result")
     }
 
@@ -915,11 +923,11 @@ where
         hit: &impl Fn(&V) -> R,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
-        start: Start,
+        mut how: Settle<'_, K, V, S>,
         mut judge: Option<&mut dyn FnMut(&V) -> bool>,
     ) -> Option<R> {
         let mut init = Some(init);
-        let mut how = Settle::new(self, ClaimMode::starting(start).judged(judge.is_some()));
+        *how = how.judged(judge.is_some());
         loop {
             let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
                 accept(o).is_some()

@@ -374,7 +374,8 @@ where
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let hash = self.hash(&key);
-        self.load_borrowed_from(key, hash, Start::Lookup, None, init, hit, accept)
+        let how = Settle::starting(self, Start::Lookup);
+        self.load_borrowed_from(key, hash, how, None, init, hit, accept)
             .await
     }
 
@@ -386,14 +387,14 @@ where
         &self,
         key: K,
         hash: u64,
-        start: Start,
+        mut how: Settle<'_, K, V, S>,
         mut judge: Option<&mut (dyn FnMut(&V) -> bool + Send)>,
         init: impl Future<Output = Outcome<V>>,
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
         let mut init = Some(init);
-        let mut how = Settle::new(self, ClaimMode::starting(start).judged(judge.is_some()));
+        *how = how.judged(judge.is_some());
         loop {
             let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
                 accept(o).is_some()
@@ -504,10 +505,11 @@ where
             let claim = self.claim(hash, &key, &hit, &mut init, &mut how, &|o| {
                 accept(o).is_some()
             });
-            let flight = match claim {
+            let (flight, id) = match claim {
                 Claim::Hit(r) => return r,
                 // The shared future holds the lead; the flight's polling guard resolves it.
-                Claim::Lead(lead) => lead.disarm(),
+                // This caller is already counted as interested in it (its waiter `LEADER`).
+                Claim::Lead(lead) => (lead.disarm(), Some(crate::flight::LEADER)),
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, driving this caller's own load here.
                 Claim::Join(f) if had_future && holds_permit() && f.steal() => {
@@ -518,7 +520,7 @@ where
                     let outcome = self.publish(lead, Some(key), outcome, took);
                     return accept(&outcome).expect("a leader accepts its own outcome");
                 }
-                Claim::Join(f) => f,
+                Claim::Join(f) => (f, None),
                 Claim::Lost => match back.lock().take() {
                     Some(f) => {
                         init = Some(self.shared_load(f, &back));
@@ -531,7 +533,7 @@ where
                 cache: self,
                 hash,
                 flight,
-                id: None,
+                id,
                 accept: &accept,
             };
             match wait.await {
@@ -733,11 +735,9 @@ where
             let others: Vec<Waker> = st.wakers.iter().map(|(_, w)| w.clone()).collect();
             (cancel, others)
         };
-        if cancel {
-            // Nobody wants the shared load any more: it ends unpublished, abandoned.
-            self.cache.count(crate::stats::Counter::LoadAbandoned);
-            self.cache.abandon(self.hash, &self.flight, false, None);
-        } else {
+        // Nobody wants the shared load any more: it ends unpublished, abandoned (and counted
+        // so), unless a caller joined it meanwhile (it then drives it; whoever ends it counts).
+        if !(cancel && self.cache.cancel_shared(self.hash, &self.flight)) {
             for w in others {
                 w.wake();
             }

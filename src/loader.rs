@@ -190,7 +190,8 @@ where
         // Inside another load that holds a permit, the load runs here under that permit: a
         // spawned job would wait for the permit this caller holds.
         let result = if until.is_none() || self.inner.stampede.spawner.is_none() || holds_permit() {
-            self.load_inline(key.clone(), hash, &loader, until, Start::Lookup)
+            let how = Settle::starting(self, Start::Lookup);
+            self.load_inline(key.clone(), hash, &loader, until, how)
         } else {
             self.load_spawned(key.clone(), hash, &loader, until)
         };
@@ -214,13 +215,13 @@ where
         hash: u64,
         loader: &LoaderFn<K, V>,
         until: Option<std::time::Instant>,
-        start: Start,
+        how: Settle<'_, K, V, S>,
     ) -> Option<Result<V, LoadError>> {
         let k = key.clone();
         let loader = Arc::clone(loader);
         let init = move || catch_panic(|| outcome_of(loader(&k)));
         let hit = |v: &V| Ok(v.clone());
-        self.load_blocking(key, hash, init, &hit, &accept_load, until, start, None)
+        self.load_blocking(key, hash, init, &hit, &accept_load, until, how, None)
     }
 
     /// A load whose leader hands the loader to the spawner and waits for it like any other
@@ -261,9 +262,11 @@ where
                     let flight = Arc::clone(lead.flight());
                     // Dropped unrun while this caller waits, the job's load is this caller's
                     // to count (it loads itself); once it has given up waiting, the job's.
+                    // The key's `Clone` (user code) first: if it panics, the lead counts its
+                    // load as failed (it is not handed off yet).
+                    let (k, job_loader) = (key.clone(), Arc::clone(loader));
                     let handoff = Handoff::new();
                     lead.hand_off(handoff.clone());
-                    let (k, job_loader) = (key.clone(), Arc::clone(loader));
                     // The job owns the lead: dropped unrun, it abandons the flight.
                     let job = move || {
                         let cache = lead.cache().clone();
@@ -306,7 +309,10 @@ where
                 // Our own job was dropped unrun (or could not publish): load here instead,
                 // that load counting this call's miss.
                 Waited::Abandoned if handoff.is_some() => {
-                    return self.load_inline(key, hash, loader, until, Start::Missed);
+                    // This call's ledger goes with it: owed from here on (a panic of the key's
+                    // `Clone` below still classifies the miss).
+                    *how = ClaimMode::starting(Start::Missed);
+                    return self.load_inline(key, hash, loader, until, how);
                 }
                 Waited::Abandoned => {}
                 Waited::TimedOut => {

@@ -104,3 +104,51 @@ fn model(shared: bool) {
         RUNS.load(std::sync::atomic::Ordering::Relaxed)
     );
 }
+
+/// A shared async load's last waiter cancels it while another async caller joins (and may
+/// drive it to the end): the load is counted once — abandoned if the cancellation won,
+/// loaded if the joiner kept it alive — and every miss exactly once (round 41's finding E: the
+/// cancelling waiter counted `loads_abandoned` before learning that a joiner had kept the
+/// load, which the joiner then published, counted again).
+#[test]
+fn a_cancelled_shared_load_and_a_joiner_count_once() {
+    loom::model(|| {
+        let cache: Cache<u32, u32> = Cache::builder()
+            .max_capacity(8)
+            .shards(1)
+            .record_stats()
+            .build();
+        let completed = Arc::new(AtomicUsize::new(0));
+        let canceller = {
+            let (cache, completed) = (cache.clone(), completed.clone());
+            loom::thread::spawn(move || {
+                let mut f = Box::pin(cache.get_with_async_shared(1, YieldOnce(false, completed)));
+                let _ = f.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            })
+        };
+        let joiner = {
+            let (cache, completed) = (cache.clone(), completed.clone());
+            loom::thread::spawn(move || {
+                let mut f = Box::pin(cache.get_with_async_shared(1, YieldOnce(false, completed)));
+                loop {
+                    if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                    {
+                        assert_eq!(v, 10);
+                        break;
+                    }
+                    loom::thread::yield_now();
+                }
+            })
+        };
+        canceller.join().expect("canceller");
+        joiner.join().expect("joiner");
+        let s = cache.stats();
+        assert_eq!(
+            s.misses,
+            s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
+            "every miss classified once: {s:?}"
+        );
+        assert_eq!(s.load_successes, completed.load(Ordering::SeqCst) as u64);
+        assert_eq!(cache.loads_in_flight(), 0, "no flight left registered");
+    });
+}

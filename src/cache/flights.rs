@@ -164,34 +164,37 @@ where
     }
 
     /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
-    /// retry. For a cancellation (`!always`) the check that nobody is interested and the
-    /// unregistration happen under the shard lock and the flight's lock together, so a caller
-    /// that joined meanwhile (and may be driving the load) keeps the flight alive. With
-    /// `retry_refresh`, the entry's next refresh is due then (if the flight was registered).
+    /// retry. With `retry_refresh`, the entry's next refresh is due then (if the flight was
+    /// registered).
     pub(crate) fn abandon(
         &self,
         hash: u64,
         flight: &Arc<Flight<K, V>>,
-        always: bool,
         retry_refresh: Option<u64>,
     ) {
-        if always {
-            self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
-            return;
-        }
+        self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
+    }
+
+    /// Cancels a shared async load nobody wants any more: the check that nobody is interested
+    /// and nobody polls it, and the unregistration, happen under the shard lock and the
+    /// flight's lock together, so a caller that joined meanwhile (and may be driving the load)
+    /// keeps the flight alive. Returns whether the load was cancelled; only then is it counted
+    /// (`LoadAbandoned`, before anyone wakes): otherwise whoever ends it counts it, once.
+    pub(crate) fn cancel_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>) -> bool {
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let mut st = flight.state.lock();
             if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
-                return;
+                return false;
             }
             // A load taken over is the taker's: it ends the flight, whoever else goes away
             // (and from here on, nobody takes this one over).
             if !flight.give_up() {
-                return;
+                return false;
             }
             let key = s.flights().remove(hash, flight);
             st.phase = Phase::Abandoned;
+            self.count(crate::stats::Counter::LoadAbandoned);
             (st.future.take(), key, std::mem::take(&mut st.wakers))
         };
         drop((future, key)); // outside the locks, before anyone wakes (see `Flight::resolve`)
@@ -199,6 +202,7 @@ where
         for (_, w) in wakers {
             w.wake();
         }
+        true
     }
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:
