@@ -59,6 +59,10 @@ pub(crate) struct State<K, V> {
     /// The shared load of an async flight; `None` while being polled, and for sync flights.
     pub(crate) future: Option<LoadFuture<V>>,
     pub(crate) polling: bool,
+    /// The shared load woke its waker while being polled: a caller that joined during that
+    /// poll (and found it being polled) missed the wake-up, so the poller wakes every caller
+    /// once its poll returns pending.
+    pub(crate) woken: bool,
     /// Async callers waiting on (or driving) this flight; when it drops to zero the shared
     /// load is cancelled. Blocking waiters are not counted: they never drive a future.
     pub(crate) interested: usize,
@@ -107,6 +111,7 @@ impl<K, V> Flight<K, V> {
                 key: None,
                 future: None,
                 polling: false,
+                woken: false,
                 interested: 0,
                 wakers: Vec::new(),
                 next_id: 0,
@@ -270,7 +275,10 @@ impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wake for FlightWaker<K,
     fn wake_by_ref(self: &Arc<Self>) {
         let Some(f) = self.0.upgrade() else { return };
         let wakers: Vec<Waker> = {
-            let st = f.state.lock();
+            let mut st = f.state.lock();
+            if st.polling {
+                st.woken = true;
+            }
             st.wakers.iter().map(|(_, w)| w.clone()).collect()
         };
         for w in wakers {

@@ -330,6 +330,7 @@ where
             }
             let Some(fut) = st.future.take() else { return };
             st.polling = true;
+            st.woken = false;
             fut
         };
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
@@ -355,8 +356,19 @@ where
                     st.future = Some(fut);
                     None
                 };
+                // Woken during the poll: the callers that joined meanwhile (and so found the
+                // load being polled) were not registered yet; every caller is woken now, so
+                // that one of them polls again even if this one is never polled again.
+                let missed: Vec<Waker> = if std::mem::take(&mut st.woken) {
+                    st.wakers.iter().map(|(_, w)| w.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 drop(st);
                 drop(spare);
+                for w in missed {
+                    w.wake();
+                }
                 drop(lead.disarm()); // still running: nothing to resolve
             }
         }
@@ -496,7 +508,7 @@ where
         // waited for a permit, or its flight was abandoned first) gives `init` back here, so
         // that this caller can lead with it again if the load it waited for ends with nothing
         // for it (the taker's loader panicked or found nothing).
-        let back = Arc::new(crate::sync::Mutex::new(None));
+        let back = Arc::new(crate::sync::Mutex::new(Back::default()));
         let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
         let mut how = Settle::new(self, ClaimMode::leading(false, true));
         loop {
@@ -521,7 +533,11 @@ where
                     return accept(&outcome).expect("a leader accepts its own outcome");
                 }
                 Claim::Join(f) => (f, None),
-                Claim::Lost => match back.lock().take() {
+                // Nothing running, and this caller's `init` went into a load: it comes back if
+                // that load never started it — once the load's future is gone, which may be
+                // after this caller sees the flight end (another caller may still be inside a
+                // poll of it).
+                Claim::Lost => match (GivenBack { back: &back }).await {
                     Some(f) => {
                         init = Some(self.shared_load(f, &back));
                         continue;
@@ -556,7 +572,7 @@ where
     /// itself. The start token comes with it: the flight this future leads is made with it.
     /// If the future ends (taken over) or is dropped before `init` starts, `init` goes to
     /// `back`.
-    fn shared_load<F>(&self, init: F, back: &Arc<crate::sync::Mutex<Option<F>>>) -> SharedLoad<V>
+    fn shared_load<F>(&self, init: F, back: &Arc<crate::sync::Mutex<Back<F>>>) -> SharedLoad<V>
     where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
@@ -564,6 +580,7 @@ where
         let clock = self.time_source();
         let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
         let start_token = Arc::clone(&token);
+        back.lock().gone = false;
         let mut unstarted = GiveBack {
             init: Some(init),
             back: Arc::clone(back),
@@ -589,17 +606,65 @@ where
     }
 }
 
-/// Holds a shared load's `init` until it starts; dropped before, it gives `init` back.
+/// Where a shared load's future gives its caller's `init` back (see [`GiveBack`]).
+pub(crate) struct Back<F> {
+    /// The `init`, given back unstarted.
+    init: Option<F>,
+    /// The future is gone: `init` is here, or it started (and is not coming back).
+    gone: bool,
+    /// The caller waiting for the future to go.
+    waker: Option<Waker>,
+}
+
+impl<F> Default for Back<F> {
+    fn default() -> Self {
+        Back {
+            init: None,
+            gone: false,
+            waker: None,
+        }
+    }
+}
+
+/// Holds a shared load's `init` until it starts; dropped before, it gives `init` back. Its
+/// drop (the future's) tells the caller either way.
 struct GiveBack<F> {
     init: Option<F>,
-    back: Arc<crate::sync::Mutex<Option<F>>>,
+    back: Arc<crate::sync::Mutex<Back<F>>>,
 }
 
 impl<F> Drop for GiveBack<F> {
     fn drop(&mut self) {
-        if let Some(init) = self.init.take() {
-            *self.back.lock() = Some(init);
+        let waker = {
+            let mut b = self.back.lock();
+            b.init = self.init.take();
+            b.gone = true;
+            b.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
+    }
+}
+
+/// Waits until a shared load's future is gone: its `init` if given back unstarted, `None` if
+/// it started.
+struct GivenBack<'a, F> {
+    back: &'a Arc<crate::sync::Mutex<Back<F>>>,
+}
+
+impl<F> Future for GivenBack<'_, F> {
+    type Output = Option<F>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F>> {
+        let mut b = self.back.lock();
+        if let Some(init) = b.init.take() {
+            return Poll::Ready(Some(init));
+        }
+        if b.gone {
+            return Poll::Ready(None);
+        }
+        b.waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 

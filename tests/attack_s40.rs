@@ -28,7 +28,7 @@ use common::{eventually, quiet_injected_panics, start, watchdog};
 use herdcache::{BuildError, Cache, CompResult, Expiry, ManualClock, Op, RemovalCause};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -52,6 +52,44 @@ struct NoDebug(#[allow(dead_code)] u8);
 impl Clone for NoDebug {
     fn clone(&self) -> Self {
         NoDebug(self.0)
+    }
+}
+
+/// Where a listener finds its own cache. A listener holding a strong clone of its cache is a
+/// reference cycle (cache → listener → cache), never freed — as with moka; LeakSanitizer in CI
+/// reported it (stop 26). So the tests hand the clone through a slot that [`Unlink`] empties
+/// at the end of the test (even when it fails).
+struct Slot<C>(Mutex<Option<C>>);
+
+impl<C> Default for Slot<C> {
+    fn default() -> Self {
+        Slot(Mutex::new(None))
+    }
+}
+
+impl<C: Clone> Slot<C> {
+    fn set(&self, c: C) -> Result<(), C> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return Err(c);
+        }
+        *g = Some(c);
+        Ok(())
+    }
+
+    /// A clone of the cache (the lock is not held while the listener uses it).
+    fn get(&self) -> Option<C> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Empties a [`Slot`] when dropped, breaking the cycle.
+struct Unlink<C>(Arc<Slot<C>>);
+
+impl<C> Drop for Unlink<C> {
+    fn drop(&mut self) {
+        let taken = self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(taken); // outside the lock: dropping a cache may run listeners
     }
 }
 
@@ -799,7 +837,7 @@ fn inline_listener_moka_style_all_causes() {
 #[test]
 fn listener_calls_back_into_cache() {
     let _w = watchdog(Duration::from_secs(30), "listener_reentrant");
-    let slot: Arc<OnceLock<Cache<u32, String>>> = Arc::new(OnceLock::new());
+    let slot: Arc<Slot<Cache<u32, String>>> = Arc::new(Slot::default());
     let s2 = Arc::clone(&slot);
     let cache: Cache<u32, String> = Cache::builder()
         .max_capacity(100)
@@ -815,6 +853,7 @@ fn listener_calls_back_into_cache() {
         })
         .build();
     slot.set(cache.clone()).unwrap();
+    let _unlink = Unlink(Arc::clone(&slot));
     for i in 0..10 {
         cache.insert(i, format!("v{i}"));
     }
@@ -1422,7 +1461,7 @@ fn expire_after_update_sees_remaining() {
 fn listener_resurrects_expired_entries() {
     let _w = watchdog(Duration::from_secs(30), "listener_resurrect");
     let clock = ManualClock::new();
-    let slot: Arc<OnceLock<Cache<u32, u32>>> = Arc::new(OnceLock::new());
+    let slot: Arc<Slot<Cache<u32, u32>>> = Arc::new(Slot::default());
     let s2 = Arc::clone(&slot);
     let cache = Cache::<u32, u32>::builder()
         .max_capacity(100)
@@ -1435,6 +1474,7 @@ fn listener_resurrects_expired_entries() {
         })
         .build();
     slot.set(cache.clone()).unwrap();
+    let _unlink = Unlink(Arc::clone(&slot));
     for k in 0..20 {
         cache.insert(k, 0);
     }
@@ -1454,7 +1494,7 @@ fn listener_resurrects_expired_entries() {
 #[test]
 fn listener_invalidate_all_from_listener() {
     let _w = watchdog(Duration::from_secs(30), "listener_invalidate_all");
-    let slot: Arc<OnceLock<Cache<u32, u32>>> = Arc::new(OnceLock::new());
+    let slot: Arc<Slot<Cache<u32, u32>>> = Arc::new(Slot::default());
     let s2 = Arc::clone(&slot);
     let calls = Arc::new(AtomicUsize::new(0));
     let c2 = Arc::clone(&calls);
@@ -1471,6 +1511,7 @@ fn listener_invalidate_all_from_listener() {
         })
         .build();
     slot.set(cache.clone()).unwrap();
+    let _unlink = Unlink(Arc::clone(&slot));
     for k in 0..10 {
         cache.insert(k, k);
     }
@@ -2157,7 +2198,7 @@ fn insert_over_expired_entry_cause() {
 fn listener_loads_the_key_its_caller_just_loaded() {
     quiet_injected_panics();
     let _w = watchdog(Duration::from_secs(30), "listener_same_key_load");
-    let slot: Arc<OnceLock<Cache<u32, u32>>> = Arc::new(OnceLock::new());
+    let slot: Arc<Slot<Cache<u32, u32>>> = Arc::new(Slot::default());
     let s2 = Arc::clone(&slot);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = Arc::clone(&seen);
@@ -2176,6 +2217,7 @@ fn listener_loads_the_key_its_caller_just_loaded() {
         })
         .build();
     slot.set(cache.clone()).unwrap();
+    let _unlink = Unlink(Arc::clone(&slot));
     cache.insert(0, 0);
     // get_with(1) loads, then stores 1 and evicts 0 (or turns 1 away): the listener, on this
     // thread, asks for key 1, whose load has finished: not a recursive load.
@@ -2207,7 +2249,7 @@ fn listener_loads_the_key_its_caller_just_loaded() {
 #[test]
 fn listener_computes_same_key_after_compute() {
     let _w = watchdog(Duration::from_secs(30), "listener_same_key_compute");
-    let slot: Arc<OnceLock<Cache<u32, u32>>> = Arc::new(OnceLock::new());
+    let slot: Arc<Slot<Cache<u32, u32>>> = Arc::new(Slot::default());
     let s2 = Arc::clone(&slot);
     let cache = Cache::<u32, u32>::builder()
         .max_capacity(100)
@@ -2224,6 +2266,7 @@ fn listener_computes_same_key_after_compute() {
         })
         .build();
     slot.set(cache.clone()).unwrap();
+    let _unlink = Unlink(Arc::clone(&slot));
     cache.insert(1, 0);
     for i in 1..=5 {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
