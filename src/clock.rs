@@ -16,9 +16,11 @@
 //! So the system clock is *coarse*: one shared thread (`herdcache-clock`, started on first use)
 //! stores the time in an atomic every millisecond, and reads load that atomic. A reading is
 //! therefore up to about a millisecond old (more if the thread is descheduled), and an entry can
-//! be served up to that long after its deadline as measured by `Instant`. The thread exits after
-//! about a second in which no cache read the clock, and starts again on the next read; while it
-//! is not running, reads fall back to `Instant::now()`. The clock thread does no cache work:
+//! be served up to that long after its deadline as measured by `Instant`. The thread parks
+//! (sleeps with no timer) after about a second in which no cache read the clock, and is woken by
+//! the next read; while it is parked, reads fall back to `Instant::now()`. It is started once
+//! and never exits (a thread ending just as the process exits made LeakSanitizer report its
+//! allocations as leaked). The clock thread does no cache work:
 //! reclaiming expired entries is done by ordinary calls (see [`crate::expiry`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,12 +34,12 @@ mod coarse {
     /// Nanoseconds since [`origin`], as of the ticker's last tick.
     static NOW: AtomicU64 = AtomicU64::new(0);
     /// Whether the ticker thread runs (and `NOW` is fresh).
-    static RUNNING: AtomicBool = AtomicBool::new(false);
+    pub(super) static RUNNING: AtomicBool = AtomicBool::new(false);
     /// Set by readers, cleared by the ticker: whether anyone read the clock since the last tick.
     static USED: AtomicBool = AtomicBool::new(false);
 
     const TICK: Duration = Duration::from_millis(1);
-    /// Idle ticks before the ticker exits.
+    /// Idle ticks before the ticker parks.
     const IDLE_TICKS: u32 = 1000;
 
     pub(super) fn origin() -> Instant {
@@ -70,12 +72,22 @@ mod coarse {
             .is_ok()
         {
             USED.store(true, Ordering::Relaxed);
-            let spawned = std::thread::Builder::new()
-                .name("herdcache-clock".into())
-                .spawn(tick);
-            if spawned.is_err() {
+            static TICKER: OnceLock<Option<std::thread::Thread>> = OnceLock::new();
+            let mut spawned_now = false;
+            let ticker = TICKER.get_or_init(|| {
+                spawned_now = true;
+                std::thread::Builder::new()
+                    .name("herdcache-clock".into())
+                    .spawn(tick)
+                    .ok()
+                    .map(|h| h.thread().clone())
+            });
+            match ticker {
+                // Parked (or about to park): woken to tick again.
+                Some(t) if !spawned_now => t.unpark(),
+                Some(_) => {}
                 // No threads here: stay precise.
-                RUNNING.store(false, Ordering::Release);
+                None => RUNNING.store(false, Ordering::Release),
             }
         }
         t
@@ -92,7 +104,12 @@ mod coarse {
                 idle += 1;
                 if idle >= IDLE_TICKS {
                     RUNNING.store(false, Ordering::Release);
-                    return;
+                    // Until a read starts the clock again (`start` unparks; an unpark that
+                    // comes first makes the next park return at once).
+                    while !RUNNING.load(Ordering::Acquire) {
+                        std::thread::park();
+                    }
+                    idle = 0;
                 }
             }
         }
@@ -264,6 +281,30 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ticker parks when idle and ticks again after the next read, the same thread:
+    /// started once, never exiting.
+    #[test]
+    fn the_ticker_parks_when_idle_and_resumes() {
+        let _ = coarse::now();
+        assert!(coarse::RUNNING.load(Ordering::Acquire));
+        // Idle for over a second (other tests of this binary may read the clock meanwhile:
+        // then it is running, and the read below finds it so).
+        let until = Instant::now() + Duration::from_secs(10);
+        while coarse::RUNNING.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before = coarse::now(); // wakes it (or finds it running)
+        assert!(coarse::RUNNING.load(Ordering::Acquire));
+        let until = Instant::now() + Duration::from_secs(10);
+        while coarse::now() <= before + 2_000_000 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            coarse::now() > before + 2_000_000,
+            "the clock stopped moving after the ticker parked"
+        );
+    }
 
     #[test]
     fn manual_clock_is_clamped_monotonic() {

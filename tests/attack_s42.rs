@@ -196,11 +196,15 @@ fn shared_joiner_registered_during_leaders_poll_is_never_woken() {
         .recv_timeout(Duration::from_secs(10))
         .expect("A inside its poll");
     let c2 = c.clone();
-    let mut b: BoxFut<u64> = Box::pin(async move { c2.get_with_async_shared(1, async { 8 }).await });
+    let mut b: BoxFut<u64> =
+        Box::pin(async move { c2.get_with_async_shared(1, async { 8 }).await });
     let (flag, bw) = flag_waker();
     assert!(matches!(poll_with(&mut b, &bw), Ok(Poll::Pending)));
     rel_tx.send(()).unwrap();
-    assert!(polled_rx.recv_timeout(Duration::from_secs(10)).unwrap(), "A pending");
+    assert!(
+        polled_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "A pending"
+    );
     // Nobody polls A any more. B must have been woken (bounded wait: wakes are synchronous).
     let woken = common::eventually(|| flag.0.load(Ordering::SeqCst));
     // Clean up either way: drive B (it can drive the load when polled) and drop A.
@@ -315,14 +319,7 @@ enum R {
 
 /// What each caller's init does: runs counted, then pending `pend` times, then behaviour `b`
 /// (0: value 10, 1: error / None (11 for the get_with verb), 2: panic).
-fn shared_call(
-    c: &C,
-    verb: usize,
-    k: u64,
-    pend: u32,
-    b: u64,
-    runs: Arc<AtomicUsize>,
-) -> BoxFut<R> {
+fn shared_call(c: &C, verb: usize, k: u64, pend: u32, b: u64, runs: Arc<AtomicUsize>) -> BoxFut<R> {
     let c = c.clone();
     let init = async move {
         runs.fetch_add(1, Ordering::SeqCst);
@@ -432,7 +429,9 @@ fn run_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
     let mut dropped = vec![false; n];
     let w = futures::task::noop_waker();
     let mut bad = Vec::new();
-    let step = |i: usize, futs: &mut Vec<Option<BoxFut<R>>>, results: &mut Vec<Option<Result<R, String>>>| {
+    let step = |i: usize,
+                futs: &mut Vec<Option<BoxFut<R>>>,
+                results: &mut Vec<Option<Result<R, String>>>| {
         if let Some(f) = futs[i].as_mut() {
             match poll_with(f, &w) {
                 Ok(Poll::Pending) => {}
@@ -473,7 +472,10 @@ fn run_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
     let any_panic_beh = setup.behs.iter().any(|&b| b == 2);
     for i in 0..n {
         if runs[i].load(Ordering::SeqCst) > 1 {
-            bad.push(format!("caller {i}'s init ran {} times", runs[i].load(Ordering::SeqCst)));
+            bad.push(format!(
+                "caller {i}'s init ran {} times",
+                runs[i].load(Ordering::SeqCst)
+            ));
         }
         match &results[i] {
             // Legitimate only for a caller whose own init ran and panicked (driven by another).
@@ -525,7 +527,11 @@ fn run_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
         // Nobody left, every init succeeds: one load, every other caller joined it.
         // (A caller first polled after the load ended hits instead of joining.)
         if s.load_successes != 1 || s.hits + s.misses != n as u64 || s.coalesced + 1 != s.misses {
-            bad.push(format!("expected one load and {} joins: {}", n - 1, show(&s)));
+            bad.push(format!(
+                "expected one load and {} joins: {}",
+                n - 1,
+                show(&s)
+            ));
         }
     }
     if s.load_successes + s.load_failures + s.loads_abandoned
@@ -544,7 +550,10 @@ fn run_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
         }
     }
     if c.loads_in_flight() != 0 {
-        bad.push(format!("loads_in_flight after reload {}", c.loads_in_flight()));
+        bad.push(format!(
+            "loads_in_flight after reload {}",
+            c.loads_in_flight()
+        ));
     }
     bad
 }
@@ -666,7 +675,13 @@ fn shared_three_callers_random_schedules() {
 
 /// An init for the storm: pending (tokio yields or self-waking) `pend` times, then value k*10,
 /// failure, or panic. Sets `own_panic` just before panicking.
-async fn storm_init(k: u64, pend: u32, b: u64, tokio_yield: bool, own_panic: Arc<AtomicBool>) -> Option<u64> {
+async fn storm_init(
+    k: u64,
+    pend: u32,
+    b: u64,
+    tokio_yield: bool,
+    own_panic: Arc<AtomicBool>,
+) -> Option<u64> {
     for _ in 0..pend {
         if tokio_yield {
             tokio::task::yield_now().await;
@@ -689,9 +704,14 @@ fn tokio_shared_storm_with_timeouts_and_blocking_callers() {
     let _w = watchdog(LIMIT, "tokio storm");
     quiet_injected_panics();
     let mut bad: Vec<String> = Vec::new();
-    for (cfg, (limit, negative)) in [(None, false), (Some(1), false), (Some(2), true), (None, true)]
-        .into_iter()
-        .enumerate()
+    for (cfg, (limit, negative)) in [
+        (None, false),
+        (Some(1), false),
+        (Some(2), true),
+        (None, true),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -766,7 +786,13 @@ fn tokio_shared_storm_with_timeouts_and_blocking_callers() {
                 let verb = r.next() % 4;
                 let pend = (r.next() % 5) as u32;
                 let b = r.next() % 8; // mostly values
-                let b = if b < 5 { 0 } else if b < 7 { 1 } else { 2 };
+                let b = if b < 5 {
+                    0
+                } else if b < 7 {
+                    1
+                } else {
+                    2
+                };
                 let ty = r.next() % 2 == 0;
                 let to = r.next() % 4; // 0: no timeout, else timeout of 0..3 ms (0 = immediately)
                 let own = Arc::new(AtomicBool::new(false));
@@ -774,9 +800,15 @@ fn tokio_shared_storm_with_timeouts_and_blocking_callers() {
                 let fut = async move {
                     let init = storm_init(k, pend, b, ty, own2);
                     let v: Option<u64> = match verb {
-                        0 => Some(c.get_with_async_shared(k, async move { init.await.unwrap_or(11) }).await),
+                        0 => Some(
+                            c.get_with_async_shared(k, async move { init.await.unwrap_or(11) })
+                                .await,
+                        ),
                         1 => c
-                            .try_get_with_async_shared(k, async move { init.await.ok_or("injected") })
+                            .try_get_with_async_shared(
+                                k,
+                                async move { init.await.ok_or("injected") },
+                            )
                             .await
                             .ok(),
                         2 => c.optionally_get_with_async_shared(k, init).await,
@@ -829,7 +861,10 @@ fn tokio_shared_storm_with_timeouts_and_blocking_callers() {
         drop(rt);
         bad.extend(res);
         if !common::eventually(|| c.loads_in_flight() == 0) {
-            bad.push(format!("cfg {cfg}: loads_in_flight {}", c.loads_in_flight()));
+            bad.push(format!(
+                "cfg {cfg}: loads_in_flight {}",
+                c.loads_in_flight()
+            ));
         }
         if let Some(e) = identity_err(&c) {
             bad.push(format!("cfg {cfg}: {e}"));
@@ -903,7 +938,8 @@ fn shared_leader_taken_over_while_joiner_polls_panics_lost_load() {
         let w = futures::task::noop_waker();
         assert!(matches!(poll_with(&mut a, &w), Ok(Poll::Pending)));
         let cb = c.clone();
-        let mut bf: BoxFut<u64> = Box::pin(async move { cb.get_with_async_shared(1, async { 10 }).await });
+        let mut bf: BoxFut<u64> =
+            Box::pin(async move { cb.get_with_async_shared(1, async { 10 }).await });
         assert!(matches!(poll_with(&mut bf, &w), Ok(Poll::Pending)));
         // B spins on its own thread; A spins here; then O takes over and fails.
         let bt = std::thread::spawn(move || {
@@ -935,10 +971,16 @@ fn shared_leader_taken_over_while_joiner_polls_panics_lost_load() {
         let rb = bt.join().unwrap();
         let _ = o.join();
         if ra != Ok(10) || rb != Ok(10) {
-            bad.push(format!("iter {it}: A {ra:?} B {rb:?} (A's init ran {})", a_ran.load(Ordering::SeqCst)));
+            bad.push(format!(
+                "iter {it}: A {ra:?} B {rb:?} (A's init ran {})",
+                a_ran.load(Ordering::SeqCst)
+            ));
         }
         if c.loads_in_flight() != 0 {
-            bad.push(format!("iter {it}: loads_in_flight {}", c.loads_in_flight()));
+            bad.push(format!(
+                "iter {it}: loads_in_flight {}",
+                c.loads_in_flight()
+            ));
         }
         if let Some(e) = identity_err(&c) {
             bad.push(format!("iter {it}: {e}"));
@@ -947,7 +989,12 @@ fn shared_leader_taken_over_while_joiner_polls_panics_lost_load() {
             break;
         }
     }
-    assert!(bad.is_empty(), "{} of {iters} broken:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {iters} broken:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,18 +1045,24 @@ fn pk_verb(c: &PC, verb: usize, b: u64) -> Option<u64> {
     };
     match verb {
         0 => Some(c.get_with_by_ref(&PK(1), move || init().unwrap_or(11))),
-        1 => c.try_get_with_by_ref(&PK(1), move || init().ok_or("injected")).ok(),
-        2 => Some(futures::executor::block_on(
-            c.get_with_by_ref_async(&PK(1), async move { init().unwrap_or(11) }),
-        )),
+        1 => c
+            .try_get_with_by_ref(&PK(1), move || init().ok_or("injected"))
+            .ok(),
+        2 => Some(futures::executor::block_on(c.get_with_by_ref_async(
+            &PK(1),
+            async move { init().unwrap_or(11) },
+        ))),
         3 => futures::executor::block_on(
             c.optionally_get_with_by_ref_async(&PK(1), async move { init() }),
         ),
-        4 => c.load_with_timeout(PK(1), Some(Duration::from_secs(5))).ok(),
+        4 => c
+            .load_with_timeout(PK(1), Some(Duration::from_secs(5)))
+            .ok(),
         5 => c.load(PK(1)).ok(),
-        6 => Some(futures::executor::block_on(
-            c.get_with_async_shared(PK(1), async move { init().unwrap_or(11) }),
-        )),
+        6 => Some(futures::executor::block_on(c.get_with_async_shared(
+            PK(1),
+            async move { init().unwrap_or(11) },
+        ))),
         7 => futures::executor::block_on(c.load_async(PK(1))).ok(),
         _ => c
             .load_with_timeout(PK(1), Some(Duration::from_millis(1)))
@@ -1087,7 +1140,8 @@ fn key_panics_at_every_point_by_ref_and_spawned() {
                                         leader = Some(std::thread::spawn(move || {
                                             cl.get_with(PK(1), || {
                                                 let _ = in_tx.send(());
-                                                let _ = rel_rx.recv_timeout(Duration::from_millis(30));
+                                                let _ =
+                                                    rel_rx.recv_timeout(Duration::from_millis(30));
                                                 10
                                             })
                                         }));
@@ -1163,7 +1217,9 @@ fn shared_multi_key_limited_random_schedules() {
         let setup = Setup {
             keys: (0..n).map(|_| r.next() % 3).collect(),
             verbs: (0..n).map(|_| (r.next() % 4) as usize).collect(),
-            behs: (0..n).map(|_| [0u64, 0, 1, 2][(r.next() % 4) as usize]).collect(),
+            behs: (0..n)
+                .map(|_| [0u64, 0, 1, 2][(r.next() % 4) as usize])
+                .collect(),
             pend: (r.next() % 4) as u32,
             negative: r.next() % 2 == 0,
             limit: [Some(1), Some(2)][(r.next() % 2) as usize],
@@ -1214,7 +1270,10 @@ fn run_woken_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
     let wakers: Vec<(Arc<Flag>, Waker)> = (0..n).map(|_| flag_waker()).collect();
     let mut started = vec![false; n];
     let mut bad = Vec::new();
-    let step = |i: usize, futs: &mut Vec<Option<BoxFut<R>>>, started: &mut Vec<bool>, bad: &mut Vec<String>| {
+    let step = |i: usize,
+                futs: &mut Vec<Option<BoxFut<R>>>,
+                started: &mut Vec<bool>,
+                bad: &mut Vec<String>| {
         let Some(f) = futs[i].as_mut() else { return };
         if started[i] && !wakers[i].0 .0.swap(false, Ordering::SeqCst) {
             return; // not woken: a real executor would not poll it
@@ -1263,7 +1322,9 @@ fn run_woken_schedule(setup: &Setup, ops: &[Op]) -> Vec<String> {
     }
     let stranded: Vec<usize> = (0..n).filter(|&i| futs[i].is_some()).collect();
     if !stranded.is_empty() {
-        bad.push(format!("callers {stranded:?} stranded: pending and never woken"));
+        bad.push(format!(
+            "callers {stranded:?} stranded: pending and never woken"
+        ));
     }
     drop(futs);
     if c.loads_in_flight() != 0 {
@@ -1314,9 +1375,15 @@ fn shared_woken_only_executor_schedules() {
     for _ in 0..6000 {
         let n = 3;
         let setup = Setup {
-            keys: if r.next() % 2 == 0 { vec![] } else { (0..n).map(|_| r.next() % 2).collect() },
+            keys: if r.next() % 2 == 0 {
+                vec![]
+            } else {
+                (0..n).map(|_| r.next() % 2).collect()
+            },
             verbs: (0..n).map(|_| (r.next() % 4) as usize).collect(),
-            behs: (0..n).map(|_| [0u64, 0, 1, 2][(r.next() % 4) as usize]).collect(),
+            behs: (0..n)
+                .map(|_| [0u64, 0, 1, 2][(r.next() % 4) as usize])
+                .collect(),
             pend: (r.next() % 4) as u32,
             negative: r.next() % 2 == 0,
             limit: [None, Some(1), Some(2)][(r.next() % 3) as usize],
@@ -1325,7 +1392,11 @@ fn shared_woken_only_executor_schedules() {
         let ops: Vec<Op> = (0..len)
             .map(|_| {
                 let i = (r.next() % n as u64) as usize;
-                if r.next() % 4 == 0 { Op::Drop(i) } else { Op::Poll(i) }
+                if r.next() % 4 == 0 {
+                    Op::Drop(i)
+                } else {
+                    Op::Poll(i)
+                }
             })
             .collect();
         for p in run_woken_schedule(&setup, &ops) {
@@ -1414,7 +1485,11 @@ fn churn(limit: Option<usize>, keys: u64) {
                 let (_, fw) = flag_waker();
                 let nw = futures::task::noop_waker();
                 let w = if r.next() % 2 == 0 { &fw } else { &nw };
-                let polls = if r.next() % 3 == 0 { 1000 } else { r.next() % 4 };
+                let polls = if r.next() % 3 == 0 {
+                    1000
+                } else {
+                    r.next() % 4
+                };
                 for _ in 0..polls {
                     match poll_with(&mut f, w) {
                         Ok(Poll::Pending) => std::thread::yield_now(),
@@ -1443,7 +1518,10 @@ fn churn(limit: Option<usize>, keys: u64) {
     writer.join().unwrap();
     bad.extend(mon.finish());
     let s = c.stats();
-    let (st, co) = (started.load(Ordering::SeqCst), completed.load(Ordering::SeqCst));
+    let (st, co) = (
+        started.load(Ordering::SeqCst),
+        completed.load(Ordering::SeqCst),
+    );
     if c.loads_in_flight() != 0 {
         bad.push(format!("loads_in_flight {}", c.loads_in_flight()));
     }
@@ -1513,17 +1591,20 @@ fn async_taker_of_a_blocking_leaders_load_dropped_at_every_poll() {
                 cx_.get_with_async(100, async move {
                     Until(go2).await;
                     let v = match inner {
-                        0 => c2.get_with_async_shared(1, async {
-                            common::Yield(5).await;
-                            10
-                        })
-                        .await,
-                        1 => c2
-                            .get_with_async(1, async {
+                        0 => {
+                            c2.get_with_async_shared(1, async {
                                 common::Yield(5).await;
                                 10
                             })
-                            .await,
+                            .await
+                        }
+                        1 => {
+                            c2.get_with_async(1, async {
+                                common::Yield(5).await;
+                                10
+                            })
+                            .await
+                        }
                         _ => c2
                             .try_get_with_async_shared(1, async {
                                 common::Yield(5).await;
@@ -1562,7 +1643,11 @@ fn async_taker_of_a_blocking_leaders_load_dropped_at_every_poll() {
             let name = format!("inner={inner} k={k} x={xr:?}");
             let lr = l.wait(Duration::from_secs(5));
             if k == 9 || k == 2 {
-                eprintln!("{name}: L {:?} {}", lr.as_ref().map(|r| r.as_ref().ok()), show(&c.stats()));
+                eprintln!(
+                    "{name}: L {:?} {}",
+                    lr.as_ref().map(|r| r.as_ref().ok()),
+                    show(&c.stats())
+                );
             }
             match lr {
                 Some(Ok(v)) if v == 10 || v == 20 => {}
@@ -1580,7 +1665,10 @@ fn async_taker_of_a_blocking_leaders_load_dropped_at_every_poll() {
             let c2 = c.clone();
             match common::within(Duration::from_secs(5), move || c2.get_with(7, || 7)) {
                 Some(Ok(7)) => {}
-                other => bad.push(format!("{name}: permit leaked? {:?}", other.map(|r| r.ok()))),
+                other => bad.push(format!(
+                    "{name}: permit leaked? {:?}",
+                    other.map(|r| r.ok())
+                )),
             }
         }
     }
