@@ -19,6 +19,7 @@
 //!   Blocking waiters never poll it (a future may need its own runtime): they wait, and when
 //!   the last async caller goes away the load is cancelled and they lead with their own loader.
 
+use crate::limit::Permit;
 use crate::sync::{wait_until, AtomicBool, AtomicU64, AtomicU8, Condvar, Mutex};
 use hashbrown::HashTable;
 use std::any::Any;
@@ -151,6 +152,17 @@ impl<K, V> Flight<K, V> {
             Ok(_) => true,
             Err(now) => now != STOLEN,
         }
+    }
+
+    /// Whether the flight's load has not started and is not a shared one: its leader (blocking,
+    /// or an async one driving its own load) may be waiting for a load permit, and only it can
+    /// start the load.
+    pub(crate) fn awaits_permit(&self) -> bool {
+        if self.start.load(Ordering::Acquire) != WAITING {
+            return false;
+        }
+        let st = self.state.lock();
+        st.future.is_none() && !st.polling && matches!(st.phase, Phase::Running)
     }
 
     /// Whether a caller took this flight's load over ([`steal`](Self::steal)).
@@ -302,8 +314,9 @@ crate::sync::thread_local_shim! {
 }
 
 crate::sync::thread_local_shim! {
-    /// Load permits this thread holds (or runs under): a nested load does not wait for another.
-    static PERMITS: Cell<usize> = Cell::new(0);
+    /// Load permits this thread holds (or runs under), innermost last: a nested load does not
+    /// wait for another, and a shared load nested in one keeps it (see [`current_permit`]).
+    static PERMITS: RefCell<Vec<Arc<Permit>>> = RefCell::new(Vec::new());
 }
 
 crate::sync::thread_local_shim! {
@@ -376,25 +389,40 @@ pub(crate) fn runs_here(id: usize) -> bool {
     RUNNING.with(|r| r.borrow().iter().any(|(x, _)| *x == id))
 }
 
-/// Marks this thread as holding a load permit until the guard drops.
-pub(crate) struct PermitHeld(());
+/// Marks this thread as running under `permit` until the guard drops; the guard keeps the
+/// permit (it is released when its last holder goes).
+pub(crate) struct PermitHeld(Arc<Permit>);
 
 impl PermitHeld {
-    pub(crate) fn enter() -> Self {
-        PERMITS.with(|p| p.set(p.get() + 1));
-        PermitHeld(())
+    pub(crate) fn enter(permit: Arc<Permit>) -> Self {
+        PERMITS.with(|p| p.borrow_mut().push(Arc::clone(&permit)));
+        PermitHeld(permit)
     }
 }
 
 impl Drop for PermitHeld {
     fn drop(&mut self) {
-        PERMITS.with(|p| p.set(p.get().saturating_sub(1)));
+        PERMITS.with(|p| {
+            let mut p = p.borrow_mut();
+            if let Some(i) = p.iter().rposition(|x| Arc::ptr_eq(x, &self.0)) {
+                p.remove(i);
+            }
+        });
     }
 }
 
 /// Whether this thread holds a load permit (a load nested in another load's loader).
 pub(crate) fn holds_permit() -> bool {
-    PERMITS.with(Cell::get) > 0
+    PERMITS.with(|p| !p.borrow().is_empty())
+}
+
+/// The load permit this thread runs under (the innermost), if any. A shared async load
+/// started in a load that holds one runs under it, whichever caller polls it, and keeps it
+/// until it ends: a caller with no permit that drives it must not wait for another (the
+/// holder waits for this load: with a full limit, nobody would ever get one), and the load
+/// still counts against the limit if its parent ends first.
+pub(crate) fn current_permit() -> Option<Arc<Permit>> {
+    PERMITS.with(|p| p.borrow().last().cloned())
 }
 
 #[cold]
@@ -655,11 +683,15 @@ mod tests {
         assert!(!runs_here(f.id()));
         assert!(!holds_permit());
         {
-            let _p = PermitHeld::enter();
-            let _q = PermitHeld::enter();
+            let limiter = crate::limit::Limiter::new(2);
+            let _p = PermitHeld::enter(Arc::new(limiter.acquire_blocking()));
+            let q = Arc::new(limiter.acquire_blocking());
+            let _q = PermitHeld::enter(Arc::clone(&q));
             assert!(holds_permit());
+            assert!(current_permit().is_some_and(|c| Arc::ptr_eq(&c, &q)));
         }
         assert!(!holds_permit());
+        assert!(current_permit().is_none());
     }
 }
 

@@ -451,12 +451,12 @@ pub(crate) enum NotRun<F> {
 /// A load permit taken for this thread, or none when the thread already holds one (a load
 /// nested in another load's loader must not wait for a second permit: with a full limit it
 /// would wait for itself).
-pub(crate) struct LoadPermit(#[allow(dead_code)] Option<(Permit, PermitHeld)>);
+pub(crate) struct LoadPermit(#[allow(dead_code)] Option<PermitHeld>);
 
 impl LoadPermit {
     /// A permit just taken by this thread.
     pub(crate) fn held(p: Permit) -> Self {
-        LoadPermit(Some((p, PermitHeld::enter())))
+        LoadPermit(Some(PermitHeld::enter(Arc::new(p))))
     }
 
     /// No permit (no limit, or one held already).

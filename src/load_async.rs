@@ -6,9 +6,10 @@
 
 use crate::cache::Cache;
 use crate::flight::{
-    accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
-    FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
+    accept_option, accept_result, accept_value, current_permit, enter, holds_permit, outcome_of,
+    Flight, FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
+use crate::limit::{Acquire, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
 use crate::stats::Counter;
 use std::future::Future;
@@ -30,7 +31,7 @@ where
     cache: &'a Cache<K, V, S>,
     flight: &'a Arc<Flight<K, V>>,
     inner: Pin<&'a mut F>,
-    held: bool,
+    permit: Option<Arc<Permit>>,
     start: u64,
 }
 
@@ -43,7 +44,7 @@ where
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _running = enter(self.flight);
-        let _held = self.held.then(PermitHeld::enter);
+        let _held = self.permit.clone().map(PermitHeld::enter);
         let timed = Timed::since(self.cache, self.start);
         let polled = self.inner.as_mut().poll(cx);
         timed.stop();
@@ -52,17 +53,17 @@ where
 }
 
 /// Polls a load that runs under a permit with the permit marked as held by the polling thread,
-/// so loads nested in it do not wait for another.
+/// so loads nested in it do not wait for another; keeps the permit until it drops.
 pub(crate) struct UnderPermit<F> {
     inner: Pin<Box<F>>,
-    held: bool,
+    permit: Option<Arc<Permit>>,
 }
 
 impl<F> UnderPermit<F> {
-    pub(crate) fn new(inner: F, held: bool) -> Self {
+    pub(crate) fn new(inner: F, permit: Option<Arc<Permit>>) -> Self {
         UnderPermit {
             inner: Box::pin(inner),
-            held,
+            permit,
         }
     }
 }
@@ -70,8 +71,25 @@ impl<F> UnderPermit<F> {
 impl<F: Future> Future for UnderPermit<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _held = self.held.then(PermitHeld::enter);
+        let _held = self.permit.clone().map(PermitHeld::enter);
         self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Waits for a load permit for a shared load, unless the thread polling it runs under one:
+/// the load then takes that one (see [`current_permit`]). Whoever holds a permit and polls
+/// this load is waiting for it; leaving it queued behind that very permit would wait forever
+/// with a full limit.
+struct Permitted(Acquire);
+
+impl Future for Permitted {
+    type Output = Arc<Permit>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Arc<Permit>> {
+        if let Some(p) = current_permit() {
+            // Our place in the queue is given up (a permit granted meanwhile goes on).
+            return Poll::Ready(p);
+        }
+        Pin::new(&mut self.0).poll(cx).map(Arc::new)
     }
 }
 
@@ -227,7 +245,12 @@ where
     /// # Panics
     ///
     /// If the load panics, in the caller that was polling it at the time (usually the leader);
-    /// the others load again. If the load awaits this cache for the same key.
+    /// the others load again with their own `init`. The caller whose `init` it was, when
+    /// another caller was polling it, has no load of its own left: it takes the value of a
+    /// load another caller started meanwhile (or one cached since), and otherwise panics
+    /// too — as it does, rather than wait, when it holds a load permit (it runs inside a load)
+    /// and the only load of the key waits for a permit. If the load awaits this cache for the
+    /// same key.
     ///
     /// # Example
     ///
@@ -474,7 +497,7 @@ where
         start: bool,
     ) -> Result<(Outcome<V>, u64), F> {
         let permit = match &self.inner.stampede.limiter {
-            Some(l) if !holds_permit() => Some(l.acquire().await),
+            Some(l) if !holds_permit() => Some(Arc::new(l.acquire().await)),
             _ => None,
         };
         if start && !flight.start() {
@@ -485,7 +508,7 @@ where
             cache: self,
             flight,
             inner: std::pin::pin!(init),
-            held: permit.is_some(),
+            permit: permit.clone(),
             start,
         }
         .await;
@@ -532,6 +555,11 @@ where
                     let outcome = self.publish(lead, Some(key), outcome, took);
                     return accept(&outcome).expect("a leader accepts its own outcome");
                 }
+                // This caller's `init` went into a load that ended unpublished (it panicked while
+                // another caller polled it): with a permit held and no loader to take over
+                // with, it must not wait for a leader that waits for a permit (with a full
+                // limit, its own); that leader loads once this caller is gone.
+                Claim::Join(f) if !had_future && holds_permit() && f.awaits_permit() => lost_load(),
                 Claim::Join(f) => (f, None),
                 // Nothing running, and this caller's `init` went into a load: it comes back if
                 // that load never started it — once the load's future is gone, which may be
@@ -577,6 +605,8 @@ where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
         let limiter = self.inner.stampede.limiter.clone();
+        // Made inside a load that holds a permit (a nested load): it runs under that one.
+        let inherited = current_permit();
         let clock = self.time_source();
         let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
         let start_token = Arc::clone(&token);
@@ -586,9 +616,10 @@ where
             back: Arc::clone(back),
         };
         let load: LoadFuture<V> = Box::pin(async move {
-            let permit = match &limiter {
-                Some(l) if !holds_permit() => Some(l.acquire().await),
-                _ => None,
+            let permit = match (inherited, &limiter) {
+                (Some(p), _) => Some(p),
+                (None, Some(l)) => Some(Permitted(l.acquire()).await),
+                (None, None) => None,
             };
             if !crate::flight::start(&start_token) {
                 // Taken over while this load waited for a permit: its taker publishes (and
@@ -597,9 +628,8 @@ where
             }
             let init = unstarted.init.take().expect("started once");
             let start = clock.stopwatch();
-            let outcome = UnderPermit::new(init, permit.is_some()).await;
+            let outcome = UnderPermit::new(init, permit).await;
             let took = clock.stopwatch().saturating_sub(start);
-            drop(permit);
             (outcome, took)
         });
         (load, token)
@@ -672,7 +702,7 @@ impl<F> Future for GivenBack<'_, F> {
 fn lost_load() -> ! {
     panic!(
         "herdcache: the load this call started panicked while another caller was driving it, \
-         and nobody is loading the key now"
+         and no other load of the key can answer this call"
     )
 }
 
@@ -758,7 +788,16 @@ where
                     }
                 }
             }
-            if st.polling || st.future.is_none() {
+            if st.polling {
+                // Its poller may be queued for a permit this caller holds (and waits for the
+                // load under): have the poller wake everyone when its poll ends, so that this
+                // caller polls it too and it takes this caller's permit (see [`Permitted`]).
+                if holds_permit() {
+                    st.woken = true;
+                }
+                return Poll::Pending;
+            }
+            if st.future.is_none() {
                 return Poll::Pending;
             }
             drop(st);

@@ -103,7 +103,7 @@ where
             let cache = lead.cache().clone();
             let limiter = cache.inner.stampede.limiter.clone();
             let permit = match &limiter {
-                Some(l) if !holds_permit() => Some(l.acquire().await),
+                Some(l) if !holds_permit() => Some(Arc::new(l.acquire().await)),
                 _ => None,
             };
             if !lead.flight().start() {
@@ -114,11 +114,8 @@ where
             // short load to 0, and early refresh would then never fire for the key).
             let start = cache.stopwatch();
             let flight = Arc::clone(lead.flight());
-            let result =
-                UnderPermit::new(Entered::new(flight, Caught(loader(&key))), permit.is_some())
-                    .await;
+            let result = UnderPermit::new(Entered::new(flight, Caught(loader(&key))), permit).await;
             let took = cache.stopwatch().saturating_sub(start);
-            drop(permit);
             match result {
                 Ok(Ok(v)) => cache.publish_refreshed(lead, key, v, took),
                 Ok(Err(e)) => {
