@@ -149,10 +149,9 @@ fn nested_chain_driven_from_outside_at_every_depth() {
     }
 }
 
-/// A shared load's `init` panics while a joiner polls it: the joiner panics, and the leader
-/// (whose `init` it was) takes the value of the load another caller started meanwhile.
-#[test]
-fn shared_leader_whose_load_panicked_in_a_joiner_takes_a_later_load() {
+/// Leader A's shared load of key 1 panics in joiner B's poll (B panics with it); returns the
+/// cache and A (pending, its `init` gone).
+fn leader_whose_load_panicked_in_a_joiner() -> (C, BoxFut<u64>) {
     quiet_injected_panics();
     let c: C = Cache::new(100);
     let door = Door::default();
@@ -170,6 +169,14 @@ fn shared_leader_whose_load_panicked_in_a_joiner_takes_a_later_load() {
         e.contains("injected"),
         "B panics with the load's panic: {e}"
     );
+    (c, a)
+}
+
+/// A shared load's `init` panics while a joiner polls it: the joiner panics, and the leader
+/// (whose `init` it was) takes the value of the load another caller started meanwhile.
+#[test]
+fn shared_leader_whose_load_panicked_in_a_joiner_takes_a_later_load() {
+    let (c, mut a) = leader_whose_load_panicked_in_a_joiner();
     let door2 = Door::default();
     let d2 = door2.clone();
     let mut later = shared(&c, 1, async move {
@@ -187,19 +194,7 @@ fn shared_leader_whose_load_panicked_in_a_joiner_takes_a_later_load() {
 /// panicked elsewhere; it has no loader left). A planted check: it must not hang.
 #[test]
 fn shared_leader_whose_load_panicked_in_a_joiner_panics_when_alone() {
-    quiet_injected_panics();
-    let c: C = Cache::new(100);
-    let door = Door::default();
-    let d = door.clone();
-    let mut a = shared(&c, 1, async move {
-        d.wait().await;
-        panic!("injected: the load of key 1")
-    });
-    pending(&mut a, "A");
-    let mut b = shared(&c, 1, async { 5 });
-    pending(&mut b, "B");
-    door.open();
-    assert!(run(&mut b, 5).expect("B finishes").is_err());
+    let (c, mut a) = leader_whose_load_panicked_in_a_joiner();
     let e = run(&mut a, 5).expect("A finishes").unwrap_err();
     assert!(
         e.contains("panicked while another caller was driving it"),
@@ -209,14 +204,9 @@ fn shared_leader_whose_load_panicked_in_a_joiner_panics_when_alone() {
     assert_eq!(run(&mut shared(&c, 1, async { 8 }), 5), Some(Ok(8)));
 }
 
-/// Under `max_concurrent_loads(1)`: A's load of key 1 holds the permit and waits for its nested
-/// shared load of key 2, which panics in joiner B's poll. C then starts a new shared load of
-/// key 2 from outside (no permit): it queues for the permit A holds. A, with no `init` left,
-/// joins C's load — and must lend it its permit (before the fix: both waited forever).
-#[test]
-fn nested_leader_whose_load_panicked_joins_a_load_queued_for_its_permit() {
-    quiet_injected_panics();
-    let _w = watchdog(Duration::from_secs(60), "lend the permit");
+/// Under `max_concurrent_loads(1)`, O's load of key 1 (holding the permit) leads a nested
+/// shared load of key 2 that panics in joiner B's poll; returns the cache and O (pending).
+fn holder_whose_nested_load_panicked() -> (C, BoxFut<u64>) {
     let c = limited(1);
     let door = Door::default();
     let (c2, d2) = (c.clone(), door.clone());
@@ -234,6 +224,18 @@ fn nested_leader_whose_load_panicked_joins_a_load_queued_for_its_permit() {
     pending(&mut b, "B");
     door.open();
     assert!(run(&mut b, 5).expect("B finishes").is_err());
+    (c, o)
+}
+
+/// Under `max_concurrent_loads(1)`: A's load of key 1 holds the permit and waits for its nested
+/// shared load of key 2, which panics in joiner B's poll. C then starts a new shared load of
+/// key 2 from outside (no permit): it queues for the permit A holds. A, with no `init` left,
+/// joins C's load — and must lend it its permit (before the fix: both waited forever).
+#[test]
+fn nested_leader_whose_load_panicked_joins_a_load_queued_for_its_permit() {
+    quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(60), "lend the permit");
+    let (c, mut o) = holder_whose_nested_load_panicked();
     let mut cc = shared(&c, 2, async { 40 });
     pending(&mut cc, "C (queued for the permit O holds)");
     assert_eq!(run(&mut o, 50), Some(Ok(41)), "O stuck or wrong");
@@ -248,23 +250,7 @@ fn nested_leader_whose_load_panicked_joins_a_load_queued_for_its_permit() {
 fn nested_leader_whose_load_panicked_never_waits_on_a_leader_queued_for_its_permit() {
     quiet_injected_panics();
     let _w = watchdog(Duration::from_secs(60), "never wait holding the permit");
-    let c = limited(1);
-    let door = Door::default();
-    let (c2, d2) = (c.clone(), door.clone());
-    let mut o = shared(&c, 1, async move {
-        let d3 = d2.clone();
-        c2.get_with_async_shared(2, async move {
-            d3.wait().await;
-            panic!("injected: the load of key 2")
-        })
-        .await
-            + 1
-    });
-    pending(&mut o, "O");
-    let mut b = shared(&c, 2, async { 9 });
-    pending(&mut b, "B");
-    door.open();
-    assert!(run(&mut b, 5).expect("B finishes").is_err());
+    let (c, mut o) = holder_whose_nested_load_panicked();
     let c3 = c.clone();
     let mut cc: BoxFut<u64> = Box::pin(async move { c3.get_with_async(2, async { 40 }).await });
     pending(&mut cc, "C (waits for the permit O holds)");
