@@ -508,12 +508,11 @@ where
             cache: self,
             flight,
             inner: std::pin::pin!(init),
-            permit: permit.clone(),
+            permit,
             start,
         }
         .await;
         let took = self.stopwatch().saturating_sub(start);
-        drop(permit);
         Ok((outcome, took))
     }
 
