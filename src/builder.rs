@@ -466,6 +466,30 @@ where
     /// loader does not run) and answers as on any timeout (with
     /// [`fail_safe`](Self::fail_safe), the last value). Async loads wait for their permit until
     /// they are dropped.
+    ///
+    /// **Nested loads.** A load started inside a load that holds a permit (its loader or `init`
+    /// asks the cache for another key) runs under that permit instead of waiting for a second
+    /// one, so `n` counts outermost loads and nesting cannot deadlock on the limit. A shared
+    /// async load ([`Cache::get_with_async_shared`], [`Cache::load_async`]) keeps a permit only
+    /// once it got its own: until then it runs only while a caller that holds one polls it (and
+    /// waits for it meanwhile) or blocks waiting for it, and otherwise waits for a permit — a
+    /// load whose parent stopped waiting for it (a `select!` that moved on) does not go on
+    /// beside its parent under the parent's permit. A [`Cache::get_with_async`] future started
+    /// inside a load is part of that load: polled to its end elsewhere, it is not counted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use herdcache::Cache;
+    ///
+    /// let cache: Cache<u64, u64> = Cache::builder()
+    ///     .max_capacity(1000)
+    ///     .max_concurrent_loads(1)
+    ///     .build();
+    /// // The outer load holds the only permit; the nested one runs under it.
+    /// let v = cache.get_with(1, || cache.get_with(2, || 20) + 1);
+    /// assert_eq!(v, 21);
+    /// ```
     pub fn max_concurrent_loads(mut self, n: usize) -> Self {
         self.stampede.limiter = Some(crate::limit::Limiter::new(n));
         self

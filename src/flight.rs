@@ -69,6 +69,10 @@ pub(crate) struct State<K, V> {
     pub(crate) interested: usize,
     pub(crate) wakers: Vec<(u64, Waker)>,
     pub(crate) next_id: u64,
+    /// Load permits lent to the shared load by blocking callers that hold one and wait for
+    /// this flight (see [`Flight::wait_blocking`]): a poll by a thread with no permit of its
+    /// own runs under one of them.
+    pub(crate) lenders: Vec<Arc<Permit>>,
 }
 
 /// One in-flight load of one key.
@@ -116,6 +120,7 @@ impl<K, V> Flight<K, V> {
                 interested: 0,
                 wakers: Vec::new(),
                 next_id: 0,
+                lenders: Vec::new(),
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
@@ -250,19 +255,43 @@ impl<K, V> Flight<K, V> {
 
     /// Waits (blocking, never polling) until the flight ends or `until` passes.
     pub(crate) fn wait_blocking(&self, until: Option<Instant>) -> Waited<Arc<Outcome<V>>> {
+        // A caller that holds a load permit (inside another load) lends it to this flight's
+        // shared load while it blocks here: it waits for that load, so nothing else runs under
+        // its permit meanwhile, and the load, if it waits for a permit, would otherwise wait
+        // behind this very one. The async callers are woken so that one of them polls it.
+        let lent = current_permit();
+        if let Some(p) = &lent {
+            let wakers: Vec<Waker> = {
+                let mut st = self.state.lock();
+                st.lenders.push(Arc::clone(p));
+                if st.polling {
+                    st.woken = true;
+                }
+                st.wakers.iter().map(|(_, w)| w.clone()).collect()
+            };
+            for w in wakers {
+                w.wake();
+            }
+        }
         let mut st = self.state.lock();
-        loop {
+        let waited = loop {
             match &st.phase {
-                Phase::Done(o) => return Waited::Done(Some(Arc::clone(o))),
-                Phase::Abandoned => return Waited::Abandoned,
+                Phase::Done(o) => break Waited::Done(Some(Arc::clone(o))),
+                Phase::Abandoned => break Waited::Abandoned,
                 Phase::Running => {}
             }
             let timed_out;
             (st, timed_out) = wait_until(&self.cond, st, until);
             if timed_out && matches!(st.phase, Phase::Running) {
-                return Waited::TimedOut;
+                break Waited::TimedOut;
+            }
+        };
+        if let Some(p) = lent {
+            if let Some(i) = st.lenders.iter().position(|x| Arc::ptr_eq(x, &p)) {
+                st.lenders.swap_remove(i);
             }
         }
+        waited
     }
 }
 
@@ -314,8 +343,8 @@ crate::sync::thread_local_shim! {
 }
 
 crate::sync::thread_local_shim! {
-    /// Load permits this thread holds (or runs under), innermost last: a nested load does not
-    /// wait for another, and a shared load nested in one keeps it (see [`current_permit`]).
+    /// Load permits this thread holds (or runs under), innermost last: a load nested in one
+    /// does not wait for another (see [`holds_permit`]).
     static PERMITS: RefCell<Vec<Arc<Permit>>> = RefCell::new(Vec::new());
 }
 
@@ -416,11 +445,8 @@ pub(crate) fn holds_permit() -> bool {
     PERMITS.with(|p| !p.borrow().is_empty())
 }
 
-/// The load permit this thread runs under (the innermost), if any. A shared async load
-/// started in a load that holds one runs under it, whichever caller polls it, and keeps it
-/// until it ends: a caller with no permit that drives it must not wait for another (the
-/// holder waits for this load: with a full limit, nobody would ever get one), and the load
-/// still counts against the limit if its parent ends first.
+/// The load permit this thread runs under (the innermost), if any: what a blocking caller
+/// lends to the shared load it waits for (see [`Flight::wait_blocking`]).
 pub(crate) fn current_permit() -> Option<Arc<Permit>> {
     PERMITS.with(|p| p.borrow().last().cloned())
 }

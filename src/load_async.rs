@@ -6,10 +6,10 @@
 
 use crate::cache::Cache;
 use crate::flight::{
-    accept_option, accept_result, accept_value, current_permit, enter, holds_permit, outcome_of,
-    Flight, FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
+    accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
+    FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
-use crate::limit::{Acquire, Permit};
+use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
 use crate::stats::Counter;
 use std::future::Future;
@@ -52,18 +52,77 @@ where
     }
 }
 
-/// Polls a load that runs under a permit with the permit marked as held by the polling thread,
-/// so loads nested in it do not wait for another; keeps the permit until it drops.
+/// A load's claim to a load permit (if the cache has a limit). Once it has one of its own it
+/// keeps it until the load ends. Until then it goes on only in a poll by a thread that holds
+/// one — a load polling it, which waits for it during that poll, or a blocking caller's permit
+/// lent through the flight (see [`Flight::wait_blocking`]) — and otherwise queues for its
+/// own: a permit is never kept by a load its holder stopped waiting for (that load would then
+/// run beside its holder's, both under one permit).
+pub(crate) struct Gate {
+    /// The limiter, while the load has no permit of its own.
+    limiter: Option<Arc<Limiter>>,
+    own: Option<Arc<Permit>>,
+    /// Our place in the limiter's queue, once a poll found no permit to run under.
+    ticket: Option<Acquire>,
+}
+
+impl Gate {
+    /// A load that holds `permit` (or needs none).
+    pub(crate) fn owning(permit: Option<Arc<Permit>>) -> Self {
+        Gate {
+            limiter: None,
+            own: permit,
+            ticket: None,
+        }
+    }
+
+    /// A load that has no permit yet (see [`Gate`]).
+    fn waiting(limiter: Option<Arc<Limiter>>) -> Self {
+        Gate {
+            limiter,
+            own: None,
+            ticket: None,
+        }
+    }
+
+    /// Ready when this poll may run the load: it has a permit of its own (or needs none), or
+    /// the polling thread holds one.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.own.is_some() {
+            return Poll::Ready(());
+        }
+        let Some(limiter) = &self.limiter else {
+            return Poll::Ready(());
+        };
+        let covered = holds_permit();
+        if !covered || self.ticket.is_some() {
+            let ticket = self.ticket.get_or_insert_with(|| limiter.acquire());
+            if let Poll::Ready(p) = Pin::new(ticket).poll(cx) {
+                self.ticket = None;
+                self.own = Some(Arc::new(p));
+                return Poll::Ready(());
+            }
+        }
+        if covered {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Polls a load under its [`Gate`], with its own permit (if any) marked as held by the
+/// polling thread, so that loads nested in it do not wait for another.
 pub(crate) struct UnderPermit<F> {
     inner: Pin<Box<F>>,
-    permit: Option<Arc<Permit>>,
+    gate: Gate,
 }
 
 impl<F> UnderPermit<F> {
-    pub(crate) fn new(inner: F, permit: Option<Arc<Permit>>) -> Self {
+    pub(crate) fn new(inner: F, gate: Gate) -> Self {
         UnderPermit {
             inner: Box::pin(inner),
-            permit,
+            gate,
         }
     }
 }
@@ -71,25 +130,12 @@ impl<F> UnderPermit<F> {
 impl<F: Future> Future for UnderPermit<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _held = self.permit.clone().map(PermitHeld::enter);
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-/// Waits for a load permit for a shared load, unless the thread polling it runs under one:
-/// the load then takes that one (see [`current_permit`]). Whoever holds a permit and polls
-/// this load is waiting for it; leaving it queued behind that very permit would wait forever
-/// with a full limit.
-struct Permitted(Acquire);
-
-impl Future for Permitted {
-    type Output = Arc<Permit>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Arc<Permit>> {
-        if let Some(p) = current_permit() {
-            // Our place in the queue is given up (a permit granted meanwhile goes on).
-            return Poll::Ready(p);
+        let this = &mut *self;
+        if this.gate.poll_ready(cx).is_pending() {
+            return Poll::Pending;
         }
-        Pin::new(&mut self.0).poll(cx).map(Arc::new)
+        let _held = this.gate.own.clone().map(PermitHeld::enter);
+        this.inner.as_mut().poll(cx)
     }
 }
 
@@ -346,20 +392,34 @@ where
     /// The caller must hold interest in the flight. A wake-up during the poll reaches every
     /// interested caller, so one of them polls again; nobody loops here.
     fn poll_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>, waker: &Waker) {
-        let mut fut = {
+        let (mut fut, lent) = {
             let mut st = flight.state.lock();
             if st.polling {
+                // Another caller took it to poll since ours looked (see `Wait::poll`): if the
+                // load needs this caller's permit to go on, that poller wakes everyone after.
+                // (`herdcache_broken_model` plants the lost wake-up `loom_permit_wake` catches.)
+                if holds_permit() && !cfg!(herdcache_broken_model) {
+                    st.woken = true;
+                }
                 return;
             }
             let Some(fut) = st.future.take() else { return };
             st.polling = true;
             st.woken = false;
-            fut
+            // A blocking caller waiting for this load lent it its permit (see `Gate`).
+            let lent = if holds_permit() {
+                None
+            } else {
+                st.lenders.last().cloned()
+            };
+            (fut, lent)
         };
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
         let lead = Lead::new(self, hash, Arc::clone(flight));
         let running = enter(flight);
+        let lent = lent.map(PermitHeld::enter);
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
+        drop(lent);
         drop(running);
         match polled {
             Poll::Ready((outcome, took)) => {
@@ -594,9 +654,8 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    /// The shared load of `init` for [`load_async_core`](Self::load_async_core): takes a load
-    /// permit (if limited, and unless it is nested in a load that holds one) and measures
-    /// itself. The start token comes with it: the flight this future leads is made with it.
+    /// The shared load of `init` for [`load_async_core`](Self::load_async_core): runs under a
+    /// load permit if limited (its own, or its poller's: see [`Gate`]) and measures itself. The start token comes with it: the flight this future leads is made with it.
     /// If the future ends (taken over) or is dropped before `init` starts, `init` goes to
     /// `back`.
     fn shared_load<F>(&self, init: F, back: &Arc<crate::sync::Mutex<Back<F>>>) -> SharedLoad<V>
@@ -604,8 +663,6 @@ where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
         let limiter = self.inner.stampede.limiter.clone();
-        // Made inside a load that holds a permit (a nested load): it runs under that one.
-        let inherited = current_permit();
         let clock = self.time_source();
         let token = Arc::new(crate::sync::AtomicU8::new(crate::flight::WAITING));
         let start_token = Arc::clone(&token);
@@ -615,11 +672,8 @@ where
             back: Arc::clone(back),
         };
         let load: LoadFuture<V> = Box::pin(async move {
-            let permit = match (inherited, &limiter) {
-                (Some(p), _) => Some(p),
-                (None, Some(l)) => Some(Permitted(l.acquire()).await),
-                (None, None) => None,
-            };
+            let mut gate = Gate::waiting(limiter);
+            std::future::poll_fn(|cx| gate.poll_ready(cx)).await;
             if !crate::flight::start(&start_token) {
                 // Taken over while this load waited for a permit: its taker publishes (and
                 // `init` goes back, unstarted).
@@ -627,7 +681,7 @@ where
             }
             let init = unstarted.init.take().expect("started once");
             let start = clock.stopwatch();
-            let outcome = UnderPermit::new(init, permit).await;
+            let outcome = UnderPermit::new(init, gate).await;
             let took = clock.stopwatch().saturating_sub(start);
             (outcome, took)
         });
@@ -790,7 +844,7 @@ where
             if st.polling {
                 // Its poller may be queued for a permit this caller holds (and waits for the
                 // load under): have the poller wake everyone when its poll ends, so that this
-                // caller polls it too and it takes this caller's permit (see [`Permitted`]).
+                // caller polls it too and it runs under this caller's permit (see [`Gate`]).
                 if holds_permit() {
                     st.woken = true;
                 }

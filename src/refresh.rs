@@ -28,7 +28,7 @@ use crate::cache::Cache;
 use crate::cache::Registration;
 use crate::flight::{holds_permit, Flight, Outcome, Phase};
 use crate::load::Lead;
-use crate::load_async::UnderPermit;
+use crate::load_async::{Gate, UnderPermit};
 use crate::settings::{AsyncLoaderFn, FutureSpawner, LoaderFn};
 use crate::stats::Counter;
 use std::hash::{BuildHasher, Hash};
@@ -114,7 +114,11 @@ where
             // short load to 0, and early refresh would then never fire for the key).
             let start = cache.stopwatch();
             let flight = Arc::clone(lead.flight());
-            let result = UnderPermit::new(Entered::new(flight, Caught(loader(&key))), permit).await;
+            let result = UnderPermit::new(
+                Entered::new(flight, Caught(loader(&key))),
+                Gate::owning(permit),
+            )
+            .await;
             let took = cache.stopwatch().saturating_sub(start);
             match result {
                 Ok(Ok(v)) => cache.publish_refreshed(lead, key, v, took),

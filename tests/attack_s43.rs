@@ -2,9 +2,11 @@
 //! Round 43: shared async loads nested in a load that holds a load permit, driven by callers
 //! that hold none (and the reverse), and a shared load that panics while another caller polls
 //! it. Public API only. Found deadlocked (the first three) or panicking where the docs promised
-//! otherwise; fixed in stop 27 (a shared load nested in a permitted load runs under that
-//! permit whoever polls it; a permit holder polling a shared load queued for a permit lends it
-//! its own; a caller whose `init` panicked elsewhere never waits holding a permit).
+//! otherwise; fixed in stop 27 (a permit holder polling a shared load queued for a permit lets
+//! it run under its own; a caller whose `init` panicked elsewhere never waits holding a
+//! permit). Since stop 28 a shared load with no permit of its own goes on only in a permit
+//! holder's poll (see `max_concurrent_loads`): an outside caller alone cannot finish a load
+//! nested in a permitted one, so these tests poll the parent and the outside caller in turn.
 //!
 //! The single-thread tests poll every future by hand, round-robin, regardless of wake-ups: a
 //! future still pending after many rounds is stuck, not merely unwoken.
@@ -83,9 +85,30 @@ fn shared(c: &C, k: u64, init: impl Future<Output = u64> + Send + 'static) -> Bo
     Box::pin(async move { c.get_with_async_shared(k, init).await })
 }
 
+/// Polls every future in turn (the first first), up to `rounds` rounds, until all finished;
+/// each one's output, or `None` if it never finished.
+fn run_all<T>(fs: &mut [&mut BoxFut<T>], rounds: usize) -> Vec<Option<Result<T, String>>> {
+    let mut out: Vec<Option<Result<T, String>>> = fs.iter().map(|_| None).collect();
+    for _ in 0..rounds {
+        for (f, o) in fs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match poll(f) {
+                    Ok(Poll::Ready(v)) => *o = Some(Ok(v)),
+                    Ok(Poll::Pending) => {}
+                    Err(e) => *o = Some(Err(e)),
+                }
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    out
+}
+
 /// A waits (under the only permit, in its load of key 1) for its nested shared load of key 2;
-/// B joins key 2 and is the one that polls it when it can go on; key 2's load then loads key 3
-/// (nested again). Before the fix, key 3's load — started in B's poll, where no permit was
+/// B joins key 2 and polls it first when it can go on; key 2's load then loads key 3 (nested
+/// again). Before the fix, key 3's load — started in B's poll, where no permit was
 /// marked — queued for a permit, which A held while waiting for key 2: both waited forever.
 #[test]
 fn nested_shared_load_driven_by_outside_joiner_under_limit_1() {
@@ -110,14 +133,16 @@ fn nested_shared_load_driven_by_outside_joiner_under_limit_1() {
     let mut b = shared(&c, 2, async { 999 });
     pending(&mut b, "B (joined key 2)");
     door.open();
-    // B polls first: key 2's load goes on in B's poll and loads key 3 there.
-    assert_eq!(run(&mut b, 50), Some(Ok(13)), "B stuck or wrong");
-    assert_eq!(run(&mut a, 50), Some(Ok(113)), "A stuck or wrong");
+    // B polls first: key 2's load needs a permit there and queues for the one A holds; A's
+    // poll then runs it (and key 3's, nested) under its own.
+    let out = run_all(&mut [&mut b, &mut a], 50);
+    assert_eq!(out[0], Some(Ok(13)), "B stuck or wrong");
+    assert_eq!(out[1], Some(Ok(113)), "A stuck or wrong");
     assert_eq!(c.get(&3), Some(3));
 }
 
 /// The same at every depth of a five-key chain: the load of key `d` waits at the door, B joins
-/// key `d` and polls first, so the loads of keys `d + 1 ..= 5` start in B's polls.
+/// key `d` and polls first once the door is open.
 #[test]
 fn nested_chain_driven_from_outside_at_every_depth() {
     let _w = watchdog(Duration::from_secs(60), "nested chain, outside joiners");
@@ -144,8 +169,9 @@ fn nested_chain_driven_from_outside_at_every_depth() {
         pending(&mut b, "B");
         door.open();
         let want_b: u64 = (door_at..=5).sum();
-        assert_eq!(run(&mut b, 50), Some(Ok(want_b)), "B, door at {door_at}");
-        assert_eq!(run(&mut a, 50), Some(Ok(15)), "A, door at {door_at}");
+        let out = run_all(&mut [&mut b, &mut a], 50);
+        assert_eq!(out[0], Some(Ok(want_b)), "B, door at {door_at}");
+        assert_eq!(out[1], Some(Ok(15)), "A, door at {door_at}");
     }
 }
 
@@ -204,10 +230,13 @@ fn shared_leader_whose_load_panicked_in_a_joiner_panics_when_alone() {
     assert_eq!(run(&mut shared(&c, 1, async { 8 }), 5), Some(Ok(8)));
 }
 
-/// Under `max_concurrent_loads(1)`, O's load of key 1 (holding the permit) leads a nested
-/// shared load of key 2 that panics in joiner B's poll; returns the cache and O (pending).
-fn holder_whose_nested_load_panicked() -> (C, BoxFut<u64>) {
-    let c = limited(1);
+/// Under `max_concurrent_loads(2)`, O's load of key 1 (holding a permit) leads a nested shared
+/// load of key 2 that panics in joiner B's poll (B joins it from its own load of key 9, under
+/// the other permit: a shared load with no permit of its own runs only in a permit holder's
+/// poll); then Q takes the permit B's load freed and keeps it. Returns the cache, O (pending)
+/// and Q (pending: the limit stays full while it lives).
+fn holder_whose_nested_load_panicked() -> (C, BoxFut<u64>, BoxFut<u64>) {
+    let c = limited(2);
     let door = Door::default();
     let (c2, d2) = (c.clone(), door.clone());
     let mut o = shared(&c, 1, async move {
@@ -220,40 +249,46 @@ fn holder_whose_nested_load_panicked() -> (C, BoxFut<u64>) {
             + 1
     });
     pending(&mut o, "O");
-    let mut b = shared(&c, 2, async { 9 });
+    let c9 = c.clone();
+    let mut b = shared(&c, 9, async move {
+        c9.get_with_async_shared(2, async { 9 }).await
+    });
     pending(&mut b, "B");
     door.open();
-    assert!(run(&mut b, 5).expect("B finishes").is_err());
-    (c, o)
+    let e = run(&mut b, 5).expect("B finishes").unwrap_err();
+    assert!(e.contains("injected: the load of key 2"), "{e}");
+    let mut q = shared(&c, 8, std::future::pending());
+    pending(&mut q, "Q (holds the other permit)");
+    (c, o, q)
 }
 
-/// Under `max_concurrent_loads(1)`: A's load of key 1 holds the permit and waits for its nested
-/// shared load of key 2, which panics in joiner B's poll. C then starts a new shared load of
-/// key 2 from outside (no permit): it queues for the permit A holds. A, with no `init` left,
-/// joins C's load — and must lend it its permit (before the fix: both waited forever).
+/// With the limit full: A's load of key 1 holds a permit and waits for its nested shared load
+/// of key 2, which panics in joiner B's poll. C then starts a new shared load of key 2 from
+/// outside (no permit): it queues for a permit. A, with no `init` left, joins C's load — and
+/// must run it under its own permit (before the fix: both waited forever).
 #[test]
 fn nested_leader_whose_load_panicked_joins_a_load_queued_for_its_permit() {
     quiet_injected_panics();
     let _w = watchdog(Duration::from_secs(60), "lend the permit");
-    let (c, mut o) = holder_whose_nested_load_panicked();
+    let (c, mut o, _q) = holder_whose_nested_load_panicked();
     let mut cc = shared(&c, 2, async { 40 });
-    pending(&mut cc, "C (queued for the permit O holds)");
+    pending(&mut cc, "C (queued for a permit)");
     assert_eq!(run(&mut o, 50), Some(Ok(41)), "O stuck or wrong");
     assert_eq!(run(&mut cc, 50), Some(Ok(40)), "C stuck or wrong");
     assert_eq!(c.get(&1), Some(41));
 }
 
 /// As above, but C's load is a borrowing one (`get_with_async`): only C can start it, and it
-/// waits for the permit A holds. A, with no `init` left, cannot take it over: it panics (its
+/// waits for a permit (A holds one). A, with no `init` left, cannot take it over: it panics (its
 /// load panicked) instead of waiting forever, which frees the permit for C.
 #[test]
 fn nested_leader_whose_load_panicked_never_waits_on_a_leader_queued_for_its_permit() {
     quiet_injected_panics();
     let _w = watchdog(Duration::from_secs(60), "never wait holding the permit");
-    let (c, mut o) = holder_whose_nested_load_panicked();
+    let (c, mut o, _q) = holder_whose_nested_load_panicked();
     let c3 = c.clone();
     let mut cc: BoxFut<u64> = Box::pin(async move { c3.get_with_async(2, async { 40 }).await });
-    pending(&mut cc, "C (waits for the permit O holds)");
+    pending(&mut cc, "C (waits for a permit)");
     let e = run(&mut o, 50)
         .expect("O must not wait forever")
         .unwrap_err();
@@ -266,8 +301,8 @@ fn nested_leader_whose_load_panicked_never_waits_on_a_leader_queued_for_its_perm
 }
 
 /// A blocking loader holding the only permit waits (in `block_on`) for a shared load it
-/// started; an outside async caller polls that load first. The load runs under the loader's
-/// permit, not queued behind it.
+/// started; an outside async caller polls that load first (it queues for a permit there). The
+/// loader's next poll runs it under the loader's permit; the outside caller gets the value.
 #[test]
 fn shared_load_started_in_a_blocking_loader_polled_from_outside() {
     let _w = watchdog(Duration::from_secs(60), "blocking parent");
@@ -289,7 +324,15 @@ fn shared_load_started_in_a_blocking_loader_polled_from_outside() {
                 std::thread::yield_now();
             }
             std::thread::sleep(Duration::from_millis(20));
-            run(&mut two, 1_000).expect("not stuck").expect("no panic") + 100
+            // Until it is done (while B polls it, a poll here finds it busy; the watchdog
+            // catches a hang).
+            let v = loop {
+                if let Some(r) = run(&mut two, 1) {
+                    break r.expect("no panic");
+                }
+                std::thread::yield_now();
+            };
+            v + 100
         })
     });
     while !started.load(Ordering::SeqCst) {
@@ -298,7 +341,14 @@ fn shared_load_started_in_a_blocking_loader_polled_from_outside() {
     let mut b = shared(&c, 2, async { 999 });
     pending(&mut b, "B");
     door.open();
-    assert_eq!(run(&mut b, 1_000), Some(Ok(13)), "B stuck or wrong");
+    // Until the parent polls again (the watchdog catches a hang).
+    let got = loop {
+        if let Some(r) = run(&mut b, 1) {
+            break r;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(got, Ok(13), "B wrong");
     assert_eq!(parent.join().unwrap(), 113);
 }
 
