@@ -31,7 +31,7 @@ where
     cache: &'a Cache<K, V, S>,
     flight: &'a Arc<Flight<K, V>>,
     inner: Pin<&'a mut F>,
-    permit: Option<Arc<Permit>>,
+    permit: Option<&'a Arc<Permit>>,
     start: u64,
 }
 
@@ -44,7 +44,7 @@ where
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _running = enter(self.flight);
-        let _held = self.permit.clone().map(PermitHeld::enter);
+        let _held = self.permit.map(|p| PermitHeld::enter(Arc::clone(p)));
         let timed = Timed::since(self.cache, self.start);
         let polled = self.inner.as_mut().poll(cx);
         timed.stop();
@@ -114,6 +114,8 @@ impl Gate {
 /// Polls a load under its [`Gate`], with its own permit (if any) marked as held by the
 /// polling thread, so that loads nested in it do not wait for another.
 pub(crate) struct UnderPermit<F> {
+    /// Declared (so dropped) before the gate: a load dropped mid-way is dropped under its
+    /// permit.
     inner: Pin<Box<F>>,
     gate: Gate,
 }
@@ -564,11 +566,14 @@ where
             return Err(init);
         }
         let start = self.stopwatch();
+        // Declared after the permit, so dropped before it: a load cancelled mid-way drops its
+        // `init` (whose destructor may still talk to the backend) while it holds its permit.
+        let init = std::pin::pin!(init);
         let outcome = Leading {
             cache: self,
             flight,
-            inner: std::pin::pin!(init),
-            permit,
+            inner: init,
+            permit: permit.as_ref(),
             start,
         }
         .await;

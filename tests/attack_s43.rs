@@ -13,98 +13,12 @@
 
 mod common;
 
+use common::hand::{limited, pending, run, run_all, run_to_end, shared, BoxFut, Door, C};
 use common::{panic_message, quiet_injected_panics, watchdog};
 use herdcache::Cache;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-type C = Cache<u64, u64>;
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-fn limited(n: usize) -> C {
-    Cache::builder()
-        .max_capacity(1_000)
-        .max_concurrent_loads(n)
-        .build()
-}
-
-/// A door a future waits at until the test opens it.
-#[derive(Clone, Default)]
-struct Door(Arc<AtomicBool>);
-
-impl Door {
-    fn open(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let d = Arc::clone(&self.0);
-        std::future::poll_fn(move |_| {
-            if d.load(Ordering::SeqCst) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-}
-
-/// One manual poll (noop waker); `Err` with the panic's message if the poll panicked.
-fn poll<T>(f: &mut BoxFut<T>) -> Result<Poll<T>, String> {
-    let w = futures::task::noop_waker();
-    let mut cx = Context::from_waker(&w);
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(&mut cx)))
-        .map_err(|p| panic_message(&*p))
-}
-
-/// Polls `f` up to `rounds` times; its output, or `None` if it never finished.
-fn run<T>(f: &mut BoxFut<T>, rounds: usize) -> Option<Result<T, String>> {
-    for _ in 0..rounds {
-        match poll(f) {
-            Ok(Poll::Ready(v)) => return Some(Ok(v)),
-            Ok(Poll::Pending) => {}
-            Err(e) => return Some(Err(e)),
-        }
-    }
-    None
-}
-
-fn pending<T>(f: &mut BoxFut<T>, what: &str) {
-    match poll(f) {
-        Ok(Poll::Pending) => {}
-        Ok(Poll::Ready(_)) => panic!("{what}: expected pending, was ready"),
-        Err(e) => panic!("{what}: expected pending, panicked: {e}"),
-    }
-}
-
-fn shared(c: &C, k: u64, init: impl Future<Output = u64> + Send + 'static) -> BoxFut<u64> {
-    let c = c.clone();
-    Box::pin(async move { c.get_with_async_shared(k, init).await })
-}
-
-/// Polls every future in turn (the first first), up to `rounds` rounds, until all finished;
-/// each one's output, or `None` if it never finished.
-fn run_all<T>(fs: &mut [&mut BoxFut<T>], rounds: usize) -> Vec<Option<Result<T, String>>> {
-    let mut out: Vec<Option<Result<T, String>>> = fs.iter().map(|_| None).collect();
-    for _ in 0..rounds {
-        for (f, o) in fs.iter_mut().zip(out.iter_mut()) {
-            if o.is_none() {
-                match poll(f) {
-                    Ok(Poll::Ready(v)) => *o = Some(Ok(v)),
-                    Ok(Poll::Pending) => {}
-                    Err(e) => *o = Some(Err(e)),
-                }
-            }
-        }
-        if out.iter().all(Option::is_some) {
-            break;
-        }
-    }
-    out
-}
 
 /// A waits (under the only permit, in its load of key 1) for its nested shared load of key 2;
 /// B joins key 2 and polls it first when it can go on; key 2's load then loads key 3 (nested
@@ -320,19 +234,13 @@ fn shared_load_started_in_a_blocking_loader_polled_from_outside() {
             pending(&mut two, "the nested load");
             s2.store(true, Ordering::SeqCst);
             // Polled again only after the outside caller had its go.
-            while !d2.0.load(Ordering::SeqCst) {
+            while !d2.is_open() {
                 std::thread::yield_now();
             }
             std::thread::sleep(Duration::from_millis(20));
             // Until it is done (while B polls it, a poll here finds it busy; the watchdog
             // catches a hang).
-            let v = loop {
-                if let Some(r) = run(&mut two, 1) {
-                    break r.expect("no panic");
-                }
-                std::thread::yield_now();
-            };
-            v + 100
+            run_to_end(&mut two).expect("no panic") + 100
         })
     });
     while !started.load(Ordering::SeqCst) {
@@ -342,13 +250,7 @@ fn shared_load_started_in_a_blocking_loader_polled_from_outside() {
     pending(&mut b, "B");
     door.open();
     // Until the parent polls again (the watchdog catches a hang).
-    let got = loop {
-        if let Some(r) = run(&mut b, 1) {
-            break r;
-        }
-        std::thread::yield_now();
-    };
-    assert_eq!(got, Ok(13), "B wrong");
+    assert_eq!(run_to_end(&mut b), Ok(13), "B wrong");
     assert_eq!(parent.join().unwrap(), 113);
 }
 

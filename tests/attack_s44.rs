@@ -9,107 +9,17 @@
 //! its permit to the load it waits for.
 mod common;
 
-use common::{panic_message, quiet_injected_panics, watchdog};
-use herdcache::Cache;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use common::hand::{
+    limited, pending, poll, poll_once, run, run_to_end, shared, BoxFut, Door, Gauge, C,
+};
+use common::{quiet_injected_panics, watchdog};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-type C = Cache<u64, u64>;
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-fn limited(n: usize) -> C {
-    Cache::builder()
-        .max_capacity(1_000)
-        .max_concurrent_loads(n)
-        .build()
-}
-
-#[derive(Clone, Default)]
-struct Door(Arc<AtomicBool>);
-impl Door {
-    fn open(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let d = Arc::clone(&self.0);
-        std::future::poll_fn(move |_| {
-            if d.load(Ordering::SeqCst) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-}
-
-fn poll<T>(f: &mut BoxFut<T>) -> Result<Poll<T>, String> {
-    let w = futures::task::noop_waker();
-    let mut cx = Context::from_waker(&w);
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(&mut cx)))
-        .map_err(|p| panic_message(&*p))
-}
-fn run<T>(f: &mut BoxFut<T>, rounds: usize) -> Option<Result<T, String>> {
-    for _ in 0..rounds {
-        match poll(f) {
-            Ok(Poll::Ready(v)) => return Some(Ok(v)),
-            Ok(Poll::Pending) => {}
-            Err(e) => return Some(Err(e)),
-        }
-    }
-    None
-}
-fn pending<T>(f: &mut BoxFut<T>, what: &str) {
-    match poll(f) {
-        Ok(Poll::Pending) => {}
-        Ok(Poll::Ready(_)) => panic!("{what}: expected pending, was ready"),
-        Err(e) => panic!("{what}: expected pending, panicked: {e}"),
-    }
-}
-fn shared(c: &C, k: u64, init: impl Future<Output = u64> + Send + 'static) -> BoxFut<u64> {
-    let c = c.clone();
-    Box::pin(async move { c.get_with_async_shared(k, init).await })
-}
 /// Polls `f` once in the current context (inside an init) and drops it.
 async fn poll_once_and_drop(mut f: BoxFut<u64>) {
-    let mut once = false;
-    std::future::poll_fn(move |cx| {
-        if !once {
-            once = true;
-            let _ = f.as_mut().poll(cx);
-        }
-        Poll::Ready(())
-    })
-    .await
-}
-
-/// Active top-level counted sections and their maximum.
-#[derive(Clone, Default)]
-struct Gauge(Arc<(AtomicUsize, AtomicUsize)>);
-struct InGauge(Gauge);
-impl Drop for InGauge {
-    fn drop(&mut self) {
-        self.0.exit();
-    }
-}
-impl Gauge {
-    fn guard(&self) -> InGauge {
-        self.enter();
-        InGauge(self.clone())
-    }
-    fn enter(&self) {
-        let n = self.0 .0.fetch_add(1, Ordering::SeqCst) + 1;
-        self.0 .1.fetch_max(n, Ordering::SeqCst);
-    }
-    fn exit(&self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
-    }
-    fn max(&self) -> usize {
-        self.0 .1.load(Ordering::SeqCst)
-    }
+    poll_once(&mut f).await
 }
 
 /// Sets up under limit 1: X (top-level key 1) holds the permit; O starts top-level shared key 2
@@ -408,7 +318,7 @@ fn lent_permit_outlives_the_lenders_interest() {
         let _in = g1.guard();
         s1.wait().await;
         let mut o = sl.lock().unwrap().take().expect("O's future");
-        poll_once_and_drop_keep(&mut o).await;
+        poll_once(&mut o).await;
         *sl.lock().unwrap() = Some(o);
         xd.wait().await;
         1
@@ -444,18 +354,6 @@ fn lent_permit_outlives_the_lenders_interest() {
     );
 }
 
-async fn poll_once_and_drop_keep(f: &mut BoxFut<u64>) {
-    let mut once = false;
-    std::future::poll_fn(|cx| {
-        if !once {
-            once = true;
-            let _ = f.as_mut().poll(cx);
-        }
-        Poll::Ready(())
-    })
-    .await
-}
-
 /// (3) As above, but then X is dropped mid-load and O (running on X's lent permit) is dropped
 /// mid-init: a new load under limit 1 must still run.
 #[test]
@@ -469,7 +367,7 @@ fn lent_permit_returned_after_lender_and_borrower_cancelled() {
     let mut x = shared(&c, 1, async move {
         s1.wait().await;
         let mut o = sl.lock().unwrap().take().expect("O's future");
-        poll_once_and_drop_keep(&mut o).await;
+        poll_once(&mut o).await;
         *sl.lock().unwrap() = Some(o);
         std::future::pending::<()>().await;
         1
@@ -523,7 +421,7 @@ fn a_nested_load_its_parent_left_waits_for_a_permit_of_its_own() {
             2
         });
         // Started here, under X's permit (its init runs to its first yield).
-        poll_once_and_drop_keep(&mut n).await;
+        poll_once(&mut n).await;
         st.open();
         bj.wait().await;
         drop(n); // X leaves key 2's load; B keeps it
@@ -531,7 +429,7 @@ fn a_nested_load_its_parent_left_waits_for_a_permit_of_its_own() {
         1
     });
     pending(&mut x, "X, its nested load started");
-    assert!(started.0.load(Ordering::SeqCst));
+    assert!(started.is_open());
     let mut b = shared(&c, 2, async { 999 });
     pending(&mut b, "B joined key 2");
     b_joined.open();
@@ -570,7 +468,7 @@ fn a_blocking_holder_lends_its_permit_to_the_load_it_waits_for() {
             // Started here, under the loader's permit; then left to O.
             assert_eq!(run(&mut n, 1), None);
             st.open();
-            while !oj.0.load(Ordering::SeqCst) {
+            while !oj.is_open() {
                 std::thread::yield_now();
             }
             drop(n);
@@ -578,19 +476,59 @@ fn a_blocking_holder_lends_its_permit_to_the_load_it_waits_for() {
             c1.get_with(2, || 777) + 100
         })
     });
-    while !started.0.load(Ordering::SeqCst) {
+    while !started.is_open() {
         std::thread::yield_now();
     }
     let mut o = shared(&c, 2, async { 999 });
     pending(&mut o, "O joined key 2");
     o_joined.open();
     // O polls until the load is done (the watchdog catches a hang).
-    let v = loop {
-        if let Some(r) = run(&mut o, 1) {
-            break r.expect("O panicked");
-        }
-        std::thread::yield_now();
-    };
+    let v = run_to_end(&mut o).expect("O panicked");
     assert_eq!(v, 2);
     assert_eq!(holder.join().expect("holder"), 102);
+}
+
+/// Runs `check` when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// A load cancelled mid-way drops its `init` (whose destructor may still talk to the backend)
+/// before it gives its permit back: a load started from that destructor finds no permit free.
+/// (Found by `top_level_limit_with_nested_shared_loads_on_tokio` after stop 27 moved the
+/// borrowing leader's permit into its poller, which dropped it first.)
+#[test]
+fn a_cancelled_load_drops_its_init_under_its_permit() {
+    let _w = watchdog(Duration::from_secs(60), "drop under the permit");
+    for borrowing in [true, false] {
+        let c = limited(1);
+        let found_free = Arc::new(std::sync::Mutex::new(None));
+        let (c1, ff) = (c.clone(), found_free.clone());
+        let init = async move {
+            let _probe = OnDrop(move || {
+                let mut probe = shared(&c1, 99, async { 99 });
+                *ff.lock().unwrap() = Some(run(&mut probe, 1).is_some());
+            });
+            std::future::pending::<u64>().await
+        };
+        let c2 = c.clone();
+        let mut a: BoxFut<u64> = if borrowing {
+            Box::pin(async move { c2.get_with_async(1, init).await })
+        } else {
+            shared(&c2, 1, init)
+        };
+        pending(&mut a, "A holds the permit");
+        drop(a);
+        assert_eq!(
+            *found_free.lock().unwrap(),
+            Some(false),
+            "borrowing {borrowing}: the permit was free while the cancelled init was dropped"
+        );
+        // And it is given back afterwards.
+        assert_eq!(run(&mut shared(&c, 2, async { 2 }), 5), Some(Ok(2)));
+    }
 }

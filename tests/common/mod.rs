@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod hand;
 pub mod heap;
 
 use std::future::Future;
