@@ -467,15 +467,30 @@ where
     /// [`fail_safe`](Self::fail_safe), the last value). Async loads wait for their permit until
     /// they are dropped.
     ///
-    /// **Nested loads.** A load started inside a load that holds a permit (its loader or `init`
-    /// asks the cache for another key) runs under that permit instead of waiting for a second
-    /// one, so `n` counts outermost loads and nesting cannot deadlock on the limit. A shared
-    /// async load ([`Cache::get_with_async_shared`], [`Cache::load_async`]) keeps a permit only
-    /// once it got its own: until then it runs only while a caller that holds one polls it (and
-    /// waits for it meanwhile) or blocks waiting for it, and otherwise waits for a permit — a
-    /// load whose parent stopped waiting for it (a `select!` that moved on) does not go on
-    /// beside its parent under the parent's permit. A [`Cache::get_with_async`] future started
-    /// inside a load is part of that load: polled to its end elsewhere, it is not counted.
+    /// **Nested loads.** A load started inside a load of this cache that holds a permit (its
+    /// loader or `init` asks the cache for another key) runs under that permit instead of
+    /// waiting for a second one, so `n` counts outermost loads and nesting cannot deadlock on
+    /// the limit. A shared async load ([`Cache::get_with_async_shared`], [`Cache::load_async`])
+    /// keeps a permit only once it got its own: until then it runs only while a caller that
+    /// holds one polls it (and waits for it meanwhile) or blocks waiting for it (lending its
+    /// permit: a blocking caller whose wait ends, by a timeout say, first lets a poll running
+    /// under its permit finish), and otherwise waits for a permit — a load whose parent
+    /// stopped waiting for it (a `select!` that moved on) does not go on beside its parent
+    /// under the parent's permit. A [`Cache::get_with_async`] future polled inside a load
+    /// before it got a permit of its own runs under that load's permit until it ends, wherever
+    /// it is polled afterwards: it is part of that load.
+    ///
+    /// Permits are per cache: a load of another cache inside this one's loader takes a permit
+    /// of that cache. Two caches whose loaders ask each other (A's loads load from B, B's from
+    /// A) can wait for each other with both limits full, as two locks taken in opposite orders.
+    ///
+    /// **What the limit cannot see**, and can then wait on forever with the limit full: a load
+    /// that waits for the cache through another task or thread (a spawned task's handle, a
+    /// channel) rather than by awaiting or calling it; a load that waits for a compute closure
+    /// ([`Cache::entry`]) which itself waits for a load queued for a permit. And permits are
+    /// marked per thread, not per task: tasks that another executor runs inside a loader (a
+    /// loader's `block_on` on a current-thread runtime) run their loads under the loader's
+    /// permit.
     ///
     /// # Example
     ///

@@ -10,8 +10,7 @@
 use crate::cache::Cache;
 use crate::cache::Registration;
 use crate::flight::{
-    accept_value, enter, holds_permit, recursive_load, runs_here, Flight, Outcome, Phase, Running,
-    Waited,
+    accept_value, enter, recursive_load, runs_here, Flight, Outcome, Phase, Running, Waited,
 };
 use crate::load::{Lead, Settle, Start};
 use crate::load_async::wait_async;
@@ -371,7 +370,7 @@ where
                     found.insert(key, v);
                 }
                 Claimed::Lead(lead) => leads.push((key, lead)),
-                Claimed::Join(f) if holds_permit() && f.steal() => {
+                Claimed::Join(f) if self.holds_permit() && f.steal() => {
                     taken.push((key, Lead::taken(self, hash, f)));
                 }
                 Claimed::Join(f) => joins.push((key, f)),
@@ -501,7 +500,7 @@ where
     /// and gives it up at once — abandoned, its callers (the leader too) load again, after the
     /// computation. Returns whether it did.
     fn give_up_waiting_leader(&self, hash: u64, running: &Arc<Flight<K, V>>) -> bool {
-        let taken = holds_permit() && running.steal();
+        let taken = self.holds_permit() && running.steal();
         if taken {
             Lead::given_up(self, hash, Arc::clone(running));
         }

@@ -19,7 +19,7 @@
 //!   Blocking waiters never poll it (a future may need its own runtime): they wait, and when
 //!   the last async caller goes away the load is cancelled and they lead with their own loader.
 
-use crate::limit::Permit;
+use crate::limit::{Limiter, Permit};
 use crate::sync::{wait_until, AtomicBool, AtomicU64, AtomicU8, Condvar, Mutex};
 use hashbrown::HashTable;
 use std::any::Any;
@@ -73,6 +73,8 @@ pub(crate) struct State<K, V> {
     /// this flight (see [`Flight::wait_blocking`]): a poll by a thread with no permit of its
     /// own runs under one of them.
     pub(crate) lenders: Vec<Arc<Permit>>,
+    /// The lent permit a poll of the shared load runs under now (see [`LentPoll`]).
+    pub(crate) lent_to: Option<Arc<Permit>>,
 }
 
 /// One in-flight load of one key.
@@ -121,6 +123,7 @@ impl<K, V> Flight<K, V> {
                 wakers: Vec::new(),
                 next_id: 0,
                 lenders: Vec::new(),
+                lent_to: None,
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
@@ -254,12 +257,15 @@ impl<K, V> Flight<K, V> {
     }
 
     /// Waits (blocking, never polling) until the flight ends or `until` passes.
-    pub(crate) fn wait_blocking(&self, until: Option<Instant>) -> Waited<Arc<Outcome<V>>> {
+    pub(crate) fn wait_blocking(
+        &self,
+        until: Option<Instant>,
+        lent: Option<Arc<Permit>>,
+    ) -> Waited<Arc<Outcome<V>>> {
         // A caller that holds a load permit (inside another load) lends it to this flight's
         // shared load while it blocks here: it waits for that load, so nothing else runs under
         // its permit meanwhile, and the load, if it waits for a permit, would otherwise wait
         // behind this very one. The async callers are woken so that one of them polls it.
-        let lent = current_permit();
         if let Some(p) = &lent {
             let wakers: Vec<Waker> = {
                 let mut st = self.state.lock();
@@ -290,8 +296,23 @@ impl<K, V> Flight<K, V> {
             if let Some(i) = st.lenders.iter().position(|x| Arc::ptr_eq(x, &p)) {
                 st.lenders.swap_remove(i);
             }
+            // A poll running under our permit ends before we go on (timed out, say): we would
+            // run beside it under one permit.
+            while st.lent_to.as_ref().is_some_and(|x| Arc::ptr_eq(x, &p)) {
+                (st, _) = wait_until(&self.cond, st, None);
+            }
         }
         waited
+    }
+
+    /// Runs the current poll of the shared load under `permit`, lent by a blocking caller
+    /// (taken from `lenders` by the poller, with `lent_to` set, under the state lock), until
+    /// the guard drops.
+    pub(crate) fn lend_poll(&self, permit: Arc<Permit>) -> LentPoll<'_, K, V> {
+        LentPoll {
+            flight: self,
+            _held: PermitHeld::enter(permit),
+        }
     }
 }
 
@@ -440,15 +461,33 @@ impl Drop for PermitHeld {
     }
 }
 
-/// Whether this thread holds a load permit (a load nested in another load's loader).
-pub(crate) fn holds_permit() -> bool {
-    PERMITS.with(|p| !p.borrow().is_empty())
+/// A poll of a shared load under a permit lent by a blocking caller (see
+/// [`Flight::wait_blocking`]): marks the permit held by the polling thread; when it drops (the
+/// poll ended, or unwound) the lender, if it is leaving, may go on.
+pub(crate) struct LentPoll<'a, K, V> {
+    flight: &'a Flight<K, V>,
+    _held: PermitHeld,
 }
 
-/// The load permit this thread runs under (the innermost), if any: what a blocking caller
-/// lends to the shared load it waits for (see [`Flight::wait_blocking`]).
-pub(crate) fn current_permit() -> Option<Arc<Permit>> {
-    PERMITS.with(|p| p.borrow().last().cloned())
+impl<K, V> Drop for LentPoll<'_, K, V> {
+    fn drop(&mut self) {
+        self.flight.state.lock().lent_to = None;
+        self.flight.cond.notify_all();
+    }
+}
+
+/// Whether this thread holds one of `limiter`'s load permits (a load nested in another load
+/// of the same cache's loader). A permit of another cache does not count: its limit is not
+/// this cache's.
+pub(crate) fn holds_permit(limiter: Option<&Arc<Limiter>>) -> bool {
+    limiter.is_some_and(|l| PERMITS.with(|p| p.borrow().iter().any(|x| x.belongs_to(l))))
+}
+
+/// The innermost of `limiter`'s load permits this thread runs under, if any: what a blocking
+/// caller lends to the shared load it waits for (see [`Flight::wait_blocking`]).
+pub(crate) fn current_permit(limiter: Option<&Arc<Limiter>>) -> Option<Arc<Permit>> {
+    let l = limiter?;
+    PERMITS.with(|p| p.borrow().iter().rev().find(|x| x.belongs_to(l)).cloned())
 }
 
 #[cold]
@@ -678,7 +717,7 @@ mod tests {
         assert!(f.is_running());
         let waiter = {
             let f = Arc::clone(&f);
-            std::thread::spawn(move || match f.wait_blocking(None) {
+            std::thread::spawn(move || match f.wait_blocking(None, None) {
                 Waited::Done(Some(o)) => matches!(*o, Outcome::Value(7)),
                 _ => false,
             })
@@ -693,9 +732,12 @@ mod tests {
     fn a_blocking_wait_times_out_and_abandoned_is_seen() {
         let f: Arc<Flight<u32, u32>> = Flight::blocking();
         let soon = Instant::now() + std::time::Duration::from_millis(10);
-        assert!(matches!(f.wait_blocking(Some(soon)), Waited::TimedOut));
+        assert!(matches!(
+            f.wait_blocking(Some(soon), None),
+            Waited::TimedOut
+        ));
         f.resolve(Phase::Abandoned);
-        assert!(matches!(f.wait_blocking(None), Waited::Abandoned));
+        assert!(matches!(f.wait_blocking(None, None), Waited::Abandoned));
     }
 
     #[test]
@@ -707,17 +749,21 @@ mod tests {
             assert!(runs_here(f.id()));
         }
         assert!(!runs_here(f.id()));
-        assert!(!holds_permit());
+        let limiter = crate::limit::Limiter::new(2);
+        let other = crate::limit::Limiter::new(1);
+        let (l, o) = (Some(&limiter), Some(&other));
+        assert!(!holds_permit(l));
         {
-            let limiter = crate::limit::Limiter::new(2);
             let _p = PermitHeld::enter(Arc::new(limiter.acquire_blocking()));
             let q = Arc::new(limiter.acquire_blocking());
             let _q = PermitHeld::enter(Arc::clone(&q));
-            assert!(holds_permit());
-            assert!(current_permit().is_some_and(|c| Arc::ptr_eq(&c, &q)));
+            // Another cache's permit, innermost: it does not count for this one.
+            let _o = PermitHeld::enter(Arc::new(other.acquire_blocking()));
+            assert!(holds_permit(l) && holds_permit(o) && !holds_permit(None));
+            assert!(current_permit(l).is_some_and(|c| Arc::ptr_eq(&c, &q)));
         }
-        assert!(!holds_permit());
-        assert!(current_permit().is_none());
+        assert!(!holds_permit(l) && !holds_permit(o));
+        assert!(current_permit(l).is_none());
     }
 }
 

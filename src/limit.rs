@@ -44,6 +44,14 @@ pub struct Permit {
     limiter: Arc<Limiter>,
 }
 
+impl Permit {
+    /// Whether this permit is one of `limiter`'s (another cache's permit does not count
+    /// against this cache's limit).
+    pub(crate) fn belongs_to(&self, limiter: &Arc<Limiter>) -> bool {
+        Arc::ptr_eq(&self.limiter, limiter)
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.limiter.release();

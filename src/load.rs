@@ -54,8 +54,8 @@
 use crate::cache::Registration;
 use crate::cache::{Cache, Write};
 use crate::flight::{
-    accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, recursive_load,
-    runs_here, take_publish_cap, Flight, LoadFuture, Outcome, PermitHeld, Phase, Waited,
+    accept_option, accept_result, accept_value, enter, outcome_of, recursive_load, runs_here,
+    take_publish_cap, Flight, LoadFuture, Outcome, PermitHeld, Phase, Waited,
 };
 use crate::limit::Permit;
 use crate::removal::Removals;
@@ -462,6 +462,24 @@ impl LoadPermit {
     /// No permit (no limit, or one held already).
     pub(crate) fn none() -> Self {
         LoadPermit(None)
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Whether this thread runs under one of this cache's load permits (see
+    /// [`flight::holds_permit`](crate::flight::holds_permit)).
+    pub(crate) fn holds_permit(&self) -> bool {
+        crate::flight::holds_permit(self.inner.stampede.limiter.as_ref())
+    }
+
+    /// The innermost of this cache's load permits this thread runs under.
+    pub(crate) fn current_permit(&self) -> Option<Arc<Permit>> {
+        crate::flight::current_permit(self.inner.stampede.limiter.as_ref())
     }
 }
 
@@ -974,7 +992,7 @@ where
                 Claim::Join(flight) => {
                     // A caller that holds a load permit (inside another load) must not wait for
                     // a leader that waits for a permit: it takes the load over.
-                    if init.is_some() && holds_permit() && flight.steal() {
+                    if init.is_some() && self.holds_permit() && flight.steal() {
                         let lead = Lead::taken(self, hash, flight);
                         let f = init.take().expect("checked");
                         let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false, None)
@@ -1042,7 +1060,7 @@ where
     /// passed first (the place in the queue is given up; nothing is held).
     pub(crate) fn load_permit_until(&self, until: Option<Instant>) -> Option<LoadPermit> {
         match &self.inner.stampede.limiter {
-            Some(l) if !holds_permit() => l.acquire_until(until).map(LoadPermit::held),
+            Some(l) if !self.holds_permit() => l.acquire_until(until).map(LoadPermit::held),
             _ => Some(LoadPermit::none()),
         }
     }
@@ -1091,7 +1109,7 @@ where
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
     ) -> Waited<R> {
-        match flight.wait_blocking(until) {
+        match flight.wait_blocking(until, self.current_permit()) {
             Waited::Done(Some(o)) => Waited::Done(accept(&o)),
             Waited::Done(None) => Waited::Done(None),
             Waited::Abandoned => Waited::Abandoned,

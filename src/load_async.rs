@@ -52,6 +52,35 @@ where
     }
 }
 
+/// A borrowing leader's wait for a load permit: its own, or the permit of the load of the same
+/// cache that polls it (that load waits for it: leaving it queued behind that very permit
+/// would wait forever with a full limit).
+struct Covered<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: &'a Cache<K, V, S>,
+    ticket: Acquire,
+}
+
+impl<K, V, S> Future for Covered<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    type Output = Arc<Permit>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Arc<Permit>> {
+        if let Some(p) = self.cache.current_permit() {
+            // Our place in the queue is given up (a permit granted meanwhile goes on).
+            return Poll::Ready(p);
+        }
+        Pin::new(&mut self.ticket).poll(cx).map(Arc::new)
+    }
+}
+
 /// A load's claim to a load permit (if the cache has a limit). Once it has one of its own it
 /// keeps it until the load ends. Until then it goes on only in a poll by a thread that holds
 /// one — a load polling it, which waits for it during that poll, or a blocking caller's permit
@@ -94,7 +123,7 @@ impl Gate {
         let Some(limiter) = &self.limiter else {
             return Poll::Ready(());
         };
-        let covered = holds_permit();
+        let covered = holds_permit(Some(limiter));
         if !covered || self.ticket.is_some() {
             let ticket = self.ticket.get_or_insert_with(|| limiter.acquire());
             if let Poll::Ready(p) = Pin::new(ticket).poll(cx) {
@@ -400,7 +429,7 @@ where
                 // Another caller took it to poll since ours looked (see `Wait::poll`): if the
                 // load needs this caller's permit to go on, that poller wakes everyone after.
                 // (`herdcache_broken_model` plants the lost wake-up `loom_permit_wake` catches.)
-                if holds_permit() && !cfg!(herdcache_broken_model) {
+                if self.holds_permit() && !cfg!(herdcache_broken_model) {
                     st.woken = true;
                 }
                 return;
@@ -409,17 +438,18 @@ where
             st.polling = true;
             st.woken = false;
             // A blocking caller waiting for this load lent it its permit (see `Gate`).
-            let lent = if holds_permit() {
+            let lent = if self.holds_permit() {
                 None
             } else {
                 st.lenders.last().cloned()
             };
+            st.lent_to.clone_from(&lent);
             (fut, lent)
         };
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
         let lead = Lead::new(self, hash, Arc::clone(flight));
         let running = enter(flight);
-        let lent = lent.map(PermitHeld::enter);
+        let lent = lent.map(|p| flight.lend_poll(p));
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
         drop(lent);
         drop(running);
@@ -530,7 +560,7 @@ where
                 Claim::Join(flight) => {
                     // Inside another load that holds a permit: take over a leader that waits
                     // for one (waiting for it could keep the permit from it forever).
-                    if init.is_some() && holds_permit() && flight.steal() {
+                    if init.is_some() && self.holds_permit() && flight.steal() {
                         let lead = Lead::taken(self, hash, flight);
                         let f = init.take().expect("checked");
                         let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await else {
@@ -558,9 +588,19 @@ where
         init: F,
         start: bool,
     ) -> Result<(Outcome<V>, u64), F> {
+        // Its own permit, or, when polled inside a load of this cache (before or while it
+        // waits for one), that load's: it is then part of that load, wherever it is polled
+        // afterwards (else a load nested in it, polled elsewhere, would queue behind the
+        // parent waiting for it).
         let permit = match &self.inner.stampede.limiter {
-            Some(l) if !holds_permit() => Some(Arc::new(l.acquire().await)),
-            _ => None,
+            Some(l) => Some(
+                Covered {
+                    cache: self,
+                    ticket: l.acquire(),
+                }
+                .await,
+            ),
+            None => None,
         };
         if start && !flight.start() {
             return Err(init);
@@ -611,7 +651,7 @@ where
                 Claim::Lead(lead) => (lead.disarm(), Some(crate::flight::LEADER)),
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, driving this caller's own load here.
-                Claim::Join(f) if had_future && holds_permit() && f.steal() => {
+                Claim::Join(f) if had_future && self.holds_permit() && f.steal() => {
                     let lead = Lead::taken(self, hash, f);
                     let (fut, token) = init.take().expect("checked");
                     crate::flight::start(&token);
@@ -623,7 +663,9 @@ where
                 // another caller polled it): with a permit held and no loader to take over
                 // with, it must not wait for a leader that waits for a permit (with a full
                 // limit, its own); that leader loads once this caller is gone.
-                Claim::Join(f) if !had_future && holds_permit() && f.awaits_permit() => lost_load(),
+                Claim::Join(f) if !had_future && self.holds_permit() && f.awaits_permit() => {
+                    lost_load()
+                }
                 Claim::Join(f) => (f, None),
                 // Nothing running, and this caller's `init` went into a load: it comes back if
                 // that load never started it — once the load's future is gone, which may be
@@ -850,7 +892,7 @@ where
                 // Its poller may be queued for a permit this caller holds (and waits for the
                 // load under): have the poller wake everyone when its poll ends, so that this
                 // caller polls it too and it runs under this caller's permit (see [`Gate`]).
-                if holds_permit() {
+                if this.cache.holds_permit() {
                     st.woken = true;
                 }
                 return Poll::Pending;

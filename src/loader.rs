@@ -6,7 +6,7 @@
 //! [`crate::refresh`].
 
 use crate::cache::Cache;
-use crate::flight::{holds_permit, outcome_of, Outcome, Waited};
+use crate::flight::{outcome_of, Outcome, Waited};
 use crate::load::{Claim, ClaimMode, Handoff, Lead, NotRun, Settle, Start};
 use crate::settings::{BoxError, LoaderFn};
 use crate::stats::Counter;
@@ -189,12 +189,13 @@ where
         let hash = self.hash(&key);
         // Inside another load that holds a permit, the load runs here under that permit: a
         // spawned job would wait for the permit this caller holds.
-        let result = if until.is_none() || self.inner.stampede.spawner.is_none() || holds_permit() {
-            let how = Settle::starting(self, Start::Lookup);
-            self.load_inline(key.clone(), hash, &loader, until, how)
-        } else {
-            self.load_spawned(key.clone(), hash, &loader, until)
-        };
+        let result =
+            if until.is_none() || self.inner.stampede.spawner.is_none() || self.holds_permit() {
+                let how = Settle::starting(self, Start::Lookup);
+                self.load_inline(key.clone(), hash, &loader, until, how)
+            } else {
+                self.load_spawned(key.clone(), hash, &loader, until)
+            };
         match result {
             Some(r) => r,
             // Timed out: a value at hand beats an error.
@@ -246,7 +247,7 @@ where
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, here (waiting for it could keep the permit from it forever).
-                Claim::Join(f) if holds_permit() && f.steal() => {
+                Claim::Join(f) if self.holds_permit() && f.steal() => {
                     let lead = Lead::taken(self, hash, f);
                     let k = key.clone();
                     let init = || catch_panic(|| outcome_of(loader(&k)));

@@ -26,7 +26,7 @@
 
 use crate::cache::Cache;
 use crate::cache::Registration;
-use crate::flight::{holds_permit, Flight, Outcome, Phase};
+use crate::flight::{Flight, Outcome, Phase};
 use crate::load::Lead;
 use crate::load_async::{Gate, UnderPermit};
 use crate::settings::{AsyncLoaderFn, FutureSpawner, LoaderFn};
@@ -103,7 +103,7 @@ where
             let cache = lead.cache().clone();
             let limiter = cache.inner.stampede.limiter.clone();
             let permit = match &limiter {
-                Some(l) if !holds_permit() => Some(Arc::new(l.acquire().await)),
+                Some(l) if !cache.holds_permit() => Some(Arc::new(l.acquire().await)),
                 _ => None,
             };
             if !lead.flight().start() {
@@ -136,7 +136,7 @@ where
 
     fn run_refresh(&self, lead: Lead<K, V, S>, key: K, loader: &LoaderFn<K, V>, may_wait: bool) {
         let permit = match &self.inner.stampede.limiter {
-            Some(_) if may_wait || holds_permit() => self.load_permit(),
+            Some(_) if may_wait || self.holds_permit() => self.load_permit(),
             Some(l) => match l.try_acquire() {
                 Some(p) => crate::load::LoadPermit::held(p),
                 None => {

@@ -10,7 +10,8 @@
 mod common;
 
 use common::hand::{
-    limited, pending, poll, poll_once, run, run_to_end, shared, BoxFut, Door, Gauge, C,
+    assert_permits_back, limited, pending, poll, poll_once, run, run_to_end, shared, BoxFut, Door,
+    Gauge, OnDrop, C,
 };
 use common::{quiet_injected_panics, watchdog};
 use std::sync::Arc;
@@ -293,12 +294,7 @@ fn top_level_limit_with_nested_shared_loads_on_tokio() {
             "round {round}: {} top-level inits at once, limit {n}",
             g.max()
         );
-        let mut f = shared(&c, 9_999, async { 1 });
-        assert_eq!(
-            run(&mut f, 50),
-            Some(Ok(1)),
-            "round {round}: permit never returned"
-        );
+        assert_permits_back(&c, 9_999, &format!("round {round}"));
     }
 }
 
@@ -486,15 +482,6 @@ fn a_blocking_holder_lends_its_permit_to_the_load_it_waits_for() {
     let v = run_to_end(&mut o).expect("O panicked");
     assert_eq!(v, 2);
     assert_eq!(holder.join().expect("holder"), 102);
-}
-
-/// Runs `check` when dropped.
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
 }
 
 /// A load cancelled mid-way drops its `init` (whose destructor may still talk to the backend)

@@ -152,3 +152,22 @@ impl Gauge {
         self.0 .1.load(Ordering::SeqCst)
     }
 }
+
+/// A new load of `key` (nobody else's) runs at once: every permit came back.
+pub fn assert_permits_back(c: &C, key: u64, what: &str) {
+    let mut f = shared(c, key, async { 1 });
+    assert_eq!(
+        run(&mut f, 50),
+        Some(Ok(1)),
+        "{what}: permit never returned"
+    );
+}
+
+/// Runs its closure when dropped (a destructor that acts, as a future's may).
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
