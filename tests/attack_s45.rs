@@ -810,7 +810,9 @@ fn builder_loaders_with_soft_timeouts_sweep_on_tokio() {
     let mut rng = common::rng(4646);
     for round in 0..300u64 {
         let n = 1 + (round % 2) as usize;
-        let slot: Arc<std::sync::OnceLock<C>> = Default::default();
+        // The loaders reach the cache through this slot, emptied after the round (a cache
+        // whose loader holds the cache itself is a cycle that is never freed).
+        let slot: Arc<Mutex<Option<C>>> = Default::default();
         let (s1, s2) = (slot.clone(), slot.clone());
         let timeout_us = [200u64, 2_000, 50_000][(round % 3) as usize];
         let c: C = Cache::builder()
@@ -818,7 +820,7 @@ fn builder_loaders_with_soft_timeouts_sweep_on_tokio() {
             .max_concurrent_loads(n)
             .load_timeout(Duration::from_micros(timeout_us))
             .loader(move |k: &u64| {
-                let c = s1.get().unwrap();
+                let c = s1.lock().unwrap().clone().expect("set before any load");
                 std::thread::sleep(Duration::from_micros(50));
                 if *k >= 10 {
                     match c.load(*k - 10) {
@@ -829,7 +831,7 @@ fn builder_loaders_with_soft_timeouts_sweep_on_tokio() {
                 Ok::<_, herdcache::BoxError>(val(*k))
             })
             .async_loader(move |k: &u64| {
-                let (c, k) = (s2.get().unwrap().clone(), *k);
+                let (c, k) = (s2.lock().unwrap().clone().expect("set"), *k);
                 async move {
                     common::Yield(3).await;
                     if k >= 10 {
@@ -844,7 +846,7 @@ fn builder_loaders_with_soft_timeouts_sweep_on_tokio() {
                 }
             })
             .build();
-        let _ = slot.set(c.clone());
+        *slot.lock().unwrap() = Some(c.clone());
         let stray: Arc<Mutex<Vec<String>>> = Default::default();
         let jobs = Arc::new(AtomicUsize::new(0));
         rt.block_on(async {
@@ -897,6 +899,7 @@ fn builder_loaders_with_soft_timeouts_sweep_on_tokio() {
         let stray = stray.lock().unwrap();
         assert!(stray.is_empty(), "round {round}: {stray:?}");
         assert_permits_back(&c, 9_999, &format!("round {round}"));
+        slot.lock().unwrap().take();
     }
 }
 
