@@ -14,11 +14,13 @@
 //! a permit), and nobody woke H again.
 #![cfg(loom)]
 
+mod loom_support;
+
 use herdcache::Cache;
-use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::atomic::AtomicUsize;
 use loom::sync::Arc;
+use loom_support::YieldOnce;
 use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll, Wake, Waker};
 
 /// Unparks the thread that polls.
@@ -39,22 +41,6 @@ fn block_on<F: Future>(f: F) -> F::Output {
             return v;
         }
         loom::thread::park();
-    }
-}
-
-/// Pending once (waking itself), then ready with 10.
-struct YieldOnce(bool, Arc<AtomicUsize>);
-
-impl Future for YieldOnce {
-    type Output = u32;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
-        if self.0 {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            return Poll::Ready(10);
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 

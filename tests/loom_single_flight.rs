@@ -10,28 +10,14 @@
 //! publishes the value; this model must then fail (`.ci/run` checks that it does).
 #![cfg(loom)]
 
+mod loom_support;
+
 use herdcache::Cache;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
+use loom_support::YieldOnce;
 use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
-
-/// Pending once, then ready with 10: a load that can be cancelled between its two polls.
-struct YieldOnce(bool, Arc<AtomicUsize>);
-
-impl Future for YieldOnce {
-    type Output = u32;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
-        if self.0 {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            return Poll::Ready(10);
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
 
 /// Executions explored (printed at the end, for the record).
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
