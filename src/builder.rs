@@ -474,8 +474,9 @@ where
     /// keeps a permit only once it got its own: until then it runs only while a caller that
     /// holds one polls it (and waits for it meanwhile) or blocks waiting for it (lending its
     /// permit: a blocking caller whose wait ends, by a timeout say, first lets a poll running
-    /// under its permit finish), and otherwise waits for a permit — a load whose parent
-    /// stopped waiting for it (a `select!` that moved on) does not go on beside its parent
+    /// under its permit finish; the permit also runs the polls of the shared loads it is
+    /// nested in, which are what drive it), and otherwise waits for a permit — a load whose
+    /// parent stopped waiting for it (a `select!` that moved on) does not go on beside its parent
     /// under the parent's permit. A [`Cache::get_with_async`] future polled inside a load
     /// before it got a permit of its own runs under that load's permit until it ends, wherever
     /// it is polled afterwards: it is part of that load.

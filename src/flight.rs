@@ -73,9 +73,20 @@ pub(crate) struct State<K, V> {
     /// this flight (see [`Flight::wait_blocking`]): a poll by a thread with no permit of its
     /// own runs under one of them.
     pub(crate) lenders: Vec<Arc<Permit>>,
-    /// The lent permit a poll of the shared load runs under now (see [`LentPoll`]).
-    pub(crate) lent_to: Option<Arc<Permit>>,
+    /// The permits of `lenders` that polls run under now, one entry per poll (see
+    /// [`LentPoll`]): this load's own polls, and polls of the loads it is nested in.
+    pub(crate) lent_polls: Vec<Arc<Permit>>,
+    /// The shared loads whose polls this flight's async waiters wait in (waiter id, that
+    /// load's flight): a load nested in another one is driven by that one's polls only.
+    pub(crate) parents: Vec<(u64, Weak<Flight<K, V>>)>,
+    /// Flights with waiters inside this load's polls (see `parents`; stale entries are
+    /// skipped and pruned): a permit lent to one of them may run this load's poll, which
+    /// drives it (see [`Flight::lender_below`]).
+    pub(crate) children: Vec<Weak<Flight<K, V>>>,
 }
+
+/// A permit lent by a blocking caller waiting for a flight: that flight, and the permit.
+pub(crate) type Lent<K, V> = (Arc<Flight<K, V>>, Arc<Permit>);
 
 /// One in-flight load of one key.
 pub(crate) struct Flight<K, V> {
@@ -123,7 +134,9 @@ impl<K, V> Flight<K, V> {
                 wakers: Vec::new(),
                 next_id: 0,
                 lenders: Vec::new(),
-                lent_to: None,
+                lent_polls: Vec::new(),
+                parents: Vec::new(),
+                children: Vec::new(),
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
@@ -298,20 +311,78 @@ impl<K, V> Flight<K, V> {
             }
             // A poll running under our permit ends before we go on (timed out, say): we would
             // run beside it under one permit.
-            while st.lent_to.as_ref().is_some_and(|x| Arc::ptr_eq(x, &p)) {
+            while st.lent_polls.iter().any(|x| Arc::ptr_eq(x, &p)) {
                 (st, _) = wait_until(&self.cond, st, None);
             }
         }
         waited
     }
 
-    /// Runs the current poll of the shared load under `permit`, lent by a blocking caller
-    /// (taken from `lenders` by the poller, with `lent_to` set, under the state lock), until
-    /// the guard drops.
-    pub(crate) fn lend_poll(&self, permit: Arc<Permit>) -> LentPoll<'_, K, V> {
+    /// Records that a waiter of `child` waits inside this shared load's polls (see
+    /// [`State::children`]).
+    pub(crate) fn add_child(&self, child: &Arc<Flight<K, V>>) {
+        let mut st = self.state.lock();
+        st.children.retain(|w| w.strong_count() > 0);
+        if !st.children.iter().any(|w| w.as_ptr() == Arc::as_ptr(child)) {
+            st.children.push(Arc::downgrade(child));
+        }
+    }
+
+    /// A permit lent to a flight whose waiters wait inside this load's polls (directly, or
+    /// through loads nested in it): the poll of this load that is about to run, by a caller
+    /// with no permit, drives that flight, so it may run under the lent permit — else the
+    /// blocking lender, holding the only permit, would wait for a load whose poller queues for
+    /// a permit behind it. `children` is this flight's [`State::children`], read when the poll
+    /// began. The permit is entered in the lender's flight's `lent_polls` (under its lock, so a
+    /// leaving lender waits for this poll); [`Flight::lend_poll`] takes it from there.
+    pub(crate) fn lender_below(
+        self: &Arc<Self>,
+        children: Vec<Weak<Flight<K, V>>>,
+    ) -> Option<Lent<K, V>> {
+        // Breadth first (a child, and the flight whose `children` named it), each flight once,
+        // a bounded search (chains are a few loads deep).
+        let mut queue: std::collections::VecDeque<(Weak<Self>, *const Self)> = children
+            .into_iter()
+            .map(|c| (c, Arc::as_ptr(self)))
+            .collect();
+        let mut seen: Vec<*const Self> = vec![Arc::as_ptr(self)];
+        while let Some((child, parent)) = queue.pop_front() {
+            if seen.len() > 256 {
+                break;
+            }
+            let Some(child) = child.upgrade() else {
+                continue;
+            };
+            if seen.contains(&Arc::as_ptr(&child)) {
+                continue;
+            }
+            seen.push(Arc::as_ptr(&child));
+            let mut st = child.state.lock();
+            let nested = matches!(st.phase, Phase::Running)
+                && st.parents.iter().any(|(_, w)| w.as_ptr() == parent);
+            if !nested {
+                continue;
+            }
+            if let Some(p) = st.lenders.last().cloned() {
+                st.lent_polls.push(Arc::clone(&p));
+                drop(st);
+                return Some((child, p));
+            }
+            let below = Arc::as_ptr(&child);
+            queue.extend(st.children.iter().map(|w| (w.clone(), below)));
+        }
+        None
+    }
+
+    /// Runs the current poll of a shared load under `permit`, lent by a blocking caller
+    /// waiting for `lender` (this flight, or one nested in the load polled: see
+    /// [`Flight::lender_below`]), whose `lent_polls` the poller entered it in under its lock,
+    /// until the guard drops.
+    pub(crate) fn lend_poll(lender: Arc<Flight<K, V>>, permit: Arc<Permit>) -> LentPoll<K, V> {
         LentPoll {
-            flight: self,
-            _held: PermitHeld::enter(permit),
+            _held: PermitHeld::enter(Arc::clone(&permit)),
+            lender,
+            permit,
         }
     }
 }
@@ -360,7 +431,8 @@ pub(crate) enum Waited<R> {
 crate::sync::thread_local_shim! {
     /// Flights this thread is running (sync loader, compute closure) or polling (async load),
     /// by address, with the flight (to ask whether a write superseded it).
-    static RUNNING: RefCell<Vec<(usize, Arc<dyn Supersedable>)>> = RefCell::new(Vec::new());
+    /// A shared load's poll also carries its flight as `Any` (see [`polled_parent`]).
+    static RUNNING: RefCell<Vec<Run>> = RefCell::new(Vec::new());
 }
 
 crate::sync::thread_local_shim! {
@@ -393,12 +465,44 @@ pub(crate) fn take_publish_cap() -> Option<u64> {
 /// Registers a flight as run by this thread for the guard's lifetime.
 pub(crate) struct Running(usize);
 
+/// An entry of [`RUNNING`]: the flight's address, the flight, and for a shared load's poll
+/// the flight again, as `Any` (see [`polled_parent`]).
+type Run = (
+    usize,
+    Arc<dyn Supersedable>,
+    Option<Arc<dyn Any + Send + Sync>>,
+);
+
 /// Marks `flight` as run by this thread until the guard drops (recursion detection).
 pub(crate) fn enter<K: 'static, V: 'static>(flight: &Arc<Flight<K, V>>) -> Running {
     let id = flight.id();
     let f: Arc<dyn Supersedable> = Arc::clone(flight) as _;
-    RUNNING.with(|r| r.borrow_mut().push((id, f)));
+    RUNNING.with(|r| r.borrow_mut().push((id, f, None)));
     Running(id)
+}
+
+/// [`enter`], for a poll of a shared load: async waiters that register during the poll are
+/// nested in it (see [`polled_parent`]).
+pub(crate) fn enter_shared<K: Send + Sync + 'static, V: Send + Sync + 'static>(
+    flight: &Arc<Flight<K, V>>,
+) -> Running {
+    let id = flight.id();
+    let f: Arc<dyn Supersedable> = Arc::clone(flight) as _;
+    let any: Arc<dyn Any + Send + Sync> = Arc::clone(flight) as _;
+    RUNNING.with(|r| r.borrow_mut().push((id, f, Some(any))));
+    Running(id)
+}
+
+/// The shared load whose poll this thread is in, if that is the innermost thing it runs (not
+/// a loader or a borrowing leader nested in the poll: those hold a permit of their own), and a
+/// flight of the same types: an async waiter registering now waits inside that load's poll.
+pub(crate) fn polled_parent<K: Send + Sync + 'static, V: Send + Sync + 'static>(
+) -> Option<Arc<Flight<K, V>>> {
+    RUNNING.with(|r| {
+        let r = r.borrow();
+        let any = r.last()?.2.as_ref()?;
+        Arc::clone(any).downcast::<Flight<K, V>>().ok()
+    })
 }
 
 /// A flight, as the thread that runs it sees it: whether a write superseded it.
@@ -419,14 +523,14 @@ impl<K, V> Supersedable for Flight<K, V> {
 /// Redis tier, written back to Redis).
 #[cfg(feature = "redis")]
 pub(crate) fn running_superseded() -> bool {
-    RUNNING.with(|r| r.borrow().last().is_some_and(|(_, f)| f.superseded()))
+    RUNNING.with(|r| r.borrow().last().is_some_and(|(_, f, _)| f.superseded()))
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         RUNNING.with(|r| {
             let mut r = r.borrow_mut();
-            if let Some(i) = r.iter().rposition(|(x, _)| *x == self.0) {
+            if let Some(i) = r.iter().rposition(|(x, _, _)| *x == self.0) {
                 r.remove(i);
             }
         });
@@ -436,7 +540,7 @@ impl Drop for Running {
 /// Whether this thread runs the flight with this id (a call that would wait for it would wait
 /// for itself).
 pub(crate) fn runs_here(id: usize) -> bool {
-    RUNNING.with(|r| r.borrow().iter().any(|(x, _)| *x == id))
+    RUNNING.with(|r| r.borrow().iter().any(|(x, _, _)| *x == id))
 }
 
 /// Marks this thread as running under `permit` until the guard drops; the guard keeps the
@@ -464,15 +568,24 @@ impl Drop for PermitHeld {
 /// A poll of a shared load under a permit lent by a blocking caller (see
 /// [`Flight::wait_blocking`]): marks the permit held by the polling thread; when it drops (the
 /// poll ended, or unwound) the lender, if it is leaving, may go on.
-pub(crate) struct LentPoll<'a, K, V> {
-    flight: &'a Flight<K, V>,
+pub(crate) struct LentPoll<K, V> {
     _held: PermitHeld,
+    lender: Arc<Flight<K, V>>,
+    permit: Arc<Permit>,
 }
 
-impl<K, V> Drop for LentPoll<'_, K, V> {
+impl<K, V> Drop for LentPoll<K, V> {
     fn drop(&mut self) {
-        self.flight.state.lock().lent_to = None;
-        self.flight.cond.notify_all();
+        let mut st = self.lender.state.lock();
+        if let Some(i) = st
+            .lent_polls
+            .iter()
+            .position(|x| Arc::ptr_eq(x, &self.permit))
+        {
+            st.lent_polls.swap_remove(i);
+        }
+        drop(st);
+        self.lender.cond.notify_all();
     }
 }
 

@@ -6,8 +6,8 @@
 
 use crate::cache::Cache;
 use crate::flight::{
-    accept_option, accept_result, accept_value, enter, holds_permit, outcome_of, Flight,
-    FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
+    accept_option, accept_result, accept_value, enter, enter_shared, holds_permit, outcome_of,
+    polled_parent, Flight, FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
@@ -437,19 +437,25 @@ where
             let Some(fut) = st.future.take() else { return };
             st.polling = true;
             st.woken = false;
-            // A blocking caller waiting for this load lent it its permit (see `Gate`).
+            // A blocking caller waiting for this load lent it its permit (see `Gate`); or one
+            // waiting for a load nested in this one, which only this load's polls drive.
             let lent = if self.holds_permit() {
-                None
+                Ok(None)
+            } else if let Some(p) = st.lenders.last().cloned() {
+                st.lent_polls.push(Arc::clone(&p));
+                Ok(Some((Arc::clone(flight), p)))
+            } else if st.children.is_empty() {
+                Ok(None)
             } else {
-                st.lenders.last().cloned()
+                Err(st.children.clone())
             };
-            st.lent_to.clone_from(&lent);
             (fut, lent)
         };
+        let lent = lent.unwrap_or_else(|children| flight.lender_below(children));
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
         let lead = Lead::new(self, hash, Arc::clone(flight));
-        let running = enter(flight);
-        let lent = lent.map(|p| flight.lend_poll(p));
+        let running = enter_shared(flight);
+        let lent = lent.map(|(lender, p)| Flight::lend_poll(lender, p));
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
         drop(lent);
         drop(running);
@@ -854,6 +860,13 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Waited<R>> {
         let this = &mut *self;
+        // Inside a poll of another shared load (nested in it): that load's polls drive this
+        // wait, so a permit lent to this flight may run them (see `Flight::lender_below`).
+        let parent = polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &this.flight));
+        if let Some(p) = &parent {
+            p.add_child(&this.flight);
+        }
+        let parent = parent.map(|p| Arc::downgrade(&p));
         loop {
             let mut st = this.flight.state.lock();
             match &st.phase {
@@ -870,13 +883,14 @@ where
                 }
                 Phase::Running => {}
             }
-            match this.id {
+            let id = match this.id {
                 None => {
                     let id = st.next_id;
                     st.next_id += 1;
                     st.interested += 1;
                     st.wakers.push((id, cx.waker().clone()));
                     this.id = Some(id);
+                    id
                 }
                 Some(id) => {
                     if let Some((_, w)) = st.wakers.iter_mut().find(|(i, _)| *i == id) {
@@ -886,7 +900,12 @@ where
                     } else {
                         st.wakers.push((id, cx.waker().clone()));
                     }
+                    id
                 }
+            };
+            st.parents.retain(|(i, _)| *i != id);
+            if let Some(p) = &parent {
+                st.parents.push((id, p.clone()));
             }
             if st.polling {
                 // Its poller may be queued for a permit this caller holds (and waits for the
@@ -916,6 +935,7 @@ where
 fn leave<K, V>(id: &mut Option<u64>, st: &mut State<K, V>) -> bool {
     let Some(id) = id.take() else { return false };
     st.wakers.retain(|(i, _)| *i != id);
+    st.parents.retain(|(i, _)| *i != id);
     st.interested -= 1;
     // Only an async flight's shared load is ours to cancel: a blocking leader runs its loader
     // to the end whoever waits (the loom model caught an async waiter abandoning it).

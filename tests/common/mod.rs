@@ -53,7 +53,13 @@ pub fn watchdog(limit: Duration, what: &'static str) -> Watchdog {
     let (tx, rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-            eprintln!("watchdog: '{what}' did not finish within {limit:?}: deadlock or hang");
+            // Straight to the process's stderr: libtest captures `eprintln!` in the test's
+            // threads (and threads they spawn), and an abort would drop that capture unread.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "watchdog: '{what}' did not finish within {limit:?}: deadlock or hang"
+            );
             std::process::abort();
         }
     });
