@@ -9,10 +9,10 @@
 //! invalidations, `invalidate_all` now and then, entries with a 2 s time to live, and
 //! refresh-ahead on a second cache. Every second it prints RSS, operations per second and loads
 //! in flight. After a warm-up (the first fifth of the run, at least 10 s; for runs under 20 s,
-//! the first half) it fails (exit code 1) if RSS keeps growing: its peak in the second half of
-//! the measured period more than 10 % above its peak in the first half (a leak grows for good;
-//! the allocator's high-water mark, which an `invalidate_all`'s transient buffer can raise by
-//! 10 % at any time, rises once and stays), or at any time RSS above twice the warm-up's peak
+//! the first half) it fails (exit code 1) if RSS keeps growing: its median over the second half
+//! of the measured period more than 10 % above its median over the first half (a leak raises
+//! every second's RSS; a spike — an `invalidate_all`'s transient buffer, the allocator on a busy
+//! machine — raises only the peak), or at any time RSS above twice the warm-up's peak
 //! for 3 s in a row; if throughput in the second half of the measured period falls more than 30 %
 //! below the first half's (medians of the per-second rates, when at least two seconds were
 //! measured; a rise is not a failure: it means the machine was busier earlier), or if a worker
@@ -213,16 +213,26 @@ fn main() {
             a.iter().copied().max().unwrap_or(0),
             b.iter().copied().max().unwrap_or(0),
         );
+        // Growth is judged on the halves' medians: a leak raises every second's RSS, a
+        // spike (the allocator's, a busy machine's) only the peak. Stop 29's CI run failed on
+        // peaks of 21.9 and 25.4 MiB while other builds shared the machine; alone, the same
+        // commit's peaks were 21.4 and 21.8 MiB.
+        let median = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let (ma, mb) = (median(a), median(b));
         println!(
             "RSS peaks: warm-up {:.1} MiB, first half {:.1} MiB, second half {:.1} MiB",
             baseline_rss as f64 / (1 << 20) as f64,
             pa as f64 / (1 << 20) as f64,
             pb as f64 / (1 << 20) as f64
         );
-        if pb > pa + pa / 10 {
+        if mb > ma + ma / 10 {
             failures.push(format!(
-                "RSS kept growing: peak {pa} bytes in the first half of the measured period, \
-                 {pb} in the second (> 10 %)"
+                "RSS kept growing: median {ma} bytes in the first half of the measured period, \
+                 {mb} in the second (> 10 %; peaks {pa} and {pb})"
             ));
         }
     }

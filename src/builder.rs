@@ -479,7 +479,10 @@ where
     /// parent stopped waiting for it (a `select!` that moved on) does not go on beside its parent
     /// under the parent's permit. A [`Cache::get_with_async`] future polled inside a load
     /// before it got a permit of its own runs under that load's permit until it ends, wherever
-    /// it is polled afterwards: it is part of that load.
+    /// it is polled afterwards: it is part of that load (and a shared load it is nested in may
+    /// be polled under that permit, since its polls drive it) — unless that permit was only
+    /// lent to the poll by a blocking caller: it then goes on as a shared load does. A lent
+    /// permit runs one poll at a time.
     ///
     /// Permits are per cache: a load of another cache inside this one's loader takes a permit
     /// of that cache. Two caches whose loaders ask each other (A's loads load from B, B's from

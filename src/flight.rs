@@ -338,32 +338,35 @@ impl<K, V> Flight<K, V> {
     pub(crate) fn lender_below(
         self: &Arc<Self>,
         children: Vec<Weak<Flight<K, V>>>,
+        waker: &Waker,
     ) -> Option<Lent<K, V>> {
-        // Breadth first (a child, and the flight whose `children` named it), each flight once,
-        // a bounded search (chains are a few loads deep).
+        // Breadth first (a child, and the flight whose `children` named it), each flight once.
         let mut queue: std::collections::VecDeque<(Weak<Self>, *const Self)> = children
             .into_iter()
             .map(|c| (c, Arc::as_ptr(self)))
             .collect();
-        let mut seen: Vec<*const Self> = vec![Arc::as_ptr(self)];
+        let mut seen: std::collections::HashSet<*const Self> = std::collections::HashSet::new();
+        seen.insert(Arc::as_ptr(self));
         while let Some((child, parent)) = queue.pop_front() {
-            if seen.len() > 256 {
-                break;
-            }
             let Some(child) = child.upgrade() else {
                 continue;
             };
-            if seen.contains(&Arc::as_ptr(&child)) {
+            if !seen.insert(Arc::as_ptr(&child)) {
                 continue;
             }
-            seen.push(Arc::as_ptr(&child));
             let mut st = child.state.lock();
             let nested = matches!(st.phase, Phase::Running)
                 && st.parents.iter().any(|(_, w)| w.as_ptr() == parent);
             if !nested {
                 continue;
             }
-            if let Some(p) = st.lenders.last().cloned() {
+            if let Some(p) = st
+                .lenders
+                .iter()
+                .rev()
+                .find(|p| p.begin_lent_poll(waker))
+                .cloned()
+            {
                 st.lent_polls.push(Arc::clone(&p));
                 drop(st);
                 return Some((child, p));
@@ -380,7 +383,7 @@ impl<K, V> Flight<K, V> {
     /// until the guard drops.
     pub(crate) fn lend_poll(lender: Arc<Flight<K, V>>, permit: Arc<Permit>) -> LentPoll<K, V> {
         LentPoll {
-            _held: PermitHeld::enter(Arc::clone(&permit)),
+            _held: PermitHeld::lent(Arc::clone(&permit)),
             lender,
             permit,
         }
@@ -438,7 +441,8 @@ crate::sync::thread_local_shim! {
 crate::sync::thread_local_shim! {
     /// Load permits this thread holds (or runs under), innermost last: a load nested in one
     /// does not wait for another (see [`holds_permit`]).
-    static PERMITS: RefCell<Vec<Arc<Permit>>> = RefCell::new(Vec::new());
+    /// With each, whether it is only lent to this thread's poll (see [`PermitHeld::lent`]).
+    static PERMITS: RefCell<Vec<(Arc<Permit>, bool)>> = RefCell::new(Vec::new());
 }
 
 crate::sync::thread_local_shim! {
@@ -549,7 +553,18 @@ pub(crate) struct PermitHeld(Arc<Permit>);
 
 impl PermitHeld {
     pub(crate) fn enter(permit: Arc<Permit>) -> Self {
-        PERMITS.with(|p| p.borrow_mut().push(Arc::clone(&permit)));
+        Self::mark(permit, false)
+    }
+
+    /// A permit lent to this poll only (by a blocking holder, or a borrowing load that keeps
+    /// it): loads nested in the poll run under it, but a borrowing load started in it does not
+    /// keep it (see `load_async::Covered`).
+    pub(crate) fn lent(permit: Arc<Permit>) -> Self {
+        Self::mark(permit, true)
+    }
+
+    fn mark(permit: Arc<Permit>, lent: bool) -> Self {
+        PERMITS.with(|p| p.borrow_mut().push((Arc::clone(&permit), lent)));
         PermitHeld(permit)
     }
 }
@@ -558,7 +573,7 @@ impl Drop for PermitHeld {
     fn drop(&mut self) {
         PERMITS.with(|p| {
             let mut p = p.borrow_mut();
-            if let Some(i) = p.iter().rposition(|x| Arc::ptr_eq(x, &self.0)) {
+            if let Some(i) = p.iter().rposition(|(x, _)| Arc::ptr_eq(x, &self.0)) {
                 p.remove(i);
             }
         });
@@ -586,6 +601,40 @@ impl<K, V> Drop for LentPoll<K, V> {
         }
         drop(st);
         self.lender.cond.notify_all();
+        self.permit.end_lent_poll();
+    }
+}
+
+/// A permit a borrowing load ([`Cache::get_with_async`](crate::Cache::get_with_async) and
+/// siblings) holds while nested in a shared load's poll, entered in that load's `lenders`
+/// until the guard drops: the shared load's polls are what drive the borrowing load, so a
+/// caller with no permit may run them under it (else, once the load whose permit covered
+/// them went away, the shared load would queue for a permit the borrowing load inside it
+/// keeps).
+pub(crate) struct Kept<K, V> {
+    parent: Weak<Flight<K, V>>,
+    permit: Arc<Permit>,
+}
+
+impl<K, V> Kept<K, V> {
+    pub(crate) fn new(parent: &Arc<Flight<K, V>>, permit: &Arc<Permit>) -> Self {
+        parent.state.lock().lenders.push(Arc::clone(permit));
+        Kept {
+            parent: Arc::downgrade(parent),
+            permit: Arc::clone(permit),
+        }
+    }
+}
+
+impl<K, V> Drop for Kept<K, V> {
+    fn drop(&mut self) {
+        let Some(parent) = self.parent.upgrade() else {
+            return;
+        };
+        let mut st = parent.state.lock();
+        if let Some(i) = st.lenders.iter().position(|x| Arc::ptr_eq(x, &self.permit)) {
+            st.lenders.swap_remove(i);
+        }
     }
 }
 
@@ -593,14 +642,25 @@ impl<K, V> Drop for LentPoll<K, V> {
 /// of the same cache's loader). A permit of another cache does not count: its limit is not
 /// this cache's.
 pub(crate) fn holds_permit(limiter: Option<&Arc<Limiter>>) -> bool {
-    limiter.is_some_and(|l| PERMITS.with(|p| p.borrow().iter().any(|x| x.belongs_to(l))))
+    limiter.is_some_and(|l| PERMITS.with(|p| p.borrow().iter().any(|(x, _)| x.belongs_to(l))))
 }
 
 /// The innermost of `limiter`'s load permits this thread runs under, if any: what a blocking
 /// caller lends to the shared load it waits for (see [`Flight::wait_blocking`]).
 pub(crate) fn current_permit(limiter: Option<&Arc<Limiter>>) -> Option<Arc<Permit>> {
+    held_permit(limiter).map(|(p, _)| p)
+}
+
+/// [`current_permit`], and whether it is only lent to this thread's poll.
+pub(crate) fn held_permit(limiter: Option<&Arc<Limiter>>) -> Option<(Arc<Permit>, bool)> {
     let l = limiter?;
-    PERMITS.with(|p| p.borrow().iter().rev().find(|x| x.belongs_to(l)).cloned())
+    PERMITS.with(|p| {
+        p.borrow()
+            .iter()
+            .rev()
+            .find(|(x, _)| x.belongs_to(l))
+            .cloned()
+    })
 }
 
 #[cold]

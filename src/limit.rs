@@ -42,9 +42,40 @@ pub struct Limiter {
 #[doc(hidden)]
 pub struct Permit {
     limiter: Arc<Limiter>,
+    /// Whether a poll by a caller that does not hold this permit runs under it now (lent by a
+    /// blocking holder, or kept by a borrowing load, to the shared load that drives it), and
+    /// the pollers that found it so (see [`Permit::begin_lent_poll`]).
+    lent: Mutex<(bool, Vec<Waker>)>,
 }
 
 impl Permit {
+    /// Begins a poll under this permit by a caller that does not hold it: false if one runs
+    /// already — `waker` is then woken when it ends. A lent permit runs one poll at a time:
+    /// two callers' polls under it on two threads would be two loads' code under one permit.
+    pub(crate) fn begin_lent_poll(&self, waker: &Waker) -> bool {
+        let mut l = self.lent.lock();
+        if l.0 {
+            l.1.push(waker.clone());
+            false
+        } else {
+            l.0 = true;
+            true
+        }
+    }
+
+    /// Ends the poll [`begin_lent_poll`](Self::begin_lent_poll) began; wakes the pollers that
+    /// found it running.
+    pub(crate) fn end_lent_poll(&self) {
+        let skipped = {
+            let mut l = self.lent.lock();
+            l.0 = false;
+            std::mem::take(&mut l.1)
+        };
+        for w in skipped {
+            w.wake();
+        }
+    }
+
     /// Whether this permit is one of `limiter`'s (another cache's permit does not count
     /// against this cache's limit).
     pub(crate) fn belongs_to(&self, limiter: &Arc<Limiter>) -> bool {
@@ -93,6 +124,7 @@ impl Limiter {
         self.high_water.fetch_max(st.in_use, Ordering::AcqRel);
         Permit {
             limiter: Arc::clone(self),
+            lent: Mutex::new((false, Vec::new())),
         }
     }
 

@@ -7,7 +7,8 @@
 use crate::cache::Cache;
 use crate::flight::{
     accept_option, accept_result, accept_value, enter, enter_shared, holds_permit, outcome_of,
-    polled_parent, Flight, FlightWaker, LoadFuture, Outcome, PermitHeld, Phase, State, Waited,
+    polled_parent, Flight, FlightWaker, Kept, LoadFuture, Outcome, PermitHeld, Phase, State,
+    Waited,
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
@@ -32,6 +33,8 @@ where
     flight: &'a Arc<Flight<K, V>>,
     inner: Pin<&'a mut F>,
     permit: Option<&'a Arc<Permit>>,
+    /// Started in a poll under a lent permit: it goes on as a shared load does (see [`Gate`]).
+    gate: Option<&'a mut Gate>,
     start: u64,
 }
 
@@ -43,8 +46,17 @@ where
 {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let own = match self.gate.as_deref_mut() {
+            Some(gate) => {
+                if gate.poll_ready(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                gate.own.clone()
+            }
+            None => self.permit.cloned(),
+        };
         let _running = enter(self.flight);
-        let _held = self.permit.map(|p| PermitHeld::enter(Arc::clone(p)));
+        let _held = own.map(PermitHeld::enter);
         let timed = Timed::since(self.cache, self.start);
         let polled = self.inner.as_mut().poll(cx);
         timed.stop();
@@ -54,7 +66,10 @@ where
 
 /// A borrowing leader's wait for a load permit: its own, or the permit of the load of the same
 /// cache that polls it (that load waits for it: leaving it queued behind that very permit
-/// would wait forever with a full limit).
+/// would wait forever with a full limit). Not a permit only lent to the poll (by a blocking
+/// holder): the leader then goes on as a shared load does, under its pollers' permits or its
+/// own once granted (see [`Gate`]). A leader that keeps a permit while nested in a shared
+/// load's poll enters it in that load's lenders (see [`Kept`]): that load's polls drive it.
 struct Covered<'a, K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -71,13 +86,20 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    type Output = Arc<Permit>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Arc<Permit>> {
-        if let Some(p) = self.cache.current_permit() {
-            // Our place in the queue is given up (a permit granted meanwhile goes on).
-            return Poll::Ready(p);
+    /// The permit it keeps; `None` when polled under a permit only lent to the poll.
+    type Output = Option<Arc<Permit>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Arc<Permit>>> {
+        // Our place in the queue is given up (a permit granted meanwhile goes on).
+        match crate::flight::held_permit(self.cache.inner.stampede.limiter.as_ref()) {
+            Some((p, false)) => return Poll::Ready(Some(p)),
+            // A lent permit is not ours to keep: its lender goes on once its wait ends, and
+            // we would run beside it.
+            Some((_, true)) => return Poll::Ready(None),
+            None => {}
         }
-        Pin::new(&mut self.ticket).poll(cx).map(Arc::new)
+        Pin::new(&mut self.ticket)
+            .poll(cx)
+            .map(|p| Some(Arc::new(p)))
     }
 }
 
@@ -441,7 +463,13 @@ where
             // waiting for a load nested in this one, which only this load's polls drive.
             let lent = if self.holds_permit() {
                 Ok(None)
-            } else if let Some(p) = st.lenders.last().cloned() {
+            } else if let Some(p) = st
+                .lenders
+                .iter()
+                .rev()
+                .find(|p| p.begin_lent_poll(waker))
+                .cloned()
+            {
                 st.lent_polls.push(Arc::clone(&p));
                 Ok(Some((Arc::clone(flight), p)))
             } else if st.children.is_empty() {
@@ -451,7 +479,7 @@ where
             };
             (fut, lent)
         };
-        let lent = lent.unwrap_or_else(|children| flight.lender_below(children));
+        let lent = lent.unwrap_or_else(|children| flight.lender_below(children, waker));
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
         let lead = Lead::new(self, hash, Arc::clone(flight));
         let running = enter_shared(flight);
@@ -598,19 +626,30 @@ where
         // waits for one), that load's: it is then part of that load, wherever it is polled
         // afterwards (else a load nested in it, polled elsewhere, would queue behind the
         // parent waiting for it).
-        let permit = match &self.inner.stampede.limiter {
-            Some(l) => Some(
-                Covered {
-                    cache: self,
-                    ticket: l.acquire(),
-                }
-                .await,
-            ),
-            None => None,
+        // Polled first under a permit only lent to the poll, it goes on as a shared load
+        // does: under its poller's permit, or its own once granted (see `Gate`).
+        let (permit, mut gate) = match &self.inner.stampede.limiter {
+            Some(l) => match (Covered {
+                cache: self,
+                ticket: l.acquire(),
+            })
+            .await
+            {
+                Some(p) => (Some(p), None),
+                None => (None, Some(Gate::waiting(Some(Arc::clone(l))))),
+            },
+            None => (None, None),
         };
         if start && !flight.start() {
             return Err(init);
         }
+        // Nested in a shared load's poll, that load's polls are what drive this one: a caller
+        // with no permit may run them under ours (see `Kept`). Declared after the permit, so
+        // dropped before it.
+        let _kept = permit
+            .as_ref()
+            .zip(polled_parent::<K, V>())
+            .map(|(p, parent)| Kept::new(&parent, p));
         let start = self.stopwatch();
         // Declared after the permit, so dropped before it: a load cancelled mid-way drops its
         // `init` (whose destructor may still talk to the backend) while it holds its permit.
@@ -620,6 +659,7 @@ where
             flight,
             inner: init,
             permit: permit.as_ref(),
+            gate: gate.as_mut(),
             start,
         }
         .await;
