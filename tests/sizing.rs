@@ -64,9 +64,11 @@ fn a_loop_of_one_and_a_half_capacities_fits_at_twice_the_size() {
     replay(&c, (0..600_000u64).map(|i| i % 30_000));
     let s = c.sizing().expect("tracked");
     assert!(s.rate() < 0.2 && s.samples() > 10_000.0, "{s:?}");
-    // At 2 × and 4 × the loop fits: every request but the first round's hits.
+    // At 2 × and 4 × the loop fits: every request but the first round's hits. The 4 × point
+    // is the coarser (a 512-entry shadow of a subset of the samples, not a target): over 100
+    // seeds (stop 29) its lowest was 0.897, once, the 2 × point's 0.929.
     assert!(at(&s, 2 * cap) > 0.9, "{s:?}");
-    assert!(at(&s, 4 * cap) > 0.9, "{s:?}");
+    assert!(at(&s, 4 * cap) > 0.85, "{s:?}");
     // At 1 × at most two thirds of it can stay; at 0.5 × and 0.25 × less.
     assert!(at(&s, cap) < 0.7, "{s:?}");
     assert!(at(&s, cap / 2) < at(&s, cap), "{s:?}");
