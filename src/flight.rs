@@ -85,6 +85,22 @@ pub(crate) struct State<K, V> {
     pub(crate) children: Vec<Weak<Flight<K, V>>>,
 }
 
+impl<K, V> State<K, V> {
+    /// A permit of `lenders` for a poll about to run (the newest free one; see
+    /// [`Permit::begin_lent_poll`], which registers `waker` with a busy one), entered in
+    /// `lent_polls` until the poll's [`LentPoll`] drops.
+    pub(crate) fn take_lent(&mut self, waker: &Waker) -> Option<Arc<Permit>> {
+        let p = self
+            .lenders
+            .iter()
+            .rev()
+            .find(|p| p.begin_lent_poll(waker))
+            .cloned()?;
+        self.lent_polls.push(Arc::clone(&p));
+        Some(p)
+    }
+}
+
 /// A permit lent by a blocking caller waiting for a flight: that flight, and the permit.
 pub(crate) type Lent<K, V> = (Arc<Flight<K, V>>, Arc<Permit>);
 
@@ -360,14 +376,7 @@ impl<K, V> Flight<K, V> {
             if !nested {
                 continue;
             }
-            if let Some(p) = st
-                .lenders
-                .iter()
-                .rev()
-                .find(|p| p.begin_lent_poll(waker))
-                .cloned()
-            {
-                st.lent_polls.push(Arc::clone(&p));
+            if let Some(p) = st.take_lent(waker) {
                 drop(st);
                 return Some((child, p));
             }

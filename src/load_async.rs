@@ -463,14 +463,7 @@ where
             // waiting for a load nested in this one, which only this load's polls drive.
             let lent = if self.holds_permit() {
                 Ok(None)
-            } else if let Some(p) = st
-                .lenders
-                .iter()
-                .rev()
-                .find(|p| p.begin_lent_poll(waker))
-                .cloned()
-            {
-                st.lent_polls.push(Arc::clone(&p));
+            } else if let Some(p) = st.take_lent(waker) {
                 Ok(Some((Arc::clone(flight), p)))
             } else if st.children.is_empty() {
                 Ok(None)
