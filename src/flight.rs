@@ -654,13 +654,9 @@ pub(crate) fn holds_permit(limiter: Option<&Arc<Limiter>>) -> bool {
     limiter.is_some_and(|l| PERMITS.with(|p| p.borrow().iter().any(|(x, _)| x.belongs_to(l))))
 }
 
-/// The innermost of `limiter`'s load permits this thread runs under, if any: what a blocking
-/// caller lends to the shared load it waits for (see [`Flight::wait_blocking`]).
-pub(crate) fn current_permit(limiter: Option<&Arc<Limiter>>) -> Option<Arc<Permit>> {
-    held_permit(limiter).map(|(p, _)| p)
-}
-
-/// [`current_permit`], and whether it is only lent to this thread's poll.
+/// The innermost of `limiter`'s load permits this thread runs under, if any (what a blocking
+/// caller lends to the shared load it waits for: see [`Flight::wait_blocking`]), and whether
+/// it is only lent to this thread's poll (see [`PermitHeld::lent`]).
 pub(crate) fn held_permit(limiter: Option<&Arc<Limiter>>) -> Option<(Arc<Permit>, bool)> {
     let l = limiter?;
     PERMITS.with(|p| {
@@ -942,10 +938,10 @@ mod tests {
             // Another cache's permit, innermost: it does not count for this one.
             let _o = PermitHeld::enter(Arc::new(other.acquire_blocking()));
             assert!(holds_permit(l) && holds_permit(o) && !holds_permit(None));
-            assert!(current_permit(l).is_some_and(|c| Arc::ptr_eq(&c, &q)));
+            assert!(held_permit(l).is_some_and(|(c, lent)| Arc::ptr_eq(&c, &q) && !lent));
         }
         assert!(!holds_permit(l) && !holds_permit(o));
-        assert!(current_permit(l).is_none());
+        assert!(held_permit(l).is_none());
     }
 }
 

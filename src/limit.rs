@@ -46,6 +46,8 @@ pub struct Permit {
     /// blocking holder, or kept by a borrowing load, to the shared load that drives it), and
     /// the pollers that found it so (see [`Permit::begin_lent_poll`]).
     lent: Mutex<(bool, Vec<Waker>)>,
+    /// Signalled when a lent poll ends (see [`Permit::resume_lent_poll`]).
+    lent_free: Condvar,
 }
 
 impl Permit {
@@ -71,9 +73,22 @@ impl Permit {
             l.0 = false;
             std::mem::take(&mut l.1)
         };
+        self.lent_free.notify_all();
         for w in skipped {
             w.wake();
         }
+    }
+
+    /// A thread whose lent poll blocked (waiting for a load it lends this permit to, which
+    /// another caller may then poll under it: its own poll is not running meanwhile) takes the
+    /// poll back once no other runs (see [`end_lent_poll`](Self::end_lent_poll), which paused
+    /// it).
+    pub(crate) fn resume_lent_poll(&self) {
+        let mut l = self.lent.lock();
+        while l.0 {
+            (l, _) = wait_until(&self.lent_free, l, None);
+        }
+        l.0 = true;
     }
 
     /// Whether this permit is one of `limiter`'s (another cache's permit does not count
@@ -125,6 +140,7 @@ impl Limiter {
         Permit {
             limiter: Arc::clone(self),
             lent: Mutex::new((false, Vec::new())),
+            lent_free: Condvar::new(),
         }
     }
 

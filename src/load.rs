@@ -477,9 +477,10 @@ where
         crate::flight::holds_permit(self.inner.stampede.limiter.as_ref())
     }
 
-    /// The innermost of this cache's load permits this thread runs under.
-    pub(crate) fn current_permit(&self) -> Option<Arc<Permit>> {
-        crate::flight::current_permit(self.inner.stampede.limiter.as_ref())
+    /// The innermost of this cache's load permits this thread runs under, and whether it is
+    /// only lent to this thread's poll (see `flight::held_permit`).
+    pub(crate) fn held_permit(&self) -> Option<(Arc<Permit>, bool)> {
+        crate::flight::held_permit(self.inner.stampede.limiter.as_ref())
     }
 }
 
@@ -1109,7 +1110,19 @@ where
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
     ) -> Waited<R> {
-        match flight.wait_blocking(until, self.current_permit()) {
+        let held = self.held_permit();
+        // A poll running under a lent permit that blocks here is not running while it waits:
+        // the load it waits for may be polled under that permit meanwhile (else, a lent permit
+        // running one poll at a time, it could not be).
+        let paused = held.as_ref().filter(|(_, lent)| *lent).map(|(p, _)| {
+            p.end_lent_poll();
+            Arc::clone(p)
+        });
+        let waited = flight.wait_blocking(until, held.map(|(p, _)| p));
+        if let Some(p) = paused {
+            p.resume_lent_poll();
+        }
+        match waited {
             Waited::Done(Some(o)) => Waited::Done(accept(&o)),
             Waited::Done(None) => Waited::Done(None),
             Waited::Abandoned => Waited::Abandoned,

@@ -90,7 +90,7 @@ where
     type Output = Option<Arc<Permit>>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Arc<Permit>>> {
         // Our place in the queue is given up (a permit granted meanwhile goes on).
-        match crate::flight::held_permit(self.cache.inner.stampede.limiter.as_ref()) {
+        match self.cache.held_permit() {
             Some((p, false)) => return Poll::Ready(Some(p)),
             // A lent permit is not ours to keep: its lender goes on once its wait ends, and
             // we would run beside it.

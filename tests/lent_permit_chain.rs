@@ -102,3 +102,73 @@ fn a_blocking_holder_lends_through_three_parents() {
 fn a_block_on_inside_a_holder_runs_the_parent() {
     lend_through(1, false);
 }
+
+/// A poll running under a lent permit that blocks waiting for another shared load G (a sync
+/// call in a nested load's `init`) lends that permit on: G's own poller, another thread with
+/// no permit, must be able to run G under it meanwhile — a lent permit runs one poll at a
+/// time, and the blocked poll is not running. (Found while making lent permits run one poll
+/// at a time, round 46: without the pause, G's poller found the permit busy and queued.)
+#[test]
+fn a_lent_poll_that_blocks_lends_the_permit_on() {
+    let _w = watchdog(Duration::from_secs(60), "a lent poll that blocks");
+    let c = limited(1);
+    let (door_g, door_f) = (Door::default(), Door::default());
+    let slot: Arc<std::sync::Mutex<Option<BoxFut<u64>>>> = Default::default();
+    let (c1, dg, df, sl) = (c.clone(), door_g.clone(), door_f.clone(), slot.clone());
+    let mut a = shared(&c, 1, async move {
+        // G (key 30) starts here, under A's permit, then is handed to C.
+        let d = dg.clone();
+        let mut g = shared(&c1, 30, async move {
+            d.wait().await;
+            30
+        });
+        assert!(
+            std::future::poll_fn(|cx| std::task::Poll::Ready(g.as_mut().poll(cx)))
+                .await
+                .is_pending()
+        );
+        *sl.lock().unwrap() = Some(g);
+        // X (key 10) awaits F (key 20), whose init blocks on G.
+        let c2 = c1.clone();
+        c1.get_with_async_shared(10, async move {
+            let c3 = c2.clone();
+            c2.get_with_async_shared(20, async move {
+                df.wait().await;
+                c3.get_with(30, || 999) - 10
+            })
+            .await
+                - 10
+        })
+        .await
+    });
+    assert!(run(&mut a, 3).is_none(), "A waits at F's door");
+    let (c2, h_in) = (c.clone(), Arc::new(AtomicBool::new(false)));
+    let h_flag = h_in.clone();
+    let h = std::thread::spawn(move || {
+        c2.get_with(2, || {
+            h_flag.store(true, Ordering::SeqCst);
+            c2.get_with(20, || 999)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut b = shared(&c, 10, async { 777 });
+    assert!(run(&mut b, 3).is_none(), "B waits for X");
+    let mut g = slot.lock().unwrap().take().expect("G handed over");
+    let cg = std::thread::spawn(move || common::hand::run_to_end(&mut g));
+    door_g.open();
+    door_f.open();
+    drop(a);
+    while !h_in.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    let out = loop {
+        if let Some(r) = run(&mut b, 1) {
+            break r;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(out, Ok(10), "B gets X's value");
+    assert_eq!(h.join().expect("H"), 20, "H gets F's value");
+    assert_eq!(cg.join().expect("C"), Ok(30), "C gets G's value");
+    common::hand::assert_permits_back(&c, 9_999, "after the blocked lent poll");
+}
