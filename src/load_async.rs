@@ -723,7 +723,6 @@ where
                 hash,
                 flight,
                 id,
-                nested_in: None,
                 accept: &accept,
             };
             match wait.await {
@@ -864,7 +863,6 @@ where
         hash,
         flight,
         id: None,
-        nested_in: None,
         accept,
     }
 }
@@ -881,8 +879,6 @@ where
     flight: Arc<Flight<K, V>>,
     /// Our waker's id in the flight, once registered (and interest counted).
     id: Option<u64>,
-    /// The shared load whose polls this wait was last polled in (see `State::parents`).
-    nested_in: Option<std::sync::Weak<Flight<K, V>>>,
     accept: &'a A,
 }
 
@@ -899,24 +895,11 @@ where
         let this = &mut *self;
         // Inside a poll of another shared load (nested in it): that load's polls drive this
         // wait, so a permit lent to this flight may run them (see `Flight::lender_below`).
-        // Only a limited cache lends permits; the record changes only when the wait moves (it
-        // is kept in `nested_in`), not at every poll.
-        let parent = match this.cache.inner.stampede.limiter {
-            Some(_) => polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &this.flight)),
-            None => None,
-        };
-        let moved = match (&parent, &this.nested_in) {
-            (None, None) => false,
-            (Some(p), Some(w)) => w.as_ptr() != Arc::as_ptr(p),
-            _ => true,
-        };
-        if moved {
-            if let Some(p) = &parent {
-                p.add_child(&this.flight);
-            }
-            this.nested_in = parent.as_ref().map(Arc::downgrade);
+        let parent = polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &this.flight));
+        if let Some(p) = &parent {
+            p.add_child(&this.flight);
         }
-        let record = moved || this.id.is_none();
+        let parent = parent.map(|p| Arc::downgrade(&p));
         loop {
             let mut st = this.flight.state.lock();
             match &st.phase {
@@ -953,11 +936,9 @@ where
                     id
                 }
             };
-            if record {
-                st.parents.retain(|(i, _)| *i != id);
-                if let Some(p) = &this.nested_in {
-                    st.parents.push((id, p.clone()));
-                }
+            st.parents.retain(|(i, _)| *i != id);
+            if let Some(p) = &parent {
+                st.parents.push((id, p.clone()));
             }
             if st.polling {
                 // Its poller may be queued for a permit this caller holds (and waits for the
