@@ -877,6 +877,13 @@ impl<K: Hash + Eq, V> Flights<K, V> {
             .is_some_and(|r| r.flight.negative_until() == 0)
     }
 
+    /// The key this very flight is registered for, if it is.
+    pub(crate) fn key_of(&self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<&K> {
+        self.table
+            .find(hash, |r| Arc::ptr_eq(f, &r.flight))
+            .map(|r| &r.key)
+    }
+
     /// Whether this very flight is registered (not superseded, not ended).
     pub(crate) fn is_registered(&self, hash: u64, f: &Arc<Flight<K, V>>) -> bool {
         self.table

@@ -8,6 +8,7 @@ use super::Cache;
 use crate::flight::FlightClaim;
 use crate::flight::{Flight, Phase};
 use crate::removal::Removals;
+use crate::shard::Shard;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
@@ -129,6 +130,21 @@ where
         }
     }
 
+    /// A flight of `key` ends without storing a value (its registration is being removed
+    /// under the shard lock `s`): if the entry's refresh is still claimed
+    /// ([`REFRESHING`](crate::expiry::REFRESHING)), nobody will give the claim back — the
+    /// refresh that claimed it was taken over by this flight (a load or computation of the key
+    /// that a permit holder ran in its place), and a taker does not know it ran a refresh — so
+    /// it is given back here, due after `refresh_backoff`. Without this the key was never
+    /// refreshed again: every read found the claim taken and served the old value, for ever
+    /// without a time to live (round 47). A read that claimed the refresh just now, and
+    /// registers its flight after this one ends, finds the claim given back and does not
+    /// run: the key is due again after the backoff, as after a failed refresh.
+    pub(crate) fn release_refresh_claim(&self, s: &Shard<K, V>, hash: u64, key: &K) {
+        let at = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
+        s.reset_refresh(hash, key, at);
+    }
+
     /// Unregisters a flight that ended without a value, or keeps it registered as a
     /// negative-cache entry for `negative` nanoseconds — if it is still registered. `gone`:
     /// the load answered that this key has no value (an `optionally_` loader's `None`); if no
@@ -155,9 +171,18 @@ where
                     // Kept registered: `claim` serves the outcome until the deadline. Set under
                     // the shard lock, where `claim` reads it.
                     flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
+                    if let Some(k) = s.flights_ref().key_of(hash, flight) {
+                        self.release_refresh_claim(&s, hash, k);
+                    }
                     None
                 }
-                _ => s.flights().remove(hash, flight),
+                _ => {
+                    let key = s.flights().remove(hash, flight);
+                    if let Some(k) = &key {
+                        self.release_refresh_claim(&s, hash, k);
+                    }
+                    key
+                }
             }
         };
         drop(key); // outside the lock
@@ -193,6 +218,9 @@ where
                 return false;
             }
             let key = s.flights().remove(hash, flight);
+            if let Some(k) = &key {
+                self.release_refresh_claim(&s, hash, k);
+            }
             st.phase = Phase::Abandoned;
             self.count(crate::stats::Counter::LoadAbandoned);
             (st.future.take(), key, std::mem::take(&mut st.wakers))
@@ -218,8 +246,11 @@ where
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let key = s.flights().remove(hash, flight);
-            if let (Some(k), Some(at)) = (&key, retry_refresh) {
-                s.set_refresh_at(hash, k, at);
+            if let Some(k) = &key {
+                match retry_refresh {
+                    Some(at) => s.set_refresh_at(hash, k, at),
+                    None => self.release_refresh_claim(&s, hash, k),
+                }
             }
             if let (Some(k), Phase::Abandoned) = (&key, &phase) {
                 self.fail_safe_abandoned(&s, hash, k);

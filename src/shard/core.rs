@@ -351,6 +351,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        if self.layout.refresh.is_none() {
+            return;
+        }
         if let Some(slot) = self.find(hash, key) {
             self.give_back_slot(slot, at);
         }
