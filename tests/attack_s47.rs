@@ -125,7 +125,7 @@ fn refresh_taken_over_in(
 fn refresh_taken_over_by_a_nop_computation_in_a_loader() {
     refresh_taken_over_by(|c| {
         let r = c.entry(1).and_compute_with(|_| Op::Nop);
-        drop(r);
+        let _ = r;
     });
 }
 
@@ -209,7 +209,7 @@ fn async_refresh_taken_over_by_a_nop_computation_in_a_loader() {
         .build();
     refresh_taken_over_in(c, clock, calls, |c| {
         let r = c.entry(1).and_compute_with(|_| Op::Nop);
-        drop(r);
+        let _ = r;
     });
     drop(rt);
 }
@@ -226,7 +226,7 @@ fn shared_given_up_by_a_computation(verdict: Op<u64>, want: &[u64]) {
         Arc::new(AtomicBool::new(false)),
     );
     let h = holder(&c, &ready, &go, move |c| {
-        drop(c.entry(1).and_compute_with(|_| verdict));
+        let _ = c.entry(1).and_compute_with(|_| verdict);
     });
     wait_flag(&ready);
     let mut s = shared(&c, 1, async { 11 });
@@ -281,7 +281,7 @@ fn timed_blocking_leader_given_up_by_a_computation() {
         Arc::new(AtomicBool::new(false)),
     );
     let h = holder(&c, &ready, &go, |c| {
-        drop(c.entry(1).and_compute_with(|_| Op::Nop));
+        let _ = c.entry(1).and_compute_with(|_| Op::Nop);
     });
     wait_flag(&ready);
     let c2 = c.clone();
@@ -326,7 +326,7 @@ fn spawned_load_given_up_by_a_computation() {
         Arc::new(AtomicBool::new(false)),
     );
     let h = holder(&c, &ready, &go, |c| {
-        drop(c.entry(1).and_compute_with(|_| Op::Nop));
+        let _ = c.entry(1).and_compute_with(|_| Op::Nop);
     });
     wait_flag(&ready);
     let cc = c.clone();
