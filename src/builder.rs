@@ -392,10 +392,11 @@ where
     /// Cost: up to nine shadow caches of key hashes (four sizes besides 1 ×, each with a
     /// challenger running another configuration), fed sampled reads, replayed on the shadows
     /// when a shard's buffer is drained (by the reader that fills it or a write that evicts,
-    /// not under the shard's lock). From 4,096 entries up the samples are the ones the policy's
-    /// selector takes anyway (nothing is added to a read's own code) and each shadow holds at
-    /// most 1,024 entries (the larger ones see a subset of the samples): about 0.3 MiB once
-    /// full, whatever the capacity, and about 1–3 % more instructions at 100,000 entries on
+    /// not under the shard's lock). From 4,096 entries up the curve samples about twice the
+    /// keys the policy's selector takes anyway (an unsampled read runs the same code) and each
+    /// shadow holds at most 2,000 entries (the 1 × one; the others at most 1,024, the larger
+    /// ones seeing a subset of the samples): about 0.35 MiB once full, whatever the capacity,
+    /// and about 1–5 % more instructions at 100,000 entries on
     /// mixed workloads and on hits alone (BENCHMARKS.md); +7 % per read at 10,000 entries,
     /// +50–75 % at 4,000. Below 4,096 entries the curve samples more keys than the selector,
     /// and at 1,024 or fewer every read is simulated in up to nine shadows: 550–1,100

@@ -275,6 +275,12 @@ impl Policy {
     /// by frequency and reverses probation's order. O(main) on an action, O(window excess) on a
     /// switch, nothing otherwise.
     #[inline]
+    /// The tune word last applied.
+    #[cfg(test)]
+    pub(crate) fn tune(&self) -> u64 {
+        self.tune
+    }
+
     pub(crate) fn retune<E: Tracked>(
         &mut self,
         slab: &mut [Option<E>],

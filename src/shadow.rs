@@ -291,6 +291,12 @@ impl Shadow {
         self.hits
     }
 
+    /// The tune word last applied.
+    #[cfg(test)]
+    pub(crate) fn tune(&self) -> u64 {
+        self.policy.tune()
+    }
+
     /// Weight in the window, probation and protected queues.
     #[cfg(test)]
     pub(crate) fn weights(&self) -> [u64; 3] {

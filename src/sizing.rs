@@ -11,18 +11,18 @@
 //! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
 //! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained by one
 //! thread at a time (not under the shard's lock) into the selector and, when tracked, into
-//! this tracker. Without a weigher the sizing rate is `R = min(1, 1024 / max_capacity)`: from
-//! 4,096 entries up the selector's own, so that nothing is added to the hit path (the same
-//! instructions run whether the curve is tracked or not); below, the selector samples a
-//! quarter of the capacity's keys and the curve more (every key at 1,024 entries or fewer:
-//! its small shadows need them: at a quarter of the rate, with a 64-entry floor, the curve was
-//! off by up to 15 points on the loop trace), so a tracked small cache pushes more samples than an untracked one, and
-//! the selector ignores those above its own threshold. Samples lost by the lossy buffer are
-//! lost to both.
+//! this tracker. Without a weigher the sizing rate is `R = min(1, 2000 / max_capacity)` from
+//! 4,096 entries up, about twice the selector's (1,024 entries' worth), and `min(1, 1024 /
+//! max_capacity)` below, where the selector samples a quarter of the capacity's keys (every
+//! key at 1,024 entries or fewer: the curve's small shadows need them: at a quarter of the
+//! rate, with a 64-entry floor, the curve was off by up to 15 points on the loop trace). So a
+//! tracked cache pushes more samples than an untracked one (an unsampled read runs the same
+//! instructions either way: the threshold is one compare), and the selector ignores those
+//! above its own threshold. Samples lost by the lossy buffer are lost to both.
 //!
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
-//! 0.25 ×, 512 at 0.5 ×, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not capped: 1,024 entries,
-//! the selector's size from 4,096 entries up): a shadow that `capacity × R` would make
+//! 0.25 ×, 512 at 0.5 ×, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not capped: 2,000 entries
+//! from 4,096 entries up, 1,024 below): a shadow that `capacity × R` would make
 //! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1),
 //! a subset of the others' keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
 //! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
@@ -31,8 +31,9 @@
 //!
 //! **Which policy.** The shadows run the configuration the real cache runs: the selector's
 //! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
-//! selector's convergence actions are not replayed on the shadows (they correct the real cache
-//! towards what its shadow predicts; a shadow has nothing to correct). But a cache of another
+//! selector's convergence actions are replayed on the 1 × shadow only: it models the real
+//! cache itself, which takes them; the other sizes model caches that would take their own at
+//! other times, if at all. But a cache of another
 //! size often prefers another configuration: on the P6 trace the cache at 160,000 runs window
 //! 20 % while one at 80,000 picks window 0 %, 15 points better there; on sprite the cache at
 //! 256 entries wavers between window 0, 1 and 20 % (all within 0.1 point of each other there)
@@ -65,8 +66,9 @@
 //!
 //! **Window.** Counts are kept per *epoch* of 2000 sampled requests; at the end of each, the
 //! window's counts are multiplied by 0.95 and the epoch's added: an exponentially decayed
-//! window whose mean age is 20 epochs, about `40_000 / R` requests (about 40 ×
-//! `max_capacity` requests for an entry-bounded cache of at least 1,024 entries). The observed
+//! window whose mean age is 20 epochs, about `40_000 / R` requests (about 20 ×
+//! `max_capacity` requests for an entry-bounded cache of at least 4,096 entries, 40 × from
+//! 1,024 to 4,095). The observed
 //! ratio is the real cache's hits on the same sampled requests, decayed the same way. Totals
 //! since the cache was built (or the shadows last rebuilt) are kept too.
 //!
@@ -95,9 +97,9 @@
 //! an invalidation. A cache whose misses are mostly expiries sees a flat curve above its
 //! observed ratio: a larger cache would not help it.
 //!
-//! **Memory.** Without a weigher, shadows of at most 32 + 512 + 1,024 + 1,024 + 512 entries
-//! plus the challengers (32 + 512 + 1,024 + 512): 5,184 entries, about 40–55 bytes each
-//! (see `shadow`): about 0.3 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
+//! **Memory.** Without a weigher, shadows of at most 32 + 512 + 2,000 + 1,024 + 512 entries
+//! plus the challengers (32 + 512 + 1,024 + 512): 6,160 entries, about 40–55 bytes each
+//! (see `shadow`): about 0.35 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
 //! rate 1 the shadows are 0.25 … 4 × the capacity, twice but at 1 ×: 0.7 MiB at 1,000;
 //! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries at
 //! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
@@ -113,8 +115,8 @@ pub(crate) const ENTRIES: u64 = 2000;
 const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
 /// Without a weigher, the most entries each factor's shadow holds: one that the rate would
 /// make larger sees a subset of the samples (the keys under a lower threshold), so that it
-/// holds no more than this. The 1 × shadow is not capped (1,024 entries at most, the
-/// selector's size from 4,096 entries up): its prediction is checked against the observed
+/// holds no more than this. The 1 × shadow is not capped (2,000 entries at most, from 4,096
+/// entries up; 1,024 below): its prediction is checked against the observed
 /// ratio on the same samples. Not applied at rate 1 (a `max_capacity` of 1,024 or less), where every shadow
 /// sees every request (the loop traces' 0.5 × point, at 256 entries on a subset, was off by up
 /// to 5 points). Measured on the dev traces and `bench/examples/sizing_cost.rs` (BENCHMARKS.md):
@@ -162,6 +164,10 @@ pub(crate) struct Tracker {
     thresholds: [u64; SLOTS],
     /// The candidate the shadows run (low byte of a tune word).
     candidate: u64,
+    /// The real cache's convergence actions (a tune word's count) last seen, and those the
+    /// 1 × shadow took since it was built (see `replay_action`).
+    actions: u64,
+    one_actions: u64,
     /// Per challenger (slots 5..9, without a weigher): its candidate, and since it started:
     /// its hits less the current-configuration shadow's, and the epochs it was fed.
     challenger: [u64; 4],
@@ -243,12 +249,25 @@ impl Counts {
     }
 }
 
-/// Without a weigher, the most the shadows sample: 1,024 entries at 1 ×, every key at 1,024
-/// entries or fewer (more than the selector below 4,096 entries: the sizing curve's small
-/// shadows need every sample there, see `MAX_ENTRIES`).
+/// Without a weigher, the most the shadows sample: 2,000 entries at 1 × from 4,096 entries up
+/// (about twice the selector's keys: with 1,024, the 1 × point was off the observed ratio by
+/// more than 1 point in half of the runs on the dev traces, mostly P3 at 400,000, sampled at
+/// 0.26 %), 1,024 below, every key at 1,024 entries or fewer (more than the selector below
+/// 4,096 entries: the sizing curve's small shadows need every sample there, see
+/// `MAX_ENTRIES`).
 pub(crate) fn unweighted_threshold(capacity: u64) -> u64 {
-    threshold_for(capacity, crate::select::SHADOW_ENTRIES)
+    if capacity >= ONE_FROM {
+        threshold_for(capacity, ONE_ENTRIES)
+    } else {
+        threshold_for(capacity, crate::select::SHADOW_ENTRIES)
+    }
 }
+
+/// From this capacity up (where the selector's shadows hold 1,024 entries), the 1 × shadow
+/// holds [`ENTRIES`] (2,000), about twice the selector's: the curve samples twice the keys
+/// the selector does (see the module docs, "Where the samples come from").
+const ONE_FROM: u64 = 4 * crate::select::SHADOW_ENTRIES;
+const ONE_ENTRIES: u64 = ENTRIES;
 
 impl Tracker {
     /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
@@ -274,6 +293,8 @@ impl Tracker {
             shadows: Vec::new(),
             thresholds: [0; SLOTS],
             candidate: tune & 0xff,
+            actions: tune >> 8,
+            one_actions: 0,
             challenger: CHALLENGER_START,
             challenger_gap: [0; 4],
             challenger_epochs: [0; 4],
@@ -333,6 +354,7 @@ impl Tracker {
             }
         }
         self.shadows = shadows;
+        self.one_actions = 0;
         self.epoch = Counts::default();
         self.window = [0.0; WIDTH];
         self.total = Counts::default();
@@ -378,11 +400,30 @@ impl Tracker {
         self.threshold
     }
 
-    /// Follows the real cache's configuration (tune word `tune`; its candidate only).
+    /// Follows the real cache's configuration (tune word `tune`): its candidate, and on the
+    /// 1 × shadow its convergence actions too.
     #[inline]
     fn follow(&mut self, tune: u64) {
         if tune & 0xff != self.candidate {
             self.switch(tune & 0xff);
+        }
+        if tune >> 8 != self.actions {
+            self.replay_action(tune >> 8);
+        }
+    }
+
+    /// The real cache took a convergence action (its tune word's count is now `actions`):
+    /// the 1 × shadow takes it too. It is the real cache's own model, checked against the
+    /// observed ratio on the same samples; without the action it stayed in the state the
+    /// real cache left (seen on the loop and P3 traces: up to 2 points apart). The other
+    /// sizes' shadows model caches that would act at other times, if at all: not replayed.
+    #[cold]
+    fn replay_action(&mut self, actions: u64) {
+        self.actions = actions;
+        if !self.weighted {
+            self.one_actions += 1;
+            let tune = tune_word(self.candidate as usize, self.one_actions);
+            self.shadows[ONE].retune(tune);
         }
     }
 
@@ -400,8 +441,9 @@ impl Tracker {
             }
         }
         self.candidate = candidate;
-        for s in self.shadows.iter_mut().take(FACTORS.len()) {
-            s.retune(tune_word(candidate as usize, 0));
+        for (i, s) in self.shadows.iter_mut().take(FACTORS.len()).enumerate() {
+            let actions = if i == ONE { self.one_actions } else { 0 };
+            s.retune(tune_word(candidate as usize, actions));
         }
     }
 
@@ -691,18 +733,20 @@ pub const SUGGEST_MARGIN_POINTS: f64 = 2.0;
 /// returns a new one each time.
 ///
 /// The window is exponentially decayed: every 2000 sampled requests, older counts are
-/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 40
-/// × `max_capacity` for an entry-bounded cache of 1,024 entries or more). Ratios are measured on
+/// multiplied by 0.95 (a mean age of about `40_000 /` [`rate`](Self::rate) requests, about 20
+/// × `max_capacity` for an entry-bounded cache of 4,096 entries or more, 40 × from 1,024 to
+/// 4,095). Ratios are measured on
 /// the sampled requests only (a fraction [`rate`](Self::rate) of the keys, chosen by hash), so
 /// the observed one is an estimate too; [`samples`](Self::samples) says on how many requests.
 /// Before any sampled request every ratio is 0.
 ///
 /// **Accuracy.** Measured on 21 trace/capacity rows (BENCHMARKS.md, with
 /// [`record_stats`](crate::CacheBuilder::record_stats) on, which the hot-key adjustment needs
-/// without a time to live): at 0.5 × and 2 × the mean error is 0.4–0.8 points in 26 runs;
-/// the worst row moves with the hash seed, which picks the sampled keys (2.4–7.0 points, at
-/// most 4 in 16 runs of the 26: the misses are the rows sampled at the lowest rates). The 1 ×
-/// point is within 1 point of the observed ratio in 19 of the 26 runs (up to 2.3). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
+/// without a time to live): at 0.5 × and 2 × the mean error is 0.37–0.62 points in 10 runs;
+/// the worst row moves with the hash seed, which picks the sampled keys (2.0–4.4 points, at
+/// most 4 in 9 runs of the 10: the misses are the 0.5 × points of the rows sampled at the
+/// lowest rates). The 1 × point is within 1 point of the observed ratio in the 10 runs (worst
+/// 0.29–0.94). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
 /// capacity) and is coarse: up to 9–21 points off on one row in some runs; read it as a
 /// direction, not a figure. The points
 /// predict capacity misses only (no expiry).
@@ -864,6 +908,46 @@ mod tests {
         assert!(t.thresholds.iter().all(|&x| x == 1 << 32));
         let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
         assert_eq!(sizes, [250, 500, 1000, 2000, 4000, 250, 500, 2000, 4000]);
+    }
+
+    #[test]
+    fn the_1x_shadow_holds_2000_entries_from_4096_up() {
+        // As the cache builds it: the curve's threshold, above the selector's.
+        let sel = crate::select::Selector::new(100_000, 1).threshold();
+        let t = Tracker::new(100_000, false, 0, 1, unweighted_threshold(100_000), false);
+        assert_eq!(t.threshold(), threshold_for(100_000, 2000));
+        assert!(t.threshold() > sel);
+        let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
+        assert_eq!(sizes, [32, 512, 2000, 1024, 512, 32, 512, 1024, 512]);
+        // Below 4,096 entries, 1,024 at most.
+        assert_eq!(unweighted_threshold(4095), threshold_for(4095, 1024));
+        assert_eq!(unweighted_threshold(1000), 1 << 32);
+    }
+
+    #[test]
+    fn the_1x_shadow_replays_the_real_caches_convergence_actions() {
+        let mut t = Tracker::new(100_000, false, 0, 1, unweighted_threshold(100_000), false);
+        let key = (0u64..)
+            .map(h)
+            .find(|&x| (x as u32 as u64) < t.threshold())
+            .unwrap();
+        let sample = crate::select::sample(key, false);
+        t.feed(sample, tune_word(0, 0));
+        assert_eq!(t.shadows[ONE].tune(), tune_word(0, 0));
+        // The real cache took an action: the 1 × shadow takes it, the others do not.
+        t.feed(sample, tune_word(0, 1));
+        assert_eq!(t.shadows[ONE].tune(), tune_word(0, 1));
+        for (i, sh) in t.shadows.iter().enumerate().take(FACTORS.len()) {
+            if i != ONE {
+                assert_eq!(sh.tune(), tune_word(0, 0), "shadow {i}");
+            }
+        }
+        // A switch keeps the 1 × shadow's count (a count that changes is an action).
+        t.feed(sample, tune_word(2, 1));
+        assert_eq!(t.shadows[ONE].tune(), tune_word(2, 1));
+        assert_eq!(t.shadows[3].tune(), tune_word(2, 0));
+        t.feed(sample, tune_word(2, 2));
+        assert_eq!(t.shadows[ONE].tune(), tune_word(2, 2));
     }
 
     #[test]

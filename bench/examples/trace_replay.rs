@@ -10,8 +10,8 @@
 //! cargo run -p herdcache-bench --release --example trace_replay -- --sizing --no-stats
 //! ```
 //!
-//! `HERDCACHE_SHARDS=n` sets herdcache's shard count in the side-by-side replay (default: the
-//! builder's); `HERDCACHE_POLICY_TRACE=1` prints the configuration selector's totals per row.
+//! `HERDCACHE_SHARDS=n` sets herdcache's shard count (default: the builder's), in the side-by-side
+//! replay and in `--sizing`; `HERDCACHE_POLICY_TRACE=1` prints the configuration selector's totals per row.
 //!
 //! `--sizing`: for each row, herdcache with `track_sizing()` and `record_stats()` (whose read
 //! count the curve's hot-key adjustment uses; `--no-stats`: without, so without the
@@ -194,6 +194,12 @@ static STATS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 /// `--no-stats`), also returns the sizing curve.
 fn replay_sizing(keys: &[u64], cap: u64, track: bool) -> (f64, Option<herdcache::Sizing>) {
     let mut b = herdcache::Cache::builder().max_capacity(cap);
+    if let Some(n) = std::env::var("HERDCACHE_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        b = b.shards(n);
+    }
     if track {
         b = b.track_sizing();
         if STATS.load(std::sync::atomic::Ordering::Relaxed) {
