@@ -452,7 +452,9 @@ where
     /// Remembers a failed load (an error, or `None` from an `optionally_` call) for `ttl`:
     /// during that time callers of that key get the same error (or `None`) without calling the
     /// backend, so a down backend sees at most one call per key per `ttl`. A write or
-    /// invalidation of the key ends it early.
+    /// invalidation of the key ends it early. With [`fail_safe`](Self::fail_safe), a failed
+    /// load of a key whose last value is within its stale window answers with that value
+    /// instead, and a failed refresh is not remembered (its value, once expired, answers).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.stampede.negative_ttl = Some(nanos(ttl));
         self

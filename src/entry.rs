@@ -437,7 +437,15 @@ where
                             }
                         }
                         // Not returned: a failed load (its waiters load it themselves).
-                        None => lead.fail(),
+                        // With fail-safe the key's last value, within its stale window,
+                        // answers this call (and sets the key's retry deadline, while the
+                        // flight is still registered), as for any failed load.
+                        None => {
+                            if let Some(v) = self.fail_safe_fallback(lead.hash(), &key) {
+                                found.insert(key, v);
+                            }
+                            lead.fail();
+                        }
                     }
                 }
             }
@@ -625,7 +633,9 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        self.0.end_flight(self.1, self.2, None, Phase::Abandoned);
+        // A computation's: not a failed load (fail-safe's backoff is for those).
+        self.0
+            .end_flight(self.1, self.2, None, Phase::Abandoned, false);
     }
 }
 

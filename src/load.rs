@@ -403,7 +403,11 @@ where
                 self.cache.count(Counter::RefreshFailed);
                 crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff)
             });
-            self.cache.abandon(self.hash, &flight, retry);
+            // A failed load for fail-safe: a load's leader that panicked or was dropped; a
+            // refresh only if it panicked (a refresh job dropped unrun, deferred or taken over
+            // called no backend), never a computation.
+            let failed_load = self.load || (self.refresh && std::thread::panicking());
+            self.cache.abandon(self.hash, &flight, retry, failed_load);
         }
     }
 }
@@ -1043,7 +1047,7 @@ where
             Some(v) if keep(&v) => {
                 let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
-                self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)));
+                self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);
                 Ok(kept)
             }
             _ => Err(lead),

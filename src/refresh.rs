@@ -144,7 +144,7 @@ where
                     self.count(Counter::RefreshFailed);
                     let hash = lead.hash();
                     let flight = lead.disarm();
-                    self.end_flight(hash, &flight, Some(self.now()), Phase::Abandoned);
+                    self.end_flight(hash, &flight, Some(self.now()), Phase::Abandoned, false);
                     return;
                 }
             },
@@ -221,26 +221,32 @@ where
     /// backoff, and callers that joined the refresh (the entry expired meanwhile) get `outcome`
     /// — or, with fail-safe, the old value (see `cache/fail_safe.rs`).
     fn fail_refresh(&self, lead: Lead<K, V, S>, key: &K, took: u64, outcome: Outcome<V>) {
-        self.count(Counter::RefreshFailed);
-        self.count(Counter::LoadFailure);
-        self.count_n(Counter::LoadNanos, took);
-        self.inner.stampede.monitor.load(took, true);
         let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         let hash = lead.hash();
         // Taken (and the retry deadline set) while the flight is still registered.
         // Callers that joined the refresh (the entry expired meanwhile) hold the flight too:
-        // only then is the fallback value served to anyone (and counted).
+        // only then is the fallback value served to anyone (and counted). The value's `Clone`
+        // and the key's `Eq` run here: if they panic, the armed lead's drop counts the refresh
+        // as failed (so nothing is counted before: once, not twice).
         let joined = Arc::strong_count(lead.flight()) > 2; // the registry's and this lead's
-        let (outcome, negative) = match self.fail_safe_fallback_for(hash, key, joined) {
+        let fallback = self.fail_safe_fallback_for(hash, key, joined);
+        self.count(Counter::RefreshFailed);
+        self.count(Counter::LoadFailure);
+        self.count_n(Counter::LoadNanos, took);
+        self.inner.stampede.monitor.load(took, true);
+        let (outcome, negative) = match fallback {
             Some(v) => (Outcome::Value(v), None),
             None => {
                 // Remembered as a failed load is (see `publish`): callers of the key, once it
-                // is missed, get the failure without a load until then.
+                // is missed, get the failure without a load until then — but not with
+                // fail-safe: the value it refreshed is still live, and once it expires it is
+                // what a failed load answers with (a remembered failure would answer first).
                 let negative = match outcome {
                     Outcome::Panicked => Some(self.inner.stampede.refresh_backoff),
                     _ => self.inner.stampede.negative_ttl,
                 };
-                (outcome, negative.filter(|&d| d > 0 && self.keeps_time()))
+                let keep = self.keeps_time() && self.inner.stampede.fail_safe.is_none();
+                (outcome, negative.filter(|&d| d > 0 && keep))
             }
         };
         let flight = lead.disarm();
@@ -253,12 +259,14 @@ where
                         // Kept registered, as a negative-cache entry (set under the shard
                         // lock, where claims read it).
                         flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
-                        s.set_refresh_at(hash, key, retry);
+                        // The key's `Eq` (user code): the flight is resolved below whatever
+                        // it does.
+                        self.key_eq_guarded(hash, || s.set_refresh_at(hash, key, retry));
                     }
                 }
                 flight.resolve(phase);
             }
-            None => self.end_flight(hash, &flight, Some(retry), phase),
+            None => self.end_flight(hash, &flight, Some(retry), phase, false),
         }
     }
 

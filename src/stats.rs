@@ -292,7 +292,8 @@ pub struct CacheStats {
     pub coalesced: u64,
     /// Refreshes started (refresh-ahead and early refresh). Each ends as one of the next two.
     pub refreshes_started: u64,
-    /// Refreshes that replaced the value.
+    /// Refreshes that replaced the value (one whose new value is too heavy for the cache
+    /// replaces it with nothing: the key is removed, as an insert of that value would).
     pub refreshes_succeeded: u64,
     /// Refreshes that did not replace the value: they failed (the old value was kept), were
     /// deferred by the load limit, were taken over by a nested load, or lost to a write or

@@ -23,6 +23,32 @@ fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A loader that returns `k + 100` after 5 ms, counting its calls and the most of them that
+/// ran at once.
+fn counting_loader(
+    most: &Arc<AtomicU64>,
+    calls: &Arc<AtomicU64>,
+) -> impl Fn(&u64) -> Result<u64, BoxError> + Send + Sync + 'static {
+    let running = Arc::new(AtomicU64::new(0));
+    let (most, calls) = (Arc::clone(most), Arc::clone(calls));
+    move |k: &u64| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let n = running.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        running.fetch_sub(1, Ordering::SeqCst);
+        Ok(k + 100)
+    }
+}
+
+/// Two flags, both down: "ready" and "go".
+fn flags() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+    (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    )
+}
+
 fn wait_flag(f: &AtomicBool) {
     while !f.load(Ordering::SeqCst) {
         std::thread::yield_now();
@@ -86,10 +112,7 @@ fn refresh_taken_over_in(
 ) {
     let _w = watchdog(Duration::from_secs(20), "refresh_taken_over");
     assert_eq!(c.load(1).unwrap(), 1001);
-    let (ready, go) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let (ready, go) = flags();
     let h = holder(&c, &ready, &go, inside);
     wait_flag(&ready);
     clock.advance(Duration::from_secs(11));
@@ -221,10 +244,7 @@ fn async_refresh_taken_over_by_a_nop_computation_in_a_loader() {
 fn shared_given_up_by_a_computation(verdict: Op<u64>, want: &[u64]) {
     let _w = watchdog(Duration::from_secs(10), "shared_given_up_by_a_computation");
     let c = limited(1);
-    let (ready, go) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let (ready, go) = flags();
     let h = holder(&c, &ready, &go, move |c| {
         let _ = c.entry(1).and_compute_with(|_| verdict);
     });
@@ -262,24 +282,13 @@ fn shared_load_given_up_by_a_remove_computation() {
 #[test]
 fn timed_blocking_leader_given_up_by_a_computation() {
     let _w = watchdog(Duration::from_secs(10), "timed_blocking_leader_given_up");
-    let running = Arc::new(AtomicU64::new(0));
-    let most = Arc::new(AtomicU64::new(0));
-    let (r2, m2) = (Arc::clone(&running), Arc::clone(&most));
+    let (most, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let c: C = Cache::builder()
         .max_capacity(100)
         .max_concurrent_loads(1)
-        .loader(move |k: &u64| {
-            let n = r2.fetch_add(1, Ordering::SeqCst) + 1;
-            m2.fetch_max(n, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
-            r2.fetch_sub(1, Ordering::SeqCst);
-            Ok::<_, BoxError>(k + 100)
-        })
+        .loader(counting_loader(&most, &calls))
         .build();
-    let (ready, go) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let (ready, go) = flags();
     let h = holder(&c, &ready, &go, |c| {
         let _ = c.entry(1).and_compute_with(|_| Op::Nop);
     });
@@ -301,10 +310,7 @@ fn timed_blocking_leader_given_up_by_a_computation() {
 #[test]
 fn spawned_load_given_up_by_a_computation() {
     let _w = watchdog(Duration::from_secs(10), "spawned_load_given_up");
-    let running = Arc::new(AtomicU64::new(0));
-    let most = Arc::new(AtomicU64::new(0));
-    let calls = Arc::new(AtomicU64::new(0));
-    let (r2, m2, c2) = (Arc::clone(&running), Arc::clone(&most), Arc::clone(&calls));
+    let (most, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let c: C = Cache::builder()
         .max_capacity(100)
         .max_concurrent_loads(1)
@@ -312,19 +318,9 @@ fn spawned_load_given_up_by_a_computation() {
         .spawner(|job| {
             std::thread::spawn(job);
         })
-        .loader(move |k: &u64| {
-            c2.fetch_add(1, Ordering::SeqCst);
-            let n = r2.fetch_add(1, Ordering::SeqCst) + 1;
-            m2.fetch_max(n, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
-            r2.fetch_sub(1, Ordering::SeqCst);
-            Ok::<_, BoxError>(k + 100)
-        })
+        .loader(counting_loader(&most, &calls))
         .build();
-    let (ready, go) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let (ready, go) = flags();
     let h = holder(&c, &ready, &go, |c| {
         let _ = c.entry(1).and_compute_with(|_| Op::Nop);
     });

@@ -19,10 +19,17 @@
 //!   of [`Cache::load_with_timeout`] (also one that passes while its leader still waits for a
 //!   `max_concurrent_loads` permit: without a spawner the leader gives the load up before its
 //!   loader runs, which abandons it; a spawned job keeps waiting and loads when it gets its
-//!   permit) — while the old value is within its stale window: every
+//!   permit), a key that `get_all`'s loader does not return — while the old value is within
+//!   its stale window: every
 //!   caller of that load gets the old value instead of the error (`Ok`), and the key's *retry
 //!   deadline* is set `refresh_backoff` ahead. The retry deadline is set before the failed load
 //!   leaves the registry, so no caller can start a second load in between.
+//!   Not a failure: a computation (`and_compute_with` & co.) that stores nothing or panics (it
+//!   loads nothing), a refresh that never ran (deferred by the load limit, dropped by the
+//!   spawner, taken over), a load given up by a computation. A refresh that fails while the
+//!   value is still live sets the next refresh a backoff ahead and, with fail-safe, is not
+//!   remembered by `negative_ttl` (the remembered error would answer before the old value,
+//!   once it expires).
 //! * **Until the retry deadline**, callers of the key get the old value at once, with no load.
 //!   The first caller after it (decided under the shard's write lock) sets the next retry
 //!   deadline and loads; meanwhile the others get the old value (they do not wait for a

@@ -172,14 +172,14 @@ where
                     // the shard lock, where `claim` reads it.
                     flight.set_negative_until(crate::clock::deadline(self.now(), ttl));
                     if let Some(k) = s.flights_ref().key_of(hash, flight) {
-                        self.release_refresh_claim(&s, hash, k);
+                        self.key_eq_guarded(hash, || self.release_refresh_claim(&s, hash, k));
                     }
                     None
                 }
                 _ => {
                     let key = s.flights().remove(hash, flight);
                     if let Some(k) = &key {
-                        self.release_refresh_claim(&s, hash, k);
+                        self.key_eq_guarded(hash, || self.release_refresh_claim(&s, hash, k));
                     }
                     key
                 }
@@ -190,14 +190,16 @@ where
 
     /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
     /// retry. With `retry_refresh`, the entry's next refresh is due then (if the flight was
-    /// registered).
+    /// registered). `failed_load`: a load that failed (its leader panicked or was dropped), which
+    /// fail-safe answers as a failure; not a computation, nor a refresh that never ran.
     pub(crate) fn abandon(
         &self,
         hash: u64,
         flight: &Arc<Flight<K, V>>,
         retry_refresh: Option<u64>,
+        failed_load: bool,
     ) {
-        self.end_flight(hash, flight, retry_refresh, Phase::Abandoned);
+        self.end_flight(hash, flight, retry_refresh, Phase::Abandoned, failed_load);
     }
 
     /// Cancels a shared async load nobody wants any more: the check that nobody is interested
@@ -219,7 +221,7 @@ where
             }
             let key = s.flights().remove(hash, flight);
             if let Some(k) = &key {
-                self.release_refresh_claim(&s, hash, k);
+                self.key_eq_guarded(hash, || self.release_refresh_claim(&s, hash, k));
             }
             st.phase = Phase::Abandoned;
             self.count(crate::stats::Counter::LoadAbandoned);
@@ -235,30 +237,49 @@ where
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:
     /// then, with `retry_refresh`, the entry's next refresh is due at that time) and resolves
-    /// it with `phase`.
+    /// it with `phase`. `failed_load`: a load that failed, which starts fail-safe's backoff
+    /// (see `cache/fail_safe.rs`).
+    ///
+    /// The key's `Eq` runs here (the entry's refresh deadline, its stale value), under the
+    /// lock, maybe while a panic unwinds (a lead's drop): a panic of it is caught — the flight
+    /// is resolved whatever happens, and a refresh claim it could not give back is noted as an
+    /// orphan, given back by the next read of the entry (found by the value's address).
     pub(crate) fn end_flight(
         &self,
         hash: u64,
         flight: &Arc<Flight<K, V>>,
         retry_refresh: Option<u64>,
         phase: Phase<V>,
+        failed_load: bool,
     ) {
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let key = s.flights().remove(hash, flight);
             if let Some(k) = &key {
-                match retry_refresh {
-                    Some(at) => s.set_refresh_at(hash, k, at),
-                    None => self.release_refresh_claim(&s, hash, k),
-                }
-            }
-            if let (Some(k), Phase::Abandoned) = (&key, &phase) {
-                self.fail_safe_abandoned(&s, hash, k);
+                self.key_eq_guarded(hash, || {
+                    match retry_refresh {
+                        Some(at) => s.set_refresh_at(hash, k, at),
+                        None => self.release_refresh_claim(&s, hash, k),
+                    }
+                    if failed_load && matches!(phase, Phase::Abandoned) {
+                        self.fail_safe_abandoned(&s, hash, k);
+                    }
+                });
             }
             key
         };
         drop(key); // outside the lock
         flight.resolve(phase);
+    }
+
+    /// Runs `f`, which calls the key's `Eq` (user code) while a flight ends: a panic of it is
+    /// caught (the caller still resolves its flight; it may be unwinding already, where a
+    /// second panic would abort) and the key's refresh claim, which `f` may not have given
+    /// back, is noted as an orphan.
+    pub(crate) fn key_eq_guarded(&self, hash: u64, f: impl FnOnce()) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            self.note_orphan(hash);
+        }
     }
 }
 

@@ -144,7 +144,7 @@ pub(crate) struct Inner<K, V, S> {
     weight: AtomicU64,
     /// Hashes of keys whose refresh claim could not be given back (see
     /// [`give_back_orphan`](Cache::give_back_orphan)), and how many there are.
-    orphans: crate::sync::Mutex<Vec<u64>>,
+    orphans: crate::sync::Mutex<Vec<(u64, u64)>>,
     orphan_count: std::sync::atomic::AtomicUsize,
     weigher: Option<Weigher<K, V>>,
     pub(crate) expiry: ExpiryConfig<K, V>,
@@ -387,7 +387,7 @@ where
             }
             Lookup::StaleHit(v) => {
                 if self.inner.orphan_count.load(Ordering::Relaxed) > 0 {
-                    self.give_back_orphan(&guard, key, hash, v, now);
+                    self.give_back_orphan(&guard, key, hash, v);
                 }
                 let r = f(v);
                 drop(guard);
@@ -499,38 +499,40 @@ where
 
     /// Remembers that the refresh claim of the key of hash `hash` could not be given back (a
     /// refresh whose store panicked in the key's `Eq`, which panicked again when the claim was
-    /// to be given back): the next read of that key's entry gives it back.
+    /// to be given back): the next read of that key's entry gives it back, due when it would
+    /// have been (a backoff from now), so the read after that one refreshes if that time has
+    /// come.
     #[cold]
     pub(crate) fn note_orphan(&self, hash: u64) {
+        let at = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         let mut o = self.inner.orphans.lock();
         if o.len() >= MAX_ORPHANS {
             o.remove(0);
         }
-        o.push(hash);
+        o.push((hash, at));
         self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
     }
 
     /// A read found the entry of `key` (hash `hash`) claimed for a refresh: if that claim is
     /// an orphan ([`note_orphan`](Self::note_orphan)) — its hash noted, and no load of the key
     /// registered (a key of the same hash may have a refresh of its own running) — it is given
-    /// back (due after the refresh backoff), found by the value's address.
+    /// back (due when it was noted, plus the refresh backoff), found by the value's address.
     #[cold]
-    fn give_back_orphan<Q>(&self, guard: &Shard<K, V>, key: &Q, hash: u64, value: &V, now: u64)
+    fn give_back_orphan<Q>(&self, guard: &Shard<K, V>, key: &Q, hash: u64, value: &V)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let mut o = self.inner.orphans.lock();
-        let Some(i) = o.iter().position(|&h| h == hash) else {
+        let Some(i) = o.iter().position(|&(h, _)| h == hash) else {
             return;
         };
         if guard.loading(hash, key) {
             return; // a refresh of this key runs (or a load): not an orphan
         }
-        o.swap_remove(i);
+        let (_, at) = o.swap_remove(i);
         self.inner.orphan_count.store(o.len(), Ordering::Relaxed);
-        let retry = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
-        guard.reset_refresh_of(value, retry);
+        guard.reset_refresh_of(value, at);
     }
 
     /// Reports removed entries to the listener (each exactly once); returns the first panic of
