@@ -392,13 +392,16 @@ where
     /// Cost: up to nine shadow caches of key hashes (four sizes besides 1 ×, each with a
     /// challenger running another configuration), fed sampled reads, replayed on the shadows
     /// when a shard's buffer is drained (by the reader that fills it or a write that evicts,
-    /// not under the shard's lock). From 4,096 entries up the curve samples about twice the
-    /// keys the policy's selector takes anyway (an unsampled read runs the same code) and each
-    /// shadow holds at most 2,000 entries (the 1 × one; the others at most 1,024, the larger
-    /// ones seeing a subset of the samples): about 0.35 MiB once full, whatever the capacity,
-    /// and about 1–5 % more instructions at 100,000 entries on
-    /// mixed workloads and on hits alone (BENCHMARKS.md); +7 % per read at 10,000 entries,
-    /// +50–75 % at 4,000. Below 4,096 entries the curve samples more keys than the selector,
+    /// not under the shard's lock). From 4,096 entries up the curve samples the keys the
+    /// policy's selector takes anyway, and from 16,384 up more of them (up to twice as many
+    /// from 32,000: an unsampled read runs the same code either way); each shadow holds at most
+    /// 2,000 entries (the 1 × one; the others at most 1,024, the larger ones seeing a subset of
+    /// the samples): about 0.35 MiB once full, whatever the capacity. Instructions, measured
+    /// with `bench/examples/sizing_cost.rs` under callgrind against an untracked cache
+    /// (BENCHMARKS.md; the hash seed moves them by a few percent): at 100,000 entries about
+    /// 3–6 % more on a skewed mix of reads and inserts and 3–5 % on hits alone (the tracker's
+    /// own share about 3 %); at 10,000 entries 17 % and 29 %; +50–75 % at 4,000. Below 4,096
+    /// entries the curve samples more keys than the selector,
     /// and at 1,024 or fewer every read is simulated in up to nine shadows: 550–1,100
     /// instructions more per read (4.1 × an untracked read at 1,000 entries on Zipf reads,
     /// 6.6 × on hits alone; 0.7 MiB). Track small caches to size them, not on a hot path. With

@@ -11,9 +11,10 @@
 //! takes (`select`): a sampled `get` pushes its hash and whether the real cache hit into its
 //! shard's lossy buffer (two relaxed atomic operations, no lock), which is drained by one
 //! thread at a time (not under the shard's lock) into the selector and, when tracked, into
-//! this tracker. Without a weigher the sizing rate is `R = min(1, 2000 / max_capacity)` from
-//! 4,096 entries up, about twice the selector's (1,024 entries' worth), and `min(1, 1024 /
-//! max_capacity)` below, where the selector samples a quarter of the capacity's keys (every
+//! this tracker. Without a weigher the sizing rate is `R = min(1, S / max_capacity)` for a
+//! 1 × shadow of `S = clamp(max_capacity / 16, 1024, 2000)` entries: the selector's 1,024
+//! entries' worth up to 16,384 entries, up to about twice that (2,000) from 32,000 up; below
+//! 4,096 entries the selector samples a quarter of the capacity's keys (every
 //! key at 1,024 entries or fewer: the curve's small shadows need them: at a quarter of the
 //! rate, with a 64-entry floor, the curve was off by up to 15 points on the loop trace). So a
 //! tracked cache pushes more samples than an untracked one (an unsampled read runs the same
@@ -21,8 +22,8 @@
 //! above its own threshold. Samples lost by the lossy buffer are lost to both.
 //!
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
-//! 0.25 ×, 512 at 0.5 ×, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not capped: 2,000 entries
-//! from 4,096 entries up, 1,024 below): a shadow that `capacity × R` would make
+//! 0.25 ×, 512 at 0.5 ×, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not capped: 1,024 to
+//! 2,000 entries, see above): a shadow that `capacity × R` would make
 //! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1),
 //! a subset of the others' keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
 //! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
@@ -249,25 +250,27 @@ impl Counts {
     }
 }
 
-/// Without a weigher, the most the shadows sample: 2,000 entries at 1 × from 4,096 entries up
-/// (about twice the selector's keys: with 1,024, the 1 × point was off the observed ratio by
-/// more than 1 point in half of the runs on the dev traces, mostly P3 at 400,000, sampled at
-/// 0.26 %), 1,024 below, every key at 1,024 entries or fewer (more than the selector below
+/// Without a weigher, the most the shadows sample: [`one_entries`] at 1 × (up to 2,000 from
+/// 32,000 entries up, about twice the selector's keys: with 1,024, the 1 × point was off the
+/// observed ratio by more than 1 point in half of the runs on the dev traces, mostly P3 at
+/// 400,000, sampled at 0.26 %), every key at 1,024 entries or fewer (more than the selector below
 /// 4,096 entries: the sizing curve's small shadows need every sample there, see
 /// `MAX_ENTRIES`).
 pub(crate) fn unweighted_threshold(capacity: u64) -> u64 {
-    if capacity >= ONE_FROM {
-        threshold_for(capacity, ONE_ENTRIES)
-    } else {
-        threshold_for(capacity, crate::select::SHADOW_ENTRIES)
-    }
+    threshold_for(capacity, one_entries(capacity))
 }
 
-/// From this capacity up (where the selector's shadows hold 1,024 entries), the 1 × shadow
-/// holds [`ENTRIES`] (2,000), about twice the selector's: the curve samples twice the keys
-/// the selector does (see the module docs, "Where the samples come from").
-const ONE_FROM: u64 = 4 * crate::select::SHADOW_ENTRIES;
-const ONE_ENTRIES: u64 = ENTRIES;
+/// Without a weigher, the entries of the 1 × shadow: 1,024 (the selector's size from 4,096
+/// entries of capacity up) up to 16,384 entries of capacity, then a sixteenth of the
+/// capacity, up to [`ENTRIES`] (2,000) from 32,000 up: the curve samples up to about twice
+/// the keys the selector does. The work per read grows with the rate, so the larger shadow is
+/// kept for the caches where the rate is lowest (at most 1 in 16 keys sampled): at 10,000
+/// entries, 2,000 entries at 1 × cost 28 % more instructions than an untracked cache on a
+/// skewed mix, against 17 % with 1,024 (`bench/examples/sizing_cost.rs` under callgrind).
+fn one_entries(capacity: u64) -> u64 {
+    let s = crate::select::SHADOW_ENTRIES;
+    (capacity / 16).clamp(s, ENTRIES)
+}
 
 impl Tracker {
     /// A tracker for a cache of `capacity` (entries, or weight units when `weighted`) whose
@@ -742,11 +745,11 @@ pub const SUGGEST_MARGIN_POINTS: f64 = 2.0;
 ///
 /// **Accuracy.** Measured on 21 trace/capacity rows (BENCHMARKS.md, with
 /// [`record_stats`](crate::CacheBuilder::record_stats) on, which the hot-key adjustment needs
-/// without a time to live): at 0.5 × and 2 × the mean error is 0.37–0.62 points in 10 runs;
-/// the worst row moves with the hash seed, which picks the sampled keys (2.0–4.4 points, at
-/// most 4 in 9 runs of the 10: the misses are the 0.5 × points of the rows sampled at the
-/// lowest rates). The 1 × point is within 1 point of the observed ratio in the 10 runs (worst
-/// 0.29–0.94). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
+/// without a time to live): at 0.5 × and 2 × the mean error is 0.37–0.63 points in 17 runs;
+/// the worst row moves with the hash seed, which picks the sampled keys (2.0–6.0 points, at
+/// most 4 in 14 runs of the 17: the misses are the 0.5 × points of the rows sampled at the
+/// lowest rates). The 1 × point is within 1 point of the observed ratio in 16 of the 17 runs
+/// (worst 0.29–0.94; 1.88 once). The 0.25 × point comes from the smallest shadow (32 entries beyond 1,024 entries of
 /// capacity) and is coarse: up to 9–21 points off on one row in some runs; read it as a
 /// direction, not a figure. The points
 /// predict capacity misses only (no expiry).
@@ -911,7 +914,7 @@ mod tests {
     }
 
     #[test]
-    fn the_1x_shadow_holds_2000_entries_from_4096_up() {
+    fn the_1x_shadow_holds_2000_entries_from_32000_up() {
         // As the cache builds it: the curve's threshold, above the selector's.
         let sel = crate::select::Selector::new(100_000, 1).threshold();
         let t = Tracker::new(100_000, false, 0, 1, unweighted_threshold(100_000), false);
@@ -919,7 +922,9 @@ mod tests {
         assert!(t.threshold() > sel);
         let sizes: Vec<u64> = t.shadows.iter().map(Shadow::capacity).collect();
         assert_eq!(sizes, [32, 512, 2000, 1024, 512, 32, 512, 1024, 512]);
-        // Below 4,096 entries, 1,024 at most.
+        // A sixteenth of the capacity between 16,384 and 32,000 entries; 1,024 below.
+        assert_eq!(unweighted_threshold(24_000), threshold_for(24_000, 1500));
+        assert_eq!(unweighted_threshold(10_000), threshold_for(10_000, 1024));
         assert_eq!(unweighted_threshold(4095), threshold_for(4095, 1024));
         assert_eq!(unweighted_threshold(1000), 1 << 32);
     }

@@ -241,8 +241,8 @@ where
                 })
             })
             .collect();
-        // The sizing curve samples 2,000 entries' worth at 1 × from 4,096 entries up, 1,024
-        // below (a superset of the selector's keys; with a weigher, its own).
+        // The sizing curve samples 1,024 to 2,000 entries' worth at 1 × (a superset of the
+        // selector's keys; with a weigher, its own).
         let sizing = sizing.then(|| {
             let max = if selector.is_some() {
                 crate::sizing::unweighted_threshold(capacity).max(sample_threshold)
