@@ -4,24 +4,12 @@
 mod common;
 
 use common::hand::{assert_permits_back, limited, run, shared, C};
-use common::watchdog;
+use common::{eventually, watchdog};
 use herdcache::{BoxError, Cache, ManualClock, Op};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Waits at most 2 s (polling every 2 ms) until `cond` holds.
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let until = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < until {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
-}
 
 /// A loader that returns `k + 100` after 5 ms, counting its calls and the most of them that
 /// ran at once.

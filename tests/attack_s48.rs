@@ -438,15 +438,6 @@ impl PartialEq for PK {
 }
 impl Eq for PK {}
 
-/// Runs `f` on a thread; `None` if it did not return within 2 s (the thread is left behind).
-fn within_2s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(2)).ok()
-}
-
 /// refresh_after 10, backoff 5, negative_ttl 300, TTL 60; the loader fails on its second
 /// call, arming the key's `Eq` bomb first (so ending the failed refresh panics in `Eq`).
 fn eq_bomb_cache(clock: &ManualClock, calls: &Arc<AtomicU64>, fail_safe: bool) -> Cache<PK, u64> {
@@ -524,7 +515,7 @@ fn failed_refresh_whose_negative_entry_panics_in_key_eq_leaves_no_stranded_fligh
     EQ_BOMB.with(|b| b.set(false));
     clock.advance(secs(60)); // expired
     let c2 = c.clone();
-    let r = within_2s(move || c2.load(PK(1)).map_err(|e| e.to_string()));
+    let r = common::within(secs(2), move || c2.load(PK(1)).map_err(|e| e.to_string()));
     assert!(
         r.is_some(),
         "load of the key hangs on a flight nobody resolves"
