@@ -529,6 +529,10 @@ where
     /// the job owns its load, and dropping it unrun releases the key. A refresh is then retried
     /// after the refresh backoff; a load falls back to running in its caller.
     ///
+    /// A job holds a handle to the cache until it runs or is dropped: a spawner that keeps
+    /// jobs it never runs (a queue captured by the spawner itself) keeps the cache, and its
+    /// entries, alive. Run or drop parked jobs.
+    ///
     /// # Example
     ///
     /// Refreshes on tokio's blocking pool, through a handle captured when the cache is built, so

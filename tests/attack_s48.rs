@@ -894,6 +894,9 @@ fn late_refresh_job_after_insert_and_new_claim() {
     clock.advance(secs(11));
     assert_eq!(c.get(&1), Some(103));
     assert_eq!(jobs.lock().unwrap().len(), 1, "and the key refreshes again");
+    // A parked job holds the cache, and the cache's spawner holds the queue: drop the job to
+    // break the cycle (else the cache leaks, as the builder's `spawner` docs say).
+    jobs.lock().unwrap().clear();
 }
 
 /// Pin: a fail-safe retry that succeeds replaces the stale entry; the eviction listener panics

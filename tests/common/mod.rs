@@ -49,7 +49,16 @@ impl Drop for Counted {
 /// stranded waiter then fails CI instead of hanging it.
 pub struct Watchdog(Option<mpsc::Sender<()>>);
 
+///
+/// `HERDCACHE_TEST_SLOWDOWN=N` multiplies `limit` by `N` (CI's AddressSanitizer step, where the
+/// CPU-bound sweeps run several times slower): a hang is still caught, later.
 pub fn watchdog(limit: Duration, what: &'static str) -> Watchdog {
+    let slowdown = std::env::var("HERDCACHE_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let limit = limit * slowdown;
     let (tx, rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
