@@ -488,7 +488,12 @@ where
     /// it is polled afterwards: it is part of that load (and a shared load it is nested in may
     /// be polled under that permit, since its polls drive it) — unless that permit was only
     /// lent to the poll by a blocking caller: it then goes on as a shared load does. A lent
-    /// permit runs one poll at a time.
+    /// permit runs one poll at a time. A caller inside a load that joins a load of another key
+    /// waiting for a permit: if that load is shared, an async caller polls it under its permit
+    /// (its `init` runs, and a panic of it reaches this caller, as a shared load's panic
+    /// reaches whoever polls it); if its leader drives it itself (a blocking or a
+    /// [`Cache::get_with_async`] leader), the caller takes it over with its own loader or
+    /// `init`, since only that leader could start it.
     ///
     /// Permits are per cache: a load of another cache inside this one's loader takes a permit
     /// of that cache. Two caches whose loaders ask each other (A's loads load from B, B's from

@@ -83,9 +83,28 @@ pub(crate) struct State<K, V> {
     /// skipped and pruned): a permit lent to one of them may run this load's poll, which
     /// drives it (see [`Flight::lender_below`]).
     pub(crate) children: Vec<Weak<Flight<K, V>>>,
+    /// A shared load's place in the permit queue (see [`TicketSlot`](crate::load_async::TicketSlot)).
+    pub(crate) ticket: Option<crate::load_async::TicketSlot>,
 }
 
 impl<K, V> State<K, V> {
+    /// The shared load's place in the permit queue, to give up (by dropping it, with no lock
+    /// held) once every async caller still waiting for the load waits inside another load's
+    /// polls: those polls run under that load's permit and drive this one, and a permit
+    /// granted to this load would wait, uncollected, for that load's own (a deadlock that
+    /// `attack_s44`'s sweep found with a limit of 1).
+    pub(crate) fn orphaned_ticket(&mut self) -> Option<crate::limit::Acquire> {
+        let nested_only = !self.wakers.is_empty()
+            && self
+                .wakers
+                .iter()
+                .all(|(id, _)| self.parents.iter().any(|(i, _)| i == id));
+        if !nested_only || !matches!(self.phase, Phase::Running) {
+            return None;
+        }
+        self.ticket.as_ref().and_then(|t| t.lock().take())
+    }
+
     /// A permit of `lenders` for a poll about to run (the newest free one; see
     /// [`Permit::begin_lent_poll`], which registers `waker` with a busy one), entered in
     /// `lent_polls` until the poll's [`LentPoll`] drops.
@@ -153,6 +172,7 @@ impl<K, V> Flight<K, V> {
                 lent_polls: Vec::new(),
                 parents: Vec::new(),
                 children: Vec::new(),
+                ticket: None,
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
@@ -176,6 +196,23 @@ impl<K, V> Flight<K, V> {
         self.start
             .compare_exchange(WAITING, STOLEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// [`steal`](Self::steal) for an async caller: only a load that its leader drives itself
+    /// (a blocking leader, or an async one with a borrowing `init`). A shared load is not taken
+    /// over: the caller joins it and polls it under its own permit instead. Taken over, the
+    /// load would move into this caller's future — which may be nested in another shared load
+    /// polled only under a permit it was lent, and queued for one of its own once its lender
+    /// goes: the flight's other waiters, the permit holder among them, could then no longer
+    /// reach the load (a deadlock `attack_s44` found under a limit of 1).
+    pub(crate) fn steal_unshared(&self) -> bool {
+        {
+            let st = self.state.lock();
+            if st.future.is_some() || st.polling {
+                return false;
+            }
+        }
+        self.steal()
     }
 
     /// The leader's side of [`steal`](Self::steal): before it ends a flight it has not started
@@ -212,10 +249,16 @@ impl<K, V> Flight<K, V> {
     /// registered it is interested from here on, as waiter [`LEADER`]: a caller that joins,
     /// drives the load and goes away before the leader's first wait cannot cancel the load
     /// under it (its `init` gone into the load, the leader could not load again).
-    pub(crate) fn set_shared_load(&self, key: Option<K>, future: LoadFuture<V>) {
+    pub(crate) fn set_shared_load(
+        &self,
+        key: Option<K>,
+        future: LoadFuture<V>,
+        ticket: crate::load_async::TicketSlot,
+    ) {
         let mut st = self.state.lock();
         st.key = key;
         st.future = Some(future);
+        st.ticket = Some(ticket);
         st.interested += 1;
         st.next_id = st.next_id.max(LEADER + 1);
     }

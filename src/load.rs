@@ -67,7 +67,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A shared async load and its start token (see [`Flight::start`]).
-pub(crate) type SharedLoad<V> = (LoadFuture<V>, Arc<crate::sync::AtomicU8>);
+pub(crate) type SharedLoad<V> = (
+    LoadFuture<V>,
+    Arc<crate::sync::AtomicU8>,
+    crate::load_async::TicketSlot,
+);
 
 /// How a caller claims a key.
 #[derive(Clone, Copy, Debug)]
@@ -667,13 +671,13 @@ where
         // The key's clone (user code) comes before the lock.
         let owned = (can_lead && future.is_some()).then(|| key.clone());
         let f = match future {
-            Some((_, token)) if can_lead => Flight::with_start(Arc::clone(token)),
+            Some((_, token, _)) if can_lead => Flight::with_start(Arc::clone(token)),
             _ => Flight::blocking(),
         };
         let keep = || {
             if can_lead {
-                if let Some((fut, _)) = future.take() {
-                    f.set_shared_load(owned, fut);
+                if let Some((fut, _, ticket)) = future.take() {
+                    f.set_shared_load(owned, fut, ticket);
                 }
             }
             // Registered for a caller that cannot lead: taken back.

@@ -113,9 +113,26 @@ pub(crate) struct Gate {
     /// The limiter, while the load has no permit of its own.
     limiter: Option<Arc<Limiter>>,
     own: Option<Arc<Permit>>,
-    /// Our place in the limiter's queue, once a poll found no permit to run under.
-    ticket: Option<Acquire>,
+    /// Our place in the limiter's queue, once a poll found no permit to run under. Shared
+    /// with the flight of a shared load (see [`TicketSlot`]).
+    ticket: TicketSlot,
 }
+
+impl Drop for Gate {
+    /// The place in the queue goes with the gate (the flight's handle to it outlives it): a
+    /// permit granted to it passes on.
+    fn drop(&mut self) {
+        let ticket = self.ticket.lock().take();
+        drop(ticket);
+    }
+}
+
+/// A shared load's place in the permit queue, held by its [`Gate`] and by its flight: a place
+/// taken by a caller polling the load directly is given up (a permit granted to it passed on)
+/// once only callers nested in other loads wait for it — their polls, made inside those
+/// loads' polls, run under those loads' permits, and a permit granted to this load could not
+/// be collected while those loads wait for theirs (see [`Flight::orphaned_ticket`]).
+pub(crate) type TicketSlot = Arc<crate::sync::Mutex<Option<Acquire>>>;
 
 impl Gate {
     /// A load that holds `permit` (or needs none).
@@ -123,7 +140,7 @@ impl Gate {
         Gate {
             limiter: None,
             own: permit,
-            ticket: None,
+            ticket: Arc::new(crate::sync::Mutex::new(None)),
         }
     }
 
@@ -132,7 +149,7 @@ impl Gate {
         Gate {
             limiter,
             own: None,
-            ticket: None,
+            ticket: Arc::new(crate::sync::Mutex::new(None)),
         }
     }
 
@@ -146,14 +163,17 @@ impl Gate {
             return Poll::Ready(());
         };
         let covered = holds_permit(Some(limiter));
-        if !covered || self.ticket.is_some() {
-            let ticket = self.ticket.get_or_insert_with(|| limiter.acquire());
+        let mut slot = self.ticket.lock();
+        if !covered || slot.is_some() {
+            let ticket = slot.get_or_insert_with(|| limiter.acquire());
             if let Poll::Ready(p) = Pin::new(ticket).poll(cx) {
-                self.ticket = None;
+                *slot = None;
+                drop(slot);
                 self.own = Some(Arc::new(p));
                 return Poll::Ready(());
             }
         }
+        drop(slot);
         if covered {
             Poll::Ready(())
         } else {
@@ -586,8 +606,9 @@ where
                 }
                 Claim::Join(flight) => {
                     // Inside another load that holds a permit: take over a leader that waits
-                    // for one (waiting for it could keep the permit from it forever).
-                    if init.is_some() && self.holds_permit() && flight.steal() {
+                    // for one and drives its load itself (waiting for it could keep the permit
+                    // from it forever); a shared load is joined, and polled under the permit.
+                    if init.is_some() && self.holds_permit() && flight.steal_unshared() {
                         let lead = Lead::taken(self, hash, flight);
                         let f = init.take().expect("checked");
                         let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await else {
@@ -689,10 +710,11 @@ where
                 // This caller is already counted as interested in it (its waiter `LEADER`).
                 Claim::Lead(lead) => (lead.disarm(), Some(crate::flight::LEADER)),
                 // Inside another load that holds a permit: take over a leader that waits for
-                // one, driving this caller's own load here.
-                Claim::Join(f) if had_future && self.holds_permit() && f.steal() => {
+                // one and drives its load itself, driving this caller's own load here (a shared
+                // load is joined instead, and polled under the permit).
+                Claim::Join(f) if had_future && self.holds_permit() && f.steal_unshared() => {
                     let lead = Lead::taken(self, hash, f);
-                    let (fut, token) = init.take().expect("checked");
+                    let (fut, token, _) = init.take().expect("checked");
                     crate::flight::start(&token);
                     let (outcome, took) = fut.await;
                     let outcome = self.publish(lead, Some(key), outcome, took);
@@ -757,8 +779,9 @@ where
             init: Some(init),
             back: Arc::clone(back),
         };
+        let mut gate = Gate::waiting(limiter);
+        let slot = Arc::clone(&gate.ticket);
         let load: LoadFuture<V> = Box::pin(async move {
-            let mut gate = Gate::waiting(limiter);
             std::future::poll_fn(|cx| gate.poll_ready(cx)).await;
             if !crate::flight::start(&start_token) {
                 // Taken over while this load waited for a permit: its taker publishes (and
@@ -771,7 +794,7 @@ where
             let took = clock.stopwatch().saturating_sub(start);
             (outcome, took)
         });
-        (load, token)
+        (load, token, slot)
     }
 }
 
@@ -985,13 +1008,15 @@ where
         if self.id.is_none() {
             return;
         }
-        let (cancel, others) = {
+        let (cancel, others, orphaned) = {
             let mut st = self.flight.state.lock();
             let cancel = leave(&mut self.id, &mut st);
             // We may have consumed a wake-up meant to get the load polled: pass it on.
             let others: Vec<Waker> = st.wakers.iter().map(|(_, w)| w.clone()).collect();
-            (cancel, others)
+            (cancel, others, st.orphaned_ticket())
         };
+        // Dropped with no lock held: a permit granted to it goes to the next in the queue.
+        drop(orphaned);
         // Nobody wants the shared load any more: it ends unpublished, abandoned (and counted
         // so), unless a caller joined it meanwhile (it then drives it; whoever ends it counts).
         if !(cancel && self.cache.cancel_shared(self.hash, &self.flight)) {

@@ -36,7 +36,7 @@ use common::hand::{
 };
 use common::{panic_message, quiet_injected_panics, watchdog};
 use herdcache::Cache;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -663,19 +663,22 @@ fn borrowing_future_queued_outside_then_awaited_by_the_permit_holder() {
     );
 }
 
-/// (4)/(3) A holder X takes over (steals) a shared load of key 2 that O started from outside
-/// and that waits in the permit queue: X's init runs under X's permit; O gets X's value, O's
-/// init never runs (not even once its queued ticket is granted), and the permit comes back.
+/// (4)/(3) A holder X joins a shared load of key 2 that O started from outside and that waits
+/// in the permit queue: X polls it under X's permit (until stop 31 X took it over with its own
+/// `init`; see attack_s44's `a_shared_load_joined_under_a_lent_permit_is_not_moved_into_the_joiner`
+/// for the deadlock that could cause). One `init` runs, both get its value, the permit comes
+/// back.
 #[test]
-fn stolen_queued_shared_load_answers_everyone_with_the_takers_value() {
-    let _w = watchdog(Duration::from_secs(60), "stolen queued shared load");
+fn joined_queued_shared_load_answers_everyone_with_one_value() {
+    let _w = watchdog(Duration::from_secs(60), "joined queued shared load");
     let c = limited(1);
     let door = Door::default();
-    let o_ran = Arc::new(AtomicBool::new(false));
-    let (c1, d1) = (c.clone(), door.clone());
+    let inits = Arc::new(AtomicUsize::new(0));
+    let (c1, d1, i1) = (c.clone(), door.clone(), inits.clone());
     let mut x = shared(&c, 1, async move {
         d1.wait().await;
-        c1.get_with_async_shared(2, async {
+        c1.get_with_async_shared(2, async move {
+            i1.fetch_add(1, Ordering::SeqCst);
             common::Yield(2).await;
             5
         })
@@ -683,9 +686,9 @@ fn stolen_queued_shared_load_answers_everyone_with_the_takers_value() {
             + 100
     });
     pending(&mut x, "X holds the permit");
-    let r = o_ran.clone();
+    let i2 = inits.clone();
     let mut o = shared(&c, 2, async move {
-        r.store(true, Ordering::SeqCst);
+        i2.fetch_add(1, Ordering::SeqCst);
         7
     });
     pending(&mut o, "O queued");
@@ -699,17 +702,11 @@ fn stolen_queued_shared_load_answers_everyone_with_the_takers_value() {
             vx = run(&mut x, 1);
         }
     }
-    assert_eq!(vx, Some(Ok(105)));
-    assert_eq!(
-        vo,
-        Some(Ok(5)),
-        "O must get the value of the load of its key"
-    );
-    assert_eq!(c.get(&2), Some(5));
-    assert!(
-        !o_ran.load(Ordering::SeqCst),
-        "O's init ran after its load was taken over"
-    );
+    let v2 = vo.expect("O finished").expect("O's value");
+    assert!(v2 == 5 || v2 == 7, "key 2: {v2}");
+    assert_eq!(vx, Some(Ok(v2 + 100)), "X and O disagree on key 2");
+    assert_eq!(c.get(&2), Some(v2));
+    assert_eq!(inits.load(Ordering::SeqCst), 1, "one load of key 2");
     let mut n = shared(&c, 9, async { 9 });
     assert_eq!(run(&mut n, 50), Some(Ok(9)), "permit never returned");
 }
