@@ -532,6 +532,39 @@ fn a_cancelled_load_drops_its_init_under_its_permit() {
     }
 }
 
+/// X of the two stop-31 tests below: a borrowing load of key 1 whose init, once `door` opens,
+/// starts key 2's shared load (B, under X's permit), whose init joins key 3's shared load with
+/// `key3` as its init and adds 1.
+fn borrowing_x_over_b_over_key3(
+    c: &C,
+    door: &Door,
+    key3: impl std::future::Future<Output = u64> + Send + 'static,
+) -> BoxFut<u64> {
+    let (c1, xs1) = (c.clone(), door.clone());
+    Box::pin(async move {
+        let c2 = c1.clone();
+        c1.get_with_async(1, async move {
+            xs1.wait().await;
+            let c3 = c2.clone();
+            c2.get_with_async_shared(
+                2,
+                async move { c3.get_with_async_shared(3, key3).await + 1 },
+            )
+            .await
+        })
+        .await
+    })
+}
+
+/// A shared load of `key` whose init waits at `door`, then yields `value`.
+fn shared_at_door(c: &C, key: u64, door: &Door, value: u64) -> BoxFut<u64> {
+    let door = door.clone();
+    shared(c, key, async move {
+        door.wait().await;
+        value
+    })
+}
+
 /// Stop 31, the deadlock `top_level_limit_with_nested_shared_loads_on_tokio` found, by hand
 /// (limit 1): X (a borrowing load) holds the permit; Q leads key 3's shared load, queued for a
 /// permit. X's init starts key 2's shared load (B, run under X's permit, not its own), whose
@@ -544,30 +577,13 @@ fn a_shared_load_joined_under_a_lent_permit_is_not_moved_into_the_joiner() {
     let _w = watchdog(Duration::from_secs(60), "no steal of a shared load");
     let c = limited(1);
     let (xs, cd) = (Door::default(), Door::default());
-    let (c1, xs1, cd1) = (c.clone(), xs.clone(), cd.clone());
-    let mut x: BoxFut<u64> = Box::pin(async move {
-        let c2 = c1.clone();
-        c1.get_with_async(1, async move {
-            xs1.wait().await;
-            let c3 = c2.clone();
-            c2.get_with_async_shared(2, async move {
-                c3.get_with_async_shared(3, async move {
-                    cd1.wait().await;
-                    30
-                })
-                .await
-                    + 1
-            })
-            .await
-        })
-        .await
+    let cd1 = cd.clone();
+    let mut x = borrowing_x_over_b_over_key3(&c, &xs, async move {
+        cd1.wait().await;
+        30
     });
     pending(&mut x, "X holds the permit, at its door");
-    let cd2 = cd.clone();
-    let mut q = shared(&c, 3, async move {
-        cd2.wait().await;
-        33
-    });
+    let mut q = shared_at_door(&c, 3, &cd, 33);
     pending(&mut q, "Q queued for the permit");
     xs.open();
     pending(
@@ -612,25 +628,9 @@ fn a_permit_is_not_granted_to_a_load_only_nested_callers_wait_for() {
     let _w = watchdog(Duration::from_secs(60), "orphaned queue place");
     let c = limited(1);
     let (xs, cd) = (Door::default(), Door::default());
-    let (c1, xs1) = (c.clone(), xs.clone());
-    let mut x: BoxFut<u64> = Box::pin(async move {
-        let c2 = c1.clone();
-        c1.get_with_async(1, async move {
-            xs1.wait().await;
-            let c3 = c2.clone();
-            c2.get_with_async_shared(2, async move {
-                c3.get_with_async_shared(3, async { 30 }).await + 1
-            })
-            .await
-        })
-        .await
-    });
+    let mut x = borrowing_x_over_b_over_key3(&c, &xs, async { 30 });
     pending(&mut x, "X holds the permit, at its door");
-    let cd1 = cd.clone();
-    let mut q = shared(&c, 3, async move {
-        cd1.wait().await;
-        33
-    });
+    let mut q = shared_at_door(&c, 3, &cd, 33);
     pending(&mut q, "Q queued for the permit");
     xs.open();
     pending(&mut x, "B started under X's permit, C too (at its door)");
