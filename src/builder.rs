@@ -411,7 +411,11 @@ where
     /// adjustment) only when the cache counts its reads anyway: with
     /// [`record_stats`](Self::record_stats), or with a time to live (its maintenance tick).
     /// Without either, a sample that happens to hold too few of the hottest keys predicts low
-    /// at every size (on one dev trace by 6.7 points at 0.5 ×).
+    /// at every size (on one dev trace by 6.7 points at 0.5 ×). With `record_stats` the curve
+    /// is also anchored to the cache's own hit ratio over every request: each point is that
+    /// ratio plus its shadow's difference from the real cache on the same samples (see
+    /// [`Sizing`](crate::Sizing)), which removes the error of a sample whose keys hit more or
+    /// less than the others.
     ///
     /// ```
     /// let cache = herdcache::Cache::<u64, u64>::builder()

@@ -161,9 +161,11 @@ impl Stats {
         self.stripes[stripe()][c as usize].fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Hits and misses counted so far: the reads, for the sizing curve's adjustment.
-    pub(crate) fn reads(&self) -> u64 {
-        self.sum(Counter::Hit).wrapping_add(self.sum(Counter::Miss))
+    /// Hits and misses counted so far: the reads, and of those the hits, for the sizing
+    /// curve's adjustment and anchor.
+    pub(crate) fn reads_and_hits(&self) -> (u64, u64) {
+        let hits = self.sum(Counter::Hit);
+        (hits.wrapping_add(self.sum(Counter::Miss)), hits)
     }
 
     fn sum(&self, c: Counter) -> u64 {

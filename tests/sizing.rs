@@ -256,3 +256,61 @@ fn with_statistics_the_hottest_keys_are_accounted_for() {
     // The 1 × prediction follows.
     assert!((s.points_since_start()[2].1 - all).abs() < 0.06, "{s:?}");
 }
+
+/// A hasher that keeps a `u64` key's low 32 bits (which decide whether the key is sampled)
+/// and mixes the rest: the test picks which keys are sampled.
+#[derive(Clone, Default)]
+struct LowBitsKept(u64);
+
+impl std::hash::Hasher for LowBitsKept {
+    fn finish(&self) -> u64 {
+        let mixed = (self.0 >> 32 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed & !0xFFFF_FFFF) | (self.0 & 0xFFFF_FFFF)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[test]
+fn with_statistics_the_curve_is_anchored_to_the_caches_own_hit_ratio() {
+    // The sampled keys are unlucky: every one of them is requested once (a miss), while the
+    // keys outside the sample form a hot set that always hits. The sampled requests' own hit
+    // ratio is about 0; the cache's, about 15/16. With statistics recorded, the observed
+    // ratio is the cache's own and the points move with it (the 1 × point stays next to it).
+    let cache: Cache<u64, u64, std::hash::BuildHasherDefault<LowBitsKept>> = Cache::builder()
+        .max_capacity(20_000)
+        .record_stats()
+        .track_sizing()
+        .build_with_hasher(Default::default());
+    let rate = cache.sizing().expect("tracked").rate();
+    assert!(rate < 0.5, "{rate}");
+    let period = (1.0 / rate).round() as u64;
+    let sampled = |i: u64| (i << 32) | (i % 1000); // low bits far under the threshold
+    let hot = |i: u64| (i << 32) | 0xFFFF_FFF0; // never sampled
+    for i in 0..200_000u64 {
+        let k = if i % period == 0 {
+            sampled(i)
+        } else {
+            hot(i % 1000)
+        };
+        if cache.get(&k).is_none() {
+            cache.insert(k, k);
+        }
+    }
+    let s = cache.sizing().expect("tracked");
+    let stats = cache.stats().hit_ratio();
+    assert!(stats > 0.9, "{stats}");
+    assert!(s.samples_since_start() > 10_000, "{s:?}");
+    assert!(
+        (s.observed_since_start() - stats).abs() < 0.01,
+        "{stats} {s:?}"
+    );
+    assert!((s.observed() - stats).abs() < 0.02, "{stats} {s:?}");
+    assert!((at(&s, 20_000) - s.observed()).abs() < 0.02, "{s:?}");
+}

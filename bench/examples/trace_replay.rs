@@ -14,11 +14,12 @@
 //! replay and in `--sizing`; `HERDCACHE_POLICY_TRACE=1` prints the configuration selector's totals per row.
 //!
 //! `--sizing`: for each row, herdcache with `track_sizing()` and `record_stats()` (whose read
-//! count the curve's hot-key adjustment uses; `--no-stats`: without, so without the
-//! adjustment) at the row's capacity, and herdcache
+//! and hit counts the curve's hot-key adjustment and its anchor use; `--no-stats`: without,
+//! so without either) at the row's capacity, and herdcache
 //! run at 0.25, 0.5, 2 and 4 × that capacity; prints the curve predicted by the first (over the
 //! whole trace: `Sizing::points_since_start`) against the hit ratios actually measured, the 1 ×
-//! prediction against the observed ratio on the same sampled requests, and the errors.
+//! prediction against the observed ratio (`Sizing::observed_since_start`: with statistics the
+//! cache's own, the points anchored to it; without, the sampled requests'), and the errors.
 //!
 //! Each request is one key: `get`; on a miss, `insert` (unit weights). Decompression uses the
 //! `zstd`, `gzip` and `xz` command-line tools. The ARC traces are by N. Megiddo and D. S. Modha,
@@ -258,7 +259,7 @@ fn sizing_table(rows: &[usize], traces: &HashMap<&str, Arc<Vec<u64>>>) {
     let results = results.lock().unwrap();
     println!(
         "| trace | capacity | rate | 0.5×: actual | predicted | error | 2×: actual | predicted | error \
-         | 1×: observed (sampled) | predicted | error | 1× actual (all) | 0.25×: actual | predicted \
+         | 1×: observed | predicted | error | 1× actual (all) | 0.25×: actual | predicted \
          | 4×: actual | predicted |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");

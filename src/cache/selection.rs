@@ -87,7 +87,8 @@ where
         if let Some(z) = siz.as_deref_mut() {
             // The read count (a load per shard) only for a drain that may end an epoch.
             if z.near_epoch_end() {
-                z.set_requests(self.requests());
+                let (reads, hits) = self.requests();
+                z.set_requests(reads, hits);
             }
         }
         let lost = drainer.drain(|s| {
@@ -112,17 +113,21 @@ where
     /// when they are recorded, else the shards' approximate access counters when the cache
     /// keeps time (see [`note_access`](Self::note_access)), else unknown: the cache counts
     /// nothing on reads for the sizing curve alone.
-    pub(crate) fn requests(&self) -> Option<u64> {
+    ///
+    /// Also the hits among them when the statistics count them (the sizing curve's anchor).
+    pub(crate) fn requests(&self) -> (Option<u64>, Option<u64>) {
         if let Some(s) = &self.inner.stats {
-            return Some(s.reads());
+            let (reads, hits) = s.reads_and_hits();
+            return (Some(reads), Some(hits));
         }
-        self.inner.timed.then(|| {
+        let reads = self.inner.timed.then(|| {
             self.inner
                 .shards
                 .iter()
                 .map(|c| c.accesses.load(Ordering::Relaxed))
                 .sum()
-        })
+        });
+        (reads, None)
     }
 
     /// Feeds every shard's pending samples to the selector and the sizing tracker, but those
@@ -184,7 +189,8 @@ where
     /// lock: for [`health`](Self::health)); at most 64 samples per shard older.
     pub(crate) fn sizing_undrained(&self) -> Option<crate::Sizing> {
         let tracker = self.inner.sizing.as_ref()?;
-        tracker.lock().set_requests(self.requests());
+        let (reads, hits) = self.requests();
+        tracker.lock().set_requests(reads, hits);
         if self.inner.weigher_set() {
             let (size, entries) = (self.weighted_size(), self.entry_count());
             if let Some(t) = tracker.lock().calibrate(size, entries) {
