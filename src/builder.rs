@@ -138,6 +138,7 @@ pub struct CacheBuilder<K, V, S = crate::DefaultHashBuilder> {
     jitter: f64,
     stats: bool,
     sizing: bool,
+    eviction: crate::EvictionPolicy,
     listener: Option<Listener<K, V>>,
     name: Option<String>,
     /// Whether stored values may carry a lifetime bound of their own even without any expiry
@@ -184,6 +185,7 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
             jitter: 0.0,
             stats: false,
             sizing: false,
+            eviction: crate::EvictionPolicy::tiny_lfu(),
             listener: None,
             name: None,
             bounded_lifetimes: false,
@@ -242,6 +244,7 @@ impl<K, V, S> fmt::Debug for CacheBuilder<K, V, S> {
             )
             .field("record_stats", &self.stats)
             .field("track_sizing", &self.sizing)
+            .field("eviction_policy", &self.eviction)
             .field("eviction_listener", &IsSet(self.listener.is_some()))
             .field("jitter", &self.jitter)
             .field("loader", &IsSet(st.loader.is_some()))
@@ -426,6 +429,24 @@ where
     /// ```
     pub fn track_sizing(mut self) -> Self {
         self.sizing = true;
+        self
+    }
+
+    /// Chooses which entries a full cache evicts: [`EvictionPolicy::tiny_lfu`] (the default)
+    /// or [`EvictionPolicy::lru`] (see [`EvictionPolicy`]).
+    ///
+    /// ```
+    /// use herdcache::{Cache, EvictionPolicy};
+    ///
+    /// let cache: Cache<u64, u64> = Cache::builder()
+    ///     .max_capacity(100)
+    ///     .eviction_policy(EvictionPolicy::lru())
+    ///     .build();
+    /// cache.insert(1, 1);
+    /// assert_eq!(cache.get(&1), Some(1));
+    /// ```
+    pub fn eviction_policy(mut self, policy: crate::EvictionPolicy) -> Self {
+        self.eviction = policy;
         self
     }
 
@@ -757,6 +778,7 @@ where
             // As moka reports: 1 for a cache not asked to be segmented.
             segments: if self.shards.is_some() { shards } else { 1 },
             sizing: self.sizing,
+            lru: self.eviction.lru,
         }))
     }
 }
@@ -800,6 +822,7 @@ where
             jitter: self.jitter,
             stats: self.stats,
             sizing: self.sizing,
+            eviction: self.eviction,
             listener: self.listener,
             name: self.name,
             bounded_lifetimes: self.bounded_lifetimes,

@@ -293,6 +293,7 @@ mod loader;
 mod metrics;
 mod monitor;
 mod policy;
+mod recency;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -316,9 +317,9 @@ pub use expiry::Expiry;
 pub use health::{Health, Warning};
 pub use loader::LoadError;
 pub use removal::RemovalCause;
-pub use settings::Policy;
 pub use settings::{BoxError, BoxFuture};
 pub use settings::{DefaultHashBuilder, DefaultHasher};
+pub use settings::{EvictionPolicy, Policy};
 pub use sizing::{Sizing, SUGGEST_MARGIN_POINTS};
 pub use stats::{CacheStats, RemoteStats, Removals};
 

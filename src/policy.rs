@@ -44,11 +44,16 @@
 //!   ([`Policy::retune`]). Admission rule `t`: a candidate must be strictly more frequent than the
 //!   victim(s); rule `g`: the same, *or* the candidate is in the [`Ghost`] of recently evicted
 //!   keys. The ghost is kept under both rules, so a switch takes effect at once.
+//! * **Exact LRU** ([`EvictionPolicy::lru`](crate::EvictionPolicy::lru), tune word candidate
+//!   [`LRU`]): the queues, the sketch and the ghost are unused; every entry sits in the window's
+//!   weight and the [`Recency`] order picks the least recently used as the victim, with no
+//!   admission test. A hit also calls [`Policy::touch`], which does nothing otherwise.
 //! * **Weighted admission:** a candidate heavier than the victim is weighed against the
 //!   combined frequency of all the victims that would make room for it, before any of them is
 //!   evicted; a rejected candidate costs no incumbent its place.
 
 use crate::ghost::Ghost;
+use crate::recency::Recency;
 use crate::sketch::Sketch;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -132,13 +137,25 @@ macro_rules! impl_tracked {
 pub(crate) use impl_tracked;
 
 /// Records a hit: the only thing a read does to the policy. Lossy under races, by design.
+///
+/// Returns whether the entry is ordered by exact LRU (its counter holds [`LRU_MARK`]): then the
+/// caller also calls [`Policy::touch`]. Testing the counter already loaded costs the default
+/// policy's hit nothing but a compare on saturated entries.
 #[inline]
-pub(crate) fn record_hit(hits: &AtomicU8) {
+#[must_use]
+pub(crate) fn record_hit(hits: &AtomicU8) -> bool {
     let h = hits.load(Ordering::Relaxed);
     if h < 15 {
         hits.store(h + 1, Ordering::Relaxed);
+        false
+    } else {
+        h == LRU_MARK
     }
 }
+
+/// The `hits` counter of every entry under exact LRU (never reached by counting, which stops
+/// at 15): [`record_hit`] leaves it alone and asks for [`Policy::touch`] instead.
+pub(crate) const LRU_MARK: u8 = 0x80;
 
 /// A configuration of the policy: the window's share of the capacity (0.0..=1.0) and the
 /// admission rule (`ghost`: rule `g`, else `t`).
@@ -171,6 +188,11 @@ impl Config {
     ];
 }
 
+/// The candidate index that names exact LRU ([`EvictionPolicy::lru`](crate::EvictionPolicy::lru))
+/// in a tune word: not a candidate the selector chooses; a cache built with it keeps it, and its
+/// policy orders every entry by last access (see [`Recency`]) instead of its queues.
+pub(crate) const LRU: usize = 0xff;
+
 /// The word the cache hands to each shard's policy: the chosen candidate (bits 0..8) and the
 /// number of convergence actions asked for so far (bits 8..).
 pub(crate) fn tune_word(candidate: usize, actions: u64) -> u64 {
@@ -202,6 +224,10 @@ pub(crate) struct Policy {
     /// The shard outgrew the sketch: inserts are no longer counted in it, and it is replaced
     /// before it is next used (see [`resize_sketch`](Self::resize_sketch)).
     sketch_stale: bool,
+    /// Exact LRU order, when the tune word names [`LRU`]: then every entry is in place
+    /// `Window` (its weight in the window's), and the queues, the sketch and the ghost are
+    /// unused.
+    lru: Option<Box<Recency>>,
     /// Evictions so far (wrapping), to trim the queues now and then.
     evictions: u32,
     /// The victims of one duel (kept between evictions so that an eviction allocates nothing).
@@ -241,7 +267,23 @@ impl Policy {
             sketch_max: entries,
             sketch_stale: false,
             victims: Vec::new(),
+            lru: (tune & 0xff == LRU as u64).then(Box::default),
         }
+    }
+
+    /// An access to the entry in `slot` that hit (a read, or a replacement of its value), when
+    /// [`record_hit`] says the entry is under exact LRU: records it in the order.
+    #[cold]
+    pub(crate) fn touch(&self, slot: u32) {
+        if let Some(r) = &self.lru {
+            r.touch(slot);
+        }
+    }
+
+    /// The exact LRU order's heap memory, in bytes (0 in the default policy).
+    #[cfg(test)]
+    pub(crate) fn recency_bytes(&self) -> usize {
+        self.lru.as_ref().map_or(0, |r| r.heap_bytes())
     }
 
     /// The frequency sketch (for memory tests).
@@ -288,7 +330,7 @@ impl Policy {
         tune: u64,
         hash_of: impl FnMut(&E) -> u64,
     ) {
-        if tune != self.tune {
+        if tune != self.tune && self.lru.is_none() {
             self.apply_tune(slab, free, tune, hash_of);
         }
     }
@@ -393,6 +435,14 @@ impl Policy {
         mut hash_of: impl FnMut(&E) -> u64,
     ) {
         self.len += 1;
+        if let Some(r) = &mut self.lru {
+            r.insert(slot);
+            let e = slab[slot as usize].as_mut().expect("inserted slot is live");
+            e.set_place(Place::Window);
+            e.hits().store(LRU_MARK, Ordering::Relaxed);
+            self.weights[WINDOW] += u64::from(e.weight());
+            return;
+        }
         if self.len > self.sketch.entries() && self.sketch.entries() < self.sketch_max {
             self.sketch_stale = true;
         }
@@ -441,12 +491,18 @@ impl Policy {
         self.on_reweigh(place, weight, 0);
         self.len -= 1;
         self.tombstones += 1;
-        let queued: usize = self.queues.iter().map(VecDeque::len).sum();
+        let queued: usize = match &self.lru {
+            Some(r) => r.records(),
+            None => self.queues.iter().map(VecDeque::len).sum(),
+        };
         self.tombstones > 64 && self.tombstones > queued / 2
     }
 
     /// Drops tombstones from the queues; the slots they held go to `free`.
     pub(crate) fn purge_tombstones<E>(&mut self, slab: &[Option<E>], free: &mut Vec<u32>) {
+        if let Some(r) = &mut self.lru {
+            r.purge(|s| slab[s as usize].is_some(), free);
+        }
         for q in &mut self.queues {
             q.retain(|&s| {
                 let live = slab[s as usize].is_some();
@@ -467,6 +523,9 @@ impl Policy {
         self.weights = [0; 3];
         self.tombstones = 0;
         self.len = 0;
+        if let Some(r) = &mut self.lru {
+            r.clear();
+        }
     }
 
     /// Pops the front of queue `q`, skipping tombstones (their slots go to `free`); the entry's
@@ -517,6 +576,17 @@ impl Policy {
         free: &mut Vec<u32>,
         mut hash_of: impl FnMut(&E) -> u64,
     ) -> Option<u32> {
+        if let Some(r) = &mut self.lru {
+            let before = free.len();
+            let victim = r.victim(|s| slab[s as usize].is_some(), free);
+            self.tombstones = self.tombstones.saturating_sub(free.len() - before);
+            if let Some(s) = victim {
+                let e = slab[s as usize].as_ref().expect("victim is live");
+                self.weights[WINDOW] -= u64::from(e.weight());
+                self.len -= 1;
+            }
+            return victim;
+        }
         if self.sketch_stale {
             self.resize_sketch(slab, &mut hash_of);
         }
@@ -691,6 +761,33 @@ impl Policy {
     /// Checks the policy's bookkeeping against the slab (panics on a violation).
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn validate<E: Tracked>(&self, slab: &[Option<E>]) {
+        if let Some(r) = &self.lru {
+            let slots = r.slots();
+            let mut seen = vec![false; slab.len()];
+            let (mut live, mut w) = (0usize, 0u64);
+            for &s in &slots {
+                assert!(!seen[s as usize], "one record per slot");
+                seen[s as usize] = true;
+                if let Some(e) = &slab[s as usize] {
+                    assert_eq!(e.place(), Place::Window, "LRU entries are in place Window");
+                    assert_eq!(
+                        e.hits().load(Ordering::Relaxed),
+                        LRU_MARK,
+                        "LRU entries marked"
+                    );
+                    live += 1;
+                    w += u64::from(e.weight());
+                }
+            }
+            assert_eq!(
+                live,
+                slab.iter().filter(|e| e.is_some()).count(),
+                "every entry has a record"
+            );
+            assert_eq!(live, self.len, "entries counted");
+            assert_eq!(w, self.weights[WINDOW], "weight counted");
+            return;
+        }
         let mut live = 0usize;
         for (q, queue) in self.queues.iter().enumerate() {
             let mut w = 0u64;
@@ -752,7 +849,7 @@ mod tests {
         for k in trace {
             n += 1;
             if let Some(&s) = slot_of.get(&k) {
-                record_hit(&slab[s as usize].as_ref().expect("live").hits);
+                let _ = record_hit(&slab[s as usize].as_ref().expect("live").hits);
                 hits += 1;
                 continue;
             }
@@ -1012,7 +1109,7 @@ mod tests {
         fn read(&mut self, k: u64) -> bool {
             match self.slot_of.get(&k) {
                 Some(&s) => {
-                    record_hit(&self.slab[s as usize].as_ref().expect("live").hits);
+                    let _ = record_hit(&self.slab[s as usize].as_ref().expect("live").hits);
                     true
                 }
                 None => false,
@@ -1157,7 +1254,7 @@ mod tests {
                 hot_reqs += 1;
             }
             if let Some(&s) = slot_of.get(&k) {
-                record_hit(&slab[s as usize].as_ref().expect("live").hits);
+                let _ = record_hit(&slab[s as usize].as_ref().expect("live").hits);
                 hot_hits += u64::from(k == HOT);
                 continue;
             }

@@ -105,6 +105,61 @@ impl<K, V> Default for Stampede<K, V> {
     }
 }
 
+/// Which entries a full cache evicts, set with
+/// [`CacheBuilder::eviction_policy`](crate::CacheBuilder::eviction_policy) (moka's
+/// `EvictionPolicy`).
+///
+/// * [`tiny_lfu`](Self::tiny_lfu) (the default): an adaptive W-TinyLFU that chooses its
+///   window's share and admission rule by miniature simulation; new keys must earn their place
+///   against the entries they would evict, so a scan or a burst of one-off keys does not flush
+///   the hot set.
+/// * [`lru`](Self::lru): exact least-recently-used order within each shard, every new key
+///   admitted. For workloads where recency is all that matters, or to match a system that was
+///   tuned against LRU; usually a lower hit ratio than the default.
+///
+/// ```
+/// use herdcache::{Cache, EvictionPolicy};
+///
+/// let cache: Cache<&str, &str> = Cache::builder()
+///     .max_capacity(2)
+///     .eviction_policy(EvictionPolicy::lru())
+///     .shards(1)
+///     .build();
+/// cache.insert("a", "alice");
+/// cache.insert("b", "bob");
+/// assert_eq!(cache.get(&"a"), Some("alice")); // "b" is now the least recently used
+/// cache.insert("c", "cindy");
+/// assert_eq!(cache.get(&"b"), None);
+/// assert_eq!(cache.get(&"a"), Some("alice"));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvictionPolicy {
+    pub(crate) lru: bool,
+}
+
+impl EvictionPolicy {
+    /// Adaptive W-TinyLFU (the default): see [`EvictionPolicy`].
+    pub fn tiny_lfu() -> Self {
+        EvictionPolicy { lru: false }
+    }
+
+    /// Least recently used, exact within a shard: a read that hits, an insert and a
+    /// replacement make an entry the most recently used (as in moka, `contains_key` and
+    /// `peek`-style lookups do not); a full shard evicts its least recently used entry, to
+    /// make room for any new key. A cache of many shards is LRU per shard: give it
+    /// [`shards(1)`](crate::CacheBuilder::shards) for one global order (at the cost of one
+    /// lock).
+    ///
+    /// Cost: a shared counter bumped by every hit (a contended cache line under many threads;
+    /// the default policy's hit writes only to its entry), and 24–40 bytes per entry for the
+    /// order (a stamp per slot and a heap record per entry); no frequency sketch or ghost is
+    /// consulted. Hit-ratio curves ([`track_sizing`](crate::CacheBuilder::track_sizing))
+    /// simulate LRU too.
+    pub fn lru() -> Self {
+        EvictionPolicy { lru: true }
+    }
+}
+
 /// The configuration of a cache, as moka's `Policy`: see [`Cache::policy`](crate::Cache::policy).
 ///
 /// ```

@@ -216,7 +216,9 @@ impl Shadow {
         let holds = |s: u32| slab[s as usize].as_ref().is_some_and(|n| n.hash == hash);
         if let Some(s) = self.table.find(hash, holds) {
             if let Some(n) = &self.slab[s as usize] {
-                crate::policy::record_hit(&n.hits);
+                if crate::policy::record_hit(&n.hits) {
+                    self.policy.touch(s);
+                }
             }
             self.hits += 1;
             return true;

@@ -370,13 +370,19 @@ impl Tracker {
                 self.seed ^ (0x51 + i as u64),
             ));
         }
-        // A challenger at every size but 1 × (see the module docs, "Which policy").
-        self.challenger = CHALLENGER_START;
+        // A challenger at every size but 1 × (see the module docs, "Which policy"); none
+        // under exact LRU, which the cache keeps at every size (each challenger then "runs"
+        // the current configuration, so it is never fed and counts its size's results).
+        self.challenger = if self.challengers() {
+            CHALLENGER_START
+        } else {
+            [self.candidate; 4]
+        };
         self.challenger_gap = [0; 4];
         self.challenger_epochs = [0; 4];
         for (k, &i) in CHALLENGED.iter().enumerate() {
             self.thresholds[5 + k] = self.thresholds[i];
-            if !self.weighted {
+            if self.challengers() {
                 let c = shadows[i].capacity();
                 shadows.push(Shadow::new(
                     c,
@@ -444,6 +450,13 @@ impl Tracker {
         self.epoch.expected + (self.requests_now - self.requests_mark) as f64 * self.rate()
     }
 
+    /// Whether the shadows at sizes other than 1 × have challengers running other
+    /// configurations: not with a weigher (no selector) nor under exact LRU (the cache never
+    /// leaves it).
+    fn challengers(&self) -> bool {
+        !self.weighted && self.candidate != crate::policy::LRU as u64
+    }
+
     /// The sampling threshold (see `Selector::sampled`).
     pub(crate) fn threshold(&self) -> u64 {
         self.threshold
@@ -478,7 +491,7 @@ impl Tracker {
 
     #[cold]
     fn switch(&mut self, candidate: u64) {
-        if !self.weighted {
+        if self.challengers() {
             for (k, &i) in CHALLENGED.iter().enumerate() {
                 if self.challenger[k] == self.candidate {
                     // Not fed while it ran the current configuration (it would have been a
@@ -501,7 +514,7 @@ impl Tracker {
     /// moves to the next candidate other than the current one, starting from a copy of that
     /// shadow, with its counts.
     fn rotate_challengers(&mut self) {
-        if self.weighted {
+        if !self.challengers() {
             return;
         }
         let n = crate::policy::Config::CANDIDATES.len() as u64;

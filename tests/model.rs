@@ -13,7 +13,7 @@
 
 #![cfg(not(loom))]
 
-use herdcache::{Cache, ManualClock};
+use herdcache::{Cache, EvictionPolicy, ManualClock};
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -55,9 +55,20 @@ fn weight(v: u16) -> u32 {
 }
 
 fn run(ops: Vec<Op>, capacity: u64, exact: bool, tti: bool) -> Result<(), TestCaseError> {
+    run_with(ops, capacity, exact, tti, EvictionPolicy::tiny_lfu())
+}
+
+fn run_with(
+    ops: Vec<Op>,
+    capacity: u64,
+    exact: bool,
+    tti: bool,
+    policy: EvictionPolicy,
+) -> Result<(), TestCaseError> {
     let clock = ManualClock::new();
     let mut b = Cache::builder()
         .max_capacity(capacity)
+        .eviction_policy(policy)
         .weigher(|_k: &u8, v: &u16| weight(*v))
         .clock(clock.clone())
         .shards(2);
@@ -192,6 +203,16 @@ proptest! {
     #[test]
     fn agrees_with_the_model_with_time_to_idle(ops in prop::collection::vec(op(), 1..200)) {
         run(ops, 1_000, true, true)?;
+    }
+
+    #[test]
+    fn lru_agrees_with_the_model_under_eviction(ops in prop::collection::vec(op(), 1..200)) {
+        run_with(ops, 12, false, false, EvictionPolicy::lru())?;
+    }
+
+    #[test]
+    fn lru_agrees_with_the_model_with_time_to_idle(ops in prop::collection::vec(op(), 1..200)) {
+        run_with(ops, 1_000, true, true, EvictionPolicy::lru())?;
     }
 }
 

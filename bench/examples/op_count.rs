@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Arguments: the cache (`herdcache`, `herdcache-ttl`, `herdcache-stats` with `record_stats`,
-//! `herdcache-sizing` with `track_sizing`, `quick_cache`), the share of reads in
+//! `herdcache-sizing` with `track_sizing`, `herdcache-lru` with `EvictionPolicy::lru()`, `quick_cache`), the share of reads in
 //! percent (the rest are inserts of present keys), the number of operations and, optionally,
 //! the number of keys, which is also the capacity (default 100,000). Keys as in the
 //! `read_throughput` bench: Zipf (s = 1) over the keys, every key present. Callgrind's
@@ -71,14 +71,15 @@ fn report_time(cache: &str, start: std::time::Instant, ops: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|quick_cache READ_PERCENT OPS [KEYS]";
+    let usage = "usage: op_count herdcache|herdcache-ttl|herdcache-stats|herdcache-sizing|herdcache-lru|quick_cache READ_PERCENT OPS [KEYS]";
     let cache = args.first().expect(usage).as_str();
     let reads: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let ops: usize = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
     let n: u64 = args.get(3).map_or(100_000, |s| s.parse().expect(usage));
     let keys = zipf_samples(ops, n);
     match cache {
-        "herdcache" | "herdcache-ttl" | "herdcache-stats" | "herdcache-sizing" => {
+        "herdcache" | "herdcache-ttl" | "herdcache-stats" | "herdcache-sizing"
+        | "herdcache-lru" => {
             let mut b = herdcache::Cache::builder().max_capacity(n);
             if let Some(n) = std::env::var("HERDCACHE_SHARDS")
                 .ok()
@@ -94,6 +95,9 @@ fn main() {
             }
             if cache == "herdcache-sizing" {
                 b = b.track_sizing();
+            }
+            if cache == "herdcache-lru" {
+                b = b.eviction_policy(herdcache::EvictionPolicy::lru());
             }
             let c = b.build();
             for k in 0..n {

@@ -7,6 +7,7 @@
 //! cargo run -p herdcache-bench --release --example trace_replay                 # every row, all three caches
 //! cargo run -p herdcache-bench --release --example trace_replay -- --only herdcache loop gli
 //! cargo run -p herdcache-bench --release --example trace_replay -- --sizing    # sizing accuracy
+//! cargo run -p herdcache-bench --release --example trace_replay -- --lru       # EvictionPolicy::lru(), herdcache's and moka's
 //! cargo run -p herdcache-bench --release --example trace_replay -- --sizing --no-stats
 //! ```
 //!
@@ -127,8 +128,11 @@ fn load(path: &Path) -> Vec<u64> {
 fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
     let mut hits = 0u64;
     match name {
-        "herdcache" => {
+        "herdcache" | "herdcache-lru" => {
             let mut b = herdcache::Cache::builder().max_capacity(cap);
+            if name == "herdcache-lru" {
+                b = b.eviction_policy(herdcache::EvictionPolicy::lru());
+            }
             if let Some(n) = std::env::var("HERDCACHE_SHARDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -159,8 +163,12 @@ fn replay(name: &str, keys: &[u64], cap: u64) -> f64 {
                 }
             }
         }
-        "moka" => {
-            let c = moka::sync::Cache::new(cap);
+        "moka" | "moka-lru" => {
+            let mut b = moka::sync::Cache::builder().max_capacity(cap);
+            if name == "moka-lru" {
+                b = b.eviction_policy(moka::policy::EvictionPolicy::lru());
+            }
+            let c = b.build();
             for &k in keys {
                 if c.get(&k).is_some() {
                     hits += 1;
@@ -315,14 +323,19 @@ fn main() {
             sizing = true;
         } else if a == "--no-stats" {
             STATS.store(false, std::sync::atomic::Ordering::Relaxed);
+        } else if a == "--lru" {
+            // Exact LRU, herdcache's against moka's (not counted as peers).
+            caches = vec!["herdcache-lru", "moka-lru"];
         } else if a == "--only" {
             caches = vec![match args.next().as_deref() {
                 Some("herdcache") => "herdcache",
                 Some("moka") => "moka",
                 Some("quick_cache") => "quick_cache",
+                Some("herdcache-lru") => "herdcache-lru",
+                Some("moka-lru") => "moka-lru",
                 other => {
                     eprintln!(
-                        "trace_replay: --only takes herdcache, moka or quick_cache, not {other:?}"
+                        "trace_replay: --only takes herdcache, moka, quick_cache, herdcache-lru or moka-lru, not {other:?}"
                     );
                     std::process::exit(2);
                 }
@@ -417,7 +430,7 @@ fn main() {
         // measured in this run, whichever is higher.
         let best = caches
             .iter()
-            .filter(|c| **c != "herdcache")
+            .filter(|c| ["moka", "quick_cache"].contains(*c))
             .map(|c| results[&(i, *c)])
             .fold(best_readme, f64::max);
         print!(" {best:.2} | {:.2} |", ADAPTIVE[i]);

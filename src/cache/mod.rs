@@ -132,6 +132,9 @@ pub(crate) struct Parts<K, V, S> {
     pub(crate) segments: usize,
     /// Whether to track the sizing curve ([`CacheBuilder::track_sizing`](crate::CacheBuilder::track_sizing)).
     pub(crate) sizing: bool,
+    /// Exact LRU ([`EvictionPolicy::lru`](crate::EvictionPolicy::lru)) instead of the adaptive
+    /// policy.
+    pub(crate) lru: bool,
 }
 
 pub(crate) struct Inner<K, V, S> {
@@ -212,6 +215,7 @@ where
             durations,
             segments,
             sizing,
+            lru,
         } = parts;
         let timed = layout.stride > 0 || stampede.negative_ttl.is_some();
         // A cache that keeps no time never reads the clock (so never starts the coarse clock's
@@ -221,14 +225,15 @@ where
         let seed = hasher.hash_one(0x5eed_u64);
         // Entry-bounded caches choose their configuration by miniature simulation; with a
         // weigher the shadows' sizes are unknown (the capacity is in weight units) and the
-        // configuration stays at window 1 % + ghost admission.
-        let selector = weigher
-            .is_none()
+        // configuration stays at window 1 % + ghost admission. Exact LRU has no choice to make.
+        let selector = (weigher.is_none() && !lru)
             .then(|| crate::sync::Mutex::new(Selector::new(capacity, seed)));
         let sample_threshold = selector.as_ref().map_or(0, |s| s.lock().threshold());
-        let tune = selector
-            .as_ref()
-            .map_or(tune_word(1, 0), |s| s.lock().tune());
+        let tune = match &selector {
+            Some(s) => s.lock().tune(),
+            None if lru => tune_word(crate::policy::LRU, 0),
+            None => tune_word(1, 0),
+        };
         let cells = (0..n)
             .map(|i| {
                 // Shares add up to the capacity exactly.
@@ -244,7 +249,7 @@ where
         // The sizing curve samples 1,024 to 2,000 entries' worth at 1 × (a superset of the
         // selector's keys; with a weigher, its own).
         let sizing = sizing.then(|| {
-            let max = if selector.is_some() {
+            let max = if weigher.is_none() {
                 crate::sizing::unweighted_threshold(capacity).max(sample_threshold)
             } else {
                 u64::MAX

@@ -146,7 +146,8 @@ where
         }
     }
 
-    /// The configuration selector's running totals (`None` with a weigher: no selector), after
+    /// The configuration selector's running totals (`None` with a weigher or under exact LRU: no
+    /// selector), after
     /// feeding it every shard's pending samples (but those another thread is draining at that
     /// moment). For tests and benchmarks; not a stable API.
     #[doc(hidden)]

