@@ -432,8 +432,10 @@ where
         self
     }
 
-    /// Chooses which entries a full cache evicts: [`EvictionPolicy::tiny_lfu`] (the default)
-    /// or [`EvictionPolicy::lru`] (see [`EvictionPolicy`]).
+    /// Chooses which entries a full cache evicts:
+    /// [`EvictionPolicy::tiny_lfu`](crate::EvictionPolicy::tiny_lfu) (the default) or
+    /// [`EvictionPolicy::lru`](crate::EvictionPolicy::lru) (see
+    /// [`EvictionPolicy`](crate::EvictionPolicy)). The last call before `build` wins.
     ///
     /// ```
     /// use herdcache::{Cache, EvictionPolicy};

@@ -441,6 +441,9 @@ impl Policy {
             e.set_place(Place::Window);
             e.hits().store(LRU_MARK, Ordering::Relaxed);
             self.weights[WINDOW] += u64::from(e.weight());
+            if u64::from(e.weight()) > self.capacity {
+                r.oversized(slot);
+            }
             return;
         }
         if self.len > self.sketch.entries() && self.sketch.entries() < self.sketch_max {
@@ -478,8 +481,17 @@ impl Policy {
         self.sketch_stale = false;
     }
 
-    /// An entry's weight changed in place (its value was replaced).
-    pub(crate) fn on_reweigh(&mut self, place: Place, old: u32, new: u32) {
+    /// The entry in `slot` had its weight changed in place (its value was replaced).
+    pub(crate) fn on_reweigh(&mut self, slot: u32, place: Place, old: u32, new: u32) {
+        self.reweigh(place, old, new);
+        if let Some(r) = &mut self.lru {
+            if u64::from(new) > self.capacity && u64::from(old) <= self.capacity {
+                r.oversized(slot);
+            }
+        }
+    }
+
+    fn reweigh(&mut self, place: Place, old: u32, new: u32) {
         let w = &mut self.weights[place.queue()];
         *w = *w - u64::from(old) + u64::from(new);
     }
@@ -488,7 +500,7 @@ impl Policy {
     /// behind as a tombstone. Returns true when the caller should call
     /// [`purge_tombstones`](Self::purge_tombstones).
     pub(crate) fn on_remove(&mut self, place: Place, weight: u32) -> bool {
-        self.on_reweigh(place, weight, 0);
+        self.reweigh(place, weight, 0);
         self.len -= 1;
         self.tombstones += 1;
         let queued: usize = match &self.lru {
@@ -578,7 +590,16 @@ impl Policy {
     ) -> Option<u32> {
         if let Some(r) = &mut self.lru {
             let before = free.len();
-            let victim = r.victim(|s| slab[s as usize].is_some(), free);
+            let capacity = self.capacity;
+            let victim = r.victim(
+                |s| slab[s as usize].is_some(),
+                |s| {
+                    slab[s as usize]
+                        .as_ref()
+                        .is_some_and(|e| u64::from(e.weight()) > capacity)
+                },
+                free,
+            );
             self.tombstones = self.tombstones.saturating_sub(free.len() - before);
             if let Some(s) = victim {
                 let e = slab[s as usize].as_ref().expect("victim is live");

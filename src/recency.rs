@@ -13,13 +13,18 @@
 //!   slot's: the victim is found lazily — pop the oldest record; if its slot is empty, the slot
 //!   is reclaimed (to the free list); if its slot's stamp moved on, the record goes back with
 //!   the new stamp; otherwise its entry is the least recently used one (every other entry's
-//!   stamp is at least its own record's, which is at least this one). Each read costs at most
-//!   one re-push, at the next eviction: O(log n) amortized.
-//! * Stamps are unique and only grow, so a record whose slot was emptied and refilled cannot
-//!   match the new entry's stamp: no generation is needed.
+//!   stamp is at least its own valid record's, which is at least this one). Each read costs at
+//!   most one re-push, at the next eviction: O(log n) amortized.
+//! * Each slot also keeps the stamp of its one *valid* record (`recorded`); stamps are unique
+//!   and only grow, so a record left behind (its entry evicted out of order, see below) never
+//!   matches again and is dropped when met.
+//! * An entry heavier than the shard's capacity can never stay in a full shard: it is noted
+//!   when inserted (or reweighed) so, and evicted first, as the default policy turns such a
+//!   candidate away — not after every lighter entry of the shard was evicted for nothing.
 //!
-//! Memory: 8 bytes of stamp per slot and 16 to 32 of heap record per entry (a record is 16
-//! bytes; the heap's vector grows by doubling), allocated only in this mode.
+//! Memory: 16 bytes per slot (its stamp and its record's) and 16 to 32 of heap record per
+//! entry (a record is 16 bytes; the heap's vector grows by doubling), allocated only in this
+//! mode.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -32,8 +37,16 @@ pub(crate) struct Recency {
     clock: AtomicU64,
     /// Per slab slot: the stamp of its entry's last access.
     stamps: Vec<AtomicU64>,
-    /// One `(stamp, slot)` record per slot that holds an entry or awaits reclaiming.
+    /// Per slab slot: the stamp of its one valid heap record (0: none). A record whose stamp
+    /// is not its slot's `recorded` is stale and dropped when met.
+    recorded: Vec<u64>,
+    /// `(stamp, slot)` records: one valid record per slot that holds an entry or awaits
+    /// reclaiming, and stale ones.
     heap: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Slots whose entry was heavier than the shard's capacity when it was inserted or
+    /// reweighed (hints, checked when used): such an entry can never stay in a full shard, so
+    /// it is evicted first rather than after every lighter entry.
+    oversized: Vec<u32>,
 }
 
 impl Clone for Recency {
@@ -45,7 +58,9 @@ impl Clone for Recency {
                 .iter()
                 .map(|s| AtomicU64::new(s.load(Ordering::Relaxed)))
                 .collect(),
+            recorded: self.recorded.clone(),
             heap: self.heap.clone(),
+            oversized: self.oversized.clone(),
         }
     }
 }
@@ -64,68 +79,108 @@ impl Recency {
         }
     }
 
-    /// A new entry in `slot` (a slot that has no record: new, or reclaimed by
+    /// A new entry in `slot` (a slot that has no valid record: new, or reclaimed by
     /// [`victim`](Self::victim) or [`purge`](Self::purge)).
     pub(crate) fn insert(&mut self, slot: u32) {
         let i = slot as usize;
         if self.stamps.len() <= i {
             self.stamps.resize_with(i + 1, AtomicU64::default);
+            self.recorded.resize(i + 1, 0);
         }
+        debug_assert_eq!(self.recorded[i], 0, "a slot with a record is not free");
         let s = self.next();
         self.stamps[i].store(s, Ordering::Relaxed);
+        self.recorded[i] = s;
         self.heap.push(Reverse((s, slot)));
     }
 
-    /// Records (live entries plus slots awaiting reclaiming).
+    /// The entry in `slot` is heavier than the shard's capacity (inserted so, or reweighed).
+    pub(crate) fn oversized(&mut self, slot: u32) {
+        if self.oversized.len() > 64 && self.oversized.len() > self.stamps.len() {
+            // Hints repeat only when an entry's weight keeps crossing the capacity.
+            self.oversized.sort_unstable();
+            self.oversized.dedup();
+        }
+        self.oversized.push(slot);
+    }
+
+    /// Records (valid or stale) in the heap.
     pub(crate) fn records(&self) -> usize {
         self.heap.len()
     }
 
-    /// Dequeues the least recently used entry and returns its slot (the caller removes it and
-    /// frees the slot). Empty slots met on the way go to `free`. `None` when no entry is left.
+    /// Dequeues the next victim and returns its slot (the caller removes it and frees the
+    /// slot): an entry heavier than the shard's capacity (`heavy`) first, else the least
+    /// recently used. Empty slots met on the way go to `free`. `None` when no entry is left.
     pub(crate) fn victim(
         &mut self,
         live: impl Fn(u32) -> bool,
+        heavy: impl Fn(u32) -> bool,
         free: &mut Vec<u32>,
     ) -> Option<u32> {
+        while let Some(slot) = self.oversized.pop() {
+            if self.recorded[slot as usize] != 0 && live(slot) && heavy(slot) {
+                // Its heap record goes stale.
+                self.recorded[slot as usize] = 0;
+                return Some(slot);
+            }
+        }
         while let Some(Reverse((s, slot))) = self.heap.pop() {
+            let i = slot as usize;
+            if self.recorded[i] != s {
+                continue;
+            }
             if !live(slot) {
+                self.recorded[i] = 0;
                 free.push(slot);
                 continue;
             }
-            let now = self.stamps[slot as usize].load(Ordering::Relaxed);
+            let now = self.stamps[i].load(Ordering::Relaxed);
             if now != s {
+                self.recorded[i] = now;
                 self.heap.push(Reverse((now, slot)));
                 continue;
             }
+            self.recorded[i] = 0;
             return Some(slot);
         }
         None
     }
 
-    /// Reclaims every empty slot's record (their slots go to `free`).
+    /// Drops stale records and reclaims every empty slot's (their slots go to `free`).
     pub(crate) fn purge(&mut self, live: impl Fn(u32) -> bool, free: &mut Vec<u32>) {
-        self.heap.retain(|&Reverse((_, slot))| {
-            let keep = live(slot);
-            if !keep {
-                free.push(slot);
+        let recorded = &mut self.recorded;
+        self.heap.retain(|&Reverse((s, slot))| {
+            let i = slot as usize;
+            if recorded[i] != s {
+                return false;
             }
-            keep
+            if !live(slot) {
+                recorded[i] = 0;
+                free.push(slot);
+                return false;
+            }
+            true
         });
+        self.oversized.retain(|&slot| live(slot));
     }
 
     /// Forgets everything (the slab is being cleared).
     pub(crate) fn clear(&mut self) {
         self.heap.clear();
         self.stamps.clear();
+        self.recorded.clear();
+        self.oversized.clear();
     }
 
-    /// The slots, least recently used first (for tests and validation).
+    /// The slots that have a valid record, least recently used first (for tests and
+    /// validation).
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn slots(&self) -> Vec<u32> {
         let mut v: Vec<(u64, u32)> = self
             .heap
             .iter()
+            .filter(|&&Reverse((s, slot))| self.recorded[slot as usize] == s)
             .map(|&Reverse((_, slot))| (self.stamps[slot as usize].load(Ordering::Relaxed), slot))
             .collect();
         v.sort_unstable();
@@ -135,7 +190,10 @@ impl Recency {
     /// Heap memory, in bytes.
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.stamps.capacity() * 8 + self.heap.capacity() * 16
+        self.stamps.capacity() * 8
+            + self.recorded.capacity() * 8
+            + self.heap.capacity() * 16
+            + self.oversized.capacity() * 4
     }
 }
 
@@ -154,7 +212,7 @@ mod tests {
         r.touch(0);
         let live = |_| true;
         let mut free = Vec::new();
-        let order: Vec<u32> = std::iter::from_fn(|| r.victim(live, &mut free)).collect();
+        let order: Vec<u32> = std::iter::from_fn(|| r.victim(live, |_| false, &mut free)).collect();
         assert_eq!(order, [1, 3, 2, 0]);
         assert!(free.is_empty());
     }
@@ -174,10 +232,32 @@ mod tests {
         r.touch(2);
         let mut order = Vec::new();
         free.clear();
-        while let Some(s) = r.victim(|s| s != 0, &mut free) {
+        while let Some(s) = r.victim(|s| s != 0, |_| false, &mut free) {
             order.push(s);
         }
         assert_eq!(order, [1, 2]);
         assert_eq!(free, [0]);
+    }
+
+    #[test]
+    fn an_oversized_entry_goes_first_and_its_record_goes_stale() {
+        let mut r = Recency::default();
+        for s in 0..3 {
+            r.insert(s);
+        }
+        r.oversized(1);
+        // A hint whose entry is no longer heavy is skipped.
+        r.oversized(2);
+        let heavy = |s| s == 1;
+        let mut free = Vec::new();
+        assert_eq!(r.victim(|_| true, heavy, &mut free), Some(1));
+        // Slot 1 is freed by the caller and refilled: its old record must not count.
+        r.insert(1);
+        r.touch(0);
+        let order: Vec<u32> =
+            std::iter::from_fn(|| r.victim(|_| true, |_| false, &mut free)).collect();
+        assert_eq!(order, [2, 1, 0]);
+        assert!(free.is_empty());
+        assert_eq!(r.records(), 0);
     }
 }

@@ -146,12 +146,14 @@ impl EvictionPolicy {
     /// Least recently used, exact within a shard: a read that hits, an insert and a
     /// replacement make an entry the most recently used (as in moka, `contains_key` and
     /// `peek`-style lookups do not); a full shard evicts its least recently used entry, to
-    /// make room for any new key. A cache of many shards is LRU per shard: give it
+    /// make room for any new key. With a weigher, an entry heavier than its shard's share of
+    /// the capacity (which can never stay in a full shard) is evicted first, before any
+    /// lighter entry is evicted for it. A cache of many shards is LRU per shard: give it
     /// [`shards(1)`](crate::CacheBuilder::shards) for one global order (at the cost of one
     /// lock).
     ///
     /// Cost: a shared counter bumped by every hit (a contended cache line under many threads;
-    /// the default policy's hit writes only to its entry), and 24–40 bytes per entry for the
+    /// the default policy's hit writes only to its entry), and 32–48 bytes per entry for the
     /// order (a stamp per slot and a heap record per entry); no frequency sketch or ghost is
     /// consulted. Hit-ratio curves ([`track_sizing`](crate::CacheBuilder::track_sizing))
     /// simulate LRU too.

@@ -419,6 +419,26 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         self.slab[slot as usize].as_ref().map(|e| &e.value)
     }
 
+    /// [`peek`](Self::peek) for a read that is answered by the value (a load's re-check under
+    /// the write lock finding a value stored since its lock-free lookup missed): the hit is
+    /// recorded for the policy, as a lookup's is (exact LRU makes the entry the most recently
+    /// used).
+    pub(crate) fn peek_read<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.find(hash, key)?;
+        if self.deadline(slot) <= now {
+            return None;
+        }
+        let e = self.slab[slot as usize].as_ref()?;
+        if record_hit(&e.hits) {
+            self.touch(e);
+        }
+        Some(&e.value)
+    }
+
     /// Whether the entry in `slot` may be reclaimed at `now`: past its deadline and, with
     /// fail-safe, past its stale window too.
     #[inline]
@@ -669,7 +689,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     self.policy.touch(slot);
                 }
                 if old_weight != weight {
-                    self.policy.on_reweigh(e.place, old_weight, weight);
+                    self.policy.on_reweigh(slot, e.place, old_weight, weight);
                     self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
                 }
                 self.set_times(slot, times, now, load_nanos);
