@@ -523,55 +523,59 @@ fn run_model(seed: u64, cap: u64, weighted: bool, timed: bool, steps: usize) {
     );
 }
 
+/// 300 seeded runs of the model, at capacities `1 + seed % modulus`.
+fn sweep(modulus: u64, weighted: bool, timed: impl Fn(u64) -> bool) {
+    for seed in 0..300 {
+        run_model(seed, 1 + seed % modulus, weighted, timed(seed), 300);
+    }
+}
+
+/// A one-shard LRU cache builder of capacity `cap` whose listener records into `heard`.
+fn heard_lru(cap: u64) -> (herdcache::CacheBuilder<u32, u32>, Heard<u32, u32>) {
+    let heard: Heard<u32, u32> = Arc::default();
+    let h = heard.clone();
+    let b = Cache::builder()
+        .max_capacity(cap)
+        .eviction_policy(EvictionPolicy::lru())
+        .shards(1)
+        .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)));
+    (b, heard)
+}
+
 #[test]
 fn model_lru_with_every_api_untimed() {
-    for seed in 0..300 {
-        run_model(seed, 1 + seed % 7, false, false, 300);
-    }
+    sweep(7, false, |_| false);
 }
 
 #[test]
 fn model_lru_with_every_api_weighted() {
-    for seed in 0..300 {
-        run_model(seed, 1 + seed % 15, true, false, 300);
-    }
+    sweep(15, true, |_| false);
 }
 
 #[test]
 fn model_lru_with_weight_zero_entries() {
     ZERO.with(|z| z.set(true));
-    for seed in 0..300 {
-        run_model(seed, 1 + seed % 10, true, seed % 2 == 0, 300);
-    }
+    sweep(10, true, |seed| seed % 2 == 0);
 }
 
 #[test]
 fn model_lru_with_every_api_and_per_entry_expiry() {
-    for seed in 0..300 {
-        run_model(seed, 1 + seed % 7, false, true, 300);
-    }
+    sweep(7, false, |_| true);
 }
 
 #[test]
 fn model_lru_with_every_api_weighted_and_per_entry_expiry() {
-    for seed in 0..300 {
-        run_model(seed, 1 + seed % 15, true, true, 300);
-    }
+    sweep(15, true, |_| true);
 }
 
 // ---------------------------------------------------------------------------------------------
 // 2. Directed expiry cases.
 
 fn timed_lru(cap: u64, clock: &ManualClock) -> (Cache<u32, u32>, Heard<u32, u32>) {
-    let heard: Heard<u32, u32> = Arc::default();
-    let h = heard.clone();
-    let cache = Cache::<u32, u32>::builder()
-        .max_capacity(cap)
-        .eviction_policy(EvictionPolicy::lru())
-        .shards(1)
+    let (b, heard) = heard_lru(cap);
+    let cache = b
         .clock(clock.clone())
         .time_to_idle(Duration::from_secs(10))
-        .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)))
         .build();
     (cache, heard)
 }
@@ -612,16 +616,8 @@ fn expired_mru_entry_goes_before_live_lru_entry() {
         }
     }
     let clock = ManualClock::new();
-    let heard: Heard<u32, u32> = Arc::default();
-    let h = heard.clone();
-    let cache = Cache::<u32, u32>::builder()
-        .max_capacity(2)
-        .eviction_policy(EvictionPolicy::lru())
-        .shards(1)
-        .clock(clock.clone())
-        .expire_after(Short)
-        .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)))
-        .build();
+    let (b, heard) = heard_lru(2);
+    let cache = b.clock(clock.clone()).expire_after(Short).build();
     cache.insert(2, 2);
     cache.insert(1, 1);
     assert_eq!(cache.get(&1), Some(1)); // 1 is the MRU, 2 the LRU
@@ -641,15 +637,10 @@ fn expired_mru_entry_goes_before_live_lru_entry() {
 fn entry_just_expired_within_the_tick_is_not_a_size_eviction() {
     for past in [1u64, 1_000_000, 500_000_000] {
         let clock = ManualClock::new();
-        let heard: Heard<u32, u32> = Arc::default();
-        let h = heard.clone();
-        let cache = Cache::<u32, u32>::builder()
-            .max_capacity(2)
-            .eviction_policy(EvictionPolicy::lru())
-            .shards(1)
+        let (b, heard) = heard_lru(2);
+        let cache = b
             .clock(clock.clone())
             .time_to_live(Duration::from_secs(10))
-            .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)))
             .build();
         cache.insert(1, 1); // expires at 10 s
         clock.advance(Duration::from_millis(9_990));
@@ -993,16 +984,8 @@ fn expiry_callback_panics_under_lru() {
         }
     }
     let clock = ManualClock::new();
-    let heard: Heard<u32, u32> = Arc::default();
-    let h = heard.clone();
-    let cache = Cache::<u32, u32>::builder()
-        .max_capacity(3)
-        .eviction_policy(EvictionPolicy::lru())
-        .shards(1)
-        .clock(clock.clone())
-        .expire_after(Bomb)
-        .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)))
-        .build();
+    let (b, heard) = heard_lru(3);
+    let cache = b.clock(clock.clone()).expire_after(Bomb).build();
     for k in [1, 2, 7] {
         cache.insert(k, k);
     }
@@ -1518,16 +1501,11 @@ fn refresh_ahead_read_and_reload_are_accesses() {
 #[test]
 fn fail_safe_stale_entries_under_lru() {
     let clock = ManualClock::new();
-    let heard: Heard<u32, u32> = Arc::default();
-    let h = heard.clone();
-    let cache: Cache<u32, u32> = Cache::builder()
-        .max_capacity(2)
-        .eviction_policy(EvictionPolicy::lru())
-        .shards(1)
+    let (b, heard) = heard_lru(2);
+    let cache = b
         .clock(clock.clone())
         .time_to_live(Duration::from_secs(10))
         .fail_safe(Duration::from_secs(3600))
-        .eviction_listener(move |k: &u32, v: &u32, c| h.lock().unwrap().push((*k, *v, c)))
         .build();
     cache.insert(1, 1);
     clock.advance(Duration::from_secs(20));

@@ -406,8 +406,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    /// Looks `key` up without recording anything (for `contains_key`, `peek`-like calls).
-    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    /// `key`'s entry if it is live at `now`.
+    fn live<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&Record<K, V, T>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -416,7 +416,16 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         if self.deadline(slot) <= now {
             return None;
         }
-        self.slab[slot as usize].as_ref().map(|e| &e.value)
+        self.slab[slot as usize].as_ref()
+    }
+
+    /// Looks `key` up without recording anything (for `contains_key`, `peek`-like calls).
+    pub(crate) fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.live(hash, key, now).map(|e| &e.value)
     }
 
     /// [`peek`](Self::peek) for a read that is answered by the value (a load's re-check under
@@ -428,11 +437,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let slot = self.find(hash, key)?;
-        if self.deadline(slot) <= now {
-            return None;
-        }
-        let e = self.slab[slot as usize].as_ref()?;
+        let e = self.live(hash, key, now)?;
         if record_hit(&e.hits) {
             self.touch(e);
         }
