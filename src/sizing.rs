@@ -31,7 +31,9 @@
 //! subset's own sampling error is corrected against the full sample (below).
 //!
 //! **Which policy.** The shadows run the configuration the real cache runs: the selector's
-//! current candidate, applied to each shadow (as a shard applies it) whenever it changes. The
+//! current candidate, applied to each shadow (as a shard applies it) whenever it changes; under
+//! [`EvictionPolicy::lru`](crate::EvictionPolicy::lru), exact LRU at every size, with no
+//! selector and no challengers (a cache of any size would run LRU too). The
 //! selector's convergence actions are replayed on the 1 × shadow only: it models the real
 //! cache itself, which takes them; the other sizes model caches that would take their own at
 //! other times, if at all. But a cache of another
