@@ -32,6 +32,25 @@ macro_rules! thread_local_shim {
 }
 pub(crate) use thread_local_shim;
 
+/// A starting phase in `1..1024` for a per-thread counter that acts every 1024th (or
+/// smaller power-of-two) step, so that counts it batches average out over threads instead
+/// of all lagging (see `Cache::note_access`). Threads take phases in turn from the golden
+/// ratio sequence, spread evenly. Under the model checkers it is always 1: a process-wide
+/// counter would make a model's schedule differ between its explorations (loom rejects
+/// that), and the phase only spreads a statistical count.
+#[cfg(not(any(loom, shuttle)))]
+pub(crate) fn thread_phase() -> u32 {
+    static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ((n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32).max(1)
+}
+
+/// See the non-model version: a constant here, so the models stay deterministic.
+#[cfg(any(loom, shuttle))]
+pub(crate) fn thread_phase() -> u32 {
+    1
+}
+
 /// Waits on `cond`, releasing `guard` meanwhile, until notified or until the optional
 /// deadline passes; returns the guard re-acquired and whether the deadline passed.
 #[cfg(not(any(loom, shuttle)))]
