@@ -1431,3 +1431,130 @@ fn s24_a_blocking_caller_does_not_poll_an_async_load_off_its_runtime() {
     c.finish();
     drop(rt);
 }
+
+// ---------------------------------------------------------------------------------------------
+// s35: a load's locked re-check that finds a value answers as a read does: it moves the
+// entry's time to idle and calls `expire_after_read` (before, only the lock-free read did).
+// ---------------------------------------------------------------------------------------------
+
+/// A key whose `Clone`, once armed, stores its value in the cache and then moves the clock:
+/// `get_with` clones the key between its lock-free lookup (a miss) and its locked re-check,
+/// so the re-check finds a value written 8 s earlier.
+mod s35 {
+    use super::*;
+    use std::sync::OnceLock;
+
+    pub struct Hook {
+        pub cache: OnceLock<Cache<Key, u64>>,
+        pub clock: ManualClock,
+        pub armed: AtomicBool,
+    }
+
+    #[derive(Hash, PartialEq, Eq, Debug)]
+    pub struct Key(pub u64, pub Arc<Hook>);
+
+    impl Clone for Key {
+        fn clone(&self) -> Self {
+            if self.1.armed.swap(false, Ordering::SeqCst) {
+                let cache = self.1.cache.get().expect("cache set");
+                cache.insert(Key(self.0, Arc::clone(&self.1)), 7);
+                self.1.clock.advance(Duration::from_secs(8));
+            }
+            Key(self.0, Arc::clone(&self.1))
+        }
+    }
+
+    impl PartialEq for Hook {
+        fn eq(&self, _: &Self) -> bool {
+            true
+        }
+    }
+    impl Eq for Hook {}
+    impl Hash for Hook {
+        fn hash<H: Hasher>(&self, _: &mut H) {}
+    }
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
+    }
+
+    pub fn hook() -> Arc<Hook> {
+        Arc::new(Hook {
+            cache: OnceLock::new(),
+            clock: ManualClock::new(),
+            armed: AtomicBool::new(false),
+        })
+    }
+}
+
+#[test]
+fn s35_a_loads_locked_recheck_that_finds_a_value_moves_its_time_to_idle() {
+    let _w = watchdog(Duration::from_secs(60), "s35 tti");
+    let h = s35::hook();
+    let cache: Cache<s35::Key, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_idle(Duration::from_secs(10))
+        .clock(h.clock.clone())
+        .build();
+    h.cache.set(cache.clone()).ok().expect("set once");
+    let loads = AtomicU64::new(0);
+    h.armed.store(true, Ordering::SeqCst);
+    let v = cache.get_with(s35::Key(1, Arc::clone(&h)), || {
+        loads.fetch_add(1, Ordering::SeqCst);
+        99
+    });
+    assert_eq!(v, 7, "the re-check found the value the Clone stored");
+    assert_eq!(loads.load(Ordering::SeqCst), 0);
+    assert!(!h.armed.load(Ordering::SeqCst), "the hook ran");
+    // Stored at 0, read at 8: idle until 18. At 16 it must still be there.
+    h.clock.advance(Duration::from_secs(8));
+    assert_eq!(
+        cache.get(&s35::Key(1, Arc::clone(&h))),
+        Some(7),
+        "the read at 8 s did not move the time to idle (stored at 0, idle for 10 s)"
+    );
+    cache.validate();
+}
+
+#[test]
+fn s35_a_loads_locked_recheck_that_finds_a_value_calls_expire_after_read() {
+    struct OnRead(Arc<AtomicU64>);
+    impl Expiry<s35::Key, u64> for OnRead {
+        fn expire_after_create(&self, _: &s35::Key, _: &u64) -> Option<Duration> {
+            Some(Duration::from_secs(10))
+        }
+        fn expire_after_read(
+            &self,
+            _: &s35::Key,
+            _: &u64,
+            _: Option<Duration>,
+        ) -> Option<Duration> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Some(Duration::from_secs(100))
+        }
+    }
+    let _w = watchdog(Duration::from_secs(60), "s35 expiry");
+    let h = s35::hook();
+    let reads = Arc::new(AtomicU64::new(0));
+    let cache: Cache<s35::Key, u64> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(OnRead(Arc::clone(&reads)))
+        .clock(h.clock.clone())
+        .build();
+    h.cache.set(cache.clone()).ok().expect("set once");
+    h.armed.store(true, Ordering::SeqCst);
+    assert_eq!(cache.get_with(s35::Key(1, Arc::clone(&h)), || 99), 7);
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        1,
+        "expire_after_read called once"
+    );
+    h.clock.advance(Duration::from_secs(50));
+    assert_eq!(
+        cache.get(&s35::Key(1, Arc::clone(&h))),
+        Some(7),
+        "read at 8 s: due at 108 s"
+    );
+    cache.validate();
+}

@@ -206,8 +206,8 @@ where
         let (v, stale) = {
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
             // Cloned under the read lock, as a hit is. A write since the read above may have
-            // made the key live again: its value, not a stale one.
-            match s.peek(hash, key, now) {
+            // made the key live again: its value, not a stale one (read as a hit reads it).
+            match s.peek_read(hash, key, now, &self.inner.expiry) {
                 Some(v) => (v.clone(), false),
                 None => (s.stale(hash, key, now)?.0.clone(), true),
             }

@@ -76,7 +76,7 @@ where
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
         if let Some(hit) = hit {
-            if let Some(v) = s.peek_read(hash, key, now) {
+            if let Some(v) = s.peek_read(hash, key, now, &self.inner.expiry) {
                 let r = hit(v);
                 drop(s);
                 drop(registered);

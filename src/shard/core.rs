@@ -252,25 +252,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 return Lookup::Expired;
             }
             if self.layout.reads_move {
-                let deadlines = self.deadlines(slot, current);
-                if let Some((next, custom)) = exp.on_read(&e.key, &e.value, now, deadlines) {
-                    if exp.is_custom() {
-                        // The Expiry may move the deadline either way: it has the last word.
-                        e.time.set(next);
-                        if self.layout.custom {
-                            self.extra(slot, 2).store(custom, Ordering::Relaxed);
-                        }
-                    } else {
-                        // A time to idle only moves it later; concurrent readers each move it
-                        // to their own clock reading, and the latest must win.
-                        e.time.raise(next);
-                    }
-                    // The wheel is lazy about deadlines that move later; one that moves
-                    // earlier (or off "never") must be filed again, by the next write.
-                    if next != NEVER && (next < current || e.bucket == NO_BUCKET) {
-                        self.note_refile(slot);
-                    }
-                }
+                self.read_moves(slot, e, current, now, exp);
             }
             if let Some(r) = self.layout.refresh {
                 match self.refresh_state(slot, r, now, current, coin) {
@@ -294,6 +276,39 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             self.touch(e);
         }
         Lookup::Hit(&e.value)
+    }
+
+    /// A read of the live entry in `slot` (deadline `current`) moves its deadline: a time to
+    /// idle, or the `Expiry`'s `expire_after_read` (user code, under the shard's lock: it only
+    /// computes the new deadline, nothing is changed before it returns).
+    #[inline]
+    fn read_moves(
+        &self,
+        slot: u32,
+        e: &Record<K, V, T>,
+        current: u64,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+    ) {
+        let deadlines = self.deadlines(slot, current);
+        if let Some((next, custom)) = exp.on_read(&e.key, &e.value, now, deadlines) {
+            if exp.is_custom() {
+                // The Expiry may move the deadline either way: it has the last word.
+                e.time.set(next);
+                if self.layout.custom {
+                    self.extra(slot, 2).store(custom, Ordering::Relaxed);
+                }
+            } else {
+                // A time to idle only moves it later; concurrent readers each move it
+                // to their own clock reading, and the latest must win.
+                e.time.raise(next);
+            }
+            // The wheel is lazy about deadlines that move later; one that moves
+            // earlier (or off "never") must be filed again, by the next write.
+            if next != NEVER && (next < current || e.bucket == NO_BUCKET) {
+                self.note_refile(slot);
+            }
+        }
     }
 
     /// Whether the entry in `slot`, whose refresh deadline is its time slot `r`, should be
@@ -429,15 +444,30 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// [`peek`](Self::peek) for a read that is answered by the value (a load's re-check under
-    /// the write lock finding a value stored since its lock-free lookup missed): the hit is
-    /// recorded for the policy, as a lookup's is (exact LRU makes the entry the most recently
-    /// used).
-    pub(crate) fn peek_read<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+    /// the write lock finding a value stored since its lock-free lookup missed): as a
+    /// [`lookup`](Self::lookup)'s hit, the read moves the entry's deadline (time to idle,
+    /// `expire_after_read`) and is recorded for the policy (exact LRU makes the entry the most
+    /// recently used).
+    pub(crate) fn peek_read<Q>(
+        &self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+    ) -> Option<&V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let e = self.live(hash, key, now)?;
+        let slot = self.find(hash, key)?;
+        let current = self.deadline(slot);
+        if current <= now {
+            return None;
+        }
+        let e = self.slab[slot as usize].as_ref()?;
+        if T::TIMED && self.layout.reads_move {
+            self.read_moves(slot, e, current, now, exp);
+        }
         if record_hit(&e.hits) {
             self.touch(e);
         }

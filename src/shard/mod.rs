@@ -265,7 +265,7 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
-        fn peek_read<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
+        fn peek_read<Q>(&self, hash: u64, key: &Q, now: u64, exp: &ExpiryConfig<K, V>) -> Option<&V>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn reset_refresh<Q>(&self, hash: u64, key: &Q, at: u64)
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
