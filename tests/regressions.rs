@@ -1497,7 +1497,7 @@ fn s35_a_loads_locked_recheck_that_finds_a_value_moves_its_time_to_idle() {
         .time_to_idle(Duration::from_secs(10))
         .clock(h.clock.clone())
         .build();
-    h.cache.set(cache.clone()).ok().expect("set once");
+    assert!(h.cache.set(cache.clone()).is_ok(), "set once");
     let loads = AtomicU64::new(0);
     h.armed.store(true, Ordering::SeqCst);
     let v = cache.get_with(s35::Key(1, Arc::clone(&h)), || {
@@ -1542,7 +1542,7 @@ fn s35_a_loads_locked_recheck_that_finds_a_value_calls_expire_after_read() {
         .expire_after(OnRead(Arc::clone(&reads)))
         .clock(h.clock.clone())
         .build();
-    h.cache.set(cache.clone()).ok().expect("set once");
+    assert!(h.cache.set(cache.clone()).is_ok(), "set once");
     h.armed.store(true, Ordering::SeqCst);
     assert_eq!(cache.get_with(s35::Key(1, Arc::clone(&h)), || 99), 7);
     assert_eq!(
