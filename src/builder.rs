@@ -458,7 +458,10 @@ where
     ///
     /// The listener runs after the shard's lock is released, on the thread whose call removed
     /// the entry (an `insert` that evicted, a `get` that reclaimed an expired entry, ...), and
-    /// may call back into the cache. If it panics, the cache stays consistent: the operation
+    /// may call back into the cache. Concurrent calls: each call's notifications run on its own
+    /// thread, in the order of its removals, so notifications of one key from two threads may
+    /// overlap or arrive in either order (moka serialises them per key; here a slow listener
+    /// holds up only the caller that runs it). If it panics, the cache stays consistent: the operation
     /// that removed the entries has completed, every other removed entry of that operation is
     /// still reported, and the first panic is then resumed in that operation's caller.
     pub fn eviction_listener(

@@ -112,7 +112,13 @@ impl<K, V> Default for Stampede<K, V> {
 /// * [`tiny_lfu`](Self::tiny_lfu) (the default): an adaptive W-TinyLFU that chooses its
 ///   window's share and admission rule by miniature simulation; new keys must earn their place
 ///   against the entries they would evict, so a scan or a burst of one-off keys does not flush
-///   the hot set.
+///   the hot set. How a key earns its place differs from moka's TinyLFU in three ways a test
+///   ported from moka can see: a key's frequency counts its inserts and its hits, not the `get`s
+///   that missed it; the entry a candidate must beat is the oldest of main's probation segment
+///   (FIFO), not the least recently used; and a key evicted (or turned away) recently may be
+///   admitted again by a ghost of recent evictions (the cache's chosen admission rule; a cache
+///   with a weigher always uses it). So `insert(k)` after a miss of `k` may be turned away
+///   where moka admits it, or admitted where moka turns it away.
 /// * [`lru`](Self::lru): exact least-recently-used order within each shard, every new key
 ///   admitted. For workloads where recency is all that matters, or to match a system that was
 ///   tuned against LRU; usually a lower hit ratio than the default.
