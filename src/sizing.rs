@@ -91,9 +91,9 @@
 //! nothing only where the cache counts reads anyway: the statistics' hits and misses with
 //! [`record_stats`](crate::CacheBuilder::record_stats), else, in a cache that keeps time, its
 //! expiry-maintenance tick (every 64th read of a thread adds 64 to its shard's counter, threads
-//! starting at phases spread over 0..1024 so that the reads not yet added average out, which
-//! also counts the entry API's and refreshes' internal lookups, so a cache used mostly through
-//! those reads high). Without either there is no adjustment (only the subsets' against the
+//! starting at phases spread over 0..1024 so that the reads not yet added average out; only
+//! lookups that are requests tick: a load's look again after waiting for a flight, or a
+//! computation's look at the current value, is no new read). Without either there is no adjustment (only the subsets' against the
 //! samples): on the dev traces that costs scarab at 25,000 entries 6.7 points at 0.5 ×, where
 //! the sampled keys' own hit ratio was 3.8 points below the cache's (BENCHMARKS.md).
 //!

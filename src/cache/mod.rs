@@ -387,8 +387,11 @@ where
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         // One test for a cache that keeps no time (it counts no ticks either).
+        // Only a lookup counted as a request ticks: a later round of a counted load, or a
+        // computation's look at the current value, is no new read (the sizing curve's read
+        // count, see `note_access`).
         let (maintain, now) = if self.inner.timed {
-            (self.note_access(cell), self.now())
+            (record && self.note_access(cell), self.now())
         } else {
             (false, 0)
         };
@@ -469,8 +472,13 @@ where
     /// false) once the caller has decided what it was: a hit or a miss in the statistics;
     /// `resident` (the key held a value) for the policy's samples.
     pub(crate) fn count_lookup(&self, hash: u64, hit: bool, resident: bool) {
+        let cell = &self.inner.shards[self.shard_index(hash)];
         self.count_fast(if hit { Counter::Hit } else { Counter::Miss });
-        self.note_sample(&self.inner.shards[self.shard_index(hash)], hash, resident);
+        if self.inner.timed {
+            // The tick the uncounted lookup did not take (maintenance waits for the next one).
+            self.note_access(cell);
+        }
+        self.note_sample(cell, hash, resident);
     }
 
     /// Counts one event in the statistics, if they are recorded.
@@ -1326,6 +1334,36 @@ mod tests {
         assert!(
             (1_024..=3_072).contains(&reads),
             "2,048 reads counted as {reads}"
+        );
+    }
+
+    #[test]
+    fn only_lookups_that_are_requests_count_as_reads() {
+        // One thread: 6,400 requests (gets, and get_with_if that judge the value and count it),
+        // and 64,000 computations that look at the current value without being requests.
+        // Counted 64 at a time: 6,400 ± 64, where counting the computations' lookups gives
+        // about 70,400.
+        let cache: Cache<u64, u64> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(Duration::from_secs(3600))
+            .track_sizing()
+            .build();
+        cache.insert(1, 1);
+        let phase_before = cache.requests().0.expect("a timed cache counts its reads");
+        for i in 0..6_400u64 {
+            if i % 2 == 0 {
+                cache.get(&1);
+            } else {
+                cache.get_with_if(1, || 1, |_| false);
+            }
+            for _ in 0..10 {
+                cache.entry(1).and_compute_with(|_| crate::Op::Nop);
+            }
+        }
+        let reads = cache.requests().0.expect("counted") - phase_before;
+        assert!(
+            (6_336..=6_464).contains(&reads),
+            "6,400 requests counted as {reads} reads"
         );
     }
 }
