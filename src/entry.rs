@@ -239,13 +239,14 @@ where
         replace_if: &mut impl FnMut(&V) -> bool,
     ) -> Result<V, (u64, Start)> {
         let hash = self.hash(key);
-        // Counted once judged: a value kept is a hit, one to replace a miss (the call loads).
-        match self.read_with(key, hash, false, V::clone) {
-            Some(v) if !replace_if(&v) => {
+        // Counted once judged: a value kept is a hit, one to replace a miss (the call loads);
+        // only a kept value is read (a rejected one's idle time is not moved).
+        match self.read_judged(key, hash, &mut |v| !replace_if(v)) {
+            Some((v, true)) => {
                 self.count_lookup(hash, true, true);
                 Ok(v)
             }
-            Some(_) => {
+            Some((_, false)) => {
                 self.count_lookup(hash, false, true);
                 Err((hash, Start::Replace))
             }

@@ -1047,8 +1047,8 @@ where
             let _running = enter(lead.flight());
             !judge(v)
         };
-        match self.read_with(key, hash, false, V::clone) {
-            Some(v) if keep(&v) => {
+        match self.read_judged(key, hash, &mut keep) {
+            Some((v, true)) => {
                 let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
                 self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);

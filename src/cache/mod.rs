@@ -384,6 +384,52 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.read_at(key, hash, record, None, f)
+    }
+
+    /// A lookup whose value `keep` (user code, run with no lock held) judges before it counts
+    /// as a read (`get_with_if`'s `replace_if`): the value, and whether it was kept. Only a
+    /// kept value is read (time to idle, `expire_after_read`, the policy's hit, a refresh
+    /// due) — and only if the key still holds that entry: a value written since the look is
+    /// another entry, which this call did not read. Counts nothing in the statistics (the
+    /// caller does, once it knows).
+    pub(crate) fn read_judged(
+        &self,
+        key: &K,
+        hash: u64,
+        keep: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<(V, bool)>
+    where
+        V: Clone,
+    {
+        let now = self.now();
+        let (v, seen) = {
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            let (v, seen) = s.peek_deadline(hash, key, now)?;
+            (v.clone(), seen) // user code under the read lock, as a hit's clone
+        };
+        if !keep(&v) {
+            return Some((v, false));
+        }
+        self.read_at(key, hash, false, Some(seen), |_| ());
+        Some((v, true))
+    }
+
+    /// [`read_with`](Self::read_with), or with `seen` a deadline from
+    /// [`peek_deadline`](crate::shard::Core::peek_deadline): a read of that entry only.
+    #[inline]
+    fn read_at<Q, R>(
+        &self,
+        key: &Q,
+        hash: u64,
+        record: bool,
+        seen: Option<u64>,
+        f: impl FnOnce(&V) -> R,
+    ) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let i = self.shard_index(hash);
         let cell = &self.inner.shards[i];
         // One test for a cache that keeps no time (it counts no ticks either).
@@ -396,7 +442,13 @@ where
             (false, 0)
         };
         let guard = cell.lock.read();
-        let found = match guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin) {
+        let looked = match seen {
+            None => guard.lookup(hash, key, now, &self.inner.expiry, crate::rng::coin),
+            Some(d) => {
+                guard.lookup_unchanged(hash, key, now, d, &self.inner.expiry, crate::rng::coin)
+            }
+        };
+        let found = match looked {
             Lookup::Hit(v) => {
                 let r = f(v);
                 drop(guard);

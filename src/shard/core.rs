@@ -242,6 +242,57 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         let Some(slot) = self.find(hash, key) else {
             return Lookup::Absent;
         };
+        self.lookup_slot(slot, now, exp, coin)
+    }
+
+    /// [`lookup`](Self::lookup) of the entry [`peek_deadline`](Self::peek_deadline) saw, if
+    /// the key still holds it: its deadline unchanged (a write since gives the key another
+    /// deadline; so may a read, which has then done what this one would). Otherwise
+    /// `Absent`, with nothing recorded. An untimed shard cannot tell: it reads whatever the
+    /// key holds.
+    pub(crate) fn lookup_unchanged<Q>(
+        &self,
+        hash: u64,
+        key: &Q,
+        now: u64,
+        seen: u64,
+        exp: &ExpiryConfig<K, V>,
+        coin: impl FnOnce() -> f64,
+    ) -> Lookup<'_, K, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.find(hash, key) {
+            Some(slot) if self.deadline(slot) == seen => self.lookup_slot(slot, now, exp, coin),
+            _ => Lookup::Absent,
+        }
+    }
+
+    /// `key`'s live value and its deadline, recording nothing (for a caller that decides
+    /// whether the value is a read: [`lookup_unchanged`](Self::lookup_unchanged)).
+    pub(crate) fn peek_deadline<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, u64)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.find(hash, key)?;
+        let d = self.deadline(slot);
+        if d <= now {
+            return None;
+        }
+        Some((&self.slab[slot as usize].as_ref()?.value, d))
+    }
+
+    /// [`lookup`](Self::lookup) of the entry in `slot`.
+    #[inline]
+    fn lookup_slot(
+        &self,
+        slot: u32,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+        coin: impl FnOnce() -> f64,
+    ) -> Lookup<'_, K, V> {
         let Some(e) = &self.slab[slot as usize] else {
             return Lookup::Absent;
         };

@@ -261,6 +261,11 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn lookup<Q>(&self, hash: u64, key: &Q, now: u64, exp: &ExpiryConfig<K, V>,
             coin: impl FnOnce() -> f64) -> Lookup<'_, K, V>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn lookup_unchanged<Q>(&self, hash: u64, key: &Q, now: u64, seen: u64,
+            exp: &ExpiryConfig<K, V>, coin: impl FnOnce() -> f64) -> Lookup<'_, K, V>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn peek_deadline<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, u64)>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn set_refresh_at<Q>(&self, hash: u64, key: &Q, at: u64)
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn peek<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<&V>
