@@ -147,7 +147,9 @@ where
     /// `init` runs wins: the loaded value is returned but not stored. With
     /// [`fail_safe`](crate::CacheBuilder::fail_safe), within a failed key's retry backoff
     /// the kept stale value answers, unjudged, as it answers `get_with`. A hit that
-    /// `replace_if` keeps takes only the read lock.
+    /// `replace_if` keeps takes only the read lock. Only a kept value is read (its time to
+    /// idle moved, `expire_after_read` called, a due refresh started): `replace_if` runs with
+    /// no lock held on a clone, and a value it rejects is left as it was.
     ///
     /// # Panics
     ///
