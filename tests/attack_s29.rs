@@ -1972,9 +1972,10 @@ fn verbs_model_run(seed: u64, ttl: Option<u64>, tti: Option<u64>, max_stale: Opt
                     }
                     Some(m) => {
                         assert_eq!(got, v, "{}", ctx(step, "get_with_if replaced"));
-                        // First look and the leader's second look are reads.
-                        let r = read_model(read_model(m));
-                        put(&mut model, write_model(v, Some(r)));
+                        // A value `replace_if` rejects is not read (neither at the first
+                        // look nor at the leader's look again; moka judges before it records
+                        // a read): the replacement updates the entry as it was.
+                        put(&mut model, write_model(v, Some(m)));
                     }
                     None => {
                         assert_eq!(got, v, "{}", ctx(step, "get_with_if miss"));
