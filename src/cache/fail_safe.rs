@@ -198,7 +198,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
-        if let Some(v) = self.read_with(key, hash, true, V::clone) {
+        if let Some(v) = self.read_whole(key, hash, V::clone) {
             return Some(v);
         }
         self.inner.stampede.fail_safe?;

@@ -370,8 +370,12 @@ where
         t % MAINTAIN_EVERY == 0
     }
 
-    /// Looks `key` up and applies `f` to the value under the read lock. `record`: count the
-    /// hit or miss in the statistics.
+    /// Looks `key` up and applies `f` to the value under the read lock, for a call that goes
+    /// on after a miss (a load, a computation). With an eviction listener, an expired entry
+    /// found is left to the write that follows, which reclaims it and reports it once the call
+    /// has stored, so that a panicking listener cannot stop the call before it does (a call
+    /// that stores nothing leaves it to the next write or `get`); without one, it is
+    /// reclaimed at once. `record`: count the hit or miss in the statistics.
     #[inline]
     pub(crate) fn read_with<Q, R>(
         &self,
@@ -384,7 +388,19 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.read_at(key, hash, record, None, f)
+        self.read_at(key, hash, record, None, false, f)
+    }
+
+    /// [`read_with`](Self::read_with) for a read that is the whole call (`get`): a miss
+    /// reclaims the expired entry it found, and every so often runs the shard's expiry
+    /// maintenance, before the call returns.
+    #[inline]
+    pub(crate) fn read_whole<Q, R>(&self, key: &Q, hash: u64, f: impl FnOnce(&V) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.read_at(key, hash, true, None, true, f)
     }
 
     /// A lookup whose value `keep` (user code, run with no lock held) judges before it counts
@@ -411,12 +427,13 @@ where
         if !keep(&v) {
             return Some((v, false));
         }
-        self.read_at(key, hash, false, Some(seen), |_| ());
+        self.read_at(key, hash, false, Some(seen), false, |_| ());
         Some((v, true))
     }
 
     /// [`read_with`](Self::read_with), or with `seen` a deadline from
     /// [`peek_deadline`](crate::shard::Core::peek_deadline): a read of that entry only.
+    /// `whole`: see [`read_whole`](Self::read_whole).
     #[inline]
     fn read_at<Q, R>(
         &self,
@@ -424,6 +441,7 @@ where
         hash: u64,
         record: bool,
         seen: Option<u64>,
+        whole: bool,
         f: impl FnOnce(&V) -> R,
     ) -> Option<R>
     where
@@ -502,7 +520,9 @@ where
             self.count_fast(Counter::Miss);
             self.note_sample(cell, hash, false);
         }
-        if found || maintain {
+        // A call that goes on after a miss leaves it to its own write when the listener would
+        // hear the reclaimed entry (see `read_with`).
+        if (whole || self.inner.listener.is_none()) && (found || maintain) {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(mut s) = cell.lock.try_write() {
                 let mut out = Removals::new();
@@ -640,7 +660,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.read_with(key, self.hash(key), true, V::clone)
+        self.read_whole(key, self.hash(key), V::clone)
     }
 
     /// Whether a live entry for `key` is present. Does not count as an access.
