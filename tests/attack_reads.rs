@@ -18,6 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+/// Every hook made, kept reachable to the end of the process: a hook holds its cache and the
+/// cache's keys hold the hook (a cycle the tests need), which LeakSanitizer would report.
+static HOOKS: std::sync::Mutex<Vec<std::sync::Arc<Hook>>> = std::sync::Mutex::new(Vec::new());
+
 type C = Cache<Key, u64>;
 type B = CacheBuilder<Key, u64, DefaultHashBuilder>;
 type Action = Box<dyn FnOnce(&C, &ManualClock) + Send>;
@@ -390,6 +394,7 @@ fn env(ep: &Ep, extra: impl FnOnce(B) -> B) -> (C, Arc<Hook>) {
     let b: B = Cache::builder().max_capacity(100).clock(h.clock.clone());
     let c = (ep.cfg)(extra(b)).build();
     assert!(h.cache.set(c.clone()).is_ok());
+    HOOKS.lock().unwrap().push(Arc::clone(&h));
     c.insert(Key(TWIN, Arc::clone(&h)), 0);
     (c, h)
 }

@@ -178,6 +178,10 @@ enum Mode {
     WindowInv(u64),
 }
 
+/// Every hook made, kept reachable to the end of the process: a hook holds its cache and the
+/// cache's keys hold the hook (a cycle the tests need), which LeakSanitizer would report.
+static HOOKS: std::sync::Mutex<Vec<std::sync::Arc<Hook>>> = std::sync::Mutex::new(Vec::new());
+
 struct Env {
     c: C,
     h: Arc<Hook>,
@@ -226,6 +230,7 @@ fn env(cfg: fn(B) -> B, extra: impl FnOnce(B) -> B, expiry: bool) -> Env {
     }
     let c = cfg(extra(b)).build();
     assert!(h.cache.set(c.clone()).is_ok());
+    HOOKS.lock().unwrap().push(Arc::clone(&h));
     c.insert(key(&h, TWIN), 0);
     Env { c, h, rec }
 }

@@ -1479,12 +1479,19 @@ mod s35 {
         }
     }
 
+    /// Every hook made, kept reachable to the end of the process: a hook holds its cache and
+    /// the cache's keys hold the hook (a cycle the tests need), which LeakSanitizer would
+    /// report.
+    static HOOKS: std::sync::Mutex<Vec<Arc<Hook>>> = std::sync::Mutex::new(Vec::new());
+
     pub fn hook() -> Arc<Hook> {
-        Arc::new(Hook {
+        let h = Arc::new(Hook {
             cache: OnceLock::new(),
             clock: ManualClock::new(),
             armed: AtomicBool::new(false),
-        })
+        });
+        HOOKS.lock().unwrap().push(Arc::clone(&h));
+        h
     }
 }
 
