@@ -30,13 +30,14 @@
 
 mod common;
 
+use common::moka::*;
 use common::watchdog;
-use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, ManualClock, Op, RemovalCause};
+use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, Op, RemovalCause};
 use parking_lot::Mutex;
 use std::{
     convert::Infallible,
     sync::{
-        atomic::{AtomicU32, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
         Arc,
     },
     time::Duration,
@@ -45,175 +46,6 @@ use std::{
 const LIMIT: Duration = Duration::from_secs(60);
 /// What a moka cache without `max_capacity` becomes (herdcache requires a bound).
 const UNBOUNDED: u64 = u64::MAX;
-
-fn mock_clock() -> (ManualClock, ManualClock) {
-    let c = ManualClock::new();
-    (c.clone(), c)
-}
-
-type NotificationTuple<K, V> = (Arc<K>, V, RemovalCause);
-
-/// moka's `move |k, v, cause| a1.lock().push((k, v, cause))`.
-fn recorder<K: Clone, V: Clone>(
-    actual: Arc<Mutex<Vec<NotificationTuple<K, V>>>>,
-) -> impl Fn(&K, &V, RemovalCause) + Send + Sync + 'static
-where
-    K: Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    move |k: &K, v: &V, cause| actual.lock().push((Arc::new(k.clone()), v.clone(), cause))
-}
-
-fn is_table_empty<K, V, S>(cache: &Cache<K, V, S>) -> bool
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-    S: std::hash::BuildHasher + Clone + Send + Sync + 'static,
-{
-    cache.entry_count() == 0
-}
-
-fn no_loads_in_flight<K, V, S>(cache: &Cache<K, V, S>) -> bool
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-    S: std::hash::BuildHasher + Clone + Send + Sync + 'static,
-{
-    cache.loads_in_flight() == 0
-}
-
-fn verify_notification_vec<K, V, S>(
-    cache: &Cache<K, V, S>,
-    actual: Arc<Mutex<Vec<NotificationTuple<K, V>>>>,
-    expected: &[NotificationTuple<K, V>],
-) where
-    K: std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
-    V: Eq + std::fmt::Debug + Clone + Send + Sync + 'static,
-    S: std::hash::BuildHasher + Clone + Send + Sync + 'static,
-{
-    cache.run_pending_tasks();
-    let actual = &*actual.lock();
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "notification count; actual: {actual:?}"
-    );
-    for (i, (actual, expected)) in actual.iter().zip(expected).enumerate() {
-        assert_eq!(actual, expected, "expected[{i}]");
-    }
-}
-
-// moka's `policy::test_utils::ExpiryCallCounters`.
-#[derive(Default)]
-struct ExpiryCallCounters {
-    expected_creations: AtomicU8,
-    expected_reads: AtomicU8,
-    expected_updates: AtomicU8,
-    actual_creations: AtomicU8,
-    actual_reads: AtomicU8,
-    actual_updates: AtomicU8,
-}
-
-impl ExpiryCallCounters {
-    fn incl_expected_creations(&self) {
-        self.expected_creations.fetch_add(1, Ordering::Relaxed);
-    }
-    fn incl_expected_reads(&self) {
-        self.expected_reads.fetch_add(1, Ordering::Relaxed);
-    }
-    fn incl_expected_updates(&self) {
-        self.expected_updates.fetch_add(1, Ordering::Relaxed);
-    }
-    fn incl_actual_creations(&self) {
-        self.actual_creations.fetch_add(1, Ordering::Relaxed);
-    }
-    fn incl_actual_reads(&self) {
-        self.actual_reads.fetch_add(1, Ordering::Relaxed);
-    }
-    fn incl_actual_updates(&self) {
-        self.actual_updates.fetch_add(1, Ordering::Relaxed);
-    }
-    fn verify(&self) {
-        assert_eq!(
-            self.expected_creations.load(Ordering::Relaxed),
-            self.actual_creations.load(Ordering::Relaxed),
-            "expected_creations != actual_creations"
-        );
-        assert_eq!(
-            self.expected_reads.load(Ordering::Relaxed),
-            self.actual_reads.load(Ordering::Relaxed),
-            "expected_reads != actual_reads"
-        );
-        assert_eq!(
-            self.expected_updates.load(Ordering::Relaxed),
-            self.actual_updates.load(Ordering::Relaxed),
-            "expected_updates != actual_updates"
-        );
-    }
-}
-
-// moka's `common::test_utils::{Counters, Value}`.
-#[derive(Debug, Default)]
-struct Counters {
-    inserted: AtomicU32,
-    evicted: AtomicU32,
-    invalidated: AtomicU32,
-    value_created: AtomicU32,
-    value_dropped: AtomicU32,
-}
-
-impl Counters {
-    fn inserted(&self) -> u32 {
-        self.inserted.load(Ordering::Acquire)
-    }
-    fn evicted(&self) -> u32 {
-        self.evicted.load(Ordering::Acquire)
-    }
-    fn invalidated(&self) -> u32 {
-        self.invalidated.load(Ordering::Acquire)
-    }
-    fn value_created(&self) -> u32 {
-        self.value_created.load(Ordering::Acquire)
-    }
-    fn value_dropped(&self) -> u32 {
-        self.value_dropped.load(Ordering::Acquire)
-    }
-    fn incl_inserted(&self) {
-        self.inserted.fetch_add(1, Ordering::AcqRel);
-    }
-    fn incl_evicted(&self) {
-        self.evicted.fetch_add(1, Ordering::AcqRel);
-    }
-    fn incl_invalidated(&self) {
-        self.invalidated.fetch_add(1, Ordering::AcqRel);
-    }
-    fn incl_value_created(&self) {
-        self.value_created.fetch_add(1, Ordering::AcqRel);
-    }
-    fn incl_value_dropped(&self) {
-        self.value_dropped.fetch_add(1, Ordering::AcqRel);
-    }
-}
-
-#[derive(Debug)]
-struct Value {
-    counters: Arc<Counters>,
-}
-
-impl Value {
-    fn new(_blob: Vec<u8>, counters: &Arc<Counters>) -> Self {
-        counters.incl_value_created();
-        Self {
-            counters: Arc::clone(counters),
-        }
-    }
-}
-
-impl Drop for Value {
-    fn drop(&mut self) {
-        self.counters.incl_value_dropped();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The ported tests, in moka's order.
