@@ -900,6 +900,18 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         Some(r.into_pair())
     }
 
+    /// [`detach`](Self::detach) for a key whose hash is unknown (its `Hash` panicked when
+    /// asked again): found by `Eq` alone, one comparison per flight of the shard.
+    #[cold]
+    pub(crate) fn detach_by_eq(&mut self, key: &K) -> Option<(K, Arc<Flight<K, V>>)>
+    where
+        K: Eq,
+    {
+        let r = self.table.extract_if(|r| r.key == *key).next()?;
+        r.flight.supersede();
+        Some(r.into_pair())
+    }
+
     /// Detaches every flight (the cache is cleared).
     pub(crate) fn detach_all(&mut self) -> Vec<(K, Arc<Flight<K, V>>)> {
         self.table

@@ -31,6 +31,23 @@ pub(crate) enum Registration<K, V, R> {
 /// waiters retry) instead of leaving it registered with nobody to end it.
 pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>);
 
+/// A value whose `Drop` (user code: a key) is left to the caller, to run once its removals
+/// are reported. Dropped while a panic unwinds, a second panic of that `Drop` is caught (it
+/// would abort the process): the first panic goes on.
+pub(crate) struct DropLater<T>(pub(crate) Option<T>);
+
+impl<T> Drop for DropLater<T> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.take() {
+            if std::thread::panicking() {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v)));
+            } else {
+                drop(v);
+            }
+        }
+    }
+}
+
 impl<K, V> Swept<K, V> {
     /// Drops the swept registrations, then hands back `guard`.
     pub(crate) fn drop_after<G>(self, guard: G) -> G {
@@ -291,22 +308,27 @@ where
 {
     /// Ends a computation that removes `key`: removes it and unregisters the computation's
     /// flight in one critical section — only if the flight is still registered (a write of the
-    /// key during the computation wins and is kept). Returns whether it removed anything.
+    /// key during the computation wins and is kept). Returns the flight's registered key, for
+    /// the caller to drop once the removals are reported (its `Drop` is user code); `None`
+    /// when a write detached the flight (nothing removed). If a key's `Hash` or `Eq` panics
+    /// under the lock, what was removed before is reported, then the panic resumes.
     pub(crate) fn remove_with_flight(
         &self,
         hash: u64,
         key: &K,
         flight: &Arc<Flight<K, V>>,
         out: &mut Removals<K, V>,
-    ) -> bool {
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        let Some(flight_key) = s.flights().remove(hash, flight) else {
-            return false;
-        };
-        let removed = self.remove_locked(&mut s, hash, key, out);
-        drop(s);
-        drop(flight_key);
-        removed
+    ) -> Option<DropLater<K>> {
+        let s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let mut flight_key = DropLater(None);
+        self.reporting_panics(out, |out| {
+            let mut s = s;
+            flight_key.0 = s.flights().remove(hash, flight);
+            if flight_key.0.is_some() {
+                self.remove_locked(&mut s, hash, key, out);
+            }
+        });
+        flight_key.0.is_some().then_some(flight_key)
     }
 
     /// The number of loads in flight (not counting negative-cache entries). A test hook

@@ -524,16 +524,19 @@ where
         // hear the reclaimed entry (see `read_with`).
         if (whole || self.inner.listener.is_none()) && (found || maintain) {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
-            if let Some(mut s) = cell.lock.try_write() {
+            if let Some(s) = cell.lock.try_write() {
                 let mut out = Removals::new();
-                let acct = Accounting::new(self, &mut *s);
-                acct.shard.expire(now, false, &self.inner.hasher, &mut out);
-                if found {
-                    // Only the expired entry: a write may have replaced it since the read.
-                    acct.shard.remove_expired(hash, key, now, false, &mut out);
-                }
-                drop(acct);
-                drop(s);
+                // A key's `Hash` (reclaiming) or `Eq` may panic: what was reclaimed before is
+                // still reported, after the lock.
+                self.reporting_panics(&mut out, move |out| {
+                    let mut s = s;
+                    let acct = Accounting::new(self, &mut *s);
+                    acct.shard.expire(now, false, &self.inner.hasher, out);
+                    if found {
+                        // Only the expired entry: a write may have replaced it since the read.
+                        acct.shard.remove_expired(hash, key, now, false, out);
+                    }
+                });
                 self.report_removals(out);
             }
         }
@@ -988,8 +991,13 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        self.remove_locked(&mut s, hash, key, out)
+        let s = self.inner.shards[self.shard_index(hash)].lock.write();
+        // User code under the lock (the keys' `Hash` as expired entries are reclaimed first,
+        // `Eq`) may panic: what was removed before is still reported, after the lock.
+        self.reporting_panics(out, move |out| {
+            let mut s = s;
+            self.remove_locked(&mut s, hash, key, out)
+        })
     }
 
     /// Removes `key` from a locked shard (an explicit removal), keeping the global weight.

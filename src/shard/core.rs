@@ -1142,14 +1142,21 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             // With fail-safe an expired entry within its stale window is still the key's last
             // value: `keep` decides on it like on the live ones.
             if reclaim || !keep(&e.key, &e.value) {
-                let hash = rehash.of(&e.key);
+                let hashed = rehash.try_of(&e.key);
                 if !reclaim {
                     // Removed by the predicate: as with `invalidate`, a load of the key in
-                    // flight is superseded (its value goes to its callers, not back in).
-                    if let Some((k, f)) = self.flights.detach(hash, &e.key) {
+                    // flight is superseded (its value goes to its callers, not back in). A key
+                    // whose `Hash` panicked now was hashed when its flight registered: found
+                    // by `Eq` alone.
+                    let detached = match hashed {
+                        Some(hash) => self.flights.detach(hash, &e.key),
+                        None => self.flights.detach_by_eq(&e.key),
+                    };
+                    if let Some((k, f)) = detached {
                         out.detach(k, f);
                     }
                 }
+                let hash = hashed.unwrap_or(0);
                 let cause = if expired {
                     RemovalCause::Expired
                 } else {
@@ -1273,13 +1280,21 @@ impl<'a, S: BuildHasher> Rehash<'a, S> {
 
     #[inline]
     fn of<K: Hash>(&self, key: &K) -> u64 {
+        self.try_of(key).unwrap_or(0)
+    }
+
+    /// The key's hash, or `None` if its `Hash` panicked (the panic is kept for
+    /// [`finish`](Self::finish)): for a caller that must then find the key by `Eq` alone.
+    #[inline]
+    fn try_of<K: Hash>(&self, key: &K) -> Option<u64> {
         let hashed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.hasher.hash_one(key)));
-        hashed.unwrap_or_else(|p| {
-            let first = self.panic.take().unwrap_or(p);
-            self.panic.set(Some(first));
-            0
-        })
+        hashed
+            .map_err(|p| {
+                let first = self.panic.take().unwrap_or(p);
+                self.panic.set(Some(first));
+            })
+            .ok()
     }
 
     /// Resumes the first panic caught, if any (call once the shard is consistent).
