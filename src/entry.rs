@@ -561,9 +561,11 @@ where
         let hash = lead.hash();
         let flight = lead.disarm();
         let guard = AbandonOnDrop(self, hash, &flight);
-        self.remove_with_flight(hash, key, &flight, &mut out);
+        let flight_key = self.remove_with_flight(hash, key, &flight, &mut out);
         drop(guard); // callers waiting on the computation look again
         self.report_removals(out);
+        // The key's `Drop` (user code) once the removal is reported.
+        drop(flight_key);
     }
 
     /// Ends a computation with its closure's verdict. A write or invalidation of the key while
@@ -839,9 +841,15 @@ where
             fresh: false,
             replaced: false,
         });
+        // `f`'s synchronous part runs as the computation too: a load or computation of this
+        // key inside it panics ("recursive load") instead of waiting for itself.
+        let inner = {
+            let _running = enter(lead.flight());
+            Box::pin(f(entry))
+        };
         let op = Computing {
             flight: lead.flight(),
-            inner: Box::pin(f(entry)),
+            inner,
         }
         .await;
         cache.end_compute(lead, self.key, current, op)

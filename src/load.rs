@@ -320,8 +320,11 @@ where
     }
 
     /// A computation that took `flight`'s load over to give it up at once (its leader and
-    /// waiters load again, each counted then): not counted as a load.
+    /// waiters load again, each counted then). The leader left its miss to the flight: counted
+    /// as an abandoned load (`loads_abandoned`: given up before it ended), but not a failed
+    /// load for fail-safe (no backend was called).
     pub(crate) fn given_up(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) {
+        cache.count(Counter::LoadAbandoned);
         let mut lead = Lead::taken(cache, hash, flight);
         lead.load = false;
     }
