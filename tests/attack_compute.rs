@@ -1,7 +1,7 @@
 //! Attack sweep (outside, public API only): the entry / compute API and the async
 //! cancellation paths of the loading calls.
 #![cfg(not(any(loom, shuttle)))]
-#![allow(clippy::type_complexity)]
+#![allow(clippy::type_complexity, clippy::drop_non_drop)] // drop(r): a result deliberately discarded
 mod common;
 
 use common::hand::{self, BoxFut, Door};
@@ -288,13 +288,8 @@ fn no_lost_update_threads() {
             });
         }
     });
-    // get_with may have inserted 0 before the first compute: count accordingly
     let v = c.get(&1).unwrap();
-    assert!(
-        v == (n * m) as u64 || v == (n * m) as u64 - 0,
-        "lost updates: {v} != {}",
-        n * m
-    );
+    assert_eq!(v, (n * m) as u64, "lost updates");
     c.validate();
 }
 
@@ -1185,7 +1180,7 @@ fn reentrant_same_key_panics_not_hangs() {
             });
             if outer < 3 && [1, 2, 4, 5, 7].contains(&inner) && r.is_ok() {
                 // a hit of the present key inside its compute: a read, not a load
-                assert_eq!(r, Ok(if outer == 2 { 1 } else { 1 }), "{what}");
+                assert_eq!(r, Ok(1), "{what}");
             } else {
                 assert!(
                     r.is_err(),

@@ -1089,7 +1089,7 @@ fn churn_every_value_heard_exactly_once() {
     for t in 0..4u64 {
         let w1 = Arc::clone(&w);
         ts.push(std::thread::spawn(move || {
-            let mut r = common::Rng(0x9E37_79B9 ^ (t + 1) * 7919);
+            let mut r = common::Rng(0x9E37_79B9 ^ ((t + 1) * 7919));
             let mut returned = vec![];
             for i in 0..4000u64 {
                 let k = r.next() % 16;

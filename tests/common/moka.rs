@@ -18,12 +18,12 @@ pub fn mock_clock() -> (ManualClock, ManualClock) {
 pub type NotificationTuple<K, V> = (Arc<K>, V, RemovalCause);
 
 /// moka's `move |k, v, cause| a1.lock().push((k, v, cause))`.
-pub fn recorder<K: Clone, V: Clone>(
+pub fn recorder<K, V>(
     actual: Arc<Mutex<Vec<NotificationTuple<K, V>>>>,
 ) -> impl Fn(&K, &V, RemovalCause) + Send + Sync + 'static
 where
-    K: Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    K: Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
 {
     move |k: &K, v: &V, cause| actual.lock().push((Arc::new(k.clone()), v.clone(), cause))
 }
