@@ -484,7 +484,10 @@ where
 
     /// Remembers a failed load (an error, or `None` from an `optionally_` call) for `ttl`:
     /// during that time callers of that key get the same error (or `None`) without calling the
-    /// backend, so a down backend sees at most one call per key per `ttl`. A write or
+    /// backend, so a down backend sees at most one call per key per `ttl`. Those callers are
+    /// the calls that can answer with that failure (`try_get_with`, `optionally_get_with`,
+    /// `load` and their async, by-reference and entry-API forms); `get_with`, `or_insert_with`
+    /// and `get_all`, which have no way to answer a failure, load the key again. A write or
     /// invalidation of the key ends it early. With [`fail_safe`](Self::fail_safe), a failed
     /// load of a key whose last value is within its stale window answers with that value
     /// instead, and a failed refresh is not remembered (its value, once expired, answers).

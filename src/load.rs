@@ -279,6 +279,12 @@ where
     /// This caller took the load over from a leader that waited for a permit
     /// ([`Flight::steal`]); the other leads of a flight taken over leave it to this one.
     taker: bool,
+    /// A refresh whose load is not counted yet: a refresh counts in `refreshes_started` and,
+    /// like every load, in one load column, so one that ends without running its loader (its
+    /// job dropped or its spawner panicking, its future dropped) counts an abandoned load (a
+    /// failed one if a panic drops it), keeping the statistics' balance. One taken over
+    /// leaves that count to the caller that took it (a flight counts one load).
+    refresh_load: bool,
 }
 
 impl<K, V, S> Lead<K, V, S>
@@ -296,6 +302,7 @@ where
             load: true,
             handoff: None,
             taker: false,
+            refresh_load: false,
         }
     }
 
@@ -345,6 +352,7 @@ where
             load: false,
             handoff: None,
             taker: false,
+            refresh_load: true,
         }
     }
 
@@ -390,7 +398,8 @@ where
         // somebody did: then the taker ends the flight).
         let taken = !self.taker && self.flight.as_ref().is_some_and(|f| !f.give_up());
         if taken {
-            // A refresh taken over ends here, counted as not run.
+            // A refresh taken over ends here, counted as not run (the load column it owes is
+            // the taker's: a flight counts one load, whoever runs it).
             if self.refresh {
                 self.cache.count(Counter::RefreshFailed);
             }
@@ -398,7 +407,7 @@ where
         }
         if let Some(flight) = self.flight.take() {
             let handed_back = self.handoff.as_ref().is_some_and(Handoff::abandoned);
-            if self.load && !handed_back {
+            if (self.load || self.refresh_load) && !handed_back {
                 // Unwinding: a panic of user code between the claim and the publish.
                 self.cache.count(if std::thread::panicking() {
                     Counter::LoadFailure
@@ -825,6 +834,7 @@ where
         if let Some(took) = took {
             // Counted here: if the store below panics, the lead is not counted again.
             lead.load = false;
+            lead.refresh_load = false;
             let success = matches!(outcome, Outcome::Value(_));
             self.count(if success {
                 Counter::LoadSuccess

@@ -140,8 +140,10 @@ where
             Some(l) => match l.try_acquire() {
                 Some(p) => crate::load::LoadPermit::held(p),
                 None => {
-                    // Deferred, not lost: the next read finds the entry due again.
+                    // Deferred, not lost: the next read finds the entry due again. Its load
+                    // never ran: an abandoned load (see `Lead`'s `refresh_load`).
                     self.count(Counter::RefreshFailed);
+                    self.count(Counter::LoadAbandoned);
                     let hash = lead.hash();
                     let flight = lead.disarm();
                     self.end_flight(hash, &flight, Some(self.now()), Phase::Abandoned, false);

@@ -274,7 +274,9 @@ pub struct CacheStats {
     pub load_failures: u64,
     /// Loads given up before they ended, neither a value nor a failure: a cancelled leader
     /// (its future dropped, its waiters load again), a leader that timed out waiting for a
-    /// load permit, a job the spawner dropped unrun, a shared async load every caller left.
+    /// load permit, a job the spawner dropped unrun, a shared async load every caller left, a
+    /// refresh that never ran its loader (its job or future dropped, put off because the load
+    /// limit was full), a load taken over and given up by a computation of its key.
     pub loads_abandoned: u64,
     /// Time spent in loads that finished, on the cache's clock.
     pub total_load_time: Duration,

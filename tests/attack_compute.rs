@@ -924,18 +924,6 @@ fn limited_stats(n: usize) -> C {
         .build()
 }
 
-/// Polls `cond` until it holds (a thread reached its waiting point), failing after 10 s.
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let start = std::time::Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: never happened"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 fn stats_balanced(c: &C, what: &str) {
     let s = c.stats();
     assert_eq!(
@@ -1838,9 +1826,10 @@ fn steal_by_compute_stats_minimal() {
     rx.recv().unwrap();
     let c2 = c.clone();
     let b = common::start(move || c2.get_with(1, || 10)); // leads key 1, waits for the permit
-    wait_for("B waits for the permit", || {
-        c.stats().loads_waited_for_limit == 1
-    });
+    assert!(
+        common::eventually(|| c.stats().loads_waited_for_limit == 1),
+        "B waits for the permit"
+    );
     go_tx.send(()).unwrap();
     assert_eq!(a.wait(Duration::from_secs(10)).unwrap().unwrap(), 100);
     assert_eq!(b.wait(Duration::from_secs(10)).unwrap().unwrap(), 100);
@@ -2810,7 +2799,10 @@ fn try_insert_error_shared() {
                 c2.entry(1).or_try_insert_with(|| Ok::<u64, String>(9))
             }
         });
-        wait_for("the waiter joins", || c.stats().coalesced == 1);
+        assert!(
+            common::eventually(|| c.stats().coalesced == 1),
+            "the waiter joins"
+        );
         go_tx.send(()).unwrap();
         let a = leader.wait(Duration::from_secs(5)).unwrap().unwrap();
         let b = waiter.wait(Duration::from_secs(5)).unwrap().unwrap();
