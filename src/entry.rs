@@ -46,7 +46,12 @@ impl<K, V> Entry<K, V> {
 
     /// The value, by value.
     pub fn into_value(self) -> V {
-        self.value
+        // The key's `Drop` (user code) before the value is handed out: if it panics, the value
+        // is still a local and is dropped while unwinding (moved out first, it would leak:
+        // rust-lang/rust#47949).
+        let Entry { key, value, .. } = self;
+        drop(key);
+        value
     }
 
     /// Whether this call's loader or computation produced the value (rather than finding it

@@ -1565,3 +1565,63 @@ fn s35_a_loads_locked_recheck_that_finds_a_value_calls_expire_after_read() {
     );
     cache.validate();
 }
+
+/// A key whose `Drop` panics once it is armed (then disarms); compared and hashed by its
+/// number alone.
+#[derive(Clone, Debug)]
+struct DropBomb(u64, Arc<AtomicBool>);
+
+impl PartialEq for DropBomb {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+
+impl Eq for DropBomb {}
+
+impl Hash for DropBomb {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+    }
+}
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && self.1.swap(false, Ordering::SeqCst) {
+            panic!("injected: key drop");
+        }
+    }
+}
+
+/// Stop 36: `remove` took the removed value out of its record and then dropped the record's
+/// key; when that `Drop` panicked, the value, already moved out, was never dropped (a leak:
+/// rust-lang/rust#47949). `Entry::into_value` had the same shape. Found by LeakSanitizer on
+/// `tests/attack_removals.rs`.
+#[test]
+fn s36_a_panicking_key_drop_in_remove_or_into_value_does_not_leak_the_value() {
+    quiet_injected_panics();
+    let _live = common::live_lock();
+    let before = common::LIVE.load(Ordering::SeqCst);
+    {
+        let armed = Arc::new(AtomicBool::new(false));
+        let cache: Cache<DropBomb, common::Counted> = Cache::new(10);
+        cache.insert(DropBomb(1, Arc::clone(&armed)), common::Counted::new(1));
+        let probe = DropBomb(1, Arc::new(AtomicBool::new(false)));
+        armed.store(true, Ordering::SeqCst); // the stored key's next drop panics
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.remove(&probe)));
+        assert!(r.is_err(), "the key's Drop panics in remove");
+        assert_eq!(cache.get(&probe), None);
+        // The same through an entry.
+        let e = cache
+            .entry(DropBomb(2, Arc::clone(&armed)))
+            .or_insert_with(|| common::Counted::new(2));
+        armed.store(true, Ordering::SeqCst);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.into_value()));
+        assert!(r.is_err(), "the key's Drop panics in into_value");
+    }
+    assert_eq!(
+        common::LIVE.load(Ordering::SeqCst),
+        before,
+        "every value dropped once the cache is gone"
+    );
+}

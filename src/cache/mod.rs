@@ -1035,12 +1035,16 @@ where
         let mut out = Removals::new();
         let removed = self.remove_hashed(self.hash(key), key, &mut out);
         let panic = self.report(&out);
-        let value = if removed {
-            out.pop().map(|r| r.value)
-        } else {
-            None
-        };
+        let popped = if removed { out.pop() } else { None };
+        // User code (the keys' and values' `Drop`) while `popped` is a local: a panic there
+        // drops it while unwinding (a value moved out of it first would leak,
+        // rust-lang/rust#47949).
         drop(out);
+        let value = popped.map(|r| {
+            let Removed { key, value, .. } = r;
+            drop(key);
+            value
+        });
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
