@@ -946,14 +946,30 @@ where
         let tune = self.inner.tune.load(Ordering::Relaxed);
         s.retune(&self.inner.hasher, tune, panic);
         let (mut n, mut w) = (0, 0);
-        while self.over_capacity() && (!fair || s.weight() > s.share()) {
+        let now = self.now();
+        if self.over_capacity() && (!fair || s.weight() > s.share()) {
+            // Dead entries make room first. A key's `Hash` that panics there (rehashed as
+            // its entry is removed) is resumed once the eviction is done, as the policy's.
             let before = s.weight();
-            if !s.evict_one(&self.inner.hasher, out, panic) {
-                break;
+            let hasher = &self.inner.hasher;
+            let expired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.expire_before_evicting(now, hasher, out)
+            }));
+            if let Err(p) = expired {
+                panic.get_or_insert(p);
             }
             self.account(before, s.weight());
-            n += 1;
-            w += before - s.weight();
+        }
+        while self.over_capacity() && (!fair || s.weight() > s.share()) {
+            let before = s.weight();
+            let Some(cause) = s.evict_one(now, &self.inner.hasher, out, panic) else {
+                break;
+            };
+            self.account(before, s.weight());
+            if cause == RemovalCause::Size {
+                n += 1;
+                w += before - s.weight();
+            }
         }
         self.count_evicted(n, w);
     }

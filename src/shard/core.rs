@@ -1000,32 +1000,65 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         rehash.finish_into(panic);
     }
 
-    /// Evicts one entry chosen by the policy. Returns false when the shard is empty.
+    /// Evicts one entry chosen by the policy and returns why it went: `Size`, or `Expired` if
+    /// its deadline had passed at `now` (an entry due earlier in the timer wheel's current
+    /// tick, not reclaimed yet, or one kept past its deadline for fail-safe). `None` when the
+    /// shard is empty.
     pub(crate) fn evict_one<S: BuildHasher>(
         &mut self,
+        now: u64,
         hasher: &S,
         out: &mut Removals<K, V>,
         panic: &mut Option<Panic>,
-    ) -> bool {
+    ) -> Option<RemovalCause> {
         let rehash = Rehash::new(hasher);
         let Some(slot) = self
             .policy
             .evict(&mut self.slab, &mut self.free, |e| rehash.of(&e.key))
         else {
             rehash.finish_into(panic);
-            return false;
+            return None;
         };
+        let expired = self.deadline(slot) <= now;
         let hash = rehash.of(&self.slab[slot as usize]
             .as_ref()
             .expect("victim is live")
             .key);
         let e = self.take_slot(slot, hash);
         self.free.push(slot);
-        // Not tallied here: the cache counts evictions itself, where `health` reads them
-        // without a shard lock.
-        out.push(removed(e, RemovalCause::Size));
+        let cause = if expired {
+            // Tallied by the shard, as every expiration is.
+            self.tally.push(out, removed(e, RemovalCause::Expired));
+            RemovalCause::Expired
+        } else {
+            // Not tallied here: the cache counts evictions itself, where `health` reads them
+            // without a shard lock.
+            out.push(removed(e, RemovalCause::Size));
+            RemovalCause::Size
+        };
         rehash.finish_into(panic);
-        true
+        Some(cause)
+    }
+
+    /// Before evicting for room: removes the entries whose deadline passed, those due earlier
+    /// in the wheel's current tick too (exactly, at most once per ≈67 ms, see
+    /// [`TimerWheel::exact_before_evicting`]), so that expired entries make room before a live
+    /// one is evicted. Entries kept past their deadline for fail-safe stay (until their stale
+    /// window closes) and are evicted in the policy's order, reported `Expired`.
+    pub(crate) fn expire_before_evicting<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        hasher: &S,
+        out: &mut Removals<K, V>,
+    ) {
+        if !T::TIMED {
+            return;
+        }
+        let exact = self
+            .wheel
+            .as_mut()
+            .is_some_and(|w| w.exact_before_evicting(now));
+        self.expire(now, exact, hasher, out);
     }
 
     /// Advances the timer wheel to `now` and removes entries whose deadline passed: all of them

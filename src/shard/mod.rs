@@ -292,11 +292,13 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         fn remove_expired<Q>(&mut self, hash: u64, key: &Q, now: u64, stale_too: bool,
             out: &mut Removals<K, V>) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
-        fn evict_one<S: BuildHasher>(&mut self, hasher: &S, out: &mut Removals<K, V>,
-            panic: &mut Option<Panic>) -> bool;
+        fn evict_one<S: BuildHasher>(&mut self, now: u64, hasher: &S, out: &mut Removals<K, V>,
+            panic: &mut Option<Panic>) -> Option<RemovalCause>;
         fn retune<S: BuildHasher>(&mut self, hasher: &S, tune: u64, panic: &mut Option<Panic>);
         fn take_panic(&mut self) -> Option<Panic>;
         fn expire<S: BuildHasher>(&mut self, now: u64, exact: bool, hasher: &S,
+            out: &mut Removals<K, V>);
+        fn expire_before_evicting<S: BuildHasher>(&mut self, now: u64, hasher: &S,
             out: &mut Removals<K, V>);
         fn clear(&mut self, now: u64, out: &mut Removals<K, V>);
         fn retain<S: BuildHasher>(&mut self, now: u64, hasher: &S,
@@ -391,7 +393,7 @@ mod tests {
             if let Lookup::Absent = s.lookup(h.hash_one(k), &k, 0, &exp, || 1.0) {
                 put(&mut s, &h, k, i, i, &mut out);
                 while s.weight() > 50 {
-                    assert!(s.evict_one(&h, &mut out, &mut None));
+                    assert!(s.evict_one(0, &h, &mut out, &mut None).is_some());
                 }
             }
             if i % 97 == 0 {
@@ -464,7 +466,7 @@ mod tests {
             for i in 0..25_000u64 {
                 s.insert(h.hash_one(i), i, i, 100, 0, &exp, &h, (0, NEVER), &mut out);
                 while s.weight() > share {
-                    assert!(s.evict_one(&h, &mut out, &mut None));
+                    assert!(s.evict_one(0, &h, &mut out, &mut None).is_some());
                 }
             }
             s.validate(&h);
