@@ -2118,7 +2118,7 @@ fn d_heavy_entry_in_one_shard_global_bound() {
             let c: Cache<u64, u64> = Cache::builder()
                 .max_capacity(100)
                 .shards(shards)
-                .eviction_policy(policy.clone())
+                .eviction_policy(policy)
                 .weigher(|_k: &u64, v: &u64| w_of(*v) as u32)
                 .eviction_listener(move |k: &u64, v: &u64, c| l.lock().unwrap().push((*k, *v, c)))
                 .build();
@@ -2165,7 +2165,7 @@ fn a_expired_entries_make_room_before_live_ones_are_evicted() {
             b.expire_after(Short)
                 .max_capacity(10)
                 .shards(1)
-                .eviction_policy(policy.clone())
+                .eviction_policy(policy)
         });
         for k in 0..5 {
             c.insert(k, k); // long-lived, oldest
@@ -2228,7 +2228,7 @@ fn a_expired_mid_tick_make_room_before_live_ones_are_evicted() {
                 b.expire_after(Short(life))
                     .max_capacity(10)
                     .shards(1)
-                    .eviction_policy(policy.clone())
+                    .eviction_policy(policy)
             });
             for k in 0..5 {
                 c.insert(k, k);
@@ -2419,7 +2419,7 @@ fn a_entry_equal_to_capacity_in_empty_cache_is_stored() {
                 let c: Cache<u64, u64> = Cache::builder()
                     .max_capacity(cap)
                     .shards(shards)
-                    .eviction_policy(policy.clone())
+                    .eviction_policy(policy)
                     .weigher(|_k: &u64, v: &u64| w_of(*v) as u32)
                     .eviction_listener(move |k: &u64, v: &u64, c| {
                         l.lock().unwrap().push((*k, *v, c))
@@ -2537,7 +2537,7 @@ fn a_fail_safe_stale_entries_evicted_for_size_cause() {
                 .fail_safe(Duration::from_secs(100))
                 .max_capacity(3)
                 .shards(1)
-                .eviction_policy(policy.clone())
+                .eviction_policy(policy)
         });
         for k in 1..=3 {
             c.insert(k, k);
@@ -2620,7 +2620,7 @@ fn a_fail_safe_live_evicted_before_stale() {
                 .fail_safe(Duration::from_secs(100))
                 .max_capacity(3)
                 .shards(1)
-                .eviction_policy(policy.clone())
+                .eviction_policy(policy)
         });
         c.insert(1, 1);
         c.insert(2, 2);
@@ -2708,7 +2708,7 @@ fn a_many_expired_evicted_cause_expired() {
                 b.time_to_live(Duration::from_secs(10))
                     .max_capacity(n)
                     .shards(1)
-                    .eviction_policy(policy.clone())
+                    .eviction_policy(policy)
             });
             for k in 0..n {
                 c.insert(k, k);
@@ -2798,7 +2798,7 @@ fn b_removal_cause_matches_deadline_model() {
             herdcache::EvictionPolicy::lru(),
             herdcache::EvictionPolicy::tiny_lfu(),
         ] {
-            let bad = cause_model(false, policy.clone(), seed);
+            let bad = cause_model(false, policy, seed);
             assert!(bad.is_empty(), "seed {seed} {policy:?}: {bad:#?}");
         }
     }
@@ -2813,7 +2813,7 @@ fn b_removal_cause_matches_deadline_model_fail_safe() {
             herdcache::EvictionPolicy::lru(),
             herdcache::EvictionPolicy::tiny_lfu(),
         ] {
-            let bad = cause_model(true, policy.clone(), seed);
+            let bad = cause_model(true, policy, seed);
             if !bad.is_empty() {
                 all.push(format!(
                     "seed {seed} {policy:?}: {} wrong, e.g. {}",
@@ -2871,7 +2871,7 @@ fn a_live_evicted_while_expired_in_current_tick_kept() {
             b.time_to_live(Duration::from_secs(10))
                 .max_capacity(2)
                 .shards(1)
-                .eviction_policy(policy.clone())
+                .eviction_policy(policy)
         });
         c.insert(1, 1); // deadline 10.0 s
         clock.advance(Duration::from_millis(9_800));
