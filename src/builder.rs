@@ -625,8 +625,9 @@ where
     /// after [`refresh_backoff`](Self::refresh_backoff) by one caller (the others get the last
     /// value meanwhile, with no load). Never beyond `max_stale`. Expired entries are kept (and
     /// count towards `max_capacity`) until `max_stale` passes; plain reads (`get`) never see
-    /// them. A full cache evicts them in its policy's order, as live ones (reported
-    /// [`Expired`](crate::RemovalCause::Expired)): a live entry may go before a stale one. Counted in
+    /// them. A full cache evicts them before live entries, the longest expired first
+    /// (reported [`Expired`](crate::RemovalCause::Expired)); one that expired in the last
+    /// ≈67 ms may not be known stale yet and then goes in the policy's order. Counted in
     /// [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl). Needs
     /// a deadline to act on (a time to live, a time to idle or an `Expiry`).
     ///

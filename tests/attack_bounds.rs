@@ -2595,13 +2595,11 @@ fn a_fail_safe_stale_eviction_cause_minimal() {
     }
 }
 
-// Open (stop 36, documented in `fail_safe`'s docs since): with fail_safe, making room for a
-// new key evicts a LIVE entry (deadline 1000 s away) while an entry already past its deadline
-// (kept only as a stale fallback) stays; both policies: stale entries are evicted in the
-// policy's order. Without fail_safe the expired entry is what goes
-// (a_expired_entries_make_room_*). `-- --ignored` runs it.
+// With fail_safe, making room for a new key must evict the entry already past its deadline
+// (kept only as a stale fallback), not a LIVE one (deadline 1000 s away); both policies.
+// Failed before stale entries were made the first victims (they went in the policy's order).
+// Without fail_safe the expired entry is what goes (a_expired_entries_make_room_*).
 #[test]
-#[ignore = "open: fail-safe's stale entries are evicted in the policy's order (documented)"]
 fn a_fail_safe_live_evicted_before_stale() {
     struct Per;
     impl Expiry<u64, u64> for Per {

@@ -145,6 +145,59 @@ fn expired_entries_are_kept_and_counted_until_max_stale() {
     assert_eq!(c.entry_count(), 2, "and reclaimed after max_stale");
 }
 
+/// A full cache makes room with the stale entries first, the longest expired first, and never
+/// with an entry written again since it expired; then the policy chooses among live ones.
+#[test]
+fn a_full_cache_evicts_stale_entries_before_live_ones() {
+    for weighted in [false, true] {
+        let clock = ManualClock::new();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let mut builder = Cache::builder()
+            .time_to_live(secs(TTL))
+            .fail_safe(secs(MAX_STALE))
+            .shards(1)
+            .clock(clock.clone())
+            .eviction_listener(move |k: &u64, _v: &u64, cause| {
+                l.lock().unwrap().push((*k, cause));
+            });
+        builder = if weighted {
+            builder.max_capacity(8).weigher(|_k: &u64, _v: &u64| 2)
+        } else {
+            builder.max_capacity(4)
+        };
+        let c: Cache<u64, u64> = builder.build();
+        c.insert(1, 1);
+        clock.advance(secs(1));
+        c.insert(2, 2);
+        c.insert(3, 3);
+        c.insert(4, 4);
+        for _ in 0..5 {
+            assert_eq!(c.get(&1), Some(1)); // the policy's favourite
+        }
+        clock.advance(secs(TTL + 1)); // all four expired, kept for fail-safe
+        c.insert(2, 20); // written again: live (its stale value reported `Expired`)
+        log.lock().unwrap().clear();
+        c.insert(5, 5);
+        c.insert(6, 6);
+        c.run_pending_tasks();
+        let removed = log.lock().unwrap().clone();
+        assert_eq!(
+            removed,
+            vec![
+                (1, herdcache::RemovalCause::Expired),
+                (3, herdcache::RemovalCause::Expired)
+            ],
+            "weighted {weighted}: the stale entries went first, the longest expired first"
+        );
+        assert_eq!(c.get(&2), Some(20), "weighted {weighted}");
+        assert!(
+            c.contains_key(&5) && c.contains_key(&6),
+            "weighted {weighted}"
+        );
+    }
+}
+
 #[test]
 fn writes_win_over_the_stale_value() {
     let clock = ManualClock::new();

@@ -46,6 +46,12 @@ pub(crate) struct Core<K, V, T> {
     refile_pending: crate::sync::AtomicBool,
     /// Entries this shard removed, by cause (for the statistics).
     tally: Tally,
+    /// With fail-safe: slots the timer wheel found past their deadline and kept for their
+    /// stale window, oldest first — the first victims when the shard must make room (a stale
+    /// value only serves while the backend fails; a live one serves every read). A slot is
+    /// checked when taken (still occupied, by an entry past its deadline), so one freed,
+    /// reused or given a new deadline since is skipped; compacted when it outgrows the shard.
+    stale: std::collections::VecDeque<u32>,
     /// A key's `Hash` panic caught during an insert, for the cache to resume after the write's
     /// eviction ([`take_panic`](Self::take_panic)).
     /// (In a mutex only to keep the shard `Sync`: it is only reached through `&mut self`,
@@ -87,6 +93,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             refile: crate::sync::Mutex::new(Refile::default()),
             refile_pending: crate::sync::AtomicBool::new(false),
             tally: Tally::default(),
+            stale: std::collections::VecDeque::new(),
             pending_panic: std::sync::Mutex::new(None),
         }
     }
@@ -1000,10 +1007,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         rehash.finish_into(panic);
     }
 
-    /// Evicts one entry chosen by the policy and returns why it went: `Size`, or `Expired` if
-    /// its deadline had passed at `now` (an entry due earlier in the timer wheel's current
-    /// tick, not reclaimed yet, or one kept past its deadline for fail-safe). `None` when the
-    /// shard is empty.
+    /// Evicts one entry and returns why it went: an entry kept past its deadline for
+    /// fail-safe (on the stale list) if there is one, `Expired`; else one chosen by the
+    /// policy: `Size`, or `Expired` if its deadline had passed at `now` (an entry due earlier
+    /// in the timer wheel's current tick, not reclaimed yet). `None` when the shard is empty.
     pub(crate) fn evict_one<S: BuildHasher>(
         &mut self,
         now: u64,
@@ -1012,6 +1019,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         panic: &mut Option<Panic>,
     ) -> Option<RemovalCause> {
         let rehash = Rehash::new(hasher);
+        if !self.stale.is_empty() && self.evict_stale(now, &rehash, out) {
+            rehash.finish_into(panic);
+            return Some(RemovalCause::Expired);
+        }
         let Some(slot) = self
             .policy
             .evict(&mut self.slab, &mut self.free, |e| rehash.of(&e.key))
@@ -1044,7 +1055,8 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// in the wheel's current tick too (exactly, at most once per ≈67 ms, see
     /// [`TimerWheel::exact_before_evicting`]), so that expired entries make room before a live
     /// one is evicted. Entries kept past their deadline for fail-safe stay (until their stale
-    /// window closes) and are evicted in the policy's order, reported `Expired`.
+    /// window closes); the wheel's drain puts them on the stale list, whose entries
+    /// [`evict_one`](Self::evict_one) takes first.
     pub(crate) fn expire_before_evicting<S: BuildHasher>(
         &mut self,
         now: u64,
@@ -1114,8 +1126,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     let hash = rehash.of(&e.key);
                     self.remove_slot(s, hash, RemovalCause::Expired, out);
                 } else if d <= now {
-                    // Expired, but kept for fail-safe until its stale window closes.
+                    // Expired, but kept for fail-safe until its stale window closes; the
+                    // first to go when the shard must make room.
                     refile.push((s, d.saturating_add(grace)));
+                    self.stale.push_back(s);
                 } else {
                     refile.push((s, d));
                 }
@@ -1124,7 +1138,56 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         for (s, d) in refile {
             self.file(s, d);
         }
+        if self.stale.len() > 2 * self.len + 64 {
+            self.compact_stale(now);
+        }
         rehash.finish();
+    }
+
+    /// Whether `slot` holds an entry past its deadline at `now` (one kept for fail-safe, when
+    /// the wheel has passed it).
+    fn is_stale(&self, slot: u32, now: u64) -> bool {
+        self.slab
+            .get(slot as usize)
+            .is_some_and(|e| e.as_ref().is_some_and(|e| e.time.get() <= now))
+    }
+
+    /// Drops the stale list's slots that no longer hold a stale entry, and duplicates (a slot
+    /// whose entry expired, was given a new deadline and expired again), keeping the order.
+    #[cold]
+    fn compact_stale(&mut self, now: u64) {
+        let mut seen = vec![false; self.slab.len()];
+        let mut stale = std::mem::take(&mut self.stale);
+        stale.retain(|&s| {
+            let keep = self.is_stale(s, now) && !seen[s as usize];
+            if keep {
+                seen[s as usize] = true;
+            }
+            keep
+        });
+        self.stale = stale;
+    }
+
+    /// Removes the oldest entry on the stale list that is still past its deadline, reported
+    /// `Expired`; false when there is none.
+    fn evict_stale<S: BuildHasher>(
+        &mut self,
+        now: u64,
+        rehash: &Rehash<'_, S>,
+        out: &mut Removals<K, V>,
+    ) -> bool {
+        while let Some(s) = self.stale.pop_front() {
+            if !self.is_stale(s, now) {
+                continue;
+            }
+            let e = self.slab[s as usize]
+                .as_ref()
+                .expect("a stale slot is live");
+            let hash = rehash.of(&e.key);
+            self.remove_slot(s, hash, RemovalCause::Expired, out);
+            return true;
+        }
+        false
     }
 
     /// Removes every entry (and supersedes every load in flight). An entry already past its
@@ -1153,6 +1216,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         self.weight = 0;
         self.len = 0;
+        self.stale = std::collections::VecDeque::new();
     }
 
     /// Removes every live entry for which `keep` returns false (and every expired one).
@@ -1283,6 +1347,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             + self.table.capacity() * (4 + 1)
             + self.times.capacity() * 8
             + self.free.capacity() * 4
+            + self.stale.capacity() * 4
             + self.wheel.as_ref().map_or(0, |w| w.heap_bytes())
             + self.policy.sketch().heap_bytes()
             + self.policy.ghost().heap_bytes()
