@@ -1067,7 +1067,13 @@ where
                 self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);
                 Ok(kept)
             }
-            _ => Err(lead),
+            rejected => {
+                // The rejected value's copy is dropped while `lead` is still a local: were it
+                // dropped after the return value was built, a panic of its `Drop` would leak
+                // the returned lead (rust-lang/rust#47949) and the flight with it.
+                drop(rejected);
+                Err(lead)
+            }
         }
     }
 

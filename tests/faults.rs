@@ -251,15 +251,24 @@ impl Expiry<K, V> for Exp {
 struct Config {
     limit: bool,
     async_refresh: bool,
+    /// Fail-safe, negative caching, a time to idle, statistics and the sizing curve, in a
+    /// cache of 3 entries (the script's 4 keys evict), with a phase of failing loads of
+    /// expired keys.
+    stale: bool,
 }
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}, {} refresh",
+            "{}, {} refresh{}",
             if self.limit { "limit 1" } else { "no limit" },
-            if self.async_refresh { "async" } else { "sync" }
+            if self.async_refresh { "async" } else { "sync" },
+            if self.stale {
+                ", fail-safe, 3 entries"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -298,6 +307,16 @@ fn build(case: u64, cfg: Config, live: &Arc<AtomicI64>, clock: &ManualClock) -> 
     if cfg.limit {
         b = b.max_concurrent_loads(1);
     }
+    if cfg.stale {
+        b = b
+            .max_capacity(3)
+            .fail_safe(20 * SEC)
+            .refresh_backoff(2 * SEC)
+            .negative_ttl(SEC)
+            .time_to_idle(8 * SEC)
+            .record_stats()
+            .track_sizing();
+    }
     if cfg.async_refresh {
         b = b.future_spawner(move |f| {
             if !fires(case, Kind::FutureSpawner) {
@@ -314,7 +333,7 @@ fn op<R>(f: impl FnOnce() -> R) {
 }
 
 /// The scripted mix of operations (single-threaded: deterministic call counts).
-fn script(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>) {
+fn script(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>, cfg: Config) {
     let k = |id: u32| K::new(id, case);
     let v = |x: u64| V::new(x, case, live);
     op(|| c.insert(k(1), v(1)));
@@ -391,6 +410,42 @@ fn script(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>
     });
     op(|| c.insert(k(1), v(11)));
     op(|| c.insert(k(3), v(3)));
+    op(|| {
+        c.get_with_by_ref(&k(2), || {
+            hook(case, Kind::Init);
+            v(52)
+        })
+    });
+    op(|| {
+        c.entry_by_ref(&k(4)).or_insert_with(|| {
+            hook(case, Kind::Init);
+            v(54)
+        })
+    });
+    op(|| {
+        c.get_with_if(
+            k(1),
+            || {
+                hook(case, Kind::Init);
+                v(61)
+            },
+            |old| old.v < 20,
+        )
+    });
+    op(|| {
+        c.optionally_get_with(k(3), || {
+            hook(case, Kind::Init);
+            None
+        })
+    });
+    op(|| {
+        c.invalidate_entries_if(|k, _v| {
+            hook(case, Kind::Retain);
+            k.id == 4
+        })
+    });
+    op(|| c.iter().count());
+    more_entry_points(c, case, live);
     // Past refresh_after: reads start refreshes (inline, through either spawner).
     clock.advance(6 * SEC);
     for id in KEYS {
@@ -421,6 +476,149 @@ fn script(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>
     op(|| c.insert(k(1), v(1)));
     op(|| c.insert(k(2), v(2)));
     op(|| c.get(&k(1)));
+    if cfg.stale {
+        stale_phase(c, clock, case, live);
+    }
+}
+
+/// The rest of the loading and entry API, sync and async, once each (keys 1–4 present or
+/// not, depending on the faults before).
+fn more_entry_points(c: &Cache<K, V>, case: u64, live: &Arc<AtomicI64>) {
+    use futures::executor::block_on;
+    let k = |id: u32| K::new(id, case);
+    let v = |x: u64| V::new(x, case, live);
+    let init = |x: u64| {
+        hook(case, Kind::Init);
+        v(x)
+    };
+    let async_init = |x: u64| {
+        let val = v(x);
+        async move {
+            Yield(1).await;
+            hook(case, Kind::AsyncInit);
+            val
+        }
+    };
+    op(|| c.remove(&k(4)));
+    op(|| c.contains_key(&k(1)));
+    op(|| c.entry(k(4)).or_insert(v(80)));
+    op(|| {
+        c.entry(k(2))
+            .or_insert_with_if(|| init(81), |old| old.v > 50)
+    });
+    op(|| c.entry(k(3)).or_optionally_insert_with(|| Some(init(82))));
+    op(|| {
+        c.entry(k(4)).or_try_insert_with(|| {
+            hook(case, Kind::Init);
+            Err::<V, _>(())
+        })
+    });
+    op(|| {
+        c.entry(k(1)).and_try_compute_with(|e| {
+            hook(case, Kind::Compute);
+            Ok::<_, ()>(Op::Put(v(e.map_or(0, |e| e.value().v) + 2)))
+        })
+    });
+    op(|| {
+        c.entry(k(2)).and_upsert_with(|e| {
+            hook(case, Kind::Compute);
+            v(e.map_or(0, |e| e.value().v) + 3)
+        })
+    });
+    op(|| c.try_get_with_by_ref(&k(3), || Ok::<_, ()>(init(83))));
+    op(|| c.optionally_get_with_by_ref(&k(4), || Some(init(84))));
+    op(|| c.invalidate(&k(1)));
+    op(|| block_on(c.get_with_async_shared(k(1), async_init(85))));
+    op(|| block_on(c.get_with_by_ref_async(&k(2), async_init(86))));
+    op(|| block_on(c.get_with_if_async(k(3), async_init(87), |old| old.v < 1000)));
+    op(|| c.invalidate_all());
+    op(|| {
+        let val = v(88);
+        block_on(c.try_get_with_async(k(1), async move {
+            Yield(1).await;
+            hook(case, Kind::AsyncInit);
+            Ok::<_, ()>(val)
+        }))
+    });
+    op(|| {
+        let val = v(89);
+        block_on(c.optionally_get_with_by_ref_async(&k(2), async move {
+            hook(case, Kind::AsyncInit);
+            Some(val)
+        }))
+    });
+    op(|| {
+        let val = v(90);
+        block_on(c.entry(k(3)).or_try_insert_with_async(async move {
+            Yield(1).await;
+            hook(case, Kind::AsyncInit);
+            Ok::<_, ()>(val)
+        }))
+    });
+    op(|| {
+        block_on(
+            c.entry(k(4))
+                .or_insert_with_if_async(async_init(91), |_| true),
+        )
+    });
+    op(|| {
+        block_on(c.entry(k(1)).and_try_compute_with_async(|e| {
+            let val = v(e.map_or(0, |e| e.value().v) + 4);
+            async move {
+                Yield(1).await;
+                hook(case, Kind::Compute);
+                Ok::<_, ()>(Op::Put(val))
+            }
+        }))
+    });
+    op(|| {
+        block_on(c.entry(k(2)).and_upsert_with_async(|_| {
+            let val = v(92);
+            async move {
+                hook(case, Kind::Compute);
+                val
+            }
+        }))
+    });
+    op(|| c.health().warnings().len());
+    op(|| c.stats().hits);
+}
+
+/// Fail-safe's paths: entries kept past their deadline (and evicted first when the cache is
+/// full), failing loads of expired keys answered with the last value, a retry after the
+/// backoff, `get_or_stale`, the stale window closing.
+fn stale_phase(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>) {
+    let k = |id: u32| K::new(id, case);
+    let v = |x: u64| V::new(x, case, live);
+    let down = || {
+        hook(case, Kind::Init);
+        Err::<V, _>("backend down".to_string())
+    };
+    for id in KEYS {
+        op(|| c.insert(k(id), v(60 + u64::from(id)))); // 4 keys, 3 entries: evictions
+    }
+    clock.advance(11 * SEC); // past every lifetime: kept for fail-safe
+    op(|| c.insert(k(1), v(71))); // the wheel's drain lists the stale entries
+    op(|| c.try_get_with(k(2), down));
+    op(|| c.get_or_stale(&k(3)));
+    op(|| c.try_get_with(k(3), down));
+    op(|| c.try_get_with(k(3), down)); // within the backoff: the last value, no load
+    op(|| {
+        c.get_with(k(4), || {
+            hook(case, Kind::Init);
+            v(74)
+        })
+    });
+    op(|| c.insert(k(5), v(75))); // full: a stale entry goes first
+    clock.advance(3 * SEC); // past the backoff
+    op(|| c.load(k(2)));
+    op(|| futures::executor::block_on(c.load_async(k(3))));
+    op(|| c.invalidate(&k(2)));
+    op(|| c.get_or_stale(&k(2)));
+    clock.advance(30 * SEC); // past max_stale
+    op(|| c.run_pending_tasks());
+    op(|| c.get_or_stale(&k(3)));
+    op(|| c.try_get_with(k(1), down));
 }
 
 /// The checks after a case (fault disarmed); returns the violations.
@@ -480,7 +678,7 @@ fn run_case(case: u64, kind: Kind, n: u64, cfg: Config) -> Outcome {
     let (l, ck) = (live.clone(), clock.clone());
     let run = start(move || {
         let cache = build(case, cfg, &l, &ck);
-        script(&cache, &ck, case, &l);
+        script(&cache, &ck, case, &l, cfg);
         cache
     });
     let cache = match run.wait(DEADLINE) {
@@ -551,18 +749,32 @@ fn fault_sweep() {
         Config {
             limit: false,
             async_refresh: false,
+            stale: false,
         },
         Config {
             limit: true,
             async_refresh: false,
+            stale: false,
         },
         Config {
             limit: false,
             async_refresh: true,
+            stale: false,
         },
         Config {
             limit: true,
             async_refresh: true,
+            stale: false,
+        },
+        Config {
+            limit: false,
+            async_refresh: false,
+            stale: true,
+        },
+        Config {
+            limit: true,
+            async_refresh: true,
+            stale: true,
         },
     ];
     let t0 = Instant::now();

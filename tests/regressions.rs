@@ -1625,3 +1625,43 @@ fn s36_a_panicking_key_drop_in_remove_or_into_value_does_not_leak_the_value() {
         "every value dropped once the cache is gone"
     );
 }
+
+/// A value whose `Drop` panics at the drop that brings its shared countdown from 1 to 0.
+#[derive(Clone)]
+struct ValueBomb(u64, Arc<AtomicI64>);
+
+impl Drop for ValueBomb {
+    fn drop(&mut self) {
+        if self.1.fetch_sub(1, Ordering::SeqCst) == 1 && !std::thread::panicking() {
+            panic!("injected: value drop");
+        }
+    }
+}
+
+/// s37: `get_with_if`'s leader judges the key's current value again once its flight is
+/// registered; the copy it rejected was dropped after the lead had been moved into the return
+/// value, so a panic of that `Drop` leaked the lead (rust-lang/rust#47949) and the key's
+/// flight was never resolved: every later load of the key waited forever. Found by the fault
+/// sweep (`tests/faults.rs`) once it called `get_with_if`.
+#[test]
+fn s37_a_panicking_drop_of_a_judged_value_does_not_hang_the_key() {
+    quiet_injected_panics();
+    let _dog = watchdog(Duration::from_secs(30), "s37 judged value drop");
+    let countdown = Arc::new(AtomicI64::new(i64::MAX));
+    let cache: Cache<u64, ValueBomb> = Cache::new(10);
+    cache.insert(1, ValueBomb(1, Arc::clone(&countdown)));
+    // The first copy dropped is the one `replace_if` judged before the flight; the second, the
+    // one the leader judged again.
+    countdown.store(2, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.get_with_if(
+            1,
+            || ValueBomb(2, Arc::new(AtomicI64::new(i64::MAX))),
+            |v| v.0 == 1,
+        )
+    }));
+    assert!(r.is_err(), "the judged copy's Drop panicked");
+    assert_eq!(cache.loads_in_flight(), 0, "the flight was resolved");
+    let v = cache.get_with(1, || ValueBomb(3, Arc::new(AtomicI64::new(i64::MAX))));
+    assert!(matches!(v.0, 1 | 3), "the key loads again (got {})", v.0);
+}
