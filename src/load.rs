@@ -419,10 +419,12 @@ where
                 self.cache.count(Counter::RefreshFailed);
                 crate::clock::deadline(self.cache.now(), self.cache.inner.stampede.refresh_backoff)
             });
-            // A failed load for fail-safe: a load's leader that panicked or was dropped; a
-            // refresh only if it panicked (a refresh job dropped unrun, deferred or taken over
-            // called no backend), never a computation.
-            let failed_load = self.load || (self.refresh && std::thread::panicking());
+            // A failed load for fail-safe: a load's leader that panicked or was dropped —
+            // unless it was a spawned job handed back unrun to its waiting caller, which loads
+            // itself (its own load then counts); a refresh only if it panicked (a refresh job
+            // dropped unrun, deferred or taken over called no backend), never a computation.
+            let failed_load =
+                (self.load && !handed_back) || (self.refresh && std::thread::panicking());
             self.cache.abandon(self.hash, &flight, retry, failed_load);
         }
     }

@@ -746,12 +746,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         } else {
             1.0
         };
+        let mut dead = None;
         if let Some(slot) = self.find(hash, &key) {
             let current = self.deadline(slot);
             if current <= now {
-                // Expired but not yet reclaimed: it is dead. The new value is a creation (it
-                // inherits neither the old deadline nor its hits or queue place).
-                self.remove_slot(slot, hash, RemovalCause::Expired, out);
+                // Expired but not yet reclaimed (or kept for fail-safe): it is dead. The new
+                // value is a creation (it inherits neither the old deadline nor its hits or
+                // queue place); `create` removes the old entry once the user code it calls
+                // has run, so that a panic there leaves it (fail-safe's last value) in place.
+                dead = Some(slot);
             } else {
                 let (times, e) = if !T::TIMED || self.layout.plain_ttl.is_some() {
                     // The common case first, with no call before the record is found.
@@ -807,13 +810,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             exp,
             hasher,
             out,
-            (load_nanos, cap),
+            (load_nanos, cap, dead),
             factor,
         );
     }
 
-    /// Inserts a key that has no entry. User code (the `Expiry` callback, the keys' `Hash` when
-    /// the table grows) runs before anything is mutated.
+    /// Inserts a key that has no live entry; `dead`: the slot of its expired entry, if it has
+    /// one (removed, reported `Expired`). User code (the `Expiry` callback, the keys' `Hash`
+    /// when the table grows) runs before anything is mutated.
     #[allow(clippy::too_many_arguments)]
     #[inline(never)]
     fn create<S: BuildHasher>(
@@ -826,7 +830,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         exp: &ExpiryConfig<K, V>,
         hasher: &S,
         out: &mut Removals<K, V>,
-        (load_nanos, cap): (u64, u64),
+        (load_nanos, cap, dead): (u64, u64, Option<u32>),
         factor: f64,
     ) {
         let mut custom = NEVER;
@@ -841,10 +845,16 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
+            if let Some(s) = dead {
+                self.remove_slot(s, hash, RemovalCause::Expired, out);
+            }
             self.tally.push(out, Removed::expired(key, value, weight));
             return;
         }
         self.reserve_table(hasher, out);
+        if let Some(s) = dead {
+            self.remove_slot(s, hash, RemovalCause::Expired, out);
+        }
         let slot = self.alloc(Record {
             key,
             value,
