@@ -226,6 +226,8 @@ pub(crate) enum Clock {
         source: ManualClock,
         /// The latest reading handed out; readings are clamped to it (monotonic).
         latest: Arc<AtomicU64>,
+        /// The manual clock's reading when the cache was built (see [`Clock::created`]).
+        start: u64,
     },
 }
 
@@ -239,6 +241,17 @@ impl Clock {
         Clock::Manual {
             source,
             latest: Arc::new(AtomicU64::new(start)),
+            start,
+        }
+    }
+
+    /// The reading of the moment the cache was built: 0 on the system clock (its origin), the
+    /// manual clock's time then (a manual clock's readings are its own time, which may have
+    /// been advanced before the cache was built).
+    pub(crate) fn created(&self) -> u64 {
+        match self {
+            Clock::System(_) => 0,
+            Clock::Manual { start, .. } => (*start).min(NEVER - 1),
         }
     }
 
@@ -265,7 +278,7 @@ impl Clock {
         match self {
             // Monotonic already: the coarse clock only moves forward.
             Clock::System(origin) => coarse::now().saturating_sub(*origin),
-            Clock::Manual { source, latest } => {
+            Clock::Manual { source, latest, .. } => {
                 let t = source.now.load(Ordering::Acquire);
                 let seen = latest.load(Ordering::Acquire);
                 if t > seen {

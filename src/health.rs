@@ -11,9 +11,12 @@
 //!
 //! Each call compares the figures of now with those of a snapshot kept by earlier calls: the
 //! newest one at least `window` old ([`Cache::health`]: 60 s; [`Cache::health_over`]: yours),
-//! or the cache's creation when there is none. Snapshots are kept by the calls themselves
-//! (one per eighth of the window at most, 16 at most), so call it periodically — e.g. with
-//! each metrics scrape — for the window to be what it says. On a cache that keeps no time (no
+//! or the cache's creation when there is none (on a [`ManualClock`](crate::ManualClock), the
+//! clock's time when the cache was built). Snapshots are kept by the calls themselves (one per
+//! eighth of the window at most, 16 at most: beyond, the one closest to its neighbours goes), for
+//! the longest window any call asked for (at least 60 s: a call with a shorter window does not
+//! discard what [`Cache::health`] needs), so call it periodically — e.g. with each metrics
+//! scrape — for the window to be what it says. On a cache that keeps no time (no
 //! expiry, refresh or negative caching) the window is measured all the same, on the precise
 //! clock (or the manual one), read by `health` itself.
 //!
@@ -29,20 +32,23 @@
 //! | warning | raised when (over the window) |
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
-//! | [`Warning::SynchronizedExpiry`] | no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (entries written, counted by when they are due; ones evicted since still count) |
+//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never" is not counted) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration; not with a time to live of `Duration::MAX`) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
-//! | [`Warning::Thrashing`] | ≥ [`MIN_EVICTIONS`] evictions for size and entries staying < ½ the time to live (or refresh period) on average; or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
+//! | [`Warning::Thrashing`] | evictions for size in the window (at least one), and either ≥ [`MIN_EVICTIONS`] of them with entries staying < ½ the time to live (or refresh period; neither of `Duration::MAX`) on average (the most entries the window's snapshots saw ÷ evictions per second), or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). A hit-ratio drop with no eviction for size is not thrashing (a cache that evicts nothing is not too small: the keys changed, or entries expired or were invalidated). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× (for a `max_capacity` of 0: at 1, 2 and 4) and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
 //! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
 //! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl` and no `fail_safe` (which retries a failing key once per backoff), ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
 //! | [`Warning::ServingStale`] | fail-safe answered calls with values past their time to live |
 //!
 //! The median load time comes from a histogram with four buckets per power of two (within
 //! about ±10 %). The residence time of entries is estimated by Little's law, entries ÷
-//! evictions per second, so it needs no per-entry bookkeeping.
+//! evictions per second, so it needs no per-entry bookkeeping; the entries are the most any
+//! snapshot of the window counted (the count now included), so that a flush
+//! (`invalidate_all`) does not make the window's evictions look young.
 
 use crate::cache::Cache;
-use crate::monitor::{bucket_mid, Figures, BUCKETS};
+use crate::clock::nanos;
+use crate::monitor::{bucket_mid, Figures, History, BUCKETS};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
@@ -109,7 +115,8 @@ pub enum Warning {
     /// Many entries are due within one short interval, with no jitter and no refresh-ahead:
     /// an expiry wave, which becomes a herd of distinct keys.
     SynchronizedExpiry {
-        /// Entries due within the busiest interval.
+        /// Entries due within the busiest interval (writes counted, at most the entries
+        /// present).
         due: u64,
         /// Their share of the entries.
         share: f64,
@@ -140,7 +147,8 @@ pub enum Warning {
     Thrashing {
         /// Evictions for size in the window.
         evictions: u64,
-        /// How long entries stay on average (entries ÷ evictions per second), if measured.
+        /// How long entries stay on average (the most entries the window's snapshots saw ÷
+        /// evictions per second), if measured.
         residence: Option<Duration>,
         /// The hit ratio of the window's first and second halves (fractions), if measured.
         hit_ratio: Option<(f64, f64)>,
@@ -260,9 +268,25 @@ impl fmt::Display for Warning {
                 match sizing.as_ref().map(|s| (s, s.suggested_capacity())) {
                     Some((s, Some(capacity))) => {
                         write!(f, "; sizing curve: {:.0} % now", s.observed() * 100.0)?;
-                        for (i, (c, r)) in s.points()[3..].iter().enumerate() {
-                            let capacity_word = if i == 0 { " capacity" } else { "" };
-                            write!(f, ", at {}×{capacity_word} ({c}): {:.0} %", 2 << i, r * 100.0)?;
+                        if s.capacity() == 0 {
+                            // No multiple of 0: every distinct capacity tracked (1, 2, 4).
+                            let mut last = 0;
+                            for &(c, r) in s.points() {
+                                if c != last {
+                                    write!(f, ", at {c}: {:.0} %", r * 100.0)?;
+                                    last = c;
+                                }
+                            }
+                        } else {
+                            for (i, (c, r)) in s.points()[3..].iter().enumerate() {
+                                let capacity_word = if i == 0 { " capacity" } else { "" };
+                                write!(
+                                    f,
+                                    ", at {}×{capacity_word} ({c}): {:.0} %",
+                                    2 << i,
+                                    r * 100.0
+                                )?;
+                            }
                         }
                         write!(
                             f,
@@ -305,21 +329,38 @@ struct Short(Duration);
 
 impl fmt::Display for Short {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The unit and the digits are chosen on the value as rounded: 999.9996 ms is
+        // "1.00 s", 9.9996 s "10.0 s", 99.996 ms "100 ms".
+        let rounded = |v: f64, digits: i32| {
+            let p = 10f64.powi(digits);
+            (v * p).round() / p
+        };
+        let digits_for = |v: f64| {
+            let digits = if v >= 100.0 {
+                0
+            } else if v >= 10.0 {
+                1
+            } else {
+                2
+            };
+            // One fewer if rounding carries into the next decade.
+            if digits > 0 && rounded(v, digits) >= 10f64.powi(3 - digits) {
+                digits - 1
+            } else {
+                digits
+            }
+        };
         let s = self.0.as_secs_f64();
-        let (v, unit) = if s >= 1.0 {
-            (s, "s")
-        } else if s >= 1e-3 {
-            (s * 1e3, "ms")
-        } else {
-            (s * 1e6, "µs")
-        };
-        let digits = if v >= 100.0 {
-            0
-        } else if v >= 10.0 {
-            1
-        } else {
-            2
-        };
+        let mut v = s * 1e6;
+        let mut unit = "µs";
+        for next in ["ms", "s"] {
+            if rounded(v, digits_for(v)) < 1000.0 {
+                break;
+            }
+            v /= 1e3;
+            unit = next;
+        }
+        let digits = digits_for(v) as usize;
         write!(f, "{v:.digits$} {unit}")
     }
 }
@@ -503,11 +544,18 @@ where
             cur.refresh_started = s.refreshes_started;
             cur.refresh_finished = s.refreshes_succeeded + s.refreshes_failed;
         }
+        cur.entries = self.entries_without_waiting();
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-        let (base_at, base, mid) = {
-            let mut h = m.history.lock();
+        let (base_at, base, mid, peak) = {
+            let mut guard = m.history.lock();
+            let History {
+                snapshots: h,
+                longest,
+            } = &mut *guard;
             if h.is_empty() {
-                h.push((0, Figures::default()));
+                // The cache's creation: its figures were all zero then (a manual clock may
+                // have been advanced before the cache was built).
+                h.push((self.inner.clock.created().min(now), Figures::default()));
             }
             let pick = |age: u64| {
                 let cut = now.saturating_sub(age);
@@ -519,15 +567,34 @@ where
             };
             let (base_at, base) = pick(w);
             let (_, mid) = pick(w / 2);
+            // The most entries a snapshot of the window saw (now included).
+            let peak = h
+                .iter()
+                .filter(|(at, _)| *at >= base_at)
+                .map(|(_, f)| f.entries)
+                .fold(cur.entries, u64::max);
             let last = h.last().map_or(0, |(at, _)| *at);
             if now.saturating_sub(last) >= (w / 8).max(1) {
                 h.push((now, cur.clone()));
             }
-            // Keep one snapshot at least a window old, and at most HISTORY.
-            while h.len() > 2 && h[1].0 <= now.saturating_sub(w) || h.len() > HISTORY {
+            // Keep one snapshot at least the longest window asked for old (so that a call
+            // with a short window does not discard what the default one needs), ...
+            *longest = (*longest).max(w).max(nanos(DEFAULT_WINDOW));
+            let keep = now.saturating_sub(*longest);
+            while h.len() > 2 && h[1].0 <= keep {
                 h.remove(0);
             }
-            (base_at, base, mid)
+            // ... and at most HISTORY: beyond it, the snapshot whose neighbours are the
+            // closest goes (the first and the newest stay), so that the calls of a short
+            // window, however frequent, thin their own snapshots and not the longest
+            // window's.
+            while h.len() > HISTORY {
+                let i = (1..h.len() - 1)
+                    .min_by_key(|&i| h[i + 1].0 - h[i - 1].0)
+                    .unwrap_or(1);
+                h.remove(i);
+            }
+            (base_at, base, mid, peak)
         };
         let span = now.saturating_sub(base_at);
         let mut hist = [0u64; BUCKETS];
@@ -552,8 +619,15 @@ where
             }
         }
         if let Some((due, in_)) = m.busiest(now, self.inner.shards.iter().map(|c| &c.due)) {
-            let entries = self.entries_without_waiting().max(1);
-            let share = (due as f64 / entries as f64).min(1.0);
+            // The rings count writes: a key written again counts again, as do entries
+            // evicted or removed since. No more entries can be due than there are.
+            let entries = cur.entries;
+            let due = due.min(entries);
+            let share = if entries == 0 {
+                0.0
+            } else {
+                due as f64 / entries as f64
+            };
             if due >= SYNC_MIN && share >= SYNC_SHARE {
                 warnings.push(Warning::SynchronizedExpiry {
                     due,
@@ -564,8 +638,9 @@ where
             }
         }
         if let (Some(r), Some(ttl)) = (cfg.refresh_after, cfg.ttl) {
-            // A time to live of "never" (`Duration::MAX`) has nothing to refresh ahead of.
-            if r >= ttl && ttl != u64::MAX {
+            // A time to live of "never" (`Duration::MAX`) has nothing to refresh ahead of (the
+            // monitor holds it as no time to live: this arm does not run).
+            if r >= ttl {
                 warnings.push(Warning::RefreshNeverHappens {
                     refresh_after: d(r),
                     ttl: d(ttl),
@@ -584,10 +659,17 @@ where
                 });
             }
             let evictions = cur.evicted.saturating_sub(base.evicted);
-            let horizon = cfg.refresh_after.or(cfg.ttl);
+            // A refresh period or time to live of `Duration::MAX` is "never": no horizon (the
+            // monitor already judges such a time to live as none).
+            let horizon = cfg
+                .refresh_after
+                .filter(|&r| r != crate::clock::NEVER)
+                .or(cfg.ttl);
+            // Little's law over the window: the most entries its snapshots saw (not the count
+            // now, which a flush empties) over the evictions per second.
             let residence = (span > 0 && evictions > 0).then(|| {
                 let per_ns = evictions as f64 / span as f64;
-                d((self.entries_without_waiting() as f64 / per_ns) as u64)
+                d((peak as f64 / per_ns) as u64)
             });
             let young = match (residence, horizon) {
                 (Some(r), Some(h)) => evictions >= MIN_EVICTIONS && r < d(h / 2),

@@ -4,6 +4,7 @@
 //! lock — that count how many entries fall due in each interval ahead. A leaf: the settings
 //! own the monitor, the cache's shards the rings; `health` reads both.
 
+use crate::clock::NEVER;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,6 +36,9 @@ pub(crate) struct Figures {
     pub(crate) evicted: u64,
     pub(crate) refresh_started: u64,
     pub(crate) refresh_finished: u64,
+    /// The entries `health` counted (the residence time's numerator: the most any snapshot
+    /// of the window saw, so that a flush does not make the window's evictions look young).
+    pub(crate) entries: u64,
 }
 
 impl Default for Figures {
@@ -49,6 +53,7 @@ impl Default for Figures {
             evicted: 0,
             refresh_started: 0,
             refresh_finished: 0,
+            entries: 0,
         }
     }
 }
@@ -60,8 +65,9 @@ impl Default for Figures {
 /// with no lock. Empty unless expiry can be synchronized.
 pub(crate) struct DueRing {
     slots: Box<[AtomicU64]>,
-    /// The last write's `now` and the interval it fell due in: writes within one clock tick
-    /// (the coarse clock moves once a millisecond) reuse it instead of dividing again.
+    /// The last write's `now` and the index of the slot of the interval it fell due in
+    /// (`SLOTS`: none, its deadline saturated to "never"): writes within one clock tick (the
+    /// coarse clock moves once a millisecond) reuse it instead of dividing again.
     memo: [AtomicU64; 2],
 }
 
@@ -79,7 +85,8 @@ impl DueRing {
         }
     }
 
-    /// Under the shard's write lock: one entry written at `now` falls due (if `m` tracks it).
+    /// Under the shard's write lock: one entry written at `now` falls due (if `m` tracks it;
+    /// not if its deadline saturates to "never", at the clock's end).
     #[inline]
     pub(crate) fn note_written(&self, m: &Monitor, now: u64) {
         if m.width == 0 {
@@ -88,8 +95,9 @@ impl DueRing {
         if self.memo[0].load(Ordering::Relaxed) == now {
             // The same tick as the last write: its interval's slot holds that interval (no
             // other write came between, this is under the shard's write lock), so only the
-            // count moves (saturating).
-            let i = self.memo[1].load(Ordering::Relaxed) as usize % SLOTS;
+            // count moves (saturating). The memo holds the slot's index (`SLOTS`: the last
+            // write's entry never falls due, nothing to count).
+            let i = self.memo[1].load(Ordering::Relaxed) as usize;
             if let Some(slot) = self.slots.get(i) {
                 let w = slot.load(Ordering::Relaxed);
                 if w & 0xffff_ffff != 0xffff_ffff {
@@ -100,8 +108,13 @@ impl DueRing {
         }
         let interval = m.due_interval(now);
         self.memo[0].store(now, Ordering::Relaxed);
-        self.memo[1].store(interval, Ordering::Relaxed);
-        self.note(interval);
+        self.memo[1].store(
+            interval.map_or(SLOTS as u64, |i| i % SLOTS as u64),
+            Ordering::Relaxed,
+        );
+        if let Some(i) = interval {
+            self.note(i);
+        }
     }
 
     /// Under the shard's write lock: one entry written now falls due in `interval`.
@@ -133,6 +146,15 @@ impl DueRing {
     }
 }
 
+/// `health`'s snapshots (instant, figures), oldest first, and the longest window it was asked
+/// for (nanoseconds; at least the default window): snapshots are kept for that one, whatever
+/// window a given call asks for.
+#[derive(Default)]
+pub(crate) struct History {
+    pub(crate) snapshots: Vec<(u64, Figures)>,
+    pub(crate) longest: u64,
+}
+
 /// The atomics the slow paths keep for [`Cache::health`], and its snapshots.
 pub(crate) struct Monitor {
     pub(crate) config: HealthConfig,
@@ -142,7 +164,7 @@ pub(crate) struct Monitor {
     /// The length of a [`DueRing`] interval (nanoseconds); 0 unless expiry can be
     /// synchronized (a time to live, no spread).
     pub(crate) width: u64,
-    pub(crate) history: Mutex<Vec<(u64, Figures)>>,
+    pub(crate) history: Mutex<History>,
     /// The kinds raised by the last call of `health` (bit `i`: `Warning::KINDS[i]`), to log
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
@@ -182,9 +204,12 @@ pub(crate) fn bucket_mid(i: usize) -> u64 {
 }
 
 impl Monitor {
-    pub(crate) fn new(config: HealthConfig) -> Self {
+    pub(crate) fn new(mut config: HealthConfig) -> Self {
+        // A time to live of `Duration::MAX` is "never" (no deadline): judged as none. One of
+        // zero stores nothing: nothing falls due, so no ring is kept.
+        config.ttl = config.ttl.filter(|&t| t != NEVER);
         let width = match config.ttl {
-            Some(ttl) if !config.spread => (ttl / SLOTS_PER_TTL).max(1),
+            Some(ttl) if !config.spread && ttl > 0 => (ttl / SLOTS_PER_TTL).max(1),
             _ => 0,
         };
         Monitor {
@@ -193,7 +218,7 @@ impl Monitor {
             failures: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             width,
-            history: Mutex::new(Vec::new()),
+            history: Mutex::new(History::default()),
             active: std::sync::atomic::AtomicU8::new(0),
             mean_weight: AtomicU64::new(0),
         }
@@ -218,9 +243,11 @@ impl Monitor {
     }
 
     /// The [`DueRing`] interval in which an entry written at `now` falls due (tracked: `width`
-    /// is not 0).
-    fn due_interval(&self, now: u64) -> u64 {
-        now.saturating_add(self.config.ttl.unwrap_or(0)) / self.width
+    /// is not 0), or `None` if its deadline saturates to [`NEVER`] (it never expires).
+    fn due_interval(&self, now: u64) -> Option<u64> {
+        now.checked_add(self.config.ttl.unwrap_or(0))
+            .filter(|&d| d != NEVER)
+            .map(|d| d / self.width)
     }
 
     /// The busiest two adjacent intervals ahead of `now` (so that a burst split by an
@@ -264,7 +291,7 @@ mod tests {
         }
         r.note_written(&m, 2_100);
         r.note_written(&m, 1_000);
-        let first = m.due_interval(100);
+        let first = m.due_interval(100).unwrap();
         assert_eq!(r.due(first), 4);
         assert_eq!(r.due(first + 1), 1);
         // An interval a ring later replaces the slot's count instead of adding to it.
@@ -282,6 +309,33 @@ mod tests {
             r.note_written(&m, 100 + 2_000 * SLOTS as u64);
         }
         assert_eq!(r.due(first + SLOTS as u64), 0xffff_ffff);
+    }
+
+    /// A time to live of zero (nothing stored) or of `Duration::MAX` ("never") keeps no ring,
+    /// and an entry whose deadline saturates to "never" (at the clock's end) is not counted,
+    /// through the memo either.
+    #[test]
+    fn never_and_nothing_fall_due_nowhere() {
+        for ttl in [0, NEVER] {
+            let m = Monitor::new(HealthConfig {
+                ttl: Some(ttl),
+                ..HealthConfig::default()
+            });
+            assert!(!m.tracks_due(), "ttl {ttl}");
+        }
+        let m = Monitor::new(HealthConfig {
+            ttl: Some(64_000),
+            ..HealthConfig::default()
+        });
+        let r = DueRing::new(&m);
+        let end = NEVER - 1;
+        for _ in 0..3 {
+            r.note_written(&m, end);
+        }
+        assert!(r.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+        assert_eq!(m.busiest(end, std::iter::once(&r)), None);
+        r.note_written(&m, 100);
+        assert_eq!(m.busiest(100, std::iter::once(&r)).map(|b| b.0), Some(1));
     }
 
     #[test]

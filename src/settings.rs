@@ -202,8 +202,10 @@ impl Policy {
     }
 
     /// The time to live set with
-    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any (`None` with
-    /// [`expire_after`](crate::CacheBuilder::expire_after): expiry is then per entry).
+    /// [`CacheBuilder::time_to_live`](crate::CacheBuilder::time_to_live), if any — also with
+    /// [`expire_after`](crate::CacheBuilder::expire_after), which it then bounds (the earliest
+    /// deadline wins), as moka reports it. `None` when none was set, even if an `Expiry` gives
+    /// entries their own deadlines.
     pub fn time_to_live(&self) -> Option<Duration> {
         self.time_to_live
     }

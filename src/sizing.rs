@@ -168,7 +168,11 @@ const DECAY: f64 = 0.95;
 /// drainer of a shard's sample buffer.
 #[derive(Debug)]
 pub(crate) struct Tracker {
+    /// `max_capacity`, at least 1 (the shadows' sizes).
     capacity: u64,
+    /// `max_capacity` as configured (0 included): the real cache's, for
+    /// [`Sizing::suggested_capacity`].
+    max_capacity: u64,
     seed: u64,
     weighted: bool,
     /// Whether the cache counts its reads (`set_requests`): the adjustment against them.
@@ -319,6 +323,7 @@ impl Tracker {
     ) -> Self {
         let mut t = Tracker {
             capacity: capacity.max(1),
+            max_capacity: capacity,
             seed,
             weighted,
             counted,
@@ -815,6 +820,7 @@ impl Tracker {
             observed_since_start: self.ratio(SLOTS, &t) + dt,
             samples_since_start: t[N] as u64,
             rate: self.rate(),
+            capacity: self.max_capacity,
         }
     }
 }
@@ -879,6 +885,9 @@ pub struct Sizing {
     observed_since_start: f64,
     samples_since_start: u64,
     rate: f64,
+    /// The cache's `max_capacity` (the points are at least 1: for a capacity of 0 every
+    /// point is above it).
+    capacity: u64,
 }
 
 impl Sizing {
@@ -902,7 +911,8 @@ impl Sizing {
     /// `max_capacity` whose predicted hit ratio is within [`SUGGEST_MARGIN_POINTS`] of the best
     /// point's (at or above `max_capacity`) — or `None` when no larger capacity is predicted
     /// to gain that many points over the 1 × point (the misses are not for want of room, or
-    /// the cache is big enough). [`Warning::Thrashing`](crate::Warning::Thrashing) quotes it.
+    /// the cache is big enough). For a `max_capacity` of 0, whose points are all above it (at
+    /// least 1), the gain is over the observed ratio. [`Warning::Thrashing`](crate::Warning::Thrashing) quotes it.
     ///
     /// ```
     /// let cache = herdcache::Cache::<u64, u64>::builder()
@@ -920,11 +930,27 @@ impl Sizing {
     pub fn suggested_capacity(&self) -> Option<u64> {
         let p = &self.points;
         let margin = SUGGEST_MARGIN_POINTS / 100.0;
-        let best = p[2..].iter().map(|x| x.1).fold(0.0, f64::max);
-        if best - p[2].1 < margin {
+        // The cache's own ratio and the points at or above its capacity: the 1 × point and
+        // up; for a `max_capacity` of 0 (every point is at least 1) its observed ratio, and
+        // every point.
+        let (own, at_or_above) = if self.capacity == 0 {
+            (self.observed, &p[..])
+        } else {
+            (p[2].1, &p[2..])
+        };
+        let best = at_or_above.iter().map(|x| x.1).fold(0.0, f64::max);
+        if best - own < margin {
             return None;
         }
-        p[3..].iter().find(|x| x.1 >= best - margin).map(|x| x.0)
+        at_or_above
+            .iter()
+            .find(|x| x.0 > self.capacity && x.1 >= best - margin)
+            .map(|x| x.0)
+    }
+
+    /// The cache's `max_capacity` (the points' 1 × capacity, but for a capacity of 0).
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// The real cache's hit ratio over the same window: with

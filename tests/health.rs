@@ -529,3 +529,112 @@ fn health_of_a_plain_cache_is_clean() {
     let h = c.health();
     assert!(h.is_healthy(), "{h}");
 }
+
+/// Durations that are "never" or "nothing" are no deadlines and no thresholds: a refresh
+/// period of `Duration::MAX` is no horizon for young evictions (100 entries, one evicted
+/// every 17 s: they stay over half an hour, not under half the time to live of 3,600 s), and a
+/// burst of writes on a cache of capacity 0 (nothing stays) is no expiry wave. Near misses:
+/// the same churn under a time to live of 7,200 s and a refresh period of 6,000 s is
+/// thrashing (entries stay under half the refresh period), the same burst on a cache that
+/// keeps it is a wave.
+#[test]
+fn never_and_nothing_are_no_thresholds() {
+    let churn_with = |ttl: Duration, refresh: Duration| {
+        let clock = ManualClock::new();
+        let c: Cache<u64, u64> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(ttl)
+            .refresh_after(refresh)
+            .clock(clock.clone())
+            .record_stats()
+            .loader(|k: &u64| Ok::<_, BoxError>(*k))
+            .build();
+        for k in 0..1000 {
+            c.insert(k, k);
+            clock.advance(secs(17));
+        }
+        c
+    };
+    // (A refresh period of `Duration::MAX` is not below the time to live:
+    // refresh_never_happens, which is true.)
+    assert_eq!(
+        kinds(&churn_with(secs(3600), Duration::MAX), secs(20_000)),
+        ["refresh_never_happens"]
+    );
+    assert_eq!(
+        kinds(&churn_with(secs(7200), secs(6000)), secs(20_000)),
+        ["thrashing"]
+    );
+    let burst = |capacity: u64| {
+        let c: Cache<u64, u64> = Cache::builder()
+            .max_capacity(capacity)
+            .time_to_live(secs(60))
+            .clock(ManualClock::new())
+            .build();
+        for k in 0..200 {
+            c.insert(k, k);
+        }
+        c
+    };
+    assert!(kinds(&burst(0), secs(60)).is_empty());
+    assert_eq!(kinds(&burst(1000), secs(60)), ["synchronized_expiry"]);
+}
+
+/// Calls with a short window, however many, do not take from the default window its history:
+/// `health()` every 10 s, with forty `health_over(1 s)` calls 250 ms apart in between (more
+/// snapshots than are kept), still compares with a snapshot about a minute old.
+#[test]
+fn short_window_calls_keep_the_default_windows_history() {
+    let clock = ManualClock::new();
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(600))
+        .clock(clock.clone())
+        .build();
+    for round in 0..20 {
+        let w = c.health().window();
+        if round >= 8 {
+            assert!(
+                w >= secs(60) && w <= secs(60) + secs(20),
+                "round {round}: window {w:?}"
+            );
+        }
+        for _ in 0..40 {
+            clock.advance(ms(250));
+            let _ = c.health_over(secs(1));
+        }
+    }
+}
+
+/// The advice's durations: three significant digits, the unit and digits chosen after
+/// rounding, at every unit boundary.
+#[test]
+fn warning_durations_have_three_significant_digits() {
+    let shown = |ns: u64| {
+        let w = Warning::TtlShorterThanLoads {
+            ttl: Duration::from_nanos(ns),
+            p50_load: secs(1),
+            loads: 8,
+        };
+        let s = w.to_string();
+        let start = s.find('(').unwrap() + 1;
+        s[start..s.find(')').unwrap()].to_string()
+    };
+    let cases = [
+        (0, "0.00 µs"),
+        (500, "0.50 µs"),
+        (9_996, "10.0 µs"),
+        (999_600, "1.00 ms"),
+        (999_400, "999 µs"),
+        (1_500_000, "1.50 ms"),
+        (62_900_000, "62.9 ms"),
+        (99_996_000, "100 ms"),
+        (999_999_600, "1.00 s"),
+        (1_500_000_000, "1.50 s"),
+        (9_999_600_000, "10.0 s"),
+        (99_960_000_000, "100 s"),
+    ];
+    for (ns, want) in cases {
+        assert_eq!(shown(ns), want, "{ns} ns");
+    }
+}
