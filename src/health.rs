@@ -32,7 +32,7 @@
 //! | warning | raised when (over the window) |
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
-//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (writes counted by when their entry is due; a key written again counts once, its earlier write taken back; entries evicted or removed since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never" is not counted) |
+//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never" is not counted) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration; not with a time to live of `Duration::MAX`) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | evictions for size in the window (at least one), and either ≥ [`MIN_EVICTIONS`] of them with entries staying < ½ the time to live (or refresh period; neither of `Duration::MAX`) on average (the most entries the window's snapshots saw ÷ evictions per second), or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). A hit-ratio drop with no eviction for size is not thrashing (a cache that evicts nothing is not too small: the keys changed, or entries expired or were invalidated). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× (for a `max_capacity` of 0: at 1, 2 and 4) and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
@@ -619,9 +619,8 @@ where
             }
         }
         if let Some((due, in_)) = m.busiest(now, self.inner.shards.iter().map(|c| &c.due)) {
-            // The rings count writes (a key written again once: its earlier write is taken
-            // back), and entries evicted or removed since still count. No more entries can
-            // be due than there are.
+            // The rings count writes: a key written again counts again, as do entries
+            // evicted or removed since. No more entries can be due than there are.
             let entries = cur.entries;
             let due = due.min(entries);
             let share = if entries == 0 {

@@ -117,25 +117,6 @@ impl DueRing {
         }
     }
 
-    /// Under the shard's write lock: a live entry due at `deadline` was replaced (the write
-    /// that replaced it was counted by [`note_written`](Self::note_written)): its count is
-    /// taken back, so a key written again and again counts once. A count that saturated
-    /// stays.
-    #[inline]
-    pub(crate) fn note_replaced(&self, m: &Monitor, deadline: u64) {
-        if m.width == 0 {
-            return;
-        }
-        let interval = deadline / m.width;
-        if let Some(slot) = self.slots.get(interval as usize % SLOTS) {
-            let w = slot.load(Ordering::Relaxed);
-            let n = w & 0xffff_ffff;
-            if w >> 32 == interval & 0xffff_ffff && n > 0 && n != 0xffff_ffff {
-                slot.store(w - 1, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Under the shard's write lock: one entry written now falls due in `interval`.
     #[inline]
     fn note(&self, interval: u64) {

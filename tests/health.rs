@@ -106,35 +106,6 @@ fn synchronized_expiry() {
     assert!(kinds(&filled(false, ms(300)), secs(60)).is_empty());
 }
 
-/// Hot keys written again and again are one entry each, not a wave: 200 writes spread over
-/// the time to live, then 20 keys rewritten 50 times each in one instant (1,000 writes due in
-/// one interval, against 220 entries) — no warning. Failed before the rings took a replaced
-/// entry's count back (1,020 writes due, capped at the 220 entries: "100 %").
-#[test]
-fn rewritten_hot_keys_are_no_expiry_wave() {
-    let clock = ManualClock::new();
-    let c: Cache<u64, u64> = Cache::builder()
-        .max_capacity(1000)
-        .time_to_live(secs(60))
-        .clock(clock.clone())
-        .build();
-    for k in 0..200 {
-        c.insert(k, k);
-        clock.advance(ms(300));
-    }
-    for round in 0..50 {
-        for k in 1000..1020 {
-            c.insert(k, round);
-        }
-    }
-    assert_eq!(kinds(&c, secs(60)), Vec::<&str>::new());
-    // The near miss's counterpart: 64 distinct keys written at once are a wave.
-    for k in 2000..2064 {
-        c.insert(k, k);
-    }
-    assert_eq!(kinds(&c, secs(60)), vec!["synchronized_expiry"]);
-}
-
 /// `health` never waits for a shard lock: it answers while a `retain` holds every shard's
 /// write lock (its closure blocked here), with and without a weigher; the synchronized-expiry
 /// warning still counts the entries (200 of 200 due, share 1.0).

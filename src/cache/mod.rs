@@ -816,7 +816,7 @@ where
                 cause: RemovalCause::Size,
             });
         } else {
-            let replaced = acct.shard.insert(
+            acct.shard.insert(
                 hash,
                 key,
                 value,
@@ -827,11 +827,6 @@ where
                 (took, cap),
                 out,
             );
-            if replaced != crate::clock::NEVER {
-                // One key written again is one entry due, not two.
-                cell.due
-                    .note_replaced(&self.inner.stampede.monitor, replaced);
-            }
         }
         drop(acct);
         // A key's `Hash` that panicked during the insert or the eviction (the shard hashing

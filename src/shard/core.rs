@@ -724,9 +724,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         s
     }
 
-    /// Inserts or replaces. Entries already expired at `now` are not stored. Returns the
-    /// deadline of the live entry the value replaced (`NEVER` if none: `health`'s expiry
-    /// rings take its count back).
+    /// Inserts or replaces. Entries already expired at `now` are not stored.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn insert<S: BuildHasher>(
@@ -740,7 +738,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         hasher: &S,
         (load_nanos, cap): (u64, u64),
         out: &mut Removals<K, V>,
-    ) -> u64 {
+    ) {
         self.expire(now, false, hasher, out);
         self.supersede(hash, &key, out);
         let factor = if self.layout.plain_ttl.is_none() {
@@ -779,7 +777,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     // expires.
                     self.remove_slot(slot, hash, RemovalCause::Replaced, out);
                     self.tally.push(out, Removed::expired(key, value, weight));
-                    return current;
+                    return;
                 }
                 let old = std::mem::replace(&mut e.value, value);
                 let old_weight = std::mem::replace(&mut e.weight, weight);
@@ -800,7 +798,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                         cause: RemovalCause::Replaced,
                     },
                 );
-                return current;
+                return;
             }
         }
         self.create(
@@ -815,7 +813,6 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             (load_nanos, cap, dead),
             factor,
         );
-        NEVER
     }
 
     /// Inserts a key that has no live entry; `dead`: the slot of its expired entry, if it has
