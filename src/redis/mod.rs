@@ -14,7 +14,11 @@
 //!   takes a per-key lease (`SET lease token NX PX ttl`, in the same round trip as a second
 //!   look at the value). The instance that gets it loads; the others poll Redis for the value
 //!   (1 ms, backing off to 20 ms) for at most the lease *wait*, then load themselves. A holder that dies leaves a lease that expires after its *ttl*; a
-//!   holder whose loader fails releases it at once, and a waiter takes over. The lease is
+//!   holder whose loader fails releases it at once, and a waiter takes over. So does one
+//!   whose loader, value codec or value's `Clone` panics, whichever of its steps meets it
+//!   (decoding the value read with the lease, loading, encoding the value to write back):
+//!   the lease is owned by a guard from the round trip that takes it until the write-back
+//!   script gives it back. The lease is
 //!   released only by its holder (compare-and-delete on the token).
 //! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
 //!   [`insert`](TieredCache::insert) and [`invalidate_all`](TieredCache::invalidate_all) update
@@ -898,7 +902,9 @@ where
     /// # Cancel safety
     ///
     /// As [`Cache::get_with_async`]; a lease this call took for the fleet is given back if it
-    /// is dropped before its load finishes.
+    /// is dropped before its load finishes — during a Redis round trip, after one delivered
+    /// its result but before the future was polled again (a `select!` whose other branch
+    /// won, a timeout firing then), or during the load. The release runs on a helper thread.
     ///
     /// # Panics
     ///
