@@ -40,8 +40,12 @@
 //! read an older epoch are ignored), then tombstones every value. An instance changes Redis
 //! first and its local tier second, so it never reads back from Redis a value it has just
 //! invalidated. Messages carry the version: an instance ignores one older than its own write of
-//! that key, and an `insert` whose local copy lands after another instance announced a newer
-//! version drops it, so concurrent writers converge on Redis's value.
+//! that key, and an `insert` whose local copy lands after a newer write or invalidation of the
+//! key (announced by another instance, or done on this one) or after an `invalidate_all`
+//! (done here or announced) drops it, so concurrent writers converge on Redis's value. An
+//! instance remembers the versions of its 4,096 most recent keys; for the others it keeps the
+//! newest version it forgot, so a write at or below it still counts as possibly superseded
+//! (its local copy is dropped: at worst a miss).
 //!
 //! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
 //! instance, Redis never again yields an older value for the key**, and the other instances
@@ -812,13 +816,15 @@ where
     /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
     /// while the breaker is open).
     pub fn insert(&self, key: K, value: V) {
+        let clears = self.tier.clears();
         let written = self.tier.put(&key, &value);
         match written {
             Some((encoded, version)) => {
                 let k = key.clone();
                 self.cache.insert(key, value);
-                // Another instance's newer write, announced before our copy landed, wins.
-                if self.tier.newer_announced(&encoded, version) {
+                // A newer write or invalidation of the key (this instance's, or another's
+                // announced) or an invalidate-all, done before our copy landed, wins.
+                if self.tier.newer_known(&encoded, version, clears) {
                     self.cache.invalidate(&k);
                 }
             }

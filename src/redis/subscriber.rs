@@ -149,7 +149,11 @@ where
                 }
             }
         }
-        MSG_ALL => cache.invalidate_all(),
+        MSG_ALL => {
+            // Before the local clear: an `insert` whose copy lands after it drops it.
+            tier.heard_all();
+            cache.invalidate_all();
+        }
         _ => {
             tier.counters().add(|c| &c.errors);
             return;

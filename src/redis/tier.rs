@@ -240,10 +240,10 @@ pub(crate) struct Tier<K, V> {
     prefix: Vec<u8>,
     epoch_key: Vec<u8>,
     pub(crate) channel: Vec<u8>,
-    /// Per key (encoded), the newest version this instance wrote and the newest it heard of
-    /// from others, for recent keys: a message older than our own write does not drop our
-    /// copy, and our write does not stand over a newer one announced meanwhile.
-    versions: Mutex<HashMap<Vec<u8>, (u64, u64)>>,
+    /// The versions this instance wrote and heard of, for recent keys: a message older than
+    /// our own write does not drop our copy, and our write does not stand over a newer one
+    /// (ours or announced) meanwhile.
+    versions: Mutex<Versions>,
     /// This instance's id in invalidation messages (its own are ignored).
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
@@ -280,7 +280,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             epoch_key: format!("{prefix}epoch").into_bytes(),
             channel: format!("{prefix}invalidate").into_bytes(),
             prefix: prefix.into_bytes(),
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(Versions::default()),
             origin: random.hash_one(0x0419_u64),
             ttl,
             max_value_size,
@@ -873,6 +873,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// loads that began before it are ignored from then on), then a tombstone for every value
     /// (`SCAN`, one script per key, pipelined by batch), then a message to the other instances.
     pub(crate) fn invalidate_all(&self) {
+        // First: an `insert` whose local copy lands after the local tier is cleared must see
+        // that it may be older than this (its value may be tombstoned below).
+        self.versions.lock().clears += 1;
         let epoch = match self
             .client
             .run_result(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
@@ -882,7 +885,6 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             Err(Failed::Key) => None,
             Err(Failed::Unavailable) => return, // the rest would fail too (more timeouts)
         };
-        self.versions.lock().clear();
         let pattern = self.value_pattern();
         let tomb = self.tombstone_ttl();
         // Every node that holds keys: the server, or each primary of a cluster.
@@ -956,32 +958,40 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Remembers our own write of a key at `version`.
     fn note_own(&self, key: &[u8], version: u64) {
         let mut m = self.versions.lock();
-        if m.len() >= VERSIONS_KEPT {
-            m.clear();
-        }
-        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        let e = m.entry(key);
         e.0 = e.0.max(version);
+        e.1 = e.1.max(version);
     }
 
-    /// After our own write of a key at `version` reached the local cache: whether another
-    /// instance announced a newer version meanwhile (then the local copy must go).
-    pub(crate) fn newer_announced(&self, key: &[u8], version: u64) -> bool {
-        self.versions
-            .lock()
-            .get(key)
-            .is_some_and(|&(_, seen)| seen > version)
+    /// How many invalidate-alls this instance has done or heard of: read by an `insert` before
+    /// its Redis write, and given back to [`newer_known`](Self::newer_known).
+    pub(crate) fn clears(&self) -> u64 {
+        self.versions.lock().clears
+    }
+
+    /// After our own write of a key at `version` (begun when [`clears`](Self::clears) was
+    /// `clears`) reached the local cache: whether a newer write or invalidation of the key may
+    /// have happened meanwhile — this instance's own, another instance's announced one, or an
+    /// invalidate-all done or heard of since — then the local copy must go. A key whose
+    /// versions were forgotten counts as written at the newest version forgotten.
+    pub(crate) fn newer_known(&self, key: &[u8], version: u64, clears: u64) -> bool {
+        let m = self.versions.lock();
+        let newest = m.keys.get(key).map_or(0, |e| e.1);
+        m.clears != clears || newest.max(m.floor) > version
     }
 
     /// A message from another instance announcing `version` of a key: whether the local copy
     /// must go (not when our own write of that key is newer).
     pub(crate) fn announced(&self, key: &[u8], version: u64) -> bool {
         let mut m = self.versions.lock();
-        if m.len() >= VERSIONS_KEPT {
-            m.clear();
-        }
-        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        let e = m.entry(key);
         e.1 = e.1.max(version);
         version == 0 || version >= e.0
+    }
+
+    /// An invalidate-all announced by another instance, about to clear the local tier.
+    pub(crate) fn heard_all(&self) {
+        self.versions.lock().clears += 1;
     }
 
     fn announce(&self, kind: u8, version: u64, key: &[u8]) {
@@ -1090,8 +1100,38 @@ fn lenient(v: &Value) -> Option<u64> {
     }
 }
 
-/// How many keys' recent versions an instance remembers (then it starts over).
+/// How many keys' recent versions an instance remembers (then it forgets the older half).
 const VERSIONS_KEPT: usize = 4096;
+
+/// The versions an instance remembers (see [`Tier::newer_known`] and [`Tier::announced`]).
+#[derive(Default)]
+struct Versions {
+    /// Per key (encoded), the newest version this instance wrote, and the newest it wrote or
+    /// heard of; at most [`VERSIONS_KEPT`] keys.
+    keys: HashMap<Vec<u8>, (u64, u64)>,
+    /// The newest version among the keys forgotten: a write of a key at or below it may have
+    /// been superseded by one that was forgotten. Versions are at least Redis's clock in
+    /// microseconds, and a key's versions only grow, so writes begun after a key was
+    /// forgotten are above it.
+    floor: u64,
+    /// Invalidate-alls done or heard of so far.
+    clears: u64,
+}
+
+impl Versions {
+    /// The key's entry, made room for: when full, the older half (by newest version) is
+    /// forgotten, and the floor raised to the newest of them.
+    fn entry(&mut self, key: &[u8]) -> &mut (u64, u64) {
+        if self.keys.len() >= VERSIONS_KEPT && !self.keys.contains_key(key) {
+            let mut newest: Vec<u64> = self.keys.values().map(|e| e.1).collect();
+            let mid = newest.len() / 2;
+            let (_, &mut cut, _) = newest.select_nth_unstable(mid);
+            self.keys.retain(|_, e| e.1 > cut);
+            self.floor = self.floor.max(cut);
+        }
+        self.keys.entry(key.to_vec()).or_insert((0, 0))
+    }
+}
 
 #[cfg(test)]
 mod tests {
