@@ -84,8 +84,9 @@
 //! copy expires — **at most the local time to live** (or time to idle), and never past the
 //! tier's time to live from the load. [`RedisTier::clear_on_reconnect`] bounds this by the
 //! disconnection instead, at the price of refilling the local tier (from Redis) after every
-//! reconnect. A load that read Redis just before another instance's `DEL` is bounded the
-//! same way.
+//! reconnect (and once when the subscriber first subscribes: what the instance loaded before
+//! then may have missed messages too). A load that read Redis just before another instance's
+//! `DEL` is bounded the same way.
 //!
 //! # Redis failing never fails a request
 //!
@@ -486,7 +487,9 @@ impl RedisTier {
     }
 
     /// Clears the local tier whenever the subscriber reconnects, since invalidations sent
-    /// while it was disconnected are lost. Default: off (staleness bounded by the local TTL).
+    /// while it was disconnected are lost — and when it first subscribes, since the cache can
+    /// load values before that (a slow first connection misses messages as a failed one
+    /// does). Default: off (staleness bounded by the local TTL).
     pub fn clear_on_reconnect(mut self, on: bool) -> Self {
         self.clear_on_reconnect = on;
         self
