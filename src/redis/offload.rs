@@ -388,10 +388,11 @@ impl<T: Send + 'static> Drop for Receive<T> {
         // Delivered, and woke us, but we were dropped before polling again (a `select!` whose
         // other branch won, a timeout firing at that moment): the result is undone as if it
         // had arrived after the drop — on a helper thread, not the executor's.
-        let value = s.value.take();
+        // (Not yet delivered: the job hands it to `unwanted` itself when it ends.)
+        let Some(v) = s.value.take() else { return };
         let unwanted = s.unwanted.take();
         drop(s);
-        if let (Some(v), Some(unwanted)) = (value, unwanted) {
+        if let Some(unwanted) = unwanted {
             self.pool.submit(move || unwanted(v));
         }
     }
