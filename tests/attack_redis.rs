@@ -1672,6 +1672,39 @@ fn s37_a_decode_panic_after_taking_the_lease_leaks_it() {
     );
 }
 
+// Expected (the same class as the test above: a lease is owned from the round trip that may
+// have taken it): a lease round trip whose `SET … NX` succeeded but whose read the server
+// refused (here the namespace's epoch key is of another type: `WRONGTYPE`) gives the lease
+// back; the call loads locally. Failed before stop 37's fix: the refusal was taken for
+// "Redis unavailable" and the lease left to its ttl (60 s), though the server had answered.
+// Fix: `attempt` releases the lease it may have taken when the server refused the round trip
+// (a lease whose round trip timed out is left to its ttl, as documented: the call skips the
+// rest of its Redis work).
+#[test]
+fn s37_a_lease_round_trip_the_server_refused_gives_the_lease_back() {
+    let _w = watchdog(LIMIT, "refused lease round trip");
+    let server = RedisServer::start();
+    let ns = "rlr";
+    let mut c = raw(&server);
+    redis::cmd("HSET")
+        .arg(format!("hc:{}:{ns}:epoch", ns.len()))
+        .arg("x")
+        .arg("y")
+        .query::<()>(&mut c)
+        .unwrap();
+    let a = plain(leased(
+        &server,
+        ns,
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(a.get_with(1, || 10), 10, "loaded locally");
+    assert!(
+        !exists(&mut c, &lkey(ns, 1)),
+        "the lease outlives the call that took it (held until its ttl)"
+    );
+}
+
 // The async twin: the round trip runs on a helper thread, whose panic is swallowed; the call
 // loads locally (10). Expected the lease given back; failed before stop 37's fix: leaked until its
 // ttl.

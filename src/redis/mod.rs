@@ -18,8 +18,9 @@
 //!   whose loader, value codec or value's `Clone` panics, whichever of its steps meets it
 //!   (decoding the value read with the lease, loading, encoding the value to write back):
 //!   the lease is owned by a guard from the round trip that takes it until the write-back
-//!   script gives it back. The lease is released only by its holder (compare-and-delete on
-//!   the token).
+//!   script gives it back (a round trip that may have taken it and that the server refused is
+//!   released at once; one that timed out is left to its *ttl*, as a dead holder's). The
+//!   lease is released only by its holder (compare-and-delete on the token).
 //! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
 //!   [`insert`](TieredCache::insert) and [`invalidate_all`](TieredCache::invalidate_all) update
 //!   Redis and publish on the namespace's channel. Every instance runs a subscriber thread that

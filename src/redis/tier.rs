@@ -726,7 +726,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// write-back must find.
     fn attempt(&self, w: &mut LeaseWait) -> Step<V> {
         let token = self.token();
-        let got = self.client.run(|c| {
+        let got = self.client.run_result(|c| {
             let mut take = cmd("SET");
             take.arg(&w.lkey)
                 .arg(token)
@@ -737,11 +737,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             self.read_cmds(&mut p, &w.vkey);
             c.pipeline::<(Value, Fields, i64, Value)>(p)
         });
-        let Some((lease, fields, pttl, epoch)) = got else {
-            if w.waited {
-                self.count(|c| &c.lease_fallbacks);
+        let (lease, fields, pttl, epoch) = match got {
+            Ok(replies) => replies,
+            Err(failed) => {
+                if failed == Failed::Key {
+                    // The server answered, refusing a command of the round trip (a key of
+                    // another type): its `SET … NX` may have taken the lease. Give it back.
+                    // (A round trip that timed out is left to the lease's ttl, as a dead
+                    // holder's: the call skips the rest of its Redis work.)
+                    drop(Held::new(&self.client, &w.lkey, token));
+                }
+                if w.waited {
+                    self.count(|c| &c.lease_fallbacks);
+                }
+                return Step::Done(Lease::Unavailable);
             }
-            return Step::Done(Lease::Unavailable);
         };
         // From here the lease (if taken) is owned by `held`: decoding the value read with it
         // runs the codec, which may panic.
