@@ -2088,16 +2088,20 @@ fn s37_an_async_caller_dropped_after_its_lease_round_trip_delivered_leaks_the_le
 #[path = "common/proxy.rs"]
 mod proxy;
 
+/// Stores `v` for key `k` with 300 ms to live, in one transaction: a reader polling meanwhile
+/// (a lease waiter) never sees the value without its expiry.
 fn short_lived(c: &mut redis::Connection, ns: &str, k: u64, v: u64) {
-    redis::cmd("HSET")
+    redis::pipe()
+        .atomic()
+        .cmd("HSET")
         .arg(vkey(ns, k))
         .arg("d")
         .arg(v)
-        .query::<()>(c)
-        .unwrap();
-    redis::cmd("PEXPIRE")
+        .ignore()
+        .cmd("PEXPIRE")
         .arg(vkey(ns, k))
         .arg(300)
+        .ignore()
         .query::<()>(c)
         .unwrap();
 }
