@@ -14,8 +14,13 @@
 //!   takes a per-key lease (`SET lease token NX PX ttl`, in the same round trip as a second
 //!   look at the value). The instance that gets it loads; the others poll Redis for the value
 //!   (1 ms, backing off to 20 ms) for at most the lease *wait*, then load themselves. A holder that dies leaves a lease that expires after its *ttl*; a
-//!   holder whose loader fails releases it at once, and a waiter takes over. The lease is
-//!   released only by its holder (compare-and-delete on the token).
+//!   holder whose loader fails releases it at once, and a waiter takes over. So does one
+//!   whose loader, value codec or value's `Clone` panics, whichever of its steps meets it
+//!   (decoding the value read with the lease, loading, encoding the value to write back):
+//!   the lease is owned by a guard from the round trip that takes it until the write-back
+//!   script gives it back (a round trip that may have taken it and that the server refused is
+//!   released at once; one that timed out is left to its *ttl*, as a dead holder's). The
+//!   lease is released only by its holder (compare-and-delete on the token).
 //! * **Invalidation across instances.** [`TieredCache::invalidate`], [`remove`](TieredCache::remove),
 //!   [`insert`](TieredCache::insert) and [`invalidate_all`](TieredCache::invalidate_all) update
 //!   Redis and publish on the namespace's channel. Every instance runs a subscriber thread that
@@ -36,8 +41,12 @@
 //! read an older epoch are ignored), then tombstones every value. An instance changes Redis
 //! first and its local tier second, so it never reads back from Redis a value it has just
 //! invalidated. Messages carry the version: an instance ignores one older than its own write of
-//! that key, and an `insert` whose local copy lands after another instance announced a newer
-//! version drops it, so concurrent writers converge on Redis's value.
+//! that key, and an `insert` whose local copy lands after a newer write or invalidation of the
+//! key (announced by another instance, or done on this one) or after an `invalidate_all`
+//! (done here or announced) drops it, so concurrent writers converge on Redis's value. An
+//! instance remembers the versions of its 4,096 most recent keys; for the others it keeps the
+//! newest version it forgot, so a write at or below it still counts as possibly superseded
+//! (its local copy is dropped: at worst a miss).
 //!
 //! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
 //! instance, Redis never again yields an older value for the key**, and the other instances
@@ -76,8 +85,9 @@
 //! copy expires — **at most the local time to live** (or time to idle), and never past the
 //! tier's time to live from the load. [`RedisTier::clear_on_reconnect`] bounds this by the
 //! disconnection instead, at the price of refilling the local tier (from Redis) after every
-//! reconnect. A load that read Redis just before another instance's `DEL` is bounded the
-//! same way.
+//! reconnect (and once when the subscriber first subscribes: what the instance loaded before
+//! then may have missed messages too). A load that read Redis just before another instance's
+//! `DEL` is bounded the same way.
 //!
 //! # Redis failing never fails a request
 //!
@@ -478,7 +488,9 @@ impl RedisTier {
     }
 
     /// Clears the local tier whenever the subscriber reconnects, since invalidations sent
-    /// while it was disconnected are lost. Default: off (staleness bounded by the local TTL).
+    /// while it was disconnected are lost — and when it first subscribes, since the cache can
+    /// load values before that (a slow first connection misses messages as a failed one
+    /// does). Default: off (staleness bounded by the local TTL).
     pub fn clear_on_reconnect(mut self, on: bool) -> Self {
         self.clear_on_reconnect = on;
         self
@@ -808,13 +820,15 @@ where
     /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
     /// while the breaker is open).
     pub fn insert(&self, key: K, value: V) {
+        let clears = self.tier.clears();
         let written = self.tier.put(&key, &value);
         match written {
             Some((encoded, version)) => {
                 let k = key.clone();
                 self.cache.insert(key, value);
-                // Another instance's newer write, announced before our copy landed, wins.
-                if self.tier.newer_announced(&encoded, version) {
+                // A newer write or invalidation of the key (this instance's, or another's
+                // announced) or an invalidate-all, done before our copy landed, wins.
+                if self.tier.newer_known(&encoded, version, clears) {
                     self.cache.invalidate(&k);
                 }
             }
@@ -898,7 +912,9 @@ where
     /// # Cancel safety
     ///
     /// As [`Cache::get_with_async`]; a lease this call took for the fleet is given back if it
-    /// is dropped before its load finishes.
+    /// is dropped before its load finishes — during a Redis round trip, after one delivered
+    /// its result but before the future was polled again (a `select!` whose other branch
+    /// won, a timeout firing then), or during the load. The release runs on a helper thread.
     ///
     /// # Panics
     ///

@@ -39,6 +39,13 @@ struct Shared {
 
 /// The helper threads of one tier; closed (threads finish their job and exit) on drop.
 pub(crate) struct Pool {
+    handle: Handle,
+}
+
+/// A way to submit jobs to a [`Pool`] (kept by a [`Receive`], to hand back a result it
+/// drops); jobs submitted after the pool closed still run.
+#[derive(Clone)]
+pub(crate) struct Handle {
     shared: Arc<Shared>,
     max: usize,
 }
@@ -46,12 +53,21 @@ pub(crate) struct Pool {
 impl Pool {
     pub(crate) fn new(max: usize) -> Self {
         Pool {
-            shared: Arc::default(),
-            max: max.max(1),
+            handle: Handle {
+                shared: Arc::default(),
+                max: max.max(1),
+            },
         }
     }
 
     /// Runs `job` on a helper thread (on the caller's, if no thread can be started).
+    pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        self.handle.submit(job);
+    }
+}
+
+impl Handle {
+    /// See [`Pool::submit`].
     pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let mut s = self.shared.state.lock();
         s.jobs.push_back(Box::new(job));
@@ -77,8 +93,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shared.state.lock().closed = true;
-        self.shared.work.notify_all();
+        self.handle.shared.state.lock().closed = true;
+        self.handle.shared.work.notify_all();
     }
 }
 
@@ -273,11 +289,14 @@ struct Slot<T> {
     waker: Option<Waker>,
     /// The receiving future was dropped: nobody wants the value.
     abandoned: bool,
+    /// What a value nobody takes is handed to (taken when it runs).
+    unwanted: Option<Box<dyn FnOnce(T) + Send>>,
 }
 
 /// Runs `job` on the pool; the returned future yields its result (`None` if it panicked). If
-/// the future is dropped before the result arrives, `unwanted` gets it instead (to undo what
-/// the job did, e.g. give a lease back).
+/// the future is dropped without having yielded the result — before the job ends, or after
+/// the result arrived but before it was polled again — `unwanted` gets it instead, on a helper
+/// thread (to undo what the job did, e.g. give a lease back).
 pub(crate) fn offload<T: Send + 'static>(
     pool: &Pool,
     job: impl FnOnce() -> T + Send + 'static,
@@ -288,6 +307,7 @@ pub(crate) fn offload<T: Send + 'static>(
         failed: false,
         waker: None,
         abandoned: false,
+        unwanted: Some(Box::new(unwanted)),
     }));
     let mut sender = Sender {
         slot: Arc::clone(&slot),
@@ -298,8 +318,11 @@ pub(crate) fn offload<T: Send + 'static>(
         sender.sent = true;
         let mut s = sender.slot.lock();
         if s.abandoned {
+            let unwanted = s.unwanted.take();
             drop(s);
-            unwanted(v);
+            if let Some(unwanted) = unwanted {
+                unwanted(v);
+            }
         } else {
             s.value = Some(v);
             let w = s.waker.take();
@@ -309,7 +332,10 @@ pub(crate) fn offload<T: Send + 'static>(
             }
         }
     });
-    Receive { slot }
+    Receive {
+        slot,
+        pool: pool.handle.clone(),
+    }
 }
 
 /// Marks the slot failed if the job unwinds before sending.
@@ -333,11 +359,13 @@ impl<T> Drop for Sender<T> {
 }
 
 /// The result of an [`offload`]ed job.
-pub(crate) struct Receive<T> {
+pub(crate) struct Receive<T: Send + 'static> {
     slot: Arc<Mutex<Slot<T>>>,
+    /// Where a result delivered but never polled goes to be undone.
+    pool: Handle,
 }
 
-impl<T> Future for Receive<T> {
+impl<T: Send + 'static> Future for Receive<T> {
     type Output = Option<T>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
@@ -353,9 +381,20 @@ impl<T> Future for Receive<T> {
     }
 }
 
-impl<T> Drop for Receive<T> {
+impl<T: Send + 'static> Drop for Receive<T> {
     fn drop(&mut self) {
-        self.slot.lock().abandoned = true;
+        let mut s = self.slot.lock();
+        s.abandoned = true;
+        // Delivered, and woke us, but we were dropped before polling again (a `select!` whose
+        // other branch won, a timeout firing at that moment): the result is undone as if it
+        // had arrived after the drop — on a helper thread, not the executor's.
+        // (Not yet delivered: the job hands it to `unwanted` itself when it ends.)
+        let Some(v) = s.value.take() else { return };
+        let unwanted = s.unwanted.take();
+        drop(s);
+        if let Some(unwanted) = unwanted {
+            self.pool.submit(move || unwanted(v));
+        }
     }
 }
 

@@ -44,9 +44,6 @@ where
     S: BuildHasher + Send + Sync + 'static,
 {
     let mut backoff = Duration::from_millis(50);
-    // Whether messages may have been missed before this connection: after an earlier one, or
-    // after a failed attempt (the cache may have served and loaded meanwhile).
-    let mut may_have_missed = false;
     // Which node to try (a cluster's nodes in turn, so that one node down does not stop it).
     let mut attempt = 0usize;
     while cache.strong_count() > 0 {
@@ -54,7 +51,6 @@ where
             Ok(c) => c,
             Err(_) => {
                 attempt = attempt.wrapping_add(1);
-                may_have_missed = true;
                 sleep_while_alive(cache, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -63,7 +59,6 @@ where
         let mut sub = conn.as_pubsub();
         if sub.subscribe(&tier.channel).is_err() {
             attempt = attempt.wrapping_add(1);
-            may_have_missed = true;
             drop(sub);
             sleep_while_alive(cache, backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -72,13 +67,14 @@ where
         backoff = Duration::from_millis(50);
         tier.subscribed.store(true, Ordering::Release);
         tier.counters().add(|c| &c.subscriber_connects);
-        if may_have_missed && clear_on_reconnect {
-            // Messages may have been missed while disconnected.
+        if clear_on_reconnect {
+            // Messages may have been missed while disconnected — and before the first
+            // subscription too: the cache is built, and may load values, before it takes
+            // effect (a slow first connection is no different from a failed one).
             if let Some(inner) = cache.upgrade() {
                 Cache { inner }.invalidate_all();
             }
         }
-        may_have_missed = true; // for the next connection
         let mut heard = Instant::now();
         loop {
             match sub.get_message() {
@@ -134,8 +130,9 @@ where
         return;
     }
     match kind {
-        // A message older than our own write of the key does not drop our (newer) copy.
-        MSG_KEY if !tier.announced(key, version) => {}
+        // A message older than our own write of the key does not drop our (newer) copy: it is
+        // not applied (nor counted).
+        MSG_KEY if !tier.announced(key, version) => return,
         MSG_KEY => {
             let decoded =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tier.decode_key(key)));
@@ -149,7 +146,11 @@ where
                 }
             }
         }
-        MSG_ALL => cache.invalidate_all(),
+        MSG_ALL => {
+            // Before the local clear: an `insert` whose copy lands after it drops it.
+            tier.heard_all();
+            cache.invalidate_all();
+        }
         _ => {
             tier.counters().add(|c| &c.errors);
             return;

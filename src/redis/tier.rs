@@ -112,12 +112,48 @@ impl<V> Stored<V> {
     }
 }
 
+/// A lease this instance may hold (its `SET … NX` may have succeeded): released when dropped,
+/// unless handed on to the write-back script (which releases it itself). It owns the token
+/// from the round trip that took it until then, so that a panic of user code in between (the
+/// value codec decoding the value read with it or encoding the loaded value, the loader,
+/// `Clone`) gives the lease back as it unwinds instead of leaving it to its time to live.
+struct Held {
+    client: Arc<Client>,
+    lkey: Vec<u8>,
+    /// `None` once handed on.
+    token: Option<u64>,
+}
+
+impl Held {
+    fn new(client: &Arc<Client>, lkey: &[u8], token: u64) -> Self {
+        Held {
+            client: Arc::clone(client),
+            lkey: lkey.to_vec(),
+            token: Some(token),
+        }
+    }
+
+    /// The token, now the caller's to release (with the write-back).
+    fn hand_on(&mut self) -> Option<u64> {
+        self.token.take()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            release(&self.client, &self.lkey, token);
+        }
+    }
+}
+
 /// What is left to do after a load.
 struct Pending {
     vkey: Vec<u8>,
     lkey: Vec<u8>,
-    /// The lease token we hold, to give back with the write.
-    lease: Option<u64>,
+    /// The lease we hold, to give back with the write (or when dropped: a load that failed,
+    /// panicked, or was abandoned).
+    lease: Option<Held>,
     /// Whether Redis answered: if not, the value is not written.
     redis: bool,
     /// The key's version and the namespace's epoch when the load began: the write-back stores
@@ -130,7 +166,7 @@ impl Pending {
     fn new(
         vkey: &ValueKey,
         lkey: Vec<u8>,
-        lease: Option<u64>,
+        lease: Option<Held>,
         redis: bool,
         version: u64,
         epoch: u64,
@@ -187,8 +223,8 @@ enum Next<V> {
 enum Lease<V> {
     /// Another instance's value appeared while we waited.
     Value(Stored<V>),
-    /// We hold the lease (this token) and load for the fleet, from this version and epoch.
-    Held(u64, u64, u64),
+    /// We hold the lease and load for the fleet, from this version and epoch.
+    Held(Held, u64, u64),
     /// Load locally: the bounded wait passed, or the lease vanished without a value.
     Local,
     /// Redis is unavailable: load locally and do not write.
@@ -197,17 +233,17 @@ enum Lease<V> {
 
 /// Everything one cache needs to use Redis as its second tier.
 pub(crate) struct Tier<K, V> {
-    pub(crate) client: Client,
+    pub(crate) client: Arc<Client>,
     key_codec: Box<dyn Codec<K>>,
     value_codec: Box<dyn Codec<V>>,
     /// `hc:<n>:<namespace>:` — prefix of every key.
     prefix: Vec<u8>,
     epoch_key: Vec<u8>,
     pub(crate) channel: Vec<u8>,
-    /// Per key (encoded), the newest version this instance wrote and the newest it heard of
-    /// from others, for recent keys: a message older than our own write does not drop our
-    /// copy, and our write does not stand over a newer one announced meanwhile.
-    versions: Mutex<HashMap<Vec<u8>, (u64, u64)>>,
+    /// The versions this instance wrote and heard of, for recent keys: a message older than
+    /// our own write does not drop our copy, and our write does not stand over a newer one
+    /// (ours or announced) meanwhile.
+    versions: Mutex<Versions>,
     /// This instance's id in invalidation messages (its own are ignored).
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
@@ -238,13 +274,13 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let random = ahash::RandomState::new();
         let prefix = format!("hc:{}:{namespace}:", namespace.len());
         Tier {
-            client,
+            client: Arc::new(client),
             key_codec,
             value_codec,
             epoch_key: format!("{prefix}epoch").into_bytes(),
             channel: format!("{prefix}invalidate").into_bytes(),
             prefix: prefix.into_bytes(),
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(Versions::default()),
             origin: random.hash_one(0x0419_u64),
             ttl,
             max_value_size,
@@ -434,13 +470,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         match self.plan(vkey) {
             Plan::Remote(v) => Ok(v.into_value()),
             Plan::Load(pending) => {
-                // Finishes on every exit: a panicking loader gives the lease back at once.
-                let mut guard = Finish {
-                    tier: self,
-                    pending: Some(pending),
-                };
+                // `pending` owns the lease: a panicking loader gives it back as it unwinds.
                 let result = load();
-                let pending = guard.pending.take().expect("set above");
                 // A load a write or invalidation of the key superseded (here, or announced by
                 // another instance) is not stored locally: nor is it written back to Redis
                 // (where the write may have been refused, `OOM`, leaving no tombstone).
@@ -529,8 +560,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         superseded
     }
 
-    /// Runs one step of an async fetch on a helper thread. If the caller goes away first, a
-    /// lease the step took for it is given back.
+    /// Runs one step of an async fetch on a helper thread. If the caller goes away without
+    /// having taken the step's result (before it ends, or after it was delivered but before
+    /// the caller was polled again), a lease the step took for it is given back.
     fn round_trip(
         self: &Arc<Self>,
         job: impl FnOnce() -> Next<V> + Send + 'static,
@@ -539,12 +571,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         K: Send + Sync,
         V: Send + Sync,
     {
-        let t = Arc::clone(self);
-        offload(&self.pool, job, move |next| {
-            if let Next::Plan(Plan::Load(pending)) = next {
-                t.write_back(pending, None);
-            }
-        })
+        // Dropping a plan to load gives its lease back (on the helper thread).
+        offload(&self.pool, job, drop)
     }
 
     /// The part of a fetch before the load: Redis's value, or how to load (blocking).
@@ -610,7 +638,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         };
         match lease {
             Lease::Value(v) => Plan::Remote(v),
-            Lease::Held(token, version, epoch) => p(Some(token), true, version, epoch),
+            Lease::Held(held, version, epoch) => p(Some(held), true, version, epoch),
             Lease::Local => p(None, true, w.version, w.epoch),
             Lease::Unavailable => p(None, false, 0, 0),
         }
@@ -619,18 +647,18 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// The part of a fetch after the load: writes the value back (if any, if Redis was
     /// reachable, and only if nothing wrote or invalidated the key since the load began), and
     /// gives the lease back — in the same script, after the write, so waiters find the value.
-    fn write_back(&self, pending: Pending, value: Option<&V>) {
-        let token = pending.lease;
+    ///
+    /// `pending` owns the lease until the script is sent: a value that cannot be written (or a
+    /// panic of the codec encoding it) gives it back as `pending` is dropped.
+    fn write_back(&self, mut pending: Pending, value: Option<&V>) {
         let bytes = match value {
             Some(v) if pending.redis => self.encode(v).ok(),
             _ => None,
         };
         let Some(bytes) = bytes else {
-            if let (Some(token), true) = (token, pending.redis) {
-                self.release(&pending.lkey, token);
-            }
-            return;
+            return; // dropping `pending` releases the lease
         };
+        let token = pending.lease.as_mut().and_then(Held::hand_on);
         let token_arg = token.map_or_else(String::new, |t| t.to_string());
         let stored = self.client.run(|c| {
             cmd("EVAL")
@@ -650,17 +678,6 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             Some(_) => self.count(|c| &c.writes_superseded),
             None => {}
         }
-    }
-
-    fn release(&self, lkey: &[u8], token: u64) {
-        self.client.run(|c| {
-            cmd("EVAL")
-                .arg(RELEASE)
-                .arg(1)
-                .arg(lkey)
-                .arg(token)
-                .query::<()>(c)
-        });
     }
 
     /// One round trip of a lease wait: try to take the lease (reading the value in the same
@@ -709,7 +726,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// write-back must find.
     fn attempt(&self, w: &mut LeaseWait) -> Step<V> {
         let token = self.token();
-        let got = self.client.run(|c| {
+        let got = self.client.run_result(|c| {
             let mut take = cmd("SET");
             take.arg(&w.lkey)
                 .arg(token)
@@ -720,27 +737,37 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             self.read_cmds(&mut p, &w.vkey);
             c.pipeline::<(Value, Fields, i64, Value)>(p)
         });
-        let Some((lease, fields, pttl, epoch)) = got else {
-            if w.waited {
-                self.count(|c| &c.lease_fallbacks);
+        let (lease, fields, pttl, epoch) = match got {
+            Ok(replies) => replies,
+            Err(failed) => {
+                if failed == Failed::Key {
+                    // The server answered, refusing a command of the round trip (a key of
+                    // another type): its `SET … NX` may have taken the lease. Give it back.
+                    // (A round trip that timed out is left to the lease's ttl, as a dead
+                    // holder's: the call skips the rest of its Redis work.)
+                    drop(Held::new(&self.client, &w.lkey, token));
+                }
+                if w.waited {
+                    self.count(|c| &c.lease_fallbacks);
+                }
+                return Step::Done(Lease::Unavailable);
             }
-            return Step::Done(Lease::Unavailable);
         };
-        let held = !matches!(lease, Value::Nil);
+        // From here the lease (if taken) is owned by `held`: decoding the value read with it
+        // runs the codec, which may panic.
+        let held = (!matches!(lease, Value::Nil)).then(|| Held::new(&self.client, &w.lkey, token));
         let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
         if let Some(Remote::Value(v)) = seen.found {
-            if held {
-                // Taken needlessly: give it back.
-                self.release(&w.lkey, token);
-            }
+            // Taken needlessly (if taken): dropping `held` gives it back.
+            drop(held);
             if w.waited {
                 self.count(|c| &c.lease_wait_hits);
             }
             return Step::Done(Lease::Value(v));
         }
-        if held {
+        if let Some(held) = held {
             self.count(|c| &c.leases_acquired);
-            return Step::Done(Lease::Held(token, seen.version, seen.epoch));
+            return Step::Done(Lease::Held(held, seen.version, seen.epoch));
         }
         if !w.waited {
             w.waited = true;
@@ -856,6 +883,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// loads that began before it are ignored from then on), then a tombstone for every value
     /// (`SCAN`, one script per key, pipelined by batch), then a message to the other instances.
     pub(crate) fn invalidate_all(&self) {
+        // First: an `insert` whose local copy lands after the local tier is cleared must see
+        // that it may be older than this (its value may be tombstoned below).
+        self.versions.lock().clears += 1;
         let epoch = match self
             .client
             .run_result(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
@@ -865,7 +895,6 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             Err(Failed::Key) => None,
             Err(Failed::Unavailable) => return, // the rest would fail too (more timeouts)
         };
-        self.versions.lock().clear();
         let pattern = self.value_pattern();
         let tomb = self.tombstone_ttl();
         // Every node that holds keys: the server, or each primary of a cluster.
@@ -939,32 +968,40 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Remembers our own write of a key at `version`.
     fn note_own(&self, key: &[u8], version: u64) {
         let mut m = self.versions.lock();
-        if m.len() >= VERSIONS_KEPT {
-            m.clear();
-        }
-        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        let e = m.entry(key);
         e.0 = e.0.max(version);
+        e.1 = e.1.max(version);
     }
 
-    /// After our own write of a key at `version` reached the local cache: whether another
-    /// instance announced a newer version meanwhile (then the local copy must go).
-    pub(crate) fn newer_announced(&self, key: &[u8], version: u64) -> bool {
-        self.versions
-            .lock()
-            .get(key)
-            .is_some_and(|&(_, seen)| seen > version)
+    /// How many invalidate-alls this instance has done or heard of: read by an `insert` before
+    /// its Redis write, and given back to [`newer_known`](Self::newer_known).
+    pub(crate) fn clears(&self) -> u64 {
+        self.versions.lock().clears
+    }
+
+    /// After our own write of a key at `version` (begun when [`clears`](Self::clears) was
+    /// `clears`) reached the local cache: whether a newer write or invalidation of the key may
+    /// have happened meanwhile — this instance's own, another instance's announced one, or an
+    /// invalidate-all done or heard of since — then the local copy must go. A key whose
+    /// versions were forgotten counts as written at the newest version forgotten.
+    pub(crate) fn newer_known(&self, key: &[u8], version: u64, clears: u64) -> bool {
+        let m = self.versions.lock();
+        let newest = m.keys.get(key).map_or(0, |e| e.1);
+        m.clears != clears || newest.max(m.floor) > version
     }
 
     /// A message from another instance announcing `version` of a key: whether the local copy
     /// must go (not when our own write of that key is newer).
     pub(crate) fn announced(&self, key: &[u8], version: u64) -> bool {
         let mut m = self.versions.lock();
-        if m.len() >= VERSIONS_KEPT {
-            m.clear();
-        }
-        let e = m.entry(key.to_vec()).or_insert((0, 0));
+        let e = m.entry(key);
         e.1 = e.1.max(version);
         version == 0 || version >= e.0
+    }
+
+    /// An invalidate-all announced by another instance, about to clear the local tier.
+    pub(crate) fn heard_all(&self) {
+        self.versions.lock().clears += 1;
     }
 
     fn announce(&self, kind: u8, version: u64, key: &[u8]) {
@@ -1000,20 +1037,6 @@ impl<V> Step<V> {
     }
 }
 
-/// Finishes a blocking fetch whose load unwound.
-struct Finish<'a, K: 'static, V: 'static> {
-    tier: &'a Tier<K, V>,
-    pending: Option<Pending>,
-}
-
-impl<K: 'static, V: 'static> Drop for Finish<'_, K, V> {
-    fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            self.tier.write_back(p, None);
-        }
-    }
-}
-
 /// Finishes an async fetch on a helper thread: after its load, or when it is cancelled or
 /// its load panics (then without a value).
 struct FinishLater<K: Send + Sync + 'static, V: Send + Sync + 'static> {
@@ -1035,6 +1058,18 @@ where
                 .submit(move || tier.write_back(p, value.as_ref()));
         }
     }
+}
+
+/// Gives a lease back: deletes it only if it still holds our token.
+fn release(client: &Client, lkey: &[u8], token: u64) {
+    client.run(|c| {
+        cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(lkey)
+            .arg(token)
+            .query::<()>(c)
+    });
 }
 
 /// Milliseconds for `PX`, at least 1.
@@ -1075,8 +1110,38 @@ fn lenient(v: &Value) -> Option<u64> {
     }
 }
 
-/// How many keys' recent versions an instance remembers (then it starts over).
+/// How many keys' recent versions an instance remembers (then it forgets the older half).
 const VERSIONS_KEPT: usize = 4096;
+
+/// The versions an instance remembers (see [`Tier::newer_known`] and [`Tier::announced`]).
+#[derive(Default)]
+struct Versions {
+    /// Per key (encoded), the newest version this instance wrote, and the newest it wrote or
+    /// heard of; at most [`VERSIONS_KEPT`] keys.
+    keys: HashMap<Vec<u8>, (u64, u64)>,
+    /// The newest version among the keys forgotten: a write of a key at or below it may have
+    /// been superseded by one that was forgotten. Versions are at least Redis's clock in
+    /// microseconds, and a key's versions only grow, so writes begun after a key was
+    /// forgotten are above it.
+    floor: u64,
+    /// Invalidate-alls done or heard of so far.
+    clears: u64,
+}
+
+impl Versions {
+    /// The key's entry, made room for: when full, the older half (by newest version) is
+    /// forgotten, and the floor raised to the newest of them.
+    fn entry(&mut self, key: &[u8]) -> &mut (u64, u64) {
+        if self.keys.len() >= VERSIONS_KEPT && !self.keys.contains_key(key) {
+            let mut newest: Vec<u64> = self.keys.values().map(|e| e.1).collect();
+            let mid = newest.len() / 2;
+            let (_, &mut cut, _) = newest.select_nth_unstable(mid);
+            self.keys.retain(|_, e| e.1 > cut);
+            self.floor = self.floor.max(cut);
+        }
+        self.keys.entry(key.to_vec()).or_insert((0, 0))
+    }
+}
 
 #[cfg(test)]
 mod tests {
