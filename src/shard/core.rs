@@ -1155,11 +1155,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Whether `slot` holds an entry past its deadline at `now` (one kept for fail-safe, when
-    /// the wheel has passed it).
+    /// the wheel has passed it; an empty slot's deadline is "never").
     fn is_stale(&self, slot: u32, now: u64) -> bool {
-        self.slab
-            .get(slot as usize)
-            .is_some_and(|e| e.as_ref().is_some_and(|e| e.time.get() <= now))
+        self.deadline(slot) <= now
     }
 
     /// Drops the stale list's slots that no longer hold a stale entry, and duplicates (a slot
