@@ -3040,6 +3040,12 @@ fn tokio_tasks_and_a_blocking_caller_share_one_load() {
             })
         })
         .collect();
+    // The blocking caller comes once an async task leads the load (its flight registered):
+    // started before, it could lead itself, answer 12 at once, and leave the tasks to hit,
+    // so that the misses awaited below never came (seen under ASan in CI).
+    while c.loads_in_flight() == 0 {
+        std::thread::yield_now();
+    }
     let blocking = {
         let c = c.clone();
         std::thread::spawn(move || c.get_with(1, || 12))
