@@ -1,0 +1,1155 @@
+//! Outside attack on stale-value handling: refresh-ahead, fail-safe, negative caching, soft
+//! timeouts, jitter, early refresh, and their interplay with writes and faulty user code.
+
+mod common;
+
+use herdcache::{BoxError, Cache, Expiry, LoadError, ManualClock, RemovalCause};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn set_to(clock: &ManualClock, t: Duration) {
+    let now = clock.elapsed();
+    assert!(t >= now, "set_to goes forward only");
+    clock.advance(t - now);
+}
+
+/// A spawner that parks its jobs until the test runs them.
+#[derive(Clone, Default)]
+struct Parked(Arc<Mutex<Vec<Job>>>);
+
+impl Parked {
+    fn spawner(&self) -> impl Fn(Job) + Send + Sync + 'static {
+        let q = Arc::clone(&self.0);
+        move |job| q.lock().unwrap().push(job)
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn run_all(&self) {
+        let jobs: Vec<Job> = std::mem::take(&mut *self.0.lock().unwrap());
+        for j in jobs {
+            j();
+        }
+    }
+}
+
+type Log = Arc<Mutex<Vec<(u32, String, RemovalCause)>>>;
+
+fn listener_log() -> (
+    Log,
+    impl Fn(&u32, &String, RemovalCause) + Send + Sync + 'static,
+) {
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    (log, move |k: &u32, v: &String, c| {
+        l.lock().unwrap().push((*k, v.clone(), c))
+    })
+}
+
+fn check_miss_invariant(c: &Cache<u32, String>) {
+    check_miss_invariant_plain(c, 0)
+}
+
+/// The documented miss ledger, `plain` being the misses of plain reads (`get`, `get_or_stale`),
+/// which count their miss only.
+fn check_miss_invariant_plain(c: &Cache<u32, String>, plain: u64) {
+    let s = c.stats();
+    assert_eq!(
+        s.misses - plain + s.refreshes_started,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
+        "miss ledger: {s:?}"
+    );
+}
+
+// ---------------------------------------------------------------- refresh-ahead
+
+#[test]
+fn refresh_insert_during_parked_refresh_wins() {
+    let _w = common::watchdog(secs(20), "refresh_insert_during_parked_refresh_wins");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let n = Arc::new(AtomicU64::new(0));
+    let n2 = Arc::clone(&n);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(move |k: &u32| {
+            Ok::<_, BoxError>(format!("{k} v{}", n2.fetch_add(1, Ordering::SeqCst)))
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1 v0");
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "1 v0");
+    assert_eq!(parked.len(), 1, "one refresh job");
+    c.insert(1, "written".into());
+    parked.run_all();
+    assert_eq!(
+        c.get(&1).as_deref(),
+        Some("written"),
+        "the write wins over the refresh"
+    );
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 1);
+    assert_eq!(s.refreshes_succeeded + s.refreshes_failed, 1);
+    assert_eq!(
+        s.refreshes_failed, 1,
+        "a refresh that lost to a write counts as failed"
+    );
+    assert_eq!(c.loads_in_flight(), 0);
+    c.validate();
+}
+
+#[test]
+fn refresh_invalidate_all_during_parked_refresh_wins() {
+    let _w = common::watchdog(
+        secs(20),
+        "refresh_invalidate_all_during_parked_refresh_wins",
+    );
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(move |k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    c.insert(2, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&2).as_deref(), Some("old"));
+    assert_eq!(parked.len(), 2);
+    c.invalidate_all();
+    parked.run_all();
+    assert_eq!(c.get(&1), None, "invalidate_all wins over a refresh");
+    assert_eq!(c.get(&2), None, "invalidate_all wins over a refresh");
+    assert_eq!(c.entry_count(), 0);
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 2);
+    assert_eq!(s.refreshes_failed, 2);
+    c.validate();
+}
+
+#[test]
+fn refresh_invalidate_during_inline_refresh_wins() {
+    let _w = common::watchdog(secs(20), "refresh_invalidate_during_inline_refresh_wins");
+    let clock = ManualClock::new();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let entered_tx = Mutex::new(entered_tx);
+    let block = Arc::new(AtomicBool::new(false));
+    let b = Arc::clone(&block);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            if b.load(Ordering::SeqCst) {
+                entered_tx.lock().unwrap().send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+            Ok::<_, BoxError>(format!("{k} loaded"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    block.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let reader = std::thread::spawn(move || c2.load(1).unwrap());
+    entered_rx.recv().unwrap();
+    c.invalidate(&1);
+    go_tx.send(()).unwrap();
+    assert_eq!(reader.join().unwrap(), "old");
+    assert_eq!(
+        c.get(&1),
+        None,
+        "an invalidation wins over the refresh it raced"
+    );
+    c.validate();
+}
+
+#[test]
+fn racing_readers_start_one_refresh() {
+    let _w = common::watchdog(secs(30), "racing_readers_start_one_refresh");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            Ok::<_, BoxError>(format!("{k} loaded"))
+        })
+        .build();
+    for round in 0..5u64 {
+        c.insert(1, format!("old{round}"));
+        clock.advance(secs(20));
+        let before = calls.load(Ordering::SeqCst);
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                let b = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    b.wait();
+                    c.load(1).unwrap()
+                })
+            })
+            .collect();
+        for h in hs {
+            let v = h.join().unwrap();
+            assert!(v == format!("old{round}") || v == "1 loaded", "{v}");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst) - before,
+            1,
+            "exactly one refresh"
+        );
+        assert_eq!(c.get(&1).as_deref(), Some("1 loaded"));
+    }
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 5);
+    assert_eq!(s.refreshes_succeeded, 5);
+    c.validate();
+}
+
+#[test]
+fn failed_refresh_backs_off_and_never_serves_past_ttl() {
+    let _w = common::watchdog(secs(20), "failed_refresh_backs_off");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    for _ in 0..4 {
+        clock.advance(Duration::from_millis(1200));
+        assert_eq!(c.load(1).unwrap(), "old");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "within the backoff: no refresh"
+    );
+    clock.advance(Duration::from_millis(300)); // 25.1 s
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "after the backoff: one more refresh"
+    );
+    set_to(&clock, secs(60) - Duration::from_nanos(1));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    set_to(&clock, secs(60));
+    assert_eq!(c.get(&1), None, "never served past its time to live");
+    assert!(c.load(1).is_err());
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed
+    );
+    c.validate();
+}
+
+// ---------------------------------------------------------------- jitter
+
+#[test]
+fn jitter_keeps_deadlines_within_bounds() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(secs(100))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .build();
+    for k in 0..500 {
+        c.insert(k, "v".into());
+    }
+    set_to(&clock, secs(80) - Duration::from_millis(1));
+    assert_eq!(
+        (0..500).filter(|k| c.get(k).is_some()).count(),
+        500,
+        "none before 0.8 × ttl"
+    );
+    set_to(&clock, secs(100));
+    let alive = (0..500).filter(|k| c.contains_key(k)).count();
+    assert!(
+        alive > 50 && alive < 450,
+        "spread around the nominal ttl: {alive}"
+    );
+    set_to(&clock, secs(120) + Duration::from_millis(1));
+    assert_eq!(
+        (0..500).filter(|k| c.get(k).is_some()).count(),
+        0,
+        "all by 1.2 × ttl"
+    );
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 0);
+    c.validate();
+}
+
+#[test]
+fn jitter_spreads_refresh_within_bounds() {
+    let _w = common::watchdog(secs(20), "jitter_spreads_refresh_within_bounds");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(secs(1000))
+        .refresh_after(secs(100))
+        .jitter(0.5)
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+        .build();
+    for k in 0..200 {
+        c.insert(k, "v".into());
+    }
+    set_to(&clock, secs(50) - Duration::from_millis(1));
+    for k in 0..200 {
+        assert!(c.get(&k).is_some());
+    }
+    assert_eq!(parked.len(), 0, "no refresh before 0.5 × refresh_after");
+    set_to(&clock, secs(150) + Duration::from_millis(1));
+    for k in 0..200 {
+        assert!(c.get(&k).is_some());
+    }
+    assert_eq!(parked.len(), 200, "every key due by 1.5 × refresh_after");
+    parked.run_all();
+    assert_eq!(c.stats().refreshes_succeeded, 200);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- negative caching
+
+#[test]
+fn negative_ttl_remembers_load_failure() {
+    let _w = common::watchdog(secs(20), "negative_ttl_remembers_load_failure");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicBool::new(false));
+    let (c2, ok2) = (Arc::clone(&calls), Arc::clone(&ok));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .negative_ttl(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            if ok2.load(Ordering::SeqCst) {
+                Ok(format!("{k}"))
+            } else {
+                Err(BoxError::from("down"))
+            }
+        })
+        .build();
+    let e1 = c.load(1).unwrap_err();
+    let e2 = c.load(1).unwrap_err();
+    match (&e1, &e2) {
+        (LoadError::Loader(a), LoadError::Loader(b)) => assert!(Arc::ptr_eq(a, b)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    ok.store(true, Ordering::SeqCst);
+    // get_with has no way to answer a failure: it loads.
+    assert_eq!(c.get_with(1, || "gw".to_string()), "gw");
+    c.invalidate(&1);
+    // a write or invalidation ends it early
+    assert_eq!(c.load(1).unwrap(), "1");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    c.invalidate(&1);
+    ok.store(false, Ordering::SeqCst);
+    assert!(c.load(1).is_err());
+    clock.advance(secs(10) - Duration::from_nanos(1));
+    assert!(c.load(1).is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    clock.advance(Duration::from_nanos(1));
+    assert!(c.load(1).is_err());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "loads again once negative_ttl passed"
+    );
+    check_miss_invariant(&c);
+    assert_eq!(c.get(&1), None);
+    c.validate();
+}
+
+#[test]
+fn negative_ttl_optionally_get_with_none() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .negative_ttl(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    let calls = AtomicUsize::new(0);
+    assert_eq!(
+        c.optionally_get_with(1, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            None
+        }),
+        None
+    );
+    assert_eq!(
+        c.optionally_get_with(1, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Some("x".into())
+        }),
+        None,
+        "None remembered"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(!c.contains_key(&1));
+    assert_eq!(c.iter().count(), 0);
+    assert_eq!(c.entry_count(), 0, "a negative entry is not an entry");
+    assert_eq!(c.get_with(1, || "gw".to_string()), "gw");
+    assert_eq!(c.get(&1).as_deref(), Some("gw"));
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn negative_ttl_with_refresh_failure_then_expiry() {
+    let _w = common::watchdog(secs(20), "negative_ttl_with_refresh_failure_then_expiry");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(30))
+        .refresh_after(secs(10))
+        .negative_ttl(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(
+        c.load(1).unwrap(),
+        "old",
+        "refresh failure keeps the old value"
+    );
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    c.insert(1, "new".into()); // a write ends the negative entry
+    clock.advance(secs(31));
+    let before = calls.load(Ordering::SeqCst);
+    assert!(c.load(1).is_err());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before + 1,
+        "the write ended the remembered failure"
+    );
+    c.validate();
+}
+
+// ---------------------------------------------------------------- fail-safe
+
+fn fail_safe_cache(
+    clock: &ManualClock,
+    down: &Arc<AtomicBool>,
+    calls: &Arc<AtomicUsize>,
+) -> Cache<u32, String> {
+    let (d, n) = (Arc::clone(down), Arc::clone(calls));
+    Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if d.load(Ordering::SeqCst) {
+                Err(BoxError::from("backend down"))
+            } else {
+                Ok(format!("value {k}"))
+            }
+        })
+        .build()
+}
+
+#[test]
+fn fail_safe_serves_stale_with_one_retry_per_backoff() {
+    let clock = ManualClock::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = fail_safe_cache(&clock, &down, &calls);
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    down.store(true, Ordering::SeqCst);
+    clock.advance(secs(61));
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    for _ in 0..10 {
+        assert_eq!(c.load(1).unwrap(), "value 1");
+        assert_eq!(c.get_with(1, || "init".into()), "value 1");
+        assert_eq!(
+            c.try_get_with(1, || Err::<String, _>("e")).unwrap(),
+            "value 1"
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "no load within the backoff"
+    );
+    assert_eq!(c.get(&1), None);
+    assert!(!c.contains_key(&1));
+    assert_eq!(c.iter().count(), 0, "iteration never sees a stale entry");
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("value 1"));
+    clock.advance(secs(5));
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "one retry after the backoff"
+    );
+    down.store(false, Ordering::SeqCst);
+    clock.advance(secs(5));
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        c.get(&1).as_deref(),
+        Some("value 1"),
+        "the healthy value is live again"
+    );
+    check_miss_invariant_plain(&c, 2); // one get, one get_or_stale missed
+    c.validate();
+}
+
+#[test]
+fn fail_safe_never_beyond_max_stale() {
+    let clock = ManualClock::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = fail_safe_cache(&clock, &down, &calls);
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    down.store(true, Ordering::SeqCst);
+    set_to(&clock, secs(60 + 600) - Duration::from_nanos(1));
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("value 1"));
+    clock.advance(Duration::from_nanos(1));
+    assert_eq!(c.get_or_stale(&1), None, "never beyond max_stale");
+    assert!(c.load(1).is_err());
+    assert_eq!(c.get_with(1, || "gw".into()), "gw");
+    c.validate();
+}
+
+#[test]
+fn fail_safe_optionally_none_removes_stale_for_good() {
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    assert_eq!(c.optionally_get_with(1, || None), None);
+    assert_eq!(
+        c.get_or_stale(&1),
+        None,
+        "None removes the old value for good"
+    );
+    assert_eq!(c.get_with(1, || panic_free("x")), "x");
+    let l = log.lock().unwrap();
+    let olds: Vec<_> = l.iter().filter(|(_, v, _)| v == "old").collect();
+    assert_eq!(olds.len(), 1, "old reported once: {l:?}");
+    drop(l);
+    c.validate();
+}
+
+fn panic_free(s: &str) -> String {
+    s.to_string()
+}
+
+#[test]
+fn fail_safe_get_all_missing_key_falls_back() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old1".into());
+    c.insert(2, "old2".into());
+    clock.advance(secs(61));
+    let all = c.get_all([1, 2, 3], |missing| {
+        let mut m: Vec<u32> = missing.to_vec();
+        m.sort();
+        assert_eq!(m, [1, 2, 3]);
+        HashMap::from([(1, "new1".to_string())])
+    });
+    assert_eq!(all.get(&1).map(String::as_str), Some("new1"));
+    assert_eq!(
+        all.get(&2).map(String::as_str),
+        Some("old2"),
+        "missing key falls back"
+    );
+    assert_eq!(all.get(&3), None);
+    assert_eq!(c.get(&2), None);
+    // within the backoff: the stale value answers without a load
+    let all = c.get_all([2], |_| panic!("no load within the backoff"));
+    assert_eq!(all.get(&2).map(String::as_str), Some("old2"));
+    c.validate();
+}
+
+#[test]
+fn fail_safe_with_time_to_idle() {
+    let clock = ManualClock::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (d, n) = (Arc::clone(&down), Arc::clone(&calls));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_idle(secs(10))
+        .fail_safe(secs(100))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if d.load(Ordering::SeqCst) {
+                Err(BoxError::from("down"))
+            } else {
+                Ok(format!("value {k}"))
+            }
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), "value 1");
+    down.store(true, Ordering::SeqCst);
+    clock.advance(secs(11));
+    assert_eq!(c.get(&1), None);
+    assert_eq!(c.load(1).unwrap(), "value 1", "stale after idle");
+    assert_eq!(
+        c.get(&1),
+        None,
+        "a fail-safe answer does not revive the entry"
+    );
+    clock.advance(secs(1));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("value 1"));
+    assert_eq!(c.get(&1), None);
+    // max_stale is counted from the idle deadline (11 s after the read at 0 is 10 s): gone at 110 s
+    set_to(&clock, secs(110) - Duration::from_nanos(1));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("value 1"));
+    set_to(&clock, secs(110));
+    assert_eq!(
+        c.get_or_stale(&1),
+        None,
+        "reads of a stale value do not move its idle deadline"
+    );
+    c.validate();
+}
+
+// ---------------------------------------------------------------- soft timeouts
+
+#[test]
+fn load_timeout_serves_stale_then_load_fills() {
+    let _w = common::watchdog(secs(20), "load_timeout_serves_stale_then_load_fills");
+    let clock = ManualClock::new();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let block = Arc::new(AtomicBool::new(false));
+    let b = Arc::clone(&block);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .load_timeout(Duration::from_millis(50))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u32| {
+            if b.load(Ordering::SeqCst) {
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+            Ok::<_, BoxError>(format!("{k} fresh"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    block.store(true, Ordering::SeqCst);
+    assert_eq!(c.load(1).unwrap(), "old", "timeout: the stale value");
+    assert_eq!(
+        c.load(1).unwrap(),
+        "old",
+        "still loading: the stale value at once"
+    );
+    assert_eq!(
+        c.load(2).err().map(|e| e.to_string()),
+        Some(LoadError::Timeout.to_string())
+    );
+    let s = c.stats();
+    // the second load(1) is answered by fail-safe at once (within the retry backoff)
+    assert_eq!(s.timeouts, 2, "{s:?}");
+    assert_eq!(s.stale_served_after_ttl, 2, "{s:?}");
+    go_tx.send(()).unwrap();
+    go_tx.send(()).unwrap();
+    assert!(common::eventually(|| c.get(&1).is_some()));
+    assert_eq!(c.get(&1).as_deref(), Some("1 fresh"));
+    assert!(common::eventually(|| c.get(&2).is_some()));
+    assert!(common::eventually(|| c.loads_in_flight() == 0));
+    c.validate();
+}
+
+#[test]
+fn load_timeout_spawner_drops_job_falls_back_inline() {
+    let _w = common::watchdog(secs(20), "load_timeout_spawner_drops_job");
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .load_timeout(secs(5))
+        .record_stats()
+        .spawner(drop)
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1");
+    assert_eq!(c.get(&1).as_deref(), Some("1"));
+    assert_eq!(c.loads_in_flight(), 0);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn load_timeout_spawner_panics_falls_back_inline() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "load_timeout_spawner_panics");
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .load_timeout(secs(5))
+        .record_stats()
+        .spawner(|_job| panic!("injected spawner panic"))
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1");
+    assert_eq!(c.loads_in_flight(), 0);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- spawner faults on refresh
+
+#[test]
+fn refresh_spawner_drops_job_retried_after_backoff() {
+    let _w = common::watchdog(secs(20), "refresh_spawner_drops_job");
+    let clock = ManualClock::new();
+    let spawned = Arc::new(AtomicUsize::new(0));
+    let drop_it = Arc::new(AtomicBool::new(true));
+    let (s2, d2) = (Arc::clone(&spawned), Arc::clone(&drop_it));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(move |job| {
+            s2.fetch_add(1, Ordering::SeqCst);
+            if !d2.load(Ordering::SeqCst) {
+                job();
+            }
+        })
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(spawned.load(Ordering::SeqCst), 1);
+    assert_eq!(c.loads_in_flight(), 0, "a dropped job releases the key");
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(
+        spawned.load(Ordering::SeqCst),
+        1,
+        "retried only after the backoff"
+    );
+    clock.advance(secs(3));
+    drop_it.store(false, Ordering::SeqCst);
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(spawned.load(Ordering::SeqCst), 2);
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 2);
+    assert_eq!(s.refreshes_succeeded, 1);
+    assert_eq!(s.refreshes_failed, 1);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn refresh_spawner_panics_reader_unharmed() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "refresh_spawner_panics");
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(|_job| panic!("injected spawner panic"))
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.loads_in_flight(), 0);
+    clock.advance(secs(41));
+    // expired: load runs inline (no timeout)
+    assert_eq!(c.load(1).unwrap(), "1 new");
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- loader faults
+
+#[test]
+fn refresh_loader_panic_keeps_old_value_and_backs_off() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "refresh_loader_panic");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| -> Result<String, BoxError> {
+            n.fetch_add(1, Ordering::SeqCst);
+            panic!("injected loader panic")
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    clock.advance(secs(3));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    clock.advance(secs(40)); // expired
+    assert!(matches!(c.load(1), Err(LoadError::Panicked)));
+    assert!(
+        matches!(c.load(1), Err(LoadError::Panicked)),
+        "within the backoff: no call"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed
+    );
+    c.validate();
+}
+
+#[test]
+fn blocked_loader_does_not_block_other_keys_and_waiters_join() {
+    let _w = common::watchdog(secs(20), "blocked_loader");
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if *k == 1 {
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+            Ok::<_, BoxError>(format!("{k}"))
+        })
+        .build();
+    let hs: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || c.load(1).unwrap())
+        })
+        .collect();
+    assert!(common::eventually(|| c.loads_in_flight() == 1));
+    assert_eq!(c.load(2).unwrap(), "2");
+    assert!(matches!(
+        c.load_with_timeout(1, Some(Duration::from_millis(20))),
+        Err(LoadError::Timeout)
+    ));
+    go_tx.send(()).unwrap();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), "1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- Expiry with refresh / fail-safe
+
+struct Recorder {
+    updates: Arc<Mutex<Vec<Option<Duration>>>>,
+    create: Duration,
+    update_to: Option<Duration>,
+}
+
+impl Expiry<u32, String> for Recorder {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        Some(self.create)
+    }
+    fn expire_after_update(
+        &self,
+        _k: &u32,
+        _v: &String,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        self.updates.lock().unwrap().push(remaining);
+        self.update_to.or(remaining)
+    }
+}
+
+#[test]
+fn refresh_calls_expire_after_update_with_remaining() {
+    let _w = common::watchdog(secs(20), "refresh_calls_expire_after_update");
+    let clock = ManualClock::new();
+    let updates = Arc::new(Mutex::new(Vec::new()));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(Recorder {
+            updates: Arc::clone(&updates),
+            create: secs(30),
+            update_to: None,
+        })
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    assert_eq!(*updates.lock().unwrap(), vec![Some(secs(10))]);
+    set_to(&clock, secs(30) - Duration::from_nanos(1));
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    set_to(&clock, secs(30));
+    assert_eq!(
+        c.get(&1),
+        None,
+        "the custom deadline was kept by the update hook"
+    );
+    c.validate();
+}
+
+#[test]
+fn refresh_with_expiry_update_to_zero_removes() {
+    let _w = common::watchdog(secs(20), "refresh_with_expiry_update_to_zero");
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(Recorder {
+            updates: Arc::default(),
+            create: secs(30),
+            update_to: Some(Duration::ZERO),
+        })
+        .refresh_after(secs(10))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&1), None, "updated to live 0: gone");
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 0);
+    let l = log.lock().unwrap().clone();
+    // "old" replaced by the refresh, "1 new" expired at once
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert!(
+        l.contains(&(1, "old".into(), RemovalCause::Replaced)),
+        "{l:?}"
+    );
+    assert!(
+        l.contains(&(1, "1 new".into(), RemovalCause::Expired)),
+        "{l:?}"
+    );
+    c.validate();
+}
+
+struct PanicOnUpdate(Arc<AtomicBool>);
+impl Expiry<u32, String> for PanicOnUpdate {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        Some(secs(60))
+    }
+    fn expire_after_update(&self, _k: &u32, _v: &String, r: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("injected expiry panic");
+        }
+        r
+    }
+}
+
+#[test]
+fn refresh_with_panicking_expiry_keeps_old_value() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "refresh_with_panicking_expiry");
+    let clock = ManualClock::new();
+    let boom = Arc::new(AtomicBool::new(true));
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(PanicOnUpdate(Arc::clone(&boom)))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .spawner(parked.spawner())
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    let jobs: Vec<Job> = std::mem::take(&mut *parked.0.lock().unwrap());
+    assert_eq!(jobs.len(), 1);
+    for j in jobs {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(j));
+        assert!(r.is_err(), "the hook's panic goes on");
+    }
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(parked.len(), 0, "due again only after the backoff");
+    assert_eq!(c.loads_in_flight(), 0);
+    boom.store(false, Ordering::SeqCst);
+    clock.advance(secs(3));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 2);
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed
+    );
+    c.validate();
+}
+
+#[test]
+fn fail_safe_with_custom_expiry() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(Recorder {
+            updates: Arc::default(),
+            create: secs(30),
+            update_to: None,
+        })
+        .fail_safe(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(31));
+    assert_eq!(c.get(&1), None);
+    let r: Result<String, Arc<&str>> = c.try_get_with(1, || Err("down"));
+    assert_eq!(r.unwrap(), "old");
+    set_to(&clock, secs(130));
+    assert_eq!(c.get_or_stale(&1), None);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- early refresh
+
+#[test]
+fn early_refresh_fires_near_expiry_for_slow_keys() {
+    let _w = common::watchdog(secs(20), "early_refresh_fires");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (n, cl) = (Arc::clone(&calls), clock.clone());
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(1000))
+        .early_refresh(1.0)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            cl.advance(secs(10)); // a slow load: δ = 10 s
+            Ok::<_, BoxError>(format!("{k} v{}", n.fetch_add(1, Ordering::SeqCst)))
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1 v0"); // stored at t = 10 s, expires at 1010 s
+    set_to(&clock, secs(100));
+    for _ in 0..20 {
+        c.load(1).unwrap();
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "remaining 910 s: p = e^-91, no refresh"
+    );
+    set_to(&clock, secs(1009));
+    let mut reads = 0;
+    while calls.load(Ordering::SeqCst) == 1 && reads < 100 {
+        c.load(1).unwrap();
+        reads += 1;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "remaining 1 s, δ 10 s: refreshed"
+    );
+    assert!(c.get(&1).is_some());
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 1);
+    c.validate();
+}
