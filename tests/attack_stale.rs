@@ -5,6 +5,7 @@ mod common;
 
 use herdcache::{BoxError, Cache, Expiry, LoadError, ManualClock, RemovalCause};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1151,5 +1152,910 @@ fn early_refresh_fires_near_expiry_for_slow_keys() {
     assert!(c.get(&1).is_some());
     let s = c.stats();
     assert_eq!(s.refreshes_started, 1);
+    c.validate();
+}
+
+// ---------------------------------------------------------------- batch 2: races and joins
+
+/// A loader gate: `load` blocks in the loader for keys while `armed`, signalling entry.
+#[derive(Clone)]
+struct Gate {
+    armed: Arc<AtomicBool>,
+    entered: Arc<Mutex<std::sync::mpsc::Sender<u32>>>,
+    go: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+fn gate() -> (
+    Gate,
+    std::sync::mpsc::Receiver<u32>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (etx, erx) = std::sync::mpsc::channel();
+    let (gtx, grx) = std::sync::mpsc::channel();
+    (
+        Gate {
+            armed: Arc::new(AtomicBool::new(false)),
+            entered: Arc::new(Mutex::new(etx)),
+            go: Arc::new(Mutex::new(grx)),
+        },
+        erx,
+        gtx,
+    )
+}
+
+impl Gate {
+    fn pass(&self, k: u32) {
+        if self.armed.load(Ordering::SeqCst) {
+            self.entered.lock().unwrap().send(k).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+        }
+    }
+}
+
+#[test]
+fn fail_safe_insert_during_failing_load_no_old_value() {
+    let _w = common::watchdog(secs(20), "fail_safe_insert_during_failing_load");
+    let clock = ManualClock::new();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    c.insert(2, "old".into());
+    clock.advance(secs(61));
+    g.armed.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let t = std::thread::spawn(move || c2.load(1));
+    entered.recv().unwrap();
+    c.insert(1, "written".into());
+    go.send(()).unwrap();
+    let r = t.join().unwrap();
+    assert!(
+        !matches!(&r, Ok(v) if v == "old"),
+        "a write ends the stale value: {r:?}"
+    );
+    assert_eq!(c.get(&1).as_deref(), Some("written"));
+    let c2 = c.clone();
+    let t = std::thread::spawn(move || c2.load(2));
+    entered.recv().unwrap();
+    c.invalidate(&2);
+    go.send(()).unwrap();
+    let r = t.join().unwrap();
+    assert!(r.is_err(), "an invalidation ends the stale value: {r:?}");
+    assert_eq!(c.get_or_stale(&2), None);
+    c.validate();
+}
+
+#[test]
+fn refresh_invalidate_then_insert_during_parked_refresh() {
+    let _w = common::watchdog(secs(20), "refresh_invalidate_then_insert");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} refreshed")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    c.invalidate(&1);
+    c.insert(1, "w2".into());
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("w2"));
+    // and the new entry is not due for 10 s
+    clock.advance(secs(9));
+    assert_eq!(c.get(&1).as_deref(), Some("w2"));
+    assert_eq!(parked.len(), 0);
+    clock.advance(secs(1));
+    assert_eq!(c.get(&1).as_deref(), Some("w2"));
+    assert_eq!(parked.len(), 1, "the new entry is due 10 s after its write");
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("1 refreshed"));
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 2);
+    assert_eq!((s.refreshes_succeeded, s.refreshes_failed), (1, 1));
+    c.validate();
+}
+
+#[test]
+fn expired_during_parked_refresh_joiner_not_stranded_when_job_dropped() {
+    let _w = common::watchdog(secs(20), "expired_during_parked_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(parked.len(), 1);
+    clock.advance(secs(41)); // expired, refresh job still parked
+    let c2 = c.clone();
+    let t = common::start(move || c2.load(1));
+    std::thread::sleep(Duration::from_millis(50));
+    // drop the job unrun: the joiner must load itself
+    drop(std::mem::take(&mut *parked.0.lock().unwrap()));
+    let r = t.wait(secs(5)).expect("joiner not stranded").unwrap();
+    assert_eq!(r.unwrap(), "1 new");
+    assert_eq!(c.loads_in_flight(), 0);
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn expired_during_failing_refresh_joiner_gets_fail_safe_value() {
+    let _w = common::watchdog(secs(20), "expired_during_failing_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|_k: &u32| Err::<String, _>(BoxError::from("down")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(secs(41));
+    let c2 = c.clone();
+    let t = common::start(move || c2.load(1));
+    assert!(common::eventually(|| c.stats().coalesced
+        + c.stats().misses
+        >= 1));
+    std::thread::sleep(Duration::from_millis(50));
+    parked.run_all();
+    let r = t.wait(secs(5)).expect("not stranded").unwrap();
+    assert_eq!(
+        r.unwrap(),
+        "old",
+        "fail-safe answers the joiner of a failed refresh"
+    );
+    let s = c.stats();
+    assert_eq!(s.stale_served_after_ttl, 1, "{s:?}");
+    c.validate();
+}
+
+#[test]
+fn refresh_deferred_by_full_limit_is_not_lost() {
+    let _w = common::watchdog(secs(20), "refresh_deferred_by_full_limit");
+    let clock = ManualClock::new();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .max_concurrent_loads(1)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            if *k == 2 {
+                g2.pass(*k);
+            }
+            Ok::<_, BoxError>(format!("{k} new"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    g.armed.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let t = std::thread::spawn(move || c2.load(2).unwrap());
+    entered.recv().unwrap();
+    assert_eq!(c.get(&1).as_deref(), Some("old")); // refresh deferred (limit full)
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    go.send(()).unwrap();
+    assert_eq!(t.join().unwrap(), "2 new");
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(
+        c.get(&1).as_deref(),
+        Some("1 new"),
+        "a later read refreshes"
+    );
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn negative_ttl_with_fail_safe_prefers_stale_and_retries() {
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .negative_ttl(secs(100))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    clock.advance(secs(5));
+    assert_eq!(
+        c.load(1).unwrap(),
+        "old",
+        "stale value, not a remembered error"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried after the backoff");
+    assert_eq!(c.get_with(1, || "gw".into()), "old");
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn negative_ttl_refresh_failure_with_fail_safe_then_expiry() {
+    let _w = common::watchdog(secs(20), "negative_ttl_refresh_failure_with_fail_safe");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .negative_ttl(secs(1000))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "old");
+    clock.advance(secs(41));
+    assert_eq!(
+        c.load(1).unwrap(),
+        "old",
+        "failed refresh not remembered with fail-safe"
+    );
+    let s = c.stats();
+    assert_eq!(s.negative_hits, 0, "{s:?}");
+    c.validate();
+}
+
+#[test]
+fn refresh_of_too_heavy_value_removes_key() {
+    let _w = common::watchdog(secs(20), "refresh_of_too_heavy_value");
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .shards(1)
+        .weigher(|_k: &u32, v: &String| v.len() as u32)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .loader(|_k: &u32| Ok::<_, BoxError>("x".repeat(500)))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&1), None, "a too-heavy refresh removes the key");
+    assert_eq!(c.entry_count(), 0);
+    assert_eq!(c.weighted_size(), 0);
+    let s = c.stats();
+    assert_eq!(s.refreshes_succeeded, 1, "{s:?}");
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert!(l.iter().any(|(_, v, _)| v == "old"), "{l:?}");
+    assert!(
+        l.iter()
+            .any(|(_, v, c)| v.len() == 500 && *c == RemovalCause::Size),
+        "{l:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn get_with_if_rejecting_due_value_no_refresh_and_loads_once() {
+    let _w = common::watchdog(secs(20), "get_with_if_due");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} refreshed")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    let v = c.get_with_if(1, || "replaced".to_string(), |v| v == "old");
+    assert_eq!(v, "replaced");
+    assert_eq!(parked.len(), 0, "a rejected value is not read: no refresh");
+    assert_eq!(c.get(&1).as_deref(), Some("replaced"));
+    assert_eq!(parked.len(), 0, "the replacement is fresh");
+    let v = c.get_with_if(1, || unreachable!(), |_| false);
+    assert_eq!(v, "replaced");
+    c.validate();
+}
+
+#[test]
+fn get_all_on_due_and_stale_and_negative_keys() {
+    let _w = common::watchdog(secs(20), "get_all_mixed");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .negative_ttl(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|_k: &u32| Err::<String, _>(BoxError::from("down")))
+        .build();
+    assert!(c.load(3).is_err()); // negative entry for 3
+    c.insert(1, "due".into());
+    clock.advance(secs(20));
+    let all = c.get_all([1, 2, 3], |missing| {
+        let mut m = missing.to_vec();
+        m.sort();
+        assert_eq!(
+            m,
+            [2, 3],
+            "3 is loaded again by get_all despite its negative entry"
+        );
+        missing.iter().map(|&k| (k, format!("{k} all"))).collect()
+    });
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[&1], "due");
+    assert_eq!(all[&3], "3 all");
+    assert_eq!(c.get(&3).as_deref(), Some("3 all"));
+    assert_eq!(c.load(3).unwrap(), "3 all");
+    c.validate();
+}
+
+// ---------------------------------------------------------------- batch 3: causes of stale entries
+
+fn causes_after(
+    fail_safe: bool,
+    op: &dyn Fn(&Cache<u32, String>),
+) -> Vec<(u32, String, RemovalCause)> {
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let mut b = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} loaded")));
+    if fail_safe {
+        b = b.fail_safe(secs(600));
+    }
+    let c: Cache<u32, String> = b.build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    op(&c);
+    c.validate();
+    let l = log.lock().unwrap().clone();
+    l
+}
+
+#[test]
+fn stale_entry_removals_are_reported_expired() {
+    let ops: Vec<(&str, Box<dyn Fn(&Cache<u32, String>)>)> = vec![
+        ("insert", Box::new(|c| c.insert(1, "w".into()))),
+        ("invalidate", Box::new(|c| c.invalidate(&1))),
+        ("load", Box::new(|c| drop(c.load(1)))),
+        (
+            "get_with",
+            Box::new(|c| drop(c.get_with(1, || "gw".into()))),
+        ),
+        (
+            "optionally_none",
+            Box::new(|c| drop(c.optionally_get_with(1, || None))),
+        ),
+        ("invalidate_all", Box::new(|c| c.invalidate_all())),
+        ("run_pending", Box::new(|c| c.run_pending_tasks())),
+    ];
+    let expired = vec![(1, "old".to_string(), RemovalCause::Expired)];
+    for (name, op) in &ops {
+        let a = causes_after(false, op.as_ref());
+        let b = causes_after(true, op.as_ref());
+        // without fail-safe, an optionally_ None leaves the expired entry to the reclaim;
+        // with it, the stale value is kept until max_stale (run_pending_tasks keeps it)
+        let want_a = if *name == "optionally_none" {
+            vec![]
+        } else {
+            expired.clone()
+        };
+        let want_b = if *name == "run_pending" {
+            vec![]
+        } else {
+            expired.clone()
+        };
+        assert_eq!(a, want_a, "{name} without fail-safe");
+        assert_eq!(b, want_b, "{name} with fail-safe");
+    }
+}
+
+#[test]
+fn fail_safe_racing_retry_runs_one_load() {
+    let _w = common::watchdog(secs(30), "fail_safe_racing_retry_runs_one_load");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    for round in 1..=5 {
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                let b = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    b.wait();
+                    c.load(1)
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap().unwrap(), "old");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), round, "one load per backoff");
+        clock.advance(secs(5));
+    }
+    check_miss_invariant(&c);
+    let s = c.stats();
+    // "callers that waited on one failed load count once"
+    assert!(
+        s.stale_served_after_ttl >= 5 && s.stale_served_after_ttl <= 40,
+        "{s:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn tti_with_jitter_reads_keep_entries_alive() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10_000)
+        .time_to_idle(secs(100))
+        .jitter(0.2)
+        .clock(clock.clone())
+        .build();
+    for k in 0..300 {
+        c.insert(k, "v".into());
+    }
+    for _ in 0..10 {
+        clock.advance(secs(79));
+        for k in 0..300 {
+            assert!(c.get(&k).is_some(), "read every 79 s < 0.8 × tti: alive");
+        }
+    }
+    clock.advance(secs(120) + Duration::from_millis(1));
+    assert_eq!(
+        (0..300).filter(|k| c.contains_key(k)).count(),
+        0,
+        "idle 1.2 × tti: gone"
+    );
+    c.validate();
+}
+
+/// A value whose `Clone` panics while `BOOM` is set.
+#[derive(Debug, PartialEq, Eq)]
+struct Brittle(String);
+static BOOM: AtomicBool = AtomicBool::new(false);
+static BRITTLE_LOCK: Mutex<()> = Mutex::new(());
+impl Clone for Brittle {
+    fn clone(&self) -> Self {
+        if BOOM.load(Ordering::SeqCst) {
+            panic!("injected clone panic");
+        }
+        Brittle(self.0.clone())
+    }
+}
+
+#[test]
+fn clone_panic_in_fail_safe_fallback_strands_nobody() {
+    common::quiet_injected_panics();
+    let _g = BRITTLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = common::watchdog(secs(20), "clone_panic_in_fail_safe_fallback");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, Brittle> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<Brittle, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, Brittle("old".into()));
+    clock.advance(secs(61));
+    BOOM.store(true, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.load(1)));
+    BOOM.store(false, Ordering::SeqCst);
+    assert!(r.is_err(), "the clone's panic reaches the caller");
+    assert_eq!(c.loads_in_flight(), 0);
+    let r = common::within(secs(5), {
+        let c = c.clone();
+        move || c.load(1)
+    })
+    .expect("no hang after a clone panic")
+    .unwrap();
+    assert_eq!(r.unwrap(), Brittle("old".into()));
+    assert!(calls.load(Ordering::SeqCst) <= 2);
+    c.validate();
+}
+
+#[test]
+fn clone_panic_on_refresh_due_read_keeps_refresh_alive() {
+    common::quiet_injected_panics();
+    let _g = BRITTLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = common::watchdog(secs(20), "clone_panic_on_refresh_due_read");
+    let clock = ManualClock::new();
+    let parked = Arc::new(Mutex::new(Vec::<Job>::new()));
+    let p2 = Arc::clone(&parked);
+    let c: Cache<u32, Brittle> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(move |j| p2.lock().unwrap().push(j))
+        .loader(|k: &u32| Ok::<_, BoxError>(Brittle(format!("{k} new"))))
+        .build();
+    c.insert(1, Brittle("old".into()));
+    clock.advance(secs(20));
+    BOOM.store(true, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.get(&1)));
+    BOOM.store(false, Ordering::SeqCst);
+    assert!(r.is_err());
+    // the refresh was either started or given back: not lost for longer than a backoff
+    clock.advance(secs(3));
+    assert_eq!(c.get(&1), Some(Brittle("old".into())));
+    let jobs: Vec<Job> = std::mem::take(&mut *parked.lock().unwrap());
+    assert!(!jobs.is_empty(), "a refresh was started");
+    for j in jobs {
+        j();
+    }
+    assert_eq!(c.get(&1), Some(Brittle("1 new".into())));
+    assert_eq!(c.loads_in_flight(), 0);
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    c.validate();
+}
+
+// ---------------------------------------------------------------- batch 4: async
+
+type Fut = herdcache::BoxFuture<()>;
+
+#[derive(Clone, Default)]
+struct ParkedFuts(Arc<Mutex<Vec<Fut>>>);
+
+impl ParkedFuts {
+    fn spawner(&self) -> impl Fn(Fut) + Send + Sync + 'static {
+        let q = Arc::clone(&self.0);
+        move |f| q.lock().unwrap().push(f)
+    }
+    fn take(&self) -> Vec<Fut> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn run_all(&self) {
+        for f in self.take() {
+            futures::executor::block_on(f);
+        }
+    }
+}
+
+fn async_refresh_cache(
+    clock: &ManualClock,
+    parked: &ParkedFuts,
+    fail: &Arc<AtomicBool>,
+    calls: &Arc<AtomicUsize>,
+) -> Cache<u32, String> {
+    let (f, n) = (Arc::clone(fail), Arc::clone(calls));
+    Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .future_spawner(parked.spawner())
+        .async_loader(move |k: &u32| {
+            let k = *k;
+            let fail = f.load(Ordering::SeqCst);
+            let v = n.fetch_add(1, Ordering::SeqCst);
+            async move {
+                common::Yield(2).await;
+                if fail {
+                    Err(BoxError::from("down"))
+                } else {
+                    Ok(format!("{k} v{v}"))
+                }
+            }
+        })
+        .build()
+}
+
+#[test]
+fn async_refresh_write_wins() {
+    let _w = common::watchdog(secs(20), "async_refresh_write_wins");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (fail, calls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let c = async_refresh_cache(&clock, &parked, &fail, &calls);
+    c.insert(1, "old".into());
+    c.insert(2, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&2).as_deref(), Some("old"));
+    c.insert(1, "written".into());
+    c.invalidate(&2);
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("written"));
+    assert_eq!(c.get(&2), None);
+    let s = c.stats();
+    assert_eq!((s.refreshes_started, s.refreshes_failed), (2, 2), "{s:?}");
+    c.validate();
+}
+
+#[test]
+fn async_refresh_future_dropped_retried_after_backoff() {
+    let _w = common::watchdog(secs(20), "async_refresh_future_dropped");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (fail, calls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let c = async_refresh_cache(&clock, &parked, &fail, &calls);
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    // poll once (the loader starts), then drop it mid-flight
+    let mut futs = parked.take();
+    assert_eq!(futs.len(), 1);
+    {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(futs[0].as_mut().poll(&mut cx).is_pending());
+    }
+    drop(futs);
+    assert_eq!(c.loads_in_flight(), 0);
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(parked.0.lock().unwrap().len(), 0, "not before the backoff");
+    clock.advance(secs(3));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    parked.run_all();
+    assert!(c.get(&1).unwrap().starts_with("1 v"));
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn async_refresh_failure_backs_off_then_expiry_load_async_errs() {
+    let _w = common::watchdog(secs(20), "async_refresh_failure");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (fail, calls) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let c = async_refresh_cache(&clock, &parked, &fail, &calls);
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(futures::executor::block_on(c.load_async(1)).unwrap(), "old");
+    parked.run_all();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(futures::executor::block_on(c.load_async(1)).unwrap(), "old");
+    assert_eq!(parked.0.lock().unwrap().len(), 0);
+    clock.advance(secs(41));
+    assert!(futures::executor::block_on(c.load_async(1)).is_err());
+    fail.store(false, Ordering::SeqCst);
+    assert!(futures::executor::block_on(c.load_async(1))
+        .unwrap()
+        .starts_with("1 v"));
+    c.validate();
+}
+
+#[test]
+// BUG. Docs (src/cache/fail_safe.rs module docs): "A load fails — ..., an abandoned async
+// leader, ... — while the old value is within its stale window: every caller of that load
+// gets the old value instead of the error (Ok), and the key's retry deadline is set
+// refresh_backoff ahead. ... Until the retry deadline, callers of the key get the old value
+// at once, with no load." (builder `fail_safe`: "... an abandoned leader ... the key is
+// retried after refresh_backoff by one caller (the others get the last value meanwhile, with
+// no load)"). A cancelled `get_with_async` leader does start the backoff; a cancelled
+// `load_async` / `get_with_async_shared` (a shared load every caller left) does not: the next
+// caller loads again at once, so a hanging backend behind `tokio::time::timeout(..,
+// load_async(k))` gets one new load per request instead of one per backoff.
+fn bug_cancelled_load_async_skips_fail_safe_backoff() {
+    let _w = common::watchdog(secs(20), "bug_cancelled_load_async_skips_fail_safe_backoff");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .async_loader(move |_k: &u32| {
+            let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, BoxError>("loaded".to_string())
+            }
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    {
+        let mut f = Box::pin(c.load_async(1));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    } // cancelled
+    assert_eq!(c.loads_in_flight(), 0);
+    // "an abandoned async leader" is a failure: within the backoff the stale value answers
+    let r = futures::executor::block_on(c.load_async(1));
+    assert_eq!(
+        r.unwrap(),
+        "old",
+        "within the backoff after an abandoned leader: the stale value"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "no second load within the backoff"
+    );
+    c.validate();
+}
+
+#[test]
+fn cancelled_get_with_async_leader_starts_fail_safe_backoff() {
+    let _w = common::watchdog(secs(20), "cancelled_get_with_async_leader");
+    let waker = futures::task::noop_waker();
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let pend = async {
+            std::future::pending::<()>().await;
+            "never".to_string()
+        };
+        let mut f = Box::pin(c.get_with_async(1, pend));
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+    }
+    let v = futures::executor::block_on(c.get_with_async(1, async { "reloaded".to_string() }));
+    assert_eq!(v, "old");
+    clock.advance(secs(5));
+    let v = futures::executor::block_on(c.get_with_async(1, async { "reloaded".to_string() }));
+    assert_eq!(v, "reloaded");
+    c.validate();
+}
+
+// BUG (same cause as bug_cancelled_load_async_skips_fail_safe_backoff), with
+// `get_with_async_shared`: a shared async load every caller left is abandoned without
+// starting fail-safe's retry backoff.
+#[test]
+fn bug_cancelled_shared_load_skips_fail_safe_backoff() {
+    let _w = common::watchdog(
+        secs(20),
+        "bug_cancelled_shared_load_skips_fail_safe_backoff",
+    );
+    let waker = futures::task::noop_waker();
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let pend = async {
+            std::future::pending::<()>().await;
+            "never".to_string()
+        };
+        let mut f = Box::pin(c.get_with_async_shared(1, pend));
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+    }
+    let v = futures::executor::block_on(c.get_with_async(1, async { "reloaded".to_string() }));
+    assert_eq!(
+        v, "old",
+        "within the backoff after an abandoned async leader: the stale value"
+    );
     c.validate();
 }
