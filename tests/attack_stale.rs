@@ -2059,3 +2059,200 @@ fn bug_cancelled_shared_load_skips_fail_safe_backoff() {
     );
     c.validate();
 }
+
+#[test]
+fn fail_safe_failure_variants_start_backoff() {
+    common::quiet_injected_panics();
+    let waker = futures::task::noop_waker();
+    for variant in 0..6 {
+        let clock = ManualClock::new();
+        let c: Cache<u32, String> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(secs(60))
+            .fail_safe(secs(600))
+            .refresh_backoff(secs(5))
+            .max_concurrent_loads(1)
+            .clock(clock.clone())
+            .async_loader(|_k: &u32| async {
+                if true {
+                    panic!("injected async loader panic");
+                }
+                Ok::<String, BoxError>(String::new())
+            })
+            .build();
+        c.insert(1, "old".into());
+        clock.advance(secs(61));
+        let first: String = match variant {
+            0 => format!("{:?}", futures::executor::block_on(c.load_async(1))),
+            1 => format!(
+                "{:?}",
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    futures::executor::block_on(
+                        c.get_with_async_shared(1, async { panic!("injected shared init panic") }),
+                    )
+                }))
+                .map_err(|_| "panicked")
+            ),
+            2 => format!(
+                "{:?}",
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || c.get_all([1], |_| panic!("injected get_all panic"))
+                ))
+                .map_err(|_| "panicked")
+            ),
+            3 => format!("{:?}", c.get_all([1], |_| HashMap::new())),
+            4 => {
+                // a permit held by another key; the leader of 1 times out waiting for it
+                let (g, entered, go) = gate();
+                g.armed.store(true, Ordering::SeqCst);
+                let c2 = c.clone();
+                let t = std::thread::spawn(move || {
+                    c2.get_with(2, || {
+                        g.pass(2);
+                        "two".to_string()
+                    })
+                });
+                entered.recv().unwrap();
+                let c3: Cache<u32, String> = c.clone();
+                let r = format!("{:?}", {
+                    // a get_with_async leader queued for the permit, then cancelled
+                    let mut f = Box::pin(c3.get_with_async(1, async { "never".to_string() }));
+                    let mut cx = std::task::Context::from_waker(&waker);
+                    let p = f.as_mut().poll(&mut cx).is_pending();
+                    drop(f);
+                    p
+                });
+                go.send(()).unwrap();
+                t.join().unwrap();
+                r
+            }
+            _ => format!(
+                "{:?}",
+                c.try_get_with(1, || -> Result<String, &str> { Err("e") })
+            ),
+        };
+        let next =
+            futures::executor::block_on(c.get_with_async(1, async { "reloaded".to_string() }));
+        let want_first = [
+            "Ok(\"old\")",
+            "Err(\"panicked\")",
+            "Err(\"panicked\")",
+            "{1: \"old\"}",
+            "true",
+            "Ok(\"old\")",
+        ];
+        assert_eq!(first, want_first[variant], "variant {variant}");
+        assert_eq!(
+            next, "old",
+            "variant {variant}: within the backoff, the stale value"
+        );
+        c.validate();
+    }
+}
+
+#[test]
+fn early_refresh_failure_backs_off() {
+    let _w = common::watchdog(secs(20), "early_refresh_failure_backs_off");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(false));
+    let (n, cl, f) = (Arc::clone(&calls), clock.clone(), Arc::clone(&fail));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(1000))
+        .early_refresh(1.0)
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            cl.advance(secs(100)); // δ = 100 s
+            if f.load(Ordering::SeqCst) {
+                Err(BoxError::from("down"))
+            } else {
+                Ok(format!("{k}"))
+            }
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1"); // at 100 s, expires at 1100 s
+    fail.store(true, Ordering::SeqCst);
+    set_to(&clock, secs(1090)); // remaining 10 s, δ 100 s: p ≈ 0.9
+    let mut reads = 0;
+    while calls.load(Ordering::SeqCst) == 1 && reads < 100 {
+        c.load(1).unwrap();
+        reads += 1;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "an early refresh ran (and failed)"
+    );
+    // that failed refresh advanced the clock by 100 s: the entry expired at 1100 s
+    let now = clock.elapsed();
+    assert!(now >= secs(1190));
+    // So now a load: fails (no fail-safe) -> error
+    assert!(c.load(1).is_err());
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn early_refresh_failure_backoff_without_clock_jump() {
+    let _w = common::watchdog(secs(20), "early_refresh_failure_backoff2");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(false));
+    let (n, cl, f) = (Arc::clone(&calls), clock.clone(), Arc::clone(&fail));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(1000))
+        .early_refresh(1.0)
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if f.load(Ordering::SeqCst) {
+                Err(BoxError::from("down"))
+            } else {
+                cl.advance(secs(100)); // the first load is slow: δ = 100 s
+                Ok(format!("{k}"))
+            }
+        })
+        .build();
+    assert_eq!(c.load(1).unwrap(), "1"); // stored at 100 s, expires at 1100 s
+    fail.store(true, Ordering::SeqCst);
+    set_to(&clock, secs(1095)); // remaining 5 s
+    let mut reads = 0;
+    while calls.load(Ordering::SeqCst) == 1 && reads < 200 {
+        c.load(1).unwrap();
+        reads += 1;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "an early refresh ran (and failed)"
+    );
+    for _ in 0..50 {
+        assert_eq!(c.load(1).unwrap(), "1");
+    }
+    let after_failure = calls.load(Ordering::SeqCst);
+    assert_eq!(after_failure, 2, "a failed early refresh backs off");
+    clock.advance(secs(3));
+    let mut reads = 0;
+    while calls.load(Ordering::SeqCst) == 2 && reads < 200 {
+        c.load(1).unwrap();
+        reads += 1;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "after the backoff, early refresh again"
+    );
+    c.validate();
+}
