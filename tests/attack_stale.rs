@@ -2256,3 +2256,176 @@ fn early_refresh_failure_backoff_without_clock_jump() {
     );
     c.validate();
 }
+
+#[test]
+fn refresh_retried_after_backoff_despite_negative_ttl() {
+    let _w = common::watchdog(secs(20), "refresh_retried_after_backoff_despite_negative_ttl");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(true));
+    let (n, f) = (Arc::clone(&calls), Arc::clone(&fail));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .negative_ttl(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if f.load(Ordering::SeqCst) {
+                Err(BoxError::from("down"))
+            } else {
+                Ok(format!("{k} new"))
+            }
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    fail.store(false, Ordering::SeqCst);
+    clock.advance(secs(4)); // past the refresh backoff, within negative_ttl
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"), "the next refresh ran after the backoff");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    c.validate();
+}
+
+#[test]
+fn parked_async_refresh_dropped_joiners_not_stranded() {
+    let _w = common::watchdog(secs(20), "parked_async_refresh_dropped_joiners");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (fail, calls) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let c = async_refresh_cache(&clock, &parked, &fail, &calls);
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(secs(41)); // expired with the refresh future parked
+    let c1 = c.clone();
+    let t1 = common::start(move || futures::executor::block_on(c1.load_async(1)));
+    let c2 = c.clone();
+    let t2 = common::start(move || c2.get_with(1, || "blocking".to_string()));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(parked.take());
+    let r1 = t1.wait(secs(5)).expect("async joiner not stranded").unwrap();
+    let r2 = t2.wait(secs(5)).expect("blocking joiner not stranded").unwrap();
+    assert_eq!(r1.unwrap(), r2, "the two callers shared one load");
+    assert_eq!(c.loads_in_flight(), 0);
+    c.validate();
+}
+
+#[test]
+fn parked_async_refresh_joined_then_run() {
+    let _w = common::watchdog(secs(20), "parked_async_refresh_joined_then_run");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (fail, calls) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let c = async_refresh_cache(&clock, &parked, &fail, &calls);
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(secs(41));
+    let c1 = c.clone();
+    let t1 = common::start(move || futures::executor::block_on(c1.load_async(1)));
+    std::thread::sleep(Duration::from_millis(100));
+    parked.run_all();
+    let r1 = t1.wait(secs(5)).expect("joiner not stranded").unwrap();
+    assert!(r1.unwrap().starts_with("1 v"));
+    assert!(c.get(&1).unwrap().starts_with("1 v"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the joiner shared the refresh's load");
+    c.validate();
+}
+
+#[test]
+fn contains_key_does_not_refresh_or_touch_idle() {
+    let _w = common::watchdog(secs(20), "contains_key_does_not_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_idle(secs(30))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert!(c.contains_key(&1));
+    assert_eq!(parked.len(), 0, "contains_key is not an access: no refresh");
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.stale_served), (0, 0, 0), "{s:?}");
+    clock.advance(secs(10));
+    assert!(!c.contains_key(&1), "contains_key did not move the idle deadline");
+    c.validate();
+}
+
+#[test]
+fn full_cache_evicts_stale_entries_first() {
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .shards(1)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .build();
+    for k in 0..5 {
+        c.insert(k, "stale".into());
+        for _ in 0..5 {
+            c.get(&k); // make them hot for the frequency sketch
+        }
+    }
+    clock.advance(secs(62));
+    for k in 100..110 {
+        c.insert(k, "live".into());
+    }
+    c.run_pending_tasks();
+    let live = (100..110).filter(|k| c.contains_key(k)).count();
+    assert_eq!(live, 10, "stale entries evicted before live ones");
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.len(), 5, "{l:?}");
+    assert!(l.iter().all(|(_, v, c)| v == "stale" && *c == RemovalCause::Expired), "{l:?}");
+    assert_eq!(c.entry_count(), 10);
+    c.validate();
+}
+
+#[test]
+fn stale_entries_reclaimed_after_max_stale_once() {
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .weigher(|_k: &u32, v: &String| v.len() as u32)
+        .time_to_live(secs(60))
+        .fail_safe(secs(100))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .build();
+    for k in 0..5 {
+        c.insert(k, "abc".into());
+    }
+    clock.advance(secs(61));
+    c.run_pending_tasks();
+    assert_eq!(c.weighted_size(), 15, "stale entries count until max_stale");
+    assert_eq!(log.lock().unwrap().len(), 0);
+    clock.advance(secs(100));
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 0);
+    assert_eq!(c.weighted_size(), 0);
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.len(), 5, "{l:?}");
+    assert!(l.iter().all(|(_, _, c)| *c == RemovalCause::Expired));
+    let s = c.stats();
+    assert_eq!(s.expired.count, 5);
+    assert_eq!(s.expired.weight, 15);
+    c.validate();
+}
