@@ -2429,3 +2429,175 @@ fn stale_entries_reclaimed_after_max_stale_once() {
     assert_eq!(s.expired.weight, 15);
     c.validate();
 }
+
+#[test]
+fn shared_load_leader_dropped_blocking_joiner_not_stranded() {
+    let _w = common::watchdog(secs(20), "shared_load_leader_dropped_blocking_joiner");
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .async_loader(|k: &u32| {
+            let k = *k;
+            async move {
+                common::Yield(3).await;
+                Ok::<_, BoxError>(format!("{k} async"))
+            }
+        })
+        .build();
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = Box::pin(c.load_async(1));
+    assert!(f.as_mut().poll(&mut cx).is_pending());
+    let c2 = c.clone();
+    let t = common::start(move || c2.get_with(1, || "blocking".to_string()));
+    std::thread::sleep(Duration::from_millis(50));
+    drop(f);
+    let r = t.wait(secs(5)).expect("blocking joiner not stranded").unwrap();
+    assert!(r == "1 async" || r == "blocking", "{r}");
+    assert_eq!(c.get(&1).as_deref(), Some(r.as_str()));
+    assert_eq!(c.loads_in_flight(), 0);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn shared_load_leader_dropped_fail_safe_joiner_gets_value() {
+    let _w = common::watchdog(secs(20), "shared_load_leader_dropped_fail_safe_joiner");
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .async_loader(|k: &u32| {
+            let k = *k;
+            async move {
+                common::Yield(3).await;
+                Ok::<_, BoxError>(format!("{k} async"))
+            }
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = Box::pin(c.load_async(1));
+    assert!(f.as_mut().poll(&mut cx).is_pending());
+    let c2 = c.clone();
+    let t = common::start(move || futures::executor::block_on(c2.load_async(1)));
+    std::thread::sleep(Duration::from_millis(50));
+    drop(f);
+    let r = t.wait(secs(5)).expect("joiner not stranded").unwrap();
+    assert_eq!(r.unwrap(), "1 async", "the joiner finishes the shared load");
+    c.validate();
+}
+
+// ---------------------------------------------------------------- huge durations
+
+const YEAR: u64 = 365 * 24 * 3600;
+
+#[test]
+fn huge_ttl_with_jitter_never_expires() {
+    for (ttl, name) in [(Duration::MAX, "MAX"), (secs(500 * YEAR), "500y")] {
+        let clock = ManualClock::new();
+        let c: Cache<u32, String> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(ttl)
+            .jitter(0.5)
+            .clock(clock.clone())
+            .build();
+        for k in 0..50 {
+            c.insert(k, "v".into());
+        }
+        clock.advance(secs(240 * YEAR));
+        let alive = (0..50).filter(|k| c.get(k).is_some()).count();
+        assert_eq!(alive, 50, "ttl {name} × (1 ± 0.5) ≥ 250 years");
+        c.validate();
+    }
+}
+
+#[test]
+fn huge_tti_and_refresh_with_jitter() {
+    let _w = common::watchdog(secs(20), "huge_tti_and_refresh_with_jitter");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_idle(Duration::MAX)
+        .refresh_after(Duration::MAX)
+        .jitter(0.5)
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+        .build();
+    for k in 0..50 {
+        c.insert(k, "v".into());
+    }
+    clock.advance(secs(500 * YEAR));
+    let alive = (0..50).filter(|k| c.get(k).is_some()).count();
+    assert_eq!(alive, 50);
+    assert_eq!(parked.len(), 0, "refresh_after(MAX) is never due");
+    c.validate();
+}
+
+#[test]
+fn huge_max_stale_saturates() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(400 * YEAR))
+        .fail_safe(secs(400 * YEAR))
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(401 * YEAR));
+    assert_eq!(c.get(&1), None);
+    assert_eq!(
+        c.get_or_stale(&1).as_deref(),
+        Some("old"),
+        "400 y + 400 y of stale window overflows u64 nanos: must saturate, not wrap"
+    );
+    let c2: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(Duration::MAX)
+        .clock(clock.clone())
+        .build();
+    c2.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c2.get_or_stale(&1).as_deref(), Some("old"));
+    c.validate();
+    c2.validate();
+}
+
+#[test]
+fn huge_negative_ttl_and_backoff() {
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .negative_ttl(Duration::MAX)
+        .refresh_backoff(Duration::MAX)
+        .refresh_after(secs(10))
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    assert!(c.load(1).is_err());
+    clock.advance(secs(100 * YEAR));
+    assert!(c.load(1).is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "negative_ttl MAX: remembered for good");
+    c.insert(2, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.load(2).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    clock.advance(secs(30));
+    assert_eq!(c.load(2).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "refresh_backoff MAX: no retry");
+    c.validate();
+}
