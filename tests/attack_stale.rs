@@ -2601,3 +2601,142 @@ fn huge_negative_ttl_and_backoff() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "refresh_backoff MAX: no retry");
     c.validate();
 }
+
+// ---------------------------------------------------------------- user code panicking in the store
+
+#[test]
+fn weigher_panic_in_load_publish_releases_waiters() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "weigher_panic_in_load_publish");
+    let boom = Arc::new(AtomicBool::new(true));
+    let b = Arc::clone(&boom);
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .weigher(move |_k: &u32, _v: &String| {
+            if b.load(Ordering::SeqCst) {
+                panic!("injected weigher panic");
+            }
+            1
+        })
+        .record_stats()
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Ok::<_, BoxError>(format!("{k}"))
+        })
+        .build();
+    g.armed.store(true, Ordering::SeqCst);
+    let c1 = c.clone();
+    let leader = common::start(move || c1.load(1));
+    entered.recv().unwrap();
+    g.armed.store(false, Ordering::SeqCst);
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            common::start(move || c.load(1))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    go.send(()).unwrap();
+    let lr = leader.wait(secs(5)).expect("leader returns");
+    boom.store(false, Ordering::SeqCst);
+    for w in waiters {
+        let r = w.wait(secs(5)).expect("waiter not stranded");
+        if let Ok(Ok(v)) = &r {
+            assert_eq!(v, "1");
+        }
+    }
+    let _ = lr;
+    assert_eq!(c.loads_in_flight(), 0);
+    assert_eq!(c.load(1).unwrap(), "1");
+    assert_eq!(c.get(&1).as_deref(), Some("1"));
+    c.validate();
+}
+
+struct PanicOnCreate(Arc<AtomicBool>);
+impl Expiry<u32, String> for PanicOnCreate {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("injected expiry create panic");
+        }
+        Some(secs(60))
+    }
+}
+
+#[test]
+fn expiry_panic_in_fail_safe_reload_keeps_stale_reachable() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "expiry_panic_in_fail_safe_reload");
+    let clock = ManualClock::new();
+    let boom = Arc::new(AtomicBool::new(false));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(PanicOnCreate(Arc::clone(&boom)))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    boom.store(true, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.load(1)));
+    boom.store(false, Ordering::SeqCst);
+    assert_eq!(c.loads_in_flight(), 0);
+    let _ = r;
+    let r2 = common::within(secs(5), {
+        let c = c.clone();
+        move || c.load(1)
+    })
+    .expect("no hang")
+    .unwrap();
+    let v = r2.unwrap();
+    assert!(v == "1 new" || v == "old", "{v}");
+    c.validate();
+}
+
+#[test]
+fn weigher_panic_in_refresh_store_gives_claim_back() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "weigher_panic_in_refresh_store");
+    let clock = ManualClock::new();
+    let boom = Arc::new(AtomicBool::new(false));
+    let b = Arc::clone(&boom);
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .weigher(move |_k: &u32, _v: &String| {
+            if b.load(Ordering::SeqCst) {
+                panic!("injected weigher panic");
+            }
+            1
+        })
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .record_stats()
+        .spawner(parked.spawner())
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    boom.store(true, Ordering::SeqCst);
+    for j in std::mem::take(&mut *parked.0.lock().unwrap()) {
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(j)).is_err());
+    }
+    boom.store(false, Ordering::SeqCst);
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(c.weighted_size(), 1);
+    assert_eq!(parked.len(), 0);
+    clock.advance(secs(3));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 2);
+    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    c.validate();
+}
