@@ -2259,7 +2259,10 @@ fn early_refresh_failure_backoff_without_clock_jump() {
 
 #[test]
 fn refresh_retried_after_backoff_despite_negative_ttl() {
-    let _w = common::watchdog(secs(20), "refresh_retried_after_backoff_despite_negative_ttl");
+    let _w = common::watchdog(
+        secs(20),
+        "refresh_retried_after_backoff_despite_negative_ttl",
+    );
     let clock = ManualClock::new();
     let calls = Arc::new(AtomicUsize::new(0));
     let fail = Arc::new(AtomicBool::new(true));
@@ -2288,7 +2291,11 @@ fn refresh_retried_after_backoff_despite_negative_ttl() {
     fail.store(false, Ordering::SeqCst);
     clock.advance(secs(4)); // past the refresh backoff, within negative_ttl
     assert_eq!(c.load(1).unwrap(), "old");
-    assert_eq!(c.get(&1).as_deref(), Some("1 new"), "the next refresh ran after the backoff");
+    assert_eq!(
+        c.get(&1).as_deref(),
+        Some("1 new"),
+        "the next refresh ran after the backoff"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     c.validate();
 }
@@ -2298,7 +2305,10 @@ fn parked_async_refresh_dropped_joiners_not_stranded() {
     let _w = common::watchdog(secs(20), "parked_async_refresh_dropped_joiners");
     let clock = ManualClock::new();
     let parked = ParkedFuts::default();
-    let (fail, calls) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (fail, calls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let c = async_refresh_cache(&clock, &parked, &fail, &calls);
     c.insert(1, "old".into());
     clock.advance(secs(20));
@@ -2310,8 +2320,14 @@ fn parked_async_refresh_dropped_joiners_not_stranded() {
     let t2 = common::start(move || c2.get_with(1, || "blocking".to_string()));
     std::thread::sleep(Duration::from_millis(100));
     drop(parked.take());
-    let r1 = t1.wait(secs(5)).expect("async joiner not stranded").unwrap();
-    let r2 = t2.wait(secs(5)).expect("blocking joiner not stranded").unwrap();
+    let r1 = t1
+        .wait(secs(5))
+        .expect("async joiner not stranded")
+        .unwrap();
+    let r2 = t2
+        .wait(secs(5))
+        .expect("blocking joiner not stranded")
+        .unwrap();
     assert_eq!(r1.unwrap(), r2, "the two callers shared one load");
     assert_eq!(c.loads_in_flight(), 0);
     c.validate();
@@ -2322,7 +2338,10 @@ fn parked_async_refresh_joined_then_run() {
     let _w = common::watchdog(secs(20), "parked_async_refresh_joined_then_run");
     let clock = ManualClock::new();
     let parked = ParkedFuts::default();
-    let (fail, calls) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (fail, calls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let c = async_refresh_cache(&clock, &parked, &fail, &calls);
     c.insert(1, "old".into());
     clock.advance(secs(20));
@@ -2335,7 +2354,11 @@ fn parked_async_refresh_joined_then_run() {
     let r1 = t1.wait(secs(5)).expect("joiner not stranded").unwrap();
     assert!(r1.unwrap().starts_with("1 v"));
     assert!(c.get(&1).unwrap().starts_with("1 v"));
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "the joiner shared the refresh's load");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the joiner shared the refresh's load"
+    );
     c.validate();
 }
 
@@ -2360,7 +2383,10 @@ fn contains_key_does_not_refresh_or_touch_idle() {
     let s = c.stats();
     assert_eq!((s.hits, s.misses, s.stale_served), (0, 0, 0), "{s:?}");
     clock.advance(secs(10));
-    assert!(!c.contains_key(&1), "contains_key did not move the idle deadline");
+    assert!(
+        !c.contains_key(&1),
+        "contains_key did not move the idle deadline"
+    );
     c.validate();
 }
 
@@ -2392,7 +2418,11 @@ fn full_cache_evicts_stale_entries_first() {
     assert_eq!(live, 10, "stale entries evicted before live ones");
     let l = log.lock().unwrap().clone();
     assert_eq!(l.len(), 5, "{l:?}");
-    assert!(l.iter().all(|(_, v, c)| v == "stale" && *c == RemovalCause::Expired), "{l:?}");
+    assert!(
+        l.iter()
+            .all(|(_, v, c)| v == "stale" && *c == RemovalCause::Expired),
+        "{l:?}"
+    );
     assert_eq!(c.entry_count(), 10);
     c.validate();
 }
@@ -2452,7 +2482,10 @@ fn shared_load_leader_dropped_blocking_joiner_not_stranded() {
     let t = common::start(move || c2.get_with(1, || "blocking".to_string()));
     std::thread::sleep(Duration::from_millis(50));
     drop(f);
-    let r = t.wait(secs(5)).expect("blocking joiner not stranded").unwrap();
+    let r = t
+        .wait(secs(5))
+        .expect("blocking joiner not stranded")
+        .unwrap();
     assert!(r == "1 async" || r == "blocking", "{r}");
     assert_eq!(c.get(&1).as_deref(), Some(r.as_str()));
     assert_eq!(c.loads_in_flight(), 0);
@@ -2591,14 +2624,22 @@ fn huge_negative_ttl_and_backoff() {
     assert!(c.load(1).is_err());
     clock.advance(secs(100 * YEAR));
     assert!(c.load(1).is_err());
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "negative_ttl MAX: remembered for good");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "negative_ttl MAX: remembered for good"
+    );
     c.insert(2, "old".into());
     clock.advance(secs(20));
     assert_eq!(c.load(2).unwrap(), "old");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     clock.advance(secs(30));
     assert_eq!(c.load(2).unwrap(), "old");
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "refresh_backoff MAX: no retry");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "refresh_backoff MAX: no retry"
+    );
     c.validate();
 }
 
@@ -2737,6 +2778,138 @@ fn weigher_panic_in_refresh_store_gives_claim_back() {
     assert_eq!(c.get(&1).as_deref(), Some("1 new"));
     let s = c.stats();
     assert_eq!(s.refreshes_started, 2);
-    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
     c.validate();
+}
+
+// ---------------------------------------------------------------- race: writes vs refreshes
+
+fn write_vs_refresh_race(inline: bool, async_refresh: bool) {
+    let clock = ManualClock::new();
+    let started = Arc::new(AtomicU64::new(0)); // version a writer is about to write
+    let done = Arc::new(AtomicU64::new(0)); // version whose insert returned
+    let s2 = Arc::clone(&started);
+    let s3 = Arc::clone(&started);
+    let mut b = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(1_000_000))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(1))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            let v = s2.load(Ordering::SeqCst);
+            std::thread::yield_now();
+            Ok::<u64, BoxError>(v)
+        });
+    if !inline {
+        b = b.spawner(|job| {
+            std::thread::spawn(job);
+        });
+    }
+    if async_refresh {
+        b = b
+            .async_loader(move |_k: &u32| {
+                let v = s3.load(Ordering::SeqCst);
+                async move {
+                    common::Yield(1).await;
+                    Ok::<u64, BoxError>(v)
+                }
+            })
+            .future_spawner(|f| {
+                std::thread::spawn(move || futures::executor::block_on(f));
+            });
+    }
+    let c: Cache<u32, u64> = b.build();
+    c.insert(1, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, done, stop, clock) = (
+                c.clone(),
+                Arc::clone(&done),
+                Arc::clone(&stop),
+                clock.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut bad = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let w = done.load(Ordering::SeqCst);
+                    clock.advance(secs(11));
+                    if let Some(v) = c.get(&1) {
+                        if v < w && bad.is_none() {
+                            bad = Some((v, w));
+                        }
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    for i in 1..=3000u64 {
+        started.store(i, Ordering::SeqCst);
+        c.insert(1, i);
+        done.store(i, Ordering::SeqCst);
+        if i % 7 == 0 {
+            c.invalidate(&1);
+            c.insert(1, i);
+        }
+        if i % 10 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        assert_eq!(
+            r.join().unwrap(),
+            None,
+            "a refresh overwrote a newer write (value, write)"
+        );
+    }
+    assert!(common::eventually(|| c.loads_in_flight() == 0));
+    let v = c.get(&1).unwrap_or(3000);
+    assert!(v >= 3000, "final value {v} older than the last write");
+    let s = c.stats();
+    eprintln!(
+        "refreshes {} ok {} failed {}",
+        s.refreshes_started, s.refreshes_succeeded, s.refreshes_failed
+    );
+    // quiescent now: a due read must start a refresh
+    let before = c.stats().refreshes_started;
+    clock.advance(secs(11));
+    c.get(&1);
+    assert!(common::eventually(|| c.loads_in_flight() == 0));
+    let after = c.stats();
+    eprintln!(
+        "after a quiescent due read: {} -> {}",
+        before, after.refreshes_started
+    );
+    assert_eq!(
+        after.refreshes_started,
+        before + 1,
+        "a due read starts a refresh: {after:?}"
+    );
+    c.validate();
+}
+
+#[test]
+fn race_writes_vs_inline_refresh() {
+    let _w = common::watchdog(secs(60), "race_writes_vs_inline_refresh");
+    write_vs_refresh_race(true, false);
+}
+
+#[test]
+fn race_writes_vs_spawned_refresh() {
+    let _w = common::watchdog(secs(60), "race_writes_vs_spawned_refresh");
+    write_vs_refresh_race(false, false);
+}
+
+#[test]
+fn race_writes_vs_async_refresh() {
+    let _w = common::watchdog(secs(60), "race_writes_vs_async_refresh");
+    write_vs_refresh_race(false, true);
 }
