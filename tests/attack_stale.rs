@@ -2913,3 +2913,51 @@ fn race_writes_vs_async_refresh() {
     let _w = common::watchdog(secs(60), "race_writes_vs_async_refresh");
     write_vs_refresh_race(false, true);
 }
+
+#[test]
+fn timed_out_permit_leader_joiner_gets_stale() {
+    let _w = common::watchdog(secs(20), "timed_out_permit_leader_joiner_gets_stale");
+    let clock = ManualClock::new();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .max_concurrent_loads(1)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if *k == 2 {
+                g2.pass(2);
+            }
+            Ok::<_, BoxError>(format!("{k} new"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    g.armed.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let holder = std::thread::spawn(move || c2.load(2).unwrap());
+    entered.recv().unwrap();
+    let c3 = c.clone();
+    let leader = common::start(move || c3.load_with_timeout(1, Some(Duration::from_millis(200))));
+    std::thread::sleep(Duration::from_millis(50));
+    let c4 = c.clone();
+    let joiner = common::start(move || c4.load(1));
+    let lr = leader.wait(secs(5)).expect("leader returns at its timeout").unwrap();
+    assert_eq!(lr.unwrap(), "old");
+    let jr = joiner.wait(secs(5)).expect("joiner not stuck behind the permit").unwrap();
+    assert_eq!(jr.unwrap(), "old", "the joiner gets the last value until the retry deadline");
+    go.send(()).unwrap();
+    assert_eq!(holder.join().unwrap(), "2 new");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "key 1's loader never ran");
+    clock.advance(secs(5));
+    assert_eq!(c.load(1).unwrap(), "1 new");
+    check_miss_invariant(&c);
+    c.validate();
+}
