@@ -2961,3 +2961,49 @@ fn timed_out_permit_leader_joiner_gets_stale() {
     check_miss_invariant(&c);
     c.validate();
 }
+
+#[test]
+fn remembered_none_vs_remembered_error_across_call_kinds() {
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .negative_ttl(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(format!("{k} loaded"))
+        })
+        .build();
+    // a remembered None answers optionally_ calls only
+    assert_eq!(c.optionally_get_with(1, || None), None);
+    assert_eq!(c.optionally_get_with(1, || Some("x".into())), None);
+    assert_eq!(c.load(1).unwrap(), "1 loaded", "load cannot answer None: it loads");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // a remembered error answers try_get_with and load, not get_with
+    let r: Result<String, Arc<&str>> = c.try_get_with(2, || Err("e"));
+    assert!(r.is_err());
+    let r: Result<String, Arc<&str>> = c.try_get_with(2, || Ok("y".into()));
+    assert!(r.is_err(), "remembered");
+    // optionally_ cannot answer with an error (as load cannot answer None): it loads
+    assert_eq!(c.optionally_get_with(2, || Some("o".into())).as_deref(), Some("o"));
+    assert_eq!(c.get(&2).as_deref(), Some("o"));
+    check_miss_invariant_plain(&c, 0);
+    c.validate();
+}
+
+#[test]
+fn get_all_duplicate_keys_load_once() {
+    let c: Cache<u32, String> = Cache::builder().max_capacity(100).record_stats().build();
+    let mut seen = Vec::new();
+    let all = c.get_all([1, 1, 2, 2, 1], |missing| {
+        seen = missing.to_vec();
+        missing.iter().map(|&k| (k, format!("{k}"))).collect()
+    });
+    seen.sort();
+    assert_eq!(seen, [1, 2], "each missing key once");
+    assert_eq!(all.len(), 2);
+    c.validate();
+}
