@@ -3007,3 +3007,107 @@ fn get_all_duplicate_keys_load_once() {
     assert_eq!(all.len(), 2);
     c.validate();
 }
+
+// ---------------------------------------------------------------- ledger under a mixed storm
+
+fn ledger_storm(seed: u64, spawner: bool, limit: bool) {
+    let clock = ManualClock::new();
+    let fail = Arc::new(AtomicU64::new(seed));
+    let f = Arc::clone(&fail);
+    let mut b = Cache::builder()
+        .max_capacity(50)
+        .time_to_live(secs(60))
+        .refresh_after(secs(20))
+        .refresh_backoff(secs(5))
+        .fail_safe(secs(100))
+        .negative_ttl(secs(3))
+        .jitter(0.1)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            // xorshift step shared by all loads: fails about a third of the time
+            let mut x = f.load(Ordering::SeqCst);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f.store(x, Ordering::SeqCst);
+            match x % 6 {
+                0 | 1 => Err(BoxError::from("down")),
+                2 => {
+                    std::thread::yield_now();
+                    Ok(format!("{k}"))
+                }
+                _ => Ok(format!("{k}")),
+            }
+        });
+    if spawner {
+        b = b.spawner(|job| {
+            std::thread::spawn(job);
+        });
+    }
+    if limit {
+        b = b.max_concurrent_loads(2);
+    }
+    let c: Cache<u32, String> = b.build();
+    let hs: Vec<_> = (0..4)
+        .map(|t| {
+            let (c, clock) = (c.clone(), clock.clone());
+            std::thread::spawn(move || {
+                let mut r = common::Rng(seed.wrapping_mul(31).wrapping_add(t) | 1);
+                for _ in 0..1500 {
+                    let k = (r.next() % 20) as u32;
+                    match r.next() % 10 {
+                        0 => {
+                            let _ = c.load(k);
+                        }
+                        1 => {
+                            let _ = c.load_with_timeout(k, Some(Duration::from_millis(1)));
+                        }
+                        2 => drop(c.get_with(k, || format!("{k} gw"))),
+                        3 => drop(c.try_get_with(k, || -> Result<String, &str> { Err("e") })),
+                        4 => drop(c.optionally_get_with(k, || (k % 3 != 0).then(|| format!("{k} o")))),
+                        5 => drop(c.get_all([k, (k + 1) % 20], |m| {
+                            m.iter().filter(|&&x| x % 2 == 0).map(|&x| (x, format!("{x} all"))).collect()
+                        })),
+                        6 => c.insert(k, format!("{k} w")),
+                        7 => c.invalidate(&k),
+                        8 => clock.advance(Duration::from_secs(r.next() % 8)),
+                        _ => drop(c.get_with_if(k, || format!("{k} if"), |v| v.ends_with('w'))),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert!(common::eventually(|| c.loads_in_flight() == 0));
+    check_miss_invariant(&c);
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    c.validate();
+}
+
+#[test]
+fn ledger_storm_inline() {
+    let _w = common::watchdog(secs(60), "ledger_storm_inline");
+    for seed in 1..4 {
+        ledger_storm(seed * 7919, false, false);
+    }
+}
+
+#[test]
+fn ledger_storm_spawner_and_limit() {
+    let _w = common::watchdog(secs(60), "ledger_storm_spawner_and_limit");
+    for seed in 1..4 {
+        ledger_storm(seed * 104_729, true, true);
+    }
+}
+
+#[test]
+fn ledger_storm_inline_limit() {
+    let _w = common::watchdog(secs(60), "ledger_storm_inline_limit");
+    for seed in 1..4 {
+        ledger_storm(seed * 15_485_863, false, true);
+    }
+}
