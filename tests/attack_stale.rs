@@ -1583,9 +1583,11 @@ fn causes_after(
     l
 }
 
+type CacheOp = Box<dyn Fn(&Cache<u32, String>)>;
+
 #[test]
 fn stale_entry_removals_are_reported_expired() {
-    let ops: Vec<(&str, Box<dyn Fn(&Cache<u32, String>)>)> = vec![
+    let ops: Vec<(&str, CacheOp)> = vec![
         ("insert", Box::new(|c| c.insert(1, "w".into()))),
         ("invalidate", Box::new(|c| c.invalidate(&1))),
         ("load", Box::new(|c| drop(c.load(1)))),
@@ -2949,10 +2951,20 @@ fn timed_out_permit_leader_joiner_gets_stale() {
     std::thread::sleep(Duration::from_millis(50));
     let c4 = c.clone();
     let joiner = common::start(move || c4.load(1));
-    let lr = leader.wait(secs(5)).expect("leader returns at its timeout").unwrap();
+    let lr = leader
+        .wait(secs(5))
+        .expect("leader returns at its timeout")
+        .unwrap();
     assert_eq!(lr.unwrap(), "old");
-    let jr = joiner.wait(secs(5)).expect("joiner not stuck behind the permit").unwrap();
-    assert_eq!(jr.unwrap(), "old", "the joiner gets the last value until the retry deadline");
+    let jr = joiner
+        .wait(secs(5))
+        .expect("joiner not stuck behind the permit")
+        .unwrap();
+    assert_eq!(
+        jr.unwrap(),
+        "old",
+        "the joiner gets the last value until the retry deadline"
+    );
     go.send(()).unwrap();
     assert_eq!(holder.join().unwrap(), "2 new");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "key 1's loader never ran");
@@ -2980,7 +2992,11 @@ fn remembered_none_vs_remembered_error_across_call_kinds() {
     // a remembered None answers optionally_ calls only
     assert_eq!(c.optionally_get_with(1, || None), None);
     assert_eq!(c.optionally_get_with(1, || Some("x".into())), None);
-    assert_eq!(c.load(1).unwrap(), "1 loaded", "load cannot answer None: it loads");
+    assert_eq!(
+        c.load(1).unwrap(),
+        "1 loaded",
+        "load cannot answer None: it loads"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // a remembered error answers try_get_with and load, not get_with
     let r: Result<String, Arc<&str>> = c.try_get_with(2, || Err("e"));
@@ -2988,7 +3004,10 @@ fn remembered_none_vs_remembered_error_across_call_kinds() {
     let r: Result<String, Arc<&str>> = c.try_get_with(2, || Ok("y".into()));
     assert!(r.is_err(), "remembered");
     // optionally_ cannot answer with an error (as load cannot answer None): it loads
-    assert_eq!(c.optionally_get_with(2, || Some("o".into())).as_deref(), Some("o"));
+    assert_eq!(
+        c.optionally_get_with(2, || Some("o".into())).as_deref(),
+        Some("o")
+    );
     assert_eq!(c.get(&2).as_deref(), Some("o"));
     check_miss_invariant_plain(&c, 0);
     c.validate();
@@ -3065,9 +3084,14 @@ fn ledger_storm(seed: u64, spawner: bool, limit: bool) {
                         }
                         2 => drop(c.get_with(k, || format!("{k} gw"))),
                         3 => drop(c.try_get_with(k, || -> Result<String, &str> { Err("e") })),
-                        4 => drop(c.optionally_get_with(k, || (k % 3 != 0).then(|| format!("{k} o")))),
+                        4 => drop(
+                            c.optionally_get_with(k, || (k % 3 != 0).then(|| format!("{k} o"))),
+                        ),
                         5 => drop(c.get_all([k, (k + 1) % 20], |m| {
-                            m.iter().filter(|&&x| x % 2 == 0).map(|&x| (x, format!("{x} all"))).collect()
+                            m.iter()
+                                .filter(|&&x| x % 2 == 0)
+                                .map(|&x| (x, format!("{x} all")))
+                                .collect()
                         })),
                         6 => c.insert(k, format!("{k} w")),
                         7 => c.invalidate(&k),
@@ -3084,7 +3108,11 @@ fn ledger_storm(seed: u64, spawner: bool, limit: bool) {
     assert!(common::eventually(|| c.loads_in_flight() == 0));
     check_miss_invariant(&c);
     let s = c.stats();
-    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
     c.validate();
 }
 
@@ -3110,4 +3138,133 @@ fn ledger_storm_inline_limit() {
     for seed in 1..4 {
         ledger_storm(seed * 15_485_863, false, true);
     }
+}
+
+#[test]
+fn remove_of_stale_entry_returns_none_and_ends_it() {
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c.remove(&1), None, "only a live value is returned");
+    assert_eq!(c.get_or_stale(&1), None, "removed for good");
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![(1, "old".to_string(), RemovalCause::Expired)]
+    );
+    // retain offers the stale value to its predicate like a live one
+    c.insert(2, "old2".into());
+    clock.advance(secs(61));
+    let mut offered = Vec::new();
+    c.retain(|k, v| {
+        offered.push((*k, v.clone()));
+        true
+    });
+    assert_eq!(offered, vec![(2, "old2".to_string())]);
+    assert_eq!(c.get_or_stale(&2).as_deref(), Some("old2"));
+    c.retain(|_, _| false);
+    assert_eq!(c.get_or_stale(&2), None);
+    c.validate();
+}
+
+#[test]
+fn tti_refresh_success_resets_idle_and_failure_keeps_it() {
+    let _w = common::watchdog(secs(20), "tti_refresh");
+    let clock = ManualClock::new();
+    let fail = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fail);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_idle(secs(30))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(100))
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            if f.load(Ordering::SeqCst) {
+                Err(BoxError::from("down"))
+            } else {
+                Ok(format!("{k} new"))
+            }
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old")); // read at 20 (idle to 50), refresh stored
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    fail.store(true, Ordering::SeqCst);
+    clock.advance(secs(29));
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"), "idle 29 s < 30 s");
+    // refresh due (written at 20, now 49): fails; value still served
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    clock.advance(secs(30));
+    assert_eq!(c.get(&1), None, "idle 30 s since the last read: expired");
+    c.validate();
+}
+
+#[test]
+fn zero_timeout_with_inline_spawner_and_free_permit_loads() {
+    let _w = common::watchdog(secs(20), "zero_timeout_inline_spawner");
+    for limit in [false, true] {
+        let mut b = Cache::builder()
+            .max_capacity(100)
+            .record_stats()
+            .spawner(|job| job())
+            .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")));
+        if limit {
+            b = b.max_concurrent_loads(1);
+        }
+        let c: Cache<u32, String> = b.build();
+        let r = c.load_with_timeout(1, Some(Duration::ZERO));
+        assert_eq!(
+            r.unwrap(),
+            "1",
+            "limit {limit}: a free permit is taken even past the timeout"
+        );
+        assert_eq!(c.get(&1).as_deref(), Some("1"));
+        check_miss_invariant(&c);
+        c.validate();
+    }
+}
+
+#[test]
+fn zero_timeout_with_thread_spawner_fills_later() {
+    let _w = common::watchdog(secs(20), "zero_timeout_thread_spawner");
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Ok::<_, BoxError>(format!("{k}"))
+        })
+        .build();
+    g.armed.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        c.load_with_timeout(1, Some(Duration::ZERO)),
+        Err(LoadError::Timeout)
+    ));
+    entered.recv().unwrap();
+    assert!(matches!(
+        c.load_with_timeout(1, Some(Duration::from_millis(10))),
+        Err(LoadError::Timeout)
+    ));
+    go.send(()).unwrap();
+    assert!(common::eventually(|| c.get(&1).is_some()));
+    assert!(common::eventually(|| c.loads_in_flight() == 0));
+    let s = c.stats();
+    assert_eq!(s.load_successes, 1, "{s:?}");
+    assert_eq!(s.timeouts, 2, "{s:?}");
+    c.validate();
 }
