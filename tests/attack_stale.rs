@@ -3268,3 +3268,305 @@ fn zero_timeout_with_thread_spawner_fills_later() {
     assert_eq!(s.timeouts, 2, "{s:?}");
     c.validate();
 }
+
+#[test]
+fn racing_readers_with_spawner_park_one_refresh() {
+    let _w = common::watchdog(secs(20), "racing_readers_with_spawner");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let hs: Vec<_> = (0..8)
+        .map(|i| {
+            let (c, b) = (c.clone(), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                b.wait();
+                match i % 4 {
+                    0 => c.get(&1),
+                    1 => c.load(1).ok(),
+                    2 => Some(c.get_with(1, || "init".into())),
+                    _ => c.get_all([1], |_| HashMap::new()).remove(&1),
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap().as_deref(), Some("old"));
+    }
+    assert_eq!(parked.len(), 1, "exactly one refresh");
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("1 new"));
+    c.validate();
+}
+
+#[test]
+fn expired_during_slow_refresh_callers_join_it() {
+    let _w = common::watchdog(secs(20), "expired_during_slow_refresh");
+    let clock = ManualClock::new();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .loader(move |k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            g2.pass(*k);
+            Ok::<_, BoxError>(format!("{k} new"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    g.armed.store(true, Ordering::SeqCst);
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    entered.recv().unwrap();
+    clock.advance(secs(41)); // expired while the refresh runs
+    let ws: Vec<_> = (0..4)
+        .map(|i| {
+            let c = c.clone();
+            common::start(move || {
+                if i % 2 == 0 {
+                    c.load(1).unwrap()
+                } else {
+                    c.get_with(1, || "init".into())
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    g.armed.store(false, Ordering::SeqCst);
+    go.send(()).unwrap();
+    for w in ws {
+        assert_eq!(w.wait(secs(5)).expect("joined").unwrap(), "1 new");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one load for the refresh and its joiners");
+    let s = c.stats();
+    assert_eq!(s.refreshes_succeeded, 1, "{s:?}");
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn refresh_backoff_defaults() {
+    let _w = common::watchdog(secs(20), "refresh_backoff_defaults");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(600))
+        .refresh_after(secs(10))
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    c.get(&1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    clock.advance(secs(10) - Duration::from_millis(1));
+    c.get(&1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "default backoff: the refresh_after period");
+    clock.advance(Duration::from_millis(1));
+    c.get(&1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c.load(1).unwrap(), "old");
+    clock.advance(Duration::from_millis(999));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "default backoff without refresh_after: 1 s");
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    c.validate();
+}
+
+#[test]
+fn async_refresh_dropped_while_queued_for_permit_loses_no_permit() {
+    let _w = common::watchdog(secs(20), "async_refresh_dropped_while_queued");
+    let clock = ManualClock::new();
+    let parked = ParkedFuts::default();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(600))
+        .refresh_after(secs(10))
+        .refresh_backoff(secs(3))
+        .max_concurrent_loads(1)
+        .record_stats()
+        .clock(clock.clone())
+        .future_spawner(parked.spawner())
+        .async_loader(|k: &u32| {
+            let k = *k;
+            async move { Ok::<_, BoxError>(format!("{k} async")) }
+        })
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Ok::<_, BoxError>(format!("{k} blocking"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    g.armed.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let holder = std::thread::spawn(move || c2.load(2).unwrap());
+    entered.recv().unwrap();
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    let mut futs = parked.take();
+    assert_eq!(futs.len(), 1);
+    {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(futs[0].as_mut().poll(&mut cx).is_pending(), "queued for the permit");
+    }
+    drop(futs);
+    g.armed.store(false, Ordering::SeqCst);
+    go.send(()).unwrap();
+    assert_eq!(holder.join().unwrap(), "2 blocking");
+    let r = common::within(secs(5), {
+        let c = c.clone();
+        move || c.load(3)
+    })
+    .expect("the permit was not lost")
+    .unwrap();
+    assert_eq!(r.unwrap(), "3 blocking");
+    clock.advance(secs(3));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    parked.run_all();
+    assert_eq!(c.get(&1).as_deref(), Some("1 async"));
+    assert_eq!(c.loads_in_flight(), 0);
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    c.validate();
+}
+
+struct ZeroLife;
+impl Expiry<u32, String> for ZeroLife {
+    fn expire_after_create(&self, _k: &u32, v: &String) -> Option<Duration> {
+        Some(if v.starts_with("dead") { Duration::ZERO } else { secs(60) })
+    }
+    fn expire_after_update(&self, _k: &u32, v: &String, r: Option<Duration>) -> Option<Duration> {
+        if v.starts_with("dead") {
+            Some(Duration::ZERO)
+        } else {
+            r
+        }
+    }
+}
+
+#[test]
+fn already_expired_value_is_not_kept_stale() {
+    for fail_safe in [false, true] {
+        let clock = ManualClock::new();
+        clock.advance(secs(1));
+        let (log, listener) = listener_log();
+        let mut b = Cache::builder()
+            .max_capacity(100)
+            .expire_after(ZeroLife)
+            .record_stats()
+            .eviction_listener(listener)
+            .clock(clock.clone())
+            .loader(|k: &u32| Ok::<_, BoxError>(format!("dead {k}")));
+        if fail_safe {
+            b = b.fail_safe(secs(600));
+        }
+        let c: Cache<u32, String> = b.build();
+        c.insert(1, "dead on arrival".into());
+        let l1 = log.lock().unwrap().clone();
+        let s1 = c.get_or_stale(&1);
+        let n1 = c.entry_count();
+        let r = c.load(2);
+        let s2 = c.get_or_stale(&2);
+        c.insert(3, "alive".into());
+        c.insert(3, "dead update".into());
+        let s3 = c.get_or_stale(&3);
+        c.run_pending_tasks();
+        let l = log.lock().unwrap().clone();
+        use RemovalCause::*;
+        assert_eq!(l1, vec![(1, "dead on arrival".to_string(), Expired)]);
+        assert_eq!((s1, n1), (None, 0), "fail_safe {fail_safe}: reported, so not kept");
+        assert_eq!(r.unwrap(), "dead 2");
+        assert_eq!(s2, None);
+        assert_eq!(s3, None);
+        assert_eq!(
+            l,
+            vec![
+                (1, "dead on arrival".to_string(), Expired),
+                (2, "dead 2".to_string(), Expired),
+                (3, "alive".to_string(), Replaced),
+                (3, "dead update".to_string(), Expired)
+            ]
+        );
+        assert_eq!(c.entry_count(), 0);
+        c.validate();
+    }
+}
+
+#[test]
+fn retain_and_remove_during_parked_refresh_win() {
+    let _w = common::watchdog(secs(20), "retain_and_remove_during_parked_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} new")))
+        .build();
+    for k in 0..3 {
+        c.insert(k, "old".into());
+    }
+    clock.advance(secs(20));
+    for k in 0..3 {
+        assert_eq!(c.get(&k).as_deref(), Some("old"));
+    }
+    assert_eq!(parked.len(), 3);
+    c.retain(|k, _| *k != 0);
+    assert_eq!(c.remove(&1).as_deref(), Some("old"));
+    c.invalidate_entries_if(|k, _| *k == 2).unwrap();
+    parked.run_all();
+    for k in 0..3 {
+        assert_eq!(c.get(&k), None, "key {k}: the removal wins over its refresh");
+    }
+    assert_eq!(c.entry_count(), 0);
+    let s = c.stats();
+    assert_eq!(s.refreshes_failed, 3, "{s:?}");
+    c.validate();
+}
