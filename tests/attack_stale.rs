@@ -3570,3 +3570,81 @@ fn retain_and_remove_during_parked_refresh_win() {
     assert_eq!(s.refreshes_failed, 3, "{s:?}");
     c.validate();
 }
+
+#[test]
+fn invalidations_end_negative_entries() {
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .negative_ttl(secs(100))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    let ops: Vec<(&str, CacheOp)> = vec![
+        ("invalidate", Box::new(|c| c.invalidate(&1))),
+        ("remove", Box::new(|c| drop(c.remove(&1)))),
+        ("invalidate_all", Box::new(|c| c.invalidate_all())),
+        ("insert", Box::new(|c| c.insert(1, "w".into()))),
+    ];
+    for (name, op) in &ops {
+        c.invalidate(&1);
+        let before = calls.load(Ordering::SeqCst);
+        assert!(c.load(1).is_err());
+        assert!(c.load(1).is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), before + 1, "{name}: remembered");
+        op(&c);
+        if *name == "insert" {
+            assert_eq!(c.load(1).unwrap(), "w", "the write ends the negative entry");
+            continue;
+        }
+        let _ = c.load(1);
+        assert_eq!(calls.load(Ordering::SeqCst), before + 2, "{name} ends the negative entry");
+    }
+    c.validate();
+}
+
+struct ReadExtends(Arc<AtomicUsize>);
+impl Expiry<u32, String> for ReadExtends {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        Some(secs(60))
+    }
+    fn expire_after_read(&self, _k: &u32, _v: &String, _r: Option<Duration>) -> Option<Duration> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Some(secs(60))
+    }
+}
+
+#[test]
+fn fail_safe_answers_do_not_revive_through_expire_after_read() {
+    let _w = common::watchdog(secs(20), "fail_safe_answers_do_not_revive");
+    let clock = ManualClock::new();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(ReadExtends(Arc::clone(&reads)))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(|_k: &u32| Err::<String, _>(BoxError::from("down")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    assert_eq!(c.get(&1), None, "get_or_stale changes nothing");
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.get(&1), None, "a fail-safe answer does not revive the entry");
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(c.get_with(1, || "gw".into()), "old");
+    assert_eq!(c.get(&1), None);
+    assert!(!c.contains_key(&1));
+    assert_eq!(c.iter().count(), 0);
+    assert_eq!(reads.load(Ordering::SeqCst), 0, "no read hook on a stale value");
+    c.validate();
+}
