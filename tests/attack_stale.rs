@@ -3356,7 +3356,11 @@ fn expired_during_slow_refresh_callers_join_it() {
     for w in ws {
         assert_eq!(w.wait(secs(5)).expect("joined").unwrap(), "1 new");
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "one load for the refresh and its joiners");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one load for the refresh and its joiners"
+    );
     let s = c.stats();
     assert_eq!(s.refreshes_succeeded, 1, "{s:?}");
     check_miss_invariant(&c);
@@ -3385,7 +3389,11 @@ fn refresh_backoff_defaults() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     clock.advance(secs(10) - Duration::from_millis(1));
     c.get(&1);
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "default backoff: the refresh_after period");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "default backoff: the refresh_after period"
+    );
     clock.advance(Duration::from_millis(1));
     c.get(&1);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -3407,7 +3415,11 @@ fn refresh_backoff_defaults() {
     assert_eq!(c.load(1).unwrap(), "old");
     clock.advance(Duration::from_millis(999));
     assert_eq!(c.load(1).unwrap(), "old");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "default backoff without refresh_after: 1 s");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "default backoff without refresh_after: 1 s"
+    );
     clock.advance(Duration::from_millis(1));
     assert_eq!(c.load(1).unwrap(), "old");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -3451,7 +3463,10 @@ fn async_refresh_dropped_while_queued_for_permit_loses_no_permit() {
     {
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
-        assert!(futs[0].as_mut().poll(&mut cx).is_pending(), "queued for the permit");
+        assert!(
+            futs[0].as_mut().poll(&mut cx).is_pending(),
+            "queued for the permit"
+        );
     }
     drop(futs);
     g.armed.store(false, Ordering::SeqCst);
@@ -3470,14 +3485,22 @@ fn async_refresh_dropped_while_queued_for_permit_loses_no_permit() {
     assert_eq!(c.get(&1).as_deref(), Some("1 async"));
     assert_eq!(c.loads_in_flight(), 0);
     let s = c.stats();
-    assert_eq!(s.refreshes_started, s.refreshes_succeeded + s.refreshes_failed, "{s:?}");
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
     c.validate();
 }
 
 struct ZeroLife;
 impl Expiry<u32, String> for ZeroLife {
     fn expire_after_create(&self, _k: &u32, v: &String) -> Option<Duration> {
-        Some(if v.starts_with("dead") { Duration::ZERO } else { secs(60) })
+        Some(if v.starts_with("dead") {
+            Duration::ZERO
+        } else {
+            secs(60)
+        })
     }
     fn expire_after_update(&self, _k: &u32, v: &String, r: Option<Duration>) -> Option<Duration> {
         if v.starts_with("dead") {
@@ -3518,7 +3541,11 @@ fn already_expired_value_is_not_kept_stale() {
         let l = log.lock().unwrap().clone();
         use RemovalCause::*;
         assert_eq!(l1, vec![(1, "dead on arrival".to_string(), Expired)]);
-        assert_eq!((s1, n1), (None, 0), "fail_safe {fail_safe}: reported, so not kept");
+        assert_eq!(
+            (s1, n1),
+            (None, 0),
+            "fail_safe {fail_safe}: reported, so not kept"
+        );
         assert_eq!(r.unwrap(), "dead 2");
         assert_eq!(s2, None);
         assert_eq!(s3, None);
@@ -3563,7 +3590,11 @@ fn retain_and_remove_during_parked_refresh_win() {
     c.invalidate_entries_if(|k, _| *k == 2).unwrap();
     parked.run_all();
     for k in 0..3 {
-        assert_eq!(c.get(&k), None, "key {k}: the removal wins over its refresh");
+        assert_eq!(
+            c.get(&k),
+            None,
+            "key {k}: the removal wins over its refresh"
+        );
     }
     assert_eq!(c.entry_count(), 0);
     let s = c.stats();
@@ -3597,14 +3628,22 @@ fn invalidations_end_negative_entries() {
         let before = calls.load(Ordering::SeqCst);
         assert!(c.load(1).is_err());
         assert!(c.load(1).is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), before + 1, "{name}: remembered");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before + 1,
+            "{name}: remembered"
+        );
         op(&c);
         if *name == "insert" {
             assert_eq!(c.load(1).unwrap(), "w", "the write ends the negative entry");
             continue;
         }
         let _ = c.load(1);
-        assert_eq!(calls.load(Ordering::SeqCst), before + 2, "{name} ends the negative entry");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before + 2,
+            "{name} ends the negative entry"
+        );
     }
     c.validate();
 }
@@ -3639,12 +3678,163 @@ fn fail_safe_answers_do_not_revive_through_expire_after_read() {
     assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
     assert_eq!(c.get(&1), None, "get_or_stale changes nothing");
     assert_eq!(c.load(1).unwrap(), "old");
-    assert_eq!(c.get(&1), None, "a fail-safe answer does not revive the entry");
+    assert_eq!(
+        c.get(&1),
+        None,
+        "a fail-safe answer does not revive the entry"
+    );
     assert_eq!(c.load(1).unwrap(), "old");
     assert_eq!(c.get_with(1, || "gw".into()), "old");
     assert_eq!(c.get(&1), None);
     assert!(!c.contains_key(&1));
     assert_eq!(c.iter().count(), 0);
-    assert_eq!(reads.load(Ordering::SeqCst), 0, "no read hook on a stale value");
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        0,
+        "no read hook on a stale value"
+    );
     c.validate();
+}
+
+#[test]
+fn get_with_if_fail_safe_and_refresh() {
+    let _w = common::watchdog(secs(20), "get_with_if_fail_safe_and_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} refreshed")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    // a kept value is read: its due refresh starts
+    assert_eq!(c.get_with_if(1, || unreachable!(), |_| false), "old");
+    assert_eq!(parked.len(), 1);
+    drop(std::mem::take(&mut *parked.0.lock().unwrap()));
+    clock.advance(secs(41)); // expired
+    let r: Result<String, Arc<&str>> = c.try_get_with(1, || Err("down"));
+    assert_eq!(r.unwrap(), "old");
+    // within the backoff: the stale value answers, unjudged
+    let mut judged = 0;
+    let v = c.get_with_if(
+        1,
+        || "init".into(),
+        |_| {
+            judged += 1;
+            true
+        },
+    );
+    assert_eq!(v, "old");
+    assert_eq!(judged, 0, "unjudged");
+    c.validate();
+}
+
+#[test]
+fn heavier_refresh_evicts_to_capacity() {
+    let _w = common::watchdog(secs(20), "heavier_refresh_evicts");
+    let clock = ManualClock::new();
+    let (log, listener) = listener_log();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .shards(1)
+        .weigher(|_k: &u32, v: &String| v.len() as u32)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .record_stats()
+        .eviction_listener(listener)
+        .clock(clock.clone())
+        .loader(|_k: &u32| Ok::<_, BoxError>("12345678".to_string()))
+        .build();
+    for k in 0..5 {
+        c.insert(k, "ab".into());
+    }
+    assert_eq!(c.weighted_size(), 10);
+    clock.advance(secs(20));
+    assert_eq!(c.get(&0).as_deref(), Some("ab"));
+    c.run_pending_tasks();
+    assert!(
+        c.weighted_size() <= 10,
+        "weighted_size {}",
+        c.weighted_size()
+    );
+    let total: u64 = c.iter().map(|(_, v)| v.len() as u64).sum();
+    assert_eq!(total, c.weighted_size());
+    let l = log.lock().unwrap().clone();
+    assert!(
+        l.iter()
+            .all(|(_, _, c)| matches!(c, RemovalCause::Size | RemovalCause::Replaced)),
+        "{l:?}"
+    );
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, 1);
+    c.validate();
+}
+
+#[test]
+fn get_or_stale_on_due_entry_reads_as_get() {
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k} refreshed")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    // "the cached value, as get": a live value due for refresh is read as `get` reads it
+    // (its refresh starts). Note the doc's "Changes nothing: no load" reads as if it covered
+    // this case too; observed: one refresh job.
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    assert_eq!(parked.len(), 1);
+    c.validate();
+}
+
+#[test]
+fn refresh_with_async_loader_needs_future_spawner() {
+    let r = Cache::<u32, String>::builder()
+        .max_capacity(10)
+        .refresh_after(secs(1))
+        .async_loader(|k: &u32| {
+            let k = *k;
+            async move { Ok::<_, BoxError>(format!("{k}")) }
+        })
+        .try_build();
+    assert!(
+        r.is_err(),
+        "refresh_after with an async loader and no future_spawner"
+    );
+    let r = Cache::<u32, String>::builder()
+        .max_capacity(10)
+        .early_refresh(1.0)
+        .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+        .try_build();
+    assert!(r.is_err(), "early_refresh without a time to live");
+    for bad in [-0.1, 1.0, f64::NAN] {
+        let r = Cache::<u32, String>::builder()
+            .max_capacity(10)
+            .jitter(bad)
+            .try_build();
+        assert!(r.is_err(), "jitter {bad}");
+    }
+    for bad in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+        let r = Cache::<u32, String>::builder()
+            .max_capacity(10)
+            .time_to_live(secs(1))
+            .early_refresh(bad)
+            .loader(|k: &u32| Ok::<_, BoxError>(format!("{k}")))
+            .try_build();
+        assert!(r.is_err(), "beta {bad}");
+    }
 }
