@@ -3838,3 +3838,74 @@ fn refresh_with_async_loader_needs_future_spawner() {
         assert!(r.is_err(), "beta {bad}");
     }
 }
+
+#[test]
+fn refresh_failing_after_expiry_without_joiners_starts_backoff() {
+    let _w = common::watchdog(secs(20), "refresh_failing_after_expiry_without_joiners");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(secs(41)); // expired before the refresh job runs
+    parked.run_all(); // fails, nobody joined
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a refresh that failed after expiry is a failed load: its backoff holds"
+    );
+    let after = calls.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(c.load(1).unwrap(), "old");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), after, "within the backoff: no load");
+    c.validate();
+}
+
+#[test]
+fn async_joiner_of_failing_blocking_refresh_gets_fail_safe_value() {
+    let _w = common::watchdog(secs(20), "async_joiner_of_failing_refresh");
+    let clock = ManualClock::new();
+    let parked = Parked::default();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_after(secs(10))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .spawner(parked.spawner())
+        .loader(|_k: &u32| Err::<String, _>(BoxError::from("down")))
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(20));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(secs(41));
+    let c2 = c.clone();
+    let t = common::start(move || {
+        futures::executor::block_on(c2.get_with_async(1, async { "init".to_string() }))
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    parked.run_all();
+    let r = t.wait(secs(5)).expect("not stranded").unwrap();
+    assert_eq!(r, "old");
+    c.validate();
+}
