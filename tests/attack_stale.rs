@@ -3909,3 +3909,45 @@ fn async_joiner_of_failing_blocking_refresh_gets_fail_safe_value() {
     assert_eq!(r, "old");
     c.validate();
 }
+
+#[test]
+fn get_all_joiner_of_failed_load_gets_fail_safe_value() {
+    let _w = common::watchdog(secs(20), "get_all_joiner_of_failed_load");
+    let clock = ManualClock::new();
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    g.armed.store(true, Ordering::SeqCst);
+    let c1 = c.clone();
+    let leader = common::start(move || c1.load(1));
+    entered.recv().unwrap();
+    let c2 = c.clone();
+    let all = common::start(move || {
+        let mut called = Vec::new();
+        let r = c2.get_all([1, 2], |m| {
+            called = m.to_vec();
+            m.iter().map(|&k| (k, format!("{k} all"))).collect()
+        });
+        (r, called)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    go.send(()).unwrap();
+    assert_eq!(leader.wait(secs(5)).unwrap().unwrap().unwrap(), "old");
+    let (r, called) = all.wait(secs(5)).expect("get_all not stranded").unwrap();
+    assert_eq!(called, [2], "key 1 was joined, not loaded again");
+    assert_eq!(r.get(&1).map(String::as_str), Some("old"), "{r:?}");
+    assert_eq!(r.get(&2).map(String::as_str), Some("2 all"));
+    c.validate();
+}
