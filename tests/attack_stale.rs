@@ -3978,3 +3978,111 @@ fn get_all_joiner_of_failed_load_gets_fail_safe_value() {
     assert_eq!(r.get(&2).map(String::as_str), Some("2 all"));
     c.validate();
 }
+
+#[test]
+fn cancelled_async_leader_joiners_get_fail_safe_value() {
+    let _w = common::watchdog(secs(20), "cancelled_async_leader_joiners");
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let pend = async {
+        std::future::pending::<()>().await;
+        "never".to_string()
+    };
+    let mut f = Box::pin(c.get_with_async(1, pend));
+    assert!(f.as_mut().poll(&mut cx).is_pending());
+    let c2 = c.clone();
+    let joiner = common::start(move || c2.get_with(1, || "joiner init".to_string()));
+    std::thread::sleep(Duration::from_millis(50));
+    drop(f);
+    let r = joiner.wait(secs(5)).expect("joiner not stranded").unwrap();
+    assert_eq!(
+        r, "old",
+        "every caller of an abandoned load gets the old value"
+    );
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn fail_safe_racing_retry_mixed_callers_one_load() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(30), "fail_safe_racing_retry_mixed");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let n2 = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .fail_safe(secs(600))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            Err::<String, _>(BoxError::from("down"))
+        })
+        .build();
+    c.insert(1, "old".into());
+    clock.advance(secs(61));
+    for round in 1..=5 {
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, b, n) = (c.clone(), Arc::clone(&barrier), Arc::clone(&n2));
+                std::thread::spawn(move || {
+                    b.wait();
+                    match i % 4 {
+                        0 => c.load(1).unwrap(),
+                        1 => c.get_with(1, || {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            panic!("injected: a failing get_with init")
+                        }),
+                        2 => c
+                            .get_all([1], |_| {
+                                n.fetch_add(1, Ordering::SeqCst);
+                                HashMap::new()
+                            })
+                            .remove(&1)
+                            .unwrap_or_default(),
+                        _ => futures::executor::block_on(c.try_get_with_async(1, async {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            Err::<String, &str>("down")
+                        }))
+                        .unwrap(),
+                    }
+                })
+            })
+            .collect();
+        let mut panics = 0;
+        for h in hs {
+            match h.join() {
+                Ok(v) => assert_eq!(v, "old"),
+                Err(_) => panics += 1,
+            }
+        }
+        assert!(
+            panics <= 1,
+            "only a leader's own init panic reaches its caller"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            round,
+            "one load per backoff, whoever leads"
+        );
+        clock.advance(secs(5));
+    }
+    c.validate();
+}
