@@ -1947,6 +1947,9 @@ fn async_refresh_failure_backs_off_then_expiry_load_async_errs() {
 // `load_async` / `get_with_async_shared` (a shared load every caller left) does not: the next
 // caller loads again at once, so a hanging backend behind `tokio::time::timeout(..,
 // load_async(k))` gets one new load per request instead of one per backoff.
+// Suspected cause: `Cache::cancel_shared` (src/cache/flights.rs:227-252) unregisters the
+// flight and gives back the refresh claim, but never calls `fail_safe_abandoned`, which
+// `end_flight` (src/cache/flights.rs:281-283) calls for an abandoned blocking/borrowed leader.
 fn bug_cancelled_load_async_skips_fail_safe_backoff() {
     let _w = common::watchdog(secs(20), "bug_cancelled_load_async_skips_fail_safe_backoff");
     let clock = ManualClock::new();
@@ -4084,5 +4087,70 @@ fn fail_safe_racing_retry_mixed_callers_one_load() {
         );
         clock.advance(secs(5));
     }
+    c.validate();
+}
+
+#[test]
+fn load_async_panic_remembered_for_backoff() {
+    common::quiet_injected_panics();
+    let _w = common::watchdog(secs(20), "load_async_panic_remembered");
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&calls);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(secs(60))
+        .refresh_backoff(secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .async_loader(move |_k: &u32| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async {
+                if true {
+                    panic!("injected async loader panic");
+                }
+                Ok::<String, BoxError>(String::new())
+            }
+        })
+        .build();
+    let r1 = futures::executor::block_on(c.load_async(1));
+    assert!(matches!(r1, Err(LoadError::Panicked)), "{r1:?}");
+    let r2 = futures::executor::block_on(c.load_async(1));
+    assert!(matches!(r2, Err(LoadError::Panicked)), "{r2:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a panicking loader is called once per backoff"
+    );
+    clock.advance(secs(5));
+    let _ = futures::executor::block_on(c.load_async(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    check_miss_invariant(&c);
+    c.validate();
+}
+
+#[test]
+fn invalidate_all_ends_stale_values() {
+    let clock = ManualClock::new();
+    let down = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = fail_safe_cache(&clock, &down, &calls);
+    for k in 0..10 {
+        c.insert(k, format!("old {k}"));
+    }
+    clock.advance(secs(61));
+    assert_eq!(c.load(3).unwrap(), "old 3");
+    c.invalidate_all();
+    for k in 0..10 {
+        assert_eq!(c.get_or_stale(&k), None);
+    }
+    assert!(
+        c.load(3).is_err(),
+        "no stale value after invalidate_all (even within the backoff)"
+    );
+    assert!(c.load(4).is_err());
+    c.run_pending_tasks();
+    assert_eq!(c.entry_count(), 0);
+    assert_eq!(c.weighted_size(), 0);
     c.validate();
 }
