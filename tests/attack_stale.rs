@@ -4154,3 +4154,52 @@ fn invalidate_all_ends_stale_values() {
     assert_eq!(c.weighted_size(), 0);
     c.validate();
 }
+
+#[test]
+fn cancelled_shared_load_queued_for_permit_loses_no_permit() {
+    let _w = common::watchdog(secs(20), "cancelled_shared_load_queued_for_permit");
+    let (g, entered, go) = gate();
+    let g2 = g.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .max_concurrent_loads(1)
+        .record_stats()
+        .async_loader(|k: &u32| {
+            let k = *k;
+            async move { Ok::<_, BoxError>(format!("{k} async")) }
+        })
+        .loader(move |k: &u32| {
+            g2.pass(*k);
+            Ok::<_, BoxError>(format!("{k} blocking"))
+        })
+        .build();
+    g.armed.store(true, Ordering::SeqCst);
+    let c2 = c.clone();
+    let holder = std::thread::spawn(move || c2.load(2).unwrap());
+    entered.recv().unwrap();
+    g.armed.store(false, Ordering::SeqCst);
+    {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut f = Box::pin(c.load_async(1));
+        assert!(
+            f.as_mut().poll(&mut cx).is_pending(),
+            "queued for the permit"
+        );
+    }
+    go.send(()).unwrap();
+    assert_eq!(holder.join().unwrap(), "2 blocking");
+    let r = common::within(secs(5), {
+        let c = c.clone();
+        move || c.load(3)
+    })
+    .expect("the permit was not lost")
+    .unwrap();
+    assert_eq!(r.unwrap(), "3 blocking");
+    assert_eq!(
+        futures::executor::block_on(c.load_async(1)).unwrap(),
+        "1 async"
+    );
+    check_miss_invariant(&c);
+    c.validate();
+}
