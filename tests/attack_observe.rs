@@ -1850,3 +1850,286 @@ fn bug_thrashing_hit_drop_of_exactly_the_threshold_is_not_raised() {
         "a drop of exactly 10 points: {w:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Causes of removals around deadlines; load time; get_all / get_with_if counting
+// ---------------------------------------------------------------------------------------------
+
+fn timed(ttl: Duration, clock: &ManualClock) -> (Cache<u32, u64>, Log) {
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    let c = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .time_to_live(ttl)
+        .clock(clock.clone())
+        .eviction_listener(move |k: &u32, v: &u64, cause| l.lock().unwrap().push((*k, *v, cause)))
+        .build();
+    (c, log)
+}
+
+#[test]
+fn expired_entries_removed_by_calls_are_reported_expired() {
+    let clock = ManualClock::new();
+    let (c, log) = timed(Duration::from_secs(10), &clock);
+    for k in 0..4 {
+        c.insert(k, u64::from(k));
+    }
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(c.remove(&0), None, "an expired value is not returned");
+    c.invalidate(&1);
+    c.retain(|_, _| true);
+    c.invalidate_all();
+    let causes: Vec<RemovalCause> = log.lock().unwrap().iter().map(|e| e.2).collect();
+    assert_eq!(causes, [RemovalCause::Expired; 4], "{:?}", log.lock().unwrap());
+    let s = c.stats();
+    assert_eq!((s.expired.count, s.explicit.count), (4, 0), "{s:?}");
+    assert_eq!(c.entry_count(), 0);
+}
+
+#[test]
+fn an_insert_over_an_expired_entry_reports_it_expired_and_counts_it_once() {
+    let clock = ManualClock::new();
+    let (c, log) = timed(Duration::from_secs(10), &clock);
+    c.insert(1, 1);
+    clock.advance(Duration::from_secs(11));
+    c.insert(1, 2);
+    let s = c.stats();
+    let log = log.lock().unwrap().clone();
+    // moka reports an expired value an insert overwrote as `Expired` (its deadline passed).
+    assert_eq!(log, [(1, 1, RemovalCause::Expired)], "{s:?}");
+    assert_eq!((s.expired.count, s.replaced.count), (1, 0), "{s:?}");
+    assert_eq!(c.get(&1), Some(2));
+}
+
+#[test]
+fn a_zero_time_to_live_reports_every_value_expired() {
+    let clock = ManualClock::new();
+    let (c, log) = timed(Duration::ZERO, &clock);
+    for k in 0..3 {
+        c.insert(k, u64::from(k));
+        assert_eq!(c.get_with(k + 10, || 7), 7);
+    }
+    assert_eq!(c.entry_count(), 0);
+    let s = c.stats();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 6, "{log:?}");
+    assert!(log.iter().all(|e| e.2 == RemovalCause::Expired), "{log:?}");
+    assert_eq!(s.expired.count, 6, "{s:?}");
+    assert!(c.health().is_healthy(), "{}", c.health());
+    c.validate();
+}
+
+struct ZeroForOdd;
+impl herdcache::Expiry<u32, u64> for ZeroForOdd {
+    fn expire_after_create(&self, _k: &u32, v: &u64) -> Option<Duration> {
+        Some(if v % 2 == 1 { Duration::ZERO } else { Duration::from_secs(5) })
+    }
+}
+
+#[test]
+fn an_expiry_of_zero_at_creation_reports_the_value_expired() {
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .expire_after(ZeroForOdd)
+        .clock(ManualClock::new())
+        .eviction_listener(move |k: &u32, v: &u64, cause| l.lock().unwrap().push((*k, *v, cause)))
+        .build();
+    c.insert(1, 2);
+    c.insert(1, 3); // replaces 2 (an update: keeps its remaining 5 s)
+    c.insert(2, 5); // already expired at creation: never stored
+    let log = log.lock().unwrap().clone();
+    let s = c.stats();
+    assert_eq!(c.iter().collect::<Vec<_>>(), [(1, 3)]);
+    assert_eq!(c.entry_count(), 1);
+    check_listener_vs_stats(&s, &log, false, "expiry zero");
+    assert_eq!(
+        log,
+        [(1, 2, RemovalCause::Replaced), (2, 5, RemovalCause::Expired)]
+    );
+}
+
+#[test]
+fn load_time_covers_every_finished_load() {
+    quiet();
+    let clock = ManualClock::new();
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    let step = Duration::from_secs(2);
+    c.get_with(1, || {
+        clock.advance(step);
+        1
+    });
+    let _ = c.try_get_with(2, || {
+        clock.advance(step);
+        Err::<u64, _>("expected: e")
+    });
+    let _ = c.optionally_get_with(3, || {
+        clock.advance(step);
+        None
+    });
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        c.get_with(4, || {
+            clock.advance(step);
+            panic!("expected: loader")
+        })
+    }));
+    let s = c.stats();
+    assert_eq!((s.load_successes, s.load_failures), (1, 3), "{s:?}");
+    assert_eq!(s.total_load_time, step * 4, "{s:?}");
+    assert_eq!(s.average_load_time(), step);
+}
+
+#[test]
+fn get_all_and_get_with_if_count_per_key() {
+    let c: Cache<u32, u64> = Cache::builder().max_capacity(100).record_stats().build();
+    c.insert(1, 1);
+    let got = c.get_all([1, 2, 3], |missing| {
+        missing.iter().map(|&k| (k, u64::from(k))).collect::<HashMap<_, _>>()
+    });
+    assert_eq!(got.len(), 3);
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.load_successes), (1, 2, 2), "{s:?}");
+    // A key load_missing leaves out: a miss, and a failed load.
+    let got = c.get_all([4, 5], |_| HashMap::new());
+    assert!(got.is_empty());
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_failures), (4, 2), "{s:?}");
+    // get_with_if: a rejected value is a miss and a load.
+    assert_eq!(c.get_with_if(1, || 10, |_| true), 10);
+    assert_eq!(c.get_with_if(1, || 20, |_| false), 10);
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.load_successes), (2, 5, 3), "{s:?}");
+    assert!(misses_identity(&s, 0), "{s:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// RefreshCannotKeepUp and LoadLimitSaturated
+// ---------------------------------------------------------------------------------------------
+
+type Jobs = Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+
+fn refresh_backlog(first: u32, second: u32) -> (Option<Warning>, Cache<u32, u64>, Jobs, Log) {
+    let clock = ManualClock::new();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(1000)
+        .record_stats()
+        .time_to_live(Duration::from_secs(1000))
+        .refresh_after(Duration::from_secs(10))
+        .clock(clock.clone())
+        .loader(|k: &u32| Ok::<_, herdcache::BoxError>(u64::from(*k) + 1000))
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .eviction_listener(move |k: &u32, v: &u64, cause| l.lock().unwrap().push((*k, *v, cause)))
+        .build();
+    for k in 0..first + second {
+        c.insert(k, u64::from(k));
+    }
+    let w = Duration::from_secs(60);
+    c.health_over(w);
+    clock.advance(Duration::from_secs(30));
+    for k in 0..first {
+        assert_eq!(c.load(k).unwrap(), u64::from(k), "stale while refreshing");
+    }
+    c.health_over(w);
+    clock.advance(Duration::from_secs(30));
+    for k in first..first + second {
+        c.load(k).unwrap();
+    }
+    let h = c.health_over(w);
+    let warn = h
+        .warnings()
+        .iter()
+        .find(|w| w.kind() == "refresh_cannot_keep_up")
+        .cloned();
+    (warn, c, jobs, log)
+}
+
+#[test]
+fn refresh_cannot_keep_up_threshold_and_clearing() {
+    use herdcache::health::REFRESH_BACKLOG;
+    let _w = common::watchdog(Duration::from_secs(60), "refresh backlog");
+    let n = REFRESH_BACKLOG as u32;
+    let (w, c, jobs, _) = refresh_backlog(30, n - 31);
+    assert_eq!(w, None, "a backlog of {}", n - 1);
+    let s = c.stats();
+    assert_eq!(s.refreshes_started, u64::from(n - 1), "{s:?}");
+    drop(c);
+    jobs.lock().unwrap().clear();
+    let (w, c, jobs, log) = refresh_backlog(30, n - 30);
+    match w {
+        Some(Warning::RefreshCannotKeepUp { backlog, started, finished }) => {
+            assert_eq!((backlog, started, finished), (u64::from(n), u64::from(n), 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Run the parked refreshes: the backlog clears, each refreshed value replaced the old.
+    let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+    assert_eq!(parked.len(), n as usize);
+    for job in parked {
+        job();
+    }
+    let s = c.stats();
+    assert_eq!((s.refreshes_started, s.refreshes_succeeded), (u64::from(n), u64::from(n)), "{s:?}");
+    assert_eq!(s.replaced.count, u64::from(n), "{s:?}");
+    assert_eq!(log.lock().unwrap().len(), n as usize);
+    assert!(c.health_over(Duration::from_secs(60)).is_healthy());
+    assert!(misses_identity(&s, 0), "{s:?}");
+    assert_eq!(c.get(&0), Some(1000));
+}
+
+#[test]
+fn load_limit_saturated_matches_the_stats() {
+    let _w = common::watchdog(Duration::from_secs(60), "load limit");
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(1000)
+        .record_stats()
+        .max_concurrent_loads(1)
+        .name("limited")
+        .build();
+    let barrier = std::sync::Barrier::new(4);
+    std::thread::scope(|sc| {
+        for t in 0..4u32 {
+            let (c, barrier) = (&c, &barrier);
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..5 {
+                    c.get_with(t * 100 + i, || {
+                        std::thread::sleep(Duration::from_millis(5));
+                        1
+                    });
+                }
+            });
+        }
+    });
+    let s = c.stats();
+    assert_eq!(s.load_successes, 20);
+    assert_eq!(s.max_concurrent_loads_seen, 1, "{s:?}");
+    assert!(s.loads_waited_for_limit >= 10, "{s:?}");
+    let h = c.health_over(Duration::from_secs(3600));
+    match h.warnings().iter().find(|w| w.kind() == "load_limit_saturated") {
+        Some(Warning::LoadLimitSaturated { limit, waited, loads }) => {
+            assert_eq!((*limit, *waited, *loads), (1, s.loads_waited_for_limit, 20));
+        }
+        other => panic!("{other:?} in {h}"),
+    }
+    let m = capture(|| c.report_metrics());
+    assert_eq!(
+        counter(&m, "herdcache_loads_waited_for_limit_total,cache=limited"),
+        s.loads_waited_for_limit
+    );
+    assert_eq!(gauge(&m, "herdcache_max_concurrent_loads_seen,cache=limited"), 1.0);
+    assert_eq!(
+        gauge(&m, "herdcache_health_warning,cache=limited,kind=load_limit_saturated"),
+        1.0
+    );
+}
