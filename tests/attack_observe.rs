@@ -2133,3 +2133,138 @@ fn load_limit_saturated_matches_the_stats() {
         1.0
     );
 }
+
+#[test]
+#[ignore]
+fn soak_concurrent() {
+    let seeds: u64 = std::env::var("SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for seed in 100..100 + seeds {
+        for cap in [0u64, 1, 2, 8, 64] {
+            for weighted in [false, true] {
+                run_concurrent(seed, cap, weighted, seed % 3 == 0);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn soak_model() {
+    let seeds: u64 = std::env::var("SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for seed in 100..100 + seeds {
+        for cap in [0u64, 1, 2, 7] {
+            for (weighted, ttl) in [(false, false), (true, false), (false, true), (true, true)] {
+                run_model(seed, cap, weighted, ttl, seed % 2 == 0);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The health window under frequent short-window calls
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn short_window_calls_keep_what_the_default_window_needs() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(10)
+        .record_stats()
+        .time_to_live(Duration::from_secs(3600))
+        .clock(clock.clone())
+        .build();
+    let mut worst_short = Duration::ZERO;
+    let mut worst_default = Duration::ZERO;
+    for i in 0..3000u32 {
+        clock.advance(Duration::from_millis(100));
+        c.insert(i, 0);
+        let h = c.health_over(Duration::from_secs(1));
+        assert!(h.window() >= Duration::from_secs(1) || i < 10, "{i}: {:?}", h.window());
+        if i > 100 {
+            worst_short = worst_short.max(h.window());
+        }
+        if i % 50 == 0 && i > 600 {
+            let d = c.health();
+            assert!(d.window() >= Duration::from_secs(60), "{i}: {:?}", d.window());
+            worst_default = worst_default.max(d.window());
+        }
+    }
+    // One eighth of the window apart at most, plus the age the thinning leaves.
+    assert!(
+        worst_default <= Duration::from_secs(60 + 60),
+        "the default window stretched to {worst_default:?}"
+    );
+    assert!(
+        worst_short <= Duration::from_secs(60),
+        "a 1 s window stretched to {worst_short:?}"
+    );
+}
+
+#[test]
+fn a_refresh_that_loses_to_a_write_is_counted_failed_and_never_reported() {
+    let _w = common::watchdog(Duration::from_secs(60), "lost refresh");
+    for how in 0..4 {
+        let (w, c, jobs, log) = refresh_backlog(4, 0);
+        assert_eq!(w, None);
+        assert_eq!(jobs.lock().unwrap().len(), 4);
+        // Key 0: written; 1: invalidated; 2: computed; 3: left alone. `how` picks which runs
+        // first: the write or the refresh job.
+        match how {
+            0 => c.insert(0, 7),
+            1 => c.invalidate(&1),
+            2 => {}
+            _ => c.invalidate_all(),
+        }
+        let run_parked = || {
+            let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+            for job in parked {
+                job();
+            }
+        };
+        if how == 2 {
+            // A computation waits for the key's refresh in flight (parked on the spawner):
+            // it runs once the refresh has ended, on the refreshed value.
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| {
+                    c.entry(2).and_compute_with(|e| {
+                        assert_eq!(e.map(|e| *e.value()), Some(1002));
+                        Op::Put(9)
+                    })
+                });
+                std::thread::sleep(Duration::from_millis(50));
+                run_parked();
+                h.join().unwrap();
+            });
+        } else {
+            run_parked();
+        }
+        let s = c.stats();
+        assert_eq!(s.refreshes_started, 4, "{how}: {s:?}");
+        assert_eq!(
+            s.refreshes_succeeded + s.refreshes_failed,
+            4,
+            "{how}: every refresh ends as one of the two: {s:?}"
+        );
+        let lost = [1, 1, 0, 4][how];
+        assert_eq!(s.refreshes_failed, lost, "{how}: {s:?}");
+        assert!(misses_identity(&s, 0), "{how}: {s:?}");
+        let log = log.lock().unwrap().clone();
+        check_listener_vs_stats(&s, &log, false, &format!("{how}"));
+        // No refreshed value (k + 1000) of a key that lost is ever reported or stored.
+        for &(k, v, cause) in &log {
+            assert!(v < 1000 || v != u64::from(k) + 1000 || how != 3, "{how}: {k} {v} {cause:?}");
+        }
+        let live: BTreeMap<u32, u64> = c.iter().collect();
+        match how {
+            0 => assert_eq!(live.get(&0), Some(&7)),
+            1 => assert_eq!(live.get(&1), None),
+            2 => assert_eq!(live.get(&2), Some(&9)),
+            _ => assert!(live.is_empty(), "{live:?}"),
+        }
+        let removed: HashSet<u64> = log.iter().map(|e| e.1).collect();
+        for (&k, &v) in &live {
+            assert!(!removed.contains(&v), "{how}: live {k}={v} reported");
+        }
+        c.validate();
+    }
+}
