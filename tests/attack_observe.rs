@@ -1336,7 +1336,7 @@ fn sane_sizing(z: &herdcache::Sizing, ctx: &str) {
         in01(z.observed_since_start()),
         "{ctx}: observed_since_start {z:?}"
     );
-    assert!(z.rate() > 0.0 && z.rate() <= 1.0, "{ctx}: rate {z:?}");
+    assert!((0.0..=1.0).contains(&z.rate()), "{ctx}: rate {z:?}");
     assert!(
         z.samples().is_finite() && z.samples() >= 0.0,
         "{ctx}: samples {z:?}"
@@ -1881,7 +1881,12 @@ fn expired_entries_removed_by_calls_are_reported_expired() {
     c.retain(|_, _| true);
     c.invalidate_all();
     let causes: Vec<RemovalCause> = log.lock().unwrap().iter().map(|e| e.2).collect();
-    assert_eq!(causes, [RemovalCause::Expired; 4], "{:?}", log.lock().unwrap());
+    assert_eq!(
+        causes,
+        [RemovalCause::Expired; 4],
+        "{:?}",
+        log.lock().unwrap()
+    );
     let s = c.stats();
     assert_eq!((s.expired.count, s.explicit.count), (4, 0), "{s:?}");
     assert_eq!(c.entry_count(), 0);
@@ -1923,7 +1928,11 @@ fn a_zero_time_to_live_reports_every_value_expired() {
 struct ZeroForOdd;
 impl herdcache::Expiry<u32, u64> for ZeroForOdd {
     fn expire_after_create(&self, _k: &u32, v: &u64) -> Option<Duration> {
-        Some(if v % 2 == 1 { Duration::ZERO } else { Duration::from_secs(5) })
+        Some(if v % 2 == 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(5)
+        })
     }
 }
 
@@ -1948,7 +1957,10 @@ fn an_expiry_of_zero_at_creation_reports_the_value_expired() {
     check_listener_vs_stats(&s, &log, false, "expiry zero");
     assert_eq!(
         log,
-        [(1, 2, RemovalCause::Replaced), (2, 5, RemovalCause::Expired)]
+        [
+            (1, 2, RemovalCause::Replaced),
+            (2, 5, RemovalCause::Expired)
+        ]
     );
 }
 
@@ -1991,7 +2003,10 @@ fn get_all_and_get_with_if_count_per_key() {
     let c: Cache<u32, u64> = Cache::builder().max_capacity(100).record_stats().build();
     c.insert(1, 1);
     let got = c.get_all([1, 2, 3], |missing| {
-        missing.iter().map(|&k| (k, u64::from(k))).collect::<HashMap<_, _>>()
+        missing
+            .iter()
+            .map(|&k| (k, u64::from(k)))
+            .collect::<HashMap<_, _>>()
     });
     assert_eq!(got.len(), 3);
     let s = c.stats();
@@ -2067,8 +2082,15 @@ fn refresh_cannot_keep_up_threshold_and_clearing() {
     jobs.lock().unwrap().clear();
     let (w, c, jobs, log) = refresh_backlog(30, n - 30);
     match w {
-        Some(Warning::RefreshCannotKeepUp { backlog, started, finished }) => {
-            assert_eq!((backlog, started, finished), (u64::from(n), u64::from(n), 0));
+        Some(Warning::RefreshCannotKeepUp {
+            backlog,
+            started,
+            finished,
+        }) => {
+            assert_eq!(
+                (backlog, started, finished),
+                (u64::from(n), u64::from(n), 0)
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -2079,7 +2101,11 @@ fn refresh_cannot_keep_up_threshold_and_clearing() {
         job();
     }
     let s = c.stats();
-    assert_eq!((s.refreshes_started, s.refreshes_succeeded), (u64::from(n), u64::from(n)), "{s:?}");
+    assert_eq!(
+        (s.refreshes_started, s.refreshes_succeeded),
+        (u64::from(n), u64::from(n)),
+        "{s:?}"
+    );
     assert_eq!(s.replaced.count, u64::from(n), "{s:?}");
     assert_eq!(log.lock().unwrap().len(), n as usize);
     assert!(c.health_over(Duration::from_secs(60)).is_healthy());
@@ -2116,8 +2142,16 @@ fn load_limit_saturated_matches_the_stats() {
     assert_eq!(s.max_concurrent_loads_seen, 1, "{s:?}");
     assert!(s.loads_waited_for_limit >= 10, "{s:?}");
     let h = c.health_over(Duration::from_secs(3600));
-    match h.warnings().iter().find(|w| w.kind() == "load_limit_saturated") {
-        Some(Warning::LoadLimitSaturated { limit, waited, loads }) => {
+    match h
+        .warnings()
+        .iter()
+        .find(|w| w.kind() == "load_limit_saturated")
+    {
+        Some(Warning::LoadLimitSaturated {
+            limit,
+            waited,
+            loads,
+        }) => {
             assert_eq!((*limit, *waited, *loads), (1, s.loads_waited_for_limit, 20));
         }
         other => panic!("{other:?} in {h}"),
@@ -2127,9 +2161,15 @@ fn load_limit_saturated_matches_the_stats() {
         counter(&m, "herdcache_loads_waited_for_limit_total,cache=limited"),
         s.loads_waited_for_limit
     );
-    assert_eq!(gauge(&m, "herdcache_max_concurrent_loads_seen,cache=limited"), 1.0);
     assert_eq!(
-        gauge(&m, "herdcache_health_warning,cache=limited,kind=load_limit_saturated"),
+        gauge(&m, "herdcache_max_concurrent_loads_seen,cache=limited"),
+        1.0
+    );
+    assert_eq!(
+        gauge(
+            &m,
+            "herdcache_health_warning,cache=limited,kind=load_limit_saturated"
+        ),
         1.0
     );
 }
@@ -2137,7 +2177,10 @@ fn load_limit_saturated_matches_the_stats() {
 #[test]
 #[ignore]
 fn soak_concurrent() {
-    let seeds: u64 = std::env::var("SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let seeds: u64 = std::env::var("SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     for seed in 100..100 + seeds {
         for cap in [0u64, 1, 2, 8, 64] {
             for weighted in [false, true] {
@@ -2150,7 +2193,10 @@ fn soak_concurrent() {
 #[test]
 #[ignore]
 fn soak_model() {
-    let seeds: u64 = std::env::var("SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let seeds: u64 = std::env::var("SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     for seed in 100..100 + seeds {
         for cap in [0u64, 1, 2, 7] {
             for (weighted, ttl) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -2179,13 +2225,21 @@ fn short_window_calls_keep_what_the_default_window_needs() {
         clock.advance(Duration::from_millis(100));
         c.insert(i, 0);
         let h = c.health_over(Duration::from_secs(1));
-        assert!(h.window() >= Duration::from_secs(1) || i < 10, "{i}: {:?}", h.window());
+        assert!(
+            h.window() >= Duration::from_secs(1) || i < 10,
+            "{i}: {:?}",
+            h.window()
+        );
         if i > 100 {
             worst_short = worst_short.max(h.window());
         }
         if i % 50 == 0 && i > 600 {
             let d = c.health();
-            assert!(d.window() >= Duration::from_secs(60), "{i}: {:?}", d.window());
+            assert!(
+                d.window() >= Duration::from_secs(60),
+                "{i}: {:?}",
+                d.window()
+            );
             worst_default = worst_default.max(d.window());
         }
     }
@@ -2252,7 +2306,10 @@ fn a_refresh_that_loses_to_a_write_is_counted_failed_and_never_reported() {
         check_listener_vs_stats(&s, &log, false, &format!("{how}"));
         // No refreshed value (k + 1000) of a key that lost is ever reported or stored.
         for &(k, v, cause) in &log {
-            assert!(v < 1000 || v != u64::from(k) + 1000 || how != 3, "{how}: {k} {v} {cause:?}");
+            assert!(
+                v < 1000 || v != u64::from(k) + 1000 || how != 3,
+                "{how}: {k} {v} {cause:?}"
+            );
         }
         let live: BTreeMap<u32, u64> = c.iter().collect();
         match how {
@@ -2267,4 +2324,218 @@ fn a_refresh_that_loses_to_a_write_is_counted_failed_and_never_reported() {
         }
         c.validate();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-flight: exact counts of one herd
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn one_herd_counts_one_load_and_the_rest_coalesced() {
+    quiet();
+    let _w = common::watchdog(Duration::from_secs(60), "herd");
+    const N: u64 = 6;
+    for fail in [false, true] {
+        let c: Cache<u32, u64> = Cache::builder().max_capacity(10).record_stats().build();
+        let barrier = std::sync::Barrier::new(N as usize);
+        let ran = AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..N {
+                let (c, barrier, ran) = (&c, &barrier, &ran);
+                sc.spawn(move || {
+                    barrier.wait();
+                    let r = c.try_get_with(1, || {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(300));
+                        if fail {
+                            Err("expected: herd")
+                        } else {
+                            Ok(5)
+                        }
+                    });
+                    assert_eq!(r.is_ok(), !fail);
+                });
+            }
+        });
+        let s = c.stats();
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "fail {fail}");
+        assert_eq!(s.misses, N, "fail {fail}: {s:?}");
+        assert_eq!(
+            (s.load_successes, s.load_failures, s.coalesced),
+            (u64::from(!fail), u64::from(fail), N - 1),
+            "fail {fail}: {s:?}"
+        );
+        assert_eq!(s.loads_in_flight, 0);
+    }
+}
+
+#[test]
+fn a_herd_on_one_failed_fail_safe_load_counts_stale_once() {
+    quiet();
+    let _w = common::watchdog(Duration::from_secs(60), "fail-safe herd");
+    const N: u64 = 6;
+    let clock = ManualClock::new();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&down);
+    let ran = Arc::new(AtomicU64::new(0));
+    let r2 = Arc::clone(&ran);
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(100)
+        .record_stats()
+        .time_to_live(Duration::from_secs(60))
+        .fail_safe(Duration::from_secs(600))
+        .refresh_backoff(Duration::from_secs(5))
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            if d.load(Ordering::SeqCst) {
+                r2.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(300));
+                Err(herdcache::BoxError::from("expected: down"))
+            } else {
+                Ok(u64::from(*k))
+            }
+        })
+        .build();
+    c.load(1).unwrap();
+    down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(61));
+    let barrier = std::sync::Barrier::new(N as usize);
+    std::thread::scope(|sc| {
+        for _ in 0..N {
+            let (c, barrier) = (&c, &barrier);
+            sc.spawn(move || {
+                barrier.wait();
+                assert_eq!(c.load(1).unwrap(), 1);
+            });
+        }
+    });
+    let s = c.stats();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        s.stale_served_after_ttl, 1,
+        "one failed load, waited on by all: {s:?}"
+    );
+    assert!(misses_identity(&s, 0), "{s:?}");
+    let h = c.health_over(Duration::from_secs(3600));
+    assert_eq!(h.warnings(), [Warning::ServingStale { served: 1 }], "{h}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extreme configurations: no overflow, no NaN
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn extreme_capacities_and_weights_stay_sane() {
+    quiet();
+    let _w = common::watchdog(Duration::from_secs(120), "extremes");
+    for cap in [0u64, 1, u64::from(u32::MAX), u64::MAX / 2, u64::MAX] {
+        for heavy in [false, true] {
+            let ctx = format!("cap {cap} heavy {heavy}");
+            let clock = ManualClock::new();
+            let log: Log = Arc::default();
+            let l = Arc::clone(&log);
+            let c: Cache<u32, u64> = Cache::builder()
+                .max_capacity(cap)
+                .record_stats()
+                .track_sizing()
+                .time_to_live(Duration::from_secs(1))
+                .clock(clock.clone())
+                .weigher(move |_k: &u32, v: &u64| {
+                    if heavy {
+                        u32::MAX - (*v % 3) as u32
+                    } else {
+                        wt(*v)
+                    }
+                })
+                .eviction_listener(move |k: &u32, v: &u64, cause| {
+                    l.lock().unwrap().push((*k, *v, cause))
+                })
+                .build();
+            for i in 0..3000u64 {
+                let k = (i % 97) as u32;
+                if c.get(&k).is_none() {
+                    c.insert(k, i);
+                }
+                if i % 500 == 0 {
+                    clock.advance(Duration::from_millis(700));
+                }
+            }
+            c.run_pending_tasks();
+            let s = c.stats();
+            let weigh = |v: u64| {
+                if heavy {
+                    u64::from(u32::MAX - (v % 3) as u32)
+                } else {
+                    u64::from(wt(v))
+                }
+            };
+            let mut per: HashMap<RemovalCause, (u64, u64)> = HashMap::new();
+            for &(_, v, cause) in log.lock().unwrap().iter() {
+                let e = per.entry(cause).or_default();
+                e.0 += 1;
+                e.1 += weigh(v);
+            }
+            for (cause, r) in [
+                (RemovalCause::Expired, s.expired),
+                (RemovalCause::Explicit, s.explicit),
+                (RemovalCause::Replaced, s.replaced),
+                (RemovalCause::Size, s.size),
+            ] {
+                assert_eq!(
+                    per.get(&cause).copied().unwrap_or_default(),
+                    (r.count, r.weight),
+                    "{ctx}: {cause:?}"
+                );
+            }
+            let live_weight: u64 = c.iter().map(|(_, v)| weigh(v)).sum();
+            assert_eq!(c.weighted_size(), live_weight, "{ctx}");
+            let all: Vec<(u32, u64)> = c.iter().collect();
+            assert_eq!(c.entry_count(), all.len() as u64, "{ctx}");
+            c.validate();
+            if let Some(z) = c.sizing() {
+                sane_sizing(&z, &ctx);
+            }
+            for w in c.health().warnings() {
+                sane_warning(w, &ctx);
+            }
+            let m = capture(|| c.report_metrics());
+            for (k, v) in &m {
+                if let Val::Gauge(g) = v {
+                    assert!(g.is_finite() && *g >= 0.0, "{ctx}: {k} = {g}");
+                }
+            }
+        }
+    }
+}
+
+/// `Sizing::observed`: "The real cache's hit ratio over the same window: with
+/// `record_stats`, over every request (the statistics' hits and misses; the points are
+/// anchored to it …)". A tracked cache whose `max_capacity` is above 2,000 × 2^32 (≈ 8.6e12:
+/// a weight in bytes of 8.6 TB, or `u64::MAX` as "no real bound") gets a sampling threshold
+/// of 0 (`threshold_for`, src/select.rs:200, integer division), so it never samples a key:
+/// `observed()` is 0.0 — and every point 0.0, `herdcache_sizing_observed_hit_ratio` 0 —
+/// while its statistics say 99.95 %. (Any tracked cache reads so until 2,000 keys were
+/// sampled: the anchor, src/sizing.rs `anchor`, needs an epoch's worth of samples.)
+#[test]
+fn bug_sizing_observed_is_zero_when_nothing_is_sampled() {
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(1 << 50)
+        .record_stats()
+        .track_sizing()
+        .build();
+    for i in 0..20_000u64 {
+        let k = i % 10;
+        if c.get(&k).is_none() {
+            c.insert(k, k);
+        }
+    }
+    let s = c.stats();
+    assert!(s.hit_ratio() > 0.999, "{s:?}");
+    let z = c.sizing().expect("tracked");
+    assert!(
+        (z.observed() - s.hit_ratio()).abs() < 0.01,
+        "observed {} vs the statistics' {} ({z:?})",
+        z.observed(),
+        s.hit_ratio()
+    );
 }
