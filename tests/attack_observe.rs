@@ -135,7 +135,13 @@ fn build(
         b = b.weigher(|_k: &u32, v: &u64| wt(*v));
     }
     if ttl {
-        b = b.time_to_live(Duration::from_secs(10));
+        // Odd capacities idle out instead (time to idle), with a per-entry expiry besides.
+        b = if cap % 2 == 1 {
+            b.time_to_idle(Duration::from_secs(10))
+                .expire_after(ShortForMultiplesOf5)
+        } else {
+            b.time_to_live(Duration::from_secs(10))
+        };
     }
     (b.build(), log)
 }
@@ -246,9 +252,21 @@ fn run_model(seed: u64, cap: u64, weighted: bool, ttl: bool, panicky_listener: b
                 }
             }
             _ => {
-                // optionally_get_with returning None: a failed load.
-                let r = c.optionally_get_with(k, || None);
-                assert_eq!(r.is_some(), present, "{ctx} step {step}");
+                // A failed load of a loading call, in one of its shapes (a failing
+                // computation besides, which is no request).
+                let r = match v % 4 {
+                    0 => c.optionally_get_with(k, || None).is_some(),
+                    1 => c.entry(k).or_optionally_insert_with(|| None).is_some(),
+                    2 => c.entry(k).or_try_insert_with(|| Err::<u64, _>("expected: e")).is_ok(),
+                    _ => {
+                        let r = c
+                            .entry(k)
+                            .and_try_compute_with(|_| Err::<Op<u64>, _>("expected: e"));
+                        assert!(r.is_err());
+                        present
+                    }
+                };
+                assert_eq!(r, present, "{ctx} step {step}");
             }
         }));
         // The model of the counts: which calls are requests, and what each miss was.
@@ -261,6 +279,7 @@ fn run_model(seed: u64, cap: u64, weighted: bool, ttl: bool, panicky_listener: b
                     m.plain_misses += 1
                 }
             }
+            15 if v % 4 == 3 => {}
             5 | 6 | 7 | 12 | 15 => {
                 if present {
                     m.hits += 1
@@ -1925,6 +1944,20 @@ fn a_zero_time_to_live_reports_every_value_expired() {
     c.validate();
 }
 
+struct ShortForMultiplesOf5;
+impl herdcache::Expiry<u32, u64> for ShortForMultiplesOf5 {
+    fn expire_after_create(&self, _k: &u32, v: &u64) -> Option<Duration> {
+        (v % 5 == 0).then_some(Duration::from_secs(3))
+    }
+    fn expire_after_update(&self, _k: &u32, v: &u64, r: Option<Duration>) -> Option<Duration> {
+        if v % 5 == 0 {
+            Some(Duration::from_secs(2))
+        } else {
+            r
+        }
+    }
+}
+
 struct ZeroForOdd;
 impl herdcache::Expiry<u32, u64> for ZeroForOdd {
     fn expire_after_create(&self, _k: &u32, v: &u64) -> Option<Duration> {
@@ -2538,4 +2571,36 @@ fn bug_sizing_observed_is_zero_when_nothing_is_sampled() {
         z.observed(),
         s.hit_ratio()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Async: a cancelled leader is an abandoned load
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_cancelled_async_leader_counts_an_abandoned_load() {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let _w = common::watchdog(Duration::from_secs(30), "cancelled leader");
+    let c: Cache<u32, u64> = Cache::builder().max_capacity(10).record_stats().build();
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    for round in 0..3u64 {
+        let mut leader = Box::pin(c.get_with_async(1, std::future::pending::<u64>()));
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        let mut waiter = Box::pin(c.get_with_async(1, async { 7 }));
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(c.stats().loads_in_flight, 1);
+        drop(leader);
+        // The waiter loads again itself.
+        assert_eq!(futures::executor::block_on(waiter), 7);
+        let s = c.stats();
+        assert_eq!(s.loads_abandoned, round + 1, "{s:?}");
+        assert_eq!(s.loads_in_flight, 0, "{s:?}");
+        assert!(misses_identity(&s, 0), "{s:?}");
+        c.invalidate(&1);
+    }
+    let s = c.stats();
+    // Each round: the leader's miss, the waiter's miss (a join) and its own load (one more).
+    assert_eq!((s.misses, s.load_successes, s.coalesced), (9, 3, 3), "{s:?}");
 }
