@@ -2604,3 +2604,112 @@ fn a_cancelled_async_leader_counts_an_abandoned_load() {
     // Each round: the leader's miss, the waiter's miss (a join) and its own load (one more).
     assert_eq!((s.misses, s.load_successes, s.coalesced), (9, 3, 3), "{s:?}");
 }
+
+#[test]
+fn thrashing_advice_quotes_the_curve_for_capacity_0_and_above() {
+    for cap in [0u64, 4] {
+        let clock = ManualClock::new();
+        let c: Cache<u64, u64> = Cache::builder()
+            .max_capacity(cap)
+            .record_stats()
+            .track_sizing()
+            .time_to_live(Duration::from_secs(3600))
+            .clock(clock.clone())
+            .build();
+        // A loop over 3 keys, through the "get, insert on a miss" pattern.
+        for i in 0..20_000u64 {
+            let k = i % 3;
+            if c.get(&k).is_none() {
+                c.insert(k, i);
+            }
+        }
+        clock.advance(Duration::from_secs(1));
+        let h = c.health_over(Duration::from_secs(60));
+        let w = h.warnings().iter().find(|w| w.kind() == "thrashing");
+        match (cap, w) {
+            (0, Some(w @ Warning::Thrashing { sizing: Some(z), .. })) => {
+                sane_sizing(z, "cap 0");
+                let text = w.to_string();
+                assert!(text.contains("at 4:") && text.contains("raise max_capacity to about 4"), "{text}");
+            }
+            (4, None) => {} // 3 keys fit in 4: no eviction
+            other => panic!("cap {cap}: {other:?} in {h}"),
+        }
+    }
+}
+
+#[test]
+fn synchronized_expiry_in_a_weighted_cache_counts_entries_not_weight() {
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100_000)
+        .weigher(|_k, v: &u64| 1 + (*v % 50) as u32)
+        .time_to_live(Duration::from_secs(64))
+        .clock(ManualClock::new())
+        .build();
+    for k in 0..64 {
+        c.insert(k, k);
+    }
+    let h = c.health();
+    match h.warnings() {
+        [Warning::SynchronizedExpiry { due, share, .. }] => {
+            assert_eq!(*due, 64);
+            assert!((share - 1.0).abs() < 1e-9, "{share}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_verdict_or_load_that_loses_to_a_write_is_never_reported() {
+    let _w = common::watchdog(Duration::from_secs(30), "lost verdict");
+    let clock = ManualClock::new();
+    let (c, log) = build(10, true, false, &clock, false);
+    c.insert(1, 1);
+    // A computation whose key is written while it runs: its Put is not stored.
+    c.entry(1).and_compute_with(|_| {
+        c.insert(1, 2);
+        Op::Put(3)
+    });
+    assert_eq!(c.get(&1), Some(2));
+    // Its Remove leaves the newer value.
+    c.entry(1).and_compute_with(|_| {
+        c.insert(1, 4);
+        Op::Remove
+    });
+    assert_eq!(c.get(&1), Some(4));
+    // A load whose key is written while it runs: returned, not stored.
+    c.invalidate(&1);
+    assert_eq!(
+        c.get_with(1, || {
+            c.insert(1, 5);
+            6
+        }),
+        6
+    );
+    assert_eq!(c.get(&1), Some(5));
+    // A load whose key is invalidated while it runs.
+    c.invalidate(&1);
+    assert_eq!(
+        c.get_with(1, || {
+            c.invalidate(&1);
+            7
+        }),
+        7
+    );
+    assert_eq!(c.get(&1), None);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        [
+            (1, 1, RemovalCause::Replaced),
+            (1, 2, RemovalCause::Replaced),
+            (1, 4, RemovalCause::Explicit),
+            (1, 5, RemovalCause::Explicit),
+        ]
+    );
+    let s = c.stats();
+    check_listener_vs_stats(&s, &log, true, "lost verdicts");
+    // The last plain `get` missed.
+    assert!(misses_identity(&s, 1), "{s:?}");
+    check_sizes(&c, true, "lost verdicts");
+}
