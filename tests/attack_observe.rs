@@ -2709,3 +2709,107 @@ fn a_verdict_or_load_that_loses_to_a_write_is_never_reported() {
     assert!(misses_identity(&s, 1), "{s:?}");
     check_sizes(&c, true, "lost verdicts");
 }
+
+#[test]
+fn hits_and_misses_are_exact_with_more_threads_than_stripes_and_thread_churn() {
+    let _w = common::watchdog(Duration::from_secs(120), "stripes");
+    let c: Cache<u32, u32> = Cache::builder().max_capacity(100).record_stats().build();
+    for k in 0..50 {
+        c.insert(k, k);
+    }
+    let barrier = std::sync::Barrier::new(100);
+    std::thread::scope(|sc| {
+        for _ in 0..100 {
+            let (c, barrier) = (&c, &barrier);
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..2000u32 {
+                    c.get(&(i % 100)); // half hit
+                }
+            });
+        }
+    });
+    // Then short-lived threads, one after another (stripes given back and taken again).
+    for _ in 0..50 {
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                for i in 0..100u32 {
+                    c.get(&(i % 100));
+                }
+            });
+        });
+    }
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses), (100_000 + 2_500, 100_000 + 2_500), "{s:?}");
+}
+
+#[test]
+fn the_first_health_window_starts_when_the_cache_was_built() {
+    let clock = ManualClock::new();
+    clock.advance(Duration::from_secs(1000));
+    for ttl in [None, Some(Duration::from_secs(5))] {
+        let mut b = Cache::builder().max_capacity(10).clock(clock.clone());
+        if let Some(t) = ttl {
+            b = b.time_to_live(t);
+        }
+        let c: Cache<u32, u32> = b.build();
+        clock.advance(Duration::from_secs(7));
+        let h = c.health_over(Duration::from_secs(60));
+        assert_eq!(h.window(), Duration::from_secs(7), "ttl {ttl:?}");
+        clock.advance(Duration::from_secs(100));
+        // Now the window is the creation-time snapshot (the only one at least 60 s old).
+        assert_eq!(c.health_over(Duration::from_secs(60)).window(), Duration::from_secs(107));
+        clock.advance(Duration::from_secs(61));
+        // The snapshot of 61 s ago (pushed by the previous call) is the newest that old.
+        assert_eq!(c.health_over(Duration::from_secs(60)).window(), Duration::from_secs(61));
+    }
+}
+
+#[test]
+fn a_listener_panicking_in_a_leader_strands_no_waiter_and_counts_stay_exact() {
+    quiet();
+    let _w = common::watchdog(Duration::from_secs(60), "panicking listener leader");
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(1)
+        .record_stats()
+        .eviction_policy(herdcache::EvictionPolicy::lru())
+        .eviction_listener(move |k: &u32, v: &u64, cause| {
+            l.lock().unwrap().push((*k, *v, cause));
+            if *v == 999 {
+                panic!("expected: listener in the leader");
+            }
+        })
+        .build();
+    c.insert(0, 999);
+    let barrier = std::sync::Barrier::new(4);
+    let outcomes: Vec<Result<u64, ()>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, barrier) = (&c, &barrier);
+                sc.spawn(move || {
+                    barrier.wait();
+                    catch_unwind(AssertUnwindSafe(|| {
+                        c.get_with(1, || {
+                            std::thread::sleep(Duration::from_millis(200));
+                            1
+                        })
+                    }))
+                    .map_err(|_| ())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let panicked = outcomes.iter().filter(|o| o.is_err()).count();
+    assert!(panicked <= 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| matches!(o, Ok(1) | Err(()))), "{outcomes:?}");
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_successes, s.coalesced), (4, 1, 3), "{s:?}");
+    assert_eq!(s.loads_in_flight, 0);
+    assert_eq!(c.get(&1), Some(1));
+    assert_eq!(*log.lock().unwrap(), [(0, 999, RemovalCause::Size)]);
+    check_listener_vs_stats(&s, &log.lock().unwrap(), false, "leader");
+    c.validate();
+}
