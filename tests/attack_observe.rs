@@ -403,17 +403,22 @@ fn stats_and_listener_match_a_model_with_a_panicking_listener() {
 // ---------------------------------------------------------------------------------------------
 
 fn run_concurrent(seed: u64, cap: u64, weighted: bool, panicky_listener: bool) {
+    run_concurrent_timed(seed, cap, weighted, panicky_listener, false);
+}
+
+fn run_concurrent_timed(seed: u64, cap: u64, weighted: bool, panicky_listener: bool, ttl: bool) {
     quiet();
-    let ctx =
-        format!("concurrent seed {seed} cap {cap} weighted {weighted} panicky {panicky_listener}");
+    let ctx = format!(
+        "concurrent seed {seed} cap {cap} weighted {weighted} panicky {panicky_listener} ttl {ttl}"
+    );
     let clock = ManualClock::new();
-    let (c, log) = build(cap, weighted, false, &clock, panicky_listener);
+    let (c, log) = build(cap, weighted, ttl, &clock, panicky_listener);
     let next = AtomicU64::new(1);
     // Per thread: (calls that are requests, plain gets that missed, values written by insert).
     let results: Vec<(u64, u64, Vec<u64>, Vec<u64>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..4u64)
             .map(|t| {
-                let (c, next) = (&c, &next);
+                let (c, next, clock) = (&c, &next, &clock);
                 sc.spawn(move || {
                     let mut rng = Rng((seed * 31 + t + 1).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
                     let (mut requests, mut plain_misses) = (0u64, 0u64);
@@ -445,6 +450,9 @@ fn run_concurrent(seed: u64, cap: u64, weighted: bool, panicky_listener: bool) {
                             }
                             8 => {
                                 c.remove(&k);
+                                if ttl && t == 0 && rng.below(4) == 0 {
+                                    clock.advance(Duration::from_secs(rng.below(4)));
+                                }
                             }
                             9 => {
                                 if rng.below(20) == 0 {
@@ -490,6 +498,9 @@ fn run_concurrent(seed: u64, cap: u64, weighted: bool, panicky_listener: bool) {
     let plain_misses: u64 = results.iter().map(|r| r.1).sum();
     let inserted: HashSet<u64> = results.iter().flat_map(|r| r.2.iter().copied()).collect();
     let offered: HashSet<u64> = results.iter().flat_map(|r| r.3.iter().copied()).collect();
+    if ttl {
+        let _ = catch_unwind(AssertUnwindSafe(|| c.run_pending_tasks()));
+    }
     let s = c.stats();
     // A get_with that joined a failing try_get_with's load (or a computation that removed)
     // tries again: one more miss for that call (documented), so requests are a lower bound.
@@ -552,6 +563,10 @@ fn stats_and_listener_are_exact_after_concurrent_churn() {
     }
     for cap in [1u64, 8] {
         run_concurrent(9, cap, true, true);
+    }
+    for cap in [0u64, 1, 8, 64] {
+        run_concurrent_timed(5, cap, cap % 2 == 0, false, true);
+        run_concurrent_timed(6, cap, true, cap == 8, true);
     }
 }
 
@@ -2217,7 +2232,7 @@ fn soak_concurrent() {
     for seed in 100..100 + seeds {
         for cap in [0u64, 1, 2, 8, 64] {
             for weighted in [false, true] {
-                run_concurrent(seed, cap, weighted, seed % 3 == 0);
+                run_concurrent_timed(seed, cap, weighted, seed % 3 == 0, seed % 2 == 0);
             }
         }
     }
@@ -2812,4 +2827,66 @@ fn a_listener_panicking_in_a_leader_strands_no_waiter_and_counts_stay_exact() {
     assert_eq!(*log.lock().unwrap(), [(0, 999, RemovalCause::Size)]);
     check_listener_vs_stats(&s, &log.lock().unwrap(), false, "leader");
     c.validate();
+}
+
+#[test]
+fn negative_entries_are_not_entries_and_a_caller_without_an_error_loads_itself() {
+    quiet();
+    let clock = ManualClock::new();
+    let log: Log = Arc::default();
+    let l = Arc::clone(&log);
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(10)
+        .record_stats()
+        .time_to_live(Duration::from_secs(60))
+        .negative_ttl(Duration::from_secs(5))
+        .clock(clock.clone())
+        .eviction_listener(move |k: &u32, v: &u64, cause| l.lock().unwrap().push((*k, *v, cause)))
+        .build();
+    assert!(c.try_get_with(1, || Err::<u64, _>("expected: e")).is_err());
+    assert!(c.try_get_with(1, || Err::<u64, _>("expected: never runs")).is_err());
+    assert_eq!(c.entry_count(), 0);
+    assert_eq!(c.weighted_size(), 0);
+    assert_eq!(c.iter().count(), 0);
+    assert!(!c.contains_key(&1));
+    assert_eq!(c.get(&1), None);
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_failures, s.negative_hits), (3, 1, 1), "{s:?}");
+    assert!(misses_identity(&s, 1), "{s:?}");
+    // get_with has no error channel: it loads.
+    assert_eq!(c.get_with(1, || 5), 5);
+    let s = c.stats();
+    assert_eq!((s.misses, s.load_successes), (4, 1), "{s:?}");
+    assert!(misses_identity(&s, 1), "{s:?}");
+    // The negative entry is never reported to the listener.
+    assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
+    // Health: negative caching is on, so no error warning.
+    assert!(c.health().is_healthy());
+}
+
+#[test]
+fn loads_in_flight_gauge_follows_a_running_load() {
+    let _w = common::watchdog(Duration::from_secs(30), "in flight");
+    let c: Cache<u32, u64> = Cache::builder().max_capacity(10).name("f").build();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|sc| {
+        let c = &c;
+        sc.spawn(move || {
+            c.get_with(1, || {
+                started_tx.send(()).unwrap();
+                rx.recv().unwrap();
+                1
+            })
+        });
+        started_rx.recv().unwrap();
+        // Without record_stats the gauges are filled all the same.
+        assert_eq!(c.stats().loads_in_flight, 1);
+        let m = capture(|| c.report_metrics());
+        assert_eq!(gauge(&m, "herdcache_loads_in_flight,cache=f"), 1.0);
+        tx.send(()).unwrap();
+    });
+    assert_eq!(c.stats().loads_in_flight, 0);
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.load_successes), (0, 0, 0), "no statistics: {s:?}");
 }
