@@ -257,7 +257,10 @@ fn run_model(seed: u64, cap: u64, weighted: bool, ttl: bool, panicky_listener: b
                 let r = match v % 4 {
                     0 => c.optionally_get_with(k, || None).is_some(),
                     1 => c.entry(k).or_optionally_insert_with(|| None).is_some(),
-                    2 => c.entry(k).or_try_insert_with(|| Err::<u64, _>("expected: e")).is_ok(),
+                    2 => c
+                        .entry(k)
+                        .or_try_insert_with(|| Err::<u64, _>("expected: e"))
+                        .is_ok(),
                     _ => {
                         let r = c
                             .entry(k)
@@ -2580,7 +2583,11 @@ fn sizing_of_a_huge_capacity_samples_nothing_and_reads_zero() {
     assert!(s.hit_ratio() > 0.999, "{s:?}");
     let z = c.sizing().expect("tracked");
     sane_sizing(&z, "huge");
-    assert_eq!((z.rate(), z.samples_since_start(), z.observed()), (0.0, 0, 0.0), "{z:?}");
+    assert_eq!(
+        (z.rate(), z.samples_since_start(), z.observed()),
+        (0.0, 0, 0.0),
+        "{z:?}"
+    );
     assert!(z.points().iter().all(|p| p.1 == 0.0), "{z:?}");
 }
 
@@ -2591,7 +2598,7 @@ fn sizing_of_a_huge_capacity_samples_nothing_and_reads_zero() {
 #[test]
 fn a_cancelled_async_leader_counts_an_abandoned_load() {
     use std::future::Future;
-    use std::task::{Context, Poll};
+    use std::task::Context;
     let _w = common::watchdog(Duration::from_secs(30), "cancelled leader");
     let c: Cache<u32, u64> = Cache::builder().max_capacity(10).record_stats().build();
     let waker = futures::task::noop_waker();
@@ -2613,7 +2620,11 @@ fn a_cancelled_async_leader_counts_an_abandoned_load() {
     }
     let s = c.stats();
     // Each round: the leader's miss, the waiter's miss (a join) and its own load (one more).
-    assert_eq!((s.misses, s.load_successes, s.coalesced), (9, 3, 3), "{s:?}");
+    assert_eq!(
+        (s.misses, s.load_successes, s.coalesced),
+        (9, 3, 3),
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -2638,10 +2649,20 @@ fn thrashing_advice_quotes_the_curve_for_capacity_0_and_above() {
         let h = c.health_over(Duration::from_secs(60));
         let w = h.warnings().iter().find(|w| w.kind() == "thrashing");
         match (cap, w) {
-            (0, Some(w @ Warning::Thrashing { sizing: Some(z), .. })) => {
+            (
+                0,
+                Some(
+                    w @ Warning::Thrashing {
+                        sizing: Some(z), ..
+                    },
+                ),
+            ) => {
                 sane_sizing(z, "cap 0");
                 let text = w.to_string();
-                assert!(text.contains("at 4:") && text.contains("raise max_capacity to about 4"), "{text}");
+                assert!(
+                    text.contains("at 4:") && text.contains("raise max_capacity to about 4"),
+                    "{text}"
+                );
             }
             (4, None) => {} // 3 keys fit in 4: no eviction
             other => panic!("cap {cap}: {other:?} in {h}"),
@@ -2755,7 +2776,11 @@ fn hits_and_misses_are_exact_with_more_threads_than_stripes_and_thread_churn() {
         });
     }
     let s = c.stats();
-    assert_eq!((s.hits, s.misses), (100_000 + 2_500, 100_000 + 2_500), "{s:?}");
+    assert_eq!(
+        (s.hits, s.misses),
+        (100_000 + 2_500, 100_000 + 2_500),
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -2773,10 +2798,16 @@ fn the_first_health_window_starts_when_the_cache_was_built() {
         assert_eq!(h.window(), Duration::from_secs(7), "ttl {ttl:?}");
         clock.advance(Duration::from_secs(100));
         // Now the window is the creation-time snapshot (the only one at least 60 s old).
-        assert_eq!(c.health_over(Duration::from_secs(60)).window(), Duration::from_secs(107));
+        assert_eq!(
+            c.health_over(Duration::from_secs(60)).window(),
+            Duration::from_secs(107)
+        );
         clock.advance(Duration::from_secs(61));
         // The snapshot of 61 s ago (pushed by the previous call) is the newest that old.
-        assert_eq!(c.health_over(Duration::from_secs(60)).window(), Duration::from_secs(61));
+        assert_eq!(
+            c.health_over(Duration::from_secs(60)).window(),
+            Duration::from_secs(61)
+        );
     }
 }
 
@@ -2819,9 +2850,16 @@ fn a_listener_panicking_in_a_leader_strands_no_waiter_and_counts_stay_exact() {
     });
     let panicked = outcomes.iter().filter(|o| o.is_err()).count();
     assert!(panicked <= 1, "{outcomes:?}");
-    assert!(outcomes.iter().all(|o| matches!(o, Ok(1) | Err(()))), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Ok(1) | Err(()))),
+        "{outcomes:?}"
+    );
     let s = c.stats();
-    assert_eq!((s.misses, s.load_successes, s.coalesced), (4, 1, 3), "{s:?}");
+    assert_eq!(
+        (s.misses, s.load_successes, s.coalesced),
+        (4, 1, 3),
+        "{s:?}"
+    );
     assert_eq!(s.loads_in_flight, 0);
     assert_eq!(c.get(&1), Some(1));
     assert_eq!(*log.lock().unwrap(), [(0, 999, RemovalCause::Size)]);
@@ -2844,14 +2882,20 @@ fn negative_entries_are_not_entries_and_a_caller_without_an_error_loads_itself()
         .eviction_listener(move |k: &u32, v: &u64, cause| l.lock().unwrap().push((*k, *v, cause)))
         .build();
     assert!(c.try_get_with(1, || Err::<u64, _>("expected: e")).is_err());
-    assert!(c.try_get_with(1, || Err::<u64, _>("expected: never runs")).is_err());
+    assert!(c
+        .try_get_with(1, || Err::<u64, _>("expected: never runs"))
+        .is_err());
     assert_eq!(c.entry_count(), 0);
     assert_eq!(c.weighted_size(), 0);
     assert_eq!(c.iter().count(), 0);
     assert!(!c.contains_key(&1));
     assert_eq!(c.get(&1), None);
     let s = c.stats();
-    assert_eq!((s.misses, s.load_failures, s.negative_hits), (3, 1, 1), "{s:?}");
+    assert_eq!(
+        (s.misses, s.load_failures, s.negative_hits),
+        (3, 1, 1),
+        "{s:?}"
+    );
     assert!(misses_identity(&s, 1), "{s:?}");
     // get_with has no error channel: it loads.
     assert_eq!(c.get_with(1, || 5), 5);
@@ -2888,5 +2932,73 @@ fn loads_in_flight_gauge_follows_a_running_load() {
     });
     assert_eq!(c.stats().loads_in_flight, 0);
     let s = c.stats();
-    assert_eq!((s.hits, s.misses, s.load_successes), (0, 0, 0), "no statistics: {s:?}");
+    assert_eq!(
+        (s.hits, s.misses, s.load_successes),
+        (0, 0, 0),
+        "no statistics: {s:?}"
+    );
+}
+
+/// Same cause as `bug_stats_sub_wraps_removal_counts_when_earlier_is_the_later_snapshot`: the
+/// wrapped `expired` and `size` of a backwards difference make `evictions()` overflow (a
+/// panic in debug builds) instead of reading 0.
+#[test]
+fn bug_stats_sub_backwards_then_evictions_overflows() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, u32> = Cache::builder()
+        .max_capacity(2)
+        .record_stats()
+        .time_to_live(Duration::from_secs(1))
+        .clock(clock.clone())
+        .build();
+    let before = c.stats();
+    for k in 0..5 {
+        c.insert(k, k);
+    }
+    clock.advance(Duration::from_secs(2));
+    c.run_pending_tasks();
+    let after = c.stats();
+    assert!(after.expired.count > 0 && after.size.count > 0, "{after:?}");
+    let backwards = before - after;
+    let e = catch_unwind(AssertUnwindSafe(|| backwards.evictions()));
+    assert!(
+        matches!(e, Ok(r) if r.count == 0),
+        "{:?}",
+        e.map_err(|_| "panicked")
+    );
+}
+
+#[test]
+fn a_waiter_that_times_out_counts_a_timeout_and_a_join() {
+    let _w = common::watchdog(Duration::from_secs(30), "timeout");
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(10)
+        .record_stats()
+        .name("t")
+        .loader(|k: &u32| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, herdcache::BoxError>(u64::from(*k))
+        })
+        .build();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|sc| {
+        let c = &c;
+        sc.spawn(move || {
+            tx.send(()).unwrap();
+            c.load(1).unwrap()
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let r = c.load_with_timeout(1, Some(Duration::from_millis(10)));
+        assert!(r.is_err(), "{r:?}");
+    });
+    let s = c.stats();
+    assert_eq!(
+        (s.misses, s.load_successes, s.coalesced, s.timeouts),
+        (2, 1, 1, 1),
+        "{s:?}"
+    );
+    assert!(misses_identity(&s, 0), "{s:?}");
+    let m = capture(|| c.report_metrics());
+    assert_eq!(counter(&m, "herdcache_timeouts_total,cache=t"), 1);
 }
