@@ -3002,3 +3002,130 @@ fn a_waiter_that_times_out_counts_a_timeout_and_a_join() {
     let m = capture(|| c.report_metrics());
     assert_eq!(counter(&m, "herdcache_timeouts_total,cache=t"), 1);
 }
+
+#[test]
+fn an_lru_curve_at_rate_1_predicts_a_loop_exactly() {
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100)
+        .shards(1)
+        .eviction_policy(herdcache::EvictionPolicy::lru())
+        .record_stats()
+        .track_sizing()
+        .build();
+    for i in 0..60_000u64 {
+        let k = i % 150;
+        if c.get(&k).is_none() {
+            c.insert(k, k);
+        }
+    }
+    let z = c.sizing().expect("tracked");
+    sane_sizing(&z, "lru loop");
+    assert_eq!(z.rate(), 1.0);
+    let s = c.stats();
+    // A loop larger than an LRU cache never hits it; one that fits always does.
+    assert!(s.hit_ratio() < 0.01, "{s:?}");
+    assert!(z.observed() < 0.01, "{z:?}");
+    for (cap, want) in [(25, 0.0), (50, 0.0), (100, 0.0), (200, 1.0), (400, 1.0)] {
+        let p = z.predicted_at(cap);
+        assert!((p - want).abs() < 0.02, "{cap}: {p} ({z:?})");
+    }
+    assert_eq!(z.suggested_capacity(), Some(200), "{z:?}");
+}
+
+#[test]
+fn a_weighted_lru_curve_predicts_a_loop_in_weight_units() {
+    let c: Cache<u64, u64> = Cache::builder()
+        .max_capacity(500)
+        .shards(1)
+        .weigher(|_k, _v: &u64| 10)
+        .eviction_policy(herdcache::EvictionPolicy::lru())
+        .record_stats()
+        .track_sizing()
+        .build();
+    // 75 keys of weight 10: 750 units, more than 500, less than 1000.
+    for i in 0..60_000u64 {
+        let k = i % 75;
+        if c.get(&k).is_none() {
+            c.insert(k, k);
+        }
+    }
+    let z = c.sizing().expect("tracked");
+    sane_sizing(&z, "weighted lru loop");
+    let caps: Vec<u64> = z.points().iter().map(|p| p.0).collect();
+    assert_eq!(caps, [125, 250, 500, 1000, 2000]);
+    assert!(c.stats().hit_ratio() < 0.01);
+    for (cap, want) in [(500, 0.0), (1000, 1.0), (2000, 1.0)] {
+        let p = z.predicted_at(cap);
+        assert!((p - want).abs() < 0.05, "{cap}: {p} ({z:?})");
+    }
+    assert_eq!(z.suggested_capacity(), Some(1000), "{z:?}");
+}
+
+/// A fail-safe cache serves stale values once, at the start; then `health()` is called every
+/// 7.5 s, as a metrics scrape would. Returns how long `ServingStale` stayed raised (by the last
+/// call that still raised it). `long_call`: one `health_over` of that window first.
+fn stale_warning_lasts(long_call: Option<Duration>) -> Duration {
+    quiet();
+    let clock = ManualClock::new();
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(Duration::from_secs(10))
+        .fail_safe(Duration::from_secs(100_000))
+        .clock(clock.clone())
+        .loader(|k: &u32| {
+            if *k >= 1000 {
+                Err(herdcache::BoxError::from("expected: down"))
+            } else {
+                Ok(u64::from(*k))
+            }
+        })
+        .build();
+    if let Some(w) = long_call {
+        c.health_over(w);
+    }
+    let scrape = Duration::from_millis(7500);
+    // Steady scrapes for an hour first, then one stale answer.
+    for _ in 0..480 {
+        clock.advance(scrape);
+        c.health();
+    }
+    c.insert(1000, 1);
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(c.load(1000).unwrap(), 1, "fail-safe answers stale");
+    let start = clock.elapsed();
+    let mut last_raised = start;
+    for _ in 0..480 {
+        clock.advance(scrape);
+        if c.health()
+            .warnings()
+            .iter()
+            .any(|w| w.kind() == "serving_stale")
+        {
+            last_raised = clock.elapsed();
+        }
+    }
+    last_raised - start
+}
+
+/// `Cache::health`: "The misconfigurations the cache sees in its figures of the last minute";
+/// the module docs: snapshots are kept "for the longest window any call asked for …, so call
+/// it periodically — e.g. with each metrics scrape — for the window to be what it says".
+/// Called every 7.5 s, a stale answer stops being reported about a minute later. But after a
+/// single `health_over(one day)` (say a dashboard's), the 16 snapshots are thinned evenly over
+/// the longest window ever asked for (which never shrinks), so the default window covers
+/// several minutes: the same warning stays raised for many minutes, and
+/// `herdcache_health_warning` (which `report_metrics` takes from `health()`) with it.
+#[test]
+fn bug_one_long_health_over_call_stretches_the_default_window_for_good() {
+    let _w = common::watchdog(Duration::from_secs(60), "long window");
+    let plain = stale_warning_lasts(None);
+    assert!(
+        plain <= Duration::from_secs(75),
+        "without the long call: {plain:?}"
+    );
+    let after_long = stale_warning_lasts(Some(Duration::from_secs(86_400)));
+    assert!(
+        after_long <= Duration::from_secs(75),
+        "after one health_over(1 day): ServingStale raised for {after_long:?} (vs {plain:?})"
+    );
+}
