@@ -3129,3 +3129,44 @@ fn bug_one_long_health_over_call_stretches_the_default_window_for_good() {
         "after one health_over(1 day): ServingStale raised for {after_long:?} (vs {plain:?})"
     );
 }
+
+#[test]
+fn a_leader_timing_out_on_a_permit_counts_an_abandoned_load() {
+    let _w = common::watchdog(Duration::from_secs(30), "permit timeout");
+    let c: Cache<u32, u64> = Cache::builder()
+        .max_capacity(10)
+        .record_stats()
+        .max_concurrent_loads(1)
+        .loader(|k: &u32| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, herdcache::BoxError>(u64::from(*k))
+        })
+        .build();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|sc| {
+        let c = &c;
+        sc.spawn(move || {
+            tx.send(()).unwrap();
+            c.load(1).unwrap()
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let r = c.load_with_timeout(2, Some(Duration::from_millis(20)));
+        assert!(r.is_err(), "{r:?}");
+    });
+    let s = c.stats();
+    assert_eq!(
+        (
+            s.misses,
+            s.load_successes,
+            s.loads_abandoned,
+            s.timeouts,
+            s.loads_waited_for_limit
+        ),
+        (2, 1, 1, 1, 1),
+        "{s:?}"
+    );
+    assert!(misses_identity(&s, 0), "{s:?}");
+    assert_eq!(s.loads_in_flight, 0);
+    assert_eq!(c.get(&2), None);
+}
