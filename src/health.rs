@@ -13,10 +13,11 @@
 //! newest one at least `window` old ([`Cache::health`]: 60 s; [`Cache::health_over`]: yours),
 //! or the cache's creation when there is none (on a [`ManualClock`](crate::ManualClock), the
 //! clock's time when the cache was built). Snapshots are kept by the calls themselves (one per
-//! eighth of the window at most, 16 at most: beyond, the one closest to its neighbours goes), for
-//! the longest window any call asked for (at least 60 s: a call with a shorter window does not
-//! discard what [`Cache::health`] needs), so call it periodically — e.g. with each metrics
-//! scrape — for the window to be what it says. On a cache that keeps no time (no
+//! eighth of the window at most, 16 at most: beyond, the one closest to its neighbours goes).
+//! [`Cache::health`]'s 60 s window keeps snapshots of its own, which no call of
+//! [`Cache::health_over`] with another window thins or stretches; the other windows share
+//! theirs, kept for the longest of them asked for. So call it periodically — e.g. with each
+//! metrics scrape — for the window to be what it says. On a cache that keeps no time (no
 //! expiry, refresh or negative caching) the window is measured all the same, on the precise
 //! clock (or the manual one), read by `health` itself.
 //!
@@ -48,7 +49,7 @@
 
 use crate::cache::Cache;
 use crate::clock::nanos;
-use crate::monitor::{bucket_mid, Figures, History, BUCKETS};
+use crate::monitor::{bucket_mid, Figures, BUCKETS};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
@@ -76,8 +77,6 @@ pub const MIN_FAILURES: u64 = 16;
 
 /// The default window of [`Cache::health`].
 const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
-/// Snapshots kept.
-const HISTORY: usize = 16;
 
 /// A misconfiguration, with the figures that showed it. `Display` gives a one-line advice.
 ///
@@ -546,17 +545,15 @@ where
         }
         cur.entries = self.entries_without_waiting();
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let default = nanos(DEFAULT_WINDOW);
+        let created = self.inner.clock.created().min(now);
         let (base_at, base, mid, peak) = {
-            let mut guard = m.history.lock();
-            let History {
-                snapshots: h,
-                longest,
-            } = &mut *guard;
-            if h.is_empty() {
-                // The cache's creation: its figures were all zero then (a manual clock may
-                // have been advanced before the cache was built).
-                h.push((self.inner.clock.created().min(now), Figures::default()));
-            }
+            let mut guard = if w == default {
+                m.history.lock()
+            } else {
+                m.other.lock()
+            };
+            let h = guard.snapshots(created);
             let pick = |age: u64| {
                 let cut = now.saturating_sub(age);
                 h.iter()
@@ -573,29 +570,15 @@ where
                 .filter(|(at, _)| *at >= base_at)
                 .map(|(_, f)| f.entries)
                 .fold(cur.entries, u64::max);
-            let last = h.last().map_or(0, |(at, _)| *at);
-            if now.saturating_sub(last) >= (w / 8).max(1) {
-                h.push((now, cur.clone()));
-            }
-            // Keep one snapshot at least the longest window asked for old (so that a call
-            // with a short window does not discard what the default one needs), ...
-            *longest = (*longest).max(w).max(nanos(DEFAULT_WINDOW));
-            let keep = now.saturating_sub(*longest);
-            while h.len() > 2 && h[1].0 <= keep {
-                h.remove(0);
-            }
-            // ... and at most HISTORY: beyond it, the snapshot whose neighbours are the
-            // closest goes (the first and the newest stay), so that the calls of a short
-            // window, however frequent, thin their own snapshots and not the longest
-            // window's.
-            while h.len() > HISTORY {
-                let i = (1..h.len() - 1)
-                    .min_by_key(|&i| h[i + 1].0 - h[i - 1].0)
-                    .unwrap_or(1);
-                h.remove(i);
-            }
+            guard.keep(now, &cur, w, default);
             (base_at, base, mid, peak)
         };
+        if w != default {
+            // Every call feeds the default window's snapshots, at its own pace.
+            let mut guard = m.history.lock();
+            guard.snapshots(created);
+            guard.keep(now, &cur, default, default);
+        }
         let span = now.saturating_sub(base_at);
         let mut hist = [0u64; BUCKETS];
         for (i, d) in hist.iter_mut().enumerate() {
@@ -684,7 +667,9 @@ where
                 cur.misses.saturating_sub(mid.misses),
             );
             let hit_ratio = first.zip(second);
-            let fell = hit_ratio.is_some_and(|(a, b)| (a - b) * 100.0 >= HIT_DROP_POINTS);
+            // In points, with a margin for rounding (a drop of 100 % to 90 % is 9.999… in
+            // floating point, and must count as the 10 points it is).
+            let fell = hit_ratio.is_some_and(|(a, b)| (a - b) * 100.0 >= HIT_DROP_POINTS - 1e-9);
             if evictions > 0 && (young || fell) {
                 warnings.push(Warning::Thrashing {
                     evictions,

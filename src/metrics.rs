@@ -15,12 +15,13 @@ where
     ///
     /// `herdcache_hits_total`, `herdcache_misses_total`, `herdcache_load_successes_total`,
     /// `herdcache_load_failures_total`, `herdcache_loads_abandoned_total`,
-    /// `herdcache_load_seconds_total`,
     /// `herdcache_removals_total{cause}`, `herdcache_removed_weight_total{cause}`,
     /// `herdcache_coalesced_total`, `herdcache_refreshes_total{result}`,
     /// `herdcache_stale_served_total`, `herdcache_stale_served_after_ttl_total`,
     /// `herdcache_negative_hits_total`,
     /// `herdcache_loads_waited_for_limit_total`, `herdcache_timeouts_total`; gauges
+    /// `herdcache_load_seconds_total` (the time spent in loads, in fractional seconds: a gauge
+    /// because the facade's counters are integers; like a counter, it only grows),
     /// `herdcache_entries`, `herdcache_weighted_size`, `herdcache_loads_in_flight`,
     /// `herdcache_max_concurrent_loads_seen`, `herdcache_health_warning{kind}` (1 while
     /// [`health`](Cache::health) raises that kind of [`Warning`](crate::Warning), else 0; one

@@ -148,11 +148,53 @@ impl DueRing {
 
 /// `health`'s snapshots (instant, figures), oldest first, and the longest window it was asked
 /// for (nanoseconds; at least the default window): snapshots are kept for that one, whatever
-/// window a given call asks for.
+/// window a given call asks for. The default window ([`Cache::health`](crate::Cache::health))
+/// keeps its own, apart from the other windows' (`Monitor::history` and `Monitor::other`), so
+/// that no call with another window thins or stretches it.
 #[derive(Default)]
 pub(crate) struct History {
-    pub(crate) snapshots: Vec<(u64, Figures)>,
-    pub(crate) longest: u64,
+    snapshots: Vec<(u64, Figures)>,
+    longest: u64,
+}
+
+/// Snapshots kept, at most (see [`History::keep`]).
+const HISTORY: usize = 16;
+
+impl History {
+    /// The snapshots, oldest first: at least one (the cache's creation at `created`, with its
+    /// figures all zero then: a manual clock may have been advanced before the cache was
+    /// built).
+    pub(crate) fn snapshots(&mut self, created: u64) -> &[(u64, Figures)] {
+        if self.snapshots.is_empty() {
+            self.snapshots.push((created, Figures::default()));
+        }
+        &self.snapshots
+    }
+
+    /// After a call with window `w` at `now` (figures `cur`): keeps a snapshot if the newest
+    /// is an eighth of `w` old or older; keeps one snapshot at least the longest window asked
+    /// for (at least `min`) old, and none older; and at most [`HISTORY`]: beyond it, the
+    /// snapshot whose neighbours are the closest goes (the first and the newest stay), so that
+    /// the calls of a short window, however frequent, thin their own snapshots and not the
+    /// longest window's.
+    pub(crate) fn keep(&mut self, now: u64, cur: &Figures, w: u64, min: u64) {
+        let h = &mut self.snapshots;
+        let last = h.last().map_or(0, |(at, _)| *at);
+        if now.saturating_sub(last) >= (w / 8).max(1) {
+            h.push((now, cur.clone()));
+        }
+        self.longest = self.longest.max(w).max(min);
+        let keep = now.saturating_sub(self.longest);
+        while h.len() > 2 && h[1].0 <= keep {
+            h.remove(0);
+        }
+        while h.len() > HISTORY {
+            let i = (1..h.len() - 1)
+                .min_by_key(|&i| h[i + 1].0 - h[i - 1].0)
+                .unwrap_or(1);
+            h.remove(i);
+        }
+    }
 }
 
 /// The atomics the slow paths keep for [`Cache::health`], and its snapshots.
@@ -165,6 +207,8 @@ pub(crate) struct Monitor {
     /// synchronized (a time to live, no spread).
     pub(crate) width: u64,
     pub(crate) history: Mutex<History>,
+    /// The snapshots of the calls with a window other than the default.
+    pub(crate) other: Mutex<History>,
     /// The kinds raised by the last call of `health` (bit `i`: `Warning::KINDS[i]`), to log
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
@@ -219,6 +263,7 @@ impl Monitor {
             stale: AtomicU64::new(0),
             width,
             history: Mutex::new(History::default()),
+            other: Mutex::new(History::default()),
             active: std::sync::atomic::AtomicU8::new(0),
             mean_weight: AtomicU64::new(0),
         }

@@ -220,10 +220,12 @@ pub struct Removals {
 
 impl Sub for Removals {
     type Output = Removals;
+    /// The removals of the period between `earlier` and `self` (zero, not a wrapped
+    /// difference, if `earlier` is the later snapshot).
     fn sub(self, earlier: Removals) -> Removals {
         Removals {
-            count: self.count.wrapping_sub(earlier.count),
-            weight: self.weight.wrapping_sub(earlier.weight),
+            count: self.count.saturating_sub(earlier.count),
+            weight: self.weight.saturating_sub(earlier.weight),
         }
     }
 }
@@ -352,8 +354,8 @@ impl CacheStats {
     /// Entries evicted by the cache itself: expired plus size.
     pub fn evictions(&self) -> Removals {
         Removals {
-            count: self.expired.count + self.size.count,
-            weight: self.expired.weight + self.size.weight,
+            count: self.expired.count.saturating_add(self.size.count),
+            weight: self.expired.weight.saturating_add(self.size.weight),
         }
     }
 }
@@ -420,8 +422,10 @@ macro_rules! remote_counters {
         impl Sub for RemoteStats {
             type Output = RemoteStats;
 
+            /// The counts of the period between `earlier` and `self` (zero, not a wrapped
+            /// difference, if `earlier` is the later snapshot).
             fn sub(self, earlier: RemoteStats) -> RemoteStats {
-                RemoteStats { $($name: self.$name.wrapping_sub(earlier.$name),)* }
+                RemoteStats { $($name: self.$name.saturating_sub(earlier.$name),)* }
             }
         }
 

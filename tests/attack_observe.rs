@@ -955,24 +955,18 @@ fn report_metrics_load_seconds_matches_total_load_time() {
     assert!(s.total_load_time > Duration::ZERO);
 }
 
-/// `src/metrics.rs` lists `herdcache_load_seconds_total` among the series it reports as
-/// counters: "Counters are set to their absolute values: `herdcache_hits_total`, …,
-/// `herdcache_load_seconds_total`, `herdcache_removals_total{cause}`, …; gauges
-/// `herdcache_entries`, …". It is registered as a gauge (a Prometheus exporter then types a
-/// `_total` series as `gauge`, and a recorder that looks it up among counters finds nothing).
+/// Stop 38: `src/metrics.rs` listed `herdcache_load_seconds_total` among the counters, and
+/// registered it as a gauge. The docs now list it among the gauges (fractional seconds: the
+/// facade's counters are integers); it must be reported as one, with the stats' value.
 #[test]
-fn bug_load_seconds_total_is_reported_as_a_gauge_not_a_counter() {
+fn s38_load_seconds_total_is_the_documented_gauge() {
     let clock = ManualClock::new();
     let c = busy_cache("obs3", &clock);
     let m = capture(|| c.report_metrics());
-    assert!(
-        matches!(
-            m.get("herdcache_load_seconds_total,cache=obs3"),
-            Some(Val::Counter(_))
-        ),
-        "documented among the counters, registered as {:?}",
-        m.get("herdcache_load_seconds_total,cache=obs3")
-    );
+    match m.get("herdcache_load_seconds_total,cache=obs3") {
+        Some(Val::Gauge(v)) => assert_eq!(*v, c.stats().total_load_time.as_secs_f64()),
+        other => panic!("documented among the gauges, registered as {other:?}"),
+    }
 }
 
 #[test]
@@ -1017,7 +1011,7 @@ fn two_named_caches_report_apart_and_the_default_name_is_herdcache() {
 /// not a wrapped difference, if `earlier` is the later snapshot)". The removal counts
 /// (`expired`, `explicit`, `replaced`, `size`: `Removals`, whose `Sub` is `wrapping_sub`) wrap.
 #[test]
-fn bug_stats_sub_wraps_removal_counts_when_earlier_is_the_later_snapshot() {
+fn s38_stats_sub_wraps_removal_counts_when_earlier_is_the_later_snapshot() {
     let c: Cache<u32, u32> = Cache::builder().max_capacity(2).record_stats().build();
     let before = c.stats();
     c.get(&1);
@@ -1870,7 +1864,7 @@ fn thrashing_by_hit_ratio_drop_thresholds() {
 /// exactly 10 points (100 % → 90 %) is computed as `(1.0 - 0.9) * 100.0` =
 /// 9.999999999999998 < 10.0 in `src/health.rs` (`fell`), so it is not raised.
 #[test]
-fn bug_thrashing_hit_drop_of_exactly_the_threshold_is_not_raised() {
+fn s38_thrashing_hit_drop_of_exactly_the_threshold_is_not_raised() {
     // One hit fewer (10.1 points) is raised, with the halves measured exactly as made.
     match hit_drop(1000, 899, 1) {
         Some(Warning::Thrashing {
@@ -2943,7 +2937,7 @@ fn loads_in_flight_gauge_follows_a_running_load() {
 /// wrapped `expired` and `size` of a backwards difference make `evictions()` overflow (a
 /// panic in debug builds) instead of reading 0.
 #[test]
-fn bug_stats_sub_backwards_then_evictions_overflows() {
+fn s38_stats_sub_backwards_then_evictions_overflows() {
     let clock = ManualClock::new();
     let c: Cache<u32, u32> = Cache::builder()
         .max_capacity(2)
@@ -3116,7 +3110,7 @@ fn stale_warning_lasts(long_call: Option<Duration>) -> Duration {
 /// several minutes: the same warning stays raised for many minutes, and
 /// `herdcache_health_warning` (which `report_metrics` takes from `health()`) with it.
 #[test]
-fn bug_one_long_health_over_call_stretches_the_default_window_for_good() {
+fn s38_one_long_health_over_call_stretches_the_default_window_for_good() {
     let _w = common::watchdog(Duration::from_secs(60), "long window");
     let plain = stale_warning_lasts(None);
     assert!(

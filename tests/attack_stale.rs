@@ -1950,7 +1950,7 @@ fn async_refresh_failure_backs_off_then_expiry_load_async_errs() {
 // Suspected cause: `Cache::cancel_shared` (src/cache/flights.rs:227-252) unregisters the
 // flight and gives back the refresh claim, but never calls `fail_safe_abandoned`, which
 // `end_flight` (src/cache/flights.rs:281-283) calls for an abandoned blocking/borrowed leader.
-fn bug_cancelled_load_async_skips_fail_safe_backoff() {
+fn s38_cancelled_load_async_skips_fail_safe_backoff() {
     let _w = common::watchdog(secs(20), "bug_cancelled_load_async_skips_fail_safe_backoff");
     let clock = ManualClock::new();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -2032,7 +2032,7 @@ fn cancelled_get_with_async_leader_starts_fail_safe_backoff() {
 // `get_with_async_shared`: a shared async load every caller left is abandoned without
 // starting fail-safe's retry backoff.
 #[test]
-fn bug_cancelled_shared_load_skips_fail_safe_backoff() {
+fn s38_cancelled_shared_load_skips_fail_safe_backoff() {
     let _w = common::watchdog(
         secs(20),
         "bug_cancelled_shared_load_skips_fail_safe_backoff",

@@ -223,7 +223,8 @@ where
     /// and nobody polls it, and the unregistration, happen under the shard lock and the
     /// flight's lock together, so a caller that joined meanwhile (and may be driving the load)
     /// keeps the flight alive. Returns whether the load was cancelled; only then is it counted
-    /// (`LoadAbandoned`, before anyone wakes): otherwise whoever ends it counts it, once.
+    /// (`LoadAbandoned`, before anyone wakes), and, with fail-safe, its key's old value is
+    /// served for a backoff: otherwise whoever ends it counts it, once.
     pub(crate) fn cancel_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>) -> bool {
         let (future, key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
@@ -238,7 +239,12 @@ where
             }
             let key = s.flights().remove(hash, flight);
             if let Some(k) = &key {
-                self.key_eq_guarded(hash, || self.release_refresh_claim(&s, hash, k));
+                // A load nobody waits for any more failed, as an abandoned leader's: with
+                // fail-safe, its key's old value is served for a backoff before a retry.
+                self.key_eq_guarded(hash, || {
+                    self.release_refresh_claim(&s, hash, k);
+                    self.fail_safe_abandoned(&s, hash, k);
+                });
             }
             st.phase = Phase::Abandoned;
             self.count(crate::stats::Counter::LoadAbandoned);
