@@ -389,16 +389,27 @@ fn a_caller_cut_off_by_its_runtime_gets_the_last_value_from_get_or_stale() {
     assert_eq!(c.get(&1), None, "expired");
     assert_eq!(c.get_or_stale(&1), Some(10));
     assert_eq!(c.stats().stale_served_after_ttl, 1);
+    // The load cut off failed, as an abandoned leader's: its key's next callers get the last
+    // value at once, with no load, until the backoff is over (stop 38).
+    let mut again = Box::pin(c.load_async(1));
+    match again.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => assert_eq!(r.unwrap(), 10),
+        std::task::Poll::Pending => panic!("a load within the backoff after a cut-off load"),
+    }
+    drop(again);
     // A waiter cut off while another caller's load still runs gets it too.
-    let mut leader = Box::pin(c.get_with_async(1, std::future::pending::<u64>()));
+    c.insert(3, 30);
+    clock.advance(secs(TTL));
+    let mut leader = Box::pin(c.get_with_async(3, std::future::pending::<u64>()));
     let _ = leader.as_mut().poll(&mut cx);
     {
-        let mut waiter = Box::pin(c.load_async(1));
+        let mut waiter = Box::pin(c.load_async(3));
         assert!(waiter.as_mut().poll(&mut cx).is_pending());
     }
-    assert_eq!(c.get_or_stale(&1), Some(10));
+    assert_eq!(c.get_or_stale(&3), Some(30));
     drop(leader);
     clock.advance(secs(MAX_STALE));
+    assert_eq!(c.get_or_stale(&3), None, "never beyond max_stale");
     assert_eq!(c.get_or_stale(&1), None, "never beyond max_stale");
     // A write ends the stale value; without fail-safe there is none.
     c.insert(2, 20);

@@ -138,8 +138,12 @@ where
     /// [`get`](Self::get), or else, with [`fail_safe`](crate::CacheBuilder::fail_safe), the
     /// key's last value if it is past its deadline but within its stale window (counted in
     /// [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl) and
-    /// raised by [`health`](Self::health), as any fail-safe answer). Changes nothing: no load,
-    /// no retry deadline.
+    /// raised by [`health`](Self::health), as any fail-safe answer). A stale value changes
+    /// nothing: no load, no retry deadline. A live value is read exactly as by `get`: if its
+    /// [`refresh_after`](crate::CacheBuilder::refresh_after) period is over, the read starts
+    /// its refresh as `get`'s does (on the [`spawner`](crate::CacheBuilder::spawner) if set,
+    /// else in the calling thread, before it returns: give a cache read by callers that cannot
+    /// wait a spawner).
     ///
     /// For async callers whose runtime cuts a load off (`tokio::time::timeout` drops the
     /// future: the cache has no caller left to answer). A blocking caller has
