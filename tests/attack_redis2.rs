@@ -1290,3 +1290,85 @@ fn an_async_fleet_history_keeps_writer_order_and_converges() {
     assert!(ok, "(inst, key, got, want): {bad:?}");
     drop(rt);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. A key codec that cannot encode some keys
+// ---------------------------------------------------------------------------------------------
+
+/// Decimal `u64` keys, except that keys from 1,000 up cannot be encoded (an error: say, a key
+/// type some of whose values have no stable byte form).
+#[derive(Clone, Copy, Debug, Default)]
+struct SmallKeys;
+
+impl Codec<u64> for SmallKeys {
+    fn encode(&self, k: &u64, out: &mut Vec<u8>) -> Result<(), BoxError> {
+        if *k >= 1000 {
+            return Err("injected: key cannot be encoded".into());
+        }
+        out.extend_from_slice(k.to_string().as_bytes());
+        Ok(())
+    }
+    fn decode(&self, b: &[u8]) -> Result<u64, BoxError> {
+        Ok(std::str::from_utf8(b)?.parse()?)
+    }
+}
+
+/// `TieredCache::insert`: "tells the other instances to drop their copies"; `invalidate`:
+/// "tells the other instances to drop it"; module docs: "The guarantee: ... the other
+/// instances drop their local copies within the pub/sub delivery time". Nothing in the docs
+/// excepts keys the key codec cannot encode (`Codec` docs only say a *decode* error "never
+/// fails a request"; the receiving side already drops everything on a key it cannot decode:
+/// "A key we cannot decode ... could be any key: drop them all rather than keep a stale one").
+/// Such a key is still cached locally by every instance (its loads bypass Redis), so a
+/// demanding user expects `insert`/`invalidate` of it to reach the other instances (a
+/// message, or a drop-everything one as the receiving side does).
+///
+/// Observed: nothing is published; instance B keeps serving its old copy indefinitely (until
+/// its local time to live, 600 s here).
+///
+/// Suspected cause: src/redis/tier.rs:852 (`invalidate`: `if let Some(vkey) =
+/// self.value_key(...)`, else nothing) and src/redis/tier.rs:803 (`put`: `value_key(...)?`
+/// returns `None`, and `TieredCache::insert` then only inserts locally, src/redis/mod.rs:837):
+/// an unencodable key skips the announcement along with the Redis write.
+#[test]
+fn bug_insert_or_invalidate_of_an_unencodable_key_never_reaches_the_other_instances() {
+    let _w = watchdog(LIMIT, "bug_unencodable_key_invalidation");
+    let server = RedisServer::start();
+    let ns = "keys";
+    let mk = || {
+        tier(&server, ns)
+            .build_with(builder(), SmallKeys, Plain)
+            .unwrap()
+    };
+    let (a, b) = (mk(), mk());
+    subscribed(&[a.clone(), b.clone()]);
+    // Messages arrive within milliseconds here: 1.5 s is plenty.
+    let soon = |mut cond: Box<dyn FnMut() -> bool + '_>| {
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cond()
+    };
+    // Both paths, with a key that can be encoded first (the control).
+    for key in [7u64, 7_000] {
+        assert_eq!(b.get_with(key, || 1), 1);
+        a.insert(key, 2);
+        let after_insert = soon(Box::new(|| b.get(&key) != Some(1)));
+        assert_eq!(b.get_with(key, || 3), if after_insert { 2 } else { 1 });
+        a.invalidate(&key);
+        let after_invalidate = soon(Box::new(|| b.get(&key).is_none()));
+        eprintln!(
+            "key {key}: B dropped its copy after A's insert: {after_insert}, after A's \
+             invalidate: {after_invalidate}"
+        );
+        assert!(
+            after_insert && after_invalidate,
+            "key {key}: instance B kept its copy after A's insert (dropped: {after_insert}) / \
+             invalidate (dropped: {after_invalidate})"
+        );
+    }
+}
