@@ -905,7 +905,19 @@ fn bug_epoch_goes_back_after_a_restart_and_a_load_survives_invalidate_all() {
             .arg("d")
             .query(&mut conn)
             .unwrap();
-        eprintln!("attempt {attempt}: in Redis after the write-back: {d:?}");
+        let e: Option<String> = redis::cmd("HGET")
+            .arg(vkey(ns, key))
+            .arg("e")
+            .query(&mut conn)
+            .unwrap();
+        let now: Option<u64> = redis::cmd("GET")
+            .arg(format!("hc:{}:{ns}:epoch", ns.len()))
+            .query(&mut conn)
+            .unwrap();
+        eprintln!(
+            "attempt {attempt}: in Redis after the write-back: d {d:?}, e {e:?}; epoch before \
+             the restart {epoch}, now {now:?}"
+        );
         let got = c.get_with(key, || 200);
         observed = Some(got);
         break;
@@ -1328,7 +1340,7 @@ impl Codec<u64> for SmallKeys {
 ///
 /// Suspected cause: src/redis/tier.rs:852 (`invalidate`: `if let Some(vkey) =
 /// self.value_key(...)`, else nothing) and src/redis/tier.rs:803 (`put`: `value_key(...)?`
-/// returns `None`, and `TieredCache::insert` then only inserts locally, src/redis/mod.rs:837):
+/// returns `None`, and `TieredCache::insert` then only inserts locally, src/redis/mod.rs:835):
 /// an unencodable key skips the announcement along with the Redis write.
 #[test]
 fn bug_insert_or_invalidate_of_an_unencodable_key_never_reaches_the_other_instances() {
@@ -1371,4 +1383,105 @@ fn bug_insert_or_invalidate_of_an_unencodable_key_never_reaches_the_other_instan
              invalidate (dropped: {after_invalidate})"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. A history across a server restart (data lost), with clear_on_reconnect
+// ---------------------------------------------------------------------------------------------
+
+/// Three instances with `clear_on_reconnect(true)` ("bounds this by the disconnection
+/// instead, at the price of refilling the local tier (from Redis) after every reconnect"),
+/// two threads each doing inserts, `invalidate_all`s and read-through loads, with the server
+/// killed and restarted empty in the middle. After the run, one more write of each key on the
+/// healthy server: every instance converges on it (nothing from before the restart — a
+/// remembered version, a late write-back, a stale local copy — keeps an instance on an older
+/// value).
+#[test]
+fn a_history_across_a_restart_converges_after_the_next_write() {
+    let _w = watchdog(LIMIT, "a_history_across_a_restart");
+    let mut server = RedisServer::start();
+    let ns = "restart";
+    let fleet: Vec<TieredCache<u64, u64>> = (0..3)
+        .map(|_| {
+            RedisTier::new(server.url())
+                .namespace(ns)
+                .timeouts(Duration::from_millis(100), Duration::from_millis(100))
+                .breaker(3, Duration::from_millis(200))
+                .clear_on_reconnect(true)
+                .lease(Duration::from_secs(2), Duration::from_millis(300))
+                .build(builder(), Plain)
+                .unwrap()
+        })
+        .collect();
+    subscribed(&fleet);
+    let be = Backend::new();
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut threads = Vec::new();
+    for (i, c) in fleet.iter().enumerate() {
+        for t in 0..2u64 {
+            let c = c.clone();
+            let be = Arc::clone(&be);
+            threads.push(std::thread::spawn(move || {
+                let mut rng = Rng(0xbeef + i as u64 * 23 + t);
+                while Instant::now() < until {
+                    let k = rng.below(KEYS);
+                    match rng.below(10) {
+                        0 => c.invalidate_all(),
+                        1..=3 => {
+                            let mut row = be.rows[k as usize].lock().unwrap();
+                            *row += 1;
+                            be.current[k as usize].store(*row, Ordering::SeqCst);
+                            c.insert(k, *row);
+                        }
+                        _ => {
+                            c.get_with(k, || {
+                                let v = be.read(k);
+                                std::thread::sleep(Duration::from_millis(rng.below(5)));
+                                v
+                            });
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(900));
+    server.restart();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(eventually(|| fleet.iter().all(|c| !c.is_breaker_open())));
+    subscribed(&fleet);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut before_final = Vec::new();
+    for k in 0..KEYS {
+        for (i, c) in fleet.iter().enumerate() {
+            let got = c.get_with(k, || be.read(k));
+            if got != be.read(k) {
+                before_final.push((i, k, got, be.read(k)));
+            }
+        }
+    }
+    eprintln!("before the final writes, (inst, key, got, want): {before_final:?}");
+    for k in 0..KEYS {
+        let mut row = be.rows[k as usize].lock().unwrap();
+        *row += 1;
+        be.current[k as usize].store(*row, Ordering::SeqCst);
+        fleet[2].insert(k, *row);
+    }
+    let mut bad = Vec::new();
+    let ok = eventually(|| {
+        bad.clear();
+        for k in 0..KEYS {
+            let want = be.read(k);
+            for (i, c) in fleet.iter().enumerate() {
+                let got = c.get_with(k, || be.read(k));
+                if got != want {
+                    bad.push((i, k, got, want));
+                }
+            }
+        }
+        bad.is_empty()
+    });
+    assert!(ok, "(inst, key, got, want): {bad:?}");
 }
