@@ -817,6 +817,9 @@ where
     /// their copies (they read the new value from Redis on their next miss), then inserts
     /// locally. A load of the key running anywhere in the fleet does not overwrite it.
     ///
+    /// A key the key codec cannot encode is not in Redis: it is inserted here, and the other
+    /// instances, which cannot be told which key it is, are told to drop every local copy.
+    ///
     /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
     /// while the breaker is open).
     pub fn insert(&self, key: K, value: V) {
@@ -839,6 +842,9 @@ where
     /// Leaves a tombstone for `key` in Redis (a new version; a lease on it is revoked), tells
     /// the other instances to drop it, then removes it here. A load of the key running
     /// anywhere in the fleet does not write it back.
+    ///
+    /// A key the key codec cannot encode: as for [`insert`](Self::insert), the other
+    /// instances drop every local copy.
     ///
     /// Blocks for the Redis delete and publish (bounded as [`insert`](Self::insert)).
     pub fn invalidate(&self, key: &K) {

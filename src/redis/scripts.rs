@@ -32,6 +32,18 @@ macro_rules! next_version {
     };
 }
 
+/// A new invalidate-all epoch: KEYS = epoch. At least one more than the last, and at least the
+/// server's clock in microseconds (as a key's version, `next_version!`), so that an epoch
+/// lost with its key (a restart without persistence, `FLUSHALL`, an eviction) comes back
+/// above every epoch a load may have read before. Returns the new epoch.
+pub(crate) const NEXT_EPOCH: &str = "redis.replicate_commands() \
+     local old = tonumber(redis.call('get', KEYS[1]) or '0') or 0 \
+     if old < 0 or old >= 9007199254740992 or old ~= math.floor(old) then old = 0 end \
+     local t = redis.call('time') \
+     local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) \
+     redis.call('set', KEYS[1], string.format('%.0f', v)) \
+     return v";
+
 /// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
 /// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
 /// load read it, and (with a lease) only while the lease is ours; releases the lease.

@@ -19,8 +19,11 @@
 //! writes the value or leaves a tombstone (an invalidation also revokes the key's lease). A
 //! load remembers the version (and epoch) it read before loading, and its write-back is a script
 //! that stores only if the version is still that one (and, with a lease, only while its lease
-//! stands). `invalidate_all` increments the epoch first, so that values written back by loads
-//! that read an older epoch are ignored by readers, then tombstones the namespace's values. So
+//! stands). `invalidate_all` advances the epoch first (to at least the server's clock in
+//! microseconds, as a key's version: an epoch lost with its key, in a restart without
+//! persistence, comes back above the ones loads read before), so that values written back by
+//! loads that read an older epoch are ignored by readers, then tombstones the namespace's
+//! values. So
 //! after an `insert` or `invalidate` returns on any instance, Redis never again yields an older
 //! value for the key — provided the tombstone (kept for the tier's time to live) outlives any
 //! load running at that moment.
@@ -38,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::scripts::{INSERT, READ, RELEASE, TOMBSTONE, WRITE_BACK};
+use super::scripts::{INSERT, NEXT_EPOCH, READ, RELEASE, TOMBSTONE, WRITE_BACK};
 
 /// Message kinds on the invalidation channel:
 /// `[kind][origin: 8 bytes LE][version: 8 bytes LE][key bytes]`.
@@ -800,7 +803,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// is invalidated in Redis instead
     /// (a tombstone, a new version), so that no instance reads an older value from there.
     pub(crate) fn put(&self, key: &K, value: &V) -> Option<(Vec<u8>, u64)> {
-        let vkey = self.value_key(key, None)?;
+        let Some(vkey) = self.value_key(key, None) else {
+            self.unencodable_key();
+            return None;
+        };
         let bytes = match self.encode(value) {
             Ok(bytes) => bytes,
             // Not encodable (counted as an error) or too large (counted as oversized): the
@@ -849,9 +855,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     /// Leaves a tombstone for `key` in Redis (a new version; its lease revoked) and tells the
     /// other instances to drop their copies.
     pub(crate) fn invalidate(&self, key: &K) {
-        if let Some(vkey) = self.value_key(key, None) {
-            self.tombstone(&vkey);
+        match self.value_key(key, None) {
+            Some(vkey) => {
+                self.tombstone(&vkey);
+            }
+            None => self.unencodable_key(),
         }
+    }
+
+    /// A write or invalidation of a key that the key codec cannot encode: Redis holds no
+    /// value of it, but other instances may hold a local copy (loaded without Redis), and they
+    /// cannot be told which key it is: they are told to drop every local copy (as a receiver
+    /// does with a key it cannot decode), by an invalidate-all message that leaves Redis as
+    /// it is.
+    fn unencodable_key(&self) {
+        self.announce(MSG_ALL, 0, &[]);
     }
 
     /// Leaves a tombstone for a key (its lease revoked) and announces the new version.
@@ -886,10 +904,13 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // First: an `insert` whose local copy lands after the local tier is cleared must see
         // that it may be older than this (its value may be tombstoned below).
         self.versions.lock().clears += 1;
-        let epoch = match self
-            .client
-            .run_result(|c| cmd("INCR").arg(&self.epoch_key).query::<u64>(c))
-        {
+        let epoch = match self.client.run_result(|c| {
+            cmd("EVAL")
+                .arg(NEXT_EPOCH)
+                .arg(1)
+                .arg(&self.epoch_key)
+                .query::<u64>(c)
+        }) {
             Ok(epoch) => Some(epoch),
             // Refused (`OOM`): the values are deleted instead of tombstoned, below.
             Err(Failed::Key) => None,
