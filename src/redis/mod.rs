@@ -699,10 +699,10 @@ fn tls_config(tls: &TlsFiles) -> ::redis::RedisResult<rustls::ClientConfig> {
 /// one.
 ///
 /// rustls 0.23.48 deprecates `ring::default_provider` because *ring* has no post-quantum key
-/// exchange; the other built-in provider (aws-lc-rs) needs a C toolchain and CMake to build,
-/// which this feature promises not to need. An application that wants post-quantum key
-/// exchange installs its provider before the first `rediss://` connection; this one is
-/// installed only if none is.
+/// exchange; the other built-in provider (aws-lc-rs) needs a C compiler (CMake on some
+/// platforms) to build, which this feature promises not to need. An application that wants
+/// post-quantum key exchange installs its provider before the first `rediss://` connection;
+/// this one is installed only if none is.
 #[cfg(feature = "redis-tls")]
 #[allow(deprecated)]
 fn install_crypto_provider() {
