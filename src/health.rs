@@ -570,14 +570,12 @@ where
                 .filter(|(at, _)| *at >= base_at)
                 .map(|(_, f)| f.entries)
                 .fold(cur.entries, u64::max);
-            guard.keep(now, &cur, w, default);
+            guard.keep(created, now, &cur, w, default);
             (base_at, base, mid, peak)
         };
         if w != default {
             // Every call feeds the default window's snapshots, at its own pace.
-            let mut guard = m.history.lock();
-            guard.snapshots(created);
-            guard.keep(now, &cur, default, default);
+            m.history.lock().keep(created, now, &cur, default, default);
         }
         let span = now.saturating_sub(base_at);
         let mut hist = [0u64; BUCKETS];

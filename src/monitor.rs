@@ -171,13 +171,15 @@ impl History {
         &self.snapshots
     }
 
-    /// After a call with window `w` at `now` (figures `cur`): keeps a snapshot if the newest
+    /// After a call with window `w` at `now` (figures `cur`; the creation's first, see
+    /// [`snapshots`](Self::snapshots)): keeps a snapshot if the newest
     /// is an eighth of `w` old or older; keeps one snapshot at least the longest window asked
     /// for (at least `min`) old, and none older; and at most [`HISTORY`]: beyond it, the
     /// snapshot whose neighbours are the closest goes (the first and the newest stay), so that
     /// the calls of a short window, however frequent, thin their own snapshots and not the
     /// longest window's.
-    pub(crate) fn keep(&mut self, now: u64, cur: &Figures, w: u64, min: u64) {
+    pub(crate) fn keep(&mut self, created: u64, now: u64, cur: &Figures, w: u64, min: u64) {
+        self.snapshots(created);
         let h = &mut self.snapshots;
         let last = h.last().map_or(0, |(at, _)| *at);
         if now.saturating_sub(last) >= (w / 8).max(1) {

@@ -15,34 +15,44 @@ macro_rules! repair {
     };
 }
 
-/// Advances the key's version (a local `v`): past the stored one, and at least the server's
-/// clock in microseconds, so that versions keep increasing when the key's hash expires and is
-/// written again (an instance remembers the version of its own last write of a key, and
-/// ignores messages older than it). A version field that is not a version (a stray write: not
-/// a number, negative, fractional, or beyond 2^53, where Lua's numbers stop counting by one)
-/// counts as 0 and is replaced.
-macro_rules! next_version {
+/// A local `v` past a local `old` (the stored counter, read as a number or `nil`), and at
+/// least the server's clock in microseconds, so that the counter keeps increasing when its key
+/// is lost and written again. A stored value that is not a counter (a stray write: not a
+/// number, negative, fractional, or beyond 2^53, where Lua's numbers stop counting by one)
+/// counts as 0 and is replaced. Needs `redis.replicate_commands()` first (`TIME`).
+macro_rules! past_the_clock {
     () => {
-        "redis.replicate_commands() \
-         local old = tonumber(redis.call('hget', KEYS[1], 'v') or '0') or 0 \
+        "old = tonumber(old or '0') or 0 \
          if old < 0 or old >= 9007199254740992 or old ~= math.floor(old) then old = 0 end \
          local t = redis.call('time') \
-         local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) \
-         redis.call('hset', KEYS[1], 'v', string.format('%.0f', v)) "
+         local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) "
     };
 }
 
-/// A new invalidate-all epoch: KEYS = epoch. At least one more than the last, and at least the
-/// server's clock in microseconds (as a key's version, `next_version!`), so that an epoch
-/// lost with its key (a restart without persistence, `FLUSHALL`, an eviction) comes back
-/// above every epoch a load may have read before. Returns the new epoch.
-pub(crate) const NEXT_EPOCH: &str = "redis.replicate_commands() \
-     local old = tonumber(redis.call('get', KEYS[1]) or '0') or 0 \
-     if old < 0 or old >= 9007199254740992 or old ~= math.floor(old) then old = 0 end \
-     local t = redis.call('time') \
-     local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) \
-     redis.call('set', KEYS[1], string.format('%.0f', v)) \
-     return v";
+/// Advances the key's version (a local `v`, [`past_the_clock!`]), so that versions keep
+/// increasing when the key's hash expires and is written again (an instance remembers the
+/// version of its own last write of a key, and ignores messages older than it).
+macro_rules! next_version {
+    () => {
+        concat!(
+            "redis.replicate_commands() \
+             local old = redis.call('hget', KEYS[1], 'v') ",
+            past_the_clock!(),
+            "redis.call('hset', KEYS[1], 'v', string.format('%.0f', v)) "
+        )
+    };
+}
+
+/// A new invalidate-all epoch: KEYS = epoch. As a key's version ([`past_the_clock!`]), so
+/// that an epoch lost with its key (a restart without persistence, `FLUSHALL`, an eviction)
+/// comes back above every epoch a load may have read before. Returns the new epoch.
+pub(crate) const NEXT_EPOCH: &str = concat!(
+    "redis.replicate_commands() \
+     local old = redis.call('get', KEYS[1]) ",
+    past_the_clock!(),
+    "redis.call('set', KEYS[1], string.format('%.0f', v)) \
+     return v"
+);
 
 /// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
 /// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
