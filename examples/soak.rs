@@ -7,28 +7,86 @@
 //!
 //! Two workers mix gets, inserts, single-flight loads that fail (5 %) or panic (1 %),
 //! invalidations, `invalidate_all` now and then, entries with a 2 s time to live, and
-//! refresh-ahead on a second cache. Every second it prints RSS, operations per second and loads
-//! in flight. After a warm-up (the first fifth of the run, at least 10 s; for runs under 20 s,
-//! the first half) it fails (exit code 1) if RSS keeps growing: its median over the second half
-//! of the measured period more than 10 % above its median over the first half (a leak raises
-//! every second's RSS; a spike — an `invalidate_all`'s transient buffer, the allocator on a busy
-//! machine — raises only the peak), or at any time RSS above twice the warm-up's peak
-//! for 3 s in a row; if throughput in the second half of the measured period falls more than 30 %
-//! below the first half's (medians of the per-second rates, when at least two seconds were
-//! measured; a rise is not a failure: it means the machine was busier earlier), or if a worker
-//! makes no
-//! progress for 5 s. `N` must be a whole number of seconds, at least 1.
+//! refresh-ahead on a second cache. Every second it prints RSS, the live heap (the bytes the
+//! program holds, counted by a wrapper around the system allocator: the second's lowest and
+//! highest of samples taken every 10 ms), operations per second and loads in flight. After a
+//! warm-up (the first fifth of the run, at least 10 s; for runs under 20 s, the first half) it
+//! fails (exit code 1):
 //!
-//! `SOAK_PLANTED_LEAK=1` leaks 1 MiB a second on purpose, to show that the RSS check fails.
+//! - if the live heap keeps growing: the median of the seconds' lowest live heap over the second
+//!   half of the measured period more than 10 % above the first half's. The lowest, because the
+//!   cache's contents swing between empty and full many times a second (an `invalidate_all`
+//!   empties it, the workers refill it within milliseconds) and a leak raises the floor under
+//!   them; the live heap and not RSS, because glibc's arenas keep a varying share of a churning
+//!   heap (stop 31's CI run failed on RSS medians of 22.3 and 26.3 MiB with no leak: the live
+//!   heap's floor stays at 4.8 MiB through a 300 s run while RSS moves between 21 and 26 MiB);
+//! - if RSS stays above twice the warm-up's peak for 3 s in a row, at any time;
+//! - if throughput in the second half of the measured period falls more than 30 % below the
+//!   first half's (medians of the per-second rates, when at least two seconds were measured; a
+//!   rise is not a failure: it means the machine was busier earlier);
+//! - if a worker makes no progress for 5 s.
+//!
+//! `N` must be a whole number of seconds, at least 1.
+//!
+//! `SOAK_PLANTED_LEAK=1` leaks 1 MiB a second on purpose, to show that the leak check fails.
 
 use herdcache::{BoxError, Cache};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PLANNED: &str = "soak: planned loader panic";
 /// Seconds in a row RSS must stay above twice the warm-up's peak to fail the run at once.
 const RSS_SECONDS: u32 = 3;
+
+/// The system allocator, counting the bytes it has live: what the program holds, whatever the
+/// allocator keeps of what was freed (RSS includes that, and glibc's arenas keep a varying share
+/// of a churning heap: RSS alone is no leak detector).
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged (so the
+// caller's obligations are `System`'s) and only adds a counter update.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is (see the impl).
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is (see the impl).
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as is (see the impl).
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as is (see the impl).
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_bytes() -> u64 {
+    LIVE.load(Ordering::Relaxed).max(0) as u64
+}
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -152,15 +210,26 @@ fn main() {
     let mut last_progress = [Instant::now(); 2];
     let mut baseline_rss = 0u64;
     let mut above = 0;
-    // RSS of each measured second, for the growth check at the end.
+    // RSS and the live heap's floor of each measured second, for the checks at the end.
     let mut measured_rss = Vec::new();
+    let mut measured_floor = Vec::new();
     let planted_leak = std::env::var_os("SOAK_PLANTED_LEAK").is_some();
     let mut rates = Vec::new();
     for second in 1..=secs {
-        std::thread::sleep(
-            Duration::from_secs(1)
-                .saturating_sub(start.elapsed() - Duration::from_secs(second - 1)),
-        );
+        // Live bytes swing with the cache's contents (an `invalidate_all` empties it, the
+        // workers refill it within milliseconds): sampled every 10 ms, the second's lowest
+        // is the floor a leak would raise.
+        let (mut live_min, mut live_max) = (u64::MAX, 0u64);
+        loop {
+            let live = live_bytes();
+            live_min = live_min.min(live);
+            live_max = live_max.max(live);
+            let left = Duration::from_secs(second).saturating_sub(start.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+        }
         let now_ops: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
         let rate: u64 = now_ops.iter().zip(&last_ops).map(|(a, b)| a - b).sum();
         for w in 0..2 {
@@ -177,8 +246,10 @@ fn main() {
         }
         let rss = rss_bytes();
         println!(
-            "{second:>5} s  rss {:>7.1} MiB  {:>9} ops/s  loads in flight {}  entries {}",
+            "{second:>5} s  rss {:>7.1} MiB  live {:>7.1}..{:>7.1} MiB  {:>9} ops/s  loads in flight {}  entries {}",
             rss as f64 / (1 << 20) as f64,
+            live_min as f64 / (1 << 20) as f64,
+            live_max as f64 / (1 << 20) as f64,
             rate,
             cache.stats().loads_in_flight + refreshing.stats().loads_in_flight,
             cache.entry_count()
@@ -190,6 +261,7 @@ fn main() {
         } else {
             rates.push(rate as f64);
             measured_rss.push(rss);
+            measured_floor.push(live_min);
             // A gross leak fails at once; a spike of the allocator's does not last.
             above = if rss > 2 * baseline_rss { above + 1 } else { 0 };
             if above == RSS_SECONDS {
@@ -207,48 +279,47 @@ fn main() {
     for w in workers {
         w.join().expect("worker");
     }
+    let median = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if measured_rss.len() >= 2 {
         let (a, b) = measured_rss.split_at(measured_rss.len() / 2);
-        let (pa, pb) = (
-            a.iter().copied().max().unwrap_or(0),
-            b.iter().copied().max().unwrap_or(0),
-        );
-        // Growth is judged on the halves' medians: a leak raises every second's RSS, a
-        // spike (the allocator's, a busy machine's) only the peak. Stop 29's CI run failed on
-        // peaks of 21.9 and 25.4 MiB while other builds shared the machine; alone, the same
-        // commit's peaks were 21.4 and 21.8 MiB.
-        let median = |v: &[u64]| {
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            v[v.len() / 2]
-        };
-        let (ma, mb) = (median(a), median(b));
+        let peak = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
         println!(
             "RSS peaks: warm-up {:.1} MiB, first half {:.1} MiB, second half {:.1} MiB",
-            baseline_rss as f64 / (1 << 20) as f64,
-            pa as f64 / (1 << 20) as f64,
-            pb as f64 / (1 << 20) as f64
+            mib(baseline_rss),
+            mib(peak(a)),
+            mib(peak(b))
+        );
+        let (a, b) = measured_floor.split_at(measured_floor.len() / 2);
+        let (ma, mb) = (median(a), median(b));
+        println!(
+            "live heap's floor (medians): {:.2} MiB in the first half, {:.2} MiB in the second",
+            mib(ma),
+            mib(mb)
         );
         if mb > ma + ma / 10 {
             failures.push(format!(
-                "RSS kept growing: median {ma} bytes in the first half of the measured period, \
-                 {mb} in the second (> 10 %; peaks {pa} and {pb})"
+                "the live heap kept growing: the median of the seconds' lowest was {ma} bytes \
+                 in the first half of the measured period, {mb} in the second (> 10 %)"
             ));
         }
     }
     if rates.len() >= 2 {
         let (a, b) = rates.split_at(rates.len() / 2);
-        let median = |v: &[f64]| {
+        let median_rate = |v: &[f64]| {
             let mut v = v.to_vec();
             v.sort_by(|x, y| x.partial_cmp(y).expect("rates are numbers"));
             v[v.len() / 2]
         };
-        let (ma, mb) = (median(a), median(b));
+        let (ma, mb) = (median_rate(a), median_rate(b));
         let drop = (ma - mb) / ma.max(1.0);
         println!(
-            "throughput (medians): {ma:.0} ops/s then {mb:.0} ops/s (change {:+.1} %); RSS peak in the warm-up {:.1} MiB",
-            -drop * 100.0,
-            baseline_rss as f64 / (1 << 20) as f64
+            "throughput (medians): {ma:.0} ops/s then {mb:.0} ops/s (change {:+.1} %)",
+            -drop * 100.0
         );
         if drop > 0.30 {
             failures.push(format!("throughput fell {:.1} % (> 30 %)", drop * 100.0));
