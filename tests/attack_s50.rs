@@ -239,3 +239,208 @@ fn get_or_stale_never_beyond_max_stale_and_ends_with_a_write() {
     assert!(r.is_err());
     let _ = LoadError::Timeout;
 }
+
+/// A gate a loader blocks on until it is opened.
+#[derive(Clone, Default)]
+struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+impl Gate {
+    fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+    fn wait(&self) {
+        let mut g = self.0 .0.lock().unwrap();
+        while !*g {
+            g = self.0 .1.wait(g).unwrap();
+        }
+    }
+}
+
+/// A cache whose loader blocks key 2 on `gate` (signalling `entered`) and counts the loads of
+/// other keys, failing them while `down`.
+struct Limited {
+    c: Cache<u32, String>,
+    clock: ManualClock,
+    gate: Gate,
+    entered: std::sync::mpsc::Receiver<()>,
+    loads: Arc<AtomicUsize>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn limited(spawner: bool) -> Limited {
+    let clock = ManualClock::new();
+    let gate = Gate::default();
+    let (tx, entered) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (g, l, d) = (gate.clone(), Arc::clone(&loads), Arc::clone(&down));
+    let mut b = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(TTL)
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .max_concurrent_loads(1)
+        .clock(clock.clone())
+        .loader(move |k: &u32| {
+            if *k == 2 {
+                let _ = tx.lock().unwrap().send(());
+                g.wait();
+                return Ok::<_, BoxError>("two".to_string());
+            }
+            l.fetch_add(1, Ordering::SeqCst);
+            if d.load(Ordering::SeqCst) {
+                Err("down".into())
+            } else {
+                Ok("new".to_string())
+            }
+        });
+    if spawner {
+        b = b.spawner(|job| {
+            std::thread::spawn(job);
+        });
+    }
+    let c = b.build();
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    Limited {
+        c,
+        clock,
+        gate,
+        entered,
+        loads,
+        down,
+    }
+}
+
+/// A soft timeout that passes while the leader (no spawner) waits for a permit gives the load
+/// up before its loader runs: with fail-safe the caller gets the last value, the key's retry
+/// deadline is set, and the next caller within the backoff gets the last value with no load.
+#[test]
+fn permit_timeout_without_spawner_serves_stale_and_backs_off() {
+    let _w = watchdog(Duration::from_secs(60), "permit timeout");
+    let l = limited(false);
+    let c2 = l.c.clone();
+    let holder = std::thread::spawn(move || c2.load(2));
+    l.entered.recv().unwrap();
+    let r = l.c.load_with_timeout(1, Some(Duration::from_millis(50)));
+    assert_eq!(r.unwrap(), "old");
+    let s = l.c.stats();
+    assert_eq!(
+        (s.timeouts, s.loads_abandoned, s.stale_served_after_ttl),
+        (1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(l.loads.load(Ordering::SeqCst), 0);
+    // Within the backoff: the last value at once, no load, no wait for the permit.
+    let r = l.c.load_with_timeout(1, Some(Duration::from_millis(50)));
+    assert_eq!(r.unwrap(), "old");
+    let s = l.c.stats();
+    assert_eq!((s.timeouts, s.stale_served_after_ttl), (1, 2), "{s:?}");
+    l.gate.open();
+    assert_eq!(holder.join().unwrap().unwrap(), "two");
+    l.down.store(false, Ordering::SeqCst);
+    l.clock.advance(BACKOFF);
+    assert_eq!(l.c.load(1).unwrap(), "new");
+    assert_eq!(l.loads.load(Ordering::SeqCst), 1);
+    l.c.validate();
+}
+
+/// With a spawner the job keeps waiting for its permit past the caller's soft timeout, and
+/// "on a soft timeout the load goes on, and its callers get the old value at once until it
+/// ends"; when it ends (here: fails) the last value still answers, for a backoff.
+#[test]
+fn permit_timeout_with_spawner_serves_stale_until_the_job_ends() {
+    let _w = watchdog(Duration::from_secs(60), "spawned permit timeout");
+    let l = limited(true);
+    let c2 = l.c.clone();
+    let holder = std::thread::spawn(move || c2.load_with_timeout(2, None));
+    l.entered.recv().unwrap();
+    let r = l.c.load_with_timeout(1, Some(Duration::from_millis(50)));
+    assert_eq!(r.unwrap(), "old");
+    // Past the backoff, the spawned job still waits: callers get the last value at once.
+    l.clock.advance(BACKOFF * 2);
+    let t = std::time::Instant::now();
+    let r = l.c.load_with_timeout(1, Some(Duration::from_secs(20)));
+    assert_eq!(r.unwrap(), "old");
+    assert!(t.elapsed() < Duration::from_secs(10), "waited for the load");
+    assert_eq!(l.loads.load(Ordering::SeqCst), 0);
+    l.gate.open();
+    assert_eq!(holder.join().unwrap().unwrap(), "two");
+    assert!(
+        common::eventually(|| l.loads.load(Ordering::SeqCst) == 1 && l.c.stats().loads_in_flight == 0),
+        "the spawned job never loaded"
+    );
+    // It failed: the last value answers for a backoff, with no load.
+    let r = l.c.load_with_timeout(1, Some(Duration::from_secs(20)));
+    assert_eq!(r.unwrap(), "old");
+    assert_eq!(l.loads.load(Ordering::SeqCst), 1);
+    l.c.validate();
+}
+
+/// After the backoff, many concurrent callers of a failing key: exactly one loads; every one
+/// gets the last value.
+#[test]
+fn one_retry_per_backoff_under_concurrency() {
+    let _w = watchdog(Duration::from_secs(60), "retry race");
+    let (c, clock) = expired_cache();
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert_eq!(r.unwrap(), "old");
+    let loads = Arc::new(AtomicUsize::new(0));
+    for round in 0..5 {
+        clock.advance(BACKOFF);
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, l, b) = (c.clone(), Arc::clone(&loads), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    b.wait();
+                    c.try_get_with(1, || {
+                        l.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(5));
+                        Err::<String, BoxError>("down".into())
+                    })
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap().unwrap(), "old");
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), round + 1, "round {round}");
+    }
+    c.validate();
+}
+
+/// Callers that waited on one failed load count once in `stale_served_after_ttl` ("callers
+/// that waited on one failed load count once").
+#[test]
+fn waiters_of_one_failed_load_count_once() {
+    let _w = watchdog(Duration::from_secs(60), "waiters count once");
+    let (c, _clock) = expired_cache();
+    let gate = Gate::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c1, g1) = (c.clone(), gate.clone());
+    let leader = std::thread::spawn(move || {
+        c1.try_get_with(1, || {
+            tx.send(()).unwrap();
+            g1.wait();
+            Err::<String, BoxError>("down".into())
+        })
+    });
+    rx.recv().unwrap();
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || c.get_with(1, || "never".to_string()))
+        })
+        .collect();
+    assert!(common::eventually(|| c.stats().coalesced == 4));
+    gate.open();
+    assert_eq!(leader.join().unwrap().unwrap(), "old");
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), "old");
+    }
+    let s = c.stats();
+    assert_eq!(s.stale_served_after_ttl, 1, "{s:?}");
+}
