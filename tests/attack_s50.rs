@@ -10,6 +10,9 @@
 #![cfg(not(any(loom, shuttle)))]
 
 mod common;
+#[cfg(feature = "redis")]
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use common::watchdog;
 use herdcache::{BoxError, Cache, CacheStats, LoadError, ManualClock};
@@ -443,4 +446,145 @@ fn waiters_of_one_failed_load_count_once() {
     }
     let s = c.stats();
     assert_eq!(s.stale_served_after_ttl, 1, "{s:?}");
+}
+
+#[cfg(feature = "redis")]
+mod tier {
+    use super::{proxy, watchdog, Gate};
+    use herdcache::codec::Plain;
+    use herdcache::redis::{RedisTier, TieredCache};
+    use herdcache::Cache;
+    use herdcache_testkit::redis_server::RedisServer;
+    use std::time::Duration;
+
+    fn tier(url: String, ns: &str) -> RedisTier {
+        RedisTier::new(url)
+            .namespace(ns)
+            .timeouts(Duration::from_millis(300), Duration::from_millis(300))
+    }
+
+    fn build(t: RedisTier) -> TieredCache<u64, u64> {
+        t.build(
+            Cache::builder()
+                .max_capacity(1000)
+                .time_to_live(Duration::from_secs(600))
+                .record_stats(),
+            Plain,
+        )
+        .unwrap()
+    }
+
+    fn raw(server: &RedisServer) -> redis::Connection {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    fn subscribed(cs: &[&TieredCache<u64, u64>]) {
+        assert!(
+            super::common::eventually(|| cs.iter().all(|c| c.is_subscribed())),
+            "subscribers never connected"
+        );
+    }
+
+    /// A's load of key 1 reads Redis (nothing there) and runs its loader; meanwhile B's
+    /// `write` returns, A's subscriber hearing nothing (its connection silently dropped);
+    /// then `between` runs on the server; then A's loader returns 10. Returns what a fresh
+    /// instance then reads for key 1 (99 if Redis has nothing).
+    fn load_across_a_write(
+        server: &mut RedisServer,
+        ns: &str,
+        write: impl FnOnce(&TieredCache<u64, u64>),
+        between: impl FnOnce(&mut RedisServer),
+    ) -> u64 {
+        let p = proxy::Proxy::start(server.port);
+        let a = build(tier(p.url(), ns));
+        let b = build(tier(server.url(), ns));
+        subscribed(&[&a, &b]);
+        // A's subscriber hears nothing from here on (its connection stays open, silent); new
+        // connections (A's loads) work.
+        p.black_hole_open_connections();
+        let gate = Gate::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a2, g) = (a.clone(), gate.clone());
+        let loader = std::thread::spawn(move || {
+            a2.get_with(1, || {
+                tx.send(()).unwrap();
+                g.wait();
+                10
+            })
+        });
+        rx.recv().unwrap();
+        write(&b);
+        between(server);
+        gate.open();
+        assert_eq!(loader.join().unwrap(), 10);
+        let s = a.stats().remote;
+        assert_eq!((s.timeouts, s.misses), (0, 1), "A read Redis: {s:?}");
+        // What Redis yields now: a fresh instance's read of key 1 (99: nothing there).
+        let c = build(tier(server.url(), ns));
+        let v = c.get_with(1, || 99);
+        assert_eq!(c.stats().remote.errors, 0);
+        v
+    }
+
+    fn flush(server: &mut RedisServer) {
+        let _: () = redis::cmd("FLUSHALL").query(&mut raw(server)).unwrap();
+    }
+
+    /// Control: without a flush, the write-back of a load that read Redis before B's write is
+    /// refused (the version or epoch moved): Redis keeps B's value, or nothing.
+    #[test]
+    fn a_load_older_than_a_write_is_not_written_back() {
+        let _w = watchdog(Duration::from_secs(60), "write vs load");
+        let mut server = RedisServer::start();
+        let got = load_across_a_write(&mut server, "s50a", |b| b.insert(1, 20), |_| {});
+        assert_eq!(got, 20);
+        let got = load_across_a_write(&mut server, "s50c", |b| b.invalidate(&1), |_| {});
+        assert_eq!(got, 99);
+        // Written back (Redis holds 10), but with the epoch it read: ignored by readers.
+        let got = load_across_a_write(&mut server, "s50d", |b| b.invalidate_all(), |_| {});
+        assert_eq!(got, 99);
+    }
+
+    /// "After `insert`, `invalidate`, `remove` or `invalidate_all` returns on any instance,
+    /// Redis never again yields an older value for the key" (the `redis` module docs; the
+    /// last stop extended the epoch to a loss: "an epoch lost with its key (a restart without
+    /// persistence, `FLUSHALL`, an eviction) comes back above every epoch a load may have read
+    /// before"). A key's version lost the same way is not covered: a load that read the key
+    /// absent (version '0') before B's `insert` returned, and writes back after a `FLUSHALL`
+    /// removed B's value and version, finds the key absent again — version '0', as it read —
+    /// and stores its older value, which every instance then reads from Redis (B's local copy
+    /// says 20, Redis 10). Cause: `WRITE_BACK` in src/redis/scripts.rs compares the version
+    /// with `or '0'`, so "absent when read" and "absent again after a loss" look alike (the
+    /// read could remember the server's clock, or the epoch key exist from the first read, so
+    /// that a loss shows).
+    #[test]
+    fn bug_a_flush_between_a_loads_read_and_its_write_back_lets_an_older_value_back() {
+        let _w = watchdog(Duration::from_secs(60), "flush vs load");
+        let mut server = RedisServer::start();
+        let got = load_across_a_write(&mut server, "s50b", |b| b.insert(1, 20), flush);
+        assert_ne!(
+            got,
+            10,
+            "Redis yields the load's value 10, older than B's insert of 20 that returned before"
+        );
+    }
+
+    /// The same with `invalidate` (a tombstone, lost with the flush) and `invalidate_all` (its
+    /// epoch lost with the flush: the load's value, written with the epoch it read, absent, is
+    /// current again): Redis yields a value loaded before the invalidation returned.
+    #[test]
+    fn bug_a_flush_between_a_loads_read_and_its_write_back_undoes_an_invalidation() {
+        let _w = watchdog(Duration::from_secs(60), "flush vs load (invalidations)");
+        let mut server = RedisServer::start();
+        let one = load_across_a_write(&mut server, "s50e", |b| b.invalidate(&1), flush);
+        let all = load_across_a_write(&mut server, "s50f", |b| b.invalidate_all(), flush);
+        assert_eq!(
+            (one, all),
+            (99, 99),
+            "Redis yields the value loaded before invalidate / invalidate_all returned"
+        );
+    }
 }
