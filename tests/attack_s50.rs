@@ -742,3 +742,127 @@ fn bug_a_long_window_stretches_every_other_short_window() {
         h.window()
     );
 }
+
+/// A future that ends with `T` once opened (wakes its last poller).
+#[derive(Clone, Default)]
+struct FutGate(Arc<std::sync::Mutex<(bool, Option<std::task::Waker>)>>);
+impl FutGate {
+    fn open(&self) {
+        let w = {
+            let mut g = self.0.lock().unwrap();
+            g.0 = true;
+            g.1.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+    fn wait<T>(self, v: T) -> impl Future<Output = T> + Send + 'static
+    where
+        T: Send + 'static + Unpin,
+    {
+        let mut v = Some(v);
+        std::future::poll_fn(move |cx| {
+            let mut g = self.0.lock().unwrap();
+            if g.0 {
+                Poll::Ready(v.take().expect("polled after ready"))
+            } else {
+                g.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// "Blocking callers never poll it (it may need its runtime): they wait, and load themselves
+/// if the async callers all went away" — with fail-safe, an abandoned load is a failure
+/// ("every caller of that load gets the old value"): the blocking joiner of a shared load
+/// whose only async caller is dropped gets the last value, the load counts as abandoned once,
+/// and the next caller within the backoff gets the last value too; the shared future (which
+/// would have ended later) is gone with its result.
+#[test]
+fn blocking_joiner_of_a_dropped_shared_load_gets_the_last_value() {
+    let _w = watchdog(Duration::from_secs(60), "blocking joiner of shared");
+    for fails in [false, true] {
+        let (c, clock) = expired_cache();
+        let gate = FutGate::default();
+        let mut f = Box::pin(c.try_get_with_async_shared(1, {
+            let g = gate.clone();
+            async move {
+                let r: Result<String, String> = if fails {
+                    Err(g.wait("down".to_string()).await)
+                } else {
+                    Ok(g.wait("new".to_string()).await)
+                };
+                r
+            }
+        }));
+        assert!(poll_once(f.as_mut()).is_pending());
+        let c2 = c.clone();
+        let joiner = std::thread::spawn(move || c2.get_with(1, || "joiner's own".to_string()));
+        assert!(common::eventually(|| c.stats().coalesced == 1));
+        drop(f);
+        gate.open();
+        let got = joiner.join().unwrap();
+        let s = c.stats();
+        assert_eq!(got, "old", "{s:?}");
+        assert_eq!(
+            (s.loads_abandoned, s.load_failures, s.load_successes, s.stale_served_after_ttl),
+            (1, 0, 0, 1),
+            "{s:?}"
+        );
+        check_backoff(&c, &clock, "shared load dropped under a blocking joiner");
+    }
+}
+
+/// More shapes of a failed load of an expired key: an async `init` that panics (the panic goes
+/// to its caller; the next caller within the backoff gets the last value), `try_get_with_async`
+/// errors, `get_all`'s loader leaving the key out, the entry API; and an `optionally_` `None`
+/// (an answer: the last value goes for good).
+#[test]
+fn more_failure_shapes_fall_back() {
+    common::quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(60), "failure shapes");
+    // Async init panic.
+    let (c, clock) = expired_cache();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        futures::executor::block_on(c.get_with_async(1, async { panic!("injected") }))
+    }));
+    assert!(r.is_err());
+    assert_eq!(c.stats().load_failures, 1, "{:?}", c.stats());
+    check_backoff(&c, &clock, "async init panic");
+    // Shared async init panic.
+    let (c, clock) = expired_cache();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        futures::executor::block_on(c.get_with_async_shared(1, async { panic!("injected") }))
+    }));
+    assert!(r.is_err());
+    check_backoff(&c, &clock, "shared async init panic");
+    // try_get_with_async error.
+    let (c, clock) = expired_cache();
+    let r = futures::executor::block_on(
+        c.try_get_with_async(1, async { Err::<String, BoxError>("down".into()) }),
+    );
+    assert_eq!(r.unwrap(), "old");
+    check_backoff(&c, &clock, "async error");
+    // get_all leaving the key out.
+    let (c, clock) = expired_cache();
+    let all = c.get_all([1], |_| std::collections::HashMap::new());
+    assert_eq!(all.get(&1).map(String::as_str), Some("old"));
+    assert_eq!(c.stats().stale_served_after_ttl, 1);
+    check_backoff(&c, &clock, "get_all");
+    // Entry API.
+    let (c, clock) = expired_cache();
+    let e = c
+        .entry(1)
+        .or_try_insert_with(|| Err::<String, BoxError>("down".into()));
+    assert_eq!(e.unwrap().into_value(), "old");
+    check_backoff(&c, &clock, "entry");
+    // optionally_: None removes the last value.
+    let (c, _clock) = expired_cache();
+    assert_eq!(c.optionally_get_with(1, || None), None);
+    assert_eq!(c.get_or_stale(&1), None);
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert!(r.is_err());
+    c.validate();
+}
