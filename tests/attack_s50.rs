@@ -866,3 +866,87 @@ fn more_failure_shapes_fall_back() {
     assert!(r.is_err());
     c.validate();
 }
+
+/// The misses identity of `CacheStats::misses` ("once every call has returned, `misses ==
+/// load_successes + load_failures + loads_abandoned + coalesced + negative_hits`, less the
+/// refreshes") under concurrency: threads loading few keys with errors, panics, cancelled
+/// shared and borrowed async loads, fail-safe answers and expiry on a moving manual clock.
+#[test]
+fn miss_identity_under_concurrent_failures_and_cancellations() {
+    common::quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(120), "identity storm");
+    for negative in [false, true] {
+        let clock = ManualClock::new();
+        let mut b = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(Duration::from_secs(2))
+            .fail_safe(Duration::from_secs(30))
+            .refresh_backoff(Duration::from_millis(500))
+            .record_stats()
+            .clock(clock.clone());
+        if negative {
+            b = b.negative_ttl(Duration::from_millis(300));
+        }
+        let c: Cache<u32, u64> = b.build();
+        std::thread::scope(|sc| {
+            for t in 0..6u64 {
+                let (c, clock) = (&c, &clock);
+                sc.spawn(move || {
+                    let mut r = common::rng(t + 11);
+                    for i in 0..3000u64 {
+                        let k = (r() % 4) as u32;
+                        if t == 0 && i % 20 == 0 {
+                            clock.advance(Duration::from_millis(150));
+                        }
+                        match r() % 7 {
+                            0 => {
+                                let _ = c.get_with(k, || i);
+                            }
+                            1 => {
+                                let _ = c.try_get_with(k, || Err::<u64, &str>("down"));
+                            }
+                            2 => {
+                                let _ = catch_unwind(AssertUnwindSafe(|| {
+                                    c.get_with(k, || -> u64 { panic!("injected") })
+                                }));
+                            }
+                            3 => {
+                                let mut f = Box::pin(c.get_with_async_shared(
+                                    k,
+                                    std::future::pending::<u64>(),
+                                ));
+                                let _ = poll_once(f.as_mut());
+                            }
+                            4 => {
+                                let mut f =
+                                    Box::pin(c.get_with_async(k, std::future::pending::<u64>()));
+                                let _ = poll_once(f.as_mut());
+                            }
+                            5 => {
+                                let _ = futures::executor::block_on(
+                                    c.try_get_with_async(k, async { Err::<u64, &str>("down") }),
+                                );
+                            }
+                            _ => {
+                                let _ = c.optionally_get_with(k, || (i % 3 != 0).then_some(i));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let s = c.stats();
+        assert_eq!(s.loads_in_flight, 0, "{s:?}");
+        assert_eq!(
+            s.misses,
+            s.load_successes
+                + s.load_failures
+                + s.loads_abandoned
+                + s.coalesced
+                + s.negative_hits
+                - s.refreshes_started,
+            "negative {negative}: {s:?}"
+        );
+        c.validate();
+    }
+}
