@@ -950,3 +950,94 @@ fn miss_identity_under_concurrent_failures_and_cancellations() {
         c.validate();
     }
 }
+
+/// "Never beyond `max_stale`: once `deadline + max_stale` passes, the entry is gone (the
+/// check is exact, against the clock, not the reclaim)": one nanosecond before, the last value
+/// answers a failed load; at it, the error comes back.
+#[test]
+fn max_stale_is_exact_to_the_nanosecond() {
+    let (c, clock) = expired_cache(); // now: deadline + 1 s
+    clock.advance(MAX_STALE - Duration::from_secs(1) - Duration::from_nanos(1));
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert_eq!(r.unwrap(), "old");
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    clock.advance(Duration::from_nanos(1));
+    assert_eq!(c.get_or_stale(&1), None);
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert!(r.is_err());
+}
+
+/// Fail-safe on a time to idle: the stale window runs from the idle deadline; a stale answer
+/// is no access (it does not move the window).
+#[test]
+fn fail_safe_on_time_to_idle() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_idle(Duration::from_secs(10))
+        .fail_safe(Duration::from_secs(60))
+        .refresh_backoff(BACKOFF)
+        .clock(clock.clone())
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(c.get(&1).as_deref(), Some("old")); // idle deadline: 15 s
+    clock.advance(Duration::from_secs(11)); // 16 s
+    assert_eq!(c.get(&1), None);
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert_eq!(r.unwrap(), "old");
+    clock.advance(Duration::from_secs(58)); // 74 s: within 15 + 60
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    clock.advance(Duration::from_secs(1)); // 75 s
+    assert_eq!(c.get_or_stale(&1), None);
+}
+
+/// "A refresh that fails while the value is still live sets the next refresh a backoff ahead"
+/// (not fail-safe's retry deadline): after expiry the first caller loads, and only its failure
+/// starts the backoff.
+#[test]
+fn a_failed_live_refresh_does_not_start_the_fail_safe_backoff() {
+    let clock = ManualClock::new();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (d, l) = (Arc::clone(&down), Arc::clone(&loads));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .refresh_after(Duration::from_secs(30))
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            l.fetch_add(1, Ordering::SeqCst);
+            if d.load(Ordering::SeqCst) {
+                Err::<String, BoxError>("down".into())
+            } else {
+                Ok("new".to_string())
+            }
+        })
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(c.get(&1).as_deref(), Some("old")); // refresh runs here, fails
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(c.stats().refreshes_failed, 1);
+    clock.advance(Duration::from_secs(30)); // expired (61 s)
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(c.load(1).unwrap(), "new");
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+}
+
+/// `CacheStats::average_load_time`: "The mean duration of a finished load." Beyond `u32::MAX`
+/// finished loads (about 50 days at 1,000 loads per second) it divides by `u32::MAX` instead
+/// of the count: 2^33 loads of 1 s each average 2 s. Cause: `average_load_time` in
+/// src/stats.rs divides the `Duration` by `u32::try_from(n).unwrap_or(u32::MAX)` (dividing
+/// the nanoseconds as `u128` by `n` is exact).
+#[test]
+fn bug_average_load_time_is_wrong_beyond_u32_max_loads() {
+    let mut s = CacheStats::default();
+    s.load_successes = 1 << 33;
+    s.total_load_time = Duration::from_secs(1 << 33);
+    assert_eq!(s.average_load_time(), Duration::from_secs(1));
+}
