@@ -1041,3 +1041,53 @@ fn bug_average_load_time_is_wrong_beyond_u32_max_loads() {
     s.total_load_time = Duration::from_secs(1 << 33);
     assert_eq!(s.average_load_time(), Duration::from_secs(1));
 }
+
+/// "Until a load fails, the key behaves as without fail-safe": a retry deadline set by a
+/// failure belongs to the value that failed to reload. Once a write (`insert`), a successful
+/// load after the backoff, or a successful load that went on past a soft timeout replaced it,
+/// the next expiry is loaded at once by the first caller, even within the old backoff.
+#[test]
+fn a_new_value_starts_without_the_old_retry_deadline() {
+    let _w = watchdog(Duration::from_secs(60), "retry deadline carried");
+    let short_ttl = Duration::from_secs(2);
+    let backoff = Duration::from_secs(100);
+    for how in 0..3 {
+        let clock = ManualClock::new();
+        let c: Cache<u32, String> = Cache::builder()
+            .max_capacity(10)
+            .time_to_live(short_ttl)
+            .fail_safe(MAX_STALE)
+            .refresh_backoff(backoff)
+            .record_stats()
+            .clock(clock.clone())
+            .build();
+        c.insert(1, "old".to_string());
+        clock.advance(short_ttl);
+        let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+        assert_eq!(r.unwrap(), "old");
+        match how {
+            0 => c.insert(1, "v2".to_string()),
+            1 => {
+                clock.advance(backoff);
+                assert_eq!(c.get_with(1, || "v2".to_string()), "v2");
+            }
+            _ => {
+                // Fail again after the backoff, but write meanwhile through a compute.
+                let e = c.entry(1).and_compute_with(|_| herdcache::Op::Put("v2".to_string()));
+                let _ = e;
+            }
+        }
+        assert_eq!(c.get(&1).as_deref(), Some("v2"), "how {how}");
+        clock.advance(short_ttl); // v2 expired, well within the first failure's backoff
+        let loaded = AtomicUsize::new(0);
+        let v = c.get_with(1, || {
+            loaded.fetch_add(1, Ordering::SeqCst);
+            "v3".to_string()
+        });
+        assert_eq!(
+            (v.as_str(), loaded.load(Ordering::SeqCst)),
+            ("v3", 1),
+            "how {how}: the expired v2 was served instead of a load"
+        );
+    }
+}
