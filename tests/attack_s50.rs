@@ -1091,3 +1091,48 @@ fn a_new_value_starts_without_the_old_retry_deadline() {
         );
     }
 }
+
+type Jobs = Arc<std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>>;
+
+/// "Not a failure: ... a refresh that never ran (deferred by the load limit, dropped by the
+/// spawner, taken over)": a refresh job the spawner keeps, then drops unrun after the value
+/// expired, starts no backoff: the next caller loads.
+#[test]
+fn a_refresh_dropped_after_expiry_is_not_a_failure() {
+    let _w = watchdog(Duration::from_secs(60), "dropped refresh");
+    {
+        let clock = ManualClock::new();
+        let jobs: Jobs = Arc::default();
+        let j = Arc::clone(&jobs);
+        let c: Cache<u32, String> = Cache::builder()
+            .max_capacity(10)
+            .time_to_live(TTL)
+            .refresh_after(Duration::from_secs(30))
+            .fail_safe(MAX_STALE)
+            .refresh_backoff(BACKOFF)
+            .record_stats()
+            .clock(clock.clone())
+            .loader(|_k: &u32| Err::<String, BoxError>("down".into()))
+            .spawner(move |job| j.lock().unwrap().push(job))
+            .build();
+        c.insert(1, "old".to_string());
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(c.get(&1).as_deref(), Some("old"));
+        assert_eq!(jobs.lock().unwrap().len(), 1, "the refresh job");
+        clock.advance(Duration::from_secs(2)); // expired
+        let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+        drop(parked);
+        let loaded = AtomicUsize::new(0);
+        let v = c.get_with(1, || {
+            loaded.fetch_add(1, Ordering::SeqCst);
+            "new".to_string()
+        });
+        assert_eq!(
+            (v.as_str(), loaded.load(Ordering::SeqCst)),
+            ("new", 1),
+            "a refresh dropped unrun started fail-safe's backoff"
+        );
+        jobs.lock().unwrap().clear();
+        c.validate();
+    }
+}
