@@ -1136,3 +1136,36 @@ fn a_refresh_dropped_after_expiry_is_not_a_failure() {
         c.validate();
     }
 }
+
+/// An async leader dropped while it waits for a `max_concurrent_loads` permit is an
+/// abandoned leader ("A load fails — ... an abandoned async leader"): counted once in
+/// `loads_abandoned`, the permit queue left clean, and the next caller within the backoff
+/// gets the last value with no load.
+#[test]
+fn async_leader_dropped_in_the_permit_queue_backs_off() {
+    let _w = watchdog(Duration::from_secs(60), "queued async leader");
+    for shared in [false, true] {
+        let l = limited(false);
+        let c2 = l.c.clone();
+        let holder = std::thread::spawn(move || c2.load(2));
+        l.entered.recv().unwrap();
+        {
+            let mut f: Pin<Box<dyn Future<Output = String> + Send>> = if shared {
+                Box::pin(l.c.get_with_async_shared(1, async { "never".to_string() }))
+            } else {
+                Box::pin(l.c.get_with_async(1, async { "never".to_string() }))
+            };
+            assert!(poll_once(f.as_mut()).is_pending(), "queued for the permit");
+        }
+        let s = l.c.stats();
+        assert_eq!(s.loads_abandoned, 1, "shared {shared}: {s:?}");
+        l.gate.open();
+        assert_eq!(holder.join().unwrap().unwrap(), "two");
+        let v = l.c.get_with(1, || "init".to_string());
+        assert_eq!(v, "old", "shared {shared}: no backoff after the queued leader left");
+        // The permit is free: a load of another key runs at once.
+        assert_eq!(l.c.get_with(3, || "three".to_string()), "three");
+        assert_eq!(l.c.stats().loads_in_flight, 0);
+        l.c.validate();
+    }
+}
