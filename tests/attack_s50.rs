@@ -1169,3 +1169,36 @@ fn async_leader_dropped_in_the_permit_queue_backs_off() {
         l.c.validate();
     }
 }
+
+/// Negative caching beside fail-safe: an error remembered for a key with no value is ended
+/// by a write ("Writes win"); once that value expires, a failed load falls back on it instead
+/// of the remembered error. A failed load with a value to fall back on is not remembered.
+#[test]
+fn negative_entries_and_fail_safe() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .negative_ttl(Duration::from_secs(3600))
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .build();
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert!(r.is_err());
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Ok("unused".into()));
+    assert!(r.is_err(), "remembered");
+    c.insert(1, "v".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert_eq!(r.unwrap(), "v");
+    // Past the backoff: the retry fails again; still the last value, not a remembered error.
+    clock.advance(BACKOFF);
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Err("down".into()));
+    assert_eq!(r.unwrap(), "v");
+    clock.advance(BACKOFF);
+    let r: Result<String, Arc<BoxError>> = c.try_get_with(1, || Ok("fresh".into()));
+    assert_eq!(r.unwrap(), "fresh");
+    assert_eq!(c.stats().negative_hits, 1);
+}
