@@ -1202,3 +1202,52 @@ fn negative_entries_and_fail_safe() {
     assert_eq!(r.unwrap(), "fresh");
     assert_eq!(c.stats().negative_hits, 1);
 }
+
+/// "A full cache evicts them [expired entries kept for fail-safe] before live entries, the
+/// longest expired first (reported `Expired`)"; an expired entry kept for fail-safe counts
+/// towards the capacity, and one past `max_stale` is gone. Also `stats().expired` and
+/// `evictions()` agree with the listener.
+#[test]
+fn a_full_cache_evicts_stale_entries_first() {
+    let clock = ManualClock::new();
+    let seen: Arc<std::sync::Mutex<Vec<(u32, herdcache::RemovalCause)>>> = Arc::default();
+    let s2 = Arc::clone(&seen);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(4)
+        .shards(1)
+        .time_to_live(TTL)
+        .fail_safe(MAX_STALE)
+        .record_stats()
+        .clock(clock.clone())
+        .eviction_listener(move |k, _v, cause| s2.lock().unwrap().push((*k, cause)))
+        .build();
+    c.insert(1, "a".into());
+    clock.advance(Duration::from_secs(10));
+    c.insert(2, "b".into());
+    clock.advance(Duration::from_secs(20));
+    c.insert(3, "c".into());
+    c.insert(4, "d".into());
+    clock.advance(Duration::from_secs(45)); // 1 and 2 expired (at 60 and 70); 3, 4 live
+    c.run_pending_tasks();
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("a"));
+    assert_eq!(c.get_or_stale(&2).as_deref(), Some("b"));
+    c.insert(5, "e".into());
+    c.run_pending_tasks();
+    c.insert(6, "f".into());
+    c.run_pending_tasks();
+    let removed = seen.lock().unwrap().clone();
+    assert_eq!(
+        removed,
+        vec![
+            (1, herdcache::RemovalCause::Expired),
+            (2, herdcache::RemovalCause::Expired)
+        ]
+    );
+    for k in 3..=6 {
+        assert!(c.contains_key(&k), "{k}");
+    }
+    let s = c.stats();
+    assert_eq!((s.expired.count, s.size.count), (2, 0), "{s:?}");
+    assert_eq!(s.evictions().count, 2);
+    c.validate();
+}
