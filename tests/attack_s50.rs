@@ -1251,3 +1251,21 @@ fn a_full_cache_evicts_stale_entries_first() {
     assert_eq!(s.evictions().count, 2);
     c.validate();
 }
+
+/// `get_or_stale` reads "as `get`": a live value is a hit, a stale or absent one a miss (and a
+/// stale answer counts in `stale_served_after_ttl`, as any fail-safe answer).
+#[test]
+fn get_or_stale_counts_as_get() {
+    let (c, _clock) = expired_cache();
+    c.insert(2, "live".to_string());
+    let before = c.stats();
+    assert_eq!(c.get_or_stale(&2).as_deref(), Some("live"));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    assert_eq!(c.get_or_stale(&3), None);
+    let d = c.stats() - before;
+    assert_eq!(
+        (d.hits, d.misses, d.stale_served_after_ttl, d.requests()),
+        (1, 2, 1, 3),
+        "{d:?}"
+    );
+}
