@@ -807,7 +807,12 @@ fn blocking_joiner_of_a_dropped_shared_load_gets_the_last_value() {
         let s = c.stats();
         assert_eq!(got, "old", "{s:?}");
         assert_eq!(
-            (s.loads_abandoned, s.load_failures, s.load_successes, s.stale_served_after_ttl),
+            (
+                s.loads_abandoned,
+                s.load_failures,
+                s.load_successes,
+                s.stale_served_after_ttl
+            ),
             (1, 0, 0, 1),
             "{s:?}"
         );
@@ -911,10 +916,9 @@ fn miss_identity_under_concurrent_failures_and_cancellations() {
                                 }));
                             }
                             3 => {
-                                let mut f = Box::pin(c.get_with_async_shared(
-                                    k,
-                                    std::future::pending::<u64>(),
-                                ));
+                                let mut f = Box::pin(
+                                    c.get_with_async_shared(k, std::future::pending::<u64>()),
+                                );
                                 let _ = poll_once(f.as_mut());
                             }
                             4 => {
@@ -939,11 +943,7 @@ fn miss_identity_under_concurrent_failures_and_cancellations() {
         assert_eq!(s.loads_in_flight, 0, "{s:?}");
         assert_eq!(
             s.misses,
-            s.load_successes
-                + s.load_failures
-                + s.loads_abandoned
-                + s.coalesced
-                + s.negative_hits
+            s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits
                 - s.refreshes_started,
             "negative {negative}: {s:?}"
         );
@@ -1073,7 +1073,9 @@ fn a_new_value_starts_without_the_old_retry_deadline() {
             }
             _ => {
                 // Fail again after the backoff, but write meanwhile through a compute.
-                let e = c.entry(1).and_compute_with(|_| herdcache::Op::Put("v2".to_string()));
+                let e = c
+                    .entry(1)
+                    .and_compute_with(|_| herdcache::Op::Put("v2".to_string()));
                 let _ = e;
             }
         }
@@ -1162,7 +1164,10 @@ fn async_leader_dropped_in_the_permit_queue_backs_off() {
         l.gate.open();
         assert_eq!(holder.join().unwrap().unwrap(), "two");
         let v = l.c.get_with(1, || "init".to_string());
-        assert_eq!(v, "old", "shared {shared}: no backoff after the queued leader left");
+        assert_eq!(
+            v, "old",
+            "shared {shared}: no backoff after the queued leader left"
+        );
         // The permit is free: a load of another key runs at once.
         assert_eq!(l.c.get_with(3, || "three".to_string()), "three");
         assert_eq!(l.c.stats().loads_in_flight, 0);
