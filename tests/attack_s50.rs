@@ -1274,3 +1274,34 @@ fn get_or_stale_counts_as_get() {
         "{d:?}"
     );
 }
+
+/// `get_all` whose `load_missing` panics over two expired keys: the panic reaches the caller,
+/// each key's load counts as failed ("`get_all`'s `load_missing` — one per key"), and each
+/// key is then in its backoff: the next calls get the last values with no load.
+#[test]
+fn get_all_panic_backs_off_every_key() {
+    common::quiet_injected_panics();
+    let (c, clock) = expired_cache();
+    c.insert(2, "old2".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let before = c.stats();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        c.get_all([1, 2], |_| -> std::collections::HashMap<u32, String> {
+            panic!("injected")
+        })
+    }));
+    assert!(r.is_err());
+    let d = c.stats() - before;
+    assert_eq!(d.load_failures, 2, "{d:?}");
+    let calls = AtomicUsize::new(0);
+    let all = c.get_all([1, 2], |m| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        m.iter().map(|&k| (k, "new".to_string())).collect()
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "{all:?}");
+    assert_eq!(all.get(&1).map(String::as_str), Some("old"));
+    assert_eq!(all.get(&2).map(String::as_str), Some("old2"));
+    check_backoff(&c, &clock, "get_all panic");
+}
