@@ -1305,3 +1305,49 @@ fn get_all_panic_backs_off_every_key() {
     assert_eq!(all.get(&2).map(String::as_str), Some("old2"));
     check_backoff(&c, &clock, "get_all panic");
 }
+
+/// "The backend sees at most one load of the key per backoff", with cancellations: threads
+/// starting shared and borrowed async loads of an expired key and dropping them after a poll,
+/// the clock standing still: one load is started (and abandoned) in all; every other call is
+/// answered by the last value at its first poll, or joined that one load.
+#[test]
+fn one_abandoned_load_per_backoff_under_concurrent_cancellations() {
+    let _w = watchdog(Duration::from_secs(60), "cancel storm");
+    let (c, _clock) = expired_cache();
+    let started = Arc::new(AtomicUsize::new(0));
+    let stale = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|sc| {
+        for t in 0..6 {
+            let (c, started, stale) = (&c, &started, &stale);
+            sc.spawn(move || {
+                for i in 0..300 {
+                    let s2 = Arc::clone(started);
+                    let mut f: Pin<Box<dyn Future<Output = String> + Send>> = if (t + i) % 2 == 0 {
+                        Box::pin(c.get_with_async_shared(1, async move {
+                            s2.fetch_add(1, Ordering::SeqCst);
+                            std::future::pending::<String>().await
+                        }))
+                    } else {
+                        Box::pin(c.get_with_async(1, async move {
+                            s2.fetch_add(1, Ordering::SeqCst);
+                            std::future::pending::<String>().await
+                        }))
+                    };
+                    if let Poll::Ready(v) = poll_once(f.as_mut()) {
+                        assert_eq!(v, "old");
+                        stale.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let s = c.stats();
+    assert_eq!(started.load(Ordering::SeqCst), 1, "{s:?}");
+    assert_eq!(s.loads_abandoned, 1, "{s:?}");
+    assert_eq!(
+        s.stale_served_after_ttl,
+        stale.load(Ordering::SeqCst) as u64,
+        "{s:?}"
+    );
+    c.validate();
+}
