@@ -592,6 +592,59 @@ mod tier {
             "Redis yields the value loaded before invalidate / invalidate_all returned"
         );
     }
+
+    /// Fail-safe on a tiered cache whose subscriber missed an invalidation. The `redis`
+    /// module docs: "an instance whose subscriber was disconnected when a message was sent
+    /// keeps serving its local copy until that copy expires — **at most the local time to
+    /// live** (or time to idle), and never past the tier's time to live from the load", and
+    /// fail-safe's "Writes win: an insert or invalidate replaces or removes the old entry, so
+    /// a load that fails afterwards has nothing to fall back on". Here A's copy has expired
+    /// and A's load reads Redis, which holds B's tombstone (A now knows the key was
+    /// invalidated after its copy was loaded); the loader fails; A answers with the
+    /// invalidated value — past its local time to live, for up to `max_stale` (the next
+    /// calls too, for the backoff, with no load). Expected: the load that found the newer
+    /// tombstone ends the stale value (the error, as after a local `invalidate`). Cause: the
+    /// tier's fetch (src/redis/tier.rs, `Tier::fetch`) treats a tombstone as "nothing in
+    /// Redis" and the failure falls back in `Cache::publish` (src/load.rs) on the local entry,
+    /// which nothing removed.
+    #[test]
+    fn bug_fail_safe_serves_a_value_the_fleet_invalidated_after_the_tombstone_was_read() {
+        let _w = watchdog(Duration::from_secs(60), "fail-safe vs fleet invalidation");
+        let server = RedisServer::start();
+        let p = proxy::Proxy::start(server.port);
+        let ns = "s50fs";
+        let clock = herdcache::ManualClock::new();
+        let a: TieredCache<u64, u64> = tier(p.url(), ns)
+            .build(
+                Cache::builder()
+                    .max_capacity(100)
+                    .time_to_live(Duration::from_secs(60))
+                    .fail_safe(Duration::from_secs(600))
+                    .refresh_backoff(Duration::from_secs(5))
+                    .record_stats()
+                    .clock(clock.clone()),
+                Plain,
+            )
+            .unwrap();
+        let b = build(tier(server.url(), ns));
+        subscribed(&[&a, &b]);
+        // A's subscriber goes silent (no pooled connection yet); new connections work.
+        p.black_hole_open_connections();
+        assert_eq!(a.get_with(1, || 10), 10);
+        b.invalidate(&1); // returns: the fleet's copies of 10 are invalidated (A misses it)
+        clock.advance(Duration::from_secs(61)); // A's local copy expires
+        let r: Result<u64, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        let s = a.stats();
+        assert!(
+            s.remote.misses >= 1 && s.remote.timeouts == 0,
+            "A read Redis: {s:?}"
+        );
+        assert!(
+            r.is_err(),
+            "A answered {r:?}: the value B invalidated, {} s past A's local time to live",
+            61
+        );
+    }
 }
 
 /// A fail-safe cache with one stale answer served now (a `ServingStale` to watch).
