@@ -1404,3 +1404,55 @@ fn one_abandoned_load_per_backoff_under_concurrent_cancellations() {
     );
     c.validate();
 }
+
+/// "A load fails — ... a failed refresh it joined": a caller of an expired key that joins the
+/// key's refresh (started while the value was live, run late by the spawner) gets the last
+/// value when the refresh fails, and the key is then in its backoff.
+#[test]
+fn a_load_that_joined_a_failed_refresh_falls_back() {
+    let _w = watchdog(Duration::from_secs(60), "joined refresh");
+    let clock = ManualClock::new();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let l = Arc::clone(&loads);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .refresh_after(Duration::from_secs(30))
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            l.fetch_add(1, Ordering::SeqCst);
+            Err::<String, BoxError>("down".into())
+        })
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    assert_eq!(jobs.lock().unwrap().len(), 1);
+    clock.advance(Duration::from_secs(2)); // expired, the refresh still queued
+    let c2 = c.clone();
+    let joiner = std::thread::spawn(move || c2.load(1));
+    assert!(common::eventually(|| c.stats().coalesced == 1));
+    let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+    for job in parked {
+        job();
+    }
+    assert_eq!(joiner.join().unwrap().unwrap(), "old");
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let s = c.stats();
+    assert_eq!(
+        (s.refreshes_failed, s.stale_served_after_ttl),
+        (1, 1),
+        "{s:?}"
+    );
+    // Within the backoff: the last value, no load.
+    assert_eq!(c.load(1).unwrap(), "old");
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    jobs.lock().unwrap().clear();
+    c.validate();
+}
