@@ -1456,3 +1456,39 @@ fn a_load_that_joined_a_failed_refresh_falls_back() {
     jobs.lock().unwrap().clear();
     c.validate();
 }
+
+/// "Not a failure: ... a refresh that never ran (deferred by the load limit, dropped by the
+/// spawner, taken over)": a caller of the expired key that joined such a refresh, dropped
+/// unrun by the spawner, loads itself (the backend is up: it gets the new value), with no
+/// fail-safe answer.
+#[test]
+fn a_load_that_joined_a_dropped_refresh_loads_itself() {
+    let _w = watchdog(Duration::from_secs(60), "joined dropped refresh");
+    let clock = ManualClock::new();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .refresh_after(Duration::from_secs(30))
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(|_k: &u32| Ok::<_, BoxError>("new".to_string()))
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(c.get(&1).as_deref(), Some("old"));
+    clock.advance(Duration::from_secs(2));
+    let c2 = c.clone();
+    let joiner = std::thread::spawn(move || c2.load(1));
+    assert!(common::eventually(|| c.stats().coalesced == 1));
+    let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+    drop(parked);
+    assert_eq!(joiner.join().unwrap().unwrap(), "new");
+    assert_eq!(c.stats().stale_served_after_ttl, 0);
+    jobs.lock().unwrap().clear();
+    c.validate();
+}
