@@ -1492,3 +1492,77 @@ fn a_load_that_joined_a_dropped_refresh_loads_itself() {
     jobs.lock().unwrap().clear();
     c.validate();
 }
+
+/// `refreshes_started`: "Each ends as one of the next two" (`refreshes_succeeded`,
+/// `refreshes_failed`) — for refreshes that succeed, fail, are dropped unrun by the spawner
+/// (before or after the value expired, joined or not), and are deferred by a full load limit.
+#[test]
+fn every_started_refresh_ends_as_succeeded_or_failed() {
+    let _w = watchdog(Duration::from_secs(60), "refresh ends");
+    let clock = ManualClock::new();
+    let jobs: Jobs = Arc::default();
+    let j = Arc::clone(&jobs);
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = Arc::clone(&fail);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .refresh_after(Duration::from_secs(30))
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            if f.load(Ordering::SeqCst) {
+                Err::<String, BoxError>("down".into())
+            } else {
+                Ok("new".to_string())
+            }
+        })
+        .spawner(move |job| j.lock().unwrap().push(job))
+        .build();
+    let run_jobs = |run: bool| {
+        let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+        for job in parked {
+            if run {
+                job();
+            }
+        }
+    };
+    for round in 0..6u32 {
+        c.insert(round, "v".to_string());
+    }
+    clock.advance(Duration::from_secs(31));
+    // 0: succeeds; 1: fails; 2: dropped while live; 3: dropped after expiry, joined.
+    for k in 0..4u32 {
+        assert!(c.get(&k).is_some());
+    }
+    assert_eq!(jobs.lock().unwrap().len(), 4);
+    let parked: Vec<_> = std::mem::take(&mut *jobs.lock().unwrap());
+    let mut it = parked.into_iter();
+    it.next().unwrap()();
+    fail.store(true, Ordering::SeqCst);
+    it.next().unwrap()();
+    drop(it.next());
+    let last = it.next().unwrap();
+    clock.advance(Duration::from_secs(30));
+    let c2 = c.clone();
+    let joiner = std::thread::spawn(move || c2.load(3));
+    assert!(common::eventually(|| c.stats().coalesced == 1));
+    drop(last);
+    let _ = joiner.join().unwrap();
+    run_jobs(false);
+    let s = c.stats();
+    assert_eq!(
+        s.refreshes_started,
+        s.refreshes_succeeded + s.refreshes_failed,
+        "{s:?}"
+    );
+    assert_eq!(
+        s.misses + s.refreshes_started,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
+        "{s:?}"
+    );
+    jobs.lock().unwrap().clear();
+    c.validate();
+}
