@@ -1566,3 +1566,42 @@ fn every_started_refresh_ends_as_succeeded_or_failed() {
     jobs.lock().unwrap().clear();
     c.validate();
 }
+
+/// A spawner that drops every job unrun: "a load falls back to running in its caller". With
+/// fail-safe and a failing loader, the caller's own load fails and the last value answers;
+/// nothing is counted abandoned (the caller loads the job's load itself), the backoff starts.
+#[test]
+fn a_dropped_load_job_falls_back_to_the_caller_then_to_the_last_value() {
+    let _w = watchdog(Duration::from_secs(60), "dropped load job");
+    let clock = ManualClock::new();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let l = Arc::clone(&loads);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            l.fetch_add(1, Ordering::SeqCst);
+            Err::<String, BoxError>("down".into())
+        })
+        .spawner(drop)
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let r = c.load_with_timeout(1, Some(Duration::from_secs(20)));
+    assert_eq!(r.unwrap(), "old");
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let s = c.stats();
+    assert_eq!(
+        (s.load_failures, s.loads_abandoned, s.timeouts, s.stale_served_after_ttl),
+        (1, 0, 0, 1),
+        "{s:?}"
+    );
+    let r = c.load_with_timeout(1, Some(Duration::from_secs(20)));
+    assert_eq!(r.unwrap(), "old");
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "within the backoff: no load");
+    c.validate();
+}
