@@ -1651,3 +1651,49 @@ fn bug_waiters_of_one_abandoned_load_count_once_each() {
         "the waiters of one abandoned load counted once each: {s:?}"
     );
 }
+
+/// A builder async loader that panics: "a panic (of a builder loader ...)" is a failed load:
+/// with fail-safe `load_async`'s callers (a joiner too) get the last value, `Ok`; then the
+/// backoff.
+#[test]
+fn panicking_async_loader_falls_back_for_every_caller() {
+    common::quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(60), "async loader panic");
+    let clock = ManualClock::new();
+    let gate = FutGate::default();
+    let g = gate.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .async_loader(move |_k: &u32| {
+            let g = g.clone();
+            async move {
+                g.wait(()).await;
+                if true {
+                    panic!("injected");
+                }
+                Ok::<String, BoxError>(String::new())
+            }
+        })
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let mut leader = Box::pin(c.load_async(1));
+    let mut joiner = Box::pin(c.load_async(1));
+    assert!(poll_once(leader.as_mut()).is_pending());
+    assert!(poll_once(joiner.as_mut()).is_pending());
+    gate.open();
+    let a = catch_unwind(AssertUnwindSafe(|| futures::executor::block_on(leader)));
+    let b = catch_unwind(AssertUnwindSafe(|| futures::executor::block_on(joiner)));
+    let a = a.expect("the leader's call panicked");
+    let b = b.expect("the joiner's call panicked");
+    assert_eq!(a.unwrap(), "old");
+    assert_eq!(b.unwrap(), "old");
+    let s = c.stats();
+    assert_eq!((s.load_failures, s.stale_served_after_ttl), (1, 1), "{s:?}");
+    check_backoff(&c, &clock, "async loader panic");
+}
