@@ -385,6 +385,13 @@ fn permit_timeout_with_spawner_serves_stale_until_the_job_ends() {
     let r = l.c.load_with_timeout(1, Some(Duration::from_secs(20)));
     assert_eq!(r.unwrap(), "old");
     assert_eq!(l.loads.load(Ordering::SeqCst), 1);
+    let s = l.c.stats();
+    // One timeout (the first call), one failed load (the job's), nothing abandoned.
+    assert_eq!(
+        (s.timeouts, s.load_failures, s.loads_abandoned),
+        (1, 1, 0),
+        "{s:?}"
+    );
     l.c.validate();
 }
 
@@ -1696,4 +1703,50 @@ fn panicking_async_loader_falls_back_for_every_caller() {
     let s = c.stats();
     assert_eq!((s.load_failures, s.stale_served_after_ttl), (1, 1), "{s:?}");
     check_backoff(&c, &clock, "async loader panic");
+}
+
+/// `stale_served_after_ttl`: "Calls answered with a value past its time to live because its
+/// load failed". A soft timeout with a spawner: the caller gives up waiting and gets the last
+/// value (one answer, counted); the spawned job goes on and fails later, with no caller left
+/// waiting for it — and that failure is counted as one more stale answer, which nobody got.
+/// (The refresh path already passes "whether a caller gets the value" and counts only then;
+/// the load path does not.) Cause: `Cache::publish_as` (src/load.rs) calls
+/// `fail_safe_fallback(hash, k)`, i.e. `fail_safe_fallback_for(.., served: true)`, whether or
+/// not the flight has a waiter.
+#[test]
+fn bug_a_failed_load_nobody_waits_for_counts_a_stale_answer() {
+    let _w = watchdog(Duration::from_secs(60), "unserved stale count");
+    let clock = ManualClock::new();
+    let gate = Gate::default();
+    let g = gate.clone();
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .fail_safe(MAX_STALE)
+        .refresh_backoff(BACKOFF)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            g.wait();
+            Err::<String, BoxError>("down".into())
+        })
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let r = c.load_with_timeout(1, Some(Duration::from_millis(50)));
+    assert_eq!(r.unwrap(), "old");
+    assert_eq!(c.stats().stale_served_after_ttl, 1);
+    gate.open();
+    assert!(common::eventually(|| {
+        let s = c.stats();
+        s.loads_in_flight == 0 && s.load_failures == 1
+    }));
+    let s = c.stats();
+    assert_eq!(
+        s.stale_served_after_ttl, 1,
+        "one call got the last value; the job's failure was counted as another: {s:?}"
+    );
 }
