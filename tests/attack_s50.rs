@@ -1757,3 +1757,37 @@ fn bug_a_failed_load_nobody_waits_for_counts_a_stale_answer() {
         "one call got the last value; the job's failure was counted as another: {s:?}"
     );
 }
+
+/// `get_or_stale`: "A live value is read exactly as by `get`: if its `refresh_after` period is
+/// over, the read starts its refresh as `get`'s does (... else in the calling thread, before it
+/// returns)" — counted as `get` counts it (a hit, a stale-while-revalidate read).
+#[test]
+fn get_or_stale_refreshes_a_due_value_as_get() {
+    let clock = ManualClock::new();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let l = Arc::clone(&loads);
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .refresh_after(Duration::from_secs(30))
+        .fail_safe(MAX_STALE)
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            l.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, BoxError>("new".to_string())
+        })
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(c.get_or_stale(&1).as_deref(), Some("old"));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(c.get(&1).as_deref(), Some("new"));
+    let s = c.stats();
+    assert_eq!(
+        (s.hits, s.stale_served, s.refreshes_started, s.refreshes_succeeded),
+        (2, 1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.stale_served_after_ttl, 0);
+}
