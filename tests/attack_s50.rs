@@ -1785,7 +1785,12 @@ fn get_or_stale_refreshes_a_due_value_as_get() {
     assert_eq!(c.get(&1).as_deref(), Some("new"));
     let s = c.stats();
     assert_eq!(
-        (s.hits, s.stale_served, s.refreshes_started, s.refreshes_succeeded),
+        (
+            s.hits,
+            s.stale_served,
+            s.refreshes_started,
+            s.refreshes_succeeded
+        ),
         (2, 1, 1, 1),
         "{s:?}"
     );
