@@ -6,7 +6,19 @@
 //! `CacheStats` differences and helpers, and (feature `redis`) the Redis tier's ordering
 //! promises across restarts, FLUSHALL and failing codecs.
 //!
-//! Found: see the `bug_` tests (each says what the docs promise and what happens instead).
+//! Found (each `bug_` test says what the docs promise and what happens instead):
+//! - Redis tier: a `FLUSHALL` (or any loss of the key's hash and the epoch key) between a
+//!   load's read and its write-back lets a value loaded before an `insert`, `invalidate` or
+//!   `invalidate_all` that returned back into Redis (the write-back compares the version with
+//!   `or '0'`: "absent when read" and "absent after a loss" look alike).
+//! - Redis tier + fail-safe: an instance that missed an invalidation message, whose load reads
+//!   the newer tombstone and then fails, answers with the invalidated value for `max_stale`.
+//! - `stale_served_after_ttl`: a spawned load that fails after its only caller timed out counts
+//!   an answer nobody got; waiters of one abandoned load count once each (the docs: once).
+//! - `health_over`: the non-default windows still share one history kept for the longest
+//!   window ever asked for: one 1 h window stretches a 10 s window to minutes, for good.
+//! - `CacheStats`: `requests()`/`hit_ratio()`/`average_load_time()` overflow near `u64::MAX`
+//!   (as `evictions()` did); `average_load_time()` is wrong beyond `u32::MAX` loads.
 #![cfg(not(any(loom, shuttle)))]
 
 mod common;
