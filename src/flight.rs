@@ -131,6 +131,11 @@ pub(crate) struct Flight<K, V> {
     /// from the shard's registry: its result then goes to the callers already waiting on it but
     /// is not cached, and later callers do not join it.
     superseded: AtomicBool,
+    /// Set by the Redis tier when the read before the load found the key invalidated in Redis
+    /// (a tombstone, or a value from before an `invalidate_all`): the local copy is from before
+    /// that invalidation, so a failure of this load neither falls back on it (fail-safe) nor
+    /// keeps it.
+    forgo_fallback: AtomicBool,
     /// Nonzero for a failed load kept registered as a negative-cache entry: its outcome is
     /// served to callers until this deadline. Read and written under the shard lock.
     negative_until: AtomicU64,
@@ -176,6 +181,7 @@ impl<K, V> Flight<K, V> {
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
+            forgo_fallback: AtomicBool::new(false),
             negative_until: AtomicU64::new(0),
             start,
         })
@@ -282,6 +288,12 @@ impl<K, V> Flight<K, V> {
     #[allow(dead_code)] // read by the second tier (feature `redis`) and tests
     pub(crate) fn is_superseded(&self) -> bool {
         self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Whether a failure of this load must not fall back on the key's old value (see
+    /// [`running_forgo_fallback`]).
+    pub(crate) fn forgoes_fallback(&self) -> bool {
+        self.forgo_fallback.load(Ordering::Acquire)
     }
 
     pub(crate) fn id(self: &Arc<Self>) -> usize {
@@ -566,11 +578,16 @@ pub(crate) trait Supersedable {
     // Asked by the Redis tier only.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn superseded(&self) -> bool;
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fn forgo_fallback(&self);
 }
 
 impl<K, V> Supersedable for Flight<K, V> {
     fn superseded(&self) -> bool {
         self.is_superseded()
+    }
+    fn forgo_fallback(&self) {
+        self.forgo_fallback.store(true, Ordering::Release);
     }
 }
 
@@ -580,6 +597,18 @@ impl<K, V> Supersedable for Flight<K, V> {
 #[cfg(feature = "redis")]
 pub(crate) fn running_superseded() -> bool {
     RUNNING.with(|r| r.borrow().last().is_some_and(|(_, f, _)| f.superseded()))
+}
+
+/// The flight this thread runs (the innermost) read its key invalidated in Redis after the
+/// local copy was made: if it fails, it does not fall back on that copy (fail-safe), and the
+/// copy goes.
+#[cfg(feature = "redis")]
+pub(crate) fn running_forgo_fallback() {
+    RUNNING.with(|r| {
+        if let Some((_, f, _)) = r.borrow().last() {
+            f.forgo_fallback();
+        }
+    });
 }
 
 impl Drop for Running {

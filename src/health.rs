@@ -14,9 +14,11 @@
 //! or the cache's creation when there is none (on a [`ManualClock`](crate::ManualClock), the
 //! clock's time when the cache was built). Snapshots are kept by the calls themselves (one per
 //! eighth of the window at most, 16 at most: beyond, the one closest to its neighbours goes).
-//! [`Cache::health`]'s 60 s window keeps snapshots of its own, which no call of
-//! [`Cache::health_over`] with another window thins or stretches; the other windows share
-//! theirs, kept for the longest of them asked for. So call it periodically — e.g. with each
+//! Each window keeps snapshots of its own, which no call with another window thins or
+//! stretches: [`Cache::health`]'s 60 s window, and the last four other windows
+//! [`Cache::health_over`] was asked for (a fifth takes the place of the least recently asked
+//! for; a window new, or asked for again after it lost its place, starts from a copy of the
+//! 60 s window's snapshots: its first calls cover what those allow). So call it periodically — e.g. with each
 //! metrics scrape — for the window to be what it says. On a cache that keeps no time (no
 //! expiry, refresh or negative caching) the window is measured all the same, on the precise
 //! clock (or the manual one), read by `health` itself.
@@ -49,7 +51,7 @@
 
 use crate::cache::Cache;
 use crate::clock::nanos;
-use crate::monitor::{bucket_mid, Figures, BUCKETS};
+use crate::monitor::{bucket_mid, Figures, History, BUCKETS, OTHER_WINDOWS};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
@@ -547,13 +549,10 @@ where
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let default = nanos(DEFAULT_WINDOW);
         let created = self.inner.clock.created().min(now);
-        let (base_at, base, mid, peak) = {
-            let mut guard = if w == default {
-                m.history.lock()
-            } else {
-                m.other.lock()
-            };
-            let h = guard.snapshots(created);
+        // The window's base snapshot, the one half-way, and the most entries a snapshot of
+        // the window saw (now included); then this call's snapshot kept.
+        let read = |history: &mut History| {
+            let h = history.snapshots(created);
             let pick = |age: u64| {
                 let cut = now.saturating_sub(age);
                 h.iter()
@@ -564,14 +563,36 @@ where
             };
             let (base_at, base) = pick(w);
             let (_, mid) = pick(w / 2);
-            // The most entries a snapshot of the window saw (now included).
             let peak = h
                 .iter()
                 .filter(|(at, _)| *at >= base_at)
                 .map(|(_, f)| f.entries)
                 .fold(cur.entries, u64::max);
-            guard.keep(created, now, &cur, w, default);
+            history.keep(created, now, &cur, w, default);
             (base_at, base, mid, peak)
+        };
+        let (base_at, base, mid, peak) = if w == default {
+            read(&mut m.history.lock())
+        } else {
+            // Another window's own snapshots, made the most recently used; a window new (or
+            // asked for again after it lost its own) starts from a copy of the default
+            // window's, and beyond `OTHER_WINDOWS` the least recently used goes. (Locks: the
+            // others' then the default's, never the reverse.)
+            let mut others = m.other.lock();
+            match others.iter().position(|(ow, _)| *ow == w) {
+                Some(i) => {
+                    let mine = others.remove(i);
+                    others.push(mine);
+                }
+                None => {
+                    let seed = History::seeded(&m.history.lock());
+                    others.push((w, seed));
+                    if others.len() > OTHER_WINDOWS {
+                        others.remove(0);
+                    }
+                }
+            }
+            read(&mut others.last_mut().expect("just pushed").1)
         };
         if w != default {
             // Every call feeds the default window's snapshots, at its own pace.

@@ -869,16 +869,31 @@ where
             }
         };
         // Fail-safe: a failed load of an expired key answers with its old value (taken, and
-        // the key's retry deadline set, while the flight is still registered).
+        // the key's retry deadline set, while the flight is still registered). Counted as
+        // served unless a spawned job publishes it with no caller left waiting (its caller
+        // gave up at its soft timeout, answered and counted then): the registry and the job's
+        // lead are then the flight's only holders.
         let mut outcome = outcome;
+        let served = lead.handoff.is_none() || Arc::strong_count(lead.flight()) > 2;
+        // The Redis tier read the key invalidated by another instance after the local copy
+        // was made (a message this instance missed): that copy is no fallback.
+        let forgo = lead.flight().forgoes_fallback();
         let fallback = match (&outcome, &failed_key) {
-            (Outcome::Error(_) | Outcome::Panicked, Some(k)) => self.fail_safe_fallback(hash, k),
+            (Outcome::Error(_) | Outcome::Panicked, Some(k)) if !forgo => {
+                self.fail_safe_fallback_for(hash, k, served)
+            }
             _ => None,
         };
         // An `optionally_` load's `None` is the backend's answer: with fail-safe, the value
-        // kept past its deadline goes (in `end_failed`, if no write came first).
+        // kept past its deadline goes (in `end_failed`, if no write came first); so does one
+        // the Redis tier found invalidated.
         let gone = match (&outcome, &failed_key) {
             (Outcome::Nothing, Some(k)) if self.inner.stampede.fail_safe.is_some() => Some(k),
+            (Outcome::Error(_) | Outcome::Panicked, Some(k))
+                if forgo && self.inner.stampede.fail_safe.is_some() =>
+            {
+                Some(k)
+            }
             _ => None,
         };
         let mut out = Removals::new();

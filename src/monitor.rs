@@ -149,9 +149,10 @@ impl DueRing {
 /// `health`'s snapshots (instant, figures), oldest first, and the longest window it was asked
 /// for (nanoseconds; at least the default window): snapshots are kept for that one, whatever
 /// window a given call asks for. The default window ([`Cache::health`](crate::Cache::health))
-/// keeps its own, apart from the other windows' (`Monitor::history` and `Monitor::other`), so
-/// that no call with another window thins or stretches it.
-#[derive(Default)]
+/// keeps its own (`Monitor::history`), and so does each of the last [`OTHER_WINDOWS`] other
+/// windows asked for (`Monitor::other`), so that no call with another window thins or
+/// stretches a window's snapshots.
+#[derive(Default, Clone)]
 pub(crate) struct History {
     snapshots: Vec<(u64, Figures)>,
     longest: u64,
@@ -160,7 +161,21 @@ pub(crate) struct History {
 /// Snapshots kept, at most (see [`History::keep`]).
 const HISTORY: usize = 16;
 
+/// The windows other than the default that keep snapshots of their own, at most: the most
+/// recently asked for. A window asked for again after it lost its own starts from a copy of the
+/// default window's.
+pub(crate) const OTHER_WINDOWS: usize = 4;
+
 impl History {
+    /// A window's snapshots for its first call: a copy of `from`'s (the default window's),
+    /// kept for this window from then on.
+    pub(crate) fn seeded(from: &History) -> History {
+        History {
+            snapshots: from.snapshots.clone(),
+            longest: 0,
+        }
+    }
+
     /// The snapshots, oldest first: at least one (the cache's creation at `created`, with its
     /// figures all zero then: a manual clock may have been advanced before the cache was
     /// built).
@@ -209,8 +224,9 @@ pub(crate) struct Monitor {
     /// synchronized (a time to live, no spread).
     pub(crate) width: u64,
     pub(crate) history: Mutex<History>,
-    /// The snapshots of the calls with a window other than the default.
-    pub(crate) other: Mutex<History>,
+    /// The snapshots of the calls with a window other than the default: (window, its
+    /// snapshots), the most recently asked for last, [`OTHER_WINDOWS`] at most.
+    pub(crate) other: Mutex<Vec<(u64, History)>>,
     /// The kinds raised by the last call of `health` (bit `i`: `Warning::KINDS[i]`), to log
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
@@ -265,7 +281,7 @@ impl Monitor {
             stale: AtomicU64::new(0),
             width,
             history: Mutex::new(History::default()),
-            other: Mutex::new(History::default()),
+            other: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
             mean_weight: AtomicU64::new(0),
         }

@@ -231,7 +231,12 @@ where
         // and the key's `Eq` run here: if they panic, the armed lead's drop counts the refresh
         // as failed (so nothing is counted before: once, not twice).
         let joined = Arc::strong_count(lead.flight()) > 2; // the registry's and this lead's
-        let fallback = self.fail_safe_fallback_for(hash, key, joined);
+                                                           // Not on a value the Redis tier found invalidated by another instance (see `publish`).
+        let fallback = if lead.flight().forgoes_fallback() {
+            None
+        } else {
+            self.fail_safe_fallback_for(hash, key, joined)
+        };
         self.count(Counter::RefreshFailed);
         self.count(Counter::LoadFailure);
         self.count_n(Counter::LoadNanos, took);

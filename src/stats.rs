@@ -307,8 +307,13 @@ pub struct CacheStats {
     pub refreshes_failed: u64,
     /// Reads that returned a value due for refresh (stale-while-revalidate).
     pub stale_served: u64,
-    /// Calls answered with a value past its time to live because its load failed (fail-safe;
-    /// callers that waited on one failed load count once).
+    /// Calls answered with a value past its time to live because its load failed
+    /// (fail-safe). The callers that waited on one load whose failure answered them all count
+    /// once; a call answered from the old value by itself counts on its own: during the retry
+    /// backoff, at its soft timeout, or after the load it waited on was abandoned (each waiter
+    /// of an abandoned load claims the key again and finds the backoff started). A failure no
+    /// caller waits for any more (a spawned load whose callers left at their soft timeout,
+    /// counted then) counts nothing.
     pub stale_served_after_ttl: u64,
     /// Calls answered by a negative-cache entry instead of a load.
     pub negative_hits: u64,
@@ -325,16 +330,17 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
-    /// `hits + misses`.
+    /// `hits + misses` (saturating at `u64::MAX`).
     pub fn requests(&self) -> u64 {
-        self.hits + self.misses
+        self.hits.saturating_add(self.misses)
     }
 
     /// `hits / requests`, or 1.0 with no requests.
     pub fn hit_ratio(&self) -> f64 {
-        match self.requests() {
-            0 => 1.0,
-            n => self.hits as f64 / n as f64,
+        match (self.hits, self.misses) {
+            (0, 0) => 1.0,
+            // In floating point: the sum of the counters may not fit in a `u64`.
+            (h, m) => h as f64 / (h as f64 + m as f64),
         }
     }
 
@@ -345,9 +351,17 @@ impl CacheStats {
 
     /// The mean duration of a finished load.
     pub fn average_load_time(&self) -> Duration {
-        match self.load_successes + self.load_failures {
+        // In nanoseconds as `u128`: neither the count nor the quotient need fit a `u32`.
+        match u128::from(self.load_successes) + u128::from(self.load_failures) {
             0 => Duration::ZERO,
-            n => self.total_load_time / u32::try_from(n).unwrap_or(u32::MAX),
+            n => {
+                let nanos = self.total_load_time.as_nanos() / n;
+                // At most `total_load_time`, so its seconds fit in a `u64`.
+                Duration::new(
+                    u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX),
+                    (nanos % 1_000_000_000) as u32,
+                )
+            }
         }
     }
 

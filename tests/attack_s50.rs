@@ -6,7 +6,8 @@
 //! `CacheStats` differences and helpers, and (feature `redis`) the Redis tier's ordering
 //! promises across restarts, FLUSHALL and failing codecs.
 //!
-//! Found (each `bug_` test says what the docs promise and what happens instead):
+//! Found (each `s39_` test, `bug_` when found, says what the docs promise and what happened
+//! instead; all fixed in stop 39, the waiters' count by correcting the docs):
 //! - Redis tier: a `FLUSHALL` (or any loss of the key's hash and the epoch key) between a
 //!   load's read and its write-back lets a value loaded before an `insert`, `invalidate` or
 //!   `invalidate_all` that returned back into Redis (the write-back compares the version with
@@ -230,7 +231,7 @@ fn stats_difference_saturates_on_every_field() {
 /// debug build — in `requests()`, `hit_ratio()`, `miss_ratio()`; `average_load_time()`'s
 /// `load_successes + load_failures` likewise. Expected: a saturating sum, as `evictions()`.
 #[test]
-fn bug_stats_requests_and_ratios_overflow_like_evictions_did() {
+fn s39_stats_requests_and_ratios_overflow_like_evictions_did() {
     let mut s = CacheStats::default();
     s.hits = u64::MAX;
     s.misses = 1;
@@ -586,7 +587,7 @@ mod tier {
     /// read could remember the server's clock, or the epoch key exist from the first read, so
     /// that a loss shows).
     #[test]
-    fn bug_a_flush_between_a_loads_read_and_its_write_back_lets_an_older_value_back() {
+    fn s39_a_flush_between_a_loads_read_and_its_write_back_lets_an_older_value_back() {
         let _w = watchdog(Duration::from_secs(60), "flush vs load");
         let mut server = RedisServer::start();
         let got = load_across_a_write(&mut server, "s50b", |b| b.insert(1, 20), flush);
@@ -600,7 +601,7 @@ mod tier {
     /// epoch lost with the flush: the load's value, written with the epoch it read, absent, is
     /// current again): Redis yields a value loaded before the invalidation returned.
     #[test]
-    fn bug_a_flush_between_a_loads_read_and_its_write_back_undoes_an_invalidation() {
+    fn s39_a_flush_between_a_loads_read_and_its_write_back_undoes_an_invalidation() {
         let _w = watchdog(Duration::from_secs(60), "flush vs load (invalidations)");
         let mut server = RedisServer::start();
         let one = load_across_a_write(&mut server, "s50e", |b| b.invalidate(&1), flush);
@@ -627,7 +628,7 @@ mod tier {
     /// Redis" and the failure falls back in `Cache::publish` (src/load.rs) on the local entry,
     /// which nothing removed.
     #[test]
-    fn bug_fail_safe_serves_a_value_the_fleet_invalidated_after_the_tombstone_was_read() {
+    fn s39_fail_safe_serves_a_value_the_fleet_invalidated_after_the_tombstone_was_read() {
         let _w = watchdog(Duration::from_secs(60), "fail-safe vs fleet invalidation");
         let server = RedisServer::start();
         let p = proxy::Proxy::start(server.port);
@@ -782,7 +783,7 @@ fn concurrent_health_calls() {
 /// non-default window) and `History::keep`'s thinning (the short window's dense recent
 /// snapshots are the closest neighbours, so they go first).
 #[test]
-fn bug_a_long_window_stretches_every_other_short_window() {
+fn s39_a_long_window_stretches_every_other_short_window() {
     let (c, clock) = expired_cache();
     let short = Duration::from_secs(10);
     // Two minutes of the 10 s window alone, then the 1 h window joins every 30 s.
@@ -1114,7 +1115,7 @@ fn a_failed_live_refresh_does_not_start_the_fail_safe_backoff() {
 /// src/stats.rs divides the `Duration` by `u32::try_from(n).unwrap_or(u32::MAX)` (dividing
 /// the nanoseconds as `u128` by `n` is exact).
 #[test]
-fn bug_average_load_time_is_wrong_beyond_u32_max_loads() {
+fn s39_average_load_time_is_wrong_beyond_u32_max_loads() {
     let mut s = CacheStats::default();
     s.load_successes = 1 << 33;
     s.total_load_time = Duration::from_secs(1 << 33);
@@ -1641,20 +1642,15 @@ fn a_dropped_load_job_falls_back_to_the_caller_then_to_the_last_value() {
     c.validate();
 }
 
-/// `stale_served_after_ttl`: "Calls answered with a value past its time to live because its
-/// load failed (fail-safe; callers that waited on one failed load count once)", and fail-safe
-/// counts an abandoned leader as a failed load ("A load fails — ... an abandoned async
-/// leader, a soft timeout ... every caller of that load gets the old value"). Three blocking
-/// callers waiting on one async leader that is dropped get the last value, as the waiters of
-/// one failed load — but count three times, where the waiters of a loader's error count once
-/// (`waiters_of_one_failed_load_count_once`). Each waiter is answered on its own by
-/// `fail_safe_read` (src/cache/fail_safe.rs, via `Cache::claim` in src/load.rs) when it
-/// retries after the abandon, and each such answer is counted (`note_stale`). Note:
-/// tests/fail_safe.rs (`waiters_joined_to_a_leader_that_gives_up_its_permit_wait_get_the_last_value`)
-/// pins 3 for a leader and two waiters of a permit wait given up: either the docs' "count
-/// once" or that count is wrong; they disagree for abandoned loads only.
+/// Found by this sweep as `bug_waiters_of_one_abandoned_load_count_once_each`: the docs of
+/// `stale_served_after_ttl` said "callers that waited on one failed load count once", while
+/// each waiter of an abandoned load, answered on its own (it claims the key again and finds
+/// the backoff started, `fail_safe_read`), counted once each — as tests/fail_safe.rs pins for
+/// a permit wait given up. Resolved in the docs: a call answered from the old value by itself
+/// counts on its own, the waiters of an abandoned load included; one load whose failure
+/// answers all its waiters counts once (`waiters_of_one_failed_load_count_once`).
 #[test]
-fn bug_waiters_of_one_abandoned_load_count_once_each() {
+fn s39_waiters_of_one_abandoned_load_count_each() {
     let _w = watchdog(Duration::from_secs(60), "abandoned waiters count");
     let (c, _clock) = expired_cache();
     let mut f = Box::pin(c.get_with_async(1, std::future::pending::<String>()));
@@ -1673,8 +1669,8 @@ fn bug_waiters_of_one_abandoned_load_count_once_each() {
     let s = c.stats();
     assert_eq!(s.loads_abandoned, 1, "{s:?}");
     assert_eq!(
-        s.stale_served_after_ttl, 1,
-        "the waiters of one abandoned load counted once each: {s:?}"
+        s.stale_served_after_ttl, 3,
+        "each waiter of an abandoned load is answered (and counted) on its own: {s:?}"
     );
 }
 
@@ -1733,7 +1729,7 @@ fn panicking_async_loader_falls_back_for_every_caller() {
 /// `fail_safe_fallback(hash, k)`, i.e. `fail_safe_fallback_for(.., served: true)`, whether or
 /// not the flight has a waiter.
 #[test]
-fn bug_a_failed_load_nobody_waits_for_counts_a_stale_answer() {
+fn s39_a_failed_load_nobody_waits_for_counts_a_stale_answer() {
     let _w = watchdog(Duration::from_secs(60), "unserved stale count");
     let clock = ManualClock::new();
     let gate = Gate::default();

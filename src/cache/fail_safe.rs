@@ -39,8 +39,11 @@
 //! * **Writes win**: an `insert` or `invalidate` replaces or removes the old entry, so a load
 //!   that fails afterwards has nothing to fall back on; so do a computation's `Op::Remove`
 //!   (its closure saw no value: the entry is expired) and an `optionally_` loader's `None`
-//!   (the backend's answer that the key is gone). `retain` offers the old value to its
-//!   predicate like a live one.
+//!   (the backend's answer that the key is gone). With the Redis tier, so does another
+//!   instance's invalidation that this one missed (its message lost): a load whose read of
+//!   Redis finds the key invalidated there (a tombstone, or a value from before an
+//!   `invalidate_all`) does not fall back, and its failure drops the old value. `retain`
+//!   offers the old value to its predicate like a live one.
 //!
 //! The calls that can fall back are those that load on a miss: the `get_with` and `load`
 //! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;

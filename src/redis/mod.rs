@@ -38,7 +38,10 @@
 //! load remembers the version it read before loading, and writes its value back only if the
 //! version is still that one — and, with leases, only while its lease stands — in one script.
 //! `invalidate_all` first advances the namespace's epoch (values written back by loads that
-//! read an older epoch are ignored), then tombstones every value. An instance changes Redis
+//! read an older epoch are ignored), then tombstones every value. A read finding no epoch (never
+//! set, or lost with the data: a restart without persistence, `FLUSHALL`) sets one first, at
+//! least the server's clock in microseconds: a load that read before such a loss, whose
+//! write-back finds its key's version gone, writes back a value every later read ignores. An instance changes Redis
 //! first and its local tier second, so it never reads back from Redis a value it has just
 //! invalidated. Messages carry the version: an instance ignores one older than its own write of
 //! that key, and an `insert` whose local copy lands after a newer write or invalidation of the

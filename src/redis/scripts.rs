@@ -54,6 +54,21 @@ pub(crate) const NEXT_EPOCH: &str = concat!(
      return v"
 );
 
+/// The namespace's invalidate-all epoch, as a read sees it: KEYS = epoch. An absent epoch (never
+/// set, or lost: a restart without persistence, `FLUSHALL`, an eviction) is set first, as
+/// [`NEXT_EPOCH`] would, so that a value a load wrote back with the epoch it read before the
+/// loss (its key's version lost too, the write-back found the key absent as it had read it) is
+/// below the epoch every later read sees: not a value. Returns the epoch.
+pub(crate) const EPOCH: &str = concat!(
+    "redis.replicate_commands() \
+     local old = redis.call('get', KEYS[1]) \
+     if old then return old end ",
+    past_the_clock!(),
+    "local e = string.format('%.0f', v) \
+     redis.call('set', KEYS[1], e) \
+     return e"
+);
+
 /// A load's write-back: KEYS = value, lease; ARGV = version read, bytes, px, epoch read, lease
 /// token ('' without a lease). Stores only if nothing wrote or invalidated the key since the
 /// load read it, and (with a lease) only while the lease is ours; releases the lease.

@@ -23,7 +23,10 @@
 //! microseconds, as a key's version: an epoch lost with its key, in a restart without
 //! persistence, comes back above the ones loads read before), so that values written back by
 //! loads that read an older epoch are ignored by readers, then tombstones the namespace's
-//! values. So
+//! values. A read sets an absent epoch the same way (`EPOCH`): after a loss of the
+//! namespace's keys (a restart without persistence, `FLUSHALL`), a load that read before it
+//! finds its key absent as it read it, but what it writes back carries an epoch below every
+//! later read's. So
 //! after an `insert` or `invalidate` returns on any instance, Redis never again yields an older
 //! value for the key — provided the tombstone (kept for the tier's time to live) outlives any
 //! load running at that moment.
@@ -41,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::scripts::{INSERT, NEXT_EPOCH, READ, RELEASE, TOMBSTONE, WRITE_BACK};
+use super::scripts::{EPOCH, INSERT, NEXT_EPOCH, READ, RELEASE, TOMBSTONE, WRITE_BACK};
 
 /// Message kinds on the invalidation channel:
 /// `[kind][origin: 8 bytes LE][version: 8 bytes LE][key bytes]`.
@@ -78,6 +81,10 @@ struct Snapshot<V> {
     found: Option<Remote<V>>,
     version: u64,
     epoch: u64,
+    /// The key is invalidated in Redis: a tombstone, or a value a load wrote back from
+    /// before an `invalidate_all`. A local copy older than the read is then from before an
+    /// invalidation (see [`Pending::invalidated`]).
+    invalidated: bool,
 }
 
 /// The first half of a fetch, decided before the load.
@@ -163,6 +170,10 @@ struct Pending {
     /// only if the version is unchanged.
     version: u64,
     epoch: u64,
+    /// A read before the load found the key invalidated in Redis: a failure of the load does
+    /// not fall back on the local copy (fail-safe), which is from before that invalidation
+    /// (this instance missed its message, or the load would not run).
+    invalidated: bool,
 }
 
 impl Pending {
@@ -171,8 +182,8 @@ impl Pending {
         lkey: Vec<u8>,
         lease: Option<Held>,
         redis: bool,
-        version: u64,
-        epoch: u64,
+        (version, epoch): (u64, u64),
+        invalidated: bool,
     ) -> Self {
         Pending {
             vkey: vkey.bytes.clone(),
@@ -181,6 +192,14 @@ impl Pending {
             redis,
             version,
             epoch,
+            invalidated,
+        }
+    }
+
+    /// Tells the load this thread runs (a fetch's, about to start) what the reads found.
+    fn mark_load(&self) {
+        if self.invalidated {
+            crate::flight::running_forgo_fallback();
         }
     }
 }
@@ -202,6 +221,8 @@ struct LeaseWait {
     /// The key's version and epoch at the first read, for a local load after the wait.
     version: u64,
     epoch: u64,
+    /// Whether a read of the wait found the key invalidated ([`Snapshot::invalidated`]).
+    invalidated: bool,
     /// Times the lease vanished without a value.
     vanished: u32,
     /// Whether another instance's lease was found (the wait counted).
@@ -376,8 +397,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             .arg(self.max_value_size);
         let mut pttl = cmd("PTTL");
         pttl.arg(&vkey.bytes);
-        let mut epoch = cmd("GET");
-        epoch.arg(&self.epoch_key);
+        // Set if absent (see `EPOCH`): a loss of the namespace's keys shows as a new epoch.
+        let mut epoch = cmd("EVAL");
+        epoch.arg(EPOCH).arg(1).arg(&self.epoch_key);
         p.extend([fields, pttl, epoch]);
     }
 
@@ -395,6 +417,11 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // A value a load wrote back after reading an older epoch is from before an
         // invalidate-all: not a value.
         let valid = written_in.is_none_or(|e| e >= epoch);
+        // A version with no value (and not one too large to read) is a tombstone.
+        let invalidated = match &bytes {
+            Some(_) => !valid,
+            None => oversized == 0 && version.is_some(),
+        };
         let found = bytes
             .filter(|_| valid)
             .map(|b| self.found(&b, pttl, vkey.max_age));
@@ -402,6 +429,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             found,
             version: version.unwrap_or(0),
             epoch,
+            invalidated,
         }
     }
 
@@ -420,6 +448,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 found: None,
                 version: 0,
                 epoch: 0,
+                invalidated: false,
             }),
             Err(Failed::Unavailable) => Err(()),
         }
@@ -473,6 +502,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         match self.plan(vkey) {
             Plan::Remote(v) => Ok(v.into_value()),
             Plan::Load(pending) => {
+                pending.mark_load();
                 // `pending` owns the lease: a panicking loader gives it back as it unwinds.
                 let result = load();
                 // A load a write or invalidation of the key superseded (here, or announced by
@@ -540,6 +570,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             Plan::Remote(v) => return Ok(v.into_value()),
             Plan::Load(pending) => pending,
         };
+        // On the thread that polls the load (as `superseded` below).
+        pending.mark_load();
         let mut guard = FinishLater {
             tier: Arc::clone(&self),
             pending: Some(pending),
@@ -599,7 +631,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             // Redis is unavailable: load without it (no lease, no write), so that a call pays
             // at most one operation's timeout.
             Err(()) => {
-                let p = Pending::new(&vkey, lkey, None, false, 0, 0);
+                let p = Pending::new(&vkey, lkey, None, false, (0, 0), false);
                 return Start::Plan(Plan::Load(p));
             }
         };
@@ -611,7 +643,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             self.count(|c| &c.misses);
         }
         let Some(cfg) = self.lease else {
-            let p = Pending::new(&vkey, lkey, None, true, seen.version, seen.epoch);
+            let p = Pending::new(
+                &vkey,
+                lkey,
+                None,
+                true,
+                (seen.version, seen.epoch),
+                seen.invalidated,
+            );
             return Start::Plan(Plan::Load(p));
         };
         Start::Wait(Box::new(LeaseWait {
@@ -621,6 +660,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             cfg,
             version: seen.version,
             epoch: seen.epoch,
+            invalidated: seen.invalidated,
             vanished: 0,
             waited: false,
             pause: None,
@@ -629,21 +669,21 @@ impl<K: 'static, V: 'static> Tier<K, V> {
 
     /// How a lease wait's outcome turns into the plan of a fetch.
     fn resolve(&self, w: LeaseWait, lease: Lease<V>) -> Plan<V> {
-        let p = |lease, redis, version, epoch| {
+        let p = |lease, redis, read| {
             Plan::Load(Pending::new(
                 &w.vkey,
                 w.lkey.clone(),
                 lease,
                 redis,
-                version,
-                epoch,
+                read,
+                w.invalidated,
             ))
         };
         match lease {
             Lease::Value(v) => Plan::Remote(v),
-            Lease::Held(held, version, epoch) => p(Some(held), true, version, epoch),
-            Lease::Local => p(None, true, w.version, w.epoch),
-            Lease::Unavailable => p(None, false, 0, 0),
+            Lease::Held(held, version, epoch) => p(Some(held), true, (version, epoch)),
+            Lease::Local => p(None, true, (w.version, w.epoch)),
+            Lease::Unavailable => p(None, false, (0, 0)),
         }
     }
 
@@ -702,7 +742,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             self.count(|c| &c.lease_fallbacks);
             return Step::Done(Lease::Unavailable);
         };
-        match self.snapshot(fields, pttl, epoch, &w.vkey).found {
+        let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
+        w.invalidated |= seen.invalidated;
+        match seen.found {
             Some(Remote::Value(v)) => {
                 self.count(|c| &c.lease_wait_hits);
                 Step::Done(Lease::Value(v))
@@ -760,6 +802,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // runs the codec, which may panic.
         let held = (!matches!(lease, Value::Nil)).then(|| Held::new(&self.client, &w.lkey, token));
         let seen = self.snapshot(fields, pttl, epoch, &w.vkey);
+        w.invalidated |= seen.invalidated;
         if let Some(Remote::Value(v)) = seen.found {
             // Taken needlessly (if taken): dropping `held` gives it back.
             drop(held);
