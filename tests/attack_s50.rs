@@ -49,16 +49,20 @@ fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
 }
 
 /// A fail-safe cache on a manual clock, key 1 holding "old" and expired (within max_stale).
-fn expired_cache() -> (Cache<u32, String>, ManualClock) {
-    let clock = ManualClock::new();
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(100)
+/// A fail-safe cache's builder on `clock`: `TTL`, `MAX_STALE`, `BACKOFF`, statistics.
+fn fail_safe_builder(capacity: u64, clock: &ManualClock) -> herdcache::CacheBuilder<u32, String> {
+    Cache::builder()
+        .max_capacity(capacity)
         .time_to_live(TTL)
         .fail_safe(MAX_STALE)
         .refresh_backoff(BACKOFF)
         .record_stats()
         .clock(clock.clone())
-        .build();
+}
+
+fn expired_cache() -> (Cache<u32, String>, ManualClock) {
+    let clock = ManualClock::new();
+    let c: Cache<u32, String> = fail_safe_builder(100, &clock).build();
     c.insert(1, "old".to_string());
     clock.advance(TTL + Duration::from_secs(1));
     (c, clock)
@@ -147,13 +151,7 @@ fn borrowed_async_leader_dropped_backs_off() {
 fn load_async_dropped_backs_off() {
     let _w = watchdog(Duration::from_secs(60), "load_async drop");
     let clock = ManualClock::new();
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(100)
-        .time_to_live(TTL)
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
+    let c: Cache<u32, String> = fail_safe_builder(100, &clock)
         .async_loader(|_k: &u32| std::future::pending::<Result<String, BoxError>>())
         .build();
     c.insert(1, "old".to_string());
@@ -1081,14 +1079,8 @@ fn a_failed_live_refresh_does_not_start_the_fail_safe_backoff() {
     let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let loads = Arc::new(AtomicUsize::new(0));
     let (d, l) = (Arc::clone(&down), Arc::clone(&loads));
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .refresh_after(Duration::from_secs(30))
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
         .loader(move |_k: &u32| {
             l.fetch_add(1, Ordering::SeqCst);
             if d.load(Ordering::SeqCst) {
@@ -1186,14 +1178,8 @@ fn a_refresh_dropped_after_expiry_is_not_a_failure() {
         let clock = ManualClock::new();
         let jobs: Jobs = Arc::default();
         let j = Arc::clone(&jobs);
-        let c: Cache<u32, String> = Cache::builder()
-            .max_capacity(10)
-            .time_to_live(TTL)
+        let c: Cache<u32, String> = fail_safe_builder(10, &clock)
             .refresh_after(Duration::from_secs(30))
-            .fail_safe(MAX_STALE)
-            .refresh_backoff(BACKOFF)
-            .record_stats()
-            .clock(clock.clone())
             .loader(|_k: &u32| Err::<String, BoxError>("down".into()))
             .spawner(move |job| j.lock().unwrap().push(job))
             .build();
@@ -1443,14 +1429,8 @@ fn a_load_that_joined_a_failed_refresh_falls_back() {
     let j = Arc::clone(&jobs);
     let loads = Arc::new(AtomicUsize::new(0));
     let l = Arc::clone(&loads);
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .refresh_after(Duration::from_secs(30))
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
         .loader(move |_k: &u32| {
             l.fetch_add(1, Ordering::SeqCst);
             Err::<String, BoxError>("down".into())
@@ -1494,14 +1474,8 @@ fn a_load_that_joined_a_dropped_refresh_loads_itself() {
     let clock = ManualClock::new();
     let jobs: Jobs = Arc::default();
     let j = Arc::clone(&jobs);
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .refresh_after(Duration::from_secs(30))
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
         .loader(|_k: &u32| Ok::<_, BoxError>("new".to_string()))
         .spawner(move |job| j.lock().unwrap().push(job))
         .build();
@@ -1531,14 +1505,8 @@ fn every_started_refresh_ends_as_succeeded_or_failed() {
     let j = Arc::clone(&jobs);
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = Arc::clone(&fail);
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .refresh_after(Duration::from_secs(30))
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
         .loader(move |_k: &u32| {
             if f.load(Ordering::SeqCst) {
                 Err::<String, BoxError>("down".into())
@@ -1603,13 +1571,7 @@ fn a_dropped_load_job_falls_back_to_the_caller_then_to_the_last_value() {
     let clock = ManualClock::new();
     let loads = Arc::new(AtomicUsize::new(0));
     let l = Arc::clone(&loads);
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .loader(move |_k: &u32| {
             l.fetch_add(1, Ordering::SeqCst);
             Err::<String, BoxError>("down".into())
@@ -1684,13 +1646,7 @@ fn panicking_async_loader_falls_back_for_every_caller() {
     let clock = ManualClock::new();
     let gate = FutGate::default();
     let g = gate.clone();
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .async_loader(move |_k: &u32| {
             let g = g.clone();
             async move {
@@ -1734,13 +1690,7 @@ fn s39_a_failed_load_nobody_waits_for_counts_a_stale_answer() {
     let clock = ManualClock::new();
     let gate = Gate::default();
     let g = gate.clone();
-    let c: Cache<u32, String> = Cache::builder()
-        .max_capacity(10)
-        .time_to_live(TTL)
-        .fail_safe(MAX_STALE)
-        .refresh_backoff(BACKOFF)
-        .record_stats()
-        .clock(clock.clone())
+    let c: Cache<u32, String> = fail_safe_builder(10, &clock)
         .loader(move |_k: &u32| {
             g.wait();
             Err::<String, BoxError>("down".into())
