@@ -1,0 +1,896 @@
+#![cfg(not(any(loom, shuttle)))]
+//! Outside attack on feature COMBINATIONS (public API only, plus the `validate` test hook).
+//!
+//! A seeded random driver (splitmix64; the seed and the configuration are printed on failure)
+//! builds caches with a random subset of: weigher, small capacity, time to live / idle, an
+//! `Expiry`, refresh_after + jitter, fail_safe, negative_ttl, max_concurrent_loads(1|2), soft
+//! timeouts, a listener, a spawner (inline, on a thread, or dropping some jobs), LRU /
+//! TinyLFU. 2-4 threads run random public operations on 8 keys while user code (loader,
+//! `init`, weigher, Expiry, listener, compute closures, retain predicates) panics with a small
+//! probability and a ManualClock advances. After each run it checks: every call returned
+//! (watchdog), `validate()`, entry_count / weighted_size against `iter()`, no value older than
+//! a write or invalidation that completed before the read started, single flight per key,
+//! the `CacheStats` identities at quiescence, and the listener's counts against the stats.
+//!
+//! Findings: see the `bug_` tests below (if any).
+
+use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, ManualClock, Op, RemovalCause};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+const KEYS: u32 = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+#[derive(Clone)]
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+thread_local! {
+    static TRNG: std::cell::RefCell<Rng> = const { std::cell::RefCell::new(Rng(1)) };
+}
+
+fn t_chance(per_mille: u64) -> bool {
+    TRNG.with(|r| r.borrow_mut().chance(per_mille))
+}
+
+/// Aborts the process if `done` is not signalled within `secs`.
+fn watchdog(what: String, secs: u64) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
+            eprintln!("WATCHDOG: {what} did not finish in {secs} s (hang)");
+            std::process::abort();
+        }
+    });
+    tx
+}
+
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            if !msg.starts_with("planted") {
+                prev(info);
+            }
+        }));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The value: its key and a version, unique per key, taken from a per-key counter when the
+// value is made (a loader takes it when it starts).
+
+#[derive(Clone, Debug, PartialEq)]
+struct Val {
+    k: u32,
+    ver: u64,
+    w: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    cap: u64,
+    weigher: bool,
+    ttl: Option<u64>,
+    tti: Option<u64>,
+    expiry: bool,
+    refresh: Option<u64>,
+    jitter: bool,
+    fail_safe: bool,
+    negative: bool,
+    limit: Option<usize>,
+    timeout: bool,
+    listener: bool,
+    spawner: u8, // 0 none, 1 inline, 2 thread, 3 drop some
+    lru: bool,
+    loader: bool,
+    panic_rate: u64, // per mille
+    nest: bool,
+    threads: usize,
+    ops: usize,
+}
+
+impl Config {
+    fn random(r: &mut Rng) -> Config {
+        let mut c = Config {
+            cap: [3, 5, 8, 20][r.below(4) as usize],
+            weigher: r.chance(400),
+            ttl: r.chance(400).then(|| 5 + r.below(20)),
+            tti: r.chance(250).then(|| 5 + r.below(20)),
+            expiry: r.chance(300),
+            refresh: None,
+            jitter: r.chance(300),
+            fail_safe: r.chance(400),
+            negative: r.chance(350),
+            limit: r.chance(400).then(|| 1 + r.below(2) as usize),
+            timeout: r.chance(300),
+            listener: r.chance(600),
+            spawner: r.below(4) as u8,
+            lru: r.chance(500),
+            loader: r.chance(700),
+            panic_rate: [0, 10, 40][r.below(3) as usize],
+            nest: r.chance(400),
+            threads: 2 + r.below(3) as usize,
+            ops: 150 + r.below(250) as usize,
+        };
+        if c.loader && r.chance(500) {
+            c.refresh = Some(2 + r.below(10));
+        }
+        if c.weigher {
+            c.cap *= 3;
+        }
+        c
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    next_ver: Vec<AtomicU64>,
+    /// Versions below this must never be returned by a read that starts now.
+    floor: Vec<AtomicU64>,
+    in_flight: Vec<Mutex<Vec<(u64, u64, &'static str)>>>,
+    /// Bumped at the start and the end of every write or invalidation of the key.
+    epoch: Vec<AtomicU64>,
+    /// The logical clock.
+    now: AtomicU64,
+    /// Per key: version -> logical time of the value (an insert's end, a load's start).
+    times: Mutex<HashMap<(u32, u64), u64>>,
+    violations: Mutex<Vec<String>>,
+    get_misses: AtomicU64,
+    heard: Mutex<HashMap<&'static str, (u64, u64)>>,
+    panic_rate: AtomicU64,
+    loader_calls: AtomicU64,
+}
+
+impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            next_ver: (0..KEYS).map(|_| AtomicU64::new(1)).collect(),
+            floor: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            in_flight: (0..KEYS).map(|_| Mutex::new(Vec::new())).collect(),
+            epoch: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        })
+    }
+    fn fresh(&self, k: u32) -> Val {
+        let ver = self.next_ver[k as usize].fetch_add(1, Ordering::SeqCst);
+        Val {
+            k,
+            ver,
+            w: 1 + (ver % 3) as u32,
+        }
+    }
+    fn bad(&self, s: String) {
+        let mut v = self.violations.lock().unwrap();
+        if v.len() < 20 {
+            v.push(s);
+        }
+    }
+    fn maybe_panic(&self, what: &str) {
+        if let Ok(only) = std::env::var("S51_SITES") {
+            if !only.split(',').any(|o| what.starts_with(o)) {
+                return;
+            }
+        }
+        if t_chance(self.panic_rate.load(Ordering::Relaxed)) {
+            panic!("planted panic in {what}");
+        }
+    }
+    fn tick(&self) -> u64 {
+        self.now.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    /// A write of `k` starts: returns its logical start.
+    fn write_start(&self, k: u32) -> u64 {
+        self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+        self.tick()
+    }
+    /// A write of `k` that started at `start` completed.
+    fn write_end(&self, k: u32, start: u64) {
+        self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+        self.floor[k as usize].fetch_max(start, Ordering::SeqCst);
+    }
+    fn stamp(&self, k: u32, ver: u64, t: u64) {
+        self.times.lock().unwrap().insert((k, ver), t);
+    }
+    /// A load of `k` runs `f`: checks single flight (no other load of `k` started in the
+    /// same write epoch is running), and stamps the value with the load's start.
+    fn loading(&self, k: u32, who: &'static str, f: impl FnOnce() -> Val) -> Val {
+        self.loading_any(k, who, || {
+            let v = f();
+            v
+        })
+    }
+    fn loading_any<T>(&self, k: u32, who: &'static str, f: impl FnOnce() -> T) -> T {
+        struct Out<'a>(&'a Mutex<Vec<(u64, u64, &'static str)>>, u64);
+        impl Drop for Out<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().retain(|e| e.0 != self.1);
+            }
+        }
+        static ID: AtomicU64 = AtomicU64::new(0);
+        let id = ID.fetch_add(1, Ordering::Relaxed);
+        let ep = self.epoch[k as usize].load(Ordering::SeqCst);
+        {
+            let mut l = self.in_flight[k as usize].lock().unwrap();
+            if let Some(o) = l.iter().find(|e| e.1 == ep) {
+                let o = o.2;
+                drop(l);
+                self.bad(format!("single flight: a {who} load of key {k} started while a {o} load of it (same write epoch) runs"));
+                l = self.in_flight[k as usize].lock().unwrap();
+            }
+            l.push((id, ep, who));
+        }
+        let _out = Out(&self.in_flight[k as usize], id);
+        self.loader_calls.fetch_add(1, Ordering::Relaxed);
+        f()
+    }
+    /// A loader makes the value of `k`: stamped with the load's start.
+    fn load_value(&self, k: u32) -> Val {
+        let t = self.tick();
+        let v = self.fresh(k);
+        self.stamp(k, v.ver, t);
+        v
+    }
+    fn check_read(&self, op: &str, k: u32, floor: u64, got: &Option<Val>) {
+        if let Some(v) = got {
+            if v.k != k {
+                self.bad(format!("{op}({k}) returned the value of key {}", v.k));
+            }
+            let t = self.times.lock().unwrap().get(&(k, v.ver)).copied();
+            if let Some(t) = t {
+                if t < floor {
+                    self.bad(format!(
+                        "{op}({k}) returned version {} (made/stored at t{t}) though a write or invalidation that started at t{floor}, after it, completed before this call started",
+                        v.ver
+                    ));
+                }
+            }
+        }
+    }
+}
+
+struct Exp {
+    sh: Arc<Shared>,
+}
+
+impl Expiry<u32, Val> for Exp {
+    fn expire_after_create(&self, _k: &u32, v: &Val) -> Option<Duration> {
+        self.sh.maybe_panic("expire_after_create");
+        match v.ver % 4 {
+            0 => None,
+            n => Some(Duration::from_secs(3 * n)),
+        }
+    }
+    fn expire_after_read(&self, _k: &u32, v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        self.sh.maybe_panic("expire_after_read");
+        if v.ver % 5 == 0 {
+            Some(Duration::from_secs(4))
+        } else {
+            rem
+        }
+    }
+    fn expire_after_update(&self, _k: &u32, v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        self.sh.maybe_panic("expire_after_update");
+        if v.ver % 3 == 0 {
+            Some(Duration::from_secs(7))
+        } else {
+            rem
+        }
+    }
+}
+
+type Handles = Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>;
+
+fn build(
+    cfg: &Config,
+    sh: &Arc<Shared>,
+    clock: &ManualClock,
+    handles: &Handles,
+    stats: bool,
+) -> Cache<u32, Val> {
+    let mut b = Cache::builder()
+        .max_capacity(cfg.cap)
+        .clock(clock.clone())
+        .shards(1 + (cfg.cap as usize % 2));
+    if stats {
+        b = b.record_stats();
+    }
+    if cfg.weigher {
+        let s = Arc::clone(sh);
+        b = b.weigher(move |_k: &u32, v: &Val| {
+            s.maybe_panic("weigher");
+            v.w
+        });
+    }
+    if let Some(t) = cfg.ttl {
+        b = b.time_to_live(Duration::from_secs(t));
+    }
+    if let Some(t) = cfg.tti {
+        b = b.time_to_idle(Duration::from_secs(t));
+    }
+    if cfg.expiry {
+        b = b.expire_after(Exp { sh: Arc::clone(sh) });
+    }
+    if cfg.jitter {
+        b = b.jitter(0.3);
+    }
+    if cfg.fail_safe {
+        b = b
+            .fail_safe(Duration::from_secs(30))
+            .refresh_backoff(Duration::from_secs(2));
+    }
+    if cfg.negative {
+        b = b.negative_ttl(Duration::from_secs(3));
+    }
+    if let Some(n) = cfg.limit {
+        b = b.max_concurrent_loads(n);
+    }
+    if cfg.timeout {
+        b = b.load_timeout(Duration::from_millis(20));
+    }
+    if cfg.listener {
+        let s = Arc::clone(sh);
+        b = b.eviction_listener(move |_k, v: &Val, cause| {
+            let name = match cause {
+                RemovalCause::Expired => "expired",
+                RemovalCause::Explicit => "explicit",
+                RemovalCause::Replaced => "replaced",
+                RemovalCause::Size => "size",
+            };
+            {
+                let mut h = s.heard.lock().unwrap();
+                let e = h.entry(name).or_default();
+                e.0 += 1;
+                e.1 += u64::from(v.w);
+            }
+            s.maybe_panic("listener");
+        });
+    }
+    match cfg.spawner {
+        1 => b = b.spawner(|job| job()),
+        2 => {
+            let h = Arc::clone(handles);
+            b = b.spawner(move |job| {
+                let t = std::thread::spawn(job);
+                h.lock().unwrap().push(t);
+            });
+        }
+        3 => {
+            b = b.spawner(|job| {
+                if !t_chance(300) {
+                    job();
+                }
+            })
+        }
+        _ => {}
+    }
+    b = b.eviction_policy(if cfg.lru {
+        EvictionPolicy::lru()
+    } else {
+        EvictionPolicy::tiny_lfu()
+    });
+    if cfg.loader {
+        let s = Arc::clone(sh);
+        b = b.loader(move |k: &u32| {
+            s.loading_any(*k, "loader", || {
+                let v = s.load_value(*k);
+                s.maybe_panic("loader");
+                if t_chance(100) {
+                    Err("planted error")
+                } else {
+                    Ok(v)
+                }
+            })
+        });
+        if let Some(r) = cfg.refresh {
+            b = b.refresh_after(Duration::from_secs(r));
+        }
+    }
+    b.build()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver.
+
+fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &ManualClock, seed: u64) {
+    let mut r = Rng(seed);
+    TRNG.with(|t| *t.borrow_mut() = Rng(seed ^ 0xABCD));
+    for _ in 0..cfg.ops {
+        let k = r.below(u64::from(KEYS)) as u32;
+        let floor = sh.floor[k as usize].load(Ordering::SeqCst);
+        let op = r.below(20);
+        let res = catch_unwind(AssertUnwindSafe(|| match op {
+            0..=2 => {
+                let got = cache.get(&k);
+                if got.is_none() {
+                    sh.get_misses.fetch_add(1, Ordering::SeqCst);
+                }
+                sh.check_read("get", k, floor, &got);
+            }
+            3 | 4 => {
+                let v = sh.fresh(k);
+                let ver = v.ver;
+                let t0 = sh.write_start(k);
+                cache.insert(k, v);
+                let t1 = sh.tick();
+                sh.stamp(k, ver, t1);
+                sh.write_end(k, t0);
+            }
+            5 => {
+                let t0 = sh.write_start(k);
+                if r.chance(500) {
+                    let got = cache.remove(&k);
+                    sh.check_read("remove", k, floor, &got);
+                } else {
+                    cache.invalidate(&k);
+                }
+                sh.write_end(k, t0);
+            }
+            6 | 7 => {
+                let nest = cfg.nest && r.chance(300) && k + 1 < KEYS;
+                let got = cache.get_with(k, || {
+                    sh.loading(k, "get_with", || {
+                        let v = sh.load_value(k);
+                        if nest {
+                            let _ = cache.get_with(k + 1, || {
+                                sh.loading(k + 1, "nested get_with", || sh.load_value(k + 1))
+                            });
+                        }
+                        sh.maybe_panic("init");
+                        v
+                    })
+                });
+                sh.check_read("get_with", k, floor, &Some(got));
+            }
+            8 => {
+                let got = cache.try_get_with(k, || {
+                    sh.loading_any(k, "try_get_with", || {
+                        let v = sh.load_value(k);
+                        sh.maybe_panic("try init");
+                        if t_chance(300) {
+                            Err("planted error")
+                        } else {
+                            Ok(v)
+                        }
+                    })
+                });
+                sh.check_read("try_get_with", k, floor, &got.ok());
+            }
+            9 => {
+                let got = cache.optionally_get_with(k, || {
+                    sh.loading_any(k, "optionally_get_with", || {
+                        let v = sh.load_value(k);
+                        sh.maybe_panic("opt init");
+                        (!t_chance(200)).then_some(v)
+                    })
+                });
+                sh.check_read("optionally_get_with", k, floor, &got);
+            }
+            10 if cfg.loader => {
+                let got = if r.chance(500) {
+                    cache.load(k)
+                } else {
+                    cache.load_with_timeout(k, Some(Duration::from_millis(r.below(5))))
+                };
+                sh.check_read("load", k, floor, &got.ok());
+            }
+            11 => {
+                let t0 = sh.write_start(k);
+                let choice = r.below(3);
+                let mut put = None;
+                let res = cache.entry(k).and_compute_with(|e| {
+                    sh.check_read("compute(entry)", k, floor, &e.as_ref().map(|e| e.value().clone()));
+                    sh.maybe_panic("compute");
+                    match choice {
+                        0 => {
+                            let v = sh.fresh(k);
+                            put = Some(v.ver);
+                            Op::Put(v)
+                        }
+                        1 => Op::Remove,
+                        _ => Op::Nop,
+                    }
+                });
+                let t1 = sh.tick();
+                match res {
+                    CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
+                        sh.stamp(k, put.unwrap(), t1);
+                        sh.write_end(k, t0);
+                    }
+                    CompResult::Removed(_) => sh.write_end(k, t0),
+                    // Nothing written: the epoch moves (the computation took the key over).
+                    _ => {
+                        sh.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            12 => {
+                let keys: Vec<u32> = (0..3).map(|_| r.below(u64::from(KEYS)) as u32).collect();
+                let floors: Vec<u64> = keys
+                    .iter()
+                    .map(|&k| sh.floor[k as usize].load(Ordering::SeqCst))
+                    .collect();
+                let got = cache.get_all(keys.clone(), |missing| {
+                    let mut out = HashMap::new();
+                    for &m in missing {
+                        // single flight checked per key for the duration of making its value
+                        let v = sh.loading(m, "get_all", || sh.load_value(m));
+                        out.insert(m, v);
+                    }
+                    sh.maybe_panic("load_missing");
+                    out
+                });
+                for (i, &kk) in keys.iter().enumerate() {
+                    sh.check_read("get_all", kk, floors[i], &got.get(&kk).cloned());
+                }
+            }
+            13 => {
+                let cut = r.below(u64::from(KEYS)) as u32;
+                let t0s: Vec<u64> = (0..KEYS).map(|k| sh.write_start(k)).collect();
+                let mut removed = Vec::new();
+                if r.chance(500) {
+                    cache.retain(|k, _v| {
+                        sh.maybe_panic("retain");
+                        let keep = *k < cut;
+                        if !keep {
+                            removed.push(*k);
+                        }
+                        keep
+                    });
+                } else {
+                    cache
+                        .invalidate_entries_if(|k, _v| {
+                            sh.maybe_panic("predicate");
+                            let rm = *k >= cut;
+                            if rm {
+                                removed.push(*k);
+                            }
+                            rm
+                        })
+                        .unwrap();
+                }
+                for k in 0..KEYS {
+                    if removed.contains(&k) {
+                        sh.write_end(k, t0s[k as usize]);
+                    } else {
+                        sh.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            14 => clock.advance(Duration::from_millis(r.below(4000))),
+            15 => {
+                for (kk, v) in cache.iter() {
+                    if kk != v.k {
+                        sh.bad(format!("iter: key {kk} holds the value of {}", v.k));
+                    }
+                }
+            }
+            16 => {
+                let _ = cache.contains_key(&k);
+            }
+            17 => {
+                let got = futures::executor::block_on(cache.get_with_async(k, async {
+                    sh.loading(k, "get_with_async", || sh.load_value(k))
+                }));
+                sh.check_read("get_with_async", k, floor, &Some(got));
+            }
+            18 => {
+                if r.chance(100) {
+                    let t0s: Vec<u64> = (0..KEYS).map(|k| sh.write_start(k)).collect();
+                    cache.invalidate_all();
+                    for kk in 0..KEYS {
+                        sh.write_end(kk, t0s[kk as usize]);
+                    }
+                }
+            }
+            _ => cache.run_pending_tasks(),
+        }));
+        drop(res);
+    }
+}
+
+fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
+    quiet_panics();
+    let mut r = Rng(seed);
+    let cfg = Config::random(&mut r);
+    let sh = Shared::new();
+    sh.panic_rate.store(cfg.panic_rate, Ordering::Relaxed);
+    let clock = ManualClock::new();
+    let handles: Handles = Arc::default();
+    let cache = build(&cfg, &sh, &clock, &handles, stats);
+    let dog = watchdog(format!("seed {seed:#x} {cfg:?}"), 60);
+    std::thread::scope(|s| {
+        for t in 0..cfg.threads {
+            let cache = &cache;
+            let sh = &sh;
+            let cfg = &cfg;
+            let clock = &clock;
+            let ts = r.next() ^ t as u64;
+            s.spawn(move || one_thread(cache, sh, cfg, clock, ts));
+        }
+    });
+    // Quiescence: join the spawner's threads (a job may spawn more).
+    loop {
+        let hs: Vec<_> = std::mem::take(&mut *handles.lock().unwrap());
+        if hs.is_empty() {
+            break;
+        }
+        for h in hs {
+            let _ = h.join();
+        }
+    }
+    // No more planted panics from here on.
+    sh.panic_rate.store(0, Ordering::Relaxed);
+    let mut errs: Vec<String> = sh.violations.lock().unwrap().clone();
+    if let Err(e) = catch_unwind(AssertUnwindSafe(|| cache.validate())) {
+        let m = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        errs.push(format!("validate failed: {m}"));
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| cache.run_pending_tasks()));
+    let live: Vec<(u32, Val)> = cache.iter().collect();
+    let n = cache.entry_count();
+    let w = cache.weighted_size();
+    let live_w: u64 = live
+        .iter()
+        .map(|(_, v)| if cfg.weigher { u64::from(v.w) } else { 1 })
+        .sum();
+    if cfg.fail_safe {
+        if n < live.len() as u64 || w < live_w {
+            errs.push(format!(
+                "entry_count {n} / weighted_size {w} below iter()'s {} / {live_w}",
+                live.len()
+            ));
+        }
+    } else if n != live.len() as u64 || w != live_w {
+        errs.push(format!(
+            "after run_pending_tasks: entry_count {n} / weighted_size {w}, iter() {} / {live_w}",
+            live.len()
+        ));
+    }
+    if w > cfg.cap {
+        errs.push(format!("weighted_size {w} above max_capacity {}", cfg.cap));
+    }
+    if stats {
+        let st = cache.stats();
+        let get_misses = sh.get_misses.load(Ordering::SeqCst);
+        let lhs = st.misses as i128 - get_misses as i128;
+        let rhs = st.load_successes as i128
+            + st.load_failures as i128
+            + st.loads_abandoned as i128
+            + st.coalesced as i128
+            + st.negative_hits as i128
+            - st.refreshes_started as i128;
+        if lhs != rhs {
+            errs.push(format!(
+                "stats: misses {} - plain get misses {get_misses} = {lhs} != loads/joins/negatives - refreshes = {rhs}; {st:?}",
+                st.misses
+            ));
+        }
+        if st.refreshes_started != st.refreshes_succeeded + st.refreshes_failed {
+            errs.push(format!(
+                "stats: refreshes_started {} != succeeded {} + failed {}",
+                st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed
+            ));
+        }
+        if st.loads_in_flight != 0 {
+            errs.push(format!("stats: loads_in_flight {} at quiescence", st.loads_in_flight));
+        }
+        if let Some(l) = cfg.limit {
+            if st.max_concurrent_loads_seen > l as u64 {
+                errs.push(format!(
+                    "stats: max_concurrent_loads_seen {} above the limit {l}",
+                    st.max_concurrent_loads_seen
+                ));
+            }
+        }
+        if cfg.listener {
+            let h = sh.heard.lock().unwrap().clone();
+            for (name, got) in [
+                ("expired", st.expired),
+                ("explicit", st.explicit),
+                ("replaced", st.replaced),
+                ("size", st.size),
+            ] {
+                let heard = h.get(name).copied().unwrap_or_default();
+                if heard.0 != got.count {
+                    errs.push(format!(
+                        "listener heard {} {name} removals, stats count {}",
+                        heard.0, got.count
+                    ));
+                }
+            }
+        }
+    }
+    if cache.loads_in_flight() != 0 {
+        errs.push(format!("loads_in_flight() {} at quiescence", cache.loads_in_flight()));
+    }
+    drop(cache);
+    drop(dog);
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("seed {seed:#x} {cfg:?}:\n  {}", errs.join("\n  ")))
+    }
+}
+
+fn drive(seeds: impl Iterator<Item = u64>, stats: bool, budget: Duration) {
+    let start = std::time::Instant::now();
+    let mut fails = Vec::new();
+    let mut ran = 0;
+    for seed in seeds {
+        if start.elapsed() > budget {
+            break;
+        }
+        ran += 1;
+        if let Err(e) = run_seed(seed, stats) {
+            fails.push(e);
+        }
+    }
+    assert!(fails.is_empty(), "{} of {ran} seeds failed:\n{}", fails.len(), fails.join("\n"));
+}
+
+#[test]
+fn random_combinations_driver() {
+    let extra: Option<u64> = std::env::var("S51_SEED").ok().and_then(|s| {
+        u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+    });
+    if let Some(s) = extra {
+        return drive(std::iter::once(s), true, Duration::from_secs(60));
+    }
+    let n: u64 = std::env::var("S51_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    drive((0..n).map(|i| 0x5151_0000 + i), true, Duration::from_secs(15));
+}
+
+#[test]
+fn probe_refresh_panic() {
+    quiet_panics();
+    for (spawn, expiry, which) in [(true, true, 0), (true, false, 0), (false, true, 0), (false, false, 0), (true, true, 1), (true, true, 2), (true, true, 3)] {
+        let clock = ManualClock::new();
+        let sh = Shared::new();
+        let calls = Arc::new(AtomicU64::new(0));
+        let c2 = Arc::clone(&calls);
+        let mut b = Cache::builder()
+            .max_capacity(10)
+            .clock(clock.clone())
+            .record_stats()
+            .time_to_live(Duration::from_secs(60))
+            .refresh_after(Duration::from_secs(5))
+            .loader(move |k: &u32| {
+                let n = c2.fetch_add(1, Ordering::SeqCst);
+                if n == 1 && which == 0 {
+                    panic!("planted loader panic");
+                }
+                Ok::<_, String>(Val { k: *k, ver: n, w: 1 })
+            });
+        if spawn {
+            b = b.spawner(|job| job());
+        }
+        if expiry {
+            b = b.expire_after(Exp { sh: Arc::clone(&sh) });
+        }
+        let cache: Cache<u32, Val> = b.build();
+        let _ = cache.load(1);
+        clock.advance(Duration::from_secs(6));
+        if which == 1 { sh.panic_rate.store(1000, Ordering::Relaxed); }
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            match which {
+                2 => { let _ = cache.get_with(1, || Val { k: 1, ver: 99, w: 1 }); }
+                3 => { let _ = cache.load(1); }
+                _ => { let _ = cache.get(&1); }
+            }
+        }));
+        sh.panic_rate.store(0, Ordering::Relaxed);
+        let st = cache.stats();
+        eprintln!("spawn {spawn} expiry {expiry} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} rs {} rsu {} rf {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed);
+    }
+}
+
+struct PExp(Arc<AtomicU64>);
+impl Expiry<u32, Val> for PExp {
+    fn expire_after_create(&self, _k: &u32, _v: &Val) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 1 != 0 { panic!("planted create"); }
+        Some(Duration::from_secs(60))
+    }
+    fn expire_after_read(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 2 != 0 { panic!("planted read"); }
+        rem
+    }
+    fn expire_after_update(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 4 != 0 { panic!("planted update"); }
+        rem
+    }
+}
+
+#[test]
+fn probe_expiry_panic() {
+    quiet_panics();
+    for mask in [1u64, 2, 4, 6] {
+        for which in 0..4 {
+            let clock = ManualClock::new();
+            let flag = Arc::new(AtomicU64::new(0));
+            let cache: Cache<u32, Val> = Cache::builder()
+                .max_capacity(10)
+                .clock(clock.clone())
+                .record_stats()
+                .refresh_after(Duration::from_secs(5))
+                .spawner(|job| job())
+                .expire_after(PExp(Arc::clone(&flag)))
+                .loader(move |k: &u32| Ok::<_, String>(Val { k: *k, ver: 0, w: 1 }))
+                .build();
+            if mask != 1 { let _ = cache.load(1); }
+            clock.advance(Duration::from_secs(6));
+            flag.store(mask, Ordering::SeqCst);
+            let r = catch_unwind(AssertUnwindSafe(|| match which {
+                0 => { let _ = cache.get(&1); }
+                1 => { let _ = cache.get_with(1, || Val { k: 1, ver: 9, w: 1 }); }
+                2 => { let _ = cache.load(1); }
+                _ => { let _ = cache.get_all([1, 2], |m| m.iter().map(|&k| (k, Val { k, ver: 9, w: 1 })).collect()); }
+            }));
+            flag.store(0, Ordering::SeqCst);
+            let st = cache.stats();
+            let lhs = st.misses as i64;
+            let rhs = (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits) as i64 - st.refreshes_started as i64;
+            eprintln!("mask {mask} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} rs {} rsu {} rf {} {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed, if which != 0 && lhs != rhs {"MISMATCH"} else {""});
+        }
+    }
+}
+
+#[test]
+fn probe_get_all_panic() {
+    quiet_panics();
+    for keys in [vec![2u32, 1], vec![1, 2], vec![2, 3, 1]] {
+        for which in 0..3 {
+            let clock = ManualClock::new();
+            let flag = Arc::new(AtomicU64::new(0));
+            let f2 = Arc::clone(&flag);
+            let cache: Cache<u32, Val> = Cache::builder()
+                .max_capacity(10)
+                .clock(clock.clone())
+                .record_stats()
+                .expire_after(PExp(Arc::clone(&flag)))
+                .eviction_listener(move |_k, _v, _c| if f2.load(Ordering::SeqCst) & 8 != 0 { panic!("planted listener") })
+                .build();
+            cache.insert(1, Val { k: 1, ver: 0, w: 1 });
+            if which == 1 { clock.advance(Duration::from_secs(61)); }
+            flag.store(if which == 0 { 2 } else if which == 1 { 8 } else { 1 }, Ordering::SeqCst);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                let _ = cache.get_all(keys.clone(), |m| m.iter().map(|&k| (k, Val { k, ver: 9, w: 1 })).collect());
+            }));
+            flag.store(0, Ordering::SeqCst);
+            let st = cache.stats();
+            let lhs = st.misses as i64;
+            let rhs = (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits) as i64 - st.refreshes_started as i64;
+            eprintln!("keys {keys:?} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, if lhs != rhs {"MISMATCH"} else {""});
+        }
+    }
+}
