@@ -45,6 +45,8 @@ impl Rng {
 }
 
 thread_local! {
+    /// Whether this thread's last planted panic was the listener's.
+    static LAST_SITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static TRNG: std::cell::RefCell<Rng> = const { std::cell::RefCell::new(Rng(1)) };
 }
 
@@ -199,6 +201,7 @@ impl Shared {
             }
         }
         if t_chance(self.panic_rate.load(Ordering::Relaxed)) {
+            LAST_SITE.with(|l| l.set(what.starts_with("listener")));
             panic!("planted panic in {what}");
         }
     }
@@ -427,7 +430,14 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
         let op = r.below(20);
         let res = catch_unwind(AssertUnwindSafe(|| match op {
             0..=2 => {
-                let got = cache.get(&k);
+                LAST_SITE.with(|l| l.set(false));
+                let got = catch_unwind(AssertUnwindSafe(|| cache.get(&k))).unwrap_or_else(|p| {
+                    // A `get` that panics in the listener reclaimed an expired entry: a miss.
+                    if LAST_SITE.with(|l| l.get()) {
+                        sh.get_misses.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::panic::resume_unwind(p)
+                });
                 if got.is_none() {
                     sh.get_misses.fetch_add(1, Ordering::SeqCst);
                 }
@@ -611,6 +621,15 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
             }
             _ => cache.run_pending_tasks(),
         }));
+        if std::env::var("S51_LOG").is_ok() {
+            let st = cache.stats();
+            eprintln!(
+                "op {op} key {k} panicked {} | misses {} hits {} ls {} lf {} la {} co {} neg {} rs {} rsu {} rf {} getmiss {}",
+                res.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned,
+                st.coalesced, st.negative_hits, st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed,
+                sh.get_misses.load(Ordering::SeqCst)
+            );
+        }
         drop(res);
     }
 }
@@ -618,7 +637,10 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
 fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
     quiet_panics();
     let mut r = Rng(seed);
-    let cfg = Config::random(&mut r);
+    let mut cfg = Config::random(&mut r);
+    if let Some(t) = std::env::var("S51_THREADS").ok().and_then(|s| s.parse().ok()) {
+        cfg.threads = t;
+    }
     let sh = Shared::new();
     sh.panic_rate.store(cfg.panic_rate, Ordering::Relaxed);
     let clock = ManualClock::new();
@@ -771,126 +793,96 @@ fn random_combinations_driver() {
     drive((0..n).map(|i| 0x5151_0000 + i), true, Duration::from_secs(15));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Findings, shrunk.
+
+/// `misses == load_successes + load_failures + loads_abandoned + coalesced + negative_hits`
+/// (less refreshes) at quiescence, for a cache read only through the loading calls.
+fn identity_gap(st: &herdcache::CacheStats) -> i64 {
+    st.misses as i64
+        - (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits)
+            as i64
+        + st.refreshes_started as i64
+}
+
+/// Found by the driver (seed 0x51510074, 1 thread: `load_with_timeout` with an `Expiry` that
+/// panics and an inline spawner). A soft-timeout load handed to the spawner whose job's
+/// loader succeeds but whose STORE panics (user code run while publishing: here
+/// `Expiry::expire_after_create`; a weigher does the same) is counted as a successful load,
+/// and then the caller — seeing its flight end with nothing — runs the loader a second time,
+/// counted as a second load for the same single miss.
+///
+/// `CacheStats::misses` docs: "Each miss of a loading call (the `get_with` family, `load`,
+/// ...) is also counted as exactly one of: a load (`load_successes`, `load_failures` or
+/// `loads_abandoned`), a join (`coalesced`) or a negative hit (`negative_hits`) ... no count is
+/// ever taken back. So in a cache read only through those calls, once every call has
+/// returned, `misses == load_successes + load_failures + loads_abandoned + coalesced +
+/// negative_hits`". Here: misses 1, load_successes 2 (and the backend is called twice for
+/// one call). Without a spawner (or without a timeout) the same store panic reaches the
+/// caller and the loader runs once.
+///
+/// Probable cause: `src/loader.rs`, `Cache::load_spawned`: the job's `cache.publish(..)`
+/// panics, the unwind is caught around `spawn(Box::new(job))` (`drop(spawned)`) and the
+/// flight ends abandoned; `wait_blocking` then returns `Waited::Abandoned` and the caller
+/// "loads here instead" although the job's load already ran and was counted.
 #[test]
-fn probe_refresh_panic() {
+fn bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice() {
     quiet_panics();
-    for (spawn, expiry, which) in [(true, true, 0), (true, false, 0), (false, true, 0), (false, false, 0), (true, true, 1), (true, true, 2), (true, true, 3)] {
-        let clock = ManualClock::new();
-        let sh = Shared::new();
+    let dog = watchdog("bug_spawned_load_whose_store_panics".into(), 60);
+    for use_weigher in [true, false] {
+        let arm = Arc::new(AtomicU64::new(1));
         let calls = Arc::new(AtomicU64::new(0));
         let c2 = Arc::clone(&calls);
         let mut b = Cache::builder()
             .max_capacity(10)
-            .clock(clock.clone())
             .record_stats()
-            .time_to_live(Duration::from_secs(60))
-            .refresh_after(Duration::from_secs(5))
+            .spawner(|job| job())
             .loader(move |k: &u32| {
                 let n = c2.fetch_add(1, Ordering::SeqCst);
-                if n == 1 && which == 0 {
-                    panic!("planted loader panic");
-                }
                 Ok::<_, String>(Val { k: *k, ver: n, w: 1 })
             });
-        if spawn {
-            b = b.spawner(|job| job());
-        }
-        if expiry {
-            b = b.expire_after(Exp { sh: Arc::clone(&sh) });
+        if use_weigher {
+            let a = Arc::clone(&arm);
+            b = b.weigher(move |_k: &u32, v: &Val| {
+                // panics on the first store only
+                if a.swap(0, Ordering::SeqCst) == 1 {
+                    panic!("planted weigher panic");
+                }
+                v.w
+            });
+        } else {
+            b = b.expire_after(OnceCreatePanics(Arc::clone(&arm)));
         }
         let cache: Cache<u32, Val> = b.build();
-        let _ = cache.load(1);
-        clock.advance(Duration::from_secs(6));
-        if which == 1 { sh.panic_rate.store(1000, Ordering::Relaxed); }
         let r = catch_unwind(AssertUnwindSafe(|| {
-            match which {
-                2 => { let _ = cache.get_with(1, || Val { k: 1, ver: 99, w: 1 }); }
-                3 => { let _ = cache.load(1); }
-                _ => { let _ = cache.get(&1); }
-            }
+            cache.load_with_timeout(1, Some(Duration::from_secs(10)))
         }));
-        sh.panic_rate.store(0, Ordering::Relaxed);
         let st = cache.stats();
-        eprintln!("spawn {spawn} expiry {expiry} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} rs {} rsu {} rf {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed);
+        let what = if use_weigher { "weigher" } else { "Expiry" };
+        assert_eq!(
+            identity_gap(&st),
+            0,
+            "store panicking in the {what}: one call, misses {} but load_successes {} + \
+             load_failures {} + abandoned {} + coalesced {} (loader ran {} times; result {:?})",
+            st.misses,
+            st.load_successes,
+            st.load_failures,
+            st.loads_abandoned,
+            st.coalesced,
+            calls.load(Ordering::SeqCst),
+            r.as_ref().map(|r| r.as_ref().map(|v| v.ver).map_err(|e| e.to_string())).map_err(|_| "panicked"),
+        );
+        cache.validate();
     }
+    drop(dog);
 }
 
-struct PExp(Arc<AtomicU64>);
-impl Expiry<u32, Val> for PExp {
+struct OnceCreatePanics(Arc<AtomicU64>);
+impl Expiry<u32, Val> for OnceCreatePanics {
     fn expire_after_create(&self, _k: &u32, _v: &Val) -> Option<Duration> {
-        if self.0.load(Ordering::SeqCst) & 1 != 0 { panic!("planted create"); }
+        if self.0.swap(0, Ordering::SeqCst) == 1 {
+            panic!("planted expire_after_create panic");
+        }
         Some(Duration::from_secs(60))
-    }
-    fn expire_after_read(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
-        if self.0.load(Ordering::SeqCst) & 2 != 0 { panic!("planted read"); }
-        rem
-    }
-    fn expire_after_update(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
-        if self.0.load(Ordering::SeqCst) & 4 != 0 { panic!("planted update"); }
-        rem
-    }
-}
-
-#[test]
-fn probe_expiry_panic() {
-    quiet_panics();
-    for mask in [1u64, 2, 4, 6] {
-        for which in 0..4 {
-            let clock = ManualClock::new();
-            let flag = Arc::new(AtomicU64::new(0));
-            let cache: Cache<u32, Val> = Cache::builder()
-                .max_capacity(10)
-                .clock(clock.clone())
-                .record_stats()
-                .refresh_after(Duration::from_secs(5))
-                .spawner(|job| job())
-                .expire_after(PExp(Arc::clone(&flag)))
-                .loader(move |k: &u32| Ok::<_, String>(Val { k: *k, ver: 0, w: 1 }))
-                .build();
-            if mask != 1 { let _ = cache.load(1); }
-            clock.advance(Duration::from_secs(6));
-            flag.store(mask, Ordering::SeqCst);
-            let r = catch_unwind(AssertUnwindSafe(|| match which {
-                0 => { let _ = cache.get(&1); }
-                1 => { let _ = cache.get_with(1, || Val { k: 1, ver: 9, w: 1 }); }
-                2 => { let _ = cache.load(1); }
-                _ => { let _ = cache.get_all([1, 2], |m| m.iter().map(|&k| (k, Val { k, ver: 9, w: 1 })).collect()); }
-            }));
-            flag.store(0, Ordering::SeqCst);
-            let st = cache.stats();
-            let lhs = st.misses as i64;
-            let rhs = (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits) as i64 - st.refreshes_started as i64;
-            eprintln!("mask {mask} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} rs {} rsu {} rf {} {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, st.refreshes_started, st.refreshes_succeeded, st.refreshes_failed, if which != 0 && lhs != rhs {"MISMATCH"} else {""});
-        }
-    }
-}
-
-#[test]
-fn probe_get_all_panic() {
-    quiet_panics();
-    for keys in [vec![2u32, 1], vec![1, 2], vec![2, 3, 1]] {
-        for which in 0..3 {
-            let clock = ManualClock::new();
-            let flag = Arc::new(AtomicU64::new(0));
-            let f2 = Arc::clone(&flag);
-            let cache: Cache<u32, Val> = Cache::builder()
-                .max_capacity(10)
-                .clock(clock.clone())
-                .record_stats()
-                .expire_after(PExp(Arc::clone(&flag)))
-                .eviction_listener(move |_k, _v, _c| if f2.load(Ordering::SeqCst) & 8 != 0 { panic!("planted listener") })
-                .build();
-            cache.insert(1, Val { k: 1, ver: 0, w: 1 });
-            if which == 1 { clock.advance(Duration::from_secs(61)); }
-            flag.store(if which == 0 { 2 } else if which == 1 { 8 } else { 1 }, Ordering::SeqCst);
-            let r = catch_unwind(AssertUnwindSafe(|| {
-                let _ = cache.get_all(keys.clone(), |m| m.iter().map(|&k| (k, Val { k, ver: 9, w: 1 })).collect());
-            }));
-            flag.store(0, Ordering::SeqCst);
-            let st = cache.stats();
-            let lhs = st.misses as i64;
-            let rhs = (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits) as i64 - st.refreshes_started as i64;
-            eprintln!("keys {keys:?} which {which} panicked {}: misses {} hits {} ls {} lf {} la {} co {} {}", r.is_err(), st.misses, st.hits, st.load_successes, st.load_failures, st.loads_abandoned, st.coalesced, if lhs != rhs {"MISMATCH"} else {""});
-        }
     }
 }
