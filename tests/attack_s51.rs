@@ -45,6 +45,8 @@ impl Rng {
 }
 
 thread_local! {
+    /// Keys whose writes this thread's current operation started.
+    static OPEN_WRITES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Whether this thread's last planted panic was the listener's.
     static LAST_SITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static TRNG: std::cell::RefCell<Rng> = const { std::cell::RefCell::new(Rng(1)) };
@@ -159,6 +161,8 @@ struct Shared {
     in_flight: Vec<Mutex<Vec<(u64, u64, &'static str)>>>,
     /// Bumped at the start and the end of every write or invalidation of the key.
     epoch: Vec<AtomicU64>,
+    /// Writes of the key in progress.
+    active: Vec<AtomicU64>,
     /// The logical clock.
     now: AtomicU64,
     /// Per key: version -> logical time of the value (an insert's end, a load's start).
@@ -177,6 +181,7 @@ impl Shared {
             floor: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
             in_flight: (0..KEYS).map(|_| Mutex::new(Vec::new())).collect(),
             epoch: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            active: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         })
     }
@@ -189,6 +194,9 @@ impl Shared {
         }
     }
     fn bad(&self, s: String) {
+        if std::env::var("S51_LOG").is_ok() {
+            eprintln!("VIOLATION: {s}");
+        }
         let mut v = self.violations.lock().unwrap();
         if v.len() < 20 {
             v.push(s);
@@ -210,12 +218,20 @@ impl Shared {
     }
     /// A write of `k` starts: returns its logical start.
     fn write_start(&self, k: u32) -> u64 {
+        self.active[k as usize].fetch_add(1, Ordering::SeqCst);
         self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+        OPEN_WRITES.with(|o| o.borrow_mut().push(k));
         self.tick()
+    }
+    /// After each operation (returned or panicked): its writes are no longer in progress.
+    fn settle_writes(&self) {
+        for k in OPEN_WRITES.with(|o| std::mem::take(&mut *o.borrow_mut())) {
+            self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+            self.active[k as usize].fetch_sub(1, Ordering::SeqCst);
+        }
     }
     /// A write of `k` that started at `start` completed.
     fn write_end(&self, k: u32, start: u64) {
-        self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
         self.floor[k as usize].fetch_max(start, Ordering::SeqCst);
     }
     fn stamp(&self, k: u32, ver: u64, t: u64) {
@@ -238,10 +254,14 @@ impl Shared {
         }
         static ID: AtomicU64 = AtomicU64::new(0);
         let id = ID.fetch_add(1, Ordering::Relaxed);
-        let ep = self.epoch[k as usize].load(Ordering::SeqCst);
+        // A load that starts while a write of the key is in progress may be superseded by it
+        // (and another load start): such loads are not checked. The epoch moves when a write
+        // starts and when it ends.
+        let clean = self.active[k as usize].load(Ordering::SeqCst) == 0;
+        let ep = self.epoch[k as usize].load(Ordering::SeqCst) * 2 + u64::from(!clean);
         {
             let mut l = self.in_flight[k as usize].lock().unwrap();
-            if let Some(o) = l.iter().find(|e| e.1 == ep) {
+            if let Some(o) = l.iter().find(|e| clean && e.1 == ep) {
                 let o = o.2;
                 drop(l);
                 self.bad(format!("single flight: a {who} load of key {k} started while a {o} load of it (same write epoch) runs"));
@@ -621,6 +641,7 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
             }
             _ => cache.run_pending_tasks(),
         }));
+        sh.settle_writes();
         if std::env::var("S51_LOG").is_ok() {
             let st = cache.stats();
             eprintln!(
@@ -712,7 +733,14 @@ fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
             + st.coalesced as i128
             + st.negative_hits as i128
             - st.refreshes_started as i128;
-        if lhs != rhs {
+        // Known (bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice): a spawned
+        // soft-timeout load whose store panics counts two loads for one miss.
+        let known = cfg.spawner != 0
+            && cfg.panic_rate > 0
+            && (cfg.expiry || cfg.weigher)
+            && cfg.loader
+            && lhs < rhs;
+        if lhs != rhs && !known {
             errs.push(format!(
                 "stats: misses {} - plain get misses {get_misses} = {lhs} != loads/joins/negatives - refreshes = {rhs}; {st:?}",
                 st.misses
@@ -884,5 +912,131 @@ impl Expiry<u32, Val> for OnceCreatePanics {
             panic!("planted expire_after_create panic");
         }
         Some(Duration::from_secs(60))
+    }
+}
+
+#[test]
+fn probe_refresh_then_expire_single_flight() {
+    quiet_panics();
+    for variant in 0..6 {
+        let clock = ManualClock::new();
+        let in_refresh = Arc::new(AtomicU64::new(0));
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Arc::new(Mutex::new(go_rx));
+        let ir = Arc::clone(&in_refresh);
+        let handles: Handles = Arc::default();
+        let h2 = Arc::clone(&handles);
+        let cache: Cache<u32, Val> = Cache::builder()
+            .max_capacity(10)
+            .clock(clock.clone())
+            .time_to_live(Duration::from_secs(16))
+            .refresh_after(Duration::from_secs(3))
+            .spawner(move |job| {
+                h2.lock().unwrap().push(std::thread::spawn(job));
+            })
+            .loader(move |k: &u32| {
+                ir.fetch_add(1, Ordering::SeqCst);
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
+                ir.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, String>(Val { k: *k, ver: 100, w: 1 })
+            })
+            .build();
+        cache.insert(1, Val { k: 1, ver: 1, w: 1 });
+        clock.advance(Duration::from_secs(4));
+        assert_eq!(cache.get(&1).map(|v| v.ver), Some(1)); // starts the refresh
+        while in_refresh.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        clock.advance(Duration::from_secs(20)); // expired while refreshing
+        if variant >= 3 {
+            cache.run_pending_tasks();
+        }
+        let ran = AtomicU64::new(0);
+        let concurrent = AtomicU64::new(0);
+        let init = || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            concurrent.store(in_refresh.load(Ordering::SeqCst), Ordering::SeqCst);
+            Val { k: 1, ver: 7, w: 1 }
+        };
+        let (g, c) = std::thread::scope(|s| {
+            let t = s.spawn(|| match variant % 3 {
+                0 => cache.get_with(1, init).ver,
+                1 => futures::executor::block_on(cache.get_with_async(1, async { init() })).ver,
+                _ => cache.optionally_get_with(1, || Some(init())).unwrap().ver,
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = go_tx.send(());
+            (t.join().unwrap(), concurrent.load(Ordering::SeqCst))
+        });
+        for h in std::mem::take(&mut *handles.lock().unwrap()) {
+            h.join().unwrap();
+        }
+        eprintln!("variant {variant}: got {g}, init ran {} times, refresh loaders running meanwhile {c}", ran.load(Ordering::SeqCst));
+    }
+}
+
+#[test]
+fn probe_refresh_then_evicted_single_flight() {
+    quiet_panics();
+    for variant in 0..6 {
+        let clock = ManualClock::new();
+        let in_refresh = Arc::new(AtomicU64::new(0));
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Arc::new(Mutex::new(go_rx));
+        let ir = Arc::clone(&in_refresh);
+        let handles: Handles = Arc::default();
+        let h2 = Arc::clone(&handles);
+        let cache: Cache<u32, Val> = Cache::builder()
+            .max_capacity(3)
+            .eviction_policy(EvictionPolicy::lru())
+            .clock(clock.clone())
+            .time_to_live(Duration::from_secs(16))
+            .refresh_after(Duration::from_secs(3))
+            .spawner(move |job| {
+                h2.lock().unwrap().push(std::thread::spawn(job));
+            })
+            .loader(move |k: &u32| {
+                ir.fetch_add(1, Ordering::SeqCst);
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
+                ir.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, String>(Val { k: *k, ver: 100, w: 1 })
+            })
+            .build();
+        cache.insert(1, Val { k: 1, ver: 1, w: 1 });
+        clock.advance(Duration::from_secs(4));
+        assert_eq!(cache.get(&1).map(|v| v.ver), Some(1)); // starts the refresh
+        while in_refresh.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        for k in 2..6 {
+            cache.insert(k, Val { k, ver: 1, w: 1 });
+            let _ = cache.get(&k);
+            let _ = cache.get(&k);
+        }
+        eprintln!("present after inserts: {}", cache.contains_key(&1));
+        if variant >= 3 {
+            cache.run_pending_tasks();
+        }
+        let ran = AtomicU64::new(0);
+        let concurrent = AtomicU64::new(0);
+        let init = || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            concurrent.store(in_refresh.load(Ordering::SeqCst), Ordering::SeqCst);
+            Val { k: 1, ver: 7, w: 1 }
+        };
+        let (g, c) = std::thread::scope(|s| {
+            let t = s.spawn(|| match variant % 3 {
+                0 => cache.get_with(1, init).ver,
+                1 => futures::executor::block_on(cache.get_with_async(1, async { init() })).ver,
+                _ => cache.optionally_get_with(1, || Some(init())).unwrap().ver,
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = go_tx.send(());
+            (t.join().unwrap(), concurrent.load(Ordering::SeqCst))
+        });
+        for h in std::mem::take(&mut *handles.lock().unwrap()) {
+            h.join().unwrap();
+        }
+        eprintln!("variant {variant}: got {g}, init ran {} times, refresh loaders running meanwhile {c}", ran.load(Ordering::SeqCst));
     }
 }
