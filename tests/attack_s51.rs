@@ -818,7 +818,12 @@ fn random_combinations_driver() {
         return drive(std::iter::once(s), true, Duration::from_secs(60));
     }
     let n: u64 = std::env::var("S51_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    drive((0..n).map(|i| 0x5151_0000 + i), true, Duration::from_secs(15));
+    let base: u64 = std::env::var("S51_BASE")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x5151_0000);
+    let budget: u64 = std::env::var("S51_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    drive((0..n).map(|i| base + i), true, Duration::from_secs(budget));
 }
 
 // ---------------------------------------------------------------------------------------------
