@@ -45,6 +45,9 @@ impl Rng {
 }
 
 thread_local! {
+    /// Per key, at the start of this thread's current operation: its write epoch, and whether
+    /// no write of it was in progress.
+    static SINCE: std::cell::RefCell<Vec<(u64, bool)>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Keys whose writes this thread's current operation started.
     static OPEN_WRITES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Whether this thread is in a plain `get`.
@@ -261,8 +264,14 @@ impl Shared {
         // A load that starts while a write of the key is in progress may be superseded by it
         // (and another load start): such loads are not checked. The epoch moves when a write
         // starts and when it ends.
-        let clean = self.active[k as usize].load(Ordering::SeqCst) == 0;
-        let ep = self.epoch[k as usize].load(Ordering::SeqCst) * 2 + u64::from(!clean);
+        // Clean: no write of the key in progress or begun since this thread's operation
+        // started (its load was claimed after that). Loads on other threads (spawned jobs)
+        // have no such bound and are not checked.
+        let now_ep = self.epoch[k as usize].load(Ordering::SeqCst);
+        let since = SINCE.with(|s| s.borrow().get(k as usize).copied());
+        let clean = self.active[k as usize].load(Ordering::SeqCst) == 0
+            && since == Some((now_ep, true));
+        let ep = now_ep * 2 + u64::from(!clean);
         {
             let mut l = self.in_flight[k as usize].lock().unwrap();
             if let Some(o) = l.iter().find(|e| clean && e.1 == ep) {
@@ -452,6 +461,13 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
         let k = r.below(u64::from(KEYS)) as u32;
         let floor = sh.floor[k as usize].load(Ordering::SeqCst);
         let op = r.below(20);
+        let snap: Vec<(u64, bool)> = (0..KEYS as usize)
+            .map(|i| {
+                let a = sh.active[i].load(Ordering::SeqCst) == 0;
+                (sh.epoch[i].load(Ordering::SeqCst), a)
+            })
+            .collect();
+        SINCE.with(|s| *s.borrow_mut() = snap);
         let res = catch_unwind(AssertUnwindSafe(|| match op {
             0..=2 => {
                 IN_GET.with(|g| g.set(true));
@@ -1045,3 +1061,4 @@ fn probe_refresh_then_evicted_single_flight() {
         eprintln!("variant {variant}: got {g}, init ran {} times, refresh loaders running meanwhile {c}", ran.load(Ordering::SeqCst));
     }
 }
+
