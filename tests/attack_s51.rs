@@ -675,6 +675,29 @@ fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
     quiet_panics();
     let mut r = Rng(seed);
     let mut cfg = Config::random(&mut r);
+    if let Some(c) = std::env::var("S51_CFG")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+    {
+        cfg = Config::random(&mut Rng(c));
+    }
+    if let Ok(off) = std::env::var("S51_OFF") {
+        for f in off.split(',') {
+            match f {
+                "weigher" => cfg.weigher = false,
+                "expiry" => cfg.expiry = false,
+                "jitter" => cfg.jitter = false,
+                "fail_safe" => cfg.fail_safe = false,
+                "limit" => cfg.limit = None,
+                "timeout" => cfg.timeout = false,
+                "refresh" => cfg.refresh = None,
+                "panic" => cfg.panic_rate = 0,
+                "spawner" => cfg.spawner = 0,
+                "listener" => cfg.listener = false,
+                _ => {}
+            }
+        }
+    }
     if let Some(t) = std::env::var("S51_THREADS").ok().and_then(|s| s.parse().ok()) {
         cfg.threads = t;
     }
