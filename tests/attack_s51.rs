@@ -164,6 +164,7 @@ struct Shared {
     in_flight: Vec<Mutex<Vec<(u64, u64, &'static str)>>>,
     /// Bumped at the start and the end of every write or invalidation of the key.
     epoch: Vec<AtomicU64>,
+    hist: Mutex<Vec<(u32, String)>>,
     /// Writes of the key in progress.
     active: Vec<AtomicU64>,
     /// The logical clock.
@@ -218,6 +219,13 @@ impl Shared {
         }
         if t_chance(self.panic_rate.load(Ordering::Relaxed)) {
             panic!("planted panic in {what}");
+        }
+    }
+    fn trace(&self, k: u32, what: String) {
+        if std::env::var("S51_TRACE").is_ok() {
+            let t = self.now.load(Ordering::SeqCst);
+            let th = format!("{:?}", std::thread::current().id());
+            self.hist.lock().unwrap().push((k, format!("t{t} {th} {what}")));
         }
     }
     fn tick(&self) -> u64 {
@@ -291,6 +299,7 @@ impl Shared {
         let t = self.tick();
         let v = self.fresh(k);
         self.stamp(k, v.ver, t);
+        self.trace(k, format!("load makes ver {}", v.ver));
         v
     }
     fn check_read(&self, op: &str, k: u32, floor: u64, got: &Option<Val>) {
@@ -301,6 +310,11 @@ impl Shared {
             let t = self.times.lock().unwrap().get(&(k, v.ver)).copied();
             if let Some(t) = t {
                 if t < floor {
+                    if std::env::var("S51_TRACE").is_ok() {
+                        let h = self.hist.lock().unwrap();
+                        let mine: Vec<&String> = h.iter().filter(|e| e.0 == k).map(|e| &e.1).collect();
+                        eprintln!("TRACE key {k} ({op} got ver {}):\n{}", v.ver, mine.iter().rev().take(60).rev().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+                    }
                     self.bad(format!(
                         "{op}({k}) returned version {} (made/stored at t{t}) though a write or invalidation that started at t{floor}, after it, completed before this call started",
                         v.ver
@@ -461,6 +475,7 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
         let k = r.below(u64::from(KEYS)) as u32;
         let floor = sh.floor[k as usize].load(Ordering::SeqCst);
         let op = r.below(20);
+        sh.trace(k, format!("op {op} starts (floor {floor})"));
         let snap: Vec<(u64, bool)> = (0..KEYS as usize)
             .map(|i| {
                 let a = sh.active[i].load(Ordering::SeqCst) == 0;
@@ -482,6 +497,7 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
             3 | 4 => {
                 let v = sh.fresh(k);
                 let ver = v.ver;
+                sh.trace(k, format!("insert ver {ver}"));
                 let t0 = sh.write_start(k);
                 cache.insert(k, v);
                 let t1 = sh.tick();
@@ -548,6 +564,7 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
             }
             11 => {
                 let t0 = sh.write_start(k);
+                let e0 = sh.epoch[k as usize].load(Ordering::SeqCst);
                 let choice = r.below(3);
                 let mut put = None;
                 let res = cache.entry(k).and_compute_with(|e| {
@@ -564,7 +581,12 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
                     }
                 });
                 let t1 = sh.tick();
+                // A write of the key made while `f` ran wins over the verdict (documented):
+                // the verdict then proves nothing.
+                let alone = sh.epoch[k as usize].load(Ordering::SeqCst) == e0
+                    && sh.active[k as usize].load(Ordering::SeqCst) == 1;
                 match res {
+                    _ if !alone => {}
                     CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
                         sh.stamp(k, put.unwrap(), t1);
                         sh.write_end(k, t0);
@@ -657,6 +679,7 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
             }
             _ => cache.run_pending_tasks(),
         }));
+        sh.trace(k, format!("op {op} ends panicked={}", res.is_err()));
         sh.settle_writes();
         if std::env::var("S51_LOG").is_ok() {
             let st = cache.stats();
@@ -1085,3 +1108,96 @@ fn probe_refresh_then_evicted_single_flight() {
     }
 }
 
+
+struct PExp(Arc<AtomicU64>);
+impl Expiry<u32, Val> for PExp {
+    fn expire_after_create(&self, _k: &u32, _v: &Val) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 1 != 0 {
+            panic!("planted create");
+        }
+        Some(Duration::from_secs(60))
+    }
+    fn expire_after_read(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 2 != 0 {
+            panic!("planted read");
+        }
+        rem
+    }
+    fn expire_after_update(&self, _k: &u32, _v: &Val, rem: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) & 4 != 0 {
+            panic!("planted update");
+        }
+        rem
+    }
+}
+
+/// Found by the driver (config of seed 0x7777029a, ground with S51_CFG: an `Expiry` whose
+/// `expire_after_update` panics, computations and inserts of one key on several threads; the
+/// trace showed a value come back after a computation that reported replacing it).
+///
+/// `EntryRef::and_compute_with` docs: "Atomically (per key) reads the current entry, lets `f`
+/// decide, and applies the decision ... A plain `insert` or `invalidate` of the key while `f`
+/// runs wins over the verdict: a `Put` is returned but not stored, a `Remove` leaves the newer
+/// value in place." Here the `insert` made while `f` runs PANICS (in
+/// `Expiry::expire_after_update`) and stores nothing — the entry keeps its old value, as it
+/// should — yet it still cancels the computation's verdict: `and_compute_with` returns
+/// `ReplacedWith(new)` (or `Removed(old)`) and afterwards `get` returns the OLD value the
+/// closure saw and replaced (removed). There is no newer value that "won"; the computation's
+/// write is simply lost while reported as applied.
+///
+/// Probable cause: the insert supersedes (detaches) the computation's flight before it runs
+/// the `Expiry` hook (`src/cache/mod.rs` insert path / `src/flight.rs` supersede on write),
+/// and `publish_computed` / `remove_computed` (`src/entry.rs`) then treat the computation as
+/// having lost to a write that never happened.
+#[test]
+fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
+    quiet_panics();
+    let dog = watchdog("bug_compute_verdict_lost_to_an_insert_that_panicked".into(), 60);
+    for remove in [false, true] {
+        let flag = Arc::new(AtomicU64::new(0));
+        let cache: Cache<u32, Val> = Cache::builder()
+            .max_capacity(10)
+            .expire_after(PExp(Arc::clone(&flag)))
+            .build();
+        cache.insert(1, Val { k: 1, ver: 8, w: 1 });
+        let (in_tx, in_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (insert_panicked, result) = std::thread::scope(|s| {
+            let c = &cache;
+            let t = s.spawn(move || {
+                let r = c.entry(1).and_compute_with(|e| {
+                    assert_eq!(e.map(|e| e.into_value().ver), Some(8));
+                    in_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    if remove {
+                        Op::Remove
+                    } else {
+                        Op::Put(Val { k: 1, ver: 11, w: 1 })
+                    }
+                });
+                match r {
+                    CompResult::ReplacedWith(e) => format!("ReplacedWith({})", e.value().ver),
+                    CompResult::Removed(e) => format!("Removed({})", e.value().ver),
+                    _ => "something else".to_string(),
+                }
+            });
+            in_rx.recv().unwrap();
+            // While `f` runs: an insert whose Expiry hook panics (nothing is stored).
+            flag.store(4, Ordering::SeqCst);
+            let p = catch_unwind(AssertUnwindSafe(|| c.insert(1, Val { k: 1, ver: 10, w: 1 })));
+            flag.store(0, Ordering::SeqCst);
+            go_tx.send(()).unwrap();
+            (p.is_err(), t.join().unwrap())
+        });
+        assert!(insert_panicked, "the planted Expiry panic reaches the inserter");
+        let now = cache.get(&1).map(|v| v.ver);
+        let expected = if remove { None } else { Some(11) };
+        cache.validate();
+        assert_eq!(
+            now, expected,
+            "and_compute_with returned {result} while an insert that panicked (and stored \
+             nothing) ran; afterwards get returns {now:?}: the old value the closure saw"
+        );
+    }
+    drop(dog);
+}
