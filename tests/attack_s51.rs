@@ -675,6 +675,30 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
                     for kk in 0..KEYS {
                         sh.write_end(kk, t0s[kk as usize]);
                     }
+                } else if r.chance(500) {
+                    let e = cache.entry(k).or_insert_with(|| {
+                        sh.loading(k, "or_insert_with", || {
+                            let v = sh.load_value(k);
+                            sh.maybe_panic("init or_insert_with");
+                            v
+                        })
+                    });
+                    sh.check_read("or_insert_with", k, floor, &Some(e.into_value()));
+                } else {
+                    let t0 = sh.write_start(k);
+                    let e0 = sh.epoch[k as usize].load(Ordering::SeqCst);
+                    let e = cache.entry(k).and_upsert_with(|old| {
+                        sh.check_read("upsert(entry)", k, floor, &old.map(|e| e.into_value()));
+                        sh.maybe_panic("compute upsert");
+                        sh.fresh(k)
+                    });
+                    let t1 = sh.tick();
+                    let alone = sh.epoch[k as usize].load(Ordering::SeqCst) == e0
+                        && sh.active[k as usize].load(Ordering::SeqCst) == 1;
+                    if alone {
+                        sh.stamp(k, e.value().ver, t1);
+                        sh.write_end(k, t0);
+                    }
                 }
             }
             _ => cache.run_pending_tasks(),
