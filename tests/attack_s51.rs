@@ -12,7 +12,17 @@
 //! a write or invalidation that completed before the read started, single flight per key,
 //! the `CacheStats` identities at quiescence, and the listener's counts against the stats.
 //!
-//! Findings: see the `bug_` tests below (if any).
+//! Findings (each shrunk into a deterministic `bug_` test):
+//! * `bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice`: spawner + soft timeout
+//!   + a store that panics (weigher / Expiry): the loader runs twice and two loads are counted
+//!   for one miss, against the `CacheStats::misses` identity;
+//! * `bug_compute_verdict_lost_to_an_insert_that_panicked`: `and_compute_with` + a concurrent
+//!   `insert` whose `Expiry` hook panics: the computation reports `ReplacedWith` / `Removed`
+//!   but the old value stays.
+//!
+//! Replay: `S51_SEED=<hex>` one seed; `S51_SEEDS`, `S51_BASE`, `S51_BUDGET` (s) a sweep;
+//! `S51_THREADS`, `S51_CFG=<hex seed of a configuration>`, `S51_OFF=weigher,expiry,...`,
+//! `S51_SITES=<panic sites>`, `S51_LOG`, `S51_TRACE` to narrow one down.
 
 use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, ManualClock, Op, RemovalCause};
 use std::collections::HashMap;
@@ -225,7 +235,10 @@ impl Shared {
         if std::env::var("S51_TRACE").is_ok() {
             let t = self.now.load(Ordering::SeqCst);
             let th = format!("{:?}", std::thread::current().id());
-            self.hist.lock().unwrap().push((k, format!("t{t} {th} {what}")));
+            self.hist
+                .lock()
+                .unwrap()
+                .push((k, format!("t{t} {th} {what}")));
         }
     }
     fn tick(&self) -> u64 {
@@ -277,8 +290,8 @@ impl Shared {
         // have no such bound and are not checked.
         let now_ep = self.epoch[k as usize].load(Ordering::SeqCst);
         let since = SINCE.with(|s| s.borrow().get(k as usize).copied());
-        let clean = self.active[k as usize].load(Ordering::SeqCst) == 0
-            && since == Some((now_ep, true));
+        let clean =
+            self.active[k as usize].load(Ordering::SeqCst) == 0 && since == Some((now_ep, true));
         let ep = now_ep * 2 + u64::from(!clean);
         {
             let mut l = self.in_flight[k as usize].lock().unwrap();
@@ -312,8 +325,19 @@ impl Shared {
                 if t < floor {
                     if std::env::var("S51_TRACE").is_ok() {
                         let h = self.hist.lock().unwrap();
-                        let mine: Vec<&String> = h.iter().filter(|e| e.0 == k).map(|e| &e.1).collect();
-                        eprintln!("TRACE key {k} ({op} got ver {}):\n{}", v.ver, mine.iter().rev().take(60).rev().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+                        let mine: Vec<&String> =
+                            h.iter().filter(|e| e.0 == k).map(|e| &e.1).collect();
+                        eprintln!(
+                            "TRACE key {k} ({op} got ver {}):\n{}",
+                            v.ver,
+                            mine.iter()
+                                .rev()
+                                .take(60)
+                                .rev()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        );
                     }
                     self.bad(format!(
                         "{op}({k}) returned version {} (made/stored at t{t}) though a write or invalidation that started at t{floor}, after it, completed before this call started",
@@ -468,7 +492,13 @@ fn build(
 // ---------------------------------------------------------------------------------------------
 // The driver.
 
-fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &ManualClock, seed: u64) {
+fn one_thread(
+    cache: &Cache<u32, Val>,
+    sh: &Arc<Shared>,
+    cfg: &Config,
+    clock: &ManualClock,
+    seed: u64,
+) {
     let mut r = Rng(seed);
     TRNG.with(|t| *t.borrow_mut() = Rng(seed ^ 0xABCD));
     for _ in 0..cfg.ops {
@@ -568,7 +598,12 @@ fn one_thread(cache: &Cache<u32, Val>, sh: &Arc<Shared>, cfg: &Config, clock: &M
                 let choice = r.below(3);
                 let mut put = None;
                 let res = cache.entry(k).and_compute_with(|e| {
-                    sh.check_read("compute(entry)", k, floor, &e.as_ref().map(|e| e.value().clone()));
+                    sh.check_read(
+                        "compute(entry)",
+                        k,
+                        floor,
+                        &e.as_ref().map(|e| e.value().clone()),
+                    );
                     sh.maybe_panic("compute");
                     match choice {
                         0 => {
@@ -745,7 +780,10 @@ fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
             }
         }
     }
-    if let Some(t) = std::env::var("S51_THREADS").ok().and_then(|s| s.parse().ok()) {
+    if let Some(t) = std::env::var("S51_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         cfg.threads = t;
     }
     let sh = Shared::new();
@@ -839,7 +877,10 @@ fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
             ));
         }
         if st.loads_in_flight != 0 {
-            errs.push(format!("stats: loads_in_flight {} at quiescence", st.loads_in_flight));
+            errs.push(format!(
+                "stats: loads_in_flight {} at quiescence",
+                st.loads_in_flight
+            ));
         }
         if let Some(l) = cfg.limit {
             if st.max_concurrent_loads_seen > l as u64 {
@@ -868,7 +909,10 @@ fn run_seed(seed: u64, stats: bool) -> Result<(), String> {
         }
     }
     if cache.loads_in_flight() != 0 {
-        errs.push(format!("loads_in_flight() {} at quiescence", cache.loads_in_flight()));
+        errs.push(format!(
+            "loads_in_flight() {} at quiescence",
+            cache.loads_in_flight()
+        ));
     }
     drop(cache);
     drop(dog);
@@ -892,23 +936,34 @@ fn drive(seeds: impl Iterator<Item = u64>, stats: bool, budget: Duration) {
             fails.push(e);
         }
     }
-    assert!(fails.is_empty(), "{} of {ran} seeds failed:\n{}", fails.len(), fails.join("\n"));
+    assert!(
+        fails.is_empty(),
+        "{} of {ran} seeds failed:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
 }
 
 #[test]
 fn random_combinations_driver() {
-    let extra: Option<u64> = std::env::var("S51_SEED").ok().and_then(|s| {
-        u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()
-    });
+    let extra: Option<u64> = std::env::var("S51_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
     if let Some(s) = extra {
         return drive(std::iter::once(s), true, Duration::from_secs(60));
     }
-    let n: u64 = std::env::var("S51_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let n: u64 = std::env::var("S51_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
     let base: u64 = std::env::var("S51_BASE")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
         .unwrap_or(0x5151_0000);
-    let budget: u64 = std::env::var("S51_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let budget: u64 = std::env::var("S51_BUDGET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
     drive((0..n).map(|i| base + i), true, Duration::from_secs(budget));
 }
 
@@ -919,8 +974,11 @@ fn random_combinations_driver() {
 /// (less refreshes) at quiescence, for a cache read only through the loading calls.
 fn identity_gap(st: &herdcache::CacheStats) -> i64 {
     st.misses as i64
-        - (st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced + st.negative_hits)
-            as i64
+        - (st.load_successes
+            + st.load_failures
+            + st.loads_abandoned
+            + st.coalesced
+            + st.negative_hits) as i64
         + st.refreshes_started as i64
 }
 
@@ -958,7 +1016,11 @@ fn bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice() {
             .spawner(|job| job())
             .loader(move |k: &u32| {
                 let n = c2.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(Val { k: *k, ver: n, w: 1 })
+                Ok::<_, String>(Val {
+                    k: *k,
+                    ver: n,
+                    w: 1,
+                })
             });
         if use_weigher {
             let a = Arc::clone(&arm);
@@ -989,7 +1051,9 @@ fn bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice() {
             st.loads_abandoned,
             st.coalesced,
             calls.load(Ordering::SeqCst),
-            r.as_ref().map(|r| r.as_ref().map(|v| v.ver).map_err(|e| e.to_string())).map_err(|_| "panicked"),
+            r.as_ref()
+                .map(|r| r.as_ref().map(|v| v.ver).map_err(|e| e.to_string()))
+                .map_err(|_| "panicked"),
         );
         cache.validate();
     }
@@ -1007,7 +1071,7 @@ impl Expiry<u32, Val> for OnceCreatePanics {
 }
 
 #[test]
-fn probe_refresh_then_expire_single_flight() {
+fn refresh_in_flight_is_joined_when_its_entry_expires() {
     quiet_panics();
     for variant in 0..6 {
         let clock = ManualClock::new();
@@ -1029,7 +1093,11 @@ fn probe_refresh_then_expire_single_flight() {
                 ir.fetch_add(1, Ordering::SeqCst);
                 let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
                 ir.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, String>(Val { k: *k, ver: 100, w: 1 })
+                Ok::<_, String>(Val {
+                    k: *k,
+                    ver: 100,
+                    w: 1,
+                })
             })
             .build();
         cache.insert(1, Val { k: 1, ver: 1, w: 1 });
@@ -1055,19 +1123,24 @@ fn probe_refresh_then_expire_single_flight() {
                 1 => futures::executor::block_on(cache.get_with_async(1, async { init() })).ver,
                 _ => cache.optionally_get_with(1, || Some(init())).unwrap().ver,
             });
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(100)); // let the caller block on the flight
             let _ = go_tx.send(());
             (t.join().unwrap(), concurrent.load(Ordering::SeqCst))
         });
         for h in std::mem::take(&mut *handles.lock().unwrap()) {
             h.join().unwrap();
         }
-        eprintln!("variant {variant}: got {g}, init ran {} times, refresh loaders running meanwhile {c}", ran.load(Ordering::SeqCst));
+        // Single flight across refresh and load: the caller joins the refresh in flight.
+        assert_eq!(
+            (g, ran.load(Ordering::SeqCst), c),
+            (100, 0, 0),
+            "variant {variant}: (value, init runs, refresh loaders running during init)"
+        );
     }
 }
 
 #[test]
-fn probe_refresh_then_evicted_single_flight() {
+fn refresh_in_flight_is_joined_when_its_entry_is_evicted() {
     quiet_panics();
     for variant in 0..6 {
         let clock = ManualClock::new();
@@ -1090,7 +1163,11 @@ fn probe_refresh_then_evicted_single_flight() {
                 ir.fetch_add(1, Ordering::SeqCst);
                 let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
                 ir.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, String>(Val { k: *k, ver: 100, w: 1 })
+                Ok::<_, String>(Val {
+                    k: *k,
+                    ver: 100,
+                    w: 1,
+                })
             })
             .build();
         cache.insert(1, Val { k: 1, ver: 1, w: 1 });
@@ -1104,7 +1181,7 @@ fn probe_refresh_then_evicted_single_flight() {
             let _ = cache.get(&k);
             let _ = cache.get(&k);
         }
-        eprintln!("present after inserts: {}", cache.contains_key(&1));
+        assert!(!cache.contains_key(&1), "evicted by the inserts (LRU)");
         if variant >= 3 {
             cache.run_pending_tasks();
         }
@@ -1121,17 +1198,21 @@ fn probe_refresh_then_evicted_single_flight() {
                 1 => futures::executor::block_on(cache.get_with_async(1, async { init() })).ver,
                 _ => cache.optionally_get_with(1, || Some(init())).unwrap().ver,
             });
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(100)); // let the caller block on the flight
             let _ = go_tx.send(());
             (t.join().unwrap(), concurrent.load(Ordering::SeqCst))
         });
         for h in std::mem::take(&mut *handles.lock().unwrap()) {
             h.join().unwrap();
         }
-        eprintln!("variant {variant}: got {g}, init ran {} times, refresh loaders running meanwhile {c}", ran.load(Ordering::SeqCst));
+        // Single flight across refresh and load: the caller joins the refresh in flight.
+        assert_eq!(
+            (g, ran.load(Ordering::SeqCst), c),
+            (100, 0, 0),
+            "variant {variant}: (value, init runs, refresh loaders running during init)"
+        );
     }
 }
-
 
 struct PExp(Arc<AtomicU64>);
 impl Expiry<u32, Val> for PExp {
@@ -1176,7 +1257,10 @@ impl Expiry<u32, Val> for PExp {
 #[test]
 fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
     quiet_panics();
-    let dog = watchdog("bug_compute_verdict_lost_to_an_insert_that_panicked".into(), 60);
+    let dog = watchdog(
+        "bug_compute_verdict_lost_to_an_insert_that_panicked".into(),
+        60,
+    );
     for remove in [false, true] {
         let flag = Arc::new(AtomicU64::new(0));
         let cache: Cache<u32, Val> = Cache::builder()
@@ -1196,7 +1280,11 @@ fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
                     if remove {
                         Op::Remove
                     } else {
-                        Op::Put(Val { k: 1, ver: 11, w: 1 })
+                        Op::Put(Val {
+                            k: 1,
+                            ver: 11,
+                            w: 1,
+                        })
                     }
                 });
                 match r {
@@ -1208,12 +1296,24 @@ fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
             in_rx.recv().unwrap();
             // While `f` runs: an insert whose Expiry hook panics (nothing is stored).
             flag.store(4, Ordering::SeqCst);
-            let p = catch_unwind(AssertUnwindSafe(|| c.insert(1, Val { k: 1, ver: 10, w: 1 })));
+            let p = catch_unwind(AssertUnwindSafe(|| {
+                c.insert(
+                    1,
+                    Val {
+                        k: 1,
+                        ver: 10,
+                        w: 1,
+                    },
+                )
+            }));
             flag.store(0, Ordering::SeqCst);
             go_tx.send(()).unwrap();
             (p.is_err(), t.join().unwrap())
         });
-        assert!(insert_panicked, "the planted Expiry panic reaches the inserter");
+        assert!(
+            insert_panicked,
+            "the planted Expiry panic reaches the inserter"
+        );
         let now = cache.get(&1).map(|v| v.ver);
         let expected = if remove { None } else { Some(11) };
         cache.validate();
