@@ -13,9 +13,9 @@
 //! the `CacheStats` identities at quiescence, and the listener's counts against the stats.
 //!
 //! Findings (each shrunk into a deterministic `bug_` test):
-//! * `bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice`: spawner + soft timeout
-//!   + a store that panics (weigher / Expiry): the loader runs twice and two loads are counted
-//!   for one miss, against the `CacheStats::misses` identity;
+//! * `bug_spawned_load_whose_store_panics_is_loaded_and_counted_twice`: spawner, soft timeout
+//!   and a store that panics (weigher / Expiry): the loader runs twice and two loads are
+//!   counted for one miss, against the `CacheStats::misses` identity;
 //! * `bug_compute_verdict_lost_to_an_insert_that_panicked`: `and_compute_with` + a concurrent
 //!   `insert` whose `Expiry` hook panics: the computation reports `ReplacedWith` / `Removed`
 //!   but the old value stays.
@@ -166,12 +166,15 @@ impl Config {
     }
 }
 
+/// One key's loads running: (id, epoch, who).
+type InFlight = Mutex<Vec<(u64, u64, &'static str)>>;
+
 #[derive(Default)]
 struct Shared {
     next_ver: Vec<AtomicU64>,
     /// Versions below this must never be returned by a read that starts now.
     floor: Vec<AtomicU64>,
-    in_flight: Vec<Mutex<Vec<(u64, u64, &'static str)>>>,
+    in_flight: Vec<InFlight>,
     /// Bumped at the start and the end of every write or invalidation of the key.
     epoch: Vec<AtomicU64>,
     hist: Mutex<Vec<(u32, String)>>,
@@ -268,13 +271,10 @@ impl Shared {
     /// A load of `k` runs `f`: checks single flight (no other load of `k` started in the
     /// same write epoch is running), and stamps the value with the load's start.
     fn loading(&self, k: u32, who: &'static str, f: impl FnOnce() -> Val) -> Val {
-        self.loading_any(k, who, || {
-            let v = f();
-            v
-        })
+        self.loading_any(k, who, f)
     }
     fn loading_any<T>(&self, k: u32, who: &'static str, f: impl FnOnce() -> T) -> T {
-        struct Out<'a>(&'a Mutex<Vec<(u64, u64, &'static str)>>, u64);
+        struct Out<'a>(&'a InFlight, u64);
         impl Drop for Out<'_> {
             fn drop(&mut self) {
                 self.0.lock().unwrap().retain(|e| e.0 != self.1);
