@@ -955,7 +955,7 @@ fn random_combinations_driver() {
     let n: u64 = std::env::var("S51_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(200);
     let base: u64 = std::env::var("S51_BASE")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
