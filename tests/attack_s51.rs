@@ -1250,10 +1250,11 @@ impl Expiry<u32, Val> for PExp {
 /// closure saw and replaced (removed). There is no newer value that "won"; the computation's
 /// write is simply lost while reported as applied.
 ///
-/// Probable cause: the insert supersedes (detaches) the computation's flight before it runs
-/// the `Expiry` hook (`src/cache/mod.rs` insert path / `src/flight.rs` supersede on write),
-/// and `publish_computed` / `remove_computed` (`src/entry.rs`) then treat the computation as
-/// having lost to a write that never happened.
+/// Probable cause: `ShardCore::insert` (`src/shard/core.rs`) calls `self.supersede(hash, &key,
+/// out)` — detaching the computation's flight — before the `Expiry` hook runs; the hook's
+/// panic then leaves the entry unchanged but the flight detached, and `publish_computed` /
+/// `remove_computed` (`src/entry.rs`) treat the computation as having lost to a write that
+/// never happened.
 #[test]
 fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
     quiet_panics();
