@@ -18,7 +18,9 @@
 //!   counted for one miss, against the `CacheStats::misses` identity;
 //! * `bug_compute_verdict_lost_to_an_insert_that_panicked`: `and_compute_with` + a concurrent
 //!   `insert` whose `Expiry` hook panics: the computation reports `ReplacedWith` / `Removed`
-//!   but the old value stays.
+//!   but the old value stays;
+//! * `bug_load_value_dropped_for_an_insert_that_panicked`: the same cause seen by `get_with`:
+//!   its value is not cached after an `insert` that panicked (stored nothing) ran meanwhile.
 //!
 //! Replay: `S51_SEED=<hex>` one seed; `S51_SEEDS`, `S51_BASE`, `S51_BUDGET` (s) a sweep;
 //! `S51_THREADS`, `S51_CFG=<hex seed of a configuration>`, `S51_OFF=weigher,expiry,...`,
@@ -1324,5 +1326,77 @@ fn bug_compute_verdict_lost_to_an_insert_that_panicked() {
              nothing) ran; afterwards get returns {now:?}: the old value the closure saw"
         );
     }
+    drop(dog);
+}
+
+/// The same root cause as `bug_compute_verdict_lost_to_an_insert_that_panicked`, seen by a
+/// load: an `insert` of the key made while `get_with`'s `init` runs, whose
+/// `Expiry::expire_after_create` panics (it stores nothing), still supersedes the load, so the
+/// loaded value is not cached: `get` afterwards finds nothing (and the next caller loads
+/// again) although no write of the key ever happened.
+///
+/// `Cache::get_with` docs: "The value is in the cache (visible to `get`) before any waiter is
+/// released ... A write (`insert`, a compute) or invalidation of `key` during the load wins:
+/// the load's value still goes to the callers already waiting on it but is not cached". A
+/// panicking `insert` is no write (it stored nothing), yet it made the load's value uncached.
+///
+/// Probable cause: `ShardCore::insert` (`src/shard/core.rs`) supersedes the key's flight
+/// before running the `Expiry` hook that panics.
+#[test]
+fn bug_load_value_dropped_for_an_insert_that_panicked() {
+    quiet_panics();
+    let dog = watchdog(
+        "bug_load_value_dropped_for_an_insert_that_panicked".into(),
+        60,
+    );
+    let flag = Arc::new(AtomicU64::new(0));
+    let cache: Cache<u32, Val> = Cache::builder()
+        .max_capacity(10)
+        .expire_after(PExp(Arc::clone(&flag)))
+        .build();
+    let (in_tx, in_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (insert_panicked, got) = std::thread::scope(|s| {
+        let c = &cache;
+        let t = s.spawn(move || {
+            c.get_with(1, || {
+                in_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Val {
+                    k: 1,
+                    ver: 11,
+                    w: 1,
+                }
+            })
+            .ver
+        });
+        in_rx.recv().unwrap();
+        flag.store(1, Ordering::SeqCst); // expire_after_create panics
+        let p = catch_unwind(AssertUnwindSafe(|| {
+            c.insert(
+                1,
+                Val {
+                    k: 1,
+                    ver: 10,
+                    w: 1,
+                },
+            )
+        }));
+        flag.store(0, Ordering::SeqCst);
+        go_tx.send(()).unwrap();
+        (p.is_err(), t.join().unwrap())
+    });
+    assert!(
+        insert_panicked,
+        "the planted Expiry panic reaches the inserter"
+    );
+    assert_eq!(got, 11);
+    cache.validate();
+    assert_eq!(
+        cache.get(&1).map(|v| v.ver),
+        Some(11),
+        "get_with loaded 11 while an insert that panicked (and stored nothing) ran: the \
+         loaded value was not cached"
+    );
     drop(dog);
 }
