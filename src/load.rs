@@ -406,7 +406,17 @@ where
             return;
         }
         if let Some(flight) = self.flight.take() {
-            let handed_back = self.handoff.as_ref().is_some_and(Handoff::abandoned);
+            // A spawned job's lead abandoned before its load was counted goes back to the
+            // waiting caller (which loads itself); once counted (the loader ran, the store of
+            // its value panicked), the caller is told that instead and loads nothing.
+            let handed_back = match &self.handoff {
+                Some(h) if self.load => h.abandoned(),
+                Some(h) => {
+                    h.lost();
+                    false
+                }
+                None => false,
+            };
             if (self.load || self.refresh_load) && !handed_back {
                 // Unwinding: a panic of user code between the claim and the publish.
                 self.cache.count(if std::thread::panicking() {
@@ -432,13 +442,17 @@ where
 
 /// Who counts a spawned job's load if the job is dropped unrun: the caller that spawned it,
 /// while it waits (it then loads itself, counted as its load), or the job's lead once the
-/// caller has given up waiting (timed out). Either one, never both, never neither.
+/// caller has given up waiting (timed out). Either one, never both, never neither. A job whose
+/// load ran (and was counted) but whose store panicked tells its waiting caller so
+/// ([`Handoff::was_lost`]): the caller then ends with [`LoadError::Panicked`](crate::LoadError)
+/// instead of loading a second time for one miss.
 #[derive(Clone)]
 pub(crate) struct Handoff(Arc<crate::sync::AtomicU8>);
 
 const WAITING: u8 = 0;
 const ABANDONED: u8 = 1;
 const CALLER_GONE: u8 = 2;
+const LOST: u8 = 3;
 
 impl Handoff {
     pub(crate) fn new() -> Self {
@@ -450,6 +464,19 @@ impl Handoff {
         self.0
             .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// The job's load ran and was counted, then its store panicked (the lead is abandoned): its
+    /// caller, if it still waits, must not load again.
+    fn lost(&self) {
+        let _ = self
+            .0
+            .compare_exchange(WAITING, LOST, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether the job's load ran and its store panicked (see [`lost`](Self::lost)).
+    pub(crate) fn was_lost(&self) -> bool {
+        self.0.load(Ordering::Acquire) == LOST
     }
 
     /// The caller gives up waiting: true if the job's lead was abandoned first (uncounted:

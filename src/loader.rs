@@ -53,7 +53,10 @@ pub enum LoadError {
     NoLoader,
     /// The loader panicked. Every caller that waited on that load gets this error (none of
     /// them runs the loader again); callers of the key in the next `refresh_backoff` get it
-    /// too (on a cache that keeps time), so a loader that panics cannot cause a storm.
+    /// too (on a cache that keeps time), so a loader that panics cannot cause a storm. Also
+    /// what the caller of a load run by the spawner gets when the loader returned but storing
+    /// its value panicked (the weigher, or an [`Expiry`](crate::Expiry) callback): the panic
+    /// happened on the spawner's side (a caller that runs the load itself gets the panic).
     Panicked,
 }
 
@@ -307,8 +310,13 @@ where
             match self.wait_blocking(&flight, &accept_load, until) {
                 Waited::Done(Some(r)) => return Some(r),
                 Waited::Done(None) => how.bypass_negative = true,
-                // Our own job was dropped unrun (or could not publish): load here instead,
-                // that load counting this call's miss.
+                // Our own job's load ran (counted for this call's miss) but storing its value
+                // panicked (the weigher, an `Expiry`): a failed load, not one to run again.
+                Waited::Abandoned if handoff.as_ref().is_some_and(Handoff::was_lost) => {
+                    return Some(Err(LoadError::Panicked));
+                }
+                // Our own job was dropped unrun: load here instead, that load counting this
+                // call's miss.
                 Waited::Abandoned if handoff.is_some() => {
                     // This call's ledger goes with it: owed from here on (a panic of the key's
                     // `Clone` below still classifies the miss).

@@ -742,7 +742,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         out: &mut Removals<K, V>,
     ) {
         self.expire(now, false, hasher, out);
-        self.supersede(hash, &key, out);
+        // The key's flight is superseded (a load or computation running loses to this write)
+        // only once the user code of the write has run (the key's `Eq`, an `Expiry` callback,
+        // the keys' `Hash` if the table grows): a write that panics there stores nothing and
+        // supersedes nothing.
         let factor = if self.layout.plain_ttl.is_none() {
             self.jitter_factor()
         } else {
@@ -758,22 +761,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 // has run, so that a panic there leaves it (fail-safe's last value) in place.
                 dead = Some(slot);
             } else {
-                let (times, e) = if !T::TIMED || self.layout.plain_ttl.is_some() {
-                    // The common case first, with no call before the record is found.
-                    let e = self.slab[slot as usize]
-                        .as_mut()
-                        .expect("found slot is live");
-                    match self.layout.plain_ttl {
-                        Some(ttl) if T::TIMED => (plain(now, ttl, cap), e),
-                        _ => (untimed(exp, cap), e),
-                    }
-                } else {
-                    let times = self.updated_times(slot, current, &value, now, exp, factor, cap);
-                    let e = self.slab[slot as usize]
-                        .as_mut()
-                        .expect("found slot is live");
-                    (times, e)
+                let times = match self.layout.plain_ttl {
+                    Some(ttl) if T::TIMED => plain(now, ttl, cap),
+                    _ if !T::TIMED => untimed(exp, cap),
+                    _ => self.updated_times(slot, current, &value, now, exp, factor, cap),
                 };
+                self.supersede(hash, &key, out);
                 if times.0 <= now {
                     // The live old value is replaced (as in moka); the new one, due at once,
                     // expires.
@@ -781,6 +774,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     self.tally.push(out, Removed::expired(key, value, weight));
                     return;
                 }
+                let e = self.slab[slot as usize]
+                    .as_mut()
+                    .expect("found slot is live");
                 let old = std::mem::replace(&mut e.value, value);
                 let old_weight = std::mem::replace(&mut e.weight, weight);
                 if record_hit(&e.hits) {
@@ -847,6 +843,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
+            self.supersede(hash, &key, out);
             if let Some(s) = dead {
                 self.remove_slot(s, hash, RemovalCause::Expired, out);
             }
@@ -854,6 +851,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             return;
         }
         self.reserve_table(hasher, out);
+        self.supersede(hash, &key, out);
         if let Some(s) = dead {
             self.remove_slot(s, hash, RemovalCause::Expired, out);
         }

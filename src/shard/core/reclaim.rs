@@ -65,8 +65,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Q: Hash + Eq + ?Sized,
     {
         self.expire(now, false, hasher, out);
+        // The key's `Eq` (user code) first: if it panics, nothing is removed and nothing
+        // superseded.
+        let found = self.find(hash, key);
         self.supersede(hash, key, out);
-        let Some(slot) = self.find(hash, key) else {
+        let Some(slot) = found else {
             return false;
         };
         let live = self.deadline(slot) > now;
