@@ -868,8 +868,14 @@ fn x02_whole_cache_ops_during_loads_and_refreshes() {
     for h in hs {
         h.join().unwrap();
     }
-    // Let late refresh threads end.
-    assert!(common::eventually(|| cache.loads_in_flight() == 0));
+    // Let late refresh threads end: a refresh's flight leaves the registry (no load in
+    // flight) before its thread counts how it ended, so wait for the count too (a refresh
+    // never counted would still fail here).
+    assert!(common::eventually(|| {
+        let s = cache.stats();
+        cache.loads_in_flight() == 0
+            && s.refreshes_started == s.refreshes_succeeded + s.refreshes_failed
+    }));
     cache.validate();
     let live: u64 = cache.iter().map(|(_, v)| (v % 7) as u64).sum();
     // iter skips expired entries; run_pending_tasks first so both agree.
