@@ -68,3 +68,319 @@ fn stats_helpers_at_the_extremes() {
     t.misses = u64::MAX;
     assert_eq!((t.hit_ratio(), t.miss_ratio()), (0.0, 1.0));
 }
+
+// ------------------------------------------- a spawned load whose store panics, fail-safe
+
+/// `expire_after_create` panics while `armed`; otherwise `TTL`.
+struct ArmedCreate(Arc<AtomicBool>);
+impl Expiry<u32, String> for ArmedCreate {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("planted expire_after_create panic");
+        }
+        Some(TTL)
+    }
+}
+
+fn quiet() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let s = info.to_string();
+        if !s.contains("planted") {
+            prev(info);
+        }
+    }));
+}
+
+#[test]
+fn explore_spawned_store_panic_fail_safe() {
+    quiet();
+    let _dog = watchdog(Duration::from_secs(60), "explore");
+    for spawned in [true, false] {
+        for loader_panics in [false, true] {
+            let clock = ManualClock::new();
+            let armed = Arc::new(AtomicBool::new(false));
+            let calls = Arc::new(AtomicU64::new(0));
+            let c2 = Arc::clone(&calls);
+            let lp = loader_panics;
+            let cache: Cache<u32, String> = Cache::builder()
+                .max_capacity(100)
+                .expire_after(ArmedCreate(Arc::clone(&armed)))
+                .fail_safe(Duration::from_secs(600))
+                .refresh_backoff(Duration::from_secs(5))
+                .record_stats()
+                .clock(clock.clone())
+                .spawner(|job| job())
+                .loader(move |k: &u32| {
+                    c2.fetch_add(1, Ordering::SeqCst);
+                    if lp {
+                        panic!("planted loader panic");
+                    }
+                    Ok::<_, String>(format!("new {k}"))
+                })
+                .build();
+            cache.insert(1, "old".to_string());
+            clock.advance(TTL + Duration::from_secs(1));
+            armed.store(!loader_panics, Ordering::SeqCst);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                if spawned {
+                    cache.load_with_timeout(1, Some(Duration::from_secs(10)))
+                } else {
+                    cache.load(1)
+                }
+            }));
+            armed.store(false, Ordering::SeqCst);
+            let st = cache.stats();
+            eprintln!(
+                "spawned {spawned} loader_panics {loader_panics}: {:?} calls {} stale_after_ttl {} succ {} fail {} aband {} misses {} coal {}; get_or_stale {:?}",
+                r.as_ref().map(|r| r.as_ref().map_err(|e| format!("{e:?}"))).map_err(|_| "panic"),
+                calls.load(Ordering::SeqCst),
+                st.stale_served_after_ttl, st.load_successes, st.load_failures, st.loads_abandoned, st.misses, st.coalesced,
+                cache.get_or_stale(&1),
+            );
+            let r2 = cache.load(1);
+            eprintln!(
+                "   then load: {r2:?} calls {}",
+                calls.load(Ordering::SeqCst)
+            );
+        }
+    }
+}
+
+#[test]
+fn explore_spawned_store_panic_joiner() {
+    quiet();
+    let _dog = watchdog(Duration::from_secs(60), "explore joiner");
+    for fail_safe in [false, true] {
+        let clock = ManualClock::new();
+        let armed = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let c2 = Arc::clone(&calls);
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate_rx = Arc::new(std::sync::Mutex::new(gate_rx));
+        let g = Arc::clone(&gate_rx);
+        let mut b = Cache::builder()
+            .max_capacity(100)
+            .expire_after(ArmedCreate(Arc::clone(&armed)))
+            .refresh_backoff(Duration::from_secs(5))
+            .record_stats()
+            .clock(clock.clone());
+        if fail_safe {
+            b = b.fail_safe(Duration::from_secs(600));
+        }
+        let cache: Cache<u32, String> = b
+            .spawner(|job| {
+                std::thread::spawn(job);
+            })
+            .loader(move |k: &u32| {
+                let n = c2.fetch_add(1, Ordering::SeqCst);
+                if n == 0 {
+                    g.lock().unwrap().recv().unwrap();
+                }
+                Ok::<_, String>(format!("new {k} #{n}"))
+            })
+            .build();
+        if fail_safe {
+            cache.insert(1, "old".to_string());
+            clock.advance(TTL + Duration::from_secs(1));
+        }
+        armed.store(true, Ordering::SeqCst);
+        let (ra, rb) = std::thread::scope(|s| {
+            let c = &cache;
+            let a = s.spawn(move || c.load_with_timeout(1, Some(Duration::from_secs(20))));
+            while c.stats().misses < 1 || calls.load(Ordering::SeqCst) < 1 {
+                std::thread::yield_now();
+            }
+            let bj =
+                s.spawn(move || catch_unwind(AssertUnwindSafe(|| c.load(1))).map_err(|_| "panic"));
+            while c.stats().coalesced < 1 {
+                std::thread::yield_now();
+            }
+            gate_tx.send(()).unwrap();
+            let ra = a.join().unwrap();
+            armed.store(false, Ordering::SeqCst);
+            (ra, bj.join().unwrap())
+        });
+        let st = cache.stats();
+        eprintln!(
+            "fail_safe {fail_safe}: A {ra:?} B {rb:?} calls {} succ {} fail {} aband {} misses {} coal {} stale_after {}",
+            calls.load(Ordering::SeqCst),
+            st.load_successes, st.load_failures, st.loads_abandoned, st.misses, st.coalesced, st.stale_served_after_ttl
+        );
+    }
+}
+
+// ----------------------------- writes whose user code panics, with a flight of the key running
+
+/// `expire_after_create` / `expire_after_update` panic while `armed`; otherwise `TTL`.
+struct ArmedBoth(Arc<AtomicBool>);
+impl Expiry<u32, String> for ArmedBoth {
+    fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("planted expire_after_create panic");
+        }
+        Some(TTL)
+    }
+    fn expire_after_update(&self, _k: &u32, _v: &String, _d: Option<Duration>) -> Option<Duration> {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("planted expire_after_update panic");
+        }
+        Some(TTL)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Flight {
+    GetWith,
+    GetWithIfReplace,
+    Compute,
+    Upsert,
+    GetAll,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Write {
+    Insert,
+    Invalidate,
+    Remove,
+    Retain,
+    InvalidateIf,
+    InvalidateAll,
+}
+
+/// Runs `flight` of key 1 (its user code blocked until the write is done), and `write` of key
+/// 1 meanwhile: with `panics`, the write's user code panics (the `Expiry`, or the predicate).
+/// Returns what key 1 holds afterwards and whether the write panicked.
+fn flight_vs_write(
+    flight: Flight,
+    write: Write,
+    panics: bool,
+    present: bool,
+) -> (Option<String>, bool) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let clock = ManualClock::new();
+    let cache: Cache<u32, String> = Cache::builder()
+        .max_capacity(100)
+        .expire_after(ArmedBoth(Arc::clone(&armed)))
+        .clock(clock)
+        .build();
+    if present {
+        cache.insert(1, "old".to_string());
+    }
+    cache.insert(2, "two".to_string());
+    let (in_tx, in_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let wait = move || {
+        in_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        "flight".to_string()
+    };
+    let write_panicked = std::thread::scope(|s| {
+        let c = &cache;
+        let t = s.spawn(move || match flight {
+            Flight::GetWith => {
+                c.get_with(1, wait);
+            }
+            Flight::GetWithIfReplace => {
+                c.get_with_if(1, wait, |_| true);
+            }
+            Flight::Compute => {
+                c.entry(1).and_compute_with(|_| herdcache::Op::Put(wait()));
+            }
+            Flight::Upsert => {
+                c.entry(1).and_upsert_with(|_| wait());
+            }
+            Flight::GetAll => {
+                c.get_all([1], |_| {
+                    let v = wait();
+                    std::collections::HashMap::from([(1, v)])
+                });
+            }
+        });
+        in_rx.recv().unwrap();
+        armed.store(panics, Ordering::SeqCst);
+        let p = catch_unwind(AssertUnwindSafe(|| match write {
+            Write::Insert => c.insert(1, "write".to_string()),
+            Write::Invalidate => c.invalidate(&1),
+            Write::Remove => {
+                c.remove(&1);
+            }
+            Write::Retain => c.retain(|k, _| {
+                if panics && *k == 1 {
+                    panic!("planted retain panic");
+                }
+                *k != 1
+            }),
+            Write::InvalidateIf => c
+                .invalidate_entries_if(|k, _| {
+                    if panics && *k == 1 {
+                        panic!("planted predicate panic");
+                    }
+                    *k == 1
+                })
+                .unwrap(),
+            Write::InvalidateAll => c.invalidate_all(),
+        }));
+        armed.store(false, Ordering::SeqCst);
+        go_tx.send(()).unwrap();
+        t.join().unwrap();
+        p.is_err()
+    });
+    cache.validate();
+    (cache.get(&1), write_panicked)
+}
+
+/// A write whose user code panics stores nothing and supersedes nothing: the flight's value is
+/// stored. A write that stores (or removes) wins: the flight's value never overwrites it.
+#[test]
+fn writes_against_flights_matrix() {
+    quiet();
+    let _dog = watchdog(Duration::from_secs(120), "writes_against_flights_matrix");
+    let mut failures = Vec::new();
+    let flights = [
+        (Flight::GetWith, false),
+        (Flight::GetAll, false),
+        (Flight::GetWithIfReplace, true),
+        (Flight::Compute, false),
+        (Flight::Compute, true),
+        (Flight::Upsert, false),
+        (Flight::Upsert, true),
+    ];
+    let writes = [
+        Write::Insert,
+        Write::Invalidate,
+        Write::Remove,
+        Write::Retain,
+        Write::InvalidateIf,
+        Write::InvalidateAll,
+    ];
+    for (flight, present) in flights {
+        for write in writes {
+            for panics in [false, true] {
+                let has_hook = matches!(write, Write::Insert)
+                    || (present && matches!(write, Write::Retain | Write::InvalidateIf));
+                if panics && !has_hook {
+                    continue;
+                }
+                let (got, write_panicked) = flight_vs_write(flight, write, panics, present);
+                let expected = if panics {
+                    Some("flight")
+                } else {
+                    match write {
+                        Write::Insert => Some("write"),
+                        Write::Retain | Write::InvalidateIf if !present => Some("flight"),
+                        _ => None,
+                    }
+                };
+                if write_panicked != panics || got.as_deref() != expected {
+                    failures.push(format!(
+                        "{flight:?} (entry present: {present}) vs {write:?} (user code panics: \
+                         {panics}, panicked: {write_panicked}): key holds {got:?}, expected \
+                         {expected:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
