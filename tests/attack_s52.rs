@@ -6,6 +6,10 @@
 //! predicate) panics while a load or computation of the key is in flight.
 //!
 //! Found (each `bug_` test quotes the doc it contradicts):
+//! - Redis tier + fail-safe: an `insert` of a value larger than `max_value_size` (kept locally,
+//!   a tombstone in Redis) makes the key's next failing load refuse its own local copy (and
+//!   drop it): the tombstone, older than or as old as the copy, is taken for a missed
+//!   invalidation.
 //! - `CacheStats::miss_ratio` is `1.0 - hit_ratio()`: with hits near `u64::MAX` (from 2^53
 //!   hits on) and a few misses it is exactly 0.0, the answer for "no misses".
 
@@ -383,4 +387,86 @@ fn writes_against_flights_matrix() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[cfg(feature = "redis")]
+mod tier {
+    use super::watchdog;
+    use herdcache::codec::Plain;
+    use herdcache::redis::{RedisTier, TieredCache};
+    use herdcache::{Cache, ManualClock};
+    use herdcache_testkit::redis_server::RedisServer;
+    use std::time::Duration;
+
+    fn fail_safe_tiered(
+        url: String,
+        ns: &str,
+        clock: &ManualClock,
+        max: usize,
+    ) -> TieredCache<u64, String> {
+        RedisTier::new(url)
+            .namespace(ns)
+            .timeouts(Duration::from_millis(300), Duration::from_millis(300))
+            .max_value_size(max)
+            .build(
+                Cache::builder()
+                    .max_capacity(100)
+                    .time_to_live(Duration::from_secs(60))
+                    .fail_safe(Duration::from_secs(600))
+                    .refresh_backoff(Duration::from_secs(5))
+                    .record_stats()
+                    .clock(clock.clone()),
+                Plain,
+            )
+            .unwrap()
+    }
+
+    /// src/cache/fail_safe.rs: fail-safe answers a failed load of an expired key with its last
+    /// value; the exception ("With the Redis tier, so does another instance's invalidation
+    /// that this one missed (its message lost): a load whose read of Redis finds the key
+    /// invalidated there (a tombstone ...) does not fall back") is about a copy from before an
+    /// invalidation. src/redis/mod.rs: a value larger than `max_value_size` "is kept in the
+    /// local tier only and never sent (an `insert` of one leaves a tombstone in Redis
+    /// instead)". So a single instance's own `insert` of a large value leaves a tombstone
+    /// that is exactly as old as its local copy; nothing invalidated that copy. Yet once the
+    /// copy expires and the backend fails, the load reads the tombstone, refuses the copy and
+    /// drops it: the caller gets the error. (Likely cause: src/redis/tier.rs `Tier::read` sets
+    /// `invalidated` for any tombstone, and `Pending::mark_load` forgoes the fallback without
+    /// comparing the tombstone's version with the local copy's age; `Tier::put` writes the
+    /// tombstone for an oversized or unencodable value.)
+    #[test]
+    fn bug_fail_safe_refuses_own_oversized_insert() {
+        let _w = watchdog(Duration::from_secs(60), "oversized insert vs fail-safe");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52big", &clock, 8);
+        let big = "a value longer than eight bytes".to_string();
+        a.insert(1, big.clone());
+        assert_eq!(a.get(&1).as_deref(), Some(big.as_str()));
+        let s = a.stats().remote;
+        assert!(s.oversized >= 1, "the value was too large for Redis: {s:?}");
+        clock.advance(Duration::from_secs(61)); // the local copy expires (within max_stale)
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(
+            r.as_deref().ok(),
+            Some(big.as_str()),
+            "fail-safe refused the instance's own last value (its insert's tombstone taken for \
+             a missed invalidation): {r:?}; stats {:?}",
+            a.stats()
+        );
+    }
+
+    /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
+    #[test]
+    fn fail_safe_serves_own_small_insert() {
+        let _w = watchdog(Duration::from_secs(60), "small insert vs fail-safe");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52small", &clock, 1 << 20);
+        a.insert(1, "small".to_string());
+        clock.advance(Duration::from_secs(61));
+        // Redis still holds "small" (its own time to live is real time): a hit there.
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(r.as_deref().ok(), Some("small"), "{r:?}");
+    }
 }
