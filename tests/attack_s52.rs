@@ -456,6 +456,32 @@ mod tier {
         );
     }
 
+    /// The same cause reached by a load: this instance invalidates key 1 (a tombstone), then
+    /// loads it afresh (a value too large for Redis: kept locally, not written back, so the
+    /// tombstone stays). The copy is newer than the tombstone (it was loaded after reading it),
+    /// yet when it expires and the backend fails, fail-safe refuses it (fail_safe.rs: the
+    /// exception is for "another instance's invalidation that this one missed").
+    #[test]
+    fn bug_fail_safe_refuses_value_loaded_after_the_tombstone() {
+        let _w = watchdog(Duration::from_secs(60), "oversized load vs fail-safe");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52bigload", &clock, 8);
+        a.insert(1, "small".to_string());
+        a.invalidate(&1); // a tombstone in Redis, this instance's own (nothing missed)
+        let big = "a value longer than eight bytes".to_string();
+        let b2 = big.clone();
+        assert_eq!(a.get_with(1, move || b2), big);
+        clock.advance(Duration::from_secs(61)); // the local copy expires (within max_stale)
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(
+            r.as_deref().ok(),
+            Some(big.as_str()),
+            "fail-safe refused a value loaded after the tombstone it read: {r:?}; remote {:?}",
+            a.stats().remote
+        );
+    }
+
     /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
     #[test]
     fn fail_safe_serves_own_small_insert() {
