@@ -17,7 +17,6 @@ mod common;
 
 use common::watchdog;
 use herdcache::{Cache, CacheStats, Expiry, LoadError, ManualClock};
-use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -75,11 +74,11 @@ fn stats_helpers_at_the_extremes() {
 
 // ------------------------------------------- a spawned load whose store panics, fail-safe
 
-/// `expire_after_create` panics while `armed`; otherwise `TTL`.
+/// `expire_after_create` panics once armed (disarming); otherwise `TTL`.
 struct ArmedCreate(Arc<AtomicBool>);
 impl Expiry<u32, String> for ArmedCreate {
     fn expire_after_create(&self, _k: &u32, _v: &String) -> Option<Duration> {
-        if self.0.load(Ordering::SeqCst) {
+        if self.0.swap(false, Ordering::SeqCst) {
             panic!("planted expire_after_create panic");
         }
         Some(TTL)
@@ -97,9 +96,9 @@ fn quiet() {
 }
 
 #[test]
-fn explore_spawned_store_panic_fail_safe() {
+fn spawned_store_panic_with_fail_safe() {
     quiet();
-    let _dog = watchdog(Duration::from_secs(60), "explore");
+    let _dog = watchdog(Duration::from_secs(60), "spawned store panic, fail-safe");
     for spawned in [true, false] {
         for loader_panics in [false, true] {
             let clock = ManualClock::new();
@@ -135,26 +134,43 @@ fn explore_spawned_store_panic_fail_safe() {
             }));
             armed.store(false, Ordering::SeqCst);
             let st = cache.stats();
-            eprintln!(
-                "spawned {spawned} loader_panics {loader_panics}: {:?} calls {} stale_after_ttl {} succ {} fail {} aband {} misses {} coal {}; get_or_stale {:?}",
-                r.as_ref().map(|r| r.as_ref().map_err(|e| format!("{e:?}"))).map_err(|_| "panic"),
+            let what = format!("spawned {spawned}, loader panics {loader_panics}: {st:?}");
+            let r = r
+                .map(|r| r.map_err(|e| format!("{e:?}")))
+                .map_err(|_| "panic");
+            match (spawned, loader_panics) {
+                // LoadError::Panicked: "Also what the caller of a load run by the spawner gets
+                // when the loader returned but storing its value panicked".
+                (true, false) => assert_eq!(r, Ok(Err("Panicked".to_string())), "{what}"),
+                // The caller that runs the load itself gets the panic.
+                (false, false) => assert!(r.is_err(), "{what}"),
+                // A loader panic is a failed load: fail-safe answers with the last value.
+                (_, true) => {
+                    assert_eq!(r, Ok(Ok("old".to_string())), "{what}");
+                    assert_eq!(st.stale_served_after_ttl, 1, "{what}");
+                }
+            }
+            assert_eq!(
                 calls.load(Ordering::SeqCst),
-                st.stale_served_after_ttl, st.load_successes, st.load_failures, st.loads_abandoned, st.misses, st.coalesced,
-                cache.get_or_stale(&1),
+                1,
+                "one load for one miss: {what}"
             );
-            let r2 = cache.load(1);
-            eprintln!(
-                "   then load: {r2:?} calls {}",
-                calls.load(Ordering::SeqCst)
+            assert_eq!(
+                st.misses,
+                st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced,
+                "the identity of CacheStats::misses: {what}"
             );
+            // The store that panicked removed nothing: the last value is still there.
+            assert_eq!(cache.get_or_stale(&1).as_deref(), Some("old"), "{what}");
+            cache.validate();
         }
     }
 }
 
 #[test]
-fn explore_spawned_store_panic_joiner() {
+fn spawned_store_panic_caller_and_joiner() {
     quiet();
-    let _dog = watchdog(Duration::from_secs(60), "explore joiner");
+    let _dog = watchdog(Duration::from_secs(60), "spawned store panic, joiner");
     for fail_safe in [false, true] {
         let clock = ManualClock::new();
         let armed = Arc::new(AtomicBool::new(false));
@@ -206,11 +222,21 @@ fn explore_spawned_store_panic_joiner() {
             (ra, bj.join().unwrap())
         });
         let st = cache.stats();
-        eprintln!(
-            "fail_safe {fail_safe}: A {ra:?} B {rb:?} calls {} succ {} fail {} aband {} misses {} coal {} stale_after {}",
-            calls.load(Ordering::SeqCst),
-            st.load_successes, st.load_failures, st.loads_abandoned, st.misses, st.coalesced, st.stale_served_after_ttl
+        let what = format!("fail_safe {fail_safe}: A {ra:?}, B {rb:?}, {st:?}");
+        // The caller whose spawned load's store panicked: LoadError::Panicked, no second
+        // load of its own.
+        assert!(matches!(ra, Err(LoadError::Panicked)), "{what}");
+        // The joiner is answered (it loads again: the load it waited on ended with nothing
+        // for it, counted as a further miss).
+        assert!(matches!(&rb, Ok(Ok(_))), "{what}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{what}");
+        assert_eq!(
+            st.misses,
+            st.load_successes + st.load_failures + st.loads_abandoned + st.coalesced,
+            "the identity of CacheStats::misses: {what}"
         );
+        assert_eq!(st.stale_served_after_ttl, 0, "{what}");
+        cache.validate();
     }
 }
 
@@ -494,5 +520,61 @@ mod tier {
         // Redis still holds "small" (its own time to live is real time): a hit there.
         let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
         assert_eq!(r.as_deref().ok(), Some("small"), "{r:?}");
+    }
+}
+
+// ---------------------------------------------------------------- health_over windows
+
+/// src/health.rs: "Each window keeps snapshots of its own, which no call with another window
+/// thins or stretches: [`Cache::health`]'s 60 s window, and the last four other windows". So
+/// with at most four other windows asked for (at different paces, with a clock jump), each
+/// window reports exactly the sequence of `window()`s it reports when asked for alone (with
+/// the default window called alongside, as every call feeds it).
+#[test]
+fn four_windows_interleaved_report_as_alone() {
+    let wins = [5u64, 13, 40, 3600];
+    // (window, every how many seconds it is asked for)
+    let pace = |w: u64| match w {
+        5 => 1,
+        13 => 2,
+        40 => 3,
+        _ => 7,
+    };
+    let run = |only: Option<u64>| {
+        let clock = ManualClock::new();
+        let c: Cache<u32, u32> = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(TTL)
+            .clock(clock.clone())
+            .build();
+        let mut seen: Vec<(u64, u64, u128)> = Vec::new();
+        for s in 1..=500u64 {
+            clock.advance(Duration::from_secs(if s == 250 { 5000 } else { 1 }));
+            if s % 10 == 0 {
+                let _ = c.health();
+            }
+            for &w in &wins {
+                if s % pace(w) == 0 {
+                    if only.is_none_or(|o| o == w) {
+                        let h = c.health_over(Duration::from_secs(w));
+                        seen.push((w, s, h.window().as_millis()));
+                    } else {
+                        // keep the default window fed the same way
+                        let _ = c.health();
+                    }
+                }
+            }
+        }
+        seen
+    };
+    let together = run(None);
+    for &w in &wins {
+        let alone = run(Some(w));
+        let mine: Vec<_> = together
+            .iter()
+            .filter(|(x, _, _)| *x == w)
+            .copied()
+            .collect();
+        assert_eq!(mine, alone, "window {w} s: interleaved vs alone");
     }
 }
