@@ -578,3 +578,55 @@ fn four_windows_interleaved_report_as_alone() {
         assert_eq!(mine, alone, "window {w} s: interleaved vs alone");
     }
 }
+
+// ------------------------------------------------------- stale_served_after_ttl counting
+
+/// `stale_served_after_ttl`: "The callers that waited on one load whose failure answered them
+/// all count once; a call answered from the old value by itself counts on its own: ... at its
+/// soft timeout ... A failure no caller waits for any more ... counts nothing." Caller A times
+/// out (answered, 1); caller B then joins the spawned job and waits; the job fails and its
+/// failure answers B (1 more): 2 in all, and B gets the old value.
+#[test]
+fn stale_after_ttl_timed_out_caller_then_waiting_joiner() {
+    let _w = watchdog(Duration::from_secs(60), "stale_after_ttl joiner");
+    let clock = ManualClock::new();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let gate_rx = Arc::new(std::sync::Mutex::new(gate_rx));
+    let started = Arc::new(AtomicU64::new(0));
+    let (g, st2) = (Arc::clone(&gate_rx), Arc::clone(&started));
+    let c: Cache<u32, String> = Cache::builder()
+        .max_capacity(10)
+        .time_to_live(TTL)
+        .fail_safe(Duration::from_secs(600))
+        .refresh_backoff(Duration::from_secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .loader(move |_k: &u32| {
+            st2.fetch_add(1, Ordering::SeqCst);
+            g.lock().unwrap().recv().unwrap();
+            Err::<String, String>("down".into())
+        })
+        .spawner(|job| {
+            std::thread::spawn(job);
+        })
+        .build();
+    c.insert(1, "old".to_string());
+    clock.advance(TTL + Duration::from_secs(1));
+    let r = c.load_with_timeout(1, Some(Duration::from_millis(50)));
+    assert_eq!(r.as_deref().ok(), Some("old"));
+    assert_eq!(c.stats().stale_served_after_ttl, 1);
+    let rb = std::thread::scope(|s| {
+        let cc = &c;
+        let b = s.spawn(move || cc.load_with_timeout(1, Some(Duration::from_secs(30))));
+        while cc.stats().coalesced < 1 {
+            std::thread::yield_now();
+        }
+        gate_tx.send(()).unwrap();
+        b.join().unwrap()
+    });
+    assert!(common::eventually(|| c.stats().loads_in_flight == 0));
+    let s = c.stats();
+    assert_eq!(started.load(Ordering::SeqCst), 1, "{s:?}");
+    assert_eq!(rb.as_deref().ok(), Some("old"), "{rb:?} {s:?}");
+    assert_eq!(s.stale_served_after_ttl, 2, "{s:?}");
+}
