@@ -14,6 +14,9 @@
 //!   hits on) and a few misses it is exactly 0.0, the answer for "no misses".
 
 mod common;
+#[cfg(feature = "redis")]
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use common::watchdog;
 use herdcache::{Cache, CacheStats, Expiry, LoadError, ManualClock};
@@ -506,6 +509,68 @@ mod tier {
             "fail-safe refused a value loaded after the tombstone it read: {r:?}; remote {:?}",
             a.stats().remote
         );
+    }
+
+    /// The fix of daa9799 (a load whose read finds the key invalidated does not fall back),
+    /// with leases on and through the async path: A's subscriber is silenced, B invalidates
+    /// key 1, A's local copy expires, A's load fails: "With the Redis tier, so does another
+    /// instance's invalidation that this one missed (its message lost): a load whose read of
+    /// Redis finds the key invalidated there ... does not fall back, and its failure drops the
+    /// old value."
+    #[test]
+    fn missed_invalidation_no_fallback_with_leases_and_async() {
+        let _w = watchdog(
+            Duration::from_secs(120),
+            "missed invalidation, leases/async",
+        );
+        let server = RedisServer::start();
+        for (i, (lease, is_async)) in [(true, false), (false, true), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let p = super::proxy::Proxy::start(server.port);
+            let ns = format!("s52miss{i}");
+            let clock = ManualClock::new();
+            let mut ta = RedisTier::new(p.url())
+                .namespace(&ns)
+                .timeouts(Duration::from_millis(300), Duration::from_millis(300));
+            if lease {
+                ta = ta.lease(Duration::from_secs(5), Duration::from_millis(200));
+            }
+            let a: TieredCache<u64, String> = ta
+                .build(
+                    Cache::builder()
+                        .max_capacity(100)
+                        .time_to_live(Duration::from_secs(60))
+                        .fail_safe(Duration::from_secs(600))
+                        .refresh_backoff(Duration::from_secs(5))
+                        .record_stats()
+                        .clock(clock.clone()),
+                    Plain,
+                )
+                .unwrap();
+            let b = fail_safe_tiered(server.url(), &ns, &ManualClock::new(), 1 << 20);
+            assert!(
+                super::common::eventually(|| a.is_subscribed() && b.is_subscribed()),
+                "subscribers never connected"
+            );
+            p.black_hole_open_connections();
+            assert_eq!(a.get_with(1, || "ten".to_string()), "ten");
+            b.invalidate(&1); // A misses the message
+            clock.advance(Duration::from_secs(61));
+            let r: Result<String, std::sync::Arc<&str>> = if is_async {
+                futures::executor::block_on(a.try_get_with_async(1, async { Err("down") }))
+            } else {
+                a.try_get_with(1, || Err("down"))
+            };
+            let s = a.stats();
+            assert!(s.remote.timeouts == 0, "A read Redis: {s:?}");
+            assert!(
+                r.is_err(),
+                "lease {lease}, async {is_async}: A answered {r:?}, the value B invalidated"
+            );
+            assert_eq!(a.local().get_or_stale(&1), None, "the copy was dropped");
+        }
     }
 
     /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
