@@ -573,6 +573,88 @@ mod tier {
         }
     }
 
+    /// The same through a lease wait: C (another instance) holds key 1's lease while its load
+    /// runs; A (which missed B's invalidation) waits for it; C's load fails (the lease goes
+    /// with no value), then A loads itself and fails too. A must not answer with its copy of
+    /// the value B invalidated (the tombstone was read at the start of the wait, and again
+    /// after it).
+    #[test]
+    fn missed_invalidation_no_fallback_after_a_lease_wait() {
+        let _w = watchdog(Duration::from_secs(120), "missed invalidation, lease wait");
+        let server = RedisServer::start();
+        let p = super::proxy::Proxy::start(server.port);
+        let ns = "s52leasewait";
+        let clock = ManualClock::new();
+        let lease = |t: RedisTier| t.lease(Duration::from_secs(10), Duration::from_secs(5));
+        let a: TieredCache<u64, String> = lease(
+            RedisTier::new(p.url())
+                .namespace(ns)
+                .timeouts(Duration::from_millis(300), Duration::from_millis(300)),
+        )
+        .build(
+            Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(60))
+                .fail_safe(Duration::from_secs(600))
+                .refresh_backoff(Duration::from_secs(5))
+                .record_stats()
+                .clock(clock.clone()),
+            Plain,
+        )
+        .unwrap();
+        let b = fail_safe_tiered(server.url(), ns, &ManualClock::new(), 1 << 20);
+        let c: TieredCache<u64, String> = lease(
+            RedisTier::new(server.url())
+                .namespace(ns)
+                .timeouts(Duration::from_millis(300), Duration::from_millis(300)),
+        )
+        .build(
+            Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(60))
+                .record_stats(),
+            Plain,
+        )
+        .unwrap();
+        assert!(
+            super::common::eventually(|| a.is_subscribed() && b.is_subscribed()),
+            "subscribers never connected"
+        );
+        p.black_hole_open_connections();
+        assert_eq!(a.get_with(1, || "ten".to_string()), "ten");
+        b.invalidate(&1); // A misses the message
+        clock.advance(Duration::from_secs(61));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (r, rc) = std::thread::scope(|s| {
+            let cc = &c;
+            let ct = s.spawn(move || {
+                cc.try_get_with(1, || {
+                    rx.recv().unwrap();
+                    Err::<String, &str>("c down")
+                })
+            });
+            assert!(super::common::eventually(|| c
+                .stats()
+                .remote
+                .leases_acquired
+                >= 1));
+            let aa = &a;
+            let at = s.spawn(move || aa.try_get_with(1, || Err::<String, &str>("down")));
+            assert!(super::common::eventually(
+                || a.stats().remote.lease_waits >= 1
+            ));
+            tx.send(()).unwrap();
+            (at.join().unwrap(), ct.join().unwrap())
+        });
+        assert!(rc.is_err());
+        let s = a.stats();
+        assert!(
+            r.is_err(),
+            "A answered {r:?} after a lease wait, the value B invalidated; {:?}",
+            s.remote
+        );
+    }
+
     /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
     #[test]
     fn fail_safe_serves_own_small_insert() {
