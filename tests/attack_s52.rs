@@ -655,6 +655,46 @@ mod tier {
         );
     }
 
+    /// The same cause reached with no invalidation at all: the namespace's epoch key is lost
+    /// alone (src/redis/scripts.rs `EPOCH`: "An absent epoch (never set, or lost: a restart
+    /// without persistence, `FLUSHALL`, an eviction) is set first"; here a `DEL`, as an
+    /// `allkeys-*` eviction would). The value A's load wrote back then reads as "from before an
+    /// invalidate_all", and A's failing load refuses (and drops) its own copy, though no
+    /// instance invalidated anything (fail_safe.rs allows that only for "another instance's
+    /// invalidation that this one missed").
+    #[test]
+    fn bug_fail_safe_refuses_copy_after_the_epoch_key_is_lost() {
+        let _w = watchdog(Duration::from_secs(60), "epoch key lost vs fail-safe");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52ep", &clock, 1 << 20);
+        assert_eq!(a.get_with(1, || "ten".to_string()), "ten");
+        assert_eq!(
+            a.stats().remote.writes,
+            1,
+            "written back: {:?}",
+            a.stats().remote
+        );
+        let mut raw = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("hc:*s52ep*epoch")
+            .query(&mut raw)
+            .unwrap();
+        assert_eq!(keys.len(), 1, "the namespace's epoch key: {keys:?}");
+        let _: () = redis::cmd("DEL").arg(&keys[0]).query(&mut raw).unwrap();
+        clock.advance(Duration::from_secs(61)); // A's local copy expires (within max_stale)
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(
+            r.as_deref().ok(),
+            Some("ten"),
+            "fail-safe refused A's last value after the epoch key alone was lost: {r:?}; {:?}",
+            a.stats().remote
+        );
+    }
+
     /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
     #[test]
     fn fail_safe_serves_own_small_insert() {
