@@ -1,15 +1,24 @@
 #![cfg(not(any(loom, shuttle)))]
 //! Sweep 52 (outside, public API only): today's fixes (c6dd99a, daa9799) and their neighbours.
 //!
-//! Attacks: `CacheStats` helpers near `u64::MAX`; a load run by the spawner (soft timeout)
-//! whose store panics, with fail-safe; writes whose user code (the key's `Eq`, a `retain`
-//! predicate) panics while a load or computation of the key is in flight.
+//! Attacks: writes whose user code panics (an `Expiry` callback, a `retain` /
+//! `invalidate_entries_if` predicate) or that store, against a load / computation of the key in
+//! flight (`get_with`, `get_all`, `get_with_if` replace, `and_compute_with`, `and_upsert_with`
+//! vs `insert`, `invalidate`, `remove`, `retain`, `invalidate_entries_if`, `invalidate_all`); a
+//! spawned load (soft timeout) whose store panics, with fail-safe and with a joiner;
+//! `stale_served_after_ttl` with a caller that timed out and a joiner that waits; `health_over`
+//! with four and more windows, interleaved, jumps, concurrency; `CacheStats` helpers near
+//! `u64::MAX`; (feature `redis`) the "invalidated in Redis: no fail-safe fallback" fix with leases,
+//! async, a lease wait, and its false positives.
 //!
 //! Found (each `bug_` test quotes the doc it contradicts):
-//! - Redis tier + fail-safe: an `insert` of a value larger than `max_value_size` (kept locally,
-//!   a tombstone in Redis) makes the key's next failing load refuse its own local copy (and
-//!   drop it): the tombstone, older than or as old as the copy, is taken for a missed
-//!   invalidation.
+//! - Redis tier + fail-safe: a load whose read finds the key "invalidated" in Redis refuses
+//!   (and drops) the local copy even when nothing invalidated that copy: (1) this instance's
+//!   own `insert` of a value larger than `max_value_size` (kept locally, a tombstone in Redis);
+//!   (2) a value this instance loaded after reading its own tombstone (too large to write back);
+//!   (3) the namespace's epoch key lost alone (an eviction): every written-back value reads as
+//!   "from before an invalidate_all". The docs allow it only for "another instance's
+//!   invalidation that this one missed".
 //! - `CacheStats::miss_ratio` is `1.0 - hit_ratio()`: with hits near `u64::MAX` (from 2^53
 //!   hits on) and a few misses it is exactly 0.0, the answer for "no misses".
 
@@ -816,4 +825,42 @@ fn stale_after_ttl_timed_out_caller_then_waiting_joiner() {
     assert_eq!(started.load(Ordering::SeqCst), 1, "{s:?}");
     assert_eq!(rb.as_deref().ok(), Some("old"), "{rb:?} {s:?}");
     assert_eq!(s.stale_served_after_ttl, 2, "{s:?}");
+}
+
+/// `health_over`: "Concurrent calls are fine". Six windows (more than the four kept) asked
+/// for from four threads while the manual clock moves (with jumps): no panic, no deadlock,
+/// every reported window at most what was asked plus the largest clock step seen (and a
+/// minute of slack).
+#[test]
+fn health_windows_concurrent_and_evicted() {
+    let _w = watchdog(Duration::from_secs(120), "health windows concurrent");
+    let clock = ManualClock::new();
+    let c: Cache<u32, u32> = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(TTL)
+        .clock(clock.clone())
+        .build();
+    let wins = [3u64, 7, 11, 60, 90, 3600];
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (c, clock) = (&c, &clock);
+            s.spawn(move || {
+                for i in 0..300u64 {
+                    if t == 0 {
+                        let step = if i % 97 == 0 { 4000 } else { 1 };
+                        clock.advance(Duration::from_secs(step));
+                    }
+                    c.insert((i % 50) as u32, 1);
+                    let w = wins[((i + t * 2) % wins.len() as u64) as usize];
+                    let h = c.health_over(Duration::from_secs(w));
+                    assert!(
+                        h.window() <= Duration::from_secs(w + 4000 + 60),
+                        "window {w} s reported {:?}",
+                        h.window()
+                    );
+                    let _ = c.health();
+                }
+            });
+        }
+    });
 }
