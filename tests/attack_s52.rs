@@ -704,6 +704,60 @@ mod tier {
         );
     }
 
+    /// Control for the `bug_fail_safe_refuses_*` tests: the same instance, the key's value gone
+    /// from Redis with no tombstone (a raw `DEL`): A's failing load falls back on its copy.
+    #[test]
+    fn fail_safe_falls_back_when_redis_has_nothing() {
+        let _w = watchdog(Duration::from_secs(60), "fail-safe control");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52ctl", &clock, 1 << 20);
+        assert_eq!(a.get_with(1, || "ten".to_string()), "ten");
+        let mut raw = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("hc:*s52ctl*v{*")
+            .query(&mut raw)
+            .unwrap();
+        assert_eq!(keys.len(), 1, "the key's value: {keys:?}");
+        let _: () = redis::cmd("DEL").arg(&keys[0]).query(&mut raw).unwrap();
+        clock.advance(Duration::from_secs(61));
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(r.as_deref().ok(), Some("ten"), "{r:?}; {:?}", a.stats());
+    }
+
+    /// Control for `bug_fail_safe_refuses_own_oversized_insert`: the same, its tombstone deleted
+    /// from Redis before the load: the copy is served (so the tombstone is what refuses it).
+    #[test]
+    fn fail_safe_serves_own_oversized_insert_without_its_tombstone() {
+        let _w = watchdog(Duration::from_secs(60), "oversized control");
+        let server = RedisServer::start();
+        let clock = ManualClock::new();
+        let a = fail_safe_tiered(server.url(), "s52bigctl", &clock, 8);
+        let big = "a value longer than eight bytes".to_string();
+        a.insert(1, big.clone());
+        let mut raw = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("hc:*s52bigctl*v{*")
+            .query(&mut raw)
+            .unwrap();
+        assert_eq!(keys.len(), 1, "the key's tombstone: {keys:?}");
+        let _: () = redis::cmd("DEL").arg(&keys[0]).query(&mut raw).unwrap();
+        clock.advance(Duration::from_secs(61));
+        let r: Result<String, std::sync::Arc<&str>> = a.try_get_with(1, || Err("down"));
+        assert_eq!(
+            r.as_deref().ok(),
+            Some(big.as_str()),
+            "{r:?}; {:?}",
+            a.stats()
+        );
+    }
+
     /// Control: the same with a value that fits in Redis: fail-safe serves the last value.
     #[test]
     fn fail_safe_serves_own_small_insert() {
