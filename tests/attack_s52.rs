@@ -18,7 +18,9 @@
 //!   (2) a value this instance loaded after reading its own tombstone (too large to write back);
 //!   (3) the namespace's epoch key lost alone (an eviction): every written-back value reads as
 //!   "from before an invalidate_all". The docs allow it only for "another instance's
-//!   invalidation that this one missed".
+//!   invalidation that this one missed". (The `fail_safe_serves_*` / `fail_safe_falls_back_*`
+//!   controls show the copy is served once the tombstone is gone. These three tests fail at
+//!   daa9799^ too: the refusal is older than that commit's `forgo_fallback`.)
 //! - `CacheStats::miss_ratio` is `1.0 - hit_ratio()`: with hits near `u64::MAX` (from 2^53
 //!   hits on) and a few misses it is exactly 0.0, the answer for "no misses".
 
