@@ -346,7 +346,11 @@ impl CacheStats {
 
     /// `misses / requests`, or 0.0 with no requests.
     pub fn miss_ratio(&self) -> f64 {
-        1.0 - self.hit_ratio()
+        match (self.hits, self.misses) {
+            (0, 0) => 0.0,
+            // Not `1.0 - hit_ratio()`: a ratio near 0 would round to 0.
+            (h, m) => m as f64 / (h as f64 + m as f64),
+        }
     }
 
     /// The mean duration of a finished load.

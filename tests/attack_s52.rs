@@ -11,7 +11,10 @@
 //! `u64::MAX`; (feature `redis`) the "invalidated in Redis: no fail-safe fallback" fix with leases,
 //! async, a lease wait, and its false positives.
 //!
-//! Found (each `bug_` test quotes the doc it contradicts):
+//! Found (each test, `bug_` when found and `s39_` once fixed in stop 39, quotes the doc it
+//! contradicted; fixed: a tombstone makes a load forgo fail-safe only if it is newer than every
+//! version of the key the instance wrote, heard of or read; an epoch alone no longer does;
+//! `miss_ratio` is computed as `misses / requests`):
 //! - Redis tier + fail-safe: a load whose read finds the key "invalidated" in Redis refuses
 //!   (and drops) the local copy even when nothing invalidated that copy: (1) this instance's
 //!   own `insert` of a value larger than `max_value_size` (kept locally, a tombstone in Redis);
@@ -46,7 +49,7 @@ const TTL: Duration = Duration::from_secs(60);
 /// were no miss. (Likely cause: src/stats.rs `CacheStats::miss_ratio`; compute
 /// `m as f64 / (h as f64 + m as f64)` instead.)
 #[test]
-fn bug_miss_ratio_is_zero_with_misses_near_u64_max() {
+fn s39_miss_ratio_is_zero_with_misses_near_u64_max() {
     let mut s = CacheStats::default();
     s.hits = 1 << 60;
     s.misses = 1;
@@ -475,7 +478,7 @@ mod tier {
     /// comparing the tombstone's version with the local copy's age; `Tier::put` writes the
     /// tombstone for an oversized or unencodable value.)
     #[test]
-    fn bug_fail_safe_refuses_own_oversized_insert() {
+    fn s39_fail_safe_refuses_own_oversized_insert() {
         let _w = watchdog(Duration::from_secs(60), "oversized insert vs fail-safe");
         let server = RedisServer::start();
         let clock = ManualClock::new();
@@ -502,7 +505,7 @@ mod tier {
     /// yet when it expires and the backend fails, fail-safe refuses it (fail_safe.rs: the
     /// exception is for "another instance's invalidation that this one missed").
     #[test]
-    fn bug_fail_safe_refuses_value_loaded_after_the_tombstone() {
+    fn s39_fail_safe_refuses_value_loaded_after_the_tombstone() {
         let _w = watchdog(Duration::from_secs(60), "oversized load vs fail-safe");
         let server = RedisServer::start();
         let clock = ManualClock::new();
@@ -674,7 +677,7 @@ mod tier {
     /// instance invalidated anything (fail_safe.rs allows that only for "another instance's
     /// invalidation that this one missed").
     #[test]
-    fn bug_fail_safe_refuses_copy_after_the_epoch_key_is_lost() {
+    fn s39_fail_safe_refuses_copy_after_the_epoch_key_is_lost() {
         let _w = watchdog(Duration::from_secs(60), "epoch key lost vs fail-safe");
         let server = RedisServer::start();
         let clock = ManualClock::new();

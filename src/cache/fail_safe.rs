@@ -41,8 +41,10 @@
 //!   (its closure saw no value: the entry is expired) and an `optionally_` loader's `None`
 //!   (the backend's answer that the key is gone). With the Redis tier, so does another
 //!   instance's invalidation that this one missed (its message lost): a load whose read of
-//!   Redis finds the key invalidated there (a tombstone, or a value from before an
-//!   `invalidate_all`) does not fall back, and its failure drops the old value. `retain`
+//!   Redis finds a tombstone newer than every version of the key this instance wrote, heard
+//!   of or read before (an `invalidate` or `invalidate_all` elsewhere; not its own, nor an
+//!   older one its copy was loaded after) does not fall back, and its failure drops the old
+//!   value. `retain`
 //!   offers the old value to its predicate like a live one.
 //!
 //! The calls that can fall back are those that load on a miss: the `get_with` and `load`

@@ -81,9 +81,9 @@ struct Snapshot<V> {
     found: Option<Remote<V>>,
     version: u64,
     epoch: u64,
-    /// The key is invalidated in Redis: a tombstone, or a value a load wrote back from
-    /// before an `invalidate_all`. A local copy older than the read is then from before an
-    /// invalidation (see [`Pending::invalidated`]).
+    /// The key is invalidated in Redis by a write this instance missed: a tombstone newer than
+    /// any version of the key it wrote, heard of or read. A local copy is then from before
+    /// that invalidation (see [`Pending::invalidated`]).
     invalidated: bool,
 }
 
@@ -417,10 +417,15 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // A value a load wrote back after reading an older epoch is from before an
         // invalidate-all: not a value.
         let valid = written_in.is_none_or(|e| e >= epoch);
-        // A version with no value (and not one too large to read) is a tombstone.
-        let invalidated = match &bytes {
-            Some(_) => !valid,
-            None => oversized == 0 && version.is_some(),
+        // A version with no value (and not one too large to read) is a tombstone: an
+        // invalidation this instance missed if it is newer than every version of the key it
+        // wrote, heard of or read (a local copy would be from before it). An invalidate-all
+        // shows the same way: it tombstones every value once its epoch is set. (A value from
+        // before the epoch alone is no sign: the epoch key may have been lost and set again
+        // by a read, with nothing invalidated.)
+        let invalidated = match (&bytes, version) {
+            (None, Some(v)) if oversized == 0 => self.unheard(vkey.key(), v),
+            _ => false,
         };
         let found = bytes
             .filter(|_| valid)
@@ -1035,6 +1040,17 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let e = m.entry(key);
         e.0 = e.0.max(version);
         e.1 = e.1.max(version);
+    }
+
+    /// A tombstone at `version` read from Redis: whether it is newer than every version of the
+    /// key this instance wrote, heard of or read before (then it was missed: the local copy,
+    /// if any, is from before it). Remembered as read. A key whose versions were forgotten
+    /// counts as knowing the newest version forgotten.
+    fn unheard(&self, key: &[u8], version: u64) -> bool {
+        let mut m = self.versions.lock();
+        let known = m.entry(key).1.max(m.floor);
+        m.entry(key).1 = known.max(version);
+        version > known
     }
 
     /// How many invalidate-alls this instance has done or heard of: read by an `insert` before
