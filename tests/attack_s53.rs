@@ -1,0 +1,502 @@
+#![cfg(not(any(loom, shuttle)))]
+//! Outside attack on ASYNC use, as a moka `future::Cache` user writes it, on a tokio
+//! multi-thread runtime (public API only, plus the `validate` / `loads_in_flight` test hooks).
+//!
+//! A seeded random driver (splitmix64) runs many tasks on a 4-worker runtime that call
+//! `get_with_async`, `try_get_with_async`, `optionally_get_with_async`,
+//! `get_with_async_shared`, `load_async`, `entry().or_insert_with_async`,
+//! `and_compute_with_async`, `insert`, `invalidate`, two loads of one key raced with
+//! `futures::future::select`, loads nested in other keys' loads, under random
+//! `tokio::time::timeout`s and `JoinHandle::abort()`s, with `max_concurrent_loads(1|2)`,
+//! refresh-ahead on `tokio::spawn`, fail-safe and a `ManualClock`. Afterwards it checks: every
+//! call ended (watchdog), a fresh load of every key completes, single flight per key and
+//! write epoch, no value older than a write that completed before the call started,
+//! `validate()`, `entry_count()` against `iter()`, the `CacheStats::misses` identity at
+//! quiescence and that `max_concurrent_loads` still lets a load run (no leaked permit).
+//! Separately: a runtime shut down (`shutdown_timeout`) with loads in flight, then the cache
+//! used from another runtime.
+//!
+//! Findings: none shrunk to a `bug_` test by the deadline (see the commit message / report).
+
+mod common;
+
+use futures::future::{select, Either};
+use herdcache::{Cache, CompResult, ManualClock, Op};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const KEYS: u32 = 6;
+
+#[derive(Clone)]
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// Shared bookkeeping of one run.
+struct World {
+    stamp: AtomicU64,
+    /// Per key: the highest stamp of a write (insert, invalidate, compute) that completed.
+    floor: Vec<AtomicU64>,
+    /// Per key: the write epoch (odd while a write runs) — loads of one even epoch are single
+    /// flight.
+    epoch: Vec<AtomicU64>,
+    /// Per key: held around a write's stamp, the write itself and its floor update.
+    wlock: Vec<tokio::sync::Mutex<()>>,
+    /// Per key: epochs of the inits running now.
+    running: Vec<Mutex<Vec<u64>>>,
+    violations: Mutex<Vec<String>>,
+    failing: AtomicBool,
+}
+
+impl World {
+    fn new() -> Arc<Self> {
+        Arc::new(World {
+            stamp: AtomicU64::new(1),
+            floor: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            epoch: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            running: (0..KEYS).map(|_| Mutex::new(Vec::new())).collect(),
+            wlock: (0..KEYS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            violations: Mutex::new(Vec::new()),
+            failing: AtomicBool::new(false),
+        })
+    }
+    fn value(&self, k: u32) -> u64 {
+        (self.stamp.fetch_add(1, Ordering::SeqCst) << 8) | u64::from(k)
+    }
+    fn bad(&self, s: String) {
+        self.violations.lock().unwrap().push(s);
+    }
+    fn check(&self, what: &str, k: u32, floor: u64, v: u64) {
+        if v & 0xff != u64::from(k) {
+            self.bad(format!("{what}: key {k} got a value of key {}", v & 0xff));
+        }
+        if v >> 8 < floor {
+            self.bad(format!(
+                "{what}: key {k}: value stamp {} older than a write (stamp {floor}) that \
+                 completed before the call started",
+                v >> 8
+            ));
+        }
+    }
+    /// Starts a write: bumps the epoch (odd until the returned guard is dropped).
+    fn write_start(self: &Arc<Self>, k: u32) -> (u64, EpochEnd) {
+        self.epoch[k as usize].fetch_add(1, Ordering::SeqCst);
+        (self.value(k), EpochEnd(self.clone(), k))
+    }
+    fn write_done(&self, k: u32, v: u64) {
+        self.floor[k as usize].fetch_max(v >> 8, Ordering::SeqCst);
+    }
+}
+
+/// Ends a write's epoch, even if the write was cancelled.
+struct EpochEnd(Arc<World>, u32);
+impl Drop for EpochEnd {
+    fn drop(&mut self) {
+        self.0.epoch[self.1 as usize].fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Registered while an init runs; checks single flight per (key, epoch).
+struct InFlight {
+    world: Arc<World>,
+    k: u32,
+    epoch: u64,
+}
+impl InFlight {
+    fn enter(world: &Arc<World>, k: u32, epoch: u64) -> Self {
+        let mut r = world.running[k as usize].lock().unwrap();
+        // Only if no write of the key started since both calls started (a write supersedes).
+        let now = world.epoch[k as usize].load(Ordering::SeqCst);
+        if now == epoch && epoch % 2 == 0 && r.contains(&epoch) {
+            world.bad(format!(
+                "single flight: two inits of key {k} at once in write epoch {epoch}"
+            ));
+        }
+        r.push(epoch);
+        drop(r);
+        InFlight {
+            world: world.clone(),
+            k,
+            epoch,
+        }
+    }
+}
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut r = self.world.running[self.k as usize].lock().unwrap();
+        if let Some(i) = r.iter().position(|e| *e == self.epoch) {
+            r.swap_remove(i);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
+    limit: Option<usize>,
+    fail_safe: bool,
+    refresh: bool,
+    ttl: bool,
+    /// Only loading calls (no `get`, no compute, no insert): the stats identity is checked.
+    stats_only_loads: bool,
+}
+
+type C = Cache<u32, u64>;
+
+fn build(cfg: Cfg, world: &Arc<World>, clock: &ManualClock) -> C {
+    let mut b = Cache::builder()
+        .max_capacity(1000)
+        .record_stats()
+        .clock(clock.clone());
+    if let Some(n) = cfg.limit {
+        b = b.max_concurrent_loads(n);
+    }
+    if cfg.ttl {
+        b = b.time_to_live(Duration::from_secs(10));
+    }
+    if cfg.fail_safe {
+        b = b.fail_safe(Duration::from_secs(100));
+    }
+    let w = world.clone();
+    b = b.async_loader(move |k: &u32| {
+        let w = w.clone();
+        let k = *k;
+        // The loader is called at the load's first poll, which may come after a write that
+        // superseded the load: no call-start epoch to check single flight against (odd =
+        // exempt).
+        let epoch = 1;
+        async move {
+            let _f = InFlight::enter(&w, k, epoch);
+            tokio::task::yield_now().await;
+            if w.failing.load(Ordering::SeqCst) {
+                Err::<u64, String>("down".into())
+            } else {
+                Ok(w.value(k))
+            }
+        }
+    });
+    if cfg.refresh {
+        b = b.refresh_after(Duration::from_secs(3)).future_spawner(|f| {
+            tokio::spawn(f);
+        });
+    }
+    b.build()
+}
+
+/// The init future of a loading call: in-flight check, a few awaits, maybe a nested load.
+fn init(
+    cache: C,
+    world: Arc<World>,
+    k: u32,
+    epoch: u64,
+    steps: u64,
+    nest: Option<u32>,
+) -> Pin<Box<dyn Future<Output = u64> + Send>> {
+    Box::pin(async move {
+        let _f = InFlight::enter(&world, k, epoch);
+        for _ in 0..steps {
+            tokio::task::yield_now().await;
+        }
+        if let Some(n) = nest {
+            let floor = world.floor[n as usize].load(Ordering::SeqCst);
+            let e = world.epoch[n as usize].load(Ordering::SeqCst);
+            let v = cache
+                .get_with_async(n, init(cache.clone(), world.clone(), n, e, steps, None))
+                .await;
+            world.check("nested get_with_async", n, floor, v);
+        }
+        world.value(k)
+    })
+}
+
+async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: Rng) {
+    let k = rng.below(u64::from(KEYS)) as u32;
+    let floor = world.floor[k as usize].load(Ordering::SeqCst);
+    let epoch = world.epoch[k as usize].load(Ordering::SeqCst);
+    // Nest only to a larger key: no cycles.
+    let nest = if k + 1 < KEYS && rng.chance(200) {
+        Some(k + 1 + rng.below(u64::from(KEYS - k - 1)) as u32)
+    } else {
+        None
+    };
+    let mk = |rng: &mut Rng| init(cache.clone(), world.clone(), k, epoch, rng.below(4), nest);
+    let mut kind = if cfg.stats_only_loads {
+        rng.below(7)
+    } else {
+        rng.below(13)
+    };
+    if let Ok(ks) = std::env::var("S53_KINDS") {
+        let ks: Vec<u64> = ks.split(',').map(|x| x.parse().unwrap()).collect();
+        kind = ks[rng.below(ks.len() as u64) as usize];
+    }
+    match kind {
+        0 => {
+            let v = cache.get_with_async(k, mk(&mut rng)).await;
+            world.check("get_with_async", k, floor, v);
+        }
+        1 => {
+            let fail = rng.chance(200);
+            let i = mk(&mut rng);
+            let r = cache
+                .try_get_with_async(k, async move {
+                    let v = i.await;
+                    if fail {
+                        Err("no")
+                    } else {
+                        Ok(v)
+                    }
+                })
+                .await;
+            if let Ok(v) = r {
+                world.check("try_get_with_async", k, floor, v);
+            }
+        }
+        2 => {
+            let none = rng.chance(200);
+            let i = mk(&mut rng);
+            let r = cache
+                .optionally_get_with_async(k, async move {
+                    let v = i.await;
+                    (!none).then_some(v)
+                })
+                .await;
+            if let Some(v) = r {
+                world.check("optionally_get_with_async", k, floor, v);
+            }
+        }
+        3 => {
+            let v = cache.get_with_async_shared(k, mk(&mut rng)).await;
+            world.check("get_with_async_shared", k, floor, v);
+        }
+        4 => {
+            if let Ok(v) = cache.load_async(k).await {
+                world.check("load_async", k, floor, v);
+            }
+        }
+        5 => {
+            let e = cache.entry(k).or_insert_with_async(mk(&mut rng)).await;
+            world.check("or_insert_with_async", k, floor, *e.value());
+        }
+        6 => {
+            // Two loads of one key raced: the loser is dropped mid-way.
+            let a = cache.get_with_async(k, mk(&mut rng));
+            let b = cache.get_with_async_shared(k, mk(&mut rng));
+            let a = Box::pin(a);
+            let b = Box::pin(b);
+            let v = match select(a, b).await {
+                Either::Left((v, _)) | Either::Right((v, _)) => v,
+            };
+            world.check("select", k, floor, v);
+        }
+        7 => {
+            let _g = world.wlock[k as usize].lock().await;
+            let (v, _end) = world.write_start(k);
+            cache.insert(k, v);
+            world.write_done(k, v);
+        }
+        8 => {
+            let _g = world.wlock[k as usize].lock().await;
+            let (v, _end) = world.write_start(k);
+            cache.invalidate(&k);
+            world.write_done(k, v);
+        }
+        9 => {
+            if let Some(v) = cache.get(&k) {
+                world.check("get", k, floor, v);
+            }
+        }
+        10 => {
+            let _g = world.wlock[k as usize].lock().await;
+            let (v, _end) = world.write_start(k);
+            let w = world.clone();
+            let put = rng.chance(700);
+            let r = cache
+                .entry(k)
+                .and_compute_with_async(|_| async move {
+                    tokio::task::yield_now().await;
+                    let _ = &w;
+                    if put {
+                        Op::Put(v)
+                    } else {
+                        Op::Remove
+                    }
+                })
+                .await;
+            let _ = matches!(r, CompResult::Inserted(_));
+            world.write_done(k, v);
+        }
+        11 => clock.advance(Duration::from_secs(1 + rng.below(3))),
+        _ => {
+            world.failing.store(rng.chance(300), Ordering::SeqCst);
+        }
+    }
+}
+
+async fn task(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: Rng, n: u32) {
+    for _ in 0..n {
+        let r = Rng(rng.next());
+        let fut = op(cache.clone(), world.clone(), clock.clone(), cfg, r);
+        let mut choice = rng.below(10);
+        if std::env::var("S53_NOCANCEL").is_ok() {
+            choice = 9;
+        }
+        match choice {
+            0..=2 => {
+                let t = Duration::from_micros(rng.below(300));
+                let _ = tokio::time::timeout(t, fut).await;
+            }
+            3 => {
+                let h = tokio::spawn(fut);
+                if rng.chance(500) {
+                    tokio::task::yield_now().await;
+                }
+                h.abort();
+                let _ = h.await;
+            }
+            _ => fut.await,
+        }
+    }
+}
+
+fn quiesce(rt: &tokio::runtime::Runtime, cache: &C) {
+    for _ in 0..2000 {
+        if cache.loads_in_flight() == 0 {
+            return;
+        }
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
+    }
+    panic!("loads still in flight: {}", cache.loads_in_flight());
+}
+
+fn run(seed: u64, cfg: Cfg) {
+    let _w = common::watchdog(Duration::from_secs(60), "attack_s53 driver");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_time()
+        .build()
+        .unwrap();
+    let world = World::new();
+    let clock = ManualClock::new();
+    let cache = build(cfg, &world, &clock);
+    let mut rng = Rng(seed);
+    rt.block_on(async {
+        let mut hs = Vec::new();
+        for _ in 0..24 {
+            hs.push(tokio::spawn(task(
+                cache.clone(),
+                world.clone(),
+                clock.clone(),
+                cfg,
+                Rng(rng.next()),
+                60,
+            )));
+        }
+        for h in hs {
+            h.await.unwrap();
+        }
+    });
+    world.failing.store(false, Ordering::SeqCst);
+    quiesce(&rt, &cache);
+    let v = world.violations.lock().unwrap().clone();
+    assert!(v.is_empty(), "seed {seed:#x} {cfg:?}: {v:#?}");
+    cache.validate();
+    let s = cache.stats();
+    if cfg.stats_only_loads {
+        let rhs =
+            s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits;
+        assert_eq!(
+            s.misses,
+            rhs - s.refreshes_started,
+            "seed {seed:#x} {cfg:?}: misses identity: {s:?}"
+        );
+    }
+    // Past `max_stale` too: fail-safe keeps expired entries (counted) until then.
+    if cfg.fail_safe {
+        clock.advance(Duration::from_secs(200));
+    }
+    cache.run_pending_tasks();
+    assert_eq!(
+        cache.entry_count() as usize,
+        cache.iter().count(),
+        "{cfg:?}"
+    );
+    // Every key loads again promptly, and the limit still lets loads run.
+    rt.block_on(async {
+        for k in 0..KEYS {
+            let floor = world.floor[k as usize].load(Ordering::SeqCst);
+            cache.invalidate(&k);
+            let v = tokio::time::timeout(
+                Duration::from_secs(5),
+                cache.get_with_async(k, async move { (u64::MAX >> 8 << 8) | u64::from(k) }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed:#x} {cfg:?}: key {k} hangs"));
+            world.check("final", k, floor, v);
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(5));
+}
+
+fn cfgs() -> Vec<Cfg> {
+    let mut out = Vec::new();
+    for limit in [None, Some(1), Some(2)] {
+        for (fail_safe, refresh, ttl) in [(false, false, false), (true, true, true)] {
+            for stats_only_loads in [false, true] {
+                out.push(Cfg {
+                    limit,
+                    fail_safe,
+                    refresh,
+                    ttl,
+                    stats_only_loads,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn s53_async_random_driver() {
+    let budget = std::time::Instant::now();
+    let base: u64 = std::env::var("S53_BASE")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x5300);
+    let mut i = 0u64;
+    'outer: loop {
+        for cfg in cfgs() {
+            if std::env::var("S53_CFG")
+                .is_ok_and(|c| c.parse::<usize>().unwrap() != i as usize % 12)
+            {
+                i += 1;
+                continue;
+            }
+            if budget.elapsed()
+                > Duration::from_secs(
+                    std::env::var("S53_BUDGET").map_or(15, |b| b.parse().unwrap()),
+                )
+            {
+                break 'outer;
+            }
+            run(base + i, cfg);
+            i += 1;
+        }
+    }
+    let _ = HashMap::<u8, u8>::new();
+}
