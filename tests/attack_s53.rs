@@ -500,3 +500,268 @@ fn s53_async_random_driver() {
     }
     let _ = HashMap::<u8, u8>::new();
 }
+
+fn rt(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+/// A runtime shut down while every kind of async load is in flight (leaders, waiters, shared
+/// loads, `load_async`, loads queued for the single permit, a refresh on `tokio::spawn`): the
+/// cache is then used from another runtime — every key loads, the permit is free, refreshes
+/// start again, nothing is left in flight.
+#[test]
+fn s53_runtime_shutdown_mid_load_then_another_runtime() {
+    let _w = common::watchdog(Duration::from_secs(30), "s53 shutdown");
+    let clock = ManualClock::new();
+    let gen = Arc::new(AtomicU64::new(0));
+    let g = gen.clone();
+    let stall = Arc::new(AtomicBool::new(true));
+    let st = stall.clone();
+    let cache: C = Cache::builder()
+        .max_capacity(100)
+        .max_concurrent_loads(1)
+        .time_to_live(Duration::from_secs(100))
+        .refresh_after(Duration::from_secs(10))
+        .clock(clock.clone())
+        .record_stats()
+        .async_loader(move |k: &u32| {
+            let v = g.fetch_add(1, Ordering::SeqCst) + 1000 * u64::from(*k);
+            let stall = st.load(Ordering::SeqCst);
+            async move {
+                if stall {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                Ok::<_, String>(v)
+            }
+        })
+        .future_spawner(|f| {
+            tokio::spawn(f);
+        })
+        .build();
+    // Key 9 is cached, then due for refresh; the refresh stalls on rt1.
+    cache.insert(9, 9);
+    clock.advance(Duration::from_secs(11));
+    let rt1 = rt(3);
+    rt1.block_on(async {
+        assert_eq!(cache.get(&9), Some(9)); // starts the refresh on rt1
+        for i in 0..16u32 {
+            let c = cache.clone();
+            let k = i % 4;
+            tokio::spawn(async move {
+                let forever = async move {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    u64::from(k)
+                };
+                match i % 4 {
+                    0 => drop(c.get_with_async(k, forever).await),
+                    1 => drop(c.get_with_async_shared(k, forever).await),
+                    2 => drop(c.load_async(k).await),
+                    _ => drop(c.entry(k).or_insert_with_async(forever).await),
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    assert!(cache.loads_in_flight() > 0);
+    rt1.shutdown_timeout(Duration::from_millis(200));
+    stall.store(false, Ordering::SeqCst);
+    let rt2 = rt(2);
+    rt2.block_on(async {
+        for k in 0..4u32 {
+            let v = tokio::time::timeout(
+                Duration::from_secs(5),
+                cache.get_with_async(k, async move { 500 + u64::from(k) }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("key {k} hangs after the first runtime shut down"));
+            assert_eq!(v, 500 + u64::from(k));
+        }
+        // The refresh dropped with rt1: a read past refresh_after refreshes again, on rt2.
+        clock.advance(Duration::from_secs(11));
+        assert!(cache.get(&9).is_some());
+        for _ in 0..500 {
+            if cache.get(&9) != Some(9) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_ne!(
+            cache.get(&9),
+            Some(9),
+            "key 9 was never refreshed after its refresh was dropped with its runtime"
+        );
+        // The single permit is free.
+        let v = tokio::time::timeout(Duration::from_secs(5), cache.load_async(77))
+            .await
+            .expect("a load waits for a permit leaked by the dropped runtime");
+        assert!(v.is_ok());
+    });
+    for _ in 0..500 {
+        if cache.loads_in_flight() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(cache.loads_in_flight(), 0);
+    cache.validate();
+    let s = cache.stats();
+    assert_eq!(
+        s.misses,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits
+            - s.refreshes_started,
+        "{s:?}"
+    );
+    rt2.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The value 7, after an hour when `cancel` (its caller is cut off first).
+async fn seven(cancel: bool) -> u64 {
+    if cancel {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    7
+}
+
+/// The permit cycle the module docs of `load` rule out: with `max_concurrent_loads(1)`, task A
+/// leads key 1 (holding the only permit) and, inside its init, calls key 2, whose leader (task
+/// B) claimed the key and waits for that permit. "A caller inside another load (holding a
+/// permit) that would wait for a leader still waiting for a permit takes the load over
+/// instead, so two loads never wait for each other's permit." Every nested call kind against
+/// every leader kind, under a watchdog; then both tasks end, B gets key 2's value, and the
+/// permit is free.
+#[test]
+fn s53_nested_call_under_the_only_permit_against_a_queued_leader() {
+    let _w = common::watchdog(Duration::from_secs(60), "s53 nested permit");
+    let rt = rt(3);
+    for (leader, nested, cancel) in (0..4u32)
+        .flat_map(|l| (0..6u32).map(move |n| (l, n)))
+        .flat_map(|(l, n)| [(l, n, false), (l, n, true)])
+    {
+        {
+            let cache: C = Cache::builder()
+                .max_capacity(100)
+                .max_concurrent_loads(1)
+                .record_stats()
+                .async_loader(|k: &u32| {
+                    let k = *k;
+                    async move { Ok::<_, String>(100 + u64::from(k)) }
+                })
+                .build();
+            let (a_in, b_queued) = (
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            rt.block_on(async {
+                let c = cache.clone();
+                let (ai, bq) = (a_in.clone(), b_queued.clone());
+                let a = tokio::spawn(async move {
+                    let c2 = c.clone();
+                    let a = c.get_with_async(1, async move {
+                        ai.store(true, Ordering::SeqCst);
+                        while !bq.load(Ordering::SeqCst) {
+                            tokio::task::yield_now().await;
+                        }
+                        let got = match nested {
+                            0 => Some(c2.get_with_async(2, seven(cancel)).await),
+                            1 => Some(c2.get_with_async_shared(2, seven(cancel)).await),
+                            2 => c2.load_async(2).await.ok(),
+                            3 => Some(
+                                *c2.entry(2)
+                                    .or_insert_with_async(seven(cancel))
+                                    .await
+                                    .value(),
+                            ),
+                            4 => c2
+                                .try_get_with_async(
+                                    2,
+                                    async move { Ok::<_, ()>(seven(cancel).await) },
+                                )
+                                .await
+                                .ok(),
+                            _ => {
+                                c2.entry(2)
+                                    .and_compute_with_async(|_| async move {
+                                        Op::Put(seven(cancel).await)
+                                    })
+                                    .await;
+                                c2.get(&2)
+                            }
+                        };
+                        got.unwrap_or(0) + 1000
+                    });
+                    if cancel {
+                        // A (and the load of key 2 it runs or waits for) is cut off.
+                        tokio::time::timeout(Duration::from_millis(30), a)
+                            .await
+                            .unwrap_or(1000)
+                    } else {
+                        a.await
+                    }
+                });
+                while !a_in.load(Ordering::SeqCst) {
+                    tokio::task::yield_now().await;
+                }
+                let c = cache.clone();
+                let b = tokio::spawn(async move {
+                    match leader {
+                        0 => c.get_with_async(2, async { 8 }).await,
+                        1 => c.get_with_async_shared(2, async { 8 }).await,
+                        2 => c.load_async(2).await.unwrap(),
+                        _ => *c.entry(2).or_insert_with_async(async { 8 }).await.value(),
+                    }
+                });
+                // B has claimed key 2 and queued for the permit.
+                while cache.loads_in_flight() < 2 || cache.load_limit_stats().1 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                b_queued.store(true, Ordering::SeqCst);
+                let t = Duration::from_secs(5);
+                let va = tokio::time::timeout(t, a)
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("leader {leader} nested {nested} cancel {cancel}: A hangs")
+                    })
+                    .unwrap();
+                let vb = tokio::time::timeout(t, b)
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("leader {leader} nested {nested} cancel {cancel}: B hangs")
+                    })
+                    .unwrap();
+                assert!(va >= 1000, "leader {leader} nested {nested}: {va}");
+                assert!(
+                    [7, 8, 102].contains(&vb),
+                    "leader {leader} nested {nested}: {vb}"
+                );
+                let v = tokio::time::timeout(t, cache.load_async(3))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("leader {leader} nested {nested} cancel {cancel}: permit leaked")
+                    });
+                assert_eq!(v.unwrap(), 103);
+            });
+            assert_eq!(
+                cache.loads_in_flight(),
+                0,
+                "leader {leader} nested {nested}"
+            );
+            cache.validate();
+            let s = cache.stats();
+            if nested != 5 {
+                assert_eq!(
+                    s.misses,
+                    s.load_successes
+                        + s.load_failures
+                        + s.loads_abandoned
+                        + s.coalesced
+                        + s.negative_hits,
+                    "leader {leader} nested {nested}: {s:?}"
+                );
+            }
+        }
+    }
+}
