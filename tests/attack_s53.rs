@@ -216,10 +216,15 @@ fn init(
         if let Some(n) = nest {
             let floor = world.floor[n as usize].load(Ordering::SeqCst);
             let e = world.epoch[n as usize].load(Ordering::SeqCst);
-            let v = cache
-                .get_with_async(n, init(cache.clone(), world.clone(), n, e, steps, None))
-                .await;
-            world.check("nested get_with_async", n, floor, v);
+            let i = init(cache.clone(), world.clone(), n, e, steps, None);
+            let v = match steps % 3 {
+                0 => Some(cache.get_with_async_shared(n, i).await),
+                1 => cache.load_async(n).await.ok(),
+                _ => Some(cache.get_with_async(n, i).await),
+            };
+            if let Some(v) = v {
+                world.check("nested load", n, floor, v);
+            }
         }
         world.value(k)
     })
@@ -763,5 +768,154 @@ fn s53_nested_call_under_the_only_permit_against_a_queued_leader() {
                 );
             }
         }
+    }
+}
+
+/// A refresh on `tokio::spawn` (async loader) stalled until after a write of its key: "a
+/// refresh of its key in flight is superseded (its value goes to its callers, is not
+/// stored)". For each write (insert, invalidate, compute Put / Remove), with and without
+/// fail-safe: the refresh's older value must never be read after the write returned.
+#[test]
+fn s53_async_refresh_superseded_by_a_write() {
+    let _w = common::watchdog(Duration::from_secs(30), "s53 refresh superseded");
+    let rt = rt(2);
+    for write in 0..4 {
+        for fail_safe in [false, true] {
+            let clock = ManualClock::new();
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            let g = gate.clone();
+            let mut b = Cache::builder()
+                .max_capacity(100)
+                .time_to_live(Duration::from_secs(100))
+                .refresh_after(Duration::from_secs(10))
+                .clock(clock.clone())
+                .record_stats()
+                .async_loader(move |_k: &u32| {
+                    let g = g.clone();
+                    async move {
+                        let _p = g.acquire().await.unwrap();
+                        Ok::<u64, String>(1) // the refresh's value: older than the write
+                    }
+                })
+                .future_spawner(|f| {
+                    tokio::spawn(f);
+                });
+            if fail_safe {
+                b = b.fail_safe(Duration::from_secs(1000));
+            }
+            let cache: C = b.build();
+            rt.block_on(async {
+                cache.insert(5, 0);
+                clock.advance(Duration::from_secs(11));
+                assert_eq!(cache.get(&5), Some(0)); // starts the refresh
+                while cache.loads_in_flight() == 0 {
+                    tokio::task::yield_now().await;
+                }
+                let expect = match write {
+                    0 => {
+                        cache.insert(5, 2);
+                        Some(2)
+                    }
+                    1 => {
+                        cache.invalidate(&5);
+                        None
+                    }
+                    2 => {
+                        // A computation waits for the key's refresh ("this call first
+                        // waits for any that runs"): let the refresh end meanwhile.
+                        let c = cache.clone();
+                        let h = tokio::spawn(async move {
+                            c.entry(5)
+                                .and_compute_with_async(|_| async { Op::Put(2) })
+                                .await;
+                        });
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        gate.add_permits(10);
+                        h.await.unwrap();
+                        Some(2)
+                    }
+                    _ => {
+                        // A computation waits for the key's refresh ("this call first
+                        // waits for any that runs"): let the refresh end meanwhile.
+                        let c = cache.clone();
+                        let h = tokio::spawn(async move {
+                            c.entry(5)
+                                .and_compute_with_async(|_| async { Op::Remove })
+                                .await;
+                        });
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        gate.add_permits(10);
+                        h.await.unwrap();
+                        None
+                    }
+                };
+                gate.add_permits(10);
+                for _ in 0..1000 {
+                    if cache.loads_in_flight() == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(cache.loads_in_flight(), 0);
+                assert_eq!(
+                    cache.get(&5),
+                    expect,
+                    "write {write} fail_safe {fail_safe}: the superseded refresh's value"
+                );
+                let v = cache.get_with_async(5, async { 3 }).await;
+                assert_eq!(
+                    v,
+                    expect.unwrap_or(3),
+                    "write {write} fail_safe {fail_safe}"
+                );
+            });
+            cache.validate();
+        }
+    }
+}
+
+/// Fail-safe on async calls: an invalidation or insert forgets the last value. After it, a
+/// failed async load must not answer with the value from before the write (README: "A
+/// `None` of an `optionally_` loader ... removes the old value for good, as a write or
+/// invalidation of the key does"); `get_or_stale` must not return it either.
+#[test]
+fn s53_async_fail_safe_forgets_a_value_written_over() {
+    let _w = common::watchdog(Duration::from_secs(30), "s53 fail-safe forgets");
+    let rt = rt(2);
+    for write in 0..3 {
+        let clock = ManualClock::new();
+        let cache: C = Cache::builder()
+            .max_capacity(100)
+            .time_to_live(Duration::from_secs(10))
+            .fail_safe(Duration::from_secs(1000))
+            .clock(clock.clone())
+            .record_stats()
+            .async_loader(|_k: &u32| async { Err::<u64, String>("down".into()) })
+            .build();
+        rt.block_on(async {
+            cache.insert(1, 10);
+            clock.advance(Duration::from_secs(11)); // expired, kept for fail-safe
+            assert_eq!(cache.load_async(1).await.ok(), Some(10));
+            match write {
+                0 => cache.invalidate(&1),
+                1 => cache.invalidate_all(),
+                _ => {
+                    cache.insert(1, 20);
+                    clock.advance(Duration::from_secs(11));
+                }
+            }
+            let want = if write == 2 { Some(20) } else { None };
+            assert_eq!(cache.load_async(1).await.ok(), want, "write {write}");
+            assert_eq!(
+                cache
+                    .try_get_with_async(1, async { Err::<u64, &str>("down") })
+                    .await
+                    .ok(),
+                want,
+                "write {write}"
+            );
+            assert_eq!(cache.get_or_stale(&1), want, "write {write}");
+        });
+        cache.validate();
     }
 }
