@@ -242,9 +242,9 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
     };
     let mk = |rng: &mut Rng| init(cache.clone(), world.clone(), k, epoch, rng.below(4), nest);
     let mut kind = if cfg.stats_only_loads {
-        rng.below(7)
+        [0, 1, 2, 3, 4, 5, 6, 13, 15, 16][rng.below(10) as usize]
     } else {
-        rng.below(13)
+        rng.below(17)
     };
     if let Ok(ks) = std::env::var("S53_KINDS") {
         let ks: Vec<u64> = ks.split(',').map(|x| x.parse().unwrap()).collect();
@@ -345,6 +345,48 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
                 .await;
             let _ = matches!(r, CompResult::Inserted(_));
             world.write_done(k, v);
+        }
+        13 => {
+            let replace = rng.chance(500);
+            let v = cache
+                .get_with_if_async(k, mk(&mut rng), move |_| replace)
+                .await;
+            world.check("get_with_if_async", k, floor, v);
+        }
+        14 => {
+            let _g = world.wlock[k as usize].lock().await;
+            let (v, _end) = world.write_start(k);
+            let e = cache
+                .entry(k)
+                .and_upsert_with_async(|_| async move {
+                    tokio::task::yield_now().await;
+                    v
+                })
+                .await;
+            world.check("and_upsert_with_async", k, floor, *e.value());
+            world.write_done(k, v);
+        }
+        15 => {
+            let fail = rng.chance(200);
+            let i = mk(&mut rng);
+            let r = cache
+                .entry(k)
+                .or_try_insert_with_async(async move {
+                    let v = i.await;
+                    if fail {
+                        Err("no")
+                    } else {
+                        Ok(v)
+                    }
+                })
+                .await;
+            if let Ok(e) = r {
+                world.check("or_try_insert_with_async", k, floor, *e.value());
+            }
+        }
+        16 => {
+            let v = cache.get_with_by_ref_async(&k, mk(&mut rng)).await;
+            world.check("get_with_by_ref_async", k, floor, v);
         }
         11 => clock.advance(Duration::from_secs(1 + rng.below(3))),
         _ => {
@@ -917,5 +959,74 @@ fn s53_async_fail_safe_forgets_a_value_written_over() {
             assert_eq!(cache.get_or_stale(&1), want, "write {write}");
         });
         cache.validate();
+    }
+}
+
+/// A blocking `get_with` waiting on an async leader (borrowing, shared, `load_async`,
+/// `or_insert_with_async`) whose task is aborted, or whose runtime is shut down: README,
+/// "A blocking caller never polls an async caller's future (it may need that caller's
+/// runtime): it waits, and loads itself if the async callers went away." With and without a
+/// load limit of 1.
+#[test]
+fn s53_blocking_waiter_of_an_async_leader_that_goes_away() {
+    let _w = common::watchdog(Duration::from_secs(60), "s53 blocking waiter");
+    for kind in 0..4u32 {
+        for how in 0..2u32 {
+            for limit in [None, Some(1)] {
+                let mut b = Cache::builder()
+                    .max_capacity(100)
+                    .record_stats()
+                    .async_loader(|_k: &u32| async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Ok::<u64, String>(1)
+                    });
+                if let Some(n) = limit {
+                    b = b.max_concurrent_loads(n);
+                }
+                let cache: C = b.build();
+                let rt1 = rt(2);
+                let c = cache.clone();
+                let h = rt1.spawn(async move {
+                    let stall = async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        1
+                    };
+                    match kind {
+                        0 => drop(c.get_with_async(4, stall).await),
+                        1 => drop(c.get_with_async_shared(4, stall).await),
+                        2 => drop(c.load_async(4).await),
+                        _ => drop(c.entry(4).or_insert_with_async(stall).await),
+                    }
+                });
+                while cache.loads_in_flight() == 0 {
+                    std::thread::yield_now();
+                }
+                let c = cache.clone();
+                let waiter = std::thread::spawn(move || c.get_with(4, || 9));
+                std::thread::sleep(Duration::from_millis(20));
+                if how == 0 {
+                    h.abort();
+                    std::thread::sleep(Duration::from_millis(20));
+                    rt1.shutdown_timeout(Duration::from_secs(1));
+                } else {
+                    rt1.shutdown_timeout(Duration::from_millis(50));
+                }
+                let v = waiter.join().unwrap();
+                assert_eq!(v, 9, "kind {kind} how {how} limit {limit:?}");
+                assert_eq!(cache.loads_in_flight(), 0);
+                assert_eq!(cache.get_with(5, || 5), 5, "permit free");
+                cache.validate();
+                let s = cache.stats();
+                assert_eq!(
+                    s.misses,
+                    s.load_successes
+                        + s.load_failures
+                        + s.loads_abandoned
+                        + s.coalesced
+                        + s.negative_hits,
+                    "kind {kind} how {how} limit {limit:?}: {s:?}"
+                );
+            }
+        }
     }
 }
