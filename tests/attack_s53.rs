@@ -60,7 +60,7 @@ struct World {
     /// Per key: held around a write's stamp, the write itself and its floor update.
     wlock: Vec<tokio::sync::Mutex<()>>,
     /// Per key: epochs of the inits running now.
-    running: Vec<Mutex<Vec<u64>>>,
+    running: Vec<Mutex<Vec<(u64, u64)>>>,
     violations: Mutex<Vec<String>>,
     failing: AtomicBool,
 }
@@ -120,16 +120,19 @@ struct InFlight {
     epoch: u64,
 }
 impl InFlight {
-    fn enter(world: &Arc<World>, k: u32, epoch: u64) -> Self {
+    fn enter(world: &Arc<World>, k: u32, epoch: u64, kind: u64) -> Self {
         let mut r = world.running[k as usize].lock().unwrap();
         // Only if no write of the key started since both calls started (a write supersedes).
         let now = world.epoch[k as usize].load(Ordering::SeqCst);
-        if now == epoch && epoch % 2 == 0 && r.contains(&epoch) {
-            world.bad(format!(
-                "single flight: two inits of key {k} at once in write epoch {epoch}"
-            ));
+        if now == epoch && epoch % 2 == 0 {
+            if let Some((_, other)) = r.iter().find(|(e, _)| *e == epoch) {
+                world.bad(format!(
+                    "single flight: two inits of key {k} at once in write epoch {epoch} \
+                     (op kinds {other} and {kind})"
+                ));
+            }
         }
-        r.push(epoch);
+        r.push((epoch, kind));
         drop(r);
         InFlight {
             world: world.clone(),
@@ -141,7 +144,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut r = self.world.running[self.k as usize].lock().unwrap();
-        if let Some(i) = r.iter().position(|e| *e == self.epoch) {
+        if let Some(i) = r.iter().position(|e| e.0 == self.epoch) {
             r.swap_remove(i);
         }
     }
@@ -182,7 +185,7 @@ fn build(cfg: Cfg, world: &Arc<World>, clock: &ManualClock) -> C {
         // exempt).
         let epoch = 1;
         async move {
-            let _f = InFlight::enter(&w, k, epoch);
+            let _f = InFlight::enter(&w, k, epoch, 99);
             tokio::task::yield_now().await;
             if w.failing.load(Ordering::SeqCst) {
                 Err::<u64, String>("down".into())
@@ -207,16 +210,25 @@ fn init(
     epoch: u64,
     steps: u64,
     nest: Option<u32>,
+    kind: u64,
 ) -> Pin<Box<dyn Future<Output = u64> + Send>> {
     Box::pin(async move {
-        let _f = InFlight::enter(&world, k, epoch);
+        let _f = InFlight::enter(&world, k, epoch, kind);
         for _ in 0..steps {
             tokio::task::yield_now().await;
         }
         if let Some(n) = nest {
             let floor = world.floor[n as usize].load(Ordering::SeqCst);
             let e = world.epoch[n as usize].load(Ordering::SeqCst);
-            let i = init(cache.clone(), world.clone(), n, e, steps, None);
+            let i = init(
+                cache.clone(),
+                world.clone(),
+                n,
+                e,
+                steps,
+                None,
+                100 + steps % 3,
+            );
             let v = match steps % 3 {
                 0 => Some(cache.get_with_async_shared(n, i).await),
                 1 => cache.load_async(n).await.ok(),
@@ -231,20 +243,31 @@ fn init(
 }
 
 async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: Rng) {
-    let k = rng.below(u64::from(KEYS)) as u32;
+    let nk = std::env::var("S53_KEYS").map_or(KEYS, |v| v.parse::<u32>().unwrap().min(KEYS));
+    let k = rng.below(u64::from(nk)) as u32;
     let floor = world.floor[k as usize].load(Ordering::SeqCst);
     let epoch = world.epoch[k as usize].load(Ordering::SeqCst);
     // Nest only to a larger key: no cycles.
-    let nest = if k + 1 < KEYS && rng.chance(200) {
-        Some(k + 1 + rng.below(u64::from(KEYS - k - 1)) as u32)
+    let nest = if k + 1 < nk && rng.chance(200) {
+        Some(k + 1 + rng.below(u64::from(nk - k - 1)) as u32)
     } else {
         None
     };
-    let mk = |rng: &mut Rng| init(cache.clone(), world.clone(), k, epoch, rng.below(4), nest);
+    let mk = |rng: &mut Rng, kind: u64| {
+        init(
+            cache.clone(),
+            world.clone(),
+            k,
+            epoch,
+            rng.below(4),
+            nest,
+            kind,
+        )
+    };
     let mut kind = if cfg.stats_only_loads {
         [0, 1, 2, 3, 4, 5, 6, 13, 15, 16][rng.below(10) as usize]
     } else {
-        rng.below(17)
+        rng.below(18)
     };
     if let Ok(ks) = std::env::var("S53_KINDS") {
         let ks: Vec<u64> = ks.split(',').map(|x| x.parse().unwrap()).collect();
@@ -252,12 +275,12 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
     }
     match kind {
         0 => {
-            let v = cache.get_with_async(k, mk(&mut rng)).await;
+            let v = cache.get_with_async(k, mk(&mut rng, kind)).await;
             world.check("get_with_async", k, floor, v);
         }
         1 => {
             let fail = rng.chance(200);
-            let i = mk(&mut rng);
+            let i = mk(&mut rng, kind);
             let r = cache
                 .try_get_with_async(k, async move {
                     let v = i.await;
@@ -274,7 +297,7 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
         }
         2 => {
             let none = rng.chance(200);
-            let i = mk(&mut rng);
+            let i = mk(&mut rng, kind);
             let r = cache
                 .optionally_get_with_async(k, async move {
                     let v = i.await;
@@ -286,7 +309,7 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
             }
         }
         3 => {
-            let v = cache.get_with_async_shared(k, mk(&mut rng)).await;
+            let v = cache.get_with_async_shared(k, mk(&mut rng, kind)).await;
             world.check("get_with_async_shared", k, floor, v);
         }
         4 => {
@@ -295,13 +318,16 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
             }
         }
         5 => {
-            let e = cache.entry(k).or_insert_with_async(mk(&mut rng)).await;
+            let e = cache
+                .entry(k)
+                .or_insert_with_async(mk(&mut rng, kind))
+                .await;
             world.check("or_insert_with_async", k, floor, *e.value());
         }
         6 => {
             // Two loads of one key raced: the loser is dropped mid-way.
-            let a = cache.get_with_async(k, mk(&mut rng));
-            let b = cache.get_with_async_shared(k, mk(&mut rng));
+            let a = cache.get_with_async(k, mk(&mut rng, kind));
+            let b = cache.get_with_async_shared(k, mk(&mut rng, kind));
             let a = Box::pin(a);
             let b = Box::pin(b);
             let v = match select(a, b).await {
@@ -349,7 +375,7 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
         13 => {
             let replace = rng.chance(500);
             let v = cache
-                .get_with_if_async(k, mk(&mut rng), move |_| replace)
+                .get_with_if_async(k, mk(&mut rng, kind), move |_| replace)
                 .await;
             world.check("get_with_if_async", k, floor, v);
         }
@@ -368,7 +394,7 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
         }
         15 => {
             let fail = rng.chance(200);
-            let i = mk(&mut rng);
+            let i = mk(&mut rng, kind);
             let r = cache
                 .entry(k)
                 .or_try_insert_with_async(async move {
@@ -385,8 +411,20 @@ async fn op(cache: C, world: Arc<World>, clock: ManualClock, cfg: Cfg, mut rng: 
             }
         }
         16 => {
-            let v = cache.get_with_by_ref_async(&k, mk(&mut rng)).await;
+            let v = cache.get_with_by_ref_async(&k, mk(&mut rng, kind)).await;
             world.check("get_with_by_ref_async", k, floor, v);
+        }
+        17 => {
+            // Supersedes every load in flight (src/shard: `clear`).
+            let mut gs = Vec::new();
+            for i in 0..KEYS {
+                gs.push(world.wlock[i as usize].lock().await);
+            }
+            let ws: Vec<_> = (0..KEYS).map(|i| world.write_start(i)).collect();
+            cache.invalidate_all();
+            for (i, (v, _)) in ws.iter().enumerate() {
+                world.write_done(i as u32, *v);
+            }
         }
         11 => clock.advance(Duration::from_secs(1 + rng.below(3))),
         _ => {
@@ -1028,5 +1066,111 @@ fn s53_blocking_waiter_of_an_async_leader_that_goes_away() {
                 );
             }
         }
+    }
+}
+
+/// An async load that panics inside a tokio task (caller's init, shared init, the async
+/// loader, a refresh on `tokio::spawn`) with `max_concurrent_loads(1)` and a waiter: the
+/// waiter loads again, nothing stays in flight, the permit is free, a later refresh runs.
+#[test]
+fn s53_async_panics_in_tasks_release_key_and_permit() {
+    let _w = common::watchdog(Duration::from_secs(60), "s53 panics");
+    let rt = rt(3);
+    for kind in 0..5u32 {
+        let clock = ManualClock::new();
+        let boom = Arc::new(AtomicBool::new(true));
+        let bm = boom.clone();
+        let cache: C = Cache::builder()
+            .max_capacity(100)
+            .max_concurrent_loads(1)
+            .time_to_live(Duration::from_secs(100))
+            .refresh_after(Duration::from_secs(10))
+            .clock(clock.clone())
+            .record_stats()
+            .async_loader(move |k: &u32| {
+                let boom = bm.load(Ordering::SeqCst);
+                let k = *k;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if boom {
+                        panic!("loader boom");
+                    }
+                    Ok::<u64, String>(u64::from(k) + 50)
+                }
+            })
+            .future_spawner(|f| {
+                tokio::spawn(f);
+            })
+            .build();
+        rt.block_on(async {
+            if kind == 4 {
+                cache.insert(1, 1);
+                clock.advance(Duration::from_secs(11));
+                assert_eq!(cache.get(&1), Some(1)); // refresh starts and panics
+                for _ in 0..1000 {
+                    if cache.loads_in_flight() == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(cache.loads_in_flight(), 0, "refresh that panicked");
+                boom.store(false, Ordering::SeqCst);
+                // Past the refresh backoff: the next read refreshes again.
+                clock.advance(Duration::from_secs(20));
+                assert_eq!(cache.get(&1), Some(1));
+                for _ in 0..1000 {
+                    if cache.get(&1) == Some(51) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(
+                    cache.get(&1),
+                    Some(51),
+                    "no refresh after a refresh panicked"
+                );
+                return;
+            }
+            let c = cache.clone();
+            let leader = tokio::spawn(async move {
+                let init = async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    panic!("init boom")
+                };
+                match kind {
+                    0 => c.get_with_async(1, init).await,
+                    1 => c.get_with_async_shared(1, init).await,
+                    2 => c.load_async(1).await.unwrap(),
+                    _ => *c.entry(1).or_insert_with_async(init).await.value(),
+                }
+            });
+            while cache.loads_in_flight() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let c = cache.clone();
+            let waiter = tokio::spawn(async move { c.get_with_async(1, async { 7 }).await });
+            assert!(leader.await.is_err(), "kind {kind}: the leader panics");
+            let v = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("kind {kind}: waiter hangs"));
+            // A waiter of a shared load that panicked may panic too (documented); else 7.
+            if let Ok(v) = v {
+                assert_eq!(v, 7, "kind {kind}");
+            }
+            boom.store(false, Ordering::SeqCst);
+            let v = tokio::time::timeout(Duration::from_secs(5), cache.load_async(2))
+                .await
+                .unwrap_or_else(|_| panic!("kind {kind}: permit leaked"));
+            assert_eq!(v.unwrap(), 52);
+        });
+        assert_eq!(cache.loads_in_flight(), 0, "kind {kind}");
+        cache.validate();
+        let s = cache.stats();
+        assert_eq!(
+            s.misses,
+            s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits
+                - s.refreshes_started,
+            "kind {kind}: {s:?}"
+        );
     }
 }
