@@ -1174,3 +1174,71 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
         );
     }
 }
+
+/// Probe (shrinking the driver's single-flight report: kinds 3 and 0, a shared load and a
+/// borrowing one of the same key): a shared leader cut off by a timeout or an abort while a
+/// borrowing `get_with_async` waits. At no time may two inits of the key be alive.
+#[test]
+fn s53_shared_leader_cut_off_with_a_borrowing_waiter() {
+    let _w = common::watchdog(Duration::from_secs(60), "s53 shared cut off");
+    let rt = rt(3);
+    for how in 0..4u32 {
+        let world = World::new();
+        let cache: C = Cache::builder().max_capacity(100).record_stats().build();
+        rt.block_on(async {
+            let (c, w) = (cache.clone(), world.clone());
+            let a = tokio::spawn(async move {
+                let init = {
+                    let w = w.clone();
+                    async move {
+                        let _f = InFlight::enter(&w, 2, 0, 3);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        1 << 8 | 2
+                    }
+                };
+                let f = c.get_with_async_shared(2, init);
+                if how % 2 == 0 {
+                    let _ = tokio::time::timeout(Duration::from_millis(10), f).await;
+                } else {
+                    f.await;
+                }
+            });
+            while cache.loads_in_flight() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (c, w) = (cache.clone(), world.clone());
+            let b = tokio::spawn(async move {
+                let init = {
+                    let w = w.clone();
+                    async move {
+                        let _f = InFlight::enter(&w, 2, 0, 0);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        2 << 8 | 2
+                    }
+                };
+                c.get_with_async(2, init).await
+            });
+            if how % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                a.abort();
+            }
+            if how >= 2 {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                b.abort();
+                let _ = b.await;
+                let _ = a.await;
+            } else {
+                let v = b.await.unwrap();
+                assert_eq!(v & 0xff, 2);
+                let _ = a.await;
+            }
+        });
+        let v = world.violations.lock().unwrap().clone();
+        assert!(v.is_empty(), "how {how}: {v:?}");
+        assert_eq!(cache.loads_in_flight(), 0);
+        assert!(
+            world.running[2].lock().unwrap().is_empty(),
+            "how {how}: an init outlived its callers"
+        );
+    }
+}
