@@ -27,6 +27,8 @@
 //! `S51_THREADS`, `S51_CFG=<hex seed of a configuration>`, `S51_OFF=weigher,expiry,...`,
 //! `S51_SITES=<panic sites>`, `S51_LOG`, `S51_TRACE` to narrow one down.
 
+mod common;
+
 use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, ManualClock, Op, RemovalCause};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,23 +41,7 @@ const KEYS: u32 = 8;
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-#[derive(Clone)]
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
+use common::SplitMix as Rng;
 
 thread_local! {
     /// Per key, at the start of this thread's current operation: its write epoch, and whether

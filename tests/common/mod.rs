@@ -180,6 +180,31 @@ pub fn rng(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
+/// A splitmix64 generator (no dependency), for seeded random drivers: every seed, 0
+/// included, gives a full-period stream.
+#[derive(Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `per_mille` / 1000.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
 /// A xorshift generator (no dependency), for tests' pseudo-random workloads.
 pub struct Rng(pub u64);
 
