@@ -713,6 +713,7 @@ fn c_iter_concurrent_no_dup_no_phantom() {
         .build();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         s.spawn(|| {
             let mut r = common::Rng(99);
             while !stop.load(Ordering::Relaxed) {
@@ -1271,6 +1272,7 @@ fn c_iter_concurrent_with_expiry_and_reclaim() {
         .build();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         s.spawn(|| {
             let mut r = common::Rng(5);
             let mut i = 0u64;

@@ -2091,6 +2091,7 @@ fn compute_never_overwrites_newer_insert_threads() {
         let stop = AtomicBool::new(false);
         let last = AtomicU64::new(0);
         std::thread::scope(|s| {
+            let _stop_on_exit = common::SetOnDrop(&stop);
             for t in 0..3 {
                 let c = &c;
                 let stop = &stop;

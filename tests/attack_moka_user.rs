@@ -780,15 +780,25 @@ fn iter_during_concurrent_writes() {
                 i += 1;
             }
         });
+        // The writer stops even if an assertion below fails (else the scope waits for it).
+        let _stop = common::SetOnDrop(&stop);
         for _ in 0..200 {
-            let mut keys: Vec<u64> = c.iter().map(|e| e.0).collect();
+            let entries: Vec<(u64, u64)> = c.iter().collect();
+            let mut keys: Vec<u64> = entries.iter().map(|e| e.0).collect();
             let n = keys.len();
             keys.sort_unstable();
             keys.dedup();
             assert_eq!(n, keys.len(), "a key twice");
-            assert!(n <= 501 + 8, "{n}");
+            // Every value yielded is one written for its key (`insert(i % 2000, i)`).
+            for &(k, v) in &entries {
+                assert_eq!(v % 2000, k, "a value not written for its key");
+            }
+            // The shards are read one after another, each as it is then: their sum is not the
+            // cache at one instant and may exceed the capacity (a shard read while it held more
+            // than its share, another later). Each held at most the capacity plus one entry of
+            // the one writer.
+            assert!(n <= 8 * 501, "{n}");
         }
-        stop.store(true, Ordering::Relaxed);
     });
     consistent(&c);
 }
@@ -2308,6 +2318,7 @@ fn the_bound_holds_within_writes_in_progress() {
         .build();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         for t in 0..writers {
             let c = &c;
             let stop = &stop;

@@ -1442,6 +1442,7 @@ fn observe_under_churn(cap: u64, weighted: bool) {
     let c: Cache<u32, u64> = b.build();
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         for t in 0..3u64 {
             let (c, stop) = (&c, &stop);
             sc.spawn(move || {

@@ -765,6 +765,7 @@ fn a24_history_a_load_never_overwrites_a_newer_write() {
     let stop = AtomicBool::new(false);
     let violations = AtomicUsize::new(0);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         // Loaders.
         for _ in 0..2 {
             let (cache, db, stop) = (&cache, &db, &stop);

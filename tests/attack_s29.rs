@@ -138,6 +138,7 @@ fn reclaim_round(conf: Conf, shards: usize, seed: u64) -> Result<(), String> {
     let loaded: Mutex<Vec<u64>> = Mutex::new(Vec::new()); // values that may have gone in
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         let mut writers = Vec::new();
         for t in 0..3u64 {
             let cache = cache.clone();

@@ -1110,6 +1110,7 @@ fn probe_fault_storm_settles() {
         .build();
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         // A worker for queued jobs.
         s.spawn(|| {
             while !stop.load(Ordering::SeqCst) {

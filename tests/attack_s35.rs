@@ -1569,6 +1569,7 @@ fn refresh_racing_an_invalidate_never_resurrects_the_key_plain_keys() {
     let mut r = rng(35);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         let (cache, barrier, stop) = (&cache, &barrier, &stop);
         let spins: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let reader_spin = Arc::clone(&spins[0]);

@@ -1287,6 +1287,7 @@ fn refresh_and_writes_race_stress() {
     c.load(0).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         for _ in 0..2 {
             let c = c.clone();
             let stop = Arc::clone(&stop);
@@ -1981,6 +1982,7 @@ fn write_then_load_stress(cfg: &str, build: impl FnOnce(herdcache::CacheBuilder<
     let c = build(builder);
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         for t in 0..2u64 {
             let c = c.clone();
             let stop = Arc::clone(&stop);

@@ -138,6 +138,7 @@ fn a_write_burst_never_overshoots_by_more_than_one_entry_per_writer() {
     let max_seen = AtomicU64::new(0);
     let inserted = AtomicU64::new(0);
     std::thread::scope(|s| {
+        let _stop_on_exit = common::SetOnDrop(&stop);
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
                 max_seen.fetch_max(cache.weighted_size(), Ordering::Relaxed);

@@ -31,6 +31,7 @@ fn mixed_ops(threads: u64, ops_per_thread: u64, with_ttl: bool) {
         let stop = Arc::new(AtomicBool::new(false));
         let _dog = watchdog(Duration::from_secs(120), "stress: mixed operations");
         std::thread::scope(|s| {
+            let _stop_on_exit = common::SetOnDrop(&stop);
             // A sampler that watches the weight while writers run. Writers in progress may each
             // hold one entry beyond the bound.
             s.spawn(|| {

@@ -60,20 +60,76 @@ pub fn watchdog(limit: Duration, what: &'static str) -> Watchdog {
         .unwrap_or(1)
         .max(1);
     let limit = limit * slowdown;
+    record_panics();
     let (tx, rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
             // Straight to the process's stderr: libtest captures `eprintln!` in the test's
             // threads (and threads they spawn), and an abort would drop that capture unread.
             use std::io::Write;
+            let mut err = std::io::stderr().lock();
             let _ = writeln!(
-                std::io::stderr().lock(),
+                err,
                 "watchdog: '{what}' did not finish within {limit:?}: deadlock or hang"
             );
+            // A test thread that panicked (a failed assertion) while threads it spawned in a
+            // scope still run waits for them forever: its message, captured, would be lost.
+            let seen = PANICS.lock().unwrap_or_else(|e| e.into_inner());
+            if !seen.is_empty() {
+                let _ = writeln!(
+                    err,
+                    "watchdog: the last {} panics in this binary, oldest first (the cause may \
+                     be among them):",
+                    seen.len()
+                );
+                for p in seen.iter() {
+                    let _ = writeln!(err, "  {p}");
+                }
+            }
             std::process::abort();
         }
     });
     Watchdog(Some(tx))
+}
+
+/// The last [`KEPT_PANICS`] panics of this binary (thread, place, message), for the watchdog.
+static PANICS: std::sync::Mutex<std::collections::VecDeque<String>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const KEPT_PANICS: usize = 16;
+
+/// Chains a panic hook that keeps each panic's thread, place and message in [`PANICS`].
+fn record_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let line = format!(
+                "thread '{}' at {}: {}",
+                std::thread::current().name().unwrap_or("<unnamed>"),
+                info.location()
+                    .map_or_else(String::new, ToString::to_string),
+                panic_message(info.payload())
+            );
+            if let Ok(mut seen) = PANICS.lock() {
+                if seen.len() == KEPT_PANICS {
+                    seen.pop_front();
+                }
+                seen.push_back(line);
+            }
+            prev(info);
+        }));
+    });
+}
+
+/// Sets `flag` when dropped: a scope's main closure that fails an assertion still stops the
+/// threads it spawned (which loop until the flag is set), so the failure is reported instead
+/// of hanging until the watchdog.
+pub struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Watchdog {
