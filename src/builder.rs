@@ -516,7 +516,11 @@ where
     /// under its permit finish; the permit also runs the polls of the shared loads it is
     /// nested in, which are what drive it), and otherwise waits for a permit — a load whose
     /// parent stopped waiting for it (a `select!` that moved on) does not go on beside its parent
-    /// under the parent's permit. A [`Cache::get_with_async`] future polled inside a load
+    /// under the parent's permit. Once only callers inside other loads' polls wait for a shared
+    /// load (its outermost callers were dropped), it gives up its place in the queue, or its
+    /// own permit (to the next in line): it is then part of those loads, driven by their polls
+    /// under their permits (keeping its own, it would wait for them while they wait for it).
+    /// A [`Cache::get_with_async`] future polled inside a load
     /// before it got a permit of its own runs under that load's permit until it ends, wherever
     /// it is polled afterwards: it is part of that load (and a shared load it is nested in may
     /// be polled under that permit, since its polls drive it) — unless that permit was only

@@ -88,12 +88,15 @@ pub(crate) struct State<K, V> {
 }
 
 impl<K, V> State<K, V> {
-    /// The shared load's place in the permit queue, to give up (by dropping it, with no lock
-    /// held) once every async caller still waiting for the load waits inside another load's
-    /// polls: those polls run under that load's permit and drive this one, and a permit
-    /// granted to this load would wait, uncollected, for that load's own (a deadlock that
-    /// `attack_s44`'s sweep found with a limit of 1).
-    pub(crate) fn orphaned_ticket(&mut self) -> Option<crate::limit::Acquire> {
+    /// The shared load's claim to a permit (its place in the queue, or its own permit), to give
+    /// up (by dropping it, with no lock held) once every async caller still waiting for the
+    /// load waits inside another load's polls: those polls run under that load's permit and
+    /// drive this one. A permit granted to this load would wait, uncollected, for that load's
+    /// own (a deadlock that `attack_s44`'s sweep found with a limit of 1); a permit it kept
+    /// would keep that load queued while only that load's polls drive this one (shuttle's
+    /// `nested_loads_under_a_limit` found it; `attack_s44`'s sweep hung on it
+    /// under AddressSanitizer).
+    pub(crate) fn orphaned_ticket(&mut self) -> Option<crate::load_async::PermitClaim> {
         let nested_only = !self.wakers.is_empty()
             && self
                 .wakers
@@ -102,7 +105,9 @@ impl<K, V> State<K, V> {
         if !nested_only || !matches!(self.phase, Phase::Running) {
             return None;
         }
-        self.ticket.as_ref().and_then(|t| t.lock().take())
+        self.ticket
+            .as_ref()
+            .map(|t| std::mem::replace(&mut *t.lock(), crate::load_async::PermitClaim::Idle))
     }
 
     /// A permit of `lenders` for a poll about to run (the newest free one; see
@@ -389,6 +394,20 @@ impl<K, V> Flight<K, V> {
         waited
     }
 
+    /// This flight's load was taken over by a caller inside `parent`'s poll: `parent`'s polls
+    /// drive it, as they drive a nested waiter's wait. Recorded as such a waiter would be (with
+    /// the id [`TAKER`], and `parent`'s `waker`), so that a blocking caller that lends its
+    /// permit to this flight wakes `parent`'s callers and its permit may run `parent`'s polls
+    /// (see [`Flight::lender_below`]): else, holding the only permit, it would wait for a
+    /// load whose parent queues for a permit behind it (shuttle's `nested_loads_under_a_limit`
+    /// found that deadlock).
+    pub(crate) fn driven_by(self: &Arc<Self>, parent: &Arc<Flight<K, V>>, waker: Waker) {
+        parent.add_child(self);
+        let mut st = self.state.lock();
+        st.parents.push((TAKER, Arc::downgrade(parent)));
+        st.wakers.push((TAKER, waker));
+    }
+
     /// Records that a waiter of `child` waits inside this shared load's polls (see
     /// [`State::children`]).
     pub(crate) fn add_child(&self, child: &Arc<Flight<K, V>>) {
@@ -464,6 +483,10 @@ pub(crate) fn start(token: &AtomicU8) -> bool {
 /// The waiter id of a shared load's leader, interested from the flight's registration (see
 /// [`Flight::set_shared_load`]).
 pub(crate) const LEADER: u64 = 0;
+
+/// The waiter id under which a flight taken over inside a shared load's poll records that load
+/// (see [`Flight::driven_by`]); never a waiter's (ids count up from 0).
+pub(crate) const TAKER: u64 = u64::MAX;
 
 /// The waker given to a shared load future: wakes every async caller interested in the flight.
 pub(crate) struct FlightWaker<K, V>(pub(crate) Weak<Flight<K, V>>);
@@ -889,6 +912,56 @@ impl<K: Hash + Eq, V> Flights<K, V> {
             .find_entry(hash, |r| Arc::ptr_eq(f, &r.flight))
             .ok()?;
         Some(found.remove().0.key)
+    }
+
+    /// Each registered flight's state, one line each (a test hook, for a hang's report; a
+    /// flight whose state is locked shows as such).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn describe(&self) -> Vec<String>
+    where
+        K: std::fmt::Debug,
+    {
+        self.table
+            .iter()
+            .map(|r| {
+                let f = &r.flight;
+                let Some(st) = f.state.try_lock() else {
+                    return format!("key {:?}: state locked", r.key);
+                };
+                let phase = match st.phase {
+                    Phase::Running => "running",
+                    Phase::Done(_) => "done",
+                    Phase::Abandoned => "abandoned",
+                };
+                let ticket = st.ticket.as_ref().map(|t| match t.try_lock().as_deref() {
+                    Some(crate::load_async::PermitClaim::Idle) => "idle",
+                    Some(crate::load_async::PermitClaim::Queued(_)) => "queued",
+                    Some(crate::load_async::PermitClaim::Owned(_)) => "owned",
+                    None => "locked",
+                });
+                format!(
+                    "key {:?}: {phase}, start {}, superseded {}, future {}, polling {}, \
+                     woken {}, interested {}, waiter ids {:?}, lenders {}, lent polls {}, \
+                     parents {:?}, children {}, ticket {:?}",
+                    r.key,
+                    f.start.load(Ordering::Relaxed),
+                    f.superseded(),
+                    st.future.is_some(),
+                    st.polling,
+                    st.woken,
+                    st.interested,
+                    st.wakers.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+                    st.lenders.len(),
+                    st.lent_polls.len(),
+                    st.parents
+                        .iter()
+                        .map(|(i, w)| (*i, w.strong_count()))
+                        .collect::<Vec<_>>(),
+                    st.children.len(),
+                    ticket,
+                )
+            })
+            .collect()
     }
 
     /// The number of loads in flight (not negative-cache entries).

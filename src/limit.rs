@@ -125,6 +125,24 @@ impl Limiter {
         })
     }
 
+    /// Permits in use and the queue (id, granted, has a waker): a test hook, for a hang's
+    /// report.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn describe(&self) -> String {
+        let Some(st) = self.state.try_lock() else {
+            return "limiter: state locked".to_string();
+        };
+        let q: Vec<(u64, bool, bool)> = st
+            .queue
+            .iter()
+            .map(|t| (t.id, t.granted, t.waker.is_some()))
+            .collect();
+        format!(
+            "limiter: max {}, in use {}, queue {q:?}",
+            self.max, st.in_use
+        )
+    }
+
     /// The most permits held at once so far.
     pub(crate) fn high_water(&self) -> usize {
         self.high_water.load(Ordering::Acquire)

@@ -47,12 +47,10 @@ where
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let own = match self.gate.as_deref_mut() {
-            Some(gate) => {
-                if gate.poll_ready(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                gate.own.clone()
-            }
+            Some(gate) => match gate.poll_ready(cx) {
+                Poll::Ready(own) => own,
+                Poll::Pending => return Poll::Pending,
+            },
             None => self.permit.cloned(),
         };
         let _running = enter(self.flight);
@@ -104,43 +102,55 @@ where
 }
 
 /// A load's claim to a load permit (if the cache has a limit). Once it has one of its own it
-/// keeps it until the load ends. Until then it goes on only in a poll by a thread that holds
-/// one — a load polling it, which waits for it during that poll, or a blocking caller's permit
-/// lent through the flight (see [`Flight::wait_blocking`]) — and otherwise queues for its
-/// own: a permit is never kept by a load its holder stopped waiting for (that load would then
-/// run beside its holder's, both under one permit).
+/// keeps it until the load ends, or until only callers nested in other loads wait for it (see
+/// [`PermitClaim`]). Until then it goes on only in a poll by a thread that holds one — a load
+/// polling it, which waits for it during that poll, or a blocking caller's permit lent
+/// through the flight (see [`Flight::wait_blocking`]) — and otherwise queues for its own: a
+/// permit is never kept by a load its holder stopped waiting for (that load would then run
+/// beside its holder's, both under one permit).
 pub(crate) struct Gate {
-    /// The limiter, while the load has no permit of its own.
+    /// The limiter, while the load may need a permit of its own.
     limiter: Option<Arc<Limiter>>,
-    own: Option<Arc<Permit>>,
-    /// Our place in the limiter's queue, once a poll found no permit to run under. Shared
-    /// with the flight of a shared load (see [`TicketSlot`]).
-    ticket: TicketSlot,
+    /// Our place in the limiter's queue, once a poll found no permit to run under, then our
+    /// own permit. Shared with the flight of a shared load (see [`TicketSlot`]).
+    claim: TicketSlot,
 }
 
 impl Drop for Gate {
-    /// The place in the queue goes with the gate (the flight's handle to it outlives it): a
-    /// permit granted to it passes on.
+    /// The place in the queue or the permit goes with the gate (the flight's handle to it
+    /// outlives it): a permit granted to it passes on. Dropped with no lock held.
     fn drop(&mut self) {
-        let ticket = self.ticket.lock().take();
-        drop(ticket);
+        let claim = std::mem::replace(&mut *self.claim.lock(), PermitClaim::Idle);
+        drop(claim);
     }
 }
 
-/// A shared load's place in the permit queue, held by its [`Gate`] and by its flight: a place
-/// taken by a caller polling the load directly is given up (a permit granted to it passed on)
-/// once only callers nested in other loads wait for it — their polls, made inside those
-/// loads' polls, run under those loads' permits, and a permit granted to this load could not
-/// be collected while those loads wait for theirs (see [`Flight::orphaned_ticket`]).
-pub(crate) type TicketSlot = Arc<crate::sync::Mutex<Option<Acquire>>>;
+/// A shared load's claim to a permit (see [`Gate`]).
+pub(crate) enum PermitClaim {
+    /// Neither queued nor holding one: the load runs under its pollers' permits.
+    Idle,
+    /// Queued for a permit of its own.
+    Queued(Acquire),
+    /// Its own permit.
+    Owned(Arc<Permit>),
+}
+
+/// A shared load's [`PermitClaim`], held by its [`Gate`] and by its flight. A claim taken by a
+/// caller polling the load directly — a place in the queue, or the permit it was granted — is
+/// given up (the permit passed on) once only callers nested in other loads wait for it: their
+/// polls, made inside those loads' polls, run under those loads' permits. A permit granted to
+/// this load could not be collected while those loads wait for theirs, and a permit it kept
+/// would keep them waiting while only their polls drive it (see [`Flight::orphaned_ticket`]).
+pub(crate) type TicketSlot = Arc<crate::sync::Mutex<PermitClaim>>;
 
 impl Gate {
     /// A load that holds `permit` (or needs none).
     pub(crate) fn owning(permit: Option<Arc<Permit>>) -> Self {
         Gate {
             limiter: None,
-            own: permit,
-            ticket: Arc::new(crate::sync::Mutex::new(None)),
+            claim: Arc::new(crate::sync::Mutex::new(
+                permit.map_or(PermitClaim::Idle, PermitClaim::Owned),
+            )),
         }
     }
 
@@ -148,34 +158,38 @@ impl Gate {
     fn waiting(limiter: Option<Arc<Limiter>>) -> Self {
         Gate {
             limiter,
-            own: None,
-            ticket: Arc::new(crate::sync::Mutex::new(None)),
+            claim: Arc::new(crate::sync::Mutex::new(PermitClaim::Idle)),
         }
     }
 
-    /// Ready when this poll may run the load: it has a permit of its own (or needs none), or
-    /// the polling thread holds one.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.own.is_some() {
-            return Poll::Ready(());
+    /// Ready when this poll may run the load: with its own permit (returned), or with none
+    /// needed, or the polling thread holds one (`None`).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Permit>>> {
+        let mut slot = self.claim.lock();
+        if let PermitClaim::Owned(p) = &*slot {
+            return Poll::Ready(Some(Arc::clone(p)));
         }
         let Some(limiter) = &self.limiter else {
-            return Poll::Ready(());
+            return Poll::Ready(None);
         };
         let covered = holds_permit(Some(limiter));
-        let mut slot = self.ticket.lock();
-        if !covered || slot.is_some() {
-            let ticket = slot.get_or_insert_with(|| limiter.acquire());
-            if let Poll::Ready(p) = Pin::new(ticket).poll(cx) {
-                *slot = None;
-                drop(slot);
-                self.own = Some(Arc::new(p));
-                return Poll::Ready(());
+        let queued = matches!(*slot, PermitClaim::Queued(_));
+        if !covered || queued {
+            if !queued {
+                *slot = PermitClaim::Queued(limiter.acquire());
+            }
+            if let PermitClaim::Queued(ticket) = &mut *slot {
+                if let Poll::Ready(p) = Pin::new(ticket).poll(cx) {
+                    let p = Arc::new(p);
+                    // The granted ticket is spent: replacing it releases nothing.
+                    *slot = PermitClaim::Owned(Arc::clone(&p));
+                    return Poll::Ready(Some(p));
+                }
             }
         }
         drop(slot);
         if covered {
-            Poll::Ready(())
+            Poll::Ready(None)
         } else {
             Poll::Pending
         }
@@ -204,10 +218,10 @@ impl<F: Future> Future for UnderPermit<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        if this.gate.poll_ready(cx).is_pending() {
+        let Poll::Ready(own) = this.gate.poll_ready(cx) else {
             return Poll::Pending;
-        }
-        let _held = this.gate.own.clone().map(PermitHeld::enter);
+        };
+        let _held = own.map(PermitHeld::enter);
         this.inner.as_mut().poll(cx)
     }
 }
@@ -713,6 +727,10 @@ where
                 // one and drives its load itself, driving this caller's own load here (a shared
                 // load is joined instead, and polled under the permit).
                 Claim::Join(f) if had_future && self.holds_permit() && f.steal_unshared() => {
+                    if let Some(parent) = polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &f)) {
+                        let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&parent))));
+                        f.driven_by(&parent, waker);
+                    }
                     let lead = Lead::taken(self, hash, f);
                     let (fut, token, _) = init.take().expect("checked");
                     crate::flight::start(&token);
@@ -780,9 +798,9 @@ where
             back: Arc::clone(back),
         };
         let mut gate = Gate::waiting(limiter);
-        let slot = Arc::clone(&gate.ticket);
+        let slot = Arc::clone(&gate.claim);
         let load: LoadFuture<V> = Box::pin(async move {
-            std::future::poll_fn(|cx| gate.poll_ready(cx)).await;
+            std::future::poll_fn(|cx| gate.poll_ready(cx).map(drop)).await;
             if !crate::flight::start(&start_token) {
                 // Taken over while this load waited for a permit: its taker publishes (and
                 // `init` goes back, unstarted).

@@ -262,12 +262,16 @@ fn top_level_limit_with_nested_shared_loads_on_tokio() {
         let base = 100 + round * 10;
         rt.block_on(async {
             let mut tasks = Vec::new();
+            let mut plan = Vec::new();
             for j in 0..8u64 {
                 let (c, g, spins) = (c.clone(), g.clone(), (rng() % 4) as u32);
                 let verb = rng() % 3;
                 let cancel = rng() % 4 == 0;
                 let top = 1 + rng() % 4;
                 let nk = base + rng() % 3;
+                plan.push(format!(
+                    "task {j}: verb {verb}, top {top}, nested {nk}.., spins {spins}, cancel {cancel}"
+                ));
                 tasks.push(tokio::spawn(async move {
                     let c2 = c.clone();
                     let init = async move {
@@ -297,8 +301,19 @@ fn top_level_limit_with_nested_shared_loads_on_tokio() {
                     }
                 }));
             }
-            for t in tasks {
-                t.await.unwrap();
+            let all = async {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            };
+            // A round takes milliseconds: a stalled one is reported with its plan and the
+            // cache's loads (the watchdog alone would say only that it hung).
+            if tokio::time::timeout(Duration::from_secs(30), all).await.is_err() {
+                panic!(
+                    "round {round} (limit {n}) stalled:\n{}\n{}",
+                    plan.join("\n"),
+                    c.describe_loads()
+                );
             }
         });
         assert!(

@@ -345,6 +345,32 @@ where
         self.flights_running()
     }
 
+    /// The load limiter's state and every registered flight's, one line each: a test hook
+    /// (feature `testing`), for the report of a test that hangs.
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn describe_loads(&self) -> String
+    where
+        K: std::fmt::Debug,
+    {
+        let mut lines = Vec::new();
+        if let Some(l) = &self.inner.stampede.limiter {
+            lines.push(l.describe());
+        }
+        for (i, c) in self.inner.shards.iter().enumerate() {
+            match c.lock.try_read() {
+                Some(s) => lines.extend(
+                    s.flights_ref()
+                        .describe()
+                        .into_iter()
+                        .map(|f| format!("shard {i}: {f}")),
+                ),
+                None => lines.push(format!("shard {i}: locked")),
+            }
+        }
+        lines.join("\n")
+    }
+
     pub(crate) fn flights_running(&self) -> usize {
         self.inner
             .shards
