@@ -530,7 +530,9 @@ where
     /// (its `init` runs, and a panic of it reaches this caller, as a shared load's panic
     /// reaches whoever polls it); if its leader drives it itself (a blocking or a
     /// [`Cache::get_with_async`] leader), the caller takes it over with its own loader or
-    /// `init`, since only that leader could start it.
+    /// `init`, since only that leader could start it; taken over inside a shared load's poll,
+    /// it is driven by that load's polls, which a caller holding a permit that waits for it
+    /// then runs under that permit (lent, for a blocking caller).
     ///
     /// Permits are per cache: a load of another cache inside this one's loader takes a permit
     /// of that cache. Two caches whose loaders ask each other (A's loads load from B, B's from

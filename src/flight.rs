@@ -85,6 +85,9 @@ pub(crate) struct State<K, V> {
     pub(crate) children: Vec<Weak<Flight<K, V>>>,
     /// A shared load's place in the permit queue (see [`TicketSlot`](crate::load_async::TicketSlot)).
     pub(crate) ticket: Option<crate::load_async::TicketSlot>,
+    /// The shared load whose polls drive this flight's load, taken over inside one of them
+    /// (see [`Flight::driven_by`]).
+    pub(crate) driver: Option<Weak<Flight<K, V>>>,
 }
 
 impl<K, V> State<K, V> {
@@ -183,6 +186,7 @@ impl<K, V> Flight<K, V> {
                 parents: Vec::new(),
                 children: Vec::new(),
                 ticket: None,
+                driver: None,
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
@@ -398,14 +402,24 @@ impl<K, V> Flight<K, V> {
     /// drive it, as they drive a nested waiter's wait. Recorded as such a waiter would be (with
     /// the id [`TAKER`], and `parent`'s `waker`), so that a blocking caller that lends its
     /// permit to this flight wakes `parent`'s callers and its permit may run `parent`'s polls
-    /// (see [`Flight::lender_below`]): else, holding the only permit, it would wait for a
-    /// load whose parent queues for a permit behind it (shuttle's `nested_loads_under_a_limit`
-    /// found that deadlock).
+    /// (see [`Flight::lender_below`]), and as its `driver`, which an async caller holding a
+    /// permit polls under it (see `load_async::Wait`): else, holding the only permit, either
+    /// would wait for a load whose parent queues for a permit behind it (shuttle's
+    /// `nested_loads_with_blocking_callers_under_a_limit` found both deadlocks).
     pub(crate) fn driven_by(self: &Arc<Self>, parent: &Arc<Flight<K, V>>, waker: Waker) {
         parent.add_child(self);
-        let mut st = self.state.lock();
-        st.parents.push((TAKER, Arc::downgrade(parent)));
-        st.wakers.push((TAKER, waker));
+        let waiting: Vec<Waker> = {
+            let mut st = self.state.lock();
+            st.parents.push((TAKER, Arc::downgrade(parent)));
+            let waiting = st.wakers.iter().map(|(_, w)| w.clone()).collect();
+            st.wakers.push((TAKER, waker));
+            st.driver = Some(Arc::downgrade(parent));
+            waiting
+        };
+        // Its callers so far waited for the leader: one holding a permit now drives `parent`.
+        for w in waiting {
+            w.wake();
+        }
     }
 
     /// Records that a waiter of `child` waits inside this shared load's polls (see

@@ -16,7 +16,7 @@ use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 /// Polls a leader's own load with its flight marked as run by the polling thread (a load of
@@ -764,6 +764,7 @@ where
                 flight,
                 id,
                 accept: &accept,
+                drive: None,
             };
             match wait.await {
                 Waited::Done(Some(r)) => return r,
@@ -905,6 +906,7 @@ where
         flight,
         id: None,
         accept,
+        drive: None,
     }
 }
 
@@ -921,7 +923,15 @@ where
     /// Our waker's id in the flight, once registered (and interest counted).
     id: Option<u64>,
     accept: &'a A,
+    /// The shared load whose polls drive this flight's load (taken over in one of them), its
+    /// hash and our id in it, while this caller, holding a permit, is one of its callers (see
+    /// [`Flight::driven_by`]).
+    drive: Option<Driver<K, V>>,
 }
+
+/// A shared load that drives a waiter's flight, its hash, and the waiter's id in it (see
+/// [`Wait::drive_under_permit`]).
+type Driver<K, V> = (Arc<Flight<K, V>>, u64, Option<u64>);
 
 impl<K, V, S, A, R> Future for Wait<'_, K, V, S, A>
 where
@@ -948,11 +958,14 @@ where
                     let o = Arc::clone(o);
                     leave(&mut this.id, &mut st);
                     drop(st);
+                    this.leave_driver();
                     // The value is cloned with no lock held.
                     return Poll::Ready(Waited::Done((this.accept)(&o)));
                 }
                 Phase::Abandoned => {
                     leave(&mut this.id, &mut st);
+                    drop(st);
+                    this.leave_driver();
                     return Poll::Ready(Waited::Abandoned);
                 }
                 Phase::Running => {}
@@ -991,6 +1004,20 @@ where
                 return Poll::Pending;
             }
             if st.future.is_none() {
+                // Taken over inside shared load P's poll, only P's polls drive this load: a
+                // caller holding a permit polls P under it (P may be queued for a permit, with
+                // this caller holding the only one).
+                let driver = st
+                    .driver
+                    .as_ref()
+                    .filter(|_| this.cache.holds_permit())
+                    .and_then(Weak::upgrade);
+                drop(st);
+                if let Some(p) = driver {
+                    if this.drive_under_permit(p, parent.as_ref(), cx) {
+                        continue;
+                    }
+                }
                 return Poll::Pending;
             }
             drop(st);
@@ -1000,6 +1027,126 @@ where
             if this.flight.is_running() {
                 return Poll::Pending;
             }
+        }
+    }
+}
+
+impl<K, V, S, A> Wait<'_, K, V, S, A>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// This caller holds a permit and its flight's load was taken over inside shared load
+    /// `p`'s poll, so only `p`'s polls drive it (`p` may be queued for a permit, this caller
+    /// holding the only one): it becomes a caller of `p` too (interested, woken by it, inside
+    /// `parent`'s poll if nested), until its own wait ends, and polls `p` under its permit as a
+    /// caller of `p` would. Returns whether this caller's flight has ended.
+    fn drive_under_permit(
+        &mut self,
+        p: Arc<Flight<K, V>>,
+        parent: Option<&Weak<Flight<K, V>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        if !self
+            .drive
+            .as_ref()
+            .is_some_and(|(q, _, _)| Arc::ptr_eq(q, &p))
+        {
+            self.leave_driver();
+            let Some(key) = p.state.lock().key.clone() else {
+                return false;
+            };
+            // The key's `Hash` (user code), with no lock held.
+            let hash = self.cache.hash(&key);
+            drop(key);
+            self.drive = Some((p, hash, None));
+        }
+        let Some((p, hash, id)) = self.drive.as_mut() else {
+            return false;
+        };
+        let mut st = p.state.lock();
+        if !matches!(st.phase, Phase::Running) {
+            // `p` ended, and the load taken over in it with it.
+            drop(st);
+            return !self.flight.is_running();
+        }
+        let me = match *id {
+            Some(me) => {
+                if let Some((_, w)) = st.wakers.iter_mut().find(|(i, _)| *i == me) {
+                    if !w.will_wake(cx.waker()) {
+                        *w = cx.waker().clone();
+                    }
+                }
+                me
+            }
+            None => {
+                let me = st.next_id;
+                st.next_id += 1;
+                st.interested += 1;
+                st.wakers.push((me, cx.waker().clone()));
+                *id = Some(me);
+                me
+            }
+        };
+        st.parents.retain(|(i, _)| *i != me);
+        if let Some(parent) = parent {
+            st.parents.push((me, parent.clone()));
+        }
+        if st.polling {
+            // Its poller wakes every caller once its poll ends (this one included).
+            st.woken = true;
+            return false;
+        }
+        if st.future.is_none() {
+            return false;
+        }
+        drop(st);
+        let (p, hash) = (Arc::clone(p), *hash);
+        let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&p))));
+        self.cache.poll_shared(hash, &p, &waker);
+        !self.flight.is_running()
+    }
+
+    /// Ends this caller's part in the load that drives its flight's (see
+    /// [`drive_under_permit`](Self::drive_under_permit)), as a caller of it that leaves.
+    fn leave_driver(&mut self) {
+        if let Some((p, hash, mut id)) = self.drive.take() {
+            leave_flight(self.cache, hash, &p, &mut id);
+        }
+    }
+}
+
+/// An async caller's part in a flight ends (it got its outcome, or was dropped): see
+/// [`leave`]; if it was the last caller interested in a running shared load, the load is
+/// cancelled, else the other callers are woken (this one may have consumed a wake-up meant to
+/// get the load polled).
+fn leave_flight<K, V, S>(
+    cache: &Cache<K, V, S>,
+    hash: u64,
+    flight: &Arc<Flight<K, V>>,
+    id: &mut Option<u64>,
+) where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    if id.is_none() {
+        return;
+    }
+    let (cancel, others, orphaned) = {
+        let mut st = flight.state.lock();
+        let cancel = leave(id, &mut st);
+        let others: Vec<Waker> = st.wakers.iter().map(|(_, w)| w.clone()).collect();
+        (cancel, others, st.orphaned_ticket())
+    };
+    // Dropped with no lock held: a permit granted to it goes to the next in the queue.
+    drop(orphaned);
+    // Nobody wants the shared load any more: it ends unpublished, abandoned (and counted
+    // so), unless a caller joined it meanwhile (it then drives it; whoever ends it counts).
+    if !(cancel && cache.cancel_shared(hash, flight)) {
+        for w in others {
+            w.wake();
         }
     }
 }
@@ -1023,24 +1170,7 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        if self.id.is_none() {
-            return;
-        }
-        let (cancel, others, orphaned) = {
-            let mut st = self.flight.state.lock();
-            let cancel = leave(&mut self.id, &mut st);
-            // We may have consumed a wake-up meant to get the load polled: pass it on.
-            let others: Vec<Waker> = st.wakers.iter().map(|(_, w)| w.clone()).collect();
-            (cancel, others, st.orphaned_ticket())
-        };
-        // Dropped with no lock held: a permit granted to it goes to the next in the queue.
-        drop(orphaned);
-        // Nobody wants the shared load any more: it ends unpublished, abandoned (and counted
-        // so), unless a caller joined it meanwhile (it then drives it; whoever ends it counts).
-        if !(cancel && self.cache.cancel_shared(self.hash, &self.flight)) {
-            for w in others {
-                w.wake();
-            }
-        }
+        self.leave_driver();
+        leave_flight(self.cache, self.hash, &self.flight, &mut self.id);
     }
 }
