@@ -993,6 +993,23 @@ where
             st.parents.retain(|(i, _)| *i != id);
             if let Some(p) = &parent {
                 st.parents.push((id, p.clone()));
+                // Only callers nested in other loads may wait for it now (its outer callers
+                // left before this one came): its claim to a permit goes (see
+                // `State::orphaned_ticket`; a place in the queue granted later would be
+                // collected by nobody), and the loop looks again. Only if the poll this
+                // caller is in holds a permit of this cache: a load of another cache (same
+                // types) is no cover, and the load would queue again at every poll.
+                if let Some(claim) = this
+                    .cache
+                    .holds_permit()
+                    .then(|| st.orphaned_ticket())
+                    .flatten()
+                    .filter(|c| !matches!(c, PermitClaim::Idle))
+                {
+                    drop(st);
+                    drop(claim);
+                    continue;
+                }
             }
             if st.polling {
                 // Its poller may be queued for a permit this caller holds (and waits for the

@@ -8,8 +8,12 @@
 //! where every task waits (a deadlock). It found one: a nested shared load that kept the permit
 //! it had been granted for an outer caller since dropped, while its only remaining callers,
 //! inside another load's polls, waited for that permit (`SHUTTLE_OBSERVE=1` reports a stalled
-//! schedule's plan and loads instead of shuttle's bare "deadlock"). With blocking callers
-//! added, it found two more (see `nested_loads_with_blocking_callers_under_a_limit`).
+//! schedule's plan and loads instead of shuttle's bare "deadlock"; `SHUTTLE_PLAN=1` with
+//! `SHUTTLE_RANDOM_SEED` and `--nocapture` prints a replayed schedule's plan). With blocking
+//! callers added, it found two more (see `nested_loads_with_blocking_callers_under_a_limit`);
+//! then, about once in a million schedules, a fourth: a shared load whose outer callers had all
+//! left kept its place in the queue once a nested caller came, and the permit granted to it
+//! was collected by nobody.
 //!
 //! ```text
 //! RUSTFLAGS="--cfg shuttle" cargo test --release --test shuttle_cache
@@ -326,6 +330,9 @@ fn nested_loads_model(blocking: bool) {
                     }
                     done.fetch_add(1, Ordering::SeqCst);
                 }));
+            }
+            if std::env::var_os("SHUTTLE_PLAN").is_some() {
+                eprintln!("plan:\n{}", plan.join("\n"));
             }
             // Diagnosis: with SHUTTLE_OBSERVE set, a task that yields a while, then reports
             // the plan and the loads if the others are not done (instead of shuttle's bare
