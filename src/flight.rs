@@ -57,6 +57,9 @@ pub(crate) struct State<K, V> {
     /// The key, owned, for whoever publishes an async load's value (a sync leader keeps its
     /// own).
     pub(crate) key: Option<K>,
+    /// The key's hash, set with `key` (for a caller that drives this load without the key:
+    /// see `Wait::drive_under_permit`; no user code runs to get it under this lock).
+    pub(crate) hash: u64,
     /// The shared load of an async flight; `None` while being polled, and for sync flights.
     pub(crate) future: Option<LoadFuture<V>>,
     pub(crate) polling: bool,
@@ -111,6 +114,42 @@ impl<K, V> State<K, V> {
         self.ticket
             .as_ref()
             .map(|t| std::mem::replace(&mut *t.lock(), crate::load_async::PermitClaim::Idle))
+    }
+
+    /// Registers an async caller (`id`, `None` until its first registration, which counts
+    /// its interest) with `waker`, keeping a registered caller's waker up to date, and notes
+    /// `parent`, the shared load whose poll it waits in, if any. Returns its id.
+    pub(crate) fn register(
+        &mut self,
+        id: &mut Option<u64>,
+        waker: &Waker,
+        parent: Option<&Weak<Flight<K, V>>>,
+    ) -> u64 {
+        let me = match *id {
+            None => {
+                let me = self.next_id;
+                self.next_id += 1;
+                self.interested += 1;
+                self.wakers.push((me, waker.clone()));
+                *id = Some(me);
+                me
+            }
+            Some(me) => {
+                if let Some((_, w)) = self.wakers.iter_mut().find(|(i, _)| *i == me) {
+                    if !w.will_wake(waker) {
+                        *w = waker.clone();
+                    }
+                } else {
+                    self.wakers.push((me, waker.clone()));
+                }
+                me
+            }
+        };
+        self.parents.retain(|(i, _)| *i != me);
+        if let Some(p) = parent {
+            self.parents.push((me, p.clone()));
+        }
+        me
     }
 
     /// A permit of `lenders` for a poll about to run (the newest free one; see
@@ -175,6 +214,7 @@ impl<K, V> Flight<K, V> {
             state: Mutex::new(State {
                 phase: Phase::Running,
                 key: None,
+                hash: 0,
                 future: None,
                 polling: false,
                 woken: false,
@@ -267,11 +307,13 @@ impl<K, V> Flight<K, V> {
     pub(crate) fn set_shared_load(
         &self,
         key: Option<K>,
+        hash: u64,
         future: LoadFuture<V>,
         ticket: crate::load_async::TicketSlot,
     ) {
         let mut st = self.state.lock();
         st.key = key;
+        st.hash = hash;
         st.future = Some(future);
         st.ticket = Some(ticket);
         st.interested += 1;

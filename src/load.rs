@@ -718,7 +718,7 @@ where
         let keep = || {
             if can_lead {
                 if let Some((fut, _, ticket)) = future.take() {
-                    f.set_shared_load(owned, fut, ticket);
+                    f.set_shared_load(owned, hash, fut, ticket);
                 }
             }
             // Registered for a caller that cannot lead: taken back.

@@ -970,29 +970,8 @@ where
                 }
                 Phase::Running => {}
             }
-            let id = match this.id {
-                None => {
-                    let id = st.next_id;
-                    st.next_id += 1;
-                    st.interested += 1;
-                    st.wakers.push((id, cx.waker().clone()));
-                    this.id = Some(id);
-                    id
-                }
-                Some(id) => {
-                    if let Some((_, w)) = st.wakers.iter_mut().find(|(i, _)| *i == id) {
-                        if !w.will_wake(cx.waker()) {
-                            *w = cx.waker().clone();
-                        }
-                    } else {
-                        st.wakers.push((id, cx.waker().clone()));
-                    }
-                    id
-                }
-            };
-            st.parents.retain(|(i, _)| *i != id);
-            if let Some(p) = &parent {
-                st.parents.push((id, p.clone()));
+            st.register(&mut this.id, cx.waker(), parent.as_ref());
+            if parent.is_some() {
                 // Only callers nested in other loads may wait for it now (its outer callers
                 // left before this one came): its claim to a permit goes (see
                 // `State::orphaned_ticket`; a place in the queue granted later would be
@@ -1071,12 +1050,8 @@ where
             .is_some_and(|(q, _, _)| Arc::ptr_eq(q, &p))
         {
             self.leave_driver();
-            let Some(key) = p.state.lock().key.clone() else {
-                return false;
-            };
-            // The key's `Hash` (user code), with no lock held.
-            let hash = self.cache.hash(&key);
-            drop(key);
+            // Its hash, kept with its key: no user code (`Clone`, `Hash`) runs for it here.
+            let hash = p.state.lock().hash;
             self.drive = Some((p, hash, None));
         }
         let Some((p, hash, id)) = self.drive.as_mut() else {
@@ -1088,28 +1063,7 @@ where
             drop(st);
             return !self.flight.is_running();
         }
-        let me = match *id {
-            Some(me) => {
-                if let Some((_, w)) = st.wakers.iter_mut().find(|(i, _)| *i == me) {
-                    if !w.will_wake(cx.waker()) {
-                        *w = cx.waker().clone();
-                    }
-                }
-                me
-            }
-            None => {
-                let me = st.next_id;
-                st.next_id += 1;
-                st.interested += 1;
-                st.wakers.push((me, cx.waker().clone()));
-                *id = Some(me);
-                me
-            }
-        };
-        st.parents.retain(|(i, _)| *i != me);
-        if let Some(parent) = parent {
-            st.parents.push((me, parent.clone()));
-        }
+        st.register(id, cx.waker(), parent);
         if st.polling {
             // Its poller wakes every caller once its poll ends (this one included).
             st.woken = true;
