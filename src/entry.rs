@@ -347,6 +347,10 @@ where
                 break;
             }
         }
+        // The keys' `Drop` (user code) runs before the result is handed over: a panic there
+        // then drops the values found too, where one while returning would leak them
+        // (rust-lang/rust#47949).
+        drop((ledgers, keys));
         found
     }
 

@@ -167,6 +167,21 @@ impl<K, V> State<K, V> {
     }
 }
 
+/// Drops `v`, whose `Drop` is user code (a key, a shared load's future), then runs `then`
+/// whatever that `Drop` did: what must happen after the drop (a flight resolved, its callers
+/// woken) happens even if it panics. Its panic goes on after `then`; while another panic
+/// already unwinds, it is dropped (a second panic would abort the process).
+pub(crate) fn drop_then<T, R>(v: T, then: impl FnOnce() -> R) -> R {
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v)));
+    let r = then();
+    if let Err(p) = dropped {
+        if !std::thread::panicking() {
+            std::panic::resume_unwind(p);
+        }
+    }
+    r
+}
+
 /// A permit lent by a blocking caller waiting for a flight: that flight, and the permit.
 pub(crate) type Lent<K, V> = (Arc<Flight<K, V>>, Arc<Permit>);
 
@@ -351,11 +366,6 @@ impl<K, V> Flight<K, V> {
         Arc::as_ptr(self) as *const () as usize
     }
 
-    /// Wakes the blocking waiters (after the phase was changed under the lock).
-    pub(crate) fn notify(&self) {
-        self.cond.notify_all();
-    }
-
     /// The outcome, if the flight has ended with one.
     pub(crate) fn done(&self) -> Option<Arc<Outcome<V>>> {
         match &self.state.lock().phase {
@@ -382,13 +392,19 @@ impl<K, V> Flight<K, V> {
             (std::mem::take(&mut st.wakers), future)
         };
         // A shared future, dropped with no lock held and before anyone wakes: one that never
-        // started gives its caller's `init` back first (`load_async_core`).
-        drop(old);
+        // started gives its caller's `init` back first (`load_async_core`). Its `Drop` is user
+        // code: everyone is woken whatever it does.
+        drop_then(old, || self.wake_all(wakers));
+        true
+    }
+
+    /// Wakes every caller: the blocking ones, and the async ones whose `wakers` were taken
+    /// when the flight ended.
+    pub(crate) fn wake_all(&self, wakers: Vec<(u64, Waker)>) {
         self.cond.notify_all();
         for (_, w) in wakers {
             w.wake();
         }
-        true
     }
 
     /// Waits (blocking, never polling) until the flight ends or `until` passes.

@@ -1,7 +1,7 @@
 //! Fault-injection sweep (issue 11): every piece of user code the cache calls — the key's
-//! `Hash`/`Eq`/`Clone`, the value's `Clone`/`Drop`, the weigher, the three `Expiry` callbacks,
+//! `Hash`/`Eq`/`Clone`/`Drop`, the value's `Clone`/`Drop`, the weigher, the three `Expiry` callbacks,
 //! the eviction listener, `init` closures (`get_with`, `try_get_with`, `get_all`), the builder's
-//! loader and async loader, `init` futures, the spawner, the future spawner, `retain` predicates
+//! loader and async loader, `init` futures (and their `Drop`), the spawner, the future spawner, `retain` predicates
 //! and compute closures — fails at its N-th call: it panics, or, for the spawners, drops the job
 //! (or future) without running it. For each kind of fault, N is swept from 1 until a run of the
 //! script completes without the fault being injected, in four configurations: with and without
@@ -51,6 +51,7 @@ enum Kind {
     KeyHash,
     KeyEq,
     KeyClone,
+    KeyDrop,
     ValClone,
     ValDrop,
     Weigher,
@@ -62,16 +63,18 @@ enum Kind {
     Loader,
     AsyncInit,
     AsyncLoader,
+    FutureDrop,
     Spawner,
     FutureSpawner,
     Retain,
     Compute,
 }
 
-const KINDS: [Kind; 18] = [
+const KINDS: [Kind; 20] = [
     Kind::KeyHash,
     Kind::KeyEq,
     Kind::KeyClone,
+    Kind::KeyDrop,
     Kind::ValClone,
     Kind::ValDrop,
     Kind::Weigher,
@@ -83,6 +86,7 @@ const KINDS: [Kind; 18] = [
     Kind::Loader,
     Kind::AsyncInit,
     Kind::AsyncLoader,
+    Kind::FutureDrop,
     Kind::Spawner,
     Kind::FutureSpawner,
     Kind::Retain,
@@ -186,6 +190,12 @@ impl Clone for K {
     }
 }
 
+impl Drop for K {
+    fn drop(&mut self) {
+        hook(self.case, Kind::KeyDrop);
+    }
+}
+
 /// A value that counts its live instances (per case).
 struct V {
     v: u64,
@@ -221,6 +231,36 @@ impl Drop for V {
     fn drop(&mut self) {
         self.live.fetch_sub(1, SeqCst);
         hook(self.case, Kind::ValDrop);
+    }
+}
+
+/// An `init` future (or an async loader's) whose `Drop` is user code with a hook: it runs
+/// when the load ends, or when it is cancelled or given back.
+struct DropHook<F> {
+    fut: std::pin::Pin<Box<F>>,
+    case: u64,
+}
+
+fn drop_hook<F: std::future::Future>(case: u64, fut: F) -> DropHook<F> {
+    DropHook {
+        fut: Box::pin(fut),
+        case,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for DropHook<F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+impl<F> Drop for DropHook<F> {
+    fn drop(&mut self) {
+        hook(self.case, Kind::FutureDrop);
     }
 }
 
@@ -291,11 +331,11 @@ fn build(case: u64, cfg: Config, live: &Arc<AtomicI64>, clock: &ManualClock) -> 
         })
         .async_loader(move |k: &K| {
             let v = V::new(200 + u64::from(k.id), case, &l2);
-            async move {
+            drop_hook(case, async move {
                 Yield(1).await;
                 hook(case, Kind::AsyncLoader);
                 Ok::<_, BoxError>(v)
-            }
+            })
         })
         .spawner(move |job| {
             if !fires(case, Kind::Spawner) {
@@ -363,11 +403,14 @@ fn script(c: &Cache<K, V>, clock: &ManualClock, case: u64, live: &Arc<AtomicI64>
     op(|| c.invalidate(&k(2)));
     op(|| {
         let val = v(22);
-        futures::executor::block_on(c.get_with_async(k(2), async move {
-            Yield(1).await;
-            hook(case, Kind::AsyncInit);
-            val
-        }))
+        futures::executor::block_on(c.get_with_async(
+            k(2),
+            drop_hook(case, async move {
+                Yield(1).await;
+                hook(case, Kind::AsyncInit);
+                val
+            }),
+        ))
     });
     op(|| {
         c.entry(k(1)).and_compute_with(|e| {
@@ -493,11 +536,11 @@ fn more_entry_points(c: &Cache<K, V>, case: u64, live: &Arc<AtomicI64>) {
     };
     let async_init = |x: u64| {
         let val = v(x);
-        async move {
+        drop_hook(case, async move {
             Yield(1).await;
             hook(case, Kind::AsyncInit);
             val
-        }
+        })
     };
     op(|| c.remove(&k(4)));
     op(|| c.contains_key(&k(1)));
@@ -711,11 +754,12 @@ fn run_case(case: u64, kind: Kind, n: u64, cfg: Config) -> Outcome {
         Some(Ok(bad)) => bad,
     };
     let left = live.load(SeqCst);
-    // A value whose `Drop` panics while a function returns another value leaks that returned
-    // value: Rust drops locals before the return value is handed over and does not drop the
-    // return value when a local's destructor panics (rust-lang/rust#47949). One leaked instance
-    // under a `Drop` fault is that, not the cache.
-    let tolerated = i64::from(kind == Kind::ValDrop && injected);
+    // A value (key, future) whose `Drop` panics while a function returns another value leaks that
+    // returned value: Rust drops locals before the return value is handed over and does not
+    // drop the return value when a local's destructor panics (rust-lang/rust#47949). One
+    // leaked instance under a `Drop` fault is that, not the cache.
+    let tolerated =
+        i64::from(matches!(kind, Kind::ValDrop | Kind::KeyDrop | Kind::FutureDrop) && injected);
     if left == 1 && tolerated == 1 {
         TOLERATED_LEAKS.fetch_add(1, SeqCst);
     }

@@ -6,7 +6,7 @@
 
 use super::Cache;
 use crate::flight::FlightClaim;
-use crate::flight::{Flight, Phase};
+use crate::flight::{drop_then, Flight, Phase};
 use crate::removal::Removals;
 use crate::shard::Shard;
 use std::hash::{BuildHasher, Hash};
@@ -250,11 +250,9 @@ where
             self.count(crate::stats::Counter::LoadAbandoned);
             (st.future.take(), key, std::mem::take(&mut st.wakers))
         };
-        drop((future, key)); // outside the locks, before anyone wakes (see `Flight::resolve`)
-        flight.notify();
-        for (_, w) in wakers {
-            w.wake();
-        }
+        // Outside the locks, before anyone wakes (see `Flight::resolve`); their `Drop` is
+        // user code: everyone is woken whatever it does.
+        drop_then((future, key), || flight.wake_all(wakers));
         true
     }
 
@@ -291,8 +289,8 @@ where
             }
             key
         };
-        drop(key); // outside the lock
-        flight.resolve(phase);
+        // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
+        drop_then(key, || flight.resolve(phase));
     }
 
     /// Runs `f`, which calls the key's `Eq` (user code) while a flight ends: a panic of it is

@@ -1,0 +1,315 @@
+#![cfg(not(any(loom, shuttle)))]
+//! Outside attack (public API only, plus the `validate` / `loads_in_flight` test hooks): user
+//! `Drop`s that panic while a load ends *and other callers wait for it*. `faults.rs` sweeps a
+//! panic at every call into user code, but from one thread: a load that ends unresolved with
+//! nobody waiting for it shows nothing there. Here each case has waiters (blocking and async)
+//! parked on the load when the fault fires, and checks that every one of them returns.
+//!
+//! - The key's `Drop`, panicking at its N-th drop after the load started (N swept until a case
+//!   runs with no fault fired), for loads that succeed, fail and panic.
+//! - The `Drop` of a shared async load's `init` future, panicking when the load is cancelled
+//!   (every async caller gone, a blocking caller still waiting) or superseded.
+//!
+//! After each case, disarmed: every caller returned within the deadline, no load is left in
+//! flight, a fresh `get_with` of the key loads, `validate()` passes.
+
+mod common;
+
+use common::{quiet_injected_panics, start, watchdog};
+use herdcache::Cache;
+use std::hash::{Hash, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Serialises the cases: the fault switch is global.
+static CASE_LOCK: Mutex<()> = Mutex::new(());
+/// The key drop that panics (1-based, counted from arming), 0: none.
+static DROP_TARGET: AtomicU64 = AtomicU64::new(0);
+static DROPS: AtomicU64 = AtomicU64::new(0);
+static FIRED: AtomicBool = AtomicBool::new(false);
+
+/// A key whose `Drop` panics at the armed drop of key 7 (never while unwinding: a second panic
+/// would abort, as for any container).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PKey(u32);
+
+impl Hash for PKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+    }
+}
+
+impl Drop for PKey {
+    fn drop(&mut self) {
+        if self.0 != 7 || std::thread::panicking() {
+            return;
+        }
+        let target = DROP_TARGET.load(SeqCst);
+        if target != 0 && DROPS.fetch_add(1, SeqCst) + 1 == target {
+            FIRED.store(true, SeqCst);
+            panic!("injected: key drop");
+        }
+    }
+}
+
+fn arm_key_drop(n: u64) {
+    DROPS.store(0, SeqCst);
+    FIRED.store(false, SeqCst);
+    DROP_TARGET.store(n, SeqCst);
+}
+
+fn disarm() {
+    DROP_TARGET.store(0, SeqCst);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ends {
+    Value,
+    Error,
+    Panic,
+}
+
+/// After a case: disarmed, nothing in flight, the key loads afresh, the cache is consistent.
+fn after(cache: &Cache<PKey, u64>, what: &str) {
+    disarm();
+    for _ in 0..500 {
+        if cache.loads_in_flight() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(cache.loads_in_flight(), 0, "{what}: a load left in flight");
+    cache.invalidate(&PKey(7));
+    let c = cache.clone();
+    let v = start(move || c.get_with(PKey(7), || 4242))
+        .wait(DEADLINE)
+        .unwrap_or_else(|| panic!("{what}: a fresh load of the key hangs"))
+        .unwrap_or_else(|_| panic!("{what}: a fresh load of the key panicked"));
+    assert_eq!(v, 4242, "{what}");
+    cache.validate();
+}
+
+/// A sync leader (loader ends as `ends`), a blocking waiter (`get_with`), a blocking waiter
+/// (`try_get_with`) and an async waiter; the key's N-th drop after the waiters joined panics.
+/// Returns whether the fault fired.
+fn sync_case(ends: Ends, n: u64, rt: &tokio::runtime::Runtime) -> bool {
+    let what = format!("sync leader ending {ends:?}, key drop {n} panics");
+    let cache: Cache<PKey, u64> = Cache::builder().max_capacity(100).build();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, in_rx) = std::sync::mpsc::channel::<()>();
+    let c = cache.clone();
+    let leader = start(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            c.try_get_with(PKey(7), || {
+                in_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                match ends {
+                    Ends::Value => Ok(70),
+                    Ends::Error => Err("down"),
+                    Ends::Panic => panic!("injected: loader"),
+                }
+            })
+        }))
+        .map(|r| r.ok())
+    });
+    in_rx.recv().unwrap();
+    let c = cache.clone();
+    let w1 = start(move || c.get_with(PKey(7), || 71));
+    let c = cache.clone();
+    let w2 = start(move || c.try_get_with(PKey(7), || Ok::<_, &str>(72)).ok());
+    let c = cache.clone();
+    let w3 = rt.spawn(async move { c.get_with_async(PKey(7), async { 73 }).await });
+    // Let the waiters join the load (whether they have or not, none may hang).
+    std::thread::sleep(Duration::from_millis(30));
+    arm_key_drop(n);
+    go_tx.send(()).unwrap();
+    let l = leader.wait(DEADLINE);
+    assert!(l.is_some(), "{what}: the leader hangs");
+    let r1 = w1.wait(DEADLINE);
+    assert!(r1.is_some(), "{what}: a blocking waiter (get_with) hangs");
+    let r2 = w2.wait(DEADLINE);
+    assert!(
+        r2.is_some(),
+        "{what}: a blocking waiter (try_get_with) hangs"
+    );
+    let r3 = rt.block_on(async { tokio::time::timeout(DEADLINE, w3).await });
+    assert!(r3.is_ok(), "{what}: an async waiter hangs");
+    let fired = FIRED.load(SeqCst);
+    after(&cache, &what);
+    fired
+}
+
+#[test]
+fn key_drop_panics_while_callers_wait_for_a_sync_load() {
+    let _l = CASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = watchdog(Duration::from_secs(240), "attack_s54 key drop, sync");
+    quiet_injected_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    for ends in [Ends::Value, Ends::Error, Ends::Panic] {
+        let mut n = 1;
+        while sync_case(ends, n, &rt) {
+            n += 1;
+            assert!(n < 64, "the sweep does not end");
+        }
+        assert!(
+            n > 1,
+            "{ends:?}: no key drop fired (the sweep tests nothing)"
+        );
+    }
+}
+
+/// An async leader (`get_with_async`) whose `init` never finishes is cancelled (a timeout)
+/// while a blocking caller and an async caller wait for its load; the key's N-th drop after
+/// they joined panics.
+fn cancelled_leader_case(n: u64, rt: &tokio::runtime::Runtime) -> bool {
+    let what = format!("async leader cancelled, key drop {n} panics");
+    let cache: Cache<PKey, u64> = Cache::builder().max_capacity(100).build();
+    let c = cache.clone();
+    let leader = rt.spawn(async move {
+        let f = c.get_with_async(PKey(7), std::future::pending::<u64>());
+        tokio::time::timeout(Duration::from_millis(100), f).await
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let c = cache.clone();
+    let w1 = start(move || c.get_with(PKey(7), || 71));
+    let c = cache.clone();
+    let w2 = rt.spawn(async move { c.get_with_async(PKey(7), async { 72 }).await });
+    std::thread::sleep(Duration::from_millis(20));
+    arm_key_drop(n);
+    let l = rt.block_on(async { tokio::time::timeout(DEADLINE, leader).await });
+    assert!(l.is_ok(), "{what}: the leader hangs");
+    let r1 = w1.wait(DEADLINE);
+    assert!(r1.is_some(), "{what}: a blocking waiter hangs");
+    let r2 = rt.block_on(async { tokio::time::timeout(DEADLINE, w2).await });
+    assert!(r2.is_ok(), "{what}: an async waiter hangs");
+    let fired = FIRED.load(SeqCst);
+    after(&cache, &what);
+    fired
+}
+
+#[test]
+fn key_drop_panics_while_callers_wait_for_a_cancelled_load() {
+    let _l = CASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = watchdog(Duration::from_secs(240), "attack_s54 key drop, cancelled");
+    quiet_injected_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut n = 1;
+    while cancelled_leader_case(n, &rt) {
+        n += 1;
+        assert!(n < 64, "the sweep does not end");
+    }
+    assert!(n > 1, "no key drop fired (the sweep tests nothing)");
+}
+
+/// A future whose `Drop` panics if armed, pending until `release` is set.
+struct BombFuture {
+    armed: Arc<AtomicBool>,
+    dropped: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+    value: u64,
+}
+
+impl std::future::Future for BombFuture {
+    type Output = u64;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<u64> {
+        if self.release.load(SeqCst) {
+            return std::task::Poll::Ready(self.value);
+        }
+        // Polled again soon (no lost wake-up: the test releases it or drops it).
+        let w = cx.waker().clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            w.wake();
+        });
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for BombFuture {
+    fn drop(&mut self) {
+        self.dropped.store(true, SeqCst);
+        if self.armed.swap(false, SeqCst) && !std::thread::panicking() {
+            panic!("injected: init future drop");
+        }
+    }
+}
+
+/// A shared async load whose `init` never finishes; its async callers give up (a timeout), a
+/// blocking caller still waits: the load is cancelled and its `init`'s drop panics. The
+/// blocking caller must not hang (it loads itself), and the key must load afresh.
+#[test]
+fn init_future_drop_panics_when_a_shared_load_is_cancelled() {
+    let _l = CASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = watchdog(Duration::from_secs(120), "attack_s54 future drop");
+    quiet_injected_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let bombs: &[bool] = if std::env::var("S54_NO_BOMB").is_ok() {
+        &[false]
+    } else {
+        &[true]
+    };
+    // Three rounds of each: which caller ends the load is up to the scheduler.
+    let limits = [false, true, false, true, false, true];
+    for (&limited, &bomb) in limits.iter().zip(bombs.iter().cycle()) {
+        let what = format!("shared load cancelled, limit {limited}, drop panics {bomb}");
+        let mut b = Cache::builder().max_capacity(100);
+        if limited {
+            b = b.max_concurrent_loads(1);
+        }
+        let cache: Cache<PKey, u64> = b.build();
+        let armed = Arc::new(AtomicBool::new(bomb));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let c = cache.clone();
+            let (a, d, r) = (armed.clone(), dropped.clone(), release.clone());
+            tasks.push(rt.spawn(async move {
+                let f = c.get_with_async_shared(
+                    PKey(7),
+                    BombFuture {
+                        armed: a,
+                        dropped: d,
+                        release: r,
+                        value: 1,
+                    },
+                );
+                tokio::time::timeout(Duration::from_millis(150), f).await
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let c = cache.clone();
+        let blocking = start(move || c.get_with(PKey(7), || 2));
+        for t in tasks {
+            // The task that drops the load last may carry the injected panic.
+            let r = rt.block_on(async { tokio::time::timeout(DEADLINE, t).await });
+            assert!(r.is_ok(), "{what}: an async caller hangs");
+        }
+        let r = blocking.wait(DEADLINE);
+        assert!(r.is_some(), "{what}: the blocking caller hangs");
+        assert!(
+            dropped.load(SeqCst),
+            "{what}: the init future was not dropped (the case tests nothing)"
+        );
+        after(&cache, &what);
+    }
+}
