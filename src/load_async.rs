@@ -373,9 +373,16 @@ where
     ///
     /// Dropping the returned future unregisters it from the load (nothing is left behind); if
     /// it was the last async caller interested in that load, the load is cancelled and the key
-    /// is not cached. Other callers are unaffected.
+    /// is not cached. Other callers are unaffected. A cancelled load's future (with `init`) is
+    /// dropped, in that caller's drop, before the key can load again: no two loads of a key
+    /// overlap, a cancelled one included; a caller of the key that comes meanwhile waits
+    /// for the drop, then loads.
     ///
     /// # Panics
+    ///
+    /// If `init`'s `Drop` panics (a cancelled load's, in the drop of the caller that cancelled
+    /// it; the key's other callers are released first), or asks this cache for the same key
+    /// (it is still that key's load).
     ///
     /// If the load panics, in the caller that was polling it at the time (usually the leader);
     /// the others load again with their own `init`. The caller whose `init` it was, when

@@ -313,3 +313,72 @@ fn init_future_drop_panics_when_a_shared_load_is_cancelled() {
         after(&cache, &what);
     }
 }
+
+/// A future whose `Drop` asks the cache for its own key (blocking) when it was not finished.
+struct ReentrantDrop {
+    cache: Cache<PKey, u64>,
+    asked: Arc<AtomicU64>,
+}
+
+impl std::future::Future for ReentrantDrop {
+    type Output = u64;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<u64> {
+        std::task::Poll::Pending // never finishes: the only way out is to be dropped
+    }
+}
+
+impl Drop for ReentrantDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // 0: not asked; 1: asked and answered; 2: asked, and the call panicked.
+        let r = catch_unwind(AssertUnwindSafe(|| self.cache.get_with(PKey(7), || 8)));
+        self.asked.store(if r.is_ok() { 1 } else { 2 }, SeqCst);
+    }
+}
+
+/// The `init` of a shared load, cancelled (its only caller times out), asks the cache for its
+/// own key in its `Drop`: it must neither deadlock (waiting for the load it is the end of) nor
+/// strand the key.
+#[test]
+fn init_future_drop_that_loads_its_own_key() {
+    let _l = CASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = watchdog(Duration::from_secs(60), "attack_s54 reentrant drop");
+    quiet_injected_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let cache: Cache<PKey, u64> = Cache::builder().max_capacity(100).build();
+    let asked = Arc::new(AtomicU64::new(0));
+    let (c, a) = (cache.clone(), asked.clone());
+    let task = rt.spawn(async move {
+        let init = ReentrantDrop {
+            cache: c.clone(),
+            asked: a,
+        };
+        tokio::time::timeout(
+            Duration::from_millis(50),
+            c.get_with_async_shared(PKey(7), init),
+        )
+        .await
+    });
+    let r = rt.block_on(async { tokio::time::timeout(DEADLINE, task).await });
+    assert!(r.is_ok(), "the cancelled load's Drop deadlocked");
+    // Documented (`get_with_async_shared`): the cancelled load is still the key's while its
+    // `init` is dropped, so asking for the key there is a load asking for its own key.
+    assert_eq!(
+        asked.load(SeqCst),
+        2,
+        "the Drop's get_with of its own key should panic (0: not dropped, 1: answered)"
+    );
+    after(
+        &cache,
+        "a cancelled init that loads its own key in its Drop",
+    );
+}

@@ -219,15 +219,22 @@ where
         self.end_flight(hash, flight, retry_refresh, Phase::Abandoned, failed_load);
     }
 
-    /// Cancels a shared async load nobody wants any more: the check that nobody is interested
-    /// and nobody polls it, and the unregistration, happen under the shard lock and the
-    /// flight's lock together, so a caller that joined meanwhile (and may be driving the load)
-    /// keeps the flight alive. Returns whether the load was cancelled; only then is it counted
+    /// Cancels a shared async load nobody wants any more. The check that nobody is interested
+    /// and nobody polls it happens under the flight's lock, where callers register their
+    /// interest, so a caller that joined meanwhile (and may be driving the load) keeps it
+    /// alive. Returns whether the load was cancelled; only then is it counted
     /// (`LoadAbandoned`, before anyone wakes), and, with fail-safe, its key's old value is
     /// served for a backoff: otherwise whoever ends it counts it, once.
+    ///
+    /// Its future (the caller's `init`, user code) is dropped *before* the flight is
+    /// unregistered, with no lock held: a caller of the key that comes meanwhile joins this
+    /// flight and loads again once it is abandoned, so no second load of the key starts while
+    /// the cancelled one is still being dropped (single flight holds for cancelled loads too;
+    /// `attack_s53`'s checker saw the two overlap). Marked as this thread's load during the
+    /// drop: a `Drop` that asks the cache for this very key panics (as a loader that does)
+    /// instead of waiting for itself.
     pub(crate) fn cancel_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>) -> bool {
-        let (future, key, wakers) = {
-            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        let future = {
             let mut st = flight.state.lock();
             if !matches!(st.phase, Phase::Running) || st.interested > 0 || st.polling {
                 return false;
@@ -237,6 +244,24 @@ where
             if !flight.give_up() {
                 return false;
             }
+            // Nobody polls or cancels it from here on: a caller that joins registers and waits
+            // for it to be abandoned.
+            st.polling = true;
+            st.future.take()
+        };
+        let running = crate::flight::enter(flight);
+        drop_then(future, || {
+            drop(running);
+            self.finish_cancel(hash, flight);
+        });
+        true
+    }
+
+    /// The rest of [`cancel_shared`](Self::cancel_shared), once the load's future is gone:
+    /// unregisters the flight and resolves it as abandoned.
+    fn finish_cancel(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
+        let (key, wakers) = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let key = s.flights().remove(hash, flight);
             if let Some(k) = &key {
                 // A load nobody waits for any more failed, as an abandoned leader's: with
@@ -246,14 +271,15 @@ where
                     self.fail_safe_abandoned(&s, hash, k);
                 });
             }
+            let mut st = flight.state.lock();
+            st.polling = false;
             st.phase = Phase::Abandoned;
             self.count(crate::stats::Counter::LoadAbandoned);
-            (st.future.take(), key, std::mem::take(&mut st.wakers))
+            (key, std::mem::take(&mut st.wakers))
         };
-        // Outside the locks, before anyone wakes (see `Flight::resolve`); their `Drop` is
-        // user code: everyone is woken whatever it does.
-        drop_then((future, key), || flight.wake_all(wakers));
-        true
+        // Outside the locks, before anyone wakes; the key's `Drop` is user code: everyone is
+        // woken whatever it does.
+        drop_then(key, || flight.wake_all(wakers));
     }
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:
