@@ -629,11 +629,11 @@ pub(crate) fn take_publish_cap() -> Option<u64> {
 pub(crate) struct Running(usize);
 
 /// An entry of [`RUNNING`]: the flight's address, the flight, and for a shared load's poll
-/// the flight again, as `Any` (see [`polled_parent`]).
+/// the flight again, as `Any`, and its cache's address (see [`polled_parent`]).
 type Run = (
     usize,
     Arc<dyn Supersedable>,
-    Option<Arc<dyn Any + Send + Sync>>,
+    Option<(Arc<dyn Any + Send + Sync>, usize)>,
 );
 
 /// Marks `flight` as run by this thread until the guard drops (recursion detection).
@@ -644,26 +644,33 @@ pub(crate) fn enter<K: 'static, V: 'static>(flight: &Arc<Flight<K, V>>) -> Runni
     Running(id)
 }
 
-/// [`enter`], for a poll of a shared load: async waiters that register during the poll are
-/// nested in it (see [`polled_parent`]).
+/// [`enter`], for a poll of a shared load of the cache `owner` (its address): async waiters
+/// of that cache that register during the poll are nested in it (see [`polled_parent`]).
 pub(crate) fn enter_shared<K: Send + Sync + 'static, V: Send + Sync + 'static>(
     flight: &Arc<Flight<K, V>>,
+    owner: usize,
 ) -> Running {
     let id = flight.id();
     let f: Arc<dyn Supersedable> = Arc::clone(flight) as _;
     let any: Arc<dyn Any + Send + Sync> = Arc::clone(flight) as _;
-    RUNNING.with(|r| r.borrow_mut().push((id, f, Some(any))));
+    RUNNING.with(|r| r.borrow_mut().push((id, f, Some((any, owner)))));
     Running(id)
 }
 
 /// The shared load whose poll this thread is in, if that is the innermost thing it runs (not
 /// a loader or a borrowing leader nested in the poll: those hold a permit of their own), and a
-/// flight of the same types: an async waiter registering now waits inside that load's poll.
+/// load of the cache `owner`: an async waiter of that cache registering now waits inside
+/// that load's poll. A load of another cache (even of the same key and value types) is no
+/// parent: its polls run under no permit of this cache.
 pub(crate) fn polled_parent<K: Send + Sync + 'static, V: Send + Sync + 'static>(
+    owner: usize,
 ) -> Option<Arc<Flight<K, V>>> {
     RUNNING.with(|r| {
         let r = r.borrow();
-        let any = r.last()?.2.as_ref()?;
+        let (any, o) = r.last()?.2.as_ref()?;
+        if *o != owner {
+            return None;
+        }
         Arc::clone(any).downcast::<Flight<K, V>>().ok()
     })
 }

@@ -516,7 +516,7 @@ where
         let lent = lent.unwrap_or_else(|children| flight.lender_below(children, waker));
         // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
         let lead = Lead::new(self, hash, Arc::clone(flight));
-        let running = enter_shared(flight);
+        let running = enter_shared(flight, self.owner());
         let lent = lent.map(|(lender, p)| Flight::lend_poll(lender, p));
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
         drop(lent);
@@ -683,7 +683,7 @@ where
         // dropped before it.
         let _kept = permit
             .as_ref()
-            .zip(polled_parent::<K, V>())
+            .zip(polled_parent::<K, V>(self.owner()))
             .map(|(p, parent)| Kept::new(&parent, p));
         let start = self.stopwatch();
         // Declared after the permit, so dropped before it: a load cancelled mid-way drops its
@@ -734,7 +734,9 @@ where
                 // one and drives its load itself, driving this caller's own load here (a shared
                 // load is joined instead, and polled under the permit).
                 Claim::Join(f) if had_future && self.holds_permit() && f.steal_unshared() => {
-                    if let Some(parent) = polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &f)) {
+                    if let Some(parent) =
+                        polled_parent::<K, V>(self.owner()).filter(|p| !Arc::ptr_eq(p, &f))
+                    {
                         let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&parent))));
                         f.driven_by(&parent, waker);
                     }
@@ -953,7 +955,8 @@ where
         let this = &mut *self;
         // Inside a poll of another shared load (nested in it): that load's polls drive this
         // wait, so a permit lent to this flight may run them (see `Flight::lender_below`).
-        let parent = polled_parent::<K, V>().filter(|p| !Arc::ptr_eq(p, &this.flight));
+        let parent =
+            polled_parent::<K, V>(this.cache.owner()).filter(|p| !Arc::ptr_eq(p, &this.flight));
         if let Some(p) = &parent {
             p.add_child(&this.flight);
         }
