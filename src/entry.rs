@@ -253,7 +253,11 @@ where
                 self.count_lookup(hash, true, true);
                 Ok(v)
             }
-            Some((_, false)) => {
+            Some((rejected, false)) => {
+                // The rejected copy's `Drop` (user code) runs before the miss is counted: if
+                // it panics, the call counts nothing (a miss counted here is settled by the
+                // load that follows, which a panic would skip).
+                drop(rejected);
                 self.count_lookup(hash, false, true);
                 Err((hash, Start::Replace))
             }
@@ -347,10 +351,16 @@ where
                 break;
             }
         }
-        // The keys' `Drop` (user code) runs before the result is handed over: a panic there
-        // then drops the values found too, where one while returning would leak them
+        // Each key's miss is settled (counted) before any key's `Drop` (user code) runs: a
+        // map's drop stops dropping (and leaks) its other entries when one panics, and with
+        // them their ledgers. The keys then drop from a `Vec`, which drops the rest of them
+        // when one panics; and before the result is handed over: a panic there then drops
+        // the values found too, where one while returning would leak them
         // (rust-lang/rust#47949).
-        drop((ledgers, keys));
+        let (ledger_keys, settled): (Vec<K>, Vec<Settle<'_, K, V, S>>) =
+            ledgers.into_iter().unzip();
+        drop(settled);
+        drop((ledger_keys, keys));
         found
     }
 

@@ -821,8 +821,13 @@ where
         value: V,
         took: u64,
     ) -> (bool, Option<Panic>) {
-        let (_, stored, panic) =
+        let (outcome, stored, mut panic) =
             self.publish_as(lead, Some(key), Outcome::Value(value), Some(took));
+        // The last handle on the outcome drops its value (user code): a panic there is
+        // returned too, for the caller to count the outcome first.
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(outcome))) {
+            panic.get_or_insert(p);
+        }
         (stored, panic)
     }
 
@@ -841,9 +846,9 @@ where
     }
 
     /// [`publish`](Self::publish); `took`: the load's duration, `None` for a computation.
-    /// Also returns whether a value was stored, and the eviction listener's first panic (on
-    /// the values the store replaced or evicted, reported after the waiters are released), for
-    /// the caller to resume.
+    /// Also returns whether a value was stored, and the first panic of the eviction listener
+    /// or of a removed value's `Drop` (on the values the store replaced or evicted, reported
+    /// and dropped after the waiters are released), for the caller to resume.
     fn publish_as(
         &self,
         lead: Lead<K, V, S>,
@@ -963,9 +968,13 @@ where
         let outcome = Arc::new(outcome);
         flight.resolve(Phase::Done(Arc::clone(&outcome)));
         // Removed entries are reported (eviction listener) only after the waiters are
-        // released: a panicking listener must not strand them.
-        let panic = self.report(&out);
-        drop(out);
+        // released: a panicking listener must not strand them. The removed values' `Drop`
+        // (user code) may panic too: that panic is returned as the listener's is, so the
+        // caller counts the outcome (a refresh that stored its value succeeded) first.
+        let mut panic = self.report(&out);
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
+            panic.get_or_insert(p);
+        }
         (outcome, stored, panic)
     }
 
@@ -1026,12 +1035,9 @@ where
                 Claim::Hit(r) => return Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
-                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
-                        // Answered by a value another caller stored: no load.
-                        Ok(kept) => {
-                            self.settle_flight(&mut how, Counter::Coalesced);
-                            return Some(accept(&kept).expect("a value"));
-                        }
+                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
+                        // Answered by a value another caller stored: no load (settled).
+                        Ok(kept) => return Some(accept(&kept).expect("a value")),
                         Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");
@@ -1094,11 +1100,15 @@ where
     /// registration on supersedes the load anyway. If `judge` panics, the lead is dropped
     /// (abandoned: its waiters load again); if it loads this key, it panics (recursion).
     /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
+    ///
+    /// Kept, the caller's miss is settled (as coalesced) here, before the flight ends: ending
+    /// it drops the registered key, whose `Drop` (user code) may panic.
     pub(crate) fn judge_again<J: FnMut(&V) -> bool + ?Sized>(
         &self,
         lead: Lead<K, V, S>,
         key: &K,
         judge: Option<&mut J>,
+        how: &mut ClaimMode,
     ) -> Result<Arc<Outcome<V>>, Lead<K, V, S>> {
         let Some(judge) = judge else {
             return Err(lead);
@@ -1114,6 +1124,7 @@ where
             Some((v, true)) => {
                 let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
+                self.settle_flight(how, Counter::Coalesced);
                 self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);
                 Ok(kept)
             }

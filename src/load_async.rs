@@ -12,7 +12,6 @@ use crate::flight::{
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
-use crate::stats::Counter;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -598,12 +597,9 @@ where
                 Claim::Hit(r) => return r,
                 Claim::Lost => unreachable!("a caller with its loader can always lead"),
                 Claim::Lead(lead) => {
-                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut()) {
-                        // Answered by a value another caller stored: no load.
-                        Ok(kept) => {
-                            self.settle_flight(&mut how, Counter::Coalesced);
-                            return accept(&kept).expect("a value");
-                        }
+                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
+                        // Answered by a value another caller stored: no load (settled).
+                        Ok(kept) => return accept(&kept).expect("a value"),
                         Err(lead) => lead,
                     };
                     let f = init.take().expect("a caller leads at most once");

@@ -518,12 +518,10 @@ where
             Lookup::Absent => false,
         };
         drop(guard);
-        if record {
-            self.count_fast(Counter::Miss);
-            self.note_sample(cell, hash, false);
-        }
         // A call that goes on after a miss leaves it to its own write when the listener would
-        // hear the reclaimed entry (see `read_with`).
+        // hear the reclaimed entry (see `read_with`). The miss is counted after the reclaim:
+        // a reclaimed value's `Drop` (user code) that panics then leaves the call uncounted,
+        // where a miss counted first would be left without the load that settles it.
         if (whole || self.inner.listener.is_none()) && (found || maintain) {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(s) = cell.lock.try_write() {
@@ -541,6 +539,10 @@ where
                 });
                 self.report_removals(out);
             }
+        }
+        if record {
+            self.count_fast(Counter::Miss);
+            self.note_sample(cell, hash, false);
         }
         None
     }
