@@ -518,10 +518,16 @@ where
             Lookup::Absent => false,
         };
         drop(guard);
+        // A `get`'s miss is counted before the reclaim below, whose listener or value `Drop`
+        // (user code) may panic: the call did miss. A call that goes on to load counts it
+        // after: a panic there then leaves the call uncounted, where a miss counted first
+        // would be left without the load that settles it.
+        if record && whole {
+            self.count_fast(Counter::Miss);
+            self.note_sample(cell, hash, false);
+        }
         // A call that goes on after a miss leaves it to its own write when the listener would
-        // hear the reclaimed entry (see `read_with`). The miss is counted after the reclaim:
-        // a reclaimed value's `Drop` (user code) that panics then leaves the call uncounted,
-        // where a miss counted first would be left without the load that settles it.
+        // hear the reclaimed entry (see `read_with`).
         if (whole || self.inner.listener.is_none()) && (found || maintain) {
             // An expired entry was seen (or it is time): reclaim, if the lock is free now.
             if let Some(s) = cell.lock.try_write() {
@@ -540,7 +546,7 @@ where
                 self.report_removals(out);
             }
         }
-        if record {
+        if record && !whole {
             self.count_fast(Counter::Miss);
             self.note_sample(cell, hash, false);
         }
