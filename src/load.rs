@@ -520,14 +520,14 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    /// Whether this thread runs under one of this cache's load permits (see
-    /// [`flight::holds_permit`](crate::flight::holds_permit)).
     /// This cache's identity (its shared state's address), for a flight to know which cache's
     /// loads it runs in (see `flight::polled_parent`).
     pub(crate) fn owner(&self) -> usize {
         Arc::as_ptr(&self.inner) as *const () as usize
     }
 
+    /// Whether this thread runs under one of this cache's load permits (see
+    /// [`flight::holds_permit`](crate::flight::holds_permit)).
     pub(crate) fn holds_permit(&self) -> bool {
         crate::flight::holds_permit(self.inner.stampede.limiter.as_ref())
     }
