@@ -859,8 +859,12 @@ where
         let hash = lead.hash;
         if !lead.flight().is_running() || lead.superseded_by_taker() {
             // A shared load that another caller took over (and ended) while it waited for a
-            // permit: nothing of it is published.
+            // permit: nothing of it is published (a refresh's counts as failed).
+            let refresh = lead.refresh;
             let flight = lead.disarm();
+            if refresh {
+                self.count(Counter::RefreshFailed);
+            }
             let outcome = match &flight.state.lock().phase {
                 Phase::Done(o) => Arc::clone(o),
                 _ => Arc::new(outcome),
@@ -964,7 +968,17 @@ where
             }
         }
         drop(failed_key);
+        let refresh = lead.refresh;
         let flight = lead.disarm();
+        // A refresh is counted before anyone wakes: a caller that joined it sees its count
+        // once it has its value (one that lost to a write counts as failed).
+        if refresh {
+            self.count(if stored {
+                Counter::RefreshSucceeded
+            } else {
+                Counter::RefreshFailed
+            });
+        }
         let outcome = Arc::new(outcome);
         flight.resolve(Phase::Done(Arc::clone(&outcome)));
         // Removed entries are reported (eviction listener) only after the waiters are

@@ -191,14 +191,10 @@ where
             self.publish_stored(lead, key, value, took)
         }));
         match stored {
-            Ok((stored, listener_panic)) => {
-                self.count(if stored {
-                    Counter::RefreshSucceeded
-                } else {
-                    Counter::RefreshFailed
-                });
-                // Counted first: the eviction listener's panic (on the value the refresh
-                // replaced) does not leave the refresh uncounted.
+            // Counted by the store (succeeded, or failed if a write won), before the
+            // refresh's callers woke: the eviction listener's panic (or a replaced value's
+            // `Drop`'s) does not leave it uncounted.
+            Ok((_, listener_panic)) => {
                 if let Some(p) = listener_panic {
                     std::panic::resume_unwind(p);
                 }
