@@ -844,7 +844,6 @@ where
         let mut deferred = s.take_panic();
         let evicted = self.evict_in(&mut s, true, out, &mut deferred);
         drop(s);
-        drop(registered);
         if evicted {
             // The policy's configuration matters only when evicting: a write that evicts
             // feeds the selector the shard's pending samples, once the lock is released (no
@@ -855,7 +854,11 @@ where
                 self.evict_elsewhere(i, out, &mut deferred);
             }
         }
-        if let Some(p) = deferred {
+        // The load's registered key goes last, with no lock held: its `Drop` is user code,
+        // and a panic of it must not skip the eviction above (`attack_s56`). The first panic
+        // goes on.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(registered)));
+        if let Some(p) = deferred.or(dropped.err()) {
             std::panic::resume_unwind(p);
         }
         true
