@@ -6,9 +6,9 @@
 
 use crate::cache::Cache;
 use crate::flight::{
-    accept_option, accept_result, accept_value, enter, enter_shared, holds_permit, outcome_of,
-    polled_parent, Flight, FlightWaker, Kept, LoadFuture, Outcome, PermitHeld, Phase, State,
-    Waited,
+    accept_option, accept_result, accept_value, drop_then, enter, enter_shared, holds_permit,
+    outcome_of, polled_parent, Flight, FlightWaker, Kept, LoadFuture, Outcome, PermitHeld, Phase,
+    State, Waited,
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
@@ -485,7 +485,7 @@ where
     /// The caller must hold interest in the flight. A wake-up during the poll reaches every
     /// interested caller, so one of them polls again; nobody loops here.
     fn poll_shared(&self, hash: u64, flight: &Arc<Flight<K, V>>, waker: &Waker) {
-        let (mut fut, lent) = {
+        let (fut, lent) = {
             let mut st = flight.state.lock();
             if st.polling {
                 // Another caller took it to poll since ours looked (see `Wait::poll`): if the
@@ -513,16 +513,20 @@ where
             (fut, lent)
         };
         let lent = lent.unwrap_or_else(|children| flight.lender_below(children, waker));
-        // If the poll panics, the guard abandons the flight (the future is dropped unwinding).
+        // If the poll panics, the guard abandons the flight, after the future is dropped
+        // (bound after it, below: dropped first) with the flight still marked as run here.
+        // (The caller's `init` is gone by then: the load's `async` block drops it unwinding,
+        // inside the poll; `attack_s56` checks no other load of the key starts before.)
         let lead = Lead::new(self, hash, Arc::clone(flight));
         let running = enter_shared(flight, self.owner());
         let lent = lent.map(|(lender, p)| Flight::lend_poll(lender, p));
+        let mut fut = fut;
         let polled = fut.as_mut().poll(&mut Context::from_waker(waker));
         drop(lent);
-        drop(running);
         match polled {
             Poll::Ready((outcome, took)) => {
                 drop(fut);
+                drop(running);
                 flight.state.lock().polling = false;
                 self.publish(lead, None, outcome, took);
             }
@@ -547,11 +551,15 @@ where
                     Vec::new()
                 };
                 drop(st);
-                drop(spare);
-                for w in missed {
-                    w.wake();
-                }
-                drop(lead.disarm()); // still running: nothing to resolve
+                drop(running);
+                // Still running, or ended by another caller: nothing for this lead to resolve,
+                // whatever the spare future's `Drop` (user code) does; the callers are woken.
+                drop(lead.disarm());
+                drop_then(spare, || {
+                    for w in missed {
+                        w.wake();
+                    }
+                });
             }
         }
     }
