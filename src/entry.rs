@@ -149,7 +149,9 @@ where
     /// when the load is claimed (as moka's leader looks again): a value written between the
     /// verdict and the claim is judged, not replaced unseen — kept, it is returned (to the
     /// waiters too) and `init` does not run. A plain `insert` or `invalidate` of the key while
-    /// `init` runs wins: the loaded value is returned but not stored. With
+    /// `init` runs wins: the loaded value is returned but not stored; one that lands between
+    /// the claim and that second look makes the caller claim again (`replace_if` is then asked
+    /// about the new value), so a replacement always replaces the value it was judged on. With
     /// [`fail_safe`](crate::CacheBuilder::fail_safe), within a failed key's retry backoff
     /// the kept stale value answers, unjudged, as it answers `get_with`. A hit that
     /// `replace_if` keeps takes only the read lock. Only a kept value is read (its time to
@@ -550,6 +552,26 @@ where
         }
     }
 
+    /// What a computation that locked `key` (holding `lead`) reads: the key's value as of its
+    /// registration. `None` if a write superseded the registration before the read was
+    /// checked: the value read may then be that write's, which the computation's verdict
+    /// would lose to — a verdict about a value must win over the write that stored it. The
+    /// lead is then released (not counted: no load) and the caller locks the key again.
+    /// (A write after the check supersedes the computation, which then loses, as documented.)
+    fn read_locked(&self, lead: Lead<K, V, S>, key: &K) -> Option<(Lead<K, V, S>, Option<V>)>
+    where
+        V: Clone,
+    {
+        let current = self.read_with(key, lead.hash(), false, V::clone);
+        if !lead.flight().is_superseded() {
+            return Some((lead, current));
+        }
+        // The value's `Drop` (user code) with the lead still held: a panic releases it.
+        drop(current);
+        drop(lead);
+        None
+    }
+
     fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
         let f = Flight::blocking();
         // A computation is not a load waiting for a permit: nobody takes it over.
@@ -798,7 +820,9 @@ where
     /// value. `f` runs with no lock held and may use the cache, except to compute or load this
     /// same key (a recursive load panics). A plain `insert` or `invalidate` of the key while
     /// `f` runs wins over the verdict: a `Put` is returned but not stored, a `Remove` leaves
-    /// the newer value in place.
+    /// the newer value in place. The entry `f` sees is read once the key is locked, and a write
+    /// that lands before that read is read again, so a verdict always applies to the value it
+    /// was given.
     ///
     /// # Panics
     ///
@@ -823,9 +847,13 @@ where
         let cache = self.cache;
         let hash = cache.hash(&self.key);
         // Guarded until the verdict is applied: a panic in `f` (or in a clone) releases the key.
-        let lead = cache.lock_key(hash, &self.key);
+        let (lead, current) = loop {
+            let lead = cache.lock_key(hash, &self.key);
+            if let Some(read) = cache.read_locked(lead, &self.key) {
+                break read;
+            }
+        };
         let running = enter(lead.flight());
-        let current = cache.read_with(&self.key, hash, false, V::clone);
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
@@ -852,8 +880,12 @@ where
         let hash = cache.hash(&self.key);
         // Guarded until the verdict is applied: a panic in `f`, or this future dropped while
         // `f`'s future runs, releases the key.
-        let lead = cache.lock_key_async(hash, &self.key).await;
-        let current = cache.read_with(&self.key, hash, false, V::clone);
+        let (lead, current) = loop {
+            let lead = cache.lock_key_async(hash, &self.key).await;
+            if let Some(read) = cache.read_locked(lead, &self.key) {
+                break read;
+            }
+        };
         let entry = current.clone().map(|value| Entry {
             key: self.key.clone(),
             value,
