@@ -255,12 +255,27 @@ where
     Lost,
 }
 
+/// What a replacing leader's second look ([`Cache::judge_again`]) decided.
+pub(crate) enum Judged<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// A value written since the verdict was kept: the flight ended with it.
+    Kept(Arc<Outcome<V>>),
+    /// Load, with this lead.
+    Load(Lead<K, V, S>),
+    /// A write came before the look: the flight ended unloaded; claim again.
+    Again,
+}
+
 /// Owns a flight this caller leads until it is resolved. Dropping it unresolved — a panic in
 /// any user code between the claim and the publish, a cancelled future, a job a spawner
 /// dropped without running it, a deadline passed waiting for a load permit — unregisters the
 /// flight and releases its waiters to retry; a load's flight is counted as a failed load if
-/// a panic drops it, else as an abandoned one (each flight counts one load, published or not). For a refresh, it also schedules the next
-/// attempt after the refresh backoff.
+/// a panic drops it, else as an abandoned one (each flight counts one load, published or
+/// not). For a refresh, it also schedules the next attempt after the refresh backoff.
 pub(crate) struct Lead<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -1051,8 +1066,10 @@ where
                 Claim::Lead(lead) => {
                     let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
                         // Answered by a value another caller stored: no load (settled).
-                        Ok(kept) => return Some(accept(&kept).expect("a value")),
-                        Err(lead) => lead,
+                        Judged::Kept(kept) => return Some(accept(&kept).expect("a value")),
+                        Judged::Load(lead) => lead,
+                        // Superseded before the look: claim again.
+                        Judged::Again => continue,
                     };
                     let f = init.take().expect("a caller leads at most once");
                     match self.run_loader(lead.flight(), f, true, until) {
@@ -1110,9 +1127,12 @@ where
     /// A replacing leader (`get_with_if`) looks at what the key holds once its flight is
     /// registered: a value written since its verdict is judged by `judge` (as moka's leader
     /// looks again). Kept, the flight ends with that value — its waiters take it — and nothing
-    /// is loaded or stored; otherwise the lead is handed back to load. A write from the
-    /// registration on supersedes the load anyway. If `judge` panics, the lead is dropped
-    /// (abandoned: its waiters load again); if it loads this key, it panics (recursion).
+    /// is loaded or stored; otherwise the lead is handed back to load ([`Judged::Load`]). A write
+    /// from the registration on supersedes the load; one that came *before the look* (the
+    /// value judged may be its own, or its removal) ends the flight unloaded, and the caller
+    /// claims again ([`Judged::Again`]): its replacement must replace what it judged. If `judge`
+    /// panics, the lead is dropped (abandoned: its waiters load again); if it loads this key,
+    /// it panics (recursion).
     /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
     ///
     /// Kept, the caller's miss is settled (as coalesced) here, before the flight ends: ending
@@ -1123,9 +1143,9 @@ where
         key: &K,
         judge: Option<&mut J>,
         how: &mut ClaimMode,
-    ) -> Result<Arc<Outcome<V>>, Lead<K, V, S>> {
+    ) -> Judged<K, V, S> {
         let Some(judge) = judge else {
-            return Err(lead);
+            return Judged::Load(lead);
         };
         let hash = lead.hash();
         let mut keep = |v: &V| {
@@ -1140,14 +1160,26 @@ where
                 let kept = Arc::new(Outcome::Value(v));
                 self.settle_flight(how, Counter::Coalesced);
                 self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);
-                Ok(kept)
+                Judged::Kept(kept)
             }
             rejected => {
                 // The rejected value's copy is dropped while `lead` is still a local: were it
                 // dropped after the return value was built, a panic of its `Drop` would leak
                 // the returned lead (rust-lang/rust#47949) and the flight with it.
                 drop(rejected);
-                Err(lead)
+                if lead.flight().is_superseded() {
+                    // A write since the claim: `judge` may have rejected *its* value (or seen
+                    // it removed), and this load would not replace it (a write wins over a
+                    // load that began before it). The flight ends unloaded and uncounted (its
+                    // waiters claim again); the caller claims again, after that write.
+                    let flight = lead.disarm();
+                    // The call's miss is still owed (counted, not classified): the next claim
+                    // classifies it, not as a new miss.
+                    how.class = Class::Owes;
+                    self.end_flight(hash, &flight, None, Phase::Abandoned, false);
+                    return Judged::Again;
+                }
+                Judged::Load(lead)
             }
         }
     }

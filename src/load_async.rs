@@ -11,7 +11,7 @@ use crate::flight::{
     State, Waited,
 };
 use crate::limit::{Acquire, Limiter, Permit};
-use crate::load::{Claim, ClaimMode, Lead, Settle, SharedLoad, Start, Timed};
+use crate::load::{Claim, ClaimMode, Judged, Lead, Settle, SharedLoad, Start, Timed};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -607,8 +607,10 @@ where
                 Claim::Lead(lead) => {
                     let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
                         // Answered by a value another caller stored: no load (settled).
-                        Ok(kept) => return accept(&kept).expect("a value"),
-                        Err(lead) => lead,
+                        Judged::Kept(kept) => return accept(&kept).expect("a value"),
+                        Judged::Load(lead) => lead,
+                        // Superseded before the look: claim again.
+                        Judged::Again => continue,
                     };
                     let f = init.take().expect("a caller leads at most once");
                     match self.drive(lead.flight(), f, true).await {
