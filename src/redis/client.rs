@@ -232,7 +232,15 @@ impl Client {
             self.failed(&e);
             return Err(Failed::Unavailable);
         }
-        let result = op(&mut conn);
+        // A panic in the client (parsing a malformed reply) is a failed connection, not a
+        // failed request: the tier never fails a call, and a probe that panicked must still
+        // report, or the breaker would stay half-open (skipping Redis) for good.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut conn)))
+            .unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::other(
+                    "the Redis client panicked during the operation",
+                )))
+            });
         let keyed = matches!(&result, Err(e) if refused(e)) && conn.is_open();
         match result {
             Err(e) if !keyed => {
@@ -295,6 +303,69 @@ mod tests {
         assert!(!b.report(true, t2));
         assert!(!b.is_open());
         assert_eq!(b.admit(t2), Verdict::Go);
+    }
+
+    /// An operation that panics inside the client (a malformed reply tripping the parser) is
+    /// a failed connection, not a failed request: the call yields nothing, and a probe that
+    /// panicked reports, so the breaker re-opens instead of staying half-open (skipping
+    /// Redis for good).
+    #[test]
+    fn a_probe_whose_operation_panics_reports_a_failure() {
+        use super::super::conn::Dial;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts one connection and holds it a while (the operation sends nothing to it).
+        std::thread::spawn(move || {
+            let held = listener.accept();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(held);
+        });
+        let url = format!("redis://127.0.0.1:{port}/");
+        let info = ::redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+        let target = Target::Server {
+            dial: Dial {
+                info,
+                #[cfg(feature = "redis-tls")]
+                tls: None,
+            },
+            raw: RawClient::open(url.as_str()).unwrap(),
+        };
+        let cooldown = Duration::from_millis(20);
+        let client = Client::new(
+            target,
+            Vec::new(),
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+            Breaker::new(1, cooldown),
+            Arc::new(RemoteCounters::default()),
+        );
+        assert!(client.breaker.report(false, Instant::now()), "opened");
+        std::thread::sleep(cooldown * 2);
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            client.run_result(|_| -> RedisResult<()> {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                panic!("injected: client")
+            })
+        }));
+        assert!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            "the probe reached its operation"
+        );
+        assert!(
+            matches!(r, Ok(Err(Failed::Unavailable))),
+            "the panic is a failed operation, not the caller's"
+        );
+        assert!(
+            client.breaker.is_open(),
+            "the failed probe re-opened the breaker"
+        );
+        std::thread::sleep(cooldown * 2);
+        assert_eq!(
+            client.breaker.admit(Instant::now()),
+            Verdict::Probe,
+            "after the cooldown a new probe goes (not stuck half-open)"
+        );
     }
 
     /// The server's error replies, as a command's result sees them.
