@@ -544,12 +544,16 @@ fn probe_get_with_if_judge_reenters_same_key() {
     let t = Traps::new();
     let cache = hcache(&t);
     cache.insert(HKey::new(1, &t), HVal(10, Arc::clone(&t)));
-    // At the second judgement the judge writes the key (a write supersedes the claimed load).
+    // At the second judgement the judge writes the key. The write came before the load began
+    // (it supersedes the claimed load, whose replacement would lose to it): the caller claims
+    // again, the judge is asked about the written value, rejects it, and `init` replaces it.
     let calls = AtomicUsize::new(0);
+    let judged = std::sync::Mutex::new(Vec::new());
     let v = cache.get_with_if(
         HKey::new(1, &t),
         || HVal(30, Arc::clone(&t)),
-        |_| {
+        |v| {
+            judged.lock().unwrap().push(v.0);
             if calls.fetch_add(1, Ordering::SeqCst) == 1 {
                 cache.insert(HKey::new(1, &t), HVal(77, Arc::clone(&t)));
             }
@@ -557,10 +561,15 @@ fn probe_get_with_if_judge_reenters_same_key() {
         },
     );
     assert_eq!(v.0, 30, "init's value is returned");
+    let judged = judged.into_inner().unwrap();
+    assert!(
+        judged.contains(&77),
+        "the value written during the claim was judged: {judged:?}"
+    );
     assert_eq!(
         cache.get(&HKey::new(1, &t)).map(|v| v.0),
-        Some(77),
-        "the write during the claim wins"
+        Some(30),
+        "the write during the claim, judged and rejected, is replaced"
     );
     assert_eq!(cache.loads_in_flight(), 0);
     cache.validate();
