@@ -15,56 +15,15 @@
 
 mod common;
 
+use common::key_drop::{self, PKey, CASE_LOCK};
 use common::{quiet_injected_panics, start, watchdog};
 use herdcache::Cache;
-use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(5);
-
-/// Serialises the cases: the fault switch is global.
-static CASE_LOCK: Mutex<()> = Mutex::new(());
-/// The key drop that panics (1-based, counted from arming), 0: none.
-static DROP_TARGET: AtomicU64 = AtomicU64::new(0);
-static DROPS: AtomicU64 = AtomicU64::new(0);
-static FIRED: AtomicBool = AtomicBool::new(false);
-
-/// A key whose `Drop` panics at the armed drop of key 7 (never while unwinding: a second panic
-/// would abort, as for any container).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct PKey(u32);
-
-impl Hash for PKey {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.0.hash(h);
-    }
-}
-
-impl Drop for PKey {
-    fn drop(&mut self) {
-        if self.0 != 7 || std::thread::panicking() {
-            return;
-        }
-        let target = DROP_TARGET.load(SeqCst);
-        if target != 0 && DROPS.fetch_add(1, SeqCst) + 1 == target {
-            FIRED.store(true, SeqCst);
-            panic!("injected: key drop");
-        }
-    }
-}
-
-fn arm_key_drop(n: u64) {
-    DROPS.store(0, SeqCst);
-    FIRED.store(false, SeqCst);
-    DROP_TARGET.store(n, SeqCst);
-}
-
-fn disarm() {
-    DROP_TARGET.store(0, SeqCst);
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Ends {
@@ -75,7 +34,7 @@ enum Ends {
 
 /// After a case: disarmed, nothing in flight, the key loads afresh, the cache is consistent.
 fn after(cache: &Cache<PKey, u64>, what: &str) {
-    disarm();
+    key_drop::disarm();
     for _ in 0..500 {
         if cache.loads_in_flight() == 0 {
             break;
@@ -125,7 +84,7 @@ fn sync_case(ends: Ends, n: u64, rt: &tokio::runtime::Runtime) -> bool {
     let w3 = rt.spawn(async move { c.get_with_async(PKey(7), async { 73 }).await });
     // Let the waiters join the load (whether they have or not, none may hang).
     std::thread::sleep(Duration::from_millis(30));
-    arm_key_drop(n);
+    key_drop::arm(n);
     go_tx.send(()).unwrap();
     let l = leader.wait(DEADLINE);
     assert!(l.is_some(), "{what}: the leader hangs");
@@ -138,7 +97,7 @@ fn sync_case(ends: Ends, n: u64, rt: &tokio::runtime::Runtime) -> bool {
     );
     let r3 = rt.block_on(async { tokio::time::timeout(DEADLINE, w3).await });
     assert!(r3.is_ok(), "{what}: an async waiter hangs");
-    let fired = FIRED.load(SeqCst);
+    let fired = key_drop::fired();
     after(&cache, &what);
     fired
 }
@@ -183,14 +142,14 @@ fn cancelled_leader_case(n: u64, rt: &tokio::runtime::Runtime) -> bool {
     let c = cache.clone();
     let w2 = rt.spawn(async move { c.get_with_async(PKey(7), async { 72 }).await });
     std::thread::sleep(Duration::from_millis(20));
-    arm_key_drop(n);
+    key_drop::arm(n);
     let l = rt.block_on(async { tokio::time::timeout(DEADLINE, leader).await });
     assert!(l.is_ok(), "{what}: the leader hangs");
     let r1 = w1.wait(DEADLINE);
     assert!(r1.is_some(), "{what}: a blocking waiter hangs");
     let r2 = rt.block_on(async { tokio::time::timeout(DEADLINE, w2).await });
     assert!(r2.is_ok(), "{what}: an async waiter hangs");
-    let fired = FIRED.load(SeqCst);
+    let fired = key_drop::fired();
     after(&cache, &what);
     fired
 }

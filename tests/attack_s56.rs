@@ -10,21 +10,18 @@
 
 mod common;
 
+use common::key_drop::{self, PKey, CASE_LOCK};
 use common::{quiet_injected_panics, start, watchdog};
 use herdcache::Cache;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(5);
-
-/// Serialises the cases: the fault switch is global.
-static CASE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Set while a panicked load's future still lives; cleared (after a while) by its `Drop`.
 struct Alive(Arc<AtomicBool>);
@@ -149,34 +146,6 @@ fn a_panicking_shared_poll_drops_its_future_before_the_key_loads_again() {
     }
 }
 
-/// Which drop of key 7 panics (1-based, counted from arming); 0: none.
-static DROP_TARGET: AtomicU64 = AtomicU64::new(0);
-static DROPS: AtomicU64 = AtomicU64::new(0);
-static FIRED: AtomicBool = AtomicBool::new(false);
-
-/// A key whose armed drop of key 7 panics (never while unwinding).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct PKey(u32);
-
-impl Hash for PKey {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.0.hash(h);
-    }
-}
-
-impl Drop for PKey {
-    fn drop(&mut self) {
-        if self.0 != 7 || std::thread::panicking() {
-            return;
-        }
-        let target = DROP_TARGET.load(SeqCst);
-        if target != 0 && DROPS.fetch_add(1, SeqCst) + 1 == target {
-            FIRED.store(true, SeqCst);
-            panic!("injected: key drop");
-        }
-    }
-}
-
 /// A full cache of 4 shards loads key 7 (sync and async loaders); its N-th drop of the key
 /// after the load starts panics, N swept until no drop panics. Whichever drop it is, the
 /// store evicts what it must: the cache ends within capacity, in whatever shard the excess
@@ -200,9 +169,7 @@ fn a_key_drop_panic_as_a_load_stores_still_evicts() {
                     cache.insert(PKey(100 + fill * 16 + k), 1);
                 }
                 assert_eq!(cache.weighted_size(), CAP);
-                DROPS.store(0, SeqCst);
-                FIRED.store(false, SeqCst);
-                DROP_TARGET.store(n, SeqCst);
+                key_drop::arm(n);
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     if asynchronous {
                         rt.block_on(cache.get_with_async(PKey(7), async { 77 }))
@@ -210,8 +177,8 @@ fn a_key_drop_panic_as_a_load_stores_still_evicts() {
                         cache.get_with(PKey(7), || 77)
                     }
                 }));
-                DROP_TARGET.store(0, SeqCst);
-                let fired = FIRED.load(SeqCst);
+                key_drop::disarm();
+                let fired = key_drop::fired();
                 let what = format!("fill {fill}, async {asynchronous}, key drop {n} panics");
                 assert_eq!(r.is_err(), fired, "{what}: the panic reaches the caller");
                 assert!(

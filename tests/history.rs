@@ -43,6 +43,7 @@ mod common;
 
 use common::watchdog;
 use herdcache::{BoxError, Cache, CompResult, ManualClock, Op};
+use herdcache_testkit::history::Writes;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -195,33 +196,6 @@ fn worker(
         });
     }
     recs
-}
-
-/// For each key: definite writes sorted by start, with the minimum end over every suffix.
-struct Writes {
-    starts: Vec<u64>,
-    suffix_min_end: Vec<u64>,
-}
-
-impl Writes {
-    fn new(mut w: Vec<(u64, u64)>) -> Self {
-        w.sort_unstable();
-        let starts = w.iter().map(|x| x.0).collect();
-        let mut suffix_min_end = vec![u64::MAX; w.len() + 1];
-        for i in (0..w.len()).rev() {
-            suffix_min_end[i] = suffix_min_end[i + 1].min(w[i].1);
-        }
-        Writes {
-            starts,
-            suffix_min_end,
-        }
-    }
-
-    /// Whether some write started after `t` and ended before `before`.
-    fn between(&self, t: u64, before: u64) -> bool {
-        let i = self.starts.partition_point(|&s| s <= t);
-        self.suffix_min_end[i] < before
-    }
 }
 
 /// Runs a history and checks it; returns the number of operations checked and the violations.

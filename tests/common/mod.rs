@@ -3,6 +3,7 @@
 
 pub mod hand;
 pub mod heap;
+pub mod key_drop;
 pub mod moka;
 
 use std::future::Future;
