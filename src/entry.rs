@@ -151,7 +151,9 @@ where
     /// waiters too) and `init` does not run. A plain `insert` or `invalidate` of the key while
     /// `init` runs wins: the loaded value is returned but not stored; one that lands between
     /// the claim and that second look makes the caller claim again (`replace_if` is then asked
-    /// about the new value), so a replacement always replaces the value it was judged on. With
+    /// about the new value), so a replacement replaces the value it was judged on — twice at
+    /// most: under a steady stream of writes to the key, a third such write is treated as one
+    /// that lands while `init` runs (it wins), so the call always ends. With
     /// [`fail_safe`](crate::CacheBuilder::fail_safe), within a failed key's retry backoff
     /// the kept stale value answers, unjudged, as it answers `get_with`. A hit that
     /// `replace_if` keeps takes only the read lock. Only a kept value is read (its time to

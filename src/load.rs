@@ -91,7 +91,16 @@ pub(crate) struct ClaimMode {
     pub(crate) replace: bool,
     /// What this call's miss is counted as so far (see [`Class`]).
     pub(crate) class: Class,
+    /// How many times a replacing caller claimed again because a write came before its
+    /// second look (at most [`CLAIMS_AGAIN`]).
+    pub(crate) claimed_again: u8,
 }
+
+/// How many times a replacing caller (`get_with_if`) claims again when a write lands before
+/// its second look; after that, such a write is treated as one that lands while `init` runs
+/// (it wins over the replacement). Bounded, so a steady stream of writes to the key cannot
+/// keep the call (and its waiters) looking forever.
+pub(crate) const CLAIMS_AGAIN: u8 = 2;
 
 /// What a call's miss is counted as: counted as soon as it is known (a waiter shows in the
 /// statistics while it waits), never taken back (the counters only grow). A later attempt —
@@ -204,6 +213,7 @@ impl ClaimMode {
             // nothing until that lookup has missed (a hit whose value's `Clone` or key's `Eq`
             // panics counts no miss, so no join either).
             class: if record { Class::Hit } else { Class::Owes },
+            claimed_again: 0,
         }
     }
 
@@ -706,6 +716,7 @@ where
             looked_up,
             replace,
             class: _,
+            claimed_again: _,
         } = *how;
         how.next_round();
         if !looked_up && !replace {
@@ -1130,7 +1141,8 @@ where
     /// is loaded or stored; otherwise the lead is handed back to load ([`Judged::Load`]). A write
     /// from the registration on supersedes the load; one that came *before the look* (the
     /// value judged may be its own, or its removal) ends the flight unloaded, and the caller
-    /// claims again ([`Judged::Again`]): its replacement must replace what it judged. If `judge`
+    /// claims again ([`Judged::Again`]; at most [`CLAIMS_AGAIN`] times, then it loads and
+    /// the write wins): its replacement must replace what it judged. If `judge`
     /// panics, the lead is dropped (abandoned: its waiters load again); if it loads this key,
     /// it panics (recursion).
     /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
@@ -1167,11 +1179,12 @@ where
                 // dropped after the return value was built, a panic of its `Drop` would leak
                 // the returned lead (rust-lang/rust#47949) and the flight with it.
                 drop(rejected);
-                if lead.flight().is_superseded() {
+                if lead.flight().is_superseded() && how.claimed_again < CLAIMS_AGAIN {
                     // A write since the claim: `judge` may have rejected *its* value (or seen
                     // it removed), and this load would not replace it (a write wins over a
                     // load that began before it). The flight ends unloaded and uncounted (its
                     // waiters claim again); the caller claims again, after that write.
+                    how.claimed_again += 1;
                     let flight = lead.disarm();
                     // The call's miss is still owed (counted, not classified): the next claim
                     // classifies it, not as a new miss.
