@@ -513,10 +513,8 @@ where
         }
     }
 
-    /// Takes the key's flight for a computation, waiting (blocking) for a load or computation
-    /// of the key that runs.
-    /// Takes the key's flight for a computation, waiting for any load or computation of the
-    /// key to end first.
+    /// Takes the key's flight for a computation, waiting (blocking) for any load or
+    /// computation of the key to end first.
     fn lock_key(&self, hash: u64, key: &K) -> Lead<K, V, S> {
         loop {
             match self.try_lock_key(hash, key) {

@@ -912,7 +912,7 @@ fn hook_computations_during_computations() {
 }
 
 #[test]
-fn hook_sweeps_with_an_expired_pre_and_with_a_load_limit() {
+fn hook_writes_and_drop_panics_with_an_expired_pre_or_a_load_limit() {
     for cfg in [1u8, 2] {
         CFG.with(|c| c.set(cfg));
         sweep(
@@ -991,7 +991,7 @@ fn hooks_that_write_at_every_call_do_not_livelock() {
 }
 
 #[test]
-fn hook_panics_with_a_waiting_caller() {
+fn hook_and_drop_panics_with_a_waiting_caller() {
     for k in 0..4 {
         sweep_w(
             &[Act::Panic, Act::Insert],
@@ -1003,7 +1003,7 @@ fn hook_panics_with_a_waiting_caller() {
 }
 
 #[test]
-fn hook_panics_during_computations_and_loads() {
+fn hook_and_drop_panics_during_computations_and_loads() {
     sweep(&[Act::Panic], &VERBS, "hook panics");
 }
 
@@ -1456,7 +1456,7 @@ fn shared_caller(c: &U, rng: &mut common::SplitMix, id: u64) -> BF {
 }
 
 #[test]
-fn shared_loads_hand_polled_with_drops_and_panics() {
+fn shared_loads_hand_polled_with_init_drop_panics_and_poll_panics() {
     let _g = SHARED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     quiet_injected_panics();
     let _dog = watchdog(Duration::from_secs(120), "shared loads hand polled");
@@ -2340,7 +2340,7 @@ impl Expiry<PK, PV> for PExp {
 }
 
 #[test]
-fn concurrent_panics_keep_the_weighted_bound() {
+fn concurrent_hook_and_drop_panics_keep_the_weighted_bound() {
     quiet_injected_panics();
     let _dog = watchdog(Duration::from_secs(120), "concurrent panics");
     const WCAP: u64 = 12;
