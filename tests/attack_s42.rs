@@ -593,6 +593,8 @@ fn shared_two_callers_every_schedule() {
     quiet_injected_panics();
     let scripts = all_scripts(2, 5);
     let mut bad = Vec::new();
+    let part = common::Part::new("two-caller schedules");
+    let mut case = 0u64;
     for va in 0..4 {
         for vb in 0..4 {
             for ba in 0..3u64 {
@@ -603,6 +605,10 @@ fn shared_two_callers_every_schedule() {
                         (1, false, Some(1)),
                         (2, true, Some(2)),
                     ] {
+                        case += 1;
+                        if !part.take(case) {
+                            continue;
+                        }
                         let setup = Setup {
                             keys: vec![],
                             verbs: vec![va, vb],
@@ -1085,12 +1091,18 @@ fn key_panics_at_every_point_by_ref_and_spawned() {
     let _g = KEY_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut bad = Vec::new();
     let mut runs = 0u64;
+    let part = common::Part::new("key panics");
+    let mut case = 0u64;
     for spawn in 0..3 {
         for negative in [false, true] {
             for limit in [None, Some(1)] {
                 for verb in 0..9 {
                     for b in 0..3u64 {
                         for pre in 0..3 {
+                            case += 1;
+                            if !part.take(case) {
+                                continue;
+                            }
                             for at in 0..60u64 {
                                 runs += 1;
                                 let lb = Arc::new(AtomicU64::new(b));
@@ -1348,10 +1360,16 @@ fn shared_woken_only_executor_schedules() {
     quiet_injected_panics();
     let mut bad = Vec::new();
     let scripts = all_scripts(2, 5);
+    let part = common::Part::new("woken-only schedules");
+    let mut case = 0u64;
     for va in 0..4 {
         for vb in 0..4 {
             for ba in 0..3u64 {
                 for (pend, negative, limit) in [(1, false, None), (2, true, Some(1))] {
+                    case += 1;
+                    if !part.take(case) {
+                        continue;
+                    }
                     let setup = Setup {
                         keys: vec![],
                         verbs: vec![va, vb],
@@ -1375,7 +1393,7 @@ fn shared_woken_only_executor_schedules() {
         }
     }
     let mut r = common::Rng(0x77aa55);
-    for _ in 0..6000 {
+    for _ in 0..part.count(6000) {
         let n = 3;
         let setup = Setup {
             keys: if r.next() % 2 == 0 {

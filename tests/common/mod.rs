@@ -273,3 +273,54 @@ impl Rng {
         self.0
     }
 }
+
+/// Which share of an exhaustive sweep's cases a run takes: every case, unless
+/// `HERDCACHE_TEST_PART=N` (N ≥ 2) is set; then every N-th case, from an offset that rotates
+/// with the clock (printed; `HERDCACHE_TEST_PART_AT=k` fixes it), and the time-bounded sweeps
+/// get an N-th of their time. CI runs the whole suite twice (README's two test commands); the
+/// second run, `--all-features`, takes a third of the slowest sweeps, which the first ran in
+/// full (the features add the Redis tier, metrics and serde, none of which these sweeps use).
+pub struct Part {
+    n: u64,
+    at: u64,
+}
+
+impl Part {
+    pub fn new(what: &str) -> Part {
+        let n = std::env::var("HERDCACHE_TEST_PART")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1)
+            .max(1);
+        let at = std::env::var("HERDCACHE_TEST_PART_AT")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            })
+            % n;
+        if n > 1 {
+            eprintln!(
+                "{what}: part HERDCACHE_TEST_PART_AT={at} of {n} (unset HERDCACHE_TEST_PART: all)"
+            );
+        }
+        Part { n, at }
+    }
+
+    /// Whether this run takes case `i` (cases numbered in a fixed order).
+    pub fn take(&self, i: u64) -> bool {
+        i % self.n == self.at
+    }
+
+    /// `d` shortened to this run's share.
+    pub fn of(&self, d: Duration) -> Duration {
+        d / self.n as u32
+    }
+
+    /// `count` cases shortened to this run's share (at least one).
+    pub fn count(&self, count: u64) -> u64 {
+        (count / self.n).max(1)
+    }
+}
