@@ -509,14 +509,7 @@ impl Budget {
 
 /// `v`, rotated to begin at the run's starting configuration (see [`Budget`]).
 fn rotated<T: std::fmt::Debug>(mut v: Vec<T>, what: &str) -> Vec<T> {
-    let start = std::env::var("S55_START")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as usize)
-        });
+    let start = common::env_or_clock("S55_START") as usize;
     if std::env::var_os("S55_ALL").is_none() && !v.is_empty() {
         let k = start % v.len();
         eprintln!("{what}: configurations from S55_START={k} on (S55_ALL=1: all)");

@@ -292,15 +292,7 @@ impl Part {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(1)
             .max(1);
-        let at = std::env::var("HERDCACHE_TEST_PART_AT")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-            })
-            % n;
+        let at = env_or_clock("HERDCACHE_TEST_PART_AT") % n;
         if n > 1 {
             eprintln!(
                 "{what}: part HERDCACHE_TEST_PART_AT={at} of {n} (unset HERDCACHE_TEST_PART: all)"
@@ -323,4 +315,17 @@ impl Part {
     pub fn count(&self, count: u64) -> u64 {
         (count / self.n).max(1)
     }
+}
+
+/// The number in environment variable `var`, else the clock's seconds: where a sweep that
+/// takes part of its cases starts, fixed by the variable or rotating from run to run.
+pub fn env_or_clock(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        })
 }
