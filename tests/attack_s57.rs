@@ -349,8 +349,8 @@ async fn async_worker(
         let key = rng.below(u64::from(keys)) as u32 + 1;
         let pick = rng.below(100);
         // Clean: no replacing calls (`get_with_if_async`, `or_insert_with_if_async` become
-        // `get_with_async`): see `check_stats_balance`.
-        let pick = if clean && matches!(pick, 56..=60 | 65..=66) {
+        // `get_with_async`) and no computations: see `check_stats_balance`.
+        let pick = if clean && matches!(pick, 56..=60 | 65..=66 | 71..=86) {
             28
         } else {
             pick
@@ -615,9 +615,9 @@ fn sync_worker(
         }
         let key = rng.below(u64::from(keys)) as u32 + 1;
         let pick = rng.below(100);
-        // Clean: no replacing calls (`get_with_if` becomes `get_with`): see
-        // `REPLACING_CALLS_COUNT_MORE`.
-        let pick = if clean && matches!(pick, 65..=72) {
+        // Clean: no replacing calls (`get_with_if` becomes `get_with`) and no computations
+        // (`and_compute_with` becomes `get_with`): see `check_stats_balance`.
+        let pick = if clean && matches!(pick, 65..=72 | 79..=90) {
             55
         } else {
             pick
@@ -882,11 +882,14 @@ fn run_async_history(seed: u64, keys: u32, cfg: Cfg) -> (C, Vec<Rec>, Arc<Ctx>) 
 /// After quiescence: the identity of `CacheStats::misses`' docs, lookups all counted, and the
 /// sizes against what `iter()` sees.
 /// The statistics identity, and, in a clean history, each lookup counted once. A clean
-/// history has no replacing calls (`get_with_if` and kin): a write that lands between such a
-/// leader's claim and its second look ends its flight with nothing (the leader claims again),
-/// and each caller that had joined that flight counts one more miss when it then leads a load
-/// (as documented for any load that ended with nothing for its waiters), without any load
-/// failing or being abandoned.
+/// history has no replacing calls (`get_with_if` and kin) and no computations
+/// (`and_compute_with` and kin): a write that lands between such a leader's claim and its
+/// look at the value (or, for a computation, before its verdict is stored) ends its flight
+/// with nothing for the callers that joined it, and each of them counts one more miss when it
+/// then leads a load (as documented for any load that ended with nothing for its waiters),
+/// without any load failing or being abandoned. (Found with computations in the history: one
+/// extra miss in about 1 run in 4 of `history_async_verbs_clean_with_limit_…` in release, 9 of
+/// 40; none in 60 runs without them.)
 fn check_stats_balance(cache: &C, recs: &[Rec], what: &str) {
     let st = cache.stats();
     let plain_get_misses = recs
@@ -1916,4 +1919,56 @@ fn shared_load_stalled_leader_is_driven_by_an_async_waiter() {
     // The stalled leader, polled again, takes the value.
     assert_eq!(futures::executor::block_on(leader), 5);
     assert_eq!(cache.loads_in_flight(), 0);
+}
+
+/// A loading call that joined a computation's flight, which a write (an insert or an
+/// invalidation) then superseded, is answered by the computation's value, as the waiters of a
+/// superseded load are, and counts one miss and one join: no hit on top of its miss, no second
+/// attempt. (So the extra miss that keeps computations out of the clean histories comes,
+/// presumably, from the other way a write ends a computation: landing before its read, which
+/// gives the flight up unread and leaves its callers to look again, as `CacheStats::misses`
+/// documents; not shown by a deterministic test.)
+#[test]
+fn a_caller_that_joined_a_superseded_computation_is_counted_once() {
+    let _dog = watchdog(Duration::from_secs(60), "joined a superseded computation");
+    for remove in [false, true] {
+        let c: C = Cache::builder().max_capacity(10).record_stats().build();
+        let (in_tx, in_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let c1 = c.clone();
+        let computation = std::thread::spawn(move || {
+            c1.entry(1).and_compute_with(|_| {
+                in_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Op::Put(5)
+            })
+        });
+        in_rx.recv().unwrap();
+        let c2 = c.clone();
+        let caller = std::thread::spawn(move || c2.get_with(1, || 7));
+        assert!(
+            common::eventually(|| c.stats().coalesced == 1),
+            "the caller joined the computation"
+        );
+        if remove {
+            c.invalidate(&1);
+        } else {
+            c.insert(1, 9);
+        }
+        go_tx.send(()).unwrap();
+        let _ = computation.join().unwrap();
+        let got = caller.join().unwrap();
+        let s = c.stats();
+        assert_eq!(got, 5, "remove {remove}: the computation's value");
+        assert_eq!(
+            (s.hits, s.misses, s.coalesced, s.load_successes),
+            (0, 1, 1, 0),
+            "remove {remove}: {s:?}"
+        );
+        assert_eq!(
+            c.get(&1),
+            (!remove).then_some(9),
+            "remove {remove}: the write won"
+        );
+    }
 }
