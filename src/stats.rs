@@ -257,9 +257,9 @@ pub struct CacheStats {
     /// one more for each further attempt of that call — after the load it joined or led ended
     /// with nothing for it (failed, abandoned, or of no use to it; or, uncounted as a load, a
     /// `get_with_if` leader's flight given up because a write came before its second look, or
-    /// a computation's — `and_compute_with` and kin — that a write superseded) — that leads
-    /// a load or is answered by a negative entry; joining again, or being answered by a
-    /// value, is the same attempt.
+    /// a computation's — `and_compute_with` and kin — given up because a write came before
+    /// it read the current value) — that leads a load or is answered by a negative entry;
+    /// joining again, or being answered by a value, is the same attempt.
     ///
     /// Each miss of a loading call (the `get_with` family, `load`, `get_all`, the entry API's
     /// `or_insert*`) is also counted as exactly one of: a load (`load_successes`,
