@@ -147,11 +147,13 @@ where
     /// stale value replaced run one `init` between them. `replace_if` is called on the value
     /// found and, by the caller that then leads the load, once more on what the key holds
     /// when the load is claimed (as moka's leader looks again): a value written between the
-    /// verdict and the claim is judged, not replaced unseen — kept, it is returned (to the
-    /// waiters too) and `init` does not run. A plain `insert` or `invalidate` of the key while
-    /// `init` runs wins: the loaded value is returned but not stored; one that lands between
-    /// the claim and that second look makes the caller claim again (`replace_if` is then asked
-    /// about the new value), so a replacement replaces the value it was judged on — twice at
+    /// verdict and the claim is judged, not replaced unseen — kept, it is returned and `init`
+    /// does not run; to the waiters too if it is still live once the look is done (one that
+    /// joined after the look, with the value expired or evicted by then, looks again itself).
+    /// A plain `insert` or `invalidate` of the key while `init` runs wins: the loaded value
+    /// is returned but not stored; one that lands between the claim and that second look
+    /// makes the caller claim again (`replace_if` is then asked about the new value), so a
+    /// replacement replaces the value it was judged on — twice at
     /// most: under a steady stream of writes to the key, a third such write is treated as one
     /// that lands while `init` runs (it wins), so the call always ends. With
     /// [`fail_safe`](crate::CacheBuilder::fail_safe), within a failed key's retry backoff

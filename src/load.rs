@@ -1137,11 +1137,12 @@ where
 
     /// A replacing leader (`get_with_if`) looks at what the key holds once its flight is
     /// registered: a value written since its verdict is judged by `judge` (as moka's leader
-    /// looks again). Kept, the flight ends with that value — its waiters take it — and nothing
-    /// is loaded or stored; otherwise the lead is handed back to load ([`Judged::Load`]). A write
-    /// from the registration on supersedes the load; one that came *before the look* (the
-    /// value judged may be its own, or its removal) ends the flight unloaded, and the caller
-    /// claims again ([`Judged::Again`]; at most [`CLAIMS_AGAIN`] times, then it loads and
+    /// looks again). Kept, the flight ends with that value — its waiters take it if it is
+    /// still live when the flight ends, else look again ([`end_kept`](Self::end_kept)) — and
+    /// nothing is loaded or stored; otherwise the lead is handed back to load
+    /// ([`Judged::Load`]). A write from the registration on supersedes the load; one that
+    /// came *before the look* (the value judged may be its own, or its removal) ends the
+    /// flight unloaded, and the caller claims again ([`Judged::Again`]; at most [`CLAIMS_AGAIN`] times, then it loads and
     /// the write wins): its replacement must replace what it judged. If `judge`
     /// panics, the lead is dropped (abandoned: its waiters load again); if it loads this key,
     /// it panics (recursion).
@@ -1171,7 +1172,7 @@ where
                 let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
                 self.settle_flight(how, Counter::Coalesced);
-                self.end_flight(hash, &flight, None, Phase::Done(Arc::clone(&kept)), false);
+                self.end_kept(hash, key, &flight, Arc::clone(&kept));
                 Judged::Kept(kept)
             }
             rejected => {

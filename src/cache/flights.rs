@@ -6,7 +6,7 @@
 
 use super::Cache;
 use crate::flight::FlightClaim;
-use crate::flight::{drop_then, Flight, Phase};
+use crate::flight::{drop_then, Flight, Outcome, Phase};
 use crate::removal::Removals;
 use crate::shard::Shard;
 use std::hash::{BuildHasher, Hash};
@@ -317,6 +317,43 @@ where
         };
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
         drop_then(key, || flight.resolve(phase));
+    }
+
+    /// Ends the flight of a replacing leader (`get_with_if`) whose second look read a value
+    /// it keeps (`kept`): in the critical section that unregisters the flight, the waiters
+    /// are given that value only if it is still the key's live value — every waiter joined
+    /// before that instant, so the value was live during its call; a write since the read
+    /// would have detached the flight. Otherwise (it expired or was evicted since the read)
+    /// the flight ends unloaded and its waiters look again, each for itself: a value read
+    /// before a caller joined is no answer for it. As [`end_flight`](Self::end_flight) for the
+    /// key's `Eq` (a panic of it: the waiters look again).
+    pub(crate) fn end_kept(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        kept: Arc<Outcome<V>>,
+    ) {
+        let (registered, live) = {
+            let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+            let now = self.now();
+            let registered = s.flights().remove(hash, flight);
+            let mut live = false;
+            if let Some(k) = &registered {
+                self.key_eq_guarded(hash, || {
+                    self.release_refresh_claim(&s, hash, k);
+                    live = s.peek(hash, key, now).is_some();
+                });
+            }
+            (registered, live)
+        };
+        let phase = if live {
+            Phase::Done(kept)
+        } else {
+            Phase::Abandoned
+        };
+        // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
+        drop_then(registered, || flight.resolve(phase));
     }
 
     /// Runs `f`, which calls the key's `Eq` (user code) while a flight ends: a panic of it is
