@@ -724,10 +724,19 @@ where
             Some(n) => return Err(BuildError::BadShardCount(n)),
             None => default_shards(capacity),
         };
+        // With lifetime bounds to keep (the Redis tier: a copy read from Redis must not
+        // outlive the shared one), a configuration whose reads move an entry's deadline (a
+        // time to idle, an `Expiry`) keeps a hard deadline per entry, where the bound goes: a
+        // time to live of "never" when none is set (the bound alone then). Without it a read
+        // would move the deadline past the bound.
+        let hard = |ttl: Option<Duration>, reads_move: bool| {
+            ttl.map(nanos)
+                .or((self.bounded_lifetimes && reads_move).then_some(crate::clock::NEVER))
+        };
         let expiry = match (self.expiry, self.ttl, self.tti) {
             (Some(expiry), ttl, tti) => ExpiryConfig::Custom {
                 expiry,
-                ttl: ttl.map(nanos),
+                ttl: hard(ttl, true),
                 tti: tti.map(nanos),
             },
             // No expiry, but lifetime bounds to keep: deadlines of "never", unless bounded.
@@ -737,7 +746,7 @@ where
             },
             (None, None, None) => ExpiryConfig::None,
             (None, ttl, tti) => ExpiryConfig::Fixed {
-                ttl: ttl.map(nanos),
+                ttl: hard(ttl, tti.is_some()),
                 tti: tti.map(nanos),
             },
         };

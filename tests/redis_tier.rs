@@ -689,3 +689,75 @@ fn clear_on_reconnect_drops_what_may_have_missed_an_invalidation() {
     assert_eq!(keep.entry_count(), 10, "kept: staleness bounded by the TTL");
     assert_eq!(clear.stats().remote.subscriber_connects, 2);
 }
+
+/// A read may move a local entry's deadline later (a time to idle, `Expiry::expire_after_read`):
+/// for a copy read from Redis, never past the shared copy's remaining life. (Before: with a
+/// time to idle and no local time to live, a `get` at 9 s moved it to 9 s + the idle time, and
+/// the copy outlived Redis's by ten minutes; so with an `Expiry` and no time to live.)
+#[test]
+fn a_copy_read_from_redis_does_not_outlive_it_when_reads_move_its_deadline() {
+    let _w = common::watchdog(Duration::from_secs(60), "reads do not extend past Redis");
+    /// Each read gives another ten minutes.
+    struct ReadsExtend;
+    impl herdcache::Expiry<u64, u64> for ReadsExtend {
+        fn expire_after_create(&self, _k: &u64, _v: &u64) -> Option<Duration> {
+            Some(Duration::from_secs(600))
+        }
+        fn expire_after_read(
+            &self,
+            _k: &u64,
+            _v: &u64,
+            _remaining: Option<Duration>,
+        ) -> Option<Duration> {
+            Some(Duration::from_secs(600))
+        }
+    }
+    let (server, backend) = start(Duration::ZERO);
+    for (n, idle) in [(0, true), (1, false)] {
+        let prefix = format!("t13r{n}");
+        let a = instance(
+            tier(&server, &prefix).ttl(Duration::from_secs(10)),
+            &backend,
+        );
+        let clock = herdcache::ManualClock::new();
+        let b = {
+            let bk = Arc::clone(&backend);
+            let builder = Cache::builder()
+                .max_capacity(100)
+                .clock(clock.clone())
+                .loader(move |k: &u64| Ok::<_, BoxError>(bk.load(*k)));
+            let builder = if idle {
+                builder.time_to_idle(Duration::from_secs(600))
+            } else {
+                builder.expire_after(ReadsExtend)
+            };
+            tier(&server, &prefix)
+                .ttl(Duration::from_secs(10))
+                .build(builder, Plain)
+                .unwrap()
+        };
+        let what = if idle { "time to idle" } else { "Expiry" };
+        a.load(1).unwrap();
+        assert_eq!(b.load(1).unwrap(), 1000, "{what}: from Redis");
+        clock.advance(Duration::from_millis(9_000));
+        assert_eq!(
+            b.get(&1),
+            Some(1000),
+            "{what}: still within Redis's lifetime"
+        );
+        clock.advance(Duration::from_millis(1_001));
+        assert!(
+            !b.contains_key(&1),
+            "{what}: expired with the copy in Redis"
+        );
+        // A value b loads itself lives as b's own settings say: reads keep it.
+        b.load(2).unwrap();
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(300));
+            assert!(
+                b.get(&2).is_some(),
+                "{what}: its own value, read every 5 min"
+            );
+        }
+    }
+}

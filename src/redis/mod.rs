@@ -72,7 +72,9 @@
 //!
 //! Values live in Redis for the tier's time to live ([`RedisTier::ttl`], by default the
 //! cache's `time_to_live`). A copy an instance reads from Redis expires locally when the copy
-//! in Redis does (the read fetches its `PTTL`), so without invalidations no value is served
+//! in Redis does (the read fetches its `PTTL`; reads of the local copy, which move its deadline
+//! under a time to idle or an `Expiry`, never move it past that), so without invalidations no
+//! value is served
 //! longer than the tier's time to live after it was loaded, on any instance.
 //!
 //! With `refresh_after`, a refresh reads Redis too, but takes only a value younger than
