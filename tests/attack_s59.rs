@@ -12,7 +12,8 @@
 //! call returns that value — and the flight ended with it, so every caller waiting on the
 //! flight was answered with it too. A caller that joined *after* that second read (the entry
 //! already expired at its clock, so it missed and found the flight) got a value read before it
-//! began: expired by its own clock. The same race explains the history's other failure, an
+//! began: expired by its own clock. The same race accounts for the history's other failure
+//! (reasoned from the code; too rare to catch in the act: once in the previous stop), an
 //! `or_insert_with` that began after an `invalidate_entries_if` of the key and returned the
 //! value that call should have removed: the entry had expired, so the retain reclaimed it
 //! without detaching the flight (only entries it removes by the predicate do that), and the

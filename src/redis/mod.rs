@@ -74,8 +74,7 @@
 //! cache's `time_to_live`). A copy an instance reads from Redis expires locally when the copy
 //! in Redis does (the read fetches its `PTTL`; reads of the local copy, which move its deadline
 //! under a time to idle or an `Expiry`, never move it past that), so without invalidations no
-//! value is served
-//! longer than the tier's time to live after it was loaded, on any instance.
+//! value is served longer than the tier's time to live after it was loaded, on any instance.
 //!
 //! With `refresh_after`, a refresh reads Redis too, but takes only a value younger than
 //! `refresh_after` (one another instance's refresh just loaded); an older one is the value
