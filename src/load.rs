@@ -1169,8 +1169,17 @@ where
         };
         match self.read_judged(key, hash, &mut keep) {
             Some((v, true)) => {
-                let flight = lead.disarm();
                 let kept = Arc::new(Outcome::Value(v));
+                // A caller nested in a load (under `max_concurrent_loads`) may have taken
+                // this lead's load over while `judge` ran: that load goes on, its taker
+                // publishes it, and it counts this caller's miss, as a flight's load does;
+                // this caller answers with what it kept. Otherwise nobody takes it over from
+                // here on, and the flight ends here.
+                if !lead.flight().give_up() {
+                    drop(lead); // taken over: its drop leaves the flight to the taker
+                    return Judged::Kept(kept);
+                }
+                let flight = lead.disarm();
                 self.settle_flight(how, Counter::Coalesced);
                 self.end_kept(hash, key, &flight, Arc::clone(&kept));
                 Judged::Kept(kept)
@@ -1184,7 +1193,10 @@ where
                     // A write since the claim: `judge` may have rejected *its* value (or seen
                     // it removed), and this load would not replace it (a write wins over a
                     // load that began before it). The flight ends unloaded and uncounted (its
-                    // waiters claim again); the caller claims again, after that write.
+                    // waiters claim again); the caller claims again, after that write. (A
+                    // caller that took the load over goes on with it, unlike after a kept
+                    // look: the write detached the flight, so nobody joins it any more, and
+                    // its value, not stored, goes to that caller only.)
                     how.claimed_again += 1;
                     let flight = lead.disarm();
                     // The call's miss is still owed (counted, not classified): the next claim

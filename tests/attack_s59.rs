@@ -26,13 +26,20 @@
 //! The tests make the window deterministic: `replace_if`'s second call (the leader's second
 //! look, made with the flight registered and the value already read) advances the clock past
 //! the entry's deadline, starts a joiner on another thread and waits until it has joined
-//! (`CacheStats::coalesced`) before keeping the value. Swept over every blocking and async
-//! verb that joins a load, and both `get_with_if` and `get_with_if_async` as the leader.
+//! (`CacheStats::coalesced`) before keeping the value — or panicking. Swept over every
+//! blocking and async verb that joins a load, both `get_with_if` and `get_with_if_async` as the
+//! leader, with the statistics checked after each case.
+//!
+//! An outside attack on the fix (a helper given the public API) found a sibling, fixed too:
+//! a leader whose load a nested caller took over (under `max_concurrent_loads`) ended the
+//! flight when its second look kept the value, with the taker's load still running (see the
+//! last test).
 
 mod common;
 
-use common::{eventually, watchdog};
-use herdcache::{BoxError, Cache, ManualClock};
+use common::{eventually, quiet_injected_panics, watchdog};
+use herdcache::{BoxError, Cache, CacheStats, ManualClock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -84,9 +91,14 @@ fn joiners() -> Vec<(&'static str, Join)> {
 }
 
 /// Key 1 holds 7 (odd: the leader's first look rejects it); the leader's second look keeps
-/// what it finds after `join` has joined its flight with the entry already expired on the
-/// clock. Returns (what the leader got, what the joiner got).
-fn kept_while_a_caller_joins(async_leader: bool, join: Join) -> (u64, Option<u64>) {
+/// what it finds (or, with `panics`, panics) after `join` has joined its flight with the entry
+/// already expired on the clock. Returns (what the leader got, `None` if it panicked; what the
+/// joiner got; the statistics after).
+fn second_look_while_a_caller_joins(
+    async_leader: bool,
+    join: Join,
+    panics: bool,
+) -> (Option<u64>, Option<u64>, CacheStats) {
     let clock = ManualClock::new();
     let cache: Arc<Cache<u32, u64>> = Arc::new(
         Cache::builder()
@@ -116,14 +128,20 @@ fn kept_while_a_caller_joins(async_leader: bool, join: Join) -> (u64, Option<u64
                 eventually(|| cache.stats().coalesced > before),
                 "the joiner never joined the leader's flight"
             );
+            if panics {
+                panic!("injected: replace_if's second look");
+            }
             false // keep it
         }
     };
-    let leader = if async_leader {
-        futures::executor::block_on(cache.get_with_if_async(1, async { 99 }, judge))
-    } else {
-        cache.get_with_if(1, || 99, judge)
-    };
+    let leader = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if async_leader {
+            futures::executor::block_on(cache.get_with_if_async(1, async { 99 }, judge))
+        } else {
+            cache.get_with_if(1, || 99, judge)
+        }
+    }))
+    .ok();
     let joined = joiner
         .lock()
         .unwrap()
@@ -132,27 +150,160 @@ fn kept_while_a_caller_joins(async_leader: bool, join: Join) -> (u64, Option<u64
         .join()
         .expect("the joiner did not panic");
     cache.validate();
-    (leader, joined)
+    (leader, joined, cache.stats())
+}
+
+/// "Each miss of a loading call ... is also counted as exactly one of: a load ..., a join
+/// (`coalesced`) or a negative hit": `None` if the statistics say so, else what is off.
+fn unbalanced(s: &CacheStats) -> Option<String> {
+    let counted =
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits;
+    (s.misses != counted).then(|| format!("misses {} != {counted} counted: {s:?}", s.misses))
 }
 
 #[test]
 fn a_caller_that_joins_after_a_kept_read_never_gets_the_value_expired() {
     let _dog = watchdog(Duration::from_secs(120), "kept read sweep");
+    quiet_injected_panics();
     let mut wrong = Vec::new();
-    for async_leader in [false, true] {
-        for (name, join) in joiners() {
-            let (leader, joined) = kept_while_a_caller_joins(async_leader, join);
-            // The leader's own read came before the clock moved: its value is legal for it.
-            assert_eq!(leader, 7, "{name}: the leader keeps what it read");
-            // The joiner began after the entry's deadline: 7 had expired by its clock, so it
-            // must load (42) itself.
-            if joined != Some(42) {
-                wrong.push(format!(
-                    "{} leader, {name} joiner: got {joined:?}, the value expired before it began",
-                    if async_leader { "async" } else { "blocking" }
-                ));
+    for panics in [false, true] {
+        for async_leader in [false, true] {
+            for (name, join) in joiners() {
+                let (leader, joined, stats) =
+                    second_look_while_a_caller_joins(async_leader, join, panics);
+                let case = format!(
+                    "{} leader{}, {name} joiner",
+                    if async_leader { "async" } else { "blocking" },
+                    if panics { " panicking" } else { "" }
+                );
+                // The leader's own read came before the clock moved: its value is legal for
+                // it. ("If `init` or `replace_if` panics", the call panics.)
+                let expected = (!panics).then_some(7);
+                if leader != expected {
+                    wrong.push(format!("{case}: the leader got {leader:?}"));
+                }
+                // The joiner began after the entry's deadline: 7 had expired by its clock, so
+                // it must load (42) itself (also when the leader panicked: "callers waiting
+                // for this `init` load again themselves").
+                if joined != Some(42) {
+                    wrong.push(format!(
+                        "{case}: got {joined:?}, the value expired before it began"
+                    ));
+                }
+                if let Some(u) = unbalanced(&stats) {
+                    wrong.push(format!("{case}: {u}"));
+                }
             }
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Found by an outside attack on the fix above: under `max_concurrent_loads`, a caller nested
+/// in another load (it holds a permit) that finds the leader's load not started takes it over
+/// and runs its own `init` ("the caller runs its own loader under its own permit and publishes
+/// through this flight"). When the leader's second look then kept the value, it ended the
+/// flight anyway, with the taker's `init` still running: the next caller to miss ran a second
+/// `init` of the key beside it, and the taker's value was never stored (nor counted). Now a
+/// leader taken over leaves the flight to its taker, whose load counts the leader's miss.
+#[test]
+fn a_load_taken_over_from_a_leader_that_keeps_stays_single_flight() {
+    let _dog = watchdog(Duration::from_secs(60), "taken over, then kept");
+    let clock = ManualClock::new();
+    let cache: Arc<Cache<u32, u64>> = Arc::new(
+        Cache::builder()
+            .max_capacity(100)
+            .time_to_live(TTL)
+            .max_concurrent_loads(4)
+            .record_stats()
+            .clock(clock.clone())
+            .build(),
+    );
+    cache.insert(1, 7);
+    let release = Arc::new(AtomicBool::new(false));
+    let taking = Arc::new(AtomicBool::new(false));
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // An `init` of key 1 that records how many run at once (and, for the taker's, waits).
+    let init = {
+        let (running, most, release, taking) = (
+            Arc::clone(&running),
+            Arc::clone(&most),
+            Arc::clone(&release),
+            Arc::clone(&taking),
+        );
+        move |v: u64, wait: bool| {
+            let n = running.fetch_add(1, SeqCst) + 1;
+            most.fetch_max(n, SeqCst);
+            if wait {
+                taking.store(true, SeqCst);
+                while !release.load(SeqCst) {
+                    std::thread::yield_now();
+                }
+            }
+            running.fetch_sub(1, SeqCst);
+            v
+        }
+    };
+    let taker: Arc<Mutex<Option<JoinHandle<u64>>>> = Arc::default();
+    let judge = {
+        let (cache, clock, taker, taking) = (
+            Arc::clone(&cache),
+            clock.clone(),
+            Arc::clone(&taker),
+            Arc::clone(&taking),
+        );
+        let init = init.clone();
+        let mut looks = 0;
+        move |_v: &u64| {
+            looks += 1;
+            if looks == 1 {
+                return true;
+            }
+            // The second look: key 1 expires, and a load of key 2 (holding a permit) asks for
+            // key 1, whose load has not started: it takes it over.
+            clock.advance(TTL + Duration::from_secs(1));
+            let (c, init) = (Arc::clone(&cache), init.clone());
+            *taker.lock().unwrap() = Some(std::thread::spawn(move || {
+                let mut inner = 0;
+                c.get_with(2, || {
+                    inner = c.get_with(1, || init(42, true));
+                    5
+                });
+                inner
+            }));
+            assert!(
+                eventually(|| taking.load(SeqCst)),
+                "the nested load did not take the leader's load over"
+            );
+            false // keep 7
+        }
+    };
+    // The leader answers with what it kept: legal for it (read before the clock moved).
+    assert_eq!(cache.get_with_if(1, || 99, judge), 7);
+    // The taker's `init` still runs; another caller misses key 1: it must join that load.
+    let before = cache.stats().coalesced;
+    let other = {
+        let (c, init) = (Arc::clone(&cache), init.clone());
+        std::thread::spawn(move || c.get_with(1, || init(43, false)))
+    };
+    assert!(eventually(
+        || cache.stats().coalesced > before || other.is_finished()
+    ));
+    release.store(true, SeqCst);
+    let inner = taker.lock().unwrap().take().unwrap().join().expect("taker");
+    let got = other.join().expect("other caller");
+    assert_eq!(
+        most.load(SeqCst),
+        1,
+        "two inits of key 1 ran at once (taker got {inner}, the other caller {got})"
+    );
+    assert_eq!((inner, got), (42, 42), "one load, one value");
+    assert_eq!(
+        cache.get(&1),
+        Some(42),
+        "the load, with no write meanwhile, is stored"
+    );
+    // Every miss counted once: the leader's by the load its taker ran.
+    assert_eq!(unbalanced(&cache.stats()), None);
+    cache.validate();
 }
