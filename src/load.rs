@@ -1142,10 +1142,11 @@ where
     /// nothing is loaded or stored; otherwise the lead is handed back to load
     /// ([`Judged::Load`]). A write from the registration on supersedes the load; one that
     /// came *before the look* (the value judged may be its own, or its removal) ends the
-    /// flight unloaded, and the caller claims again ([`Judged::Again`]; at most [`CLAIMS_AGAIN`] times, then it loads and
-    /// the write wins): its replacement must replace what it judged. If `judge`
-    /// panics, the lead is dropped (abandoned: its waiters load again); if it loads this key,
-    /// it panics (recursion).
+    /// flight unloaded, and the caller claims again ([`Judged::Again`]; at most
+    /// [`CLAIMS_AGAIN`] times, then it loads and the write wins): its replacement must replace
+    /// what it judged. If `judge` panics, the lead is dropped (abandoned: its waiters load
+    /// again); if it loads this key, it panics (recursion). Kept by a leader whose load a
+    /// nested caller took over meanwhile, the flight is left to that caller, who loads.
     /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
     ///
     /// Kept, the caller's miss is settled (as coalesced) here, before the flight ends: ending
