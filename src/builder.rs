@@ -643,8 +643,12 @@ where
     /// value replaces the old one). A `None` of an `optionally_` loader is an answer, not a
     /// failure: it removes the old value for good, as a write or invalidation of the key does
     /// (and a computation's [`Op::Remove`](crate::Op::Remove));
-    /// [`retain`](crate::Cache::retain) offers the old value to its predicate. An async caller
-    /// whose runtime cuts the load off (the future dropped) asks
+    /// [`retain`](crate::Cache::retain) offers the old value to its predicate. A load that a
+    /// write or invalidation of the key won over (it began before them) falls back on nothing
+    /// when it fails: its callers get the failure, and the value that write stored is put in
+    /// no backoff. A computation of the key (`and_compute_with` & co.) is no retry: past the
+    /// retry deadline, the key's callers wait for it and take its value, as without
+    /// fail-safe. An async caller whose runtime cuts the load off (the future dropped) asks
     /// [`get_or_stale`](crate::Cache::get_or_stale). On a soft
     /// timeout the load goes on, and its callers get the old value at once until it ends.
     ///

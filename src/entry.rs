@@ -469,7 +469,9 @@ where
                         // answers this call (and sets the key's retry deadline, while the
                         // flight is still registered), as for any failed load.
                         None => {
-                            if let Some(v) = self.fail_safe_fallback(lead.hash(), &key) {
+                            let fallback =
+                                self.fail_safe_fallback_for(lead.hash(), &key, lead.flight(), true);
+                            if let Some(v) = fallback {
                                 found.insert(key, v);
                             }
                             lead.fail();
@@ -575,7 +577,7 @@ where
     }
 
     fn try_lock_key(&self, hash: u64, key: &K) -> Result<Lead<K, V, S>, FlightRef<K, V>> {
-        let f = Flight::blocking();
+        let f = Flight::computation();
         // A computation is not a load waiting for a permit: nobody takes it over.
         let keep = || {
             f.start();

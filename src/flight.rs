@@ -204,6 +204,8 @@ pub(crate) struct Flight<K, V> {
     /// Whether the leader has started its load ([`WAITING`], [`STARTED`]) or a caller that
     /// holds a load permit took it over while the leader waited for one ([`STOLEN`]).
     start: Arc<AtomicU8>,
+    /// A computation's flight ([`Flight::computation`]), not a load's.
+    computes: bool,
 }
 
 /// A flight's leader has not started its load yet (it may be waiting for a load permit).
@@ -222,9 +224,20 @@ impl<K, V> Flight<K, V> {
         Self::with_start(Arc::new(AtomicU8::new(WAITING)))
     }
 
+    /// A computation's flight (`and_compute_with` & co.): callers loading the key join it as
+    /// a load, but it loads nothing, so fail-safe does not count it as a retry of a failed
+    /// load (see [`Flights::running_computes`]).
+    pub(crate) fn computation() -> Arc<Self> {
+        Self::new(Arc::new(AtomicU8::new(WAITING)), true)
+    }
+
     /// A flight whose start token is `start`: a shared load's, which starts itself (see
     /// [`start`]).
     pub(crate) fn with_start(start: Arc<AtomicU8>) -> Arc<Self> {
+        Self::new(start, false)
+    }
+
+    fn new(start: Arc<AtomicU8>, computes: bool) -> Arc<Self> {
         Arc::new(Flight {
             state: Mutex::new(State {
                 phase: Phase::Running,
@@ -248,6 +261,7 @@ impl<K, V> Flight<K, V> {
             forgo_fallback: AtomicBool::new(false),
             negative_until: AtomicU64::new(0),
             start,
+            computes,
         })
     }
 
@@ -1102,15 +1116,27 @@ impl<K: Hash + Eq, V> Flights<K, V> {
             .collect()
     }
 
-    /// Whether a load of `key` runs (a registered flight that is not a negative entry).
+    /// Whether a load or a computation of `key` runs (a registered flight that is not a
+    /// negative entry).
     pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.running_computes(hash, key).is_some()
+    }
+
+    /// What runs for `key`: `Some(false)` a load (or a refresh), `Some(true)` a computation,
+    /// `None` neither (no flight, or a negative entry).
+    pub(crate) fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         self.table
             .find(hash, |r| r.key.borrow() == key)
-            .is_some_and(|r| r.flight.negative_until() == 0)
+            .filter(|r| r.flight.negative_until() == 0)
+            .map(|r| r.flight.computes)
     }
 
     /// The key this very flight is registered for, if it is.

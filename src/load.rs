@@ -948,7 +948,7 @@ where
         let forgo = lead.flight().forgoes_fallback();
         let fallback = match (&outcome, &failed_key) {
             (Outcome::Error(_) | Outcome::Panicked, Some(k)) if !forgo => {
-                self.fail_safe_fallback_for(hash, k, served)
+                self.fail_safe_fallback_for(hash, k, lead.flight(), served)
             }
             _ => None,
         };

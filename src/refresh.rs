@@ -231,7 +231,7 @@ where
         let fallback = if lead.flight().forgoes_fallback() {
             None
         } else {
-            self.fail_safe_fallback_for(hash, key, joined)
+            self.fail_safe_fallback_for(hash, key, lead.flight(), joined)
         };
         self.count(Counter::RefreshFailed);
         self.count(Counter::LoadFailure);

@@ -26,7 +26,12 @@
 //!   leaves the registry, so no caller can start a second load in between.
 //!   Not a failure: a computation (`and_compute_with` & co.) that stores nothing or panics (it
 //!   loads nothing), a refresh that never ran (deferred by the load limit, dropped by the
-//!   spawner, taken over), a load given up by a computation. A refresh that fails while the
+//!   spawner, taken over), a load given up by a computation, a load that a write or
+//!   invalidation of the key won over (its flight detached: checked under the lock that reads
+//!   the old value, so the value that write stored is never put in a backoff no failed load
+//!   of it started). A soft timeout sets the retry deadline only while a load of the key still
+//!   runs (the one the caller waited for, or its successor): with none running, the timed-out
+//!   caller still gets the old value, and the next caller loads. A refresh that fails while the
 //!   value is still live sets the next refresh a backoff ahead and, with fail-safe, is not
 //!   remembered by `negative_ttl` (the remembered error would answer before the old value,
 //!   once it expires).
@@ -34,6 +39,8 @@
 //!   The first caller after it (decided under the shard's write lock) sets the next retry
 //!   deadline and loads; meanwhile the others get the old value (they do not wait for a
 //!   backend that just failed). So the backend sees at most one load of the key per backoff.
+//!   A computation of the key running past the deadline is no retry (it loads nothing): the
+//!   callers wait for it and take its value, as without fail-safe.
 //! * **Never beyond `max_stale`**: once `deadline + max_stale` passes, the entry is gone (the
 //!   check is exact, against the clock, not the reclaim), and a failure is an error again.
 //! * **Writes win**: an `insert` or `invalidate` replaces or removes the old entry, so a load
@@ -58,9 +65,11 @@
 //! [`Cache::health`] raises a warning while it happens.
 
 use super::Cache;
+use crate::flight::Flight;
 use crate::shard::Shard;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl<K, V, S> Cache<K, V, S>
 where
@@ -70,8 +79,9 @@ where
 {
     /// The fast path of [`fail_safe_answer`](Self::fail_safe_answer), under the read lock: the
     /// old value (mapped by `hit`) if a load of `key` failed within the last backoff or a
-    /// retry of it runs. `None` leaves the decision to the write-locked path, which checks
-    /// again. During an outage, most callers of a failing key take only this read lock.
+    /// retry of it runs (a load: a computation of the key is no retry, its callers wait for
+    /// it). `None` leaves the decision to the write-locked path, which checks again. During
+    /// an outage, most callers of a failing key take only this read lock.
     pub(crate) fn fail_safe_read<R>(
         &self,
         hash: u64,
@@ -84,7 +94,7 @@ where
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
             let (v, retry) = s.stale(hash, key, now)?;
             let at = retry.load(Ordering::Relaxed);
-            if at == 0 || (at <= now && !s.loading(hash, key)) {
+            if at == 0 || (at <= now && s.running_computes(hash, key) != Some(false)) {
                 return None;
             }
             hit(v)
@@ -95,8 +105,10 @@ where
 
     /// Under the shard's write lock, for a caller about to claim a load of `key`: the old value
     /// to answer with instead, if a load of `key` failed within the last backoff or a retry of
-    /// it runs. Otherwise `None`, and a caller past the retry deadline becomes the retrier: the
-    /// next retry deadline is set now, so concurrent callers do not retry too.
+    /// it runs. Otherwise `None`: past the retry deadline, while a computation of the key runs,
+    /// the caller joins it as any load's caller does (the computation loads nothing: it is no
+    /// retry, and the deadline stays); with nothing running, the caller becomes the retrier:
+    /// the next retry deadline is set now, so concurrent callers do not retry too.
     pub(crate) fn fail_safe_answer<'a>(
         &self,
         s: &'a Shard<K, V>,
@@ -110,8 +122,13 @@ where
         if at == 0 {
             return None; // no load of it failed yet: load (or join) as usual
         }
-        if at > now || s.loading(hash, key) {
+        if at > now {
             return Some(v);
+        }
+        match s.running_computes(hash, key) {
+            Some(false) => return Some(v), // a retry runs
+            Some(true) => return None,     // a computation runs: join it
+            None => {}
         }
         let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
         retry.store(next, Ordering::Relaxed);
@@ -227,23 +244,56 @@ where
         Some(v)
     }
 
-    /// A load of `key` failed: if its old value is within its stale window, sets the key's
-    /// retry deadline a backoff ahead and returns a clone of the value (cloned under the read
-    /// lock, as a hit is), counted as served after its time to live.
+    /// A caller's wait for a load of `key` timed out: if the key's old value is within its
+    /// stale window, returns a clone of it (cloned under the read lock, as a hit is), counted
+    /// as served after its time to live, and — while a load of the key still runs — sets the
+    /// key's retry deadline a backoff ahead, so that the next callers get the value at once
+    /// instead of waiting for that load too. With no load running (the one this caller waited
+    /// for lost to a write of the key, or has just ended), no deadline: the old value is then
+    /// no failed load's, and the next caller loads.
     pub(crate) fn fail_safe_fallback(&self, hash: u64, key: &K) -> Option<V> {
-        self.fail_safe_fallback_for(hash, key, true)
+        self.fail_safe_fallback_if(hash, key, None, true)
     }
 
-    /// [`fail_safe_fallback`](Self::fail_safe_fallback); `served`: whether a caller gets the
-    /// value (counted only then).
-    pub(crate) fn fail_safe_fallback_for(&self, hash: u64, key: &K, served: bool) -> Option<V> {
+    /// The load `flight` of `key` failed: as [`fail_safe_fallback`](Self::fail_safe_fallback),
+    /// but only while `flight` is still registered (checked under the lock that reads the old
+    /// value). A write or invalidation of the key since the load began detached it: the load
+    /// lost to that write, its failure falls back on nothing (and puts the value that write
+    /// stored, which no failed load ever loaded, in no backoff). `served`: whether a caller
+    /// gets the value (counted only then).
+    pub(crate) fn fail_safe_fallback_for(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: &Arc<Flight<K, V>>,
+        served: bool,
+    ) -> Option<V> {
+        self.fail_safe_fallback_if(hash, key, Some(flight), served)
+    }
+
+    fn fail_safe_fallback_if(
+        &self,
+        hash: u64,
+        key: &K,
+        flight: Option<&Arc<Flight<K, V>>>,
+        served: bool,
+    ) -> Option<V> {
         self.inner.stampede.fail_safe?;
         let now = self.now();
         let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
         let v = {
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            // Whether to set the retry deadline: for a failed load, while it still counts
+            // (registered); for a timed-out wait, while a load of the key still runs.
+            let backoff = match flight {
+                Some(f) if !s.flights_ref().is_registered(hash, f) => return None,
+                Some(_) => true,
+                None => s.running_computes(hash, key) == Some(false),
+            };
             let (v, retry) = s.stale(hash, key, now)?;
-            retry.fetch_max(next, Ordering::Relaxed);
+            if backoff {
+                retry.fetch_max(next, Ordering::Relaxed);
+            }
             v.clone()
         };
         if served {

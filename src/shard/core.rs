@@ -559,13 +559,23 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Some((&e.value, self.extra(slot, j)))
     }
 
-    /// Whether a load of `key` runs (a registered flight that is not a negative entry).
+    /// Whether a load or a computation of `key` runs (a registered flight that is not a
+    /// negative entry).
     pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         self.flights.loading(hash, key)
+    }
+
+    /// What runs for `key`: `Some(false)` a load, `Some(true)` a computation, `None` neither.
+    pub(crate) fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.flights.running_computes(hash, key)
     }
 
     #[inline]

@@ -280,6 +280,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn loading<Q>(&self, hash: u64, key: &Q) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn refresh_deadline_of(&self, value: &V) -> Option<&AtomicU64>;
         fn reset_refresh_of(&self, value: &V, at: u64);
         #[allow(clippy::too_many_arguments)]
