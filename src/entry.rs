@@ -311,7 +311,9 @@ where
     /// flight. Keys that `load_missing` does not return are absent from the result (and callers
     /// waiting on them load them again themselves). A key whose load by another caller ends
     /// with nothing for this call (it failed, or was given up) goes to `load_missing` if it
-    /// has not been called yet, else is absent too.
+    /// has not been called yet, else is absent too — unless, with
+    /// [`fail_safe`](crate::CacheBuilder::fail_safe), that failure left the key's old value to
+    /// answer its callers (within the backoff it started): then that value is returned.
     ///
     /// Blocks while loads run. `load_missing` runs with no lock held, under one permit of
     /// `max_concurrent_loads` if set.
@@ -484,8 +486,17 @@ where
         for (key, flight) in joins {
             if let Waited::Done(Some(v)) = self.wait_blocking(&flight, &accept_value, None) {
                 found.insert(key, v);
-            } else if let Some(v) = self.read_with(&key, self.hash(&key), false, V::clone) {
+                continue;
+            }
+            let hash = self.hash(&key);
+            if let Some(v) = self.read_with(&key, hash, false, V::clone) {
                 found.insert(key, v); // stored meanwhile (by a computation that gave it up)
+            } else if let Some(v) = self.fail_safe_read(hash, &key, V::clone) {
+                // The load failed with no value for its callers (abandoned: its leader's
+                // `get_with` init panicked, or it was dropped): with fail-safe, within the
+                // backoff that failure started, the key's old value answers this call as any
+                // caller's (once `load_missing` is spent, no later round would ask).
+                found.insert(key, v);
             } else {
                 again.push(key);
             }

@@ -64,6 +64,16 @@
 //! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
 //! [`Cache::health`] raises a warning while it happens.
 
+/// What fail-safe makes of a caller about to claim a load ([`Cache::fail_safe_answer`]).
+pub(crate) enum FailSafe<'a, V> {
+    /// Answer with the old value, no load.
+    Stale(&'a V),
+    /// Load (or join) as usual.
+    Load,
+    /// Load as the key's retrier: the retry deadline was moved on from this one.
+    Retrier(u64),
+}
+
 use super::Cache;
 use crate::flight::Flight;
 use crate::shard::Shard;
@@ -104,35 +114,51 @@ where
     }
 
     /// Under the shard's write lock, for a caller about to claim a load of `key`: the old value
-    /// to answer with instead, if a load of `key` failed within the last backoff or a retry of
-    /// it runs. Otherwise `None`: past the retry deadline, while a computation of the key runs,
-    /// the caller joins it as any load's caller does (the computation loads nothing: it is no
-    /// retry, and the deadline stays); with nothing running, the caller becomes the retrier:
-    /// the next retry deadline is set now, so concurrent callers do not retry too.
+    /// to answer with instead ([`FailSafe::Stale`]), if a load of `key` failed within the last
+    /// backoff or a retry of it runs. Otherwise, past the retry deadline, while a computation
+    /// of the key runs, the caller joins it as any load's caller does (the computation loads
+    /// nothing: it is no retry, and the deadline stays): [`FailSafe::Load`]; with nothing
+    /// running, the caller becomes the retrier ([`FailSafe::Retrier`]): the next retry
+    /// deadline is set now, so concurrent callers do not retry too — and set back by
+    /// [`fail_safe_withdraw`](Self::fail_safe_withdraw) if the caller's registration is then
+    /// withdrawn (a caller that cannot lead: no retry runs).
     pub(crate) fn fail_safe_answer<'a>(
         &self,
         s: &'a Shard<K, V>,
         hash: u64,
         key: &K,
         now: u64,
-    ) -> Option<&'a V> {
-        self.inner.stampede.fail_safe?;
-        let (v, retry) = s.stale(hash, key, now)?;
+    ) -> FailSafe<'a, V> {
+        if self.inner.stampede.fail_safe.is_none() {
+            return FailSafe::Load;
+        }
+        let Some((v, retry)) = s.stale(hash, key, now) else {
+            return FailSafe::Load;
+        };
         let at = retry.load(Ordering::Relaxed);
         if at == 0 {
-            return None; // no load of it failed yet: load (or join) as usual
+            return FailSafe::Load; // no load of it failed yet: load (or join) as usual
         }
         if at > now {
-            return Some(v);
+            return FailSafe::Stale(v);
         }
         match s.running_computes(hash, key) {
-            Some(false) => return Some(v), // a retry runs
-            Some(true) => return None,     // a computation runs: join it
+            Some(false) => return FailSafe::Stale(v), // a retry runs
+            Some(true) => return FailSafe::Load,      // a computation runs: join it
             None => {}
         }
         let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
         retry.store(next, Ordering::Relaxed);
-        None
+        FailSafe::Retrier(at)
+    }
+
+    /// Under the shard's write lock: the retrier's registration was withdrawn (a caller that
+    /// cannot lead: a shared async load's owner whose future another caller already ran), so
+    /// no retry runs: the retry deadline goes back to `previous`, and the next caller retries.
+    pub(crate) fn fail_safe_withdraw(&self, s: &Shard<K, V>, hash: u64, key: &K, previous: u64) {
+        if let Some((_, retry)) = s.stale(hash, key, self.now()) {
+            retry.store(previous, Ordering::Relaxed);
+        }
     }
 
     /// Under the shard's write lock: a load of `key` ended without a value (abandoned, e.g. its

@@ -4,6 +4,7 @@
 //! its waiters live in [`crate::flight`]; the registry itself in each shard; the lifecycle
 //! guard in [`crate::load::Lead`]. Only this module and its parent take shard locks.
 
+use super::fail_safe::FailSafe;
 use super::Cache;
 use crate::flight::FlightClaim;
 use crate::flight::{drop_then, Flight, Outcome, Phase};
@@ -92,6 +93,8 @@ where
         let registered = key.clone(); // user code, before the lock
         let now = self.now();
         let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        // This caller became the key's fail-safe retrier (the retry deadline moved on).
+        let mut retrier = None;
         if let Some(hit) = hit {
             if let Some(v) = s.peek_read(hash, key, now, &self.inner.expiry) {
                 let r = hit(v);
@@ -101,12 +104,16 @@ where
             }
             // Fail-safe: within a failed key's backoff (or while its retry runs) the old value
             // answers instead of a load (see `fail_safe.rs`).
-            if let Some(v) = self.fail_safe_answer(&s, hash, key, now) {
-                let r = hit(v);
-                drop(s);
-                drop(registered);
-                self.note_stale();
-                return Registration::Hit(r);
+            match self.fail_safe_answer(&s, hash, key, now) {
+                FailSafe::Stale(v) => {
+                    let r = hit(v);
+                    drop(s);
+                    drop(registered);
+                    self.note_stale();
+                    return Registration::Hit(r);
+                }
+                FailSafe::Retrier(previous) => retrier = Some(previous),
+                FailSafe::Load => {}
             }
         }
         // A planted bug for the loom model to catch: a refresh registers whatever the key
@@ -138,9 +145,16 @@ where
                     drop(s);
                     Registration::Registered(Swept(stale))
                 } else {
-                    let key = s.flights().remove(hash, flight);
+                    let taken = s.flights().remove(hash, flight);
+                    // No retry runs after all: the next caller is the retrier. (A panic of
+                    // the key's `Eq` here leaves the deadline moved on: one skipped retry.)
+                    if let Some(previous) = retrier {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.fail_safe_withdraw(&s, hash, key, previous);
+                        }));
+                    }
                     drop(s);
-                    drop((stale, key));
+                    drop((stale, taken));
                     Registration::Withdrawn
                 }
             }
