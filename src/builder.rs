@@ -690,7 +690,8 @@ where
 
     /// After a failed refresh (or, with [`fail_safe`](Self::fail_safe), a failed load of an
     /// expired key), wait this long before the next attempt (default: the `refresh_after`
-    /// period, else one second).
+    /// period, else one second). A zero backoff is taken as one nanosecond: the next attempt
+    /// may come at once.
     pub fn refresh_backoff(mut self, d: Duration) -> Self {
         self.stampede.refresh_backoff = nanos(d).max(1);
         self
@@ -922,7 +923,7 @@ where
         self
     }
 
-    /// Refresh-ahead: a read of an entry written more than `d` ago returns its value at once
+    /// Refresh-ahead: a read of an entry written at least `d` ago returns its value at once
     /// and starts exactly one reload of the key with the [`loader`](Self::loader) (on the
     /// [`spawner`](Self::spawner) if set, else in the reader that triggered it). On failure the
     /// old value is kept — never beyond its `time_to_live` — and the next attempt waits

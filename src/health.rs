@@ -296,8 +296,9 @@ impl fmt::Display for Warning {
                         )
                     }
                     Some((_, None)) => f.write_str(
-                        "; the sizing curve predicts little gain from a larger cache: the misses \
-                         are keys seen once (a scan); keep max_capacity, or keep scans out",
+                        "; the sizing curve predicts little gain from a larger cache (up to 4×): \
+                         the misses are keys seen once (a scan), or seen again only after more \
+                         than 4× max_capacity other keys; keep max_capacity, or keep scans out",
                     ),
                     None => f.write_str(
                         ": the cache is too small for its working set; raise max_capacity \
