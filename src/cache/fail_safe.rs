@@ -64,6 +64,13 @@
 //! [`CacheStats::stale_served_after_ttl`](crate::CacheStats::stale_served_after_ttl), and
 //! [`Cache::health`] raises a warning while it happens.
 
+use super::Cache;
+use crate::flight::Flight;
+use crate::shard::Shard;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 /// What fail-safe makes of a caller about to claim a load ([`Cache::fail_safe_answer`]).
 pub(crate) enum FailSafe<'a, V> {
     /// Answer with the old value, no load.
@@ -73,13 +80,6 @@ pub(crate) enum FailSafe<'a, V> {
     /// Load as the key's retrier: the retry deadline was moved on from this one.
     Retrier(u64),
 }
-
-use super::Cache;
-use crate::flight::Flight;
-use crate::shard::Shard;
-use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 impl<K, V, S> Cache<K, V, S>
 where
