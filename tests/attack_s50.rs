@@ -954,6 +954,8 @@ fn more_failure_shapes_fall_back() {
 /// load_successes + load_failures + loads_abandoned + coalesced + negative_hits`, less the
 /// refreshes") under concurrency: threads loading few keys with errors, panics, cancelled
 /// shared and borrowed async loads, fail-safe answers and expiry on a moving manual clock.
+/// (A shared load another caller joined outlives its cancelled owner: it must be able to
+/// finish, or that caller waits for ever — a hang CI met once in several runs.)
 #[test]
 fn miss_identity_under_concurrent_failures_and_cancellations() {
     common::quiet_injected_panics();
@@ -994,9 +996,14 @@ fn miss_identity_under_concurrent_failures_and_cancellations() {
                                 }));
                             }
                             3 => {
-                                let mut f = Box::pin(
-                                    c.get_with_async_shared(k, std::future::pending::<u64>()),
-                                );
+                                // Pending at the one poll it gets here, ready at the next: a
+                                // caller that joined before the drop drives it to the end (a
+                                // forever-pending shared load would keep such a caller, and
+                                // every later one, waiting for ever, as documented).
+                                let mut f = Box::pin(c.get_with_async_shared(k, async move {
+                                    common::Yield(1).await;
+                                    i
+                                }));
                                 let _ = poll_once(f.as_mut());
                             }
                             4 => {
