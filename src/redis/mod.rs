@@ -54,9 +54,12 @@
 //! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
 //! instance, Redis never again yields an older value for the key**, and the other instances
 //! drop their local copies within the pub/sub delivery time (bounded by the local time to
-//! live when messages are lost, see below). The one bound on it: a tombstone lives as long as
+//! live when messages are lost, see below). Two bounds on it: a tombstone lives as long as
 //! values do (the tier's time to live, or the lease time to live if longer), so a load that
-//! began before an invalidation and runs longer than that could still write back.
+//! began before an invalidation and runs longer than that could still write back; and a write
+//! needs Redis: one made while Redis is unreachable (the operation fails or times out, or the
+//! circuit breaker is open and skips it) changes the local tier only — Redis keeps what it
+//! had, and the other instances are not told (nothing is queued for later).
 //!
 //! # Key layout
 //!
@@ -74,7 +77,10 @@
 //! cache's `time_to_live`). A copy an instance reads from Redis expires locally when the copy
 //! in Redis does (the read fetches its `PTTL`; reads of the local copy, which move its deadline
 //! under a time to idle or an `Expiry`, never move it past that), so without invalidations no
-//! value is served longer than the tier's time to live after it was loaded, on any instance.
+//! instance serves a value it read from Redis longer than the tier's time to live after it was
+//! loaded. The instance that loaded (or inserted) a value keeps its own copy as its own
+//! settings say — its time to live, time to idle or `Expiry`, which may be longer than the
+//! tier's: that copy is the value it wrote, not one it learnt from Redis.
 //!
 //! With `refresh_after`, a refresh reads Redis too, but takes only a value younger than
 //! `refresh_after` (one another instance's refresh just loaded); an older one is the value
@@ -86,12 +92,22 @@
 //! entry, a failover) is replaced within about two seconds.
 //! Invalidation messages are not replayed (Redis pub/sub keeps nothing): an instance whose
 //! subscriber was disconnected when a message was sent keeps serving its local copy until that
-//! copy expires — **at most the local time to live** (or time to idle), and never past the
-//! tier's time to live from the load. [`RedisTier::clear_on_reconnect`] bounds this by the
+//! copy expires — **at most the local time to live** (or time to idle), and for a copy read
+//! from Redis never past the tier's time to live from the load. [`RedisTier::clear_on_reconnect`] bounds this by the
 //! disconnection instead, at the price of refilling the local tier (from Redis) after every
 //! reconnect (and once when the subscriber first subscribes: what the instance loaded before
 //! then may have missed messages too). A load that read Redis just before another instance's
 //! `DEL` is bounded the same way.
+//!
+//! With [`fail_safe`](crate::CacheBuilder::fail_safe) a local copy is kept past its time to
+//! live, and a failed load of it may serve it up to `max_stale` longer. A missed invalidation
+//! of the key does not let that happen: the failed load's read of Redis finds the key's
+//! tombstone, and the load's callers get its error. A missed `invalidate_all` is seen the same
+//! way only while its tombstones last; for a key that was not in Redis when it ran (evicted or
+//! expired there), or once the tombstones have expired, nothing in Redis tells it apart, and
+//! the copy from before it can be served as fail-safe's last value.
+//! [`clear_on_reconnect`](RedisTier::clear_on_reconnect) closes this too (the copies go
+//! when the subscriber reconnects).
 //!
 //! # Redis failing never fails a request
 //!
@@ -418,7 +434,8 @@ impl RedisTier {
 
     /// How long values live in Redis (`SET … PX`). Default: the cache's `time_to_live`.
     /// Required when the cache has none (e.g. with a custom `expire_after`). Local copies read
-    /// from Redis expire with the Redis copy.
+    /// from Redis expire with the Redis copy; the copy of a value an instance loaded or
+    /// inserted itself keeps the cache's own expiry (see the module docs).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -831,8 +848,13 @@ where
     /// A key the key codec cannot encode is not in Redis: it is inserted here, and the other
     /// instances, which cannot be told which key it is, are told to drop every local copy.
     ///
+    /// The local copy lives as the cache's own settings say (not bounded by the tier's time
+    /// to live, unlike a copy read from Redis).
+    ///
     /// Blocks for the Redis write and publish (each bounded by the operation timeout; skipped
-    /// while the breaker is open).
+    /// while the breaker is open). A write Redis does not get (it fails, times out, or the
+    /// breaker skips it) is local only: Redis keeps the key's older value, the other instances
+    /// are not told, and nothing retries it (the module docs' guarantee needs Redis).
     pub fn insert(&self, key: K, value: V) {
         let clears = self.tier.clears();
         let written = self.tier.put(&key, &value);
@@ -857,7 +879,8 @@ where
     /// A key the key codec cannot encode: as for [`insert`](Self::insert), the other
     /// instances drop every local copy.
     ///
-    /// Blocks for the Redis delete and publish (bounded as [`insert`](Self::insert)).
+    /// Blocks for the Redis delete and publish (bounded as [`insert`](Self::insert)); an
+    /// invalidation Redis does not get is local only, as an [`insert`](Self::insert) is.
     pub fn invalidate(&self, key: &K) {
         // Redis first: a local miss in between must not read the old value back from Redis.
         self.tier.invalidate(key);
@@ -873,7 +896,8 @@ where
     /// Advances the namespace's epoch in Redis (values loads wrote back before it are ignored
     /// from then on), tombstones the namespace's values (`SCAN` in batches of about 1,000 keys,
     /// each bounded by the operation timeout), tells the other instances to clear theirs, then
-    /// clears the local tier.
+    /// clears the local tier. With Redis unreachable, only the local tier is cleared (as an
+    /// [`insert`](Self::insert) Redis does not get).
     pub fn invalidate_all(&self) {
         self.tier.invalidate_all();
         self.cache.invalidate_all();
