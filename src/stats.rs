@@ -323,7 +323,11 @@ pub struct CacheStats {
     pub loads_waited_for_limit: u64,
     /// Calls that gave up waiting at their soft timeout.
     pub timeouts: u64,
-    /// Gauge: loads running now.
+    /// Gauge: loads (and computations, `and_compute_with` & co.) running now that still hold
+    /// their key. A load that a write of its key
+    /// overtook (its value will not be stored) stops counting at that write, though its
+    /// loader may still run; so does a refresh that lost to a write (counted in
+    /// `refreshes_failed` when it ends).
     pub loads_in_flight: u64,
     /// Gauge: the most loads that ever ran at once under `max_concurrent_loads`.
     pub max_concurrent_loads_seen: u64,
