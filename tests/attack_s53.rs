@@ -1107,6 +1107,11 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
         let clock = ManualClock::new();
         let boom = Arc::new(AtomicBool::new(true));
         let bm = boom.clone();
+        // The failing loads wait for `go` before they panic: the test sees them in flight
+        // however late it is scheduled (a fixed 20 ms window was missed on a loaded machine,
+        // and the wait for the flight then spun for ever).
+        let go = Arc::new(AtomicBool::new(false));
+        let go2 = go.clone();
         let cache: C = Cache::builder()
             .max_capacity(100)
             .max_concurrent_loads(1)
@@ -1116,10 +1121,14 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
             .record_stats()
             .async_loader(move |k: &u32| {
                 let boom = bm.load(Ordering::SeqCst);
+                let go = go2.clone();
                 let k = *k;
                 async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     if boom {
+                        while !go.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
                         panic!("loader boom");
                     }
                     Ok::<u64, String>(u64::from(k) + 50)
@@ -1131,6 +1140,7 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
             .build();
         rt.block_on(async {
             if kind == 4 {
+                go.store(true, Ordering::SeqCst);
                 cache.insert(1, 1);
                 clock.advance(Duration::from_secs(11));
                 assert_eq!(cache.get(&1), Some(1)); // refresh starts and panics
@@ -1159,9 +1169,13 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
                 return;
             }
             let c = cache.clone();
+            let go3 = go.clone();
             let leader = tokio::spawn(async move {
-                let init = async {
+                let init = async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                    while !go3.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     panic!("init boom")
                 };
                 match kind {
@@ -1176,6 +1190,9 @@ fn s53_async_panics_in_tasks_release_key_and_permit() {
             }
             let c = cache.clone();
             let waiter = tokio::spawn(async move { c.get_with_async(1, async { 7 }).await });
+            // Time for the waiter to join (if it comes later, it loads by itself: same result).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            go.store(true, Ordering::SeqCst);
             assert!(leader.await.is_err(), "kind {kind}: the leader panics");
             let v = tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await
