@@ -11,6 +11,7 @@
 #![cfg(feature = "redis")]
 
 mod common;
+use common::tier::{raw, vkey};
 use herdcache_testkit::redis_server;
 
 use common::{eventually, quiet_injected_panics, watchdog};
@@ -51,17 +52,6 @@ where
 
 fn plain(t: RedisTier) -> TieredCache<u64, u64> {
     t.build(builder(), Plain).expect("valid configuration")
-}
-
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-fn vkey(ns: &str, k: impl std::fmt::Display) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
 }
 
 fn lkey(ns: &str, k: impl std::fmt::Display) -> String {

@@ -7,6 +7,7 @@
 #![cfg(feature = "redis")]
 
 mod common;
+use common::tier::{raw, vkey};
 use herdcache_testkit::redis_server;
 
 use common::{eventually, quiet_injected_panics, watchdog};
@@ -37,17 +38,6 @@ fn builder() -> herdcache::CacheBuilder<u64, u64> {
         .max_capacity(10_000)
         .time_to_live(Duration::from_secs(600))
         .record_stats()
-}
-
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-fn vkey(ns: &str, k: u64) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
 }
 
 fn lkey(ns: &str, k: u64) -> String {

@@ -11,6 +11,7 @@
 //! and those three cases, are kept.
 
 mod common;
+use common::tier::{raw, vkey};
 #[path = "common/proxy.rs"]
 mod proxy;
 use herdcache_testkit::redis_server::RedisServer;
@@ -104,17 +105,6 @@ fn fs(clock: &ManualClock, ctl: &Arc<Ctl>) -> CacheBuilder<u64, String> {
 
 fn build(t: RedisTier, b: CacheBuilder<u64, String>) -> TieredCache<u64, String> {
     t.build(b, Plain).expect("valid configuration")
-}
-
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-fn vkey(ns: &str, k: u64) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
 }
 
 fn rvalue(conn: &mut redis::Connection, ns: &str, k: u64) -> Option<String> {

@@ -33,6 +33,7 @@
 #![cfg(not(any(loom, shuttle)))]
 
 mod common;
+use common::tier::{raw, vkey};
 use herdcache_testkit::redis_server;
 
 use common::{eventually, start, watchdog};
@@ -89,17 +90,7 @@ fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
         .expect("valid configuration")
 }
 
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
 /// The Redis key of `k`'s value in namespace `ns` (the module docs' key layout).
-fn vkey(ns: &str, k: u64) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
-}
 
 fn lkey(ns: &str, k: u64) -> String {
     format!("hc:{}:{ns}:l{{{k}}}", ns.len())

@@ -16,6 +16,7 @@
 #![cfg(not(any(loom, shuttle)))]
 
 mod common;
+use common::tier::{raw, vkey};
 use herdcache_testkit::redis_server;
 
 use common::{eventually, start, watchdog};
@@ -45,17 +46,6 @@ fn plain(server: &RedisServer, ns: &str) -> TieredCache<u64, u64> {
             Plain,
         )
         .expect("valid configuration")
-}
-
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-fn vkey(ns: &str, k: u64) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
 }
 
 fn field(conn: &mut redis::Connection, ns: &str, k: u64, f: &str) -> Option<String> {

@@ -498,12 +498,7 @@ mod tier {
         .unwrap()
     }
 
-    fn raw(server: &RedisServer) -> redis::Connection {
-        redis::Client::open(server.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    }
+    use super::common::tier::raw;
 
     fn subscribed(cs: &[&TieredCache<u64, u64>]) {
         assert!(

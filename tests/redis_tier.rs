@@ -4,6 +4,7 @@
 #![cfg(feature = "redis")]
 
 mod common;
+use common::tier::{raw, vkey};
 use herdcache_testkit::redis_server;
 
 use common::eventually;
@@ -73,13 +74,6 @@ fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
     .expect("valid configuration")
 }
 
-fn raw(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
 /// `SET key value [PX px]` behind the caches' back.
 fn set(conn: &mut redis::Connection, key: &str, value: &str, px: Option<u64>) {
     let mut cmd = redis::cmd("SET");
@@ -99,9 +93,6 @@ fn exists(conn: &mut redis::Connection, key: &str) -> bool {
 }
 
 /// The Redis key of `k`'s value in namespace `ns` (see the `redis` module's key layout).
-fn vkey(ns: &str, k: impl std::fmt::Display) -> String {
-    format!("hc:{}:{ns}:v{{{k}}}", ns.len())
-}
 
 /// The Redis key of `k`'s lease in namespace `ns`.
 fn lkey(ns: &str, k: impl std::fmt::Display) -> String {

@@ -5,6 +5,8 @@ pub mod hand;
 pub mod heap;
 pub mod key_drop;
 pub mod moka;
+#[cfg(feature = "redis")]
+pub mod tier;
 
 use std::future::Future;
 use std::pin::Pin;
