@@ -400,17 +400,25 @@ fn wait_all(
     b: Vec<(&'static str, Started<Res>)>,
     a: Vec<(&'static str, Task)>,
     rt: &tokio::runtime::Runtime,
-) {
+) -> String {
+    // How each caller ended, for a failure's message: a value, `-` (an error), or `panic`.
+    let mut ends = Vec::new();
+    let show = |r: Option<Res>| match r {
+        Some(Some(v)) => v.to_string(),
+        Some(None) => "-".to_string(),
+        None => "panic".to_string(),
+    };
     for (name, s) in b {
-        assert!(
-            s.wait(DEADLINE).is_some(),
-            "{what}: blocking waiter {name} hangs"
-        );
+        let r = s.wait(DEADLINE);
+        assert!(r.is_some(), "{what}: blocking waiter {name} hangs");
+        ends.push(format!("{name} {}", show(r.and_then(Result::ok))));
     }
     for (name, t) in a {
         let r = rt.block_on(async { tokio::time::timeout(DEADLINE, t).await });
         assert!(r.is_ok(), "{what}: async waiter {name} hangs");
+        ends.push(format!("{name} {}", show(r.ok().and_then(Result::ok))));
     }
+    ends.join(", ")
 }
 
 /// A blocking leader (`try_get_with`) held until the waiters joined, ending as `ends`.
@@ -449,9 +457,9 @@ fn sync_leader_case(ends: Ends, cfg: Cfg, mask: u8, n: u64, rt: &tokio::runtime:
     }
     go_tx.send(()).unwrap();
     assert!(leader.wait(DEADLINE).is_some(), "{what}: the leader hangs");
-    wait_all(&what, b, a, rt);
+    let ends = wait_all(&what, b, a, rt);
     let fired = FIRED.load(SeqCst);
-    after(&cache, &what);
+    after(&cache, &format!("{what} (callers: {ends})"));
     drop(cache);
     fired
 }
@@ -606,6 +614,10 @@ impl Gate2 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    /// Polled by a waiter that is not on the tokio runtime (the blocking `load_async` waiter
+    /// drives the shared load when it is woken first), `sleep` panics ("no reactor running"):
+    /// the loader panics while another caller polls it, a case the sweep keeps on purpose
+    /// (stop 48's CI run printed it; `tests/attack_s66.rs` makes it happen every time).
     async fn wait_async(&self) {
         self.inside.store(true, SeqCst);
         while !self.go.load(SeqCst) {
@@ -756,9 +768,10 @@ fn leader_case(
     gate.go.store(true, SeqCst);
     let r = rt.block_on(async { tokio::time::timeout(DEADLINE, lead).await });
     assert!(r.is_ok(), "{what}: the leader hangs");
-    wait_all(&what, b, a, rt);
+    let led = format!("{:?}", r.ok().map(|r| r.ok()));
+    let ends = wait_all(&what, b, a, rt);
     let fired = FIRED.load(SeqCst);
-    after(&cache, &what);
+    after(&cache, &format!("{what} (leader {led}; callers: {ends})"));
     drop(cache);
     fired
 }
@@ -953,9 +966,9 @@ fn refresh_case(
     }
     gate.go.store(true, SeqCst);
     assert!(reader.wait(DEADLINE).is_some(), "{what}: the reader hangs");
-    wait_all(&what, b, a, rt);
+    let ends = wait_all(&what, b, a, rt);
     let fired = FIRED.load(SeqCst);
-    after(&cache, &what);
+    after(&cache, &format!("{what} (callers: {ends})"));
     // The key refreshes again (its refresh claim came back).
     gate.plain.store(true, SeqCst);
     clock.advance(Duration::from_secs(6));
@@ -1200,9 +1213,9 @@ fn cancelled_case(
     arm(mask, n);
     let r = rt.block_on(async { tokio::time::timeout(DEADLINE, lead).await });
     assert!(r.is_ok(), "{what}: the leader hangs");
-    wait_all(&what, b, a, rt);
+    let ends = wait_all(&what, b, a, rt);
     let fired = FIRED.load(SeqCst);
-    after(&cache, &what);
+    after(&cache, &format!("{what} (callers: {ends})"));
     drop(cache);
     fired
 }

@@ -1,0 +1,169 @@
+#![cfg(not(any(loom, shuttle)))]
+//! A shared async load (`load_async` with the builder's `async_loader`) whose loader panics
+//! while a *waiter* polls it, not its leader: the case stop 48's CI run printed in
+//! `attack_s55` ("there is no reactor running": its gate's `tokio::time::sleep`, polled by a
+//! waiter blocked on a futures executor outside the runtime). Here it happens every time: the
+//! loader panics whenever it is polled on the waiter's thread, and until then it stays pending,
+//! waking itself, so that the waiter (woken with every interested caller) gets to poll it.
+//!
+//! Checked in each configuration (plain, a load limit of 1, negative caching, fail-safe with an
+//! expired old value): the leader and the waiter both get the load's end (`Panicked`, or the
+//! old value under fail-safe), the other waiters of the key complete, no load is left in
+//! flight, `validate()` passes, and the statistics balance exactly (every miss ends as one
+//! load, join or negative hit).
+
+mod common;
+
+use common::{start, watchdog};
+use herdcache::{Cache, LoadError, ManualClock};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+thread_local! {
+    /// Set on the waiter's thread: the loader panics when polled there.
+    static WAITER: Cell<bool> = const { Cell::new(false) };
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
+    limit: bool,
+    negative: bool,
+    fail_safe: bool,
+}
+
+fn case(cfg: Cfg) {
+    let what = format!("{cfg:?}");
+    let polled_by_waiter = Arc::new(AtomicBool::new(false));
+    let p = Arc::clone(&polled_by_waiter);
+    let clock = ManualClock::new();
+    let mut b = Cache::builder()
+        .max_capacity(100)
+        .time_to_live(Duration::from_secs(10))
+        .record_stats()
+        .clock(clock.clone());
+    if cfg.limit {
+        b = b.max_concurrent_loads(1);
+    }
+    if cfg.negative {
+        b = b.negative_ttl(Duration::from_secs(100));
+    }
+    if cfg.fail_safe {
+        b = b.fail_safe(Duration::from_secs(3600));
+    }
+    let cache: Cache<u64, u64> = b
+        .async_loader(move |_k: &u64| {
+            let p = Arc::clone(&p);
+            async move {
+                std::future::poll_fn(|cx| {
+                    if WAITER.with(Cell::get) {
+                        p.store(true, SeqCst);
+                        panic!("injected: the loader polled by a waiter");
+                    }
+                    cx.waker().wake_by_ref();
+                    Poll::<()>::Pending
+                })
+                .await;
+                Ok::<u64, herdcache::BoxError>(5)
+            }
+        })
+        .build();
+    if cfg.fail_safe {
+        cache.insert(1, 40);
+        clock.advance(Duration::from_secs(20));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let c = cache.clone();
+    let lead = rt.spawn(async move { c.load_async(1).await });
+    assert!(
+        common::eventually(|| cache.loads_in_flight() > 0),
+        "{what}: the leader's load never started"
+    );
+    let c = cache.clone();
+    let waiter = start(move || {
+        WAITER.with(|w| w.set(true));
+        futures::executor::block_on(c.load_async(1))
+    });
+    let c = cache.clone();
+    let blocking = start(move || c.get_with(1, || 7));
+    let c = cache.clone();
+    let other = rt.spawn(async move { c.get_with_async(1, async { 8 }).await });
+
+    let led = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), lead).await })
+        .unwrap_or_else(|_| panic!("{what}: the leader hangs"))
+        .expect("the leader's task");
+    let waited = waiter
+        .wait(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{what}: the waiter hangs"))
+        .expect("the waiter's call returns: the loader's panic is the load's end");
+    assert!(polled_by_waiter.load(SeqCst), "{what}: tests nothing");
+    if cfg.fail_safe {
+        assert_eq!(led.ok(), Some(40), "{what}: fail-safe serves the old value");
+        assert_eq!(waited.ok(), Some(40), "{what}: to the waiter too");
+    } else {
+        assert!(matches!(led, Err(LoadError::Panicked)), "{what}: {led:?}");
+        assert!(
+            matches!(waited, Err(LoadError::Panicked)),
+            "{what}: {waited:?}"
+        );
+    }
+    let b = blocking
+        .wait(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{what}: get_with hangs"))
+        .expect("get_with");
+    let o = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), other).await })
+        .unwrap_or_else(|_| panic!("{what}: get_with_async hangs"))
+        .expect("get_with_async");
+    if cfg.fail_safe {
+        assert_eq!((b, o), (40, 40), "{what}");
+    } else {
+        // Neither can use a panicked load: one of them loads, the other joins it (or loads
+        // after it, if it came late).
+        assert!(
+            [7, 8].contains(&b) && [7, 8].contains(&o),
+            "{what}: {b} {o}"
+        );
+    }
+    assert!(
+        common::eventually(|| cache.loads_in_flight() == 0),
+        "{what}: a load left in flight: {}",
+        cache.describe_loads()
+    );
+    cache.validate();
+    let s = cache.stats();
+    let answered =
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits;
+    assert_eq!(
+        answered,
+        s.misses + s.refreshes_started,
+        "{what}: misses and their ends do not balance: {s:?}"
+    );
+}
+
+#[test]
+fn a_shared_loads_loader_panics_while_a_waiter_polls_it() {
+    common::quiet_injected_panics();
+    let _w = watchdog(Duration::from_secs(300), "attack_s66");
+    let rounds = common::Part::new("s66 rounds").count(30);
+    for _ in 0..rounds {
+        for limit in [false, true] {
+            for negative in [false, true] {
+                for fail_safe in [false, true] {
+                    case(Cfg {
+                        limit,
+                        negative,
+                        fail_safe,
+                    });
+                }
+            }
+        }
+    }
+}
