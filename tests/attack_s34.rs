@@ -71,8 +71,6 @@ fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
         .expect("valid configuration")
 }
 
-/// The Redis key of `k`'s value in namespace `ns` (the module docs' key layout).
-
 fn exists(conn: &mut redis::Connection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query::<i64>(conn).unwrap() == 1
 }

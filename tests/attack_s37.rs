@@ -90,8 +90,6 @@ fn instance(tier: RedisTier, backend: &Arc<Backend>) -> TieredCache<u64, u64> {
         .expect("valid configuration")
 }
 
-/// The Redis key of `k`'s value in namespace `ns` (the module docs' key layout).
-
 fn lkey(ns: &str, k: u64) -> String {
     format!("hc:{}:{ns}:l{{{k}}}", ns.len())
 }

@@ -92,8 +92,6 @@ fn exists(conn: &mut redis::Connection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query(conn).unwrap()
 }
 
-/// The Redis key of `k`'s value in namespace `ns` (see the `redis` module's key layout).
-
 /// The Redis key of `k`'s lease in namespace `ns`.
 fn lkey(ns: &str, k: impl std::fmt::Display) -> String {
     format!("hc:{}:{ns}:l{{{k}}}", ns.len())
