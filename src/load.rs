@@ -741,8 +741,10 @@ where
             self.reclass(how, Class::Counted(Counter::Coalesced));
             return Claim::Hit(r);
         }
+        // This caller's load is a shared one (its future goes into the flight it registers).
+        let shares = can_lead && future.is_some();
         // The key's clone (user code) comes before the lock.
-        let owned = (can_lead && future.is_some()).then(|| key.clone());
+        let owned = shares.then(|| key.clone());
         let f = match future {
             Some((_, token, _)) if can_lead => Flight::with_start(Arc::clone(token)),
             _ => Flight::blocking(),
@@ -783,7 +785,20 @@ where
             Registration::Registered(swept) => {
                 // The flight counts this miss: its load, failed or abandoned.
                 self.reclass(how, Class::Flight);
-                Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
+                if shares {
+                    // A shared load is other callers' to join and poll from its registration
+                    // on: no lead of this caller may end it while the swept registrations drop
+                    // (user code), or a load another caller polled and published would be
+                    // counted twice. If that drop panics, this caller leaves the load as its
+                    // cancelled leader would: it goes on for the callers that joined it, or is
+                    // cancelled (counted abandoned) if none did.
+                    let f = swept
+                        .drop_after(crate::load_async::LeaderInterest::new(self, hash, f))
+                        .disarm();
+                    Claim::Lead(Lead::new(self, hash, f))
+                } else {
+                    Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
+                }
             }
             Registration::Withdrawn => Claim::Lost,
         }

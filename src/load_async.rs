@@ -1138,6 +1138,59 @@ fn leave_flight<K, V, S>(
     }
 }
 
+/// The interest of the caller that registered a shared load (its waiter
+/// [`LEADER`](crate::flight::LEADER)), between the registration and its wait: dropped armed (a
+/// panic in between), the caller leaves the load as a cancelled waiter does (see
+/// [`leave_flight`]).
+pub(crate) struct LeaderInterest<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: &'a Cache<K, V, S>,
+    hash: u64,
+    flight: Option<Arc<Flight<K, V>>>,
+}
+
+impl<'a, K, V, S> LeaderInterest<'a, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(cache: &'a Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) -> Self {
+        LeaderInterest {
+            cache,
+            hash,
+            flight: Some(flight),
+        }
+    }
+
+    /// The flight, its interest kept for the caller's wait.
+    pub(crate) fn disarm(mut self) -> Arc<Flight<K, V>> {
+        self.flight.take().expect("armed until disarmed")
+    }
+}
+
+impl<K, V, S> Drop for LeaderInterest<'_, K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(flight) = self.flight.take() {
+            leave_flight(
+                self.cache,
+                self.hash,
+                &flight,
+                &mut Some(crate::flight::LEADER),
+            );
+        }
+    }
+}
+
 /// Stops a waiter's interest: unregisters its waker and returns whether it was the last one
 /// interested in a running async load (which should then be cancelled).
 fn leave<K, V>(id: &mut Option<u64>, st: &mut State<K, V>) -> bool {

@@ -29,7 +29,9 @@ pub(crate) enum Registration<K, V, R> {
 /// Registrations that a new one replaced or swept (expired negative-cache entries). Their
 /// keys' and errors' `Drop` is user code: it runs after the shard lock is released and once
 /// the caller's guard owns its new flight, so that a panic there abandons the flight (its
-/// waiters retry) instead of leaving it registered with nobody to end it.
+/// waiters retry) instead of leaving it registered with nobody to end it — or, for a shared
+/// load (which callers that joined may already drive and publish), gives up the caller's
+/// interest in it as a cancelled caller would (`load_async::LeaderInterest`).
 pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>);
 
 /// A value whose `Drop` (user code: a key) is left to the caller, to run once its removals
