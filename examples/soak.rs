@@ -2,7 +2,7 @@
 //! and progress.
 //!
 //! ```text
-//! cargo run --release --example soak -- 180      # 3 minutes (CI); any number of seconds
+//! cargo run --release --example soak -- 90       # 90 s (CI); any number of seconds
 //! ```
 //!
 //! Two workers mix gets, inserts, single-flight loads that fail (5 %) or panic (1 %),

@@ -1316,6 +1316,8 @@ fn key_clone_and_hash_panics_at_every_point() {
     let _w = watchdog(LIMIT, "key panics");
     quiet_injected_panics();
     let _g = KEY_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let part = common::Part::new("key panics");
+    let mut case = 0u64;
     let mut bad = Vec::new();
     for spawn in [Spawn::None, Spawn::Thread, Spawn::Inline] {
         for negative in [false, true] {
@@ -1323,6 +1325,10 @@ fn key_clone_and_hash_panics_at_every_point() {
                 for b in 0..3u64 {
                     for pre in 0..3 {
                         for at in 0..40u64 {
+                            case += 1;
+                            if !part.take(case) {
+                                continue;
+                            }
                             let outcome = b;
                             let mut bl = Cache::builder()
                                 .max_capacity(100)
@@ -2108,10 +2114,16 @@ fn joiner_key_panics_at_every_point() {
     let _w = watchdog(LIMIT, "joiner key panics");
     quiet_injected_panics();
     let _g = KEY_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let part = common::Part::new("joiner key panics");
+    let mut case = 0u64;
     let mut bad = Vec::new();
     for verb in 0..10 {
         for leader_ok in [true, false] {
             for at in 0..30u64 {
+                case += 1;
+                if !part.take(case) {
+                    continue;
+                }
                 let c: PC = Cache::builder()
                     .max_capacity(100)
                     .record_stats()
@@ -2527,7 +2539,7 @@ fn mixed_storm_neg_limit1_thread_spawner_repeated() {
     let n: usize = std::env::var("S41_REPEAT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or_else(|| common::Part::new("mixed repeated").count(600) as usize);
     let async_mix = std::env::var("S41_NOASYNC").is_err();
     // Narrowed (18:29): the shared async load path (`get_with_async_shared`, `try_`,
     // `optionally_`; also `load_async`) with a negative TTL; no spawner or limit needed.

@@ -280,7 +280,7 @@ impl Rng {
 /// `HERDCACHE_TEST_PART=N` (N ≥ 2) is set; then every N-th case, from an offset that rotates
 /// with the clock (printed; `HERDCACHE_TEST_PART_AT=k` fixes it), and the time-bounded sweeps
 /// get an N-th of their time. CI runs the whole suite twice (README's two test commands); the
-/// second run, `--all-features`, takes a third of the slowest sweeps, which the first ran in
+/// second run, `--all-features`, takes a sixth of the slowest sweeps, which the first ran in
 /// full (the features add the Redis tier, metrics and serde, none of which these sweeps use).
 pub struct Part {
     n: u64,
