@@ -206,6 +206,9 @@ pub(crate) struct Flight<K, V> {
     start: Arc<AtomicU8>,
     /// A computation's flight ([`Flight::computation`]), not a load's.
     computes: bool,
+    /// Whether this flight's load has been counted in the statistics (one of
+    /// `load_successes`, `load_failures`, `loads_abandoned`): see [`count_load`](Self::count_load).
+    counted: AtomicBool,
 }
 
 /// A flight's leader has not started its load yet (it may be waiting for a load permit).
@@ -259,6 +262,7 @@ impl<K, V> Flight<K, V> {
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),
             forgo_fallback: AtomicBool::new(false),
+            counted: AtomicBool::new(false),
             negative_until: AtomicU64::new(0),
             start,
             computes,
@@ -372,6 +376,18 @@ impl<K, V> Flight<K, V> {
 
     /// Whether a failure of this load must not fall back on the key's old value (see
     /// [`running_forgo_fallback`]).
+    /// Claims the right to count this flight's load: true the first time, false after. A
+    /// flight counts one load, in one column, whoever ends it (its leader publishing, a lead
+    /// dropped by a panic or a cancellation, a caller taking a shared load over or driving it,
+    /// a cancelled shared load, a refresh deferred or failed, a caller whose spawned job was
+    /// dropped). Each of those paths decides by its own state that it is the one to count;
+    /// this makes the decision exactly-once whatever that state says: a second owner (stop 49
+    /// found one, `attack_s66`) leaves the statistics' balance intact instead of counting
+    /// the load twice.
+    pub(crate) fn count_load(&self) -> bool {
+        !self.counted.swap(true, Ordering::AcqRel)
+    }
+
     pub(crate) fn forgoes_fallback(&self) -> bool {
         self.forgo_fallback.load(Ordering::Acquire)
     }

@@ -285,7 +285,7 @@ where
 /// dropped without running it, a deadline passed waiting for a load permit — unregisters the
 /// flight and releases its waiters to retry; a load's flight is counted as a failed load if
 /// a panic drops it, else as an abandoned one (each flight counts one load, published or
-/// not). For a refresh, it also schedules the next attempt after the refresh backoff.
+/// not, exactly once: [`Flight::count_load`]). For a refresh, it also schedules the next attempt after the refresh backoff.
 pub(crate) struct Lead<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -356,7 +356,9 @@ where
     /// as an abandoned load (`loads_abandoned`: given up before it ended), but not a failed
     /// load for fail-safe (no backend was called).
     pub(crate) fn given_up(cache: &Cache<K, V, S>, hash: u64, flight: Arc<Flight<K, V>>) {
-        cache.count(Counter::LoadAbandoned);
+        if flight.count_load() {
+            cache.count(Counter::LoadAbandoned);
+        }
         let mut lead = Lead::taken(cache, hash, flight);
         lead.load = false;
     }
@@ -396,7 +398,7 @@ where
     /// Abandons the flight as a failed load (a key `get_all`'s `load_missing` left out): its
     /// waiters load again.
     pub(crate) fn fail(mut self) {
-        if std::mem::take(&mut self.load) {
+        if std::mem::take(&mut self.load) && self.flight().count_load() {
             self.cache.count(Counter::LoadFailure);
         }
     }
@@ -442,7 +444,7 @@ where
                 }
                 None => false,
             };
-            if (self.load || self.refresh_load) && !handed_back {
+            if (self.load || self.refresh_load) && !handed_back && flight.count_load() {
                 // Unwinding: a panic of user code between the claim and the publish.
                 self.cache.count(if std::thread::panicking() {
                     Counter::LoadFailure
@@ -830,6 +832,15 @@ where
         self.count(c);
     }
 
+    /// [`settle_flight`](Self::settle_flight) with `flight`'s load, counted in `c` unless it
+    /// was counted already ([`Flight::count_load`]).
+    pub(crate) fn settle_load(&self, how: &mut ClaimMode, flight: &Flight<K, V>, c: Counter) {
+        how.class = Class::Counted(c);
+        if flight.count_load() {
+            self.count(c);
+        }
+    }
+
     /// Publishes a finished load: stores a value (only if the flight is still registered: no
     /// write or invalidation of the key happened since it was claimed) and unregisters the
     /// flight in one critical section, then marks it done and wakes the waiters. A failure
@@ -920,15 +931,17 @@ where
             // Counted here: if the store below panics, the lead is not counted again.
             lead.load = false;
             lead.refresh_load = false;
-            let success = matches!(outcome, Outcome::Value(_));
-            self.count(if success {
-                Counter::LoadSuccess
-            } else {
-                Counter::LoadFailure
-            });
-            self.count_n(Counter::LoadNanos, took);
-            let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
-            self.inner.stampede.monitor.load(took, failed);
+            if lead.flight().count_load() {
+                let success = matches!(outcome, Outcome::Value(_));
+                self.count(if success {
+                    Counter::LoadSuccess
+                } else {
+                    Counter::LoadFailure
+                });
+                self.count_n(Counter::LoadNanos, took);
+                let failed = matches!(outcome, Outcome::Error(_) | Outcome::Panicked);
+                self.inner.stampede.monitor.load(took, failed);
+            }
         }
         let took = took.unwrap_or(0);
         // A planted bug for the loom model to catch: waiters released before the value is
@@ -1368,5 +1381,54 @@ where
 fn resume(panic: Option<Panic>) {
     if let Some(p) = panic {
         std::panic::resume_unwind(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DefaultHashBuilder;
+
+    fn loads(c: &Cache<u64, u64>) -> (u64, u64, u64) {
+        let s = c.stats();
+        (s.load_successes, s.load_failures, s.loads_abandoned)
+    }
+
+    /// Two owners of one flight's load — a bug of the kind `attack_s66` found (a lead left
+    /// armed while another caller published the load) — count it once: the first to end it
+    /// counts it, in its column; the second's end is a no-op for the statistics. Without
+    /// [`Flight::count_load`] each case counts two loads.
+    #[test]
+    fn a_flight_counts_its_load_once_whoever_ends_it() {
+        type Ending = fn(&Cache<u64, u64>, Lead<u64, u64, DefaultHashBuilder>);
+        let publish: Ending = |c, lead| {
+            c.publish(lead, None, Outcome::Value(7), 1);
+        };
+        let fail: Ending = |_, lead| lead.fail();
+        let abandon: Ending = |_, lead| drop(lead);
+        let panic: Ending = |_, lead| {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                let _lead = lead;
+                panic!("injected");
+            }));
+        };
+        let endings = [
+            ("publish", publish, (1, 0, 0)),
+            ("fail", fail, (0, 1, 0)),
+            ("abandon", abandon, (0, 0, 1)),
+            ("panic", panic, (0, 1, 0)),
+        ];
+        for (first, end_first, counted) in endings {
+            for (second, end_second, _) in endings {
+                let c: Cache<u64, u64> = Cache::builder().max_capacity(10).record_stats().build();
+                let hash = c.hash(&1);
+                let flight = Flight::blocking();
+                let a = Lead::new(&c, hash, Arc::clone(&flight));
+                let b = Lead::new(&c, hash, flight);
+                end_first(&c, a);
+                end_second(&c, b);
+                assert_eq!(loads(&c), counted, "{first} then {second}");
+            }
+        }
     }
 }

@@ -327,7 +327,8 @@ where
                 Waited::TimedOut => {
                     if handoff.is_some_and(|h| h.caller_gone()) {
                         // Our job was dropped unrun before this caller gave up: counted here.
-                        self.settle_flight(&mut how, Counter::LoadAbandoned);
+                        // (The job's flight's load: its lead, handed back, did not count it.)
+                        self.settle_load(&mut how, &flight, Counter::LoadAbandoned);
                     }
                     return None;
                 }

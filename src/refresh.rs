@@ -143,7 +143,9 @@ where
                     // Deferred, not lost: the next read finds the entry due again. Its load
                     // never ran: an abandoned load (see `Lead`'s `refresh_load`).
                     self.count(Counter::RefreshFailed);
-                    self.count(Counter::LoadAbandoned);
+                    if lead.flight().count_load() {
+                        self.count(Counter::LoadAbandoned);
+                    }
                     let hash = lead.hash();
                     let flight = lead.disarm();
                     self.end_flight(hash, &flight, Some(self.now()), Phase::Abandoned, false);
@@ -234,9 +236,11 @@ where
             self.fail_safe_fallback_for(hash, key, lead.flight(), joined)
         };
         self.count(Counter::RefreshFailed);
-        self.count(Counter::LoadFailure);
-        self.count_n(Counter::LoadNanos, took);
-        self.inner.stampede.monitor.load(took, true);
+        if lead.flight().count_load() {
+            self.count(Counter::LoadFailure);
+            self.count_n(Counter::LoadNanos, took);
+            self.inner.stampede.monitor.load(took, true);
+        }
         let (outcome, negative) = match fallback {
             Some(v) => (Outcome::Value(v), None),
             None => {

@@ -290,7 +290,9 @@ where
             let mut st = flight.state.lock();
             st.polling = false;
             st.phase = Phase::Abandoned;
-            self.count(crate::stats::Counter::LoadAbandoned);
+            if flight.count_load() {
+                self.count(crate::stats::Counter::LoadAbandoned);
+            }
             (key, std::mem::take(&mut st.wakers))
         };
         // Outside the locks, before anyone wakes; the key's `Drop` is user code: everyone is
