@@ -321,7 +321,9 @@ where
     /// # Panics
     ///
     /// If `load_missing` panics (its keys' waiters are released first), or asks this cache for
-    /// one of the keys it is loading.
+    /// one of the keys it is loading. If the eviction listener (or a removed value's `Drop`)
+    /// panics on an entry that storing the loaded values removed, every loaded value is stored
+    /// first, then the first such panic is resumed.
     ///
     /// # Example
     ///
@@ -457,11 +459,22 @@ where
                     (loaded, self.stopwatch().saturating_sub(start))
                 };
                 drop(keys);
+                // Every loaded value is published before a panic of the eviction listener (or
+                // of a replaced or evicted value's `Drop`) that one of the stores raised is
+                // resumed: as for any write, the operation — here all of `load_missing`'s
+                // values — completes first (the helper of round 67 saw the keys after the
+                // first eviction lost, counted as failed loads).
+                let mut deferred = None;
                 for (key, lead) in leads {
                     match loaded.remove(&key) {
                         Some(v) => {
-                            let outcome =
-                                self.publish(lead, Some(key.clone()), Outcome::Value(v), took);
+                            let (outcome, panic) = self.publish_deferred(
+                                lead,
+                                Some(key.clone()),
+                                Outcome::Value(v),
+                                took,
+                            );
+                            deferred = deferred.or(panic);
                             if let Some(v) = accept_value(&outcome) {
                                 found.insert(key, v);
                             }
@@ -479,6 +492,9 @@ where
                             lead.fail();
                         }
                     }
+                }
+                if let Some(p) = deferred {
+                    std::panic::resume_unwind(p);
                 }
             }
         }

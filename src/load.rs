@@ -857,9 +857,23 @@ where
         outcome: Outcome<V>,
         took: u64,
     ) -> Arc<Outcome<V>> {
-        let (outcome, _, panic) = self.publish_as(lead, key, outcome, Some(took));
+        let (outcome, panic) = self.publish_deferred(lead, key, outcome, took);
         resume(panic);
         outcome
+    }
+
+    /// [`publish`](Self::publish), with the first panic of the eviction listener or of a
+    /// removed value's `Drop` returned instead of resumed: for a caller that publishes several
+    /// loads (`get_all`), which publishes them all before it resumes the panic.
+    pub(crate) fn publish_deferred(
+        &self,
+        lead: Lead<K, V, S>,
+        key: Option<K>,
+        outcome: Outcome<V>,
+        took: u64,
+    ) -> (Arc<Outcome<V>>, Option<Panic>) {
+        let (outcome, _, panic) = self.publish_as(lead, key, outcome, Some(took));
+        (outcome, panic)
     }
 
     /// [`publish`](Self::publish)es a loaded value; returns whether it was stored (not if a

@@ -66,7 +66,6 @@ where
         let Some(lead) = claimed else {
             return; // a load of the key runs already; its value will do
         };
-        self.count(Counter::RefreshStarted);
         match &self.inner.stampede.spawner {
             Some(spawn) => {
                 // The job owns the lead: dropped unrun (or with a panicking spawner), the
@@ -98,7 +97,6 @@ where
         let Some(lead) = claimed else {
             return;
         };
-        self.count(Counter::RefreshStarted);
         let fut = async move {
             let cache = lead.cache().clone();
             let limiter = cache.inner.stampede.limiter.clone();
@@ -279,12 +277,18 @@ where
 
     /// Registers a refresh of `key` as its flight, unless a load of it runs already — then the
     /// reader's claim is given back (due again after the backoff, unless that load stores a new
-    /// value first).
+    /// value first). A registered refresh is counted as started here.
     fn claim_refresh(&self, hash: u64, key: &K) -> Option<Lead<K, V, S>> {
         let f = Flight::blocking();
         let retry = crate::clock::deadline(self.now(), self.inner.stampede.refresh_backoff);
         match self.register_flight::<()>(hash, key, &f, false, None, Some(retry), || true) {
-            Registration::Registered(swept) => Some(swept.drop_after(Lead::refresh(self, hash, f))),
+            Registration::Registered(swept) => {
+                // Started from its registration on, counted before the registrations it swept
+                // are dropped (the `Drop` of a key or an error: user code): if that panics,
+                // the refresh's lead ends it as failed, and a refresh that failed was started.
+                self.count(Counter::RefreshStarted);
+                Some(swept.drop_after(Lead::refresh(self, hash, f)))
+            }
             Registration::Running(_) => None,
             // Written or removed since the read claimed it: no refresh (the write wins).
             Registration::Withdrawn => None,
