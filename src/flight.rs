@@ -374,8 +374,6 @@ impl<K, V> Flight<K, V> {
         self.superseded.load(Ordering::Acquire)
     }
 
-    /// Whether a failure of this load must not fall back on the key's old value (see
-    /// [`running_forgo_fallback`]).
     /// Claims the right to count this flight's load: true the first time, false after. A
     /// flight counts one load, in one column, whoever ends it (its leader publishing, a lead
     /// dropped by a panic or a cancellation, a caller taking a shared load over or driving it,
@@ -388,6 +386,8 @@ impl<K, V> Flight<K, V> {
         !self.counted.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether a failure of this load must not fall back on the key's old value (see
+    /// [`running_forgo_fallback`]).
     pub(crate) fn forgoes_fallback(&self) -> bool {
         self.forgo_fallback.load(Ordering::Acquire)
     }

@@ -285,7 +285,8 @@ where
 /// dropped without running it, a deadline passed waiting for a load permit — unregisters the
 /// flight and releases its waiters to retry; a load's flight is counted as a failed load if
 /// a panic drops it, else as an abandoned one (each flight counts one load, published or
-/// not, exactly once: [`Flight::count_load`]). For a refresh, it also schedules the next attempt after the refresh backoff.
+/// not, exactly once: [`Flight::count_load`]). For a refresh, it also schedules the next
+/// attempt after the refresh backoff.
 pub(crate) struct Lead<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
