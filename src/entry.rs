@@ -321,9 +321,11 @@ where
     /// # Panics
     ///
     /// If `load_missing` panics (its keys' waiters are released first), or asks this cache for
-    /// one of the keys it is loading. If the eviction listener (or a removed value's `Drop`)
-    /// panics on an entry that storing the loaded values removed, every loaded value is stored
-    /// first, then the first such panic is resumed.
+    /// one of the keys it is loading. If user code panics while the loaded values are stored
+    /// — the eviction listener or a removed value's `Drop` on an entry a store removed, the
+    /// weigher, a key's or value's `Clone`, `Drop`, `Hash` or `Eq` — every other loaded value
+    /// is stored first (the key whose store panicked ends as a failed load: its waiters load
+    /// it again), then the first such panic is resumed.
     ///
     /// # Example
     ///
@@ -458,41 +460,58 @@ where
                     let loaded = loaded.unwrap_or_else(|p| std::panic::resume_unwind(p));
                     (loaded, self.stopwatch().saturating_sub(start))
                 };
-                drop(keys);
-                // Every loaded value is published before a panic of the eviction listener (or
-                // of a replaced or evicted value's `Drop`) that one of the stores raised is
-                // resumed: as for any write, the operation — here all of `load_missing`'s
-                // values — completes first (the helper of round 67 saw the keys after the
-                // first eviction lost, counted as failed loads).
-                let mut deferred = None;
+                // The keys' `Drop` (user code): a panic is resumed once the values are stored.
+                let mut deferred =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(keys))).err();
+                // Every loaded value is published before a panic of user code met on the way
+                // is resumed — the eviction listener or a removed value's `Drop` (deferred by
+                // the store itself), the weigher, a key's or value's `Clone`, `Drop`, `Hash` or
+                // `Eq` (caught here: that key's lead ends as a failed load, its waiters load
+                // again): as for any write, the operation — here all of `load_missing`'s
+                // values — completes first. Rounds 67 and 68 of the outside attacks saw the
+                // values after the first such panic lost, counted as failed loads.
                 for (key, lead) in leads {
-                    match loaded.remove(&key) {
-                        Some(v) => {
-                            let (outcome, panic) = self.publish_deferred(
-                                lead,
-                                Some(key.clone()),
-                                Outcome::Value(v),
-                                took,
-                            );
-                            deferred = deferred.or(panic);
-                            if let Some(v) = accept_value(&outcome) {
-                                found.insert(key, v);
+                    let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        match loaded.remove(&key) {
+                            Some(v) => {
+                                let (outcome, panic) = self.publish_deferred(
+                                    lead,
+                                    Some(key.clone()),
+                                    Outcome::Value(v),
+                                    took,
+                                );
+                                if let Some(v) = accept_value(&outcome) {
+                                    found.insert(key, v);
+                                }
+                                panic
+                            }
+                            // Not returned: a failed load (its waiters load it themselves).
+                            // With fail-safe the key's last value, within its stale window,
+                            // answers this call (and sets the key's retry deadline, while the
+                            // flight is still registered), as for any failed load.
+                            None => {
+                                let fallback = self.fail_safe_fallback_for(
+                                    lead.hash(),
+                                    &key,
+                                    lead.flight(),
+                                    true,
+                                );
+                                if let Some(v) = fallback {
+                                    found.insert(key, v);
+                                }
+                                lead.fail();
+                                None
                             }
                         }
-                        // Not returned: a failed load (its waiters load it themselves).
-                        // With fail-safe the key's last value, within its stale window,
-                        // answers this call (and sets the key's retry deadline, while the
-                        // flight is still registered), as for any failed load.
-                        None => {
-                            let fallback =
-                                self.fail_safe_fallback_for(lead.hash(), &key, lead.flight(), true);
-                            if let Some(v) = fallback {
-                                found.insert(key, v);
-                            }
-                            lead.fail();
-                        }
-                    }
+                    }));
+                    let panic = step.unwrap_or_else(Some);
+                    // The first panic is resumed; a later one is dropped (its payload).
+                    deferred = deferred.or(panic);
                 }
+                // What `load_missing` returned for keys it was not asked for, dropped before
+                // any panic is resumed (a `Drop` panicking while that unwinds would abort).
+                let rest = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(loaded)));
+                deferred = deferred.or(rest.err());
                 if let Some(p) = deferred {
                     std::panic::resume_unwind(p);
                 }
