@@ -874,6 +874,10 @@ where
     /// that lands before that read is read again, so a verdict always applies to the value it
     /// was given.
     ///
+    /// The look at the current entry is a read, as moka's compute: it moves the entry's time
+    /// to idle and calls [`Expiry::expire_after_read`](crate::Expiry::expire_after_read),
+    /// whatever `f` decides (an [`Op::Nop`] too), but counts no hit and no miss.
+    ///
     /// # Panics
     ///
     /// If `f` panics (the key's other callers are released first).

@@ -660,6 +660,14 @@ where
     /// Takes the shard's read lock; records the hit for the eviction policy with one relaxed
     /// store on the entry.
     ///
+    /// # Panics
+    ///
+    /// If the key's `Hash` or `Eq`, or the value's `Clone` (run under the shard's read lock),
+    /// panics: the panic reaches the caller with the lock released and the cache whole. A
+    /// value whose `Clone` panicked was read all the same (its time to idle moved,
+    /// [`Expiry::expire_after_read`](crate::Expiry::expire_after_read) called, the policy
+    /// touched), but no hit is counted.
+    ///
     /// ```
     /// let cache = herdcache::Cache::new(10);
     /// cache.insert("k".to_string(), vec![1, 2]);
