@@ -1,6 +1,7 @@
 //! Loads by borrowed key (moka's `*_by_ref` shapes): the key is looked up by reference, and
 //! turned into an owned `K` only on a miss, for the load.
 
+use crate::answer::after_dropping;
 use crate::cache::Cache;
 use crate::entry::EntryRef;
 use crate::flight::{accept_option, accept_result, accept_value, outcome_of, Outcome};
@@ -118,7 +119,8 @@ where
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let hash = match self.look_by_ref(key, &hit) {
-            Ok(r) => return r,
+            // The unused `init` drops first (user code: see `answer`).
+            Ok(r) => return after_dropping(init, r),
             Err(hash) => hash,
         };
         // The miss is counted: its ledger comes before the key's `to_owned` (user code).
@@ -238,7 +240,8 @@ where
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let hash = match self.look_by_ref(key, &hit) {
-            Ok(r) => return r,
+            // The unused `init` drops first (user code: see `answer`).
+            Ok(r) => return after_dropping(init, r),
             Err(hash) => hash,
         };
         let how = Settle::starting(self, Start::Missed);

@@ -7,6 +7,7 @@
 //! [`insert`](Cache::insert) or [`invalidate`](Cache::invalidate) of the key is not held up:
 //! it wins, and the computed value is returned but not stored.
 
+use crate::answer::after_dropping;
 use crate::cache::Cache;
 use crate::cache::Registration;
 use crate::flight::{
@@ -221,7 +222,8 @@ where
         mut replace_if: impl FnMut(&V) -> bool + Send,
     ) -> (V, bool) {
         let (hash, start) = match self.first_look(&key, &mut replace_if) {
-            Ok(kept) => return (kept, false),
+            // What the call was given drops first (user code: see `answer`).
+            Ok(kept) => return after_dropping((init, key, replace_if), (kept, false)),
             Err(claim) => claim,
         };
         let fresh = AtomicBool::new(false);
@@ -241,7 +243,7 @@ where
                 accept_value,
             )
             .await;
-        (v, fresh.load(Ordering::Acquire))
+        after_dropping(replace_if, (v, fresh.load(Ordering::Acquire)))
     }
 
     /// `get_with_if`'s first look: the value found, if `replace_if` keeps it; or the key's
@@ -282,7 +284,8 @@ where
         mut replace_if: impl FnMut(&V) -> bool,
     ) -> (V, bool) {
         let (hash, start) = match self.first_look(&key, &mut replace_if) {
-            Ok(kept) => return (kept, false),
+            // What the call was given drops first (user code: see `answer`).
+            Ok(kept) => return after_dropping((init, key, replace_if), (kept, false)),
             Err(claim) => claim,
         };
         let mut fresh = false;
@@ -303,7 +306,7 @@ where
                 Some(judge),
             )
             .expect("without a deadline a blocking load always ends with a result");
-        (v, fresh)
+        after_dropping(replace_if, (v, fresh))
     }
 
     /// Returns the values of `keys`, calling `load_missing` **once** with the keys that are
@@ -372,7 +375,7 @@ where
         let (ledger_keys, settled): (Vec<K>, Vec<Settle<'_, K, V, S>>) =
             ledgers.into_iter().unzip();
         drop(settled);
-        drop((ledger_keys, keys));
+        drop((ledger_keys, keys, load_missing));
         found
     }
 
@@ -472,18 +475,21 @@ where
                 // values after the first such panic lost, counted as failed loads.
                 for (key, lead) in leads {
                     let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        match loaded.remove(&key) {
-                            Some(v) => {
+                        // The map's own key is kept, not dropped: were it dropped inside
+                        // `remove`, a panic of its `Drop` would leak the value removed.
+                        match loaded.remove_entry(&key) {
+                            Some((loaded_key, v)) => {
                                 let (outcome, panic) = self.publish_deferred(
                                     lead,
-                                    Some(key.clone()),
+                                    Some(loaded_key),
                                     Outcome::Value(v),
                                     took,
                                 );
                                 if let Some(v) = accept_value(&outcome) {
                                     found.insert(key, v);
                                 }
-                                panic
+                                // The outcome (user code as it drops) before the panic leaves.
+                                after_dropping(outcome, panic)
                             }
                             // Not returned: a failed load (its waiters load it themselves).
                             // With fail-safe the key's last value, within its stale window,
@@ -596,7 +602,7 @@ where
                 Err(running) if self.give_up_waiting_leader(hash, &running) => {}
                 Err(running) => {
                     let accept = |_: &Outcome<V>| None::<()>;
-                    let _ = wait_async(self, hash, running, &accept).await;
+                    let _ = wait_async(self, hash, &running, &accept).await;
                 }
             }
         }
@@ -671,16 +677,21 @@ where
     ) -> CompResult<K, V> {
         match (op, current) {
             (Op::Put(v), current) => {
+                let replaced = current.is_some();
+                // The copy of the value the closure saw drops first (user code: see `answer`);
+                // a panic there leaves the key as it was.
+                drop(current);
                 let entry = Entry {
                     key: key.clone(),
                     value: v.clone(),
                     fresh: true,
-                    replaced: current.is_some(),
+                    replaced,
                 };
                 self.publish_computed(lead, key, v);
-                match current {
-                    Some(_) => CompResult::ReplacedWith(entry),
-                    None => CompResult::Inserted(entry),
+                if replaced {
+                    CompResult::ReplacedWith(entry)
+                } else {
+                    CompResult::Inserted(entry)
                 }
             }
             (Op::Remove, Some(old)) => {

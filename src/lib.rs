@@ -56,7 +56,11 @@
 //! A panic in the closure reaches its own caller; the waiters are released and one of them
 //! loads again with its own closure. A closure that asks the cache for its own key panics
 //! instead of deadlocking. A write or invalidation of the key while it loads wins: the loaded
-//! value goes to the callers already waiting, but is not stored.
+//! value goes to the callers already waiting, but is not stored. The same holds for the rest
+//! of the user code a call runs — a key's or value's `Hash`, `Eq`, `Clone` or `Drop`, the
+//! weigher, an `Expiry`, the listener, the spawner: its panic reaches the caller that ran it,
+//! and leaves no key waiting, no load permit taken and no entry half-written; the value a call
+//! had made for its answer when a later `Drop` panicked is dropped, not leaked.
 //!
 //! ```
 //! use herdcache::Cache;
@@ -273,6 +277,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod answer;
 mod builder;
 mod by_ref;
 mod cache;

@@ -51,6 +51,7 @@
 //!   hit's `Clone` and the key's `Clone` of a read that starts a refresh: loaders, weighers and
 //!   values' clones for waiters run with no lock held.
 
+use crate::answer::{after_dropping, Slot};
 use crate::cache::Registration;
 use crate::cache::{Cache, Write};
 use crate::flight::{
@@ -1073,7 +1074,8 @@ where
     ) -> R {
         let hash = self.hash(&key);
         if let Some(r) = self.read_with(&key, hash, true, &hit) {
-            return r;
+            // The unused `init` and the key drop first (user code: see `answer`).
+            return after_dropping((init, key), r);
         }
         self.load_sync_slow(key, hash, init, hit, accept)
     }
@@ -1105,9 +1107,31 @@ where
         hit: &impl Fn(&V) -> R,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
+        how: Settle<'_, K, V, S>,
+        judge: Option<&mut dyn FnMut(&V) -> bool>,
+    ) -> Option<R> {
+        // The loop's locals (the key, `init`, flights, outcomes) drop after its answer is
+        // made: the answer waits in this frame's slot (see `answer`).
+        let mut answer: Slot<R> = None;
+        self.load_blocking_into(key, hash, init, hit, accept, until, how, judge, &mut answer);
+        answer
+    }
+
+    /// [`load_blocking`](Self::load_blocking)'s loop: the answer goes to `answer` (nothing
+    /// when `until` passed).
+    #[allow(clippy::too_many_arguments)]
+    fn load_blocking_into<R>(
+        &self,
+        key: K,
+        hash: u64,
+        init: impl FnOnce() -> Outcome<V>,
+        hit: &impl Fn(&V) -> R,
+        accept: &impl Fn(&Outcome<V>) -> Option<R>,
+        until: Option<Instant>,
         mut how: Settle<'_, K, V, S>,
         mut judge: Option<&mut dyn FnMut(&V) -> bool>,
-    ) -> Option<R> {
+        answer: &mut Slot<R>,
+    ) {
         let mut init = Some(init);
         *how = how.judged(judge.is_some());
         loop {
@@ -1115,12 +1139,14 @@ where
                 accept(o).is_some()
             });
             match claim {
-                Claim::Hit(r) => return Some(r),
+                Claim::Hit(r) => return *answer = Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 Claim::Lead(lead) => {
                     let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
                         // Answered by a value another caller stored: no load (settled).
-                        Judged::Kept(kept) => return Some(accept(&kept).expect("a value")),
+                        Judged::Kept(kept) => {
+                            return *answer = Some(accept(&kept).expect("a value"));
+                        }
                         Judged::Load(lead) => lead,
                         // Superseded before the look: claim again.
                         Judged::Again => continue,
@@ -1129,14 +1155,15 @@ where
                     match self.run_loader(lead.flight(), f, true, until) {
                         Ok((outcome, took)) => {
                             let outcome = self.publish(lead, Some(key), outcome, took);
-                            return Some(accept(&outcome).expect("a leader accepts its own"));
+                            return *answer =
+                                Some(accept(&outcome).expect("a leader accepts its own"));
                         }
                         // `until` passed while this caller waited for a permit: it gives up the
                         // lead before its loader ran (the flight is abandoned: its waiters retry,
                         // or with fail-safe get the old value) and returns timed out.
                         Err(NotRun::TimedOut) => {
                             drop(lead);
-                            return None;
+                            return;
                         }
                         // Taken over while this caller waited for a permit: wait for it (its
                         // load, run by the taker, counts this caller's miss).
@@ -1144,10 +1171,10 @@ where
                             init = Some(f);
                             let flight = lead.disarm();
                             match self.wait_blocking(&flight, accept, until) {
-                                Waited::Done(Some(r)) => return Some(r),
+                                Waited::Done(Some(r)) => return *answer = Some(r),
                                 Waited::Done(None) => how.bypass_negative = true,
                                 Waited::Abandoned => {}
-                                Waited::TimedOut => return None,
+                                Waited::TimedOut => return,
                             }
                         }
                     }
@@ -1163,15 +1190,15 @@ where
                             unreachable!("a load taken over is not started again")
                         };
                         let outcome = self.publish(lead, Some(key), outcome, took);
-                        return Some(accept(&outcome).expect("a leader accepts its own"));
+                        return *answer = Some(accept(&outcome).expect("a leader accepts its own"));
                     }
                     match self.wait_blocking(&flight, accept, until) {
-                        Waited::Done(Some(r)) => return Some(r),
+                        Waited::Done(Some(r)) => return *answer = Some(r),
                         // An outcome this caller cannot use (an error of another type, a
                         // negative entry for a caller without an error channel): load itself.
                         Waited::Done(None) => how.bypass_negative = true,
                         Waited::Abandoned => {}
-                        Waited::TimedOut => return None,
+                        Waited::TimedOut => return,
                     }
                 }
             }
@@ -1327,7 +1354,11 @@ where
             p.resume_lent_poll();
         }
         match waited {
-            Waited::Done(Some(o)) => Waited::Done(accept(&o)),
+            // The outcome's `Drop` (maybe the last holder of the value: user code) first.
+            Waited::Done(Some(o)) => {
+                let r = accept(&o);
+                after_dropping(o, Waited::Done(r))
+            }
             Waited::Done(None) => Waited::Done(None),
             Waited::Abandoned => Waited::Abandoned,
             Waited::TimedOut => Waited::TimedOut,

@@ -4,6 +4,7 @@
 //! there first). The protocol — claim, lead or join, publish, the [`Lead`] guard — is the
 //! blocking one of [`crate::load`]; this module adds the futures that drive and wait.
 
+use crate::answer::after_dropping;
 use crate::cache::Cache;
 use crate::flight::{
     accept_option, accept_result, accept_value, drop_then, enter, enter_shared, holds_permit,
@@ -589,69 +590,94 @@ where
         &self,
         key: K,
         hash: u64,
-        mut how: Settle<'_, K, V, S>,
-        mut judge: Option<&mut (dyn FnMut(&V) -> bool + Send)>,
+        how: Settle<'_, K, V, S>,
+        judge: Option<&mut (dyn FnMut(&V) -> bool + Send)>,
         init: impl Future<Output = Outcome<V>>,
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        let mut init = Some(init);
-        *how = how.judged(judge.is_some());
-        loop {
-            let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
-                accept(o).is_some()
-            });
-            match claim {
-                Claim::Hit(r) => return r,
-                Claim::Lost => unreachable!("a caller with its loader can always lead"),
-                Claim::Lead(lead) => {
-                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
-                        // Answered by a value another caller stored: no load (settled).
-                        Judged::Kept(kept) => return accept(&kept).expect("a value"),
-                        Judged::Load(lead) => lead,
-                        // Superseded before the look: claim again.
-                        Judged::Again => continue,
-                    };
-                    let f = init.take().expect("a caller leads at most once");
-                    match self.drive(lead.flight(), f, true).await {
-                        Ok((outcome, took)) => {
-                            let outcome = self.publish(lead, Some(key), outcome, took);
-                            return accept(&outcome).expect("a leader accepts its own outcome");
-                        }
-                        // Taken over while this caller waited for a permit: wait for it (its
-                        // load, run by the taker, counts this caller's miss).
-                        Err(f) => {
-                            init = Some(f);
-                            let flight = lead.disarm();
-                            match wait_async(self, hash, flight, &accept).await {
-                                Waited::Done(Some(r)) => return r,
-                                Waited::Done(None) => how.bypass_negative = true,
-                                Waited::Abandoned | Waited::TimedOut => {}
+        // The loop's locals (the key, `init`, flights, outcomes) drop after its answer is
+        // made: the answer waits outside their block (see `answer`; a block, not a nested
+        // future, which would cost stack in every poll of a deep nesting of loads).
+        let answer: R;
+        {
+            let (key, mut how, mut judge, hit, accept) = (key, how, judge, hit, accept);
+            let mut init = Some(init);
+            *how = how.judged(judge.is_some());
+            loop {
+                let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
+                    accept(o).is_some()
+                });
+                match claim {
+                    Claim::Hit(r) => {
+                        answer = r;
+                        break;
+                    }
+                    Claim::Lost => unreachable!("a caller with its loader can always lead"),
+                    Claim::Lead(lead) => {
+                        let lead =
+                            match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
+                                // Answered by a value another caller stored: no load (settled).
+                                Judged::Kept(kept) => {
+                                    answer = accept(&kept).expect("a value");
+                                    break;
+                                }
+                                Judged::Load(lead) => lead,
+                                // Superseded before the look: claim again.
+                                Judged::Again => continue,
+                            };
+                        let f = init.take().expect("a caller leads at most once");
+                        match self.drive(lead.flight(), f, true).await {
+                            Ok((outcome, took)) => {
+                                let outcome = self.publish(lead, Some(key), outcome, took);
+                                answer =
+                                    accept(&outcome).expect("a leader accepts its own outcome");
+                                break;
+                            }
+                            // Taken over while this caller waited for a permit: wait for it (its
+                            // load, run by the taker, counts this caller's miss).
+                            Err(f) => {
+                                init = Some(f);
+                                let flight = lead.disarm();
+                                match wait_async(self, hash, &flight, &accept).await {
+                                    Waited::Done(Some(r)) => {
+                                        answer = r;
+                                        break;
+                                    }
+                                    Waited::Done(None) => how.bypass_negative = true,
+                                    Waited::Abandoned | Waited::TimedOut => {}
+                                }
                             }
                         }
                     }
-                }
-                Claim::Join(flight) => {
-                    // Inside another load that holds a permit: take over a leader that waits
-                    // for one and drives its load itself (waiting for it could keep the permit
-                    // from it forever); a shared load is joined, and polled under the permit.
-                    if init.is_some() && self.holds_permit() && flight.steal_unshared() {
-                        let lead = Lead::taken(self, hash, flight);
-                        let f = init.take().expect("checked");
-                        let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await else {
-                            unreachable!("a load taken over is not started again")
-                        };
-                        let outcome = self.publish(lead, Some(key), outcome, took);
-                        return accept(&outcome).expect("a leader accepts its own outcome");
-                    }
-                    match wait_async(self, hash, flight, &accept).await {
-                        Waited::Done(Some(r)) => return r,
-                        Waited::Done(None) => how.bypass_negative = true,
-                        Waited::Abandoned | Waited::TimedOut => {}
+                    Claim::Join(flight) => {
+                        // Inside another load that holds a permit: take over a leader that waits
+                        // for one and drives its load itself (waiting for it could keep the permit
+                        // from it forever); a shared load is joined, and polled under the permit.
+                        if init.is_some() && self.holds_permit() && flight.steal_unshared() {
+                            let lead = Lead::taken(self, hash, flight);
+                            let f = init.take().expect("checked");
+                            let Ok((outcome, took)) = self.drive(lead.flight(), f, false).await
+                            else {
+                                unreachable!("a load taken over is not started again")
+                            };
+                            let outcome = self.publish(lead, Some(key), outcome, took);
+                            answer = accept(&outcome).expect("a leader accepts its own outcome");
+                            break;
+                        }
+                        match wait_async(self, hash, &flight, &accept).await {
+                            Waited::Done(Some(r)) => {
+                                answer = r;
+                                break;
+                            }
+                            Waited::Done(None) => how.bypass_negative = true,
+                            Waited::Abandoned | Waited::TimedOut => {}
+                        }
                     }
                 }
             }
         }
+        answer
     }
 
     /// Awaits a leader's own load: under a load permit (if limited, and unless this thread
@@ -717,76 +743,91 @@ where
         hit: impl Fn(&V) -> R,
         accept: impl Fn(&Outcome<V>) -> Option<R>,
     ) -> R {
-        let hash = self.hash(&key);
-        // A shared load that did not start its `init` (another caller took it over while it
-        // waited for a permit, or its flight was abandoned first) gives `init` back here, so
-        // that this caller can lead with it again if the load it waited for ends with nothing
-        // for it (the taker's loader panicked or found nothing).
-        let back = Arc::new(crate::sync::Mutex::new(Back::default()));
-        let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
-        let mut how = Settle::new(self, ClaimMode::leading(false, true));
-        loop {
-            how.can_lead = init.is_some();
-            let had_future = init.is_some();
-            let claim = self.claim(hash, &key, &hit, &mut init, &mut how, &|o| {
-                accept(o).is_some()
-            });
-            let (flight, id) = match claim {
-                Claim::Hit(r) => return r,
-                // The shared future holds the lead; the flight's polling guard resolves it.
-                // This caller is already counted as interested in it (its waiter `LEADER`).
-                Claim::Lead(lead) => (lead.disarm(), Some(crate::flight::LEADER)),
-                // Inside another load that holds a permit: take over a leader that waits for
-                // one and drives its load itself, driving this caller's own load here (a shared
-                // load is joined instead, and polled under the permit).
-                Claim::Join(f) if had_future && self.holds_permit() && f.steal_unshared() => {
-                    if let Some(parent) =
-                        polled_parent::<K, V>(self.owner()).filter(|p| !Arc::ptr_eq(p, &f))
-                    {
-                        let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&parent))));
-                        f.driven_by(&parent, waker);
+        // The loop's locals (the key, the shared load, flights, outcomes) drop after its answer
+        // is made: the answer waits outside their block (see `answer`; a block, not a nested
+        // future, which would cost stack in every poll of a deep nesting of loads).
+        let answer: R;
+        {
+            let (key, hit, accept) = (key, hit, accept);
+            let hash = self.hash(&key);
+            // A shared load that did not start its `init` (another caller took it over while it
+            // waited for a permit, or its flight was abandoned first) gives `init` back here, so
+            // that this caller can lead with it again if the load it waited for ends with nothing
+            // for it (the taker's loader panicked or found nothing).
+            let back = Arc::new(crate::sync::Mutex::new(Back::default()));
+            let mut init: Option<SharedLoad<V>> = Some(self.shared_load(init, &back));
+            let mut how = Settle::new(self, ClaimMode::leading(false, true));
+            loop {
+                how.can_lead = init.is_some();
+                let had_future = init.is_some();
+                let claim = self.claim(hash, &key, &hit, &mut init, &mut how, &|o| {
+                    accept(o).is_some()
+                });
+                let (flight, id) = match claim {
+                    Claim::Hit(r) => {
+                        answer = r;
+                        break;
                     }
-                    let lead = Lead::taken(self, hash, f);
-                    let (fut, token, _) = init.take().expect("checked");
-                    crate::flight::start(&token);
-                    let (outcome, took) = fut.await;
-                    let outcome = self.publish(lead, Some(key), outcome, took);
-                    return accept(&outcome).expect("a leader accepts its own outcome");
-                }
-                // This caller's `init` went into a load that ended unpublished (it panicked while
-                // another caller polled it): with a permit held and no loader to take over
-                // with, it must not wait for a leader that waits for a permit (with a full
-                // limit, its own); that leader loads once this caller is gone.
-                Claim::Join(f) if !had_future && self.holds_permit() && f.awaits_permit() => {
-                    lost_load()
-                }
-                Claim::Join(f) => (f, None),
-                // Nothing running, and this caller's `init` went into a load: it comes back if
-                // that load never started it — once the load's future is gone, which may be
-                // after this caller sees the flight end (another caller may still be inside a
-                // poll of it).
-                Claim::Lost => match (GivenBack { back: &back }).await {
-                    Some(f) => {
-                        init = Some(self.shared_load(f, &back));
-                        continue;
+                    // The shared future holds the lead; the flight's polling guard resolves it.
+                    // This caller is already counted as interested in it (its waiter `LEADER`).
+                    Claim::Lead(lead) => (lead.disarm(), Some(crate::flight::LEADER)),
+                    // Inside another load that holds a permit: take over a leader that waits for
+                    // one and drives its load itself, driving this caller's own load here (a shared
+                    // load is joined instead, and polled under the permit).
+                    Claim::Join(f) if had_future && self.holds_permit() && f.steal_unshared() => {
+                        if let Some(parent) =
+                            polled_parent::<K, V>(self.owner()).filter(|p| !Arc::ptr_eq(p, &f))
+                        {
+                            let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&parent))));
+                            f.driven_by(&parent, waker);
+                        }
+                        let lead = Lead::taken(self, hash, f);
+                        let (fut, token, _) = init.take().expect("checked");
+                        crate::flight::start(&token);
+                        let (outcome, took) = fut.await;
+                        let outcome = self.publish(lead, Some(key), outcome, took);
+                        answer = accept(&outcome).expect("a leader accepts its own outcome");
+                        break;
                     }
-                    None => lost_load(),
-                },
-            };
-            let wait = Wait {
-                cache: self,
-                hash,
-                flight,
-                id,
-                accept: &accept,
-                drive: None,
-            };
-            match wait.await {
-                Waited::Done(Some(r)) => return r,
-                Waited::Done(None) => how.bypass_negative = true,
-                Waited::Abandoned | Waited::TimedOut => {}
+                    // This caller's `init` went into a load that ended unpublished (it panicked
+                    // while another caller polled it): with a permit held and no loader to take
+                    // over with, it must not wait for a leader that waits for a permit (with a
+                    // full limit, its own); that leader loads once this caller is gone.
+                    Claim::Join(f) if !had_future && self.holds_permit() && f.awaits_permit() => {
+                        lost_load()
+                    }
+                    Claim::Join(f) => (f, None),
+                    // Nothing running, and this caller's `init` went into a load: it comes back if
+                    // that load never started it — once the load's future is gone, which may be
+                    // after this caller sees the flight end (another caller may still be inside a
+                    // poll of it).
+                    Claim::Lost => match (GivenBack { back: &back }).await {
+                        Some(f) => {
+                            init = Some(self.shared_load(f, &back));
+                            continue;
+                        }
+                        None => lost_load(),
+                    },
+                };
+                let wait = Wait {
+                    cache: self,
+                    hash,
+                    flight: &flight,
+                    id,
+                    accept: &accept,
+                    drive: None,
+                };
+                match wait.await {
+                    Waited::Done(Some(r)) => {
+                        answer = r;
+                        break;
+                    }
+                    Waited::Done(None) => how.bypass_negative = true,
+                    Waited::Abandoned | Waited::TimedOut => {}
+                }
             }
         }
+        answer
     }
 }
 
@@ -906,7 +947,7 @@ fn lost_load() -> ! {
 pub(crate) fn wait_async<'a, K, V, S, A, R>(
     cache: &'a Cache<K, V, S>,
     hash: u64,
-    flight: Arc<Flight<K, V>>,
+    flight: &'a Arc<Flight<K, V>>,
     accept: &'a A,
 ) -> impl Future<Output = Waited<R>> + 'a
 where
@@ -934,7 +975,10 @@ where
 {
     cache: &'a Cache<K, V, S>,
     hash: u64,
-    flight: Arc<Flight<K, V>>,
+    /// Borrowed: the caller holds the flight, and drops it once it has its answer (the last
+    /// holder of a flight drops its outcome, maybe the last copy of the value: user code, see
+    /// `answer`).
+    flight: &'a Arc<Flight<K, V>>,
     /// Our waker's id in the flight, once registered (and interest counted).
     id: Option<u64>,
     accept: &'a A,
@@ -962,9 +1006,9 @@ where
         // Inside a poll of another shared load (nested in it): that load's polls drive this
         // wait, so a permit lent to this flight may run them (see `Flight::lender_below`).
         let parent =
-            polled_parent::<K, V>(this.cache.owner()).filter(|p| !Arc::ptr_eq(p, &this.flight));
+            polled_parent::<K, V>(this.cache.owner()).filter(|p| !Arc::ptr_eq(p, this.flight));
         if let Some(p) = &parent {
-            p.add_child(&this.flight);
+            p.add_child(this.flight);
         }
         let parent = parent.map(|p| Arc::downgrade(&p));
         loop {
@@ -976,7 +1020,10 @@ where
                     drop(st);
                     this.leave_driver();
                     // The value is cloned with no lock held.
-                    return Poll::Ready(Waited::Done((this.accept)(&o)));
+                    // The outcome's `Drop` (maybe the last holder of the value: user code)
+                    // first.
+                    let r = (this.accept)(&o);
+                    return Poll::Ready(after_dropping(o, Waited::Done(r)));
                 }
                 Phase::Abandoned => {
                     leave(&mut this.id, &mut st);
@@ -1033,8 +1080,8 @@ where
                 return Poll::Pending;
             }
             drop(st);
-            let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(&this.flight))));
-            this.cache.poll_shared(this.hash, &this.flight, &waker);
+            let waker = Waker::from(Arc::new(FlightWaker(Arc::downgrade(this.flight))));
+            this.cache.poll_shared(this.hash, this.flight, &waker);
             // Loop: the flight may be done now; if not, we are registered and return Pending.
             if this.flight.is_running() {
                 return Poll::Pending;
@@ -1211,6 +1258,6 @@ where
 {
     fn drop(&mut self) {
         self.leave_driver();
-        leave_flight(self.cache, self.hash, &self.flight, &mut self.id);
+        leave_flight(self.cache, self.hash, self.flight, &mut self.id);
     }
 }

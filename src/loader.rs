@@ -5,6 +5,7 @@
 //! leader's wait for a load permit (on a spawner, the load goes on and its value is kept). Refresh-ahead, which reuses the loader, is
 //! [`crate::refresh`].
 
+use crate::answer::{after_dropping, Slot};
 use crate::cache::Cache;
 use crate::flight::{outcome_of, Outcome, Waited};
 use crate::load::{Claim, ClaimMode, Handoff, Lead, NotRun, Settle, Start};
@@ -149,7 +150,12 @@ where
         // panic ends the load for every caller as `LoadError::Panicked`.
         let k = key.clone();
         let fut = async move {
-            match CatchPanic(Box::pin(async move { loader(&k).await })).await {
+            let load = async move {
+                let r = loader(&k).await;
+                // The key drops before the result leaves (user code: see `answer`).
+                after_dropping(k, r)
+            };
+            match CatchPanic(Box::pin(load)).await {
                 Some(r) => outcome_of(r),
                 None => Outcome::Panicked,
             }
@@ -199,7 +205,7 @@ where
             } else {
                 self.load_spawned(key.clone(), hash, &loader, until)
             };
-        match result {
+        let answer = match result {
             Some(r) => r,
             // Timed out: a value at hand beats an error.
             None => {
@@ -208,7 +214,9 @@ where
                     .or_else(|| self.fail_safe_fallback(hash, &key))
                     .ok_or(LoadError::Timeout)
             }
-        }
+        };
+        // The key drops first (user code: see `answer`).
+        after_dropping(key, answer)
     }
 
     /// A load with the builder's loader run by this caller if it leads. A panic of the loader
@@ -223,7 +231,11 @@ where
     ) -> Option<Result<V, LoadError>> {
         let k = key.clone();
         let loader = Arc::clone(loader);
-        let init = move || catch_panic(|| outcome_of(loader(&k)));
+        let init = move || {
+            let outcome = catch_panic(|| outcome_of(loader(&k)));
+            // The key drops before the outcome leaves (user code: see `answer`).
+            after_dropping(k, outcome)
+        };
         let hit = |v: &V| Ok(v.clone());
         self.load_blocking(key, hash, init, &hit, &accept_load, until, how, None)
     }
@@ -239,6 +251,23 @@ where
         loader: &LoaderFn<K, V>,
         until: Option<std::time::Instant>,
     ) -> Option<Result<V, LoadError>> {
+        // The loop's locals (the key, flights, outcomes) drop after its answer is made: the
+        // answer waits in this frame's slot (see `answer`).
+        let mut answer: Slot<Result<V, LoadError>> = None;
+        self.load_spawned_into(key, hash, loader, until, &mut answer);
+        answer
+    }
+
+    /// [`load_spawned`](Self::load_spawned)'s loop: the answer goes to `answer` (nothing
+    /// when `until` passed).
+    fn load_spawned_into(
+        &self,
+        key: K,
+        hash: u64,
+        loader: &LoaderFn<K, V>,
+        until: Option<std::time::Instant>,
+        answer: &mut Slot<Result<V, LoadError>>,
+    ) {
         let hit = |v: &V| Ok(v.clone());
         let mut how = Settle::new(self, ClaimMode::leading(false, true));
         loop {
@@ -246,7 +275,7 @@ where
                 accept_load(o).is_some()
             });
             let (flight, handoff) = match claim {
-                Claim::Hit(r) => return Some(r),
+                Claim::Hit(r) => return *answer = Some(r),
                 Claim::Lost => unreachable!("a blocking caller can always lead"),
                 // Inside another load that holds a permit: take over a leader that waits for
                 // one, here (waiting for it could keep the permit from it forever).
@@ -259,7 +288,7 @@ where
                         unreachable!("a load taken over is not started again")
                     };
                     let outcome = self.publish(lead, Some(key), outcome, took);
-                    return accept_load(&outcome);
+                    return *answer = accept_load(&outcome);
                 }
                 Claim::Join(f) => (f, None),
                 Claim::Lead(mut lead) => {
@@ -308,12 +337,12 @@ where
                 }
             };
             match self.wait_blocking(&flight, &accept_load, until) {
-                Waited::Done(Some(r)) => return Some(r),
+                Waited::Done(Some(r)) => return *answer = Some(r),
                 Waited::Done(None) => how.bypass_negative = true,
                 // Our own job's load ran (counted for this call's miss) but storing its value
                 // panicked (the weigher, an `Expiry`): a failed load, not one to run again.
                 Waited::Abandoned if handoff.as_ref().is_some_and(Handoff::was_lost) => {
-                    return Some(Err(LoadError::Panicked));
+                    return *answer = Some(Err(LoadError::Panicked));
                 }
                 // Our own job was dropped unrun: load here instead, that load counting this
                 // call's miss.
@@ -321,7 +350,7 @@ where
                     // This call's ledger goes with it: owed from here on (a panic of the key's
                     // `Clone` below still classifies the miss).
                     *how = ClaimMode::starting(Start::Missed);
-                    return self.load_inline(key, hash, loader, until, how);
+                    return *answer = self.load_inline(key, hash, loader, until, how);
                 }
                 Waited::Abandoned => {}
                 Waited::TimedOut => {
@@ -330,7 +359,7 @@ where
                         // (The job's flight's load: its lead, handed back, did not count it.)
                         self.settle_load(&mut how, &flight, Counter::LoadAbandoned);
                     }
-                    return None;
+                    return;
                 }
             }
         }

@@ -231,6 +231,7 @@ mod scripts;
 mod subscriber;
 mod tier;
 
+use crate::answer::after_dropping;
 use crate::builder::{BuildError, CacheBuilder};
 use crate::cache::Cache;
 use crate::codec::Codec;
@@ -912,7 +913,7 @@ where
     /// If `init` panics (as [`Cache::get_with`]).
     pub fn get_with(&self, key: K, init: impl FnOnce() -> V) -> V {
         let k = key.clone();
-        self.cache.get_with(key, || {
+        let v = self.cache.get_with(key, || {
             match self
                 .tier
                 .fetch(&k, None, || Ok::<V, std::convert::Infallible>(init()))
@@ -920,7 +921,9 @@ where
                 Ok(v) => v,
                 Err(never) => match never {},
             }
-        })
+        });
+        // The key's copy drops before the value leaves (user code: see `crate::answer`).
+        after_dropping(k, v)
     }
 
     /// [`Cache::try_get_with`] through the second tier; an error of `init` is returned as
@@ -934,16 +937,20 @@ where
         E: Send + Sync + 'static,
     {
         let k = key.clone();
-        self.cache
-            .try_get_with(key, || self.tier.fetch(&k, None, init))
+        let r = self
+            .cache
+            .try_get_with(key, || self.tier.fetch(&k, None, init));
+        after_dropping(k, r)
     }
 
     /// [`Cache::optionally_get_with`] through the second tier; `None` is returned as without
     /// the tier, and nothing is written to Redis.
     pub fn optionally_get_with(&self, key: K, init: impl FnOnce() -> Option<V>) -> Option<V> {
         let k = key.clone();
-        self.cache
-            .optionally_get_with(key, || self.tier.fetch(&k, None, || init().ok_or(())).ok())
+        let r = self
+            .cache
+            .optionally_get_with(key, || self.tier.fetch(&k, None, || init().ok_or(())).ok());
+        after_dropping(k, r)
     }
 
     /// [`Cache::get_with_async`] through the second tier. The Redis work (read, lease wait,
