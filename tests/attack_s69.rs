@@ -9,7 +9,8 @@
 //! entry points.
 //!
 //! The sweep: every entry point that takes a key by value or a closure (sync and async, the
-//! entry API, by reference, the loader's), on a hit and on a miss, with the N-th drop of a key,
+//! entry API, by reference, the loader's), on a hit, on a miss, and joining a load another
+//! thread runs, with the N-th drop of a key,
 //! of the `init` closure (what it captures) or of a value panicking, for every N up to the
 //! number of drops the call makes. After the call the fault is disarmed and the result, then
 //! the cache dropped: every key and value made must have been dropped exactly once, no load
@@ -35,9 +36,17 @@ const F_KEY: u32 = 1;
 const F_INIT: u32 = 2;
 const F_VAL: u32 = 4;
 
+std::thread_local! {
+    /// Faults fire on the thread of the call under test only (not on a leader's thread).
+    static ARMED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// One drop of kind `kind`: panics if it is the armed one.
 fn tick(kind: u32) {
-    if MASK.load(SeqCst) & kind != 0 && !std::thread::panicking() && LEFT.fetch_sub(1, SeqCst) == 1
+    if MASK.load(SeqCst) & kind != 0
+        && ARMED_HERE.with(|a| a.get())
+        && !std::thread::panicking()
+        && LEFT.fetch_sub(1, SeqCst) == 1
     {
         FIRED.store(true, SeqCst);
         if std::env::var_os("S69_BACKTRACE").is_some() {
@@ -352,6 +361,9 @@ fn calls() -> Vec<(&'static str, Call)> {
 enum Scene {
     Hit,
     Miss,
+    /// A blocking `get_with` of the key, on another thread, loads while the call joins it
+    /// (its loader ends 5 ms after the call starts).
+    Joining,
 }
 
 /// One case: `call` in `scene` with the `n`-th drop of a `mask` kind panicking. Whether the
@@ -367,13 +379,38 @@ fn case(call: Call, scene: Scene, mask: u32, n: i64) -> (bool, Option<String>) {
     if let Scene::Hit = scene {
         cache.insert(K::new(1), V::new(1));
     }
+    let mut others = Vec::new();
+    if let Scene::Joining = scene {
+        let open = std::sync::Arc::new(AtomicBool::new(false));
+        let (c, o) = (cache.clone(), open.clone());
+        others.push(std::thread::spawn(move || {
+            drop(c.get_with(K::new(1), || {
+                while !o.load(SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                V::new(7)
+            }))
+        }));
+        assert!(common::eventually(|| cache.loads_in_flight() == 1));
+        others.push(std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            open.store(true, SeqCst);
+        }));
+    }
     LEFT.store(n, SeqCst);
     MASK.store(mask, SeqCst);
+    ARMED_HERE.with(|a| a.set(true));
     let key = K::new(1);
     let r = catch_unwind(AssertUnwindSafe(|| call(&cache, key, G)));
     MASK.store(0, SeqCst);
+    ARMED_HERE.with(|a| a.set(false));
     let fired = FIRED.load(SeqCst);
     let mut wrong = Vec::new();
+    for t in others {
+        if t.join().is_err() {
+            wrong.push("the leader's thread panicked".to_string());
+        }
+    }
     if r.is_err() != fired {
         wrong.push(format!(
             "returned {} with the fault fired: {fired}",
@@ -406,7 +443,7 @@ fn a_panicking_drop_after_the_result_is_built_leaks_nothing() {
     let mut bad = Vec::new();
     let mut cases = 0;
     for (name, call) in calls() {
-        for scene in [Scene::Hit, Scene::Miss] {
+        for scene in [Scene::Hit, Scene::Miss, Scene::Joining] {
             for (mask, what) in [(F_KEY, "key"), (F_INIT, "init"), (F_VAL, "value")] {
                 for n in 1..64 {
                     cases += 1;

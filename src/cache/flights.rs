@@ -101,7 +101,9 @@ where
             if let Some(v) = s.peek_read(hash, key, now, &self.inner.expiry) {
                 let r = hit(v);
                 drop(s);
-                drop(registered);
+                // What is unused (user code as it drops: the key's copies, a shared load's
+                // own) drops before the answer leaves (see `answer`).
+                drop((registered, keep));
                 return Registration::Hit(r);
             }
             // Fail-safe: within a failed key's backoff (or while its retry runs) the old value
@@ -110,7 +112,7 @@ where
                 FailSafe::Stale(v) => {
                     let r = hit(v);
                     drop(s);
-                    drop(registered);
+                    drop((registered, keep));
                     self.note_stale();
                     return Registration::Hit(r);
                 }
@@ -139,7 +141,7 @@ where
                     s.reset_refresh(hash, key, at);
                 }
                 drop(s);
-                drop(unused);
+                drop((unused, keep));
                 Registration::Running(running)
             }
             FlightClaim::Registered(stale) => {
