@@ -9,7 +9,9 @@
 //! - a loop with many exits and many such locals writes its answer into a slot owned by its
 //!   caller ([`Slot`]) and returns; the caller, a thin wrapper whose only local is the slot,
 //!   then returns what the slot holds. A panic while the loop's locals drop unwinds through
-//!   the wrapper, which drops the slot, and the answer with it;
+//!   the wrapper, which drops the slot, and the answer with it. An `async fn` does the same
+//!   within one body instead — its answer a local declared before the block that holds the
+//!   rest — because a wrapper future costs a poll frame at every level of nested loads;
 //! - a short path drops what is left explicitly first ([`after_dropping`]).
 
 /// Where a call's answer waits while the call's own locals drop: see the module docs.

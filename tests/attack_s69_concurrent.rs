@@ -44,7 +44,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst,
 };
@@ -507,18 +506,7 @@ fn build(cfg: &Cfg, clock: &ManualClock, jobs: &Jobs) -> Option<C> {
 static HEARD: Mutex<Option<HashMap<u64, RemovalCause>>> = Mutex::new(None);
 
 // ------------------------------------------------------------------ operations
-struct Pend(u32);
-impl Future for Pend {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 == 0 {
-            return Poll::Ready(());
-        }
-        self.0 -= 1;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
+use common::Yield as Pend;
 
 /// Polls `f` at most `n` times, then drops it (a cancelled async caller).
 fn poll_n<F: Future>(f: F, n: u32) -> Option<F::Output> {
