@@ -525,3 +525,53 @@ fn a_control_without_faults_is_clean() {
 fn _is_any(r: CompResult<K, V>) -> Out {
     Box::new(r)
 }
+
+/// Dropping a cache, `invalidate_all` or `retain` whose N-th key or value `Drop` panics drops
+/// every other key and value (the shards keep their entries in vectors, and removals go to
+/// one, which go on dropping after a panicking element).
+#[test]
+fn a_panicking_drop_among_many_removed_drops_the_rest() {
+    common::quiet_injected_panics();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bad = Vec::new();
+    type Removal = fn(C);
+    let hows: [(&str, Removal); 3] = [
+        ("drop", drop),
+        ("invalidate_all", |c| c.invalidate_all()),
+        ("retain", |c| c.retain(|_, _| false)),
+    ];
+    for (how, remove) in hows {
+        for (mask, what) in [(F_KEY, "key"), (F_VAL, "value")] {
+            for n in [1, 2, 5, 17, 40] {
+                MASK.store(0, SeqCst);
+                FIRED.store(false, SeqCst);
+                let (k0, v0) = (LIVE_K.load(SeqCst), LIVE_V.load(SeqCst));
+                let cache: C = Cache::builder().max_capacity(1_000).build();
+                for i in 0..40 {
+                    cache.insert(K::new(i), V::new(i));
+                }
+                // The last handle for `drop`, another one kept for the others.
+                let keep = (how != "drop").then(|| cache.clone());
+                LEFT.store(n, SeqCst);
+                MASK.store(mask, SeqCst);
+                ARMED_HERE.with(|a| a.set(true));
+                let r = catch_unwind(AssertUnwindSafe(|| remove(cache)));
+                MASK.store(0, SeqCst);
+                ARMED_HERE.with(|a| a.set(false));
+                let left = keep.as_ref().map_or(0, |c| c.entry_count());
+                drop(keep);
+                let (dk, dv) = (LIVE_K.load(SeqCst) - k0, LIVE_V.load(SeqCst) - v0);
+                if r.is_ok() || !FIRED.load(SeqCst) || dk != 0 || dv != 0 {
+                    bad.push(format!(
+                        "{how}, {what} drop #{n}: panicked {}, {left} entries left, then \
+                         {dk} keys and {dv} values alive",
+                        r.is_err()
+                    ));
+                    LIVE_K.fetch_sub(dk, SeqCst);
+                    LIVE_V.fetch_sub(dv, SeqCst);
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
