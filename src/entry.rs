@@ -1155,11 +1155,15 @@ where
     {
         // Fresh only if `init` succeeded: on its failure fail-safe may answer with the old value.
         let mut fresh = false;
-        let value = self.cache.try_get_with(self.key.clone(), || {
+        let value = match self.cache.try_get_with(self.key.clone(), || {
             let r = init();
             fresh = r.is_ok();
             r
-        })?;
+        }) {
+            Ok(value) => value,
+            // The key drops before the error leaves (user code: see `answer`).
+            Err(e) => return Err(after_dropping(self.key, e)),
+        };
         Ok(Entry {
             key: self.key,
             value,
@@ -1204,7 +1208,8 @@ where
             })
         });
         match failed {
-            Some(err) => Err(err),
+            // The result (the entry it holds: user code as it drops) before the error leaves.
+            Some(err) => Err(after_dropping(r, err)),
             None => Ok(r),
         }
     }
@@ -1261,14 +1266,19 @@ where
         E: Send + Sync + 'static,
     {
         let fresh = AtomicBool::new(false);
-        let value = self
+        let value = match self
             .cache
             .try_get_with_async(self.key.clone(), async {
                 let r = init.await;
                 fresh.store(r.is_ok(), Ordering::Release);
                 r
             })
-            .await?;
+            .await
+        {
+            Ok(value) => value,
+            // The key drops before the error leaves (user code: see `answer`).
+            Err(e) => return Err(after_dropping(self.key, e)),
+        };
         Ok(Entry {
             key: self.key,
             value,
@@ -1314,7 +1324,8 @@ where
             })
             .await;
         match failed {
-            Some(err) => Err(err),
+            // The result (the entry it holds: user code as it drops) before the error leaves.
+            Some(err) => Err(after_dropping(r, err)),
             None => Ok(r),
         }
     }

@@ -150,15 +150,15 @@ where
         // panic ends the load for every caller as `LoadError::Panicked`.
         let k = key.clone();
         let fut = async move {
-            let load = async move {
-                let r = loader(&k).await;
-                // The key drops before the result leaves (user code: see `answer`).
-                after_dropping(k, r)
-            };
-            match CatchPanic(Box::pin(load)).await {
+            let caught = CatchPanic(Box::pin(async { loader(&k).await })).await;
+            let outcome = match caught {
                 Some(r) => outcome_of(r),
                 None => Outcome::Panicked,
-            }
+            };
+            // The key drops outside the loader's guard: its `Drop` panicking is not the
+            // loader's panic but the caller's (as in `load`), and it drops before the outcome
+            // leaves (user code: see `answer`).
+            after_dropping(k, outcome)
         };
         self.load_async_core(key, fut, |v| Ok(v.clone()), accept_load)
             .await

@@ -120,8 +120,14 @@ impl Drop for G {
     }
 }
 
+/// An error holding a value: its `Drop` is counted and may panic as a value's does.
 #[derive(Debug)]
-struct Er;
+struct Er(#[allow(dead_code)] V);
+
+fn er(g: G) -> Er {
+    drop(g);
+    Er(V::new(5))
+}
 
 type C = Cache<K, V>;
 type Out = Box<dyn Any>;
@@ -259,6 +265,34 @@ fn calls() -> Vec<(&'static str, Call)> {
             drop(k);
             out
         }),
+        ("try_get_with(err)", |c, k, g| {
+            Box::new(c.try_get_with(k, move || Err::<V, _>(er(g))))
+        }),
+        ("entry.or_try_insert_with(err)", |c, k, g| {
+            Box::new(c.entry(k).or_try_insert_with(move || Err::<V, _>(er(g))))
+        }),
+        ("entry.and_try_compute_with(err)", |c, k, g| {
+            Box::new(c.entry(k).and_try_compute_with(move |e| {
+                drop(e);
+                Err::<Op<V>, _>(er(g))
+            }))
+        }),
+        ("try_get_with_async(err)", |c, k, g| {
+            Box::new(bo(
+                c.try_get_with_async(k, async move { Err::<V, _>(er(g)) })
+            ))
+        }),
+        ("entry.or_try_insert_with_async(err)", |c, k, g| {
+            Box::new(bo(c
+                .entry(k)
+                .or_try_insert_with_async(async move { Err::<V, _>(er(g)) })))
+        }),
+        ("entry.and_try_compute_with_async(err)", |c, k, g| {
+            Box::new(bo(c.entry(k).and_try_compute_with_async(move |e| {
+                drop(e);
+                async move { Err::<Op<V>, _>(er(g)) }
+            })))
+        }),
         ("get_with_async", |c, k, g| {
             Box::new(bo(c.get_with_async(k, async move { v(g, 9) })))
         }),
@@ -375,6 +409,7 @@ fn case(call: Call, scene: Scene, mask: u32, n: i64) -> (bool, Option<String>) {
     let cache: C = Cache::builder()
         .max_capacity(100)
         .loader(|_: &K| Ok::<_, herdcache::BoxError>(V::new(8)))
+        .async_loader(|_: &K| async { Ok::<_, herdcache::BoxError>(V::new(8)) })
         .build();
     if let Scene::Hit = scene {
         cache.insert(K::new(1), V::new(1));
