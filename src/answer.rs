@@ -6,16 +6,13 @@
 //! built: it leaks (rust-lang/rust#47949). So a call that returns the user's data keeps it a
 //! *local* of a frame being unwound until nothing of the user's is left to drop:
 //!
-//! - a loop with many exits and many such locals writes its answer into a slot owned by its
-//!   caller ([`Slot`]) and returns; the caller, a thin wrapper whose only local is the slot,
-//!   then returns what the slot holds. A panic while the loop's locals drop unwinds through
-//!   the wrapper, which drops the slot, and the answer with it. An `async fn` does the same
-//!   within one body instead — its answer a local declared before the block that holds the
-//!   rest — because a wrapper future costs a poll frame at every level of nested loads;
+//! - a loop with many exits and many such locals keeps them in a block and its answer in a
+//!   local declared before that block (`let answer; { ...; answer = loop { ... }; } answer`):
+//!   the block's locals drop at its end, and a panic there unwinds with the answer still a
+//!   local of the enclosing frame, which drops it. (A thin wrapper holding a slot for the loop
+//!   to write into does the same, but repeats the loop's signature, and for an `async fn`
+//!   costs a poll frame at every level of nested loads);
 //! - a short path drops what is left explicitly first ([`after_dropping`]).
-
-/// Where a call's answer waits while the call's own locals drop: see the module docs.
-pub(crate) type Slot<R> = Option<R>;
 
 /// Returns `r` once `rest` is dropped: a panic of `rest`'s `Drop` (user code) unwinds with `r`
 /// still a local here, so it is dropped, not leaked (see the module docs).

@@ -51,7 +51,7 @@
 //!   hit's `Clone` and the key's `Clone` of a read that starts a refresh: loaders, weighers and
 //!   values' clones for waiters run with no lock held.
 
-use crate::answer::{after_dropping, Slot};
+use crate::answer::after_dropping;
 use crate::cache::Registration;
 use crate::cache::{Cache, Write};
 use crate::flight::{
@@ -1107,102 +1107,110 @@ where
         hit: &impl Fn(&V) -> R,
         accept: &impl Fn(&Outcome<V>) -> Option<R>,
         until: Option<Instant>,
-        how: Settle<'_, K, V, S>,
-        judge: Option<&mut dyn FnMut(&V) -> bool>,
-    ) -> Option<R> {
-        // The loop's locals (the key, `init`, flights, outcomes) drop after its answer is
-        // made: the answer waits in this frame's slot (see `answer`).
-        let mut answer: Slot<R> = None;
-        self.load_blocking_into(key, hash, init, hit, accept, until, how, judge, &mut answer);
-        answer
-    }
-
-    /// [`load_blocking`](Self::load_blocking)'s loop: the answer goes to `answer` (nothing
-    /// when `until` passed).
-    #[allow(clippy::too_many_arguments)]
-    fn load_blocking_into<R>(
-        &self,
-        key: K,
-        hash: u64,
-        init: impl FnOnce() -> Outcome<V>,
-        hit: &impl Fn(&V) -> R,
-        accept: &impl Fn(&Outcome<V>) -> Option<R>,
-        until: Option<Instant>,
         mut how: Settle<'_, K, V, S>,
         mut judge: Option<&mut dyn FnMut(&V) -> bool>,
-        answer: &mut Slot<R>,
-    ) {
-        let mut init = Some(init);
-        *how = how.judged(judge.is_some());
-        loop {
-            let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
-                accept(o).is_some()
-            });
-            match claim {
-                Claim::Hit(r) => return *answer = Some(r),
-                Claim::Lost => unreachable!("a blocking caller can always lead"),
-                Claim::Lead(lead) => {
-                    let lead = match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
-                        // Answered by a value another caller stored: no load (settled).
-                        Judged::Kept(kept) => {
-                            return *answer = Some(accept(&kept).expect("a value"));
+    ) -> Option<R> {
+        // The loop's locals (the key, `init`, flights, outcomes) drop at the end of the block
+        // that holds them, after its answer is made: the answer waits outside it (see
+        // `answer`). `None`: `until` passed.
+        let answer: Option<R>;
+        {
+            let key = key;
+            let mut init = Some(init);
+            *how = how.judged(judge.is_some());
+            loop {
+                let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
+                    accept(o).is_some()
+                });
+                match claim {
+                    Claim::Hit(r) => {
+                        answer = Some(r);
+                        break;
+                    }
+                    Claim::Lost => unreachable!("a blocking caller can always lead"),
+                    Claim::Lead(lead) => {
+                        let lead =
+                            match self.judge_again(lead, &key, judge.as_deref_mut(), &mut how) {
+                                // Answered by a value another caller stored: no load (settled).
+                                Judged::Kept(kept) => {
+                                    answer = Some(accept(&kept).expect("a value"));
+                                    break;
+                                }
+                                Judged::Load(lead) => lead,
+                                // Superseded before the look: claim again.
+                                Judged::Again => continue,
+                            };
+                        let f = init.take().expect("a caller leads at most once");
+                        match self.run_loader(lead.flight(), f, true, until) {
+                            Ok((outcome, took)) => {
+                                let outcome = self.publish(lead, Some(key), outcome, took);
+                                answer = Some(accept(&outcome).expect("a leader accepts its own"));
+                                break;
+                            }
+                            // `until` passed while this caller waited for a permit: it gives up
+                            // the lead before its loader ran (the flight is abandoned: its
+                            // waiters retry, or with fail-safe get the old value) and returns
+                            // timed out.
+                            Err(NotRun::TimedOut) => {
+                                drop(lead);
+                                answer = None;
+                                break;
+                            }
+                            // Taken over while this caller waited for a permit: wait for it (its
+                            // load, run by the taker, counts this caller's miss).
+                            Err(NotRun::TakenOver(f)) => {
+                                init = Some(f);
+                                let flight = lead.disarm();
+                                match self.wait_blocking(&flight, accept, until) {
+                                    Waited::Done(Some(r)) => {
+                                        answer = Some(r);
+                                        break;
+                                    }
+                                    Waited::Done(None) => how.bypass_negative = true,
+                                    Waited::Abandoned => {}
+                                    Waited::TimedOut => {
+                                        answer = None;
+                                        break;
+                                    }
+                                }
+                            }
                         }
-                        Judged::Load(lead) => lead,
-                        // Superseded before the look: claim again.
-                        Judged::Again => continue,
-                    };
-                    let f = init.take().expect("a caller leads at most once");
-                    match self.run_loader(lead.flight(), f, true, until) {
-                        Ok((outcome, took)) => {
+                    }
+                    Claim::Join(flight) => {
+                        // A caller that holds a load permit (inside another load) must not wait
+                        // for a leader that waits for a permit: it takes the load over.
+                        if init.is_some() && self.holds_permit() && flight.steal() {
+                            let lead = Lead::taken(self, hash, flight);
+                            let f = init.take().expect("checked");
+                            let Ok((outcome, took)) =
+                                self.run_loader(lead.flight(), f, false, None)
+                            else {
+                                unreachable!("a load taken over is not started again")
+                            };
                             let outcome = self.publish(lead, Some(key), outcome, took);
-                            return *answer =
-                                Some(accept(&outcome).expect("a leader accepts its own"));
+                            answer = Some(accept(&outcome).expect("a leader accepts its own"));
+                            break;
                         }
-                        // `until` passed while this caller waited for a permit: it gives up the
-                        // lead before its loader ran (the flight is abandoned: its waiters retry,
-                        // or with fail-safe get the old value) and returns timed out.
-                        Err(NotRun::TimedOut) => {
-                            drop(lead);
-                            return;
-                        }
-                        // Taken over while this caller waited for a permit: wait for it (its
-                        // load, run by the taker, counts this caller's miss).
-                        Err(NotRun::TakenOver(f)) => {
-                            init = Some(f);
-                            let flight = lead.disarm();
-                            match self.wait_blocking(&flight, accept, until) {
-                                Waited::Done(Some(r)) => return *answer = Some(r),
-                                Waited::Done(None) => how.bypass_negative = true,
-                                Waited::Abandoned => {}
-                                Waited::TimedOut => return,
+                        match self.wait_blocking(&flight, accept, until) {
+                            Waited::Done(Some(r)) => {
+                                answer = Some(r);
+                                break;
+                            }
+                            // An outcome this caller cannot use (an error of another type, a
+                            // negative entry for a caller without an error channel): load
+                            // itself.
+                            Waited::Done(None) => how.bypass_negative = true,
+                            Waited::Abandoned => {}
+                            Waited::TimedOut => {
+                                answer = None;
+                                break;
                             }
                         }
                     }
                 }
-                Claim::Join(flight) => {
-                    // A caller that holds a load permit (inside another load) must not wait for
-                    // a leader that waits for a permit: it takes the load over.
-                    if init.is_some() && self.holds_permit() && flight.steal() {
-                        let lead = Lead::taken(self, hash, flight);
-                        let f = init.take().expect("checked");
-                        let Ok((outcome, took)) = self.run_loader(lead.flight(), f, false, None)
-                        else {
-                            unreachable!("a load taken over is not started again")
-                        };
-                        let outcome = self.publish(lead, Some(key), outcome, took);
-                        return *answer = Some(accept(&outcome).expect("a leader accepts its own"));
-                    }
-                    match self.wait_blocking(&flight, accept, until) {
-                        Waited::Done(Some(r)) => return *answer = Some(r),
-                        // An outcome this caller cannot use (an error of another type, a
-                        // negative entry for a caller without an error channel): load itself.
-                        Waited::Done(None) => how.bypass_negative = true,
-                        Waited::Abandoned => {}
-                        Waited::TimedOut => return,
-                    }
-                }
             }
         }
+        answer
     }
 
     /// A replacing leader (`get_with_if`) looks at what the key holds once its flight is

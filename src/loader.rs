@@ -5,7 +5,7 @@
 //! leader's wait for a load permit (on a spawner, the load goes on and its value is kept). Refresh-ahead, which reuses the loader, is
 //! [`crate::refresh`].
 
-use crate::answer::{after_dropping, Slot};
+use crate::answer::after_dropping;
 use crate::cache::Cache;
 use crate::flight::{outcome_of, Outcome, Waited};
 use crate::load::{Claim, ClaimMode, Handoff, Lead, NotRun, Settle, Start};
@@ -251,118 +251,119 @@ where
         loader: &LoaderFn<K, V>,
         until: Option<std::time::Instant>,
     ) -> Option<Result<V, LoadError>> {
-        // The loop's locals (the key, flights, outcomes) drop after its answer is made: the
-        // answer waits in this frame's slot (see `answer`).
-        let mut answer: Slot<Result<V, LoadError>> = None;
-        self.load_spawned_into(key, hash, loader, until, &mut answer);
-        answer
-    }
-
-    /// [`load_spawned`](Self::load_spawned)'s loop: the answer goes to `answer` (nothing
-    /// when `until` passed).
-    fn load_spawned_into(
-        &self,
-        key: K,
-        hash: u64,
-        loader: &LoaderFn<K, V>,
-        until: Option<std::time::Instant>,
-        answer: &mut Slot<Result<V, LoadError>>,
-    ) {
-        let hit = |v: &V| Ok(v.clone());
-        let mut how = Settle::new(self, ClaimMode::leading(false, true));
-        loop {
-            let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
-                accept_load(o).is_some()
-            });
-            let (flight, handoff) = match claim {
-                Claim::Hit(r) => return *answer = Some(r),
-                Claim::Lost => unreachable!("a blocking caller can always lead"),
-                // Inside another load that holds a permit: take over a leader that waits for
-                // one, here (waiting for it could keep the permit from it forever).
-                Claim::Join(f) if self.holds_permit() && f.steal() => {
-                    let lead = Lead::taken(self, hash, f);
-                    let k = key.clone();
-                    let init = || catch_panic(|| outcome_of(loader(&k)));
-                    let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false, None)
-                    else {
-                        unreachable!("a load taken over is not started again")
-                    };
-                    let outcome = self.publish(lead, Some(key), outcome, took);
-                    return *answer = accept_load(&outcome);
-                }
-                Claim::Join(f) => (f, None),
-                Claim::Lead(mut lead) => {
-                    let flight = Arc::clone(lead.flight());
-                    // Dropped unrun while this caller waits, the job's load is this caller's
-                    // to count (it loads itself); once it has given up waiting, the job's.
-                    // The key's `Clone` (user code) first: if it panics, the lead counts its
-                    // load as failed (it is not handed off yet).
-                    let (k, job_loader) = (key.clone(), Arc::clone(loader));
-                    let handoff = Handoff::new();
-                    lead.hand_off(handoff.clone());
-                    // The job owns the lead: dropped unrun, it abandons the flight.
-                    let job = move || {
-                        let cache = lead.cache().clone();
-                        let init = || catch_panic(|| outcome_of(job_loader(&k)));
-                        // The job has no deadline of its own (its callers' waits are bounded),
-                        // unless the spawner runs it at once on the caller's thread: then the
-                        // caller's deadline bounds its wait for a permit, as the caller's own.
-                        let until = SPAWNING.with(Cell::get);
-                        match cache.run_loader(lead.flight(), init, true, until) {
-                            Ok((outcome, took)) => {
-                                cache.publish(lead, Some(k), outcome, took);
-                            }
-                            // Taken over while the job waited for a permit: the taker publishes.
-                            Err(NotRun::TakenOver(_)) => drop(lead.disarm()),
-                            // Run inline past the caller's deadline: abandoned (the caller
-                            // then times out; its joiners retry).
-                            Err(NotRun::TimedOut) => drop(lead),
-                        }
-                    };
-                    let spawn = self
-                        .inner
-                        .stampede
-                        .spawner
-                        .as_ref()
-                        .expect("checked by the caller");
-                    let previous = SPAWNING.with(|s| s.replace(until));
-                    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        spawn(Box::new(job))
-                    }));
-                    SPAWNING.with(|s| s.set(previous));
-                    // A spawner that panics: the job went down with it (the flight is then
-                    // abandoned, and the wait below loads inline), or ran, or is kept.
-                    drop(spawned);
-                    (flight, Some(handoff))
-                }
-            };
-            match self.wait_blocking(&flight, &accept_load, until) {
-                Waited::Done(Some(r)) => return *answer = Some(r),
-                Waited::Done(None) => how.bypass_negative = true,
-                // Our own job's load ran (counted for this call's miss) but storing its value
-                // panicked (the weigher, an `Expiry`): a failed load, not one to run again.
-                Waited::Abandoned if handoff.as_ref().is_some_and(Handoff::was_lost) => {
-                    return *answer = Some(Err(LoadError::Panicked));
-                }
-                // Our own job was dropped unrun: load here instead, that load counting this
-                // call's miss.
-                Waited::Abandoned if handoff.is_some() => {
-                    // This call's ledger goes with it: owed from here on (a panic of the key's
-                    // `Clone` below still classifies the miss).
-                    *how = ClaimMode::starting(Start::Missed);
-                    return *answer = self.load_inline(key, hash, loader, until, how);
-                }
-                Waited::Abandoned => {}
-                Waited::TimedOut => {
-                    if handoff.is_some_and(|h| h.caller_gone()) {
-                        // Our job was dropped unrun before this caller gave up: counted here.
-                        // (The job's flight's load: its lead, handed back, did not count it.)
-                        self.settle_load(&mut how, &flight, Counter::LoadAbandoned);
+        // The loop's locals (the key, flights, outcomes) drop at the end of the block that
+        // holds them, after its answer is made: the answer waits outside it (see `answer`).
+        let answer: Option<Result<V, LoadError>>;
+        {
+            let key = key;
+            let hit = |v: &V| Ok(v.clone());
+            let mut how = Settle::new(self, ClaimMode::leading(false, true));
+            loop {
+                let claim = self.claim(hash, &key, &hit, &mut None, &mut how, &|o| {
+                    accept_load(o).is_some()
+                });
+                let (flight, handoff) = match claim {
+                    Claim::Hit(r) => {
+                        answer = Some(r);
+                        break;
                     }
-                    return;
+                    Claim::Lost => unreachable!("a blocking caller can always lead"),
+                    // Inside another load that holds a permit: take over a leader that waits for
+                    // one, here (waiting for it could keep the permit from it forever).
+                    Claim::Join(f) if self.holds_permit() && f.steal() => {
+                        let lead = Lead::taken(self, hash, f);
+                        let k = key.clone();
+                        let init = || catch_panic(|| outcome_of(loader(&k)));
+                        let Ok((outcome, took)) = self.run_loader(lead.flight(), init, false, None)
+                        else {
+                            unreachable!("a load taken over is not started again")
+                        };
+                        let outcome = self.publish(lead, Some(key), outcome, took);
+                        answer = accept_load(&outcome);
+                        break;
+                    }
+                    Claim::Join(f) => (f, None),
+                    Claim::Lead(mut lead) => {
+                        let flight = Arc::clone(lead.flight());
+                        // Dropped unrun while this caller waits, the job's load is this caller's
+                        // to count (it loads itself); once it has given up waiting, the job's.
+                        // The key's `Clone` (user code) first: if it panics, the lead counts its
+                        // load as failed (it is not handed off yet).
+                        let (k, job_loader) = (key.clone(), Arc::clone(loader));
+                        let handoff = Handoff::new();
+                        lead.hand_off(handoff.clone());
+                        // The job owns the lead: dropped unrun, it abandons the flight.
+                        let job = move || {
+                            let cache = lead.cache().clone();
+                            let init = || catch_panic(|| outcome_of(job_loader(&k)));
+                            // The job has no deadline of its own (its callers' waits are bounded),
+                            // unless the spawner runs it at once on the caller's thread: then the
+                            // caller's deadline bounds its wait for a permit, as the caller's own.
+                            let until = SPAWNING.with(Cell::get);
+                            match cache.run_loader(lead.flight(), init, true, until) {
+                                Ok((outcome, took)) => {
+                                    cache.publish(lead, Some(k), outcome, took);
+                                }
+                                // Taken over while the job waited for a permit: the taker publishes.
+                                Err(NotRun::TakenOver(_)) => drop(lead.disarm()),
+                                // Run inline past the caller's deadline: abandoned (the caller
+                                // then times out; its joiners retry).
+                                Err(NotRun::TimedOut) => drop(lead),
+                            }
+                        };
+                        let spawn = self
+                            .inner
+                            .stampede
+                            .spawner
+                            .as_ref()
+                            .expect("checked by the caller");
+                        let previous = SPAWNING.with(|s| s.replace(until));
+                        let spawned =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                spawn(Box::new(job))
+                            }));
+                        SPAWNING.with(|s| s.set(previous));
+                        // A spawner that panics: the job went down with it (the flight is then
+                        // abandoned, and the wait below loads inline), or ran, or is kept.
+                        drop(spawned);
+                        (flight, Some(handoff))
+                    }
+                };
+                match self.wait_blocking(&flight, &accept_load, until) {
+                    Waited::Done(Some(r)) => {
+                        answer = Some(r);
+                        break;
+                    }
+                    Waited::Done(None) => how.bypass_negative = true,
+                    // Our own job's load ran (counted for this call's miss) but storing its value
+                    // panicked (the weigher, an `Expiry`): a failed load, not one to run again.
+                    Waited::Abandoned if handoff.as_ref().is_some_and(Handoff::was_lost) => {
+                        answer = Some(Err(LoadError::Panicked));
+                        break;
+                    }
+                    // Our own job was dropped unrun: load here instead, that load counting this
+                    // call's miss.
+                    Waited::Abandoned if handoff.is_some() => {
+                        // This call's ledger goes with it: owed from here on (a panic of the key's
+                        // `Clone` below still classifies the miss).
+                        *how = ClaimMode::starting(Start::Missed);
+                        answer = self.load_inline(key, hash, loader, until, how);
+                        break;
+                    }
+                    Waited::Abandoned => {}
+                    Waited::TimedOut => {
+                        if handoff.is_some_and(|h| h.caller_gone()) {
+                            // Our job was dropped unrun before this caller gave up: counted here.
+                            // (The job's flight's load: its lead, handed back, did not count it.)
+                            self.settle_load(&mut how, &flight, Counter::LoadAbandoned);
+                        }
+                        answer = None;
+                        break;
+                    }
                 }
             }
         }
+        answer
     }
 }
 
