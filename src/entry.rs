@@ -891,7 +891,10 @@ where
     ///
     /// # Panics
     ///
-    /// If `f` panics (the key's other callers are released first).
+    /// If `f` panics (the key's other callers are released first). If the `Drop` of the copy
+    /// of the old value `f` was given panics (after `f` returned, before an [`Op::Put`] is
+    /// stored), that panic reaches the caller and nothing is stored: the key keeps its old
+    /// value, the `Put` value is dropped, and callers waiting for the key look it up again.
     ///
     /// # Example
     ///

@@ -399,3 +399,86 @@ fn get_with_if_replace_if_loading_its_own_key_panics() {
     assert_eq!(cache.get(&1), Some(1));
     assert_eq!(cache.get_with_if(1, || 4, |_| true), 4);
 }
+
+/// A value whose `Drop` panics at the N-th drop of a copy of value `PANIC_AT.0` on this
+/// thread (then disarms); `LIVE` counts the copies alive, by value.
+#[derive(Debug, PartialEq)]
+struct Touchy(u32);
+
+thread_local! {
+    static PANIC_AT: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+    static LIVE: std::cell::RefCell<HashMap<u32, i64>> = std::cell::RefCell::new(HashMap::new());
+}
+
+impl Touchy {
+    fn new(v: u32) -> Self {
+        LIVE.with(|l| *l.borrow_mut().entry(v).or_default() += 1);
+        Touchy(v)
+    }
+    fn live(v: u32) -> i64 {
+        LIVE.with(|l| l.borrow().get(&v).copied().unwrap_or(0))
+    }
+}
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        Touchy::new(self.0)
+    }
+}
+
+impl Drop for Touchy {
+    fn drop(&mut self) {
+        LIVE.with(|l| *l.borrow_mut().entry(self.0).or_default() -= 1);
+        let (v, n) = PANIC_AT.with(|p| p.get());
+        if v == self.0 && n > 0 {
+            PANIC_AT.with(|p| p.set((v, n - 1)));
+            if n == 1 {
+                panic!("injected drop panic of value {v}");
+            }
+        }
+    }
+}
+
+/// `and_compute_with`'s `# Panics`: whichever copy of the old value panics as it drops —
+/// the one in `f`'s entry (a panic of `f`) or the one kept for the verdict, dropped before a
+/// `Put` is stored — the panic reaches the caller, the key keeps its old value, the `Put`
+/// value is dropped, and the key can be computed again (nothing left waiting).
+#[test]
+fn a_compute_whose_old_value_copy_panics_as_it_drops_stores_nothing() {
+    let _dog = watchdog(
+        LIMIT,
+        "a_compute_whose_old_value_copy_panics_as_it_drops_stores_nothing",
+    );
+    for nth in 1..=2 {
+        let cache: Cache<u32, Touchy> = Cache::new(10);
+        cache.insert(1, Touchy::new(7));
+        PANIC_AT.with(|p| p.set((7, nth)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.entry(1).and_compute_with(|e| {
+                // Dropped before the verdict is built: a parameter dropped after it would
+                // leak it when its `Drop` panics (rust-lang/rust#47949), in this closure.
+                drop(e);
+                Op::Put(Touchy::new(8))
+            })
+        }));
+        let fired = PANIC_AT.with(|p| p.get()).1 == 0;
+        PANIC_AT.with(|p| p.set((0, 0)));
+        assert!(fired, "drop #{nth} of the old value was reached");
+        assert!(r.is_err(), "drop #{nth}: the panic reaches the caller");
+        assert_eq!(
+            cache.get(&1),
+            Some(Touchy::new(7)),
+            "drop #{nth}: the old value is kept"
+        );
+        assert_eq!(Touchy::live(8), 0, "drop #{nth}: the Put value was dropped");
+        let r = cache.entry(1).and_compute_with(|_| Op::Put(Touchy::new(9)));
+        assert!(
+            matches!(r, CompResult::ReplacedWith(_)),
+            "drop #{nth}: computed again"
+        );
+        drop(r);
+        assert_eq!(cache.get(&1), Some(Touchy::new(9)));
+        drop(cache);
+        assert_eq!(Touchy::live(7) + Touchy::live(8) + Touchy::live(9), 0);
+    }
+}
