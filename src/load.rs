@@ -1122,7 +1122,8 @@ where
                 let claim = self.claim(hash, &key, hit, &mut None, &mut how, &|o| {
                     accept(o).is_some()
                 });
-                match claim {
+                // The flight to wait for, unless the claim answered.
+                let flight = match claim {
                     Claim::Hit(r) => {
                         answer = Some(r);
                         break;
@@ -1160,19 +1161,7 @@ where
                             // load, run by the taker, counts this caller's miss).
                             Err(NotRun::TakenOver(f)) => {
                                 init = Some(f);
-                                let flight = lead.disarm();
-                                match self.wait_blocking(&flight, accept, until) {
-                                    Waited::Done(Some(r)) => {
-                                        answer = Some(r);
-                                        break;
-                                    }
-                                    Waited::Done(None) => how.bypass_negative = true,
-                                    Waited::Abandoned => {}
-                                    Waited::TimedOut => {
-                                        answer = None;
-                                        break;
-                                    }
-                                }
+                                lead.disarm()
                             }
                         }
                     }
@@ -1191,21 +1180,21 @@ where
                             answer = Some(accept(&outcome).expect("a leader accepts its own"));
                             break;
                         }
-                        match self.wait_blocking(&flight, accept, until) {
-                            Waited::Done(Some(r)) => {
-                                answer = Some(r);
-                                break;
-                            }
-                            // An outcome this caller cannot use (an error of another type, a
-                            // negative entry for a caller without an error channel): load
-                            // itself.
-                            Waited::Done(None) => how.bypass_negative = true,
-                            Waited::Abandoned => {}
-                            Waited::TimedOut => {
-                                answer = None;
-                                break;
-                            }
-                        }
+                        flight
+                    }
+                };
+                match self.wait_blocking(&flight, accept, until) {
+                    Waited::Done(Some(r)) => {
+                        answer = Some(r);
+                        break;
+                    }
+                    // An outcome this caller cannot use (an error of another type, a negative
+                    // entry for a caller without an error channel): load itself.
+                    Waited::Done(None) => how.bypass_negative = true,
+                    Waited::Abandoned => {}
+                    Waited::TimedOut => {
+                        answer = None;
+                        break;
                     }
                 }
             }
