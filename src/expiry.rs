@@ -26,6 +26,11 @@ use std::time::Duration;
 /// The methods run while the entry's shard is locked (like `Hash` and `Eq` of the key): keep them
 /// quick and do not call into the same cache from them.
 ///
+/// Every write asks, as moka's does: `expire_after_create` when the key has no live entry,
+/// `expire_after_update` when it has one — a write whose value is heavier than `max_capacity`
+/// too, although that value is then turned away (the answer unused). A panic in a method
+/// leaves the key as it was before the write and reaches the writer.
+///
 /// # Example
 ///
 /// ```

@@ -818,6 +818,10 @@ where
         let acct = Accounting::new(self, &mut *s);
         if u64::from(weight) > self.inner.capacity {
             // Too heavy to store: the key ends up absent, its old value replaced by nothing.
+            // A custom `Expiry` is asked about the write all the same, as moka asks it (user
+            // code: before anything is removed).
+            acct.shard
+                .ask_expiry_of_rejected(hash, &key, &value, now, &self.inner.expiry);
             acct.shard.remove(
                 hash,
                 &key,

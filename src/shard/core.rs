@@ -638,6 +638,31 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         (d.effective.min(cap), d.hard.min(cap))
     }
 
+    /// A write too heavy to store (see `Cache::insert_with`) still asks a custom `Expiry`
+    /// about it, as moka does: `expire_after_update` when the key has a live entry (whose
+    /// remaining time it is given), else `expire_after_create`. The answer is unused; user
+    /// code, run before the write mutates anything. Nothing to ask of any other configuration.
+    pub(crate) fn ask_expiry_of_rejected(
+        &self,
+        hash: u64,
+        key: &K,
+        value: &V,
+        now: u64,
+        exp: &ExpiryConfig<K, V>,
+    ) {
+        if !exp.is_custom() {
+            return;
+        }
+        if let Some(slot) = self.find(hash, key) {
+            let current = self.deadline(slot);
+            if current > now {
+                exp.on_update(key, value, now, self.deadlines(slot, current), 1.0);
+                return;
+            }
+        }
+        exp.on_create(key, value, now, 1.0);
+    }
+
     /// The deadlines of the entry in `slot`, whose effective one is `effective` (for a custom
     /// `Expiry` without a slot of its own, its deadline is the effective one).
     fn deadlines(&self, slot: u32, effective: u64) -> Deadlines {
