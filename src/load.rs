@@ -508,6 +508,12 @@ impl Handoff {
         self.0.load(Ordering::Acquire) == LOST
     }
 
+    /// Whether the job's lead was dropped unrun while its caller waited, handing the load
+    /// (and its count) back to that caller (see [`abandoned`](Self::abandoned)).
+    pub(crate) fn was_handed_back(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ABANDONED
+    }
+
     /// The caller gives up waiting: true if the job's lead was abandoned first (uncounted:
     /// the caller counts it).
     pub(crate) fn caller_gone(&self) -> bool {

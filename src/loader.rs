@@ -341,9 +341,12 @@ where
                         answer = Some(Err(LoadError::Panicked));
                         break;
                     }
-                    // Our own job was dropped unrun: load here instead, that load counting this
-                    // call's miss.
-                    Waited::Abandoned if handoff.is_some() => {
+                    // Our own job was dropped unrun (its lead handed back to this caller): load
+                    // here instead, that load counting this call's miss. (A job whose load was
+                    // taken over by a caller holding a permit hands nothing back: the taker's
+                    // load counted this call's miss, and if it failed, this caller claims again
+                    // below, a new attempt, as any caller whose flight was abandoned.)
+                    Waited::Abandoned if handoff.as_ref().is_some_and(Handoff::was_handed_back) => {
                         // This call's ledger goes with it: owed from here on (a panic of the key's
                         // `Clone` below still classifies the miss).
                         *how = ClaimMode::starting(Start::Missed);

@@ -138,6 +138,9 @@ struct More<K, V> {
     rest: Vec<Removed<K, V>>,
     /// Loads in flight that a write detached from the registry (their keys are dropped here).
     detached: Vec<(K, Arc<Flight<K, V>>)>,
+    /// A write's own key and value when user code it called under the lock panicked: never
+    /// stored, never reported, only dropped here, unlocked.
+    discarded: Vec<(K, V)>,
 }
 
 impl<K, V> Removals<K, V> {
@@ -154,6 +157,7 @@ impl<K, V> Removals<K, V> {
             Box::new(More {
                 rest: Vec::new(),
                 detached: Vec::new(),
+                discarded: Vec::new(),
             })
         })
     }
@@ -165,6 +169,12 @@ impl<K, V> Removals<K, V> {
         } else {
             self.more().rest.push(r);
         }
+    }
+
+    /// Keeps a write's key and value that were not stored (user code the write called
+    /// panicked), so that they are dropped unlocked, unreported.
+    pub(crate) fn discard(&mut self, key: K, value: V) {
+        self.more().discarded.push((key, value));
     }
 
     /// Keeps a flight that a write detached, so that its key is dropped unlocked.

@@ -819,24 +819,28 @@ where
         if u64::from(weight) > self.inner.capacity {
             // Too heavy to store: the key ends up absent, its old value replaced by nothing.
             // A custom `Expiry` is asked about the write all the same, as moka asks it (user
-            // code: before anything is removed).
-            acct.shard
-                .ask_expiry_of_rejected(hash, &key, &value, now, &self.inner.expiry);
-            acct.shard.remove(
-                hash,
-                &key,
-                now,
-                &self.inner.hasher,
-                out,
-                RemovalCause::Replaced,
-            );
-            self.count_evicted(1, u64::from(weight));
-            out.push(Removed {
-                key,
-                value,
-                weight,
-                cause: RemovalCause::Size,
-            });
+            // code: before anything is removed; if it panics, nothing is, and the panic is
+            // resumed below, once the lock is released).
+            let asked =
+                acct.shard
+                    .ask_expiry_of_rejected(hash, key, value, now, &self.inner.expiry, out);
+            if let Some((key, value)) = asked {
+                acct.shard.remove(
+                    hash,
+                    &key,
+                    now,
+                    &self.inner.hasher,
+                    out,
+                    RemovalCause::Replaced,
+                );
+                self.count_evicted(1, u64::from(weight));
+                out.push(Removed {
+                    key,
+                    value,
+                    weight,
+                    cause: RemovalCause::Size,
+                });
+            }
         } else {
             acct.shard.insert(
                 hash,
@@ -852,7 +856,9 @@ where
         }
         drop(acct);
         // A key's `Hash` that panicked during the insert or the eviction (the shard hashing
-        // resident keys) is resumed once the write has evicted what it must.
+        // resident keys), or an `Expiry` callback that panicked (the write stopped before
+        // mutating, its key and value left in `out` to drop unlocked), is resumed once the
+        // write has evicted what it must and the lock is released.
         let mut deferred = s.take_panic();
         let evicted = self.evict_in(&mut s, true, out, &mut deferred);
         drop(s);

@@ -642,25 +642,47 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// about it, as moka does: `expire_after_update` when the key has a live entry (whose
     /// remaining time it is given), else `expire_after_create`. The answer is unused; user
     /// code, run before the write mutates anything. Nothing to ask of any other configuration.
+    ///
+    /// Returns the key and value, or `None` if the `Expiry` panicked: then the write stops
+    /// there (see [`defer`](Self::defer)).
     pub(crate) fn ask_expiry_of_rejected(
-        &self,
+        &mut self,
         hash: u64,
-        key: &K,
-        value: &V,
+        key: K,
+        value: V,
         now: u64,
         exp: &ExpiryConfig<K, V>,
-    ) {
+        out: &mut Removals<K, V>,
+    ) -> Option<(K, V)> {
         if !exp.is_custom() {
-            return;
+            return Some((key, value));
         }
-        if let Some(slot) = self.find(hash, key) {
-            let current = self.deadline(slot);
-            if current > now {
-                exp.on_update(key, value, now, self.deadlines(slot, current), 1.0);
-                return;
+        let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(slot) = self.find(hash, &key) {
+                let current = self.deadline(slot);
+                if current > now {
+                    exp.on_update(&key, &value, now, self.deadlines(slot, current), 1.0);
+                    return;
+                }
+            }
+            exp.on_create(&key, &value, now, 1.0);
+        }));
+        match asked {
+            Ok(()) => Some((key, value)),
+            Err(p) => {
+                self.defer(p, key, value, out);
+                None
             }
         }
-        exp.on_create(key, value, now, 1.0);
+    }
+
+    /// A write whose `Expiry` callback (user code, under the lock) panicked stops before it
+    /// mutates anything: the panic is kept for the cache to resume once the lock is released
+    /// ([`take_panic`](Self::take_panic)), and the write's key and value go to `out`, dropped
+    /// unlocked and unreported — a `Drop` that uses the cache must not find its shard locked.
+    fn defer(&mut self, p: Panic, key: K, value: V, out: &mut Removals<K, V>) {
+        self.pending_panic_mut().get_or_insert(p);
+        out.discard(key, value);
     }
 
     /// The deadlines of the entry in `slot`, whose effective one is `effective` (for a custom
@@ -799,7 +821,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 let times = match self.layout.plain_ttl {
                     Some(ttl) if T::TIMED => plain(now, ttl, cap),
                     _ if !T::TIMED => untimed(exp, cap),
-                    _ => self.updated_times(slot, current, &value, now, exp, factor, cap),
+                    _ => {
+                        let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.updated_times(slot, current, &value, now, exp, factor, cap)
+                        }));
+                        match asked {
+                            Ok(times) => times,
+                            Err(p) => return self.defer(p, key, value, out),
+                        }
+                    }
                 };
                 self.supersede(hash, &key, out);
                 if times.0 <= now {
@@ -872,7 +902,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         } else if let Some(ttl) = self.layout.plain_ttl {
             plain(now, ttl, cap)
         } else {
-            let d = exp.on_create(&key, &value, now, factor);
+            let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                exp.on_create(&key, &value, now, factor)
+            }));
+            let d = match asked {
+                Ok(d) => d,
+                Err(p) => return self.defer(p, key, value, out),
+            };
             custom = d.custom;
             (d.effective.min(cap), d.hard.min(cap))
         };

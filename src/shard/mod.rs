@@ -288,8 +288,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
         #[inline]
         fn insert<S: BuildHasher>(&mut self, hash: u64, key: K, value: V, weight: u32, now: u64,
             exp: &ExpiryConfig<K, V>, hasher: &S, meta: (u64, u64), out: &mut Removals<K, V>);
-        fn ask_expiry_of_rejected(&self, hash: u64, key: &K, value: &V, now: u64,
-            exp: &ExpiryConfig<K, V>);
+        fn ask_expiry_of_rejected(&mut self, hash: u64, key: K, value: V, now: u64,
+            exp: &ExpiryConfig<K, V>, out: &mut Removals<K, V>) -> Option<(K, V)>;
         fn remove<Q, S: BuildHasher>(&mut self, hash: u64, key: &Q, now: u64, hasher: &S,
             out: &mut Removals<K, V>, cause: RemovalCause) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
