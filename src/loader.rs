@@ -304,7 +304,8 @@ where
                                 Ok((outcome, took)) => {
                                     cache.publish(lead, Some(k), outcome, took);
                                 }
-                                // Taken over while the job waited for a permit: the taker publishes.
+                                // Taken over while the job waited for a permit: the taker
+                                // publishes.
                                 Err(NotRun::TakenOver(_)) => drop(lead.disarm()),
                                 // Run inline past the caller's deadline: abandoned (the caller
                                 // then times out; its joiners retry).

@@ -2332,3 +2332,86 @@ fn keys_and_values_are_dropped_after_the_lock_when_an_expiry_hook_panics() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// The same class for the key's `Eq`: a write whose key's `Eq` panics while the write looks the
+/// key up under the lock drops the write's key and value only once the lock is released (each
+/// `Drop` here reads the same shard from another thread, which must not wait for it), stores
+/// nothing, and the panic reaches the writer.
+#[test]
+fn a_write_whose_key_eq_panics_drops_its_key_and_value_unlocked() {
+    use std::sync::atomic::AtomicUsize;
+    static EQ_PANICS: AtomicBool = AtomicBool::new(false);
+    static BLOCKED: AtomicUsize = AtomicUsize::new(0);
+    static PROBE: Mutex<Option<Cache<EqKey, EqVal>>> = Mutex::new(None);
+    /// Reads the cache from another thread; counts a read that waited over 500 ms (a lock
+    /// held by the dropping thread).
+    fn probe() {
+        let Some(c) = PROBE.lock().unwrap().clone() else {
+            return;
+        };
+        let t = std::thread::spawn(move || {
+            let _ = c.get(&EqKey(2, false));
+        });
+        let start = Instant::now();
+        while !t.is_finished() {
+            if start.elapsed() > Duration::from_millis(500) {
+                BLOCKED.fetch_add(1, SeqCst);
+                return; // the thread stays blocked; the count says so
+            }
+            std::thread::yield_now();
+        }
+    }
+    #[derive(Clone, Debug)]
+    struct EqKey(u32, bool);
+    impl PartialEq for EqKey {
+        fn eq(&self, other: &Self) -> bool {
+            assert!(!EQ_PANICS.load(SeqCst), "injected Eq panic");
+            self.0 == other.0
+        }
+    }
+    impl Eq for EqKey {}
+    impl Hash for EqKey {
+        fn hash<H: Hasher>(&self, h: &mut H) {
+            self.0.hash(h);
+        }
+    }
+    impl Drop for EqKey {
+        fn drop(&mut self) {
+            if self.1 {
+                probe();
+            }
+        }
+    }
+    #[derive(Clone, Debug)]
+    struct EqVal(bool);
+    impl Drop for EqVal {
+        fn drop(&mut self) {
+            if self.0 {
+                probe();
+            }
+        }
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cache: Cache<EqKey, EqVal> = Cache::builder().max_capacity(10).shards(1).build();
+    cache.insert(EqKey(1, false), EqVal(false));
+    *PROBE.lock().unwrap() = Some(cache.clone());
+    BLOCKED.store(0, SeqCst);
+    EQ_PANICS.store(true, SeqCst);
+    // A replacement: the lookup compares with the resident key.
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        cache.insert(EqKey(1, true), EqVal(true));
+    }));
+    EQ_PANICS.store(false, SeqCst);
+    *PROBE.lock().unwrap() = None;
+    assert!(r.is_err(), "the Eq panic reaches the writer");
+    assert_eq!(
+        BLOCKED.load(SeqCst),
+        0,
+        "a key or value was dropped under the lock"
+    );
+    assert!(
+        cache.get(&EqKey(1, false)).is_some_and(|v| !v.0),
+        "nothing stored"
+    );
+    cache.validate();
+}

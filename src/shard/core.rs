@@ -176,6 +176,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
+    /// [`supersede`](Self::supersede) for a write that owns its key and value: a panic of
+    /// the key's `Eq` (user code) comes back, for the write to [`defer`](Self::defer) (nothing
+    /// detached: the registry is as it was).
+    fn try_supersede(&mut self, hash: u64, key: &K, out: &mut Removals<K, V>) -> Result<(), Panic> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.supersede(hash, key, out)
+        }))
+    }
+
     pub(crate) fn weight(&self) -> u64 {
         self.weight
     }
@@ -676,10 +685,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
     }
 
-    /// A write whose `Expiry` callback (user code, under the lock) panicked stops before it
-    /// mutates anything: the panic is kept for the cache to resume once the lock is released
-    /// ([`take_panic`](Self::take_panic)), and the write's key and value go to `out`, dropped
-    /// unlocked and unreported — a `Drop` that uses the cache must not find its shard locked.
+    /// A write whose `Expiry` callback or key `Eq` (user code, under the lock) panicked stops
+    /// before it mutates anything: the panic is kept for the cache to resume once the lock is
+    /// released ([`take_panic`](Self::take_panic)), and the write's key and value go to `out`,
+    /// dropped unlocked and unreported — a `Drop` that uses the cache must not find its shard
+    /// locked.
     fn defer(&mut self, p: Panic, key: K, value: V, out: &mut Removals<K, V>) {
         self.pending_panic_mut().get_or_insert(p);
         out.discard(key, value);
@@ -809,7 +819,15 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             1.0
         };
         let mut dead = None;
-        if let Some(slot) = self.find(hash, &key) {
+        // The key's `Eq` (user code, under the lock): if it panics, the write stops here, its
+        // key and value dropped once the lock is released (see `defer`).
+        let found =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.find(hash, &key)));
+        let found = match found {
+            Ok(found) => found,
+            Err(p) => return self.defer(p, key, value, out),
+        };
+        if let Some(slot) = found {
             let current = self.deadline(slot);
             if current <= now {
                 // Expired but not yet reclaimed (or kept for fail-safe): it is dead. The new
@@ -831,7 +849,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                         }
                     }
                 };
-                self.supersede(hash, &key, out);
+                if let Err(p) = self.try_supersede(hash, &key, out) {
+                    return self.defer(p, key, value, out);
+                }
                 if times.0 <= now {
                     // The live old value is replaced (as in moka); the new one, due at once,
                     // expires.
@@ -914,7 +934,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         };
         if times.0 <= now {
             // Already expired (a zero time to live): never stored.
-            self.supersede(hash, &key, out);
+            if let Err(p) = self.try_supersede(hash, &key, out) {
+                return self.defer(p, key, value, out);
+            }
             if let Some(s) = dead {
                 self.remove_slot(s, hash, RemovalCause::Expired, out);
             }
@@ -922,7 +944,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             return;
         }
         self.reserve_table(hasher, out);
-        self.supersede(hash, &key, out);
+        if let Err(p) = self.try_supersede(hash, &key, out) {
+            return self.defer(p, key, value, out);
+        }
         if let Some(s) = dead {
             self.remove_slot(s, hash, RemovalCause::Expired, out);
         }
