@@ -21,23 +21,28 @@
 //!   heap (stop 31's CI run failed on RSS medians of 22.3 and 26.3 MiB with no leak: the live
 //!   heap's floor stays at 4.8 MiB through a 300 s run while RSS moves between 21 and 26 MiB);
 //! - if RSS stays above twice the warm-up's peak for 3 s in a row, at any time;
-//! - if throughput in the second half of the measured period falls more than 30 % below the
-//!   first half's (upper quartiles of the per-second rates, when at least two seconds were
-//!   measured; a rise is not a failure: it means the machine was busier earlier). The upper
-//!   quartile, because on a shared machine the rate drops from about 7 to about 2 million
-//!   operations a second for stretches of 10 to 20 s with the same profile (every function
-//!   slower alike, memory-bound ones most: most likely the machine), while a cost that grows
-//!   with time lowers every second;
+//! - if the soak's caches got slower with age: each worker alternates blocks of 2,048
+//!   operations between the soak's caches (built once) and a control pair of the same
+//!   configuration and workload, rebuilt every 5 s, and times both; if the soak's rate relative
+//!   to the control's (the median of the per-second ratios) falls more than 30 % from the first
+//!   half of the measured period to the second. A ratio, not a rate, because on a shared machine
+//!   the rate itself drops from about 7 to about 2 million operations a second for stretches of
+//!   10 to 20 s (stop 40's CI run failed a plain-rate check on a 32 % drop with no change in the
+//!   code): a slower machine slows both sides of a sub-millisecond alternation alike, while a
+//!   cost that grows with a cache's age slows only the soak's side;
 //! - if a worker makes no progress for 5 s.
 //!
 //! `N` must be a whole number of seconds, at least 1.
 //!
-//! `SOAK_PLANTED_LEAK=1` leaks 1 MiB a second on purpose, to show that the leak check fails.
+//! `SOAK_PLANTED_LEAK=1` leaks 1 MiB a second on purpose, to show that the leak check fails;
+//! `SOAK_PLANTED_SLOWDOWN=1` makes each of the soak caches' blocks spin for a time growing with
+//! the square of the run's age (`elapsed_s² / 100` of the block's own time), to show that the
+//! slowdown check fails.
 
 use herdcache::{BoxError, Cache};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 const PLANNED: &str = "soak: planned loader panic";
@@ -109,6 +114,95 @@ fn warm_up(secs: u64) -> u64 {
     }
 }
 
+/// Operations a worker runs on one side (the soak's caches or the control's) before it times
+/// the block and turns to the other side.
+const BLOCK: u64 = 2048;
+/// Seconds between rebuilds of the control pair: the control is never older than this.
+const CONTROL_AGE: u64 = 5;
+
+/// A worker's operations and nanoseconds on each side.
+#[derive(Default)]
+struct Meter {
+    soak_ops: AtomicU64,
+    soak_ns: AtomicU64,
+    control_ops: AtomicU64,
+    control_ns: AtomicU64,
+}
+
+impl Meter {
+    /// Operations so far: (soak, control, soak's nanoseconds, control's nanoseconds).
+    fn read(&self) -> [u64; 4] {
+        [
+            self.soak_ops.load(Ordering::Relaxed),
+            self.control_ops.load(Ordering::Relaxed),
+            self.soak_ns.load(Ordering::Relaxed),
+            self.control_ns.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// The soak's pair of caches (built once) or the control's (rebuilt every `CONTROL_AGE` s): an
+/// 8 MiB weighted cache with a 2 s time to live, and a refresh-ahead cache with a loader.
+fn build() -> (Cache<u64, Vec<u8>>, Cache<u64, u64>) {
+    let cache = Cache::builder()
+        .max_capacity(8 << 20) // 8 MiB of values
+        .weigher(|_k: &u64, v: &Vec<u8>| v.len() as u32 + 8)
+        .time_to_live(Duration::from_secs(2))
+        .record_stats()
+        .build();
+    let refreshing = Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(Duration::from_secs(3))
+        .refresh_after(Duration::from_secs(1))
+        .jitter(0.2)
+        .max_concurrent_loads(2)
+        .loader(|k: &u64| {
+            if k % 20 == 0 {
+                Err(BoxError::from("soak: planned failure"))
+            } else {
+                Ok(k * 2)
+            }
+        })
+        .record_stats()
+        .build();
+    (cache, refreshing)
+}
+
+/// One operation of the mix, its kind and key drawn from `x` (a xorshift state).
+fn step(cache: &Cache<u64, Vec<u8>>, refreshing: &Cache<u64, u64>, x: &mut u64) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    let (x, k) = (*x, *x % 200_000);
+    match x % 100 {
+        0..=49 => {
+            let _ = cache.get(&k);
+        }
+        50..=69 => cache.insert(k, vec![0; (x % 512) as usize]),
+        70..=84 => {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                cache.try_get_with(k, || match x % 100 {
+                    70..=74 => Err("soak: planned failure"),
+                    75 => std::panic::panic_any(PLANNED),
+                    _ => Ok(vec![1; (x % 256) as usize]),
+                })
+            }));
+            if let Ok(Ok(v)) = r {
+                assert!(v.iter().all(|&b| b == 1) || v.iter().all(|&b| b == 0));
+            }
+        }
+        85..=94 => {
+            let _ = refreshing.load(k % 5_000);
+        }
+        95..=98 => cache.invalidate(&k),
+        _ => {
+            if x % 100_000 == 99 {
+                cache.invalidate_all();
+            }
+        }
+    }
+}
+
 fn main() {
     let secs: u64 = match std::env::args().nth(1) {
         None => 60,
@@ -131,86 +225,60 @@ fn main() {
         }
     }));
 
-    let cache: Cache<u64, Vec<u8>> = Cache::builder()
-        .max_capacity(8 << 20) // 8 MiB of values
-        .weigher(|_k: &u64, v: &Vec<u8>| v.len() as u32 + 8)
-        .time_to_live(Duration::from_secs(2))
-        .record_stats()
-        .build();
-    let refreshing: Cache<u64, u64> = Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(Duration::from_secs(3))
-        .refresh_after(Duration::from_secs(1))
-        .jitter(0.2)
-        .max_concurrent_loads(2)
-        .loader(|k: &u64| {
-            if k % 20 == 0 {
-                Err(BoxError::from("soak: planned failure"))
-            } else {
-                Ok(k * 2)
-            }
-        })
-        .record_stats()
-        .build();
+    let (cache, refreshing) = build();
+    // The control pair: the same caches, rebuilt every `CONTROL_AGE` seconds (below).
+    let control = Arc::new(RwLock::new(build()));
+    let planted_slowdown = std::env::var_os("SOAK_PLANTED_SLOWDOWN").is_some();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let ops: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let meters: Vec<Arc<Meter>> = (0..2).map(|_| Arc::new(Meter::default())).collect();
     let start = Instant::now();
     let workers: Vec<_> = (0..2u64)
         .map(|w| {
-            let (cache, refreshing, stop, ops) = (
-                cache.clone(),
-                refreshing.clone(),
+            let (soak, control, stop, meter) = (
+                (cache.clone(), refreshing.clone()),
+                control.clone(),
                 stop.clone(),
-                ops[w as usize].clone(),
+                meters[w as usize].clone(),
             );
             std::thread::spawn(move || {
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
-                let mut n = 0u64;
+                let mut turn = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let k = x % 200_000;
-                    match x % 100 {
-                        0..=49 => {
-                            let _ = cache.get(&k);
-                        }
-                        50..=69 => cache.insert(k, vec![0; (x % 512) as usize]),
-                        70..=84 => {
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                cache.try_get_with(k, || match x % 100 {
-                                    70..=74 => Err("soak: planned failure"),
-                                    75 => std::panic::panic_any(PLANNED),
-                                    _ => Ok(vec![1; (x % 256) as usize]),
-                                })
-                            }));
-                            if let Ok(Ok(v)) = r {
-                                assert!(v.iter().all(|&b| b == 1) || v.iter().all(|&b| b == 0));
-                            }
-                        }
-                        85..=94 => {
-                            let _ = refreshing.load(k % 5_000);
-                        }
-                        95..=98 => cache.invalidate(&k),
-                        _ => {
-                            if x % 100_000 == 99 {
-                                cache.invalidate_all();
-                            }
+                    // Even blocks on the soak's caches, odd ones on the control's.
+                    let on_soak = turn % 2 == 0;
+                    turn += 1;
+                    let pair = if on_soak {
+                        soak.clone()
+                    } else {
+                        control.read().expect("control").clone()
+                    };
+                    let t = Instant::now();
+                    for _ in 0..BLOCK {
+                        step(&pair.0, &pair.1, &mut x);
+                    }
+                    if on_soak && planted_slowdown {
+                        let age = start.elapsed().as_secs_f64();
+                        let until = t + t.elapsed().mul_f64(age * age / 100.0);
+                        while Instant::now() < until {
+                            std::hint::spin_loop();
                         }
                     }
-                    n += 1;
-                    if n % 256 == 0 {
-                        ops.store(n, Ordering::Relaxed);
-                    }
+                    let ns = t.elapsed().as_nanos() as u64;
+                    let (ops, time) = if on_soak {
+                        (&meter.soak_ops, &meter.soak_ns)
+                    } else {
+                        (&meter.control_ops, &meter.control_ns)
+                    };
+                    ops.fetch_add(BLOCK, Ordering::Relaxed);
+                    time.fetch_add(ns, Ordering::Relaxed);
                 }
-                ops.store(n, Ordering::Relaxed);
             })
         })
         .collect();
 
     let mut failures = Vec::new();
-    let mut last_ops = vec![0u64; 2];
+    let mut last = [[0u64; 4]; 2];
     let mut last_progress = [Instant::now(); 2];
     let mut baseline_rss = 0u64;
     let mut above = 0;
@@ -218,7 +286,8 @@ fn main() {
     let mut measured_rss = Vec::new();
     let mut measured_floor = Vec::new();
     let planted_leak = std::env::var_os("SOAK_PLANTED_LEAK").is_some();
-    let mut rates = Vec::new();
+    // The soak's rate over the control's, each measured second.
+    let mut ratios = Vec::new();
     for second in 1..=secs {
         // Live bytes swing with the cache's contents (an `invalidate_all` empties it, the
         // workers refill it within milliseconds): sampled every 10 ms, the second's lowest
@@ -234,27 +303,42 @@ fn main() {
             }
             std::thread::sleep(left.min(Duration::from_millis(10)));
         }
-        let now_ops: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
-        let rate: u64 = now_ops.iter().zip(&last_ops).map(|(a, b)| a - b).sum();
+        let now: Vec<[u64; 4]> = meters.iter().map(|m| m.read()).collect();
+        // This second's soak operations, control operations, and their nanoseconds.
+        let mut d = [0u64; 4];
         for w in 0..2 {
-            if now_ops[w] != last_ops[w] {
+            for i in 0..4 {
+                d[i] += now[w][i] - last[w][i];
+            }
+            if now[w] != last[w] {
                 last_progress[w] = Instant::now();
             } else if last_progress[w].elapsed() > Duration::from_secs(5) {
                 failures.push(format!("worker {w} stalled for over 5 s at {second} s"));
             }
+            last[w] = now[w];
         }
-        last_ops = now_ops;
+        let rate = d[0] + d[1];
+        let ratio = if d.iter().all(|&v| v > 0) {
+            Some((d[0] as f64 / d[2] as f64) / (d[1] as f64 / d[3] as f64))
+        } else {
+            None
+        };
+        if second % CONTROL_AGE == 0 {
+            let old = std::mem::replace(&mut *control.write().expect("control"), build());
+            drop(old);
+        }
         if planted_leak {
             // Touched, so that it counts in RSS.
             std::hint::black_box(Box::leak(vec![1u8; 1 << 20].into_boxed_slice()));
         }
         let rss = rss_bytes();
         println!(
-            "{second:>5} s  rss {:>7.1} MiB  live {:>7.1}..{:>7.1} MiB  {:>9} ops/s  loads in flight {}  entries {}",
+            "{second:>5} s  rss {:>7.1} MiB  live {:>7.1}..{:>7.1} MiB  {:>9} ops/s  soak/control {}  loads in flight {}  entries {}",
             rss as f64 / (1 << 20) as f64,
             live_min as f64 / (1 << 20) as f64,
             live_max as f64 / (1 << 20) as f64,
             rate,
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}")),
             cache.stats().loads_in_flight + refreshing.stats().loads_in_flight,
             cache.entry_count()
         );
@@ -263,7 +347,7 @@ fn main() {
             // entry, reported after the lock) come and go all through the run.
             baseline_rss = baseline_rss.max(rss);
         } else {
-            rates.push(rate as f64);
+            ratios.extend(ratio);
             measured_rss.push(rss);
             measured_floor.push(live_min);
             // A gross leak fails at once; a spike of the allocator's does not last.
@@ -312,21 +396,25 @@ fn main() {
             ));
         }
     }
-    if rates.len() >= 2 {
-        let (a, b) = rates.split_at(rates.len() / 2);
-        let upper_quartile = |v: &[f64]| {
+    if ratios.len() >= 2 {
+        let (a, b) = ratios.split_at(ratios.len() / 2);
+        let median = |v: &[f64]| {
             let mut v = v.to_vec();
-            v.sort_by(|x, y| x.partial_cmp(y).expect("rates are numbers"));
-            v[v.len() * 3 / 4]
+            v.sort_by(|x, y| x.partial_cmp(y).expect("ratios are numbers"));
+            v[v.len() / 2]
         };
-        let (ma, mb) = (upper_quartile(a), upper_quartile(b));
-        let drop = (ma - mb) / ma.max(1.0);
+        let (ma, mb) = (median(a), median(b));
+        let drop = (ma - mb) / ma;
         println!(
-            "throughput (upper quartiles): {ma:.0} ops/s then {mb:.0} ops/s (change {:+.1} %)",
+            "soak's rate over the control's (medians): {ma:.3} then {mb:.3} (change {:+.1} %)",
             -drop * 100.0
         );
         if drop > 0.30 {
-            failures.push(format!("throughput fell {:.1} % (> 30 %)", drop * 100.0));
+            failures.push(format!(
+                "the soak's caches slowed with age: their rate over the control's fell {:.1} % \
+                 (> 30 %)",
+                drop * 100.0
+            ));
         }
     }
     let s = cache.stats();
