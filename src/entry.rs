@@ -510,14 +510,17 @@ where
                             }
                         }
                     }));
-                    let panic = step.unwrap_or_else(Some);
-                    // The first panic is resumed; a later one is dropped (its payload).
-                    deferred = deferred.or(panic);
+                    // The first panic is resumed; a later one is discarded.
+                    if let Some(p) = step.unwrap_or_else(Some) {
+                        crate::unwind::keep_first(&mut deferred, p);
+                    }
                 }
                 // What `load_missing` returned for keys it was not asked for, dropped before
                 // any panic is resumed (a `Drop` panicking while that unwinds would abort).
                 let rest = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(loaded)));
-                deferred = deferred.or(rest.err());
+                if let Err(p) = rest {
+                    crate::unwind::keep_first(&mut deferred, p);
+                }
                 if let Some(p) = deferred {
                     std::panic::resume_unwind(p);
                 }

@@ -175,7 +175,9 @@ pub(crate) fn drop_then<T, R>(v: T, then: impl FnOnce() -> R) -> R {
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v)));
     let r = then();
     if let Err(p) = dropped {
-        if !std::thread::panicking() {
+        if std::thread::panicking() {
+            crate::unwind::discard(p);
+        } else {
             std::panic::resume_unwind(p);
         }
     }

@@ -313,6 +313,7 @@ mod sizing;
 mod sketch;
 mod stats;
 mod sync;
+mod unwind;
 
 pub use builder::{BuildError, CacheBuilder};
 pub use cache::{Cache, Iter};

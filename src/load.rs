@@ -62,6 +62,7 @@ use crate::limit::Permit;
 use crate::removal::Removals;
 use crate::shard::Panic;
 use crate::stats::Counter;
+use crate::unwind::keep_first;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -900,7 +901,7 @@ where
         // The last handle on the outcome drops its value (user code): a panic there is
         // returned too, for the caller to count the outcome first.
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(outcome))) {
-            panic.get_or_insert(p);
+            keep_first(&mut panic, p);
         }
         (stored, panic)
     }
@@ -1063,7 +1064,7 @@ where
         // caller counts the outcome (a refresh that stored its value succeeded) first.
         let mut panic = self.report(&out);
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
-            panic.get_or_insert(p);
+            keep_first(&mut panic, p);
         }
         (outcome, stored, panic)
     }

@@ -326,7 +326,9 @@ where
                         SPAWNING.with(|s| s.set(previous));
                         // A spawner that panics: the job went down with it (the flight is then
                         // abandoned, and the wait below loads inline), or ran, or is kept.
-                        drop(spawned);
+                        if let Err(p) = spawned {
+                            crate::unwind::discard(p);
+                        }
                         (flight, Some(handoff))
                     }
                 };
@@ -391,7 +393,10 @@ impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
             Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Some(v)),
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(None),
+            Err(p) => {
+                crate::unwind::discard(p);
+                std::task::Poll::Ready(None)
+            }
         }
     }
 }
@@ -399,7 +404,10 @@ impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
 /// Runs a shared loader, turning its panic into an outcome that every caller of the load
 /// receives (as [`LoadError::Panicked`]) instead of one caller after another running it again.
 pub(crate) fn catch_panic<V>(load: impl FnOnce() -> Outcome<V>) -> Outcome<V> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or(Outcome::Panicked)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|p| {
+        crate::unwind::discard(p);
+        Outcome::Panicked
+    })
 }
 
 /// A caller of [`Cache::load`]: a value, the loader's error, or its panic.

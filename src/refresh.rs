@@ -74,8 +74,11 @@ where
                     let cache = lead.cache().clone();
                     cache.run_refresh(lead, key, &loader, true)
                 };
-                let _ =
+                let spawned =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::new(job))));
+                if let Err(p) = spawned {
+                    crate::unwind::discard(p);
+                }
             }
             // Inline: the reader that triggered the refresh runs it; it takes a permit only if
             // one is free, and otherwise defers the refresh to a later read.
@@ -129,7 +132,11 @@ where
                 Err(()) => cache.fail_refresh(lead, &key, took, Outcome::Panicked),
             }
         };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::pin(fut))));
+        let spawned =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spawn(Box::pin(fut))));
+        if let Err(p) = spawned {
+            crate::unwind::discard(p);
+        }
     }
 
     fn run_refresh(&self, lead: Lead<K, V, S>, key: K, loader: &LoaderFn<K, V>, may_wait: bool) {
@@ -170,7 +177,10 @@ where
                 let error: Arc<dyn std::any::Any + Send + Sync> = Arc::new(e);
                 self.fail_refresh(lead, &key, took, Outcome::Error(error));
             }
-            Err(_) => self.fail_refresh(lead, &key, took, Outcome::Panicked),
+            Err(p) => {
+                crate::unwind::discard(p);
+                self.fail_refresh(lead, &key, took, Outcome::Panicked)
+            }
         }
     }
 
@@ -206,8 +216,9 @@ where
                 let given = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     self.reset_refresh(hash, &again, retry)
                 }));
-                if given.is_err() {
+                if let Err(p) = given {
                     self.note_orphan(hash);
+                    crate::unwind::discard(p);
                 }
                 drop(again);
                 std::panic::resume_unwind(panic);
@@ -343,7 +354,10 @@ impl<F: std::future::Future + Unpin> std::future::Future for Caught<F> {
         })) {
             Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
+            Err(p) => {
+                crate::unwind::discard(p);
+                std::task::Poll::Ready(Err(()))
+            }
         }
     }
 }
@@ -370,8 +384,9 @@ where
         let given = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.0.reset_refresh(self.1, self.2, retry);
         }));
-        if given.is_err() {
+        if let Err(p) = given {
             self.0.note_orphan(self.1);
+            crate::unwind::discard(p);
         }
     }
 }

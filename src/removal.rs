@@ -223,7 +223,7 @@ impl<K, V> Removals<K, V> {
         for r in self.iter() {
             let call = std::panic::AssertUnwindSafe(|| listener(&r.key, &r.value, r.cause));
             if let Err(p) = std::panic::catch_unwind(call) {
-                panic.get_or_insert(p);
+                crate::unwind::keep_first(&mut panic, p);
             }
         }
         panic

@@ -864,6 +864,10 @@ fn a_key_codec_panic_whose_payload_panics_on_drop_leaves_is_subscribed_truthful(
         .expect("valid configuration");
     assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     a.invalidate(&666);
+    // B has heard 666 (its codec panicked: an error counted) before it loads key 1: otherwise
+    // the `invalidate_all` that follows an undecodable key could drop key 1 and pass the test
+    // whatever became of the subscriber (stop 52's CI run caught that race the other way).
+    assert!(eventually(|| b.stats().remote.errors >= 1));
     b.load(1).unwrap();
     a.invalidate(&1);
     let applied = eventually(|| b.get(&1).is_none() || !b.is_subscribed());

@@ -149,9 +149,9 @@ fn tick(kind: u32) {
     }
 }
 
-/// The lock probe: while set (on the thread under test), every key or value dropped checks,
-/// from another thread, that the cache (one shard) can be read; a read that does not finish
-/// within 200 ms means the drop ran under the shard's lock.
+/// The lock probe: while set (on the thread under test), every key or value dropped checks
+/// that no shard lock of the cache is held (`is_a_shard_locked`, which does not wait: the
+/// test's cache has no other user at that time).
 static PROBE_CACHE: Mutex<Option<Cache<K, V>>> = Mutex::new(None);
 static PROBE_FAILS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 std::thread_local! {
@@ -165,14 +165,7 @@ fn probe_lock(what: &str, id: u32) {
     let Some(c) = PROBE_CACHE.lock().unwrap().clone() else {
         return;
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let probe = K::new(99);
-        let _ = c.contains_key(&probe);
-        drop(probe);
-        let _ = tx.send(());
-    });
-    if rx.recv_timeout(Duration::from_millis(200)).is_err() {
+    if c.is_a_shard_locked() {
         PROBE_FAILS.lock().unwrap().push(format!(
             "a {what} ({id}) was dropped with the shard's lock held"
         ));
@@ -2198,8 +2191,12 @@ fn a_too_heavy_write_reports_the_old_value_as_a_light_one_does() {
 /// A `load_with_timeout` that joined a load and times out while a write of the key landed
 /// meanwhile: "the call returns the value already cached for key if there is one". Also when
 /// the write lands while it waits for a permit, or for a load taken over.
+///
+/// The write is made 20 ms into a 500 ms timeout. Timing decides only whether an attempt
+/// counts: one whose write landed after the caller's deadline (a starved writer thread; CI
+/// saw that with an 80 ms timeout) is run again, up to five times, and only an attempt whose
+/// write landed in time is judged.
 #[test]
-#[ignore = "timing-dependent (a write 20 ms into an 80 ms timeout): failed once in CI under load (stop 52); to be rewritten with the write triggered by the caller's wait"]
 fn a_timed_out_load_returns_a_value_written_meanwhile() {
     quiet();
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -2216,68 +2213,86 @@ fn a_timed_out_load_returns_a_value_written_meanwhile() {
             if kind == Kind::TakenOverTimeout && sp != Sp::None {
                 continue;
             }
-            let (k0, v0) = (LIVE_K.load(SeqCst), LIVE_V.load(SeqCst));
-            DONE.store(false, SeqCst);
-            TIMEOUT_MS.store(10_000, SeqCst);
-            let clock = ManualClock::new();
-            let cache = build(kind, sp, &clock);
-            let c = cache.clone();
-            let other = std::thread::spawn(move || match kind {
-                Kind::JoinTimeout => drop(c.get_with(K::new(1), || {
-                    wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
-                    V::new(7)
-                })),
-                _ => drop(c.get_with(K::new(2), || {
-                    wait_until(Duration::from_secs(5), || {
-                        c.load_limit_stats().1 >= 1 || DONE.load(SeqCst)
-                    });
-                    if kind == Kind::TakenOverTimeout {
-                        drop(c.get_with(K::new(1), || {
-                            wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
-                            V::new(7)
-                        }));
-                    } else {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let (k0, v0) = (LIVE_K.load(SeqCst), LIVE_V.load(SeqCst));
+                DONE.store(false, SeqCst);
+                TIMEOUT_MS.store(10_000, SeqCst);
+                let clock = ManualClock::new();
+                let cache = build(kind, sp, &clock);
+                let c = cache.clone();
+                let other = std::thread::spawn(move || match kind {
+                    Kind::JoinTimeout => drop(c.get_with(K::new(1), || {
                         wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
-                    }
-                    V::new(2)
-                })),
-            });
-            assert!(wait_until(Duration::from_secs(5), || cache
-                .loads_in_flight()
-                >= 1));
-            let c = cache.clone();
-            let writer = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                c.insert(K::new(1), V::new(100));
-            });
-            let r = cache
-                .load_with_timeout(K::new(1), Some(Duration::from_millis(80)))
-                .map(|v| v.0);
-            DONE.store(true, SeqCst);
-            writer.join().unwrap();
-            other.join().unwrap();
-            drop(std::mem::take(&mut *PARKED.lock().unwrap()));
-            for t in std::mem::take(&mut *THREADS.lock().unwrap()) {
-                let _ = t.join();
-            }
-            if !matches!(r, Ok(100)) {
-                bad.push(format!("{kind:?} {sp:?}: {r:?}, expected the written 100"));
-            }
-            if cache.get(&K::new(1)).map(|v| v.0) != Some(100) {
-                bad.push(format!("{kind:?} {sp:?}: the write did not win"));
-            }
-            if cache.loads_in_flight() != 0 {
-                bad.push(format!("{kind:?} {sp:?}: load left in flight"));
-            }
-            cache.validate();
-            drop(cache);
-            let (dk, dv) = (LIVE_K.load(SeqCst) - k0, LIVE_V.load(SeqCst) - v0);
-            if dk != 0 || dv != 0 {
-                bad.push(format!(
-                    "{kind:?} {sp:?}: left alive {dk} keys, {dv} values"
-                ));
-                LIVE_K.fetch_sub(dk, SeqCst);
-                LIVE_V.fetch_sub(dv, SeqCst);
+                        V::new(7)
+                    })),
+                    _ => drop(c.get_with(K::new(2), || {
+                        wait_until(Duration::from_secs(5), || {
+                            c.load_limit_stats().1 >= 1 || DONE.load(SeqCst)
+                        });
+                        if kind == Kind::TakenOverTimeout {
+                            drop(c.get_with(K::new(1), || {
+                                wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
+                                V::new(7)
+                            }));
+                        } else {
+                            wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
+                        }
+                        V::new(2)
+                    })),
+                });
+                assert!(wait_until(Duration::from_secs(5), || cache
+                    .loads_in_flight()
+                    >= 1));
+                let c = cache.clone();
+                let writer = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    c.insert(K::new(1), V::new(100));
+                    Instant::now()
+                });
+                let timeout = Duration::from_millis(500);
+                let started = Instant::now();
+                let r = cache
+                    .load_with_timeout(K::new(1), Some(timeout))
+                    .map(|v| v.0);
+                DONE.store(true, SeqCst);
+                let wrote = writer.join().unwrap();
+                let conclusive = wrote < started + timeout;
+                other.join().unwrap();
+                drop(std::mem::take(&mut *PARKED.lock().unwrap()));
+                for t in std::mem::take(&mut *THREADS.lock().unwrap()) {
+                    let _ = t.join();
+                }
+                if !conclusive && attempts < 5 {
+                    // The write came after the deadline: not this test's case. The cache is
+                    // still checked below (the write won, nothing left behind), then run again.
+                } else if !conclusive {
+                    bad.push(format!(
+                        "{kind:?} {sp:?}: in 5 attempts the write never landed within the timeout"
+                    ));
+                } else if !matches!(r, Ok(100)) {
+                    bad.push(format!("{kind:?} {sp:?}: {r:?}, expected the written 100"));
+                }
+                if cache.get(&K::new(1)).map(|v| v.0) != Some(100) {
+                    bad.push(format!("{kind:?} {sp:?}: the write did not win"));
+                }
+                if cache.loads_in_flight() != 0 {
+                    bad.push(format!("{kind:?} {sp:?}: load left in flight"));
+                }
+                cache.validate();
+                drop(cache);
+                let (dk, dv) = (LIVE_K.load(SeqCst) - k0, LIVE_V.load(SeqCst) - v0);
+                if dk != 0 || dv != 0 {
+                    bad.push(format!(
+                        "{kind:?} {sp:?}: left alive {dk} keys, {dv} values"
+                    ));
+                    LIVE_K.fetch_sub(dk, SeqCst);
+                    LIVE_V.fetch_sub(dv, SeqCst);
+                }
+                if conclusive || attempts == 5 {
+                    break;
+                }
             }
         }
     }
@@ -2336,7 +2351,7 @@ fn keys_and_values_are_dropped_after_the_lock_when_an_expiry_hook_panics() {
 
 /// The same class for the key's `Eq`: a write whose key's `Eq` panics while the write looks the
 /// key up under the lock drops the write's key and value only once the lock is released (each
-/// `Drop` here reads the same shard from another thread, which must not wait for it), stores
+/// `Drop` here checks that no shard lock is held), stores
 /// nothing, and the panic reaches the writer.
 #[test]
 fn a_write_whose_key_eq_panics_drops_its_key_and_value_unlocked() {
@@ -2344,22 +2359,13 @@ fn a_write_whose_key_eq_panics_drops_its_key_and_value_unlocked() {
     static EQ_PANICS: AtomicBool = AtomicBool::new(false);
     static BLOCKED: AtomicUsize = AtomicUsize::new(0);
     static PROBE: Mutex<Option<Cache<EqKey, EqVal>>> = Mutex::new(None);
-    /// Reads the cache from another thread; counts a read that waited over 500 ms (a lock
-    /// held by the dropping thread).
+    /// Counts a drop that runs while a shard lock of the cache is held.
     fn probe() {
         let Some(c) = PROBE.lock().unwrap().clone() else {
             return;
         };
-        let t = std::thread::spawn(move || {
-            let _ = c.get(&EqKey(2, false));
-        });
-        let start = Instant::now();
-        while !t.is_finished() {
-            if start.elapsed() > Duration::from_millis(500) {
-                BLOCKED.fetch_add(1, SeqCst);
-                return; // the thread stays blocked; the count says so
-            }
-            std::thread::yield_now();
+        if c.is_a_shard_locked() {
+            BLOCKED.fetch_add(1, SeqCst);
         }
     }
     #[derive(Clone, Debug)]
@@ -2413,6 +2419,96 @@ fn a_write_whose_key_eq_panics_drops_its_key_and_value_unlocked() {
     assert!(
         cache.get(&EqKey(1, false)).is_some_and(|v| !v.0),
         "nothing stored"
+    );
+    cache.validate();
+}
+
+/// A write whose key's `Eq` panics while it supersedes the key's running computation stores
+/// nothing: not the custom `Expiry`'s answer for the new value either. With a time to live
+/// too, the `Expiry`'s own deadline is kept beside the effective one; the update's answer
+/// (1 s) was stored there before the panic, and the old value's next read was told 1 s left
+/// instead of its 10.
+#[test]
+fn a_write_whose_key_eq_panics_while_superseding_keeps_the_old_custom_deadline() {
+    use std::sync::atomic::AtomicUsize;
+    /// Eq calls left before the one that panics (0: none panics).
+    static EQ_LEFT: AtomicUsize = AtomicUsize::new(0);
+    static READ_REMAINING: Mutex<Vec<Option<Duration>>> = Mutex::new(Vec::new());
+    #[derive(Clone, Debug)]
+    struct EqKey(u32);
+    impl PartialEq for EqKey {
+        fn eq(&self, other: &Self) -> bool {
+            if EQ_LEFT.load(SeqCst) > 0 && EQ_LEFT.fetch_sub(1, SeqCst) == 1 {
+                panic!("injected Eq panic");
+            }
+            self.0 == other.0
+        }
+    }
+    impl Eq for EqKey {}
+    impl Hash for EqKey {
+        fn hash<H: Hasher>(&self, h: &mut H) {
+            self.0.hash(h);
+        }
+    }
+    struct Custom;
+    impl Expiry<EqKey, u32> for Custom {
+        fn expire_after_create(&self, _: &EqKey, _: &u32) -> Option<Duration> {
+            Some(Duration::from_secs(10))
+        }
+        fn expire_after_update(&self, _: &EqKey, _: &u32, _: Option<Duration>) -> Option<Duration> {
+            Some(Duration::from_secs(1))
+        }
+        fn expire_after_read(
+            &self,
+            _: &EqKey,
+            _: &u32,
+            remaining: Option<Duration>,
+        ) -> Option<Duration> {
+            READ_REMAINING.lock().unwrap().push(remaining);
+            remaining
+        }
+    }
+    quiet();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _w = watchdog(Duration::from_secs(30), "Eq panic while superseding");
+    let clock = ManualClock::new();
+    let cache: Cache<EqKey, u32> = Cache::builder()
+        .max_capacity(10)
+        .shards(1)
+        .time_to_live(Duration::from_secs(100))
+        .expire_after(Custom)
+        .clock(clock.clone())
+        .build();
+    cache.insert(EqKey(1), 1);
+    // A computation of the key runs (its flight registered) until told to end.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, in_rx) = std::sync::mpsc::channel::<()>();
+    let c = cache.clone();
+    let computing = std::thread::spawn(move || {
+        let _ = c.entry(EqKey(1)).and_compute_with(|_| {
+            in_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            Op::<u32>::Nop
+        });
+    });
+    in_rx.recv().unwrap();
+    // The write's first `Eq` finds the live entry; its second, against the computation's
+    // flight, panics.
+    EQ_LEFT.store(2, SeqCst);
+    let r = catch_unwind(AssertUnwindSafe(|| cache.insert(EqKey(1), 2)));
+    let left = EQ_LEFT.swap(0, SeqCst);
+    go_tx.send(()).unwrap();
+    computing.join().unwrap();
+    assert!(
+        r.is_err() && left == 0,
+        "the write's second Eq call panicked ({left} left)"
+    );
+    READ_REMAINING.lock().unwrap().clear();
+    assert_eq!(cache.get(&EqKey(1)), Some(1), "the old value stays");
+    assert_eq!(
+        READ_REMAINING.lock().unwrap().as_slice(),
+        &[Some(Duration::from_secs(10))],
+        "the read is told the old value's own deadline"
     );
     cache.validate();
 }

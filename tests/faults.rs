@@ -31,7 +31,7 @@
 
 mod common;
 
-use common::{panic_message, quiet_injected_panics, start, watchdog, Yield};
+use common::{discard, panic_message, quiet_injected_panics, start, watchdog, Bomb, Yield};
 use herdcache::{BoxError, Cache, Expiry, ManualClock, Op};
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -101,6 +101,14 @@ static ARMED_KIND: AtomicUsize = AtomicUsize::new(usize::MAX);
 static TARGET: AtomicU64 = AtomicU64::new(0);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static INJECTED: AtomicBool = AtomicBool::new(false);
+/// Whether the injected panic's payload is a [`Bomb`] (its `Drop` panics twice more): the
+/// sweep's second pass. A payload the cache catches and does not hand back is dropped by the
+/// cache, and a panic of that drop must not escape from where the first was caught.
+static BOMBS: AtomicBool = AtomicBool::new(false);
+/// With [`BOMBS`]: the panics a scripted operation raised whose payload was not the injected
+/// `Bomb(1)` — the panic of a payload's `Drop`, which the cache let escape instead of the
+/// user's own panic (or no panic at all).
+static ESCAPED: AtomicU64 = AtomicU64::new(0);
 /// Cases where one value leaked under a `Drop` fault (tolerated, see `run_case`).
 static TOLERATED_LEAKS: AtomicU64 = AtomicU64::new(0);
 
@@ -108,6 +116,7 @@ fn arm(case: u64, kind: Kind, n: u64) {
     CALLS.store(0, SeqCst);
     TARGET.store(n, SeqCst);
     INJECTED.store(false, SeqCst);
+    ESCAPED.store(0, SeqCst);
     ARMED_KIND.store(kind as usize, SeqCst);
     ARMED_CASE.store(case, SeqCst);
 }
@@ -142,6 +151,9 @@ fn fires(case: u64, kind: Kind) -> bool {
 /// User code of `kind` runs: panics if this is the call that fails.
 fn hook(case: u64, kind: Kind) {
     if fires(case, kind) {
+        if BOMBS.load(SeqCst) {
+            std::panic::panic_any(Bomb(1));
+        }
         panic!("injected: {kind:?} fault");
     }
 }
@@ -369,7 +381,12 @@ fn build(case: u64, cfg: Config, live: &Arc<AtomicI64>, clock: &ManualClock) -> 
 
 /// Runs one operation, ignoring its result and any panic.
 fn op<R>(f: impl FnOnce() -> R) {
-    let _ = catch_unwind(AssertUnwindSafe(|| drop(f())));
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| drop(f()))) {
+        if BOMBS.load(SeqCst) && p.downcast_ref::<Bomb>().map(|b| b.0) != Some(1) {
+            ESCAPED.fetch_add(1, SeqCst);
+        }
+        discard(p);
+    }
 }
 
 /// The scripted mix of operations (single-threaded: deterministic call counts).
@@ -669,6 +686,7 @@ fn checks(c: &Cache<K, V>, cfg: Config, case: u64, live: &Arc<AtomicI64>) -> Vec
     let mut bad = Vec::new();
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| c.validate())) {
         bad.push(format!("validate() failed: {}", panic_message(&*p)));
+        discard(p);
     }
     let n = c.loads_in_flight();
     if n != 0 {
@@ -683,6 +701,7 @@ fn checks(c: &Cache<K, V>, cfg: Config, case: u64, live: &Arc<AtomicI64>) -> Vec
                 "a fresh get_with(K({id})) panicked: {}",
                 panic_message(&*p)
             ));
+            discard(p);
         }
     }
     if cfg.limit {
@@ -732,12 +751,14 @@ fn run_case(case: u64, kind: Kind, n: u64, cfg: Config) -> Outcome {
         Some(Err(p)) => {
             disarm();
             let msg = format!("building the cache panicked: {}", panic_message(&*p));
+            discard(p);
             return Outcome::Failed(vec![msg], INJECTED.load(SeqCst));
         }
         Some(Ok(cache)) => cache,
     };
     disarm();
     let injected = INJECTED.load(SeqCst);
+    let escaped = ESCAPED.swap(0, SeqCst);
     let l = live.clone();
     let checked = start(move || {
         let bad = checks(&cache, cfg, case, &l);
@@ -750,9 +771,18 @@ fn run_case(case: u64, kind: Kind, n: u64, cfg: Config) -> Outcome {
                 "after the fault, the checks (validate, a fresh get_with of keys {KEYS:?}, a fresh load) did not finish within {DEADLINE:?}"
             ))
         }
-        Some(Err(p)) => vec![format!("the checks panicked: {}", panic_message(&*p))],
+        Some(Err(p)) => {
+            let msg = format!("the checks panicked: {}", panic_message(&*p));
+            discard(p);
+            vec![msg]
+        }
         Some(Ok(bad)) => bad,
     };
+    if escaped > 0 {
+        bad.push(format!(
+            "{escaped} operation(s) raised a panic other than the planted payload (its drop's)"
+        ));
+    }
     let left = live.load(SeqCst);
     // A value (key, future) whose `Drop` panics while a function returns another value leaks that
     // returned value: Rust drops locals before the return value is handed over and does not
@@ -827,7 +857,12 @@ fn fault_sweep() {
     let mut summary = Vec::new();
     // Debugging: `HERDCACHE_FAULT_ONLY=ValDrop:25` runs one kind (from call 25 on).
     let only = std::env::var("HERDCACHE_FAULT_ONLY").ok();
-    for kind in KINDS {
+    for (bombs, kind) in [false, true]
+        .into_iter()
+        .flat_map(|b| KINDS.into_iter().map(move |k| (b, k)))
+    {
+        BOMBS.store(bombs, SeqCst);
+        let payload = if bombs { ", bomb payload" } else { "" };
         let mut first_n = 1;
         if let Some(only) = &only {
             let (name, from) = only.split_once(':').unwrap_or((only, "1"));
@@ -852,7 +887,10 @@ fn fault_sweep() {
                         } else {
                             "with no fault injected (the script made fewer calls)".to_string()
                         };
-                        failures.push(format!("{kind:?} {at} ({cfg}): {}", bad.join("; ")));
+                        failures.push(format!(
+                            "{kind:?} {at} ({cfg}{payload}): {}",
+                            bad.join("; ")
+                        ));
                         if !injected {
                             break;
                         }
@@ -864,7 +902,9 @@ fn fault_sweep() {
                     Outcome::Hung(what) => {
                         fails += 1;
                         hangs += 1;
-                        failures.push(format!("{kind:?} at call {n} ({cfg}): HANG: {what}"));
+                        failures.push(format!(
+                            "{kind:?} at call {n} ({cfg}{payload}): HANG: {what}"
+                        ));
                         if hangs >= max_hangs {
                             cut = Some(format!("cut short at hang {hangs}"));
                             break;
@@ -878,9 +918,9 @@ fn fault_sweep() {
                 }
             }
             summary.push(format!(
-                "  {:<14} {:<26} {:>4} cases, {:>2} failing{}",
+                "  {:<14} {:<38} {:>4} cases, {:>2} failing{}",
                 format!("{kind:?}"),
-                cfg.to_string(),
+                format!("{cfg}{payload}"),
                 cases,
                 fails,
                 cut.map_or(String::new(), |c| format!(" ({c})"))
@@ -897,6 +937,11 @@ fn fault_sweep() {
         failures.len(),
         TOLERATED_LEAKS.load(SeqCst)
     );
+    // Printed, not only asserted: the quiet panic hook hides any panic message that says
+    // "injected", which a failure's description may.
+    for f in &failures {
+        eprintln!("  - {f}");
+    }
     assert!(
         failures.is_empty(),
         "{} failing fault-injection cases:\n  - {}",

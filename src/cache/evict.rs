@@ -61,7 +61,7 @@ where
                 s.expire_before_evicting(now, hasher, out)
             }));
             if let Err(p) = expired {
-                panic.get_or_insert(p);
+                crate::unwind::keep_first(panic, p);
             }
             self.account(before, s.weight());
         }

@@ -43,7 +43,9 @@ impl<T> Drop for DropLater<T> {
     fn drop(&mut self) {
         if let Some(v) = self.0.take() {
             if std::thread::panicking() {
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v)));
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v))) {
+                    crate::unwind::discard(p);
+                }
             } else {
                 drop(v);
             }
@@ -152,12 +154,15 @@ where
                     let taken = s.flights().remove(hash, flight);
                     // No retry runs after all: the next caller is the retrier. (A panic of
                     // the key's `Eq` here leaves the deadline moved on: one skipped retry.)
-                    if let Some(previous) = retrier {
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let withdrawn = retrier.map(|previous| {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             self.fail_safe_withdraw(&s, hash, key, previous);
-                        }));
-                    }
+                        }))
+                    });
                     drop(s);
+                    if let Some(Err(p)) = withdrawn {
+                        crate::unwind::discard(p);
+                    }
                     drop((stale, taken));
                     Registration::Withdrawn
                 }
@@ -381,8 +386,9 @@ where
     /// second panic would abort) and the key's refresh claim, which `f` may not have given
     /// back, is noted as an orphan.
     pub(crate) fn key_eq_guarded(&self, hash: u64, f: impl FnOnce()) {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             self.note_orphan(hash);
+            crate::unwind::discard(p);
         }
     }
 }

@@ -876,7 +876,10 @@ where
         // and a panic of it must not skip the eviction above (`attack_s56`). The first panic
         // goes on.
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(registered)));
-        if let Some(p) = deferred.or(dropped.err()) {
+        if let Err(p) = dropped {
+            crate::unwind::keep_first(&mut deferred, p);
+        }
+        if let Some(p) = deferred {
             std::panic::resume_unwind(p);
         }
         true
@@ -1026,6 +1029,18 @@ where
     pub fn run_pending_tasks(&self) {
         let now = self.now();
         self.for_each_shard(|s, out| s.expire(now, true, &self.inner.hasher, out));
+    }
+
+    /// Whether some thread holds a shard's write lock now (a read lock too, for a moment: a
+    /// lookup). A test hook (feature `testing`): called from a key's or value's `Drop`, it says
+    /// without waiting whether that drop runs under a lock.
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn is_a_shard_locked(&self) -> bool {
+        self.inner
+            .shards
+            .iter()
+            .any(|c| c.lock.try_write().is_none())
     }
 
     /// Checks every internal invariant of every shard and the global weight; panics on the

@@ -5,6 +5,7 @@
 use super::{Accounting, Cache};
 use crate::removal::{RemovalCause, Removals, Removed};
 use crate::shard::Shard;
+use crate::unwind::keep_first;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 
@@ -150,15 +151,15 @@ where
                         op(&mut *acct.shard, &mut out)
                     }));
                     if let Err(p) = ran {
-                        panic.get_or_insert(p);
+                        keep_first(&mut panic, p);
                     }
                 }
             }
             if let Some(p) = self.report(&out) {
-                panic.get_or_insert(p);
+                keep_first(&mut panic, p);
             }
             if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
-                panic.get_or_insert(p);
+                keep_first(&mut panic, p);
             }
         }
         if let Some(p) = panic {

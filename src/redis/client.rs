@@ -236,7 +236,8 @@ impl Client {
         // failed request: the tier never fails a call, and a probe that panicked must still
         // report, or the breaker would stay half-open (skipping Redis) for good.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut conn)))
-            .unwrap_or_else(|_| {
+            .unwrap_or_else(|p| {
+                crate::unwind::discard(p);
                 Err(RedisError::from(std::io::Error::other(
                     "the Redis client panicked during the operation",
                 )))

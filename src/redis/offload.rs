@@ -105,7 +105,9 @@ fn work(shared: &Shared) {
             drop(s);
             // A panicking job is the job's business (its result slot reports it); the thread
             // goes on.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                crate::unwind::discard(p);
+            }
             s = shared.state.lock();
             continue;
         }

@@ -6,6 +6,7 @@
 
 use super::tier::{parse_message, Tier, MSG_ALL, MSG_KEY};
 use crate::cache::{Cache, Inner};
+use crate::unwind::discard;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -43,6 +44,9 @@ where
     V: Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
+    // However this loop ends — a panic that escaped included — the tier no longer says it is
+    // subscribed.
+    let _deaf = Deaf(tier);
     let mut backoff = Duration::from_millis(50);
     // Which node to try (a cluster's nodes in turn, so that one node down does not stop it).
     let mut attempt = 0usize;
@@ -87,8 +91,9 @@ where
                     let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         apply(&Cache { inner }, tier, msg.get_payload_bytes());
                     }));
-                    if applied.is_err() {
+                    if let Err(p) = applied {
                         tier.counters().add(|c| &c.errors);
+                        discard(p);
                     }
                 }
                 Err(e) if e.is_timeout() => {
@@ -112,6 +117,15 @@ where
         }
         tier.subscribed.store(false, Ordering::Release);
         attempt = attempt.wrapping_add(1);
+    }
+}
+
+/// Clears the tier's `subscribed` flag when dropped.
+struct Deaf<'a, K, V>(&'a Tier<K, V>);
+
+impl<K, V> Drop for Deaf<'_, K, V> {
+    fn drop(&mut self) {
+        self.0.subscribed.store(false, Ordering::Release);
     }
 }
 
@@ -140,8 +154,13 @@ where
                 Ok(Ok(k)) => cache.invalidate(&k),
                 // A key we cannot decode (an error, or a panic of the codec) could be any
                 // key: drop them all rather than keep a stale one.
-                Ok(Err(_)) | Err(_) => {
+                Ok(Err(_)) => {
                     tier.counters().add(|c| &c.errors);
+                    cache.invalidate_all();
+                }
+                Err(p) => {
+                    tier.counters().add(|c| &c.errors);
+                    discard(p);
                     cache.invalidate_all();
                 }
             }

@@ -12,6 +12,8 @@ use crate::policy::{record_hit, Place, Policy};
 use crate::removal::{RemovalCause, Removals, Removed, Tally};
 use crate::rng::Rng;
 use crate::sync::AtomicU64;
+use crate::unwind::keep_first;
+pub(crate) use crate::unwind::Panic;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
@@ -601,7 +603,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     }
 
     /// Stores the time data beyond the effective deadline, then the deadline (a custom
-    /// `Expiry`'s own deadline is stored where it is computed, see `updated_times`).
+    /// `Expiry`'s own deadline is stored by the caller, which asked for it).
     fn store_times(&mut self, slot: u32, (effective, hard): (u64, u64), now: u64, load_nanos: u64) {
         if self.layout.hard {
             self.extra(slot, 1).store(hard, Ordering::Relaxed);
@@ -623,8 +625,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// The deadlines `(effective, hard)` of the entry in `slot` (effective one: `current`)
     /// once its value is replaced by `value`, asked of the expiry configuration
     /// (`Expiry::expire_after_update` for a custom one: user code, before anything is
-    /// mutated), bounded by `cap`. A custom `Expiry`'s own deadline, when it has a slot, is
-    /// stored here. Out of line: the common plain time to live does not come here.
+    /// mutated), bounded by `cap`; and a custom `Expiry`'s own deadline, for the caller to
+    /// store once the write can no longer fail. Out of line: the common plain time to live
+    /// does not come here.
     #[allow(clippy::too_many_arguments)]
     fn updated_times(
         &self,
@@ -635,16 +638,13 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         exp: &ExpiryConfig<K, V>,
         factor: f64,
         cap: u64,
-    ) -> (u64, u64) {
+    ) -> ((u64, u64), u64) {
         let deadlines = self.deadlines(slot, current);
         let e = self.slab[slot as usize]
             .as_ref()
             .expect("found slot is live");
         let d = exp.on_update(&e.key, value, now, deadlines, factor);
-        if self.layout.custom {
-            self.extra(slot, 2).store(d.custom, Ordering::Relaxed);
-        }
-        (d.effective.min(cap), d.hard.min(cap))
+        ((d.effective.min(cap), d.hard.min(cap)), d.custom)
     }
 
     /// A write too heavy to store (see `Cache::insert_with`) still asks a custom `Expiry`
@@ -691,7 +691,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// dropped unlocked and unreported — a `Drop` that uses the cache must not find its shard
     /// locked.
     fn defer(&mut self, p: Panic, key: K, value: V, out: &mut Removals<K, V>) {
-        self.pending_panic_mut().get_or_insert(p);
+        keep_first(self.pending_panic_mut(), p);
         out.discard(key, value);
     }
 
@@ -836,6 +836,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 // has run, so that a panic there leaves it (fail-safe's last value) in place.
                 dead = Some(slot);
             } else {
+                // The custom `Expiry`'s own deadline, stored with the new value (not before the
+                // write can no longer fail: a panic of the key's `Eq` while superseding its
+                // load would leave the old value under the new deadline).
+                let mut custom = None;
                 let times = match self.layout.plain_ttl {
                     Some(ttl) if T::TIMED => plain(now, ttl, cap),
                     _ if !T::TIMED => untimed(exp, cap),
@@ -844,7 +848,10 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                             self.updated_times(slot, current, &value, now, exp, factor, cap)
                         }));
                         match asked {
-                            Ok(times) => times,
+                            Ok((times, c)) => {
+                                custom = Some(c);
+                                times
+                            }
                             Err(p) => return self.defer(p, key, value, out),
                         }
                     }
@@ -870,6 +877,9 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                 if old_weight != weight {
                     self.policy.on_reweigh(slot, e.place, old_weight, weight);
                     self.weight = self.weight - u64::from(old_weight) + u64::from(weight);
+                }
+                if let Some(c) = custom.filter(|_| self.layout.custom) {
+                    self.extra(slot, 2).store(c, Ordering::Relaxed);
                 }
                 self.set_times(slot, times, now, load_nanos);
                 self.tally.push(
@@ -995,7 +1005,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hasher.hash_one(key)));
                 hashed.unwrap_or_else(|p| {
                     failed.borrow_mut().push(s);
-                    panic.borrow_mut().get_or_insert(p);
+                    keep_first(&mut panic.borrow_mut(), p);
                     0 // filed under a dummy hash, removed below
                 })
             });
@@ -1132,8 +1142,9 @@ impl<'a, S: BuildHasher> Rehash<'a, S> {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.hasher.hash_one(key)));
         hashed
             .map_err(|p| {
-                let first = self.panic.take().unwrap_or(p);
-                self.panic.set(Some(first));
+                let mut first = self.panic.take();
+                keep_first(&mut first, p);
+                self.panic.set(first);
             })
             .ok()
     }
@@ -1149,13 +1160,10 @@ impl<'a, S: BuildHasher> Rehash<'a, S> {
     /// caller with more to finish before resuming it.
     fn finish_into(self, first: &mut Option<Panic>) {
         if let Some(p) = self.panic.into_inner() {
-            first.get_or_insert(p);
+            keep_first(first, p);
         }
     }
 }
-
-/// A caught panic's payload.
-pub(crate) type Panic = Box<dyn std::any::Any + Send>;
 
 /// A record leaving the shard, for its removal report.
 #[inline]

@@ -208,9 +208,42 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
         s.clone()
+    } else if let Some(b) = p.downcast_ref::<Bomb>() {
+        format!(
+            "injected: a payload whose drop panics {} more times",
+            b.0 + 1
+        )
     } else {
         "(non-string panic payload)".to_string()
     }
+}
+
+/// A panic payload whose `Drop` panics again with a `Bomb` of one less, down to `Bomb(0)`,
+/// whose `Drop` panics with a plain message: `Bomb(n)` raises `n + 1` panics as it drops.
+/// For the faults a test plants: their payloads are user data too.
+pub struct Bomb(pub u32);
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        match self.0 {
+            0 => std::panic::panic_any("injected: the last drop of a payload"),
+            n => std::panic::panic_any(Bomb(n - 1)),
+        }
+    }
+}
+
+/// Drops a caught panic's payload that may be a [`Bomb`] (or any payload whose `Drop`
+/// panics): each further panic is caught and its payload dropped the same way, up to 16; the
+/// test's own handling of a payload must not be what fails it.
+pub fn discard(p: Box<dyn std::any::Any + Send>) {
+    let mut p = p;
+    for _ in 0..16 {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(p))) {
+            Ok(()) => return,
+            Err(next) => p = next,
+        }
+    }
+    std::mem::forget(p);
 }
 
 /// Installs (once) a panic hook that stays silent for panics whose message contains
