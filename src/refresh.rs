@@ -178,8 +178,8 @@ where
                 self.fail_refresh(lead, &key, took, Outcome::Error(error));
             }
             Err(p) => {
+                self.fail_refresh(lead, &key, took, Outcome::Panicked);
                 crate::unwind::discard(p);
-                self.fail_refresh(lead, &key, took, Outcome::Panicked)
             }
         }
     }

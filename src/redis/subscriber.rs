@@ -160,8 +160,8 @@ where
                 }
                 Err(p) => {
                     tier.counters().add(|c| &c.errors);
-                    discard(p);
                     cache.invalidate_all();
+                    discard(p);
                 }
             }
         }
