@@ -281,6 +281,7 @@ where
                     }
                 }
                 flight.resolve(phase);
+                crate::unwind::discard_later(); // an `Eq` panic's payload, set aside above
             }
             None => self.end_flight(hash, &flight, Some(retry), phase, false),
         }

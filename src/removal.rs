@@ -133,6 +133,15 @@ pub(crate) struct Removals<K, V> {
     more: Option<Box<More<K, V>>>,
 }
 
+/// Removals drop after the lock they were made under: the panic payloads set aside under it
+/// (see [`crate::unwind`]) are discarded first.
+impl<K, V> Drop for Removals<K, V> {
+    #[inline]
+    fn drop(&mut self) {
+        crate::unwind::discard_later();
+    }
+}
+
 /// The rarer contents of a [`Removals`].
 struct More<K, V> {
     rest: Vec<Removed<K, V>>,

@@ -61,7 +61,7 @@ where
                 s.expire_before_evicting(now, hasher, out)
             }));
             if let Err(p) = expired {
-                crate::unwind::keep_first(panic, p);
+                crate::unwind::keep_first_locked(panic, p);
             }
             self.account(before, s.weight());
         }

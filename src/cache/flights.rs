@@ -226,6 +226,7 @@ where
             }
         };
         drop(key); // outside the lock
+        crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under it
     }
 
     /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
@@ -304,7 +305,10 @@ where
         };
         // Outside the locks, before anyone wakes; the key's `Drop` is user code: everyone is
         // woken whatever it does.
-        drop_then(key, || flight.wake_all(wakers));
+        drop_then(key, || {
+            flight.wake_all(wakers);
+            crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
+        });
     }
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:
@@ -341,7 +345,10 @@ where
             key
         };
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
-        drop_then(key, || flight.resolve(phase));
+        drop_then(key, || {
+            flight.resolve(phase);
+            crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
+        });
     }
 
     /// Ends the flight of a replacing leader (`get_with_if`) whose second look read a value
@@ -378,17 +385,22 @@ where
             Phase::Abandoned
         };
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
-        drop_then(registered, || flight.resolve(phase));
+        drop_then(registered, || {
+            flight.resolve(phase);
+            crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
+        });
     }
 
     /// Runs `f`, which calls the key's `Eq` (user code) while a flight ends: a panic of it is
     /// caught (the caller still resolves its flight; it may be unwinding already, where a
     /// second panic would abort) and the key's refresh claim, which `f` may not have given
-    /// back, is noted as an orphan.
+    /// back, is noted as an orphan. Its payload is set aside: the caller, under the shard lock,
+    /// calls [`discard_later`](crate::unwind::discard_later) once the lock is released.
     pub(crate) fn key_eq_guarded(&self, hash: u64, f: impl FnOnce()) {
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             self.note_orphan(hash);
-            crate::unwind::discard(p);
+            // Under the shard lock: discarded by the caller once it is released.
+            crate::unwind::later(p);
         }
     }
 }

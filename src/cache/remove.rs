@@ -5,7 +5,7 @@
 use super::{Accounting, Cache};
 use crate::removal::{RemovalCause, Removals, Removed};
 use crate::shard::Shard;
-use crate::unwind::keep_first;
+use crate::unwind::{keep_first, keep_first_locked};
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 
@@ -151,7 +151,7 @@ where
                         op(&mut *acct.shard, &mut out)
                     }));
                     if let Err(p) = ran {
-                        keep_first(&mut panic, p);
+                        keep_first_locked(&mut panic, p);
                     }
                 }
             }

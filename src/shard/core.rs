@@ -12,7 +12,7 @@ use crate::policy::{record_hit, Place, Policy};
 use crate::removal::{RemovalCause, Removals, Removed, Tally};
 use crate::rng::Rng;
 use crate::sync::AtomicU64;
-use crate::unwind::keep_first;
+use crate::unwind::keep_first_locked;
 pub(crate) use crate::unwind::Panic;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
@@ -691,7 +691,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
     /// dropped unlocked and unreported — a `Drop` that uses the cache must not find its shard
     /// locked.
     fn defer(&mut self, p: Panic, key: K, value: V, out: &mut Removals<K, V>) {
-        keep_first(self.pending_panic_mut(), p);
+        keep_first_locked(self.pending_panic_mut(), p);
         out.discard(key, value);
     }
 
@@ -1005,7 +1005,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hasher.hash_one(key)));
                 hashed.unwrap_or_else(|p| {
                     failed.borrow_mut().push(s);
-                    keep_first(&mut panic.borrow_mut(), p);
+                    keep_first_locked(&mut panic.borrow_mut(), p);
                     0 // filed under a dummy hash, removed below
                 })
             });
@@ -1143,7 +1143,7 @@ impl<'a, S: BuildHasher> Rehash<'a, S> {
         hashed
             .map_err(|p| {
                 let mut first = self.panic.take();
-                keep_first(&mut first, p);
+                keep_first_locked(&mut first, p);
                 self.panic.set(first);
             })
             .ok()
@@ -1160,7 +1160,7 @@ impl<'a, S: BuildHasher> Rehash<'a, S> {
     /// caller with more to finish before resuming it.
     fn finish_into(self, first: &mut Option<Panic>) {
         if let Some(p) = self.panic.into_inner() {
-            keep_first(first, p);
+            keep_first_locked(first, p);
         }
     }
 }
