@@ -862,11 +862,29 @@ where
         match written {
             Some((encoded, version)) => {
                 let k = key.clone();
-                self.cache.insert(key, value);
+                // The local insert completes even if user code it calls panics (the eviction
+                // listener, a replaced value's `Drop`), and hands that panic on: the check
+                // below must run all the same, then the panic goes on.
+                let mut panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.cache.insert(key, value);
+                }))
+                .err();
                 // A newer write or invalidation of the key (this instance's, or another's
                 // announced) or an invalidate-all, done before our copy landed, wins.
                 if self.tier.newer_known(&encoded, version, clears) {
-                    self.cache.invalidate(&k);
+                    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.cache.invalidate(&k);
+                    }));
+                    if let Err(p) = dropped {
+                        crate::unwind::keep_first(&mut panic, p);
+                    }
+                }
+                let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(k)));
+                if let Err(p) = dropped {
+                    crate::unwind::keep_first(&mut panic, p);
+                }
+                if let Some(p) = panic {
+                    std::panic::resume_unwind(p);
                 }
             }
             None => self.cache.insert(key, value),

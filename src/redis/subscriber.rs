@@ -34,7 +34,16 @@ where
     let weak = Arc::downgrade(&cache.inner);
     std::thread::Builder::new()
         .name("herdcache-invalidations".into())
-        .spawn(move || run(&weak, &tier, clear_on_reconnect))
+        .spawn(move || {
+            // Nothing is meant to escape `run` (user code it calls runs under `catch_unwind`);
+            // were anything to, its payload must not become the thread's result, whose drop
+            // by the runtime aborts the process if the payload's `Drop` panics.
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&weak, &tier, clear_on_reconnect)
+            })) {
+                discard(p);
+            }
+        })
         .map(drop)
 }
 
@@ -75,8 +84,16 @@ where
             // Messages may have been missed while disconnected — and before the first
             // subscription too: the cache is built, and may load values, before it takes
             // effect (a slow first connection is no different from a failed one).
+            // User code runs here (the eviction listener, the values' `Drop`): a panic of it
+            // must not end the subscriber (the clear itself completes first).
             if let Some(inner) = cache.upgrade() {
-                Cache { inner }.invalidate_all();
+                let cleared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Cache { inner }.invalidate_all();
+                }));
+                if let Err(p) = cleared {
+                    tier.counters().add(|c| &c.errors);
+                    discard(p);
+                }
             }
         }
         let mut heard = Instant::now();
@@ -150,18 +167,32 @@ where
         MSG_KEY => {
             let decoded =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tier.decode_key(key)));
-            match decoded {
-                Ok(Ok(k)) => cache.invalidate(&k),
-                // A key we cannot decode (an error, or a panic of the codec) could be any
-                // key: drop them all rather than keep a stale one.
-                Ok(Err(_)) => {
-                    tier.counters().add(|c| &c.errors);
-                    cache.invalidate_all();
+            // The codec's error or panic payload is user data, dropped (its panics caught)
+            // before anything else runs: held across the `invalidate_all` below, it would be
+            // dropped while a panic of the eviction listener unwinds, a second panic that
+            // aborts the process.
+            let k = match decoded {
+                Ok(Ok(k)) => Some(k),
+                Ok(Err(e)) => {
+                    if let Err(p) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(e)))
+                    {
+                        discard(p);
+                    }
+                    None
                 }
                 Err(p) => {
+                    discard(p);
+                    None
+                }
+            };
+            match k {
+                Some(k) => cache.invalidate(&k),
+                // A key we cannot decode (an error, or a panic of the codec) could be any
+                // key: drop them all rather than keep a stale one.
+                None => {
                     tier.counters().add(|c| &c.errors);
                     cache.invalidate_all();
-                    discard(p);
                 }
             }
         }
