@@ -464,8 +464,8 @@ where
                     (loaded, self.stopwatch().saturating_sub(start))
                 };
                 // The keys' `Drop` (user code): a panic is resumed once the values are stored.
-                let mut deferred =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(keys))).err();
+                let mut deferred = None;
+                crate::unwind::drop_keeping_first(keys, &mut deferred);
                 // Every loaded value is published before a panic of user code met on the way
                 // is resumed — the eviction listener or a removed value's `Drop` (deferred by
                 // the store itself), the weigher, a key's or value's `Clone`, `Drop`, `Hash` or
@@ -517,10 +517,7 @@ where
                 }
                 // What `load_missing` returned for keys it was not asked for, dropped before
                 // any panic is resumed (a `Drop` panicking while that unwinds would abort).
-                let rest = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(loaded)));
-                if let Err(p) = rest {
-                    crate::unwind::keep_first(&mut deferred, p);
-                }
+                crate::unwind::drop_keeping_first(loaded, &mut deferred);
                 if let Some(p) = deferred {
                     std::panic::resume_unwind(p);
                 }

@@ -62,7 +62,7 @@ use crate::limit::Permit;
 use crate::removal::Removals;
 use crate::shard::Panic;
 use crate::stats::Counter;
-use crate::unwind::keep_first;
+use crate::unwind::drop_keeping_first;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -900,9 +900,7 @@ where
             self.publish_as(lead, Some(key), Outcome::Value(value), Some(took));
         // The last handle on the outcome drops its value (user code): a panic there is
         // returned too, for the caller to count the outcome first.
-        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(outcome))) {
-            keep_first(&mut panic, p);
-        }
+        drop_keeping_first(outcome, &mut panic);
         (stored, panic)
     }
 
@@ -1063,9 +1061,7 @@ where
         // (user code) may panic too: that panic is returned as the listener's is, so the
         // caller counts the outcome (a refresh that stored its value succeeded) first.
         let mut panic = self.report(&out);
-        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
-            keep_first(&mut panic, p);
-        }
+        drop_keeping_first(out, &mut panic);
         (outcome, stored, panic)
     }
 

@@ -41,6 +41,22 @@ pub(crate) fn discard(p: Panic) {
     keep_for_good(p);
 }
 
+/// Drops `v` (user data: a key, a value, an error, a payload), its `Drop`'s panics
+/// [`discard`]ed.
+pub(crate) fn drop_quietly<T>(v: T) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(v))) {
+        discard(p);
+    }
+}
+
+/// Drops `v` (user data), keeping its `Drop`'s panic in `first` as [`keep_first`] does: for
+/// code that completes its work before it resumes the first panic met. Not under a shard lock.
+pub(crate) fn drop_keeping_first<T>(v: T, first: &mut Option<Panic>) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(v))) {
+        keep_first(first, p);
+    }
+}
+
 /// Payloads never dropped: held here, not forgotten, so that they are not a leak (for a leak
 /// checker either), only memory kept.
 static KEPT: parking_lot::Mutex<Vec<Panic>> = parking_lot::Mutex::new(Vec::new());

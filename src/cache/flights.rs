@@ -43,9 +43,7 @@ impl<T> Drop for DropLater<T> {
     fn drop(&mut self) {
         if let Some(v) = self.0.take() {
             if std::thread::panicking() {
-                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v))) {
-                    crate::unwind::discard(p);
-                }
+                crate::unwind::drop_quietly(v);
             } else {
                 drop(v);
             }

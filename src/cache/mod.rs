@@ -875,10 +875,7 @@ where
         // The load's registered key goes last, with no lock held: its `Drop` is user code,
         // and a panic of it must not skip the eviction above (`attack_s56`). The first panic
         // goes on.
-        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(registered)));
-        if let Err(p) = dropped {
-            crate::unwind::keep_first(&mut deferred, p);
-        }
+        crate::unwind::drop_keeping_first(registered, &mut deferred);
         if let Some(p) = deferred {
             std::panic::resume_unwind(p);
         }

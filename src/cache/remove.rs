@@ -5,7 +5,7 @@
 use super::{Accounting, Cache};
 use crate::removal::{RemovalCause, Removals, Removed};
 use crate::shard::Shard;
-use crate::unwind::{keep_first, keep_first_locked};
+use crate::unwind::{drop_keeping_first, keep_first, keep_first_locked};
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 
@@ -158,9 +158,7 @@ where
             if let Some(p) = self.report(&out) {
                 keep_first(&mut panic, p);
             }
-            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(out))) {
-                keep_first(&mut panic, p);
-            }
+            drop_keeping_first(out, &mut panic);
         }
         if let Some(p) = panic {
             std::panic::resume_unwind(p);

@@ -856,6 +856,13 @@ where
     /// while the breaker is open). A write Redis does not get (it fails, times out, or the
     /// breaker skips it) is local only: Redis keeps the key's older value, the other instances
     /// are not told, and nothing retries it (the module docs' guarantee needs Redis).
+    ///
+    /// # Panics
+    ///
+    /// A panic of user code the write calls goes on to the caller: the key or value codec's
+    /// (raised before anything is written, to Redis or here), or one raised by the local
+    /// insert — the eviction listener's, a replaced value's `Drop` — after the insert and the
+    /// check that a newer write of the key wins over it have completed.
     pub fn insert(&self, key: K, value: V) {
         let clears = self.tier.clears();
         let written = self.tier.put(&key, &value);
@@ -879,10 +886,7 @@ where
                         crate::unwind::keep_first(&mut panic, p);
                     }
                 }
-                let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(k)));
-                if let Err(p) = dropped {
-                    crate::unwind::keep_first(&mut panic, p);
-                }
+                crate::unwind::drop_keeping_first(k, &mut panic);
                 if let Some(p) = panic {
                     std::panic::resume_unwind(p);
                 }

@@ -6,7 +6,7 @@
 
 use super::tier::{parse_message, Tier, MSG_ALL, MSG_KEY};
 use crate::cache::{Cache, Inner};
-use crate::unwind::discard;
+use crate::unwind::{discard, drop_quietly};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -174,11 +174,7 @@ where
             let k = match decoded {
                 Ok(Ok(k)) => Some(k),
                 Ok(Err(e)) => {
-                    if let Err(p) =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(e)))
-                    {
-                        discard(p);
-                    }
+                    drop_quietly(e);
                     None
                 }
                 Err(p) => {
