@@ -691,7 +691,9 @@ where
     /// After a failed refresh (or, with [`fail_safe`](Self::fail_safe), a failed load of an
     /// expired key), wait this long before the next attempt (default: the `refresh_after`
     /// period, else one second). A zero backoff is taken as one nanosecond: the next attempt
-    /// may come at once.
+    /// may come at once. Also how long a key whose loader panicked answers
+    /// [`LoadError::Panicked`](crate::LoadError::Panicked) without loading again, on a cache
+    /// that keeps time (see there).
     pub fn refresh_backoff(mut self, d: Duration) -> Self {
         self.stampede.refresh_backoff = nanos(d).max(1);
         self

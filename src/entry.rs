@@ -642,8 +642,9 @@ where
                 }
                 Err(running)
             }
-            Registration::Registered(swept) => {
-                Ok(swept.drop_after(Lead::computation(self, hash, f)))
+            Registration::Registered(mut swept) => {
+                let negative = swept.take_displaced();
+                Ok(swept.drop_after(Lead::computation(self, hash, f, negative)))
             }
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")
@@ -718,7 +719,16 @@ where
                     replaced: false,
                 })
             }
-            (Op::Remove | Op::Nop, None) => {
+            (Op::Remove, None) => {
+                // A removal ends a negative-cache entry of the key, as `invalidate` does.
+                let mut lead = lead;
+                let negative = lead.forget_negative();
+                drop(lead);
+                drop(negative);
+                CompResult::StillNone(key)
+            }
+            (Op::Nop, None) => {
+                // Changes nothing: a negative-cache entry of the key is put back.
                 drop(lead);
                 CompResult::StillNone(key)
             }

@@ -1170,6 +1170,24 @@ impl<K: Hash + Eq, V> Flights<K, V> {
             .find(hash, |r| Arc::ptr_eq(f, &r.flight))
             .is_some()
     }
+
+    /// Registers `by` in place of exactly the flight `f` (same key), if `f` is still
+    /// registered; otherwise hands `by` back. Drops no key and runs no user code (`f` has other
+    /// holders: its caller's).
+    pub(crate) fn replace(
+        &mut self,
+        hash: u64,
+        f: &Arc<Flight<K, V>>,
+        by: Arc<Flight<K, V>>,
+    ) -> Result<(), Arc<Flight<K, V>>> {
+        match self.table.find_mut(hash, |r| Arc::ptr_eq(f, &r.flight)) {
+            Some(r) => {
+                r.flight = by;
+                Ok(())
+            }
+            None => Err(by),
+        }
+    }
 }
 
 #[cfg(all(test, not(any(loom, shuttle))))]

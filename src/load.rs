@@ -313,6 +313,10 @@ where
     /// failed one if a panic drops it), keeping the statistics' balance. One taken over
     /// leaves that count to the caller that took it (a flight counts one load).
     refresh_load: bool,
+    /// A computation's: the live negative-cache entry of the key it replaced when it claimed
+    /// it, put back if the computation ends without a write (the lead dropped, not disarmed;
+    /// see [`restore_negative`](Cache::restore_negative)).
+    negative: Option<Arc<Flight<K, V>>>,
 }
 
 impl<K, V, S> Lead<K, V, S>
@@ -331,6 +335,7 @@ where
             handoff: None,
             taker: false,
             refresh_load: false,
+            negative: None,
         }
     }
 
@@ -340,10 +345,18 @@ where
         cache: &Cache<K, V, S>,
         hash: u64,
         flight: Arc<Flight<K, V>>,
+        negative: Option<Arc<Flight<K, V>>>,
     ) -> Self {
         let mut lead = Lead::new(cache, hash, flight);
         lead.load = false;
+        lead.negative = negative;
         lead
+    }
+
+    /// A computation that writes or removes the key: the negative-cache entry it replaced is
+    /// not put back (a write or removal ends it).
+    pub(crate) fn forget_negative(&mut self) -> Option<Arc<Flight<K, V>>> {
+        self.negative.take()
     }
 
     /// The lead of a caller that took `flight` over ([`Flight::steal`] succeeded): it runs
@@ -383,6 +396,7 @@ where
             handoff: None,
             taker: false,
             refresh_load: true,
+            negative: None,
         }
     }
 
@@ -413,6 +427,12 @@ where
 
     /// The flight, no longer guarded: the caller resolves it now.
     pub(crate) fn disarm(mut self) -> Arc<Flight<K, V>> {
+        // A computation's replaced negative entry is not put back (the computation writes):
+        // dropped here, a panic of its error's `Drop` discarded, so that nothing unwinds out
+        // of the caller's resolution of the flight.
+        if let Some(n) = self.negative.take() {
+            crate::unwind::drop_quietly(n);
+        }
         self.flight.take().expect("armed until resolved")
     }
 }
@@ -465,7 +485,21 @@ where
             // dropped unrun, deferred or taken over called no backend), never a computation.
             let failed_load =
                 (self.load && !handed_back) || (self.refresh && std::thread::panicking());
+            // A computation that changed nothing puts back the negative entry it replaced.
+            let left = self
+                .negative
+                .take()
+                .and_then(|n| self.cache.restore_negative(self.hash, &flight, n));
             self.cache.abandon(self.hash, &flight, retry, failed_load);
+            // Not put back: dropped once the flight is resolved (while a panic unwinds, a panic
+            // of its error's `Drop` is discarded: a second one would abort).
+            if let Some(n) = left {
+                if std::thread::panicking() {
+                    crate::unwind::drop_quietly(n);
+                } else {
+                    drop(n);
+                }
+            }
         }
     }
 }

@@ -54,7 +54,10 @@ pub enum LoadError {
     NoLoader,
     /// The loader panicked. Every caller that waited on that load gets this error (none of
     /// them runs the loader again); callers of the key in the next `refresh_backoff` get it
-    /// too (on a cache that keeps time), so a loader that panics cannot cause a storm. Also
+    /// too, so a loader that panics cannot cause a storm — on a cache that keeps time: one
+    /// with a time to live, a time to idle, an [`Expiry`](crate::Expiry) or `negative_ttl`
+    /// (a cache with none of these never reads its clock, and remembers no panic: each call
+    /// after the load that panicked runs the loader again). Also
     /// what the caller of a load run by the spawner gets when the loader returned but storing
     /// its value panicked (the weigher, or an [`Expiry`](crate::Expiry) callback): the panic
     /// happened on the spawner's side (a caller that runs the load itself gets the panic).
@@ -100,8 +103,9 @@ where
     ///
     /// [`LoadError::Loader`] with the loader's error (shared by every caller of that load, and
     /// remembered for `negative_ttl` if set); [`LoadError::Panicked`] when the loader panicked
-    /// (for every caller of that load, and for the refresh backoff after it: a panicking loader
-    /// is called once per backoff, not once per caller); [`LoadError::Timeout`] when the wait
+    /// (for every caller of that load, and, on a cache that keeps time, for the refresh backoff
+    /// after it: a panicking loader is called once per backoff, not once per caller — see
+    /// [`LoadError::Panicked`]); [`LoadError::Timeout`] when the wait
     /// exceeded the timeout and there is no value to fall back on; [`LoadError::NoLoader`].
     ///
     /// # Example

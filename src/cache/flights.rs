@@ -32,7 +32,11 @@ pub(crate) enum Registration<K, V, R> {
 /// waiters retry) instead of leaving it registered with nobody to end it — or, for a shared
 /// load (which callers that joined may already drive and publish), gives up the caller's
 /// interest in it as a cancelled caller would (`load_async::LeaderInterest`).
-pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>);
+///
+/// With them, the key's own negative-cache entry if the new flight replaced a live one (a
+/// caller that does not take negative answers: a computation, a `get_with`): a computation
+/// that changes nothing puts it back ([`restore_negative`](Cache::restore_negative)).
+pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>, Option<Arc<Flight<K, V>>>);
 
 /// A value whose `Drop` (user code: a key) is left to the caller, to run once its removals
 /// are reported. Dropped while a panic unwinds, a second panic of that `Drop` is caught (it
@@ -54,8 +58,15 @@ impl<T> Drop for DropLater<T> {
 impl<K, V> Swept<K, V> {
     /// Drops the swept registrations, then hands back `guard`.
     pub(crate) fn drop_after<G>(self, guard: G) -> G {
-        drop(self.0);
+        let Swept(swept, displaced) = self;
+        drop(swept);
+        drop(displaced);
         guard
+    }
+
+    /// The live negative-cache entry of the key that the new flight replaced, if any.
+    pub(crate) fn take_displaced(&mut self) -> Option<Arc<Flight<K, V>>> {
+        self.1.take()
     }
 }
 
@@ -147,7 +158,12 @@ where
             FlightClaim::Registered(stale) => {
                 if keep() {
                     drop(s);
-                    Registration::Registered(Swept(stale))
+                    // Only the key's own entry can be live: a sweep takes expired ones.
+                    let displaced = stale
+                        .iter()
+                        .find(|(_, f)| f.negative_until() > now)
+                        .map(|(_, f)| Arc::clone(f));
+                    Registration::Registered(Swept(stale, displaced))
                 } else {
                     let taken = s.flights().remove(hash, flight);
                     // No retry runs after all: the next caller is the retrier. (A panic of
@@ -239,6 +255,29 @@ where
         failed_load: bool,
     ) {
         self.end_flight(hash, flight, retry_refresh, Phase::Abandoned, failed_load);
+    }
+
+    /// A computation that changes nothing (`Op::Nop`, an `Err`, a panic of its closure, its
+    /// future dropped) and that replaced a live negative-cache entry of its key when it
+    /// claimed it puts that entry back in place of its own flight — if no write of the key
+    /// detached the flight meanwhile (a write ends a negative entry) and the entry is still
+    /// live — before the flight is resolved: the key goes on answering the remembered error
+    /// (or panic) until its deadline, as if the computation had not run. Otherwise the entry
+    /// comes back, for the caller to drop once the flight is resolved, with no lock held (its
+    /// error's `Drop` is user code).
+    pub(crate) fn restore_negative(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        negative: Arc<Flight<K, V>>,
+    ) -> Option<Arc<Flight<K, V>>> {
+        let now = self.now();
+        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
+        if negative.negative_until() > now {
+            s.flights().replace(hash, flight, negative).err()
+        } else {
+            Some(negative)
+        }
     }
 
     /// Cancels a shared async load nobody wants any more. The check that nobody is interested
