@@ -487,8 +487,11 @@ where
     /// backend, so a down backend sees at most one call per key per `ttl`. Those callers are
     /// the calls that can answer with that failure (`try_get_with`, `optionally_get_with`,
     /// `load` and their async, by-reference and entry-API forms); `get_with`, `or_insert_with`
-    /// and `get_all`, which have no way to answer a failure, load the key again. A write or
-    /// invalidation of the key ends it early. With [`fail_safe`](Self::fail_safe), a failed
+    /// and `get_all`, which have no way to answer a failure, load the key again: a value they
+    /// load is stored and ends it, a failure of theirs is remembered in its place, and a load
+    /// of theirs that ends with nothing (its future dropped, its `init` panicking) leaves it
+    /// as it was. A write or invalidation of the key ends it early (a computation's `Put` or
+    /// `Remove` too; one that changes nothing leaves it). With [`fail_safe`](Self::fail_safe), a failed
     /// load of a key whose last value is within its stale window answers with that value
     /// instead, and a failed refresh is not remembered (its value, once expired, answers).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {

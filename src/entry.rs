@@ -644,7 +644,7 @@ where
             }
             Registration::Registered(mut swept) => {
                 let negative = swept.take_displaced();
-                Ok(swept.drop_after(Lead::computation(self, hash, f, negative)))
+                Ok(swept.drop_after(Lead::computation(self, hash, f).keeping(negative)))
             }
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")

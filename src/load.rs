@@ -313,9 +313,11 @@ where
     /// failed one if a panic drops it), keeping the statistics' balance. One taken over
     /// leaves that count to the caller that took it (a flight counts one load).
     refresh_load: bool,
-    /// A computation's: the live negative-cache entry of the key it replaced when it claimed
-    /// it, put back if the computation ends without a write (the lead dropped, not disarmed;
-    /// see [`restore_negative`](Cache::restore_negative)).
+    /// The live negative-cache entry of the key that this flight replaced when it claimed it
+    /// (a computation's, or a load's that does not take negative answers: `get_with` & co.),
+    /// put back if the flight ends with nothing (the lead dropped, not disarmed: a
+    /// computation that changed nothing, a load abandoned or panicking; see
+    /// [`end_flight_restoring`](Cache::end_flight_restoring)). Not for a shared load.
     negative: Option<Arc<Flight<K, V>>>,
 }
 
@@ -345,12 +347,17 @@ where
         cache: &Cache<K, V, S>,
         hash: u64,
         flight: Arc<Flight<K, V>>,
-        negative: Option<Arc<Flight<K, V>>>,
     ) -> Self {
         let mut lead = Lead::new(cache, hash, flight);
         lead.load = false;
-        lead.negative = negative;
         lead
+    }
+
+    /// This lead, keeping `negative` (the live negative-cache entry its flight replaced, if
+    /// any) to put back if the flight ends with nothing.
+    pub(crate) fn keeping(mut self, negative: Option<Arc<Flight<K, V>>>) -> Self {
+        self.negative = negative;
+        self
     }
 
     /// A computation that writes or removes the key: the negative-cache entry it replaced is
@@ -444,6 +451,9 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
+        // The negative entry this flight replaced, if any: put back below if it ends here, else
+        // dropped last (a panic of its error's `Drop` while another unwinds is discarded).
+        let mut negative = Negative(self.negative.take());
         // Unless this lead is the taker, nobody may take the load over from here on (or
         // somebody did: then the taker ends the flight).
         let taken = !self.taker && self.flight.as_ref().is_some_and(|f| !f.give_up());
@@ -485,20 +495,38 @@ where
             // dropped unrun, deferred or taken over called no backend), never a computation.
             let failed_load =
                 (self.load && !handed_back) || (self.refresh && std::thread::panicking());
-            // A computation that changed nothing puts back the negative entry it replaced.
-            let left = self
-                .negative
-                .take()
-                .and_then(|n| self.cache.restore_negative(self.hash, &flight, n));
-            self.cache.abandon(self.hash, &flight, retry, failed_load);
-            // Not put back: dropped once the flight is resolved (while a panic unwinds, a panic
-            // of its error's `Drop` is discarded: a second one would abort).
-            if let Some(n) = left {
-                if std::thread::panicking() {
-                    crate::unwind::drop_quietly(n);
-                } else {
-                    drop(n);
-                }
+            // The negative entry the flight replaced goes back in its place (see `negative`).
+            let left = self.cache.end_flight_restoring(
+                self.hash,
+                &flight,
+                retry,
+                Phase::Abandoned,
+                failed_load,
+                negative.take(),
+            );
+            drop(Negative(left));
+        }
+    }
+}
+
+/// A replaced negative-cache entry a lead's drop lets go of: dropped (its error's `Drop` is
+/// user code) with a panic of it discarded while another panic unwinds (a second one would
+/// abort the process).
+struct Negative<K, V>(Option<Arc<Flight<K, V>>>);
+
+impl<K, V> Negative<K, V> {
+    fn take(&mut self) -> Option<Arc<Flight<K, V>>> {
+        self.0.take()
+    }
+}
+
+impl<K, V> Drop for Negative<K, V> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            if std::thread::panicking() {
+                crate::unwind::drop_quietly(n);
+            } else {
+                drop(n);
             }
         }
     }
@@ -827,7 +855,7 @@ where
                 }
                 Claim::Join(running)
             }
-            Registration::Registered(swept) => {
+            Registration::Registered(mut swept) => {
                 // The flight counts this miss: its load, failed or abandoned.
                 self.reclass(how, Class::Flight);
                 if shares {
@@ -842,7 +870,10 @@ where
                         .disarm();
                     Claim::Lead(Lead::new(self, hash, f))
                 } else {
-                    Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
+                    // A load that does not take negative answers (`get_with`) replaced a live
+                    // one: put back if this load ends with nothing (abandoned, panicking).
+                    let negative = swept.take_displaced();
+                    Claim::Lead(swept.drop_after(Lead::new(self, hash, f).keeping(negative)))
                 }
             }
             Registration::Withdrawn => Claim::Lost,

@@ -243,43 +243,6 @@ where
         crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under it
     }
 
-    /// Unregisters a flight (if still registered) and resolves it as abandoned: its waiters
-    /// retry. With `retry_refresh`, the entry's next refresh is due then (if the flight was
-    /// registered). `failed_load`: a load that failed (its leader panicked or was dropped), which
-    /// fail-safe answers as a failure; not a computation, nor a refresh that never ran.
-    pub(crate) fn abandon(
-        &self,
-        hash: u64,
-        flight: &Arc<Flight<K, V>>,
-        retry_refresh: Option<u64>,
-        failed_load: bool,
-    ) {
-        self.end_flight(hash, flight, retry_refresh, Phase::Abandoned, failed_load);
-    }
-
-    /// A computation that changes nothing (`Op::Nop`, an `Err`, a panic of its closure, its
-    /// future dropped) and that replaced a live negative-cache entry of its key when it
-    /// claimed it puts that entry back in place of its own flight — if no write of the key
-    /// detached the flight meanwhile (a write ends a negative entry) and the entry is still
-    /// live — before the flight is resolved: the key goes on answering the remembered error
-    /// (or panic) until its deadline, as if the computation had not run. Otherwise the entry
-    /// comes back, for the caller to drop once the flight is resolved, with no lock held (its
-    /// error's `Drop` is user code).
-    pub(crate) fn restore_negative(
-        &self,
-        hash: u64,
-        flight: &Arc<Flight<K, V>>,
-        negative: Arc<Flight<K, V>>,
-    ) -> Option<Arc<Flight<K, V>>> {
-        let now = self.now();
-        let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-        if negative.negative_until() > now {
-            s.flights().replace(hash, flight, negative).err()
-        } else {
-            Some(negative)
-        }
-    }
-
     /// Cancels a shared async load nobody wants any more. The check that nobody is interested
     /// and nobody polls it happens under the flight's lock, where callers register their
     /// interest, so a caller that joined meanwhile (and may be driving the load) keeps it
@@ -365,27 +328,68 @@ where
         phase: Phase<V>,
         failed_load: bool,
     ) {
+        let left = self.end_flight_restoring(hash, flight, retry_refresh, phase, failed_load, None);
+        debug_assert!(left.is_none());
+    }
+
+    /// [`end_flight`](Self::end_flight) for a flight that replaced a live negative-cache
+    /// entry of its key when it claimed it (a caller that does not take negative answers: a
+    /// computation, a `get_with`; see `Lead`'s `negative`) and ends without a value — a
+    /// computation that changed nothing, a load abandoned or panicking: in the same critical
+    /// section, that entry takes the flight's place again, if no write of the key detached
+    /// the flight meanwhile (a write ends a negative entry) and the entry is still live. The
+    /// flight's waiters, resolved after, find it: the key goes on answering the remembered
+    /// error (or panic) until its deadline, as if the flight had not been. The entry comes back
+    /// if it was not put back, for the caller to drop once the flight is resolved (its error's
+    /// `Drop` is user code).
+    pub(crate) fn end_flight_restoring(
+        &self,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        retry_refresh: Option<u64>,
+        phase: Phase<V>,
+        failed_load: bool,
+        negative: Option<Arc<Flight<K, V>>>,
+    ) -> Option<Arc<Flight<K, V>>> {
+        let mut left = negative;
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            let key = s.flights().remove(hash, flight);
-            if let Some(k) = &key {
+            let ended = |s: &Shard<K, V>, k: &K| {
                 self.key_eq_guarded(hash, || {
                     match retry_refresh {
                         Some(at) => s.set_refresh_at(hash, k, at),
-                        None => self.release_refresh_claim(&s, hash, k),
+                        None => self.release_refresh_claim(s, hash, k),
                     }
                     if failed_load && matches!(phase, Phase::Abandoned) {
-                        self.fail_safe_abandoned(&s, hash, k);
+                        self.fail_safe_abandoned(s, hash, k);
                     }
                 });
+            };
+            let now = self.now();
+            let restore = left.as_ref().is_some_and(|n| n.negative_until() > now);
+            match s.flights_ref().key_of(hash, flight) {
+                Some(k) if restore => {
+                    ended(&s, k);
+                    let n = left.take().expect("checked");
+                    let replaced = s.flights().replace(hash, flight, n);
+                    debug_assert!(replaced.is_ok());
+                    None
+                }
+                _ => {
+                    let key = s.flights().remove(hash, flight);
+                    if let Some(k) = &key {
+                        ended(&s, k);
+                    }
+                    key
+                }
             }
-            key
         };
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
         drop_then(key, || {
             flight.resolve(phase);
             crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
         });
+        left
     }
 
     /// Ends the flight of a replacing leader (`get_with_if`) whose second look read a value
