@@ -657,6 +657,10 @@ where
     fn remove_computed(&self, lead: Lead<K, V, S>, key: &K) {
         let mut out = Removals::new();
         let hash = lead.hash();
+        let mut lead = lead;
+        // A removal ends the key's negative-cache entry the computation replaced: dropped
+        // last, a panic of its error's `Drop` going on to the caller.
+        let negative = crate::load::Negative(lead.forget_negative());
         let flight = lead.disarm();
         let guard = AbandonOnDrop(self, hash, &flight);
         let flight_key = self.remove_with_flight(hash, key, &flight, &mut out);
@@ -664,6 +668,7 @@ where
         self.report_removals(out);
         // The key's `Drop` (user code) once the removal is reported.
         drop(flight_key);
+        drop(negative);
     }
 
     /// Ends a computation with its closure's verdict. A write or invalidation of the key while

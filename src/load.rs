@@ -512,10 +512,10 @@ where
 /// A replaced negative-cache entry a lead's drop lets go of: dropped (its error's `Drop` is
 /// user code) with a panic of it discarded while another panic unwinds (a second one would
 /// abort the process).
-struct Negative<K, V>(Option<Arc<Flight<K, V>>>);
+pub(crate) struct Negative<K, V>(pub(crate) Option<Arc<Flight<K, V>>>);
 
 impl<K, V> Negative<K, V> {
-    fn take(&mut self) -> Option<Arc<Flight<K, V>>> {
+    pub(crate) fn take(&mut self) -> Option<Arc<Flight<K, V>>> {
         self.0.take()
     }
 }
@@ -1013,6 +1013,10 @@ where
             crate::clock::deadline(self.now(), n)
         });
         let mut lead = lead;
+        // The negative entry the flight replaced is not put back (a value or a failure is
+        // published in its place): dropped last, a panic of its error's `Drop` returned with
+        // the others (as when the claim dropped it).
+        let mut negative = Negative(lead.forget_negative());
         if let Some(took) = took {
             // Counted here: if the store below panics, the lead is not counted again.
             lead.load = false;
@@ -1127,6 +1131,7 @@ where
         // caller counts the outcome (a refresh that stored its value succeeded) first.
         let mut panic = self.report(&out);
         drop_keeping_first(out, &mut panic);
+        drop_keeping_first(negative.take(), &mut panic);
         (outcome, stored, panic)
     }
 
