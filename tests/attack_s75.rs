@@ -202,18 +202,7 @@ fn try_get_with_waiter_other_error_type_loads_itself() {
 
 // ---------------------------------------------------------------------------------------------
 // negative_ttl
-fn neg_cache(clock: &ManualClock, calls: Arc<AtomicUsize>) -> Cache<u32, u32> {
-    Cache::builder()
-        .max_capacity(100)
-        .negative_ttl(Duration::from_secs(10))
-        .clock(clock.clone())
-        .record_stats()
-        .loader(move |_k: &u32| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err::<u32, _>(BoxError::from("down"))
-        })
-        .build()
-}
+use common::neg_cache;
 
 #[test]
 fn negative_ttl_one_call_per_ttl_and_ended_by_writes() {

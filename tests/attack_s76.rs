@@ -29,18 +29,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
-fn neg_cache(clock: &ManualClock, calls: Arc<AtomicUsize>) -> Cache<u32, u32> {
-    Cache::builder()
-        .max_capacity(100)
-        .negative_ttl(Duration::from_secs(10))
-        .clock(clock.clone())
-        .record_stats()
-        .loader(move |_k: &u32| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err::<u32, _>(BoxError::from("down"))
-        })
-        .build()
-}
+use common::neg_cache;
 
 fn ledger<K, V>(cache: &Cache<K, V>)
 where

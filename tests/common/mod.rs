@@ -364,3 +364,21 @@ pub fn env_or_clock(var: &str) -> u64 {
                 .map_or(0, |d| d.as_secs())
         })
 }
+
+/// A cache whose loader always fails (counting its calls in `calls`), remembering the failure
+/// for 10 s of `clock` (`negative_ttl`), with statistics.
+pub fn neg_cache(
+    clock: &herdcache::ManualClock,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> herdcache::Cache<u32, u32> {
+    herdcache::Cache::builder()
+        .max_capacity(100)
+        .negative_ttl(Duration::from_secs(10))
+        .clock(clock.clone())
+        .record_stats()
+        .loader(move |_k: &u32| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err::<u32, _>(herdcache::BoxError::from("down"))
+        })
+        .build()
+}
