@@ -660,7 +660,7 @@ where
         let mut lead = lead;
         // A removal ends the key's negative-cache entry the computation replaced: dropped
         // last, a panic of its error's `Drop` going on to the caller.
-        let negative = crate::load::Negative(lead.forget_negative());
+        let negative = crate::unwind::DropLater(lead.forget_negative());
         let flight = lead.disarm();
         let guard = AbandonOnDrop(self, hash, &flight);
         let flight_key = self.remove_with_flight(hash, key, &flight, &mut out);

@@ -62,7 +62,7 @@ use crate::limit::Permit;
 use crate::removal::Removals;
 use crate::shard::Panic;
 use crate::stats::Counter;
-use crate::unwind::drop_keeping_first;
+use crate::unwind::{drop_keeping_first, DropLater};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -434,8 +434,8 @@ where
 
     /// The flight, no longer guarded: the caller resolves it now.
     pub(crate) fn disarm(mut self) -> Arc<Flight<K, V>> {
-        // A computation's replaced negative entry is not put back (the computation writes):
-        // dropped here, a panic of its error's `Drop` discarded, so that nothing unwinds out
+        // The replaced negative entry is not put back (the flight's outcome is published by
+        // the caller, or another caller's): dropped here, a panic of its error's `Drop` discarded, so that nothing unwinds out
         // of the caller's resolution of the flight.
         if let Some(n) = self.negative.take() {
             crate::unwind::drop_quietly(n);
@@ -453,7 +453,7 @@ where
     fn drop(&mut self) {
         // The negative entry this flight replaced, if any: put back below if it ends here, else
         // dropped last (a panic of its error's `Drop` while another unwinds is discarded).
-        let mut negative = Negative(self.negative.take());
+        let mut negative = DropLater(self.negative.take());
         // Unless this lead is the taker, nobody may take the load over from here on (or
         // somebody did: then the taker ends the flight).
         let taken = !self.taker && self.flight.as_ref().is_some_and(|f| !f.give_up());
@@ -504,30 +504,7 @@ where
                 failed_load,
                 negative.take(),
             );
-            drop(Negative(left));
-        }
-    }
-}
-
-/// A replaced negative-cache entry a lead's drop lets go of: dropped (its error's `Drop` is
-/// user code) with a panic of it discarded while another panic unwinds (a second one would
-/// abort the process).
-pub(crate) struct Negative<K, V>(pub(crate) Option<Arc<Flight<K, V>>>);
-
-impl<K, V> Negative<K, V> {
-    pub(crate) fn take(&mut self) -> Option<Arc<Flight<K, V>>> {
-        self.0.take()
-    }
-}
-
-impl<K, V> Drop for Negative<K, V> {
-    fn drop(&mut self) {
-        if let Some(n) = self.0.take() {
-            if std::thread::panicking() {
-                crate::unwind::drop_quietly(n);
-            } else {
-                drop(n);
-            }
+            drop(DropLater(left));
         }
     }
 }
@@ -1016,7 +993,7 @@ where
         // The negative entry the flight replaced is not put back (a value or a failure is
         // published in its place): dropped last, a panic of its error's `Drop` returned with
         // the others (as when the claim dropped it).
-        let mut negative = Negative(lead.forget_negative());
+        let mut negative = DropLater(lead.forget_negative());
         if let Some(took) = took {
             // Counted here: if the store below panics, the lead is not counted again.
             lead.load = false;

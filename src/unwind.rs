@@ -57,6 +57,30 @@ pub(crate) fn drop_keeping_first<T>(v: T, first: &mut Option<Panic>) {
     }
 }
 
+/// A value whose `Drop` is user code (a key, a replaced negative entry's error), dropped
+/// where the holder ends: normally, its panic going on; while a panic unwinds, with a panic of
+/// it discarded (a second one would abort the process) and the first going on.
+pub(crate) struct DropLater<T>(pub(crate) Option<T>);
+
+impl<T> DropLater<T> {
+    /// The value, for a caller that drops it itself.
+    pub(crate) fn take(&mut self) -> Option<T> {
+        self.0.take()
+    }
+}
+
+impl<T> Drop for DropLater<T> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.take() {
+            if std::thread::panicking() {
+                drop_quietly(v);
+            } else {
+                drop(v);
+            }
+        }
+    }
+}
+
 /// Payloads never dropped: held here, not forgotten, so that they are not a leak (for a leak
 /// checker either), only memory kept.
 static KEPT: parking_lot::Mutex<Vec<Panic>> = parking_lot::Mutex::new(Vec::new());

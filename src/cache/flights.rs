@@ -10,6 +10,7 @@ use crate::flight::FlightClaim;
 use crate::flight::{drop_then, Flight, Outcome, Phase};
 use crate::removal::Removals;
 use crate::shard::Shard;
+use crate::unwind::DropLater;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
@@ -34,26 +35,9 @@ pub(crate) enum Registration<K, V, R> {
 /// interest in it as a cancelled caller would (`load_async::LeaderInterest`).
 ///
 /// With them, the key's own negative-cache entry if the new flight replaced a live one (a
-/// caller that does not take negative answers: a computation, a `get_with`): a computation
-/// that changes nothing puts it back ([`restore_negative`](Cache::restore_negative)).
+/// caller that does not take negative answers: a computation, a `get_with`): a lead that ends
+/// with nothing puts it back ([`end_flight_restoring`](Cache::end_flight_restoring)).
 pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>, Option<Arc<Flight<K, V>>>);
-
-/// A value whose `Drop` (user code: a key) is left to the caller, to run once its removals
-/// are reported. Dropped while a panic unwinds, a second panic of that `Drop` is caught (it
-/// would abort the process): the first panic goes on.
-pub(crate) struct DropLater<T>(pub(crate) Option<T>);
-
-impl<T> Drop for DropLater<T> {
-    fn drop(&mut self) {
-        if let Some(v) = self.0.take() {
-            if std::thread::panicking() {
-                crate::unwind::drop_quietly(v);
-            } else {
-                drop(v);
-            }
-        }
-    }
-}
 
 impl<K, V> Swept<K, V> {
     /// Drops the swept registrations, then hands back `guard`.
@@ -365,8 +349,10 @@ where
                     }
                 });
             };
-            let now = self.now();
-            let restore = left.as_ref().is_some_and(|n| n.negative_until() > now);
+            // The clock is read only for a flight that replaced a negative entry.
+            let restore = left
+                .as_ref()
+                .is_some_and(|n| n.negative_until() > self.now());
             match s.flights_ref().key_of(hash, flight) {
                 Some(k) if restore => {
                     ended(&s, k);
