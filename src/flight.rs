@@ -91,6 +91,11 @@ pub(crate) struct State<K, V> {
     /// The shared load whose polls drive this flight's load, taken over inside one of them
     /// (see [`Flight::driven_by`]).
     pub(crate) driver: Option<Weak<Flight<K, V>>>,
+    /// A shared load's: the live negative-cache entry its flight replaced when its caller
+    /// registered it (a caller that does not take negative answers; see `Lead`'s `negative`).
+    /// Each poll's lead keeps it while it polls (a poll that panics puts it back), and a
+    /// cancelled load puts it back (`Cache::cancel_shared`); a published outcome ends it.
+    pub(crate) displaced: Option<Arc<Flight<K, V>>>,
 }
 
 impl<K, V> State<K, V> {
@@ -260,6 +265,7 @@ impl<K, V> Flight<K, V> {
                 children: Vec::new(),
                 ticket: None,
                 driver: None,
+                displaced: None,
             }),
             cond: Condvar::new(),
             superseded: AtomicBool::new(false),

@@ -13,6 +13,7 @@ use crate::flight::{
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Judged, Lead, Settle, SharedLoad, Start, Timed};
+use crate::unwind::DropLater;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -518,7 +519,8 @@ where
         // (bound after it, below: dropped first) with the flight still marked as run here.
         // (The caller's `init` is gone by then: the load's `async` block drops it unwinding,
         // inside the poll; `attack_s56` checks no other load of the key starts before.)
-        let lead = Lead::new(self, hash, Arc::clone(flight));
+        let negative = flight.state.lock().displaced.take();
+        let mut lead = Lead::new(self, hash, Arc::clone(flight)).keeping(negative);
         let running = enter_shared(flight, self.owner());
         let lent = lent.map(|(lender, p)| Flight::lend_poll(lender, p));
         let mut fut = fut;
@@ -532,16 +534,19 @@ where
                 self.publish(lead, None, outcome, took);
             }
             Poll::Pending => {
+                let negative = lead.forget_negative();
                 let mut st = flight.state.lock();
                 st.polling = false;
                 // Resolved meanwhile (taken over and ended, given up): the future goes now
                 // (giving an unstarted `init` back), not with the flight's last handle.
                 let ended = !matches!(st.phase, crate::flight::Phase::Running);
-                let spare = if ended {
-                    Some(fut)
+                // The negative entry the flight replaced stays with it for the next poll.
+                let (spare, negative) = if ended {
+                    (Some(fut), DropLater(negative))
                 } else {
                     st.future = Some(fut);
-                    None
+                    st.displaced = negative;
+                    (None, DropLater(None))
                 };
                 // Woken during the poll: the callers that joined meanwhile (and so found the
                 // load being polled) were not registered yet; every caller is woken now, so
@@ -561,6 +566,7 @@ where
                         w.wake();
                     }
                 });
+                drop(negative);
             }
         }
     }

@@ -36,7 +36,9 @@ pub(crate) enum Registration<K, V, R> {
 ///
 /// With them, the key's own negative-cache entry if the new flight replaced a live one (a
 /// caller that does not take negative answers: a computation, a `get_with`): a lead that ends
-/// with nothing puts it back ([`end_flight_restoring`](Cache::end_flight_restoring)).
+/// with nothing puts it back ([`end_flight_restoring`](Cache::end_flight_restoring)). A shared
+/// load's flight holds it instead (`State::displaced`), set in the registration's critical
+/// section: other callers can poll, cancel or end that load from then on.
 pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>, Option<Arc<Flight<K, V>>>);
 
 impl<K, V> Swept<K, V> {
@@ -141,12 +143,20 @@ where
             }
             FlightClaim::Registered(stale) => {
                 if keep() {
-                    drop(s);
                     // Only the key's own entry can be live: a sweep takes expired ones.
-                    let displaced = stale
+                    let mut displaced = stale
                         .iter()
                         .find(|(_, f)| f.negative_until() > now)
                         .map(|(_, f)| Arc::clone(f));
+                    // A shared load's flight keeps it itself, from the instant other callers
+                    // can join and poll it (see `State::displaced`).
+                    if displaced.is_some() {
+                        let mut st = flight.state.lock();
+                        if st.future.is_some() {
+                            st.displaced = displaced.take();
+                        }
+                    }
+                    drop(s);
                     Registration::Registered(Swept(stale, displaced))
                 } else {
                     let taken = s.flights().remove(hash, flight);
@@ -268,17 +278,21 @@ where
     /// The rest of [`cancel_shared`](Self::cancel_shared), once the load's future is gone:
     /// unregisters the flight and resolves it as abandoned.
     fn finish_cancel(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
+        // The negative entry the load replaced goes back in its place (see `State::displaced`);
+        // if not, it is dropped last, a panic of its error's `Drop` discarded (a cancellation
+        // has no caller to hand it to).
+        let mut negative = flight.state.lock().displaced.take();
         let (key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
-            let key = s.flights().remove(hash, flight);
-            if let Some(k) = &key {
-                // A load nobody waits for any more failed, as an abandoned leader's: with
-                // fail-safe, its key's old value is served for a backoff before a retry.
+            // A load nobody waits for any more failed, as an abandoned leader's: with
+            // fail-safe, its key's old value is served for a backoff before a retry.
+            let ended = |s: &Shard<K, V>, k: &K| {
                 self.key_eq_guarded(hash, || {
-                    self.release_refresh_claim(&s, hash, k);
-                    self.fail_safe_abandoned(&s, hash, k);
+                    self.release_refresh_claim(s, hash, k);
+                    self.fail_safe_abandoned(s, hash, k);
                 });
-            }
+            };
+            let key = self.unregister_restoring(&mut s, hash, flight, &mut negative, ended);
             let mut st = flight.state.lock();
             st.polling = false;
             st.phase = Phase::Abandoned;
@@ -289,10 +303,12 @@ where
         };
         // Outside the locks, before anyone wakes; the key's `Drop` is user code: everyone is
         // woken whatever it does.
+        let negative = DropLater(negative);
         drop_then(key, || {
             flight.wake_all(wakers);
             crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
         });
+        drop(negative);
     }
 
     /// Unregisters a flight that ends without storing anything (if it is still registered:
@@ -349,26 +365,7 @@ where
                     }
                 });
             };
-            // The clock is read only for a flight that replaced a negative entry.
-            let restore = left
-                .as_ref()
-                .is_some_and(|n| n.negative_until() > self.now());
-            match s.flights_ref().key_of(hash, flight) {
-                Some(k) if restore => {
-                    ended(&s, k);
-                    let n = left.take().expect("checked");
-                    let replaced = s.flights().replace(hash, flight, n);
-                    debug_assert!(replaced.is_ok());
-                    None
-                }
-                _ => {
-                    let key = s.flights().remove(hash, flight);
-                    if let Some(k) = &key {
-                        ended(&s, k);
-                    }
-                    key
-                }
-            }
+            self.unregister_restoring(&mut s, hash, flight, &mut left, ended)
         };
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
         drop_then(key, || {
@@ -376,6 +373,40 @@ where
             crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
         });
         left
+    }
+
+    /// Unregisters `flight` (if a write has not detached it) under its shard's lock `s`, or,
+    /// if `negative` (the live negative-cache entry the flight replaced) is still live, puts
+    /// that entry in its place (taken from `negative`); `ended` runs on the key either way.
+    /// Returns the key's registered copy, to drop after the lock.
+    fn unregister_restoring(
+        &self,
+        s: &mut Shard<K, V>,
+        hash: u64,
+        flight: &Arc<Flight<K, V>>,
+        negative: &mut Option<Arc<Flight<K, V>>>,
+        ended: impl Fn(&Shard<K, V>, &K),
+    ) -> Option<K> {
+        // The clock is read only for a flight that replaced a negative entry.
+        let restore = negative
+            .as_ref()
+            .is_some_and(|n| n.negative_until() > self.now());
+        match s.flights_ref().key_of(hash, flight) {
+            Some(k) if restore => {
+                ended(s, k);
+                let n = negative.take().expect("checked");
+                let replaced = s.flights().replace(hash, flight, n);
+                debug_assert!(replaced.is_ok());
+                None
+            }
+            _ => {
+                let key = s.flights().remove(hash, flight);
+                if let Some(k) = &key {
+                    ended(s, k);
+                }
+                key
+            }
+        }
     }
 
     /// Ends the flight of a replacing leader (`get_with_if`) whose second look read a value
