@@ -374,7 +374,8 @@ where
     ///
     /// Dropping the returned future unregisters it from the load (nothing is left behind); if
     /// it was the last async caller interested in that load, the load is cancelled and the key
-    /// is not cached. Other callers are unaffected. A cancelled load's future (with `init`) is
+    /// is not cached (a negative-cache entry the load replaced, still live, is put back; see
+    /// [`negative_ttl`](crate::CacheBuilder::negative_ttl)). Other callers are unaffected. A cancelled load's future (with `init`) is
     /// dropped, in that caller's drop, before the key can load again: no two loads of a key
     /// overlap, a cancelled one included; a caller of the key that comes meanwhile waits
     /// for the drop, then loads.

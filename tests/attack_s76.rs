@@ -29,23 +29,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
-use common::neg_cache;
-
-fn ledger<K, V>(cache: &Cache<K, V>)
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    let s = cache.stats();
-    assert_eq!(
-        s.misses + s.refreshes_started,
-        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "ledger: {s:?}"
-    );
-    assert_eq!(s.loads_in_flight, 0, "{s:?}");
-    assert_eq!(cache.loads_in_flight(), 0);
-    cache.validate();
-}
+use common::{ledger, neg_cache};
 
 fn quiet<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
     catch_unwind(AssertUnwindSafe(f))

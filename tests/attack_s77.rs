@@ -7,31 +7,15 @@
 
 mod common;
 
-use common::{neg_cache, watchdog};
+use common::{ledger, neg_cache, watchdog};
 use herdcache::{Cache, LoadError, ManualClock};
 use std::future::Future;
-use std::hash::Hash;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
-
-fn ledger<K, V>(cache: &Cache<K, V>)
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    let s = cache.stats();
-    assert_eq!(
-        s.misses + s.refreshes_started,
-        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "ledger: {s:?}"
-    );
-    assert_eq!(cache.loads_in_flight(), 0);
-    cache.validate();
-}
 
 /// Polls `fut` once (it must be pending), then drops it: the shared load is cancelled.
 fn poll_once_then_drop<F: Future>(fut: F) {

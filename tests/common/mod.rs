@@ -365,6 +365,24 @@ pub fn env_or_clock(var: &str) -> u64 {
         })
 }
 
+/// The statistics' ledger balances (every miss is a load, a join or a negative hit) and
+/// nothing is left in flight; `validate()` holds.
+pub fn ledger<K, V>(cache: &herdcache::Cache<K, V>)
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let s = cache.stats();
+    assert_eq!(
+        s.misses + s.refreshes_started,
+        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
+        "ledger: {s:?}"
+    );
+    assert_eq!(s.loads_in_flight, 0, "{s:?}");
+    assert_eq!(cache.loads_in_flight(), 0);
+    cache.validate();
+}
+
 /// A cache whose loader always fails (counting its calls in `calls`), remembering the failure
 /// for 10 s of `clock` (`negative_ttl`), with statistics.
 pub fn neg_cache(
