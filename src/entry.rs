@@ -642,9 +642,8 @@ where
                 }
                 Err(running)
             }
-            Registration::Registered(mut swept) => {
-                let negative = swept.take_displaced();
-                Ok(swept.drop_after(Lead::computation(self, hash, f).keeping(negative)))
+            Registration::Registered(swept) => {
+                Ok(swept.drop_after(Lead::computation(self, hash, f)))
             }
             Registration::Hit(()) | Registration::Withdrawn => {
                 unreachable!("no lookup, always kept")

@@ -91,10 +91,13 @@ pub(crate) struct State<K, V> {
     /// The shared load whose polls drive this flight's load, taken over inside one of them
     /// (see [`Flight::driven_by`]).
     pub(crate) driver: Option<Weak<Flight<K, V>>>,
-    /// A shared load's: the live negative-cache entry its flight replaced when its caller
-    /// registered it (a caller that does not take negative answers; see `Lead`'s `negative`).
-    /// Each poll's lead keeps it while it polls (a poll that panics puts it back), and a
-    /// cancelled load puts it back (`Cache::cancel_shared`); a published outcome ends it.
+    /// The live negative-cache entry of the key that this flight replaced when it was
+    /// registered (by a caller that does not take negative answers: a computation, a
+    /// `get_with`), set in the registration's critical section. It belongs to the flight, not
+    /// to whoever leads it (a load may be taken over, or polled and cancelled by any caller of
+    /// a shared load): whoever ends the flight with nothing puts it back
+    /// (`Cache::end_flight`, `Cache::cancel_shared`); a published outcome, a computation's
+    /// write or removal, or a kept value ends it.
     pub(crate) displaced: Option<Arc<Flight<K, V>>>,
 }
 
@@ -359,6 +362,11 @@ impl<K, V> Flight<K, V> {
         st.ticket = Some(ticket);
         st.interested += 1;
         st.next_id = st.next_id.max(LEADER + 1);
+    }
+
+    /// Takes the negative-cache entry this flight replaced (see [`State::displaced`]).
+    pub(crate) fn take_displaced(&self) -> Option<Arc<Flight<K, V>>> {
+        self.state.lock().displaced.take()
     }
 
     /// The negative-cache deadline of a failed load kept registered (0: not one).

@@ -313,12 +313,6 @@ where
     /// failed one if a panic drops it), keeping the statistics' balance. One taken over
     /// leaves that count to the caller that took it (a flight counts one load).
     refresh_load: bool,
-    /// The live negative-cache entry of the key that this flight replaced when it claimed it
-    /// (a computation's, or a load's that does not take negative answers: `get_with` & co.),
-    /// put back if the flight ends with nothing (the lead dropped, not disarmed: a
-    /// computation that changed nothing, a load abandoned or panicking; see
-    /// [`end_flight_restoring`](Cache::end_flight_restoring)). Not for a shared load.
-    negative: Option<Arc<Flight<K, V>>>,
 }
 
 impl<K, V, S> Lead<K, V, S>
@@ -337,7 +331,6 @@ where
             handoff: None,
             taker: false,
             refresh_load: false,
-            negative: None,
         }
     }
 
@@ -353,17 +346,11 @@ where
         lead
     }
 
-    /// This lead, keeping `negative` (the live negative-cache entry its flight replaced, if
-    /// any) to put back if the flight ends with nothing.
-    pub(crate) fn keeping(mut self, negative: Option<Arc<Flight<K, V>>>) -> Self {
-        self.negative = negative;
-        self
-    }
-
-    /// A computation that writes or removes the key: the negative-cache entry it replaced is
-    /// not put back (a write or removal ends it).
+    /// A lead that writes or removes the key, or publishes an outcome: the negative-cache
+    /// entry its flight replaced (`State::displaced`) is not put back (a write, a removal or a
+    /// new outcome ends it), but handed to the caller to drop once the flight is resolved.
     pub(crate) fn forget_negative(&mut self) -> Option<Arc<Flight<K, V>>> {
-        self.negative.take()
+        self.flight().take_displaced()
     }
 
     /// The lead of a caller that took `flight` over ([`Flight::steal`] succeeded): it runs
@@ -403,7 +390,6 @@ where
             handoff: None,
             taker: false,
             refresh_load: true,
-            negative: None,
         }
     }
 
@@ -434,12 +420,7 @@ where
 
     /// The flight, no longer guarded: the caller resolves it now.
     pub(crate) fn disarm(mut self) -> Arc<Flight<K, V>> {
-        // The replaced negative entry is not put back (the flight's outcome is published by
-        // the caller, or another caller's): dropped here, a panic of its error's `Drop` discarded, so that nothing unwinds out
-        // of the caller's resolution of the flight.
-        if let Some(n) = self.negative.take() {
-            crate::unwind::drop_quietly(n);
-        }
+        // The negative entry the flight replaced stays with it, for whoever ends it.
         self.flight.take().expect("armed until resolved")
     }
 }
@@ -451,9 +432,6 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        // The negative entry this flight replaced, if any: put back below if it ends here, else
-        // dropped last (a panic of its error's `Drop` while another unwinds is discarded).
-        let mut negative = DropLater(self.negative.take());
         // Unless this lead is the taker, nobody may take the load over from here on (or
         // somebody did: then the taker ends the flight).
         let taken = !self.taker && self.flight.as_ref().is_some_and(|f| !f.give_up());
@@ -495,16 +473,9 @@ where
             // dropped unrun, deferred or taken over called no backend), never a computation.
             let failed_load =
                 (self.load && !handed_back) || (self.refresh && std::thread::panicking());
-            // The negative entry the flight replaced goes back in its place (see `negative`).
-            let left = self.cache.end_flight_restoring(
-                self.hash,
-                &flight,
-                retry,
-                Phase::Abandoned,
-                failed_load,
-                negative.take(),
-            );
-            drop(DropLater(left));
+            // The negative entry the flight replaced goes back in its place (see `end_flight`).
+            self.cache
+                .end_flight(self.hash, &flight, retry, Phase::Abandoned, failed_load);
         }
     }
 }
@@ -832,7 +803,7 @@ where
                 }
                 Claim::Join(running)
             }
-            Registration::Registered(mut swept) => {
+            Registration::Registered(swept) => {
                 // The flight counts this miss: its load, failed or abandoned.
                 self.reclass(how, Class::Flight);
                 if shares {
@@ -847,10 +818,10 @@ where
                         .disarm();
                     Claim::Lead(Lead::new(self, hash, f))
                 } else {
-                    // A load that does not take negative answers (`get_with`) replaced a live
-                    // one: put back if this load ends with nothing (abandoned, panicking).
-                    let negative = swept.take_displaced();
-                    Claim::Lead(swept.drop_after(Lead::new(self, hash, f).keeping(negative)))
+                    // A live negative entry this load replaced (it does not take negative
+                    // answers: `get_with`) stays with the flight (`State::displaced`): put back
+                    // if the load ends with nothing (abandoned, panicking).
+                    Claim::Lead(swept.drop_after(Lead::new(self, hash, f)))
                 }
             }
             Registration::Withdrawn => Claim::Lost,

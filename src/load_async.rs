@@ -13,7 +13,6 @@ use crate::flight::{
 };
 use crate::limit::{Acquire, Limiter, Permit};
 use crate::load::{Claim, ClaimMode, Judged, Lead, Settle, SharedLoad, Start, Timed};
-use crate::unwind::DropLater;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -520,8 +519,7 @@ where
         // (bound after it, below: dropped first) with the flight still marked as run here.
         // (The caller's `init` is gone by then: the load's `async` block drops it unwinding,
         // inside the poll; `attack_s56` checks no other load of the key starts before.)
-        let negative = flight.state.lock().displaced.take();
-        let mut lead = Lead::new(self, hash, Arc::clone(flight)).keeping(negative);
+        let lead = Lead::new(self, hash, Arc::clone(flight));
         let running = enter_shared(flight, self.owner());
         let lent = lent.map(|(lender, p)| Flight::lend_poll(lender, p));
         let mut fut = fut;
@@ -535,19 +533,16 @@ where
                 self.publish(lead, None, outcome, took);
             }
             Poll::Pending => {
-                let negative = lead.forget_negative();
                 let mut st = flight.state.lock();
                 st.polling = false;
                 // Resolved meanwhile (taken over and ended, given up): the future goes now
                 // (giving an unstarted `init` back), not with the flight's last handle.
                 let ended = !matches!(st.phase, crate::flight::Phase::Running);
-                // The negative entry the flight replaced stays with it for the next poll.
-                let (spare, negative) = if ended {
-                    (Some(fut), DropLater(negative))
+                let spare = if ended {
+                    Some(fut)
                 } else {
                     st.future = Some(fut);
-                    st.displaced = negative;
-                    (None, DropLater(None))
+                    None
                 };
                 // Woken during the poll: the callers that joined meanwhile (and so found the
                 // load being polled) were not registered yet; every caller is woken now, so
@@ -567,7 +562,6 @@ where
                         w.wake();
                     }
                 });
-                drop(negative);
             }
         }
     }

@@ -33,26 +33,15 @@ pub(crate) enum Registration<K, V, R> {
 /// waiters retry) instead of leaving it registered with nobody to end it — or, for a shared
 /// load (which callers that joined may already drive and publish), gives up the caller's
 /// interest in it as a cancelled caller would (`load_async::LeaderInterest`).
-///
-/// With them, the key's own negative-cache entry if the new flight replaced a live one (a
-/// caller that does not take negative answers: a computation, a `get_with`): a lead that ends
-/// with nothing puts it back ([`end_flight_restoring`](Cache::end_flight_restoring)). A shared
-/// load's flight holds it instead (`State::displaced`), set in the registration's critical
-/// section: other callers can poll, cancel or end that load from then on.
-pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>, Option<Arc<Flight<K, V>>>);
+/// (The key's own live negative-cache entry, if the new flight replaced one, is also kept by
+/// the flight: `State::displaced`.)
+pub(crate) struct Swept<K, V>(Vec<(K, Arc<Flight<K, V>>)>);
 
 impl<K, V> Swept<K, V> {
     /// Drops the swept registrations, then hands back `guard`.
     pub(crate) fn drop_after<G>(self, guard: G) -> G {
-        let Swept(swept, displaced) = self;
-        drop(swept);
-        drop(displaced);
+        drop(self.0);
         guard
-    }
-
-    /// The live negative-cache entry of the key that the new flight replaced, if any.
-    pub(crate) fn take_displaced(&mut self) -> Option<Arc<Flight<K, V>>> {
-        self.1.take()
     }
 }
 
@@ -142,24 +131,24 @@ where
                 Registration::Running(running)
             }
             FlightClaim::Registered(stale) => {
+                // The key's live negative-cache entry the flight replaced, if any (only the
+                // key's own entry can be live: a sweep takes expired ones).
+                let mut displaced = stale
+                    .iter()
+                    .find(|(_, f)| f.negative_until() > now)
+                    .map(|(_, f)| Arc::clone(f));
                 if keep() {
-                    // Only the key's own entry can be live: a sweep takes expired ones.
-                    let mut displaced = stale
-                        .iter()
-                        .find(|(_, f)| f.negative_until() > now)
-                        .map(|(_, f)| Arc::clone(f));
-                    // A shared load's flight keeps it itself, from the instant other callers
-                    // can join and poll it (see `State::displaced`).
+                    // The flight keeps it, from the instant other callers can join (and take
+                    // over, poll or cancel) it (see `State::displaced`).
                     if displaced.is_some() {
-                        let mut st = flight.state.lock();
-                        if st.future.is_some() {
-                            st.displaced = displaced.take();
-                        }
+                        flight.state.lock().displaced = displaced;
                     }
                     drop(s);
-                    Registration::Registered(Swept(stale, displaced))
+                    Registration::Registered(Swept(stale))
                 } else {
-                    let taken = s.flights().remove(hash, flight);
+                    // Withdrawn: the entry it replaced takes its place again.
+                    let taken =
+                        self.unregister_restoring(&mut s, hash, flight, &mut displaced, |_, _| {});
                     // No retry runs after all: the next caller is the retrier. (A panic of
                     // the key's `Eq` here leaves the deadline moved on: one skipped retry.)
                     let withdrawn = retrier.map(|previous| {
@@ -171,7 +160,7 @@ where
                     if let Some(Err(p)) = withdrawn {
                         crate::unwind::discard(p);
                     }
-                    drop((stale, taken));
+                    drop((stale, taken, displaced));
                     Registration::Withdrawn
                 }
             }
@@ -281,7 +270,7 @@ where
         // The negative entry the load replaced goes back in its place (see `State::displaced`);
         // if not, it is dropped last, a panic of its error's `Drop` discarded (a cancellation
         // has no caller to hand it to).
-        let mut negative = flight.state.lock().displaced.take();
+        let mut negative = flight.take_displaced();
         let (key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             // A load nobody waits for any more failed, as an abandoned leader's: with
@@ -316,6 +305,17 @@ where
     /// it with `phase`. `failed_load`: a load that failed, which starts fail-safe's backoff
     /// (see `cache/fail_safe.rs`).
     ///
+    /// If the flight replaced a live negative-cache entry of its key when it was registered
+    /// (`State::displaced`: a caller that does not take negative answers, a computation or a
+    /// `get_with`) and ends abandoned — a computation that changed nothing, a load abandoned,
+    /// cancelled or panicking — that entry takes the flight's place again in the same
+    /// critical section, unless a write of the key detached the flight meanwhile (a write ends
+    /// a negative entry) or the entry has expired. The flight's waiters, resolved after, find
+    /// it: the key goes on answering the remembered error (or panic) until its deadline, as if
+    /// the flight had not been. An entry not put back is dropped after the flight is resolved
+    /// (its error's `Drop` is user code: a panic of it goes on to the caller, unless one is
+    /// unwinding already).
+    ///
     /// The key's `Eq` runs here (the entry's refresh deadline, its stale value), under the
     /// lock, maybe while a panic unwinds (a lead's drop): a panic of it is caught — the flight
     /// is resolved whatever happens, and a refresh claim it could not give back is noted as an
@@ -328,30 +328,12 @@ where
         phase: Phase<V>,
         failed_load: bool,
     ) {
-        let left = self.end_flight_restoring(hash, flight, retry_refresh, phase, failed_load, None);
-        debug_assert!(left.is_none());
-    }
-
-    /// [`end_flight`](Self::end_flight) for a flight that replaced a live negative-cache
-    /// entry of its key when it claimed it (a caller that does not take negative answers: a
-    /// computation, a `get_with`; see `Lead`'s `negative`) and ends without a value — a
-    /// computation that changed nothing, a load abandoned or panicking: in the same critical
-    /// section, that entry takes the flight's place again, if no write of the key detached
-    /// the flight meanwhile (a write ends a negative entry) and the entry is still live. The
-    /// flight's waiters, resolved after, find it: the key goes on answering the remembered
-    /// error (or panic) until its deadline, as if the flight had not been. The entry comes back
-    /// if it was not put back, for the caller to drop once the flight is resolved (its error's
-    /// `Drop` is user code).
-    pub(crate) fn end_flight_restoring(
-        &self,
-        hash: u64,
-        flight: &Arc<Flight<K, V>>,
-        retry_refresh: Option<u64>,
-        phase: Phase<V>,
-        failed_load: bool,
-        negative: Option<Arc<Flight<K, V>>>,
-    ) -> Option<Arc<Flight<K, V>>> {
-        let mut left = negative;
+        let mut left = flight.take_displaced();
+        let mut restore = if matches!(phase, Phase::Abandoned) {
+            left.take()
+        } else {
+            None
+        };
         let key = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
             let ended = |s: &Shard<K, V>, k: &K| {
@@ -365,14 +347,15 @@ where
                     }
                 });
             };
-            self.unregister_restoring(&mut s, hash, flight, &mut left, ended)
+            self.unregister_restoring(&mut s, hash, flight, &mut restore, ended)
         };
+        let left = DropLater(left.or(restore));
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
         drop_then(key, || {
             flight.resolve(phase);
             crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
         });
-        left
+        drop(left);
     }
 
     /// Unregisters `flight` (if a write has not detached it) under its shard's lock `s`, or,
@@ -442,11 +425,16 @@ where
         } else {
             Phase::Abandoned
         };
+        // A negative entry the flight replaced is not put back (a value was read since).
+        let displaced = flight.take_displaced();
         // Outside the lock; its `Drop` is user code: the flight ends whatever it does.
         drop_then(registered, || {
             flight.resolve(phase);
             crate::unwind::discard_later(); // an `Eq` panic's payload, set aside under the lock
         });
+        if let Some(n) = displaced {
+            crate::unwind::drop_quietly(n);
+        }
     }
 
     /// Runs `f`, which calls the key's `Eq` (user code) while a flight ends: a panic of it is
