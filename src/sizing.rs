@@ -22,8 +22,10 @@
 //! above its own threshold. Samples lost by the lossy buffer are lost to both.
 //!
 //! **Nested rates.** Each shadow holds at most a fixed number of entries (`MAX_ENTRIES`: 32 at
-//! 0.25 ×, 512 at 0.5 ×, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not capped: 1,024 to
-//! 2,000 entries, see above): a shadow that `capacity × R` would make
+//! 0.25 ×, 512 at 0.5 × — growing with the capacity above 100,000 entries, up to the 1,000
+//! of every sample from about 195,000 up, so that its share of the *requests* stays what it
+//! is at 100,000 (see `max_entries`) —, 1,024 at 2 ×, 512 at 4 ×; the 1 × shadow is not
+//! capped: 1,024 to 2,000 entries, see above): a shadow that `capacity × R` would make
 //! larger is fed only the samples under a lower threshold (a rate `R × share`, `share` ≤ 1),
 //! a subset of the others' keys, and is sized `capacity × R × share`. The work per sample is what bounds the cost
 //! (simulating a sampled request costs a few hundred instructions in a shadow that misses),
@@ -121,9 +123,10 @@
 //! an invalidation. A cache whose misses are mostly expiries sees a flat curve above its
 //! observed ratio: a larger cache would not help it.
 //!
-//! **Memory.** Without a weigher, shadows of at most 32 + 512 + 2,000 + 1,024 + 512 entries
-//! plus the challengers (32 + 512 + 1,024 + 512): 6,160 entries, about 40–55 bytes each
-//! (see `shadow`): about 0.35 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
+//! **Memory.** Without a weigher, shadows of at most 32 + 1,000 + 2,000 + 1,024 + 512 entries
+//! plus the challengers (32 + 1,000 + 1,024 + 512): 7,136 entries (6,160 up to 100,000
+//! entries of capacity), about 40–55 bytes each
+//! (see `shadow`): about 0.4 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
 //! rate 1 the shadows are 0.25 … 4 × the capacity, twice but at 1 ×: 0.7 MiB at 1,000;
 //! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries at
 //! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
@@ -151,6 +154,29 @@ const FACTORS: [(u64, u64); 5] = [(1, 4), (1, 2), (1, 1), (2, 1), (4, 1)];
 /// was 2.3–4.5 points (above 4 once) against 2.2–5.8 (above 4 twice) with 256 and 1,024, at
 /// 2.6–2.7 % of the instructions inside the tracker.
 const MAX_ENTRIES: [u64; 5] = [32, 512, u64::MAX, 1024, 512];
+/// The capacity up to which the 0.5 × shadow holds `MAX_ENTRIES[1]`; above it, it grows with
+/// the capacity (see [`max_entries`]).
+const HALF_SCALE_FROM: u64 = 100_000;
+
+/// The most entries factor `i`'s shadow holds in a cache of `capacity` (without a weigher):
+/// `MAX_ENTRIES[i]`, except at 0.5 × from [`HALF_SCALE_FROM`] up, where it grows in proportion
+/// to the capacity. A shadow's work per *request* is its share of the requests, its entries
+/// over its capacity (`MAX_ENTRIES[i] / (factor × capacity)`): at a fixed size it falls as the
+/// capacity grows, and so does its sample, while its sampling error does not. The 0.5 × point,
+/// the one whose errors were the largest, keeps the share of the requests it has at 100,000
+/// entries (1 in 98) until it sees every sample (1,000 entries: from about 195,000 up), so a
+/// larger cache pays no more per request for it than one of 100,000. On P6 at 160,000 (where
+/// 0.5 × sits at the trace's cliff), 16 alternated runs each: 0.5 × error −3.85 … +1.27 (mean
+/// absolute 0.84) with 819 entries against −7.06 … +2.78 (1.94; above 4 in 3 runs) with 512
+/// (BENCHMARKS.md).
+fn max_entries(i: usize, capacity: u64) -> u64 {
+    if i == 1 {
+        MAX_ENTRIES[1].max(MAX_ENTRIES[1].saturating_mul(capacity) / HALF_SCALE_FROM)
+    } else {
+        MAX_ENTRIES[i]
+    }
+}
+
 /// Slots: the five factors, then the challengers at 0.25, 0.5, 2 and 4 × (see the module
 /// docs, "Which policy").
 const SLOTS: usize = 9;
@@ -375,7 +401,7 @@ impl Tracker {
             let thr = if self.weighted || self.threshold >= 1 << 32 {
                 self.threshold
             } else {
-                threshold_for(c.round() as u64, MAX_ENTRIES[i]).min(self.threshold)
+                threshold_for(c.round() as u64, max_entries(i, self.capacity)).min(self.threshold)
             };
             self.thresholds[i] = thr;
             let size = ((c * thr as f64 / (1u64 << 32) as f64).round() as u64).max(1);
@@ -1087,6 +1113,32 @@ mod tests {
         assert_eq!(unweighted_threshold(10_000), threshold_for(10_000, 1024));
         assert_eq!(unweighted_threshold(4095), threshold_for(4095, 1024));
         assert_eq!(unweighted_threshold(1000), 1 << 32);
+    }
+
+    #[test]
+    fn the_half_shadow_keeps_its_share_of_the_requests_above_100000() {
+        let half = |cap: u64| {
+            let t = Tracker::new(cap, false, 0, 1, unweighted_threshold(cap), false);
+            (
+                t.shadows[1].capacity(),
+                t.shadows[6].capacity(),
+                t.thresholds[1],
+                t.threshold(),
+            )
+        };
+        // 512 up to 100,000 entries of capacity; then in proportion (a shadow of 50,000 × its
+        // rate at 100,000 sees 1 request in about 98; at 160,000, 819 of 80,000 the same).
+        assert_eq!(half(50_000).0, 512);
+        assert_eq!(half(100_000).0, 512);
+        let (size, challenger, thr, all) = half(160_000);
+        assert!((818..=820).contains(&size), "{size}");
+        assert_eq!(challenger, size);
+        assert!(thr < all);
+        let share = |cap: u64, size: u64| size as f64 / (cap as f64 / 2.0);
+        assert!((share(160_000, size) - share(100_000, 512)).abs() < 1e-4);
+        // Every sample from about 195,000 up: 1,000 entries at 0.5 × of a 2,000-entry 1 ×.
+        let (size, _, thr, all) = half(400_000);
+        assert_eq!((size, thr), (1000, all));
     }
 
     #[test]
