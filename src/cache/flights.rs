@@ -268,8 +268,8 @@ where
     /// unregisters the flight and resolves it as abandoned.
     fn finish_cancel(&self, hash: u64, flight: &Arc<Flight<K, V>>) {
         // The negative entry the load replaced goes back in its place (see `State::displaced`);
-        // if not, it is dropped last, a panic of its error's `Drop` discarded (a cancellation
-        // has no caller to hand it to).
+        // if not, it is dropped last (a panic of its error's `Drop` goes on to the cancelling
+        // caller's drop, as one of the load's own future does).
         let mut negative = flight.take_displaced();
         let (key, wakers) = {
             let mut s = self.inner.shards[self.shard_index(hash)].lock.write();
