@@ -7,12 +7,11 @@
 
 mod common;
 
-use common::{ledger, neg_cache, watchdog};
-use herdcache::{Cache, LoadError, ManualClock};
+use common::negative::{remembered, still_remembered};
+use common::{ledger, watchdog};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
@@ -24,27 +23,6 @@ fn poll_once_then_drop<F: Future>(fut: F) {
     let mut cx = std::task::Context::from_waker(&waker);
     assert!(fut.as_mut().poll(&mut cx).is_pending());
     drop(fut);
-}
-
-/// A cache with a remembered error for key 1, and its loader's call count (1).
-fn remembered() -> (ManualClock, Arc<AtomicUsize>, Cache<u32, u32>) {
-    let clock = ManualClock::new();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let cache = neg_cache(&clock, calls.clone());
-    assert!(cache.load(1).is_err());
-    (clock, calls, cache)
-}
-
-/// The remembered error still answers key 1: the loader is not called again.
-fn still_remembered(calls: &AtomicUsize, cache: &Cache<u32, u32>, what: &str) {
-    let r = cache.load(1);
-    assert!(matches!(r, Err(LoadError::Loader(_))), "{what}: {r:?}");
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "{what}: the negative entry was lost"
-    );
-    ledger(cache);
 }
 
 #[test]

@@ -19,7 +19,8 @@
 //! keys before the fix; it now asserts 4.
 mod common;
 
-use common::{neg_cache, watchdog, Yield};
+use common::negative::{remembered, still_remembered};
+use common::{ledger_at as ledger, watchdog, Yield};
 use herdcache::{BoxError, Cache, LoadError, ManualClock, Op};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,21 +31,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
-
-fn ledger<K, V>(cache: &Cache<K, V>, what: &str)
-where
-    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    let s = cache.stats();
-    assert_eq!(
-        s.misses + s.refreshes_started,
-        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "{what}: ledger: {s:?}"
-    );
-    assert_eq!(cache.loads_in_flight(), 0, "{what}: loads in flight");
-    cache.validate();
-}
 
 /// Polls until a poll panics (true) or 5 polls passed (false).
 fn poll_until_panic<F: Future + ?Sized>(f: &mut Pin<Box<F>>) -> bool {
@@ -62,40 +48,6 @@ fn poll<F: Future + ?Sized>(f: &mut Pin<Box<F>>) -> Poll<F::Output> {
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     f.as_mut().poll(&mut cx)
-}
-
-/// A cache with a remembered error for key 1 (and its loader's call count, 1).
-fn remembered() -> (ManualClock, Arc<AtomicUsize>, Cache<u32, u32>) {
-    common::quiet_injected_panics();
-    let clock = ManualClock::new();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let cache = neg_cache(&clock, calls.clone());
-    assert!(cache.load(1).is_err());
-    (clock, calls, cache)
-}
-
-/// Key 1's remembered error still answers: no new backend call.
-fn still_remembered(calls: &AtomicUsize, cache: &Cache<u32, u32>, what: &str) {
-    let r = cache.load(1);
-    assert!(matches!(r, Err(LoadError::Loader(_))), "{what}: {r:?}");
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        1,
-        "{what}: the negative entry was lost"
-    );
-    // An `optionally_` async twin takes negative answers too.
-    let inits = AtomicUsize::new(0);
-    let v = futures::executor::block_on(cache.try_get_with_async(1, async {
-        inits.fetch_add(1, Ordering::SeqCst);
-        Ok::<u32, BoxError>(3)
-    }));
-    assert!(v.is_err(), "{what}: try_get_with_async got {v:?}");
-    assert_eq!(
-        inits.load(Ordering::SeqCst),
-        0,
-        "{what}: try_get_with_async loaded"
-    );
-    ledger(cache, what);
 }
 
 /// Key 1's negative entry is gone: the next `load` calls the backend (which fails again).

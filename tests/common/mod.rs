@@ -5,6 +5,7 @@ pub mod hand;
 pub mod heap;
 pub mod key_drop;
 pub mod moka;
+pub mod negative;
 #[cfg(feature = "redis")]
 pub mod tier;
 
@@ -372,14 +373,23 @@ where
     K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    ledger_at(cache, "ledger");
+}
+
+/// [`ledger`], its failures labelled `what`.
+pub fn ledger_at<K, V>(cache: &herdcache::Cache<K, V>, what: &str)
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     let s = cache.stats();
     assert_eq!(
         s.misses + s.refreshes_started,
         s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "ledger: {s:?}"
+        "{what}: ledger: {s:?}"
     );
-    assert_eq!(s.loads_in_flight, 0, "{s:?}");
-    assert_eq!(cache.loads_in_flight(), 0);
+    assert_eq!(s.loads_in_flight, 0, "{what}: {s:?}");
+    assert_eq!(cache.loads_in_flight(), 0, "{what}: loads in flight");
     cache.validate();
 }
 
