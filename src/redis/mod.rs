@@ -54,12 +54,16 @@
 //! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
 //! instance, Redis never again yields an older value for the key**, and the other instances
 //! drop their local copies within the pub/sub delivery time (bounded by the local time to
-//! live when messages are lost, see below). Two bounds on it: a tombstone lives as long as
-//! values do (the tier's time to live, or the lease time to live if longer), so a load that
+//! live when messages are lost, see below). Bounds on it: a tombstone lives as long as
+//! values do (the tier's time to live, or the lease time to live if longer; with fail-safe,
+//! at least the cache's time to live plus `max_stale`, see below), so a load that
 //! began before an invalidation and runs longer than that could still write back; and a write
 //! needs Redis: one made while Redis is unreachable (the operation fails or times out, or the
 //! circuit breaker is open and skips it) changes the local tier only — Redis keeps what it
-//! had, and the other instances are not told (nothing is queued for later).
+//! had, and the other instances are not told (nothing is queued for later). A write the
+//! server refuses (`OOM`) deletes the key instead and tells the other instances, but carries
+//! no version: a load that found the key absent before it, on an instance that misses that
+//! message, can still write its value back once the server takes writes again.
 //!
 //! # Key layout
 //!
@@ -102,7 +106,10 @@
 //! With [`fail_safe`](crate::CacheBuilder::fail_safe) a local copy is kept past its time to
 //! live, and a failed load of it may serve it up to `max_stale` longer. A missed invalidation
 //! of the key does not let that happen: the failed load's read of Redis finds the key's
-//! tombstone, and the load's callers get its error. A missed `invalidate_all` is seen the same
+//! tombstone, and the load's callers get its error (tombstones then live at least the longer
+//! of the cache's and the tier's time to live plus `max_stale`, so that the tombstone is
+//! still there; a copy whose lifetime a time to idle or an [`Expiry`](crate::Expiry) sets
+//! beyond that is covered by `clear_on_reconnect` only). A missed `invalidate_all` is seen the same
 //! way only while its tombstones last; for a key that was not in Redis when it ran (evicted or
 //! expired there), or once the tombstones have expired, nothing in Redis tells it apart, and
 //! the copy from before it can be served as fail-safe's last value.
@@ -571,12 +578,19 @@ impl RedisTier {
             Breaker::new(self.breaker_failures, self.breaker_cooldown),
             Arc::clone(&counters),
         );
+        // With fail-safe, a local copy may be served up to `max_stale` past its deadline
+        // (its time to live, or the tier's for a copy read from Redis): the tombstone of an
+        // invalidation this instance missed must last that long for a failed load to see it.
+        let stale = builder.stampede.fail_safe.map(|max_stale| {
+            let local = builder.ttl.map_or(ttl, |t| t.max(ttl));
+            local.saturating_add(Duration::from_nanos(max_stale))
+        });
         let tier = Arc::new(Tier::new(
             client,
             Box::new(key_codec),
             Box::new(value_codec),
             &self.namespace,
-            ttl,
+            (ttl, stale.unwrap_or(Duration::ZERO)),
             self.lease,
             self.max_value_size,
         ));

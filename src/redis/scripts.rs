@@ -15,17 +15,40 @@ macro_rules! repair {
     };
 }
 
+/// Reads a local `old` (a stored counter as Redis returned it: a string, or `false`) as a
+/// number, and the server's clock in microseconds as a local `now`. A stored value that is
+/// not a counter — not a number, negative, fractional, or more than 2^41 µs (25 days) ahead
+/// of the clock — counts as 0: a stray write. Counters this tier writes are at most the clock
+/// plus one per write made within the same microsecond, so the horizon keeps them far below
+/// 2^53, where Lua's numbers stop counting by one (a stray value just below it counted up
+/// to it would turn to 0 at the next write: the counter would go back), and tolerates the
+/// server's clock stepping back by up to 25 days.
+macro_rules! counter {
+    () => {
+        "local t = redis.call('time') \
+         local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+         old = tonumber(old or '0') or 0 \
+         if old < 0 or old > now + 2199023255552 or old ~= math.floor(old) then old = 0 end "
+    };
+}
+
 /// A local `v` past a local `old` (the stored counter, read as a number or `nil`), and at
-/// least the server's clock in microseconds, so that the counter keeps increasing when its key
-/// is lost and written again. A stored value that is not a counter (a stray write: not a
-/// number, negative, fractional, or beyond 2^53, where Lua's numbers stop counting by one)
-/// counts as 0 and is replaced. Needs `redis.replicate_commands()` first (`TIME`).
+/// least the server's clock in microseconds (a local `now`), so that the counter keeps
+/// increasing when its key is lost and written again. A stored value that is not a counter
+/// counts as 0 and is replaced ([`counter!`]). Needs `redis.replicate_commands()` first
+/// (`TIME`).
 macro_rules! past_the_clock {
     () => {
-        "old = tonumber(old or '0') or 0 \
-         if old < 0 or old >= 9007199254740992 or old ~= math.floor(old) then old = 0 end \
-         local t = redis.call('time') \
-         local v = math.max(old + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])) "
+        concat!(counter!(), "local v = math.max(old + 1, now) ")
+    };
+}
+
+/// Replaces the epoch key if it is of another type (a stray write), so that the script after
+/// it can read and set it as a string.
+macro_rules! repair_epoch {
+    () => {
+        "local t = redis.call('type', KEYS[1]).ok \
+         if t ~= 'string' and t ~= 'none' then redis.call('del', KEYS[1]) end "
     };
 }
 
@@ -47,8 +70,9 @@ macro_rules! next_version {
 /// that an epoch lost with its key (a restart without persistence, `FLUSHALL`, an eviction)
 /// comes back above every epoch a load may have read before. Returns the new epoch.
 pub(crate) const NEXT_EPOCH: &str = concat!(
-    "redis.replicate_commands() \
-     local old = redis.call('get', KEYS[1]) ",
+    "redis.replicate_commands() ",
+    repair_epoch!(),
+    "local old = redis.call('get', KEYS[1]) ",
     past_the_clock!(),
     "redis.call('set', KEYS[1], string.format('%.0f', v)) \
      return v"
@@ -58,13 +82,18 @@ pub(crate) const NEXT_EPOCH: &str = concat!(
 /// set, or lost: a restart without persistence, `FLUSHALL`, an eviction) is set first, as
 /// [`NEXT_EPOCH`] would, so that a value a load wrote back with the epoch it read before the
 /// loss (its key's version lost too, the write-back found the key absent as it had read it) is
-/// below the epoch every later read sees: not a value. Returns the epoch.
+/// below the epoch every later read sees: not a value. So is an epoch that is not a counter
+/// (a stray write, of another type or not a number [`counter!`] accepts): every script then
+/// sees the same epoch (one that [`NEXT_EPOCH`] would read as 0 and replace by the clock
+/// would go back below what loads read before). Returns the epoch.
 pub(crate) const EPOCH: &str = concat!(
-    "redis.replicate_commands() \
-     local old = redis.call('get', KEYS[1]) \
-     if old then return old end ",
-    past_the_clock!(),
-    "local e = string.format('%.0f', v) \
+    "redis.replicate_commands() ",
+    repair_epoch!(),
+    "local stored = redis.call('get', KEYS[1]) \
+     local old = stored ",
+    counter!(),
+    "if stored and old > 0 then return string.format('%.0f', old) end \
+     local e = string.format('%.0f', math.max(1, now)) \
      redis.call('set', KEYS[1], e) \
      return e"
 );

@@ -86,7 +86,11 @@ where
             // effect (a slow first connection is no different from a failed one).
             // User code runs here (the eviction listener, the values' `Drop`): a panic of it
             // must not end the subscriber (the clear itself completes first).
+            // Before the clear, as for an announced invalidate-all: an `insert` whose local
+            // copy lands after it (its Redis write made before a write it may have missed)
+            // drops it.
             if let Some(inner) = cache.upgrade() {
+                tier.heard_all();
                 let cleared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     Cache { inner }.invalidate_all();
                 }));
@@ -188,6 +192,7 @@ where
                 // key: drop them all rather than keep a stale one.
                 None => {
                     tier.counters().add(|c| &c.errors);
+                    tier.heard_all();
                     cache.invalidate_all();
                 }
             }

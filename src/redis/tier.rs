@@ -272,6 +272,9 @@ pub(crate) struct Tier<K, V> {
     pub(crate) origin: u64,
     /// Time to live of values written to Redis.
     ttl: Duration,
+    /// With fail-safe: how long after an invalidation a local copy from before it may still
+    /// be served (its time to live, or the tier's, plus `max_stale`); zero without.
+    stale: Duration,
     /// Larger encoded values are not written to Redis.
     max_value_size: usize,
     lease: Option<LeaseConfig>,
@@ -291,7 +294,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         key_codec: Box<dyn Codec<K>>,
         value_codec: Box<dyn Codec<V>>,
         namespace: &str,
-        ttl: Duration,
+        (ttl, stale): (Duration, Duration),
         lease: Option<LeaseConfig>,
         max_value_size: usize,
     ) -> Self {
@@ -307,6 +310,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             versions: Mutex::new(Versions::default()),
             origin: random.hash_one(0x0419_u64),
             ttl,
+            stale,
             max_value_size,
             lease,
             tokens: AtomicU64::new(1),
@@ -363,11 +367,13 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         pattern
     }
 
-    /// Tombstones are kept as long as values live: a load that began before an invalidation
-    /// and runs longer than this could write back a value older than the invalidation.
+    /// Tombstones are kept as long as values live (a load that began before an invalidation
+    /// and runs longer than this could write back a value older than the invalidation), and
+    /// with fail-safe as long as a local copy from before the invalidation may be served (an
+    /// instance that missed the message sees the tombstone when the copy's load fails).
     fn tombstone_ttl(&self) -> u64 {
         let lease = self.lease.map_or(Duration::ZERO, |l| l.ttl);
-        millis(self.ttl.max(lease))
+        millis(self.ttl.max(lease).max(self.stale))
     }
 
     fn decode(&self, bytes: &[u8]) -> Option<V> {
@@ -1043,13 +1049,17 @@ impl<K: 'static, V: 'static> Tier<K, V> {
     }
 
     /// A tombstone at `version` read from Redis: whether it is newer than every version of the
-    /// key this instance wrote, heard of or read before (then it was missed: the local copy,
-    /// if any, is from before it). Remembered as read. A key whose versions were forgotten
-    /// counts as knowing the newest version forgotten.
+    /// key this instance wrote, heard of or read before (then it may have been missed: the
+    /// local copy, if any, may be from before it). Remembered as read. A key whose versions
+    /// were forgotten counts as knowing none of them: its tombstone counts as missed (the
+    /// local copy is not served past its time to live: at worst a miss), where
+    /// [`newer_known`](Self::newer_known) counts it as written at the newest version
+    /// forgotten — each errs on the side of dropping the copy.
     fn unheard(&self, key: &[u8], version: u64) -> bool {
         let mut m = self.versions.lock();
-        let known = m.entry(key).1.max(m.floor);
-        m.entry(key).1 = known.max(version);
+        let e = m.entry(key);
+        let known = e.1;
+        e.1 = known.max(version);
         version > known
     }
 
