@@ -793,7 +793,8 @@ where
                 || refresh_after.is_some()
                 || self.early_beta.is_some()
                 || matches!(expiry, ExpiryConfig::Custom { .. }),
-            negative_caching: stampede.negative_ttl.is_some(),
+            // `negative_ttl(Duration::ZERO)` remembers nothing: no negative caching.
+            negative_caching: stampede.negative_ttl.is_some_and(|t| t > 0),
         });
         let clock = self.clock.map_or_else(Clock::system, Clock::manual);
         Ok(Cache::from_parts(Parts {

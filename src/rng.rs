@@ -42,6 +42,11 @@ thread_local! {
 /// A uniform number in (0, 1] from a thread-local generator (for early refresh: never 0, so
 /// its logarithm is finite).
 pub(crate) fn coin() -> f64 {
+    ((next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+}
+
+/// The thread-local generator's next 64 bits.
+fn next() -> u64 {
     COIN.with(|c| {
         let mut x = c.get();
         if x == 0 {
@@ -50,8 +55,14 @@ pub(crate) fn coin() -> f64 {
         }
         x = step(x);
         c.set(x);
-        ((x >> 11) + 1) as f64 / (1u64 << 53) as f64
+        x
     })
+}
+
+/// 32 uniformly random bits from the same thread-local generator as [`coin`].
+#[cfg(not(any(loom, shuttle)))]
+pub(crate) fn random_u32() -> u32 {
+    (next() >> 32) as u32
 }
 
 #[cfg(test)]

@@ -99,7 +99,8 @@
 //! nothing only where the cache counts reads anyway: the statistics' hits and misses with
 //! [`record_stats`](crate::CacheBuilder::record_stats), else, in a cache that keeps time, its
 //! expiry-maintenance tick (every 64th read of a thread adds 64 to its shard's counter, threads
-//! starting at phases spread over 0..1024 so that the reads not yet added average out; only
+//! starting at phases spread over 0..1024 so that the reads not yet added average out, and
+//! again at a random phase when they come back from reading another timed cache; only
 //! lookups that are requests tick: a load's look again after waiting for a flight, or a
 //! computation's look at the current value, is no new read). Without either there is no adjustment (only the subsets' against the
 //! samples): on the dev traces that costs scarab at 25,000 entries 6.7 points at 0.5 ×, where
@@ -128,8 +129,12 @@
 //! entries of capacity), about 40–55 bytes each
 //! (see `shadow`): about 0.4 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
 //! rate 1 the shadows are 0.25 … 4 × the capacity, twice but at 1 ×: 0.7 MiB at 1,000;
-//! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries at
-//! most (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights.
+//! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries
+//! (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights — up to twice as many
+//! entries while the entries' weights run up to 2 × lighter than the mean the rate was set
+//! for: the rate follows the mean weight of the recent sampled inserts (checked every 64 of
+//! them, older ones counting half at each check) and of the cache's entries at each
+//! [`Cache::sizing`](crate::Cache::sizing), and moves when that mean is 2 × away.
 
 use crate::policy::tune_word;
 use crate::select::threshold_for;
@@ -175,6 +180,12 @@ fn max_entries(i: usize, capacity: u64) -> u64 {
     } else {
         MAX_ENTRIES[i]
     }
+}
+
+/// The capacity of the point at `num / den` × `capacity` (at least 1): its label in
+/// [`Sizing::points`], and the capacity its shadows simulate (scaled by their rate).
+fn point_capacity(capacity: u64, num: u64, den: u64) -> u64 {
+    (capacity.saturating_mul(num) / den).max(1)
 }
 
 /// Slots: the five factors, then the challengers at 0.25, 0.5, 2 and 4 × (see the module
@@ -242,10 +253,15 @@ pub(crate) struct Tracker {
     weights: Vec<u64>,
     weight_sum: u64,
     weight_count: u64,
+    /// Sampled inserts since the rate was last checked against their mean weight.
+    weight_since: u64,
     /// With a weigher: recent sampled gets that the real cache missed, with the shadows that
     /// missed them too (a bit each), waiting for the key's insert (direct-mapped, lossy).
     pending: [(u64, u8); PENDING],
 }
+
+/// With a weigher, sampled inserts between two checks of the rate against their mean weight.
+const CALIBRATE_EVERY: u64 = 64;
 
 /// Slots for sampled misses waiting for their insert.
 const PENDING: usize = 64;
@@ -383,6 +399,7 @@ impl Tracker {
             },
             weight_sum: 0,
             weight_count: 0,
+            weight_since: 0,
             pending: [(0, 0); PENDING],
         };
         t.rebuild(max_threshold);
@@ -395,7 +412,9 @@ impl Tracker {
         self.threshold = threshold_for(self.capacity, entries).min(max_threshold);
         let mut shadows: Vec<Shadow> = Vec::with_capacity(SLOTS);
         for (i, &(num, den)) in FACTORS.iter().enumerate() {
-            let c = self.capacity as f64 * num as f64 / den as f64;
+            // The capacity the point is labelled with, simulated as it is (at rate 1 a
+            // fraction rounded otherwise put a point of 1 entry on a shadow of 2).
+            let c = point_capacity(self.capacity, num, den) as f64;
             // At rate 1 (every key sampled: a capacity of 1,024 or less) every shadow sees
             // every request (on subsets the loop traces' small points were off by points).
             let thr = if self.weighted || self.threshold >= 1 << 32 {
@@ -678,7 +697,7 @@ impl Tracker {
     fn weight_of(&self, hash: u64) -> u32 {
         let e = self.weights[Self::weight_slot(hash)];
         if e != 0 && e >> 32 == hash >> 32 {
-            return (e as u32).max(1);
+            return e as u32;
         }
         u32::try_from(self.weight_sum / self.weight_count.max(1))
             .unwrap_or(u32::MAX)
@@ -686,17 +705,23 @@ impl Tracker {
     }
 
     /// One sampled insert of weight `weight` (weighted caches only; the hash as the cache
-    /// computed it). Returns a new sampling threshold when the mean weight of the sampled
-    /// inserts (checked at 32, 64, 128 … of them) moved the rate (see [`calibrate`](Self::calibrate)).
+    /// computed it). Returns a new sampling threshold when the recent mean weight of the
+    /// sampled inserts (checked every [`CALIBRATE_EVERY`] of them, older ones then counting
+    /// half) moved the rate (see [`calibrate`](Self::calibrate)). A mean since the cache was
+    /// built, checked at 32, 64, 128 … inserts, lagged a falling weight for as long as it had
+    /// run: 50,000 inserts of weight 50 then 80,000 of weight 1 kept the rate at 1 where the
+    /// weights asked for 0.02, and the shadows at 7 MiB.
     pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) -> Option<u64> {
         let hash = hash & !3;
         if !self.weighted || !crate::select::Selector::sampled(hash, self.threshold) {
             return None;
         }
         self.follow(tune);
-        let weight = weight.max(1);
+        // The shadows take the weight as the cache does (an entry of weight 0 does not count
+        // toward the bound: simulated as 1, a cache of zero-weight entries that holds them
+        // all was predicted to miss); the mean weight that sets the rate counts it as 1.
         self.weights[Self::weight_slot(hash)] = (hash >> 32) << 32 | u64::from(weight);
-        self.weight_sum = self.weight_sum.saturating_add(u64::from(weight));
+        self.weight_sum = self.weight_sum.saturating_add(u64::from(weight.max(1)));
         self.weight_count += 1;
         // After its sampled miss: into the shadows that missed it. Otherwise (a write without
         // a read, or the miss was lost): into all, where a shadow holding it counts an access.
@@ -711,8 +736,13 @@ impl Tracker {
                 sh.access(hash, weight);
             }
         }
-        if self.weight_count >= 32 && self.weight_count.is_power_of_two() {
-            return self.calibrate(self.weight_sum, self.weight_count);
+        self.weight_since += 1;
+        if self.weight_since >= CALIBRATE_EVERY {
+            self.weight_since = 0;
+            let moved = self.calibrate(self.weight_sum, self.weight_count);
+            self.weight_sum /= 2;
+            self.weight_count /= 2;
+            return moved;
         }
         None
     }
@@ -833,7 +863,7 @@ impl Tracker {
         let mut points = [(0, 0.0); 5];
         let mut since_start = [(0, 0.0); 5];
         for (i, &(num, den)) in FACTORS.iter().enumerate() {
-            let c = (self.capacity.saturating_mul(num) / den).max(1);
+            let c = point_capacity(self.capacity, num, den);
             points[i] = (c, self.ratio(i, &w));
             since_start[i] = (c, self.ratio(i, &t));
             if let Some(k) = CHALLENGED

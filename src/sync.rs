@@ -51,6 +51,20 @@ pub(crate) fn thread_phase() -> u32 {
     1
 }
 
+/// A uniformly random phase for a per-thread counter that a thread starts again (see
+/// `Cache::note_access`: the thread went on to another cache): over the random phases, each
+/// step acts with probability one in the period, however the thread's steps alternate.
+#[cfg(not(any(loom, shuttle)))]
+pub(crate) fn switch_phase() -> u32 {
+    crate::rng::random_u32()
+}
+
+/// See the non-model version: a constant here, so the models stay deterministic.
+#[cfg(any(loom, shuttle))]
+pub(crate) fn switch_phase() -> u32 {
+    1
+}
+
 /// Waits on `cond`, releasing `guard` meanwhile, until notified or until the optional
 /// deadline passes; returns the guard re-acquired and whether the deadline passed.
 #[cfg(not(any(loom, shuttle)))]

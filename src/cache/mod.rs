@@ -184,9 +184,44 @@ impl<K, V, S> Inner<K, V, S> {
 }
 
 crate::sync::thread_local_shim! {
-    /// This thread's accesses, from a pseudo-random phase set at its first (0: not yet set;
-    /// see `note_access`).
-    static ACCESS_TICK: Cell<u32> = Cell::new(0);
+    /// The timed cache this thread accessed last (its address; 0: none yet) and this thread's
+    /// count of accesses of it, from a pseudo-random phase set at the first (see
+    /// `note_access`).
+    static ACCESS_TICK: Cell<(usize, u32)> = Cell::new((0, 0));
+}
+
+crate::sync::thread_local_shim! {
+    /// The same for the three timed caches this thread accessed before that one, the most
+    /// recent first (see `switch_tick`).
+    static ACCESS_TICKS_BEFORE: Cell<[(usize, u32); 3]> = Cell::new([(0, 0); 3]);
+}
+
+/// A thread goes on from the timed cache at address `last` (its count `count`) to the one at
+/// `me`: returns `me`'s count, kept from when the thread last read it if it is among the three
+/// caches read before, else a new phase; `last`'s is kept in its place. A count forgotten
+/// (a fifth cache read in turn) loses its reads not yet added (fewer than 64), and the
+/// cache's next count starts at a random phase: over the phases, each read still adds 64 with
+/// probability 1/64 and maintains with probability 1/1024.
+#[cold]
+#[inline(never)]
+fn switch_tick(last: usize, count: u32, me: usize) -> u32 {
+    ACCESS_TICKS_BEFORE.with(|before| {
+        let mut b = before.get();
+        let at = b.iter().position(|&(id, _)| id == me);
+        let mine = match at {
+            Some(i) => b[i].1,
+            None if last == 0 => crate::sync::thread_phase(),
+            None => crate::sync::switch_phase(),
+        };
+        // `me`'s slot (or the least recent) goes; `last` takes the front.
+        if last != 0 {
+            let end = at.unwrap_or(b.len() - 1);
+            b.copy_within(0..end, 1);
+            b[0] = (last, count);
+            before.set(b);
+        }
+        mine
+    })
 }
 
 /// Every this many accesses a thread tries to run expiry maintenance on the shard.
@@ -349,20 +384,25 @@ where
     /// adds no work to reads); returns true when the caller should run maintenance.
     #[inline]
     fn note_access(&self, cell: &ShardCell<K, V>) -> bool {
+        let me = Arc::as_ptr(&self.inner) as usize;
         let t = ACCESS_TICK.with(|t| {
-            let mut v = t.get();
-            if v == 0 {
+            let (last, mut v) = t.get();
+            if last != me {
                 // A thread's reads reach its shard's read counter 64 at a time (see
                 // `ACCESS_SAMPLE`): one that started at 0 would add nothing for its first 63
                 // reads — with many threads and few reads, most of the count (64 threads
                 // reading 5,000 times in 3 s: the sizing curve's observed ratio fell from 29 %
                 // to 13 %). Threads take phases spread evenly over 0..1024 in turn (the golden
                 // ratio sequence, `sync::thread_phase`): over threads, each read adds 64
-                // with probability 1/64.
-                v = crate::sync::thread_phase();
+                // with probability 1/64. The count is this cache's own: a thread that reads
+                // other timed caches in between resumes it (`switch_tick`) — one count shared
+                // by two caches read in turn gave every 64th and 1024th read to the same one
+                // (its read count doubled, the other's nothing; the other's expired entries
+                // never reclaimed by reads).
+                v = switch_tick(last, v, me);
             }
             v = v.wrapping_add(1);
-            t.set(v);
+            t.set((me, v));
             v
         });
         if t % ACCESS_SAMPLE == 0 && self.inner.sizing.is_some() && self.inner.stats.is_none() {
