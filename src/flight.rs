@@ -1171,6 +1171,20 @@ impl<K: Hash + Eq, V> Flights<K, V> {
             .map(|r| r.flight.computes)
     }
 
+    /// Whether the load registered for `key` (not a computation, not a negative entry) gave
+    /// up falling back on the key's old value ([`Flight::forgoes_fallback`]): what it read
+    /// says that value was invalidated. `None`: no such load runs.
+    pub(crate) fn running_load_forgoes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.table
+            .find(hash, |r| r.key.borrow() == key)
+            .filter(|r| r.flight.negative_until() == 0 && !r.flight.computes)
+            .map(|r| r.flight.forgoes_fallback())
+    }
+
     /// The key this very flight is registered for, if it is.
     pub(crate) fn key_of(&self, hash: u64, f: &Arc<Flight<K, V>>) -> Option<&K> {
         self.table

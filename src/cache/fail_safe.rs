@@ -104,7 +104,10 @@ where
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
             let (v, retry) = s.stale(hash, key, now)?;
             let at = retry.load(Ordering::Relaxed);
-            if at == 0 || (at <= now && s.running_computes(hash, key) != Some(false)) {
+            // A running load that found the old value invalidated (see
+            // `Flight::forgoes_fallback`) serves it to no one: its callers wait for it.
+            let forgoes = s.flights_ref().running_load_forgoes(hash, key);
+            if at == 0 || forgoes == Some(true) || (at <= now && forgoes.is_none()) {
                 return None;
             }
             hit(v)
@@ -138,6 +141,10 @@ where
         let at = retry.load(Ordering::Relaxed);
         if at == 0 {
             return FailSafe::Load; // no load of it failed yet: load (or join) as usual
+        }
+        if s.flights_ref().running_load_forgoes(hash, key) == Some(true) {
+            // The running retry found the old value invalidated: join it, no stale answer.
+            return FailSafe::Load;
         }
         if at > now {
             return FailSafe::Stale(v);
@@ -311,10 +318,16 @@ where
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
             // Whether to set the retry deadline: for a failed load, while it still counts
             // (registered); for a timed-out wait, while a load of the key still runs.
+            // A timed-out wait whose load found the old value invalidated (the Redis tier
+            // read a tombstone its instance had missed) falls back on nothing, as the load's
+            // own failure does.
             let backoff = match flight {
                 Some(f) if !s.flights_ref().is_registered(hash, f) => return None,
                 Some(_) => true,
-                None => s.running_computes(hash, key) == Some(false),
+                None => match s.flights_ref().running_load_forgoes(hash, key) {
+                    Some(true) => return None,
+                    running => running.is_some(),
+                },
             };
             let (v, retry) = s.stale(hash, key, now)?;
             if backoff {

@@ -63,7 +63,19 @@
 //! had, and the other instances are not told (nothing is queued for later). A write the
 //! server refuses (`OOM`) deletes the key instead and tells the other instances, but carries
 //! no version: a load that found the key absent before it, on an instance that misses that
-//! message, can still write its value back once the server takes writes again.
+//! message, can still write its value back once the server takes writes again. An
+//! `invalidate_all` that Redis stops answering partway through its `SCAN` has tombstoned the
+//! values it reached, and loaded values from before it are ignored (the epoch moved first);
+//! inserted values it did not reach (they carry no epoch) stay readable. It is announced
+//! all the same, so the other instances drop their copies.
+//!
+//! The order is Redis's clock. Versions and the epoch count on from the server's clock in
+//! microseconds: a stored counter ahead of it — a stray write, or the server's clock stepped
+//! back — is counted on while its key lives; once the key is lost (expired, evicted, a
+//! restart), the next write starts again at the clock, below what a load or an instance may
+//! have read before, and the order can go back by up to that lead. A counter more than
+//! 2^41 µs (25 days) ahead, negative or not a number is a stray write: it counts as none and
+//! is replaced by the next write (a read replaces such an epoch at once).
 //!
 //! # Key layout
 //!
@@ -109,7 +121,14 @@
 //! tombstone, and the load's callers get its error (tombstones then live at least the longer
 //! of the cache's and the tier's time to live plus `max_stale`, so that the tombstone is
 //! still there; a copy whose lifetime a time to idle or an [`Expiry`](crate::Expiry) sets
-//! beyond that is covered by `clear_on_reconnect` only). A missed `invalidate_all` is seen the same
+//! beyond that is covered by `clear_on_reconnect` only). So do a soft timeout's callers, and
+//! callers arriving while such a load runs; a refresh that reads the tombstone and fails
+//! keeps the copy until its time to live, as a missed message does, and a later load sees
+//! the tombstone again. A missed *write* of a value (an `insert`, or another instance's
+//! load written back over the tombstone) is seen only while that value lives in Redis (the
+//! tier's time to live): the failed load's read finds the newer value and answers with it;
+//! once it has expired there, nothing in Redis tells the copy from before it apart, and
+//! fail-safe can serve that copy. A missed `invalidate_all` is seen the same
 //! way only while its tombstones last; for a key that was not in Redis when it ran (evicted or
 //! expired there), or once the tombstones have expired, nothing in Redis tells it apart, and
 //! the copy from before it can be served as fail-safe's last value.

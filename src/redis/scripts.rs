@@ -103,8 +103,12 @@ pub(crate) const EPOCH: &str = concat!(
 /// load read it, and (with a lease) only while the lease is ours; releases the lease.
 /// Returns 1 stored, 0 superseded, -1 lease lost.
 pub(crate) const WRITE_BACK: &str = concat!(
+    "redis.replicate_commands() ",
     repair!(),
-    "if (redis.call('hget', KEYS[1], 'v') or '0') ~= ARGV[1] then \
+    // The version as a read returns it ([`READ`]): a stored one that is not a counter is 0.
+    "local old = redis.call('hget', KEYS[1], 'v') ",
+    counter!(),
+    "if string.format('%.0f', old) ~= ARGV[1] then \
        if ARGV[5] ~= '' and redis.call('get', KEYS[2]) == ARGV[5] then redis.call('del', KEYS[2]) end \
        return 0 end \
      if ARGV[5] ~= '' then \
@@ -142,10 +146,19 @@ pub(crate) const TOMBSTONE: &str = concat!(
 /// Returns {value, version, epoch, oversized}: the value (nil if absent, or if larger than
 /// ARGV[1]: then oversized is 1), so that a value written by an instance with a larger
 /// `max_value_size` is never carried over the link (it would time out the read and count
-/// against the breaker for every key).
-pub(crate) const READ: &str = "if redis.call('type', KEYS[1]).ok ~= 'hash' then \
+/// against the breaker for every key). The version as the scripts count it ([`counter!`]):
+/// one that is not a counter (a stray write) reads as none, so that no instance remembers a
+/// version the next write of the key starts again below (a stray version beyond the horizon,
+/// remembered, hid later tombstones and dropped the instance's own inserts).
+pub(crate) const READ: &str = concat!(
+    "if redis.call('type', KEYS[1]).ok ~= 'hash' then \
        return {false, false, false, 0} end \
      local f = redis.call('hmget', KEYS[1], 'v', 'e') \
+     local old = f[1] ",
+    counter!(),
+    "local v = false \
+     if old > 0 then v = string.format('%.0f', old) end \
      if redis.call('hstrlen', KEYS[1], 'd') > tonumber(ARGV[1]) then \
-       return {false, f[1], f[2], 1} end \
-     return {redis.call('hget', KEYS[1], 'd'), f[1], f[2], 0}";
+       return {false, v, f[2], 1} end \
+     return {redis.call('hget', KEYS[1], 'd'), v, f[2], 0}"
+);

@@ -1046,21 +1046,23 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let e = m.entry(key);
         e.0 = e.0.max(version);
         e.1 = e.1.max(version);
+        e.2 = e.2.max(version);
     }
 
     /// A tombstone at `version` read from Redis: whether it is newer than every version of the
-    /// key this instance wrote, heard of or read before (then it may have been missed: the
-    /// local copy, if any, may be from before it). Remembered as read. A key whose versions
-    /// were forgotten counts as knowing none of them: its tombstone counts as missed (the
-    /// local copy is not served past its time to live: at worst a miss), where
-    /// [`newer_known`](Self::newer_known) counts it as written at the newest version
-    /// forgotten — each errs on the side of dropping the copy.
+    /// key this instance wrote or heard announced (then it was missed: the local copy, if any,
+    /// may be from before it). Remembered as read (for [`newer_known`](Self::newer_known)),
+    /// but not as heard: a read does not drop the local copy (a refresh that read it and
+    /// failed keeps it live), so a later read still finds it missed — and the copy is never
+    /// served past its time to live. A key whose versions were forgotten counts as having
+    /// heard none: its tombstone counts as missed (at worst an error fail-safe would have
+    /// answered), where `newer_known` counts it as written at the newest version forgotten —
+    /// each errs on the side of dropping the copy.
     fn unheard(&self, key: &[u8], version: u64) -> bool {
         let mut m = self.versions.lock();
         let e = m.entry(key);
-        let known = e.1;
-        e.1 = known.max(version);
-        version > known
+        e.1 = e.1.max(version);
+        version > e.2
     }
 
     /// How many invalidate-alls this instance has done or heard of: read by an `insert` before
@@ -1086,6 +1088,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let mut m = self.versions.lock();
         let e = m.entry(key);
         e.1 = e.1.max(version);
+        // Heard: the copy goes now, or it is our own newer write's.
+        e.2 = e.2.max(version);
         version == 0 || version >= e.0
     }
 
@@ -1206,9 +1210,10 @@ const VERSIONS_KEPT: usize = 4096;
 /// The versions an instance remembers (see [`Tier::newer_known`] and [`Tier::announced`]).
 #[derive(Default)]
 struct Versions {
-    /// Per key (encoded), the newest version this instance wrote, and the newest it wrote or
-    /// heard of; at most [`VERSIONS_KEPT`] keys.
-    keys: HashMap<Vec<u8>, (u64, u64)>,
+    /// Per key (encoded), the newest version this instance wrote, the newest it wrote, heard
+    /// of or read, and the newest it wrote or heard announced (whose write reached the local
+    /// copy); at most [`VERSIONS_KEPT`] keys.
+    keys: HashMap<Vec<u8>, (u64, u64, u64)>,
     /// The newest version among the keys forgotten: a write of a key at or below it may have
     /// been superseded by one that was forgotten. Versions are at least Redis's clock in
     /// microseconds, and a key's versions only grow, so writes begun after a key was
@@ -1221,7 +1226,7 @@ struct Versions {
 impl Versions {
     /// The key's entry, made room for: when full, the older half (by newest version) is
     /// forgotten, and the floor raised to the newest of them.
-    fn entry(&mut self, key: &[u8]) -> &mut (u64, u64) {
+    fn entry(&mut self, key: &[u8]) -> &mut (u64, u64, u64) {
         if self.keys.len() >= VERSIONS_KEPT && !self.keys.contains_key(key) {
             let mut newest: Vec<u64> = self.keys.values().map(|e| e.1).collect();
             let mid = newest.len() / 2;
@@ -1229,7 +1234,7 @@ impl Versions {
             self.keys.retain(|_, e| e.1 > cut);
             self.floor = self.floor.max(cut);
         }
-        self.keys.entry(key.to_vec()).or_insert((0, 0))
+        self.keys.entry(key.to_vec()).or_insert((0, 0, 0))
     }
 }
 
