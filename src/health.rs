@@ -40,7 +40,7 @@
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | evictions for size in the window (at least one), and either ≥ [`MIN_EVICTIONS`] of them with entries staying < ½ the time to live (or refresh period; neither of `Duration::MAX`) on average (the most entries the window's snapshots saw ÷ evictions per second), or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). A hit-ratio drop with no eviction for size is not thrashing (a cache that evicts nothing is not too small: the keys changed, or entries expired or were invalidated). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× (for a `max_capacity` of 0: at 1, 2 and 4) and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
 //! | [`Warning::LoadLimitSaturated`] | ≥ [`MIN_LOADS`] loads ended, and waits for a `max_concurrent_loads` permit ≥ half of them |
-//! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl` (or one of zero, which remembers nothing) and no `fail_safe` (which retries a failing key once per backoff), ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
+//! | [`Warning::ErrorsWithoutNegativeCaching`] | no `negative_ttl` (or one of zero, which remembers nothing) and no `fail_safe` that served a stale value in the window (it retries a failing key once per backoff, but only keys with an old value past its deadline), ≥ [`MIN_FAILURES`] failed loads, ≥ a quarter of the loads |
 //! | [`Warning::ServingStale`] | fail-safe answered calls with values past their time to live |
 //!
 //! The median load time comes from a histogram with four buckets per power of two (within
@@ -710,8 +710,12 @@ where
             }
         }
         let failures = cur.failures.saturating_sub(base.failures);
+        // Fail-safe protects the backend only where it answers: keys with an old value past
+        // its deadline. One that served nothing in the window (no deadline, keys that never
+        // loaded) reloads a failing key on every call as if it were not set.
+        let fail_safe_served = self.inner.stampede.fail_safe.is_some() && served > 0;
         if !cfg.negative_caching
-            && self.inner.stampede.fail_safe.is_none()
+            && !fail_safe_served
             && failures >= MIN_FAILURES
             && failures * 4 >= loads
         {

@@ -187,6 +187,9 @@ pub(crate) struct Shadow {
     free: Vec<u32>,
     table: Index,
     capacity: u64,
+    /// The most entries it holds, whatever their weights (see
+    /// [`with_max_entries`](Self::with_max_entries)).
+    max_entries: usize,
     weight: u64,
     hits: u64,
     accesses: u64,
@@ -201,10 +204,20 @@ impl Shadow {
             free: Vec::new(),
             table: Index::new(),
             capacity,
+            max_entries: usize::MAX,
             weight: 0,
             hits: 0,
             accesses: 0,
         }
+    }
+
+    /// This shadow holding at most `n` entries (at least 1): past it, it evicts as it does
+    /// past its capacity. Bounds a weighted shadow's memory whatever the weights: entries of
+    /// weight 0 (which count toward no capacity) or far lighter than the mean its rate was
+    /// set for.
+    pub(crate) fn with_max_entries(mut self, n: u64) -> Self {
+        self.max_entries = usize::try_from(n.max(1)).unwrap_or(usize::MAX);
+        self
     }
 
     /// One request for the key of hash `hash`; on a miss the key is inserted with `weight`
@@ -255,7 +268,7 @@ impl Shadow {
         self.weight += u64::from(weight);
         self.policy
             .on_insert(&mut self.slab, slot, hash, |n: &Node| n.hash);
-        while self.weight > self.capacity {
+        while self.weight > self.capacity || self.table.len > self.max_entries {
             let Some(v) = self
                 .policy
                 .evict(&mut self.slab, &mut self.free, |n: &Node| n.hash)

@@ -129,12 +129,12 @@
 //! entries of capacity), about 40–55 bytes each
 //! (see `shadow`): about 0.4 MiB once full, fixed whatever `max_capacity` is beyond 1,024 (at
 //! rate 1 the shadows are 0.25 … 4 × the capacity, twice but at 1 ×: 0.7 MiB at 1,000;
-//! `bench/examples/memory.rs --sizing` measures it). With a weigher, 2000 × 7.75 entries
-//! (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights — up to twice as many
-//! entries while the entries' weights run up to 2 × lighter than the mean the rate was set
-//! for: the rate follows the mean weight of the recent sampled inserts (checked every 64 of
-//! them, older ones counting half at each check) and of the cache's entries at each
-//! [`Cache::sizing`](crate::Cache::sizing), and moves when that mean is 2 × away.
+//! `bench/examples/memory.rs --sizing` measures it). With a weigher, about 2000 × 7.75
+//! entries (0.25 … 4 ×), about 0.8 MiB, plus the 32 KiB table of weights, and never more than
+//! twice as many entries (each shadow's entry cap: about 1.6 MiB), whatever the weights — the
+//! rate follows the mean weight of the sampled inserts (checked at 32, 64, 128 … of them) and
+//! of the cache's entries at each [`Cache::sizing`](crate::Cache::sizing), and moves when
+//! that mean is 2 × away; until it does, the cap holds.
 
 use crate::policy::tune_word;
 use crate::select::threshold_for;
@@ -253,15 +253,17 @@ pub(crate) struct Tracker {
     weights: Vec<u64>,
     weight_sum: u64,
     weight_count: u64,
-    /// Sampled inserts since the rate was last checked against their mean weight.
-    weight_since: u64,
     /// With a weigher: recent sampled gets that the real cache missed, with the shadows that
     /// missed them too (a bit each), waiting for the key's insert (direct-mapped, lossy).
     pending: [(u64, u8); PENDING],
 }
 
-/// With a weigher, sampled inserts between two checks of the rate against their mean weight.
-const CALIBRATE_EVERY: u64 = 64;
+/// With a weigher, the most entries the 1 × shadow holds (the others in proportion to their
+/// factor): twice the [`ENTRIES`] its rate is set for. The rate follows a mean weight (see
+/// [`Tracker::calibrate`]); entries lighter than that mean, or of weight 0 (which count
+/// toward no capacity), would otherwise fill a shadow without bound: 40,000 keys of weight 0
+/// inserted and invalidated kept 8.9 MiB of shadows.
+const WEIGHTED_ENTRIES_CAP: u64 = 2 * ENTRIES;
 
 /// Slots for sampled misses waiting for their insert.
 const PENDING: usize = 64;
@@ -399,7 +401,6 @@ impl Tracker {
             },
             weight_sum: 0,
             weight_count: 0,
-            weight_since: 0,
             pending: [(0, 0); PENDING],
         };
         t.rebuild(max_threshold);
@@ -424,11 +425,13 @@ impl Tracker {
             };
             self.thresholds[i] = thr;
             let size = ((c * thr as f64 / (1u64 << 32) as f64).round() as u64).max(1);
-            shadows.push(Shadow::new(
-                size,
-                self.candidate as usize,
-                self.seed ^ (0x51 + i as u64),
-            ));
+            let mut shadow =
+                Shadow::new(size, self.candidate as usize, self.seed ^ (0x51 + i as u64));
+            if self.weighted {
+                // Twice the entries its rate is for, at most (see the module docs, "Memory").
+                shadow = shadow.with_max_entries(WEIGHTED_ENTRIES_CAP.saturating_mul(num) / den);
+            }
+            shadows.push(shadow);
         }
         // A challenger at every size but 1 × (see the module docs, "Which policy"); none
         // under exact LRU, which the cache keeps at every size (each challenger then "runs"
@@ -705,12 +708,14 @@ impl Tracker {
     }
 
     /// One sampled insert of weight `weight` (weighted caches only; the hash as the cache
-    /// computed it). Returns a new sampling threshold when the recent mean weight of the
-    /// sampled inserts (checked every [`CALIBRATE_EVERY`] of them, older ones then counting
-    /// half) moved the rate (see [`calibrate`](Self::calibrate)). A mean since the cache was
-    /// built, checked at 32, 64, 128 … inserts, lagged a falling weight for as long as it had
-    /// run: 50,000 inserts of weight 50 then 80,000 of weight 1 kept the rate at 1 where the
-    /// weights asked for 0.02, and the shadows at 7 MiB.
+    /// computed it). Returns a new sampling threshold when the mean weight of the sampled
+    /// inserts (checked at 32, 64, 128 … of them) moved the rate (see
+    /// [`calibrate`](Self::calibrate)); [`Cache::sizing`](crate::Cache::sizing) calibrates on
+    /// the cache's entries. That mean lags a weight that changes (a recent mean, checked every
+    /// 64 inserts, was tried: against `sizing`'s own calibration on the entries it moved the
+    /// rate back and forth, each move restarting the curve); the shadows' entry cap
+    /// ([`WEIGHTED_ENTRIES_CAP`]) bounds what a lagging rate costs (50,000 inserts of weight
+    /// 50 then 80,000 of weight 1 kept 7 MiB of shadows without it).
     pub(crate) fn feed_insert(&mut self, hash: u64, weight: u32, tune: u64) -> Option<u64> {
         let hash = hash & !3;
         if !self.weighted || !crate::select::Selector::sampled(hash, self.threshold) {
@@ -721,8 +726,13 @@ impl Tracker {
         // toward the bound: simulated as 1, a cache of zero-weight entries that holds them
         // all was predicted to miss); the mean weight that sets the rate counts it as 1.
         self.weights[Self::weight_slot(hash)] = (hash >> 32) << 32 | u64::from(weight);
-        self.weight_sum = self.weight_sum.saturating_add(u64::from(weight.max(1)));
-        self.weight_count += 1;
+        // A value heavier than the whole cache is turned away: it says nothing of the weight
+        // of the entries the cache holds (one in 17 such inserts set a rate that filled the
+        // shadows with the light keys).
+        if u64::from(weight) <= self.capacity {
+            self.weight_sum = self.weight_sum.saturating_add(u64::from(weight.max(1)));
+            self.weight_count += 1;
+        }
         // After its sampled miss: into the shadows that missed it. Otherwise (a write without
         // a read, or the miss was lost): into all, where a shadow holding it counts an access.
         let slot = &mut self.pending[(hash >> 40) as usize % PENDING];
@@ -736,13 +746,8 @@ impl Tracker {
                 sh.access(hash, weight);
             }
         }
-        self.weight_since += 1;
-        if self.weight_since >= CALIBRATE_EVERY {
-            self.weight_since = 0;
-            let moved = self.calibrate(self.weight_sum, self.weight_count);
-            self.weight_sum /= 2;
-            self.weight_count /= 2;
-            return moved;
+        if self.weight_count >= 32 && self.weight_count.is_power_of_two() {
+            return self.calibrate(self.weight_sum, self.weight_count);
         }
         None
     }

@@ -7,7 +7,7 @@
 //!   reading two in turn gave every 64th and 1024th read to the same one — the other's
 //!   observed ratio was its phantom reads counted as hits (0.50 on a scan that never hit), and
 //!   its expired entries were never reclaimed by reads. The count is now kept per cache for
-//!   the four timed caches a thread read last (beyond, it restarts at a random phase);
+//!   the sixteen timed caches a thread read last (beyond, it restarts at a random phase);
 //! * at rate 1 a point's label was rounded down and its shadow's capacity to the nearest
 //!   (max_capacity 6: the 0.25 × point labelled 1 simulated 2 entries);
 //! * entries of weight 0 (which do not count toward the bound) were simulated as weight 1;
@@ -702,14 +702,15 @@ fn holds_weighted_curve_matches_exact_replays() {
         let light: fn(u64) -> u32 = |k| (k % 100 + 1) as u32;
         let heavy: fn(u64) -> u32 = |k| (k % 1000 + 500) as u32;
         type Case = (&'static str, u64, u64, fn(u64) -> u32, usize);
-        let cases: [Case; 5] = [
+        let cases: [Case; 4] = [
             // Weights 1..=100 (mean ~50): 4,000 keys of mean 50 = 200,000 units.
             ("uniform", 100_000, 4000, light, 0),
             ("uniform", 100_000, 4000, light, 40),
             ("hotcold", 2_000_000, 40_000, light, 40),
-            // Heavy: weights ~ 1000.
+            // Heavy: weights ~ 1000. (Not a loop: on a loop of 3,000 such keys the exact
+            // replay's own ratio at 0.5 × moved between runs, 0.13 to 0.25 — W-TinyLFU's
+            // self-sustaining states — so a bound on the error failed at random.)
             ("uniform", 2_000_000, 4000, heavy, 40),
-            ("loop", 2_000_000, 3000, heavy, 40),
         ];
         for (i, (kind, cap, k, w, phases)) in cases.into_iter().enumerate() {
             if part.take(i as u64) {
@@ -1004,15 +1005,15 @@ fn holds_colliding_hashes_keep_a_sane_curve() {
     });
 }
 
-/// The fix keeps a thread's count per cache for the last four timed caches it read; a thread
-/// reading more in turn starts each again at a random phase: each read still maintains with
-/// probability 1/1024, so six caches read in turn all reclaim their expired entries.
+/// The fix keeps a thread's count per cache for the last sixteen timed caches it read; a
+/// thread reading more in turn starts each again at a random phase: each read still maintains
+/// with probability 1/1024, so twenty caches read in turn all reclaim their expired entries.
 #[test]
-fn six_timed_caches_read_in_turn_each_reclaim_their_expired_entries() {
+fn twenty_timed_caches_read_in_turn_each_reclaim_their_expired_entries() {
     watchdog(60, || {
         std::thread::spawn(|| {
             let clock = ManualClock::new();
-            let caches: Vec<Cache<u64, u64>> = (0..6)
+            let caches: Vec<Cache<u64, u64>> = (0..20)
                 .map(|_| {
                     Cache::builder()
                         .max_capacity(10_000)

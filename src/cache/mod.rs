@@ -191,17 +191,19 @@ crate::sync::thread_local_shim! {
 }
 
 crate::sync::thread_local_shim! {
-    /// The same for the three timed caches this thread accessed before that one, the most
+    /// The same for the fifteen timed caches this thread accessed before that one, the most
     /// recent first (see `switch_tick`).
-    static ACCESS_TICKS_BEFORE: Cell<[(usize, u32); 3]> = Cell::new([(0, 0); 3]);
+    static ACCESS_TICKS_BEFORE: Cell<[(usize, u32); 15]> = Cell::new([(0, 0); 15]);
 }
 
 /// A thread goes on from the timed cache at address `last` (its count `count`) to the one at
-/// `me`: returns `me`'s count, kept from when the thread last read it if it is among the three
-/// caches read before, else a new phase; `last`'s is kept in its place. A count forgotten
-/// (a fifth cache read in turn) loses its reads not yet added (fewer than 64), and the
-/// cache's next count starts at a random phase: over the phases, each read still adds 64 with
-/// probability 1/64 and maintains with probability 1/1024.
+/// `me`: returns `me`'s count, kept from when the thread last read it if it is among the
+/// fifteen caches read before, else a new phase; `last`'s is kept in its place. A count
+/// forgotten (a seventeenth cache read in turn) loses its reads not yet added (fewer than 64),
+/// and the cache's next count starts at a random phase: over the phases, each read still adds
+/// 64 with probability 1/64 and maintains with probability 1/1024 — unbiased, but a cache
+/// whose count restarts on every read counts its reads to about ±8 √reads (a sizing curve's
+/// observed ratio without statistics then moves by as much: `record_stats` counts exactly).
 #[cold]
 #[inline(never)]
 fn switch_tick(last: usize, count: u32, me: usize) -> u32 {
