@@ -66,7 +66,7 @@
 
 use super::Cache;
 use crate::flight::Flight;
-use crate::shard::Shard;
+use crate::shard::{Shard, STALE_FORGONE};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -154,7 +154,7 @@ where
             Some(true) => return FailSafe::Load,      // a computation runs: join it
             None => {}
         }
-        let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+        let next = self.retry_deadline(now);
         retry.store(next, Ordering::Relaxed);
         FailSafe::Retrier(at)
     }
@@ -171,15 +171,27 @@ where
     /// Under the shard's write lock: a load of `key` ended without a value (abandoned, e.g. its
     /// leader panicked or was dropped). Sets the retry deadline of its old value, if within its
     /// stale window, so that the callers that retry get the old value for a backoff.
-    pub(crate) fn fail_safe_abandoned(&self, s: &Shard<K, V>, hash: u64, key: &K) {
+    pub(crate) fn fail_safe_abandoned(&self, s: &Shard<K, V>, hash: u64, key: &K, forgo: bool) {
         if self.inner.stampede.fail_safe.is_none() {
             return;
         }
         let now = self.now();
         if let Some((_, retry)) = s.stale(hash, key, now) {
-            let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+            if forgo {
+                // The load found the old value invalidated (see `Flight::forgoes_fallback`):
+                // it is no fallback for anyone any more (a failed load's drops it; here,
+                // under a shared reference, it is marked).
+                retry.store(STALE_FORGONE, Ordering::Relaxed);
+                return;
+            }
+            let next = self.retry_deadline(now);
             retry.fetch_max(next, Ordering::Relaxed);
         }
+    }
+
+    /// The retry deadline a backoff from `now`, below [`STALE_FORGONE`].
+    fn retry_deadline(&self, now: u64) -> u64 {
+        crate::clock::deadline(now, self.inner.stampede.refresh_backoff).min(STALE_FORGONE - 1)
     }
 }
 
@@ -268,6 +280,11 @@ where
             // made the key live again: its value, not a stale one (read as a hit reads it).
             match s.peek_read(hash, key, now, &self.inner.expiry) {
                 Some(v) => (v.clone(), false),
+                // Not while a load that found the old value invalidated runs (see
+                // `Flight::forgoes_fallback`): it is no fallback.
+                None if s.flights_ref().running_load_forgoes(hash, key) == Some(true) => {
+                    return None
+                }
                 None => (s.stale(hash, key, now)?.0.clone(), true),
             }
         };
@@ -313,7 +330,7 @@ where
     ) -> Option<V> {
         self.inner.stampede.fail_safe?;
         let now = self.now();
-        let next = crate::clock::deadline(now, self.inner.stampede.refresh_backoff);
+        let next = self.retry_deadline(now);
         let v = {
             let s = self.inner.shards[self.shard_index(hash)].lock.read();
             // Whether to set the retry deadline: for a failed load, while it still counts

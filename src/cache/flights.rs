@@ -278,7 +278,7 @@ where
             let ended = |s: &Shard<K, V>, k: &K| {
                 self.key_eq_guarded(hash, || {
                     self.release_refresh_claim(s, hash, k);
-                    self.fail_safe_abandoned(s, hash, k);
+                    self.fail_safe_abandoned(s, hash, k, flight.forgoes_fallback());
                 });
             };
             let key = self.unregister_restoring(&mut s, hash, flight, &mut negative, ended);
@@ -343,7 +343,7 @@ where
                         None => self.release_refresh_claim(s, hash, k),
                     }
                     if failed_load && matches!(phase, Phase::Abandoned) {
-                        self.fail_safe_abandoned(s, hash, k);
+                        self.fail_safe_abandoned(s, hash, k, flight.forgoes_fallback());
                     }
                 });
             };

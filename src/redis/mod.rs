@@ -49,7 +49,10 @@
 //! (done here or announced) drops it, so concurrent writers converge on Redis's value. An
 //! instance remembers the versions of its 4,096 most recent keys; for the others it keeps the
 //! newest version it forgot, so a write at or below it still counts as possibly superseded
-//! (its local copy is dropped: at worst a miss).
+//! (its local copy is dropped: at worst a miss), and a tombstone of a key it forgot counts as
+//! missed (with fail-safe, a failed load of that key then gets its error rather than the
+//! local copy, as long as the tombstone lasts: at worst an error fail-safe would have
+//! answered).
 //!
 //! The guarantee: **after `insert`, `invalidate`, `remove` or `invalidate_all` returns on any
 //! instance, Redis never again yields an older value for the key**, and the other instances

@@ -159,6 +159,8 @@ impl Drop for Held {
 
 /// What is left to do after a load.
 struct Pending {
+    /// Where the encoded key starts in `vkey` (as [`ValueKey::at`]).
+    at: usize,
     vkey: Vec<u8>,
     lkey: Vec<u8>,
     /// The lease we hold, to give back with the write (or when dropped: a load that failed,
@@ -187,6 +189,7 @@ impl Pending {
     ) -> Self {
         Pending {
             vkey: vkey.bytes.clone(),
+            at: vkey.at,
             lkey,
             lease,
             redis,
@@ -194,6 +197,11 @@ impl Pending {
             epoch,
             invalidated,
         }
+    }
+
+    /// The encoded key alone.
+    fn key(&self) -> &[u8] {
+        &self.vkey[self.at..self.vkey.len() - 1]
     }
 
     /// Tells the load this thread runs (a fetch's, about to start) what the reads found.
@@ -229,6 +237,16 @@ struct LeaseWait {
     waited: bool,
     /// The next pause, once polling; `None`: the next step tries to take the lease.
     pause: Option<Duration>,
+}
+
+impl LeaseWait {
+    /// Tells the load this thread runs that a read of the wait found its key invalidated (see
+    /// [`Pending::mark_load`]).
+    fn mark(&self) {
+        if self.invalidated {
+            crate::flight::running_forgo_fallback();
+        }
+    }
 }
 
 /// The outcome of one step of a lease wait.
@@ -520,6 +538,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
                 // another instance) is not stored locally: nor is it written back to Redis
                 // (where the write may have been refused, `OOM`, leaving no tombstone).
                 let value = result.as_ref().ok().filter(|_| !self.superseded());
+                if value.is_some() {
+                    self.loaded_past(&pending);
+                }
                 self.write_back(pending, value);
                 result
             }
@@ -562,6 +583,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             match next {
                 Next::Plan(plan) => break plan,
                 Next::Sleep(mut w, pause) => {
+                    // On the thread that polls the load, as `mark_load` (see `plan`).
+                    w.mark();
                     self.timer.sleep(pause).await;
                     let t = Arc::clone(&self);
                     let got = self
@@ -592,6 +615,9 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // As in `fetch`: a superseded load is not written back (asked while the flight is
         // polled, on its thread).
         guard.value = result.as_ref().ok().filter(|_| !self.superseded()).cloned();
+        if let (Some(_), Some(p)) = (&guard.value, &guard.pending) {
+            self.loaded_past(p);
+        }
         drop(guard);
         result
     }
@@ -626,7 +652,13 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         match self.start(vkey) {
             Start::Plan(plan) => plan,
             Start::Wait(mut w) => loop {
-                match self.step(&mut w) {
+                // A read found the key invalidated: the load forgoes its fallback from now
+                // on, while it waits too (a soft timeout or a caller arriving meanwhile must
+                // not be answered with the copy), not only once its loader starts.
+                w.mark();
+                let step = self.step(&mut w);
+                w.mark();
+                match step {
                     Step::Done(lease) => return self.resolve(*w, lease),
                     Step::Sleep(pause) => std::thread::sleep(pause),
                 }
@@ -1063,6 +1095,18 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let e = m.entry(key);
         e.1 = e.1.max(version);
         version > e.2
+    }
+
+    /// A load that read its key's tombstone as missed (`pending.invalidated`) stored its value
+    /// locally: the local copy is now from after that tombstone, as if its message had been
+    /// heard — a later failed load may fall back on it (fail-safe), even if the value never
+    /// reached Redis (too large, its write-back timed out) and the tombstone is still there.
+    fn loaded_past(&self, pending: &Pending) {
+        if pending.invalidated {
+            let mut m = self.versions.lock();
+            let e = m.entry(pending.key());
+            e.2 = e.2.max(pending.version);
+        }
     }
 
     /// How many invalidate-alls this instance has done or heard of: read by an `insert` before

@@ -2,7 +2,7 @@
 //! policy, the timer wheel and the flight registry, behind one `&mut self` (the caller holds the
 //! shard's write lock) or `&self` for lookups under the read lock.
 
-use super::{Layout, Lookup, Record, SlotTime};
+use super::{Layout, Lookup, Record, SlotTime, STALE_FORGONE};
 use crate::clock::NEVER;
 use crate::expiry::{
     claim_refresh, give_back_refresh, Deadlines, ExpiryConfig, Refresh, TimerWheel, NO_BUCKET,
@@ -566,8 +566,12 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         if d > now || d.saturating_add(max) <= now {
             return None;
         }
+        let retry = self.extra(slot, j);
+        if retry.load(Ordering::Relaxed) == STALE_FORGONE {
+            return None;
+        }
         let e = self.slab[slot as usize].as_ref()?;
-        Some((&e.value, self.extra(slot, j)))
+        Some((&e.value, retry))
     }
 
     /// Whether a load or a computation of `key` runs (a registered flight that is not a

@@ -138,6 +138,12 @@ pub(crate) struct Layout {
     pub(crate) fail_safe: Option<(usize, u64)>,
 }
 
+/// A retry deadline (see [`Layout::fail_safe`]) that marks the entry's old value as no
+/// fallback: a load found it invalidated (the Redis tier read a tombstone its instance had
+/// missed) and ended without replacing it. `stale` no longer returns it; the next write
+/// resets the deadline with the value. Real deadlines stay below it.
+pub(crate) const STALE_FORGONE: u64 = u64::MAX;
+
 impl Layout {
     /// The layout for a cache's expiry configuration and refresh settings.
     pub(crate) fn for_expiry<K: 'static, V: 'static>(
