@@ -1311,10 +1311,13 @@ fn refresh_and_writes_race_stress() {
         stop.store(true, Ordering::SeqCst);
     });
     assert!(eventually(|| c.loads_in_flight() == 0));
-    let v = c.get(&0).unwrap();
+    // The readers move the clock 2 s per read until they see `stop`: a few hundred reads
+    // after the last write can take the entry past its time to live (1,000 s) before a
+    // refresh lands (seen once in CI) — then it is gone, which is no older value.
+    let v = c.get(&0);
     assert!(
-        v >= 2000,
-        "a value older than the last write is stored: {v}"
+        v.is_none_or(|v| v >= 2000),
+        "a value older than the last write is stored: {v:?}"
     );
 }
 
