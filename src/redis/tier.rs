@@ -82,8 +82,9 @@ struct Snapshot<V> {
     version: u64,
     epoch: u64,
     /// The key is invalidated in Redis by a write this instance missed: a tombstone newer than
-    /// any version of the key it wrote, heard of or read. A local copy is then from before
-    /// that invalidation (see [`Pending::invalidated`]).
+    /// any version of the key it wrote, heard announced or loaded past (see
+    /// [`Tier::unheard`]). A local copy may then be from before that invalidation (see
+    /// [`Pending::invalidated`]).
     invalidated: bool,
 }
 
@@ -443,7 +444,8 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let valid = written_in.is_none_or(|e| e >= epoch);
         // A version with no value (and not one too large to read) is a tombstone: an
         // invalidation this instance missed if it is newer than every version of the key it
-        // wrote, heard of or read (a local copy would be from before it). An invalidate-all
+        // wrote, heard announced or loaded past (a local copy may be from before it; see
+        // `unheard`). An invalidate-all
         // shows the same way: it tombstones every value once its epoch is set. (A value from
         // before the epoch alone is no sign: the epoch key may have been lost and set again
         // by a read, with nothing invalidated.)
