@@ -29,97 +29,18 @@
 //! the half that must hold (an instance that hears the message writes nothing back).
 
 mod common;
-use common::tier::{raw, vkey};
+use common::tier::*;
 #[path = "common/proxy.rs"]
 mod proxy;
 use herdcache_testkit::redis_server::RedisServer;
 
-use common::eventually;
+use common::{eventually, Gate};
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
-use herdcache::{BoxError, Cache, CacheBuilder, ManualClock};
+use herdcache::{BoxError, Cache, ManualClock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn tier(url: String, ns: &str) -> RedisTier {
-    RedisTier::new(url)
-        .namespace(ns)
-        .ttl(Duration::from_secs(600))
-        .timeouts(Duration::from_millis(300), Duration::from_millis(300))
-}
-
-fn builder() -> CacheBuilder<u64, String> {
-    Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(Duration::from_secs(600))
-        .record_stats()
-}
-
-fn build(t: RedisTier, b: CacheBuilder<u64, String>) -> TieredCache<u64, String> {
-    t.build(b, Plain).expect("valid configuration")
-}
-
-fn epoch_key(ns: &str) -> String {
-    format!("hc:{}:{ns}:epoch", ns.len())
-}
-
-fn rvalue(c: &mut redis::Connection, ns: &str, k: u64) -> Option<String> {
-    redis::cmd("HGET")
-        .arg(vkey(ns, k))
-        .arg("d")
-        .query(c)
-        .unwrap()
-}
-
-/// A gate a loader blocks on until opened; says when the loader entered.
-#[derive(Default)]
-struct Gate {
-    entered: AtomicBool,
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn new() -> Arc<Gate> {
-        Arc::new(Gate::default())
-    }
-    fn pass(&self) {
-        self.entered.store(true, Ordering::SeqCst);
-        let mut g = self.open.lock().unwrap();
-        while !*g {
-            g = self.cv.wait(g).unwrap();
-        }
-    }
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        assert!(
-            eventually(|| self.entered.load(Ordering::SeqCst)),
-            "loader never ran"
-        );
-    }
-}
-
-/// A Redis user that may do everything but subscribe (no channel permission): an instance
-/// connecting as it never hears invalidation messages (a deterministic stand-in for messages
-/// lost in transit, which the docs say the epoch and versions make up for).
-fn deaf_url(server: &RedisServer) -> String {
-    let mut c = raw(server);
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("deaf")
-        .arg("on")
-        .arg(">pw")
-        .arg("~*")
-        .arg("resetchannels")
-        .arg("+@all")
-        .query::<()>(&mut c)
-        .unwrap();
-    format!("redis://deaf:pw@127.0.0.1:{}/", server.port)
-}
 
 // ---------------------------------------------------------------------------------------
 // Garbage numbers in Redis: the Lua scripts and the Rust side disagree about 2^53

@@ -24,145 +24,18 @@
 //! on, and the order can go back by that lead once its key is lost.
 
 mod common;
-use common::tier::{raw, vkey};
+use common::tier::*;
 #[path = "common/proxy.rs"]
 mod proxy;
 use herdcache_testkit::redis_server::RedisServer;
 
-use common::eventually;
+use common::{eventually, Gate};
 use herdcache::codec::Plain;
 use herdcache::redis::{RedisTier, TieredCache};
-use herdcache::{BoxError, Cache, CacheBuilder, ManualClock};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use herdcache::{BoxError, Cache, ManualClock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-
-fn tier(url: String, ns: &str) -> RedisTier {
-    RedisTier::new(url)
-        .namespace(ns)
-        .ttl(Duration::from_secs(600))
-        .timeouts(Duration::from_millis(300), Duration::from_millis(300))
-}
-
-fn builder() -> CacheBuilder<u64, String> {
-    Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(Duration::from_secs(600))
-        .record_stats()
-}
-
-fn build(t: RedisTier, b: CacheBuilder<u64, String>) -> TieredCache<u64, String> {
-    t.build(b, Plain).expect("valid configuration")
-}
-
-#[allow(dead_code)]
-fn epoch_key(ns: &str) -> String {
-    format!("hc:{}:{ns}:epoch", ns.len())
-}
-
-fn rvalue(c: &mut redis::Connection, ns: &str, k: u64) -> Option<String> {
-    redis::cmd("HGET")
-        .arg(vkey(ns, k))
-        .arg("d")
-        .query(c)
-        .unwrap()
-}
-
-fn rversion(c: &mut redis::Connection, ns: &str, k: u64) -> Option<String> {
-    redis::cmd("HGET")
-        .arg(vkey(ns, k))
-        .arg("v")
-        .query(c)
-        .unwrap()
-}
-
-fn pttl(c: &mut redis::Connection, key: &str) -> i64 {
-    redis::cmd("PTTL").arg(key).query(c).unwrap()
-}
-
-/// A gate a loader blocks on until opened; says when the loader entered.
-#[derive(Default)]
-#[allow(dead_code)]
-struct Gate {
-    entered: AtomicBool,
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-#[allow(dead_code)]
-impl Gate {
-    fn new() -> Arc<Gate> {
-        Arc::new(Gate::default())
-    }
-    fn pass(&self) {
-        self.entered.store(true, Ordering::SeqCst);
-        let mut g = self.open.lock().unwrap();
-        while !*g {
-            g = self.cv.wait(g).unwrap();
-        }
-    }
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        assert!(
-            eventually(|| self.entered.load(Ordering::SeqCst)),
-            "loader never ran"
-        );
-    }
-}
-
-/// A Redis user that may do everything but subscribe: an instance connecting as it never
-/// hears invalidation messages (a stand-in for messages lost in transit).
-fn deaf_url(server: &RedisServer) -> String {
-    let mut c = raw(server);
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("deaf")
-        .arg("on")
-        .arg(">pw")
-        .arg("~*")
-        .arg("resetchannels")
-        .arg("+@all")
-        .query::<()>(&mut c)
-        .unwrap();
-    format!("redis://deaf:pw@127.0.0.1:{}/", server.port)
-}
-
-/// A fail-safe cache (time to live 60 s, max_stale 600 s) whose loader fails while `down`.
-fn fail_safe_builder(
-    clock: &ManualClock,
-    down: &Arc<AtomicBool>,
-    tag: &'static str,
-) -> CacheBuilder<u64, String> {
-    let d = Arc::clone(down);
-    let n = Arc::new(AtomicU64::new(0));
-    Cache::builder()
-        .max_capacity(100_000)
-        .time_to_live(Duration::from_secs(60))
-        .fail_safe(Duration::from_secs(600))
-        .refresh_backoff(Duration::from_secs(5))
-        .record_stats()
-        .clock(clock.clone())
-        .loader(move |k: &u64| {
-            let i = n.fetch_add(1, Ordering::SeqCst);
-            if d.load(Ordering::SeqCst) {
-                Err(BoxError::from("backend down"))
-            } else {
-                Ok(format!("{tag}{k}-{i}"))
-            }
-        })
-}
-
-/// The tier for fail-safe tests: its time to live the cache's (60 s), breaker out of the way
-/// (the deaf user may not PUBLISH: NOPERM counts against it).
-fn fs_tier(url: String, ns: &str) -> RedisTier {
-    RedisTier::new(url)
-        .namespace(ns)
-        .timeouts(Duration::from_millis(300), Duration::from_millis(300))
-        .breaker(1_000_000, Duration::from_millis(1))
-}
 
 // ---------------------------------------------------------------------------------------
 // Fail-safe and a missed invalidation

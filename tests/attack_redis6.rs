@@ -37,114 +37,17 @@
 //! after the tombstone; the fresh value written back, and the forgotten-key case with few keys.
 
 mod common;
-use common::tier::raw;
+use common::tier::*;
 #[path = "common/proxy.rs"]
 mod proxy;
 use herdcache_testkit::redis_server::RedisServer;
 
-use common::eventually;
+use common::{eventually, Gate};
 use herdcache::codec::Plain;
-use herdcache::redis::RedisTier;
 use herdcache::{BoxError, Cache, CacheBuilder, ManualClock, Op};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-/// A gate a loader blocks on until opened; says when the loader entered.
-#[derive(Default)]
-struct Gate {
-    entered: AtomicBool,
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn new() -> Arc<Gate> {
-        Arc::new(Gate::default())
-    }
-    fn pass(&self) {
-        self.entered.store(true, Ordering::SeqCst);
-        let mut g = self.open.lock().unwrap();
-        while !*g {
-            g = self.cv.wait(g).unwrap();
-        }
-    }
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        assert!(
-            eventually(|| self.entered.load(Ordering::SeqCst)),
-            "loader never ran"
-        );
-    }
-}
-
-/// A Redis user that may do everything but subscribe: an instance connecting as it never
-/// hears invalidation messages (a stand-in for messages lost in transit).
-fn deaf_user(server: &RedisServer) {
-    let mut c = raw(server);
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("deaf")
-        .arg("on")
-        .arg(">pw")
-        .arg("~*")
-        .arg("resetchannels")
-        .arg("+@all")
-        .query::<()>(&mut c)
-        .unwrap();
-}
-
-fn deaf_url(server: &RedisServer) -> String {
-    deaf_user(server);
-    format!("redis://deaf:pw@127.0.0.1:{}/", server.port)
-}
-
-/// A fail-safe cache (time to live 60 s, max_stale 600 s, backoff 5 s) whose loader fails
-/// while `down`; `n` counts loader calls.
-fn fail_safe_builder(
-    clock: &ManualClock,
-    down: &Arc<AtomicBool>,
-    n: &Arc<AtomicU64>,
-    tag: &'static str,
-) -> CacheBuilder<u64, String> {
-    let d = Arc::clone(down);
-    let n = Arc::clone(n);
-    Cache::builder()
-        .max_capacity(100_000)
-        .time_to_live(Duration::from_secs(60))
-        .fail_safe(Duration::from_secs(600))
-        .refresh_backoff(Duration::from_secs(5))
-        .record_stats()
-        .clock(clock.clone())
-        .loader(move |k: &u64| {
-            let i = n.fetch_add(1, Ordering::SeqCst);
-            if d.load(Ordering::SeqCst) {
-                Err(BoxError::from("backend down"))
-            } else {
-                Ok(format!("{tag}{k}-{i}"))
-            }
-        })
-}
-
-/// The tier for fail-safe tests: its time to live the cache's (60 s), breaker out of the way
-/// (the deaf user may not PUBLISH: NOPERM counts against it).
-fn fs_tier(url: String, ns: &str) -> RedisTier {
-    RedisTier::new(url)
-        .namespace(ns)
-        .timeouts(Duration::from_millis(300), Duration::from_millis(300))
-        .breaker(1_000_000, Duration::from_millis(1))
-}
-
-fn hget(c: &mut redis::Connection, ns: &str, k: u64, f: &str) -> Option<String> {
-    redis::cmd("HGET")
-        .arg(common::tier::vkey(ns, k))
-        .arg(f)
-        .query(c)
-        .unwrap()
-}
 
 // ---------------------------------------------------------------------------------------
 // A value loaded after the tombstone was read
@@ -173,14 +76,14 @@ fn bug_value_loaded_after_reading_the_tombstone_is_refused_by_fail_safe() {
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(deaf_url(&server), ns)
         .max_value_size(1)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -214,14 +117,14 @@ fn holds_value_loaded_after_the_tombstone_and_written_back_is_served_by_fail_saf
     let down = Arc::new(AtomicBool::new(false));
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(deaf_url(&server), ns)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1);
@@ -259,14 +162,14 @@ fn bug_abandoned_async_load_that_read_the_tombstone_serves_the_invalidated_copy(
     let down = Arc::new(AtomicBool::new(false));
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(deaf_url(&server), ns)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     let old = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -334,7 +237,7 @@ fn bug_soft_timeout_during_a_lease_wait_serves_the_copy_whose_tombstone_was_read
     let a = fs_tier(deaf_url(&server), ns)
         .lease(Duration::from_secs(20), Duration::from_secs(2))
         .build(
-            fail_safe_builder(&clock, &down, &n, "a")
+            counted_fail_safe_builder(&clock, &down, &n, "a")
                 .spawner(|job| {
                     std::thread::spawn(job);
                 })
@@ -347,7 +250,7 @@ fn bug_soft_timeout_during_a_lease_wait_serves_the_copy_whose_tombstone_was_read
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     let old = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -403,14 +306,14 @@ fn forgotten_keys_tombstone_counts_as_missed_and_fail_safe_answers_the_error() {
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(server.url(), ns)
         .max_value_size(1)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     a.load(1).unwrap();
@@ -443,14 +346,14 @@ fn holds_heard_invalidation_and_fresh_copy_served_by_fail_safe_with_few_keys() {
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(server.url(), ns)
         .max_value_size(1)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     assert!(eventually(|| a.is_subscribed() && b.is_subscribed()));
     a.load(1).unwrap();
@@ -516,7 +419,7 @@ fn bug_value_loaded_after_the_tombstone_whose_write_back_timed_out_is_refused_by
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -580,7 +483,7 @@ fn holds_joined_threads_of_a_forgoing_load_all_get_its_error() {
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1);
@@ -699,7 +602,7 @@ fn holds_plain_fail_safe_backoff_running_retry_and_write_during_retry() {
     assert_eq!(c4.load(1).unwrap(), "w4"); // first failure: stale, backoff set
     clock.advance(Duration::from_secs(6));
     let gate5 = Gate::new();
-    *gate4.open.lock().unwrap() = false; // close again for the retry
+    gate4.close(); // close again for the retry
     gate4.entered.store(false, Ordering::SeqCst);
     let _ = gate5;
     let retry = {
@@ -806,7 +709,7 @@ fn bug_get_or_stale_serves_the_copy_whose_tombstone_the_running_load_read() {
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     let old = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -868,14 +771,14 @@ fn bug_callers_arriving_during_a_retrys_lease_wait_get_the_invalidated_copy() {
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(deaf_url(&server), ns)
         .lease(Duration::from_secs(20), Duration::from_secs(2))
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     let old = a.load(1).unwrap();
     let mut c = raw(&server);
@@ -937,14 +840,14 @@ fn bug_get_with_init_panic_after_the_tombstone_keeps_the_invalidated_copy_for_fa
     let down = Arc::new(AtomicBool::new(false));
     let n = Arc::new(AtomicU64::new(0));
     let a = fs_tier(deaf_url(&server), ns)
-        .build(fail_safe_builder(&clock, &down, &n, "a"), Plain)
+        .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
     let (up, m) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1);
@@ -998,7 +901,7 @@ fn holds_loader_panic_after_the_tombstone_drops_the_copy() {
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     a.load(1).unwrap();
     b.invalidate(&1);
@@ -1033,7 +936,7 @@ fn holds_refresh_joined_after_expiry_that_read_the_tombstone_answers_its_error()
         Arc::new(AtomicU64::new(0)),
     );
     let b = fs_tier(server.url(), ns)
-        .build(fail_safe_builder(&clock, &up, &m, "b"), Plain)
+        .build(counted_fail_safe_builder(&clock, &up, &m, "b"), Plain)
         .unwrap();
     let old = a.load(1).unwrap();
     b.invalidate(&1);

@@ -19,6 +19,7 @@
 
 #![cfg(not(loom))]
 
+mod common;
 use herdcache::{Cache, CompResult, EvictionPolicy, Expiry, ManualClock, Op, RemovalCause};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -29,34 +30,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
-// A per-thread counting allocator (net bytes allocated by the current thread).
-
-struct Counting;
-
-thread_local! {
-    static NET: Cell<isize> = const { Cell::new(0) };
-}
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + l.size() as isize));
-        std::alloc::System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        let _ = NET.try_with(|n| n.set(n.get() - l.size() as isize));
-        std::alloc::System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + new as isize - l.size() as isize));
-        std::alloc::System.realloc(p, l, new)
-    }
-}
-
+// Counts the current thread's heap bytes (tests/common/heap.rs).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::heap::Counting = common::heap::Counting;
 
-fn net_bytes() -> isize {
-    NET.with(|n| n.get())
+fn net_bytes() -> i64 {
+    common::heap::heap_now()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,71 +22,18 @@
 
 mod common;
 use common::Part;
+use common::{finish_within as watchdog, Rng};
 use herdcache::{Cache, EvictionPolicy, ManualClock, Sizing, Warning};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-// A per-thread counting allocator (net bytes allocated by the current thread), as in
-// tests/attack_s49.rs.
-struct Counting;
-
-thread_local! {
-    static NET: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
-}
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + l.size() as isize));
-        std::alloc::System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        let _ = NET.try_with(|n| n.set(n.get() - l.size() as isize));
-        std::alloc::System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + new as isize - l.size() as isize));
-        std::alloc::System.realloc(p, l, new)
-    }
-}
-
+// Counts the current thread's heap bytes (tests/common/heap.rs).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::heap::Counting = common::heap::Counting;
 
-fn net_bytes() -> isize {
-    NET.with(|n| n.get())
-}
-
-/// Runs `f` on its own thread; fails if it has not finished within `secs` (a hang watchdog,
-/// not a timing assertion).
-fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let r = f();
-        let _ = tx.send(());
-        r
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => h.join().expect("body panicked"),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Ok(r) => r,
-            Err(p) => std::panic::resume_unwind(p),
-        },
-        Err(e) => panic!("watchdog: body did not finish within {secs} s ({e:?})"),
-    }
-}
-
-/// A deterministic xorshift.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
+fn net_bytes() -> i64 {
+    common::heap::heap_now()
 }
 
 /// "get, then insert on a miss"; returns whether it hit.
@@ -838,7 +785,7 @@ fn holds_thrashing_advice_is_sane_for_tiny_capacities() {
 /// Net bytes a cache of 100,000 weight units retains after `phase1` inserts of keys weighing
 /// `heavy` then 80,000 "get, insert on a miss" of distinct keys weighing 1, tracked or not
 /// (measured on this thread, the cache alive).
-fn retained(tracked: bool, heavy: u32, phase1: u64) -> isize {
+fn retained(tracked: bool, heavy: u32, phase1: u64) -> i64 {
     let before = net_bytes();
     let mut b = Cache::<u64, u64>::builder()
         .max_capacity(100_000)

@@ -19,39 +19,19 @@
 //!   loaded) silenced "errors without negative caching".
 
 mod common;
+use common::Rng;
 use herdcache::{Cache, EvictionPolicy, ManualClock, Sizing};
 use std::time::Duration;
 
-// A per-thread counting allocator (net bytes allocated by the current thread).
-struct Counting;
-
-thread_local! {
-    static NET: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
-}
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + l.size() as isize));
-        std::alloc::System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        let _ = NET.try_with(|n| n.set(n.get() - l.size() as isize));
-        std::alloc::System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
-        let _ = NET.try_with(|n| n.set(n.get() + new as isize - l.size() as isize));
-        std::alloc::System.realloc(p, l, new)
-    }
-}
-
+// Counts the current thread's heap bytes (tests/common/heap.rs).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::heap::Counting = common::heap::Counting;
 
-fn net_bytes() -> isize {
-    NET.with(|n| n.get())
+fn net_bytes() -> i64 {
+    common::heap::heap_now()
 }
 
-fn mib(b: isize) -> f64 {
+fn mib(b: i64) -> f64 {
     b as f64 / 1048576.0
 }
 
@@ -65,18 +45,6 @@ fn guarded<T: Send + 'static>(
     match std::thread::spawn(f).join() {
         Ok(r) => r,
         Err(p) => std::panic::resume_unwind(p),
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
     }
 }
 
@@ -115,7 +83,7 @@ fn sane(s: &Sizing, ctx: &str) {
 /// Net bytes a weighted cache of 1,000 units whose entries all weigh 0 retains (this thread,
 /// the cache alive) after `n` "get, insert on a miss" of distinct keys, each invalidated at
 /// once (the real cache ends empty), and its entry count.
-fn zero_weight_retained(tracked: bool, n: u64) -> (isize, u64) {
+fn zero_weight_retained(tracked: bool, n: u64) -> (i64, u64) {
     let before = net_bytes();
     let mut b = Cache::<u64, u64>::builder()
         .max_capacity(1000)
@@ -181,7 +149,7 @@ const CAP_B: u64 = 20_000;
 /// Net bytes retained after `n` "get, insert on a miss" of distinct light keys (weight 1), one
 /// in 16 followed by an insert of a value heavier than `max_capacity` (turned away: "an entry
 /// heavier than `max_capacity` is not stored").
-fn heavy_turned_away_retained(tracked: bool, n: u64) -> (isize, u64) {
+fn heavy_turned_away_retained(tracked: bool, n: u64) -> (i64, u64) {
     let before = net_bytes();
     let mut b = Cache::<u64, u64>::builder()
         .max_capacity(CAP_B)

@@ -172,6 +172,44 @@ pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A gate a loader blocks on until opened; says when the loader entered.
+#[derive(Default)]
+pub struct Gate {
+    /// Whether a loader has entered.
+    pub entered: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn new() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate::default())
+    }
+    /// Marks the loader entered and blocks until [`open`](Self::open).
+    pub fn pass(&self) {
+        self.entered.store(true, Ordering::SeqCst);
+        let mut g = self.open.lock().unwrap();
+        while !*g {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+    /// Closes it again: loaders that pass from now on block.
+    pub fn close(&self) {
+        *self.open.lock().unwrap() = false;
+    }
+    /// Waits (see [`eventually`]) until a loader entered; panics if none did.
+    pub fn wait_entered(&self) {
+        assert!(
+            eventually(|| self.entered.load(Ordering::SeqCst)),
+            "loader never ran"
+        );
+    }
+}
+
 /// Runs `f` on a new thread and waits at most `limit` for it. `None`: it did not finish (the
 /// thread is left behind, blocked: a hang is reported as a failure instead of stalling the test
 /// binary). `Some(Err(_))`: it panicked; `Some(Ok(v))`: it returned `v`.
@@ -180,6 +218,16 @@ pub fn within<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<std::thread::Result<T>> {
     start(f).wait(limit)
+}
+
+/// Runs `f` on its own thread and returns what it returns; panics if it has not finished
+/// within `secs` (a hang watchdog, not a timing assertion) and passes on its panic.
+pub fn finish_within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    match within(Duration::from_secs(secs), f) {
+        Some(Ok(v)) => v,
+        Some(Err(p)) => std::panic::resume_unwind(p),
+        None => panic!("watchdog: body did not finish within {secs} s"),
+    }
 }
 
 /// A call running on its own thread (see [`start`]).
