@@ -1158,9 +1158,9 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         self.running_computes(hash, key).is_some()
     }
 
-    /// What runs for `key`: `Some(false)` a load (or a refresh), `Some(true)` a computation,
-    /// `None` neither (no flight, or a negative entry).
-    pub(crate) fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
+    /// The flight running for `key`: a load, a refresh or a computation (a registered flight
+    /// that is not a negative entry).
+    fn running_flight<Q>(&self, hash: u64, key: &Q) -> Option<&Flight<K, V>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -1168,7 +1168,17 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         self.table
             .find(hash, |r| r.key.borrow() == key)
             .filter(|r| r.flight.negative_until() == 0)
-            .map(|r| r.flight.computes)
+            .map(|r| &*r.flight)
+    }
+
+    /// What runs for `key`: `Some(false)` a load (or a refresh), `Some(true)` a computation,
+    /// `None` neither (no flight, or a negative entry).
+    pub(crate) fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.running_flight(hash, key).map(|f| f.computes)
     }
 
     /// Whether the load registered for `key` (not a computation, not a negative entry) gave
@@ -1179,10 +1189,9 @@ impl<K: Hash + Eq, V> Flights<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.table
-            .find(hash, |r| r.key.borrow() == key)
-            .filter(|r| r.flight.negative_until() == 0 && !r.flight.computes)
-            .map(|r| r.flight.forgoes_fallback())
+        self.running_flight(hash, key)
+            .filter(|f| !f.computes)
+            .map(Flight::forgoes_fallback)
     }
 
     /// The key this very flight is registered for, if it is.

@@ -140,7 +140,7 @@ pub(crate) enum PermitClaim {
 /// given up (the permit passed on) once only callers nested in other loads wait for it: their
 /// polls, made inside those loads' polls, run under those loads' permits. A permit granted to
 /// this load could not be collected while those loads wait for theirs, and a permit it kept
-/// would keep them waiting while only their polls drive it (see [`Flight::orphaned_ticket`]).
+/// would keep them waiting while only their polls drive it (see [`State::orphaned_ticket`](crate::flight::State::orphaned_ticket)).
 pub(crate) type TicketSlot = Arc<crate::sync::Mutex<PermitClaim>>;
 
 impl Gate {

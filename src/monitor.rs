@@ -214,7 +214,7 @@ impl History {
     }
 }
 
-/// The atomics the slow paths keep for [`Cache::health`], and its snapshots.
+/// The atomics the slow paths keep for [`Cache::health`](crate::Cache::health), and its snapshots.
 pub(crate) struct Monitor {
     pub(crate) config: HealthConfig,
     pub(crate) loads: Box<[AtomicU64]>,

@@ -10,7 +10,7 @@
 //! # API (for the configuration selector, `select`, and for sizing curves)
 //!
 //! * [`Shadow::new(capacity, candidate, seed)`](Shadow::new): a shadow of `capacity` weight
-//!   units running [`Config::CANDIDATES`]`[candidate]`. A sizing curve (predicted hit ratio at
+//!   units running [`Config::CANDIDATES`](crate::policy::Config::CANDIDATES)`[candidate]`. A sizing curve (predicted hit ratio at
 //!   0.25/0.5/1/2/4 × the capacity) is five shadows of one candidate at five capacities fed the
 //!   same samples (or nested subsets of them, see `sizing`). Shadows are `Clone`.
 //! * [`Shadow::access(hash, weight)`](Shadow::access): one sampled request; returns whether the

@@ -144,7 +144,7 @@ pub(crate) const TOMBSTONE: &str = concat!(
 /// of another type reads as absent (no error: a lease taken in the same round trip is then
 /// used, and the write-back repairs the key).
 /// Returns {value, version, epoch, oversized}: the value (nil if absent, or if larger than
-/// ARGV[1]: then oversized is 1), so that a value written by an instance with a larger
+/// `ARGV[1]`: then oversized is 1), so that a value written by an instance with a larger
 /// `max_value_size` is never carried over the link (it would time out the read and count
 /// against the breaker for every key). The version as the scripts count it ([`counter!`]):
 /// one that is not a counter (a stray write) reads as none, so that no instance remembers a

@@ -92,7 +92,7 @@ struct Snapshot<V> {
 enum Plan<V> {
     /// Redis had the value (possibly after waiting on another instance's lease).
     Remote(Stored<V>),
-    /// Load, then [`Tier::finish`].
+    /// Load, then write the value back ([`Tier::write_back`]).
     Load(Pending),
 }
 

@@ -170,7 +170,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     /// Before evicting for room: removes the entries whose deadline passed, those due earlier
     /// in the wheel's current tick too (exactly, at most once per ≈67 ms, see
-    /// [`TimerWheel::exact_before_evicting`]), so that expired entries make room before a live
+    /// [`TimerWheel::exact_before_evicting`](crate::expiry::TimerWheel::exact_before_evicting)), so that expired entries make room before a live
     /// one is evicted. Entries kept past their deadline for fail-safe stay (until their stale
     /// window closes); the wheel's drain puts them on the stale list, whose entries
     /// [`evict_one`](Self::evict_one) takes first.
