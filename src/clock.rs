@@ -119,6 +119,15 @@ mod coarse {
 /// The instant that never comes: "no deadline".
 pub(crate) const NEVER: u64 = u64::MAX;
 
+/// The clock's last reading, where a clock advanced without bound stops: below every deadline
+/// that means "not yet, whatever the time" — [`NEVER`], a refresh being started
+/// (`expiry::REFRESHING`, `NEVER - 1`) and a fail-safe retry deadline (at most `NEVER - 1`,
+/// below `shard::STALE_FORGONE`). At `NEVER - 1` a clock advanced by `Duration::MAX` reached
+/// a retry deadline clamped there, and every caller of a failed key retried its load, with
+/// no time passing (round 84).
+pub(crate) const END: u64 = NEVER - 2;
+const _: () = assert!(END < crate::expiry::REFRESHING && END < crate::shard::STALE_FORGONE - 1);
+
 /// Converts a duration to nanoseconds, saturating at `u64::MAX` (which means "never").
 #[inline]
 pub(crate) fn nanos(d: Duration) -> u64 {
@@ -251,15 +260,15 @@ impl Clock {
     pub(crate) fn created(&self) -> u64 {
         match self {
             Clock::System(_) => 0,
-            Clock::Manual { start, .. } => (*start).min(NEVER - 1),
+            Clock::Manual { start, .. } => (*start).min(END),
         }
     }
 
     /// Nanoseconds since the origin. Monotonic: never smaller than an earlier reading, and
-    /// always before [`NEVER`] (readings saturate at `NEVER - 1`).
+    /// always before [`NEVER`] (readings saturate at [`END`]).
     #[inline]
     pub(crate) fn now(&self) -> u64 {
-        self.read().min(NEVER - 1)
+        self.read().min(END)
     }
 
     /// A reading for timing a load (a slow path): the precise system time (not the coarse
@@ -342,7 +351,7 @@ mod tests {
         let m = ManualClock::new();
         m.advance(Duration::MAX);
         m.advance(Duration::MAX);
-        assert_eq!(Clock::manual(m).now(), NEVER - 1, "now stays before NEVER");
+        assert_eq!(Clock::manual(m).now(), END, "now stays before NEVER");
     }
 
     #[test]

@@ -1047,9 +1047,67 @@ where
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
+    /// [`or_insert`](Self::or_insert)'s and [`or_default`](Self::or_default)'s: the entry,
+    /// inserting `default()` if absent. A value in hand is no load: where
+    /// [`fail_safe`](crate::CacheBuilder::fail_safe) answers a load of an expired key with
+    /// its old value (within a failed load's backoff, or when the retry this call joined
+    /// failed), that answer spares a failing backend, and this call has none to spare — it
+    /// stores `default()` as for an absent key (unless a write of the key got there first:
+    /// then that value), where the old value answered `or_insert` with a value expired and
+    /// stored nothing.
+    fn or_insert_value(self, default: impl FnOnce() -> V) -> Entry<K, V> {
+        let cache = self.cache;
+        if cache.inner.stampede.fail_safe.is_none() {
+            return self.or_insert_with(default);
+        }
+        let key = self.key.clone();
+        let mut default = Some(default);
+        let e = self.or_insert_with(|| (default.take().expect("init runs once"))());
+        match default {
+            // `init` did not run and the key holds no live value: fail-safe's old value (or
+            // the value went since); the key is absent, as far as a value in hand goes.
+            Some(d) if !cache.contains_key(&key) => {
+                insert_if_absent(cache.entry(key).and_compute_with(|cur| match cur {
+                    Some(_) => Op::Nop,
+                    None => Op::Put(d()),
+                }))
+            }
+            _ => e,
+        }
+    }
+
+    /// The async twin of [`or_insert_value`](Self::or_insert_value).
+    async fn or_insert_value_async(self, default: impl FnOnce() -> V) -> Entry<K, V> {
+        let cache = self.cache;
+        if cache.inner.stampede.fail_safe.is_none() {
+            return self.or_insert_with_async(async { default() }).await;
+        }
+        let key = self.key.clone();
+        let mut default = Some(default);
+        let e = self
+            .or_insert_with_async(async { (default.take().expect("init runs once"))() })
+            .await;
+        match default {
+            Some(d) if !cache.contains_key(&key) => insert_if_absent(
+                cache
+                    .entry(key)
+                    .and_compute_with_async(|cur| async move {
+                        match cur {
+                            Some(_) => Op::Nop,
+                            None => Op::Put(d()),
+                        }
+                    })
+                    .await,
+            ),
+            _ => e,
+        }
+    }
+
     /// The entry, inserting `default` if absent ([`Entry::is_fresh`] tells which). If a load
     /// of the key is running, waits for it and returns its value, blocking the thread: in
-    /// async code use [`or_insert_async`](Self::or_insert_async).
+    /// async code use [`or_insert_async`](Self::or_insert_async). An expired entry is absent
+    /// here even with [`fail_safe`](crate::CacheBuilder::fail_safe), whose old value answers
+    /// only loads: `default` is stored.
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
@@ -1059,7 +1117,7 @@ where
     /// assert_eq!(e.into_value(), 1);
     /// ```
     pub fn or_insert(self, default: V) -> Entry<K, V> {
-        self.or_insert_with(|| default)
+        self.or_insert_value(|| default)
     }
 
     /// The entry, inserting `V::default()` if absent (blocking while a load of the key runs;
@@ -1073,7 +1131,7 @@ where
     where
         V: Default,
     {
-        self.or_insert_with(V::default)
+        self.or_insert_value(V::default)
     }
 
     /// The async twin of [`or_insert`](Self::or_insert) (moka's future `or_insert`): waits
@@ -1091,7 +1149,7 @@ where
     /// # });
     /// ```
     pub async fn or_insert_async(self, default: V) -> Entry<K, V> {
-        self.or_insert_with_async(async { default }).await
+        self.or_insert_value_async(|| default).await
     }
 
     /// The async twin of [`or_default`](Self::or_default).
@@ -1110,7 +1168,7 @@ where
     where
         V: Default,
     {
-        self.or_insert_with_async(async { V::default() }).await
+        self.or_insert_value_async(V::default).await
     }
 
     /// The entry, inserting `init()`'s value if absent; `None` if absent and `init` returned
@@ -1408,5 +1466,16 @@ mod tests {
             2
         );
         assert_eq!(cache.loads_in_flight(), 0);
+    }
+}
+
+/// The entry an insert-if-absent computation (`Nop` on a value, `Put` on none) leaves.
+fn insert_if_absent<K, V>(r: CompResult<K, V>) -> Entry<K, V> {
+    match r {
+        CompResult::Inserted(e)
+        | CompResult::Unchanged(e)
+        | CompResult::ReplacedWith(e)
+        | CompResult::Removed(e) => e,
+        CompResult::StillNone(_) => unreachable!("a computation that puts on none leaves a value"),
     }
 }

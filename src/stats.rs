@@ -312,8 +312,10 @@ pub struct CacheStats {
     /// Calls answered with a value past its time to live because its load failed
     /// (fail-safe). The callers that waited on one load whose failure answered them all count
     /// once; a call answered from the old value by itself counts on its own: during the retry
-    /// backoff, at its soft timeout, or after the load it waited on was abandoned (each waiter
-    /// of an abandoned load claims the key again and finds the backoff started). A failure no
+    /// backoff, at its soft timeout, or after the load it waited on was abandoned or ended by
+    /// a panic of its leader's own `init` (`get_with` & co.: the panic goes to that caller;
+    /// each waiter of such a load claims the key again and finds the backoff started, as a
+    /// builder loader's panic, caught and published to its waiters, does not). A failure no
     /// caller waits for any more (a spawned load whose callers left at their soft timeout,
     /// counted then) counts nothing.
     pub stale_served_after_ttl: u64,

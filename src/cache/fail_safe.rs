@@ -56,7 +56,8 @@
 //!
 //! The calls that can fall back are those that load on a miss: the `get_with` and `load`
 //! families (blocking and async), `get_all`, and the entry API's `or_insert_with` family;
-//! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent.
+//! `get`, `contains_key`, iteration and `and_compute_with` see an expired entry as absent, and
+//! so do `or_insert` and `or_default` (a value in hand is no load: it is stored).
 //! A `None` of an `optionally_` loader is an answer, not a failure: it never falls back (and
 //! removes the old value). A caller that gives up on its own — an async caller whose runtime
 //! drops the load future at its timeout — gets the old value from [`Cache::get_or_stale`].
