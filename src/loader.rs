@@ -132,7 +132,14 @@ where
     ///
     /// # Cancel safety
     ///
-    /// As [`get_with_async`](Self::get_with_async).
+    /// As [`get_with_async_shared`](Self::get_with_async_shared): the load is *shared* — every
+    /// caller of the key would run the same loader for it, so the loader's future belongs to
+    /// the load, not to the caller that started it. A leader dropped mid-load leaves the
+    /// running future to the callers still waiting, which poll it to its end (the loader is
+    /// not called again); the load is cancelled, its future dropped and nothing cached, only
+    /// when every caller waiting for it has dropped its own future. So a loader future that
+    /// never completes holds every caller that joined it: bound the wait (`load_timeout`, or
+    /// the runtime's timeout and [`get_or_stale`](Self::get_or_stale)).
     ///
     /// # Example
     ///
