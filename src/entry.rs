@@ -16,6 +16,7 @@ use crate::flight::{
 use crate::load::{Lead, Settle, Start};
 use crate::load_async::wait_async;
 use crate::removal::Removals;
+use crate::stats::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -35,6 +36,16 @@ pub struct Entry<K, V> {
 }
 
 impl<K, V> Entry<K, V> {
+    /// A value found cached (not this call's, nothing replaced).
+    fn found(key: K, value: V) -> Self {
+        Entry {
+            key,
+            value,
+            fresh: false,
+            replaced: false,
+        }
+    }
+
     /// The key.
     pub fn key(&self) -> &K {
         &self.key
@@ -1048,32 +1059,33 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     /// [`or_insert`](Self::or_insert)'s and [`or_default`](Self::or_default)'s: the entry,
-    /// inserting `default()` if absent. A value in hand is no load: where
-    /// [`fail_safe`](crate::CacheBuilder::fail_safe) answers a load of an expired key with
-    /// its old value (within a failed load's backoff, or when the retry this call joined
-    /// failed), that answer spares a failing backend, and this call has none to spare — it
-    /// stores `default()` as for an absent key (unless a write of the key got there first:
-    /// then that value), where the old value answered `or_insert` with a value expired and
-    /// stored nothing.
+    /// inserting `default()` if absent. A value in hand is no load. Without
+    /// [`fail_safe`](crate::CacheBuilder::fail_safe), [`or_insert_with`](Self::or_insert_with)
+    /// with `default` as its `init`. With it, an expired entry is absent from the start:
+    /// fail-safe answers a *load* of an expired key with its old value to spare a failing
+    /// backend, and this call has none to spare (round 84: through `or_insert_with` it got the
+    /// expired value and stored nothing; round 86: undoing that answer afterwards still counted
+    /// it, cloned the old value, and could return it after a write). So: a live value is a
+    /// hit (counted as `get_with`'s); on a miss, an insert-if-absent computation (which waits
+    /// for a running load of the key, as `get_with` does, and sees an expired entry as
+    /// absent) stores `default()` — counted as a load that succeeded — or returns the value a
+    /// write or load stored first — counted as coalesced.
     fn or_insert_value(self, default: impl FnOnce() -> V) -> Entry<K, V> {
         let cache = self.cache;
         if cache.inner.stampede.fail_safe.is_none() {
             return self.or_insert_with(default);
         }
-        let key = self.key.clone();
-        let mut default = Some(default);
-        let e = self.or_insert_with(|| (default.take().expect("init runs once"))());
-        match default {
-            // `init` did not run and the key holds no live value: fail-safe's old value (or
-            // the value went since); the key is absent, as far as a value in hand goes.
-            Some(d) if !cache.contains_key(&key) => {
-                insert_if_absent(cache.entry(key).and_compute_with(|cur| match cur {
-                    Some(_) => Op::Nop,
-                    None => Op::Put(d()),
-                }))
-            }
-            _ => e,
+        let hash = cache.hash(&self.key);
+        if let Some(value) = cache.read_with(&self.key, hash, true, V::clone) {
+            return after_dropping(default, Entry::found(self.key, value));
         }
+        let miss = MissSettled::new(cache);
+        let e = insert_if_absent(self.and_compute_with(|cur| match cur {
+            Some(_) => Op::Nop,
+            None => Op::Put(default()),
+        }));
+        miss.settle(e.fresh);
+        e
     }
 
     /// The async twin of [`or_insert_value`](Self::or_insert_value).
@@ -1082,25 +1094,22 @@ where
         if cache.inner.stampede.fail_safe.is_none() {
             return self.or_insert_with_async(async { default() }).await;
         }
-        let key = self.key.clone();
-        let mut default = Some(default);
-        let e = self
-            .or_insert_with_async(async { (default.take().expect("init runs once"))() })
-            .await;
-        match default {
-            Some(d) if !cache.contains_key(&key) => insert_if_absent(
-                cache
-                    .entry(key)
-                    .and_compute_with_async(|cur| async move {
-                        match cur {
-                            Some(_) => Op::Nop,
-                            None => Op::Put(d()),
-                        }
-                    })
-                    .await,
-            ),
-            _ => e,
+        let hash = cache.hash(&self.key);
+        if let Some(value) = cache.read_with(&self.key, hash, true, V::clone) {
+            return after_dropping(default, Entry::found(self.key, value));
         }
+        let miss = MissSettled::new(cache);
+        let e = insert_if_absent(
+            self.and_compute_with_async(|cur| async move {
+                match cur {
+                    Some(_) => Op::Nop,
+                    None => Op::Put(default()),
+                }
+            })
+            .await,
+        );
+        miss.settle(e.fresh);
+        e
     }
 
     /// The entry, inserting `default` if absent ([`Entry::is_fresh`] tells which). If a load
@@ -1466,6 +1475,57 @@ mod tests {
             2
         );
         assert_eq!(cache.loads_in_flight(), 0);
+    }
+}
+
+/// Settles the miss an `or_insert` counted before its computation, as a `get_with`'s load
+/// would: a value stored, a load that succeeded; one found, coalesced; and if the computation
+/// does not end — a panic (a weigher's, a listener's, `V::default`'s), a load that failed; its
+/// future dropped, an abandoned load — so that misses still balance.
+struct MissSettled<'a, K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    cache: Option<&'a Cache<K, V, S>>,
+}
+
+impl<'a, K, V, S> MissSettled<'a, K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn new(cache: &'a Cache<K, V, S>) -> Self {
+        MissSettled { cache: Some(cache) }
+    }
+
+    fn settle(mut self, stored: bool) {
+        if let Some(c) = self.cache.take() {
+            c.count(if stored {
+                Counter::LoadSuccess
+            } else {
+                Counter::Coalesced
+            });
+        }
+    }
+}
+
+impl<K, V, S> Drop for MissSettled<'_, K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(c) = self.cache.take() {
+            c.count(if std::thread::panicking() {
+                Counter::LoadFailure
+            } else {
+                Counter::LoadAbandoned
+            });
+        }
     }
 }
 
