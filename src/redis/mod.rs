@@ -126,12 +126,37 @@
 //! still there; a copy whose lifetime a time to idle or an [`Expiry`](crate::Expiry) sets
 //! beyond that is covered by `clear_on_reconnect` only). So do a soft timeout's callers, and
 //! callers arriving while such a load runs; a refresh that reads the tombstone and fails
-//! keeps the copy until its time to live, as a missed message does, and a later load sees
-//! the tombstone again. A missed *write* of a value (an `insert`, or another instance's
+//! keeps the copy until its time to live, as a missed message does, and the copy is then no
+//! fallback at all (not even for [`get_or_stale`](crate::Cache::get_or_stale), which reads no
+//! Redis). A missed *write* of a value (an `insert`, or another instance's
 //! load written back over the tombstone) is seen only while that value lives in Redis (the
-//! tier's time to live): the failed load's read finds the newer value and answers with it;
+//! tier's time to live): the failed load's read finds the newer value and answers with it
+//! (or, if it is too large for this instance's `max_value_size`, at least knows the copy is
+//! superseded, and answers the error);
 //! once it has expired there, nothing in Redis tells the copy from before it apart, and
-//! fail-safe can serve that copy. A missed `invalidate_all` is seen the same
+//! fail-safe can serve that copy.
+//!
+//! What fail-safe sees of a missed invalidation is what a *read of Redis* sees, and only a
+//! load through the tier reads. So these answers come from no read, and can serve a copy
+//! another instance invalidated:
+//!
+//! * a caller within the retry backoff of a failed load, where the invalidation came after
+//!   that load's read (backoff answers read nothing: that is what spares the backend and
+//!   Redis during an outage) — until the retry, a `refresh_backoff` after the failure, reads
+//!   the tombstone;
+//! * a soft timeout that passes, or an async load cancelled, before its load read Redis
+//!   (waiting for a `max_concurrent_loads` permit: the tier's read runs under the permit);
+//!   the abandoned load starts the backoff on the copy, and the callers within it are
+//!   answered with it too, until the retry;
+//! * calls that [`TieredCache`] leaves local — the entry API and `get_all` — whose loads
+//!   never read Redis: their fail-safe answers see no tombstone, up to `max_stale`, unless a
+//!   load through the tier reads it first (its failure then drops the copy).
+//!
+//! A tombstone lives as long as the *invalidating* instance's settings say (the longer of
+//! its cache's and the tier's time to live, plus its `max_stale`): instances sharing a
+//! namespace should share their time to live and fail-safe settings, or an instance
+//! without fail-safe leaves tombstones that expire before another's stale window ends.
+//! A missed `invalidate_all` is seen the same
 //! way only while its tombstones last; for a key that was not in Redis when it ran (evicted or
 //! expired there), or once the tombstones have expired, nothing in Redis tells it apart, and
 //! the copy from before it can be served as fail-safe's last value.

@@ -442,15 +442,17 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         // A value a load wrote back after reading an older epoch is from before an
         // invalidate-all: not a value.
         let valid = written_in.is_none_or(|e| e >= epoch);
-        // A version with no value (and not one too large to read) is a tombstone: an
-        // invalidation this instance missed if it is newer than every version of the key it
-        // wrote, heard announced or loaded past (a local copy may be from before it; see
-        // `unheard`). An invalidate-all
+        // A version with no value is a tombstone — or a value too large for this instance to
+        // read (written by one with a larger `max_value_size`): either way a write this
+        // instance missed if it is newer than every version of the key it wrote, heard
+        // announced or loaded past (a local copy may be from before it; see `unheard`), and
+        // the local copy is no fallback (round 87: an oversized newer value was no sign, and
+        // fail-safe served the value it replaced). An invalidate-all
         // shows the same way: it tombstones every value once its epoch is set. (A value from
         // before the epoch alone is no sign: the epoch key may have been lost and set again
         // by a read, with nothing invalidated.)
         let invalidated = match (&bytes, version) {
-            (None, Some(v)) if oversized == 0 => self.unheard(vkey.key(), v),
+            (None, Some(v)) => self.unheard(vkey.key(), v),
             _ => false,
         };
         let found = bytes

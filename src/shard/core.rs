@@ -574,6 +574,22 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         Some((&e.value, retry))
     }
 
+    /// With fail-safe: marks `key`'s value, live or not, as no fallback once past its deadline
+    /// ([`STALE_FORGONE`]; the next write of the key resets it with the value). For a refresh
+    /// that found the value invalidated (the Redis tier read a tombstone its instance had
+    /// missed) and failed: the value stays live to its deadline, and is then no fallback.
+    pub(crate) fn forgo_stale<Q>(&self, hash: u64, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some((j, _)) = self.layout.fail_safe {
+            if let Some(slot) = self.find(hash, key) {
+                self.extra(slot, j).store(STALE_FORGONE, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Whether a load or a computation of `key` runs (a registered flight that is not a
     /// negative entry).
     pub(crate) fn loading<Q>(&self, hash: u64, key: &Q) -> bool

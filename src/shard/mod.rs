@@ -284,6 +284,8 @@ impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn stale<Q>(&self, hash: u64, key: &Q, now: u64) -> Option<(&V, &AtomicU64)>
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
+        fn forgo_stale<Q>(&self, hash: u64, key: &Q)
+            where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn loading<Q>(&self, hash: u64, key: &Q) -> bool
             where [K: Borrow<Q>, Q: Hash + Eq + ?Sized];
         fn running_computes<Q>(&self, hash: u64, key: &Q) -> Option<bool>
