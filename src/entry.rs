@@ -1082,9 +1082,9 @@ where
         let miss = MissSettled::new(cache);
         let e = insert_if_absent(self.and_compute_with(|cur| match cur {
             Some(_) => Op::Nop,
-            None => Op::Put(default()),
+            None => Op::Put(miss.produce(default)),
         }));
-        miss.settle(e.fresh);
+        miss.settle();
         e
     }
 
@@ -1099,16 +1099,17 @@ where
             return after_dropping(default, Entry::found(self.key, value));
         }
         let miss = MissSettled::new(cache);
+        let m = &miss;
         let e = insert_if_absent(
             self.and_compute_with_async(|cur| async move {
                 match cur {
                     Some(_) => Op::Nop,
-                    None => Op::Put(default()),
+                    None => Op::Put(m.produce(default)),
                 }
             })
             .await,
         );
-        miss.settle(e.fresh);
+        miss.settle();
         e
     }
 
@@ -1117,6 +1118,14 @@ where
     /// async code use [`or_insert_async`](Self::or_insert_async). An expired entry is absent
     /// here even with [`fail_safe`](crate::CacheBuilder::fail_safe), whose old value answers
     /// only loads: `default` is stored.
+    ///
+    /// With fail-safe, a miss is an insert-if-absent [computation](Self::and_compute_with)
+    /// rather than a load (so that no fail-safe answer applies). Values, freshness and panics
+    /// are as without it; the statistics differ in two corners: a recursive call (this key,
+    /// from inside its own computation or `default`) panics as a failed load rather than as a
+    /// coalesced one, and like any computation it takes over a load of the key still waiting
+    /// for a [`max_concurrent_loads`](crate::CacheBuilder::max_concurrent_loads) permit (that
+    /// load counts as abandoned; its caller loads again).
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);
@@ -1478,18 +1487,28 @@ mod tests {
     }
 }
 
-/// Settles the miss an `or_insert` counted before its computation, as a `get_with`'s load
-/// would: a value stored, a load that succeeded; one found, coalesced; and if the computation
-/// does not end — a panic (a weigher's, a listener's, `V::default`'s), a load that failed; its
-/// future dropped, an abandoned load — so that misses still balance.
+/// Settles the miss an `or_insert` counted before its computation as a `get_with`'s load of
+/// `default()` would be: once `default()` has returned (timed), a load that succeeded, with
+/// its time, whatever happens after (a weigher's, a listener's or a `Clone`'s panic in the
+/// store: the value was produced); a value found instead (a write or load got there first),
+/// coalesced; and if the call ends before either — `default()` panicked, or the computation
+/// panicked or its future was dropped before it ran — a load that failed or was abandoned, so
+/// that misses still balance.
 struct MissSettled<'a, K, V, S>
 where
     K: Hash + Eq + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
-    cache: Option<&'a Cache<K, V, S>>,
+    cache: &'a Cache<K, V, S>,
+    /// `default()`'s time once it returned; [`NOT_PRODUCED`] before; [`SETTLED`] once counted.
+    produced: std::sync::atomic::AtomicU64,
 }
+
+/// [`MissSettled::produced`] before `default()` returned.
+const NOT_PRODUCED: u64 = u64::MAX;
+/// [`MissSettled::produced`] once counted.
+const SETTLED: u64 = u64::MAX - 1;
 
 impl<'a, K, V, S> MissSettled<'a, K, V, S>
 where
@@ -1498,16 +1517,41 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn new(cache: &'a Cache<K, V, S>) -> Self {
-        MissSettled { cache: Some(cache) }
+        MissSettled {
+            cache,
+            produced: std::sync::atomic::AtomicU64::new(NOT_PRODUCED),
+        }
     }
 
-    fn settle(mut self, stored: bool) {
-        if let Some(c) = self.cache.take() {
-            c.count(if stored {
-                Counter::LoadSuccess
-            } else {
-                Counter::Coalesced
-            });
+    /// Runs `default` (the "load"), timed.
+    fn produce(&self, default: impl FnOnce() -> V) -> V {
+        let start = self.cache.stopwatch();
+        let v = default();
+        let took = self
+            .cache
+            .stopwatch()
+            .saturating_sub(start)
+            .min(SETTLED - 1);
+        self.produced.store(took, Ordering::Relaxed);
+        v
+    }
+
+    /// Counts the call: a load (if `default()` ran) or a value found.
+    fn settle(self) {
+        self.finish(Counter::Coalesced);
+    }
+
+    /// Counts the call, as `unproduced` if `default()` never returned.
+    fn finish(&self, unproduced: Counter) {
+        let c = self.cache;
+        match self.produced.swap(SETTLED, Ordering::Relaxed) {
+            SETTLED => {}
+            NOT_PRODUCED => c.count(unproduced),
+            took => {
+                c.count(Counter::LoadSuccess);
+                c.count_n(Counter::LoadNanos, took);
+                c.inner.stampede.monitor.load(took, false);
+            }
         }
     }
 }
@@ -1519,13 +1563,13 @@ where
     S: BuildHasher + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        if let Some(c) = self.cache.take() {
-            c.count(if std::thread::panicking() {
-                Counter::LoadFailure
-            } else {
-                Counter::LoadAbandoned
-            });
-        }
+        // Not settled: a panic (`default()`'s, or the computation's), or an async caller's
+        // future dropped before the computation ran.
+        self.finish(if std::thread::panicking() {
+            Counter::LoadFailure
+        } else {
+            Counter::LoadAbandoned
+        });
     }
 }
 

@@ -1733,9 +1733,11 @@ fn refresh_running_after_a_write_never_wins() {
     }
 }
 
+// Helpers the modules below share.
 /// Single flight under faults (cancelled async leaders, panics of user code after the loader
 /// returned), with `max_concurrent_loads` and fail-safe.
 mod faults {
+    use super::{secs, watchdog};
 
     use futures::FutureExt;
     use herdcache::{BoxError, Cache, Expiry, LoadError, ManualClock, RemovalCause};
@@ -1746,27 +1748,6 @@ mod faults {
     use std::sync::mpsc;
     use std::sync::Arc;
     use std::time::Duration;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
-
-    struct Watchdog(Option<mpsc::Sender<()>>);
-    fn watchdog(what: &'static str) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-                eprintln!("watchdog: '{what}' hung for 30 s");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-    impl Drop for Watchdog {
-        fn drop(&mut self) {
-            let _ = self.0.take().map(|tx| tx.send(()));
-        }
-    }
 
     fn until(what: &str, mut cond: impl FnMut() -> bool) {
         let start = std::time::Instant::now();
@@ -2696,13 +2677,10 @@ mod faults {
 
 /// `Cache::health` and `Cache::sizing` on odd configurations.
 mod health {
+    use super::secs;
 
     use herdcache::{Cache, CacheBuilder, Health, ManualClock, Sizing, Warning};
     use std::time::Duration;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
 
     fn unit(x: f64, what: &str) {
         assert!(

@@ -18,8 +18,43 @@
     dropping_copy_types
 )]
 
+// Helpers the modules below share.
+use herdcache::Cache;
+use std::future::Future;
+use std::time::Duration;
+
+const WATCHDOG: Duration = Duration::from_secs(30);
+
+fn mt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+fn ct() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+fn run<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
+    rt.block_on(async {
+        tokio::time::timeout(WATCHDOG, f)
+            .await
+            .expect("watchdog: test hung")
+    })
+}
+
+fn stats_cache() -> Cache<u32, String> {
+    Cache::builder().max_capacity(100).record_stats().build()
+}
+
 /// Outside attack on the async loading API (helper 85): cancellation at every await point, permits after cancellation, panics, nesting, never-polled leaders, current-thread runtimes.
 mod async1 {
+    use super::{ct, mt, run, stats_cache};
 
     use herdcache::Cache;
     use std::future::Future;
@@ -27,43 +62,14 @@ mod async1 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Poll, Waker};
-    use std::time::Duration;
+
     use tokio::sync::{oneshot, Notify};
-
-    const WATCHDOG: Duration = Duration::from_secs(30);
-
-    fn mt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_time()
-            .build()
-            .unwrap()
-    }
-
-    fn ct() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap()
-    }
-
-    fn run<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
-        rt.block_on(async {
-            tokio::time::timeout(WATCHDOG, f)
-                .await
-                .expect("watchdog: test hung")
-        })
-    }
 
     /// Waits (yielding, no timing threshold) until `cond` holds.
     async fn until(mut cond: impl FnMut() -> bool) {
         while !cond() {
             tokio::task::yield_now().await;
         }
-    }
-
-    fn stats_cache() -> Cache<u32, String> {
-        Cache::builder().max_capacity(100).record_stats().build()
     }
 
     /// Polls a future once with a no-op waker.
@@ -609,6 +615,7 @@ mod async1 {
 
 /// Outside attack on async loads, part 2 (helper 85): waiters that are never polled again, cancellation while queued for a permit, shared-load panics polled by a waiter, the miss accounting identity after cancellations, async computations.
 mod async2 {
+    use super::{ct, mt, run, stats_cache};
 
     use herdcache::{BoxError, Cache, CompResult, Op};
     use std::future::Future;
@@ -619,33 +626,8 @@ mod async2 {
     use std::time::Duration;
     use tokio::sync::{oneshot, Notify};
 
-    const WATCHDOG: Duration = Duration::from_secs(30);
-
-    fn mt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_time()
-            .build()
-            .unwrap()
-    }
-
-    fn ct() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap()
-    }
-
     fn runtimes() -> [fn() -> tokio::runtime::Runtime; 2] {
         [mt, ct]
-    }
-
-    fn run<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
-        rt.block_on(async {
-            tokio::time::timeout(WATCHDOG, f)
-                .await
-                .expect("watchdog: test hung")
-        })
     }
 
     async fn until(mut cond: impl FnMut() -> bool) {
@@ -673,10 +655,6 @@ mod async2 {
             "miss identity broken: {s:?}"
         );
         assert_eq!(s.loads_in_flight, 0, "a load left in flight: {s:?}");
-    }
-
-    fn stats_cache() -> Cache<u32, String> {
-        Cache::builder().max_capacity(100).record_stats().build()
     }
 
     /// A waiter polled once and then never polled again (its waker a no-op) must not strand the

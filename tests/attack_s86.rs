@@ -20,8 +20,36 @@
 //! miss. Everything at the end of the clock held.
 #![allow(clippy::type_complexity)]
 
+// Helpers the modules below share.
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+struct Watchdog(Option<mpsc::Sender<()>>);
+
+fn watchdog(what: &'static str) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
+            eprintln!("watchdog: '{what}' hung for 30 s");
+            std::process::abort();
+        }
+    });
+    Watchdog(Some(tx))
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let _ = self.0.take().map(|tx| tx.send(()));
+    }
+}
+
 /// or_insert / or_default with fail_safe (round 84's `or_insert_value`).
 mod a {
+    use super::{secs, watchdog};
     use herdcache::{BoxError, Cache, Expiry, ManualClock, Op, RemovalCause};
     use std::cell::RefCell;
     use std::hash::{Hash, Hasher};
@@ -29,27 +57,6 @@ mod a {
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
-
-    struct Watchdog(Option<mpsc::Sender<()>>);
-    fn watchdog(what: &'static str) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-                eprintln!("watchdog: '{what}' hung for 30 s");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-    impl Drop for Watchdog {
-        fn drop(&mut self) {
-            let _ = self.0.take().map(|tx| tx.send(()));
-        }
-    }
 
     /// A cache whose loader always fails, counting its calls: ttl 60 s, fail_safe 600 s,
     /// refresh_backoff 1000 s.
@@ -1092,15 +1099,12 @@ mod a {
 
 /// the end of the clock (round 84: readings stop at `clock::END`, below every sentinel deadline). Every deadline-like feature at and near the end.
 mod b {
+    use super::{secs, watchdog};
     use herdcache::{BoxError, Cache, Expiry, ManualClock};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
 
     /// The clock's last reading, as the crate documents it (`NEVER - 2`).
     const END: u64 = u64::MAX - 2;
@@ -1110,23 +1114,6 @@ mod b {
         let c = ManualClock::new();
         c.advance(Duration::from_nanos(END - before * 1_000_000_000));
         c
-    }
-
-    struct Watchdog(Option<mpsc::Sender<()>>);
-    fn watchdog(what: &'static str) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-                eprintln!("watchdog: '{what}' hung for 30 s");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-    impl Drop for Watchdog {
-        fn drop(&mut self) {
-            let _ = self.0.take().map(|tx| tx.send(()));
-        }
     }
 
     /// time_to_live / time_to_idle / Expiry (and jitter): entries written before the jump are
@@ -1694,32 +1681,12 @@ mod b {
 
 /// `CacheStats::stale_served_after_ttl` counts as src/stats.rs documents: "The callers that waited on one load whose failure answered them all count once; a call answered from the old value by itself counts on its own: during the retry backoff, at its soft timeout, or after the load it waited on was abandoned or ended by a panic of its leader's own `init` .. A failure no caller waits for any more (a spawned load whose callers left at their soft timeout, counted then) counts nothing."
 mod c {
+    use super::{secs, watchdog};
     use herdcache::{BoxError, Cache, ManualClock};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
-
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
-
-    struct Watchdog(Option<mpsc::Sender<()>>);
-    fn watchdog(what: &'static str) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-                eprintln!("watchdog: '{what}' hung for 30 s");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-    impl Drop for Watchdog {
-        fn drop(&mut self) {
-            let _ = self.0.take().map(|tx| tx.send(()));
-        }
-    }
 
     enum Step {
         Err,
