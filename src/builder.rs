@@ -578,7 +578,10 @@ where
     ///
     /// A job holds a handle to the cache until it runs or is dropped: a spawner that keeps
     /// jobs it never runs (a queue captured by the spawner itself) keeps the cache, and its
-    /// entries, alive. Run or drop parked jobs.
+    /// entries, alive. Run or drop parked jobs. And a caller of the key waits for a parked
+    /// job as for any load of it (a load's caller, and — once the entry expires — a caller
+    /// joining its refresh): a queue that only the waiting thread would drain never is, so run
+    /// jobs on other threads, or bound the wait ([`load_timeout`](Self::load_timeout)).
     ///
     /// # Example
     ///
