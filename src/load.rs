@@ -471,8 +471,13 @@ where
             // unless it was a spawned job handed back unrun to its waiting caller, which loads
             // itself (its own load then counts); a refresh only if it panicked (a refresh job
             // dropped unrun, deferred or taken over called no backend), never a computation.
-            let failed_load =
-                (self.load && !handed_back) || (self.refresh && std::thread::panicking());
+            // And any load or refresh whose read found the value invalidated (the Redis tier
+            // read a tombstone its instance had missed): that value is no fallback once it
+            // expires, whatever ended the load (round 89: an async refresh dropped after the
+            // read left it to fail-safe).
+            let failed_load = (self.load && !handed_back)
+                || (self.refresh && std::thread::panicking())
+                || flight.forgoes_fallback();
             // The negative entry the flight replaced goes back in its place (see `end_flight`).
             self.cache
                 .end_flight(self.hash, &flight, retry, Phase::Abandoned, failed_load);

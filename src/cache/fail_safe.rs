@@ -176,15 +176,18 @@ where
         if self.inner.stampede.fail_safe.is_none() {
             return;
         }
+        if forgo {
+            // The load found the old value invalidated (see `Flight::forgoes_fallback`): it is
+            // no fallback for anyone any more (a failed load's drops it; here, under a shared
+            // reference, it is marked) — nor, once it expires, a value still live: a refresh
+            // that read the tombstone and was abandoned (its async future dropped, or it
+            // panicked) is a failed refresh (round 89: the copy was fail-safe's after its
+            // time to live).
+            s.forgo_stale(hash, key);
+            return;
+        }
         let now = self.now();
         if let Some((_, retry)) = s.stale(hash, key, now) {
-            if forgo {
-                // The load found the old value invalidated (see `Flight::forgoes_fallback`):
-                // it is no fallback for anyone any more (a failed load's drops it; here,
-                // under a shared reference, it is marked).
-                retry.store(STALE_FORGONE, Ordering::Relaxed);
-                return;
-            }
             let next = self.retry_deadline(now);
             retry.fetch_max(next, Ordering::Relaxed);
         }
