@@ -1,7 +1,7 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::too_many_arguments, clippy::manual_range_contains)]
 //! Round 89 of the outside attacks (a helper given the public API only) on round 87's Redis
-//! tier fixes and documented bounds (an instance that never hears messages, `deaf_url`). 37
+//! tier fixes and documented bounds (an instance that never hears messages, `deaf_url`). 31
 //! tests; one failed:
 //!
 //! * `bounds::async_refresh_cancelled_after_reading_the_tombstone_leaves_no_fallback`: an
