@@ -1248,10 +1248,22 @@ fn run_case(case: &Case, fails: &mut Vec<String>) -> bool {
         }
     }
 
-    // Fail-safe within the backoff: the loading calls answer the stale value without init.
+    // Fail-safe within the backoff: the loading calls answer the stale value without init;
+    // `or_insert`/`or_default` (a value in hand, no load) store theirs (round 84).
     if case.state == St::FailSafeBackoff && !case.op.compute() && case.mid == Mid::None {
         if let Did::Completed(g) = &did {
-            let expect_stale = !matches!(case.op, OpK::GetWithIf | OpK::OrInsertWithIf);
+            let own = match case.op {
+                OpK::OrInsert => Some(Got::V(OP_OK)),
+                OpK::OrDefault => Some(Got::V(0)),
+                _ => None,
+            };
+            let expect_stale =
+                own.is_none() && !matches!(case.op, OpK::GetWithIf | OpK::OrInsertWithIf);
+            if let Some(own) = own.filter(|own| g != own) {
+                fail(format!(
+                    "within the fail-safe backoff the op answered {g:?}, not its own {own:?}"
+                ));
+            }
             if expect_stale && *g != Got::V(STALE) {
                 fail(format!(
                     "within the fail-safe backoff the op answered {g:?}, not the stale value"
