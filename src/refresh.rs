@@ -240,14 +240,13 @@ where
         let joined = Arc::strong_count(lead.flight()) > 2; // the registry's and this lead's
                                                            // Not on a value the Redis tier found invalidated by another instance (see `publish`).
         let fallback = if lead.flight().forgoes_fallback() {
-            if self.inner.stampede.fail_safe.is_some() {
-                // Nor once it expires: `get_or_stale` (which reads no Redis) and a soft
-                // timeout's fallback would answer with it (round 87). While the refresh is
-                // registered no write has replaced the value it refreshed.
-                let s = self.inner.shards[self.shard_index(hash)].lock.read();
-                if s.flights_ref().is_registered(hash, lead.flight()) {
-                    s.forgo_stale(hash, key);
-                }
+            // Nor once it expires: `get_or_stale` (which reads no Redis) and a soft timeout's
+            // fallback would answer with it (round 87) — marked as an abandoned load that
+            // forgoes is. While the refresh is registered no write has replaced the value it
+            // refreshed.
+            let s = self.inner.shards[self.shard_index(hash)].lock.read();
+            if s.flights_ref().is_registered(hash, lead.flight()) {
+                self.fail_safe_abandoned(&s, hash, key, true);
             }
             None
         } else {
