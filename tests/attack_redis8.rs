@@ -112,6 +112,9 @@ mod oversized {
         let n = Arc::new(AtomicU64::new(0));
         let (a, b) = pair(&server, ns, &clock, &down, &n, 8, true, false);
         a.load(1).unwrap();
+        // A hears only once its subscriber is in (a message sent before is lost: seen once in
+        // CI).
+        assert!(eventually(|| a.is_subscribed()), "A subscribed");
         let big = "B".repeat(100);
         b.insert(1, big.clone());
         assert!(
