@@ -778,7 +778,9 @@ struct Computing<'a, K, V, F> {
     inner: std::pin::Pin<Box<F>>,
 }
 
-impl<K: 'static, V: 'static, F: Future> Future for Computing<'_, K, V, F> {
+impl<K: Send + Sync + 'static, V: Send + Sync + 'static, F: Future> Future
+    for Computing<'_, K, V, F>
+{
     type Output = F::Output;
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -1121,11 +1123,13 @@ where
     ///
     /// With fail-safe, a miss is an insert-if-absent [computation](Self::and_compute_with)
     /// rather than a load (so that no fail-safe answer applies). Values, freshness and panics
-    /// are as without it; the statistics differ in two corners: a recursive call (this key,
+    /// are as without it; the statistics differ in three corners: a recursive call (this key,
     /// from inside its own computation or `default`) panics as a failed load rather than as a
-    /// coalesced one, and like any computation it takes over a load of the key still waiting
+    /// coalesced one; like any computation it takes over a load of the key still waiting
     /// for a [`max_concurrent_loads`](crate::CacheBuilder::max_concurrent_loads) permit (that
-    /// load counts as abandoned; its caller loads again).
+    /// load counts as abandoned; its caller loads again); and a call that waits for a load of
+    /// the key which then fails counts one miss (without fail-safe: a miss, a coalesced wait,
+    /// and a second miss as it inserts).
     ///
     /// ```
     /// let cache: herdcache::Cache<&str, u32> = herdcache::Cache::new(10);

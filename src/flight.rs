@@ -683,7 +683,9 @@ type Run = (
 );
 
 /// Marks `flight` as run by this thread until the guard drops (recursion detection).
-pub(crate) fn enter<K: 'static, V: 'static>(flight: &Arc<Flight<K, V>>) -> Running {
+pub(crate) fn enter<K: Send + Sync + 'static, V: Send + Sync + 'static>(
+    flight: &Arc<Flight<K, V>>,
+) -> Running {
     let id = flight.id();
     let f: Arc<dyn Supersedable> = Arc::clone(flight) as _;
     RUNNING.with(|r| r.borrow_mut().push((id, f, None)));
@@ -722,7 +724,9 @@ pub(crate) fn polled_parent<K: Send + Sync + 'static, V: Send + Sync + 'static>(
 }
 
 /// A flight, as the thread that runs it sees it: whether a write superseded it.
-pub(crate) trait Supersedable {
+/// (`Send + Sync`: a helper thread working for the flight registers it too, see
+/// [`running_handle`].)
+pub(crate) trait Supersedable: Send + Sync {
     // Asked by the Redis tier only.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn superseded(&self) -> bool;
@@ -730,7 +734,7 @@ pub(crate) trait Supersedable {
     fn forgo_fallback(&self);
 }
 
-impl<K, V> Supersedable for Flight<K, V> {
+impl<K: Send + Sync, V: Send + Sync> Supersedable for Flight<K, V> {
     fn superseded(&self) -> bool {
         self.is_superseded()
     }
@@ -757,6 +761,33 @@ pub(crate) fn running_forgo_fallback() {
             f.forgo_fallback();
         }
     });
+}
+
+/// The flight this thread runs (the innermost), for another thread that works for it: a helper
+/// thread running an async load's Redis round trip registers it with [`enter_handle`], so
+/// what the round trip finds marks the flight even if the load is dropped before it takes the
+/// round trip's result.
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+pub(crate) struct RunningHandle(usize, Arc<dyn Supersedable>);
+
+/// See [`RunningHandle`].
+#[cfg(feature = "redis")]
+pub(crate) fn running_handle() -> Option<RunningHandle> {
+    RUNNING.with(|r| {
+        let r = r.borrow();
+        let (id, f, _) = r.last()?;
+        Some(RunningHandle(*id, Arc::clone(f)))
+    })
+}
+
+/// Registers the flight of `handle` as run by this thread for the guard's lifetime, as
+/// [`enter`].
+#[cfg(feature = "redis")]
+pub(crate) fn enter_handle(handle: &RunningHandle) -> Running {
+    let RunningHandle(id, f) = handle;
+    RUNNING.with(|r| r.borrow_mut().push((*id, Arc::clone(f), None)));
+    Running(*id)
 }
 
 impl Drop for Running {
@@ -1070,7 +1101,7 @@ impl<K: Hash + Eq, V> Flights<K, V> {
                      parents {:?}, children {}, ticket {:?}",
                     r.key,
                     f.start.load(Ordering::Relaxed),
-                    f.superseded(),
+                    f.is_superseded(),
                     st.future.is_some(),
                     st.polling,
                     st.woken,

@@ -335,7 +335,9 @@ impl<K: 'static, V: 'static, F> Entered<K, V, F> {
     }
 }
 
-impl<K: 'static, V: 'static, F: std::future::Future> std::future::Future for Entered<K, V, F> {
+impl<K: Send + Sync + 'static, V: Send + Sync + 'static, F: std::future::Future> std::future::Future
+    for Entered<K, V, F>
+{
     type Output = F::Output;
 
     fn poll(

@@ -144,10 +144,12 @@
 //!   that load's read (backoff answers read nothing: that is what spares the backend and
 //!   Redis during an outage) — until the retry, a `refresh_backoff` after the failure, reads
 //!   the tombstone;
-//! * a soft timeout that passes, or an async load cancelled, before its load read Redis
-//!   (waiting for a `max_concurrent_loads` permit: the tier's read runs under the permit);
-//!   the abandoned load starts the backoff on the copy, and the callers within it are
-//!   answered with it too, until the retry;
+//! * a soft timeout that passes, or an async load cancelled, before its load's read of Redis
+//!   completed (waiting for a `max_concurrent_loads` permit: the tier's read runs under the
+//!   permit); the abandoned load starts the backoff on the copy, and the callers within it
+//!   are answered with it too, until the retry. (A read that completed marks its load, even
+//!   an async one cancelled before it took the read's answer: the round trip's helper thread
+//!   marks it.)
 //! * calls that [`TieredCache`] leaves local — the entry API and `get_all` — whose loads
 //!   never read Redis: their fail-safe answers see no tombstone, up to `max_stale`, unless a
 //!   load through the tier reads it first (its failure then drops the copy).

@@ -204,13 +204,6 @@ impl Pending {
     fn key(&self) -> &[u8] {
         &self.vkey[self.at..self.vkey.len() - 1]
     }
-
-    /// Tells the load this thread runs (a fetch's, about to start) what the reads found.
-    fn mark_load(&self) {
-        if self.invalidated {
-            crate::flight::running_forgo_fallback();
-        }
-    }
 }
 
 /// What the read before a load decided.
@@ -238,16 +231,6 @@ struct LeaseWait {
     waited: bool,
     /// The next pause, once polling; `None`: the next step tries to take the lease.
     pause: Option<Duration>,
-}
-
-impl LeaseWait {
-    /// Tells the load this thread runs that a read of the wait found its key invalidated (see
-    /// [`Pending::mark_load`]).
-    fn mark(&self) {
-        if self.invalidated {
-            crate::flight::running_forgo_fallback();
-        }
-    }
 }
 
 /// The outcome of one step of a lease wait.
@@ -455,6 +438,14 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             (None, Some(v)) => self.unheard(vkey.key(), v),
             _ => false,
         };
+        if invalidated {
+            // Every read is a fetch's, run on the thread of the load it is for (or on a
+            // helper thread registered for it, see `round_trip`): that load forgoes its
+            // fallback from now on — while it waits for a lease too (a soft timeout or a
+            // caller arriving meanwhile must not be answered with the copy), and however it
+            // ends, even dropped before it takes this read's result.
+            crate::flight::running_forgo_fallback();
+        }
         let found = bytes
             .filter(|_| valid)
             .map(|b| self.found(&b, pttl, vkey.max_age));
@@ -535,7 +526,6 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         match self.plan(vkey) {
             Plan::Remote(v) => Ok(v.into_value()),
             Plan::Load(pending) => {
-                pending.mark_load();
                 // `pending` owns the lease: a panicking loader gives it back as it unwinds.
                 let result = load();
                 // A load a write or invalidation of the key superseded (here, or announced by
@@ -569,10 +559,15 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         let Some(vkey) = self.value_key(&key, max_age) else {
             return load.await;
         };
+        // The load this fetch is for: each round trip's job runs registered for it, so a
+        // read that finds the key invalidated marks it (see `snapshot`) even if the load is
+        // dropped before it takes the round trip's result (round 90).
+        let flight = crate::flight::running_handle();
         let t = Arc::clone(&self);
+        let f = flight.clone();
         // The read and the first lease attempt in one job.
         let first = self
-            .round_trip(move || match t.start(vkey) {
+            .round_trip(f, move || match t.start(vkey) {
                 Start::Plan(plan) => Next::Plan(plan),
                 Start::Wait(mut w) => {
                     let step = t.step(&mut w);
@@ -587,12 +582,10 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             match next {
                 Next::Plan(plan) => break plan,
                 Next::Sleep(mut w, pause) => {
-                    // On the thread that polls the load, as `mark_load` (see `plan`).
-                    w.mark();
                     self.timer.sleep(pause).await;
                     let t = Arc::clone(&self);
                     let got = self
-                        .round_trip(move || {
+                        .round_trip(flight.clone(), move || {
                             let step = t.step(&mut w);
                             step.into_next(w, &t)
                         })
@@ -608,8 +601,6 @@ impl<K: 'static, V: 'static> Tier<K, V> {
             Plan::Remote(v) => return Ok(v.into_value()),
             Plan::Load(pending) => pending,
         };
-        // On the thread that polls the load (as `superseded` below).
-        pending.mark_load();
         let mut guard = FinishLater {
             tier: Arc::clone(&self),
             pending: Some(pending),
@@ -636,17 +627,23 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         superseded
     }
 
-    /// Runs one step of an async fetch on a helper thread. If the caller goes away without
-    /// having taken the step's result (before it ends, or after it was delivered but before
-    /// the caller was polled again), a lease the step took for it is given back.
+    /// Runs one step of an async fetch on a helper thread, registered there as running the
+    /// fetch's `flight` (the load its reads mark, see `snapshot`). If the caller goes away
+    /// without having taken the step's result (before it ends, or after it was delivered but
+    /// before the caller was polled again), a lease the step took for it is given back.
     fn round_trip(
         self: &Arc<Self>,
+        flight: Option<crate::flight::RunningHandle>,
         job: impl FnOnce() -> Next<V> + Send + 'static,
     ) -> Receive<Next<V>>
     where
         K: Send + Sync,
         V: Send + Sync,
     {
+        let job = move || {
+            let _running = flight.as_ref().map(crate::flight::enter_handle);
+            job()
+        };
         // Dropping a plan to load gives its lease back (on the helper thread).
         offload(&self.pool, job, drop)
     }
@@ -656,12 +653,7 @@ impl<K: 'static, V: 'static> Tier<K, V> {
         match self.start(vkey) {
             Start::Plan(plan) => plan,
             Start::Wait(mut w) => loop {
-                // A read found the key invalidated: the load forgoes its fallback from now
-                // on, while it waits too (a soft timeout or a caller arriving meanwhile must
-                // not be answered with the copy), not only once its loader starts.
-                w.mark();
                 let step = self.step(&mut w);
-                w.mark();
                 match step {
                     Step::Done(lease) => return self.resolve(*w, lease),
                     Step::Sleep(pause) => std::thread::sleep(pause),
