@@ -54,14 +54,8 @@ mod a {
         if oversized {
             ta = ta.max_value_size(1);
         }
-        let a = ta
-            .build(counted_fail_safe_builder(clock, down, n, "a"), Plain)
-            .unwrap();
-        let up = Arc::new(AtomicBool::new(false));
-        let b = fs_tier(server.url(), ns)
-            .build(fail_safe_builder(clock, &up, "b"), Plain)
-            .unwrap();
-        (a, b)
+        let ba = counted_fail_safe_builder(clock, down, n, "a");
+        fs_pair(server, ns, clock, ta, ba)
     }
 
     // ---------------------------------------------------------------------------------------

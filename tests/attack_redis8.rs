@@ -54,15 +54,7 @@ mod oversized {
         if refresh {
             ba = ba.refresh_after(Duration::from_secs(30));
         }
-        let a = fs_tier(url, ns)
-            .max_value_size(max)
-            .build(ba, Plain)
-            .unwrap();
-        let up = Arc::new(AtomicBool::new(false));
-        let b = fs_tier(server.url(), ns)
-            .build(fail_safe_builder(clock, &up, "b"), Plain)
-            .unwrap();
-        (a, b)
+        fs_pair(server, ns, clock, fs_tier(url, ns).max_value_size(max), ba)
     }
 
     /// src/redis/mod.rs: an `insert` of a value larger than `max_value_size` "is kept in the local
@@ -462,18 +454,9 @@ mod forgo_mark {
         down: &Arc<AtomicBool>,
         n: &Arc<AtomicU64>,
     ) -> (TieredCache<u64, String>, TieredCache<u64, String>) {
-        let a = fs_tier(deaf_url(server), ns)
-            .build(
-                counted_fail_safe_builder(clock, down, n, "a")
-                    .refresh_after(Duration::from_secs(30)),
-                Plain,
-            )
-            .unwrap();
-        let up = Arc::new(AtomicBool::new(false));
-        let b = fs_tier(server.url(), ns)
-            .build(fail_safe_builder(clock, &up, "b"), Plain)
-            .unwrap();
-        (a, b)
+        let ba =
+            counted_fail_safe_builder(clock, down, n, "a").refresh_after(Duration::from_secs(30));
+        fs_pair(server, ns, clock, fs_tier(deaf_url(server), ns), ba)
     }
 
     /// A loaded key 1; B invalidates it (missed); at 31 s A's refresh reads the tombstone and
@@ -1048,14 +1031,8 @@ mod bounds {
         down: &Arc<AtomicBool>,
         n: &Arc<AtomicU64>,
     ) -> (TieredCache<u64, String>, TieredCache<u64, String>) {
-        let a = fs_tier(deaf_url(server), ns)
-            .build(counted_fail_safe_builder(clock, down, n, "a"), Plain)
-            .unwrap();
-        let up = Arc::new(AtomicBool::new(false));
-        let b = fs_tier(server.url(), ns)
-            .build(fail_safe_builder(clock, &up, "b"), Plain)
-            .unwrap();
-        (a, b)
+        let ba = counted_fail_safe_builder(clock, down, n, "a");
+        fs_pair(server, ns, clock, fs_tier(deaf_url(server), ns), ba)
     }
 
     /// A's copy, gone from Redis (deleted there, as an eviction), expired; its load read nothing

@@ -39,13 +39,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn b_of(server: &RedisServer, ns: &str, clock: &ManualClock) -> TieredCache<u64, String> {
-    let up = Arc::new(AtomicBool::new(false));
-    fs_tier(server.url(), ns)
-        .build(fail_safe_builder(clock, &up, "b"), Plain)
-        .unwrap()
-}
-
 /// A fail-safe async-loader cache (ttl 60 s, max_stale 600 s, backoff 5 s) failing while
 /// `down`, pending while `hang` (sets `entered`).
 fn async_builder(
@@ -132,7 +125,7 @@ fn async_load_cancelled_at_the_read_await_after_reading_the_tombstone() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(async_builder(&clock, &down, &hang, &entered), Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let rt = runtime();
     // The first poll may find the round trip already done (the helper thread was quicker):
     // then the load ran to its end, and the case is tried again on another key.
@@ -186,7 +179,7 @@ fn async_load_cancelled_in_its_loader_then_fail_safe_works_again() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(async_builder(&clock, &down, &hang, &entered), Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let rt = runtime();
     let old = rt.block_on(a.load_async(1)).unwrap();
     b.invalidate(&1);
@@ -245,7 +238,7 @@ fn soft_timeout_joining_a_load_that_read_the_tombstone() {
             .build(builder, Plain)
             .unwrap(),
     );
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let old = a.load(1).unwrap();
     b.invalidate(&1);
     clock.advance(Duration::from_secs(61));
@@ -336,7 +329,7 @@ fn past_the_tombstone_value_not_stored(refresh: bool) {
         .max_value_size(8)
         .build(builder, Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let old = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
     if refresh {
@@ -401,7 +394,7 @@ fn spawned_job_read_the_tombstone_caller_times_out() {
             .build(builder, Plain)
             .unwrap(),
     );
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let old = a.load(1).unwrap();
     b.invalidate(&1);
     clock.advance(Duration::from_secs(61));
@@ -470,7 +463,7 @@ fn panicking_load_with_a_waiter_after_reading_the_tombstone() {
             .build(builder, Plain)
             .unwrap(),
     );
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let old = a.load(1).unwrap();
     b.invalidate(&1);
     clock.advance(Duration::from_secs(61));
@@ -529,7 +522,7 @@ fn async_refresh_dropped_at_the_read_await_after_reading_the_tombstone() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(builder, Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let rt = runtime();
     // As above: a first poll that finds the read done already is tried again on another key.
     for k in 1..=20u64 {
@@ -879,7 +872,7 @@ fn end_of_the_clock_missed_invalidation() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     clock.advance(Duration::MAX);
     let v = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
@@ -927,7 +920,7 @@ fn near_the_end_of_the_clock_missed_invalidation_then_end() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(counted_fail_safe_builder(&clock, &down, &n, "a"), Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     clock.advance(Duration::from_nanos(u64::MAX - 100_000_000_000));
     let v = a.load(1).unwrap();
     assert_eq!(a.get(&1).as_deref(), Some(v.as_str()), "live near the end");
@@ -994,7 +987,7 @@ fn nop_computation_during_the_marking_refresh_keeps_the_mark() {
     let a = fs_tier(deaf_url(&server), ns)
         .build(builder, Plain)
         .unwrap();
-    let b = b_of(&server, ns, &clock);
+    let b = fs_instance(&server, ns, &clock);
     let old = a.load(1).unwrap();
     b.invalidate(&1); // lost for A
     clock.advance(Duration::from_secs(31));

@@ -19,6 +19,8 @@
 //!   the waiters); the docs now say so, and the test checks the documented count.
 #![allow(clippy::type_complexity)]
 
+mod common;
+
 use herdcache::{BoxError, Cache, CompResult, Expiry, LoadError, ManualClock, Op};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,21 +33,8 @@ fn secs(s: u64) -> Duration {
 }
 
 /// Aborts the process if not dropped within 30 s: a hang fails the run instead of hanging it.
-struct Watchdog(Option<mpsc::Sender<()>>);
-fn watchdog(what: &'static str) -> Watchdog {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-            eprintln!("watchdog: '{what}' hung for 30 s");
-            std::process::abort();
-        }
-    });
-    Watchdog(Some(tx))
-}
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let _ = self.0.take().map(|tx| tx.send(()));
-    }
+fn watchdog(what: &'static str) -> common::Watchdog {
+    common::watchdog(secs(30), what)
 }
 
 type Step = Box<dyn FnOnce() -> Result<u64, BoxError> + Send>;

@@ -21,30 +21,17 @@
 #![allow(clippy::type_complexity)]
 
 // Helpers the modules below share.
-use std::sync::mpsc;
+mod common;
+
 use std::time::Duration;
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-struct Watchdog(Option<mpsc::Sender<()>>);
-
-fn watchdog(what: &'static str) -> Watchdog {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-            eprintln!("watchdog: '{what}' hung for 30 s");
-            std::process::abort();
-        }
-    });
-    Watchdog(Some(tx))
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let _ = self.0.take().map(|tx| tx.send(()));
-    }
+/// Aborts the process if not dropped within 30 s: a hang fails the run instead of hanging it.
+fn watchdog(what: &'static str) -> common::Watchdog {
+    common::watchdog(secs(30), what)
 }
 
 /// or_insert / or_default with fail_safe (round 84's `or_insert_value`).

@@ -17,6 +17,8 @@
 //!   noted, not changed.
 #![allow(clippy::type_complexity, clippy::derived_hash_with_manual_eq)]
 
+mod common;
+
 use futures::task::noop_waker;
 use herdcache::{BoxError, Cache, CacheBuilder, CacheStats, Expiry, ManualClock, Op, RemovalCause};
 use std::cell::RefCell;
@@ -33,21 +35,9 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-struct Watchdog(Option<mpsc::Sender<()>>);
-fn watchdog(what: &'static str) -> Watchdog {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(secs(30)) {
-            eprintln!("watchdog: '{what}' hung for 30 s");
-            std::process::abort();
-        }
-    });
-    Watchdog(Some(tx))
-}
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let _ = self.0.take().map(|tx| tx.send(()));
-    }
+/// Aborts the process if not dropped within 30 s: a hang fails the run instead of hanging it.
+fn watchdog(what: &'static str) -> common::Watchdog {
+    common::watchdog(secs(30), what)
 }
 
 fn balance(s: &CacheStats) -> (u64, u64) {

@@ -137,3 +137,30 @@ pub fn fs_tier(url: String, ns: &str) -> RedisTier {
         .timeouts(Duration::from_millis(300), Duration::from_millis(300))
         .breaker(1_000_000, Duration::from_millis(1))
 }
+
+/// Instance B of a fail-safe pair: on `ns`, hears every message, its backend never down.
+pub fn fs_instance(
+    server: &RedisServer,
+    ns: &str,
+    clock: &ManualClock,
+) -> TieredCache<u64, String> {
+    let up = Arc::new(AtomicBool::new(false));
+    fs_tier(server.url(), ns)
+        .build(fail_safe_builder(clock, &up, "b"), Plain)
+        .unwrap()
+}
+
+/// A (the tier `a_tier`, usually on [`deaf_url`], with the cache `a`) and B
+/// ([`fs_instance`]) on one namespace `ns`.
+pub fn fs_pair(
+    server: &RedisServer,
+    ns: &str,
+    clock: &ManualClock,
+    a_tier: RedisTier,
+    a: CacheBuilder<u64, String>,
+) -> (TieredCache<u64, String>, TieredCache<u64, String>) {
+    (
+        a_tier.build(a, Plain).unwrap(),
+        fs_instance(server, ns, clock),
+    )
+}
