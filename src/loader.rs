@@ -138,8 +138,10 @@ where
     /// running future to the callers still waiting, which poll it to its end (the loader is
     /// not called again); the load is cancelled, its future dropped and nothing cached, only
     /// when every caller waiting for it has dropped its own future. So a loader future that
-    /// never completes holds every caller that joined it: bound the wait (`load_timeout`, or
-    /// the runtime's timeout and [`get_or_stale`](Self::get_or_stale)).
+    /// never completes holds every caller that joined it: bound the wait with the runtime's
+    /// timeout (dropping the caller's future) and [`get_or_stale`](Self::get_or_stale). The
+    /// builder's [`load_timeout`](crate::CacheBuilder::load_timeout) bounds only the blocking
+    /// [`load`](Self::load), not this call.
     ///
     /// # Example
     ///

@@ -39,53 +39,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A fail-safe async-loader cache (ttl 60 s, max_stale 600 s, backoff 5 s) failing while
-/// `down`, pending while `hang` (sets `entered`).
-fn async_builder(
-    clock: &ManualClock,
-    down: &Arc<AtomicBool>,
-    hang: &Arc<AtomicBool>,
-    entered: &Arc<AtomicBool>,
-) -> CacheBuilder<u64, String> {
-    let (d, h, e) = (Arc::clone(down), Arc::clone(hang), Arc::clone(entered));
-    let n = Arc::new(AtomicU64::new(0));
-    Cache::builder()
-        .max_capacity(1000)
-        .time_to_live(Duration::from_secs(60))
-        .fail_safe(Duration::from_secs(600))
-        .refresh_backoff(Duration::from_secs(5))
-        .record_stats()
-        .clock(clock.clone())
-        .async_loader(move |k: &u64| {
-            let (d, h, e, n) = (
-                Arc::clone(&d),
-                Arc::clone(&h),
-                Arc::clone(&e),
-                Arc::clone(&n),
-            );
-            let k = *k;
-            async move {
-                if h.load(Ordering::SeqCst) {
-                    e.store(true, Ordering::SeqCst);
-                    std::future::poll_fn(|cx| {
-                        if h.load(Ordering::SeqCst) {
-                            cx.waker().wake_by_ref();
-                            Poll::Pending
-                        } else {
-                            Poll::Ready(())
-                        }
-                    })
-                    .await;
-                }
-                if d.load(Ordering::SeqCst) {
-                    Err(BoxError::from("backend down"))
-                } else {
-                    Ok(format!("a{k}-{}", n.fetch_add(1, Ordering::SeqCst)))
-                }
-            }
-        })
-}
-
 /// After the mark: a value A writes is its last value again once it expires (fail-safe).
 fn fail_safe_works_again(a: &TieredCache<u64, String>, clock: &ManualClock, asynchronous: bool) {
     a.insert(1, "new".to_string());
@@ -123,7 +76,10 @@ fn async_load_cancelled_at_the_read_await_after_reading_the_tombstone() {
     let hang = Arc::new(AtomicBool::new(false));
     let entered = Arc::new(AtomicBool::new(false));
     let a = fs_tier(deaf_url(&server), ns)
-        .build(async_builder(&clock, &down, &hang, &entered), Plain)
+        .build(
+            async_fail_safe_builder(&clock, &down, &hang, &entered),
+            Plain,
+        )
         .unwrap();
     let b = fs_instance(&server, ns, &clock);
     let rt = runtime();
@@ -177,7 +133,10 @@ fn async_load_cancelled_in_its_loader_then_fail_safe_works_again() {
     let hang = Arc::new(AtomicBool::new(false));
     let entered = Arc::new(AtomicBool::new(false));
     let a = fs_tier(deaf_url(&server), ns)
-        .build(async_builder(&clock, &down, &hang, &entered), Plain)
+        .build(
+            async_fail_safe_builder(&clock, &down, &hang, &entered),
+            Plain,
+        )
         .unwrap();
     let b = fs_instance(&server, ns, &clock);
     let rt = runtime();
@@ -516,7 +475,7 @@ fn async_refresh_dropped_at_the_read_await_after_reading_the_tombstone() {
     let entered = Arc::new(AtomicBool::new(false));
     let spawned: Arc<std::sync::Mutex<Vec<herdcache::BoxFuture<()>>>> = Arc::default();
     let sp = Arc::clone(&spawned);
-    let builder = async_builder(&clock, &down, &hang, &entered)
+    let builder = async_fail_safe_builder(&clock, &down, &hang, &entered)
         .refresh_after(Duration::from_secs(30))
         .future_spawner(move |f| sp.lock().unwrap().push(f));
     let a = fs_tier(deaf_url(&server), ns)

@@ -164,3 +164,51 @@ pub fn fs_pair(
         fs_instance(server, ns, clock),
     )
 }
+
+/// A fail-safe cache as [`fail_safe_builder`]'s (time to live 60 s, max_stale 600 s, backoff
+/// 5 s, capacity 1,000) with an async loader: pending while `hang` (it sets `entered` first),
+/// then failing while `down`, else `a{key}-{call}`.
+pub fn async_fail_safe_builder(
+    clock: &ManualClock,
+    down: &Arc<AtomicBool>,
+    hang: &Arc<AtomicBool>,
+    entered: &Arc<AtomicBool>,
+) -> CacheBuilder<u64, String> {
+    let (d, h, e) = (Arc::clone(down), Arc::clone(hang), Arc::clone(entered));
+    let n = Arc::new(AtomicU64::new(0));
+    Cache::builder()
+        .max_capacity(1000)
+        .time_to_live(Duration::from_secs(60))
+        .fail_safe(Duration::from_secs(600))
+        .refresh_backoff(Duration::from_secs(5))
+        .record_stats()
+        .clock(clock.clone())
+        .async_loader(move |k: &u64| {
+            let (d, h, e, n, k) = (
+                Arc::clone(&d),
+                Arc::clone(&h),
+                Arc::clone(&e),
+                Arc::clone(&n),
+                *k,
+            );
+            async move {
+                if h.load(Ordering::SeqCst) {
+                    e.store(true, Ordering::SeqCst);
+                    std::future::poll_fn(|cx| {
+                        if h.load(Ordering::SeqCst) {
+                            cx.waker().wake_by_ref();
+                            std::task::Poll::Pending
+                        } else {
+                            std::task::Poll::Ready(())
+                        }
+                    })
+                    .await;
+                }
+                if d.load(Ordering::SeqCst) {
+                    Err(BoxError::from("backend down"))
+                } else {
+                    Ok(format!("a{k}-{}", n.fetch_add(1, Ordering::SeqCst)))
+                }
+            }
+        })
+}
