@@ -35,7 +35,7 @@
 //! | warning | raised when (over the window) |
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
-//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 (writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never" is not counted) |
+//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 wherever it starts (counted in intervals of TTL / 32 by when each entry is due: the busiest three adjacent ones, 3/32 of the TTL, which hold any span of TTL / 16; writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never" is not counted) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration; not with a time to live of `Duration::MAX`) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | evictions for size in the window (at least one), and either ≥ [`MIN_EVICTIONS`] of them with entries staying < ½ the time to live (or refresh period; neither of `Duration::MAX`) on average (the most entries the window's snapshots saw ÷ evictions per second), or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). A hit-ratio drop with no eviction for size is not thrashing (a cache that evicts nothing is not too small: the keys changed, or entries expired or were invalidated). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× (for a `max_capacity` of 0: at 1, 2 and 4) and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
@@ -455,37 +455,6 @@ where
         self.health_over(DEFAULT_WINDOW)
     }
 
-    /// The number of entries, read without waiting for a shard lock: without a weigher the
-    /// weight is the count; with one, each shard's count is read if its lock is free at once
-    /// (a shard busy at that moment is estimated as the mean of the others; with every shard
-    /// busy, the weight over the mean weight per entry last seen).
-    fn entries_without_waiting(&self) -> u64 {
-        if !self.inner.weigher_set() {
-            return self.weighted_size();
-        }
-        let shards = &self.inner.shards;
-        let mean = &self.inner.stampede.monitor.mean_weight;
-        let (mut sum, mut weight, mut seen) = (0u64, 0u64, 0u64);
-        for c in shards.iter() {
-            if let Some(g) = c.lock.try_read() {
-                sum += g.len() as u64;
-                weight += g.weight();
-                seen += 1;
-            }
-        }
-        if seen == 0 {
-            // Every shard busy: the weight over the mean weight last seen (the weight itself
-            // if none was ever seen).
-            let m = f64::from_bits(mean.load(Ordering::Relaxed));
-            let w = self.weighted_size();
-            return if m > 0.0 { (w as f64 / m) as u64 } else { w };
-        }
-        if sum > 0 {
-            mean.store((weight as f64 / sum as f64).to_bits(), Ordering::Relaxed);
-        }
-        sum.saturating_mul(shards.len() as u64) / seen
-    }
-
     /// The misconfigurations the cache sees in its figures over `window` (see the thresholds
     /// in the crate's `health` docs, [`Warning`]). Reads counters and the configuration; never
     /// waits for a shard lock (with a weigher it counts the entries of each shard whose lock
@@ -546,7 +515,7 @@ where
             cur.refresh_started = s.refreshes_started;
             cur.refresh_finished = s.refreshes_succeeded + s.refreshes_failed;
         }
-        cur.entries = self.entries_without_waiting();
+        cur.entries = self.entry_count_without_waiting();
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let default = nanos(DEFAULT_WINDOW);
         let created = self.inner.clock.created().min(now);
@@ -635,7 +604,7 @@ where
                 warnings.push(Warning::SynchronizedExpiry {
                     due,
                     share,
-                    within: d(m.width * 2),
+                    within: d(m.width * 3),
                     in_: d(in_),
                 });
             }

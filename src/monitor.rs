@@ -133,6 +133,17 @@ impl DueRing {
         slot.store(tag | n.min(0xffff_ffff), Ordering::Relaxed);
     }
 
+    /// The interval the last write's entry fell due in (`None`: no write yet, or it never
+    /// falls due). Every interval the ring holds is at most this one (plus one: writes racing
+    /// for the lock may carry readings of the clock a tick apart).
+    fn latest(&self, m: &Monitor) -> Option<u64> {
+        let now = self.memo[0].load(Ordering::Relaxed);
+        if now == u64::MAX {
+            return None;
+        }
+        m.due_interval(now)
+    }
+
     /// Entries due in `interval`.
     fn due(&self, interval: u64) -> u64 {
         self.slots.get(interval as usize % SLOTS).map_or(0, |slot| {
@@ -259,10 +270,11 @@ pub(crate) fn bucket_mid(i: usize) -> u64 {
     if octave < 2 {
         return i as u64 + 1;
     }
-    let sub = (i % 4) as u64;
+    // In `u128`: the top bucket's upper bound is 2^64 (round 92: it shifted out to 0).
+    let sub = (i % 4) as u128;
     let lo = (4 + sub) << (octave - 2);
     let hi = (5 + sub) << (octave - 2);
-    lo / 2 + hi / 2
+    u64::try_from((lo + hi) / 2).unwrap_or(u64::MAX)
 }
 
 impl Monitor {
@@ -313,22 +325,45 @@ impl Monitor {
             .map(|d| d / self.width)
     }
 
-    /// The busiest two adjacent intervals ahead of `now` (so that a burst split by an
-    /// interval boundary still counts as one): (entries due, their start from now).
+    /// The busiest three adjacent intervals ahead of `now`: (entries due, their start from
+    /// now). Three, so that a burst within half the span of two (TTL / 16 for intervals of
+    /// TTL / 32) counts as one wherever it starts: it may straddle three (round 92: with
+    /// pairs, a burst of 1.9 s at a time to live of 32 s was split at most clock phases).
     pub(crate) fn busiest<'a>(
         &self,
         now: u64,
-        rings: impl Iterator<Item = &'a DueRing> + Clone,
+        rings: impl Iterator<Item = &'a DueRing>,
     ) -> Option<(u64, u64)> {
         if self.width == 0 {
             return None;
         }
         let first = now / self.width;
-        let due = |i: u64| rings.clone().map(|r| r.due(i)).sum::<u64>();
+        // A slot's tag holds the low 32 bits of its interval: one written 2^32 intervals
+        // before an interval asked for would pass for it (round 92: entries expired 37 hours
+        // before, at a time to live of 1 ms, reported as due). No ring holds an interval past
+        // its last write's.
+        let rings: Vec<(&DueRing, u64)> = rings
+            .filter_map(|r| Some((r, r.latest(self)?.saturating_add(1))))
+            .collect();
+        let due = |i: u64| {
+            rings
+                .iter()
+                .filter(|&&(_, last)| i <= last)
+                .map(|(r, _)| r.due(i))
+                .sum::<u64>()
+        };
         // Saturating: at the clock's end (a manual clock advanced by `Duration::MAX`) the
         // intervals ahead run out.
-        (first..first.saturating_add(SLOTS as u64 - 1))
-            .map(|i| (due(i) + due(i + 1), i))
+        (first..first.saturating_add(SLOTS as u64 - 2))
+            .map(|i| {
+                (
+                    (0..3)
+                        .filter_map(|d| i.checked_add(d))
+                        .map(due)
+                        .sum::<u64>(),
+                    i,
+                )
+            })
             .filter(|&(n, _)| n > 0)
             .max()
             .map(|(n, i)| (n, i.saturating_mul(self.width).saturating_sub(now)))

@@ -155,10 +155,19 @@ impl Stats {
         }
     }
 
-    /// Adds `n` to a counter, exactly.
+    /// Adds `n` to a counter, exactly. The total load time saturates instead of wrapping (its
+    /// nanoseconds are the one count that can reach `u64::MAX`: loads of centuries on a manual
+    /// clock, round 92), so that it never falls.
     #[inline]
     pub(crate) fn add(&self, c: Counter, n: u64) {
-        self.stripes[stripe()][c as usize].fetch_add(n, Ordering::Relaxed);
+        let a = &self.stripes[stripe()][c as usize];
+        if matches!(c, Counter::LoadNanos) {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add(n))
+            });
+        } else {
+            a.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Hits and misses counted so far: the reads, and of those the hits, for the sizing
@@ -172,7 +181,7 @@ impl Stats {
         self.stripes
             .iter()
             .map(|s| s[c as usize].load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
+            .fold(0, u64::saturating_add)
     }
 
     /// A snapshot; the gauges (loads in flight, limiter figures) come from the caller.
@@ -282,7 +291,8 @@ pub struct CacheStats {
     /// refresh that never ran its loader (its job or future dropped, put off because the load
     /// limit was full), a load taken over and given up by a computation of its key.
     pub loads_abandoned: u64,
-    /// Time spent in loads that finished, on the cache's clock.
+    /// Time spent in loads that finished, on the cache's clock. Saturates at `u64::MAX`
+    /// nanoseconds (about 584 years: reachable only with a manual clock) rather than wrap.
     pub total_load_time: Duration,
     /// Entries removed because they expired.
     pub expired: Removals,

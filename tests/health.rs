@@ -97,7 +97,7 @@ fn synchronized_expiry() {
         }] => {
             assert_eq!(*due, 200);
             assert_eq!(*share, 1.0);
-            assert_eq!(*within, Duration::from_nanos(60_000_000_000 / 32 * 2));
+            assert_eq!(*within, Duration::from_nanos(60_000_000_000 / 32 * 3));
         }
         other => panic!("{other:?}"),
     }

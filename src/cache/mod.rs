@@ -998,6 +998,38 @@ where
         guards.iter().map(|g| g.len() as u64).sum()
     }
 
+    /// The number of entries, read without waiting for a shard lock: without a weigher the
+    /// weight is the count; with one, each shard's count is read if its lock is free at once
+    /// (a shard busy at that moment is estimated as the mean of the others; with every shard
+    /// busy, the weight over the mean weight per entry last seen). For `health` and `sizing`,
+    /// which promise not to wait for a shard lock.
+    pub(crate) fn entry_count_without_waiting(&self) -> u64 {
+        if !self.inner.weigher_set() {
+            return self.weighted_size();
+        }
+        let shards = &self.inner.shards;
+        let mean = &self.inner.stampede.monitor.mean_weight;
+        let (mut sum, mut weight, mut seen) = (0u64, 0u64, 0u64);
+        for c in shards.iter() {
+            if let Some(g) = c.lock.try_read() {
+                sum += g.len() as u64;
+                weight += g.weight();
+                seen += 1;
+            }
+        }
+        if seen == 0 {
+            // Every shard busy: the weight over the mean weight last seen (the weight itself
+            // if none was ever seen).
+            let m = f64::from_bits(mean.load(Ordering::Relaxed));
+            let w = self.weighted_size();
+            return if m > 0.0 { (w as f64 / m) as u64 } else { w };
+        }
+        if sum > 0 {
+            mean.store((weight as f64 / sum as f64).to_bits(), Ordering::Relaxed);
+        }
+        sum.saturating_mul(shards.len() as u64) / seen
+    }
+
     /// The total weight stored (the entry count without a weigher). Never above
     /// [`max_capacity`](Self::max_capacity) once every `insert` has returned.
     ///
