@@ -59,8 +59,9 @@ impl Default for Figures {
 }
 
 /// How many written entries fall due in each interval ahead, for one shard: a ring of
-/// [`SLOTS`] words, each the low 32 bits of the interval it holds and its count (one word, so
-/// a reader never sees one without the other). Written only under the shard's write lock
+/// [`SLOTS`] words, each the interval it holds (its low 32 bits above the slot's index: an
+/// interval aliases another only 2^38 intervals away) and its count (one word, so a reader
+/// never sees one without the other). Written only under the shard's write lock
 /// (plain loads and stores: no shared read-modify-write on the write path); read by `health`
 /// with no lock. Empty unless expiry can be synchronized.
 pub(crate) struct DueRing {
@@ -69,6 +70,10 @@ pub(crate) struct DueRing {
     /// (`SLOTS`: none, its deadline saturated to "never"): writes within one clock tick (the
     /// coarse clock moves once a millisecond) reuse it instead of dividing again.
     memo: [AtomicU64; 2],
+    /// The highest interval an entry was written due in (`u64::MAX`: none yet). No slot holds
+    /// a later one: a slot tagged for a later interval is an alias of an older write (see
+    /// [`Monitor::busiest`]).
+    highest: AtomicU64,
 }
 
 impl DueRing {
@@ -82,6 +87,7 @@ impl DueRing {
             },
             // No `now` is `u64::MAX` (the clock stops one short of `NEVER`).
             memo: [AtomicU64::new(u64::MAX), AtomicU64::new(0)],
+            highest: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -123,32 +129,36 @@ impl DueRing {
         let Some(slot) = self.slots.get(interval as usize % SLOTS) else {
             return;
         };
-        let tag = interval << 32;
+        let h = self.highest.load(Ordering::Relaxed);
+        if h == u64::MAX || interval > h {
+            self.highest.store(interval, Ordering::Relaxed);
+        }
+        let tag = Self::tag(interval);
         let w = slot.load(Ordering::Relaxed);
-        let n = if w >> 32 == interval & 0xffff_ffff {
+        let n = if w >> 32 == tag {
             (w & 0xffff_ffff) + 1
         } else {
             1
         };
-        slot.store(tag | n.min(0xffff_ffff), Ordering::Relaxed);
+        slot.store((tag << 32) | n.min(0xffff_ffff), Ordering::Relaxed);
     }
 
-    /// The interval the last write's entry fell due in (`None`: no write yet, or it never
-    /// falls due). Every interval the ring holds is at most this one (plus one: writes racing
-    /// for the lock may carry readings of the clock a tick apart).
-    fn latest(&self, m: &Monitor) -> Option<u64> {
-        let now = self.memo[0].load(Ordering::Relaxed);
-        if now == u64::MAX {
-            return None;
-        }
-        m.due_interval(now)
+    /// A slot's tag for `interval`: the bits above the slot's index (implied by the slot),
+    /// 32 of them.
+    fn tag(interval: u64) -> u64 {
+        (interval / SLOTS as u64) & 0xffff_ffff
+    }
+
+    /// The highest interval an entry was written due in (`None`: none yet).
+    fn highest(&self) -> Option<u64> {
+        Some(self.highest.load(Ordering::Relaxed)).filter(|&h| h != u64::MAX)
     }
 
     /// Entries due in `interval`.
     fn due(&self, interval: u64) -> u64 {
         self.slots.get(interval as usize % SLOTS).map_or(0, |slot| {
             let w = slot.load(Ordering::Relaxed);
-            if w >> 32 == interval & 0xffff_ffff {
+            if w >> 32 == Self::tag(interval) {
                 w & 0xffff_ffff
             } else {
                 0
@@ -283,7 +293,9 @@ impl Monitor {
         // zero stores nothing: nothing falls due, so no ring is kept.
         config.ttl = config.ttl.filter(|&t| t != NEVER);
         let width = match config.ttl {
-            Some(ttl) if !config.spread && ttl > 0 => (ttl / SLOTS_PER_TTL).max(1),
+            // Rounded up: three intervals hold any span of TTL / 16 (round 93: at a time to live
+            // of 63 ns, three intervals of 1 ns did not).
+            Some(ttl) if !config.spread && ttl > 0 => ttl.div_ceil(SLOTS_PER_TTL),
             _ => 0,
         };
         Monitor {
@@ -338,13 +350,13 @@ impl Monitor {
             return None;
         }
         let first = now / self.width;
-        // A slot's tag holds the low 32 bits of its interval: one written 2^32 intervals
-        // before an interval asked for would pass for it (round 92: entries expired 37 hours
-        // before, at a time to live of 1 ms, reported as due). No ring holds an interval past
-        // its last write's.
-        let rings: Vec<(&DueRing, u64)> = rings
-            .filter_map(|r| Some((r, r.latest(self)?.saturating_add(1))))
-            .collect();
+        // A slot's tag holds 32 bits of its interval: one written 2^38 intervals before an
+        // interval asked for would pass for it (round 92: with 32 bits in all, entries expired
+        // 37 hours before, at a time to live of 1 ms, reported as due). No ring holds an
+        // interval past the highest it was written (round 93: not the last write's, which a
+        // writer with an older reading of the clock, or an entry that never falls due, may
+        // have made).
+        let rings: Vec<(&DueRing, u64)> = rings.filter_map(|r| Some((r, r.highest()?))).collect();
         let due = |i: u64| {
             rings
                 .iter()
@@ -400,7 +412,7 @@ mod tests {
         // The count saturates instead of spilling into the interval's tag.
         let slot = &r.slots[(first + SLOTS as u64) as usize % SLOTS];
         slot.store(
-            ((first + SLOTS as u64) << 32) | 0xffff_fffe,
+            (DueRing::tag(first + SLOTS as u64) << 32) | 0xffff_fffe,
             Ordering::Relaxed,
         );
         for _ in 0..3 {

@@ -1009,14 +1009,7 @@ where
         }
         let shards = &self.inner.shards;
         let mean = &self.inner.stampede.monitor.mean_weight;
-        let (mut sum, mut weight, mut seen) = (0u64, 0u64, 0u64);
-        for c in shards.iter() {
-            if let Some(g) = c.lock.try_read() {
-                sum += g.len() as u64;
-                weight += g.weight();
-                seen += 1;
-            }
-        }
+        let (sum, weight, seen) = self.shards_free_now();
         if seen == 0 {
             // Every shard busy: the weight over the mean weight last seen (the weight itself
             // if none was ever seen).
@@ -1028,6 +1021,20 @@ where
             mean.store((weight as f64 / sum as f64).to_bits(), Ordering::Relaxed);
         }
         sum.saturating_mul(shards.len() as u64) / seen
+    }
+
+    /// The entries and the weight of the shards whose lock is free at once, and how many those
+    /// are (no shard lock is waited for).
+    pub(crate) fn shards_free_now(&self) -> (u64, u64, u64) {
+        let (mut sum, mut weight, mut seen) = (0u64, 0u64, 0u64);
+        for c in self.inner.shards.iter() {
+            if let Some(g) = c.lock.try_read() {
+                sum += g.len() as u64;
+                weight += g.weight();
+                seen += 1;
+            }
+        }
+        (sum, weight, seen)
     }
 
     /// The total weight stored (the entry count without a weigher). Never above
