@@ -795,7 +795,11 @@ where
             spread: self.jitter > 0.0
                 || refresh_after.is_some()
                 || self.early_beta.is_some()
-                || matches!(expiry, ExpiryConfig::Custom { .. }),
+                || matches!(expiry, ExpiryConfig::Custom { .. })
+                // A time to idle shorter than the time to live: reads move an entry's deadline
+                // (last access + TTI), which the ring, counting writes, does not see (round 94:
+                // entries written together and read at spread times reported as one wave).
+                || self.tti.is_some_and(|tti| self.ttl.is_none_or(|ttl| tti < ttl)),
             // `negative_ttl(Duration::ZERO)` remembers nothing: no negative caching.
             negative_caching: stampede.negative_ttl.is_some_and(|t| t > 0),
         });

@@ -34,6 +34,8 @@ pub(crate) struct Figures {
     pub(crate) hits: u64,
     pub(crate) misses: u64,
     pub(crate) evicted: u64,
+    /// Of those, writes too heavy to store (`Monitor::too_heavy`).
+    pub(crate) too_heavy: u64,
     pub(crate) refresh_started: u64,
     pub(crate) refresh_finished: u64,
     /// The entries `health` counted (the residence time's numerator: the most any snapshot
@@ -51,6 +53,7 @@ impl Default for Figures {
             hits: 0,
             misses: 0,
             evicted: 0,
+            too_heavy: 0,
             refresh_started: 0,
             refresh_finished: 0,
             entries: 0,
@@ -114,24 +117,47 @@ impl DueRing {
         }
         let interval = m.due_interval(now);
         self.memo[0].store(now, Ordering::Relaxed);
+        let counted = interval.filter(|&i| self.note(i));
         self.memo[1].store(
-            interval.map_or(SLOTS as u64, |i| i % SLOTS as u64),
+            counted.map_or(SLOTS as u64, |i| i % SLOTS as u64),
             Ordering::Relaxed,
         );
-        if let Some(i) = interval {
-            self.note(i);
-        }
     }
 
-    /// Under the shard's write lock: one entry written now falls due in `interval`.
+    /// Under the shard's write lock: one entry written now falls due in `interval`. Returns
+    /// whether it was counted: not when it falls due `SLOTS` intervals or more before the
+    /// highest one written (a writer with a much older reading of the clock).
+    ///
+    /// The ring holds the `SLOTS` intervals up to the highest written and no other: when the
+    /// highest moves on, the slots of the intervals it passes are cleared (all of them after a
+    /// jump of `SLOTS` or more). So a slot never holds an interval older than that span, and
+    /// the tag (the interval's bits above the slot's index, 32 of them) only confirms what
+    /// the span already implies. Round 94: with tags alone, a slot written 2^38 intervals
+    /// before passed for the interval asked for (at a time to live of 1 ms: 99 days).
     #[inline]
-    fn note(&self, interval: u64) {
+    fn note(&self, interval: u64) -> bool {
         let Some(slot) = self.slots.get(interval as usize % SLOTS) else {
-            return;
+            return false;
         };
         let h = self.highest.load(Ordering::Relaxed);
         if h == u64::MAX || interval > h {
+            let passed = if h == u64::MAX {
+                SLOTS as u64
+            } else {
+                interval - h
+            };
+            if passed >= SLOTS as u64 {
+                for s in self.slots.iter() {
+                    s.store(0, Ordering::Relaxed);
+                }
+            } else {
+                for i in h + 1..interval {
+                    self.slots[i as usize % SLOTS].store(0, Ordering::Relaxed);
+                }
+            }
             self.highest.store(interval, Ordering::Relaxed);
+        } else if h - interval >= SLOTS as u64 {
+            return false;
         }
         let tag = Self::tag(interval);
         let w = slot.load(Ordering::Relaxed);
@@ -141,6 +167,7 @@ impl DueRing {
             1
         };
         slot.store((tag << 32) | n.min(0xffff_ffff), Ordering::Relaxed);
+        true
     }
 
     /// A slot's tag for `interval`: the bits above the slot's index (implied by the slot),
@@ -252,9 +279,15 @@ pub(crate) struct Monitor {
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) active: std::sync::atomic::AtomicU8,
-    /// A weighted cache's mean weight per entry when `health` last counted entries (`f64`
-    /// bits; 0: never), to estimate the count while every shard is busy.
+    /// A weighted cache's mean weight per entry when `health` last counted entries in a shard
+    /// holding some (`f64` bits; 0: never), to count the busy shards' entries by their weight.
     pub(crate) mean_weight: AtomicU64,
+    /// The entries `health` last counted, kept for a call that cannot count them (see
+    /// `Cache::entry_count_without_waiting`; `u64::MAX`: none yet).
+    pub(crate) entries: AtomicU64,
+    /// Writes turned away as too heavy to store, which the statistics count as evictions for
+    /// size: no entry that stayed, left out of the residence time.
+    pub(crate) too_heavy: AtomicU64,
 }
 
 impl Default for Monitor {
@@ -308,6 +341,8 @@ impl Monitor {
             other: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
             mean_weight: AtomicU64::new(0),
+            entries: AtomicU64::new(u64::MAX),
+            too_heavy: AtomicU64::new(0),
         }
     }
 
@@ -350,17 +385,17 @@ impl Monitor {
             return None;
         }
         let first = now / self.width;
-        // A slot's tag holds 32 bits of its interval: one written 2^38 intervals before an
-        // interval asked for would pass for it (round 92: with 32 bits in all, entries expired
-        // 37 hours before, at a time to live of 1 ms, reported as due). No ring holds an
-        // interval past the highest it was written (round 93: not the last write's, which a
-        // writer with an older reading of the clock, or an entry that never falls due, may
-        // have made).
+        // A ring holds the `SLOTS` intervals up to the highest it was written (see
+        // `DueRing::note`), and no interval past it (round 93: the highest, not the last
+        // write's, which a writer with an older reading of the clock, or an entry that never
+        // falls due, may have made): outside that span a slot holds another interval (round
+        // 92: with 32-bit tags, entries expired 37 hours before, at a time to live of 1 ms,
+        // reported as due; round 94: with 32 bits above the index, 2^38 intervals before).
         let rings: Vec<(&DueRing, u64)> = rings.filter_map(|r| Some((r, r.highest()?))).collect();
         let due = |i: u64| {
             rings
                 .iter()
-                .filter(|&&(_, last)| i <= last)
+                .filter(|&&(_, last)| i <= last && last - i < SLOTS as u64)
                 .map(|(r, _)| r.due(i))
                 .sum::<u64>()
         };
@@ -419,6 +454,34 @@ mod tests {
             r.note_written(&m, 100 + 2_000 * SLOTS as u64);
         }
         assert_eq!(r.due(first + SLOTS as u64), 0xffff_ffff);
+    }
+
+    /// The ring holds the `SLOTS` intervals up to the highest written: moving on clears the
+    /// slots it passes (all of them after a jump of `SLOTS` or more, whatever the tags say),
+    /// and a write due `SLOTS` intervals or more before the highest is not counted (round 94:
+    /// tags alone aliased 2^38 intervals apart).
+    #[test]
+    fn the_ring_holds_only_the_span_up_to_its_highest_interval() {
+        let m = Monitor::new(HealthConfig {
+            ttl: Some(64_000),
+            ..HealthConfig::default()
+        });
+        let r = DueRing::new(&m);
+        assert!(r.note(3) && r.note(3) && r.note(5));
+        assert_eq!((r.due(3), r.due(5)), (2, 1));
+        // Moving on by 2: the slot passed (4) is cleared, the others kept.
+        assert!(r.note(6));
+        assert_eq!((r.due(3), r.due(5), r.due(6)), (2, 1, 1));
+        // A jump of 2^38 + SLOTS: every slot cleared, the same tags or not.
+        let far = 3 + (1u64 << 38) + SLOTS as u64;
+        assert!(r.note(far));
+        assert_eq!(r.highest(), Some(far));
+        assert_eq!((r.due(3), r.due(5), r.due(6), r.due(far)), (0, 0, 0, 1));
+        assert_eq!(r.due(3 + (1u64 << 38)), 0, "the old slot's alias");
+        // Too old to count: not counted; the oldest interval still held is.
+        assert!(!r.note(far - SLOTS as u64));
+        assert!(r.note(far - SLOTS as u64 + 1));
+        assert_eq!(r.due(far - SLOTS as u64 + 1), 1);
     }
 
     /// A time to live of zero (nothing stored) or of `Duration::MAX` ("never") keeps no ring,

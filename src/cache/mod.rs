@@ -833,8 +833,6 @@ where
         let cell = &self.inner.shards[i];
         let now = self.now();
         let mut s = cell.lock.write();
-        // For `health` (src/health.rs), under the write lock.
-        cell.due.note_written(&self.inner.stampede.monitor, now);
         if self.inner.weigher.is_some() {
             self.drain_samples(cell);
             let tune = self.inner.tune.load(Ordering::Relaxed);
@@ -876,6 +874,12 @@ where
                     RemovalCause::Replaced,
                 );
                 self.count_evicted(1, u64::from(weight));
+                // Not an entry that stayed: `health`'s residence time leaves it out.
+                self.inner
+                    .stampede
+                    .monitor
+                    .too_heavy
+                    .fetch_add(1, Ordering::Relaxed);
                 out.push(Removed {
                     key,
                     value,
@@ -884,6 +888,9 @@ where
                 });
             }
         } else {
+            // For `health` (src/health.rs), under the write lock: an entry stored (not a load
+            // superseded, nor a write too heavy to store) falls due.
+            cell.due.note_written(&self.inner.stampede.monitor, now);
             acct.shard.insert(
                 hash,
                 key,
@@ -998,29 +1005,38 @@ where
         guards.iter().map(|g| g.len() as u64).sum()
     }
 
-    /// The number of entries, read without waiting for a shard lock: without a weigher the
-    /// weight is the count; with one, each shard's count is read if its lock is free at once
-    /// (a shard busy at that moment is estimated as the mean of the others; with every shard
-    /// busy, the weight over the mean weight per entry last seen). For `health` and `sizing`,
-    /// which promise not to wait for a shard lock.
-    pub(crate) fn entry_count_without_waiting(&self) -> u64 {
+    /// The number of entries, read without waiting for a shard lock (for `health`, which
+    /// promises not to): without a weigher the weight is the count; with one, each shard's
+    /// count is read if its lock is free at once, and the weight of the busy ones (the cache's
+    /// weight less the free ones') is counted at the free shards' mean weight per entry (the
+    /// last one seen if they hold nothing). `None` when every shard is busy, or some are and
+    /// no mean weight was ever seen: no count (round 94: the weight itself, taken for a count,
+    /// made every entry stay 1,000 times longer; busy shards counted as the mean of the free
+    /// ones hid a wave in the busy one).
+    pub(crate) fn entry_count_without_waiting(&self) -> Option<u64> {
         if !self.inner.weigher_set() {
-            return self.weighted_size();
+            return Some(self.weighted_size());
         }
-        let shards = &self.inner.shards;
         let mean = &self.inner.stampede.monitor.mean_weight;
         let (sum, weight, seen) = self.shards_free_now();
+        if seen == self.inner.shards.len() as u64 {
+            return Some(sum);
+        }
         if seen == 0 {
-            // Every shard busy: the weight over the mean weight last seen (the weight itself
-            // if none was ever seen).
-            let m = f64::from_bits(mean.load(Ordering::Relaxed));
-            let w = self.weighted_size();
-            return if m > 0.0 { (w as f64 / m) as u64 } else { w };
+            return None;
         }
-        if sum > 0 {
-            mean.store((weight as f64 / sum as f64).to_bits(), Ordering::Relaxed);
+        let m = if sum > 0 {
+            let m = weight as f64 / sum as f64;
+            mean.store(m.to_bits(), Ordering::Relaxed);
+            m
+        } else {
+            f64::from_bits(mean.load(Ordering::Relaxed))
+        };
+        if m <= 0.0 {
+            return None;
         }
-        sum.saturating_mul(shards.len() as u64) / seen
+        let busy = self.weighted_size().saturating_sub(weight);
+        Some(sum.saturating_add((busy as f64 / m).round() as u64))
     }
 
     /// The entries and the weight of the shards whose lock is free at once, and how many those
