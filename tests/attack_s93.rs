@@ -653,38 +653,11 @@ mod busy {
 
     use crate::common;
     use herdcache::{Cache, ManualClock, Sizing};
-    use std::hash::{BuildHasher, Hasher};
     use std::sync::mpsc;
     use std::time::Duration;
 
-    /// A fixed-seed hasher (as attack_s92b's `Seeded`): the same keys are sampled on every run.
-    #[derive(Clone)]
-    pub struct Seeded(pub u64);
-    pub struct SeededHasher(u64, u64);
-    impl Hasher for SeededHasher {
-        fn write(&mut self, bytes: &[u8]) {
-            for &b in bytes {
-                self.1 = (self.1 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-            }
-        }
-        fn write_u64(&mut self, x: u64) {
-            self.1 = (self.1 ^ x)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .rotate_left(29);
-        }
-        fn finish(&self) -> u64 {
-            let mut z = self.1 ^ self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
-    impl BuildHasher for Seeded {
-        type Hasher = SeededHasher;
-        fn build_hasher(&self) -> SeededHasher {
-            SeededHasher(self.0, 0xcbf2_9ce4_8422_2325)
-        }
-    }
+    // A fixed-seed hasher: the same keys are sampled on every run.
+    use crate::common::seeded::Seeded;
 
     fn in01(x: f64) -> bool {
         x.is_finite() && (0.0..=1.0).contains(&x)

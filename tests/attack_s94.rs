@@ -78,19 +78,25 @@ fn sync_of(h: &herdcache::Health) -> Option<(u64, f64, Duration, Duration)> {
 /// the entries are due at 16.15 s … 31 s, about 6.7 a second: any TTL / 16 (2 s) holds ≤ 14
 /// of them (< SYNC_MIN). No expiry wave; checked through `contains_key` (half of them are gone
 /// half-way through the spread).
-#[test]
-fn tti_spread_by_reads_is_no_expiry_wave() {
-    let _w = common::watchdog(secs(60), "tti spread");
+/// A cache with a time to live and a time to idle, 100 entries written at t = 0.
+fn hundred_written(ttl: Duration, tti: Duration) -> (ManualClock, Cache<u64, u64>) {
     let clock = ManualClock::new();
     let c: Cache<u64, u64> = Cache::builder()
         .max_capacity(10_000)
-        .time_to_live(secs(32))
-        .time_to_idle(secs(16))
+        .time_to_live(ttl)
+        .time_to_idle(tti)
         .clock(clock.clone())
         .build();
     for k in 0..100u64 {
         c.insert(k, k);
     }
+    (clock, c)
+}
+
+#[test]
+fn tti_spread_by_reads_is_no_expiry_wave() {
+    let _w = common::watchdog(secs(60), "tti spread");
+    let (clock, c) = hundred_written(secs(32), secs(16));
     for k in 0..100u64 {
         clock.advance(ms(150));
         assert_eq!(
@@ -126,16 +132,7 @@ fn tti_spread_by_reads_is_no_expiry_wave() {
 #[test]
 fn tti_wave_is_reported_at_its_idle_deadline() {
     let _w = common::watchdog(secs(60), "tti in_");
-    let clock = ManualClock::new();
-    let c: Cache<u64, u64> = Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(secs(32))
-        .time_to_idle(secs(2))
-        .clock(clock.clone())
-        .build();
-    for k in 0..100u64 {
-        c.insert(k, k);
-    }
+    let (clock, c) = hundred_written(secs(32), secs(2));
     clock.advance(secs(1));
     let h = c.health_over(secs(60));
     let at_1s = sync_of(&h);
