@@ -279,11 +279,12 @@ pub(crate) struct Monitor {
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) active: std::sync::atomic::AtomicU8,
-    /// A weighted cache's mean weight per entry when `health` last counted entries in a shard
-    /// holding some (`f64` bits; 0: never), to count the busy shards' entries by their weight.
+    /// A weighted cache's mean weight per entry over the shards `health` last read holding
+    /// entries (`f64` bits; 0: never), to count busy shards' entries by their weight.
     pub(crate) mean_weight: AtomicU64,
-    /// The entries `health` last counted, kept for a call that cannot count them (see
-    /// `Cache::entry_count_without_waiting`; `u64::MAX`: none yet).
+    /// The entries `health` last counted (every shard read; `u64::MAX`: none yet): what a
+    /// call that can only estimate keeps in its snapshot (see
+    /// `Cache::entry_count_without_waiting`).
     pub(crate) entries: AtomicU64,
     /// Writes turned away as too heavy to store, which the statistics count as evictions for
     /// size: no entry that stayed, left out of the residence time.

@@ -37,7 +37,6 @@
 mod common;
 
 use herdcache::{Cache, ManualClock, Warning};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,64 +197,7 @@ fn spread_writes_2_pow_38_intervals_after_a_burst_do_not_fire() {
 // Weighted caches: entries counted on the shards free at once
 // -------------------------------------------------------------------------------------------
 
-static TRAP_ENTERED: AtomicBool = AtomicBool::new(false);
-static TRAP_RELEASE: AtomicBool = AtomicBool::new(false);
-
-/// A key routed to a chosen shard (of 2: bit 40 of the hash), whose `Eq` blocks (under the
-/// shard's write lock, during an `insert` of its twin) when `trap` is set.
-#[derive(Clone, Debug)]
-struct Routed {
-    id: u64,
-    shard: u64,
-    trap: bool,
-}
-
-impl PartialEq for Routed {
-    fn eq(&self, o: &Self) -> bool {
-        let same = self.id == o.id && self.shard == o.shard;
-        if same && (self.trap || o.trap) && !TRAP_RELEASE.load(SeqCst) {
-            TRAP_ENTERED.store(true, SeqCst);
-            let t = std::time::Instant::now();
-            while !TRAP_RELEASE.load(SeqCst) && t.elapsed() < secs(30) {
-                std::thread::sleep(ms(1));
-            }
-        }
-        same
-    }
-}
-impl Eq for Routed {}
-impl Hash for Routed {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        let mut z = self.id.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        h.write_u64((z & !(1 << 40)) | (self.shard << 40));
-    }
-}
-
-#[derive(Clone, Default)]
-struct Identity;
-struct IdHasher(u64);
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = x;
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-impl BuildHasher for Identity {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
-    }
-}
+use common::routed::{Identity, Routed, TRAP_ENTERED, TRAP_RELEASE};
 
 /// `health_over`: "never waits for a shard lock (with a weigher it counts the entries of each
 /// shard whose lock is free at that instant, by a non-blocking try)"; thresholds table:

@@ -95,6 +95,9 @@ pub(crate) struct ShardCell<K, V> {
     accesses: AtomicU64,
     /// When this shard's written entries fall due, for `health` (written under `lock`).
     pub(crate) due: crate::monitor::DueRing,
+    /// A weighted cache: this shard's mean weight per entry when `health` last read it holding
+    /// entries (`f64` bits; 0: never), to count its entries by its weight while it is busy.
+    mean_weight: AtomicU64,
 }
 
 /// The most orphaned refresh claims remembered (see [`Cache::note_orphan`]); beyond, the
@@ -284,6 +287,7 @@ where
                     samples: Samples::default(),
                     accesses: AtomicU64::new(0),
                     due: crate::monitor::DueRing::new(&stampede.monitor),
+                    mean_weight: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -1006,37 +1010,58 @@ where
     }
 
     /// The number of entries, read without waiting for a shard lock (for `health`, which
-    /// promises not to): without a weigher the weight is the count; with one, each shard's
-    /// count is read if its lock is free at once, and the weight of the busy ones (the cache's
-    /// weight less the free ones') is counted at the free shards' mean weight per entry (the
-    /// last one seen if they hold nothing). `None` when every shard is busy, or some are and
-    /// no mean weight was ever seen: no count (round 94: the weight itself, taken for a count,
-    /// made every entry stay 1,000 times longer; busy shards counted as the mean of the free
-    /// ones hid a wave in the busy one).
-    pub(crate) fn entry_count_without_waiting(&self) -> Option<u64> {
+    /// promises not to), and whether it is a count (every shard read) rather than an
+    /// estimate. Without a weigher the weight is the count. With one, each shard whose lock is
+    /// free at once is counted; the busy ones' weight (the cache's less the free shards') is
+    /// counted at a mean weight per entry: the busy shards' own when last read holding
+    /// entries, else the free shards', else the cache's last seen; with none known, the weight
+    /// itself (at least the count when every entry weighs 1 or more). Round 94: the busy shards
+    /// counted as the free ones' mean count hid a wave in the busy one; round 96: a busy shard
+    /// of heavy entries counted at the light free shard's mean weight made 99 entries 99,000.
+    pub(crate) fn entry_count_without_waiting(&self) -> (u64, bool) {
         if !self.inner.weigher_set() {
-            return Some(self.weighted_size());
+            return (self.weighted_size(), true);
         }
-        let mean = &self.inner.stampede.monitor.mean_weight;
-        let (sum, weight, seen) = self.shards_free_now();
-        if seen == self.inner.shards.len() as u64 {
-            return Some(sum);
+        let (mut count, mut weight, mut busy) = (0u64, 0u64, 0usize);
+        let (mut busy_means, mut known) = (0.0f64, 0usize);
+        for c in self.inner.shards.iter() {
+            if let Some(g) = c.lock.try_read() {
+                let (n, w) = (g.len() as u64, g.weight());
+                drop(g);
+                count += n;
+                weight += w;
+                if n > 0 {
+                    let m = w as f64 / n as f64;
+                    c.mean_weight.store(m.to_bits(), Ordering::Relaxed);
+                }
+            } else {
+                busy += 1;
+                let m = f64::from_bits(c.mean_weight.load(Ordering::Relaxed));
+                if m > 0.0 {
+                    busy_means += m;
+                    known += 1;
+                }
+            }
         }
-        if seen == 0 {
-            return None;
+        let last = &self.inner.stampede.monitor.mean_weight;
+        if count > 0 {
+            last.store((weight as f64 / count as f64).to_bits(), Ordering::Relaxed);
         }
-        let m = if sum > 0 {
-            let m = weight as f64 / sum as f64;
-            mean.store(m.to_bits(), Ordering::Relaxed);
-            m
+        if busy == 0 {
+            return (count, true);
+        }
+        let mean = if known > 0 {
+            busy_means / known as f64
         } else {
-            f64::from_bits(mean.load(Ordering::Relaxed))
+            f64::from_bits(last.load(Ordering::Relaxed))
         };
-        if m <= 0.0 {
-            return None;
-        }
-        let busy = self.weighted_size().saturating_sub(weight);
-        Some(sum.saturating_add((busy as f64 / m).round() as u64))
+        let busy_weight = self.weighted_size().saturating_sub(weight);
+        let estimate = if mean > 0.0 {
+            (busy_weight as f64 / mean).round() as u64
+        } else {
+            busy_weight
+        };
+        (count.saturating_add(estimate), false)
     }
 
     /// The entries and the weight of the shards whose lock is free at once, and how many those

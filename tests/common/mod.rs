@@ -6,6 +6,7 @@ pub mod heap;
 pub mod key_drop;
 pub mod moka;
 pub mod negative;
+pub mod routed;
 pub mod seeded;
 #[cfg(feature = "redis")]
 pub mod tier;
