@@ -793,7 +793,10 @@ where
             // A custom expiry sets its own deadlines (a time to live only bounds them): written
             // entries need not fall due together.
             spread: self.jitter > 0.0
-                || refresh_after.is_some()
+                // Refresh ahead, only if it comes before the time to live: at or past it, no
+                // entry is refreshed before it expires (round 97: any `refresh_after`, even
+                // `Duration::MAX`, hid a wave).
+                || refresh_after.is_some_and(|r| self.ttl.is_none_or(|ttl| r < nanos(ttl)))
                 || self.early_beta.is_some()
                 || matches!(expiry, ExpiryConfig::Custom { .. })
                 // A time to idle shorter than the time to live: reads move an entry's deadline

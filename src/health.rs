@@ -35,7 +35,7 @@
 //! | warning | raised when (over the window) |
 //! |---|---|
 //! | [`Warning::TtlShorterThanLoads`] | time to live < [`TTL_LOAD_MULTIPLE`] × median load time, with ≥ [`MIN_LOADS`] loads |
-//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead, no custom [`Expiry`](crate::Expiry) (one sets its own deadlines, which need not fall together: not watched even if it keeps the time to live's), no time to idle shorter than the time to live (reads move an idle deadline, and the count is of writes: not watched), and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 wherever it starts (counted in intervals of TTL / 32 by when each entry is due: the busiest three adjacent ones, 3/32 of the TTL, which hold any span of TTL / 16; writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never", a write too heavy to store and a load superseded by a later write are not counted) |
+//! | [`Warning::SynchronizedExpiry`] | a time to live (not zero, not `Duration::MAX`), no jitter, no refresh-ahead (a `refresh_after` at or above the time to live refreshes nothing ahead: watched), no custom [`Expiry`](crate::Expiry) (one sets its own deadlines, which need not fall together: not watched even if it keeps the time to live's), no time to idle shorter than the time to live (reads move an idle deadline, and the count is of writes: not watched), and ≥ [`SYNC_SHARE`] of the entries (and ≥ [`SYNC_MIN`]) due within one interval of TTL / 16 wherever it starts (counted in intervals of TTL / 32 by when each entry is due: the busiest three adjacent ones, 3/32 of the TTL, which hold any span of TTL / 16; writes counted by when their entry is due: a key written again and entries evicted since still count, so the count is capped at the entries present; an entry whose deadline saturates to "never", a write too heavy to store and a load superseded by a later write are not counted) |
 //! | [`Warning::RefreshNeverHappens`] | `refresh_after` ≥ time to live (configuration; not with a time to live of "never": `Duration::MAX`, or 584 years or more) |
 //! | [`Warning::RefreshCannotKeepUp`] | ≥ [`REFRESH_BACKLOG`] refreshes started and not finished, a backlog that grew over the window's second half and did not shrink over its first |
 //! | [`Warning::Thrashing`] | evictions for size in the window (at least one), and either ≥ [`MIN_EVICTIONS`] of them with entries staying < ½ the time to live (or refresh period; neither of `Duration::MAX`; without either, no such test) on average (the most entries the window's snapshots saw ÷ evictions per second; a write too heavy to store, which the statistics count as an eviction for size, is a stay of zero there, and the `residence` figure reported leaves such writes out), or the hit ratio fell by ≥ [`HIT_DROP_POINTS`] points from the window's first half to its second (≥ [`MIN_REQUESTS`] requests in each). A hit-ratio drop with no eviction for size is not thrashing (a cache that evicts nothing is not too small: the keys changed, or entries expired or were invalidated). With [`track_sizing`](crate::CacheBuilder::track_sizing), the advice quotes the predicted hit ratio at 2× and 4× (for a `max_capacity` of 0: at 1, 2 and 4) and [`Sizing::suggested_capacity`](crate::Sizing::suggested_capacity) (or says a larger cache would not help) |
@@ -331,7 +331,8 @@ impl fmt::Display for Warning {
     }
 }
 
-/// A duration with three significant digits at most, for the advice ("1.5 s", "62.9 ms").
+/// A duration with three significant digits at most, for the advice ("1.50 s", "62.9 ms"), in
+/// whole nanoseconds below a microsecond ("3 ns").
 struct Short(Duration);
 
 impl fmt::Display for Short {
@@ -357,8 +358,12 @@ impl fmt::Display for Short {
                 digits
             }
         };
-        let s = self.0.as_secs_f64();
-        let mut v = s * 1e6;
+        // Below a microsecond, whole nanoseconds ("3 ns", not "0.00 µs": round 97, a time to
+        // live of 8 ns against a median load of 3 ns printed as "0.01 µs < 4× 0.00 µs").
+        if self.0 < Duration::from_micros(1) {
+            return write!(f, "{} ns", self.0.as_nanos());
+        }
+        let mut v = self.0.as_secs_f64() * 1e6;
         let mut unit = "µs";
         for next in ["ms", "s"] {
             if rounded(v, digits_for(v)) < 1000.0 {
@@ -464,7 +469,8 @@ where
     /// in the crate's `health` docs, [`Warning`]). Reads counters and the configuration; never
     /// waits for a shard lock (with a weigher it counts the entries of each shard whose lock
     /// is free at that instant, by a non-blocking try, and those of the busy shards by their
-    /// weight at a mean weight per entry — theirs when last read, else the free shards' —, an
+    /// weight at their own mean weight per entry when last read (entries that weighed nothing
+    /// then: their count then, plus any weight since at the free shards' mean), an
     /// estimate for that call only: the window's peak keeps counts), only for a lock of its own that
     /// nothing but `health` takes. The warnings
     /// that need hit, miss, eviction or refresh counts need
@@ -524,22 +530,14 @@ where
             cur.refresh_finished = s.refreshes_succeeded + s.refreshes_failed;
         }
         // An estimate (a weighted cache with a shard busy) serves this call only: the
-        // snapshot kept for the window's peak holds the last count (rounds 94 and 96: an
-        // estimate kept there, the weight or 99 entries counted as 99,000, made every entry
-        // stay 1,000 times longer for a whole window).
+        // snapshot kept for the window's peak holds no count (rounds 94 and 96: an estimate
+        // kept there, the weight or 99 entries counted as 99,000, made every entry stay 1,000
+        // times longer for a whole window; round 97: the last count kept instead, however old,
+        // was a peak no snapshot of the window had seen).
         let (n, exact) = self.entry_count_without_waiting();
-        if exact {
-            m.entries.store(n, Ordering::Relaxed);
-        }
         cur.entries = n;
         let kept = Figures {
-            entries: if exact {
-                n
-            } else {
-                Some(m.entries.load(Ordering::Relaxed))
-                    .filter(|&n| n != u64::MAX)
-                    .unwrap_or(0)
-            },
+            entries: if exact { n } else { 0 },
             ..cur.clone()
         };
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);

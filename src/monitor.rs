@@ -282,10 +282,6 @@ pub(crate) struct Monitor {
     /// A weighted cache's mean weight per entry over the shards `health` last read holding
     /// entries (`f64` bits; 0: never), to count busy shards' entries by their weight.
     pub(crate) mean_weight: AtomicU64,
-    /// The entries `health` last counted (every shard read; `u64::MAX`: none yet): what a
-    /// call that can only estimate keeps in its snapshot (see
-    /// `Cache::entry_count_without_waiting`).
-    pub(crate) entries: AtomicU64,
     /// Writes turned away as too heavy to store, which the statistics count as evictions for
     /// size: no entry that stayed, left out of the residence time.
     pub(crate) too_heavy: AtomicU64,
@@ -342,7 +338,6 @@ impl Monitor {
             other: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
             mean_weight: AtomicU64::new(0),
-            entries: AtomicU64::new(u64::MAX),
             too_heavy: AtomicU64::new(0),
         }
     }

@@ -240,6 +240,46 @@ impl Shadow {
         false
     }
 
+    /// A write of the key with `weight` (a weighted cache's sampled insert): a key held takes
+    /// the new weight, as the real cache's entry does when its value is replaced, evicting
+    /// while over capacity, or is removed if it is heavier than the whole shadow (the real
+    /// cache turns such a write away and drops the old value); a key not held is inserted
+    /// (a miss). Round 97: the write counted as an access kept the old weight, and a shadow
+    /// whose keys grew heavier on overwrites predicted that a cache of the size would hold
+    /// them all (99.7 % against a replay's 83.3 %). Returns whether the key was held.
+    pub(crate) fn write(&mut self, hash: u64, weight: u32) -> bool {
+        let slab = &self.slab;
+        let holds = |s: u32| slab[s as usize].as_ref().is_some_and(|n| n.hash == hash);
+        let Some(s) = self.table.find(hash, holds) else {
+            self.accesses += 1;
+            self.miss(hash, weight);
+            return false;
+        };
+        self.accesses += 1;
+        self.hits += 1;
+        let n = self.slab[s as usize].as_mut().expect("found slot is live");
+        let (place, old) = (n.place, std::mem::replace(&mut n.weight, weight));
+        if u64::from(weight) > self.capacity {
+            self.slab[s as usize] = None;
+            let removed = self.table.remove(hash, s);
+            debug_assert!(removed, "held key is in the table");
+            self.weight -= u64::from(old);
+            if self.policy.on_remove(place, old) {
+                self.policy.purge_tombstones(&self.slab, &mut self.free);
+            }
+            return true;
+        }
+        if crate::policy::record_hit(&n.hits) {
+            self.policy.touch(s);
+        }
+        if old != weight {
+            self.policy.on_reweigh(s, place, old, weight);
+            self.weight = self.weight - u64::from(old) + u64::from(weight);
+            self.shrink();
+        }
+        true
+    }
+
     /// A miss: inserts the key with `weight` and evicts while over capacity. Out of line, so
     /// that a hit (the common case, inlined into the caller's loop over its shadows) does not
     /// pay for the registers the insert needs.
@@ -268,6 +308,11 @@ impl Shadow {
         self.weight += u64::from(weight);
         self.policy
             .on_insert(&mut self.slab, slot, hash, |n: &Node| n.hash);
+        self.shrink();
+    }
+
+    /// Evicts while over capacity (or over the most entries).
+    fn shrink(&mut self) {
         while self.weight > self.capacity || self.table.len > self.max_entries {
             let Some(v) = self
                 .policy
@@ -410,6 +455,40 @@ mod tests {
         }
         s.validate();
         assert!(!s.access(h(99_999), 1001), "heavier than the capacity");
+    }
+
+    #[test]
+    fn a_write_reweighs_a_held_key_and_evicts_or_drops_it() {
+        let holds = |s: &Shadow, k: u64| {
+            let is = |x: u32| s.slab[x as usize].as_ref().is_some_and(|n| n.hash == h(k));
+            s.table.find(h(k), is).is_some()
+        };
+        let total = |s: &Shadow| s.weights().iter().sum::<u64>();
+        for candidate in 0..4 {
+            let mut s = Shadow::new(100, candidate, 7);
+            for k in 0..10u64 {
+                assert!(!s.write(h(k), 10), "new key");
+            }
+            assert_eq!(total(&s), 100);
+            // Key 0 grows to 50: the shadow stays within its 100 units, by 50 units or more.
+            assert!(s.write(h(0), 50));
+            s.validate();
+            assert!(total(&s) <= 100, "{candidate}");
+            let others = (1..10u64).filter(|&k| holds(&s, k)).count() as u64;
+            let zero = if holds(&s, 0) { 50 } else { 0 };
+            assert_eq!(total(&s), 10 * others + zero, "{candidate}");
+            // Heavier than the shadow: dropped, with its weight.
+            let (before, had) = (total(&s), holds(&s, 0));
+            assert_eq!(s.write(h(0), 101), had);
+            s.validate();
+            assert!(!holds(&s, 0), "{candidate}: dropped");
+            assert_eq!(total(&s), before - if had { 50 } else { 0 }, "{candidate}");
+            for k in 100..400u64 {
+                s.write(h(k), 1 + (k % 3) as u32);
+                s.write(h(k - 50), 3 - (k % 3) as u32);
+            }
+            s.validate();
+        }
     }
 
     #[test]

@@ -76,8 +76,9 @@
 //! *inserts*: a sampled `get` that the real cache missed only looks the key up in the shadows
 //! (the insert that follows brings the key, with its weight, into those that miss it); one
 //! that the real cache hit inserts the key into the shadows that miss it with the weight last
-//! inserted for it (a lossy table of 4096 sampled keys' weights, 32 KiB) or else the mean
-//! weight of the sampled inserts. A weighted cache has no selector and chooses its own rate,
+//! inserted for it (a lossy, two-way table of 4096 sampled keys' weights, 32 KiB) or else the
+//! mean weight of the sampled inserts. An insert of a key a shadow holds (an overwrite) gives
+//! it the new weight, as the cache's entry takes its new value's. A weighted cache has no selector and chooses its own rate,
 //! for about 2000 *entries* in the 1 × shadow: `R = min(1, 2000 × mean weight /
 //! max_capacity)`, the mean weight measured from the cache (weighted size / entries) each time
 //! [`Cache::sizing`](crate::Cache::sizing) is called, and from the sampled inserts after 32,
@@ -827,7 +828,8 @@ impl Tracker {
             self.weight_count += 1;
         }
         // After its sampled miss: into the shadows that missed it. Otherwise (a write without
-        // a read, or the miss was lost): into all, where a shadow holding it counts an access.
+        // a read, an overwrite, or the miss was lost): into all, where a shadow holding it
+        // takes the new weight.
         let slot = &mut self.pending[(hash >> 40) as usize % PENDING];
         let mask = if slot.0 == hash && hash != 0 {
             std::mem::take(slot).1
@@ -836,7 +838,7 @@ impl Tracker {
         };
         for (i, sh) in self.shadows.iter_mut().enumerate() {
             if mask & (1 << i) != 0 {
-                sh.access(hash, weight);
+                sh.write(hash, weight);
             }
         }
         if self.weight_count >= 32 && self.weight_count.is_power_of_two() {

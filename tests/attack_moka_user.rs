@@ -892,7 +892,7 @@ fn refresh_never_happens_thresholds() {
     assert_eq!(kinds(&c, secs(60)), ["refresh_never_happens"]);
     assert_eq!(
         c.health().to_string(),
-        "refresh_after (0.00 µs) ≥ time to live (0.00 µs): entries expire before any refresh; \
+        "refresh_after (0 ns) ≥ time to live (0 ns): entries expire before any refresh; \
          set refresh_after to about half the time to live"
     );
 }

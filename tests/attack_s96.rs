@@ -28,8 +28,6 @@
 mod common;
 
 use herdcache::{Cache, Expiry, ManualClock, Warning};
-use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Mutex;
 use std::time::Duration;
 
 fn secs(s: u64) -> Duration {
@@ -310,56 +308,7 @@ fn burst_across_64_shards_and_a_jump() {
 // 3. Weighted caches with a busy shard
 // ------------------------------------------------------------------------------------------
 
-static TRAP_LOCK: Mutex<()> = Mutex::new(());
-use common::routed::{Identity, Routed, TRAP_ENTERED, TRAP_RELEASE};
-
-fn r(id: u64, shard: u64) -> Routed {
-    Routed {
-        id,
-        shard,
-        trap: false,
-    }
-}
-
-type RC = Cache<Routed, u64, Identity>;
-
-/// Runs `f` while a writer is held inside `busy`'s write lock (inserting the twin of `id`,
-/// value `v`).
-fn during_busy<T: Send + 'static>(
-    c: &RC,
-    busy: u64,
-    id: u64,
-    v: u64,
-    f: impl FnOnce(RC) -> T + Send + 'static,
-) -> T {
-    TRAP_ENTERED.store(false, SeqCst);
-    TRAP_RELEASE.store(false, SeqCst);
-    let c2 = c.clone();
-    let writer = std::thread::spawn(move || {
-        c2.insert(
-            Routed {
-                id,
-                shard: busy,
-                trap: true,
-            },
-            v,
-        )
-    });
-    assert!(
-        common::eventually(|| TRAP_ENTERED.load(SeqCst)),
-        "the trapped writer never compared keys"
-    );
-    assert!(c.is_a_shard_locked());
-    let c3 = c.clone();
-    let out = common::within(secs(10), move || f(c3));
-    TRAP_RELEASE.store(true, SeqCst);
-    writer.join().unwrap();
-    match out {
-        Some(Ok(v)) => v,
-        Some(Err(p)) => std::panic::resume_unwind(p),
-        None => panic!("health waited for a shard lock"),
-    }
-}
+use common::routed::{during_busy, r, Identity, Routed, RC, TRAP_LOCK};
 
 /// `health_over`: "with a weigher it counts the entries of each shard whose lock is free at
 /// that instant, by a non-blocking try, and those of a busy shard by its weight at the free
@@ -390,7 +339,7 @@ fn busy_shard_next_to_an_empty_free_shard_hides_the_wave() {
         c.insert(r(id, 0), id);
     }
     clock.advance(secs(1));
-    let during = during_busy(&c, 0, 0, 0, |c| c.health());
+    let during = during_busy(&c, 0, 0, 0, secs(10), |c| c.health());
     let after = c.health();
     let (d, a) = (sync_of(&during), sync_of(&after));
     assert!(a.is_some_and(|s| s.0 == 100), "after: {after}");
@@ -436,7 +385,7 @@ fn skewed_busy_estimate_poisons_the_windows_peak() {
         }
         clock.advance(secs(10));
         let first = if busy {
-            during_busy(&c, 0, 0, 1_000, |c| c.health())
+            during_busy(&c, 0, 0, 1_000, secs(10), |c| c.health())
         } else {
             c.health()
         };

@@ -648,8 +648,11 @@ fn warning_durations_have_three_significant_digits() {
         s[start..s.find(')').unwrap()].to_string()
     };
     let cases = [
-        (0, "0.00 µs"),
-        (500, "0.50 µs"),
+        (0, "0 ns"),
+        (3, "3 ns"),
+        (500, "500 ns"),
+        (999, "999 ns"),
+        (1_000, "1.00 µs"),
         (9_996, "10.0 µs"),
         (999_600, "1.00 ms"),
         (999_400, "999 µs"),

@@ -95,9 +95,10 @@ pub(crate) struct ShardCell<K, V> {
     accesses: AtomicU64,
     /// When this shard's written entries fall due, for `health` (written under `lock`).
     pub(crate) due: crate::monitor::DueRing,
-    /// A weighted cache: this shard's mean weight per entry when `health` last read it holding
-    /// entries (`f64` bits; 0: never), to count its entries by its weight while it is busy.
-    mean_weight: AtomicU64,
+    /// A weighted cache: this shard's entries and weight when `health` last read it (0 and 0:
+    /// never, or empty), to count its entries by its weight while it is busy.
+    last_count: AtomicU64,
+    last_weight: AtomicU64,
 }
 
 /// The most orphaned refresh claims remembered (see [`Cache::note_orphan`]); beyond, the
@@ -287,7 +288,8 @@ where
                     samples: Samples::default(),
                     accesses: AtomicU64::new(0),
                     due: crate::monitor::DueRing::new(&stampede.monitor),
-                    mean_weight: AtomicU64::new(0),
+                    last_count: AtomicU64::new(0),
+                    last_weight: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -1013,34 +1015,31 @@ where
     /// promises not to), and whether it is a count (every shard read) rather than an
     /// estimate. Without a weigher the weight is the count. With one, each shard whose lock is
     /// free at once is counted; the busy ones' weight (the cache's less the free shards') is
-    /// counted at a mean weight per entry: the busy shards' own when last read holding
-    /// entries, else the free shards', else the cache's last seen; with none known, the weight
-    /// itself (at least the count when every entry weighs 1 or more). Round 94: the busy shards
-    /// counted as the free ones' mean count hid a wave in the busy one; round 96: a busy shard
-    /// of heavy entries counted at the light free shard's mean weight made 99 entries 99,000.
+    /// counted at the busy shards' own mean weight per entry when last read (their entries
+    /// and weight then, summed); if those entries weighed nothing, as their count then plus
+    /// the weight at the free shards' mean, else the cache's last seen, else one entry per
+    /// unit. Round 94: the busy shards counted as the free ones' mean count hid a wave in the
+    /// busy one; round 96: a busy shard of heavy entries counted at the light free shard's
+    /// mean weight made 99 entries 99,000; round 97: 100 entries of weight 0 in a busy shard,
+    /// counted at their mean (0) as their weight, were none.
     pub(crate) fn entry_count_without_waiting(&self) -> (u64, bool) {
         if !self.inner.weigher_set() {
             return (self.weighted_size(), true);
         }
         let (mut count, mut weight, mut busy) = (0u64, 0u64, 0usize);
-        let (mut busy_means, mut known) = (0.0f64, 0usize);
+        let (mut busy_count, mut busy_last_weight) = (0u64, 0u64);
         for c in self.inner.shards.iter() {
             if let Some(g) = c.lock.try_read() {
                 let (n, w) = (g.len() as u64, g.weight());
                 drop(g);
                 count += n;
                 weight += w;
-                if n > 0 {
-                    let m = w as f64 / n as f64;
-                    c.mean_weight.store(m.to_bits(), Ordering::Relaxed);
-                }
+                c.last_count.store(n, Ordering::Relaxed);
+                c.last_weight.store(w, Ordering::Relaxed);
             } else {
                 busy += 1;
-                let m = f64::from_bits(c.mean_weight.load(Ordering::Relaxed));
-                if m > 0.0 {
-                    busy_means += m;
-                    known += 1;
-                }
+                busy_count += c.last_count.load(Ordering::Relaxed);
+                busy_last_weight += c.last_weight.load(Ordering::Relaxed);
             }
         }
         let last = &self.inner.stampede.monitor.mean_weight;
@@ -1050,16 +1049,16 @@ where
         if busy == 0 {
             return (count, true);
         }
-        let mean = if known > 0 {
-            busy_means / known as f64
-        } else {
-            f64::from_bits(last.load(Ordering::Relaxed))
-        };
         let busy_weight = self.weighted_size().saturating_sub(weight);
-        let estimate = if mean > 0.0 {
-            (busy_weight as f64 / mean).round() as u64
+        let estimate = if busy_last_weight > 0 {
+            (busy_weight as f64 * busy_count as f64 / busy_last_weight as f64).round() as u64
         } else {
-            busy_weight
+            let mean = f64::from_bits(last.load(Ordering::Relaxed));
+            busy_count.saturating_add(if mean > 0.0 {
+                (busy_weight as f64 / mean).round() as u64
+            } else {
+                busy_weight
+            })
         };
         (count.saturating_add(estimate), false)
     }

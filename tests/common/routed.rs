@@ -1,5 +1,5 @@
 //! A key routed to a chosen shard of two, whose `Eq` can block under the shard's write lock:
-//! health's tests of a weighted cache with a busy shard (rounds 94 and 96).
+//! health's tests of a weighted cache with a busy shard (rounds 94, 96 and 97).
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -65,5 +65,59 @@ impl BuildHasher for Identity {
     type Hasher = IdHasher;
     fn build_hasher(&self) -> IdHasher {
         IdHasher(0)
+    }
+}
+
+/// Serializes the tests of one binary that use the trap (its statics are shared).
+pub static TRAP_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A key of `shard` that never traps.
+pub fn r(id: u64, shard: u64) -> Routed {
+    Routed {
+        id,
+        shard,
+        trap: false,
+    }
+}
+
+/// A cache keyed by [`Routed`] keys.
+pub type RC = herdcache::Cache<Routed, u64, Identity>;
+
+/// Runs `f` while a writer is held inside shard `busy`'s write lock (inserting the twin of
+/// `id`, value `v`); panics if `f` has not returned within `limit` (it waited for the lock).
+pub fn during_busy<T: Send + 'static>(
+    c: &RC,
+    busy: u64,
+    id: u64,
+    v: u64,
+    limit: Duration,
+    f: impl FnOnce(RC) -> T + Send + 'static,
+) -> T {
+    TRAP_ENTERED.store(false, SeqCst);
+    TRAP_RELEASE.store(false, SeqCst);
+    let c2 = c.clone();
+    let writer = std::thread::spawn(move || {
+        c2.insert(
+            Routed {
+                id,
+                shard: busy,
+                trap: true,
+            },
+            v,
+        )
+    });
+    assert!(
+        super::eventually(|| TRAP_ENTERED.load(SeqCst)),
+        "the trapped writer never compared keys"
+    );
+    assert!(c.is_a_shard_locked());
+    let c3 = c.clone();
+    let out = super::within(limit, move || f(c3));
+    TRAP_RELEASE.store(true, SeqCst);
+    writer.join().unwrap();
+    match out {
+        Some(Ok(v)) => v,
+        Some(Err(p)) => std::panic::resume_unwind(p),
+        None => panic!("health waited for a shard lock"),
     }
 }
