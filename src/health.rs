@@ -233,8 +233,10 @@ impl fmt::Display for Warning {
                 f,
                 "time to live ({}) < {TTL_LOAD_MULTIPLE}× the median load ({}): \
                  a burst reaches the backend; raise time_to_live or refresh ahead with refresh_after",
-                Short(*ttl),
-                Short(*p50_load)
+                // Rounded so that the printed comparison holds too (round 98: "4.61 µs < 4×
+                // 1.15 µs" for 4.607 µs against 1.152 µs).
+                Short::down(*ttl),
+                Short::up(*p50_load)
             ),
             Warning::SynchronizedExpiry {
                 share, within, in_, ..
@@ -243,15 +245,15 @@ impl fmt::Display for Warning {
                 "{:.0} % of the entries expire within {} (in {}): an expiry wave; \
                  add jitter(0.2) or refresh_after",
                 share * 100.0,
-                Short(*within),
-                Short(*in_)
+                Short::near(*within),
+                Short::near(*in_)
             ),
             Warning::RefreshNeverHappens { refresh_after, ttl } => write!(
                 f,
                 "refresh_after ({}) ≥ time to live ({}): entries expire before \
                  any refresh; set refresh_after to about half the time to live",
-                Short(*refresh_after),
-                Short(*ttl)
+                Short::up(*refresh_after),
+                Short::down(*ttl)
             ),
             Warning::RefreshCannotKeepUp { backlog, .. } => write!(
                 f,
@@ -266,7 +268,7 @@ impl fmt::Display for Warning {
             } => {
                 write!(f, "{evictions} evictions for size")?;
                 if let Some(r) = residence {
-                    write!(f, ", entries stay {} on average", Short(*r))?;
+                    write!(f, ", entries stay {} on average", Short::near(*r))?;
                 }
                 if let Some((a, b)) = hit_ratio {
                     write!(f, ", hit ratio {:.1} % → {:.1} %", a * 100.0, b * 100.0)?;
@@ -332,48 +334,58 @@ impl fmt::Display for Warning {
 }
 
 /// A duration with three significant digits at most, for the advice ("1.50 s", "62.9 ms"), in
-/// whole nanoseconds below a microsecond ("3 ns").
-struct Short(Duration);
+/// whole nanoseconds below a microsecond ("3 ns"); rounded to the nearest, or down or up where
+/// the advice compares two durations, so that the printed figures compare as the exact ones do
+/// (round 98: "4.61 µs < 4× 1.15 µs" was printed for 4.607 µs against 1.152 µs).
+struct Short(Duration, Round);
+
+#[derive(Clone, Copy)]
+enum Round {
+    Near,
+    Down,
+    Up,
+}
+
+impl Short {
+    fn near(d: Duration) -> Self {
+        Short(d, Round::Near)
+    }
+    fn down(d: Duration) -> Self {
+        Short(d, Round::Down)
+    }
+    fn up(d: Duration) -> Self {
+        Short(d, Round::Up)
+    }
+}
 
 impl fmt::Display for Short {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The unit and the digits are chosen on the value as rounded: 999.9996 ms is
+        let n = self.0.as_nanos();
+        if n < 1000 {
+            return write!(f, "{n} ns");
+        }
+        // In integers (a float's 4.6 is 4.59999…, which rounds down to 4.59). The unit and
+        // the digits are chosen on the value as rounded: to the nearest, 999.9996 ms is
         // "1.00 s", 9.9996 s "10.0 s", 99.996 ms "100 ms".
-        let rounded = |v: f64, digits: i32| {
-            let p = 10f64.powi(digits);
-            (v * p).round() / p
+        let round = |q: u128| match self.1 {
+            Round::Near => (n + q / 2) / q,
+            Round::Down => n / q,
+            Round::Up => n.div_ceil(q),
         };
-        let digits_for = |v: f64| {
-            let digits = if v >= 100.0 {
-                0
-            } else if v >= 10.0 {
-                1
-            } else {
-                2
-            };
-            // One fewer if rounding carries into the next decade.
-            if digits > 0 && rounded(v, digits) >= 10f64.powi(3 - digits) {
-                digits - 1
-            } else {
-                digits
+        for (unit, scale) in [("µs", 1_000u128), ("ms", 1_000_000), ("s", 1_000_000_000)] {
+            for digits in [2u32, 1, 0] {
+                let p = 10u128.pow(digits);
+                let k = round(scale / p);
+                if k < 1000 || (unit == "s" && digits == 0) {
+                    return if digits == 0 {
+                        write!(f, "{k} {unit}")
+                    } else {
+                        write!(f, "{}.{:0w$} {unit}", k / p, k % p, w = digits as usize)
+                    };
+                }
             }
-        };
-        // Below a microsecond, whole nanoseconds ("3 ns", not "0.00 µs": round 97, a time to
-        // live of 8 ns against a median load of 3 ns printed as "0.01 µs < 4× 0.00 µs").
-        if self.0 < Duration::from_micros(1) {
-            return write!(f, "{} ns", self.0.as_nanos());
         }
-        let mut v = self.0.as_secs_f64() * 1e6;
-        let mut unit = "µs";
-        for next in ["ms", "s"] {
-            if rounded(v, digits_for(v)) < 1000.0 {
-                break;
-            }
-            v /= 1e3;
-            unit = next;
-        }
-        let digits = digits_for(v) as usize;
-        write!(f, "{v:.digits$} {unit}")
+        unreachable!("seconds take any count")
     }
 }
 
@@ -467,11 +479,9 @@ where
 
     /// The misconfigurations the cache sees in its figures over `window` (see the thresholds
     /// in the crate's `health` docs, [`Warning`]). Reads counters and the configuration; never
-    /// waits for a shard lock (with a weigher it counts the entries of each shard whose lock
-    /// is free at that instant, by a non-blocking try, and those of the busy shards by their
-    /// weight at their own mean weight per entry when last read (entries that weighed nothing
-    /// then: their count then, plus any weight since at the free shards' mean), an
-    /// estimate for that call only: the window's peak keeps counts), only for a lock of its own that
+    /// waits for a shard lock (with a weigher the entries are the sum of the counts each
+    /// shard stores after every change: a shard busy in a long operation, such as a `retain`,
+    /// counts as its last change left it), only for a lock of its own that
     /// nothing but `health` takes. The warnings
     /// that need hit, miss, eviction or refresh counts need
     /// [`record_stats`](crate::CacheBuilder::record_stats).
@@ -529,17 +539,7 @@ where
             cur.refresh_started = s.refreshes_started;
             cur.refresh_finished = s.refreshes_succeeded + s.refreshes_failed;
         }
-        // An estimate (a weighted cache with a shard busy) serves this call only: the
-        // snapshot kept for the window's peak holds no count (rounds 94 and 96: an estimate
-        // kept there, the weight or 99 entries counted as 99,000, made every entry stay 1,000
-        // times longer for a whole window; round 97: the last count kept instead, however old,
-        // was a peak no snapshot of the window had seen).
-        let (n, exact) = self.entry_count_without_waiting();
-        cur.entries = n;
-        let kept = Figures {
-            entries: if exact { n } else { 0 },
-            ..cur.clone()
-        };
+        cur.entries = self.entries_now();
         let w = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let default = nanos(DEFAULT_WINDOW);
         let created = self.inner.clock.created().min(now);
@@ -562,7 +562,7 @@ where
                 .filter(|(at, _)| *at >= base_at)
                 .map(|(_, f)| f.entries)
                 .fold(cur.entries, u64::max);
-            history.keep(created, now, &kept, w, default);
+            history.keep(created, now, &cur, w, default);
             (base_at, base, mid, peak)
         };
         let (base_at, base, mid, peak) = if w == default {
@@ -590,7 +590,7 @@ where
         };
         if w != default {
             // Every call feeds the default window's snapshots, at its own pace.
-            m.history.lock().keep(created, now, &kept, default, default);
+            m.history.lock().keep(created, now, &cur, default, default);
         }
         let span = now.saturating_sub(base_at);
         let mut hist = [0u64; BUCKETS];

@@ -279,9 +279,6 @@ pub(crate) struct Monitor {
     /// when they start and clear (feature `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) active: std::sync::atomic::AtomicU8,
-    /// A weighted cache's mean weight per entry over the shards `health` last read holding
-    /// entries (`f64` bits; 0: never), to count busy shards' entries by their weight.
-    pub(crate) mean_weight: AtomicU64,
     /// Writes turned away as too heavy to store, which the statistics count as evictions for
     /// size: no entry that stayed, left out of the residence time.
     pub(crate) too_heavy: AtomicU64,
@@ -337,7 +334,6 @@ impl Monitor {
             history: Mutex::new(History::default()),
             other: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicU8::new(0),
-            mean_weight: AtomicU64::new(0),
             too_heavy: AtomicU64::new(0),
         }
     }

@@ -149,12 +149,12 @@ fn health_does_not_wait_for_a_retain_in_progress() {
         assert!(answered, "health waited for retain (weighted: {weighted})");
         let h = health.join().unwrap();
         // Without a weigher the weight is the count; with one, every shard is busy here and
-        // the count falls back to the weight (an upper bound: 400), so the share is lower.
+        // counts as its last change left it: 200 (an estimate from the weight, 400, made the
+        // share 0.5 before round 98).
         match h.warnings() {
             [Warning::SynchronizedExpiry { due, share, .. }] => {
                 assert_eq!(*due, 200);
-                let expected = if weighted { 0.5 } else { 1.0 };
-                assert_eq!(*share, expected, "weighted: {weighted}");
+                assert_eq!(*share, 1.0, "weighted: {weighted}");
             }
             other => panic!("weighted {weighted}: {other:?}"),
         }
@@ -634,18 +634,19 @@ fn short_window_calls_keep_the_default_windows_history() {
 }
 
 /// The advice's durations: three significant digits, the unit and digits chosen after
-/// rounding, at every unit boundary.
+/// rounding (to the nearest: the expiry wave's interval), at every unit boundary.
 #[test]
 fn warning_durations_have_three_significant_digits() {
     let shown = |ns: u64| {
-        let w = Warning::TtlShorterThanLoads {
-            ttl: Duration::from_nanos(ns),
-            p50_load: secs(1),
-            loads: 8,
+        let w = Warning::SynchronizedExpiry {
+            due: 100,
+            share: 1.0,
+            within: Duration::from_nanos(ns),
+            in_: secs(1),
         };
         let s = w.to_string();
-        let start = s.find('(').unwrap() + 1;
-        s[start..s.find(')').unwrap()].to_string()
+        let start = s.find("within ").unwrap() + "within ".len();
+        s[start..s.find(" (in").unwrap()].to_string()
     };
     let cases = [
         (0, "0 ns"),
@@ -667,4 +668,45 @@ fn warning_durations_have_three_significant_digits() {
     for (ns, want) in cases {
         assert_eq!(shown(ns), want, "{ns} ns");
     }
+}
+
+/// Where the advice compares two durations, they are rounded so that the printed figures
+/// compare as the exact ones do (round 98: "time to live (4.61 µs) < 4× the median load (1.15
+/// µs)" for 4.607 µs and 1.152 µs, and 4 × 1.15 = 4.60): the time to live down and the load up;
+/// `refresh_after` up and the time to live down.
+#[test]
+fn compared_durations_print_as_they_compare() {
+    let ttl_load = Warning::TtlShorterThanLoads {
+        ttl: Duration::from_nanos(4_607),
+        p50_load: Duration::from_nanos(1_152),
+        loads: 8,
+    };
+    assert!(
+        ttl_load
+            .to_string()
+            .starts_with("time to live (4.60 µs) < 4× the median load (1.16 µs)"),
+        "{ttl_load}"
+    );
+    let never = Warning::RefreshNeverHappens {
+        refresh_after: Duration::from_nanos(999_999_001),
+        ttl: Duration::from_nanos(999_999_001),
+    };
+    assert!(
+        never
+            .to_string()
+            .starts_with("refresh_after (1.00 s) ≥ time to live (999 ms)"),
+        "{never}"
+    );
+    // Exact values print exactly, whichever way they are rounded (4.6 µs, not 4.59).
+    let exact = Warning::TtlShorterThanLoads {
+        ttl: Duration::from_nanos(4_600),
+        p50_load: Duration::from_nanos(1_150),
+        loads: 8,
+    };
+    assert!(
+        exact
+            .to_string()
+            .starts_with("time to live (4.60 µs) < 4× the median load (1.15 µs)"),
+        "{exact}"
+    );
 }

@@ -95,10 +95,9 @@ pub(crate) struct ShardCell<K, V> {
     accesses: AtomicU64,
     /// When this shard's written entries fall due, for `health` (written under `lock`).
     pub(crate) due: crate::monitor::DueRing,
-    /// A weighted cache: this shard's entries and weight when `health` last read it (0 and 0:
-    /// never, or empty), to count its entries by its weight while it is busy.
-    last_count: AtomicU64,
-    last_weight: AtomicU64,
+    /// The shard's entry count, stored by the shard after every change under `lock`: read
+    /// without the lock by [`Cache::entries_now`].
+    count: Arc<AtomicU64>,
 }
 
 /// The most orphaned refresh claims remembered (see [`Cache::note_orphan`]); beyond, the
@@ -283,13 +282,21 @@ where
             .map(|i| {
                 // Shares add up to the capacity exactly.
                 let share = capacity / n + u64::from(i < capacity % n);
+                let count = Arc::new(AtomicU64::new(0));
+                let shard = Shard::new(
+                    share,
+                    layout,
+                    now,
+                    seed.wrapping_add(i),
+                    tune,
+                    count.clone(),
+                );
                 CachePadded::new(ShardCell {
-                    lock: RwLock::new(Shard::new(share, layout, now, seed.wrapping_add(i), tune)),
+                    lock: RwLock::new(shard),
                     samples: Samples::default(),
                     accesses: AtomicU64::new(0),
                     due: crate::monitor::DueRing::new(&stampede.monitor),
-                    last_count: AtomicU64::new(0),
-                    last_weight: AtomicU64::new(0),
+                    count,
                 })
             })
             .collect();
@@ -1011,70 +1018,23 @@ where
         guards.iter().map(|g| g.len() as u64).sum()
     }
 
-    /// The number of entries, read without waiting for a shard lock (for `health`, which
-    /// promises not to), and whether it is a count (every shard read) rather than an
-    /// estimate. Without a weigher the weight is the count. With one, each shard whose lock is
-    /// free at once is counted; the busy ones' weight (the cache's less the free shards') is
-    /// counted at the busy shards' own mean weight per entry when last read (their entries
-    /// and weight then, summed); if those entries weighed nothing, as their count then plus
-    /// the weight at the free shards' mean, else the cache's last seen, else one entry per
-    /// unit. Round 94: the busy shards counted as the free ones' mean count hid a wave in the
-    /// busy one; round 96: a busy shard of heavy entries counted at the light free shard's
-    /// mean weight made 99 entries 99,000; round 97: 100 entries of weight 0 in a busy shard,
-    /// counted at their mean (0) as their weight, were none.
-    pub(crate) fn entry_count_without_waiting(&self) -> (u64, bool) {
+    /// The number of entries, read without any shard lock (for `health` and `sizing`, which
+    /// promise not to wait for one): the sum of the counts each shard stores after every
+    /// change under its lock, so a shard busy in a long operation (a `retain`, a blocked key
+    /// comparison) counts as its last change left it. Per shard a count of one instant, not
+    /// of the same instant for every shard. Rounds 94–98 estimated a busy shard's entries
+    /// from its weight (at some mean weight per entry) instead, and each estimate was wrong
+    /// somewhere: 99 heavy entries counted as 99,000, 100 entries of weight 0 as none, the
+    /// last count, however old, kept as the window's peak.
+    pub(crate) fn entries_now(&self) -> u64 {
         if !self.inner.weigher_set() {
-            return (self.weighted_size(), true);
+            return self.weighted_size();
         }
-        let (mut count, mut weight, mut busy) = (0u64, 0u64, 0usize);
-        let (mut busy_count, mut busy_last_weight) = (0u64, 0u64);
-        for c in self.inner.shards.iter() {
-            if let Some(g) = c.lock.try_read() {
-                let (n, w) = (g.len() as u64, g.weight());
-                drop(g);
-                count += n;
-                weight += w;
-                c.last_count.store(n, Ordering::Relaxed);
-                c.last_weight.store(w, Ordering::Relaxed);
-            } else {
-                busy += 1;
-                busy_count += c.last_count.load(Ordering::Relaxed);
-                busy_last_weight += c.last_weight.load(Ordering::Relaxed);
-            }
-        }
-        let last = &self.inner.stampede.monitor.mean_weight;
-        if count > 0 {
-            last.store((weight as f64 / count as f64).to_bits(), Ordering::Relaxed);
-        }
-        if busy == 0 {
-            return (count, true);
-        }
-        let busy_weight = self.weighted_size().saturating_sub(weight);
-        let estimate = if busy_last_weight > 0 {
-            (busy_weight as f64 * busy_count as f64 / busy_last_weight as f64).round() as u64
-        } else {
-            let mean = f64::from_bits(last.load(Ordering::Relaxed));
-            busy_count.saturating_add(if mean > 0.0 {
-                (busy_weight as f64 / mean).round() as u64
-            } else {
-                busy_weight
-            })
-        };
-        (count.saturating_add(estimate), false)
-    }
-
-    /// The entries and the weight of the shards whose lock is free at once, and how many those
-    /// are (no shard lock is waited for).
-    pub(crate) fn shards_free_now(&self) -> (u64, u64, u64) {
-        let (mut sum, mut weight, mut seen) = (0u64, 0u64, 0u64);
-        for c in self.inner.shards.iter() {
-            if let Some(g) = c.lock.try_read() {
-                sum += g.len() as u64;
-                weight += g.weight();
-                seen += 1;
-            }
-        }
-        (sum, weight, seen)
+        self.inner
+            .shards
+            .iter()
+            .map(|c| c.count.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The total weight stored (the entry count without a weigher). Never above

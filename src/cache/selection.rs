@@ -168,9 +168,9 @@ where
     ///
     /// Feeds the samples pending in each shard first (but those another thread is draining), then
     /// copies the curve (a short lock of the tracker; no shard lock is waited for). With a
-    /// weigher it also re-derives the sampling rate from the mean entry weight (that of the
-    /// shards whose lock is free at that instant; none free, it waits for a later call), which
-    /// may restart the curve.
+    /// weigher it also re-derives the sampling rate from the mean entry weight (the weighted
+    /// size over the entries each shard stores after every change: no shard lock), which may
+    /// restart the curve.
     ///
     /// ```
     /// let tracked = herdcache::Cache::<u8, u8>::builder().max_capacity(10).track_sizing().build();
@@ -194,14 +194,13 @@ where
         let (reads, hits) = self.requests();
         tracker.lock().set_requests(reads, hits);
         if self.inner.weigher_set() {
-            // The mean weight of the entries in the shards free at once (no shard lock waited
-            // for: `health` calls this); none free, no calibration (round 93: an estimate then
-            // restarted the curve at a rate 100 × off).
-            let (entries, weight, seen) = self.shards_free_now();
-            if seen > 0 {
-                if let Some(t) = tracker.lock().calibrate(weight, entries) {
-                    self.set_sample_threshold(t);
-                }
+            // The mean weight of the entries (no shard lock waited for: `health` calls this;
+            // see `entries_now`).
+            if let Some(t) = tracker
+                .lock()
+                .calibrate(self.weighted_size(), self.entries_now())
+            {
+                self.set_sample_threshold(t);
             }
         }
         let s = tracker.lock().snapshot();

@@ -39,6 +39,9 @@ pub(crate) struct Core<K, V, T> {
     pub(super) policy: Policy,
     weight: u64,
     len: usize,
+    /// `len`, stored after every change (under the shard's write lock), for a count read
+    /// without the lock (`Cache::entries_now`: `health` never waits for a shard lock).
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// This shard's share of the cache's capacity.
     share: u64,
     /// Loads in flight (and negative-cache entries), by key (see [`crate::load`]).
@@ -74,7 +77,14 @@ struct Refile {
 const REFILE_MAX: usize = 1024;
 
 impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
-    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64, tune: u64) -> Self {
+    pub(crate) fn new(
+        share: u64,
+        layout: Layout,
+        now: u64,
+        seed: u64,
+        tune: u64,
+        count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         let stride = layout.stride;
         Core {
             table: HashTable::new(),
@@ -92,6 +102,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             policy: Policy::new(share, seed, tune),
             weight: 0,
             len: 0,
+            count,
             share,
             flights: Flights::new(),
             refile: crate::sync::Mutex::new(Refile::default()),
@@ -193,6 +204,14 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Publishes `len` for [`Cache::entries_now`](crate::Cache) (a relaxed store: a count read
+    /// without the lock is of the last change made under it).
+    #[inline]
+    pub(super) fn store_count(&self) {
+        self.count
+            .store(self.len as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn share(&self) -> u64 {
@@ -995,6 +1014,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         });
         self.weight += u64::from(weight);
         self.len += 1;
+        self.store_count();
         if T::TIMED && self.layout.custom {
             self.extra(slot, 2).store(custom, Ordering::Relaxed);
         }

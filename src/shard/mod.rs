@@ -244,12 +244,20 @@ macro_rules! forward {
 
 impl<K: Hash + Eq + 'static, V: 'static> Shard<K, V> {
     /// A shard of `share` capacity whose policy starts in the configuration `tune` (a
-    /// [`tune_word`](crate::policy::tune_word)).
-    pub(crate) fn new(share: u64, layout: Layout, now: u64, seed: u64, tune: u64) -> Self {
+    /// [`tune_word`](crate::policy::tune_word)), storing its entry count in `count` after
+    /// every change.
+    pub(crate) fn new(
+        share: u64,
+        layout: Layout,
+        now: u64,
+        seed: u64,
+        tune: u64,
+        count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         if layout.stride > 0 {
-            Shard::Timed(Core::new(share, layout, now, seed, tune))
+            Shard::Timed(Core::new(share, layout, now, seed, tune, count))
         } else {
-            Shard::Plain(Core::new(share, layout, now, seed, tune))
+            Shard::Plain(Core::new(share, layout, now, seed, tune, count))
         }
     }
 
@@ -336,7 +344,10 @@ mod tests {
 
     fn shard(cap: u64, stride: usize) -> (Shard<u64, u64>, S) {
         let layout = Layout::new(stride, None, None, 0.0);
-        (Shard::new(cap, layout, 0, 7, 0), S::with_seeds(1, 2, 3, 4))
+        (
+            Shard::new(cap, layout, 0, 7, 0, Default::default()),
+            S::with_seeds(1, 2, 3, 4),
+        )
     }
 
     /// Inserts `k → v` (weight 1, time 0, no expiry) in the policy's first configuration.

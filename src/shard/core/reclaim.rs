@@ -31,6 +31,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         self.weight -= u64::from(e.weight);
         self.len -= 1;
+        self.store_count();
         e
     }
 
@@ -331,6 +332,7 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
         }
         self.weight = 0;
         self.len = 0;
+        self.store_count();
         self.stale = std::collections::VecDeque::new();
     }
 
