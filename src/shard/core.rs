@@ -1083,6 +1083,11 @@ impl<K: Hash + Eq + 'static, V: 'static, T: SlotTime> Core<K, V, T> {
             .collect();
         assert_eq!(live.len(), self.len, "len counts live slots");
         assert_eq!(
+            self.count.load(std::sync::atomic::Ordering::Relaxed),
+            self.len as u64,
+            "the stored count is len"
+        );
+        assert_eq!(
             self.table.len(),
             self.len,
             "table holds every live slot once"
