@@ -36,6 +36,8 @@
 
 mod common;
 
+use common::warnings::sync_of;
+
 use herdcache::{Cache, ManualClock, Warning};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -47,18 +49,6 @@ fn secs(s: u64) -> Duration {
 
 fn ms(s: u64) -> Duration {
     Duration::from_millis(s)
-}
-
-fn sync_of(h: &herdcache::Health) -> Option<(u64, f64, Duration, Duration)> {
-    h.warnings().iter().find_map(|w| match w {
-        Warning::SynchronizedExpiry {
-            due,
-            share,
-            within,
-            in_,
-        } => Some((*due, *share, *within, *in_)),
-        _ => None,
-    })
 }
 
 // -------------------------------------------------------------------------------------------

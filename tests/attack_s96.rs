@@ -27,7 +27,9 @@
 
 mod common;
 
-use herdcache::{Cache, Expiry, ManualClock, Warning};
+use common::warnings::{sync_of, thrash_of};
+
+use herdcache::{Cache, Expiry, ManualClock};
 use std::time::Duration;
 
 fn secs(s: u64) -> Duration {
@@ -35,29 +37,6 @@ fn secs(s: u64) -> Duration {
 }
 fn ms(s: u64) -> Duration {
     Duration::from_millis(s)
-}
-
-fn sync_of(h: &herdcache::Health) -> Option<(u64, f64, Duration, Duration)> {
-    h.warnings().iter().find_map(|w| match w {
-        Warning::SynchronizedExpiry {
-            due,
-            share,
-            within,
-            in_,
-        } => Some((*due, *share, *within, *in_)),
-        _ => None,
-    })
-}
-
-fn thrash_of(h: &herdcache::Health) -> Option<(u64, Option<Duration>)> {
-    h.warnings().iter().find_map(|w| match w {
-        Warning::Thrashing {
-            evictions,
-            residence,
-            ..
-        } => Some((*evictions, *residence)),
-        _ => None,
-    })
 }
 
 // ------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::warnings::{sync_of, thrash_of};
+
 use common::routed::{during_busy, r, Identity, Routed, RC, TRAP_LOCK};
 use herdcache::{Cache, EvictionPolicy, ManualClock, Warning};
 use std::sync::atomic::Ordering::SeqCst;
@@ -18,29 +20,6 @@ fn secs(s: u64) -> Duration {
 }
 fn ms(s: u64) -> Duration {
     Duration::from_millis(s)
-}
-
-fn sync_of(h: &herdcache::Health) -> Option<(u64, f64, Duration, Duration)> {
-    h.warnings().iter().find_map(|w| match w {
-        Warning::SynchronizedExpiry {
-            due,
-            share,
-            within,
-            in_,
-        } => Some((*due, *share, *within, *in_)),
-        _ => None,
-    })
-}
-
-fn thrash_of(h: &herdcache::Health) -> Option<(u64, Option<Duration>)> {
-    h.warnings().iter().find_map(|w| match w {
-        Warning::Thrashing {
-            evictions,
-            residence,
-            ..
-        } => Some((*evictions, *residence)),
-        _ => None,
-    })
 }
 
 // ------------------------------------------------------------------------------------------

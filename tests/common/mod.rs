@@ -10,6 +10,7 @@ pub mod routed;
 pub mod seeded;
 #[cfg(feature = "redis")]
 pub mod tier;
+pub mod warnings;
 
 use std::future::Future;
 use std::pin::Pin;
