@@ -343,6 +343,13 @@ impl<K, V> Flight<K, V> {
         self.start.load(Ordering::Acquire) == STOLEN
     }
 
+    /// Whether the leader gave this flight up before its load started
+    /// ([`give_up`](Self::give_up)): it ends at once, with nothing, or with a value the leader
+    /// kept.
+    pub(crate) fn is_given_up(&self) -> bool {
+        self.start.load(Ordering::Acquire) == RETIRED
+    }
+
     /// Makes this (just registered) flight an async one: its load is `future`, shared by the
     /// async callers, and `key` is the key its publisher stores under. The leader that
     /// registered it is interested from here on, as waiter [`LEADER`]: a caller that joins,
