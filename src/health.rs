@@ -333,8 +333,8 @@ impl fmt::Display for Warning {
     }
 }
 
-/// A duration with three significant digits at most, for the advice ("1.50 s", "62.9 ms"), in
-/// whole nanoseconds below a microsecond ("3 ns"); rounded to the nearest, or down or up where
+/// A duration with three significant digits at most, for the advice ("1.50 s", "62.9 ms",
+/// "20.6 min", "585 years"), in whole nanoseconds below a microsecond ("3 ns"); rounded to the nearest, or down or up where
 /// the advice compares two durations, so that the printed figures compare as the exact ones do
 /// (round 98: "4.61 µs < 4× 1.15 µs" was printed for 4.607 µs against 1.152 µs).
 struct Short(Duration, Round);
@@ -372,11 +372,23 @@ impl fmt::Display for Short {
             Round::Down => n / q,
             Round::Up => n.div_ceil(q),
         };
-        for (unit, scale) in [("µs", 1_000u128), ("ms", 1_000_000), ("s", 1_000_000_000)] {
+        // Beyond 999 s in minutes, hours, days and years (round 99: "98765 s"; the figures
+        // saturate at `u64::MAX` nanoseconds, 584.9 years).
+        const S: u128 = 1_000_000_000;
+        let units = [
+            ("µs", 1_000u128),
+            ("ms", 1_000_000),
+            ("s", S),
+            ("min", 60 * S),
+            ("h", 3_600 * S),
+            ("d", 86_400 * S),
+            ("years", 365 * 86_400 * S),
+        ];
+        for (unit, scale) in units {
             for digits in [2u32, 1, 0] {
                 let p = 10u128.pow(digits);
                 let k = round(scale / p);
-                if k < 1000 || (unit == "s" && digits == 0) {
+                if k < 1000 || (unit == "years" && digits == 0) {
                     return if digits == 0 {
                         write!(f, "{k} {unit}")
                     } else {
@@ -385,7 +397,7 @@ impl fmt::Display for Short {
                 }
             }
         }
-        unreachable!("seconds take any count")
+        unreachable!("years take any count")
     }
 }
 

@@ -80,7 +80,9 @@
 //! mean weight of the sampled inserts. An insert of a key a shadow holds (an overwrite) gives
 //! it the new weight, as the cache's entry takes its new value's. A weighted cache has no selector and chooses its own rate,
 //! for about 2000 *entries* in the 1 × shadow: `R = min(1, 2000 × mean weight /
-//! max_capacity)`, the mean weight measured from the cache (weighted size / entries) each time
+//! max_capacity)`, the mean weight (rounded to a whole number, at most 262,144 = 2^18: heavier
+//! entries are sampled at the rate of that mean, so that the shadows' capacities in weight
+//! units stay far below `u32::MAX`) measured from the cache (weighted size / entries) each time
 //! [`Cache::sizing`](crate::Cache::sizing) is called, and from the sampled inserts after 32,
 //! 64, 128 … of them; when the rate it implies is more than 2 × away from the current one, the
 //! shadows are rebuilt at the new rate (and the window and totals start again). Until then the
@@ -307,6 +309,11 @@ const WEIGHTED_ENTRIES_CAP: u64 = 2 * ENTRIES;
 
 /// Slots for sampled misses waiting for their insert.
 const PENDING: usize = 64;
+
+/// The most mean weight per entry a weighted tracker's rate follows (2^18): above it, the rate
+/// is that of this mean (lower than `R = min(1, 2000 × mean weight / max_capacity)` says), so
+/// that the shadows' capacities in weight units stay far below `u32::MAX`.
+const MAX_MEAN_WEIGHT: u64 = 1 << 18;
 
 /// Slots in a weighted tracker's table of weights (32 KiB).
 const WEIGHT_SLOTS: usize = 4096;
@@ -867,8 +874,10 @@ impl Tracker {
         if !self.weighted || entries == 0 {
             return None;
         }
-        // Kept so that the 4 × shadow's capacity stays far below `u32::MAX` (a lookup's weight).
-        let mean = (weighted_size / entries).clamp(1, 1 << 18);
+        // Rounded to the nearest (round 99: truncated, a mean of 2.98 was 2, the rate then
+        // "within 2 ×" of the one for a weight of 1 and left 3 × off). Capped so that the 4 ×
+        // shadow's capacity stays far below `u32::MAX` (a lookup's weight): documented.
+        let mean = (weighted_size.saturating_add(entries / 2) / entries).clamp(1, MAX_MEAN_WEIGHT);
         let want = threshold_for(self.capacity, ENTRIES.saturating_mul(mean));
         if want <= self.threshold.saturating_mul(2) && want.saturating_mul(2) >= self.threshold {
             return None;

@@ -739,7 +739,7 @@ fn durations_print_at_the_boundaries() {
         (
             secs(100_000),
             secs(99_999),
-            "refresh_after (100000 s) ≥ time to live (99999 s)",
+            "refresh_after (27.8 h) ≥ time to live (27.7 h)",
         ),
     ];
     let mut bad = Vec::new();

@@ -664,6 +664,11 @@ fn warning_durations_have_three_significant_digits() {
         (1_500_000_000, "1.50 s"),
         (9_999_600_000, "10.0 s"),
         (99_960_000_000, "100 s"),
+        (999_400_000_000, "999 s"),
+        (999_600_000_000, "16.7 min"),
+        (1_234_500_000_000, "20.6 min"),
+        (86_400_000_000_000, "24.0 h"),
+        (u64::MAX, "585 years"),
     ];
     for (ns, want) in cases {
         assert_eq!(shown(ns), want, "{ns} ns");
