@@ -1287,11 +1287,18 @@ where
                     // A write since the claim: `judge` may have rejected *its* value (or seen
                     // it removed), and this load would not replace it (a write wins over a
                     // load that began before it). The flight ends unloaded and uncounted (its
-                    // waiters claim again); the caller claims again, after that write. (A
-                    // caller that took the load over goes on with it, unlike after a kept
-                    // look: the write detached the flight, so nobody joins it any more, and
-                    // its value, not stored, goes to that caller only.)
+                    // waiters claim again); the caller claims again, after that write.
                     how.claimed_again += 1;
+                    if !lead.flight().give_up() {
+                        // A caller nested in a load took the load over meanwhile: it goes on
+                        // with it and publishes it (not stored: the write detached the
+                        // flight), and that load counts this caller's miss, as a flight's
+                        // load does; the next claim is a new miss (round 100: ending the
+                        // flight here left the taker's load uncounted, or — had it published
+                        // first — counted this miss twice).
+                        drop(lead); // taken over: its drop leaves the flight to the taker
+                        return Judged::Again;
+                    }
                     let flight = lead.disarm();
                     // The call's miss is still owed (counted, not classified): the next claim
                     // classifies it, not as a new miss.

@@ -3,10 +3,11 @@
 //! tests, 7 failing when written. Five fixed since: `get_all` gave up after three rounds of
 //! joined loads ending with nothing and returned without the key, `load_missing` never
 //! called (about 1 % of calls against leaders failing or dropped in turn); it now goes on as a
-//! `get_with` does. Two left open (ignored, with the reason): the statistics ledger
-//! (`misses` = loads + coalesced + negative hits) drifts by 1–11 under a load limit with
-//! `get_with_if` leaders keeping values while nested callers take loads over — without
-//! `get_all` too.
+//! `get_with` does. Two more (the statistics ledger, `misses` = loads + coalesced + negative
+//! hits, drifting by 1–11 under a load limit with `get_with_if` leaders while nested callers
+//! take loads over, without `get_all` too) fixed in the next session: a judged leader whose
+//! flight a write superseded ended it while a nested caller had taken its load over — the
+//! taker's load then went uncounted, or, published first, counted the leader's miss twice.
 mod common;
 
 use common::{quiet_injected_panics, watchdog};
@@ -941,7 +942,6 @@ fn nested_get_all_storm_of_dropped_waiting_leaders() {
 /// their load, with a value) vs `get_all` (plain and nested under a limit of 2): values sane,
 /// `load_missing` at most once, the statistics' ledger balanced.
 #[test]
-#[ignore = "open (round 100): the miss ledger drifts by 1-11 under max_concurrent_loads with judged leaders keeping values and nested takers (get_with alone too: control_judged_leaders_without_get_all)"]
 fn get_all_vs_judged_leaders_keeping_values() {
     quiet_injected_panics();
     let _w = watchdog(Duration::from_secs(60), "judged leaders");
@@ -1134,7 +1134,6 @@ fn relay_of_async_leaders_dropped_waiting_for_permit() {
 /// writes, with nested `get_with` calls of other keys instead of `get_all` (is the ledger's
 /// drift get_all's?).
 #[test]
-#[ignore = "open (round 100): the miss ledger drifts by 1-11 under max_concurrent_loads with judged leaders keeping values and nested takers"]
 fn control_judged_leaders_without_get_all() {
     judged_control(true);
 }
