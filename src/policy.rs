@@ -674,7 +674,7 @@ impl Policy {
             let ch = hash_of(slab[c as usize].as_ref().expect("candidate is live"));
             // The duel: the candidate against the victims that would make room for it (one,
             // unless it is heavier), all taken before any is evicted.
-            let need = (w as f64 - room.max(0.0)).ceil().max(1.0) as u64;
+            let need = ceil_at_least_1(w as f64 - room.max(0.0));
             let mut victims = std::mem::take(&mut self.victims);
             victims.clear();
             let (mut freed, mut freq) = (0u64, 0u32);
@@ -838,6 +838,15 @@ impl Policy {
     }
 }
 
+/// `x.ceil().max(1.0)` as a whole number, for `x ≥ 0` below 2^53, without a call to `ceil`
+/// (a library call where the target has no rounding instruction: on the eviction path).
+#[inline]
+fn ceil_at_least_1(x: f64) -> u64 {
+    // Through `i64`: one instruction each way on x86-64 (`u64` takes several).
+    let t = x as i64;
+    (t + i64::from((t as f64) < x)).max(1) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,6 +859,15 @@ mod tests {
     }
 
     impl_tracked!(E);
+
+    #[test]
+    fn ceil_at_least_1_is_ceil_then_max_1() {
+        let mut xs = vec![0.0, 1e-9, 0.5, 1.0, 1.0 + 1e-12, 2.0, 2.5, 1e15 + 0.5, 4e15];
+        xs.extend((0..1000).map(|i| f64::from(i) * 0.37));
+        for x in xs {
+            assert_eq!(ceil_at_least_1(x), x.ceil().max(1.0) as u64, "{x}");
+        }
+    }
 
     fn hash(k: u64) -> u64 {
         k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)

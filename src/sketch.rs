@@ -88,12 +88,13 @@ impl Sketch {
         let mut added = false;
         for row in 0..4 {
             let (w, shift) = self.index(hash, row);
-            let c = (self.table[w] >> shift) & 15;
+            let word = &mut self.table[w];
+            let c = (*word >> shift) & 15;
             let next = (c + n).min(15);
-            if next != c {
-                self.table[w] = (self.table[w] & !(15 << shift)) | (next << shift);
-                added = true;
-            }
+            added |= next != c;
+            // `next ≥ c`: adding the difference moves the counter to `next` without a carry
+            // out of its four bits (no branch, no mask).
+            *word += (next - c) << shift;
         }
         if added {
             self.additions += 1;
