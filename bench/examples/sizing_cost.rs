@@ -12,7 +12,10 @@
 //! inserting on a miss, in a cache of 100,000 entries; then prints the hit count. `hits` mode
 //! is the hit path alone: 2,000,000 reads of 50,000 keys that all fit. An optional second
 //! argument sets the capacity (default 100,000; the key counts scale with it), e.g. 1000 for
-//! a cache at sampling rate 1, where every read is simulated.
+//! a cache at sampling rate 1, where every read is simulated. `HERDCACHE_SEED=n` fixes the
+//! hash seed (see below): compare `plain` and `tracked` runs of the same seed. The time of the
+//! operations is printed too, for alternated timing runs (`HERDCACHE_OPS=n`: n operations
+//! instead of 2,000,000; see BENCHMARKS.md).
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
@@ -20,7 +23,20 @@ fn main() {
     let cap: u64 = std::env::args()
         .nth(2)
         .map_or(100_000, |a| a.parse().expect("a capacity"));
-    let mut b = herdcache::Cache::<u64, u64>::builder().max_capacity(cap);
+    // `HERDCACHE_SEED=n`: hash with a fixed seed (the default hasher is seeded at random, and
+    // the seed moves the policy's choices, so the whole program's count, by a few percent):
+    // the same seed in `plain` and `tracked` runs the same cache, and the difference is the
+    // tracker's alone.
+    let seed: Option<u64> = std::env::var("HERDCACHE_SEED")
+        .ok()
+        .map(|s| s.parse().expect("a seed"));
+    let hasher = match seed {
+        Some(s) => ahash::RandomState::with_seeds(s, s ^ 0x5eed, s.rotate_left(17), !s),
+        None => ahash::RandomState::new(),
+    };
+    let mut b = herdcache::Cache::<u64, u64>::builder()
+        .max_capacity(cap)
+        .hasher(hasher);
     if track {
         b = b.track_sizing();
     }
@@ -31,9 +47,13 @@ fn main() {
             c.insert(k, k);
         }
     }
+    let t0 = std::time::Instant::now();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut hits = 0u64;
-    for _ in 0..2_000_000 {
+    let ops: u64 = std::env::var("HERDCACHE_OPS")
+        .ok()
+        .map_or(2_000_000, |s| s.parse().expect("an operation count"));
+    for _ in 0..ops {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -50,8 +70,10 @@ fn main() {
             c.insert(k, k);
         }
     }
+    let took = t0.elapsed();
     println!(
-        "{mode}: {hits} hits, sizing {:?}",
-        c.sizing().map(|s| s.points()[2])
+        "{mode}: {hits} hits, sizing {:?}, {:.1} ms",
+        c.sizing().map(|s| s.points()[2]),
+        took.as_secs_f64() * 1e3
     );
 }
