@@ -74,24 +74,28 @@ impl Ghost {
             self.inserted = 0;
         }
         let young = self.young;
-        let probes: [(usize, u64); PROBES as usize] = {
-            let mut a = [(0, 0); PROBES as usize];
-            for (slot, p) in a.iter_mut().zip(self.probes(hash)) {
-                *slot = p;
-            }
-            a
-        };
-        for (w, bit) in probes {
+        for (w, bit) in self.probe_array(hash) {
             self.filters[young][w] |= bit;
         }
         self.inserted += 1;
     }
 
+    /// The probes of `hash`, computed once (for one filter or both).
+    #[inline]
+    fn probe_array(&self, hash: u64) -> [(usize, u64); PROBES as usize] {
+        let mut a = [(0, 0); PROBES as usize];
+        for (slot, p) in a.iter_mut().zip(self.probes(hash)) {
+            *slot = p;
+        }
+        a
+    }
+
     /// Whether the key was (probably) evicted recently.
     pub(crate) fn contains(&self, hash: u64) -> bool {
+        let probes = self.probe_array(hash);
         self.filters
             .iter()
-            .any(|f| self.probes(hash).all(|(w, bit)| f[w] & bit != 0))
+            .any(|f| probes.iter().all(|&(w, bit)| f[w] & bit != 0))
     }
 
     /// Forgets everything.
