@@ -117,8 +117,55 @@ pub enum CompResult<K, V> {
     Removed(Entry<K, V>),
     /// The entry (shown) was left as it was.
     Unchanged(Entry<K, V>),
-    /// There was no entry and none was made.
+    /// There was no entry and none was made. (moka's holds an `Arc<K>`; this one, the key.)
     StillNone(K),
+}
+
+impl<K, V> CompResult<K, V> {
+    /// The entry the computation stored, removed or left, or `None` for
+    /// [`StillNone`](Self::StillNone) (as moka's `CompResult::into_entry`).
+    ///
+    /// ```
+    /// use herdcache::{Cache, Op};
+    ///
+    /// let cache: Cache<u64, u64> = Cache::new(100);
+    /// let r = cache.entry(1).and_compute_with(|_| Op::Put(7));
+    /// assert_eq!(r.into_entry().map(|e| e.into_value()), Some(7));
+    /// let r = cache.entry(2).and_compute_with(|_| Op::Nop);
+    /// assert!(r.into_entry().is_none());
+    /// ```
+    pub fn into_entry(self) -> Option<Entry<K, V>> {
+        match self {
+            CompResult::Inserted(e)
+            | CompResult::ReplacedWith(e)
+            | CompResult::Removed(e)
+            | CompResult::Unchanged(e) => Some(e),
+            CompResult::StillNone(_) => None,
+        }
+    }
+
+    /// The entry the computation stored, removed or left (as moka's `CompResult::unwrap`).
+    ///
+    /// # Panics
+    ///
+    /// If the result is [`StillNone`](Self::StillNone) (there is no entry to return).
+    ///
+    /// ```
+    /// use herdcache::{Cache, Op};
+    ///
+    /// let cache: Cache<u64, u64> = Cache::new(100);
+    /// let e = cache
+    ///     .entry(1)
+    ///     .and_compute_with(|e| Op::Put(e.map_or(0, |e| *e.value()) + 1))
+    ///     .unwrap();
+    /// assert_eq!(*e.value(), 1);
+    /// ```
+    pub fn unwrap(self) -> Entry<K, V> {
+        match self.into_entry() {
+            Some(e) => e,
+            None => panic!("`CompResult::unwrap` on `StillNone`: the computation left no entry"),
+        }
+    }
 }
 
 /// Per-key operations on a cache; see [`Cache::entry`].
