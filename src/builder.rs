@@ -400,10 +400,10 @@ where
     /// from 32,000: an unsampled read runs the same code either way); each shadow holds at most
     /// 2,000 entries (the 1 × one; the others at most 1,024, the larger ones seeing a subset of
     /// the samples): about 0.35 MiB once full, whatever the capacity. Instructions, measured
-    /// with `bench/examples/sizing_cost.rs` under callgrind against an untracked cache
-    /// (BENCHMARKS.md; the hash seed moves them by a few percent): at 100,000 entries about
-    /// 3–6 % more on a skewed mix of reads and inserts and 3–5 % on hits alone (the tracker's
-    /// own share about 3 %); at 10,000 entries 17 % and 29 %; +50–75 % at 4,000. Below 4,096
+    /// with `bench/examples/sizing_cost.rs` under callgrind against an untracked cache of the
+    /// same hash seed (BENCHMARKS.md): at 100,000 entries 3.4–4.4 % more on a skewed mix of
+    /// reads and inserts and 4.1–5.1 % on hits alone (timed: about 6 % on hits); +0.9 % at
+    /// 1,000,000; at 10,000 entries 17 % and 29 %; +50–75 % at 4,000. Below 4,096
     /// entries the curve samples more keys than the selector,
     /// and at 1,024 or fewer every read is simulated in up to nine shadows: 550–1,100
     /// instructions more per read (4.1 × an untracked read at 1,000 entries on Zipf reads,
