@@ -194,6 +194,23 @@ impl<K, V> CacheBuilder<K, V, crate::DefaultHashBuilder> {
     }
 }
 
+/// A builder with nothing set, as moka's `CacheBuilder::default()`: give it a
+/// [`max_capacity`](CacheBuilder::max_capacity) before [`build`](CacheBuilder::build) (which
+/// panics without one; [`try_build`](CacheBuilder::try_build) returns
+/// [`BuildError::NoCapacity`](crate::BuildError)).
+///
+/// ```
+/// use herdcache::{Cache, CacheBuilder};
+///
+/// let cache: Cache<u64, u64> = CacheBuilder::default().max_capacity(100).build();
+/// assert_eq!(cache.policy().max_capacity(), Some(100));
+/// ```
+impl<K, V> Default for CacheBuilder<K, V, crate::DefaultHashBuilder> {
+    fn default() -> Self {
+        Self::unbounded()
+    }
+}
+
 impl<K, V, S> CacheBuilder<K, V, S> {
     /// [`max_capacity`](Self::max_capacity) without its bounds on `K`, `V` and `S`, for
     /// [`new`](CacheBuilder::new).
@@ -358,6 +375,17 @@ where
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = Some(n);
         self
+    }
+
+    /// [`shards`](Self::shards), under moka's name (`CacheBuilder::segments`, which makes a
+    /// `SegmentedCache`: here every cache is sharded, and this sets how many shards).
+    ///
+    /// ```
+    /// let cache = herdcache::Cache::<u32, u32>::builder().max_capacity(100).segments(4).build();
+    /// assert_eq!(cache.policy().num_segments(), 4);
+    /// ```
+    pub fn segments(self, num_segments: usize) -> Self {
+        self.shards(num_segments)
     }
 
     /// A name for the cache: the `cache` label of its metrics, and shown by `Debug`.

@@ -88,6 +88,54 @@ pub trait Expiry<K, V> {
     }
 }
 
+/// A shared or boxed [`Expiry`] trait object is an `Expiry` too (as in moka): one policy built
+/// at run time can serve several caches.
+///
+/// ```
+/// use herdcache::{Cache, Expiry};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// struct Short;
+/// impl Expiry<u64, u64> for Short {
+///     fn expire_after_create(&self, _: &u64, _: &u64) -> Option<Duration> {
+///         Some(Duration::from_secs(5))
+///     }
+/// }
+/// let shared: Arc<dyn Expiry<u64, u64> + Send + Sync> = Arc::new(Short);
+/// let a: Cache<u64, u64> = Cache::builder().max_capacity(10).expire_after(Arc::clone(&shared)).build();
+/// let b: Cache<u64, u64> = Cache::builder().max_capacity(10).expire_after(shared).build();
+/// a.insert(1, 1);
+/// b.insert(1, 1);
+/// assert_eq!(a.get(&1), b.get(&1));
+/// ```
+impl<K, V, T> Expiry<K, V> for T
+where
+    T: std::ops::Deref<Target = dyn Expiry<K, V> + Send + Sync>,
+{
+    fn expire_after_create(&self, key: &K, value: &V) -> Option<Duration> {
+        (**self).expire_after_create(key, value)
+    }
+
+    fn expire_after_read(
+        &self,
+        key: &K,
+        value: &V,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        (**self).expire_after_read(key, value, remaining)
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &K,
+        value: &V,
+        remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        (**self).expire_after_update(key, value, remaining)
+    }
+}
+
 /// The expiration configured on a cache, resolved once at build time.
 pub(crate) enum ExpiryConfig<K, V> {
     None,
