@@ -1238,8 +1238,9 @@ where
     /// flight unloaded, and the caller claims again ([`Judged::Again`]; at most
     /// [`CLAIMS_AGAIN`] times, then it loads and the write wins): its replacement must replace
     /// what it judged. If `judge` panics, the lead is dropped (abandoned: its waiters load
-    /// again); if it loads this key, it panics (recursion). Kept by a leader whose load a
-    /// nested caller took over meanwhile, the flight is left to that caller, who loads.
+    /// again); if it loads this key, it panics (recursion). A leader whose load a nested caller
+    /// took over meanwhile leaves the flight to that caller, who loads (and whose load counts
+    /// the leader's miss), whether it kept a value or a write superseded the flight.
     /// Without a `judge` (every caller but `get_with_if`'s) the lead is handed back at once.
     ///
     /// Kept, the caller's miss is settled (as coalesced) here, before the flight ends: ending
