@@ -516,9 +516,11 @@ where
     /// the calls that can answer with that failure (`try_get_with`, `optionally_get_with`,
     /// `load` and their async, by-reference and entry-API forms); `get_with`, `or_insert_with`
     /// and `get_all`, which have no way to answer a failure, load the key again: a value they
-    /// load is stored and ends it, a failure of theirs is remembered in its place, and a load
-    /// of theirs that ends with nothing (its future dropped, its `init` panicking) leaves it
-    /// as it was. A write or invalidation of the key ends it early (a computation's `Put` or
+    /// load is stored and ends it, and a load of theirs that ends with nothing (its future
+    /// dropped, its `init` panicking, a key `get_all`'s `load_missing` left out of its result)
+    /// leaves it as it was. Nor do they make one: they have no error or `None` to remember (a
+    /// key `load_missing` leaves out is a failed load, not remembered: the callers waiting on
+    /// it load it themselves, and the next call asks for it again). A write or invalidation of the key ends it early (a computation's `Put` or
     /// `Remove` too; one that changes nothing leaves it). With [`fail_safe`](Self::fail_safe), a failed
     /// load of a key whose last value is within its stale window answers with that value
     /// instead, and a failed refresh is not remembered (its value, once expired, answers).
