@@ -38,17 +38,8 @@ fn spin(n: u64) {
     }
 }
 
-fn stats_ledger(cache: &Cache<u64, u64>, what: &str) {
-    let s = cache.stats();
-    assert_eq!(
-        s.misses + s.refreshes_started,
-        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "{what}: ledger: {s:?}"
-    );
-    assert_eq!(s.loads_in_flight, 0, "{what}: {s:?}");
-    assert_eq!(cache.loads_in_flight(), 0, "{what}: loads in flight");
-    cache.validate();
-}
+/// The statistics' ledger balances, nothing is left in flight, `validate()` holds.
+use common::ledger_at as stats_ledger;
 
 /// get_all nested in the only permit's load; an async leader of 20 waiting for a permit is
 /// dropped at point `when` (with a random spin `jit`).

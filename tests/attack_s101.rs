@@ -17,17 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn stats_ledger(cache: &Cache<u64, u64>, what: &str) {
-    let s = cache.stats();
-    assert_eq!(
-        s.misses + s.refreshes_started,
-        s.load_successes + s.load_failures + s.loads_abandoned + s.coalesced + s.negative_hits,
-        "{what}: ledger: {s:?}"
-    );
-    assert_eq!(s.loads_in_flight, 0, "{what}: {s:?}");
-    assert_eq!(cache.loads_in_flight(), 0, "{what}: loads in flight");
-    cache.validate();
-}
+/// The statistics' ledger balances, nothing is left in flight, `validate()` holds.
+use common::ledger_at as stats_ledger;
 
 /// Ledger check that returns the drift instead of panicking (for rate counting).
 fn ledger_drift(cache: &Cache<u64, u64>) -> Option<String> {
