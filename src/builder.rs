@@ -520,8 +520,9 @@ where
     /// dropped, its `init` panicking, a key `get_all`'s `load_missing` left out of its result)
     /// leaves it as it was. Nor do they make one: they have no error or `None` to remember (a
     /// key `load_missing` leaves out is a failed load, not remembered: the callers waiting on
-    /// it load it themselves, and the next call asks for it again). A write or invalidation of the key ends it early (a computation's `Put` or
-    /// `Remove` too; one that changes nothing leaves it). With [`fail_safe`](Self::fail_safe), a failed
+    /// it load it themselves, and the next call asks for it again). A write or invalidation of
+    /// the key ends it early (a computation's `Put` or `Remove` too; one that changes nothing
+    /// leaves it). With [`fail_safe`](Self::fail_safe), a failed
     /// load of a key whose last value is within its stale window answers with that value
     /// instead, and a failed refresh is not remembered (its value, once expired, answers).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {

@@ -161,10 +161,8 @@ impl<K, V> CompResult<K, V> {
     /// assert_eq!(*e.value(), 1);
     /// ```
     pub fn unwrap(self) -> Entry<K, V> {
-        match self.into_entry() {
-            Some(e) => e,
-            None => panic!("`CompResult::unwrap` on `StillNone`: the computation left no entry"),
-        }
+        self.into_entry()
+            .expect("`CompResult::unwrap` on `StillNone`: the computation left no entry")
     }
 }
 

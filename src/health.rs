@@ -334,8 +334,9 @@ impl fmt::Display for Warning {
 }
 
 /// A duration with three significant digits at most, for the advice ("1.50 s", "62.9 ms",
-/// "20.6 min", "585 years"), in whole nanoseconds below a microsecond ("3 ns"); rounded to the nearest, or down or up where
-/// the advice compares two durations, so that the printed figures compare as the exact ones do
+/// "20.6 min", "585 years"), in whole nanoseconds below a microsecond ("3 ns"); rounded to the
+/// nearest, or down or up where the advice compares two durations, so that the printed
+/// figures compare as the exact ones do
 /// (round 98: "4.61 µs < 4× 1.15 µs" was printed for 4.607 µs against 1.152 µs).
 struct Short(Duration, Round);
 
