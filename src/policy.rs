@@ -362,18 +362,22 @@ impl Policy {
             }
         }
         if old >> 8 != tune >> 8 {
-            self.converge(slab, free, &mut hash_of);
+            let restart = crate::select::is_restart(tune >> 8);
+            self.converge(slab, free, restart, &mut hash_of);
         }
     }
 
     /// The convergence action: clears the ghost, reranks main (protected := the main entries
     /// with the highest frequency, up to protected's share; the rest probation; queue order
-    /// kept within each) and reverses probation's order.
+    /// kept within each) and reverses probation's order. A `restart` (see the `select`
+    /// module) clears the sketch too and puts all of main in probation (protected's share
+    /// then 0 for the rerank), newest first.
     #[cold]
     fn converge<E: Tracked>(
         &mut self,
         slab: &mut [Option<E>],
         free: &mut Vec<u32>,
+        restart: bool,
         hash_of: &mut impl FnMut(&E) -> u64,
     ) {
         // Counts first, without changing anything: `hash_of` runs the keys' `Hash`, which may
@@ -393,6 +397,9 @@ impl Policy {
             }
         }
         self.ghost.clear();
+        if restart {
+            self.sketch.clear();
+        }
         for q in [PROTECTED, PROBATION] {
             while self.pop(q, slab, free).is_some() {}
         }
@@ -400,8 +407,11 @@ impl Policy {
         for &(s, f) in &main {
             by_count[f as usize] += u64::from(slab[s as usize].as_ref().expect("live").weight());
         }
-        let target =
-            (PROTECTED_SHARE * (self.capacity as f64 - self.window_target)).max(0.0) as u64;
+        let target = if restart {
+            0
+        } else {
+            (PROTECTED_SHARE * (self.capacity as f64 - self.window_target)).max(0.0) as u64
+        };
         // The lowest count that still goes to protected; entries of exactly that count go
         // there until protected is full.
         let (mut floor, mut above) = (16usize, 0u64);
@@ -1262,6 +1272,36 @@ mod tests {
             let place = sim.slab[s as usize].as_ref().expect("live").place;
             assert_eq!(place.queue(), PROTECTED, "key {k}");
         }
+    }
+
+    #[test]
+    fn a_restart_clears_the_sketch_and_puts_main_in_probation_newest_first() {
+        let mut sim = Sim::new(1000);
+        sim.retune(tune_word(1, 0));
+        for k in 0..2000 {
+            sim.insert(k, 1);
+        }
+        for _ in 0..5 {
+            for k in 1000..1100 {
+                sim.read(k);
+            }
+        }
+        // A rerank (odd count) fills protected with the frequent keys.
+        sim.retune(tune_word(1, 1));
+        assert!(sim.p.weights()[PROTECTED] >= 100);
+        let main_before: Vec<u32> = sim.p.queues[PROBATION].iter().copied().collect();
+        let protected_before: Vec<u32> = sim.p.queues[PROTECTED].iter().copied().collect();
+        // A restart (even count): every count forgotten, protected empty, probation holding
+        // what main held, reversed (protected's entries, then probation's, newest first).
+        sim.retune(tune_word(1, 2));
+        sim.p.validate(&sim.slab);
+        assert_eq!(sim.p.weights()[PROTECTED], 0);
+        assert!((0..2000).all(|k| sim.p.sketch().frequency(hash(k)) == 0));
+        let mut expected: Vec<u32> = protected_before;
+        expected.extend(main_before);
+        expected.reverse();
+        let after: Vec<u32> = sim.p.queues[PROBATION].iter().copied().collect();
+        assert_eq!(after, expected);
     }
 
     #[test]

@@ -27,6 +27,16 @@
 //! the selector asks for a convergence action (each shard clears its ghost, reranks main by
 //! frequency and reverses probation), then waits 1, 2, 4 … 64 epochs before the next (reset at
 //! a switch), so a shadow's scaling error cannot set off a stream of them.
+//!
+//! **Restart.** When an action since the last switch has not closed the gap and `D` is above
+//! 0.10, the next action is a *restart* instead: each shard clears its sketch and its ghost
+//! and puts all of main in probation, newest first — the state of a cache that has just
+//! filled, from which its shadow got where it is. A rerank keeps what the frequency says, and
+//! on a loop that drifts (each pass drops a few keys and adds as many) main is full of keys
+//! that left the loop with the highest counts: a real cache that switched to window 20 % there
+//! stayed at 5 % through twenty reranks while its shadow hit 71 % (and exact LRU 90 %; round
+//! 108, `tests/policy_divergence.rs`). The kind travels in the action count's parity: a
+//! restart makes it even, a rerank odd (a shard that missed some actions takes the latest).
 
 use crate::policy::{tune_word, Config};
 use crate::shadow::Shadow;
@@ -56,6 +66,11 @@ const DECAY: f64 = 0.99;
 const MARGIN: f64 = 5.0;
 /// Divergence (shadow − real hit rate) above which a convergence action is taken.
 const DIVERGENCE: f64 = 0.05;
+/// Divergence above which an action after another since the last switch is a restart (see the
+/// module docs). On the dev traces restarts above 0.10 change nothing (mean gap to the best
+/// peer −0.23, −0.29, −0.32 in three runs, −0.25 … −0.40 without; BENCHMARKS.md); a restart at
+/// every action from the second on, whatever the gap, cost up to 10 points on a dev row.
+const RESTART_DIVERGENCE: f64 = 0.10;
 /// The longest wait between two convergence actions, in epochs.
 const MAX_BACKOFF: u32 = 64;
 
@@ -195,6 +210,22 @@ pub struct Totals {
     pub shadow_hits: [u64; 4],
 }
 
+/// The action count after `actions` for an action of the given kind: odd for a rerank, even
+/// for a restart (see the module docs; [`is_restart`]).
+pub(crate) fn next_action(actions: u64, restart: bool) -> u64 {
+    let next = actions + 1;
+    if is_restart(next) == restart {
+        next
+    } else {
+        next + 1
+    }
+}
+
+/// Whether the action that brought the count to `actions` (≥ 1) was a restart.
+pub(crate) fn is_restart(actions: u64) -> bool {
+    actions % 2 == 0
+}
+
 /// The sampling threshold (compared as in [`Selector::sampled`]: a key is sampled when the low
 /// 32 bits of its hash are below it) for rate `min(1, entries / capacity)`.
 pub(crate) fn threshold_for(capacity: u64, entries: u64) -> u64 {
@@ -321,7 +352,9 @@ impl Selector {
         // A planted bug for tests/policy_divergence.rs to catch: no convergence actions.
         if d > DIVERGENCE && self.measured >= 2 && !cfg!(herdcache_broken_policy) {
             self.measured = 0;
-            self.actions += 1;
+            // An action was already taken since the last switch (the backoff doubles at each).
+            let restart = d > RESTART_DIVERGENCE && self.backoff > 1;
+            self.actions = next_action(self.actions, restart);
             self.totals.actions += 1;
             self.divergence = None;
             self.wait = self.backoff;
@@ -462,5 +495,27 @@ mod tests {
             "backoff grows: {gaps:?}"
         );
         assert!(gaps.iter().all(|&g| g <= 2 * u64::from(MAX_BACKOFF)));
+        // The gap (the whole hit rate) is far above the restart's threshold: the first action
+        // since the switch is a rerank, every later one a restart.
+        let counts: Vec<u64> = actions.iter().map(|a| a.1).collect();
+        assert!(!is_restart(counts[0]), "{counts:?}");
+        assert!(counts[1..].iter().all(|&c| is_restart(c)), "{counts:?}");
+        assert!(counts.windows(2).all(|w| w[1] > w[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn the_action_count_carries_the_kind_of_the_latest_action() {
+        let mut n = 0;
+        for restart in [false, false, true, true, false, true] {
+            let next = next_action(n, restart);
+            assert!(next > n && next <= n + 2);
+            assert_eq!(is_restart(next), restart, "{n} -> {next}");
+            n = next;
+        }
+        assert_eq!(
+            next_action(0, false),
+            1,
+            "the first rerank counts 1, as before restarts"
+        );
     }
 }

@@ -602,7 +602,9 @@ impl Tracker {
     fn replay_action(&mut self, actions: u64) {
         self.actions = actions;
         if !self.weighted {
-            self.one_actions += 1;
+            // Of the same kind as the real cache's (a rerank or a restart: the count's parity).
+            let restart = crate::select::is_restart(actions);
+            self.one_actions = crate::select::next_action(self.one_actions, restart);
             let tune = tune_word(self.candidate as usize, self.one_actions);
             self.shadows[ONE].retune(tune);
         }

@@ -104,6 +104,12 @@ impl Sketch {
         }
     }
 
+    /// Forgets every count (a convergence restart, see the `select` module).
+    pub(crate) fn clear(&mut self) {
+        self.table.fill(0);
+        self.additions = 0;
+    }
+
     fn halve(&mut self) {
         for w in &mut self.table {
             *w = (*w >> 1) & 0x7777_7777_7777_7777;
